@@ -1,0 +1,31 @@
+"""ament_python package `loom`: the Python package loom_ros plus launch files and configs."""
+from glob import glob
+
+from setuptools import find_packages, setup
+
+package_name = 'loom'
+
+setup(
+    name=package_name,
+    version='0.1.0',
+    packages=find_packages(include=['loom_ros', 'loom_ros.*']),
+    data_files=[
+        ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
+        ('share/' + package_name, ['package.xml']),
+        ('share/' + package_name + '/launch', glob('launch/*.launch.py')),
+        ('share/' + package_name + '/config', glob('config/*.yaml')),
+    ],
+    install_requires=['setuptools'],
+    zip_safe=True,
+    maintainer='Loom maintainers',
+    maintainer_email='maintainers@loom-robotics.org',
+    description='Loom: event-driven AI middleware for robots.',
+    license='Apache-2.0',
+    entry_points={
+        'console_scripts': [
+            'loom = loom_ros.cli:main',
+            'sim_sensors = loom_ros.sensors.sim_sensors_node:main',
+            'event_monitor = loom_ros.bus.event_monitor_node:main',
+        ],
+    },
+)
