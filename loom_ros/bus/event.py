@@ -1,0 +1,177 @@
+"""The seed's Event structure as a self-validating dataclass, and its loom_msgs/Event conversion.
+
+Validation happens at the edges (publish, receive) so one malformed event is refused with a
+reason that can be counted, and never reaches an agent or crashes the bus.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+
+DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024  # one uncompressed 1280x1024 RGB frame fits
+_INT32 = (-2**31, 2**31 - 1)
+_INT64_MAX = 2**63 - 1
+
+
+class Privacy(IntEnum):
+    """Privacy tiers; values equal loom_msgs/Event PRIVACY_* constants."""
+
+    PUBLIC = 0
+    SENSITIVE = 1
+    PRIVATE = 2
+    LOCAL_ONLY = 3
+
+
+class RejectReason(str, Enum):
+    """Why the bus refused something; every refusal is counted under one of these."""
+
+    MISSING_ID = 'missing_id'
+    MISSING_TYPE = 'missing_type'
+    BAD_CONFIDENCE = 'bad_confidence'
+    WRONG_TYPE = 'wrong_type'
+    OVERSIZE_PAYLOAD = 'oversize_payload'
+    BAD_FIELD = 'bad_field'
+    UNKNOWN_QOS = 'unknown_qos'
+    BAD_TOPIC = 'bad_topic'
+    CALLBACK_ERROR = 'callback_error'
+
+
+class EventRejected(ValueError):
+    """An event the bus refuses, with a countable reason and a message that says why."""
+
+    def __init__(self, reason: RejectReason, message: str):
+        super().__init__(f'{reason.value}: {message}')
+        self.reason = reason
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class Event:
+    """One Loom event. Only `type` is required; id and timestamp are filled in."""
+
+    type: str
+    source: str = ''
+    payload: bytes = b''
+    id: str = field(default_factory=new_event_id)
+    timestamp_ms: int = field(default_factory=now_ms)
+    metadata: dict[str, str] = field(default_factory=dict)
+    confidence: float = 1.0
+    tags: list[str] = field(default_factory=list)
+    priority: int = 0
+    privacy: Privacy = Privacy.PUBLIC
+    frame_id: str = ''
+
+    # -- validation -------------------------------------------------------------------------
+    def validate(self, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> 'Event':
+        """Raise EventRejected naming the first problem; return self when the event is sound."""
+        if not isinstance(self.id, str) or not self.id:
+            raise EventRejected(RejectReason.MISSING_ID, 'event has no id (a non-empty string)')
+        if not isinstance(self.type, str) or not self.type:
+            raise EventRejected(RejectReason.MISSING_TYPE, f'event {self.id} has no type')
+        for name in ('source', 'frame_id'):
+            if not isinstance(getattr(self, name), str):
+                raise EventRejected(RejectReason.BAD_FIELD, f'{name} must be a string, '
+                                    f'got {type(getattr(self, name)).__name__}')
+        ts = self.timestamp_ms
+        if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts <= _INT64_MAX:
+            raise EventRejected(RejectReason.BAD_FIELD,
+                                f'timestamp_ms must be a non-negative int64, got {ts!r}')
+        conf = self.confidence
+        if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not math.isfinite(conf) \
+                or not 0.0 <= conf <= 1.0:
+            raise EventRejected(RejectReason.BAD_CONFIDENCE,
+                                f'confidence must be a finite number in [0, 1], got {conf!r}')
+        pri = self.priority
+        if isinstance(pri, bool) or not isinstance(pri, int) or not _INT32[0] <= pri <= _INT32[1]:
+            raise EventRejected(RejectReason.BAD_FIELD, f'priority must be an int32, got {pri!r}')
+        if not isinstance(self.payload, (bytes, bytearray, memoryview)):
+            raise EventRejected(RejectReason.BAD_FIELD,
+                                f'payload must be bytes, got {type(self.payload).__name__}')
+        if len(self.payload) > max_payload_bytes:
+            raise EventRejected(RejectReason.OVERSIZE_PAYLOAD,
+                                f'payload of {len(self.payload)} bytes exceeds the limit of '
+                                f'{max_payload_bytes} bytes')
+        if not isinstance(self.metadata, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise EventRejected(RejectReason.BAD_FIELD, 'metadata must map strings to strings')
+        if not isinstance(self.tags, (list, tuple)) or not all(isinstance(t, str) for t in self.tags):
+            raise EventRejected(RejectReason.BAD_FIELD, 'tags must be a list of strings')
+        try:
+            Privacy(self.privacy)
+        except ValueError:
+            raise EventRejected(RejectReason.BAD_FIELD,
+                                f'privacy must be one of {[p.name for p in Privacy]}, '
+                                f'got {self.privacy!r}') from None
+        return self
+
+    # -- payload helpers --------------------------------------------------------------------
+    @classmethod
+    def with_json(cls, type: str, data: object, **fields) -> 'Event':
+        """An event whose payload is `data` as compact UTF-8 JSON."""
+        return cls(type=type, payload=json.dumps(data, separators=(',', ':')).encode(), **fields)
+
+    def json(self) -> object:
+        return json.loads(self.payload)
+
+    # -- loom_msgs/Event conversion -----------------------------------------------------------
+    def to_msg(self):
+        from loom_msgs.msg import Event as EventMsg
+        from loom_msgs.msg import KeyValue
+        msg = EventMsg()
+        msg.header.stamp.sec, ms = divmod(self.timestamp_ms, 1000)
+        msg.header.stamp.nanosec = ms * 1_000_000
+        msg.header.frame_id = self.frame_id
+        msg.id = self.id
+        msg.type = self.type
+        msg.timestamp_ms = self.timestamp_ms
+        msg.source = self.source
+        msg.metadata = [KeyValue(key=k, value=v) for k, v in self.metadata.items()]
+        msg.payload = bytes(self.payload)
+        msg.confidence = float(self.confidence)
+        msg.tags = list(self.tags)
+        msg.priority = self.priority
+        msg.privacy = int(self.privacy)
+        return msg
+
+    @classmethod
+    def from_msg(cls, msg) -> 'Event':
+        """Build an Event from a loom_msgs/Event without validating it (call validate())."""
+        try:
+            privacy = Privacy(msg.privacy)
+        except ValueError:
+            privacy = msg.privacy  # kept as is so validate() can name it
+        return cls(
+            id=msg.id,
+            type=msg.type,
+            timestamp_ms=msg.timestamp_ms,
+            source=msg.source,
+            metadata={kv.key: kv.value for kv in msg.metadata},
+            payload=msg.payload.tobytes(),
+            confidence=msg.confidence,
+            tags=list(msg.tags),
+            priority=msg.priority,
+            privacy=privacy,
+            frame_id=msg.header.frame_id,
+        )
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly view (payload as text when it is UTF-8, else its size)."""
+        try:
+            payload: object = bytes(self.payload).decode()
+        except UnicodeDecodeError:
+            payload = f'<{len(self.payload)} bytes>'
+        return {'id': self.id, 'type': self.type, 'timestamp_ms': self.timestamp_ms,
+                'source': self.source, 'metadata': dict(self.metadata), 'payload': payload,
+                'confidence': self.confidence, 'tags': list(self.tags), 'priority': self.priority,
+                'privacy': Privacy(self.privacy).name, 'frame_id': self.frame_id}

@@ -1,0 +1,57 @@
+"""How Loom processes spin: rclpy's EventsExecutor (Kilted, ~8x faster here), else the
+SingleThreadedExecutor (Jazzy has no EventsExecutor).
+
+Measured on rclpy 9.1.2: `EventsExecutor.spin()` neither fires timers nor returns on rclpy's own
+SIGINT handling (it hangs in context cleanup), while `spin_until_future_complete` works. So Loom
+processes install their own SIGINT/SIGTERM handlers that complete a future, and spin until it.
+"""
+from __future__ import annotations
+
+import signal
+
+
+def make_executor(context=None):
+    try:
+        from rclpy.experimental import EventsExecutor
+    except ImportError:  # Jazzy and older
+        from rclpy.executors import SingleThreadedExecutor
+        return SingleThreadedExecutor(context=context)
+    return EventsExecutor(context=context)
+
+
+def spin_until(executor, future, poll_s: float = 0.5) -> None:
+    """Spin until `future` is done, returning to Python every `poll_s` so signals are handled."""
+    while not future.done():
+        executor.spin_until_future_complete(future, timeout_sec=poll_s)
+
+
+def run_node(node_factory, args=None) -> None:
+    """The demos' main(): init, spin until Ctrl-C / SIGTERM / shutdown, then tear down cleanly."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+    from rclpy.signals import SignalHandlerOptions
+    from rclpy.task import Future
+
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = Future()
+
+    def request_stop(signum, _frame):
+        if not stop.done():
+            stop.set_result(signum)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    node = executor = None
+    try:
+        node = node_factory()
+        executor = make_executor()
+        executor.add_node(node)
+        spin_until(executor, stop)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if executor is not None:
+            executor.shutdown()
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()

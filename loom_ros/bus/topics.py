@@ -1,0 +1,17 @@
+"""Every Loom topic name the package uses, in one place (the seed's topic routing table)."""
+from loom_ros.bus.names import validate_topic
+
+CAMERA_FRONT = 'camera.front'                # raw front camera frames as events
+CAMERA_FRONT_FACE = 'camera.front.face'      # front camera face detections
+MIC_PRIMARY_SPEECH = 'mic.primary.speech'    # primary microphone speech
+SENSOR_IMU_MOTION = 'sensor.imu.motion'      # IMU motion events
+
+
+def agent_intent(agent_id: str) -> str:
+    """`agent.{id}.intent`: what an agent means to do."""
+    return validate_topic(f'agent.{agent_id}.intent')
+
+
+def agent_action(agent_id: str) -> str:
+    """`agent.{id}.action`: what an agent asks actuators to do."""
+    return validate_topic(f'agent.{agent_id}.action')

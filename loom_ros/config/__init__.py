@@ -1,0 +1,1 @@
+"""Loading Loom's configuration: node parameter defaults from config/*.yaml."""

@@ -1,0 +1,106 @@
+"""Declare a node's ROS parameters with descriptors, taking defaults from the shipped config/loom.yaml.
+
+The YAML is the single source of defaults, so `ros2 param dump` of a fresh node equals the file.
+Sections follow ROS params-file layout: `/**` (every node) and one per node name.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+DEFAULTS_FILE = 'loom.yaml'
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; names the file, the key and the reason."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """What a node says about one parameter; the default comes from the YAML."""
+
+    name: str
+    description: str
+    read_only: bool = False
+    min_value: float | None = None
+    max_value: float | None = None
+
+
+def config_dir() -> Path:
+    """config/ of this checkout when running from source, else share/loom/config of the install."""
+    env = os.environ.get('LOOM_CONFIG_DIR')
+    if env:
+        return Path(env)
+    source = Path(__file__).resolve().parents[2] / 'config'
+    if (source / DEFAULTS_FILE).is_file():
+        return source
+    from ament_index_python.packages import get_package_share_directory
+    return Path(get_package_share_directory('loom')) / 'config'
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _flatten(f'{prefix}.{key}' if prefix else str(key), sub, out)
+    else:
+        out[prefix] = value
+
+
+@lru_cache(maxsize=16)
+def load_params_file(path: str) -> dict[str, dict[str, object]]:
+    """{section: {dotted.param: value}} from a ROS params file; ConfigError when malformed."""
+    try:
+        with open(path, encoding='utf-8') as stream:
+            data = yaml.safe_load(stream)
+    except OSError as exc:
+        raise ConfigError(f'{path}: cannot read: {exc.strerror}') from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f'{path}: not valid YAML: {exc}') from None
+    if not isinstance(data, dict):
+        raise ConfigError(f'{path}: expected a mapping of node names to ros__parameters')
+    sections = {}
+    for section, body in data.items():
+        if not isinstance(body, dict) or not isinstance(body.get('ros__parameters'), dict):
+            raise ConfigError(f'{path}: section {section!r} has no ros__parameters mapping')
+        flat: dict[str, object] = {}
+        _flatten('', body['ros__parameters'], flat)
+        sections[str(section)] = flat
+    return sections
+
+
+def node_defaults(node_name: str, path: str | None = None) -> dict[str, object]:
+    """Defaults for `node_name`: the `/**` section overlaid by the node's own section."""
+    path = path or str(config_dir() / DEFAULTS_FILE)
+    sections = load_params_file(path)
+    merged = dict(sections.get('/**', {}))
+    merged.update(sections.get(node_name, {}))
+    merged.update(sections.get('/' + node_name, {}))
+    return merged
+
+
+def declare_parameters(node, defaults_section: str, specs: list[ParamSpec]) -> dict[str, object]:
+    """Declare each spec on `node` with its YAML default; return {name: current value}."""
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+    defaults = node_defaults(defaults_section)
+    values = {}
+    for spec in specs:
+        if spec.name not in defaults:
+            raise ConfigError(f'{DEFAULTS_FILE}: no default for parameter {spec.name!r} of '
+                              f'{defaults_section} (add it under {defaults_section} or /**)')
+        default = defaults[spec.name]
+        descriptor = ParameterDescriptor(description=spec.description, read_only=spec.read_only)
+        if spec.min_value is not None or spec.max_value is not None:
+            lo = spec.min_value if spec.min_value is not None else -1e300
+            hi = spec.max_value if spec.max_value is not None else 1e300
+            if isinstance(default, int) and not isinstance(default, bool):
+                descriptor.integer_range = [IntegerRange(from_value=int(max(lo, -2**63)),
+                                                         to_value=int(min(hi, 2**63 - 1)), step=0)]
+            else:
+                descriptor.floating_point_range = [FloatingPointRange(
+                    from_value=float(lo), to_value=float(hi), step=0.0)]
+        values[spec.name] = node.declare_parameter(spec.name, default, descriptor).value
+    return values
