@@ -165,6 +165,31 @@ class Event:
             frame_id=msg.header.frame_id,
         )
 
+    @classmethod
+    def from_dict(cls, data: dict) -> 'Event':
+        """Inverse of to_dict for hand-written events (`loom pub`): payload as text, privacy by name."""
+        if not isinstance(data, dict):
+            raise EventRejected(RejectReason.WRONG_TYPE, f'expected a JSON object, got {data!r}')
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise EventRejected(RejectReason.BAD_FIELD, f'unknown event fields: {", ".join(unknown)}')
+        fields = dict(data)
+        if 'type' not in fields:
+            raise EventRejected(RejectReason.MISSING_TYPE, 'event has no type')
+        if isinstance(fields.get('payload'), str):
+            fields['payload'] = fields['payload'].encode()
+        elif isinstance(fields.get('payload'), (dict, list)):
+            fields['payload'] = json.dumps(fields['payload'], separators=(',', ':')).encode()
+        if isinstance(fields.get('privacy'), str):
+            try:
+                fields['privacy'] = Privacy[fields['privacy'].upper()]
+            except KeyError:
+                raise EventRejected(RejectReason.BAD_FIELD,
+                                    f"privacy must be one of {[p.name for p in Privacy]}, "
+                                    f"got {fields['privacy']!r}") from None
+        return cls(**fields)
+
     def to_dict(self) -> dict:
         """A JSON-friendly view (payload as text when it is UTF-8, else its size)."""
         try:

@@ -1,0 +1,18 @@
+# The two commands a newcomer needs: `make demo` (the main job) and `make test`.
+# Each runs tools/setup.sh first, which is idempotent (seconds when nothing changed).
+SHELL := /bin/bash
+DURATION ?= 20
+
+.PHONY: setup demo test bench clean
+
+setup:
+	@bash tools/setup.sh
+
+demo: setup
+	@source env.sh && python -m loom_ros.cli demo --duration $(DURATION)
+
+test: setup
+	@source env.sh && python -m pytest
+
+clean:
+	rm -rf build install log env.sh demo_output .pytest_cache

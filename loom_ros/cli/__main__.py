@@ -1,0 +1,5 @@
+import sys
+
+from loom_ros.cli import main
+
+sys.exit(main())

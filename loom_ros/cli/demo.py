@@ -1,0 +1,154 @@
+"""`loom demo`: the main job on simulated sensors, with a live view and a closing summary.
+
+Today it runs the event bus end to end across processes: the sim_sensors node publishes, the
+event_monitor node (another process) subscribes by pattern and reports rates, which this command
+shows live. Later issues add agents, the router and plugins to the same command.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from loom_ros.config.params import DEFAULTS_FILE, config_dir
+
+NODES = {
+    'sim_sensors': 'loom_ros.sensors.sim_sensors_node',
+    'event_monitor': 'loom_ros.bus.event_monitor_node',
+}
+
+
+def add_parser(sub) -> None:
+    demo = sub.add_parser('demo', help='run Loom on simulated sensors with a live view')
+    demo.add_argument('--duration', type=float, default=20.0, help='seconds to run (default 20)')
+    demo.add_argument('--params-file', default=None,
+                      help=f'ROS params file (default: config/{DEFAULTS_FILE})')
+    demo.add_argument('--stop-after-events', type=int, default=0, metavar='N',
+                      help='stop early once N events have been received (default: run the duration)')
+    demo.add_argument('--output', default='demo_output',
+                      help='folder for the summary JSON (default demo_output)')
+    demo.set_defaults(run=run_demo)
+
+
+def _spawn(module: str, params_file: str, extra: list[str], env: dict) -> subprocess.Popen:
+    cmd = [sys.executable, '-m', module, '--ros-args', '--params-file', params_file, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, bufsize=1)
+
+
+def _stop(procs: dict[str, subprocess.Popen]) -> dict[str, int]:
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    codes = {}
+    for name, proc in procs.items():
+        try:
+            codes[name] = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            codes[name] = proc.wait()
+    return codes
+
+
+def run_demo(args) -> int:
+    params_file = args.params_file or str(config_dir() / DEFAULTS_FILE)
+    env = dict(os.environ)
+    env.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+    print(f'Loom demo: event bus on simulated sensors for {args.duration:.0f} s '
+          f'(ROS_DOMAIN_ID={env.get("ROS_DOMAIN_ID", "0")}, params {params_file})', flush=True)
+    procs = {
+        'sim_sensors': _spawn(NODES['sim_sensors'], params_file, [], env),
+        'event_monitor': _spawn(NODES['event_monitor'], params_file,
+                                ['-p', 'event_monitor:json_output:=true'], env),
+    }
+    monitor = procs['event_monitor']
+    reports = []
+    logs: list[str] = []
+    interactive = sys.stdout.isatty()
+    started = time.monotonic()
+    interrupted = False
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(l.rstrip('\n')) for l in monitor.stdout],
+                     daemon=True).start()
+    try:
+        while time.monotonic() - started < args.duration:
+            if any(p.poll() is not None for p in procs.values()):
+                break
+            try:
+                line = lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if not line.startswith('{'):
+                logs.append(line)
+                continue
+            report = json.loads(line)
+            reports.append(report)
+            _show(report, time.monotonic() - started, args.duration, interactive)
+            if args.stop_after_events and \
+                    sum(report['received'].values()) >= args.stop_after_events:
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        codes = _stop(procs)
+        sensors_log = procs['sim_sensors'].stdout.read() or ''
+        logs.extend(f'sim_sensors: {l}' for l in sensors_log.splitlines() if l)
+    if interactive:
+        print()
+    summary = _summary(reports, time.monotonic() - started, codes)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'bus_summary.json').write_text(json.dumps(summary, indent=2))
+    _print_summary(summary, out / 'bus_summary.json')
+    failed = {n: c for n, c in codes.items() if c not in (0, -signal.SIGINT)}
+    short = args.stop_after_events and summary['events_total'] < args.stop_after_events
+    if failed or not reports or short:
+        print(f'demo failed: exit codes {codes}', file=sys.stderr)
+        for line in logs[-20:]:
+            print(f'  {line}', file=sys.stderr)
+        return 1
+    return 130 if interrupted else 0
+
+
+def _show(report: dict, elapsed: float, duration: float, interactive: bool) -> None:
+    rates = '  '.join(f'{t} {r:.0f}/s' for t, r in report['rates'].items()) or 'waiting for events'
+    line = (f'[{elapsed:5.1f}/{duration:.0f} s] {rates}  | total {report["total_rate"]:.0f} ev/s'
+            f'  rejected {sum(report["rejected"].values())}')
+    print(f'\r{line:<110}' if interactive else line, end='' if interactive else '\n', flush=True)
+
+
+def _summary(reports: list[dict], elapsed: float, codes: dict) -> dict:
+    last = reports[-1] if reports else {'received': {}, 'rejected': {}}
+    peak = max((r['total_rate'] for r in reports), default=0.0)
+    ages = {}
+    for report in reports:
+        for topic, age in report['age_ms'].items():
+            ages.setdefault(topic, []).append(age)
+    return {
+        'duration_s': round(elapsed, 1),
+        'events_received': last['received'],
+        'events_total': sum(last['received'].values()),
+        'mean_rate': round(sum(last['received'].values()) / elapsed, 1) if elapsed else 0.0,
+        'peak_rate': peak,
+        'rejected': last['rejected'],
+        'latest_event_age_ms_median': {t: sorted(v)[len(v) // 2] for t, v in ages.items()},
+        'exit_codes': codes,
+    }
+
+
+def _print_summary(summary: dict, path: Path) -> None:
+    print('\nLoom demo summary')
+    print(f'  ran {summary["duration_s"]} s; {summary["events_total"]} events received across '
+          f'processes (mean {summary["mean_rate"]} ev/s, peak {summary["peak_rate"]} ev/s)')
+    for topic, count in sorted(summary['events_received'].items()):
+        age = summary['latest_event_age_ms_median'].get(topic)
+        print(f'  {topic:<24} {count:>8} events   publish-to-receive age ~{age} ms')
+    rejected = sum(summary['rejected'].values())
+    print(f'  rejected events: {rejected} {summary["rejected"] or ""}')
+    print(f'  summary written to {path}')
