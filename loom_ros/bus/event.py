@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
+
+import numpy
 
 DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024  # one uncompressed 1280x1024 RGB frame fits
 _INT32 = (-2**31, 2**31 - 1)
@@ -46,6 +49,11 @@ class EventRejected(ValueError):
     def __init__(self, reason: RejectReason, message: str):
         super().__init__(f'{reason.value}: {message}')
         self.reason = reason
+
+
+def _from_float32(value: float) -> float:
+    """The shortest decimal that is the same float32: 0.7 comes back as 0.7, not 0.69999998."""
+    return float(str(numpy.float32(value)))
 
 
 def now_ms() -> int:
@@ -88,7 +96,7 @@ class Event:
             raise EventRejected(RejectReason.BAD_FIELD,
                                 f'timestamp_ms must be a non-negative int64, got {ts!r}')
         conf = self.confidence
-        if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not math.isfinite(conf) \
+        if isinstance(conf, bool) or not isinstance(conf, numbers.Real) or not math.isfinite(conf) \
                 or not 0.0 <= conf <= 1.0:
             raise EventRejected(RejectReason.BAD_CONFIDENCE,
                                 f'confidence must be a finite number in [0, 1], got {conf!r}')
@@ -158,7 +166,7 @@ class Event:
             source=msg.source,
             metadata={kv.key: kv.value for kv in msg.metadata},
             payload=msg.payload.tobytes(),
-            confidence=msg.confidence,
+            confidence=_from_float32(msg.confidence),
             tags=list(msg.tags),
             priority=msg.priority,
             privacy=privacy,

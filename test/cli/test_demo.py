@@ -1,0 +1,17 @@
+"""`loom demo` (the README's main job) runs the bus across processes and writes its summary."""
+import json
+
+from conftest import loom_cli
+
+
+def test_demo_runs_sensors_and_monitor_and_summarises(spawn, tmp_path):
+    demo = spawn(*loom_cli('demo', '--duration', '120', '--stop-after-events', '300',
+                           '--output', str(tmp_path)))
+    code, out, err = demo.finish(limit=180)
+    assert code == 0, out + err
+    summary = json.loads((tmp_path / 'bus_summary.json').read_text())
+    assert summary['events_total'] >= 300
+    assert set(summary['events_received']) == {'sensor.imu.motion', 'camera.front.face'}
+    assert summary['rejected'] == {}
+    assert summary['exit_codes'] == {'sim_sensors': 0, 'event_monitor': 0}
+    assert 'Loom demo summary' in out

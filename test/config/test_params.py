@@ -1,0 +1,69 @@
+"""config/loom.yaml is the single source of parameter defaults: every key is declared by a node,
+nodes declare nothing the file lacks, and bad files are refused with the file and the reason."""
+import pytest
+import rclpy
+from rclpy.node import Node
+
+from loom_ros.bus.bus import BUS_PARAMETERS
+from loom_ros.bus.event_monitor_node import PARAMETERS as MONITOR_PARAMETERS
+from loom_ros.bus.event_monitor_node import EventMonitorNode
+from loom_ros.config.params import (
+    ConfigError, ParamSpec, config_dir, declare_parameters, load_params_file, node_defaults,
+)
+from loom_ros.sensors.sim_sensors_node import PARAMETERS as SENSOR_PARAMETERS
+from loom_ros.sensors.sim_sensors_node import SimSensorsNode
+
+NODES = {'sim_sensors': SENSOR_PARAMETERS, 'event_monitor': MONITOR_PARAMETERS}
+
+
+def test_every_yaml_key_is_declared_and_every_declared_parameter_has_a_yaml_default():
+    sections = load_params_file(str(config_dir() / 'loom.yaml'))
+    assert set(sections['/**']) == {p.name for p in BUS_PARAMETERS}
+    for node, specs in NODES.items():
+        assert set(sections[node]) == {p.name for p in specs}, node
+
+
+@pytest.mark.parametrize('node_class', [SimSensorsNode, EventMonitorNode])
+def test_fresh_nodes_report_the_yaml_defaults_with_descriptors(ros, node_class):
+    node = node_class(context=ros.node.context)
+    try:
+        defaults = node_defaults(node.get_name())
+        for name, value in defaults.items():
+            assert node.get_parameter(name).value == value, name
+            descriptor = node.describe_parameter(name)
+            assert descriptor.description and descriptor.read_only
+    finally:
+        node.destroy_node()
+
+
+def test_out_of_range_override_is_refused(ros):
+    from rclpy.exceptions import InvalidParameterValueException
+    node = Node('range_probe', context=ros.node.context,
+                parameter_overrides=[rclpy.parameter.Parameter('imu_rate_hz', value=-5.0)])
+    try:
+        with pytest.raises(InvalidParameterValueException):
+            declare_parameters(node, 'sim_sensors', SENSOR_PARAMETERS)
+    finally:
+        node.destroy_node()
+
+
+def test_bad_yaml_is_refused_with_the_file_and_reason(tmp_path):
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('sim_sensors:\n  ros__parameters: [unclosed\n')
+    with pytest.raises(ConfigError, match=r'bad.yaml: not valid YAML'):
+        load_params_file(str(bad))
+    shape = tmp_path / 'shape.yaml'
+    shape.write_text('sim_sensors:\n  parameters: {}\n')
+    with pytest.raises(ConfigError, match="section 'sim_sensors' has no ros__parameters"):
+        load_params_file(str(shape))
+    with pytest.raises(ConfigError, match='cannot read'):
+        load_params_file(str(tmp_path / 'missing.yaml'))
+
+
+def test_a_parameter_without_a_default_is_a_clear_error(ros):
+    node = Node('no_default_probe', context=ros.node.context)
+    try:
+        with pytest.raises(ConfigError, match="no default for parameter 'nonexistent'"):
+            declare_parameters(node, 'sim_sensors', [ParamSpec('nonexistent', 'x')])
+    finally:
+        node.destroy_node()

@@ -1,0 +1,106 @@
+"""Shared set-up: one rclpy context and test node per session, a private DDS domain per run,
+and helpers that wait on conditions (never on fixed sleeps)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# Before rclpy is imported anywhere: keep this run's DDS traffic to itself.
+os.environ.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 100))
+os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+
+REPO = Path(__file__).resolve().parents[1]
+WAIT_LIMIT_S = 60.0  # upper bound on any wait for a condition; reaching it is a failure
+
+
+class RosHarness:
+    """A node in the test process plus a way to spin it until a condition holds."""
+
+    def __init__(self, node, executor):
+        self.node = node
+        self.executor = executor
+
+    def wait_for(self, condition, what: str, limit: float = WAIT_LIMIT_S, spin=None):
+        deadline = time.monotonic() + limit
+        while not condition():
+            if time.monotonic() > deadline:
+                pytest.fail(f'timed out after {limit:.0f} s waiting for {what}')
+            if spin is not None:
+                spin()
+            self.executor.spin_once(timeout_sec=0.02)
+
+
+@pytest.fixture(scope='session')
+def ros():
+    import rclpy
+    from rclpy.node import Node
+    from rclpy.signals import SignalHandlerOptions
+
+    from loom_ros.bus.executor import make_executor
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    node = Node('loom_test')
+    executor = make_executor()
+    executor.add_node(node)
+    yield RosHarness(node, executor)
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.try_shutdown()
+
+
+@pytest.fixture
+def bus(ros):
+    """A fresh EventBus on the session's test node (torn down after the test)."""
+    from loom_ros.bus.bus import EventBus
+    from loom_ros.bus.qos import TopicQosTable
+    from loom_ros.config.params import node_defaults
+    defaults = node_defaults('loom_test')
+    bus = EventBus(ros.node, topic_qos=TopicQosTable(defaults['bus.topic_qos'],
+                                                     defaults['bus.default_qos']),
+                   discovery_period_s=0.1)
+    yield bus
+    bus.destroy()
+
+
+class Proc:
+    """A subprocess running a Loom entry point; killed at teardown if still alive."""
+
+    def __init__(self, args: list[str]):
+        self.args = args
+        self.popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, cwd=REPO)
+
+    def finish(self, limit: float = WAIT_LIMIT_S) -> tuple[int, str, str]:
+        try:
+            out, err = self.popen.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            out, err = self.popen.communicate()
+            pytest.fail(f'{self.args} did not finish in {limit:.0f} s\n{out}\n{err}')
+        return self.popen.returncode, out, err
+
+    def kill(self):
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.communicate()
+
+
+@pytest.fixture
+def spawn():
+    procs: list[Proc] = []
+
+    def start(*args: str) -> Proc:
+        proc = Proc([sys.executable, *args])
+        procs.append(proc)
+        return proc
+    yield start
+    for proc in procs:
+        proc.kill()
+
+
+def loom_cli(*args: str) -> list[str]:
+    return ['-m', 'loom_ros.cli', *args]
