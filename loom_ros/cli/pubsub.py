@@ -66,10 +66,11 @@ def run_pub(args) -> int:
                 return 1
             executor.spin_once(timeout_sec=0.05)
         period = 1.0 / args.rate if args.rate > 0 else 0.0
+        base_id = event.id
         for i in range(args.count):
             if i:
                 executor.spin_once(timeout_sec=period)
-            event.id = event.id if args.count == 1 else f'{event.id}-{i}'
+            event.id = base_id if args.count == 1 else f'{base_id}-{i}'
             bus.publish(args.topic, event, args.qos)
         # Give reliable delivery a chance to finish before the publisher goes away.
         if publisher.get_subscription_count():

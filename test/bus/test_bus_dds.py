@@ -82,8 +82,9 @@ def test_pattern_subscription_matches_topics_created_later(ros, bus, spawn):
     assert sub.topics == {}
     rear = spawn(*loom_cli('pub', 'camera.rear.depth', '{"type": "depth", "id": "d1"}',
                            '--wait-subscribers', '1'))
-    bare = spawn(*loom_cli('pub', 'camera', '{"type": "raw", "id": "c1"}',
-                           '--wait-subscribers', '1', '--qos', 'realtime'))
+    # 'camera' is realtime (best effort): publish until one arrives instead of trusting one send.
+    bare = spawn(*loom_cli('pub', 'camera', '{"type": "raw", "id": "c1"}', '--qos', 'realtime',
+                           '--wait-subscribers', '1', '--count', '100000', '--rate', '50'))
     other = spawn(*loom_cli('pub', 'mic.rear', '{"type": "audio", "id": "m1"}',
                             '--wait-subscribers', '1', '--timeout', '120'))
     ros.wait_for(lambda: ('camera.rear.depth', 'd1') in seen, 'camera.rear.depth via pattern')
