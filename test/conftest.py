@@ -25,11 +25,18 @@ class RosHarness:
         self.node = node
         self.executor = executor
 
-    def wait_for(self, condition, what: str, limit: float = WAIT_LIMIT_S, spin=None):
+    def wait_for(self, condition, what: str, limit: float = WAIT_LIMIT_S, spin=None,
+                 alive=()):
+        """Spin until `condition()`; fail at `limit`, or at once if a process in `alive` died."""
         deadline = time.monotonic() + limit
         while not condition():
             if time.monotonic() > deadline:
                 pytest.fail(f'timed out after {limit:.0f} s waiting for {what}')
+            for proc in alive:
+                if proc.popen.poll() is not None:
+                    code, out, err = proc.finish()
+                    pytest.fail(f'{proc.args} exited with {code} while waiting for {what}:\n'
+                                f'{out}\n{err}')
             if spin is not None:
                 spin()
             self.executor.spin_once(timeout_sec=0.02)

@@ -1,73 +1,179 @@
-"""The Loom event bus on a ROS 2 node: publish and subscribe Loom topics as loom_msgs/Event.
+"""The Loom event bus on a ROS 2 node: publish and subscribe Loom topics over DDS.
 
-The bus adapts the pure parts (names, QoS table, Event validation) to rclpy publishers and
-subscriptions. Pattern subscriptions (`camera.**`) are resolved against the live ROS graph on a
-timer, so topics that appear later are picked up. Every refusal is counted by reason; a bad
-event or a failing callback never stops delivery to the others.
+The bus adapts the pure parts (names, QoS table, Event validation, backpressure) to rclpy:
+- Realtime and Background topics carry loom_msgs/Event; Batched topics carry loom_msgs/EventBatch,
+  filled by the publisher up to `batch_max_events` or `batch_max_age_ms`, unbatched on receipt.
+- Every published event has the bus's id and a per-topic sequence number, so subscribers count
+  gaps (loss) per publisher, and skip DDS copies of what their own process already delivered.
+- Intra-process fast path: a subscription in the same process gets the Event object directly
+  (no serialization); DDS is used only when a subscriber outside the process is matched.
+  Events delivered in-process are shared: treat them as read-only, as rclcpp treats const messages.
+- Pattern subscriptions (`camera.**`) are resolved against the live graph on a timer.
+- Every refusal, drop, sample, fold and gap is counted (`stats`, and the `loom/bus/stats` topic).
 """
 from __future__ import annotations
 
+import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from loom_ros.config.params import ParamSpec, declare_parameters
-from loom_ros.bus.event import (
-    DEFAULT_MAX_PAYLOAD_BYTES, Event, EventRejected, RejectReason,
-)
+from loom_ros.bus.backpressure import PASSTHROUGH, BackpressurePolicy, DeliveryQueue, Flow
+from loom_ros.bus.event import DEFAULT_MAX_PAYLOAD_BYTES, Event, EventRejected, RejectReason
 from loom_ros.bus.names import (
     TopicNameError, TopicPattern, from_ros_topic, to_ros_topic, validate_topic,
 )
 from loom_ros.bus.qos import (
-    QosLevel, TopicQosTable, UnknownQosLevel, parse_level, to_qos_profile,
+    QosLevel, TopicQosTable, UnknownQosLevel, levels_compatible, parse_level, to_qos_profile,
+    wire_type,
 )
+from loom_ros.config.params import ParamSpec, declare_parameters
 
-EVENT_TYPE_NAME = 'loom_msgs/msg/Event'
+STATS_TOPIC = 'loom/bus/stats'   # a plain ROS topic (BusStats), not a Loom event topic
 DEFAULT_DISCOVERY_PERIOD_S = 0.5
+WIRE_TYPE_NAMES = {'Event': 'loom_msgs/msg/Event', 'EventBatch': 'loom_msgs/msg/EventBatch'}
 
 Callback = Callable[[Event, str], None]
 
+# Process-wide registry behind the intra-process fast path: which buses live in this process and
+# which of their subscription endpoints listen on each fully qualified ROS topic.
+_LOCAL_LOCK = threading.Lock()
+_LOCAL_BUS_IDS: set[int] = set()
+_LOCAL_ENDPOINTS: dict[tuple[int, str], list['_Endpoint']] = {}
+_DISPATCH = threading.local()
 
-@dataclass
+
+def _msg_types():
+    from loom_msgs.msg import Event as EventMsg
+    from loom_msgs.msg import EventBatch
+    return {'Event': EventMsg, 'EventBatch': EventBatch}
+
+
 class BusStats:
-    """Counters a bus keeps; `snapshot()` is what stats topics and tests read."""
+    """Bus-wide counters; per-subscription counters live on each BusSubscription's flow."""
 
-    published: Counter = field(default_factory=Counter)   # per Loom topic
-    received: Counter = field(default_factory=Counter)    # per Loom topic, after validation
-    rejected: Counter = field(default_factory=Counter)    # per RejectReason value
-    qos_incompatible: Counter = field(default_factory=Counter)  # per Loom topic
+    def __init__(self):
+        self.published: Counter = Counter()       # per Loom topic
+        self.received: Counter = Counter()        # per Loom topic, valid events only
+        self.rejected: Counter = Counter()        # per RejectReason value
+        self.qos_incompatible: Counter = Counter()  # per Loom topic
+        self.type_mismatch: Counter = Counter()  # per Loom topic: carries the other wire type
+        self.batches_sent = 0
+        self.intra_process = 0
+        self.subscriptions: list[BusSubscription] = []
 
     def reject(self, reason: RejectReason) -> None:
         self.rejected[reason.value] += 1
 
     def snapshot(self) -> dict:
         return {'published': dict(self.published), 'received': dict(self.received),
-                'rejected': dict(self.rejected), 'qos_incompatible': dict(self.qos_incompatible)}
+                'rejected': dict(self.rejected), 'qos_incompatible': dict(self.qos_incompatible),
+                'type_mismatch': dict(self.type_mismatch),
+                'batches_sent': self.batches_sent, 'intra_process': self.intra_process,
+                'subscriptions': [s.snapshot() for s in self.subscriptions]}
 
 
 class BusSubscription:
-    """A handle returned by `EventBus.subscribe`: which topics it is attached to; `close()`."""
+    """A handle returned by `EventBus.subscribe`: topics attached, counters, `close()`."""
 
     def __init__(self, bus: 'EventBus', pattern: TopicPattern, level: QosLevel | None,
-                 callback: Callback):
+                 callback: Callback, policy: BackpressurePolicy):
         self._bus = bus
         self.pattern = pattern
         self.level = level  # None: each matched topic's level from the bus's topic_qos table
         self.callback = callback
+        self.policy = policy
+        self.flow = Flow(policy)
+        self.counters = self.flow.counters
         self.topics: dict[str, QosLevel] = {}  # attached Loom topic -> QoS level used
         self.closed = False
+        self._lock = threading.Lock()
+        self.queue: DeliveryQueue | None = None
+        self._worker: threading.Thread | None = None
+        if policy.queue != 'inline':
+            self.queue = DeliveryQueue(policy, self.counters)
+            self._worker = threading.Thread(target=self._drain, daemon=True,
+                                            name=f'loom-sub-{pattern.text}')
+            self._worker.start()
 
     def close(self) -> None:
         self._bus.unsubscribe(self)
 
+    def offer(self, event: Event, topic: str, now: float) -> None:
+        """Run the event through this subscription's backpressure, then deliver or queue it."""
+        with self._lock:
+            out = self.flow.offer(event, now)
+        if out is not None:
+            self._hand_over(out, topic)
 
-class _TopicEndpoint:
+    def flush_due(self, now: float) -> None:
+        with self._lock:
+            out = self.flow.flush_due(now)
+        if out is not None:
+            self._hand_over(out, next(iter(self.topics), self.pattern.text))
+
+    def _hand_over(self, event: Event, topic: str) -> None:
+        if self.queue is None:
+            self._call(event, topic)
+        else:
+            self.queue.put((event, topic))
+
+    def _call(self, event: Event, topic: str) -> None:
+        try:
+            self.callback(event, topic)
+        except Exception as exc:  # one bad handler must not stop the bus
+            self._bus.stats.reject(RejectReason.CALLBACK_ERROR)
+            self._bus.logger.error(
+                f'subscriber callback for {self.pattern.text} failed on {topic} '
+                f'(event {event.id}): {exc!r}', throttle_duration_sec=1.0)
+        else:
+            self.counters.delivered += 1
+
+    def _drain(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            self._call(*item)
+
+    def stop(self) -> None:
+        if self.queue is not None:
+            self.queue.close()
+            if self._worker is not threading.current_thread():
+                self._worker.join(timeout=5.0)
+
+    def snapshot(self) -> dict:
+        return {'pattern': self.pattern.text, 'qos': self.level.value if self.level else '',
+                'topics': sorted(self.topics), **self.counters.as_dict(),
+                'queue_depth': len(self.queue) if self.queue is not None else 0}
+
+
+class _Endpoint:
     """One rclpy subscription per (topic, level), fanned out to every matching BusSubscription."""
 
-    def __init__(self):
+    def __init__(self, bus: 'EventBus', topic: str, level: QosLevel):
+        self.bus = bus
+        self.topic = topic
+        self.level = level
         self.subscription = None
+        self.fq_name = ''
         self.handlers: list[BusSubscription] = []
+        self.next_seq: dict[int, int] = {}  # per publishing bus
+
+
+class _Outlet:
+    """One rclpy publisher per Loom topic, with its sequence counter and pending batch."""
+
+    def __init__(self, topic: str, level: QosLevel, publisher):
+        self.topic = topic
+        self.level = level
+        self.publisher = publisher
+        self.fq_name = publisher.topic_name
+        self.seq = 0
+        self.batched = wire_type(level) == 'EventBatch'
+        self.pending: list = []
+        self.pending_first_seq = 0
 
 
 class EventBus:
@@ -75,18 +181,37 @@ class EventBus:
 
     def __init__(self, node, *, topic_qos: TopicQosTable | None = None,
                  max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-                 discovery_period_s: float = DEFAULT_DISCOVERY_PERIOD_S):
+                 discovery_period_s: float = DEFAULT_DISCOVERY_PERIOD_S,
+                 batch_max_events: int = 100, batch_max_age_ms: float = 10.0,
+                 intra_process: bool = True, stats_period_s: float = 0.0,
+                 backpressure: list[str] | tuple[str, ...] = ()):
         self.node = node
         self.topic_qos = topic_qos or TopicQosTable()
         self.max_payload_bytes = max_payload_bytes
+        self.batch_max_events = max(1, int(batch_max_events))
+        self.batch_max_age_s = max(0.001, batch_max_age_ms / 1000.0)
+        self.intra_process = intra_process
+        self.backpressure = _parse_backpressure_table(backpressure)
         self.stats = BusStats()
-        self._logger = node.get_logger()
-        self._publishers: dict[str, tuple[object, QosLevel]] = {}
-        self._endpoints: dict[tuple[str, QosLevel], _TopicEndpoint] = {}
+        self.logger = node.get_logger()
+        self.bus_id = random.getrandbits(63) + 1
+        self._context_key = id(node.context)
+        self._outlets: dict[str, _Outlet] = {}
+        self._endpoints: dict[tuple[str, QosLevel], _Endpoint] = {}
         self._patterns: list[BusSubscription] = []
         self._lock = threading.RLock()
         self._discovery_period_s = discovery_period_s
         self._discovery_timer = None
+        self._batch_timer = None
+        self._window_timer = None
+        self._stats_pub = None
+        with _LOCAL_LOCK:
+            _LOCAL_BUS_IDS.add(self.bus_id)
+        if stats_period_s > 0:
+            from loom_msgs.msg import BusStats as BusStatsMsg
+            self._stats_pub = node.create_publisher(BusStatsMsg, STATS_TOPIC,
+                                                    to_qos_profile(QosLevel.REALTIME))
+            node.create_timer(stats_period_s, self.publish_stats)
 
     # -- helpers ------------------------------------------------------------------------------
     def _level(self, topic: str, qos) -> QosLevel:
@@ -110,29 +235,37 @@ class EventBus:
         return QoSOverridingOptions.with_default_policies()
 
     # -- publishing ---------------------------------------------------------------------------
-    def publisher_for(self, topic: str, qos=None):
-        """The rclpy publisher behind a Loom topic (created on first use)."""
+    def _outlet(self, topic: str, qos) -> _Outlet:
+        outlet = self._outlets.get(topic)
+        if outlet is not None and (qos is None or qos == outlet.level or qos == outlet.level.value):
+            return outlet
         topic = self._checked_topic(topic)
         level = self._level(topic, qos)
         with self._lock:
-            known = self._publishers.get(topic)
-            if known is not None:
-                if known[1] is not level:
+            outlet = self._outlets.get(topic)
+            if outlet is not None:
+                if outlet.level is not level:
                     self.stats.reject(RejectReason.UNKNOWN_QOS)
                     raise EventRejected(
                         RejectReason.UNKNOWN_QOS,
-                        f'{topic} is already published at QoS {known[1].value} by this node; '
+                        f'{topic} is already published at QoS {outlet.level.value} by this node; '
                         f'cannot also publish it at {level.value}')
-                return known[0]
+                return outlet
             from rclpy.event_handler import PublisherEventCallbacks
-            from loom_msgs.msg import Event as EventMsg
             pub = self.node.create_publisher(
-                EventMsg, to_ros_topic(topic), to_qos_profile(level),
+                _msg_types()[wire_type(level)], to_ros_topic(topic), to_qos_profile(level),
                 qos_overriding_options=self._qos_options(),
                 event_callbacks=PublisherEventCallbacks(
                     incompatible_qos=lambda info, t=topic: self._on_incompatible(t, info, 'offered')))
-            self._publishers[topic] = (pub, level)
-            return pub
+            outlet = _Outlet(topic, level, pub)
+            self._outlets[topic] = outlet
+            if outlet.batched and self._batch_timer is None:
+                self._batch_timer = self.node.create_timer(self.batch_max_age_s, self.flush)
+            return outlet
+
+    def publisher_for(self, topic: str, qos=None):
+        """The rclpy publisher behind a Loom topic (created on first use)."""
+        return self._outlet(topic, qos).publisher
 
     def publish(self, topic: str, event: Event, qos=None) -> None:
         """Validate and publish; raises EventRejected (and counts it) for bad input."""
@@ -140,21 +273,65 @@ class EventBus:
             self.stats.reject(RejectReason.WRONG_TYPE)
             raise EventRejected(RejectReason.WRONG_TYPE,
                                 f'publish() takes a loom Event, got {type(event).__name__}')
-        pub = self.publisher_for(topic, qos)
+        outlet = self._outlet(topic, qos)
         try:
             event.validate(self.max_payload_bytes)
         except EventRejected as exc:
             self.stats.reject(exc.reason)
             raise
-        pub.publish(event.to_msg())
+        outlet.seq += 1
+        local = self._local_endpoints(outlet) if self.intra_process else ()
+        if local:
+            self.stats.intra_process += len(local)
+            for endpoint in local:
+                _dispatch(endpoint, event)
+        # DDS only when someone outside this process listens (the local ones are matched too);
+        # the same rule as rclcpp's intra-process publish.
+        if not local or outlet.publisher.get_subscription_count() > len(local):
+            if outlet.batched:
+                if not outlet.pending:
+                    outlet.pending_first_seq = outlet.seq
+                outlet.pending.append(event)
+                if len(outlet.pending) >= self.batch_max_events:
+                    self._send_batch(outlet)
+            else:
+                msg = event.to_msg()
+                msg.bus_id, msg.seq = self.bus_id, outlet.seq
+                outlet.publisher.publish(msg)
+        elif outlet.pending:
+            self._send_batch(outlet)  # keep order if the remote subscriber just left
         self.stats.published[topic] += 1
 
+    def flush(self) -> None:
+        """Send every pending batch now (the batch timer calls this every batch_max_age_ms)."""
+        for outlet in list(self._outlets.values()):
+            if outlet.pending:
+                self._send_batch(outlet)
+
+    def _send_batch(self, outlet: _Outlet) -> None:
+        from loom_msgs.msg import EventBatch
+        batch = EventBatch()
+        batch.bus_id, batch.first_seq = self.bus_id, outlet.pending_first_seq
+        batch.header.stamp = self.node.get_clock().now().to_msg()
+        batch.events = [e.to_msg() for e in outlet.pending]
+        outlet.pending = []
+        outlet.publisher.publish(batch)
+        self.stats.batches_sent += 1
+
+    def _local_endpoints(self, outlet: _Outlet) -> list[_Endpoint]:
+        endpoints = _LOCAL_ENDPOINTS.get((self._context_key, outlet.fq_name))
+        if not endpoints:
+            return []
+        return [e for e in endpoints if levels_compatible(outlet.level, e.level)]
+
     # -- subscribing --------------------------------------------------------------------------
-    def subscribe(self, pattern: str, callback: Callback, qos=None) -> BusSubscription:
+    def subscribe(self, pattern: str, callback: Callback, qos=None,
+                  backpressure: BackpressurePolicy | str | None = None) -> BusSubscription:
         """Call `callback(event, topic)` for each valid event on topics matching `pattern`.
 
         Without `qos`, each matched topic is subscribed at its level from the topic_qos table,
-        which is what its publishers use when they share the config.
+        which is what its publishers use when they share the config. Without `backpressure`,
+        the first `bus.backpressure` entry matching the pattern applies, else none.
         """
         if not callable(callback):
             raise TypeError('callback must be callable as callback(event, topic)')
@@ -164,8 +341,15 @@ class EventBus:
             self.stats.reject(RejectReason.BAD_TOPIC)
             raise EventRejected(RejectReason.BAD_TOPIC, str(exc)) from None
         level = self._level(pattern, qos) if qos is not None else None
-        sub = BusSubscription(self, parsed, level, callback)
+        if isinstance(backpressure, str):
+            backpressure = BackpressurePolicy.parse(backpressure)
+        policy = backpressure or self._policy_for(parsed)
+        sub = BusSubscription(self, parsed, level, callback, policy)
         with self._lock:
+            self.stats.subscriptions.append(sub)
+            if policy.aggregate_window_s and self._window_timer is None:
+                self._window_timer = self.node.create_timer(
+                    max(0.005, policy.aggregate_window_s / 4), self._flush_windows)
             if parsed.is_wildcard:
                 self._patterns.append(sub)
                 self.refresh()
@@ -176,6 +360,12 @@ class EventBus:
                 self._attach(sub, pattern)
         return sub
 
+    def _policy_for(self, pattern: TopicPattern) -> BackpressurePolicy:
+        for rule, policy in self.backpressure:
+            if rule.text == pattern.text or (not pattern.is_wildcard and rule.matches(pattern.text)):
+                return policy
+        return PASSTHROUGH
+
     def unsubscribe(self, sub: BusSubscription) -> None:
         with self._lock:
             if sub.closed:
@@ -183,92 +373,224 @@ class EventBus:
             sub.closed = True
             if sub in self._patterns:
                 self._patterns.remove(sub)
+            if sub in self.stats.subscriptions:
+                self.stats.subscriptions.remove(sub)
             for key in sub.topics.items():
                 endpoint = self._endpoints.get(key)
                 if endpoint is None:
                     continue
                 endpoint.handlers.remove(sub)
                 if not endpoint.handlers:
-                    self.node.destroy_subscription(endpoint.subscription)
-                    del self._endpoints[key]
+                    self._detach(key, endpoint)
             sub.topics.clear()
+            sub.stop()
             if not self._patterns and self._discovery_timer is not None:
                 self.node.destroy_timer(self._discovery_timer)
                 self._discovery_timer = None
 
     def refresh(self) -> list[str]:
-        """Attach pattern subscriptions to matching Event topics now in the graph; returns new ones."""
+        """Attach pattern subscriptions to matching Loom topics now in the graph; returns new ones."""
         with self._lock:
             if not self._patterns:
                 return []
             namespace = self.node.get_namespace()
             attached = []
             for ros_name, types in self.node.get_topic_names_and_types():
-                if EVENT_TYPE_NAME not in types:
+                if not any(t in WIRE_TYPE_NAMES.values() for t in types):
                     continue
                 topic = from_ros_topic(ros_name, namespace)
                 if topic is None:
                     continue
                 for sub in self._patterns:
-                    if topic not in sub.topics and sub.pattern.matches(topic):
-                        self._attach(sub, topic)
+                    if topic in sub.topics or not sub.pattern.matches(topic):
+                        continue
+                    level = sub.level or self.topic_qos.level_for(topic)
+                    if WIRE_TYPE_NAMES[wire_type(level)] not in types:
+                        self._type_mismatch(topic, level, types)
+                        continue
+                    if self._attach(sub, topic):
                         attached.append(topic)
             return attached
 
-    def _attach(self, sub: BusSubscription, topic: str) -> None:
+    def _type_mismatch(self, topic: str, level: QosLevel, detail) -> None:
+        if not self.stats.type_mismatch[topic]:
+            self.logger.warning(
+                f'{topic}: not subscribed at {level.value} ({WIRE_TYPE_NAMES[wire_type(level)]}): '
+                f'the topic carries {detail}. Publishers and subscribers must agree on the level '
+                '(bus.topic_qos) since Batched travels as EventBatch.')
+        self.stats.type_mismatch[topic] += 1
+
+    def _attach(self, sub: BusSubscription, topic: str) -> bool:
         level = sub.level or self.topic_qos.level_for(topic)
         key = (topic, level)
         endpoint = self._endpoints.get(key)
         if endpoint is None:
             from rclpy.event_handler import SubscriptionEventCallbacks
-            from loom_msgs.msg import Event as EventMsg
-            endpoint = _TopicEndpoint()
-            endpoint.subscription = self.node.create_subscription(
-                EventMsg, to_ros_topic(topic),
-                lambda msg, t=topic, e=endpoint: self._deliver(msg, t, e),
-                to_qos_profile(level),
-                qos_overriding_options=self._qos_options(),
-                event_callbacks=SubscriptionEventCallbacks(
-                    incompatible_qos=lambda info, t=topic: self._on_incompatible(t, info, 'requested')))
+            from rclpy.impl.implementation_singleton import rclpy_implementation
+            RCLError = rclpy_implementation.RCLError
+            endpoint = _Endpoint(self, topic, level)
+            kind = wire_type(level)
+            handler = self._on_batch if kind == 'EventBatch' else self._on_event
+            try:
+                endpoint.subscription = self.node.create_subscription(
+                    _msg_types()[kind], to_ros_topic(topic),
+                    lambda msg, e=endpoint: handler(msg, e),
+                    to_qos_profile(level),
+                    qos_overriding_options=self._qos_options(),
+                    event_callbacks=SubscriptionEventCallbacks(
+                        incompatible_qos=lambda info, t=topic: self._on_incompatible(
+                            t, info, 'requested')))
+            except RCLError as exc:  # this process already has the topic with the other type
+                self._type_mismatch(topic, level, f'another type in this process ({exc})')
+                if sub.pattern.is_wildcard:
+                    return False
+                raise EventRejected(RejectReason.BAD_TOPIC,
+                                    f'cannot subscribe to {topic} at {level.value}: this process '
+                                    'already uses the topic with the other wire type') from None
+            endpoint.fq_name = endpoint.subscription.topic_name
             self._endpoints[key] = endpoint
+            with _LOCAL_LOCK:
+                _LOCAL_ENDPOINTS.setdefault((self._context_key, endpoint.fq_name), []).append(endpoint)
         endpoint.handlers.append(sub)
         sub.topics[topic] = level
+        return True
 
-    def _deliver(self, msg, topic: str, endpoint: _TopicEndpoint) -> None:
+    def _detach(self, key, endpoint: _Endpoint) -> None:
+        with _LOCAL_LOCK:
+            local = _LOCAL_ENDPOINTS.get((self._context_key, endpoint.fq_name), [])
+            if endpoint in local:
+                local.remove(endpoint)
+        self.node.destroy_subscription(endpoint.subscription)
+        del self._endpoints[key]
+
+    # -- receiving ----------------------------------------------------------------------------
+    def _on_event(self, msg, endpoint: _Endpoint) -> None:
+        if self.intra_process and msg.bus_id in _LOCAL_BUS_IDS:
+            return  # already delivered in-process, without serialization
+        self._account(endpoint, msg.bus_id, msg.seq, 1)
+        self._accept(msg, endpoint)
+
+    def _on_batch(self, batch, endpoint: _Endpoint) -> None:
+        if self.intra_process and batch.bus_id in _LOCAL_BUS_IDS:
+            return
+        self._account(endpoint, batch.bus_id, batch.first_seq, len(batch.events))
+        for msg in batch.events:
+            self._accept(msg, endpoint)
+
+    def _account(self, endpoint: _Endpoint, bus_id: int, first_seq: int, count: int) -> None:
+        """Count gaps in a publisher's sequence numbers as lost events."""
+        if not bus_id:
+            return  # a publisher that is not a Loom bus (raw rclpy, ros2 topic pub)
+        expected = endpoint.next_seq.get(bus_id)
+        if expected is not None and first_seq > expected:
+            gap = first_seq - expected
+            for sub in endpoint.handlers:
+                sub.counters.lost += gap
+            self.logger.warning(
+                f'{endpoint.topic}: {gap} events from bus {bus_id:x} never arrived '
+                f'(sequence {expected} to {first_seq - 1}); the publisher outran this subscriber '
+                'beyond the QoS history bound', throttle_duration_sec=1.0)
+        if expected is None or first_seq + count > expected:
+            endpoint.next_seq[bus_id] = first_seq + count
+
+    def _accept(self, msg, endpoint: _Endpoint) -> None:
         try:
             event = Event.from_msg(msg).validate(self.max_payload_bytes)
         except EventRejected as exc:
             self.stats.reject(exc.reason)
-            self._logger.warning(f'dropped an event on {topic}: {exc}', throttle_duration_sec=1.0)
+            self.logger.warning(f'dropped an event on {endpoint.topic}: {exc}',
+                                throttle_duration_sec=1.0)
             return
-        self.stats.received[topic] += 1
-        for sub in list(endpoint.handlers):
-            try:
-                sub.callback(event, topic)
-            except Exception as exc:  # one bad handler must not stop the bus
-                self.stats.reject(RejectReason.CALLBACK_ERROR)
-                self._logger.error(f'subscriber callback for {sub.pattern.text} failed on {topic} '
-                                   f'(event {event.id}): {exc!r}', throttle_duration_sec=1.0)
+        _dispatch(endpoint, event)
+
+    def _flush_windows(self) -> None:
+        now = time.monotonic()
+        for sub in list(self.stats.subscriptions):
+            if sub.policy.aggregate_window_s:
+                sub.flush_due(now)
 
     def _on_incompatible(self, topic: str, info, side: str) -> None:
         self.stats.qos_incompatible[topic] += 1
         policy = getattr(info.last_policy_kind, 'name', info.last_policy_kind)
-        self._logger.warning(
+        self.logger.warning(
             f'{topic}: {side} QoS is incompatible with a peer (policy {policy}); they do not '
             'connect. Publisher and subscribers of a Loom topic must use compatible QoS levels.',
             throttle_duration_sec=5.0)
 
+    # -- stats --------------------------------------------------------------------------------
+    def publish_stats(self) -> None:
+        from loom_msgs.msg import BusStats as BusStatsMsg
+        from loom_msgs.msg import SubscriptionStats
+        msg = BusStatsMsg()
+        msg.header.stamp = self.node.get_clock().now().to_msg()
+        msg.node = self.node.get_fully_qualified_name()
+        msg.bus_id = self.bus_id
+        msg.published_topics = list(self.stats.published)
+        msg.published_counts = list(self.stats.published.values())
+        msg.batches_sent = self.stats.batches_sent
+        msg.intra_process_deliveries = self.stats.intra_process
+        msg.rejected_reasons = list(self.stats.rejected)
+        msg.rejected_counts = list(self.stats.rejected.values())
+        for sub in self.stats.subscriptions:
+            snap = sub.snapshot()
+            msg.subscriptions.append(SubscriptionStats(
+                pattern=snap.pop('pattern'), qos=snap.pop('qos'), topics=snap.pop('topics'),
+                policy=_policy_text(sub.policy), **snap))
+        self._stats_pub.publish(msg)
+
     # -- teardown -----------------------------------------------------------------------------
     def destroy(self) -> None:
         with self._lock:
-            for sub in list(self._patterns):
+            self.flush()
+            for sub in list(self.stats.subscriptions):
                 self.unsubscribe(sub)
-            for endpoint in list(self._endpoints.values()):
-                for sub in list(endpoint.handlers):
-                    self.unsubscribe(sub)
-            for pub, _ in self._publishers.values():
-                self.node.destroy_publisher(pub)
-            self._publishers.clear()
+            for outlet in self._outlets.values():
+                self.node.destroy_publisher(outlet.publisher)
+            self._outlets.clear()
+            for timer in (self._batch_timer, self._window_timer):
+                if timer is not None:
+                    self.node.destroy_timer(timer)
+            self._batch_timer = self._window_timer = None
+        with _LOCAL_LOCK:
+            _LOCAL_BUS_IDS.discard(self.bus_id)
+
+
+def _dispatch(endpoint: _Endpoint, event: Event) -> None:
+    """Hand an event to an endpoint's subscriptions. Re-entrant publishes (a callback that
+    publishes) are queued and run after the current delivery, so order holds and stacks stay flat."""
+    pending = getattr(_DISPATCH, 'pending', None)
+    if pending is not None:
+        pending.append((endpoint, event))
+        return
+    _DISPATCH.pending = pending = [(endpoint, event)]
+    try:
+        i = 0
+        while i < len(pending):
+            target, item = pending[i]
+            i += 1
+            now = time.monotonic()
+            target.bus.stats.received[target.topic] += 1
+            for sub in list(target.handlers):
+                sub.offer(item, target.topic, now)
+    finally:
+        _DISPATCH.pending = None
+
+
+def _policy_text(policy: BackpressurePolicy) -> str:
+    if policy.is_passthrough:
+        return ''
+    default = BackpressurePolicy()
+    return ','.join(f'{k}:{v}' for k, v in vars(policy).items() if getattr(default, k) != v)
+
+
+def _parse_backpressure_table(entries) -> list[tuple[TopicPattern, BackpressurePolicy]]:
+    table = []
+    for entry in entries:
+        pattern, sep, policy = entry.partition('=')
+        if not sep:
+            raise ValueError(f"bus.backpressure entry {entry!r}: expected 'pattern=policy'")
+        table.append((TopicPattern.parse(pattern.strip()), BackpressurePolicy.parse(policy)))
+    return table
 
 
 BUS_PARAMETERS = [
@@ -280,6 +602,16 @@ BUS_PARAMETERS = [
               read_only=True, min_value=0),
     ParamSpec('bus.discovery_period_s', 'How often pattern subscriptions look for new topics',
               read_only=True, min_value=0.01, max_value=60.0),
+    ParamSpec('bus.batch_max_events', 'Batched topics: most events in one EventBatch',
+              read_only=True, min_value=1, max_value=100000),
+    ParamSpec('bus.batch_max_age_ms', 'Batched topics: longest an event waits for its batch',
+              read_only=True, min_value=1.0, max_value=10000.0),
+    ParamSpec('bus.intra_process', 'Deliver to subscriptions in the same process without '
+              'serialization', read_only=True),
+    ParamSpec('bus.stats_period_s', 'Seconds between BusStats messages on loom/bus/stats '
+              '(0: off)', read_only=True, min_value=0.0, max_value=3600.0),
+    ParamSpec('bus.backpressure', "Default backpressure per subscription, 'pattern=policy' with "
+              "policy like 'sample_every:10,queue:drop_oldest,queue_size:50'", read_only=True),
 ]
 
 
@@ -288,4 +620,9 @@ def create_bus(node, defaults_section: str) -> EventBus:
     values = declare_parameters(node, defaults_section, BUS_PARAMETERS)
     table = TopicQosTable(list(values['bus.topic_qos']), default=values['bus.default_qos'])
     return EventBus(node, topic_qos=table, max_payload_bytes=int(values['bus.max_payload_bytes']),
-                    discovery_period_s=float(values['bus.discovery_period_s']))
+                    discovery_period_s=float(values['bus.discovery_period_s']),
+                    batch_max_events=int(values['bus.batch_max_events']),
+                    batch_max_age_ms=float(values['bus.batch_max_age_ms']),
+                    intra_process=bool(values['bus.intra_process']),
+                    stats_period_s=float(values['bus.stats_period_s']),
+                    backpressure=list(values['bus.backpressure']))

@@ -103,3 +103,18 @@ def to_zenoh_options(level: QosLevel | str) -> dict:
         'congestion_control': getattr(zenoh.CongestionControl, spec.zenoh_congestion),
         'express': spec.zenoh_express,
     }
+
+
+def wire_type(level: QosLevel | str) -> str:
+    """The ROS type a level's topics carry: Batched travels as EventBatch, the others as Event."""
+    return 'EventBatch' if parse_level(level) is QosLevel.BATCHED else 'Event'
+
+
+def levels_compatible(publisher: QosLevel | str, subscriber: QosLevel | str) -> bool:
+    """Would DDS connect a publisher and a subscription at these levels (same type, QoS rules)?"""
+    pub, sub = QOS_TABLE[parse_level(publisher)], QOS_TABLE[parse_level(subscriber)]
+    if wire_type(publisher) != wire_type(subscriber):
+        return False
+    if pub.reliability == 'best_effort' and sub.reliability == 'reliable':
+        return False
+    return not (pub.durability == 'volatile' and sub.durability == 'transient_local')

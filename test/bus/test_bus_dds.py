@@ -23,7 +23,7 @@ def seed_event(**overrides):
 def test_subscriber_process_sees_seed_fields_and_requests_the_qos_it_asked_for(ros, bus, spawn):
     echo = spawn(*loom_cli('echo', 'camera.front.face', '--count', '1', '--qos', 'realtime'))
     publisher = bus.publisher_for('camera.front.face', 'realtime')
-    ros.wait_for(lambda: publisher.get_subscription_count() >= 1, 'echo to match')
+    ros.wait_for(lambda: publisher.get_subscription_count() >= 1, 'echo to match', alive=[echo])
     sent = seed_event()
     # Realtime is best effort: publish until the subscriber has one, rather than trusting one send.
     ros.wait_for(lambda: echo.popen.poll() is not None, 'echo to receive an event',
@@ -48,10 +48,10 @@ def test_publisher_process_offers_the_mapped_qos_and_events_arrive_intact(ros, b
     # Keeps publishing until killed, so its endpoint is still in the graph when we look.
     pub = spawn(*loom_cli('pub', 'mic.primary.speech', json.dumps(event), '--qos', 'batched',
                           '--wait-subscribers', '1', '--count', '100000', '--rate', '20'))
-    ros.wait_for(lambda: received, 'an event from the publisher process')
+    ros.wait_for(lambda: received, 'an event from the publisher process', alive=[pub])
     # The graph cache is fed by its own discovery topic and may trail the data path: wait for it.
-    ros.wait_for(lambda: ros.node.get_publishers_info_by_topic('/loom/mic/primary/speech'),
-                 'the publisher in the graph')
+    ros.wait_for(lambda: [i.node_name for i in ros.node.get_publishers_info_by_topic(
+                 '/loom/mic/primary/speech')] == ['loom_pub'], 'the publisher node in the graph')
     infos = ros.node.get_publishers_info_by_topic('/loom/mic/primary/speech')
     assert len(infos) == 1 and infos[0].node_name == 'loom_pub'
     offered = infos[0].qos_profile
@@ -67,10 +67,10 @@ def test_publisher_process_offers_the_mapped_qos_and_events_arrive_intact(ros, b
 
 
 def test_incompatible_qos_pair_does_not_connect_and_is_counted(ros, bus, spawn):
-    # A best-effort (realtime) publisher cannot serve a reliable (batched) subscription.
+    # A best-effort (realtime) publisher cannot serve a reliable (background) subscription.
     pub = spawn(*loom_cli('pub', 'sensor.incompat', '{"type": "x"}', '--qos', 'realtime',
                           '--wait-subscribers', '1', '--timeout', '120'))
-    sub = bus.subscribe('sensor.incompat', lambda e, t: None, 'batched')
+    sub = bus.subscribe('sensor.incompat', lambda e, t: None, 'background')
     endpoint = next(iter(bus._endpoints.values()))
     ros.wait_for(lambda: bus.stats.qos_incompatible['sensor.incompat'] >= 1,
                  'the incompatible-QoS event')
@@ -105,10 +105,11 @@ def test_bad_events_from_another_process_are_counted_and_the_bus_keeps_running(r
     from loom_msgs.msg import Event as EventMsg
 
     from loom_ros.bus.qos import to_qos_profile
-    echo = spawn(*loom_cli('echo', 'bad.input', '--count', '1', '--qos', 'batched',
+    echo = spawn(*loom_cli('echo', 'bad.input', '--count', '1', '--qos', 'background',
                            '--ros-args', '-p', 'bus.max_payload_bytes:=1024'))
-    raw = ros.node.create_publisher(EventMsg, 'loom/bad/input', to_qos_profile('batched'))
-    ros.wait_for(lambda: raw.get_subscription_count() >= 1, 'echo to match the raw publisher')
+    raw = ros.node.create_publisher(EventMsg, 'loom/bad/input', to_qos_profile('background'))
+    ros.wait_for(lambda: raw.get_subscription_count() >= 1, 'echo to match the raw publisher',
+                 alive=[echo])
     for bad in (seed_event(id=''), seed_event(confidence=math.nan),
                 seed_event(payload=b'x' * 2048), seed_event(type='')):
         raw.publish(bad.to_msg())
