@@ -27,13 +27,13 @@ class RosHarness:
 
     def wait_for(self, condition, what: str, limit: float = WAIT_LIMIT_S, spin=None,
                  alive=()):
-        """Spin until `condition()`; fail at `limit`, or at once if a process in `alive` died."""
+        """Spin until `condition()`; fail at `limit`, or at once if a process in `alive` failed."""
         deadline = time.monotonic() + limit
         while not condition():
             if time.monotonic() > deadline:
                 pytest.fail(f'timed out after {limit:.0f} s waiting for {what}')
             for proc in alive:
-                if proc.popen.poll() is not None:
+                if proc.popen.poll() not in (None, 0):
                     code, out, err = proc.finish()
                     pytest.fail(f'{proc.args} exited with {code} while waiting for {what}:\n'
                                 f'{out}\n{err}')

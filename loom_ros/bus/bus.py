@@ -288,15 +288,15 @@ class EventBus:
         # DDS only when someone outside this process listens (the local ones are matched too);
         # the same rule as rclcpp's intra-process publish.
         if not local or outlet.publisher.get_subscription_count() > len(local):
+            msg = event.to_msg()  # converted now, so later changes to `event` cannot leak in
+            msg.bus_id, msg.seq = self.bus_id, outlet.seq
             if outlet.batched:
                 if not outlet.pending:
                     outlet.pending_first_seq = outlet.seq
-                outlet.pending.append(event)
+                outlet.pending.append(msg)
                 if len(outlet.pending) >= self.batch_max_events:
                     self._send_batch(outlet)
             else:
-                msg = event.to_msg()
-                msg.bus_id, msg.seq = self.bus_id, outlet.seq
                 outlet.publisher.publish(msg)
         elif outlet.pending:
             self._send_batch(outlet)  # keep order if the remote subscriber just left
@@ -313,7 +313,7 @@ class EventBus:
         batch = EventBatch()
         batch.bus_id, batch.first_seq = self.bus_id, outlet.pending_first_seq
         batch.header.stamp = self.node.get_clock().now().to_msg()
-        batch.events = [e.to_msg() for e in outlet.pending]
+        batch.events = outlet.pending
         outlet.pending = []
         outlet.publisher.publish(batch)
         self.stats.batches_sent += 1

@@ -4,6 +4,7 @@ Both are real bus nodes (same config, same QoS table), so they are also what the
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -70,8 +71,9 @@ def run_pub(args) -> int:
         for i in range(args.count):
             if i:
                 executor.spin_once(timeout_sec=period)
-            event.id = base_id if args.count == 1 else f'{base_id}-{i}'
-            bus.publish(args.topic, event, args.qos)
+            bus.publish(args.topic, event if args.count == 1 else
+                        dataclasses.replace(event, id=f'{base_id}-{i}'), args.qos)
+        bus.flush()
         # Give reliable delivery a chance to finish before the publisher goes away.
         if publisher.get_subscription_count():
             publisher.wait_for_all_acked(rclpy.duration.Duration(seconds=5))

@@ -1,0 +1,161 @@
+"""The bus under load: batching order and loss bounds across processes, the intra-process fast
+path delivering once and only once, backpressure through the bus, and the stats topic."""
+import json
+import threading
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import loom_cli
+from loom_ros.bus.bus import STATS_TOPIC, EventBus
+from loom_ros.bus.event import Event
+from loom_ros.bus.qos import to_qos_profile
+
+
+def ids(events):
+    return [e.id for e in events]
+
+
+def test_batched_delivery_across_processes_keeps_order_and_loses_nothing(ros, bus, spawn):
+    got = []
+    sub = bus.subscribe('load.batched', lambda e, t: got.append(e.id), 'batched')
+    n = 5000
+    pub = spawn(*loom_cli('pub', 'load.batched', '{"type": "tick", "id": "b"}', '--qos', 'batched',
+                          '--count', str(n), '--rate', '0', '--wait-subscribers', '1'))
+    ros.wait_for(lambda: len(got) >= n, f'{n} batched events', alive=[pub])
+    assert got == [f'b-{i}' for i in range(n)]
+    assert sub.counters.lost == 0 and sub.counters.delivered == n
+
+
+def test_slow_subscriber_within_the_bound_loses_nothing_and_beyond_it_loss_is_counted(
+        ros, bus, spawn, capfd):
+    """Another process publishes as fast as it can; once the first events are in, the test
+    process stops taking (spinning) until the publisher is done, then resumes.
+    Bound: the QoS history (100 batches) x bus.batch_max_events (100) = 10,000 events."""
+    got = []
+    sub = bus.subscribe('load.slow', lambda e, t: got.append(int(e.id.split('-')[1])), 'batched')
+    age = ['--ros-args', '-p', 'bus.batch_max_age_ms:=10000.0']  # batches close by count only
+
+    def burst(n, tag):
+        got.clear()
+        pub = spawn(*loom_cli('pub', 'load.slow', json.dumps({'type': 't', 'id': tag}),
+                              '--qos', 'batched', '--count', str(n), '--rate', '0',
+                              '--wait-subscribers', '1', *age))
+        ros.wait_for(lambda: got, 'the first events', alive=[pub])
+        code, _, err = pub.finish()  # we do not spin meanwhile: we are the slow subscriber
+        assert code == 0, err
+        ros.wait_for(lambda: got[-1] == n - 1, 'the last event of the burst')
+
+    burst(5000, 'a')  # within the bound, however early we stalled
+    assert got == list(range(5000)) and sub.counters.lost == 0
+
+    burst(40000, 'b')  # at least 29,900 events past the bound once we stall
+    assert got == sorted(got)  # what arrives is still in order
+    # Every gap is counted exactly; the history kept the newest batches.
+    assert sub.counters.lost == (got[-1] - got[0] + 1) - len(got) > 0
+    assert 'never arrived' in capfd.readouterr().err
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 300), level=st.sampled_from(['realtime', 'batched', 'background']))
+def test_fast_path_delivers_once_and_only_once_without_serialization(ros, n, level):
+    from rclpy.node import Node
+    topic = f'fast.{level}'
+    pub_node = Node('fast_pub', context=ros.node.context)
+    sub_node = Node('fast_sub', context=ros.node.context)
+    publisher, subscriber = EventBus(pub_node), EventBus(sub_node)
+    try:
+        got = []
+        subscriber.subscribe(topic, lambda e, t: got.append(e), level)
+        sent = [Event(type='x', id=str(i)) for i in range(n)]
+        for event in sent:
+            publisher.publish(topic, event, level)
+        publisher.flush()
+        assert [id(e) for e in got] == [id(e) for e in sent]  # the same objects: no copy made
+        assert publisher.stats.intra_process == n
+        # Nothing more arrives later through DDS either.
+        for _ in range(20):
+            ros.executor.spin_once(timeout_sec=0.01)
+        assert len(got) == n
+    finally:
+        publisher.destroy()
+        subscriber.destroy()
+        pub_node.destroy_node()
+        sub_node.destroy_node()
+
+
+def test_fast_path_and_a_remote_subscriber_both_get_every_event_once(ros, bus, spawn):
+    from rclpy.node import Node
+    local_node = Node('fast_local', context=ros.node.context)
+    local = EventBus(local_node)
+    try:
+        got = []
+        local.subscribe('fast.mixed', lambda e, t: got.append(e.id), 'batched')
+        echo = spawn(*loom_cli('echo', 'fast.mixed', '--count', '50', '--qos', 'batched'))
+        publisher = bus.publisher_for('fast.mixed', 'batched')
+        ros.wait_for(lambda: publisher.get_subscription_count() >= 2, 'local and remote to match',
+                     alive=[echo])
+        for i in range(50):
+            bus.publish('fast.mixed', Event(type='x', id=f'm{i}'), 'batched')
+        bus.flush()
+        code, out, err = echo.finish()
+        assert code == 0, err
+        assert [json.loads(l)['id'] for l in out.splitlines()] == [f'm{i}' for i in range(50)]
+        for _ in range(20):  # give a stray DDS copy every chance to show up
+            ros.executor.spin_once(timeout_sec=0.01)
+        assert got == [f'm{i}' for i in range(50)]
+        assert bus.stats.intra_process == 50 and bus.stats.batches_sent >= 1
+    finally:
+        local.destroy()
+        local_node.destroy_node()
+
+
+def test_drop_oldest_through_the_bus_and_counters_on_the_stats_topic(ros):
+    from loom_msgs.msg import BusStats
+    from rclpy.node import Node
+    node = Node('bp_node', context=ros.node.context)
+    bus = EventBus(node, stats_period_s=0.05)
+    ros.executor.add_node(node)  # its stats timer must run
+    stats = []
+    probe = ros.node.create_subscription(BusStats, STATS_TOPIC, stats.append,
+                                         to_qos_profile('realtime'))
+    entered, release = threading.Event(), threading.Event()
+    delivered = []
+
+    def slow(event, topic):
+        entered.set()
+        release.wait(timeout=60)
+        delivered.append(event.id)
+    try:
+        sub = bus.subscribe('bp.slow', slow, 'batched', backpressure='queue:drop_oldest,queue_size:5')
+        bus.publish('bp.slow', Event(type='x', id='first'))
+        assert entered.wait(timeout=60)  # the consumer thread is now busy with 'first'
+        for i in range(20):
+            bus.publish('bp.slow', Event(type='x', id=f'e{i}'))
+        release.set()
+        ros.wait_for(lambda: len(delivered) == 6, 'the queue to drain')
+        assert delivered == ['first'] + [f'e{i}' for i in range(15, 20)]
+        c = sub.counters
+        assert (c.received, c.dropped_oldest, c.delivered, c.queue_high_water) == (21, 15, 6, 5)
+
+        def seen():
+            return any(s.node == '/bp_node' and s.subscriptions
+                       and s.subscriptions[0].dropped_oldest == 15
+                       and s.subscriptions[0].policy == 'queue:drop_oldest,queue_size:5'
+                       for s in stats)
+        ros.wait_for(seen, 'BusStats with the drop counters')
+    finally:
+        release.set()
+        ros.node.destroy_subscription(probe)
+        ros.executor.remove_node(node)
+        bus.destroy()
+        node.destroy_node()
+
+
+def test_aggregation_through_the_bus_says_how_many_were_folded(ros, bus):
+    folded = []
+    bus.subscribe('agg.imu', lambda e, t: folded.append(e), 'batched',
+                  backpressure='aggregate_count:10,reducer:mean')
+    for i in range(30):
+        bus.publish('agg.imu', Event.with_json('imu', {'ax': float(i)}), 'batched')
+    assert [e.metadata['loom.folded'] for e in folded] == ['10', '10', '10']
+    assert [e.json()['ax'] for e in folded] == [4.5, 14.5, 24.5]
