@@ -77,3 +77,10 @@ def test_from_dict_for_hand_written_events():
         Event.from_dict({'type': 'x', 'colour': 'red'})
     with pytest.raises(EventRejected, match='privacy must be one of'):
         Event.from_dict({'type': 'x', 'privacy': 'secret'})
+
+
+def test_fast_conversion_equals_the_public_message_api():
+    from loom_ros.bus.event import _fast_to_msg_ok
+    assert _fast_to_msg_ok()  # else to_msg quietly uses the slower public path
+    event = full_event()
+    assert event.to_msg() == event._to_msg_public()
