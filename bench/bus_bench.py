@@ -40,6 +40,29 @@ def summarize(latencies_us: list[float]) -> dict:
             'max_us': round(max(latencies_us), 1) if latencies_us else float('nan')}
 
 
+class Reservoir:
+    """A fixed-size uniform sample of a stream (Algorithm R), so a long run's latency record does
+    not grow the subscriber's memory (which the soak measures)."""
+
+    def __init__(self, capacity: int = 50000, seed: int = 1):
+        import random
+        self.capacity, self.count, self.items, self.max = capacity, 0, [], float('nan')
+        self._rand = random.Random(seed).random
+
+    def append(self, value: float) -> None:
+        self.count += 1
+        self.max = value if self.count == 1 else max(self.max, value)
+        if len(self.items) < self.capacity:
+            self.items.append(value)
+        else:
+            slot = int(self._rand() * self.count)
+            if slot < self.capacity:
+                self.items[slot] = value
+
+    def __len__(self) -> int:
+        return self.count
+
+
 def rss_kb(pid: int | str = 'self') -> int:
     with open(f'/proc/{pid}/status') as status:
         for line in status:
@@ -117,7 +140,7 @@ def run_subscriber(args) -> None:
     rclpy.init()
     node = make_node(f'bench_sub_{os.getpid()}')
     side = SIDES[args.side](node, args.level, args.topic)
-    latencies: list[float] = []
+    latencies = Reservoir()
     first = last = 0.0
 
     def on_stamp(sent_ns: int) -> None:
@@ -143,7 +166,9 @@ def run_subscriber(args) -> None:
     n = len(latencies)
     cpu = time.process_time() - cpu_start
     print(json.dumps({'received': n, 'first': first, 'last': last, 'cpu_s': cpu,
-                      'latency': summarize(latencies), 'rss_kb': rss_kb()}), flush=True)
+                      'latency': {**summarize(latencies.items), 'n': latencies.count,
+                                  'max_us': round(latencies.max, 1)},
+                      'rss_kb': rss_kb()}), flush=True)
     executor.shutdown()
     node.destroy_node()
     rclpy.try_shutdown()

@@ -205,6 +205,7 @@ class EventBus:
         self._batch_timer = None
         self._window_timer = None
         self._stats_pub = None
+        self._last_log: dict[str, float] = {}
         with _LOCAL_LOCK:
             _LOCAL_BUS_IDS.add(self.bus_id)
         if stats_period_s > 0:
@@ -486,10 +487,11 @@ class EventBus:
             gap = first_seq - expected
             for sub in endpoint.handlers:
                 sub.counters.lost += gap
-            self.logger.warning(
-                f'{endpoint.topic}: {gap} events from bus {bus_id:x} never arrived '
-                f'(sequence {expected} to {first_seq - 1}); the publisher outran this subscriber '
-                'beyond the QoS history bound', throttle_duration_sec=1.0)
+            if self._may_log('gap'):  # cheap throttle: best-effort topics gap all the time
+                self.logger.warning(
+                    f'{endpoint.topic}: {gap} events from bus {bus_id:x} never arrived '
+                    f'(sequence {expected} to {first_seq - 1}); the publisher outran this '
+                    'subscriber beyond the QoS history bound (counted as lost)')
         if expected is None or first_seq + count > expected:
             endpoint.next_seq[bus_id] = first_seq + count
 
@@ -498,10 +500,18 @@ class EventBus:
             event = Event.from_msg(msg).validate(self.max_payload_bytes)
         except EventRejected as exc:
             self.stats.reject(exc.reason)
-            self.logger.warning(f'dropped an event on {endpoint.topic}: {exc}',
-                                throttle_duration_sec=1.0)
+            if self._may_log('reject'):
+                self.logger.warning(f'dropped an event on {endpoint.topic}: {exc}')
             return
         _dispatch(endpoint, event)
+
+    def _may_log(self, what: str, period_s: float = 1.0) -> bool:
+        """At most one log line per `what` and period, decided before any message is formatted."""
+        now = time.monotonic()
+        if now - self._last_log.get(what, -period_s) < period_s:
+            return False
+        self._last_log[what] = now
+        return True
 
     def _flush_windows(self) -> None:
         now = time.monotonic()
