@@ -44,6 +44,11 @@ _LOCAL_ENDPOINTS: dict[tuple[int, str], list['_Endpoint']] = {}
 _DISPATCH = threading.local()
 
 
+def _rcl_error():
+    from rclpy.impl.implementation_singleton import rclpy_implementation
+    return rclpy_implementation.RCLError
+
+
 def _msg_types():
     from loom_msgs.msg import Event as EventMsg
     from loom_msgs.msg import EventBatch
@@ -298,7 +303,7 @@ class EventBus:
                 if len(outlet.pending) >= self.batch_max_events:
                     self._send_batch(outlet)
             else:
-                outlet.publisher.publish(msg)
+                self._write(outlet, msg, 1)
         elif outlet.pending:
             self._send_batch(outlet)  # keep order if the remote subscriber just left
         self.stats.published[topic] += 1
@@ -316,8 +321,22 @@ class EventBus:
         batch.header.stamp = self.node.get_clock().now().to_msg()
         batch.events = outlet.pending
         outlet.pending = []
-        outlet.publisher.publish(batch)
-        self.stats.batches_sent += 1
+        if self._write(outlet, batch, len(batch.events)):
+            self.stats.batches_sent += 1
+
+    def _write(self, outlet: _Outlet, msg, events: int) -> bool:
+        """Hand a message to DDS. Fast DDS refuses writes when a reliable reader is too far behind
+        ('cannot publish data'): that is backpressure, so it is counted and logged, not raised."""
+        try:
+            outlet.publisher.publish(msg)
+            return True
+        except _rcl_error() as exc:
+            self.stats.rejected[RejectReason.PUBLISH_FAILED.value] += events
+            if self._may_log('publish_failed'):
+                self.logger.warning(f'{outlet.topic}: DDS refused {events} event(s) ({exc}); a '
+                                    'reliable subscriber is too far behind (counted as '
+                                    'publish_failed)')
+            return False
 
     def _local_endpoints(self, outlet: _Outlet) -> list[_Endpoint]:
         endpoints = _LOCAL_ENDPOINTS.get((self._context_key, outlet.fq_name))
@@ -427,8 +446,7 @@ class EventBus:
         endpoint = self._endpoints.get(key)
         if endpoint is None:
             from rclpy.event_handler import SubscriptionEventCallbacks
-            from rclpy.impl.implementation_singleton import rclpy_implementation
-            RCLError = rclpy_implementation.RCLError
+            RCLError = _rcl_error()
             endpoint = _Endpoint(self, topic, level)
             kind = wire_type(level)
             handler = self._on_batch if kind == 'EventBatch' else self._on_event

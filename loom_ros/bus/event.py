@@ -44,6 +44,7 @@ class RejectReason(str, Enum):
     UNKNOWN_QOS = 'unknown_qos'
     BAD_TOPIC = 'bad_topic'
     CALLBACK_ERROR = 'callback_error'
+    PUBLISH_FAILED = 'publish_failed'  # DDS refused the write (a reliable reader far behind)
 
 
 class EventRejected(ValueError):
