@@ -242,7 +242,7 @@ class EventBus:
 
     # -- publishing ---------------------------------------------------------------------------
     def _outlet(self, topic: str, qos) -> _Outlet:
-        outlet = self._outlets.get(topic)
+        outlet = self._outlets.get(topic) if type(topic) is str else None
         if outlet is not None and (qos is None or qos == outlet.level or qos == outlet.level.value):
             return outlet
         topic = self._checked_topic(topic)

@@ -42,9 +42,8 @@ def _check_segment(name: str, segment: str, index: int) -> None:
         raise TopicNameError(name, f"segment {segment!r} repeats '_', which ROS 2 names forbid")
 
 
-@lru_cache(maxsize=4096)
-def validate_topic(name: str) -> str:
-    """Return `name` if it is a valid concrete Loom topic, else raise TopicNameError saying why."""
+def _check_text(name: object) -> None:
+    """What topics and patterns share: a non-empty string of bounded length, dots not slashes."""
     if not isinstance(name, str):
         raise TopicNameError(name, f'expected a string, got {type(name).__name__}')
     if not name:
@@ -53,6 +52,18 @@ def validate_topic(name: str) -> str:
         raise TopicNameError(name, f'longer than {MAX_TOPIC_LENGTH} characters')
     if '/' in name:
         raise TopicNameError(name, "contains '/': Loom topics use dots (camera.front.face)")
+
+
+def validate_topic(name: str) -> str:
+    """Return `name` if it is a valid concrete Loom topic, else raise TopicNameError saying why."""
+    if not isinstance(name, str):  # before the cache, which needs a hashable key
+        raise TopicNameError(name, f'expected a string, got {type(name).__name__}')
+    return _validate_topic(name)
+
+
+@lru_cache(maxsize=4096)
+def _validate_topic(name: str) -> str:
+    _check_text(name)
     for i, segment in enumerate(name.split('.')):
         if segment in ('*', '**'):
             raise TopicNameError(name, f"wildcard {segment!r} is only allowed in subscription patterns")
@@ -106,12 +117,7 @@ class TopicPattern:
 
     @classmethod
     def parse(cls, text: str) -> 'TopicPattern':
-        if not isinstance(text, str):
-            raise TopicNameError(text, f'expected a string, got {type(text).__name__}')
-        if not text:
-            raise TopicNameError(text, 'empty')
-        if len(text) > MAX_TOPIC_LENGTH:
-            raise TopicNameError(text, f'longer than {MAX_TOPIC_LENGTH} characters')
+        _check_text(text)
         segments = tuple(text.split('.'))
         for i, segment in enumerate(segments):
             if segment in ('*', '**'):

@@ -134,6 +134,7 @@ def test_bad_input_through_the_api_is_refused_counted_and_harmless(ros, bus):
         (lambda: bus.publish('ok.topic', Event(type='x'), qos='fast'), RejectReason.UNKNOWN_QOS),
         (lambda: bus.publish('bad..topic', Event(type='x')), RejectReason.BAD_TOPIC),
         (lambda: bus.subscribe('bad-name', print), RejectReason.BAD_TOPIC),
+        (lambda: bus.publish(['not', 'a', 'name'], Event(type='x')), RejectReason.BAD_TOPIC),
         (lambda: bus.publish('ok.topic', Event(type='x', confidence=math.nan)),
          RejectReason.BAD_CONFIDENCE),
         (lambda: bus.publish('ok.topic', Event(type='x', payload=b'x' * (5 * 2**20))),
@@ -146,7 +147,7 @@ def test_bad_input_through_the_api_is_refused_counted_and_harmless(ros, bus):
         with pytest.raises(EventRejected) as info:
             call()
         assert info.value.reason is reason
-    assert bus.stats.rejected == {'wrong_type': 1, 'unknown_qos': 2, 'bad_topic': 2,
+    assert bus.stats.rejected == {'wrong_type': 1, 'unknown_qos': 2, 'bad_topic': 3,
                                   'bad_confidence': 1, 'oversize_payload': 1}
     assert bus.stats.published == {'ok.topic': 1}
 
