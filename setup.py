@@ -26,6 +26,7 @@ setup(
             'loom = loom_ros.cli:main',
             'sim_sensors = loom_ros.sensors.sim_sensors_node:main',
             'event_monitor = loom_ros.bus.event_monitor_node:main',
+            'router = loom_ros.router.router_node:main',
         ],
     },
 )

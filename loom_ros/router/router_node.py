@@ -1,0 +1,194 @@
+"""Router node: the `router/route` service (loom_msgs/Route), every decision on `router/decisions`,
+outcomes from agents and plugins on `router/outcomes`, running statistics on `router/stats`.
+
+A lifecycle node: configure loads and validates the policy file and opens the SQLite history,
+activate starts answering, deactivate refuses requests (ok=false, error says why), cleanup closes
+the history. Changing the `policy_file` parameter at run time reloads the policy; a bad file is
+refused with its key and reason and the old policy stays.
+"""
+from __future__ import annotations
+
+import math
+import os
+import uuid
+
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+
+from loom_ros.bus.event import Privacy
+from loom_ros.bus.executor import run_node
+from loom_ros.bus.qos import to_qos_profile
+from loom_ros.config.params import ParamSpec, config_dir, declare_parameters
+from loom_ros.router.decision import RequestError, RouteRequest, Spend, decide
+from loom_ros.router.history import Outcome, RouterHistory
+from loom_ros.router.policy import PolicyError, PolicyFile, load_policy
+
+PARAMETERS = [
+    ParamSpec('policy_file', "Routing policy YAML; '' means the shipped config/policy.yaml"),
+    ParamSpec('history_db', "SQLite file of decisions and outcomes; '~' expands", read_only=True),
+    ParamSpec('stats_period_s', 'Seconds between RouterStats messages', read_only=True,
+              min_value=0.01, max_value=3600.0),
+    ParamSpec('autostart', 'Configure and activate on start when run standalone', read_only=True),
+]
+
+
+class RouterNode(LifecycleNode):
+
+    def __init__(self, **kwargs):
+        super().__init__('router', **kwargs)
+        self.params = declare_parameters(self, 'router', PARAMETERS)
+        self.policy: PolicyFile | None = None
+        self.history: RouterHistory | None = None
+        self._active = False
+        self._entities = []
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        from loom_msgs.msg import RouteDecision, RouteOutcome, RouterStats
+        from loom_msgs.srv import Route
+        try:
+            self.policy = self._load(self.get_parameter('policy_file').value)
+        except PolicyError as exc:
+            self.get_logger().error(f'cannot configure: {exc}')
+            return TransitionCallbackReturn.FAILURE
+        db = os.path.expanduser(self.params['history_db'])
+        self.history = RouterHistory(db, self.policy.budget.period_s)
+        self.decisions_pub = self.create_lifecycle_publisher(
+            RouteDecision, 'router/decisions', to_qos_profile('batched'))
+        self.stats_pub = self.create_lifecycle_publisher(
+            RouterStats, 'router/stats', to_qos_profile('realtime'))
+        self._entities = [
+            self.create_service(Route, 'router/route', self._on_route),
+            self.create_subscription(RouteOutcome, 'router/outcomes', self._on_outcome,
+                                     to_qos_profile('batched')),
+            self.create_timer(self.params['stats_period_s'], self._publish_stats),
+        ]
+        self.get_logger().info(f'configured: {self.history.decisions} decisions in history, '
+                               f'spend this period {self.history.spend():g}')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active = True
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active = False
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release(self) -> None:
+        for entity in self._entities:
+            if hasattr(entity, 'srv_type'):
+                self.destroy_service(entity)
+            elif hasattr(entity, 'timer_period_ns'):
+                self.destroy_timer(entity)
+            else:
+                self.destroy_subscription(entity)
+        self._entities = []
+        for name in ('decisions_pub', 'stats_pub'):
+            if hasattr(self, name):
+                self.destroy_lifecycle_publisher(getattr(self, name))
+                delattr(self, name)
+        if self.history is not None:
+            self.history.close()
+            self.history = None
+
+    # -- policy -------------------------------------------------------------------------------
+    def _load(self, path: str) -> PolicyFile:
+        return load_policy(path or config_dir() / 'policy.yaml')
+
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        for param in params:
+            if param.name == 'policy_file' and self.policy is not None:
+                try:
+                    self.policy = self._load(param.value)
+                except PolicyError as exc:
+                    return SetParametersResult(successful=False, reason=str(exc))
+                self.get_logger().info(f'policy reloaded from {param.value or "default"}')
+        return SetParametersResult(successful=True)
+
+    # -- service ------------------------------------------------------------------------------
+    def _on_route(self, req, resp):
+        if not self._active:
+            resp.ok, resp.error = False, 'router is not active (lifecycle state is not active)'
+            return resp
+        try:
+            request = RouteRequest(
+                event_type=req.event_type, agent_id=req.agent_id,
+                privacy=_privacy(req.privacy), local_supported=req.local_supported,
+                local_confidence=float(req.local_confidence) if req.has_local_confidence else None,
+                latency_budget_ms=req.latency_budget_ms if req.has_latency_budget else math.inf,
+                payload_bytes=req.payload_bytes)
+            policy = self.policy.policy_for(request.event_type, request.agent_id)
+            decision = decide(request, policy, cloud_cost=self.policy.cost_of(policy.cloud_model),
+                              spend=Spend(self.history.spend(), self.policy.budget.limit))
+        except (RequestError, PolicyError) as exc:
+            resp.ok, resp.error = False, str(exc)
+            return resp
+        decision_id = uuid.uuid4().hex
+        self.history.record_decision(decision_id, req.event_id, request, decision)
+        resp.ok, resp.decision_id = True, decision_id
+        resp.route, resp.confidence = decision.route.value, decision.confidence
+        resp.rule, resp.reason, resp.upload = decision.rule, decision.reason, decision.upload
+        resp.cloud_model, resp.cloud_cost = decision.cloud_model, decision.cloud_cost
+        self._publish_decision(req, resp)
+        return resp
+
+    def _publish_decision(self, req, resp) -> None:
+        from loom_msgs.msg import RouteDecision
+        msg = RouteDecision(
+            decision_id=resp.decision_id, event_id=req.event_id, event_type=req.event_type,
+            agent_id=req.agent_id, privacy=req.privacy, route=resp.route,
+            confidence=resp.confidence, rule=resp.rule, reason=resp.reason, upload=resp.upload,
+            cloud_model=resp.cloud_model, cloud_cost=resp.cloud_cost)
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self.decisions_pub.publish(msg)
+
+    def _on_outcome(self, msg) -> None:
+        if self.history is None:
+            return
+        self.history.record_outcome(Outcome(
+            msg.decision_id, msg.event_type, msg.backend, msg.latency_ms, msg.cost, msg.success,
+            float(msg.confidence)))
+
+    def _publish_stats(self) -> None:
+        from loom_msgs.msg import RouterStats
+        rates = self.history.rates()
+        msg = RouterStats(decisions=self.history.decisions, local_rate=rates['local'],
+                          cloud_rate=rates['cloud'], hybrid_rate=rates['hybrid'],
+                          fallback_rate=rates['local_fallback'], spend=self.history.spend(),
+                          budget_limit=self.policy.budget.limit, outcomes=self.history.outcomes)
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self.stats_pub.publish(msg)
+
+
+def _privacy(value: int):
+    try:
+        return Privacy(value)
+    except ValueError:
+        return value  # RouteRequest.check() refuses it with the reason
+
+
+def main(args=None):
+    run_node(_autostarted, args)
+
+
+def _autostarted() -> RouterNode:
+    """Standalone (`ros2 run loom router`): with `autostart`, configure and activate at once."""
+    node = RouterNode()
+    if node.params['autostart']:
+        if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            node.trigger_activate()
+    return node
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,128 @@
+"""The router node in its own process: the Route service, decisions on router/decisions, the
+lifecycle services, policy reload through parameters, and history that survives a restart."""
+import signal
+
+import pytest
+
+from conftest import WAIT_LIMIT_S
+from loom_ros.bus.event import Privacy
+from loom_ros.bus.qos import to_qos_profile
+
+
+def call(ros, client, request):
+    ros.wait_for(lambda: client.service_is_ready(), 'the router/route service')
+    future = client.call_async(request)
+    ros.wait_for(future.done, 'the Route response')
+    return future.result()
+
+
+def route_request(**fields):
+    from loom_msgs.srv import Route
+    req = Route.Request(event_id='e1', event_type='speech.utterance', agent_id='voice',
+                        privacy=Privacy.PUBLIC, local_supported=True)
+    for key, value in fields.items():
+        setattr(req, key, value)
+    return req
+
+
+@pytest.fixture
+def router(ros, spawn, tmp_path):
+    """Start the router in its own namespace, so no other test's endpoints can answer."""
+    db = tmp_path / 'router.db'
+
+    def start(namespace):
+        return spawn('-m', 'loom_ros.router.router_node', '--ros-args', '-r', f'__ns:={namespace}',
+                     '-p', f'history_db:={db}', '-p', 'stats_period_s:=0.1')
+    return start
+
+
+def stop(proc):
+    """SIGINT and wait: a clean exit takes the node's endpoints out of the graph at once."""
+    proc.popen.send_signal(signal.SIGINT)
+    code, _, err = proc.finish()
+    assert code == 0, err
+
+
+def test_service_decides_explains_publishes_and_persists_across_restarts(ros, router):
+    from loom_msgs.msg import RouteDecision, RouteOutcome, RouterStats
+    from loom_msgs.srv import Route
+    decisions, stats = [], []
+    ros.node.create_subscription(RouteDecision, '/r1/router/decisions', decisions.append,
+                                 to_qos_profile('batched'))
+    ros.node.create_subscription(RouterStats, '/r1/router/stats', stats.append,
+                                 to_qos_profile('realtime'))
+    outcomes = ros.node.create_publisher(RouteOutcome, '/r1/router/outcomes',
+                                         to_qos_profile('batched'))
+    client = ros.node.create_client(Route, '/r1/router/route')
+    proc = router('/r1')
+
+    # speech.utterance has threshold 0.85 in config/policy.yaml; voice has latency_local_ms 50.
+    hybrid = call(ros, client, route_request(has_local_confidence=True, local_confidence=0.7))
+    assert (hybrid.ok, hybrid.route, hybrid.rule) == (True, 'hybrid', 'hybrid')
+    assert hybrid.reason == ('0.5 < local confidence 0.700 < threshold 0.85: answer locally now, '
+                             'refine in the cloud')
+    assert (hybrid.cloud_model, hybrid.cloud_cost) == ('intent-large', 0.004)
+    fast = call(ros, client, route_request(has_local_confidence=True, local_confidence=0.3,
+                                           has_latency_budget=True, latency_budget_ms=40.0))
+    assert (fast.route, fast.rule) == ('local', 'latency')
+    private = call(ros, client, route_request(privacy=Privacy.PRIVATE, local_supported=False))
+    assert (private.route, private.rule, private.upload) == ('local_fallback', 'privacy', 'none')
+    bad = call(ros, client, route_request(event_type=''))
+    assert not bad.ok and 'event_type' in bad.error
+
+    ros.wait_for(lambda: len(decisions) == 3, 'three decisions on router/decisions', alive=[proc])
+    assert [d.rule for d in decisions] == ['hybrid', 'latency', 'privacy']
+    assert decisions[0].decision_id == hybrid.decision_id
+
+    ros.wait_for(lambda: outcomes.get_subscription_count() >= 1, 'the router to hear outcomes')
+    outcomes.publish(RouteOutcome(decision_id=hybrid.decision_id, event_type='speech.utterance',
+                                  backend='cloud', latency_ms=240.0, cost=0.004, success=True,
+                                  confidence=0.95))
+    ros.wait_for(lambda: stats and stats[-1].outcomes == 1, 'the outcome in router/stats')
+    assert stats[-1].decisions == 3 and stats[-1].spend == pytest.approx(0.004)
+    stop(proc)
+
+    # A new process on the same history file keeps decisions, outcomes and the spend.
+    stats.clear()
+    proc = router('/r1')
+    ros.wait_for(lambda: stats, 'router/stats from the restarted router', alive=[proc])
+    assert (stats[-1].decisions, stats[-1].outcomes) == (3, 1)
+    assert stats[-1].spend == pytest.approx(0.004)
+    assert stats[-1].hybrid_rate == pytest.approx(1 / 3)
+
+
+def test_lifecycle_and_policy_reload_through_parameters(ros, router, tmp_path):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+    from loom_msgs.srv import Route
+    from rcl_interfaces.srv import SetParameters
+    from rclpy.parameter import Parameter
+    proc = router('/r2')
+    get_state = ros.node.create_client(GetState, '/r2/router/get_state')
+    change = ros.node.create_client(ChangeState, '/r2/router/change_state')
+    state = call(ros, get_state, GetState.Request())
+    assert state.current_state.label == 'active'
+
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('default:\n  threshold: 2\n')
+    good = tmp_path / 'good.yaml'
+    good.write_text('default:\n  threshold: 0.6\n')
+    params = ros.node.create_client(SetParameters, '/r2/router/set_parameters')
+    result = call(ros, params, SetParameters.Request(
+        parameters=[Parameter('policy_file', value=str(bad)).to_parameter_msg()]))
+    assert not result.results[0].successful
+    assert 'default.threshold: Input should be less than or equal to 1' in result.results[0].reason
+    result = call(ros, params, SetParameters.Request(
+        parameters=[Parameter('policy_file', value=str(good)).to_parameter_msg()]))
+    assert result.results[0].successful
+    client = ros.node.create_client(Route, '/r2/router/route')
+    decision = call(ros, client, route_request(event_type='other', has_local_confidence=True,
+                                               local_confidence=0.65))
+    assert (decision.route, decision.rule) == ('local', 'threshold')  # 0.65 >= the new 0.6
+
+    done = call(ros, change, ChangeState.Request(
+        transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
+    assert done.success
+    refused = call(ros, client, route_request(has_local_confidence=True, local_confidence=0.9))
+    assert not refused.ok and 'not active' in refused.error
+    stop(proc)
