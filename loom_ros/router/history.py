@@ -34,6 +34,7 @@ class RouterHistory:
         self.db['decisions'].create({
             'id': str, 'time': float, 'event_id': str, 'event_type': str, 'agent_id': str,
             'privacy': int, 'route': str, 'rule': str, 'confidence': float, 'cloud_cost': float,
+            'local_confidence': float, 'payload_bytes': int, 'latency_budget_ms': float,
         }, pk='id', if_not_exists=True)
         self.db['outcomes'].create({
             'decision_id': str, 'time': float, 'event_type': str, 'backend': str,
@@ -52,7 +53,11 @@ class RouterHistory:
             'id': decision_id, 'time': now or time.time(), 'event_id': event_id,
             'event_type': request.event_type, 'agent_id': request.agent_id,
             'privacy': int(request.privacy), 'route': decision.route.value, 'rule': decision.rule,
-            'confidence': decision.confidence, 'cloud_cost': decision.cloud_cost})
+            'confidence': decision.confidence, 'cloud_cost': decision.cloud_cost,
+            'local_confidence': request.local_confidence, 'payload_bytes': request.payload_bytes,
+            # SQLite has no infinity literal in JSON terms; no deadline is stored as NULL.
+            'latency_budget_ms': (None if request.latency_budget_ms == float('inf')
+                                  else request.latency_budget_ms)})
         self.routes[decision.route.value] += 1
 
     def record_outcome(self, outcome: Outcome, now: float | None = None) -> None:
@@ -80,6 +85,13 @@ class RouterHistory:
             'avg(success) as success_rate, avg(confidence) as confidence from outcomes '
             'where event_type = ? and backend = ?', [event_type, backend]))
         return dict(row)
+
+    def training_rows(self) -> list[dict]:
+        """Decisions joined with what local inference turned out to be: the learned router's data."""
+        return list(self.db.query(
+            'select d.event_type, d.privacy, d.local_confidence, d.payload_bytes, '
+            'd.latency_budget_ms, o.success as local_ok from decisions d join outcomes o '
+            "on o.decision_id = d.id where o.backend = 'local' and d.local_confidence is not null"))
 
     @property
     def decisions(self) -> int:
