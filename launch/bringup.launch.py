@@ -1,7 +1,7 @@
 """Bring up Loom on a robot: `ros2 launch loom bringup.launch.py [namespace:=robot1] ...`.
 
-Starts what the event bus needs today (the simulated sensors, when asked, and the event monitor)
-with parameters from config/loom.yaml. Every node here also starts without launch, through the
+Starts the simulated sensors (when asked), the event monitor and the router, with parameters
+from config/loom.yaml. Every node here also starts without launch, through the
 package's own entry points (`ros2 run loom <node>` or `loom demo`), which is what the tests use.
 Uses only launch / launch_ros APIs present in Jazzy and Kilted.
 """
@@ -45,4 +45,7 @@ def generate_launch_description():
         Node(executable='sim_sensors', name='sim_sensors', condition=IfCondition(sim_sensors),
              **common),
         Node(executable='event_monitor', name='event_monitor', **common),
+        # The router is a lifecycle node; with its `autostart` parameter it configures and
+        # activates itself (a lifecycle manager can drive it instead).
+        Node(executable='router', name='router', **common),
     ])

@@ -30,6 +30,9 @@ class RouterHistory:
         self.db = sqlite_utils.Database(path)
         if str(path) != ':memory:':
             self.db.enable_wal()
+            # WAL + NORMAL: a crash of the process loses nothing committed; a power cut may lose
+            # the last few decisions. Saves an fsync per decision (measured: bench/router_bench).
+            self.db.execute('PRAGMA synchronous=NORMAL')
         self.period_s = budget_period_s
         self.db['decisions'].create({
             'id': str, 'time': float, 'event_id': str, 'event_type': str, 'agent_id': str,

@@ -25,6 +25,8 @@ class LearnedRouter:
     event_types: list[str]
     p_local: float = 0.5     # trust local at or above this predicted probability
     hybrid_band: float = 0.3  # below p_local by at most this: hybrid
+    _weights: list | None = None
+    _bias: float = 0.0
 
     # -- features ---------------------------------------------------------------------------
     def features(self, event_type: str, local_confidence: float, payload_bytes: int,
@@ -49,6 +51,18 @@ class LearnedRouter:
                                       r['latency_budget_ms']) for r in rows])
         router.model.fit(x, np.array([bool(r['local_ok']) for r in rows]))
         return router
+
+    def probability(self, event_type: str, local_confidence: float, payload_bytes: int,
+                    latency_budget_ms: float | None) -> float:
+        """One prediction with the fitted coefficients in plain Python: scikit-learn's
+        predict_proba costs ~100 us of input checking per call, this ~5 us (same number)."""
+        if self._weights is None:
+            self._weights = [float(w) for w in self.model.coef_[0]]
+            self._bias = float(self.model.intercept_[0])
+        z = self._bias + sum(w * x for w, x in zip(
+            self._weights, self.features(event_type, local_confidence, payload_bytes,
+                                         latency_budget_ms)))
+        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
 
     def predict(self, rows: list[dict]) -> np.ndarray:
         x = np.array([self.features(r['event_type'], r['local_confidence'], r['payload_bytes'],
@@ -77,10 +91,8 @@ class LearnedRouter:
         """The rule chain with the predicted probability in place of the raw confidence."""
         if request.local_confidence is None:
             return decide(request, policy, cloud_cost=cloud_cost, spend=spend)
-        p = float(self.predict([{
-            'event_type': request.event_type, 'local_confidence': request.local_confidence,
-            'payload_bytes': request.payload_bytes,
-            'latency_budget_ms': request.latency_budget_ms}])[0])
+        p = self.probability(request.event_type, request.local_confidence,
+                             request.payload_bytes, request.latency_budget_ms)
         learned_policy = policy.model_copy(update={
             'threshold': min(1.0, self.p_local),
             'hybrid_floor': max(0.0, min(1.0, self.p_local) - self.hybrid_band)})

@@ -57,3 +57,12 @@ def test_hard_rules_still_fire_and_reasons_say_learned():
     trusting = ROUTER.decide(req, RoutingPolicy(), cloud_cost=0.0)
     assert trusting.rule == 'learned:threshold' and 'learned P(local good)' in trusting.reason
     assert math.isclose(trusting.confidence, 0.2)
+
+
+def test_fast_probability_equals_scikit_learn():
+    rows = generate(200, seed=9)
+    expected = ROUTER.predict(rows)
+    for row, p in zip(rows, expected):
+        assert math.isclose(ROUTER.probability(row['event_type'], row['local_confidence'],
+                                               row['payload_bytes'], row['latency_budget_ms']),
+                            p, rel_tol=1e-9, abs_tol=1e-12)

@@ -1,0 +1,32 @@
+"""Router history in SQLite: spend per budget period, rates, per-backend performance, reopening."""
+import pytest
+
+from loom_ros.router.decision import Decision, Route, RouteRequest
+from loom_ros.router.history import Outcome, RouterHistory
+
+
+def test_spend_rates_and_backend_stats_survive_reopening(tmp_path):
+    path = tmp_path / 'h.db'
+    history = RouterHistory(path, budget_period_s=100.0)
+    req = RouteRequest(event_type='speech.utterance', local_confidence=0.7)
+    for i, route in enumerate([Route.CLOUD, Route.LOCAL, Route.HYBRID, Route.CLOUD]):
+        history.record_decision(f'd{i}', f'e{i}', req, Decision(route, 0.7, 'r', 'why'))
+    history.record_outcome(Outcome('d0', 'speech.utterance', 'cloud', 200.0, 0.004, True, 0.9),
+                           now=150.0)   # this period (100..200)
+    history.record_outcome(Outcome('d3', 'speech.utterance', 'cloud', 400.0, 0.004, False, 0.4),
+                           now=99.0)    # the previous period
+    history.record_outcome(Outcome('d1', 'speech.utterance', 'local', 12.0, 0.0, True, 0.7),
+                           now=160.0)
+    assert history.spend(now=199.0) == pytest.approx(0.004)
+    assert history.spend(now=201.0) == 0.0  # a new period starts at 200
+    history.close()
+
+    reopened = RouterHistory(path, budget_period_s=100.0)
+    assert reopened.decisions == 4 and reopened.outcomes == 3
+    assert reopened.rates() == {'local': 0.25, 'cloud': 0.5, 'hybrid': 0.25, 'local_fallback': 0.0}
+    cloud = reopened.backend_stats('speech.utterance', 'cloud')
+    assert cloud == {'n': 2, 'latency_ms': 300.0, 'cost': 0.004, 'success_rate': 0.5,
+                     'confidence': pytest.approx(0.65)}
+    assert reopened.training_rows() == [{
+        'event_type': 'speech.utterance', 'privacy': 0, 'local_confidence': 0.7,
+        'payload_bytes': 0, 'latency_budget_ms': None, 'local_ok': 1}]
