@@ -27,6 +27,10 @@ setup(
             'sim_sensors = loom_ros.sensors.sim_sensors_node:main',
             'event_monitor = loom_ros.bus.event_monitor_node:main',
             'router = loom_ros.router.router_node:main',
+            'agent = loom_ros.agents.agent_node:main',
+        ],
+        'loom.behaviors': [
+            'counter = loom_ros.agents.behavior:CounterBehavior',
         ],
     },
 )

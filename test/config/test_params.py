@@ -10,13 +10,15 @@ from loom_ros.bus.event_monitor_node import EventMonitorNode
 from loom_ros.config.params import (
     ConfigError, ParamSpec, config_dir, declare_parameters, load_params_file, node_defaults,
 )
+from loom_ros.agents.agent_node import PARAMETERS as AGENT_PARAMETERS
+from loom_ros.agents.agent_node import AgentNode
 from loom_ros.router.router_node import PARAMETERS as ROUTER_PARAMETERS
 from loom_ros.router.router_node import RouterNode
 from loom_ros.sensors.sim_sensors_node import PARAMETERS as SENSOR_PARAMETERS
 from loom_ros.sensors.sim_sensors_node import SimSensorsNode
 
 NODES = {'sim_sensors': SENSOR_PARAMETERS, 'event_monitor': MONITOR_PARAMETERS,
-         'router': ROUTER_PARAMETERS}
+         'router': ROUTER_PARAMETERS, 'agent': AGENT_PARAMETERS}
 
 
 def test_every_yaml_key_is_declared_and_every_declared_parameter_has_a_yaml_default():
@@ -26,7 +28,7 @@ def test_every_yaml_key_is_declared_and_every_declared_parameter_has_a_yaml_defa
         assert set(sections[node]) == {p.name for p in specs}, node
 
 
-@pytest.mark.parametrize('node_class', [SimSensorsNode, EventMonitorNode, RouterNode])
+@pytest.mark.parametrize('node_class', [SimSensorsNode, EventMonitorNode, RouterNode, AgentNode])
 def test_fresh_nodes_report_the_yaml_defaults_with_descriptors(ros, node_class):
     node = node_class(context=ros.node.context)
     try:

@@ -1,0 +1,1 @@
+"""Agents: stateful actors with a mailbox, persisted state and a pluggable behavior."""

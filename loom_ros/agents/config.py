@@ -1,0 +1,68 @@
+"""config/agents.yaml: the agents a robot runs, validated with pydantic (key and reason on error)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from loom_ros.bus.backpressure import BackpressurePolicy, PolicyError
+from loom_ros.bus.names import TopicNameError, TopicPattern, validate_topic
+
+
+class AgentConfigError(ValueError):
+    """An agents file that cannot be used; names the file, the key and the reason."""
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra='forbid', frozen=True)
+
+    id: str = Field(pattern=r'^[A-Za-z][A-Za-z0-9_]*$', description='also a Loom topic segment')
+    behavior: str = Field(min_length=1, description='entry point name in group loom.behaviors')
+    subscriptions: list[str] = Field(min_length=1, description='Loom topics or patterns')
+    qos: str | None = Field(None, description='QoS level for the subscriptions (default: table)')
+    mailbox_size: int = Field(1000, ge=1, description='bounded mailbox; full: drop the oldest of '
+                              'the lowest priority')
+    backpressure: str = Field('', description="admission policy, e.g. 'sample_every:2'")
+    working_memory: int = Field(32, ge=1, description='events kept in the working memory window')
+    persist: str = Field('per_event', pattern='^(per_event|interval)$')
+    persist_interval_s: float = Field(1.0, gt=0.0)
+    settings: dict = Field(default_factory=dict, description='passed to the behavior')
+
+    def checked(self) -> 'AgentConfig':
+        for pattern in self.subscriptions:
+            try:
+                TopicPattern.parse(pattern)
+            except TopicNameError as exc:
+                raise AgentConfigError(f'agent {self.id}: subscriptions: {exc}') from None
+        try:
+            BackpressurePolicy.parse(self.backpressure)
+        except PolicyError as exc:
+            raise AgentConfigError(f'agent {self.id}: backpressure: {exc}') from None
+        validate_topic(f'agent.{self.id}.action')
+        return self
+
+
+def load_agents(path: str | Path) -> dict[str, AgentConfig]:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding='utf-8'))
+    except OSError as exc:
+        raise AgentConfigError(f'{path}: cannot read: {exc.strerror}') from None
+    except yaml.YAMLError as exc:
+        raise AgentConfigError(f'{path}: not valid YAML: {exc}') from None
+    if not isinstance(data, dict) or not isinstance(data.get('agents'), list):
+        raise AgentConfigError(f'{path}: expected a top-level `agents:` list')
+    agents: dict[str, AgentConfig] = {}
+    for i, entry in enumerate(data['agents']):
+        try:
+            agent = AgentConfig.model_validate(entry).checked()
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = '.'.join(str(p) for p in err['loc'])
+            raise AgentConfigError(f'{path}: agents[{i}].{where}: {err["msg"]}') from None
+        except AgentConfigError as exc:
+            raise AgentConfigError(f'{path}: {exc}') from None
+        if agent.id in agents:
+            raise AgentConfigError(f'{path}: agents[{i}].id: duplicate agent id {agent.id!r}')
+        agents[agent.id] = agent
+    return agents

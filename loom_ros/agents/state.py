@@ -1,0 +1,64 @@
+"""An agent's persistent state in SQLite (sqlite-utils, WAL), committed in one transaction per
+handled event (or per interval), restored on configure. A row from an older schema is upgraded;
+a corrupt row is a clear error, never a silent reset."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import sqlite_utils
+
+SCHEMA_VERSION = 2  # 1 had no event counter
+
+
+class StateError(RuntimeError):
+    """State that cannot be loaded or saved; says why."""
+
+
+class StateStore:
+    def __init__(self, path: str | Path, agent_id: str):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.agent_id = agent_id
+        # The agent commits from its own thread; AgentNode serializes access with a lock.
+        self.db = sqlite_utils.Database(sqlite3.connect(str(path), check_same_thread=False))
+        self.db.enable_wal()
+        self.db['agent_state'].create({
+            'agent_id': str, 'schema': int, 'state': str, 'events': int, 'last_event_id': str,
+            'updated_ms': int}, pk='agent_id', if_not_exists=True)
+
+    def load(self) -> tuple[dict, int]:
+        """(state, events handled) as last committed; ({}, 0) for a new agent."""
+        rows = list(self.db.query('select * from agent_state where agent_id = ?', [self.agent_id]))
+        if not rows:
+            return {}, 0
+        row = rows[0]
+        try:
+            state = json.loads(row['state'])
+        except (TypeError, ValueError) as exc:
+            raise StateError(f'agent {self.agent_id}: stored state is corrupt ({exc}); it was left '
+                             'as is for inspection') from None
+        if not isinstance(state, dict):
+            raise StateError(f'agent {self.agent_id}: stored state is not an object')
+        if row['schema'] == 1:  # older rows: upgrade in place
+            row['events'] = state.pop('_events', 0)
+        elif row['schema'] != SCHEMA_VERSION:
+            raise StateError(f'agent {self.agent_id}: state schema {row["schema"]} is newer than '
+                             f'this Loom ({SCHEMA_VERSION})')
+        return state, int(row['events'] or 0)
+
+    def commit(self, state: dict, events: int, last_event_id: str) -> None:
+        """One transaction: after it returns, a SIGKILL cannot lose this state."""
+        try:
+            with self.db.conn:
+                self.db['agent_state'].upsert({
+                    'agent_id': self.agent_id, 'schema': SCHEMA_VERSION,
+                    'state': json.dumps(state, separators=(',', ':')), 'events': events,
+                    'last_event_id': last_event_id, 'updated_ms': time.time_ns() // 1_000_000},
+                    pk='agent_id')
+        except Exception as exc:  # disk full, read-only file...: the caller decides what next
+            raise StateError(f'agent {self.agent_id}: cannot persist state: {exc}') from exc
+
+    def close(self) -> None:
+        self.db.close()
