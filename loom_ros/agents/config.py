@@ -25,6 +25,7 @@ class AgentConfig(BaseModel):
                               'the lowest priority')
     backpressure: str = Field('', description="admission policy, e.g. 'sample_every:2'")
     working_memory: int = Field(32, ge=1, description='events kept in the working memory window')
+    semantic_memory: bool = Field(False, description='load the embedding model and keep facts')
     persist: str = Field('per_event', pattern='^(per_event|interval)$')
     persist_interval_s: float = Field(1.0, gt=0.0)
     settings: dict = Field(default_factory=dict, description='passed to the behavior')

@@ -121,3 +121,50 @@ def test_lifecycle_services_from_another_process(ros, agent):
     assert call(get_state, GetState.Request()).current_state.label == 'unconfigured'
     proc.popen.send_signal(signal.SIGINT)
     assert proc.finish()[0] == 0
+
+
+def test_recall_service_over_episodic_and_semantic_memory(ros, spawn, tmp_path):
+    from loom_msgs.srv import Recall
+    from rclpy.node import Node
+
+    from loom_ros.bus.bus import EventBus
+    agents = tmp_path / 'agents.yaml'
+    agents.write_text('agents:\n  - id: mem\n    behavior: memorize\n    subscriptions: [user.facts]\n'
+                      '    qos: batched\n    semantic_memory: true\n')
+    proc = spawn('-m', 'loom_ros.agents.agent_node', '--ros-args', '-r', '__ns:=/ag_mem',
+                 '-r', '__node:=agent_mem', '-p', 'agent_id:=mem', '-p', f'agents_file:={agents}',
+                 '-p', f'state_dir:={tmp_path}')
+    node = Node('fact_feeder', namespace='/ag_mem', context=ros.node.context)
+    bus = EventBus(node)
+    client = ros.node.create_client(Recall, '/ag_mem/agent_mem/recall')
+
+    def recall(**fields):
+        ros.wait_for(client.service_is_ready, 'the recall service', alive=[proc])
+        future = client.call_async(Recall.Request(**fields))
+        ros.wait_for(future.done, 'the recall response', alive=[proc])
+        return future.result()
+    try:
+        pub = bus.publisher_for('user.facts', 'batched')
+        ros.wait_for(lambda: pub.get_subscription_count() >= 1, 'the agent', alive=[proc])
+        facts = [('Alice', 'likes', 'green tea'), ('Alice', 'works_in', 'the robotics lab'),
+                 ('Bob', 'drives', 'a red car')]
+        for i, (s, r, o) in enumerate(facts):
+            bus.publish('user.facts', Event.with_json('fact', {'subject': s, 'relation': r,
+                                                               'object': o}, id=f'f{i}',
+                                                      tags=['user']), 'batched')
+        bus.flush()
+        ros.wait_for(lambda: len(recall(mode='episodic').results) == 3, 'three episodes')
+        best = json.loads(recall(mode='similar', query='which beverage does Alice like',
+                                 k=1).results[0])
+        assert (best['object'], best['provenance']) == ('green tea', 'f0')
+        graph = [json.loads(r) for r in recall(mode='graph', query='Alice').results]
+        assert {g['object'] for g in graph} == {'green tea', 'the robotics lab'}
+        tagged = recall(mode='episodic', tag='user', type='fact')
+        assert [json.loads(r)['event_id'] for r in tagged.results] == ['f0', 'f1', 'f2']
+        bad = recall(mode='dream')
+        assert not bad.ok and 'mode must be' in bad.error
+    finally:
+        bus.destroy()
+        node.destroy_node()
+    proc.popen.send_signal(signal.SIGINT)
+    assert proc.finish()[0] == 0

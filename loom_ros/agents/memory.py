@@ -1,0 +1,121 @@
+"""Agent memory beyond working memory: episodic (event sequences) and semantic (a knowledge graph
+of subject-relation-object facts with provenance, plus faiss vectors over real sentence
+embeddings). Both live in the agent's SQLite file; the faiss index is rebuilt from the stored
+vectors on load, so SQLite stays the single source of truth. No rclpy here.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import faiss
+import numpy as np
+import sqlite_utils
+
+from loom_ros.agents.embedding import DIM
+from loom_ros.bus.event import Event
+
+
+class EpisodicMemory:
+    """What happened, in order: queryable by time range, type, source and tag."""
+
+    def __init__(self, db: sqlite_utils.Database, agent_id: str):
+        self.db, self.agent_id = db, agent_id
+        self.db['episodes'].create({
+            'agent_id': str, 'event_id': str, 'time_ms': int, 'type': str, 'source': str,
+            'tags': str, 'payload': str}, if_not_exists=True)
+        self.db['episodes'].create_index(['agent_id', 'time_ms'], if_not_exists=True)
+
+    def record(self, event: Event) -> None:
+        try:
+            payload = bytes(event.payload).decode()
+        except UnicodeDecodeError:
+            payload = f'<{len(event.payload)} bytes>'
+        self.db['episodes'].insert({
+            'agent_id': self.agent_id, 'event_id': event.id, 'time_ms': event.timestamp_ms,
+            'type': event.type, 'source': event.source, 'tags': json.dumps(list(event.tags)),
+            'payload': payload[:4096]})
+
+    def query(self, start_ms: int = 0, end_ms: int = 2**63 - 1, type: str = '',
+              source: str = '', tag: str = '', limit: int = 100) -> list[dict]:
+        where = ['agent_id = :a', 'time_ms >= :s', 'time_ms <= :e']
+        args = {'a': self.agent_id, 's': start_ms, 'e': end_ms, 'limit': limit}
+        if type:
+            where.append('type = :type')
+            args['type'] = type
+        if source:
+            where.append('source = :source')
+            args['source'] = source
+        if tag:
+            where.append('exists (select 1 from json_each(tags) where value = :tag)')
+            args['tag'] = tag
+        rows = self.db.query(f'select event_id, time_ms, type, source, tags, payload from '
+                             f'episodes where {" and ".join(where)} order by time_ms, rowid '
+                             f'limit :limit', args)
+        return [{**r, 'tags': json.loads(r['tags'])} for r in rows]
+
+
+class SemanticMemory:
+    """Facts (subject, relation, object, provenance) in SQLite, their embeddings in faiss."""
+
+    def __init__(self, db: sqlite_utils.Database, agent_id: str, embedder):
+        self.db, self.agent_id, self.embedder = db, agent_id, embedder
+        self.db['facts'].create({
+            'id': int, 'agent_id': str, 'subject': str, 'relation': str, 'object': str,
+            'provenance': str, 'time_ms': int, 'vector': bytes}, pk='id', if_not_exists=True)
+        self.db['facts'].create_index(['agent_id', 'subject'], if_not_exists=True)
+        self.db['facts'].create_index(['agent_id', 'object'], if_not_exists=True)
+        self.index = faiss.IndexIDMap(faiss.IndexFlatIP(DIM))
+        rows = list(self.db.query('select id, vector from facts where agent_id = ?', [agent_id]))
+        if rows:
+            vectors = np.stack([np.frombuffer(r['vector'], dtype=np.float32) for r in rows])
+            self.index.add_with_ids(vectors, np.array([r['id'] for r in rows], dtype=np.int64))
+
+    @staticmethod
+    def text_of(subject: str, relation: str, obj: str) -> str:
+        return f'{subject} {relation.replace("_", " ")} {obj}'
+
+    def add_fact(self, subject: str, relation: str, obj: str, provenance: str) -> int:
+        vector = self.embedder.embed([self.text_of(subject, relation, obj)])[0]
+        fact_id = self.db['facts'].insert({
+            'agent_id': self.agent_id, 'subject': subject, 'relation': relation, 'object': obj,
+            'provenance': provenance, 'time_ms': time.time_ns() // 1_000_000,
+            'vector': vector.tobytes()}).last_pk
+        self.index.add_with_ids(vector[None, :], np.array([fact_id], dtype=np.int64))
+        return fact_id
+
+    def similar(self, query: str, k: int = 5) -> list[dict]:
+        """Facts whose meaning is closest to `query` (cosine similarity, best first)."""
+        if self.index.ntotal == 0:
+            return []
+        scores, ids = self.index.search(self.embedder.embed([query]), min(k, self.index.ntotal))
+        facts = {r['id']: r for r in self._facts([int(i) for i in ids[0] if i >= 0])}
+        return [{**facts[int(i)], 'score': float(s)} for s, i in zip(scores[0], ids[0])
+                if int(i) in facts]
+
+    def neighbourhood(self, entity: str, depth: int = 1) -> list[dict]:
+        """Facts reachable from `entity` through the graph within `depth` hops."""
+        seen_entities, frontier, found = {entity}, {entity}, {}
+        for _ in range(depth):
+            if not frontier:
+                break
+            marks = ','.join('?' * len(frontier))
+            rows = list(self.db.query(
+                f'select id, subject, relation, object, provenance from facts where agent_id = ? '
+                f'and (subject in ({marks}) or object in ({marks}))',
+                [self.agent_id, *frontier, *frontier]))
+            frontier = set()
+            for row in rows:
+                found[row['id']] = row
+                for node in (row['subject'], row['object']):
+                    if node not in seen_entities:
+                        seen_entities.add(node)
+                        frontier.add(node)
+        return sorted(found.values(), key=lambda r: r['id'])
+
+    def _facts(self, ids: list[int]) -> list[dict]:
+        if not ids:
+            return []
+        return list(self.db.query(
+            f'select id, subject, relation, object, provenance from facts where id in '
+            f'({",".join("?" * len(ids))})', ids))
