@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import threading
 import time
 from collections import Counter, deque
@@ -37,6 +38,8 @@ PARAMETERS = [
               read_only=True),
     ParamSpec('state_dir', "Folder of the agents' SQLite state; '~' expands", read_only=True),
     ParamSpec('autostart', 'Configure and activate on start when run standalone', read_only=True),
+    ParamSpec('state_max_mb', "Cap on the agent's SQLite file in MiB (0: none); reaching it acts "
+              'as a full disk', read_only=True, min_value=0.0),
 ]
 
 
@@ -71,7 +74,8 @@ class AgentNode(LifecycleNode):
             self.behavior = load_behavior(self.config.behavior)
             self.behavior.setup(dict(self.config.settings))
             state_dir = os.path.expanduser(self.params['state_dir'])
-            self.store = StateStore(os.path.join(state_dir, f'{self.agent_id}.db'), self.agent_id)
+            self.store = StateStore(os.path.join(state_dir, f'{self.agent_id}.db'), self.agent_id,
+                                    max_bytes=int(self.params['state_max_mb'] * 2**20))
             self.state, self.events = self.store.load()
             self.episodic = EpisodicMemory(self.store.db, self.agent_id)
             self.semantic = SemanticMemory(self.store.db, self.agent_id, MiniLMEmbedder()) \
@@ -88,6 +92,8 @@ class AgentNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._must_deactivate = False
+        self._watchdog = self.create_timer(0.1, self._watch)
         self.mailbox = Mailbox(self.config.mailbox_size)
         self._worker = threading.Thread(target=self._run, daemon=True, name=f'agent-{self.agent_id}')
         self._worker.start()
@@ -98,6 +104,7 @@ class AgentNode(LifecycleNode):
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.destroy_timer(self._watchdog)
         self._stop_delivery()
         return super().on_deactivate(state)
 
@@ -142,6 +149,12 @@ class AgentNode(LifecycleNode):
                 try:
                     with self._lock:  # memory is shared with the Recall service's thread
                         self.episodic.record(event)
+                except sqlite3.Error as exc:  # e.g. the disk (or the state cap) is full
+                    self._persistence_failed(StateError(f'agent {self.agent_id}: cannot record '
+                                                        f'event {event.id}: {exc}'))
+                    return
+                try:
+                    with self._lock:
                         run_handler(self.behavior, event, ctx)
                     self.stats['handled'] += 1
                 except Exception as exc:  # a behavior bug must not stop the agent
@@ -166,9 +179,20 @@ class AgentNode(LifecycleNode):
                 self.store.commit(self.state, self.events, getattr(self, '_last_event_id', ''))
             return True
         except StateError as exc:
-            self.stats['persist_failed'] += 1
-            self.get_logger().error(f'{exc}; deactivating so no more events are taken')
+            self._persistence_failed(exc)
             return False
+
+    def _persistence_failed(self, exc: Exception) -> None:
+        """Stop taking events and leave `active` (the executor thread does the transition), so
+        nothing is acknowledged that was not committed; what was committed stays."""
+        self.stats['persist_failed'] += 1
+        self.get_logger().error(f'{exc}; deactivating: no more events are taken')
+        self._must_deactivate = True
+
+    def _watch(self) -> None:
+        if self._must_deactivate:
+            self._must_deactivate = False
+            self.trigger_deactivate()
 
     def _on_recall(self, req, resp):
         try:

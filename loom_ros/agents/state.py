@@ -18,12 +18,15 @@ class StateError(RuntimeError):
 
 
 class StateStore:
-    def __init__(self, path: str | Path, agent_id: str):
+    def __init__(self, path: str | Path, agent_id: str, max_bytes: int = 0):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.agent_id = agent_id
         # The agent commits from its own thread; AgentNode serializes access with a lock.
         self.db = sqlite_utils.Database(sqlite3.connect(str(path), check_same_thread=False))
         self.db.enable_wal()
+        if max_bytes:  # SQLite then fails writes with 'database or disk is full', as a full disk does
+            page = self.db.execute('PRAGMA page_size').fetchone()[0]
+            self.db.execute(f'PRAGMA max_page_count={max(1, max_bytes // page)}')
         self.db['agent_state'].create({
             'agent_id': str, 'schema': int, 'state': str, 'events': int, 'last_event_id': str,
             'updated_ms': int}, pk='agent_id', if_not_exists=True)

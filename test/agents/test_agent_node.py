@@ -168,3 +168,43 @@ def test_recall_service_over_episodic_and_semantic_memory(ros, spawn, tmp_path):
         node.destroy_node()
     proc.popen.send_signal(signal.SIGINT)
     assert proc.finish()[0] == 0
+
+
+def test_full_disk_deactivates_the_agent_and_keeps_what_was_committed(ros, spawn, tmp_path):
+    from lifecycle_msgs.srv import GetState
+    from rclpy.node import Node
+
+    from loom_ros.bus.bus import EventBus
+    agents = tmp_path / 'agents.yaml'
+    agents.write_text(AGENTS)
+    # A 64 KiB cap on the agent's database: SQLite then reports 'database or disk is full'.
+    proc = spawn('-m', 'loom_ros.agents.agent_node', '--ros-args', '-r', '__ns:=/ag_full',
+                 '-r', '__node:=agent_tally', '-p', 'agent_id:=tally', '-p', f'agents_file:={agents}',
+                 '-p', f'state_dir:={tmp_path}', '-p', 'state_max_mb:=0.0625')
+    node = Node('full_feeder', namespace='/ag_full', context=ros.node.context)
+    bus = EventBus(node)
+    get_state = ros.node.create_client(GetState, '/ag_full/agent_tally/get_state')
+
+    def label():
+        future = get_state.call_async(GetState.Request())
+        ros.wait_for(future.done, 'get_state', alive=[proc])
+        return future.result().current_state.label
+    try:
+        pub = bus.publisher_for('test.tally', 'batched')
+        ros.wait_for(lambda: pub.get_subscription_count() >= 1, 'the agent', alive=[proc])
+        ros.wait_for(get_state.service_is_ready, 'get_state', alive=[proc])
+        sent = iter(range(10**6))
+
+        def flood():
+            bus.publish('test.tally', Event(type='tick', id=f'x{next(sent)}',
+                                            payload=b'p' * 2000), 'batched')
+            bus.flush()
+        ros.wait_for(lambda: label() == 'inactive', 'the agent to deactivate', spin=flood)
+        state, events = committed(tmp_path / 'tally.db')
+        assert 0 < events == state['total'] and state['last_id'] == f'x{events - 1}'
+        assert proc.popen.poll() is None  # the process lives on, inactive
+    finally:
+        bus.destroy()
+        node.destroy_node()
+    proc.popen.send_signal(signal.SIGINT)
+    assert proc.finish()[0] == 0
