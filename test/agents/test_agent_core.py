@@ -82,3 +82,23 @@ def test_behaviors_come_from_entry_points():
     assert isinstance(load_behavior('counter'), CounterBehavior)
     with pytest.raises(BehaviorNotFound, match="no behavior 'nope'.*installed: .*counter"):
         load_behavior('nope')
+
+
+def test_async_behaviors_run_to_completion():
+    import asyncio
+    from collections import deque
+
+    from loom_ros.agents.behavior import AgentContext, run_handler
+
+    class Slow:
+        def setup(self, settings):
+            pass
+
+        async def handle(self, event, ctx):
+            await asyncio.sleep(0)
+            ctx.state['seen'] = ctx.state.get('seen', 0) + 1
+            ctx.intent('done', {'id': event.id})
+    emitted = []
+    ctx = AgentContext('a', {}, deque(), lambda kind, type, data: emitted.append((kind, type, data)))
+    run_handler(Slow(), Event(type='x', id='e1'), ctx)
+    assert ctx.state == {'seen': 1} and emitted == [('intent', 'done', {'id': 'e1'})]
