@@ -27,14 +27,18 @@ class EpisodicMemory:
         self.db['episodes'].create_index(['agent_id', 'time_ms'], if_not_exists=True)
 
     def record(self, event: Event) -> None:
+        """Add an event; it becomes durable with the caller's next commit."""
         try:
             payload = bytes(event.payload).decode()
         except UnicodeDecodeError:
             payload = f'<{len(event.payload)} bytes>'
-        self.db['episodes'].insert({
-            'agent_id': self.agent_id, 'event_id': event.id, 'time_ms': event.timestamp_ms,
-            'type': event.type, 'source': event.source, 'tags': json.dumps(list(event.tags)),
-            'payload': payload[:4096]})
+        # Not committed here: the agent commits episodes together with its state, in one
+        # transaction per event (or per interval).
+        self.db.execute(
+            'insert into episodes (agent_id, event_id, time_ms, type, source, tags, payload) '
+            'values (?, ?, ?, ?, ?, ?, ?)',
+            [self.agent_id, event.id, event.timestamp_ms, event.type, event.source,
+             json.dumps(list(event.tags)), payload[:4096]])
 
     def query(self, start_ms: int = 0, end_ms: int = 2**63 - 1, type: str = '',
               source: str = '', tag: str = '', limit: int = 100) -> list[dict]:

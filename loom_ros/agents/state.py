@@ -24,6 +24,10 @@ class StateStore:
         # The agent commits from its own thread; AgentNode serializes access with a lock.
         self.db = sqlite_utils.Database(sqlite3.connect(str(path), check_same_thread=False))
         self.db.enable_wal()
+        # WAL + NORMAL: a killed process (even SIGKILL) loses nothing committed; only a power
+        # cut may lose the last transactions. Without it every event waits for an fsync (~1.5 ms
+        # here), which caps a process at a few hundred agent-events/s.
+        self.db.execute('PRAGMA synchronous=NORMAL')
         if max_bytes:  # SQLite then fails writes with 'database or disk is full', as a full disk does
             page = self.db.execute('PRAGMA page_size').fetchone()[0]
             self.db.execute(f'PRAGMA max_page_count={max(1, max_bytes // page)}')
@@ -52,14 +56,18 @@ class StateStore:
         return state, int(row['events'] or 0)
 
     def commit(self, state: dict, events: int, last_event_id: str) -> None:
-        """One transaction: after it returns, a SIGKILL cannot lose this state."""
+        """One transaction (with anything written on this connection since the last one, such
+        as the episodes of these events): after it returns, a SIGKILL cannot lose this state.
+        A prepared statement, not sqlite-utils' upsert, which costs 6x more per call here."""
         try:
             with self.db.conn:
-                self.db['agent_state'].upsert({
-                    'agent_id': self.agent_id, 'schema': SCHEMA_VERSION,
-                    'state': json.dumps(state, separators=(',', ':')), 'events': events,
-                    'last_event_id': last_event_id, 'updated_ms': time.time_ns() // 1_000_000},
-                    pk='agent_id')
+                self.db.execute(
+                    'insert into agent_state (agent_id, schema, state, events, last_event_id, '
+                    'updated_ms) values (?, ?, ?, ?, ?, ?) on conflict(agent_id) do update set '
+                    'schema = excluded.schema, state = excluded.state, events = excluded.events, '
+                    'last_event_id = excluded.last_event_id, updated_ms = excluded.updated_ms',
+                    [self.agent_id, SCHEMA_VERSION, json.dumps(state, separators=(',', ':')),
+                     events, last_event_id, time.time_ns() // 1_000_000])
         except Exception as exc:  # disk full, read-only file...: the caller decides what next
             raise StateError(f'agent {self.agent_id}: cannot persist state: {exc}') from exc
 

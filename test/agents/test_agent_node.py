@@ -62,13 +62,13 @@ def test_sigkill_mid_stream_keeps_the_last_committed_state_and_restart_restores_
         for i in range(3000):
             bus.publish('test.tally', Event(type='tick', id=f't{i}'), 'batched')
         bus.flush()
+        ros.wait_for(lambda: intents and intents[-1] >= 10, 'intents from the agent')
         ros.wait_for(lambda: (committed(db) or ({}, 0))[1] >= 100, 'the agent to be mid-stream')
         proc.popen.send_signal(signal.SIGKILL)
         proc.finish()
         state, events = committed(db)
         assert state['total'] == events and state['counts'] == {'tick': events}
         assert state['last_id'] == f't{events - 1}'  # in order, nothing skipped
-        ros.wait_for(lambda: intents and intents[-1] >= 10, 'intents from the agent')
         assert all(n % 10 == 0 for n in intents)
 
         proc = agent()  # restart on the same state file
