@@ -29,7 +29,7 @@ from loom_ros.agents.state import StateError, StateStore
 from loom_ros.bus import topics
 from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import Event
-from loom_ros.bus.executor import run_node
+from loom_ros.bus.executor import run_lifecycle_node
 from loom_ros.config.params import ParamSpec, config_dir, declare_parameters
 
 PARAMETERS = [
@@ -223,15 +223,7 @@ class AgentNode(LifecycleNode):
 
 
 def main(args=None):
-    run_node(_autostarted, args)
-
-
-def _autostarted() -> AgentNode:
-    node = AgentNode()
-    if node.params['autostart']:
-        if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-            node.trigger_activate()
-    return node
+    run_lifecycle_node(AgentNode, args)
 
 
 if __name__ == '__main__':

@@ -55,3 +55,17 @@ def run_node(node_factory, args=None) -> None:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+
+
+def run_lifecycle_node(node_factory, args=None) -> None:
+    """run_node for a lifecycle node with an `autostart` parameter: standalone (`ros2 run`), it
+    configures and activates itself when autostart is true; else a lifecycle manager does."""
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    def started():
+        node = node_factory()
+        if node.get_parameter('autostart').value:
+            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+                node.trigger_activate()
+        return node
+    run_node(started, args)

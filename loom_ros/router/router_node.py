@@ -16,7 +16,7 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from loom_ros.bus.event import Privacy
-from loom_ros.bus.executor import run_node
+from loom_ros.bus.executor import run_lifecycle_node
 from loom_ros.bus.qos import to_qos_profile
 from loom_ros.config.params import ParamSpec, config_dir, declare_parameters
 from loom_ros.router.decision import RequestError, RouteRequest, Spend, decide
@@ -178,16 +178,7 @@ def _privacy(value: int):
 
 
 def main(args=None):
-    run_node(_autostarted, args)
-
-
-def _autostarted() -> RouterNode:
-    """Standalone (`ros2 run loom router`): with `autostart`, configure and activate at once."""
-    node = RouterNode()
-    if node.params['autostart']:
-        if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-            node.trigger_activate()
-    return node
+    run_lifecycle_node(RouterNode, args)
 
 
 if __name__ == '__main__':
