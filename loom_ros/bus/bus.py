@@ -209,7 +209,7 @@ class EventBus:
         self._discovery_timer = None
         self._batch_timer = None
         self._window_timer = None
-        self._stats_pub = None
+        self._stats_pub = self._stats_timer = None
         self._last_log: dict[str, float] = {}
         with _LOCAL_LOCK:
             _LOCAL_BUS_IDS.add(self.bus_id)
@@ -217,7 +217,7 @@ class EventBus:
             from loom_msgs.msg import BusStats as BusStatsMsg
             self._stats_pub = node.create_publisher(BusStatsMsg, STATS_TOPIC,
                                                     to_qos_profile(QosLevel.REALTIME))
-            node.create_timer(stats_period_s, self.publish_stats)
+            self._stats_timer = node.create_timer(stats_period_s, self.publish_stats)
 
     # -- helpers ------------------------------------------------------------------------------
     def _level(self, topic: str, qos) -> QosLevel:
@@ -575,10 +575,12 @@ class EventBus:
             for outlet in self._outlets.values():
                 self.node.destroy_publisher(outlet.publisher)
             self._outlets.clear()
-            for timer in (self._batch_timer, self._window_timer):
+            for timer in (self._batch_timer, self._window_timer, self._stats_timer):
                 if timer is not None:
                     self.node.destroy_timer(timer)
-            self._batch_timer = self._window_timer = None
+            if self._stats_pub is not None:
+                self.node.destroy_publisher(self._stats_pub)
+            self._batch_timer = self._window_timer = self._stats_timer = self._stats_pub = None
         with _LOCAL_LOCK:
             _LOCAL_BUS_IDS.discard(self.bus_id)
 
