@@ -1,8 +1,9 @@
 """`loom demo`: the main job on simulated sensors, with a live view and a closing summary.
 
-Today it runs the event bus end to end across processes: the sim_sensors node publishes, the
-event_monitor node (another process) subscribes by pattern and reports rates, which this command
-shows live. Later issues add agents, the router and plugins to the same command.
+Today it runs, each in its own process: the sim_sensors node (publishes), the event_monitor node
+(subscribes by pattern and reports rates, which this command shows live) and the counter agent
+(a lifecycle AgentNode whose state and episodic memory persist in SQLite). Later issues add the
+router's callers, plugins and the two seed flows to the same command.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from loom_ros.config.params import DEFAULTS_FILE, config_dir
 NODES = {
     'sim_sensors': 'loom_ros.sensors.sim_sensors_node',
     'event_monitor': 'loom_ros.bus.event_monitor_node',
+    'agent_counter': 'loom_ros.agents.agent_node',
 }
 
 
@@ -30,16 +32,20 @@ def add_parser(sub) -> None:
     demo.add_argument('--params-file', default=None,
                       help=f'ROS params file (default: config/{DEFAULTS_FILE})')
     demo.add_argument('--stop-after-events', type=int, default=0, metavar='N',
-                      help='stop early once N events have been received (default: run the duration)')
+                      help='stop early once N events have been received and the agent has sent '
+                           'an intent (default: run the duration)')
     demo.add_argument('--output', default='demo_output',
                       help='folder for the summary JSON (default demo_output)')
     demo.set_defaults(run=run_demo)
 
 
-def _spawn(module: str, params_file: str, extra: list[str], env: dict) -> subprocess.Popen:
+def _spawn(module: str, params_file: str, extra: list[str], env: dict,
+           log: Path | None = None) -> subprocess.Popen:
+    """A node process; its output goes to `log` (so a full pipe never blocks it), else a pipe."""
     cmd = [sys.executable, '-m', module, '--ros-args', '--params-file', params_file, *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, bufsize=1)
+    out = open(log, 'w') if log else subprocess.PIPE
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
+                            bufsize=1)
 
 
 def _stop(procs: dict[str, subprocess.Popen]) -> dict[str, int]:
@@ -62,10 +68,20 @@ def run_demo(args) -> int:
     env.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     print(f'Loom demo: event bus on simulated sensors for {args.duration:.0f} s '
           f'(ROS_DOMAIN_ID={env.get("ROS_DOMAIN_ID", "0")}, params {params_file})', flush=True)
+    out = Path(args.output)
+    (out / 'logs').mkdir(parents=True, exist_ok=True)
+    agent_dir = out / 'agents'
     procs = {
-        'sim_sensors': _spawn(NODES['sim_sensors'], params_file, [], env),
+        'sim_sensors': _spawn(NODES['sim_sensors'], params_file, [], env,
+                              out / 'logs' / 'sim_sensors.log'),
         'event_monitor': _spawn(NODES['event_monitor'], params_file,
                                 ['-p', 'event_monitor:json_output:=true'], env),
+        # The counter agent from config/agents.yaml, with its state under the output folder.
+        'agent_counter': _spawn(NODES['agent_counter'], params_file,
+                                # node-qualified: a plain -p loses to the params file's section
+                                ['-r', '__node:=agent', '-p', 'agent:agent_id:=counter',
+                                 '-p', f'agent:state_dir:={agent_dir.resolve()}'], env,
+                                out / 'logs' / 'agent_counter.log'),
     }
     monitor = procs['event_monitor']
     reports = []
@@ -90,20 +106,23 @@ def run_demo(args) -> int:
             report = json.loads(line)
             reports.append(report)
             _show(report, time.monotonic() - started, args.duration, interactive)
+            # Early stop needs the whole pipeline to have worked: N events seen and at least one
+            # intent from the agent (it sends one per 100 events handled and committed).
             if args.stop_after_events and \
-                    sum(report['received'].values()) >= args.stop_after_events:
+                    sum(report['received'].values()) >= args.stop_after_events and \
+                    report['received'].get('agent.counter.intent', 0) >= 1:
                 break
     except KeyboardInterrupt:
         interrupted = True
     finally:
         codes = _stop(procs)
-        sensors_log = procs['sim_sensors'].stdout.read() or ''
-        logs.extend(f'sim_sensors: {l}' for l in sensors_log.splitlines() if l)
+        for name in ('sim_sensors', 'agent_counter'):
+            text = (out / 'logs' / f'{name}.log').read_text(errors='replace')
+            logs.extend(f'{name}: {l}' for l in text.splitlines() if l)
     if interactive:
         print()
     summary = _summary(reports, time.monotonic() - started, codes)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    summary['agent_counter'] = _agent_state(agent_dir / 'counter.db', 'counter')
     (out / 'bus_summary.json').write_text(json.dumps(summary, indent=2))
     _print_summary(summary, out / 'bus_summary.json')
     failed = {n: c for n, c in codes.items() if c not in (0, -signal.SIGINT)}
@@ -142,6 +161,23 @@ def _summary(reports: list[dict], elapsed: float, codes: dict) -> dict:
     }
 
 
+def _agent_state(db_path: Path, agent_id: str) -> dict:
+    """What the agent committed, read from its SQLite file after it stopped."""
+    import sqlite3
+    try:
+        with sqlite3.connect(f'file:{db_path}?mode=ro', uri=True) as db:
+            row = db.execute('select state, events from agent_state where agent_id = ?',
+                             [agent_id]).fetchone()
+            episodes = db.execute('select count(*) from episodes').fetchone()[0]
+    except sqlite3.Error:
+        return {}
+    if row is None:
+        return {}
+    state = json.loads(row[0])
+    return {'events_handled': row[1], 'counts': state.get('counts', {}), 'episodes': episodes,
+            'state_file': str(db_path)}
+
+
 def _print_summary(summary: dict, path: Path) -> None:
     print('\nLoom demo summary')
     print(f'  ran {summary["duration_s"]} s; {summary["events_total"]} events received across '
@@ -149,6 +185,12 @@ def _print_summary(summary: dict, path: Path) -> None:
     for topic, count in sorted(summary['events_received'].items()):
         age = summary['latest_event_age_ms_median'].get(topic)
         print(f'  {topic:<24} {count:>8} events   publish-to-receive age ~{age} ms')
+    agent = summary.get('agent_counter') or {}
+    if agent:
+        intents = summary['events_received'].get('agent.counter.intent', 0)
+        print(f'  agent counter: handled {agent["events_handled"]} events {agent["counts"]}, '
+              f'{agent["episodes"]} in episodic memory, sent {intents} intents; state persisted '
+              f'in {agent["state_file"]}')
     rejected = sum(summary['rejected'].values())
     print(f'  rejected events: {rejected} {summary["rejected"] or ""}')
     print(f'  summary written to {path}')
