@@ -43,9 +43,11 @@ def _spawn(module: str, params_file: str, extra: list[str], env: dict,
            log: Path | None = None) -> subprocess.Popen:
     """A node process; its output goes to `log` (so a full pipe never blocks it), else a pipe."""
     cmd = [sys.executable, '-m', module, '--ros-args', '--params-file', params_file, *extra]
-    out = open(log, 'w') if log else subprocess.PIPE
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
-                            bufsize=1)
+    if log is None:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, bufsize=1)
+    with open(log, 'w') as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def _stop(procs: dict[str, subprocess.Popen]) -> dict[str, int]:

@@ -40,7 +40,7 @@ class RouterNode(LifecycleNode):
         self.policy: PolicyFile | None = None
         self.history: RouterHistory | None = None
         self._active = False
-        self._entities = []
+        self._service = None  # set on configure; None means nothing to release
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -58,12 +58,10 @@ class RouterNode(LifecycleNode):
             RouteDecision, 'router/decisions', to_qos_profile('batched'))
         self.stats_pub = self.create_lifecycle_publisher(
             RouterStats, 'router/stats', to_qos_profile('realtime'))
-        self._entities = [
-            self.create_service(Route, 'router/route', self._on_route),
-            self.create_subscription(RouteOutcome, 'router/outcomes', self._on_outcome,
-                                     to_qos_profile('batched')),
-            self.create_timer(self.params['stats_period_s'], self._publish_stats),
-        ]
+        self._service = self.create_service(Route, 'router/route', self._on_route)
+        self._outcomes = self.create_subscription(RouteOutcome, 'router/outcomes',
+                                                  self._on_outcome, to_qos_profile('batched'))
+        self._stats_timer = self.create_timer(self.params['stats_period_s'], self._publish_stats)
         self.get_logger().info(f'configured: {self.history.decisions} decisions in history, '
                                f'spend this period {self.history.spend():g}')
         return TransitionCallbackReturn.SUCCESS
@@ -85,18 +83,13 @@ class RouterNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _release(self) -> None:
-        for entity in self._entities:
-            if hasattr(entity, 'srv_type'):
-                self.destroy_service(entity)
-            elif hasattr(entity, 'timer_period_ns'):
-                self.destroy_timer(entity)
-            else:
-                self.destroy_subscription(entity)
-        self._entities = []
-        for name in ('decisions_pub', 'stats_pub'):
-            if hasattr(self, name):
-                self.destroy_lifecycle_publisher(getattr(self, name))
-                delattr(self, name)
+        if self._service is not None:
+            self.destroy_service(self._service)
+            self.destroy_subscription(self._outcomes)
+            self.destroy_timer(self._stats_timer)
+            self.destroy_lifecycle_publisher(self.decisions_pub)
+            self.destroy_lifecycle_publisher(self.stats_pub)
+            self._service = None
         if self.history is not None:
             self.history.close()
             self.history = None
