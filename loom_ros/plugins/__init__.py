@@ -1,0 +1,1 @@
+"""Plugins: feature extractors, model backends, tools and actuators behind one contract."""
