@@ -133,6 +133,10 @@ class PluginContext:
     granted: frozenset[str] = frozenset()
     audit_sink: AuditSink | None = None
     data_dir: str = ''   # where a plugin with storage.write may write
+    ros_node: Any = None  # the host's rclpy node, for actuators that publish ROS messages; None
+                          # when the plugin runs outside ROS (unit tests, sandboxes)
+    direct: dict[str, 'Plugin'] = field(default_factory=dict)  # plugins in the same process, by
+                                                               # name: calls skip serialization
 
     def require(self, capability: Capability | str, detail: str = '') -> None:
         cap = capability.value if isinstance(capability, Capability) else str(capability)
