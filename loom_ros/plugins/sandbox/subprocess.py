@@ -1,0 +1,398 @@
+"""Out-of-process plugins: a plugin class run in a child process with resource limits, behind a
+proxy that presents the plugin contract, so the host treats it like an in-process plugin.
+
+The child (loom_ros.plugins.sandbox.worker) runs in its own process group with RLIMIT_CPU and
+RLIMIT_AS set, and talks length-prefixed JSON over its stdin/stdout. A crash (the child exits), a
+hang (no answer within `call_timeout_s`) or running out of memory is detected, answered as a
+PluginResponse.failure that says why, and the child is started again on the next call. More than
+`max_restarts` such failures in a row (no successful call in between) mark the plugin FAILED: it
+then refuses calls with a clear error until `restart()` is called.
+
+RLIMIT_CPU counts the child's whole life: a child that reaches it is killed and restarted with a
+fresh budget (that counts as a failure only if no call succeeded since the last one).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from loom_ros.bus.event import Event
+from loom_ros.plugins.contract import (HealthState, HealthStatus, Plugin, PluginContext,
+                                       PluginError, PluginMetadata, PluginResponse)
+from loom_ros.plugins.sandbox.wire import (WireError, event_to_wire, health_from_wire,
+                                           read_frame, response_from_wire, write_frame)
+from loom_ros.plugins.sandbox import worker as worker_module
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])  # the directory holding loom_ros/
+STDERR_TAIL_LINES = 40
+
+
+class _Eof:
+    """What the reader thread queues when the child's stdout ends or breaks."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+class _Child:
+    """One generation of the child process: its pipes, a reader thread feeding a queue, and the
+    tail of its stderr (for crash reasons)."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.popen = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env=env, start_new_session=True,
+                                      close_fds=True)
+        self.replies: queue.Queue = queue.Queue()
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        threading.Thread(target=self._read_replies, daemon=True, name='loom-sandbox-out').start()
+        threading.Thread(target=self._read_stderr, daemon=True, name='loom-sandbox-err').start()
+
+    def _read_replies(self) -> None:
+        try:
+            while True:
+                message = read_frame(self.popen.stdout)
+                if message is None:
+                    self.replies.put(_Eof('the child closed its output'))
+                    return
+                self.replies.put(message)
+        except (WireError, OSError, ValueError) as exc:
+            self.replies.put(_Eof(f'broken output from the child: {exc}'))
+
+    def _read_stderr(self) -> None:
+        try:
+            for line in iter(self.popen.stderr.readline, b''):
+                self.stderr_tail.append(line.decode(errors='replace').rstrip())
+        except (OSError, ValueError):
+            pass
+
+    def send(self, message: dict) -> None:
+        self.stderr_tail.clear()  # a crash reason quotes only what this request made it say
+        write_frame(self.popen.stdin, message)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (the plugin may have started children of its own)."""
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def last_stderr(self) -> str:
+        lines = [line for line in self.stderr_tail if line.strip()]
+        return lines[-1] if lines else ''
+
+
+class ChildFailure(Exception):
+    """The child crashed, hung or broke the protocol; the message says which and why."""
+
+    def __init__(self, message: str, hang: bool = False):
+        super().__init__(message)
+        self.hang = hang
+
+
+class SubprocessPlugin(Plugin):
+    """A proxy Plugin whose real plugin runs in a resource-limited child process."""
+
+    def __init__(self, target: str, *, cpu_seconds: float | None = None,
+                 memory_bytes: int | None = None, call_timeout_s: float = 10.0,
+                 start_timeout_s: float = 60.0, health_timeout_s: float = 5.0,
+                 max_restarts: int = 3, python: str | None = None) -> None:
+        super().__init__()
+        if call_timeout_s <= 0 or start_timeout_s <= 0 or max_restarts < 0:
+            raise PluginError(f'{target}: call_timeout_s and start_timeout_s must be > 0, '
+                              'max_restarts >= 0')
+        self.target = target
+        self.cpu_seconds, self.memory_bytes = cpu_seconds, memory_bytes
+        self.call_timeout_s, self.start_timeout_s = float(call_timeout_s), float(start_timeout_s)
+        self.health_timeout_s = float(health_timeout_s)
+        self.max_restarts = int(max_restarts)
+        self.python = python or sys.executable
+        self._lock = threading.Lock()
+        self._child: _Child | None = None
+        self._seq = 0
+        self._failed = ''
+        self._consecutive_failures = 0
+        self._last_error = ''
+        self._busy_since: float | None = None
+        self.stats = {'calls': 0, 'failures': 0, 'crashes': 0, 'timeouts': 0, 'restarts': 0}
+        with self._lock:
+            self.metadata = self._start()  # per instance: one proxy class serves every plugin
+
+    # -- child lifecycle --------------------------------------------------------------------
+    def _args(self) -> list[str]:
+        args = [self.python, '-m', worker_module.__name__, self.target]
+        if self.cpu_seconds:
+            args += ['--cpu-seconds', str(self.cpu_seconds)]
+        if self.memory_bytes:
+            args += ['--memory-bytes', str(int(self.memory_bytes))]
+        return args
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env['PYTHONPATH'] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get('PYTHONPATH'))
+                                            if p)
+        if self.memory_bytes:
+            env.setdefault('OPENBLAS_NUM_THREADS', '1')  # its per-thread buffers eat address space
+        return env
+
+    def _start(self) -> PluginMetadata:
+        """Start a child and read its hello; PluginError with the child's reason if it fails."""
+        child = _Child(self._args(), self._env())
+        try:
+            hello = self._receive(child, None, self.start_timeout_s, 'starting')
+        except ChildFailure as exc:
+            child.kill()
+            raise PluginError(f'subprocess plugin {self.target}: {exc}') from None
+        if hello.get('error') or not isinstance(hello.get('metadata'), dict):
+            child.kill()
+            raise PluginError(f'subprocess plugin {self.target} cannot load: '
+                              f'{hello.get("error") or "no metadata in its hello"}')
+        try:
+            metadata = PluginMetadata.model_validate(hello['metadata'])
+        except ValueError as exc:
+            child.kill()
+            raise PluginError(f'subprocess plugin {self.target}: bad metadata: {exc}') from None
+        self._child = child
+        return metadata
+
+    def _restart(self) -> None:
+        if self._child is not None:
+            self._child.kill()
+            self._child = None
+        self._start()
+        self.stats['restarts'] += 1
+        if self.ctx is not None:
+            self._init_child(self.ctx)
+            self.ctx.audit('sandbox_restart', target=self.target,
+                           restarts=self.stats['restarts'], last_error=self._last_error)
+
+    def _init_child(self, ctx: PluginContext) -> None:
+        reply = self._request({'op': 'init', 'ctx': {
+            'plugin': ctx.plugin, 'config': ctx.config, 'granted': sorted(ctx.granted),
+            'data_dir': ctx.data_dir}}, self.start_timeout_s, 'init')
+        if not reply.get('ok'):
+            raise PluginError(f'plugin {self.metadata.name!r} failed init in its subprocess: '
+                              f'{reply.get("error")}')
+
+    def _receive(self, child: _Child, seq: int | None, timeout: float, what: str) -> dict:
+        """The child's reply to `seq` (or its hello), or ChildFailure saying why there is none."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                message = child.replies.get(timeout=max(left, 0.0)) if left > 0 else \
+                    child.replies.get_nowait()
+            except queue.Empty:
+                raise ChildFailure(f'no answer while {what} within {timeout:g} s '
+                                   '(hung); killed', hang=True) from None
+            if isinstance(message, _Eof):
+                raise ChildFailure(self._exit_reason(child, what))
+            if not isinstance(message, dict):
+                raise ChildFailure(f'the child sent {type(message).__name__}, not an object')
+            if seq is None or message.get('seq') == seq:
+                return message
+
+    def _exit_reason(self, child: _Child, what: str) -> str:
+        try:
+            code = child.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return f'the child closed its output while {what} but is still running; killed'
+        if code == worker_module.EXIT_OUT_OF_MEMORY:
+            why = 'ran out of memory'
+            if self.memory_bytes:
+                why += f' (address-space limit {self.memory_bytes} bytes, RLIMIT_AS)'
+        elif code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f'signal {-code}'
+            why = f'was killed by {name}'
+            if -code == signal.SIGXCPU:
+                why += f' (CPU time limit {self.cpu_seconds:g} s, RLIMIT_CPU)'
+        else:
+            why = f'exited with code {code}'
+        last = child.last_stderr()
+        return f'the child {why} while {what}' + (f'; its last words: {last}' if last else '')
+
+    def _request(self, message: dict, timeout: float, what: str) -> dict:
+        """Send and wait for the answer; ChildFailure after killing a child that hung."""
+        child = self._child
+        if child is None or child.popen.poll() is not None:
+            raise ChildFailure(self._exit_reason(child, what) if child else 'no child running')
+        self._seq += 1
+        message['seq'] = self._seq
+        try:
+            child.send(message)
+        except (OSError, ValueError):
+            raise ChildFailure(self._exit_reason(child, what)) from None
+        try:
+            return self._receive(child, self._seq, timeout, what)
+        except ChildFailure:
+            child.kill()
+            raise
+
+    def _child_failed(self, exc: ChildFailure, hang: bool) -> str:
+        """Count a crash or hang; FAILED after too many in a row. Returns the error to report."""
+        self.stats['timeouts' if hang else 'crashes'] += 1
+        self._consecutive_failures += 1
+        if self._child is not None:
+            self._child.kill()
+            self._child = None
+        error = f'plugin {self.metadata.name!r} (subprocess): {exc}'
+        if self._consecutive_failures > self.max_restarts:
+            self._failed = (f'{self._consecutive_failures} crashes or hangs in a row '
+                            f'(max_restarts {self.max_restarts}); last: {exc}')
+            error += '; marked FAILED'
+        else:
+            error += '; restarting on the next call'
+        if self.ctx is not None:
+            self.ctx.audit('sandbox_failure', target=self.target, error=str(exc),
+                           failed=bool(self._failed))
+        return error
+
+    # -- the contract -----------------------------------------------------------------------
+    def init(self, ctx: PluginContext) -> None:
+        super().init(ctx)
+        with self._lock:
+            if self._child is None:
+                self._start()
+            try:
+                self._init_child(ctx)
+            except ChildFailure as exc:
+                self._child_failed(exc, hang=exc.hang)
+                raise PluginError(f'plugin {self.metadata.name!r} died during init: {exc}') \
+                    from None
+
+    def handle_event(self, event: Event) -> PluginResponse:
+        start = time.perf_counter()
+        response = self._handle(event)
+        response.latency_ms = (time.perf_counter() - start) * 1000.0
+        return response
+
+    def _handle(self, event: Event) -> PluginResponse:
+        with self._lock:
+            self.stats['calls'] += 1
+            if self._failed:
+                return self._fail(f'plugin {self.metadata.name!r} is failed and refuses calls: '
+                                  f'{self._failed}')
+            self._busy_since = time.monotonic()
+            try:
+                if self._child is None or self._child.popen.poll() is not None:
+                    self._restart()
+                reply = self._request({'op': 'handle', 'event': event_to_wire(event)},
+                                      self.call_timeout_s, 'handling an event')
+            except ChildFailure as exc:
+                return self._fail(self._child_failed(exc, hang=exc.hang))
+            except PluginError as exc:  # a restart that could not start or init the child
+                self._consecutive_failures += 1
+                self._failed = f'could not restart: {exc}'
+                return self._fail(f'plugin {self.metadata.name!r} {self._failed}')
+            finally:
+                self._busy_since = None
+            for record in reply.get('audit') or []:
+                if self.ctx is not None and isinstance(record, dict):
+                    self.ctx.audit(str(record.pop('kind', 'plugin')),
+                                   **{k: v for k, v in record.items()
+                                      if k not in ('ts_ms', 'plugin')})
+            if reply.get('fatal'):
+                exc = ChildFailure(f'the child {reply.get("error")} (RLIMIT_AS) while handling '
+                                   'an event and was stopped')
+                return self._fail(self._child_failed(exc, hang=False))
+            self._consecutive_failures = 0
+            response = response_from_wire({k: reply[k] for k in ('ok', 'error', 'events')
+                                           if k in reply}, self.metadata.name)
+            if not response.ok:
+                self._fail(response.error)
+            return response
+
+    def _fail(self, error: str) -> PluginResponse:
+        self.stats['failures'] += 1
+        self._last_error = error
+        return PluginResponse.failure(error)
+
+    def health(self) -> HealthStatus:
+        """FAILED when refusing calls; DEGRADED while a child is dead, hung, or recovering from
+        failures; else the plugin's own Health() from the child. Never blocks on a running call."""
+        details = {k: str(v) for k, v in self.stats.items()}
+        details.update(target=self.target, consecutive_failures=str(self._consecutive_failures),
+                       last_error=self._last_error)
+        if not self._lock.acquire(blocking=False):
+            busy = self._busy_since
+            elapsed = time.monotonic() - busy if busy is not None else 0.0
+            state = HealthState.DEGRADED if elapsed > self.call_timeout_s else HealthState.OK
+            return HealthStatus(state, f'a call has been running for {elapsed:.1f} s', details)
+        try:
+            if self._failed:
+                return HealthStatus(HealthState.FAILED, self._failed, details)
+            child = self._child
+            if child is None or child.popen.poll() is not None:
+                if child is not None:  # died between calls: count it now
+                    error = self._child_failed(ChildFailure(self._exit_reason(child, 'idle')),
+                                               hang=False)
+                    self._last_error = details['last_error'] = error
+                if self._failed:
+                    return HealthStatus(HealthState.FAILED, self._failed, details)
+                return HealthStatus(HealthState.DEGRADED, 'no child running; it starts on the '
+                                    f'next call; last: {self._last_error}', details)
+            try:
+                reply = self._request({'op': 'health'}, self.health_timeout_s, 'answering health')
+            except ChildFailure as exc:
+                error = self._child_failed(exc, hang=exc.hang)
+                self._last_error = details['last_error'] = error
+                state = HealthState.FAILED if self._failed else HealthState.DEGRADED
+                return HealthStatus(state, error, details)
+            health = health_from_wire(reply.get('health'))
+            health.details = {**details, **health.details, 'pid': str(child.popen.pid)}
+            if health.state is HealthState.OK and self._consecutive_failures:
+                health.state = HealthState.DEGRADED
+                health.message = f'recovering; last: {self._last_error}'
+            return health
+        finally:
+            self._lock.release()
+
+    def restart(self) -> None:
+        """Start a fresh child and clear FAILED (an operator's decision after a fix)."""
+        with self._lock:
+            self._failed, self._consecutive_failures = '', 0
+            self._restart()
+
+    @property
+    def pid(self) -> int | None:
+        child = self._child
+        return child.popen.pid if child is not None and child.popen.poll() is None else None
+
+    def shutdown(self) -> None:
+        """Ask the child to shut down, then kill its process group whatever it did."""
+        with self._lock:
+            child, self._child = self._child, None
+            if child is None:
+                return
+            if child.popen.poll() is None:
+                try:
+                    self._seq += 1
+                    child.send({'op': 'shutdown', 'seq': self._seq})
+                    self._receive(child, self._seq, min(self.call_timeout_s, 5.0), 'shutting down')
+                    child.popen.wait(timeout=5)
+                except (ChildFailure, OSError, ValueError, subprocess.TimeoutExpired):
+                    pass
+            child.kill()
+
+    def __del__(self) -> None:
+        child = getattr(self, '_child', None)
+        if child is not None and child.popen.poll() is None:
+            child.kill()

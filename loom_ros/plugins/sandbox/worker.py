@@ -1,0 +1,130 @@
+"""The child side of a subprocess plugin: `python -m loom_ros.plugins.sandbox.worker TARGET`.
+
+Applies its resource limits first (RLIMIT_CPU, RLIMIT_AS from --cpu-seconds/--memory-bytes), loads
+the plugin class (an entry point name or `module:Class`), says hello with its metadata, then
+answers length-prefixed JSON requests on stdin/stdout (see loom_ros.plugins.sandbox.wire):
+  {"seq", "op": "init", "ctx": {plugin, config, granted, data_dir}} -> {"seq", "ok", "error"}
+  {"seq", "op": "handle", "event": {...}} -> {"seq", "ok", "error", "events", "audit", "fatal"}
+  {"seq", "op": "health"}                 -> {"seq", "ok", "health": {state, message, details}}
+  {"seq", "op": "shutdown"}               -> {"seq", "ok"} and exit 0
+The protocol keeps the original stdout to itself: the plugin's prints go to stderr, and stdin
+reads see an empty stream. Audit records the plugin makes travel back with each answer.
+A MemoryError is answered (`fatal`) and the worker exits with EXIT_OUT_OF_MEMORY, since the
+plugin's state cannot be trusted after it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import resource
+import sys
+import traceback
+
+EXIT_BAD_PLUGIN = 2
+EXIT_OUT_OF_MEMORY = 3
+EXIT_PROTOCOL = 4
+
+
+def apply_limits(cpu_seconds: float | None, memory_bytes: int | None) -> None:
+    """CPU seconds over the child's life (SIGXCPU at the limit, SIGKILL a second later) and the
+    address-space size (allocations beyond it fail: MemoryError in Python)."""
+    if cpu_seconds:
+        soft = max(1, int(round(cpu_seconds)))
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+    if memory_bytes:
+        resource.setrlimit(resource.RLIMIT_AS, (int(memory_bytes), int(memory_bytes)))
+
+
+def load_target(target: str):
+    """The plugin class: `package.module:Class`, or an entry point name in `loom.plugins`."""
+    from loom_ros.plugins.contract import Plugin, PluginError, PluginMetadata, load_plugin_class
+    if ':' not in target:
+        return load_plugin_class(target)
+    module_name, _, class_name = target.partition(':')
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Plugin)
+            and isinstance(getattr(cls, 'metadata', None), PluginMetadata)):
+        raise PluginError(f'{target} is not a Plugin subclass with a PluginMetadata `metadata`')
+    return cls
+
+
+def _protocol_streams():
+    """Keep the real stdin/stdout for frames; point fds 0 and 1 elsewhere for the plugin."""
+    proto_in = os.fdopen(os.dup(0), 'rb')
+    proto_out = os.fdopen(os.dup(1), 'wb')
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    return proto_in, proto_out
+
+
+def serve(target: str, proto_in, proto_out, memory_bytes: int | None) -> int:
+    from loom_ros.plugins.contract import PluginContext
+    from loom_ros.plugins.sandbox.wire import (WireError, event_from_wire, health_to_wire,
+                                               read_frame, response_to_wire, write_frame)
+    try:
+        cls = load_target(target)
+        plugin = cls()
+    except Exception as exc:  # noqa: BLE001 - anything wrong with the plugin is reported
+        write_frame(proto_out, {'op': 'hello', 'error': f'{type(exc).__name__}: {exc}'})
+        return EXIT_BAD_PLUGIN
+    write_frame(proto_out, {'op': 'hello', 'pid': os.getpid(),
+                            'metadata': cls.metadata.model_dump(mode='json')})
+    audit: list[dict] = []
+    while True:
+        try:
+            request = read_frame(proto_in)
+        except WireError as exc:
+            print(f'loom worker: bad request frame: {exc}', file=sys.stderr)
+            return EXIT_PROTOCOL
+        if request is None:  # the parent went away
+            plugin.shutdown()
+            return 0
+        seq, op = request.get('seq'), request.get('op')
+        reply: dict = {'seq': seq, 'ok': True, 'error': ''}
+        try:
+            if op == 'init':
+                ctx = request['ctx']
+                plugin.init(PluginContext(plugin=ctx['plugin'], config=dict(ctx['config']),
+                                          granted=frozenset(ctx['granted']),
+                                          data_dir=ctx.get('data_dir', ''),
+                                          audit_sink=audit.append))
+            elif op == 'handle':
+                event = event_from_wire(request['event'])
+                reply.update(response_to_wire(plugin.handle_event(event)))
+            elif op == 'health':
+                reply['health'] = health_to_wire(plugin.health())
+            elif op == 'shutdown':
+                plugin.shutdown()
+                write_frame(proto_out, reply)
+                return 0
+            else:
+                reply.update(ok=False, error=f'unknown op {op!r}')
+        except MemoryError:
+            reply.update(ok=False, fatal=True, error='ran out of memory (MemoryError)'
+                         + (f' under its address-space limit of {memory_bytes} bytes'
+                            if memory_bytes else ''))
+        except Exception as exc:  # noqa: BLE001 - a plugin error becomes a failure answer
+            reply.update(ok=False, error=f'{op} raised {type(exc).__name__}: {exc}')
+            traceback.print_exc(file=sys.stderr)
+        reply['audit'], audit[:] = list(audit), []
+        write_frame(proto_out, reply)
+        if reply.get('fatal'):
+            return EXIT_OUT_OF_MEMORY
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('target', help='entry point name or module:Class')
+    parser.add_argument('--cpu-seconds', type=float, default=None)
+    parser.add_argument('--memory-bytes', type=int, default=None)
+    args = parser.parse_args(argv)
+    apply_limits(args.cpu_seconds, args.memory_bytes)
+    proto_in, proto_out = _protocol_streams()
+    return serve(args.target, proto_in, proto_out, args.memory_bytes)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
