@@ -33,5 +33,9 @@ setup(
             'counter = loom_ros.agents.behavior:CounterBehavior',
             'memorize = loom_ros.agents.behavior:MemorizeBehavior',
         ],
+        'loom.plugins': [
+            'robot_control = loom_ros.plugins.actuators.robot_control:RobotControlPlugin',
+            'ui = loom_ros.plugins.actuators.ui:UiPlugin',
+        ],
     },
 )
