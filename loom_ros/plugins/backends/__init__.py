@@ -13,7 +13,7 @@ from loom_ros.plugins.backends.tflite_backend import TfliteBackend
 BACKENDS: tuple[type[ModelBackend], ...] = (OnnxBackend, TfliteBackend)
 
 __all__ = ['BACKENDS', 'ModelBackend', 'ModelError', 'ModelInputError', 'OnnxBackend',
-           'TensorSpec', 'TfliteBackend', 'open_model']
+           'TensorSpec', 'TfliteBackend', 'check_file', 'open_model']
 
 
 def open_model(path: str | os.PathLike, threads: int = 1, expect_inputs: Expectation = None,

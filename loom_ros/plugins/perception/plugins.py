@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loom_ros.bus.event import Event, Privacy
-from loom_ros.plugins.backends import ModelError
+from loom_ros.plugins.backends import ModelError, check_file
 from loom_ros.plugins.contract import (
     Capability, HealthState, HealthStatus, Plugin, PluginContext, PluginError, PluginMetadata,
     PluginResponse, PluginType,
@@ -260,8 +260,12 @@ class EmbeddingPlugin(_PerceptionPlugin):
     config_model = EmbeddingConfig
 
     def _load(self, config: EmbeddingConfig) -> None:
-        from loom_ros.agents.embedding import MiniLMEmbedder
+        from loom_ros.agents.embedding import DIM, MiniLMEmbedder
         from loom_ros.agents.embedding import ModelError as EmbeddingModelError
+        if config.model_path:
+            check_file(config.model_path, 'onnx')
+        if config.tokenizer_path:
+            check_file(config.tokenizer_path, 'tokenizer')
         try:
             self.embedder = MiniLMEmbedder(config.model_path or None,
                                            config.tokenizer_path or None,
@@ -270,7 +274,10 @@ class EmbeddingPlugin(_PerceptionPlugin):
             raise ModelError(str(exc)) from None
         except Exception as exc:  # tokenizers raises its own Exception for a bad tokenizer file
             raise ModelError(f'embedding tokenizer: {exc}') from None
-        self.embedder.embed(['warm up'])
+        dim = self.embedder.embed(['warm up']).shape[1]  # also the warm-up
+        if dim != DIM:
+            raise ModelError(f'embedding model {config.model_path}: {dim}-d vectors, expected '
+                             f'{DIM} (semantic memory indexes {DIM}-d MiniLM vectors)')
 
     def _texts(self, event: Event) -> list[str]:
         text = bytes(event.payload).decode('utf-8')
