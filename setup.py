@@ -36,6 +36,10 @@ setup(
         'loom.plugins': [
             'robot_control = loom_ros.plugins.actuators.robot_control:RobotControlPlugin',
             'ui = loom_ros.plugins.actuators.ui:UiPlugin',
+            'face_detector = loom_ros.plugins.perception.plugins:FaceDetectorPlugin',
+            'expression = loom_ros.plugins.perception.plugins:ExpressionPlugin',
+            'face_expression = loom_ros.plugins.perception.plugins:FaceExpressionPlugin',
+            'embedding = loom_ros.plugins.perception.plugins:EmbeddingPlugin',
         ],
     },
 )
