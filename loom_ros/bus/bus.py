@@ -29,6 +29,8 @@ from loom_ros.bus.qos import (
     wire_type,
 )
 from loom_ros.config.params import ParamSpec, declare_parameters
+from loom_ros.telemetry import tracing as _tracing
+from loom_ros.telemetry.metrics import observed_call as _observed_call
 
 STATS_TOPIC = 'loom/bus/stats'   # a plain ROS topic (BusStats), not a Loom event topic
 DEFAULT_DISCOVERY_PERIOD_S = 0.5
@@ -125,6 +127,12 @@ class BusSubscription:
             self.queue.put((event, topic))
 
     def _call(self, event: Event, topic: str) -> None:
+        if _tracing.ENABLED or self._bus.metrics is not None:
+            _observed_call(self, event, topic)
+        else:
+            self._deliver(event, topic)
+
+    def _deliver(self, event: Event, topic: str) -> None:
         try:
             self.callback(event, topic)
         except Exception as exc:  # one bad handler must not stop the bus
@@ -198,6 +206,8 @@ class EventBus:
         self.intra_process = intra_process
         self.backpressure = _parse_backpressure_table(backpressure)
         self.stats = BusStats()
+        self.metrics = None    # a telemetry MetricsRegistry: handler latency histograms when set
+        self.telemetry = None  # the node's NodeTelemetry when built by create_bus
         self.logger = node.get_logger()
         self.bus_id = random.getrandbits(63) + 1
         self._context_key = id(node.context)
@@ -285,6 +295,7 @@ class EventBus:
         except EventRejected as exc:
             self.stats.reject(exc.reason)
             raise
+        span = _tracing.start_publish_span(topic, event) if _tracing.ENABLED else None
         outlet.seq += 1
         local = self._local_endpoints(outlet) if self.intra_process else ()
         if local:
@@ -307,6 +318,8 @@ class EventBus:
         elif outlet.pending:
             self._send_batch(outlet)  # keep order if the remote subscriber just left
         self.stats.published[topic] += 1
+        if span is not None:
+            span.end()
 
     def flush(self) -> None:
         """Send every pending batch now (the batch timer calls this every batch_max_age_ms)."""
@@ -568,6 +581,9 @@ class EventBus:
 
     # -- teardown -----------------------------------------------------------------------------
     def destroy(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.destroy()
+            self.telemetry = None
         with self._lock:
             self.flush()
             for sub in list(self.stats.subscriptions):
@@ -649,10 +665,13 @@ def create_bus(node, defaults_section: str) -> EventBus:
     """Declare the bus.* parameters on `node` (defaults from config/loom.yaml) and build its bus."""
     values = declare_parameters(node, defaults_section, BUS_PARAMETERS)
     table = TopicQosTable(list(values['bus.topic_qos']), default=values['bus.default_qos'])
-    return EventBus(node, topic_qos=table, max_payload_bytes=int(values['bus.max_payload_bytes']),
-                    discovery_period_s=float(values['bus.discovery_period_s']),
-                    batch_max_events=int(values['bus.batch_max_events']),
-                    batch_max_age_ms=float(values['bus.batch_max_age_ms']),
-                    intra_process=bool(values['bus.intra_process']),
-                    stats_period_s=float(values['bus.stats_period_s']),
-                    backpressure=list(values['bus.backpressure']))
+    bus = EventBus(node, topic_qos=table, max_payload_bytes=int(values['bus.max_payload_bytes']),
+                   discovery_period_s=float(values['bus.discovery_period_s']),
+                   batch_max_events=int(values['bus.batch_max_events']),
+                   batch_max_age_ms=float(values['bus.batch_max_age_ms']),
+                   intra_process=bool(values['bus.intra_process']),
+                   stats_period_s=float(values['bus.stats_period_s']),
+                   backpressure=list(values['bus.backpressure']))
+    from loom_ros.telemetry.node_telemetry import attach_telemetry
+    bus.telemetry = attach_telemetry(node, defaults_section, bus)  # metrics, diagnostics, tracing
+    return bus

@@ -1,0 +1,231 @@
+"""Structured JSON logs with sensitive data masked before anything is written.
+
+`NodeLog(name, node=...)` is what nodes use: `log.info('routed', event=ev, route='cloud')`.
+Every record is masked first, then written as one JSON line (when a JSON stream is configured)
+and as text through the rclpy logger (so /rosout and `ros2 run` consoles get it too).
+`MaskingFilter` and `JsonFormatter` also apply to plain `logging` loggers.
+
+Masking:
+- by field name: any field whose name contains a sensitive word as a part (token, key, password,
+  secret, authorization, cookie, credential, ...: `api_key`, `X-Auth-Token`, `db.password`);
+- by pattern, inside any string: bearer tokens, JWTs, API-key-like strings (sk-..., ghp_...,
+  AKIA..., xoxb-...), `key=value` pairs whose key is sensitive, e-mail addresses;
+- events: the raw payload of Private and LocalOnly events is never logged (size only); other
+  payloads and metadata go through the two rules above.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import re
+import sys
+import threading
+
+MASK = '***'
+
+SENSITIVE_WORDS = frozenset({
+    'token', 'key', 'password', 'passwd', 'pwd', 'secret', 'authorization', 'auth', 'cookie',
+    'credential', 'credentials', 'apikey', 'passphrase', 'signature', 'session', 'private',
+})
+_NAME_PARTS = re.compile(r'[^a-z0-9]+')
+_CAMEL = re.compile(r'(?<=[a-z0-9])(?=[A-Z])')
+
+PATTERNS: list[tuple[re.Pattern, object]] = [
+    # Authorization: Bearer abc.def / Basic xyz
+    (re.compile(r'\b(Bearer|Basic|Token)\s+[A-Za-z0-9\-._~+/]{6,}=*', re.IGNORECASE),
+     lambda m: f'{m.group(1)} {MASK}'),
+    # JSON Web Tokens
+    (re.compile(r'\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*'), MASK),
+    # Provider keys with well-known prefixes
+    (re.compile(r'\b(?:sk|pk|rk)[-_](?:live[-_]|test[-_]|proj[-_]|ant[-_])?[A-Za-z0-9_-]{12,}'), MASK),
+    (re.compile(r'\b(?:ghp|gho|ghu|ghs|ghr|github_pat|glpat|xox[abprs])[-_][A-Za-z0-9_-]{10,}'), MASK),
+    (re.compile(r'\b(?:AKIA|ASIA)[0-9A-Z]{16}\b'), MASK),
+    (re.compile(r'\bAIza[0-9A-Za-z_-]{30,}'), MASK),
+    # key=value / "key": "value" where the key is sensitive
+    (re.compile(r'''(?P<k>["']?[A-Za-z0-9_.-]*(?:token|api[_-]?key|apikey|secret|password|passwd|'''
+                r'''authorization|credential|cookie)[A-Za-z0-9_.-]*["']?\s*[:=]\s*)'''
+                r'''(?P<q>["']?)(?P<v>[^\s"',;&}]+)''', re.IGNORECASE),
+     lambda m: f"{m.group('k')}{m.group('q')}{MASK}"),
+    # e-mail addresses
+    (re.compile(r'[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}'), '<email>'),
+]
+
+
+def sensitive_name(name: str) -> bool:
+    """Whether a field name designates a secret (`api_key`, `X-Auth-Token`; not `monkey`)."""
+    text = _CAMEL.sub('_', str(name)).lower()
+    if text in SENSITIVE_WORDS:
+        return True
+    return any(part in SENSITIVE_WORDS for part in _NAME_PARTS.split(text) if part)
+
+
+def mask_text(text: str) -> str:
+    for pattern, replacement in PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def mask_event(event) -> dict:
+    """A loggable view of an Event: Private/LocalOnly payloads replaced, the rest masked."""
+    from loom_ros.bus.event import Privacy
+    privacy = Privacy(event.privacy) if isinstance(event.privacy, int) else event.privacy
+    view = {'id': event.id, 'type': event.type, 'source': event.source,
+            'timestamp_ms': event.timestamp_ms, 'privacy': getattr(privacy, 'name', str(privacy)),
+            'confidence': event.confidence, 'tags': list(event.tags),
+            'metadata': mask_value(dict(event.metadata))}
+    if privacy in (Privacy.PRIVATE, Privacy.LOCAL_ONLY):
+        view['payload'] = f'<{privacy.name.lower()}: {len(event.payload)} bytes not logged>'
+    else:
+        try:
+            view['payload'] = mask_value(bytes(event.payload).decode())
+        except UnicodeDecodeError:
+            view['payload'] = f'<{len(event.payload)} bytes>'
+    return view
+
+
+def mask_value(value, name: str | None = None, _depth: int = 0):
+    """Mask a value for logging: a sensitive `name` hides it entirely; containers recurse."""
+    if name is not None and sensitive_name(name) and value not in (None, '', b''):
+        return MASK
+    if _depth > 8:
+        return '<nested too deep>'
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): mask_value(v, str(k), _depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [mask_value(v, None, _depth + 1) for v in value]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f'<{len(value)} bytes>'
+    if type(value).__name__ == 'Event' and hasattr(value, 'privacy'):
+        return mask_event(value)
+    return mask_text(repr(value))
+
+
+# -- logging integration ---------------------------------------------------------------------------
+_RESERVED = frozenset(vars(logging.LogRecord('', 0, '', 0, '', None, None))) | {'message', 'asctime'}
+
+
+class MaskingFilter(logging.Filter):
+    """Masks a record's message (after %-formatting) and its extra fields in place, so every
+    handler after it (file, console, JSON) only ever sees masked text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, '_loom_masked', False):
+            try:
+                message = record.getMessage()
+            except Exception:  # bad %-args: log what we have rather than fail
+                message = f'{record.msg} {record.args!r}'
+            record.msg, record.args = mask_text(str(message)), None
+            for key, value in list(vars(record).items()):
+                if key not in _RESERVED and not key.startswith('_'):
+                    setattr(record, key, mask_value(value, key))
+            if record.exc_text:
+                record.exc_text = mask_text(record.exc_text)
+            elif record.exc_info:
+                record.exc_text = mask_text(logging.Formatter().formatException(record.exc_info))
+            record._loom_masked = True
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC ISO), level, logger, node, msg, then the extra fields."""
+
+    def __init__(self, node: str = ''):
+        super().__init__()
+        self.node = node
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not getattr(record, '_loom_masked', False):
+            MaskingFilter().filter(record)
+        entry = {'ts': datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+                 .isoformat(timespec='milliseconds'),
+                 'level': _LEVEL_NAMES.get(record.levelno, record.levelname),
+                 'logger': record.name, 'node': getattr(record, 'node', self.node),
+                 'msg': record.getMessage()}
+        for key, value in vars(record).items():
+            if key not in _RESERVED and not key.startswith('_') and key != 'node':
+                entry[key] = value
+        if record.exc_text:
+            entry['exc'] = record.exc_text
+        return json.dumps(entry, default=str, separators=(',', ':'))
+
+
+_LEVEL_NAMES = {logging.DEBUG: 'DEBUG', logging.INFO: 'INFO', logging.WARNING: 'WARN',
+                logging.ERROR: 'ERROR', logging.CRITICAL: 'FATAL'}
+LEVELS = {'debug': logging.DEBUG, 'info': logging.INFO, 'warn': logging.WARNING,
+          'warning': logging.WARNING, 'error': logging.ERROR, 'fatal': logging.CRITICAL}
+
+_STREAMS: dict[str, object] = {}
+_STREAMS_LOCK = threading.Lock()
+
+
+def _json_handler(target: str) -> logging.Handler:
+    """One handler per target per process: '-' or 'stderr' for stderr, else an appended file."""
+    with _STREAMS_LOCK:
+        handler = _STREAMS.get(target)
+        if handler is None:
+            if target in ('-', 'stderr'):
+                handler = logging.StreamHandler(sys.stderr)
+            else:
+                import os
+                os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+                handler = logging.FileHandler(target, encoding='utf-8')
+            handler.addFilter(MaskingFilter())
+            handler.setFormatter(JsonFormatter())
+            _STREAMS[target] = handler
+        return handler
+
+
+class NodeLog:
+    """A node's structured logger: masked JSON lines to `json_target` ('' = none) and masked text
+    through the rclpy logger of `node` (so /rosout works). Fields are keyword arguments."""
+
+    def __init__(self, name: str, node=None, json_target: str = '', level: str = 'info'):
+        self.name = name
+        self.node_name = node.get_fully_qualified_name() if node is not None else name
+        self._ros = node.get_logger() if node is not None else None
+        self._logger = logging.getLogger(f'loom.{name}')
+        self._logger.propagate = False
+        self._logger.setLevel(LEVELS.get(level.lower(), logging.INFO) if isinstance(level, str)
+                              else level)
+        self.json_target = json_target
+        if json_target:
+            handler = _json_handler(json_target)
+            if handler not in self._logger.handlers:
+                self._logger.addHandler(handler)
+
+    def log(self, level: int, msg: str, **fields) -> dict | None:
+        """Mask, then write. Returns the masked record (message and fields) or None if filtered."""
+        if not self._logger.isEnabledFor(level):
+            return None
+        text = mask_text(str(msg))
+        masked = {k: mask_value(v, k) for k, v in fields.items()}
+        if self._logger.handlers:
+            self._logger.log(level, text, extra={'node': self.node_name, '_loom_masked': True,
+                                                 **{k: v for k, v in masked.items()
+                                                    if k not in _RESERVED}})
+        if self._ros is not None:
+            suffix = (' ' + json.dumps(masked, default=str, separators=(',', ':'))) if masked else ''
+            ros_log = {logging.DEBUG: self._ros.debug, logging.INFO: self._ros.info,
+                       logging.WARNING: self._ros.warning, logging.ERROR: self._ros.error,
+                       logging.CRITICAL: self._ros.fatal}.get(level, self._ros.info)
+            ros_log(text + suffix)
+        return {'msg': text, **masked}
+
+    def debug(self, msg: str, **fields):
+        return self.log(logging.DEBUG, msg, **fields)
+
+    def info(self, msg: str, **fields):
+        return self.log(logging.INFO, msg, **fields)
+
+    def warning(self, msg: str, **fields):
+        return self.log(logging.WARNING, msg, **fields)
+
+    warn = warning
+
+    def error(self, msg: str, **fields):
+        return self.log(logging.ERROR, msg, **fields)

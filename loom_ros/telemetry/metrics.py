@@ -1,0 +1,433 @@
+"""Metrics of a Loom node: counters with rates, gauges, and histograms with real percentiles,
+per node and per topic; process resource use; export on `loom/metrics` and to Prometheus.
+
+Histograms keep log-spaced buckets (the DDSketch scheme): bounded memory, O(1) record, and any
+quantile within a known relative error (1% by default) of the true sample value, never an average.
+Each histogram keeps two sketches: one for the current period (reset when the node publishes its
+metrics, so P50/P99/max describe the last period) and one since start (what Prometheus scrapes).
+
+The pure parts (Histogram, MetricsRegistry, BusMetrics, ResourceSampler, to_prometheus) need no
+rclpy; `MetricsPublisher` is the thin ROS shell.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from loom_ros.telemetry import tracing
+
+METRICS_TOPIC = 'loom/metrics'   # a plain ROS topic (loom_msgs/Metrics), not a Loom event topic
+
+COUNTER, GAUGE, HISTOGRAM = 0, 1, 2   # loom_msgs/MetricSample kinds
+
+
+class Sketch:
+    """Log-bucketed quantile sketch: relative error `precision` for values above `floor`."""
+
+    __slots__ = ('_gamma', '_inv_log_gamma', '_floor', 'buckets', 'zeros', 'count', 'sum',
+                 'min', 'max')
+
+    def __init__(self, precision: float = 0.01, floor: float = 1e-9):
+        if not 0.0 < precision < 1.0:
+            raise ValueError(f'histogram precision must be in (0, 1), got {precision!r}')
+        self._gamma = (1.0 + precision) / (1.0 - precision)
+        self._inv_log_gamma = 1.0 / math.log(self._gamma)
+        self._floor = floor
+        self.buckets: dict[int, int] = {}
+        self.zeros = 0     # values <= floor (reported as 0)
+        self.count = 0
+        self.sum = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        self.sum += value
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
+        if value <= self._floor:
+            self.zeros += 1
+        else:
+            index = math.ceil(math.log(value) * self._inv_log_gamma)
+            buckets = self.buckets
+            buckets[index] = buckets.get(index, 0) + 1
+
+    def quantile(self, q: float) -> float:
+        """The value of rank floor(q * (count - 1)) (numpy's method='lower'), within the relative
+        error; nan when empty. Results are clamped to the exact min and max."""
+        if not self.count:
+            return math.nan
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f'quantile must be in [0, 1], got {q!r}')
+        if q == 1.0:
+            return self.max
+        if q == 0.0:
+            return self.min
+        rank = int(q * (self.count - 1))
+        seen = self.zeros
+        if rank < seen:
+            return max(self.min, 0.0) if self.min <= self._floor else self.min
+        for index in sorted(self.buckets):
+            seen += self.buckets[index]
+            if seen > rank:
+                estimate = 2.0 * self._gamma ** index / (self._gamma + 1.0)
+                return min(max(estimate, self.min), self.max)
+        return self.max
+
+    def mean(self) -> float:
+        return self.sum / self.count if self.count else math.nan
+
+
+class Histogram:
+    """Thread-safe histogram: `record(value)`; `snapshot(reset_period=True)` for the period's
+    count/P50/P99/max; `total` is the sketch since start."""
+
+    def __init__(self, precision: float = 0.01):
+        self.precision = precision
+        self._lock = threading.Lock()
+        self.period = Sketch(precision)
+        self.total = Sketch(precision)
+
+    def record(self, value: float) -> None:
+        with self._lock:
+            self.period.add(value)
+            self.total.add(value)
+
+    def snapshot(self, reset_period: bool = True) -> dict:
+        with self._lock:
+            sketch = self.period
+            if reset_period:
+                self.period = Sketch(self.precision)
+        return summarize(sketch)
+
+
+def summarize(sketch: Sketch) -> dict:
+    return {'count': sketch.count, 'p50': sketch.quantile(0.5), 'p99': sketch.quantile(0.99),
+            'max': sketch.max if sketch.count else math.nan, 'mean': sketch.mean()}
+
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _labels(labels: dict) -> Labels:
+    return tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+
+
+@dataclass
+class Sample:
+    """One metric in a snapshot (the pure form of loom_msgs/MetricSample)."""
+
+    name: str
+    kind: int
+    labels: dict[str, str] = field(default_factory=dict)
+    value: float = 0.0        # counter: total since start; gauge: current value; histogram: mean
+    rate: float = 0.0         # counter: per second over the last period
+    count: int = 0            # histogram: samples in the last period
+    p50: float = math.nan
+    p99: float = math.nan
+    max: float = math.nan
+
+
+class MetricsRegistry:
+    """A node's metrics. Counters are totals (`inc`, or `set_total` for totals kept elsewhere,
+    such as the bus's counters); rates come from the difference between two snapshots."""
+
+    def __init__(self, node: str = ''):
+        self.node = node
+        self._lock = threading.Lock()
+        self._counters: dict[tuple[str, Labels], float] = {}
+        self._gauges: dict[tuple[str, Labels], float] = {}
+        self._histograms: dict[tuple[str, Labels], Histogram] = {}
+        self._prev_counters: dict[tuple[str, Labels], float] = {}
+        self._prev_time: float | None = None
+        self.collectors: list = []   # callables(registry) run before each snapshot
+        self._topic_cache: dict[tuple[str, str], Histogram] = {}
+
+    def inc(self, name: str, amount: float = 1.0, **labels) -> None:
+        key = (name, _labels(labels))
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0.0) + amount
+
+    def set_total(self, name: str, total: float, **labels) -> None:
+        with self._lock:
+            self._counters[(name, _labels(labels))] = float(total)
+
+    def set_gauge(self, name: str, value: float, **labels) -> None:
+        with self._lock:
+            self._gauges[(name, _labels(labels))] = float(value)
+
+    def histogram(self, name: str, precision: float = 0.01, **labels) -> Histogram:
+        key = (name, _labels(labels))
+        hist = self._histograms.get(key)
+        if hist is None:
+            with self._lock:
+                hist = self._histograms.setdefault(key, Histogram(precision))
+        return hist
+
+    def topic_histogram(self, name: str, topic: str) -> Histogram:
+        """histogram(name, topic=topic) through a cache: the bus calls this per delivery."""
+        key = (name, topic)
+        hist = self._topic_cache.get(key)
+        if hist is None:
+            hist = self._topic_cache[key] = self.histogram(name, topic=topic)
+        return hist
+
+    def counter(self, name: str, **labels) -> float:
+        return self._counters.get((name, _labels(labels)), 0.0)
+
+    def gauge(self, name: str, **labels) -> float:
+        return self._gauges.get((name, _labels(labels)), math.nan)
+
+    def collect(self) -> None:
+        for collector in list(self.collectors):
+            collector(self)
+
+    def snapshot(self, now: float | None = None, reset_period: bool = True) -> list[Sample]:
+        """Every metric now; counter rates over the time since the previous snapshot."""
+        self.collect()
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            elapsed = (now - self._prev_time) if self._prev_time is not None else 0.0
+            counters = dict(self._counters)
+            gauges = dict(self._gauges)
+            histograms = dict(self._histograms)
+            prev, self._prev_counters, self._prev_time = self._prev_counters, counters, now
+        samples = []
+        for (name, labels), total in sorted(counters.items()):
+            delta = total - prev.get((name, labels), 0.0)
+            rate = delta / elapsed if elapsed > 0 and delta >= 0 else 0.0
+            samples.append(Sample(name, COUNTER, dict(labels), total, rate))
+        for (name, labels), value in sorted(gauges.items()):
+            samples.append(Sample(name, GAUGE, dict(labels), value))
+        for (name, labels), hist in sorted(histograms.items()):
+            s = hist.snapshot(reset_period)
+            samples.append(Sample(name, HISTOGRAM, dict(labels), s['mean'], 0.0, s['count'],
+                                  s['p50'], s['p99'], s['max']))
+        return samples
+
+    def histograms(self) -> dict[tuple[str, Labels], Histogram]:
+        return dict(self._histograms)
+
+    def counters(self) -> dict[tuple[str, Labels], float]:
+        return dict(self._counters)
+
+    def gauges(self) -> dict[tuple[str, Labels], float]:
+        return dict(self._gauges)
+
+
+# -- sources -------------------------------------------------------------------------------------
+DROP_COUNTERS = ('dropped_oldest', 'overflow', 'lost')       # events that never reached a handler
+SHED_COUNTERS = ('sampled_out', 'rate_limited', 'folded')    # thinned on purpose by a policy
+
+
+class BusMetrics:
+    """Reads an EventBus's counters into a registry at snapshot time: nothing on the hot path.
+
+    events_published / events_received per topic, events_dropped / events_shed / queue_depth /
+    queue_capacity per subscription pattern, events_rejected per reason."""
+
+    def __init__(self, bus):
+        self.bus = bus
+
+    def __call__(self, registry: MetricsRegistry) -> None:
+        stats = self.bus.stats
+        for topic, n in list(stats.published.items()):
+            registry.set_total('events_published', n, topic=topic)
+        for topic, n in list(stats.received.items()):
+            registry.set_total('events_received', n, topic=topic)
+        for reason, n in list(stats.rejected.items()):
+            registry.set_total('events_rejected', n, reason=reason)
+        for sub in list(stats.subscriptions):
+            c = sub.counters
+            pattern = sub.pattern.text
+            registry.set_total('events_dropped', sum(getattr(c, k, 0) for k in DROP_COUNTERS),
+                               subscription=pattern)
+            registry.set_total('events_shed', sum(getattr(c, k, 0) for k in SHED_COUNTERS),
+                               subscription=pattern)
+            registry.set_total('events_delivered', getattr(c, 'delivered', 0),
+                               subscription=pattern)
+            if sub.queue is not None:
+                registry.set_gauge('queue_depth', len(sub.queue), subscription=pattern)
+                registry.set_gauge('queue_capacity', sub.policy.queue_size, subscription=pattern)
+
+
+def bus_drop_total(bus) -> int:
+    """Every event a bus lost or refused so far (what the drops-rising diagnostic watches)."""
+    stats = bus.stats
+    total = sum(stats.rejected.values())
+    for sub in list(stats.subscriptions):
+        total += sum(getattr(sub.counters, k, 0) for k in DROP_COUNTERS)
+    return total
+
+
+class ResourceSampler:
+    """Process CPU % (of one core, since the previous sample), RSS and threads, via psutil.
+    GPU: none measured (no GPU on the target machines); reported as absent, not as zero."""
+
+    def __init__(self, pid: int | None = None):
+        import psutil
+        self._process = psutil.Process(pid or os.getpid())
+        self._process.cpu_percent(None)   # primes the first interval
+
+    def __call__(self, registry: MetricsRegistry) -> None:
+        with self._process.oneshot():
+            registry.set_gauge('process_cpu_percent', self._process.cpu_percent(None))
+            registry.set_gauge('process_rss_bytes', self._process.memory_info().rss)
+            registry.set_gauge('process_threads', self._process.num_threads())
+
+
+# -- Prometheus ------------------------------------------------------------------------------------
+_PROM: dict = {}   # one HTTP server per process: 'registry', 'server', 'port', 'sources'
+
+
+def _prom_name(name: str) -> str:
+    return 'loom_' + ''.join(ch if ch.isalnum() else '_' for ch in name)
+
+
+def to_prometheus(registries: list[MetricsRegistry]):
+    """Prometheus metric families for the given registries (label `node` added). Histograms are
+    summaries (quantiles 0.5 / 0.99 / 1.0 since start, with _count and _sum)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+    from prometheus_client.samples import Sample as PromSample
+    families: dict[str, object] = {}
+
+    def family(kind, name, doc, labels):
+        key = (kind, name)
+        fam = families.get(key)
+        if fam is None:
+            fam = families[key] = kind(_prom_name(name), doc, labels=labels)
+        return fam
+
+    for reg in registries:
+        for (name, labels), total in sorted(reg.counters().items()):
+            keys = ['node', *(k for k, _ in labels)]
+            family(CounterMetricFamily, name, f'Loom counter {name}', keys).add_metric(
+                [reg.node, *(v for _, v in labels)], total)
+        for (name, labels), value in sorted(reg.gauges().items()):
+            keys = ['node', *(k for k, _ in labels)]
+            family(GaugeMetricFamily, name, f'Loom gauge {name}', keys).add_metric(
+                [reg.node, *(v for _, v in labels)], value)
+        for (name, labels), hist in sorted(reg.histograms().items()):
+            keys = ['node', *(k for k, _ in labels)]
+            values = [reg.node, *(v for _, v in labels)]
+            fam = family(SummaryMetricFamily, name, f'Loom histogram {name}', keys)
+            with hist._lock:
+                total = hist.total
+                quantiles = [(q, total.quantile(q)) for q in (0.5, 0.99, 1.0)]
+                count, total_sum = total.count, total.sum
+            fam.add_metric(values, count_value=count, sum_value=total_sum)
+            for q, v in quantiles:
+                fam.samples.append(PromSample(fam.name, dict(zip(keys, values), quantile=str(q)),
+                                              v, None))
+    return list(families.values())
+
+
+class _Collector:
+    def __init__(self, sources: list[MetricsRegistry]):
+        self.sources = sources
+
+    def collect(self):
+        for reg in list(self.sources):
+            reg.collect()
+        return to_prometheus(list(self.sources))
+
+
+def serve_prometheus(registry: MetricsRegistry, port: int, addr: str = '0.0.0.0') -> int:
+    """Expose `registry` (and every other registry served in this process) on
+    http://addr:port/metrics; one server per process, later registries join it. Returns the port."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    if not _PROM:
+        sources: list[MetricsRegistry] = []
+        prom_registry = CollectorRegistry(auto_describe=False)
+        prom_registry.register(_Collector(sources))
+        server, _thread = start_http_server(port, addr=addr, registry=prom_registry)
+        _PROM.update(registry=prom_registry, server=server, port=server.server_address[1],
+                     sources=sources)
+    elif port and port != _PROM['port']:
+        raise OSError(f'this process already serves Prometheus metrics on port {_PROM["port"]}; '
+                      f'cannot also serve on {port}')
+    if registry not in _PROM['sources']:
+        _PROM['sources'].append(registry)
+    return _PROM['port']
+
+
+def stop_serving(registry: MetricsRegistry) -> None:
+    if _PROM and registry in _PROM['sources']:
+        _PROM['sources'].remove(registry)
+        if not _PROM['sources']:
+            _PROM['server'].shutdown()
+            _PROM['server'].server_close()
+            _PROM.clear()
+
+
+# -- ROS shell -------------------------------------------------------------------------------------
+def to_msg(node_name: str, period_s: float, samples: list[Sample], stamp=None):
+    from loom_msgs.msg import KeyValue, MetricSample, Metrics
+    msg = Metrics()
+    if stamp is not None:
+        msg.header.stamp = stamp
+    msg.node = node_name
+    msg.period_s = float(period_s)
+    for s in samples:
+        msg.samples.append(MetricSample(
+            name=s.name, kind=s.kind, labels=[KeyValue(key=k, value=v) for k, v in s.labels.items()],
+            value=_finite(s.value), rate=_finite(s.rate), count=int(s.count), p50=_finite(s.p50),
+            p99=_finite(s.p99), max=_finite(s.max)))
+    return msg
+
+
+def from_msg(msg) -> list[Sample]:
+    return [Sample(s.name, s.kind, {kv.key: kv.value for kv in s.labels}, s.value, s.rate,
+                   s.count, s.p50, s.p99, s.max) for s in msg.samples]
+
+
+def _finite(value: float) -> float:
+    return float(value) if value is not None else math.nan
+
+
+class MetricsPublisher:
+    """Publishes a registry's snapshot on loom/metrics every `period_s`."""
+
+    def __init__(self, node, registry: MetricsRegistry, period_s: float):
+        from loom_msgs.msg import Metrics
+
+        from loom_ros.bus.qos import QosLevel, to_qos_profile
+        self.node = node
+        self.registry = registry
+        self.period_s = period_s
+        self.publisher = node.create_publisher(Metrics, METRICS_TOPIC,
+                                               to_qos_profile(QosLevel.REALTIME))
+        self.timer = node.create_timer(period_s, self.publish)
+
+    def publish(self) -> None:
+        samples = self.registry.snapshot()
+        self.publisher.publish(to_msg(self.node.get_fully_qualified_name(), self.period_s, samples,
+                                      self.node.get_clock().now().to_msg()))
+
+    def destroy(self) -> None:
+        self.node.destroy_timer(self.timer)
+        self.node.destroy_publisher(self.publisher)
+
+
+# -- the bus's delivery hook ---------------------------------------------------------------------
+def observed_call(sub, event, topic: str) -> None:
+    """Deliver one event to a bus subscription inside a HandleEvent span (when tracing is on) and
+    record the handler's latency and the event's age (when the bus has a registry). The bus calls
+    this instead of delivering directly only when one of the two is on."""
+    registry = sub._bus.metrics
+    start = time.perf_counter()
+    if tracing.ENABLED:
+        with tracing.handle_span(topic, event, sub.pattern.text):
+            sub._deliver(event, topic)
+    else:
+        sub._deliver(event, topic)
+    if registry is not None:
+        elapsed_ms = (time.perf_counter() - start) * 1000.0
+        registry.topic_histogram('handle_latency_ms', topic).record(elapsed_ms)
+        age_ms = time.time() * 1000.0 - event.timestamp_ms
+        registry.topic_histogram('event_age_ms', topic).record(age_ms if age_ms > 0 else 0.0)

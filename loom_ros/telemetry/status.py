@@ -1,0 +1,219 @@
+"""`loom status` (console script `loom_status`): a live terminal view of a running Loom system.
+
+Reads what the nodes already publish: loom/metrics (events/s per topic, latencies, queue depths,
+drops, CPU and memory per node), router/stats (routes taken, cloud spend) and /diagnostics
+(plugin health and every other check). Nothing runs inside the nodes for it.
+
+    loom_status                 # redraws every second until Ctrl-C
+    loom_status --once          # waits for the nodes' metrics, prints one table, exits
+    loom_status --duration 10   # plain text every --period seconds for 10 s (logs, tests)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections import defaultdict
+
+from loom_ros.telemetry.diagnostics import LEVEL_NAMES, level_of
+from loom_ros.telemetry.metrics import COUNTER, GAUGE, HISTOGRAM, METRICS_TOPIC, from_msg
+
+STALE_AFTER_S = 5.0
+
+
+class StatusView:
+    """What the terminal shows, built from messages; pure (render() needs no rclpy)."""
+
+    def __init__(self):
+        self.metrics: dict[str, tuple[float, float, list]] = {}   # node -> (received, period, samples)
+        self.router: dict | None = None
+        self.health: dict[str, tuple[int, str]] = {}            # status name -> (level, message)
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def on_metrics(self, msg, now: float | None = None) -> None:
+        self.metrics[msg.node] = (time.monotonic() if now is None else now, msg.period_s,
+                                  from_msg(msg))
+
+    def on_router_stats(self, msg) -> None:
+        self.router = {'decisions': msg.decisions, 'local': msg.local_rate, 'cloud': msg.cloud_rate,
+                       'hybrid': msg.hybrid_rate, 'fallback': msg.fallback_rate,
+                       'spend': msg.spend, 'limit': msg.budget_limit}
+
+    def on_diagnostics(self, msg) -> None:
+        for status in msg.status:
+            self.health[status.name] = (level_of(status), status.message)
+
+    # -- output -----------------------------------------------------------------------------------
+    def live_nodes(self, now: float | None = None) -> dict[str, list]:
+        now = time.monotonic() if now is None else now
+        return {node: samples for node, (seen, period, samples) in sorted(self.metrics.items())
+                if now - seen <= max(STALE_AFTER_S, 3 * period)}
+
+    def render(self, now: float | None = None) -> str:
+        nodes = self.live_nodes(now)
+        topics: dict[str, dict] = defaultdict(lambda: {'pub': 0.0, 'recv': 0.0, 'p50': math.nan,
+                                                       'p99': math.nan, 'max': math.nan, 'n': 0})
+        subs, procs = [], []
+        for node, samples in nodes.items():
+            by_sub: dict[str, dict] = defaultdict(dict)
+            proc = {}
+            for s in samples:
+                topic = s.labels.get('topic')
+                if s.kind == COUNTER and topic and s.name in ('events_published', 'events_received'):
+                    topics[topic]['pub' if s.name == 'events_published' else 'recv'] += s.rate
+                elif s.kind == HISTOGRAM and topic and s.name == 'handle_latency_ms' and s.count:
+                    row = topics[topic]
+                    row['n'] += s.count
+                    for key in ('p50', 'p99', 'max'):   # the worst node for each column
+                        value = getattr(s, key)
+                        row[key] = value if math.isnan(row[key]) else max(row[key], value)
+                elif 'subscription' in s.labels:
+                    entry = by_sub[s.labels['subscription']]
+                    if s.name == 'events_dropped':
+                        entry['dropped'], entry['drop_rate'] = s.value, s.rate
+                    elif s.name == 'queue_depth':
+                        entry['depth'] = s.value
+                    elif s.name == 'queue_capacity':
+                        entry['capacity'] = s.value
+                    elif s.name == 'events_delivered':
+                        entry['delivered_rate'] = s.rate
+                elif s.kind == GAUGE and s.name.startswith('process_'):
+                    proc[s.name] = s.value
+            for pattern, entry in sorted(by_sub.items()):
+                subs.append((node, pattern, entry))
+            procs.append((node, proc))
+
+        out = [f'Loom status: {len(nodes)} node(s) reporting on {METRICS_TOPIC}']
+        out.append('')
+        out.append(f'{"TOPIC":<34} {"PUB/s":>9} {"RECV/s":>9} {"P50 ms":>8} {"P99 ms":>8} '
+                   f'{"MAX ms":>8}')
+        for topic, row in sorted(topics.items()):
+            out.append(f'{topic:<34} {row["pub"]:>9.1f} {row["recv"]:>9.1f} {_ms(row["p50"])} '
+                       f'{_ms(row["p99"])} {_ms(row["max"])}')
+        if not topics:
+            out.append('(no events yet)')
+        out.append('')
+        out.append(f'{"SUBSCRIPTION":<26} {"NODE":<24} {"QUEUE":>11} {"DELIV/s":>9} {"DROPS":>8} '
+                   f'{"DROPS/s":>8}')
+        for node, pattern, e in subs:
+            queue = (f'{e.get("depth", 0):.0f}/{e["capacity"]:.0f}' if 'capacity' in e
+                     else 'inline')
+            out.append(f'{pattern:<26} {node:<24} {queue:>11} {e.get("delivered_rate", 0.0):>9.1f} '
+                       f'{e.get("dropped", 0):>8.0f} {e.get("drop_rate", 0.0):>8.1f}')
+        out.append('')
+        out.append(f'{"NODE":<34} {"CPU %":>7} {"RSS MB":>8} {"THREADS":>8}')
+        for node, proc in procs:
+            out.append(f'{node:<34} {proc.get("process_cpu_percent", math.nan):>7.1f} '
+                       f'{proc.get("process_rss_bytes", math.nan) / 2**20:>8.1f} '
+                       f'{proc.get("process_threads", 0):>8.0f}')
+        out.append('')
+        if self.router is not None:
+            r = self.router
+            out.append(f'ROUTES  {r["decisions"]} decisions: local {r["local"]:.0%}  cloud '
+                       f'{r["cloud"]:.0%}  hybrid {r["hybrid"]:.0%}  fallback {r["fallback"]:.0%}  '
+                       f'| cloud spend {r["spend"]:.4f} of {r["limit"]:.4f}')
+        else:
+            out.append('ROUTES  (no router/stats)')
+        out.append('')
+        out.append('HEALTH (/diagnostics)')
+        if not self.health:
+            out.append('  (no reports yet)')
+        for name, (level, message) in sorted(self.health.items(), key=lambda kv: (-kv[1][0], kv[0])):
+            out.append(f'  {LEVEL_NAMES.get(level, str(level)):<6} {name}: {message}')
+        return '\n'.join(out)
+
+
+def _ms(value: float) -> str:
+    return f'{"-":>8}' if value is None or math.isnan(value) else f'{value:>8.3f}'
+
+
+def main(argv: list[str] | None = None) -> int:
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+    from rclpy.utilities import remove_ros_args
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog='loom_status', description=__doc__.splitlines()[0])
+    parser.add_argument('--once', action='store_true',
+                        help='print one table once the nodes have reported, then exit')
+    parser.add_argument('--duration', type=float, default=0.0,
+                        help='print plain text every --period seconds for this long, then exit')
+    parser.add_argument('--period', type=float, default=1.0, help='seconds between redraws')
+    parser.add_argument('--timeout', type=float, default=30.0,
+                        help='--once: give up (exit 1) when no metrics arrive in this long')
+    parser.add_argument('--settle', type=float, default=1.5,
+                        help='--once: after the first metrics, wait this long for other nodes')
+    parser.add_argument('--require-topic', action='append', default=[],
+                        help='--once: also wait until this Loom topic shows up (repeatable)')
+    args = parser.parse_args(remove_ros_args(['loom_status', *argv])[1:])
+
+    rclpy.init(args=['loom_status', *argv], signal_handler_options=SignalHandlerOptions.NO)
+    from diagnostic_msgs.msg import DiagnosticArray
+    from loom_msgs.msg import Metrics, RouterStats
+    from rclpy.node import Node
+
+    from loom_ros.bus.executor import make_executor
+    from loom_ros.bus.qos import QosLevel, to_qos_profile
+    node = Node('loom_status')
+    view = StatusView()
+    realtime = to_qos_profile(QosLevel.REALTIME)
+    node.create_subscription(Metrics, METRICS_TOPIC, view.on_metrics, realtime)
+    node.create_subscription(RouterStats, 'router/stats', view.on_router_stats, realtime)
+    node.create_subscription(DiagnosticArray, '/diagnostics', view.on_diagnostics, 10)
+    executor = make_executor()
+    executor.add_node(node)
+    code = 0
+    try:
+        if args.once:
+            code = _once(view, executor, args)
+        else:
+            live = args.duration <= 0 and sys.stdout.isatty()
+            end = time.monotonic() + args.duration if args.duration > 0 else math.inf
+            next_draw = time.monotonic() + args.period
+            while time.monotonic() < end:
+                executor.spin_once(timeout_sec=0.05)
+                if time.monotonic() >= next_draw:
+                    next_draw += args.period
+                    text = view.render()
+                    if live:
+                        sys.stdout.write('\x1b[H\x1b[2J' + text + '\n')
+                    else:
+                        sys.stdout.write(text + '\n\n')
+                    sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return code
+
+
+def _once(view: StatusView, executor, args) -> int:
+    deadline = time.monotonic() + args.timeout
+    first = None
+
+    def topics_seen() -> set[str]:
+        return {s.labels.get('topic') for samples in view.live_nodes().values() for s in samples}
+
+    while time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.05)
+        if first is None and view.metrics:
+            first = time.monotonic()
+        if (first is not None and time.monotonic() - first >= args.settle
+                and set(args.require_topic) <= topics_seen()):
+            print(view.render(), flush=True)
+            return 0
+    if first is not None:
+        print(view.render(), flush=True)
+        missing = sorted(set(args.require_topic) - topics_seen())
+        print(f'loom_status: topics not seen within {args.timeout:g} s: {", ".join(missing)}',
+              file=sys.stderr)
+        return 1
+    print(f'loom_status: no metrics on {METRICS_TOPIC} within {args.timeout:g} s: is a Loom node '
+          'running in this ROS domain (and telemetry.metrics.period_s > 0)?', file=sys.stderr)
+    return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

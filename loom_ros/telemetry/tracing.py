@@ -1,0 +1,296 @@
+"""OpenTelemetry tracing for Loom: one trace follows an event across nodes and processes.
+
+The W3C trace context (`traceparent`, `tracestate`) travels inside the Event's metadata, so it
+crosses DDS, batching and the Zenoh bridge with the event itself. The bus opens a PublishEvent span
+on publish and a HandleEvent span around each subscriber callback; the router adds RouteDecision,
+and agents and plugins add LocalInference / CloudRequest with `tracing.span(...)`.
+
+Tracing is process-wide and off until `configure()` picks an exporter:
+- `file`: spans as JSON lines (one object per span) written as each span ends;
+- `otlp`: OTLP/HTTP to a collector (batched in a background thread);
+- `none`: off. The bus then pays one module-attribute test per publish and per delivery.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+TRACEPARENT = 'traceparent'
+TRACESTATE = 'tracestate'
+
+PUBLISH_EVENT = 'PublishEvent'
+HANDLE_EVENT = 'HandleEvent'
+ROUTE_DECISION = 'RouteDecision'
+LOCAL_INFERENCE = 'LocalInference'
+CLOUD_REQUEST = 'CloudRequest'
+
+EXPORTERS = ('none', 'file', 'otlp')
+
+# Read by the bus on every publish and delivery: keep it a plain module attribute.
+ENABLED = False
+
+_STATE: dict = {}  # 'tracer', 'provider', 'propagator', 'config' while enabled
+_LOCK = threading.Lock()
+
+
+class TracingConfigError(ValueError):
+    """A tracing configuration that cannot be used; says which key and why."""
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    exporter: str = 'none'
+    file: str = ''
+    otlp_endpoint: str = 'http://127.0.0.1:4318/v1/traces'
+    sample_ratio: float = 1.0
+    service_name: str = 'loom'
+
+    def check(self) -> 'TracingConfig':
+        if self.exporter not in EXPORTERS:
+            raise TracingConfigError(f'telemetry.tracing.exporter: {self.exporter!r} is not one of '
+                                     f'{", ".join(EXPORTERS)}')
+        if not 0.0 <= float(self.sample_ratio) <= 1.0:
+            raise TracingConfigError(f'telemetry.tracing.sample_ratio: {self.sample_ratio!r} is '
+                                     'not in [0, 1]')
+        if self.exporter == 'file' and not self.file:
+            raise TracingConfigError('telemetry.tracing.file: the file exporter needs a path')
+        if self.exporter == 'otlp' and not self.otlp_endpoint:
+            raise TracingConfigError('telemetry.tracing.otlp_endpoint: the otlp exporter needs '
+                                     'an endpoint (e.g. http://collector:4318/v1/traces)')
+        return self
+
+
+def _hex(value: int, width: int) -> str:
+    return format(value, f'0{width}x')
+
+
+def span_record(span) -> dict:
+    """A finished span as a flat JSON-friendly dict (ids in W3C hex form)."""
+    ctx = span.get_span_context()
+    parent = span.parent
+    return {
+        'name': span.name,
+        'trace_id': _hex(ctx.trace_id, 32),
+        'span_id': _hex(ctx.span_id, 16),
+        'parent_span_id': _hex(parent.span_id, 16) if parent is not None else '',
+        'kind': span.kind.name,
+        'start_ns': span.start_time,
+        'end_ns': span.end_time,
+        'status': span.status.status_code.name,
+        'service': span.resource.attributes.get('service.name', ''),
+        'pid': os.getpid(),
+        'attributes': {k: (v if isinstance(v, (str, int, float, bool)) else str(v))
+                       for k, v in (span.attributes or {}).items()},
+        'events': [{'name': e.name, 'ts_ns': e.timestamp} for e in span.events],
+    }
+
+
+def _make_file_exporter(path: str):
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    class JsonLinesSpanExporter(SpanExporter):
+        """Appends each finished span to a file as one JSON line (readable with jq, or by tests)."""
+
+        def __init__(self, path: str):
+            directory = os.path.dirname(os.path.abspath(path))
+            os.makedirs(directory, exist_ok=True)
+            self.path = path
+            self._lock = threading.Lock()
+            self._stream = open(path, 'a', encoding='utf-8', buffering=1)
+
+        def export(self, spans):
+            lines = ''.join(json.dumps(span_record(s), separators=(',', ':')) + '\n' for s in spans)
+            with self._lock:
+                if self._stream.closed:
+                    return SpanExportResult.FAILURE
+                self._stream.write(lines)
+            return SpanExportResult.SUCCESS
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            with self._lock:
+                if not self._stream.closed:
+                    self._stream.flush()
+            return True
+
+        def shutdown(self) -> None:
+            with self._lock:
+                self._stream.close()
+
+    return JsonLinesSpanExporter(path)
+
+
+def configure(config: TracingConfig) -> bool:
+    """Set up (or replace) the process's tracer; returns whether tracing is now on."""
+    global ENABLED
+    config.check()
+    with _LOCK:
+        _shutdown_locked()
+        if config.exporter == 'none':
+            return False
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        provider = TracerProvider(
+            resource=Resource.create({'service.name': config.service_name,
+                                      'process.pid': os.getpid()}),
+            sampler=ParentBased(TraceIdRatioBased(float(config.sample_ratio))))
+        if config.exporter == 'file':
+            # Simple (synchronous) processor: a span is on disk when it ends, so a killed
+            # process loses nothing and tests read the files without waiting for a flush.
+            provider.add_span_processor(SimpleSpanProcessor(_make_file_exporter(config.file)))
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            provider.add_span_processor(BatchSpanProcessor(
+                OTLPSpanExporter(endpoint=config.otlp_endpoint)))
+        _STATE.update(provider=provider, config=config,
+                      tracer=provider.get_tracer('loom_ros'),
+                      propagator=TraceContextTextMapPropagator())
+        ENABLED = True
+        return True
+
+
+def shutdown() -> None:
+    """Flush and stop the exporter; tracing is off afterwards."""
+    with _LOCK:
+        _shutdown_locked()
+
+
+def _shutdown_locked() -> None:
+    global ENABLED
+    ENABLED = False
+    provider = _STATE.pop('provider', None)
+    _STATE.clear()
+    if provider is not None:
+        provider.shutdown()
+
+
+def config_from_params(values: dict, service_name: str) -> TracingConfig:
+    return TracingConfig(exporter=str(values['telemetry.tracing.exporter']),
+                         file=os.path.expanduser(str(values['telemetry.tracing.file'])),
+                         otlp_endpoint=str(values['telemetry.tracing.otlp_endpoint']),
+                         sample_ratio=float(values['telemetry.tracing.sample_ratio']),
+                         service_name=service_name).check()
+
+
+# -- trace context in events -------------------------------------------------------------------
+def inject(event, context=None) -> None:
+    """Write the current (or given) span context into event.metadata as W3C traceparent."""
+    if ENABLED:
+        _STATE['propagator'].inject(event.metadata, context=context)
+
+
+def extract(event):
+    """The OTel Context carried by an event's metadata (empty Context when it carries none)."""
+    from opentelemetry.context import Context
+    if not ENABLED or TRACEPARENT not in event.metadata:
+        return Context()
+    return _STATE['propagator'].extract(event.metadata)
+
+
+def _parent_for(event):
+    """A span's parent: the active span when there is one (an agent republishing inside its
+    HandleEvent), else the context the event carries, else none (a new trace)."""
+    from opentelemetry import trace
+    current = trace.get_current_span()
+    if current.get_span_context().is_valid:
+        return None  # the SDK then takes the current context
+    if event is not None and TRACEPARENT in event.metadata:
+        return _STATE['propagator'].extract(event.metadata)
+    return None
+
+
+class _NoSpan:
+    """What span() yields when tracing is off: accepts the calls a span accepts, does nothing."""
+
+    def set_attribute(self, *_args) -> None:
+        pass
+
+    def set_attributes(self, *_args) -> None:
+        pass
+
+    def add_event(self, *_args, **_kw) -> None:
+        pass
+
+    def record_exception(self, *_args, **_kw) -> None:
+        pass
+
+    def is_recording(self) -> bool:
+        return False
+
+
+NO_SPAN = _NoSpan()
+
+
+@contextmanager
+def span(name: str, event=None, attributes: dict | None = None, kind: str = 'INTERNAL'):
+    """A span made current for the block, child of the active span or of `event`'s trace context.
+
+    With tracing off this yields NO_SPAN and costs a generator frame. Exceptions are recorded on
+    the span and re-raised."""
+    if not ENABLED:
+        yield NO_SPAN
+        return
+    from opentelemetry.trace import SpanKind
+    tracer = _STATE['tracer']
+    with tracer.start_as_current_span(name, context=_parent_for(event), kind=SpanKind[kind],
+                                      attributes=attributes) as current:
+        yield current
+
+
+def start_publish_span(topic: str, event):
+    """Called by the bus (only when ENABLED): open PublishEvent and write its context into the
+    event before it is delivered or serialized. The caller ends the returned span."""
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+    current = _STATE['tracer'].start_span(
+        PUBLISH_EVENT, context=_parent_for(event), kind=SpanKind.PRODUCER,
+        attributes={'loom.topic': topic, 'loom.event.id': event.id,
+                    'loom.event.type': event.type})
+    _STATE['propagator'].inject(event.metadata, context=trace.set_span_in_context(current))
+    return current
+
+
+@contextmanager
+def handle_span(topic: str, event, subscription: str):
+    """Called by the bus (only when ENABLED) around a subscriber callback: HandleEvent, child of
+    the event's PublishEvent, made current so publishes inside the callback continue the trace."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+    parent = (_STATE['propagator'].extract(event.metadata) if TRACEPARENT in event.metadata
+              else None)
+    current = _STATE['tracer'].start_span(
+        HANDLE_EVENT, context=parent, kind=SpanKind.CONSUMER,
+        attributes={'loom.topic': topic, 'loom.event.id': event.id,
+                    'loom.event.type': event.type, 'loom.subscription': subscription})
+    token = otel_context.attach(trace.set_span_in_context(current, parent))
+    try:
+        yield current
+    except BaseException as exc:
+        current.record_exception(exc)
+        from opentelemetry.trace import Status, StatusCode
+        current.set_status(Status(StatusCode.ERROR, repr(exc)))
+        raise
+    finally:
+        otel_context.detach(token)
+        current.end()
+
+
+def read_spans(path: str) -> list[dict]:
+    """Spans written by the file exporter (a partly written last line is skipped)."""
+    spans = []
+    try:
+        with open(path, encoding='utf-8') as stream:
+            for line in stream:
+                try:
+                    spans.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return spans
