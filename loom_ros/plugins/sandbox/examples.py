@@ -12,8 +12,8 @@ import threading
 import time
 
 from loom_ros.bus.event import Event
-from loom_ros.plugins.contract import (HealthStatus, Plugin, PluginContext, PluginError,
-                                       PluginMetadata, PluginResponse, PluginType)
+from loom_ros.plugins.contract import (Capability, HealthStatus, Plugin, PluginContext,
+                                       PluginError, PluginMetadata, PluginResponse, PluginType)
 
 
 class UpperPlugin(Plugin):
@@ -39,6 +39,7 @@ class FaultyPlugin(UpperPlugin):
     fault.hang   never answers                       fault.raise  raises RuntimeError
     fault.hog    allocates memory until it runs out  fault.spin   burns CPU until stopped
     fault.pid    answers its process id (`fault.pid` event, payload = pid)
+    fault.network  asks for the network capability (refused and audited unless granted)
     Config `fail_init: true` makes init raise PluginError.
     """
 
@@ -68,6 +69,9 @@ class FaultyPlugin(UpperPlugin):
         if kind == 'fault.spin':
             while True:
                 time.process_time()
+        if kind == 'fault.network':
+            self.ctx.require(Capability.NETWORK, 'example asked for it')
+            return PluginResponse()
         if kind == 'fault.pid':
             return PluginResponse(events=[Event(type='fault.pid', source=self.metadata.name,
                                                 payload=str(os.getpid()).encode())])

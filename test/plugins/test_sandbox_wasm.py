@@ -1,0 +1,186 @@
+"""WASM plugins in real wasmtime: the example modules in test/plugins/wasm/ answer, run out of fuel,
+hit their memory limit and get no file system unless granted, and the host process carries on."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from loom_ros.bus.event import Event
+from loom_ros.plugins.contract import (HealthState, Plugin, PluginContext, PluginError,
+                                       PluginMetadata)
+from loom_ros.plugins.sandbox import sandboxed_plugin
+from loom_ros.plugins.sandbox.wasm import WasmPlugin
+
+WASM = Path(__file__).parent / 'wasm'
+META = {'name': 'wasm_example', 'type': 'tool'}
+
+
+def started(module: str, ctx: PluginContext | None = None, **options) -> WasmPlugin:
+    plugin = WasmPlugin(WASM / module, options.pop('metadata', META), **options)
+    plugin.init(ctx or PluginContext(plugin=plugin.metadata.name))
+    return plugin
+
+
+def text(payload: str) -> Event:
+    return Event(type='text.in', payload=payload.encode())
+
+
+def test_upper_answers_with_metadata_from_its_sidecar():
+    plugin = WasmPlugin(WASM / 'upper.wat')
+    assert isinstance(plugin, Plugin)
+    assert plugin.metadata == PluginMetadata(
+        name='wasm_upper', type='feature_extractor', reads=('text.in',), writes=('text.upper',),
+        description='Upper-cases a text payload (example WASM plugin used by tests and the '
+                    'benchmark).')
+    plugin.init(PluginContext(plugin='wasm_upper'))
+    response = plugin.handle_event(text('hello, "robot" \\ é'))
+    assert response.ok, response.error
+    [out] = response.events
+    assert (out.type, out.source, out.payload.decode()) == ('text.upper', 'wasm_upper',
+                                                            'HELLO, "ROBOT" \\ é')
+    assert response.latency_ms > 0
+    assert plugin.health().state is HealthState.OK
+    assert int(plugin.health().details['last_fuel_used']) > 0
+    plugin.shutdown()
+
+
+def test_the_module_answers_a_failure_for_a_binary_payload():
+    plugin = started('upper.wat', metadata=None)
+    response = plugin.handle_event(Event(type='text.in', payload=b'\xff\xfe'))
+    assert not response.ok and response.error == 'no text payload'
+    assert plugin.health().state is HealthState.OK  # the module said no; nothing trapped
+
+
+def test_infinite_loop_runs_out_of_fuel_then_the_plugin_fails_and_refuses_calls():
+    audit: list[dict] = []
+    plugin = started('spin.wat', PluginContext(plugin='spin', audit_sink=audit.append),
+                     fuel_per_call=1_000_000, max_restarts=1)
+    first = plugin.handle_event(text('go'))
+    assert not first.ok and 'ran out of fuel' in first.error and '1000000' in first.error
+    health = plugin.health()
+    assert health.state is HealthState.DEGRADED and health.details['traps'] == '1'
+    second = plugin.handle_event(text('go'))  # a fresh instance, the same runaway loop
+    assert not second.ok and 'ran out of fuel' in second.error
+    health = plugin.health()
+    assert health.state is HealthState.FAILED and '2 traps in a row' in health.message
+    assert health.details['restarts'] == '1'
+    refused = plugin.handle_event(text('go'))
+    assert not refused.ok and 'is failed and refuses calls' in refused.error
+    assert [r['kind'] for r in audit] == ['wasm_trap', 'wasm_trap']
+    assert audit[-1]['failed'] is True
+    assert os.getpid() > 0  # still here: the trap never left wasmtime
+
+
+def test_after_a_trap_the_next_call_runs_on_a_fresh_instance():
+    # upper.wat scans its input byte by byte: a big payload costs more fuel than the budget
+    plugin = started('upper.wat', metadata=None, fuel_per_call=200_000, max_restarts=3)
+    big = plugin.handle_event(text('a' * 100_000))
+    assert not big.ok and 'ran out of fuel' in big.error
+    assert plugin.health().state is HealthState.DEGRADED
+    small = plugin.handle_event(text('small'))
+    assert small.ok and small.events[0].payload == b'SMALL'
+    health = plugin.health()
+    assert health.state is HealthState.OK
+    assert (health.details['traps'], health.details['restarts']) == ('1', '1')
+
+
+def test_memory_grower_traps_at_the_memory_limit():
+    plugin = started('grow.wat', memory_limit_bytes=1 << 20, max_restarts=0)
+    response = plugin.handle_event(text('grow'))
+    assert not response.ok
+    assert 'memory limit of 1048576 bytes' in response.error and 'unreachable' in response.error
+    assert plugin.health().state is HealthState.FAILED
+
+
+def test_input_bigger_than_the_memory_limit_is_refused_clearly():
+    plugin = started('upper.wat', metadata=None, memory_limit_bytes=256 * 1024)
+    response = plugin.handle_event(text('x' * 200_000))
+    assert not response.ok and 'could not take an input' in response.error
+    assert plugin.handle_event(text('ok')).ok  # not a trap: the same instance keeps working
+
+
+def test_wasi_module_does_not_instantiate_without_a_grant():
+    plugin = WasmPlugin(WASM / 'wasi_read.wat', META)
+    with pytest.raises(PluginError, match='imports WASI .* not granted'):
+        plugin.init(PluginContext(plugin='wasm_example'))
+
+
+def wasi_errno(plugin: WasmPlugin) -> int:
+    response = plugin.handle_event(text('open'))
+    assert response.ok, response.error
+    return int(response.events[0].payload)
+
+
+def test_wasi_without_a_storage_grant_has_no_preopened_directory(tmp_path):
+    (tmp_path / 'note.txt').write_text('secret')
+    ctx = PluginContext(plugin='wasm_example', data_dir=str(tmp_path))
+    assert wasi_errno(started('wasi_read.wat', ctx, wasi=True)) == 8  # EBADF: no fd 3
+
+
+def test_wasi_with_storage_read_sees_only_its_data_dir(tmp_path):
+    (tmp_path / 'note.txt').write_text('hello')
+    audit: list[dict] = []
+    ctx = PluginContext(plugin='wasm_example', data_dir=str(tmp_path),
+                        granted=frozenset({'storage.read'}), audit_sink=audit.append)
+    assert wasi_errno(started('wasi_read.wat', ctx, wasi=True)) == 0
+    assert audit[0]['kind'] == 'wasm_preopen' and audit[0]['writable'] is False
+    (tmp_path / 'note.txt').unlink()
+    assert wasi_errno(started('wasi_read.wat', ctx, wasi=True)) == 44  # ENOENT
+
+
+@pytest.mark.parametrize('wat, message', [
+    ('(module (memory (export "memory") 1))', 'does not follow the Loom WASM ABI'),
+    ('(module (memory (export "memory") 1) (func (export "alloc") (param i32) (result i32) '
+     'i32.const 8) (func (export "handle") (param i32 i32) (result i64) i64.const 1))',
+     None),
+    ('(module nonsense', 'not a valid WASM module'),
+])
+def test_bad_modules_are_refused_at_load_or_answer_a_clear_failure(tmp_path, wat, message):
+    path = tmp_path / 'bad.wat'
+    path.write_text(wat)
+    if message:
+        with pytest.raises(PluginError, match=message):
+            WasmPlugin(path, META)
+        return
+    plugin = WasmPlugin(path, META)  # answers (ptr 0, len 1): one byte that is not JSON
+    plugin.init(PluginContext(plugin='wasm_example'))
+    response = plugin.handle_event(text('x'))
+    assert not response.ok and 'not JSON' in response.error
+
+
+def answering(tmp_path, packed: str) -> WasmPlugin:
+    """A module whose handle() always returns `packed`; its memory starts with a bad answer."""
+    path = tmp_path / 'liar.wat'
+    path.write_text('(module (memory (export "memory") 1) (data (i32.const 0) "{\\"events\\":[{}]}")'
+                    ' (func (export "alloc") (param i32) (result i32) i32.const 1024)'
+                    f' (func (export "handle") (param i32 i32) (result i64) i64.const {packed}))')
+    plugin = WasmPlugin(path, META)
+    plugin.init(PluginContext(plugin='wasm_example'))
+    return plugin
+
+
+def test_answers_outside_memory_or_malformed_are_failures(tmp_path):
+    outside = answering(tmp_path, '0x7fff000000000010').handle_event(text('x'))
+    assert not outside.ok and 'outside its memory' in outside.error
+    malformed = answering(tmp_path, '15').handle_event(text('x'))  # {"events":[{}]}
+    assert not malformed.ok
+    assert 'malformed answer' in malformed.error and 'no type' in malformed.error
+
+
+def test_missing_metadata_and_module_are_clear_errors(tmp_path):
+    (tmp_path / 'anon.wat').write_text((WASM / 'spin.wat').read_text())
+    with pytest.raises(PluginError, match='no plugin metadata; write anon.yaml'):
+        WasmPlugin(tmp_path / 'anon.wat')
+    with pytest.raises(PluginError, match='not found'):
+        WasmPlugin(tmp_path / 'missing.wasm', META)
+    with pytest.raises(PluginError, match='bad metadata'):
+        WasmPlugin(tmp_path / 'anon.wat', {'name': 'x'})
+
+
+def test_the_sandbox_seam_builds_a_wasm_plugin():
+    plugin = sandboxed_plugin('wasm', str(WASM / 'upper.wat'), {'fuel_per_call': 10_000_000})
+    assert isinstance(plugin, WasmPlugin) and plugin.fuel_per_call == 10_000_000
+    with pytest.raises(PluginError, match='unknown sandbox mode'):
+        sandboxed_plugin('docker', 'x')
