@@ -40,6 +40,8 @@ setup(
             'expression = loom_ros.plugins.perception.plugins:ExpressionPlugin',
             'face_expression = loom_ros.plugins.perception.plugins:FaceExpressionPlugin',
             'embedding = loom_ros.plugins.perception.plugins:EmbeddingPlugin',
+            'asr = loom_ros.plugins.speech.plugins:AsrPlugin',
+            'tts = loom_ros.plugins.speech.plugins:TtsPlugin',
         ],
     },
 )
