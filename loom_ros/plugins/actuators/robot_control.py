@@ -42,7 +42,7 @@ class RobotControlPlugin(Plugin):
         self.config: RobotControlConfig | None = None
         self.limiter: MotionLimiter | None = None
         self.stats = {'commands': 0, 'clamped': 0, 'refused_estop': 0, 'bad_input': 0,
-                      'published': 0, 'stops': 0}
+                      'published': 0, 'stops': 0, 'ticks': 0}
         self.last_sent: Velocity | None = None
         self._lock = threading.Lock()
         self._pub = self._estop_sub = self._timer = None
@@ -143,6 +143,7 @@ class RobotControlPlugin(Plugin):
     # -- ROS callbacks --------------------------------------------------------------------
     def _on_tick(self) -> None:
         with self._lock:
+            self.stats['ticks'] += 1
             self._send(self.limiter.step(), audit=True)
 
     def _on_estop(self, msg) -> None:
