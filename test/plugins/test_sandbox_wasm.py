@@ -184,3 +184,38 @@ def test_the_sandbox_seam_builds_a_wasm_plugin():
     assert isinstance(plugin, WasmPlugin) and plugin.fuel_per_call == 10_000_000
     with pytest.raises(PluginError, match='unknown sandbox mode'):
         sandboxed_plugin('docker', 'x')
+    with pytest.raises(PluginError, match='unknown wasm sandbox option.* fuel; known: metadata, '
+                                          'fuel_per_call'):
+        sandboxed_plugin('wasm', str(WASM / 'upper.wat'), {'fuel': 1})
+
+
+CREATE_WAT = '''(module
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "new.txt")
+  (data (i32.const 16) "{\\"events\\":[{\\"type\\":\\"wasi.errno\\",\\"payload\\":\\"")
+  (func (export "alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "handle") (param i32 i32) (result i64)
+    (local $errno i32)
+    ;; path_open(fd 3, "new.txt", O_CREAT, rights fd_write): creates a file in /data
+    (local.set $errno (call $open (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 7)
+                        (i32.const 1) (i64.const 64) (i64.const 0) (i32.const 0) (i32.const 512)))
+    (i32.store8 (i32.const 59) (i32.add (i32.const 48) (i32.div_u (local.get $errno) (i32.const 10))))
+    (i32.store8 (i32.const 60) (i32.add (i32.const 48) (i32.rem_u (local.get $errno) (i32.const 10))))
+    (i32.store (i32.const 61) (i32.const 0x7d5d7d22))  ;; "}]} in little-endian order
+    (i64.const 0x1000000031)))'''  # answer at 16, 49 bytes
+
+
+@pytest.mark.parametrize('grant, errno, created', [('storage.read', 63, False),  # EPERM
+                                                   ('storage.write', 0, True)])
+def test_storage_read_preopens_read_only_and_storage_write_writable(tmp_path, grant, errno,
+                                                                    created):
+    (tmp_path / 'create.wat').write_text(CREATE_WAT)
+    data = tmp_path / 'data'
+    data.mkdir()
+    plugin = WasmPlugin(tmp_path / 'create.wat', META, wasi=True)
+    plugin.init(PluginContext(plugin='wasm_example', data_dir=str(data),
+                              granted=frozenset({grant})))
+    assert wasi_errno(plugin) == errno
+    assert (data / 'new.txt').exists() is created

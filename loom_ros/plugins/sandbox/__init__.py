@@ -7,6 +7,7 @@ path, mode `subprocess` an entry point name or `module:Class`.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from loom_ros.plugins.contract import Plugin, PluginError
@@ -18,9 +19,15 @@ def sandboxed_plugin(mode: str, target: str, options: dict[str, Any] | None = No
     """A proxy plugin for `target` run in sandbox `mode`, with limits from `options`."""
     options = dict(options or {})
     if mode == 'wasm':
-        from loom_ros.plugins.sandbox.wasm import WasmPlugin
-        return WasmPlugin(target, **options)
-    if mode == 'subprocess':
-        from loom_ros.plugins.sandbox.subprocess import SubprocessPlugin
-        return SubprocessPlugin(target, **options)
-    raise PluginError(f'unknown sandbox mode {mode!r}; use one of {", ".join(SANDBOX_MODES)}')
+        from loom_ros.plugins.sandbox.wasm import WasmPlugin as proxy
+    elif mode == 'subprocess':
+        from loom_ros.plugins.sandbox.subprocess import SubprocessPlugin as proxy
+    else:
+        raise PluginError(f'unknown sandbox mode {mode!r}; use one of {", ".join(SANDBOX_MODES)}')
+    known = [name for name in inspect.signature(proxy.__init__).parameters
+             if name not in ('self', 'module', 'target')]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise PluginError(f'{target}: unknown {mode} sandbox option(s) {", ".join(unknown)}; '
+                          f'known: {", ".join(known)}')
+    return proxy(target, **options)

@@ -172,7 +172,11 @@ class WasmPlugin(Plugin):
         if ctx is not None and ctx.data_dir:
             write = Capability.STORAGE_WRITE.value in ctx.granted
             if write or Capability.STORAGE_READ.value in ctx.granted:
-                config.preopen_dir(ctx.data_dir, WASI_GUEST_DIR, write)
+                try:
+                    config.preopen_dir(ctx.data_dir, WASI_GUEST_DIR, write)
+                except wasmtime.WasmtimeError as exc:
+                    raise PluginError(f'{self.module_path.name}: cannot open its data dir '
+                                      f'{ctx.data_dir} for WASI: {exc}') from None
                 ctx.audit('wasm_preopen', dir=ctx.data_dir, guest=WASI_GUEST_DIR, writable=write)
         return config
 
