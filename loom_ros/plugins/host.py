@@ -1,0 +1,429 @@
+"""The plugin host's core (no rclpy): load plugins by name from a plugins file, give each its
+context (capability grants, audit sink, data folder, same-process plugins), and run
+Init / HandleEvent / Health / Shutdown with error isolation.
+
+One plugin's failure never reaches another: a plugin failing Init is marked failed and the others
+start; a plugin raising in handle_event becomes PluginResponse.failure (counted); a capability
+refusal is audited and counted. The ROS shell (host_node.py) maps this onto lifecycle
+transitions, services and bus subscriptions.
+
+Plugins are named in config by entry point (group `loom.plugins`) or as `module:Class`. A plugin's
+`mode` picks where it runs: `in_process` (guarded by loom_ros.security.capabilities), or a
+sandbox (`subprocess`, `wasm`) through loom_ros.plugins.sandbox.sandboxed_plugin, which returns a
+proxy with the same contract.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from loom_ros.bus.event import Event, EventRejected, Privacy
+from loom_ros.bus.names import TopicNameError, TopicPattern, validate_topic
+from loom_ros.plugins.contract import (
+    CapabilityDenied, HealthState, HealthStatus, Plugin, PluginContext, PluginError,
+    PluginMetadata, PluginNotFound, PluginResponse, PluginType, load_plugin_class,
+)
+from loom_ros.security.capabilities import (
+    ALL_CAPABILITIES, CapabilityConfigError, acting_as, grant, install_guard,
+)
+
+IN_PROCESS = 'in_process'
+
+
+class PluginsFileError(ValueError):
+    """A plugins file that cannot be used; names the file, the entry and the reason."""
+
+
+class PluginSpec(BaseModel):
+    """One entry of the plugins file: which plugin, how it runs, what it may do, what it reads."""
+
+    model_config = ConfigDict(extra='forbid')
+
+    name: str = Field(min_length=1)        # instance name: services, registry, audit records
+    plugin: str = ''                       # entry point name or module:Class ('' = name)
+    mode: Literal['in_process', 'subprocess', 'wasm'] = IN_PROCESS
+    config: dict[str, Any] = Field(default_factory=dict)
+    grants: list[str] = Field(default_factory=list)   # deny by default
+    inputs: list[str] = Field(default_factory=list)   # Loom topics or patterns it is fed from
+    output_topic: str = ''                 # '' = plugin.<name>.output
+    sandbox: dict[str, Any] = Field(default_factory=dict)  # options for the sandbox mode
+    enabled: bool = True
+
+    @field_validator('name')
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value[0].isalpha() or not value.replace('_', 'a').isalnum() or '__' in value:
+            raise ValueError(f'plugin name {value!r}: a letter first, then letters, digits and '
+                             'single underscores (it names ROS services)')
+        return value
+
+    @field_validator('inputs')
+    @classmethod
+    def _inputs(cls, value: list[str]) -> list[str]:
+        for topic in value:
+            try:
+                TopicPattern.parse(topic)
+            except TopicNameError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator('output_topic')
+    @classmethod
+    def _output(cls, value: str) -> str:
+        if value:
+            try:
+                validate_topic(value)
+            except TopicNameError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @property
+    def target(self) -> str:
+        return self.plugin or self.name
+
+    @property
+    def output(self) -> str:
+        return self.output_topic or f'plugin.{self.name}.output'
+
+
+def load_plugins_file(path: str | Path) -> list[PluginSpec]:
+    """The `plugins:` list of a YAML file, validated; PluginsFileError says where and why."""
+    try:
+        with open(path, encoding='utf-8') as stream:
+            data = yaml.safe_load(stream)
+    except OSError as exc:
+        raise PluginsFileError(f'{path}: cannot read: {exc.strerror}') from None
+    except yaml.YAMLError as exc:
+        raise PluginsFileError(f'{path}: not valid YAML: {exc}') from None
+    if not isinstance(data, dict) or not isinstance(data.get('plugins'), list):
+        raise PluginsFileError(f'{path}: expected a mapping with a `plugins:` list')
+    return parse_specs(data['plugins'], str(path))
+
+
+def parse_specs(entries: list, where: str = 'plugins') -> list[PluginSpec]:
+    specs, seen = [], set()
+    for i, entry in enumerate(entries):
+        try:
+            spec = PluginSpec.model_validate(entry)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = '.'.join(str(p) for p in first['loc'])
+            name = entry.get('name', i) if isinstance(entry, dict) else i
+            raise PluginsFileError(f'{where}: plugin {name!r}: {loc}: {first["msg"]}') from None
+        if spec.name in seen:
+            raise PluginsFileError(f'{where}: plugin name {spec.name!r} appears twice')
+        seen.add(spec.name)
+        specs.append(spec)
+    return specs
+
+
+def resolve_class(target: str) -> type[Plugin]:
+    """A plugin class from an entry point name or a `module:Class` path."""
+    if ':' not in target:
+        return load_plugin_class(target)
+    module_name, _, attr = target.partition(':')
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise PluginNotFound(f'plugin {target!r}: cannot import module {module_name!r}: '
+                             f'{exc}') from None
+    for part in attr.split('.'):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise PluginNotFound(f'plugin {target!r}: module {module_name!r} has no {attr!r}')
+    if not (isinstance(obj, type) and issubclass(obj, Plugin)
+            and isinstance(getattr(obj, 'metadata', None), PluginMetadata)):
+        raise PluginError(f'{target!r} is not a Plugin subclass with a PluginMetadata `metadata`')
+    return obj
+
+
+class SlotState(str, Enum):
+    LOADED = 'loaded'
+    RUNNING = 'running'
+    FAILED = 'failed'
+    STOPPED = 'stopped'
+
+
+@dataclass
+class Slot:
+    """One configured plugin in the host: its spec, instance, context, state and counters."""
+
+    spec: PluginSpec
+    plugin: Plugin | None = None
+    ctx: PluginContext | None = None
+    state: SlotState = SlotState.LOADED
+    error: str = ''
+    counters: Counter = field(default_factory=Counter)
+    latency_ms_total: float = 0.0
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @property
+    def guarded(self) -> bool:
+        return self.spec.mode == IN_PROCESS
+
+    @property
+    def metadata(self) -> PluginMetadata | None:
+        return getattr(self.plugin, 'metadata', None)
+
+
+class PluginHandle(Plugin):
+    """A plugin as other code in the same process sees it: calls go through the host (error
+    isolation, counters, capability guard) and pass Event objects, never serialized. The host
+    owns the lifecycle, so init and shutdown here do nothing."""
+
+    def __init__(self, host: 'PluginHost', name: str, metadata: PluginMetadata):
+        super().__init__()
+        self.host, self.name, self.metadata = host, name, metadata
+
+    def init(self, ctx: PluginContext) -> None:  # the host initialises the real plugin
+        pass
+
+    def handle_event(self, event: Event) -> PluginResponse:
+        return self.host.handle(self.name, event)
+
+    def health(self) -> HealthStatus:
+        return self.host.health(self.name)
+
+    def shutdown(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f'<PluginHandle {self.name} ({self.metadata.name} {self.metadata.version})>'
+
+
+class PluginHost:
+    """Plugins of one process: built from specs, started, called, stopped."""
+
+    def __init__(self, specs: list[PluginSpec], *, audit_sink=None, data_dir: str | Path = '',
+                 allowed_capabilities=ALL_CAPABILITIES, ros_node=None, guard: bool = True,
+                 logger=None):
+        self.slots: dict[str, Slot] = {s.name: Slot(s) for s in specs if s.enabled}
+        self.audit_sink = audit_sink
+        self.data_dir = str(Path(os.path.expanduser(str(data_dir))).resolve()) if data_dir else ''
+        self.allowed = frozenset(allowed_capabilities)
+        self.ros_node = ros_node
+        self.guard = guard
+        self.logger = logger or logging.getLogger('loom.plugins')
+        self.handles: dict[str, PluginHandle] = {}  # running plugins, for direct calls
+        if guard:
+            install_guard()
+
+    # -- audit ----------------------------------------------------------------------------------
+    def _sink_for(self, slot: Slot):
+        def sink(record: dict) -> None:
+            if record.get('kind') == 'capability_denied':
+                slot.counters['denied'] += 1
+            if self.audit_sink is not None:
+                self.audit_sink(record)
+        return sink
+
+    def _audit(self, slot: Slot, kind: str, **fields) -> None:
+        self._sink_for(slot)({'ts_ms': time.time_ns() // 1_000_000, 'plugin': slot.spec.name,
+                              'kind': kind, **fields})
+
+    # -- Init -----------------------------------------------------------------------------------
+    def start(self) -> dict[str, str]:
+        """Init every configured plugin; returns {name: reason} for those that failed."""
+        failed = {}
+        for name, slot in self.slots.items():
+            if slot.state is SlotState.RUNNING:
+                continue
+            try:
+                self._start(slot)
+            except Exception as exc:  # one plugin's failure must not stop the others
+                slot.state, slot.error = SlotState.FAILED, _reason(exc)
+                slot.counters['init_failed'] += 1
+                failed[name] = slot.error
+                self.handles.pop(name, None)
+                self.logger.error(f'plugin {name} failed to start: {slot.error}')
+                try:
+                    self._audit(slot, 'init_failed', error=slot.error, target=slot.spec.target,
+                                mode=slot.spec.mode)
+                except Exception as audit_exc:
+                    self.logger.error(f'cannot audit the failure of {name}: {audit_exc}')
+        return failed
+
+    def _start(self, slot: Slot) -> None:
+        spec = slot.spec
+        slot.plugin = self._build(spec)
+        metadata = slot.metadata
+        if not isinstance(metadata, PluginMetadata):
+            raise PluginError(f'{spec.target!r} has no PluginMetadata')
+        granted = grant(spec.name, metadata, spec.grants, self.allowed)
+        data_dir = os.path.join(self.data_dir, spec.name) if self.data_dir else ''
+        if data_dir and 'storage.write' in granted:
+            os.makedirs(data_dir, exist_ok=True)
+        slot.ctx = PluginContext(plugin=spec.name, config=dict(spec.config), granted=granted,
+                                 audit_sink=self._sink_for(slot), data_dir=data_dir,
+                                 ros_node=self.ros_node, direct=self.handles)
+        with slot.lock, acting_as(slot.ctx if self.guard and slot.guarded else None):
+            slot.plugin.init(slot.ctx)
+        declared = sorted(c.value for c in metadata.capabilities)
+        self._audit(slot, 'plugin_init', version=metadata.version, type=metadata.type.value,
+                    mode=spec.mode, target=spec.target, declared=declared, granted=sorted(granted))
+        ungranted = sorted(set(declared) - granted)
+        if ungranted:
+            self.logger.warning(f'plugin {spec.name} declares {", ".join(ungranted)} but config '
+                                'does not grant it: such calls will be refused')
+        slot.state, slot.error = SlotState.RUNNING, ''
+        self.handles[spec.name] = PluginHandle(self, spec.name, metadata)
+
+    def _build(self, spec: PluginSpec) -> Plugin:
+        if spec.mode == IN_PROCESS:
+            return resolve_class(spec.target)()
+        try:
+            from loom_ros.plugins.sandbox import sandboxed_plugin
+        except ImportError as exc:
+            raise PluginError(f'plugin {spec.name}: mode {spec.mode!r} needs '
+                              f'loom_ros.plugins.sandbox, which cannot be imported: {exc}') from None
+        return sandboxed_plugin(spec.mode, spec.target, spec.sandbox)
+
+    # -- HandleEvent ----------------------------------------------------------------------------
+    def handle(self, name: str, event: Event) -> PluginResponse:
+        """One event into plugin `name`; any failure comes back as PluginResponse.failure."""
+        slot = self.slots.get(name)
+        if slot is None:
+            return PluginResponse.failure(f'no plugin {name!r} in this host (have: '
+                                          f'{", ".join(self.slots) or "none"})')
+        with slot.lock:
+            slot.counters['calls'] += 1
+            if slot.state is not SlotState.RUNNING:
+                slot.counters['failed'] += 1
+                return PluginResponse.failure(
+                    f'plugin {name} is not running ({slot.state.value}'
+                    + (f': {slot.error}' if slot.error else '') + ')')
+            try:
+                event.validate()
+            except EventRejected as exc:
+                slot.counters['bad_input'] += 1
+                slot.counters['failed'] += 1
+                return PluginResponse.failure(f'plugin {name}: refused input event: {exc}')
+            if slot.metadata.type is PluginType.ACTUATOR:
+                try:  # every actuator command is on record before it runs (fail closed)
+                    self._audit(slot, 'actuator_command', event_id=event.id,
+                                event_type=event.type, source=event.source,
+                                payload=_excerpt(event.payload))
+                except Exception as exc:
+                    slot.counters['failed'] += 1
+                    return PluginResponse.failure(f'plugin {name}: actuator command not run, '
+                                                  f'the audit log refused it: {exc}')
+            start = time.perf_counter()
+            try:
+                with acting_as(slot.ctx if self.guard and slot.guarded else None):
+                    response = slot.plugin.handle_event(event)
+            except CapabilityDenied as exc:
+                response = PluginResponse.failure(str(exc))
+            except Exception as exc:  # a plugin bug is an answer, not a crash
+                slot.counters['raised'] += 1
+                response = PluginResponse.failure(f'plugin {name} raised {_reason(exc)}')
+                self.logger.error(f'plugin {name} raised on event {event.id} ({event.type}): '
+                                  f'{_reason(exc)}')
+            latency = (time.perf_counter() - start) * 1000.0
+            response = self._checked(slot, event, response)
+            response.latency_ms = latency
+            slot.latency_ms_total += latency
+            slot.counters['handled' if response.ok else 'failed'] += 1
+            return response
+
+    def _checked(self, slot: Slot, event: Event, response) -> PluginResponse:
+        name = slot.spec.name
+        if not isinstance(response, PluginResponse):
+            slot.counters['bad_output'] += 1
+            return PluginResponse.failure(f'plugin {name} returned {type(response).__name__}, '
+                                          'not a PluginResponse')
+        for out in response.events:
+            if not isinstance(out, Event):
+                slot.counters['bad_output'] += 1
+                return PluginResponse.failure(f'plugin {name} produced a '
+                                              f'{type(out).__name__}, not an Event')
+            if not out.source:
+                out.source = name
+            out.metadata.setdefault('in_reply_to', event.id)
+            if int(out.privacy) < int(event.privacy):  # an answer is as private as its question
+                out.privacy = Privacy(event.privacy)
+            try:
+                out.validate()
+            except EventRejected as exc:
+                slot.counters['bad_output'] += 1
+                return PluginResponse.failure(f'plugin {name} produced an invalid event: {exc}')
+        return response
+
+    # -- Health ---------------------------------------------------------------------------------
+    def health(self, name: str) -> HealthStatus:
+        slot = self.slots.get(name)
+        if slot is None:
+            return HealthStatus(HealthState.FAILED, f'no plugin {name!r} in this host')
+        if slot.state is not SlotState.RUNNING:
+            status = HealthStatus(HealthState.FAILED, f'{slot.state.value}'
+                                  + (f': {slot.error}' if slot.error else ''))
+        else:
+            try:
+                with slot.lock, acting_as(slot.ctx if self.guard and slot.guarded else None):
+                    status = slot.plugin.health()
+                if not isinstance(status, HealthStatus):
+                    raise PluginError(f'health() returned {type(status).__name__}')
+            except Exception as exc:
+                slot.counters['health_errors'] += 1
+                status = HealthStatus(HealthState.FAILED, f'health() raised {_reason(exc)}')
+        details = dict(status.details)
+        details.update({k: str(v) for k, v in sorted(slot.counters.items())})
+        handled = slot.counters['handled'] + slot.counters['failed']
+        if handled:
+            details['mean_latency_ms'] = f'{slot.latency_ms_total / handled:.3f}'
+        details['state'] = slot.state.value
+        details['mode'] = slot.spec.mode
+        if slot.ctx is not None:
+            details['granted'] = ','.join(sorted(slot.ctx.granted))
+        return HealthStatus(status.state, status.message, details)
+
+    # -- Shutdown -------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Shutdown every running plugin; one that raises is logged and the others still stop."""
+        for name, slot in self.slots.items():
+            self.handles.pop(name, None)
+            if slot.state is not SlotState.RUNNING:
+                continue
+            try:
+                with slot.lock, acting_as(slot.ctx if self.guard and slot.guarded else None):
+                    slot.plugin.shutdown()
+            except Exception as exc:
+                slot.counters['shutdown_errors'] += 1
+                self.logger.error(f'plugin {name} failed to shut down cleanly: {_reason(exc)}')
+            slot.state = SlotState.STOPPED
+
+    # -- views ----------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.slots)
+
+    def running(self) -> list[str]:
+        return [n for n, s in self.slots.items() if s.state is SlotState.RUNNING]
+
+    def counters(self, name: str) -> dict[str, int]:
+        return dict(self.slots[name].counters)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, (PluginError, CapabilityConfigError, PluginNotFound, PluginsFileError)):
+        return text
+    return f'{type(exc).__name__}: {text}' if text else type(exc).__name__
+
+
+def _excerpt(payload: bytes, limit: int = 512) -> str:
+    try:
+        text = bytes(payload).decode()
+    except UnicodeDecodeError:
+        return f'<{len(payload)} bytes>'
+    return text if len(text) <= limit else text[:limit] + '...'

@@ -1,0 +1,201 @@
+"""Plugin host node `plugin_host`: several plugins in one process and one executor (the Python
+equivalent of a component container), or one per process; the same plugin runs either way.
+
+configure   Init of every configured plugin (one failing is marked failed, the others start);
+            the running ones become callable in-process (loom_ros.plugins.registry)
+activate    services `~/<plugin>/handle_event` (loom_msgs/HandleEvent) and `~/<plugin>/health`
+            (loom_msgs/Health), and each plugin's input Loom topics on the bus: every event in
+            goes through HandleEvent, the events out are published on the plugin's output topic
+            (or the input event's `reply_to` metadata topic)
+deactivate  services and subscriptions go; plugins stay initialised
+cleanup / shutdown   Shutdown of every plugin, audit log closed
+Refusals and actuator commands go to the audit log (audit_db), see loom_ros/security.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+
+from loom_ros.bus.bus import create_bus
+from loom_ros.bus.event import Event, EventRejected
+from loom_ros.bus.executor import run_lifecycle_node
+from loom_ros.bus.names import TopicNameError, validate_topic
+from loom_ros.config.params import ParamSpec, config_dir, declare_parameters
+from loom_ros.plugins import registry
+from loom_ros.plugins.contract import PluginError
+from loom_ros.plugins.host import PluginHost, PluginSpec, PluginsFileError, load_plugins_file
+from loom_ros.security.audit import AuditError, AuditLog
+from loom_ros.security.capabilities import CapabilityConfigError
+
+PARAMETERS = [
+    ParamSpec('plugins_file', "Plugins YAML; '' means the shipped config/plugins.yaml",
+              read_only=True),
+    ParamSpec('plugins', "Which entries of the plugins file to run, comma-separated; '*' runs "
+              'every enabled entry (a named entry runs even if disabled)', read_only=True),
+    ParamSpec('audit_db', "SQLite audit log of refusals and actuator commands; '~' expands",
+              read_only=True),
+    ParamSpec('data_dir', "Folder where plugins granted storage.write keep files (one subfolder "
+              "per plugin); '~' expands", read_only=True),
+    ParamSpec('allowed_capabilities', 'The most this host grants any plugin; a plugins-file '
+              'grant outside it is a config error', read_only=True),
+    ParamSpec('guard', 'Check what in-process plugins do at run time (network, file writes, '
+              'processes) against their grants', read_only=True),
+    ParamSpec('autostart', 'Configure and activate on start when run standalone', read_only=True),
+]
+
+
+def select_specs(specs: list[PluginSpec], selection: str, where: str) -> list[PluginSpec]:
+    """The entries named in `selection` ('*': every enabled one); unknown names are an error."""
+    selection = selection.strip()
+    if selection in ('', '*'):
+        return [s for s in specs if s.enabled]
+    names = [n.strip() for n in selection.split(',') if n.strip()]
+    known = {s.name: s for s in specs}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise PluginsFileError(f'{where}: no plugin {", ".join(map(repr, missing))} (have: '
+                               f'{", ".join(known) or "none"})')
+    return [known[n].model_copy(update={'enabled': True}) for n in names]
+
+
+class PluginHostNode(LifecycleNode):
+
+    def __init__(self, **kwargs):
+        super().__init__('plugin_host', **kwargs)
+        self.params = declare_parameters(self, 'plugin_host', PARAMETERS)
+        self.bus = create_bus(self, 'plugin_host')
+        self.host: PluginHost | None = None
+        self.audit: AuditLog | None = None
+        self.stats = Counter()
+        self._services: list = []
+        self._subs: list = []
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        path = self.params['plugins_file'] or str(config_dir() / 'plugins.yaml')
+        try:
+            specs = select_specs(load_plugins_file(path), self.params['plugins'], path)
+            self.audit = AuditLog(os.path.expanduser(self.params['audit_db']))
+            self.host = PluginHost(
+                specs, audit_sink=self.audit, data_dir=self.params['data_dir'],
+                allowed_capabilities=list(self.params['allowed_capabilities']), ros_node=self,
+                guard=bool(self.params['guard']), logger=self.get_logger())
+        except (PluginsFileError, AuditError, CapabilityConfigError) as exc:
+            self.get_logger().error(f'cannot configure: {exc}')
+            self._close_audit()
+            return TransitionCallbackReturn.FAILURE
+        failed = self.host.start()
+        try:
+            registry.register(self.host)
+        except PluginError as exc:
+            self.get_logger().error(f'cannot configure: {exc}')
+            self._stop_plugins()
+            return TransitionCallbackReturn.FAILURE
+        self.get_logger().info(
+            f'plugins running: {", ".join(self.host.running()) or "none"}'
+            + (f'; failed: {", ".join(failed)}' if failed else ''))
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        from loom_msgs.srv import HandleEvent, Health
+        for name, slot in self.host.slots.items():
+            # Failed plugins get services too: their answers say why they are not running.
+            self._services.append(self.create_service(
+                HandleEvent, f'~/{name}/handle_event',
+                lambda req, resp, n=name: self._on_handle_event(n, req, resp)))
+            self._services.append(self.create_service(
+                Health, f'~/{name}/health', lambda req, resp, n=name: self._on_health(n, resp)))
+            if name not in self.host.handles:
+                continue
+            for pattern in slot.spec.inputs:
+                self._subs.append(self.bus.subscribe(
+                    pattern, lambda event, topic, n=name: self._on_bus_event(n, event)))
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_serving()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_serving()
+        self._stop_plugins()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self.on_cleanup(state)
+
+    def destroy_node(self) -> None:
+        """Ctrl-C / SIGTERM end the process without a lifecycle transition: shut plugins down
+        here so they release what they hold."""
+        self._stop_serving()
+        self._stop_plugins()
+        super().destroy_node()
+
+    def _stop_serving(self) -> None:
+        for sub in self._subs:
+            sub.close()
+        for service in self._services:
+            self.destroy_service(service)
+        self._subs, self._services = [], []
+
+    def _stop_plugins(self) -> None:
+        if self.host is not None:
+            registry.unregister(self.host)
+            self.host.stop()
+            self.host = None
+        self._close_audit()
+
+    def _close_audit(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
+            self.audit = None
+
+    # -- services -------------------------------------------------------------------------------
+    def _on_handle_event(self, name: str, req, resp):
+        event = Event.from_msg(req.event)
+        response = self.host.handle(name, event)  # validates the event; failures are answers
+        resp.response = registry.response_to_msg(response)
+        self.stats['service_calls'] += 1
+        return resp
+
+    def _on_health(self, name: str, resp):
+        resp.status = registry.health_to_msg(name, self.host.health(name))
+        return resp
+
+    # -- bus ------------------------------------------------------------------------------------
+    def _on_bus_event(self, name: str, event: Event) -> None:
+        if event.source == name:
+            return  # the plugin's own output coming back: never feed a plugin to itself
+        response = self.host.handle(name, event)
+        if not response.ok:
+            self.stats['bus_failures'] += 1
+            self.get_logger().warning(f'plugin {name} failed on {event.type} {event.id}: '
+                                      f'{response.error}', throttle_duration_sec=1.0)
+            return
+        topic = self.host.slots[name].spec.output
+        reply_to = event.metadata.get('reply_to', '')
+        if reply_to:
+            try:
+                topic = validate_topic(reply_to)
+            except TopicNameError as exc:
+                self.stats['bad_reply_to'] += 1
+                self.get_logger().warning(f'event {event.id}: reply_to ignored: {exc}',
+                                          throttle_duration_sec=1.0)
+        for out in response.events:
+            try:
+                self.bus.publish(topic, out)
+                self.stats['published'] += 1
+            except EventRejected as exc:
+                self.stats['publish_refused'] += 1
+                self.get_logger().warning(f'plugin {name}: output not published on {topic}: '
+                                          f'{exc}', throttle_duration_sec=1.0)
+
+
+def main(args=None):
+    run_lifecycle_node(PluginHostNode, args)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,124 @@
+"""Database query tool: read-only SQL on one configured SQLite file, bounded in rows and time.
+
+Query (`tool.db.query`): `{"sql": "select ...", "params": [...] or {...}}`. Result
+(`tool.db.result`): `{"columns": [...], "rows": [[...], ...], "truncated": bool}`.
+Three locks keep it read-only: the file is opened `file:...?mode=ro`, an SQLite authorizer
+refuses every statement that is not a read (writes, ATTACH, PRAGMA, schema changes) with a
+clear error, and one statement per query. A query running past `timeout_ms` is interrupted;
+at most `max_rows` rows come back (`truncated` says there were more). Needs `storage.read`.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+from loom_ros.bus.event import Event
+from loom_ros.plugins.contract import (
+    Capability, HealthStatus, Plugin, PluginContext, PluginError, PluginMetadata, PluginResponse,
+    PluginType,
+)
+from loom_ros.plugins.tools import ToolInputError, read_only_uri, read_query, result_event
+
+QUERY = 'tool.db.query'
+RESULT = 'tool.db.result'
+
+_READ_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
+                 getattr(sqlite3, 'SQLITE_RECURSIVE', 33)}
+_ACTION_NAMES = {getattr(sqlite3, n): n.removeprefix('SQLITE_') for n in dir(sqlite3)
+                 if n.startswith('SQLITE_') and n not in ('SQLITE_OK', 'SQLITE_DENY',
+                                                          'SQLITE_IGNORE')
+                 and isinstance(getattr(sqlite3, n), int) and getattr(sqlite3, n) < 40}
+
+
+class DbQueryTool(Plugin):
+    metadata = PluginMetadata(
+        name='db_query', version='0.1.0', type=PluginType.TOOL,
+        capabilities=(Capability.STORAGE_READ,), reads=(QUERY,), writes=(RESULT,),
+        description='Read-only SQL on a configured SQLite file, bounded rows and time.')
+
+    def init(self, ctx: PluginContext) -> None:
+        super().init(ctx)
+        database = ctx.config.get('database', '')
+        if not database:
+            raise PluginError("db_query config: 'database' (an SQLite file) is required")
+        self.path = Path(os.path.expanduser(database))
+        self.max_rows = int(ctx.config.get('max_rows', 1000))
+        self.timeout_s = float(ctx.config.get('timeout_ms', 1000)) / 1000.0
+        if self.max_rows < 1 or self.timeout_s <= 0:
+            raise PluginError('db_query config: max_rows and timeout_ms must be positive')
+        ctx.require(Capability.STORAGE_READ, detail=str(self.path))
+        if not self.path.is_file():
+            raise PluginError(f'db_query: database {self.path} does not exist')
+        try:
+            self.conn = sqlite3.connect(read_only_uri(self.path), uri=True,
+                                        check_same_thread=False)
+            self.conn.execute('select count(*) from sqlite_master').fetchone()
+        except sqlite3.Error as exc:
+            raise PluginError(f'db_query: cannot open {self.path} read-only: {exc}') from None
+        self._denied: list[str] = []
+        self.conn.set_authorizer(self._authorize)
+        self.answered = self.refused = 0
+
+    def _authorize(self, action, arg1, arg2, _db, _trigger):
+        if action in _READ_ACTIONS:
+            return sqlite3.SQLITE_OK
+        self._denied.append(f'{_ACTION_NAMES.get(action, action)} {arg1 or ""}'.strip())
+        return sqlite3.SQLITE_DENY
+
+    def handle_event(self, event: Event) -> PluginResponse:
+        try:
+            query = read_query(event, QUERY)
+            sql, params = query.get('sql'), query.get('params', [])
+            if not isinstance(sql, str) or not sql.strip():
+                raise ToolInputError('sql must be a non-empty string')
+            if not isinstance(params, (list, dict)):
+                raise ToolInputError('params must be a list or an object')
+        except ToolInputError as exc:
+            return PluginResponse.failure(str(exc))
+        self._denied.clear()
+        deadline = time.monotonic() + self.timeout_s
+        self.conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)
+        cursor = None
+        try:
+            cursor = self.conn.execute(sql, params)
+            rows = cursor.fetchmany(self.max_rows + 1)
+            columns = [d[0] for d in cursor.description or ()]
+        except sqlite3.DatabaseError as exc:
+            self.refused += 1
+            if self._denied:
+                return PluginResponse.failure(f'db_query is read-only: refused '
+                                              f'{", ".join(self._denied)} ({exc})')
+            if 'interrupted' in str(exc):
+                return PluginResponse.failure(f'db_query: query stopped after the '
+                                              f'{self.timeout_s * 1000:g} ms limit')
+            return PluginResponse.failure(f'db_query: {exc}')
+        except (sqlite3.Error, ValueError, OverflowError) as exc:
+            self.refused += 1  # e.g. two statements, wrong parameter count
+            return PluginResponse.failure(f'db_query: {exc}')
+        finally:
+            if cursor is not None:
+                cursor.close()
+            self.conn.set_progress_handler(None, 0)
+        truncated = len(rows) > self.max_rows
+        self.answered += 1
+        return PluginResponse(events=[result_event(RESULT, {
+            'columns': columns, 'rows': [list(_jsonable(v) for v in r) for r in
+                                         rows[:self.max_rows]],
+            'truncated': truncated}, self.metadata.name)])
+
+    def health(self) -> HealthStatus:
+        return HealthStatus(details={'database': str(self.path), 'answered': str(self.answered),
+                                     'refused': str(self.refused)})
+
+    def shutdown(self) -> None:
+        if getattr(self, 'conn', None) is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def _jsonable(value):
+    if isinstance(value, bytes):
+        return f'<{len(value)} bytes>'
+    return value

@@ -1,0 +1,1 @@
+"""Security: capability grants and runtime checks for plugins, and the audit log."""
