@@ -28,12 +28,17 @@ setup(
             'event_monitor = loom_ros.bus.event_monitor_node:main',
             'router = loom_ros.router.router_node:main',
             'agent = loom_ros.agents.agent_node:main',
+            'plugin_host = loom_ros.plugins.host_node:main',
         ],
         'loom.behaviors': [
             'counter = loom_ros.agents.behavior:CounterBehavior',
             'memorize = loom_ros.agents.behavior:MemorizeBehavior',
         ],
         'loom.plugins': [
+            'weather = loom_ros.plugins.tools.weather:WeatherTool',
+            'calendar = loom_ros.plugins.tools.calendar:CalendarTool',
+            'memory_search = loom_ros.plugins.tools.memory_search:MemorySearchTool',
+            'db_query = loom_ros.plugins.tools.db_query:DbQueryTool',
             'robot_control = loom_ros.plugins.actuators.robot_control:RobotControlPlugin',
             'ui = loom_ros.plugins.actuators.ui:UiPlugin',
             'face_detector = loom_ros.plugins.perception.plugins:FaceDetectorPlugin',
