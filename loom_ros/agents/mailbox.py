@@ -19,6 +19,7 @@ class Mailbox:
         self._cond = threading.Condition()
         self._closed = False
         self.dropped = 0
+        self.refused = 0   # offered after close
         self.high_water = 0
 
     def __len__(self) -> int:
@@ -30,6 +31,9 @@ class Mailbox:
 
     def put(self, event: Event) -> None:
         with self._cond:
+            if self._closed:
+                self.refused += 1
+                return
             entry = (-event.priority, next(self._arrival), time.perf_counter_ns(), event)
             if len(self._heap) >= self.size:
                 self.dropped += 1
@@ -48,6 +52,15 @@ class Mailbox:
         with self._cond:
             if not self._cond.wait_for(lambda: self._heap or self._closed, timeout=timeout):
                 return None
+            if not self._heap:
+                return None
+            _, _, arrived, event = heapq.heappop(self._heap)
+            return event, (time.perf_counter_ns() - arrived) / 1000.0
+
+    def get_nowait(self) -> tuple[Event, float] | None:
+        """(event, microseconds it waited), or None when empty. A closed mailbox still gives
+        what it holds (accepted mail is handled); it only refuses new mail."""
+        with self._cond:
             if not self._heap:
                 return None
             _, _, arrived, event = heapq.heappop(self._heap)

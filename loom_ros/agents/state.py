@@ -21,7 +21,7 @@ class StateStore:
     def __init__(self, path: str | Path, agent_id: str, max_bytes: int = 0):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.agent_id = agent_id
-        # The agent commits from its own thread; AgentNode serializes access with a lock.
+        # Dispatcher workers and services share the connection; Agent serializes it with a lock.
         self.db = sqlite_utils.Database(sqlite3.connect(str(path), check_same_thread=False))
         self.db.enable_wal()
         # WAL + NORMAL: a killed process (even SIGKILL) loses nothing committed; only a power

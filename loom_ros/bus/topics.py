@@ -15,3 +15,9 @@ def agent_intent(agent_id: str) -> str:
 def agent_action(agent_id: str) -> str:
     """`agent.{id}.action`: what an agent asks actuators to do."""
     return validate_topic(f'agent.{agent_id}.action')
+
+
+# Agent supervision (ROS topics outside the Loom event space: they carry AgentStatus, not Event).
+AGENTS_HEARTBEAT = 'loom/agents/heartbeat'   # every agent, every heartbeat period
+AGENTS_STATUS = 'loom/agents/status'         # the lifecycle manager's verdict per agent
+DIAGNOSTICS = '/diagnostics'                 # diagnostic_msgs/DiagnosticArray, absolute
