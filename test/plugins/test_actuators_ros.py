@@ -179,7 +179,8 @@ def test_ui_update_becomes_state_json_and_rviz_text_markers(ros, nodes, start):
     assert (first[0].lifetime.sec, first[0].lifetime.nanosec) == (2, 500_000_000)
     assert first[1].action == Marker.DELETE                           # no text line yet
     state = json.loads(states[-1].data)
-    assert state['emoji'] == '😊' and state['confidence'] == 0.92 and state['source'] == 'agent/face'
+    assert state['emoji'] == '😊' and state['confidence'] == 0.92
+    assert state['source'] == 'agent/face'
 
     assert ui.handle_event(Event.with_json('ui_update', {'text': "what's the weather"})).ok
     ros.wait_for(lambda: len(markers) == 2 and len(states) == 2, 'the second update')
@@ -198,6 +199,8 @@ def test_ui_bad_updates_are_refused_counted_and_audited(ros, nodes, start):
         response = ui.handle_event(Event(type='ui_update', payload=payload))
         assert not response.ok and says in response.error
     assert ui.stats['bad_input'] == 4 and ui.stats['published'] == 0
+    assert ui.handle_event(Event.with_json('robot.move', {'linear_x': 1})).ok  # not for the ui
+    assert ui.stats['ignored'] == 1 and ui.stats['published'] == 0
     assert [r['kind'] for r in audit] == ['ui_rejected'] * 4
     assert ui.handle_event(Event.with_json('ui_update', {'text': 'x' * 50})).ok
     assert ui.last_state['text'] == 'x' * 9 + '…' and ui.last_state['truncated'] == ['text']

@@ -65,7 +65,8 @@ def test_acceleration_ramps_up_by_accel_times_dt_and_lands_on_the_target():
         assert step.publish and step.reason is Reason.COMMAND
         outputs.append(step.velocity)
     # 1 m/s^2 and 2 rad/s^2 at 50 ms: +0.05 m/s and +0.1 rad/s per step
-    assert outputs[0].linear[0] == pytest.approx(0.05) and outputs[0].angular[2] == pytest.approx(0.1)
+    assert outputs[0].linear[0] == pytest.approx(0.05)
+    assert outputs[0].angular[2] == pytest.approx(0.1)
     assert outputs[4].linear[0] == pytest.approx(0.25)
     assert outputs[-1] == v(lx=0.5, az=1.0)           # exactly on target, not overshooting
     assert outputs[5].angular[2] == pytest.approx(0.6)    # twice the linear rate
@@ -271,8 +272,9 @@ def test_plugin_counts_and_audits_bad_input_without_raising():
                   Event.with_json('robot.move', {'linear_x': 'fast'})):
         response = p.handle_event(event)
         assert not response.ok and response.error
-    assert not p.handle_event(Event(type='robot.fly')).ok
-    assert p.stats['bad_input'] == 4
+    assert p.stats['bad_input'] == 3
+    other = p.handle_event(Event.with_json('ui_update', {'emoji': ':)'}))  # shared action topic
+    assert other.ok and not other.events and p.stats['ignored'] == 1
     assert [r['kind'] for r in audit] == ['motion_rejected'] * 3
 
 
@@ -283,3 +285,15 @@ def test_bad_config_is_a_plugin_error_naming_the_key():
         plugin(cmd_vel_qos='fastest')
     with pytest.raises(PluginError, match='max_speed'):
         plugin(max_speed=3)
+
+
+def test_shutdown_leaves_a_moving_robot_stopped_and_refuses_later_commands():
+    p, audit = plugin(max_linear_accel=1000.0)
+    assert p.handle_event(Event.with_json('robot.move', {'linear_x': 0.3})).ok
+    assert p.last_sent.linear[0] > 0.0
+    p.shutdown()
+    assert p.last_sent == STOP
+    assert audit[-1]['kind'] == 'motion_stop' and audit[-1]['reason'] == 'shutdown'
+    late = p.handle_event(Event.with_json('robot.move', {'linear_x': 0.3}))
+    assert not late.ok and 'shut down' in late.error
+    assert p.health().state is HealthState.FAILED

@@ -42,7 +42,7 @@ class RobotControlPlugin(Plugin):
         self.config: RobotControlConfig | None = None
         self.limiter: MotionLimiter | None = None
         self.stats = {'commands': 0, 'clamped': 0, 'refused_estop': 0, 'bad_input': 0,
-                      'published': 0, 'stops': 0, 'ticks': 0}
+                      'ignored': 0, 'published': 0, 'stops': 0, 'ticks': 0}
         self.last_sent: Velocity | None = None
         self._lock = threading.Lock()
         self._pub = self._estop_sub = self._timer = None
@@ -74,9 +74,12 @@ class RobotControlPlugin(Plugin):
     def shutdown(self) -> None:
         """Leave the robot still: a moving robot gets a last zero before the publisher goes."""
         with self._lock:
-            if self.limiter is not None and (self.limiter.live or not self.limiter.output.is_zero()):
-                self.limiter.set_estop()   # nothing may move it after shutdown
-                self._send(self.limiter.step(), audit=True)
+            lim, self.limiter = self.limiter, None   # refuse anything that still arrives
+            if lim is not None and (lim.live or not lim.output.is_zero()):
+                lim.set_estop()
+                step = lim.step()
+                self._send(step, audit=False)
+                self.ctx.audit('motion_stop', reason='shutdown', applied=step.velocity.as_dict())
         node = self.ctx.ros_node if self.ctx is not None else None
         if node is not None:
             for entity, destroy in ((self._timer, node.destroy_timer),
@@ -89,13 +92,14 @@ class RobotControlPlugin(Plugin):
     # -- HandleEvent / Health -------------------------------------------------------------
     def handle_event(self, event: Event) -> PluginResponse:
         """One robot.move. CapabilityDenied propagates (the host counts it as a refusal); bad
-        payloads and e-stop refusals come back as failures, audited and counted."""
+        payloads and e-stop refusals come back as failures, audited and counted. Other event
+        types (actions for other actuators on a shared topic) are ignored and counted."""
         if self.limiter is None:
-            return PluginResponse.failure('robot_control is not initialised')
-        if event.type != MOVE:
-            self.stats['bad_input'] += 1
-            return PluginResponse.failure(f'robot_control handles {MOVE!r} events, '
-                                          f'not {event.type!r}')
+            return PluginResponse.failure('robot_control is not running (not initialised or '
+                                          'shut down)')
+        if event.type != MOVE:  # e.g. a ui_update on the same agent.*.action topic
+            self.stats['ignored'] += 1
+            return PluginResponse()
         self.ctx.require(Capability.ACTUATOR_MOTION, detail=f'{MOVE} {event.id} from '
                          f'{event.source or "?"}')
         try:
@@ -130,7 +134,8 @@ class RobotControlPlugin(Plugin):
     def health(self) -> HealthStatus:
         details = {k: str(v) for k, v in self.stats.items()}
         if self.limiter is None:
-            return HealthStatus(HealthState.FAILED, 'not initialised', details)
+            return HealthStatus(HealthState.FAILED, 'not running (not initialised or shut down)',
+                                details)
         details['estop'] = str(self.limiter.estopped).lower()
         if self.limiter.estopped:
             return HealthStatus(HealthState.DEGRADED, 'e-stop engaged: commands are refused '
@@ -143,11 +148,15 @@ class RobotControlPlugin(Plugin):
     # -- ROS callbacks --------------------------------------------------------------------
     def _on_tick(self) -> None:
         with self._lock:
+            if self.limiter is None:
+                return
             self.stats['ticks'] += 1
             self._send(self.limiter.step(), audit=True)
 
     def _on_estop(self, msg) -> None:
         with self._lock:
+            if self.limiter is None:
+                return
             changed = self.limiter.set_estop() if msg.data else self.limiter.clear_estop()
             if msg.data:
                 self._send(self.limiter.step(), audit=False)

@@ -97,7 +97,7 @@ class UiPlugin(Plugin):
         super().__init__()
         self.config: UiConfig | None = None
         self.state: UiState | None = None
-        self.stats = {'updates': 0, 'bad_input': 0, 'published': 0}
+        self.stats = {'updates': 0, 'bad_input': 0, 'ignored': 0, 'published': 0}
         self.last_state: dict | None = None
         self._lock = threading.Lock()
         self._state_pub = self._markers_pub = None
@@ -125,12 +125,12 @@ class UiPlugin(Plugin):
 
     def handle_event(self, event: Event) -> PluginResponse:
         """One ui_update. CapabilityDenied propagates (the host counts it); bad payloads come back
-        as failures, audited and counted."""
+        as failures, audited and counted; other event types are ignored and counted."""
         if self.state is None:
             return PluginResponse.failure('ui is not initialised')
-        if event.type != UPDATE:
-            self.stats['bad_input'] += 1
-            return PluginResponse.failure(f'ui handles {UPDATE!r} events, not {event.type!r}')
+        if event.type != UPDATE:  # e.g. a robot.move on the same agent.*.action topic
+            self.stats['ignored'] += 1
+            return PluginResponse()
         self.ctx.require(Capability.UI_WRITE, detail=f'{UPDATE} {event.id} from '
                          f'{event.source or "?"}')
         try:
