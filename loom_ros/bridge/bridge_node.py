@@ -1,0 +1,227 @@
+"""Zenoh bridge node: configured Loom topics between this robot's bus and Zenoh keys
+`loom/<robot_id>/<topic path>`, with QoS mapped to Zenoh priority, congestion control and express.
+
+Out: events on allowed topics go to Zenoh unless the privacy gate refuses them (Private and
+LocalOnly never leave; each refusal is counted and written to the audit file). Batched and
+Background events wait in a bounded outbox while nobody on the Zenoh side can receive them
+(router down, no subscriber yet); Realtime events are not queued. In: samples under this robot's
+own key that the inbound patterns allow are published on the bus. Status (counters, connection)
+is published as JSON on `zenoh_bridge/status`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import time
+from pathlib import Path
+
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+
+from loom_ros.bridge.core import Bridge, BridgeConfig
+from loom_ros.bridge.gate import PrivacyGate
+from loom_ros.bridge.keys import robot_key_expr
+from loom_ros.bridge.zenoh_link import MODES, ZenohLink, session_config
+from loom_ros.bus.bus import create_bus
+from loom_ros.bus.event import EventRejected
+from loom_ros.bus.executor import run_lifecycle_node
+from loom_ros.bus.qos import to_qos_profile
+from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters, node_defaults
+from loom_ros.router.policy import PolicyError, load_policy
+
+STATUS_TOPIC = 'zenoh_bridge/status'
+# Zenoh calls back on its own threads and rclpy's EventsExecutor has no guard conditions, so a
+# short timer moves inbound samples onto the executor (which owns the bus) and drains the outbox.
+SERVICE_PERIOD_S = 0.005
+SECTION = 'zenoh_bridge'
+
+PARAMETERS = [
+    ParamSpec('robot_id', "This robot's id: the second segment of every key (loom/<robot_id>/...)",
+              read_only=True),
+    ParamSpec('mode', 'Zenoh session mode: peer or client', read_only=True),
+    ParamSpec('multicast_scouting', 'Find Zenoh peers and routers by multicast (off: only the '
+              'connect endpoints)', read_only=True),
+    ParamSpec('buffer_max_events', 'Most Batched/Background events kept while they cannot be '
+              'delivered; past it the oldest is dropped and counted', read_only=True,
+              min_value=1, max_value=10_000_000),
+    ParamSpec('policy_file', "Router policy YAML whose sensitive_upload the bridge follows; '' "
+              'means the shipped config/policy.yaml', read_only=True),
+    ParamSpec('audit_file', "JSON-lines file of every privacy refusal ('' : log only); '~' expands",
+              read_only=True),
+    ParamSpec('status_period_s', 'Seconds between status messages on zenoh_bridge/status',
+              read_only=True, min_value=0.01, max_value=3600.0),
+    ParamSpec('autostart', 'Configure and activate on start when run standalone', read_only=True),
+]
+LIST_PARAMETERS = {
+    'connect': 'Zenoh endpoints to connect to (a zenohd router in production), e.g. tcp/10.0.0.2:7447',
+    'listen': 'Zenoh endpoints to listen on (peer mode)',
+    'out_allow': 'Loom topic patterns sent to Zenoh',
+    'out_deny': 'Loom topic patterns never sent, even when allowed',
+    'in_allow': "Loom topic patterns accepted from Zenoh (under this robot's key only)",
+    'in_deny': 'Loom topic patterns never accepted',
+}
+
+
+class ZenohBridgeNode(LifecycleNode):
+
+    def __init__(self, **kwargs):
+        super().__init__('zenoh_bridge', **kwargs)
+        self.params = declare_parameters(self, SECTION, PARAMETERS)
+        self.params.update(self._declare_lists())
+        self.bridge: Bridge | None = None
+        self.link: ZenohLink | None = None
+        self.bus = None
+        self._subs = []
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._audit = None
+        self._wake = None
+        self._configured = False
+
+    def _declare_lists(self) -> dict:
+        """String-array parameters; declared with dynamic typing since an empty default list
+        would otherwise be typed as a byte array and refuse string overrides."""
+        from rcl_interfaces.msg import ParameterDescriptor
+        defaults = node_defaults(SECTION)
+        values = {}
+        for name, description in LIST_PARAMETERS.items():
+            if name not in defaults:
+                raise ConfigError(f'loom.yaml: no default for parameter {name!r} of {SECTION}')
+            value = self.declare_parameter(name, list(defaults[name]), ParameterDescriptor(
+                description=description, read_only=True, dynamic_typing=True)).value
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f'{SECTION}.{name}: expected a list of strings, got {value!r}')
+            values[name] = list(value)
+        return values
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        from std_msgs.msg import String
+        p = self.params
+        try:
+            config = BridgeConfig.from_params(p)
+            if p['mode'] not in MODES:
+                raise ValueError(f"{SECTION}.mode must be peer or client, got {p['mode']!r}")
+            session_config(p['mode'], p['connect'], p['listen'], p['multicast_scouting'])
+            policy = load_policy(p['policy_file'] or config_dir() / 'policy.yaml')
+        except (ValueError, PolicyError) as exc:
+            self.get_logger().error(f'cannot configure: {exc}')
+            return TransitionCallbackReturn.FAILURE
+        self.bus = create_bus(self, SECTION)
+        if p['audit_file']:
+            path = Path(os.path.expanduser(p['audit_file']))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._audit = open(path, 'a', encoding='utf-8')
+        self._wake = self.create_timer(SERVICE_PERIOD_S, self._service)
+        self.link = ZenohLink(
+            lambda: session_config(p['mode'], p['connect'], p['listen'], p['multicast_scouting']),
+            logger=self.get_logger())
+        self.bridge = Bridge(config, self.link, self.bus.topic_qos.level_for,
+                             PrivacyGate(policy), self._record_refusal)
+        self.status_pub = self.create_lifecycle_publisher(String, STATUS_TOPIC,
+                                                          to_qos_profile('realtime'))
+        self._timer = self.create_timer(p['status_period_s'], self._tick)
+        self._configured = True
+        self.get_logger().info(
+            f"configured: robot {config.robot_id}, {p['mode']} to {p['connect'] or 'scouting'}, "
+            f"out {p['out_allow']} minus {p['out_deny']}, in {p['in_allow']} minus {p['in_deny']}")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        allow = [r.text for r in self.bridge.config.rules.out.allow]
+        for index, pattern in enumerate(allow):
+            self._subs.append(self.bus.subscribe(
+                pattern, lambda event, topic, i=index: self._on_bus_event(event, topic, i)))
+        for pattern in self.bridge.config.rules.inbound.allow:
+            self.link.subscribe(robot_key_expr(self.bridge.config.robot_id, pattern),
+                                self._on_zenoh_sample)
+        self.link.start()
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        for sub in self._subs:
+            sub.close()
+        self._subs.clear()
+        self.link.close()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release(self) -> None:
+        if not self._configured:
+            return
+        self._configured = False
+        for sub in self._subs:
+            sub.close()
+        self._subs.clear()
+        self.link.close()
+        self.destroy_timer(self._timer)
+        self.destroy_timer(self._wake)
+        self.destroy_lifecycle_publisher(self.status_pub)
+        self.bus.destroy()
+        if self._audit is not None:
+            self._audit.close()
+            self._audit = None
+
+    # -- data paths -----------------------------------------------------------------------
+    def _on_bus_event(self, event, topic: str, index: int) -> None:
+        # Overlapping allow patterns attach a topic more than once: the first match sends.
+        if self.bridge.config.rules.out.first_allow(topic) != index:
+            return
+        self.bridge.send(event, topic)
+
+    def _on_zenoh_sample(self, key: str, data: bytes) -> None:
+        """Zenoh's thread: hand over to the executor, which owns the bus."""
+        self._inbox.put((key, data))
+
+    def _service(self) -> None:
+        """On the executor: publish what came in, then send what waits and can go."""
+        while True:
+            try:
+                key, data = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            got = self.bridge.receive(key, data)
+            if got is not None:
+                try:
+                    self.bus.publish(*got)
+                except EventRejected as exc:
+                    self.bridge.stats['rejected_inbound_bus'] += 1
+                    self.get_logger().warning(f'inbound {key}: {exc}', throttle_duration_sec=1.0)
+        if self.bridge.outbox.items:
+            self.link.refresh()
+            self.bridge.flush()
+
+    def _record_refusal(self, record: dict) -> None:
+        record = {'ts_ms': time.time_ns() // 1_000_000, 'robot_id': self.bridge.config.robot_id,
+                  **record}
+        if self._audit is not None:
+            self._audit.write(json.dumps(record) + '\n')
+        self.get_logger().warning(
+            f"privacy: {record['reason']} event {record['event_id']} on {record['topic']} "
+            'kept on the robot', throttle_duration_sec=5.0)
+
+    def _tick(self) -> None:
+        from std_msgs.msg import String
+        self.link.refresh()
+        self._service()
+        if self._audit is not None:
+            self._audit.flush()
+        status = self.bridge.snapshot()
+        status['open_error'] = self.link.open_error
+        self.status_pub.publish(String(data=json.dumps(status)))
+
+
+def main(args=None):
+    run_lifecycle_node(ZenohBridgeNode, args)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,159 @@
+"""The bridge's Zenoh side: a session (peer or client) opened in the background until it succeeds,
+one publisher per key with the QoS level's priority, congestion control and express, and whether
+anyone listens to each key (Zenoh matching status), so Batched samples wait instead of vanishing.
+
+A client session needs its router at open, so opening is retried; once open, Zenoh itself
+reconnects after the router restarts, and the publishers and subscribers come back with it.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+
+from loom_ros.bus.qos import QosLevel, to_zenoh_options
+
+MODES = ('peer', 'client')
+
+
+def session_config(mode: str, connect=(), listen=(), multicast_scouting: bool = False):
+    """A zenoh.Config: `mode`, explicit endpoints, multicast scouting off unless asked for."""
+    import zenoh
+    if mode not in MODES + ('router',):
+        raise ValueError(f"zenoh mode must be one of peer, client, router; got {mode!r}")
+    if mode == 'client' and not connect:
+        raise ValueError('zenoh client mode needs at least one connect endpoint')
+    config = zenoh.Config()
+    config.insert_json5('mode', json.dumps(mode))
+    config.insert_json5('connect/endpoints', json.dumps(list(connect)))
+    if listen or mode != 'client':
+        config.insert_json5('listen/endpoints', json.dumps(list(listen)))
+    config.insert_json5('scouting/multicast/enabled', json.dumps(bool(multicast_scouting)))
+    return config
+
+
+class ZenohLink:
+    """Transport for loom_ros.bridge.core.Bridge over one zenoh.Session."""
+
+    def __init__(self, make_config: Callable[[], object], on_change: Callable[[], None] = lambda: None,
+                 retry_s: float = 0.5, logger=None):
+        self._make_config = make_config
+        self._on_change = on_change
+        self._retry_s = retry_s
+        self._logger = logger
+        self.session = None
+        self.connected = False
+        self.open_error = ''
+        self._publishers: dict[str, object] = {}
+        self._listeners: list = []
+        self._matched: dict[str, bool] = {}
+        self._subscriptions: list[tuple[str, Callable]] = []
+        self._subscribers: list = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._opener: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._stop.clear()
+        self._opener = threading.Thread(target=self._open_loop, daemon=True, name='zenoh-open')
+        self._opener.start()
+
+    def _open_loop(self) -> None:
+        import zenoh
+        while not self._stop.is_set():
+            try:
+                session = zenoh.open(self._make_config())
+            except zenoh.ZError as exc:
+                if self.open_error != str(exc) and self._logger is not None:
+                    self._logger.warning(f'zenoh: cannot open the session yet ({exc}); retrying '
+                                         f'every {self._retry_s:g} s')
+                self.open_error = str(exc)
+                self._stop.wait(self._retry_s)
+                continue
+            with self._lock:
+                if self._stop.is_set():
+                    session.close()
+                    return
+                self.session = session
+                for key_expr, callback in self._subscriptions:
+                    self._declare_subscriber(key_expr, callback)
+            self.open_error = ''
+            self.refresh()
+            self._on_change()
+            return
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._opener is not None:
+            self._opener.join(timeout=10.0)
+        with self._lock:
+            session, self.session = self.session, None
+            self._publishers.clear()
+            self._listeners.clear()
+            self._subscribers.clear()
+            self._matched.clear()
+            self.connected = False
+        if session is not None:
+            session.close()
+
+    # -- state ----------------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Re-read whether the session reaches a router or peer; returns True when it changed."""
+        session = self.session
+        now = False
+        if session is not None:
+            try:
+                info = session.info
+                now = bool(info.routers_zid()) or bool(info.peers_zid())
+            except Exception:
+                now = False
+        changed = now != self.connected
+        self.connected = now
+        return changed
+
+    def ready(self, key: str, level: QosLevel) -> bool:
+        """Someone on the Zenoh side listens to `key` now (which implies a live connection)."""
+        if key not in self._publishers and self._publisher(key, level) is None:
+            return False
+        return self._matched.get(key, False)
+
+    # -- data -----------------------------------------------------------------------------
+    def _publisher(self, key: str, level: QosLevel):
+        with self._lock:
+            if self.session is None:
+                return None
+            pub = self._publishers.get(key)
+            if pub is None:
+                pub = self.session.declare_publisher(key, **to_zenoh_options(level))
+                self._publishers[key] = pub
+                self._matched[key] = bool(pub.matching_status.matching)
+
+                def on_matching(status, key=key):
+                    was = self._matched.get(key, False)
+                    self._matched[key] = bool(status.matching)
+                    if status.matching and not was:
+                        self._on_change()
+                self._listeners.append(pub.declare_matching_listener(on_matching))
+            return pub
+
+    def put(self, key: str, data: bytes, level: QosLevel) -> None:
+        pub = self._publishers.get(key) or self._publisher(key, level)
+        if pub is None:
+            raise ConnectionError('zenoh session is not open')
+        pub.put(data)
+
+    def subscribe(self, key_expr: str, callback: Callable[[str, bytes], None]) -> None:
+        """Call `callback(key, payload)` for samples from other sessions on `key_expr`."""
+        with self._lock:
+            self._subscriptions.append((key_expr, callback))
+            if self.session is not None:
+                self._declare_subscriber(key_expr, callback)
+
+    def _declare_subscriber(self, key_expr: str, callback) -> None:
+        import zenoh
+
+        def on_sample(sample):
+            callback(str(sample.key_expr), sample.payload.to_bytes())
+        self._subscribers.append(self.session.declare_subscriber(
+            key_expr, on_sample, allowed_origin=zenoh.Locality.REMOTE))
