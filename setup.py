@@ -24,6 +24,7 @@ setup(
     entry_points={
         'console_scripts': [
             'loom = loom_ros.cli:main',
+            'loom_status = loom_ros.telemetry.status:main',
             'sim_sensors = loom_ros.sensors.sim_sensors_node:main',
             'event_monitor = loom_ros.bus.event_monitor_node:main',
             'router = loom_ros.router.router_node:main',

@@ -16,6 +16,7 @@ from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import Event
 from loom_ros.bus.executor import run_node
 from loom_ros.config.params import ParamSpec, declare_parameters
+from loom_ros.telemetry.diagnostics import OK, WARN, CheckResult
 
 PARAMETERS = [
     ParamSpec('pattern', 'Loom topic pattern to watch (* one segment, ** any)', read_only=True),
@@ -37,8 +38,20 @@ class EventMonitorNode(Node):
         self._last = time.monotonic()
         self.bus.subscribe(params['pattern'], self._on_event)
         self.create_timer(params['report_period_s'], self._report)
+        self._pattern = params['pattern']
+        self._last_event = time.monotonic()
+        self.bus.telemetry.add_check('events', self._events_check)
+
+    def _events_check(self) -> CheckResult:
+        """WARN when nothing matched the pattern for 5 s: publishers down or a QoS/domain mismatch."""
+        idle = time.monotonic() - self._last_event
+        if idle > 5.0:
+            return CheckResult(WARN, f'no events on {self._pattern!r} for {idle:.0f} s: are the '
+                               'publishers running, in this ROS_DOMAIN_ID and namespace?')
+        return CheckResult(OK, f'receiving on {self._pattern!r}')
 
     def _on_event(self, event: Event, topic: str) -> None:
+        self._last_event = time.monotonic()
         self._window[topic] += 1
         self._latency_ms[topic] = time.time() * 1000.0 - event.timestamp_ms
 

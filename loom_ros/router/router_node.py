@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import uuid
 
 from rcl_interfaces.msg import SetParametersResult
@@ -22,6 +23,9 @@ from loom_ros.config.params import ParamSpec, config_dir, declare_parameters
 from loom_ros.router.decision import RequestError, RouteRequest, Spend, decide
 from loom_ros.router.history import Outcome, RouterHistory
 from loom_ros.router.policy import PolicyError, PolicyFile, load_policy
+from loom_ros.telemetry import tracing
+from loom_ros.telemetry.diagnostics import WARN, CheckResult, budget_check
+from loom_ros.telemetry.node_telemetry import attach_telemetry
 
 PARAMETERS = [
     ParamSpec('policy_file', "Routing policy YAML; '' means the shipped config/policy.yaml"),
@@ -42,6 +46,9 @@ class RouterNode(LifecycleNode):
         self._active = False
         self._service = None  # set on configure; None means nothing to release
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.telemetry = attach_telemetry(self, 'router')  # /diagnostics, loom/metrics, tracing
+        self.telemetry.add_check('cloud budget', self._budget_check)
+        self.telemetry.registry.collectors.append(self._collect_metrics)
 
     # -- lifecycle ------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -108,8 +115,35 @@ class RouterNode(LifecycleNode):
                 self.get_logger().info(f'policy reloaded from {param.value or "default"}')
         return SetParametersResult(successful=True)
 
+    # -- telemetry ----------------------------------------------------------------------------
+    def _budget_check(self) -> CheckResult:
+        if self.history is None or self.policy is None:
+            return CheckResult(WARN, 'router not configured: no history or policy loaded yet')
+        return budget_check(self.history.spend(), self.policy.budget.limit)
+
+    def _collect_metrics(self, registry) -> None:
+        if self.history is None or self.policy is None:
+            return
+        registry.set_total('route_decisions', self.history.decisions)
+        for route, rate in self.history.rates().items():
+            registry.set_gauge('route_rate', rate, route=route)
+        registry.set_gauge('cloud_spend', self.history.spend())
+        registry.set_gauge('cloud_budget_limit', self.policy.budget.limit)
+
     # -- service ------------------------------------------------------------------------------
     def _on_route(self, req, resp):
+        start = time.perf_counter()
+        with tracing.span(tracing.ROUTE_DECISION, kind='SERVER', attributes={
+                'loom.event.id': req.event_id, 'loom.event.type': req.event_type,
+                'loom.agent.id': req.agent_id}) as span:
+            resp = self._route(req, resp)
+            span.set_attribute('loom.route', resp.route if resp.ok else 'refused')
+            span.set_attribute('loom.route.rule', resp.rule)
+        self.telemetry.registry.histogram('route_decision_ms').record(
+            (time.perf_counter() - start) * 1000.0)
+        return resp
+
+    def _route(self, req, resp):
         if not self._active:
             resp.ok, resp.error = False, 'router is not active (lifecycle state is not active)'
             return resp

@@ -1,0 +1,91 @@
+"""Diagnostics: each check switches OK / WARN / ERROR under induced conditions (pure), a broken
+check is an ERROR, and a real router process reports the cloud budget going from OK to WARN to
+ERROR on /diagnostics as outcomes with costs arrive."""
+from __future__ import annotations
+
+from loom_ros.telemetry.diagnostics import (
+    ERROR, OK, WARN, CheckResult, DropsRising, budget_check, level_of, persistence_check,
+    plugin_check, queue_check, queues_check, run_check,
+)
+
+
+def test_queue_near_full_then_full():
+    assert queue_check(10, 100).level == OK
+    warn = queue_check(85, 100)
+    assert warn.level == WARN and 'near full (85/100)' in warn.message
+    full = queue_check(100, 100)
+    assert full.level == ERROR and 'raise queue_size' in full.message
+    assert queue_check(5, 0).level == OK
+    worst = queues_check({'camera.**': (1, 100), 'agent.*.action': (99, 100)})
+    assert worst.level == ERROR and 'agent.*.action' in worst.message
+    assert queues_check({}).level == OK
+
+
+def test_drops_rising_switches_with_the_rate():
+    drops = DropsRising(warn_per_s=0.0, error_per_s=100.0)
+    assert drops.update(0, now=0.0).level == OK
+    assert drops.update(0, now=1.0).level == OK
+    rising = drops.update(5, now=2.0)
+    assert rising.level == WARN and '5.0' in rising.message and 'loom/bus/stats' in rising.message
+    assert drops.update(1000, now=3.0).level == ERROR
+    assert drops.update(1000, now=4.0).level == OK   # stopped rising
+
+
+def test_plugin_budget_and_persistence():
+    assert plugin_check('face', True).level == OK
+    assert plugin_check('face', None, 'timeout after 1 s').level == WARN
+    bad = plugin_check('face', False, 'model file truncated')
+    assert bad.level == ERROR and 'model file truncated' in bad.message
+    assert budget_check(1.0, 5.0).level == OK
+    assert budget_check(4.5, 5.0).level == WARN
+    over = budget_check(5.2, 5.0)
+    assert over.level == ERROR and 'over budget' in over.message and 'budget.limit' in over.message
+    assert budget_check(100.0, 0.0).level == OK   # no limit configured
+    assert persistence_check(0.01).level == OK
+    assert persistence_check(2.0).level == WARN
+    assert persistence_check(9.0).level == ERROR
+
+
+def test_a_broken_check_is_an_error_not_a_crash():
+    assert run_check(lambda: 1 / 0).level == ERROR
+    assert 'ZeroDivisionError' in run_check(lambda: 1 / 0).message
+    assert run_check(lambda: 'fine').level == ERROR
+    assert run_check(lambda: CheckResult(OK, 'x')).level == OK
+
+
+def test_router_reports_budget_levels_on_diagnostics(ros, spawn, tmp_path):
+    from diagnostic_msgs.msg import DiagnosticArray
+    from loom_msgs.msg import RouteOutcome
+
+    from loom_ros.bus.qos import to_qos_profile
+    levels: list[tuple[int, str]] = []
+
+    def on_diag(msg):
+        for status in msg.status:
+            if status.name == '/router: cloud budget':
+                levels.append((level_of(status), status.message))
+
+    sub = ros.node.create_subscription(DiagnosticArray, '/diagnostics', on_diag, 10)
+    pub = ros.node.create_publisher(RouteOutcome, 'router/outcomes', to_qos_profile('batched'))
+    router = spawn('-m', 'loom_ros.router.router_node', '--ros-args',
+                   '-p', f'history_db:={tmp_path / "router.db"}',
+                   '-p', 'telemetry.diagnostics.period_s:=0.2')
+    try:
+        ros.wait_for(lambda: levels and levels[-1][0] == OK, 'an OK budget report',
+                     alive=[router])
+
+        def spend(cost: float) -> None:
+            pub.publish(RouteOutcome(decision_id='d', event_type='speech.utterance',
+                                     backend='cloud', latency_ms=100.0, cost=cost, success=True,
+                                     confidence=0.9))
+
+        ros.wait_for(lambda: pub.get_subscription_count() > 0, 'the router on router/outcomes')
+        spend(4.2)   # the shipped policy's budget is 5.0 per day: 84%
+        ros.wait_for(lambda: levels[-1][0] == WARN, 'WARN near the budget', alive=[router])
+        assert '84%' in levels[-1][1]
+        spend(1.0)   # 5.2 of 5.0
+        ros.wait_for(lambda: levels[-1][0] == ERROR, 'ERROR over budget', alive=[router])
+        assert 'cloud over budget' in levels[-1][1]
+    finally:
+        ros.node.destroy_subscription(sub)
+        ros.node.destroy_publisher(pub)

@@ -1,0 +1,126 @@
+"""Metrics: percentiles against numpy on known inputs, counters and rates, bus counters, the
+Prometheus endpoint over real HTTP, and the Metrics message round trip."""
+from __future__ import annotations
+
+import math
+import socket
+import urllib.request
+
+import numpy
+import pytest
+
+from loom_ros.telemetry.metrics import (
+    COUNTER, GAUGE, HISTOGRAM, Histogram, MetricsRegistry, ResourceSampler, Sketch, from_msg,
+    serve_prometheus, stop_serving, to_msg,
+)
+
+PRECISION = 0.01
+
+
+@pytest.mark.parametrize('name, values', [
+    ('uniform', numpy.random.default_rng(1).uniform(0.1, 50.0, 20000)),
+    ('lognormal latencies', numpy.random.default_rng(2).lognormal(0.0, 1.5, 50000)),
+    ('heavy tail', numpy.concatenate([numpy.full(9900, 2.0), numpy.linspace(100, 5000, 100)])),
+    ('integers 1..1000', numpy.arange(1, 1001, dtype=float)),
+    ('with zeros', numpy.concatenate([numpy.zeros(300), numpy.arange(1, 701, dtype=float)])),
+])
+def test_quantiles_match_numpy_within_the_relative_error(name, values):
+    sketch = Sketch(PRECISION)
+    for v in values:
+        sketch.add(float(v))
+    assert sketch.count == len(values)
+    assert sketch.max == values.max() and sketch.min == values.min()
+    assert sketch.sum == pytest.approx(values.sum())
+    for q in (0.01, 0.25, 0.5, 0.9, 0.99, 0.999):
+        exact = numpy.percentile(values, q * 100, method='lower')
+        assert sketch.quantile(q) == pytest.approx(exact, rel=PRECISION, abs=1e-12), (name, q)
+    assert sketch.quantile(1.0) == values.max()
+
+
+def test_histogram_reports_the_period_then_resets_and_keeps_the_total():
+    hist = Histogram()
+    for v in range(1, 101):
+        hist.record(float(v))
+    snap = hist.snapshot()
+    assert snap['count'] == 100 and snap['max'] == 100.0
+    assert snap['p50'] == pytest.approx(50, rel=PRECISION)
+    assert snap['p99'] == pytest.approx(99, rel=PRECISION)
+    assert snap['mean'] == pytest.approx(50.5)
+    empty = hist.snapshot()
+    assert empty['count'] == 0 and math.isnan(empty['p50'])
+    assert hist.total.count == 100
+
+
+def test_a_sketch_refuses_bad_arguments():
+    with pytest.raises(ValueError, match='precision'):
+        Sketch(0.0)
+    sketch = Sketch()
+    assert math.isnan(sketch.quantile(0.5))
+    sketch.add(1.0)
+    with pytest.raises(ValueError, match='quantile'):
+        sketch.quantile(1.5)
+
+
+def test_counters_give_rates_between_snapshots():
+    reg = MetricsRegistry('/n')
+    reg.inc('events_published', 10, topic='a.b')
+    reg.snapshot(now=100.0)
+    reg.inc('events_published', 50, topic='a.b')
+    reg.set_total('events_received', 7, topic='a.b')
+    reg.set_gauge('queue_depth', 3, subscription='a.*')
+    reg.histogram('handle_latency_ms', topic='a.b').record(2.0)
+    samples = {(s.name, tuple(s.labels.items())): s for s in reg.snapshot(now=102.0)}
+    pub = samples[('events_published', (('topic', 'a.b'),))]
+    assert pub.kind == COUNTER and pub.value == 60 and pub.rate == pytest.approx(25.0)
+    assert samples[('events_received', (('topic', 'a.b'),))].rate == pytest.approx(3.5)
+    assert samples[('queue_depth', (('subscription', 'a.*'),))].kind == GAUGE
+    lat = samples[('handle_latency_ms', (('topic', 'a.b'),))]
+    assert lat.kind == HISTOGRAM and lat.count == 1 and lat.p50 == pytest.approx(2.0, rel=0.01)
+
+
+def test_resource_sampler_reads_this_process():
+    reg = MetricsRegistry()
+    reg.collectors.append(ResourceSampler())
+    sum(i * i for i in range(200000))  # some CPU
+    names = {s.name: s.value for s in reg.snapshot()}
+    assert names['process_rss_bytes'] > 10 * 2**20
+    assert names['process_threads'] >= 1
+    assert names['process_cpu_percent'] >= 0.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def test_prometheus_endpoint_serves_counters_gauges_and_quantiles():
+    reg = MetricsRegistry('/robot1/agent')
+    reg.set_total('events_published', 42, topic='camera.front')
+    reg.set_gauge('queue_depth', 5, subscription='camera.**')
+    hist = reg.histogram('handle_latency_ms', topic='camera.front')
+    for v in range(1, 101):
+        hist.record(float(v))
+    port = serve_prometheus(reg, _free_port(), addr='127.0.0.1')
+    try:
+        text = urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=10).read().decode()
+    finally:
+        stop_serving(reg)
+    assert 'loom_events_published_total{node="/robot1/agent",topic="camera.front"} 42.0' in text
+    assert 'loom_queue_depth{node="/robot1/agent",subscription="camera.**"} 5.0' in text
+    assert 'loom_handle_latency_ms_count{node="/robot1/agent",topic="camera.front"} 100.0' in text
+    p99 = next(line for line in text.splitlines()
+               if line.startswith('loom_handle_latency_ms{') and 'quantile="0.99"' in line)
+    assert float(p99.split()[-1]) == pytest.approx(99.0, rel=PRECISION)
+
+
+def test_metrics_message_round_trip():
+    reg = MetricsRegistry('/n')
+    reg.set_total('events_published', 3, topic='x.y')
+    reg.histogram('handle_latency_ms', topic='x.y').record(1.5)
+    samples = reg.snapshot()
+    msg = to_msg('/n', 1.0, samples)
+    assert msg.node == '/n' and len(msg.samples) == len(samples)
+    back = from_msg(msg)
+    assert [(s.name, s.kind, s.labels, s.count) for s in back] == \
+        [(s.name, s.kind, s.labels, s.count) for s in samples]
