@@ -281,3 +281,27 @@ def test_embedding_plugin():
         bad = embedding.handle_event(Event(type='text', payload=payload))
         assert not bad.ok, payload
     assert embedding.health().details['bad_input'] == '4'
+
+
+def test_one_detector_shared_by_threads_gives_the_same_answers(detector, classifier, astronaut):
+    """A host may call a plugin from several executor threads: the reused input tensors and the
+    interpreters are guarded, so concurrent frames neither crash nor mix."""
+    from concurrent.futures import ThreadPoolExecutor
+    expected = detector.detect(astronaut)[0].box
+
+    def one(i: int):
+        frame = astronaut if i % 2 == 0 else np.zeros_like(astronaut)
+        faces = detector.detect(frame)
+        labels = [classifier.classify_box(frame, f.box).label for f in faces]
+        return i % 2, [f.box for f in faces], labels
+
+    with ThreadPoolExecutor(4) as pool:
+        for parity, boxes, labels in pool.map(one, range(40)):
+            assert (boxes, labels) == (([expected], ['happy']) if parity == 0 else ([], []))
+
+
+def test_msg_data_as_a_list_of_ints(astronaut):
+    small = astronaut[:4, :5]
+    msg = SimpleNamespace(width=5, height=4, encoding='rgb8', step=15,
+                          data=list(small.tobytes()))
+    np.testing.assert_array_equal(image_from_msg(msg), small)

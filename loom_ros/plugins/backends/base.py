@@ -7,6 +7,7 @@ corrupt, not the shape the caller expects), so a plugin fails at Init with a rea
 from __future__ import annotations
 
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,7 @@ class ModelBackend(ABC):
         self.threads = threads
         self.inputs: list[TensorSpec] = []
         self.outputs: list[TensorSpec] = []
+        self._lock = threading.Lock()  # runtimes' interpreters must not run two calls at once
         self._load()
         _check_expected(self.path, 'input', self.inputs, expect_inputs)
         _check_expected(self.path, 'output', self.outputs, expect_outputs)
@@ -127,22 +129,25 @@ class ModelBackend(ABC):
     # -- the interface ----------------------------------------------------------------------------
     def run(self, feed) -> list[np.ndarray]:
         arrays = self._arrange(feed)
-        outputs = self._run(arrays)
-        self.runs += 1
+        with self._lock:
+            outputs = self._run(arrays)
+            self.runs += 1
         return outputs
 
     def warmup(self, runs: int = 1) -> None:
         zeros = [np.zeros(tuple(1 if d is None else d for d in s.shape), dtype=s.dtype)
                  for s in self.inputs]
-        for _ in range(runs):
-            self._run(zeros)
+        with self._lock:
+            for _ in range(runs):
+                self._run(zeros)
 
     def set_threads(self, threads: int) -> None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ModelError(f'threads must be a positive integer, got {threads!r}')
-        if threads != self.threads:
-            self.threads = threads
-            self._load()
+        with self._lock:
+            if threads != self.threads:
+                self.threads = threads
+                self._load()
 
     def close(self) -> None:
         """Release the runtime (subclasses drop their session or interpreter)."""

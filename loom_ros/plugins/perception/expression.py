@@ -5,6 +5,7 @@ square leaves the frame.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class ExpressionClassifier:
                                 expect_outputs=[(1, len(LABELS))], warmup=1)
         self.margin = margin
         self._tensor = np.empty((1, INPUT_SIZE, INPUT_SIZE, 1), dtype=np.float32)
+        self._lock = threading.Lock()  # the input tensor is reused: one face at a time
 
     def preprocess(self, face: np.ndarray) -> np.ndarray:
         """A face crop (H, W, 3) RGB or (H, W) grey uint8 to the model's (1, 64, 64, 1) input."""
@@ -84,7 +86,8 @@ class ExpressionClassifier:
 
     def classify(self, face: np.ndarray) -> Expression:
         """The expression of a whole image that is one face crop."""
-        scores = self.model.run([self.preprocess(face)])[0][0]
+        with self._lock:
+            scores = self.model.run([self.preprocess(face)])[0][0]
         best = int(np.argmax(scores))
         return Expression(LABELS[best], float(scores[best]),
                           {label: float(s) for label, s in zip(LABELS, scores)})

@@ -9,6 +9,7 @@ the model); reimplemented in numpy so TensorFlow is never imported.
 from __future__ import annotations
 
 import importlib.util
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,7 @@ class FaceDetector:
         self._raw_threshold = float(np.log(min_score / (1.0 - min_score)))  # logit: skip sigmoid
         self.anchors = ssd_anchors()
         self._tensor = np.full((1, INPUT_SIZE, INPUT_SIZE, 3), -1.0, dtype=np.float32)
+        self._lock = threading.Lock()  # the input tensor is reused: one frame at a time
 
     def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float, float]]:
         """Letterbox into the 128x128 input in [-1, 1]; returns the tensor and how to map model
@@ -159,8 +161,9 @@ class FaceDetector:
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
         """Faces in an (H, W, 3) uint8 RGB frame, best first."""
-        tensor, (off_x, off_y, sx, sy) = self.preprocess(rgb)
-        raw_boxes, raw_scores = self.model.run([tensor])
+        with self._lock:
+            tensor, (off_x, off_y, sx, sy) = self.preprocess(rgb)
+            raw_boxes, raw_scores = self.model.run([tensor])
         raw_scores = raw_scores.reshape(-1)
         candidates = np.nonzero(raw_scores > self._raw_threshold)[0]
         if candidates.size == 0:

@@ -63,7 +63,9 @@ def raw_to_array(data, width: int, height: int, encoding: str, step: int = 0) ->
 def image_from_msg(msg) -> np.ndarray:
     """A sensor_msgs/Image (or any object with its fields) to (H, W, 3) uint8 RGB."""
     data = msg.data
-    if hasattr(data, 'tobytes') and not isinstance(data, (bytes, bytearray, memoryview)):
+    if isinstance(data, (list, tuple)):
+        data = bytes(data)
+    elif hasattr(data, 'tobytes') and not isinstance(data, (bytes, bytearray, memoryview)):
         data = memoryview(data)  # array.array from rclpy: no copy
     pixels = raw_to_array(data, int(msg.width), int(msg.height), str(msg.encoding), int(msg.step))
     return to_rgb(pixels, msg.encoding)
