@@ -35,7 +35,7 @@ from loom_ros.plugins.contract import (
     PluginMetadata, PluginNotFound, PluginResponse, PluginType, load_plugin_class,
 )
 from loom_ros.security.capabilities import (
-    ALL_CAPABILITIES, CapabilityConfigError, acting_as, grant, install_guard,
+    ALL_CAPABILITIES, CapabilityConfigError, acting_as, declared_by, grant, install_guard,
 )
 
 IN_PROCESS = 'in_process'
@@ -269,7 +269,7 @@ class PluginHost:
                                  ros_node=self.ros_node, direct=self.handles)
         with slot.lock, acting_as(slot.ctx if self.guard and slot.guarded else None):
             slot.plugin.init(slot.ctx)
-        declared = sorted(c.value for c in metadata.capabilities)
+        declared = sorted(declared_by(metadata))
         self._audit(slot, 'plugin_init', version=metadata.version, type=metadata.type.value,
                     mode=spec.mode, target=spec.target, declared=declared, granted=sorted(granted))
         ungranted = sorted(set(declared) - granted)

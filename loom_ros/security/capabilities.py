@@ -44,11 +44,15 @@ def _names(values: Iterable, plugin: str, where: str) -> set[str]:
     return out
 
 
+def declared_by(metadata: PluginMetadata) -> set[str]:
+    return {Capability(c).value for c in metadata.capabilities}
+
+
 def grant(plugin: str, metadata: PluginMetadata, requested: Iterable,
           allowed: Iterable = ALL_CAPABILITIES) -> frozenset[str]:
     """The capabilities `plugin` gets: what config requests, each of which must be declared by
     the plugin and allowed by the host. Anything else is a CapabilityConfigError."""
-    declared = {c.value for c in metadata.capabilities}
+    declared = declared_by(metadata)
     wanted = _names(requested, plugin, 'its grants')
     ceiling = _names(allowed, plugin, 'the host\'s allowed_capabilities')
     undeclared = sorted(wanted - declared)

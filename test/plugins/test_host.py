@@ -1,0 +1,271 @@
+"""The plugin host's pure core: loading by entry point or module:Class, grants (declared AND
+config AND host), refusals raised in the plugin and audited, crashing and failing plugins
+isolated, actuator commands audited, same-process calls without serialization, the sandbox seam."""
+import socket
+
+import pytest
+
+from loom_ros.bus.event import Event, Privacy
+from loom_ros.plugins import registry
+from loom_ros.plugins.contract import CapabilityDenied, HealthState, PluginContext, PluginMetadata
+from loom_ros.plugins.host import (
+    PluginHost, PluginsFileError, PluginSpec, load_plugins_file, parse_specs,
+)
+from loom_ros.security.audit import AuditLog
+from loom_ros.security.capabilities import CapabilityConfigError, acting_as, grant
+
+WEATHER = {'forecasts': {'Lisbon': [{'summary': 'sunny', 'high_c': 24, 'low_c': 15}],
+                         'Tokyo': [{'summary': 'clear', 'high_c': 18, 'low_c': 10}]}}
+OVERSTEP = 'overstep_plugin:OverstepPlugin'
+
+
+@pytest.fixture
+def audit(tmp_path):
+    log = AuditLog(tmp_path / 'audit.db')
+    yield log
+    log.close()
+
+
+@pytest.fixture
+def make_host(audit, tmp_path):
+    hosts = []
+
+    def make(*entries, **kwargs):
+        host = PluginHost(parse_specs(list(entries)), audit_sink=audit,
+                          data_dir=tmp_path / 'data', **kwargs)
+        hosts.append(host)
+        return host
+    yield make
+    for host in hosts:
+        host.stop()
+
+
+class Listener:
+    """A real TCP listener on 127.0.0.1: proves whether a refused plugin ever connected (a
+    completed connect is in the accept queue before connect() returns)."""
+
+    def __init__(self):
+        self.server = socket.socket()
+        self.server.bind(('127.0.0.1', 0))
+        self.server.listen(8)
+        self.server.setblocking(False)
+        self.port = self.server.getsockname()[1]
+
+    def accepted(self) -> int:
+        count = 0
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except BlockingIOError:
+                return count
+            conn.close()
+            count += 1
+
+
+@pytest.fixture
+def listener():
+    server = Listener()
+    yield server
+    server.server.close()
+
+
+def ask(host, name, what, target=''):
+    return host.handle(name, Event.with_json('try', {'try': what, 'target': str(target)}))
+
+
+def test_loads_by_entry_point_and_by_module_path_and_answers(make_host, audit):
+    host = make_host({'name': 'weather', 'config': WEATHER},
+                     {'name': 'overstep', 'plugin': OVERSTEP})
+    assert host.start() == {}
+    assert host.running() == ['weather', 'overstep']
+    response = host.handle('weather', Event.with_json('tool.weather.query', {'city': 'lisbon'},
+                                                      privacy=Privacy.PRIVATE))
+    assert response.ok, response.error
+    (out,) = response.events
+    assert out.type == 'tool.weather.result' and out.json()['city'] == 'Lisbon'
+    assert out.source == 'weather' and out.privacy is Privacy.PRIVATE  # as private as the query
+    assert out.metadata['in_reply_to'] and response.latency_ms > 0
+    inits = audit.query(kind='plugin_init')
+    assert [(r['plugin'], r['fields']['granted']) for r in inits] == [('weather', []),
+                                                                       ('overstep', [])]
+
+
+def test_grant_is_declared_and_configured_and_allowed():
+    meta = PluginMetadata(name='w', type='tool', capabilities=('storage.read', 'network'))
+    assert grant('w', meta, ['network']) == {'network'}
+    assert grant('w', meta, []) == frozenset()          # nothing unless config grants it
+    with pytest.raises(CapabilityConfigError, match=r"granted storage.write in config but "
+                                                    r"does not declare it"):
+        grant('w', meta, ['network', 'storage.write'])
+    with pytest.raises(CapabilityConfigError, match="unknown capability 'telepathy'"):
+        grant('w', meta, ['telepathy'])
+    with pytest.raises(CapabilityConfigError, match='this host does not allow it'):
+        grant('w', meta, ['network'], allowed=['storage.read'])
+
+
+def test_a_grant_the_plugin_did_not_declare_is_refused_at_init_and_the_others_start(
+        make_host, audit):
+    host = make_host({'name': 'overstep', 'plugin': OVERSTEP, 'grants': ['network']},
+                     {'name': 'weather', 'config': WEATHER},
+                     {'name': 'missing', 'plugin': 'no_such_plugin'})
+    failed = host.start()
+    assert set(failed) == {'overstep', 'missing'}
+    assert "granted network in config but does not declare it" in failed['overstep']
+    assert "no plugin 'no_such_plugin'" in failed['missing'] and 'weather' in failed['missing']
+    assert host.running() == ['weather']
+    refused = host.handle('overstep', Event(type='x'))
+    assert not refused.ok and 'not running (failed: ' in refused.error
+    health = host.health('overstep')
+    assert health.state is HealthState.FAILED and 'does not declare it' in health.message
+    assert {r['plugin'] for r in audit.query(kind='init_failed')} == {'overstep', 'missing'}
+
+
+def test_overstepping_plugin_is_refused_every_way_and_each_refusal_is_audited(
+        make_host, audit, listener, tmp_path):
+    host = make_host({'name': 'overstep', 'plugin': OVERSTEP})
+    host.start()
+    port = listener.port
+    cases = {
+        'require_network': ('network', ''),
+        'network': ('network', port),
+        'storage_write': ('storage.write', tmp_path / 'written.txt'),
+        'sqlite_write': ('storage.write', tmp_path / 'written.db'),
+        'spawn': ('process.spawn', ''),
+    }
+    for what, (capability, target) in cases.items():
+        response = ask(host, 'overstep', what, target)
+        assert not response.ok, what
+        assert f"plugin 'overstep' may not use '{capability}'" in response.error, response.error
+    assert listener.accepted() == 0                      # the connection never happened
+    assert not (tmp_path / 'written.txt').exists() and not (tmp_path / 'written.db').exists()
+
+    swallowed = ask(host, 'overstep', 'swallow', port)  # caught by the plugin: still on record
+    assert swallowed.ok and listener.accepted() == 0
+
+    denied = audit.query(plugin='overstep', kind='capability_denied')
+    assert [r['fields']['capability'] for r in denied] == [
+        'network', 'network', 'storage.write', 'storage.write', 'process.spawn', 'network']
+    assert 'socket' in denied[1]['fields']['detail']
+    assert str(tmp_path / 'written.txt') in denied[2]['fields']['detail']
+    counters = host.counters('overstep')
+    assert counters['denied'] == 6 and counters['failed'] == 5 and counters['handled'] == 1
+    assert host.health('overstep').details['denied'] == '6'
+
+
+def test_declared_network_works_only_when_granted(make_host, audit, listener):
+    port = listener.port
+    granted = make_host({'name': 'net_on', 'plugin': 'overstep_plugin:NetworkPlugin',
+                         'grants': ['network']})
+    refused = make_host({'name': 'net_off', 'plugin': 'overstep_plugin:NetworkPlugin'})
+    granted.start()
+    refused.start()
+    ok = granted.handle('net_on', Event.with_json('go', {'port': port}))
+    assert ok.ok, ok.error
+    no = refused.handle('net_off', Event.with_json('go', {'port': port}))
+    assert not no.ok and "may not use 'network' (connect)" in no.error
+    assert listener.accepted() == 1
+    assert [r['plugin'] for r in audit.query(kind='capability_denied')] == ['net_off']
+
+
+def test_the_guard_is_off_outside_plugin_calls_and_per_thread(make_host, tmp_path):
+    host = make_host({'name': 'overstep', 'plugin': OVERSTEP})
+    host.start()
+    ask(host, 'overstep', 'storage_write', tmp_path / 'refused.txt')
+    (tmp_path / 'host_may.txt').write_text('the host itself is not a plugin')
+    ctx = PluginContext(plugin='p', granted=frozenset())
+    with acting_as(ctx):
+        with pytest.raises(CapabilityDenied):
+            open(tmp_path / 'x.txt', 'w')
+        assert (tmp_path / 'host_may.txt').read_text()   # reading needs no grant
+
+
+def test_a_crashing_plugin_is_isolated_and_counted(make_host):
+    host = make_host({'name': 'overstep', 'plugin': OVERSTEP},
+                     {'name': 'weather', 'config': WEATHER},
+                     {'name': 'broken', 'plugin': 'overstep_plugin:FailingInitPlugin'})
+    failed = host.start()
+    assert failed == {'broken': 'model file model.tflite is truncated (12 of 4096 bytes)'}
+    crash = ask(host, 'overstep', 'crash')
+    assert not crash.ok and crash.error == 'plugin overstep raised RuntimeError: boom'
+    bad = ask(host, 'overstep', 'bad_output')
+    assert not bad.ok and 'produced an invalid event: missing_type' in bad.error
+    assert ask(host, 'overstep', 'nothing').ok                  # still serving
+    assert host.handle('weather', Event.with_json('tool.weather.query', {'city': 'Tokyo'})).ok
+    counters = host.counters('overstep')
+    assert (counters['raised'], counters['bad_output'], counters['handled']) == (1, 1, 1)
+    assert host.health('broken').state is HealthState.FAILED
+    malformed = host.handle('weather', Event(type='tool.weather.query', confidence=7.0))
+    assert not malformed.ok and 'bad_confidence' in malformed.error
+    assert host.counters('weather')['bad_input'] == 1
+    unknown = host.handle('nobody', Event(type='x'))
+    assert not unknown.ok and "no plugin 'nobody'" in unknown.error
+
+
+def test_every_actuator_command_is_audited(make_host, audit):
+    host = make_host({'name': 'arm', 'plugin': 'overstep_plugin:EchoActuator',
+                      'grants': ['actuator.motion']},
+                     {'name': 'arm_ungranted', 'plugin': 'overstep_plugin:EchoActuator'})
+    host.start()
+    for i in range(3):
+        assert host.handle('arm', Event(type='move', id=f'm{i}', payload=b'{"x":1}')).ok
+    assert not host.handle('arm_ungranted', Event(type='move', id='u0')).ok
+    commands = audit.query(kind='actuator_command')
+    assert [(r['plugin'], r['fields']['event_id']) for r in commands] == [
+        ('arm', 'm0'), ('arm', 'm1'), ('arm', 'm2'), ('arm_ungranted', 'u0')]
+    assert commands[0]['fields']['payload'] == '{"x":1}'
+    assert audit.query(plugin='arm_ungranted', kind='capability_denied')
+
+
+def test_same_process_calls_pass_event_objects_without_serialization(make_host):
+    host = make_host({'name': 'recorder', 'plugin': 'overstep_plugin:RecorderPlugin'},
+                     {'name': 'weather', 'config': WEATHER})
+    host.start()
+    registry.register(host)
+    try:
+        handle = registry.plugin_handle('recorder')     # what an agent in this process gets
+        event = Event(type='hello')
+        assert handle.handle_event(event).ok
+        assert host.slots['recorder'].plugin.seen[-1] is event   # the same object
+        # A plugin calls another through ctx.direct, still through the host (counted).
+        chained = handle.handle_event(Event(type='recorder.ask_weather'))
+        assert chained.ok and chained.events[0].json()['city'] == 'Tokyo'
+        assert host.counters('weather')['handled'] == 1
+        assert set(registry.local_plugins()) == {'recorder', 'weather'}
+        other = PluginHost(parse_specs([{'name': 'weather', 'config': WEATHER}]))
+        other.start()
+        with pytest.raises(Exception, match="'weather' is already served by another host"):
+            registry.register(other)
+        other.stop()
+    finally:
+        registry.unregister(host)
+    assert registry.local_plugins() == {}
+    with pytest.raises(Exception, match='does not run in this process'):
+        registry.plugin_handle('recorder')
+
+
+def test_sandbox_seam_runs_the_same_plugin_in_a_child_process(make_host):
+    host = make_host({'name': 'weather_sandboxed', 'plugin': 'weather', 'mode': 'subprocess',
+                      'config': WEATHER})
+    assert host.start() == {}
+    response = host.handle('weather_sandboxed',
+                           Event.with_json('tool.weather.query', {'text': 'Tokyo please'}))
+    assert response.ok, response.error
+    assert response.events[0].json()['city'] == 'Tokyo'
+
+
+def test_plugins_file_errors_name_the_entry(tmp_path):
+    with pytest.raises(PluginsFileError, match="plugin name 'a' appears twice"):
+        parse_specs([{'name': 'a'}, {'name': 'a'}])
+    with pytest.raises(PluginsFileError, match=r"plugin 'w': inputs: .*starts with a digit"):
+        parse_specs([{'name': 'w', 'inputs': ['tool.9x']}])
+    with pytest.raises(PluginsFileError, match=r"plugin 'bad-name': name: .*single underscores"):
+        parse_specs([{'name': 'bad-name'}])
+    with pytest.raises(PluginsFileError, match=r"plugin 'w': mode: "):
+        parse_specs([{'name': 'w', 'mode': 'docker'}])
+    path = tmp_path / 'plugins.yaml'
+    path.write_text('plugins: {weather: 1}\n')
+    with pytest.raises(PluginsFileError, match='expected a mapping with a `plugins:` list'):
+        load_plugins_file(path)
+    shipped = load_plugins_file(__import__('loom_ros.config.params', fromlist=['x'])
+                                .config_dir() / 'plugins.yaml')
+    assert isinstance(shipped[0], PluginSpec) and shipped[0].output == 'tool.weather.result'
