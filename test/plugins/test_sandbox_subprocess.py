@@ -158,3 +158,15 @@ def test_shutdown_ends_the_child():
     pid = child_pid(plugin)
     plugin.shutdown()
     assert gone(pid) and plugin.pid is None
+
+
+def test_the_capability_guard_applies_in_the_child(make):
+    audit: list[dict] = []
+    guarded = make(ctx=PluginContext(plugin='example_faulty', audit_sink=audit.append))
+    denied = guarded.handle_event(Event(type='fault.connect'))
+    assert not denied.ok and "may not use 'network'" in denied.error
+    assert audit[-1]['kind'] == 'capability_denied' and audit[-1]['capability'] == 'network'
+    granted = make(ctx=PluginContext(plugin='example_faulty', granted=frozenset({'network'})))
+    assert granted.handle_event(Event(type='fault.connect')).ok
+    unguarded = make(guard=False)
+    assert unguarded.handle_event(Event(type='fault.connect')).ok

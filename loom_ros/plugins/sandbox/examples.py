@@ -8,6 +8,7 @@ subprocess sandbox can be shown to survive crashes, hangs and memory hogs.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 
@@ -40,6 +41,7 @@ class FaultyPlugin(UpperPlugin):
     fault.hog    allocates memory until it runs out  fault.spin   burns CPU until stopped
     fault.pid    answers its process id (`fault.pid` event, payload = pid)
     fault.network  asks for the network capability (refused and audited unless granted)
+    fault.connect  opens a TCP connection to 127.0.0.1:9 without asking first (payload: port)
     Config `fail_init: true` makes init raise PluginError.
     """
 
@@ -71,6 +73,12 @@ class FaultyPlugin(UpperPlugin):
                 time.process_time()
         if kind == 'fault.network':
             self.ctx.require(Capability.NETWORK, 'example asked for it')
+            return PluginResponse()
+        if kind == 'fault.connect':
+            try:
+                socket.create_connection(('127.0.0.1', int(event.payload or b'9')), 1).close()
+            except ConnectionError:
+                pass  # nothing listens there: reaching the port at all was the point
             return PluginResponse()
         if kind == 'fault.pid':
             return PluginResponse(events=[Event(type='fault.pid', source=self.metadata.name,

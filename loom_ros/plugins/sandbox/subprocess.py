@@ -8,6 +8,11 @@ PluginResponse.failure that says why, and the child is started again on the next
 `max_restarts` such failures in a row (no successful call in between) mark the plugin FAILED: it
 then refuses calls with a clear error until `restart()` is called.
 
+Capabilities: the child runs the plugin under the same capability guard as in-process plugins
+(`guard`, default on): network, file writes and SQLite need their grants, and starting processes
+is refused. With `guard: false` the plugin may start processes (they stay in its process group,
+and are killed with it) and only its own PluginContext.require checks apply.
+
 RLIMIT_CPU counts the child's whole life: a child that reaches it is killed and restarted with a
 fresh budget (that counts as a failure only if no call succeeded since the last one).
 """
@@ -111,7 +116,7 @@ class SubprocessPlugin(Plugin):
     def __init__(self, target: str, *, cpu_seconds: float | None = None,
                  memory_bytes: int | None = None, call_timeout_s: float = 10.0,
                  start_timeout_s: float = 60.0, health_timeout_s: float = 5.0,
-                 max_restarts: int = 3, python: str | None = None) -> None:
+                 max_restarts: int = 3, guard: bool = True, python: str | None = None) -> None:
         super().__init__()
         if call_timeout_s <= 0 or start_timeout_s <= 0 or max_restarts < 0:
             raise PluginError(f'{target}: call_timeout_s and start_timeout_s must be > 0, '
@@ -121,6 +126,7 @@ class SubprocessPlugin(Plugin):
         self.call_timeout_s, self.start_timeout_s = float(call_timeout_s), float(start_timeout_s)
         self.health_timeout_s = float(health_timeout_s)
         self.max_restarts = int(max_restarts)
+        self.guard = bool(guard)
         self.python = python or sys.executable
         self._lock = threading.Lock()
         self._child: _Child | None = None
@@ -140,6 +146,8 @@ class SubprocessPlugin(Plugin):
             args += ['--cpu-seconds', str(self.cpu_seconds)]
         if self.memory_bytes:
             args += ['--memory-bytes', str(int(self.memory_bytes))]
+        if self.guard:
+            args.append('--guard')
         return args
 
     def _env(self) -> dict[str, str]:
@@ -394,5 +402,8 @@ class SubprocessPlugin(Plugin):
 
     def __del__(self) -> None:
         child = getattr(self, '_child', None)
-        if child is not None and child.popen.poll() is None:
-            child.kill()
+        try:
+            if child is not None and child.popen.poll() is None:
+                child.kill()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to report to
+            pass

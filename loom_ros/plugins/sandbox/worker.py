@@ -7,6 +7,9 @@ answers length-prefixed JSON requests on stdin/stdout (see loom_ros.plugins.sand
   {"seq", "op": "handle", "event": {...}} -> {"seq", "ok", "error", "events", "audit", "fatal"}
   {"seq", "op": "health"}                 -> {"seq", "ok", "health": {state, message, details}}
   {"seq", "op": "shutdown"}               -> {"seq", "ok"} and exit 0
+With --guard, the plugin's calls run under the host's capability guard
+(loom_ros.security.capabilities): network, file writes and SQLite need their grants in the child
+too, and starting processes is refused.
 The protocol keeps the original stdout to itself: the plugin's prints go to stderr, and stdin
 reads see an empty stream. Audit records the plugin makes travel back with each answer.
 A MemoryError is answered (`fatal`) and the worker exits with EXIT_OUT_OF_MEMORY, since the
@@ -15,6 +18,7 @@ plugin's state cannot be trusted after it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import resource
@@ -60,7 +64,17 @@ def _protocol_streams():
     return proto_in, proto_out
 
 
-def serve(target: str, proto_in, proto_out, memory_bytes: int | None) -> int:
+def _guard(enabled: bool):
+    """acting_as from the capability guard (installed once), or a context that checks nothing."""
+    if not enabled:
+        return lambda ctx: contextlib.nullcontext()
+    from loom_ros.security.capabilities import acting_as, install_guard
+    install_guard()
+    return acting_as
+
+
+def serve(target: str, proto_in, proto_out, memory_bytes: int | None,
+          guard: bool = False) -> int:
     from loom_ros.plugins.contract import PluginContext
     from loom_ros.plugins.sandbox.wire import (WireError, event_from_wire, health_to_wire,
                                                read_frame, response_to_wire, write_frame)
@@ -73,6 +87,8 @@ def serve(target: str, proto_in, proto_out, memory_bytes: int | None) -> int:
     write_frame(proto_out, {'op': 'hello', 'pid': os.getpid(),
                             'metadata': cls.metadata.model_dump(mode='json')})
     audit: list[dict] = []
+    acting_as = _guard(guard)
+    ctx = None
     while True:
         try:
             request = read_frame(proto_in)
@@ -86,18 +102,23 @@ def serve(target: str, proto_in, proto_out, memory_bytes: int | None) -> int:
         reply: dict = {'seq': seq, 'ok': True, 'error': ''}
         try:
             if op == 'init':
-                ctx = request['ctx']
-                plugin.init(PluginContext(plugin=ctx['plugin'], config=dict(ctx['config']),
-                                          granted=frozenset(ctx['granted']),
-                                          data_dir=ctx.get('data_dir', ''),
-                                          audit_sink=audit.append))
+                wire_ctx = request['ctx']
+                ctx = PluginContext(plugin=wire_ctx['plugin'], config=dict(wire_ctx['config']),
+                                    granted=frozenset(wire_ctx['granted']),
+                                    data_dir=wire_ctx.get('data_dir', ''),
+                                    audit_sink=audit.append)
+                with acting_as(ctx):
+                    plugin.init(ctx)
             elif op == 'handle':
                 event = event_from_wire(request['event'])
-                reply.update(response_to_wire(plugin.handle_event(event)))
+                with acting_as(ctx):
+                    reply.update(response_to_wire(plugin.handle_event(event)))
             elif op == 'health':
-                reply['health'] = health_to_wire(plugin.health())
+                with acting_as(ctx):
+                    reply['health'] = health_to_wire(plugin.health())
             elif op == 'shutdown':
-                plugin.shutdown()
+                with acting_as(ctx):
+                    plugin.shutdown()
                 write_frame(proto_out, reply)
                 return 0
             else:
@@ -120,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('target', help='entry point name or module:Class')
     parser.add_argument('--cpu-seconds', type=float, default=None)
     parser.add_argument('--memory-bytes', type=int, default=None)
+    parser.add_argument('--guard', action='store_true', help='apply the capability guard')
     args = parser.parse_args(argv)
     apply_limits(args.cpu_seconds, args.memory_bytes)
     proto_in, proto_out = _protocol_streams()
-    return serve(args.target, proto_in, proto_out, args.memory_bytes)
+    return serve(args.target, proto_in, proto_out, args.memory_bytes, args.guard)
 
 
 if __name__ == '__main__':
