@@ -194,7 +194,7 @@ class SubprocessPlugin(Plugin):
             'plugin': ctx.plugin, 'config': ctx.config, 'granted': sorted(ctx.granted),
             'data_dir': ctx.data_dir}}, self.start_timeout_s, 'init')
         if not reply.get('ok'):
-            raise PluginError(f'plugin {self.metadata.name!r} failed init in its subprocess: '
+            raise PluginError(f'plugin {self.label!r} failed init in its subprocess: '
                               f'{reply.get("error")}')
 
     def _receive(self, child: _Child, seq: int | None, timeout: float, what: str) -> dict:
@@ -261,7 +261,7 @@ class SubprocessPlugin(Plugin):
         if self._child is not None:
             self._child.kill()
             self._child = None
-        error = f'plugin {self.metadata.name!r} (subprocess): {exc}'
+        error = f'plugin {self.label!r} (subprocess): {exc}'
         if self._consecutive_failures > self.max_restarts:
             self._failed = (f'{self._consecutive_failures} crashes or hangs in a row '
                             f'(max_restarts {self.max_restarts}); last: {exc}')
@@ -273,6 +273,11 @@ class SubprocessPlugin(Plugin):
                            failed=bool(self._failed))
         return error
 
+    @property
+    def label(self) -> str:
+        """The name errors use: the host's instance name once initialised, else the metadata's."""
+        return self.ctx.plugin if self.ctx is not None else self.metadata.name
+
     # -- the contract -----------------------------------------------------------------------
     def init(self, ctx: PluginContext) -> None:
         super().init(ctx)
@@ -283,7 +288,7 @@ class SubprocessPlugin(Plugin):
                 self._init_child(ctx)
             except ChildFailure as exc:
                 self._child_failed(exc, hang=exc.hang)
-                raise PluginError(f'plugin {self.metadata.name!r} died during init: {exc}') \
+                raise PluginError(f'plugin {self.label!r} died during init: {exc}') \
                     from None
 
     def handle_event(self, event: Event) -> PluginResponse:
@@ -296,7 +301,7 @@ class SubprocessPlugin(Plugin):
         with self._lock:
             self.stats['calls'] += 1
             if self._failed:
-                return self._fail(f'plugin {self.metadata.name!r} is failed and refuses calls: '
+                return self._fail(f'plugin {self.label!r} is failed and refuses calls: '
                                   f'{self._failed}')
             self._busy_since = time.monotonic()
             try:
@@ -309,7 +314,7 @@ class SubprocessPlugin(Plugin):
             except PluginError as exc:  # a restart that could not start or init the child
                 self._consecutive_failures += 1
                 self._failed = f'could not restart: {exc}'
-                return self._fail(f'plugin {self.metadata.name!r} {self._failed}')
+                return self._fail(f'plugin {self.label!r} {self._failed}')
             finally:
                 self._busy_since = None
             for record in reply.get('audit') or []:

@@ -180,6 +180,11 @@ class WasmPlugin(Plugin):
                 ctx.audit('wasm_preopen', dir=ctx.data_dir, guest=WASI_GUEST_DIR, writable=write)
         return config
 
+    @property
+    def label(self) -> str:
+        """The name errors use: the host's instance name once initialised, else the metadata's."""
+        return self.ctx.plugin if self.ctx is not None else self.metadata.name
+
     # -- the contract -----------------------------------------------------------------------
     def init(self, ctx: PluginContext) -> None:
         super().init(ctx)
@@ -191,7 +196,7 @@ class WasmPlugin(Plugin):
         with self._lock:
             self.stats['calls'] += 1
             if self._failed:
-                return self._fail(f'plugin {self.metadata.name!r} is failed and refuses calls: '
+                return self._fail(f'plugin {self.label!r} is failed and refuses calls: '
                                   f'{self._failed}')
             if self._exports is None:
                 try:
@@ -206,7 +211,7 @@ class WasmPlugin(Plugin):
 
     def _call(self, event: Event) -> PluginResponse:
         store, exports = self._store, self._exports
-        name = self.metadata.name
+        name = self.label
         data = json.dumps(event_to_wire(event, text_payload=True), separators=(',', ':'),
                           ensure_ascii=False).encode()
         try:
@@ -231,7 +236,7 @@ class WasmPlugin(Plugin):
             answer = json.loads(memory.read(store, out_ptr, out_ptr + out_len))
         except ValueError as exc:
             return self._fail(f'plugin {name!r} answered something that is not JSON: {exc}')
-        response = response_from_wire(answer, name)
+        response = response_from_wire(answer, self.metadata.name)
         if not response.ok:
             self.stats['failures'] += 1
             self._last_error = response.error
@@ -251,7 +256,7 @@ class WasmPlugin(Plugin):
         self.stats['traps'] += 1
         self._consecutive_traps += 1
         self._store = self._exports = None
-        name = self.metadata.name
+        name = self.label
         if self._consecutive_traps > self.max_restarts:
             self._failed = (f'{self._consecutive_traps} traps in a row (max_restarts '
                             f'{self.max_restarts}); last: {reason}')
