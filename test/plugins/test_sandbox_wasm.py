@@ -153,7 +153,8 @@ def test_bad_modules_are_refused_at_load_or_answer_a_clear_failure(tmp_path, wat
 def answering(tmp_path, packed: str) -> WasmPlugin:
     """A module whose handle() always returns `packed`; its memory starts with a bad answer."""
     path = tmp_path / 'liar.wat'
-    path.write_text('(module (memory (export "memory") 1) (data (i32.const 0) "{\\"events\\":[{}]}")'
+    path.write_text('(module (memory (export "memory") 1)'
+                    ' (data (i32.const 0) "{\\"events\\":[{}]}")'
                     ' (func (export "alloc") (param i32) (result i32) i32.const 1024)'
                     f' (func (export "handle") (param i32 i32) (result i64) i64.const {packed}))')
     plugin = WasmPlugin(path, META)
