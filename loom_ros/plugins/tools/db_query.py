@@ -26,10 +26,14 @@ RESULT = 'tool.db.result'
 
 _READ_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
                  getattr(sqlite3, 'SQLITE_RECURSIVE', 33)}
-_ACTION_NAMES = {getattr(sqlite3, n): n.removeprefix('SQLITE_') for n in dir(sqlite3)
-                 if n.startswith('SQLITE_') and n not in ('SQLITE_OK', 'SQLITE_DENY',
-                                                          'SQLITE_IGNORE')
-                 and isinstance(getattr(sqlite3, n), int) and getattr(sqlite3, n) < 40}
+# SQLite's authorizer action codes (sqlite3.h); the module's SQLITE_* names mix in error codes.
+_ACTION_NAMES = dict(enumerate((
+    'COPY', 'CREATE_INDEX', 'CREATE_TABLE', 'CREATE_TEMP_INDEX', 'CREATE_TEMP_TABLE',
+    'CREATE_TEMP_TRIGGER', 'CREATE_TEMP_VIEW', 'CREATE_TRIGGER', 'CREATE_VIEW', 'DELETE',
+    'DROP_INDEX', 'DROP_TABLE', 'DROP_TEMP_INDEX', 'DROP_TEMP_TABLE', 'DROP_TEMP_TRIGGER',
+    'DROP_TEMP_VIEW', 'DROP_TRIGGER', 'DROP_VIEW', 'INSERT', 'PRAGMA', 'READ', 'SELECT',
+    'TRANSACTION', 'UPDATE', 'ATTACH', 'DETACH', 'ALTER_TABLE', 'REINDEX', 'ANALYZE',
+    'CREATE_VTABLE', 'DROP_VTABLE', 'FUNCTION', 'SAVEPOINT', 'RECURSIVE')))
 
 
 class DbQueryTool(Plugin):

@@ -1,0 +1,263 @@
+"""The tool plugins, run through the plugin host (grants and the in-process guard apply) on real
+files: an ICS calendar and an SQLite one, a database the query tool must not change, an agent's
+memory written by the agent's own classes with the real embedding model, the weather table."""
+import hashlib
+import sqlite3
+
+import pytest
+
+from loom_ros.bus.event import Event
+from loom_ros.plugins.host import PluginHost, parse_specs
+
+ICS = """BEGIN:VCALENDAR\r
+VERSION:2.0\r
+PRODID:-//Loom//test//EN\r
+BEGIN:VEVENT\r
+UID:standup\r
+SUMMARY:Stand-up\\, team robots\r
+DTSTART:20261124T090000\r
+DTEND:20261124T091500\r
+LOCATION:Lab 2\r
+END:VEVENT\r
+BEGIN:VEVENT\r
+UID:review\r
+SUMMARY:Design review of the pl\r
+ ugin host\r
+DESCRIPTION:Bring the audit log\\nand the tests\r
+DTSTART:20261124T140000Z\r
+DURATION:PT1H30M\r
+RRULE:FREQ=WEEKLY\r
+END:VEVENT\r
+BEGIN:VEVENT\r
+UID:holiday\r
+SUMMARY:Lab closed\r
+DTSTART;VALUE=DATE:20261125\r
+END:VEVENT\r
+END:VCALENDAR\r
+"""
+
+
+@pytest.fixture
+def run_tool():
+    hosts = []
+
+    def start(name, config, grants=()):
+        host = PluginHost(parse_specs([{'name': name, 'config': config, 'grants': list(grants)}]))
+        failed = host.start()
+        hosts.append(host)
+        if failed:
+            raise AssertionError(failed[name])
+
+        def call(event_type, query):
+            return host.handle(name, Event.with_json(event_type, query))
+        call.host = host
+        return call
+    yield start
+    for host in hosts:
+        host.stop()
+
+
+def result(response):
+    assert response.ok, response.error
+    (event,) = response.events
+    return event.json()
+
+
+# -- calendar -----------------------------------------------------------------------------------
+def test_calendar_answers_days_and_ranges_from_an_ics_file(run_tool, tmp_path):
+    ics = tmp_path / 'cal.ics'
+    ics.write_text(ICS, newline='')
+    call = run_tool('calendar', {'ics': str(ics)}, ['storage.read'])
+    day = result(call('tool.calendar.query', {'date': '2026-11-24'}))
+    assert [(e['uid'], e['start'], e['end']) for e in day['events']] == [
+        ('standup', '2026-11-24T09:00:00', '2026-11-24T09:15:00'),
+        ('review', '2026-11-24T14:00:00', '2026-11-24T15:30:00')]
+    assert day['events'][0]['summary'] == 'Stand-up, team robots'
+    assert day['events'][1]['summary'] == 'Design review of the plugin host'     # unfolded
+    assert day['events'][1]['description'] == 'Bring the audit log\nand the tests'
+    assert day['events'][1]['recurring'] is True
+    morning = result(call('tool.calendar.query', {'start': '2026-11-24T09:10',
+                                                  'end': '2026-11-24T12:00'}))
+    assert [e['uid'] for e in morning['events']] == ['standup']
+    closed = result(call('tool.calendar.query', {'date': '2026-11-25'}))
+    assert closed['events'][0] == {**closed['events'][0], 'uid': 'holiday', 'all_day': True,
+                                   'start': '2026-11-25', 'end': '2026-11-26'}
+    assert call.host.health('calendar').details['recurring_first_only'] == '1'
+
+    ics.write_text(ICS.replace('Lab closed', 'Lab open after all'), newline='')  # re-read
+    reopened = result(call('tool.calendar.query', {'date': '2026-11-25'}))
+    assert reopened['events'][0]['summary'] == 'Lab open after all'
+
+    for query, why in [({'date': '24/11/2026'}, 'date must be YYYY-MM-DD'),
+                       ({'start': '2026-11-24T10:00', 'end': '2026-11-24T09:00'},
+                        'end must be after start'),
+                       ({}, 'give "date"')]:
+        bad = call('tool.calendar.query', query)
+        assert not bad.ok and why in bad.error
+    wrong = call('tool.weather.query', {'date': '2026-11-24'})
+    assert not wrong.ok and "expected a 'tool.calendar.query' event" in wrong.error
+
+
+def test_calendar_refuses_a_broken_file_or_a_missing_grant(run_tool, tmp_path):
+    ics = tmp_path / 'broken.ics'
+    ics.write_text(ICS.replace('DTSTART:20261124T090000', 'DTSTART:tomorrow'))
+    with pytest.raises(AssertionError, match=r"line 7: bad date or time 'tomorrow'"):
+        run_tool('calendar', {'ics': str(ics)}, ['storage.read'])
+    ics.write_text(ICS.replace('END:VEVENT\r\nBEGIN:VEVENT\r\nUID:holiday',
+                               'BEGIN:VEVENT\r\nUID:holiday'))
+    with pytest.raises(AssertionError, match='VEVENT inside VEVENT'):
+        run_tool('calendar', {'ics': str(ics)}, ['storage.read'])
+    with pytest.raises(AssertionError, match="may not use 'storage.read'"):
+        run_tool('calendar', {'ics': str(ics)})   # declared, not granted
+
+
+def test_calendar_reads_an_sqlite_table_read_only(run_tool, tmp_path):
+    db = tmp_path / 'cal.db'
+    with sqlite3.connect(db) as conn:
+        conn.execute('create table events (uid, summary, start, "end", location, description)')
+        conn.executemany('insert into events values (?, ?, ?, ?, ?, ?)', [
+            ('a', 'Charge batteries', '2026-11-24T18:00:00', '2026-11-24T19:00:00', '', ''),
+            ('b', 'Inventory', '2026-11-24', None, 'Store', ''),
+            ('c', 'Other day', '2026-11-26T10:00:00', '2026-11-26T11:00:00', '', '')])
+    conn.close()
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    call = run_tool('calendar', {'sqlite': str(db)}, ['storage.read'])
+    day = result(call('tool.calendar.query', {'date': '2026-11-24'}))
+    assert [(e['uid'], e['all_day']) for e in day['events']] == [('b', True), ('a', False)]
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
+# -- db_query -----------------------------------------------------------------------------------
+@pytest.fixture
+def database(tmp_path):
+    db = tmp_path / 'robots.db'
+    with sqlite3.connect(db) as conn:
+        conn.execute('create table robots (id integer primary key, name text, battery real)')
+        conn.executemany('insert into robots (name, battery) values (?, ?)',
+                         [(f'r{i}', i / 10) for i in range(25)])
+    conn.close()
+    return db
+
+
+def test_db_query_reads_with_bounded_rows(run_tool, database):
+    call = run_tool('db_query', {'database': str(database), 'max_rows': 10}, ['storage.read'])
+    out = result(call('tool.db.query', {'sql': 'select name, battery from robots where '
+                                               'battery >= ? order by id', 'params': [0.5]}))
+    assert out['columns'] == ['name', 'battery'] and out['rows'][0] == ['r5', 0.5]
+    assert len(out['rows']) == 10 and out['truncated'] is True
+    small = result(call('tool.db.query', {'sql': 'select count(*) as n from robots where '
+                                                 'name = :name', 'params': {'name': 'r3'}}))
+    assert small == {'columns': ['n'], 'rows': [[1]], 'truncated': False}
+
+
+def test_db_query_refuses_writes_and_escapes_and_stops_long_queries(run_tool, database,
+                                                                   tmp_path):
+    before = hashlib.sha256(database.read_bytes()).hexdigest()
+    call = run_tool('db_query', {'database': str(database), 'timeout_ms': 200},
+                    ['storage.read'])
+    for sql, why in [
+            ("insert into robots (name) values ('evil')", 'read-only: refused INSERT robots'),
+            ('update robots set battery = 0', 'read-only: refused UPDATE robots'),
+            ('delete from robots', 'read-only: refused DELETE robots'),
+            ('drop table robots', 'read-only: refused'),
+            (f"attach database '{tmp_path / 'x.db'}' as x", 'read-only: refused ATTACH'),
+            ('pragma journal_mode = delete', 'read-only: refused PRAGMA'),
+            ('select 1; delete from robots', 'one statement at a time'),
+            ('select * from nowhere', 'no such table: nowhere'),
+            ('with recursive n(i) as (select 1 union all select i + 1 from n) '
+             'select count(*) from n', 'stopped after the 200 ms limit')]:
+        response = call('tool.db.query', {'sql': sql})
+        assert not response.ok and why in response.error, (sql, response.error)
+    assert not (tmp_path / 'x.db').exists()
+    assert hashlib.sha256(database.read_bytes()).hexdigest() == before
+    assert result(call('tool.db.query', {'sql': 'select count(*) from robots'}))['rows'] == [[25]]
+    assert call.host.health('db_query').details['refused'] == '9'
+
+
+# -- memory_search ------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def agent_memory(tmp_path_factory):
+    """An agent's memory written by the agent's own classes, with the real embedding model."""
+    from loom_ros.agents.embedding import MiniLMEmbedder
+    from loom_ros.agents.memory import EpisodicMemory, SemanticMemory
+    from loom_ros.agents.state import StateStore
+    state_dir = tmp_path_factory.mktemp('agents')
+    store = StateStore(state_dir / 'helper.db', 'helper')
+    episodic = EpisodicMemory(store.db, 'helper')
+    for i, (kind, text, tags) in enumerate([('speech.utterance', 'bring me the red cup', ['cmd']),
+                                            ('face.detected', 'alice smiles', ['face']),
+                                            ('speech.utterance', 'what is the weather', ['cmd'])]):
+        episodic.record(Event.with_json(kind, {'text': text}, id=f'e{i}', source='mic',
+                                        timestamp_ms=1000 * (i + 1), tags=tags))
+    semantic = SemanticMemory(store.db, 'helper', MiniLMEmbedder())
+    semantic.add_fact('alice', 'likes', 'green tea', 'e1')
+    semantic.add_fact('red cup', 'is_in', 'kitchen', 'e0')
+    semantic.add_fact('bob', 'works_at', 'the lab', 'e2')
+    store.commit({}, 3, 'e2')
+    yield state_dir, store   # left open: the agent keeps writing while the tool reads
+    store.close()
+
+
+def test_memory_search_reads_episodes_facts_and_meaning_read_only(run_tool, agent_memory):
+    state_dir, _store = agent_memory
+    db = state_dir / 'helper.db'
+    call = run_tool('memory_search', {'state_dir': str(state_dir)}, ['memory.read'])
+    speech = result(call('tool.memory.search', {'agent': 'helper', 'mode': 'episodic',
+                                                'type': 'speech.utterance'}))
+    assert [r['event_id'] for r in speech['results']] == ['e0', 'e2']
+    assert result(call('tool.memory.search', {'agent': 'helper', 'tag': 'face'}))['results'][0][
+        'event_id'] == 'e1'
+    found = result(call('tool.memory.search', {'agent': 'helper', 'text': 'RED CUP'}))
+    assert [r['event_id'] for r in found['results']] == ['e0']
+    window = result(call('tool.memory.search', {'agent': 'helper', 'start_ms': 1500,
+                                                'end_ms': 3000}))
+    assert [r['event_id'] for r in window['results']] == ['e1', 'e2']
+    facts = result(call('tool.memory.search', {'agent': 'helper', 'mode': 'facts',
+                                               'entity': 'alice'}))
+    assert [(f['relation'], f['object']) for f in facts['results']] == [('likes', 'green tea')]
+    similar = result(call('tool.memory.search', {'agent': 'helper', 'mode': 'similar',
+                                                 'query': 'where is the cup?', 'k': 2}))
+    assert similar['results'][0]['subject'] == 'red cup'
+    assert similar['results'][0]['score'] > similar['results'][1]['score']
+
+    for query, why in [({'agent': 'nobody'}, "no memory for agent 'nobody'"),
+                       ({'agent': '../etc/passwd'}, 'agent must be an agent id'),
+                       ({'agent': 'helper', 'mode': 'dream'}, 'mode must be episodic'),
+                       ({'agent': 'helper', 'limit': -1}, 'limit must be an integer'),
+                       ({'agent': 'helper', 'mode': 'similar'}, 'needs a non-empty "query"')]:
+        bad = call('tool.memory.search', query)
+        assert not bad.ok and why in bad.error, bad.error
+    with sqlite3.connect(f'file:{db}?mode=ro', uri=True) as conn:  # nothing was written
+        assert conn.execute('select count(*) from episodes').fetchone()[0] == 3
+
+
+def test_memory_search_needs_its_grant_and_honours_the_agent_list(run_tool, agent_memory):
+    state_dir, _store = agent_memory
+    with pytest.raises(AssertionError, match="may not use 'memory.read'"):
+        run_tool('memory_search', {'state_dir': str(state_dir)})
+    call = run_tool('memory_search', {'state_dir': str(state_dir), 'agents': ['other']},
+                    ['memory.read'])
+    refused = call('tool.memory.search', {'agent': 'helper'})
+    assert not refused.ok and "agent 'helper' is not searchable here" in refused.error
+
+
+# -- weather ------------------------------------------------------------------------------------
+def test_weather_answers_from_the_config_table(run_tool):
+    config = {'default_city': 'Lisbon', 'forecasts': {
+        'Lisbon': [{'summary': 'sunny', 'high_c': 24, 'low_c': 15, 'rain_pct': 5},
+                   {'summary': 'cloudy', 'high_c': 21, 'low_c': 14}],
+        'New York': [{'summary': 'snow', 'high_c': -1, 'low_c': -6, 'rain_pct': 90}]}}
+    call = run_tool('weather', config)
+    out = result(call('tool.weather.query', {'text': "what's the weather in new york?"}))
+    assert out['city'] == 'New York'
+    assert out['text'] == 'New York: snow, high -1 degrees, low -6, 90% chance of rain.'
+    assert result(call('tool.weather.query', {'text': 'and tomorrow?', 'days': 2}))[
+        'forecast'][1]['summary'] == 'cloudy'                       # default city, two days
+    for query, why in [({'city': 'Paris'}, "no forecast for city 'Paris'"),
+                       ({'city': 'Lisbon', 'days': 0}, 'days must be a positive integer')]:
+        bad = call('tool.weather.query', query)
+        assert not bad.ok and why in bad.error
+    with pytest.raises(AssertionError, match='weather config: forecasts'):
+        run_tool('weather', {'forecasts': {}})
+    with pytest.raises(AssertionError, match="default_city 'Oslo' has no forecast"):
+        run_tool('weather', {**config, 'default_city': 'Oslo'})
