@@ -30,6 +30,9 @@ setup(
             'router = loom_ros.router.router_node:main',
             'agent = loom_ros.agents.agent_node:main',
             'plugin_host = loom_ros.plugins.host_node:main',
+            'zenoh_bridge = loom_ros.bridge.bridge_node:main',
+            'zenoh_router = loom_ros.bridge.zenoh_router:main',
+            'loom_cloud = loom_ros.cloud.server:main',
         ],
         'loom.behaviors': [
             'counter = loom_ros.agents.behavior:CounterBehavior',
