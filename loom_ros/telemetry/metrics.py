@@ -3,8 +3,9 @@ per node and per topic; process resource use; export on `loom/metrics` and to Pr
 
 Histograms keep log-spaced buckets (the DDSketch scheme): bounded memory, O(1) record, and any
 quantile within a known relative error (1% by default) of the true sample value, never an average.
-Each histogram keeps two sketches: one for the current period (reset when the node publishes its
-metrics, so P50/P99/max describe the last period) and one since start (what Prometheus scrapes).
+Each histogram records into a sketch for the current period (reset when the node publishes its
+metrics, so P50/P99/max describe the last period), folded at each reset into a sketch since start
+(what Prometheus scrapes).
 
 The pure parts (Histogram, MetricsRegistry, BusMetrics, ResourceSampler, to_prometheus) need no
 rclpy; `MetricsPublisher` is the thin ROS shell.
@@ -57,6 +58,18 @@ class Sketch:
             buckets = self.buckets
             buckets[index] = buckets.get(index, 0) + 1
 
+    def merge(self, other: 'Sketch') -> None:
+        """Add another sketch of the same precision (bucket counts add exactly)."""
+        if other._gamma != self._gamma:
+            raise ValueError('cannot merge sketches of different precision')
+        for index, n in other.buckets.items():
+            self.buckets[index] = self.buckets.get(index, 0) + n
+        self.zeros += other.zeros
+        self.count += other.count
+        self.sum += other.sum
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+
     def quantile(self, q: float) -> float:
         """The value of rank floor(q * (count - 1)) (numpy's method='lower'), within the relative
         error; nan when empty. Results are clamped to the exact min and max."""
@@ -96,14 +109,24 @@ class Histogram:
     def record(self, value: float) -> None:
         with self._lock:
             self.period.add(value)
-            self.total.add(value)
 
     def snapshot(self, reset_period: bool = True) -> dict:
+        """The current period's summary; with reset_period, the period is folded into `total`
+        and a new one starts."""
         with self._lock:
             sketch = self.period
             if reset_period:
                 self.period = Sketch(self.precision)
+                self.total.merge(sketch)
         return summarize(sketch)
+
+    def cumulative(self) -> Sketch:
+        """Everything recorded since start (total plus the current period), as a new sketch."""
+        with self._lock:
+            merged = Sketch(self.precision)
+            merged.merge(self.total)
+            merged.merge(self.period)
+        return merged
 
 
 def summarize(sketch: Sketch) -> dict:
@@ -316,10 +339,9 @@ def to_prometheus(registries: list[MetricsRegistry]):
             keys = ['node', *(k for k, _ in labels)]
             values = [reg.node, *(v for _, v in labels)]
             fam = family(SummaryMetricFamily, name, f'Loom histogram {name}', keys)
-            with hist._lock:
-                total = hist.total
-                quantiles = [(q, total.quantile(q)) for q in (0.5, 0.99, 1.0)]
-                count, total_sum = total.count, total.sum
+            total = hist.cumulative()
+            quantiles = [(q, total.quantile(q)) for q in (0.5, 0.99, 1.0)]
+            count, total_sum = total.count, total.sum
             fam.add_metric(values, count_value=count, sum_value=total_sum)
             for q, v in quantiles:
                 fam.samples.append(PromSample(fam.name, dict(zip(keys, values), quantile=str(q)),
@@ -421,7 +443,7 @@ def observed_call(sub, event, topic: str) -> None:
     this instead of delivering directly only when one of the two is on."""
     registry = sub._bus.metrics
     start = time.perf_counter()
-    if tracing.ENABLED:
+    if tracing.ENABLED and tracing.wants_handle_span(event):
         with tracing.handle_span(topic, event, sub.pattern.text):
             sub._deliver(event, topic)
     else:

@@ -6,7 +6,8 @@ on publish and a HandleEvent span around each subscriber callback; the router ad
 and agents and plugins add LocalInference / CloudRequest with `tracing.span(...)`.
 
 Tracing is process-wide and off until `configure()` picks an exporter:
-- `file`: spans as JSON lines (one object per span) written as each span ends;
+- `file`: spans as JSON lines (one object per span), written off the hot path every 0.2 s and
+  at exit (`flush()` forces it);
 - `otlp`: OTLP/HTTP to a collector (batched in a background thread);
 - `none`: off. The bus then pays one module-attribute test per publish and per delivery.
 """
@@ -31,6 +32,10 @@ EXPORTERS = ('none', 'file', 'otlp')
 
 # Read by the bus on every publish and delivery: keep it a plain module attribute.
 ENABLED = False
+# sample_ratio 0: this process starts no traces and skips span work for unsampled events; it still
+# continues traces that arrive sampled (the decision is made where a trace starts).
+_SAMPLE_NONE = False
+_SAMPLED_FLAG_DIGITS = frozenset('13579bdf')  # last hex digit of trace-flags with bit 0 set
 
 _STATE: dict = {}  # 'tracer', 'provider', 'propagator', 'config' while enabled
 _LOCK = threading.Lock()
@@ -132,7 +137,7 @@ def configure(config: TracingConfig) -> bool:
             return False
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
         provider = TracerProvider(
@@ -140,9 +145,9 @@ def configure(config: TracingConfig) -> bool:
                                       'process.pid': os.getpid()}),
             sampler=ParentBased(TraceIdRatioBased(float(config.sample_ratio))))
         if config.exporter == 'file':
-            # Simple (synchronous) processor: a span is on disk when it ends, so a killed
-            # process loses nothing and tests read the files without waiting for a flush.
-            provider.add_span_processor(SimpleSpanProcessor(_make_file_exporter(config.file)))
+            # Batched off the publishing thread, flushed every 0.2 s and at exit.
+            provider.add_span_processor(BatchSpanProcessor(
+                _make_file_exporter(config.file), schedule_delay_millis=200))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
             provider.add_span_processor(BatchSpanProcessor(
@@ -150,8 +155,16 @@ def configure(config: TracingConfig) -> bool:
         _STATE.update(provider=provider, config=config,
                       tracer=provider.get_tracer('loom_ros'),
                       propagator=TraceContextTextMapPropagator())
+        global _SAMPLE_NONE
+        _SAMPLE_NONE = float(config.sample_ratio) == 0.0
         ENABLED = True
         return True
+
+
+def flush(timeout_s: float = 5.0) -> bool:
+    """Export every span that has ended so far (the file exporter batches every 0.2 s)."""
+    provider = _STATE.get('provider')
+    return provider.force_flush(int(timeout_s * 1000)) if provider is not None else True
 
 
 def shutdown() -> None:
@@ -161,8 +174,8 @@ def shutdown() -> None:
 
 
 def _shutdown_locked() -> None:
-    global ENABLED
-    ENABLED = False
+    global ENABLED, _SAMPLE_NONE
+    ENABLED = _SAMPLE_NONE = False
     provider = _STATE.pop('provider', None)
     _STATE.clear()
     if provider is not None:
@@ -242,11 +255,31 @@ def span(name: str, event=None, attributes: dict | None = None, kind: str = 'INT
         yield current
 
 
+def carries_sampled_trace(event) -> bool:
+    """Whether the event continues a sampled trace (W3C trace-flags bit 0), without parsing."""
+    parent = event.metadata.get(TRACEPARENT)
+    return bool(parent) and parent[-1] in _SAMPLED_FLAG_DIGITS
+
+
+def _inside_sampled_span() -> bool:
+    from opentelemetry import trace
+    return trace.get_current_span().get_span_context().trace_flags.sampled
+
+
+def wants_handle_span(event) -> bool:
+    """Called by the bus (only when ENABLED) before a delivery: False skips the HandleEvent span
+    where nothing would be recorded (sample ratio 0 and the event is not in a sampled trace)."""
+    return not _SAMPLE_NONE or carries_sampled_trace(event)
+
+
 def start_publish_span(topic: str, event):
     """Called by the bus (only when ENABLED): open PublishEvent and write its context into the
-    event before it is delivered or serialized. The caller ends the returned span."""
+    event before it is delivered or serialized. The caller ends the returned span (None: skipped,
+    at sample ratio 0 outside a sampled trace)."""
     from opentelemetry import trace
     from opentelemetry.trace import SpanKind
+    if _SAMPLE_NONE and not (carries_sampled_trace(event) or _inside_sampled_span()):
+        return None
     current = _STATE['tracer'].start_span(
         PUBLISH_EVENT, context=_parent_for(event), kind=SpanKind.PRODUCER,
         attributes={'loom.topic': topic, 'loom.event.id': event.id,

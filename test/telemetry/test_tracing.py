@@ -52,6 +52,7 @@ def test_spans_nest_and_context_rides_in_the_event(file_tracing):
             pass
         with tracing.span(tracing.CLOUD_REQUEST):
             pass
+    tracing.flush()
     spans = {s['name']: s for s in tracing.read_spans(str(file_tracing))}
     assert set(spans) == {'PublishEvent', 'RouteDecision', 'LocalInference', 'CloudRequest'}
     trace_id = spans['PublishEvent']['trace_id']
@@ -62,17 +63,24 @@ def test_spans_nest_and_context_rides_in_the_event(file_tracing):
     assert route.get_span_context().trace_id == publish.get_span_context().trace_id
 
 
-def test_sample_ratio_zero_still_propagates_an_unsampled_context(tmp_path):
+def test_sample_ratio_zero_starts_nothing_but_continues_sampled_traces(tmp_path):
     path = tmp_path / 'spans.jsonl'
     tracing.configure(tracing.TracingConfig(exporter='file', file=str(path), sample_ratio=0.0))
     try:
-        event = Event(type='x')
-        tracing.start_publish_span('a.b', event).end()
-        assert TRACEPARENT_RE.match(event.metadata['traceparent'])
-        assert not int(event.metadata['traceparent'][-2:], 16) & 1   # not sampled
-        assert tracing.read_spans(str(path)) == []
+        fresh = Event(type='x')
+        assert tracing.start_publish_span('a.b', fresh) is None
+        assert fresh.metadata == {} and not tracing.wants_handle_span(fresh)
+        parent = '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'
+        continuing = Event(type='y', metadata={'traceparent': parent})
+        assert tracing.wants_handle_span(continuing)
+        tracing.start_publish_span('a.b', continuing).end()
+        assert continuing.metadata['traceparent'].startswith('00-0af7651916cd43dd8448eb211c80319c-')
+        unsampled = Event(type='z', metadata={'traceparent': parent[:-2] + '00'})
+        assert tracing.start_publish_span('a.b', unsampled) is None
     finally:
         tracing.shutdown()
+    spans = tracing.read_spans(str(path))
+    assert [(s['name'], s['parent_span_id']) for s in spans] == [('PublishEvent', 'b7ad6b7169203331')]
 
 
 def _ros_args(path: Path) -> list[str]:
