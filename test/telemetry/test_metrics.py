@@ -124,3 +124,23 @@ def test_metrics_message_round_trip():
     back = from_msg(msg)
     assert [(s.name, s.kind, s.labels, s.count) for s in back] == \
         [(s.name, s.kind, s.labels, s.count) for s in samples]
+
+
+def test_bus_counters_and_latency_histograms_from_a_real_bus(bus):
+    from loom_ros.bus.event import Event
+    from loom_ros.telemetry.metrics import BusMetrics
+    reg = MetricsRegistry('/loom_test')
+    reg.collectors.append(BusMetrics(bus))
+    bus.metrics = reg
+    got = []
+    bus.subscribe('telemetry.probe', lambda e, t: got.append(e), 'realtime')
+    reg.snapshot(now=0.0)
+    for i in range(50):
+        bus.publish('telemetry.probe', Event(type='probe'), 'realtime')
+    assert len(got) == 50
+    samples = {(s.name, tuple(s.labels.values())): s for s in reg.snapshot(now=2.0)}
+    assert samples[('events_published', ('telemetry.probe',))].rate == pytest.approx(25.0)
+    assert samples[('events_received', ('telemetry.probe',))].value == 50
+    assert samples[('events_dropped', ('telemetry.probe',))].value == 0
+    latency = samples[('handle_latency_ms', ('telemetry.probe',))]
+    assert latency.count == 50 and 0 <= latency.p50 <= latency.p99 <= latency.max

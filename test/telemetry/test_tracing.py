@@ -128,3 +128,36 @@ def test_one_trace_across_three_processes(ros, spawn, tmp_path):
     assert len(set(pids)) == 3 and b_handle['pid'] == b_publish['pid']
     assert [root['service'], b_handle['service'], c_handle['service']] == \
         ['trace_source', 'trace_relay', 'event_monitor']
+
+
+def test_otlp_exporter_posts_spans_to_a_collector():
+    """A stand-in collector on 127.0.0.1 receives the OTLP/HTTP protobuf export."""
+    import http.server
+    import threading
+    bodies: list[tuple[str, bytes]] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            bodies.append((self.path, self.rfile.read(int(self.headers['Content-Length']))))
+            self.send_response(200)
+            self.send_header('Content-Type', 'application/x-protobuf')
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(('127.0.0.1', 0), Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f'http://127.0.0.1:{server.server_address[1]}/v1/traces'
+        tracing.configure(tracing.TracingConfig(exporter='otlp', otlp_endpoint=endpoint,
+                                                service_name='otlp_test'))
+        with tracing.span(tracing.CLOUD_REQUEST, attributes={'loom.cloud.model': 'intent-large'}):
+            pass
+        tracing.shutdown()   # flushes the batch
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert bodies and bodies[0][0] == '/v1/traces'
+    assert b'CloudRequest' in bodies[0][1] and b'otlp_test' in bodies[0][1]
