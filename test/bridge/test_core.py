@@ -1,0 +1,154 @@
+"""The bridge's pure core: keys, the codec, allow/deny and the privacy gate, the bounded outbox,
+and what Bridge.send/receive count. (The Zenoh side is covered across processes in
+test_bridge_node.py; here a recording transport stands in for the network.)"""
+import pytest
+from hypothesis import given, strategies as st
+
+from loom_ros.bridge import codec
+from loom_ros.bridge.core import Bridge, BridgeConfig
+from loom_ros.bridge.gate import UPLOAD_EMBEDDING, UPLOAD_KEY, PrivacyGate
+from loom_ros.bridge.keys import (RobotIdError, fleet_key_expr, parse_robot_key, robot_key,
+                                  validate_robot_id)
+from loom_ros.bridge.outbox import Outbox, Pending
+from loom_ros.bus.event import Event, EventRejected, Privacy
+from loom_ros.bus.names import TopicNameError
+from loom_ros.bus.qos import QosLevel
+from loom_ros.router.policy import parse_policy
+
+
+def test_keys():
+    assert robot_key('r1', 'agent.counter.intent') == 'loom/r1/agent/counter/intent'
+    assert fleet_key_expr('agent.*.intent') == 'loom/*/agent/*/intent'
+    assert parse_robot_key('loom/r-2/camera/front/face') == ('r-2', 'camera.front.face')
+    for bad in ('', 'a/b', '*', 'cloud', 'x' * 65, 'r 1'):
+        with pytest.raises(RobotIdError):
+            validate_robot_id(bad)
+    for bad in ('loom/r1', 'other/r1/a', 'loom/r1/9a'):
+        with pytest.raises(TopicNameError):
+            parse_robot_key(bad)
+
+
+text = st.text(max_size=20)
+
+
+@given(st.builds(Event, type=st.text(min_size=1, max_size=20), source=text,
+                 payload=st.binary(max_size=200), metadata=st.dictionaries(text, text, max_size=4),
+                 confidence=st.floats(0.0, 1.0), tags=st.lists(text, max_size=3),
+                 priority=st.integers(-2**31, 2**31 - 1), privacy=st.sampled_from(Privacy),
+                 frame_id=text, timestamp_ms=st.integers(0, 2**63 - 1)))
+def test_codec_round_trip_keeps_every_field(event):
+    assert codec.decode(codec.encode(event)) == event
+
+
+@pytest.mark.parametrize('data', [b'', b'\x01\x00', b'\x02\x00\x00\x00\x02{}',
+                                  b'\x01\x00\x00\x00\x09{"id":1}', b'\x01\x00\x00\x00\x02{}',
+                                  b'\x01\x00\x00\x00\x05[1,2]'])
+def test_codec_refuses_malformed_samples(data):
+    with pytest.raises(EventRejected):
+        codec.decode(data)
+
+
+def test_outbox_bound_order_and_per_key_hold():
+    box = Outbox(3)
+    for i in range(4):
+        dropped = box.add(Pending('a' if i % 2 else 'b', bytes([i]), QosLevel.BATCHED))
+    assert dropped.data == b'\x00' and box.dropped == 1 and len(box) == 3
+    sent = []
+    assert box.drain(lambda item: item.key == 'a', lambda item: sent.append(item.data)) == 2
+    assert sent == [b'\x01', b'\x03'] and [i.data for i in box.items] == [b'\x02']
+
+    def failing(item):
+        raise ConnectionError('gone')
+    with pytest.raises(ConnectionError):
+        box.drain(lambda item: True, failing)
+    assert [i.data for i in box.items] == [b'\x02'] and box.holds('b')
+
+
+class Recorder:
+    """A transport that records puts; `listening` says which keys have a subscriber."""
+
+    def __init__(self):
+        self.connected, self.listening, self.puts = True, set(), []
+
+    def ready(self, key, level):
+        return self.connected and key in self.listening
+
+    def put(self, key, data, level):
+        self.puts.append((key, codec.decode(data).id, level))
+
+
+def make_bridge(policy=None, bound=100):
+    config = BridgeConfig.from_params({
+        'robot_id': 'r1', 'out_allow': ['agent.*.intent', 'sensor.**', 'log.**'],
+        'out_deny': ['log.secret'], 'in_allow': ['fleet.**'], 'in_deny': [],
+        'buffer_max_events': bound})
+    levels = {'sensor': QosLevel.REALTIME, 'log': QosLevel.BACKGROUND}
+    audit = []
+    transport = Recorder()
+    bridge = Bridge(config, transport, lambda t: levels.get(t.split('.')[0], QosLevel.BATCHED),
+                    PrivacyGate(policy), audit.append)
+    return bridge, transport, audit
+
+
+def test_privacy_gate_and_patterns_whatever_the_config():
+    bridge, transport, audit = make_bridge()
+    transport.listening.add('loom/r1/agent/a/intent')
+    verdicts = [bridge.send(Event(type='t', privacy=p), 'agent.a.intent')
+                for p in (Privacy.PRIVATE, Privacy.LOCAL_ONLY, Privacy.SENSITIVE, Privacy.PUBLIC)]
+    assert verdicts == ['refused_private', 'refused_local_only', 'refused_sensitive_raw', 'sent']
+    embedded = Event(type='t', privacy=Privacy.SENSITIVE, metadata={UPLOAD_KEY: UPLOAD_EMBEDDING})
+    assert bridge.send(embedded, 'agent.a.intent') == 'sent'
+    assert [r['reason'] for r in audit] == ['private', 'local_only', 'sensitive_raw']
+    assert bridge.send(Event(type='t'), 'log.secret') == 'denied'
+    assert bridge.send(Event(type='t'), 'camera.front') == 'denied'
+    # A policy with sensitive_upload: none keeps even embeddings home, for that event type only.
+    strict = parse_policy({'event_types': {'speech': {'sensitive_upload': 'none'}}})
+    bridge, transport, audit = make_bridge(strict)
+    transport.listening.add('loom/r1/agent/a/intent')
+    assert bridge.send(Event(type='speech', privacy=Privacy.SENSITIVE,
+                             metadata={UPLOAD_KEY: UPLOAD_EMBEDDING}),
+                       'agent.a.intent') == 'refused_sensitive_policy_none'
+    assert bridge.send(Event(type='face', privacy=Privacy.SENSITIVE,
+                             metadata={UPLOAD_KEY: UPLOAD_EMBEDDING}), 'agent.a.intent') == 'sent'
+
+
+def test_buffering_by_level_and_flush_in_order():
+    bridge, transport, _ = make_bridge(bound=3)
+    transport.connected = False
+    assert bridge.send(Event(type='imu'), 'sensor.imu') == 'dropped_disconnected'
+    events = [Event(type='t') for _ in range(4)]
+    assert [bridge.send(e, 'agent.a.intent') for e in events] == ['buffered'] * 4
+    assert bridge.stats['dropped_outbox_full'] == 1
+    transport.connected = True
+    assert bridge.flush() == 0  # connected, but nobody listens yet: still held
+    transport.listening.add('loom/r1/agent/a/intent')
+    late = Event(type='t')
+    assert bridge.send(late, 'agent.a.intent') == 'buffered'  # behind its key's queue
+    bridge.flush()
+    assert [p[1] for p in transport.puts] == [e.id for e in events[2:]] + [late.id]
+    assert bridge.send(Event(type='imu'), 'sensor.imu') == 'sent'  # realtime: straight out
+
+
+def test_receive_only_this_robots_allowed_wellformed_events_and_no_echo():
+    bridge, transport, _ = make_bridge()
+    event = Event(type='cmd', payload=b'go')
+    assert bridge.receive('loom/r1/fleet/cmd', codec.encode(event)) == ('fleet.cmd', event)
+    assert bridge.receive('loom/r2/fleet/cmd', codec.encode(event)) is None
+    assert bridge.receive('loom/r1/agent/a/intent', codec.encode(event)) is None
+    assert bridge.receive('loom/r1/fleet/cmd', b'junk') is None
+    assert bridge.receive('nonsense', b'') is None
+    assert {k: bridge.stats[k] for k in ('received', 'rejected_other_robot', 'denied_inbound',
+                                         'rejected_malformed', 'rejected_key')} == dict.fromkeys(
+        ('received', 'rejected_other_robot', 'denied_inbound', 'rejected_malformed',
+         'rejected_key'), 1)
+    # What came in is never sent back out, even on a topic allowed outbound.
+    assert bridge.send(event, 'agent.a.intent') == 'echo_skipped'
+
+
+def test_config_errors_name_the_key():
+    base = {'robot_id': 'r1', 'out_allow': ['a'], 'out_deny': [], 'in_allow': [], 'in_deny': [],
+            'buffer_max_events': 10}
+    for change, words in [({'robot_id': 'a/b'}, 'robot_id'), ({'out_allow': ['a/b']}, 'a/b'),
+                          ({'buffer_max_events': 0}, 'buffer_max_events')]:
+        with pytest.raises(ValueError, match=words):
+            BridgeConfig.from_params({**base, **change})
