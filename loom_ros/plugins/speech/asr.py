@@ -161,7 +161,7 @@ class SpeechRecognizer:
             out: list[Recognition] = []
             if self._ep.in_speech:
                 speech = self._ep.end_stream(bytes(self._pending[:self._frame_bytes]))
-                if speech is not None:
+                if speech:   # None or b'' when the endpointer holds nothing more
                     if not self._in_utt:
                         self._start_utt()
                     self._process(speech)
@@ -227,7 +227,7 @@ class SpeechRecognizer:
             start = time.perf_counter_ns()
             hyp = self._decoder.hyp()
             self._decode_ns += time.perf_counter_ns() - start
-            text = hyp.hypstr if hyp is not None else ''
+            text = ' '.join(hyp.hypstr.split()) if hyp is not None else ''
             if text and text != self._last_partial:
                 self._last_partial = text
                 self.stats['partials'] += 1
@@ -243,6 +243,8 @@ class SpeechRecognizer:
         self._decode_ns = 0
 
     def _process(self, speech: bytes) -> None:
+        if not speech:
+            return
         start = time.perf_counter_ns()
         self._decoder.process_raw(speech, False, False)
         self._decode_ns += time.perf_counter_ns() - start
@@ -255,6 +257,8 @@ class SpeechRecognizer:
         self._decode_ns += time.perf_counter_ns() - start
         self._in_utt = False
         text = ' '.join(hyp.hypstr.split()) if hyp is not None else ''
+        if not text and self.config.mode == 'keyphrase':
+            text = self._last_partial   # a spotted keyphrase that end_utt no longer reports
         if not text:
             return None      # noise or a cough: nothing the grammar accepts
         match = self.config.match(text)

@@ -37,7 +37,7 @@ class AsrConfig(BaseModel):
     sample_rate: Literal[16000] = 16000     # the en-us acoustic model's rate; resample before
     phrases: list[str] = Field(min_length=1)
     slots: dict[str, list[str]] = Field(default_factory=dict)
-    keyphrase_threshold: float = Field(1e-20, gt=0, le=1)
+    keyphrase_threshold: float = Field(1e-30, gt=0, le=1)
     min_confidence: float = Field(0.0, ge=0, le=1)
     partial_results: bool = True
     vad_mode: int = Field(0, ge=0, le=3)          # webrtc VAD aggressiveness
