@@ -69,8 +69,8 @@ class PluginHostNode(LifecycleNode):
         self.host: PluginHost | None = None
         self.audit: AuditLog | None = None
         self.stats = Counter()
-        self._services: list = []
-        self._subs: list = []
+        self._plugin_services: list = []
+        self._plugin_subs: list = []
 
     # -- lifecycle ------------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -102,15 +102,15 @@ class PluginHostNode(LifecycleNode):
         from loom_msgs.srv import HandleEvent, Health
         for name, slot in self.host.slots.items():
             # Failed plugins get services too: their answers say why they are not running.
-            self._services.append(self.create_service(
+            self._plugin_services.append(self.create_service(
                 HandleEvent, f'~/{name}/handle_event',
                 lambda req, resp, n=name: self._on_handle_event(n, req, resp)))
-            self._services.append(self.create_service(
+            self._plugin_services.append(self.create_service(
                 Health, f'~/{name}/health', lambda req, resp, n=name: self._on_health(n, resp)))
             if name not in self.host.handles:
                 continue
             for pattern in slot.spec.inputs:
-                self._subs.append(self.bus.subscribe(
+                self._plugin_subs.append(self.bus.subscribe(
                     pattern, lambda event, topic, n=name: self._on_bus_event(n, event)))
         return super().on_activate(state)
 
@@ -134,11 +134,11 @@ class PluginHostNode(LifecycleNode):
         super().destroy_node()
 
     def _stop_serving(self) -> None:
-        for sub in self._subs:
+        for sub in self._plugin_subs:
             sub.close()
-        for service in self._services:
+        for service in self._plugin_services:
             self.destroy_service(service)
-        self._subs, self._services = [], []
+        self._plugin_subs, self._plugin_services = [], []
 
     def _stop_plugins(self) -> None:
         if self.host is not None:

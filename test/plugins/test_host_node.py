@@ -1,0 +1,135 @@
+"""The plugin_host node in its own process: lifecycle transitions from this process, the
+HandleEvent and Health services per plugin, bus events in and the plugin's events out (also to
+a reply_to topic), a refusal on the audit log, a failed plugin that says why, a clean exit."""
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from loom_ros.bus.event import Event
+from loom_ros.security.audit import AuditLog
+
+HERE = Path(__file__).resolve().parent
+
+PLUGINS = """plugins:
+  - name: weather
+    inputs: [tool.weather.query]
+    output_topic: tool.weather.result
+    config:
+      forecasts:
+        Lisbon: [{summary: sunny, high_c: 24, low_c: 15, rain_pct: 5}]
+  - name: overstep
+    plugin: overstep_plugin:OverstepPlugin
+  - name: broken
+    plugin: overstep_plugin:FailingInitPlugin
+  - name: unused
+    plugin: weather
+    enabled: false
+"""
+
+
+def call(ros, client, request, proc):
+    ros.wait_for(client.service_is_ready, f'service {client.srv_name}', alive=[proc])
+    future = client.call_async(request)
+    ros.wait_for(future.done, f'the answer of {client.srv_name}', alive=[proc])
+    return future.result()
+
+
+def transition(ros, client, which, proc):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    result = call(ros, client, ChangeState.Request(transition=Transition(id=which)), proc)
+    assert result.success, f'transition {which} failed'
+
+
+@pytest.fixture
+def host(ros, spawn, tmp_path, monkeypatch):
+    plugins = tmp_path / 'plugins.yaml'
+    plugins.write_text(PLUGINS)
+    # The test plugins load by module:Class from test/plugins.
+    monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
+        p for p in (str(HERE), os.environ.get('PYTHONPATH', '')) if p))
+    return spawn('-m', 'loom_ros.plugins.host_node', '--ros-args', '-r', '__ns:=/ph',
+                 '-p', f'plugins_file:={plugins}', '-p', 'autostart:=false',
+                 '-p', f'audit_db:={tmp_path / "audit.db"}',
+                 '-p', f'data_dir:={tmp_path / "data"}')
+
+
+def test_lifecycle_services_bus_and_audit_across_processes(ros, host, tmp_path):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+    from loom_msgs.msg import HealthStatus
+    from loom_msgs.srv import HandleEvent, Health
+    from rclpy.node import Node
+
+    from loom_ros.bus.bus import EventBus
+    node = ros.node
+    get_state = node.create_client(GetState, '/ph/plugin_host/get_state')
+    change = node.create_client(ChangeState, '/ph/plugin_host/change_state')
+    assert call(ros, get_state, GetState.Request(), host).current_state.label == 'unconfigured'
+    transition(ros, change, Transition.TRANSITION_CONFIGURE, host)   # Init of every plugin
+    transition(ros, change, Transition.TRANSITION_ACTIVATE, host)    # services and inputs
+
+    handle = node.create_client(HandleEvent, '/ph/plugin_host/weather/handle_event')
+    health = node.create_client(Health, '/ph/plugin_host/weather/health')
+    query = Event.with_json('tool.weather.query', {'city': 'Lisbon'}, id='q1')
+    answer = call(ros, handle, HandleEvent.Request(event=query.to_msg()), host).response
+    assert answer.ok, answer.error
+    (out,) = [Event.from_msg(m) for m in answer.events]
+    assert out.type == 'tool.weather.result' and out.json()['text'].startswith('Lisbon: sunny')
+    assert out.metadata['in_reply_to'] == 'q1' and answer.latency_ms > 0
+    status = call(ros, health, Health.Request(), host).status
+    assert (status.plugin, status.level) == ('weather', HealthStatus.OK)
+    assert {kv.key: kv.value for kv in status.details}['handled'] == '1'
+
+    # Bus: an event on the plugin's input topic comes back on its output topic, or reply_to.
+    feeder = Node('ph_feeder', namespace='/ph', context=node.context)
+    ros.executor.add_node(feeder)
+    bus = EventBus(feeder)
+    results, replies = [], []
+    bus.subscribe('tool.weather.result', lambda e, t: results.append(e))
+    bus.subscribe('test.replies', lambda e, t: replies.append(e))
+    pub = bus.publisher_for('tool.weather.query')
+    try:
+        ros.wait_for(lambda: pub.get_subscription_count() >= 1, 'the host to subscribe',
+                     alive=[host])
+        bus.publish('tool.weather.query', Event.with_json('tool.weather.query',
+                                                          {'text': 'weather in lisbon?'},
+                                                          id='b1'))
+        bus.publish('tool.weather.query', Event.with_json(
+            'tool.weather.query', {'city': 'Lisbon'}, id='b2',
+            metadata={'reply_to': 'test.replies'}))
+        bus.flush()
+        ros.wait_for(lambda: results and replies, 'the results on the bus', alive=[host])
+        assert [e.metadata['in_reply_to'] for e in results] == ['b1']
+        assert [e.metadata['in_reply_to'] for e in replies] == ['b2']
+        assert results[0].source == 'weather'
+    finally:
+        bus.destroy()
+        ros.executor.remove_node(feeder)
+        feeder.destroy_node()
+
+    # The overstepping plugin is refused through the service too, and it is on the audit log.
+    overstep = node.create_client(HandleEvent, '/ph/plugin_host/overstep/handle_event')
+    refused = call(ros, overstep, HandleEvent.Request(event=Event.with_json(
+        'try', {'try': 'require_network'}).to_msg()), host).response
+    assert not refused.ok and "plugin 'overstep' may not use 'network'" in refused.error
+    audit = AuditLog(tmp_path / 'audit.db')
+    denied = audit.query(kind='capability_denied')
+    assert [(r['plugin'], r['fields']['capability']) for r in denied] == [('overstep', 'network')]
+    assert {r['plugin'] for r in audit.query(kind='plugin_init')} == {'weather', 'overstep'}
+    audit.close()
+
+    # A plugin that failed Init has services that say why; a disabled entry has none.
+    broken = node.create_client(Health, '/ph/plugin_host/broken/health')
+    status = call(ros, broken, Health.Request(), host).status
+    assert status.level == HealthStatus.FAILED and 'truncated' in status.message
+    assert not any('unused' in name for name, _ in node.get_service_names_and_types())
+
+    transition(ros, change, Transition.TRANSITION_DEACTIVATE, host)
+    ros.wait_for(lambda: not handle.service_is_ready(), 'the services to go', alive=[host])
+    transition(ros, change, Transition.TRANSITION_CLEANUP, host)     # Shutdown of every plugin
+    host.popen.send_signal(signal.SIGINT)
+    code, _, err = host.finish()
+    assert code == 0, err
