@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loom_ros.plugins.speech.audio import ASR_RATE, AudioFormatError, pcm_from_bytes
+from loom_ros.plugins.speech.audio import AudioFormatError, pcm_from_bytes
 from loom_ros.plugins.speech.config import AsrConfig, SpeechConfigError, SLOT
 
 
@@ -97,7 +97,8 @@ class SpeechRecognizer:
         missing = sorted(w for w in config.words() if self._decoder.lookup_word(w) is None)
         if missing:
             raise SpeechConfigError(f'words not in the pronunciation dictionary {dic.name}: '
-                                    f'{", ".join(missing)} (rephrase or add them to the dictionary)')
+                                    f'{", ".join(missing)} '
+                                    '(rephrase or add them to the dictionary)')
         if config.mode == 'grammar':
             try:
                 self._decoder.add_jsgf_string('loom', jsgf_grammar(config))
@@ -193,8 +194,9 @@ class SpeechRecognizer:
         rate = self.sample_rate if sample_rate is None else sample_rate
         if rate != self.sample_rate:
             self.stats['bad_chunks'] += 1
-            raise AudioFormatError(f'audio at {rate} Hz; the recognizer takes {self.sample_rate} Hz '
-                                   'mono int16 (resample with loom_ros.plugins.speech.audio.resample)')
+            raise AudioFormatError(f'audio at {rate} Hz; the recognizer takes {self.sample_rate} '
+                                   'Hz mono int16 (resample with '
+                                   'loom_ros.plugins.speech.audio.resample)')
         if isinstance(chunk, np.ndarray):
             if chunk.dtype != np.int16 or chunk.ndim != 1:
                 self.stats['bad_chunks'] += 1

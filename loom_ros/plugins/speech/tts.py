@@ -91,7 +91,8 @@ class _Pyttsx3Engine:
                                                           v.name.lower())), None)
         if match is None:
             english = sorted(v.id.split('/')[-1] for v in voices if '/en' in v.id)
-            raise TTSError(f'espeak-ng has no voice {voice!r}; English voices: {", ".join(english)}')
+            raise TTSError(f'espeak-ng has no voice {voice!r}; '
+                           f'English voices: {", ".join(english)}')
         self.engine.setProperty('voice', match)
         self.engine.setProperty('rate', rate_wpm)
         self.engine.setProperty('volume', volume)
