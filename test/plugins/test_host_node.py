@@ -3,11 +3,14 @@ HandleEvent and Health services per plugin, bus events in and the plugin's event
 a reply_to topic), a refusal on the audit log, a failed plugin that says why, a clean exit."""
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
 
 from loom_ros.bus.event import Event
+from loom_ros.plugins import registry
+from loom_ros.plugins.contract import HealthState
 from loom_ros.security.audit import AuditLog
 
 HERE = Path(__file__).resolve().parent
@@ -82,6 +85,17 @@ def test_lifecycle_services_bus_and_audit_across_processes(ros, host, tmp_path):
     status = call(ros, health, Health.Request(), host).status
     assert (status.plugin, status.level) == ('weather', HealthStatus.OK)
     assert {kv.key: kv.value for kv in status.details}['handled'] == '1'
+
+    # What an agent in another process gets: the same calls, through the services.
+    remote = registry.plugin_handle('weather', node, host='/ph/plugin_host')
+    assert isinstance(remote, registry.ServicePlugin)
+    box = {}
+    worker = threading.Thread(target=lambda: box.update(answer=remote.handle_event(query),
+                                                        health=remote.health()))
+    worker.start()  # it blocks until answered, so this thread spins meanwhile
+    ros.wait_for(lambda: not worker.is_alive(), 'the remote calls', alive=[host])
+    assert box['answer'].ok and box['answer'].events[0].json()['city'] == 'Lisbon'
+    assert box['health'].state is HealthState.OK and box['health'].details['handled'] == '2'
 
     # Bus: an event on the plugin's input topic comes back on its output topic, or reply_to.
     feeder = Node('ph_feeder', namespace='/ph', context=node.context)
