@@ -150,7 +150,8 @@ def machine() -> str:
     except OSError:
         pass
     return (f'{cpu}, {os.cpu_count()} cores; {platform.platform()}; Python '
-            f'{platform.python_version()}, rclpy 9.1.2, {os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")}, '
+            f'{platform.python_version()}, rclpy 9.1.2, '
+            f'{os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")}, '
             f'EventsExecutor; {time.strftime("%Y-%m-%d")}')
 
 
@@ -170,12 +171,14 @@ def main() -> None:
              'One call = one `tool.weather.query` into the weather tool (deterministic table).',
              'Ratio: P50 / the bare handle_event P50 of the same run. Numbers taken on a shared',
              'machine (other work running on the same cores) unless re-run by the lead.', '',
-             '| path | n | P50 | P99 | max | ratio (P50) |', '| --- | --- | --- | --- | --- | --- |']
+             '| path | n | P50 | P99 | max | ratio (P50) |',
+             '| --- | --- | --- | --- | --- | --- |']
     for group in ('in_process', 'service'):
         for name, row in results[group].items():
             lines.append(f'| {name} | {row["n"]} | {row["p50_us"]} us | {row["p99_us"]} us | '
                          f'{row["max_us"]} us | {row["p50_us"] / base:.1f}x |')
-    lines += ['', '| audit log | n | P50 | P99 | max | rows/s |', '| --- | --- | --- | --- | --- | --- |']
+    lines += ['', '| audit log | n | P50 | P99 | max | rows/s |',
+              '| --- | --- | --- | --- | --- | --- |']
     for name, row in results['audit'].items():
         lines.append(f'| {name} | {row["n"]} | {row["p50_us"]} us | {row["p99_us"]} us | '
                      f'{row["max_us"]} us | {row["per_s"]} |')

@@ -285,8 +285,8 @@ class PluginHost:
         try:
             from loom_ros.plugins.sandbox import sandboxed_plugin
         except ImportError as exc:
-            raise PluginError(f'plugin {spec.name}: mode {spec.mode!r} needs '
-                              f'loom_ros.plugins.sandbox, which cannot be imported: {exc}') from None
+            raise PluginError(f'plugin {spec.name}: mode {spec.mode!r} needs loom_ros.plugins.'
+                              f'sandbox, which cannot be imported: {exc}') from None
         return sandboxed_plugin(spec.mode, spec.target, spec.sandbox)
 
     # -- HandleEvent ----------------------------------------------------------------------------

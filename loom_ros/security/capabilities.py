@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterable
 from contextlib import contextmanager
 
-from loom_ros.plugins.contract import Capability, CapabilityDenied, PluginContext, PluginMetadata
+from loom_ros.plugins.contract import Capability, PluginContext, PluginMetadata
 
 ALL_CAPABILITIES = frozenset(c.value for c in Capability)
 
