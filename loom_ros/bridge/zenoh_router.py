@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     print(json.dumps({'ready': True, 'zid': str(session.zid()), 'listen': listen}), flush=True)
-    stop.wait()
+    while not stop.wait(0.2):  # polled: a handler calling set() inside a bare wait() can hang
+        pass
     session.close()
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import signal
 import sys
 import threading
@@ -210,16 +211,18 @@ def main(argv=None) -> int:
         print(f'loom_cloud: cannot start: {type(exc).__name__}: {exc}', file=sys.stderr, flush=True)
         return 1
     prefix = config.get('key_prefix', KEY_PREFIX)
-    queryable = session.declare_queryable(f'{prefix}/*')
+    pending: queue.SimpleQueue = queue.SimpleQueue()
+    # Zenoh's callback only queues the query: models run on this process's worker thread, not on
+    # Zenoh's runtime threads.
+    queryable = session.declare_queryable(f'{prefix}/*', pending.put)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
 
     def serve():
-        while not stop.is_set():
-            try:
-                query = queryable.recv()
-            except Exception:  # undeclared at shutdown
+        while True:
+            query = pending.get()
+            if query is None:
                 return
             server.handle(query)
             del query  # dropping the query sends the final reply marker at once
@@ -227,8 +230,11 @@ def main(argv=None) -> int:
     worker.start()
     print(json.dumps({'ready': True, 'key': f'{prefix}/*', 'intents': server.intents.labels}),
           flush=True)
-    stop.wait()
+    while not stop.wait(0.2):  # polled: a handler calling set() inside a bare wait() can hang
+        pass
     queryable.undeclare()
+    pending.put(None)
+    worker.join(timeout=10.0)
     session.close()
     return 0
 
