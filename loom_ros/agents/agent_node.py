@@ -172,6 +172,11 @@ class AgentNode(LifecycleNode):
         """Heartbeats, interval commits, and leaving `active` after a persistence failure."""
         stamp = self.get_clock().now().to_msg()
         node, pid = self.get_fully_qualified_name(), os.getpid()
+        if not self.agents and not self.failed:   # not configured yet: say we are up
+            spec = self.params['agents'].strip() or self.agent_id
+            for agent_id in spec.split(','):
+                self._heartbeat_pub.publish(self._status_type(
+                    agent_id=agent_id.strip(), node=node, pid=pid, lifecycle='unconfigured'))
         for agent_id in self.failed:
             self._heartbeat_pub.publish(self._status_type(
                 agent_id=agent_id, node=node, pid=pid, lifecycle='unconfigured',

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +75,9 @@ class CounterBehavior:
 
     def setup(self, settings: dict) -> None:
         self.every = int(settings.get('intent_every', 100))
+        # Supervision drills: an event of this type blocks the handler (a hung behavior), so
+        # the lifecycle manager's hang detection can be exercised on a real agent. Off by default.
+        self.hang_on = str(settings.get('hang_on', ''))
 
     def handle(self, event: Event, ctx: AgentContext) -> None:
         counts = ctx.state.setdefault('counts', {})
@@ -82,6 +86,8 @@ class CounterBehavior:
         ctx.state['last_id'] = event.id
         if event.type == 'fail.please':
             raise RuntimeError('asked to fail')
+        if self.hang_on and event.type == self.hang_on:
+            threading.Event().wait()  # never set: hangs until the process is killed
         if ctx.state['total'] % self.every == 0:
             ctx.intent('count.milestone', {'total': ctx.state['total']})
 

@@ -1,0 +1,164 @@
+"""The lifecycle manager across real processes: it starts the agent processes, brings them up in
+order, reports each agent on loom/agents/status and /diagnostics, restarts a SIGKILLed agent with
+its state restored from SQLite, restarts a hung agent, and gives up after max_restarts."""
+import json
+import os
+import signal
+import sqlite3
+
+import pytest
+
+from loom_ros.bus.event import Event
+
+AGENTS = """agents:
+  - id: first
+    behavior: counter
+    subscriptions: ["test.lm.first"]
+    qos: realtime
+    settings: {intent_every: 1000, hang_on: hang.please}
+  - id: second
+    behavior: counter
+    subscriptions: ["test.lm.second"]
+    qos: realtime
+"""
+
+
+def committed(db_path, agent_id='first'):
+    try:
+        with sqlite3.connect(f'file:{db_path}?mode=ro', uri=True) as db:
+            row = db.execute('select state, events from agent_state where agent_id = ?',
+                             [agent_id]).fetchone()
+    except sqlite3.OperationalError:
+        return {}, 0
+    return (json.loads(row[0]), row[1]) if row else ({}, 0)
+
+
+class Watch:
+    """The test's view of the manager's reports: latest AgentStatus per agent, latest
+    diagnostics per agent, plus a bus to send the agents events."""
+
+    def __init__(self, ros, namespace):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.node import Node
+
+        from loom_msgs.msg import AgentStatus
+        from loom_ros.bus.bus import EventBus
+        from loom_ros.bus.qos import QosLevel, to_qos_profile
+        self.ros = ros
+        self.node = Node('lm_watch', namespace=namespace, context=ros.node.context)
+        self.bus = EventBus(self.node)
+        self.status: dict = {}
+        self.diagnostics: dict = {}
+        self.node.create_subscription(AgentStatus, 'loom/agents/status', self._on_status,
+                                      to_qos_profile(QosLevel.BACKGROUND))
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
+        ros.executor.add_node(self.node)
+        self.sent = 0
+
+    def _on_status(self, msg):
+        self.status[msg.agent_id] = msg
+
+    def _on_diag(self, msg):
+        for status in msg.status:
+            if status.hardware_id.startswith('agent_'):
+                self.diagnostics[status.name] = status
+
+    def health(self, agent):
+        msg = self.status.get(agent)
+        return (msg.health, msg.restarts) if msg else (None, None)
+
+    def send(self, agent, type='tick'):
+        self.bus.publish(f'test.lm.{agent}', Event(type=type, id=f'e{self.sent}'), 'realtime')
+        self.sent += 1
+
+    def close(self):
+        self.ros.executor.remove_node(self.node)
+        self.bus.destroy()
+        self.node.destroy_node()
+
+
+@pytest.fixture
+def manager(ros, spawn, tmp_path):
+    """Start a manager over AGENTS in its own namespace; yields (process, Watch)."""
+    agents = tmp_path / 'agents.yaml'
+    agents.write_text(AGENTS)
+    started = []
+
+    def start(namespace, *params):
+        watch = Watch(ros, namespace)
+        args = ['-m', 'loom_ros.agents.lifecycle_manager_node', '--ros-args',
+                '-r', f'__ns:={namespace}', '-p', f'agents_file:={agents}',
+                '-p', f'state_dir:={tmp_path}', '-p', 'status_period_s:=0.2']
+        for p in params:
+            args += ['-p', p]
+        proc = spawn(*args)
+        started.append((proc, watch))
+        return proc, watch
+    yield start
+    for proc, watch in started:
+        if proc.popen.poll() is None:
+            proc.popen.send_signal(signal.SIGINT)
+            code, out, err = proc.finish()
+            assert code == 0, err
+        watch.close()
+
+
+def test_brings_agents_up_in_order_and_reports_them(ros, manager, tmp_path):
+    proc, watch = manager('/lm_order')
+    ros.wait_for(lambda: watch.health('first')[0] == 'ok' and watch.health('second')[0] == 'ok',
+                 'both agents ok', alive=[proc])
+    first, second = watch.status['first'], watch.status['second']
+    assert (first.lifecycle, second.lifecycle) == ('active', 'active')
+    assert first.pid != second.pid and first.node.endswith('/agent_first')
+    ros.wait_for(lambda: watch.diagnostics.get('loom/agents/second') is not None,
+                 'diagnostics for the agents', alive=[proc])
+    assert watch.diagnostics['loom/agents/first'].level == b'\x00'  # OK
+    # Events reach an agent the manager started, and are committed.
+    ros.wait_for(lambda: committed(tmp_path / 'second.db', 'second')[1] >= 1,
+                 'the second agent to handle an event', spin=lambda: watch.send('second'))
+    # The agent processes end with the manager; its log shows the bring-up order.
+    proc.popen.send_signal(signal.SIGINT)
+    code, out, err = proc.finish()
+    assert code == 0
+    active = [line for line in err.splitlines() if ' is active ' in line]
+    assert 'agent_first' in active[0] and 'agent_second' in active[1], err
+    for pid in (first.pid, second.pid):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_sigkilled_agent_is_restarted_with_its_state(ros, manager, tmp_path):
+    proc, watch = manager('/lm_kill', 'agents:=first', 'heartbeat_timeout_s:=2.0')
+    ros.wait_for(lambda: watch.health('first')[0] == 'ok', 'the agent ok', alive=[proc])
+    db = tmp_path / 'first.db'
+    ros.wait_for(lambda: committed(db)[1] >= 20, '20 committed events',
+                 spin=lambda: watch.send('first'))
+    victim = watch.status['first'].pid
+    os.kill(victim, signal.SIGKILL)
+    before = committed(db)[1]
+    ros.wait_for(lambda: watch.health('first') == ('ok', 1) and
+                 watch.status['first'].pid not in (0, victim), 'the restarted agent',
+                 alive=[proc])
+    # Restored, not reset: the restarted agent counts on from what was committed.
+    ros.wait_for(lambda: committed(db)[1] > before, 'an event after the restart',
+                 spin=lambda: watch.send('first', 'tock'))
+    state, events = committed(db)
+    assert state['counts']['tick'] >= before and state['total'] == events
+
+
+def test_hung_agent_is_restarted_then_given_up_on(ros, manager, tmp_path):
+    proc, watch = manager('/lm_hang', 'agents:=first', 'hang_timeout_s:=1.0',
+                          'max_restarts:=1')
+    ros.wait_for(lambda: watch.health('first')[0] == 'ok', 'the agent ok', alive=[proc])
+    hung = watch.status['first'].pid
+    watch.send('first', 'hang.please')
+    ros.wait_for(lambda: watch.health('first') == ('ok', 1) and
+                 watch.status['first'].pid != hung, 'the hung agent restarted', alive=[proc])
+    # The hung process was killed, not left behind.
+    ros.wait_for(lambda: not os.path.exists(f'/proc/{hung}'), 'the hung process to be gone')
+    # Hanging again exceeds max_restarts: the manager gives up and says so on /diagnostics.
+    ros.wait_for(lambda: watch.health('first')[0] == 'failed', 'the agent marked failed',
+                 spin=lambda: watch.send('first', 'hang.please'), alive=[proc])
+    ros.wait_for(lambda: watch.diagnostics.get('loom/agents/first') is not None and
+                 watch.diagnostics['loom/agents/first'].level == b'\x02', 'an ERROR diagnostic')
+    assert 'gave up after 1 restarts' in watch.diagnostics['loom/agents/first'].message
