@@ -1,0 +1,108 @@
+"""The agent runtime without ROS: the shared dispatcher keeps each agent's events in order and
+handles each once, whatever the number of workers; deactivate handles accepted mail before it
+commits; and the supervisor's verdicts from heartbeats, with an injected clock."""
+import threading
+import time
+
+import pytest
+
+from loom_ros.agents.config import AgentConfig
+from loom_ros.agents.runtime import Agent, AgentState, Dispatcher
+from loom_ros.agents.state import StateStore
+from loom_ros.agents.supervisor import Beat, Health, Supervisor, Unit
+from loom_ros.bus.event import Event
+
+
+def wait_until(condition, what, limit=60.0):
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f'timed out waiting for {what}')
+        time.sleep(0.001)
+
+
+def make_agents(tmp_path, n, **config):
+    emitted = []
+    lock = threading.Lock()
+
+    def emit(agent_id, kind, type, data):
+        with lock:
+            emitted.append((agent_id, kind, type, data))
+    agents = [Agent(AgentConfig(id=f'a{i}', behavior='counter', subscriptions=['t'],
+                                settings={'intent_every': 10}, **config), str(tmp_path), emit)
+              for i in range(n)]
+    for agent in agents:
+        agent.configure()
+        agent.activate()
+    return agents, emitted
+
+
+@pytest.mark.parametrize('workers', [1, 3])
+def test_dispatcher_keeps_each_agents_order_and_handles_every_event_once(tmp_path, workers):
+    agents, emitted = make_agents(tmp_path, 8)
+    dispatcher = Dispatcher(workers)
+    try:
+        for i in range(200):
+            for agent in agents:
+                dispatcher.deliver(agent, Event(type='tick', id=f'{agent.id}-{i}'))
+        wait_until(lambda: all(a.stats['handled'] == 200 for a in agents), 'all events handled')
+    finally:
+        dispatcher.close()
+    for agent in agents:
+        assert agent.state['total'] == 200 and agent.state['last_id'] == f'{agent.id}-199'
+        order = [e['event_id'] for e in agent.episodic.query(limit=1000)]
+        assert sorted(order, key=lambda s: int(s.split('-')[1])) == order
+        assert len(agent.dispatch_us) == 200
+        agent.cleanup()
+    intents = [e for e in emitted if e[1] == 'intent']
+    assert len(intents) == 8 * 20   # every 10th event of each agent
+
+
+def test_deactivate_handles_accepted_mail_then_commits_and_refuses_more(tmp_path):
+    (agent,), _ = make_agents(tmp_path, 1)
+    for i in range(50):   # accepted, but no dispatcher has run them yet
+        assert agent.offer(Event(type='tick', id=f'e{i}'))
+    agent.deactivate()
+    assert agent.lifecycle is AgentState.INACTIVE and agent.stats['handled'] == 50
+    assert not agent.offer(Event(type='tick', id='late')) and agent.stats['refused_inactive'] == 1
+    agent.cleanup()
+    state, events = StateStore(tmp_path / 'a0.db', 'a0').load()
+    assert events == 50 and state['last_id'] == 'e49'
+
+
+def test_interval_persistence_commits_on_flush(tmp_path):
+    (agent,), _ = make_agents(tmp_path, 1, persist='interval', persist_interval_s=3600.0)
+    agent.offer(Event(type='tick', id='only'))
+    agent.handle_one()
+    assert StateStore(tmp_path / 'a0.db', 'a0').load()[1] == 0   # not due yet
+    agent._last_commit -= 3600.0
+    agent.flush_if_due()
+    assert StateStore(tmp_path / 'a0.db', 'a0').load()[1] == 1
+    agent.cleanup()
+
+
+def beat(agent_id, at, busy_ms=0.0, lifecycle='active', persist_failed=0):
+    return Beat(agent_id, 1, lifecycle, busy_ms, at, persist_failed=persist_failed)
+
+
+def test_supervisor_verdicts():
+    unit = Unit('agent_a', ('a',))
+    sup = Supervisor([unit], heartbeat_timeout_s=4.0, hang_timeout_s=2.0, max_restarts=1)
+    assert sup.verdict('a', 0.0).health is Health.STARTING
+    sup.activated(unit, 10.0)
+    assert sup.verdict('a', 11.0).health is Health.STARTING      # no beat yet, within timeout
+    assert sup.verdict('a', 14.5, process_alive=None).health is Health.DEAD
+    assert sup.verdict('a', 14.5, process_alive=True).health is Health.HUNG
+    assert sup.verdict('a', 11.0, process_alive=False).health is Health.DEAD
+    sup.beat(beat('a', 12.0))
+    assert sup.verdict('a', 13.0).health is Health.OK
+    sup.beat(beat('a', 13.0, busy_ms=2500.0))
+    hung = sup.verdict('a', 13.1)
+    assert hung.health is Health.HUNG and 'busy for 2.5 s' in hung.reason
+    sup.beat(beat('a', 13.2, lifecycle='inactive', persist_failed=1))
+    assert sup.verdict('a', 13.3).health is Health.FAILED
+    assert sup.needs_restart(hung)
+    assert sup.restarting(unit, 'hung') and unit.restarts == 1
+    assert not sup.restarting(unit, 'hung again') and unit.failed
+    assert sup.verdict('a', 20.0).health is Health.FAILED
+    assert 'gave up after 1 restarts' in sup.verdict('a', 20.0).reason
