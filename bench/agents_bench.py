@@ -1,7 +1,9 @@
-"""Benchmark of the agent runtime at scale: N agents (AgentNode, counter behavior, state
-committed per event) in one process, fed by one publisher through the intra-process fast path.
+"""Benchmark of the agent runtime at scale: N agents hosted in one AgentNode (counter behavior,
+state committed per event) in one process, fed by one publisher through the intra-process fast
+path.
 
-    python bench/agents_bench.py [--agents 100 1000] [--seconds 5] [--rate 50]
+    python bench/agents_bench.py [--agents 10 100 1000] [--feeds streams broadcast]
+                                 [--seconds 5] [--rate 10] [--workers 1]
 
 Reports per N: RSS after start-up and at the end, dispatch latency (mailbox arrival to handler)
 P50/P99/max, and agent-events handled per second. Baseline in the same run: the RSS of N plain
@@ -25,59 +27,66 @@ sys.path.insert(0, str(HERE))
 from bus_bench import machine, rss_kb, summarize  # noqa: E402
 
 
-def run_loom(n: int, seconds: float, rate: float) -> dict:
+def run_loom(n: int, seconds: float, rate: float, feed: str, workers: int) -> dict:
+    """N agents hosted in one AgentNode (one bus, one dispatcher). `feed`: 'streams' gives each
+    agent its own topic and spreads the events evenly (N x rate events/s in all); 'broadcast'
+    sends every event to every agent at once (bursts of N)."""
     import rclpy
     from rclpy.node import Node
+    from rclpy.parameter import Parameter
 
     from loom_ros.agents.agent_node import AgentNode
     from loom_ros.bus.bus import EventBus
     from loom_ros.bus.event import Event
     from loom_ros.bus.executor import make_executor
-    from rclpy.parameter import Parameter
     tmp = Path(tempfile.mkdtemp())
+    topic = (lambda i: f'bench.agents.s{i}') if feed == 'streams' else (lambda i: 'bench.agents')
     (tmp / 'agents.yaml').write_text('agents:\n' + ''.join(
-        f'  - {{id: a{i}, behavior: counter, subscriptions: [bench.agents], qos: batched}}\n'
-        for i in range(n)))
+        f'  - {{id: a{i}, behavior: counter, subscriptions: [{topic(i)}], qos: realtime, '
+        'mailbox_size: 100000}\n' for i in range(n)))
     rclpy.init()
     rss_before = rss_kb()
     started = time.monotonic()
-    agents = []
-    for i in range(n):
-        agent = AgentNode(f'a{i}', parameter_overrides=[
-            Parameter('agent_id', value=f'a{i}'),
-            Parameter('agents_file', value=str(tmp / 'agents.yaml')),
-            Parameter('state_dir', value=str(tmp / 'state'))])
-        agent.trigger_configure()
-        agent.trigger_activate()
-        agents.append(agent)
+    host = AgentNode(node_name='agent_host', parameter_overrides=[
+        Parameter('agents', value='*'), Parameter('workers', value=workers),
+        Parameter('agents_file', value=str(tmp / 'agents.yaml')),
+        Parameter('state_dir', value=str(tmp / 'state'))])
+    host.trigger_configure()
+    host.trigger_activate()
+    agents = list(host.agents.values())
     setup_s = time.monotonic() - started
     feeder = Node('bench_feeder')
     bus = EventBus(feeder)
     executor = make_executor()
     executor.add_node(feeder)
+    executor.add_node(host)
     rss_started = rss_kb()
-    count = int(seconds * rate)
+    if feed == 'streams':
+        sends = [(topic(i % n), 1) for i in range(int(seconds * rate * n))]
+        total_rate = rate * n
+    else:
+        sends = [('bench.agents', n) for _ in range(int(seconds * rate))]
+        total_rate = rate
+    expected = sum(k for _, k in sends)
     start = time.monotonic()
-    for i in range(count):
-        bus.publish('bench.agents', Event(type='tick', id=f't{i}'), 'batched')
-        target = start + (i + 1) / rate
+    for i, (t, _) in enumerate(sends):
+        bus.publish(t, Event(type='tick', id=f't{i}'), 'realtime')
+        target = start + (i + 1) / total_rate
         while time.monotonic() < target:
             executor.spin_once(timeout_sec=max(0.0, min(0.001, target - time.monotonic())))
-    deadline = time.monotonic() + 60
-    while sum(a.stats['handled'] for a in agents) < n * count and time.monotonic() < deadline:
-        time.sleep(0.05)
+    deadline = time.monotonic() + 120
+    while sum(a.stats['handled'] for a in agents) < expected and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.01)
     elapsed = time.monotonic() - start
     handled = sum(a.stats['handled'] for a in agents)
     dispatch = [x for a in agents for x in a.dispatch_us]
-    result = {'agents': n, 'events_published': count, 'agent_events_handled': handled,
-              'handled_per_s': round(handled / elapsed, 1), 'setup_s': round(setup_s, 1),
-              'rss_before_mb': round(rss_before / 1024, 1),
+    result = {'agents': n, 'feed': feed, 'workers': workers, 'agent_events_expected': expected,
+              'agent_events_handled': handled, 'handled_per_s': round(handled / elapsed, 1),
+              'setup_s': round(setup_s, 1), 'rss_before_mb': round(rss_before / 1024, 1),
               'rss_started_mb': round(rss_started / 1024, 1),
               'rss_end_mb': round(rss_kb() / 1024, 1), 'dispatch': summarize(dispatch)}
-    for agent in agents:
-        agent.trigger_deactivate()
-        agent.trigger_cleanup()
-        agent.destroy_node()
+    host.trigger_deactivate()
+    host.trigger_cleanup()
     rclpy.try_shutdown()
     return result
 
@@ -107,28 +116,35 @@ def run_raw(n: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--agents', type=int, nargs='+', default=[100, 1000])
+    parser.add_argument('--agents', type=int, nargs='+', default=[10, 100, 1000])
+    parser.add_argument('--feeds', nargs='+', default=['streams', 'broadcast'])
     parser.add_argument('--seconds', type=float, default=5.0)
-    parser.add_argument('--rate', type=float, default=50.0)
+    parser.add_argument('--rate', type=float, default=10.0, help='events/s per agent')
+    parser.add_argument('--workers', type=int, default=1)
     parser.add_argument('--out', default=str(HERE / 'results'))
-    parser.add_argument('_one', nargs='?', help=argparse.SUPPRESS)
+    parser.add_argument('_one', nargs='*', help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-    if args._one:  # one N per process, so RSS is not shared between runs
-        print(json.dumps(run_loom(int(args._one), args.seconds, args.rate)))
+    if args._one:  # one run per process, so RSS is not shared between runs
+        n, feed = args._one
+        print(json.dumps(run_loom(int(n), args.seconds, args.rate, feed, args.workers)))
         return 0
-    rows = []
+    rows, raw = [], {}
     for n in args.agents:
-        loom = subprocess.run([sys.executable, __file__, str(n), '--seconds', str(args.seconds),
-                               '--rate', str(args.rate)], capture_output=True, text=True,
-                              timeout=1800)
-        if loom.returncode:
-            print(loom.stderr[-3000:], file=sys.stderr)
-            return 1
-        row = {'loom': json.loads(loom.stdout.strip().splitlines()[-1]), 'raw': run_raw(n)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    results = {'machine': machine(), 'seconds': args.seconds, 'rate': args.rate, 'rows': rows}
+        raw[n] = run_raw(n)
+        for feed in args.feeds:
+            loom = subprocess.run([sys.executable, __file__, str(n), feed,
+                                   '--seconds', str(args.seconds), '--rate', str(args.rate),
+                                   '--workers', str(args.workers)],
+                                  capture_output=True, text=True, timeout=1800)
+            if loom.returncode:
+                print(loom.stderr[-3000:], file=sys.stderr)
+                return 1
+            row = {'loom': json.loads(loom.stdout.strip().splitlines()[-1]), 'raw': raw[n]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    results = {'machine': machine(), 'seconds': args.seconds, 'rate': args.rate,
+               'workers': args.workers, 'rows': rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'agents.json').write_text(json.dumps(results, indent=1))
@@ -136,18 +152,23 @@ def main() -> int:
     lines = ['# Agent runtime benchmark', '',
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; {m['os']}; Python "
              f"{m['python']}, rclpy {m['rclpy']}, {m['rmw']}, {m['executor']}; {m['date']}.", '',
-             f"One process; one publisher sends {args.rate:g} events/s for {args.seconds:g} s to "
-             'every agent (intra-process fast path); each agent commits its state per event. '
-             'Baseline: N plain rclpy nodes with one subscription each, in another process.', '',
-             '| agents | RSS Loom (started) | RSS raw rclpy nodes | start-up | dispatch P50 / P99 / max | agent-events handled/s | handled |',
-             '| --- | --- | --- | --- | --- | --- | --- |']
+             f"N agents hosted in one AgentNode (`agents: '*'`, one bus, a dispatcher with "
+             f"{args.workers} worker thread), counter behavior, state and episode committed to "
+             f"SQLite per event. Each agent gets {args.rate:g} events/s for {args.seconds:g} s "
+             'from a publisher in the same process (intra-process fast path). `streams`: each '
+             'agent has its own topic and the events are spread evenly; `broadcast`: one topic, '
+             'every event reaches all N agents at the same instant (bursts of N). Dispatch = '
+             'mailbox arrival to handler start. Baseline: N plain rclpy nodes with one '
+             'subscription each, in another process.', '',
+             '| agents | feed | RSS Loom (started) | RSS raw rclpy nodes | start-up | dispatch P50 / P99 / max | agent-events handled/s | handled |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- |']
     for row in rows:
         lo, ra = row['loom'], row['raw']
         d = lo['dispatch']
-        lines.append(f"| {lo['agents']} | {lo['rss_started_mb']} MB | {ra['rss_started_mb']} MB | "
-                     f"{lo['setup_s']} s | {d['p50_us']:.0f} / {d['p99_us']:.0f} / {d['max_us']:.0f}"
-                     f" us | {lo['handled_per_s']:.0f} | {lo['agent_events_handled']}/"
-                     f"{lo['agents'] * lo['events_published']} |")
+        lines.append(f"| {lo['agents']} | {lo['feed']} | {lo['rss_started_mb']} MB | "
+                     f"{ra['rss_started_mb']} MB | {lo['setup_s']} s | {d['p50_us']:.0f} / "
+                     f"{d['p99_us']:.0f} / {d['max_us']:.0f} us | {lo['handled_per_s']:.0f} | "
+                     f"{lo['agent_events_handled']}/{lo['agent_events_expected']} |")
     (out / 'agents.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
     return 0
