@@ -12,18 +12,26 @@ from loom_ros.config.params import (
 )
 from loom_ros.agents.agent_node import PARAMETERS as AGENT_PARAMETERS
 from loom_ros.agents.agent_node import AgentNode
+from loom_ros.agents.lifecycle_manager_node import PARAMETERS as MANAGER_PARAMETERS
+from loom_ros.bridge.bridge_node import LIST_PARAMETERS as BRIDGE_LISTS
+from loom_ros.bridge.bridge_node import PARAMETERS as BRIDGE_PARAMETERS
+from loom_ros.config.params import ParamSpec
+from loom_ros.plugins.host_node import PARAMETERS as HOST_PARAMETERS
+from loom_ros.telemetry.node_telemetry import TELEMETRY_PARAMETERS
 from loom_ros.router.router_node import PARAMETERS as ROUTER_PARAMETERS
 from loom_ros.router.router_node import RouterNode
 from loom_ros.sensors.sim_sensors_node import PARAMETERS as SENSOR_PARAMETERS
 from loom_ros.sensors.sim_sensors_node import SimSensorsNode
 
 NODES = {'sim_sensors': SENSOR_PARAMETERS, 'event_monitor': MONITOR_PARAMETERS,
-         'router': ROUTER_PARAMETERS, 'agent': AGENT_PARAMETERS}
+         'router': ROUTER_PARAMETERS, 'agent': AGENT_PARAMETERS,
+         'lifecycle_manager': MANAGER_PARAMETERS, 'plugin_host': HOST_PARAMETERS,
+         'zenoh_bridge': BRIDGE_PARAMETERS + [ParamSpec(k, d) for k, d in BRIDGE_LISTS.items()]}
 
 
 def test_every_yaml_key_is_declared_and_every_declared_parameter_has_a_yaml_default():
     sections = load_params_file(str(config_dir() / 'loom.yaml'))
-    assert set(sections['/**']) == {p.name for p in BUS_PARAMETERS}
+    assert set(sections['/**']) == {p.name for p in BUS_PARAMETERS + TELEMETRY_PARAMETERS}
     for node, specs in NODES.items():
         assert set(sections[node]) == {p.name for p in specs}, node
 
