@@ -1,4 +1,5 @@
-"""The `loom` command: `loom demo`, `loom pub`, `loom echo` (works where ros2cli is not installed)."""
+"""The `loom` command: `loom demo`, `loom pub`, `loom echo`, `loom status`, `loom cloud serve`
+(works where ros2cli is not installed)."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', required=True)
     demo.add_parser(sub)
     pubsub.add_parsers(sub)
+    status = sub.add_parser('status', help='live view of a running system (loom/metrics, stats)',
+                            add_help=False)
+    status.add_argument('rest', nargs=argparse.REMAINDER, help='see loom status --help')
+    status.set_defaults(run=_run_status)
+    cloud = sub.add_parser('cloud', help='the cloud inference tier: loom cloud serve [options]')
+    cloud.add_argument('action', choices=['serve'])
+    cloud.add_argument('rest', nargs=argparse.REMAINDER, help='see loom cloud serve --help')
+    cloud.set_defaults(run=_run_cloud)
     return parser
+
+
+def _run_status(args) -> int:
+    from loom_ros.telemetry import status
+    return status.main(args.rest + args.ros_args)
+
+
+def _run_cloud(args) -> int:
+    from loom_ros.cloud import server
+    return server.main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     if '--ros-args' in argv:
         cut = argv.index('--ros-args')
         argv, ros_args = argv[:cut], argv[cut:]
+    if argv[:1] == ['status']:   # its own options (and --help) go straight to it
+        from loom_ros.telemetry import status
+        return status.main(argv[1:] + ros_args) or 0
     args = build_parser().parse_args(argv)
     args.ros_args = ros_args
     return args.run(args) or 0
