@@ -14,8 +14,7 @@ import pytest
 os.environ.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 100))
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 
-REPO = Path(__file__).resolve().parents[1]
-WAIT_LIMIT_S = 60.0  # upper bound on any wait for a condition; reaching it is a failure
+from harness import REPO, WAIT_LIMIT_S, loom_cli  # noqa: E402,F401  (re-exported for fixtures)
 
 
 class RosHarness:
@@ -107,7 +106,3 @@ def spawn():
     yield start
     for proc in procs:
         proc.kill()
-
-
-def loom_cli(*args: str) -> list[str]:
-    return ['-m', 'loom_ros.cli', *args]

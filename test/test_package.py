@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ament_index_python.packages import get_package_prefix, get_package_share_directory
 
-from conftest import REPO
+from harness import REPO
 
 
 def test_package_xml_is_format_3_ament_python():

@@ -11,7 +11,7 @@ from loom_ros.agents.mailbox import Mailbox
 from loom_ros.agents.state import StateError, StateStore
 from loom_ros.bus.event import Event
 
-from conftest import REPO
+from harness import REPO
 
 
 @given(st.lists(st.integers(-3, 3), max_size=60), st.integers(1, 20))

@@ -6,7 +6,7 @@ import math
 import pytest
 from rclpy.qos import DurabilityPolicy, ReliabilityPolicy
 
-from conftest import loom_cli
+from harness import loom_cli
 from loom_ros.bus.event import Event, EventRejected, Privacy, RejectReason
 
 

@@ -5,7 +5,7 @@ import threading
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import loom_cli
+from harness import loom_cli
 from loom_ros.bus.bus import STATS_TOPIC, EventBus
 from loom_ros.bus.event import Event
 from loom_ros.bus.qos import to_qos_profile

@@ -1,7 +1,7 @@
 """`loom demo` (the README's main job) runs the bus across processes and writes its summary."""
 import json
 
-from conftest import loom_cli
+from harness import loom_cli
 
 
 def test_demo_runs_sensors_and_monitor_and_summarises(spawn, tmp_path):

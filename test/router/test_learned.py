@@ -4,7 +4,7 @@ import math
 
 from hypothesis import given, settings, strategies as st
 
-from conftest import REPO
+from harness import REPO
 from loom_ros.bus.event import Privacy
 from loom_ros.router.decision import CLOUD_ROUTES, RouteRequest, Spend
 from loom_ros.router.evaluate import evaluate, train_from_history

@@ -1,7 +1,7 @@
 """Policy files: overrides per event type and agent, validation that names the key and reason."""
 import pytest
 
-from conftest import REPO
+from harness import REPO
 from loom_ros.router.policy import PolicyError, load_policy, parse_policy
 
 

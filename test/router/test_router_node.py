@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from conftest import WAIT_LIMIT_S
+from harness import WAIT_LIMIT_S
 from loom_ros.bus.event import Privacy
 from loom_ros.bus.qos import to_qos_profile
 

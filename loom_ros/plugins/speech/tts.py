@@ -176,7 +176,7 @@ class Speaker:
         self._lock = threading.Lock()
         self._worker: _Worker | None = None
         self._inline: _Pyttsx3Engine | None = None
-        self.stats = {'said': 0, 'errors': 0, 'timeouts': 0, 'restarts': 0}
+        self.stats = {'said': 0, 'errors': 0, 'timeouts': 0, 'restarts': 0, 'empty_wav_retries': 0}
         if self.config.isolation == 'inline':
             with _INLINE_LOCK:
                 self._inline = _Pyttsx3Engine(self.config.voice, self.config.rate_wpm,
@@ -211,21 +211,28 @@ class Speaker:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         start = time.perf_counter()
-        with self._lock:
+        # pyttsx3's espeak driver now and then saves a short utterance as an empty WAV (its end
+        # event can come before the samples it should write); one more synthesis fixes it. Both
+        # failing is an error. Retries are counted.
+        for attempt in range(2):
+            with self._lock:
+                try:
+                    self._synthesize(text, str(path))
+                except TTSError:
+                    self.stats['errors'] += 1
+                    raise
             try:
-                self._synthesize(text, str(path))
-            except TTSError:
+                samples, rate = read_wav(path)
+            except AudioFormatError as exc:
                 self.stats['errors'] += 1
-                raise
-        synth_ms = (time.perf_counter() - start) * 1000
-        try:
-            samples, rate = read_wav(path)
-        except AudioFormatError as exc:
-            self.stats['errors'] += 1
-            raise TTSError(f'espeak-ng produced no usable WAV: {exc}') from None
-        if not samples.size:
+                raise TTSError(f'espeak-ng produced no usable WAV: {exc}') from None
+            if samples.size:
+                break
+            self.stats['empty_wav_retries'] += 1
+        else:
             self.stats['errors'] += 1
             raise TTSError(f'espeak-ng produced an empty WAV for {text[:40]!r}')
+        synth_ms = (time.perf_counter() - start) * 1000
         out = SpeechOutput(str(path), samples.size / rate, rate, synth_ms)
         if self.config.play:
             out.play_error = play(path, out.duration_s + 5.0)
