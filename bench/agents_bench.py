@@ -68,6 +68,8 @@ def run_loom(n: int, seconds: float, rate: float, feed: str, workers: int) -> di
         sends = [('bench.agents', n) for _ in range(int(seconds * rate))]
         total_rate = rate
     expected = sum(k for _, k in sends)
+    for t in {t for t, _ in sends}:   # publishers exist before the clock starts
+        bus.publisher_for(t, 'realtime')
     start = time.monotonic()
     for i, (t, _) in enumerate(sends):
         bus.publish(t, Event(type='tick', id=f't{i}'), 'realtime')

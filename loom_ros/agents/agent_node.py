@@ -68,6 +68,7 @@ class AgentNode(LifecycleNode):
         self.dispatcher: Dispatcher | None = None
         self._subs = []
         self._recall_services = []
+        self._beat_turn = 0
         from loom_msgs.msg import AgentStatus
         self._status_type = AgentStatus
         self._heartbeat_pub = self.create_publisher(
@@ -181,18 +182,27 @@ class AgentNode(LifecycleNode):
             self._heartbeat_pub.publish(self._status_type(
                 agent_id=agent_id, node=node, pid=pid, lifecycle='unconfigured',
                 reason=self.failed[agent_id]))
-        for agent in list(self.agents.values()):
+        agents = list(self.agents.values())
+        # Up to 10 agents report every beat; more report in turns, each at least once per 10
+        # beats (1 s by default, well inside the manager's 4 s timeout), so 1,000 hosted agents
+        # do not cost 10,000 messages a second.
+        share = max(10, -(-len(agents) // 10))
+        start = self._beat_turn % max(1, len(agents))
+        reporting = {id(a) for a in (agents[start:] + agents[:start])[:share]}
+        self._beat_turn += share
+        for agent in agents:
             if agent.persist_failed is not None and agent.lifecycle is AgentState.ACTIVE:
                 if len(self.agents) == 1:
                     self.trigger_deactivate()   # the node's own state says what happened
                 else:
                     agent.deactivate()
             agent.flush_if_due()
-            self._heartbeat_pub.publish(self._status(agent, stamp, node, pid))
+            if id(agent) in reporting:
+                self._heartbeat_pub.publish(self._status(agent, stamp, node, pid))
 
     def _status(self, agent: Agent, stamp, node: str, pid: int):
         mailbox = agent.mailbox
-        recent = list(agent.dispatch_us)[-1000:]
+        recent = list(agent.dispatch_us)[-256:]
         msg = self._status_type(
             agent_id=agent.id, node=node, pid=pid, lifecycle=agent.lifecycle.value,
             busy_ms=agent.busy_ms(), events=agent.events, handled=agent.stats['handled'],

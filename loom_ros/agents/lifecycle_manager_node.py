@@ -83,6 +83,7 @@ class LifecycleManagerNode(Node):
         from loom_msgs.msg import AgentStatus
         self._types = (ChangeState, GetState, AgentStatus, DiagnosticArray)
         self.managed = [_Managed(u) for u in self._units()]
+        self._managed_of = {a: m for m in self.managed for a in m.unit.agents}
         p = self.params
         self.supervisor = Supervisor([m.unit for m in self.managed], p['heartbeat_timeout_s'],
                                      p['hang_timeout_s'], int(p['max_restarts']))
@@ -249,6 +250,10 @@ class LifecycleManagerNode(Node):
     # -- heartbeats and reports ---------------------------------------------------------------
     def _on_beat(self, msg) -> None:
         self.pids_seen.add(msg.pid)
+        managed = self._managed_of.get(msg.agent_id)
+        if managed is not None and managed.process is not None and \
+                msg.pid != managed.process.pid:
+            return   # late news from a process already replaced (a killed one's last beats)
         self.last_status[msg.agent_id] = msg
         self.supervisor.beat(Beat(msg.agent_id, msg.pid, msg.lifecycle, msg.busy_ms,
                                   time.monotonic(), msg.mailbox_depth, msg.mailbox_size,

@@ -99,6 +99,12 @@ class Agent:
         self.persist_failed = None
         self._ctx = AgentContext(self.id, self.state, self.working, self._emit,
                                  dict(self.config.settings), self.episodic, self.semantic)
+        # Write once now: SQLite creates the WAL and shared-memory files on the first write,
+        # which cost the first event ~0.4 ms per agent (40 ms of queueing for 100 agents).
+        if not self.commit():
+            store.close()
+            self.store = None
+            raise self.persist_failed
         self.lifecycle = AgentState.INACTIVE
 
     def activate(self) -> None:

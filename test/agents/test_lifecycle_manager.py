@@ -151,7 +151,10 @@ def test_hung_agent_is_restarted_then_given_up_on(ros, manager, tmp_path):
                           'max_restarts:=1')
     ros.wait_for(lambda: watch.health('first')[0] == 'ok', 'the agent ok', alive=[proc])
     hung = watch.status['first'].pid
-    watch.send('first', 'hang.please')
+    # Send until the agent has taken one: a first event may go out before the match completes.
+    ros.wait_for(lambda: watch.status['first'].busy_ms > 0 or watch.health('first')[1],
+                 'the agent to take the hang event', spin=lambda: watch.send('first', 'hang.please'),
+                 alive=[proc])
     ros.wait_for(lambda: watch.health('first') == ('ok', 1) and
                  watch.status['first'].pid != hung, 'the hung agent restarted', alive=[proc])
     # The hung process was killed, not left behind.
