@@ -74,6 +74,9 @@ class AgentNode(LifecycleNode):
         self._heartbeat_pub = self.create_publisher(
             AgentStatus, topics.AGENTS_HEARTBEAT, to_qos_profile(QosLevel.BACKGROUND))
         self._heartbeat = self.create_timer(self.params['heartbeat_period_s'], self._beat)
+        if self.bus.telemetry is not None:   # on /diagnostics beside the bus's own checks
+            self.bus.telemetry.add_check('mailboxes', self._mailboxes_check)
+            self.bus.telemetry.add_check('state persistence', self._persistence_check)
 
     @property
     def hosted(self) -> bool:
@@ -199,6 +202,22 @@ class AgentNode(LifecycleNode):
             agent.flush_if_due()
             if id(agent) in reporting:
                 self._heartbeat_pub.publish(self._status(agent, stamp, node, pid))
+
+    def _mailboxes_check(self):
+        from loom_ros.telemetry.diagnostics import queues_check
+        return queues_check({a.id: (len(a.mailbox), a.config.mailbox_size)
+                             for a in list(self.agents.values()) if a.mailbox is not None})
+
+    def _persistence_check(self):
+        from loom_ros.telemetry.diagnostics import ERROR, CheckResult, persistence_check
+        agents = list(self.agents.values())
+        failed = [a for a in agents if a.persist_failed is not None]
+        if failed:
+            return CheckResult(ERROR, f'agent {failed[0].id} cannot persist its state '
+                               f'({failed[0].persist_failed}); it stopped taking events. Free '
+                               'disk space (or raise state_max_mb), then activate it again')
+        lag = max((a.commit_lag_s() for a in agents), default=0.0)
+        return persistence_check(lag, warn_s=2.0, error_s=10.0, what='agent state')
 
     def _status(self, agent: Agent, stamp, node: str, pid: int):
         mailbox = agent.mailbox

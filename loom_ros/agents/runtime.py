@@ -27,6 +27,7 @@ from loom_ros.agents.mailbox import Mailbox
 from loom_ros.agents.memory import EpisodicMemory, SemanticMemory
 from loom_ros.agents.state import StateError, StateStore
 from loom_ros.bus.event import Event
+from loom_ros.telemetry import tracing
 
 Emit = Callable[[str, str, str, dict], None]   # emit(agent_id, 'action'|'intent', type, data)
 
@@ -176,7 +177,11 @@ class Agent:
             return
         before = json.dumps(self.state)
         try:
-            run_handler(self.behavior, event, self._ctx)
+            # Current on this worker thread, so what the behavior emits continues the trace.
+            with tracing.span(tracing.HANDLE_EVENT, event, attributes={
+                    'loom.agent.id': self.id, 'loom.event.id': event.id,
+                    'loom.event.type': event.type}):
+                run_handler(self.behavior, event, self._ctx)
             self.stats['handled'] += 1
         except Exception as exc:  # a behavior bug must not stop the agent
             self.state.clear()  # what a failed handler half-changed is not kept
@@ -225,6 +230,10 @@ class Agent:
         self.stats[f'{kind}s'] += 1
 
     # -- what the shells report ---------------------------------------------------------------
+    def commit_lag_s(self) -> float:
+        """How long handled events have waited uncommitted (0 when everything is committed)."""
+        return time.monotonic() - self._last_commit if self._dirty else 0.0
+
     def busy_ms(self) -> float:
         since = self.busy_since_ns
         return (time.monotonic_ns() - since) / 1e6 if since else 0.0

@@ -71,6 +71,24 @@ class PluginHostNode(LifecycleNode):
         self.stats = Counter()
         self._plugin_services: list = []
         self._plugin_subs: list = []
+        if self.bus.telemetry is not None:   # plugin health on /diagnostics
+            self.bus.telemetry.add_check('plugins', self._plugins_check)
+
+    def _plugins_check(self):
+        """The worst plugin's Health (DEGRADED: WARN, FAILED: ERROR), with every plugin listed."""
+        from loom_ros.telemetry.diagnostics import ERROR, OK, WARN, CheckResult
+        if self.host is None:
+            return CheckResult(OK, 'no plugins configured yet')
+        levels = {'ok': OK, 'degraded': WARN, 'failed': ERROR}
+        worst, values = CheckResult(OK, f'{len(self.host.slots)} plugins healthy'), {}
+        for name in list(self.host.slots):
+            status = self.host.health(name)
+            values[name] = f'{status.state.value}: {status.message}'.rstrip(': ')
+            level = levels.get(status.state.value, ERROR)
+            if level > worst.level:
+                worst = CheckResult(level, f'plugin {name} {status.state.value}: '
+                                    f'{status.message or "see its health service"}')
+        return CheckResult(worst.level, worst.message, values)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:

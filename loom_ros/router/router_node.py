@@ -36,6 +36,13 @@ PARAMETERS = [
 ]
 
 
+class _TraceCarrier:
+    """The part of an Event tracing reads: metadata with the caller's traceparent."""
+
+    def __init__(self, traceparent: str):
+        self.metadata = {tracing.TRACEPARENT: traceparent}
+
+
 class RouterNode(LifecycleNode):
 
     def __init__(self, **kwargs):
@@ -133,7 +140,8 @@ class RouterNode(LifecycleNode):
     # -- service ------------------------------------------------------------------------------
     def _on_route(self, req, resp):
         start = time.perf_counter()
-        with tracing.span(tracing.ROUTE_DECISION, kind='SERVER', attributes={
+        carrier = _TraceCarrier(req.traceparent) if req.traceparent else None
+        with tracing.span(tracing.ROUTE_DECISION, carrier, kind='SERVER', attributes={
                 'loom.event.id': req.event_id, 'loom.event.type': req.event_type,
                 'loom.agent.id': req.agent_id}) as span:
             resp = self._route(req, resp)

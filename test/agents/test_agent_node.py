@@ -203,6 +203,16 @@ def test_full_disk_deactivates_the_agent_and_keeps_what_was_committed(ros, spawn
         state, events = committed(tmp_path / 'tally.db')
         assert 0 < events == state['total'] and state['last_id'] == f'x{events - 1}'
         assert proc.popen.poll() is None  # the process lives on, inactive
+        # ... and says why on /diagnostics, at ERROR, with what to do.
+        from diagnostic_msgs.msg import DiagnosticArray
+        seen = {}
+        node.create_subscription(DiagnosticArray, '/diagnostics', lambda m: seen.update(
+            {s.name: s for s in m.status}), 10)
+        ros.executor.add_node(node)
+        key = '/ag_full/agent_tally: state persistence'
+        ros.wait_for(lambda: key in seen, 'the persistence diagnostic', alive=[proc])
+        assert seen[key].level == b'\x02' and 'cannot persist' in seen[key].message
+        ros.executor.remove_node(node)
     finally:
         bus.destroy()
         node.destroy_node()
