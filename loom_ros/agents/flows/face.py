@@ -1,0 +1,75 @@
+"""FaceAgent (behavior `face`, Flow 1: real-time face emotion).
+
+camera.front frame -> the `face_expression` plugin (face detector + expression model, called
+in-process when a host here runs it) gives the local confidence -> the router decides (Local
+when privacy allows and the confidence clears the threshold; the decision's rule and reason are
+kept) -> `ui_update {emoji, label}` on agent.face.action, which the `ui` plugin shows on
+loom/ui/state and as an rviz marker. The update carries `frame_ms` (the camera stamp), so anyone
+reading loom/ui/state can measure camera-to-emoji latency.
+Settings: `plugin` (face_expression), `event_type` for the router (face.detected), `min_interval_ms`
+(skip frames arriving faster; 0: none), `emojis` (label -> emoji overrides).
+"""
+from __future__ import annotations
+
+import time
+
+from loom_ros.agents.flows.link import FlowError, FlowLink
+from loom_ros.bus.event import Event
+from loom_ros.telemetry import tracing
+
+EMOJIS = {'happy': '😀', 'sad': '😢', 'angry': '😠', 'surprise': '😮', 'fear': '😨',
+          'disgust': '🤢', 'neutral': '😐'}
+NO_FACE = ''
+
+
+class FaceBehavior:
+
+    def setup(self, settings: dict) -> None:
+        self.plugin = str(settings.get('plugin', 'face_expression'))
+        self.event_type = str(settings.get('event_type', 'face.detected'))
+        self.min_interval_ms = float(settings.get('min_interval_ms', 0))
+        self.emojis = {**EMOJIS, **dict(settings.get('emojis', {}))}
+        self._last_frame = 0.0
+        self._showing = None
+
+    def handle(self, event: Event, ctx) -> None:
+        # One span for the agent's part, child of the frame's trace (or of the runtime's
+        # HandleEvent span), so the plugin call, the routing and the ui_update hang under it.
+        with tracing.span('FaceAgent', event, attributes={'loom.agent.id': ctx.agent_id}):
+            self._handle(event, ctx)
+
+    def _handle(self, event: Event, ctx) -> None:
+        now = time.monotonic()
+        if self.min_interval_ms and (now - self._last_frame) * 1000 < self.min_interval_ms:
+            ctx.state['skipped'] = ctx.state.get('skipped', 0) + 1
+            return
+        self._last_frame = now
+        link = FlowLink.shared()
+        with tracing.span(tracing.LOCAL_INFERENCE, attributes={'loom.plugin': self.plugin}):
+            response = link.plugin(self.plugin).handle_event(event)
+        if not response.ok:
+            ctx.state['plugin_errors'] = ctx.state.get('plugin_errors', 0) + 1
+            raise FlowError(f'{self.plugin} failed on frame {event.id}: {response.error}')
+        ctx.state['frames'] = ctx.state.get('frames', 0) + 1
+        if not response.events:   # nobody in view
+            if self._showing != NO_FACE:
+                self._showing = NO_FACE
+                ctx.action('ui_update', {'emoji': None, 'label': 'no face', 'frame_ms':
+                                         event.timestamp_ms, 'source_event': event.id})
+            return
+        result = response.events[0].json()
+        decision = link.route(event, self.event_type, ctx.agent_id,
+                              confidence=float(result['confidence']))
+        routes = ctx.state.setdefault('routes', {})
+        routes[decision.route] = routes.get(decision.route, 0) + 1
+        ctx.state['last_reason'] = f'{decision.rule}: {decision.reason}'
+        label = result['label']
+        counts = ctx.state.setdefault('labels', {})
+        counts[label] = counts.get(label, 0) + 1
+        self._showing = label
+        # Local, or a cloud route with no cloud face model: the local result is what we have.
+        ctx.action('ui_update', {
+            'emoji': self.emojis.get(label, '🙂'), 'label': label,
+            'confidence': round(float(result['confidence']), 3), 'faces': len(result['faces']),
+            'frame_ms': event.timestamp_ms, 'source_event': event.id,
+            'route': decision.route, 'rule': decision.rule, 'reason': decision.reason})

@@ -1,0 +1,293 @@
+"""`loom bringup`: the whole robot system from Loom's own entry point, reading the same YAML as
+`ros2 launch loom bringup.launch.py` (which needs ROS 2's launch, absent where Loom runs from
+PyPI wheels). Tests and `loom demo` use it.
+
+One process runs the robot's nodes, each on its own executor thread (the Python equivalent of a
+component container, so agents call plugins in-process, without serialization):
+sim_sensors (optional) and camera_adapter, router, plugin_host, the agents hosted in one
+AgentNode `agent_host_0`, the lifecycle_manager bringing that node up (spawn: false) and
+watching it, and zenoh_bridge. Two more processes are started beside it, as on a real robot
+and its cloud: a Zenoh router (`--zenoh-port`, unless `--zenoh-connect` names an existing one) and
+the cloud tier `loom cloud serve` (unless `--no-cloud`).
+When everything is up it prints one JSON line `{"ready": true, ...}`; it runs until SIGINT or
+SIGTERM (or `--duration`), then stops the nodes (agents commit their state) and the processes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from loom_ros.config.params import DEFAULTS_FILE, config_dir
+
+AGENT_HOST = 'agent_host_0'
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser('bringup', help='start the robot system (both seed flows) in one process '
+                       'plus a Zenoh router and the cloud tier')
+    add_arguments(p)
+    p.set_defaults(run=run_bringup)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--config', default=None,
+                   help=f'ROS params file for every node (default: config/{DEFAULTS_FILE})')
+    p.add_argument('--agents-file', default='', help="agents YAML ('' = config/agents.yaml)")
+    p.add_argument('--agents', default='*', help="agents to run, comma-separated ('*' = all)")
+    p.add_argument('--no-sim-sensors', dest='sim_sensors', action='store_false',
+                   help='do not start the simulated sensors (a real robot brings its own)')
+    p.add_argument('--zenoh-port', type=int, default=7447,
+                   help='port of the Zenoh router started here on 127.0.0.1 (default 7447)')
+    p.add_argument('--zenoh-connect', default='',
+                   help='use this existing Zenoh router instead (e.g. tcp/10.0.0.2:7447)')
+    p.add_argument('--no-cloud', dest='cloud', action='store_false',
+                   help='do not start the cloud tier (Hybrid routes then answer locally)')
+    p.add_argument('--no-bridge', dest='bridge', action='store_false',
+                   help='do not start the zenoh_bridge node')
+    p.add_argument('--duration', type=float, default=0.0,
+                   help='stop after this many seconds (default: run until Ctrl-C)')
+    p.add_argument('--log-dir', default='', help='where the Zenoh router and cloud logs go')
+
+
+def run_bringup(args) -> int:
+    return main_with(args, getattr(args, 'ros_args', []))
+
+
+def _endpoint(args) -> str:
+    return args.zenoh_connect or f'tcp/127.0.0.1:{args.zenoh_port}'
+
+
+def _start_side(name: str, cmd: list[str], log_dir: str) -> tuple[subprocess.Popen, dict]:
+    """A side process that prints one JSON ready line; stderr goes to a log file."""
+    err = open(Path(log_dir) / f'{name}.log', 'w') if log_dir else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                            start_new_session=True)
+    return proc, {}
+
+
+def _wait_ready(proc: subprocess.Popen, name: str, limit: float = 60.0) -> dict:
+    box: dict = {}
+
+    def read():
+        line = proc.stdout.readline()
+        try:
+            box['ready'] = json.loads(line) if line else {}
+        except ValueError:
+            box['ready'] = {'error': line}
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(limit)
+    ready = box.get('ready') or {}
+    if not ready.get('ready'):
+        raise RuntimeError(f'{name} did not start (exit {proc.poll()}): {ready}')
+    return ready
+
+
+def _agents_file(args, tmp: str) -> str:
+    """The agents file, with the voice agent pointed at this bring-up's Zenoh router."""
+    path = args.agents_file or str(config_dir() / 'agents.yaml')
+    data = yaml.safe_load(Path(path).read_text(encoding='utf-8'))
+    for entry in data.get('agents', []):
+        settings = entry.get('settings') or {}
+        if 'zenoh_connect' in settings:
+            settings['zenoh_connect'] = [_endpoint(args)] if args.cloud or args.zenoh_connect \
+                else []
+    out = Path(tmp) / 'agents.yaml'
+    out.write_text(yaml.safe_dump(data), encoding='utf-8')
+    return str(out)
+
+
+def _typed_params(path: str, tmp: str) -> str:
+    """The params file without empty lists: rcl cannot type them and hands nodes None, while
+    the node's own default (from config/loom.yaml) is the same empty list."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if v != []}
+        return value
+    data = yaml.safe_load(Path(path).read_text(encoding='utf-8'))
+    out = Path(tmp) / 'params.yaml'
+    out.write_text(yaml.safe_dump(strip(data)), encoding='utf-8')
+    return str(out)
+
+
+class RobotProcess:
+    """The robot's nodes in this process, each spun by its own executor on its own thread."""
+
+    def __init__(self, args, agents_file: str, params_file: str):
+        from rclpy.parameter import Parameter
+
+        from loom_ros.agents.agent_node import AgentNode
+        from loom_ros.agents.config import load_agents
+        from loom_ros.agents.lifecycle_manager_node import LifecycleManagerNode
+        from loom_ros.plugins.host_node import PluginHostNode
+        from loom_ros.router.router_node import RouterNode
+        from loom_ros.sensors.camera_adapter_node import CameraAdapterNode
+        self.nodes = []
+        self.threads = []
+        self._stops = []
+        wanted = list(load_agents(agents_file)) if args.agents.strip() in ('', '*') else \
+            [a.strip() for a in args.agents.split(',') if a.strip()]
+        self.agent_ids = wanted
+        if args.sim_sensors:
+            from loom_ros.sensors.sim_sensors_node import SimSensorsNode
+            self._add(SimSensorsNode())
+        self._add(CameraAdapterNode())
+        self.router = self._add(RouterNode(), lifecycle=True)
+        self.plugin_host = self._add(PluginHostNode(), lifecycle=True)
+        ids = ','.join(wanted)
+        # The params file's `agent` section applies to the host node too (it has another name).
+        from loom_ros.config.params import load_params_file
+        section = load_params_file(params_file).get('agent', {})
+        fixed = {'agents': ids, 'autostart': False, 'agents_file': agents_file}
+        self.agents = self._add(AgentNode(node_name=AGENT_HOST, parameter_overrides=[
+            Parameter(k, value=v) for k, v in {**section, **fixed}.items()
+            if k not in ('agent_id',)]))
+        self._add(LifecycleManagerNode(parameter_overrides=[
+            Parameter('spawn', value=False), Parameter('agents', value=ids),
+            Parameter('groups', value=ids), Parameter('agents_file', value=agents_file)]))
+        if args.bridge:
+            from loom_ros.bridge.bridge_node import ZenohBridgeNode
+            self._add(ZenohBridgeNode(parameter_overrides=[
+                Parameter('connect', value=[_endpoint(args)])]), lifecycle=True)
+
+    def _add(self, node, lifecycle: bool = False):
+        from rclpy.lifecycle import TransitionCallbackReturn
+        from rclpy.task import Future
+
+        from loom_ros.bus.executor import make_executor, spin_until
+        executor = make_executor()
+        executor.add_node(node)
+        stop = Future()
+
+        def spin():
+            # Transitions on the node's own thread: what configure opens (SQLite connections)
+            # is then used on the thread that made it.
+            if lifecycle and node.get_parameter('autostart').value:
+                if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+                    node.trigger_activate()
+            spin_until(executor, stop)
+        thread = threading.Thread(target=spin, daemon=True, name=f'spin-{node.get_name()}')
+        thread.start()
+        self.nodes.append((node, executor))
+        self.threads.append(thread)
+        self._stops.append(stop)
+        return node
+
+    def agents_active(self) -> bool:
+        from loom_ros.agents.runtime import AgentState
+        agents = dict(self.agents.agents)
+        return bool(agents) and all(a.lifecycle is AgentState.ACTIVE for a in agents.values())
+
+    def failures(self) -> dict:
+        return dict(self.agents.failed)
+
+    def stop(self) -> None:
+        from loom_ros.agents.runtime import AgentState
+        # Agents first: they deactivate (handle what they accepted) and commit their state.
+        for agent in list(self.agents.agents.values()):
+            if agent.lifecycle is AgentState.ACTIVE:
+                agent.deactivate()
+        for stop in self._stops:
+            if not stop.done():
+                stop.set_result(True)
+        for thread in self.threads:
+            thread.join(5.0)
+        from loom_ros.agents.flows.link import FlowLink
+        if FlowLink._shared is not None:
+            FlowLink._shared.close()
+        for node, executor in reversed(self.nodes):
+            executor.shutdown()
+            if node is self.agents:
+                node.on_cleanup(None)
+            node.destroy_node()
+
+
+def main_with(args, ros_args: list[str]) -> int:
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+    params_file = args.config or str(config_dir() / DEFAULTS_FILE)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    side: dict[str, subprocess.Popen] = {}
+    robot = None
+    code = 0
+    with tempfile.TemporaryDirectory(prefix='loom_bringup_') as tmp:
+        try:
+            if not args.zenoh_connect:
+                side['zenoh_router'], _ = _start_side('zenoh_router', [
+                    sys.executable, '-m', 'loom_ros.bridge.zenoh_router', '--listen',
+                    _endpoint(args)], args.log_dir)
+                _wait_ready(side['zenoh_router'], 'the Zenoh router')
+            if args.cloud:
+                side['cloud'], _ = _start_side('cloud', [
+                    sys.executable, '-m', 'loom_ros.cloud.server', '--connect', _endpoint(args)],
+                    args.log_dir)
+            agents_file = _agents_file(args, tmp)
+            rclpy.init(args=['loom_bringup', '--ros-args', '--params-file',
+                             _typed_params(params_file, tmp),
+                             *ros_args[1:]], signal_handler_options=SignalHandlerOptions.NO)
+            robot = RobotProcess(args, agents_file, params_file)
+            if 'cloud' in side:
+                _wait_ready(side['cloud'], 'the cloud tier')
+            started = time.monotonic()
+            while not robot.agents_active() and not stop.is_set():
+                if robot.failures() and time.monotonic() - started > 5.0:
+                    raise RuntimeError(f'agents failed to configure: {robot.failures()}')
+                if time.monotonic() - started > 60.0:
+                    raise RuntimeError('agents did not become active within 60 s')
+                stop.wait(0.05)
+            print(json.dumps({'ready': True, 'pid': os.getpid(), 'agents': robot.agent_ids,
+                              'zenoh': _endpoint(args), 'cloud': 'cloud' in side,
+                              'params_file': params_file}), flush=True)
+            deadline = time.monotonic() + args.duration if args.duration else None
+            while not stop.wait(0.2):
+                if deadline and time.monotonic() > deadline:
+                    break
+                dead = [n for n, p in side.items() if p.poll() is not None]
+                if dead:
+                    raise RuntimeError(f'{", ".join(dead)} exited')
+        except Exception as exc:  # a bad config, a side process that died: say why
+            print(f'loom bringup: {type(exc).__name__}: {exc}', file=sys.stderr, flush=True)
+            code = 1
+        finally:
+            if robot is not None:
+                robot.stop()
+            from loom_ros.telemetry import tracing
+            tracing.flush()
+            rclpy.try_shutdown()
+            for proc in side.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+            for proc in side.values():
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    return code
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ros_args: list[str] = []
+    if '--ros-args' in argv:
+        cut = argv.index('--ros-args')
+        argv, ros_args = argv[:cut], argv[cut:]
+    parser = argparse.ArgumentParser(prog='loom bringup', description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return main_with(parser.parse_args(argv), ros_args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""`loom record`: ROS 2 topics into an MCAP file that rosbag2 (`ros2 bag info/play`) and Foxglove
+read, without rosbag2 (not installable from PyPI wheels).
+
+Messages are stored as they arrive on the wire (CDR, no deserialization), one channel per topic,
+with `ros2msg` schemas: the type's .msg definition followed by every nested type's, separated the
+way rosbag2 writes them, found through the ament index. Topics are subscribed as they appear in
+the graph (best effort, so it matches reliable and best-effort publishers alike), until SIGINT /
+SIGTERM or `--duration`. The summary (messages per topic) is printed as one JSON line at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+DEFAULT_TOPICS = [
+    'loom/ui/state', 'loom/ui/markers', 'router/decisions', 'loom/agent/face/action',
+    'loom/agent/voice/action', 'loom/agent/voice/intent', 'loom/mic/primary/speech',
+    'imu/data', 'loom/agents/status',
+]
+PRIMITIVES = {'bool', 'byte', 'char', 'float32', 'float64', 'int8', 'uint8', 'int16', 'uint16',
+              'int32', 'uint32', 'int64', 'uint64', 'string', 'wstring', 'time', 'duration'}
+SEPARATOR = '=' * 80 + '\n'
+
+
+class SchemaError(LookupError):
+    """A message type whose .msg definition cannot be found."""
+
+
+def _msg_file(full_type: str) -> Path:
+    from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+    pkg, _, name = full_type.partition('/msg/')
+    try:
+        path = Path(get_package_share_directory(pkg)) / 'msg' / f'{name}.msg'
+    except PackageNotFoundError:
+        raise SchemaError(f'package {pkg!r} of {full_type} is not in the ament index') from None
+    if not path.is_file():
+        raise SchemaError(f'no definition {path} for {full_type}')
+    return path
+
+
+def _nested(text: str, pkg: str) -> list[str]:
+    """Non-primitive field types named in a .msg text, as pkg/msg/Type."""
+    found = []
+    for line in text.splitlines():
+        line = line.split('#', 1)[0].strip()
+        if not line:
+            continue
+        field_type, _, rest = line.partition(' ')
+        if '=' in rest.split()[0] if rest.split() else False:
+            continue   # a constant: TYPE NAME=value
+        base = re.sub(r'\[.*\]$', '', field_type)
+        base = re.sub(r'<=\d+$', '', base)
+        if base in PRIMITIVES:
+            continue
+        if base == 'Header':
+            found.append('std_msgs/msg/Header')
+        elif '/' in base:
+            p, _, t = base.rpartition('/')
+            found.append(f'{p.split("/")[0]}/msg/{t}')
+        else:
+            found.append(f'{pkg}/msg/{base}')
+    return found
+
+
+def ros2msg_schema(full_type: str) -> str:
+    """The ros2msg schema text of `pkg/msg/Type` (its definition, then each dependency once)."""
+    text = _msg_file(full_type).read_text(encoding='utf-8')
+    parts, seen = [text.rstrip('\n') + '\n'], {full_type}
+    queue = _nested(text, full_type.split('/')[0])
+    while queue:
+        dep = queue.pop(0)
+        if dep in seen:
+            continue
+        seen.add(dep)
+        dep_text = _msg_file(dep).read_text(encoding='utf-8')
+        parts.append(f'{SEPARATOR}MSG: {dep.replace("/msg/", "/")}\n{dep_text.rstrip(chr(10))}\n')
+        queue.extend(_nested(dep_text, dep.split('/')[0]))
+    return ''.join(parts)
+
+
+class McapRecorder:
+    """Writes raw CDR messages to an MCAP file; thread-safe (callbacks from an executor)."""
+
+    def __init__(self, path: str | Path):
+        from mcap.writer import CompressionType, Writer
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = str(path)
+        self._stream = open(path, 'wb')
+        self._writer = Writer(self._stream, compression=CompressionType.ZSTD)
+        self._writer.start(profile='ros2', library='loom record')
+        self._lock = threading.Lock()
+        self._channels: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
+        self._closed = False
+
+    def add_topic(self, topic: str, full_type: str) -> None:
+        with self._lock:
+            if topic in self._channels:
+                return
+            schema = self._writer.register_schema(name=full_type, encoding='ros2msg',
+                                                  data=ros2msg_schema(full_type).encode())
+            self._channels[topic] = self._writer.register_channel(
+                topic=topic, message_encoding='cdr', schema_id=schema)
+            self.counts[topic] = 0
+
+    def write(self, topic: str, data: bytes, stamp_ns: int | None = None) -> None:
+        now = stamp_ns or time.time_ns()
+        with self._lock:
+            if self._closed:
+                return
+            self._writer.add_message(channel_id=self._channels[topic], log_time=now, data=data,
+                                     publish_time=now, sequence=self.counts[topic])
+            self.counts[topic] += 1
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._writer.finish()
+            self._stream.close()
+
+
+def message_class(full_type: str):
+    """The Python class of `pkg/msg/Type` (what rosidl_runtime_py.get_message does)."""
+    import importlib
+    pkg, _, name = full_type.partition('/msg/')
+    return getattr(importlib.import_module(f'{pkg}.msg'), name)
+
+
+def _record_node(recorder: McapRecorder, topics: list[str]):
+    from rclpy.node import Node
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    class RecorderNode(Node):
+        def __init__(self):
+            super().__init__('loom_record')
+            self.wanted = [self.resolve_topic_name(t) for t in topics]
+            self.subs = {}
+            self.problems: dict[str, str] = {}
+            self.create_timer(0.2, self._discover)
+
+        def _discover(self):
+            qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT)
+            for name, types in self.get_topic_names_and_types():
+                if name not in self.wanted or name in self.subs or name in self.problems:
+                    continue
+                try:
+                    recorder.add_topic(name, types[0])
+                    msg_type = message_class(types[0])
+                except (SchemaError, AttributeError, ModuleNotFoundError, ValueError) as exc:
+                    self.problems[name] = str(exc)
+                    self.get_logger().error(f'cannot record {name}: {exc}')
+                    continue
+                self.subs[name] = self.create_subscription(
+                    msg_type, name, lambda data, n=name: recorder.write(n, data), qos, raw=True)
+    return RecorderNode()
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser('record', help='record ROS topics to an MCAP file (rosbag2/Foxglove)')
+    _arguments(p)
+    p.set_defaults(run=lambda args: run(args, args.ros_args))
+
+
+def _arguments(p) -> None:
+    p.add_argument('--output', default='demo_output/recording.mcap', help='MCAP file to write')
+    p.add_argument('--topics', nargs='*', default=None,
+                   help=f'ROS topics (relative ones under the namespace); default: '
+                        f'{" ".join(DEFAULT_TOPICS)}')
+    p.add_argument('--duration', type=float, default=0.0, help='stop after this many seconds')
+
+
+def run(args, ros_args: list[str]) -> int:
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    from rclpy.task import Future
+
+    from loom_ros.bus.executor import make_executor, spin_until
+    rclpy.init(args=['loom_record', *ros_args], signal_handler_options=SignalHandlerOptions.NO)
+    stop = Future()
+
+    def request_stop(*_):
+        if not stop.done():
+            stop.set_result(True)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request_stop)
+    recorder = McapRecorder(args.output)
+    node = _record_node(recorder, args.topics or DEFAULT_TOPICS)
+    if args.duration:
+        node.create_timer(args.duration, request_stop)
+    executor = make_executor()
+    executor.add_node(node)
+    print(json.dumps({'recording': args.output}), flush=True)
+    try:
+        spin_until(executor, stop, poll_s=0.2)
+    finally:
+        recorder.close()
+        print(json.dumps({'file': args.output, 'messages': recorder.counts,
+                          'problems': node.problems}), flush=True)
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ros_args: list[str] = []
+    if '--ros-args' in argv:
+        cut = argv.index('--ros-args')
+        argv, ros_args = argv[:cut], argv[cut:]
+    parser = argparse.ArgumentParser(prog='loom record', description=__doc__.splitlines()[0])
+    _arguments(parser)
+    return run(parser.parse_args(argv), ros_args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
