@@ -26,6 +26,8 @@ setup(
             'loom = loom_ros.cli:main',
             'loom_status = loom_ros.telemetry.status:main',
             'sim_sensors = loom_ros.sensors.sim_sensors_node:main',
+            'camera_adapter = loom_ros.sensors.camera_adapter_node:main',
+            'loom_record = loom_ros.cli.record:main',
             'event_monitor = loom_ros.bus.event_monitor_node:main',
             'router = loom_ros.router.router_node:main',
             'agent = loom_ros.agents.agent_node:main',
@@ -38,6 +40,8 @@ setup(
         'loom.behaviors': [
             'counter = loom_ros.agents.behavior:CounterBehavior',
             'memorize = loom_ros.agents.behavior:MemorizeBehavior',
+            'face = loom_ros.agents.flows.face:FaceBehavior',
+            'voice = loom_ros.agents.flows.voice:VoiceBehavior',
         ],
         'loom.plugins': [
             'weather = loom_ros.plugins.tools.weather:WeatherTool',
