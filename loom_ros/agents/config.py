@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loom_ros.bus.backpressure import BackpressurePolicy, PolicyError
 from loom_ros.bus.names import TopicNameError, TopicPattern, validate_topic
+from loom_ros.config.params import read_yaml
 
 
 class AgentConfigError(ValueError):
@@ -45,12 +45,7 @@ class AgentConfig(BaseModel):
 
 
 def load_agents(path: str | Path) -> dict[str, AgentConfig]:
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding='utf-8'))
-    except OSError as exc:
-        raise AgentConfigError(f'{path}: cannot read: {exc.strerror}') from None
-    except yaml.YAMLError as exc:
-        raise AgentConfigError(f'{path}: not valid YAML: {exc}') from None
+    data = read_yaml(path, AgentConfigError)
     if not isinstance(data, dict) or not isinstance(data.get('agents'), list):
         raise AgentConfigError(f'{path}: expected a top-level `agents:` list')
     agents: dict[str, AgentConfig] = {}

@@ -50,16 +50,23 @@ def _flatten(prefix: str, value, out: dict) -> None:
         out[prefix] = value
 
 
+def read_yaml(path, error: type[Exception] = None):
+    """The parsed YAML of `path`. A file that cannot be read or parsed raises `error` (default
+    ConfigError) naming the file and the reason, so every config loader reports alike."""
+    error = error or ConfigError
+    try:
+        with open(path, encoding='utf-8') as stream:
+            return yaml.safe_load(stream)
+    except OSError as exc:
+        raise error(f'{path}: cannot read: {exc.strerror}') from None
+    except yaml.YAMLError as exc:
+        raise error(f'{path}: not valid YAML: {exc}') from None
+
+
 @lru_cache(maxsize=16)
 def load_params_file(path: str) -> dict[str, dict[str, object]]:
     """{section: {dotted.param: value}} from a ROS params file; ConfigError when malformed."""
-    try:
-        with open(path, encoding='utf-8') as stream:
-            data = yaml.safe_load(stream)
-    except OSError as exc:
-        raise ConfigError(f'{path}: cannot read: {exc.strerror}') from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f'{path}: not valid YAML: {exc}') from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f'{path}: expected a mapping of node names to ros__parameters')
     sections = {}

@@ -25,11 +25,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loom_ros.bus.event import Event, EventRejected, Privacy
 from loom_ros.bus.names import TopicNameError, TopicPattern, validate_topic
+from loom_ros.config.params import read_yaml
 from loom_ros.plugins.contract import (
     CapabilityDenied, HealthState, HealthStatus, Plugin, PluginContext, PluginError,
     PluginMetadata, PluginNotFound, PluginResponse, PluginType, load_plugin_class,
@@ -99,13 +99,7 @@ class PluginSpec(BaseModel):
 
 def load_plugins_file(path: str | Path) -> list[PluginSpec]:
     """The `plugins:` list of a YAML file, validated; PluginsFileError says where and why."""
-    try:
-        with open(path, encoding='utf-8') as stream:
-            data = yaml.safe_load(stream)
-    except OSError as exc:
-        raise PluginsFileError(f'{path}: cannot read: {exc.strerror}') from None
-    except yaml.YAMLError as exc:
-        raise PluginsFileError(f'{path}: not valid YAML: {exc}') from None
+    data = read_yaml(path, PluginsFileError)
     if not isinstance(data, dict) or not isinstance(data.get('plugins'), list):
         raise PluginsFileError(f'{path}: expected a mapping with a `plugins:` list')
     return parse_specs(data['plugins'], str(path))

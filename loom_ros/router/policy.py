@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
+from loom_ros.config.params import read_yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
@@ -104,12 +104,4 @@ def parse_policy(data: object, source: str = 'policy') -> PolicyFile:
 
 def load_policy(path: str | Path) -> PolicyFile:
     """Load and validate a policy file; PolicyError names the file, the key and the reason."""
-    try:
-        text = Path(path).read_text(encoding='utf-8')
-    except OSError as exc:
-        raise PolicyError(f'{path}: cannot read: {exc.strerror}') from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PolicyError(f'{path}: not valid YAML: {exc}') from None
-    return parse_policy(data, str(path))
+    return parse_policy(read_yaml(path, PolicyError), str(path))

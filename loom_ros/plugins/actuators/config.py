@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loom_ros.bus.qos import UnknownQosLevel, parse_level
 from loom_ros.config.params import config_dir
 from loom_ros.plugins.contract import PluginError
+from loom_ros.config.params import read_yaml
 
 DEFAULTS_FILE = 'actuators.yaml'
 
@@ -68,13 +68,7 @@ def load_section(section: str, model: type[_Section], overrides: dict | None,
     """Defaults of `section` from actuators.yaml overlaid with `overrides`; PluginError names the
     file or key and the reason."""
     path = path or str(config_dir() / DEFAULTS_FILE)
-    try:
-        with open(path, encoding='utf-8') as stream:
-            data = yaml.safe_load(stream)
-    except OSError as exc:
-        raise PluginError(f'{path}: cannot read: {exc.strerror}') from None
-    except yaml.YAMLError as exc:
-        raise PluginError(f'{path}: not valid YAML: {exc}') from None
+    data = read_yaml(path, PluginError)
     defaults = data.get(section) if isinstance(data, dict) else None
     if not isinstance(defaults, dict):
         raise PluginError(f'{path}: no `{section}:` mapping of defaults')
