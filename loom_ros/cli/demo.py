@@ -1,53 +1,89 @@
-"""`loom demo`: the main job on simulated sensors, with a live view and a closing summary.
+"""`loom demo`: the main job. Both seed flows run on the simulated sensors for `--duration`
+seconds (30 by default) with a live view, then a summary, and the artifacts stay in the output
+folder (demo_output/):
 
-Today it runs, each in its own process: the sim_sensors node (publishes), the event_monitor node
-(subscribes by pattern and reports rates, which this command shows live) and the counter agent
-(a lifecycle AgentNode whose state and episodic memory persist in SQLite). Later issues add the
-router's callers, plugins and the two seed flows to the same command.
+- `loom bringup` (robot nodes in one process, a Zenoh router and the cloud tier beside it):
+  Flow 1, camera frames -> FaceAgent -> router (Local) -> face_expression -> ui_update {emoji};
+  Flow 2, speech -> asr -> VoiceAgent -> router (Hybrid) -> local transcript on the UI, cloud
+  intent over Zenoh -> weather tool -> tts WAV;
+- `event_monitor` (events/s on every Loom topic) and `loom record` (an MCAP file of the topics);
+- this process watches router/decisions, loom/ui/state, the voice agent and /diagnostics, and
+  measures camera-to-emoji latency, time to first feedback and time to the spoken answer (both
+  from the moment the simulated speaker stops talking).
+Artifacts: summary.json, answer.wav (the last spoken answer), recording.mcap, trace.jsonl (the
+OpenTelemetry spans of every hop), logs/, and the agents' state, router history and audit log.
 """
 from __future__ import annotations
 
 import json
 import os
 import queue
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
+
+import yaml
 
 from loom_ros.config.params import DEFAULTS_FILE, config_dir
 
-NODES = {
-    'sim_sensors': 'loom_ros.sensors.sim_sensors_node',
-    'event_monitor': 'loom_ros.bus.event_monitor_node',
-    'agent_counter': 'loom_ros.agents.agent_node',
-}
-
 
 def add_parser(sub) -> None:
-    demo = sub.add_parser('demo', help='run Loom on simulated sensors with a live view')
-    demo.add_argument('--duration', type=float, default=20.0, help='seconds to run (default 20)')
+    demo = sub.add_parser('demo', help='run both seed flows on simulated sensors, live view')
+    demo.add_argument('--duration', type=float, default=30.0, help='seconds to run (default 30)')
     demo.add_argument('--params-file', default=None,
                       help=f'ROS params file (default: config/{DEFAULTS_FILE})')
     demo.add_argument('--stop-after-events', type=int, default=0, metavar='N',
-                      help='stop early once N events have been received and the agent has sent '
-                           'an intent (default: run the duration)')
+                      help='stop early once N events were received and both flows have '
+                           'delivered (an emoji shown and an answer spoken)')
     demo.add_argument('--output', default='demo_output',
-                      help='folder for the summary JSON (default demo_output)')
+                      help='folder for the summary and artifacts (default demo_output)')
     demo.set_defaults(run=run_demo)
 
 
-def _spawn(module: str, params_file: str, extra: list[str], env: dict,
-           log: Path | None = None) -> subprocess.Popen:
-    """A node process; its output goes to `log` (so a full pipe never blocks it), else a pipe."""
-    cmd = [sys.executable, '-m', module, '--ros-args', '--params-file', params_file, *extra]
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def _params(source: str, out: Path) -> Path:
+    """The params file with every file the system writes moved under the output folder."""
+    data = yaml.safe_load(Path(source).read_text(encoding='utf-8'))
+
+    def section(name):
+        return data.setdefault(name, {}).setdefault('ros__parameters', {})
+    tracing = section('/**').setdefault('telemetry', {}).setdefault('tracing', {})
+    tracing.update(exporter='file', file=str(out / 'trace.jsonl'))
+    section('router')['history_db'] = str(out / 'router.db')
+    section('plugin_host').update(audit_db=str(out / 'audit.db'), data_dir=str(out / 'plugins'))
+    section('agent')['state_dir'] = str(out / 'agents')
+    section('lifecycle_manager')['state_dir'] = str(out / 'agents')
+    section('zenoh_bridge')['audit_file'] = str(out / 'bridge_audit.jsonl')
+    path = out / 'demo_params.yaml'
+    path.write_text(yaml.safe_dump(data), encoding='utf-8')
+    return path
+
+
+def _spawn(args: list[str], env: dict, log: Path | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, *args]
     if log is None:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                 env=env, bufsize=1)
-    with open(log, 'w') as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    with open(log, 'w') as stream:
+        return subprocess.Popen(cmd, stdout=stream, stderr=subprocess.STDOUT, env=env)
+
+
+def _lines(proc: subprocess.Popen) -> queue.Queue:
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(l.rstrip('\n')) for l in proc.stdout],
+                     daemon=True).start()
+    return lines
 
 
 def _stop(procs: dict[str, subprocess.Popen]) -> dict[str, int]:
@@ -57,43 +93,168 @@ def _stop(procs: dict[str, subprocess.Popen]) -> dict[str, int]:
     codes = {}
     for name, proc in procs.items():
         try:
-            codes[name] = proc.wait(timeout=10)
+            codes[name] = proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
             codes[name] = proc.wait()
     return codes
 
 
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+
+class Watcher:
+    """The demo's own node: routes with reasons, the UI, the voice agent, plugin health."""
+
+    def __init__(self):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.node import Node
+        from rclpy.task import Future
+        from std_msgs.msg import String
+
+        from loom_msgs.msg import RouteDecision
+        from loom_ros.bus.bus import create_bus
+        from loom_ros.bus.executor import make_executor, spin_until
+        from loom_ros.bus.qos import to_qos_profile
+        self.node = Node('loom_demo')
+        self.bus = create_bus(self.node, 'loom_demo')
+        self.lock = threading.Lock()
+        self.routes: Counter = Counter()
+        self.reasons: dict[str, str] = {}
+        self.face_ms: list[float] = []
+        self.emojis: Counter = Counter()
+        self.last_emoji = ''
+        self._frames_seen: set = set()
+        self.feedback_ms: list[float] = []
+        self.answer_ms: list[float] = []
+        self.intents: Counter = Counter()
+        self.answers: list[dict] = []
+        self.transcripts: list[str] = []
+        self.plugins: dict[str, str] = {}
+        self._speech_end: float | None = None
+        self._fed_back = False
+        self.node.create_subscription(RouteDecision, 'router/decisions', self._on_route,
+                                      to_qos_profile('batched'))
+        self.node.create_subscription(String, 'loom/ui/state', self._on_ui,
+                                      to_qos_profile('batched'))
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
+        self.bus.subscribe('mic.primary', self._on_mic)
+        self.bus.subscribe('agent.voice.action', self._on_voice_action)
+        self.bus.subscribe('agent.voice.intent', self._on_voice_intent)
+        self._stop = Future()
+        self._executor = make_executor()
+        self._executor.add_node(self.node)
+        self._thread = threading.Thread(target=spin_until, args=(self._executor, self._stop),
+                                        daemon=True)
+        self._thread.start()
+
+    def _on_route(self, msg) -> None:
+        with self.lock:
+            self.routes[msg.route] += 1
+            self.reasons[f'{msg.agent_id or "?"} -> {msg.route}'] = f'{msg.rule}: {msg.reason}'
+
+    def _on_ui(self, msg) -> None:
+        now = time.time() * 1000.0
+        state = json.loads(msg.data)
+        frame = state.get('frame_ms')
+        with self.lock:
+            if state.get('emoji') and frame and frame not in self._frames_seen:
+                self._frames_seen.add(frame)
+                self.face_ms.append(now - float(frame))
+                self.emojis[f'{state["emoji"]} {state.get("label", "")}'] += 1
+                self.last_emoji = f'{state["emoji"]} {state.get("label", "")}'
+
+    def _on_diag(self, msg) -> None:
+        for status in msg.status:
+            if status.name.endswith(': plugins'):
+                with self.lock:
+                    self.plugins = {kv.key: kv.value for kv in status.values}
+
+    def _on_mic(self, event, _topic) -> None:
+        end = event.metadata.get('speech_end_ms')
+        if end:
+            with self.lock:
+                self._speech_end, self._fed_back = float(end), False
+
+    def _on_voice_action(self, event, _topic) -> None:
+        text = event.json().get('text') or ''
+        with self.lock:
+            if text.startswith('heard:') and self._speech_end and not self._fed_back:
+                self._fed_back = True
+                self.feedback_ms.append(event.timestamp_ms - self._speech_end)
+                self.transcripts.append(text[len('heard: '):])
+
+    def _on_voice_intent(self, event, _topic) -> None:
+        data = event.json()
+        with self.lock:
+            if event.type == 'answer.spoken':
+                self.answers.append(data)
+                if self._speech_end:
+                    self.answer_ms.append(data['spoken_at_ms'] - self._speech_end)
+            else:
+                self.intents[event.type] += 1
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {
+                'routes': dict(self.routes), 'route_reasons': dict(self.reasons),
+                'face': {'emojis': dict(self.emojis), 'updates': len(self.face_ms),
+                         'camera_to_emoji_ms': {'p50': _pct(self.face_ms, 0.5),
+                                                'p99': _pct(self.face_ms, 0.99),
+                                                'max': _pct(self.face_ms, 1.0)}},
+                'voice': {'transcripts': list(self.transcripts), 'intents': dict(self.intents),
+                          'answers': [{k: a[k] for k in ('text', 'path', 'intent', 'heard')}
+                                      for a in self.answers],
+                          'first_feedback_ms': [round(v, 1) for v in self.feedback_ms],
+                          'spoken_answer_ms': [round(v, 1) for v in self.answer_ms]},
+                'plugins': dict(self.plugins), 'last_emoji': self.last_emoji,
+            }
+
+    def close(self) -> None:
+        self._stop.set_result(True)
+        self._thread.join(2.0)
+        self._executor.shutdown()
+        self.bus.destroy()
+        self.node.destroy_node()
+
+
 def run_demo(args) -> int:
-    params_file = args.params_file or str(config_dir() / DEFAULTS_FILE)
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+    out = Path(args.output).resolve()
+    (out / 'logs').mkdir(parents=True, exist_ok=True)
+    for stale in ('trace.jsonl', 'recording.mcap', 'answer.wav'):
+        (out / stale).unlink(missing_ok=True)
+    params = _params(args.params_file or str(config_dir() / DEFAULTS_FILE), out)
     env = dict(os.environ)
     env.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-    print(f'Loom demo: event bus on simulated sensors for {args.duration:.0f} s '
-          f'(ROS_DOMAIN_ID={env.get("ROS_DOMAIN_ID", "0")}, params {params_file})', flush=True)
-    out = Path(args.output)
-    (out / 'logs').mkdir(parents=True, exist_ok=True)
-    agent_dir = out / 'agents'
+    os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+    port = _free_port()
+    print(f'Loom demo: both seed flows on simulated sensors for {args.duration:.0f} s '
+          f'(ROS_DOMAIN_ID={env.get("ROS_DOMAIN_ID", "0")}, Zenoh on 127.0.0.1:{port}, '
+          f'output {out})', flush=True)
     procs = {
-        'sim_sensors': _spawn(NODES['sim_sensors'], params_file, [], env,
-                              out / 'logs' / 'sim_sensors.log'),
-        'event_monitor': _spawn(NODES['event_monitor'], params_file,
-                                ['-p', 'event_monitor:json_output:=true'], env),
-        # The counter agent from config/agents.yaml, with its state under the output folder.
-        'agent_counter': _spawn(NODES['agent_counter'], params_file,
-                                # node-qualified: a plain -p loses to the params file's section
-                                ['-r', '__node:=agent', '-p', 'agent:agent_id:=counter',
-                                 '-p', f'agent:state_dir:={agent_dir.resolve()}'], env,
-                                out / 'logs' / 'agent_counter.log'),
+        'bringup': _spawn(['-m', 'loom_ros.cli', 'bringup', '--config', str(params),
+                           '--zenoh-port', str(port), '--log-dir', str(out / 'logs')], env,
+                          out / 'logs' / 'bringup.log'),
+        'event_monitor': _spawn(['-m', 'loom_ros.bus.event_monitor_node', '--ros-args',
+                                 '--params-file', str(params), '-p',
+                                 'event_monitor:json_output:=true'], env),
+        'record': _spawn(['-m', 'loom_ros.cli.record', '--output', str(out / 'recording.mcap')],
+                         env, out / 'logs' / 'record.log'),
     }
-    monitor = procs['event_monitor']
-    reports = []
-    logs: list[str] = []
+    rclpy.init(args=['loom_demo', '--ros-args', '--params-file', str(params)],
+               signal_handler_options=SignalHandlerOptions.NO)
+    watcher = Watcher()
+    lines = _lines(procs['event_monitor'])
+    reports: list[dict] = []
     interactive = sys.stdout.isatty()
     started = time.monotonic()
     interrupted = False
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(l.rstrip('\n')) for l in monitor.stdout],
-                     daemon=True).start()
     try:
         while time.monotonic() - started < args.duration:
             if any(p.poll() is not None for p in procs.values()):
@@ -103,96 +264,92 @@ def run_demo(args) -> int:
             except queue.Empty:
                 continue
             if not line.startswith('{'):
-                logs.append(line)
                 continue
             report = json.loads(line)
             reports.append(report)
-            _show(report, time.monotonic() - started, args.duration, interactive)
-            # Early stop needs the whole pipeline to have worked: N events seen and at least one
-            # intent from the agent (it sends one per 100 events handled and committed).
+            snap = watcher.snapshot()
+            _show(report, snap, time.monotonic() - started, args.duration, interactive)
             if args.stop_after_events and \
                     sum(report['received'].values()) >= args.stop_after_events and \
-                    report['received'].get('agent.counter.intent', 0) >= 1:
+                    snap['face']['updates'] and snap['voice']['answers']:
                 break
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        snap = watcher.snapshot()
         codes = _stop(procs)
-        for name in ('sim_sensors', 'agent_counter'):
-            text = (out / 'logs' / f'{name}.log').read_text(errors='replace')
-            logs.extend(f'{name}: {l}' for l in text.splitlines() if l)
+        watcher.close()
+        rclpy.try_shutdown()
     if interactive:
         print()
-    summary = _summary(reports, time.monotonic() - started, codes)
-    summary['agent_counter'] = _agent_state(agent_dir / 'counter.db', 'counter')
-    (out / 'bus_summary.json').write_text(json.dumps(summary, indent=2))
-    _print_summary(summary, out / 'bus_summary.json')
+    summary = _summary(reports, snap, time.monotonic() - started, codes, out)
+    (out / 'summary.json').write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    _print_summary(summary, out)
     failed = {n: c for n, c in codes.items() if c not in (0, -signal.SIGINT)}
     short = args.stop_after_events and summary['events_total'] < args.stop_after_events
     if failed or not reports or short:
-        print(f'demo failed: exit codes {codes}', file=sys.stderr)
-        for line in logs[-20:]:
+        print(f'demo failed: exit codes {codes}; see {out / "logs"}', file=sys.stderr)
+        log = (out / 'logs' / 'bringup.log')
+        for line in (log.read_text(errors='replace').splitlines() if log.exists() else [])[-20:]:
             print(f'  {line}', file=sys.stderr)
         return 1
     return 130 if interrupted else 0
 
 
-def _show(report: dict, elapsed: float, duration: float, interactive: bool) -> None:
-    rates = '  '.join(f'{t} {r:.0f}/s' for t, r in report['rates'].items()) or 'waiting for events'
-    line = (f'[{elapsed:5.1f}/{duration:.0f} s] {rates}  | total {report["total_rate"]:.0f} ev/s'
-            f'  rejected {sum(report["rejected"].values())}')
-    print(f'\r{line:<110}' if interactive else line, end='' if interactive else '\n', flush=True)
+def _show(report: dict, snap: dict, elapsed: float, duration: float, interactive: bool) -> None:
+    face = snap['face']['camera_to_emoji_ms']
+    voice = snap['voice']
+    routes = ' '.join(f'{k} {v}' for k, v in sorted(snap['routes'].items())) or '-'
+    health = Counter(v.split(':')[0] for v in snap['plugins'].values())
+    line = (f'[{elapsed:5.1f}/{duration:.0f} s] {report["total_rate"]:.0f} ev/s | face '
+            f'{snap["last_emoji"] or "-"} p50 {face["p50"]} ms | routes {routes} | voice '
+            f'feedback {voice["first_feedback_ms"][-1:] or "-"} answer '
+            f'{voice["spoken_answer_ms"][-1:] or "-"} ms | plugins '
+            f'{" ".join(f"{k} {v}" for k, v in health.items()) or "-"}')
+    print(f'\r{line:<150}' if interactive else line, end='' if interactive else '\n', flush=True)
 
 
-def _summary(reports: list[dict], elapsed: float, codes: dict) -> dict:
+def _summary(reports: list[dict], snap: dict, elapsed: float, codes: dict, out: Path) -> dict:
     last = reports[-1] if reports else {'received': {}, 'rejected': {}}
-    peak = max((r['total_rate'] for r in reports), default=0.0)
-    ages = {}
-    for report in reports:
-        for topic, age in report['age_ms'].items():
-            ages.setdefault(topic, []).append(age)
+    artifacts = {}
+    answers = snap['voice']['answers']
+    if answers and Path(answers[-1]['path']).is_file():
+        shutil.copyfile(answers[-1]['path'], out / 'answer.wav')
+    for name in ('answer.wav', 'recording.mcap', 'trace.jsonl'):
+        if (out / name).is_file():
+            artifacts[name] = str(out / name)
     return {
         'duration_s': round(elapsed, 1),
         'events_received': last['received'],
         'events_total': sum(last['received'].values()),
         'mean_rate': round(sum(last['received'].values()) / elapsed, 1) if elapsed else 0.0,
-        'peak_rate': peak,
+        'peak_rate': max((r['total_rate'] for r in reports), default=0.0),
         'rejected': last['rejected'],
-        'latest_event_age_ms_median': {t: sorted(v)[len(v) // 2] for t, v in ages.items()},
+        **snap,
+        'artifacts': artifacts,
         'exit_codes': codes,
     }
 
 
-def _agent_state(db_path: Path, agent_id: str) -> dict:
-    """What the agent committed, read from its SQLite file after it stopped."""
-    import sqlite3
-    try:
-        with sqlite3.connect(f'file:{db_path}?mode=ro', uri=True) as db:
-            row = db.execute('select state, events from agent_state where agent_id = ?',
-                             [agent_id]).fetchone()
-            episodes = db.execute('select count(*) from episodes').fetchone()[0]
-    except sqlite3.Error:
-        return {}
-    if row is None:
-        return {}
-    state = json.loads(row[0])
-    return {'events_handled': row[1], 'counts': state.get('counts', {}), 'episodes': episodes,
-            'state_file': str(db_path)}
-
-
-def _print_summary(summary: dict, path: Path) -> None:
+def _print_summary(s: dict, out: Path) -> None:
     print('\nLoom demo summary')
-    print(f'  ran {summary["duration_s"]} s; {summary["events_total"]} events received across '
-          f'processes (mean {summary["mean_rate"]} ev/s, peak {summary["peak_rate"]} ev/s)')
-    for topic, count in sorted(summary['events_received'].items()):
-        age = summary['latest_event_age_ms_median'].get(topic)
-        print(f'  {topic:<24} {count:>8} events   publish-to-receive age ~{age} ms')
-    agent = summary.get('agent_counter') or {}
-    if agent:
-        intents = summary['events_received'].get('agent.counter.intent', 0)
-        print(f'  agent counter: handled {agent["events_handled"]} events {agent["counts"]}, '
-              f'{agent["episodes"]} in episodic memory, sent {intents} intents; state persisted '
-              f'in {agent["state_file"]}')
-    rejected = sum(summary['rejected'].values())
-    print(f'  rejected events: {rejected} {summary["rejected"] or ""}')
-    print(f'  summary written to {path}')
+    print(f'  ran {s["duration_s"]} s; {s["events_total"]} events received across processes '
+          f'(mean {s["mean_rate"]} ev/s, peak {s["peak_rate"]} ev/s); rejected '
+          f'{sum(s["rejected"].values())}')
+    face = s['face']
+    lat = face['camera_to_emoji_ms']
+    print(f'  Flow 1 (face emotion): {face["updates"]} emoji updates {face["emojis"]}; '
+          f'camera-to-emoji P50 {lat["p50"]} ms, P99 {lat["p99"]} ms, max {lat["max"]} ms')
+    v = s['voice']
+    print(f'  Flow 2 (voice assistant): heard {v["transcripts"]}; intents {v["intents"]}; '
+          f'first feedback {v["first_feedback_ms"]} ms, spoken answer {v["spoken_answer_ms"]} '
+          f'ms after the speaker stopped')
+    for answer in v['answers'][-1:]:
+        print(f'    answer: "{answer["text"]}"')
+    print(f'  routes {s["routes"]}')
+    for who, reason in sorted(s['route_reasons'].items()):
+        print(f'    {who}: {reason}')
+    print(f'  plugins: {s["plugins"] or "no health report"}')
+    for name, path in s['artifacts'].items():
+        print(f'  {name}: {path}')
+    print(f'  summary written to {out / "summary.json"}')

@@ -12,8 +12,8 @@ mic.primary.speech (the `asr` plugin's output) ->
   answer on the UI.
 Settings: `zenoh_connect` (list of endpoints of the Zenoh router the cloud tier uses; [] = no
 cloud: Hybrid answers stay local, marked as fallback), `cloud_budget_ms` (1000),
-`grammar_confidence` (0.75: a grammar match is weak evidence, pocketsphinx maps any speech onto
-the closest phrase), `event_type` for the router (speech.utterance), `tool`, `tts` plugin names.
+`grammar_confidence` (0.75: the local intent's confidence for a grammar match, weak evidence since
+pocketsphinx maps any speech onto the closest phrase), `event_type` for the router (speech.utterance), `tool`, `tts` plugin names.
 """
 from __future__ import annotations
 
@@ -84,7 +84,10 @@ class VoiceBehavior:
         ctx.action('ui_update', {'text': f'heard: {text}', 'source_event': event.id})
         feedback_ms = time.time() * 1000.0
         intent = local_intent(phrase)
-        confidence = min(float(event.confidence), self.grammar_confidence)
+        # The local intent's confidence: a grammar match is weak but real evidence (a fixed
+        # prior, `grammar_confidence`); pocketsphinx's posterior on it is not calibrated.
+        confidence = self.grammar_confidence if intent != 'unknown' else \
+            min(float(event.confidence), self.grammar_confidence)
         link = FlowLink.shared()
         decision = link.route(event, self.event_type, ctx.agent_id, confidence=confidence)
         routes = ctx.state.setdefault('routes', {})
