@@ -135,8 +135,8 @@ class Watcher:
         self.answers: list[dict] = []
         self.transcripts: list[str] = []
         self.plugins: dict[str, str] = {}
-        self._speech_end: float | None = None
-        self._fed_back = False
+        self._speech_end: dict[str, float] = {}   # utterance text -> when its speech ended
+        self._answered: set = set()
         self.node.create_subscription(RouteDecision, 'router/decisions', self._on_route,
                                       to_qos_profile('batched'))
         self.node.create_subscription(String, 'loom/ui/state', self._on_ui,
@@ -178,23 +178,27 @@ class Watcher:
         end = event.metadata.get('speech_end_ms')
         if end:
             with self.lock:
-                self._speech_end, self._fed_back = float(end), False
+                self._speech_end[event.metadata.get('utterance', '')] = float(end)
 
     def _on_voice_action(self, event, _topic) -> None:
         text = event.json().get('text') or ''
+        if not text.startswith('heard: '):
+            return
+        heard = text[len('heard: '):]
         with self.lock:
-            if text.startswith('heard:') and self._speech_end and not self._fed_back:
-                self._fed_back = True
-                self.feedback_ms.append(event.timestamp_ms - self._speech_end)
-                self.transcripts.append(text[len('heard: '):])
+            self.transcripts.append(heard)
+            end = self._speech_end.get(heard)   # paired by what was said (a misheard: unpaired)
+            if end is not None and event.timestamp_ms >= end:
+                self.feedback_ms.append(event.timestamp_ms - end)
 
     def _on_voice_intent(self, event, _topic) -> None:
         data = event.json()
         with self.lock:
             if event.type == 'answer.spoken':
                 self.answers.append(data)
-                if self._speech_end:
-                    self.answer_ms.append(data['spoken_at_ms'] - self._speech_end)
+                end = self._speech_end.get(data.get('heard', ''))
+                if end is not None and data['spoken_at_ms'] >= end:
+                    self.answer_ms.append(data['spoken_at_ms'] - end)
             else:
                 self.intents[event.type] += 1
 
