@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import queue
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
@@ -33,6 +34,11 @@ STATUS_TOPIC = 'zenoh_bridge/status'
 # Zenoh calls back on its own threads and rclpy's EventsExecutor has no guard conditions, so a
 # short timer moves inbound samples onto the executor (which owns the bus) and drains the outbox.
 SERVICE_PERIOD_S = 0.005
+# Bounded work per executor callback, so a SIGINT/SIGTERM is seen within a few ms even after a
+# burst: at most this many inbound samples, and this many outbox sends, per service call.
+SERVICE_BATCH = 500
+# Inbound samples waiting for the executor; past it new samples are dropped and counted.
+INBOX_MAX = 10000
 SECTION = 'zenoh_bridge'
 
 PARAMETERS = [
@@ -72,7 +78,9 @@ class ZenohBridgeNode(LifecycleNode):
         self.link: ZenohLink | None = None
         self.bus = None
         self._subs = []
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox: deque = deque()  # Zenoh's threads append, the executor pops
+        self._inbox_dropped = 0
+        self._inbox_lock = threading.Lock()  # for the drop counter only; never held over Zenoh
         self._audit = None
         self._wake = None
         self._configured = False
@@ -154,6 +162,15 @@ class ZenohBridgeNode(LifecycleNode):
         self._release()
         return TransitionCallbackReturn.SUCCESS
 
+    def destroy_node(self) -> None:
+        """Every way out goes through here (run_node's teardown after SIGINT/SIGTERM included,
+        where no lifecycle shutdown transition runs): close the Zenoh session, or Zenoh's
+        callback threads keep the interpreter from exiting."""
+        try:
+            self._release()
+        finally:
+            super().destroy_node()
+
     def _release(self) -> None:
         if not self._configured:
             return
@@ -162,6 +179,8 @@ class ZenohBridgeNode(LifecycleNode):
             sub.close()
         self._subs.clear()
         self.link.close()
+        self._take_inbox_drops()
+        self.get_logger().info(f'stopped: {json.dumps(self.bridge.snapshot())}')
         self.destroy_timer(self._timer)
         self.destroy_timer(self._wake)
         self.destroy_lifecycle_publisher(self.status_pub)
@@ -178,15 +197,26 @@ class ZenohBridgeNode(LifecycleNode):
         self.bridge.send(event, topic)
 
     def _on_zenoh_sample(self, key: str, data: bytes) -> None:
-        """Zenoh's thread: hand over to the executor, which owns the bus."""
-        self._inbox.put((key, data))
+        """Zenoh's thread: hand over to the executor, which owns the bus (bounded, counted)."""
+        if len(self._inbox) >= INBOX_MAX:
+            with self._inbox_lock:
+                self._inbox_dropped += 1
+            return
+        self._inbox.append((key, data))
+
+    def _take_inbox_drops(self) -> None:
+        if self._inbox_dropped:
+            with self._inbox_lock:
+                dropped, self._inbox_dropped = self._inbox_dropped, 0
+            self.bridge.stats['dropped_inbox_full'] += dropped
 
     def _service(self) -> None:
-        """On the executor: publish what came in, then send what waits and can go."""
-        while True:
+        """On the executor: publish what came in, then send what waits and can go; at most
+        SERVICE_BATCH of each per call (the rest waits for the next call, 5 ms later)."""
+        for _ in range(SERVICE_BATCH):
             try:
-                key, data = self._inbox.get_nowait()
-            except queue.Empty:
+                key, data = self._inbox.popleft()
+            except IndexError:
                 break
             got = self.bridge.receive(key, data)
             if got is not None:
@@ -195,9 +225,10 @@ class ZenohBridgeNode(LifecycleNode):
                 except EventRejected as exc:
                     self.bridge.stats['rejected_inbound_bus'] += 1
                     self.get_logger().warning(f'inbound {key}: {exc}', throttle_duration_sec=1.0)
+        self._take_inbox_drops()
         if self.bridge.outbox.items:
             self.link.refresh()
-            self.bridge.flush()
+            self.bridge.flush(SERVICE_BATCH)
 
     def _record_refusal(self, record: dict) -> None:
         record = {'ts_ms': time.time_ns() // 1_000_000, 'robot_id': self.bridge.config.robot_id,

@@ -96,15 +96,15 @@ class Bridge:
             return self._count('buffered')
         return self._put(key, data, level)
 
-    def flush(self) -> int:
-        """Send what waits in the outbox and can go now (in order per key)."""
+    def flush(self, limit: int | None = None) -> int:
+        """Send what waits in the outbox and can go now (in order per key), at most `limit`."""
         if not self.outbox.items:
             return 0
 
         def send(item: Pending) -> None:
             self.transport.put(item.key, item.data, item.level)
         try:
-            sent = self.outbox.drain(lambda i: self.transport.ready(i.key, i.level), send)
+            sent = self.outbox.drain(lambda i: self.transport.ready(i.key, i.level), send, limit)
         except Exception:  # the transport went away mid-drain: the rest waits for the next try
             self._count('put_failed')
             return 0

@@ -44,14 +44,16 @@ class Outbox:
         self.per_key[item.key] += 1
         return dropped
 
-    def drain(self, ready: Callable[[Pending], bool], send: Callable[[Pending], None]) -> int:
-        """Send, in order, every sample whose key is ready; the rest keep their places.
-        A failing send stops the drain with that sample still queued. Returns how many went."""
+    def drain(self, ready: Callable[[Pending], bool], send: Callable[[Pending], None],
+              limit: int | None = None) -> int:
+        """Send, in order, every sample whose key is ready (at most `limit`); the rest keep their
+        places. A failing send stops the drain with that sample still queued. Returns how many
+        went."""
         kept: deque[Pending] = deque()
         blocked: set[str] = set()
         sent = 0
         try:
-            while self.items:
+            while self.items and (limit is None or sent < limit):
                 item = self.items[0]
                 if item.key in blocked or not ready(item):
                     blocked.add(item.key)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from loom_ros.bus.qos import QosLevel, to_zenoh_options
 
 MODES = ('peer', 'client')
+CLOSE_TIMEOUT_S = 5.0  # the most close() waits for Zenoh to close the session
 
 
 def session_config(mode: str, connect=(), listen=(), multicast_scouting: bool = False):
@@ -55,13 +56,16 @@ class ZenohLink:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        self._stop.clear()
-        self._opener = threading.Thread(target=self._open_loop, daemon=True, name='zenoh-open')
+        # A fresh stop event per start: an opener from before a close() (still inside
+        # zenoh.open) keeps its own, set, event, and closes whatever it opens.
+        self._stop = stop = threading.Event()
+        self._opener = threading.Thread(target=self._open_loop, args=(stop,), daemon=True,
+                                        name='zenoh-open')
         self._opener.start()
 
-    def _open_loop(self) -> None:
+    def _open_loop(self, stop: threading.Event) -> None:
         import zenoh
-        while not self._stop.is_set():
+        while not stop.is_set():
             try:
                 session = zenoh.open(self._make_config())
             except zenoh.ZError as exc:
@@ -69,24 +73,31 @@ class ZenohLink:
                     self._logger.warning(f'zenoh: cannot open the session yet ({exc}); retrying '
                                          f'every {self._retry_s:g} s')
                 self.open_error = str(exc)
-                self._stop.wait(self._retry_s)
+                stop.wait(self._retry_s)
                 continue
             with self._lock:
-                if self._stop.is_set():
-                    session.close()
-                    return
-                self.session = session
-                for key_expr, callback in self._subscriptions:
-                    self._declare_subscriber(key_expr, callback)
+                stopped = stop.is_set()
+                if not stopped:
+                    self.session = session
+                    for key_expr, callback in self._subscriptions:
+                        self._declare_subscriber(key_expr, callback)
+            if stopped:  # closed while opening (outside the lock: close may wait on callbacks)
+                session.close()
+                return
             self.open_error = ''
             self.refresh()
             self._on_change()
             return
 
-    def close(self) -> None:
-        self._stop.set()
-        if self._opener is not None:
-            self._opener.join(timeout=10.0)
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+        """Close the session; never blocks for long. Returns False when Zenoh did not finish
+        closing within `timeout_s` (the close goes on in a daemon thread, and is logged).
+
+        Closing matters for exit, not only for tidiness: Zenoh runs each Python callback on a
+        Python thread of its own that ends only when its subscriber or listener is undeclared,
+        and those threads are not daemons when declared from the main thread, so a process
+        that never closes its session hangs in interpreter shutdown."""
+        self._stop.set()  # the opener, if still opening, closes what it gets (checked under the lock)
         with self._lock:
             session, self.session = self.session, None
             self._publishers.clear()
@@ -94,8 +105,17 @@ class ZenohLink:
             self._subscribers.clear()
             self._matched.clear()
             self.connected = False
-        if session is not None:
-            session.close()
+        if session is None:
+            return True
+        # No lock is held here: a Zenoh callback still running may take it while close waits.
+        closer = threading.Thread(target=session.close, daemon=True, name='zenoh-close')
+        closer.start()
+        closer.join(timeout_s)
+        if closer.is_alive():
+            if self._logger is not None:
+                self._logger.error(f'zenoh: the session did not close within {timeout_s:g} s')
+            return False
+        return True
 
     # -- state ----------------------------------------------------------------------------
     def refresh(self) -> bool:
@@ -120,24 +140,38 @@ class ZenohLink:
 
     # -- data -----------------------------------------------------------------------------
     def _publisher(self, key: str, level: QosLevel):
+        # Zenoh is called without the lock held: a matching callback may fire during the declare
+        # (on Zenoh's threads), and anything it calls must be free to take the lock.
         with self._lock:
-            if self.session is None:
-                return None
+            session = self.session
             pub = self._publishers.get(key)
-            if pub is None:
-                pub = self.session.declare_publisher(key, **to_zenoh_options(level))
-                self._publishers[key] = pub
-                self._matched[key] = bool(pub.matching_status.matching)
-
-                def on_matching(status, key=key):
-                    was = self._matched.get(key, False)
-                    self._matched[key] = bool(status.matching)
-                    if status.matching and not was:
-                        self._on_change()
-                self._listeners.append(pub.declare_matching_listener(on_matching))
+        if pub is not None or session is None:
             return pub
+        pub = session.declare_publisher(key, **to_zenoh_options(level))
+
+        def on_matching(status, key=key):
+            was = self._matched.get(key, False)
+            self._matched[key] = bool(status.matching)
+            if status.matching and not was:
+                self._on_change()
+        listener = pub.declare_matching_listener(on_matching)
+        matching = bool(pub.matching_status.matching)
+        with self._lock:
+            if self.session is not session:  # closed meanwhile: what we declared goes with it
+                return None
+            known = self._publishers.get(key)
+            if known is not None:
+                return known
+            self._publishers[key] = pub
+            self._listeners.append(listener)
+            self._matched[key] = self._matched.get(key, False) or matching
+        return pub
 
     def put(self, key: str, data: bytes, level: QosLevel) -> None:
+        """Put one sample. Batched and Background keys use congestion control BLOCK, which Zenoh
+        bounds (transport/link/tx/queue/congestion_control/block/wait_before_close, 5 s)."""
+        if self._stop.is_set():
+            raise ConnectionError('zenoh session is closing')
         pub = self._publishers.get(key) or self._publisher(key, level)
         if pub is None:
             raise ConnectionError('zenoh session is not open')

@@ -90,6 +90,21 @@ def make_bridge(policy=None, bound=100):
     return bridge, transport, audit
 
 
+
+def test_outbox_drain_limit_keeps_the_rest_in_order():
+    """The bridge drains at most a batch per executor callback, so a big backlog cannot hold
+    the executor (and a SIGTERM) for long: the rest keeps its order for the next call."""
+    box = Outbox(10)
+    for i in range(6):
+        box.add(Pending('a' if i % 3 else 'b', bytes([i]), QosLevel.BATCHED))
+    sent = []
+    assert box.drain(lambda item: item.key == 'a', lambda item: sent.append(item.data), 2) == 2
+    assert sent == [b'\x01', b'\x02']
+    assert [i.data for i in box.items] == [b'\x00', b'\x03', b'\x04', b'\x05']
+    assert box.drain(lambda item: True, lambda item: sent.append(item.data), 3) == 3
+    assert [i.data for i in box.items] == [b'\x05'] and box.per_key['a'] == 1
+    assert 'b' not in box.per_key
+
 def test_privacy_gate_and_patterns_whatever_the_config():
     bridge, transport, audit = make_bridge()
     transport.listening.add('loom/r1/agent/a/intent')

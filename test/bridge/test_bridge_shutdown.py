@@ -1,0 +1,60 @@
+"""The bridge process exits promptly on SIGTERM after heavy traffic, and reports its counters.
+
+Regression: after its first outbound event the bridge declares a Zenoh publisher and a matching
+listener from the executor's (main) thread; zenoh-python runs that listener's callback on a
+non-daemon Python thread that ends only when the session closes. SIGTERM stopped the executor,
+but nothing closed the session (run_node's teardown calls destroy_node, not the lifecycle
+shutdown transition), so the interpreter waited for that thread in threading._shutdown forever.
+"""
+import json
+import re
+import signal
+import time
+
+from loom_ros.bridge import codec
+from loom_ros.bus.event import Event
+
+EXIT_LIMIT_S = 30.0  # generous: the fixed bridge exits in well under a second here
+BURST = 3000
+
+
+def test_sigterm_after_a_burst_exits_cleanly_with_counters(ros, port, zenoh_router, zsession,
+                                                           bridge, robot_bus, wait_subscribed):
+    zenoh_router(port)
+    proc, status, _ = bridge('/sd', port, out_allow=['agent.*.intent'], in_allow=['fleet.**'],
+                             buffer_max_events=100000)
+    bus = robot_bus('/sd')
+    session = zsession(port)
+    got = []
+    fleet = session.declare_subscriber('loom/sd/agent/*/intent', lambda sample: got.append(1))
+    topic = 'agent.load.intent'
+    wait_subscribed(bus, topic, alive=[proc])
+
+    # Outbound: a burst from the robot's bus, all of it seen on the Zenoh side.
+    for i in range(BURST):
+        bus.publish(topic, Event(type='b', payload=b'x' * 100))
+        if i % 200 == 0:
+            ros.executor.spin_once(timeout_sec=0.0)
+    ros.wait_for(lambda: len(got) >= BURST, f'{BURST} events at the fleet', alive=[proc])
+    # Inbound: a burst of fleet commands for this robot, still being worked off at SIGTERM.
+    command = codec.encode(Event(type='cmd', payload=b'y' * 100))
+    for _ in range(BURST):
+        session.put('loom/sd/fleet/cmd', command)
+    ros.wait_for(lambda: status.get('received') > 0, 'inbound samples reaching the bridge',
+                 alive=[proc])
+
+    started = time.monotonic()
+    proc.popen.send_signal(signal.SIGTERM)
+    code, _, err = proc.finish(limit=EXIT_LIMIT_S)  # fails the test (and kills it) past the limit
+    elapsed = time.monotonic() - started
+    assert code == 0, err
+    final = re.findall(r'zenoh_bridge\]: stopped: (\{.*\})', err)
+    assert final, f'no final counters in the bridge log:\n{err[-2000:]}'
+    counters = json.loads(final[-1])
+    assert counters['robot_id'] == 'sd'
+    assert counters['sent'] >= BURST
+    # Inbound work was under way, and never counts more than was put.
+    assert counters.get('received', 0) + counters.get('dropped_inbox_full', 0) <= BURST
+    assert counters.get('received', 0) > 0
+    assert elapsed < EXIT_LIMIT_S
+    del fleet
