@@ -53,8 +53,21 @@ def run_node(node_factory, args=None) -> None:
         if executor is not None:
             executor.shutdown()
         if node is not None:
+            _finalize(node)
             node.destroy_node()
         rclpy.try_shutdown()
+
+
+def _finalize(node) -> None:
+    """A lifecycle node goes through its shutdown transition on the way out (Ctrl-C, SIGTERM),
+    so on_shutdown commits state and closes sessions and files; a plain node has nothing to do."""
+    trigger = getattr(node, 'trigger_shutdown', None)
+    if trigger is None:
+        return
+    try:
+        trigger()
+    except Exception as exc:  # already finalized, or a transition that is not allowed now
+        node.get_logger().debug(f'no shutdown transition on exit: {exc}')
 
 
 def run_lifecycle_node(node_factory, args=None) -> None:
