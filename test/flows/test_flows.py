@@ -36,6 +36,12 @@ def _params(tmp: Path) -> Path:
     section('zenoh_bridge')['audit_file'] = str(tmp / 'bridge_audit.jsonl')
     path = tmp / 'params.yaml'
     path.write_text(yaml.safe_dump(data))
+    # A cloud budget far above any answer time: the test checks the route, not the speed.
+    agents = yaml.safe_load((REPO / 'config' / 'agents.yaml').read_text())
+    for entry in agents['agents']:
+        if entry['id'] == 'voice':
+            entry['settings']['cloud_budget_ms'] = 30000
+    (tmp / 'agents.yaml').write_text(yaml.safe_dump(agents))
     return path
 
 
@@ -53,6 +59,7 @@ def system(ros, tmp_path_factory):
     params = _params(tmp)
     procs = [subprocess.Popen([sys.executable, *loom_cli(
         'bringup', '--config', str(params), '--zenoh-port', str(_free_port()),
+        '--agents-file', str(tmp / 'agents.yaml'),
         '--log-dir', str(tmp))], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True),
         subprocess.Popen([sys.executable, *loom_cli('record', '--output', str(tmp / 'rec.mcap'))],
@@ -111,8 +118,7 @@ def test_the_weather_question_yields_the_weather_intent_and_a_spoken_wav(system)
     assert texts.index('heard: what is the weather in london') < texts.index(spoken['text'])
 
 
-def _chain(spans: list[dict], leaf: dict) -> list[str]:
-    by_id = {s['span_id']: s for s in spans}
+def _chain(by_id: dict, leaf: dict) -> list[str]:
     names, span = [], leaf
     while span is not None:
         names.append(span['name'] + (f":{span['attributes']['loom.topic']}"
@@ -126,22 +132,22 @@ def test_every_hop_leaves_its_span_in_one_trace(system):
     spans = read_spans(str(system['tmp'] / 'trace.jsonl'))
     ui = [s for s in spans if s['name'] == 'HandleEvent' and
           s['attributes'].get('loom.topic') == 'agent.face.action']
-    chains = [_chain(spans, s) for s in ui]
+    by_id = {s['span_id']: s for s in spans}
+    chains = [(_chain(by_id, s), s['trace_id']) for s in ui]
     # camera frame event > agent > plugins > router > ui_update published > ui plugin handles it
-    full = [c for c in chains if c[0] == 'PublishEvent:camera.front']
+    full = [(c, t) for c, t in chains if c[0] == 'PublishEvent:camera.front']
     assert full, chains[:3]
-    chain = full[0]
+    chain, trace_id = full[0]
     assert 'FaceAgent' in chain and chain[-1] == 'HandleEvent:agent.face.action'
     assert chain.index('FaceAgent') < chain.index('PublishEvent:agent.face.action')
-    trace = {s['name'] for s in spans if s['trace_id'] == [
-        x for x in ui if _chain(spans, x) == chain][0]['trace_id']}
+    trace = {s['name'] for s in spans if s['trace_id'] == trace_id}
     assert {'LocalInference', 'RouteDecision'} <= trace
     # Flow 2: audio > asr > voice agent > router > cloud > tool > speech, one trace.
     speak = [s for s in spans if s['name'] == 'SpeakAnswer'][0]
     voice = {s['name'] for s in spans if s['trace_id'] == speak['trace_id']}
     assert {'PublishEvent', 'HandleEvent', 'VoiceAgent', 'RouteDecision', 'CloudRequest',
             'ToolCall', 'SpeakAnswer'} <= voice
-    assert _chain(spans, speak)[0] == 'PublishEvent:mic.primary'
+    assert _chain(by_id, speak)[0] == 'PublishEvent:mic.primary'
 
 
 def test_the_mcap_recording_reads_back_with_the_mcap_library(system):

@@ -36,10 +36,10 @@ def test_once_prints_a_table_from_a_running_system(ros, spawn):
     monitor = spawn('-m', 'loom_ros.bus.event_monitor_node', '--ros-args',
                     '-p', 'telemetry.metrics.period_s:=0.5')
     status = spawn('-m', 'loom_ros.telemetry.status', '--once', '--timeout', '50',
-                   '--require-topic', 'sensor.imu.motion', '--require-topic', 'camera.front.face')
+                   '--require-topic', 'sensor.imu.motion', '--require-topic', 'mic.primary')
     code, out, err = status.finish()
     assert code == 0, err
-    assert 'TOPIC' in out and 'sensor.imu.motion' in out and 'camera.front.face' in out
+    assert 'TOPIC' in out and 'sensor.imu.motion' in out and 'mic.primary' in out
     assert '/sim_sensors' in out and '/event_monitor' in out
     assert 'HEALTH (/diagnostics)' in out
     for proc in (sensors, monitor):
