@@ -5,7 +5,7 @@
   The camera_adapter node turns these frames into `camera.front` Loom events (Flow 1).
 - microphone: `mic.primary` Loom events, 16 kHz mono int16 PCM in `mic_chunk_ms` chunks, in real
   time: each of `mic_utterances` spoken by espeak-ng, then `mic_gap_s` of silence, in a loop
-  (Flow 2; the `asr` plugin reads them). The chunk where speech starts or ends says so in its
+  (Flow 2; the `asr` plugin reads them), after 2 s of silence at start. The chunk where speech starts or ends says so in its
   metadata (`speech_start_ms` / `speech_end_ms`, wall-clock ms), so latencies can be measured
   from the moment the speaker stops.
 - IMU: `sensor_msgs/Imu` on `imu/data` and `sensor.imu.motion` Loom events at `imu_rate_hz` (a
@@ -34,6 +34,7 @@ from loom_ros.sensors import scenes
 CAMERA_IMAGE_TOPIC = 'camera/front/image_raw'
 IMU_TOPIC = 'imu/data'
 MIC_TOPIC = 'mic.primary'
+LEAD_IN_S = 2
 
 PARAMETERS = [
     ParamSpec('imu_rate_hz', 'IMU messages and motion events per second (0 turns it off)',
@@ -94,6 +95,7 @@ class SimSensorsNode(Node):
         self._mic_error = ''
         self._play: list[tuple[np.ndarray, str, int, int]] = []  # (chunk, text, start, end)
         self._play_at = 0
+        self._loop_from = 0
         if params['mic_enabled'] and list(params['mic_utterances']):
             threading.Thread(target=self._synthesise, daemon=True, name='sim-mic-tts').start()
             self.create_timer(params['mic_chunk_ms'] / 1000.0, self._publish_mic)
@@ -124,7 +126,11 @@ class SimSensorsNode(Node):
                                     f'{self._mic_error}')
             return
         gap = np.zeros(int(self.params['mic_gap_s'] * scenes.MIC_RATE), dtype=np.int16)
-        play = []
+        # Two seconds of silence before the first utterance, once: the listeners of a system
+        # starting together with these sensors are up by then.
+        play = [(part, '', 0, -1, -1) for part in
+                scenes.chunks(np.zeros(LEAD_IN_S * scenes.MIC_RATE, dtype=np.int16), self._chunk)]
+        self._loop_from = len(play)
         for clip in self._clips:
             audio = np.concatenate([clip.samples, gap])
             for i, part in enumerate(scenes.chunks(audio, self._chunk)):
@@ -136,7 +142,9 @@ class SimSensorsNode(Node):
         play = self._play
         if not play:
             return
-        part, text, offset, start, end = play[self._play_at % len(play)]
+        if self._play_at >= len(play):   # loop over the utterances, not the lead-in
+            self._play_at = self._loop_from
+        part, text, offset, start, end = play[self._play_at]
         self._play_at += 1
         now_ms = time.time() * 1000.0
         chunk_end = offset + part.size   # this chunk has just been "heard"
