@@ -1,7 +1,7 @@
 # The two commands a newcomer needs: `make demo` (the main job) and `make test`.
 # Each runs tools/setup.sh first, which is idempotent (seconds when nothing changed).
 SHELL := /bin/bash
-DURATION ?= 20
+DURATION ?= 30
 
 .PHONY: setup demo test bench clean
 

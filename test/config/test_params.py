@@ -16,6 +16,7 @@ from loom_ros.agents.lifecycle_manager_node import PARAMETERS as MANAGER_PARAMET
 from loom_ros.bridge.bridge_node import LIST_PARAMETERS as BRIDGE_LISTS
 from loom_ros.bridge.bridge_node import PARAMETERS as BRIDGE_PARAMETERS
 from loom_ros.config.params import ParamSpec
+from loom_ros.sensors.camera_adapter_node import PARAMETERS as ADAPTER_PARAMETERS
 from loom_ros.plugins.host_node import PARAMETERS as HOST_PARAMETERS
 from loom_ros.telemetry.node_telemetry import TELEMETRY_PARAMETERS
 from loom_ros.router.router_node import PARAMETERS as ROUTER_PARAMETERS
@@ -26,6 +27,7 @@ from loom_ros.sensors.sim_sensors_node import SimSensorsNode
 NODES = {'sim_sensors': SENSOR_PARAMETERS, 'event_monitor': MONITOR_PARAMETERS,
          'router': ROUTER_PARAMETERS, 'agent': AGENT_PARAMETERS,
          'lifecycle_manager': MANAGER_PARAMETERS, 'plugin_host': HOST_PARAMETERS,
+         'camera_adapter': ADAPTER_PARAMETERS,
          'zenoh_bridge': BRIDGE_PARAMETERS + [ParamSpec(k, d) for k, d in BRIDGE_LISTS.items()]}
 
 
