@@ -18,4 +18,5 @@ clean:
 	rm -rf build install log env.sh demo_output .pytest_cache
 
 bench: setup
-	@source env.sh && export ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-77} && python bench/bus_bench.py && python bench/router_bench.py && python bench/agents_bench.py
+	@source env.sh && export ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-77} && for b in bus router agents perception speech plugins sandbox telemetry bridge flows; do \
+		echo "== bench/$${b}_bench.py"; python bench/$${b}_bench.py || exit 1; done

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -229,3 +230,67 @@ class NodeLog:
 
     def error(self, msg: str, **fields):
         return self.log(logging.ERROR, msg, **fields)
+
+
+class MaskedRosLogger:
+    """What `node.get_logger()` returns once telemetry is attached: the node's rclpy logger with
+    every message masked before rclpy (and /rosout) sees it, and, when the structured log is on,
+    the same record as a masked JSON line. So a node's own log calls are masked and structured
+    without changing them. rclpy's per-call-site `once`/`throttle` filters keep working: this
+    file is registered as one of rclpy's internal callers, so the call site is the node's line."""
+
+    _LEVELS = {'debug': logging.DEBUG, 'info': logging.INFO, 'warning': logging.WARNING,
+               'warn': logging.WARNING, 'error': logging.ERROR, 'fatal': logging.CRITICAL}
+
+    def __init__(self, ros_logger, structured: 'NodeLog | None' = None):
+        _register_internal_caller()
+        self._ros = ros_logger
+        self._structured = structured if structured is not None and \
+            structured._logger.handlers else None
+
+    def __getattr__(self, name):   # name, get_child, set_level, get_effective_level, ...
+        return getattr(self._ros, name)
+
+    def _emit(self, level: str, message, kwargs) -> bool:
+        text = mask_text(str(message))
+        method = 'warning' if level == 'warn' else level
+        logged = getattr(self._ros, method)(text, **kwargs)
+        if logged and self._structured is not None:
+            self._structured._logger.log(self._LEVELS[level], text, extra={
+                'node': self._structured.node_name, '_loom_masked': True})
+        return logged
+
+    def debug(self, message, **kwargs) -> bool:
+        return self._emit('debug', message, kwargs)
+
+    def info(self, message, **kwargs) -> bool:
+        return self._emit('info', message, kwargs)
+
+    def warning(self, message, **kwargs) -> bool:
+        return self._emit('warning', message, kwargs)
+
+    def warn(self, message, **kwargs) -> bool:
+        return self._emit('warning', message, kwargs)
+
+    def error(self, message, **kwargs) -> bool:
+        return self._emit('error', message, kwargs)
+
+    def fatal(self, message, **kwargs) -> bool:
+        return self._emit('fatal', message, kwargs)
+
+
+def _register_internal_caller() -> None:
+    from rclpy.impl import rcutils_logger
+    here = os.path.realpath(__file__)
+    if here not in rcutils_logger._internal_callers:
+        rcutils_logger._internal_callers.append(here)
+
+
+def mask_node_logger(node, structured: 'NodeLog | None' = None) -> MaskedRosLogger:
+    """Make `node.get_logger()` return the masking logger (idempotent)."""
+    current = node.get_logger()
+    if isinstance(current, MaskedRosLogger):
+        return current
+    wrapper = MaskedRosLogger(current, structured)
+    node.get_logger = lambda: wrapper
+    return wrapper

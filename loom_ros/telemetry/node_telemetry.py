@@ -16,7 +16,7 @@ from loom_ros.telemetry import tracing
 from loom_ros.telemetry.diagnostics import (
     CheckResult, DiagnosticsReporter, DropsRising, queues_check,
 )
-from loom_ros.telemetry.logs import NodeLog
+from loom_ros.telemetry.logs import NodeLog, mask_node_logger
 from loom_ros.telemetry.metrics import (
     BusMetrics, MetricsPublisher, MetricsRegistry, ResourceSampler, bus_drop_total,
     serve_prometheus, stop_serving,
@@ -67,6 +67,7 @@ class NodeTelemetry:
         if values['telemetry.log.json']:
             json_target = os.path.expanduser(str(values['telemetry.log.file'])) or '-'
         self.log = NodeLog(node.get_name(), node, json_target, str(values['telemetry.log.level']))
+        mask_node_logger(node, self.log)   # the node's own log calls: masked, and JSON when on
         self._setup_tracing(values, node.get_name())
 
         self.registry = MetricsRegistry(name)

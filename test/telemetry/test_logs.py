@@ -126,3 +126,38 @@ def test_rclpy_logger_and_rosout_only_see_masked_text(ros):
         assert _leaks(line) == [] and '<email>' in line and MASK in line
     finally:
         ros.node.destroy_subscription(sub)
+
+
+def test_a_nodes_own_log_calls_are_masked_and_structured(ros, tmp_path):
+    """Once telemetry is attached, plain `node.get_logger().warning(...)` calls (what every node
+    writes) are masked on /rosout and written as masked JSON lines; rclpy's per-call-site
+    throttling still tells two call sites apart."""
+    from rcl_interfaces.msg import Log
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+
+    from loom_ros.telemetry.node_telemetry import attach_telemetry
+    path = tmp_path / 'node.jsonl'
+    node = Node('masked_node', context=ros.node.context, parameter_overrides=[
+        Parameter('telemetry.log.json', value=True), Parameter('telemetry.log.file', value=str(path)),
+        Parameter('telemetry.metrics.period_s', value=0.0),
+        Parameter('telemetry.diagnostics.period_s', value=0.0)])
+    telemetry = attach_telemetry(node, 'event_monitor')
+    seen: list[str] = []
+    sub = ros.node.create_subscription(Log, '/rosout', lambda m: seen.append(m.msg), 100)
+    try:
+        ros.wait_for(lambda: ros.node.count_publishers('/rosout') > 0, '/rosout publisher')
+        marker = 'own-log-masking-check'
+        for _ in range(3):   # two call sites, each throttled: each logs once
+            node.get_logger().warning(f"{marker} a {SECRETS['openai']}", throttle_duration_sec=60)
+            node.get_logger().warning(f"{marker} b {SECRETS['email']}", throttle_duration_sec=60)
+        ros.wait_for(lambda: sum(marker in m for m in seen) >= 2, 'both lines on /rosout', limit=30)
+        lines = [m for m in seen if marker in m]
+        assert len(lines) == 2 and all(_leaks(m) == [] for m in lines)
+        records = [json.loads(line) for line in path.read_text().splitlines() if marker in line]
+        assert len(records) == 2 and _leaks(path.read_text()) == []
+        assert records[0]['level'] == 'WARN' and '<email>' in records[1]['msg']
+    finally:
+        ros.node.destroy_subscription(sub)
+        telemetry.destroy()
+        node.destroy_node()
