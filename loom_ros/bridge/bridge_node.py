@@ -96,7 +96,9 @@ class ZenohBridgeNode(LifecycleNode):
                 raise ConfigError(f'loom.yaml: no default for parameter {name!r} of {SECTION}')
             value = self.declare_parameter(name, list(defaults[name]), ParameterDescriptor(
                 description=description, read_only=True, dynamic_typing=True)).value
-            if isinstance(value, str):
+            if value is None:   # rcl gives None for an empty list in a params file
+                value = []
+            elif isinstance(value, str):
                 value = [value]
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f'{SECTION}.{name}: expected a list of strings, got {value!r}')

@@ -98,6 +98,11 @@ class ZenohLink:
         and those threads are not daemons when declared from the main thread, so a process
         that never closes its session hangs in interpreter shutdown."""
         self._stop.set()  # the opener, if still opening, closes what it gets (checked under the lock)
+        # Let an opener inside zenoh.open finish (bounded): a daemon thread still in Zenoh's
+        # native code when the interpreter exits aborts the process ("exception not rethrown").
+        opener = self._opener
+        if opener is not None and opener is not threading.current_thread():
+            opener.join(timeout_s)
         with self._lock:
             session, self.session = self.session, None
             self._publishers.clear()

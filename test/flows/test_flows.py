@@ -79,10 +79,14 @@ def system(ros, tmp_path_factory):
             out = self.popen.communicate(timeout=30)[0]
             return self.popen.returncode, out, ''
     try:
+        def answered_on_ui():
+            """The spoken answer's intent, and the same text on the UI (two topics: either
+            may arrive first)."""
+            spoken = [e.json()['text'] for e in seen['intents'] if e.type == 'answer.spoken']
+            return bool(spoken) and any(s.get('text') == spoken[0] for s in seen['ui'])
         ros.wait_for(lambda: any(s.get('label') == 'happy' for s in seen['ui']) and
-                     any(e.type == 'answer.spoken' for e in seen['intents']),
-                     'a happy emoji on the UI and a spoken answer', limit=90,
-                     alive=[Alive(p) for p in procs])
+                     answered_on_ui(), 'a happy emoji and the spoken answer on the UI',
+                     limit=90, alive=[Alive(p) for p in procs])
     finally:
         for proc in procs:
             if proc.poll() is None:
