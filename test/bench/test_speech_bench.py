@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from harness import REPO
 
 
 def test_quick_speech_run_writes_results(tmp_path):

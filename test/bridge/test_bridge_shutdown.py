@@ -35,9 +35,10 @@ def test_sigterm_after_a_burst_exits_cleanly_with_counters(ros, port, zenoh_rout
         bus.publish(topic, Event(type='b', payload=b'x' * 100))
         if i % 200 == 0:
             ros.executor.spin_once(timeout_sec=0.0)
-    # Traffic flowed out (the publisher and its matching listener exist: the hang's trigger).
-    # Not all of it need have arrived: the shutdown below must not depend on that.
-    ros.wait_for(lambda: len(got) >= 1, 'events at the fleet', alive=[proc])
+    # The bridge took the burst for Zenoh: it declared the key's publisher and matching listener
+    # from its main thread, the hang's trigger. Whether it all arrived is not this test's matter.
+    ros.wait_for(lambda: status.get('sent', 0) + status.get('outbox', 0) > 0,
+                 'the bridge sending or holding the burst', alive=[proc])
     # Inbound: a burst of fleet commands for this robot, still being worked off at SIGTERM.
     command = codec.encode(Event(type='cmd', payload=b'y' * 100))
     for _ in range(BURST):
@@ -54,7 +55,8 @@ def test_sigterm_after_a_burst_exits_cleanly_with_counters(ros, port, zenoh_rout
     assert final, f'no final counters in the bridge log:\n{err[-2000:]}'
     counters = json.loads(final[-1])
     assert counters['robot_id'] == 'sd'
-    assert counters['sent'] >= len(got) >= 1
+    assert counters['sent'] >= len(got)
+    assert counters['sent'] + counters.get('outbox', 0) > 0
     # Inbound work was under way, and never counts more than was put.
     assert counters.get('received', 0) + counters.get('dropped_inbox_full', 0) <= BURST
     assert counters.get('received', 0) > 0
