@@ -35,13 +35,18 @@ def _run_cloud(args) -> int:
     return server.main(args.rest)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    # Everything from --ros-args on goes to rclpy (e.g. -p bus.max_payload_bytes:=1024).
-    ros_args: list[str] = []
+def split_ros_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(our arguments, rclpy's): everything from --ros-args on goes to rclpy
+    (e.g. -p bus.max_payload_bytes:=1024)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     if '--ros-args' in argv:
         cut = argv.index('--ros-args')
-        argv, ros_args = argv[:cut], argv[cut:]
+        return argv[:cut], argv[cut:]
+    return argv, []
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, ros_args = split_ros_args(argv)
     if argv[:1] == ['status']:   # its own options (and --help) go straight to it
         from loom_ros.telemetry import status
         return status.main(argv[1:] + ros_args) or 0

@@ -212,11 +212,8 @@ def run(args, ros_args: list[str]) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    ros_args: list[str] = []
-    if '--ros-args' in argv:
-        cut = argv.index('--ros-args')
-        argv, ros_args = argv[:cut], argv[cut:]
+    from loom_ros.cli import split_ros_args
+    argv, ros_args = split_ros_args(argv)
     parser = argparse.ArgumentParser(prog='loom record', description=__doc__.splitlines()[0])
     _arguments(parser)
     return run(parser.parse_args(argv), ros_args)
