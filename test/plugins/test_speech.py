@@ -333,3 +333,23 @@ def test_tts_plugin_needs_its_capabilities_and_a_data_dir(tmp_path):
         load_plugin_class('tts')().init(PluginContext(
             plugin='tts', granted=frozenset({'tts', 'storage.write'}), data_dir=str(tmp_path),
             config={'tts': {'voice': 'no-such-voice'}}))
+
+
+def test_a_simulated_microphone_stream_keeps_being_recognised():
+    """The stream the simulated microphone plays (silence, then utterances with gaps of exact
+    zeros, one recognizer throughout): after the first, each utterance comes out as a final
+    result. pocketsphinx's final search once dropped "london" that its partials had; the
+    recognizer then takes the latest partial that is a whole phrase."""
+    from loom_ros.plugins.speech.asr import SpeechRecognizer
+    from loom_ros.plugins.speech.config import load_config
+    from loom_ros.sensors import scenes
+    london, tokyo = scenes.speak_clips(['what is the weather in london',
+                                        'what is the weather in tokyo'])
+    rate = scenes.MIC_RATE
+    gap = np.zeros(5 * rate, dtype=np.int16)
+    audio = np.concatenate([np.zeros(2 * rate, dtype=np.int16), london.samples, gap,
+                            tokyo.samples, gap, london.samples, gap, tokyo.samples, gap])
+    recognizer = SpeechRecognizer(load_config().asr)
+    finals = [r.slots.get('city') for i in range(0, audio.size, rate // 10)
+              for r in recognizer.feed(audio[i:i + rate // 10].tobytes(), rate) if not r.partial]
+    assert finals[-3:] == ['tokyo', 'london', 'tokyo']

@@ -110,6 +110,7 @@ class SpeechRecognizer:
         self._endpointer_cls = Endpointer
         self._lock = threading.Lock()
         self.stats = {'chunks': 0, 'utterances': 0, 'rejected': 0, 'partials': 0,
+                      'final_from_partial': 0,
                       'bad_chunks': 0}
         self._new_stream()
 
@@ -136,6 +137,7 @@ class SpeechRecognizer:
         self._pending = bytearray()
         self._in_utt = False
         self._last_partial = ''
+        self._last_complete = ''
         self._utt_start = 0.0
         self._decode_ns = 0
 
@@ -232,6 +234,8 @@ class SpeechRecognizer:
             text = ' '.join(hyp.hypstr.split()) if hyp is not None else ''
             if text and text != self._last_partial:
                 self._last_partial = text
+                if self.config.mode == 'grammar' and self.config.match(text) is not None:
+                    self._last_complete = text
                 self.stats['partials'] += 1
                 out.append(Recognition(text=text, confidence=0.0, partial=True,
                                        start_s=self._utt_start, end_s=self._ep.speech_end,
@@ -241,6 +245,7 @@ class SpeechRecognizer:
         self._decoder.start_utt()
         self._in_utt = True
         self._last_partial = ''
+        self._last_complete = ''   # the latest partial that was a whole phrase
         self._utt_start = self._ep.speech_start
         self._decode_ns = 0
 
@@ -264,6 +269,13 @@ class SpeechRecognizer:
         if not text:
             return None      # noise or a cough: nothing the grammar accepts
         match = self.config.match(text)
+        if self.config.mode == 'grammar' and match is None and self._last_complete:
+            # pocketsphinx's final search sometimes drops the last word that its partials had
+            # (seen: "... in london" partial, "... in" final, on speech with a hard stop). The
+            # latest partial that was a whole phrase is the better answer; counted.
+            text = self._last_complete
+            match = self.config.match(text)
+            self.stats['final_from_partial'] += 1
         if (self.config.mode == 'grammar' and match is None) \
                 or confidence < self.config.min_confidence:
             # The search stopped inside a phrase (e.g. "what is the weather"): not a command.
