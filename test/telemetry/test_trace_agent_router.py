@@ -59,17 +59,20 @@ def test_trace_continues_through_an_agent_and_the_router(ros, spawn, tmp_path):
         def spans():
             return {name: tracing.read_spans(str(path)) for name, path in files.items()}
 
-        def decided():
-            return any(s['name'] == 'RouteDecision' for s in spans()['router'])
-        ros.wait_for(decided, 'the RouteDecision span in the router span file', alive=procs)
-        ros.wait_for(lambda: any(s['name'] == 'PublishEvent' for s in spans()['agent']),
-                     "the agent's spans", alive=procs)
-        found = spans()
-        by_id = {s['span_id']: s for group in found.values() for s in group}
-        decision = next(s for s in found['router'] if s['name'] == 'RouteDecision')
-        chain = [decision]
-        while chain[-1]['parent_span_id'] in by_id:
-            chain.append(by_id[chain[-1]['parent_span_id']])
+        def chain():
+            """The RouteDecision and its ancestors, as far as the span files hold them so far
+            (each process's exporter writes in batches)."""
+            found = spans()
+            by_id = {s['span_id']: s for group in found.values() for s in group}
+            links = [s for s in found['router'] if s['name'] == 'RouteDecision'][:1]
+            while links and links[-1]['parent_span_id'] in by_id:
+                links.append(by_id[links[-1]['parent_span_id']])
+            return links
+        found = []
+        ros.wait_for(lambda: found.append(chain()) or (found[-1] and
+                                                        not found[-1][-1]['parent_span_id']),
+                     'the whole chain from the RouteDecision to its root', alive=procs)
+        chain = found[-1]
         names = [(s['name'], s['service']) for s in reversed(chain)]
         # source publishes > the agent's behavior handles it on a dispatcher thread > the intent
         # it emits is published > the router decides on it
