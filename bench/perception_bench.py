@@ -16,7 +16,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -37,15 +36,12 @@ def summarize(ms: list[float]) -> dict:
 
 
 def machine() -> dict:
-    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo')
-                if l.startswith('model name')), platform.processor())
-    mem_kb = next(int(l.split()[1]) for l in open('/proc/meminfo') if l.startswith('MemTotal'))
+    """bus_bench's machine record, plus the versions this benchmark depends on."""
     from importlib.metadata import version
-    return {'cpu': cpu, 'cores': os.cpu_count(), 'memory_gb': round(mem_kb / 2**20, 1),
-            'os': platform.platform(), 'python': platform.python_version(),
-            'ai_edge_litert': version('ai-edge-litert'), 'numpy': version('numpy'),
-            'pillow': version('pillow'), 'date': time.strftime('%Y-%m-%d'),
-            'loadavg_1m_start': round(os.getloadavg()[0], 2)}
+
+    from bus_bench import machine as base
+    return {**base(), 'ai_edge_litert': version('ai-edge-litert'), 'numpy': version('numpy'),
+            'pillow': version('pillow'), 'loadavg_1m_start': round(os.getloadavg()[0], 2)}
 
 
 def run(frames: int) -> dict:

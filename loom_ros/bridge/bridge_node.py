@@ -165,9 +165,9 @@ class ZenohBridgeNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def destroy_node(self) -> None:
-        """Every way out goes through here (run_node's teardown after SIGINT/SIGTERM included,
-        where no lifecycle shutdown transition runs): close the Zenoh session, or Zenoh's
-        callback threads keep the interpreter from exiting."""
+        """A last guard for hosts that destroy the node without its shutdown transition
+        (run_node now runs it; `loom bringup` hosting nodes in-process may not): close the Zenoh
+        session, or Zenoh's callback threads keep the interpreter from exiting. Idempotent."""
         try:
             self._release()
         finally:

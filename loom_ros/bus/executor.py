@@ -53,12 +53,12 @@ def run_node(node_factory, args=None) -> None:
         if executor is not None:
             executor.shutdown()
         if node is not None:
-            _finalize(node)
+            finalize_node(node)
             node.destroy_node()
         rclpy.try_shutdown()
 
 
-def _finalize(node) -> None:
+def finalize_node(node) -> None:
     """A lifecycle node goes through its shutdown transition on the way out (Ctrl-C, SIGTERM),
     so on_shutdown commits state and closes sessions and files; a plain node has nothing to do."""
     trigger = getattr(node, 'trigger_shutdown', None)

@@ -205,10 +205,10 @@ class RobotProcess:
         from loom_ros.agents.flows.link import FlowLink
         if FlowLink._shared is not None:
             FlowLink._shared.close()
+        from loom_ros.bus.executor import finalize_node
         for node, executor in reversed(self.nodes):
             executor.shutdown()
-            if node is self.agents:
-                node.on_cleanup(None)
+            finalize_node(node)   # lifecycle nodes run on_shutdown: state committed, sessions closed
             node.destroy_node()
 
 
