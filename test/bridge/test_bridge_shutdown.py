@@ -37,8 +37,11 @@ def test_sigterm_after_a_burst_exits_cleanly_with_counters(ros, port, zenoh_rout
             ros.executor.spin_once(timeout_sec=0.0)
     # The bridge took the burst for Zenoh: it declared the key's publisher and matching listener
     # from its main thread, the hang's trigger. Whether it all arrived is not this test's matter.
+    # Publish until it shows: a match reported before the bridge's reader is really ready can
+    # cost the first events (seen in full-suite runs).
     ros.wait_for(lambda: status.get('sent', 0) + status.get('outbox', 0) > 0,
-                 'the bridge sending or holding the burst', alive=[proc])
+                 'the bridge sending or holding the burst', alive=[proc],
+                 spin=lambda: bus.publish(topic, Event(type='b', payload=b'x' * 100)))
     # Inbound: a burst of fleet commands for this robot, still being worked off at SIGTERM.
     command = codec.encode(Event(type='cmd', payload=b'y' * 100))
     for _ in range(BURST):
