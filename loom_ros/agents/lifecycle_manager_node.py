@@ -25,6 +25,7 @@ from loom_ros.agents.supervisor import Beat, Health, Supervisor, Unit
 from loom_ros.bus import topics
 from loom_ros.bus.executor import run_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
+from loom_ros.cli.process import die_with_parent
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
 
 PARAMETERS = [
@@ -50,15 +51,6 @@ PARAMETERS = [
     ParamSpec('status_period_s', 'Seconds between loom/agents/status and /diagnostics reports',
               min_value=0.05),
 ]
-
-
-def _die_with_parent() -> None:
-    """In the child: end when the manager ends, even by SIGKILL (Linux prctl PDEATHSIG)."""
-    try:
-        import ctypes
-        ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class _Managed:
@@ -232,7 +224,8 @@ class LifecycleManagerNode(Node):
         with open(own, 'w', encoding='utf-8') as f:
             yaml.safe_dump({fq_name: {'ros__parameters': settings}}, f)
         args += ['--params-file', own]
-        return subprocess.Popen(args, start_new_session=True, preexec_fn=_die_with_parent)
+        # Ends with the manager, even by SIGKILL (Linux PR_SET_PDEATHSIG).
+        return subprocess.Popen(args, start_new_session=True, preexec_fn=die_with_parent())
 
     def _stop(self, m: _Managed, kill: bool) -> None:
         process, m.process = m.process, None
