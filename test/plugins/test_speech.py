@@ -4,6 +4,8 @@ repository's config/speech.yaml grammar."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +119,9 @@ def test_tts_refuses_bad_requests_clearly(speaker, tmp_path):
 
 
 def test_a_hung_worker_is_killed_and_replaced(tmp_path):
-    with Speaker(TtsConfig(timeout_s=0.001)) as s:   # no synthesis answers within 1 ms
+    with Speaker(TtsConfig(timeout_s=0.5)) as s:
         first = s._worker.proc
+        os.kill(first.pid, signal.SIGSTOP)   # a worker that hangs: it never answers
         with pytest.raises(TTSError, match='did not finish'):
             s.say('hello robot', tmp_path / 'a.wav')
         assert first.poll() is not None and s.stats['timeouts'] == 1

@@ -4,7 +4,9 @@ pyttsx3 is not thread-safe, keeps one espeak engine per process, and its run loo
 empty text never finishes, and it asserts on it). So by default synthesis runs in a child
 process (`python -m loom_ros.plugins.speech.tts --worker`) that speaks JSON lines on a pipe:
 the parent waits with a timeout, and a worker that hangs is killed and restarted on the next
-call. `isolation: inline` runs pyttsx3 in this process instead (no timeout possible).
+call. `isolation: inline` runs pyttsx3 in this process instead (a timeout cancels the
+utterance, but a hung espeak-ng cannot be replaced). Either way the WAV appears complete, by a
+rename, only once espeak-ng has finished the utterance (see _Pyttsx3Engine).
 Playback (aplay) happens only when config asks for it and a sound card exists.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
+import itertools
 import json
 import os
 import selectors
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import wave
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,16 +79,30 @@ def play(path: str | Path, timeout_s: float) -> str:
 
 # -- the pyttsx3 part (runs in the worker, or inline) ---------------------------------------------
 class _Pyttsx3Engine:
-    """pyttsx3's engine with the voice checked (pyttsx3 ignores an unknown voice silently)."""
+    """pyttsx3's espeak-ng, with the voice checked (pyttsx3 ignores an unknown voice silently)
+    and each utterance synthesized to completion before synthesize() returns.
+
+    Why not pyttsx3's save_to_file + runAndWait: its espeak driver starts espeak-ng in
+    AUDIO_OUTPUT_RETRIEVAL mode, where espeak_Synth only queues the text and espeak-ng's own
+    thread synthesizes it; runAndWait returns after one 10 ms sleep, and the driver writes the
+    WAV later from that thread (dropping the last buffer, and now and then cancelling the next
+    utterance from its stale "is playing" check). On a loaded machine the caller then read a
+    missing or half-written file ("no usable WAV ... no such file", "empty WAV"). Here our own
+    callback collects every buffer of this utterance (tagged with its own id), we wait for
+    espeak-ng's end-of-message event, and the WAV appears at `path` complete, by one rename."""
+
+    SAMPLE_RATE = 22050   # what espeak-ng voices synthesize at (pyttsx3 assumes it too)
 
     def __init__(self, voice: str, rate_wpm: int, volume: float):
         check_espeak()
         with contextlib.redirect_stdout(io.StringIO()):
             import pyttsx3
+            from pyttsx3.drivers import _espeak
             try:
-                self.engine = pyttsx3.init('espeak')
+                self.engine = pyttsx3.init('espeak')   # initializes espeak-ng once per process
             except Exception as exc:   # pyttsx3 raises RuntimeError/OSError from espeak init
                 raise TTSError(f'pyttsx3 cannot start espeak-ng: {exc}') from None
+        self._espeak = _espeak
         voices = self.engine.getProperty('voices')
         wanted = voice.lower()
         match = next((v.id for v in voices if wanted in (v.id.lower(), v.id.split('/')[-1].lower(),
@@ -93,14 +111,58 @@ class _Pyttsx3Engine:
             english = sorted(v.id.split('/')[-1] for v in voices if '/en' in v.id)
             raise TTSError(f'espeak-ng has no voice {voice!r}; '
                            f'English voices: {", ".join(english)}')
-        self.engine.setProperty('voice', match)
-        self.engine.setProperty('rate', rate_wpm)
-        self.engine.setProperty('volume', volume)
+        # Set directly: pyttsx3 only queues properties until its next run loop.
+        if _espeak.SetVoiceByName(match.encode()) != _espeak.EE_OK:
+            raise TTSError(f'espeak-ng cannot select voice {match!r}')
+        _espeak.SetParameter(_espeak.RATE, int(rate_wpm), 0)
+        _espeak.SetParameter(_espeak.VOLUME, int(round(volume * 100)), 0)
+        self._ids = itertools.count(1)
+        self._current = 0            # the id of the utterance being collected (0: none)
+        self._chunks: list[bytes] = []
+        self._done = threading.Event()
+        _espeak.SetSynthCallback(self._on_synth)   # replaces the driver's; pyttsx3 keeps a ref
 
-    def synthesize(self, text: str, path: str) -> None:
-        with contextlib.redirect_stdout(io.StringIO()):   # the driver prints "Audio saved to"
-            self.engine.save_to_file(text, path)
-            self.engine.runAndWait()
+    def _on_synth(self, wav, numsamples, events) -> int:
+        """espeak-ng's thread: keep this utterance's samples; anything else is stale."""
+        i, mine, finished = 0, False, False
+        while events[i].type != self._espeak.EVENT_LIST_TERMINATED:
+            if events[i].user_data == self._current and self._current:
+                mine = True
+                finished = finished or events[i].type == self._espeak.EVENT_MSG_TERMINATED
+            i += 1
+        if mine and numsamples > 0 and wav:
+            self._chunks.append(ctypes.string_at(wav, numsamples * 2))
+        if finished:
+            self._done.set()
+        return 0
+
+    def synthesize(self, text: str, path: str, timeout_s: float = 60.0) -> None:
+        """Write `text` as a complete WAV at `path`, or raise; the file never exists half-made."""
+        utterance = next(self._ids)
+        self._chunks, self._current = [], utterance
+        self._done.clear()
+        status = self._espeak.Synth(text.encode('utf-8'),
+                                    flags=self._espeak.ENDPAUSE | self._espeak.CHARS_UTF8,
+                                    user_data=utterance)
+        if status != self._espeak.EE_OK:
+            self._current = 0
+            raise TTSError(f'espeak-ng refused the text (status {status})')
+        finished = self._done.wait(timeout_s)
+        self._current = 0
+        if not finished:
+            self._espeak.Cancel()
+            raise TTSError(f'espeak-ng did not finish within {timeout_s} s')
+        partial = f'{path}.{os.getpid()}-{utterance}.part'
+        try:
+            with wave.open(partial, 'wb') as wav:
+                wav.setnchannels(1)
+                wav.setsampwidth(2)
+                wav.setframerate(self.SAMPLE_RATE)
+                wav.writeframes(b''.join(self._chunks))
+            os.replace(partial, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
 
 
 def _worker_main() -> int:
@@ -211,9 +273,9 @@ class Speaker:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         start = time.perf_counter()
-        # pyttsx3's espeak driver now and then saves a short utterance as an empty WAV (its end
-        # event can come before the samples it should write); one more synthesis fixes it. Both
-        # failing is an error. Retries are counted.
+        # Empty WAVs used to come from reading pyttsx3's file before its driver had written it
+        # (see _Pyttsx3Engine); should espeak-ng itself give no samples, one more synthesis is
+        # tried (counted), and both failing is an error.
         for attempt in range(2):
             with self._lock:
                 try:
@@ -244,7 +306,7 @@ class Speaker:
         if self._inline is not None:
             with _INLINE_LOCK:
                 try:
-                    self._inline.synthesize(text, path)
+                    self._inline.synthesize(text, path, self.config.timeout_s)
                 except Exception as exc:
                     raise TTSError(f'pyttsx3 failed: {type(exc).__name__}: {exc}') from None
             return
