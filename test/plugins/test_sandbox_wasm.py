@@ -220,3 +220,44 @@ def test_storage_read_preopens_read_only_and_storage_write_writable(tmp_path, gr
                               granted=frozenset({grant})))
     assert wasi_errno(plugin) == errno
     assert (data / 'new.txt').exists() is created
+
+
+def table_grow(plugin: WasmPlugin) -> tuple[int, int]:
+    """(refused grows, final table size) as table_grow.wat answers them."""
+    response = plugin.handle_event(text('grow'))
+    assert response.ok, response.error
+    refused, size = response.events[0].payload.split()
+    return int(refused), int(size)
+
+
+def test_table_growth_stops_at_the_store_limit_is_counted_and_the_host_keeps_serving():
+    # issue 13, fault 6: table.grow in a loop took the host from 64 MB to 2.5 GB while only
+    # linear memory was limited. The module asks for 64 x 65536 elements (32 MB unbounded).
+    audit: list[dict] = []
+    plugin = started('table_grow.wat', PluginContext(plugin='hog', audit_sink=audit.append),
+                     table_elements_limit=100_000)
+    refused, size = table_grow(plugin)
+    assert (refused, size) == (63, 65537)  # the first grow fits, every later one is refused
+    health = plugin.health()
+    assert health.state is HealthState.DEGRADED and 'table' in health.message
+    assert health.details['limit_hits'] == '1' and health.details['table_elements_limit'] == \
+        '100000'
+    assert audit[-1]['kind'] == 'wasm_limit'
+    assert table_grow(plugin) == (63, 65537)  # a fresh instance: the old table was dropped
+    assert plugin.health().details['limit_hits'] == '2'
+    upper = started('upper.wat', metadata=None)
+    assert upper.handle_event(text('still serving')).events[0].payload == b'STILL SERVING'
+
+
+@pytest.mark.parametrize('declares', ['(table 200000 funcref) (memory (export "memory") 1)',
+                                      '(table 1 funcref) (table 1 funcref) '
+                                      '(memory (export "memory") 1)',
+                                      '(memory (export "memory") 1000)'])
+def test_a_module_declaring_more_than_the_store_limits_does_not_instantiate(tmp_path, declares):
+    path = tmp_path / 'big.wat'
+    path.write_text(f'(module {declares}'
+                    ' (func (export "alloc") (param i32) (result i32) i32.const 8)'
+                    ' (func (export "handle") (param i32 i32) (result i64) i64.const 1))')
+    plugin = WasmPlugin(path, META, max_tables=1, table_elements_limit=100_000)
+    with pytest.raises(PluginError, match='cannot instantiate'):
+        plugin.init(PluginContext(plugin='wasm_example'))

@@ -1,5 +1,16 @@
 """WASM plugins: a WebAssembly module run in wasmtime behind the plugin contract, with a fuel
-budget per call, a memory limit, and no file system or network unless granted.
+budget per call, store limits, and no file system or network unless granted.
+
+Store limits (wasmtime's store limiter, one store per instance): linear memory at most
+`memory_limit_bytes`, each table at most `table_elements_limit` elements, one instance, one
+memory and at most `max_tables` tables. Instantiating a module that declares more fails at init;
+`memory.grow` and `table.grow` past a limit return -1 (the module may trap on it). Both bound what
+a module can take from the host's memory. After each call the exported memory and tables are
+measured: a call that leaves memory within a page of its limit, or a table over half its limit (it
+could not double), is counted (`limit_hits`), the instance is thrown away (its memory goes back)
+and health says DEGRADED until a call ends below that. wasmtime does not report a refused grow
+itself, so this is measured, not exact; tables the module does not export are bounded the same
+way but cannot be measured. A module that keeps growing after -1 runs out of fuel (a trap).
 
 A runaway or crashing module traps; the trap becomes a PluginResponse.failure that says why, the
 instance is thrown away (its state may be half-updated) and the next call gets a fresh one. After
@@ -49,6 +60,8 @@ WASM_PAGE = 65536
 DEFAULT_FUEL_PER_CALL = 50_000_000
 DEFAULT_MEMORY_LIMIT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+DEFAULT_TABLE_ELEMENTS_LIMIT = 100_000   # about 800 KB of table per store
+DEFAULT_MAX_TABLES = 4
 
 _ENGINE: list[wasmtime.Engine] = []
 _ENGINE_LOCK = threading.Lock()
@@ -87,12 +100,18 @@ class WasmPlugin(Plugin):
                  fuel_per_call: int = DEFAULT_FUEL_PER_CALL,
                  memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES,
                  max_restarts: int = 3, wasi: bool = False,
-                 max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> None:
+                 max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+                 table_elements_limit: int = DEFAULT_TABLE_ELEMENTS_LIMIT,
+                 max_tables: int = DEFAULT_MAX_TABLES) -> None:
         super().__init__()
         self.module_path = Path(module)
-        if fuel_per_call <= 0 or memory_limit_bytes < WASM_PAGE or max_restarts < 0:
+        if fuel_per_call <= 0 or memory_limit_bytes < WASM_PAGE or max_restarts < 0 \
+                or table_elements_limit < 0 or max_tables < 0:
             raise PluginError(f'{self.module_path.name}: fuel_per_call must be > 0, '
-                              f'memory_limit_bytes >= {WASM_PAGE}, max_restarts >= 0')
+                              f'memory_limit_bytes >= {WASM_PAGE}, max_restarts, '
+                              'table_elements_limit and max_tables >= 0')
+        self.table_elements_limit = int(table_elements_limit)
+        self.max_tables = int(max_tables)
         self.fuel_per_call = int(fuel_per_call)
         self.memory_limit_bytes = int(memory_limit_bytes)
         self.max_restarts = int(max_restarts)
@@ -115,7 +134,9 @@ class WasmPlugin(Plugin):
         self._exports: Any = None
         self._failed = ''          # why the plugin refuses calls for good ('' while usable)
         self._consecutive_traps = 0
-        self.stats = {'calls': 0, 'failures': 0, 'traps': 0, 'restarts': 0, 'last_fuel_used': 0}
+        self.stats = {'calls': 0, 'failures': 0, 'traps': 0, 'restarts': 0, 'last_fuel_used': 0,
+                      'limit_hits': 0}
+        self._at_limit = ''  # what the last call left at its limit ('' when nothing)
         self._last_error = ''
 
     # -- loading ----------------------------------------------------------------------------
@@ -145,7 +166,9 @@ class WasmPlugin(Plugin):
         """A fresh store and instance: limits, fuel, and only the imports that were granted."""
         engine = fuel_engine()
         store = wasmtime.Store(engine)
-        store.set_limits(memory_size=self.memory_limit_bytes)
+        store.set_limits(memory_size=self.memory_limit_bytes,
+                         table_elements=self.table_elements_limit, instances=1,
+                         tables=self.max_tables, memories=1)
         store.set_fuel(self.fuel_per_call)  # start functions run on this budget
         linker = wasmtime.Linker(engine)
         wasi_imports = [f'{i.module}::{i.name}' for i in self._module.imports
@@ -227,6 +250,7 @@ class WasmPlugin(Plugin):
             self.stats['last_fuel_used'] = self.fuel_per_call - store.get_fuel()
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             return self._trapped(exc)
+        self._check_limits(store, exports)
         out_ptr, out_len = (packed >> 32) & 0xFFFFFFFF, packed & 0xFFFFFFFF
         if out_len > self.max_output_bytes or out_ptr + out_len > memory.data_len(store):
             return self._fail(f'plugin {name!r} answered {out_len} bytes at {out_ptr}: outside '
@@ -242,17 +266,46 @@ class WasmPlugin(Plugin):
             self._last_error = response.error
         return response
 
+    def _at_limits(self, store: wasmtime.Store, exports: Any) -> str:
+        """Which exported memory or table the instance left at its store limit ('' if none)."""
+        for name, item in _items(exports):
+            if isinstance(item, wasmtime.Memory):
+                if item.data_len(store) + WASM_PAGE > self.memory_limit_bytes:
+                    return f'memory {name!r} at its limit of {self.memory_limit_bytes} bytes'
+            elif isinstance(item, wasmtime.Table):
+                size = item.size(store)
+                if size * 2 > self.table_elements_limit:  # it could not double any more
+                    return (f'table {name!r} has {size} elements, over half its limit of '
+                            f'{self.table_elements_limit}')
+        return ''
+
+    def _check_limits(self, store: wasmtime.Store, exports: Any) -> None:
+        """Count a call that ran into a limit and drop the instance that holds that much."""
+        self._at_limit = self._at_limits(store, exports)
+        if self._at_limit:
+            self.stats['limit_hits'] += 1
+            self._last_error = f'plugin {self.label!r} reached a store limit: {self._at_limit}'
+            self._store = self._exports = None  # the next call gets a fresh, small instance
+            if self.ctx is not None:
+                self.ctx.audit('wasm_limit', reason=self._at_limit)
+
     def _trapped(self, exc: Exception) -> PluginResponse:
         """A trap: say why, drop the instance, and fail for good after too many in a row."""
         reason = _trap_reason(exc)
         code = getattr(exc, 'trap_code', None)
         memory_size = self._exports['memory'].data_len(self._store)
+        at_limit = self._at_limits(self._store, self._exports)
+        self._at_limit = at_limit
+        if at_limit:
+            self.stats['limit_hits'] += 1
         if code is wasmtime.TrapCode.OUT_OF_FUEL:
             reason = (f'ran out of fuel: used its whole budget of {self.fuel_per_call} units in '
-                      'one call (a runaway loop?)')
+                      'one call (a runaway loop?)' + (f' with {at_limit}' if at_limit else ''))
         elif memory_size + WASM_PAGE > self.memory_limit_bytes:
             reason = (f'reached its memory limit of {self.memory_limit_bytes} bytes '
                       f'(memory is {memory_size} bytes) and trapped: {reason}')
+        elif at_limit:
+            reason = f'reached a store limit ({at_limit}) and trapped: {reason}'
         self.stats['traps'] += 1
         self._consecutive_traps += 1
         self._store = self._exports = None
@@ -273,6 +326,7 @@ class WasmPlugin(Plugin):
         details = {k: str(v) for k, v in self.stats.items()}
         details.update(fuel_per_call=str(self.fuel_per_call),
                        memory_limit_bytes=str(self.memory_limit_bytes),
+                       table_elements_limit=str(self.table_elements_limit),
                        consecutive_traps=str(self._consecutive_traps),
                        last_error=self._last_error)
         if self._failed:
@@ -281,11 +335,20 @@ class WasmPlugin(Plugin):
             return HealthStatus(HealthState.DEGRADED,
                                 f'{self._consecutive_traps} trap(s) in a row, restarting on the '
                                 f'next call; last: {self._last_error}', details)
+        if self._at_limit:
+            return HealthStatus(HealthState.DEGRADED,
+                                f'the last call reached a store limit ({self._at_limit}); the '
+                                'instance was replaced', details)
         return HealthStatus(HealthState.OK, '', details)
 
     def shutdown(self) -> None:
         with self._lock:
             self._store = self._exports = None
+
+
+def _items(exports: Any) -> list[tuple[str, Any]]:
+    """(name, extern) of an instance's exports."""
+    return list(exports.items())
 
 
 def _first_line(text: str) -> str:
