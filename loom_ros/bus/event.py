@@ -19,6 +19,14 @@ from enum import Enum, IntEnum
 import numpy
 
 DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024  # one uncompressed 1280x1024 RGB frame fits
+# Bounds on the other fields, so a hostile event cannot make a log line, a key or a parser huge
+# (an id of a megabyte froze a node's log masking). Generous for any real event.
+MAX_ID_CHARS = 256
+MAX_TYPE_CHARS = 256
+MAX_NAME_CHARS = 256             # source, frame_id, each tag, each metadata key
+MAX_METADATA_ITEMS = 64
+MAX_METADATA_VALUE_CHARS = 4096
+MAX_TAGS = 64
 _INT32 = (-2**31, 2**31 - 1)
 _INT64_MAX = 2**63 - 1
 
@@ -32,6 +40,30 @@ class Privacy(IntEnum):
     LOCAL_ONLY = 3
 
 
+PRIVACY_METADATA_KEYS = ('privacy', 'loom.privacy')   # a producer may also state privacy here
+_PRIVACY_NAMES = {p.name.lower().replace('_', ''): p for p in Privacy}
+
+
+def effective_privacy(event: 'Event') -> Privacy:
+    """The strictest of the privacy field and any privacy stated in metadata, so neither can be
+    used to lower the other; anything unreadable (or over-long) counts as LocalOnly."""
+    try:
+        tier = Privacy(event.privacy)
+    except ValueError:
+        return Privacy.LOCAL_ONLY
+    for key in PRIVACY_METADATA_KEYS:
+        value = event.metadata.get(key) if isinstance(event.metadata, dict) else None
+        if value is None:
+            continue
+        text = str(value)[:32].strip().lower().replace('_', '').replace('-', '')
+        stated = _PRIVACY_NAMES.get(text)
+        if stated is None and text.isdigit() and int(text) in Privacy._value2member_map_:
+            stated = Privacy(int(text))
+        tier = max(tier, stated if stated is not None and len(str(value)) <= 32
+                   else Privacy.LOCAL_ONLY)
+    return tier
+
+
 class RejectReason(str, Enum):
     """Why the bus refused something; every refusal is counted under one of these."""
 
@@ -40,6 +72,7 @@ class RejectReason(str, Enum):
     BAD_CONFIDENCE = 'bad_confidence'
     WRONG_TYPE = 'wrong_type'
     OVERSIZE_PAYLOAD = 'oversize_payload'
+    OVERSIZE_FIELD = 'oversize_field'    # id, type, a name, metadata or tags past their bound
     BAD_FIELD = 'bad_field'
     UNKNOWN_QOS = 'unknown_qos'
     BAD_TOPIC = 'bad_topic'
@@ -53,6 +86,13 @@ class EventRejected(ValueError):
     def __init__(self, reason: RejectReason, message: str):
         super().__init__(f'{reason.value}: {message}')
         self.reason = reason
+
+
+def _show(value, limit: int = 64) -> str:
+    """repr of a refused value for an error message, cut to `limit` characters."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit \
+        else f'<int of {value.bit_length()} bits>'
+    return text if len(text) <= limit else f'{text[:limit]}...({len(text)} chars)'
 
 
 @lru_cache(maxsize=4096)
@@ -98,37 +138,55 @@ class Event:
         # Fast path for the common, well-typed event; anything unusual gets the checks below,
         # which name the problem.
         conf, ts, pri = self.confidence, self.timestamp_ms, self.priority
-        if (type(self.id) is str and self.id and type(self.type) is str and self.type
-                and type(self.source) is str and type(self.frame_id) is str
+        if (type(self.id) is str and 0 < len(self.id) <= MAX_ID_CHARS
+                and type(self.type) is str and 0 < len(self.type) <= MAX_TYPE_CHARS
+                and type(self.source) is str and len(self.source) <= MAX_NAME_CHARS
+                and type(self.frame_id) is str and len(self.frame_id) <= MAX_NAME_CHARS
                 and type(ts) is int and 0 <= ts <= _INT64_MAX
                 and type(conf) is float and 0.0 <= conf <= 1.0
                 and type(pri) is int and _INT32[0] <= pri <= _INT32[1]
                 and type(self.payload) is bytes and len(self.payload) <= max_payload_bytes
-                and type(self.metadata) is dict and type(self.tags) is list
+                and type(self.metadata) is dict and len(self.metadata) <= MAX_METADATA_ITEMS
+                and type(self.tags) is list and len(self.tags) <= MAX_TAGS
                 and type(self.privacy) is Privacy
-                and all(type(k) is str and type(v) is str for k, v in self.metadata.items())
-                and all(type(t) is str for t in self.tags)):
+                and all(type(k) is str and type(v) is str and len(k) <= MAX_NAME_CHARS
+                        and len(v) <= MAX_METADATA_VALUE_CHARS for k, v in self.metadata.items())
+                and all(type(t) is str and len(t) <= MAX_NAME_CHARS for t in self.tags)):
             return self
         if not isinstance(self.id, str) or not self.id:
             raise EventRejected(RejectReason.MISSING_ID, 'event has no id (a non-empty string)')
+        if len(self.id) > MAX_ID_CHARS:   # before any message quotes the id
+            raise EventRejected(RejectReason.OVERSIZE_FIELD, f'id of {len(self.id)} characters '
+                                f'exceeds the limit of {MAX_ID_CHARS} ({self.id[:32]!r}...)')
         if not isinstance(self.type, str) or not self.type:
             raise EventRejected(RejectReason.MISSING_TYPE, f'event {self.id} has no type')
+        if len(self.type) > MAX_TYPE_CHARS:
+            raise EventRejected(RejectReason.OVERSIZE_FIELD, f'event {self.id}: type of '
+                                f'{len(self.type)} characters exceeds the limit of '
+                                f'{MAX_TYPE_CHARS}')
         for name in ('source', 'frame_id'):
-            if not isinstance(getattr(self, name), str):
+            value = getattr(self, name)
+            if not isinstance(value, str):
                 raise EventRejected(RejectReason.BAD_FIELD, f'{name} must be a string, '
-                                    f'got {type(getattr(self, name)).__name__}')
+                                    f'got {type(value).__name__}')
+            if len(value) > MAX_NAME_CHARS:
+                raise EventRejected(RejectReason.OVERSIZE_FIELD, f'event {self.id}: {name} of '
+                                    f'{len(value)} characters exceeds the limit of '
+                                    f'{MAX_NAME_CHARS}')
         ts = self.timestamp_ms
         if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts <= _INT64_MAX:
             raise EventRejected(RejectReason.BAD_FIELD,
-                                f'timestamp_ms must be a non-negative int64, got {ts!r}')
+                                f'timestamp_ms must be a non-negative int64, got {_show(ts)}')
         conf = self.confidence
-        if isinstance(conf, bool) or not isinstance(conf, numbers.Real) or not math.isfinite(conf) \
-                or not 0.0 <= conf <= 1.0:
+        if isinstance(conf, bool) or not isinstance(conf, numbers.Real) \
+                or not (isinstance(conf, float) or -1 <= conf <= 2) \
+                or not math.isfinite(conf) or not 0.0 <= conf <= 1.0:
             raise EventRejected(RejectReason.BAD_CONFIDENCE,
-                                f'confidence must be a finite number in [0, 1], got {conf!r}')
+                                f'confidence must be a finite number in [0, 1], got {_show(conf)}')
         pri = self.priority
         if isinstance(pri, bool) or not isinstance(pri, int) or not _INT32[0] <= pri <= _INT32[1]:
-            raise EventRejected(RejectReason.BAD_FIELD, f'priority must be an int32, got {pri!r}')
+            raise EventRejected(RejectReason.BAD_FIELD,
+                                f'priority must be an int32, got {_show(pri)}')
         if not isinstance(self.payload, (bytes, bytearray, memoryview)):
             raise EventRejected(RejectReason.BAD_FIELD,
                                 f'payload must be bytes, got {type(self.payload).__name__}')
@@ -139,14 +197,24 @@ class Event:
         if not isinstance(self.metadata, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
             raise EventRejected(RejectReason.BAD_FIELD, 'metadata must map strings to strings')
+        if len(self.metadata) > MAX_METADATA_ITEMS or not all(
+                len(k) <= MAX_NAME_CHARS and len(v) <= MAX_METADATA_VALUE_CHARS
+                for k, v in self.metadata.items()):
+            raise EventRejected(RejectReason.OVERSIZE_FIELD, f'event {self.id}: metadata is '
+                                f'limited to {MAX_METADATA_ITEMS} items, keys of '
+                                f'{MAX_NAME_CHARS} and values of {MAX_METADATA_VALUE_CHARS} '
+                                'characters')
         if not isinstance(self.tags, (list, tuple)) or not all(isinstance(t, str) for t in self.tags):
             raise EventRejected(RejectReason.BAD_FIELD, 'tags must be a list of strings')
+        if len(self.tags) > MAX_TAGS or not all(len(t) <= MAX_NAME_CHARS for t in self.tags):
+            raise EventRejected(RejectReason.OVERSIZE_FIELD, f'event {self.id}: tags are '
+                                f'limited to {MAX_TAGS} of {MAX_NAME_CHARS} characters')
         try:
             Privacy(self.privacy)
-        except ValueError:
+        except (ValueError, TypeError):   # TypeError: an unhashable value from a decoder
             raise EventRejected(RejectReason.BAD_FIELD,
                                 f'privacy must be one of {[p.name for p in Privacy]}, '
-                                f'got {self.privacy!r}') from None
+                                f'got {_show(self.privacy)}') from None
         return self
 
     # -- payload helpers --------------------------------------------------------------------

@@ -1,0 +1,40 @@
+"""Hostile Zenoh samples against a real bridge process (issue 13, fault 3): a header of `[` nested
+200,000 deep once killed the bridge's executor thread with a RecursionError. Now it is one
+counted malformed sample, and the next valid sample still reaches the robot's bus."""
+import struct
+
+from loom_ros.bridge import codec
+from loom_ros.bus.event import Event
+
+KEY = 'loom/rh/fleet/cmd'
+
+
+def _sample(header: bytes, payload: bytes = b'') -> bytes:
+    return struct.pack('>BI', codec.VERSION, len(header)) + header + payload
+
+
+def test_deeply_nested_and_oversized_samples_are_counted_and_the_bridge_keeps_serving(
+        ros, port, zenoh_router, zsession, bridge, robot_bus):
+    zenoh_router(port)
+    proc, status, _ = bridge('/rh', port, in_allow=['fleet.**'])
+    bus = robot_bus('/rh')
+    got = []
+    bus.subscribe('fleet.cmd', lambda e, t: got.append(e))
+    session = zsession(port)
+
+    hostile = [
+        _sample(b'[' * 200_000),                        # the sample of the issue
+        _sample(b'{"id":' + b'[' * 200_000),            # the same nesting inside an object
+        _sample(b'{"id":1' + b'0' * 100_000 + b'}'),    # an integer too long to read
+        struct.pack('>BI', codec.VERSION, 2**32 - 1) + b'{',  # a header length past the bound
+    ]
+    for data in hostile:
+        session.put(KEY, data)
+    ros.wait_for(lambda: status.get('rejected_malformed') == len(hostile),
+                 'every hostile sample counted as malformed', alive=[proc])
+
+    command = Event.with_json('cmd', {'stop': True})
+    ros.wait_for(lambda: bool(got), 'a valid command on the robot bus after the attack',
+                 spin=lambda: session.put(KEY, codec.encode(command)), alive=[proc])
+    assert got[0] == command
+    assert proc.popen.poll() is None
