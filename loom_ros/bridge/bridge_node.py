@@ -28,6 +28,7 @@ from loom_ros.bus.event import EventRejected
 from loom_ros.bus.executor import run_lifecycle_node
 from loom_ros.bus.qos import to_qos_profile
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters, node_defaults
+from loom_ros.config.paths import usable_file
 from loom_ros.router.policy import PolicyError, load_policy
 
 STATUS_TOPIC = 'zenoh_bridge/status'
@@ -84,6 +85,7 @@ class ZenohBridgeNode(LifecycleNode):
         self._audit = None
         self._wake = None
         self._configured = False
+        self.configure_error = ''   # why the last configure failed (loom bringup prints it)
 
     def _declare_lists(self) -> dict:
         """String-array parameters; declared with dynamic typing since an empty default list
@@ -115,14 +117,15 @@ class ZenohBridgeNode(LifecycleNode):
                 raise ValueError(f"{SECTION}.mode must be peer or client, got {p['mode']!r}")
             session_config(p['mode'], p['connect'], p['listen'], p['multicast_scouting'])
             policy = load_policy(p['policy_file'] or config_dir() / 'policy.yaml')
-        except (ValueError, PolicyError) as exc:
+            audit = usable_file(p['audit_file'], f'{SECTION}.audit_file') if p['audit_file'] \
+                else None
+        except (ValueError, PolicyError) as exc:   # ConfigError (a bad path) is a ValueError
+            self.configure_error = str(exc)   # loom bringup prints it
             self.get_logger().error(f'cannot configure: {exc}')
             return TransitionCallbackReturn.FAILURE
         self.bus = create_bus(self, SECTION)
-        if p['audit_file']:
-            path = Path(os.path.expanduser(p['audit_file']))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._audit = open(path, 'a', encoding='utf-8')
+        if audit is not None:
+            self._audit = open(audit, 'a', encoding='utf-8')
         self._wake = self.create_timer(SERVICE_PERIOD_S, self._service)
         self.link = ZenohLink(
             lambda: session_config(p['mode'], p['connect'], p['listen'], p['multicast_scouting']),

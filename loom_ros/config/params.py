@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from difflib import get_close_matches
 from functools import lru_cache
 from pathlib import Path
 
 import yaml
 
 DEFAULTS_FILE = 'loom.yaml'
+# Agent nodes are named agent_<id> (or agent_host_<n>) and declare the `agent` section.
+AGENT_SECTION = 'agent'
+# Parameters rclpy declares on every node (qos_overrides.* too).
+ROS_PARAMETERS = frozenset({'use_sim_time', 'start_type_description_service'})
 
 
 class ConfigError(ValueError):
@@ -63,9 +68,60 @@ def read_yaml(path, error: type[Exception] = None):
         raise error(f'{path}: not valid YAML: {exc}') from None
 
 
-@lru_cache(maxsize=16)
+def refuse_unknown_keys(data: dict, known, where: str, error: type[Exception] = None) -> None:
+    """Raise `error` (default ConfigError) naming `where` and the first key of `data` not in
+    `known`: a typo (`out_denny`) must not be silently ignored. Keys are bounded before logging."""
+    unknown = [str(k) for k in data if k not in known]
+    if unknown:
+        raise (error or ConfigError)(
+            f'{where}: unknown key {unknown[0][:80]!r} (known: {", ".join(sorted(map(str, known)))})')
+
+
+def _section_node(section: str) -> str:
+    """The node name a params-file section applies to: `/ns/router` -> `router`."""
+    return section.rstrip('/').rsplit('/', 1)[-1]
+
+
+def check_params_file(path: str, defaults_path: str | None = None) -> str:
+    """Refuse (ConfigError naming the file, section and key) a params file with a section for no
+    Loom node or a parameter that node does not declare; the declared set is config/loom.yaml,
+    which test_params keeps equal to what the nodes declare. Returns `path`."""
+    defaults_path = defaults_path or str(config_dir() / DEFAULTS_FILE)
+    known = load_params_file(defaults_path)
+    every = set().union(*known.values())
+    for section, params in load_params_file(path).items():
+        node = _section_node(section)
+        if '*' in node:            # `/**` or `/ns/*`: any Loom node's parameter
+            allowed = every
+        else:
+            base = node if node in known else AGENT_SECTION if node.startswith('agent_') else None
+            if base is None:
+                names = ', '.join(sorted(s for s in known if '*' not in s))
+                raise ConfigError(f'{path}: unknown node section {section[:80]!r} (Loom nodes: '
+                                  f'{names}; agents are agent_<id>)')
+            allowed = set(known[base]) | set(known.get('/**', {}))
+        unknown = sorted(p for p in params if p not in allowed and p not in ROS_PARAMETERS
+                         and not p.startswith('qos_overrides.'))
+        if unknown:
+            near = get_close_matches(unknown[0], allowed, n=1)
+            hint = f'did you mean {near[0]!r}? ' if near else ''
+            raise ConfigError(f'{path}: {section[:80]}: unknown parameter {unknown[0][:80]!r} '
+                              f'({hint}see {DEFAULTS_FILE} for what {node} declares)')
+    return path
+
+
 def load_params_file(path: str) -> dict[str, dict[str, object]]:
-    """{section: {dotted.param: value}} from a ROS params file; ConfigError when malformed."""
+    """{section: {dotted.param: value}} from a ROS params file; ConfigError when malformed.
+    Cached per file version, so a file edited in place is read again."""
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f'{path}: cannot read: {exc.strerror}') from None
+    return _load_params_file(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=16)
+def _load_params_file(path: str, _mtime_ns: int, _size: int) -> dict[str, dict[str, object]]:
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f'{path}: expected a mapping of node names to ros__parameters')

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from loom_ros.bus.event import Event, EventRejected, Privacy
 from loom_ros.bus.names import TopicNameError, TopicPattern, validate_topic
-from loom_ros.config.params import read_yaml
+from loom_ros.config.params import read_yaml, refuse_unknown_keys
 from loom_ros.plugins.contract import (
     CapabilityDenied, HealthState, HealthStatus, Plugin, PluginContext, PluginError,
     PluginMetadata, PluginNotFound, PluginResponse, PluginType, load_plugin_class,
@@ -59,6 +59,9 @@ class PluginSpec(BaseModel):
     output_topic: str = ''                 # '' = plugin.<name>.output
     sandbox: dict[str, Any] = Field(default_factory=dict)  # options for the sandbox mode
     enabled: bool = True
+    # false: a failed Init leaves this plugin failed and the host goes on (degraded, on its
+    # health); true: the host refuses configure, naming the plugin and why
+    required: bool = True
 
     @field_validator('name')
     @classmethod
@@ -102,6 +105,7 @@ def load_plugins_file(path: str | Path) -> list[PluginSpec]:
     data = read_yaml(path, PluginsFileError)
     if not isinstance(data, dict) or not isinstance(data.get('plugins'), list):
         raise PluginsFileError(f'{path}: expected a mapping with a `plugins:` list')
+    refuse_unknown_keys(data, {'plugins'}, str(path), PluginsFileError)
     return parse_specs(data['plugins'], str(path))
 
 
@@ -112,8 +116,8 @@ def parse_specs(entries: list, where: str = 'plugins') -> list[PluginSpec]:
             spec = PluginSpec.model_validate(entry)
         except ValidationError as exc:
             first = exc.errors()[0]
-            loc = '.'.join(str(p) for p in first['loc'])
-            name = entry.get('name', i) if isinstance(entry, dict) else i
+            loc = '.'.join(str(p) for p in first['loc'])[:120]
+            name = str(entry.get('name', i))[:80] if isinstance(entry, dict) else i
             raise PluginsFileError(f'{where}: plugin {name!r}: {loc}: {first["msg"]}') from None
         if spec.name in seen:
             raise PluginsFileError(f'{where}: plugin name {spec.name!r} appears twice')

@@ -1,7 +1,9 @@
 """Plugin host node `plugin_host`: several plugins in one process and one executor (the Python
 equivalent of a component container), or one per process; the same plugin runs either way.
 
-configure   Init of every configured plugin (one failing is marked failed, the others start);
+configure   Init of every configured plugin; one failing refuses configure with its reason
+            (a missing or corrupt model, a bad config), unless its entry says `required: false`:
+            then it is marked failed and the others start;
             the running ones become callable in-process (loom_ros.plugins.registry)
 activate    services `~/<plugin>/handle_event` (loom_msgs/HandleEvent) and `~/<plugin>/health`
             (loom_msgs/Health), and each plugin's input Loom topics on the bus: every event in
@@ -13,7 +15,6 @@ Refusals and actuator commands go to the audit log (audit_db), see loom_ros/secu
 """
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
@@ -22,7 +23,8 @@ from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import Event, EventRejected
 from loom_ros.bus.executor import run_lifecycle_node
 from loom_ros.bus.names import TopicNameError, validate_topic
-from loom_ros.config.params import ParamSpec, config_dir, declare_parameters
+from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
+from loom_ros.config.paths import usable_dir, usable_file
 from loom_ros.plugins import registry
 from loom_ros.plugins.contract import PluginError
 from loom_ros.plugins.host import PluginHost, PluginSpec, PluginsFileError, load_plugins_file
@@ -71,6 +73,7 @@ class PluginHostNode(LifecycleNode):
         self.stats = Counter()
         self._plugin_services: list = []
         self._plugin_subs: list = []
+        self.configure_error = ''   # why the last configure failed (loom bringup prints it)
         if self.bus.telemetry is not None:   # plugin health on /diagnostics
             self.bus.telemetry.add_check('plugins', self._plugins_check)
 
@@ -93,28 +96,36 @@ class PluginHostNode(LifecycleNode):
     # -- lifecycle ------------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         path = self.params['plugins_file'] or str(config_dir() / 'plugins.yaml')
+        self.configure_error = ''
         try:
             specs = select_specs(load_plugins_file(path), self.params['plugins'], path)
-            self.audit = AuditLog(os.path.expanduser(self.params['audit_db']))
+            usable_dir(self.params['data_dir'], 'plugin_host.data_dir')
+            self.audit = AuditLog(usable_file(self.params['audit_db'], 'plugin_host.audit_db'))
             self.host = PluginHost(
                 specs, audit_sink=self.audit, data_dir=self.params['data_dir'],
                 allowed_capabilities=list(self.params['allowed_capabilities']), ros_node=self,
                 guard=bool(self.params['guard']), logger=self.get_logger())
-        except (PluginsFileError, AuditError, CapabilityConfigError) as exc:
-            self.get_logger().error(f'cannot configure: {exc}')
-            self._close_audit()
-            return TransitionCallbackReturn.FAILURE
+        except (PluginsFileError, AuditError, CapabilityConfigError, ConfigError) as exc:
+            return self._refuse(str(exc))
         failed = self.host.start()
+        required = [n for n in failed if self.host.slots[n].spec.required]
+        if required:   # a missing or corrupt model, a bad config: not a silently degraded host
+            return self._refuse('; '.join(f'{path}: plugin {n}: {failed[n]}' for n in required))
         try:
             registry.register(self.host)
         except PluginError as exc:
-            self.get_logger().error(f'cannot configure: {exc}')
-            self._stop_plugins()
-            return TransitionCallbackReturn.FAILURE
+            return self._refuse(str(exc))
         self.get_logger().info(
             f'plugins running: {", ".join(self.host.running()) or "none"}'
             + (f'; failed: {", ".join(failed)}' if failed else ''))
         return TransitionCallbackReturn.SUCCESS
+
+    def _refuse(self, reason: str) -> TransitionCallbackReturn:
+        """Fail configure with `reason` (logged, kept for `loom bringup`), releasing what it took."""
+        self.configure_error = reason
+        self.get_logger().error(f'cannot configure: {reason}')
+        self._stop_plugins()
+        return TransitionCallbackReturn.FAILURE
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         from loom_msgs.srv import HandleEvent, Health

@@ -9,7 +9,7 @@ refused with its key and reason and the old policy stays.
 from __future__ import annotations
 
 import math
-import os
+import sqlite3
 import time
 import uuid
 
@@ -19,7 +19,8 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from loom_ros.bus.event import Privacy
 from loom_ros.bus.executor import run_lifecycle_node
 from loom_ros.bus.qos import to_qos_profile
-from loom_ros.config.params import ParamSpec, config_dir, declare_parameters
+from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
+from loom_ros.config.paths import usable_file
 from loom_ros.router.decision import RequestError, RouteRequest, Spend, decide
 from loom_ros.router.history import Outcome, RouterHistory
 from loom_ros.router.policy import PolicyError, PolicyFile, load_policy
@@ -52,6 +53,7 @@ class RouterNode(LifecycleNode):
         self.history: RouterHistory | None = None
         self._active = False
         self._service = None  # set on configure; None means nothing to release
+        self.configure_error = ''   # why the last configure failed (loom bringup prints it)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.telemetry = attach_telemetry(self, 'router')  # /diagnostics, loom/metrics, tracing
         self.telemetry.add_check('cloud budget', self._budget_check)
@@ -61,13 +63,18 @@ class RouterNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         from loom_msgs.msg import RouteDecision, RouteOutcome, RouterStats
         from loom_msgs.srv import Route
+        self.configure_error = ''
         try:
             self.policy = self._load(self.get_parameter('policy_file').value)
-        except PolicyError as exc:
-            self.get_logger().error(f'cannot configure: {exc}')
+            db = self.params['history_db']
+            if db != ':memory:':
+                db = str(usable_file(db, 'router.history_db'))
+            self.history = RouterHistory(db, self.policy.budget.period_s)
+        except (PolicyError, ConfigError, OSError, sqlite3.Error) as exc:
+            self.configure_error = str(exc) if not isinstance(exc, sqlite3.Error) else \
+                f"router.history_db {self.params['history_db']}: cannot open: {exc}"
+            self.get_logger().error(f'cannot configure: {self.configure_error}')
             return TransitionCallbackReturn.FAILURE
-        db = os.path.expanduser(self.params['history_db'])
-        self.history = RouterHistory(db, self.policy.budget.period_s)
         self.decisions_pub = self.create_lifecycle_publisher(
             RouteDecision, 'router/decisions', to_qos_profile('batched'))
         self.stats_pub = self.create_lifecycle_publisher(

@@ -26,6 +26,7 @@ PLUGINS = """plugins:
     plugin: overstep_plugin:OverstepPlugin
   - name: broken
     plugin: overstep_plugin:FailingInitPlugin
+    required: false
   - name: unused
     plugin: weather
     enabled: false

@@ -9,9 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from loom_ros.bus.qos import UnknownQosLevel, parse_level
 from loom_ros.config.params import config_dir
 from loom_ros.plugins.contract import PluginError
-from loom_ros.config.params import read_yaml
+from loom_ros.config.params import read_yaml, refuse_unknown_keys
 
 DEFAULTS_FILE = 'actuators.yaml'
+SECTIONS = ('robot_control', 'ui')   # one per actuator plugin; any other key is a typo
 
 NonNeg = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
@@ -72,6 +73,8 @@ def load_section(section: str, model: type[_Section], overrides: dict | None,
     defaults = data.get(section) if isinstance(data, dict) else None
     if not isinstance(defaults, dict):
         raise PluginError(f'{path}: no `{section}:` mapping of defaults')
+    refuse_unknown_keys(data, SECTIONS, str(path), PluginError)
+    refuse_unknown_keys(defaults, model.model_fields, f'{path}: {section}', PluginError)
     if overrides is not None and not isinstance(overrides, dict):
         raise PluginError(f'{section}: config must be a mapping, got {type(overrides).__name__}')
     try:
