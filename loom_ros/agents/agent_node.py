@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
@@ -28,7 +29,8 @@ from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import Event
 from loom_ros.bus.executor import run_lifecycle_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
-from loom_ros.config.params import ParamSpec, config_dir, declare_parameters
+from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
+from loom_ros.config.paths import usable_dir
 
 PARAMETERS = [
     ParamSpec('agent_id', 'Which entry of the agents file this node runs', read_only=True),
@@ -96,6 +98,13 @@ class AgentNode(LifecycleNode):
         except AgentConfigError as exc:
             self.get_logger().error(f'cannot configure: {exc}')
             return TransitionCallbackReturn.FAILURE
+        self.failed = {}
+        try:   # a read-only, full or invalid state_dir: every agent says why, naming the path
+            usable_dir(self.params['state_dir'], f'{self.get_name()}.state_dir')
+        except ConfigError as exc:
+            self.failed = {agent_id: str(exc) for agent_id in wanted}
+            self.get_logger().error(f'cannot configure: {exc}')
+            return TransitionCallbackReturn.FAILURE
         self.dispatcher = Dispatcher(int(self.params['workers']), name=self.get_name())
         from loom_msgs.srv import Recall
         for agent_id in wanted:
@@ -103,7 +112,7 @@ class AgentNode(LifecycleNode):
                           max_bytes=int(self.params['state_max_mb'] * 2**20), log=self._log)
             try:
                 agent.configure()
-            except CONFIGURE_ERRORS as exc:
+            except (*CONFIGURE_ERRORS, OSError, sqlite3.Error) as exc:
                 self.failed[agent_id] = str(exc)
                 self.get_logger().error(f'agent {agent_id}: cannot configure: {exc}')
                 continue

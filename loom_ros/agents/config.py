@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loom_ros.bus.backpressure import BackpressurePolicy, PolicyError
 from loom_ros.bus.names import TopicNameError, TopicPattern, validate_topic
-from loom_ros.config.params import read_yaml
+from loom_ros.config.params import read_yaml, refuse_unknown_keys
 
 
 class AgentConfigError(ValueError):
@@ -48,6 +48,7 @@ def load_agents(path: str | Path) -> dict[str, AgentConfig]:
     data = read_yaml(path, AgentConfigError)
     if not isinstance(data, dict) or not isinstance(data.get('agents'), list):
         raise AgentConfigError(f'{path}: expected a top-level `agents:` list')
+    refuse_unknown_keys(data, {'agents'}, str(path), AgentConfigError)
     agents: dict[str, AgentConfig] = {}
     for i, entry in enumerate(data['agents']):
         try:
