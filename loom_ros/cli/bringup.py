@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from loom_ros.config.params import DEFAULTS_FILE, config_dir
+from loom_ros.config.params import DEFAULTS_FILE, check_params_file, config_dir
 
 AGENT_HOST = 'agent_host_0'
 
@@ -212,6 +212,20 @@ class RobotProcess:
             node.destroy_node()
 
 
+def _all_active(robot: RobotProcess) -> bool:
+    """Whether every lifecycle node and every agent is active. Raises with each reason as soon as
+    one refused configure, so bring-up neither prints ready while degraded nor waits 60 s."""
+    failed = [f'agent {a}: {why}' for a, why in robot.failures().items()]
+    failed += [f'{node.get_name()}: {node.configure_error}' for node, _ in robot.nodes
+               if getattr(node, 'configure_error', '')]
+    if failed:
+        raise RuntimeError('configure failed: ' + '; '.join(failed))
+    # rclpy has no public getter for a lifecycle node's state in-process; its services use this.
+    return robot.agents_active() and all(
+        node._state_machine.current_state[1] == 'active'
+        for node, _ in robot.nodes if hasattr(node, '_state_machine'))
+
+
 def main_with(args, ros_args: list[str]) -> int:
     import rclpy
     from rclpy.signals import SignalHandlerOptions
@@ -224,6 +238,7 @@ def main_with(args, ros_args: list[str]) -> int:
     code = 0
     with tempfile.TemporaryDirectory(prefix='loom_bringup_') as tmp:
         try:
+            check_params_file(params_file)   # a typo'd key or node section: refused up front
             if not args.zenoh_connect:
                 side['zenoh_router'], _ = _start_side('zenoh_router', [
                     sys.executable, '-m', 'loom_ros.bridge.zenoh_router', '--listen',
@@ -241,9 +256,7 @@ def main_with(args, ros_args: list[str]) -> int:
             if 'cloud' in side:
                 _wait_ready(side['cloud'], 'the cloud tier')
             started = time.monotonic()
-            while not robot.agents_active() and not stop.is_set():
-                if robot.failures() and time.monotonic() - started > 5.0:
-                    raise RuntimeError(f'agents failed to configure: {robot.failures()}')
+            while not _all_active(robot) and not stop.is_set():
                 if time.monotonic() - started > 60.0:
                     raise RuntimeError('agents did not become active within 60 s')
                 stop.wait(0.05)
