@@ -12,10 +12,18 @@ Masking:
   AKIA..., xoxb-...), `key=value` pairs whose key is sensitive, e-mail addresses;
 - events: the raw payload of Private and LocalOnly events is never logged (size only); other
   payloads and metadata go through the two rules above.
+
+Bounds (any string can come from a hostile event): each string is cut to MAX_TEXT_CHARS (a
+traceback to MAX_TRACEBACK_CHARS) *before* any pattern runs on it, with a marker saying how much
+was cut; containers keep MAX_ITEMS items; a whole line is cut to MAX_LINE_CHARS after masking.
+Every pattern runs in time linear in its input: a match may only start where a run of its
+characters starts (lookbehind), and quantifiers are possessive, so a failed attempt never
+rescans a run. A level that is off costs no masking at all.
 """
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -32,49 +40,96 @@ SENSITIVE_WORDS = frozenset({
 _NAME_PARTS = re.compile(r'[^a-z0-9]+')
 _CAMEL = re.compile(r'(?<=[a-z0-9])(?=[A-Z])')
 
+MAX_TEXT_CHARS = 4096         # one string, before any pattern runs on it
+MAX_TRACEBACK_CHARS = 16384   # a traceback keeps more: its last lines say what went wrong
+MAX_ITEMS = 64                # items kept per dict/list in a logged value
+MAX_LINE_CHARS = 16384        # one whole log line (message and fields), after masking
+_TAIL_SCAN = 256              # a cut never ends inside a word shorter than this (no half secrets)
+
 PATTERNS: list[tuple[re.Pattern, object]] = [
     # Authorization: Bearer abc.def / Basic xyz
-    (re.compile(r'\b(Bearer|Basic|Token)\s+[A-Za-z0-9\-._~+/]{6,}=*', re.IGNORECASE),
+    (re.compile(r'\b(Bearer|Basic|Token)\s++[A-Za-z0-9\-._~+/]{6,}+=*+', re.IGNORECASE),
      lambda m: f'{m.group(1)} {MASK}'),
-    # JSON Web Tokens
-    (re.compile(r'\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*'), MASK),
+    # JSON Web Tokens (only where a run of token characters starts: `x-eyJ...` is not one)
+    (re.compile(r'(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]*+'),
+     MASK),
     # Provider keys with well-known prefixes
-    (re.compile(r'\b(?:sk|pk|rk)[-_](?:live[-_]|test[-_]|proj[-_]|ant[-_])?[A-Za-z0-9_-]{12,}'), MASK),
-    (re.compile(r'\b(?:ghp|gho|ghu|ghs|ghr|github_pat|glpat|xox[abprs])[-_][A-Za-z0-9_-]{10,}'), MASK),
+    (re.compile(r'\b(?:sk|pk|rk)[-_](?:live[-_]|test[-_]|proj[-_]|ant[-_])?[A-Za-z0-9_-]{12,}+'),
+     MASK),
+    (re.compile(r'\b(?:ghp|gho|ghu|ghs|ghr|github_pat|glpat|xox[abprs])[-_][A-Za-z0-9_-]{10,}+'),
+     MASK),
     (re.compile(r'\b(?:AKIA|ASIA)[0-9A-Z]{16}\b'), MASK),
-    (re.compile(r'\bAIza[0-9A-Za-z_-]{30,}'), MASK),
-    # key=value / "key": "value" where the key is sensitive
-    (re.compile(r'''(?P<k>["']?[A-Za-z0-9_.-]*(?:token|api[_-]?key|apikey|secret|password|passwd|'''
-                r'''authorization|credential|cookie)[A-Za-z0-9_.-]*["']?\s*[:=]\s*)'''
-                r'''(?P<q>["']?)(?P<v>[^\s"',;&}]+)''', re.IGNORECASE),
-     lambda m: f"{m.group('k')}{m.group('q')}{MASK}"),
-    # e-mail addresses
-    (re.compile(r'[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}'), '<email>'),
+    (re.compile(r'\bAIza[0-9A-Za-z_-]{30,}+'), MASK),
+    # e-mail addresses (the local part starts where its run starts)
+    (re.compile(r'(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]++@[A-Za-z0-9.-]+\.[A-Za-z]{2,}+'),
+     '<email>'),
 ]
+# key=value / "key": "value" where the key is sensitive: found as a whole key run and its
+# separator (linear), the key checked apart, then the value masked (see _mask_key_values).
+_KEY_SEPARATOR = re.compile(
+    r'''(?<![A-Za-z0-9_.-])(?P<name>[A-Za-z0-9_.-]++)["']?+\s*+[:=]\s*+["']?+''')
+_SECRET_KEY = re.compile(r'token|api[_-]?key|apikey|secret|password|passwd|authorization|'
+                         r'credential|cookie', re.IGNORECASE)
+_SECRET_VALUE = re.compile(r'''[^\s"',;&}]++''')
 
 
 def sensitive_name(name: str) -> bool:
     """Whether a field name designates a secret (`api_key`, `X-Auth-Token`; not `monkey`)."""
-    text = _CAMEL.sub('_', str(name)).lower()
+    text = _CAMEL.sub('_', str(name)[:MAX_TEXT_CHARS]).lower()
     if text in SENSITIVE_WORDS:
         return True
     return any(part in SENSITIVE_WORDS for part in _NAME_PARTS.split(text) if part)
 
 
-def mask_text(text: str) -> str:
+def bound_text(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """`text` cut to `limit` characters plus a marker naming what was cut. The cut moves back to
+    a space when one is near, so a secret is never left half there for the patterns to miss."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    space = max(head.rfind(' ', limit - _TAIL_SCAN), head.rfind('\n', limit - _TAIL_SCAN))
+    if space > 0:
+        head = head[:space]
+    return f'{head} ...[{len(text) - len(head)} more chars not logged]'
+
+
+def mask_text(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """`text` bounded to `limit` characters, then masked (see the module docstring)."""
+    return _mask_patterns(bound_text(str(text), limit))
+
+
+def _mask_patterns(text: str) -> str:
+    """Every masking pattern over `text`; linear time in its length (no bound applied here)."""
     for pattern, replacement in PATTERNS:
         text = pattern.sub(replacement, text)
-    return text
+    return _mask_key_values(text)
+
+
+def _mask_key_values(text: str) -> str:
+    """`password=...`, `"api_key": "..."`: the value of every sensitive key replaced by MASK."""
+    out, done = [], 0
+    for match in _KEY_SEPARATOR.finditer(text):
+        if match.start() < done or not _SECRET_KEY.search(match['name']):
+            continue   # inside a value already masked, or an ordinary key
+        value = _SECRET_VALUE.match(text, match.end())
+        if value is not None:
+            out += (text[done:match.end()], MASK)
+            done = value.end()
+    if not out:
+        return text
+    out.append(text[done:])
+    return ''.join(out)
 
 
 def mask_event(event) -> dict:
     """A loggable view of an Event: Private/LocalOnly payloads replaced, the rest masked."""
     from loom_ros.bus.event import Privacy
     privacy = Privacy(event.privacy) if isinstance(event.privacy, int) else event.privacy
-    view = {'id': event.id, 'type': event.type, 'source': event.source,
-            'timestamp_ms': event.timestamp_ms, 'privacy': getattr(privacy, 'name', str(privacy)),
-            'confidence': event.confidence, 'tags': list(event.tags),
-            'metadata': mask_value(dict(event.metadata))}
+    view = {'id': mask_value(event.id), 'type': mask_value(event.type),
+            'source': mask_value(event.source), 'timestamp_ms': event.timestamp_ms,
+            'privacy': getattr(privacy, 'name', str(privacy)),
+            'confidence': event.confidence, 'tags': mask_value(event.tags),
+            'metadata': mask_value(event.metadata)}
     if privacy in (Privacy.PRIVATE, Privacy.LOCAL_ONLY):
         view['payload'] = f'<{privacy.name.lower()}: {len(event.payload)} bytes not logged>'
     else:
@@ -96,14 +151,31 @@ def mask_value(value, name: str | None = None, _depth: int = 0):
     if isinstance(value, (bool, int, float)) or value is None:
         return value
     if isinstance(value, dict):
-        return {str(k): mask_value(v, str(k), _depth + 1) for k, v in value.items()}
+        out = {}
+        for k, v in itertools.islice(value.items(), MAX_ITEMS):
+            k = bound_text(str(k), _TAIL_SCAN)
+            out[k] = mask_value(v, k, _depth + 1)
+        if len(value) > MAX_ITEMS:
+            out['...'] = f'{len(value) - MAX_ITEMS} more items not logged'
+        return out
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [mask_value(v, None, _depth + 1) for v in value]
+        out = [mask_value(v, None, _depth + 1) for v in itertools.islice(value, MAX_ITEMS)]
+        if len(value) > MAX_ITEMS:
+            out.append(f'... {len(value) - MAX_ITEMS} more items not logged')
+        return out
     if isinstance(value, (bytes, bytearray, memoryview)):
         return f'<{len(value)} bytes>'
     if type(value).__name__ == 'Event' and hasattr(value, 'privacy'):
         return mask_event(value)
-    return mask_text(repr(value))
+    return mask_text(_bounded_repr(value))
+
+
+def _bounded_repr(value) -> str:
+    """repr of an unknown object; a huge one (a numpy array, a long deque) is cut afterwards."""
+    try:
+        return repr(value)
+    except Exception as exc:  # a broken __repr__ must not lose the log line
+        return f'<{type(value).__name__}: repr failed: {exc!r}>'
 
 
 # -- logging integration ---------------------------------------------------------------------------
@@ -120,14 +192,15 @@ class MaskingFilter(logging.Filter):
                 message = record.getMessage()
             except Exception:  # bad %-args: log what we have rather than fail
                 message = f'{record.msg} {record.args!r}'
-            record.msg, record.args = mask_text(str(message)), None
+            record.msg, record.args = mask_text(message), None
             for key, value in list(vars(record).items()):
                 if key not in _RESERVED and not key.startswith('_'):
                     setattr(record, key, mask_value(value, key))
             if record.exc_text:
-                record.exc_text = mask_text(record.exc_text)
+                record.exc_text = mask_text(record.exc_text, MAX_TRACEBACK_CHARS)
             elif record.exc_info:
-                record.exc_text = mask_text(logging.Formatter().formatException(record.exc_info))
+                record.exc_text = mask_text(logging.Formatter().formatException(record.exc_info),
+                                            MAX_TRACEBACK_CHARS)
             record._loom_masked = True
         return True
 
@@ -155,6 +228,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, separators=(',', ':'))
 
 
+_ROS_SEVERITY = {logging.DEBUG: 10, logging.INFO: 20, logging.WARNING: 30, logging.ERROR: 40,
+                 logging.CRITICAL: 50}   # rclpy LoggingSeverity values
 _LEVEL_NAMES = {logging.DEBUG: 'DEBUG', logging.INFO: 'INFO', logging.WARNING: 'WARN',
                 logging.ERROR: 'ERROR', logging.CRITICAL: 'FATAL'}
 LEVELS = {'debug': logging.DEBUG, 'info': logging.INFO, 'warn': logging.WARNING,
@@ -203,7 +278,7 @@ class NodeLog:
         """Mask, then write. Returns the masked record (message and fields) or None if filtered."""
         if not self._logger.isEnabledFor(level):
             return None
-        text = mask_text(str(msg))
+        text = mask_text(msg)
         masked = {k: mask_value(v, k) for k, v in fields.items()}
         if self._logger.handlers:
             self._logger.log(level, text, extra={'node': self.node_name, '_loom_masked': True,
@@ -214,7 +289,7 @@ class NodeLog:
             ros_log = {logging.DEBUG: self._ros.debug, logging.INFO: self._ros.info,
                        logging.WARNING: self._ros.warning, logging.ERROR: self._ros.error,
                        logging.CRITICAL: self._ros.fatal}.get(level, self._ros.info)
-            ros_log(text + suffix)
+            ros_log(bound_text(text + suffix, MAX_LINE_CHARS))
         return {'msg': text, **masked}
 
     def debug(self, msg: str, **fields):
@@ -252,7 +327,9 @@ class MaskedRosLogger:
         return getattr(self._ros, name)
 
     def _emit(self, level: str, message, kwargs) -> bool:
-        text = mask_text(str(message))
+        if not self._ros.is_enabled_for(_ROS_SEVERITY[self._LEVELS[level]]):
+            return False   # a level that is off costs no masking
+        text = mask_text(message)
         method = 'warning' if level == 'warn' else level
         logged = getattr(self._ros, method)(text, **kwargs)
         if logged and self._structured is not None:
@@ -287,9 +364,13 @@ def _register_internal_caller() -> None:
 
 
 def mask_node_logger(node, structured: 'NodeLog | None' = None) -> MaskedRosLogger:
-    """Make `node.get_logger()` return the masking logger (idempotent)."""
+    """Make `node.get_logger()` return the masking logger (idempotent). Whoever takes a node's
+    logger first (the bus does, before telemetry exists) calls this, so no reference to the
+    unmasked logger is ever kept; a later call with `structured` adds the JSON lines."""
     current = node.get_logger()
     if isinstance(current, MaskedRosLogger):
+        if structured is not None and structured._logger.handlers:
+            current._structured = structured
         return current
     wrapper = MaskedRosLogger(current, structured)
     node.get_logger = lambda: wrapper
