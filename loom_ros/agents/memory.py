@@ -14,6 +14,10 @@ import sqlite_utils
 
 from loom_ros.agents.embedding import DIM
 from loom_ros.bus.event import Event
+from loom_ros.telemetry.logs import mask_text
+
+MAX_PAYLOAD_BYTES = 4096   # of an event's payload kept in its episode
+MAX_FIELD_CHARS = 256      # of an id, type, source or tag
 
 
 class EpisodicMemory:
@@ -27,18 +31,26 @@ class EpisodicMemory:
         self.db['episodes'].create_index(['agent_id', 'time_ms'], if_not_exists=True)
 
     def record(self, event: Event) -> None:
-        """Add an event; it becomes durable with the caller's next commit."""
+        """Add an event; it becomes durable with the caller's next commit (StateStore.commit),
+        in the same transaction as the state it produced. Secrets in the payload and tags are
+        masked (telemetry's rules) before they reach the file."""
         try:
-            payload = bytes(event.payload).decode()
+            payload = bytes(event.payload[:MAX_PAYLOAD_BYTES]).decode()
         except UnicodeDecodeError:
             payload = f'<{len(event.payload)} bytes>'
-        # Not committed here: the agent commits episodes together with its state, in one
-        # transaction per event (or per interval).
-        self.db.execute(
+        # sqlite-utils' execute commits a write on its own unless a transaction is open: open
+        # one, so a SIGKILL between this episode and the state's commit loses both, never
+        # leaves an episode past the committed state.
+        conn = self.db.conn
+        if not conn.in_transaction:
+            conn.execute('BEGIN')
+        conn.execute(
             'insert into episodes (agent_id, event_id, time_ms, type, source, tags, payload) '
             'values (?, ?, ?, ?, ?, ?, ?)',
-            [self.agent_id, event.id, event.timestamp_ms, event.type, event.source,
-             json.dumps(list(event.tags)), payload[:4096]])
+            [self.agent_id, event.id[:MAX_FIELD_CHARS], event.timestamp_ms,
+             event.type[:MAX_FIELD_CHARS], event.source[:MAX_FIELD_CHARS],
+             json.dumps([mask_text(str(t)[:MAX_FIELD_CHARS]) for t in event.tags]),
+             mask_text(payload)])
 
     def query(self, start_ms: int = 0, end_ms: int = 2**63 - 1, type: str = '',
               source: str = '', tag: str = '', limit: int = 100) -> list[dict]:

@@ -1,8 +1,9 @@
 """An agent's persistent state in SQLite (sqlite-utils, WAL), committed in one transaction per
-handled event (or per interval), restored on configure. A row from an older schema is upgraded;
+handled event (or per interval) together with that event's episode, restored on configure. A row from an older schema is upgraded;
 a corrupt row is a clear error, never a silent reset."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -56,19 +57,25 @@ class StateStore:
         return state, int(row['events'] or 0)
 
     def commit(self, state: dict, events: int, last_event_id: str) -> None:
-        """One transaction (with anything written on this connection since the last one, such
-        as the episodes of these events): after it returns, a SIGKILL cannot lose this state.
-        A prepared statement, not sqlite-utils' upsert, which costs 6x more per call here."""
+        """One transaction with everything written on this connection since the last one (the
+        episodes of these events, facts): after it returns, a SIGKILL cannot lose this state,
+        and before it, a SIGKILL loses those episodes with it. A prepared statement, not
+        sqlite-utils' upsert, which costs 6x more per call here."""
+        conn = self.db.conn
         try:
-            with self.db.conn:
-                self.db.execute(
-                    'insert into agent_state (agent_id, schema, state, events, last_event_id, '
-                    'updated_ms) values (?, ?, ?, ?, ?, ?) on conflict(agent_id) do update set '
-                    'schema = excluded.schema, state = excluded.state, events = excluded.events, '
-                    'last_event_id = excluded.last_event_id, updated_ms = excluded.updated_ms',
-                    [self.agent_id, SCHEMA_VERSION, json.dumps(state, separators=(',', ':')),
-                     events, last_event_id, time.time_ns() // 1_000_000])
+            if not conn.in_transaction:
+                conn.execute('BEGIN')
+            conn.execute(
+                'insert into agent_state (agent_id, schema, state, events, last_event_id, '
+                'updated_ms) values (?, ?, ?, ?, ?, ?) on conflict(agent_id) do update set '
+                'schema = excluded.schema, state = excluded.state, events = excluded.events, '
+                'last_event_id = excluded.last_event_id, updated_ms = excluded.updated_ms',
+                [self.agent_id, SCHEMA_VERSION, json.dumps(state, separators=(',', ':')),
+                 events, last_event_id, time.time_ns() // 1_000_000])
+            conn.commit()
         except Exception as exc:  # disk full, read-only file...: the caller decides what next
+            with contextlib.suppress(sqlite3.Error):
+                conn.rollback()
             raise StateError(f'agent {self.agent_id}: cannot persist state: {exc}') from exc
 
     def close(self) -> None:
