@@ -6,6 +6,13 @@ with `ros2msg` schemas: the type's .msg definition followed by every nested type
 way rosbag2 writes them, found through the ament index. Topics are subscribed as they appear in
 the graph (best effort, so it matches reliable and best-effort publishers alike), until SIGINT /
 SIGTERM or `--duration`. The summary (messages per topic) is printed as one JSON line at the end.
+
+Secrets are masked before anything is written (telemetry's rules, `mask_text`/`mask_value`):
+on loom_msgs Event and EventBatch messages the id, type, source, tags, every metadata value
+(wholly when its key names a secret) and a UTF-8 text payload; on std_msgs String the data.
+Those messages are deserialized, masked and serialized again; other types (images, IMU...) are
+stored as they arrived. A text payload longer than MAX_MASKED_PAYLOAD is cut to it (counted in
+the summary's `cut`); a message that cannot be decoded is not stored (counted in `unreadable`).
 """
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from loom_ros.telemetry.logs import mask_text, mask_value
+
 DEFAULT_TOPICS = [
     'loom/ui/state', 'loom/ui/markers', 'router/decisions', 'loom/agent/face/action',
     'loom/agent/voice/action', 'loom/agent/voice/intent', 'loom/mic/primary/speech',
@@ -26,6 +35,9 @@ DEFAULT_TOPICS = [
 PRIMITIVES = {'bool', 'byte', 'char', 'float32', 'float64', 'int8', 'uint8', 'int16', 'uint16',
               'int32', 'uint32', 'int64', 'uint64', 'string', 'wstring', 'time', 'duration'}
 SEPARATOR = '=' * 80 + '\n'
+MAX_MASKED_PAYLOAD = 64 * 1024   # characters of a text payload masked and kept; the rest is cut
+MAX_FIELD_CHARS = 4096           # of any other string field
+MASKED_TYPES = ('loom_msgs/msg/Event', 'loom_msgs/msg/EventBatch', 'std_msgs/msg/String')
 
 
 class SchemaError(LookupError):
@@ -84,8 +96,45 @@ def ros2msg_schema(full_type: str) -> str:
     return ''.join(parts)
 
 
+class SecretMasker:
+    """CDR in, CDR out, with the secrets of one message type masked (see the module doc)."""
+
+    def __init__(self, full_type: str):
+        from rclpy.serialization import deserialize_message, serialize_message
+        self._decode, self._encode = deserialize_message, serialize_message
+        self.msg_type = message_class(full_type)
+        self.cut = 0
+
+    def __call__(self, data: bytes) -> bytes:
+        msg = self._decode(data, self.msg_type)
+        if hasattr(msg, 'events'):
+            for event in msg.events:
+                self._event(event)
+        elif hasattr(msg, 'payload'):
+            self._event(msg)
+        else:   # std_msgs/String
+            msg.data = mask_text(msg.data[:MAX_MASKED_PAYLOAD])
+        return self._encode(msg)
+
+    def _event(self, event) -> None:
+        for name in ('id', 'type', 'source'):
+            setattr(event, name, mask_text(getattr(event, name)[:MAX_FIELD_CHARS]))
+        event.tags = [mask_text(t[:MAX_FIELD_CHARS]) for t in event.tags]
+        for kv in event.metadata:
+            kv.value = str(mask_value(kv.value[:MAX_FIELD_CHARS], kv.key[:MAX_FIELD_CHARS]))
+        try:
+            text = bytes(event.payload).decode()
+        except UnicodeDecodeError:
+            return   # binary (an image, audio): no text to mask
+        if len(text) > MAX_MASKED_PAYLOAD:
+            self.cut += 1
+            text = text[:MAX_MASKED_PAYLOAD]
+        event.payload = mask_text(text).encode()
+
+
 class McapRecorder:
-    """Writes raw CDR messages to an MCAP file; thread-safe (callbacks from an executor)."""
+    """Writes CDR messages to an MCAP file, secrets masked first (SecretMasker); thread-safe
+    (callbacks from an executor)."""
 
     def __init__(self, path: str | Path):
         from mcap.writer import CompressionType, Writer
@@ -96,7 +145,9 @@ class McapRecorder:
         self._writer.start(profile='ros2', library='loom record')
         self._lock = threading.Lock()
         self._channels: dict[str, int] = {}
+        self._maskers: dict[str, SecretMasker] = {}
         self.counts: dict[str, int] = {}
+        self.unreadable: dict[str, int] = {}
         self._closed = False
 
     def add_topic(self, topic: str, full_type: str) -> None:
@@ -105,18 +156,32 @@ class McapRecorder:
                 return
             schema = self._writer.register_schema(name=full_type, encoding='ros2msg',
                                                   data=ros2msg_schema(full_type).encode())
+            if full_type in MASKED_TYPES:
+                self._maskers[topic] = SecretMasker(full_type)
             self._channels[topic] = self._writer.register_channel(
                 topic=topic, message_encoding='cdr', schema_id=schema)
             self.counts[topic] = 0
 
     def write(self, topic: str, data: bytes, stamp_ns: int | None = None) -> None:
         now = stamp_ns or time.time_ns()
+        masker = self._maskers.get(topic)
+        if masker is not None:
+            try:
+                data = masker(bytes(data))
+            except Exception:   # not decodable as its type: not stored, counted
+                with self._lock:
+                    self.unreadable[topic] = self.unreadable.get(topic, 0) + 1
+                return
         with self._lock:
             if self._closed:
                 return
             self._writer.add_message(channel_id=self._channels[topic], log_time=now, data=data,
                                      publish_time=now, sequence=self.counts[topic])
             self.counts[topic] += 1
+
+    def cut(self) -> int:
+        """Text payloads cut to MAX_MASKED_PAYLOAD so far."""
+        return sum(m.cut for m in self._maskers.values())
 
     def close(self) -> None:
         with self._lock:
@@ -204,6 +269,7 @@ def run(args, ros_args: list[str]) -> int:
     finally:
         recorder.close()
         print(json.dumps({'file': args.output, 'messages': recorder.counts,
+                          'unreadable': recorder.unreadable, 'cut': recorder.cut(),
                           'problems': node.problems}), flush=True)
         executor.shutdown()
         node.destroy_node()

@@ -4,7 +4,10 @@ append-only SQLite table (sqlite-utils, WAL) that operators query by plugin, kin
 An AuditLog instance is itself a PluginContext.audit_sink (`log(record)`). Writes are committed
 one by one and serialized by a lock, so any thread may write; a write that cannot be stored
 raises AuditError, so the caller fails closed (an actuator command that cannot be audited is not
-executed). Rows cannot be updated or deleted: SQLite triggers refuse it.
+executed). Rows cannot be updated or deleted: SQLite triggers refuse it. Secrets never reach
+the file: every string is cut to MAX_FIELD_CHARS, then masked by telemetry's rules (a field
+whose name designates a secret is replaced whole; bearer tokens, API keys and sensitive
+key=value pairs inside any string are masked).
 """
 from __future__ import annotations
 
@@ -17,7 +20,26 @@ from pathlib import Path
 
 import sqlite_utils
 
+from loom_ros.telemetry.logs import mask_text, mask_value
+
 TABLE = 'audit'
+MAX_FIELD_CHARS = 2000   # of any one string in a record, cut before masking
+MAX_DEPTH = 8            # of nested fields kept
+
+
+def _bounded(value, depth: int = 0):
+    """`value` with every string cut and nesting limited, so masking's cost is bounded."""
+    if isinstance(value, str):
+        return value[:MAX_FIELD_CHARS]
+    if depth >= MAX_DEPTH:
+        return '<nested too deep>'
+    if isinstance(value, dict):
+        return {str(k)[:MAX_FIELD_CHARS]: _bounded(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_bounded(v, depth + 1) for v in value]
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    return str(value)[:MAX_FIELD_CHARS]
 
 
 class AuditError(RuntimeError):
@@ -59,12 +81,14 @@ class AuditLog:
         if not kind or not isinstance(kind, str):
             raise AuditError(f'audit record for {plugin!r} has no kind')
         ts = int(ts_ms) if ts_ms is not None else time.time_ns() // 1_000_000
-        body = json.dumps(fields, separators=(',', ':'), sort_keys=True, default=str)
+        plugin, kind = mask_text(str(plugin)[:MAX_FIELD_CHARS]), mask_text(kind[:MAX_FIELD_CHARS])
+        body = json.dumps(mask_value(_bounded(fields)), separators=(',', ':'), sort_keys=True,
+                          default=str)
         with self._lock:
             try:
                 cursor = self._conn.execute(
                     f'insert into {TABLE} (ts_ms, plugin, kind, fields) values (?, ?, ?, ?)',
-                    (ts, str(plugin), kind, body))
+                    (ts, plugin, kind, body))
                 self._conn.commit()
             except sqlite3.Error as exc:
                 self._conn.rollback()
