@@ -108,6 +108,7 @@ class FlowCounters:
     overflow: int = 0
     delivered: int = 0
     lost: int = 0            # gaps in a publisher's sequence numbers (see batching)
+    resets: int = 0          # sequence jumps too wide or backwards to be loss (see bus.py)
     queue_high_water: int = 0
 
     def as_dict(self) -> dict[str, int]:

@@ -10,6 +10,8 @@ The bus adapts the pure parts (names, QoS table, Event validation, backpressure)
   Events delivered in-process are shared: treat them as read-only, as rclcpp treats const messages.
 - Pattern subscriptions (`camera.**`) are resolved against the live graph on a timer.
 - Every refusal, drop, sample, fold and gap is counted (`stats`, and the `loom/bus/stats` topic).
+  Sequence numbers come from the wire, so they are untrusted: a gap wider than `max_seq_gap` or a
+  step backwards counts as a publisher reset, not as loss, and every counter saturates.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+
+from rclpy.serialization import deserialize_message
 
 from loom_ros.bus.backpressure import PASSTHROUGH, BackpressurePolicy, DeliveryQueue, Flow
 from loom_ros.bus.event import DEFAULT_MAX_PAYLOAD_BYTES, Event, EventRejected, RejectReason
@@ -31,9 +35,21 @@ from loom_ros.bus.qos import (
 from loom_ros.config.params import ParamSpec, declare_parameters
 from loom_ros.bus.wire import WireError, decode_event_batch
 from loom_ros.telemetry import tracing as _tracing
+from loom_ros.telemetry.logs import mask_node_logger
 from loom_ros.telemetry.metrics import observed_call as _observed_call
 
 STATS_TOPIC = 'loom/bus/stats'   # a plain ROS topic (BusStats), not a Loom event topic
+U64_MAX = 2**64 - 1
+U32_MAX = 2**32 - 1
+# Widest sequence gap still counted as loss: about 100 s of a 10k events/s publisher outrunning a
+# stalled subscriber. Wider gaps (and steps backwards) are a reset: a restarted or forged
+# publisher, whose numbers say nothing about what this subscriber missed.
+MAX_SEQ_GAP = 1 << 20
+# Publishers whose next sequence number each endpoint remembers; forged bus_ids cannot grow it.
+MAX_TRACKED_PUBLISHERS = 1024
+# Bytes a serialized Event may take beyond its payload limit (strings, metadata, tags) before
+# it is refused unread.
+MAX_ENVELOPE_BYTES = 1 << 20
 DEFAULT_DISCOVERY_PERIOD_S = 0.5
 WIRE_TYPE_NAMES = {'Event': 'loom_msgs/msg/Event', 'EventBatch': 'loom_msgs/msg/EventBatch'}
 
@@ -198,7 +214,8 @@ class EventBus:
                  discovery_period_s: float = DEFAULT_DISCOVERY_PERIOD_S,
                  batch_max_events: int = 100, batch_max_age_ms: float = 10.0,
                  intra_process: bool = True, stats_period_s: float = 0.0,
-                 backpressure: list[str] | tuple[str, ...] = (), raw_batches: bool = True):
+                 backpressure: list[str] | tuple[str, ...] = (), raw_batches: bool = True,
+                 max_seq_gap: int = MAX_SEQ_GAP):
         self.node = node
         self.topic_qos = topic_qos or TopicQosTable()
         self.max_payload_bytes = max_payload_bytes
@@ -210,8 +227,9 @@ class EventBus:
         self.stats = BusStats()
         self.metrics = None    # a telemetry MetricsRegistry: handler latency histograms when set
         self.telemetry = None  # the node's NodeTelemetry when built by create_bus
-        self.logger = node.get_logger()
+        self.logger = mask_node_logger(node)   # masked from the start (issue 13, fault 10)
         self.bus_id = random.getrandbits(63) + 1
+        self.max_seq_gap = max_seq_gap
         self._context_key = id(node.context)
         self._outlets: dict[str, _Outlet] = {}
         self._endpoints: dict[tuple[str, QosLevel], _Endpoint] = {}
@@ -464,9 +482,11 @@ class EventBus:
             RCLError = _rcl_error()
             endpoint = _Endpoint(self, topic, level)
             kind = wire_type(level)
-            raw = kind == 'EventBatch' and self.raw_batches
+            # Events are always taken raw: rclpy drops what it cannot deserialize without a
+            # trace, so the bus deserializes them itself and counts what fails.
+            raw = kind == 'Event' or self.raw_batches
             handler = (self._on_raw_batch if raw else self._on_batch) if kind == 'EventBatch' \
-                else self._on_event
+                else self._on_raw_event
             try:
                 endpoint.subscription = self.node.create_subscription(
                     _msg_types()[kind], to_ros_topic(topic),
@@ -500,6 +520,24 @@ class EventBus:
         del self._endpoints[key]
 
     # -- receiving ----------------------------------------------------------------------------
+    def _on_raw_event(self, data: bytes, endpoint: _Endpoint) -> None:
+        """A serialized Event: bounded, deserialized here (failures counted), then accepted."""
+        if len(data) > self.max_payload_bytes + MAX_ENVELOPE_BYTES:
+            self.stats.reject(RejectReason.OVERSIZE_PAYLOAD)
+            if self._may_log('reject'):
+                self.logger.warning(f'dropped an event of {len(data)} bytes on {endpoint.topic} '
+                                    'unread: larger than any valid event')
+            return
+        try:
+            msg = deserialize_message(data, _msg_types()['Event'])
+        except Exception as exc:  # rclpy raises RMWError (a RuntimeError) for bad CDR
+            self.stats.reject(RejectReason.BAD_FIELD)
+            if self._may_log('wire'):
+                self.logger.warning(f'dropped an undecodable Event of {len(data)} bytes on '
+                                    f'{endpoint.topic}: {str(exc)[:200]}')
+            return
+        self._on_event(msg, endpoint)
+
     def _on_event(self, msg, endpoint: _Endpoint) -> None:
         if self.intra_process and msg.bus_id in _LOCAL_BUS_IDS:
             return  # already delivered in-process, without serialization
@@ -539,21 +577,35 @@ class EventBus:
             _dispatch(endpoint, event)
 
     def _account(self, endpoint: _Endpoint, bus_id: int, first_seq: int, count: int) -> None:
-        """Count gaps in a publisher's sequence numbers as lost events."""
+        """Count gaps in a publisher's sequence numbers as lost events; a gap wider than
+        `max_seq_gap` or a step backwards as a reset (the numbers come from the wire)."""
         if not bus_id:
             return  # a publisher that is not a Loom bus (raw rclpy, ros2 topic pub)
-        expected = endpoint.next_seq.get(bus_id)
-        if expected is not None and first_seq > expected:
+        seqs = endpoint.next_seq
+        expected = seqs.get(bus_id)
+        if expected is None:
+            if len(seqs) >= MAX_TRACKED_PUBLISHERS:
+                del seqs[next(iter(seqs))]   # forget the publisher first seen longest ago
+        elif first_seq == expected:
+            pass
+        elif expected < first_seq <= expected + self.max_seq_gap:
             gap = first_seq - expected
             for sub in endpoint.handlers:
-                sub.counters.lost += gap
+                sub.counters.lost = min(U64_MAX, sub.counters.lost + gap)
             if self._may_log('gap'):  # cheap throttle: best-effort topics gap all the time
                 self.logger.warning(
                     f'{endpoint.topic}: {gap} events from bus {bus_id:x} never arrived '
                     f'(sequence {expected} to {first_seq - 1}); the publisher outran this '
                     'subscriber beyond the QoS history bound (counted as lost)')
-        if expected is None or first_seq + count > expected:
-            endpoint.next_seq[bus_id] = first_seq + count
+        else:
+            for sub in endpoint.handlers:
+                sub.counters.resets = min(U64_MAX, sub.counters.resets + 1)
+            if self._may_log('reset'):
+                self.logger.warning(
+                    f'{endpoint.topic}: bus {bus_id:x} jumped from sequence {expected} to '
+                    f'{first_seq}; counted as a publisher reset, not as loss (gaps over '
+                    f'{self.max_seq_gap} or backwards)')
+        seqs[bus_id] = first_seq + count
 
     def _accept(self, msg, endpoint: _Endpoint) -> None:
         try:
@@ -596,16 +648,20 @@ class EventBus:
         msg.node = self.node.get_fully_qualified_name()
         msg.bus_id = self.bus_id
         msg.published_topics = list(self.stats.published)
-        msg.published_counts = list(self.stats.published.values())
-        msg.batches_sent = self.stats.batches_sent
-        msg.intra_process_deliveries = self.stats.intra_process
+        msg.published_counts = [_u64(n) for n in self.stats.published.values()]
+        msg.batches_sent = _u64(self.stats.batches_sent)
+        msg.intra_process_deliveries = _u64(self.stats.intra_process)
         msg.rejected_reasons = list(self.stats.rejected)
-        msg.rejected_counts = list(self.stats.rejected.values())
-        for sub in self.stats.subscriptions:
+        msg.rejected_counts = [_u64(n) for n in self.stats.rejected.values()]
+        for sub in list(self.stats.subscriptions):
             snap = sub.snapshot()
+            snap.pop('resets')   # not in SubscriptionStats: logged, and in snapshot()
             msg.subscriptions.append(SubscriptionStats(
                 pattern=snap.pop('pattern'), qos=snap.pop('qos'), topics=snap.pop('topics'),
-                policy=_policy_text(sub.policy), **snap))
+                policy=_policy_text(sub.policy),
+                queue_depth=_u32(snap.pop('queue_depth')),
+                queue_high_water=_u32(snap.pop('queue_high_water')),
+                **{k: _u64(v) for k, v in snap.items()}))
         self._stats_pub.publish(msg)
 
     # -- teardown -----------------------------------------------------------------------------
@@ -649,6 +705,15 @@ def _dispatch(endpoint: _Endpoint, event: Event) -> None:
                 sub.offer(item, target.topic, now)
     finally:
         _DISPATCH.pending = None
+
+
+def _u64(n: int) -> int:
+    """A counter as a uint64 message field: saturated, so a message can always be built."""
+    return min(max(int(n), 0), U64_MAX)
+
+
+def _u32(n: int) -> int:
+    return min(max(int(n), 0), U32_MAX)
 
 
 def _policy_text(policy: BackpressurePolicy) -> str:

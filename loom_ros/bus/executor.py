@@ -4,10 +4,26 @@ SingleThreadedExecutor (Jazzy has no EventsExecutor).
 Measured on rclpy 9.1.2: `EventsExecutor.spin()` neither fires timers nor returns on rclpy's own
 SIGINT handling (it hangs in context cleanup), while `spin_until_future_complete` works. So Loom
 processes install their own SIGINT/SIGTERM handlers that complete a future, and spin until it.
+
+No silent death: an exception escaping a callback (timer, subscription, service) comes out of
+`spin_until_future_complete`; `spin_until` counts it per node (`callback_errors`, and the node's
+bus stats under `callback_error`), logs it at most once a second, and keeps spinning.
+Measured on rclpy 9.1.2: the EventsExecutor keeps firing a timer after its callback raised.
 """
 from __future__ import annotations
 
 import signal
+import time
+from collections import Counter
+
+from rclpy.executors import ExternalShutdownException
+
+from loom_ros.bus.event import RejectReason
+
+# Exceptions that escaped a callback, per fully qualified node name (all nodes of the executor
+# whose callback raised: rclpy does not say which one it was).
+callback_errors: Counter = Counter()
+ERROR_LOG_PERIOD_S = 1.0
 
 
 def make_executor(context=None):
@@ -19,16 +35,42 @@ def make_executor(context=None):
     return EventsExecutor(context=context)
 
 
-def spin_until(executor, future, poll_s: float = 0.5) -> None:
-    """Spin until `future` is done, returning to Python every `poll_s` so signals are handled."""
+def spin_until(executor, future, poll_s: float = 0.5, clock=time.monotonic) -> None:
+    """Spin until `future` is done, returning to Python every `poll_s` so signals are handled.
+    A callback's exception is counted and logged (throttled), and spinning goes on."""
+    last_log = -ERROR_LOG_PERIOD_S
     while not future.done():
-        executor.spin_until_future_complete(future, timeout_sec=poll_s)
+        try:
+            executor.spin_until_future_complete(future, timeout_sec=poll_s)
+        except (KeyboardInterrupt, ExternalShutdownException):
+            raise
+        except Exception as exc:  # noqa: BLE001: any callback's failure, counted below
+            if not executor.context.ok():
+                raise   # rclpy is shutting down: not a callback's fault, nothing left to spin
+            now = clock()
+            log = now - last_log >= ERROR_LOG_PERIOD_S
+            if log:
+                last_log = now
+            _record_callback_error(executor, exc, log)
+
+
+def _record_callback_error(executor, exc: Exception, log: bool) -> None:
+    """Count a callback's exception on each node of the executor (and its bus, if it has one)."""
+    for node in executor.get_nodes():
+        callback_errors[node.get_fully_qualified_name()] += 1
+        stats = getattr(getattr(node, 'bus', None), 'stats', None)
+        if stats is not None:
+            stats.reject(RejectReason.CALLBACK_ERROR)
+        if log:
+            node.get_logger().error(
+                f'a callback raised {type(exc).__name__}: {str(exc)[:300]} (counted as '
+                f'callback_error, {callback_errors[node.get_fully_qualified_name()]} so far); '
+                'the node keeps spinning')
 
 
 def run_node(node_factory, args=None) -> None:
     """The demos' main(): init, spin until Ctrl-C / SIGTERM / shutdown, then tear down cleanly."""
     import rclpy
-    from rclpy.executors import ExternalShutdownException
     from rclpy.signals import SignalHandlerOptions
     from rclpy.task import Future
 
