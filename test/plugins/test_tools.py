@@ -2,6 +2,7 @@
 files: an ICS calendar and an SQLite one, a database the query tool must not change, an agent's
 memory written by the agent's own classes with the real embedding model, the weather table."""
 import hashlib
+import resource
 import sqlite3
 
 import pytest
@@ -172,6 +173,35 @@ def test_db_query_refuses_writes_and_escapes_and_stops_long_queries(run_tool, da
     assert hashlib.sha256(database.read_bytes()).hexdigest() == before
     assert result(call('tool.db.query', {'sql': 'select count(*) from robots'}))['rows'] == [[25]]
     assert call.host.health('db_query').details['refused'] == '9'
+
+
+def test_db_query_hostile_queries_stop_within_their_bounds(run_tool, database):
+    """Issue 13, fault 11: a query could overrun its time limit and take 1 GB."""
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB
+    call = run_tool('db_query', {'database': str(database), 'timeout_ms': 300,
+                                 'max_value_bytes': 1 << 20, 'max_result_bytes': 3 << 20},
+                    ['storage.read'])
+    forever = 'with recursive n(i) as (select 1 union all select i + 1 from n) '
+    for sql, why in [
+            (forever + 'select i from n order by i desc', 'stopped after the 300 ms limit'),
+            (forever + 'select group_concat(i) from n', 'limit'),   # one ever-growing string
+            ('select randomblob(1000000000)', 'exceed the 1048576 byte limit'),
+            ('select zeroblob(500000000)', 'exceed the 1048576 byte limit'),
+            ("select printf('%.*c', 2000000000, 'x')", 'refused FUNCTION printf'),
+            ("select 'a' like '" + '%a' * 200 + "'", 'LIKE or GLOB pattern too complex'),
+            ('select ' + ' + '.join(['1'] * 6000), 'exceeds 10000'),
+            ('select ' + ', '.join(['1'] * 200), 'too many columns')]:
+        response = call('tool.db.query', {'sql': sql})
+        assert not response.ok and why in response.error, (sql[:80], response.error)
+    unbounded = result(call('tool.db.query', {'sql': forever + 'select i from n'}))
+    assert len(unbounded['rows']) == 1000 and unbounded['truncated'] is True
+    wide = result(call('tool.db.query', {'sql': forever + 'select hex(randomblob(400000)) '
+                                                         'from n'}))   # 800 KB a row
+    assert len(wide['rows']) == 3 and wide['truncated'] is True
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert grown_mib < 200, f'peak memory grew {grown_mib:.0f} MiB'
+    assert result(call('tool.db.query', {'sql': 'select count(*) from robots'}))['rows'] == [[25]]
+    assert call.host.health('db_query').details['refused'] == '8'
 
 
 # -- memory_search ------------------------------------------------------------------------------
