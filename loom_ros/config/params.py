@@ -61,11 +61,48 @@ def read_yaml(path, error: type[Exception] = None):
     error = error or ConfigError
     try:
         with open(path, encoding='utf-8') as stream:
-            return yaml.safe_load(stream)
+            text = stream.read(MAX_CONFIG_CHARS + 1)
+        if len(text) > MAX_CONFIG_CHARS:
+            raise error(f'{path}: larger than {MAX_CONFIG_CHARS} characters')
+        if text.count('[') + text.count('{') > _MAX_FLOW_OPENERS:   # PyYAML: quadratic in depth
+            raise error(f'{path}: more than {_MAX_FLOW_OPENERS} `[`/`{{` (nested too deep?)')
+        data = yaml.safe_load(text)
     except OSError as exc:
         raise error(f'{path}: cannot read: {exc.strerror}') from None
-    except yaml.YAMLError as exc:
-        raise error(f'{path}: not valid YAML: {exc}') from None
+    except UnicodeDecodeError as exc:
+        raise error(f'{path}: not UTF-8 text: {exc.reason} at byte {exc.start}') from None
+    except (yaml.YAMLError, ValueError) as exc:   # ValueError: an integer of 100,000 digits
+        raise error(f'{path}: not valid YAML: {str(exc)[:500]}') from None
+    except RecursionError:   # PyYAML recurses per nesting level: `[[[[...`
+        raise error(f'{path}: not valid YAML: nested too deep') from None
+    _check_shape(data, path, error)
+    return data
+
+
+MAX_CONFIG_CHARS = 4 * 1024 * 1024
+_MAX_CONFIG_NODES = 1_000_000
+_MAX_FLOW_OPENERS = 1_000   # the shipped files have under 100
+
+
+def _check_shape(data, path, error) -> None:
+    """Refuse what YAML aliases can build and every loader would choke on: a value that contains
+    itself (endless recursion) or one that expands past _MAX_CONFIG_NODES (`billion laughs`)."""
+    stack, on_path, count = [(data, False)], set(), 0
+    while stack:
+        value, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(value))
+            continue
+        count += 1
+        if count > _MAX_CONFIG_NODES:
+            raise error(f'{path}: more than {_MAX_CONFIG_NODES} values (aliases expanding?)')
+        if isinstance(value, (dict, list)):
+            if id(value) in on_path:
+                raise error(f'{path}: a value contains itself (a recursive YAML alias)')
+            on_path.add(id(value))
+            stack.append((value, True))
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend((v, False) for _, v in items)
 
 
 def refuse_unknown_keys(data: dict, known, where: str, error: type[Exception] = None) -> None:
