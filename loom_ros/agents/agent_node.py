@@ -24,13 +24,15 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 
 from loom_ros.agents.config import AgentConfigError, load_agents
 from loom_ros.agents.runtime import CONFIGURE_ERRORS, Agent, AgentState, Dispatcher
+from loom_ros.agents.supervisor import BeatSigner, process_key
 from loom_ros.bus import topics
 from loom_ros.bus.bus import create_bus
-from loom_ros.bus.event import Event
+from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.executor import run_lifecycle_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
 from loom_ros.config.paths import usable_dir
+from loom_ros.security.audit import AuditError, AuditLog
 
 PARAMETERS = [
     ParamSpec('agent_id', 'Which entry of the agents file this node runs', read_only=True),
@@ -46,6 +48,8 @@ PARAMETERS = [
               read_only=True, min_value=1),
     ParamSpec('heartbeat_period_s', 'Seconds between AgentStatus heartbeats', read_only=True,
               min_value=0.01),
+    ParamSpec('audit_db', "SQLite audit log of applied declassify rules; '~' expands",
+              read_only=True),
 ]
 
 
@@ -58,7 +62,10 @@ def _percentile(values, q: float) -> float:
 
 class AgentNode(LifecycleNode):
 
-    def __init__(self, agent_id: str | None = None, **kwargs):
+    def __init__(self, agent_id: str | None = None, heartbeat_key: bytes | None = None,
+                 **kwargs):
+        """`heartbeat_key`: the secret heartbeats are signed with; by default the one a spawning
+        manager put in the environment, else this process's own (a manager in this process)."""
         overrides = kwargs.pop('parameter_overrides', [])
         name = kwargs.pop('node_name', None) or (f'agent_{agent_id}' if agent_id else 'agent')
         super().__init__(name, parameter_overrides=overrides, **kwargs)
@@ -71,6 +78,8 @@ class AgentNode(LifecycleNode):
         self._subs = []
         self._recall_services = []
         self._beat_turn = 0
+        self._signer = BeatSigner(heartbeat_key or process_key())
+        self._audit: AuditLog | None = None
         from loom_msgs.msg import AgentStatus
         self._status_type = AgentStatus
         self._heartbeat_pub = self.create_publisher(
@@ -109,7 +118,8 @@ class AgentNode(LifecycleNode):
         from loom_msgs.srv import Recall
         for agent_id in wanted:
             agent = Agent(configs[agent_id], self.params['state_dir'], self._emit,
-                          max_bytes=int(self.params['state_max_mb'] * 2**20), log=self._log)
+                          max_bytes=int(self.params['state_max_mb'] * 2**20), log=self._log,
+                          audit=self._audit_log(configs[agent_id]))
             try:
                 agent.configure()
             except (*CONFIGURE_ERRORS, OSError, sqlite3.Error) as exc:
@@ -179,6 +189,9 @@ class AgentNode(LifecycleNode):
         if self.dispatcher is not None:
             self.dispatcher.close()
             self.dispatcher = None
+        if self._audit is not None:
+            self._audit.close()
+            self._audit = None
 
     # -- on the executor thread ---------------------------------------------------------------
     def _beat(self) -> None:
@@ -188,12 +201,12 @@ class AgentNode(LifecycleNode):
         if not self.agents and not self.failed:   # not configured yet: say we are up
             spec = self.params['agents'].strip() or self.agent_id
             for agent_id in spec.split(','):
-                self._heartbeat_pub.publish(self._status_type(
-                    agent_id=agent_id.strip(), node=node, pid=pid, lifecycle='unconfigured'))
+                self._heartbeat_pub.publish(self._signer.sign(self._status_type(
+                    agent_id=agent_id.strip(), node=node, pid=pid, lifecycle='unconfigured')))
         for agent_id in self.failed:
-            self._heartbeat_pub.publish(self._status_type(
+            self._heartbeat_pub.publish(self._signer.sign(self._status_type(
                 agent_id=agent_id, node=node, pid=pid, lifecycle='unconfigured',
-                reason=self.failed[agent_id]))
+                reason=self.failed[agent_id])))
         agents = list(self.agents.values())
         # Up to 10 agents report every beat; more report in turns, each at least once per 10
         # beats (1 s by default, well inside the manager's 4 s timeout), so 1,000 hosted agents
@@ -210,7 +223,8 @@ class AgentNode(LifecycleNode):
                     agent.deactivate()
             agent.flush_if_due()
             if id(agent) in reporting:
-                self._heartbeat_pub.publish(self._status(agent, stamp, node, pid))
+                self._heartbeat_pub.publish(self._signer.sign(self._status(agent, stamp, node,
+                                                                           pid)))
 
     def _mailboxes_check(self):
         from loom_ros.telemetry.diagnostics import queues_check
@@ -255,10 +269,26 @@ class AgentNode(LifecycleNode):
         return resp
 
     # -- from the dispatcher's threads --------------------------------------------------------
-    def _emit(self, agent_id: str, kind: str, type: str, data: dict) -> None:
+    def _emit(self, agent_id: str, kind: str, type: str, data: dict, privacy: Privacy) -> None:
+        """Publish what an agent emitted, with the privacy the runtime derived from its input."""
         topic = topics.agent_action(agent_id) if kind == 'action' else \
             topics.agent_intent(agent_id)
-        self.bus.publish(topic, Event.with_json(type, data, source=f'agent/{agent_id}'))
+        self.bus.publish(topic, Event.with_json(type, data, source=f'agent/{agent_id}',
+                                                privacy=privacy))
+
+    def _audit_log(self, config):
+        """The audit log, opened on first need (an agent declaring declassify rules). One that
+        cannot be opened leaves None: the runtime then refuses to lower privacy (fail closed)."""
+        if not config.declassify:
+            return None
+        if self._audit is None:
+            try:
+                self._audit = AuditLog(os.path.expanduser(self.params['audit_db']))
+            except AuditError as exc:
+                self.get_logger().error(f'{exc}: declassify rules of agent {config.id} will not '
+                                        'be applied (its emissions keep their input privacy)')
+                return None
+        return self._audit
 
     def _log(self, level: str, message: str) -> None:
         getattr(self.get_logger(), level)(message, throttle_duration_sec=1.0)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Protocol
 
-from loom_ros.bus.event import Event
+from loom_ros.bus.event import Event, Privacy
 
 ENTRY_POINT_GROUP = 'loom.behaviors'
 
@@ -38,16 +38,18 @@ class AgentContext:
     agent_id: str
     state: dict
     working_memory: deque
-    emit: Callable[[str, str, dict], None]   # emit(kind 'action'|'intent', type, data)
+    # emit(kind 'action'|'intent', type, data, privacy): privacy None means "as the input";
+    # the runtime never lets it go below the event being handled (see runtime.derived_privacy).
+    emit: Callable[[str, str, dict, Privacy | None], None]
     settings: dict = field(default_factory=dict)
     episodic: object = None   # agents.memory.EpisodicMemory (every handled event is recorded)
     semantic: object = None   # agents.memory.SemanticMemory, when the agent enables it
 
-    def action(self, type: str, data: dict) -> None:
-        self.emit('action', type, data)
+    def action(self, type: str, data: dict, privacy: Privacy | None = None) -> None:
+        self.emit('action', type, data, privacy)
 
-    def intent(self, type: str, data: dict) -> None:
-        self.emit('intent', type, data)
+    def intent(self, type: str, data: dict, privacy: Privacy | None = None) -> None:
+        self.emit('intent', type, data, privacy)
 
 
 def installed_behaviors() -> list[str]:

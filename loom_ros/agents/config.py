@@ -14,6 +14,17 @@ class AgentConfigError(ValueError):
     """An agents file that cannot be used; names the file, the key and the reason."""
 
 
+class DeclassifyRule(BaseModel):
+    """A declared, audited exception to "derived events carry the strictest privacy of their
+    inputs": what this agent emits as (kind, type) may go out at `to`; each use is audited."""
+    model_config = ConfigDict(extra='forbid', frozen=True)
+
+    kind: str = Field(pattern='^(action|intent)$')
+    type: str = Field(min_length=1, max_length=256, description='the emitted event type, exact')
+    to: str = Field(pattern='^(public|sensitive|private)$', description='the lowest it may go')
+    reason: str = Field(min_length=1, max_length=500, description='why: goes to the audit log')
+
+
 class AgentConfig(BaseModel):
     model_config = ConfigDict(extra='forbid', frozen=True)
 
@@ -29,6 +40,8 @@ class AgentConfig(BaseModel):
     persist: str = Field('per_event', pattern='^(per_event|interval)$')
     persist_interval_s: float = Field(1.0, gt=0.0)
     settings: dict = Field(default_factory=dict, description='passed to the behavior')
+    declassify: list[DeclassifyRule] = Field(default_factory=list, description='audited '
+                                             'exceptions to privacy following the input')
 
     def checked(self) -> 'AgentConfig':
         for pattern in self.subscriptions:

@@ -4,7 +4,10 @@ hung agent (its state comes back from SQLite on configure), and reports every ag
 loom/agents/status (AgentStatus) and /diagnostics (DiagnosticArray).
 
 Nav2's lifecycle manager supervises through bond, which Python nodes lack; this one watches the
-AgentStatus heartbeats every agent node publishes (0.1 s period, 4 s timeout by default).
+AgentStatus heartbeats every agent node publishes (0.1 s period, 4 s timeout by default), and
+believes only beats signed with the secret of the process it expects them from (a fresh one per
+spawned process, handed over in its environment; the process's own with spawn: false), so fakes
+on the public topic are dropped and counted (`heartbeats_rejected` on /diagnostics).
 With `spawn: true` it starts the agent processes itself, so it can kill a hung one and start it
 again. With `spawn: false` (a launch file started them with respawn) it brings a respawned node
 back up, but cannot end a hung process itself.
@@ -12,6 +15,7 @@ back up, but cannot end a hung process itself.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,7 +25,8 @@ import yaml
 from rclpy.node import Node
 
 from loom_ros.agents.config import AgentConfigError, load_agents
-from loom_ros.agents.supervisor import Beat, Health, Supervisor, Unit
+from loom_ros.agents.supervisor import (KEY_ENV, Beat, BeatAuth, Health, Supervisor, Unit,
+                                        process_key)
 from loom_ros.bus import topics
 from loom_ros.bus.executor import run_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
@@ -63,6 +68,8 @@ class _Managed:
         self.phase_since = 0.0
         self.future = None
         self.change_state = self.get_state = None
+        self.key: bytes | None = None   # the secret its beats are signed with
+        self.beat_seen = False          # a verified beat from the current process came
 
 
 class LifecycleManagerNode(Node):
@@ -80,7 +87,10 @@ class LifecycleManagerNode(Node):
         self.supervisor = Supervisor([m.unit for m in self.managed], p['heartbeat_timeout_s'],
                                      p['hang_timeout_s'], int(p['max_restarts']))
         self.last_status: dict[str, object] = {}
-        self.pids_seen: set[int] = set()
+        self.auth = BeatAuth()
+        if not p['spawn']:   # agents in this process (loom bringup), or given the same key
+            for m in self.managed:
+                m.key = process_key()
         qos = to_qos_profile(QosLevel.BACKGROUND)
         self.create_subscription(AgentStatus, topics.AGENTS_HEARTBEAT, self._on_beat, qos)
         self.status_pub = self.create_publisher(AgentStatus, topics.AGENTS_STATUS, qos)
@@ -144,7 +154,10 @@ class LifecycleManagerNode(Node):
             if now - m.phase_since < min(5.0, 0.5 * m.unit.restarts):
                 return   # back off a little more after each restart
             if self.params['spawn']:
-                m.process = self._spawn(m.unit)
+                m.key, m.beat_seen = secrets.token_bytes(32), False
+                for agent in m.unit.agents:
+                    self.auth.forget(agent)
+                m.process = self._spawn(m.unit, m.key)
             if m.change_state is None:
                 m.change_state = self.create_client(ChangeState, f'{m.unit.node}/change_state')
                 m.get_state = self.create_client(GetState, f'{m.unit.node}/get_state')
@@ -152,7 +165,7 @@ class LifecycleManagerNode(Node):
         elif m.phase == 'wait_services':
             # A process we started must beat first: a killed predecessor's services linger in
             # discovery and would swallow the request.
-            if (m.process is None or m.process.pid in self.pids_seen) and \
+            if (m.process is None or m.beat_seen) and \
                     m.change_state.service_is_ready():
                 m.future = m.change_state.call_async(ChangeState.Request(
                     transition=Transition(id=Transition.TRANSITION_CONFIGURE)))
@@ -203,7 +216,7 @@ class LifecycleManagerNode(Node):
     def _enter(self, m: _Managed, phase: str, now: float) -> None:
         m.phase, m.phase_since = phase, now
 
-    def _spawn(self, unit: Unit) -> subprocess.Popen:
+    def _spawn(self, unit: Unit, key: bytes) -> subprocess.Popen:
         name = unit.node
         args = [sys.executable, '-m', 'loom_ros.agents.agent_node', '--ros-args',
                 '-r', f'__node:={name}', '-r', f'__ns:={self.get_namespace()}']
@@ -225,7 +238,11 @@ class LifecycleManagerNode(Node):
             yaml.safe_dump({fq_name: {'ros__parameters': settings}}, f)
         args += ['--params-file', own]
         # Ends with the manager, even by SIGKILL (Linux PR_SET_PDEATHSIG).
-        return subprocess.Popen(args, start_new_session=True, preexec_fn=die_with_parent())
+        # The heartbeat secret goes in the child's environment only: never argv (ps shows it)
+        # nor a topic.
+        env = {**os.environ, KEY_ENV: key.hex()}
+        return subprocess.Popen(args, start_new_session=True, preexec_fn=die_with_parent(),
+                                env=env)
 
     def _stop(self, m: _Managed, kill: bool) -> None:
         process, m.process = m.process, None
@@ -242,11 +259,19 @@ class LifecycleManagerNode(Node):
 
     # -- heartbeats and reports ---------------------------------------------------------------
     def _on_beat(self, msg) -> None:
-        self.pids_seen.add(msg.pid)
+        """Take a beat only when signed with the key of the process the agent runs in now (a
+        killed predecessor's last beats and anything forged fail that) and not a replay."""
         managed = self._managed_of.get(msg.agent_id)
-        if managed is not None and managed.process is not None and \
-                msg.pid != managed.process.pid:
-            return   # late news from a process already replaced (a killed one's last beats)
+        if managed is None:
+            self.auth.rejected['unknown_agent'] += 1
+            return
+        reason = self.auth.check(managed.key, msg)
+        if reason is not None:
+            self.get_logger().warning(
+                f'heartbeat for agent {msg.agent_id} dropped ({reason}); '
+                f'{sum(self.auth.rejected.values())} dropped so far', throttle_duration_sec=5.0)
+            return
+        managed.beat_seen = True
         self.last_status[msg.agent_id] = msg
         self.supervisor.beat(Beat(msg.agent_id, msg.pid, msg.lifecycle, msg.busy_ms,
                                   time.monotonic(), msg.mailbox_depth, msg.mailbox_size,
@@ -281,7 +306,8 @@ class LifecycleManagerNode(Node):
                         ('behavior_errors', msg.behavior_errors),
                         ('mailbox', f'{msg.mailbox_depth}/{msg.mailbox_size}'),
                         ('mailbox_dropped', msg.mailbox_dropped),
-                        ('dispatch_p99_us', f'{msg.dispatch_p99_us:.0f}'))]))
+                        ('dispatch_p99_us', f'{msg.dispatch_p99_us:.0f}'),
+                        ('heartbeats_rejected', self.auth.by_agent[agent]))]))
         self.diag_pub.publish(diag)
 
     @staticmethod

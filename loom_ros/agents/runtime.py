@@ -21,15 +21,18 @@ from collections.abc import Callable
 from enum import Enum
 
 from loom_ros.agents.behavior import AgentContext, BehaviorNotFound, load_behavior, run_handler
-from loom_ros.agents.config import AgentConfig, AgentConfigError
+from loom_ros.agents.config import AgentConfig, AgentConfigError, DeclassifyRule
 from loom_ros.agents.embedding import ModelError
 from loom_ros.agents.mailbox import Mailbox
 from loom_ros.agents.memory import EpisodicMemory, SemanticMemory
 from loom_ros.agents.state import StateError, StateStore
-from loom_ros.bus.event import Event
+from loom_ros.bus.event import Event, Privacy
+from loom_ros.bus.privacy import effective_privacy
 from loom_ros.telemetry import tracing
 
-Emit = Callable[[str, str, str, dict], None]   # emit(agent_id, 'action'|'intent', type, data)
+# emit(agent_id, 'action'|'intent', type, data, privacy)
+Emit = Callable[[str, str, str, dict, Privacy], None]
+Audit = Callable[[dict], None]   # an AuditLog (security/audit.py); raises when it cannot store
 
 
 class AgentState(str, Enum):
@@ -44,14 +47,27 @@ class AgentState(str, Enum):
 CONFIGURE_ERRORS = (AgentConfigError, BehaviorNotFound, StateError, ModelError)
 
 
+def derived_privacy(floor: Privacy, requested: Privacy | None,
+                    rule: DeclassifyRule | None) -> Privacy:
+    """The privacy of something emitted while handling an event of privacy `floor`: never below
+    the floor unless a declared rule lets it go down to `rule.to`; a behavior's own request can
+    only raise it (a lower request without a rule is overridden, so privacy follows the data)."""
+    lowest = min(floor, Privacy[rule.to.upper()]) if rule is not None else floor
+    return max(lowest, Privacy(requested) if requested is not None else Privacy.PUBLIC)
+
+
 class Agent:
     """One agent: configure loads behavior, state and memory; activate opens the mailbox;
     deactivate waits for the event in hand and commits; cleanup closes the store."""
 
     def __init__(self, config: AgentConfig, state_dir: str, emit: Emit, *, max_bytes: int = 0,
                  embedder_factory: Callable[[], object] | None = None,
-                 log: Callable[[str, str], None] | None = None):
+                 log: Callable[[str, str], None] | None = None, audit: Audit | None = None):
         self.config = config
+        self._audit = audit   # needed only when the config declares declassify rules
+        self._rules = {(r.kind, r.type): r for r in config.declassify}
+        self._floor: Privacy | None = None   # the privacy of the event being handled
+        self._handling_id = ''
         self.id = config.id
         self.state_dir = os.path.expanduser(state_dir)
         self.max_bytes = max_bytes
@@ -158,10 +174,14 @@ class Agent:
             event, waited_us = item
             self.dispatch_us.append(waited_us)
             self.busy_since_ns = time.monotonic_ns()
+            # Whatever the handler emits, from this worker or any thread it starts, carries at
+            # least this event's privacy.
+            self._floor, self._handling_id = effective_privacy(event), event.id
             try:
                 self._handle(event)
             finally:
                 self.busy_since_ns = 0
+                self._floor = None
             if self.config.persist == 'per_event' or \
                     time.monotonic() - self._last_commit >= self.config.persist_interval_s:
                 self.commit()
@@ -225,8 +245,32 @@ class Agent:
         if self.mailbox is not None:
             self.mailbox.close()
 
-    def _emit(self, kind: str, type: str, data: dict) -> None:
-        self._emit_fn(self.id, kind, type, data)
+    def _emit(self, kind: str, type: str, data: dict, privacy: Privacy | None = None) -> None:
+        floor = self._floor
+        if floor is None:   # outside a handling (a thread the behavior left running): the
+            # strictest of what it has seen lately, its working memory
+            floor = max((effective_privacy(e) for e in list(self.working)),
+                        default=Privacy.PUBLIC)
+        rule = self._rules.get((kind, type))
+        out = derived_privacy(floor, privacy, rule)
+        if privacy is not None and out > privacy:
+            self.stats['privacy_raised'] += 1   # the behavior asked for less than the input had
+        if out < floor:
+            try:
+                if self._audit is None:
+                    raise RuntimeError('no audit log to record it in')
+                self._audit({'plugin': f'agent/{self.id}', 'kind': 'privacy_lowered',
+                             'emit': kind, 'type': type, 'from': floor.name, 'to': out.name,
+                             'reason': rule.reason,
+                             'event_id': self._handling_id or self.last_event_id})
+            except Exception as exc:  # fail closed: what cannot be audited is not lowered
+                self.stats['privacy_audit_failed'] += 1
+                self._log('error', f'agent {self.id}: cannot audit lowering {type} to '
+                          f'{out.name}: {exc!r}; sent as {floor.name}')
+                out = floor
+            else:
+                self.stats['privacy_lowered'] += 1
+        self._emit_fn(self.id, kind, type, data, out)
         self.stats[f'{kind}s'] += 1
 
     # -- what the shells report ---------------------------------------------------------------

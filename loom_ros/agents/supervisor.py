@@ -9,11 +9,135 @@ A unit is one agent process (one agent, or a group hosted together). Verdicts pe
             (a stuck behavior), or they stop while the process is still alive;
 - failed:   restarted `max_restarts` times already; the manager stops trying;
 - ok:       active and beating. WARN-worthy load (mailbox near full) is a diagnostics matter.
+
+Heartbeats travel on a public topic, so anyone on the DDS domain can publish one. BeatAuth makes
+them unforgeable from outside the supervised process: the manager gives each process a random
+secret (in its environment, never on a topic or in argv; in-process agents share the process's
+own), every beat carries an HMAC over its fields, its node's incarnation and a rising seq, and
+the manager drops (and counts) beats that fail it or replay an old seq. Pids on the topic are
+never acted on: the manager signals only processes it started itself.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
+import secrets
+import struct
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
+
+KEY_ENV = 'LOOM_HEARTBEAT_KEY'   # hex secret a manager hands the agent process it spawns
+MAX_FIELD_CHARS = 4096           # longer strings in a beat are refused before any hashing
+
+
+def take_env_key(environ=os.environ) -> bytes | None:
+    """The secret a spawning manager put in the environment, removed from it so that processes
+    this one starts (plugins) do not inherit it; None when absent or unreadable."""
+    value = environ.pop(KEY_ENV, None)
+    try:
+        return bytes.fromhex(value) if value and len(value) <= 256 else None
+    except ValueError:
+        return None
+
+
+# Taken once, at import, so every node of the process (agents and a manager with spawn: false,
+# as in loom bringup) signs and verifies with the same secret; random when none was given, so
+# nothing outside the process can know it.
+_PROCESS_KEY = take_env_key() or secrets.token_bytes(32)
+
+
+def process_key() -> bytes:
+    """This process's heartbeat secret (the manager's, when it spawned this process)."""
+    return _PROCESS_KEY
+
+
+def _f32(value: float) -> bytes:
+    """A float32 field as the wire carries it, so both ends hash the same bytes."""
+    return struct.pack('<f', float(value))
+
+
+def beat_digest(key: bytes, msg) -> str:
+    """HMAC-SHA256 (hex) over every field of an AgentStatus heartbeat the manager reads."""
+    parts = [str(msg.agent_id).encode(), str(msg.node).encode(),
+             struct.pack('<QQI', msg.incarnation, msg.seq, msg.pid),
+             str(msg.lifecycle).encode(), _f32(msg.busy_ms),
+             struct.pack('<QQQQIIQ', msg.events, msg.handled, msg.behavior_errors,
+                         msg.persist_failed, msg.mailbox_depth, msg.mailbox_size,
+                         msg.mailbox_dropped),
+             _f32(msg.dispatch_p50_us), _f32(msg.dispatch_p99_us), str(msg.reason).encode()]
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for part in parts:   # length-prefixed: no two field lists hash alike
+        mac.update(struct.pack('<I', len(part)))
+        mac.update(part)
+    return mac.hexdigest()
+
+
+class BeatSigner:
+    """The agent node's side: one incarnation per node, a seq per beat, the HMAC in `auth`."""
+
+    def __init__(self, key: bytes):
+        self.key = key
+        self.incarnation = secrets.randbits(63) or 1
+        self.seq = 0
+
+    def sign(self, msg):
+        self.seq += 1
+        msg.incarnation, msg.seq = self.incarnation, self.seq
+        msg.auth = beat_digest(self.key, msg)
+        return msg
+
+
+class BeatAuth:
+    """The manager's side: which beats to believe. `check` returns None for a beat to take, or
+    the reason it is dropped (also counted in `rejected`)."""
+
+    RETIRED_MEMORY = 64   # incarnations per agent remembered as over (their beats are replays)
+
+    def __init__(self):
+        self.rejected: Counter = Counter()      # reason -> beats dropped
+        self.by_agent: Counter = Counter()      # agent id -> beats dropped
+        self._last: dict[str, tuple[int, int]] = {}    # agent -> (incarnation, seq) taken
+        self._retired: dict[str, OrderedDict] = {}
+
+    def check(self, key: bytes | None, msg) -> str | None:
+        reason = self._why_not(key, msg)
+        if reason is not None:
+            self.rejected[reason] += 1
+            self.by_agent[str(msg.agent_id)[:64]] += 1
+        return reason
+
+    def forget(self, agent_id: str) -> None:
+        """A new process for the agent (a new secret): its first beat starts a new record."""
+        last = self._last.pop(agent_id, None)
+        if last is not None:
+            self._retire(agent_id, last[0])
+
+    def _why_not(self, key, msg) -> str | None:
+        if key is None:
+            return 'no_key'   # nothing to verify with: an unverifiable beat is not believed
+        if any(len(str(getattr(msg, f))) > MAX_FIELD_CHARS
+               for f in ('agent_id', 'node', 'lifecycle', 'reason', 'auth')):
+            return 'oversize'
+        if not hmac.compare_digest(str(msg.auth), beat_digest(key, msg)):
+            return 'bad_auth'
+        agent, incarnation, seq = msg.agent_id, msg.incarnation, msg.seq
+        if incarnation in self._retired.get(agent, ()):
+            return 'replay'
+        last = self._last.get(agent)
+        if last is not None and last[0] == incarnation and seq <= last[1]:
+            return 'replay'
+        if last is not None and last[0] != incarnation:
+            self._retire(agent, last[0])   # the node was replaced in this process
+        self._last[agent] = (incarnation, seq)
+        return None
+
+    def _retire(self, agent_id: str, incarnation: int) -> None:
+        retired = self._retired.setdefault(agent_id, OrderedDict())
+        retired[incarnation] = None
+        while len(retired) > self.RETIRED_MEMORY:
+            retired.popitem(last=False)
 
 
 class Health(str, Enum):

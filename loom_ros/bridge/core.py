@@ -19,6 +19,7 @@ from loom_ros.bridge.keys import parse_robot_key, robot_key, validate_robot_id
 from loom_ros.bridge.outbox import Outbox, Pending
 from loom_ros.bus.event import DEFAULT_MAX_PAYLOAD_BYTES, Event, EventRejected
 from loom_ros.bus.names import TopicNameError
+from loom_ros.bus.privacy import effective_privacy
 from loom_ros.bus.qos import QosLevel
 
 ECHO_MEMORY = 10000  # ids of events the bridge brought in, so it never sends them back out
@@ -80,7 +81,8 @@ class Bridge:
         if refusal is not None:
             self.audit({'kind': 'privacy_refused', 'reason': refusal, 'topic': topic,
                         'event_id': event.id, 'event_type': event.type,
-                        'privacy': getattr(event.privacy, 'name', str(event.privacy))})
+                        'privacy': getattr(event.privacy, 'name', str(event.privacy)[:16]),
+                        'effective_privacy': effective_privacy(event).name})
             return self._count(f'refused_{refusal}')
         key = robot_key(self.config.robot_id, topic)
         level = self.level_for(topic)

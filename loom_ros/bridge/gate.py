@@ -1,20 +1,46 @@
 """What may cross the bridge: allow/deny patterns per direction, and the privacy gate.
 
 The privacy gate is the last word on the way out, whatever the patterns say: Private and
-LocalOnly events never leave the robot. Sensitive events follow the router's policy
+LocalOnly events never leave the robot. An event's privacy is the strictest of its privacy field
+and any privacy its metadata states. Sensitive events follow the router's policy
 (config/policy.yaml, per event type): `sensitive_upload: none` keeps them home; `embedding`
-lets out only events that carry an embedding (metadata `loom.upload: embedding`), never raw data.
-Pure Python.
+lets out only embeddings, never raw data. The gate decides that from the event itself, not from a
+flag any publisher could set: an `*.embedding` event whose payload is exactly the float32 vectors
+its `dim` and `count` say, finite and unit-length (what the robot's embedder makes); text or audio
+read as float32 is neither. Pure Python.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy
+
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.names import TopicPattern
+from loom_ros.bus.privacy import effective_privacy
 
-UPLOAD_KEY = 'loom.upload'          # metadata key a producer sets on an embedding-only event
-UPLOAD_EMBEDDING = 'embedding'
+UPLOAD_EMBEDDING = 'embedding'      # the policy value that lets Sensitive embeddings out
+EMBEDDING_SUFFIX = '.embedding'     # e.g. text.embedding (plugins/perception)
+MAX_EMBEDDING_DIM = 4096
+UNIT_NORM_TOLERANCE = 1e-3
+
+
+def is_embedding(event: Event) -> bool:
+    """True when the payload itself is L2-normalised float32 vectors of the stated shape."""
+    md = event.metadata
+    if not event.type.endswith(EMBEDDING_SUFFIX) or md.get('dtype', 'float32') != 'float32':
+        return False
+    dim, count = str(md.get('dim', ''))[:6], str(md.get('count', '1'))[:6]
+    if not (dim.isdigit() and count.isdigit()):
+        return False
+    dim, count = int(dim), int(count)
+    if not (0 < dim <= MAX_EMBEDDING_DIM and count > 0 and len(event.payload) == 4 * dim * count):
+        return False
+    vectors = numpy.frombuffer(bytes(event.payload), dtype='<f4').reshape(count, dim)
+    if not numpy.isfinite(vectors).all():
+        return False
+    norms = numpy.linalg.norm(vectors.astype(numpy.float64), axis=1)
+    return bool(numpy.all(numpy.abs(norms - 1.0) <= UNIT_NORM_TOLERANCE))
 
 
 @dataclass(frozen=True)
@@ -56,17 +82,19 @@ class PrivacyGate:
         return self.policy.policy_for(event_type).sensitive_upload
 
     def refusal(self, event: Event) -> str | None:
-        privacy = event.privacy
+        try:
+            Privacy(event.privacy)
+        except ValueError:
+            return 'unknown_privacy'  # never guess: an unreadable tier stays home
+        privacy = effective_privacy(event)
         if privacy is Privacy.PUBLIC:
             return None
         if privacy is Privacy.PRIVATE:
             return 'private'
         if privacy is Privacy.LOCAL_ONLY:
             return 'local_only'
-        if privacy is Privacy.SENSITIVE:
-            if self.sensitive_upload(event.type) == 'none':
-                return 'sensitive_policy_none'
-            if event.metadata.get(UPLOAD_KEY) != UPLOAD_EMBEDDING:
-                return 'sensitive_raw'
-            return None
-        return 'unknown_privacy'  # never guess: an unreadable tier stays home
+        if self.sensitive_upload(event.type) == 'none':
+            return 'sensitive_policy_none'
+        if not is_embedding(event):
+            return 'sensitive_raw'
+        return None

@@ -99,6 +99,7 @@ def test_async_behaviors_run_to_completion():
             ctx.state['seen'] = ctx.state.get('seen', 0) + 1
             ctx.intent('done', {'id': event.id})
     emitted = []
-    ctx = AgentContext('a', {}, deque(), lambda kind, type, data: emitted.append((kind, type, data)))
+    ctx = AgentContext('a', {}, deque(),
+                       lambda kind, type, data, privacy: emitted.append((kind, type, data)))
     run_handler(Slow(), Event(type='x', id='e1'), ctx)
     assert ctx.state == {'seen': 1} and emitted == [('intent', 'done', {'id': 'e1'})]

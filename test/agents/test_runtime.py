@@ -25,7 +25,7 @@ def make_agents(tmp_path, n, **config):
     emitted = []
     lock = threading.Lock()
 
-    def emit(agent_id, kind, type, data):
+    def emit(agent_id, kind, type, data, privacy):
         with lock:
             emitted.append((agent_id, kind, type, data))
     agents = [Agent(AgentConfig(id=f'a{i}', behavior='counter', subscriptions=['t'],

@@ -3,8 +3,9 @@ own process, this process as the robot's other nodes (ROS side) and as the fleet
 import json
 import signal
 
+import numpy
+
 from loom_ros.bridge import codec
-from loom_ros.bridge.gate import UPLOAD_EMBEDDING, UPLOAD_KEY
 from loom_ros.bus.event import Event, Privacy
 
 BACKGROUND_QOS = ('log.**=background',)
@@ -52,8 +53,8 @@ def test_qos_mapping_metadata_privacy_and_inbound(ros, port, zenoh_router, zsess
         Event(type='intent', payload=b'private', privacy=Privacy.PRIVATE),
         Event(type='intent', payload=b'local', privacy=Privacy.LOCAL_ONLY),
         Event(type='intent', payload=b'raw words', privacy=Privacy.SENSITIVE),
-        Event(type='intent', payload=b'\x00\x01vector', privacy=Privacy.SENSITIVE,
-              metadata={UPLOAD_KEY: UPLOAD_EMBEDDING}),
+        Event(type='intent.embedding', payload=numpy.array([0.6, 0.8], '<f4').tobytes(),
+              privacy=Privacy.SENSITIVE, metadata={'dim': '2', 'count': '1'}),
         public,
     ]
     for event in sent:

@@ -1,12 +1,13 @@
 """The bridge's pure core: keys, the codec, allow/deny and the privacy gate, the bounded outbox,
 and what Bridge.send/receive count. (The Zenoh side is covered across processes in
 test_bridge_node.py; here a recording transport stands in for the network.)"""
+import numpy
 import pytest
 from hypothesis import given, strategies as st
 
 from loom_ros.bridge import codec
 from loom_ros.bridge.core import Bridge, BridgeConfig
-from loom_ros.bridge.gate import UPLOAD_EMBEDDING, UPLOAD_KEY, PrivacyGate
+from loom_ros.bridge.gate import PrivacyGate
 from loom_ros.bridge.keys import (RobotIdError, fleet_key_expr, parse_robot_key, robot_key,
                                   validate_robot_id)
 from loom_ros.bridge.outbox import Outbox, Pending
@@ -14,6 +15,15 @@ from loom_ros.bus.event import Event, EventRejected, Privacy
 from loom_ros.bus.names import TopicNameError
 from loom_ros.bus.qos import QosLevel
 from loom_ros.router.policy import parse_policy
+
+
+def embedding(type: str, count: int = 1, dim: int = 8, **fields) -> Event:
+    """A Sensitive event carrying what the robot's embedder makes: unit float32 vectors."""
+    vectors = numpy.random.default_rng(0).normal(size=(count, dim))
+    vectors /= numpy.linalg.norm(vectors, axis=1, keepdims=True)
+    return Event(type=type, payload=vectors.astype('<f4').tobytes(), privacy=Privacy.SENSITIVE,
+                 metadata={'dim': str(dim), 'count': str(count), 'dtype': 'float32',
+                           **fields.pop('metadata', {})}, **fields)
 
 
 def test_keys():
@@ -111,8 +121,7 @@ def test_privacy_gate_and_patterns_whatever_the_config():
     verdicts = [bridge.send(Event(type='t', privacy=p), 'agent.a.intent')
                 for p in (Privacy.PRIVATE, Privacy.LOCAL_ONLY, Privacy.SENSITIVE, Privacy.PUBLIC)]
     assert verdicts == ['refused_private', 'refused_local_only', 'refused_sensitive_raw', 'sent']
-    embedded = Event(type='t', privacy=Privacy.SENSITIVE, metadata={UPLOAD_KEY: UPLOAD_EMBEDDING})
-    assert bridge.send(embedded, 'agent.a.intent') == 'sent'
+    assert bridge.send(embedding('t.embedding'), 'agent.a.intent') == 'sent'
     assert [r['reason'] for r in audit] == ['private', 'local_only', 'sensitive_raw']
     assert bridge.send(Event(type='t'), 'log.secret') == 'denied'
     assert bridge.send(Event(type='t'), 'camera.front') == 'denied'
@@ -120,11 +129,8 @@ def test_privacy_gate_and_patterns_whatever_the_config():
     strict = parse_policy({'event_types': {'speech': {'sensitive_upload': 'none'}}})
     bridge, transport, audit = make_bridge(strict)
     transport.listening.add('loom/r1/agent/a/intent')
-    assert bridge.send(Event(type='speech', privacy=Privacy.SENSITIVE,
-                             metadata={UPLOAD_KEY: UPLOAD_EMBEDDING}),
-                       'agent.a.intent') == 'refused_sensitive_policy_none'
-    assert bridge.send(Event(type='face', privacy=Privacy.SENSITIVE,
-                             metadata={UPLOAD_KEY: UPLOAD_EMBEDDING}), 'agent.a.intent') == 'sent'
+    assert bridge.send(embedding('speech'), 'agent.a.intent') == 'refused_sensitive_policy_none'
+    assert bridge.send(embedding('face.embedding'), 'agent.a.intent') == 'sent'
 
 
 def test_buffering_by_level_and_flush_in_order():

@@ -12,6 +12,7 @@ import os
 import threading
 
 from loom_ros.bus.event import Event, Privacy
+from loom_ros.bus.privacy import effective_privacy
 from loom_ros.telemetry import tracing
 
 PRIVACY_CODES = {Privacy.PUBLIC: 0, Privacy.SENSITIVE: 1, Privacy.PRIVATE: 2,
@@ -66,7 +67,7 @@ class FlowLink:
         """The router's decision (a Route.srv response with ok=True); FlowError otherwise."""
         req = self._route_type.Request(
             event_id=event.id, event_type=event_type, agent_id=agent_id,
-            privacy=PRIVACY_CODES.get(Privacy(event.privacy), 1), local_supported=local_supported,
+            privacy=PRIVACY_CODES.get(effective_privacy(event), 1), local_supported=local_supported,
             has_local_confidence=confidence is not None,
             local_confidence=float(confidence or 0.0),
             has_latency_budget=latency_budget_ms is not None,

@@ -20,7 +20,8 @@ from __future__ import annotations
 import time
 
 from loom_ros.agents.flows.link import FlowError, FlowLink
-from loom_ros.bus.event import Event, Privacy
+from loom_ros.bus.event import Event
+from loom_ros.bus.privacy import effective_privacy
 from loom_ros.telemetry import tracing
 
 PARTIAL, UTTERANCE = 'speech.partial', 'speech.utterance'
@@ -100,7 +101,7 @@ class VoiceBehavior:
         with tracing.span(tracing.CLOUD_REQUEST if decision.route in ('cloud', 'hybrid')
                           else tracing.LOCAL_INFERENCE, attributes={'loom.route': decision.route}):
             result = execute_route(decision, InferenceRequest(
-                'intent', text, Privacy(event.privacy), self.cloud_budget_ms, self.event_type,
+                'intent', text, effective_privacy(event), self.cloud_budget_ms, self.event_type,
                 decision.decision_id), local, cloud, report=link.report)
         refined = str(result.answer.get('intent', intent))
         ctx.intent(refined, {'text': text, 'slots': heard.get('slots', {}), 'local': intent,
@@ -117,7 +118,7 @@ class VoiceBehavior:
         with tracing.span('SpeakAnswer', attributes={'loom.plugin': self.tts}):
             said = link.plugin(self.tts).handle_event(Event.with_json(
                 'tts.say', {'text': answer}, source=f'agent/{ctx.agent_id}',
-                privacy=event.privacy))
+                privacy=effective_privacy(event)))
         if not said.ok or not said.events:
             raise FlowError(f'{self.tts} could not speak the answer: {said.error}')
         done = said.events[0].json()
@@ -137,7 +138,8 @@ class VoiceBehavior:
                 if heard.get('slots', {}).get('city') else {'text': heard.get('text', '')}
             with tracing.span('ToolCall', attributes={'loom.plugin': self.tool}):
                 response = link.plugin(self.tool).handle_event(Event.with_json(
-                    'tool.weather.query', query, source='agent/voice'))
+                    'tool.weather.query', query, source='agent/voice',
+                    privacy=effective_privacy(event)))   # a derived event: the input's privacy
             if not response.ok or not response.events:
                 return f'Sorry, I have no forecast: {response.error}'
             return response.events[0].json()['text']

@@ -1,0 +1,129 @@
+"""Fault 5 (issue 13) across real processes: a forger on the same DDS domain floods the heartbeat
+topic with fake AgentStatus (the agent hung, the agent failed; its real node name and pid) and
+replays genuine beats. The manager (spawn: true) drops and counts them all, and the healthy agent
+is never killed, restarted or marked failed. Plus the pure BeatAuth rules."""
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from loom_ros.agents.supervisor import BeatAuth, BeatSigner
+
+AGENTS = """agents:
+  - id: first
+    behavior: counter
+    subscriptions: ["test.hb.first"]
+"""
+FORGER = str(Path(__file__).with_name('forge_heartbeats.py'))
+FORGED = 5000
+
+
+class Watch:
+    """The manager's reports: the latest AgentStatus and diagnostic per agent."""
+
+    def __init__(self, ros, namespace):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.node import Node
+
+        from loom_msgs.msg import AgentStatus
+        from loom_ros.bus.qos import QosLevel, to_qos_profile
+        self.ros = ros
+        self.node = Node('hb_watch', namespace=namespace, context=ros.node.context)
+        self.status, self.diagnostics, self.reports = {}, {}, 0
+        self.node.create_subscription(AgentStatus, 'loom/agents/status', self._on_status,
+                                      to_qos_profile(QosLevel.BACKGROUND))
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
+        ros.executor.add_node(self.node)
+
+    def _on_status(self, msg):
+        self.status[msg.agent_id] = msg
+        self.reports += 1
+
+    def _on_diag(self, msg):
+        for status in msg.status:
+            if status.name.startswith('loom/agents/'):
+                self.diagnostics[status.name] = {kv.key: kv.value for kv in status.values}
+
+    def health(self, agent):
+        msg = self.status.get(agent)
+        return (msg.health, msg.restarts) if msg else (None, None)
+
+    def rejected(self, agent):
+        return int(self.diagnostics.get(f'loom/agents/{agent}', {}).get('heartbeats_rejected', 0))
+
+    def close(self):
+        self.ros.executor.remove_node(self.node)
+        self.node.destroy_node()
+
+
+def test_forged_heartbeats_cannot_make_the_manager_kill_a_healthy_agent(ros, spawn, tmp_path):
+    namespace = '/hb_forge'
+    agents = tmp_path / 'agents.yaml'
+    agents.write_text(AGENTS)
+    watch = Watch(ros, namespace)
+    manager = spawn('-m', 'loom_ros.agents.lifecycle_manager_node', '--ros-args',
+                    '-r', f'__ns:={namespace}', '-p', f'agents_file:={agents}',
+                    '-p', f'state_dir:={tmp_path}', '-p', 'status_period_s:=0.2',
+                    '-p', 'hang_timeout_s:=1.0', '-p', 'max_restarts:=1')
+    try:
+        ros.wait_for(lambda: watch.health('first')[0] == 'ok', 'the agent ok', alive=[manager])
+        real = watch.status['first']
+        forger = spawn(FORGER, namespace, 'first', real.node, str(real.pid), str(FORGED))
+        # Until the forger is done, or the manager acted on what it said (the fault).
+        ros.wait_for(lambda: forger.popen.poll() is not None or
+                     watch.health('first') != ('ok', 0), 'the forger to finish', alive=[manager])
+        assert watch.health('first') == ('ok', 0), watch.status['first'].reason
+        code, out, err = forger.finish()
+        assert code == 0, err
+        # A report made after the manager took every forged beat: still ok, never restarted.
+        seen = watch.reports
+        ros.wait_for(lambda: watch.reports > seen + 1, 'a later report', alive=[manager])
+        assert watch.health('first') == ('ok', 0), watch.status['first'].reason
+        assert watch.status['first'].pid == real.pid
+        os.kill(real.pid, 0)   # the agent process is alive (raises if it was killed)
+        assert watch.rejected('first') >= FORGED
+    finally:
+        if manager.popen.poll() is None:
+            manager.popen.send_signal(signal.SIGINT)
+            manager.finish()
+        watch.close()
+
+
+class Msg:
+    """An AgentStatus stand-in with the fields a beat signs (the pure rules need no ROS)."""
+
+    def __init__(self, **fields):
+        self.agent_id, self.node, self.pid, self.lifecycle = 'a', '/agent_a', 7, 'active'
+        self.busy_ms = self.dispatch_p50_us = self.dispatch_p99_us = 0.0
+        self.events = self.handled = self.behavior_errors = self.persist_failed = 0
+        self.mailbox_depth = self.mailbox_size = self.mailbox_dropped = 0
+        self.reason, self.incarnation, self.seq, self.auth = '', 0, 0, ''
+        self.__dict__.update(fields)
+
+
+def test_beat_auth_takes_signed_beats_once_and_drops_the_rest():
+    key = os.urandom(32)
+    signer, auth = BeatSigner(key), BeatAuth()
+    first = signer.sign(Msg())
+    assert auth.check(key, first) is None
+    assert auth.check(key, first) == 'replay'                       # same seq again
+    second = signer.sign(Msg(busy_ms=0.7))                          # float32 on the wire
+    assert auth.check(key, second) is None
+    second.busy_ms = 1e9                                            # tampered after signing
+    assert auth.check(key, second) == 'bad_auth'
+    assert auth.check(os.urandom(32), signer.sign(Msg())) == 'bad_auth'   # another's key
+    assert auth.check(None, signer.sign(Msg())) == 'no_key'
+    assert auth.check(key, signer.sign(Msg(reason='x' * 100_000))) == 'oversize'
+    # A new node in the process retires the old incarnation: its beats are replays from then on.
+    old = signer.sign(Msg())
+    assert auth.check(key, BeatSigner(key).sign(Msg())) is None
+    assert auth.check(key, old) == 'replay'
+    assert sum(auth.rejected.values()) == auth.by_agent['a'] == 6
+
+
+@pytest.mark.parametrize('spec', ['', 'zz', '00' * 200])
+def test_an_unusable_key_in_the_environment_is_ignored(spec):
+    from loom_ros.agents.supervisor import KEY_ENV, take_env_key
+    environ = {KEY_ENV: spec}
+    assert take_env_key(environ) is None and KEY_ENV not in environ

@@ -1,0 +1,139 @@
+"""Fault 4 (issue 13) in the pure core: what a behavior emits while handling an event carries at
+least that event's privacy (from the dispatcher's worker and from threads the behavior starts);
+only a declassify rule declared in the agents file lowers it, and every use is audited (fail
+closed when the audit log cannot take it)."""
+import threading
+import time
+
+import pytest
+
+from loom_ros.agents.config import AgentConfig, AgentConfigError, load_agents
+from loom_ros.agents.runtime import Agent, Dispatcher, derived_privacy
+from loom_ros.bus.event import Event, Privacy
+from loom_ros.security.audit import AuditLog
+
+PIN = {'text': 'my pin is 4242'}
+
+
+class EchoBehavior:
+    """Emits the event's text as an intent, asking for `ask` privacy, once from the worker and
+    once from a thread it starts and joins (both during the handling)."""
+
+    def __init__(self, ask=None):
+        self.ask = ask
+
+    def setup(self, settings):
+        pass
+
+    def handle(self, event, ctx):
+        ctx.intent('echo', event.json(), privacy=self.ask)
+        side = threading.Thread(target=ctx.action, args=('ui_update', event.json()))
+        side.start()
+        side.join()
+
+
+def wait_until(condition, what, limit=60.0):
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f'timed out waiting for {what}')
+        time.sleep(0.001)
+
+
+@pytest.fixture
+def run(tmp_path):
+    """run(events, behavior, audit=None, **config) -> (agent, [(kind, type, data, privacy)])."""
+    made = []
+
+    def start(events, behavior, audit=None, **config):
+        emitted = []
+        agent = Agent(AgentConfig(id='echo', behavior='counter', subscriptions=['t'], **config),
+                      str(tmp_path), lambda _id, kind, type, data, privacy:
+                      emitted.append((kind, type, data, privacy)), audit=audit)
+        agent.configure()
+        agent.behavior = behavior   # a test behavior in place of the loaded one
+        agent.activate()
+        dispatcher = Dispatcher(1)
+        made.append((agent, dispatcher))
+        for event in events:
+            dispatcher.deliver(agent, event)
+        wait_until(lambda: agent.stats['handled'] + agent.stats['behavior_errors'] == len(events),
+                   'the events handled')
+        return agent, emitted
+    yield start
+    for agent, dispatcher in made:
+        dispatcher.close()
+        agent.cleanup()
+
+
+def test_derived_events_carry_the_strictest_privacy_of_their_input(run):
+    events = [Event.with_json('speech.partial', PIN, privacy=Privacy.LOCAL_ONLY),
+              Event.with_json('speech.partial', PIN, privacy=Privacy.PRIVATE),
+              Event.with_json('speech.partial', PIN, metadata={'privacy': 'local_only'}),
+              Event.with_json('speech.partial', {'text': 'hello'})]
+    agent, emitted = run(events, EchoBehavior())
+    assert [(kind, p) for kind, _, _, p in emitted] == [
+        ('intent', Privacy.LOCAL_ONLY), ('action', Privacy.LOCAL_ONLY),
+        ('intent', Privacy.PRIVATE), ('action', Privacy.PRIVATE),
+        ('intent', Privacy.LOCAL_ONLY), ('action', Privacy.LOCAL_ONLY),
+        ('intent', Privacy.PUBLIC), ('action', Privacy.PUBLIC)]
+    assert agent.stats['privacy_raised'] == 0 and agent.stats['privacy_lowered'] == 0
+
+
+def test_a_behavior_cannot_lower_privacy_by_asking(run):
+    agent, emitted = run([Event.with_json('speech.partial', PIN, privacy=Privacy.LOCAL_ONLY)],
+                         EchoBehavior(ask=Privacy.PUBLIC))
+    assert emitted[0][3] is Privacy.LOCAL_ONLY and agent.stats['privacy_raised'] == 1
+    # Asking for more than the input had is always allowed.
+    agent, emitted = run([Event.with_json('t', PIN)], EchoBehavior(ask=Privacy.PRIVATE))
+    assert emitted[0][3] is Privacy.PRIVATE
+
+
+def test_a_declared_rule_lowers_it_and_every_use_is_audited(run, tmp_path):
+    audit = AuditLog(tmp_path / 'audit.db')
+    rule = {'kind': 'intent', 'type': 'echo', 'to': 'public', 'reason': 'test: echo is vetted'}
+    agent, emitted = run([Event.with_json('t', PIN, privacy=Privacy.PRIVATE, id='e-private')],
+                         EchoBehavior(), audit=audit, declassify=[rule])
+    # The rule names the intent only: the action keeps the input's privacy.
+    assert [(kind, p) for kind, _, _, p in emitted] == [('intent', Privacy.PUBLIC),
+                                                        ('action', Privacy.PRIVATE)]
+    rows = audit.query(plugin='agent/echo', kind='privacy_lowered')
+    assert len(rows) == 1 and agent.stats['privacy_lowered'] == 1
+    assert rows[0]['fields'] == {'emit': 'intent', 'type': 'echo', 'from': 'PRIVATE',
+                                 'to': 'PUBLIC', 'reason': 'test: echo is vetted',
+                                 'event_id': 'e-private'}
+    # An audit log that cannot take the record: nothing is lowered (fail closed), and counted.
+    audit.close()
+    agent, emitted = run([Event.with_json('t', PIN, privacy=Privacy.PRIVATE)], EchoBehavior(),
+                         audit=audit, declassify=[rule])
+    assert emitted[0][3] is Privacy.PRIVATE and agent.stats['privacy_audit_failed'] == 1
+    # No audit log at all: the same.
+    agent, emitted = run([Event.with_json('t', PIN, privacy=Privacy.PRIVATE)], EchoBehavior(),
+                         declassify=[rule])
+    assert emitted[0][3] is Privacy.PRIVATE and agent.stats['privacy_audit_failed'] == 1
+
+
+def test_derived_privacy_rule_table():
+    P = Privacy
+    assert derived_privacy(P.PRIVATE, None, None) is P.PRIVATE
+    assert derived_privacy(P.PRIVATE, P.PUBLIC, None) is P.PRIVATE
+    assert derived_privacy(P.PUBLIC, P.SENSITIVE, None) is P.SENSITIVE
+    rule = AgentConfig(id='a', behavior='b', subscriptions=['t'], declassify=[
+        {'kind': 'intent', 'type': 'x', 'to': 'sensitive', 'reason': 'r'}]).declassify[0]
+    assert derived_privacy(P.LOCAL_ONLY, None, rule) is P.SENSITIVE
+    assert derived_privacy(P.PUBLIC, None, rule) is P.PUBLIC        # a rule never raises
+    assert derived_privacy(P.LOCAL_ONLY, P.PRIVATE, rule) is P.PRIVATE
+
+
+def test_declassify_rules_are_validated_in_the_agents_file(tmp_path):
+    path = tmp_path / 'agents.yaml'
+    path.write_text('agents:\n  - {id: a, behavior: counter, subscriptions: [t], declassify: '
+                    '[{kind: intent, type: x, to: public, reason: vetted}]}\n')
+    assert load_agents(path)['a'].declassify[0].to == 'public'
+    for bad in ('{kind: intent, type: x, to: public}',              # no reason: not audited
+                '{kind: intent, type: x, to: local_only, reason: r}',  # not a lowering
+                '{kind: intent, type: x, to: public, reason: r, via: y}'):
+        path.write_text('agents:\n  - {id: a, behavior: counter, subscriptions: [t], '
+                        f'declassify: [{bad}]}}\n')
+        with pytest.raises(AgentConfigError, match='declassify'):
+            load_agents(path)
