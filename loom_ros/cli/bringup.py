@@ -9,8 +9,15 @@ AgentNode `agent_host_0`, the lifecycle_manager bringing that node up (spawn: fa
 watching it, and zenoh_bridge. Two more processes are started beside it, as on a real robot
 and its cloud: a Zenoh router (`--zenoh-port`, unless `--zenoh-connect` names an existing one) and
 the cloud tier `loom cloud serve` (unless `--no-cloud`).
-When everything is up it prints one JSON line `{"ready": true, ...}`; it runs until SIGINT or
-SIGTERM (or `--duration`), then stops the nodes (agents commit their state) and the processes.
+When everything is up it prints one JSON line `{"ready": true, ...}` (with the side processes'
+pids); it runs until SIGINT or SIGTERM (or `--duration`), then stops the nodes (agents commit
+their state) and the processes.
+
+Supervised: a node's spin thread that ends before the stop (a callback's exception is already
+counted and survived by `spin_until`; this is what escapes even that) or a side process that
+exits is reported on stderr and bring-up exits 1, so it never stays "ready" with a dead part.
+The side processes get PR_SET_PDEATHSIG (SIGKILL): a SIGKILLed bring-up leaves no orphan holding
+a port.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from loom_ros.cli.process import die_with_parent
 from loom_ros.config.params import DEFAULTS_FILE, check_params_file, config_dir
 
 AGENT_HOST = 'agent_host_0'
@@ -70,8 +78,10 @@ def _endpoint(args) -> str:
 def _start_side(name: str, cmd: list[str], log_dir: str) -> tuple[subprocess.Popen, dict]:
     """A side process that prints one JSON ready line; stderr goes to a log file."""
     err = open(Path(log_dir) / f'{name}.log', 'w') if log_dir else subprocess.DEVNULL
+    # SIGKILL, not SIGTERM, when bring-up dies: they keep no state, and a Zenoh router told to
+    # stop while its peers vanish was seen hanging in session.close() for good, port held.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL))
     return proc, {}
 
 
@@ -135,6 +145,7 @@ class RobotProcess:
         self.nodes = []
         self.threads = []
         self._stops = []
+        self.deaths: dict[str, str] = {}   # node name -> what ended its spin thread
         wanted = list(load_agents(agents_file)) if args.agents.strip() in ('', '*') else \
             [a.strip() for a in args.agents.split(',') if a.strip()]
         self.agent_ids = wanted
@@ -169,19 +180,31 @@ class RobotProcess:
         executor.add_node(node)
         stop = Future()
 
+        name = node.get_name()
+
         def spin():
             # Transitions on the node's own thread: what configure opens (SQLite connections)
             # is then used on the thread that made it.
-            if lifecycle and node.get_parameter('autostart').value:
-                if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-                    node.trigger_activate()
-            spin_until(executor, stop)
-        thread = threading.Thread(target=spin, daemon=True, name=f'spin-{node.get_name()}')
+            try:
+                if lifecycle and node.get_parameter('autostart').value:
+                    if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+                        node.trigger_activate()
+                spin_until(executor, stop)
+            except BaseException as exc:  # the thread ends here: say why, for the main loop
+                self.deaths[name] = f'{type(exc).__name__}: {str(exc)[:300]}'
+                raise
+        thread = threading.Thread(target=spin, daemon=True, name=f'spin-{name}')
         thread.start()
         self.nodes.append((node, executor))
         self.threads.append(thread)
         self._stops.append(stop)
         return node
+
+    def dead_nodes(self) -> dict[str, str]:
+        """Nodes whose spin thread ended before they were told to stop, and why."""
+        return {node.get_name(): self.deaths.get(node.get_name(), 'its spin thread ended')
+                for (node, _), thread, stop in zip(self.nodes, self.threads, self._stops)
+                if not thread.is_alive() and not stop.done()}
 
     def agents_active(self) -> bool:
         from loom_ros.agents.runtime import AgentState
@@ -210,6 +233,15 @@ class RobotProcess:
             executor.shutdown()
             finalize_node(node)   # lifecycle nodes run on_shutdown: state committed, sessions closed
             node.destroy_node()
+
+
+def _check_alive(robot: RobotProcess, side: dict[str, subprocess.Popen]) -> None:
+    """Raise naming every node whose spin thread died and every side process that exited."""
+    problems = [f'node {n} died ({why})' for n, why in robot.dead_nodes().items()]
+    problems += [f'{n} exited with {p.returncode}' for n, p in side.items()
+                 if p.poll() is not None]
+    if problems:
+        raise RuntimeError('; '.join(problems))
 
 
 def _all_active(robot: RobotProcess) -> bool:
@@ -257,19 +289,20 @@ def main_with(args, ros_args: list[str]) -> int:
                 _wait_ready(side['cloud'], 'the cloud tier')
             started = time.monotonic()
             while not _all_active(robot) and not stop.is_set():
+                _check_alive(robot, side)
                 if time.monotonic() - started > 60.0:
                     raise RuntimeError('agents did not become active within 60 s')
                 stop.wait(0.05)
+            _check_alive(robot, side)
             print(json.dumps({'ready': True, 'pid': os.getpid(), 'agents': robot.agent_ids,
                               'zenoh': _endpoint(args), 'cloud': 'cloud' in side,
+                              'side_pids': {n: p.pid for n, p in side.items()},
                               'params_file': params_file}), flush=True)
             deadline = time.monotonic() + args.duration if args.duration else None
             while not stop.wait(0.2):
                 if deadline and time.monotonic() > deadline:
                     break
-                dead = [n for n, p in side.items() if p.poll() is not None]
-                if dead:
-                    raise RuntimeError(f'{", ".join(dead)} exited')
+                _check_alive(robot, side)
         except Exception as exc:  # a bad config, a side process that died: say why
             print(f'loom bringup: {type(exc).__name__}: {exc}', file=sys.stderr, flush=True)
             code = 1
