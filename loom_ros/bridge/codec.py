@@ -69,9 +69,11 @@ def decode(data: bytes, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> E
         event = Event(type=h['type'], source=h['src'], payload=data[end:], id=h['id'],
                       timestamp_ms=h['ts'], metadata=h['md'], confidence=h['conf'],
                       tags=h['tags'], priority=h['pri'], privacy=privacy, frame_id=h['frame'])
+        if b'\\u' in header:   # an escaped lone surrogate would fail later, when DDS encodes it
+            json.dumps(h, ensure_ascii=False).encode()
     except (ValueError, KeyError, TypeError, RecursionError, MemoryError) as exc:
-        # RecursionError: deep nesting inside the object; ValueError covers bad UTF-8 and
-        # integers too long to read.
+        # RecursionError: deep nesting inside the object; ValueError covers bad UTF-8, lone
+        # surrogates and integers too long to read.
         raise EventRejected(RejectReason.BAD_FIELD, 'bridge sample header is not a Loom event: '
                             f'{type(exc).__name__}: {str(exc)[:200]}') from None
     conf = event.confidence

@@ -288,7 +288,11 @@ class Event:
         if isinstance(fields.get('payload'), str):
             fields['payload'] = fields['payload'].encode()
         elif isinstance(fields.get('payload'), (dict, list)):
-            fields['payload'] = json.dumps(fields['payload'], separators=(',', ':')).encode()
+            try:
+                fields['payload'] = json.dumps(fields['payload'], separators=(',', ':')).encode()
+            except (TypeError, ValueError, RecursionError) as exc:   # not JSON-shaped
+                raise EventRejected(RejectReason.BAD_FIELD,
+                                    f'payload is not JSON: {str(exc)[:200]}') from None
         if isinstance(fields.get('privacy'), str):
             try:
                 fields['privacy'] = Privacy[fields['privacy'].upper()]

@@ -10,7 +10,6 @@ No rclpy (outcome_msg imports loom_msgs lazily).
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 import uuid
@@ -19,7 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loom_ros.bus.event import Privacy
-from loom_ros.cloud.protocol import KEY_PREFIX, RETRYABLE, encode, task_key
+from loom_ros.cloud.protocol import (
+    KEY_PREFIX, RETRYABLE, ReplyInvalid, encode, parse_reply, task_key,
+)
 from loom_ros.router.decision import Route
 from loom_ros.router.history import Outcome
 
@@ -204,8 +205,8 @@ def outcome_msg(outcome: Outcome):
 
 
 def _json(payload) -> dict:
+    """The checked reply (protocol.parse_reply), or {} (ignored, counted) when unusable."""
     try:
-        data = json.loads(payload.to_bytes())
-    except (ValueError, AttributeError):
+        return parse_reply(payload.to_bytes())
+    except (ReplyInvalid, AttributeError):
         return {}
-    return data if isinstance(data, dict) else {}

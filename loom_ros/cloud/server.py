@@ -103,7 +103,7 @@ class CloudServer:
         if 'embedding' in body:
             try:
                 vec = np.asarray(body['embedding'], dtype=np.float32)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):   # OverflowError: an int like 1e400
                 raise RequestInvalid('bad_request', 'embedding must be a list of numbers') from None
             if vec.shape != (DIM,) or not np.all(np.isfinite(vec)):
                 raise RequestInvalid('bad_request', f'embedding must be {DIM} finite numbers, '
