@@ -43,6 +43,8 @@ class Capability(str, Enum):
     STORAGE_READ = 'storage.read'
     STORAGE_WRITE = 'storage.write'
     MEMORY_READ = 'memory.read'
+    PROCESS_SPAWN = 'process.spawn'  # start processes (they run outside the guard)
+    NATIVE_CODE = 'native.code'      # ctypes, SQLite extensions: native code outside the guard
 
 
 class PluginError(RuntimeError):

@@ -1,17 +1,29 @@
 """Out-of-process plugins: a plugin class run in a child process with resource limits, behind a
 proxy that presents the plugin contract, so the host treats it like an in-process plugin.
 
-The child (loom_ros.plugins.sandbox.worker) runs in its own process group with RLIMIT_CPU and
-RLIMIT_AS set, and talks length-prefixed JSON over its stdin/stdout. A crash (the child exits), a
+The child (loom_ros.plugins.sandbox.worker) runs in its own session and process group, as a child
+subreaper, under rlimits that are on by default: address space (`memory_bytes`, 1 GiB), CPU
+seconds over its life (`cpu_seconds`, 3600), open files (`open_files`, 1024), the size of any
+file it writes (`file_size_bytes`, 256 MiB) and no core dumps; 0 or None lifts one. It talks
+length-prefixed JSON over its stdin/stdout. A crash (the child exits), a
 hang (no answer within `call_timeout_s`) or running out of memory is detected, answered as a
 PluginResponse.failure that says why, and the child is started again on the next call. More than
 `max_restarts` such failures in a row (no successful call in between) mark the plugin FAILED: it
 then refuses calls with a clear error until `restart()` is called.
 
 Capabilities: the child runs the plugin under the same capability guard as in-process plugins
-(`guard`, default on): network, file writes and SQLite need their grants, and starting processes
-is refused. With `guard: false` the plugin may start processes (they stay in its process group,
-and are killed with it) and only its own PluginContext.require checks apply.
+(`guard`, default on), for the whole process and all its threads: network, file reads outside the
+runtime's own files, writes, SQLite and ATTACH need their grants, starting processes needs
+`process.spawn` and ctypes `native.code` (loom_ros.security.capabilities says what an audit hook
+cannot stop; the rlimits and the process boundary hold regardless). With `guard: false` only the
+plugin's own PluginContext.require checks apply.
+
+Stopping: every descendant of the child is found through /proc, both by parentage (the child is a
+subreaper, so double-forked grandchildren stay below it) and by a token in the environment it
+passes down (which finds processes orphaned by a child that already died, unless they cleared
+their environment); all are frozen with SIGSTOP until no new one appears, then SIGKILLed with the
+child's process group. shutdown() therefore returns within a bounded time even when a grandchild
+left the process group and holds the child's pipes.
 
 RLIMIT_CPU counts the child's whole life: a child that reaches it is killed and restarted with a
 fresh budget (that counts as a failure only if no call succeeded since the last one).
@@ -21,6 +33,7 @@ from __future__ import annotations
 import collections
 import os
 import queue
+import secrets
 import signal
 import subprocess
 import sys
@@ -37,6 +50,81 @@ from loom_ros.plugins.sandbox import worker as worker_module
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])  # the directory holding loom_ros/
 STDERR_TAIL_LINES = 40
+DEFAULT_MEMORY_BYTES = 1 << 30
+DEFAULT_CPU_SECONDS = 3600.0
+DEFAULT_OPEN_FILES = 1024
+DEFAULT_FILE_SIZE_BYTES = 256 << 20
+TREE_TOKEN_VARIABLE = 'LOOM_SANDBOX_TOKEN'
+_KILL_ROUNDS = 50        # rescans while freezing a tree that keeps forking
+_JOIN_READERS_S = 5.0    # the pipes close once the whole tree is dead
+
+
+def _parents(proc: Path) -> dict[int, int]:
+    """pid -> parent pid of every process visible in /proc."""
+    out = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / 'stat').read_bytes()
+            out[int(entry.name)] = int(stat.rpartition(b')')[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return out
+
+
+def _marked(proc: Path, token: bytes, pids) -> set[int]:
+    """The processes among `pids` whose environment carries `token`."""
+    found = set()
+    for pid in pids:
+        try:
+            if token in (proc / str(pid) / 'environ').read_bytes().split(b'\0'):
+                found.add(pid)
+        except OSError:
+            continue
+    return found
+
+
+def process_tree(root: int, token: bytes = b'', proc: Path = Path('/proc')) -> set[int]:
+    """`root` (if alive), its descendants, and any process whose environment holds `token`
+    (descendants orphaned when their parent died), never this process or init."""
+    parents = _parents(proc)
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for pid, parent in parents.items():
+        children[parent].append(pid)
+    tree, todo = set(), [root] if root in parents else []
+    if token:
+        todo += _marked(proc, token, parents)
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.add(pid)
+            todo.extend(children.get(pid, ()))
+    return tree - {os.getpid(), 0, 1}
+
+
+def kill_tree(root: int, token: bytes = b'') -> int:
+    """Freeze (SIGSTOP) the tree until no new process appears, then SIGKILL all of it. A
+    stopped process can neither fork nor exit, so nothing escapes between scan and kill.
+    Returns how many processes were killed."""
+    stopped: set[int] = set()
+    for _ in range(_KILL_ROUNDS):
+        new = process_tree(root, token) - stopped
+        if not new:
+            break
+        for pid in new:
+            _signal(pid, signal.SIGSTOP)
+        stopped |= new
+    for pid in stopped:
+        _signal(pid, signal.SIGKILL)
+    return len(stopped)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 class _Eof:
@@ -51,13 +139,20 @@ class _Child:
     tail of its stderr (for crash reasons)."""
 
     def __init__(self, args: list[str], env: dict[str, str]):
+        self.token = f'{TREE_TOKEN_VARIABLE}={secrets.token_hex(16)}'
+        env = {**env, TREE_TOKEN_VARIABLE: self.token.partition('=')[2]}
         self.popen = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, env=env, start_new_session=True,
                                       close_fds=True)
         self.replies: queue.Queue = queue.Queue()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-        threading.Thread(target=self._read_replies, daemon=True, name='loom-sandbox-out').start()
-        threading.Thread(target=self._read_stderr, daemon=True, name='loom-sandbox-err').start()
+        self.killed = 0  # processes of its tree (itself included) killed by kill()
+        self.on_kill = None  # called after the tree is killed (the proxy counts it)
+        self.readers = [
+            threading.Thread(target=self._read_replies, daemon=True, name='loom-sandbox-out'),
+            threading.Thread(target=self._read_stderr, daemon=True, name='loom-sandbox-err')]
+        for reader in self.readers:
+            reader.start()
 
     def _read_replies(self) -> None:
         try:
@@ -82,7 +177,14 @@ class _Child:
         write_frame(self.popen.stdin, message)
 
     def kill(self) -> None:
-        """SIGKILL the whole process group (the plugin may have started children of its own)."""
+        """SIGKILL the child's whole tree: its process group, its descendants (also those that
+        left the group) and orphans carrying its token. Bounded: a reader blocked on a pipe some
+        survivor still holds is left behind (a daemon thread) rather than waited for."""
+        if self.popen.poll() is None:
+            _signal(self.popen.pid, signal.SIGSTOP)  # no more forks while the tree is scanned
+        self.killed += kill_tree(self.popen.pid, self.token.encode())
+        if self.on_kill is not None:
+            self.on_kill(self)
         try:
             os.killpg(self.popen.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -91,11 +193,19 @@ class _Child:
             self.popen.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
-        for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        try:
+            self.popen.stdin.close()
+        except OSError:
+            pass
+        for reader in self.readers:
+            if reader is not threading.current_thread():
+                reader.join(timeout=_JOIN_READERS_S)
+        for reader, stream in zip(self.readers, (self.popen.stdout, self.popen.stderr)):
+            if not reader.is_alive():  # closing under a blocked reader would block on its lock
+                try:
+                    stream.close()
+                except OSError:
+                    pass
 
     def last_stderr(self) -> str:
         lines = [line for line in self.stderr_tail if line.strip()]
@@ -113,8 +223,11 @@ class ChildFailure(Exception):
 class SubprocessPlugin(Plugin):
     """A proxy Plugin whose real plugin runs in a resource-limited child process."""
 
-    def __init__(self, target: str, *, cpu_seconds: float | None = None,
-                 memory_bytes: int | None = None, call_timeout_s: float = 10.0,
+    def __init__(self, target: str, *, cpu_seconds: float | None = DEFAULT_CPU_SECONDS,
+                 memory_bytes: int | None = DEFAULT_MEMORY_BYTES,
+                 open_files: int | None = DEFAULT_OPEN_FILES,
+                 file_size_bytes: int | None = DEFAULT_FILE_SIZE_BYTES,
+                 call_timeout_s: float = 10.0,
                  start_timeout_s: float = 60.0, health_timeout_s: float = 5.0,
                  max_restarts: int = 3, guard: bool = True, python: str | None = None) -> None:
         super().__init__()
@@ -123,6 +236,7 @@ class SubprocessPlugin(Plugin):
                               'max_restarts >= 0')
         self.target = target
         self.cpu_seconds, self.memory_bytes = cpu_seconds, memory_bytes
+        self.open_files, self.file_size_bytes = open_files, file_size_bytes
         self.call_timeout_s, self.start_timeout_s = float(call_timeout_s), float(start_timeout_s)
         self.health_timeout_s = float(health_timeout_s)
         self.max_restarts = int(max_restarts)
@@ -135,7 +249,8 @@ class SubprocessPlugin(Plugin):
         self._consecutive_failures = 0
         self._last_error = ''
         self._busy_since: float | None = None
-        self.stats = {'calls': 0, 'failures': 0, 'crashes': 0, 'timeouts': 0, 'restarts': 0}
+        self.stats = {'calls': 0, 'failures': 0, 'crashes': 0, 'timeouts': 0, 'restarts': 0,
+                      'denied': 0, 'tree_killed': 0}
         with self._lock:
             self.metadata = self._start()  # per instance: one proxy class serves every plugin
 
@@ -146,6 +261,10 @@ class SubprocessPlugin(Plugin):
             args += ['--cpu-seconds', str(self.cpu_seconds)]
         if self.memory_bytes:
             args += ['--memory-bytes', str(int(self.memory_bytes))]
+        if self.open_files:
+            args += ['--open-files', str(int(self.open_files))]
+        if self.file_size_bytes:
+            args += ['--file-size-bytes', str(int(self.file_size_bytes))]
         if self.guard:
             args.append('--guard')
         return args
@@ -158,9 +277,14 @@ class SubprocessPlugin(Plugin):
             env.setdefault('OPENBLAS_NUM_THREADS', '1')  # its per-thread buffers eat address space
         return env
 
+    def _count_kill(self, child: _Child) -> None:
+        self.stats['tree_killed'] += child.killed
+        child.killed = 0
+
     def _start(self) -> PluginMetadata:
         """Start a child and read its hello; PluginError with the child's reason if it fails."""
         child = _Child(self._args(), self._env())
+        child.on_kill = self._count_kill
         try:
             hello = self._receive(child, None, self.start_timeout_s, 'starting')
         except ChildFailure as exc:
@@ -193,9 +317,23 @@ class SubprocessPlugin(Plugin):
         reply = self._request({'op': 'init', 'ctx': {
             'plugin': ctx.plugin, 'config': ctx.config, 'granted': sorted(ctx.granted),
             'data_dir': ctx.data_dir}}, self.start_timeout_s, 'init')
+        self._forward_audit(reply)
         if not reply.get('ok'):
             raise PluginError(f'plugin {self.label!r} failed init in its subprocess: '
                               f'{reply.get("error")}')
+
+    def _forward_audit(self, reply: dict) -> None:
+        """The child's audit records into the host's sink; refusals are counted (`denied`)."""
+        records = reply.get('audit')
+        for record in records if isinstance(records, list) else []:
+            if not isinstance(record, dict):
+                continue
+            kind = str(record.pop('kind', 'plugin'))[:64]
+            if kind == 'capability_denied':
+                self.stats['denied'] += 1
+            if self.ctx is not None:
+                self.ctx.audit(kind, **{str(k)[:64]: v for k, v in record.items()
+                                        if k not in ('ts_ms', 'plugin')})
 
     def _receive(self, child: _Child, seq: int | None, timeout: float, what: str) -> dict:
         """The child's reply to `seq` (or its hello), or ChildFailure saying why there is none."""
@@ -317,11 +455,7 @@ class SubprocessPlugin(Plugin):
                 return self._fail(f'plugin {self.label!r} {self._failed}')
             finally:
                 self._busy_since = None
-            for record in reply.get('audit') or []:
-                if self.ctx is not None and isinstance(record, dict):
-                    self.ctx.audit(str(record.pop('kind', 'plugin')),
-                                   **{k: v for k, v in record.items()
-                                      if k not in ('ts_ms', 'plugin')})
+            self._forward_audit(reply)
             if reply.get('fatal'):
                 exc = ChildFailure(f'the child {reply.get("error")} (RLIMIT_AS) while handling '
                                    'an event and was stopped')
@@ -369,8 +503,10 @@ class SubprocessPlugin(Plugin):
                 self._last_error = details['last_error'] = error
                 state = HealthState.FAILED if self._failed else HealthState.DEGRADED
                 return HealthStatus(state, error, details)
+            self._forward_audit(reply)
+            details.update(denied=str(self.stats['denied']))
             health = health_from_wire(reply.get('health'))
-            health.details = {**details, **health.details, 'pid': str(child.popen.pid)}
+            health.details = {**health.details, **details, 'pid': str(child.popen.pid)}
             if health.state is HealthState.OK and self._consecutive_failures:
                 health.state = HealthState.DEGRADED
                 health.message = f'recovering; last: {self._last_error}'
@@ -390,7 +526,8 @@ class SubprocessPlugin(Plugin):
         return child.popen.pid if child is not None and child.popen.poll() is None else None
 
     def shutdown(self) -> None:
-        """Ask the child to shut down, then kill its process group whatever it did."""
+        """Ask the child to shut down, then kill its whole process tree whatever it did
+        (bounded: at most about 5 s for the answer, 5 s for the exit, then the kill)."""
         with self._lock:
             child, self._child = self._child, None
             if child is None:

@@ -1,15 +1,18 @@
 """The child side of a subprocess plugin: `python -m loom_ros.plugins.sandbox.worker TARGET`.
 
-Applies its resource limits first (RLIMIT_CPU, RLIMIT_AS from --cpu-seconds/--memory-bytes), loads
-the plugin class (an entry point name or `module:Class`), says hello with its metadata, then
+First makes itself a child subreaper (children the plugin double-forks reparent to it, not to
+init, so the host finds and kills them), applies its resource limits (RLIMIT_CPU, RLIMIT_AS,
+RLIMIT_NOFILE, RLIMIT_FSIZE, RLIMIT_CORE 0), then loads the plugin class (an entry point name or `module:Class`), says hello with its metadata, then
 answers length-prefixed JSON requests on stdin/stdout (see loom_ros.plugins.sandbox.wire):
   {"seq", "op": "init", "ctx": {plugin, config, granted, data_dir}} -> {"seq", "ok", "error"}
   {"seq", "op": "handle", "event": {...}} -> {"seq", "ok", "error", "events", "audit", "fatal"}
   {"seq", "op": "health"}                 -> {"seq", "ok", "health": {state, message, details}}
   {"seq", "op": "shutdown"}               -> {"seq", "ok"} and exit 0
-With --guard, the plugin's calls run under the host's capability guard
-(loom_ros.security.capabilities): network, file writes and SQLite need their grants in the child
-too, and starting processes is refused.
+With --guard, the whole process runs under the host's capability guard
+(loom_ros.security.capabilities.act_as_process): every thread, including threads the plugin
+starts, is checked against the plugin's grants; importing the plugin's module runs with no grants,
+and its calls from `init` on with what the host granted. Starting processes needs process.spawn,
+ctypes needs native.code (the worker's own ctypes call, the subreaper, happens before the guard).
 The protocol keeps the original stdout to itself: the plugin's prints go to stderr, and stdin
 reads see an empty stream. Audit records the plugin makes travel back with each answer.
 A MemoryError is answered (`fatal`) and the worker exits with EXIT_OUT_OF_MEMORY, since the
@@ -18,7 +21,7 @@ plugin's state cannot be trusted after it.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import ctypes
 import importlib
 import os
 import resource
@@ -28,16 +31,42 @@ import traceback
 EXIT_BAD_PLUGIN = 2
 EXIT_OUT_OF_MEMORY = 3
 EXIT_PROTOCOL = 4
+PR_SET_CHILD_SUBREAPER = 36
 
 
-def apply_limits(cpu_seconds: float | None, memory_bytes: int | None) -> None:
-    """CPU seconds over the child's life (SIGXCPU at the limit, SIGKILL a second later) and the
-    address-space size (allocations beyond it fail: MemoryError in Python)."""
+def become_subreaper() -> bool:
+    """Orphaned descendants reparent to this process instead of init (Linux prctl), so a
+    double-forked grandchild stays in the tree the host kills. False where that is unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def apply_limits(cpu_seconds: float | None, memory_bytes: int | None,
+                 open_files: int | None = None, file_size_bytes: int | None = None) -> None:
+    """CPU seconds over the child's life (SIGXCPU at the limit, SIGKILL a second later), the
+    address-space size (allocations beyond it fail: MemoryError in Python), open files, the size
+    of any file it writes (EFBIG beyond it: Python ignores SIGXFSZ), and no core dumps. Children
+    inherit them. A limit can only be lowered: the hard limit is set too."""
+    def lower(which: int, value: int) -> None:
+        _soft, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        resource.setrlimit(which, (value, value))
     if cpu_seconds:
         soft = max(1, int(round(cpu_seconds)))
-        resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+        _old, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1 if hard ==
+                                                 resource.RLIM_INFINITY else min(soft + 1, hard)))
     if memory_bytes:
-        resource.setrlimit(resource.RLIMIT_AS, (int(memory_bytes), int(memory_bytes)))
+        lower(resource.RLIMIT_AS, int(memory_bytes))
+    if open_files:
+        lower(resource.RLIMIT_NOFILE, int(open_files))
+    if file_size_bytes:
+        lower(resource.RLIMIT_FSIZE, int(file_size_bytes))
+    lower(resource.RLIMIT_CORE, 0)
 
 
 def load_target(target: str):
@@ -64,13 +93,14 @@ def _protocol_streams():
     return proto_in, proto_out
 
 
-def _guard(enabled: bool):
-    """acting_as from the capability guard (installed once), or a context that checks nothing."""
+def _guard(enabled: bool, audit: list):
+    """The capability guard's act_as_process (the whole process is the plugin), or nothing."""
     if not enabled:
-        return lambda ctx: contextlib.nullcontext()
-    from loom_ros.security.capabilities import acting_as, install_guard
-    install_guard()
-    return acting_as
+        return lambda ctx: None
+    from loom_ros.plugins.contract import PluginContext
+    from loom_ros.security.capabilities import act_as_process
+    act_as_process(PluginContext(plugin='(loading)', audit_sink=audit.append))
+    return act_as_process
 
 
 def serve(target: str, proto_in, proto_out, memory_bytes: int | None,
@@ -78,6 +108,8 @@ def serve(target: str, proto_in, proto_out, memory_bytes: int | None,
     from loom_ros.plugins.contract import PluginContext
     from loom_ros.plugins.sandbox.wire import (WireError, event_from_wire, health_to_wire,
                                                read_frame, response_to_wire, write_frame)
+    audit: list[dict] = []
+    act_as = _guard(guard, audit)  # from here on, everything this process does is checked
     try:
         cls = load_target(target)
         plugin = cls()
@@ -86,9 +118,7 @@ def serve(target: str, proto_in, proto_out, memory_bytes: int | None,
         return EXIT_BAD_PLUGIN
     write_frame(proto_out, {'op': 'hello', 'pid': os.getpid(),
                             'metadata': cls.metadata.model_dump(mode='json')})
-    audit: list[dict] = []
-    acting_as = _guard(guard)
-    ctx = None
+    audit[:] = []  # what loading the module tried is not this plugin's record yet
     while True:
         try:
             request = read_frame(proto_in)
@@ -107,18 +137,15 @@ def serve(target: str, proto_in, proto_out, memory_bytes: int | None,
                                     granted=frozenset(wire_ctx['granted']),
                                     data_dir=wire_ctx.get('data_dir', ''),
                                     audit_sink=audit.append)
-                with acting_as(ctx):
-                    plugin.init(ctx)
+                act_as(ctx)
+                plugin.init(ctx)
             elif op == 'handle':
                 event = event_from_wire(request['event'])
-                with acting_as(ctx):
-                    reply.update(response_to_wire(plugin.handle_event(event)))
+                reply.update(response_to_wire(plugin.handle_event(event)))
             elif op == 'health':
-                with acting_as(ctx):
-                    reply['health'] = health_to_wire(plugin.health())
+                reply['health'] = health_to_wire(plugin.health())
             elif op == 'shutdown':
-                with acting_as(ctx):
-                    plugin.shutdown()
+                plugin.shutdown()
                 write_frame(proto_out, reply)
                 return 0
             else:
@@ -141,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('target', help='entry point name or module:Class')
     parser.add_argument('--cpu-seconds', type=float, default=None)
     parser.add_argument('--memory-bytes', type=int, default=None)
+    parser.add_argument('--open-files', type=int, default=None)
+    parser.add_argument('--file-size-bytes', type=int, default=None)
     parser.add_argument('--guard', action='store_true', help='apply the capability guard')
     args = parser.parse_args(argv)
-    apply_limits(args.cpu_seconds, args.memory_bytes)
+    become_subreaper()
+    apply_limits(args.cpu_seconds, args.memory_bytes, args.open_files, args.file_size_bytes)
     proto_in, proto_out = _protocol_streams()
     return serve(args.target, proto_in, proto_out, args.memory_bytes, args.guard)
 
