@@ -24,7 +24,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 
 from loom_ros.agents.config import AgentConfigError, load_agents
 from loom_ros.agents.runtime import CONFIGURE_ERRORS, Agent, AgentState, Dispatcher
-from loom_ros.agents.supervisor import BeatSigner, process_key
+from loom_ros.agents.supervisor import LOCAL_BEATS, BeatSigner, process_key
 from loom_ros.bus import topics
 from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import Event, Privacy
@@ -201,12 +201,12 @@ class AgentNode(LifecycleNode):
         if not self.agents and not self.failed:   # not configured yet: say we are up
             spec = self.params['agents'].strip() or self.agent_id
             for agent_id in spec.split(','):
-                self._heartbeat_pub.publish(self._signer.sign(self._status_type(
-                    agent_id=agent_id.strip(), node=node, pid=pid, lifecycle='unconfigured')))
+                self._send_beat(node, self._status_type(
+                    agent_id=agent_id.strip(), node=node, pid=pid, lifecycle='unconfigured'))
         for agent_id in self.failed:
-            self._heartbeat_pub.publish(self._signer.sign(self._status_type(
+            self._send_beat(node, self._status_type(
                 agent_id=agent_id, node=node, pid=pid, lifecycle='unconfigured',
-                reason=self.failed[agent_id])))
+                reason=self.failed[agent_id]))
         agents = list(self.agents.values())
         # Up to 10 agents report every beat; more report in turns, each at least once per 10
         # beats (1 s by default, well inside the manager's 4 s timeout), so 1,000 hosted agents
@@ -223,8 +223,13 @@ class AgentNode(LifecycleNode):
                     agent.deactivate()
             agent.flush_if_due()
             if id(agent) in reporting:
-                self._heartbeat_pub.publish(self._signer.sign(self._status(agent, stamp, node,
-                                                                           pid)))
+                self._send_beat(node, self._status(agent, stamp, node, pid))
+
+    def _send_beat(self, node: str, msg) -> None:
+        """Sign, publish, and hand to a manager in this process (which then needs no topic)."""
+        self._signer.sign(msg)
+        LOCAL_BEATS.post(node, msg)
+        self._heartbeat_pub.publish(msg)
 
     def _mailboxes_check(self):
         from loom_ros.telemetry.diagnostics import queues_check

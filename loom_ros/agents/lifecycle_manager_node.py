@@ -25,8 +25,8 @@ import yaml
 from rclpy.node import Node
 
 from loom_ros.agents.config import AgentConfigError, load_agents
-from loom_ros.agents.supervisor import (KEY_ENV, Beat, BeatAuth, Health, Supervisor, Unit,
-                                        process_key)
+from loom_ros.agents.supervisor import (KEY_ENV, LOCAL_BEATS, Beat, BeatAuth, Health,
+                                        Supervisor, Unit, process_key)
 from loom_ros.bus import topics
 from loom_ros.bus.executor import run_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
@@ -70,6 +70,7 @@ class _Managed:
         self.change_state = self.get_state = None
         self.key: bytes | None = None   # the secret its beats are signed with
         self.beat_seen = False          # a verified beat from the current process came
+        self.local_seen: dict[str, tuple[int, int]] = {}   # agent -> in-process beat taken
 
 
 class LifecycleManagerNode(Node):
@@ -134,6 +135,8 @@ class LifecycleManagerNode(Node):
     def _tick(self) -> None:
         if not self.started:
             return
+        if not self.params['spawn']:
+            self._take_local_beats()
         now = time.monotonic()
         bringing_up = True   # initial bring-up is in order: one unit at a time
         for m in self.managed:
@@ -258,14 +261,18 @@ class LifecycleManagerNode(Node):
             pass
 
     # -- heartbeats and reports ---------------------------------------------------------------
-    def _on_beat(self, msg) -> None:
+    def _on_beat(self, msg, local: bool = False) -> None:
         """Take a beat only when signed with the key of the process the agent runs in now (a
-        killed predecessor's last beats and anything forged fail that) and not a replay."""
+        killed predecessor's last beats and anything forged fail that) and not a replay. For an
+        agent in this process (`local`), the topic's copies are only checked for forgery."""
         managed = self._managed_of.get(msg.agent_id)
         if managed is None:
             self.auth.rejected['unknown_agent'] += 1
             return
-        reason = self.auth.check(managed.key, msg)
+        copy = not local and msg.agent_id in managed.local_seen
+        reason = self.auth.check(managed.key, msg, copy=copy)
+        if reason == 'copy':
+            return
         if reason is not None:
             self.get_logger().warning(
                 f'heartbeat for agent {msg.agent_id} dropped ({reason}); '
@@ -276,6 +283,17 @@ class LifecycleManagerNode(Node):
         self.supervisor.beat(Beat(msg.agent_id, msg.pid, msg.lifecycle, msg.busy_ms,
                                   time.monotonic(), msg.mailbox_depth, msg.mailbox_size,
                                   msg.persist_failed, msg.reason))
+
+    def _take_local_beats(self) -> None:
+        """Agent nodes in this process: their beats straight from memory, not the topic."""
+        for m in self.managed:
+            node = f'{self.get_namespace().rstrip("/")}/{m.unit.node}'
+            for agent in m.unit.agents:
+                msg = LOCAL_BEATS.latest(node, agent)
+                if msg is not None and m.local_seen.get(agent) != (msg.incarnation, msg.seq):
+                    m.local_seen[agent] = (msg.incarnation, msg.seq)
+                    if not self.auth.taken(msg):   # its topic copy may have come first
+                        self._on_beat(msg, local=True)
 
     def _report(self) -> None:
         from diagnostic_msgs.msg import DiagnosticStatus, KeyValue

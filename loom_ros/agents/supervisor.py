@@ -24,6 +24,7 @@ import hmac
 import os
 import secrets
 import struct
+import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
@@ -89,6 +90,27 @@ class BeatSigner:
         return msg
 
 
+class LocalBeats:
+    """The latest signed beat of each agent node in this process, handed to a manager in the same
+    process (spawn: false, loom bringup) directly: a flood on the public topic can then neither
+    forge nor crowd out its agents' liveness. Bounded by the agents the process hosts."""
+
+    def __init__(self):
+        self._latest: dict[tuple[str, str], object] = {}
+        self._lock = threading.Lock()
+
+    def post(self, node: str, msg) -> None:
+        with self._lock:
+            self._latest[(node, msg.agent_id)] = msg
+
+    def latest(self, node: str, agent_id: str):
+        with self._lock:
+            return self._latest.get((node, agent_id))
+
+
+LOCAL_BEATS = LocalBeats()
+
+
 class BeatAuth:
     """The manager's side: which beats to believe. `check` returns None for a beat to take, or
     the reason it is dropped (also counted in `rejected`)."""
@@ -97,16 +119,29 @@ class BeatAuth:
 
     def __init__(self):
         self.rejected: Counter = Counter()      # reason -> beats dropped
+        self.copies = 0   # authentic topic copies of beats already taken in-process (not hostile)
         self.by_agent: Counter = Counter()      # agent id -> beats dropped
         self._last: dict[str, tuple[int, int]] = {}    # agent -> (incarnation, seq) taken
         self._retired: dict[str, OrderedDict] = {}
 
-    def check(self, key: bytes | None, msg) -> str | None:
-        reason = self._why_not(key, msg)
+    def check(self, key: bytes | None, msg, copy: bool = False) -> str | None:
+        """`copy`: the beat was already taken in-process; an authentic one is only counted as a
+        copy (returns 'copy'), a forged one as what it is."""
+        reason = self._forged(key, msg)
+        if reason is None and copy:
+            self.copies += 1
+            return 'copy'
+        if reason is None:
+            reason = self._replayed(msg)
         if reason is not None:
             self.rejected[reason] += 1
             self.by_agent[str(msg.agent_id)[:64]] += 1
         return reason
+
+    def taken(self, msg) -> bool:
+        """Whether this beat (or a later one of its incarnation) was already taken."""
+        last = self._last.get(msg.agent_id)
+        return last is not None and last[0] == msg.incarnation and msg.seq <= last[1]
 
     def forget(self, agent_id: str) -> None:
         """A new process for the agent (a new secret): its first beat starts a new record."""
@@ -114,7 +149,7 @@ class BeatAuth:
         if last is not None:
             self._retire(agent_id, last[0])
 
-    def _why_not(self, key, msg) -> str | None:
+    def _forged(self, key, msg) -> str | None:
         if key is None:
             return 'no_key'   # nothing to verify with: an unverifiable beat is not believed
         if any(len(str(getattr(msg, f))) > MAX_FIELD_CHARS
@@ -122,6 +157,9 @@ class BeatAuth:
             return 'oversize'
         if not hmac.compare_digest(str(msg.auth), beat_digest(key, msg)):
             return 'bad_auth'
+        return None
+
+    def _replayed(self, msg) -> str | None:
         agent, incarnation, seq = msg.agent_id, msg.incarnation, msg.seq
         if incarnation in self._retired.get(agent, ()):
             return 'replay'

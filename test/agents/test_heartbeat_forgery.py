@@ -120,6 +120,9 @@ def test_beat_auth_takes_signed_beats_once_and_drops_the_rest():
     assert auth.check(key, BeatSigner(key).sign(Msg())) is None
     assert auth.check(key, old) == 'replay'
     assert sum(auth.rejected.values()) == auth.by_agent['a'] == 6
+    # A copy of a beat already taken in-process: authentic ones are not rejections.
+    assert auth.check(key, old, copy=True) == 'copy' and auth.copies == 1
+    assert auth.check(key, Msg(), copy=True) == 'bad_auth'
 
 
 @pytest.mark.parametrize('spec', ['', 'zz', '00' * 200])
@@ -127,3 +130,47 @@ def test_an_unusable_key_in_the_environment_is_ignored(spec):
     from loom_ros.agents.supervisor import KEY_ENV, take_env_key
     environ = {KEY_ENV: spec}
     assert take_env_key(environ) is None and KEY_ENV not in environ
+
+
+def test_in_process_manager_believes_only_its_own_process(ros, spawn, tmp_path):
+    """spawn: false as in loom bringup: agent and manager in this process share its key."""
+    from rclpy.parameter import Parameter
+
+    from loom_ros.agents.agent_node import AgentNode
+    from loom_ros.agents.lifecycle_manager_node import LifecycleManagerNode
+    namespace = '/hb_inproc'
+    agents = tmp_path / 'agents.yaml'
+    agents.write_text(AGENTS)
+    common = [Parameter('agents_file', value=str(agents)),
+              Parameter('state_dir', value=str(tmp_path))]
+    agent = AgentNode(node_name='agent_first', namespace=namespace, parameter_overrides=[
+        *common, Parameter('agent_id', value='first'), Parameter('autostart', value=False)])
+    manager = LifecycleManagerNode(namespace=namespace, parameter_overrides=[
+        *common, Parameter('spawn', value=False), Parameter('agents', value='first'),
+        Parameter('status_period_s', value=0.2), Parameter('hang_timeout_s', value=1.0),
+        Parameter('max_restarts', value=1)])
+    watch = Watch(ros, namespace)
+    for node in (agent, manager):
+        ros.executor.add_node(node)
+    try:
+        ros.wait_for(lambda: watch.health('first')[0] == 'ok', 'the agent ok')
+        # Its beats come from memory; their copies on the topic are not counted as rejected.
+        seen = watch.reports
+        ros.wait_for(lambda: watch.reports > seen + 2 and watch.rejected('first') == 0 and
+                     manager.auth.copies > 0, 'reports with the topic copies taken')
+        real = watch.status['first']
+        forger = spawn(FORGER, namespace, 'first', real.node, str(real.pid), str(FORGED // 5))
+        ros.wait_for(lambda: forger.popen.poll() is not None or
+                     watch.health('first') != ('ok', 0), 'the forger to finish')
+        assert watch.health('first') == ('ok', 0), watch.status['first'].reason
+        assert forger.finish()[0] == 0
+        seen = watch.reports
+        ros.wait_for(lambda: watch.reports > seen + 1, 'a later report')
+        assert watch.health('first') == ('ok', 0) and watch.rejected('first') >= FORGED // 5
+    finally:
+        for node in (agent, manager):
+            ros.executor.remove_node(node)
+        agent.trigger_shutdown()
+        agent.destroy_node()
+        manager.destroy_node()
+        watch.close()
