@@ -27,7 +27,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from loom_ros.bus.event import Event, EventRejected, Privacy
+from loom_ros.bus.event import Event, EventRejected
+from loom_ros.bus.privacy import effective_privacy
 from loom_ros.bus.names import TopicNameError, TopicPattern, validate_topic
 from loom_ros.config.params import read_yaml, refuse_unknown_keys
 from loom_ros.plugins.contract import (
@@ -348,8 +349,11 @@ class PluginHost:
             if not out.source:
                 out.source = name
             out.metadata.setdefault('in_reply_to', event.id)
-            if int(out.privacy) < int(event.privacy):  # an answer is as private as its question
-                out.privacy = Privacy(event.privacy)
+            # An answer is as private as its question (field or metadata, the strictest).
+            floor = effective_privacy(event)
+            if effective_privacy(out) < floor:
+                slot.counters['privacy_raised'] += 1
+                out.privacy = floor
             try:
                 out.validate()
             except EventRejected as exc:

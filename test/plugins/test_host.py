@@ -2,6 +2,7 @@
 config AND host), refusals raised in the plugin and audited, crashing and failing plugins
 isolated, actuator commands audited, same-process calls without serialization, the sandbox seam."""
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -85,6 +86,10 @@ def test_loads_by_entry_point_and_by_module_path_and_answers(make_host, audit):
     assert out.type == 'tool.weather.result' and out.json()['city'] == 'Lisbon'
     assert out.source == 'weather' and out.privacy is Privacy.PRIVATE  # as private as the query
     assert out.metadata['in_reply_to'] and response.latency_ms > 0
+    # Privacy stated only in the question's metadata still binds the answer (issue 13, fault 4).
+    (out,) = host.handle('weather', Event.with_json(
+        'tool.weather.query', {'city': 'lisbon'}, metadata={'privacy': 'local_only'})).events
+    assert out.privacy is Privacy.LOCAL_ONLY
     inits = audit.query(kind='plugin_init')
     assert [(r['plugin'], r['fields']['granted']) for r in inits] == [('weather', []),
                                                                        ('overstep', [])]
@@ -140,19 +145,18 @@ def test_overstepping_plugin_is_refused_every_way_and_each_refusal_is_audited(
 
     swallowed = ask(host, 'overstep', 'swallow', port)  # caught by the plugin: still on record
     assert swallowed.ok and listener.accepted() == 0
-    spawned = ask(host, 'overstep', 'spawn')   # allowed (worker processes are legitimate) but
-    assert spawned.ok                          # on record: the child is outside the guard
-    (spawn,) = audit.query(plugin='overstep', kind='process_spawn')
-    assert 'subprocess.Popen' in spawn['fields']['detail']
+    spawned = ask(host, 'overstep', 'spawn')   # a child is outside the guard: needs a grant
+    assert not spawned.ok and "may not use 'process.spawn'" in spawned.error
+    assert 'subprocess.Popen' in spawned.error
 
     denied = audit.query(plugin='overstep', kind='capability_denied')
     assert [r['fields']['capability'] for r in denied] == [
-        'network', 'network', 'storage.write', 'storage.write', 'network']
+        'network', 'network', 'storage.write', 'storage.write', 'network', 'process.spawn']
     assert 'socket' in denied[1]['fields']['detail']
     assert str(tmp_path / 'written.txt') in denied[2]['fields']['detail']
     counters = host.counters('overstep')
-    assert counters['denied'] == 5 and counters['failed'] == 4 and counters['handled'] == 2
-    assert host.health('overstep').details['denied'] == '5'
+    assert counters['denied'] == 6 and counters['failed'] == 5 and counters['handled'] == 1
+    assert host.health('overstep').details['denied'] == '6'
 
 
 def test_declared_network_works_only_when_granted(make_host, audit, listener):
@@ -179,7 +183,10 @@ def test_the_guard_is_off_outside_plugin_calls_and_per_thread(make_host, tmp_pat
     with acting_as(ctx):
         with pytest.raises(CapabilityDenied):
             open(tmp_path / 'x.txt', 'w')
-        assert (tmp_path / 'host_may.txt').read_text()   # reading needs no grant
+        with pytest.raises(CapabilityDenied, match='storage.read'):  # reads are checked too
+            (tmp_path / 'host_may.txt').read_text()
+        assert Path(pytest.__file__).read_text()   # the runtime's own files need no grant
+    assert (tmp_path / 'host_may.txt').read_text()   # the host itself is not checked
 
 
 def test_a_crashing_plugin_is_isolated_and_counted(make_host):
