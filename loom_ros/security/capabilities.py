@@ -16,7 +16,8 @@ code, a Python audit hook (sys.addaudithook) checks its operations against the p
   `storage.write` otherwise; without `storage.write` its connections may ATTACH nothing;
 - starting a process (subprocess, os.system, exec, fork, posix_spawn) needs `process.spawn`;
 - ctypes (loading a library, looking up a symbol, raw memory, C calls) and SQLite extensions
-  need `native.code`.
+  need `native.code`, except loading a library an installed package ships, by its path, and
+  looking up its symbols (as importing a C extension would).
 Which plugin is acting: the thread's (PluginContext set by `acting_as`, inherited by threads the
 plugin starts), else the process's (`act_as_process`: a subprocess plugin's worker, where every
 thread is the plugin). Each refusal raises CapabilityDenied at the offending call and is audited
@@ -34,6 +35,7 @@ from __future__ import annotations
 import _thread
 import functools
 import os
+import site
 import sqlite3
 import sys
 import sysconfig
@@ -261,8 +263,31 @@ def _hook(event: str, args: tuple) -> None:
         with _quiet():
             ctx.audit('process_spawn', detail=f'{event} {_short(args)}')
     elif event in _NATIVE_EVENTS:
-        if 'native.code' not in granted:
+        if 'native.code' not in granted and not _packaged_library(event, args):
             _deny(ctx, 'native.code', f'{event} {_short(args)}')
+
+
+def _packaged_library(event: str, args: tuple) -> bool:
+    """A library an installed Python package ships, loaded or looked up by path (what packages
+    such as ai_edge_litert do, no different from importing a C extension). Libraries found by
+    name (libc), the process itself (dlopen(None)) and raw memory still need native.code."""
+    if event == 'ctypes.dlopen':
+        name = args[0] if args else None
+    elif event == 'ctypes.dlsym':
+        name = getattr(args[0], '_name', None) if args else None
+    else:
+        return False
+    if not isinstance(name, str) or '/' not in name:
+        return False
+    real = os.path.realpath(name[:4096])
+    return any(real.startswith(root + '/') for root in _package_roots())
+
+
+@functools.lru_cache(maxsize=1)
+def _package_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    roots = {paths.get('purelib', ''), paths.get('platlib', ''), *site.getsitepackages()}
+    return tuple(sorted({os.path.realpath(r).rstrip('/') for r in roots if r}))
 
 
 def _check_open(ctx: PluginContext, args: tuple) -> None:

@@ -57,6 +57,7 @@ DEFAULT_FILE_SIZE_BYTES = 256 << 20
 TREE_TOKEN_VARIABLE = 'LOOM_SANDBOX_TOKEN'
 _KILL_ROUNDS = 50        # rescans while freezing a tree that keeps forking
 _JOIN_READERS_S = 5.0    # the pipes close once the whole tree is dead
+_WAIT_DEAD_S = 5.0       # for SIGKILLed processes to exit
 
 
 def _parents(proc: Path) -> dict[int, int]:
@@ -117,7 +118,26 @@ def kill_tree(root: int, token: bytes = b'') -> int:
         stopped |= new
     for pid in stopped:
         _signal(pid, signal.SIGKILL)
+    _wait_dead(stopped, _WAIT_DEAD_S)
     return len(stopped)
+
+
+def _wait_dead(pids: set[int], timeout_s: float) -> None:
+    """Until every pid has exited (gone or a zombie): SIGKILL is delivered asynchronously."""
+    deadline = time.monotonic() + timeout_s
+    waiting = set(pids)
+    while waiting and time.monotonic() < deadline:
+        waiting = {pid for pid in waiting if _running(pid)}
+        if waiting:
+            time.sleep(0.005)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f'/proc/{pid}/stat').read_bytes().rpartition(b')')[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b'Z', b'X')
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -141,7 +141,9 @@ class TtsPlugin(Plugin):
 
     metadata = PluginMetadata(
         name='tts', type=PluginType.ACTUATOR,
-        capabilities=(Capability.TTS, Capability.STORAGE_WRITE),
+        capabilities=(Capability.TTS, Capability.STORAGE_WRITE,
+                      Capability.PROCESS_SPAWN,   # its pyttsx3 worker process
+                      Capability.NATIVE_CODE),    # espeak-ng through ctypes
         reads=(SAY_TYPE, 'agent.*.action'), writes=(DONE_TYPE,),
         description='Text to speech with pyttsx3 on espeak-ng: WAV file (played where a sound '
                     'card exists and config asks), then tts.done')
