@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import sys
 
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
@@ -33,6 +34,7 @@ from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
 from loom_ros.config.paths import usable_dir
 from loom_ros.security.audit import AuditError, AuditLog
+from loom_ros.telemetry.logs import mask_node_logger
 
 PARAMETERS = [
     ParamSpec('agent_id', 'Which entry of the agents file this node runs', read_only=True),
@@ -69,6 +71,7 @@ class AgentNode(LifecycleNode):
         overrides = kwargs.pop('parameter_overrides', [])
         name = kwargs.pop('node_name', None) or (f'agent_{agent_id}' if agent_id else 'agent')
         super().__init__(name, parameter_overrides=overrides, **kwargs)
+        mask_node_logger(self)   # every log line masked from the first (issue 13, fault 10)
         self.params = declare_parameters(self, 'agent', PARAMETERS)
         self.agent_id = agent_id or self.params['agent_id']
         self.bus = create_bus(self, 'agent')
@@ -299,9 +302,9 @@ class AgentNode(LifecycleNode):
         getattr(self.get_logger(), level)(message, throttle_duration_sec=1.0)
 
 
-def main(args=None):
-    run_lifecycle_node(AgentNode, args)
+def main(args=None) -> int:
+    return run_lifecycle_node(AgentNode, args)
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

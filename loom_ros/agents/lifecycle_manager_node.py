@@ -32,6 +32,7 @@ from loom_ros.bus.executor import run_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.cli.process import die_with_parent
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
+from loom_ros.telemetry.logs import mask_node_logger
 
 PARAMETERS = [
     ParamSpec('agents_file', "Agents YAML; '' means the shipped config/agents.yaml",
@@ -77,6 +78,7 @@ class LifecycleManagerNode(Node):
 
     def __init__(self, **kwargs):
         super().__init__('lifecycle_manager', **kwargs)
+        mask_node_logger(self)   # every log line masked from the first (issue 13, fault 10)
         self.params = declare_parameters(self, 'lifecycle_manager', PARAMETERS)
         from diagnostic_msgs.msg import DiagnosticArray
         from lifecycle_msgs.srv import ChangeState, GetState

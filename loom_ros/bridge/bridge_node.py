@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -30,6 +31,7 @@ from loom_ros.bus.qos import to_qos_profile
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters, node_defaults
 from loom_ros.config.paths import usable_file
 from loom_ros.router.policy import PolicyError, load_policy
+from loom_ros.telemetry.logs import mask_node_logger
 
 STATUS_TOPIC = 'zenoh_bridge/status'
 # Zenoh calls back on its own threads and rclpy's EventsExecutor has no guard conditions, so a
@@ -73,6 +75,7 @@ class ZenohBridgeNode(LifecycleNode):
 
     def __init__(self, **kwargs):
         super().__init__('zenoh_bridge', **kwargs)
+        mask_node_logger(self)   # every log line masked from the first (issue 13, fault 10)
         self.params = declare_parameters(self, SECTION, PARAMETERS)
         self.params.update(self._declare_lists())
         self.bridge: Bridge | None = None
@@ -255,9 +258,9 @@ class ZenohBridgeNode(LifecycleNode):
         self.status_pub.publish(String(data=json.dumps(status)))
 
 
-def main(args=None):
-    run_lifecycle_node(ZenohBridgeNode, args)
+def main(args=None) -> int:
+    return run_lifecycle_node(ZenohBridgeNode, args)
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -17,6 +17,7 @@ from loom_ros.bus.event import Event
 from loom_ros.bus.executor import run_node
 from loom_ros.config.params import ParamSpec, declare_parameters
 from loom_ros.telemetry.diagnostics import OK, WARN, CheckResult
+from loom_ros.telemetry.logs import mask_node_logger
 
 PARAMETERS = [
     ParamSpec('pattern', 'Loom topic pattern to watch (* one segment, ** any)', read_only=True),
@@ -30,6 +31,7 @@ class EventMonitorNode(Node):
 
     def __init__(self, **kwargs):
         super().__init__('event_monitor', **kwargs)
+        mask_node_logger(self)   # every log line masked from the first (issue 13, fault 10)
         self.bus = create_bus(self, 'event_monitor')
         params = declare_parameters(self, 'event_monitor', PARAMETERS)
         self._json = bool(params['json_output'])

@@ -68,8 +68,17 @@ def _record_callback_error(executor, exc: Exception, log: bool) -> None:
                 'the node keeps spinning')
 
 
-def run_node(node_factory, args=None) -> None:
-    """The demos' main(): init, spin until Ctrl-C / SIGTERM / shutdown, then tear down cleanly."""
+class StartFailed(RuntimeError):
+    """A node that cannot start (its configure or activate failed): the process exits 1."""
+
+    def __init__(self, node, reason: str):
+        super().__init__(reason)
+        self.node = node
+
+
+def run_node(node_factory, args=None) -> int:
+    """The demos' main(): init, spin until Ctrl-C / SIGTERM / shutdown, then tear down cleanly.
+    Returns the exit code: 1 when the node could not start, else 0."""
     import rclpy
     from rclpy.signals import SignalHandlerOptions
     from rclpy.task import Future
@@ -84,11 +93,14 @@ def run_node(node_factory, args=None) -> None:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     node = executor = None
+    code = 0
     try:
         node = node_factory()
         executor = make_executor()
         executor.add_node(node)
         spin_until(executor, stop)
+    except StartFailed as exc:   # said by the node already; a dead node must not look alive
+        node, code = exc.node, 1
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
@@ -98,6 +110,7 @@ def run_node(node_factory, args=None) -> None:
             finalize_node(node)
             node.destroy_node()
         rclpy.try_shutdown()
+    return code
 
 
 def finalize_node(node) -> None:
@@ -112,15 +125,20 @@ def finalize_node(node) -> None:
         node.get_logger().debug(f'no shutdown transition on exit: {exc}')
 
 
-def run_lifecycle_node(node_factory, args=None) -> None:
+def run_lifecycle_node(node_factory, args=None) -> int:
     """run_node for a lifecycle node with an `autostart` parameter: standalone (`ros2 run`), it
-    configures and activates itself when autostart is true; else a lifecycle manager does."""
+    configures and activates itself when autostart is true, and exits 1 with the reason when it
+    cannot (a node left unconfigured would look alive to `ros2 node list` and to launch);
+    with autostart false a lifecycle manager drives it, and a failed transition is its to report."""
     from rclpy.lifecycle import TransitionCallbackReturn
 
     def started():
         node = node_factory()
         if node.get_parameter('autostart').value:
-            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-                node.trigger_activate()
+            for step in ('configure', 'activate'):
+                if getattr(node, f'trigger_{step}')() != TransitionCallbackReturn.SUCCESS:
+                    reason = getattr(node, 'configure_error', '') or 'see the lines above'
+                    node.get_logger().error(f'{step} failed ({reason}); exiting with code 1')
+                    raise StartFailed(node, reason)
         return node
-    run_node(started, args)
+    return run_node(started, args)

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from loom_ros.telemetry.logs import mask_text, mask_value
+from loom_ros.telemetry.logs import mask_node_logger, mask_text, mask_value
 
 DEFAULT_TOPICS = [
     'loom/ui/state', 'loom/ui/markers', 'router/decisions', 'loom/agent/face/action',
@@ -206,6 +206,7 @@ def _record_node(recorder: McapRecorder, topics: list[str]):
     class RecorderNode(Node):
         def __init__(self):
             super().__init__('loom_record')
+            mask_node_logger(self)   # every log line masked from the first (issue 13, fault 10)
             self.wanted = [self.resolve_topic_name(t) for t in topics]
             self.subs = {}
             self.problems: dict[str, str] = {}

@@ -15,6 +15,7 @@ Refusals and actuator commands go to the audit log (audit_db), see loom_ros/secu
 """
 from __future__ import annotations
 
+import sys
 from collections import Counter
 
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
@@ -30,6 +31,7 @@ from loom_ros.plugins.contract import PluginError
 from loom_ros.plugins.host import PluginHost, PluginSpec, PluginsFileError, load_plugins_file
 from loom_ros.security.audit import AuditError, AuditLog
 from loom_ros.security.capabilities import CapabilityConfigError
+from loom_ros.telemetry.logs import mask_node_logger
 
 PARAMETERS = [
     ParamSpec('plugins_file', "Plugins YAML; '' means the shipped config/plugins.yaml",
@@ -66,6 +68,7 @@ class PluginHostNode(LifecycleNode):
 
     def __init__(self, **kwargs):
         super().__init__('plugin_host', **kwargs)
+        mask_node_logger(self)   # every log line masked from the first (issue 13, fault 10)
         self.params = declare_parameters(self, 'plugin_host', PARAMETERS)
         self.bus = create_bus(self, 'plugin_host')
         self.host: PluginHost | None = None
@@ -222,9 +225,9 @@ class PluginHostNode(LifecycleNode):
                                           f'{exc}', throttle_duration_sec=1.0)
 
 
-def main(args=None):
-    run_lifecycle_node(PluginHostNode, args)
+def main(args=None) -> int:
+    return run_lifecycle_node(PluginHostNode, args)
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

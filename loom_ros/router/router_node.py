@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import sys
 import time
 import uuid
 
@@ -27,6 +28,7 @@ from loom_ros.router.policy import PolicyError, PolicyFile, load_policy
 from loom_ros.telemetry import tracing
 from loom_ros.telemetry.diagnostics import WARN, CheckResult, budget_check
 from loom_ros.telemetry.node_telemetry import attach_telemetry
+from loom_ros.telemetry.logs import mask_node_logger
 
 PARAMETERS = [
     ParamSpec('policy_file', "Routing policy YAML; '' means the shipped config/policy.yaml"),
@@ -48,6 +50,7 @@ class RouterNode(LifecycleNode):
 
     def __init__(self, **kwargs):
         super().__init__('router', **kwargs)
+        mask_node_logger(self)   # every log line masked from the first (issue 13, fault 10)
         self.params = declare_parameters(self, 'router', PARAMETERS)
         self.policy: PolicyFile | None = None
         self.history: RouterHistory | None = None
@@ -219,9 +222,9 @@ def _privacy(value: int):
         return value  # RouteRequest.check() refuses it with the reason
 
 
-def main(args=None):
-    run_lifecycle_node(RouterNode, args)
+def main(args=None) -> int:
+    return run_lifecycle_node(RouterNode, args)
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

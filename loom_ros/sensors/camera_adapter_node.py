@@ -21,6 +21,7 @@ from loom_ros.bus.executor import run_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.config.params import ParamSpec, declare_parameters
 from loom_ros.plugins.perception.image import CHANNELS
+from loom_ros.telemetry.logs import mask_node_logger
 
 PARAMETERS = [
     ParamSpec('image_topic', 'sensor_msgs/Image topic to read (relative: under the namespace)',
@@ -50,6 +51,7 @@ class CameraAdapterNode(Node):
 
     def __init__(self, **kwargs):
         super().__init__('camera_adapter', **kwargs)
+        mask_node_logger(self)   # every log line masked from the first (issue 13, fault 10)
         self.bus = create_bus(self, 'camera_adapter')
         self.params = declare_parameters(self, 'camera_adapter', PARAMETERS)
         self.stats = {'frames': 0, 'published': 0, 'rate_limited': 0, 'bad_frames': 0}

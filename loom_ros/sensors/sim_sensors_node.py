@@ -30,6 +30,7 @@ from loom_ros.bus.executor import run_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.config.params import ParamSpec, declare_parameters
 from loom_ros.sensors import scenes
+from loom_ros.telemetry.logs import mask_node_logger
 
 CAMERA_IMAGE_TOPIC = 'camera/front/image_raw'
 IMU_TOPIC = 'imu/data'
@@ -59,6 +60,7 @@ class SimSensorsNode(Node):
 
     def __init__(self, **kwargs):
         super().__init__('sim_sensors', **kwargs)
+        mask_node_logger(self)   # every log line masked from the first (issue 13, fault 10)
         self.bus = create_bus(self, 'sim_sensors')
         params = declare_parameters(self, 'sim_sensors', PARAMETERS)
         self.params = params
