@@ -1,0 +1,216 @@
+"""Fleet credentials: a small certificate authority and one identity (an ECDSA P-256 key and an
+X.509 certificate) per robot, Zenoh router and cloud server, made with `cryptography`.
+
+The certificate's common name is the identity's name (a robot id, `router`, `cloud`), which
+Zenoh's access control matches (`cert_common_names`); its organizational unit is the role. The
+same keys sign application messages (cloud replies, inbound commands), so a receiver knows who
+spoke even through a shared router. Layout under `keys_dir` (default `~/.loom/keys`, mode 0700):
+
+    ca.pem  ca.key              the authority (keep ca.key off robots in a real fleet)
+    <name>/cert.pem key.pem     one identity; ca.pem is all a peer needs to check it
+"""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+DEFAULT_KEYS_DIR = '~/.loom/keys'
+ROLES = ('robot', 'router', 'cloud', 'operator')
+_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_\-]{0,63}\Z')
+MAX_CERT_BYTES = 16 * 1024   # a certificate sent along with a message is bounded before parsing
+
+
+class CredentialsError(RuntimeError):
+    """Credentials that are missing, unreadable, not from this authority, or a bad name."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    role: str
+    cert: Path
+    key: Path
+    ca: Path
+
+    def cert_pem(self) -> bytes:
+        return self.cert.read_bytes()
+
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        return serialization.load_pem_private_key(self.key.read_bytes(), password=None)
+
+
+def keys_path(keys_dir: str | Path = DEFAULT_KEYS_DIR) -> Path:
+    return Path(os.path.expanduser(str(keys_dir)))
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise CredentialsError(f'identity name {name!r}: use 1-64 letters, digits, _ or -, '
+                               'starting with a letter or digit')
+    return name
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, 'wb') as out:
+        out.write(data)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def init_ca(keys_dir: str | Path = DEFAULT_KEYS_DIR, *, days: int = 3650,
+            force: bool = False) -> Path:
+    """Create the authority (ca.pem, ca.key); an existing one is kept unless `force`."""
+    root = keys_path(keys_dir)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca_pem, ca_key = root / 'ca.pem', root / 'ca.key'
+    if ca_pem.exists() and ca_key.exists() and not force:
+        return ca_pem
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 'Loom fleet CA')])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - datetime.timedelta(minutes=5))
+            .not_valid_after(_now() + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                         False), critical=True)
+            .sign(key, hashes.SHA256()))
+    _write_private(ca_key, key.private_bytes(serialization.Encoding.PEM,
+                                             serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
+    ca_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return ca_pem
+
+
+def issue(keys_dir: str | Path, name: str, role: str, *, days: int = 825,
+          hosts: tuple[str, ...] = ('localhost', '127.0.0.1'), force: bool = False) -> Identity:
+    """An identity signed by the authority: CN=name, OU=role, usable as TLS server and client
+    (Zenoh's mutual TLS) and for signing messages. An existing one is kept unless `force`."""
+    _check_name(name)
+    if role not in ROLES:
+        raise CredentialsError(f'role {role!r}: one of {", ".join(ROLES)}')
+    root = keys_path(keys_dir)
+    ca_cert, ca_key = _load_ca(root)
+    folder = root / name
+    if (folder / 'cert.pem').exists() and (folder / 'key.pem').exists() and not force:
+        found = load(root, name)
+        if found.role != role:
+            raise CredentialsError(f'identity {name!r} exists with role {found.role!r}, not '
+                                   f'{role!r} (use force to reissue)')
+        return found
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.DNSName(name)]
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+                                     x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - datetime.timedelta(minutes=5))
+            .not_valid_after(_now() + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    _write_private(folder / 'key.pem', key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    (folder / 'cert.pem').write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return Identity(name, role, folder / 'cert.pem', folder / 'key.pem', root / 'ca.pem')
+
+
+def load(keys_dir: str | Path, name: str) -> Identity:
+    """An identity issued before; a clear error naming the missing file otherwise."""
+    _check_name(name)
+    root = keys_path(keys_dir)
+    folder = root / name
+    for path in (root / 'ca.pem', folder / 'cert.pem', folder / 'key.pem'):
+        if not path.is_file():
+            raise CredentialsError(f'{path} is missing: run `loom keys init` and '
+                                   f'`loom keys issue {name}` (or `loom bringup` once, which makes '
+                                   'local credentials)')
+    name_, role = identity_of((folder / 'cert.pem').read_bytes(), (root / 'ca.pem').read_bytes())
+    return Identity(name_, role, folder / 'cert.pem', folder / 'key.pem', root / 'ca.pem')
+
+
+def ensure_local(keys_dir: str | Path, identities: dict[str, str]) -> dict[str, Identity]:
+    """The authority and every {name: role} identity, made on first use (loopback set-ups)."""
+    init_ca(keys_dir)
+    return {name: issue(keys_dir, name, role) for name, role in identities.items()}
+
+
+def _load_ca(root: Path):
+    try:
+        cert = x509.load_pem_x509_certificate((root / 'ca.pem').read_bytes())
+        key = serialization.load_pem_private_key((root / 'ca.key').read_bytes(), password=None)
+    except FileNotFoundError as exc:
+        raise CredentialsError(f'no certificate authority in {root} ({exc.filename} missing): '
+                               'run `loom keys init` first') from None
+    except ValueError as exc:
+        raise CredentialsError(f'the certificate authority in {root} is unreadable: {exc}') \
+            from None
+    return cert, key
+
+
+def identity_of(cert_pem: bytes, ca_pem: bytes, now: datetime.datetime | None = None) \
+        -> tuple[str, str]:
+    """(name, role) of a certificate the authority signed and that is valid now; else
+    CredentialsError. Bounded before parsing: it may come from a stranger."""
+    if not isinstance(cert_pem, (bytes, bytearray)) or len(cert_pem) > MAX_CERT_BYTES:
+        raise CredentialsError('certificate missing or larger than 16 KiB')
+    try:
+        cert = x509.load_pem_x509_certificate(bytes(cert_pem))
+        ca = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError as exc:
+        raise CredentialsError(f'unreadable certificate: {exc}') from None
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise CredentialsError('certificate not issued by this fleet\'s authority') from None
+    when = now or _now()
+    if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
+        raise CredentialsError('certificate expired or not yet valid')
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    roles = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if not names or not roles or roles[0].value not in ROLES:
+        raise CredentialsError('certificate without a Loom name and role')
+    return str(names[0].value), str(roles[0].value)
+
+
+def sign(identity: Identity, data: bytes) -> bytes:
+    """An ECDSA-SHA256 signature of `data` by this identity's key."""
+    return identity.private_key().sign(data, ec.ECDSA(hashes.SHA256()))
+
+
+def verify(cert_pem: bytes, ca_pem: bytes, data: bytes, signature: bytes) -> tuple[str, str]:
+    """(name, role) of who signed `data`, if the certificate is the fleet's and the signature its;
+    else CredentialsError."""
+    who = identity_of(cert_pem, ca_pem)
+    if not isinstance(signature, (bytes, bytearray)) or len(signature) > 256:
+        raise CredentialsError('signature missing or too long')
+    public = x509.load_pem_x509_certificate(bytes(cert_pem)).public_key()
+    try:
+        public.verify(bytes(signature), data, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise CredentialsError(f'bad signature for {who[0]}') from None
+    return who
