@@ -4,9 +4,11 @@
 Out: events on allowed topics go to Zenoh unless the privacy gate refuses them (Private and
 LocalOnly never leave; each refusal is counted and written to the audit file). Batched and
 Background events wait in a bounded outbox while nobody on the Zenoh side can receive them
-(router down, no subscriber yet); Realtime events are not queued. In: samples under this robot's
-own key that the inbound patterns allow are published on the bus. Status (counters, connection)
-is published as JSON on `zenoh_bridge/status`.
+(router down, no subscriber yet); Realtime events are not queued. Sensitive events that leave are
+sealed to the cloud identity's certificate (seal_sensitive). In: samples under this robot's own
+key reach the bus only as the inbound contract (inbound_file) declares; actuator commands must be
+signed by a granted identity and each is audited (audit_db) with its sender. Status (counters,
+connection) is published as JSON on `zenoh_bridge/status`.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from loom_ros.bridge.core import Bridge, BridgeConfig
+from loom_ros.bridge.inbound import ContractError
 from loom_ros.bridge.gate import PrivacyGate
 from loom_ros.bridge.keys import robot_key_expr
 from loom_ros.bridge.zenoh_link import MODES, ZenohLink, session_config
@@ -28,9 +31,13 @@ from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import EventRejected
 from loom_ros.bus.executor import run_lifecycle_node
 from loom_ros.bus.qos import to_qos_profile
-from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters, node_defaults
+from loom_ros.config.params import (
+    ConfigError, ParamSpec, config_dir, declare_parameters, node_defaults, read_yaml,
+)
 from loom_ros.config.paths import usable_file
 from loom_ros.router.policy import PolicyError, load_policy
+from loom_ros.security import keys, sealed
+from loom_ros.security.audit import AuditError, AuditLog
 from loom_ros.telemetry.logs import mask_node_logger
 
 STATUS_TOPIC = 'zenoh_bridge/status'
@@ -43,6 +50,7 @@ SERVICE_BATCH = 500
 # Inbound samples waiting for the executor; past it new samples are dropped and counted.
 INBOX_MAX = 10000
 SECTION = 'zenoh_bridge'
+SEAL_MODES = ('auto', 'on', 'off')
 
 PARAMETERS = [
     ParamSpec('robot_id', "This robot's id: the second segment of every key (loom/<robot_id>/...)",
@@ -57,6 +65,16 @@ PARAMETERS = [
               'means the shipped config/policy.yaml', read_only=True),
     ParamSpec('audit_file', "JSON-lines file of every privacy refusal ('' : log only); '~' expands",
               read_only=True),
+    ParamSpec('inbound_file', "Inbound contract YAML (rules, grants, actuators); '' means the "
+              'shipped config/inbound.yaml', read_only=True),
+    ParamSpec('audit_db', 'SQLite audit log of every inbound actuator command and refusal, with '
+              "its sender ('~' expands)", read_only=True),
+    ParamSpec('keys_dir', 'Fleet credentials (ca.pem, <name>/cert.pem): checks signed commands '
+              'and finds the cloud certificate', read_only=True),
+    ParamSpec('cloud_cert', "Certificate Sensitive payloads are sealed to; '' means "
+              '<keys_dir>/cloud/cert.pem', read_only=True),
+    ParamSpec('seal_sensitive', 'auto: seal Sensitive payloads to the cloud when its certificate '
+              'exists; on: required (configure fails without it); off: never', read_only=True),
     ParamSpec('status_period_s', 'Seconds between status messages on zenoh_bridge/status',
               read_only=True, min_value=0.01, max_value=3600.0),
     ParamSpec('autostart', 'Configure and activate on start when run standalone', read_only=True),
@@ -66,8 +84,6 @@ LIST_PARAMETERS = {
     'listen': 'Zenoh endpoints to listen on (peer mode)',
     'out_allow': 'Loom topic patterns sent to Zenoh',
     'out_deny': 'Loom topic patterns never sent, even when allowed',
-    'in_allow': "Loom topic patterns accepted from Zenoh (under this robot's key only)",
-    'in_deny': 'Loom topic patterns never accepted',
 }
 
 
@@ -86,6 +102,7 @@ class ZenohBridgeNode(LifecycleNode):
         self._inbox_dropped = 0
         self._inbox_lock = threading.Lock()  # for the drop counter only; never held over Zenoh
         self._audit = None
+        self._commands: AuditLog | None = None
         self._wake = None
         self._configured = False
         self.configure_error = ''   # why the last configure failed (loom bringup prints it)
@@ -115,17 +132,24 @@ class ZenohBridgeNode(LifecycleNode):
         from std_msgs.msg import String
         p = self.params
         try:
-            config = BridgeConfig.from_params(p)
+            inbound_file = p['inbound_file'] or config_dir() / 'inbound.yaml'
+            try:
+                config = BridgeConfig.from_params(p, read_yaml(inbound_file, ContractError))
+            except ContractError as exc:
+                raise ValueError(f'{SECTION}.inbound_file {inbound_file}: {exc}') from None
+            ca_pem, seal_to = self._credentials(p)
             if p['mode'] not in MODES:
                 raise ValueError(f"{SECTION}.mode must be peer or client, got {p['mode']!r}")
             session_config(p['mode'], p['connect'], p['listen'], p['multicast_scouting'])
             policy = load_policy(p['policy_file'] or config_dir() / 'policy.yaml')
             audit = usable_file(p['audit_file'], f'{SECTION}.audit_file') if p['audit_file'] \
                 else None
-        except (ValueError, PolicyError) as exc:   # ConfigError (a bad path) is a ValueError
+            commands = AuditLog(usable_file(p['audit_db'], f'{SECTION}.audit_db'))
+        except (ValueError, PolicyError, AuditError) as exc:   # ConfigError is a ValueError
             self.configure_error = str(exc)   # loom bringup prints it
             self.get_logger().error(f'cannot configure: {exc}')
             return TransitionCallbackReturn.FAILURE
+        self._commands = commands
         self.bus = create_bus(self, SECTION)
         if audit is not None:
             self._audit = open(audit, 'a', encoding='utf-8')
@@ -134,23 +158,53 @@ class ZenohBridgeNode(LifecycleNode):
             lambda: session_config(p['mode'], p['connect'], p['listen'], p['multicast_scouting']),
             logger=self.get_logger())
         self.bridge = Bridge(config, self.link, self.bus.topic_qos.level_for,
-                             PrivacyGate(policy), self._record_refusal)
+                             PrivacyGate(policy), self._record_refusal,
+                             command_audit=self._record_command, ca_pem=ca_pem, seal_to=seal_to)
         self.status_pub = self.create_lifecycle_publisher(String, STATUS_TOPIC,
                                                           to_qos_profile('realtime'))
         self._timer = self.create_timer(p['status_period_s'], self._tick)
         self._configured = True
         self.get_logger().info(
             f"configured: robot {config.robot_id}, {p['mode']} to {p['connect'] or 'scouting'}, "
-            f"out {p['out_allow']} minus {p['out_deny']}, in {p['in_allow']} minus {p['in_deny']}")
+            f"out {p['out_allow']} minus {p['out_deny']}, in by {len(config.inbound.rules)} rules "
+            f"of {inbound_file}, Sensitive payloads {'sealed' if seal_to else 'NOT sealed'}")
         return TransitionCallbackReturn.SUCCESS
+
+    def _credentials(self, p: dict):
+        """(CA PEM or None, the cloud's public key or None) as keys_dir, cloud_cert and
+        seal_sensitive say; ValueError when `on` cannot be honoured or a cert is not the fleet's."""
+        if p['seal_sensitive'] not in SEAL_MODES:
+            raise ValueError(f"{SECTION}.seal_sensitive must be one of {', '.join(SEAL_MODES)}, "
+                             f"got {p['seal_sensitive']!r}")
+        root = keys.keys_path(p['keys_dir'])
+        ca = root / 'ca.pem'
+        ca_pem = ca.read_bytes()[:keys.MAX_CERT_BYTES + 1] if ca.is_file() else None
+        cert = Path(os.path.expanduser(p['cloud_cert'])) if p['cloud_cert'] \
+            else root / 'cloud' / 'cert.pem'
+        if p['seal_sensitive'] == 'off' or (p['seal_sensitive'] == 'auto' and not cert.is_file()):
+            if p['seal_sensitive'] == 'auto':
+                self.get_logger().warning(f'no cloud certificate at {cert}: Sensitive payloads '
+                                          'that leave are not sealed')
+            return ca_pem, None
+        if ca_pem is None:
+            raise ValueError(f'{SECTION}.seal_sensitive: no fleet authority at {ca} to check '
+                             f'the cloud certificate {cert}')
+        try:
+            pem = cert.read_bytes()[:keys.MAX_CERT_BYTES + 1]
+            _, role = keys.identity_of(pem, ca_pem)
+            if role != 'cloud':
+                raise keys.CredentialsError(f'its role is {role}, not cloud')
+            return ca_pem, sealed.recipient_key(pem)
+        except (OSError, keys.CredentialsError) as exc:
+            raise ValueError(f'{SECTION}.cloud_cert {cert}: {exc}') from None
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         allow = [r.text for r in self.bridge.config.rules.out.allow]
         for index, pattern in enumerate(allow):
             self._subs.append(self.bus.subscribe(
                 pattern, lambda event, topic, i=index: self._on_bus_event(event, topic, i)))
-        for pattern in self.bridge.config.rules.inbound.allow:
-            self.link.subscribe(robot_key_expr(self.bridge.config.robot_id, pattern),
+        for rule in self.bridge.config.inbound.rules:
+            self.link.subscribe(robot_key_expr(self.bridge.config.robot_id, rule.key),
                                 self._on_zenoh_sample)
         self.link.start()
         return super().on_activate(state)
@@ -196,6 +250,7 @@ class ZenohBridgeNode(LifecycleNode):
         if self._audit is not None:
             self._audit.close()
             self._audit = None
+        self._commands.close()
 
     # -- data paths -----------------------------------------------------------------------
     def _on_bus_event(self, event, topic: str, index: int) -> None:
@@ -246,6 +301,15 @@ class ZenohBridgeNode(LifecycleNode):
         self.get_logger().warning(
             f"privacy: {record['reason']} event {record['event_id']} on {record['topic']} "
             'kept on the robot', throttle_duration_sec=5.0)
+
+    def _record_command(self, record: dict) -> None:
+        """An inbound actuator command or refusal into the audit log (raises AuditError: the
+        command is then refused)."""
+        self._commands({'plugin': SECTION, 'robot_id': self.bridge.config.robot_id, **record})
+        if record['kind'] == 'inbound_refused':
+            self.get_logger().warning(
+                f"inbound {record['reason']} on {record['topic']} from "
+                f"{record.get('sender', 'an unauthenticated sender')}", throttle_duration_sec=5.0)
 
     def _tick(self) -> None:
         from std_msgs.msg import String

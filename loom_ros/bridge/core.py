@@ -3,26 +3,42 @@
 `Bridge.send` takes an event from the robot's bus and either puts it on Zenoh, queues it in the
 bounded outbox (Batched and Background while the key cannot be delivered), or refuses it with a
 counted reason (denied by pattern, refused by the privacy gate and audited, Realtime while
-disconnected). `Bridge.receive` turns a Zenoh sample for this robot into a bus event.
+disconnected). A Sensitive event the gate lets out is sealed to the cloud identity when a
+cloud key is given (only the cloud tier can read it, even through a shared router).
+`Bridge.receive` turns a Zenoh sample for this robot into a bus event only as the inbound
+contract says (bridge/inbound.py: declared rules, rates, signed and granted senders for actuator
+topics, no replays), every refusal counted and every actuator command audited with its sender.
 The transport is anything with `connected`, `ready(key)` and `put(key, data, level)`.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from loom_ros.bridge import codec
 from loom_ros.bridge.gate import BridgeRules, DirectionRules, PrivacyGate
+from loom_ros.bridge.inbound import (
+    ContractError, InboundContract, ReplayGuard, TokenBucket, is_signed, read_signed, ruled_event,
+)
 from loom_ros.bridge.keys import parse_robot_key, robot_key, validate_robot_id
 from loom_ros.bridge.outbox import Outbox, Pending
-from loom_ros.bus.event import DEFAULT_MAX_PAYLOAD_BYTES, Event, EventRejected
+from loom_ros.bus.event import DEFAULT_MAX_PAYLOAD_BYTES, Event, EventRejected, Privacy
 from loom_ros.bus.names import TopicNameError
 from loom_ros.bus.privacy import effective_privacy
 from loom_ros.bus.qos import QosLevel
+from loom_ros.security import keys, sealed
+from loom_ros.security.keys import CredentialsError
 
 ECHO_MEMORY = 10000  # ids of events the bridge brought in, so it never sends them back out
+# Refusals before the rate limit (unsigned, unreadable envelopes, over the rate) are audited at
+# most once per reason per this many seconds, with how many were not: a flood cannot flood the
+# audit log. Those after it are bounded by the rate and each audited.
+AUDIT_THROTTLE_S = 1.0
 
 
 class Transport(Protocol):
@@ -39,36 +55,62 @@ class BridgeConfig:
     rules: BridgeRules
     buffer_max_events: int = 10000
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    inbound: InboundContract = field(default_factory=InboundContract)
 
     @classmethod
-    def from_params(cls, params: dict) -> 'BridgeConfig':
-        """From the node's parameters; ValueError (with the key) on anything unusable."""
+    def from_params(cls, params: dict, inbound: object = None) -> 'BridgeConfig':
+        """From the node's parameters and the inbound file's YAML; ValueError (with the key)
+        on anything unusable."""
         try:
             robot_id = validate_robot_id(params['robot_id'])
-            rules = BridgeRules(
-                out=DirectionRules.parse(params['out_allow'], params['out_deny']),
-                inbound=DirectionRules.parse(params['in_allow'], params['in_deny']))
-        except (ValueError, TopicNameError) as exc:
+            rules = BridgeRules(out=DirectionRules.parse(params['out_allow'], params['out_deny']))
+            contract = InboundContract.parse(inbound)
+        except (ValueError, TopicNameError, ContractError) as exc:
             raise ValueError(f'zenoh_bridge: {exc}') from None
         bound = int(params['buffer_max_events'])
         if bound < 1:
             raise ValueError(f'zenoh_bridge: buffer_max_events must be >= 1, got {bound}')
         return cls(robot_id, rules, bound, int(params.get('max_payload_bytes',
-                                                          DEFAULT_MAX_PAYLOAD_BYTES)))
+                                                          DEFAULT_MAX_PAYLOAD_BYTES)), contract)
+
+
+def open_sealed(identity, key: str, data: bytes,
+                max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Event:
+    """The event in a sealed sample (what the cloud tier does with one): CredentialsError when
+    it is not for `identity` or altered, EventRejected when what is inside is not an event."""
+    return codec.decode(sealed.unseal(identity, data, key.encode()), max_payload_bytes)
 
 
 class Bridge:
     def __init__(self, config: BridgeConfig, transport: Transport,
                  level_for: Callable[[str], QosLevel], gate: PrivacyGate | None = None,
-                 audit: Callable[[dict], None] | None = None):
+                 audit: Callable[[dict], None] | None = None, *,
+                 command_audit: Callable[[dict], None] | None = None,
+                 ca_pem: bytes | None = None,
+                 seal_to: ec.EllipticCurvePublicKey | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000):
+        """`audit` gets privacy refusals; `command_audit` every inbound actuator command and
+        refusal (it raises when it cannot store one: the command is then refused). `ca_pem`
+        checks signed senders (none: granted rules refuse everything); `seal_to` is the cloud
+        identity's public key that Sensitive payloads are sealed to (none: not sealed)."""
         self.config = config
         self.transport = transport
         self.level_for = level_for
         self.gate = gate or PrivacyGate()
         self.audit = audit or (lambda record: None)
+        self.command_audit = command_audit or (lambda record: None)
+        self.ca_pem = ca_pem
+        self.seal_to = seal_to
+        self.clock = clock
         self.outbox = Outbox(config.buffer_max_events)
         self.stats: Counter = Counter()
         self._echo: OrderedDict[str, None] = OrderedDict()
+        contract = config.inbound
+        self._buckets = {id(r): TokenBucket(r.rate, r.burst, clock) for r in contract.rules}
+        self._replay = ReplayGuard(contract.replay_window_s, wall_ms)
+        self._audited_at: dict[str, float] = {}
+        self._suppressed: Counter = Counter()
 
     # -- out: bus -> Zenoh ----------------------------------------------------------------
     def send(self, event: Event, topic: str) -> str:
@@ -87,6 +129,9 @@ class Bridge:
         key = robot_key(self.config.robot_id, topic)
         level = self.level_for(topic)
         data = codec.encode(event)
+        if self.seal_to is not None and effective_privacy(event) is Privacy.SENSITIVE:
+            data = sealed.seal_to(self.seal_to, data, key.encode())   # the key is bound in
+            self.stats['sealed'] += 1
         if level is QosLevel.REALTIME:
             # A late realtime sample is worth nothing: never queued, but a drop is counted.
             if not self.transport.connected:
@@ -136,19 +181,85 @@ class Bridge:
         if robot_id != self.config.robot_id:
             self._count('rejected_other_robot')
             return None
-        if not self.config.rules.inbound.allows(topic):
+        contract = self.config.inbound
+        rule = contract.rule_for(topic)
+        if rule is None:
             self._count('denied_inbound')
             return None
+        path, topic = topic, rule.bus_topic(topic)
+        actuator = contract.is_actuator(topic)
+        where = {'key': key[:300], 'topic': topic, 'rule': rule.key.text}
+        if actuator and rule.grant is None:   # a wildcard rule never reaches an actuator
+            return self._refuse('actuator_without_grant', where, throttled=True)
+        signed = None
+        if rule.grant is not None:
+            if not is_signed(data):
+                return self._refuse('unsigned', where, throttled=True)
+            try:
+                signed = read_signed(data)
+            except CredentialsError:
+                return self._refuse('bad_envelope', where, throttled=True)
+        if not self._buckets[id(rule)].take():
+            return self._refuse('rate_limited', where, throttled=True)
+        sender = {}
+        if signed is not None:
+            if self.ca_pem is None:
+                return self._refuse('no_credentials', where)
+            try:
+                name, role = keys.verify(signed.cert_pem, self.ca_pem, signed.signed_bytes(key),
+                                         signed.signature)
+            except CredentialsError as exc:
+                return self._refuse('bad_signature', {**where, 'error': str(exc)[:200]})
+            sender = {'sender': name, 'sender_role': role, 'grant': rule.grant}
+            if not contract.holds(name, role, rule.grant):
+                return self._refuse('not_granted', {**where, **sender})
+            verdict = self._replay.check(signed.ts_ms, signed.nonce)
+            if verdict is not None:
+                return self._refuse(verdict, {**where, **sender, 'ts_ms': signed.ts_ms})
+            data = signed.sample
         try:
             event = codec.decode(data, self.config.max_payload_bytes)
         except EventRejected:
+            if actuator or signed is not None:
+                return self._refuse('malformed', {**where, **sender})
             self._count('rejected_malformed')
             return None
+        event = ruled_event(event, rule)
+        if actuator or signed is not None:
+            try:
+                self.command_audit({'kind': 'inbound_command', **where, **sender,
+                                    'event_id': event.id, 'event_type': event.type,
+                                    'privacy': rule.privacy.name, 'path': path})
+            except Exception:   # not audited, not executed (the audit log fails closed)
+                return self._count_none('refused_audit_failed')
         self._echo[event.id] = None
         if len(self._echo) > ECHO_MEMORY:
             self._echo.popitem(last=False)
         self._count('received')
         return topic, event
+
+    def _refuse(self, reason: str, where: dict, throttled: bool = False) -> None:
+        """Count a refused inbound sample; audit it (throttled per reason when `throttled`)."""
+        self._count(f'refused_{reason}')
+        if throttled:
+            now = self.clock()
+            last = self._audited_at.get(reason)
+            if last is not None and now - last < AUDIT_THROTTLE_S:
+                self._suppressed[reason] += 1
+                return None
+            self._audited_at[reason] = now
+        record = {'kind': 'inbound_refused', 'reason': reason, **where}
+        if throttled:
+            record['suppressed_before'] = self._suppressed.pop(reason, 0)
+        try:
+            self.command_audit(record)
+        except Exception:   # the refusal stands; the failure to record it is counted
+            self._count('audit_failed')
+        return None
+
+    def _count_none(self, what: str) -> None:
+        self._count(what)
+        return None
 
     def _count(self, what: str) -> str:
         self.stats[what] += 1

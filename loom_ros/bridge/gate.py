@@ -66,8 +66,9 @@ class DirectionRules:
 
 @dataclass(frozen=True)
 class BridgeRules:
+    """Outbound patterns; what comes in is the inbound contract's (bridge/inbound.py)."""
+
     out: DirectionRules = field(default_factory=DirectionRules)
-    inbound: DirectionRules = field(default_factory=DirectionRules)
 
 
 class PrivacyGate:

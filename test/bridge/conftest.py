@@ -65,15 +65,28 @@ class BridgeStatus:
         return self.last.get(key, default)
 
 
+def open_inbound(*patterns: str, privacy: str = 'public', rate: float = 1e6) -> dict:
+    """An inbound contract letting every sample under `patterns` in (no actuator among them)."""
+    return {'rules': [{'key': p, 'privacy': privacy, 'rate': rate, 'burst': rate}
+                      for p in patterns]}
+
+
 @pytest.fixture
 def bridge(ros, spawn, tmp_path):
-    """start(namespace, port, **params) runs a bridge node in its own process; returns
-    (proc, status, audit_path)."""
-    def start(namespace: str, port: int, **params):
-        audit = tmp_path / f'{namespace.strip("/")}_audit.jsonl'
-        values = {'robot_id': namespace.strip('/'), 'mode': 'client',
+    """start(namespace, port, inbound=<contract dict, or a list of patterns let in openly>,
+    **params) runs a bridge node in its own process; returns (proc, status, audit_path). Credentials come from `keys_dir` (default: an
+    empty folder, so nothing is sealed) and commands are audited to tmp_path/<robot>_audit.db."""
+    def start(namespace: str, port: int, inbound: dict | None = None, **params):
+        name = namespace.strip('/')
+        audit = tmp_path / f'{name}_audit.jsonl'
+        inbound_file = tmp_path / f'{name}_inbound.yaml'
+        if isinstance(inbound, (list, tuple)):
+            inbound = open_inbound(*inbound)
+        inbound_file.write_text(yaml.safe_dump(inbound or {'rules': []}))
+        values = {'robot_id': name, 'mode': 'client',
                   'connect': [endpoint(port)], 'audit_file': str(audit),
-                  'status_period_s': 0.05, **params}
+                  'inbound_file': str(inbound_file), 'audit_db': str(tmp_path / f'{name}_audit.db'),
+                  'keys_dir': str(tmp_path / 'no_keys'), 'status_period_s': 0.05, **params}
         values.setdefault('bus', {}).setdefault('discovery_period_s', 0.1)
         path = tmp_path / f'{namespace.strip("/")}_params.yaml'
         path.write_text(yaml.safe_dump({'/**': {'ros__parameters': values}}))

@@ -18,7 +18,7 @@ def _sample(header: bytes, payload: bytes = b'') -> bytes:
 def test_deeply_nested_and_oversized_samples_are_counted_and_the_bridge_keeps_serving(
         ros, port, zenoh_router, zsession, bridge, robot_bus):
     zenoh_router(port)
-    proc, status, _ = bridge('/rh', port, in_allow=['fleet.**'])
+    proc, status, _ = bridge('/rh', port, inbound=['fleet.**'])
     bus = robot_bus('/rh')
     got = []
     bus.subscribe('fleet.cmd', lambda e, t: got.append(e))

@@ -35,7 +35,7 @@ def test_qos_mapping_metadata_privacy_and_inbound(ros, port, zenoh_router, zsess
     zenoh_router(port)
     proc, status, audit = bridge(
         '/r1', port, out_allow=['agent.*.intent', 'sensor.imu.motion', 'log.**'],
-        in_allow=['fleet.**'], bus={'topic_qos': [*BACKGROUND_QOS, 'sensor.**=realtime',
+        inbound=['fleet.**'], bus={'topic_qos': [*BACKGROUND_QOS, 'sensor.**=realtime',
                                                   'agent.*.intent=batched']})
     bus = robot_bus('/r1', BACKGROUND_QOS)
     session = zsession(port)
@@ -146,7 +146,7 @@ def test_two_robots_stay_apart(ros, port, zenoh_router, zsession, bridge, robot_
     procs, buses, inbound = {}, {}, {}
     for robot in ('ta', 'tb'):
         procs[robot], _, _ = bridge(f'/{robot}', port, out_allow=['agent.*.intent'],
-                                    in_allow=['fleet.**', 'agent.*.intent'])
+                                    inbound=['fleet.**', 'agent.*.intent'])
         buses[robot] = robot_bus(f'/{robot}')
         inbound[robot] = []
         buses[robot].subscribe('fleet.cmd', lambda e, t, r=robot: inbound[r].append(e))

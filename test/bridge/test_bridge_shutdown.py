@@ -21,7 +21,7 @@ BURST = 3000
 def test_sigterm_after_a_burst_exits_cleanly_with_counters(ros, port, zenoh_router, zsession,
                                                            bridge, robot_bus, wait_subscribed):
     zenoh_router(port)
-    proc, status, _ = bridge('/sd', port, out_allow=['agent.*.intent'], in_allow=['fleet.**'],
+    proc, status, _ = bridge('/sd', port, out_allow=['agent.*.intent'], inbound=['fleet.**'],
                              buffer_max_events=100000)
     bus = robot_bus('/sd')
     session = zsession(port)

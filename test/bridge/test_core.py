@@ -90,8 +90,8 @@ class Recorder:
 def make_bridge(policy=None, bound=100):
     config = BridgeConfig.from_params({
         'robot_id': 'r1', 'out_allow': ['agent.*.intent', 'sensor.**', 'log.**'],
-        'out_deny': ['log.secret'], 'in_allow': ['fleet.**'], 'in_deny': [],
-        'buffer_max_events': bound})
+        'out_deny': ['log.secret'], 'buffer_max_events': bound},
+        {'rules': [{'key': 'fleet.**', 'privacy': 'public', 'rate': 1000}]})
     levels = {'sensor': QosLevel.REALTIME, 'log': QosLevel.BACKGROUND}
     audit = []
     transport = Recorder()
@@ -167,8 +167,7 @@ def test_receive_only_this_robots_allowed_wellformed_events_and_no_echo():
 
 
 def test_config_errors_name_the_key():
-    base = {'robot_id': 'r1', 'out_allow': ['a'], 'out_deny': [], 'in_allow': [], 'in_deny': [],
-            'buffer_max_events': 10}
+    base = {'robot_id': 'r1', 'out_allow': ['a'], 'out_deny': [], 'buffer_max_events': 10}
     for change, words in [({'robot_id': 'a/b'}, 'robot_id'), ({'out_allow': ['a/b']}, 'a/b'),
                           ({'buffer_max_events': 0}, 'buffer_max_events')]:
         with pytest.raises(ValueError, match=words):
