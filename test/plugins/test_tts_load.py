@@ -19,7 +19,7 @@ TEXTS = [   # answers of the voice flow's length: synthesis takes longer than py
     'Turning left now, then going forward two metres to the charging station by the door.',
     'The weather in Tokyo is sunny with a light breeze from the south east, twenty two degrees, '
     'and it stays dry until the evening.',
-    'I could not find that in my calendar, sorry. Please ask me again in a moment.']
+    'I could not find that in my calendar, sorry.']
 
 
 @pytest.fixture
@@ -35,7 +35,9 @@ def cpu_burners():
 @pytest.mark.parametrize('isolation', ['process', 'inline'])
 def test_every_synthesis_under_load_gives_a_complete_wav(tmp_path, cpu_burners, isolation):
     with Speaker(TtsConfig(isolation=isolation, timeout_s=60)) as speaker:
-        reference = {}   # espeak-ng varies an utterance's length by a few samples, no more
+        # espeak-ng varies an utterance's length by up to ~1 % (seen: 127,749 vs 126,322 samples);
+        # a cut WAV or another text's audio is off by far more than 3 % (the texts differ by 25 %+).
+        reference = {}
         for i, text in enumerate(TEXTS):
             reference[text] = read_wav(speaker.say(text, tmp_path / f'ref{i}.wav').path)[0].size
         failures: list[str] = []
@@ -50,7 +52,7 @@ def test_every_synthesis_under_load_gives_a_complete_wav(tmp_path, cpu_burners, 
                 except Exception as exc:   # what the voice flow saw as a failed answer
                     failures.append(f'{path.name}: {exc}')
                     continue
-                if abs(samples.size - reference[text]) > reference[text] // 100:
+                if abs(samples.size - reference[text]) > reference[text] * 3 // 100:
                     failures.append(f'{path.name}: {samples.size} samples, expected about '
                                     f'{reference[text]} for {text!r}')   # cut or mixed up
         threads = [threading.Thread(target=speak, args=(w,)) for w in range(3)]
