@@ -5,26 +5,42 @@ The router decides routes; callers execute them. `execute_route(decision, reques
 cloud_client)` runs Local / LocalFallback locally, Cloud in the cloud (falling back to local when
 the cloud fails or runs out of budget), Hybrid as a local answer refined by the cloud, and returns
 the answer with an Outcome for the router's `router/outcomes` topic. Only what privacy allows is
-sent: Private and LocalOnly never; Sensitive only as an embedding computed here.
-No rclpy (outcome_msg imports loom_msgs lazily).
+sent: Private and LocalOnly never; Sensitive only as an embedding computed here, sealed to the
+cloud identity's certificate (security/sealed.py) so that only the cloud can read it, even
+through a shared router.
+
+Every request is signed with the robot's identity; a reply counts only if it is signed by a
+`cloud` identity of the fleet's authority over this very request (id and digest). Anything else
+(a fake queryable echoing the id, a robot's key, a stale or altered reply) is counted as
+`forged_reply` and the client keeps waiting for a genuine one. The first attempt goes to one
+server (Zenoh's BEST_MATCHING picks among the live ones: load spread) with half the budget left;
+a retry (no server left, a dead one, busy, forged) asks ALL servers and takes the first
+authentic answer (failover). No rclpy (outcome_msg imports loom_msgs lazily).
 """
 from __future__ import annotations
 
+import base64
 import math
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from loom_ros.bus.event import Privacy
 from loom_ros.cloud.protocol import (
-    KEY_PREFIX, RETRYABLE, ReplyInvalid, encode, parse_reply, task_key,
+    KEY_PREFIX, MAX_MESSAGE_BYTES, RETRYABLE, ReplyInvalid, Signer, Verifier, digest, encode,
+    parse_reply, reply_signed_bytes, sealed_aad, task_key, unpack,
 )
+from loom_ros.security import keys, sealed
+from loom_ros.security.keys import CredentialsError
 from loom_ros.router.decision import Route
 from loom_ros.router.history import Outcome
 
 MIN_ATTEMPT_MS = 5.0   # below this much budget left, another attempt cannot succeed
+FIRST_ATTEMPT_SHARE = 0.5   # of the budget, for the one server picked first (failover room)
+HELLO_BUDGET_MS = 1000.0    # to learn the cloud's certificate before sealing to it
 
 
 class UploadRefused(RuntimeError):
@@ -41,22 +57,42 @@ class CloudResult:
     cost: float = 0.0
     attempts: int = 0
     model: str = ''
+    server: str = ''        # which cloud server instance answered
 
 
 class CloudClient:
-    """Requests to the cloud server over a zenoh.Session (the caller owns the session)."""
+    """Signed requests to the cloud tier over a zenoh.Session (the caller owns the session),
+    accepting only the cloud identity's signed answers."""
 
-    def __init__(self, session, *, prefix: str = KEY_PREFIX, embedder=None, retries: int = 2):
+    def __init__(self, session, identity: keys.Identity, *, prefix: str = KEY_PREFIX,
+                 embedder=None, retries: int = 2, cloud_cert: bytes | None = None,
+                 clock=time.time):
         self.session = session
         self.prefix = prefix
-        self.embedder = embedder  # for Sensitive requests: embed here, send the vector
+        self.embedder = embedder  # for Sensitive requests: embed here, send the vector (sealed)
         self.retries = retries
+        self.clock = clock
+        self.signer = Signer(identity)
+        self.ca_pem = identity.ca.read_bytes()
+        self.verifier = Verifier(self.ca_pem, ('cloud',), clock=clock)
+        self.cloud_cert = cloud_cert  # to seal to; else learned from the first verified answer
         self.stats: Counter = Counter()
         self.spent = 0.0
         self.ledger: list[dict] = []  # per answered request: task, cost, latency (bounded)
 
+    @classmethod
+    def from_keys(cls, session, keys_dir, name: str, **kwargs) -> 'CloudClient':
+        """A client signing as identity `name` from `keys_dir` (the cloud's certificate, when
+        that folder holds one, is what Sensitive bodies are sealed to)."""
+        identity = keys.load(keys_dir, name)
+        cloud = keys.keys_path(keys_dir) / kwargs.pop('cloud_name', 'cloud') / 'cert.pem'
+        if 'cloud_cert' not in kwargs and Path(cloud).is_file():
+            kwargs['cloud_cert'] = Path(cloud).read_bytes()
+        return cls(session, identity, **kwargs)
+
     def infer(self, task: str, body: dict, budget_ms: float = 1000.0) -> CloudResult:
-        """One request, retried on timeouts and transient errors while the budget lasts."""
+        """One request, retried on timeouts, transient errors and forged answers while the
+        budget lasts."""
         start = time.perf_counter()
         deadline = start + (budget_ms / 1000.0 if math.isfinite(budget_ms) else 30.0)
         result = CloudResult(False, code='budget', error=f'budget of {budget_ms:g} ms too small')
@@ -66,47 +102,98 @@ class CloudClient:
             if remaining_ms < MIN_ATTEMPT_MS:
                 break
             attempts += 1
-            result = self._attempt(task, body, remaining_ms)
-            if result.ok or result.code not in RETRYABLE | {'timeout', 'no_server'}:
+            first = attempts == 1 and self.retries > 0
+            result = self._attempt(task, body, remaining_ms * FIRST_ATTEMPT_SHARE if first
+                                   else remaining_ms, spread=first)
+            if result.ok or result.code not in RETRYABLE | {'timeout', 'no_server', 'forged'}:
                 break
             self.stats[f'retry_{result.code}'] += 1
-            if result.code == 'no_server':  # nothing answered at once: wait a little, not spin
+            if result.code == 'no_server' and attempts > 1:  # none twice: wait a little
                 time.sleep(min(0.05, max(0.0, deadline - time.perf_counter()) / 4))
         result.attempts = attempts
         result.latency_ms = (time.perf_counter() - start) * 1000.0
         self.stats['ok' if result.ok else f'failed_{result.code}'] += 1
-        if result.ok:
+        if result.ok and task != 'hello':
             self.spent += result.cost
             self.ledger.append({'task': task, 'cost': result.cost,
                                 'latency_ms': round(result.latency_ms, 3)})
             del self.ledger[:-1000]
         return result
 
-    def _attempt(self, task: str, body: dict, timeout_ms: float) -> CloudResult:
+    def _attempt(self, task: str, body: dict, timeout_ms: float, spread: bool) -> CloudResult:
+        """One get: to one server (`spread`, BEST_MATCHING) or to all, taking the first
+        authentic answer; forged, unreadable and foreign replies are counted and skipped."""
+        import zenoh
         corr = uuid.uuid4().hex
+        payload = self.signer.request(task, body, corr, int(self.clock() * 1000))
+        if len(payload) > MAX_MESSAGE_BYTES:
+            return CloudResult(False, code='too_large', error=f'request of {len(payload)} bytes '
+                               f'exceeds the limit of {MAX_MESSAGE_BYTES}')
+        request_digest = digest(payload)
         sent = time.perf_counter()
+        held: CloudResult | None = None   # an authentic transient error, while others may answer
+        forged_before = self.stats['forged_reply']
         try:
-            replies = self.session.get(task_key(task, self.prefix),
-                                       payload=encode({**body, 'id': corr}),
-                                       timeout=timeout_ms / 1000.0)
+            replies = self.session.get(
+                task_key(task, self.prefix), payload=payload, timeout=timeout_ms / 1000.0,
+                target=zenoh.QueryTarget.BEST_MATCHING if spread else zenoh.QueryTarget.ALL,
+                consolidation=zenoh.ConsolidationMode.NONE)   # never merge a forgery with us
             for reply in replies:
-                ok = reply.ok
-                data = _json(ok.payload if ok is not None else reply.err.payload)
-                if data.get('id') != corr:
-                    self.stats['mismatched_reply'] += 1  # not ours (a late answer): ignore it
+                answer = self._check(reply, corr, request_digest)
+                if answer is None:
                     continue
-                if ok is not None:
-                    return CloudResult(True, data.get('result', {}), cost=float(data.get('cost', 0)),
-                                       model=str(data.get('model', '')))
-                return CloudResult(False, code=str(data.get('code', 'error')),
-                                   error=str(data.get('error', 'error reply')))
+                ok, data = answer
+                if ok:
+                    return CloudResult(True, data.get('result', {}),
+                                       cost=float(data.get('cost', 0)),
+                                       model=str(data.get('model', '')),
+                                       server=str(data.get('server', ''))[:200])
+                failed = CloudResult(False, code=str(data.get('code', 'error')),
+                                     error=str(data.get('error', 'error reply')),
+                                     server=str(data.get('server', ''))[:200])
+                if failed.code not in RETRYABLE:
+                    return failed
+                held = held or failed
         except Exception as exc:  # session closed, bad key: a failure, not a crash
             return CloudResult(False, code='internal', error=f'{type(exc).__name__}: {exc}')
+        if held is not None:
+            return held
         waited_ms = (time.perf_counter() - sent) * 1000.0
         if waited_ms + 1.0 >= timeout_ms:
             return CloudResult(False, code='timeout',
-                               error=f'no reply within {timeout_ms:.0f} ms')
+                               error=f'no authentic reply within {timeout_ms:.0f} ms')
+        if self.stats['forged_reply'] > forged_before:   # only forgeries came: ask everyone
+            return CloudResult(False, code='forged', error='only unauthenticated replies came')
         return CloudResult(False, code='no_server', error=f'no cloud server answers {task}')
+
+    def _check(self, reply, corr: str, request_digest: bytes):
+        """(ok, reply dict) for an authentic answer to this request; None (counted) otherwise.
+        The signature is checked before the body is parsed."""
+        ok = reply.ok
+        try:
+            raw = (ok if ok is not None else reply.err).payload.to_bytes()
+            header, body = unpack(raw)
+        except (ValueError, AttributeError):
+            self.stats['forged_reply'] += 1   # unsigned: not from the cloud tier
+            return None
+        if header['id'] != corr:
+            self.stats['mismatched_reply'] += 1   # not ours (a late answer): ignore it
+            return None
+        try:
+            self.verifier.verify(header, reply_signed_bytes(corr, request_digest, body))
+        except CredentialsError:
+            self.stats['forged_reply'] += 1
+            return None
+        try:
+            data = parse_reply(body)
+        except ReplyInvalid:
+            self.stats['invalid_reply'] += 1
+            return None
+        if data.get('id') != corr:
+            self.stats['invalid_reply'] += 1
+            return None
+        self.cloud_cert = header['cert'].encode()   # a verified cloud certificate
+        return ok is not None, data
 
     def body_for(self, task: str, text: str, privacy, upload: str) -> dict:
         """What may be sent for `text` at this privacy tier and upload mode (UploadRefused if nothing)."""
@@ -120,8 +207,26 @@ class CloudClient:
             if self.embedder is None:
                 raise UploadRefused('Sensitive data goes up only as an embedding, and this client '
                                     'has no local embedder')
-            return {'embedding': [float(x) for x in self.embedder.embed([text])[0]]}
+            inner = {'embedding': [float(x) for x in self.embedder.embed([text])[0]]}
+            if privacy is not Privacy.SENSITIVE:
+                return inner
+            return {'sealed': self._seal(task, inner)}
         return {'text': text}
+
+    def _seal(self, task: str, inner: dict) -> str:
+        """`inner` sealed to the cloud identity (checked against the fleet CA), base64."""
+        if self.cloud_cert is None:
+            self.infer('hello', {}, HELLO_BUDGET_MS)   # learns it from a verified answer
+        if self.cloud_cert is None:
+            raise UploadRefused('Sensitive data goes up only sealed to the cloud, and no '
+                                'verified cloud certificate is known')
+        try:
+            blob = sealed.seal(self.cloud_cert, encode(inner), sealed_aad(task),
+                               ca_pem=self.ca_pem)
+        except CredentialsError as exc:
+            raise UploadRefused(f'cannot seal to the cloud certificate: {exc}') from None
+        self.stats['sealed'] += 1
+        return base64.b64encode(blob).decode()
 
 
 @dataclass(frozen=True)
@@ -203,10 +308,3 @@ def outcome_msg(outcome: Outcome):
                         cost=float(outcome.cost), success=bool(outcome.success),
                         confidence=float(outcome.confidence))
 
-
-def _json(payload) -> dict:
-    """The checked reply (protocol.parse_reply), or {} (ignored, counted) when unusable."""
-    try:
-        return parse_reply(payload.to_bytes())
-    except (ReplyInvalid, AttributeError):
-        return {}

@@ -9,14 +9,33 @@ Reply (error, sent as a Zenoh error reply): {"id", "ok": false, "code", "error"}
 Both directions are bounded before parsing (MAX_MESSAGE_BYTES) and every parser failure, deep
 nesting (RecursionError) and escaped lone surrogates included, is one error type per direction:
 RequestInvalid for requests, ReplyInvalid for replies.
+
+Signed framing (issue 14): every request and reply travels as `MAGIC <header JSON>\n<body JSON>`.
+The header names the id, carries the sender's certificate and an ECDSA signature; a request's
+signature covers (task, id, time, body digest), a reply's (request id, request digest, body
+digest), so a reply is bound to the one request it answers. The header is bounded and the
+signature checked before the body is parsed: a stranger's bytes never reach the JSON parser.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import json
 import math
+import time
+from collections import OrderedDict
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from loom_ros.security import keys
+from loom_ros.security.keys import CredentialsError
 
 KEY_PREFIX = 'loom/cloud/infer'
-TASKS = ('embed', 'intent', 'chat')
+TASKS = ('embed', 'intent', 'chat', 'hello')
 RETRYABLE = frozenset({'busy', 'internal'})  # worth another attempt; the rest will fail again
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024   # 256 texts of 16 KiB fit; a larger body is refused unread
 MAX_ID_CHARS = 256
@@ -86,3 +105,133 @@ def parse_reply(data: bytes) -> dict:
 
 def encode(obj: dict) -> bytes:
     return json.dumps(obj, separators=(',', ':')).encode()
+
+
+MAGIC = b'LOOMC1 '
+MAX_HEADER_BYTES = keys.MAX_CERT_BYTES + 1024   # a certificate, a signature, an id, a time
+MAX_SIGNATURE_CHARS = 200                        # base64 of a DER ECDSA P-256 signature (<= 72 B)
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def request_signed_bytes(task: str, ident: str, ts_ms: int, body: bytes) -> bytes:
+    """What a request's signature covers: its task, id, send time and body."""
+    return b'\0'.join((b'loom-cloud-request/1', task.encode(), ident.encode(),
+                       str(int(ts_ms)).encode(), digest(body)))
+
+
+def reply_signed_bytes(ident: str, request_digest: bytes, body: bytes) -> bytes:
+    """What a reply's signature covers: the request it answers (id and digest) and its body."""
+    return b'\0'.join((b'loom-cloud-reply/1', ident.encode(), request_digest, digest(body)))
+
+
+def sealed_aad(task: str) -> bytes:
+    """What a sealed request body is bound to besides the cloud's key: its task."""
+    return f'loom-cloud/{task}'.encode()
+
+
+def pack(header: dict, body: bytes) -> bytes:
+    return MAGIC + encode(header) + b'\n' + body
+
+
+def unpack(data: bytes, max_body: int = MAX_MESSAGE_BYTES) -> tuple[dict, bytes]:
+    """(header, body) of a framed message, the header's fields checked; ValueError for anything
+    else (unframed, over `max_body`, a header too long or of the wrong shape). Reads no body."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError('message must be bytes')
+    if len(data) > max_body + MAX_HEADER_BYTES:
+        raise ValueError(f'message of {len(data)} bytes exceeds the limit of {max_body}')
+    data = bytes(data)
+    if not data.startswith(MAGIC):
+        raise ValueError('not a signed Loom cloud message')
+    end = data.find(b'\n', len(MAGIC), len(MAGIC) + MAX_HEADER_BYTES)
+    if end < 0:
+        raise ValueError('message header missing or longer than its limit')
+    try:
+        header = json.loads(data[len(MAGIC):end])
+    except (ValueError, RecursionError):
+        raise ValueError('message header is not JSON') from None
+    if not isinstance(header, dict):
+        raise ValueError('message header must be a JSON object')
+    ident, cert, sig = header.get('id'), header.get('cert'), header.get('sig')
+    if not isinstance(ident, str) or len(ident) > MAX_ID_CHARS:
+        raise ValueError(f'header id must be a string of at most {MAX_ID_CHARS} characters')
+    if not isinstance(cert, str) or len(cert) > keys.MAX_CERT_BYTES:
+        raise ValueError('header cert must be a PEM certificate of at most 16 KiB')
+    if not isinstance(sig, str) or len(sig) > MAX_SIGNATURE_CHARS:
+        raise ValueError('header sig must be a short base64 signature')
+    ts = header.get('ts', 0)
+    if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts < 2**53:
+        raise ValueError('header ts must be milliseconds since the epoch')
+    return header, data[end + 1:]
+
+
+class Signer:
+    """An identity's key, loaded once (keys.sign reads it per call), and its certificate."""
+
+    def __init__(self, identity: keys.Identity):
+        self.identity = identity
+        self.name, self.role = identity.name, identity.role
+        self.cert_pem = identity.cert_pem()
+        self._cert = self.cert_pem.decode()
+        self.private_key = identity.private_key()
+
+    def sign(self, data: bytes) -> str:
+        return base64.b64encode(self.private_key.sign(data, ec.ECDSA(hashes.SHA256()))).decode()
+
+    def request(self, task: str, body: dict, ident: str, now_ms: int) -> bytes:
+        payload = encode({**body, 'id': ident})
+        sig = self.sign(request_signed_bytes(task, ident, now_ms, payload))
+        return pack({'id': ident, 'ts': int(now_ms), 'cert': self._cert, 'sig': sig}, payload)
+
+    def reply(self, ident: str, request_digest: bytes, body: dict, **extra) -> bytes:
+        payload = encode(body)
+        sig = self.sign(reply_signed_bytes(ident, request_digest, payload))
+        return pack({'id': ident, 'cert': self._cert, 'sig': sig, **extra}, payload)
+
+
+class Verifier:
+    """Signatures checked against the fleet's authority, for the given roles only. A certificate
+    is checked against the CA once and cached (bounded) by its digest, with its validity window
+    re-checked on every use against the injected clock."""
+
+    def __init__(self, ca_pem: bytes, roles, *, clock=time.time, cache_size: int = 256):
+        self.ca_pem = ca_pem
+        self.roles = frozenset(roles)
+        self.clock = clock
+        self.cache_size = cache_size
+        self._known: OrderedDict[bytes, tuple] = OrderedDict()
+
+    def _identity(self, cert_pem: bytes):
+        key = digest(cert_pem)
+        known = self._known.get(key)
+        if known is None:
+            name, role = keys.identity_of(cert_pem, self.ca_pem)   # bounded, CA-checked
+            cert = x509.load_pem_x509_certificate(cert_pem)
+            known = (name, role, cert.public_key(), cert.not_valid_before_utc.timestamp(),
+                     cert.not_valid_after_utc.timestamp())
+            self._known[key] = known
+            while len(self._known) > self.cache_size:
+                self._known.popitem(last=False)
+        else:
+            self._known.move_to_end(key)
+        return known
+
+    def verify(self, header: dict, data: bytes) -> tuple[str, str]:
+        """(name, role) of whoever signed `data` with the header's certificate; CredentialsError
+        when the certificate is not the fleet's, out of date, of another role, or the signature
+        does not match."""
+        cert_pem = header['cert'].encode()
+        name, role, public, not_before, not_after = self._identity(cert_pem)
+        if not not_before <= self.clock() <= not_after:
+            raise CredentialsError(f'certificate of {name} expired or not yet valid')
+        if role not in self.roles:
+            raise CredentialsError(f'{name} has role {role}, not one of {sorted(self.roles)}')
+        try:
+            public.verify(base64.b64decode(header['sig'], validate=True), data,
+                          ec.ECDSA(hashes.SHA256()))
+        except (InvalidSignature, binascii.Error, ValueError):
+            raise CredentialsError(f'bad signature for {name}') from None
+        return name, role

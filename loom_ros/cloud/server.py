@@ -7,26 +7,46 @@ intent classifier on MiniLM embeddings, trained at start from config/cloud.yaml'
 accepts text or an embedding, so Sensitive events can be classified from their vectors), and
 `chat` (an OpenAI-compatible endpoint whose URL and key come from the environment). Each reply
 echoes the request's correlation id; errors are Zenoh error replies with a code and a reason.
-Prints one JSON line `{"ready": true, ...}` once it answers.
+Prints one JSON line `{"ready": true, ...}` once it answers, and `{"stats": {...}}` when it stops.
+
+Holding under load and against strangers (issue 14): every request must be signed by a fleet
+identity (config `auth`, keys from loom_ros.security.keys) and every reply is signed by this
+server's identity over the request it answers (protocol.Signer/Verifier). Before a request is
+queued, the Gate bounds its size, checks its signature, time and id (no replays) and its sender's
+token bucket; the FairQueue then serves senders round-robin, each with its own bound, under a
+total bound in entries and bytes. Whatever does not fit is answered `busy` at once: memory stays
+bounded and one client's flood cannot starve another. An unauthenticated request never reaches a
+model, and so chat (and the operator's bearer key) is never forwarded for it. Several servers may
+run behind the same identity: robots pick one per request (Zenoh's BEST_MATCHING) and retry.
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import json
+import math
 import os
-import queue
 import signal
+import socket
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from loom_ros.cloud.protocol import KEY_PREFIX, RequestInvalid, encode, parse_request
+from loom_ros.cloud.protocol import (
+    KEY_PREFIX, MAX_MESSAGE_BYTES, RequestInvalid, Signer, Verifier, digest, parse_request,
+    request_signed_bytes, sealed_aad, unpack,
+)
+from loom_ros.security import keys, sealed
+from loom_ros.security.keys import CredentialsError
 
 DIM = 384
 
@@ -70,13 +90,13 @@ class CloudServer:
         self.costs = {k: float(v) for k, v in config.get('costs', {}).items()}
         self.chat = config.get('chat', {})
         self.extra_latency_s = max(0.0, extra_latency_ms) / 1000.0
-        self.served = self.errors = 0
 
     def answer(self, task: str, body: dict) -> dict:
-        handler = {'embed': self._embed, 'intent': self._intent, 'chat': self._chat}.get(task)
+        handler = {'embed': self._embed, 'intent': self._intent, 'chat': self._chat,
+                   'hello': self._hello}.get(task)
         if handler is None:
             raise RequestInvalid('unknown_task', f'unknown task {task!r}: expected embed, '
-                                 'intent or chat')
+                                 'intent, chat or hello')
         start = time.perf_counter()
         if self.extra_latency_s:
             time.sleep(self.extra_latency_s)  # emulated WAN latency (tests and benchmarks)
@@ -110,6 +130,10 @@ class CloudServer:
                                      f'got shape {vec.shape}')
             return vec[None, :], 'embedding'
         return self.embedder.embed(self._texts(body)), 'text'
+
+    def _hello(self, body: dict):
+        """A no-op a robot sends to learn (and check) the cloud's certificate before sealing."""
+        return {'tasks': ['embed', 'intent', 'chat', 'hello']}, ''
 
     def _embed(self, body: dict):
         vectors = self.embedder.embed(self._texts(body))
@@ -152,26 +176,287 @@ class CloudServer:
             raise RequestInvalid('upstream', f'chat endpoint failed: {exc!r}') from None
         return {'text': text, 'usage': data.get('usage', {})}, model
 
-    # -- Zenoh ----------------------------------------------------------------------------
-    def handle(self, query) -> None:
-        """Answer one zenoh.Query: a reply, or an error reply; never raises."""
-        task = str(query.key_expr).rsplit('/', 1)[-1]
-        body: dict = {}
+
+
+class TokenBucket:
+    """`rate` requests a second with bursts of up to `burst`; the clock is injected."""
+
+    def __init__(self, rate: float, burst: float, clock):
+        self.rate, self.burst, self.clock = float(rate), float(burst), clock
+        self.tokens, self.at = float(burst), clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class FairQueue:
+    """Per-client FIFO queues served round-robin, bounded per client, in total and in bytes:
+    `put` says why an item does not fit instead of growing."""
+
+    def __init__(self, per_client: int, total: int, total_bytes: int):
+        self.per_client, self.total, self.total_bytes = per_client, total, total_bytes
+        self._queues: dict[str, deque] = {}
+        self._turns: deque[str] = deque()   # clients with something queued, in serving order
+        self._cond = threading.Condition()
+        self.size = self.bytes = 0
+        self.closed = False
+
+    def put(self, client: str, item, nbytes: int = 0) -> str:
+        """'' when queued; else 'client_queue_full' or 'queue_full'."""
+        with self._cond:
+            mine = self._queues.get(client)
+            if mine is not None and len(mine) >= self.per_client:
+                return 'client_queue_full'
+            if self.closed or self.size >= self.total or self.bytes + nbytes > self.total_bytes:
+                return 'queue_full'
+            if mine is None:
+                mine = self._queues[client] = deque()
+                self._turns.append(client)
+            mine.append((item, nbytes))
+            self.size += 1
+            self.bytes += nbytes
+            self._cond.notify()
+            return ''
+
+    def get(self, timeout: float | None = None):
+        """The next client's oldest item; None when closed and empty or after `timeout`."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.size or self.closed, timeout) or not self.size:
+                return None
+            client = self._turns.popleft()
+            mine = self._queues[client]
+            item, nbytes = mine.popleft()
+            if mine:
+                self._turns.append(client)
+            else:
+                del self._queues[client]
+            self.size -= 1
+            self.bytes -= nbytes
+            return item
+
+    def close(self) -> list:
+        """Refuse new items; returns what was still queued (to be answered, not dropped)."""
+        with self._cond:
+            self.closed = True
+            left = [item for mine in self._queues.values() for item, _ in mine]
+            self._queues.clear()
+            self._turns.clear()
+            self.size = self.bytes = 0
+            self._cond.notify_all()
+            return left
+
+
+class Rejected(RequestInvalid):
+    """A request refused before any model saw it: `code` goes on the wire, `reason` is counted."""
+
+    def __init__(self, code: str, reason: str, message: str, ident: str = ''):
+        super().__init__(code, message)
+        self.reason = reason
+        self.ident = ident
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = 1024 * 1024
+    queue_per_client: int = 8
+    queue_total: int = 64
+    queued_bytes_total: int = 32 * 1024 * 1024
+    rate_per_s: float = 50.0
+    burst: float = 100.0
+    max_clock_skew_s: float = 300.0
+    max_clients: int = 4096      # token buckets kept (least recently seen dropped)
+    max_remembered_ids: int = 65536
+    workers: int = 1
+
+    @classmethod
+    def from_config(cls, section) -> 'Limits':
+        section = section or {}
+        if not isinstance(section, dict):
+            raise ValueError('cloud.yaml limits: expected a mapping')
+        unknown = set(section) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f'cloud.yaml limits: unknown keys {sorted(unknown)}')
+        values = {}
+        for name, value in section.items():
+            kind = cls.__dataclass_fields__[name].type
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not math.isfinite(value) or value <= 0 or (kind == 'int' and value != int(value)):
+                raise ValueError(f'cloud.yaml limits.{name}: expected a positive number')
+            values[name] = int(value) if kind == 'int' else float(value)
+        limits = cls(**values)
+        if limits.max_request_bytes > MAX_MESSAGE_BYTES:
+            raise ValueError(f'cloud.yaml limits.max_request_bytes: at most {MAX_MESSAGE_BYTES}')
+        return limits
+
+
+@dataclass(frozen=True)
+class Admitted:
+    client: str          # the verified identity's name: the fair-share and rate-limit key
+    task: str
+    ident: str
+    request_digest: bytes
+    body: bytes          # still unparsed JSON
+
+
+class Gate:
+    """Everything a request passes before it is queued, in order of cost: its size, its framing,
+    the fleet signature (CA, role, key), its time and id (a replay is refused) and its sender's
+    rate. Pure: the verifier and the clock are passed in."""
+
+    def __init__(self, verifier: Verifier, limits: Limits, clock=time.time):
+        self.verifier, self.limits, self.clock = verifier, limits, clock
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def admit(self, task: str, data: bytes) -> Admitted:
+        if len(data) > self.limits.max_request_bytes:
+            raise Rejected('too_large', 'too_large', f'request of {len(data)} bytes exceeds '
+                           f'the limit of {self.limits.max_request_bytes}')
+        request_digest = digest(data)
         try:
-            body = parse_request(query.payload.to_bytes() if query.payload is not None else b'')
-            reply = self.answer(task, body)
+            header, body = unpack(data, self.limits.max_request_bytes)
+        except ValueError as exc:
+            raise Rejected('unauthenticated', 'unauthenticated',
+                           f'requests must be signed by a fleet identity: {exc}') from None
+        ident = header['id']
+        try:
+            client, _ = self.verifier.verify(
+                header, request_signed_bytes(task, ident, header['ts'], body))
+        except CredentialsError as exc:
+            raise Rejected('unauthenticated', 'unauthenticated', str(exc), ident) from None
+        now = self.clock()
+        with self._lock:
+            if abs(now - header['ts'] / 1000.0) > self.limits.max_clock_skew_s:
+                raise Rejected('unauthenticated', 'stale', 'request time is more than '
+                               f'{self.limits.max_clock_skew_s:g} s from the server\'s clock',
+                               ident)
+            key = (client, ident)
+            if key in self._seen:
+                raise Rejected('unauthenticated', 'replay', 'request id already seen', ident)
+            bucket = self._buckets.get(client)
+            if bucket is None:
+                bucket = self._buckets[client] = TokenBucket(self.limits.rate_per_s,
+                                                             self.limits.burst, self.clock)
+                while len(self._buckets) > self.limits.max_clients:
+                    self._buckets.popitem(last=False)
+            self._buckets.move_to_end(client)
+            if not bucket.take():
+                raise Rejected('busy', 'rate_limited', f'busy: {client} is over its rate of '
+                               f'{self.limits.rate_per_s:g} requests/s', ident)
+            self._remember(key, now)
+        return Admitted(client, task, ident, request_digest, body)
+
+    def _remember(self, key, now: float) -> None:
+        """Ids are kept for the skew window (a replay inside it is refused), bounded in count."""
+        seen = self._seen
+        seen[key] = now
+        horizon = now - 2 * self.limits.max_clock_skew_s
+        while seen and (len(seen) > self.limits.max_remembered_ids
+                        or next(iter(seen.values())) < horizon):
+            seen.popitem(last=False)
+
+
+class CloudService:
+    """The Zenoh side: `on_query` (Zenoh's callback thread) admits or refuses at once, bounded
+    work only; `serve` (worker threads) runs the models and signs each answer."""
+
+    def __init__(self, server: CloudServer, gate: Gate, signer: Signer, queue: FairQueue,
+                 instance: str):
+        self.server, self.gate, self.signer, self.queue = server, gate, signer, queue
+        self.instance = instance
+        self.stats: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def count(self, what: str) -> None:
+        with self._lock:
+            self.stats[what] += 1
+
+    def on_query(self, query) -> None:
+        """Admit or refuse one zenoh.Query; never raises."""
+        try:
+            task = str(query.key_expr).rsplit('/', 1)[-1]
+            payload = query.payload
+            size = len(payload) if payload is not None else 0
+            if size > self.gate.limits.max_request_bytes:   # refused before it is copied
+                raise Rejected('too_large', 'too_large', f'request of {size} bytes exceeds '
+                               f'the limit of {self.gate.limits.max_request_bytes}')
+            admitted = self.gate.admit(task, payload.to_bytes() if payload is not None else b'')
+        except Rejected as exc:
+            self.count(exc.reason)
+            self._error(query, exc.ident, b'', exc.code, str(exc))
+            return
+        except Exception as exc:  # a bug: an answer, not a dead callback
+            self.count('internal')
+            self._error(query, '', b'', 'internal', f'{type(exc).__name__}: {exc}')
+            return
+        why = self.queue.put(admitted.client, (query, admitted), size)
+        if why:
+            self.count(why)
+            self._error(query, admitted.ident, admitted.request_digest, 'busy',
+                        f'busy: {why.replace("_", " ")} (retry later or elsewhere)')
+
+    def serve(self) -> None:
+        """Worker loop: answer queued requests until the queue is closed."""
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            query, admitted = item
+            self.answer(query, admitted)
+            del query, item  # dropping the query sends the final reply marker at once
+
+    def answer(self, query, admitted: Admitted) -> None:
+        try:
+            body = self._open(admitted)
+            reply = self.server.answer(admitted.task, body)
         except RequestInvalid as exc:
-            self.errors += 1
-            query.reply_err(encode({'id': body.get('id', ''), 'ok': False, 'code': exc.code,
-                                    'error': str(exc)}))
+            self.count('errors')
+            self._error(query, admitted.ident, admitted.request_digest, exc.code, str(exc))
             return
         except Exception as exc:  # a bug or a broken model: an answer, not a dead server
-            self.errors += 1
-            query.reply_err(encode({'id': body.get('id', ''), 'ok': False, 'code': 'internal',
-                                    'error': f'{type(exc).__name__}: {exc}'}))
+            self.count('internal')
+            self._error(query, admitted.ident, admitted.request_digest, 'internal',
+                        f'{type(exc).__name__}: {exc}')
             return
-        self.served += 1
-        query.reply(query.key_expr, encode(reply))
+        self.count('served')
+        reply['server'] = self.instance
+        try:
+            query.reply(query.key_expr, self.signer.reply(admitted.ident,
+                                                          admitted.request_digest, reply))
+        except Exception:  # the querier left (timeout): nothing to answer
+            self.count('reply_failed')
+
+    def _open(self, admitted: Admitted) -> dict:
+        """The request body, unsealed if it was sealed to this server's identity."""
+        body = parse_request(admitted.body)
+        if 'sealed' in body:
+            blob = body.pop('sealed')
+            if not isinstance(blob, str) or len(blob) > 2 * self.gate.limits.max_request_bytes:
+                raise RequestInvalid('bad_request', 'sealed must be a base64 string')
+            try:
+                inner = parse_request(sealed.unseal(self.signer.private_key, base64.b64decode(
+                    blob, validate=True), sealed_aad(admitted.task)))
+            except (CredentialsError, binascii.Error, ValueError) as exc:
+                raise RequestInvalid('bad_request', f'sealed body unreadable: {exc}') from None
+            body.update(inner)
+            self.count('unsealed')
+        body['id'] = admitted.ident
+        return body
+
+    def _error(self, query, ident: str, request_digest: bytes, code: str, error: str) -> None:
+        try:
+            query.reply_err(self.signer.reply(ident, request_digest, {
+                'id': ident, 'ok': False, 'code': code, 'error': error[:1000],
+                'server': self.instance}))
+        except Exception:
+            self.count('reply_failed')
 
 
 def load_config(path: str | Path) -> dict:
@@ -184,6 +469,26 @@ def load_config(path: str | Path) -> dict:
     return data
 
 
+def build_service(config: dict, identity: keys.Identity, *, instance: str,
+                  extra_latency_ms: float = 0.0, server: CloudServer | None = None,
+                  clock=time.time) -> CloudService:
+    """The server, its gate, signer and queue from config/cloud.yaml's `auth` and `limits`."""
+    auth = config.get('auth') or {}
+    if not isinstance(auth, dict):
+        raise ValueError('cloud.yaml auth: expected a mapping')
+    roles = auth.get('client_roles', ['robot', 'operator'])
+    if not isinstance(roles, list) or not roles or not set(roles) <= set(keys.ROLES):
+        raise ValueError(f'cloud.yaml auth.client_roles: a list of {", ".join(keys.ROLES)}')
+    if identity.role != 'cloud':
+        raise ValueError(f'identity {identity.name!r} has role {identity.role!r}; the cloud tier '
+                         'signs its answers as a `cloud` identity')
+    limits = Limits.from_config(config.get('limits'))
+    server = server or CloudServer(config, extra_latency_ms=extra_latency_ms)
+    gate = Gate(Verifier(identity.ca.read_bytes(), roles, clock=clock), limits, clock)
+    return CloudService(server, gate, Signer(identity), FairQueue(
+        limits.queue_per_client, limits.queue_total, limits.queued_bytes_total), instance)
+
+
 def main(argv=None) -> int:
     from loom_ros.config.params import config_dir
     parser = argparse.ArgumentParser(prog='loom_cloud', description=__doc__.splitlines()[0])
@@ -191,6 +496,11 @@ def main(argv=None) -> int:
     parser.add_argument('--mode', choices=['client', 'peer'])
     parser.add_argument('--connect', action='append', help='router endpoint (repeatable)')
     parser.add_argument('--listen', action='append', help='endpoint to listen on (peer mode)')
+    parser.add_argument('--keys-dir', help='fleet credentials (default: cloud.yaml auth.keys_dir)')
+    parser.add_argument('--identity', help='the cloud identity that signs answers (default: '
+                        'cloud.yaml auth.identity); several servers may share one')
+    parser.add_argument('--instance', default=f'{socket.gethostname()}-{os.getpid()}',
+                        help='this server\'s name in its answers (default: host-pid)')
     parser.add_argument('--extra-latency-ms', type=float, default=0.0,
                         help='emulated WAN latency added to every answer (tests, benchmarks)')
     args = parser.parse_args(argv)
@@ -200,42 +510,44 @@ def main(argv=None) -> int:
     try:
         config = load_config(args.config)
         z = config.get('zenoh', {})
-        server = CloudServer(config, extra_latency_ms=args.extra_latency_ms)
+        auth = config.get('auth') or {}
+        identity = keys.load(args.keys_dir or auth.get('keys_dir', keys.DEFAULT_KEYS_DIR),
+                             args.identity or auth.get('identity', 'cloud'))
+        service = build_service(config, identity, instance=args.instance,
+                                extra_latency_ms=args.extra_latency_ms)
+        server = service.server
         session = zenoh.open(session_config(
             args.mode or z.get('mode', 'client'), args.connect or z.get('connect', []),
             args.listen or z.get('listen', []), bool(z.get('multicast_scouting', False))))
-    except (ValueError, zenoh.ZError) as exc:
+    except (ValueError, CredentialsError, zenoh.ZError) as exc:
         print(f'loom_cloud: cannot start: {exc}', file=sys.stderr, flush=True)
         return 1
     except Exception as exc:  # a missing model package: ModelError
         print(f'loom_cloud: cannot start: {type(exc).__name__}: {exc}', file=sys.stderr, flush=True)
         return 1
     prefix = config.get('key_prefix', KEY_PREFIX)
-    pending: queue.SimpleQueue = queue.SimpleQueue()
-    # Zenoh's callback only queues the query: models run on this process's worker thread, not on
-    # Zenoh's runtime threads.
-    queryable = session.declare_queryable(f'{prefix}/*', pending.put)
+    # Zenoh's callback only admits (bounded work); models run on this process's worker threads.
+    queryable = session.declare_queryable(f'{prefix}/*', service.on_query, complete=True)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-
-    def serve():
-        while True:
-            query = pending.get()
-            if query is None:
-                return
-            server.handle(query)
-            del query  # dropping the query sends the final reply marker at once
-    worker = threading.Thread(target=serve, daemon=True, name='loom-cloud-serve')
-    worker.start()
-    print(json.dumps({'ready': True, 'key': f'{prefix}/*', 'intents': server.intents.labels}),
-          flush=True)
+    workers = [threading.Thread(target=service.serve, daemon=True, name=f'loom-cloud-serve-{i}')
+               for i in range(service.gate.limits.workers)]
+    for worker in workers:
+        worker.start()
+    print(json.dumps({'ready': True, 'key': f'{prefix}/*', 'intents': server.intents.labels,
+                      'identity': identity.name, 'instance': args.instance}), flush=True)
     while not stop.wait(0.2):  # polled: a handler calling set() inside a bare wait() can hang
         pass
     queryable.undeclare()
-    pending.put(None)
-    worker.join(timeout=10.0)
+    for query, admitted in service.queue.close():   # answered, not left to time out
+        service._error(query, admitted.ident, admitted.request_digest, 'busy',
+                       'busy: the server is stopping (retry elsewhere)')
+        del query
+    for worker in workers:
+        worker.join(timeout=10.0)
     session.close()
+    print(json.dumps({'stats': dict(service.stats)}), flush=True)
     return 0
 
 

@@ -5,27 +5,13 @@ import json
 import numpy as np
 import pytest
 
+from cloud_fixtures import cloud, fleet, signed_get  # noqa: F401  (fixtures)
 from loom_ros.bus.event import Privacy
 from loom_ros.cloud.client import CloudClient, InferenceRequest, UploadRefused, execute_route
 from loom_ros.router.decision import Decision, Route, RouteRequest, decide
 from loom_ros.router.policy import load_policy
 from loom_ros.config.params import config_dir
-
-
-@pytest.fixture
-def cloud(spawn, port, zenoh_router, monkeypatch):
-    """start(*flags) runs loom_cloud against a fresh router; returns the server's process."""
-    monkeypatch.delenv('LOOM_CLOUD_CHAT_URL', raising=False)  # chat must be unconfigured here
-    zenoh_router(port)
-
-    def start(*flags):
-        proc = spawn('-m', 'loom_ros.cloud.server', '--connect', f'tcp/127.0.0.1:{port}', *flags)
-        line = proc.popen.stdout.readline()
-        if not line or not json.loads(line).get('ready'):
-            code, out, err = proc.finish()
-            pytest.fail(f'loom_cloud did not start (exit {code}):\n{line}{out}\n{err}')
-        return proc
-    return start
+from loom_ros.security import keys
 
 
 @pytest.fixture(scope='module')
@@ -34,19 +20,21 @@ def embedder():
     return MiniLMEmbedder()
 
 
-def raw_get(session, key, payload: bytes):
-    replies = list(session.get(key, payload=payload, timeout=30.0))
-    assert len(replies) == 1
-    reply = replies[0]
-    return (True, json.loads(reply.ok.payload.to_bytes())) if reply.ok is not None else \
-        (False, json.loads(reply.err.payload.to_bytes()))
-
-
 def test_server_answers_tasks_with_correlation_ids_and_errors_as_replies(cloud, zsession, port,
-                                                                         embedder):
+                                                                         embedder, fleet):
     cloud()
     session = zsession(port)
-    ok, reply = raw_get(session, 'loom/cloud/infer/embed',
+    robot = keys.load(fleet, 'robot1')
+
+    def raw_get(key, payload: bytes):
+        """A signed request of this body; the server's signed (ok, reply)."""
+        ok, reply, signer = signed_get(session, robot, key.rsplit('/', 1)[-1],
+                                       json.loads(payload) if payload.startswith(b'{"') else {},
+                                       ident=_id(payload))
+        assert signer == 'cloud'
+        return ok, reply
+
+    ok, reply = raw_get('loom/cloud/infer/embed',
                         json.dumps({'id': 'c1', 'texts': ['hello', 'stop', 'weather']}).encode())
     assert ok and reply['id'] == 'c1' and reply['cost'] == 0.0005
     vectors = np.array(reply['result']['embeddings'])
@@ -56,39 +44,46 @@ def test_server_answers_tasks_with_correlation_ids_and_errors_as_replies(cloud, 
     for text, label in [('will it be rainy tomorrow', 'weather'), ('halt immediately', 'stop'),
                         ('what time is it please', 'time'), ('drive to the kitchen', 'move'),
                         ('good morning robot', 'greeting')]:
-        ok, reply = raw_get(session, 'loom/cloud/infer/intent',
+        ok, reply = raw_get('loom/cloud/infer/intent',
                             json.dumps({'id': text, 'text': text}).encode())
         assert ok and reply['id'] == text
         assert (reply['result']['intent'], reply['result']['input']) == (label, 'text'), text
     # The same answer from the embedding alone (what a Sensitive request sends).
     vector = embedder.embed(['will it be rainy tomorrow'])[0].tolist()
-    ok, by_vector = raw_get(session, 'loom/cloud/infer/intent',
+    ok, by_vector = raw_get('loom/cloud/infer/intent',
                             json.dumps({'id': 'v', 'embedding': vector}).encode())
     assert ok and by_vector['result']['intent'] == 'weather'
     assert by_vector['result']['input'] == 'embedding'
 
     errors = {
         'loom/cloud/infer/translate': (b'{"id":"e1","text":"x"}', 'unknown_task', 'e1'),
-        'loom/cloud/infer/intent': (b'{not json', 'bad_request', ''),
         'loom/cloud/infer/embed': (b'{"id":"e3","texts":[1,2]}', 'bad_request', 'e3'),
         'loom/cloud/infer/chat': (b'{"id":"e4","text":"hi"}', 'not_configured', 'e4'),
     }
     for key, (payload, code, corr) in errors.items():
-        ok, reply = raw_get(session, key, payload)
+        ok, reply = raw_get(key, payload)
         assert (ok, reply['code'], reply['id']) == (False, code, corr), key
-    assert 'LOOM_CLOUD_CHAT_URL' in raw_get(session, 'loom/cloud/infer/chat',
+    assert 'LOOM_CLOUD_CHAT_URL' in raw_get('loom/cloud/infer/chat',
                                             b'{"id":"x","text":"hi"}')[1]['error']
-    bad_vector = raw_get(session, 'loom/cloud/infer/intent', b'{"id":"x","embedding":[1,2]}')
+    bad_vector = raw_get('loom/cloud/infer/intent', b'{"id":"y","embedding":[1,2]}')
     assert bad_vector[1]['code'] == 'bad_request'
+
+
+def _id(payload: bytes) -> str:
+    try:
+        return str(json.loads(payload).get('id', '')) or 'anon'
+    except ValueError:
+        return 'anon'
 
 
 def local_intent(request):
     return {'intent': 'unknown', 'source': 'local'}, 0.4
 
 
-def test_routes_run_cloud_hybrid_and_fall_back_with_costs(cloud, zsession, port, embedder):
+def test_routes_run_cloud_hybrid_and_fall_back_with_costs(cloud, zsession, port, embedder,
+                                                          fleet):
     cloud()
-    client = CloudClient(zsession(port), embedder=embedder)
+    client = CloudClient.from_keys(zsession(port), fleet, 'robot1', embedder=embedder)
     policy = load_policy(config_dir() / 'policy.yaml')
     reported = []
 
@@ -115,6 +110,7 @@ def test_routes_run_cloud_hybrid_and_fall_back_with_costs(cloud, zsession, port,
     decision, result = run(privacy=Privacy.SENSITIVE)
     assert decision.upload == 'embedding'
     assert (result.answer['intent'], result.answer['input']) == ('weather', 'embedding')
+    assert client.stats['sealed'] == 1   # sealed to the cloud's certificate on the way up
 
     # Private: the router keeps it local, and the client refuses to send it even if asked.
     decision, result = run(privacy=Privacy.PRIVATE)
@@ -129,9 +125,9 @@ def test_routes_run_cloud_hybrid_and_fall_back_with_costs(cloud, zsession, port,
     assert len(client.ledger) == 3
 
 
-def test_cloud_timeout_falls_back_to_local(cloud, zsession, port):
+def test_cloud_timeout_falls_back_to_local(cloud, zsession, port, fleet):
     cloud('--extra-latency-ms', '3000')  # a cloud slower than any budget below
-    client = CloudClient(zsession(port), retries=2)
+    client = CloudClient.from_keys(zsession(port), fleet, 'robot1', retries=2)
     decision = Decision(Route.CLOUD, 0.3, 'default', 'cloud', upload='raw', cloud_cost=0.002)
     request = InferenceRequest('intent', 'what time is it', latency_budget_ms=300.0,
                                event_type='speech.utterance', decision_id='d1')

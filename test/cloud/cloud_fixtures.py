@@ -1,0 +1,79 @@
+"""Fixtures and helpers the cloud tests share (import them by name: conftest.py files are not
+importable once several folders have one): a fleet's credentials, `loom_cloud` processes signed
+in with them, and a signed raw get that checks the answer the way the robot's client does."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+
+import pytest
+
+from loom_ros.cloud.protocol import (
+    Signer, Verifier, digest, parse_reply, reply_signed_bytes, unpack,
+)
+from loom_ros.security import keys
+
+FLEET = {'cloud': 'cloud', 'robot1': 'robot', 'robot2': 'robot', 'router': 'router'}
+
+
+@pytest.fixture(scope='module')
+def fleet(tmp_path_factory):
+    """A fleet's keys folder: the authority, the cloud identity, two robots and a router."""
+    root = tmp_path_factory.mktemp('fleet_keys')
+    keys.ensure_local(root, FLEET)
+    return root
+
+
+@pytest.fixture(scope='module')
+def stranger(tmp_path_factory):
+    """Another authority's `cloud` identity: right name and role, wrong fleet."""
+    root = tmp_path_factory.mktemp('stranger_keys')
+    return keys.ensure_local(root, {'cloud': 'cloud'})['cloud']
+
+
+@pytest.fixture
+def cloud(spawn, port, zenoh_router, fleet, monkeypatch):
+    """start(*flags) runs loom_cloud (signing as the fleet's `cloud`) against a fresh router
+    (started on the first call); returns the server's process."""
+    monkeypatch.delenv('LOOM_CLOUD_CHAT_URL', raising=False)  # chat unconfigured unless a test sets it
+    routers = []
+
+    def start(*flags):
+        if not routers:
+            routers.append(zenoh_router(port))
+        proc = spawn('-m', 'loom_ros.cloud.server', '--connect', f'tcp/127.0.0.1:{port}',
+                     '--keys-dir', str(fleet), *flags)
+        line = proc.popen.stdout.readline()
+        if not line or not json.loads(line).get('ready'):
+            code, out, err = proc.finish()
+            pytest.fail(f'loom_cloud did not start (exit {code}):\n{line}{out}\n{err}')
+        return proc
+    return start
+
+
+def stop_stats(proc) -> dict:
+    """SIGTERM a loom_cloud and return the counters of its last line."""
+    proc.popen.send_signal(signal.SIGTERM)
+    code, out, err = proc.finish()
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])['stats']
+
+
+def signed_get(session, identity, task: str, body: dict, *, timeout: float = 30.0,
+               ident: str | None = None, payload: bytes | None = None):
+    """One request signed by `identity` (or the raw `payload`), its replies checked like the
+    client does: returns (ok, reply dict, signer name) of the one authentic reply."""
+    import zenoh
+    ident = ident or uuid.uuid4().hex
+    if payload is None:
+        payload = Signer(identity).request(task, body, ident, int(time.time() * 1000))
+    verifier = Verifier(identity.ca.read_bytes(), ('cloud',))
+    replies = list(session.get(f'loom/cloud/infer/{task}', payload=payload, timeout=timeout,
+                               consolidation=zenoh.ConsolidationMode.NONE))
+    assert len(replies) == 1, replies
+    reply = replies[0]
+    header, data = unpack((reply.ok or reply.err).payload.to_bytes())
+    name, _ = verifier.verify(header, reply_signed_bytes(header['id'], digest(payload), data))
+    return reply.ok is not None, parse_reply(data), name
