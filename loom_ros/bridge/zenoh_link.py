@@ -12,24 +12,74 @@ import threading
 from collections.abc import Callable
 
 from loom_ros.bus.qos import QosLevel, to_zenoh_options
+from loom_ros.security import keys
+from loom_ros.telemetry.diagnostics import OK, WARN, CheckResult
 
 MODES = ('peer', 'client')
 CLOSE_TIMEOUT_S = 5.0  # the most close() waits for Zenoh to close the session
+INSECURE_WARNING = ('INSECURE: Zenoh over plain TCP (insecure: true / --insecure): no encryption, '
+                    'no authentication, no access control; anyone who reaches the router can read '
+                    'and drive this robot')
 
 
-def session_config(mode: str, connect=(), listen=(), multicast_scouting: bool = False):
-    """A zenoh.Config: `mode`, explicit endpoints, multicast scouting off unless asked for."""
+def transport_identity(insecure: bool, keys_dir: str, name: str):
+    """The keys.Identity a session shows (secure by default), or None when `insecure` was
+    asked for explicitly. Missing credentials raise keys.CredentialsError naming the fix."""
+    if insecure:
+        return None
+    return keys.load(keys_dir or keys.DEFAULT_KEYS_DIR, name)
+
+
+def transport_check(identity) -> CheckResult:
+    """/diagnostics: WARN while the link is insecure, so a dashboard shows it, not only a log."""
+    if identity is None:
+        return CheckResult(WARN, INSECURE_WARNING, {'tls': 'false', 'insecure': 'true'})
+    return CheckResult(OK, f'mutual TLS as {identity.name} ({identity.role})',
+                       {'tls': 'true', 'identity': identity.name, 'role': identity.role})
+
+
+def secure_endpoint(endpoint: str) -> str:
+    """`tcp/host:port` as `tls/host:port` (config files may keep naming tcp); others unchanged."""
+    return 'tls/' + endpoint[4:] if endpoint.startswith('tcp/') else endpoint
+
+
+def session_config(mode: str, connect=(), listen=(), multicast_scouting: bool = False, *,
+                   identity=None, access_control: dict | None = None):
+    """A zenoh.Config: `mode`, explicit endpoints, multicast scouting off unless asked for.
+
+    With `identity` (loom_ros.security.keys.Identity) the session speaks only TLS with mutual
+    authentication: tcp endpoints become tls, every other protocol is refused, the peer's
+    certificate must come from the fleet's authority and name the host connected to, and this
+    session shows its own certificate (whose common name the router's access control matches).
+    Without it the session is plain TCP: the caller must have been told `insecure` and say so.
+    `access_control` (loom_ros.security.acl) is the router's rules."""
     import zenoh
     if mode not in MODES + ('router',):
         raise ValueError(f"zenoh mode must be one of peer, client, router; got {mode!r}")
     if mode == 'client' and not connect:
         raise ValueError('zenoh client mode needs at least one connect endpoint')
+    connect, listen = list(connect), list(listen)
     config = zenoh.Config()
     config.insert_json5('mode', json.dumps(mode))
-    config.insert_json5('connect/endpoints', json.dumps(list(connect)))
+    if identity is not None:
+        connect = [secure_endpoint(e) for e in connect]
+        listen = [secure_endpoint(e) for e in listen]
+        for endpoint in connect + listen:
+            if not endpoint.startswith('tls/'):
+                raise ValueError(f'secure zenoh sessions use tls endpoints, not {endpoint!r}')
+        tls = {'root_ca_certificate': str(identity.ca), 'enable_mtls': True,
+               'verify_name_on_connect': True, 'close_link_on_expiration': True,
+               'connect_certificate': str(identity.cert),
+               'connect_private_key': str(identity.key),
+               'listen_certificate': str(identity.cert), 'listen_private_key': str(identity.key)}
+        config.insert_json5('transport/link/tls', json.dumps(tls))
+        config.insert_json5('transport/link/protocols', json.dumps(['tls']))
+    config.insert_json5('connect/endpoints', json.dumps(connect))
     if listen or mode != 'client':
-        config.insert_json5('listen/endpoints', json.dumps(list(listen)))
+        config.insert_json5('listen/endpoints', json.dumps(listen))
     config.insert_json5('scouting/multicast/enabled', json.dumps(bool(multicast_scouting)))
+    if access_control is not None:
+        config.insert_json5('access_control', json.dumps(access_control))
     return config
 
 

@@ -1,5 +1,5 @@
 """The `loom` command: `loom demo`, `loom bringup`, `loom record`, `loom pub`, `loom echo`,
-`loom status`, `loom cloud serve` (works where ros2cli is not installed)."""
+`loom status`, `loom cloud serve`, `loom keys` (works where ros2cli is not installed)."""
 from __future__ import annotations
 
 import argparse
@@ -7,13 +7,14 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loom_ros.cli import bringup, demo, pubsub, record
+    from loom_ros.cli import bringup, demo, keys, pubsub, record
     parser = argparse.ArgumentParser(prog='loom', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
     demo.add_parser(sub)
     bringup.add_parser(sub)
     record.add_parser(sub)
     pubsub.add_parsers(sub)
+    keys.add_parser(sub)
     status = sub.add_parser('status', help='live view of a running system (loom/metrics, stats)',
                             add_help=False)
     status.add_argument('rest', nargs=argparse.REMAINDER, help='see loom status --help')

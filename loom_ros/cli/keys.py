@@ -1,0 +1,54 @@
+"""`loom keys init|issue|list`: the fleet's certificate authority and one identity per robot,
+router, cloud server or operator (loom_ros.security.keys), for mutual TLS on Zenoh and signed
+messages. A thin shell: each command prints the paths it made or found."""
+from __future__ import annotations
+
+import sys
+
+from loom_ros.security import keys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser('keys', help='fleet credentials: loom keys init | issue NAME --role R | list')
+    actions = p.add_subparsers(dest='keys_action', required=True)
+    init = actions.add_parser('init', help='create the certificate authority (kept if present)')
+    issue = actions.add_parser('issue', help='issue an identity signed by the authority')
+    issue.add_argument('name', help='robot id, or router / cloud / an operator name')
+    issue.add_argument('--role', required=True, choices=keys.ROLES)
+    issue.add_argument('--host', action='append', default=[],
+                       help='DNS name or IP address others reach it at (repeatable; default '
+                       'localhost and 127.0.0.1): a router or peer needs its real address here')
+    issue.add_argument('--days', type=int, default=825, help='validity (default 825 days)')
+    listing = actions.add_parser('list', help='identities in the keys folder')
+    for q in (init, issue, listing):
+        q.add_argument('--keys-dir', default=keys.DEFAULT_KEYS_DIR,
+                       help=f'credentials folder (default {keys.DEFAULT_KEYS_DIR})')
+    for q in (init, issue):
+        q.add_argument('--force', action='store_true', help='replace what exists')
+    p.set_defaults(run=run_keys)
+
+
+def run_keys(args) -> int:
+    try:
+        if args.keys_action == 'init':
+            ca = keys.init_ca(args.keys_dir, force=args.force)
+            print(f'authority: {ca}\nprivate key: {ca.with_name("ca.key")} (keep it off robots)')
+        elif args.keys_action == 'issue':
+            hosts = tuple(args.host) or ('localhost', '127.0.0.1')
+            ident = keys.issue(args.keys_dir, args.name, args.role, days=args.days, hosts=hosts,
+                               force=args.force)
+            print(f'{ident.name} ({ident.role})\ncertificate: {ident.cert}\n'
+                  f'private key: {ident.key}\nauthority: {ident.ca}')
+        else:
+            root = keys.keys_path(args.keys_dir)
+            ca = (root / 'ca.pem').read_bytes()
+            for cert in sorted(root.glob('*/cert.pem')):
+                try:
+                    name, role = keys.identity_of(cert.read_bytes()[:keys.MAX_CERT_BYTES + 1], ca)
+                    print(f'{name}\t{role}\t{cert}')
+                except keys.CredentialsError as exc:
+                    print(f'{cert.parent.name}\tinvalid ({exc})\t{cert}')
+    except (keys.CredentialsError, OSError) as exc:
+        print(f'loom keys: {exc}', file=sys.stderr)
+        return 1
+    return 0
