@@ -137,6 +137,7 @@ class Observer:
         from std_msgs.msg import String
 
         from loom_msgs.msg import AgentStatus, BusStats
+        from loom_ros.bus.qos import to_qos_profile
         self.lock = threading.Lock()
         self.bus_stats: dict[str, dict] = {}      # node -> latest rejected counts
         self.stats_seen: dict[str, float] = {}    # node -> last BusStats arrival
@@ -145,11 +146,12 @@ class Observer:
         self.bridge: dict = {}
         self.samples = 0
         self.leaks: Counter = Counter()
-        node.create_subscription(BusStats, 'loom/bus/stats', self._on_stats, 50)
+        realtime = to_qos_profile('realtime')   # what the bus and the bridge publish stats with
+        node.create_subscription(BusStats, 'loom/bus/stats', self._on_stats, realtime)
         reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
         node.create_subscription(AgentStatus, 'loom/agents/status', self._on_status, reliable)
         node.create_subscription(AgentStatus, 'loom/agents/heartbeat', self._on_beat, reliable)
-        node.create_subscription(String, 'zenoh_bridge/status', self._on_bridge, 10)
+        node.create_subscription(String, 'zenoh_bridge/status', self._on_bridge, realtime)
         conf = zenoh.Config()
         conf.insert_json5('mode', '"client"')
         conf.insert_json5('connect/endpoints', json.dumps([zenoh_endpoint]))
