@@ -26,7 +26,9 @@ from loom_ros.bridge.core import Bridge, BridgeConfig
 from loom_ros.bridge.inbound import ContractError
 from loom_ros.bridge.gate import PrivacyGate
 from loom_ros.bridge.keys import robot_key_expr
-from loom_ros.bridge.zenoh_link import MODES, ZenohLink, session_config
+from loom_ros.bridge.zenoh_link import (
+    INSECURE_WARNING, MODES, ZenohLink, session_config, transport_check, transport_identity,
+)
 from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import EventRejected
 from loom_ros.bus.executor import run_lifecycle_node
@@ -71,6 +73,11 @@ PARAMETERS = [
               "its sender ('~' expands)", read_only=True),
     ParamSpec('keys_dir', 'Fleet credentials (ca.pem, <name>/cert.pem): checks signed commands '
               'and finds the cloud certificate', read_only=True),
+    ParamSpec('identity', "Identity this bridge shows on Zenoh (mutual TLS; <keys_dir>/<identity>); "
+              "'' means robot_id", read_only=True),
+    ParamSpec('insecure', 'Plain TCP without TLS, authentication or access control (logged as a '
+              'warning and reported on /diagnostics); the only way out of mutual TLS',
+              read_only=True),
     ParamSpec('cloud_cert', "Certificate Sensitive payloads are sealed to; '' means "
               '<keys_dir>/cloud/cert.pem', read_only=True),
     ParamSpec('seal_sensitive', 'auto: seal Sensitive payloads to the cloud when its certificate '
@@ -140,12 +147,16 @@ class ZenohBridgeNode(LifecycleNode):
             ca_pem, seal_to = self._credentials(p)
             if p['mode'] not in MODES:
                 raise ValueError(f"{SECTION}.mode must be peer or client, got {p['mode']!r}")
-            session_config(p['mode'], p['connect'], p['listen'], p['multicast_scouting'])
+            identity = transport_identity(p['insecure'], p['keys_dir'],
+                                          p['identity'] or config.robot_id)
+            session_config(p['mode'], p['connect'], p['listen'], p['multicast_scouting'],
+                           identity=identity)
             policy = load_policy(p['policy_file'] or config_dir() / 'policy.yaml')
             audit = usable_file(p['audit_file'], f'{SECTION}.audit_file') if p['audit_file'] \
                 else None
             commands = AuditLog(usable_file(p['audit_db'], f'{SECTION}.audit_db'))
-        except (ValueError, PolicyError, AuditError) as exc:   # ConfigError is a ValueError
+        except (ValueError, PolicyError, AuditError, keys.CredentialsError) as exc:
+            # ConfigError is a ValueError
             self.configure_error = str(exc)   # loom bringup prints it
             self.get_logger().error(f'cannot configure: {exc}')
             return TransitionCallbackReturn.FAILURE
@@ -155,8 +166,12 @@ class ZenohBridgeNode(LifecycleNode):
             self._audit = open(audit, 'a', encoding='utf-8')
         self._wake = self.create_timer(SERVICE_PERIOD_S, self._service)
         self.link = ZenohLink(
-            lambda: session_config(p['mode'], p['connect'], p['listen'], p['multicast_scouting']),
+            lambda: session_config(p['mode'], p['connect'], p['listen'], p['multicast_scouting'],
+                                   identity=identity),
             logger=self.get_logger())
+        if identity is None:
+            self.get_logger().warning(INSECURE_WARNING)
+        self.bus.telemetry.add_check('transport security', lambda: transport_check(identity))
         self.bridge = Bridge(config, self.link, self.bus.topic_qos.level_for,
                              PrivacyGate(policy), self._record_refusal,
                              command_audit=self._record_command, ca_pem=ca_pem, seal_to=seal_to)

@@ -18,6 +18,12 @@ counted and survived by `spin_until`; this is what escapes even that) or a side 
 exits is reported on stderr and bring-up exits 1, so it never stays "ready" with a dead part.
 The side processes get PR_SET_PDEATHSIG (SIGKILL): a SIGKILLed bring-up leaves no orphan holding
 a port.
+
+Secure by default: the first run makes local credentials (an authority and the `router`, robot
+and `cloud` identities) in `--keys-dir`, and every Zenoh link is TLS with mutual authentication
+under the router's access control, even on loopback. `--insecure` (plain TCP) is the only way
+out; bring-up and every node it starts then log a warning, and the bridge reports it on
+/diagnostics.
 """
 from __future__ import annotations
 
@@ -34,8 +40,12 @@ from pathlib import Path
 
 import yaml
 
+from loom_ros.bridge.zenoh_link import INSECURE_WARNING
 from loom_ros.cli.process import die_with_parent
-from loom_ros.config.params import DEFAULTS_FILE, check_params_file, config_dir
+from loom_ros.config.params import (
+    DEFAULTS_FILE, check_params_file, config_dir, load_params_file, node_defaults,
+)
+from loom_ros.security import keys
 
 AGENT_HOST = 'agent_host_0'
 
@@ -65,6 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--duration', type=float, default=0.0,
                    help='stop after this many seconds (default: run until Ctrl-C)')
     p.add_argument('--log-dir', default='', help='where the Zenoh router and cloud logs go')
+    p.add_argument('--keys-dir', default=keys.DEFAULT_KEYS_DIR,
+                   help='fleet credentials, made on first run for the router, this robot and the '
+                   f'cloud (default {keys.DEFAULT_KEYS_DIR})')
+    p.add_argument('--insecure', action='store_true',
+                   help='Zenoh over plain TCP: no TLS, authentication or access control (warned)')
 
 
 def run_bringup(args) -> int:
@@ -72,7 +87,26 @@ def run_bringup(args) -> int:
 
 
 def _endpoint(args) -> str:
-    return args.zenoh_connect or f'tcp/127.0.0.1:{args.zenoh_port}'
+    scheme = 'tcp' if args.insecure else 'tls'
+    return args.zenoh_connect or f'{scheme}/127.0.0.1:{args.zenoh_port}'
+
+
+def robot_id(params_file: str) -> str:
+    """The bridge's robot_id in the params file (else loom.yaml's): this robot's identity."""
+    section = load_params_file(params_file).get('zenoh_bridge', {})
+    return str(section.get('robot_id') or node_defaults('zenoh_bridge')['robot_id'])
+
+
+def local_credentials(args, robot: str) -> dict:
+    """The authority and the router, robot and cloud identities, made on first run. Needed even
+    with --insecure: robots sign cloud requests and commands, the cloud signs its answers."""
+    return keys.ensure_local(args.keys_dir, {'router': 'router', robot: 'robot', 'cloud': 'cloud'})
+
+
+def _zenoh_security(args) -> list[str]:
+    """The router's and the cloud's flags for this bring-up's transport security."""
+    return ['--keys-dir', str(keys.keys_path(args.keys_dir))] + \
+        (['--insecure'] if args.insecure else [])
 
 
 def _start_side(name: str, cmd: list[str], log_dir: str) -> tuple[subprocess.Popen, dict]:
@@ -103,8 +137,9 @@ def _wait_ready(proc: subprocess.Popen, name: str, limit: float = 60.0) -> dict:
     return ready
 
 
-def _agents_file(args, tmp: str) -> str:
-    """The agents file, with the voice agent pointed at this bring-up's Zenoh router."""
+def _agents_file(args, tmp: str, robot: str = 'robot1') -> str:
+    """The agents file, with the voice agent pointed at this bring-up's Zenoh router, as this
+    robot's identity from the keys folder."""
     path = args.agents_file or str(config_dir() / 'agents.yaml')
     data = yaml.safe_load(Path(path).read_text(encoding='utf-8'))
     for entry in data.get('agents', []):
@@ -112,6 +147,8 @@ def _agents_file(args, tmp: str) -> str:
         if 'zenoh_connect' in settings:
             settings['zenoh_connect'] = [_endpoint(args)] if args.cloud or args.zenoh_connect \
                 else []
+            settings.update(keys_dir=str(keys.keys_path(args.keys_dir)), identity=robot,
+                            zenoh_insecure=bool(args.insecure))
     out = Path(tmp) / 'agents.yaml'
     out.write_text(yaml.safe_dump(data), encoding='utf-8')
     return str(out)
@@ -169,7 +206,9 @@ class RobotProcess:
         if args.bridge:
             from loom_ros.bridge.bridge_node import ZenohBridgeNode
             self._add(ZenohBridgeNode(parameter_overrides=[
-                Parameter('connect', value=[_endpoint(args)])]), lifecycle=True)
+                Parameter('connect', value=[_endpoint(args)]),
+                Parameter('keys_dir', value=str(keys.keys_path(args.keys_dir))),
+                Parameter('insecure', value=bool(args.insecure))]), lifecycle=True)
 
     def _add(self, node, lifecycle: bool = False):
         from rclpy.lifecycle import TransitionCallbackReturn
@@ -271,16 +310,20 @@ def main_with(args, ros_args: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix='loom_bringup_') as tmp:
         try:
             check_params_file(params_file)   # a typo'd key or node section: refused up front
+            robot_name = robot_id(params_file)
+            local_credentials(args, robot_name)
+            if args.insecure:
+                print(f'loom bringup: WARNING {INSECURE_WARNING}', file=sys.stderr, flush=True)
             if not args.zenoh_connect:
                 side['zenoh_router'], _ = _start_side('zenoh_router', [
                     sys.executable, '-m', 'loom_ros.bridge.zenoh_router', '--listen',
-                    _endpoint(args)], args.log_dir)
+                    _endpoint(args), *_zenoh_security(args)], args.log_dir)
                 _wait_ready(side['zenoh_router'], 'the Zenoh router')
             if args.cloud:
                 side['cloud'], _ = _start_side('cloud', [
-                    sys.executable, '-m', 'loom_ros.cloud.server', '--connect', _endpoint(args)],
-                    args.log_dir)
-            agents_file = _agents_file(args, tmp)
+                    sys.executable, '-m', 'loom_ros.cloud.server', '--connect', _endpoint(args),
+                    *_zenoh_security(args)], args.log_dir)
+            agents_file = _agents_file(args, tmp, robot_name)
             rclpy.init(args=['loom_bringup', '--ros-args', '--params-file',
                              _typed_params(params_file, tmp),
                              *ros_args[1:]], signal_handler_options=SignalHandlerOptions.NO)
@@ -296,6 +339,8 @@ def main_with(args, ros_args: list[str]) -> int:
             _check_alive(robot, side)
             print(json.dumps({'ready': True, 'pid': os.getpid(), 'agents': robot.agent_ids,
                               'zenoh': _endpoint(args), 'cloud': 'cloud' in side,
+                              'secure': not args.insecure,
+                              'keys_dir': str(keys.keys_path(args.keys_dir)),
                               'side_pids': {n: p.pid for n, p in side.items()},
                               'params_file': params_file}), flush=True)
             deadline = time.monotonic() + args.duration if args.duration else None

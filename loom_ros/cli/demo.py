@@ -10,6 +10,9 @@ folder (demo_output/):
 - this process watches router/decisions, loom/ui/state, the voice agent and /diagnostics, and
   measures camera-to-emoji latency, time to first feedback and time to the spoken answer (both
   from the moment the simulated speaker stops talking).
+Secure by default, like bring-up: credentials are made on the first run in <output>/keys (or
+`--keys-dir`) and every Zenoh link is mutual TLS under the router's access control; `--insecure`
+runs plain TCP and says so.
 Artifacts: summary.json, answer.wav (the last spoken answer), recording.mcap, trace.jsonl (the
 OpenTelemetry spans of every hop), logs/, and the agents' state, router history and audit log.
 """
@@ -43,6 +46,10 @@ def add_parser(sub) -> None:
                            'delivered (an emoji shown and an answer spoken)')
     demo.add_argument('--output', default='demo_output',
                       help='folder for the summary and artifacts (default demo_output)')
+    demo.add_argument('--keys-dir', default='',
+                      help="fleet credentials, made on first run ('' = <output>/keys)")
+    demo.add_argument('--insecure', action='store_true',
+                      help='Zenoh over plain TCP: no TLS, authentication or access control')
     demo.set_defaults(run=run_demo)
 
 
@@ -239,11 +246,14 @@ def run_demo(args) -> int:
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     port = _free_port()
     print(f'Loom demo: both seed flows on simulated sensors for {args.duration:.0f} s '
-          f'(ROS_DOMAIN_ID={env.get("ROS_DOMAIN_ID", "0")}, Zenoh on 127.0.0.1:{port}, '
+          f'(ROS_DOMAIN_ID={env.get("ROS_DOMAIN_ID", "0")}, Zenoh '
+          f'{"INSECURE plain TCP" if args.insecure else "mutual TLS"} on 127.0.0.1:{port}, '
           f'output {out})', flush=True)
     procs = {
         'bringup': _spawn(['-m', 'loom_ros.cli', 'bringup', '--config', str(params),
-                           '--zenoh-port', str(port), '--log-dir', str(out / 'logs')], env,
+                           '--zenoh-port', str(port), '--log-dir', str(out / 'logs'),
+                           '--keys-dir', args.keys_dir or str(out / 'keys'),
+                           *(['--insecure'] if args.insecure else [])], env,
                           out / 'logs' / 'bringup.log'),
         'event_monitor': _spawn(['-m', 'loom_ros.bus.event_monitor_node', '--ros-args',
                                  '--params-file', str(params), '-p',

@@ -499,6 +499,9 @@ def main(argv=None) -> int:
     parser.add_argument('--keys-dir', help='fleet credentials (default: cloud.yaml auth.keys_dir)')
     parser.add_argument('--identity', help='the cloud identity that signs answers (default: '
                         'cloud.yaml auth.identity); several servers may share one')
+    parser.add_argument('--insecure', action='store_true',
+                        help='Zenoh over plain TCP without mutual TLS (default: cloud.yaml '
+                        'zenoh.insecure, false); logged as a warning')
     parser.add_argument('--instance', default=f'{socket.gethostname()}-{os.getpid()}',
                         help='this server\'s name in its answers (default: host-pid)')
     parser.add_argument('--extra-latency-ms', type=float, default=0.0,
@@ -506,7 +509,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import zenoh
-    from loom_ros.bridge.zenoh_link import session_config
+    from loom_ros.bridge.zenoh_link import INSECURE_WARNING, session_config
     try:
         config = load_config(args.config)
         z = config.get('zenoh', {})
@@ -516,9 +519,13 @@ def main(argv=None) -> int:
         service = build_service(config, identity, instance=args.instance,
                                 extra_latency_ms=args.extra_latency_ms)
         server = service.server
+        insecure = args.insecure or z.get('insecure', False) is True
+        if insecure:
+            print(f'loom_cloud: WARNING {INSECURE_WARNING}', file=sys.stderr, flush=True)
         session = zenoh.open(session_config(
             args.mode or z.get('mode', 'client'), args.connect or z.get('connect', []),
-            args.listen or z.get('listen', []), bool(z.get('multicast_scouting', False))))
+            args.listen or z.get('listen', []), bool(z.get('multicast_scouting', False)),
+            identity=None if insecure else identity))
     except (ValueError, CredentialsError, zenoh.ZError) as exc:
         print(f'loom_cloud: cannot start: {exc}', file=sys.stderr, flush=True)
         return 1

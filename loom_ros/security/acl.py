@@ -4,7 +4,7 @@ as the `access_control` section of the router's config (pure: a dict from a flee
 Subjects are certificate common names, so the rules hold only on mutual-TLS links (the router
 listens on nothing else when secure). Everything not allowed is denied. Per role:
 
-    robot     put and subscribe under loom/<its name>/**, query loom/cloud/**
+    robot     put, subscribe and answer queries under loom/<its name>/**, query loom/cloud/**
     cloud     declare queryables on and reply under loom/cloud/** (only it may answer there)
     operator  put and subscribe under loom/**, query loom/cloud/**
     router    everything under loom/** (another router of the same fleet)
@@ -56,7 +56,7 @@ def role_defaults(name: str, role: str) -> dict[str, tuple[str, ...]]:
     """What a role holds without any grant."""
     own, cloud, every = f'{ROOT}/{name}/**', f'{ROOT}/cloud/**', f'{ROOT}/**'
     if role == 'robot':
-        return {'put': (own,), 'subscribe': (own,), 'query': (cloud,)}
+        return {'put': (own,), 'subscribe': (own,), 'serve': (own,), 'query': (cloud,)}
     if role == 'cloud':
         return {'serve': (cloud,)}
     if role == 'operator':

@@ -1,5 +1,11 @@
 """Fixtures for the bridge and cloud tests: a Zenoh router process on a free loopback port,
-client sessions to it, bridge nodes in their own processes, and buses in robot namespaces."""
+client sessions to it, bridge nodes in their own processes, and buses in robot namespaces.
+
+Secure by default, as in production: the router listens on TLS with mutual authentication and
+access control built from the `zenoh_keys` folder at its start, so every identity a test uses
+(robot ids = bridge namespaces, the test sessions' operator `tester`, the cloud) is issued
+there first (TEST_IDENTITIES). A module with its own authority overrides `zenoh_keys` (return
+`test_fleet(its folder)`). `secure=False` / `insecure=True` is for tests about something else."""
 from __future__ import annotations
 
 import json
@@ -8,6 +14,24 @@ import socket
 import pytest
 import yaml
 
+from loom_ros.security import keys
+
+# Every identity the bridge and cloud tests connect as (robot ids are the bridge namespaces).
+TEST_IDENTITIES = {
+    'router': 'router', 'cloud': 'cloud', 'tester': 'operator',
+    **{robot: 'robot' for robot in ('robot1', 'robot2', 'r1', 'rs', 'rh', 'sd', 'ta', 'tb',
+                                    'ri', 'rs2', 'priv1', 'priv2')},
+}
+
+
+def test_fleet(root):
+    """`root` with the authority and TEST_IDENTITIES (what exists is kept)."""
+    keys.ensure_local(root, TEST_IDENTITIES)
+    return root
+
+
+test_fleet.__test__ = False   # a helper, not a test
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -15,15 +39,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def endpoint(port: int) -> str:
-    return f'tcp/127.0.0.1:{port}'
+def endpoint(port: int, secure: bool = False) -> str:
+    return f'{"tls" if secure else "tcp"}/127.0.0.1:{port}'
+
+
+@pytest.fixture(scope='session')
+def zenoh_keys(tmp_path_factory):
+    """The credentials folder the router, the test sessions and the bridges use."""
+    return test_fleet(tmp_path_factory.mktemp('zenoh_keys'))
 
 
 @pytest.fixture
-def zenoh_router(spawn):
-    """start(port) runs loom_ros.bridge.zenoh_router on tcp/127.0.0.1:port and waits until it listens."""
-    def start(port: int):
-        proc = spawn('-m', 'loom_ros.bridge.zenoh_router', '--listen', endpoint(port))
+def zenoh_router(spawn, zenoh_keys, tmp_path):
+    """start(port, secure=True, fleet=None) runs loom_ros.bridge.zenoh_router on 127.0.0.1:port
+    (TLS, mutual authentication, access control from zenoh_keys and the `fleet` file's dict;
+    plain TCP with secure=False) and waits until it listens."""
+    def start(port: int, secure: bool = True, fleet: dict | None = None):
+        security = ['--keys-dir', str(zenoh_keys)] if secure else ['--insecure']
+        if fleet is not None:
+            (tmp_path / 'fleet.yaml').write_text(yaml.safe_dump(fleet))
+            security += ['--fleet', str(tmp_path / 'fleet.yaml')]
+        proc = spawn('-m', 'loom_ros.bridge.zenoh_router', '--listen', endpoint(port, secure),
+                     *security)
         line = proc.popen.stdout.readline()  # the router prints one line once it listens
         if not line or not json.loads(line).get('ready'):
             code, out, err = proc.finish()
@@ -33,14 +70,17 @@ def zenoh_router(spawn):
 
 
 @pytest.fixture
-def zsession():
-    """open(port) gives a Zenoh client session to the test router (closed at teardown)."""
+def zsession(zenoh_keys):
+    """open(port, name='tester', secure=True) gives a Zenoh client session to the test router as
+    identity `name` (mutual TLS; plain TCP with secure=False), closed at teardown."""
     import zenoh
     from loom_ros.bridge.zenoh_link import session_config
     sessions = []
 
-    def open_session(port: int):
-        session = zenoh.open(session_config('client', [endpoint(port)]))
+    def open_session(port: int, name: str = 'tester', secure: bool = True):
+        identity = keys.load(zenoh_keys, name) if secure else None
+        session = zenoh.open(session_config('client', [endpoint(port, secure)],
+                                            identity=identity))
         sessions.append(session)
         return session
     yield open_session
@@ -72,10 +112,12 @@ def open_inbound(*patterns: str, privacy: str = 'public', rate: float = 1e6) -> 
 
 
 @pytest.fixture
-def bridge(ros, spawn, tmp_path):
+def bridge(ros, spawn, tmp_path, zenoh_keys):
     """start(namespace, port, inbound=<contract dict, or a list of patterns let in openly>,
-    **params) runs a bridge node in its own process; returns (proc, status, audit_path). Credentials come from `keys_dir` (default: an
-    empty folder, so nothing is sealed) and commands are audited to tmp_path/<robot>_audit.db."""
+    **params) runs a bridge node in its own process; returns (proc, status, audit_path).
+    It connects as the identity named like its namespace, from `keys_dir` (default zenoh_keys,
+    with seal_sensitive off unless given: nothing is sealed), or over plain TCP with
+    insecure=True. Commands are audited to tmp_path/<robot>_audit.db."""
     def start(namespace: str, port: int, inbound: dict | None = None, **params):
         name = namespace.strip('/')
         audit = tmp_path / f'{name}_audit.jsonl'
@@ -83,10 +125,16 @@ def bridge(ros, spawn, tmp_path):
         if isinstance(inbound, (list, tuple)):
             inbound = open_inbound(*inbound)
         inbound_file.write_text(yaml.safe_dump(inbound or {'rules': []}))
+        secure = not params.get('insecure', False)
+        if 'keys_dir' not in params:
+            params = {'keys_dir': str(zenoh_keys), 'seal_sensitive': 'off', **params}
         values = {'robot_id': name, 'mode': 'client',
-                  'connect': [endpoint(port)], 'audit_file': str(audit),
+                  'connect': [endpoint(port, secure)], 'audit_file': str(audit),
                   'inbound_file': str(inbound_file), 'audit_db': str(tmp_path / f'{name}_audit.db'),
-                  'keys_dir': str(tmp_path / 'no_keys'), 'status_period_s': 0.05, **params}
+                  'status_period_s': 0.05, **params}
+        if secure and not (keys.keys_path(values['keys_dir']) / name / 'cert.pem').is_file():
+            pytest.fail(f'no identity {name!r} in {values["keys_dir"]}: add it to '
+                        'TEST_IDENTITIES (the router knows only those issued before it started)')
         values.setdefault('bus', {}).setdefault('discovery_period_s', 0.1)
         path = tmp_path / f'{namespace.strip("/")}_params.yaml'
         path.write_text(yaml.safe_dump({'/**': {'ros__parameters': values}}))

@@ -71,7 +71,8 @@ class Bringup:
     def __init__(self, config: Path, port: int, name: str, driver: str | None = None):
         self.err_path = config.parent / f'{name}.err'
         args = ['--config', str(config), '--zenoh-port', str(port), '--no-sim-sensors',
-                '--agents', 'counter', '--log-dir', str(config.parent)]
+                '--agents', 'counter', '--log-dir', str(config.parent),
+                '--keys-dir', str(config.parent / 'keys')]   # secure, with this test's credentials
         cmd = [sys.executable, '-c', driver, *args] if driver else \
             [sys.executable, *loom_cli('bringup', *args)]
         with open(self.err_path, 'w') as err:

@@ -11,3 +11,4 @@ zenoh_router = _fixtures.zenoh_router
 zsession = _fixtures.zsession
 port = _fixtures.port
 endpoint = _fixtures.endpoint
+zenoh_keys = _fixtures.zenoh_keys

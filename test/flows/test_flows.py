@@ -59,7 +59,7 @@ def system(ros, tmp_path_factory):
     params = _params(tmp)
     procs = [subprocess.Popen([sys.executable, *loom_cli(
         'bringup', '--config', str(params), '--zenoh-port', str(_free_port()),
-        '--agents-file', str(tmp / 'agents.yaml'),
+        '--agents-file', str(tmp / 'agents.yaml'), '--keys-dir', str(tmp / 'keys'),
         '--log-dir', str(tmp))], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True),
         subprocess.Popen([sys.executable, *loom_cli('record', '--output', str(tmp / 'rec.mcap'))],

@@ -17,6 +17,7 @@ pocketsphinx maps any speech onto the closest phrase), `event_type` for the rout
 """
 from __future__ import annotations
 
+import logging
 import time
 
 from loom_ros.agents.flows.link import FlowError, FlowLink
@@ -46,6 +47,14 @@ class VoiceBehavior:
         self.event_type = str(settings.get('event_type', UTTERANCE))
         self.tool = str(settings.get('tool', 'weather'))
         self.tts = str(settings.get('tts', 'tts'))
+        # Who this robot is on Zenoh and to the cloud (mutual TLS and signed requests), from the
+        # fleet's keys folder; zenoh_insecure: plain TCP (logged as a warning when opened).
+        self.keys_dir = str(settings.get('keys_dir', '~/.loom/keys'))
+        self.identity = str(settings.get('identity', 'robot1'))
+        self.zenoh_insecure = settings.get('zenoh_insecure', False) is True
+        if self.zenoh_insecure and self.zenoh_connect:
+            from loom_ros.bridge.zenoh_link import INSECURE_WARNING
+            logging.getLogger('loom.voice').warning(f'voice cloud link: {INSECURE_WARNING}')
         self._cloud = None
         self._cloud_error = ''
 
@@ -57,14 +66,22 @@ class VoiceBehavior:
         import zenoh
 
         from loom_ros.agents.embedding import MiniLMEmbedder
-        from loom_ros.bridge.zenoh_link import session_config
+        from loom_ros.bridge.zenoh_link import session_config, transport_identity
         from loom_ros.cloud.client import CloudClient
+        from loom_ros.security.keys import CredentialsError
         try:
-            session = zenoh.open(session_config('client', self.zenoh_connect))
-        except zenoh.ZError as exc:
+            identity = transport_identity(self.zenoh_insecure, self.keys_dir, self.identity)
+            session = zenoh.open(session_config('client', self.zenoh_connect, identity=identity))
+        except (zenoh.ZError, CredentialsError, ValueError) as exc:
             self._cloud_error = f'cannot open a Zenoh session to {self.zenoh_connect}: {exc}'
             return None
-        self._cloud = CloudClient(session, embedder=MiniLMEmbedder())
+        try:
+            self._cloud = CloudClient.from_keys(session, self.keys_dir, self.identity,
+                                                embedder=MiniLMEmbedder())
+        except CredentialsError as exc:
+            session.close()
+            self._cloud_error = f'no credentials to sign cloud requests: {exc}'
+            return None
         return self._cloud
 
     def handle(self, event: Event, ctx) -> None:
