@@ -13,9 +13,10 @@ Every request is signed with the robot's identity; a reply counts only if it is 
 `cloud` identity of the fleet's authority over this very request (id and digest). Anything else
 (a fake queryable echoing the id, a robot's key, a stale or altered reply) is counted as
 `forged_reply` and the client keeps waiting for a genuine one. The first attempt goes to one
-server (Zenoh's BEST_MATCHING picks among the live ones: load spread) with half the budget left;
-a retry (no server left, a dead one, busy, forged) asks ALL servers and takes the first
-authentic answer (failover). No rclpy (outcome_msg imports loom_msgs lazily).
+server (Zenoh's BEST_MATCHING) with half the budget left; a retry (a server killed mid-request,
+busy, forged, timeout) asks ALL servers and takes the first authentic answer (failover). Note:
+BEST_MATCHING picks the same complete queryable every time, so this is failover, not load
+spread; spreading needs per-server keys (not done yet). No rclpy (outcome_msg imports loom_msgs lazily).
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ token bucket; the FairQueue then serves senders round-robin, each with its own b
 total bound in entries and bytes. Whatever does not fit is answered `busy` at once: memory stays
 bounded and one client's flood cannot starve another. An unauthenticated request never reaches a
 model, and so chat (and the operator's bearer key) is never forwarded for it. Several servers may
-run behind the same identity: robots pick one per request (Zenoh's BEST_MATCHING) and retry.
+run behind the same identity: a robot asks one (Zenoh's BEST_MATCHING) and, if it dies or is
+busy, all of them (failover; BEST_MATCHING alone does not spread load).
 """
 from __future__ import annotations
 
@@ -380,6 +381,7 @@ class CloudService:
 
     def on_query(self, query) -> None:
         """Admit or refuse one zenoh.Query; never raises."""
+        request_digest = b''
         try:
             task = str(query.key_expr).rsplit('/', 1)[-1]
             payload = query.payload
@@ -387,10 +389,12 @@ class CloudService:
             if size > self.gate.limits.max_request_bytes:   # refused before it is copied
                 raise Rejected('too_large', 'too_large', f'request of {size} bytes exceeds '
                                f'the limit of {self.gate.limits.max_request_bytes}')
-            admitted = self.gate.admit(task, payload.to_bytes() if payload is not None else b'')
+            data = payload.to_bytes() if payload is not None else b''
+            request_digest = digest(data)
+            admitted = self.gate.admit(task, data)
         except Rejected as exc:
             self.count(exc.reason)
-            self._error(query, exc.ident, b'', exc.code, str(exc))
+            self._error(query, exc.ident, request_digest, exc.code, str(exc))
             return
         except Exception as exc:  # a bug: an answer, not a dead callback
             self.count('internal')

@@ -33,24 +33,66 @@ def stranger(tmp_path_factory):
     return keys.ensure_local(root, {'cloud': 'cloud'})['cloud']
 
 
-@pytest.fixture
-def cloud(spawn, port, zenoh_router, fleet, monkeypatch):
-    """start(*flags) runs loom_cloud (signing as the fleet's `cloud`) against a fresh router
-    (started on the first call); returns the server's process."""
-    monkeypatch.delenv('LOOM_CLOUD_CHAT_URL', raising=False)  # chat unconfigured unless a test sets it
-    routers = []
+class CloudNet:
+    """A Zenoh router on loopback and `loom_cloud` servers on it, secure (mutual TLS with the
+    fleet's keys, the router's access control) or, for attacks that must reach the cloud tier
+    itself (a misconfigured or shared router: defence in depth), plain TCP with `--insecure`."""
 
-    def start(*flags):
-        if not routers:
-            routers.append(zenoh_router(port))
-        proc = spawn('-m', 'loom_ros.cloud.server', '--connect', f'tcp/127.0.0.1:{port}',
-                     '--keys-dir', str(fleet), *flags)
+    def __init__(self, spawn, port: int, fleet):
+        self.spawn, self.port, self.fleet = spawn, port, fleet
+        self.secure: bool | None = None
+        self.sessions = []
+
+    def _router(self, secure: bool) -> None:
+        if self.secure is not None:
+            assert self.secure == secure, 'one router per test'
+            return
+        self.secure = secure
+        flags = ['--keys-dir', str(self.fleet)] if secure else ['--insecure']
+        proc = self.spawn('-m', 'loom_ros.bridge.zenoh_router', '--listen',
+                          f'tcp/127.0.0.1:{self.port}', *flags)
+        line = proc.popen.stdout.readline()
+        if not line or not json.loads(line).get('ready'):
+            code, out, err = proc.finish()
+            pytest.fail(f'zenoh router did not start (exit {code}):\n{line}{out}\n{err}')
+
+    def start(self, *flags, secure: bool = True):
+        """A loom_cloud signing as the fleet's `cloud` (also its TLS identity when secure)."""
+        self._router(secure)
+        proc = self.spawn('-m', 'loom_ros.cloud.server', '--connect',
+                          f'tcp/127.0.0.1:{self.port}', '--keys-dir', str(self.fleet),
+                          *([] if secure else ['--insecure']), *flags)
         line = proc.popen.stdout.readline()
         if not line or not json.loads(line).get('ready'):
             code, out, err = proc.finish()
             pytest.fail(f'loom_cloud did not start (exit {code}):\n{line}{out}\n{err}')
         return proc
-    return start
+
+    def session(self, name: str | None = None):
+        """A client session to the router: as fleet identity `name` (mutual TLS on a secure
+        router), or with no credentials at all (name None; only an insecure router admits it)."""
+        import zenoh
+        from loom_ros.bridge.zenoh_link import session_config
+        identity = keys.load(self.fleet, name) if name and self.secure else None
+        session = zenoh.open(session_config('client', [f'tcp/127.0.0.1:{self.port}'],
+                                            identity=identity))
+        self.sessions.append(session)
+        return session
+
+
+@pytest.fixture
+def net(spawn, port, fleet, monkeypatch):
+    monkeypatch.delenv('LOOM_CLOUD_CHAT_URL', raising=False)  # chat unconfigured unless set
+    made = CloudNet(spawn, port, fleet)
+    yield made
+    for session in made.sessions:
+        session.close()
+
+
+@pytest.fixture
+def cloud(net):
+    """start(*flags, secure=True) runs a loom_cloud (and the router on the first call)."""
+    return net.start
 
 
 def stop_stats(proc) -> dict:

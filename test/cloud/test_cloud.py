@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from cloud_fixtures import cloud, fleet, signed_get  # noqa: F401  (fixtures)
+from cloud_fixtures import cloud, fleet, net, signed_get  # noqa: F401  (fixtures)
 from loom_ros.bus.event import Privacy
 from loom_ros.cloud.client import CloudClient, InferenceRequest, UploadRefused, execute_route
 from loom_ros.router.decision import Decision, Route, RouteRequest, decide
@@ -20,10 +20,10 @@ def embedder():
     return MiniLMEmbedder()
 
 
-def test_server_answers_tasks_with_correlation_ids_and_errors_as_replies(cloud, zsession, port,
-                                                                         embedder, fleet):
+def test_server_answers_tasks_with_correlation_ids_and_errors_as_replies(cloud, net, embedder,
+                                                                         fleet):
     cloud()
-    session = zsession(port)
+    session = net.session('robot1')
     robot = keys.load(fleet, 'robot1')
 
     def raw_get(key, payload: bytes):
@@ -80,10 +80,9 @@ def local_intent(request):
     return {'intent': 'unknown', 'source': 'local'}, 0.4
 
 
-def test_routes_run_cloud_hybrid_and_fall_back_with_costs(cloud, zsession, port, embedder,
-                                                          fleet):
+def test_routes_run_cloud_hybrid_and_fall_back_with_costs(cloud, net, embedder, fleet):
     cloud()
-    client = CloudClient.from_keys(zsession(port), fleet, 'robot1', embedder=embedder)
+    client = CloudClient.from_keys(net.session('robot1'), fleet, 'robot1', embedder=embedder)
     policy = load_policy(config_dir() / 'policy.yaml')
     reported = []
 
@@ -125,9 +124,9 @@ def test_routes_run_cloud_hybrid_and_fall_back_with_costs(cloud, zsession, port,
     assert len(client.ledger) == 3
 
 
-def test_cloud_timeout_falls_back_to_local(cloud, zsession, port, fleet):
+def test_cloud_timeout_falls_back_to_local(cloud, net, fleet):
     cloud('--extra-latency-ms', '3000')  # a cloud slower than any budget below
-    client = CloudClient.from_keys(zsession(port), fleet, 'robot1', retries=2)
+    client = CloudClient.from_keys(net.session('robot1'), fleet, 'robot1', retries=2)
     decision = Decision(Route.CLOUD, 0.3, 'default', 'cloud', upload='raw', cloud_cost=0.002)
     request = InferenceRequest('intent', 'what time is it', latency_budget_ms=300.0,
                                event_type='speech.utterance', decision_id='d1')
