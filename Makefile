@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 DURATION ?= 30
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench soak clean
 
 setup:
 	@bash tools/setup.sh
@@ -20,3 +20,7 @@ clean:
 bench: setup
 	@source env.sh && export ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-77} && for b in bus router agents perception speech plugins sandbox telemetry bridge flows; do \
 		echo "== bench/$${b}_bench.py"; python bench/$${b}_bench.py || exit 1; done
+
+# The whole system under a bounded hostile load against a quiet run (about 5 minutes).
+soak: setup
+	@source env.sh && export ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-79} && python bench/soak_hostile.py
