@@ -4,8 +4,8 @@ client sessions to it, bridge nodes in their own processes, and buses in robot n
 Secure by default, as in production: the router listens on TLS with mutual authentication and
 access control built from the `zenoh_keys` folder at its start, so every identity a test uses
 (robot ids = bridge namespaces, the test sessions' operator `tester`, the cloud) is issued
-there first (TEST_IDENTITIES). A module with its own authority overrides `zenoh_keys` (return
-`test_fleet(its folder)`). `secure=False` / `insecure=True` is for tests about something else."""
+there first (TEST_IDENTITIES). A module with its own authority overrides `zenoh_keys_root`
+(its folder; TEST_IDENTITIES are added to it). `secure=False` / `insecure=True` is for tests about something else."""
 from __future__ import annotations
 
 import json
@@ -43,10 +43,16 @@ def endpoint(port: int, secure: bool = False) -> str:
     return f'{"tls" if secure else "tcp"}/127.0.0.1:{port}'
 
 
-@pytest.fixture(scope='session')
-def zenoh_keys(tmp_path_factory):
+@pytest.fixture(scope='module')
+def zenoh_keys_root(tmp_path_factory):
+    """Where zenoh_keys are made; a module with its own authority overrides this."""
+    return tmp_path_factory.mktemp('zenoh_keys')
+
+
+@pytest.fixture(scope='module')
+def zenoh_keys(zenoh_keys_root):
     """The credentials folder the router, the test sessions and the bridges use."""
-    return test_fleet(tmp_path_factory.mktemp('zenoh_keys'))
+    return test_fleet(zenoh_keys_root)
 
 
 @pytest.fixture

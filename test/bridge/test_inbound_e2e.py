@@ -34,6 +34,14 @@ def fleet(tmp_path_factory):
     return root, ids
 
 
+@pytest.fixture(scope='module')
+def zenoh_keys_root(fleet):
+    """One authority for the router, the test sessions and the bridge (mutual TLS): the
+    'outsider' below is an authenticated operator session on the link; what is tested here is
+    the bridge's own check of each command's signer."""
+    return fleet[0]
+
+
 def move(x):
     return Event.with_json('robot.move', {'linear': {'x': x}, 'angular': {'z': 0.0}})
 

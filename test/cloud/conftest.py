@@ -12,3 +12,4 @@ zsession = _fixtures.zsession
 port = _fixtures.port
 endpoint = _fixtures.endpoint
 zenoh_keys = _fixtures.zenoh_keys
+zenoh_keys_root = _fixtures.zenoh_keys_root
