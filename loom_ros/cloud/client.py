@@ -67,7 +67,7 @@ class CloudClient:
 
     def __init__(self, session, identity: keys.Identity, *, prefix: str = KEY_PREFIX,
                  embedder=None, retries: int = 2, cloud_cert: bytes | None = None,
-                 clock=time.time):
+                 clock=time.time, ask_all: bool = False):
         self.session = session
         self.prefix = prefix
         self.embedder = embedder  # for Sensitive requests: embed here, send the vector (sealed)
@@ -77,6 +77,7 @@ class CloudClient:
         self.ca_pem = identity.ca.read_bytes()
         self.verifier = Verifier(self.ca_pem, ('cloud',), clock=clock)
         self.cloud_cert = cloud_cert  # to seal to; else learned from the first verified answer
+        self.ask_all = ask_all        # every attempt to ALL servers (first authentic answer wins)
         self.stats: Counter = Counter()
         self.spent = 0.0
         self.ledger: list[dict] = []  # per answered request: task, cost, latency (bounded)
@@ -103,7 +104,7 @@ class CloudClient:
             if remaining_ms < MIN_ATTEMPT_MS:
                 break
             attempts += 1
-            first = attempts == 1 and self.retries > 0
+            first = attempts == 1 and self.retries > 0 and not self.ask_all
             result = self._attempt(task, body, remaining_ms * FIRST_ATTEMPT_SHARE if first
                                    else remaining_ms, spread=first)
             if result.ok or result.code not in RETRYABLE | {'timeout', 'no_server', 'forged'}:

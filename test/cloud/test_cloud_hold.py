@@ -52,18 +52,24 @@ def test_forged_replies_are_rejected_and_the_genuine_answer_taken(cloud, net, sp
     cloud('--instance', 'genuine', secure=False)
     fake = spawn('-c', FAKE, str(port), str(fleet), str(stranger.cert.parent.parent))
     assert fake.popen.stdout.readline().strip() == 'ready'
-    client = CloudClient.from_keys(net.session('robot1'), fleet, 'robot1')
+    session = net.session('robot1')
+    # Asking every server, the fake (which answers at once) is heard first: wait until all three
+    # kinds of forgery were rejected, every answer taken the genuine one.
+    client = CloudClient.from_keys(session, fleet, 'robot1', ask_all=True)
     answers = []
     deadline = time.monotonic() + WAIT_LIMIT_S
-    # Zenoh picks one of the two queryables per first attempt: ask until the fake has been
-    # picked for all three kinds of forgery (each counted), every answer the genuine one.
     while client.stats['forged_reply'] < 3:
-        assert time.monotonic() < deadline, f'the fake was never asked: {client.stats}'
+        assert time.monotonic() < deadline, f'the fake was never heard: {client.stats}'
         result = client.infer('intent', {'text': 'will it rain today'}, BUDGET_MS)
         assert result.ok, (result, client.stats)
         answers.append((result.result['intent'], result.server, result.model))
+    # The default client asks one server first (whichever Zenoh picks) and all on a forgery.
+    default = CloudClient.from_keys(session, fleet, 'robot1')
+    for _ in range(3):
+        result = default.infer('intent', {'text': 'will it rain today'}, BUDGET_MS)
+        assert result.ok and result.attempts <= 2, (result, default.stats)
+        answers.append((result.result['intent'], result.server, result.model))
     assert set(answers) == {('weather', 'genuine', 'minilm-logreg-intent')}
-    assert client.stats['failed_forged'] == 0 and client.stats['ok'] == len(answers)
 
 
 class Upstream:
