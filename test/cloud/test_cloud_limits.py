@@ -1,0 +1,67 @@
+"""The cloud tier's admission core without Zenoh: token buckets on an injected clock, the fair
+queue's round-robin and bounds, and the gate's order of checks (issue 14)."""
+import time
+
+import pytest
+
+from cloud_fixtures import fleet, stranger  # noqa: F401  (fixtures)
+from loom_ros.cloud.protocol import Signer, Verifier, encode
+from loom_ros.cloud.server import FairQueue, Gate, Limits, Rejected, TokenBucket
+from loom_ros.security import keys
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_refills_with_the_injected_clock():
+    clock = Clock()
+    bucket = TokenBucket(rate=2.0, burst=3.0, clock=clock)
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    clock.now += 0.5   # one token back
+    assert [bucket.take(), bucket.take()] == [True, False]
+    clock.now += 100.0  # never more than the burst
+    assert sum(bucket.take() for _ in range(10)) == 3
+
+
+def test_fair_queue_serves_clients_in_turn_within_its_bounds():
+    queue = FairQueue(per_client=3, total=5, total_bytes=1000)
+    assert [queue.put('flood', f'f{i}', 10) for i in range(4)] == ['', '', '', 'client_queue_full']
+    assert queue.put('robot1', 'r0', 10) == '' and queue.put('robot2', 'x', 10) == ''
+    assert queue.put('robot3', 'y', 10) == 'queue_full'          # 5 entries in all
+    assert queue.get(0) == 'f0' and queue.get(0) == 'r0' and queue.get(0) == 'x'
+    assert queue.get(0) == 'f1'
+    assert queue.put('big', 'b', 2000) == 'queue_full'           # over the bytes bound
+    assert sorted(queue.close()) == ['f2'] and queue.get(0) is None
+
+
+def test_gate_refuses_in_order_and_counts_by_reason(fleet, stranger):
+    clock = Clock(time.time())
+    robot = Signer(keys.load(fleet, 'robot1'))
+    limits = Limits(max_request_bytes=4096, rate_per_s=1.0, burst=2.0, max_clock_skew_s=60.0)
+    gate = Gate(Verifier((fleet / 'ca.pem').read_bytes(), ['robot'], clock=clock), limits, clock)
+
+    def signed(ident, body=None, signer=robot, ts=None):
+        return signer.request('intent', body or {'text': 'hi'}, ident,
+                              int((clock.now if ts is None else ts) * 1000))
+
+    def reason(data):
+        with pytest.raises(Rejected) as caught:
+            gate.admit('intent', data)
+        return caught.value.reason
+    assert reason(b'x' * 5000) == 'too_large'
+    assert reason(encode({'id': 'a', 'text': 'hi'})) == 'unauthenticated'
+    assert reason(signed('b', signer=Signer(stranger))) == 'unauthenticated'
+    assert reason(signed('c', ts=clock.now - 3600)) == 'stale'
+    assert gate.admit('intent', signed('d')).client == 'robot1'
+    assert reason(signed('d')) == 'replay'
+    assert gate.admit('intent', signed('e')).ident == 'e'
+    assert reason(signed('f')) == 'rate_limited'                 # burst of 2 spent
+    clock.now += 1.0
+    assert gate.admit('intent', signed('g')).ident == 'g'        # one token a second
+    with pytest.raises(ValueError):
+        Limits.from_config({'rate_per_s': -1})
