@@ -7,7 +7,9 @@ Processes on loopback: a Zenoh router (loom_ros.bridge.zenoh_router), the bridge
 this process publishes on the robot's bus (rclpy) and subscribes on Zenoh. Baselines: raw Zenoh
 put -> router -> subscriber for the same encoded events, and a raw Zenoh get answered by a bare
 queryable. Latency: the publisher's CLOCK_MONOTONIC stamp (in the event's metadata) to the Zenoh
-callback, one clock across processes on one host. Writes bench/results/bridge.{json,md}.
+callback, one clock across processes on one host. Everything runs twice in the same run: with
+mutual TLS and the router's access control (the default, credentials in a temporary folder), and
+over plain TCP (--insecure), so TLS's cost is measured. Writes bench/results/bridge.{json,md}.
 """
 from __future__ import annotations
 
@@ -109,9 +111,49 @@ def main() -> None:
     n_burst, n_paced, n_rt = (2000, 500, 100) if args.quick else (10000, 2000, 500)
 
     import rclpy
+    from rclpy.signals import SignalHandlerOptions
+    from loom_ros.security import keys
+
+    tmp = Path(tempfile.mkdtemp())
+    fleet = tmp / 'keys'
+    ids = keys.ensure_local(fleet, {'router': 'router', 'bench': 'robot', 'cloud': 'cloud',
+                                    'bench_tool': 'operator'})
+    results = {'machine': machine(), 'note': 'taken on a shared 2-core machine under load from '
+               'other engineers\' test runs; the lead re-runs this', 'counts': {
+                   'burst': n_burst, 'paced': n_paced, 'round_trips': n_rt}}
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    for transport in ('tls', 'tcp'):
+        results[transport] = run(transport, fleet, ids, tmp, n_burst, n_paced, n_rt)
+    rclpy.try_shutdown()
+    for transport in ('tls', 'tcp'):
+        ratios(results[transport])
+    # TLS's cost: plain TCP over mutual TLS, per path (events/s) and P50 latency.
+    results['tls_cost'] = {name: {
+        'events_per_s_tls_over_tcp': round(results['tls'][name]['events_per_s'] /
+                                           max(results['tcp'][name]['events_per_s'], 1e-9), 3),
+        'p50_tls_over_tcp': round(results['tls'][name]['latency']['p50_us'] /
+                                  max(results['tcp'][name]['latency']['p50_us'], 1e-9), 2)}
+        for name in PATHS}
+    results['tls_cost'].update({name: {'p50_tls_over_tcp': round(
+        results['tls'][name]['p50_us'] / max(results['tcp'][name]['p50_us'], 1e-9), 2)}
+        for name in ROUND_TRIPS})
+    out = HERE / 'results'
+    out.mkdir(exist_ok=True)
+    (out / 'bridge.json').write_text(json.dumps(results, indent=2) + '\n')
+    (out / 'bridge.md').write_text(render(results))
+    print(render(results))
+
+
+PATHS = ('bridge_batched', 'raw_zenoh_batched', 'bridge_realtime', 'raw_zenoh_realtime')
+ROUND_TRIPS = ('cloud_intent', 'cloud_embed', 'raw_zenoh_get')
+
+
+def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced: int,
+        n_rt: int) -> dict:
+    """Router, bridge and cloud processes over `transport` (tls: mutual TLS and access control;
+    tcp: --insecure), then every measurement; the processes are stopped before it returns."""
     import yaml
     import zenoh
-    from rclpy.signals import SignalHandlerOptions
     from loom_ros.bridge import codec
     from loom_ros.bridge.zenoh_link import session_config
     from loom_ros.bus.bus import EventBus
@@ -119,32 +161,37 @@ def main() -> None:
     from loom_ros.bus.qos import TopicQosTable, to_zenoh_options
     from loom_ros.cloud.client import CloudClient
     from loom_ros.config.params import node_defaults
-
+    import rclpy
+    secure = transport == 'tls'
+    flags = ['--keys-dir', str(fleet)] + ([] if secure else ['--insecure'])
+    (tmp / 'fleet.yaml').write_text(yaml.safe_dump({'grants': {'bench_tool': {
+        'serve': ['loom/raw/**'], 'query': ['loom/raw/**']}}}))   # the raw get's echo
+    identity = ids['bench_tool'] if secure else None
     port = free_port()
-    ep = f'tcp/127.0.0.1:{port}'
-    procs = [start(['-m', 'loom_ros.bridge.zenoh_router', '--listen', ep])]
-    tmp = Path(tempfile.mkdtemp())
-    params = tmp / 'bridge.yaml'
+    ep = f'{transport}/127.0.0.1:{port}'
+    procs = [start(['-m', 'loom_ros.bridge.zenoh_router', '--listen', ep, *flags,
+                    '--fleet', str(tmp / 'fleet.yaml')])]
+    params = tmp / f'bridge_{transport}.yaml'
     params.write_text(yaml.safe_dump({'/**': {'ros__parameters': {
         'robot_id': 'bench', 'connect': [ep], 'out_allow': ['agent.*.intent', 'sensor.**'],
-        'audit_file': '', 'buffer_max_events': 100000, 'status_period_s': 1.0}}}))
+        'audit_file': '', 'audit_db': str(tmp / f'audit_{transport}.db'),
+        'keys_dir': str(fleet), 'insecure': not secure, 'seal_sensitive': 'off',
+        'buffer_max_events': 100000, 'status_period_s': 1.0}}}))
     procs.append(start(['-m', 'loom_ros.bridge.bridge_node', '--ros-args', '-r', '__ns:=/bench',
                         '--params-file', str(params)], ready=False))
-    procs.append(start(['-m', 'loom_ros.cloud.server', '--connect', ep]))
-    results = {'machine': machine(), 'note': 'taken on a shared 2-core machine under load from '
-               'other engineers\' test runs; the lead re-runs this', 'counts': {
-                   'burst': n_burst, 'paced': n_paced, 'round_trips': n_rt}}
+    procs.append(start(['-m', 'loom_ros.cloud.server', '--connect', ep, *flags]))
+    results: dict = {'transport': transport}
+    node = sub_s = pub_s = None
     try:
-        rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
-        node = rclpy.create_node('bridge_bench', namespace='/bench')
+        node = rclpy.create_node(f'bridge_bench_{transport}', namespace='/bench')
         executor = make_executor()
         executor.add_node(node)
         defaults = node_defaults('bridge_bench')
         bus = EventBus(node, topic_qos=TopicQosTable(defaults['bus.topic_qos'],
                                                      defaults['bus.default_qos']))
         spin = lambda: executor.spin_once(timeout_sec=0.0)  # noqa: E731
-        sub_s = zenoh.open(session_config('client', [ep]))
-        pub_s = zenoh.open(session_config('client', [ep]))
+        sub_s = zenoh.open(session_config('client', [ep], identity=identity))
+        pub_s = zenoh.open(session_config('client', [ep], identity=identity))
 
         for topic, key, level in [('agent.bench.intent', 'loom/bench/agent/bench/intent', 'batched'),
                                   ('sensor.imu.motion', 'loom/bench/sensor/imu/motion', 'realtime')]:
@@ -156,27 +203,32 @@ def main() -> None:
             warm = lambda: bus.publish(topic, Event(type='w', metadata={STAMP: '0'}))  # noqa
             wait(lambda: sink.count > 0, 30.0, lambda: (warm(), spin(), time.sleep(0.01)))
             through = measure(lambda e: bus.publish(topic, e), sink, spin, n_burst, n_paced, 1000)
-            raw_sink = Sink(sub_s, f'raw/{level}')
-            raw_pub = pub_s.declare_publisher(f'raw/{level}', **to_zenoh_options(level))
+            raw_sink = Sink(sub_s, f'loom/raw/{level}')
+            raw_pub = pub_s.declare_publisher(f'loom/raw/{level}', **to_zenoh_options(level))
             wait(lambda: raw_pub.matching_status.matching, 10.0)
-            print(f'{level}: raw', file=sys.stderr, flush=True)
+            print(f'{transport} {level}: raw', file=sys.stderr, flush=True)
             # The raw publisher paces with short sleeps: a bare busy loop would hold the GIL the
             # Zenoh callback threads need (the bus side releases it inside rclpy's spin_once).
             raw = measure(lambda e: raw_pub.put(codec.encode(e)), raw_sink,
                           lambda: time.sleep(0.0001),
                           n_burst, n_paced, 1000)
-            print(f'{level}: through the bridge {through}', file=sys.stderr, flush=True)
+            print(f'{transport} {level}: through the bridge {through}', file=sys.stderr,
+                  flush=True)
             results[f'bridge_{level}'] = through
             results[f'raw_zenoh_{level}'] = raw
 
         # Cloud round trip vs a raw get answered by a bare queryable (same router, same sizes).
-        client = CloudClient(pub_s)
-        echo = sub_s.declare_queryable('raw/echo', lambda q: q.reply(q.key_expr, q.payload))
+        client = CloudClient.from_keys(pub_s, fleet, 'bench_tool')
+        echo = sub_s.declare_queryable('loom/raw/echo', lambda q: q.reply(q.key_expr, q.payload))
         wait(lambda: client.infer('intent', {'text': 'warm up'}, 5000).ok, 30.0)
+        body = b'{"text":"will it rain today"}'
         for name, call in [
-            ('cloud_intent', lambda: client.infer('intent', {'text': 'will it rain today'}, 5000).ok),
-            ('cloud_embed', lambda: client.infer('embed', {'text': 'will it rain today'}, 5000).ok),
-            ('raw_zenoh_get', lambda: len(list(pub_s.get('raw/echo', payload=b'{"text":"will it rain today"}', timeout=5.0))) == 1),
+            ('cloud_intent', lambda: client.infer('intent', {'text': 'will it rain today'},
+                                                  5000).ok),
+            ('cloud_embed', lambda: client.infer('embed', {'text': 'will it rain today'},
+                                                 5000).ok),
+            ('raw_zenoh_get', lambda: len(list(pub_s.get('loom/raw/echo', payload=body,
+                                                         timeout=5.0))) == 1),
         ]:
             lat = []
             for _ in range(n_rt):
@@ -184,22 +236,28 @@ def main() -> None:
                 assert call(), name
                 lat.append((time.perf_counter_ns() - t) / 1000.0)
             results[name] = summarize(lat)
-            print(f'{name}: {results[name]}', file=sys.stderr, flush=True)
+            print(f'{transport} {name}: {results[name]}', file=sys.stderr, flush=True)
         del echo
     finally:
-        for session in ('sub_s', 'pub_s'):
-            if session in locals():
-                locals()[session].close()
-        if rclpy.ok():
-            rclpy.try_shutdown()
+        for session in (sub_s, pub_s):
+            if session is not None:
+                session.close()
+        if node is not None:
+            node.destroy_node()
         for proc in reversed(procs):  # cloud, bridge, then the router they are connected to
             proc.terminate()
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                results.setdefault('shutdown', []).append(f'{proc.args[2]} ignored SIGTERM for 10 s')
+                results.setdefault('shutdown', []).append(
+                    f'{proc.args[2]} ignored SIGTERM for 10 s')
                 proc.kill()
                 proc.wait()
+    return results
+
+
+def ratios(results: dict) -> None:
+    """Bridge over raw Zenoh, per level, and the cloud round trip over a raw get."""
     for level in ('batched', 'realtime'):
         b, r = results[f'bridge_{level}'], results[f'raw_zenoh_{level}']
         results[f'ratio_{level}'] = {
@@ -207,42 +265,50 @@ def main() -> None:
             'p50_latency': round(b['latency']['p50_us'] / max(r['latency']['p50_us'], 1e-9), 2)}
     results['ratio_cloud_intent_p50'] = round(results['cloud_intent']['p50_us'] /
                                               results['raw_zenoh_get']['p50_us'], 2)
-    out = HERE / 'results'
-    out.mkdir(exist_ok=True)
-    (out / 'bridge.json').write_text(json.dumps(results, indent=2) + '\n')
-    (out / 'bridge.md').write_text(render(results))
-    print(render(results))
 
 
 def render(r: dict) -> str:
     m = r['machine']
+    tls, tcp, cost = r['tls'], r['tcp'], r['tls_cost']
     lines = ['# Zenoh bridge and cloud tier benchmark', '',
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; {m['os']}; Python "
              f"{m['python']}, rclpy {m['rclpy']}, {m['rmw']}, {m['executor']}; {m['date']}.", '',
              f"**{r['note']}.**", '',
              'Through the bridge: this process publishes on the robot bus (DDS) -> bridge process '
              '-> Zenoh router process -> a Zenoh subscriber here. Raw: Zenoh put -> router -> '
-             'subscriber, same encoded events and QoS. Latency at 1000 events/s, microseconds.', '',
-             '| path | burst sent | received | events/s | P50 | P99 | max |',
-             '| --- | --- | --- | --- | --- | --- | --- |']
-    for level in ('batched', 'realtime'):
-        for name in (f'bridge_{level}', f'raw_zenoh_{level}'):
-            x = r[name]
-            lines.append(f"| {name} | {x['burst_sent']} | {x['burst_received']} | "
-                         f"{x['events_per_s']} | {x['latency']['p50_us']} | "
-                         f"{x['latency']['p99_us']} | {x['latency']['max_us']} |")
-    lines += ['', 'Ratios bridge / raw: ' + '; '.join(
-        f"{lv}: throughput {r[f'ratio_{lv}']['throughput']}, P50 latency "
-        f"{r[f'ratio_{lv}']['p50_latency']}" for lv in ('batched', 'realtime')) + '. Batched '
-        'events wait up to bus.batch_max_age_ms (10 ms) for their EventBatch on the DDS hop.', '',
-        '| round trip | P50 | P99 | max | calls |', '| --- | --- | --- | --- | --- |']
-    for name in ('cloud_intent', 'cloud_embed', 'raw_zenoh_get'):
-        x = r[name]
-        lines.append(f"| {name} | {x['p50_us']} | {x['p99_us']} | {x['max_us']} | {x['n']} |")
-    if r.get('shutdown'):
-        lines += ['', f"Shutdown: {'; '.join(r['shutdown'])} (killed)."]
-    lines += ['', f"Cloud intent request (MiniLM embedding + classifier in loom_cloud) over a raw "
-              f"get to a bare queryable, P50 ratio: {r['ratio_cloud_intent_p50']}.", '']
+             'subscriber, same encoded events and QoS. Latency at 1000 events/s, microseconds. '
+             'TLS: mutual TLS with the router\'s access control (the default); TCP: --insecure. '
+             'Both in the same run, TLS first.', '',
+             '| path | burst sent | received TLS | received TCP | events/s TLS | events/s TCP | '
+             'P50 TLS | P50 TCP | P99 TLS | P99 TCP |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+    for name in PATHS:
+        a, b = tls[name], tcp[name]
+        lines.append(f"| {name} | {a['burst_sent']} | {a['burst_received']} | "
+                     f"{b['burst_received']} | {a['events_per_s']} | {b['events_per_s']} | "
+                     f"{a['latency']['p50_us']} | {b['latency']['p50_us']} | "
+                     f"{a['latency']['p99_us']} | {b['latency']['p99_us']} |")
+    for label, x in (('TLS', tls), ('TCP', tcp)):
+        lines += ['', f'Ratios bridge / raw over {label}: ' + '; '.join(
+            f"{lv}: throughput {x[f'ratio_{lv}']['throughput']}, P50 latency "
+            f"{x[f'ratio_{lv}']['p50_latency']}" for lv in ('batched', 'realtime')) + '.']
+    lines += ['', 'Batched events wait up to bus.batch_max_age_ms (10 ms) for their EventBatch on '
+              'the DDS hop.', '',
+              '| round trip | P50 TLS | P50 TCP | P99 TLS | P99 TCP | calls |',
+              '| --- | --- | --- | --- | --- | --- |']
+    for name in ROUND_TRIPS:
+        a, b = tls[name], tcp[name]
+        lines.append(f"| {name} | {a['p50_us']} | {b['p50_us']} | {a['p99_us']} | "
+                     f"{b['p99_us']} | {a['n']} |")
+    lines += ['', "TLS's cost (TLS over TCP): " + '; '.join(
+        f"{name} " + ', '.join(f'{k.replace("_tls_over_tcp", "")} {v}' for k, v in c.items())
+        for name, c in cost.items()) + '.']
+    for label, x in (('TLS', tls), ('TCP', tcp)):
+        if x.get('shutdown'):
+            lines += ['', f"Shutdown ({label}): {'; '.join(x['shutdown'])} (killed)."]
+    lines += ['', 'Cloud intent request (MiniLM embedding + classifier in loom_cloud, signed both '
+              f"ways) over a raw get to a bare queryable, P50 ratio: TLS "
+              f"{tls['ratio_cloud_intent_p50']}, TCP {tcp['ratio_cloud_intent_p50']}.", '']
     return '\n'.join(lines)
 
 
