@@ -179,7 +179,13 @@ def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced
         'buffer_max_events': 100000, 'status_period_s': 1.0}}}))
     procs.append(start(['-m', 'loom_ros.bridge.bridge_node', '--ros-args', '-r', '__ns:=/bench',
                         '--params-file', str(params)], ready=False))
-    procs.append(start(['-m', 'loom_ros.cloud.server', '--connect', ep, *flags]))
+    # The server's per-client rate limit (config/cloud.yaml) would answer `busy` to a benchmark.
+    from loom_ros.config.params import config_dir
+    cloud_config = yaml.safe_load((config_dir() / 'cloud.yaml').read_text())
+    cloud_config.setdefault('limits', {}).update(rate_per_s=1e6, burst=1e6)
+    (tmp / 'cloud.yaml').write_text(yaml.safe_dump(cloud_config))
+    procs.append(start(['-m', 'loom_ros.cloud.server', '--connect', ep, *flags,
+                        '--config', str(tmp / 'cloud.yaml')]))
     results: dict = {'transport': transport}
     node = sub_s = pub_s = None
     try:
