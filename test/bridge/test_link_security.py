@@ -151,3 +151,21 @@ def test_two_robots_exchange_what_they_are_granted(ros, port, zenoh_router, zses
                  spin=lambda: robot1.put('loom/robot1/status', b'status'))
     for sub in subs:
         sub.undeclare()
+
+
+def test_insecure_is_explicit_logged_and_on_diagnostics(ros, port, zenoh_router, bridge):
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+    zenoh_router(port, secure=False)
+    reports = {}
+    sub = ros.node.create_subscription(
+        DiagnosticArray, '/diagnostics',
+        lambda msg: reports.update({s.name: s for s in msg.status}), 10)
+    proc, _, _ = bridge('/robot1', port, insecure=True)
+    name = '/robot1/zenoh_bridge: transport security'
+    ros.wait_for(lambda: name in reports, 'the transport check on /diagnostics', alive=[proc])
+    assert reports[name].level == DiagnosticStatus.WARN
+    assert 'INSECURE' in reports[name].message
+    proc.popen.terminate()
+    _, _, err = proc.finish()
+    assert 'INSECURE: Zenoh over plain TCP' in err
+    ros.node.destroy_subscription(sub)
