@@ -12,16 +12,23 @@ through a shared router.
 Every request is signed with the robot's identity; a reply counts only if it is signed by a
 `cloud` identity of the fleet's authority over this very request (id and digest). Anything else
 (a fake queryable echoing the id, a robot's key, a stale or altered reply) is counted as
-`forged_reply` and the client keeps waiting for a genuine one. The first attempt goes to one
-server (Zenoh's BEST_MATCHING) with half the budget left; a retry (a server killed mid-request,
-busy, forged, timeout) asks ALL servers and takes the first authentic answer (failover). Note:
-BEST_MATCHING picks the same complete queryable every time, so this is failover, not load
-spread; spreading needs per-server keys (not done yet). No rclpy (outcome_msg imports loom_msgs lazily).
+`forged_reply` and the client keeps waiting for a genuine one.
+
+Load spread and failover over several servers behind the same identity: each server also answers
+alone on `loom/cloud/<instance>/infer/<task>`, and the client learns the instances from the
+signed answers to a `hello` asked of ALL servers (every DISCOVER_PERIOD_S, in the background), so
+only the cloud identity can add one and no access rule beyond loom/cloud/** is needed. The first
+attempt goes round-robin to one known instance (before any is known, to one server by Zenoh's
+BEST_MATCHING, which always picks the same) with half the budget left; a retry (a server killed
+mid-request, busy, forged, timeout) asks ALL servers on the shared key and takes the first
+authentic answer (failover). An instance that did not answer is dropped until it answers a
+later hello. No rclpy (outcome_msg imports loom_msgs lazily).
 """
 from __future__ import annotations
 
 import base64
 import math
+import threading
 import time
 import uuid
 from collections import Counter
@@ -31,8 +38,8 @@ from pathlib import Path
 
 from loom_ros.bus.event import Privacy
 from loom_ros.cloud.protocol import (
-    KEY_PREFIX, MAX_MESSAGE_BYTES, RETRYABLE, ReplyInvalid, Signer, Verifier, digest, encode,
-    parse_reply, reply_signed_bytes, sealed_aad, task_key, unpack,
+    KEY_PREFIX, MAX_MESSAGE_BYTES, RETRYABLE, ReplyInvalid, Signer, Verifier, check_instance,
+    digest, encode, instance_key, parse_reply, reply_signed_bytes, sealed_aad, task_key, unpack,
 )
 from loom_ros.security import keys, sealed
 from loom_ros.security.keys import CredentialsError
@@ -42,6 +49,8 @@ from loom_ros.router.history import Outcome
 MIN_ATTEMPT_MS = 5.0   # below this much budget left, another attempt cannot succeed
 FIRST_ATTEMPT_SHARE = 0.5   # of the budget, for the one server picked first (failover room)
 HELLO_BUDGET_MS = 1000.0    # to learn the cloud's certificate before sealing to it
+DISCOVER_PERIOD_S = 2.0     # how often the servers are asked who answers (a hello to ALL)
+MAX_INSTANCES = 64          # server instances remembered; more are refused and counted
 
 
 class UploadRefused(RuntimeError):
@@ -59,6 +68,8 @@ class CloudResult:
     attempts: int = 0
     model: str = ''
     server: str = ''        # which cloud server instance answered
+    server_ms: float = 0.0  # the model's time in the server, and the wait before it (queue)
+    queue_ms: float = 0.0
 
 
 class CloudClient:
@@ -79,6 +90,11 @@ class CloudClient:
         self.cloud_cert = cloud_cert  # to seal to; else learned from the first verified answer
         self.ask_all = ask_all        # every attempt to ALL servers (first authentic answer wins)
         self.stats: Counter = Counter()
+        self._live: dict[str, float] = {}      # instance -> when the hello it answered was sent
+        self._dropped: dict[str, float] = {}   # instance -> when it last failed to answer
+        self._turn = 0
+        self._discovered_at = -math.inf
+        self._lock = threading.Lock()
         self.spent = 0.0
         self.ledger: list[dict] = []  # per answered request: task, cost, latency (bounded)
 
@@ -97,6 +113,7 @@ class CloudClient:
         budget lasts."""
         start = time.perf_counter()
         deadline = start + (budget_ms / 1000.0 if math.isfinite(budget_ms) else 30.0)
+        self._discover_if_due()
         result = CloudResult(False, code='budget', error=f'budget of {budget_ms:g} ms too small')
         attempts = 0
         while attempts <= self.retries:
@@ -105,8 +122,11 @@ class CloudClient:
                 break
             attempts += 1
             first = attempts == 1 and self.retries > 0 and not self.ask_all
+            instance = self._pick() if first else None
             result = self._attempt(task, body, remaining_ms * FIRST_ATTEMPT_SHARE if first
-                                   else remaining_ms, spread=first)
+                                   else remaining_ms, spread=first, instance=instance)
+            if instance is not None and result.code in ('no_server', 'timeout'):
+                self._drop(instance)
             if result.ok or result.code not in RETRYABLE | {'timeout', 'no_server', 'forged'}:
                 break
             self.stats[f'retry_{result.code}'] += 1
@@ -122,9 +142,80 @@ class CloudClient:
             del self.ledger[:-1000]
         return result
 
-    def _attempt(self, task: str, body: dict, timeout_ms: float, spread: bool) -> CloudResult:
-        """One get: to one server (`spread`, BEST_MATCHING) or to all, taking the first
-        authentic answer; forged, unreadable and foreign replies are counted and skipped."""
+    def instances(self) -> list[str]:
+        """The server instances this client spreads its first attempts over."""
+        with self._lock:
+            return sorted(self._live)
+
+    def discover(self, timeout_ms: float = HELLO_BUDGET_MS, block: bool = False) -> list[str]:
+        """Ask ALL servers who they are (a signed hello); each authentic answer names an instance.
+        In the background unless `block` (then it returns once every server answered)."""
+        import zenoh
+        sent_at = self.clock()
+        with self._lock:
+            self._discovered_at = sent_at
+        corr = uuid.uuid4().hex
+        payload = self.signer.request('hello', {}, corr, int(sent_at * 1000))
+        request_digest = digest(payload)
+
+        def on_reply(reply):
+            answer = self._check(reply, corr, request_digest)
+            if answer is not None and answer[0]:
+                self._seen(answer[1].get('server'), sent_at)
+        options = dict(payload=payload, target=zenoh.QueryTarget.ALL, timeout=timeout_ms / 1000.0,
+                       consolidation=zenoh.ConsolidationMode.NONE)
+        try:
+            if block:
+                for reply in self.session.get(task_key('hello', self.prefix), **options):
+                    on_reply(reply)
+            else:
+                self.session.get(task_key('hello', self.prefix), on_reply, **options)
+        except Exception:   # a closed session: the next request says so
+            self.stats['discover_failed'] += 1
+        return self.instances()
+
+    def _discover_if_due(self) -> None:
+        if self.retries > 0 and not self.ask_all and \
+                self.clock() - self._discovered_at >= DISCOVER_PERIOD_S:
+            self.discover()
+
+    def _seen(self, name, sent_at: float) -> None:
+        """An instance named in an authentic hello answer: remembered, bounded."""
+        try:
+            name = check_instance(name)
+        except ValueError:
+            self.stats['instance_refused'] += 1
+            return
+        with self._lock:
+            if self._dropped.get(name, -math.inf) >= sent_at:
+                return   # it answered a hello sent before it failed: still presumed dead
+            if name not in self._live and len(self._live) >= MAX_INSTANCES:
+                self.stats['instance_refused'] += 1
+                return
+            self._live[name] = sent_at
+
+    def _drop(self, name: str) -> None:
+        with self._lock:
+            if self._live.pop(name, None) is not None:
+                self.stats['instance_dropped'] += 1
+            self._dropped[name] = self.clock()
+            while len(self._dropped) > MAX_INSTANCES:
+                self._dropped.pop(next(iter(self._dropped)))
+
+    def _pick(self) -> str | None:
+        """The next known instance, round-robin; None before any is known."""
+        with self._lock:
+            if not self._live:
+                return None
+            names = sorted(self._live)
+            self._turn += 1
+            return names[self._turn % len(names)]
+
+    def _attempt(self, task: str, body: dict, timeout_ms: float, spread: bool,
+                 instance: str | None = None) -> CloudResult:
+        """One get: to one server (`instance`, else `spread`: BEST_MATCHING) or to all, taking
+        the first authentic answer; forged, unreadable and foreign replies are counted and
+        skipped."""
         import zenoh
         corr = uuid.uuid4().hex
         payload = self.signer.request(task, body, corr, int(self.clock() * 1000))
@@ -136,8 +227,10 @@ class CloudClient:
         held: CloudResult | None = None   # an authentic transient error, while others may answer
         forged_before = self.stats['forged_reply']
         try:
+            key = task_key(task, self.prefix) if instance is None else \
+                instance_key(instance, task, self.prefix)
             replies = self.session.get(
-                task_key(task, self.prefix), payload=payload, timeout=timeout_ms / 1000.0,
+                key, payload=payload, timeout=timeout_ms / 1000.0,
                 target=zenoh.QueryTarget.BEST_MATCHING if spread else zenoh.QueryTarget.ALL,
                 consolidation=zenoh.ConsolidationMode.NONE)   # never merge a forgery with us
             for reply in replies:
@@ -149,7 +242,9 @@ class CloudClient:
                     return CloudResult(True, data.get('result', {}),
                                        cost=float(data.get('cost', 0)),
                                        model=str(data.get('model', '')),
-                                       server=str(data.get('server', ''))[:200])
+                                       server=str(data.get('server', ''))[:200],
+                                       server_ms=_ms(data.get('server_ms')),
+                                       queue_ms=_ms(data.get('queue_ms')))
                 failed = CloudResult(False, code=str(data.get('code', 'error')),
                                      error=str(data.get('error', 'error reply')),
                                      server=str(data.get('server', ''))[:200])
@@ -229,6 +324,17 @@ class CloudClient:
             raise UploadRefused(f'cannot seal to the cloud certificate: {exc}') from None
         self.stats['sealed'] += 1
         return base64.b64encode(blob).decode()
+
+
+def _ms(value) -> float:
+    """A timing the server reports, for benchmarks: a finite number or 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0.0
+    try:
+        value = float(value)
+    except OverflowError:   # an int beyond float's range
+        return 0.0
+    return value if math.isfinite(value) else 0.0
 
 
 @dataclass(frozen=True)

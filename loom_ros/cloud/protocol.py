@@ -23,6 +23,7 @@ import binascii
 import hashlib
 import json
 import math
+import re
 import time
 from collections import OrderedDict
 
@@ -51,6 +52,26 @@ class RequestInvalid(ValueError):
 
 def task_key(task: str, prefix: str = KEY_PREFIX) -> str:
     return f'{prefix}/{task}'
+
+
+_INSTANCE = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z')
+
+
+def check_instance(name) -> str:
+    """A server instance's name, safe as one key chunk (no wildcards, '/', '@' or '$');
+    ValueError otherwise. Names come from replies, so they are bounded before any use."""
+    if not isinstance(name, str) or len(name) > 64 or not _INSTANCE.match(name):
+        raise ValueError('instance name: 1-64 letters, digits, _, . or -, starting with a '
+                         'letter or digit')
+    return name
+
+
+def instance_key(instance: str, task: str, prefix: str = KEY_PREFIX) -> str:
+    """Where one server answers alone: `loom/cloud/<instance>/infer/<task>` for the default
+    prefix (under loom/cloud/**, the cloud role's keys; never matched by the shared
+    `<prefix>/*`, which has one chunk fewer)."""
+    base, _, leaf = prefix.rpartition('/')
+    return f'{base}/{instance}/{leaf}/{task}' if base else f'{instance}/{leaf}/{task}'
 
 
 class ReplyInvalid(ValueError):

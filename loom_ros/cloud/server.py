@@ -17,8 +17,9 @@ token bucket; the FairQueue then serves senders round-robin, each with its own b
 total bound in entries and bytes. Whatever does not fit is answered `busy` at once: memory stays
 bounded and one client's flood cannot starve another. An unauthenticated request never reaches a
 model, and so chat (and the operator's bearer key) is never forwarded for it. Several servers may
-run behind the same identity: a robot asks one (Zenoh's BEST_MATCHING) and, if it dies or is
-busy, all of them (failover; BEST_MATCHING alone does not spread load).
+run behind the same identity: each also answers alone on `loom/cloud/<instance>/infer/<task>`
+and names itself in its signed answers, so robots learn the instances (a hello to ALL), spread
+their requests round-robin over them and, if one dies or is busy, ask all (failover).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import binascii
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -36,15 +38,15 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from loom_ros.cloud.protocol import (
-    KEY_PREFIX, MAX_MESSAGE_BYTES, RequestInvalid, Signer, Verifier, digest, parse_request,
-    request_signed_bytes, sealed_aad, unpack,
+    KEY_PREFIX, MAX_MESSAGE_BYTES, RequestInvalid, Signer, Verifier, check_instance, digest,
+    instance_key, parse_request, request_signed_bytes, sealed_aad, unpack,
 )
 from loom_ros.security import keys, sealed
 from loom_ros.security.keys import CredentialsError
@@ -303,6 +305,7 @@ class Admitted:
     ident: str
     request_digest: bytes
     body: bytes          # still unparsed JSON
+    queued_at: float = 0.0   # perf_counter when queued: the reply reports the wait (queue_ms)
 
 
 class Gate:
@@ -391,7 +394,7 @@ class CloudService:
                                f'the limit of {self.gate.limits.max_request_bytes}')
             data = payload.to_bytes() if payload is not None else b''
             request_digest = digest(data)
-            admitted = self.gate.admit(task, data)
+            admitted = replace(self.gate.admit(task, data), queued_at=time.perf_counter())
         except Rejected as exc:
             self.count(exc.reason)
             self._error(query, exc.ident, request_digest, exc.code, str(exc))
@@ -417,6 +420,7 @@ class CloudService:
             del query, item  # dropping the query sends the final reply marker at once
 
     def answer(self, query, admitted: Admitted) -> None:
+        queue_ms = (time.perf_counter() - admitted.queued_at) * 1000.0 if admitted.queued_at else 0.0
         try:
             body = self._open(admitted)
             reply = self.server.answer(admitted.task, body)
@@ -431,6 +435,7 @@ class CloudService:
             return
         self.count('served')
         reply['server'] = self.instance
+        reply['queue_ms'] = round(queue_ms, 3)
         try:
             query.reply(query.key_expr, self.signer.reply(admitted.ident,
                                                           admitted.request_digest, reply))
@@ -506,8 +511,10 @@ def main(argv=None) -> int:
     parser.add_argument('--insecure', action='store_true',
                         help='Zenoh over plain TCP without mutual TLS (default: cloud.yaml '
                         'zenoh.insecure, false); logged as a warning')
-    parser.add_argument('--instance', default=f'{socket.gethostname()}-{os.getpid()}',
-                        help='this server\'s name in its answers (default: host-pid)')
+    parser.add_argument('--instance', default=re.sub(r'[^A-Za-z0-9_.-]', '-', (
+                            f'{socket.gethostname()}-{os.getpid()}'))[-64:].lstrip('-._'),
+                        help='this server\'s name in its answers and its own key (letters, '
+                        'digits, _ . -; default: host-pid)')
     parser.add_argument('--extra-latency-ms', type=float, default=0.0,
                         help='emulated WAN latency added to every answer (tests, benchmarks)')
     args = parser.parse_args(argv)
@@ -515,6 +522,7 @@ def main(argv=None) -> int:
     import zenoh
     from loom_ros.bridge.zenoh_link import INSECURE_WARNING, session_config
     try:
+        check_instance(args.instance)
         config = load_config(args.config)
         z = config.get('zenoh', {})
         auth = config.get('auth') or {}
@@ -539,6 +547,8 @@ def main(argv=None) -> int:
     prefix = config.get('key_prefix', KEY_PREFIX)
     # Zenoh's callback only admits (bounded work); models run on this process's worker threads.
     queryable = session.declare_queryable(f'{prefix}/*', service.on_query, complete=True)
+    alone = session.declare_queryable(instance_key(args.instance, '*', prefix), service.on_query,
+                                      complete=True)   # a robot's spread first attempts
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -546,11 +556,13 @@ def main(argv=None) -> int:
                for i in range(service.gate.limits.workers)]
     for worker in workers:
         worker.start()
-    print(json.dumps({'ready': True, 'key': f'{prefix}/*', 'intents': server.intents.labels,
+    print(json.dumps({'ready': True, 'key': f'{prefix}/*', 'own_key': instance_key(
+                          args.instance, '*', prefix), 'intents': server.intents.labels,
                       'identity': identity.name, 'instance': args.instance}), flush=True)
     while not stop.wait(0.2):  # polled: a handler calling set() inside a bare wait() can hang
         pass
     queryable.undeclare()
+    alone.undeclare()
     for query, admitted in service.queue.close():   # answered, not left to time out
         service._error(query, admitted.ident, admitted.request_digest, 'busy',
                        'busy: the server is stopping (retry elsewhere)')

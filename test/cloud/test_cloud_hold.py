@@ -213,7 +213,7 @@ def test_two_servers_a_killed_one_costs_one_retry(cloud, net, fleet):
                 results.append(result)
 
     ask(1)
-    first = results[0].server   # the one Zenoh's BEST_MATCHING picks: killed mid-stream
+    first = results[0].server   # the one that answered first: killed mid-stream
     assert results[0].ok and first in servers
     # Four robots' worth of requests in flight; `first` is SIGKILLed while it holds some.
     threads = [threading.Thread(target=ask, args=(10,)) for _ in range(4)]
