@@ -58,13 +58,16 @@ class Sink:
         self.record = False
 
         def on(sample):
+            # The bridge sends a Batched topic's events as one sample (codec version 2):
+            # counted per event, from the count in its first bytes.
             now = time.monotonic_ns()
-            self.count += 1
+            data = sample.payload.to_bytes()
+            self.count += codec.event_count(data)
             self.first = self.first or now
             self.last = now
             if self.record:
-                event = codec.decode(sample.payload.to_bytes())
-                self.lat_us.append((now - int(event.metadata[STAMP])) / 1000.0)
+                for event in codec.decode_all(data):
+                    self.lat_us.append((now - int(event.metadata[STAMP])) / 1000.0)
         self.sub = session.declare_subscriber(key_expr, on)
 
 

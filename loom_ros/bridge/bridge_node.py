@@ -51,6 +51,13 @@ SERVICE_PERIOD_S = 0.005
 SERVICE_BATCH = 500
 # Inbound samples waiting for the executor; past it new samples are dropped and counted.
 INBOX_MAX = 10000
+# Batched/Background events per outgoing Zenoh sample (core.Bridge): they leave when a batch is
+# full or on the next service call (SERVICE_PERIOD_S), the bus's own batching order of delay.
+OUT_BATCH_EVENTS = 100
+# DDS history of the bridge's own readers (the level's is 10 for Realtime): a burst published
+# faster than the bridge takes it waits in DDS instead of being overwritten. Memory is bounded
+# by this times the largest sample on a bridged topic.
+OUT_READER_DEPTH = 10000
 SECTION = 'zenoh_bridge'
 SEAL_MODES = ('auto', 'on', 'off')
 
@@ -174,7 +181,8 @@ class ZenohBridgeNode(LifecycleNode):
         self.bus.telemetry.add_check('transport security', lambda: transport_check(identity))
         self.bridge = Bridge(config, self.link, self.bus.topic_qos.level_for,
                              PrivacyGate(policy), self._record_refusal,
-                             command_audit=self._record_command, ca_pem=ca_pem, seal_to=seal_to)
+                             command_audit=self._record_command, ca_pem=ca_pem, seal_to=seal_to,
+                             batch_max_events=OUT_BATCH_EVENTS)
         self.status_pub = self.create_lifecycle_publisher(String, STATUS_TOPIC,
                                                           to_qos_profile('realtime'))
         self._timer = self.create_timer(p['status_period_s'], self._tick)
@@ -217,7 +225,8 @@ class ZenohBridgeNode(LifecycleNode):
         allow = [r.text for r in self.bridge.config.rules.out.allow]
         for index, pattern in enumerate(allow):
             self._subs.append(self.bus.subscribe(
-                pattern, lambda event, topic, i=index: self._on_bus_event(event, topic, i)))
+                pattern, lambda event, topic, i=index: self._on_bus_event(event, topic, i),
+                depth=OUT_READER_DEPTH))
         for rule in self.bridge.config.inbound.rules:
             self.link.subscribe(robot_key_expr(self.bridge.config.robot_id, rule.key),
                                 self._on_zenoh_sample)
@@ -228,6 +237,7 @@ class ZenohBridgeNode(LifecycleNode):
         for sub in self._subs:
             sub.close()
         self._subs.clear()
+        self.bridge.flush_batches()
         self.link.close()
         return super().on_deactivate(state)
 
@@ -255,6 +265,7 @@ class ZenohBridgeNode(LifecycleNode):
         for sub in self._subs:
             sub.close()
         self._subs.clear()
+        self.bridge.flush_batches()   # what was taken from the bus leaves (or is counted)
         self.link.close()
         self._take_inbox_drops()
         self.get_logger().info(f'stopped: {json.dumps(self.bridge.snapshot())}')
@@ -307,6 +318,7 @@ class ZenohBridgeNode(LifecycleNode):
         if self.bridge.outbox.items:
             self.link.refresh()
             self.bridge.flush(SERVICE_BATCH)
+        self.bridge.flush_batches()
 
     def _record_refusal(self, record: dict) -> None:
         record = {'ts_ms': time.time_ns() // 1_000_000, 'robot_id': self.bridge.config.robot_id,

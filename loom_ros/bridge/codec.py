@@ -8,6 +8,14 @@ Decoding is bounded before anything is parsed: a header longer than MAX_HEADER_B
 largest event the bus accepts needs) or a sample longer than header plus the payload limit is
 refused unread, and every failure of the JSON parser (RecursionError from `[` nested 200,000
 deep included) is the same EventRejected, so no sample can raise anything else.
+
+Batch envelope (version 2), why: one Zenoh sample per event costs a put, a router hop and a
+receiver callback each; the bridge sends a Batched topic's events as one sample instead. Layout:
+one byte 0x02, a 4-byte big-endian event count, then per event a 4-byte length and its version-1
+sample. `decode_all` reads either version; it bounds the sample (MAX_BATCH_BYTES), the count
+(MAX_BATCH_EVENTS) and every length before reading, and refuses the whole sample if any event
+in it is malformed. `decode` stays one event: a batch given to it is refused, counted as any
+malformed sample.
 """
 from __future__ import annotations
 
@@ -20,8 +28,14 @@ from loom_ros.bus.event import (
 )
 
 VERSION = 1
+BATCH_VERSION = 2
 ENCODING = 'application/x-loom-event'
 _HEAD = struct.Struct('>BI')
+_LENGTH = struct.Struct('>I')
+MAX_BATCH_EVENTS = 1000
+MAX_BATCH_BYTES = 1 << 20   # the bridge's batches stay far below (bridge.core.BATCH_MAX_BYTES)
+# One encoder for every event: json.dumps with options builds a new encoder per call.
+_JSON = json.JSONEncoder(separators=(',', ':'), ensure_ascii=False).encode
 # The longest header a valid event can have: every string at its bound, six bytes per character
 # (a control character escaped as \\u0000), plus the JSON around them.
 MAX_HEADER_BYTES = 6 * (MAX_ID_CHARS + MAX_TYPE_CHARS + 2 * MAX_NAME_CHARS
@@ -30,12 +44,68 @@ MAX_HEADER_BYTES = 6 * (MAX_ID_CHARS + MAX_TYPE_CHARS + 2 * MAX_NAME_CHARS
 
 
 def encode(event: Event) -> bytes:
-    header = json.dumps({
+    header = _JSON({
         'id': event.id, 'type': event.type, 'ts': event.timestamp_ms, 'src': event.source,
         'md': event.metadata, 'conf': event.confidence, 'tags': event.tags, 'pri': event.priority,
         'prv': int(event.privacy), 'frame': event.frame_id,
-    }, separators=(',', ':'), ensure_ascii=False).encode()
+    }).encode()
     return b''.join((_HEAD.pack(VERSION, len(header)), header, bytes(event.payload)))
+
+
+def encode_batch(samples: list[bytes]) -> bytes:
+    """One version-2 sample holding `samples` (each what `encode` made), in order."""
+    parts = [_HEAD.pack(BATCH_VERSION, len(samples))]
+    for sample in samples:
+        parts.append(_LENGTH.pack(len(sample)))
+        parts.append(sample)
+    return b''.join(parts)
+
+
+def event_count(data: bytes) -> int:
+    """How many events a sample says it holds (1 for version 1), read from its first 5 bytes
+    only; 0 when it is neither version. For counting receivers; `decode_all` checks the rest."""
+    if len(data) < _HEAD.size:
+        return 0
+    version, count = _HEAD.unpack_from(data)
+    if version == VERSION:
+        return 1
+    return min(count, MAX_BATCH_EVENTS) if version == BATCH_VERSION else 0
+
+
+def decode_all(data: bytes, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> list[Event]:
+    """The events in a version-1 or version-2 sample, validated, in order; EventRejected for
+    anything malformed (the whole sample). Raises nothing else."""
+    if len(data) >= 1 and data[0] == VERSION:
+        return [decode(data, max_payload_bytes)]
+    if len(data) > MAX_BATCH_BYTES:
+        raise EventRejected(RejectReason.OVERSIZE_PAYLOAD, f'bridge batch of {len(data)} bytes '
+                            f'exceeds the limit of {MAX_BATCH_BYTES} bytes')
+    data = bytes(data)
+    if len(data) < _HEAD.size or data[0] != BATCH_VERSION:
+        raise EventRejected(RejectReason.BAD_FIELD, 'bridge sample is neither an event '
+                            f'(version {VERSION}) nor a batch (version {BATCH_VERSION})')
+    _, count = _HEAD.unpack_from(data)
+    if not 0 < count <= MAX_BATCH_EVENTS or count * (_LENGTH.size + _HEAD.size) > len(data):
+        raise EventRejected(RejectReason.BAD_FIELD, f'bridge batch says {count} events: not '
+                            f'1 to {MAX_BATCH_EVENTS} that fit in {len(data)} bytes')
+    events, pos = [], _HEAD.size
+    for _ in range(count):
+        if pos + _LENGTH.size > len(data):
+            raise EventRejected(RejectReason.BAD_FIELD, 'bridge batch truncated')
+        (length,) = _LENGTH.unpack_from(data, pos)
+        pos += _LENGTH.size
+        if length > len(data) - pos:
+            raise EventRejected(RejectReason.BAD_FIELD, f'bridge batch item of {length} bytes '
+                                f'runs past the end ({len(data) - pos} left)')
+        item = data[pos:pos + length]
+        if item[:1] != bytes((VERSION,)):   # no batch inside a batch
+            raise EventRejected(RejectReason.BAD_FIELD, 'bridge batch item is not an event')
+        events.append(decode(item, max_payload_bytes))
+        pos += length
+    if pos != len(data):
+        raise EventRejected(RejectReason.BAD_FIELD, f'{len(data) - pos} bytes after the last '
+                            'event of a bridge batch')
+    return events
 
 
 def decode(data: bytes, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Event:

@@ -9,6 +9,13 @@ cloud key is given (only the cloud tier can read it, even through a shared route
 contract says (bridge/inbound.py: declared rules, rates, signed and granted senders for actuator
 topics, no replays), every refusal counted and every actuator command audited with its sender.
 The transport is anything with `connected`, `ready(key)` and `put(key, data, level)`.
+
+With `batch_max_events` > 1, Batched and Background events that can go now wait in a per-key
+batch until it is full (events or BATCH_MAX_BYTES) or `flush_batches` is called (the node does
+every few ms), then leave as one Zenoh sample (codec's version-2 envelope): per-event puts,
+router hops and receiver callbacks cost most of the bridge's time. Every gate decision, refusal
+and counter is still per event; a sealed or large event goes alone, after its key's batch, so
+order per key holds. Realtime events are never held.
 """
 from __future__ import annotations
 
@@ -39,6 +46,8 @@ ECHO_MEMORY = 10000  # ids of events the bridge brought in, so it never sends th
 # most once per reason per this many seconds, with how many were not: a flood cannot flood the
 # audit log. Those after it are bounded by the rate and each audited.
 AUDIT_THROTTLE_S = 1.0
+# A batch leaves when it holds this many bytes of samples; a larger event goes alone.
+BATCH_MAX_BYTES = 60000
 
 
 class Transport(Protocol):
@@ -89,11 +98,13 @@ class Bridge:
                  ca_pem: bytes | None = None,
                  seal_to: ec.EllipticCurvePublicKey | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000):
+                 wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+                 batch_max_events: int = 1):
         """`audit` gets privacy refusals; `command_audit` every inbound actuator command and
         refusal (it raises when it cannot store one: the command is then refused). `ca_pem`
         checks signed senders (none: granted rules refuse everything); `seal_to` is the cloud
-        identity's public key that Sensitive payloads are sealed to (none: not sealed)."""
+        identity's public key that Sensitive payloads are sealed to (none: not sealed).
+        `batch_max_events` > 1 sends Batched/Background events in batches (see above)."""
         self.config = config
         self.transport = transport
         self.level_for = level_for
@@ -111,6 +122,9 @@ class Bridge:
         self._replay = ReplayGuard(contract.replay_window_s, wall_ms)
         self._audited_at: dict[str, float] = {}
         self._suppressed: Counter = Counter()
+        self.batch_max_events = max(1, int(batch_max_events))
+        self._batches: dict[str, tuple[QosLevel, list[bytes]]] = {}  # key -> samples waiting
+        self._batch_bytes: Counter = Counter()
 
     # -- out: bus -> Zenoh ----------------------------------------------------------------
     def send(self, event: Event, topic: str) -> str:
@@ -129,19 +143,70 @@ class Bridge:
         key = robot_key(self.config.robot_id, topic)
         level = self.level_for(topic)
         data = codec.encode(event)
+        alone = False
         if self.seal_to is not None and effective_privacy(event) is Privacy.SENSITIVE:
             data = sealed.seal_to(self.seal_to, data, key.encode())   # the key is bound in
             self.stats['sealed'] += 1
+            alone = True   # sealed to its own key: never inside a batch
         if level is QosLevel.REALTIME:
             # A late realtime sample is worth nothing: never queued, but a drop is counted.
             if not self.transport.connected:
                 return self._count('dropped_disconnected')
             return self._put(key, data, level)
         if self.outbox.holds(key) or not self.transport.ready(key, level):
+            self._spill(key)   # what waits in its batch goes first
             if self.outbox.add(Pending(key, data, level)) is not None:
                 self._count('dropped_outbox_full')
             return self._count('buffered')
-        return self._put(key, data, level)
+        if self.batch_max_events == 1:
+            return self._put(key, data, level)
+        if alone or len(data) > BATCH_MAX_BYTES // 2:
+            self._flush_batch(key)
+            return self._put(key, data, level)
+        _, samples = self._batches.setdefault(key, (level, []))
+        samples.append(data)
+        self._batch_bytes[key] += len(data)
+        if len(samples) >= self.batch_max_events or self._batch_bytes[key] >= BATCH_MAX_BYTES:
+            self._flush_batch(key)
+        return 'batched'   # counted as sent (or buffered) when its batch leaves
+
+    def flush_batches(self) -> int:
+        """Send every waiting batch now; returns how many events went (the rest are buffered
+        in the outbox, as a single event would be)."""
+        return sum([self._flush_batch(key) for key in list(self._batches)])
+
+    def _flush_batch(self, key: str) -> int:
+        got = self._batches.pop(key, None)
+        if got is None:
+            return 0
+        self._batch_bytes.pop(key, None)
+        level, samples = got
+        if not self.transport.ready(key, level):
+            self._batches[key] = got
+            self._spill(key)
+            return 0
+        data = samples[0] if len(samples) == 1 else codec.encode_batch(samples)
+        try:
+            self.transport.put(key, data, level)
+        except Exception:
+            self._batches[key] = got
+            self._spill(key)
+            return 0
+        self.stats['sent'] += len(samples)
+        self.stats['batches_sent'] += 1
+        return len(samples)
+
+    def _spill(self, key: str) -> None:
+        """A key's waiting batch into the outbox, event by event, ahead of what comes next."""
+        got = self._batches.pop(key, None)
+        if got is None:
+            return
+        self._batch_bytes.pop(key, None)
+        level, samples = got
+        for data in samples:
+            if self.outbox.add(Pending(key, data, level)) is not None:
+                self._count('dropped_outbox_full')
+            self._count('buffered')
 
     def flush(self, limit: int | None = None) -> int:
         """Send what waits in the outbox and can go now (in order per key), at most `limit`."""
@@ -268,4 +333,5 @@ class Bridge:
     def snapshot(self) -> dict:
         return {'robot_id': self.config.robot_id, 'connected': bool(self.transport.connected),
                 'outbox': len(self.outbox), 'outbox_bound': self.outbox.max_events,
+                'batching': sum(len(samples) for _, samples in self._batches.values()),
                 **{k: v for k, v in sorted(self.stats.items())}}

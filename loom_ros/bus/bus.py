@@ -111,6 +111,7 @@ class BusSubscription:
         self.flow = Flow(policy)
         self.counters = self.flow.counters
         self.topics: dict[str, QosLevel] = {}  # attached Loom topic -> QoS level used
+        self.depth: int | None = None   # a deeper DDS history than the level's (subscribe)
         self.closed = False
         self._lock = threading.Lock()
         self.queue: DeliveryQueue | None = None
@@ -379,12 +380,15 @@ class EventBus:
 
     # -- subscribing --------------------------------------------------------------------------
     def subscribe(self, pattern: str, callback: Callback, qos=None,
-                  backpressure: BackpressurePolicy | str | None = None) -> BusSubscription:
+                  backpressure: BackpressurePolicy | str | None = None,
+                  depth: int | None = None) -> BusSubscription:
         """Call `callback(event, topic)` for each valid event on topics matching `pattern`.
 
         Without `qos`, each matched topic is subscribed at its level from the topic_qos table,
         which is what its publishers use when they share the config. Without `backpressure`,
-        the first `bus.backpressure` entry matching the pattern applies, else none.
+        the first `bus.backpressure` entry matching the pattern applies, else none. `depth`
+        deepens the DDS reader's history past the level's (never shallower), so a burst waits
+        for a slow taker instead of being overwritten; it applies to endpoints it creates.
         """
         if not callable(callback):
             raise TypeError('callback must be callable as callback(event, topic)')
@@ -398,6 +402,7 @@ class EventBus:
             backpressure = BackpressurePolicy.parse(backpressure)
         policy = backpressure or self._policy_for(parsed)
         sub = BusSubscription(self, parsed, level, callback, policy)
+        sub.depth = depth
         with self._lock:
             self.stats.subscriptions.append(sub)
             if policy.aggregate_window_s and self._window_timer is None:
@@ -487,11 +492,14 @@ class EventBus:
             raw = kind == 'Event' or self.raw_batches
             handler = (self._on_raw_batch if raw else self._on_batch) if kind == 'EventBatch' \
                 else self._on_raw_event
+            profile = to_qos_profile(level)
+            if sub.depth is not None and sub.depth > profile.depth:
+                profile.depth = int(sub.depth)
             try:
                 endpoint.subscription = self.node.create_subscription(
                     _msg_types()[kind], to_ros_topic(topic),
                     lambda msg, e=endpoint: handler(msg, e),
-                    to_qos_profile(level), raw=raw,
+                    profile, raw=raw,
                     qos_overriding_options=self._qos_options(),
                     event_callbacks=SubscriptionEventCallbacks(
                         incompatible_qos=lambda info, t=topic: self._on_incompatible(

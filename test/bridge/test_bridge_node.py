@@ -19,8 +19,10 @@ class Fleet:
         self.sub = session.declare_subscriber(key_expr, self._on)
 
     def _on(self, sample):
-        self.samples.append((str(sample.key_expr), sample.priority, sample.congestion_control,
-                             sample.express, codec.decode(sample.payload.to_bytes())))
+        # One sample may be a batch of events (codec version 2): one entry per event.
+        for event in codec.decode_all(sample.payload.to_bytes()):
+            self.samples.append((str(sample.key_expr), sample.priority,
+                                 sample.congestion_control, sample.express, event))
 
     def events(self, key=None):
         return [s[4] for s in list(self.samples) if key is None or s[0] == key]
