@@ -208,7 +208,8 @@ def one_run(hostile: bool, phase: float, rate: float) -> dict:
         endpoint = f'tcp/127.0.0.1:{port}'
         bringup = subprocess.Popen(
             [sys.executable, '-m', 'loom_ros.cli', 'bringup', '--config', str(params),
-             '--zenoh-port', str(port), '--log-dir', str(out / 'logs')],
+             '--zenoh-port', str(port), '--log-dir', str(out / 'logs'), '--keys-dir',
+             str(out / 'keys')],
             stdout=subprocess.PIPE, stderr=open(out / 'logs' / 'bringup.err', 'w'), text=True)
         ready = json.loads(bringup.stdout.readline() or '{}')
         if not ready.get('ready'):

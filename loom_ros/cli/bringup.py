@@ -40,6 +40,7 @@ from pathlib import Path
 
 import yaml
 
+from loom_ros.bridge.keys import RobotIdError, validate_robot_id
 from loom_ros.bridge.zenoh_link import INSECURE_WARNING
 from loom_ros.cli.process import die_with_parent
 from loom_ros.config.params import (
@@ -92,9 +93,14 @@ def _endpoint(args) -> str:
 
 
 def robot_id(params_file: str) -> str:
-    """The bridge's robot_id in the params file (else loom.yaml's): this robot's identity."""
+    """The bridge's robot_id in the params file (else loom.yaml's): this robot's identity.
+    Checked here, before credentials are made for it, with the bridge's own rule and words."""
     section = load_params_file(params_file).get('zenoh_bridge', {})
-    return str(section.get('robot_id') or node_defaults('zenoh_bridge')['robot_id'])
+    value = str(section.get('robot_id') or node_defaults('zenoh_bridge')['robot_id'])
+    try:
+        return validate_robot_id(value)
+    except RobotIdError as exc:
+        raise RuntimeError(f'zenoh_bridge in {params_file}: {exc}') from None
 
 
 def local_credentials(args, robot: str) -> dict:

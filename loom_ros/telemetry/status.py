@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        executor.shutdown()
+        executor.remove_node(node)   # detached first: destroying a node an EventsExecutor still
+        executor.shutdown()          # holds crashed once (SIGSEGV in destroy_node)
         node.destroy_node()
         rclpy.try_shutdown()
     return code

@@ -283,10 +283,12 @@ def _free_port() -> int:
 
 
 def _bringup(params: Path, *extra: str) -> subprocess.CompletedProcess:
+    keys_dir = params.parent / 'keys'   # never the user's ~/.loom/keys
     return subprocess.run(
         [sys.executable, *loom_cli('bringup', '--config', str(params), '--no-cloud',
                                    '--no-sim-sensors', '--agents', 'counter', '--zenoh-port',
-                                   str(_free_port()), '--duration', '0.1', *extra)],
+                                   str(_free_port()), '--duration', '0.1', '--keys-dir',
+                                   str(keys_dir), *extra)],
         cwd=REPO, capture_output=True, text=True, timeout=WAIT_LIMIT_S)
 
 
