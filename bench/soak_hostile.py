@@ -7,7 +7,9 @@ The attacker sends, round robin at a bounded rate, what the adversarial review o
 forged sequence numbers (1 then 2^64-1) and inconsistent batches, huge event ids (20 kB, 1 MB),
 undecodable CDR bytes, forged AgentStatus heartbeats (busy, with the real pid), LocalOnly and
 Private speech carrying a canary (one with a forged `loom.upload: embedding`), and Zenoh samples
-nested 200,000 deep, oversize or not JSON. The report:
+nested 200,000 deep, oversize or not JSON. Zenoh runs with `--insecure` here, the worst case: with
+mutual TLS and the router's access control (the default) an outsider cannot connect at all, so
+its samples would never reach the bridge's decoders this soak exists to test. The report:
 - events sent per attack kind; rejections per reason (every node's loom/bus/stats, plus the
   bridge's status);
 - dead nodes (must be 0): the bring-up process exited, a node stopped publishing its bus stats, or
@@ -209,7 +211,7 @@ def one_run(hostile: bool, phase: float, rate: float) -> dict:
         bringup = subprocess.Popen(
             [sys.executable, '-m', 'loom_ros.cli', 'bringup', '--config', str(params),
              '--zenoh-port', str(port), '--log-dir', str(out / 'logs'), '--keys-dir',
-             str(out / 'keys')],
+             str(out / 'keys'), '--insecure'],
             stdout=subprocess.PIPE, stderr=open(out / 'logs' / 'bringup.err', 'w'), text=True)
         ready = json.loads(bringup.stdout.readline() or '{}')
         if not ready.get('ready'):
