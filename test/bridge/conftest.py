@@ -191,3 +191,13 @@ def wait_subscribed(ros):
         ros.wait_for(lambda: pub.get_subscription_count() >= 1, f'the bridge to subscribe {topic}',
                      alive=alive)
     return wait
+
+
+@pytest.fixture(scope='module')
+def fleet(tmp_path_factory):
+    """A fleet authority with an operator, another robot and the cloud: (keys dir, identities)."""
+    root = tmp_path_factory.mktemp('keys')
+    keys.init_ca(root)
+    ids = {name: keys.issue(root, name, role) for name, role in
+           (('ops', 'operator'), ('robot2', 'robot'), ('cloud', 'cloud'))}
+    return root, ids

@@ -9,7 +9,7 @@ from loom_ros.bridge.core import Bridge, BridgeConfig, open_sealed
 from loom_ros.bridge.inbound import ContractError, InboundContract, sign_sample
 from loom_ros.bus.event import Event, EventRejected, Privacy
 from loom_ros.bus.qos import QosLevel
-from loom_ros.security import keys, sealed
+from loom_ros.security import sealed
 from loom_ros.security.keys import CredentialsError
 
 MOVE_KEY = 'loom/r1/fleet/robot/move'
@@ -47,15 +47,6 @@ class Recorder:
 
     def put(self, key, data, level):
         self.puts.append((key, data))
-
-
-@pytest.fixture(scope='module')
-def fleet(tmp_path_factory):
-    root = tmp_path_factory.mktemp('keys')
-    keys.init_ca(root)
-    ids = {name: keys.issue(root, name, role) for name, role in
-           (('ops', 'operator'), ('robot2', 'robot'), ('cloud', 'cloud'))}
-    return root, ids
 
 
 def make(fleet, clock, seal=False):

@@ -26,15 +26,6 @@ CONTRACT = {
 
 
 @pytest.fixture(scope='module')
-def fleet(tmp_path_factory):
-    root = tmp_path_factory.mktemp('keys')
-    keys.init_ca(root)
-    ids = {name: keys.issue(root, name, role) for name, role in
-           (('ops', 'operator'), ('robot2', 'robot'), ('cloud', 'cloud'))}
-    return root, ids
-
-
-@pytest.fixture(scope='module')
 def zenoh_keys_root(fleet):
     """One authority for the router, the test sessions and the bridge (mutual TLS): the
     'outsider' below is an authenticated operator session on the link; what is tested here is
