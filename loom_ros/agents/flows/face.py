@@ -54,8 +54,12 @@ class FaceBehavior:
         if not response.events:   # nobody in view
             if self._showing != NO_FACE:
                 self._showing = NO_FACE
-                ctx.action('ui_update', {'emoji': None, 'label': 'no face', 'frame_ms':
-                                         event.timestamp_ms, 'source_event': event.id})
+                # The ui merges updates: every field a face set is cleared (None), or the
+                # screen would keep the last face's confidence, route and reason.
+                ctx.action('ui_update', {
+                    'emoji': None, 'label': 'no face', 'faces': 0, 'confidence': None,
+                    'route': None, 'rule': None, 'reason': None,
+                    'frame_ms': event.timestamp_ms, 'source_event': event.id})
             return
         result = response.events[0].json()
         decision = link.route(event, self.event_type, ctx.agent_id,
