@@ -302,8 +302,30 @@ class AgentNode(LifecycleNode):
         getattr(self.get_logger(), level)(message, throttle_duration_sec=1.0)
 
 
+def agent_id_from_args(argv: list[str]) -> str | None:
+    """The `-p agent_id:=<id>` (or `-p <node>:agent_id:=<id>`) of a command line's ROS
+    arguments, so a standalone agent is named `agent_<id>` as its services are documented
+    (`/agent_<id>/recall`), not `/agent` whatever its id. A `-r __node:=` remap still wins."""
+    in_ros, wanted = False, False
+    for token in argv[:4096]:
+        if token == '--ros-args':
+            in_ros = True
+        elif token == '--':
+            in_ros = False
+        elif in_ros and token in ('-p', '--param'):
+            wanted = True
+            continue
+        elif in_ros and wanted:
+            name, sep, value = token.partition(':=')
+            if sep and name.rsplit(':', 1)[-1] == 'agent_id' and 0 < len(value) <= 64:
+                return value.strip('\'"')
+        wanted = False
+    return None
+
+
 def main(args=None) -> int:
-    return run_lifecycle_node(AgentNode, args)
+    agent_id = agent_id_from_args(list(sys.argv if args is None else args))
+    return run_lifecycle_node(lambda: AgentNode(agent_id=agent_id), args)
 
 
 if __name__ == '__main__':

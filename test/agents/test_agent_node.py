@@ -131,8 +131,10 @@ def test_recall_service_over_episodic_and_semantic_memory(ros, spawn, tmp_path):
     agents = tmp_path / 'agents.yaml'
     agents.write_text('agents:\n  - id: mem\n    behavior: memorize\n    subscriptions: [user.facts]\n'
                       '    qos: batched\n    semantic_memory: true\n')
+    # No __node remap: a standalone agent is named after its id (issue 15, fault 5: it was
+    # always /agent, so /ag_mem/agent_mem/recall did not exist).
     proc = spawn('-m', 'loom_ros.agents.agent_node', '--ros-args', '-r', '__ns:=/ag_mem',
-                 '-r', '__node:=agent_mem', '-p', 'agent_id:=mem', '-p', f'agents_file:={agents}',
+                 '-p', 'agent_id:=mem', '-p', f'agents_file:={agents}',
                  '-p', f'state_dir:={tmp_path}')
     node = Node('fact_feeder', namespace='/ag_mem', context=ros.node.context)
     bus = EventBus(node)
