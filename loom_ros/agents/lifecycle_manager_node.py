@@ -99,6 +99,10 @@ class LifecycleManagerNode(Node):
         self.status_pub = self.create_publisher(AgentStatus, topics.AGENTS_STATUS, qos)
         self.diag_pub = self.create_publisher(DiagnosticArray, topics.DIAGNOSTICS, 10)
         self.started = bool(p['autostart'])
+        # Nav2's manager services, the two a caller needs to drive `autostart: false`.
+        from std_srvs.srv import Trigger
+        self.create_service(Trigger, '~/startup', self._on_startup)
+        self.create_service(Trigger, '~/is_active', self._on_is_active)
         self.create_timer(0.1, self._tick)
         self.create_timer(p['status_period_s'], self._report)
         self.get_logger().info('managing ' + '; '.join(
@@ -132,6 +136,26 @@ class LifecycleManagerNode(Node):
             else:
                 units.append(Unit(f'agent_{agent}', (agent,)))
         return units
+
+    # -- manager services -----------------------------------------------------------------------
+    def _on_startup(self, _request, response):
+        """~/startup: bring the agents up in order (what autostart does at start)."""
+        response.success = True
+        if self.started:
+            response.message = 'already started'
+            return response
+        self.started = True
+        response.message = 'bringing up ' + ', '.join(m.unit.node for m in self.managed)
+        self.get_logger().info(f'startup requested: {response.message}')
+        return response
+
+    def _on_is_active(self, _request, response):
+        """~/is_active: true once every managed node is running."""
+        running = sum(m.phase == 'running' for m in self.managed)
+        response.success = self.started and running == len(self.managed)
+        response.message = f'{running}/{len(self.managed)} running' + (
+            '' if self.started else '; not started: call ~/startup (autostart is false)')
+        return response
 
     # -- bring-up and restarts ----------------------------------------------------------------
     def _tick(self) -> None:

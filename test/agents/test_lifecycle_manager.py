@@ -103,6 +103,35 @@ def manager(ros, spawn, tmp_path):
         watch.close()
 
 
+def test_autostart_false_waits_for_the_startup_service(ros, manager, tmp_path):
+    # Issue 15, fault 4: with autostart false nothing could ever start the agents.
+    from std_srvs.srv import Trigger
+    proc, watch = manager('/lm_later', 'autostart:=false')
+    startup = ros.node.create_client(Trigger, '/lm_later/lifecycle_manager/startup')
+    is_active = ros.node.create_client(Trigger, '/lm_later/lifecycle_manager/is_active')
+
+    def call(client):
+        ros.wait_for(client.service_is_ready, 'the manager service', alive=[proc])
+        future = client.call_async(Trigger.Request())
+        ros.wait_for(future.done, 'the manager service answer', alive=[proc])
+        return future.result()
+    try:
+        before = call(is_active)
+        assert not before.success and 'call ~/startup' in before.message
+        # Nothing was spawned: a report arrived, and no agent has a heartbeat (no pid).
+        ros.wait_for(lambda: watch.status.get('first') is not None, 'a report', alive=[proc])
+        assert watch.status['first'].pid == 0
+        assert call(startup).success
+        ros.wait_for(lambda: watch.health('first')[0] == 'ok' and
+                     watch.health('second')[0] == 'ok', 'both agents ok after startup',
+                     alive=[proc])
+        ros.wait_for(lambda: call(is_active).success, 'is_active true', alive=[proc])
+        assert call(startup).message == 'already started'
+    finally:
+        ros.node.destroy_client(startup)
+        ros.node.destroy_client(is_active)
+
+
 def test_brings_agents_up_in_order_and_reports_them(ros, manager, tmp_path):
     proc, watch = manager('/lm_order')
     ros.wait_for(lambda: watch.health('first')[0] == 'ok' and watch.health('second')[0] == 'ok',
