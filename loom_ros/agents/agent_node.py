@@ -24,6 +24,7 @@ import sys
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from loom_ros.agents.config import AgentConfigError, load_agents
+from loom_ros.agents.flows.link import FlowLink
 from loom_ros.agents.runtime import CONFIGURE_ERRORS, Agent, AgentState, Dispatcher
 from loom_ros.agents.supervisor import LOCAL_BEATS, BeatSigner, process_key
 from loom_ros.bus import topics
@@ -172,7 +173,9 @@ class AgentNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        return self.on_cleanup(state)
+        result = self.on_cleanup(state)
+        FlowLink.close_shared()   # the behaviors' link to router and plugins, if one was made
+        return result
 
     def _stop_delivery(self) -> None:
         for sub in self._subs:

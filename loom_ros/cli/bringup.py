@@ -271,8 +271,7 @@ class RobotProcess:
         for thread in self.threads:
             thread.join(5.0)
         from loom_ros.agents.flows.link import FlowLink
-        if FlowLink._shared is not None:
-            FlowLink._shared.close()
+        FlowLink.close_shared()
         from loom_ros.bus.executor import finalize_node
         for node, executor in reversed(self.nodes):
             executor.shutdown()

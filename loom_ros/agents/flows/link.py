@@ -36,6 +36,15 @@ class FlowLink:
                 cls._shared = cls(plugin_host)
             return cls._shared
 
+    @classmethod
+    def close_shared(cls) -> None:
+        """Close this process's link, if one was made: its executor thread must end before
+        the process does (left running, the process aborted on Ctrl-C)."""
+        with cls._lock:
+            link, cls._shared = cls._shared, None
+        if link is not None:
+            link.close()
+
     def __init__(self, plugin_host: str = 'plugin_host', timeout_s: float = 5.0):
         import rclpy
         from rclpy.task import Future
@@ -45,7 +54,11 @@ class FlowLink:
         from loom_ros.bus.executor import make_executor, spin_until
         from loom_ros.bus.qos import to_qos_profile
         self.timeout_s = timeout_s
-        self.node = rclpy.create_node(f'flow_link_{os.getpid()}')
+        # Its own name even under a process-wide `-r __node:=` remap (the lifecycle manager
+        # starts agent hosts with one), which would otherwise rename this node too and leave
+        # two nodes of one name in the graph; the namespace remap still applies.
+        name = f'flow_link_{os.getpid()}'
+        self.node = rclpy.create_node(name, cli_args=['--ros-args', '-r', f'__node:={name}'])
         ns = self.node.get_namespace().rstrip('/')
         self.plugin_host = f'{ns}/{plugin_host}'
         self._route_type = Route
