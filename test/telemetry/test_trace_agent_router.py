@@ -76,8 +76,8 @@ def test_trace_continues_through_an_agent_and_the_router(ros, spawn, tmp_path):
         names = [(s['name'], s['service']) for s in reversed(chain)]
         # source publishes > the agent's behavior handles it on a dispatcher thread > the intent
         # it emits is published > the router decides on it
-        assert names == [('PublishEvent', 'trace_source'), ('HandleEvent', 'agent'),
-                         ('PublishEvent', 'agent'), ('RouteDecision', 'router')]
+        assert names == [('PublishEvent', 'trace_source'), ('HandleEvent', 'agent_tracer'),
+                         ('PublishEvent', 'agent_tracer'), ('RouteDecision', 'router')]
         assert chain[2]['attributes']['loom.agent.id'] == 'tracer'
         assert chain[1]['attributes']['loom.topic'] == 'agent.tracer.intent'
         assert len({s['trace_id'] for s in chain}) == 1 and not chain[-1]['parent_span_id']
