@@ -31,7 +31,7 @@ setup(
             'event_monitor = loom_ros.bus.event_monitor_node:main',
             'router = loom_ros.router.router_node:main',
             'agent = loom_ros.agents.agent_node:main',
-            'lifecycle_manager = loom_ros.agents.lifecycle_manager_node:main',
+            'lifecycle_manager = loom_ros.bringup.lifecycle_manager_node:main',
             'plugin_host = loom_ros.plugins.host_node:main',
             'zenoh_bridge = loom_ros.bridge.bridge_node:main',
             'zenoh_router = loom_ros.bridge.zenoh_router:main',

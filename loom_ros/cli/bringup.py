@@ -42,7 +42,7 @@ import yaml
 
 from loom_ros.bridge.keys import RobotIdError, validate_robot_id
 from loom_ros.bridge.zenoh_link import INSECURE_WARNING
-from loom_ros.cli.process import die_with_parent
+from loom_ros.bringup.processes import die_with_parent
 from loom_ros.config.params import (
     DEFAULTS_FILE, check_params_file, config_dir, load_params_file, node_defaults,
 )
@@ -181,7 +181,7 @@ class RobotProcess:
 
         from loom_ros.agents.agent_node import AgentNode
         from loom_ros.agents.config import load_agents
-        from loom_ros.agents.lifecycle_manager_node import LifecycleManagerNode
+        from loom_ros.bringup.lifecycle_manager_node import LifecycleManagerNode
         from loom_ros.plugins.host_node import PluginHostNode
         from loom_ros.router.router_node import RouterNode
         from loom_ros.sensors.camera_adapter_node import CameraAdapterNode

@@ -62,7 +62,7 @@ def test_forged_heartbeats_cannot_make_the_manager_kill_a_healthy_agent(ros, spa
     agents = tmp_path / 'agents.yaml'
     agents.write_text(AGENTS)
     watch = Watch(ros, namespace)
-    manager = spawn('-m', 'loom_ros.agents.lifecycle_manager_node', '--ros-args',
+    manager = spawn('-m', 'loom_ros.bringup.lifecycle_manager_node', '--ros-args',
                     '-r', f'__ns:={namespace}', '-p', f'agents_file:={agents}',
                     '-p', f'state_dir:={tmp_path}', '-p', 'status_period_s:=0.2',
                     '-p', 'hang_timeout_s:=1.0', '-p', 'max_restarts:=1')
@@ -137,7 +137,7 @@ def test_in_process_manager_believes_only_its_own_process(ros, spawn, tmp_path):
     from rclpy.parameter import Parameter
 
     from loom_ros.agents.agent_node import AgentNode
-    from loom_ros.agents.lifecycle_manager_node import LifecycleManagerNode
+    from loom_ros.bringup.lifecycle_manager_node import LifecycleManagerNode
     namespace = '/hb_inproc'
     agents = tmp_path / 'agents.yaml'
     agents.write_text(AGENTS)

@@ -86,7 +86,7 @@ def manager(ros, spawn, tmp_path):
 
     def start(namespace, *params):
         watch = Watch(ros, namespace)
-        args = ['-m', 'loom_ros.agents.lifecycle_manager_node', '--ros-args',
+        args = ['-m', 'loom_ros.bringup.lifecycle_manager_node', '--ros-args',
                 '-r', f'__ns:={namespace}', '-p', f'agents_file:={agents}',
                 '-p', f'state_dir:={tmp_path}', '-p', 'status_period_s:=0.2']
         for p in params:

@@ -12,7 +12,7 @@ from loom_ros.config.params import (
 )
 from loom_ros.agents.agent_node import PARAMETERS as AGENT_PARAMETERS
 from loom_ros.agents.agent_node import AgentNode
-from loom_ros.agents.lifecycle_manager_node import PARAMETERS as MANAGER_PARAMETERS
+from loom_ros.bringup.lifecycle_manager_node import PARAMETERS as MANAGER_PARAMETERS
 from loom_ros.bridge.bridge_node import LIST_PARAMETERS as BRIDGE_LISTS
 from loom_ros.bridge.bridge_node import PARAMETERS as BRIDGE_PARAMETERS
 from loom_ros.config.params import ParamSpec

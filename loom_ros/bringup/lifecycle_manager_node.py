@@ -30,7 +30,7 @@ from loom_ros.agents.supervisor import (KEY_ENV, LOCAL_BEATS, Beat, BeatAuth, He
 from loom_ros.bus import topics
 from loom_ros.bus.executor import run_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
-from loom_ros.cli.process import die_with_parent
+from loom_ros.bringup.processes import die_with_parent
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
 from loom_ros.telemetry.logs import mask_node_logger
 
