@@ -1,0 +1,82 @@
+"""Objects as files under one folder: written to a temporary name, fsynced, then renamed, so an
+object is either whole or absent, even after SIGKILL or a power cut."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from loom_ros.storage.base import ObjectStore, check_key
+from loom_ros.storage.errors import StorageError, StorageFullError, is_full
+
+TMP_SUFFIX = '.part'
+
+
+class LocalObjectStore(ObjectStore):
+    name = 'local'
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            if is_full(exc):
+                raise StorageFullError(f'{path}: disk full ({exc.strerror})') from None
+            raise StorageError(f'{path}: cannot write: {exc.strerror}') from None
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except OSError as exc:
+            raise StorageError(f'{self._path(key)}: cannot read: {exc.strerror}') from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StorageError(f'{self._path(key)}: cannot delete: {exc.strerror}') from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = '') -> list[tuple[str, int]]:
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return []
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.endswith(TMP_SUFFIX):
+                    continue
+                full = Path(dirpath) / name
+                try:
+                    out.append((full.relative_to(self.root).as_posix(), full.stat().st_size))
+                except OSError:
+                    continue
+        return sorted(out)

@@ -1,0 +1,227 @@
+"""The cold tier's vector index: memories as compact int8 codes in SQLite (the source of truth,
+so the index can be rebuilt without re-embedding) and a compressed faiss index in memory and on
+disk. Below `train_at` vectors the index is exact (flat); from there it is IVF-PQ (trained on the
+stored codes), searched with `nprobe` lists and re-ranked exactly on the stored codes.
+
+The index file covers the cold rows up to a position of `cold_log` (every add and remove, logged
+in the transaction that made it): on load the newer log entries are replayed, so a SIGKILL
+between a move's commit and the next save loses nothing. An index that cannot be brought in line
+with its rows (missing, newer than the database, other dimensions, a log trimmed past it, a
+count that differs) raises IndexMismatchError; `rebuild()` makes a new one from the rows."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from loom_ros.storage.errors import CorruptRecordError, IndexMismatchError, StorageError
+
+MAGIC = b'LOOMCOLD'
+ADD, REMOVE = 1, 2
+
+
+def encode(vectors: np.ndarray) -> list[bytes]:
+    """int8 codes with a per-vector float32 scale: d + 4 bytes a vector, ~0.4 % error."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    scale = np.abs(vectors).max(axis=1)
+    scale[scale == 0] = 1.0
+    q = np.round(vectors / scale[:, None] * 127.0).astype(np.int8)
+    return [struct.pack('<f', s) + row.tobytes() for s, row in zip(scale, q)]
+
+
+def decode(codes, dim: int) -> np.ndarray:
+    """(n, dim) float32 from codes; CorruptRecordError on a code of the wrong size."""
+    out = np.empty((len(codes), dim), dtype=np.float32)
+    for i, code in enumerate(codes):
+        if len(code) != dim + 4:
+            raise CorruptRecordError(f'cold vector code of {len(code)} bytes, expected {dim + 4}')
+        out[i] = np.frombuffer(code, dtype=np.int8, offset=4).astype(np.float32) * (
+            struct.unpack_from('<f', code)[0] / 127.0)
+    return out
+
+
+@dataclass
+class IndexParams:
+    dim: int = 384
+    train_at: int = 20000     # vectors before the exact index becomes IVF-PQ
+    nlist: int = 0            # IVF lists; 0: about 4 * sqrt(n) at training, at most 65536
+    pq_m: int = 48            # PQ sub-quantizers (bytes per vector in the index); divides dim
+    nprobe: int = 32
+    rerank: int = 10          # candidates per wanted result re-ranked exactly on the codes
+    train_sample: int = 100000
+
+
+class ColdIndex:
+    """faiss over the cold rows of one database."""
+
+    def __init__(self, path: str | os.PathLike, params: IndexParams):
+        self.path, self.params = Path(path), params
+        self.index = self._flat()
+        self.seq = 0
+
+    def _flat(self):
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.params.dim))
+
+    @property
+    def kind(self) -> str:
+        return 'flat' if isinstance(self.index, faiss.IndexIDMap2) else 'ivfpq'
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    # -- loading and saving ----------------------------------------------------------------------
+    def load(self, conn: sqlite3.Connection) -> None:
+        """Read the file and replay the log after it; IndexMismatchError if that cannot match."""
+        rows = conn.execute('select count(*) from cold').fetchone()[0]
+        last = _last_seq(conn)
+        if not self.path.exists():
+            first = conn.execute('select min(seq) from cold_log').fetchone()[0]
+            if rows == 0 or first == 1:       # nothing yet, or the whole log is still there
+                self.index, self.seq = self._flat(), 0
+            else:
+                raise IndexMismatchError(f'{self.path}: missing, and {rows} cold rows need it; '
+                                         'rebuild it: loom storage compact --rebuild-index')
+        else:
+            self._read()
+            if self.seq > last:
+                raise IndexMismatchError(
+                    f'{self.path}: covers cold log position {self.seq} but the database ends at '
+                    f'{last} (an index from another or newer database); rebuild it: loom storage '
+                    'compact --rebuild-index')
+        first = conn.execute('select min(seq) from cold_log where seq > ?', (self.seq,)).fetchone()[0]
+        if first is not None and first != self.seq + 1:
+            raise IndexMismatchError(f'{self.path}: covers log position {self.seq} but the log '
+                                     f'resumes at {first}; rebuild it: loom storage compact '
+                                     '--rebuild-index')
+        self.replay(conn)
+        if self.ntotal != rows:
+            raise IndexMismatchError(f'{self.path}: {self.ntotal} vectors for {rows} cold rows; '
+                                     'rebuild it: loom storage compact --rebuild-index')
+
+    def _read(self) -> None:
+        try:
+            blob = self.path.read_bytes()
+            if blob[:8] != MAGIC:
+                raise ValueError('not a Loom cold index')
+            size = struct.unpack_from('<I', blob, 8)[0]
+            header = json.loads(blob[12:12 + size])
+            index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8, offset=12 + size))
+        except (OSError, ValueError, struct.error, RuntimeError) as exc:
+            raise IndexMismatchError(f'{self.path}: unreadable ({str(exc)[:200]}); rebuild it: '
+                                     'loom storage compact --rebuild-index') from None
+        if index.d != self.params.dim:
+            raise IndexMismatchError(f'{self.path}: vectors of {index.d} dimensions, storage is '
+                                     f'configured for {self.params.dim}; rebuild it: loom storage '
+                                     'compact --rebuild-index')
+        self.index, self.seq = index, int(header['seq'])
+        self._tune()
+
+    def save(self) -> None:
+        """Write the index atomically (temporary file, fsync, rename)."""
+        header = json.dumps({'seq': self.seq, 'dim': self.params.dim, 'kind': self.kind,
+                             'ntotal': self.ntotal}).encode()
+        body = faiss.serialize_index(self.index)
+        tmp = self.path.with_name(self.path.name + '.part')
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, 'wb') as out:
+                out.write(MAGIC + struct.pack('<I', len(header)) + header)
+                out.write(body.tobytes())
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise StorageError(f'{self.path}: cannot save the cold index: {exc.strerror}') from None
+
+    # -- changes ---------------------------------------------------------------------------------
+    def replay(self, conn: sqlite3.Connection) -> int:
+        """Apply the log entries after self.seq; returns how many."""
+        entries = conn.execute('select seq, op, id from cold_log where seq > ? order by seq',
+                               (self.seq,)).fetchall()
+        if not entries:
+            return 0
+        present, removed = {}, []
+        for _seq, op, row_id in entries:
+            if op == ADD:
+                present[row_id] = True
+            else:
+                if present.pop(row_id, None) is None:
+                    removed.append(row_id)
+        if removed:
+            self.index.remove_ids(np.array(removed, dtype=np.int64))
+        if present:
+            ids = list(present)
+            codes = {}
+            for start in range(0, len(ids), 900):
+                chunk = ids[start:start + 900]
+                codes.update(conn.execute(
+                    f'select id, code from cold where id in ({",".join("?" * len(chunk))})',
+                    chunk).fetchall())
+            ids = [i for i in ids if i in codes]
+            if ids:
+                self.add(np.array(ids, dtype=np.int64),
+                         decode([codes[i] for i in ids], self.params.dim))
+        self.seq = entries[-1][0]
+        return len(entries)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids)
+
+    def remove(self, ids) -> None:
+        if len(ids):
+            self.index.remove_ids(np.asarray(ids, dtype=np.int64))
+
+    def maybe_train(self, conn: sqlite3.Connection) -> bool:
+        """Switch the exact index to IVF-PQ once it holds train_at vectors (off the hot path)."""
+        if self.kind != 'flat' or self.ntotal < self.params.train_at:
+            return False
+        self.rebuild(conn, trained=True)
+        return True
+
+    def rebuild(self, conn: sqlite3.Connection, trained: bool | None = None) -> None:
+        """A new index from the rows' codes (no re-embedding), covering the log to its end."""
+        p = self.params
+        last = _last_seq(conn)
+        n = conn.execute('select count(*) from cold').fetchone()[0]
+        ivf = n >= p.train_at if trained is None else trained
+        if ivf:
+            nlist = p.nlist or int(min(65536, max(16, 4 * np.sqrt(n))))
+            index = faiss.index_factory(p.dim, f'IVF{nlist},PQ{p.pq_m}', faiss.METRIC_INNER_PRODUCT)
+            sample = conn.execute('select code from cold order by random() limit ?',
+                                  (max(p.train_sample, 40 * nlist),)).fetchall()
+            index.train(decode([r[0] for r in sample], p.dim))
+        else:
+            index = self._flat()
+        cursor = conn.execute('select id, code from cold order by id')
+        while True:
+            chunk = cursor.fetchmany(20000)
+            if not chunk:
+                break
+            index.add_with_ids(decode([r[1] for r in chunk], p.dim),
+                               np.array([r[0] for r in chunk], dtype=np.int64))
+        self.index, self.seq = index, last
+        self._tune()
+
+    def _tune(self) -> None:
+        if self.kind != 'flat':
+            faiss.extract_index_ivf(self.index).nprobe = self.params.nprobe
+
+    # -- searching -------------------------------------------------------------------------------
+    def candidates(self, query: np.ndarray, n: int) -> list[int]:
+        if self.ntotal == 0:
+            return []
+        _scores, ids = self.index.search(np.ascontiguousarray(query[None, :], np.float32),
+                                         min(n, self.ntotal))
+        return [int(i) for i in ids[0] if i >= 0]
+
+
+def _last_seq(conn: sqlite3.Connection) -> int:
+    row = conn.execute("select seq from sqlite_sequence where name = 'cold_log'").fetchone()
+    return int(row[0]) if row else 0

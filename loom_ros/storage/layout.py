@@ -1,0 +1,77 @@
+"""Where everything lives: one root (storage.root, default ~/.loom) and every path derived from
+it, so no component invents its own folder and tools read what agents wrote."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from loom_ros.storage.errors import StorageError
+
+DEFAULT_ROOT = '~/.loom'
+_NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$')
+
+
+def check_name(name: str, what: str = 'name') -> str:
+    """A file-name part (a unit, an agent, a plugin): letters, digits, _ . -; no path tricks."""
+    if not isinstance(name, str) or not _NAME.match(name) or '..' in name:
+        raise StorageError(f'{what} {str(name)[:80]!r}: use 1-64 letters, digits, _ . - '
+                           '(no path separators)')
+    return name
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    """Every path Loom writes, derived from `root`."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike = DEFAULT_ROOT) -> 'StorageLayout':
+        if not str(root):
+            raise StorageError('storage.root: empty path')
+        return cls(Path(os.path.expanduser(str(root))).absolute())
+
+    # One SQLite database per writing process (its `unit`): see docs/storage.md for why.
+    def database(self, unit: str) -> Path:
+        return self.root / 'db' / f'{check_name(unit, "storage unit")}.db'
+
+    def databases(self) -> list[Path]:
+        folder = self.root / 'db'
+        return sorted(folder.glob('*.db')) if folder.is_dir() else []
+
+    def cold_index(self, unit: str) -> Path:
+        return self.root / 'cold' / f'{check_name(unit, "storage unit")}.faiss'
+
+    @property
+    def objects(self) -> Path:
+        """The local object store (blobs and archive files) when no S3 endpoint is configured."""
+        return self.root / 'objects'
+
+    @property
+    def agents(self) -> Path:
+        return self.root / 'agents'
+
+    @property
+    def router_history(self) -> Path:
+        return self.root / 'router' / 'history.db'
+
+    @property
+    def audit(self) -> Path:
+        return self.root / 'audit.db'
+
+    def plugin_data(self, plugin: str) -> Path:
+        return self.root / 'plugins' / check_name(plugin, 'plugin')
+
+    @property
+    def recordings(self) -> Path:
+        return self.root / 'recordings'
+
+    @property
+    def traces(self) -> Path:
+        return self.root / 'traces'
+
+    @property
+    def keys(self) -> Path:
+        return self.root / 'keys'

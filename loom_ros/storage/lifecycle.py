@@ -1,0 +1,515 @@
+"""The data lifecycle of one storage database: warm events (full, in SQLite) older than warm_s
+are condensed into cold memories (vector + what/when/source/how many; raw payloads dropped),
+cold memories older than cold_s go to compressed append-only archive files in the object store,
+archive files older than archive_s are deleted. A policy per agent or event type keeps, skips or
+shortens tiers. Every move is one SQLite transaction (archive files are written before, as
+`pending`, and only count once that transaction commits), runs off the hot path in small
+batches, and reads ages from an injected clock. Past a budget, the oldest archive then cold data
+goes first; agent state, audit and router history are never deleted by the lifecycle.
+
+One mover per database at a time (an flock on <root>/cold/<unit>.lock)."""
+from __future__ import annotations
+
+import fcntl
+import fnmatch
+import gzip
+import json
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from loom_ros.config.params import read_yaml, refuse_unknown_keys
+from loom_ros.storage.base import ObjectStore
+from loom_ros.storage.budget import Budgets, budget_check, root_used_bytes
+from loom_ros.storage.cold import ADD, REMOVE, ColdIndex, IndexParams, decode, encode
+from loom_ros.storage.errors import StorageError, is_full, StorageFullError
+from loom_ros.storage.layout import StorageLayout, check_name
+from loom_ros.storage.sqlite import open_database
+
+DAY_S = 86400.0
+
+
+@dataclass(frozen=True)
+class TierPolicy:
+    """Ages in seconds since the event. cold/archive False skip that tier; archive_s 0 keeps
+    archive files until the budget needs the space."""
+
+    warm_s: float = DAY_S
+    cold_s: float = 30 * DAY_S
+    archive_s: float = 0.0
+    cold: bool = True
+    archive: bool = True
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    agent: str = '*'
+    type: str = '*'
+    policy: TierPolicy = TierPolicy()
+
+
+_RULE_KEYS = {'agent', 'type', 'warm_s', 'cold_s', 'archive_s', 'cold', 'archive'}
+MAX_RULES = 256
+
+
+def load_policies(path: str, default: TierPolicy) -> list[PolicyRule]:
+    """Rules from a YAML list (first match wins): `- {type: 'sensor.imu.*', cold: false,
+    archive: false, warm_s: 600}`. Bad files raise StorageError naming the rule and key."""
+    if not path:
+        return []
+    data = read_yaml(path, StorageError)
+    if data is None:
+        return []
+    if not isinstance(data, list) or len(data) > MAX_RULES:
+        raise StorageError(f'{path}: expected a list of at most {MAX_RULES} rules')
+    rules = []
+    for n, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise StorageError(f'{path}: rule {n}: expected a mapping')
+        refuse_unknown_keys(item, _RULE_KEYS, f'{path}: rule {n}', StorageError)
+        changes = {}
+        for key in ('warm_s', 'cold_s', 'archive_s'):
+            if key in item:
+                value = item[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                    raise StorageError(f'{path}: rule {n}: {key} must be a number >= 0')
+                changes[key] = float(value)
+        for key in ('cold', 'archive'):
+            if key in item:
+                if not isinstance(item[key], bool):
+                    raise StorageError(f'{path}: rule {n}: {key} must be true or false')
+                changes[key] = item[key]
+        patterns = [str(item.get(k, '*'))[:256] for k in ('agent', 'type')]
+        rules.append(PolicyRule(patterns[0], patterns[1], replace(default, **changes)))
+    return rules
+
+
+@dataclass
+class LifecycleParams:
+    hot_s: float = 300.0
+    default: TierPolicy = TierPolicy()
+    rules: list = field(default_factory=list)
+    bucket_s: float = 60.0        # events of one agent, type and source per bucket -> one memory
+    move_batch: int = 5000        # rows per move transaction
+    summary_chars: int = 200      # of a payload quoted in a memory's summary
+    save_every: int = 50000       # cold changes between index saves (and at every run's end)
+
+
+@dataclass
+class MoveReport:
+    condensed: int = 0       # warm events -> cold
+    memories: int = 0        # cold memories made
+    archived: int = 0        # rows written to archive files
+    deleted: int = 0         # rows deleted for age (policy without a later tier)
+    archive_deleted: int = 0  # archive files deleted (age or budget)
+    budget_deleted: int = 0  # cold rows deleted for the budget
+    seconds: float = 0.0
+
+    def add(self, other: 'MoveReport') -> None:
+        for key in self.__dataclass_fields__:
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+
+
+def _policy(rules, default, agent: str, type_: str) -> TierPolicy:
+    for rule in rules:
+        if fnmatch.fnmatchcase(agent, rule.agent) and fnmatch.fnmatchcase(type_, rule.type):
+            return rule.policy
+    return default
+
+
+def _iso(ms: int) -> str:
+    return time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(ms / 1000))
+
+
+class Lifecycle:
+    """Moves data between the tiers of one unit database; also serves cold-memory searches."""
+
+    def __init__(self, layout: StorageLayout, unit: str, objects: ObjectStore, embedder,
+                 params: LifecycleParams | None = None, budgets: Budgets | None = None,
+                 index_params: IndexParams | None = None, clock: Callable[[], int] | None = None,
+                 synchronous: str = 'NORMAL', read_only: bool = False):
+        self.layout, self.unit = layout, check_name(unit, 'storage unit')
+        self.objects, self.embedder = objects, embedder
+        self.params, self.budgets = params or LifecycleParams(), budgets or Budgets()
+        self.clock = clock or (lambda: time.time_ns() // 1_000_000)
+        self.path = layout.database(unit)
+        if not self.path.is_file():
+            raise StorageError(f'{self.path}: no such storage database')
+        self.read_only = read_only
+        self.index = ColdIndex(layout.cold_index(unit), index_params or IndexParams())
+        self.totals = MoveReport()
+        self.unsaved = 0
+        self._lock_fd = -1
+        if read_only:   # a reader (CLI, tools): no lock, no recovery, never saves
+            self.conn = open_database(self.path, read_only=True)
+            self.index.load(self.conn)
+            return
+        lock_path = layout.cold_index(unit).with_suffix('.lock')
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            raise StorageError(f'{self.path}: another process runs its lifecycle') from None
+        self.conn = open_database(self.path, synchronous=synchronous)
+        from loom_ros.storage import schema
+        schema.ensure(self.conn, self.path)
+        self.recover()
+        self.index.load(self.conn)
+
+    # -- recovery --------------------------------------------------------------------------------
+    def _prefix(self) -> str:
+        return f'archive/{self.unit}/'
+
+    def recover(self) -> int:
+        """Undo archive writes a crash left pending (their rows are still in their tier) and drop
+        archive objects no row knows (a crash between a delete's commit and the object's)."""
+        undone = 0
+        for (key,) in self.conn.execute("select key from archive where state = 'pending'").fetchall():
+            self.objects.delete(key)
+            self.conn.execute('delete from archive where key = ?', (key,))
+            undone += 1
+        known = {k for (k,) in self.conn.execute('select key from archive')}
+        for key, _size in self.objects.list(self._prefix()):
+            if key not in known:
+                self.objects.delete(key)
+                undone += 1
+        return undone
+
+    # -- one round -------------------------------------------------------------------------------
+    def run_once(self, max_moves: int = 20) -> MoveReport:
+        """Up to `max_moves` move transactions, then budgets, then the index save."""
+        started, report = time.perf_counter(), MoveReport()
+        for step in (self.move_warm, self.move_cold, self.expire_archive):
+            for _ in range(max_moves):
+                done = step()
+                report.add(done)
+                if not any((done.condensed, done.archived, done.deleted, done.archive_deleted)):
+                    break
+        report.add(self.enforce_budgets())
+        self.index.maybe_train(self.conn)
+        self.save_index()
+        report.seconds = time.perf_counter() - started
+        self.totals.add(report)
+        return report
+
+    def _due(self, table: str, time_col: str, age_attr: str, skip_ok) -> list:
+        """Up to move_batch rows whose policy says they are due, oldest first."""
+        p, now, out = self.params, self.clock(), []
+        youngest = min([getattr(p.default, age_attr)] + [getattr(r.policy, age_attr)
+                                                         for r in p.rules])
+        cols = ('id, agent_id, type, source, time_ms, payload, tags, event_id' if table ==
+                'episodes' else 'id, agent_id, type, source, first_ms, last_ms, count, summary')
+        horizon, after = now - int(youngest * 1000), (-2**63, 0)
+        for _page in range(20):   # rows a longer policy keeps do not block the others
+            rows = self.conn.execute(
+                f'select {cols} from {table} where {time_col} < ? and ({time_col} > ? or '
+                f'({time_col} = ? and id > ?)) order by {time_col}, id limit ?',
+                (horizon, after[0], after[0], after[1], p.move_batch)).fetchall()
+            for row in rows:
+                policy = _policy(p.rules, p.default, row[1], row[2])
+                age_ms = int(getattr(policy, age_attr) * 1000)
+                when = row[4] if table == 'episodes' else row[5]
+                if when < now - age_ms and skip_ok(policy):
+                    out.append((row, policy))
+                    if len(out) >= p.move_batch:
+                        return out
+            if len(rows) < p.move_batch:
+                break
+            last = rows[-1]
+            after = (last[4] if table == 'episodes' else last[5], last[0])
+        return out
+
+    def move_warm(self) -> MoveReport:
+        """Warm events past warm_s: condensed into cold memories, archived raw (cold skipped) or
+        deleted (cold and archive skipped); one transaction."""
+        due = self._due('episodes', 'time_ms', 'warm_s', lambda policy: True)
+        report = MoveReport()
+        if not due:
+            return report
+        groups: dict = {}
+        raw, drop = [], []
+        bucket_ms = max(1, int(self.params.bucket_s * 1000))
+        for row, policy in due:
+            if policy.cold:
+                key = (row[1], row[2], row[3], row[4] // bucket_ms)
+                groups.setdefault(key, []).append(row)
+            elif policy.archive:
+                raw.append(row)
+            else:
+                drop.append(row[0])
+        memories = [self._condense(rows) for rows in groups.values()]
+        vectors = (np.asarray(self.embedder.embed([m['summary'] for m in memories]), np.float32)
+                   if memories else None)
+        codes = encode(vectors) if memories else []
+        key = self._put_archive('warm', [self._raw_record(r) for r in raw]) if raw else None
+        conn = self.conn
+        ids = []
+        try:
+            conn.execute('BEGIN IMMEDIATE')
+            for memory, code in zip(memories, codes):
+                cursor = conn.execute(
+                    'insert into cold (agent_id, type, source, first_ms, last_ms, count, summary, '
+                    'code, bytes) values (?, ?, ?, ?, ?, ?, ?, ?, ?)',
+                    (memory['agent_id'], memory['type'], memory['source'], memory['first_ms'],
+                     memory['last_ms'], memory['count'], memory['summary'], code,
+                     len(memory['summary']) + len(code) + 64))
+                ids.append(cursor.lastrowid)
+            conn.executemany('insert into cold_log (op, id) values (?, ?)',
+                             [(ADD, i) for i in ids])
+            gone = [row[0] for row, _ in due]
+            conn.executemany('delete from episodes where id = ?', [(i,) for i in gone])
+            if key:
+                conn.execute("update archive set state = 'done' where key = ?", (key,))
+            conn.execute('COMMIT')
+        except sqlite3.Error as exc:
+            self._abort(key)
+            raise self._error('warm -> cold move', exc) from None
+        self.index.replay(conn)
+        self.unsaved += len(ids)
+        report.condensed = sum(len(g) for g in groups.values())
+        report.memories, report.archived, report.deleted = len(memories), len(raw), len(drop)
+        return report
+
+    def move_cold(self) -> MoveReport:
+        """Cold memories past cold_s: to an archive file, or deleted when archive is skipped."""
+        due = self._due('cold', 'last_ms', 'cold_s', lambda policy: True)
+        report = MoveReport()
+        if not due:
+            return report
+        keep = [row for row, policy in due if policy.archive]
+        key = self._put_archive('cold', [self._cold_record(r) for r in keep]) if keep else None
+        self._delete_cold([row[0] for row, _ in due], key)
+        report.archived, report.deleted = len(keep), len(due) - len(keep)
+        return report
+
+    def _delete_cold(self, ids: list[int], archive_key: str | None = None) -> None:
+        conn = self.conn
+        try:
+            conn.execute('BEGIN IMMEDIATE')
+            conn.executemany('delete from cold where id = ?', [(i,) for i in ids])
+            conn.executemany('insert into cold_log (op, id) values (?, ?)',
+                             [(REMOVE, i) for i in ids])
+            if archive_key:
+                conn.execute("update archive set state = 'done' where key = ?", (archive_key,))
+            conn.execute('COMMIT')
+        except sqlite3.Error as exc:
+            self._abort(archive_key)
+            raise self._error('cold move', exc) from None
+        self.index.replay(conn)
+        self.unsaved += len(ids)
+
+    def expire_archive(self) -> MoveReport:
+        report = MoveReport()
+        age = self.params.default.archive_s
+        if age <= 0:
+            return report
+        rows = self.conn.execute(
+            "select key from archive where state = 'done' and last_ms < ? order by last_ms "
+            'limit 100', (self.clock() - int(age * 1000),)).fetchall()
+        for (key,) in rows:
+            self._drop_archive(key)
+            report.archive_deleted += 1
+        return report
+
+    def _drop_archive(self, key: str) -> None:
+        """The row goes first (one transaction), then the object; recover() drops an object a
+        crash left without its row."""
+        self.conn.execute('delete from archive where key = ?', (key,))
+        self.objects.delete(key)
+
+    # -- archive files ---------------------------------------------------------------------------
+    def _put_archive(self, tier: str, records: list[dict]) -> str:
+        """Write a compressed JSON-lines file as `pending` (committed first, so a crash before
+        the move's commit is undone by recover())."""
+        first = min(r['first_ms'] for r in records)
+        last = max(r['last_ms'] for r in records)
+        key = f'{self._prefix()}{tier}/{first:013d}-{uuid.uuid4().hex[:12]}.jsonl.gz'
+        body = gzip.compress(b''.join(json.dumps(r, separators=(',', ':')).encode() + b'\n'
+                                      for r in records), compresslevel=6)
+        try:
+            self.conn.execute("insert into archive values (?, 'pending', ?, ?, ?, ?, ?, ?)",
+                              (key, tier, first, last, len(records), len(body), self.clock()))
+        except sqlite3.Error as exc:
+            raise self._error('archive', exc) from None
+        self.objects.put(key, body)
+        return key
+
+    def _abort(self, key: str | None) -> None:
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute('ROLLBACK')
+        except sqlite3.Error:
+            pass
+        if key:
+            self.objects.delete(key)
+            try:
+                self.conn.execute('delete from archive where key = ?', (key,))
+            except sqlite3.Error:
+                pass
+
+    def _error(self, what: str, exc: Exception) -> StorageError:
+        if is_full(exc):
+            return StorageFullError(f'{self.path}: {what}: disk or budget full ({exc}); nothing '
+                                    'moved, nothing lost')
+        return StorageError(f'{self.path}: {what} failed: {exc}')
+
+    @staticmethod
+    def _raw_record(row) -> dict:
+        return {'id': row[0], 'agent_id': row[1], 'type': row[2], 'source': row[3],
+                'first_ms': row[4], 'last_ms': row[4], 'event_id': row[7],
+                'tags': json.loads(row[6]), 'payload': row[5]}
+
+    @staticmethod
+    def _cold_record(row) -> dict:
+        return {'id': row[0], 'agent_id': row[1], 'type': row[2], 'source': row[3],
+                'first_ms': row[4], 'last_ms': row[5], 'count': row[6], 'summary': row[7]}
+
+    def _condense(self, rows) -> dict:
+        n, cut = len(rows), self.params.summary_chars
+        agent, type_, source = rows[0][1], rows[0][2], rows[0][3]
+        first, last = rows[0], rows[-1]
+        text = f'{n} {type_} event{"s" if n > 1 else ""} from {source or "?"} for {agent} ' \
+               f'{_iso(first[4])} to {_iso(last[4])}: {first[5][:cut]}'
+        if n > 1:
+            text += f' ... {last[5][:cut]}'
+        return {'agent_id': agent, 'type': type_, 'source': source, 'first_ms': first[4],
+                'last_ms': last[4], 'count': n, 'summary': text}
+
+    # -- budgets ---------------------------------------------------------------------------------
+    def usage(self) -> dict[str, dict]:
+        """rows, bytes and oldest (ms) per tier, plus state and the measured total."""
+        c = self.conn
+        warm = c.execute('select count(*), coalesce(sum(bytes), 0), min(time_ms) from episodes').fetchone()
+        cold = c.execute('select count(*), coalesce(sum(bytes), 0), min(first_ms) from cold').fetchone()
+        arch = c.execute("select count(*), coalesce(sum(bytes), 0), min(first_ms), "
+                         "coalesce(sum(rows), 0) from archive where state = 'done'").fetchone()
+        state = c.execute('select count(*), coalesce(sum(length(value)), 0), min(updated_ms) '
+                          'from kv').fetchone()
+        index_bytes = self.index.path.stat().st_size if self.index.path.exists() else 0
+        out = {'warm': {'rows': warm[0], 'bytes': warm[1], 'oldest_ms': warm[2] or 0},
+               'cold': {'rows': cold[0], 'bytes': cold[1] + index_bytes, 'oldest_ms': cold[2] or 0},
+               'archive': {'rows': arch[3], 'files': arch[0], 'bytes': arch[1],
+                           'oldest_ms': arch[2] or 0},
+               'state': {'rows': state[0], 'bytes': state[1], 'oldest_ms': state[2] or 0}}
+        out['total'] = {'bytes': root_used_bytes(self.layout, arch[1])}
+        return out
+
+    def checks(self) -> list:
+        """Budget checks per tier and in total (WARN 80 %, ERROR 95 %)."""
+        u, b = self.usage(), self.budgets
+        out = [budget_check(f'storage {tier}', u[tier]['bytes'], b.of(tier), b.warn_fraction,
+                            b.error_fraction) for tier in ('warm', 'cold', 'archive')]
+        out.append(budget_check('storage total', u['total']['bytes'], b.total_bytes,
+                                b.warn_fraction, b.error_fraction))
+        return out
+
+    def enforce_budgets(self) -> MoveReport:
+        """Past a budget: the oldest archive files, then the oldest cold memories, go."""
+        report, b = MoveReport(), self.budgets
+        if not (b.total_bytes or b.archive_bytes or b.cold_bytes):
+            return report
+
+        def over() -> bool:
+            u = self.usage()
+            return ((b.total_bytes and u['total']['bytes'] > b.total_bytes) or
+                    (b.archive_bytes and u['archive']['bytes'] > b.archive_bytes) or
+                    (b.cold_bytes and u['cold']['bytes'] > b.cold_bytes))
+
+        for _ in range(10000):
+            if not over():
+                return report
+            row = self.conn.execute("select key from archive where state = 'done' order by "
+                                    'last_ms limit 1').fetchone()
+            if row is None:
+                break
+            self._drop_archive(row[0])
+            report.archive_deleted += 1
+        for _ in range(10000):
+            if not over():
+                return report
+            ids = [r[0] for r in self.conn.execute(
+                'select id from cold order by last_ms, id limit ?',
+                (max(1, self.params.move_batch // 10),)).fetchall()]
+            if not ids:
+                break
+            self._delete_cold(ids)
+            report.budget_deleted += len(ids)
+        return report
+
+    # -- the index -------------------------------------------------------------------------------
+    def save_index(self, force: bool = False) -> None:
+        """Save when it changed; then trim the log it now covers."""
+        if not (force or self.unsaved):
+            return
+        self.index.save()
+        self.unsaved = 0
+        self.conn.execute('delete from cold_log where seq <= ?', (self.index.seq,))
+
+    def rebuild_index(self) -> None:
+        self.index.rebuild(self.conn)
+        self.save_index(force=True)
+
+    def search(self, text: str = '', vector=None, k: int = 10, start_ms: int = 0,
+               end_ms: int = 2**63 - 1, agent_id: str = '', type: str = '',
+               exact_limit: int = 20000) -> list[dict]:
+        """Cold memories closest in meaning to `text` (or `vector`) within [start_ms, end_ms],
+        best first, re-ranked exactly on the stored codes."""
+        if vector is None:
+            vector = np.asarray(self.embedder.embed([text]), np.float32)[0]
+        vector = np.asarray(vector, np.float32)
+        k = max(1, min(int(k), 1000))
+        where, args = ['last_ms >= ?', 'first_ms <= ?'], [int(start_ms), int(end_ms)]
+        if agent_id:
+            where.append('agent_id = ?')
+            args.append(agent_id)
+        if type:
+            where.append('type = ?')
+            args.append(type)
+        filtered = len(where) > 2 or start_ms > 0 or end_ms < 2**63 - 1
+        cols = 'id, agent_id, type, source, first_ms, last_ms, count, summary, code'
+        if filtered and self.conn.execute(
+                f'select count(*) from (select 1 from cold where {" and ".join(where)} limit ?)',
+                (*args, exact_limit + 1)).fetchone()[0] <= exact_limit:
+            rows = self.conn.execute(f'select {cols} from cold where {" and ".join(where)}',
+                                     args).fetchall()
+        else:
+            rows, want = [], k * self.index.params.rerank
+            for _ in range(3):
+                ids = self.index.candidates(vector, want)
+                rows = self._rows(ids, cols, where, args)
+                if len(rows) >= k or len(ids) < want:
+                    break
+                want *= 10
+        if not rows:
+            return []
+        scores = decode([r[8] for r in rows], self.index.params.dim) @ vector
+        best = np.argsort(-scores)[:k]
+        return [{'id': rows[i][0], 'agent_id': rows[i][1], 'type': rows[i][2],
+                 'source': rows[i][3], 'first_ms': rows[i][4], 'last_ms': rows[i][5],
+                 'count': rows[i][6], 'summary': rows[i][7], 'score': float(scores[i])}
+                for i in best]
+
+    def _rows(self, ids, cols, where, args) -> list:
+        out = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            out += self.conn.execute(
+                f'select {cols} from cold where id in ({",".join("?" * len(chunk))}) and '
+                f'{" and ".join(where)}', (*chunk, *args)).fetchall()
+        return out
+
+    def close(self) -> None:
+        try:
+            if not self.read_only:
+                self.save_index()
+        finally:
+            self.conn.close()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)

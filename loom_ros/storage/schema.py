@@ -1,0 +1,79 @@
+"""The tables of one storage database (one per writing process). Created if missing; a file
+from a newer Loom is refused rather than misread."""
+from __future__ import annotations
+
+import sqlite3
+
+from loom_ros.storage.errors import StorageError
+
+VERSION = 1
+
+DDL = [
+    'create table if not exists meta (key text primary key, value text not null)',
+    # KV: agent state and other small records, JSON with a schema version per row.
+    'create table if not exists kv (ns text not null, key text not null, schema int not null, '
+    'value text not null, updated_ms int not null, primary key (ns, key)) without rowid',
+    # Warm tier: full events.
+    'create table if not exists episodes (id integer primary key, agent_id text not null, '
+    'event_id text not null, time_ms int not null, type text not null, source text not null, '
+    'tags text not null, payload text not null, bytes int not null)',
+    'create index if not exists episodes_agent_time on episodes (agent_id, time_ms)',
+    'create index if not exists episodes_time on episodes (time_ms)',
+    # Cold tier: events condensed into memories; the vector is an int8 code (see cold.py).
+    'create table if not exists cold (id integer primary key, agent_id text not null, '
+    'type text not null, source text not null, first_ms int not null, last_ms int not null, '
+    'count int not null, summary text not null, code blob not null, bytes int not null)',
+    'create index if not exists cold_last on cold (last_ms)',
+    'create index if not exists cold_agent_first on cold (agent_id, first_ms)',
+    # Every change of the cold rows, in the transaction that made it: the index replays it.
+    'create table if not exists cold_log (seq integer primary key autoincrement, op int not null, '
+    'id int not null)',
+    # Archive files in the object store: pending until the rows they hold left the database.
+    'create table if not exists archive (key text primary key, state text not null, '
+    'tier text not null, first_ms int not null, last_ms int not null, rows int not null, '
+    'bytes int not null, created_ms int not null)',
+    'create index if not exists archive_last on archive (last_ms)',
+    'create table if not exists blobs (key text primary key, bytes int not null, '
+    'content_type text not null, created_ms int not null)',
+    # Semantic memory (knowledge graph + fact vectors, as agents/memory.py keeps them).
+    'create table if not exists facts (id integer primary key, agent_id text not null, '
+    'subject text not null, relation text not null, object text not null, provenance text not null, '
+    'time_ms int not null, vector blob not null)',
+    'create index if not exists facts_agent_subject on facts (agent_id, subject)',
+    'create index if not exists facts_agent_object on facts (agent_id, object)',
+    # Router history (as router/history.py keeps it).
+    'create table if not exists decisions (id text primary key, time real, event_id text, '
+    'event_type text, agent_id text, privacy int, route text, rule text, confidence real, '
+    'cloud_cost real, local_confidence real, payload_bytes int, latency_budget_ms real)',
+    'create table if not exists outcomes (decision_id text, time real, event_type text, '
+    'backend text, latency_ms real, cost real, success int, confidence real)',
+    'create index if not exists outcomes_time on outcomes (time)',
+    'create index if not exists outcomes_backend on outcomes (backend, event_type)',
+    # Audit: append-only, enforced by triggers (as security/audit.py guarantees).
+    'create table if not exists audit (id integer primary key, ts_ms int not null, '
+    'plugin text not null, kind text not null, fields text not null)',
+    'create index if not exists audit_plugin on audit (plugin, ts_ms)',
+    'create index if not exists audit_kind on audit (kind, ts_ms)',
+    "create trigger if not exists audit_no_update before update on audit begin "
+    "select raise(abort, 'the audit log is append-only'); end",
+    "create trigger if not exists audit_no_delete before delete on audit begin "
+    "select raise(abort, 'the audit log is append-only'); end",
+]
+
+
+def ensure(conn: sqlite3.Connection, path) -> None:
+    """Create the tables (one transaction) and check the file's version."""
+    conn.execute('BEGIN IMMEDIATE')
+    try:
+        for statement in DDL:
+            conn.execute(statement)
+        row = conn.execute("select value from meta where key = 'version'").fetchone()
+        if row is None:
+            conn.execute("insert into meta values ('version', ?)", (str(VERSION),))
+        elif int(row[0]) > VERSION:
+            raise StorageError(f'{path}: storage version {row[0]} is newer than this Loom '
+                               f'({VERSION}); refusing to touch it')
+        conn.execute('COMMIT')
+    except BaseException:
+        conn.execute('ROLLBACK')
+        raise

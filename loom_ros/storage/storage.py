@@ -1,0 +1,138 @@
+"""Storage: one process's handle on the layer. Opens the unit's database once (the one place the
+pragmas are set), runs its group-commit writer, gives read connections that see only committed
+data, and hands out the stores. Everything is passed in (root, unit, clock, embedder); nothing
+is global."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from loom_ros.storage import schema
+from loom_ros.storage.errors import StorageError, is_full, StorageFullError
+from loom_ros.storage.layout import StorageLayout, check_name
+from loom_ros.storage.sqlite import open_database
+from loom_ros.storage.writer import GroupCommitWriter
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class StorageConfig:
+    """What a process needs to open its storage (the node's `storage.*` parameters)."""
+
+    root: str = '~/.loom'
+    unit: str = 'loom'                 # this process's database: <root>/db/<unit>.db
+    synchronous: str = 'NORMAL'
+    max_delay_ms: float = 2.0          # group commit: longest wait for a batch to fill
+    max_batch: int = 20000
+    max_db_bytes: int = 0              # hard cap of the database file (0: none)
+    hot_max_events: int = 256          # per agent, kept in memory for recent()
+    extra: dict = field(default_factory=dict)
+
+
+class Storage:
+    """The unit database of this process, its writer and its stores."""
+
+    def __init__(self, config: StorageConfig, clock: Callable[[], int] = wall_ms,
+                 gate: Callable[[], None] | None = None):
+        self.config, self.clock = config, clock
+        self.layout = StorageLayout.at(config.root)
+        self.unit = check_name(config.unit, 'storage.unit')
+        self.path = self.layout.database(self.unit)
+        try:
+            self.layout.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f'storage.root {self.layout.root}: cannot create: '
+                               f'{exc.strerror}') from None
+        self.conn = open_database(self.path, synchronous=config.synchronous,
+                                  max_bytes=config.max_db_bytes)
+        try:
+            schema.ensure(self.conn, self.path)
+        except sqlite3.Error as exc:
+            self.conn.close()
+            if is_full(exc):
+                raise StorageFullError(f'{self.path}: disk or budget full: {exc}') from None
+            raise StorageError(f'{self.path}: cannot create the tables: {exc}') from None
+        self.reader = open_database(self.path, read_only=True, check=False)
+        self._read_lock = threading.Lock()
+        self._ids_lock = threading.Lock()
+        self._ids: dict[str, int] = {}
+        self.writer = GroupCommitWriter(self.conn, f'storage {self.unit}',
+                                        max_delay_s=config.max_delay_ms / 1000.0,
+                                        max_batch=config.max_batch, gate=gate)
+        self._stores: dict = {}
+
+    # -- reading ---------------------------------------------------------------------------------
+    def query(self, sql: str, params=()) -> list[sqlite3.Row]:
+        """Rows committed so far (the reader never sees a batch in flight)."""
+        with self._read_lock:
+            self.reader.row_factory = sqlite3.Row
+            try:
+                return self.reader.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise StorageError(f'{self.path}: cannot read: {exc}') from None
+
+    def next_id(self, table: str) -> int:
+        """A fresh integer id for `table` (this process is the only writer of its unit)."""
+        with self._ids_lock:
+            if table not in self._ids:
+                row = self.query(f'select coalesce(max(id), 0) from {table}')[0]
+                self._ids[table] = int(row[0])
+            self._ids[table] += 1
+            return self._ids[table]
+
+    # -- stores ----------------------------------------------------------------------------------
+    def _store(self, key, factory):
+        store = self._stores.get(key)
+        if store is None:
+            store = self._stores[key] = factory()
+        return store
+
+    @property
+    def kv(self):
+        from loom_ros.storage.stores import KVStore
+        return self._store('kv', lambda: KVStore(self))
+
+    @property
+    def agent_state(self):
+        from loom_ros.storage.stores import AgentStateStore
+        return self._store('agent_state', lambda: AgentStateStore(self))
+
+    @property
+    def episodes(self):
+        from loom_ros.storage.stores import EpisodeStore
+        return self._store('episodes', lambda: EpisodeStore(self))
+
+    def facts(self, agent_id: str, embedder):
+        from loom_ros.storage.stores import FactStore
+        return self._store(('facts', agent_id), lambda: FactStore(self, agent_id, embedder))
+
+    def router_history(self, budget_period_s: float):
+        from loom_ros.storage.stores import RouterHistoryStore
+        return self._store('router', lambda: RouterHistoryStore(self, budget_period_s))
+
+    @property
+    def audit(self):
+        from loom_ros.storage.stores import AuditStore
+        return self._store('audit', lambda: AuditStore(self))
+
+    # -- closing ---------------------------------------------------------------------------------
+    def flush(self, timeout: float = 30.0) -> None:
+        self.writer.flush(timeout)
+
+    def close(self) -> None:
+        self.writer.close()
+        with self._read_lock:
+            self.reader.close()
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

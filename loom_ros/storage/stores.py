@@ -1,0 +1,357 @@
+"""The stores, each a small API over the unit database and its group-commit writer. Writes return
+a Ticket (wait() = committed); reads see committed rows only. Behaviour kept from the components'
+own stores: agent state schema upgrades and corrupt-row errors (agents/state.py), episodes with
+masked payloads and facts with faiss vectors (agents/memory.py), router decisions and outcomes
+(router/history.py), and the append-only audit log (security/audit.py)."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+
+import faiss
+import numpy as np
+
+from loom_ros.storage.errors import CorruptRecordError, StorageError
+from loom_ros.storage.writer import Ticket
+from loom_ros.telemetry.logs import mask_text, mask_value
+
+MAX_PAYLOAD_BYTES = 4096   # of an event's payload kept in its episode
+MAX_FIELD_CHARS = 256      # of an id, type, source or tag
+MAX_AUDIT_CHARS = 2000     # of any one string in an audit record, cut before masking
+MAX_AUDIT_DEPTH = 8
+
+
+class KVStore:
+    """Small JSON records by (namespace, key), each with a schema version."""
+
+    PUT = ('insert into kv (ns, key, schema, value, updated_ms) values (?, ?, ?, ?, ?) on '
+           'conflict(ns, key) do update set schema = excluded.schema, value = excluded.value, '
+           'updated_ms = excluded.updated_ms')
+
+    def __init__(self, storage):
+        self.storage = storage
+
+    def put_op(self, ns: str, key: str, value, schema: int = 1) -> tuple:
+        return (self.PUT, (ns, key, int(schema), json.dumps(value, separators=(',', ':')),
+                           self.storage.clock()))
+
+    def put(self, ns: str, key: str, value, schema: int = 1) -> Ticket:
+        return self.storage.writer.submit((self.put_op(ns, key, value, schema),))
+
+    def delete(self, ns: str, key: str) -> Ticket:
+        return self.storage.writer.submit(
+            (('delete from kv where ns = ? and key = ?', (ns, key)),), barrier=True)
+
+    def get(self, ns: str, key: str):
+        """(value, schema) as committed, or None; CorruptRecordError when it cannot be decoded."""
+        rows = self.storage.query('select schema, value from kv where ns = ? and key = ?',
+                                  (ns, key))
+        if not rows:
+            return None
+        try:
+            return json.loads(rows[0]['value']), rows[0]['schema']
+        except (TypeError, ValueError) as exc:
+            raise CorruptRecordError(f'{self.storage.path}: {ns}/{key} is corrupt ({exc}); it '
+                                     'was left as is for inspection') from None
+
+    def keys(self, ns: str) -> list[str]:
+        return [r['key'] for r in self.storage.query('select key from kv where ns = ? order by key',
+                                                     (ns,))]
+
+
+class AgentStateStore:
+    """An agent's state: committed in one transaction with the episodes of the events that made
+    it, restored on configure. An older schema is upgraded; a corrupt row is a clear error."""
+
+    NS = 'agent_state'
+    SCHEMA_VERSION = 2   # 1 kept the event counter inside the state as `_events`
+
+    def __init__(self, storage):
+        self.storage, self.kv = storage, storage.kv
+
+    def load(self, agent_id: str) -> tuple[dict, int]:
+        """(state, events handled) as last committed; ({}, 0) for a new agent."""
+        found = self.kv.get(self.NS, agent_id)
+        if found is None:
+            return {}, 0
+        value, schema = found
+        if schema == 1:
+            if not isinstance(value, dict):
+                raise CorruptRecordError(f'agent {agent_id}: stored state is not an object')
+            return value, int(value.pop('_events', 0))
+        if schema != self.SCHEMA_VERSION:
+            raise CorruptRecordError(f'agent {agent_id}: state schema {schema} is newer than '
+                                     f'this Loom ({self.SCHEMA_VERSION})')
+        if not isinstance(value, dict) or not isinstance(value.get('state'), dict):
+            raise CorruptRecordError(f'agent {agent_id}: stored state is not an object')
+        return value['state'], int(value.get('events', 0))
+
+    def commit(self, agent_id: str, state: dict, events: int, last_event_id: str,
+               episodes: list | tuple = ()) -> Ticket:
+        """State plus the episodes (Events) that produced it, one atomic write."""
+        ops = [self.kv.put_op(self.NS, agent_id, {'state': state, 'events': int(events),
+                                                  'last_event_id': last_event_id},
+                              self.SCHEMA_VERSION)]
+        store = self.storage.episodes
+        ops.extend(store.record_op(agent_id, event) for event in episodes)
+        ticket = self.storage.writer.submit(ops)
+        for event in episodes:
+            store.remember(agent_id, event, ticket)
+        return ticket
+
+
+def _payload_text(payload: bytes) -> str:
+    try:
+        return bytes(payload[:MAX_PAYLOAD_BYTES]).decode()
+    except UnicodeDecodeError:
+        return f'<{len(payload)} bytes>'
+
+
+class EpisodeStore:
+    """The event log (warm tier), with the most recent events of each agent served from memory
+    (hot tier: a read cache; every write is durable through the writer)."""
+
+    INSERT = ('insert into episodes (agent_id, event_id, time_ms, type, source, tags, payload, '
+              'bytes) values (?, ?, ?, ?, ?, ?, ?, ?)')
+
+    def __init__(self, storage, mask: Callable[[str], str] = mask_text):
+        self.storage, self.mask = storage, mask
+        self.hot_max = max(0, int(storage.config.hot_max_events))
+        self._hot: dict[str, deque] = {}
+        self._hot_lock = threading.Lock()
+
+    def record_op(self, agent_id: str, event) -> tuple:
+        """The insert of one event (secrets in payload and tags masked before the file)."""
+        mask = self.mask
+        payload = mask(_payload_text(event.payload))
+        tags = json.dumps([mask(str(t)[:MAX_FIELD_CHARS]) for t in event.tags]) if event.tags \
+            else '[]'
+        return (self.INSERT, (agent_id, event.id[:MAX_FIELD_CHARS], int(event.timestamp_ms),
+                              event.type[:MAX_FIELD_CHARS], event.source[:MAX_FIELD_CHARS], tags,
+                              payload, len(payload) + len(tags) + 64))
+
+    def record(self, agent_id: str, event) -> Ticket:
+        ticket = self.storage.writer.submit((self.record_op(agent_id, event),))
+        self.remember(agent_id, event, ticket)
+        return ticket
+
+    def remember(self, agent_id: str, event, ticket: Ticket) -> None:
+        if not self.hot_max:
+            return
+        with self._hot_lock:
+            recent = self._hot.get(agent_id)
+            if recent is None:
+                recent = self._hot[agent_id] = deque(maxlen=self.hot_max)
+            recent.append((event, ticket))
+
+    def recent(self, agent_id: str, max_age_ms: int, limit: int = 100) -> list:
+        """Committed events of the last `max_age_ms` (by the storage clock), newest last, from
+        memory: the hot tier."""
+        horizon = self.storage.clock() - max_age_ms
+        with self._hot_lock:
+            items = list(self._hot.get(agent_id, ()))
+        out = [e for e, t in items if t.done() and e.timestamp_ms >= horizon]
+        return out[-limit:]
+
+    def evict_hot(self, max_age_ms: int) -> int:
+        """Drop cached events older than the hot age (they stay in the warm tier)."""
+        horizon, dropped = self.storage.clock() - max_age_ms, 0
+        with self._hot_lock:
+            for recent in self._hot.values():
+                while recent and recent[0][0].timestamp_ms < horizon and recent[0][1].done():
+                    recent.popleft()
+                    dropped += 1
+        return dropped
+
+    def query(self, agent_id: str = '', start_ms: int = 0, end_ms: int = 2**63 - 1,
+              type: str = '', source: str = '', tag: str = '', limit: int = 100) -> list[dict]:
+        where, args = ['time_ms >= :s', 'time_ms <= :e'], {'s': int(start_ms), 'e': int(end_ms),
+                                                           'limit': max(0, int(limit))}
+        for column, value in (('agent_id', agent_id), ('type', type), ('source', source)):
+            if value:
+                where.append(f'{column} = :{column}')
+                args[column] = value
+        if tag:
+            where.append('exists (select 1 from json_each(tags) where value = :tag)')
+            args['tag'] = tag
+        rows = self.storage.query(
+            f'select agent_id, event_id, time_ms, type, source, tags, payload from episodes '
+            f'where {" and ".join(where)} order by time_ms, id limit :limit', args)
+        return [{**dict(r), 'tags': json.loads(r['tags'])} for r in rows]
+
+
+class FactStore:
+    """An agent's knowledge graph (subject, relation, object, provenance) and its fact vectors in
+    an exact faiss index rebuilt from the rows on open: SQLite stays the source of truth."""
+
+    def __init__(self, storage, agent_id: str, embedder):
+        self.storage, self.agent_id, self.embedder = storage, agent_id, embedder
+        rows = storage.query('select id, vector from facts where agent_id = ?', (agent_id,))
+        self.index = None
+        if rows:
+            vectors = np.stack([np.frombuffer(r['vector'], dtype=np.float32) for r in rows])
+            self._index(vectors.shape[1]).add_with_ids(
+                vectors, np.array([r['id'] for r in rows], dtype=np.int64))
+
+    def _index(self, dim: int):
+        if self.index is None:
+            self.index = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
+        elif self.index.d != dim:
+            raise StorageError(f'facts of {self.agent_id}: vectors of {dim} dimensions, the '
+                               f'index has {self.index.d}')
+        return self.index
+
+    @staticmethod
+    def text_of(subject: str, relation: str, obj: str) -> str:
+        return f'{subject} {relation.replace("_", " ")} {obj}'
+
+    def add(self, subject: str, relation: str, obj: str, provenance: str) -> tuple[int, Ticket]:
+        vector = np.asarray(self.embedder.embed([self.text_of(subject, relation, obj)])[0],
+                            dtype=np.float32)
+        fact_id = self.storage.next_id('facts')
+        ticket = self.storage.writer.execute(
+            'insert into facts (id, agent_id, subject, relation, object, provenance, time_ms, '
+            'vector) values (?, ?, ?, ?, ?, ?, ?, ?)',
+            (fact_id, self.agent_id, subject, relation, obj, provenance, self.storage.clock(),
+             vector.tobytes()))
+        self._index(vector.shape[0]).add_with_ids(vector[None, :], np.array([fact_id], np.int64))
+        return fact_id, ticket
+
+    def similar(self, query: str, k: int = 5) -> list[dict]:
+        """Facts whose meaning is closest to `query` (cosine similarity, best first)."""
+        if self.index is None or self.index.ntotal == 0:
+            return []
+        scores, ids = self.index.search(np.asarray(self.embedder.embed([query]), np.float32),
+                                        min(k, self.index.ntotal))
+        facts = {r['id']: r for r in self._facts([int(i) for i in ids[0] if i >= 0])}
+        return [{**facts[int(i)], 'score': float(s)} for s, i in zip(scores[0], ids[0])
+                if int(i) in facts]
+
+    def neighbourhood(self, entity: str, depth: int = 1) -> list[dict]:
+        """Facts reachable from `entity` through the graph within `depth` hops."""
+        seen, frontier, found = {entity}, {entity}, {}
+        for _ in range(depth):
+            if not frontier:
+                break
+            marks = ','.join('?' * len(frontier))
+            rows = self.storage.query(
+                f'select id, subject, relation, object, provenance from facts where agent_id = ? '
+                f'and (subject in ({marks}) or object in ({marks}))',
+                (self.agent_id, *frontier, *frontier))
+            frontier = set()
+            for row in rows:
+                found[row['id']] = dict(row)
+                for node in (row['subject'], row['object']):
+                    if node not in seen:
+                        seen.add(node)
+                        frontier.add(node)
+        return sorted(found.values(), key=lambda r: r['id'])
+
+    def _facts(self, ids: list[int]) -> list[dict]:
+        if not ids:
+            return []
+        return [dict(r) for r in self.storage.query(
+            f'select id, subject, relation, object, provenance from facts where id in '
+            f'({",".join("?" * len(ids))})', ids)]
+
+
+class RouterHistoryStore:
+    """The router's decisions and outcomes, its spend per budget period and running stats."""
+
+    def __init__(self, storage, budget_period_s: float):
+        self.storage, self.period_s = storage, float(budget_period_s)
+        self.routes = Counter({r['route']: r['n'] for r in storage.query(
+            'select route, count(*) as n from decisions group by route')})
+        self.outcomes = storage.query('select count(*) as n from outcomes')[0]['n']
+
+    def record_decision(self, decision_id: str, event_id: str, event_type: str, agent_id: str,
+                        privacy: int, route: str, rule: str, confidence: float,
+                        cloud_cost: float, local_confidence: float | None, payload_bytes: int,
+                        latency_budget_ms: float | None, now: float | None = None) -> Ticket:
+        self.routes[route] += 1
+        return self.storage.writer.execute(
+            'insert into decisions values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+            (decision_id, now or time.time(), event_id, event_type, agent_id, int(privacy), route,
+             rule, confidence, cloud_cost, local_confidence, payload_bytes,
+             None if latency_budget_ms == float('inf') else latency_budget_ms))
+
+    def record_outcome(self, decision_id: str, event_type: str, backend: str, latency_ms: float,
+                       cost: float, success: bool, confidence: float,
+                       now: float | None = None) -> Ticket:
+        self.outcomes += 1
+        return self.storage.writer.execute(
+            'insert into outcomes values (?, ?, ?, ?, ?, ?, ?, ?)',
+            (decision_id, now or time.time(), event_type, backend, latency_ms, cost,
+             int(success), confidence))
+
+    def spend(self, now: float | None = None) -> float:
+        now = now or time.time()
+        start = now - (now % self.period_s)
+        return float(self.storage.query('select coalesce(sum(cost), 0) as s from outcomes where '
+                                        'time >= ?', (start,))[0]['s'])
+
+    def backend_stats(self, event_type: str, backend: str) -> dict:
+        return dict(self.storage.query(
+            'select count(*) as n, avg(latency_ms) as latency_ms, avg(cost) as cost, '
+            'avg(success) as success_rate, avg(confidence) as confidence from outcomes '
+            'where event_type = ? and backend = ?', (event_type, backend))[0])
+
+    def training_rows(self) -> list[dict]:
+        return [dict(r) for r in self.storage.query(
+            'select d.event_type, d.privacy, d.local_confidence, d.payload_bytes, '
+            'd.latency_budget_ms, o.success as local_ok from decisions d join outcomes o '
+            "on o.decision_id = d.id where o.backend = 'local' and d.local_confidence is not null")]
+
+
+def _bounded(value, depth: int = 0):
+    """`value` with every string cut and nesting limited, so masking's cost is bounded."""
+    if isinstance(value, str):
+        return value[:MAX_AUDIT_CHARS]
+    if depth >= MAX_AUDIT_DEPTH:
+        return '<nested too deep>'
+    if isinstance(value, dict):
+        return {str(k)[:MAX_AUDIT_CHARS]: _bounded(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_bounded(v, depth + 1) for v in value]
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    return str(value)[:MAX_AUDIT_CHARS]
+
+
+class AuditStore:
+    """Append-only records (ts_ms, plugin, kind, fields): triggers refuse updates and deletes,
+    and the lifecycle never moves them. Secrets are masked before the file."""
+
+    def __init__(self, storage):
+        self.storage = storage
+
+    def append(self, plugin: str, kind: str, ts_ms: int | None = None,
+               **fields) -> tuple[int, Ticket]:
+        """(row id, Ticket); a caller that must fail closed waits on the ticket."""
+        if not kind or not isinstance(kind, str):
+            raise StorageError(f'audit record for {plugin!r} has no kind')
+        ts = int(ts_ms) if ts_ms is not None else self.storage.clock()
+        body = json.dumps(mask_value(_bounded(fields)), separators=(',', ':'), sort_keys=True,
+                          default=str)
+        row_id = self.storage.next_id('audit')
+        return row_id, self.storage.writer.execute(
+            'insert into audit (id, ts_ms, plugin, kind, fields) values (?, ?, ?, ?, ?)',
+            (row_id, ts, mask_text(str(plugin)[:MAX_AUDIT_CHARS]),
+             mask_text(kind[:MAX_AUDIT_CHARS]), body))
+
+    def query(self, plugin: str = '', kind: str = '', since_ms: int = 0,
+              until_ms: int = 2**63 - 1, limit: int = 1000) -> list[dict]:
+        where, args = ['ts_ms >= :s', 'ts_ms <= :u'], {'s': since_ms, 'u': until_ms,
+                                                        'limit': int(limit)}
+        if plugin:
+            where.append('plugin = :plugin')
+            args['plugin'] = plugin
+        if kind:
+            where.append('kind = :kind')
+            args['kind'] = kind
+        rows = self.storage.query(f'select id, ts_ms, plugin, kind, fields from audit where '
+                                  f'{" and ".join(where)} order by ts_ms, id limit :limit', args)
+        return [{**dict(r), 'fields': json.loads(r['fields'])} for r in rows]

@@ -1,0 +1,219 @@
+"""Group commit: one writer thread per database batches the writes of every caller in the process
+(agents' state and episodes, router history, audit) into shared transactions, at most
+`max_delay_s` after the first write of a batch waited. A write counts as stored only once its
+Ticket says so (`wait()` returns): the transaction holding it committed, so a SIGKILL after that
+cannot lose it; one before it loses the whole batch, never part of one write.
+
+Writes are (sql, params) operations; one submit is atomic (all its operations or none). In a
+batch, operations with the same SQL run as one executemany in submission order; a submit marked
+`barrier=True` (a delete, anything whose effect depends on order across statements) runs after
+everything submitted before it. If a batch fails for one bad write (a constraint), the batch is
+re-run with a savepoint per submit, so only that submit fails. A full disk (or budget) fails the
+batch with StorageFullError and commits nothing of it.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from loom_ros.storage.errors import StorageError, StorageFullError, is_full
+
+Op = tuple[str, Sequence]
+
+
+class _Batch:
+    __slots__ = ('done', 'error', 'errors', 'committed_at')
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.errors: dict[int, BaseException] = {}
+        self.committed_at = 0.0
+
+
+class Ticket:
+    """What a submit returns: `wait()` returns once the write is committed, or raises why not."""
+
+    __slots__ = ('_batch', '_index')
+
+    def __init__(self, batch: _Batch, index: int):
+        self._batch, self._index = batch, index
+
+    def done(self) -> bool:
+        return self._batch.done.is_set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        batch = self._batch
+        if not batch.done.wait(timeout):
+            raise TimeoutError(f'write not committed within {timeout} s')
+        error = batch.errors.get(self._index) or batch.error
+        if error is not None:
+            raise error
+
+
+class GroupCommitWriter:
+    """The single writer of one SQLite connection (which it owns from start() on)."""
+
+    def __init__(self, conn: sqlite3.Connection, name: str = 'storage', max_delay_s: float = 0.002,
+                 max_batch: int = 20000, on_commit: Callable[[int, float], None] | None = None,
+                 gate: Callable[[], None] | None = None):
+        self.conn, self.name = conn, name
+        self.max_delay_s, self.max_batch = max(0.0, float(max_delay_s)), max(1, int(max_batch))
+        self.on_commit = on_commit       # (writes, seconds) after each committed batch
+        self.gate = gate                 # raises StorageFullError when writes must stop
+        self._lock = threading.Lock()
+        self._work = threading.Event()
+        self._room = threading.Condition(self._lock)
+        self._pending: list = []
+        self._batch = _Batch()
+        self._inflight = _Batch()
+        self._inflight.done.set()
+        self._closed = False
+        self.batches = self.writes = self.failed = 0
+        self._thread = threading.Thread(target=self._run, name=f'{name}-writer', daemon=True)
+        self._thread.start()
+
+    # -- submitting ------------------------------------------------------------------------------
+    def submit(self, ops: Sequence[Op], barrier: bool = False) -> Ticket:
+        """Queue `ops` (one atomic write); returns its Ticket. Blocks while max_batch writes are
+        already queued (backpressure instead of unbounded memory)."""
+        with self._lock:
+            if self._closed:
+                raise StorageError(f'{self.name}: the writer is closed')
+            while len(self._pending) >= self.max_batch:
+                self._room.wait()
+            pending = self._pending
+            pending.append((ops, barrier))
+            ticket = Ticket(self._batch, len(pending) - 1)
+        if len(pending) == 1:
+            self._work.set()
+        return ticket
+
+    def execute(self, sql: str, params: Sequence = ()) -> Ticket:
+        return self.submit(((sql, params),))
+
+    def flush(self, timeout: float | None = 30.0) -> None:
+        """Wait until everything submitted so far is committed (errors are the writes' own)."""
+        with self._lock:
+            batch = self._batch if self._pending else self._inflight
+        if not batch.done.wait(timeout):
+            raise TimeoutError(f'{self.name}: writes not committed within {timeout} s')
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._work.set()
+        self._thread.join(timeout)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    # -- the writer thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            self._work.wait()
+            if self.max_delay_s and not self._closed:
+                time.sleep(self.max_delay_s)     # let the batch fill
+            with self._lock:
+                items, batch = self._pending, self._batch
+                self._pending, self._batch = [], _Batch()
+                if items:
+                    self._inflight = batch
+                self._work.clear()
+                self._room.notify_all()
+                closed = self._closed
+            if items:
+                self._commit(items, batch)
+            if closed and not items:
+                return
+
+    def _commit(self, items: list, batch: _Batch) -> None:
+        started = time.perf_counter()
+        try:
+            if self.gate is not None:
+                self.gate()
+            self._run_batch(items, savepoints=False)
+        except Exception as exc:   # noqa: BLE001 - every failure is handed to the tickets
+            self._rollback()
+            if is_full(exc) or isinstance(exc, StorageFullError):
+                batch.error = exc if isinstance(exc, StorageFullError) else StorageFullError(
+                    f'{self.name}: disk or budget full: {exc}; nothing of this batch was stored')
+            elif isinstance(exc, sqlite3.Error) and len(items) > 1:
+                try:   # isolate the bad write: one savepoint per submit
+                    self._run_batch(items, savepoints=True, errors=batch.errors)
+                except Exception as again:   # noqa: BLE001
+                    self._rollback()
+                    batch.errors.clear()
+                    batch.error = self._wrap(again)
+            else:
+                batch.error = self._wrap(exc)
+        if batch.error is None:
+            self.batches += 1
+            self.writes += len(items) - len(batch.errors)
+            self.failed += len(batch.errors)
+            if self.on_commit is not None:
+                self.on_commit(len(items), time.perf_counter() - started)
+        else:
+            self.failed += len(items)
+        batch.committed_at = time.perf_counter()
+        batch.done.set()
+
+    def _wrap(self, exc: BaseException) -> StorageError:
+        if isinstance(exc, StorageError):
+            return exc
+        if is_full(exc):
+            return StorageFullError(f'{self.name}: disk or budget full: {exc}')
+        return StorageError(f'{self.name}: write failed: {exc}')
+
+    def _rollback(self) -> None:
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute('ROLLBACK')
+        except sqlite3.Error:
+            pass
+
+    def _run_batch(self, items: list, savepoints: bool, errors: dict | None = None) -> None:
+        conn = self.conn
+        conn.execute('BEGIN IMMEDIATE')
+        if savepoints:
+            for index, (ops, _barrier) in enumerate(items):
+                conn.execute('SAVEPOINT w')
+                try:
+                    for sql, params in ops:
+                        conn.execute(sql, params)
+                    conn.execute('RELEASE w')
+                except sqlite3.Error as exc:
+                    if is_full(exc):
+                        raise
+                    conn.execute('ROLLBACK TO w')
+                    conn.execute('RELEASE w')
+                    errors[index] = self._wrap(exc)
+        else:
+            groups: dict[str, list] = {}
+            for ops, barrier in items:
+                if barrier:
+                    self._flush_groups(groups)
+                    for sql, params in ops:
+                        conn.execute(sql, params)
+                    continue
+                for sql, params in ops:
+                    group = groups.get(sql)
+                    if group is None:
+                        groups[sql] = [params]
+                    else:
+                        group.append(params)
+            self._flush_groups(groups)
+        conn.execute('COMMIT')
+
+    def _flush_groups(self, groups: dict) -> None:
+        for sql, rows in groups.items():
+            if len(rows) == 1:
+                self.conn.execute(sql, rows[0])
+            else:
+                self.conn.executemany(sql, rows)
+        groups.clear()
