@@ -8,7 +8,13 @@ deactivate stops delivery, handles what the mailboxes already accepted, commits;
 cleanup / shutdown commit and release.
 Events go: bus subscription -> mailbox (priority, then arrival; bounded) -> dispatcher worker ->
 behavior.handle -> state committed per event (or per interval) -> actions and intents on
-agent.<id>.action / agent.<id>.intent. Every heartbeat period each agent's AgentStatus goes out on
+agent.<id>.action / agent.<id>.intent.
+Behaviors reach the router, the plugins and the cloud through the ports this node injects into
+their AgentContext (made on configure, released on cleanup): in-process objects when the router
+or a plugin runs in this process, else clients of `router/route` and the plugin host's services
+on this very node (answered by its executor: see agents/flows/link.py for the threads), and one
+cloud link (Zenoh session + CloudClient) per distinct cloud the agents' settings name
+(agents/flows/cloud.py). Every heartbeat period each agent's AgentStatus goes out on
 loom/agents/heartbeat for the lifecycle manager.
 A behavior that raises is counted and logged and the agent goes on; an agent whose state cannot
 be persisted (disk full) leaves `active` (alone, when hosted with others), so nothing
@@ -24,13 +30,15 @@ import sys
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from loom_ros.agents.config import AgentConfigError, load_agents
-from loom_ros.agents.flows.link import FlowLink
+from loom_ros.agents.flows.cloud import CloudLink, CloudSettings
+from loom_ros.agents.flows.link import NodePorts
 from loom_ros.agents.runtime import CONFIGURE_ERRORS, Agent, AgentState, Dispatcher
 from loom_ros.agents.supervisor import LOCAL_BEATS, BeatSigner, process_key
 from loom_ros.bus import topics
 from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.executor import run_lifecycle_node
+from loom_ros.bridge.zenoh_link import INSECURE_WARNING
 from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
 from loom_ros.config.paths import usable_dir
@@ -63,12 +71,19 @@ def _percentile(values, q: float) -> float:
     return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
 
 
+RECALL_WAIT_S = 2.0   # how long Recall waits for an agent's handler to finish
+
+
 class AgentNode(LifecycleNode):
 
     def __init__(self, agent_id: str | None = None, heartbeat_key: bytes | None = None,
-                 **kwargs):
+                 router=None, local_plugins=None, **kwargs):
         """`heartbeat_key`: the secret heartbeats are signed with; by default the one a spawning
-        manager put in the environment, else this process's own (a manager in this process)."""
+        manager put in the environment, else this process's own (a manager in this process).
+        `router`: an in-process RouterPort (router.local.LocalRouter) when the router runs in
+        this process, else the behaviors route through the `router/route` service.
+        `local_plugins`: the {name: handle} lookup of in-process plugins (by default
+        plugins.registry.local_plugins, where a plugin host in this process registers)."""
         overrides = kwargs.pop('parameter_overrides', [])
         name = kwargs.pop('node_name', None) or (f'agent_{agent_id}' if agent_id else 'agent')
         super().__init__(name, parameter_overrides=overrides, **kwargs)
@@ -84,6 +99,9 @@ class AgentNode(LifecycleNode):
         self._beat_turn = 0
         self._signer = BeatSigner(heartbeat_key or process_key())
         self._audit: AuditLog | None = None
+        self._router, self._local_plugins = router, local_plugins
+        self.ports: NodePorts | None = None            # made on configure, closed on cleanup
+        self.clouds: dict[CloudSettings, CloudLink] = {}
         from loom_msgs.msg import AgentStatus
         self._status_type = AgentStatus
         self._heartbeat_pub = self.create_publisher(
@@ -119,18 +137,23 @@ class AgentNode(LifecycleNode):
             self.get_logger().error(f'cannot configure: {exc}')
             return TransitionCallbackReturn.FAILURE
         self.dispatcher = Dispatcher(int(self.params['workers']), name=self.get_name())
+        self.ports = NodePorts(self, self._router, self._local_plugins)
         from loom_msgs.srv import Recall
         for agent_id in wanted:
-            agent = Agent(configs[agent_id], self.params['state_dir'], self._emit,
-                          max_bytes=int(self.params['state_max_mb'] * 2**20), log=self._log,
-                          audit=self._audit_log(configs[agent_id]))
             try:
+                ports = self.ports.for_agent(self._cloud_for(configs[agent_id]))
+                agent = Agent(configs[agent_id], self.params['state_dir'], self._emit,
+                              max_bytes=int(self.params['state_max_mb'] * 2**20), log=self._log,
+                              audit=self._audit_log(configs[agent_id]), ports=ports)
                 agent.configure()
             except (*CONFIGURE_ERRORS, OSError, sqlite3.Error) as exc:
                 self.failed[agent_id] = str(exc)
                 self.get_logger().error(f'agent {agent_id}: cannot configure: {exc}')
                 continue
             self.agents[agent_id] = agent
+            # The service clients of the plugins it calls, made here on the executor's thread
+            # rather than by a worker at its first event.
+            self.ports.plugins.prepare(getattr(agent.behavior, 'plugins', ()))
             name = f'~/{agent_id}/recall' if self.hosted else '~/recall'
             self._recall_services.append(self.create_service(
                 Recall, name, lambda req, resp, a=agent: self._on_recall(a, req, resp)))
@@ -152,7 +175,23 @@ class AgentNode(LifecycleNode):
                                    f'{", ".join(configs) or "none"})')
         return wanted
 
+    def _cloud_for(self, config):
+        """The host's cloud link for the cloud this agent's settings name (made and started
+        once per distinct cloud), or None; AgentConfigError for bad settings."""
+        settings = CloudSettings.of(config.id, dict(config.settings))
+        if settings is None:
+            return None
+        link = self.clouds.get(settings)
+        if link is None:
+            if settings.insecure:
+                self.get_logger().warning(f'cloud link: {INSECURE_WARNING}')
+            link = self.clouds[settings] = CloudLink(settings, log=self._log)
+            link.start()
+        return link
+
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.ports is not None:
+            self.ports.gate.open()
         for agent in self.agents.values():
             if agent.lifecycle is AgentState.INACTIVE and agent.persist_failed is None:
                 agent.activate()
@@ -164,18 +203,24 @@ class AgentNode(LifecycleNode):
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._close_gate()   # before draining here, on the executor's thread
         self._stop_delivery()
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._close_gate()
         self._stop_delivery()
         self._release()
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        result = self.on_cleanup(state)
-        FlowLink.close_shared()   # the behaviors' link to router and plugins, if one was made
-        return result
+        return self.on_cleanup(state)
+
+    def _close_gate(self) -> None:
+        """End every wait for a service answer and refuse new ones: what is drained on the
+        executor's thread must not wait for an answer only that thread can take."""
+        if self.ports is not None:
+            self.ports.gate.close()
 
     def _stop_delivery(self) -> None:
         for sub in self._subs:
@@ -198,6 +243,12 @@ class AgentNode(LifecycleNode):
         if self._audit is not None:
             self._audit.close()
             self._audit = None
+        if self.ports is not None:
+            self.ports.close()
+            self.ports = None
+        for link in self.clouds.values():
+            link.close()
+        self.clouds = {}
 
     # -- on the executor thread ---------------------------------------------------------------
     def _beat(self) -> None:
@@ -269,6 +320,13 @@ class AgentNode(LifecycleNode):
         return msg
 
     def _on_recall(self, agent: Agent, req, resp):
+        # On the executor's thread: never wait for a handler that waits for a service answer
+        # (only this thread can take it).
+        ports = self.ports
+        if not agent.acquire(RECALL_WAIT_S, lambda: ports is not None and ports.gate.waiting > 0):
+            resp.ok, resp.error = False, (f'agent {agent.id} is busy handling an event; '
+                                          'ask again')
+            return resp
         try:
             results = agent.recall(req.mode, start_ms=req.start_ms, end_ms=req.end_ms,
                                    type=req.type, source=req.source, tag=req.tag,
@@ -276,6 +334,8 @@ class AgentNode(LifecycleNode):
         except ValueError as exc:
             resp.ok, resp.error = False, str(exc)
             return resp
+        finally:
+            agent.lock.release()
         resp.ok, resp.results = True, [json.dumps(r) for r in results]
         return resp
 

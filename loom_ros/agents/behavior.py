@@ -1,5 +1,14 @@
-"""The behavior protocol agents run, and how behaviors are found (entry point group
-`loom.behaviors`, so a third party adds an agent type by installing a package)."""
+"""The behavior protocol agents run, the ports a behavior reaches the rest of Loom through, and
+how behaviors are found (entry point group `loom.behaviors`, so a third party adds an agent type
+by installing a package).
+
+Ports: a behavior routes an event (`ctx.route`), calls a plugin (`ctx.call`), asks the cloud
+(`ctx.cloud()`), reports an executed route's outcome (`ctx.report`) and emits (`ctx.action`,
+`ctx.intent`) through its AgentContext only. Whoever hosts the agent injects the ports: the
+agent node gives in-process objects when the router or plugin lives in its process and service
+clients on its own node otherwise (agents/flows/link.py); a test gives in-process ones. So a
+behavior opens no node, no session and no connection of its own, and runs without ROS.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -9,9 +18,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from loom_ros.bus.event import Event, Privacy
+from loom_ros.bus.privacy import effective_privacy
+from loom_ros.plugins.contract import PluginResponse
+
+if TYPE_CHECKING:   # the ports' data types; imported where used, to keep this module light
+    from loom_ros.cloud.client import CloudClient
+    from loom_ros.router.history import Outcome
+    from loom_ros.router.local import RouteAnswer, RouteQuery
 
 ENTRY_POINT_GROUP = 'loom.behaviors'
 
@@ -20,12 +36,82 @@ class BehaviorNotFound(LookupError):
     """An unknown behavior name; says which ones are installed."""
 
 
+class PortError(RuntimeError):
+    """A port could not do what a behavior asked (router unreachable or refusing, host
+    stopping, nothing wired); says which and why. The runtime counts it as a behavior error."""
+
+
+class RouterPort(Protocol):
+    """The router: a decision per event, and the outcomes of executed routes (it learns)."""
+
+    def route(self, query: 'RouteQuery') -> 'RouteAnswer': ...
+
+    def report(self, outcome: 'Outcome') -> None: ...
+
+
+class PluginPort(Protocol):
+    """The plugins: one event into plugin `name`; failures come back as a failed response."""
+
+    def call(self, name: str, event: Event) -> PluginResponse: ...
+
+
+class CloudPort(Protocol):
+    """The host's cloud client: (client, '') when one is connected, else (None, why)."""
+
+    def client(self) -> 'tuple[CloudClient | None, str]': ...
+
+
+class _Unwired:
+    """A port nobody wired: says so on use (a behavior that needs it fails with the reason)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def route(self, query) -> 'RouteAnswer':
+        raise PortError(f'no {self.what} port: this agent was given no router')
+
+    def report(self, outcome) -> None:
+        pass   # nobody to learn from it
+
+    def call(self, name: str, event: Event) -> PluginResponse:
+        return PluginResponse.failure(f'no {self.what} port: this agent was given no plugins '
+                                      f'(asked for {name!r})')
+
+    def client(self):
+        return None, 'no cloud configured for this agent'
+
+
+class InProcessPlugins:
+    """Plugins in this process: `lookup()` gives {name: handle with handle_event}, e.g. a
+    PluginHost's `handles` or plugins.registry.local_plugins."""
+
+    def __init__(self, lookup):
+        self._lookup = lookup if callable(lookup) else (lambda: lookup)
+
+    def call(self, name: str, event: Event) -> PluginResponse:
+        handle = self._lookup().get(name)
+        if handle is None:
+            return PluginResponse.failure(f'no plugin {name!r} runs in this process')
+        return handle.handle_event(event)
+
+
+@dataclass(frozen=True)
+class Ports:
+    """What an agent's behavior reaches beyond its own state; unwired ones say so on use."""
+
+    router: RouterPort = field(default_factory=lambda: _Unwired('router'))
+    plugins: PluginPort = field(default_factory=lambda: _Unwired('plugin'))
+    cloud: CloudPort = field(default_factory=lambda: _Unwired('cloud'))
+
+
 class Behavior(Protocol):
     """What an agent type implements. `handle` may be a plain or an async function.
 
     `setup` is called once on configure with the agent's settings; `handle` once per event, with
     a context that gives the persisted state (a dict, committed after each handled event), the
-    working memory, and `emit` for actions and intents.
+    working memory, `emit` for actions and intents, and the ports (route, call, cloud, report).
+    A behavior may list the plugins it calls in a `plugins` attribute after setup, so a host can
+    prepare its service clients before the first event.
     """
 
     def setup(self, settings: dict) -> None: ...
@@ -44,6 +130,33 @@ class AgentContext:
     settings: dict = field(default_factory=dict)
     episodic: object = None   # agents.memory.EpisodicMemory (every handled event is recorded)
     semantic: object = None   # agents.memory.SemanticMemory, when the agent enables it
+    ports: Ports = field(default_factory=Ports)
+
+    # -- ports --------------------------------------------------------------------------------
+    def route(self, event: Event, event_type: str, *, confidence: float | None = None,
+              latency_budget_ms: float | None = None,
+              local_supported: bool = True) -> 'RouteAnswer':
+        """The router's decision for `event` (as `event_type`), with the local confidence when
+        the behavior has one; its privacy is the event's effective privacy. PortError (or the
+        router core's RequestError) when there is no decision."""
+        from loom_ros.router.local import RouteQuery
+        return self.ports.router.route(RouteQuery(
+            event_id=event.id, event_type=event_type, agent_id=self.agent_id,
+            privacy=effective_privacy(event), local_confidence=confidence,
+            latency_budget_ms=latency_budget_ms, local_supported=local_supported,
+            payload_bytes=len(event.payload)))
+
+    def report(self, outcome: 'Outcome') -> None:
+        """An executed route's outcome, for the router (cloud.client.execute_route's `report`)."""
+        self.ports.router.report(outcome)
+
+    def call(self, plugin: str, event: Event) -> PluginResponse:
+        """One event into plugin `plugin`; every failure is a failed response that says why."""
+        return self.ports.plugins.call(plugin, event)
+
+    def cloud(self) -> 'tuple[CloudClient | None, str]':
+        """The host's cloud client, or None and why (Hybrid and Cloud routes then run local)."""
+        return self.ports.cloud.client()
 
     def action(self, type: str, data: dict, privacy: Privacy | None = None) -> None:
         self.emit('action', type, data, privacy)

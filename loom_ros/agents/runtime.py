@@ -20,7 +20,9 @@ from collections import Counter, deque
 from collections.abc import Callable
 from enum import Enum
 
-from loom_ros.agents.behavior import AgentContext, BehaviorNotFound, load_behavior, run_handler
+from loom_ros.agents.behavior import (
+    AgentContext, BehaviorNotFound, Ports, load_behavior, run_handler,
+)
 from loom_ros.agents.config import AgentConfig, AgentConfigError, DeclassifyRule
 from loom_ros.agents.embedding import ModelError
 from loom_ros.agents.mailbox import Mailbox
@@ -62,8 +64,12 @@ class Agent:
 
     def __init__(self, config: AgentConfig, state_dir: str, emit: Emit, *, max_bytes: int = 0,
                  embedder_factory: Callable[[], object] | None = None,
-                 log: Callable[[str, str], None] | None = None, audit: Audit | None = None):
+                 log: Callable[[str, str], None] | None = None, audit: Audit | None = None,
+                 ports: Ports | None = None):
+        """`ports`: what the behavior routes, calls plugins and asks the cloud through (the
+        host's to build and to release); none wired by default."""
         self.config = config
+        self.ports = ports or Ports()
         self._audit = audit   # needed only when the config declares declassify rules
         self._rules = {(r.kind, r.type): r for r in config.declassify}
         self._floor: Privacy | None = None   # the privacy of the event being handled
@@ -115,7 +121,8 @@ class Agent:
         self.events = events
         self.persist_failed = None
         self._ctx = AgentContext(self.id, self.state, self.working, self._emit,
-                                 dict(self.config.settings), self.episodic, self.semantic)
+                                 dict(self.config.settings), self.episodic, self.semantic,
+                                 self.ports)
         # Write once now: SQLite creates the WAL and shared-memory files on the first write,
         # which cost the first event ~0.4 ms per agent (40 ms of queueing for 100 agents).
         if not self.commit():
@@ -281,6 +288,17 @@ class Agent:
     def busy_ms(self) -> float:
         since = self.busy_since_ns
         return (time.monotonic_ns() - since) / 1e6 if since else 0.0
+
+    def acquire(self, limit_s: float, give_up: Callable[[], bool] = lambda: False,
+                step_s: float = 0.02) -> bool:
+        """Take the agent's lock within `limit_s`, or at once False when `give_up()` says the
+        holder waits on something only the caller's thread can deliver (a shell's executor
+        thread must not block on a handler that waits for a service answer it would spin)."""
+        deadline = time.monotonic() + limit_s
+        while not self.lock.acquire(timeout=step_s):
+            if give_up() or time.monotonic() >= deadline:
+                return False
+        return True
 
     def recall(self, mode: str, *, start_ms: int = 0, end_ms: int = 0, type: str = '',
                source: str = '', tag: str = '', query: str = '', k: int = 0,

@@ -1,42 +1,74 @@
-"""The flow behaviors' link to the router and the plugins (agents/flows/link.py) in an agent
-process started the way the lifecycle manager starts one (`-r __node:=agent_host_0`):
-issue 15, faults 1 and 2. The link keeps its own node name (the remap renamed it too: two
-/agent_host_0 in the graph), and the process stops cleanly on Ctrl-C (it aborted with
-"terminate called without an active exception": nothing closed the link's executor thread)."""
+"""The agent node's ports across processes: the face agent, started the way the lifecycle
+manager starts an agent host (`-r __node:=agent_host_0`), reaches the router and the
+face_expression plugin in their own processes through service clients on its own node (no
+hidden node: issue 15, fault 2, gave two /agent_host_0), and the camera frame becomes the happy
+emoji decided by the router. Ctrl-C then stops it at once and cleanly (fault 1: it aborted, or
+took 20 s and segfaulted, with the old per-process link node and its executor thread)."""
 import signal
+import time
+
+import numpy as np
+import skimage.data
+from PIL import Image
 
 from rclpy.node import Node
 
 from loom_ros.bus.bus import EventBus
-from loom_ros.bus.event import Event
+from loom_ros.plugins.perception.image import frame_event
+
+NS = '/fl'
 
 
-def test_agent_with_a_flow_link_has_one_node_per_name_and_stops_cleanly_on_sigint(
+def test_face_agent_reaches_router_and_plugin_host_through_its_own_node_and_stops_on_sigint(
         ros, spawn, tmp_path):
-    proc = spawn('-m', 'loom_ros.agents.agent_node', '--ros-args', '-r', '__ns:=/fl',
-                 '-r', '__node:=agent_host_0', '-p', 'agent_id:=face',
-                 '-p', f'state_dir:={tmp_path}')
-    pid = proc.popen.pid
-    link = ('flow_link_' + str(pid), '/fl')
-    node = Node('fl_camera', namespace='/fl', context=ros.node.context)
+    ros_args = ['--ros-args', '-r', f'__ns:={NS}']
+    router = spawn('-m', 'loom_ros.router.router_node', *ros_args,
+                   '-p', f'history_db:={tmp_path / "router.db"}')
+    plugins = spawn('-m', 'loom_ros.plugins.host_node', *ros_args,
+                    '-p', 'plugins:=face_expression', '-p', f'audit_db:={tmp_path / "audit.db"}',
+                    '-p', f'data_dir:={tmp_path / "plugins"}')
+    agent = spawn('-m', 'loom_ros.agents.agent_node', *ros_args, '-r', '__node:=agent_host_0',
+                  '-p', 'agent_id:=face', '-p', f'state_dir:={tmp_path / "agents"}')
+    procs = [router, plugins, agent]
+    node = Node('fl_camera', namespace=NS, context=ros.node.context)
     camera = EventBus(node)
     ros.executor.add_node(node)
+    shown = []
+    camera.subscribe('agent.face.action', lambda e, _t: shown.append(e.json()))
+    photo = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((640, 480)))
+    last = [0.0]
+
+    def send_frame():   # five frames a second until the agent answers one
+        if time.monotonic() - last[0] >= 0.2:
+            last[0] = time.monotonic()
+            camera.publish('camera.front', frame_event(photo, type='camera.front',
+                                                       encoding='bgr8'), 'realtime')
     try:
         out = camera.publisher_for('camera.front', 'realtime')
-        ros.wait_for(lambda: out.get_subscription_count() >= 1, 'the face agent', alive=[proc])
-        # A frame makes the face behavior open its link (no router or plugin host runs here:
-        # the call times out and is counted as a behavior error; the link stays).
-        ros.wait_for(lambda: link in ros.node.get_node_names_and_namespaces(),
-                     'the flow link node', alive=[proc],
-                     spin=lambda: camera.publish('camera.front', Event(type='frame'),
-                                                 'realtime'))
+        ros.wait_for(lambda: out.get_subscription_count() >= 1, 'the face agent', alive=procs)
+        ros.wait_for(lambda: any(s.get('label') == 'happy' for s in shown),
+                     'the happy emoji from the agent', limit=120, alive=procs, spin=send_frame)
+        happy = next(s for s in shown if s.get('label') == 'happy')
+        assert happy['emoji'] == '😀' and happy['route'] == 'local'
+        assert happy['rule'] == 'threshold'
         names = ros.node.get_node_names_and_namespaces()
-        assert names.count(('agent_host_0', '/fl')) == 1, names
+        ours = sorted(name for name, ns in names if ns == NS)
+        assert ours == ['agent_host_0', 'fl_camera', 'plugin_host', 'router'], names
+        clients = {name for name, _types in
+                   ros.node.get_client_names_and_types_by_node('agent_host_0', NS)}
+        assert {f'{NS}/router/route', f'{NS}/plugin_host/face_expression/handle_event'} <= \
+            clients, clients
     finally:
         ros.executor.remove_node(node)
         camera.destroy()
         node.destroy_node()
-    proc.popen.send_signal(signal.SIGINT)
-    code, _out, err = proc.finish()
+    started = time.monotonic()
+    agent.popen.send_signal(signal.SIGINT)
+    code, _out, err = agent.finish()
     assert code == 0, err[-3000:]
     assert 'terminate called' not in err and 'Fatal Python error' not in err, err[-3000:]
+    # Frames may still be in its mailbox: the ports' waits end at once, so no 5 s call per frame.
+    assert time.monotonic() - started < 15.0, err[-3000:]
+    for proc in (router, plugins):
+        proc.popen.send_signal(signal.SIGINT)
+        assert proc.finish()[0] == 0

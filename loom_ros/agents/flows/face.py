@@ -6,14 +6,14 @@ when privacy allows and the confidence clears the threshold; the decision's rule
 kept) -> `ui_update {emoji, label}` on agent.face.action, which the `ui` plugin shows on
 loom/ui/state and as an rviz marker. The update carries `frame_ms` (the camera stamp), so anyone
 reading loom/ui/state can measure camera-to-emoji latency.
-Settings: `plugin` (face_expression), `event_type` for the router (face.detected), `min_interval_ms`
+Ports (AgentContext): the plugin, the router. Settings: `plugin` (face_expression), `event_type` for the router (face.detected), `min_interval_ms`
 (skip frames arriving faster; 0: none), `emojis` (label -> emoji overrides).
 """
 from __future__ import annotations
 
 import time
 
-from loom_ros.agents.flows.link import FlowError, FlowLink
+from loom_ros.agents.behavior import PortError
 from loom_ros.bus.event import Event
 from loom_ros.telemetry import tracing
 
@@ -29,6 +29,7 @@ class FaceBehavior:
         self.event_type = str(settings.get('event_type', 'face.detected'))
         self.min_interval_ms = float(settings.get('min_interval_ms', 0))
         self.emojis = {**EMOJIS, **dict(settings.get('emojis', {}))}
+        self.plugins = (self.plugin,)   # what the host prepares a client for
         self._last_frame = 0.0
         self._showing = None
 
@@ -44,12 +45,11 @@ class FaceBehavior:
             ctx.state['skipped'] = ctx.state.get('skipped', 0) + 1
             return
         self._last_frame = now
-        link = FlowLink.shared()
         with tracing.span(tracing.LOCAL_INFERENCE, attributes={'loom.plugin': self.plugin}):
-            response = link.plugin(self.plugin).handle_event(event)
+            response = ctx.call(self.plugin, event)
         if not response.ok:
             ctx.state['plugin_errors'] = ctx.state.get('plugin_errors', 0) + 1
-            raise FlowError(f'{self.plugin} failed on frame {event.id}: {response.error}')
+            raise PortError(f'{self.plugin} failed on frame {event.id}: {response.error}')
         ctx.state['frames'] = ctx.state.get('frames', 0) + 1
         if not response.events:   # nobody in view
             if self._showing != NO_FACE:
@@ -62,8 +62,7 @@ class FaceBehavior:
                     'frame_ms': event.timestamp_ms, 'source_event': event.id})
             return
         result = response.events[0].json()
-        decision = link.route(event, self.event_type, ctx.agent_id,
-                              confidence=float(result['confidence']))
+        decision = ctx.route(event, self.event_type, confidence=float(result['confidence']))
         routes = ctx.state.setdefault('routes', {})
         routes[decision.route] = routes.get(decision.route, 0) + 1
         ctx.state['last_reason'] = f'{decision.rule}: {decision.reason}'

@@ -1,127 +1,229 @@
-"""What a flow behavior needs beyond its AgentContext: the router's `router/route` service, the
-plugins (in-process handle, else the plugin host's services), and `router/outcomes`.
+"""The agent node's ports to the router and the plugins over ROS: service clients and the
+outcomes publisher made on the agent node itself (no node of their own), plugins called
+in-process when a host in this process runs them.
 
-A behavior runs on a dispatcher worker thread and has no node of its own, so the process gets one
-small node (`flow_link_<pid>`) with its own executor on a daemon thread: calls block the worker
-(never an executor), answers arrive on that thread. The node takes the process's namespace
-remapping, so it finds `router/route` and `/<ns>/plugin_host/...` beside the agents.
+Threads: a behavior runs on a dispatcher worker and blocks there until the answer comes; the
+answer is taken by the agent node's executor, on its own thread. So nothing that the executor
+runs may wait for a handler that waits for an answer: before a transition drains the mailboxes
+on the executor thread the node closes the `Gate`, which ends the waits at once (they fail with
+the reason) and refuses new calls until the node is active again; the Recall service gives up
+on an agent whose handler is waiting (`waiting`).
 """
 from __future__ import annotations
 
-import os
+import re
 import threading
 
+from rclpy.exceptions import NameValidationException
+
+from loom_ros.agents.behavior import InProcessPlugins, PortError, Ports
 from loom_ros.bus.event import Event, Privacy
-from loom_ros.bus.privacy import effective_privacy
+from loom_ros.plugins.contract import PluginResponse
+from loom_ros.plugins.registry import local_plugins as registry_plugins
+from loom_ros.plugins.registry import response_from_msg
+from loom_ros.router.local import RouteAnswer, RouteQuery
 from loom_ros.telemetry import tracing
 
 PRIVACY_CODES = {Privacy.PUBLIC: 0, Privacy.SENSITIVE: 1, Privacy.PRIVATE: 2,
                  Privacy.LOCAL_ONLY: 3}
+CALL_TIMEOUT_S = 5.0         # for the service to appear, then again for its answer
+POLL_S = 0.05                # how often a wait for a service looks again (and at the gate)
+MAX_PLUGIN_CLIENTS = 64      # distinct plugin names one node makes clients for
+PLUGIN_NAME = re.compile(r'[A-Za-z](?:_?[A-Za-z0-9])*')   # as plugin hosts accept (ROS names)
+
+FlowError = PortError   # the name the flows used before the ports (kept for imports)
 
 
-class FlowError(RuntimeError):
-    """The router or a plugin could not be reached or refused the request; says which and why."""
+class Gate:
+    """Open while the node may wait for answers; closing wakes every waiter at once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open = False
+        self._waiters: set[threading.Event] = set()
+        self.waiting = 0   # calls waiting for an answer right now
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def open(self) -> None:
+        with self._lock:
+            self._open = True
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
+            waiters = list(self._waiters)
+        for done in waiters:
+            done.set()
+
+    def call(self, client, request, timeout_s: float, why_closed: str):
+        """(response, '') or (None, why): waits for the service (at most `timeout_s`), then for
+        the answer (at most `timeout_s` again), and gives up as soon as the gate closes."""
+        done = threading.Event()
+        with self._lock:
+            if not self._open:
+                return None, why_closed
+            self._waiters.add(done)
+            self.waiting += 1
+        try:
+            waited = 0.0
+            while not client.service_is_ready():
+                if done.wait(POLL_S) or not self._open:
+                    return None, why_closed
+                waited += POLL_S
+                if waited >= timeout_s:
+                    return None, f'service {client.srv_name} is not available'
+            future = client.call_async(request)
+            future.add_done_callback(lambda _f: done.set())
+            done.wait(timeout_s)
+            if future.done() and future.exception() is None:
+                return future.result(), ''
+            client.remove_pending_request(future)
+            if not self._open:
+                return None, why_closed
+            return None, f'service {client.srv_name} did not answer in {timeout_s:g} s'
+        finally:
+            with self._lock:
+                self._waiters.discard(done)
+                self.waiting -= 1
 
 
-class FlowLink:
-    _shared: 'FlowLink | None' = None
-    _lock = threading.Lock()
+class ServiceRouter:
+    """The RouterPort over `router/route` (decisions) and `router/outcomes` (what happened)."""
 
-    @classmethod
-    def shared(cls, plugin_host: str = 'plugin_host') -> 'FlowLink':
-        """One link per process, made on first use (rclpy must be initialised: an agent node
-        runs in this process)."""
-        with cls._lock:
-            if cls._shared is None:
-                cls._shared = cls(plugin_host)
-            return cls._shared
-
-    @classmethod
-    def close_shared(cls) -> None:
-        """Close this process's link, if one was made: its executor thread must end before
-        the process does (left running, the process aborted on Ctrl-C)."""
-        with cls._lock:
-            link, cls._shared = cls._shared, None
-        if link is not None:
-            link.close()
-
-    def __init__(self, plugin_host: str = 'plugin_host', timeout_s: float = 5.0):
-        import rclpy
-        from rclpy.task import Future
-
+    def __init__(self, node, gate: Gate, timeout_s: float = CALL_TIMEOUT_S):
         from loom_msgs.msg import RouteOutcome
         from loom_msgs.srv import Route
-        from loom_ros.bus.executor import make_executor, spin_until
-        from loom_ros.bus.qos import to_qos_profile
-        self.timeout_s = timeout_s
-        # Its own name even under a process-wide `-r __node:=` remap (the lifecycle manager
-        # starts agent hosts with one), which would otherwise rename this node too and leave
-        # two nodes of one name in the graph; the namespace remap still applies.
-        name = f'flow_link_{os.getpid()}'
-        self.node = rclpy.create_node(name, cli_args=['--ros-args', '-r', f'__node:={name}'])
-        ns = self.node.get_namespace().rstrip('/')
-        self.plugin_host = f'{ns}/{plugin_host}'
-        self._route_type = Route
-        self._route = self.node.create_client(Route, 'router/route')
-        self._outcome_type = RouteOutcome
-        self._outcomes = self.node.create_publisher(RouteOutcome, 'router/outcomes',
-                                                    to_qos_profile('batched'))
-        self._plugins: dict[str, object] = {}
-        self._stop = Future()
-        self._executor = make_executor()
-        self._executor.add_node(self.node)
-        self._thread = threading.Thread(target=spin_until, args=(self._executor, self._stop),
-                                        daemon=True, name='flow-link')
-        self._thread.start()
 
-    # -- router -------------------------------------------------------------------------------
-    def route(self, event: Event, event_type: str, agent_id: str, *, confidence: float | None,
-              latency_budget_ms: float | None = None, local_supported: bool = True):
-        """The router's decision (a Route.srv response with ok=True); FlowError otherwise."""
+        from loom_ros.bus.qos import to_qos_profile
+        self.node, self.gate, self.timeout_s = node, gate, timeout_s
+        self._route_type = Route
+        self._client = node.create_client(Route, 'router/route')
+        self._outcomes = node.create_publisher(RouteOutcome, 'router/outcomes',
+                                               to_qos_profile('batched'))
+
+    def route(self, query: RouteQuery) -> RouteAnswer:
         req = self._route_type.Request(
-            event_id=event.id, event_type=event_type, agent_id=agent_id,
-            privacy=PRIVACY_CODES.get(effective_privacy(event), 1), local_supported=local_supported,
-            has_local_confidence=confidence is not None,
-            local_confidence=float(confidence or 0.0),
-            has_latency_budget=latency_budget_ms is not None,
-            latency_budget_ms=float(latency_budget_ms or 0.0), payload_bytes=len(event.payload))
-        if hasattr(req, 'traceparent'):   # the router's RouteDecision span joins this trace
-            carrier = Event(type='trace')
-            tracing.inject(carrier)
-            req.traceparent = carrier.metadata.get(tracing.TRACEPARENT, '')
-        if not self._route.wait_for_service(timeout_sec=self.timeout_s):
-            raise FlowError(f'router service {self._route.srv_name} is not available')
-        done = threading.Event()
-        future = self._route.call_async(req)
-        future.add_done_callback(lambda _f: done.set())
-        if not done.wait(self.timeout_s):
-            self._route.remove_pending_request(future)
-            raise FlowError(f'router did not answer in {self.timeout_s:g} s')
-        resp = future.result()
+            event_id=query.event_id, event_type=query.event_type, agent_id=query.agent_id,
+            privacy=PRIVACY_CODES.get(query.privacy, 1), local_supported=query.local_supported,
+            has_local_confidence=query.local_confidence is not None,
+            local_confidence=float(query.local_confidence or 0.0),
+            has_latency_budget=query.latency_budget_ms is not None,
+            latency_budget_ms=float(query.latency_budget_ms or 0.0),
+            payload_bytes=query.payload_bytes)
+        carrier = Event(type='trace')   # the router's RouteDecision span joins this trace
+        tracing.inject(carrier)
+        req.traceparent = carrier.metadata.get(tracing.TRACEPARENT, '')
+        resp, error = self.gate.call(self._client, req, self.timeout_s,
+                                     'the agent host is not active: no routing now')
+        if resp is None:
+            raise PortError(f'router: {error}')
         if not resp.ok:
-            raise FlowError(f'router refused: {resp.error}')
-        return resp
+            raise PortError(f'router refused: {resp.error}')
+        return RouteAnswer(resp.decision_id, resp.route, resp.rule, resp.reason, resp.upload,
+                           float(resp.confidence), resp.cloud_model, float(resp.cloud_cost))
 
     def report(self, outcome) -> None:
-        """An execute_route Outcome on router/outcomes (the router learns from it)."""
         from loom_ros.cloud.client import outcome_msg
         self._outcomes.publish(outcome_msg(outcome))
 
-    # -- plugins ------------------------------------------------------------------------------
-    def plugin(self, name: str):
-        """The plugin `name`: in-process when a host here runs it, else through its services."""
-        from loom_ros.plugins.registry import local_plugins, plugin_handle
-        local = local_plugins().get(name)
-        if local is not None:
-            return local
-        if name not in self._plugins:
-            self._plugins[name] = plugin_handle(name, self.node, self.plugin_host,
-                                                self.timeout_s)
-        return self._plugins[name]
+    def close(self) -> None:
+        self.node.destroy_client(self._client)
+        self.node.destroy_publisher(self._outcomes)
+
+
+class ServicePlugins:
+    """The PluginPort: in-process when a host in this process runs the plugin (`local()`), else
+    `<ns>/<host>/<name>/handle_event` through a client on the node (made once per name)."""
+
+    def __init__(self, node, gate: Gate, host: str = 'plugin_host', local=None,
+                 timeout_s: float = CALL_TIMEOUT_S):
+        from loom_msgs.srv import HandleEvent
+        local = local if local is not None else registry_plugins
+        self.node, self.gate, self.timeout_s = node, gate, timeout_s
+        self.local = InProcessPlugins(local)
+        self._lookup = local
+        self._type = HandleEvent
+        self.base = f'{node.get_namespace().rstrip("/")}/{host}'
+        self._clients: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def prepare(self, names) -> None:
+        """Make the clients for `names` now (on configure, on the executor's thread); a name
+        that cannot have one fails later, at its call, with the reason."""
+        names = names if isinstance(names, (list, tuple)) else ()
+        for name in names[:MAX_PLUGIN_CLIENTS]:
+            if isinstance(name, str) and name not in self._lookup():
+                try:
+                    self._client(name)
+                except (PortError, NameValidationException):
+                    pass
+
+    def _client(self, name: str):
+        with self._lock:
+            client = self._clients.get(name)
+            if client is None:
+                if len(name) > 64 or not PLUGIN_NAME.fullmatch(name):
+                    raise PortError(f'{name[:64]!r} is not a plugin name')
+                if len(self._clients) >= MAX_PLUGIN_CLIENTS:
+                    raise PortError(f'more than {MAX_PLUGIN_CLIENTS} plugin names asked for')
+                client = self.node.create_client(self._type, f'{self.base}/{name}/handle_event')
+                self._clients[name] = client
+            return client
+
+    def call(self, name: str, event: Event) -> PluginResponse:
+        if name in self._lookup():
+            return self.local.call(name, event)
+        try:
+            client = self._client(name)
+        except (PortError, NameValidationException) as exc:
+            return PluginResponse.failure(f'plugin {name[:64]!r}: {exc}')
+        resp, error = self.gate.call(client, self._type.Request(event=event.to_msg()),
+                                     self.timeout_s,
+                                     'the agent host is not active: no plugin calls now')
+        if resp is None:
+            return PluginResponse.failure(f'plugin {name}: {error}')
+        return response_from_msg(resp.response)
 
     def close(self) -> None:
-        if not self._stop.done():
-            self._stop.set_result(True)
-        self._thread.join(2.0)
-        self._executor.shutdown()
-        self.node.destroy_node()
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            self.node.destroy_client(client)
+
+
+class NodePorts:
+    """What an agent node injects into its agents: one router port, one plugin port and a gate
+    shared by all its agents, plus each agent's cloud port (the host's links)."""
+
+    def __init__(self, node, router=None, local_plugins=None, host: str = 'plugin_host',
+                 timeout_s: float = CALL_TIMEOUT_S):
+        """`router`: an in-process RouterPort (e.g. router.local.LocalRouter) when the router
+        lives in this process; else the `router/route` service. `local_plugins`: {name: handle}
+        lookup of in-process plugins (default: plugins.registry.local_plugins)."""
+        self.gate = Gate()
+        self._service_router = None if router is not None else ServiceRouter(
+            node, self.gate, timeout_s)
+        self.router = router if router is not None else self._service_router
+        self.plugins = ServicePlugins(node, self.gate, host, local_plugins, timeout_s)
+
+    def for_agent(self, cloud=None) -> Ports:
+        return Ports(router=self.router, plugins=self.plugins,
+                     **({'cloud': cloud} if cloud is not None else {}))
+
+    def close(self) -> None:
+        self.gate.close()
+        if self._service_router is not None:
+            self._service_router.close()
+        self.plugins.close()
+
+
+class FlowLink:
+    """Gone: behaviors get their ports from AgentContext. `close_shared` stays, doing nothing,
+    for callers not yet updated (loom bringup)."""
+
+    @classmethod
+    def close_shared(cls) -> None:
+        pass

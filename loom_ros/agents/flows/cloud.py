@@ -1,0 +1,160 @@
+"""The agent host's one link to the cloud tier: a Zenoh session and a CloudClient on it, shared
+by the agents whose settings name the same cloud (a CloudPort for each of them).
+
+An agent's settings say which cloud: `zenoh_connect` (endpoints of the Zenoh router the cloud
+tier answers on; empty or absent: no cloud), `keys_dir` and `identity` (who the robot is on
+Zenoh, mutual TLS, and to the cloud, signed requests), `zenoh_insecure` (plain TCP; logged as a
+warning). The host opens the session when it configures, in the background so an unreachable
+network never holds configure; a failed open is retried when asked for, at most every
+`retry_s`; cleanup closes it. No rclpy.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from loom_ros.agents.config import AgentConfigError
+
+MAX_ENDPOINTS = 16
+MAX_SETTING_CHARS = 1024
+RETRY_S = 5.0
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    """Which cloud an agent uses; agents with equal settings share one link."""
+
+    connect: tuple[str, ...]
+    keys_dir: str = '~/.loom/keys'
+    identity: str = 'robot1'
+    insecure: bool = False
+
+    @classmethod
+    def of(cls, agent_id: str, settings: dict) -> 'CloudSettings | None':
+        """None when the agent names no cloud; AgentConfigError naming the bad setting."""
+        connect = settings.get('zenoh_connect', [])
+        if isinstance(connect, str):
+            connect = [connect]
+        if not isinstance(connect, (list, tuple)) or len(connect) > MAX_ENDPOINTS or any(
+                not isinstance(e, str) or not 0 < len(e) <= MAX_SETTING_CHARS for e in connect):
+            raise AgentConfigError(f'agent {agent_id}: settings.zenoh_connect must be a list of '
+                                   f'at most {MAX_ENDPOINTS} endpoint strings')
+        if not connect:
+            return None
+        texts = {}
+        for key, default in (('keys_dir', cls.keys_dir), ('identity', cls.identity)):
+            value = settings.get(key, default)
+            if not isinstance(value, str) or not 0 < len(value) <= MAX_SETTING_CHARS:
+                raise AgentConfigError(f'agent {agent_id}: settings.{key} must be a non-empty '
+                                       'string')
+            texts[key] = value
+        return cls(tuple(connect), texts['keys_dir'], texts['identity'],
+                   settings.get('zenoh_insecure', False) is True)
+
+
+def open_cloud_client(settings: CloudSettings):
+    """(session, CloudClient) signing as `identity`, with the local embedder so Sensitive text
+    goes up only as a vector; raises with the reason when either cannot be made."""
+    import zenoh
+
+    from loom_ros.agents.embedding import MiniLMEmbedder
+    from loom_ros.bridge.zenoh_link import session_config, transport_identity
+    from loom_ros.cloud.client import CloudClient
+    from loom_ros.security.keys import CredentialsError
+    try:
+        identity = transport_identity(settings.insecure, settings.keys_dir, settings.identity)
+        session = zenoh.open(session_config('client', list(settings.connect), identity=identity))
+    except (zenoh.ZError, CredentialsError, ValueError) as exc:
+        raise CloudUnavailable(f'cannot open a Zenoh session to {list(settings.connect)}: '
+                               f'{exc}') from None
+    try:
+        client = CloudClient.from_keys(session, settings.keys_dir, settings.identity,
+                                       embedder=MiniLMEmbedder())
+    except Exception as exc:   # credentials, the embedding model: the session must not leak
+        session.close()
+        raise CloudUnavailable(f'cannot make the cloud client: {exc}') from None
+    return session, client
+
+
+class CloudUnavailable(RuntimeError):
+    """The cloud link cannot be opened; says why."""
+
+
+class CloudLink:
+    """One session and client for one CloudSettings; the CloudPort of every agent using it."""
+
+    def __init__(self, settings: CloudSettings,
+                 opener: Callable[[CloudSettings], tuple] = open_cloud_client, *,
+                 retry_s: float = RETRY_S, clock: Callable[[], float] = time.monotonic,
+                 log: Callable[[str, str], None] | None = None):
+        self.settings = settings
+        self._opener = opener
+        self.retry_s = retry_s
+        self._clock = clock
+        self._log = log or (lambda level, msg: None)
+        self._lock = threading.Lock()
+        self._session = self._client = None
+        self._error = 'the cloud link is opening'
+        self._tried_at = -float('inf')
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.opens = 0     # sessions opened (a retry after a failure counts again)
+        self.failures = 0
+
+    def start(self) -> None:
+        """Open in the background (a slow connect does not hold the caller)."""
+        with self._lock:
+            if self._closed or self._client is not None or (
+                    self._thread is not None and self._thread.is_alive()):
+                return
+            self._tried_at = self._clock()
+            self._thread = threading.Thread(target=self._open, daemon=True, name='cloud-link')
+            self._thread.start()
+
+    def _open(self) -> None:
+        try:
+            session, client = self._opener(self.settings)
+        except Exception as exc:   # any reason the link cannot be made: kept, said, retried
+            with self._lock:
+                self.failures += 1
+                self._error = str(exc) or type(exc).__name__
+            self._log('warn', f'cloud link: {self._error} (retried when asked, at most every '
+                      f'{self.retry_s:g} s)')
+            return
+        with self._lock:
+            if self._closed:   # closed while opening: nobody will close it later
+                session.close()
+                return
+            self._session, self._client, self._error = session, client, ''
+            self.opens += 1
+        self._log('info', f'cloud link open to {list(self.settings.connect)} as '
+                  f'{self.settings.identity}')
+
+    def client(self):
+        """(CloudClient, '') when open, else (None, why); a failed open is retried when due."""
+        with self._lock:
+            client, error, closed = self._client, self._error, self._closed
+            due = self._clock() - self._tried_at >= self.retry_s
+        if client is None and not closed and due:
+            self.start()
+        return client, error if client is None else ''
+
+    def wait_open(self, timeout_s: float) -> bool:
+        """For callers that need the link now (tests, tools): whether it is open."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+        return self._client is not None
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            session, self._session, self._client = self._session, None, None
+            self._error = 'the cloud link is closed'
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5.0)   # an open in progress ends (and closes what it made) first
+        if session is not None:
+            session.close()

@@ -1,0 +1,109 @@
+"""The router's decision path for a caller in the same process: what `router/route` answers,
+without a service round trip or serialization. No rclpy.
+
+`RouteQuery` is what a caller asks about one event and `RouteAnswer` what it gets back (the
+fields of loom_msgs/Route's response); both are plain data, so an agent's router port can be
+this `LocalRouter` or a service client (agents/flows/link.py) and the behavior cannot tell.
+
+A LocalRouter is passed to whoever uses it (never found through a global). With a history it
+records decisions and outcomes and charges the spend like the router node; that history's
+SQLite connection must be usable from the calling threads (sqlite3's `check_same_thread`).
+"""
+from __future__ import annotations
+
+import math
+import threading
+import uuid
+from dataclasses import dataclass
+
+from loom_ros.bus.event import Privacy
+from loom_ros.router.decision import Decision, RouteRequest, Spend, decide
+from loom_ros.router.history import Outcome, RouterHistory
+from loom_ros.router.policy import PolicyFile, load_policy
+from loom_ros.telemetry import tracing
+
+
+@dataclass(frozen=True)
+class RouteQuery:
+    """One event's routing question (Route.srv's request, minus the trace carrier)."""
+
+    event_id: str
+    event_type: str
+    agent_id: str = ''
+    privacy: Privacy = Privacy.SENSITIVE
+    local_confidence: float | None = None   # None: the caller has no local estimate
+    latency_budget_ms: float | None = None  # None: no deadline
+    local_supported: bool = True
+    payload_bytes: int = 0
+
+    def request(self) -> RouteRequest:
+        """The router core's request; RequestError (a ValueError) when a field is invalid."""
+        budget = math.inf if self.latency_budget_ms is None else self.latency_budget_ms
+        return RouteRequest(event_type=self.event_type, agent_id=self.agent_id,
+                            privacy=self.privacy, local_supported=self.local_supported,
+                            local_confidence=self.local_confidence, latency_budget_ms=budget,
+                            payload_bytes=self.payload_bytes).check()
+
+
+@dataclass(frozen=True)
+class RouteAnswer:
+    """A decision with its id (outcomes name it): Route.srv's response fields when ok."""
+
+    decision_id: str
+    route: str                  # local | cloud | hybrid | local_fallback
+    rule: str
+    reason: str
+    upload: str = 'raw'         # what a cloud route may send: raw | embedding | none
+    confidence: float = 1.0
+    cloud_model: str = ''
+    cloud_cost: float = 0.0
+
+    @classmethod
+    def of(cls, decision_id: str, decision: Decision) -> 'RouteAnswer':
+        return cls(decision_id, decision.route.value, decision.rule, decision.reason,
+                   decision.upload, float(decision.confidence), decision.cloud_model,
+                   float(decision.cloud_cost))
+
+
+class LocalRouter:
+    """decide() under a policy file, with an optional history (decisions, outcomes, spend).
+    Thread-safe: one lock around the history, since dispatcher workers call it concurrently."""
+
+    def __init__(self, policy: PolicyFile, history: RouterHistory | None = None):
+        self.policy = policy
+        self.history = history
+        self.decisions = 0
+        self.outcomes = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, path, history: RouterHistory | None = None) -> 'LocalRouter':
+        """PolicyError names the file, the key and the reason."""
+        return cls(load_policy(path), history)
+
+    def route(self, query: RouteQuery) -> RouteAnswer:
+        """The decision; RequestError (ValueError) with the field and reason for a bad query."""
+        with tracing.span(tracing.ROUTE_DECISION, attributes={
+                'loom.event.id': query.event_id, 'loom.event.type': query.event_type,
+                'loom.agent.id': query.agent_id}) as span:
+            request = query.request()
+            policy = self.policy.policy_for(request.event_type, request.agent_id)
+            with self._lock:
+                spend = Spend(self.history.spend() if self.history is not None else 0.0,
+                              self.policy.budget.limit)
+                decision = decide(request, policy, cloud_cost=self.policy.cost_of(
+                    policy.cloud_model), spend=spend)
+                decision_id = uuid.uuid4().hex
+                if self.history is not None:
+                    self.history.record_decision(decision_id, query.event_id, request, decision)
+                self.decisions += 1
+            span.set_attribute('loom.route', decision.route.value)
+            span.set_attribute('loom.route.rule', decision.rule)
+        return RouteAnswer.of(decision_id, decision)
+
+    def report(self, outcome: Outcome) -> None:
+        """An executed route's outcome (spend, latency): recorded when there is a history."""
+        with self._lock:
+            if self.history is not None:
+                self.history.record_outcome(outcome)
+            self.outcomes += 1
