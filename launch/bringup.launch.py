@@ -1,62 +1,93 @@
 """Bring up Loom on a robot: `ros2 launch loom bringup.launch.py [namespace:=robot1] ...`.
 
-Starts the lifecycle manager (which starts the agents of config/agents.yaml in one host process
-and brings them up), the router, the plugin host, the Zenoh bridge, the camera adapter (camera
-Images -> camera.front events) and, when asked, the simulated sensors, all with parameters from
-the params file (config/loom.yaml by default). The lifecycle nodes configure and activate
-themselves when `autostart` is true. The same system starts without launch through the package's
-own entry point, `loom bringup --config config/loom.yaml` (what the tests use).
+The nodes come from Loom's node table (loom_ros/bringup/nodes.py), the same declaration
+`loom bringup` starts from: sim_sensors (when asked), camera_adapter, router, plugin_host,
+zenoh_bridge (unless bridge:=false) and the lifecycle_manager, each in its own process with
+respawn. The lifecycle nodes start with autostart false; the manager configures and activates
+them in table order, then starts the agents of the agents file (hosted together: agent_host_0)
+and brings them up; with autostart:=false it waits for its ~/startup service. Every node gets the
+params file (config/loom.yaml by default; its sections are keyed /**/<node>, so a namespace keeps
+them), rewritten the way `loom bringup` rewrites it (empty lists dropped, the /**/agent section
+given to the agent host), then its own parameters from the table.
+
+use_composition:=true runs every node in one process instead (intra-process fast path). Loom's
+nodes are Python, and rclpy has no component container (launch_ros' ComposableNodeContainer loads
+C++ components only), so this starts the one process `loom bringup --composition --nodes-only`,
+which builds the same table's nodes there, each on its own executor thread.
 Uses only launch / launch_ros APIs present in Jazzy and Kilted.
 """
+import tempfile
+
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
-from launch.conditions import IfCondition
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
+from loom_ros.bringup import nodes as table
+
+# (name, default, description); `loom bringup` has a switch for each condition.
+ARGUMENTS = (
+    ('namespace', '', 'Robot namespace; Loom topics live under <ns>/loom/...'),
+    ('params_file', None, 'ROS params file for all Loom nodes (default: the shipped loom.yaml)'),
+    ('agents_file', '', "Agents YAML ('' = the shipped config/agents.yaml)"),
+    ('use_sim_time', 'false', 'Use /clock (simulation or bag replay)'),
+    ('autostart', 'true', 'Bring the lifecycle nodes and agents up at once (false: on the '
+     "manager's ~/startup service)"),
+    ('use_composition', 'false', 'Every node in one process (loom bringup --composition)'),
+    ('log_level', 'info', 'debug, info, warn, error'),
+    ('sim_sensors', 'false', 'Start the simulated sensors (camera, mic, IMU)'),
+    ('bridge', 'true', 'Start the Zenoh bridge (to the fleet router named in the params file)'),
+)
+RESPAWN_DELAY_S = 2.0
+
+
+def _true(value: str) -> bool:
+    return value.strip().lower() in ('true', '1', 'yes', 'on')
+
+
+def robot_actions(context):
+    """The table's nodes for this launch's arguments (evaluated when launch runs)."""
+    from loom_ros.agents.config import load_agents
+    from loom_ros.cli.bringup import robot_params
+    from loom_ros.config.params import config_dir
+    value = {name: LaunchConfiguration(name).perform(context) for name, _, _ in ARGUMENTS}
+    ns, log_level = value['namespace'], value['log_level']
+    conditions = {c: _true(value[c]) for c in table.CONDITIONS}
+    if _true(value['use_composition']):
+        args = ['bringup', '--composition', '--nodes-only', '--config', value['params_file'],
+                '--namespace', ns, '--agents-file', value['agents_file']]
+        args += [] if conditions['sim_sensors'] else ['--no-sim-sensors']
+        args += [] if conditions['bridge'] else ['--no-bridge']
+        args += [] if _true(value['autostart']) else ['--no-autostart']
+        # No name/namespace here: a __node remap would rename every node of the process.
+        return [Node(package='loom', executable='loom', output='screen', arguments=args,
+                     ros_arguments=['--log-level', log_level, '-p',
+                                    f'use_sim_time:={value["use_sim_time"]}'])]
+    agents_file = value['agents_file'] or str(config_dir() / 'agents.yaml')
+    ids = ','.join(load_agents(agents_file))
+    # Kept for the launch's life (the agent processes read it when the manager restarts them).
+    robot_file = robot_params(value['params_file'], tempfile.mkdtemp(prefix='loom_launch_'))
+    selected = table.select(conditions)
+    actions = []
+    for node in selected:
+        params = table.node_parameters(
+            node, selected, autostart=_true(value['autostart']), agents=ids, groups=ids,
+            agents_file=value['agents_file'], agent_params_file=robot_file)
+        params['use_sim_time'] = _true(value['use_sim_time'])
+        actions.append(Node(
+            package='loom', executable=node.executable, name=node.name, namespace=ns,
+            output='screen', respawn=node.respawn, respawn_delay=RESPAWN_DELAY_S,
+            parameters=[robot_file, params], additional_env=table.node_env(node, {}),
+            arguments=['--ros-args', '--log-level', log_level]))
+    return actions
+
 
 def generate_launch_description():
-    namespace = LaunchConfiguration('namespace')
-    params_file = LaunchConfiguration('params_file')
-    use_sim_time = LaunchConfiguration('use_sim_time')
-    autostart = LaunchConfiguration('autostart')
-    log_level = LaunchConfiguration('log_level')
-    sim_sensors = LaunchConfiguration('sim_sensors')
-
-    def node(executable, name, lifecycle=False, extra=None):
-        overrides = {'use_sim_time': use_sim_time}
-        if lifecycle:
-            overrides['autostart'] = autostart
-        overrides.update(extra or {})
-        return Node(package='loom', executable=executable, name=name, namespace=namespace,
-                    output='screen', parameters=[params_file, overrides],
-                    arguments=['--ros-args', '--log-level', log_level])
-
-    return LaunchDescription([
-        DeclareLaunchArgument('namespace', default_value='',
-                              description='Robot namespace; Loom topics live under <ns>/loom/...'),
-        DeclareLaunchArgument(
-            'params_file',
-            default_value=PathJoinSubstitution([FindPackageShare('loom'), 'config', 'loom.yaml']),
-            description='ROS params file for all Loom nodes'),
-        DeclareLaunchArgument('use_sim_time', default_value='false',
-                              description='Use /clock (simulation or bag replay)'),
-        DeclareLaunchArgument('autostart', default_value='true',
-                              description='Configure and activate lifecycle nodes on start'),
-        DeclareLaunchArgument('log_level', default_value='info',
-                              description='debug, info, warn, error'),
-        DeclareLaunchArgument('sim_sensors', default_value='false',
-                              description='Start the simulated sensors (camera, mic, IMU)'),
-        Node(package='loom', executable='sim_sensors', name='sim_sensors', namespace=namespace,
-             output='screen', condition=IfCondition(sim_sensors),
-             parameters=[params_file, {'use_sim_time': use_sim_time}],
-             arguments=['--ros-args', '--log-level', log_level]),
-        node(executable='camera_adapter', name='camera_adapter'),
-        node(executable='router', name='router', lifecycle=True),
-        node(executable='plugin_host', name='plugin_host', lifecycle=True),
-        node(executable='zenoh_bridge', name='zenoh_bridge', lifecycle=True),
-        # Starts the agents (hosted together: agent_host_0) and brings them up in order.
-        node(executable='lifecycle_manager', name='lifecycle_manager', lifecycle=True,
-             extra={'agent_params_file': params_file, 'groups': 'face,voice,counter'}),
-    ])
+    declared = []
+    for name, default, description in ARGUMENTS:
+        if default is None:   # the shipped params file, found in the install
+            default = PathJoinSubstitution([FindPackageShare('loom'), 'config', 'loom.yaml'])
+        declared.append(DeclareLaunchArgument(name, default_value=default,
+                                              description=description))
+    return LaunchDescription([*declared, OpaqueFunction(function=robot_actions)])

@@ -1,23 +1,28 @@
-"""`loom bringup`: the whole robot system from Loom's own entry point, reading the same YAML as
-`ros2 launch loom bringup.launch.py` (which needs ROS 2's launch, absent where Loom runs from
-PyPI wheels). Tests and `loom demo` use it.
+"""`loom bringup`: the whole robot system from Loom's own entry point, started from the same node
+table (loom_ros/bringup/nodes.py) and params file as `ros2 launch loom bringup.launch.py` (which
+needs ROS 2's launch, absent where Loom runs from PyPI wheels). Tests and `loom demo` use it.
 
-One process runs the robot's nodes, each on its own executor thread (the Python equivalent of a
-component container, so agents call plugins in-process, without serialization):
-sim_sensors (optional) and camera_adapter, router, plugin_host, the agents hosted in one
-AgentNode `agent_host_0`, the lifecycle_manager bringing that node up (spawn: false) and
-watching it, and zenoh_bridge. Two more processes are started beside it, as on a real robot
-and its cloud: a Zenoh router (`--zenoh-port`, unless `--zenoh-connect` names an existing one) and
-the cloud tier `loom cloud serve` (unless `--no-cloud`).
-When everything is up it prints one JSON line `{"ready": true, ...}` (with the side processes'
-pids); it runs until SIGINT or SIGTERM (or `--duration`), then stops the nodes (agents commit
-their state) and the processes.
+By default one process per node, as launch starts them (the same module `main()` the console
+script runs, the params file, then the node's own parameters from the table): sim_sensors
+(optional), camera_adapter, router, plugin_host, zenoh_bridge (optional) and the
+lifecycle_manager, which starts the agents (all hosted in one process, agent_host_0) and brings
+up the managed lifecycle nodes (started with autostart false) and then the agents, in table
+order. A node process that dies is started again with backoff (launch's respawn); one that keeps
+dying (`--max-restarts`) ends bring-up with exit 1. `--composition` runs every node in this one
+process instead, each on its own executor thread (the Python equivalent of a component
+container: agents call plugins in-process, without serialization).
 
-Supervised: a node's spin thread that ends before the stop (a callback's exception is already
-counted and survived by `spin_until`; this is what escapes even that) or a side process that
-exits is reported on stderr and bring-up exits 1, so it never stays "ready" with a dead part.
-The side processes get PR_SET_PDEATHSIG (SIGKILL): a SIGKILLed bring-up leaves no orphan holding
-a port.
+Two more processes are started beside them, as on a real robot and its cloud: a Zenoh router
+(`--zenoh-port`, unless `--zenoh-connect` names an existing one) and the cloud tier
+`loom cloud serve` (unless `--no-cloud`). `--nodes-only` starts the node table alone, with the
+bridge's Zenoh settings from the params file (what launch's use_composition runs).
+
+When every lifecycle node and every agent is active it prints one JSON line `{"ready": true, ...}`
+(with the pids); it runs until SIGINT or SIGTERM (or `--duration`), then stops the manager (agents
+commit their state), the other nodes and the side processes. It exits 1, with the reason on
+stderr, when a part cannot start: a node or agent whose configure fails (the nodes log
+`cannot configure: <why>`, which bring-up watches for), a process that keeps dying, a side process
+that exits, or nothing active within `--ready-timeout`. Every child dies with it, even by SIGKILL.
 
 Secure by default: the first run makes local credentials (an authority and the `router`, robot
 and `cloud` identities) in `--keys-dir`, and every Zenoh link is TLS with mutual authentication
@@ -42,18 +47,21 @@ import yaml
 
 from loom_ros.bridge.keys import RobotIdError, validate_robot_id
 from loom_ros.bridge.zenoh_link import INSECURE_WARNING
-from loom_ros.bringup.processes import die_with_parent
+from loom_ros.bringup import nodes as table
+from loom_ros.bringup.processes import Process, RestartPolicy, Supervised
 from loom_ros.config.params import (
-    DEFAULTS_FILE, check_params_file, config_dir, load_params_file, node_defaults,
+    AGENT_SECTION, DEFAULTS_FILE, check_params_file, config_dir, node_defaults, node_section,
 )
 from loom_ros.security import keys
 
 AGENT_HOST = 'agent_host_0'
+CONFIGURE_FAILED = 'cannot configure:'   # what every Loom lifecycle node logs when it refuses
+STOP_TIMEOUT_S = 20.0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser('bringup', help='start the robot system (both seed flows) in one process '
-                       'plus a Zenoh router and the cloud tier')
+    p = sub.add_parser('bringup', help='start the robot system (both seed flows): one process per '
+                       'node, plus a Zenoh router and the cloud tier')
     add_arguments(p)
     p.set_defaults(run=run_bringup)
 
@@ -63,6 +71,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f'ROS params file for every node (default: config/{DEFAULTS_FILE})')
     p.add_argument('--agents-file', default='', help="agents YAML ('' = config/agents.yaml)")
     p.add_argument('--agents', default='*', help="agents to run, comma-separated ('*' = all)")
+    p.add_argument('--namespace', default='',
+                   help="robot namespace: nodes run as /<namespace>/<node> ('' = none)")
+    p.add_argument('--composition', action='store_true',
+                   help='every node in this one process, each on its own executor thread '
+                   '(intra-process fast path) instead of one process per node')
     p.add_argument('--no-sim-sensors', dest='sim_sensors', action='store_false',
                    help='do not start the simulated sensors (a real robot brings its own)')
     p.add_argument('--zenoh-port', type=int, default=7447,
@@ -73,8 +86,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='do not start the cloud tier (Hybrid routes then answer locally)')
     p.add_argument('--no-bridge', dest='bridge', action='store_false',
                    help='do not start the zenoh_bridge node')
+    p.add_argument('--nodes-only', action='store_true',
+                   help='start only the node table (no Zenoh router, no cloud, no credentials '
+                   'made; the bridge uses the params file\'s Zenoh settings), as launch does')
+    p.add_argument('--no-autostart', dest='autostart', action='store_false',
+                   help='the lifecycle manager waits for its ~/startup service (ready then means '
+                   'every node is up and answering, not active)')
     p.add_argument('--duration', type=float, default=0.0,
                    help='stop after this many seconds (default: run until Ctrl-C)')
+    p.add_argument('--ready-timeout', type=float, default=120.0,
+                   help='exit 1 when not everything is active after this many seconds')
+    p.add_argument('--max-restarts', type=int, default=5,
+                   help='restarts of a dying node process before bring-up gives up (default 5)')
     p.add_argument('--log-dir', default='', help='where the Zenoh router and cloud logs go')
     p.add_argument('--keys-dir', default=keys.DEFAULT_KEYS_DIR,
                    help='fleet credentials, made on first run for the router, this robot and the '
@@ -92,10 +115,15 @@ def _endpoint(args) -> str:
     return args.zenoh_connect or f'{scheme}/127.0.0.1:{args.zenoh_port}'
 
 
+def _namespace(args) -> str:
+    ns = args.namespace.strip().strip('/')
+    return f'/{ns}' if ns else '/'
+
+
 def robot_id(params_file: str) -> str:
     """The bridge's robot_id in the params file (else loom.yaml's): this robot's identity.
     Checked here, before credentials are made for it, with the bridge's own rule and words."""
-    section = load_params_file(params_file).get('zenoh_bridge', {})
+    section = node_section(params_file, 'zenoh_bridge')
     value = str(section.get('robot_id') or node_defaults('zenoh_bridge')['robot_id'])
     try:
         return validate_robot_id(value)
@@ -115,21 +143,24 @@ def _zenoh_security(args) -> list[str]:
         (['--insecure'] if args.insecure else [])
 
 
-def _start_side(name: str, cmd: list[str], log_dir: str) -> tuple[subprocess.Popen, dict]:
+def _start_side(name: str, cmd: list[str], log_dir: str) -> Process:
     """A side process that prints one JSON ready line; stderr goes to a log file."""
     err = open(Path(log_dir) / f'{name}.log', 'w') if log_dir else subprocess.DEVNULL
     # SIGKILL, not SIGTERM, when bring-up dies: they keep no state, and a Zenoh router told to
     # stop while its peers vanish was seen hanging in session.close() for good, port held.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                            start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL))
-    return proc, {}
+    try:
+        return Process(cmd, name=name, stdout=subprocess.PIPE, stderr=err, text=True,
+                       death_signal=signal.SIGKILL).start()
+    finally:
+        if err is not subprocess.DEVNULL:
+            err.close()
 
 
-def _wait_ready(proc: subprocess.Popen, name: str, limit: float = 60.0) -> dict:
+def _wait_ready(proc: Process, name: str, limit: float = 60.0) -> dict:
     box: dict = {}
 
     def read():
-        line = proc.stdout.readline()
+        line = proc.popen.stdout.readline()
         try:
             box['ready'] = json.loads(line) if line else {}
         except ValueError:
@@ -145,8 +176,10 @@ def _wait_ready(proc: subprocess.Popen, name: str, limit: float = 60.0) -> dict:
 
 def _agents_file(args, tmp: str, robot: str = 'robot1') -> str:
     """The agents file, with the voice agent pointed at this bring-up's Zenoh router, as this
-    robot's identity from the keys folder."""
+    robot's identity from the keys folder (as it is with --nodes-only)."""
     path = args.agents_file or str(config_dir() / 'agents.yaml')
+    if args.nodes_only:
+        return path
     data = yaml.safe_load(Path(path).read_text(encoding='utf-8'))
     for entry in data.get('agents', []):
         settings = entry.get('settings') or {}
@@ -160,80 +193,266 @@ def _agents_file(args, tmp: str, robot: str = 'robot1') -> str:
     return str(out)
 
 
-def _typed_params(path: str, tmp: str) -> str:
-    """The params file without empty lists: rcl cannot type them and hands nodes None, while
-    the node's own default (from config/loom.yaml) is the same empty list."""
+def robot_params(path: str, tmp: str, host: str = AGENT_HOST) -> str:
+    """The params file every node gets: without empty lists (rcl cannot type them and hands
+    nodes None, while the node's own default from config/loom.yaml is the same empty list), and
+    with the agent defaults section (`/**/agent`) also given to the agent host, whose node name
+    (`host`) it does not match."""
     def strip(value):
         if isinstance(value, dict):
             return {k: strip(v) for k, v in value.items() if v != []}
         return value
-    data = yaml.safe_load(Path(path).read_text(encoding='utf-8'))
+    data = strip(yaml.safe_load(Path(path).read_text(encoding='utf-8')) or {})
+    agent = {k: v for k, v in node_section(path, AGENT_SECTION).items() if k != 'agent_id'}
+    if agent:
+        host_section = data.setdefault(f'/**/{host}', {}).setdefault('ros__parameters', {})
+        for key, value in agent.items():   # dotted keys back into nested form
+            parts = key.split('.')
+            slot = host_section
+            for part in parts[:-1]:
+                slot = slot.setdefault(part, {})
+            slot.setdefault(parts[-1], value)
     out = Path(tmp) / 'params.yaml'
-    out.write_text(yaml.safe_dump(strip(data)), encoding='utf-8')
+    out.write_text(yaml.safe_dump(data), encoding='utf-8')
     return str(out)
 
 
-class RobotProcess:
-    """The robot's nodes in this process, each spun by its own executor on its own thread."""
+def _agent_ids(args, agents_file: str) -> list[str]:
+    from loom_ros.agents.config import load_agents
+    if args.agents.strip() in ('', '*'):
+        return list(load_agents(agents_file))
+    return [a.strip() for a in args.agents.split(',') if a.strip()]
 
-    def __init__(self, args, agents_file: str, params_file: str):
+
+def node_parameters(args, node: table.LoomNode, selected: list[table.LoomNode], agent_ids,
+                    agents_file: str, params_file: str, robot_file: str) -> dict:
+    """The node table's parameters for `node`, plus what this bring-up decides: the bridge's
+    router and credentials, the agents' state folder (the params file's agent section wins, as
+    the agents read it)."""
+    ids = ','.join(agent_ids)
+    params = table.node_parameters(node, selected, autostart=bool(args.autostart), agents=ids,
+                                   groups=ids,
+                                   agents_file=agents_file, agent_params_file=robot_file)
+    if node.name == 'zenoh_bridge' and not args.nodes_only:
+        params.update(connect=[_endpoint(args)], keys_dir=str(keys.keys_path(args.keys_dir)),
+                      insecure=bool(args.insecure))
+    if node.name == table.MANAGER:
+        state_dir = node_section(params_file, AGENT_SECTION).get('state_dir')
+        if state_dir:
+            params['state_dir'] = state_dir
+    return params
+
+
+def _selected(args) -> list[table.LoomNode]:
+    return table.select({'sim_sensors': bool(args.sim_sensors), 'bridge': bool(args.bridge)})
+
+
+# -- one process per node ---------------------------------------------------------------------
+class _Watch:
+    """Where a node process's stderr goes: echoed to ours, and every `cannot configure:` line
+    kept (the reason bring-up exits with)."""
+
+    def __init__(self, name: str, failures: list[str], lock: threading.Lock):
+        self.name, self.failures, self.lock = name, failures, lock
+
+    def write(self, text: str) -> None:
+        if CONFIGURE_FAILED in text:
+            with self.lock:
+                self.failures.append(f'{self.name}: {text.strip()[:2000]}')
+        sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def node_commands(args, selected, agent_ids, agents_file, params_file, robot_file, tmp,
+                  ros_args: list[str]) -> list[tuple[table.LoomNode, list[str], dict]]:
+    """(node, command, environment) of each node process, as launch starts it: the module the
+    console script runs, the robot params file, then the node's own parameters (a file keyed
+    /**/<node>, given last so it wins, as launch_ros does with a dict)."""
+    out = []
+    ns = _namespace(args)
+    for node in selected:
+        own = Path(tmp) / f'{node.name}.params.yaml'
+        params = node_parameters(args, node, selected, agent_ids, agents_file, params_file,
+                                 robot_file)
+        own.write_text(yaml.safe_dump({f'/**/{node.name}': {'ros__parameters': params}}),
+                       encoding='utf-8')
+        cmd = [sys.executable, '-m', node.module, '--ros-args', '-r', f'__node:={node.name}',
+               '-r', f'__ns:={ns}', '--params-file', robot_file, '--params-file', str(own),
+               *ros_args[1:]]
+        out.append((node, cmd, table.node_env(node, os.environ)))
+    return out
+
+
+class NodeProcesses:
+    """The node table as one supervised process per node (what launch does with respawn)."""
+
+    def __init__(self, args, commands, tmp):
+        self.failures: list[str] = []
+        self.gave_up: dict[str, str] = {}
+        self._lock = threading.Lock()
+        policy = RestartPolicy(max_restarts=max(0, args.max_restarts), initial_backoff_s=0.5,
+                               max_backoff_s=5.0)
+        self.children: dict[str, Supervised] = {}
+        for node, cmd, env in commands:
+            self.children[node.name] = Supervised(
+                self._maker(node.name, cmd, env), policy if node.respawn else
+                RestartPolicy(max_restarts=0), on_event=self._event)
+        for child in self.children.values():
+            child.poll()   # start them, in table order
+
+    def _maker(self, name, cmd, env):
+        def make() -> Process:
+            return Process(cmd, name=name, env=env, stdout=subprocess.DEVNULL, text=True,
+                           echo_stderr=_Watch(name, self.failures, self._lock))
+        return make
+
+    def _event(self, kind: str, text: str) -> None:
+        if kind in ('exited', 'gave_up'):
+            print(f'loom bringup: {text}' + ('' if kind == 'gave_up' else '; restarting'),
+                  file=sys.stderr, flush=True)
+
+    def poll(self) -> None:
+        """Restart the dead; raise naming what failed for good or refused configure."""
+        for name, child in self.children.items():
+            if child.poll() == 'failed':
+                self.gave_up[name] = child.restarts.gave_up
+        problems = [f'{why}' for why in self.gave_up.values()]
+        with self._lock:
+            if self.failures:
+                problems.append('configure failed: ' + '; '.join(self.failures[:3]))
+        if problems:
+            raise RuntimeError('; '.join(problems))
+
+    def pids(self) -> dict[str, int | None]:
+        return {n: c.process.pid if c.process else None for n, c in self.children.items()}
+
+    def stop(self) -> dict[str, int | None]:
+        """The manager first (it stops the agents, which commit their state), then the rest
+        together, newest first; each gets SIGINT, then SIGKILL after STOP_TIMEOUT_S."""
+        codes = {}
+        manager = self.children.get(table.MANAGER)
+        if manager is not None:
+            codes[table.MANAGER] = manager.stop(STOP_TIMEOUT_S)
+        rest = [(n, c) for n, c in reversed(list(self.children.items())) if n != table.MANAGER]
+        for _, child in rest:
+            child.stopped = True
+            if child.process is not None:
+                child.process.send_signal(signal.SIGINT)
+        for name, child in rest:
+            codes[name] = child.stop(STOP_TIMEOUT_S)
+        return codes
+
+
+class Readiness:
+    """This bring-up's own node asking the running system whether it is up: every lifecycle node
+    of the table active (its get_state service) and the manager's ~/is_active (agents included)."""
+
+    def __init__(self, selected, namespace: str, autostart: bool = True):
+        from lifecycle_msgs.srv import GetState
+        from rclpy.node import Node
+        from rclpy.task import Future
+        from std_srvs.srv import Trigger
+
+        from loom_ros.bus.executor import make_executor, spin_until
+        self.node = Node('loom_bringup', namespace=namespace)
+        self.autostart = autostart
+        self._types = (GetState, Trigger)
+        self.states: dict[str, str] = {}
+        self.clients = {n.name: self.node.create_client(GetState, f'{n.name}/get_state')
+                        for n in selected if n.lifecycle}
+        self.manager = self.node.create_client(Trigger, f'{table.MANAGER}/is_active')
+        self.manager_says = ''
+        self._pending: dict[str, object] = {}
+        self._stop = Future()
+        self._executor = make_executor()
+        self._executor.add_node(self.node)
+        self._thread = threading.Thread(target=spin_until, args=(self._executor, self._stop),
+                                        daemon=True, name='spin-loom_bringup')
+        self._thread.start()
+
+    def check(self) -> bool:
+        """Ask again (answers come on the spin thread); True once everything said active."""
+        GetState, Trigger = self._types
+        for name, future in list(self._pending.items()):
+            if not future.done():
+                continue
+            del self._pending[name]
+            result = future.result()
+            if result is None:
+                continue
+            if name == table.MANAGER:
+                self.manager_says = ('active' if result.success else '') + \
+                    f' ({result.message})'
+            else:
+                self.states[name] = result.current_state.label
+        for name, client in [*self.clients.items(), (table.MANAGER, self.manager)]:
+            if name not in self._pending and client.service_is_ready():
+                request = Trigger.Request() if name == table.MANAGER else GetState.Request()
+                self._pending[name] = client.call_async(request)
+        if not self.autostart:   # up and answering is all there is until ~/startup
+            return all(n in self.states for n in self.clients) and bool(self.manager_says)
+        return all(self.states.get(n) == 'active' for n in self.clients) and \
+            self.manager_says.startswith('active')
+
+    def waiting_for(self) -> str:
+        nodes = [f'{n} {self.states.get(n, "not answering")}' for n in self.clients
+                 if self.states.get(n) != 'active']
+        return '; '.join(nodes + [f'{table.MANAGER}: {self.manager_says or "not answering"}'])
+
+    def close(self) -> None:
+        self._stop.set_result(True)
+        self._thread.join(5.0)
+        self._executor.shutdown()
+        self.node.destroy_node()
+
+
+# -- one process for every node (composition) ------------------------------------------------
+class RobotProcess:
+    """The robot's nodes in this process, each spun by its own executor on its own thread; the
+    agents hosted in one AgentNode here, which the manager brings up (spawn: false)."""
+
+    def __init__(self, args, selected, agent_ids, agents_file: str, params_file: str,
+                 robot_file: str):
         from rclpy.parameter import Parameter
 
         from loom_ros.agents.agent_node import AgentNode
-        from loom_ros.agents.config import load_agents
-        from loom_ros.bringup.lifecycle_manager_node import LifecycleManagerNode
-        from loom_ros.plugins.host_node import PluginHostNode
-        from loom_ros.router.router_node import RouterNode
-        from loom_ros.sensors.camera_adapter_node import CameraAdapterNode
         self.nodes = []
         self.threads = []
         self._stops = []
         self.deaths: dict[str, str] = {}   # node name -> what ended its spin thread
-        wanted = list(load_agents(agents_file)) if args.agents.strip() in ('', '*') else \
-            [a.strip() for a in args.agents.split(',') if a.strip()]
-        self.agent_ids = wanted
-        if args.sim_sensors:
-            from loom_ros.sensors.sim_sensors_node import SimSensorsNode
-            self._add(SimSensorsNode())
-        self._add(CameraAdapterNode())
-        self.router = self._add(RouterNode(), lifecycle=True)
-        self.plugin_host = self._add(PluginHostNode(), lifecycle=True)
-        ids = ','.join(wanted)
-        # The params file's `agent` section applies to the host node too (it has another name).
-        from loom_ros.config.params import load_params_file
-        section = load_params_file(params_file).get('agent', {})
-        fixed = {'agents': ids, 'autostart': False, 'agents_file': agents_file}
-        self.agents = self._add(AgentNode(node_name=AGENT_HOST, parameter_overrides=[
-            Parameter(k, value=v) for k, v in {**section, **fixed}.items()
-            if k not in ('agent_id',)]))
-        self._add(LifecycleManagerNode(parameter_overrides=[
-            Parameter('spawn', value=False), Parameter('agents', value=ids),
-            Parameter('groups', value=ids), Parameter('agents_file', value=agents_file)]))
-        if args.bridge:
-            from loom_ros.bridge.bridge_node import ZenohBridgeNode
-            self._add(ZenohBridgeNode(parameter_overrides=[
-                Parameter('connect', value=[_endpoint(args)]),
-                Parameter('keys_dir', value=str(keys.keys_path(args.keys_dir))),
-                Parameter('insecure', value=bool(args.insecure))]), lifecycle=True)
+        self.agent_ids = agent_ids
+        self.agents = None
+        ids = ','.join(agent_ids)
 
-    def _add(self, node, lifecycle: bool = False):
-        from rclpy.lifecycle import TransitionCallbackReturn
+        def overrides(node):
+            params = node_parameters(args, node, selected, agent_ids, agents_file, params_file,
+                                     robot_file)
+            if node.name == table.MANAGER:
+                params.update(spawn=False)
+                params.pop('agent_params_file', None)
+            return [Parameter(k, value=v) for k, v in params.items()]
+        for node in selected:
+            if node.name == table.MANAGER:
+                # The agents' host: the params file's agent section reaches it through
+                # robot_file's /**/agent_host_0 section.
+                self.agents = self._add(AgentNode(node_name=AGENT_HOST, parameter_overrides=[
+                    Parameter('agents', value=ids), Parameter('autostart', value=False),
+                    Parameter('agents_file', value=agents_file)]))
+            self._add(node.load_class()(parameter_overrides=overrides(node)))
+
+    def _add(self, node):
         from rclpy.task import Future
 
         from loom_ros.bus.executor import make_executor, spin_until
         executor = make_executor()
         executor.add_node(node)
         stop = Future()
-
         name = node.get_name()
 
         def spin():
-            # Transitions on the node's own thread: what configure opens (SQLite connections)
-            # is then used on the thread that made it.
             try:
-                if lifecycle and node.get_parameter('autostart').value:
-                    if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-                        node.trigger_activate()
                 spin_until(executor, stop)
             except BaseException as exc:  # the thread ends here: say why, for the main loop
                 self.deaths[name] = f'{type(exc).__name__}: {str(exc)[:300]}'
@@ -251,13 +470,32 @@ class RobotProcess:
                 for (node, _), thread, stop in zip(self.nodes, self.threads, self._stops)
                 if not thread.is_alive() and not stop.done()}
 
-    def agents_active(self) -> bool:
+    def poll(self) -> None:
+        """Raise naming every dead node and every refused configure (agents' included)."""
+        problems = [f'node {n} died ({why})' for n, why in self.dead_nodes().items()]
+        failed = [f'agent {a}: {why}' for a, why in dict(self.agents.failed).items()]
+        failed += [f'{node.get_name()}: {node.configure_error}' for node, _ in self.nodes
+                   if getattr(node, 'configure_error', '')]
+        if failed:
+            problems.append('configure failed: ' + '; '.join(failed))
+        if problems:
+            raise RuntimeError('; '.join(problems))
+
+    def all_active(self) -> bool:
+        """Every lifecycle node and every hosted agent active."""
         from loom_ros.agents.runtime import AgentState
         agents = dict(self.agents.agents)
-        return bool(agents) and all(a.lifecycle is AgentState.ACTIVE for a in agents.values())
+        if not agents or any(a.lifecycle is not AgentState.ACTIVE for a in agents.values()):
+            return False
+        # rclpy has no public getter for a lifecycle node's state in-process; its services use
+        # this.
+        return all(node._state_machine.current_state[1] == 'active'
+                   for node, _ in self.nodes if hasattr(node, '_state_machine'))
 
-    def failures(self) -> dict:
-        return dict(self.agents.failed)
+    def waiting_for(self) -> str:
+        return ', '.join(node.get_name() for node, _ in self.nodes
+                         if hasattr(node, '_state_machine')
+                         and node._state_machine.current_state[1] != 'active')
 
     def stop(self) -> None:
         from loom_ros.agents.runtime import AgentState
@@ -279,27 +517,10 @@ class RobotProcess:
             node.destroy_node()
 
 
-def _check_alive(robot: RobotProcess, side: dict[str, subprocess.Popen]) -> None:
-    """Raise naming every node whose spin thread died and every side process that exited."""
-    problems = [f'node {n} died ({why})' for n, why in robot.dead_nodes().items()]
-    problems += [f'{n} exited with {p.returncode}' for n, p in side.items()
-                 if p.poll() is not None]
-    if problems:
-        raise RuntimeError('; '.join(problems))
-
-
-def _all_active(robot: RobotProcess) -> bool:
-    """Whether every lifecycle node and every agent is active. Raises with each reason as soon as
-    one refused configure, so bring-up neither prints ready while degraded nor waits 60 s."""
-    failed = [f'agent {a}: {why}' for a, why in robot.failures().items()]
-    failed += [f'{node.get_name()}: {node.configure_error}' for node, _ in robot.nodes
-               if getattr(node, 'configure_error', '')]
-    if failed:
-        raise RuntimeError('configure failed: ' + '; '.join(failed))
-    # rclpy has no public getter for a lifecycle node's state in-process; its services use this.
-    return robot.agents_active() and all(
-        node._state_machine.current_state[1] == 'active'
-        for node, _ in robot.nodes if hasattr(node, '_state_machine'))
+def _check_side(side: dict[str, Process]) -> None:
+    exited = [f'{n} {p.exit_reason()}' for n, p in side.items() if not p.running]
+    if exited:
+        raise RuntimeError('; '.join(exited))
 
 
 def main_with(args, ros_args: list[str]) -> int:
@@ -309,68 +530,100 @@ def main_with(args, ros_args: list[str]) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    side: dict[str, subprocess.Popen] = {}
-    robot = None
+    side: dict[str, Process] = {}
+    robot = readiness = None
     code = 0
     with tempfile.TemporaryDirectory(prefix='loom_bringup_') as tmp:
         try:
             check_params_file(params_file)   # a typo'd key or node section: refused up front
             robot_name = robot_id(params_file)
-            local_credentials(args, robot_name)
-            if args.insecure:
-                print(f'loom bringup: WARNING {INSECURE_WARNING}', file=sys.stderr, flush=True)
-            if not args.zenoh_connect:
-                side['zenoh_router'], _ = _start_side('zenoh_router', [
-                    sys.executable, '-m', 'loom_ros.bridge.zenoh_router', '--listen',
-                    _endpoint(args), *_zenoh_security(args)], args.log_dir)
-                _wait_ready(side['zenoh_router'], 'the Zenoh router')
-            if args.cloud:
-                side['cloud'], _ = _start_side('cloud', [
-                    sys.executable, '-m', 'loom_ros.cloud.server', '--connect', _endpoint(args),
-                    *_zenoh_security(args)], args.log_dir)
+            if not args.nodes_only:
+                local_credentials(args, robot_name)
+                if args.insecure:
+                    print(f'loom bringup: WARNING {INSECURE_WARNING}', file=sys.stderr,
+                          flush=True)
+                if not args.zenoh_connect:
+                    side['zenoh_router'] = _start_side('zenoh_router', [
+                        sys.executable, '-m', 'loom_ros.bridge.zenoh_router', '--listen',
+                        _endpoint(args), *_zenoh_security(args)], args.log_dir)
+                    _wait_ready(side['zenoh_router'], 'the Zenoh router')
+                if args.cloud:
+                    side['cloud'] = _start_side('cloud', [
+                        sys.executable, '-m', 'loom_ros.cloud.server', '--connect',
+                        _endpoint(args), *_zenoh_security(args)], args.log_dir)
             agents_file = _agents_file(args, tmp, robot_name)
-            rclpy.init(args=['loom_bringup', '--ros-args', '--params-file',
-                             _typed_params(params_file, tmp),
+            agent_ids = _agent_ids(args, agents_file)
+            robot_file = robot_params(params_file, tmp)
+            selected = _selected(args)
+            ns = _namespace(args)
+            rclpy.init(args=['loom_bringup', '--ros-args', '--params-file', robot_file,
+                             *(['-r', f'__ns:={ns}'] if args.composition else []),
                              *ros_args[1:]], signal_handler_options=SignalHandlerOptions.NO)
-            robot = RobotProcess(args, agents_file, params_file)
+            if args.composition:
+                robot = RobotProcess(args, selected, agent_ids, agents_file, params_file,
+                                     robot_file)
+                active = robot.all_active if args.autostart else (lambda: True)
+                waiting = robot.waiting_for
+            else:
+                robot = NodeProcesses(args, node_commands(
+                    args, selected, agent_ids, agents_file, params_file, robot_file, tmp,
+                    ros_args), tmp)
+                readiness = Readiness(selected, ns, bool(args.autostart))
+                active, waiting = readiness.check, readiness.waiting_for
             if 'cloud' in side:
                 _wait_ready(side['cloud'], 'the cloud tier')
             started = time.monotonic()
-            while not _all_active(robot) and not stop.is_set():
-                _check_alive(robot, side)
-                if time.monotonic() - started > 60.0:
-                    raise RuntimeError('agents did not become active within 60 s')
-                stop.wait(0.05)
-            _check_alive(robot, side)
-            print(json.dumps({'ready': True, 'pid': os.getpid(), 'agents': robot.agent_ids,
-                              'zenoh': _endpoint(args), 'cloud': 'cloud' in side,
-                              'secure': not args.insecure,
-                              'keys_dir': str(keys.keys_path(args.keys_dir)),
-                              'side_pids': {n: p.pid for n, p in side.items()},
-                              'params_file': params_file}), flush=True)
+            while not stop.is_set():
+                robot.poll()
+                _check_side(side)
+                if active():
+                    break
+                if time.monotonic() - started > args.ready_timeout:
+                    raise RuntimeError(f'not active within {args.ready_timeout:.0f} s: '
+                                       f'waiting for {waiting()}')
+                stop.wait(0.1)
+            robot.poll()
+            _check_side(side)
+            if not stop.is_set():
+                print(json.dumps({
+                    'ready': True, 'pid': os.getpid(),
+                    'mode': 'composition' if args.composition else 'processes',
+                    'namespace': ns, 'agents': agent_ids,
+                    'nodes': [n.name for n in selected],
+                    'node_pids': {} if args.composition else robot.pids(),
+                    'zenoh': None if args.nodes_only else _endpoint(args),
+                    'cloud': 'cloud' in side, 'secure': not args.insecure,
+                    'keys_dir': str(keys.keys_path(args.keys_dir)),
+                    'side_pids': {n: p.pid for n, p in side.items()},
+                    'params_file': params_file}), flush=True)
             deadline = time.monotonic() + args.duration if args.duration else None
             while not stop.wait(0.2):
                 if deadline and time.monotonic() > deadline:
                     break
-                _check_alive(robot, side)
-        except Exception as exc:  # a bad config, a side process that died: say why
+                robot.poll()
+                _check_side(side)
+        except Exception as exc:  # a bad config, a part that died: say why
             print(f'loom bringup: {type(exc).__name__}: {exc}', file=sys.stderr, flush=True)
             code = 1
         finally:
+            if readiness is not None:
+                readiness.close()
             if robot is not None:
-                robot.stop()
-            from loom_ros.telemetry import tracing
-            tracing.flush()
+                codes = robot.stop()
+                bad = {n: c for n, c in (codes or {}).items()
+                       if c not in (0, -signal.SIGINT, None)}
+                if bad:   # a node that aborts on Ctrl-C is a fault, not a detail
+                    print(f'loom bringup: nodes did not stop cleanly: {bad}', file=sys.stderr,
+                          flush=True)
+                    code = 1
+            if args.composition:
+                from loom_ros.telemetry import tracing
+                tracing.flush()
             rclpy.try_shutdown()
             for proc in side.values():
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGINT)
             for proc in side.values():
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                proc.stop(10.0)
     return code
 
 

@@ -2,14 +2,17 @@
 seconds (30 by default) with a live view, then a summary, and the artifacts stay in the output
 folder (demo_output/):
 
-- `loom bringup` (robot nodes in one process, a Zenoh router and the cloud tier beside it):
+- `loom bringup` (one process per robot node, as `ros2 launch loom bringup.launch.py` starts
+  them, a Zenoh router and the cloud tier beside them):
   Flow 1, camera frames -> FaceAgent -> router (Local) -> face_expression -> ui_update {emoji};
   Flow 2, speech -> asr -> VoiceAgent -> router (Hybrid) -> local transcript on the UI, cloud
   intent over Zenoh -> weather tool -> tts WAV;
 - `event_monitor` (events/s on every Loom topic) and `loom record` (an MCAP file of the topics);
 - this process watches router/decisions, loom/ui/state, the voice agent and /diagnostics, and
   measures camera-to-emoji latency, time to first feedback and time to the spoken answer (both
-  from the moment the simulated speaker stops talking).
+  from the moment the simulated speaker stops talking), and counts camera frames: sent into
+  Loom by camera_adapter, received (and lost) by the face agent, handled by the face flow (a UI
+  update for that frame), from loom/bus/stats and loom/ui/state.
 Secure by default, like bring-up: credentials are made on the first run in <output>/keys (or
 `--keys-dir`) and every Zenoh link is mutual TLS under the router's access control; `--insecure`
 runs plain TCP and says so.
@@ -18,6 +21,7 @@ OpenTelemetry spans of every hop), logs/, and the agents' state, router history 
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import queue
@@ -34,6 +38,8 @@ from pathlib import Path
 import yaml
 
 from loom_ros.config.params import DEFAULTS_FILE, config_dir
+
+CAMERA_TOPIC = 'camera.front'
 
 
 def add_parser(sub) -> None:
@@ -63,8 +69,9 @@ def _params(source: str, out: Path) -> Path:
     """The params file with every file the system writes moved under the output folder."""
     data = yaml.safe_load(Path(source).read_text(encoding='utf-8'))
 
-    def section(name):
-        return data.setdefault(name, {}).setdefault('ros__parameters', {})
+    def section(name):   # sections are keyed /**/<node> (any namespace)
+        key = name if name == '/**' else f'/**/{name}'
+        return data.setdefault(key, {}).setdefault('ros__parameters', {})
     tracing = section('/**').setdefault('telemetry', {}).setdefault('tracing', {})
     tracing.update(exporter='file', file=str(out / 'trace.jsonl'))
     section('router')['history_db'] = str(out / 'router.db')
@@ -100,7 +107,7 @@ def _stop(procs: dict[str, subprocess.Popen]) -> dict[str, int]:
     codes = {}
     for name, proc in procs.items():
         try:
-            codes[name] = proc.wait(timeout=20)
+            codes[name] = proc.wait(timeout=60)   # bring-up stops its nodes in turn
         except subprocess.TimeoutExpired:
             proc.kill()
             codes[name] = proc.wait()
@@ -123,7 +130,8 @@ class Watcher:
         from rclpy.task import Future
         from std_msgs.msg import String
 
-        from loom_msgs.msg import RouteDecision
+        from loom_msgs.msg import BusStats, RouteDecision
+        from loom_ros.bus import topics
         from loom_ros.bus.bus import create_bus
         from loom_ros.bus.executor import make_executor, spin_until
         from loom_ros.bus.qos import to_qos_profile
@@ -136,6 +144,10 @@ class Watcher:
         self.emojis: Counter = Counter()
         self.last_emoji = ''
         self._frames_seen: set = set()
+        self._handled_recent: collections.deque = collections.deque(maxlen=512)
+        self.frames_handled = 0          # distinct camera frames that reached the UI
+        self.frames_sent: dict[str, int] = {}       # node -> camera.front events published
+        self.frames_received: dict[str, tuple[int, int]] = {}   # node -> (received, lost)
         self.feedback_ms: list[float] = []
         self.answer_ms: list[float] = []
         self.intents: Counter = Counter()
@@ -149,6 +161,8 @@ class Watcher:
         self.node.create_subscription(String, 'loom/ui/state', self._on_ui,
                                       to_qos_profile('batched'))
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
+        self.node.create_subscription(BusStats, topics.STATS_TOPIC, self._on_stats,
+                                      to_qos_profile('realtime'))
         self.bus.subscribe('mic.primary', self._on_mic)
         self.bus.subscribe('agent.voice.action', self._on_voice_action)
         self.bus.subscribe('agent.voice.intent', self._on_voice_intent)
@@ -169,11 +183,24 @@ class Watcher:
         state = json.loads(msg.data)
         frame = state.get('frame_ms')
         with self.lock:
+            if frame and frame not in self._handled_recent:   # a voice update repeats it
+                self._handled_recent.append(frame)
+                self.frames_handled += 1
             if state.get('emoji') and frame and frame not in self._frames_seen:
                 self._frames_seen.add(frame)
                 self.face_ms.append(now - float(frame))
                 self.emojis[f'{state["emoji"]} {state.get("label", "")}'] += 1
                 self.last_emoji = f'{state["emoji"]} {state.get("label", "")}'
+
+    def _on_stats(self, msg) -> None:
+        """camera.front events each node published, and what subscribers to it got and lost."""
+        sent = dict(zip(msg.published_topics, msg.published_counts)).get(CAMERA_TOPIC)
+        got = [(s.received, s.lost) for s in msg.subscriptions if CAMERA_TOPIC in s.topics]
+        with self.lock:
+            if sent is not None:
+                self.frames_sent[msg.node] = int(sent)
+            if got:
+                self.frames_received[msg.node] = (sum(g[0] for g in got), sum(g[1] for g in got))
 
     def _on_diag(self, msg) -> None:
         for status in msg.status:
@@ -222,8 +249,21 @@ class Watcher:
                                       for a in self.answers],
                           'first_feedback_ms': [round(v, 1) for v in self.feedback_ms],
                           'spoken_answer_ms': [round(v, 1) for v in self.answer_ms]},
+                'camera': self._camera(),
                 'plugins': dict(self.plugins), 'last_emoji': self.last_emoji,
             }
+
+    def _camera(self) -> dict:
+        """Frames sent into Loom and handled by the face flow (call with the lock held). The
+        face agents are the non-demo subscribers of camera.front (the demo's monitors are not)."""
+        sent = sum(self.frames_sent.values())
+        agents = {n: v for n, v in self.frames_received.items() if 'agent' in n.rsplit('/', 1)[-1]}
+        received = sum(v[0] for v in agents.values())
+        return {'frames_sent': sent, 'frames_received_by_agents': received,
+                'frames_lost_before_agents': sum(v[1] for v in agents.values()),
+                'frames_handled': self.frames_handled,
+                'handled_ratio': round(self.frames_handled / sent, 3) if sent else None,
+                'note': 'sent and received as of the last loom/bus/stats (1 s period)'}
 
     def close(self) -> None:
         self._stop.set_result(True)
@@ -360,6 +400,11 @@ def _print_summary(s: dict, out: Path) -> None:
           f'ms after the speaker stopped')
     for answer in v['answers'][-1:]:
         print(f'    answer: "{answer["text"]}"')
+    cam = s['camera']
+    print(f'  Camera frames: {cam["frames_sent"]} sent into Loom, {cam["frames_received_by_agents"]} '
+          f'received by the face agent ({cam["frames_lost_before_agents"]} lost), '
+          f'{cam["frames_handled"]} handled by the face flow'
+          + (f' ({100 * cam["handled_ratio"]:.0f}%)' if cam['handled_ratio'] is not None else ''))
     print(f'  routes {s["routes"]}')
     for who, reason in sorted(s['route_reasons'].items()):
         print(f'    {who}: {reason}')

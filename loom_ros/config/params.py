@@ -1,7 +1,9 @@
 """Declare a node's ROS parameters with descriptors, taking defaults from the shipped config/loom.yaml.
 
 The YAML is the single source of defaults, so `ros2 param dump` of a fresh node equals the file.
-Sections follow ROS params-file layout: `/**` (every node) and one per node name.
+Sections follow ROS params-file layout: `/**` (every node) and one per node, keyed `/**/<node>` so
+they apply in any namespace (`namespace:=robot1` starts `/robot1/router`, which a bare `router:`
+key does not match). Bare `<node>` and `/<node>` keys are read too.
 """
 from __future__ import annotations
 
@@ -115,8 +117,25 @@ def refuse_unknown_keys(data: dict, known, where: str, error: type[Exception] = 
 
 
 def _section_node(section: str) -> str:
-    """The node name a params-file section applies to: `/ns/router` -> `router`."""
+    """The node name a params-file section applies to: `/ns/router` and `/**/router` ->
+    `router`; `/**` -> `**`."""
     return section.rstrip('/').rsplit('/', 1)[-1]
+
+
+def by_node(sections: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
+    """{node name or '/**': params} from {section key: params}: `router`, `/router` and
+    `/**/router` all count as router's (merged in file order); wildcard-only keys as `/**`."""
+    out: dict[str, dict[str, object]] = {}
+    for section, params in sections.items():
+        node = _section_node(section)
+        out.setdefault('/**' if '*' in node else node, {}).update(params)
+    return out
+
+
+def node_section(path: str, node_name: str) -> dict[str, object]:
+    """What the params file at `path` sets for `node_name` in its own sections (any key style),
+    without the `/**` section."""
+    return dict(by_node(load_params_file(path)).get(node_name, {}))
 
 
 def check_params_file(path: str, defaults_path: str | None = None) -> str:
@@ -124,7 +143,7 @@ def check_params_file(path: str, defaults_path: str | None = None) -> str:
     Loom node or a parameter that node does not declare; the declared set is config/loom.yaml,
     which test_params keeps equal to what the nodes declare. Returns `path`."""
     defaults_path = defaults_path or str(config_dir() / DEFAULTS_FILE)
-    known = load_params_file(defaults_path)
+    known = by_node(load_params_file(defaults_path))
     every = set().union(*known.values())
     for section, params in load_params_file(path).items():
         node = _section_node(section)
@@ -175,10 +194,9 @@ def _load_params_file(path: str, _mtime_ns: int, _size: int) -> dict[str, dict[s
 def node_defaults(node_name: str, path: str | None = None) -> dict[str, object]:
     """Defaults for `node_name`: the `/**` section overlaid by the node's own section."""
     path = path or str(config_dir() / DEFAULTS_FILE)
-    sections = load_params_file(path)
+    sections = by_node(load_params_file(path))
     merged = dict(sections.get('/**', {}))
     merged.update(sections.get(node_name, {}))
-    merged.update(sections.get('/' + node_name, {}))
     return merged
 
 

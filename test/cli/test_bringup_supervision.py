@@ -53,8 +53,9 @@ def config(tmp_path) -> Path:
     """config/loom.yaml with every file the robot writes under tmp_path."""
     data = yaml.safe_load((REPO / 'config' / 'loom.yaml').read_text())
 
-    def section(name):
-        return data.setdefault(name, {}).setdefault('ros__parameters', {})
+    def section(name):   # sections are keyed /**/<node> (any namespace)
+        key = name if name == '/**' else f'/**/{name}'
+        return data.setdefault(key, {}).setdefault('ros__parameters', {})
     section('router')['history_db'] = str(tmp_path / 'router.db')
     section('plugin_host').update(audit_db=str(tmp_path / 'audit.db'),
                                   data_dir=str(tmp_path / 'plugins'))

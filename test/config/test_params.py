@@ -8,10 +8,12 @@ from loom_ros.bus.bus import BUS_PARAMETERS
 from loom_ros.bus.event_monitor_node import PARAMETERS as MONITOR_PARAMETERS
 from loom_ros.bus.event_monitor_node import EventMonitorNode
 from loom_ros.config.params import (
-    ConfigError, ParamSpec, config_dir, declare_parameters, load_params_file, node_defaults,
+    ConfigError, ParamSpec, by_node, config_dir, declare_parameters, load_params_file,
+    node_defaults,
 )
 from loom_ros.agents.agent_node import PARAMETERS as AGENT_PARAMETERS
 from loom_ros.agents.agent_node import AgentNode
+from loom_ros.bringup.lifecycle_manager_node import NODES_PARAMETER, POLL_PARAMETER
 from loom_ros.bringup.lifecycle_manager_node import PARAMETERS as MANAGER_PARAMETERS
 from loom_ros.bridge.bridge_node import LIST_PARAMETERS as BRIDGE_LISTS
 from loom_ros.bridge.bridge_node import PARAMETERS as BRIDGE_PARAMETERS
@@ -26,13 +28,15 @@ from loom_ros.sensors.sim_sensors_node import SimSensorsNode
 
 NODES = {'sim_sensors': SENSOR_PARAMETERS, 'event_monitor': MONITOR_PARAMETERS,
          'router': ROUTER_PARAMETERS, 'agent': AGENT_PARAMETERS,
-         'lifecycle_manager': MANAGER_PARAMETERS, 'plugin_host': HOST_PARAMETERS,
+         'lifecycle_manager': MANAGER_PARAMETERS + [ParamSpec(NODES_PARAMETER, 'x'),
+                                                    POLL_PARAMETER],
+         'plugin_host': HOST_PARAMETERS,
          'camera_adapter': ADAPTER_PARAMETERS,
          'zenoh_bridge': BRIDGE_PARAMETERS + [ParamSpec(k, d) for k, d in BRIDGE_LISTS.items()]}
 
 
 def test_every_yaml_key_is_declared_and_every_declared_parameter_has_a_yaml_default():
-    sections = load_params_file(str(config_dir() / 'loom.yaml'))
+    sections = by_node(load_params_file(str(config_dir() / 'loom.yaml')))
     assert set(sections['/**']) == {p.name for p in BUS_PARAMETERS + TELEMETRY_PARAMETERS}
     for node, specs in NODES.items():
         assert set(sections[node]) == {p.name for p in specs}, node
@@ -85,3 +89,19 @@ def test_a_parameter_without_a_default_is_a_clear_error(ros):
             declare_parameters(node, 'sim_sensors', [ParamSpec('nonexistent', 'x')])
     finally:
         node.destroy_node()
+
+
+def test_every_node_section_is_keyed_for_any_namespace():
+    """Issue 15, fault 3: a bare `router:` key does not match /robot1/router, so with a namespace
+    every setting was silently dropped. The shipped sections are /**/<node>."""
+    sections = load_params_file(str(config_dir() / 'loom.yaml'))
+    assert all(key == '/**' or key.startswith('/**/') for key in sections), list(sections)
+
+
+def test_defaults_read_every_section_key_style(tmp_path):
+    path = tmp_path / 'p.yaml'
+    path.write_text('/**:\n  ros__parameters: {a: 1, b: 1}\n'
+                    '/**/probe:\n  ros__parameters: {b: 2, c: 2}\n'
+                    '/probe:\n  ros__parameters: {c: 3}\n')
+    assert node_defaults('probe', str(path)) == {'a': 1, 'b': 2, 'c': 3}
+    assert node_defaults('other', str(path)) == {'a': 1, 'b': 1}

@@ -41,7 +41,9 @@ WEATHER_ONLY = """plugins:
 def _params(tmp: Path, edit=None) -> Path:
     """config/loom.yaml with every file under `tmp`, changed by `edit(sections)`."""
     data = yaml.safe_load((REPO / 'config' / 'loom.yaml').read_text())
-    sections = {name: body['ros__parameters'] for name, body in data.items()}
+    # Sections are keyed /**/<node>; edits name the node.
+    sections = {name.rsplit('/', 1)[-1] if name != '/**' else name: body['ros__parameters']
+                for name, body in data.items()}
     sections['router']['history_db'] = str(tmp / 'router.db')
     sections['plugin_host'].update(audit_db=str(tmp / 'audit.db'), data_dir=str(tmp / 'plugins'),
                                    plugins_file=str(tmp / 'plugins.yaml'))

@@ -24,8 +24,9 @@ def _free_port() -> int:
 def _params(tmp: Path) -> Path:
     data = yaml.safe_load((REPO / 'config' / 'loom.yaml').read_text())
 
-    def section(name):
-        return data.setdefault(name, {}).setdefault('ros__parameters', {})
+    def section(name):   # sections are keyed /**/<node> (any namespace)
+        key = name if name == '/**' else f'/**/{name}'
+        return data.setdefault(key, {}).setdefault('ros__parameters', {})
     section('/**')['telemetry']['tracing'].update(exporter='file', file=str(tmp / 'trace.jsonl'))
     section('sim_sensors').update(imu_rate_hz=50.0, camera_rate_hz=5.0,
                                   camera_scenes=['astronaut', 'empty'], camera_scene_s=1.0,
