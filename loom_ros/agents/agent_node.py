@@ -110,6 +110,7 @@ class AgentNode(LifecycleNode):
         if self.bus.telemetry is not None:   # on /diagnostics beside the bus's own checks
             self.bus.telemetry.add_check('mailboxes', self._mailboxes_check)
             self.bus.telemetry.add_check('state persistence', self._persistence_check)
+            self.bus.telemetry.add_check('cloud link', self._cloud_check)
 
     @property
     def hosted(self) -> bool:
@@ -303,6 +304,22 @@ class AgentNode(LifecycleNode):
                                'disk space (or raise state_max_mb), then activate it again')
         lag = max((a.commit_lag_s() for a in agents), default=0.0)
         return persistence_check(lag, warn_s=2.0, error_s=10.0, what='agent state')
+
+    def _cloud_check(self):
+        """WARN while a cloud link the agents need is not open (with why): their Hybrid and
+        Cloud routes then answer locally."""
+        from loom_ros.telemetry.diagnostics import OK, WARN, CheckResult
+        links = list(self.clouds.values())
+        if not links:
+            return CheckResult(OK, 'no agent here uses the cloud')
+        down = [(link, link.client()[1]) for link in links if link.client()[0] is None]
+        if down:
+            link, why = down[0]
+            return CheckResult(WARN, f'cloud link to {list(link.settings.connect)} is not open: '
+                               f'{why}', {'open': str(len(links) - len(down)),
+                                          'links': str(len(links))})
+        return CheckResult(OK, f'{len(links)} cloud link(s) open',
+                           {'open': str(len(links)), 'links': str(len(links))})
 
     def _status(self, agent: Agent, stamp, node: str, pid: int):
         mailbox = agent.mailbox

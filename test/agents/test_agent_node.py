@@ -220,3 +220,67 @@ def test_full_disk_deactivates_the_agent_and_keeps_what_was_committed(ros, spawn
         node.destroy_node()
     proc.popen.send_signal(signal.SIGINT)
     assert proc.finish()[0] == 0
+
+
+def test_in_process_router_and_plugins_are_injected_into_the_behaviors(ros, tmp_path):
+    """An agent node sharing its process with the router's decision path and a plugin host
+    (composition): the face agent calls them directly, with no service client at all."""
+    import threading
+
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+    from rclpy.task import Future
+
+    from harness import REPO
+    from loom_ros.agents.agent_node import AgentNode
+    from loom_ros.bus.bus import EventBus
+    from loom_ros.bus.executor import make_executor, spin_until
+    from loom_ros.plugins.host import PluginHost, load_plugins_file
+    from loom_ros.plugins.perception.image import frame_event
+    from loom_ros.router.local import LocalRouter
+    host = PluginHost([s for s in load_plugins_file(REPO / 'config' / 'plugins.yaml')
+                       if s.name == 'face_expression'])
+    assert host.start() == {}
+    router = LocalRouter.from_file(REPO / 'config' / 'policy.yaml')
+    agents = AgentNode(agent_id='face', router=router, local_plugins=lambda: host.handles,
+                       namespace='/ag_inproc', parameter_overrides=[
+                           Parameter('state_dir', value=str(tmp_path)),
+                           Parameter('autostart', value=False)])
+    executor, stop = make_executor(), Future()
+    executor.add_node(agents)
+    spinning = threading.Thread(target=spin_until, args=(executor, stop), daemon=True)
+    node = Node('inproc_camera', namespace='/ag_inproc', context=ros.node.context)
+    camera = EventBus(node)
+    ros.executor.add_node(node)
+    shown = []
+    camera.subscribe('agent.face.action', lambda e, _t: shown.append(e.json()))
+    photo = frame_event(np.asarray(Image.fromarray(skimage.data.astronaut()).resize(
+        (640, 480))), type='camera.front', encoding='bgr8')
+    try:
+        assert agents.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert agents.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        spinning.start()
+        out = camera.publisher_for('camera.front', 'realtime')
+        ros.wait_for(lambda: out.get_subscription_count() >= 1, 'the face agent')
+        ros.wait_for(lambda: shown, 'the ui_update', spin=lambda: camera.publish(
+            'camera.front', photo, 'realtime') if not shown else None)
+        assert shown[0]['label'] == 'happy' and shown[0]['rule'] == 'threshold'
+        assert router.decisions >= 1
+        assert host.counters('face_expression')['calls'] >= 1
+        names = [client.srv_name for client in agents.clients]
+        assert not [n for n in names if n.endswith(('router/route', 'handle_event'))], names
+    finally:
+        stop.set_result(True)
+        if spinning.is_alive():
+            spinning.join(10)
+        executor.shutdown()
+        agents.trigger_shutdown()
+        agents.destroy_node()
+        ros.executor.remove_node(node)
+        camera.destroy()
+        node.destroy_node()
+        host.stop()

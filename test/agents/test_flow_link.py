@@ -72,3 +72,69 @@ def test_face_agent_reaches_router_and_plugin_host_through_its_own_node_and_stop
     for proc in (router, plugins):
         proc.popen.send_signal(signal.SIGINT)
         assert proc.finish()[0] == 0
+
+
+def test_a_behavior_waiting_for_a_service_holds_neither_recall_nor_a_transition(
+        ros, spawn, tmp_path):
+    """No plugin host runs: every frame's call waits for the service (up to 5 s). The answer
+    would come on the agent node's executor, so the executor must never wait for the handler:
+    Recall says busy at once, and deactivate ends the waits (they fail saying the host is not
+    active) instead of draining the mailbox at 5 s a frame."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    from loom_msgs.msg import AgentStatus
+    from loom_msgs.srv import Recall
+    from loom_ros.bus import topics
+    from loom_ros.bus.qos import QosLevel, to_qos_profile
+    ns = '/fl_wait'
+    agent = spawn('-m', 'loom_ros.agents.agent_node', '--ros-args', '-r', f'__ns:={ns}',
+                  '-r', '__node:=agent_host_0', '-p', 'agent_id:=face',
+                  '-p', f'state_dir:={tmp_path}')
+    node = Node('fl_wait_camera', namespace=ns, context=ros.node.context)
+    camera = EventBus(node)
+    ros.executor.add_node(node)
+    busy = []
+    beats = node.create_subscription(
+        AgentStatus, topics.AGENTS_HEARTBEAT, lambda m: busy.append(m.busy_ms > 0),
+        to_qos_profile(QosLevel.BACKGROUND))
+    recall = node.create_client(Recall, f'{ns}/agent_host_0/recall')
+    change = node.create_client(ChangeState, f'{ns}/agent_host_0/change_state')
+    dark = np.zeros((48, 64, 3), np.uint8)
+    last = [0.0]
+
+    def send_frame():   # keep the agent busy: a frame every 0.2 s
+        if time.monotonic() - last[0] >= 0.2:
+            last[0] = time.monotonic()
+            camera.publish('camera.front', frame_event(dark, type='camera.front'), 'realtime')
+
+    def call(client, request):
+        ros.wait_for(client.service_is_ready, f'{client.srv_name}', alive=[agent])
+        future = client.call_async(request)
+        ros.wait_for(future.done, f'the answer of {client.srv_name}', alive=[agent],
+                     spin=send_frame)
+        return future.result()
+    try:
+        ros.wait_for(lambda: busy and busy[-1], 'the agent busy with a frame', alive=[agent],
+                     spin=send_frame)
+        # A Recall that finds the lock free between two frames is answered; one that finds it
+        # held by a waiting handler says busy (it used to wait for the handler).
+        answers = [call(recall, Recall.Request(mode='episodic')) for _ in range(3)]
+        assert any(not a.ok and 'busy' in a.error for a in answers), \
+            [(a.ok, a.error) for a in answers]
+        started = time.monotonic()
+        assert call(change, ChangeState.Request(
+            transition=Transition(id=Transition.TRANSITION_DEACTIVATE))).success
+        took = time.monotonic() - started
+        assert call(change, ChangeState.Request(
+            transition=Transition(id=Transition.TRANSITION_ACTIVATE))).success
+    finally:
+        ros.executor.remove_node(node)
+        node.destroy_subscription(beats)
+        camera.destroy()
+        node.destroy_node()
+    agent.popen.send_signal(signal.SIGINT)
+    code, _out, err = agent.finish()
+    assert code == 0, err[-3000:]
+    assert 'the agent host is not active: no plugin calls now' in err, err[-3000:]
+    assert took < 5.0, (took, err[-3000:])   # not one 5 s service wait, let alone one a frame
