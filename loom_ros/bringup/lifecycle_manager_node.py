@@ -1,7 +1,18 @@
-"""The agents' lifecycle manager: brings the configured agents up in order (configure, then
-activate, one process after the other), watches each through its heartbeats, restarts a dead or
-hung agent (its state comes back from SQLite on configure), and reports every agent's health on
-loom/agents/status (AgentStatus) and /diagnostics (DiagnosticArray).
+"""The lifecycle manager of every Loom lifecycle node. It brings up, in order, first the lifecycle
+nodes others started (`nodes`: router, plugin host, Zenoh bridge, storage, started by launch or
+`loom bringup` with autostart false), then the agents (configure, then activate, one after the
+other); watches the nodes by polling their lifecycle state and the agents through their
+heartbeats; brings a respawned node up again and restarts a dead or hung agent (each restores its
+own state on configure); gives up after max_restarts; and reports on loom/agents/status
+(AgentStatus, agents) and /diagnostics (DiagnosticArray, `loom/nodes/<node>` and
+`loom/agents/<agent>`).
+
+Nav2's manager services (std_srvs/Trigger) drive it: ~/startup, ~/shutdown (every node taken
+down in reverse order, agents stopped first), ~/pause (deactivate, reverse order), ~/resume,
+~/reset (deactivate and clean up) and ~/is_active. They answer at once and the manager works
+toward the new goal in the background (a blocking answer would stall this node's executor);
+~/is_active tells when it is there. With `autostart: false` nothing happens until ~/startup.
+What to do next with the nodes is decided by bringup.manager_core (pure, clock-injected).
 
 Nav2's lifecycle manager supervises through bond, which Python nodes lack; this one watches the
 AgentStatus heartbeats every agent node publishes (0.1 s period, 4 s timeout by default), and
@@ -15,9 +26,9 @@ back up, but cannot end a hung process itself.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
-import subprocess
 import sys
 import time
 
@@ -30,33 +41,46 @@ from loom_ros.agents.supervisor import (KEY_ENV, LOCAL_BEATS, Beat, BeatAuth, He
 from loom_ros.bus import topics
 from loom_ros.bus.executor import run_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
-from loom_ros.bringup.processes import die_with_parent
-from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
+from loom_ros.bringup.manager_core import ManagerCore
+from loom_ros.bringup.processes import Process, RestartPolicy
+from loom_ros.config.params import (ConfigError, ParamSpec, config_dir, declare_parameters,
+                                    node_defaults)
 from loom_ros.telemetry.logs import mask_node_logger
 
 PARAMETERS = [
     ParamSpec('agents_file', "Agents YAML; '' means the shipped config/agents.yaml",
               read_only=True),
     ParamSpec('agents', "Agents to manage in bring-up order: comma-separated ids, '*' for the "
-              'file order', read_only=True),
+              "file order, 'none' for no agents", read_only=True),
     ParamSpec('groups', "Agents hosted together in one process: ';'-separated groups of "
               "comma-separated ids ('' = one process per agent)", read_only=True),
     ParamSpec('spawn', 'Start the agent processes (true) or manage nodes started elsewhere',
               read_only=True),
-    ParamSpec('autostart', 'Bring the agents up as soon as the manager starts', read_only=True),
+    ParamSpec('autostart', 'Bring everything up as soon as the manager starts (false: wait for '
+              '~/startup)', read_only=True),
     ParamSpec('state_dir', "Folder of the agents' SQLite state (passed to spawned agents)",
               read_only=True),
     ParamSpec('agent_params_file', "ROS params file given to spawned agents ('' = none)",
               read_only=True),
-    ParamSpec('heartbeat_timeout_s', 'No heartbeat for this long: dead (or hung if its process '
-              'still runs)', min_value=0.1),
+    ParamSpec('heartbeat_timeout_s', 'No heartbeat (agents) or get_state answer (nodes) for '
+              'this long: dead (or hung if its process still runs)', min_value=0.1),
     ParamSpec('hang_timeout_s', 'A handler busy for longer than this: hung', min_value=0.1),
     ParamSpec('max_restarts', 'Restarts per process before it is marked failed', min_value=0),
     ParamSpec('transition_timeout_s', 'Longest wait for a lifecycle service or transition',
               min_value=1.0),
     ParamSpec('status_period_s', 'Seconds between loom/agents/status and /diagnostics reports',
               min_value=0.05),
+    ParamSpec('node_poll_period_s', "Seconds between get_state polls of each managed node",
+              read_only=True, min_value=0.05, max_value=60.0),
 ]
+NODES_DESCRIPTION = ("Lifecycle nodes others start (launch, loom bringup; autostart false) to "
+                     "bring up in this order before the agents, names relative to this "
+                     "manager's namespace (e.g. router, plugin_host, zenoh_bridge)")
+MAX_NODES = 64
+_NODE_NAME = re.compile(r'^/?[A-Za-z_][A-Za-z0-9_]{0,127}(/[A-Za-z_][A-Za-z0-9_]{0,127}){0,7}$')
+_TRANSITION_IDS = {'configure': 1, 'cleanup': 2, 'activate': 3, 'deactivate': 4,
+                   'shutdown': 5}   # shutdown is only asked of an unconfigured node
+AGENT_STOP_S = 10.0   # SIGINT, then SIGKILL after this, for agents a shutdown stops
 
 
 class _Managed:
@@ -64,14 +88,26 @@ class _Managed:
 
     def __init__(self, unit: Unit):
         self.unit = unit
-        self.process: subprocess.Popen | None = None
-        self.phase = 'spawn'      # spawn, wait_services, configuring, activating, running, failed
+        self.process: Process | None = None
+        # spawn, wait_services, configuring, activating, running, stopping, stopped, failed
+        self.phase = 'spawn'
         self.phase_since = 0.0
         self.future = None
         self.change_state = self.get_state = None
         self.key: bytes | None = None   # the secret its beats are signed with
         self.beat_seen = False          # a verified beat from the current process came
         self.local_seen: dict[str, tuple[int, int]] = {}   # agent -> in-process beat taken
+        self.paused = False             # deactivated by ~/pause (or on its way there)
+        self.pause_future = None
+
+
+class _NodeClients:
+    """The lifecycle service clients of one managed node, and the calls in flight."""
+
+    def __init__(self, get_state, change_state):
+        self.get_state, self.change_state = get_state, change_state
+        self.poll = None          # (future, asked at) of the get_state call in flight
+        self.transition = None    # (future, transition label) in flight
 
 
 class LifecycleManagerNode(Node):
@@ -80,6 +116,7 @@ class LifecycleManagerNode(Node):
         super().__init__('lifecycle_manager', **kwargs)
         mask_node_logger(self)   # every log line masked from the first (issue 13, fault 10)
         self.params = declare_parameters(self, 'lifecycle_manager', PARAMETERS)
+        self.params['nodes'] = self._declare_nodes()
         from diagnostic_msgs.msg import DiagnosticArray
         from lifecycle_msgs.srv import ChangeState, GetState
         from loom_msgs.msg import AgentStatus
@@ -89,6 +126,17 @@ class LifecycleManagerNode(Node):
         p = self.params
         self.supervisor = Supervisor([m.unit for m in self.managed], p['heartbeat_timeout_s'],
                                      p['hang_timeout_s'], int(p['max_restarts']))
+        self.policy = RestartPolicy(max_restarts=int(p['max_restarts']), initial_backoff_s=0.5,
+                                    max_backoff_s=5.0)
+        names = self._node_names()
+        clash = [n for n in names if n in {m.unit.node for m in self.managed}]
+        if clash:
+            raise ConfigError(f'lifecycle_manager.nodes: {clash} are agent host names')
+        self.core = ManagerCore(names, time.monotonic, p['heartbeat_timeout_s'],
+                                p['transition_timeout_s'], self.policy)
+        self.lifecycle_clients = {n: _NodeClients(self.create_client(GetState, f'{n}/get_state'),
+                                        self.create_client(ChangeState, f'{n}/change_state'))
+                        for n in names}
         self.last_status: dict[str, object] = {}
         self.auth = BeatAuth()
         if not p['spawn']:   # agents in this process (loom bringup), or given the same key
@@ -98,23 +146,61 @@ class LifecycleManagerNode(Node):
         self.create_subscription(AgentStatus, topics.AGENTS_HEARTBEAT, self._on_beat, qos)
         self.status_pub = self.create_publisher(AgentStatus, topics.AGENTS_STATUS, qos)
         self.diag_pub = self.create_publisher(DiagnosticArray, topics.DIAGNOSTICS, 10)
-        self.started = bool(p['autostart'])
-        # Nav2's manager services, the two a caller needs to drive `autostart: false`.
+        self.goal: str | None = None
+        self._set_goal('active' if p['autostart'] else None)
+        # Nav2's manager services.
         from std_srvs.srv import Trigger
-        self.create_service(Trigger, '~/startup', self._on_startup)
-        self.create_service(Trigger, '~/is_active', self._on_is_active)
+        for name, handler in (('startup', self._on_startup), ('shutdown', self._on_shutdown),
+                              ('pause', self._on_pause), ('resume', self._on_resume),
+                              ('reset', self._on_reset), ('is_active', self._on_is_active)):
+            self.create_service(Trigger, f'~/{name}', handler)
         self.create_timer(0.1, self._tick)
+        self.create_timer(p['node_poll_period_s'], self._poll_nodes)
         self.create_timer(p['status_period_s'], self._report)
         self.get_logger().info('managing ' + '; '.join(
-            f'{m.unit.node} ({", ".join(m.unit.agents)})' for m in self.managed))
+            [f'nodes {", ".join(names)}'] * bool(names) + [
+                f'{m.unit.node} ({", ".join(m.unit.agents)})' for m in self.managed]) +
+            ('' if p['autostart'] else '; waiting for ~/startup (autostart is false)'))
+
+    def _declare_nodes(self):
+        """`nodes`, a string array: dynamic typing, since an empty default list would be typed
+        as bytes and refuse string overrides."""
+        from rcl_interfaces.msg import ParameterDescriptor
+        defaults = node_defaults('lifecycle_manager')
+        if 'nodes' not in defaults:
+            raise ConfigError('loom.yaml: no default for parameter \'nodes\' of lifecycle_manager')
+        return self.declare_parameter('nodes', list(defaults['nodes']), ParameterDescriptor(
+            description=NODES_DESCRIPTION, read_only=True, dynamic_typing=True)).value
+
+    def _node_names(self) -> list[str]:
+        """The `nodes` parameter checked: a list of valid, distinct ROS node names, bounded."""
+        value = self.params['nodes']
+        if value is None:   # rcl gives None for an empty list in a params file
+            value = []
+        elif isinstance(value, str):
+            value = [v.strip() for v in value.split(',') if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f'lifecycle_manager.nodes: expected a list of node names, got '
+                              f'{str(value)[:200]!r}')
+        if len(value) > MAX_NODES:
+            raise ConfigError(f'lifecycle_manager.nodes: {len(value)} nodes, at most {MAX_NODES}')
+        bad = [v for v in value if not _NODE_NAME.match(v)]
+        if bad:
+            raise ConfigError(f'lifecycle_manager.nodes: {bad[0][:80]!r} is not a node name '
+                              '(letters, digits, _; relative to the manager\'s namespace)')
+        if len(set(value)) != len(value):
+            raise ConfigError(f'lifecycle_manager.nodes: a node is listed twice: {value}')
+        return list(value)
 
     def _units(self) -> list[Unit]:
+        spec = self.params['agents'].strip()
+        if spec == 'none':
+            return []
         path = self.params['agents_file'] or str(config_dir() / 'agents.yaml')
         try:
             configs = load_agents(path)
         except AgentConfigError as exc:
             raise ConfigError(str(exc)) from None
-        spec = self.params['agents'].strip()
         order = list(configs) if spec in ('', '*') else [a.strip() for a in spec.split(',')]
         missing = [a for a in order if a not in configs]
         if missing:
@@ -138,50 +224,246 @@ class LifecycleManagerNode(Node):
         return units
 
     # -- manager services -----------------------------------------------------------------------
+    def _set_goal(self, goal: str | None) -> None:
+        self.goal = goal
+        self.core.set_goal(goal)
+        if goal == 'active':
+            for m in self.managed:
+                if m.phase == 'stopped':     # after a shutdown or reset: spawn them again
+                    self._enter(m, 'spawn', -1e9)
+
+    def _everything(self) -> str:
+        return ', '.join([n.name for n in self.core.nodes] + [m.unit.node for m in self.managed])
+
     def _on_startup(self, _request, response):
-        """~/startup: bring the agents up in order (what autostart does at start)."""
+        """~/startup: bring every node, then every agent, up in order."""
         response.success = True
-        if self.started:
+        if self.goal == 'active':
             response.message = 'already started'
             return response
-        self.started = True
-        response.message = 'bringing up ' + ', '.join(m.unit.node for m in self.managed)
+        self._set_goal('active')
+        response.message = 'bringing up ' + self._everything()
         self.get_logger().info(f'startup requested: {response.message}')
         return response
 
-    def _on_is_active(self, _request, response):
-        """~/is_active: true once every managed node is running."""
-        running = sum(m.phase == 'running' for m in self.managed)
-        response.success = self.started and running == len(self.managed)
-        response.message = f'{running}/{len(self.managed)} running' + (
-            '' if self.started else '; not started: call ~/startup (autostart is false)')
+    def _on_shutdown(self, _request, response):
+        """~/shutdown: stop the agents, then deactivate, clean up and shut down every node in
+        reverse order. A finalized node comes back only as a new process (launch's respawn)."""
+        response.success = True
+        self._set_goal('finalized')
+        response.message = 'shutting down ' + self._everything()
+        self.get_logger().info(f'shutdown requested: {response.message}')
         return response
 
-    # -- bring-up and restarts ----------------------------------------------------------------
+    def _on_pause(self, _request, response):
+        """~/pause: deactivate the agents, then every node in reverse order."""
+        response.success = self.goal in ('active', 'inactive')
+        if response.success:
+            self._set_goal('inactive')
+            response.message = 'pausing ' + self._everything()
+            self.get_logger().info(f'pause requested: {response.message}')
+        else:
+            response.message = f'nothing to pause (goal: {self.goal or "not started"})'
+        return response
+
+    def _on_resume(self, _request, response):
+        """~/resume: activate every node in order, then the agents."""
+        response.success = self.goal in ('inactive', 'active')
+        if response.success:
+            self._set_goal('active')
+            response.message = 'resuming ' + self._everything()
+            self.get_logger().info(f'resume requested: {response.message}')
+        else:
+            response.message = f'not paused (goal: {self.goal or "not started"}); use ~/startup'
+        return response
+
+    def _on_reset(self, _request, response):
+        """~/reset: stop the agents, deactivate and clean up every node in reverse order
+        (back to unconfigured; ~/startup brings everything up again)."""
+        response.success = True
+        self._set_goal('unconfigured')
+        response.message = 'resetting ' + self._everything()
+        self.get_logger().info(f'reset requested: {response.message}')
+        return response
+
+    def _on_is_active(self, _request, response):
+        """~/is_active: true once every managed node and agent is active."""
+        nodes = sum(n.state == 'active' and not n.busy for n in self.core.nodes)
+        agents = sum(m.phase == 'running' and not m.paused for m in self.managed)
+        response.success = self.goal == 'active' and nodes == len(self.core.nodes) and \
+            agents == len(self.managed)
+        response.message = f'{nodes}/{len(self.core.nodes)} nodes active, ' \
+            f'{agents}/{len(self.managed)} agent hosts running' + (
+                '; not started: call ~/startup (autostart is false)' if self.goal is None else
+                f'; goal: {self.goal}' if self.goal != 'active' else '')
+        for n in self.core.nodes:
+            health, reason = self.core.health(n.name)
+            if health not in ('ok',):
+                response.message += f'; {n.name} {health}: {reason}'
+        return response
+
+    # -- the managed nodes ----------------------------------------------------------------------
+    def _poll_nodes(self) -> None:
+        """Ask every node its lifecycle state; a call unanswered for heartbeat_timeout_s is
+        dropped (its server died) and asked again."""
+        GetState = self._types[1]
+        now = time.monotonic()
+        for name, c in self.lifecycle_clients.items():
+            if c.poll is not None:
+                future, asked = c.poll
+                if not future.done() and now - asked < self.params['heartbeat_timeout_s']:
+                    continue
+                if not future.done():
+                    c.get_state.remove_pending_request(future)
+                c.poll = None
+            if not c.get_state.service_is_ready():
+                continue
+            future = c.get_state.call_async(GetState.Request())
+            c.poll = (future, now)
+            future.add_done_callback(lambda f, name=name, asked=now: self._on_state(name, f, asked))
+
+    def _on_state(self, name: str, future, asked: float) -> None:
+        c = self.lifecycle_clients[name]
+        if c.poll is not None and c.poll[0] is future:
+            c.poll = None
+        try:
+            result = future.result()
+        except Exception:  # noqa: BLE001 - a cancelled or failed call: no answer
+            return
+        if result is not None:
+            self.core.answered(name, str(result.current_state.label)[:64], asked)
+
+    def _drive_nodes(self) -> None:
+        ChangeState = self._types[0]
+        from lifecycle_msgs.msg import Transition
+        descending = self.goal in ('inactive', 'unconfigured', 'finalized')
+        for name, label in self.core.transitions(hold_descent=descending and
+                                                 not self._agents_down()):
+            c = self.lifecycle_clients[name]
+            if c.transition is not None and not c.transition[0].done():
+                c.change_state.remove_pending_request(c.transition[0])
+            future = c.change_state.call_async(ChangeState.Request(
+                transition=Transition(id=_TRANSITION_IDS[label])))
+            c.transition = (future, label)
+            future.add_done_callback(lambda f, name=name, label=label:
+                                     self._on_transition(name, label, f))
+        log = self.get_logger()
+        for _name, kind, text in self.core.take_events():
+            {'lost': log.warning, 'gave_up': log.error}.get(kind, log.info)(text)
+
+    def _on_transition(self, name: str, label: str, future) -> None:
+        try:
+            result = future.result()
+        except Exception:  # noqa: BLE001 - cancelled: the core has timed it out already
+            return
+        self.core.transition_done(name, label, bool(result and result.success),
+                                  '' if result and result.success else
+                                  f'see the log of {name}')
+
+    # -- agents: bring-up, pause, stop, restarts ----------------------------------------------
+    def _agents_down(self) -> bool:
+        """The agents are where a descending goal wants them (nodes wait for that)."""
+        if self.goal == 'inactive':
+            return all(m.phase != 'running' or (m.paused and m.pause_future is None)
+                       for m in self.managed)
+        return all(m.phase in ('stopped', 'failed') for m in self.managed)
+
     def _tick(self) -> None:
-        if not self.started:
+        if self.goal is None:
             return
         if not self.params['spawn']:
             self._take_local_beats()
+        self._drive_nodes()
         now = time.monotonic()
-        bringing_up = True   # initial bring-up is in order: one unit at a time
+        if self.goal == 'active':
+            self._agents_up(now)
+        elif self.goal == 'inactive':
+            self._agents_pause(now, pause=True)
+        else:
+            self._agents_stop(now)
+
+    def _agents_up(self, now: float) -> None:
+        nodes_up = self.core.all_active()
+        bringing_up = nodes_up   # initial bring-up is in order: nodes first, one unit at a time
         for m in self.managed:
             if m.phase in ('running', 'failed'):
                 if m.phase == 'running':
+                    self._resume(m)
                     self._watch(m, now)
                 continue
-            if bringing_up or m.unit.restarts:
+            if m.phase in ('stopping', 'stopped'):
+                self._finish_stop(m, now)
+                continue
+            if bringing_up or (m.unit.restarts and nodes_up):
                 self._advance(m, now)
             if m.unit.up_since_s is None and not m.unit.restarts:
                 bringing_up = False
+
+    def _resume(self, m: _Managed) -> None:
+        """Activate an agent ~/pause deactivated."""
+        self._agents_pause(time.monotonic(), pause=False, only=m)
+
+    def _agents_pause(self, now: float, pause: bool, only: _Managed | None = None) -> None:
+        ChangeState = self._types[0]
+        from lifecycle_msgs.msg import Transition
+        for m in [only] if only else reversed(self.managed):
+            if m.phase == 'running' and only is None:
+                self._watch(m, now)
+            if m.phase != 'running':
+                continue
+            if m.pause_future is not None:
+                if not m.pause_future.done():
+                    continue
+                m.pause_future = None
+            if m.paused != pause:
+                m.paused = pause
+                m.pause_future = m.change_state.call_async(ChangeState.Request(
+                    transition=Transition(id=Transition.TRANSITION_DEACTIVATE if pause else
+                                          Transition.TRANSITION_ACTIVATE)))
+
+    def _agents_stop(self, now: float) -> None:
+        """Shutdown or reset: the agents this manager spawned are stopped (SIGINT: they commit
+        their state on the way out, SIGKILL after AGENT_STOP_S); agents it did not spawn get
+        their lifecycle shutdown transition."""
+        ChangeState = self._types[0]
+        from lifecycle_msgs.msg import Transition
+        for m in reversed(self.managed):
+            if m.phase in ('stopped', 'failed'):
+                continue
+            if m.phase == 'stopping':
+                self._finish_stop(m, now)
+                continue
+            self.get_logger().info(f'stopping {m.unit.node}')
+            m.unit.up_since_s, m.paused, m.pause_future = None, False, None
+            if m.process is not None:
+                m.process.send_signal(signal.SIGINT)
+            elif m.change_state is not None and m.phase == 'running':
+                m.future = m.change_state.call_async(ChangeState.Request(
+                    transition=Transition(id=Transition.TRANSITION_ACTIVE_SHUTDOWN)))
+            self._enter(m, 'stopping', now)
+
+    def _finish_stop(self, m: _Managed, now: float) -> None:
+        if m.phase != 'stopping':
+            return
+        if m.process is not None:
+            if m.process.running and now - m.phase_since < AGENT_STOP_S:
+                return
+            m.process.stop(timeout_s=0)   # SIGKILL whatever is left of its group
+            m.process = None
+        elif m.future is not None and not m.future.done() and \
+                now - m.phase_since < self.params['transition_timeout_s']:
+            return
+        m.future = None
+        self._enter(m, 'stopped', now)
+        self.get_logger().info(f'{m.unit.node} stopped')
 
     def _advance(self, m: _Managed, now: float) -> None:
         ChangeState, GetState = self._types[:2]
         from lifecycle_msgs.msg import Transition
         timeout = self.params['transition_timeout_s']
         if m.phase == 'spawn':
-            if now - m.phase_since < min(5.0, 0.5 * m.unit.restarts):
-                return   # back off a little more after each restart
+            if now - m.phase_since < self.policy.backoff_s(m.unit.restarts):
+                return   # back off more after each restart
             if self.params['spawn']:
                 m.key, m.beat_seen = secrets.token_bytes(32), False
                 for agent in m.unit.agents:
@@ -190,6 +472,7 @@ class LifecycleManagerNode(Node):
             if m.change_state is None:
                 m.change_state = self.create_client(ChangeState, f'{m.unit.node}/change_state')
                 m.get_state = self.create_client(GetState, f'{m.unit.node}/get_state')
+            m.paused, m.pause_future = False, None
             self._enter(m, 'wait_services', now)
         elif m.phase == 'wait_services':
             # A process we started must beat first: a killed predecessor's services linger in
@@ -216,16 +499,19 @@ class LifecycleManagerNode(Node):
                                           if m.unit.restarts else ''))
         if m.phase not in ('running', 'failed') and now - m.phase_since > timeout:
             self._restart(m, f'{m.unit.node} stuck in {m.phase} for {timeout:.0f} s')
-        elif m.process is not None and m.process.poll() is not None and \
+        elif m.process is not None and not m.process.running and \
                 m.phase not in ('running', 'failed'):
-            self._restart(m, f'{m.unit.node} exited with {m.process.returncode} during bring-up')
+            self._restart(m, f'{m.unit.node} {m.process.exit_reason()} during bring-up')
 
     def _watch(self, m: _Managed, now: float) -> None:
-        alive = None if m.process is None else m.process.poll() is None
+        alive = None if m.process is None else m.process.running
         for agent in m.unit.agents:
             verdict = self.supervisor.verdict(agent, now, alive)
             if self.supervisor.needs_restart(verdict):
-                self._restart(m, f'agent {agent} {verdict.health.value}: {verdict.reason}')
+                reason = verdict.reason
+                if m.process is not None and not alive:
+                    reason = f'its process {m.process.exit_reason()}'
+                self._restart(m, f'agent {agent} {verdict.health.value}: {reason}')
                 return
 
     def _restart(self, m: _Managed, reason: str) -> None:
@@ -245,7 +531,7 @@ class LifecycleManagerNode(Node):
     def _enter(self, m: _Managed, phase: str, now: float) -> None:
         m.phase, m.phase_since = phase, now
 
-    def _spawn(self, unit: Unit, key: bytes) -> subprocess.Popen:
+    def _spawn(self, unit: Unit, key: bytes) -> Process:
         name = unit.node
         args = [sys.executable, '-m', 'loom_ros.agents.agent_node', '--ros-args',
                 '-r', f'__node:={name}', '-r', f'__ns:={self.get_namespace()}']
@@ -266,25 +552,16 @@ class LifecycleManagerNode(Node):
         with open(own, 'w', encoding='utf-8') as f:
             yaml.safe_dump({fq_name: {'ros__parameters': settings}}, f)
         args += ['--params-file', own]
-        # Ends with the manager, even by SIGKILL (Linux PR_SET_PDEATHSIG).
-        # The heartbeat secret goes in the child's environment only: never argv (ps shows it)
-        # nor a topic.
+        # Ends with the manager, even by SIGKILL (death signal); its stderr still reaches ours
+        # and its last lines are kept for the reason of a crash. The heartbeat secret goes in
+        # the child's environment only: never argv (ps shows it) nor a topic.
         env = {**os.environ, KEY_ENV: key.hex()}
-        return subprocess.Popen(args, start_new_session=True, preexec_fn=die_with_parent(),
-                                env=env)
+        return Process(args, name=name, env=env, echo_stderr=sys.stderr).start()
 
     def _stop(self, m: _Managed, kill: bool) -> None:
         process, m.process = m.process, None
-        if process is None or process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGINT)
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        except ProcessLookupError:
-            pass
+        if process is not None:
+            process.stop(timeout_s=10.0, signum=signal.SIGKILL if kill else signal.SIGINT)
 
     # -- heartbeats and reports ---------------------------------------------------------------
     def _on_beat(self, msg, local: bool = False) -> None:
@@ -328,8 +605,10 @@ class LifecycleManagerNode(Node):
         stamp = self.get_clock().now().to_msg()
         diag = DiagnosticArray()
         diag.header.stamp = stamp
+        for name in self.lifecycle_clients:
+            diag.status.append(self._node_status(name))
         for m in self.managed:
-            alive = None if m.process is None else m.process.poll() is None
+            alive = None if m.process is None else m.process.running
             for agent in m.unit.agents:
                 verdict = self.supervisor.verdict(agent, now, alive)
                 if m.phase not in ('running', 'failed') and m.unit.restarts:
@@ -353,6 +632,18 @@ class LifecycleManagerNode(Node):
                         ('dispatch_p99_us', f'{msg.dispatch_p99_us:.0f}'),
                         ('heartbeats_rejected', self.auth.by_agent[agent]))]))
         self.diag_pub.publish(diag)
+
+    def _node_status(self, name: str):
+        """A managed node's /diagnostics entry: ERROR when dead or given up on."""
+        from diagnostic_msgs.msg import DiagnosticStatus as D, KeyValue
+        n = self.core.node(name)
+        health, reason = self.core.health(name)
+        level = D.ERROR if health in ('dead', 'failed') else D.OK if health == 'ok' else D.WARN
+        return D(level=level, name=f'loom/nodes/{name}', hardware_id=name,
+                 message=f'{health}: {reason}' if reason else health,
+                 values=[KeyValue(key=k, value=str(v)) for k, v in (
+                     ('health', health), ('lifecycle', n.state), ('goal', self.goal or 'none'),
+                     ('restarts', n.restarts.total), ('last_error', n.last_error))])
 
     @staticmethod
     def _level(verdict, msg) -> tuple[bytes, str]:
