@@ -1,9 +1,12 @@
-"""`loom bringup` is supervised (issue 13, "No silent death" and fault 8): a SIGKILLed bring-up
-takes its Zenoh router and cloud processes with it, so the next one gets the port; a node whose
-spin thread dies makes bring-up say so and exit 1 instead of staying "ready"."""
+"""`loom bringup` is supervised (issue 13, "No silent death" and fault 8; issue 15): a SIGKILLed
+bring-up takes its node processes, agent hosts, Zenoh router and cloud with it, so the next one
+gets the port; a SIGKILLed node process is started again and the lifecycle manager brings it back
+to active (launch's respawn); a node that keeps dying, or (with --composition) a node whose spin
+thread dies, makes bring-up say which and exit 1 instead of staying "ready"."""
 from __future__ import annotations
 
 import json
+import os
 import queue
 import signal
 import socket
@@ -19,7 +22,7 @@ import yaml
 
 from harness import REPO, WAIT_LIMIT_S, loom_cli
 
-# Runs `loom bringup` with one fault injected: camera_adapter's spin thread raises as soon as a
+# Runs `loom bringup --composition` with one fault injected: camera_adapter's spin thread raises as soon as a
 # line arrives on stdin (what `spin_until` survives cannot kill it; this stands for what would).
 DYING_NODE_DRIVER = '''
 import sys, threading
@@ -69,11 +72,13 @@ def config(tmp_path) -> Path:
 class Bringup:
     """A `loom bringup` process (optionally through a driver script); stderr goes to a file."""
 
-    def __init__(self, config: Path, port: int, name: str, driver: str | None = None):
+    def __init__(self, config: Path, port: int, name: str, driver: str | None = None,
+                 extra: tuple[str, ...] = ()):
         self.err_path = config.parent / f'{name}.err'
         args = ['--config', str(config), '--zenoh-port', str(port), '--no-sim-sensors',
                 '--agents', 'counter', '--log-dir', str(config.parent),
-                '--keys-dir', str(config.parent / 'keys')]   # secure, with this test's credentials
+                '--keys-dir', str(config.parent / 'keys'),   # secure, with this test's credentials
+                *extra]
         cmd = [sys.executable, '-c', driver, *args] if driver else \
             [sys.executable, *loom_cli('bringup', *args)]
         with open(self.err_path, 'w') as err:
@@ -138,8 +143,13 @@ def test_sigkill_of_bringup_takes_its_side_processes_along_and_the_port_is_free_
         first.popen.wait()
         _wait_until(lambda: all(_gone(pid) for pid in children),
                     f'its child processes {children} to end with it')
+        assert ready['mode'] == 'processes'
         assert set(ready['side_pids']) == {'zenoh_router', 'cloud'}
         assert set(ready['side_pids'].values()) <= set(children)
+        assert set(ready['node_pids']) == {'camera_adapter', 'router', 'plugin_host',
+                                           'zenoh_bridge', 'lifecycle_manager'}
+        assert set(ready['node_pids'].values()) <= set(children)
+        assert len(children) > len(ready['node_pids']) + 2   # the agent host too
     finally:
         first.stop()
     second = Bringup(config, port, 'second')   # the Zenoh port is free again
@@ -152,14 +162,71 @@ def test_sigkill_of_bringup_takes_its_side_processes_along_and_the_port_is_free_
 
 
 def test_a_node_whose_spin_thread_dies_makes_bringup_exit_1_and_say_which(config):
-    bringup = Bringup(config, _free_port(), 'dying', driver=DYING_NODE_DRIVER)
+    bringup = Bringup(config, _free_port(), 'dying', driver=DYING_NODE_DRIVER,
+                      extra=('--composition',))
     try:
-        pids = bringup.ready()['side_pids']
+        ready = bringup.ready()
+        assert ready['mode'] == 'composition' and ready['node_pids'] == {}
+        pids = ready['side_pids']
         bringup.popen.stdin.write('die\n')
         bringup.popen.stdin.flush()
         assert bringup.wait() == 1
         err = bringup.err_path.read_text()
         assert 'node camera_adapter died (RuntimeError: injected fault' in err, err
         assert all(_gone(pid) for pid in pids.values())   # stopped on the way out
+    finally:
+        bringup.stop()
+
+
+def _lifecycle_state(ros, node: str) -> str:
+    """The node's lifecycle state label, asked over its get_state service ('' if no answer)."""
+    from lifecycle_msgs.srv import GetState
+    client = ros.node.create_client(GetState, f'{node}/get_state')
+    try:
+        if not client.wait_for_service(timeout_sec=2.0):
+            return ''
+        future = client.call_async(GetState.Request())
+        deadline = time.monotonic() + 3.0   # a killed node's service lingers in discovery
+        while not future.done() and time.monotonic() < deadline:
+            ros.executor.spin_once(timeout_sec=0.05)
+        return future.result().current_state.label if future.done() else ''
+    finally:
+        ros.node.destroy_client(client)
+
+
+def test_a_killed_node_process_is_started_again_and_brought_back_to_active(ros, config):
+    bringup = Bringup(config, _free_port(), 'respawn',
+                      extra=('--no-cloud', '--namespace', 'respawn'))
+    try:
+        old = bringup.ready()['node_pids']['router']
+        assert _lifecycle_state(ros, '/respawn/router') == 'active'
+        os.kill(old, signal.SIGKILL)
+        _wait_until(lambda: 'router was killed by SIGKILL' in bringup.err_path.read_text(),
+                    'bring-up to see the router die')
+        ros.wait_for(lambda: _lifecycle_state(ros, '/respawn/router') == 'active',
+                     'the respawned router to be brought back to active by the manager')
+        assert bringup.popen.poll() is None   # still up: one death is not the end
+        new = [p for p in psutil.Process(bringup.popen.pid).children(recursive=True)
+               if p.pid != old and 'loom_ros.router.router_node' in ' '.join(p.cmdline())]
+        assert len(new) == 1
+        bringup.popen.send_signal(signal.SIGINT)
+        assert bringup.wait() == 0, bringup.err_path.read_text()
+    finally:
+        bringup.stop()
+
+
+def test_a_node_that_keeps_dying_makes_bringup_exit_1_and_say_which(config):
+    data = yaml.safe_load(config.read_text())
+    data['/**/camera_adapter']['ros__parameters']['max_rate_hz'] = -1.0   # refused at start
+    config.write_text(yaml.safe_dump(data))
+    bringup = Bringup(config, _free_port(), 'crashloop',
+                      extra=('--no-cloud', '--max-restarts', '1'))
+    try:
+        assert bringup.wait() == 1
+        err = bringup.err_path.read_text()
+        reason = [line for line in err.splitlines() if line.startswith('loom bringup: Runtime')]
+        assert reason and 'camera_adapter exited with code 1' in reason[-1], err[-3000:]
+        assert 'gave up after 1 restarts' in reason[-1]
+        assert '"ready"' not in ''.join(iter(bringup.lines.get, ''))
     finally:
         bringup.stop()
