@@ -34,11 +34,11 @@ from loom_ros.agents.flows.cloud import CloudLink, CloudSettings
 from loom_ros.agents.flows.link import NodePorts
 from loom_ros.agents.runtime import CONFIGURE_ERRORS, Agent, AgentState, Dispatcher
 from loom_ros.agents.supervisor import LOCAL_BEATS, BeatSigner, process_key
+from loom_ros.bridge.zenoh_link import INSECURE_WARNING
 from loom_ros.bus import topics
 from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.executor import run_lifecycle_node
-from loom_ros.bridge.zenoh_link import INSECURE_WARNING
 from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
 from loom_ros.config.paths import usable_dir

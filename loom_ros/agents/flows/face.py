@@ -6,7 +6,8 @@ when privacy allows and the confidence clears the threshold; the decision's rule
 kept) -> `ui_update {emoji, label}` on agent.face.action, which the `ui` plugin shows on
 loom/ui/state and as an rviz marker. The update carries `frame_ms` (the camera stamp), so anyone
 reading loom/ui/state can measure camera-to-emoji latency.
-Ports (AgentContext): the plugin, the router. Settings: `plugin` (face_expression), `event_type` for the router (face.detected), `min_interval_ms`
+Ports (AgentContext): the plugin, the router. Settings: `plugin` (face_expression), `event_type`
+for the router (face.detected), `min_interval_ms`
 (skip frames arriving faster; 0: none), `emojis` (label -> emoji overrides).
 """
 from __future__ import annotations

@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 
 from rclpy.exceptions import NameValidationException
 
+from loom_msgs.msg import RouteOutcome
+from loom_msgs.srv import HandleEvent, Route
+
 from loom_ros.agents.behavior import InProcessPlugins, PortError, Ports
 from loom_ros.bus.event import Event, Privacy
+from loom_ros.bus.qos import to_qos_profile
+from loom_ros.cloud.client import outcome_msg
 from loom_ros.plugins.contract import PluginResponse
 from loom_ros.plugins.registry import local_plugins as registry_plugins
 from loom_ros.plugins.registry import response_from_msg
@@ -68,12 +74,11 @@ class Gate:
             self._waiters.add(done)
             self.waiting += 1
         try:
-            waited = 0.0
+            deadline = time.monotonic() + timeout_s
             while not client.service_is_ready():
                 if done.wait(POLL_S) or not self._open:
                     return None, why_closed
-                waited += POLL_S
-                if waited >= timeout_s:
+                if time.monotonic() >= deadline:
                     return None, f'service {client.srv_name} is not available'
             future = client.call_async(request)
             future.add_done_callback(lambda _f: done.set())
@@ -94,18 +99,13 @@ class ServiceRouter:
     """The RouterPort over `router/route` (decisions) and `router/outcomes` (what happened)."""
 
     def __init__(self, node, gate: Gate, timeout_s: float = CALL_TIMEOUT_S):
-        from loom_msgs.msg import RouteOutcome
-        from loom_msgs.srv import Route
-
-        from loom_ros.bus.qos import to_qos_profile
         self.node, self.gate, self.timeout_s = node, gate, timeout_s
-        self._route_type = Route
         self._client = node.create_client(Route, 'router/route')
         self._outcomes = node.create_publisher(RouteOutcome, 'router/outcomes',
                                                to_qos_profile('batched'))
 
     def route(self, query: RouteQuery) -> RouteAnswer:
-        req = self._route_type.Request(
+        req = Route.Request(
             event_id=query.event_id, event_type=query.event_type, agent_id=query.agent_id,
             privacy=PRIVACY_CODES.get(query.privacy, 1), local_supported=query.local_supported,
             has_local_confidence=query.local_confidence is not None,
@@ -126,7 +126,6 @@ class ServiceRouter:
                            float(resp.confidence), resp.cloud_model, float(resp.cloud_cost))
 
     def report(self, outcome) -> None:
-        from loom_ros.cloud.client import outcome_msg
         self._outcomes.publish(outcome_msg(outcome))
 
     def close(self) -> None:
@@ -140,12 +139,10 @@ class ServicePlugins:
 
     def __init__(self, node, gate: Gate, host: str = 'plugin_host', local=None,
                  timeout_s: float = CALL_TIMEOUT_S):
-        from loom_msgs.srv import HandleEvent
         local = local if local is not None else registry_plugins
         self.node, self.gate, self.timeout_s = node, gate, timeout_s
         self.local = InProcessPlugins(local)
         self._lookup = local
-        self._type = HandleEvent
         self.base = f'{node.get_namespace().rstrip("/")}/{host}'
         self._clients: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -169,7 +166,7 @@ class ServicePlugins:
                     raise PortError(f'{name[:64]!r} is not a plugin name')
                 if len(self._clients) >= MAX_PLUGIN_CLIENTS:
                     raise PortError(f'more than {MAX_PLUGIN_CLIENTS} plugin names asked for')
-                client = self.node.create_client(self._type, f'{self.base}/{name}/handle_event')
+                client = self.node.create_client(HandleEvent, f'{self.base}/{name}/handle_event')
                 self._clients[name] = client
             return client
 
@@ -180,7 +177,7 @@ class ServicePlugins:
             client = self._client(name)
         except (PortError, NameValidationException) as exc:
             return PluginResponse.failure(f'plugin {name[:64]!r}: {exc}')
-        resp, error = self.gate.call(client, self._type.Request(event=event.to_msg()),
+        resp, error = self.gate.call(client, HandleEvent.Request(event=event.to_msg()),
                                      self.timeout_s,
                                      'the agent host is not active: no plugin calls now')
         if resp is None:
