@@ -9,20 +9,42 @@ file's members and grants. `--insecure` (plain TCP, no rules) is the only way ou
 so on stderr. Production fleets run zenohd with the same config (`--print-config`).
 It prints one JSON line `{"ready": true, "zid": ..., "listen": [...], "secure": ...}` when it
 listens, then serves until SIGINT or SIGTERM.
+
+What access control refuses is counted and audited (loom_ros.security.refusals): zenoh logs its
+decisions only through Rust's tracing, to fd 1, so the secure router moves fd 1 onto a pipe a
+thread reads (the ready line goes to the real stdout), counts each refusal by identity, action
+and key, writes a bounded sample and periodic totals to the audit log (`--audit-db`), and keeps
+the counts in `--stats-file` (JSON, rewritten every `--stats-period-s`). Every other zenoh log
+line is passed on to stderr. Logging every decision costs throughput (see the README):
+`--no-refusal-count` turns it off, loudly.
+
+A certificate issued after start (`loom keys issue`) or a changed fleet file takes effect without
+a restart: the keys folder is checked every `--watch-s`, and when the rules change the router
+session is reopened with them, same zid and endpoints; clients reconnect by themselves (about a
+second with zenoh's default retry; the gap is printed on stderr and kept in the stats file).
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
 
 from loom_ros.bridge.zenoh_link import INSECURE_WARNING, secure_endpoint, session_config
 from loom_ros.config.params import ConfigError, read_yaml
 from loom_ros.security import acl, keys
+from loom_ros.security.audit import AuditError, AuditLog, default_path
+from loom_ros.security.refusals import LOG_DIRECTIVES, RefusalCounter, RefusalParser
 
 MAX_MEMBERS = 10_000   # identities read from a keys folder (each is one certificate parse)
+PIPE_BYTES = 1 << 20   # the log pipe's buffer: zenoh's threads block only when it is full
+CLOSE_WAIT_S = 5.0     # the most a reload waits for the old session to close
+FORWARD_RATE = 50.0    # other zenoh log lines passed on to stderr per second (burst 200)
 
 
 def fleet_identities(keys_dir) -> list[tuple[str, str]]:
@@ -63,6 +85,137 @@ def router_access_control(keys_dir, fleet_file: str = '') -> tuple[dict, list[st
     return acl.access_control(members), [m.name for m in members]
 
 
+def keys_fingerprint(keys_dir, fleet_file: str = '') -> tuple:
+    """What the rules are made from, cheaply compared: the path, size and modification time of
+    the authority, of every certificate in the keys folder and of the fleet file."""
+    root = keys.keys_path(keys_dir)
+    paths = [root / 'ca.pem', *sorted(root.glob('*/cert.pem'))[:MAX_MEMBERS]]
+    if fleet_file:
+        paths.append(Path(fleet_file))
+    found = []
+    for path in paths:
+        try:
+            stat = path.stat()
+            found.append((str(path), stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            found.append((str(path), -1, -1))
+    return tuple(found)
+
+
+class RefusalWatch:
+    """The router's refusal accounting: zenoh's log bytes in (from the reader thread), counts,
+    audit rows and other log lines (to stderr, rate-limited) out; snapshots for the stats file."""
+
+    def __init__(self, parser: RefusalParser, counter: RefusalCounter, err=sys.stderr,
+                 clock=time.monotonic):
+        self.parser, self.counter, self._err, self._clock = parser, counter, err, clock
+        self._lock = threading.Lock()
+        self._tokens, self._last = 200.0, clock()
+        self.forward_dropped = 0
+
+    def feed(self, chunk: bytes) -> None:
+        with self._lock:
+            refusals, other = self.parser.feed(chunk)
+            for refusal in refusals:
+                self.counter.add(refusal)
+        for line in other:
+            now = self._clock()
+            self._tokens = min(200.0, self._tokens + (now - self._last) * FORWARD_RATE)
+            self._last = now
+            if self._tokens < 1.0:
+                self.forward_dropped += 1
+                continue
+            self._tokens -= 1.0
+            print(line, file=self._err, flush=True)
+
+    def tick(self, force: bool = False) -> dict | None:
+        with self._lock:
+            return self.counter.tick(force)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {**self.counter.snapshot(), 'log_lines': self.parser.lines,
+                    'cut_lines': self.parser.cut_lines, 'acl_log_seen': self.parser.acl_seen,
+                    'forward_dropped': self.forward_dropped}
+
+
+def tap_zenoh_log(zenoh, watch: RefusalWatch):
+    """Route zenoh's Rust log (tracing writes to fd 1) through a pipe into `watch`, with the
+    access-control decisions and TLS accept errors switched on; returns the real stdout (a
+    file) for the ready line and the reader thread. Must run before the first zenoh.open."""
+    real_stdout = os.fdopen(os.dup(1), 'w', buffering=1)
+    read_end, write_end = os.pipe()
+    try:
+        fcntl.fcntl(write_end, getattr(fcntl, 'F_SETPIPE_SZ', 1031), PIPE_BYTES)
+    except OSError:
+        pass   # the default 64 KiB pipe only blocks zenoh's logging threads sooner
+    sys.stdout.flush()
+    os.dup2(write_end, 1)
+    os.close(write_end)
+    sys.stdout = real_stdout
+
+    def read() -> None:
+        while True:
+            chunk = os.read(read_end, 1 << 16)
+            if not chunk:
+                break
+            watch.feed(chunk)
+        os.close(read_end)
+    reader = threading.Thread(target=read, name='zenoh-log', daemon=True)
+    reader.start()
+    os.environ['NO_COLOR'] = '1'   # plain lines (tracing-subscriber honours it)
+    user = os.environ.get('RUST_LOG', '').strip()
+    os.environ['RUST_LOG'] = f'{user or "error"},{LOG_DIRECTIVES}'
+    zenoh.init_log_from_env_or('error')
+    return real_stdout, reader
+
+
+def untap_zenoh_log(reader: threading.Thread, limit_s: float = 2.0) -> None:
+    """Close the log pipe's write end (fd 1 becomes /dev/null) and let the reader drain it."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    reader.join(limit_s)
+
+
+def write_stats(path: str, stats: dict) -> None:
+    """The stats file, replaced whole (a reader never sees half of it)."""
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w', encoding='utf-8') as out:
+        json.dump(stats, out, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def link_names(holder: dict):
+    """zid -> the certificate name zenoh authenticated on that link (the router's own table)."""
+    def name(zid: str) -> str | None:
+        session = holder.get('session')
+        if session is None:
+            return None
+        for link in session.info.links():
+            if str(link.zid) == zid:
+                return link.auth_identifier or None
+        return None
+    return name
+
+
+def reopen(zenoh, old, make_config, stop: threading.Event) -> tuple[object | None, float]:
+    """Close `old` (in a thread: a close was seen hanging) and open a session from
+    make_config(), retrying until it opens or `stop`; returns it (None if stopped) and the
+    seconds the router was down."""
+    start = time.monotonic()
+    closer = threading.Thread(target=old.close, name='zenoh-close', daemon=True)
+    closer.start()
+    closer.join(CLOSE_WAIT_S)
+    while not stop.is_set():
+        try:
+            return zenoh.open(make_config()), time.monotonic() - start
+        except zenoh.ZError as exc:
+            print(f'zenoh_router: reopening: {exc}; retrying', file=sys.stderr, flush=True)
+            stop.wait(0.5)
+    return None, time.monotonic() - start
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog='zenoh_router', description=__doc__.splitlines()[0])
     parser.add_argument('--listen', action='append', default=[],
@@ -80,9 +233,25 @@ def main(argv=None) -> int:
                         help='plain TCP without authentication or access control (say why)')
     parser.add_argument('--print-config', action='store_true',
                         help='print the access_control JSON (for zenohd) and exit')
+    parser.add_argument('--audit-db', default=default_path(),
+                        help='audit log for refusals and reloads (default ~/.loom/audit.db; '
+                        '"" for none: counted only)')
+    parser.add_argument('--stats-file', default='',
+                        help='JSON file with the refusal counts, rewritten every '
+                        '--stats-period-s (default: none; totals still go to stderr)')
+    parser.add_argument('--stats-period-s', type=float, default=5.0,
+                        help='how often the stats file is rewritten (default 5)')
+    parser.add_argument('--watch-s', type=float, default=2.0,
+                        help='how often the keys folder and fleet file are checked for new '
+                        'identities or grants (default 2; 0: never)')
+    parser.add_argument('--no-refusal-count', action='store_true',
+                        help='do not log, count or audit refused messages (faster; say why)')
     args = parser.parse_args(argv)
+    if args.stats_period_s <= 0 or args.watch_s < 0:
+        parser.error('--stats-period-s must be > 0 and --watch-s >= 0')
 
     import zenoh
+    watch = reader = audit = None
     try:
         if args.insecure:
             identity, rules, members = None, None, []
@@ -95,21 +264,106 @@ def main(argv=None) -> int:
             if args.print_config:
                 print(json.dumps({'access_control': rules}, indent=2))
                 return 0
-        session = zenoh.open(session_config('router', args.connect, listen,
-                                            args.multicast_scouting, identity=identity,
-                                            access_control=rules))
-    except (zenoh.ZError, ValueError, keys.CredentialsError, OSError) as exc:
+            if args.no_refusal_count:
+                print('zenoh_router: WARNING refused messages are not counted or audited '
+                      '(--no-refusal-count)', file=sys.stderr, flush=True)
+            else:
+                audit = AuditLog(args.audit_db) if args.audit_db else None
+                sink = (lambda kind, fields: audit.append('zenoh_router', kind, **fields)) \
+                    if audit is not None else None
+                holder: dict = {}
+                watch = RefusalWatch(RefusalParser(link_names(holder)), RefusalCounter(sink))
+                _, reader = tap_zenoh_log(zenoh, watch)
+        fixed_id: list[str] = []
+
+        def make_config():
+            config = session_config('router', args.connect, listen, args.multicast_scouting,
+                                    identity=identity, access_control=rules)
+            if fixed_id:   # a reopened router keeps its zid: clients see the same router
+                config.insert_json5('id', json.dumps(fixed_id[0]))
+            return config
+        session = zenoh.open(make_config())
+        fixed_id.append(str(session.zid()))
+    except (zenoh.ZError, ValueError, keys.CredentialsError, OSError, AuditError) as exc:
         # ConfigError and AclError are ValueErrors
         print(f'zenoh_router: cannot start: {exc}', file=sys.stderr, flush=True)
         return 1
+    if watch is not None:
+        holder['session'] = session
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    print(json.dumps({'ready': True, 'zid': str(session.zid()), 'listen': listen,
+    state = {'zid': fixed_id[0], 'secure': identity is not None, 'members': members,
+             'reloads': 0, 'reload_failures': 0, 'last_reload_down_s': None,
+             'counting': watch is not None}
+    fingerprint = keys_fingerprint(args.keys_dir, args.fleet) if identity is not None else ()
+    now = time.monotonic()
+    next_watch = now + (args.watch_s or float('inf'))
+
+    def report(final: bool = False) -> None:
+        counts = {}
+        if watch is not None:
+            row = watch.tick(force=final)
+            if row is not None:
+                print(f'zenoh_router: refused {row["refused"]} in {row["period_s"]:.0f} s '
+                      f'({row["total"]} since start): ' + ', '.join(
+                          f'{t["identity"]} {t["action"]} {t["keyexpr"][:60]} x{t["count"]}'
+                          for t in row['top'][:5]), file=sys.stderr, flush=True)
+            counts = watch.snapshot()
+        if args.stats_file:
+            try:
+                write_stats(args.stats_file, {**state, **counts})
+            except OSError as exc:
+                print(f'zenoh_router: stats file: {exc}', file=sys.stderr, flush=True)
+
+    report()   # the stats file exists once the ready line is out
+    print(json.dumps({'ready': True, 'zid': fixed_id[0], 'listen': listen,
                       'secure': identity is not None, 'members': members}), flush=True)
-    while not stop.wait(0.2):  # polled: a handler calling set() inside a bare wait() can hang
-        pass
+    next_stats = time.monotonic() + args.stats_period_s
+    while not stop.wait(0.1):  # polled: a handler calling set() inside a bare wait() can hang
+        now = time.monotonic()
+        if identity is not None and now >= next_watch:
+            next_watch = now + args.watch_s
+            seen = keys_fingerprint(args.keys_dir, args.fleet)
+            if seen != fingerprint:
+                fingerprint = seen
+                try:
+                    new_rules, new_members = router_access_control(args.keys_dir, args.fleet)
+                except (ValueError, OSError, keys.CredentialsError) as exc:
+                    state['reload_failures'] += 1
+                    print(f'zenoh_router: keeping the old rules: {exc}', file=sys.stderr,
+                          flush=True)
+                    new_rules = rules
+                if new_rules != rules:
+                    rules = new_rules
+                    reopened, down_s = reopen(zenoh, session, make_config, stop)
+                    if reopened is None:
+                        break
+                    session = reopened
+                    if watch is not None:
+                        holder['session'] = session
+                    added = sorted(set(new_members) - set(members))
+                    removed = sorted(set(members) - set(new_members))
+                    members = new_members
+                    state.update(members=members, reloads=state['reloads'] + 1,
+                                 last_reload_down_s=round(down_s, 3))
+                    print(f'zenoh_router: new rules: +{added} -{removed}; the router was down '
+                          f'{down_s:.3f} s', file=sys.stderr, flush=True)
+                    if audit is not None:
+                        try:
+                            audit.append('zenoh_router', 'zenoh_acl_reload', added=added,
+                                         removed=removed, down_s=round(down_s, 3))
+                        except AuditError as exc:
+                            print(f'zenoh_router: {exc}', file=sys.stderr, flush=True)
+        if now >= next_stats:
+            next_stats = now + args.stats_period_s
+            report()
     session.close()
+    if reader is not None:
+        untap_zenoh_log(reader)
+    report(final=True)
+    if audit is not None:
+        audit.close()
     return 0
 
 
