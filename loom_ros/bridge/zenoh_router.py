@@ -136,6 +136,7 @@ class RefusalWatch:
         with self._lock:
             return {**self.counter.snapshot(), 'log_lines': self.parser.lines,
                     'cut_lines': self.parser.cut_lines, 'acl_log_seen': self.parser.acl_seen,
+                    'suspect_lines': self.parser.suspect_lines,
                     'forward_dropped': self.forward_dropped}
 
 

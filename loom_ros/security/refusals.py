@@ -19,7 +19,11 @@ forwarded); RefusalCounter counts every refusal by (identity, action, flow, key 
 and audits a bounded sample: the first of each kind, within a token bucket, then a totals row
 per period. Lines are bounded before parsing. A key expression may contain a newline, so a
 member can make up a line: identities therefore come from `names` (the router's own link table,
-zid -> certificate name) whenever it knows the zid, never from the text alone.
+zid -> certificate name), never from the text alone (an unknown zid is `zid:<id>`), a line whose
+text names another identity than its zid's link is counted in `suspect_lines`, and a permission
+table left unfinished has its rows counted as refusals. What remains: a member that knows another
+member's zid can make up refusals in that member's name (a false alarm, never an access), and
+one that also makes up the rest of a table can hide a few of its own refusals from the count.
 """
 from __future__ import annotations
 
@@ -72,6 +76,14 @@ class Refusal:
     claimed: str = ''    # the certificate name the log line itself shows
 
 
+@dataclass
+class _Table:
+    """A permission table zenoh is filling for a key on one thread: the rows seen so far."""
+    flow: str
+    key: str
+    rows: list
+
+
 def _action(label: str) -> str:
     return label.strip().lower().replace('/', '_').replace(' ', '_')
 
@@ -84,10 +96,11 @@ class RefusalParser:
         self._known: OrderedDict[str, str | None] = OrderedDict()
         self._tail = b''
         self._dropping = False      # inside a line longer than MAX_LINE
-        self._cache: dict[str, list] = {}   # thread -> [flow, key, next label index]
+        self._cache: dict[str, _Table] = {}   # per thread: the permission table being filled
         self.lines = 0
         self.cut_lines = 0          # lines longer than MAX_LINE (cut)
         self.acl_seen = False       # zenoh said "Access control is enabled"
+        self.suspect_lines = 0      # lines that do not fit what zenoh writes (made up?)
 
     def feed(self, chunk: bytes) -> tuple[list[Refusal], list[str]]:
         """Refusals in `chunk` (plus what an earlier chunk left unfinished), and the lines that
@@ -141,26 +154,22 @@ class RefusalParser:
         if d is not None:
             state = self._cache.get(thread)
             if state is not None:
-                flow, key, index = state
-                if d['zid'] and d['flow'] == flow and d['key'] == key \
-                        and d['label'] == _CACHE_LABELS[index]:
+                if d['zid'] and d['flow'] == state.flow and d['key'] == state.key \
+                        and d['label'] == _CACHE_LABELS[len(state.rows)] \
+                        and d['zid'] == (state.rows[0][0]['zid'] if state.rows else d['zid']):
                     # A row of the permission table zenoh fills for a new key: not a message.
-                    if index + 1 == len(_CACHE_LABELS):
+                    state.rows.append((d, msg))
+                    if len(state.rows) == len(_CACHE_LABELS):
                         del self._cache[thread]
-                    else:
-                        state[2] = index + 1
                     return
-                del self._cache[thread]   # an identity without rules fills it silently
+                self._abandon(thread, refusals)
             if d['un']:
-                zid = d['zid'] or d['czid']
-                claimed = _CERT_NAME.search(d['subject'] or '')
-                refusals.append(Refusal(self.identity(zid), _action(d['label']), d['flow'],
-                                        d['key'][:MAX_KEY], zid,
-                                        claimed[1] if claimed else ''))
+                refusals.append(self._refusal(d))
             return
         c = _CACHING.match(msg)
         if c is not None:
-            self._cache[thread] = [c['flow'], c['key'], 0]
+            self._abandon(thread, refusals)
+            self._cache[thread] = _Table(c['flow'], c['key'], [])
             return
         n = _NO_SUBJECT.match(msg)
         if n is not None:
@@ -172,6 +181,24 @@ class RefusalParser:
             return
         if level in ('WARN', 'ERROR'):
             other.append(raw.decode('utf-8', 'replace'))
+
+    def _refusal(self, d: re.Match) -> Refusal:
+        zid = d['zid'] or d['czid']
+        claimed = _CERT_NAME.search(d['subject'] or '')
+        refusal = Refusal(self.identity(zid), _action(d['label']), d['flow'],
+                          d['key'][:MAX_KEY], zid, claimed[1] if claimed else '')
+        if refusal.claimed and refusal.claimed != refusal.identity \
+                and not refusal.identity.startswith('zid:'):
+            self.suspect_lines += 1   # the text names another identity than the link does
+        return refusal
+
+    def _abandon(self, thread: str, refusals: list) -> None:
+        """A permission table left unfinished is an identity without rules (no rows) or made-up
+        lines (a key expression with a newline): its rows are counted as what they say."""
+        state = self._cache.pop(thread, None)
+        if state is not None and state.rows:
+            self.suspect_lines += len(state.rows)
+            refusals.extend(self._refusal(d) for d, _ in state.rows if d['un'])
 
     def identity(self, zid: str) -> str:
         """The fleet identity behind `zid` by the router's link table (remembered, bounded)."""
