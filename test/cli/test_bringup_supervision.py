@@ -96,7 +96,8 @@ class Bringup:
         """Its ready line; fails the test if it exits or takes longer than the wait limit."""
         line = ''
         try:
-            line = self.lines.get(timeout=WAIT_LIMIT_S)
+            # A process per node plus an agent host: twice the usual bound on a loaded machine.
+            line = self.lines.get(timeout=2 * WAIT_LIMIT_S)
             return json.loads(line)
         except (queue.Empty, ValueError):
             self.stop()

@@ -291,7 +291,8 @@ def _bringup(params: Path, *extra: str) -> subprocess.CompletedProcess:
                                    '--no-sim-sensors', '--agents', 'counter', '--zenoh-port',
                                    str(_free_port()), '--duration', '0.1', '--keys-dir',
                                    str(keys_dir), *extra)],
-        cwd=REPO, capture_output=True, text=True, timeout=WAIT_LIMIT_S)
+        # Six node processes and an agent host start: twice the usual bound on a loaded machine.
+        cwd=REPO, capture_output=True, text=True, timeout=2 * WAIT_LIMIT_S)
 
 
 def _refused(result, *needles: str) -> str:
