@@ -13,7 +13,6 @@ from loom_ros.config.params import (
 )
 from loom_ros.agents.agent_node import PARAMETERS as AGENT_PARAMETERS
 from loom_ros.agents.agent_node import AgentNode
-from loom_ros.bringup.lifecycle_manager_node import NODES_PARAMETER, POLL_PARAMETER
 from loom_ros.bringup.lifecycle_manager_node import PARAMETERS as MANAGER_PARAMETERS
 from loom_ros.bridge.bridge_node import LIST_PARAMETERS as BRIDGE_LISTS
 from loom_ros.bridge.bridge_node import PARAMETERS as BRIDGE_PARAMETERS
@@ -28,8 +27,8 @@ from loom_ros.sensors.sim_sensors_node import SimSensorsNode
 
 NODES = {'sim_sensors': SENSOR_PARAMETERS, 'event_monitor': MONITOR_PARAMETERS,
          'router': ROUTER_PARAMETERS, 'agent': AGENT_PARAMETERS,
-         'lifecycle_manager': MANAGER_PARAMETERS + [ParamSpec(NODES_PARAMETER, 'x'),
-                                                    POLL_PARAMETER],
+         # `nodes` (a string list, [] allowed) is declared on its own, typed dynamically.
+         'lifecycle_manager': MANAGER_PARAMETERS + [ParamSpec('nodes', 'x')],
          'plugin_host': HOST_PARAMETERS,
          'camera_adapter': ADAPTER_PARAMETERS,
          'zenoh_bridge': BRIDGE_PARAMETERS + [ParamSpec(k, d) for k, d in BRIDGE_LISTS.items()]}
