@@ -33,7 +33,10 @@ from loom_ros.bus.qos import (
     wire_type,
 )
 from loom_ros.config.params import ParamSpec, declare_parameters
-from loom_ros.bus.wire import WireError, decode_event_batch
+from loom_ros.bus.wire import (
+    BATCH_FIRST_EVENT_POS, EVENT_POS, WireError, decode_event_batch, decode_event_message,
+    encode_event, encode_event_batch, encode_event_message,
+)
 from loom_ros.telemetry import tracing as _tracing
 from loom_ros.telemetry.logs import mask_node_logger
 from loom_ros.telemetry.metrics import observed_call as _observed_call
@@ -242,6 +245,7 @@ class EventBus:
         self._window_timer = None
         self._stats_pub = self._stats_timer = None
         self._last_log: dict[str, float] = {}
+        self._cdr = _cdr_matches_rclpy()   # publish CDR bytes from wire.py (else rclpy's path)
         with _LOCAL_LOCK:
             _LOCAL_BUS_IDS.add(self.bus_id)
         if stats_period_s > 0:
@@ -317,30 +321,52 @@ class EventBus:
             self.stats.reject(exc.reason)
             raise
         span = _tracing.start_publish_span(topic, event) if _tracing.ENABLED else None
-        outlet.seq += 1
-        local = self._local_endpoints(outlet) if self.intra_process else ()
-        if local:
-            self.stats.intra_process += len(local)
-            for endpoint in local:
-                _dispatch(endpoint, event)
-        # DDS only when someone outside this process listens (the local ones are matched too);
-        # the same rule as rclcpp's intra-process publish.
-        if not local or outlet.publisher.get_subscription_count() > len(local):
-            msg = event.to_msg()  # converted now, so later changes to `event` cannot leak in
-            msg.bus_id, msg.seq = self.bus_id, outlet.seq
-            if outlet.batched:
-                if not outlet.pending:
-                    outlet.pending_first_seq = outlet.seq
-                outlet.pending.append(msg)
-                if len(outlet.pending) >= self.batch_max_events:
-                    self._send_batch(outlet)
+        try:
+            seq = outlet.seq + 1
+            local = self._local_endpoints(outlet) if self.intra_process else ()
+            # DDS only when someone outside this process listens (the local ones are matched
+            # too); the same rule as rclcpp's intra-process publish. Serialized now, before any
+            # local delivery: later changes to `event` cannot leak in, and a callback that
+            # publishes on this topic cannot overtake it in the batch.
+            if not local or outlet.publisher.get_subscription_count() > len(local):
+                self._serialize(outlet, event, seq)
+            elif outlet.pending:
+                self._send_batch(outlet)  # keep order if the remote subscriber just left
+            outlet.seq = seq
+            if local:
+                self.stats.intra_process += len(local)
+                for endpoint in local:
+                    _dispatch(endpoint, event)
+            self.stats.published[topic] += 1
+        finally:
+            if span is not None:
+                span.end()
+
+    def _serialize(self, outlet: _Outlet, event: Event, seq: int) -> None:
+        """Write the event's CDR bytes (wire.py) into its batch, or to DDS; EventRejected
+        (counted) for a string UTF-8 cannot hold (a lone surrogate)."""
+        try:
+            if not self._cdr:   # rclpy's message path (wire.py's layout did not match)
+                msg = event.to_msg()
+                msg.bus_id, msg.seq = self.bus_id, seq
+                data = msg
+            elif outlet.batched:
+                data = encode_event(event, self.bus_id, seq, EVENT_POS if outlet.pending
+                                    else BATCH_FIRST_EVENT_POS)
             else:
-                self._write(outlet, msg, 1)
-        elif outlet.pending:
-            self._send_batch(outlet)  # keep order if the remote subscriber just left
-        self.stats.published[topic] += 1
-        if span is not None:
-            span.end()
+                data = encode_event_message(event, self.bus_id, seq)
+        except UnicodeEncodeError as exc:
+            self.stats.reject(RejectReason.BAD_FIELD)
+            raise EventRejected(RejectReason.BAD_FIELD, f'event {event.id}: a string is not '
+                                f'valid Unicode ({str(exc)[:120]})') from None
+        if outlet.batched:
+            if not outlet.pending:
+                outlet.pending_first_seq = seq
+            outlet.pending.append(data)
+            if len(outlet.pending) >= self.batch_max_events:
+                self._send_batch(outlet)
+        else:
+            self._write(outlet, data, 1)
 
     def flush(self) -> None:
         """Send every pending batch now (the batch timer calls this every batch_max_age_ms)."""
@@ -349,17 +375,21 @@ class EventBus:
                 self._send_batch(outlet)
 
     def _send_batch(self, outlet: _Outlet) -> None:
-        from loom_msgs.msg import EventBatch
-        batch = EventBatch()
-        batch.bus_id, batch.first_seq = self.bus_id, outlet.pending_first_seq
-        batch.header.stamp = self.node.get_clock().now().to_msg()
-        batch.events = outlet.pending
-        outlet.pending = []
-        if self._write(outlet, batch, len(batch.events)):
+        pending, outlet.pending = outlet.pending, []
+        stamp_ns = self.node.get_clock().now().nanoseconds
+        if self._cdr:
+            batch = encode_event_batch(pending, self.bus_id, outlet.pending_first_seq, stamp_ns)
+        else:
+            from loom_msgs.msg import EventBatch
+            batch = EventBatch()
+            batch.bus_id, batch.first_seq = self.bus_id, outlet.pending_first_seq
+            batch.header.stamp.sec, batch.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+            batch.events = pending
+        if self._write(outlet, batch, len(pending)):
             self.stats.batches_sent += 1
 
     def _write(self, outlet: _Outlet, msg, events: int) -> bool:
-        """Hand a message to DDS. Fast DDS refuses writes when a reliable reader is too far behind
+        """Hand a message (or its CDR bytes) to DDS. Fast DDS refuses writes when a reliable reader is too far behind
         ('cannot publish data'): that is backpressure, so it is counted and logged, not raised."""
         try:
             outlet.publisher.publish(msg)
@@ -529,22 +559,43 @@ class EventBus:
 
     # -- receiving ----------------------------------------------------------------------------
     def _on_raw_event(self, data: bytes, endpoint: _Endpoint) -> None:
-        """A serialized Event: bounded, deserialized here (failures counted), then accepted."""
+        """A serialized Event: bounded, decoded here (wire.py; failures counted), then accepted."""
         if len(data) > self.max_payload_bytes + MAX_ENVELOPE_BYTES:
             self.stats.reject(RejectReason.OVERSIZE_PAYLOAD)
             if self._may_log('reject'):
                 self.logger.warning(f'dropped an event of {len(data)} bytes on {endpoint.topic} '
                                     'unread: larger than any valid event')
             return
-        try:
-            msg = deserialize_message(data, _msg_types()['Event'])
-        except Exception as exc:  # rclpy raises RMWError (a RuntimeError) for bad CDR
-            self.stats.reject(RejectReason.BAD_FIELD)
-            if self._may_log('wire'):
-                self.logger.warning(f'dropped an undecodable Event of {len(data)} bytes on '
-                                    f'{endpoint.topic}: {str(exc)[:200]}')
+        if not self.raw_batches:   # rclpy's deserializer and message objects
+            try:
+                msg = deserialize_message(data, _msg_types()['Event'])
+            except Exception as exc:  # rclpy raises RMWError (a RuntimeError) for bad CDR
+                self._undecodable(endpoint, len(data), str(exc))
+                return
+            self._on_event(msg, endpoint)
             return
-        self._on_event(msg, endpoint)
+        try:
+            bus_id, seq, event = decode_event_message(data)
+        except WireError as exc:
+            self._undecodable(endpoint, len(data), str(exc))
+            return
+        if self.intra_process and bus_id in _LOCAL_BUS_IDS:
+            return  # already delivered in-process, without serialization
+        self._account(endpoint, bus_id, seq, 1)
+        try:
+            event.validate(self.max_payload_bytes)
+        except EventRejected as exc:
+            self.stats.reject(exc.reason)
+            if self._may_log('reject'):
+                self.logger.warning(f'dropped an event on {endpoint.topic}: {exc}')
+            return
+        _dispatch(endpoint, event)
+
+    def _undecodable(self, endpoint: _Endpoint, size: int, why: str) -> None:
+        self.stats.reject(RejectReason.BAD_FIELD)
+        if self._may_log('wire'):
+            self.logger.warning(f'dropped an undecodable Event of {size} bytes on '
+                                f'{endpoint.topic}: {why[:200]}')
 
     def _on_event(self, msg, endpoint: _Endpoint) -> None:
         if self.intra_process and msg.bus_id in _LOCAL_BUS_IDS:
@@ -715,6 +766,30 @@ def _dispatch(endpoint: _Endpoint, event: Event) -> None:
         _DISPATCH.pending = None
 
 
+def _cdr_matches_rclpy() -> bool:
+    """Whether rclpy reads wire.py's bytes back as the messages rclpy itself would build (checked
+    once per bus, on an event using every field): a changed loom_msgs layout falls back to
+    rclpy's own (slower) path instead of publishing garbage."""
+    from loom_msgs.msg import Event as EventMsg
+    from loom_msgs.msg import EventBatch
+    from loom_ros.bus.event import Privacy
+    probe = Event(type='probe', source='s', payload=b'\x01\x02\x03', metadata={'k': 'v', 'kk': ''},
+                  confidence=0.25, tags=['t', 'tt'], priority=-3, privacy=Privacy.PRIVATE,
+                  frame_id='f', timestamp_ms=1_234_567, id='probe-id')
+    try:
+        msg = probe.to_msg()
+        msg.bus_id, msg.seq = 7, 9
+        if deserialize_message(encode_event_message(probe, 7, 9), EventMsg) != msg:
+            return False
+        batch = EventBatch(bus_id=7, first_seq=9, events=[probe.to_msg(), probe.to_msg()])
+        batch.header.stamp.sec, batch.header.stamp.nanosec = 1, 2
+        data = encode_event_batch([encode_event(probe, 0, 0, BATCH_FIRST_EVENT_POS),
+                                   encode_event(probe, 0, 0, EVENT_POS)], 7, 9, 1_000_000_002)
+        return deserialize_message(data, EventBatch) == batch
+    except Exception:   # anything unexpected: the slower path, which is always right
+        return False
+
+
 def _u64(n: int) -> int:
     """A counter as a uint64 message field: saturated, so a message can always be built."""
     return min(max(int(n), 0), U64_MAX)
@@ -756,8 +831,9 @@ BUS_PARAMETERS = [
               read_only=True, min_value=1.0, max_value=10000.0),
     ParamSpec('bus.intra_process', 'Deliver to subscriptions in the same process without '
               'serialization', read_only=True),
-    ParamSpec('bus.raw_batches', 'Decode received EventBatch bytes directly into events (2x '
-              'cheaper than rclpy message objects); false: the rclpy path', read_only=True),
+    ParamSpec('bus.raw_batches', 'Decode received Event and EventBatch bytes directly into '
+              'events (several times cheaper than rclpy message objects); false: the rclpy path',
+              read_only=True),
     ParamSpec('bus.stats_period_s', 'Seconds between BusStats messages on loom/bus/stats '
               '(0: off)', read_only=True, min_value=0.0, max_value=3600.0),
     ParamSpec('bus.backpressure', "Default backpressure per subscription, 'pattern=policy' with "

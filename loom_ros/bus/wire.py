@@ -1,20 +1,28 @@
-"""Decoding a serialized loom_msgs/EventBatch (CDR, as Fast DDS puts it on the wire) straight into
-Loom Events.
+"""loom_msgs/Event and EventBatch as CDR bytes (as Fast DDS puts them on the wire), read straight
+into Loom Events and written straight from them.
 
 Why: rclpy turns a received EventBatch into nested Python message objects first (about 11 µs per
-event here), then Loom turns those into Events. That conversion capped a subscriber at ~30k
-events/s across processes. Taking the raw bytes (`raw=True` subscriptions) and reading the
-fields with struct skips the intermediate objects. The wire type stays EventBatch, so
-`ros2 topic echo` and non-Loom subscribers are unaffected.
+event here), then Loom turns those into Events; that capped a subscriber at ~30k events/s across
+processes. Taking the raw bytes (`raw=True` subscriptions) and reading the fields with struct
+skips the intermediate objects; a single Event read by rclpy's deserializer cost more still.
+On the way out, rclpy's conversion of a message object to C (before serialization) cost about
+19 µs per event in an EventBatch and 60 µs per Event here; writing the CDR bytes with struct and
+handing them to `Publisher.publish(bytes)` costs a few. The wire types stay Event and
+EventBatch, so `ros2 topic echo` and non-Loom subscribers are unaffected. The bus checks once per
+process that rclpy reads these bytes back as the same message (bus.EventBus), and uses rclpy's
+own path if it does not.
 
 XCDR1 (the encoding rmw_fastrtps uses for ROS 2 messages): a 4-byte encapsulation header
 (byte 1: 0 = big endian, 1 = little endian), then the fields in order, each aligned to its own
 size (at most 8) relative to the end of that header; strings are a uint32 length counting the
 trailing NUL, then the bytes and the NUL; sequences are a uint32 count, then the elements.
+The encoder writes little endian with zero padding, and cuts each string at its first NUL as
+rclpy does (C strings).
 """
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 
 from loom_ros.bus.event import Event, Privacy, _from_float32
 
@@ -24,6 +32,121 @@ class WireError(ValueError):
 
 
 _PRIVACY = {p.value: p for p in Privacy}
+
+
+# -- encoding -----------------------------------------------------------------------------------
+ENCAPSULATION = b'\x00\x01\x00\x00'   # CDR, little endian
+# An EventBatch's header (stamp, frame_id '', bus_id, first_seq) and event count take bytes 4-40,
+# so its first event starts 8-aligned and every later one 4 past an 8-alignment (each event
+# ends with two uint64s). Positions below count from the buffer's start, as in the decoder.
+BATCH_FIRST_EVENT_POS = 40
+EVENT_POS = 4
+_PAD = (b'', b'\0', b'\0\0', b'\0\0\0', b'\0\0\0\0', b'\0' * 5, b'\0' * 6, b'\0' * 7)
+_U32 = struct.Struct('<I').pack
+_STAMP = struct.Struct('<II').pack       # sec as rclpy writes an int32 it was given too wide
+_Q = struct.Struct('<q').pack
+_QQ = struct.Struct('<QQ').pack
+_F32U32 = struct.Struct('<fI').pack
+_I32B = struct.Struct('<iB').pack
+_BATCH_HEAD = struct.Struct('<II4s4xQQI').pack
+_U32_MASK = 0xFFFFFFFF
+
+
+def _string(text: str) -> bytes:
+    """A CDR string (length, UTF-8, NUL), cut at the first NUL as rclpy's C strings are;
+    UnicodeEncodeError for a lone surrogate (rclpy raises it too)."""
+    data = text.encode()
+    if b'\0' in data:
+        data = data[:data.index(b'\0')]
+    return _U32(len(data) + 1) + data + b'\0'
+
+
+# Types, sources, frame ids, metadata keys and tags repeat from event to event: their encoding is
+# remembered (bounded: a publisher inventing names only churns the cache). Ids and metadata
+# values rarely repeat and are encoded each time.
+_repeated = lru_cache(maxsize=4096)(_string)
+
+
+def encode_event(event: Event, bus_id: int, seq: int, pos: int = EVENT_POS) -> bytes:
+    """One loom_msgs/Event's CDR bytes (no encapsulation header) for a message that starts at
+    `pos` in its buffer (only pos % 8 matters: EVENT_POS for a lone Event, BATCH_FIRST_EVENT_POS
+    for the first of a batch, EVENT_POS for the others). The event must have passed validate();
+    UnicodeEncodeError for a string UTF-8 cannot hold. Written out: the publisher's hot path."""
+    repeated, string, pad_of = _repeated, _string, _PAD
+    sec, ms = divmod(event.timestamp_ms, 1000)
+    data = repeated(event.frame_id)
+    parts = [_STAMP(sec & _U32_MASK, ms * 1_000_000), data]
+    end = pos + 8 + len(data)
+    data = string(event.id)
+    pad = -end % 4
+    parts.append(pad_of[pad] + data)
+    end += pad + len(data)
+    data = repeated(event.type)
+    pad = -end % 4
+    parts.append(pad_of[pad] + data)
+    end += pad + len(data)
+    pad = (4 - end % 8) % 8
+    data = repeated(event.source)
+    parts.append(pad_of[pad] + _Q(event.timestamp_ms) + data)
+    end += pad + 8 + len(data)
+    metadata = event.metadata
+    pad = -end % 4
+    parts.append(pad_of[pad] + _U32(len(metadata)))
+    end += pad + 4
+    for key, value in metadata.items():
+        data = repeated(key)
+        pad = -end % 4
+        parts.append(pad_of[pad] + data)
+        end += pad + len(data)
+        data = string(value)
+        pad = -end % 4
+        parts.append(pad_of[pad] + data)
+        end += pad + len(data)
+    payload = event.payload
+    pad = -end % 4
+    parts.append(pad_of[pad] + _U32(len(payload)))
+    parts.append(payload if type(payload) is bytes else bytes(payload))
+    end += pad + 4 + len(payload)
+    tags = event.tags
+    pad = -end % 4
+    parts.append(pad_of[pad] + _F32U32(event.confidence, len(tags)))
+    end += pad + 8
+    for text in tags:
+        data = repeated(text)
+        pad = -end % 4
+        parts.append(pad_of[pad] + data)
+        end += pad + len(data)
+    pad = -end % 4
+    end += pad + 5
+    parts.append(pad_of[pad] + _I32B(event.priority, event.privacy)
+                 + pad_of[(4 - end % 8) % 8] + _QQ(bus_id, seq))
+    return b''.join(parts)
+
+
+def encode_event_message(event: Event, bus_id: int, seq: int) -> bytes:
+    """A serialized loom_msgs/Event, ready for `Publisher.publish(bytes)`."""
+    return ENCAPSULATION + encode_event(event, bus_id, seq, EVENT_POS)
+
+
+def encode_event_batch(encoded_events: list[bytes], bus_id: int, first_seq: int,
+                       stamp_ns: int) -> bytes:
+    """A serialized loom_msgs/EventBatch (header frame_id '') around events encode_event wrote,
+    the first at BATCH_FIRST_EVENT_POS and the others at EVENT_POS."""
+    sec, ns = divmod(stamp_ns, 1_000_000_000)
+    return b''.join((ENCAPSULATION, _BATCH_HEAD(sec & _U32_MASK, ns, _U32(1), bus_id, first_seq,
+                                                len(encoded_events)), *encoded_events))
+
+
+# -- decoding -----------------------------------------------------------------------------------
+def decode_event_message(data: bytes) -> tuple[int, int, Event]:
+    """(bus_id, seq, event) from a serialized loom_msgs/Event; WireError when malformed. The
+    event is not validated (the bus does that)."""
+    data = bytes(data)
+    if len(data) < 4 or data[0] != 0 or data[1] not in (0, 1):
+        raise WireError('not a CDR encapsulation header')
+    events, end = _decode_events(data, EVENT_POS, 1, '<' if data[1] == 1 else '>')
+    bus_id, seq = struct.unpack_from('<QQ' if data[1] == 1 else '>QQ', data, end - 16)
+    return bus_id, seq, events[0]
 
 
 def decode_event_batch(data: bytes, skip_bus_ids=()) -> tuple[int, int, list[Event]] | None:
@@ -39,11 +162,6 @@ def decode_event_batch(data: bytes, skip_bus_ids=()) -> tuple[int, int, list[Eve
     e = '<' if data[1] == 1 else '>'
     u32 = struct.Struct(e + 'I').unpack_from
     u64x2 = struct.Struct(e + 'QQ').unpack_from
-    i64 = struct.Struct(e + 'q').unpack_from
-    f32u32 = struct.Struct(e + 'fI').unpack_from
-    i32b = struct.Struct(e + 'iB').unpack_from
-    privacy_of = _PRIVACY.get
-    new_event = Event
     try:
         # header: stamp (8 bytes at offset 4), frame_id; positions count from the buffer start,
         # alignment from the end of the 4-byte encapsulation header.
@@ -54,7 +172,22 @@ def decode_event_batch(data: bytes, skip_bus_ids=()) -> tuple[int, int, list[Eve
         if bus_id in skip_bus_ids:
             return None
         (count,) = u32(data, pos + 16)
-        pos += 20
+    except struct.error as exc:
+        raise WireError(f'message ends early: {exc}') from None
+    return bus_id, first_seq, _decode_events(data, pos + 20, count, e)[0]
+
+
+def _decode_events(data: bytes, pos: int, count: int, e: str) -> tuple[list[Event], int]:
+    """`count` Events from `pos` on, and where the last one ended. The loop is written out (no
+    helper calls per field): this is the subscriber's hot path."""
+    size = len(data)
+    u32 = struct.Struct(e + 'I').unpack_from
+    i64 = struct.Struct(e + 'q').unpack_from
+    f32u32 = struct.Struct(e + 'fI').unpack_from
+    i32b = struct.Struct(e + 'iB').unpack_from
+    privacy_of = _PRIVACY.get
+    new_event = Event
+    try:
         if count > size:   # each event takes well over one byte
             raise WireError(f'{count} events cannot fit in {size} bytes')
         events = []
@@ -119,4 +252,4 @@ def decode_event_batch(data: bytes, skip_bus_ids=()) -> tuple[int, int, list[Eve
                 privacy_of(privacy_value, privacy_value), frame_id))
     except (struct.error, IndexError) as exc:
         raise WireError(f'message ends early: {exc}') from None
-    return bus_id, first_seq, events
+    return events, pos
