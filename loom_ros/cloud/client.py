@@ -38,8 +38,9 @@ from pathlib import Path
 
 from loom_ros.bus.event import Privacy
 from loom_ros.cloud.protocol import (
-    KEY_PREFIX, MAX_MESSAGE_BYTES, RETRYABLE, ReplyInvalid, Signer, Verifier, check_instance,
-    digest, encode, instance_key, parse_reply, reply_signed_bytes, sealed_aad, task_key, unpack,
+    ANY_SERVER, KEY_PREFIX, MAX_MESSAGE_BYTES, RETRYABLE, ReplyInvalid, Signer, Verifier,
+    check_instance, digest, encode, instance_key, parse_reply, reply_signed_bytes, sealed_aad,
+    task_key, unpack,
 )
 from loom_ros.security import keys, sealed
 from loom_ros.security.keys import CredentialsError
@@ -218,7 +219,9 @@ class CloudClient:
         skipped."""
         import zenoh
         corr = uuid.uuid4().hex
-        payload = self.signer.request(task, body, corr, int(self.clock() * 1000))
+        # Signed for the one instance asked (no other server accepts it), else for any.
+        payload = self.signer.request(task, body, corr, int(self.clock() * 1000),
+                                      ANY_SERVER if instance is None else instance)
         if len(payload) > MAX_MESSAGE_BYTES:
             return CloudResult(False, code='too_large', error=f'request of {len(payload)} bytes '
                                f'exceeds the limit of {MAX_MESSAGE_BYTES}')

@@ -12,8 +12,11 @@ RequestInvalid for requests, ReplyInvalid for replies.
 
 Signed framing (issue 14): every request and reply travels as `MAGIC <header JSON>\n<body JSON>`.
 The header names the id, carries the sender's certificate and an ECDSA signature; a request's
-signature covers (task, id, time, body digest), a reply's (request id, request digest, body
-digest), so a reply is bound to the one request it answers. The header is bounded and the
+signature covers (task, id, time, audience, body digest), a reply's (request id, request digest,
+body digest), so a reply is bound to the one request it answers. The audience (`aud`) is the
+server instance the client addressed, or `*` (ANY_SERVER) for the shared key: a server refuses a
+request addressed to another instance, so a captured request cannot be replayed to a second
+server (each server refuses a replay to itself); a `*` request may be answered once by each. The header is bounded and the
 signature checked before the body is parsed: a stranger's bytes never reach the JSON parser.
 """
 from __future__ import annotations
@@ -40,6 +43,7 @@ TASKS = ('embed', 'intent', 'chat', 'hello')
 RETRYABLE = frozenset({'busy', 'internal'})  # worth another attempt; the rest will fail again
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024   # 256 texts of 16 KiB fit; a larger body is refused unread
 MAX_ID_CHARS = 256
+ANY_SERVER = '*'   # the audience of a request to the shared key: whichever server answers
 
 
 class RequestInvalid(ValueError):
@@ -137,10 +141,11 @@ def digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def request_signed_bytes(task: str, ident: str, ts_ms: int, body: bytes) -> bytes:
-    """What a request's signature covers: its task, id, send time and body."""
-    return b'\0'.join((b'loom-cloud-request/1', task.encode(), ident.encode(),
-                       str(int(ts_ms)).encode(), digest(body)))
+def request_signed_bytes(task: str, ident: str, ts_ms: int, body: bytes,
+                         aud: str = ANY_SERVER) -> bytes:
+    """What a request's signature covers: its task, id, send time, audience and body."""
+    return b'\0'.join((b'loom-cloud-request/2', task.encode(), ident.encode(),
+                       str(int(ts_ms)).encode(), aud.encode(), digest(body)))
 
 
 def reply_signed_bytes(ident: str, request_digest: bytes, body: bytes) -> bytes:
@@ -186,6 +191,12 @@ def unpack(data: bytes, max_body: int = MAX_MESSAGE_BYTES) -> tuple[dict, bytes]
     ts = header.get('ts', 0)
     if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts < 2**53:
         raise ValueError('header ts must be milliseconds since the epoch')
+    aud = header.setdefault('aud', ANY_SERVER)
+    if aud != ANY_SERVER:
+        try:
+            check_instance(aud)
+        except ValueError:
+            raise ValueError('header aud must be * or a server instance name') from None
     return header, data[end + 1:]
 
 
@@ -202,10 +213,13 @@ class Signer:
     def sign(self, data: bytes) -> str:
         return base64.b64encode(self.private_key.sign(data, ec.ECDSA(hashes.SHA256()))).decode()
 
-    def request(self, task: str, body: dict, ident: str, now_ms: int) -> bytes:
+    def request(self, task: str, body: dict, ident: str, now_ms: int,
+                aud: str = ANY_SERVER) -> bytes:
+        """A signed request for `aud`: the one server instance addressed, or ANY_SERVER."""
         payload = encode({**body, 'id': ident})
-        sig = self.sign(request_signed_bytes(task, ident, now_ms, payload))
-        return pack({'id': ident, 'ts': int(now_ms), 'cert': self._cert, 'sig': sig}, payload)
+        sig = self.sign(request_signed_bytes(task, ident, now_ms, payload, aud))
+        return pack({'id': ident, 'ts': int(now_ms), 'aud': aud, 'cert': self._cert,
+                     'sig': sig}, payload)
 
     def reply(self, ident: str, request_digest: bytes, body: dict, **extra) -> bytes:
         payload = encode(body)

@@ -45,8 +45,8 @@ import numpy as np
 import yaml
 
 from loom_ros.cloud.protocol import (
-    KEY_PREFIX, MAX_MESSAGE_BYTES, RequestInvalid, Signer, Verifier, check_instance, digest,
-    instance_key, parse_request, request_signed_bytes, sealed_aad, unpack,
+    ANY_SERVER, KEY_PREFIX, MAX_MESSAGE_BYTES, RequestInvalid, Signer, Verifier, check_instance,
+    digest, instance_key, parse_request, request_signed_bytes, sealed_aad, unpack,
 )
 from loom_ros.security import keys, sealed
 from loom_ros.security.keys import CredentialsError
@@ -310,11 +310,13 @@ class Admitted:
 
 class Gate:
     """Everything a request passes before it is queued, in order of cost: its size, its framing,
-    the fleet signature (CA, role, key), its time and id (a replay is refused) and its sender's
-    rate. Pure: the verifier and the clock are passed in."""
+    the fleet signature (CA, role, key), its audience (`*` or this `instance`: a request signed
+    for another server is refused, so it cannot be replayed here), its time and id (a replay is
+    refused) and its sender's rate. Pure: the verifier and the clock are passed in."""
 
-    def __init__(self, verifier: Verifier, limits: Limits, clock=time.time):
+    def __init__(self, verifier: Verifier, limits: Limits, clock=time.time, instance: str = ''):
         self.verifier, self.limits, self.clock = verifier, limits, clock
+        self.instance = instance
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._lock = threading.Lock()
@@ -332,9 +334,12 @@ class Gate:
         ident = header['id']
         try:
             client, _ = self.verifier.verify(
-                header, request_signed_bytes(task, ident, header['ts'], body))
+                header, request_signed_bytes(task, ident, header['ts'], body, header['aud']))
         except CredentialsError as exc:
             raise Rejected('unauthenticated', 'unauthenticated', str(exc), ident) from None
+        if header['aud'] not in (ANY_SERVER, self.instance):
+            raise Rejected('unauthenticated', 'wrong_server', f'request signed for server '
+                           f'{header["aud"]!r}, not this one ({self.instance!r})', ident)
         now = self.clock()
         with self._lock:
             if abs(now - header['ts'] / 1000.0) > self.limits.max_clock_skew_s:
@@ -493,7 +498,7 @@ def build_service(config: dict, identity: keys.Identity, *, instance: str,
                          'signs its answers as a `cloud` identity')
     limits = Limits.from_config(config.get('limits'))
     server = server or CloudServer(config, extra_latency_ms=extra_latency_ms)
-    gate = Gate(Verifier(identity.ca.read_bytes(), roles, clock=clock), limits, clock)
+    gate = Gate(Verifier(identity.ca.read_bytes(), roles, clock=clock), limits, clock, instance)
     return CloudService(server, gate, Signer(identity), FairQueue(
         limits.queue_per_client, limits.queue_total, limits.queued_bytes_total), instance)
 

@@ -38,8 +38,8 @@ class CloudNet:
     fleet's keys, the router's access control) or, for attacks that must reach the cloud tier
     itself (a misconfigured or shared router: defence in depth), plain TCP with `--insecure`."""
 
-    def __init__(self, spawn, port: int, fleet):
-        self.spawn, self.port, self.fleet = spawn, port, fleet
+    def __init__(self, spawn, port: int, fleet, tmp_path):
+        self.spawn, self.port, self.fleet, self.tmp_path = spawn, port, fleet, tmp_path
         self.secure: bool | None = None
         self.sessions = []
 
@@ -48,7 +48,9 @@ class CloudNet:
             assert self.secure == secure, 'one router per test'
             return
         self.secure = secure
-        flags = ['--keys-dir', str(self.fleet)] if secure else ['--insecure']
+        audit = str(self.tmp_path / 'router_audit.db')   # the router's refusals, not ~/.loom
+        flags = ['--keys-dir', str(self.fleet), '--audit-db', audit] if secure \
+            else ['--insecure']
         proc = self.spawn('-m', 'loom_ros.bridge.zenoh_router', '--listen',
                           f'tcp/127.0.0.1:{self.port}', *flags)
         line = proc.popen.stdout.readline()
@@ -81,9 +83,9 @@ class CloudNet:
 
 
 @pytest.fixture
-def net(spawn, port, fleet, monkeypatch):
+def net(spawn, port, fleet, monkeypatch, tmp_path):
     monkeypatch.delenv('LOOM_CLOUD_CHAT_URL', raising=False)  # chat unconfigured unless set
-    made = CloudNet(spawn, port, fleet)
+    made = CloudNet(spawn, port, fleet, tmp_path)
     yield made
     for session in made.sessions:
         session.close()

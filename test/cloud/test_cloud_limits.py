@@ -65,3 +65,34 @@ def test_gate_refuses_in_order_and_counts_by_reason(fleet, stranger):
     assert gate.admit('intent', signed('g')).ident == 'g'        # one token a second
     with pytest.raises(ValueError):
         Limits.from_config({'rate_per_s': -1})
+
+
+def test_a_request_signed_for_one_server_is_refused_by_another(fleet):
+    """Cross-server replay: the audience is signed, so a captured request addressed to cloud-a
+    is refused by cloud-b (and by cloud-a the second time); a request to the shared key (`*`)
+    is answered at most once by each server."""
+    clock = Clock(time.time())
+    limits = Limits(max_clock_skew_s=300.0)
+    verifier = Verifier((fleet / 'ca.pem').read_bytes(), ['robot'], clock=clock)
+    gates = {name: Gate(verifier, limits, clock, name) for name in ('cloud-a', 'cloud-b')}
+    robot = Signer(keys.load(fleet, 'robot1'))
+    to_a = robot.request('intent', {'text': 'hi'}, 'r1', int(clock.now * 1000), aud='cloud-a')
+
+    def reason(gate, data):
+        with pytest.raises(Rejected) as caught:
+            gate.admit('intent', data)
+        return caught.value.reason
+    assert reason(gates['cloud-b'], to_a) == 'wrong_server'
+    assert gates['cloud-a'].admit('intent', to_a).client == 'robot1'
+    assert reason(gates['cloud-a'], to_a) == 'replay'
+    # The audience cannot be rewritten: the signature covers it.
+    assert reason(gates['cloud-b'], to_a.replace(b'"aud":"cloud-a"', b'"aud":"cloud-b"')) \
+        == 'unauthenticated'
+    assert reason(gates['cloud-b'], to_a.replace(b'"aud":"cloud-a"', b'"aud":"*"')) \
+        == 'unauthenticated'
+    # What is left: a request for any server (the shared key, failover) is once per server.
+    anyone = robot.request('intent', {'text': 'hi'}, 'r2', int(clock.now * 1000))
+    assert [gate.admit('intent', anyone).ident for gate in gates.values()] == ['r2', 'r2']
+    assert {reason(gate, anyone) for gate in gates.values()} == {'replay'}
+    bad_aud = robot.request('intent', {'text': 'hi'}, 'r3', int(clock.now * 1000), aud='a/b')
+    assert reason(gates['cloud-a'], bad_aud) == 'unauthenticated'   # framing refuses it

@@ -1,12 +1,18 @@
 """Load spread over several `loom cloud serve` behind the same keys (issue 14), across real
 processes with mutual TLS and the router's access control: two servers share a run of requests,
-and when one is killed mid-stream every request is still answered within its budget."""
+when one is killed mid-stream every request is still answered within its budget, and a request
+signed for one server cannot be replayed to the other."""
 import threading
 import time
+import uuid
 
-from cloud_fixtures import cloud, fleet, net  # noqa: F401  (fixtures)
+from cloud_fixtures import cloud, fleet, net, stop_stats  # noqa: F401  (fixtures)
 from harness import WAIT_LIMIT_S
 from loom_ros.cloud.client import MAX_INSTANCES, CloudClient
+from loom_ros.cloud.protocol import (
+    Signer, Verifier, digest, parse_reply, reply_signed_bytes, unpack,
+)
+from loom_ros.security import keys
 
 BUDGET_MS = 10_000.0
 
@@ -82,3 +88,36 @@ def test_instances_are_bounded_checked_and_a_dead_one_stays_dropped(fleet):
     now[0] += 1
     client._seen('cloud-3', now[0])         # it answered a later hello: back in turn
     assert 'cloud-3' in client.instances()
+
+
+def test_a_captured_request_cannot_be_replayed_to_another_server(cloud, net, fleet):
+    """The robot signs its first attempt for the one instance it asks: replayed to the other
+    server (its own key or the shared key, to ALL) it is refused there, and refused as a replay
+    by the server it was meant for; the refusals are signed answers, counted by reason."""
+    import zenoh
+    servers = {name: cloud('--instance', name) for name in ('cloud-a', 'cloud-b')}
+    session = net.session('robot1')
+    client = CloudClient.from_keys(session, fleet, 'robot1')
+    wait_instances(client, set(servers))
+    robot = Signer(keys.load(fleet, 'robot1'))
+    captured = robot.request('intent', {'text': 'will it rain today'}, uuid.uuid4().hex,
+                             int(time.time() * 1000), aud='cloud-a')
+    verifier = Verifier((fleet / 'ca.pem').read_bytes(), ['cloud'])
+
+    def ask(key: str, target=zenoh.QueryTarget.ALL) -> list[tuple[str, bool, str]]:
+        """(server, ok, code) of every authentic answer."""
+        out = []
+        for reply in session.get(key, payload=captured, target=target, timeout=WAIT_LIMIT_S,
+                                 consolidation=zenoh.ConsolidationMode.NONE):
+            header, body = unpack((reply.ok or reply.err).payload.to_bytes())
+            verifier.verify(header, reply_signed_bytes(header['id'], digest(captured), body))
+            data = parse_reply(body)
+            out.append((data['server'], reply.ok is not None, data.get('code', '')))
+        return out
+    assert ask('loom/cloud/cloud-a/infer/intent') == [('cloud-a', True, '')]
+    assert ask('loom/cloud/cloud-b/infer/intent') == [('cloud-b', False, 'unauthenticated')]
+    assert sorted(ask('loom/cloud/infer/intent')) == [('cloud-a', False, 'unauthenticated'),
+                                                      ('cloud-b', False, 'unauthenticated')]
+    stats = {name: stop_stats(proc) for name, proc in servers.items()}
+    assert stats['cloud-a'].get('replay') == 1 and 'wrong_server' not in stats['cloud-a']
+    assert stats['cloud-b'].get('wrong_server') == 2   # (its `served` are the hellos)
