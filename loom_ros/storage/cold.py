@@ -51,10 +51,12 @@ class IndexParams:
     dim: int = 384
     train_at: int = 20000     # vectors before the exact index becomes IVF-PQ
     nlist: int = 0            # IVF lists; 0: about 4 * sqrt(n) at training, at most 65536
-    pq_m: int = 48            # PQ sub-quantizers (bytes per vector in the index); divides dim
+    pq_m: int = 48            # PQ sub-quantizers; divides dim
+    pq_bits: int = 8          # bits per sub-quantizer code (m * bits / 8 bytes a vector)
     nprobe: int = 32
     rerank: int = 10          # candidates per wanted result re-ranked exactly on the codes
     train_sample: int = 100000
+    threads: int = 1          # faiss OpenMP threads (process-wide); more spin-wait on a busy CPU
 
 
 class ColdIndex:
@@ -62,6 +64,8 @@ class ColdIndex:
 
     def __init__(self, path: str | os.PathLike, params: IndexParams):
         self.path, self.params = Path(path), params
+        if params.threads > 0:
+            faiss.omp_set_num_threads(params.threads)
         self.index = self._flat()
         self.seq = 0
 
@@ -75,6 +79,12 @@ class ColdIndex:
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
+
+    def memory_bytes(self) -> int:
+        """About what the index takes in memory and on disk (codes + ids; lists' overhead aside)."""
+        per = (self.params.dim * 4 + 8 if self.kind == 'flat'
+               else self.params.pq_m * self.params.pq_bits // 8 + 8)
+        return self.ntotal * per
 
     # -- loading and saving ----------------------------------------------------------------------
     def load(self, conn: sqlite3.Connection) -> None:
@@ -193,7 +203,10 @@ class ColdIndex:
         ivf = n >= p.train_at if trained is None else trained
         if ivf:
             nlist = p.nlist or int(min(65536, max(16, 4 * np.sqrt(n))))
-            index = faiss.index_factory(p.dim, f'IVF{nlist},PQ{p.pq_m}', faiss.METRIC_INNER_PRODUCT)
+            index = faiss.index_factory(p.dim, f'IVF{nlist},PQ{p.pq_m}x{p.pq_bits}', faiss.METRIC_INNER_PRODUCT)
+            # Polysemous training (a Hamming-order annealing, off by default elsewhere) takes
+            # minutes and serves no search here.
+            faiss.downcast_index(index).do_polysemous_training = False
             sample = conn.execute('select code from cold order by random() limit ?',
                                   (max(p.train_sample, 40 * nlist),)).fetchall()
             index.train(decode([r[0] for r in sample], p.dim))

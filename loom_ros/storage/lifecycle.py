@@ -157,11 +157,18 @@ class Lifecycle:
         except OSError:
             os.close(self._lock_fd)
             raise StorageError(f'{self.path}: another process runs its lifecycle') from None
-        self.conn = open_database(self.path, synchronous=synchronous)
-        from loom_ros.storage import schema
-        schema.ensure(self.conn, self.path)
-        self.recover()
-        self.index.load(self.conn)
+        self.conn = None
+        try:
+            self.conn = open_database(self.path, synchronous=synchronous)
+            from loom_ros.storage import schema
+            schema.ensure(self.conn, self.path)
+            self.recover()
+            self.index.load(self.conn)
+        except BaseException:
+            if self.conn is not None:
+                self.conn.close()
+            os.close(self._lock_fd)
+            raise
 
     # -- recovery --------------------------------------------------------------------------------
     def _prefix(self) -> str:
@@ -392,7 +399,7 @@ class Lifecycle:
                          "coalesce(sum(rows), 0) from archive where state = 'done'").fetchone()
         state = c.execute('select count(*), coalesce(sum(length(value)), 0), min(updated_ms) '
                           'from kv').fetchone()
-        index_bytes = self.index.path.stat().st_size if self.index.path.exists() else 0
+        index_bytes = self.index.memory_bytes()
         out = {'warm': {'rows': warm[0], 'bytes': warm[1], 'oldest_ms': warm[2] or 0},
                'cold': {'rows': cold[0], 'bytes': cold[1] + index_bytes, 'oldest_ms': cold[2] or 0},
                'archive': {'rows': arch[3], 'files': arch[0], 'bytes': arch[1],

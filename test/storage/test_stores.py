@@ -1,0 +1,352 @@
+"""The stores, the writer, budgets and bad input, on real SQLite files, real faiss and a real
+embedding model; ages come from an injected clock."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+
+import numpy as np
+import pytest
+
+from loom_ros.bus.event import Event
+from loom_ros.storage.backend.local import LocalObjectStore
+from loom_ros.storage.base import check_key
+from loom_ros.storage.budget import BudgetGate, Budgets, budget_check
+from loom_ros.storage.cold import IndexParams
+from loom_ros.storage.embedding import HashEmbedder
+from loom_ros.storage.errors import (CorruptRecordError, IndexMismatchError, StorageError,
+                                     StorageFullError)
+from loom_ros.storage.layout import StorageLayout
+from loom_ros.storage.lifecycle import (Lifecycle, LifecycleParams, TierPolicy, load_policies)
+from loom_ros.storage.sqlite import integrity_ok
+from loom_ros.storage.storage import Storage, StorageConfig
+from loom_ros.telemetry.diagnostics import ERROR, OK, WARN
+
+T0 = 1_700_000_000_000
+
+
+class Clock:
+    def __init__(self):
+        self.ms = T0
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def storage(tmp_path, clock):
+    s = Storage(StorageConfig(root=str(tmp_path), unit='t'), clock=clock)
+    yield s
+    s.close()
+
+
+def event(i: int, type_: str = 'chat.said', text: bytes | None = None, source: str = 'mic') -> Event:
+    return Event(type=type_, source=source, payload=text or b'{"n":%d}' % i, id=f'e{i}',
+                 timestamp_ms=T0 + i * 1000, tags=['t'])
+
+
+def lifecycle(storage, clock, **kw) -> Lifecycle:
+    params = kw.pop('params', LifecycleParams(default=TierPolicy(warm_s=60, cold_s=600,
+                                                                 archive_s=6000), bucket_s=10))
+    return Lifecycle(storage.layout, storage.unit, LocalObjectStore(storage.layout.objects),
+                     kw.pop('embedder', HashEmbedder()), params, clock=clock, **kw)
+
+
+# -- KV / agent state ------------------------------------------------------------------------
+def test_agent_state_commits_with_its_episodes_and_upgrades_old_rows(storage):
+    ticket = storage.agent_state.commit('a', {'x': 1}, 3, 'e2', [event(1), event(2)])
+    ticket.wait(10)
+    assert storage.agent_state.load('a') == ({'x': 1}, 3)
+    assert [e['event_id'] for e in storage.episodes.query('a')] == ['e1', 'e2']
+    assert storage.agent_state.load('new') == ({}, 0)
+    storage.kv.put('agent_state', 'old', {'y': 2, '_events': 7}, schema=1).wait(10)
+    assert storage.agent_state.load('old') == ({'y': 2}, 7)
+
+
+def test_corrupt_and_newer_state_rows_are_clear_errors(storage):
+    storage.kv.put('agent_state', 'future', {'state': {}}, schema=99).wait(10)
+    with pytest.raises(CorruptRecordError, match='schema 99 is newer'):
+        storage.agent_state.load('future')
+    storage.writer.execute("insert into kv values ('agent_state', 'bad', 2, '{not json', 0)").wait(10)
+    with pytest.raises(CorruptRecordError, match='bad is corrupt'):
+        storage.agent_state.load('bad')
+
+
+def test_one_bad_write_fails_alone_in_its_batch(storage):
+    storage.writer.max_delay_s = 0.05     # one batch for all three
+    good = storage.kv.put('n', 'k1', 1)
+    bad = storage.writer.execute('insert into audit (id, ts_ms, plugin, kind, fields) values '
+                                 '(1, 0, null, null, null)')
+    also = storage.kv.put('n', 'k2', 2)
+    good.wait(10)
+    also.wait(10)
+    with pytest.raises(StorageError, match='NOT NULL'):
+        bad.wait(10)
+    assert storage.kv.keys('n') == ['k1', 'k2']
+
+
+# -- episodes, hot tier --------------------------------------------------------------------
+def test_episodes_query_and_hot_tier(storage, clock):
+    for i in range(10):
+        ticket = storage.episodes.record('a', event(i, 'imu' if i % 2 else 'chat.said'))
+    ticket.wait(10)
+    assert len(storage.episodes.query('a', type='imu')) == 5
+    assert len(storage.episodes.query('a', tag='t', start_ms=T0 + 5000)) == 5
+    clock.ms = T0 + 9000
+    assert [e.id for e in storage.episodes.recent('a', 3000)] == ['e6', 'e7', 'e8', 'e9']
+    assert storage.episodes.evict_hot(3000) == 6
+    assert len(storage.episodes.query('a')) == 10      # still warm
+
+
+def test_secrets_are_masked_before_the_file(storage):
+    storage.episodes.record('a', event(1, text=b'password=hunter2 ok')).wait(10)
+    row = storage.query('select payload from episodes')[0]
+    assert 'hunter2' not in row['payload']
+
+
+# -- audit ---------------------------------------------------------------------------------
+def test_audit_is_append_only(storage):
+    row_id, ticket = storage.audit.append('cam', 'refused', api_key='sk-12345678901234567890')
+    ticket.wait(10)
+    assert storage.audit.query(plugin='cam')[0]['fields']['api_key'] != 'sk-12345678901234567890'
+    for sql in ('update audit set kind = ? where id = ?', 'delete from audit where id = ? and 1=?'):
+        with pytest.raises(StorageError, match='append-only'):
+            storage.writer.execute(sql, ('x', row_id) if 'update' in sql else (row_id, 1)).wait(10)
+    assert len(storage.audit.query()) == 1
+
+
+# -- facts, router history -----------------------------------------------------------------
+def test_facts_are_found_by_meaning_after_reopen(tmp_path, clock):
+    from loom_ros.agents.embedding import MiniLMEmbedder
+    embedder = MiniLMEmbedder()
+    with Storage(StorageConfig(root=str(tmp_path), unit='f'), clock=clock) as s:
+        facts = s.facts('a', embedder)
+        facts.add('kitchen', 'contains', 'red mug', 'seen')[1].wait(10)
+        facts.add('robot', 'battery_level', 'low', 'sensor')[1].wait(10)
+    with Storage(StorageConfig(root=str(tmp_path), unit='f'), clock=clock) as s:
+        facts = s.facts('a', embedder)
+        assert facts.similar('where is the cup', 1)[0]['object'] == 'red mug'
+        assert {f['object'] for f in facts.neighbourhood('kitchen')} == {'red mug'}
+
+
+def test_router_history_spend_and_stats(storage):
+    history = storage.router_history(3600)
+    history.record_decision('d1', 'e1', 'chat', 'a', 0, 'cloud', 'r', 0.9, 0.01, 0.5, 10,
+                            float('inf'), now=7200.0)
+    history.record_outcome('d1', 'chat', 'cloud', 120.0, 0.01, True, 0.9, now=7201.0).wait(10)
+    assert history.spend(now=7300.0) == pytest.approx(0.01)
+    assert history.backend_stats('chat', 'cloud')['n'] == 1
+    assert storage.router_history(3600).routes['cloud'] == 1
+
+
+# -- lifecycle -----------------------------------------------------------------------------
+def test_lifecycle_moves_by_age_and_policy(storage, clock, tmp_path):
+    policies = tmp_path / 'policies.yaml'
+    policies.write_text("- {type: 'imu', cold: false, archive: false, warm_s: 30}\n")
+    rules = load_policies(str(policies), TierPolicy(warm_s=60, cold_s=600, archive_s=6000))
+    for i in range(40):
+        ticket = storage.episodes.record('a', event(i, 'imu' if i % 2 else 'chat.said',
+                                                    b'the red ball rolled %d' % i))
+    ticket.wait(10)
+    lc = lifecycle(storage, clock, params=LifecycleParams(
+        default=TierPolicy(warm_s=60, cold_s=600, archive_s=6000), rules=rules, bucket_s=10))
+    try:
+        clock.ms = T0 + 70_000     # every imu past its 30 s; chat of the first 10 s past 60 s
+        report = lc.run_once()
+        assert (report.deleted, report.condensed, report.memories) == (20, 5, 1)
+        clock.ms = T0 + 40_000 + 60_500
+        report = lc.run_once()
+        assert report.condensed == 15 and report.memories == 3   # 10 s buckets
+        found = lc.search('red ball', k=2, start_ms=T0, end_ms=T0 + 9_999)
+        assert found and found[0]['first_ms'] == T0 and found[0]['count'] == 5
+        clock.ms += 600_000
+        assert lc.run_once().archived == 4
+        assert lc.usage()['archive']['rows'] == 4 and lc.usage()['cold']['rows'] == 0
+        clock.ms += 6_000_000
+        assert lc.run_once().archive_deleted == 1
+        assert LocalObjectStore(storage.layout.objects).list() == []
+    finally:
+        lc.close()
+
+
+def test_policy_file_errors_name_the_rule(tmp_path):
+    bad = tmp_path / 'p.yaml'
+    bad.write_text("- {type: 'imu', cold: maybe}\n")
+    with pytest.raises(StorageError, match='rule 0: cold must be true or false'):
+        load_policies(str(bad), TierPolicy())
+    bad.write_text("- {type: 'imu', warm: 3}\n")
+    with pytest.raises(StorageError, match="unknown key 'warm'"):
+        load_policies(str(bad), TierPolicy())
+
+
+def test_ivfpq_index_persists_and_reloads_without_reembedding(storage, clock):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(20, 384)).astype(np.float32)
+    lc = lifecycle(storage, clock, index_params=IndexParams(train_at=1500, nlist=16, pq_m=32,
+                                                           pq_bits=4, nprobe=8, train_sample=2000))
+    try:
+        from loom_ros.storage.cold import ADD, encode
+        vectors = centers[rng.integers(0, 20, 2000)] + rng.normal(scale=0.3, size=(2000, 384))
+        vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+        codes = encode(vectors)
+        c = lc.conn
+        c.execute('begin')
+        c.executemany('insert into cold (id, agent_id, type, source, first_ms, last_ms, count, '
+                      "summary, code, bytes) values (?, 'a', 't', 's', ?, ?, 1, '', ?, 1)",
+                      [(i + 1, T0 + i, T0 + i, codes[i]) for i in range(2000)])
+        c.executemany('insert into cold_log (op, id) values (?, ?)', [(ADD, i + 1) for i in range(2000)])
+        c.execute('commit')
+        lc.index.replay(c)
+        assert lc.index.maybe_train(c) and lc.index.kind == 'ivfpq'
+        lc.save_index(force=True)
+        q = vectors[7]
+        first = [m['id'] for m in lc.search(vector=q, k=10)]
+    finally:
+        lc.close()
+    lc = lifecycle(storage, clock, index_params=IndexParams(train_at=1500, pq_m=32, pq_bits=4, nprobe=8))
+    try:
+        assert lc.index.kind == 'ivfpq' and lc.index.ntotal == 2000
+        assert [m['id'] for m in lc.search(vector=q, k=10)] == first
+        exact = set(np.argsort(-(vectors @ q))[:10] + 1)
+        assert len(exact & set(first)) >= 9
+    finally:
+        lc.close()
+
+
+def test_index_that_does_not_match_its_rows_is_a_clear_error_and_rebuilds(storage, clock, tmp_path):
+    for i in range(30):
+        ticket = storage.episodes.record('a', event(i))
+    ticket.wait(10)
+    lc = lifecycle(storage, clock)
+    clock.ms = T0 + 200_000
+    lc.run_once()
+    rows = lc.usage()['cold']['rows']
+    lc.close()
+    index = StorageLayout.at(tmp_path).cold_index('t')
+    good = index.read_bytes()
+    index.write_bytes(b'garbage')
+    with pytest.raises(IndexMismatchError, match='unreadable.*--rebuild-index'):
+        lifecycle(storage, clock)
+    # An index of another database: covers a log position this one never reached.
+    other = Storage(StorageConfig(root=str(tmp_path / 'o'), unit='t'), clock=clock)
+    for i in range(300):
+        other.episodes.record('a', event(i))
+    other.flush()
+    olc = lifecycle(other, clock)
+    olc.run_once()
+    olc.close()
+    other.close()
+    index.write_bytes(StorageLayout.at(tmp_path / 'o').cold_index('t').read_bytes())
+    with pytest.raises(IndexMismatchError):
+        lifecycle(storage, clock)
+    index.unlink()
+    with pytest.raises(IndexMismatchError, match='missing'):
+        lifecycle(storage, clock)
+    index.write_bytes(good)
+    lc = lifecycle(storage, clock)
+    lc.rebuild_index()
+    assert lc.index.ntotal == rows
+    lc.close()
+
+
+# -- budgets and full disks ----------------------------------------------------------------
+def test_budget_checks_warn_and_error_with_numbers():
+    assert budget_check('total', 50, 100).level == OK
+    warn = budget_check('total', 81, 100)
+    assert warn.level == WARN and '81 of 100 bytes' in warn.message
+    assert budget_check('total', 96, 100).level == ERROR
+
+
+def test_past_budget_archive_then_cold_goes_never_state(storage, clock):
+    storage.agent_state.commit('a', {'keep': 'me'}, 1, 'e0').wait(10)
+    for i in range(200):
+        ticket = storage.episodes.record('a', event(i, text=b'x' * 500 + b'%d' % i))
+    ticket.wait(10)
+    lc = lifecycle(storage, clock, params=LifecycleParams(
+        default=TierPolicy(warm_s=60, cold_s=100, archive_s=0), bucket_s=1, move_batch=50))
+    try:
+        clock.ms = T0 + 200_000 + 30_000   # the first ~170 events cold, the oldest archived
+        lc.run_once()
+        before = lc.usage()
+        assert before['archive']['files'] > 0 and before['cold']['rows'] > 0
+        lc.budgets = Budgets(cold_bytes=before['cold']['bytes'] // 2)
+        report = lc.enforce_budgets()
+        after = lc.usage()
+        assert report.archive_deleted == before['archive']['files'] and report.budget_deleted > 0
+        assert after['cold']['bytes'] <= before['cold']['bytes'] // 2
+        assert storage.agent_state.load('a') == ({'keep': 'me'}, 1)
+        lc.budgets = Budgets(cold_bytes=int(after['cold']['bytes'] / 0.9))
+        assert [c.level for c in lc.checks()] == [OK, WARN, OK, OK]
+    finally:
+        lc.close()
+
+
+def test_budget_gate_stops_writes_with_a_clear_error(storage, tmp_path):
+    storage.episodes.record('a', event(0)).wait(10)
+    gate = BudgetGate(storage.layout, total_bytes=1000)
+    storage.writer.gate = gate
+    with pytest.raises(StorageFullError, match=r'of 1,000 bytes budget used'):
+        storage.episodes.record('a', event(1)).wait(10)
+    storage.writer.gate = None
+    assert [e['event_id'] for e in storage.episodes.query('a')] == ['e0']
+
+
+def test_full_disk_stops_writes_and_keeps_what_was_committed(tmp_path, clock):
+    s = Storage(StorageConfig(root=str(tmp_path), unit='full', max_db_bytes=256 * 1024),
+                clock=clock)
+    acked, error = 0, None
+    try:
+        for i in range(100000):
+            try:
+                s.episodes.record('a', event(i, text=b'y' * 2000)).wait(10)
+                acked += 1
+            except StorageFullError as exc:
+                error = exc
+                break
+        assert error is not None and 'full' in str(error)
+        assert len(s.episodes.query('a', limit=10**6)) == acked
+    finally:
+        s.close()
+    assert integrity_ok(StorageLayout.at(tmp_path).database('full')) == 'ok'
+
+
+# -- bad input -----------------------------------------------------------------------------
+def test_corrupt_database_file_is_a_clear_error(tmp_path):
+    db = StorageLayout.at(tmp_path).database('bad')
+    db.parent.mkdir(parents=True)
+    db.write_bytes(b'this is not sqlite' * 100)
+    with pytest.raises(CorruptRecordError, match='not a usable SQLite database'):
+        Storage(StorageConfig(root=str(tmp_path), unit='bad'))
+
+
+def test_unwritable_root_is_a_clear_error(tmp_path):
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    with pytest.raises(StorageError, match='cannot'):
+        Storage(StorageConfig(root=str(blocker / 'root'), unit='u'))
+    if os.geteuid() != 0:
+        ro = tmp_path / 'ro'
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            with pytest.raises(StorageError, match='cannot'):
+                Storage(StorageConfig(root=str(ro), unit='u'))
+        finally:
+            ro.chmod(0o700)
+
+
+@pytest.mark.parametrize('name', ['../x', 'a/b', '', '.hidden/..', 'x' * 100])
+def test_names_and_keys_cannot_escape_the_root(tmp_path, name):
+    with pytest.raises(StorageError):
+        Storage(StorageConfig(root=str(tmp_path), unit=name))
+    with pytest.raises(StorageError):
+        check_key(f'../{name}')
+    for key in ('/abs', 'a//b', 'a/./b', ''):
+        with pytest.raises(StorageError):
+            check_key(key)
