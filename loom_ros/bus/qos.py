@@ -10,11 +10,18 @@ Realtime trades delivery for latency (a late frame is worth nothing); Batched gu
 between live endpoints; Background is delay tolerant and keeps history for late joiners.
 No lifespan or deadline by default: both compare clocks across hosts, and robots' clocks drift.
 The table is plain data; `to_qos_profile` and `to_zenoh_options` turn a row into library objects.
+
+Large payloads across processes (camera frames) also need a transport setting, not a QoS row:
+Fast DDS's builtin shared-memory segment (512 KB) is smaller than one 640x480 RGB frame, and
+best-effort frames were lost in it (bench/results/camera.md). `fastdds_environment` says which
+environment variables point a Loom process at config/fastdds.xml, the profile that fixes it.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 from loom_ros.bus.names import TopicPattern
 
@@ -118,3 +125,28 @@ def levels_compatible(publisher: QosLevel | str, subscriber: QosLevel | str) -> 
     if pub.reliability == 'best_effort' and sub.reliability == 'reliable':
         return False
     return not (pub.durability == 'volatile' and sub.durability == 'transient_local')
+
+
+# -- transport for large payloads (Fast DDS) -----------------------------------------------------
+FASTDDS_PROFILE_FILE = 'fastdds.xml'
+# Fast DDS 3 (Kilted on) reads the first; Fast DDS 2 (Humble, Jazzy) the second, which Kilted's
+# rmw still reads with a deprecation warning: only the one the distribution reads is set.
+FASTDDS_PROFILE_VARS = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE')
+FASTDDS_2_DISTROS = ('humble', 'iron', 'jazzy')
+# Any of these set means the user chose Fast DDS's transports themselves: Loom leaves them be.
+FASTDDS_USER_VARS = FASTDDS_PROFILE_VARS + ('FASTDDS_BUILTIN_TRANSPORTS',)
+FASTDDS_RMWS = ('rmw_fastrtps_cpp', 'rmw_fastrtps_dynamic_cpp')
+DEFAULT_RMW = 'rmw_fastrtps_cpp'   # Kilted's default when RMW_IMPLEMENTATION is unset
+
+
+def fastdds_environment(environ: Mapping[str, str], config_dir: Path | str) -> dict[str, str]:
+    """Variables to add to a Loom process's environment so Fast DDS loads Loom's profile
+    (config/fastdds.xml: a shared-memory segment that holds camera frames). Empty when the rmw
+    is not Fast DDS or the user already set a profile or builtin transports of their own.
+    Pure: the caller (bring-up, the launch file, a test) applies it before rclpy starts."""
+    rmw = (environ.get('RMW_IMPLEMENTATION') or DEFAULT_RMW).strip()
+    if rmw not in FASTDDS_RMWS or any(environ.get(name) for name in FASTDDS_USER_VARS):
+        return {}
+    fastdds_2 = (environ.get('ROS_DISTRO') or '').strip().lower() in FASTDDS_2_DISTROS
+    return {FASTDDS_PROFILE_VARS[1 if fastdds_2 else 0]:
+            str(Path(config_dir) / FASTDDS_PROFILE_FILE)}
