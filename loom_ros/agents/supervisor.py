@@ -8,6 +8,7 @@ A unit is one agent process (one agent, or a group hosted together). Verdicts pe
 - hung:     heartbeats come but its handler has been busy longer than `hang_timeout_s`
             (a stuck behavior), or they stop while the process is still alive;
 - failed:   restarted `max_restarts` times already; the manager stops trying;
+- stopped:  taken down on request (the manager's ~/shutdown or ~/reset; set by the manager);
 - ok:       active and beating. WARN-worthy load (mailbox near full) is a diagnostics matter.
 
 Heartbeats travel on a public topic, so anyone on the DDS domain can publish one. BeatAuth makes
@@ -185,6 +186,7 @@ class Health(str, Enum):
     HUNG = 'hung'
     RESTARTING = 'restarting'
     FAILED = 'failed'
+    STOPPED = 'stopped'    # taken down on request (the manager's ~/shutdown or ~/reset)
 
 
 @dataclass

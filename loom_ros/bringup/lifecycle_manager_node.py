@@ -227,10 +227,6 @@ class LifecycleManagerNode(Node):
     def _set_goal(self, goal: str | None) -> None:
         self.goal = goal
         self.core.set_goal(goal)
-        if goal == 'active':
-            for m in self.managed:
-                if m.phase == 'stopped':     # after a shutdown or reset: spawn them again
-                    self._enter(m, 'spawn', -1e9)
 
     def _everything(self) -> str:
         return ', '.join([n.name for n in self.core.nodes] + [m.unit.node for m in self.managed])
@@ -289,7 +285,8 @@ class LifecycleManagerNode(Node):
     def _on_is_active(self, _request, response):
         """~/is_active: true once every managed node and agent is active."""
         nodes = sum(n.state == 'active' and not n.busy for n in self.core.nodes)
-        agents = sum(m.phase == 'running' and not m.paused for m in self.managed)
+        agents = sum(m.phase == 'running' and not m.paused and m.pause_future is None
+                     for m in self.managed)
         response.success = self.goal == 'active' and nodes == len(self.core.nodes) and \
             agents == len(self.managed)
         response.message = f'{nodes}/{len(self.core.nodes)} nodes active, ' \
@@ -332,6 +329,7 @@ class LifecycleManagerNode(Node):
             return
         if result is not None:
             self.core.answered(name, str(result.current_state.label)[:64], asked)
+            self._log_events()
 
     def _drive_nodes(self) -> None:
         ChangeState = self._types[0]
@@ -347,9 +345,18 @@ class LifecycleManagerNode(Node):
             c.transition = (future, label)
             future.add_done_callback(lambda f, name=name, label=label:
                                      self._on_transition(name, label, f))
+        self._log_events()
+
+    def _log_events(self) -> None:
+        """What the core said, logged at once (rclpy wants one severity per call site)."""
         log = self.get_logger()
         for _name, kind, text in self.core.take_events():
-            {'lost': log.warning, 'gave_up': log.error}.get(kind, log.info)(text)
+            if kind == 'gave_up':
+                log.error(text)
+            elif kind == 'lost':
+                log.warning(text)
+            else:
+                log.info(text)
 
     def _on_transition(self, name: str, label: str, future) -> None:
         try:
@@ -359,6 +366,7 @@ class LifecycleManagerNode(Node):
         self.core.transition_done(name, label, bool(result and result.success),
                                   '' if result and result.success else
                                   f'see the log of {name}')
+        self._log_events()
 
     # -- agents: bring-up, pause, stop, restarts ----------------------------------------------
     def _agents_down(self) -> bool:
@@ -391,9 +399,12 @@ class LifecycleManagerNode(Node):
                     self._resume(m)
                     self._watch(m, now)
                 continue
-            if m.phase in ('stopping', 'stopped'):
+            if m.phase in ('stopping', 'stopped'):   # after a shutdown or reset: start again
                 self._finish_stop(m, now)
-                continue
+                if m.phase == 'stopping':
+                    bringing_up = False
+                    continue
+                self._enter(m, 'spawn', -1e9)
             if bringing_up or (m.unit.restarts and nodes_up):
                 self._advance(m, now)
             if m.unit.up_since_s is None and not m.unit.restarts:
@@ -414,7 +425,11 @@ class LifecycleManagerNode(Node):
             if m.pause_future is not None:
                 if not m.pause_future.done():
                     continue
-                m.pause_future = None
+                result, m.pause_future = m.pause_future.result(), None
+                if result is None or not result.success:
+                    self._restart(m, f'{m.unit.node}: '
+                                  f'{"deactivate" if m.paused else "activate"} failed')
+                    continue
             if m.paused != pause:
                 m.paused = pause
                 m.pause_future = m.change_state.call_async(ChangeState.Request(
@@ -611,7 +626,10 @@ class LifecycleManagerNode(Node):
             alive = None if m.process is None else m.process.running
             for agent in m.unit.agents:
                 verdict = self.supervisor.verdict(agent, now, alive)
-                if m.phase not in ('running', 'failed') and m.unit.restarts:
+                if m.phase in ('stopping', 'stopped'):
+                    verdict.health, verdict.reason = Health.STOPPED, f'{m.phase} on request ' \
+                        f'(goal {self.goal})'
+                elif m.phase not in ('running', 'failed') and m.unit.restarts:
                     verdict.health = Health.RESTARTING
                 last = self.last_status.get(agent)
                 msg = AgentStatus() if last is None or m.unit.up_since_s is None else last
@@ -650,6 +668,8 @@ class LifecycleManagerNode(Node):
         from diagnostic_msgs.msg import DiagnosticStatus as D
         if verdict.health in (Health.DEAD, Health.HUNG, Health.FAILED):
             return D.ERROR, f'{verdict.health.value}: {verdict.reason}'
+        if verdict.health is Health.STOPPED:
+            return D.OK, f'{verdict.health.value}: {verdict.reason}'
         if verdict.health in (Health.STARTING, Health.RESTARTING):
             return D.WARN, f'{verdict.health.value}: {verdict.reason or "being brought up"}'
         if msg.lifecycle != 'active':

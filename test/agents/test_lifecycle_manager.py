@@ -194,3 +194,53 @@ def test_hung_agent_is_restarted_then_given_up_on(ros, manager, tmp_path):
     ros.wait_for(lambda: watch.diagnostics.get('loom/agents/first') is not None and
                  watch.diagnostics['loom/agents/first'].level == b'\x02', 'an ERROR diagnostic')
     assert 'gave up after 1 restarts' in watch.diagnostics['loom/agents/first'].message
+
+
+def test_pause_resume_shutdown_and_startup_drive_the_agents(ros, manager, tmp_path):
+    # Nav2's manager services across processes: the agents go inactive and back, are stopped
+    # (their processes end) and started again; is_active follows. One agent: each spawn costs
+    # seconds on a loaded machine.
+    from std_srvs.srv import Trigger
+    proc, watch = manager('/lm_services', 'agents:=first')
+    clients = {s: ros.node.create_client(Trigger, f'/lm_services/lifecycle_manager/{s}')
+               for s in ('startup', 'shutdown', 'pause', 'resume', 'is_active')}
+
+    def call(service):
+        client = clients[service]
+        ros.wait_for(client.service_is_ready, service, alive=[proc])
+        future = client.call_async(Trigger.Request())
+        ros.wait_for(future.done, f'the answer of {service}', alive=[proc])
+        return future.result()
+
+    def both(predicate):   # every managed agent
+        return watch.status.get('first') is not None and predicate(watch.status['first'])
+    try:
+        ros.wait_for(lambda: both(lambda s: s.health == 'ok' and s.lifecycle == 'active'),
+                     'both agents ok', alive=[proc])
+        ros.wait_for(lambda: call('is_active').success, 'is_active', alive=[proc])
+        pids = {'first': watch.status['first'].pid}
+        assert call('pause').success
+        ros.wait_for(lambda: both(lambda s: s.lifecycle == 'inactive'), 'the agent inactive',
+                     alive=[proc])
+        assert not call('is_active').success
+        assert call('resume').success
+        ros.wait_for(lambda: call('is_active').success, 'is_active after resume', alive=[proc])
+        ros.wait_for(lambda: both(lambda s: s.lifecycle == 'active'), 'the agent active',
+                     alive=[proc])
+        assert {a: watch.status[a].pid for a in pids} == pids   # the same processes
+        assert call('shutdown').success
+        ros.wait_for(lambda: both(lambda s: s.health == 'stopped'), 'the agent stopped',
+                     alive=[proc])
+        for pid in pids.values():
+            ros.wait_for(lambda: not os.path.exists(f'/proc/{pid}') or
+                         open(f'/proc/{pid}/stat').read().rpartition(')')[2].split()[0] == 'Z',
+                         'the agent process to end')
+        assert not call('is_active').success
+        assert call('startup').success
+        ros.wait_for(lambda: call('is_active').success, 'is_active after startup again',
+                     alive=[proc])
+        ros.wait_for(lambda: both(lambda s: s.health == 'ok' and s.pid not in (0, pids[s.agent_id])),
+                     'the agent ok in a new process', alive=[proc])
+    finally:
+        for client in clients.values():
+            ros.node.destroy_client(client)
