@@ -45,7 +45,8 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith('linux') el
 TAIL = 'tail'            # stderr=TAIL: read it into a bounded tail (the default)
 TAIL_LINES = 40
 MAX_LINE_BYTES = 4096    # a longer stderr "line" is cut: a child cannot make the tail unbounded
-_JOIN_READER_S = 2.0
+_JOIN_READER_S = 2.0     # stop(): for the stderr reader to see the pipe close
+_CATCH_UP_S = 0.5        # last_words(): for the tail to take a dead child's last lines
 
 
 def die_with_parent(signum: int = signal.SIGTERM):
@@ -222,7 +223,10 @@ class Process:
             self._tail.clear()
 
     def last_words(self) -> str:
-        """The last non-blank stderr line ('' if none)."""
+        """The last non-blank stderr line ('' if none); once the child has exited, after the
+        tail caught up with what it wrote (bounded: a grandchild may hold the pipe open)."""
+        if self._reader is not None and self.poll() is not None:
+            self._reader.join(_CATCH_UP_S)
         return next((line for line in reversed(self.tail()) if line.strip()), '')
 
     def exit_reason(self) -> str:
@@ -230,8 +234,6 @@ class Process:
         code = self.poll()
         if code is None:
             return 'running' if self.popen is not None else 'not started'
-        if self._reader is not None:   # the pipe closes at exit: let the tail catch up
-            self._reader.join(_JOIN_READER_S)
         why = f'was killed by {_signal_name(-code)}' if code < 0 else f'exited with code {code}'
         last = self.last_words()
         return why + (f'; last words: {last}' if last else '')
@@ -265,9 +267,12 @@ class Process:
         if self.new_group or self.popen.poll() is None:
             self.send_signal(signal.SIGKILL)
         code = self.wait(5.0)
+        streams = [self.popen.stdin]
         if self._reader is not None:
             self._reader.join(_JOIN_READER_S)
-        for stream in (self.popen.stdin,):
+            if not self._reader.is_alive():   # closing under a blocked reader would block
+                streams.append(self.popen.stderr)
+        for stream in streams:
             if stream is not None:
                 try:
                     stream.close()

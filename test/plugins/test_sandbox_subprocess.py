@@ -40,6 +40,15 @@ def gone(pid: int) -> bool:
     return False
 
 
+def ended(pid: int) -> bool:
+    """Gone, or a zombie nobody reaped yet."""
+    try:
+        with open(f'/proc/{pid}/stat') as stat:
+            return stat.read().rpartition(')')[2].split()[0] in ('Z', 'X')
+    except OSError:
+        return True
+
+
 def child_pid(plugin: SubprocessPlugin) -> int:
     response = plugin.handle_event(Event(type='fault.pid'))
     assert response.ok, response.error
@@ -170,3 +179,50 @@ def test_the_capability_guard_applies_in_the_child(make):
     assert granted.handle_event(Event(type='fault.connect')).ok
     unguarded = make(guard=False)
     assert unguarded.handle_event(Event(type='fault.connect')).ok
+
+
+def test_the_child_dies_with_a_sigkilled_host_even_when_started_from_a_worker_thread(tmp_path):
+    """A host process starts a sandboxed plugin from a thread that then ends (as an executor or
+    request thread would), gets its pid, sets it hanging (so it reads no more of its stdin and
+    would not notice the host's end by itself), and is SIGKILLed: the child must go too
+    (bringup.processes: PR_SET_PDEATHSIG, forked on a thread that lives as long as the host)."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+    host = textwrap.dedent(f"""
+        import threading, time
+        from loom_ros.bus.event import Event
+        from loom_ros.plugins.sandbox.subprocess import SubprocessPlugin
+        box = {{}}
+        def start():
+            box['p'] = SubprocessPlugin({FAULTY!r}, call_timeout_s={GENEROUS_S})
+        t = threading.Thread(target=start); t.start(); t.join()
+        reply = box['p'].handle_event(Event(type='fault.pid'))
+        print(reply.events[0].payload.decode() if reply.ok else 'failed: ' + reply.error,
+              flush=True)
+        box['p'].handle_event(Event(type='fault.hang'))
+    """)
+    proc = subprocess.Popen([sys.executable, '-c', host], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.isdigit(), line
+        child = int(line)
+        assert not gone(child)
+
+        def hanging():   # waiting in the plugin's Event.wait, no longer in a read of its pipe
+            with open(f'/proc/{child}/wchan') as wchan:
+                return 'futex' in wchan.read()
+        deadline = time.monotonic() + GENEROUS_S
+        while not hanging():
+            assert time.monotonic() < deadline, 'the child never took the hang request'
+            time.sleep(0.01)
+        proc.kill()
+        proc.wait(GENEROUS_S)
+        deadline = time.monotonic() + GENEROUS_S
+        while not ended(child) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ended(child), 'the sandbox child outlived its SIGKILLed host'
+    finally:
+        proc.kill()
+        proc.wait()

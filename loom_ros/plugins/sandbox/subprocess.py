@@ -1,8 +1,9 @@
 """Out-of-process plugins: a plugin class run in a child process with resource limits, behind a
 proxy that presents the plugin contract, so the host treats it like an in-process plugin.
 
-The child (loom_ros.plugins.sandbox.worker) runs in its own session and process group, as a child
-subreaper, under rlimits that are on by default: address space (`memory_bytes`, 1 GiB), CPU
+The child (loom_ros.plugins.sandbox.worker) is started by bringup.processes (Loom's one way to
+start processes): its own session and process group, SIGKILLed should the host die, a bounded
+stderr tail for crash reasons. It runs as a child subreaper, under rlimits that are on by default: address space (`memory_bytes`, 1 GiB), CPU
 seconds over its life (`cpu_seconds`, 3600), open files (`open_files`, 1024), the size of any
 file it writes (`file_size_bytes`, 256 MiB) and no core dumps; 0 or None lifts one. It talks
 length-prefixed JSON over its stdin/stdout. A crash (the child exits), a
@@ -41,6 +42,7 @@ import threading
 import time
 from pathlib import Path
 
+from loom_ros.bringup.processes import Process
 from loom_ros.bus.event import Event
 from loom_ros.plugins.contract import (HealthState, HealthStatus, Plugin, PluginContext,
                                        PluginError, PluginMetadata, PluginResponse)
@@ -155,24 +157,23 @@ class _Eof:
 
 
 class _Child:
-    """One generation of the child process: its pipes, a reader thread feeding a queue, and the
-    tail of its stderr (for crash reasons)."""
+    """One generation of the child process (started by bringup.processes: own session and
+    group, SIGKILLed if the host dies, a bounded stderr tail for crash reasons): its pipes and a
+    reader thread feeding a queue."""
 
     def __init__(self, args: list[str], env: dict[str, str]):
         self.token = f'{TREE_TOKEN_VARIABLE}={secrets.token_hex(16)}'
         env = {**env, TREE_TOKEN_VARIABLE: self.token.partition('=')[2]}
-        self.popen = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, env=env, start_new_session=True,
-                                      close_fds=True)
+        self.process = Process(args, name='loom-sandbox', env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, tail_lines=STDERR_TAIL_LINES,
+                               death_signal=signal.SIGKILL).start()
+        self.popen = self.process.popen
         self.replies: queue.Queue = queue.Queue()
-        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.killed = 0  # processes of its tree (itself included) killed by kill()
         self.on_kill = None  # called after the tree is killed (the proxy counts it)
-        self.readers = [
-            threading.Thread(target=self._read_replies, daemon=True, name='loom-sandbox-out'),
-            threading.Thread(target=self._read_stderr, daemon=True, name='loom-sandbox-err')]
-        for reader in self.readers:
-            reader.start()
+        self.reader = threading.Thread(target=self._read_replies, daemon=True,
+                                       name='loom-sandbox-out')
+        self.reader.start()
 
     def _read_replies(self) -> None:
         try:
@@ -185,15 +186,8 @@ class _Child:
         except (WireError, OSError, ValueError) as exc:
             self.replies.put(_Eof(f'broken output from the child: {exc}'))
 
-    def _read_stderr(self) -> None:
-        try:
-            for line in iter(self.popen.stderr.readline, b''):
-                self.stderr_tail.append(line.decode(errors='replace').rstrip())
-        except (OSError, ValueError):
-            pass
-
     def send(self, message: dict) -> None:
-        self.stderr_tail.clear()  # a crash reason quotes only what this request made it say
+        self.process.clear_tail()  # a crash reason quotes only what this request made it say
         write_frame(self.popen.stdin, message)
 
     def kill(self) -> None:
@@ -205,31 +199,17 @@ class _Child:
         self.killed += kill_tree(self.popen.pid, self.token.encode())
         if self.on_kill is not None:
             self.on_kill(self)
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            self.popen.stdin.close()
-        except OSError:
-            pass
-        for reader in self.readers:
-            if reader is not threading.current_thread():
-                reader.join(timeout=_JOIN_READERS_S)
-        for reader, stream in zip(self.readers, (self.popen.stdout, self.popen.stderr)):
-            if not reader.is_alive():  # closing under a blocked reader would block on its lock
-                try:
-                    stream.close()
-                except OSError:
-                    pass
+        self.process.stop(timeout_s=0, signum=signal.SIGKILL)   # the group; closes stdin
+        if self.reader is not threading.current_thread():
+            self.reader.join(timeout=_JOIN_READERS_S)
+        if not self.reader.is_alive():  # closing under a blocked reader would block on its lock
+            try:
+                self.popen.stdout.close()
+            except OSError:
+                pass
 
     def last_stderr(self) -> str:
-        lines = [line for line in self.stderr_tail if line.strip()]
-        return lines[-1] if lines else ''
+        return self.process.last_words()
 
 
 class ChildFailure(Exception):
