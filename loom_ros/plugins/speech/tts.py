@@ -19,6 +19,7 @@ import json
 import os
 import selectors
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -27,10 +28,12 @@ import wave
 from dataclasses import dataclass
 from pathlib import Path
 
+from loom_ros.bringup.processes import Process
 from loom_ros.plugins.speech.audio import AudioFormatError, read_wav
 from loom_ros.plugins.speech.config import TtsConfig
 
 ESPEAK_LIBRARY = 'libespeak-ng.so.1'   # what pyttsx3's espeak driver loads on Linux
+MAX_REPLY_CHARS = 64 * 1024            # a worker's reply line is a few dozen bytes
 
 
 class TTSError(RuntimeError):
@@ -187,16 +190,19 @@ def _worker_main() -> int:
 
 
 class _Worker:
-    """The parent's handle on one worker process."""
+    """The parent's handle on one worker process, started by bringup.processes: its own process
+    group, SIGKILLed should this process die (even when started from a request thread), and a
+    bounded tail of its stderr for the reason it died."""
 
     def __init__(self, config: TtsConfig):
         env = dict(os.environ)   # the worker imports this very package, wherever it lives
         root = str(Path(__file__).resolve().parents[3])
         env['PYTHONPATH'] = os.pathsep.join(p for p in (root, env.get('PYTHONPATH', '')) if p)
-        self.proc = subprocess.Popen(
-            [sys.executable, '-m', 'loom_ros.plugins.speech.tts', '--worker'],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            bufsize=1, env=env)
+        self.process = Process(
+            [sys.executable, '-m', 'loom_ros.plugins.speech.tts', '--worker'], name='loom-tts',
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            death_signal=signal.SIGKILL).start()
+        self.proc = self.process.popen
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.proc.stdout, selectors.EVENT_READ)
         self.send({'voice': config.voice, 'rate_wpm': config.rate_wpm, 'volume': config.volume})
@@ -206,24 +212,26 @@ class _Worker:
             self.proc.stdin.write(json.dumps(obj) + '\n')
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError) as exc:
-            raise TTSError(f'the TTS worker exited (code {self.proc.poll()}): {exc}') from None
+            self.process.wait(5)
+            raise TTSError(f'the TTS worker {self.process.exit_reason()} ({exc})') from None
 
     def receive(self, timeout_s: float) -> dict:
         if not self.selector.select(timeout_s):
             raise TimeoutError
-        line = self.proc.stdout.readline()
+        line = self.proc.stdout.readline(MAX_REPLY_CHARS)
         if not line:
-            raise TTSError(f'the TTS worker exited (code {self.proc.wait(5)})')
-        return json.loads(line)
+            self.process.wait(5)
+            raise TTSError(f'the TTS worker {self.process.exit_reason()}')
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise TTSError(f'the TTS worker sent a broken reply: {line[:200]!r}') from None
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(5)
+        self.process.kill()   # its whole group, at once: it keeps no state
         self.selector.close()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            with contextlib.suppress(OSError):
-                stream.close()
+        with contextlib.suppress(OSError):
+            self.proc.stdout.close()
 
 
 _INLINE_LOCK = threading.Lock()   # one pyttsx3 engine per process, used by one thread at a time
