@@ -56,9 +56,10 @@ class PluginPort(Protocol):
 
 
 class CloudPort(Protocol):
-    """The host's cloud client: (client, '') when one is connected, else (None, why)."""
+    """The host's cloud client: (client, '') when one is connected, else (None, why); a link
+    still opening is waited for up to `wait_s`."""
 
-    def client(self) -> 'tuple[CloudClient | None, str]': ...
+    def client(self, wait_s: float = 0.0) -> 'tuple[CloudClient | None, str]': ...
 
 
 class _Unwired:
@@ -77,7 +78,7 @@ class _Unwired:
         return PluginResponse.failure(f'no {self.what} port: this agent was given no plugins '
                                       f'(asked for {name!r})')
 
-    def client(self):
+    def client(self, wait_s: float = 0.0):
         return None, 'no cloud configured for this agent'
 
 
@@ -154,9 +155,10 @@ class AgentContext:
         """One event into plugin `plugin`; every failure is a failed response that says why."""
         return self.ports.plugins.call(plugin, event)
 
-    def cloud(self) -> 'tuple[CloudClient | None, str]':
-        """The host's cloud client, or None and why (Hybrid and Cloud routes then run local)."""
-        return self.ports.cloud.client()
+    def cloud(self, wait_s: float = 0.0) -> 'tuple[CloudClient | None, str]':
+        """The host's cloud client, or None and why (Hybrid and Cloud routes then run local);
+        a link still opening (the host opens it on configure) is waited for up to `wait_s`."""
+        return self.ports.cloud.client(wait_s)
 
     def action(self, type: str, data: dict, privacy: Privacy | None = None) -> None:
         self.emit('action', type, data, privacy)

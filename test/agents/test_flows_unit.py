@@ -272,6 +272,28 @@ def test_cloud_link_retries_a_failed_open_only_when_due_and_closes_what_it_opene
     assert link.client()[0] is None and len(tries) == 2   # closed: never reopened
 
 
+def test_a_caller_waits_for_an_open_in_progress_within_its_budget():
+    import threading
+    release = threading.Event()
+
+    def slow_opener(settings):   # a Zenoh session and an embedding model take a while
+        assert release.wait(30)
+        return SessionStub(), 'client'
+    link = CloudLink(CloudSettings(('tcp/127.0.0.1:1',)), slow_opener)
+    link.start()
+    assert link.client() == (None, 'the cloud link is opening')   # no wait asked: at once
+    release.set()
+    assert link.client(wait_s=30) == ('client', '')
+    link.close()
+
+
+class SessionStub:
+    """What CloudLink closes; the session itself is the opener's business."""
+
+    def close(self):
+        pass
+
+
 def test_cloud_settings_are_checked_and_absent_means_no_cloud():
     from loom_ros.agents.config import AgentConfigError
     assert CloudSettings.of('a', {}) is None and CloudSettings.of('a', {'zenoh_connect': []}) \

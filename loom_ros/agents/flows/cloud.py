@@ -132,19 +132,24 @@ class CloudLink:
         self._log('info', f'cloud link open to {list(self.settings.connect)} as '
                   f'{self.settings.identity}')
 
-    def client(self):
-        """(CloudClient, '') when open, else (None, why); a failed open is retried when due."""
+    def client(self, wait_s: float = 0.0):
+        """(CloudClient, '') when open, else (None, why). A failed open is retried when due; an
+        open in progress is waited for up to `wait_s` (a caller's latency budget)."""
         with self._lock:
-            client, error, closed = self._client, self._error, self._closed
+            client, closed = self._client, self._closed
             due = self._clock() - self._tried_at >= self.retry_s
-        if client is None and not closed and due:
-            self.start()
-        return client, error if client is None else ''
+        if client is None and not closed:
+            if due:
+                self.start()
+            if wait_s > 0:
+                self.wait_open(wait_s)
+        with self._lock:
+            return self._client, self._error if self._client is None else ''
 
     def wait_open(self, timeout_s: float) -> bool:
-        """For callers that need the link now (tests, tools): whether it is open."""
+        """Wait up to `timeout_s` for an open in progress; whether the link is open."""
         thread = self._thread
-        if thread is not None:
+        if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
         return self._client is not None
 

@@ -78,11 +78,15 @@ class VoiceBehavior:
 
         def local(_request):
             return {'intent': intent, 'confidence': confidence}, confidence
-        cloud, cloud_error = ctx.cloud()
-        with tracing.span(tracing.CLOUD_REQUEST if decision.route in ('cloud', 'hybrid')
-                          else tracing.LOCAL_INFERENCE, attributes={'loom.route': decision.route}):
+        to_cloud = decision.route in ('cloud', 'hybrid')
+        with tracing.span(tracing.CLOUD_REQUEST if to_cloud else tracing.LOCAL_INFERENCE,
+                          attributes={'loom.route': decision.route}):
+            # A cloud link the host is still opening is waited for, within the budget.
+            asked = time.perf_counter()
+            cloud, cloud_error = ctx.cloud(self.cloud_budget_ms / 1000.0 if to_cloud else 0.0)
+            budget_ms = self.cloud_budget_ms - (time.perf_counter() - asked) * 1000.0
             result = execute_route(decision, InferenceRequest(
-                'intent', text, effective_privacy(event), self.cloud_budget_ms, self.event_type,
+                'intent', text, effective_privacy(event), max(0.0, budget_ms), self.event_type,
                 decision.decision_id), local, cloud, report=ctx.report)
         refined = str(result.answer.get('intent', intent))
         ctx.intent(refined, {'text': text, 'slots': heard.get('slots', {}), 'local': intent,
