@@ -88,8 +88,9 @@ class ManagerCore:
         if goal is not None and goal not in GOALS:
             raise ValueError(f'goal must be one of {GOALS}, got {goal!r}')
         self.goal = goal
-        if goal == 'active':   # a fresh startup forgets an earlier give-up
+        if goal == 'active':   # a fresh startup forgets an earlier give-up and shutdown
             for n in self.nodes:
+                n.shut_down = False
                 if n.failed:
                     n.restarts.reset()
 
@@ -112,9 +113,11 @@ class ManagerCore:
         n.up = state == 'active' or (n.up and state != 'unconfigured')
 
     def no_answer(self, name: str) -> None:
-        """A get_state poll that got no answer (service gone, or the call timed out)."""
+        """A get_state poll that got no answer (service gone, or the call timed out). A node in
+        a transition is not judged by it: a single-threaded node answers nothing while its
+        on_configure loads models; transition_timeout_s bounds that instead."""
         n, now = self._by_name[name], self.clock()
-        if not n.seen or n.dead:
+        if not n.seen or n.dead or n.busy:
             return
         if now - (n.answered_s or now) > self.heartbeat_timeout_s:
             self._lost(n, f'no answer to get_state for {now - n.answered_s:.1f} s')
@@ -150,7 +153,7 @@ class ManagerCore:
                 busy, n.busy = n.busy, ''
                 n.state = UNKNOWN
                 self._lost(n, f'{busy} got no answer in {self.transition_timeout_s:g} s')
-            if n.seen and not n.dead and n.answered_s is not None and \
+            if n.seen and not n.dead and not n.busy and n.answered_s is not None and \
                     now - n.answered_s > self.heartbeat_timeout_s:
                 self.no_answer(n.name)
 
@@ -215,6 +218,8 @@ class ManagerCore:
             return 'starting', 'waiting for its lifecycle services'
         if n.state == 'active':
             return 'ok', ''
+        if n.state == 'finalized' and self.goal == 'active':
+            return 'starting', 'finalized: only a new process (a respawn) can be brought up'
         if n.restarts.total and self.goal == 'active':
             return 'restarting', n.last_error
         if self.goal == 'active':

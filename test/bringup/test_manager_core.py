@@ -89,6 +89,18 @@ def test_pause_reset_and_shutdown_go_in_reverse_order():
                          ('zenoh_bridge', 'shutdown')]
     assert asked[-1] == ('router', 'shutdown') and set(states.values()) == {'finalized'}
     assert c.at_goal()
+    # A respawned process after the shutdown is left alone (no shutdown loop with respawn)...
+    states['router'] = 'unconfigured'
+    assert run(c, states) == [] and c.at_goal()
+    # ...until a startup, which brings it up; a finalized node waits for its respawn.
+    c.set_goal('active')
+    assert run(c, states) == [('router', 'configure'), ('router', 'activate')]
+    assert c.health('plugin_host') == ('starting', 'finalized: only a new process (a respawn) '
+                                       'can be brought up')
+    states['plugin_host'] = 'unconfigured'
+    assert run(c, states)[0] == ('plugin_host', 'configure')
+    c.set_goal('inactive')   # and a later pause takes it down again
+    assert ('router', 'deactivate') in run(c, states)
 
 
 def test_descent_waits_while_the_caller_holds_it():
@@ -181,6 +193,21 @@ def test_failures_back_off_exponentially_then_the_core_gives_up():
     assert c.transitions() == []   # given up: and it holds the nodes after it
     c.set_goal('active')           # an operator's startup tries again
     assert c.transitions() == [('router', 'configure')]
+
+
+def test_a_long_configure_is_not_taken_for_a_dead_node():
+    # A plugin host loading models answers no get_state until its on_configure returns.
+    clock = Clock()
+    c = core(clock, names=('plugin_host',))
+    c.set_goal('active')
+    c.answered('plugin_host', 'unconfigured')
+    assert c.transitions() == [('plugin_host', 'configure')]
+    clock.now += 4.9   # silent for more than heartbeat_timeout_s, less than transition_timeout_s
+    c.no_answer('plugin_host')
+    assert c.transitions() == [] and c.health('plugin_host')[0] == 'starting'
+    c.transition_done('plugin_host', 'configure', True)
+    assert c.transitions() == [('plugin_host', 'activate')]
+    assert c.node('plugin_host').restarts.total == 0
 
 
 def test_a_transition_without_an_answer_times_out_and_counts():
