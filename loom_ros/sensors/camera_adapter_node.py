@@ -8,9 +8,12 @@ perception.image reads), the frame's stamp as `timestamp_ms` (so latency is meas
 camera), the frame_id, and Sensitive privacy (faces are personal data). It starts the frame's
 trace: the PublishEvent span is the first hop. Frames faster than `max_rate_hz` are dropped and
 counted; a malformed frame is counted and logged, never a crash.
+Frames cross processes whole only with Loom's Fast DDS profile (config/fastdds.xml; Fast DDS's
+builtin shared memory is smaller than one frame): a process started without it says so at once.
 """
 from __future__ import annotations
 
+import os
 import time
 
 from rclpy.node import Node
@@ -18,8 +21,8 @@ from rclpy.node import Node
 from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import Event, EventRejected, Privacy
 from loom_ros.bus.executor import run_node
-from loom_ros.bus.qos import QosLevel, to_qos_profile
-from loom_ros.config.params import ParamSpec, declare_parameters
+from loom_ros.bus.qos import QosLevel, fastdds_environment, to_qos_profile
+from loom_ros.config.params import ParamSpec, config_dir, declare_parameters
 from loom_ros.plugins.perception.image import CHANNELS
 from loom_ros.telemetry.logs import mask_node_logger
 
@@ -30,6 +33,18 @@ PARAMETERS = [
     ParamSpec('max_rate_hz', 'Most frames per second passed on (0: all)', read_only=True,
               min_value=0.0),
 ]
+
+
+def warn_without_frame_transport(logger, environ=os.environ, configs=None) -> bool:
+    """Log (and return True) when this process runs Fast DDS without Loom's profile or any
+    transport setting of the user's: camera frames to other processes would then be lost."""
+    missing = fastdds_environment(environ, configs if configs is not None else config_dir())
+    if missing:
+        setting = ' '.join(f'{k}={v}' for k, v in missing.items())
+        logger.warning(f'Fast DDS runs with its builtin transports: camera frames (larger than '
+                       f'its 512 KB shared-memory segment) will be lost between processes. '
+                       f'Start Loom with {setting} (loom bringup and the launch file set it).')
+    return bool(missing)
 
 
 def frame_to_event(msg, loom_topic: str) -> Event:
@@ -60,6 +75,7 @@ class CameraAdapterNode(Node):
         from sensor_msgs.msg import Image
         self.create_subscription(Image, self.params['image_topic'], self._on_image,
                                  to_qos_profile(QosLevel.REALTIME))
+        warn_without_frame_transport(self.get_logger())
 
     def _on_image(self, msg) -> None:
         self.stats['frames'] += 1

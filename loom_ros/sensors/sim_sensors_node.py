@@ -30,6 +30,7 @@ from loom_ros.bus.executor import run_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.config.params import ParamSpec, declare_parameters
 from loom_ros.sensors import scenes
+from loom_ros.sensors.camera_adapter_node import warn_without_frame_transport
 from loom_ros.telemetry.logs import mask_node_logger
 
 CAMERA_IMAGE_TOPIC = 'camera/front/image_raw'
@@ -91,6 +92,7 @@ class SimSensorsNode(Node):
                                                     to_qos_profile(QosLevel.REALTIME))
             self._start = time.monotonic()
             self.create_timer(1.0 / params['camera_rate_hz'], self._publish_frame)
+            warn_without_frame_transport(self.get_logger())
         # Microphone: clips synthesised off the executor; the timer plays them in real time.
         self._chunk = int(scenes.MIC_RATE * params['mic_chunk_ms'] / 1000)
         self._clips: list[scenes.Clip] | None = None

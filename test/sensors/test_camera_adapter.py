@@ -210,6 +210,7 @@ def test_camera_frames_reach_a_loom_subscriber_in_another_process_without_loss()
     finally:
         errors = ''.join(p.stop() for p in procs)
     assert 'XMLParser' not in errors and 'XMLProfileManager' not in errors, errors[-3000:]
+    assert 'builtin transports' not in errors, errors[-3000:]   # the adapter saw the profile
 
 
 if __name__ == '__main__':
