@@ -2,7 +2,8 @@
 a plugin host run as their own processes with autostart false (as launch starts them); the
 manager waits for ~/startup, brings them up in order, pauses and resumes them in reverse/forward
 order, reports a SIGKILLed node dead on /diagnostics, brings its respawned process back to
-active, and shuts everything down; is_active follows each step."""
+active, shuts everything down, and after a startup brings the respawned processes up again;
+is_active follows each step."""
 import signal
 
 import pytest
@@ -145,6 +146,16 @@ def test_manager_drives_nodes_in_other_processes(ros, system):
     nodes.wait_states('both finalized', router='finalized', plugin_host='finalized')
     assert not nodes.call('is_active').success
 
+    # Startup after a shutdown: finalized nodes come back only as new processes (a respawn).
+    assert nodes.call('startup').success
+    answer = nodes.call('is_active')
+    assert not answer.success and 'only a new process' in answer.message
+    for name in ('router', 'plugin_host'):
+        stop(procs[name])
+        start(name)
+    ros.wait_for(lambda: nodes.call('is_active').success, 'is_active after startup again',
+                 alive=[procs['manager']])
+
     # The order, from the manager's log: up front to back, down back to front.
     err = stop(procs['manager'])
     lines = [line for line in err.splitlines() if ' done, now ' in line]
@@ -154,8 +165,10 @@ def test_manager_drives_nodes_in_other_processes(ros, system):
     assert steps[4:8] == ['plugin_host: deactivate', 'router: deactivate',
                           'router: activate', 'plugin_host: activate'], err
     assert steps[8:10] == ['router: configure', 'router: activate'], err   # the respawn
-    assert steps[10:] == ['plugin_host: deactivate', 'plugin_host: cleanup',
-                          'plugin_host: shutdown', 'router: deactivate', 'router: cleanup',
-                          'router: shutdown'], err
+    assert steps[10:16] == ['plugin_host: deactivate', 'plugin_host: cleanup',
+                            'plugin_host: shutdown', 'router: deactivate', 'router: cleanup',
+                            'router: shutdown'], err
+    assert steps[16:] == ['router: configure', 'router: activate', 'plugin_host: configure',
+                          'plugin_host: activate'], err
     for name in ('router', 'plugin_host'):
         stop(procs[name])
