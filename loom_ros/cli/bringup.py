@@ -227,8 +227,8 @@ def _agent_ids(args, agents_file: str) -> list[str]:
 def node_parameters(args, node: table.LoomNode, selected: list[table.LoomNode], agent_ids,
                     agents_file: str, params_file: str, robot_file: str) -> dict:
     """The node table's parameters for `node`, plus what this bring-up decides: the bridge's
-    router and credentials, the agents' state folder (the params file's agent section wins, as
-    the agents read it)."""
+    router and credentials. (The agents' state folder is the manager's state_dir, which it hands
+    to the agents it starts, as under launch.)"""
     ids = ','.join(agent_ids)
     params = table.node_parameters(node, selected, autostart=bool(args.autostart), agents=ids,
                                    groups=ids,
@@ -236,10 +236,6 @@ def node_parameters(args, node: table.LoomNode, selected: list[table.LoomNode], 
     if node.name == 'zenoh_bridge' and not args.nodes_only:
         params.update(connect=[_endpoint(args)], keys_dir=str(keys.keys_path(args.keys_dir)),
                       insecure=bool(args.insecure))
-    if node.name == table.MANAGER:
-        state_dir = node_section(params_file, AGENT_SECTION).get('state_dir')
-        if state_dir:
-            params['state_dir'] = state_dir
     return params
 
 
@@ -436,10 +432,14 @@ class RobotProcess:
         for node in selected:
             if node.name == table.MANAGER:
                 # The agents' host: the params file's agent section reaches it through
-                # robot_file's /**/agent_host_0 section.
+                # robot_file's /**/agent_host_0 section; the state folder is the manager's, as
+                # when the manager starts the host.
+                state_dir = node_section(params_file, table.MANAGER).get('state_dir') or \
+                    node_defaults(table.MANAGER)['state_dir']
                 self.agents = self._add(AgentNode(node_name=AGENT_HOST, parameter_overrides=[
                     Parameter('agents', value=ids), Parameter('autostart', value=False),
-                    Parameter('agents_file', value=agents_file)]))
+                    Parameter('agents_file', value=agents_file),
+                    Parameter('state_dir', value=str(state_dir))]))
             self._add(node.load_class()(parameter_overrides=overrides(node)))
 
     def _add(self, node):

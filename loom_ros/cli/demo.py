@@ -37,6 +37,7 @@ from pathlib import Path
 
 import yaml
 
+from loom_ros.bringup.processes import Process
 from loom_ros.config.params import DEFAULTS_FILE, config_dir
 
 CAMERA_TOPIC = 'camera.front'
@@ -84,34 +85,31 @@ def _params(source: str, out: Path) -> Path:
     return path
 
 
-def _spawn(args: list[str], env: dict, log: Path | None = None) -> subprocess.Popen:
+def _spawn(name: str, args: list[str], env: dict, log: Path | None = None) -> Process:
+    """A child that dies with the demo, even a SIGKILLed one (a demo killed by a timeout left
+    its bring-up running for good): SIGTERM, so bring-up still stops its nodes cleanly."""
     cmd = [sys.executable, *args]
     if log is None:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                env=env, bufsize=1)
+        return Process(cmd, name=name, env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL, text=True, bufsize=1).start()
     with open(log, 'w') as stream:
-        return subprocess.Popen(cmd, stdout=stream, stderr=subprocess.STDOUT, env=env)
+        return Process(cmd, name=name, env=env, stdout=stream, stderr=subprocess.STDOUT).start()
 
 
-def _lines(proc: subprocess.Popen) -> queue.Queue:
+def _lines(proc: Process) -> queue.Queue:
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(l.rstrip('\n')) for l in proc.stdout],
+    threading.Thread(target=lambda: [lines.put(l.rstrip('\n')) for l in proc.popen.stdout],
                      daemon=True).start()
     return lines
 
 
-def _stop(procs: dict[str, subprocess.Popen]) -> dict[str, int]:
+def _stop(procs: dict[str, Process]) -> dict[str, int | None]:
+    """SIGINT to all at once, then each gets up to a minute (bring-up stops its nodes in turn)
+    before SIGKILL."""
     for proc in procs.values():
-        if proc.poll() is None:
+        if proc.running:
             proc.send_signal(signal.SIGINT)
-    codes = {}
-    for name, proc in procs.items():
-        try:
-            codes[name] = proc.wait(timeout=60)   # bring-up stops its nodes in turn
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            codes[name] = proc.wait()
-    return codes
+    return {name: proc.stop(timeout_s=60.0) for name, proc in procs.items()}
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -290,16 +288,16 @@ def run_demo(args) -> int:
           f'{"INSECURE plain TCP" if args.insecure else "mutual TLS"} on 127.0.0.1:{port}, '
           f'output {out})', flush=True)
     procs = {
-        'bringup': _spawn(['-m', 'loom_ros.cli', 'bringup', '--config', str(params),
-                           '--zenoh-port', str(port), '--log-dir', str(out / 'logs'),
-                           '--keys-dir', args.keys_dir or str(out / 'keys'),
-                           *(['--insecure'] if args.insecure else [])], env,
-                          out / 'logs' / 'bringup.log'),
-        'event_monitor': _spawn(['-m', 'loom_ros.bus.event_monitor_node', '--ros-args',
-                                 '--params-file', str(params), '-p',
-                                 'event_monitor:json_output:=true'], env),
-        'record': _spawn(['-m', 'loom_ros.cli.record', '--output', str(out / 'recording.mcap')],
-                         env, out / 'logs' / 'record.log'),
+        'bringup': _spawn('bringup', [
+            '-m', 'loom_ros.cli', 'bringup', '--config', str(params), '--zenoh-port', str(port),
+            '--log-dir', str(out / 'logs'), '--keys-dir', args.keys_dir or str(out / 'keys'),
+            *(['--insecure'] if args.insecure else [])], env, out / 'logs' / 'bringup.log'),
+        'event_monitor': _spawn('event_monitor', [
+            '-m', 'loom_ros.bus.event_monitor_node', '--ros-args', '--params-file', str(params),
+            '-p', 'event_monitor:json_output:=true'], env),
+        'record': _spawn('record', [
+            '-m', 'loom_ros.cli.record', '--output', str(out / 'recording.mcap')], env,
+            out / 'logs' / 'record.log'),
     }
     rclpy.init(args=['loom_demo', '--ros-args', '--params-file', str(params)],
                signal_handler_options=SignalHandlerOptions.NO)

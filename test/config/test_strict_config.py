@@ -48,6 +48,7 @@ def _params(tmp: Path, edit=None) -> Path:
     sections['plugin_host'].update(audit_db=str(tmp / 'audit.db'), data_dir=str(tmp / 'plugins'),
                                    plugins_file=str(tmp / 'plugins.yaml'))
     sections['agent']['state_dir'] = str(tmp / 'agents')
+    sections['lifecycle_manager']['state_dir'] = str(tmp / 'agents')   # what agents get
     sections['zenoh_bridge']['audit_file'] = str(tmp / 'bridge_audit.jsonl')
     if not (tmp / 'plugins.yaml').exists():
         (tmp / 'plugins.yaml').write_text(WEATHER_ONLY)
@@ -316,7 +317,9 @@ def test_bringup_exits_with_the_bridge_reason_for_a_bad_robot_id(tmp_path):
 
 
 def test_bringup_exits_at_once_for_an_unusable_state_dir(tmp_path, invalid_dir):
-    params = _params(tmp_path, lambda d, s: s['agent'].update(state_dir=str(invalid_dir)))
+    # The manager hands its state_dir to the agents it starts.
+    params = _params(tmp_path, lambda d, s: s['lifecycle_manager'].update(
+        state_dir=str(invalid_dir)))
     _refused(_bringup(params, '--no-bridge'), 'agent counter', str(invalid_dir), 'not a folder')
 
 

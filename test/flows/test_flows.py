@@ -35,6 +35,7 @@ def _params(tmp: Path) -> Path:
     section('router')['history_db'] = str(tmp / 'router.db')
     section('plugin_host').update(audit_db=str(tmp / 'audit.db'), data_dir=str(tmp / 'plugins'))
     section('agent')['state_dir'] = str(tmp / 'agents')
+    section('lifecycle_manager')['state_dir'] = str(tmp / 'agents')   # what agents get
     section('zenoh_bridge')['audit_file'] = str(tmp / 'bridge_audit.jsonl')
     path = tmp / 'params.yaml'
     path.write_text(yaml.safe_dump(data))
