@@ -7,7 +7,8 @@ this `LocalRouter` or a service client (agents/flows/link.py) and the behavior c
 
 A LocalRouter is passed to whoever uses it (never found through a global). With a history it
 records decisions and outcomes and charges the spend like the router node; that history's
-SQLite connection must be usable from the calling threads (sqlite3's `check_same_thread`).
+SQLite connection must be usable from the calling threads (sqlite3's `check_same_thread`). It
+publishes nothing: `router/decisions` and `router/stats` are the router node's.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class RouteQuery:
     event_id: str
     event_type: str
     agent_id: str = ''
-    privacy: Privacy = Privacy.SENSITIVE
+    privacy: Privacy = Privacy.SENSITIVE    # unknown: may leave only as an embedding
     local_confidence: float | None = None   # None: the caller has no local estimate
     latency_budget_ms: float | None = None  # None: no deadline
     local_supported: bool = True
