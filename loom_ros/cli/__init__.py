@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_parser(sub)
     pubsub.add_parsers(sub)
     keys.add_parser(sub)
+    __import__('loom_ros.cli.storage', fromlist=['storage']).add_parser(sub)   # loom storage
     status = sub.add_parser('status', help='live view of a running system (loom/metrics, stats)',
                             add_help=False)
     status.add_argument('rest', nargs=argparse.REMAINDER, help='see loom status --help')

@@ -1,0 +1,115 @@
+"""`loom storage stats|query|compact`: the storage layer from the command line, straight on the
+files under storage.root (no node needed). stats and query open everything read-only; compact
+runs lifecycle rounds until nothing is due (refused while a storage node runs them)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from loom_ros.storage.errors import StorageError
+from loom_ros.storage.service import StorageService, default_params, settings_from_params
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser('storage', help='storage layer: loom storage stats | query | compact')
+    actions = p.add_subparsers(dest='storage_action', required=True)
+    stats = actions.add_parser('stats', help='rows, bytes and oldest record per tier, budgets')
+    query = actions.add_parser('query', help='episodes by time, or memories by meaning')
+    query.add_argument('kind', choices=['episodes', 'memories'])
+    query.add_argument('text', nargs='?', default='', help='what to search for (memories)')
+    query.add_argument('--unit', default='', help="one database (default: all)")
+    query.add_argument('--agent', default='')
+    query.add_argument('--type', default='')
+    query.add_argument('--source', default='')
+    query.add_argument('--since-ms', type=int, default=0)
+    query.add_argument('--until-ms', type=int, default=2**63 - 1)
+    query.add_argument('--limit', type=int, default=20)
+    compact = actions.add_parser('compact', help='run the lifecycle until nothing is due')
+    compact.add_argument('--rebuild-index', action='store_true',
+                         help='make each cold index anew from its rows (no re-embedding)')
+    compact.add_argument('--rounds', type=int, default=1000, help='at most this many rounds')
+    for q in (stats, query, compact):
+        q.add_argument('--root', default='', help='storage.root (default: config/storage.yaml)')
+        q.add_argument('--embedder', default='', choices=['', 'minilm', 'hash'])
+        q.add_argument('--json', action='store_true', help='machine-readable output')
+    p.set_defaults(run=run_storage)
+
+
+def _service(args, read_only: bool) -> StorageService:
+    params = default_params()
+    if args.root:
+        params['storage.root'] = args.root
+    if args.embedder:
+        params['storage.embedder'] = args.embedder
+    return StorageService(settings_from_params(params, os.environ), read_only=read_only)
+
+
+def run_storage(args) -> int:
+    try:
+        if args.storage_action == 'compact':
+            service = _service(args, read_only=False)
+            try:
+                if args.rebuild_index:
+                    for unit in service.units():
+                        service.lifecycles[unit].close()
+                        service.lifecycles[unit] = service.open(unit, rebuild=True)
+                        print(f'{unit}: cold index rebuilt '
+                              f'({service.lifecycles[unit].index.ntotal} vectors)')
+                for _ in range(max(1, args.rounds)):
+                    report = service.run_round()
+                    if not any((report.condensed, report.archived, report.deleted,
+                                report.archive_deleted, report.budget_deleted)):
+                        break
+                for lc in service.lifecycles.values():
+                    lc.conn.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+                _print(service.stats(), args.json)
+            finally:
+                service.close()
+            return 1 if service.error else 0
+        service = _service(args, read_only=True)
+        try:
+            if args.storage_action == 'stats':
+                _print(service.stats(), args.json)
+            else:
+                found = service.query(args.kind, unit=args.unit, agent_id=args.agent,
+                                      type=args.type, source=args.source, text=args.text,
+                                      start_ms=args.since_ms, end_ms=args.until_ms,
+                                      limit=max(1, min(args.limit, 1000)))
+                for item in found:
+                    print(json.dumps(item, separators=(',', ':')))
+                if not args.json:
+                    print(f'({len(found)} {args.kind})', file=sys.stderr)
+        finally:
+            service.close()
+        return 0
+    except StorageError as exc:
+        print(f'loom storage: {exc}', file=sys.stderr)
+        return 1
+
+
+def _when(ms: int) -> str:
+    return time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ms / 1000)) if ms else '-'
+
+
+def _print(stats: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(stats, indent=1))
+        return
+    print(f'root {stats["root"]}: {len(stats["units"])} databases ({", ".join(stats["units"])})')
+    print(f'{"tier":8} {"rows":>12} {"bytes":>14} {"budget":>14}  oldest')
+    for name, tier in stats['tiers'].items():
+        budget = tier.get('budget_bytes', 0)
+        print(f'{name:8} {tier["rows"]:>12,} {tier["bytes"]:>14,} '
+              f'{(f"{budget:,}" if budget else "-"):>14}  {_when(tier["oldest_ms"])}')
+    budget = stats['total_budget_bytes']
+    print(f'total on disk {stats["total_bytes"]:,} bytes'
+          + (f' of {budget:,} ({100 * stats["total_bytes"] / budget:.1f} %)' if budget else ''))
+    if stats['rounds']:
+        print(f'moved: {stats["condensed"]:,} condensed into {stats["memories"]:,} memories, '
+              f'{stats["archived"]:,} archived, {stats["deleted"]:,} deleted, '
+              f'{stats["archive_deleted"]:,} archive files and {stats["budget_deleted"]:,} cold '
+              'rows deleted for budgets')
+    if stats['error']:
+        print(f'errors: {stats["error"]}')

@@ -1,0 +1,232 @@
+"""Every unit database under one root, seen together: lifecycle rounds, stats, budget checks and
+queries across them. Used by the storage node and by `loom storage`; no rclpy here."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+from loom_ros.storage.backend import object_store
+from loom_ros.storage.budget import Budgets, budget_check, root_used_bytes
+from loom_ros.storage.cold import IndexParams
+from loom_ros.storage.errors import StorageError
+from loom_ros.storage.layout import StorageLayout
+from loom_ros.storage.lifecycle import (Lifecycle, LifecycleParams, MoveReport, TierPolicy,
+                                        load_policies)
+from loom_ros.telemetry.diagnostics import OK, CheckResult
+
+PREFIX = 'storage.'
+DEFAULTS_FILE = 'storage.yaml'
+
+
+def default_params(path: str | None = None) -> dict:
+    """The storage node's parameters as shipped (config/storage.yaml), flat and dotted."""
+    from loom_ros.config.params import config_dir, node_defaults
+    return node_defaults('/**/storage', path or str(config_dir() / DEFAULTS_FILE))
+
+
+@dataclass
+class Settings:
+    layout: StorageLayout
+    lifecycle: LifecycleParams = field(default_factory=LifecycleParams)
+    budgets: Budgets = field(default_factory=Budgets)
+    index: IndexParams = field(default_factory=IndexParams)
+    objects: dict = field(default_factory=dict)
+    embedder: str = 'minilm'
+    max_moves: int = 20
+
+
+def settings_from_params(params: dict, env: dict) -> Settings:
+    """Settings from the node's flat `storage.*` parameters; S3 keys from the environment."""
+    p = {k[len(PREFIX):]: v for k, v in params.items() if k.startswith(PREFIX)}
+
+    def num(key, minimum=0.0):
+        value = p[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+            raise StorageError(f'storage.{key}: must be a number >= {minimum}, got {value!r}')
+        return value
+
+    default = TierPolicy(warm_s=float(num('lifecycle.warm_s')), cold_s=float(num('lifecycle.cold_s')),
+                         archive_s=float(num('lifecycle.archive_s')))
+    lifecycle = LifecycleParams(
+        hot_s=float(num('lifecycle.hot_s')), default=default,
+        rules=load_policies(str(p['lifecycle.policies_file']), default),
+        bucket_s=float(num('lifecycle.bucket_s', 0.001)),
+        move_batch=int(num('lifecycle.move_batch', 1)))
+    budgets = Budgets(**{f'{t}_bytes': int(num(f'budget.{t}_bytes'))
+                         for t in ('total', 'warm', 'cold', 'archive')})
+    index = IndexParams(train_at=int(num('index.train_at', 1)), nlist=int(num('index.nlist')),
+                        pq_m=int(num('index.pq_m', 1)), nprobe=int(num('index.nprobe', 1)),
+                        rerank=int(num('index.rerank', 1)))
+    if 384 % index.pq_m:
+        raise StorageError(f'storage.index.pq_m {index.pq_m}: must divide 384')
+    embedder = str(p['embedder'])
+    if embedder not in ('minilm', 'hash'):
+        raise StorageError(f'storage.embedder {embedder!r}: minilm or hash')
+    objects = {'endpoint': str(p['objects.endpoint']), 'bucket': str(p['objects.bucket']),
+               'prefix': str(p['objects.prefix']), 'secure': bool(p['objects.secure']),
+               'access_key': env.get('LOOM_S3_ACCESS_KEY', ''),
+               'secret_key': env.get('LOOM_S3_SECRET_KEY', '')}
+    return Settings(StorageLayout.at(p['root']), lifecycle, budgets, index, objects, embedder,
+                    int(num('max_moves_per_round', 1)))
+
+
+def make_embedder(name: str):
+    if name == 'hash':
+        from loom_ros.storage.embedding import HashEmbedder
+        return HashEmbedder()
+    from loom_ros.agents.embedding import MiniLMEmbedder
+    return MiniLMEmbedder()
+
+
+class StorageService:
+    def __init__(self, settings: Settings, embedder=None, clock=None, read_only: bool = False):
+        self.settings, self.clock, self.read_only = settings, clock, read_only
+        try:
+            settings.layout.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f'storage.root {settings.layout.root}: cannot create: '
+                               f'{exc.strerror}') from None
+        self.embedder = embedder or make_embedder(settings.embedder)
+        o = settings.objects
+        self.objects = object_store(settings.layout.objects, o.get('endpoint', ''),
+                                    o.get('bucket', ''), o.get('access_key', ''),
+                                    o.get('secret_key', ''), o.get('secure', True),
+                                    o.get('prefix', ''))
+        self.lifecycles: dict[str, Lifecycle] = {}
+        self.totals = MoveReport()
+        self.rounds, self.error = 0, ''
+        self.refresh()
+
+    def units(self) -> list[str]:
+        return sorted(self.lifecycles)
+
+    def refresh(self) -> None:
+        """Open the databases that appeared since (a process that started writing)."""
+        for path in self.settings.layout.databases():
+            unit = path.stem
+            if unit not in self.lifecycles:
+                self.lifecycles[unit] = self.open(unit)
+
+    def open(self, unit: str, rebuild: bool = False) -> Lifecycle:
+        return Lifecycle(self.settings.layout, unit, self.objects, self.embedder,
+                         self.settings.lifecycle, self.settings.budgets, self.settings.index,
+                         clock=self.clock, read_only=self.read_only, rebuild=rebuild)
+
+    # -- moves ----------------------------------------------------------------------------------
+    def run_round(self, lock=None, stop: threading.Event | None = None) -> MoveReport:
+        """One round over every database: each move its own transaction, the lock held per move
+        only (queries run in between)."""
+        lock = lock or threading.Lock()
+        report = MoveReport()
+        started = time.perf_counter()
+        errors = []
+        with lock:
+            self.refresh()
+        for unit, lc in list(self.lifecycles.items()):
+            try:
+                for step in (lc.move_warm, lc.move_cold, lc.expire_archive):
+                    for _ in range(self.settings.max_moves):
+                        if stop is not None and stop.is_set():
+                            return report
+                        with lock:
+                            done = step()
+                        report.add(done)
+                        if not any((done.condensed, done.archived, done.deleted,
+                                    done.archive_deleted)):
+                            break
+                with lock:
+                    report.add(lc.enforce_budgets())
+                    lc.index.maybe_train(lc.conn)
+                    lc.save_index()
+            except StorageError as exc:
+                errors.append(f'{unit}: {exc}')
+        report.seconds = time.perf_counter() - started
+        self.totals.add(report)
+        self.rounds += 1
+        self.error = '; '.join(errors)[:2000]
+        return report
+
+    # -- stats and checks -------------------------------------------------------------------------
+    def stats(self) -> dict:
+        tiers: dict[str, dict] = {}
+        archive_bytes = 0
+        for lc in self.lifecycles.values():
+            for name, u in lc.usage().items():
+                if name == 'total':
+                    continue
+                tier = tiers.setdefault(name, {'rows': 0, 'bytes': 0, 'oldest_ms': 0})
+                tier['rows'] += u['rows']
+                tier['bytes'] += u['bytes']
+                if u['oldest_ms'] and (not tier['oldest_ms'] or u['oldest_ms'] < tier['oldest_ms']):
+                    tier['oldest_ms'] = u['oldest_ms']
+                if name == 'archive':
+                    archive_bytes += u['bytes']
+        for name in ('warm', 'cold', 'archive'):
+            tiers.setdefault(name, {'rows': 0, 'bytes': 0, 'oldest_ms': 0})['budget_bytes'] = \
+                self.settings.budgets.of(name)
+        out = {'root': str(self.settings.layout.root), 'units': self.units(), 'tiers': tiers,
+               'total_bytes': root_used_bytes(self.settings.layout, archive_bytes),
+               'total_budget_bytes': self.settings.budgets.total_bytes,
+               'rounds': self.rounds, 'error': self.error}
+        out.update({k: getattr(self.totals, k) for k in ('condensed', 'memories', 'archived',
+                                                         'deleted', 'archive_deleted',
+                                                         'budget_deleted')})
+        return out
+
+    def checks(self) -> list[CheckResult]:
+        s, b = self.stats(), self.settings.budgets
+        out = [budget_check(f'storage {t}', s['tiers'][t]['bytes'], b.of(t), b.warn_fraction,
+                            b.error_fraction) for t in ('warm', 'cold', 'archive')]
+        out.append(budget_check('storage total', s['total_bytes'], b.total_bytes,
+                                b.warn_fraction, b.error_fraction))
+        return out
+
+    def worst_check(self) -> CheckResult:
+        checks = self.checks()
+        worst = max(checks, key=lambda c: c.level)
+        if worst.level == OK:
+            return CheckResult(OK, '; '.join(c.message for c in checks), worst.values)
+        return worst
+
+    # -- queries --------------------------------------------------------------------------------
+    def query(self, kind: str, unit: str = '', agent_id: str = '', type: str = '',
+              source: str = '', text: str = '', start_ms: int = 0, end_ms: int = 2**63 - 1,
+              limit: int = 100) -> list[dict]:
+        if kind not in ('episodes', 'memories'):
+            raise StorageError(f'kind {kind[:40]!r}: episodes or memories')
+        units = [unit] if unit else self.units()
+        missing = [u for u in units if u not in self.lifecycles]
+        if missing:
+            raise StorageError(f'no storage database {missing[0][:80]!r} under '
+                               f'{self.settings.layout.root} (have: {", ".join(self.units())})')
+        out = []
+        for name in units:
+            lc = self.lifecycles[name]
+            if kind == 'episodes':
+                where, args = ['time_ms >= ?', 'time_ms <= ?'], [int(start_ms), int(end_ms)]
+                for column, value in (('agent_id', agent_id), ('type', type), ('source', source)):
+                    if value:
+                        where.append(f'{column} = ?')
+                        args.append(value)
+                rows = lc.conn.execute(
+                    'select agent_id, event_id, time_ms, type, source, tags, payload from '
+                    f'episodes where {" and ".join(where)} order by time_ms, id limit ?',
+                    (*args, int(limit))).fetchall()
+                out += [{'unit': name, 'agent_id': r[0], 'event_id': r[1], 'time_ms': r[2],
+                         'type': r[3], 'source': r[4], 'tags': json.loads(r[5]),
+                         'payload': r[6]} for r in rows]
+            else:
+                if not text:
+                    raise StorageError('memories: give a query text to search by meaning')
+                out += [{'unit': name, **m} for m in lc.search(
+                    text, k=limit, start_ms=start_ms, end_ms=end_ms, agent_id=agent_id, type=type)]
+        if kind == 'episodes':
+            return sorted(out, key=lambda r: r['time_ms'])[:limit]
+        return sorted(out, key=lambda r: -r['score'])[:limit]
+
+    def close(self) -> None:
+        for lc in self.lifecycles.values():
+            lc.close()
+        self.lifecycles.clear()
