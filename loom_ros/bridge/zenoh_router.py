@@ -29,6 +29,7 @@ import argparse
 import fcntl
 import json
 import os
+import queue
 import signal
 import sys
 import threading
@@ -102,13 +103,45 @@ def keys_fingerprint(keys_dir, fleet_file: str = '') -> tuple:
     return tuple(found)
 
 
+class Forwarder:
+    """Lines to stderr from a thread of its own, through a bounded queue: whoever says something
+    never waits for stderr (a parent that does not drain it would otherwise stall the log reader,
+    then zenoh's threads writing the log, then routing). What does not fit is counted."""
+
+    def __init__(self, err=sys.stderr, limit: int = 1000):
+        self._err = err
+        self._queue: queue.Queue = queue.Queue(limit)
+        self.dropped = 0
+        threading.Thread(target=self._write, name='zenoh-router-stderr', daemon=True).start()
+
+    def say(self, line: str) -> None:
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+
+    def _write(self) -> None:
+        while True:
+            line = self._queue.get()
+            try:
+                print(line, file=self._err, flush=True)
+            except (OSError, ValueError):
+                self.dropped += 1
+
+    def drain(self, limit_s: float = 1.0) -> None:
+        """Wait (bounded) until what was said is written: before the process exits."""
+        deadline = time.monotonic() + limit_s
+        while not self._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
 class RefusalWatch:
     """The router's refusal accounting: zenoh's log bytes in (from the reader thread), counts,
-    audit rows and other log lines (to stderr, rate-limited) out; snapshots for the stats file."""
+    audit rows and other log lines (to `say`, rate-limited) out; snapshots for the stats file."""
 
-    def __init__(self, parser: RefusalParser, counter: RefusalCounter, err=sys.stderr,
+    def __init__(self, parser: RefusalParser, counter: RefusalCounter, say=print,
                  clock=time.monotonic):
-        self.parser, self.counter, self._err, self._clock = parser, counter, err, clock
+        self.parser, self.counter, self._say, self._clock = parser, counter, say, clock
         self._lock = threading.Lock()
         self._tokens, self._last = 200.0, clock()
         self.forward_dropped = 0
@@ -126,7 +159,7 @@ class RefusalWatch:
                 self.forward_dropped += 1
                 continue
             self._tokens -= 1.0
-            print(line, file=self._err, flush=True)
+            self._say(line)
 
     def tick(self, force: bool = False) -> dict | None:
         with self._lock:
@@ -200,7 +233,8 @@ def link_names(holder: dict):
     return name
 
 
-def reopen(zenoh, old, make_config, stop: threading.Event) -> tuple[object | None, float]:
+def reopen(zenoh, old, make_config, stop: threading.Event, say=print) \
+        -> tuple[object | None, float]:
     """Close `old` (in a thread: a close was seen hanging) and open a session from
     make_config(), retrying until it opens or `stop`; returns it (None if stopped) and the
     seconds the router was down."""
@@ -212,7 +246,7 @@ def reopen(zenoh, old, make_config, stop: threading.Event) -> tuple[object | Non
         try:
             return zenoh.open(make_config()), time.monotonic() - start
         except zenoh.ZError as exc:
-            print(f'zenoh_router: reopening: {exc}; retrying', file=sys.stderr, flush=True)
+            say(f'zenoh_router: reopening: {exc}; retrying')
             stop.wait(0.5)
     return None, time.monotonic() - start
 
@@ -253,6 +287,7 @@ def main(argv=None) -> int:
 
     import zenoh
     watch = reader = audit = None
+    out = Forwarder()   # what the router says while it serves: never blocks on stderr
     try:
         if args.insecure:
             identity, rules, members = None, None, []
@@ -273,7 +308,8 @@ def main(argv=None) -> int:
                 sink = (lambda kind, fields: audit.append('zenoh_router', kind, **fields)) \
                     if audit is not None else None
                 holder: dict = {}
-                watch = RefusalWatch(RefusalParser(link_names(holder)), RefusalCounter(sink))
+                watch = RefusalWatch(RefusalParser(link_names(holder)), RefusalCounter(sink),
+                                     say=out.say)
                 _, reader = tap_zenoh_log(zenoh, watch)
         fixed_id: list[str] = []
 
@@ -306,16 +342,16 @@ def main(argv=None) -> int:
         if watch is not None:
             row = watch.tick(force=final)
             if row is not None:
-                print(f'zenoh_router: refused {row["refused"]} in {row["period_s"]:.0f} s '
-                      f'({row["total"]} since start): ' + ', '.join(
-                          f'{t["identity"]} {t["action"]} {t["keyexpr"][:60]} x{t["count"]}'
-                          for t in row['top'][:5]), file=sys.stderr, flush=True)
+                out.say(f'zenoh_router: refused {row["refused"]} in {row["period_s"]:.0f} s '
+                        f'({row["total"]} since start): ' + ', '.join(
+                            f'{t["identity"]} {t["action"]} {t["keyexpr"][:60]} x{t["count"]}'
+                            for t in row['top'][:5]))
             counts = watch.snapshot()
         if args.stats_file:
             try:
-                write_stats(args.stats_file, {**state, **counts})
+                write_stats(args.stats_file, {**state, **counts, 'stderr_dropped': out.dropped})
             except OSError as exc:
-                print(f'zenoh_router: stats file: {exc}', file=sys.stderr, flush=True)
+                out.say(f'zenoh_router: stats file: {exc}')
 
     report()   # the stats file exists once the ready line is out
     print(json.dumps({'ready': True, 'zid': fixed_id[0], 'listen': listen,
@@ -332,12 +368,11 @@ def main(argv=None) -> int:
                     new_rules, new_members = router_access_control(args.keys_dir, args.fleet)
                 except (ValueError, OSError, keys.CredentialsError) as exc:
                     state['reload_failures'] += 1
-                    print(f'zenoh_router: keeping the old rules: {exc}', file=sys.stderr,
-                          flush=True)
+                    out.say(f'zenoh_router: keeping the old rules: {exc}')
                     new_rules = rules
                 if new_rules != rules:
                     rules = new_rules
-                    reopened, down_s = reopen(zenoh, session, make_config, stop)
+                    reopened, down_s = reopen(zenoh, session, make_config, stop, out.say)
                     if reopened is None:
                         break
                     session = reopened
@@ -348,14 +383,14 @@ def main(argv=None) -> int:
                     members = new_members
                     state.update(members=members, reloads=state['reloads'] + 1,
                                  last_reload_down_s=round(down_s, 3))
-                    print(f'zenoh_router: new rules: +{added} -{removed}; the router was down '
-                          f'{down_s:.3f} s', file=sys.stderr, flush=True)
+                    out.say(f'zenoh_router: new rules: +{added} -{removed}; the router was '
+                            f'down {down_s:.3f} s')
                     if audit is not None:
                         try:
                             audit.append('zenoh_router', 'zenoh_acl_reload', added=added,
                                          removed=removed, down_s=round(down_s, 3))
                         except AuditError as exc:
-                            print(f'zenoh_router: {exc}', file=sys.stderr, flush=True)
+                            out.say(f'zenoh_router: {exc}')
         if now >= next_stats:
             next_stats = now + args.stats_period_s
             report()
@@ -365,6 +400,7 @@ def main(argv=None) -> int:
     report(final=True)
     if audit is not None:
         audit.close()
+    out.drain()
     return 0
 
 

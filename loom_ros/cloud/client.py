@@ -18,11 +18,16 @@ Load spread and failover over several servers behind the same identity: each ser
 alone on `loom/cloud/<instance>/infer/<task>`, and the client learns the instances from the
 signed answers to a `hello` asked of ALL servers (every DISCOVER_PERIOD_S, in the background), so
 only the cloud identity can add one and no access rule beyond loom/cloud/** is needed. The first
-attempt goes round-robin to one known instance (before any is known, to one server by Zenoh's
-BEST_MATCHING, which always picks the same) with half the budget left; a retry (a server killed
-mid-request, busy, forged, timeout) asks ALL servers on the shared key and takes the first
-authentic answer (failover). An instance that did not answer is dropped until it answers a
-later hello. No rclpy (outcome_msg imports loom_msgs lazily).
+attempt goes round-robin to one known instance with half the budget left; a retry (a server
+killed mid-request, busy, forged, timeout), and a first attempt before any instance is known,
+asks ALL servers on the shared key and takes the first authentic answer (failover). An instance
+that did not answer is dropped until it answers a later hello. No rclpy (outcome_msg imports
+loom_msgs lazily).
+
+Replay across servers: a request to one instance is signed for it (protocol `aud`), so another
+server refuses it; a request to the shared key is signed for any server but asked of ALL, so
+every server has its id by the time anyone could replay it (only a server that joined later
+could be made to answer it once more).
 """
 from __future__ import annotations
 
@@ -125,7 +130,7 @@ class CloudClient:
             first = attempts == 1 and self.retries > 0 and not self.ask_all
             instance = self._pick() if first else None
             result = self._attempt(task, body, remaining_ms * FIRST_ATTEMPT_SHARE if first
-                                   else remaining_ms, spread=first, instance=instance)
+                                   else remaining_ms, instance=instance)
             if instance is not None and result.code in ('no_server', 'timeout'):
                 self._drop(instance)
             if result.ok or result.code not in RETRYABLE | {'timeout', 'no_server', 'forged'}:
@@ -212,11 +217,12 @@ class CloudClient:
             self._turn += 1
             return names[self._turn % len(names)]
 
-    def _attempt(self, task: str, body: dict, timeout_ms: float, spread: bool,
+    def _attempt(self, task: str, body: dict, timeout_ms: float,
                  instance: str | None = None) -> CloudResult:
-        """One get: to one server (`instance`, else `spread`: BEST_MATCHING) or to all, taking
-        the first authentic answer; forged, unreadable and foreign replies are counted and
-        skipped."""
+        """One get: to one server (`instance`) or to all on the shared key (never to one server
+        picked by Zenoh: a request signed for any server must reach them all at once, or it
+        could be replayed to the others), taking the first authentic answer; forged, unreadable
+        and foreign replies are counted and skipped."""
         import zenoh
         corr = uuid.uuid4().hex
         # Signed for the one instance asked (no other server accepts it), else for any.
@@ -234,7 +240,8 @@ class CloudClient:
                 instance_key(instance, task, self.prefix)
             replies = self.session.get(
                 key, payload=payload, timeout=timeout_ms / 1000.0,
-                target=zenoh.QueryTarget.BEST_MATCHING if spread else zenoh.QueryTarget.ALL,
+                target=zenoh.QueryTarget.ALL if instance is None
+                else zenoh.QueryTarget.BEST_MATCHING,
                 consolidation=zenoh.ConsolidationMode.NONE)   # never merge a forgery with us
             for reply in replies:
                 answer = self._check(reply, corr, request_digest)

@@ -104,13 +104,14 @@ def test_a_captured_request_cannot_be_replayed_to_another_server(cloud, net, fle
                              int(time.time() * 1000), aud='cloud-a')
     verifier = Verifier((fleet / 'ca.pem').read_bytes(), ['cloud'])
 
-    def ask(key: str, target=zenoh.QueryTarget.ALL) -> list[tuple[str, bool, str]]:
+    def ask(key: str, payload: bytes = captured) -> list[tuple[str, bool, str]]:
         """(server, ok, code) of every authentic answer."""
         out = []
-        for reply in session.get(key, payload=captured, target=target, timeout=WAIT_LIMIT_S,
+        for reply in session.get(key, payload=payload, target=zenoh.QueryTarget.ALL,
+                                 timeout=WAIT_LIMIT_S,
                                  consolidation=zenoh.ConsolidationMode.NONE):
             header, body = unpack((reply.ok or reply.err).payload.to_bytes())
-            verifier.verify(header, reply_signed_bytes(header['id'], digest(captured), body))
+            verifier.verify(header, reply_signed_bytes(header['id'], digest(payload), body))
             data = parse_reply(body)
             out.append((data['server'], reply.ok is not None, data.get('code', '')))
         return out
@@ -118,6 +119,13 @@ def test_a_captured_request_cannot_be_replayed_to_another_server(cloud, net, fle
     assert ask('loom/cloud/cloud-b/infer/intent') == [('cloud-b', False, 'unauthenticated')]
     assert sorted(ask('loom/cloud/infer/intent')) == [('cloud-a', False, 'unauthenticated'),
                                                       ('cloud-b', False, 'unauthenticated')]
+    # A request for any server goes to ALL of them (as the client sends it): each has its id,
+    # so a replay to either is refused.
+    anyone = robot.request('intent', {'text': 'stop'}, uuid.uuid4().hex, int(time.time() * 1000))
+    assert sorted(ask('loom/cloud/infer/intent', anyone)) == [('cloud-a', True, ''),
+                                                              ('cloud-b', True, '')]
+    for name in servers:
+        assert ask(f'loom/cloud/{name}/infer/intent', anyone) == [(name, False, 'unauthenticated')]
     stats = {name: stop_stats(proc) for name, proc in servers.items()}
-    assert stats['cloud-a'].get('replay') == 1 and 'wrong_server' not in stats['cloud-a']
-    assert stats['cloud-b'].get('wrong_server') == 2   # (its `served` are the hellos)
+    assert stats['cloud-a'].get('replay') == 2 and 'wrong_server' not in stats['cloud-a']
+    assert stats['cloud-b'].get('wrong_server') == 2 and stats['cloud-b'].get('replay') == 1
