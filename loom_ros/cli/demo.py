@@ -129,8 +129,7 @@ class Watcher:
         from std_msgs.msg import String
 
         from loom_msgs.msg import BusStats, RouteDecision
-        from loom_ros.bus import topics
-        from loom_ros.bus.bus import create_bus
+        from loom_ros.bus.bus import STATS_TOPIC, create_bus
         from loom_ros.bus.executor import make_executor, spin_until
         from loom_ros.bus.qos import to_qos_profile
         self.node = Node('loom_demo')
@@ -159,7 +158,7 @@ class Watcher:
         self.node.create_subscription(String, 'loom/ui/state', self._on_ui,
                                       to_qos_profile('batched'))
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
-        self.node.create_subscription(BusStats, topics.STATS_TOPIC, self._on_stats,
+        self.node.create_subscription(BusStats, STATS_TOPIC, self._on_stats,
                                       to_qos_profile('realtime'))
         self.bus.subscribe('mic.primary', self._on_mic)
         self.bus.subscribe('agent.voice.action', self._on_voice_action)

@@ -1,5 +1,5 @@
-"""`loom demo` (the README's main job) runs both seed flows across processes and leaves its
-summary and artifacts."""
+"""`loom demo` (the README's main job) runs both seed flows across processes (one per robot node,
+as launch starts them) and leaves its summary and artifacts."""
 import json
 
 from harness import loom_cli
@@ -20,3 +20,8 @@ def test_demo_runs_both_flows_and_leaves_its_artifacts(spawn, tmp_path):
     assert summary['voice']['answers'] and summary['voice']['intents'].get('weather')
     assert set(summary['artifacts']) == {'answer.wav', 'recording.mcap', 'trace.jsonl'}
     assert 'Loom demo summary' in out
+    # Camera frames are counted where they enter Loom and where the face flow handled them.
+    camera = summary['camera']
+    assert camera['frames_sent'] >= 1 and 1 <= camera['frames_handled']
+    assert camera['frames_received_by_agents'] >= camera['frames_handled'] - 1   # stats lag 1 s
+    assert f"{camera['frames_handled']} handled by the face flow" in out
