@@ -23,5 +23,4 @@ def test_demo_runs_both_flows_and_leaves_its_artifacts(spawn, tmp_path):
     # Camera frames are counted where they enter Loom and where the face flow handled them.
     camera = summary['camera']
     assert camera['frames_sent'] >= 1 and 1 <= camera['frames_handled']
-    assert camera['frames_received_by_agents'] >= camera['frames_handled'] - 1   # stats lag 1 s
     assert f"{camera['frames_handled']} handled by the face flow" in out
