@@ -87,10 +87,10 @@ class InProcessPlugins:
     PluginHost's `handles` or plugins.registry.local_plugins."""
 
     def __init__(self, lookup):
-        self._lookup = lookup if callable(lookup) else (lambda: lookup)
+        self.lookup = lookup if callable(lookup) else (lambda: lookup)
 
     def call(self, name: str, event: Event) -> PluginResponse:
-        handle = self._lookup().get(name)
+        handle = self.lookup().get(name)
         if handle is None:
             return PluginResponse.failure(f'no plugin {name!r} runs in this process')
         return handle.handle_event(event)

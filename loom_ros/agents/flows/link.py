@@ -141,8 +141,8 @@ class ServicePlugins:
                  timeout_s: float = CALL_TIMEOUT_S):
         local = local if local is not None else registry_plugins
         self.node, self.gate, self.timeout_s = node, gate, timeout_s
-        self.local = InProcessPlugins(local)
-        self._lookup = local
+        self.local = InProcessPlugins(local)   # a {name: handle} mapping, or a function of one
+        self._lookup = self.local.lookup
         self.base = f'{node.get_namespace().rstrip("/")}/{host}'
         self._clients: dict[str, object] = {}
         self._lock = threading.Lock()
