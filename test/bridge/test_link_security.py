@@ -7,10 +7,12 @@ reach robot1's bus); two robots exchange what the fleet file grants them.
 Each "nothing arrived" is proven by a later sample on the same path that did arrive: Zenoh keeps
 one session's samples in order per priority on a link, and the bus keeps one topic in order."""
 import json
+import time
 
 import pytest
 import zenoh
 
+from harness import WAIT_LIMIT_S
 from loom_ros.bridge import codec
 from loom_ros.bridge.zenoh_link import session_config
 from loom_ros.bus.event import Event
@@ -169,3 +171,40 @@ def test_insecure_is_explicit_logged_and_on_diagnostics(ros, port, zenoh_router,
     _, _, err = proc.finish()
     assert 'INSECURE: Zenoh over plain TCP' in err
     ros.node.destroy_subscription(sub)
+
+
+def test_a_peer_holds_the_fleets_rules_for_its_own_links(port, zenoh_keys):
+    """Peer mode (no router in between): zenoh enforces `access_control` on any node's unicast
+    links, so a peer given the same rules as the router (built from the keys folder) refuses
+    robot2's moves on its key and still takes the operator's. (Multicast transports bypass
+    zenoh's access control: Loom never enables them.)"""
+    from loom_ros.bridge.zenoh_router import router_access_control
+    rules, _ = router_access_control(zenoh_keys)
+    endpoint = [f'tls/127.0.0.1:{port}']
+
+    def peer(name, connect=(), listen=(), access_control=None):
+        return zenoh.open(session_config('peer', connect, listen, identity=keys.load(
+            zenoh_keys, name), access_control=access_control))
+    robot1 = peer('robot1', listen=endpoint, access_control=rules)
+    robot2, operator = peer('robot2', connect=endpoint), peer('tester', connect=endpoint)
+    try:
+        moves, marks = [], []
+        subs = [robot1.declare_subscriber(MOVE_KEY, lambda s: moves.append(s.payload.to_bytes())),
+                robot1.declare_subscriber('loom/robot2/mark', lambda s: marks.append(1))]
+        for _ in range(20):
+            put(robot2, MOVE_KEY, b'robot2')
+        deadline = time.monotonic() + WAIT_LIMIT_S
+        while not marks:   # robot2's own key: allowed, and after its 20 moves on the link
+            assert time.monotonic() < deadline, 'robot2 never reached robot1'
+            put(robot2, 'loom/robot2/mark', b'm')
+            time.sleep(0.02)
+        while not moves:
+            assert time.monotonic() < deadline, "the operator's move never reached robot1"
+            put(operator, MOVE_KEY, b'operator')
+            time.sleep(0.02)
+        assert set(moves) == {b'operator'}, moves
+        for sub in subs:
+            sub.undeclare()
+    finally:
+        for session in (robot2, operator, robot1):
+            session.close()
