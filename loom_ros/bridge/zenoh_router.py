@@ -135,6 +135,40 @@ class Forwarder:
             time.sleep(0.01)
 
 
+class AuditWriter:
+    """Audit rows written by a thread of its own through a bounded queue, so the log reader never
+    waits on SQLite (a busy or slow audit file would otherwise stall it, then zenoh's logging
+    threads, then routing). A full queue raises queue.Full: the counter counts it as an error."""
+
+    def __init__(self, log: AuditLog, limit: int = 1000):
+        self._log = log
+        self._queue: queue.Queue = queue.Queue(limit)
+        self.errors, self.last_error = 0, ''
+        self._thread = threading.Thread(target=self._write, name='zenoh-router-audit',
+                                        daemon=True)
+        self._thread.start()
+
+    def __call__(self, kind: str, fields: dict) -> None:
+        self._queue.put_nowait((kind, fields))
+
+    def _write(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                self._log.append('zenoh_router', item[0], **item[1])
+            except AuditError as exc:
+                self.errors += 1
+                self.last_error = str(exc)[:200]
+
+    def close(self, limit_s: float = 5.0) -> None:
+        """Write what is queued (bounded wait), then close the log."""
+        try:
+            self._queue.put((None), timeout=limit_s)
+        except queue.Full:
+            pass
+        self._thread.join(limit_s)
+        self._log.close()
+
+
 class RefusalWatch:
     """The router's refusal accounting: zenoh's log bytes in (from the reader thread), counts,
     audit rows and other log lines (to `say`, rate-limited) out; snapshots for the stats file."""
@@ -145,6 +179,7 @@ class RefusalWatch:
         self._lock = threading.Lock()
         self._tokens, self._last = 200.0, clock()
         self.forward_dropped = 0
+        self.errors, self.last_error = 0, ''   # chunks the accounting failed on
 
     def feed(self, chunk: bytes) -> None:
         with self._lock:
@@ -170,7 +205,8 @@ class RefusalWatch:
             return {**self.counter.snapshot(), 'log_lines': self.parser.lines,
                     'cut_lines': self.parser.cut_lines, 'acl_log_seen': self.parser.acl_seen,
                     'suspect_lines': self.parser.suspect_lines,
-                    'forward_dropped': self.forward_dropped}
+                    'forward_dropped': self.forward_dropped, 'errors': self.errors,
+                    'last_error': self.last_error}
 
 
 def tap_zenoh_log(zenoh, watch: RefusalWatch):
@@ -189,11 +225,20 @@ def tap_zenoh_log(zenoh, watch: RefusalWatch):
     sys.stdout = real_stdout
 
     def read() -> None:
+        # Never stops before EOF: a reader that stopped would let the pipe fill, and zenoh's
+        # threads block on their next log line (routing with them).
         while True:
-            chunk = os.read(read_end, 1 << 16)
+            try:
+                chunk = os.read(read_end, 1 << 16)
+            except InterruptedError:
+                continue
             if not chunk:
                 break
-            watch.feed(chunk)
+            try:
+                watch.feed(chunk)
+            except Exception as exc:   # a bug in the accounting: counted, reading goes on
+                watch.errors += 1
+                watch.last_error = f'{type(exc).__name__}: {exc}'[:200]
         os.close(read_end)
     reader = threading.Thread(target=read, name='zenoh-log', daemon=True)
     reader.start()
@@ -300,15 +345,13 @@ def main(argv=None) -> int:
             if args.print_config:
                 print(json.dumps({'access_control': rules}, indent=2))
                 return 0
+            audit = AuditWriter(AuditLog(args.audit_db)) if args.audit_db else None
             if args.no_refusal_count:
                 print('zenoh_router: WARNING refused messages are not counted or audited '
                       '(--no-refusal-count)', file=sys.stderr, flush=True)
             else:
-                audit = AuditLog(args.audit_db) if args.audit_db else None
-                sink = (lambda kind, fields: audit.append('zenoh_router', kind, **fields)) \
-                    if audit is not None else None
                 holder: dict = {}
-                watch = RefusalWatch(RefusalParser(link_names(holder)), RefusalCounter(sink),
+                watch = RefusalWatch(RefusalParser(link_names(holder)), RefusalCounter(audit),
                                      say=out.say)
                 _, reader = tap_zenoh_log(zenoh, watch)
         fixed_id: list[str] = []
@@ -347,6 +390,9 @@ def main(argv=None) -> int:
                             f'{t["identity"]} {t["action"]} {t["keyexpr"][:60]} x{t["count"]}'
                             for t in row['top'][:5]))
             counts = watch.snapshot()
+            if audit is not None:   # rows the writer could not store, besides those refused
+                counts['audit_errors'] += audit.errors
+                counts['last_audit_error'] = audit.last_error or counts['last_audit_error']
         if args.stats_file:
             try:
                 write_stats(args.stats_file, {**state, **counts, 'stderr_dropped': out.dropped})
@@ -387,10 +433,10 @@ def main(argv=None) -> int:
                             f'down {down_s:.3f} s')
                     if audit is not None:
                         try:
-                            audit.append('zenoh_router', 'zenoh_acl_reload', added=added,
-                                         removed=removed, down_s=round(down_s, 3))
-                        except AuditError as exc:
-                            out.say(f'zenoh_router: {exc}')
+                            audit('zenoh_acl_reload', {'added': added, 'removed': removed,
+                                                       'down_s': round(down_s, 3)})
+                        except queue.Full:
+                            audit.errors += 1
         if now >= next_stats:
             next_stats = now + args.stats_period_s
             report()

@@ -84,12 +84,20 @@ class Router:
         return sum(t['count'] for t in rows if t['identity'] == identity
                    and t['action'] == action and (not keyexpr or t['keyexpr'] == keyexpr))
 
-    def audit(self, kind: str = 'zenoh_refused') -> list[dict]:
+    def _rows(self, kind: str) -> list[dict]:
         log = AuditLog(self.audit_db)
         try:
-            return [r['fields'] for r in log.query('zenoh_router', kind)]
+            return [r['fields'] for r in log.query('zenoh_router', kind, limit=100_000)]
         finally:
             log.close()
+
+    def audit(self, kind: str = 'zenoh_refused') -> list[dict]:
+        """The router's audit rows of `kind`, once its writer thread has stored every row the
+        stats file says it audited."""
+        if self.proc.popen.poll() is None:
+            wait(lambda: len(self._rows('')) >= self.stats().get('audited', 0),
+                 "the router's audit writer to catch up")
+        return self._rows(kind)
 
     def stop(self) -> str:
         self.proc.popen.send_signal(signal.SIGTERM)
