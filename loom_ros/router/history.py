@@ -2,6 +2,7 @@
 the current budget period, and running statistics. Survives restarts; no rclpy here."""
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -24,10 +25,13 @@ class Outcome:
 
 
 class RouterHistory:
-    def __init__(self, path: str | Path, budget_period_s: float):
+    """Not locked itself: with `shared=True` the connection may be used from other threads,
+    and the caller serializes access (LocalRouter holds one lock around it)."""
+
+    def __init__(self, path: str | Path, budget_period_s: float, shared: bool = False):
         if str(path) != ':memory:':
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite_utils.Database(path)
+        self.db = sqlite_utils.Database(sqlite3.connect(str(path), check_same_thread=not shared))
         if str(path) != ':memory:':
             self.db.enable_wal()
             # WAL + NORMAL: a crash of the process loses nothing committed; a power cut may lose

@@ -7,14 +7,16 @@ this `LocalRouter` or a service client (agents/flows/link.py) and the behavior c
 
 A LocalRouter is passed to whoever uses it (never found through a global). With a history it
 records decisions and outcomes and charges the spend like the router node; that history's
-SQLite connection must be usable from the calling threads (sqlite3's `check_same_thread`). It
-publishes nothing: `router/decisions` and `router/stats` are the router node's.
+SQLite connection must be usable from the calling threads (`RouterHistory(shared=True)`). It
+publishes nothing itself: the router node runs its own decisions through one (its service and
+in-process callers share one history and one lock) and publishes them through `on_decision`.
 """
 from __future__ import annotations
 
 import math
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from loom_ros.bus.event import Privacy
@@ -22,6 +24,10 @@ from loom_ros.router.decision import Decision, RouteRequest, Spend, decide
 from loom_ros.router.history import Outcome, RouterHistory
 from loom_ros.router.policy import PolicyFile, load_policy
 from loom_ros.telemetry import tracing
+
+
+class RouterRefused(RuntimeError):
+    """The router did not decide: not active, or the query was invalid; says why."""
 
 
 @dataclass(frozen=True)
@@ -70,12 +76,14 @@ class LocalRouter:
     """decide() under a policy file, with an optional history (decisions, outcomes, spend).
     Thread-safe: one lock around the history, since dispatcher workers call it concurrently."""
 
-    def __init__(self, policy: PolicyFile, history: RouterHistory | None = None):
+    def __init__(self, policy: PolicyFile, history: RouterHistory | None = None,
+                 on_decision: Callable[[RouteQuery, RouteAnswer], None] | None = None):
         self.policy = policy
         self.history = history
+        self.on_decision = on_decision   # e.g. the router node publishing router/decisions
         self.decisions = 0
         self.outcomes = 0
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()   # around the history: callers reading it take it too
 
     @classmethod
     def from_file(cls, path, history: RouterHistory | None = None) -> 'LocalRouter':
@@ -83,28 +91,38 @@ class LocalRouter:
         return cls(load_policy(path), history)
 
     def route(self, query: RouteQuery) -> RouteAnswer:
-        """The decision; RequestError (ValueError) with the field and reason for a bad query."""
+        """The decision, in a RouteDecision span; RequestError or PolicyError (ValueErrors)
+        with the field and reason for a bad query."""
         with tracing.span(tracing.ROUTE_DECISION, attributes={
                 'loom.event.id': query.event_id, 'loom.event.type': query.event_type,
                 'loom.agent.id': query.agent_id}) as span:
-            request = query.request()
-            policy = self.policy.policy_for(request.event_type, request.agent_id)
-            with self._lock:
-                spend = Spend(self.history.spend() if self.history is not None else 0.0,
-                              self.policy.budget.limit)
-                decision = decide(request, policy, cloud_cost=self.policy.cost_of(
-                    policy.cloud_model), spend=spend)
-                decision_id = uuid.uuid4().hex
-                if self.history is not None:
-                    self.history.record_decision(decision_id, query.event_id, request, decision)
-                self.decisions += 1
-            span.set_attribute('loom.route', decision.route.value)
-            span.set_attribute('loom.route.rule', decision.rule)
-        return RouteAnswer.of(decision_id, decision)
+            answer = self.decide(query)
+            span.set_attribute('loom.route', answer.route)
+            span.set_attribute('loom.route.rule', answer.rule)
+        return answer
+
+    def decide(self, query: RouteQuery) -> RouteAnswer:
+        """The decision without a span of its own (the router node's service opens one that
+        joins the caller's trace), recorded and handed to `on_decision`."""
+        request = query.request()
+        policy = self.policy.policy_for(request.event_type, request.agent_id)
+        with self.lock:
+            spend = Spend(self.history.spend() if self.history is not None else 0.0,
+                          self.policy.budget.limit)
+            decision = decide(request, policy, cloud_cost=self.policy.cost_of(
+                policy.cloud_model), spend=spend)
+            decision_id = uuid.uuid4().hex
+            if self.history is not None:
+                self.history.record_decision(decision_id, query.event_id, request, decision)
+            self.decisions += 1
+        answer = RouteAnswer.of(decision_id, decision)
+        if self.on_decision is not None:
+            self.on_decision(query, answer)
+        return answer
 
     def report(self, outcome: Outcome) -> None:
         """An executed route's outcome (spend, latency): recorded when there is a history."""
-        with self._lock:
+        with self.lock:
             if self.history is not None:
                 self.history.record_outcome(outcome)
             self.outcomes += 1

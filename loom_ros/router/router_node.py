@@ -5,6 +5,10 @@ A lifecycle node: configure loads and validates the policy file and opens the SQ
 activate starts answering, deactivate refuses requests (ok=false, error says why), cleanup closes
 the history. Changing the `policy_file` parameter at run time reloads the policy; a bad file is
 refused with its key and reason and the old policy stays.
+
+Decisions are made by one `LocalRouter` (router/local.py) around the history: the service uses
+it, and so do agents in the same process through `in_process()` (`loom bringup --composition`),
+without a service round trip; both kinds are published on `router/decisions`.
 """
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ import math
 import sqlite3
 import sys
 import time
-import uuid
 
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
@@ -22,8 +25,9 @@ from loom_ros.bus.executor import run_lifecycle_node
 from loom_ros.bus.qos import to_qos_profile
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
 from loom_ros.config.paths import usable_file
-from loom_ros.router.decision import RequestError, RouteRequest, Spend, decide
+from loom_ros.router.decision import RequestError
 from loom_ros.router.history import Outcome, RouterHistory
+from loom_ros.router.local import LocalRouter, RouteAnswer, RouteQuery, RouterRefused
 from loom_ros.router.policy import PolicyError, PolicyFile, load_policy
 from loom_ros.telemetry import tracing
 from loom_ros.telemetry.diagnostics import WARN, CheckResult, budget_check
@@ -54,6 +58,7 @@ class RouterNode(LifecycleNode):
         self.params = declare_parameters(self, 'router', PARAMETERS)
         self.policy: PolicyFile | None = None
         self.history: RouterHistory | None = None
+        self.local: LocalRouter | None = None   # the decision path, made on configure
         self._active = False
         self._service = None  # set on configure; None means nothing to release
         self.configure_error = ''   # why the last configure failed (loom bringup prints it)
@@ -72,7 +77,7 @@ class RouterNode(LifecycleNode):
             db = self.params['history_db']
             if db != ':memory:':
                 db = str(usable_file(db, 'router.history_db'))
-            self.history = RouterHistory(db, self.policy.budget.period_s)
+            self.history = RouterHistory(db, self.policy.budget.period_s, shared=True)
         except (PolicyError, ConfigError, OSError, sqlite3.Error) as exc:
             self.configure_error = str(exc) if not isinstance(exc, sqlite3.Error) else \
                 f"router.history_db {self.params['history_db']}: cannot open: {exc}"
@@ -86,6 +91,7 @@ class RouterNode(LifecycleNode):
         self._outcomes = self.create_subscription(RouteOutcome, 'router/outcomes',
                                                   self._on_outcome, to_qos_profile('batched'))
         self._stats_timer = self.create_timer(self.params['stats_period_s'], self._publish_stats)
+        self.local = LocalRouter(self.policy, self.history, on_decision=self._publish_decision)
         self.get_logger().info(f'configured: {self.history.decisions} decisions in history, '
                                f'spend this period {self.history.spend():g}')
         return TransitionCallbackReturn.SUCCESS
@@ -115,6 +121,10 @@ class RouterNode(LifecycleNode):
             self.destroy_lifecycle_publisher(self.stats_pub)
             self._service = None
         if self.history is not None:
+            local, self.local = self.local, None
+            if local is not None:
+                with local.lock:   # an in-process caller mid-decision finishes first
+                    local.history = None
             self.history.close()
             self.history = None
 
@@ -129,23 +139,37 @@ class RouterNode(LifecycleNode):
                     self.policy = self._load(param.value)
                 except PolicyError as exc:
                     return SetParametersResult(successful=False, reason=str(exc))
+                if self.local is not None:
+                    self.local.policy = self.policy
                 self.get_logger().info(f'policy reloaded from {param.value or "default"}')
         return SetParametersResult(successful=True)
 
     # -- telemetry ----------------------------------------------------------------------------
     def _budget_check(self) -> CheckResult:
-        if self.history is None or self.policy is None:
+        local = self.local
+        if local is None or local.history is None:
             return CheckResult(WARN, 'router not configured: no history or policy loaded yet')
-        return budget_check(self.history.spend(), self.policy.budget.limit)
+        with local.lock:
+            spend = local.history.spend()
+        return budget_check(spend, local.policy.budget.limit)
 
     def _collect_metrics(self, registry) -> None:
-        if self.history is None or self.policy is None:
+        local = self.local
+        if local is None or local.history is None:
             return
-        registry.set_total('route_decisions', self.history.decisions)
-        for route, rate in self.history.rates().items():
+        with local.lock:
+            decisions, rates = local.history.decisions, local.history.rates()
+            spend = local.history.spend()
+        registry.set_total('route_decisions', decisions)
+        for route, rate in rates.items():
             registry.set_gauge('route_rate', rate, route=route)
-        registry.set_gauge('cloud_spend', self.history.spend())
-        registry.set_gauge('cloud_budget_limit', self.policy.budget.limit)
+        registry.set_gauge('cloud_spend', spend)
+        registry.set_gauge('cloud_budget_limit', local.policy.budget.limit)
+
+    # -- in-process callers ------------------------------------------------------------------
+    def in_process(self) -> 'InProcessRouter':
+        """A router port for agents in this process: decisions without the service."""
+        return InProcessRouter(self)
 
     # -- service ------------------------------------------------------------------------------
     def _on_route(self, req, resp):
@@ -165,54 +189,80 @@ class RouterNode(LifecycleNode):
         if not self._active:
             resp.ok, resp.error = False, 'router is not active (lifecycle state is not active)'
             return resp
+        query = RouteQuery(
+            event_id=req.event_id, event_type=req.event_type, agent_id=req.agent_id,
+            privacy=_privacy(req.privacy), local_supported=req.local_supported,
+            local_confidence=float(req.local_confidence) if req.has_local_confidence else None,
+            latency_budget_ms=req.latency_budget_ms if req.has_latency_budget else None,
+            payload_bytes=req.payload_bytes)
         try:
-            request = RouteRequest(
-                event_type=req.event_type, agent_id=req.agent_id,
-                privacy=_privacy(req.privacy), local_supported=req.local_supported,
-                local_confidence=float(req.local_confidence) if req.has_local_confidence else None,
-                latency_budget_ms=req.latency_budget_ms if req.has_latency_budget else math.inf,
-                payload_bytes=req.payload_bytes)
-            policy = self.policy.policy_for(request.event_type, request.agent_id)
-            decision = decide(request, policy, cloud_cost=self.policy.cost_of(policy.cloud_model),
-                              spend=Spend(self.history.spend(), self.policy.budget.limit))
+            answer = self.local.decide(query)
         except (RequestError, PolicyError) as exc:
             resp.ok, resp.error = False, str(exc)
             return resp
-        decision_id = uuid.uuid4().hex
-        self.history.record_decision(decision_id, req.event_id, request, decision)
-        resp.ok, resp.decision_id = True, decision_id
-        resp.route, resp.confidence = decision.route.value, decision.confidence
-        resp.rule, resp.reason, resp.upload = decision.rule, decision.reason, decision.upload
-        resp.cloud_model, resp.cloud_cost = decision.cloud_model, decision.cloud_cost
-        self._publish_decision(req, resp)
+        resp.ok, resp.decision_id = True, answer.decision_id
+        resp.route, resp.confidence = answer.route, answer.confidence
+        resp.rule, resp.reason, resp.upload = answer.rule, answer.reason, answer.upload
+        resp.cloud_model, resp.cloud_cost = answer.cloud_model, answer.cloud_cost
         return resp
 
-    def _publish_decision(self, req, resp) -> None:
+    def _publish_decision(self, query: RouteQuery, answer: RouteAnswer) -> None:
         from loom_msgs.msg import RouteDecision
         msg = RouteDecision(
-            decision_id=resp.decision_id, event_id=req.event_id, event_type=req.event_type,
-            agent_id=req.agent_id, privacy=req.privacy, route=resp.route,
-            confidence=resp.confidence, rule=resp.rule, reason=resp.reason, upload=resp.upload,
-            cloud_model=resp.cloud_model, cloud_cost=resp.cloud_cost)
+            decision_id=answer.decision_id, event_id=query.event_id,
+            event_type=query.event_type, agent_id=query.agent_id, privacy=int(query.privacy),
+            route=answer.route, confidence=answer.confidence, rule=answer.rule,
+            reason=answer.reason, upload=answer.upload, cloud_model=answer.cloud_model,
+            cloud_cost=answer.cloud_cost)
         msg.header.stamp = self.get_clock().now().to_msg()
         self.decisions_pub.publish(msg)
 
     def _on_outcome(self, msg) -> None:
-        if self.history is None:
+        local = self.local
+        if local is None or local.history is None:
             return
-        self.history.record_outcome(Outcome(
+        local.report(Outcome(
             msg.decision_id, msg.event_type, msg.backend, msg.latency_ms, msg.cost, msg.success,
             float(msg.confidence)))
 
     def _publish_stats(self) -> None:
         from loom_msgs.msg import RouterStats
-        rates = self.history.rates()
-        msg = RouterStats(decisions=self.history.decisions, local_rate=rates['local'],
+        local = self.local
+        if local is None or local.history is None:
+            return
+        with local.lock:
+            history = local.history
+            rates, decisions = history.rates(), history.decisions
+            spend, outcomes = history.spend(), history.outcomes
+        msg = RouterStats(decisions=decisions, local_rate=rates['local'],
                           cloud_rate=rates['cloud'], hybrid_rate=rates['hybrid'],
-                          fallback_rate=rates['local_fallback'], spend=self.history.spend(),
-                          budget_limit=self.policy.budget.limit, outcomes=self.history.outcomes)
+                          fallback_rate=rates['local_fallback'], spend=spend,
+                          budget_limit=local.policy.budget.limit, outcomes=outcomes)
         msg.header.stamp = self.get_clock().now().to_msg()
         self.stats_pub.publish(msg)
+
+
+class InProcessRouter:
+    """The router port agents in the router's process use (agents/behavior.py RouterPort):
+    the node's own decision path and lifecycle state, no serialization."""
+
+    def __init__(self, node: RouterNode):
+        self.node = node
+
+    def route(self, query: RouteQuery) -> RouteAnswer:
+        local = self.node.local
+        if not self.node._active or local is None:
+            raise RouterRefused('router refused: router is not active (lifecycle state is not '
+                                'active)')
+        try:
+            return local.route(query)
+        except (RequestError, PolicyError) as exc:
+            raise RouterRefused(f'router refused: {exc}') from None
+
+    def report(self, outcome: Outcome) -> None:
+        local = self.node.local
+        if local is not None and local.history is not None:
+            local.report(outcome)
 
 
 def _privacy(value: int):
