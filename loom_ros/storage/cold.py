@@ -31,19 +31,22 @@ def encode(vectors: np.ndarray) -> list[bytes]:
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     scale = np.abs(vectors).max(axis=1)
     scale[scale == 0] = 1.0
-    q = np.round(vectors / scale[:, None] * 127.0).astype(np.int8)
-    return [struct.pack('<f', s) + row.tobytes() for s, row in zip(scale, q)]
+    packed = np.empty((len(vectors), vectors.shape[1] + 4), dtype=np.uint8)
+    packed[:, :4] = scale.astype('<f4')[:, None].view(np.uint8)
+    packed[:, 4:] = np.round(vectors / scale[:, None] * 127.0).astype(np.int8).view(np.uint8)
+    return [row.tobytes() for row in packed]
 
 
 def decode(codes, dim: int) -> np.ndarray:
     """(n, dim) float32 from codes; CorruptRecordError on a code of the wrong size."""
-    out = np.empty((len(codes), dim), dtype=np.float32)
-    for i, code in enumerate(codes):
-        if len(code) != dim + 4:
-            raise CorruptRecordError(f'cold vector code of {len(code)} bytes, expected {dim + 4}')
-        out[i] = np.frombuffer(code, dtype=np.int8, offset=4).astype(np.float32) * (
-            struct.unpack_from('<f', code)[0] / 127.0)
-    return out
+    if not len(codes):
+        return np.zeros((0, dim), dtype=np.float32)
+    if any(len(code) != dim + 4 for code in codes):
+        bad = next(len(code) for code in codes if len(code) != dim + 4)
+        raise CorruptRecordError(f'cold vector code of {bad} bytes, expected {dim + 4}')
+    packed = np.frombuffer(b''.join(codes), dtype=np.uint8).reshape(len(codes), dim + 4)
+    scale = packed[:, :4].copy().view('<f4')[:, 0] / 127.0
+    return packed[:, 4:].view(np.int8).astype(np.float32) * scale[:, None]
 
 
 @dataclass

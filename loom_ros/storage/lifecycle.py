@@ -132,7 +132,7 @@ class Lifecycle:
     def __init__(self, layout: StorageLayout, unit: str, objects: ObjectStore, embedder,
                  params: LifecycleParams | None = None, budgets: Budgets | None = None,
                  index_params: IndexParams | None = None, clock: Callable[[], int] | None = None,
-                 synchronous: str = 'NORMAL', read_only: bool = False):
+                 synchronous: str = 'NORMAL', read_only: bool = False, rebuild: bool = False):
         self.layout, self.unit = layout, check_name(unit, 'storage unit')
         self.objects, self.embedder = objects, embedder
         self.params, self.budgets = params or LifecycleParams(), budgets or Budgets()
@@ -163,7 +163,11 @@ class Lifecycle:
             from loom_ros.storage import schema
             schema.ensure(self.conn, self.path)
             self.recover()
-            self.index.load(self.conn)
+            if rebuild:   # loom storage compact --rebuild-index: a new index from the rows
+                self.index.rebuild(self.conn)
+                self.save_index(force=True)
+            else:
+                self.index.load(self.conn)
         except BaseException:
             if self.conn is not None:
                 self.conn.close()
@@ -453,7 +457,7 @@ class Lifecycle:
     # -- the index -------------------------------------------------------------------------------
     def save_index(self, force: bool = False) -> None:
         """Save when it changed; then trim the log it now covers."""
-        if not (force or self.unsaved):
+        if self.read_only or not (force or self.unsaved):
             return
         self.index.save()
         self.unsaved = 0

@@ -23,7 +23,7 @@ DEFAULTS_FILE = 'storage.yaml'
 def default_params(path: str | None = None) -> dict:
     """The storage node's parameters as shipped (config/storage.yaml), flat and dotted."""
     from loom_ros.config.params import config_dir, node_defaults
-    return node_defaults('/**/storage', path or str(config_dir() / DEFAULTS_FILE))
+    return node_defaults('storage', path or str(config_dir() / DEFAULTS_FILE))
 
 
 @dataclass

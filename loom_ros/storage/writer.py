@@ -44,6 +44,11 @@ class Ticket:
     def done(self) -> bool:
         return self._batch.done.is_set()
 
+    @property
+    def committed_at(self) -> float:
+        """time.perf_counter() when its batch finished (0 while pending)."""
+        return self._batch.committed_at
+
     def wait(self, timeout: float | None = None) -> None:
         batch = self._batch
         if not batch.done.wait(timeout):
