@@ -246,6 +246,7 @@ def _run_client(node, pixels: bytes, commands, frames: int, rate_hz: float) -> N
     _say(sent=frames, failed=failed, send_s=round(elapsed, 3),
          pub_cpu_ms_per_frame=round((time.process_time() - cpu0) * 1000 / frames, 3),
          answered=len(latencies), **summarize_ms(latencies),
+         lat_ms=[round(v / 1e6, 2) for v in latencies],
          delivered_fps=round(len(latencies) / elapsed, 1) if elapsed > 0 else 0.0)
     for command in commands:
         if command == 'EXIT':
@@ -370,7 +371,7 @@ def run_subscriber(kind: str, qos: str, frames: int) -> None:
     _say(received=len(seen), duplicates=len(latencies) - len(seen), bad_size=state['bad'],
          bus_lost=lost(), delivered_fps=round(len(seen) / span_s, 1) if span_s > 0 else 0.0,
          sub_cpu_ms_per_frame=round(cpu * 1000 / max(1, len(seen)), 3),
-         **summarize_ms(latencies))
+         lat_ms=[round(v / 1e6, 2) for v in latencies], **summarize_ms(latencies))
     executor.shutdown()
     node.destroy_node()
     rclpy.shutdown()
@@ -453,7 +454,8 @@ def run_case(option: str, kind: str, mode: str, qos: str, frames: int, scratch: 
         if got is None:
             sub.send('END')
             got = sub.read(30.0)
-        return {'option': option, 'range': discovery, 'kind': kind, 'mode': mode, 'qos': qos, 'frames': frames,
+        return {'load': round(os.getloadavg()[0], 1), 'option': option, 'range': discovery,
+                'kind': kind, 'mode': mode, 'qos': qos, 'frames': frames,
                 **sent, **got}
     finally:
         pub.close()
@@ -498,30 +500,34 @@ READING = """How to read it:
   profile's; frames still go through the profile's segment."""
 
 
-def write_results(rows: list[dict], note: str, out: Path) -> None:
+def write_results(runs: list[dict], note: str, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    info = {'machine': machine(), 'note': note, 'rows': rows}
-    (out / 'camera.json').write_text(json.dumps(info, indent=1))
+    rows = combine(runs)
+    info = {'machine': machine(), 'note': note, 'rows': rows, 'runs': runs}
+    (out / 'camera.json').write_text(json.dumps(info))
     raw = {(r['range'], r['option'], r['mode'], r['qos']): r for r in rows if r['kind'] == 'raw'}
     lines = ['# Camera-frame benchmark', '',
              f"Machine: {info['machine']}.", '', f'Note: {note}', '',
              f'{WIDTH}x{HEIGHT} rgb8 frames ({WIDTH * HEIGHT * 3:,} bytes of pixels) from one '
              'process to another: raw rclpy sensor_msgs/Image vs a Loom `camera.front` event '
              '(Realtime QoS, best effort keep last 10), same run, same executor. Latency: '
-             'publish call to subscriber callback, ms. Ratio: Loom P50 / raw P50 under the '
-             'same option and mode.', '',
+             'publish call to subscriber callback, ms (service: call to answer). Ratio: P50 / '
+             'raw P50 under the same option and mode. Cases ran in turn, round after round, '
+             'so every option met the same load; each row adds its rounds up (load: the '
+             '1-minute load average when its cases ran).', '',
              '| discovery | transport | mode | qos | kind | delivered / sent | delivered fps | '
-             'P50 / P99 / max ms | ratio P50 | pub CPU ms/frame | sub CPU ms/frame | bus lost |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+             'P50 / P99 / max ms | ratio P50 | pub CPU ms/frame | sub CPU ms/frame | bus lost | '
+             'load |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for r in rows:
         base = raw.get((r['range'], r['option'], r['mode'], r['qos']))
         ratio = (f"{r['p50_ms'] / base['p50_ms']:.2f}" if base and r['kind'] != 'raw'
                  and base['p50_ms'] == base['p50_ms'] and base['p50_ms'] > 0 else '')
         lines.append(
             f"| {r['range']} | {r['option']} | {r['mode']} | {r['qos']} | {r['kind']} | "
-            f"{r.get('answered', r['received'])}/{r['sent']} | {r['delivered_fps']} | {r['p50_ms']} / {r['p99_ms']} / {r['max_ms']} | "
+            f"{r['received']}/{r['sent']} | {r['delivered_fps']} | {r['p50_ms']} / {r['p99_ms']} / {r['max_ms']} | "
             f"{ratio} | {r['pub_cpu_ms_per_frame']} | {r['sub_cpu_ms_per_frame']} | "
-            f"{'' if r['bus_lost'] is None else r['bus_lost']} |")
+            f"{'' if r['bus_lost'] is None else r['bus_lost']} | {r['load']} |")
     lines += ['', READING]
     (out / 'camera.md').write_text('\n'.join(lines) + '\n')
 
@@ -543,6 +549,9 @@ def main() -> None:
                         help='ROS_AUTOMATIC_DISCOVERY_RANGE values: with LOCALHOST the rmw adds '
                         'its own shared-memory (512 KB) and UDP transports to any profile')
     parser.add_argument('--out', default=str(HERE / 'results'))
+    parser.add_argument('--rounds', type=int, default=None,
+                        help='cases run in turn this many times, so every option meets the '
+                        "same machine load; results add the rounds up (default 3, quick 1)")
     parser.add_argument('--append', action='store_true',
                         help='add these rows to the ones already in OUT/camera.json')
     args = parser.parse_args()
@@ -553,25 +562,51 @@ def main() -> None:
     frames = args.frames or (90 if args.quick else 300)
     options = (args.options or ('builtin,loom' if args.quick else
                                 'builtin,shm:2097152,loom,udp,large_data')).split(',')
-    rows = []
+    rounds = args.rounds or (1 if args.quick else 3)
+    runs = []
     domain = 200 + os.getpid() % 30   # away from the tests' 100-199
+    cases = [(k, 'realtime') for k in args.kinds.split(',')]
+    if args.reliable:
+        cases.append(('raw', 'reliable'))
     with tempfile.TemporaryDirectory(prefix='camera_bench_') as scratch:
-        for discovery in args.ranges.split(','):
-            for option in options:
+        for _ in range(rounds):
+            for discovery in args.ranges.split(','):
                 for mode in args.modes.split(','):
-                    cases = [(k, 'realtime') for k in args.kinds.split(',')]
-                    if args.reliable:
-                        cases.append(('raw', 'reliable'))
-                    for kind, qos in cases:
-                        row = run_case(option, kind, mode, qos, frames, scratch, domain,
-                                       discovery)
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
+                    for option in options:
+                        for kind, qos in cases:
+                            run = run_case(option, kind, mode, qos, frames, scratch, domain,
+                                           discovery)
+                            runs.append(run)
+                            print(json.dumps({k: v for k, v in run.items() if k != 'lat_ms'}),
+                                  flush=True)
     note = os.environ.get('LOOM_BENCH_NOTE', 'no note given (LOOM_BENCH_NOTE)')
     previous = Path(args.out) / 'camera.json'
     if args.append and previous.is_file():
-        rows = json.loads(previous.read_text())['rows'] + rows
-    write_results(rows, note, Path(args.out))
+        runs = json.loads(previous.read_text())['runs'] + runs
+    write_results(runs, note, Path(args.out))
+
+
+def combine(runs: list[dict]) -> list[dict]:
+    """One row per case: the rounds' frames and latencies added up, CPU and fps averaged."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run['range'], run['option'], run['mode'], run['kind'], run['qos']),
+                          []).append(run)
+    rows = []
+    for (rng, option, mode, kind, qos), group in groups.items():
+        lat = [v for r in group for v in r.get('lat_ms', [])]
+        mean = lambda key: round(sum(r[key] for r in group) / len(group), 3)   # noqa: E731
+        lost = [r['bus_lost'] for r in group if r.get('bus_lost') is not None]
+        rows.append({'range': rng, 'option': option, 'mode': mode, 'kind': kind, 'qos': qos,
+                     'rounds': len(group), 'sent': sum(r['sent'] for r in group),
+                     'received': sum(r.get('answered', r['received']) for r in group),
+                     'bus_lost': sum(lost) if lost else None,
+                     'delivered_fps': round(mean('delivered_fps'), 1),
+                     'pub_cpu_ms_per_frame': mean('pub_cpu_ms_per_frame'),
+                     'sub_cpu_ms_per_frame': mean('sub_cpu_ms_per_frame'),
+                     'load': f"{min(r['load'] for r in group)}-{max(r['load'] for r in group)}",
+                     **summarize_ms([v * 1e6 for v in lat])})
+    return rows
 
 
 if __name__ == '__main__':
