@@ -274,3 +274,30 @@ def test_a_robot_issued_while_the_router_runs_gets_its_rules(router, tmp_path, s
     gap = got[0] - issued_at
     print(f'issue -> first delivery {gap:.2f} s; router down {stats["last_reload_down_s"]} s')
     assert [row['added'] for row in r.audit('zenoh_acl_reload')] == [['robot3']]
+
+
+def test_a_robot_whose_folder_is_removed_loses_its_rules(router, tmp_path, open_session):
+    """Revocation by removing an identity's folder: the router reloads without it, the robot's
+    session (reconnecting by itself, its certificate still the authority's) has no rules, so
+    everything it sends is denied, and its session is counted as refused."""
+    keys_dir = tmp_path / 'revoke_keys'
+    keys.ensure_local(keys_dir, {'router': 'router', 'tester': 'operator', 'robot4': 'robot'})
+    robot_side = tmp_path / 'on_robot4'   # the robot's own copy of its credentials
+    shutil.copytree(keys_dir / 'robot4', robot_side / 'robot4')
+    shutil.copy(keys_dir / 'ca.pem', robot_side / 'ca.pem')
+    r = router(keys_dir)
+    got = []
+    open_session(secure(r, keys_dir, 'tester')).declare_subscriber(
+        'loom/robot4/**', lambda s: got.append(s.payload.to_bytes()))
+    robot4 = open_session(secure(r, robot_side, 'robot4'))
+    wait(lambda: got, "robot4's put at the operator", spin=lambda: robot4.put('loom/robot4/a', b'before'))
+    shutil.rmtree(keys_dir / 'robot4')
+    wait(lambda: 'robot4' not in r.stats().get('members', ['robot4']), 'the router to drop robot4')
+    delivered = len(got)
+    wait(lambda: r.count('robot4', 'session') >= 1, "robot4's session without rules counted",
+         spin=lambda: robot4.put('loom/robot4/a', b'after'))
+    for _ in range(20):
+        robot4.put('loom/robot4/a', b'after', congestion_control=zenoh.CongestionControl.BLOCK)
+    assert b'after' not in got[delivered:], got
+    assert r.stats()['reloads'] == 1
+    assert [row['removed'] for row in r.audit('zenoh_acl_reload')] == [['robot4']]
