@@ -134,9 +134,10 @@ class LifecycleManagerNode(Node):
             raise ConfigError(f'lifecycle_manager.nodes: {clash} are agent host names')
         self.core = ManagerCore(names, time.monotonic, p['heartbeat_timeout_s'],
                                 p['transition_timeout_s'], self.policy)
-        self.lifecycle_clients = {n: _NodeClients(self.create_client(GetState, f'{n}/get_state'),
-                                        self.create_client(ChangeState, f'{n}/change_state'))
-                        for n in names}
+        self.lifecycle_clients = {
+            n: _NodeClients(self.create_client(GetState, f'{n}/get_state'),
+                            self.create_client(ChangeState, f'{n}/change_state'))
+            for n in names}
         self.last_status: dict[str, object] = {}
         self.auth = BeatAuth()
         if not p['spawn']:   # agents in this process (loom bringup), or given the same key

@@ -239,7 +239,8 @@ def test_pause_resume_shutdown_and_startup_drive_the_agents(ros, manager, tmp_pa
         assert call('startup').success
         ros.wait_for(lambda: call('is_active').success, 'is_active after startup again',
                      alive=[proc])
-        ros.wait_for(lambda: both(lambda s: s.health == 'ok' and s.pid not in (0, pids[s.agent_id])),
+        ros.wait_for(lambda: both(lambda s: s.health == 'ok' and
+                                  s.pid not in (0, pids[s.agent_id])),
                      'the agent ok in a new process', alive=[proc])
     finally:
         for client in clients.values():

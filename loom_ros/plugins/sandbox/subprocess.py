@@ -3,11 +3,11 @@ proxy that presents the plugin contract, so the host treats it like an in-proces
 
 The child (loom_ros.plugins.sandbox.worker) is started by bringup.processes (Loom's one way to
 start processes): its own session and process group, SIGKILLed should the host die, a bounded
-stderr tail for crash reasons. It runs as a child subreaper, under rlimits that are on by default: address space (`memory_bytes`, 1 GiB), CPU
-seconds over its life (`cpu_seconds`, 3600), open files (`open_files`, 1024), the size of any
-file it writes (`file_size_bytes`, 256 MiB) and no core dumps; 0 or None lifts one. It talks
-length-prefixed JSON over its stdin/stdout. A crash (the child exits), a
-hang (no answer within `call_timeout_s`) or running out of memory is detected, answered as a
+stderr tail for crash reasons. It runs as a child subreaper, under rlimits that are on by
+default: address space (`memory_bytes`, 1 GiB), CPU seconds over its life (`cpu_seconds`,
+3600), open files (`open_files`, 1024), the size of any file it writes (`file_size_bytes`,
+256 MiB) and no core dumps; 0 or None lifts one. It talks length-prefixed JSON over its
+stdin/stdout. A crash (the child exits), a hang (no answer within `call_timeout_s`) or running out of memory is detected, answered as a
 PluginResponse.failure that says why, and the child is started again on the next call. More than
 `max_restarts` such failures in a row (no successful call in between) mark the plugin FAILED: it
 then refuses calls with a clear error until `restart()` is called.
