@@ -15,7 +15,8 @@ decisions only through Rust's tracing, to fd 1, so the secure router moves fd 1 
 thread reads (the ready line goes to the real stdout), counts each refusal by identity, action
 and key, writes a bounded sample and periodic totals to the audit log (`--audit-db`), and keeps
 the counts in `--stats-file` (JSON, rewritten every `--stats-period-s`). Every other zenoh log
-line is passed on to stderr. Logging every decision costs throughput (see the README):
+line is passed on to stderr. Logging every decision costs throughput (this router moved about
+half as many small messages a second with it, on a loaded 2-core machine):
 `--no-refusal-count` turns it off, loudly.
 
 A certificate issued after start (`loom keys issue`) or a changed fleet file takes effect without

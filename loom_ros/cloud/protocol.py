@@ -16,8 +16,9 @@ signature covers (task, id, time, audience, body digest), a reply's (request id,
 body digest), so a reply is bound to the one request it answers. The audience (`aud`) is the
 server instance the client addressed, or `*` (ANY_SERVER) for the shared key: a server refuses a
 request addressed to another instance, so a captured request cannot be replayed to a second
-server (each server refuses a replay to itself); a `*` request may be answered once by each. The header is bounded and the
-signature checked before the body is parsed: a stranger's bytes never reach the JSON parser.
+server (each server refuses a replay to itself); a `*` request may be answered once by each
+(the client asks ALL servers at once for those). The header is bounded and the signature checked
+before the body is parsed: a stranger's bytes never reach the JSON parser.
 """
 from __future__ import annotations
 

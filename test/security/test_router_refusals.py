@@ -159,7 +159,8 @@ def test_sessions_without_the_fleets_certificate_are_refused_counted_and_audited
     open_session(secure(r, fleet_keys, 'tester')).declare_subscriber(
         'loom/robot1/**', lambda s: got.append(1))
     robot1 = open_session(secure(r, fleet_keys, 'robot1'))
-    wait(lambda: got, "robot1's put at the operator", spin=lambda: robot1.put('loom/robot1/x', b'1'))
+    wait(lambda: got, "robot1's put at the operator",
+         spin=lambda: robot1.put('loom/robot1/x', b'1'))
     assert r.count('unauthenticated', 'connect') == refused
     assert r.stats()['refused'] == refused
 
@@ -290,7 +291,8 @@ def test_a_robot_whose_folder_is_removed_loses_its_rules(router, tmp_path, open_
     open_session(secure(r, keys_dir, 'tester')).declare_subscriber(
         'loom/robot4/**', lambda s: got.append(s.payload.to_bytes()))
     robot4 = open_session(secure(r, robot_side, 'robot4'))
-    wait(lambda: got, "robot4's put at the operator", spin=lambda: robot4.put('loom/robot4/a', b'before'))
+    wait(lambda: got, "robot4's put at the operator",
+         spin=lambda: robot4.put('loom/robot4/a', b'before'))
     shutil.rmtree(keys_dir / 'robot4')
     wait(lambda: 'robot4' not in r.stats().get('members', ['robot4']), 'the router to drop robot4')
     delivered = len(got)
