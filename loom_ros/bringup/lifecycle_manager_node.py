@@ -681,7 +681,7 @@ class LifecycleManagerNode(Node):
         return D.OK, 'active'
 
     def destroy_node(self) -> None:
-        for m in self.managed:   # agents this manager started end with it
+        for m in getattr(self, 'managed', ()):   # agents it started end with it
             self._stop(m, kill=False)
         super().destroy_node()
 

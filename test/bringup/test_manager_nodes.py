@@ -172,3 +172,22 @@ def test_manager_drives_nodes_in_other_processes(ros, system):
                           'plugin_host: activate'], err
     for name in ('router', 'plugin_host'):
         stop(procs[name])
+
+
+@pytest.mark.parametrize('nodes, error', [
+    (['router', 'bad name'], "'bad name' is not a node name"),
+    (['router', 'router'], 'listed twice'),
+    ([f'n{i}' for i in range(65)], '65 nodes, at most 64'),
+    (['agent_first'], 'are agent host names'),
+])
+def test_a_bad_nodes_list_is_refused_with_the_reason(ros, tmp_path, nodes, error):
+    from rclpy.parameter import Parameter
+
+    from loom_ros.bringup.lifecycle_manager_node import LifecycleManagerNode
+    from loom_ros.config.params import ConfigError
+    agents = tmp_path / 'agents.yaml'
+    agents.write_text('agents:\n  - id: first\n    behavior: counter\n    subscriptions: [t.x]\n')
+    with pytest.raises(ConfigError, match=error):
+        LifecycleManagerNode(namespace='/lm_bad', parameter_overrides=[
+            Parameter('nodes', value=nodes), Parameter('agents_file', value=str(agents)),
+            Parameter('state_dir', value=str(tmp_path)), Parameter('autostart', value=False)])
