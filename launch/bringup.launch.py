@@ -62,6 +62,8 @@ def robot_actions(context):
         args += [] if _true(value['autostart']) else ['--no-autostart']
         # No name/namespace here: a __node remap would rename every node of the process.
         return [Node(package='loom', executable='loom', output='screen', arguments=args,
+                     # bring-up stops the manager, then the rest, each within STOP_TIMEOUT_S
+                     sigterm_timeout=str(3 * table.STOP_TIMEOUT_S),
                      ros_arguments=['--log-level', log_level, '-p',
                                     f'use_sim_time:={value["use_sim_time"]}'])]
     agents_file = value['agents_file'] or str(config_dir() / 'agents.yaml')
@@ -78,6 +80,7 @@ def robot_actions(context):
         actions.append(Node(
             package='loom', executable=node.executable, name=node.name, namespace=ns,
             output='screen', respawn=node.respawn, respawn_delay=RESPAWN_DELAY_S,
+            sigterm_timeout=str(table.STOP_TIMEOUT_S),
             parameters=[robot_file, params], additional_env=table.node_env(node, {}),
             arguments=['--ros-args', '--log-level', log_level]))
     return actions

@@ -61,6 +61,10 @@ NODES: tuple[LoomNode, ...] = (
 
 # Environment every Loom process gets (the node's own `env` is added on top).
 COMMON_ENV: Mapping[str, str] = {}
+# How long a node may take to stop after SIGINT before SIGTERM/SIGKILL: the manager stops its
+# agents first (up to 10 s each, state committed), and a Python node on a loaded 2-core machine
+# was measured taking 3 s to exit; launch's default of 5 s cut every node short here.
+STOP_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True)

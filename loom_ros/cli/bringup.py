@@ -56,7 +56,6 @@ from loom_ros.security import keys
 
 AGENT_HOST = 'agent_host_0'
 CONFIGURE_FAILED = 'cannot configure:'   # what every Loom lifecycle node logs when it refuses
-STOP_TIMEOUT_S = 20.0
 
 
 def add_parser(sub) -> None:
@@ -326,18 +325,18 @@ class NodeProcesses:
 
     def stop(self) -> dict[str, int | None]:
         """The manager first (it stops the agents, which commit their state), then the rest
-        together, newest first; each gets SIGINT, then SIGKILL after STOP_TIMEOUT_S."""
+        together, newest first; each gets SIGINT, then SIGKILL after table.STOP_TIMEOUT_S."""
         codes = {}
         manager = self.children.get(table.MANAGER)
         if manager is not None:
-            codes[table.MANAGER] = manager.stop(STOP_TIMEOUT_S)
+            codes[table.MANAGER] = manager.stop(table.STOP_TIMEOUT_S)
         rest = [(n, c) for n, c in reversed(list(self.children.items())) if n != table.MANAGER]
         for _, child in rest:
             child.stopped = True
             if child.process is not None:
                 child.process.send_signal(signal.SIGINT)
         for name, child in rest:
-            codes[name] = child.stop(STOP_TIMEOUT_S)
+            codes[name] = child.stop(table.STOP_TIMEOUT_S)
         return codes
 
 
