@@ -1,5 +1,6 @@
-"""Each node the launch file starts, started the way launch starts it: the installed executable
-with `--params-file config/loom.yaml` (launch itself is not installable here). It must come up
+"""Each node the launch file starts (the node table), started the way launch starts it: the
+installed executable with `--params-file config/loom.yaml` under a namespace (launch itself is not
+installable from PyPI; test/launch/ runs the launch file where it is). It must come up
 in the ROS graph under its name and end cleanly on SIGINT."""
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import subprocess
 import pytest
 
 from harness import REPO
+from loom_ros.bringup import nodes as table
 
 # executable -> parameters that keep its files in the test's folder (the params file's defaults
 # point at ~/.loom) and keep it from starting other processes.
@@ -18,6 +20,10 @@ NODES = {
     'zenoh_bridge': {'audit_file': '{tmp}/bridge.jsonl'},
     'lifecycle_manager': {'spawn': 'false', 'state_dir': '{tmp}/agents'},
 }
+
+
+def test_every_node_of_the_table_is_covered_here():
+    assert set(NODES) == {node.executable for node in table.NODES}
 
 
 @pytest.mark.parametrize('executable', list(NODES))
