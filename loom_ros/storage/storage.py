@@ -4,6 +4,8 @@ data, and hands out the stores. Everything is passed in (root, unit, clock, embe
 is global."""
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -31,7 +33,7 @@ class StorageConfig:
     max_delay_ms: float = 2.0          # group commit: longest wait for a batch to fill
     max_batch: int = 20000
     max_db_bytes: int = 0              # hard cap of the database file (0: none)
-    hot_max_events: int = 256          # per agent, kept in memory for recent()
+    hot_max_events: int = 64           # per agent, kept in memory for recent()
     extra: dict = field(default_factory=dict)
 
 
@@ -49,12 +51,18 @@ class Storage:
         except OSError as exc:
             raise StorageError(f'storage.root {self.layout.root}: cannot create: '
                                f'{exc.strerror}') from None
-        self.conn = open_database(self.path, synchronous=config.synchronous,
-                                  max_bytes=config.max_db_bytes)
+        self._lock_fd = self._claim()
+        try:
+            self.conn = open_database(self.path, synchronous=config.synchronous,
+                                      max_bytes=config.max_db_bytes)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         try:
             schema.ensure(self.conn, self.path)
         except sqlite3.Error as exc:
             self.conn.close()
+            os.close(self._lock_fd)
             if is_full(exc):
                 raise StorageFullError(f'{self.path}: disk or budget full: {exc}') from None
             raise StorageError(f'{self.path}: cannot create the tables: {exc}') from None
@@ -66,6 +74,23 @@ class Storage:
                                         max_delay_s=config.max_delay_ms / 1000.0,
                                         max_batch=config.max_batch, gate=gate)
         self._stores: dict = {}
+
+    def _claim(self) -> int:
+        """One writing process per unit (ids are handed out here): an flock on <unit>.db.lock,
+        released by the kernel when the process dies, even by SIGKILL."""
+        lock = self.path.with_name(self.path.name + '.lock')
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StorageError(f'{lock}: cannot create: {exc.strerror}') from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StorageError(f'{self.path}: another process writes storage unit {self.unit!r}; '
+                               'give each process its own storage.unit') from None
+        return fd
 
     # -- reading ---------------------------------------------------------------------------------
     def query(self, sql: str, params=()) -> list[sqlite3.Row]:
@@ -130,6 +155,7 @@ class Storage:
         with self._read_lock:
             self.reader.close()
         self.conn.close()
+        os.close(self._lock_fd)
 
     def __enter__(self):
         return self

@@ -350,3 +350,8 @@ def test_names_and_keys_cannot_escape_the_root(tmp_path, name):
     for key in ('/abs', 'a//b', 'a/./b', ''):
         with pytest.raises(StorageError):
             check_key(key)
+
+
+def test_one_writing_process_per_unit(storage, tmp_path):
+    with pytest.raises(StorageError, match="another process writes storage unit 't'"):
+        Storage(StorageConfig(root=str(tmp_path), unit='t'))
