@@ -397,8 +397,10 @@ class Lifecycle:
     def usage(self) -> dict[str, dict]:
         """rows, bytes and oldest (ms) per tier, plus state and the measured total."""
         c = self.conn
-        warm = c.execute('select count(*), coalesce(sum(bytes), 0), min(time_ms) from episodes').fetchone()
-        cold = c.execute('select count(*), coalesce(sum(bytes), 0), min(first_ms) from cold').fetchone()
+        warm = c.execute('select count(*), coalesce(sum(bytes), 0), min(time_ms) '
+                         'from episodes').fetchone()
+        cold = c.execute('select count(*), coalesce(sum(bytes), 0), min(first_ms) '
+                         'from cold').fetchone()
         arch = c.execute("select count(*), coalesce(sum(bytes), 0), min(first_ms), "
                          "coalesce(sum(rows), 0) from archive where state = 'done'").fetchone()
         state = c.execute('select count(*), coalesce(sum(length(value)), 0), min(updated_ms) '

@@ -2,9 +2,7 @@
 embedding model; ages come from an injected clock."""
 from __future__ import annotations
 
-import json
 import os
-import sqlite3
 
 import numpy as np
 import pytest
