@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
-from loom_ros.bridge.core import Bridge, BridgeConfig
+from loom_ros.bridge.core import ROUTE_MEMORY, Bridge, BridgeConfig
 from loom_ros.bridge.inbound import ContractError
 from loom_ros.bridge.gate import PrivacyGate
 from loom_ros.bridge.keys import robot_key_expr
@@ -112,6 +112,7 @@ class ZenohBridgeNode(LifecycleNode):
         self.link: ZenohLink | None = None
         self.bus = None
         self._subs = []
+        self._first_allow: dict = {}   # topic -> index of its first allow pattern (remembered)
         self._inbox: deque = deque()  # Zenoh's threads append, the executor pops
         self._inbox_dropped = 0
         self._inbox_lock = threading.Lock()  # for the drop counter only; never held over Zenoh
@@ -179,6 +180,7 @@ class ZenohBridgeNode(LifecycleNode):
         if identity is None:
             self.get_logger().warning(INSECURE_WARNING)
         self.bus.telemetry.add_check('transport security', lambda: transport_check(identity))
+        self._first_allow.clear()   # remembered per configuration
         self.bridge = Bridge(config, self.link, self.bus.topic_qos.level_for,
                              PrivacyGate(policy), self._record_refusal,
                              command_audit=self._record_command, ca_pem=ca_pem, seal_to=seal_to,
@@ -281,7 +283,12 @@ class ZenohBridgeNode(LifecycleNode):
     # -- data paths -----------------------------------------------------------------------
     def _on_bus_event(self, event, topic: str, index: int) -> None:
         # Overlapping allow patterns attach a topic more than once: the first match sends.
-        if self.bridge.config.rules.out.first_allow(topic) != index:
+        first = self._first_allow.get(topic)
+        if first is None:
+            if len(self._first_allow) >= ROUTE_MEMORY:
+                self._first_allow.clear()
+            first = self._first_allow[topic] = self.bridge.config.rules.out.first_allow(topic)
+        if first != index:
             return
         self.bridge.send(event, topic)
 

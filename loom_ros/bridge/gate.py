@@ -17,7 +17,7 @@ import numpy
 
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.names import TopicPattern
-from loom_ros.bus.privacy import effective_privacy
+from loom_ros.bus.privacy import PRIVACY_METADATA_KEYS, effective_privacy
 
 UPLOAD_EMBEDDING = 'embedding'      # the policy value that lets Sensitive embeddings out
 EMBEDDING_SUFFIX = '.embedding'     # e.g. text.embedding (plugins/perception)
@@ -83,6 +83,10 @@ class PrivacyGate:
         return self.policy.policy_for(event_type).sensitive_upload
 
     def refusal(self, event: Event) -> str | None:
+        md = event.metadata
+        if (event.privacy is Privacy.PUBLIC and type(md) is dict
+                and md.keys().isdisjoint(PRIVACY_METADATA_KEYS)):
+            return None   # the common case, decided without an enum call per event
         try:
             Privacy(event.privacy)
         except ValueError:

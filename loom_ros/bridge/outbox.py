@@ -31,7 +31,7 @@ class Outbox:
         return len(self.items)
 
     def holds(self, key: str) -> bool:
-        return self.per_key[key] > 0
+        return self.per_key.get(key, 0) > 0   # get: a missing key costs no Counter.__missing__
 
     def add(self, item: Pending) -> Pending | None:
         """Queue `item`; returns the oldest sample dropped to make room, if any."""

@@ -625,15 +625,15 @@ class EventBus:
         bus_id, first_seq, events = decoded
         self._account(endpoint, bus_id, first_seq, len(events))
         limit = self.max_payload_bytes
+        valid = []
         for event in events:
             try:
-                event.validate(limit)
+                valid.append(event.validate(limit))
             except EventRejected as exc:
                 self.stats.reject(exc.reason)
                 if self._may_log('reject'):
                     self.logger.warning(f'dropped an event on {endpoint.topic}: {exc}')
-                continue
-            _dispatch(endpoint, event)
+        _dispatch_all(endpoint, valid)
 
     def _account(self, endpoint: _Endpoint, bus_id: int, first_seq: int, count: int) -> None:
         """Count gaps in a publisher's sequence numbers as lost events; a gap wider than
@@ -748,11 +748,16 @@ class EventBus:
 def _dispatch(endpoint: _Endpoint, event: Event) -> None:
     """Hand an event to an endpoint's subscriptions. Re-entrant publishes (a callback that
     publishes) are queued and run after the current delivery, so order holds and stacks stay flat."""
+    _dispatch_all(endpoint, (event,))
+
+
+def _dispatch_all(endpoint: _Endpoint, events) -> None:
+    """_dispatch for each of `events` in order (a received batch: one queue for all of them)."""
     pending = getattr(_DISPATCH, 'pending', None)
     if pending is not None:
-        pending.append((endpoint, event))
+        pending.extend([(endpoint, event) for event in events])
         return
-    _DISPATCH.pending = pending = [(endpoint, event)]
+    _DISPATCH.pending = pending = [(endpoint, event) for event in events]
     try:
         i = 0
         while i < len(pending):

@@ -103,9 +103,11 @@ def encode_event(event: Event, bus_id: int, seq: int, pos: int = EVENT_POS) -> b
         parts.append(pad_of[pad] + data)
         end += pad + len(data)
     payload = event.payload
+    if type(payload) is not bytes:   # a bytearray or memoryview validate() let through
+        payload = bytes(payload)
     pad = -end % 4
     parts.append(pad_of[pad] + _U32(len(payload)))
-    parts.append(payload if type(payload) is bytes else bytes(payload))
+    parts.append(payload)
     end += pad + 4 + len(payload)
     tags = event.tags
     pad = -end % 4

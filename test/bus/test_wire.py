@@ -106,7 +106,7 @@ def test_a_lone_surrogate_is_refused_counted_and_leaves_no_gap(ros, bus):
     ros.executor.add_node(node)
     got = []
     try:
-        for topic, level, kind in (('wire.surrogate', 'realtime', EventMsg),
+        for topic, level, kind in (('wire.surrogate', 'background', EventMsg),
                                    ('wire.surrogate_batched', 'batched', EventBatch)):
             node.create_subscription(kind, to_ros_topic(topic), lambda data, k=kind:
                                      got.append((k, data)), to_qos_profile(level), raw=True)
@@ -185,3 +185,34 @@ def test_bus_counts_a_malformed_batch_and_keeps_delivering(ros, bus):
         assert bus.stats.rejected[RejectReason.BAD_FIELD.value] == 1
     finally:
         node.destroy_node()
+
+
+@pytest.mark.parametrize('writer_cdr, reader_raw', [(True, False), (False, True)])
+def test_wire_paths_and_rclpy_paths_understand_each_other(ros, writer_cdr, reader_raw):
+    """A bus writing wire.py's bytes and one reading with rclpy's deserializer (bus.raw_batches
+    false), and a bus on rclpy's message path (what it falls back to when its check of wire.py
+    fails) read by wire.py: the same events either way, as Event and as EventBatch."""
+    from loom_ros.bus.bus import EventBus
+    writer = EventBus(ros.node, intra_process=False)
+    reader = EventBus(ros.node, intra_process=False, raw_batches=reader_raw)
+    assert writer._cdr   # wire.py's bytes pass the check against rclpy here
+    writer._cdr = writer_cdr
+    got = []
+    prefix = f'wire.paths{int(writer_cdr)}'   # its own topics: Background keeps history
+    try:
+        sent = [Event(type='t', id=f'{level}-{i}', payload=bytes([i]) * i, tags=['a', 'bc'],
+                      metadata={'k': 'v' * i}, confidence=0.5, priority=-i, frame_id='f')
+                for level in ('background', 'batched') for i in range(1, 4)]
+        for level in ('background', 'batched'):   # both reliable: no loss to allow for
+            reader.subscribe(f'{prefix}.{level}', lambda e, t: got.append(e), level)
+            pub = writer.publisher_for(f'{prefix}.{level}', level)
+            ros.wait_for(lambda: pub.get_subscription_count() >= 1, f'{level} to match')
+        for event in sent:
+            level = event.id.split('-')[0]
+            writer.publish(f'{prefix}.{level}', event, level)
+        writer.flush()
+        ros.wait_for(lambda: len(got) == len(sent), 'every event')
+        assert sorted(got, key=lambda e: e.id) == sorted(sent, key=lambda e: e.id)
+    finally:
+        writer.destroy()
+        reader.destroy()
