@@ -31,6 +31,14 @@ os.environ.setdefault('ROS_DOMAIN_ID', str(150 + os.getpid() % 50))
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 
 from bus_bench import machine, summarize  # noqa: E402
+from loom_ros.bus.qos import fastdds_environment  # noqa: E402
+from loom_ros.config.params import config_dir  # noqa: E402
+
+# What every Loom process runs with (bring-up sets it): Fast DDS with Loom's profile (a 16 MB
+# shared-memory segment, a 4096-deep port queue). With the builtin 512 KB segment a best-effort
+# burst of 10,000 events lost a third of them in DDS, before any reader could take them. This
+# process and the bridge (which inherits the environment) both use it.
+os.environ.update(fastdds_environment(os.environ, config_dir()))
 
 STAMP = 'bench.t_ns'
 PAYLOAD = b'x' * 100
@@ -81,35 +89,70 @@ def wait(cond, limit=30.0, spin=None):
     return cond()
 
 
-def measure(publish, sink, spin, n_burst, n_paced, rate_hz):
-    """Throughput of a burst, then latency at a paced rate."""
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) a process has used: this one when `pid` is None."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+# A burst that lost events is over when nothing more arrived for this long.
+QUIET_S = 2.0
+
+
+def measure(publish, sink, spin, idle, n_burst, n_paced, rate_hz, cpu_of: dict):
+    """Throughput of a burst, and each process's CPU time per event until the burst's last
+    event arrived (comparable even when other work shares the machine), then latency at a paced
+    rate. `spin` runs between publishes and must not block; `idle(limit_s)` runs while waiting
+    and may block up to limit_s, so a waiting publisher leaves the CPU to the processes it waits
+    for."""
     from loom_ros.bus.event import Event
     base = sink.count
+
+    def cpu_now():
+        return {name: cpu_seconds(pid) for name, pid in cpu_of.items()}
+    cpu0 = cpu_now()
     t0 = time.monotonic_ns()
     for i in range(n_burst):
         publish(Event(type='b', payload=PAYLOAD, metadata={STAMP: str(time.monotonic_ns())}))
         if i % 200 == 0:
             spin()
-    wait(lambda: sink.count - base >= n_burst, 20.0, spin)
+    seen, cpu1, changed_at = None, cpu0, time.monotonic()
+    deadline = changed_at + 20.0
+    while sink.count - base < n_burst and time.monotonic() < deadline:
+        if sink.count != seen:   # CPU read as events arrive, so idle time after the last is not
+            seen, cpu1, changed_at = sink.count, cpu_now(), time.monotonic()
+        elif time.monotonic() - changed_at > QUIET_S:
+            break                # the rest was lost
+        idle(0.005)
     got = sink.count - base
+    if got >= n_burst:
+        cpu1 = cpu_now()
     elapsed = max(1e-9, (sink.last - t0) / 1e9)
+    cpu_us = {name: round((cpu1[name] - cpu0[name]) / max(got, 1) * 1e6, 1) for name in cpu_of}
     sink.record, sink.lat_us = True, []
     period = 1.0 / rate_hz
     next_t = time.monotonic()
     for _ in range(n_paced):
         publish(Event(type='b', payload=PAYLOAD, metadata={STAMP: str(time.monotonic_ns())}))
         next_t += period
-        while time.monotonic() < next_t:
-            spin()
-    wait(lambda: len(sink.lat_us) >= n_paced, 10.0, spin)
+        while (left := next_t - time.monotonic()) > 0:
+            idle(left)
+    wait(lambda: len(sink.lat_us) >= n_paced, 10.0, lambda: idle(0.005))
     sink.record = False
     return {'burst_sent': n_burst, 'burst_received': got,
-            'events_per_s': round(got / elapsed, 1), 'latency': summarize(sink.lat_us)}
+            'events_per_s': round(got / elapsed, 1), 'cpu_us_per_event': cpu_us,
+            'latency': summarize(sink.lat_us)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument('--quick', action='store_true')
+    parser.add_argument('--only', choices=('tls', 'tcp'),
+                        help='one transport, printed only (for profiling; writes no results)')
+    parser.add_argument('--no-cloud', action='store_true',
+                        help='skip the cloud round trips (printed only; writes no results)')
     args = parser.parse_args()
     n_burst, n_paced, n_rt = (2000, 500, 100) if args.quick else (10000, 2000, 500)
 
@@ -123,7 +166,25 @@ def main() -> None:
                                     'bench_tool': 'operator'})
     results = {'machine': machine(), 'note': os.environ.get('LOOM_BENCH_NOTE', 'taken with nothing else running'), 'counts': {
                    'burst': n_burst, 'paced': n_paced, 'round_trips': n_rt}}
+    # The Zenoh subscriber counting arrivals lives in this process, beside the publisher: its
+    # callbacks need the GIL, which a publishing loop hands over only every switch interval
+    # (5 ms by default). Raw puts release it inside Zenoh; the bus publisher holds it, so its
+    # subscriber fell behind and the router dropped Realtime samples addressed to this process
+    # (the bridge had sent them). 0.5 ms, for both paths.
+    sys.setswitchinterval(0.0005)
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    if args.only or args.no_cloud:   # a partial run: printed, never written as results
+        for transport in (args.only,) if args.only else ('tls', 'tcp'):
+            part = run(transport, fleet, ids, tmp, n_burst, n_paced, n_rt, not args.no_cloud)
+            for level in ('batched', 'realtime'):
+                b, r = part[f'bridge_{level}'], part[f'raw_zenoh_{level}']
+                print(f"{transport} {level}: bridge {b['events_per_s']} ev/s "
+                      f"({b['burst_received']}/{b['burst_sent']}, cpu us/event "
+                      f"{b['cpu_us_per_event']}), raw {r['events_per_s']} "
+                      f"({r['burst_received']}/{r['burst_sent']}, {r['cpu_us_per_event']}), "
+                      f"ratio {b['events_per_s'] / max(r['events_per_s'], 1e-9):.3f}")
+        rclpy.try_shutdown()
+        return
     for transport in ('tls', 'tcp'):
         results[transport] = run(transport, fleet, ids, tmp, n_burst, n_paced, n_rt)
     rclpy.try_shutdown()
@@ -151,7 +212,7 @@ ROUND_TRIPS = ('cloud_intent', 'cloud_embed', 'raw_zenoh_get')
 
 
 def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced: int,
-        n_rt: int) -> dict:
+        n_rt: int, cloud: bool = True) -> dict:
     """Router, bridge and cloud processes over `transport` (tls: mutual TLS and access control;
     tcp: --insecure), then every measurement; the processes are stopped before it returns."""
     import yaml
@@ -186,8 +247,9 @@ def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced
     cloud_config = yaml.safe_load((config_dir() / 'cloud.yaml').read_text())
     cloud_config.setdefault('limits', {}).update(rate_per_s=1e6, burst=1e6)
     (tmp / 'cloud.yaml').write_text(yaml.safe_dump(cloud_config))
-    procs.append(start(['-m', 'loom_ros.cloud.server', '--connect', ep, *flags,
-                        '--config', str(tmp / 'cloud.yaml')]))
+    if cloud:
+        procs.append(start(['-m', 'loom_ros.cloud.server', '--connect', ep, *flags,
+                            '--config', str(tmp / 'cloud.yaml')]))
     results: dict = {'transport': transport}
     node = sub_s = pub_s = None
     try:
@@ -198,6 +260,10 @@ def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced
         bus = EventBus(node, topic_qos=TopicQosTable(defaults['bus.topic_qos'],
                                                      defaults['bus.default_qos']))
         spin = lambda: executor.spin_once(timeout_sec=0.0)  # noqa: E731
+        # Waiting, the bus side blocks in the executor (as a robot app does; it returns as soon
+        # as a callback ran), as the raw side sleeps: a busy wait here took a core from the
+        # bridge it waits for.
+        idle = lambda limit_s: executor.spin_once(timeout_sec=limit_s)  # noqa: E731
         sub_s = zenoh.open(session_config('client', [ep], identity=identity))
         pub_s = zenoh.open(session_config('client', [ep], identity=identity))
 
@@ -210,21 +276,25 @@ def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced
             from loom_ros.bus.event import Event
             warm = lambda: bus.publish(topic, Event(type='w', metadata={STAMP: '0'}))  # noqa
             wait(lambda: sink.count > 0, 30.0, lambda: (warm(), spin(), time.sleep(0.01)))
-            through = measure(lambda e: bus.publish(topic, e), sink, spin, n_burst, n_paced, 1000)
+            cpu_of = {'bench': None, 'bridge': procs[1].pid, 'router': procs[0].pid}
+            through = measure(lambda e: bus.publish(topic, e), sink, spin, idle, n_burst,
+                              n_paced, 1000, cpu_of)
             raw_sink = Sink(sub_s, f'loom/raw/{level}')
             raw_pub = pub_s.declare_publisher(f'loom/raw/{level}', **to_zenoh_options(level))
             wait(lambda: raw_pub.matching_status.matching, 10.0)
             print(f'{transport} {level}: raw', file=sys.stderr, flush=True)
             # The raw publisher paces with short sleeps: a bare busy loop would hold the GIL the
             # Zenoh callback threads need (the bus side releases it inside rclpy's spin_once).
-            raw = measure(lambda e: raw_pub.put(codec.encode(e)), raw_sink,
-                          lambda: time.sleep(0.0001),
-                          n_burst, n_paced, 1000)
+            raw_spin = lambda: time.sleep(0.0001)  # noqa: E731
+            raw = measure(lambda e: raw_pub.put(codec.encode(e)), raw_sink, raw_spin,
+                          lambda limit_s: raw_spin(), n_burst, n_paced, 1000, cpu_of)
             print(f'{transport} {level}: through the bridge {through}', file=sys.stderr,
                   flush=True)
             results[f'bridge_{level}'] = through
             results[f'raw_zenoh_{level}'] = raw
 
+        if not cloud:
+            return results
         # Cloud round trip vs a raw get answered by a bare queryable (same router, same sizes).
         client = CloudClient.from_keys(pub_s, fleet, 'bench_tool')
         echo = sub_s.declare_queryable('loom/raw/echo', lambda q: q.reply(q.key_expr, q.payload))
@@ -285,10 +355,17 @@ def render(r: dict) -> str:
              'Through the bridge: this process publishes on the robot bus (DDS) -> bridge process '
              '-> Zenoh router process -> a Zenoh subscriber here. Raw: Zenoh put -> router -> '
              'subscriber, same encoded events and QoS, one sample per event as a robot app '
-             'would put them; the bridge sends a Batched topic\'s events as one sample per batch '
-             '(codec version 2; Realtime one per event), and its DDS reader is 10000 deep, so the '
-             'whole burst passes through this process\'s bus publish (DDS), which raw Zenoh '
-             'skips. Latency at 1000 events/s, microseconds. '
+             'would put them. So the bridge path does more work per event than raw Zenoh: this '
+             'process validates each event and writes it to DDS (CDR bytes, in EventBatches of '
+             '100 on the Batched topic), and the bridge process takes it from DDS, checks it '
+             'again, runs the privacy gate and re-encodes it for Zenoh; on a 2-core machine that '
+             'is three busy processes against raw\'s two. The bridge sends a Batched topic\'s '
+             'events as one sample per batch (codec version 2; Realtime one per event, express). '
+             'Both sides use what a Loom process runs with: Fast DDS with config/fastdds.xml '
+             '(bring-up sets it), the bridge\'s DDS readers 10000 deep. While waiting, this '
+             'process blocks (the bus side in the executor, raw in short sleeps) and it hands the '
+             'GIL over every 0.5 ms, so the Zenoh subscriber here keeps up on both paths. '
+             'Latency at 1000 events/s, microseconds. '
              'TLS: mutual TLS with the router\'s access control (the default); TCP: --insecure. '
              'Both in the same run, TLS first.', '',
              '| path | burst sent | received TLS | received TCP | events/s TLS | events/s TCP | '
@@ -304,6 +381,15 @@ def render(r: dict) -> str:
         lines += ['', f'Ratios bridge / raw over {label}: ' + '; '.join(
             f"{lv}: throughput {x[f'ratio_{lv}']['throughput']}, P50 latency "
             f"{x[f'ratio_{lv}']['p50_latency']}" for lv in ('batched', 'realtime')) + '.']
+    lines += ['', 'CPU time per delivered event in the burst, microseconds (user + system, every '
+              'thread, until the last event arrived; comparable across runs on a shared machine, '
+              'unlike events/s):', '',
+              '| path | this process TLS | bridge TLS | router TLS | this process TCP | bridge TCP '
+              '| router TCP |', '| --- | --- | --- | --- | --- | --- | --- |']
+    for name in PATHS:
+        a, b = tls[name]['cpu_us_per_event'], tcp[name]['cpu_us_per_event']
+        lines.append(f"| {name} | {a['bench']} | {a['bridge']} | {a['router']} | {b['bench']} | "
+                     f"{b['bridge']} | {b['router']} |")
     lines += ['', 'Batched events wait up to bus.batch_max_age_ms (10 ms) for their EventBatch on '
               'the DDS hop.', '',
               '| round trip | P50 TLS | P50 TCP | P99 TLS | P99 TCP | calls |',

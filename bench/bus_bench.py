@@ -427,6 +427,7 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = ['# Event bus benchmark', '',
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; {m['os']}; "
              f"Python {m['python']}, rclpy {m['rclpy']}, {m['rmw']}, {m['executor']}; {m['date']}.",
+             '', f"**{results.get('note', 'load not recorded')}.**",
              '', 'Loom vs raw rclpy publishing the same loom_msgs/Event content (100-byte payload)'
              ' with the same QoS profile and executor, in the same run. Ratio: Loom / raw; '
              'latency in microseconds.', '']
@@ -499,7 +500,8 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     bench = Bench()
-    results = {'machine': machine(), 'quick': args.quick}
+    results = {'machine': machine(), 'quick': args.quick,
+               'note': os.environ.get('LOOM_BENCH_NOTE', 'taken with nothing else running')}
     if 'latency' in args.parts:
         results['latency'] = run_latency(bench, args.quick)
     if 'overhead' in args.parts:
