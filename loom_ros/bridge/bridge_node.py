@@ -29,6 +29,7 @@ from loom_ros.bridge.keys import robot_key_expr
 from loom_ros.bridge.zenoh_link import (
     INSECURE_WARNING, MODES, ZenohLink, session_config, transport_check, transport_identity,
 )
+from loom_ros.bridge.zenoh_router import router_access_control
 from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import EventRejected
 from loom_ros.bus.executor import run_lifecycle_node
@@ -157,8 +158,8 @@ class ZenohBridgeNode(LifecycleNode):
                 raise ValueError(f"{SECTION}.mode must be peer or client, got {p['mode']!r}")
             identity = transport_identity(p['insecure'], p['keys_dir'],
                                           p['identity'] or config.robot_id)
-            session_config(p['mode'], p['connect'], p['listen'], p['multicast_scouting'],
-                           identity=identity)
+            make_config = self._session_config_maker(p, identity)
+            make_config()   # a bad endpoint or fleet is refused here, with its reason
             policy = load_policy(p['policy_file'] or config_dir() / 'policy.yaml')
             audit = usable_file(p['audit_file'], f'{SECTION}.audit_file') if p['audit_file'] \
                 else None
@@ -173,10 +174,7 @@ class ZenohBridgeNode(LifecycleNode):
         if audit is not None:
             self._audit = open(audit, 'a', encoding='utf-8')
         self._wake = self.create_timer(SERVICE_PERIOD_S, self._service)
-        self.link = ZenohLink(
-            lambda: session_config(p['mode'], p['connect'], p['listen'], p['multicast_scouting'],
-                                   identity=identity),
-            logger=self.get_logger())
+        self.link = ZenohLink(make_config, logger=self.get_logger())
         if identity is None:
             self.get_logger().warning(INSECURE_WARNING)
         self.bus.telemetry.add_check('transport security', lambda: transport_check(identity))
@@ -222,6 +220,20 @@ class ZenohBridgeNode(LifecycleNode):
             return ca_pem, sealed.recipient_key(pem)
         except (OSError, keys.CredentialsError) as exc:
             raise ValueError(f'{SECTION}.cloud_cert {cert}: {exc}') from None
+
+    @staticmethod
+    def _session_config_maker(p: dict, identity):
+        """The session config, re-made on every (re)open. A secure peer enforces the fleet's
+        access rules on its own links, as the router does (Zenoh applies access_control on any
+        node's unicast links), read from the keys folder each time so new robots count."""
+        def make():
+            rules = None
+            if p['mode'] == 'peer' and identity is not None:
+                rules, _ = router_access_control(p['keys_dir'])
+            return session_config(p['mode'], p['connect'], p['listen'],
+                                  p['multicast_scouting'], identity=identity,
+                                  access_control=rules)
+        return make
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         allow = [r.text for r in self.bridge.config.rules.out.allow]

@@ -61,7 +61,8 @@ def zenoh_router(spawn, zenoh_keys, tmp_path):
     (TLS, mutual authentication, access control from zenoh_keys and the `fleet` file's dict;
     plain TCP with secure=False) and waits until it listens."""
     def start(port: int, secure: bool = True, fleet: dict | None = None):
-        security = ['--keys-dir', str(zenoh_keys)] if secure else ['--insecure']
+        security = ['--keys-dir', str(zenoh_keys), '--audit-db', str(tmp_path / 'router_audit.db')] \
+            if secure else ['--insecure']
         if fleet is not None:
             (tmp_path / 'fleet.yaml').write_text(yaml.safe_dump(fleet))
             security += ['--fleet', str(tmp_path / 'fleet.yaml')]

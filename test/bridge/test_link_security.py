@@ -178,14 +178,16 @@ def test_a_peer_holds_the_fleets_rules_for_its_own_links(port, zenoh_keys):
     links, so a peer given the same rules as the router (built from the keys folder) refuses
     robot2's moves on its key and still takes the operator's. (Multicast transports bypass
     zenoh's access control: Loom never enables them.)"""
-    from loom_ros.bridge.zenoh_router import router_access_control
-    rules, _ = router_access_control(zenoh_keys)
+    from loom_ros.bridge.bridge_node import ZenohBridgeNode
     endpoint = [f'tls/127.0.0.1:{port}']
 
-    def peer(name, connect=(), listen=(), access_control=None):
+    def peer(name, connect=(), listen=()):
         return zenoh.open(session_config('peer', connect, listen, identity=keys.load(
-            zenoh_keys, name), access_control=access_control))
-    robot1 = peer('robot1', listen=endpoint, access_control=rules)
+            zenoh_keys, name)))
+    # robot1 is configured the way its bridge configures a secure peer session.
+    robot1 = zenoh.open(ZenohBridgeNode._session_config_maker(
+        {'mode': 'peer', 'connect': [], 'listen': endpoint, 'multicast_scouting': False,
+         'keys_dir': str(zenoh_keys)}, keys.load(zenoh_keys, 'robot1'))())
     robot2, operator = peer('robot2', connect=endpoint), peer('tester', connect=endpoint)
     try:
         moves, marks = [], []
