@@ -52,6 +52,7 @@ from loom_ros.bringup.processes import Process, RestartPolicy, Supervised
 from loom_ros.config.params import (
     AGENT_SECTION, DEFAULTS_FILE, check_params_file, config_dir, node_defaults, node_section,
 )
+from loom_ros.config.paths import usable_dir
 from loom_ros.security import keys
 
 AGENT_HOST = 'agent_host_0'
@@ -536,6 +537,9 @@ def main_with(args, ros_args: list[str]) -> int:
         try:
             check_params_file(params_file)   # a typo'd key or node section: refused up front
             robot_name = robot_id(params_file)
+            # The agents' folder (the manager hands it to them), checked before anything starts.
+            usable_dir(node_section(params_file, table.MANAGER).get('state_dir') or
+                       node_defaults(table.MANAGER)['state_dir'], 'lifecycle_manager.state_dir')
             if not args.nodes_only:
                 local_credentials(args, robot_name)
                 if args.insecure:

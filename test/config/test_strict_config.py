@@ -320,7 +320,9 @@ def test_bringup_exits_at_once_for_an_unusable_state_dir(tmp_path, invalid_dir):
     # The manager hands its state_dir to the agents it starts.
     params = _params(tmp_path, lambda d, s: s['lifecycle_manager'].update(
         state_dir=str(invalid_dir)))
-    _refused(_bringup(params, '--no-bridge'), 'agent counter', str(invalid_dir), 'not a folder')
+    # Checked by bring-up before anything starts (it is where the manager puts the agents).
+    _refused(_bringup(params, '--no-bridge'), 'lifecycle_manager.state_dir', str(invalid_dir),
+             'not a folder')
 
 
 def test_bringup_exits_with_the_path_of_a_corrupt_model(tmp_path):
