@@ -2,9 +2,10 @@
 sensor_msgs/Image against Loom's bus (a `camera.front` event, Realtime QoS from config/loom.yaml),
 measured in the same run, under each Fast DDS transport option tried.
 
-    python bench/camera_bench.py               # every option, 300 frames per case (~4 minutes)
-    python bench/camera_bench.py --quick       # 90 frames per case, the two main options
-    python bench/camera_bench.py --options builtin,loom --modes 30hz --frames 300
+    python bench/camera_bench.py               # every option, 3 rounds of 300 frames (long)
+    python bench/camera_bench.py --quick       # 90 frames per case, builtin vs loom, 1 round
+    python bench/camera_bench.py --options builtin,loom --modes 30hz --kinds raw,loom,service \
+        --frames 150 --rounds 1 --ranges SUBNET --append    # what bench/results/camera.md ran
 
 Transport options (each sets the environment of both processes, as bring-up would):
 - builtin:     Fast DDS's builtin transports (UDPv4 + shared memory with a 512 KB segment),
@@ -13,6 +14,8 @@ Transport options (each sets the environment of both processes, as bring-up woul
 - shm:<bytes>: the same profile with another segment size (e.g. shm:2097152);
 - udp:         UDPv4 only (what a frame meets crossing hosts, here on loopback);
 - large_data:  FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA (shared memory + TCP, UDP for discovery).
+Kinds: `raw` (rclpy Image), `loom` (a camera.front event on Loom's bus), `service` (the face flow's
+plugin call across processes: a HandleEvent request carrying the frame event, a small answer).
 Modes: `30hz` (a camera) and `max` (back to back: how fast the path drains).
 QoS: `realtime` is Loom's Realtime row (best effort, keep last 10) for both raw and Loom;
 `reliable` (raw only) is the same with RELIABLE, for comparison.
@@ -542,7 +545,7 @@ def main() -> None:
     parser.add_argument('--quick', action='store_true')
     parser.add_argument('--options', default=None)
     parser.add_argument('--modes', default='30hz,max')
-    parser.add_argument('--kinds', default='raw,loom')
+    parser.add_argument('--kinds', default='raw,loom,service')
     parser.add_argument('--reliable', action='store_true',
                         help='also raw Image with RELIABLE QoS')
     parser.add_argument('--ranges', default='SUBNET,LOCALHOST',
@@ -561,7 +564,7 @@ def main() -> None:
         return run_subscriber(args.kind, args.qos, args.frames)
     frames = args.frames or (90 if args.quick else 300)
     options = (args.options or ('builtin,loom' if args.quick else
-                                'builtin,shm:2097152,loom,udp,large_data')).split(',')
+                                'builtin,shm:1048576,loom,udp,large_data')).split(',')
     rounds = args.rounds or (1 if args.quick else 3)
     runs = []
     domain = 200 + os.getpid() % 30   # away from the tests' 100-199
