@@ -16,6 +16,7 @@ C++ components only), so this starts the one process `loom bringup --composition
 which builds the same table's nodes there, each on its own executor thread.
 Uses only launch / launch_ros APIs present in Jazzy and Kilted.
 """
+import os
 import tempfile
 
 from launch import LaunchDescription
@@ -62,6 +63,8 @@ def robot_actions(context):
         args += [] if _true(value['autostart']) else ['--no-autostart']
         # No name/namespace here: a __node remap would rename every node of the process.
         return [Node(package='loom', executable='loom', output='screen', arguments=args,
+                     additional_env=table.env_additions(table.by_name(table.MANAGER),
+                                                        os.environ),
                      # bring-up stops the manager, then the rest, each within STOP_TIMEOUT_S
                      sigterm_timeout=str(3 * table.STOP_TIMEOUT_S),
                      ros_arguments=['--log-level', log_level, '-p',
@@ -81,7 +84,8 @@ def robot_actions(context):
             package='loom', executable=node.executable, name=node.name, namespace=ns,
             output='screen', respawn=node.respawn, respawn_delay=RESPAWN_DELAY_S,
             sigterm_timeout=str(table.STOP_TIMEOUT_S),
-            parameters=[robot_file, params], additional_env=table.node_env(node, {}),
+            parameters=[robot_file, params],
+            additional_env=table.env_additions(node, os.environ),
             arguments=['--ros-args', '--log-level', log_level]))
     return actions
 

@@ -16,6 +16,9 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from loom_ros.bus.qos import fastdds_environment
+from loom_ros.config.params import config_dir
+
 # Conditions a node can depend on; each is a launch argument and a `loom bringup` switch.
 CONDITIONS = ('sim_sensors', 'bridge')
 MANAGER = 'lifecycle_manager'
@@ -124,5 +127,12 @@ def node_parameters(node: LoomNode, selected: list[LoomNode], *, autostart,
 
 
 def node_env(node: LoomNode, base: Mapping[str, str]) -> dict[str, str]:
-    """The environment of a node's process: `base` plus COMMON_ENV plus the node's own."""
-    return {**base, **COMMON_ENV, **node.env}
+    """The environment of a node's process: `base`, Loom's Fast DDS profile (camera frames
+    across processes; nothing when `base` sets its own or another rmw), COMMON_ENV, the node's
+    own."""
+    return {**base, **fastdds_environment(base, config_dir()), **COMMON_ENV, **node.env}
+
+
+def env_additions(node: LoomNode, base: Mapping[str, str]) -> dict[str, str]:
+    """What node_env adds to or changes in `base` (launch's additional_env)."""
+    return {k: v for k, v in node_env(node, base).items() if base.get(k) != v}

@@ -559,6 +559,8 @@ def main_with(args, ros_args: list[str]) -> int:
             robot_file = robot_params(params_file, tmp)
             selected = _selected(args)
             ns = _namespace(args)
+            if args.composition:   # this process runs the nodes: the table's environment
+                os.environ.update(table.env_additions(table.by_name(table.MANAGER), os.environ))
             rclpy.init(args=['loom_bringup', '--ros-args', '--params-file', robot_file,
                              *(['-r', f'__ns:={ns}'] if args.composition else []),
                              *ros_args[1:]], signal_handler_options=SignalHandlerOptions.NO)

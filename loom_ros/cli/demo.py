@@ -38,6 +38,7 @@ from pathlib import Path
 import yaml
 
 from loom_ros.bringup.processes import Process
+from loom_ros.bus.qos import fastdds_environment
 from loom_ros.config.params import DEFAULTS_FILE, config_dir
 
 CAMERA_TOPIC = 'camera.front'
@@ -280,6 +281,7 @@ def run_demo(args) -> int:
     params = _params(args.params_file or str(config_dir() / DEFAULTS_FILE), out)
     env = dict(os.environ)
     env.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+    env.update(fastdds_environment(env, config_dir()))   # the monitor and recorder take frames
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     port = _free_port()
     print(f'Loom demo: both seed flows on simulated sensors for {args.duration:.0f} s '
