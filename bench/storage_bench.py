@@ -253,8 +253,8 @@ def cold(root: Path, n: int, queries: int = 200) -> dict:
             top = np.argpartition(-scores[j], 10)[:10]
             exact[j] = sorted(exact[j] + [(float(scores[j, t]), start + int(t) + 1) for t in top],
                               reverse=True)[:10]
-    params = IndexParams(train_at=20000, nlist=1024 if n >= 500000 else 256, pq_m=48, nprobe=16,
-                         rerank=10, train_sample=60000)
+    params = IndexParams(train_at=20000, nlist=1024 if n >= 500000 else 512, pq_m=48, nprobe=32,
+                         rerank=40, train_sample=60000)
     t = time.perf_counter()
     lc = Lifecycle(storage.layout, 'cold', LocalObjectStore(storage.layout.objects),
                    HashEmbedder(), index_params=params, rebuild=True)

@@ -37,26 +37,24 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run_storage)
 
 
-def _service(args, read_only: bool) -> StorageService:
+def _service(args, read_only: bool, rebuild: bool = False) -> StorageService:
     params = default_params()
     if args.root:
         params['storage.root'] = args.root
     if args.embedder:
         params['storage.embedder'] = args.embedder
-    return StorageService(settings_from_params(params, os.environ), read_only=read_only)
+    return StorageService(settings_from_params(params, os.environ), read_only=read_only,
+                          rebuild=rebuild)
 
 
 def run_storage(args) -> int:
     try:
         if args.storage_action == 'compact':
-            service = _service(args, read_only=False)
+            service = _service(args, read_only=False, rebuild=args.rebuild_index)
             try:
                 if args.rebuild_index:
-                    for unit in service.units():
-                        service.lifecycles[unit].close()
-                        service.lifecycles[unit] = service.open(unit, rebuild=True)
-                        print(f'{unit}: cold index rebuilt '
-                              f'({service.lifecycles[unit].index.ntotal} vectors)')
+                    for unit, lc in service.lifecycles.items():
+                        print(f'{unit}: cold index rebuilt ({lc.index.ntotal} vectors)')
                 for _ in range(max(1, args.rounds)):
                     report = service.run_round()
                     if not any((report.condensed, report.archived, report.deleted,

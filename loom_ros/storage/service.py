@@ -81,8 +81,10 @@ def make_embedder(name: str):
 
 
 class StorageService:
-    def __init__(self, settings: Settings, embedder=None, clock=None, read_only: bool = False):
+    def __init__(self, settings: Settings, embedder=None, clock=None, read_only: bool = False,
+                 rebuild: bool = False):
         self.settings, self.clock, self.read_only = settings, clock, read_only
+        self.rebuild = rebuild   # every cold index made anew from its rows on open
         try:
             settings.layout.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -107,7 +109,7 @@ class StorageService:
         for path in self.settings.layout.databases():
             unit = path.stem
             if unit not in self.lifecycles:
-                self.lifecycles[unit] = self.open(unit)
+                self.lifecycles[unit] = self.open(unit, self.rebuild)
 
     def open(self, unit: str, rebuild: bool = False) -> Lifecycle:
         return Lifecycle(self.settings.layout, unit, self.objects, self.embedder,
