@@ -144,6 +144,9 @@ class Watcher:
         self._frames_seen: set = set()
         self._handled_recent: collections.deque = collections.deque(maxlen=512)
         self.frames_handled = 0          # distinct camera frames that reached the UI
+        # (frames sent, frames handled) at the first camera_adapter stats after the face flow
+        # handled a frame, and at the latest: the ratio compares counts taken at the same moments.
+        self._window: list[tuple[int, int]] = []
         self.frames_sent: dict[str, int] = {}       # node -> camera.front events published
         self.frames_received: dict[str, tuple[int, int]] = {}   # node -> (received, lost)
         self.feedback_ms: list[float] = []
@@ -197,6 +200,9 @@ class Watcher:
         with self.lock:
             if sent is not None:
                 self.frames_sent[msg.node] = int(sent)
+                if self.frames_handled:   # the face agent is up: frames are the flow's now
+                    point = (sum(self.frames_sent.values()), self.frames_handled)
+                    self._window = [self._window[0], point] if self._window else [point]
             if got:
                 self.frames_received[msg.node] = (sum(g[0] for g in got), sum(g[1] for g in got))
 
@@ -255,12 +261,17 @@ class Watcher:
         """Frames sent into Loom and handled by the face flow (call with the lock held). The
         face agents are the non-demo subscribers of camera.front (the demo's monitors are not)."""
         sent = sum(self.frames_sent.values())
+        # Frames sent while the face agent was still starting are not the flow's to handle.
+        window = self._window
+        since = window[-1][0] - window[0][0] if len(window) == 2 else 0
+        handled_since = window[-1][1] - window[0][1] if len(window) == 2 else 0
         agents = {n: v for n, v in self.frames_received.items() if 'agent' in n.rsplit('/', 1)[-1]}
         received = sum(v[0] for v in agents.values())
         return {'frames_sent': sent, 'frames_received_by_agents': received,
                 'frames_lost_before_agents': sum(v[1] for v in agents.values()),
                 'frames_handled': self.frames_handled,
-                'handled_ratio': round(self.frames_handled / sent, 3) if sent else None,
+                'window_frames_sent': since, 'window_frames_handled': handled_since,
+                'handled_ratio': round(handled_since / since, 3) if since > 0 else None,
                 'note': 'sent and received as of the last loom/bus/stats (1 s period)'}
 
     def close(self) -> None:
@@ -403,7 +414,8 @@ def _print_summary(s: dict, out: Path) -> None:
     print(f'  Camera frames: {cam["frames_sent"]} sent into Loom, {cam["frames_received_by_agents"]} '
           f'received by the face agent ({cam["frames_lost_before_agents"]} lost), '
           f'{cam["frames_handled"]} handled by the face flow'
-          + (f' ({100 * cam["handled_ratio"]:.0f}%)' if cam['handled_ratio'] is not None else ''))
+          + (f'; once it was up, {cam["window_frames_handled"]} of {cam["window_frames_sent"]} '
+             f'({100 * cam["handled_ratio"]:.0f}%)' if cam['handled_ratio'] is not None else ''))
     print(f'  routes {s["routes"]}')
     for who, reason in sorted(s['route_reasons'].items()):
         print(f'    {who}: {reason}')
