@@ -359,8 +359,8 @@ def main() -> int:
     return 0
 
 
-def _ms(values) -> str:
-    return ' / '.join(f'{v:.1f}' for v in values) + ' ms'
+def _ms(values, digits: int = 1) -> str:
+    return ' / '.join(f'{v:.{digits}f}' for v in values) + ' ms'
 
 
 def report(info: dict) -> str:
@@ -378,7 +378,7 @@ def report(info: dict) -> str:
                   f'| raw SQLite, executemany in one transaction | {raw:,.0f} | 1.00x | {raw_cpu:,.0f} | 1.00x | - |',
                   f'| raw SQLite, one transaction per row | {t["raw_txn_per_row_per_s"]:,.0f} | '
                   f'{t["raw_txn_per_row_per_s"] / raw:.2f}x | - | - | '
-                  + _ms([v / 1000 for v in t['raw_txn_per_row_latency_us']]) + ' |']
+                  + _ms([v / 1000 for v in t['raw_txn_per_row_latency_us']], 3) + ' |']
         for key, label in (('layer_episodes_premasked', 'layer: episodes, payload pre-masked'),
                            ('layer_episodes_masked', 'layer: episodes (secrets masked per event)'),
                            ('layer_state_plus_episode', 'layer: agent state + episode per event')):
