@@ -57,6 +57,7 @@ from loom_ros.security import keys
 
 AGENT_HOST = 'agent_host_0'
 CONFIGURE_FAILED = 'cannot configure:'   # what every Loom lifecycle node logs when it refuses
+ASK_TIMEOUT_S = 3.0   # a readiness question unanswered this long is asked again
 
 
 def add_parser(sub) -> None:
@@ -371,8 +372,13 @@ class Readiness:
     def check(self) -> bool:
         """Ask again (answers come on the spin thread); True once everything said active."""
         GetState, Trigger = self._types
-        for name, future in list(self._pending.items()):
+        now = time.monotonic()
+        for name, (future, client, asked) in list(self._pending.items()):
             if not future.done():
+                # A dead predecessor's service lingers in discovery and never answers: ask again.
+                if now - asked > ASK_TIMEOUT_S:
+                    client.remove_pending_request(future)
+                    del self._pending[name]
                 continue
             del self._pending[name]
             result = future.result()
@@ -386,7 +392,7 @@ class Readiness:
         for name, client in [*self.clients.items(), (table.MANAGER, self.manager)]:
             if name not in self._pending and client.service_is_ready():
                 request = Trigger.Request() if name == table.MANAGER else GetState.Request()
-                self._pending[name] = client.call_async(request)
+                self._pending[name] = (client.call_async(request), client, now)
         if not self.autostart:   # up and answering is all there is until ~/startup
             return all(n in self.states for n in self.clients) and bool(self.manager_says)
         return all(self.states.get(n) == 'active' for n in self.clients) and \
