@@ -14,6 +14,7 @@ import sqlite_utils
 
 from loom_ros.agents.embedding import DIM
 from loom_ros.bus.event import Event
+from loom_ros.storage.stores import episodes_sql
 from loom_ros.telemetry.logs import mask_text
 
 MAX_PAYLOAD_BYTES = 4096   # of an event's payload kept in its episode
@@ -54,21 +55,8 @@ class EpisodicMemory:
 
     def query(self, start_ms: int = 0, end_ms: int = 2**63 - 1, type: str = '',
               source: str = '', tag: str = '', limit: int = 100) -> list[dict]:
-        where = ['agent_id = :a', 'time_ms >= :s', 'time_ms <= :e']
-        args = {'a': self.agent_id, 's': start_ms, 'e': end_ms, 'limit': limit}
-        if type:
-            where.append('type = :type')
-            args['type'] = type
-        if source:
-            where.append('source = :source')
-            args['source'] = source
-        if tag:
-            where.append('exists (select 1 from json_each(tags) where value = :tag)')
-            args['tag'] = tag
-        rows = self.db.query(f'select event_id, time_ms, type, source, tags, payload from '
-                             f'episodes where {" and ".join(where)} order by time_ms, rowid '
-                             f'limit :limit', args)
-        return [{**r, 'tags': json.loads(r['tags'])} for r in rows]
+        sql, args = episodes_sql(self.agent_id, start_ms, end_ms, type, source, tag, limit=limit)
+        return [{**r, 'tags': json.loads(r['tags'])} for r in self.db.query(sql, args)]
 
 
 class SemanticMemory:

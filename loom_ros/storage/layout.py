@@ -33,6 +33,18 @@ class StorageLayout:
             raise StorageError('storage.root: empty path')
         return cls(Path(os.path.expanduser(str(root))).absolute())
 
+    @classmethod
+    def of_plugin_data(cls, data_dir: str | os.PathLike) -> 'StorageLayout | None':
+        """The layout a plugin's data folder belongs to (`<root>/plugins/<name>`, what the plugin
+        host hands a plugin), so a tool finds the agents' memory under the same root the host
+        and the agents were given; None when the folder is not laid out that way."""
+        if not str(data_dir):
+            return None
+        folder = Path(os.path.expanduser(str(data_dir))).absolute()
+        if folder.parent.name != 'plugins' or folder.parent.parent == folder.parent:
+            return None
+        return cls(folder.parent.parent)
+
     # One SQLite database per writing process (its `unit`): see docs/storage.md for why.
     def database(self, unit: str) -> Path:
         return self.root / 'db' / f'{check_name(unit, "storage unit")}.db'

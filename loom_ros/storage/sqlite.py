@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
+from urllib.parse import quote
 
 from loom_ros.storage.errors import CorruptRecordError, StorageError
 
@@ -27,7 +28,7 @@ def open_database(path: str | os.PathLike, *, read_only: bool = False, synchrono
         if read_only:
             if not path.is_file():
                 raise StorageError(f'{path}: no such database')
-            conn = sqlite3.connect(f'file:{path}?mode=ro', uri=True, isolation_level=None,
+            conn = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None,
                                    check_same_thread=False)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +66,12 @@ def open_database(path: str | os.PathLike, *, read_only: bool = False, synchrono
     return conn
 
 
+def read_only_uri(path: str | os.PathLike) -> str:
+    """An SQLite URI that opens `path` read-only: writes fail in SQLite itself, whatever the SQL
+    says ('?' or '#' in a path are quoted, not read as URI syntax)."""
+    return f'file:{quote(os.path.abspath(os.path.expanduser(str(path))))}?mode=ro'
+
+
 def set_max_bytes(conn: sqlite3.Connection, max_bytes: int) -> None:
     """Cap the main database file at about `max_bytes` (never below what it holds already)."""
     page = conn.execute('PRAGMA page_size').fetchone()[0]
@@ -84,7 +91,7 @@ def file_bytes(path: str | os.PathLike) -> int:
 
 def integrity_ok(path: str | os.PathLike) -> str:
     """'ok' or the first problem PRAGMA integrity_check reports."""
-    conn = sqlite3.connect(f'file:{path}?mode=ro', uri=True)
+    conn = sqlite3.connect(read_only_uri(path), uri=True)
     try:
         return conn.execute('PRAGMA integrity_check(1)').fetchone()[0]
     finally:

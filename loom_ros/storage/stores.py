@@ -168,19 +168,51 @@ class EpisodeStore:
 
     def query(self, agent_id: str = '', start_ms: int = 0, end_ms: int = 2**63 - 1,
               type: str = '', source: str = '', tag: str = '', limit: int = 100) -> list[dict]:
-        where, args = ['time_ms >= :s', 'time_ms <= :e'], {'s': int(start_ms), 'e': int(end_ms),
-                                                           'limit': max(0, int(limit))}
-        for column, value in (('agent_id', agent_id), ('type', type), ('source', source)):
-            if value:
-                where.append(f'{column} = :{column}')
-                args[column] = value
-        if tag:
-            where.append('exists (select 1 from json_each(tags) where value = :tag)')
-            args['tag'] = tag
-        rows = self.storage.query(
-            f'select agent_id, event_id, time_ms, type, source, tags, payload from episodes '
-            f'where {" and ".join(where)} order by time_ms, id limit :limit', args)
-        return [{**dict(r), 'tags': json.loads(r['tags'])} for r in rows]
+        sql, args = episodes_sql(agent_id, start_ms, end_ms, type, source, tag, limit=limit,
+                                 columns=('agent_id',) + EPISODE_COLUMNS)
+        return [{**dict(r), 'tags': json.loads(r['tags'])} for r in self.storage.query(sql, args)]
+
+
+EPISODE_COLUMNS = ('event_id', 'time_ms', 'type', 'source', 'tags', 'payload')
+FACT_COLUMNS = ('id', 'subject', 'relation', 'object', 'provenance', 'time_ms')
+
+
+def episodes_sql(agent_id: str = '', start_ms: int = 0, end_ms: int = 2**63 - 1, type: str = '',
+                 source: str = '', tag: str = '', text: str = '', limit: int = 100,
+                 columns: tuple = EPISODE_COLUMNS) -> tuple[str, dict]:
+    """The one episode query (time range, type, source, tag, text in the payload), in time
+    order, for every file that holds episodes (the unit databases and the agents' own files)."""
+    where, args = ['time_ms >= :s', 'time_ms <= :e'], {'s': int(start_ms), 'e': int(end_ms),
+                                                       'limit': max(0, int(limit))}
+    for column, value in (('agent_id', agent_id), ('type', type), ('source', source)):
+        if value:
+            where.append(f'{column} = :{column}')
+            args[column] = value
+    if tag:
+        where.append('exists (select 1 from json_each(tags) where value = :tag)')
+        args['tag'] = tag
+    if text:
+        where.append('instr(lower(payload), lower(:text)) > 0')
+        args['text'] = text
+    return (f'select {", ".join(columns)} from episodes where {" and ".join(where)} '
+            f'order by time_ms, rowid limit :limit', args)
+
+
+def facts_sql(agent_id: str, entity: str = '', relation: str = '', text: str = '',
+              limit: int = 100) -> tuple[str, dict]:
+    """The one fact query: by entity (subject or object), relation, or text anywhere in it."""
+    where, args = ['agent_id = :a'], {'a': agent_id, 'limit': max(0, int(limit))}
+    if entity:
+        where.append('(subject = :entity or object = :entity)')
+        args['entity'] = entity
+    if relation:
+        where.append('relation = :relation')
+        args['relation'] = relation
+    if text:
+        where.append("instr(lower(subject || ' ' || relation || ' ' || object), lower(:text)) > 0")
+        args['text'] = text
+    return (f'select {", ".join(FACT_COLUMNS)} from facts where {" and ".join(where)} '
+            f'order by id limit :limit', args)
 
 
 class FactStore:

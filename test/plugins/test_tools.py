@@ -2,10 +2,13 @@
 files: an ICS calendar and an SQLite one, a database the query tool must not change, an agent's
 memory written by the agent's own classes with the real embedding model, the weather table."""
 import hashlib
+import os
 import resource
 import sqlite3
+from pathlib import Path
 
 import pytest
+import yaml
 
 from loom_ros.bus.event import Event
 from loom_ros.plugins.host import PluginHost, parse_specs
@@ -211,7 +214,8 @@ def agent_memory(tmp_path_factory):
     from loom_ros.agents.embedding import MiniLMEmbedder
     from loom_ros.agents.memory import EpisodicMemory, SemanticMemory
     from loom_ros.agents.state import StateStore
-    state_dir = tmp_path_factory.mktemp('agents')
+    root = tmp_path_factory.mktemp('root')   # a storage root: the agents write <root>/agents
+    state_dir = root / 'agents'
     store = StateStore(state_dir / 'helper.db', 'helper')
     episodic = EpisodicMemory(store.db, 'helper')
     for i, (kind, text, tags) in enumerate([('speech.utterance', 'bring me the red cup', ['cmd']),
@@ -224,14 +228,14 @@ def agent_memory(tmp_path_factory):
     semantic.add_fact('red cup', 'is_in', 'kitchen', 'e0')
     semantic.add_fact('bob', 'works_at', 'the lab', 'e2')
     store.commit({}, 3, 'e2')
-    yield state_dir, store   # left open: the agent keeps writing while the tool reads
+    yield root, store   # left open: the agent keeps writing while the tool reads
     store.close()
 
 
 def test_memory_search_reads_episodes_facts_and_meaning_read_only(run_tool, agent_memory):
-    state_dir, _store = agent_memory
-    db = state_dir / 'helper.db'
-    call = run_tool('memory_search', {'state_dir': str(state_dir)}, ['memory.read'])
+    root, _store = agent_memory
+    db = root / 'agents' / 'helper.db'
+    call = run_tool('memory_search', {'storage_root': str(root)}, ['memory.read'])
     speech = result(call('tool.memory.search', {'agent': 'helper', 'mode': 'episodic',
                                                 'type': 'speech.utterance'}))
     assert [r['event_id'] for r in speech['results']] == ['e0', 'e2']
@@ -262,13 +266,71 @@ def test_memory_search_reads_episodes_facts_and_meaning_read_only(run_tool, agen
 
 
 def test_memory_search_needs_its_grant_and_honours_the_agent_list(run_tool, agent_memory):
-    state_dir, _store = agent_memory
+    root, _store = agent_memory
     with pytest.raises(AssertionError, match="may not use 'memory.read'"):
-        run_tool('memory_search', {'state_dir': str(state_dir)})
-    call = run_tool('memory_search', {'state_dir': str(state_dir), 'agents': ['other']},
+        run_tool('memory_search', {'storage_root': str(root)})
+    call = run_tool('memory_search', {'storage_root': str(root), 'agents': ['other']},
                     ['memory.read'])
     refused = call('tool.memory.search', {'agent': 'helper'})
     assert not refused.ok and "agent 'helper' is not searchable here" in refused.error
+
+
+def _shipped_memory_search() -> dict:
+    from loom_ros.config.params import config_dir
+    entries = yaml.safe_load((config_dir() / 'plugins.yaml').read_text())['plugins']
+    (entry,) = [e for e in entries if e['name'] == 'memory_search']
+    return entry
+
+
+def test_memory_search_and_the_agents_agree_on_one_folder_in_the_demo_config(tmp_path):
+    """`loom demo` moves every file under its output folder: the agents' state_dir and the
+    plugin host's data_dir. The shipped memory_search entry (no folder of its own) must then
+    read exactly what the demo's agents wrote."""
+    from loom_ros.agents.memory import EpisodicMemory
+    from loom_ros.agents.state import StateStore
+    from loom_ros.cli.demo import _params
+    from loom_ros.config.params import config_dir
+    out = tmp_path / 'demo_output'
+    out.mkdir()
+    params = yaml.safe_load(_params(str(config_dir() / 'loom.yaml'), out).read_text())
+    agents_dir = params['/**/agent']['ros__parameters']['state_dir']
+    assert params['/**/lifecycle_manager']['ros__parameters']['state_dir'] == agents_dir
+    store = StateStore(Path(agents_dir) / 'counter.db', 'counter')   # what the demo's agent does
+    EpisodicMemory(store.db, 'counter').record(Event.with_json(
+        'sensor.imu', {'n': 7}, id='imu-7', source='imu', timestamp_ms=1234))
+    store.commit({'n': 7}, 1, 'imu-7')
+    host = PluginHost(parse_specs([_shipped_memory_search()]),
+                      data_dir=params['/**/plugin_host']['ros__parameters']['data_dir'])
+    try:
+        assert not host.start()
+        found = result(host.handle('memory_search', Event.with_json(
+            'tool.memory.search', {'agent': 'counter'})))
+        assert [(r['event_id'], r['time_ms']) for r in found['results']] == [('imu-7', 1234)]
+        assert host.health('memory_search').details['agents_dir'] == str(Path(agents_dir))
+    finally:
+        host.stop()
+        store.close()
+
+
+def test_memory_search_reads_the_shipped_agents_folder_by_default():
+    """The shipped config: agents write <root>/agents (agent and manager state_dir), the host's
+    data_dir is <root>/plugins; the tool, with no setting, reads <root>/agents."""
+    from loom_ros.config.params import node_defaults
+    agents_dir = Path(os.path.expanduser(node_defaults('agent')['state_dir'])).absolute()
+    assert Path(os.path.expanduser(node_defaults('lifecycle_manager')['state_dir'])).absolute() \
+        == agents_dir
+    host = PluginHost(parse_specs([_shipped_memory_search()]),
+                      data_dir=node_defaults('plugin_host')['data_dir'])
+    try:
+        assert not host.start()
+        assert host.health('memory_search').details['agents_dir'] == str(agents_dir)
+    finally:
+        host.stop()
+
+
+def test_memory_search_refuses_a_folder_setting_of_its_own(run_tool, tmp_path):
+    with pytest.raises(AssertionError, match="'state_dir' is gone"):
+        run_tool('memory_search', {'state_dir': str(tmp_path)}, ['memory.read'])
 
 
 # -- weather ------------------------------------------------------------------------------------

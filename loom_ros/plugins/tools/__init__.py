@@ -7,9 +7,6 @@ What they share lives here: reading the JSON query and building the result event
 from __future__ import annotations
 
 import json
-import os
-from urllib.parse import quote
-
 from loom_ros.bus.event import Event
 
 
@@ -33,9 +30,3 @@ def read_query(event: Event, expected_type: str) -> dict:
 
 def result_event(result_type: str, data: object, source: str) -> Event:
     return Event.with_json(result_type, data, source=source)
-
-
-def read_only_uri(path: str | os.PathLike) -> str:
-    """An SQLite URI that opens `path` read-only (connect with uri=True): writes fail in SQLite
-    itself, whatever the SQL says."""
-    return f'file:{quote(os.path.abspath(os.path.expanduser(str(path))))}?mode=ro'

@@ -9,7 +9,8 @@ The ICS reader is a small one written here (RFC 5545 subset: VEVENT with DTSTART
 DURATION, SUMMARY, LOCATION, DESCRIPTION, UID; folded lines, escaped text, all-day dates). A
 recurring event (RRULE) is listed at its first occurrence only and counted in health.
 The SQLite source is a table (default `events`) with columns uid, summary, start, end (ISO 8601
-text), location, description; it is opened read-only.
+text), location, description; it is opened read-only through the storage layer's one SQLite
+opener.
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ from loom_ros.plugins.contract import (
     Capability, HealthStatus, Plugin, PluginContext, PluginError, PluginMetadata, PluginResponse,
     PluginType,
 )
-from loom_ros.plugins.tools import ToolInputError, read_only_uri, read_query, result_event
+from loom_ros.plugins.tools import ToolInputError, read_query, result_event
+from loom_ros.storage.errors import StorageError
+from loom_ros.storage.sqlite import open_database
 
 QUERY = 'tool.calendar.query'
 RESULT = 'tool.calendar.result'
@@ -207,11 +210,11 @@ class CalendarTool(Plugin):
 
     def _read_sqlite(self) -> list[CalendarEvent]:
         try:
-            with closing(sqlite3.connect(read_only_uri(self.path), uri=True)) as conn:
+            with closing(open_database(self.path, read_only=True, check=False)) as conn:
                 rows = conn.execute(
                     f'select uid, summary, start, "end", location, description from '
                     f'"{self.table}"').fetchall()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StorageError) as exc:
             raise PluginError(f'calendar {self.path}: cannot read table {self.table!r}: '
                               f'{exc}') from None
         events = []

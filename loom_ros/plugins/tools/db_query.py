@@ -27,7 +27,9 @@ from loom_ros.plugins.contract import (
     Capability, HealthStatus, Plugin, PluginContext, PluginError, PluginMetadata, PluginResponse,
     PluginType,
 )
-from loom_ros.plugins.tools import ToolInputError, read_only_uri, read_query, result_event
+from loom_ros.plugins.tools import ToolInputError, read_query, result_event
+from loom_ros.storage.errors import StorageError
+from loom_ros.storage.sqlite import open_database
 
 QUERY = 'tool.db.query'
 RESULT = 'tool.db.result'
@@ -77,8 +79,8 @@ class DbQueryTool(Plugin):
         if not self.path.is_file():
             raise PluginError(f'db_query: database {self.path} does not exist')
         try:
-            self.conn = sqlite3.connect(read_only_uri(self.path), uri=True,
-                                        check_same_thread=False)
+            # The storage layer's one opener (mode=ro URI); no quick check of a user's database.
+            self.conn = open_database(self.path, read_only=True, check=False)
             self.conn.execute('select count(*) from sqlite_master').fetchone()
             self.conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self.max_value_bytes)
             self.conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_SQL_CHARS * 4)
@@ -87,7 +89,7 @@ class DbQueryTool(Plugin):
             self.conn.execute('pragma query_only = 1')
             self.conn.execute(f'pragma cache_size = -{CACHE_KIB}')
             self.conn.execute('pragma temp_store = file')
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StorageError) as exc:
             raise PluginError(f'db_query: cannot open {self.path} read-only: {exc}') from None
         self._denied: list[str] = []
         self.conn.set_authorizer(self._authorize)

@@ -1,0 +1,88 @@
+"""Read-only access to what other components keep, for tools: the agents' memory (episodes and
+facts) under the storage root, through the layer's opener and its one set of queries, so a tool
+never opens another component's files itself nor rewrites their SQL. Nothing here writes."""
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import closing
+
+import numpy as np
+
+from loom_ros.storage.errors import StorageError
+from loom_ros.storage.layout import StorageLayout, check_name
+from loom_ros.storage.sqlite import open_database
+from loom_ros.storage.stores import episodes_sql, facts_sql
+
+VECTOR_COLUMNS = ('id', 'subject', 'relation', 'object', 'provenance')
+
+
+class NoMemoryError(StorageError):
+    """The agent has no memory under this root (or is not one a reader may see)."""
+
+
+class AgentMemoryReader:
+    """The agents' episodic and semantic memory at `<root>/agents/<agent>.db`, opened read-only
+    per query (`mode=ro`: SQLite refuses writes whatever the SQL; the agent keeps writing in
+    WAL and is never blocked). `agents` limits which agents may be read (empty: all)."""
+
+    def __init__(self, layout: StorageLayout, agents: frozenset[str] | set[str] = frozenset()):
+        self.layout, self.agents = layout, frozenset(agents)
+
+    @property
+    def folder(self):
+        return self.layout.agents
+
+    def path(self, agent: str):
+        try:
+            check_name(agent, 'agent')
+        except StorageError:
+            raise NoMemoryError(f'agent must be an agent id, got {str(agent)[:80]!r}') from None
+        if self.agents and agent not in self.agents:
+            raise NoMemoryError(f'agent {agent!r} is not searchable here (allowed: '
+                                f'{", ".join(sorted(self.agents))})')
+        path = self.folder / f'{agent}.db'
+        if not path.is_file():
+            raise NoMemoryError(f'no memory for agent {agent!r} ({path} does not exist)')
+        return path
+
+    def _rows(self, agent: str, table: str, sql: str, args) -> list[sqlite3.Row]:
+        path = self.path(agent)
+        # check=False: the agent's own opener checks its file; a reader need not scan it.
+        with closing(open_database(path, read_only=True, check=False)) as conn:
+            conn.row_factory = sqlite3.Row
+            try:
+                if conn.execute("select 1 from sqlite_master where type = 'table' and name = ?",
+                                (table,)).fetchone() is None:
+                    return []   # the agent has not written any yet
+                return conn.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise StorageError(f'{path}: cannot read the memory of {agent!r}: {exc}') from None
+
+    def episodes(self, agent: str, start_ms: int = 0, end_ms: int = 2**63 - 1, type: str = '',
+                 source: str = '', tag: str = '', text: str = '', limit: int = 100) -> list[dict]:
+        sql, args = episodes_sql(agent, start_ms, end_ms, type, source, tag, text, limit)
+        return [{**dict(r), 'tags': json.loads(r['tags'])}
+                for r in self._rows(agent, 'episodes', sql, args)]
+
+    def facts(self, agent: str, entity: str = '', relation: str = '', text: str = '',
+              limit: int = 100) -> list[dict]:
+        sql, args = facts_sql(agent, entity, relation, text, limit)
+        return [dict(r) for r in self._rows(agent, 'facts', sql, args)]
+
+    def similar(self, agent: str, vector: np.ndarray, k: int) -> list[dict]:
+        """The agent's facts closest to `vector` (an embedding of the agent's model; cosine,
+        best first), exact over the vectors stored with the facts."""
+        rows = self._rows(agent, 'facts', f'select {", ".join(VECTOR_COLUMNS)}, vector from facts '
+                                          'where agent_id = ?', (agent,))
+        if not rows:
+            return []
+        query = np.asarray(vector, dtype=np.float32).reshape(-1)
+        stored = [np.frombuffer(r['vector'], dtype=np.float32) for r in rows]
+        if any(v.shape != query.shape for v in stored):
+            raise StorageError(f'facts of {agent!r}: stored vectors do not have the query\'s '
+                               f'{query.shape[0]} dimensions (another embedding model?)')
+        scores = np.stack(stored) @ query
+        best = np.argsort(-scores, kind='stable')[:k]
+        return [{**{key: rows[i][key] for key in VECTOR_COLUMNS}, 'score': float(scores[i])}
+                for i in best]
