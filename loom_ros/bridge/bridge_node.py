@@ -2,7 +2,8 @@
 `loom/<robot_id>/<topic path>`, with QoS mapped to Zenoh priority, congestion control and express.
 
 Out: events on allowed topics go to Zenoh unless the privacy gate refuses them (Private and
-LocalOnly never leave; each refusal is counted and written to the audit file). Batched and
+LocalOnly never leave; each refusal is counted and is a `privacy_refused` row of the audit log,
+audit_db). Batched and
 Background events wait in a bounded outbox while nobody on the Zenoh side can receive them
 (router down, no subscriber yet); Realtime events are not queued. Sensitive events that leave are
 sealed to the cloud identity's certificate (seal_sensitive). In: samples under this robot's own
@@ -73,12 +74,12 @@ PARAMETERS = [
               min_value=1, max_value=10_000_000),
     ParamSpec('policy_file', "Router policy YAML whose sensitive_upload the bridge follows; '' "
               'means the shipped config/policy.yaml', read_only=True),
-    ParamSpec('audit_file', "JSON-lines file of every privacy refusal ('' : log only); '~' expands",
-              read_only=True),
+    ParamSpec('audit_file', "No longer written (privacy refusals are rows of audit_db); a value "
+              'other than the empty string is warned about and ignored', read_only=True),
     ParamSpec('inbound_file', "Inbound contract YAML (rules, grants, actuators); '' means the "
               'shipped config/inbound.yaml', read_only=True),
     ParamSpec('audit_db', 'SQLite audit log of every inbound actuator command and refusal, with '
-              "its sender ('~' expands)", read_only=True),
+              "its sender, and of every privacy refusal ('~' expands)", read_only=True),
     ParamSpec('keys_dir', 'Fleet credentials (ca.pem, <name>/cert.pem): checks signed commands '
               'and finds the cloud certificate', read_only=True),
     ParamSpec('identity', "Identity this bridge shows on Zenoh (mutual TLS; <keys_dir>/<identity>); "
@@ -117,7 +118,6 @@ class ZenohBridgeNode(LifecycleNode):
         self._inbox: deque = deque()  # Zenoh's threads append, the executor pops
         self._inbox_dropped = 0
         self._inbox_lock = threading.Lock()  # for the drop counter only; never held over Zenoh
-        self._audit = None
         self._commands: AuditLog | None = None
         self._wake = None
         self._configured = False
@@ -161,8 +161,6 @@ class ZenohBridgeNode(LifecycleNode):
             make_config = self._session_config_maker(p, identity)
             make_config()   # a bad endpoint or fleet is refused here, with its reason
             policy = load_policy(p['policy_file'] or config_dir() / 'policy.yaml')
-            audit = usable_file(p['audit_file'], f'{SECTION}.audit_file') if p['audit_file'] \
-                else None
             commands = AuditLog(usable_file(p['audit_db'], f'{SECTION}.audit_db'))
         except (ValueError, PolicyError, AuditError, keys.CredentialsError) as exc:
             # ConfigError is a ValueError
@@ -171,8 +169,10 @@ class ZenohBridgeNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self._commands = commands
         self.bus = create_bus(self, SECTION)
-        if audit is not None:
-            self._audit = open(audit, 'a', encoding='utf-8')
+        if p['audit_file']:
+            self.get_logger().warning(
+                f"{SECTION}.audit_file {p['audit_file']} is no longer written: privacy refusals "
+                f"are rows of the audit log {p['audit_db']} (kind privacy_refused)")
         self._wake = self.create_timer(SERVICE_PERIOD_S, self._service)
         self.link = ZenohLink(make_config, logger=self.get_logger())
         if identity is None:
@@ -287,9 +287,6 @@ class ZenohBridgeNode(LifecycleNode):
         self.destroy_timer(self._wake)
         self.destroy_lifecycle_publisher(self.status_pub)
         self.bus.destroy()
-        if self._audit is not None:
-            self._audit.close()
-            self._audit = None
         self._commands.close()
 
     # -- data paths -----------------------------------------------------------------------
@@ -342,8 +339,12 @@ class ZenohBridgeNode(LifecycleNode):
     def _record_refusal(self, record: dict) -> None:
         record = {'ts_ms': time.time_ns() // 1_000_000, 'robot_id': self.bridge.config.robot_id,
                   **record}
-        if self._audit is not None:
-            self._audit.write(json.dumps(record) + '\n')
+        try:   # the event stays on the robot whether or not its refusal could be stored
+            self._commands({'plugin': SECTION, **record})
+        except AuditError as exc:
+            self.bridge.stats['audit_failed'] += 1
+            self.get_logger().error(f'privacy refusal not audited: {exc}',
+                                    throttle_duration_sec=5.0)
         self.get_logger().warning(
             f"privacy: {record['reason']} event {record['event_id']} on {record['topic']} "
             'kept on the robot', throttle_duration_sec=5.0)
@@ -361,8 +362,6 @@ class ZenohBridgeNode(LifecycleNode):
         from std_msgs.msg import String
         self.link.refresh()
         self._service()
-        if self._audit is not None:
-            self._audit.flush()
         status = self.bridge.snapshot()
         status['open_error'] = self.link.open_error
         self.status_pub.publish(String(data=json.dumps(status)))

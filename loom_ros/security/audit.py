@@ -1,45 +1,25 @@
-"""The audit log: every capability refusal and every actuator command, one row each, in an
-append-only SQLite table (sqlite-utils, WAL) that operators query by plugin, kind and time.
+"""The audit log: every capability refusal, every actuator command and every privacy refusal, one
+row each, in an append-only SQLite table that operators query by plugin, kind and time.
 
-An AuditLog instance is itself a PluginContext.audit_sink (`log(record)`). Writes are committed
-one by one and serialized by a lock, so any thread may write; a write that cannot be stored
+The table, its append-only triggers, the bounding and masking of records and the queries are
+the storage layer's (loom_ros/storage: stores.AuditStore over direct.DirectDatabase, opened by
+the one SQLite opener); this module is the security-facing handle on the `audit_db` file that
+several processes share. An AuditLog is itself a PluginContext.audit_sink (`log(record)`). Each
+record is committed before append() returns, from any thread; a record that cannot be stored
 raises AuditError, so the caller fails closed (an actuator command that cannot be audited is not
-executed). Rows cannot be updated or deleted: SQLite triggers refuse it. Secrets never reach
-the file: every string is cut to MAX_FIELD_CHARS, then masked by telemetry's rules (a field
-whose name designates a secret is replaced whole; bearer tokens, API keys and sensitive
-key=value pairs inside any string are masked).
+executed). Rows cannot be updated or deleted: SQLite triggers refuse it. Secrets never reach the
+file: every string is cut, then masked by telemetry's rules.
 """
 from __future__ import annotations
 
-import json
 import os
-import sqlite3
-import threading
-import time
 from pathlib import Path
 
-import sqlite_utils
-
-from loom_ros.telemetry.logs import mask_text, mask_value
-
-TABLE = 'audit'
-MAX_FIELD_CHARS = 2000   # of any one string in a record, cut before masking
-MAX_DEPTH = 8            # of nested fields kept
-
-
-def _bounded(value, depth: int = 0):
-    """`value` with every string cut and nesting limited, so masking's cost is bounded."""
-    if isinstance(value, str):
-        return value[:MAX_FIELD_CHARS]
-    if depth >= MAX_DEPTH:
-        return '<nested too deep>'
-    if isinstance(value, dict):
-        return {str(k)[:MAX_FIELD_CHARS]: _bounded(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_bounded(v, depth + 1) for v in value]
-    if isinstance(value, (bool, int, float)) or value is None:
-        return value
-    return str(value)[:MAX_FIELD_CHARS]
+from loom_ros.storage import schema
+from loom_ros.storage.direct import DirectDatabase
+from loom_ros.storage.errors import StorageError
+from loom_ros.storage.layout import DEFAULT_ROOT, StorageLayout
+from loom_ros.storage.stores import AuditStore
 
 
 class AuditError(RuntimeError):
@@ -49,53 +29,26 @@ class AuditError(RuntimeError):
 class AuditLog:
     """Append-only audit records: (ts_ms, plugin, kind, fields as JSON)."""
 
-    def __init__(self, path: str | Path):
-        self.path = str(path)
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path) if str(path) == ':memory:' else str(Path(path).expanduser())
         try:
-            if self.path != ':memory:':
-                Path(self.path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-                self.path = str(Path(self.path).expanduser())
-            conn = sqlite3.connect(self.path, check_same_thread=False)
-            self.db = sqlite_utils.Database(conn)
-            if self.path != ':memory:':
-                self.db.enable_wal()
-            conn.execute('pragma synchronous=NORMAL')
-            self.db[TABLE].create({'id': int, 'ts_ms': int, 'plugin': str, 'kind': str,
-                                   'fields': str}, pk='id', if_not_exists=True)
-            self.db[TABLE].create_index(['plugin', 'ts_ms'], if_not_exists=True)
-            self.db[TABLE].create_index(['kind', 'ts_ms'], if_not_exists=True)
-            for op in ('update', 'delete'):
-                conn.execute(f'create trigger if not exists {TABLE}_no_{op} before {op} on '
-                             f"{TABLE} begin select raise(abort, 'the audit log is append-only');"
-                             ' end')
-            conn.commit()
-        except (sqlite3.Error, OSError) as exc:
+            self._db = DirectDatabase(self.path, schema.AUDIT_DDL)
+        except (StorageError, OSError) as exc:
             raise AuditError(f'audit log {self.path}: cannot open: {exc}') from None
-        self._conn = conn
-        self._lock = threading.Lock()
+        self._store = AuditStore(self._db)
         self.written = 0
 
-    # -- writing -------------------------------------------------------------------------------
     def append(self, plugin: str, kind: str, ts_ms: int | None = None, **fields) -> int:
         """Store one record and commit it; returns its row id."""
-        if not kind or not isinstance(kind, str):
-            raise AuditError(f'audit record for {plugin!r} has no kind')
-        ts = int(ts_ms) if ts_ms is not None else time.time_ns() // 1_000_000
-        plugin, kind = mask_text(str(plugin)[:MAX_FIELD_CHARS]), mask_text(kind[:MAX_FIELD_CHARS])
-        body = json.dumps(mask_value(_bounded(fields)), separators=(',', ':'), sort_keys=True,
-                          default=str)
-        with self._lock:
-            try:
-                cursor = self._conn.execute(
-                    f'insert into {TABLE} (ts_ms, plugin, kind, fields) values (?, ?, ?, ?)',
-                    (ts, plugin, kind, body))
-                self._conn.commit()
-            except sqlite3.Error as exc:
-                self._conn.rollback()
-                raise AuditError(f'audit log {self.path}: cannot write a {kind!r} record of '
-                                 f'{plugin!r}: {exc}') from None
-            self.written += 1
-            return cursor.lastrowid
+        try:
+            row_id, _committed = self._store.append(plugin, kind, ts_ms, **fields)
+        except StorageError as exc:
+            if 'has no kind' in str(exc):
+                raise AuditError(str(exc)) from None
+            raise AuditError(f'audit log {self.path}: cannot write a {str(kind)[:80]!r} record '
+                             f'of {str(plugin)[:80]!r}: {exc}') from None
+        self.written += 1
+        return row_id
 
     def __call__(self, record: dict) -> None:
         """The PluginContext.audit_sink form: {'ts_ms', 'plugin', 'kind', **fields}."""
@@ -103,31 +56,18 @@ class AuditLog:
         self.append(record.pop('plugin', ''), record.pop('kind', ''), record.pop('ts_ms', None),
                     **record)
 
-    # -- reading -------------------------------------------------------------------------------
     def query(self, plugin: str = '', kind: str = '', since_ms: int = 0,
               until_ms: int = 2**63 - 1, limit: int = 1000) -> list[dict]:
         """Records in time order (oldest first), filtered by plugin, kind and [since, until]."""
-        where, args = ['ts_ms >= :s', 'ts_ms <= :u'], {'s': since_ms, 'u': until_ms,
-                                                        'limit': int(limit)}
-        if plugin:
-            where.append('plugin = :plugin')
-            args['plugin'] = plugin
-        if kind:
-            where.append('kind = :kind')
-            args['kind'] = kind
-        with self._lock:
-            rows = list(self.db.query(
-                f'select id, ts_ms, plugin, kind, fields from {TABLE} where {" and ".join(where)} '
-                'order by ts_ms, id limit :limit', args))
-        return [{**row, 'fields': json.loads(row['fields'])} for row in rows]
+        return self._store.query(plugin, kind, since_ms, until_ms, limit)
 
     def count(self, plugin: str = '', kind: str = '') -> int:
-        return len(self.query(plugin, kind, limit=2**62))
+        return self._store.count(plugin, kind)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
 
 def default_path() -> str:
-    return os.path.expanduser('~/.loom/audit.db')
+    """The audit log under the default storage root (<root>/audit.db)."""
+    return str(StorageLayout.at(DEFAULT_ROOT).audit)

@@ -67,10 +67,12 @@ class StorageLayout:
 
     @property
     def router_history(self) -> Path:
-        return self.root / 'router' / 'history.db'
+        """The router's history_db as shipped (config/loom.yaml: ~/.loom/router.db)."""
+        return self.root / 'router.db'
 
     @property
     def audit(self) -> Path:
+        """The audit log every auditing process shares (their audit_db, as shipped)."""
         return self.root / 'audit.db'
 
     def plugin_data(self, plugin: str) -> Path:

@@ -41,7 +41,10 @@ DDL = [
     'time_ms int not null, vector blob not null)',
     'create index if not exists facts_agent_subject on facts (agent_id, subject)',
     'create index if not exists facts_agent_object on facts (agent_id, object)',
-    # Router history (as router/history.py keeps it).
+]
+
+# Router history (router/history.py opens a file of only these, named by the router's history_db).
+ROUTER_DDL = [
     'create table if not exists decisions (id text primary key, time real, event_id text, '
     'event_type text, agent_id text, privacy int, route text, rule text, confidence real, '
     'cloud_cost real, local_confidence real, payload_bytes int, latency_budget_ms real)',
@@ -49,7 +52,11 @@ DDL = [
     'backend text, latency_ms real, cost real, success int, confidence real)',
     'create index if not exists outcomes_time on outcomes (time)',
     'create index if not exists outcomes_backend on outcomes (backend, event_type)',
-    # Audit: append-only, enforced by triggers (as security/audit.py guarantees).
+]
+
+# Audit: append-only, enforced by triggers (security/audit.py opens a file of only these, the
+# audit_db that several processes share).
+AUDIT_DDL = [
     'create table if not exists audit (id integer primary key, ts_ms int not null, '
     'plugin text not null, kind text not null, fields text not null)',
     'create index if not exists audit_plugin on audit (plugin, ts_ms)',
@@ -59,6 +66,20 @@ DDL = [
     "create trigger if not exists audit_no_delete before delete on audit begin "
     "select raise(abort, 'the audit log is append-only'); end",
 ]
+
+DDL = DDL + ROUTER_DDL + AUDIT_DDL
+
+
+def create(conn: sqlite3.Connection, statements: list[str]) -> None:
+    """Create what `statements` describe, if missing, in one transaction."""
+    conn.execute('BEGIN IMMEDIATE')
+    try:
+        for statement in statements:
+            conn.execute(statement)
+        conn.execute('COMMIT')
+    except BaseException:
+        conn.execute('ROLLBACK')
+        raise
 
 
 def ensure(conn: sqlite3.Connection, path) -> None:

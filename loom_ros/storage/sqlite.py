@@ -20,6 +20,7 @@ def open_database(path: str | os.PathLike, *, read_only: bool = False, synchrono
     COMMIT, so nothing commits behind the caller's back). WAL + synchronous=NORMAL: a killed
     process (even SIGKILL) loses nothing committed; only a power cut may lose the last
     transactions (use FULL where that matters: group commit makes its fsync affordable)."""
+    memory = str(path) == ':memory:'   # a private, temporary database (tests, replays)
     path = Path(path)
     synchronous = str(synchronous).upper()
     if synchronous not in SYNCHRONOUS:
@@ -31,7 +32,8 @@ def open_database(path: str | os.PathLike, *, read_only: bool = False, synchrono
             conn = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None,
                                    check_same_thread=False)
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if not memory:
+                path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
     except OSError as exc:
         raise StorageError(f'{path}: cannot open: {exc.strerror}') from None
@@ -44,7 +46,7 @@ def open_database(path: str | os.PathLike, *, read_only: bool = False, synchrono
             if row[0] != 'ok':
                 raise CorruptRecordError(f'{path}: the database is damaged ({row[0]}); it was left '
                                          'as is for inspection')
-        if not read_only:
+        if not read_only and not memory:
             mode = conn.execute('PRAGMA journal_mode=WAL').fetchone()[0]
             if mode.lower() != 'wal':
                 raise StorageError(f'{path}: cannot switch to WAL (journal_mode is {mode})')

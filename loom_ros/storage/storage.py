@@ -16,7 +16,7 @@ from loom_ros.storage import schema
 from loom_ros.storage.errors import StorageError, is_full, StorageFullError
 from loom_ros.storage.layout import StorageLayout, check_name
 from loom_ros.storage.sqlite import open_database
-from loom_ros.storage.writer import GroupCommitWriter
+from loom_ros.storage.writer import GroupCommitWriter, Ticket
 
 
 def wall_ms() -> int:
@@ -101,6 +101,10 @@ class Storage:
                 return self.reader.execute(sql, params).fetchall()
             except sqlite3.DatabaseError as exc:
                 raise StorageError(f'{self.path}: cannot read: {exc}') from None
+
+    def write(self, sql: str, params=()) -> Ticket:
+        """One statement through the group-commit writer (the stores' common write)."""
+        return self.writer.execute(sql, params)
 
     def next_id(self, table: str) -> int:
         """A fresh integer id for `table` (this process is the only writer of its unit)."""

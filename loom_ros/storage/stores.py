@@ -291,48 +291,57 @@ class FactStore:
 
 
 class RouterHistoryStore:
-    """The router's decisions and outcomes, its spend per budget period and running stats."""
+    """The router's decisions and outcomes, its spend per budget period and running stats, in a
+    unit database (Storage) or a file of their own (direct.DirectDatabase): `db` gives write,
+    query and clock."""
 
-    def __init__(self, storage, budget_period_s: float):
-        self.storage, self.period_s = storage, float(budget_period_s)
-        self.routes = Counter({r['route']: r['n'] for r in storage.query(
+    def __init__(self, db, budget_period_s: float):
+        self.db, self.period_s = db, float(budget_period_s)
+        self.routes = Counter({r['route']: r['n'] for r in db.query(
             'select route, count(*) as n from decisions group by route')})
-        self.outcomes = storage.query('select count(*) as n from outcomes')[0]['n']
+        self.outcomes = db.query('select count(*) as n from outcomes')[0]['n']
 
     def record_decision(self, decision_id: str, event_id: str, event_type: str, agent_id: str,
                         privacy: int, route: str, rule: str, confidence: float,
                         cloud_cost: float, local_confidence: float | None, payload_bytes: int,
                         latency_budget_ms: float | None, now: float | None = None) -> Ticket:
-        self.routes[route] += 1
-        return self.storage.writer.execute(
+        ticket = self.db.write(
             'insert into decisions values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
             (decision_id, now or time.time(), event_id, event_type, agent_id, int(privacy), route,
              rule, confidence, cloud_cost, local_confidence, payload_bytes,
+             # SQLite has no infinity in JSON terms; no deadline is stored as NULL.
              None if latency_budget_ms == float('inf') else latency_budget_ms))
+        self.routes[route] += 1
+        return ticket
 
     def record_outcome(self, decision_id: str, event_type: str, backend: str, latency_ms: float,
                        cost: float, success: bool, confidence: float,
                        now: float | None = None) -> Ticket:
-        self.outcomes += 1
-        return self.storage.writer.execute(
+        ticket = self.db.write(
             'insert into outcomes values (?, ?, ?, ?, ?, ?, ?, ?)',
             (decision_id, now or time.time(), event_type, backend, latency_ms, cost,
              int(success), confidence))
+        self.outcomes += 1
+        return ticket
 
     def spend(self, now: float | None = None) -> float:
+        """Cloud spend reported in the current budget period (periods start at multiples of it)."""
         now = now or time.time()
         start = now - (now % self.period_s)
-        return float(self.storage.query('select coalesce(sum(cost), 0) as s from outcomes where '
-                                        'time >= ?', (start,))[0]['s'])
+        return float(self.db.query('select coalesce(sum(cost), 0) as s from outcomes where '
+                                   'time >= ?', (start,))[0]['s'])
 
     def backend_stats(self, event_type: str, backend: str) -> dict:
-        return dict(self.storage.query(
+        """Running performance per backend and event type (what the learned router trains on)."""
+        return dict(self.db.query(
             'select count(*) as n, avg(latency_ms) as latency_ms, avg(cost) as cost, '
             'avg(success) as success_rate, avg(confidence) as confidence from outcomes '
             'where event_type = ? and backend = ?', (event_type, backend))[0])
 
     def training_rows(self) -> list[dict]:
-        return [dict(r) for r in self.storage.query(
+        """Decisions joined with what local inference turned out to be: the learned router's
+        data."""
+        return [dict(r) for r in self.db.query(
             'select d.event_type, d.privacy, d.local_confidence, d.payload_bytes, '
             'd.latency_budget_ms, o.success as local_ok from decisions d join outcomes o '
             "on o.decision_id = d.id where o.backend = 'local' and d.local_confidence is not null")]
@@ -355,28 +364,33 @@ def _bounded(value, depth: int = 0):
 
 class AuditStore:
     """Append-only records (ts_ms, plugin, kind, fields): triggers refuse updates and deletes,
-    and the lifecycle never moves them. Secrets are masked before the file."""
+    and the lifecycle never moves them. Strings are cut, then secrets masked, before the file.
+    In a unit database (Storage) or the audit_db that processes share (direct.DirectDatabase)."""
 
-    def __init__(self, storage):
-        self.storage = storage
+    def __init__(self, db):
+        self.db = db
 
     def append(self, plugin: str, kind: str, ts_ms: int | None = None,
                **fields) -> tuple[int, Ticket]:
         """(row id, Ticket); a caller that must fail closed waits on the ticket."""
         if not kind or not isinstance(kind, str):
             raise StorageError(f'audit record for {plugin!r} has no kind')
-        ts = int(ts_ms) if ts_ms is not None else self.storage.clock()
-        body = json.dumps(mask_value(_bounded(fields)), separators=(',', ':'), sort_keys=True,
-                          default=str)
-        row_id = self.storage.next_id('audit')
-        return row_id, self.storage.writer.execute(
-            'insert into audit (id, ts_ms, plugin, kind, fields) values (?, ?, ?, ?, ?)',
-            (row_id, ts, mask_text(str(plugin)[:MAX_AUDIT_CHARS]),
-             mask_text(kind[:MAX_AUDIT_CHARS]), body))
+        ts = int(ts_ms) if ts_ms is not None else self.db.clock()
+        row = (ts, mask_text(str(plugin)[:MAX_AUDIT_CHARS]), mask_text(kind[:MAX_AUDIT_CHARS]),
+               json.dumps(mask_value(_bounded(fields)), separators=(',', ':'), sort_keys=True,
+                          default=str))
+        row_id = self.db.next_id('audit')
+        if row_id is None:   # a file several processes write: SQLite gives the id
+            ticket = self.db.write('insert into audit (ts_ms, plugin, kind, fields) values '
+                                   '(?, ?, ?, ?)', row)
+            return ticket.row_id, ticket
+        return row_id, self.db.write('insert into audit (id, ts_ms, plugin, kind, fields) values '
+                                     '(?, ?, ?, ?, ?)', (row_id, *row))
 
     def query(self, plugin: str = '', kind: str = '', since_ms: int = 0,
               until_ms: int = 2**63 - 1, limit: int = 1000) -> list[dict]:
-        where, args = ['ts_ms >= :s', 'ts_ms <= :u'], {'s': since_ms, 'u': until_ms,
+        """Records in time order (oldest first), filtered by plugin, kind and [since, until]."""
+        where, args = ['ts_ms >= :s', 'ts_ms <= :u'], {'s': int(since_ms), 'u': int(until_ms),
                                                         'limit': int(limit)}
         if plugin:
             where.append('plugin = :plugin')
@@ -384,6 +398,16 @@ class AuditStore:
         if kind:
             where.append('kind = :kind')
             args['kind'] = kind
-        rows = self.storage.query(f'select id, ts_ms, plugin, kind, fields from audit where '
-                                  f'{" and ".join(where)} order by ts_ms, id limit :limit', args)
+        rows = self.db.query(f'select id, ts_ms, plugin, kind, fields from audit where '
+                             f'{" and ".join(where)} order by ts_ms, id limit :limit', args)
         return [{**dict(r), 'fields': json.loads(r['fields'])} for r in rows]
+
+    def count(self, plugin: str = '', kind: str = '') -> int:
+        where, args = [], []
+        for column, value in (('plugin', plugin), ('kind', kind)):
+            if value:
+                where.append(f'{column} = ?')
+                args.append(value)
+        return int(self.db.query(f'select count(*) as n from audit'
+                                 f'{" where " + " and ".join(where) if where else ""}',
+                                 args)[0]['n'])

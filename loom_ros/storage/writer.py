@@ -58,6 +58,20 @@ class Ticket:
             raise error
 
 
+class CommittedTicket(Ticket):
+    """The Ticket of a write already committed when it was made (storage.direct): `row_id` is
+    the rowid SQLite gave its insert."""
+
+    __slots__ = ('row_id',)
+
+    def __init__(self, row_id: int | None = None):
+        batch = _Batch()
+        batch.committed_at = time.perf_counter()
+        batch.done.set()
+        super().__init__(batch, 0)
+        self.row_id = row_id
+
+
 class GroupCommitWriter:
     """The single writer of one SQLite connection (which it owns from start() on)."""
 

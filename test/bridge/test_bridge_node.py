@@ -1,12 +1,12 @@
 """The bridge node across real processes on loopback: a Zenoh router process, the bridge in its
 own process, this process as the robot's other nodes (ROS side) and as the fleet (Zenoh side)."""
-import json
 import signal
 
 import numpy
 
 from loom_ros.bridge import codec
 from loom_ros.bus.event import Event, Privacy
+from loom_ros.security.audit import AuditLog
 
 BACKGROUND_QOS = ('log.**=background',)
 
@@ -84,7 +84,9 @@ def test_qos_mapping_metadata_privacy_and_inbound(ros, port, zenoh_router, zsess
     # Each refusal is counted and audited.
     ros.wait_for(lambda: status.get('refused_sensitive_raw') == 1, 'the refusal counters')
     assert (status.get('refused_private'), status.get('refused_local_only')) == (1, 1)
-    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    log = AuditLog(audit.with_suffix('.db'))   # rows of the bridge's audit_db
+    records = [r['fields'] for r in log.query(plugin='zenoh_bridge', kind='privacy_refused')]
+    log.close()
     assert [(r['reason'], r['event_id']) for r in records] == [
         ('private', sent[0].id), ('local_only', sent[1].id), ('sensitive_raw', sent[2].id)]
 

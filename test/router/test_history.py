@@ -30,3 +30,40 @@ def test_spend_rates_and_backend_stats_survive_reopening(tmp_path):
     assert reopened.training_rows() == [{
         'event_type': 'speech.utterance', 'privacy': 0, 'local_confidence': 0.7,
         'payload_bytes': 0, 'latency_budget_ms': None, 'local_ok': 1}]
+
+
+def test_a_history_file_from_before_the_storage_layer_opens_and_grows(tmp_path):
+    """Robots have router.db files written by the old sqlite-utils code (its own column types
+    and index names): they open as they are, keep their rows, and take new ones."""
+    import sqlite3
+
+    import sqlite_utils
+    path = tmp_path / 'router.db'
+    old = sqlite_utils.Database(sqlite3.connect(str(path)))
+    old['decisions'].create({
+        'id': str, 'time': float, 'event_id': str, 'event_type': str, 'agent_id': str,
+        'privacy': int, 'route': str, 'rule': str, 'confidence': float, 'cloud_cost': float,
+        'local_confidence': float, 'payload_bytes': int, 'latency_budget_ms': float}, pk='id')
+    old['outcomes'].create({
+        'decision_id': str, 'time': float, 'event_type': str, 'backend': str,
+        'latency_ms': float, 'cost': float, 'success': int, 'confidence': float})
+    old['outcomes'].create_index(['time'])
+    old['decisions'].insert({'id': 'old', 'time': 1.0, 'event_id': 'e', 'event_type': 't',
+                             'agent_id': 'a', 'privacy': 0, 'route': 'cloud', 'rule': 'r',
+                             'confidence': 0.5, 'cloud_cost': 0.01, 'local_confidence': None,
+                             'payload_bytes': 3, 'latency_budget_ms': None})
+    old['outcomes'].insert({'decision_id': 'old', 'time': 150.0, 'event_type': 't',
+                            'backend': 'cloud', 'latency_ms': 9.0, 'cost': 0.01, 'success': 1,
+                            'confidence': 0.5})
+    old.close()
+    history = RouterHistory(path, budget_period_s=100.0)
+    assert history.decisions == 1 and history.outcomes == 1
+    history.record_decision('new', 'e2', RouteRequest(event_type='t'),
+                            Decision(Route.LOCAL, 0.9, 'r', 'why'))
+    history.record_outcome(Outcome('new', 't', 'cloud', 5.0, 0.02, True, 0.9), now=160.0)
+    assert history.spend(now=199.0) == pytest.approx(0.03)
+    assert history.rates()['local'] == 0.5
+    history.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute('pragma journal_mode').fetchone()[0] == 'wal'
+        assert conn.execute('pragma integrity_check').fetchone()[0] == 'ok'

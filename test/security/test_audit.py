@@ -80,3 +80,41 @@ def test_an_unusable_file_is_a_clear_error(tmp_path):
     garbage.write_bytes(b'this is not a database' * 100)
     with pytest.raises(AuditError, match='garbage.db: cannot open'):
         AuditLog(garbage)
+
+
+WRITER = """
+import sys
+from loom_ros.security.audit import AuditLog
+log = AuditLog(sys.argv[1])
+for i in range(int(sys.argv[3])):
+    log.append(sys.argv[2], 'tick', i=i)
+log.close()
+"""
+
+
+def test_processes_share_one_audit_file(path):
+    """Plugin host, agents and bridge each open the same audit_db: every record of every process
+    is kept, each with its own id, still append-only."""
+    import subprocess
+    import sys
+    AuditLog(path).close()
+    procs = [subprocess.Popen([sys.executable, '-c', WRITER, str(path), f'proc{n}', '300'])
+             for n in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    log = AuditLog(path)
+    rows = log.query(limit=10**6)
+    assert len(rows) == 900 and len({r['id'] for r in rows}) == 900
+    for n in range(3):
+        assert [r['fields']['i'] for r in log.query(plugin=f'proc{n}', limit=10**6)] == \
+            list(range(300))
+    log.close()
+    with sqlite3.connect(path) as other:
+        with pytest.raises(sqlite3.IntegrityError, match='append-only'):
+            other.execute('delete from audit')
+
+
+def test_a_closed_log_refuses_to_write(path):
+    log = AuditLog(path)
+    log.close()
+    with pytest.raises(AuditError, match='cannot write'):
+        log.append('arm', 'actuator_command')
