@@ -4,7 +4,7 @@ and the agents become active (the manager's ~/is_active); an event goes through 
 (the astronaut's happy emoji on the UI; the spoken question's transcript on the UI); on shutdown
 (launch's SIGINT, what Ctrl-C sends) every process exits 0.
 
-Run: `launch_test test/launch/bringup_launch_test.py` (test_bringup_launch.py does, where launch,
+Run: `launch_test test/launch/bringup_launch_checks.py` (test_bringup_launch.py does, where launch,
 launch_ros and launch_testing are installed). The Zenoh bridge is left out (bridge:=false): it
 needs fleet credentials and a router, which `loom bringup` makes and launch leaves to the fleet.
 """
