@@ -22,9 +22,11 @@ class NoMemoryError(StorageError):
 
 
 class AgentMemoryReader:
-    """The agents' episodic and semantic memory at `<root>/agents/<agent>.db`, opened read-only
-    per query (`mode=ro`: SQLite refuses writes whatever the SQL; the agent keeps writing in
-    WAL and is never blocked). `agents` limits which agents may be read (empty: all)."""
+    """The agents' episodic and semantic memory, wherever under the root it is: an agent's own
+    file `<root>/agents/<agent>.db` (how agents keep it today) and the unit databases
+    `<root>/db/*.db` (where agents hosted on the layer keep it), merged in time order. Files are
+    opened read-only per query (`mode=ro`: SQLite refuses writes whatever the SQL; writers are
+    never blocked, WAL). `agents` limits which agents may be read (empty: all)."""
 
     def __init__(self, layout: StorageLayout, agents: frozenset[str] | set[str] = frozenset()):
         self.layout, self.agents = layout, frozenset(agents)
@@ -33,7 +35,8 @@ class AgentMemoryReader:
     def folder(self):
         return self.layout.agents
 
-    def path(self, agent: str):
+    def sources(self, agent: str) -> list:
+        """The files holding memory of `agent`; NoMemoryError when there is none."""
         try:
             check_name(agent, 'agent')
         except StorageError:
@@ -41,34 +44,52 @@ class AgentMemoryReader:
         if self.agents and agent not in self.agents:
             raise NoMemoryError(f'agent {agent!r} is not searchable here (allowed: '
                                 f'{", ".join(sorted(self.agents))})')
-        path = self.folder / f'{agent}.db'
-        if not path.is_file():
-            raise NoMemoryError(f'no memory for agent {agent!r} ({path} does not exist)')
-        return path
+        own = self.folder / f'{agent}.db'
+        found = [own] if own.is_file() else []
+        found += [db for db in self.layout.databases() if self._holds(db, agent)]
+        if not found:
+            raise NoMemoryError(f'no memory for agent {agent!r} (neither {own} nor a database '
+                                f'in {self.layout.root / "db"} holds any)')
+        return found
+
+    @staticmethod
+    def _holds(path, agent: str) -> bool:
+        try:
+            with closing(open_database(path, read_only=True, check=False)) as conn:
+                return conn.execute(
+                    "select 1 from kv where ns = 'agent_state' and key = ? union all "
+                    'select 1 from episodes where agent_id = ? union all '
+                    'select 1 from facts where agent_id = ? limit 1',
+                    (agent, agent, agent)).fetchone() is not None
+        except (sqlite3.DatabaseError, StorageError):
+            return False   # not a unit database (yet): nothing of this agent in it
 
     def _rows(self, agent: str, table: str, sql: str, args) -> list[sqlite3.Row]:
-        path = self.path(agent)
-        # check=False: the agent's own opener checks its file; a reader need not scan it.
-        with closing(open_database(path, read_only=True, check=False)) as conn:
-            conn.row_factory = sqlite3.Row
-            try:
-                if conn.execute("select 1 from sqlite_master where type = 'table' and name = ?",
-                                (table,)).fetchone() is None:
-                    return []   # the agent has not written any yet
-                return conn.execute(sql, args).fetchall()
-            except sqlite3.DatabaseError as exc:
-                raise StorageError(f'{path}: cannot read the memory of {agent!r}: {exc}') from None
+        rows: list[sqlite3.Row] = []
+        for path in self.sources(agent):
+            # check=False: each file's writer checks it on open; a reader need not scan it.
+            with closing(open_database(path, read_only=True, check=False)) as conn:
+                conn.row_factory = sqlite3.Row
+                try:
+                    if conn.execute("select 1 from sqlite_master where type = 'table' and "
+                                    'name = ?', (table,)).fetchone() is None:
+                        continue   # the agent has not written any yet
+                    rows += conn.execute(sql, args).fetchall()
+                except sqlite3.DatabaseError as exc:
+                    raise StorageError(f'{path}: cannot read the memory of {agent!r}: '
+                                       f'{exc}') from None
+        return rows
 
     def episodes(self, agent: str, start_ms: int = 0, end_ms: int = 2**63 - 1, type: str = '',
                  source: str = '', tag: str = '', text: str = '', limit: int = 100) -> list[dict]:
         sql, args = episodes_sql(agent, start_ms, end_ms, type, source, tag, text, limit)
-        return [{**dict(r), 'tags': json.loads(r['tags'])}
-                for r in self._rows(agent, 'episodes', sql, args)]
+        rows = sorted(self._rows(agent, 'episodes', sql, args), key=lambda r: r['time_ms'])
+        return [{**dict(r), 'tags': json.loads(r['tags'])} for r in rows[:max(0, limit)]]
 
     def facts(self, agent: str, entity: str = '', relation: str = '', text: str = '',
               limit: int = 100) -> list[dict]:
         sql, args = facts_sql(agent, entity, relation, text, limit)
-        return [dict(r) for r in self._rows(agent, 'facts', sql, args)]
+        return [dict(r) for r in self._rows(agent, 'facts', sql, args)][:max(0, limit)]
 
     def similar(self, agent: str, vector: np.ndarray, k: int) -> list[dict]:
         """The agent's facts closest to `vector` (an embedding of the agent's model; cosine,

@@ -275,6 +275,33 @@ def test_memory_search_needs_its_grant_and_honours_the_agent_list(run_tool, agen
     assert not refused.ok and "agent 'helper' is not searchable here" in refused.error
 
 
+def test_memory_search_merges_an_agents_own_file_with_the_storage_units(run_tool, tmp_path):
+    """An agent hosted on the storage layer keeps its memory in its host's unit database
+    (<root>/db/<unit>.db); the tool finds it there, merged in time order with what the agent's
+    own file (<root>/agents/<id>.db) already held, and names where it looked when neither has it."""
+    from loom_ros.agents.memory import EpisodicMemory
+    from loom_ros.agents.state import StateStore
+    from loom_ros.storage.storage import Storage, StorageConfig
+    old = StateStore(tmp_path / 'agents' / 'walker.db', 'walker')
+    EpisodicMemory(old.db, 'walker').record(Event.with_json('step', {'n': 1}, id='old-1',
+                                                            timestamp_ms=1000))
+    old.commit({}, 1, 'old-1')
+    old.close()
+    with Storage(StorageConfig(root=str(tmp_path), unit='host')) as storage:
+        storage.agent_state.commit('walker', {'n': 3}, 3, 'new-3', episodes=[
+            Event.with_json('step', {'n': n}, id=f'new-{n}', timestamp_ms=500 * n)
+            for n in (2, 3)]).wait(10)
+        storage.agent_state.commit('other', {}, 1, 'x', episodes=[
+            Event.with_json('step', {}, id='x', timestamp_ms=1)]).wait(10)
+        call = run_tool('memory_search', {'storage_root': str(tmp_path)}, ['memory.read'])
+        found = result(call('tool.memory.search', {'agent': 'walker', 'type': 'step'}))
+        assert [r['event_id'] for r in found['results']] == ['old-1', 'new-2', 'new-3']
+        assert [r['event_id'] for r in result(call('tool.memory.search', {
+            'agent': 'walker', 'limit': 2}))['results']] == ['old-1', 'new-2']
+        missing = call('tool.memory.search', {'agent': 'nobody'})
+        assert not missing.ok and str(tmp_path / 'db') in missing.error
+
+
 def _shipped_memory_search() -> dict:
     from loom_ros.config.params import config_dir
     entries = yaml.safe_load((config_dir() / 'plugins.yaml').read_text())['plugins']

@@ -1,8 +1,8 @@
 """Memory search tool: an agent's episodic and semantic memory, read-only, through the storage
 layer's reader (loom_ros/storage/readers.py), never by opening the agents' files itself.
 
-Where the memory is: the agents' folder of the storage root (`<root>/agents`, the agents'
-`state_dir`). The root is the one the plugin host's `data_dir` belongs to (`<root>/plugins`), so
+Where the memory is: under the storage root, in the agents' folder (`<root>/agents`, the agents'
+`state_dir`) and in the unit databases (`<root>/db`) of agents hosted on the layer. The root is the one the plugin host's `data_dir` belongs to (`<root>/plugins`), so
 the tool, the agents and the demo agree without a setting of the tool's own; a host whose
 data_dir is laid out otherwise (or none) sets `storage_root` in this tool's config. Needs
 `memory.read`.
@@ -113,7 +113,7 @@ class MemorySearchTool(Plugin):
         if not text.strip():
             raise ToolInputError('similar needs a non-empty "query" text')
         k = _int(query, 'k', 5, 1, self.max_results)
-        self.reader.path(agent)   # a missing or refused agent says so before the model loads
+        self.reader.sources(agent)   # a missing or refused agent says so before the model loads
         if self.embedder is None:
             from loom_ros.agents.embedding import MiniLMEmbedder, ModelError
             try:
