@@ -63,7 +63,8 @@ class RouterHistory:
         return self._store.backend_stats(event_type, backend)
 
     def training_rows(self) -> list[dict]:
-        """Decisions joined with what local inference turned out to be: the learned router's data."""
+        """Decisions joined with what local inference turned out to be: the learned router's
+        data."""
         return self._store.training_rows()
 
     @property

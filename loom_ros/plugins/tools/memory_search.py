@@ -1,11 +1,11 @@
 """Memory search tool: an agent's episodic and semantic memory, read-only, through the storage
 layer's reader (loom_ros/storage/readers.py), never by opening the agents' files itself.
 
-Where the memory is: under the storage root, in the agents' folder (`<root>/agents`, the agents'
-`state_dir`) and in the unit databases (`<root>/db`) of agents hosted on the layer. The root is the one the plugin host's `data_dir` belongs to (`<root>/plugins`), so
-the tool, the agents and the demo agree without a setting of the tool's own; a host whose
-data_dir is laid out otherwise (or none) sets `storage_root` in this tool's config. Needs
-`memory.read`.
+Where the memory is: under the storage root, in the agents' folder (`<root>/agents`, the
+agents' `state_dir`) and in the unit databases (`<root>/db`) of agents hosted on the layer. The
+root is the one the plugin host's `data_dir` belongs to (`<root>/plugins`), so the tool, the
+agents and the demo agree without a setting of the tool's own; a host whose data_dir is laid
+out otherwise (or none) sets `storage_root` in this tool's config. Needs `memory.read`.
 
 Query (`tool.memory.search`), `agent` plus one `mode`:
 - `episodic`: `start_ms`, `end_ms`, `type`, `source`, `tag`, `text` (in the payload), `limit`
