@@ -11,8 +11,8 @@ folder (demo_output/):
 - this process watches router/decisions, loom/ui/state, the voice agent and /diagnostics, and
   measures camera-to-emoji latency, time to first feedback and time to the spoken answer (both
   from the moment the simulated speaker stops talking), and counts camera frames: sent into
-  Loom by camera_adapter, received (and lost) by the face agent, handled by the face flow (a UI
-  update for that frame), from loom/bus/stats and loom/ui/state.
+  Loom by camera_adapter, received (and lost) by the face agent, handled (face in view or not:
+  an empty scene sends no emoji) and dropped by it, from loom/bus/stats and loom/agents/status.
 Secure by default, like bring-up: credentials are made on the first run in <output>/keys (or
 `--keys-dir`) and every Zenoh link is mutual TLS under the router's access control; `--insecure`
 runs plain TCP and says so.
@@ -42,6 +42,7 @@ from loom_ros.bus.qos import fastdds_environment
 from loom_ros.config.params import DEFAULTS_FILE, config_dir
 
 CAMERA_TOPIC = 'camera.front'
+FACE_AGENT = 'face'
 
 
 def add_parser(sub) -> None:
@@ -129,7 +130,8 @@ class Watcher:
         from rclpy.task import Future
         from std_msgs.msg import String
 
-        from loom_msgs.msg import BusStats, RouteDecision
+        from loom_msgs.msg import AgentStatus, BusStats, RouteDecision
+        from loom_ros.bus import topics
         from loom_ros.bus.bus import STATS_TOPIC, create_bus
         from loom_ros.bus.executor import make_executor, spin_until
         from loom_ros.bus.qos import to_qos_profile
@@ -142,9 +144,12 @@ class Watcher:
         self.emojis: Counter = Counter()
         self.last_emoji = ''
         self._frames_seen: set = set()
-        self._handled_recent: collections.deque = collections.deque(maxlen=512)
-        self.frames_handled = 0          # distinct camera frames that reached the UI
-        # (frames sent, frames handled) at the first camera_adapter stats after the face flow
+        # The face agent's own counts (AgentStatus on loom/agents/status): frames it handled
+        # (with or without a face in view: an empty scene sends no emoji) and dropped.
+        self.frames_handled = 0
+        self.frames_dropped = 0
+        self.face_errors = 0
+        # (frames sent, frames handled) at the first camera_adapter stats after the face agent
         # handled a frame, and at the latest: the ratio compares counts taken at the same moments.
         self._window: list[tuple[int, int]] = []
         self.frames_sent: dict[str, int] = {}       # node -> camera.front events published
@@ -164,6 +169,8 @@ class Watcher:
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
         self.node.create_subscription(BusStats, STATS_TOPIC, self._on_stats,
                                       to_qos_profile('realtime'))
+        self.node.create_subscription(AgentStatus, topics.AGENTS_STATUS, self._on_agent,
+                                      to_qos_profile('background'))
         self.bus.subscribe('mic.primary', self._on_mic)
         self.bus.subscribe('agent.voice.action', self._on_voice_action)
         self.bus.subscribe('agent.voice.intent', self._on_voice_intent)
@@ -184,9 +191,6 @@ class Watcher:
         state = json.loads(msg.data)
         frame = state.get('frame_ms')
         with self.lock:
-            if frame and frame not in self._handled_recent:   # a voice update repeats it
-                self._handled_recent.append(frame)
-                self.frames_handled += 1
             if state.get('emoji') and frame and frame not in self._frames_seen:
                 self._frames_seen.add(frame)
                 self.face_ms.append(now - float(frame))
@@ -205,6 +209,13 @@ class Watcher:
                     self._window = [self._window[0], point] if self._window else [point]
             if got:
                 self.frames_received[msg.node] = (sum(g[0] for g in got), sum(g[1] for g in got))
+
+    def _on_agent(self, msg) -> None:
+        if msg.agent_id == FACE_AGENT:
+            with self.lock:
+                self.frames_handled = int(msg.handled)
+                self.frames_dropped = int(msg.mailbox_dropped)
+                self.face_errors = int(msg.behavior_errors)
 
     def _on_diag(self, msg) -> None:
         for status in msg.status:
@@ -270,6 +281,8 @@ class Watcher:
         return {'frames_sent': sent, 'frames_received_by_agents': received,
                 'frames_lost_before_agents': sum(v[1] for v in agents.values()),
                 'frames_handled': self.frames_handled,
+                'frames_dropped_by_face_agent': self.frames_dropped,
+                'face_errors': self.face_errors,
                 'window_frames_sent': since, 'window_frames_handled': handled_since,
                 'handled_ratio': round(handled_since / since, 3) if since > 0 else None,
                 'note': 'sent and received as of the last loom/bus/stats (1 s period)'}
@@ -413,7 +426,8 @@ def _print_summary(s: dict, out: Path) -> None:
     cam = s['camera']
     print(f'  Camera frames: {cam["frames_sent"]} sent into Loom, {cam["frames_received_by_agents"]} '
           f'received by the face agent ({cam["frames_lost_before_agents"]} lost), '
-          f'{cam["frames_handled"]} handled by the face flow'
+          f'{cam["frames_handled"]} handled by the face flow '
+          f'({cam["frames_dropped_by_face_agent"]} dropped, {cam["face_errors"]} errors)'
           + (f'; once it was up, {cam["window_frames_handled"]} of {cam["window_frames_sent"]} '
              f'({100 * cam["handled_ratio"]:.0f}%)' if cam['handled_ratio'] is not None else ''))
     print(f'  routes {s["routes"]}')

@@ -223,6 +223,11 @@ class FaceExpressionPlugin(_PerceptionPlugin):
                                      max_faces=config.max_faces)
         self.classifier = ExpressionClassifier(config.expression_model_path or None,
                                                threads=config.threads, margin=config.margin)
+        # Warm-up at Init, not on the first camera frame: a runtime's first run allocates and
+        # plans (the demo's first frame took ~0.9 s and held up the frames behind it).
+        blank = np.zeros((480, 640, 3), dtype=np.uint8)
+        self.detector.detect(blank)
+        self.classifier.classify_box(blank, (160.0, 120.0, 480.0, 360.0))
 
     def _handle(self, event: Event) -> list[Event]:
         rgb = self._frame(event)
