@@ -435,6 +435,7 @@ class RobotProcess:
                 params.update(spawn=False)
                 params.pop('agent_params_file', None)
             return [Parameter(k, value=v) for k, v in params.items()]
+        routers = []
         for node in selected:
             if node.name == table.MANAGER:
                 # The agents' host: the params file's agent section reaches it through
@@ -442,11 +443,16 @@ class RobotProcess:
                 # when the manager starts the host.
                 state_dir = node_section(params_file, table.MANAGER).get('state_dir') or \
                     node_defaults(table.MANAGER)['state_dir']
-                self.agents = self._add(AgentNode(node_name=AGENT_HOST, parameter_overrides=[
+                # The router runs here: agents ask it in-process (no service round trip).
+                router = routers[0].in_process() if routers else None
+                self.agents = self._add(AgentNode(node_name=AGENT_HOST, router=router,
+                                                  parameter_overrides=[
                     Parameter('agents', value=ids), Parameter('autostart', value=False),
                     Parameter('agents_file', value=agents_file),
                     Parameter('state_dir', value=str(state_dir))]))
-            self._add(node.load_class()(parameter_overrides=overrides(node)))
+            made = self._add(node.load_class()(parameter_overrides=overrides(node)))
+            if node.name == 'router':
+                routers.append(made)
 
     def _add(self, node):
         from rclpy.task import Future
@@ -514,8 +520,6 @@ class RobotProcess:
                 stop.set_result(True)
         for thread in self.threads:
             thread.join(5.0)
-        from loom_ros.agents.flows.link import FlowLink
-        FlowLink.close_shared()
         from loom_ros.bus.executor import finalize_node
         for node, executor in reversed(self.nodes):
             executor.shutdown()

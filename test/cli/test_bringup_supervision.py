@@ -163,12 +163,20 @@ def test_sigkill_of_bringup_takes_its_side_processes_along_and_the_port_is_free_
         second.stop()
 
 
-def test_a_node_whose_spin_thread_dies_makes_bringup_exit_1_and_say_which(config):
+def test_a_node_whose_spin_thread_dies_makes_bringup_exit_1_and_say_which(ros, config):
     bringup = Bringup(config, _free_port(), 'dying', driver=DYING_NODE_DRIVER,
                       extra=('--composition',))
     try:
         ready = bringup.ready()
         assert ready['mode'] == 'composition' and ready['node_pids'] == {}
+        # One process: the agents ask the router in-process, so their host has no router/route
+        # client (its own services show it is in the graph).
+        host = ('agent_host_0', '/')
+        _wait_until(lambda: host in ros.node.get_node_names_and_namespaces() and
+                    ros.node.get_service_names_and_types_by_node(*host),
+                    "the agent host's services in the graph")
+        clients = [name for name, _ in ros.node.get_client_names_and_types_by_node(*host)]
+        assert not [c for c in clients if c.endswith('router/route')], clients
         pids = ready['side_pids']
         bringup.popen.stdin.write('die\n')
         bringup.popen.stdin.flush()
