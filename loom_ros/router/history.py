@@ -8,12 +8,28 @@ handle on its `history_db` file, taking its own types (RouteRequest, Decision, O
 from __future__ import annotations
 
 import os
+import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from loom_ros.router.decision import Decision, Route, RouteRequest
 from loom_ros.storage import schema
 from loom_ros.storage.direct import DirectDatabase
+from loom_ros.storage.errors import StorageError
 from loom_ros.storage.stores import RouterHistoryStore
+
+
+class HistoryError(sqlite3.DatabaseError):
+    """The history file cannot be opened, read or written; names the file and why. An
+    sqlite3.Error, as the router's history always raised, so its callers keep handling it."""
+
+
+@contextmanager
+def _history_errors():
+    try:
+        yield
+    except StorageError as exc:
+        raise HistoryError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -34,24 +50,29 @@ class RouterHistory:
 
     def __init__(self, path: str | os.PathLike, budget_period_s: float, shared: bool = False):
         self.period_s = budget_period_s
-        self.db = DirectDatabase(path, schema.ROUTER_DDL)
-        self._store = RouterHistoryStore(self.db, budget_period_s)
+        with _history_errors():
+            self.db = DirectDatabase(path, schema.ROUTER_DDL)
+            self._store = RouterHistoryStore(self.db, budget_period_s)
 
     def record_decision(self, decision_id: str, event_id: str, request: RouteRequest,
                         decision: Decision, now: float | None = None) -> None:
-        self._store.record_decision(
-            decision_id, event_id, request.event_type, request.agent_id, int(request.privacy),
-            decision.route.value, decision.rule, decision.confidence, decision.cloud_cost,
-            request.local_confidence, request.payload_bytes, request.latency_budget_ms, now)
+        with _history_errors():
+            self._store.record_decision(
+                decision_id, event_id, request.event_type, request.agent_id,
+                int(request.privacy), decision.route.value, decision.rule, decision.confidence,
+                decision.cloud_cost, request.local_confidence, request.payload_bytes,
+                request.latency_budget_ms, now)
 
     def record_outcome(self, outcome: Outcome, now: float | None = None) -> None:
-        self._store.record_outcome(outcome.decision_id, outcome.event_type, outcome.backend,
-                                   outcome.latency_ms, outcome.cost, outcome.success,
-                                   outcome.confidence, now)
+        with _history_errors():
+            self._store.record_outcome(outcome.decision_id, outcome.event_type, outcome.backend,
+                                       outcome.latency_ms, outcome.cost, outcome.success,
+                                       outcome.confidence, now)
 
     def spend(self, now: float | None = None) -> float:
         """Cloud spend reported in the current budget period (periods start at multiples of it)."""
-        return self._store.spend(now)
+        with _history_errors():
+            return self._store.spend(now)
 
     def rates(self) -> dict[str, float]:
         total = sum(self._store.routes.values())
@@ -60,12 +81,14 @@ class RouterHistory:
 
     def backend_stats(self, event_type: str, backend: str) -> dict:
         """Running performance per backend and event type (what the learned router trains on)."""
-        return self._store.backend_stats(event_type, backend)
+        with _history_errors():
+            return self._store.backend_stats(event_type, backend)
 
     def training_rows(self) -> list[dict]:
         """Decisions joined with what local inference turned out to be: the learned router's
         data."""
-        return self._store.training_rows()
+        with _history_errors():
+            return self._store.training_rows()
 
     @property
     def routes(self):

@@ -6,6 +6,7 @@ each refusal is counted by the bridge."""
 import yaml
 
 from loom_ros.bus.event import Event, Privacy
+from loom_ros.security.audit import AuditLog
 
 PIN = 'my pin is 4242'
 AGENTS = {'agents': [{'id': 'voice', 'behavior': 'voice', 'subscriptions': ['mic.primary.speech'],
@@ -61,7 +62,10 @@ def test_local_only_speech_never_leaves_through_the_voice_agent(
                  status.get('refused_local_only') >= 2, 'the refusals and the sentinel',
                  spin=send, alive=alive)
     assert not listener.seen('4242'), [k for k, d in listener.samples if b'4242' in d]
-    assert audit.read_text().count('local_only') >= 2
+    log = AuditLog(audit.with_suffix('.db'))   # privacy refusals are rows of the audit_db
+    assert [r['fields']['reason'] for r in log.query(kind='privacy_refused')].count(
+        'local_only') >= 2
+    log.close()
 
 
 def test_a_forged_upload_flag_from_an_outside_publisher_does_not_cross(

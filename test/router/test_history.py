@@ -67,3 +67,16 @@ def test_a_history_file_from_before_the_storage_layer_opens_and_grows(tmp_path):
     with sqlite3.connect(path) as conn:
         assert conn.execute('pragma journal_mode').fetchone()[0] == 'wal'
         assert conn.execute('pragma integrity_check').fetchone()[0] == 'ok'
+
+
+def test_a_corrupt_history_file_is_an_sqlite_error_naming_it(tmp_path):
+    """The router catches sqlite3.Error to refuse configure with the file and the reason."""
+    import sqlite3
+
+    from loom_ros.router.history import HistoryError
+    bad = tmp_path / 'router.db'
+    bad.write_bytes(b'this is no SQLite file' * 100)
+    with pytest.raises(sqlite3.Error) as err:
+        RouterHistory(bad, budget_period_s=100.0)
+    assert isinstance(err.value, HistoryError)
+    assert str(bad) in str(err.value) and 'file is not a database' in str(err.value)
