@@ -1,6 +1,8 @@
-"""An agent's persistent state in SQLite (sqlite-utils, WAL), committed in one transaction per
-handled event (or per interval) together with that event's episode, restored on configure. A row from an older schema is upgraded;
-a corrupt row is a clear error, never a silent reset."""
+"""An agent's persistent state in SQLite (sqlite-utils over a connection from the storage layer's
+one opener, loom_ros/storage/sqlite.py: WAL, synchronous=NORMAL, busy timeout, byte cap),
+committed in one transaction per handled event (or per interval) together with that event's
+episode, restored on configure. A row from an older schema is upgraded; a corrupt row is a clear
+error, never a silent reset."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +13,9 @@ from pathlib import Path
 
 import sqlite_utils
 
+from loom_ros.storage.errors import StorageError
+from loom_ros.storage.sqlite import open_database
+
 SCHEMA_VERSION = 2  # 1 had no event counter
 
 
@@ -20,18 +25,18 @@ class StateError(RuntimeError):
 
 class StateStore:
     def __init__(self, path: str | Path, agent_id: str, max_bytes: int = 0):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.agent_id = agent_id
         # Dispatcher workers and services share the connection; Agent serializes it with a lock.
-        self.db = sqlite_utils.Database(sqlite3.connect(str(path), check_same_thread=False))
-        self.db.enable_wal()
         # WAL + NORMAL: a killed process (even SIGKILL) loses nothing committed; only a power
         # cut may lose the last transactions. Without it every event waits for an fsync (~1.5 ms
-        # here), which caps a process at a few hundred agent-events/s.
-        self.db.execute('PRAGMA synchronous=NORMAL')
-        if max_bytes:  # SQLite then fails writes with 'database or disk is full', as a full disk does
-            page = self.db.execute('PRAGMA page_size').fetchone()[0]
-            self.db.execute(f'PRAGMA max_page_count={max(1, max_bytes // page)}')
+        # here), which caps a process at a few hundred agent-events/s. With max_bytes SQLite
+        # fails writes with 'database or disk is full', as a full disk does. No quick check on
+        # open (it reads the whole file: seconds for a large episode log at every configure).
+        try:
+            conn = open_database(path, synchronous='NORMAL', max_bytes=max_bytes, check=False)
+        except StorageError as exc:
+            raise StateError(f'agent {agent_id}: cannot open its state: {exc}') from None
+        self.db = sqlite_utils.Database(conn)
         self.db['agent_state'].create({
             'agent_id': str, 'schema': int, 'state': str, 'events': int, 'last_event_id': str,
             'updated_ms': int}, pk='agent_id', if_not_exists=True)
