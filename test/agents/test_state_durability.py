@@ -57,3 +57,20 @@ def test_sigkill_mid_event_leaves_episodes_and_state_in_agreement(tmp_path, acke
     db.close()
     assert (events, last) == (acked, f'e{acked - 1}')            # nothing acknowledged lost
     assert episodes == [f'e{i}' for i in range(acked)]            # no episode past the state
+
+
+def test_a_state_file_that_is_not_a_database_refuses_configure_naming_it(tmp_path):
+    """Opened through the storage layer's opener: a damaged file is a StateError (one of the
+    errors that refuse configure with a reason), and it is left as is for inspection."""
+    from loom_ros.agents.config import AgentConfig
+    from loom_ros.agents.runtime import CONFIGURE_ERRORS, Agent
+    from loom_ros.agents.state import StateError
+    garbage = b'this is no SQLite file' * 100
+    (tmp_path / 'face.db').write_bytes(garbage)
+    agent = Agent(AgentConfig(id='face', behavior='counter', subscriptions=['t']),
+                  str(tmp_path), lambda *a: None)
+    with pytest.raises(CONFIGURE_ERRORS) as err:
+        agent.configure()
+    assert isinstance(err.value, StateError)
+    assert str(tmp_path / 'face.db') in str(err.value) and 'not a database' in str(err.value)
+    assert (tmp_path / 'face.db').read_bytes() == garbage
