@@ -239,6 +239,8 @@ def test_in_process_router_and_plugins_are_injected_into_the_behaviors(ros, tmp_
     from loom_ros.agents.agent_node import AgentNode
     from loom_ros.bus.bus import EventBus
     from loom_ros.bus.executor import make_executor, spin_until
+    from loom_ros.bus.qos import TopicQosTable
+    from loom_ros.config.params import node_defaults
     from loom_ros.plugins.host import PluginHost, load_plugins_file
     from loom_ros.plugins.perception.image import frame_event
     from loom_ros.router.local import LocalRouter
@@ -254,7 +256,9 @@ def test_in_process_router_and_plugins_are_injected_into_the_behaviors(ros, tmp_
     executor.add_node(agents)
     spinning = threading.Thread(target=spin_until, args=(executor, stop), daemon=True)
     node = Node('inproc_camera', namespace='/ag_inproc', context=ros.node.context)
-    camera = EventBus(node)
+    defaults = node_defaults('inproc_camera')   # the product's QoS table, as every process
+    camera = EventBus(node, topic_qos=TopicQosTable(defaults['bus.topic_qos'],
+                                                    defaults['bus.default_qos']))
     ros.executor.add_node(node)
     shown = []
     camera.subscribe('agent.face.action', lambda e, _t: shown.append(e.json()))
