@@ -14,6 +14,8 @@ from PIL import Image
 from rclpy.node import Node
 
 from loom_ros.bus.bus import EventBus
+from loom_ros.bus.qos import TopicQosTable
+from loom_ros.config.params import node_defaults
 from loom_ros.plugins.perception.image import frame_event
 
 NS = '/fl'
@@ -31,7 +33,9 @@ def test_face_agent_reaches_router_and_plugin_host_through_its_own_node_and_stop
                   '-p', 'agent_id:=face', '-p', f'state_dir:={tmp_path / "agents"}')
     procs = [router, plugins, agent]
     node = Node('fl_camera', namespace=NS, context=ros.node.context)
-    camera = EventBus(node)
+    defaults = node_defaults('fl_camera')   # the product's QoS table, as every process
+    camera = EventBus(node, topic_qos=TopicQosTable(defaults['bus.topic_qos'],
+                                                    defaults['bus.default_qos']))
     ros.executor.add_node(node)
     shown = []
     camera.subscribe('agent.face.action', lambda e, _t: shown.append(e.json()))
