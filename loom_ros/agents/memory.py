@@ -14,11 +14,7 @@ import sqlite_utils
 
 from loom_ros.agents.embedding import DIM
 from loom_ros.bus.event import Event
-from loom_ros.storage.stores import episodes_sql
-from loom_ros.telemetry.logs import mask_text
-
-MAX_PAYLOAD_BYTES = 4096   # of an event's payload kept in its episode
-MAX_FIELD_CHARS = 256      # of an id, type, source or tag
+from loom_ros.storage.stores import episode_row, episodes_sql
 
 
 class EpisodicMemory:
@@ -33,12 +29,8 @@ class EpisodicMemory:
 
     def record(self, event: Event) -> None:
         """Add an event; it becomes durable with the caller's next commit (StateStore.commit),
-        in the same transaction as the state it produced. Secrets in the payload and tags are
-        masked (telemetry's rules) before they reach the file."""
-        try:
-            payload = bytes(event.payload[:MAX_PAYLOAD_BYTES]).decode()
-        except UnicodeDecodeError:
-            payload = f'<{len(event.payload)} bytes>'
+        in the same transaction as the state it produced. Cut and masked as every episode is
+        (storage.stores.episode_row: telemetry's rules) before it reaches the file."""
         # sqlite-utils' execute commits a write on its own unless a transaction is open: open
         # one, so a SIGKILL between this episode and the state's commit loses both, never
         # leaves an episode past the committed state.
@@ -47,11 +39,7 @@ class EpisodicMemory:
             conn.execute('BEGIN')
         conn.execute(
             'insert into episodes (agent_id, event_id, time_ms, type, source, tags, payload) '
-            'values (?, ?, ?, ?, ?, ?, ?)',
-            [self.agent_id, event.id[:MAX_FIELD_CHARS], event.timestamp_ms,
-             event.type[:MAX_FIELD_CHARS], event.source[:MAX_FIELD_CHARS],
-             json.dumps([mask_text(str(t)[:MAX_FIELD_CHARS]) for t in event.tags]),
-             mask_text(payload)])
+            'values (?, ?, ?, ?, ?, ?, ?)', episode_row(self.agent_id, event))
 
     def query(self, start_ms: int = 0, end_ms: int = 2**63 - 1, type: str = '',
               source: str = '', tag: str = '', limit: int = 100) -> list[dict]:

@@ -110,6 +110,17 @@ def _payload_text(payload: bytes) -> str:
         return f'<{len(payload)} bytes>'
 
 
+def episode_row(agent_id: str, event, mask: Callable[[str], str] = mask_text) -> tuple:
+    """(agent_id, event_id, time_ms, type, source, tags, payload) of an event's episode, as every
+    episode is stored: payload cut to MAX_PAYLOAD_BYTES (binary as '<n bytes>'), ids, types,
+    sources and tags cut to MAX_FIELD_CHARS, secrets in payload and tags masked."""
+    tags = json.dumps([mask(str(t)[:MAX_FIELD_CHARS]) for t in event.tags]) if event.tags \
+        else '[]'
+    return (agent_id, event.id[:MAX_FIELD_CHARS], int(event.timestamp_ms),
+            event.type[:MAX_FIELD_CHARS], event.source[:MAX_FIELD_CHARS], tags,
+            mask(_payload_text(event.payload)))
+
+
 class EpisodeStore:
     """The event log (warm tier), with the most recent events of each agent served from memory
     (hot tier: a read cache; every write is durable through the writer)."""
@@ -125,13 +136,8 @@ class EpisodeStore:
 
     def record_op(self, agent_id: str, event) -> tuple:
         """The insert of one event (secrets in payload and tags masked before the file)."""
-        mask = self.mask
-        payload = mask(_payload_text(event.payload))
-        tags = json.dumps([mask(str(t)[:MAX_FIELD_CHARS]) for t in event.tags]) if event.tags \
-            else '[]'
-        return (self.INSERT, (agent_id, event.id[:MAX_FIELD_CHARS], int(event.timestamp_ms),
-                              event.type[:MAX_FIELD_CHARS], event.source[:MAX_FIELD_CHARS], tags,
-                              payload, len(payload) + len(tags) + 64))
+        row = episode_row(agent_id, event, self.mask)
+        return (self.INSERT, (*row, len(row[6]) + len(row[5]) + 64))
 
     def record(self, agent_id: str, event) -> Ticket:
         ticket = self.storage.writer.submit((self.record_op(agent_id, event),))
