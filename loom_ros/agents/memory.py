@@ -14,7 +14,8 @@ import sqlite_utils
 
 from loom_ros.agents.embedding import DIM
 from loom_ros.bus.event import Event
-from loom_ros.storage.stores import episode_row, episodes_sql
+from loom_ros.storage.stores import (FactStore, episode_row, episodes_sql, fact_neighbourhood,
+                                     similar_facts)
 
 
 class EpisodicMemory:
@@ -63,9 +64,7 @@ class SemanticMemory:
             vectors = np.stack([np.frombuffer(r['vector'], dtype=np.float32) for r in rows])
             self.index.add_with_ids(vectors, np.array([r['id'] for r in rows], dtype=np.int64))
 
-    @staticmethod
-    def text_of(subject: str, relation: str, obj: str) -> str:
-        return f'{subject} {relation.replace("_", " ")} {obj}'
+    text_of = staticmethod(FactStore.text_of)
 
     def add_fact(self, subject: str, relation: str, obj: str, provenance: str) -> int:
         vector = self.embedder.embed([self.text_of(subject, relation, obj)])[0]
@@ -80,34 +79,11 @@ class SemanticMemory:
         """Facts whose meaning is closest to `query` (cosine similarity, best first)."""
         if self.index.ntotal == 0:
             return []
-        scores, ids = self.index.search(self.embedder.embed([query]), min(k, self.index.ntotal))
-        facts = {r['id']: r for r in self._facts([int(i) for i in ids[0] if i >= 0])}
-        return [{**facts[int(i)], 'score': float(s)} for s, i in zip(scores[0], ids[0])
-                if int(i) in facts]
+        return similar_facts(self._query, self.index, self.embedder.embed([query]), k)
 
     def neighbourhood(self, entity: str, depth: int = 1) -> list[dict]:
         """Facts reachable from `entity` through the graph within `depth` hops."""
-        seen_entities, frontier, found = {entity}, {entity}, {}
-        for _ in range(depth):
-            if not frontier:
-                break
-            marks = ','.join('?' * len(frontier))
-            rows = list(self.db.query(
-                f'select id, subject, relation, object, provenance from facts where agent_id = ? '
-                f'and (subject in ({marks}) or object in ({marks}))',
-                [self.agent_id, *frontier, *frontier]))
-            frontier = set()
-            for row in rows:
-                found[row['id']] = row
-                for node in (row['subject'], row['object']):
-                    if node not in seen_entities:
-                        seen_entities.add(node)
-                        frontier.add(node)
-        return sorted(found.values(), key=lambda r: r['id'])
+        return fact_neighbourhood(self._query, self.agent_id, entity, depth)
 
-    def _facts(self, ids: list[int]) -> list[dict]:
-        if not ids:
-            return []
-        return list(self.db.query(
-            f'select id, subject, relation, object, provenance from facts where id in '
-            f'({",".join("?" * len(ids))})', ids))
+    def _query(self, sql: str, params) -> list[dict]:
+        return list(self.db.query(sql, params))

@@ -262,38 +262,48 @@ class FactStore:
         """Facts whose meaning is closest to `query` (cosine similarity, best first)."""
         if self.index is None or self.index.ntotal == 0:
             return []
-        scores, ids = self.index.search(np.asarray(self.embedder.embed([query]), np.float32),
-                                        min(k, self.index.ntotal))
-        facts = {r['id']: r for r in self._facts([int(i) for i in ids[0] if i >= 0])}
-        return [{**facts[int(i)], 'score': float(s)} for s, i in zip(scores[0], ids[0])
-                if int(i) in facts]
+        return similar_facts(self.storage.query, self.index,
+                             np.asarray(self.embedder.embed([query]), np.float32), k)
 
     def neighbourhood(self, entity: str, depth: int = 1) -> list[dict]:
         """Facts reachable from `entity` through the graph within `depth` hops."""
-        seen, frontier, found = {entity}, {entity}, {}
-        for _ in range(depth):
-            if not frontier:
-                break
-            marks = ','.join('?' * len(frontier))
-            rows = self.storage.query(
-                f'select id, subject, relation, object, provenance from facts where agent_id = ? '
-                f'and (subject in ({marks}) or object in ({marks}))',
-                (self.agent_id, *frontier, *frontier))
-            frontier = set()
-            for row in rows:
-                found[row['id']] = dict(row)
-                for node in (row['subject'], row['object']):
-                    if node not in seen:
-                        seen.add(node)
-                        frontier.add(node)
-        return sorted(found.values(), key=lambda r: r['id'])
+        return fact_neighbourhood(self.storage.query, self.agent_id, entity, depth)
 
-    def _facts(self, ids: list[int]) -> list[dict]:
-        if not ids:
-            return []
-        return [dict(r) for r in self.storage.query(
-            f'select id, subject, relation, object, provenance from facts where id in '
-            f'({",".join("?" * len(ids))})', ids)]
+
+def similar_facts(query, index, vectors: np.ndarray, k: int) -> list[dict]:
+    """The facts nearest `vectors` (one query embedding) in `index`, best first, read through
+    `query(sql, params)`: the one search for the unit databases and the agents' files."""
+    if index.ntotal == 0:
+        return []
+    scores, ids = index.search(vectors, min(k, index.ntotal))
+    found = [int(i) for i in ids[0] if i >= 0]
+    facts = {} if not found else {r['id']: dict(r) for r in query(
+        f'select id, subject, relation, object, provenance from facts where id in '
+        f'({",".join("?" * len(found))})', found)}
+    return [{**facts[int(i)], 'score': float(s)} for s, i in zip(scores[0], ids[0])
+            if int(i) in facts]
+
+
+def fact_neighbourhood(query, agent_id: str, entity: str, depth: int = 1) -> list[dict]:
+    """Facts reachable from `entity` within `depth` hops of the agent's knowledge graph, read
+    through `query(sql, params)`."""
+    seen, frontier, found = {entity}, {entity}, {}
+    for _ in range(depth):
+        if not frontier:
+            break
+        marks = ','.join('?' * len(frontier))
+        rows = query(
+            f'select id, subject, relation, object, provenance from facts where agent_id = ? '
+            f'and (subject in ({marks}) or object in ({marks}))',
+            (agent_id, *frontier, *frontier))
+        frontier = set()
+        for row in rows:
+            found[row['id']] = dict(row)
+            for node in (row['subject'], row['object']):
+                if node not in seen:
+                    seen.add(node)
+                    frontier.add(node)
+    return sorted(found.values(), key=lambda r: r['id'])
 
 
 class RouterHistoryStore:
