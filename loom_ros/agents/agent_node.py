@@ -14,7 +14,9 @@ their AgentContext (made on configure, released on cleanup): in-process objects 
 or a plugin runs in this process, else clients of `router/route` and the plugin host's services
 on this very node (answered by its executor: see agents/flows/link.py for the threads), and one
 cloud link (Zenoh session + CloudClient) per distinct cloud the agents' settings name
-(agents/flows/cloud.py). Every heartbeat period each agent's AgentStatus goes out on
+(agents/flows/cloud.py). Plugins an agent names in `host_plugins` run in this process on the
+plugin host's settings (plugins/embedded.py), started on configure and stopped on cleanup, so its
+calls carry no frame across processes (issue 15). Every heartbeat period each agent's AgentStatus goes out on
 loom/agents/heartbeat for the lifecycle manager.
 A behavior that raises is counted and logged and the agent goes on; an agent whose state cannot
 be persisted (disk full) leaves `active` (alone, when hosted with others), so nothing
@@ -42,6 +44,11 @@ from loom_ros.bus.executor import run_lifecycle_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
 from loom_ros.config.paths import usable_dir
+from loom_ros.plugins.contract import PluginError
+from loom_ros.plugins.embedded import EmbeddedPlugins, HostSettings, pick_specs
+from loom_ros.plugins.host import PluginsFileError
+from loom_ros.plugins.registry import local_plugins as registry_plugins
+from loom_ros.security.capabilities import CapabilityConfigError
 from loom_ros.security.audit import AuditError, AuditLog
 from loom_ros.telemetry.logs import mask_node_logger
 
@@ -77,13 +84,16 @@ RECALL_WAIT_S = 2.0   # how long Recall waits for an agent's handler to finish
 class AgentNode(LifecycleNode):
 
     def __init__(self, agent_id: str | None = None, heartbeat_key: bytes | None = None,
-                 router=None, local_plugins=None, **kwargs):
+                 router=None, local_plugins=None, plugin_settings: HostSettings | None = None,
+                 **kwargs):
         """`heartbeat_key`: the secret heartbeats are signed with; by default the one a spawning
         manager put in the environment, else this process's own (a manager in this process).
         `router`: an in-process RouterPort (router.local.LocalRouter) when the router runs in
         this process, else the behaviors route through the `router/route` service.
         `local_plugins`: the {name: handle} lookup of in-process plugins (by default
-        plugins.registry.local_plugins, where a plugin host in this process registers)."""
+        plugins.registry.local_plugins, where a plugin host in this process registers).
+        `plugin_settings`: the plugin host settings `host_plugins` run with (default: the
+        plugin_host section of config/loom.yaml)."""
         overrides = kwargs.pop('parameter_overrides', [])
         name = kwargs.pop('node_name', None) or (f'agent_{agent_id}' if agent_id else 'agent')
         super().__init__(name, parameter_overrides=overrides, **kwargs)
@@ -100,6 +110,8 @@ class AgentNode(LifecycleNode):
         self._signer = BeatSigner(heartbeat_key or process_key())
         self._audit: AuditLog | None = None
         self._router, self._local_plugins = router, local_plugins
+        self._plugin_settings = plugin_settings
+        self.embedded: EmbeddedPlugins | None = None   # the agents' host_plugins, on configure
         self.ports: NodePorts | None = None            # made on configure, closed on cleanup
         self.clouds: dict[CloudSettings, CloudLink] = {}
         from loom_msgs.msg import AgentStatus
@@ -138,9 +150,11 @@ class AgentNode(LifecycleNode):
             self.get_logger().error(f'cannot configure: {exc}')
             return TransitionCallbackReturn.FAILURE
         self.dispatcher = Dispatcher(int(self.params['workers']), name=self.get_name())
-        self.ports = NodePorts(self, self._router, self._local_plugins)
+        self.ports = NodePorts(self, self._router, self._plugin_lookup(configs, wanted))
         from loom_msgs.srv import Recall
         for agent_id in wanted:
+            if agent_id in self.failed:   # its host_plugins could not start
+                continue
             try:
                 ports = self.ports.for_agent(self._cloud_for(configs[agent_id]))
                 agent = Agent(configs[agent_id], self.params['state_dir'], self._emit,
@@ -164,6 +178,47 @@ class AgentNode(LifecycleNode):
             self._release()
             return TransitionCallbackReturn.FAILURE
         return TransitionCallbackReturn.SUCCESS
+
+    def _plugin_lookup(self, configs: dict, wanted: list[str]):
+        """The in-process plugins the agents call: the host_plugins they name, started here on
+        the plugin host's settings (an agent whose names cannot run goes to `failed`, saying
+        why), over `local_plugins` (default: those a plugin host in this process registered)."""
+        base = self._local_plugins if self._local_plugins is not None else registry_plugins
+        named = {a: configs[a].host_plugins for a in wanted if configs[a].host_plugins}
+        if not named:
+            return base
+        try:
+            settings = self._plugin_settings or HostSettings.shipped()
+            self.embedded = EmbeddedPlugins(settings, ros_node=self, logger=self.get_logger())
+            specs = self.embedded.specs()
+        except (PluginsFileError, ConfigError, KeyError) as exc:
+            return self._host_plugins_failed(named, str(exc), base)
+        for agent_id, names in list(named.items()):
+            try:
+                pick_specs(specs, names, settings.path)
+            except PluginsFileError as exc:
+                self._host_plugins_failed({agent_id: names}, str(exc), base)
+                del named[agent_id]
+        names = [n for ns in named.values() for n in ns]
+        if not names:
+            return base
+        try:
+            handles = self.embedded.start(pick_specs(specs, names, settings.path))
+        except (PluginsFileError, PluginError, ConfigError, AuditError,
+                CapabilityConfigError) as exc:
+            return self._host_plugins_failed(named, str(exc), base)
+        self.get_logger().info(
+            f'host_plugins running in this process: {", ".join(handles)}'
+            + (f'; failed: {", ".join(self.embedded.failed)}' if self.embedded.failed else ''))
+        if isinstance(base, dict):
+            return {**base, **handles}
+        return lambda: {**base(), **handles}
+
+    def _host_plugins_failed(self, named: dict, reason: str, base):
+        for agent_id in named:
+            self.failed[agent_id] = f'host_plugins: {reason}'
+            self.get_logger().error(f'agent {agent_id}: cannot configure: host_plugins: {reason}')
+        return base
 
     def _wanted(self, configs: dict, path: str) -> list[str]:
         spec = self.params['agents'].strip()
@@ -247,9 +302,21 @@ class AgentNode(LifecycleNode):
         if self.ports is not None:
             self.ports.close()
             self.ports = None
+        self._stop_embedded()
         for link in self.clouds.values():
             link.close()
         self.clouds = {}
+
+    def _stop_embedded(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None
+
+    def destroy_node(self) -> None:
+        """Ctrl-C / SIGTERM end the process without a lifecycle transition: shut the
+        host_plugins down here so they release what they hold."""
+        self._stop_embedded()
+        super().destroy_node()
 
     # -- on the executor thread ---------------------------------------------------------------
     def _beat(self) -> None:
@@ -403,9 +470,31 @@ def agent_id_from_args(argv: list[str]) -> str | None:
     return None
 
 
+def params_files_from_args(argv: list[str]) -> list[str]:
+    """The `--params-file <path>` of a command line's ROS arguments, in order: the agent's
+    host_plugins run on the plugin_host section of the same files (the lifecycle manager gives
+    its agents the robot's params file)."""
+    in_ros, files = False, []
+    tokens = argv[:4096]
+    for i, token in enumerate(tokens):
+        if token == '--ros-args':
+            in_ros = True
+        elif token == '--':
+            in_ros = False
+        elif in_ros and token == '--params-file' and i + 1 < len(tokens):
+            files.append(tokens[i + 1])
+    return files[:16]
+
+
 def main(args=None) -> int:
-    agent_id = agent_id_from_args(list(sys.argv if args is None else args))
-    return run_lifecycle_node(lambda: AgentNode(agent_id=agent_id), args)
+    argv = list(sys.argv if args is None else args)
+    agent_id = agent_id_from_args(argv)
+    files = params_files_from_args(argv)
+
+    def make() -> AgentNode:   # a params file rclpy took but we cannot read: say so and stop
+        settings = HostSettings.of_files(files) if files else None
+        return AgentNode(agent_id=agent_id, plugin_settings=settings)
+    return run_lifecycle_node(make, args)
 
 
 if __name__ == '__main__':

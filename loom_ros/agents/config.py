@@ -1,6 +1,7 @@
 """config/agents.yaml: the agents a robot runs, validated with pydantic (key and reason on error)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -8,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from loom_ros.bus.backpressure import BackpressurePolicy, PolicyError
 from loom_ros.bus.names import TopicNameError, TopicPattern, validate_topic
 from loom_ros.config.params import read_yaml, refuse_unknown_keys
+
+
+MAX_HOST_PLUGINS = 16
+PLUGIN_NAME = re.compile(r'[A-Za-z](?:_?[A-Za-z0-9])*')   # as the plugins file accepts
 
 
 class AgentConfigError(ValueError):
@@ -42,6 +47,9 @@ class AgentConfig(BaseModel):
     settings: dict = Field(default_factory=dict, description='passed to the behavior')
     declassify: list[DeclassifyRule] = Field(default_factory=list, description='audited '
                                              'exceptions to privacy following the input')
+    host_plugins: list[str] = Field(default_factory=list, max_length=MAX_HOST_PLUGINS,
+                                    description='entries of the plugins file the agent host '
+                                    'runs in its own process (called in-process, no service)')
 
     def checked(self) -> 'AgentConfig':
         for pattern in self.subscriptions:
@@ -54,6 +62,13 @@ class AgentConfig(BaseModel):
         except PolicyError as exc:
             raise AgentConfigError(f'agent {self.id}: backpressure: {exc}') from None
         validate_topic(f'agent.{self.id}.action')
+        for name in self.host_plugins:
+            if len(name) > 64 or not PLUGIN_NAME.fullmatch(name):
+                raise AgentConfigError(
+                    f'agent {self.id}: host_plugins: {name[:64]!r} is not a plugin name (a '
+                    'letter first, then letters, digits and single underscores)')
+        if len(set(self.host_plugins)) != len(self.host_plugins):
+            raise AgentConfigError(f'agent {self.id}: host_plugins: a name appears twice')
         return self
 
 
