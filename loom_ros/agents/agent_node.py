@@ -16,8 +16,8 @@ on this very node (answered by its executor: see agents/flows/link.py for the th
 cloud link (Zenoh session + CloudClient) per distinct cloud the agents' settings name
 (agents/flows/cloud.py). Plugins an agent names in `host_plugins` run in this process on the
 plugin host's settings (plugins/embedded.py), started on configure and stopped on cleanup, so its
-calls carry no frame across processes (issue 15). Every heartbeat period each agent's AgentStatus goes out on
-loom/agents/heartbeat for the lifecycle manager.
+calls carry no frame across processes (issue 15). Every heartbeat period each agent's
+AgentStatus goes out on loom/agents/heartbeat for the lifecycle manager.
 A behavior that raises is counted and logged and the agent goes on; an agent whose state cannot
 be persisted (disk full) leaves `active` (alone, when hosted with others), so nothing
 uncommitted is acknowledged as done.
