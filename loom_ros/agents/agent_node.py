@@ -184,7 +184,11 @@ class AgentNode(LifecycleNode):
         the plugin host's settings (an agent whose names cannot run goes to `failed`, saying
         why), over `local_plugins` (default: those a plugin host in this process registered)."""
         base = self._local_plugins if self._local_plugins is not None else registry_plugins
-        named = {a: configs[a].host_plugins for a in wanted if configs[a].host_plugins}
+        # A plugin a host in this process already runs (loom bringup --composition) is called
+        # there: a second copy of its model would only cost memory.
+        present = base() if callable(base) else base
+        named = {a: [n for n in configs[a].host_plugins if n not in present] for a in wanted}
+        named = {a: names for a, names in named.items() if names}
         if not named:
             return base
         try:

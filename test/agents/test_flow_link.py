@@ -9,16 +9,29 @@ import time
 
 import numpy as np
 import skimage.data
+import yaml
 from PIL import Image
 
 from rclpy.node import Node
 
+from harness import REPO
 from loom_ros.bus.bus import EventBus
 from loom_ros.bus.qos import TopicQosTable
 from loom_ros.config.params import node_defaults
 from loom_ros.plugins.perception.image import frame_event
 
 NS = '/fl'
+
+
+def service_path_agents(tmp_path):
+    """The shipped agents file without host_plugins: these tests are about the service path
+    (the face agent calling face_expression in another process)."""
+    agents = yaml.safe_load((REPO / 'config' / 'agents.yaml').read_text())
+    for entry in agents['agents']:
+        entry.pop('host_plugins', None)
+    path = tmp_path / 'agents.yaml'
+    path.write_text(yaml.safe_dump(agents))
+    return path
 
 
 def test_face_agent_reaches_router_and_plugin_host_through_its_own_node_and_stops_on_sigint(
@@ -29,8 +42,10 @@ def test_face_agent_reaches_router_and_plugin_host_through_its_own_node_and_stop
     plugins = spawn('-m', 'loom_ros.plugins.host_node', *ros_args,
                     '-p', 'plugins:=face_expression', '-p', f'audit_db:={tmp_path / "audit.db"}',
                     '-p', f'data_dir:={tmp_path / "plugins"}')
+    agents_file = service_path_agents(tmp_path)
     agent = spawn('-m', 'loom_ros.agents.agent_node', *ros_args, '-r', '__node:=agent_host_0',
-                  '-p', 'agent_id:=face', '-p', f'state_dir:={tmp_path / "agents"}')
+                  '-p', 'agent_id:=face', '-p', f'state_dir:={tmp_path / "agents"}',
+                  '-p', f'agents_file:={agents_file}')
     procs = [router, plugins, agent]
     node = Node('fl_camera', namespace=NS, context=ros.node.context)
     defaults = node_defaults('fl_camera')   # the product's QoS table, as every process
@@ -94,7 +109,8 @@ def test_a_behavior_waiting_for_a_service_holds_neither_recall_nor_a_transition(
     ns = '/fl_wait'
     agent = spawn('-m', 'loom_ros.agents.agent_node', '--ros-args', '-r', f'__ns:={ns}',
                   '-r', '__node:=agent_host_0', '-p', 'agent_id:=face',
-                  '-p', f'state_dir:={tmp_path}')
+                  '-p', f'state_dir:={tmp_path}',
+                  '-p', f'agents_file:={service_path_agents(tmp_path)}')
     node = Node('fl_wait_camera', namespace=ns, context=ros.node.context)
     camera = EventBus(node)
     ros.executor.add_node(node)
