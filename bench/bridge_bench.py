@@ -237,7 +237,7 @@ def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced
     params = tmp / f'bridge_{transport}.yaml'
     params.write_text(yaml.safe_dump({'/**': {'ros__parameters': {
         'robot_id': 'bench', 'connect': [ep], 'out_allow': ['agent.*.intent', 'sensor.**'],
-        'audit_file': '', 'audit_db': str(tmp / f'audit_{transport}.db'),
+        'audit_db': str(tmp / f'audit_{transport}.db'),
         'keys_dir': str(fleet), 'insecure': not secure, 'seal_sensitive': 'off',
         'buffer_max_events': 100000, 'status_period_s': 1.0}}}))
     procs.append(start(['-m', 'loom_ros.bridge.bridge_node', '--ros-args', '-r', '__ns:=/bench',

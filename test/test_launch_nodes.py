@@ -17,7 +17,7 @@ NODES = {
     'camera_adapter': {},
     'router': {'history_db': '{tmp}/router.db'},
     'plugin_host': {'audit_db': '{tmp}/audit.db', 'data_dir': '{tmp}/plugins'},
-    'zenoh_bridge': {'audit_file': '{tmp}/bridge.jsonl'},
+    'zenoh_bridge': {'audit_db': '{tmp}/audit.db'},
     'lifecycle_manager': {'spawn': 'false', 'state_dir': '{tmp}/agents'},
 }
 

@@ -74,8 +74,6 @@ PARAMETERS = [
               min_value=1, max_value=10_000_000),
     ParamSpec('policy_file', "Router policy YAML whose sensitive_upload the bridge follows; '' "
               'means the shipped config/policy.yaml', read_only=True),
-    ParamSpec('audit_file', "No longer written (privacy refusals are rows of audit_db); a value "
-              'other than the empty string is warned about and ignored', read_only=True),
     ParamSpec('inbound_file', "Inbound contract YAML (rules, grants, actuators); '' means the "
               'shipped config/inbound.yaml', read_only=True),
     ParamSpec('audit_db', 'SQLite audit log of every inbound actuator command and refusal, with '
@@ -169,10 +167,6 @@ class ZenohBridgeNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self._commands = commands
         self.bus = create_bus(self, SECTION)
-        if p['audit_file']:
-            self.get_logger().warning(
-                f"{SECTION}.audit_file {p['audit_file']} is no longer written: privacy refusals "
-                f"are rows of the audit log {p['audit_db']} (kind privacy_refused)")
         self._wake = self.create_timer(SERVICE_PERIOD_S, self._service)
         self.link = ZenohLink(make_config, logger=self.get_logger())
         if identity is None:

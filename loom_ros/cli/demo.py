@@ -81,7 +81,7 @@ def _params(source: str, out: Path) -> Path:
     section('plugin_host').update(audit_db=str(out / 'audit.db'), data_dir=str(out / 'plugins'))
     section('agent')['state_dir'] = str(out / 'agents')
     section('lifecycle_manager')['state_dir'] = str(out / 'agents')
-    section('zenoh_bridge')['audit_file'] = str(out / 'bridge_audit.jsonl')
+    section('zenoh_bridge')['audit_db'] = str(out / 'audit.db')   # privacy refusals, commands
     path = out / 'demo_params.yaml'
     path.write_text(yaml.safe_dump(data), encoding='utf-8')
     return path

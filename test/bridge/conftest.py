@@ -127,7 +127,7 @@ def bridge(ros, spawn, tmp_path, zenoh_keys):
     insecure=True. Commands are audited to tmp_path/<robot>_audit.db."""
     def start(namespace: str, port: int, inbound: dict | None = None, **params):
         name = namespace.strip('/')
-        audit = tmp_path / f'{name}_audit.jsonl'
+        audit = tmp_path / f'{name}_audit.db'   # commands and privacy refusals
         inbound_file = tmp_path / f'{name}_inbound.yaml'
         if isinstance(inbound, (list, tuple)):
             inbound = open_inbound(*inbound)
@@ -136,8 +136,8 @@ def bridge(ros, spawn, tmp_path, zenoh_keys):
         if 'keys_dir' not in params:
             params = {'keys_dir': str(zenoh_keys), 'seal_sensitive': 'off', **params}
         values = {'robot_id': name, 'mode': 'client',
-                  'connect': [endpoint(port, secure)], 'audit_file': str(audit),
-                  'inbound_file': str(inbound_file), 'audit_db': str(tmp_path / f'{name}_audit.db'),
+                  'connect': [endpoint(port, secure)],
+                  'inbound_file': str(inbound_file), 'audit_db': str(audit),
                   'status_period_s': 0.05, **params}
         if secure and not (keys.keys_path(values['keys_dir']) / name / 'cert.pem').is_file():
             pytest.fail(f'no identity {name!r} in {values["keys_dir"]}: add it to '

@@ -40,8 +40,7 @@ def _params(tmp) -> str:
     section('router')['history_db'] = str(tmp / 'router.db')
     section('plugin_host').update(audit_db=str(tmp / 'audit.db'), data_dir=str(tmp / 'plugins'))
     section('lifecycle_manager')['state_dir'] = str(tmp / 'agents')
-    section('zenoh_bridge').update(audit_file=str(tmp / 'bridge.jsonl'),
-                                   audit_db=str(tmp / 'audit.db'))
+    section('zenoh_bridge').update(audit_db=str(tmp / 'audit.db'))
     for node, values in SET.items():
         section(node).update(values)
     path = tmp / 'params.yaml'

@@ -64,7 +64,7 @@ def config(tmp_path) -> Path:
                                   data_dir=str(tmp_path / 'plugins'))
     section('agent')['state_dir'] = str(tmp_path / 'agents')
     section('lifecycle_manager')['state_dir'] = str(tmp_path / 'agents')   # what agents get
-    section('zenoh_bridge')['audit_file'] = str(tmp_path / 'bridge_audit.jsonl')
+    section('zenoh_bridge')['audit_db'] = str(tmp_path / 'audit.db')
     path = tmp_path / 'params.yaml'
     path.write_text(yaml.safe_dump(data))
     return path

@@ -49,7 +49,7 @@ def _params(tmp: Path, edit=None) -> Path:
                                    plugins_file=str(tmp / 'plugins.yaml'))
     sections['agent']['state_dir'] = str(tmp / 'agents')
     sections['lifecycle_manager']['state_dir'] = str(tmp / 'agents')   # what agents get
-    sections['zenoh_bridge']['audit_file'] = str(tmp / 'bridge_audit.jsonl')
+    sections['zenoh_bridge']['audit_db'] = str(tmp / 'audit.db')
     if not (tmp / 'plugins.yaml').exists():
         (tmp / 'plugins.yaml').write_text(WEATHER_ONLY)
     if edit is not None:
@@ -273,7 +273,7 @@ def test_plugin_host_refuses_an_unusable_audit_db(ros, tmp_path, invalid_dir):
 
 def test_bridge_refuses_a_bad_robot_id(ros, tmp_path):
     node = ZenohBridgeNode(context=ros.node.context, parameter_overrides=[
-        Parameter('robot_id', value='robot/1'), Parameter('audit_file', value='')])
+        Parameter('robot_id', value='robot/1')])
     assert _configure(node) == TransitionCallbackReturn.FAILURE
     assert "robot_id 'robot/1'" in node.configure_error and 'one Zenoh key' in node.configure_error
 

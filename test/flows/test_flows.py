@@ -36,7 +36,7 @@ def _params(tmp: Path) -> Path:
     section('plugin_host').update(audit_db=str(tmp / 'audit.db'), data_dir=str(tmp / 'plugins'))
     section('agent')['state_dir'] = str(tmp / 'agents')
     section('lifecycle_manager')['state_dir'] = str(tmp / 'agents')   # what agents get
-    section('zenoh_bridge')['audit_file'] = str(tmp / 'bridge_audit.jsonl')
+    section('zenoh_bridge')['audit_db'] = str(tmp / 'audit.db')
     path = tmp / 'params.yaml'
     path.write_text(yaml.safe_dump(data))
     # A cloud budget far above any answer time: the test checks the route, not the speed.
