@@ -40,6 +40,23 @@ class RosHarness:
                 spin()
             self.executor.spin_once(timeout_sec=0.02)
 
+    def call(self, client, request, what: str, resend_s: float = 5.0, limit: float = WAIT_LIMIT_S):
+        """A service call that survives DDS's discovery race: `service_is_ready` can be true
+        before the server's reply writer has matched our reply reader, and that reply is lost.
+        Waits for the service, then sends again every `resend_s` until one answer comes."""
+        self.wait_for(client.service_is_ready, f'the {what} service', limit=limit)
+        deadline = time.monotonic() + limit
+        while True:
+            future = client.call_async(request)
+            resend = min(deadline, time.monotonic() + resend_s)
+            while not future.done() and time.monotonic() < resend:
+                self.executor.spin_once(timeout_sec=0.02)
+            if future.done():
+                return future.result()
+            client.remove_pending_request(future)
+            if time.monotonic() >= deadline:
+                pytest.fail(f'timed out after {limit:.0f} s waiting for {what} to answer')
+
 
 @pytest.fixture(scope='session')
 def ros():

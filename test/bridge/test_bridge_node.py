@@ -117,6 +117,10 @@ def test_router_restart_loses_nothing_within_the_bound(ros, port, zenoh_router, 
     ros.wait_for(lambda: fleet.ids() == [first.id], 'the first event through', alive=[proc])
 
     def outage(count):
+        # A fresh 'connected' first: after a restart the last status can still say
+        # disconnected, and events put before the bridge sees the router die are gone with it.
+        ros.wait_for(lambda: status.get('connected') is True, 'the bridge connected',
+                     alive=[proc])
         router.popen.send_signal(signal.SIGKILL)
         router.popen.wait()
         ros.wait_for(lambda: not status.get('connected', True), 'the bridge to see the router go',

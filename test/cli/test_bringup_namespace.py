@@ -53,10 +53,8 @@ def _get(ros, node: str, names: list[str]) -> dict:
     from rclpy.parameter import parameter_value_to_python
     client = ros.node.create_client(GetParameters, f'{node}/get_parameters')
     try:
-        ros.wait_for(client.service_is_ready, f'{node}/get_parameters')
-        future = client.call_async(GetParameters.Request(names=names))
-        ros.wait_for(future.done, f'{node} to answer get_parameters')
-        return {n: parameter_value_to_python(v) for n, v in zip(names, future.result().values)}
+        reply = ros.call(client, GetParameters.Request(names=names), f'{node}/get_parameters')
+        return {n: parameter_value_to_python(v) for n, v in zip(names, reply.values)}
     finally:
         ros.node.destroy_client(client)
 
