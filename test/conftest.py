@@ -40,17 +40,19 @@ class RosHarness:
                 spin()
             self.executor.spin_once(timeout_sec=0.02)
 
-    def call(self, client, request, what: str, resend_s: float = 5.0, limit: float = WAIT_LIMIT_S):
+    def call(self, client, request, what: str, resend_s: float = 5.0, limit: float = WAIT_LIMIT_S,
+             alive=()):
         """A service call that survives DDS's discovery race: `service_is_ready` can be true
         before the server's reply writer has matched our reply reader, and that reply is lost.
-        Waits for the service, then sends again every `resend_s` until one answer comes."""
-        self.wait_for(client.service_is_ready, f'the {what} service', limit=limit)
+        Waits for the service, then sends again every `resend_s` until one answer comes: only
+        for requests that are safe to repeat (queries, get_state, get_parameters)."""
+        self.wait_for(client.service_is_ready, f'the {what} service', limit=limit, alive=alive)
         deadline = time.monotonic() + limit
         while True:
             future = client.call_async(request)
             resend = min(deadline, time.monotonic() + resend_s)
-            while not future.done() and time.monotonic() < resend:
-                self.executor.spin_once(timeout_sec=0.02)
+            self.wait_for(lambda: future.done() or time.monotonic() >= resend, what,
+                          limit=limit, alive=alive)
             if future.done():
                 return future.result()
             client.remove_pending_request(future)

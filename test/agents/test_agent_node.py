@@ -141,10 +141,7 @@ def test_recall_service_over_episodic_and_semantic_memory(ros, spawn, tmp_path):
     client = ros.node.create_client(Recall, '/ag_mem/agent_mem/recall')
 
     def recall(**fields):
-        ros.wait_for(client.service_is_ready, 'the recall service', alive=[proc])
-        future = client.call_async(Recall.Request(**fields))
-        ros.wait_for(future.done, 'the recall response', alive=[proc])
-        return future.result()
+        return ros.call(client, Recall.Request(**fields), 'recall', alive=[proc])
     try:
         pub = bus.publisher_for('user.facts', 'batched')
         ros.wait_for(lambda: pub.get_subscription_count() >= 1, 'the agent', alive=[proc])
@@ -188,9 +185,7 @@ def test_full_disk_deactivates_the_agent_and_keeps_what_was_committed(ros, spawn
     get_state = ros.node.create_client(GetState, '/ag_full/agent_tally/get_state')
 
     def label():
-        future = get_state.call_async(GetState.Request())
-        ros.wait_for(future.done, 'get_state', alive=[proc])
-        return future.result().current_state.label
+        return ros.call(get_state, GetState.Request(), 'get_state', alive=[proc]).current_state.label
     try:
         pub = bus.publisher_for('test.tally', 'batched')
         ros.wait_for(lambda: pub.get_subscription_count() >= 1, 'the agent', alive=[proc])

@@ -14,10 +14,7 @@ OLD_MS = 1_600_000_000_000   # 2020: past the 1-day warm age at once
 
 
 def call(ros, client, request):
-    ros.wait_for(lambda: client.service_is_ready(), 'the storage/query service')
-    future = client.call_async(request)
-    ros.wait_for(future.done, 'the StorageQuery response')
-    return future.result()
+    return ros.call(client, request, 'storage/query')
 
 
 def test_node_moves_publishes_and_answers_queries(ros, spawn, tmp_path):
