@@ -7,9 +7,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from loom_ros.config.params import ParamSpec, declare_parameters
 from loom_ros.storage.errors import StorageError
 
 DEFAULT_ROOT = '~/.loom'
+# The one parameter every path is derived from; in the params file's `/**` section, so one line
+# moves everything a robot keeps (tests and the demo set it to their own folder).
+ROOT_PARAMETER = ParamSpec(
+    'storage.root', "Folder every file Loom keeps is derived from ('~' expands): databases, "
+    'agents, router history, audit, plugin data, keys, traces, recordings, objects', read_only=True)
 _NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$')
 
 
@@ -89,3 +95,18 @@ class StorageLayout:
     @property
     def keys(self) -> Path:
         return self.root / 'keys'
+
+
+def node_layout(node, defaults_section: str) -> StorageLayout:
+    """Declare `storage.root` on `node` (once, whoever asks first: the node or its telemetry)
+    and return the layout under it."""
+    if node.has_parameter(ROOT_PARAMETER.name):
+        root = node.get_parameter(ROOT_PARAMETER.name).value
+    else:
+        root = declare_parameters(node, defaults_section, [ROOT_PARAMETER])[ROOT_PARAMETER.name]
+    return StorageLayout.at(root)
+
+
+def derived(value: str, default: Path) -> str:
+    """A path parameter that may override the layout: '' means the path under the root."""
+    return str(value) if str(value) else str(default)

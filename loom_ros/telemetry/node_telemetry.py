@@ -12,6 +12,7 @@ and metrics:
 from __future__ import annotations
 
 from loom_ros.config.params import ParamSpec, declare_parameters
+from loom_ros.storage.layout import derived, node_layout
 from loom_ros.telemetry import tracing
 from loom_ros.telemetry.diagnostics import (
     CheckResult, DiagnosticsReporter, DropsRising, queues_check,
@@ -26,8 +27,8 @@ TELEMETRY_PARAMETERS = [
     ParamSpec('telemetry.tracing.exporter', 'Where spans go: none, file (JSON lines) or otlp '
               '(OTLP/HTTP collector); process-wide, the first node to set it wins',
               read_only=True),
-    ParamSpec('telemetry.tracing.file', 'Span file of the file exporter (JSON lines; ~ expands)',
-              read_only=True),
+    ParamSpec('telemetry.tracing.file', "Span file of the file exporter (JSON lines; ~ expands; "
+              "'' = <storage.root>/traces/spans.jsonl)", read_only=True),
     ParamSpec('telemetry.tracing.otlp_endpoint', 'OTLP/HTTP traces endpoint of the collector',
               read_only=True),
     ParamSpec('telemetry.tracing.sample_ratio', 'Fraction of new traces recorded (children follow '
@@ -62,6 +63,10 @@ class NodeTelemetry:
         import os
         self.node = node
         self.params = values = declare_parameters(node, defaults_section, TELEMETRY_PARAMETERS)
+        # Every node gets storage.root here (the one /** path), and tracing files go under it.
+        self.layout = node_layout(node, defaults_section)
+        values['telemetry.tracing.file'] = derived(values['telemetry.tracing.file'],
+                                                   self.layout.traces / 'spans.jsonl')
         name = node.get_fully_qualified_name()
         json_target = ''
         if values['telemetry.log.json']:
