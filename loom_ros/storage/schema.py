@@ -55,17 +55,29 @@ ROUTER_DDL = [
 ]
 
 # Audit: append-only, enforced by triggers (security/audit.py opens a file of only these, the
-# audit_db that several processes share).
+# audit_db that several processes share), and one hash chain over every record (auditchain.py):
+# `hash` is linked in the transaction that inserts the row. `audit_meta` keeps where the chain
+# starts: id 1 for a new file, the next id for a file written before the chain (set once, by the
+# first open; its older rows stay as they were, without hashes, and verify says they are not
+# covered). A file whose audit table predates the hash column gets it from AUDIT_UPGRADE.
 AUDIT_DDL = [
     'create table if not exists audit (id integer primary key, ts_ms int not null, '
-    'plugin text not null, kind text not null, fields text not null)',
+    'plugin text not null, kind text not null, fields text not null, hash text)',
     'create index if not exists audit_plugin on audit (plugin, ts_ms)',
     'create index if not exists audit_kind on audit (kind, ts_ms)',
     "create trigger if not exists audit_no_update before update on audit begin "
     "select raise(abort, 'the audit log is append-only'); end",
     "create trigger if not exists audit_no_delete before delete on audit begin "
     "select raise(abort, 'the audit log is append-only'); end",
+    'create table if not exists audit_meta (key text primary key, value text not null)',
+    "insert or ignore into audit_meta (key, value) select 'chain_start', "
+    'coalesce(max(id), 0) + 1 from audit',
+    "create trigger if not exists audit_meta_no_update before update on audit_meta begin "
+    "select raise(abort, 'the audit log is append-only'); end",
+    "create trigger if not exists audit_meta_no_delete before delete on audit_meta begin "
+    "select raise(abort, 'the audit log is append-only'); end",
 ]
+AUDIT_UPGRADE = 'alter table audit add column hash text'   # when pragma table_info has no hash
 
 DDL = DDL + ROUTER_DDL + AUDIT_DDL
 

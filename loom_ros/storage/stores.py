@@ -14,6 +14,7 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
+from loom_ros.storage import auditchain, schema
 from loom_ros.storage.errors import CorruptRecordError, StorageError
 from loom_ros.storage.writer import Ticket
 from loom_ros.telemetry.logs import mask_text, mask_value
@@ -381,10 +382,39 @@ def _bounded(value, depth: int = 0):
 class AuditStore:
     """Append-only records (ts_ms, plugin, kind, fields): triggers refuse updates and deletes,
     and the lifecycle never moves them. Strings are cut, then secrets masked, before the file.
-    In a unit database (Storage) or the audit_db that processes share (direct.DirectDatabase)."""
+    Every record is linked into one hash chain (auditchain.py) by the statement that inserts it:
+    it reads the previous record's hash and inserts in one IMMEDIATE transaction, so processes
+    sharing a file still make one chain. In a unit database (Storage) or the audit_db that
+    processes share (direct.DirectDatabase)."""
+
+    # One statement: the id (given, or the next one), the previous record's hash and the insert,
+    # so no other writer can come between the read and the write.
+    INSERT = ('insert into audit (id, ts_ms, plugin, kind, fields, hash) '
+              f'select n.id, :ts, :plugin, :kind, :fields, {auditchain.SQL_FUNCTION}('
+              '(select hash from audit where id < n.id order by id desc limit 1), '
+              'n.id, :ts, :plugin, :kind, :fields) '
+              'from (select coalesce(:id, (select coalesce(max(id), 0) + 1 from audit)) as id) n')
+    PAGE = 5000   # rows read at a time by verify
 
     def __init__(self, db):
         self.db = db
+        db.conn.create_function(auditchain.SQL_FUNCTION, 6, auditchain.link, deterministic=True)
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Give a file written before the chain its hash column (the chain starts at the next
+        record: schema.AUDIT_DDL noted where). Several processes may race: one adds it."""
+        if self._has_chain_column():
+            return
+        try:
+            self.db.write(schema.AUDIT_UPGRADE).wait(30)
+        except StorageError:
+            if not self._has_chain_column():   # not a race lost to another process
+                raise
+
+    def _has_chain_column(self) -> bool:
+        return any(r['name'] == 'hash' for r in
+                   self.db.query("select name from pragma_table_info('audit')"))
 
     def append(self, plugin: str, kind: str, ts_ms: int | None = None,
                **fields) -> tuple[int, Ticket]:
@@ -392,16 +422,41 @@ class AuditStore:
         if not kind or not isinstance(kind, str):
             raise StorageError(f'audit record for {plugin!r} has no kind')
         ts = int(ts_ms) if ts_ms is not None else self.db.clock()
-        row = (ts, mask_text(str(plugin)[:MAX_AUDIT_CHARS]), mask_text(kind[:MAX_AUDIT_CHARS]),
-               json.dumps(mask_value(_bounded(fields)), separators=(',', ':'), sort_keys=True,
-                          default=str))
-        row_id = self.db.next_id('audit')
-        if row_id is None:   # a file several processes write: SQLite gives the id
-            ticket = self.db.write('insert into audit (ts_ms, plugin, kind, fields) values '
-                                   '(?, ?, ?, ?)', row)
-            return ticket.row_id, ticket
-        return row_id, self.db.write('insert into audit (id, ts_ms, plugin, kind, fields) values '
-                                     '(?, ?, ?, ?, ?)', (row_id, *row))
+        row = {'ts': ts, 'plugin': mask_text(str(plugin)[:MAX_AUDIT_CHARS]),
+               'kind': mask_text(kind[:MAX_AUDIT_CHARS]),
+               'fields': json.dumps(mask_value(_bounded(fields)), separators=(',', ':'),
+                                    sort_keys=True, default=str)}
+        row_id = self.db.next_id('audit')   # None: a file several processes write
+        ticket = self.db.write(self.INSERT, {**row, 'id': row_id})
+        return (ticket.row_id if row_id is None else row_id), ticket
+
+    def head(self) -> auditchain.Head | None:
+        """The last record's id and hash (None: no record yet, or the last has no hash)."""
+        rows = self.db.query('select id, hash from audit order by id desc limit 1')
+        if not rows or rows[0]['hash'] is None:
+            return None
+        return auditchain.Head(int(rows[0]['id']), str(rows[0]['hash']))
+
+    def chain_start(self) -> int | None:
+        rows = self.db.query("select value from audit_meta where key = 'chain_start'")
+        try:
+            return int(rows[0]['value']) if rows else None
+        except (TypeError, ValueError):
+            return None
+
+    def verify(self, published: auditchain.Head | None = None) -> auditchain.Verdict:
+        """Check every link (auditchain.verify), reading PAGE rows at a time."""
+        return auditchain.verify(self._rows(), self.chain_start(), published)
+
+    def _rows(self):
+        last = -2**63
+        while True:
+            page = self.db.query('select id, ts_ms, plugin, kind, fields, hash from audit '
+                                 'where id > ? order by id limit ?', (last, self.PAGE))
+            yield from page
+            if len(page) < self.PAGE:
+                return
+            last = page[-1]['id']
 
     def query(self, plugin: str = '', kind: str = '', since_ms: int = 0,
               until_ms: int = 2**63 - 1, limit: int = 1000) -> list[dict]:
