@@ -6,6 +6,7 @@ masked payloads and facts with faiss vectors (agents/memory.py), router decision
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 from collections import Counter, deque
@@ -16,6 +17,7 @@ import numpy as np
 
 from loom_ros.storage import auditchain, schema
 from loom_ros.storage.errors import CorruptRecordError, StorageError
+from loom_ros.storage.sqlite import open_database
 from loom_ros.storage.writer import Ticket
 from loom_ros.telemetry.logs import mask_text, mask_value
 
@@ -89,6 +91,71 @@ class AgentStateStore:
         if not isinstance(value, dict) or not isinstance(value.get('state'), dict):
             raise CorruptRecordError(f'agent {agent_id}: stored state is not an object')
         return value['state'], int(value.get('events', 0))
+
+    def has(self, agent_id: str) -> bool:
+        """Whether the agent has committed state here (a new agent has not)."""
+        return bool(self.storage.query('select 1 from kv where ns = ? and key = ?',
+                                       (self.NS, agent_id)))
+
+    def import_file(self, agent_id: str, path) -> Ticket:
+        """Bring an agent's own file (`<root>/agents/<id>.db`, how agents kept their memory
+        before the layer) in: its state (schema 1 and 2 rows), episodes and facts (vectors as
+        stored, no re-embedding), one atomic write. The file is only read; a damaged file, a
+        corrupt or newer row is a CorruptRecordError naming it and nothing is written."""
+        try:
+            conn = open_database(path, read_only=True)
+        except StorageError as exc:
+            raise CorruptRecordError(f'agent {agent_id}: cannot read its old state file: '
+                                     f'{exc}') from None
+        conn.row_factory = sqlite3.Row
+        try:
+            tables = {r[0] for r in conn.execute("select name from sqlite_master where "
+                                                 "type = 'table'")}
+            row = conn.execute('select schema, state, events, last_event_id from agent_state '
+                               'where agent_id = ?', (agent_id,)).fetchone() \
+                if 'agent_state' in tables else None
+            episodes = conn.execute(
+                'select agent_id, event_id, time_ms, type, source, tags, payload from episodes '
+                'where agent_id = ? order by rowid', (agent_id,)).fetchall() \
+                if 'episodes' in tables else []
+            facts = conn.execute(
+                'select subject, relation, object, provenance, time_ms, vector from facts '
+                'where agent_id = ? order by id', (agent_id,)).fetchall() \
+                if 'facts' in tables else []
+        except sqlite3.DatabaseError as exc:
+            raise CorruptRecordError(f'{path}: cannot read the state of agent {agent_id}: '
+                                     f'{exc}') from None
+        finally:
+            conn.close()
+        state, events, last = {}, 0, ''
+        if row is not None:
+            state, events = self._legacy_state(agent_id, row)
+            last = row['last_event_id'] or ''
+        ops = [self.kv.put_op(self.NS, agent_id, {'state': state, 'events': events,
+                                                  'last_event_id': last}, self.SCHEMA_VERSION)]
+        # Rows as the old store wrote them: already cut and masked.
+        ops += [(EpisodeStore.INSERT, (*tuple(e), len(e['payload'] or '') + len(e['tags'] or '')
+                                       + 64)) for e in episodes]
+        ops += [('insert into facts (id, agent_id, subject, relation, object, provenance, '
+                 'time_ms, vector) values (?, ?, ?, ?, ?, ?, ?, ?)',
+                 (self.storage.next_id('facts'), agent_id, *tuple(f))) for f in facts]
+        return self.storage.writer.submit(ops)
+
+    def _legacy_state(self, agent_id: str, row) -> tuple[dict, int]:
+        """A row of agents/state.py's table: the same checks and messages as it made."""
+        try:
+            state = json.loads(row['state'])
+        except (TypeError, ValueError) as exc:
+            raise CorruptRecordError(f'agent {agent_id}: stored state is corrupt ({exc}); it was '
+                                     'left as is for inspection') from None
+        if not isinstance(state, dict):
+            raise CorruptRecordError(f'agent {agent_id}: stored state is not an object')
+        if row['schema'] == 1:
+            return state, int(state.pop('_events', 0) or 0)
+        if row['schema'] != self.SCHEMA_VERSION:
+            raise CorruptRecordError(f'agent {agent_id}: state schema {row["schema"]} is newer '
+                                     f'than this Loom ({self.SCHEMA_VERSION})')
+        return state, int(row['events'] or 0)
 
     def commit(self, agent_id: str, state: dict, events: int, last_event_id: str,
                episodes: list | tuple = ()) -> Ticket:

@@ -24,13 +24,26 @@ Op = tuple[str, Sequence]
 
 
 class _Batch:
-    __slots__ = ('done', 'error', 'errors', 'committed_at')
+    __slots__ = ('done', 'error', 'errors', 'committed_at', 'callbacks', 'lock')
 
     def __init__(self):
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.errors: dict[int, BaseException] = {}
         self.committed_at = 0.0
+        self.callbacks: list = []
+        self.lock = threading.Lock()
+
+    def finish(self) -> None:
+        """Mark done, then run the callbacks added before (on the writer thread, in order)."""
+        with self.lock:
+            self.done.set()
+            callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:   # noqa: BLE001 - a caller's bug must not stop the writer
+                pass
 
 
 class Ticket:
@@ -53,9 +66,25 @@ class Ticket:
         batch = self._batch
         if not batch.done.wait(timeout):
             raise TimeoutError(f'write not committed within {timeout} s')
-        error = batch.errors.get(self._index) or batch.error
+        error = self.error()
         if error is not None:
             raise error
+
+    def error(self) -> BaseException | None:
+        """Why the write failed once done (None: committed, or still pending)."""
+        return self._batch.errors.get(self._index) or self._batch.error
+
+    def add_done_callback(self, callback: Callable[['Ticket'], None]) -> None:
+        """Call `callback(ticket)` once the write is committed or failed: at once (here) when
+        it already is, else on the writer thread right after its batch (keep it short; what it
+        raises is dropped). A caller that must not wait for the commit (the agents' dispatcher)
+        acknowledges from here."""
+        batch = self._batch
+        with batch.lock:
+            if not batch.done.is_set():
+                batch.callbacks.append(lambda: callback(self))
+                return
+        callback(self)
 
 
 class CommittedTicket(Ticket):
@@ -67,7 +96,7 @@ class CommittedTicket(Ticket):
     def __init__(self, row_id: int | None = None):
         batch = _Batch()
         batch.committed_at = time.perf_counter()
-        batch.done.set()
+        batch.finish()
         super().__init__(batch, 0)
         self.row_id = row_id
 
@@ -148,8 +177,10 @@ class GroupCommitWriter:
                 closed = self._closed
             if items:
                 self._commit(items, batch)
-            if closed and not items:
-                return
+            if closed:
+                if not items:
+                    return
+                self._work.set()   # look once more: close() woke us, nothing will again
 
     def _commit(self, items: list, batch: _Batch) -> None:
         started = time.perf_counter()
@@ -180,7 +211,7 @@ class GroupCommitWriter:
         else:
             self.failed += len(items)
         batch.committed_at = time.perf_counter()
-        batch.done.set()
+        batch.finish()
 
     def _wrap(self, exc: BaseException) -> StorageError:
         if isinstance(exc, StorageError):
