@@ -9,16 +9,25 @@ record is committed before append() returns, from any thread; a record that cann
 raises AuditError, so the caller fails closed (an actuator command that cannot be audited is not
 executed). Rows cannot be updated or deleted: SQLite triggers refuse it. Secrets never reach the
 file: every string is cut, then masked by telemetry's rules.
+
+Since the triggers stop no one who opens the file and drops them, every record is also a link of
+one SHA-256 hash chain (storage/auditchain.py): `verify` (and `loom audit verify`) finds an
+edited, deleted or reordered record and names it; `head()` is what to publish or note elsewhere
+so that a cut tail or a recomputed chain shows too. Opening a log whose last record does not
+link to the one before it is refused (AuditError): nothing is appended to a visibly broken chain.
 """
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
-from loom_ros.storage import schema
+from loom_ros.storage import auditchain, schema
+from loom_ros.storage.auditchain import Head, Verdict
 from loom_ros.storage.direct import DirectDatabase
 from loom_ros.storage.errors import StorageError
 from loom_ros.storage.layout import DEFAULT_ROOT, StorageLayout
+from loom_ros.storage.sqlite import open_database
 from loom_ros.storage.stores import AuditStore
 
 
@@ -35,7 +44,20 @@ class AuditLog:
             self._db = DirectDatabase(self.path, schema.AUDIT_DDL)
         except (StorageError, OSError) as exc:
             raise AuditError(f'audit log {self.path}: cannot open: {exc}') from None
-        self._store = AuditStore(self._db)
+        try:
+            self._store = AuditStore(self._db)
+            broken = self._store.check_tail()
+            self.chain_start = self._store.chain_start()
+            # records written before the file had a chain (not covered by it)
+            self.before_chain = self._store.count_before_chain()
+        except StorageError as exc:
+            self._db.close()
+            raise AuditError(f'audit log {self.path}: cannot open: {exc}') from None
+        if broken:
+            self._db.close()
+            raise AuditError(f'audit log {self.path}: refusing to append to a broken chain: '
+                             f'{broken}; run `loom audit verify --db {self.path}`, keep the file '
+                             'for inspection and give the log a new file')
         self.written = 0
 
     def append(self, plugin: str, kind: str, ts_ms: int | None = None, **fields) -> int:
@@ -64,6 +86,20 @@ class AuditLog:
     def count(self, plugin: str = '', kind: str = '') -> int:
         return self._store.count(plugin, kind)
 
+    def head(self) -> Head | None:
+        """The chain's last record (id, hash): what to publish or note elsewhere."""
+        try:
+            return self._store.head()
+        except StorageError as exc:
+            raise AuditError(f'audit log {self.path}: cannot read: {exc}') from None
+
+    def verify(self, published: Head | None = None) -> Verdict:
+        """Every link checked; with `published` (a head noted before), that record too."""
+        try:
+            return self._store.verify(published)
+        except StorageError as exc:
+            raise AuditError(f'audit log {self.path}: cannot read: {exc}') from None
+
     def close(self) -> None:
         self._db.close()
 
@@ -71,3 +107,67 @@ class AuditLog:
 def default_path() -> str:
     """The audit log under the default storage root (<root>/audit.db)."""
     return str(StorageLayout.at(DEFAULT_ROOT).audit)
+
+
+def verify_file(path: str | os.PathLike, published: Head | None = None) -> Verdict:
+    """Check a log's chain without changing the file (a read-only open: no upgrade, no
+    tables created). AuditError when it cannot be read or is not an audit log."""
+    conn = _open_read_only(path)
+    try:
+        if 'hash' not in _columns(conn):
+            return Verdict(False, bad_id=0, reason='the file has no hash chain (written before '
+                           'Loom had one): open it once with this Loom, e.g. start any auditing '
+                           'node, and the chain starts at the next record')
+        start = _chain_start(conn)
+        rows = conn.execute('select id, ts_ms, plugin, kind, fields, hash from audit order by id')
+        return auditchain.verify(rows, start, published)
+    except sqlite3.Error as exc:
+        raise AuditError(f'audit log {path}: cannot read: {exc}') from None
+    finally:
+        conn.close()
+
+
+def read_head(path: str | os.PathLike) -> tuple[Head | None, int]:
+    """(the chain's head, records in the file), read-only; head None: no chained record."""
+    conn = _open_read_only(path)
+    try:
+        count = conn.execute('select count(*) from audit').fetchone()[0]
+        if 'hash' not in _columns(conn):
+            return None, count
+        row = conn.execute('select id, hash from audit order by id desc limit 1').fetchone()
+        if row is None or row['hash'] is None:
+            return None, count
+        return Head(int(row['id']), str(row['hash'])), count
+    except sqlite3.Error as exc:
+        raise AuditError(f'audit log {path}: cannot read: {exc}') from None
+    finally:
+        conn.close()
+
+
+def _open_read_only(path) -> sqlite3.Connection:
+    path = Path(path).expanduser()
+    try:
+        conn = open_database(path, read_only=True)
+    except StorageError as exc:
+        raise AuditError(f'audit log {path}: cannot open: {exc}') from None
+    conn.row_factory = sqlite3.Row
+    if not conn.execute("select 1 from sqlite_master where type = 'table' and name = 'audit'"
+                        ).fetchone():
+        conn.close()
+        raise AuditError(f'{path}: not an audit log (no audit table)')
+    return conn
+
+
+def _columns(conn: sqlite3.Connection) -> set[str]:
+    return {r['name'] for r in conn.execute("select name from pragma_table_info('audit')")}
+
+
+def _chain_start(conn: sqlite3.Connection) -> int | None:
+    if not conn.execute("select 1 from sqlite_master where type = 'table' and "
+                        "name = 'audit_meta'").fetchone():
+        return None
+    row = conn.execute("select value from audit_meta where key = 'chain_start'").fetchone()
+    try:
+        return int(row['value']) if row is not None else None
+    except (TypeError, ValueError):
+        return None

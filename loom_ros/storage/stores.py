@@ -511,6 +511,35 @@ class AuditStore:
         except (TypeError, ValueError):
             return None
 
+    def count_before_chain(self) -> int:
+        """Records older than the chain (a file upgraded to it): not covered by it."""
+        return int(self.db.query('select count(*) as n from audit where id < ?',
+                                 (self.chain_start() or 0,))[0]['n'])
+
+    def check_tail(self) -> str:
+        """'' when the last record links to the one before it (a cheap check on open, so that
+        nothing is appended to a visibly broken chain), else what is wrong."""
+        start = self.chain_start()
+        if start is None:
+            return 'the file has no chain start (its audit_meta row was removed)'
+        rows = self.db.query('select id, ts_ms, plugin, kind, fields, hash from audit '
+                             'order by id desc limit 2')
+        if not rows or rows[0]['id'] < start:
+            return ''
+        last = rows[0]
+        before = rows[1] if len(rows) > 1 and rows[1]['id'] >= start else None
+        if before is not None and before['hash'] is None:
+            return f'record {before["id"]} has no chain hash'
+        try:
+            expected = auditchain.link(before['hash'] if before else None, last['id'],
+                                       last['ts_ms'], last['plugin'], last['kind'],
+                                       last['fields'])
+        except (TypeError, ValueError):
+            expected = None
+        if expected != last['hash']:
+            return f'the last record ({last["id"]}) does not match its hash'
+        return ''
+
     def verify(self, published: auditchain.Head | None = None) -> auditchain.Verdict:
         """Check every link (auditchain.verify), reading PAGE rows at a time."""
         return auditchain.verify(self._rows(), self.chain_start(), published)
