@@ -153,6 +153,9 @@ def main() -> None:
                         help='one transport, printed only (for profiling; writes no results)')
     parser.add_argument('--no-cloud', action='store_true',
                         help='skip the cloud round trips (printed only; writes no results)')
+    parser.add_argument('--profile', metavar='DIR',
+                        help='run the bridge process under cProfile, writing DIR/bridge_<transport>'
+                             '.prof at its exit (printed only; writes no results)')
     args = parser.parse_args()
     n_burst, n_paced, n_rt = (2000, 500, 100) if args.quick else (10000, 2000, 500)
 
@@ -173,9 +176,10 @@ def main() -> None:
     # (the bridge had sent them). 0.5 ms, for both paths.
     sys.setswitchinterval(0.0005)
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
-    if args.only or args.no_cloud:   # a partial run: printed, never written as results
+    if args.only or args.no_cloud or args.profile:   # a partial run: printed, never results
         for transport in (args.only,) if args.only else ('tls', 'tcp'):
-            part = run(transport, fleet, ids, tmp, n_burst, n_paced, n_rt, not args.no_cloud)
+            part = run(transport, fleet, ids, tmp, n_burst, n_paced, n_rt, not args.no_cloud,
+                       args.profile)
             for level in ('batched', 'realtime'):
                 b, r = part[f'bridge_{level}'], part[f'raw_zenoh_{level}']
                 print(f"{transport} {level}: bridge {b['events_per_s']} ev/s "
@@ -212,9 +216,10 @@ ROUND_TRIPS = ('cloud_intent', 'cloud_embed', 'raw_zenoh_get')
 
 
 def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced: int,
-        n_rt: int, cloud: bool = True) -> dict:
+        n_rt: int, cloud: bool = True, profile: str | None = None) -> dict:
     """Router, bridge and cloud processes over `transport` (tls: mutual TLS and access control;
-    tcp: --insecure), then every measurement; the processes are stopped before it returns."""
+    tcp: --insecure), then every measurement; the processes are stopped before it returns.
+    `profile`: a folder where the bridge process writes its cProfile statistics."""
     import yaml
     import zenoh
     from loom_ros.bridge import codec
@@ -240,8 +245,26 @@ def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced
         'audit_db': str(tmp / f'audit_{transport}.db'),
         'keys_dir': str(fleet), 'insecure': not secure, 'seal_sensitive': 'off',
         'buffer_max_events': 100000, 'status_period_s': 1.0}}}))
-    procs.append(start(['-m', 'loom_ros.bridge.bridge_node', '--ros-args', '-r', '__ns:=/bench',
-                        '--params-file', str(params)], ready=False))
+    profiler = []
+    if profile:
+        Path(profile).mkdir(parents=True, exist_ok=True)
+        # The main thread's CPU time (not wall time, which a shared machine inflates), written
+        # when the node exits on the benchmark's SIGTERM.
+        out = str(Path(profile) / f'bridge_{transport}.prof')
+        profiler = ['-c', 'import cProfile, runpy, sys, time\n'
+                    'sys.argv = ["loom_ros.bridge.bridge_node", *sys.argv[1:]]\n'
+                    'p = cProfile.Profile(time.thread_time)\n'
+                    'p.enable()\n'
+                    'try:\n'
+                    '    runpy.run_module("loom_ros.bridge.bridge_node", run_name="__main__")\n'
+                    'except SystemExit:\n'
+                    '    pass\n'
+                    f'finally:\n'
+                    f'    p.disable()\n'
+                    f'    p.dump_stats({out!r})\n']
+    bridge = profiler or ['-m', 'loom_ros.bridge.bridge_node']
+    procs.append(start([*bridge, '--ros-args', '-r', '__ns:=/bench', '--params-file',
+                        str(params)], ready=False))
     # The server's per-client rate limit (config/cloud.yaml) would answer `busy` to a benchmark.
     from loom_ros.config.params import config_dir
     cloud_config = yaml.safe_load((config_dir() / 'cloud.yaml').read_text())
@@ -328,7 +351,7 @@ def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 results.setdefault('shutdown', []).append(
-                    f'{proc.args[2]} ignored SIGTERM for 10 s')
+                    f'{proc.args[2][:40]} ignored SIGTERM for 10 s')
                 proc.kill()
                 proc.wait()
     return results

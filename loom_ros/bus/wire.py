@@ -42,6 +42,7 @@ ENCAPSULATION = b'\x00\x01\x00\x00'   # CDR, little endian
 BATCH_FIRST_EVENT_POS = 40
 EVENT_POS = 4
 _PAD = (b'', b'\0', b'\0\0', b'\0\0\0', b'\0\0\0\0', b'\0' * 5, b'\0' * 6, b'\0' * 7)
+_ZERO4 = _PAD[4]
 _U32 = struct.Struct('<I').pack
 _STAMP = struct.Struct('<II').pack       # sec as rclpy writes an int32 it was given too wide
 _Q = struct.Struct('<q').pack
@@ -52,76 +53,54 @@ _BATCH_HEAD = struct.Struct('<II4s4xQQI').pack
 _U32_MASK = 0xFFFFFFFF
 
 
-def _string(text: str) -> bytes:
-    """A CDR string (length, UTF-8, NUL), cut at the first NUL as rclpy's C strings are;
-    UnicodeEncodeError for a lone surrogate (rclpy raises it too)."""
+# The NUL that ends a CDR string and the padding after it up to the next 4-byte boundary, by the
+# string's UTF-8 length mod 4 (a string starts 4-aligned: its length field is a uint32).
+_NUL_PAD = (b'\0\0\0\0', b'\0\0\0', b'\0\0', b'\0')
+
+
+def _padded(text: str) -> bytes:
+    """A CDR string (length, UTF-8, NUL), cut at the first NUL as rclpy's C strings are, and the
+    zero padding that follows it up to 4-alignment; UnicodeEncodeError for a lone surrogate
+    (rclpy raises it too). Every field after a string in an Event starts 4-aligned (or
+    8-aligned, which the caller adds), so the padding depends on the string alone and is
+    remembered with it."""
     data = text.encode()
     if b'\0' in data:
         data = data[:data.index(b'\0')]
-    return _U32(len(data) + 1) + data + b'\0'
+    return _U32(len(data) + 1) + data + _NUL_PAD[len(data) & 3]
 
 
 # Types, sources, frame ids, metadata keys and tags repeat from event to event: their encoding is
 # remembered (bounded: a publisher inventing names only churns the cache). Ids and metadata
 # values rarely repeat and are encoded each time.
-_repeated = lru_cache(maxsize=4096)(_string)
+_repeated = lru_cache(maxsize=4096)(_padded)
 
 
 def encode_event(event: Event, bus_id: int, seq: int, pos: int = EVENT_POS) -> bytes:
     """One loom_msgs/Event's CDR bytes (no encapsulation header) for a message that starts at
     `pos` in its buffer (only pos % 8 matters: EVENT_POS for a lone Event, BATCH_FIRST_EVENT_POS
     for the first of a batch, EVENT_POS for the others). The event must have passed validate();
-    UnicodeEncodeError for a string UTF-8 cannot hold. Written out: the publisher's hot path."""
-    repeated, string, pad_of = _repeated, _string, _PAD
+    UnicodeEncodeError for a string UTF-8 cannot hold. Written out: the publisher's hot path.
+
+    Each string carries its own padding (_padded), so only two places need the position: the
+    int64 timestamp and the trailing uint64s, 8-aligned relative to the end of the 4-byte
+    encapsulation header (a position = 4 mod 8 from the buffer's start)."""
+    repeated, padded = _repeated, _padded
     sec, ms = divmod(event.timestamp_ms, 1000)
-    data = repeated(event.frame_id)
-    parts = [_STAMP(sec & _U32_MASK, ms * 1_000_000), data]
-    end = pos + 8 + len(data)
-    data = string(event.id)
-    pad = -end % 4
-    parts.append(pad_of[pad] + data)
-    end += pad + len(data)
-    data = repeated(event.type)
-    pad = -end % 4
-    parts.append(pad_of[pad] + data)
-    end += pad + len(data)
-    pad = (4 - end % 8) % 8
-    data = repeated(event.source)
-    parts.append(pad_of[pad] + _Q(event.timestamp_ms) + data)
-    end += pad + 8 + len(data)
-    metadata = event.metadata
-    pad = -end % 4
-    parts.append(pad_of[pad] + _U32(len(metadata)))
-    end += pad + 4
-    for key, value in metadata.items():
-        data = repeated(key)
-        pad = -end % 4
-        parts.append(pad_of[pad] + data)
-        end += pad + len(data)
-        data = string(value)
-        pad = -end % 4
-        parts.append(pad_of[pad] + data)
-        end += pad + len(data)
-    payload = event.payload
+    head = b''.join((_STAMP(sec & _U32_MASK, ms * 1_000_000), repeated(event.frame_id),
+                     padded(event.id), repeated(event.type)))
+    metadata, payload, tags = event.metadata, event.payload, event.tags
     if type(payload) is not bytes:   # a bytearray or memoryview validate() let through
         payload = bytes(payload)
-    pad = -end % 4
-    parts.append(pad_of[pad] + _U32(len(payload)))
-    parts.append(payload)
-    end += pad + 4 + len(payload)
-    tags = event.tags
-    pad = -end % 4
-    parts.append(pad_of[pad] + _F32U32(event.confidence, len(tags)))
-    end += pad + 8
-    for text in tags:
-        data = repeated(text)
-        pad = -end % 4
-        parts.append(pad_of[pad] + data)
-        end += pad + len(data)
-    pad = -end % 4
-    end += pad + 5
-    parts.append(pad_of[pad] + _I32B(event.priority, event.privacy)
-                 + pad_of[(4 - end % 8) % 8] + _QQ(bus_id, seq))
+    parts = [head, _ZERO4 if (pos + len(head)) & 7 == 0 else b'',
+             _Q(event.timestamp_ms), repeated(event.source), _U32(len(metadata)),
+             *[repeated(key) + padded(value) for key, value in metadata.items()],
+             _U32(len(payload)), payload, _PAD[-len(payload) & 3],
+             _F32U32(event.confidence, len(tags)), *map(repeated, tags),
+             _I32B(event.priority, event.privacy)]
+    end = pos + sum(map(len, parts))   # just after the privacy byte
+    parts.append(_PAD[(4 - end) & 7])
+    parts.append(_QQ(bus_id, seq))
     return b''.join(parts)
 
 

@@ -5,7 +5,9 @@ Histograms keep log-spaced buckets (the DDSketch scheme): bounded memory, O(1) r
 quantile within a known relative error (1% by default) of the true sample value, never an average.
 Each histogram records into a sketch for the current period (reset when the node publishes its
 metrics, so P50/P99/max describe the last period), folded at each reset into a sketch since start
-(what Prometheus scrapes).
+(what Prometheus scrapes). Recording is on every bus delivery's path, so a value is only appended
+to a short list, and the list is folded into the sketch FOLD_AT values at a time (with numpy) or
+when the histogram is read: about a third of a per-value add.
 
 The pure parts (Histogram, MetricsRegistry, BusMetrics, ResourceSampler, to_prometheus) need no
 rclpy; `MetricsPublisher` is the thin ROS shell.
@@ -18,11 +20,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy
+
 from loom_ros.telemetry import tracing
 
 METRICS_TOPIC = 'loom/metrics'   # a plain ROS topic (loom_msgs/Metrics), not a Loom event topic
 
 COUNTER, GAUGE, HISTOGRAM = 0, 1, 2   # loom_msgs/MetricSample kinds
+# Values a histogram holds unfolded (bounded memory: 8 bytes each plus the list's).
+FOLD_AT = 512
 
 
 class Sketch:
@@ -57,6 +63,26 @@ class Sketch:
             index = math.ceil(math.log(value) * self._inv_log_gamma)
             buckets = self.buckets
             buckets[index] = buckets.get(index, 0) + 1
+
+    def add_many(self, values) -> None:
+        """add() for each of `values`, vectorised. A value that is not finite (which no duration
+        is) is left out rather than poisoning sum and the buckets."""
+        a = numpy.asarray(values, dtype=numpy.float64)
+        if a.size and not numpy.isfinite(a).all():
+            a = a[numpy.isfinite(a)]
+        if not a.size:
+            return
+        self.count += int(a.size)
+        self.sum += float(a.sum())
+        self.min = min(self.min, float(a.min()))
+        self.max = max(self.max, float(a.max()))
+        above = a[a > self._floor]
+        self.zeros += int(a.size - above.size)
+        if above.size:
+            index = numpy.ceil(numpy.log(above) * self._inv_log_gamma).astype(numpy.int64)
+            buckets = self.buckets
+            for i, n in zip(*(x.tolist() for x in numpy.unique(index, return_counts=True))):
+                buckets[i] = buckets.get(i, 0) + n
 
     def merge(self, other: 'Sketch') -> None:
         """Add another sketch of the same precision (bucket counts add exactly)."""
@@ -98,22 +124,36 @@ class Sketch:
 
 class Histogram:
     """Thread-safe histogram: `record(value)`; `snapshot(reset_period=True)` for the period's
-    count/P50/P99/max; `total` is the sketch since start."""
+    count/P50/P99/max; `total` is the sketch since start. Recorded values wait in a list of at
+    most FOLD_AT and are folded into the period's sketch together (see the module's docstring);
+    every read folds them first."""
 
     def __init__(self, precision: float = 0.01):
         self.precision = precision
         self._lock = threading.Lock()
+        self._pending: list[float] = []
         self.period = Sketch(precision)
         self.total = Sketch(precision)
 
     def record(self, value: float) -> None:
         with self._lock:
-            self.period.add(value)
+            pending = self._pending
+            pending.append(value)
+            if len(pending) >= FOLD_AT:
+                self.period.add_many(pending)
+                pending.clear()
+
+    def _fold(self) -> None:
+        """Pending values into the period's sketch (the lock held)."""
+        if self._pending:
+            self.period.add_many(self._pending)
+            self._pending.clear()
 
     def snapshot(self, reset_period: bool = True) -> dict:
         """The current period's summary; with reset_period, the period is folded into `total`
         and a new one starts."""
         with self._lock:
+            self._fold()
             sketch = self.period
             if reset_period:
                 self.period = Sketch(self.precision)
@@ -123,6 +163,7 @@ class Histogram:
     def cumulative(self) -> Sketch:
         """Everything recorded since start (total plus the current period), as a new sketch."""
         with self._lock:
+            self._fold()
             merged = Sketch(self.precision)
             merged.merge(self.total)
             merged.merge(self.period)
@@ -170,6 +211,7 @@ class MetricsRegistry:
         self._prev_time: float | None = None
         self.collectors: list = []   # callables(registry) run before each snapshot
         self._topic_cache: dict[tuple[str, str], Histogram] = {}
+        self._delivery_cache: dict[str, tuple[Histogram, Histogram]] = {}
 
     def inc(self, name: str, amount: float = 1.0, **labels) -> None:
         key = (name, _labels(labels))
@@ -199,6 +241,16 @@ class MetricsRegistry:
         if hist is None:
             hist = self._topic_cache[key] = self.histogram(name, topic=topic)
         return hist
+
+    def delivery_histograms(self, topic: str) -> tuple[Histogram, Histogram]:
+        """(handle_latency_ms, event_age_ms) of `topic`, through one cache lookup: the bus's
+        delivery hook asks for both on every event."""
+        pair = self._delivery_cache.get(topic)
+        if pair is None:
+            pair = self._delivery_cache[topic] = (
+                self.topic_histogram('handle_latency_ms', topic),
+                self.topic_histogram('event_age_ms', topic))
+        return pair
 
     def counter(self, name: str, **labels) -> float:
         return self._counters.get((name, _labels(labels)), 0.0)
@@ -437,19 +489,21 @@ class MetricsPublisher:
 
 
 # -- the bus's delivery hook ---------------------------------------------------------------------
-def observed_call(sub, event, topic: str) -> None:
+def observed_call(sub, event, topic: str, _perf=time.perf_counter, _wall=time.time) -> None:
     """Deliver one event to a bus subscription inside a HandleEvent span (when tracing is on) and
     record the handler's latency and the event's age (when the bus has a registry). The bus calls
-    this instead of delivering directly only when one of the two is on."""
+    this instead of delivering directly only when one of the two is on: it runs per event, so
+    its lookups are cached (MetricsRegistry.delivery_histograms) and recording is an append."""
     registry = sub._bus.metrics
-    start = time.perf_counter()
+    start = _perf()
     if tracing.ENABLED and tracing.wants_handle_span(event):
         with tracing.handle_span(topic, event, sub.pattern.text):
             sub._deliver(event, topic)
     else:
         sub._deliver(event, topic)
     if registry is not None:
-        elapsed_ms = (time.perf_counter() - start) * 1000.0
-        registry.topic_histogram('handle_latency_ms', topic).record(elapsed_ms)
-        age_ms = time.time() * 1000.0 - event.timestamp_ms
-        registry.topic_histogram('event_age_ms', topic).record(age_ms if age_ms > 0 else 0.0)
+        elapsed_ms = (_perf() - start) * 1000.0
+        handle, age = registry.delivery_histograms(topic)
+        handle.record(elapsed_ms)
+        age_ms = _wall() * 1000.0 - event.timestamp_ms
+        age.record(age_ms if age_ms > 0 else 0.0)

@@ -144,3 +144,30 @@ def test_bus_counters_and_latency_histograms_from_a_real_bus(bus):
     assert samples[('events_dropped', ('telemetry.probe',))].value == 0
     latency = samples[('handle_latency_ms', ('telemetry.probe',))]
     assert latency.count == 50 and 0 <= latency.p50 <= latency.p99 <= latency.max
+
+
+def test_recorded_values_fold_in_batches_and_read_as_if_added_one_by_one():
+    from loom_ros.telemetry.metrics import FOLD_AT
+    values = numpy.concatenate([numpy.zeros(50), numpy.random.default_rng(3).lognormal(
+        0.0, 1.5, 2 * FOLD_AT + 7)])
+    hist, one_by_one = Histogram(PRECISION), Sketch(PRECISION)
+    for v in values:
+        hist.record(float(v))
+        one_by_one.add(float(v))
+    assert hist.period.count == 2 * FOLD_AT   # folded at FOLD_AT; the rest waits for a read
+    merged = hist.cumulative()                # a read folds what waits
+    assert merged.count == one_by_one.count == len(values)
+    assert merged.zeros == one_by_one.zeros == 50
+    assert (merged.min, merged.max) == (one_by_one.min, one_by_one.max)
+    assert merged.sum == pytest.approx(one_by_one.sum)
+    for q in (0.01, 0.5, 0.9, 0.99):
+        exact = numpy.percentile(values, q * 100, method='lower')
+        assert merged.quantile(q) == pytest.approx(exact, rel=PRECISION, abs=1e-12)
+    snap = hist.snapshot()
+    assert snap['count'] == len(values) and hist.total.count == len(values)
+
+
+def test_a_value_that_is_not_finite_is_left_out_of_a_batch():
+    sketch = Sketch(PRECISION)
+    sketch.add_many([1.0, math.nan, 2.0, math.inf, -math.inf])
+    assert sketch.count == 2 and sketch.sum == 3.0 and (sketch.min, sketch.max) == (1.0, 2.0)
