@@ -1,8 +1,16 @@
 """An event's effective privacy: the strictest of its privacy field and any privacy its metadata
 states. Both the agents' runtime (what a derived event inherits) and the bridge's gate (what may
-leave the robot) decide from this, so neither field can be used to lower the other. Pure Python.
+leave the robot) decide from this, so neither field can be used to lower the other. Also the
+vocabulary of data subjects and consent every layer shares: the metadata key that names whom an
+event is about (and its validation), the purposes consent is given for, and a consent answer.
+Pure Python.
 """
 from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from enum import Enum
 
 from loom_ros.bus.event import Event, Privacy
 
@@ -36,3 +44,69 @@ def effective_privacy(event: Event) -> Privacy:
         if key in metadata:
             tier = max(tier, stated_privacy(metadata[key]))
     return tier
+
+
+# -- data subjects and consent ------------------------------------------------------------------
+# An event about a person names them in this metadata key (set by perception, an app, or a face
+# or speaker identifier); anonymous events have none. Consent, erasure and export go by it.
+SUBJECT_METADATA_KEY = 'loom.subject'
+MAX_SUBJECT_CHARS = 128   # bounded before it is matched
+# ASCII letters and digits first, then also _ . : @ + - (an email, 'face:1234'); no spaces,
+# separators, control characters or look-alike letters from other scripts, no '..'.
+_SUBJECT = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.:@+\-]{0,127}\Z')
+
+
+class SubjectError(ValueError):
+    """A subject id that is not usable (type, length or characters); says which rule failed."""
+
+
+def check_subject(value: object) -> str:
+    """`value` as a subject id, or SubjectError. Never echoes more than 40 characters of it."""
+    if not isinstance(value, str):
+        raise SubjectError(f'a data subject must be a string, got {type(value).__name__}')
+    if not value or len(value) > MAX_SUBJECT_CHARS:
+        raise SubjectError(f'a data subject has 1-{MAX_SUBJECT_CHARS} characters, got '
+                           f'{len(value)}')
+    if not _SUBJECT.match(value) or '..' in value:
+        raise SubjectError(f'data subject {value[:40]!r}: use ASCII letters, digits and '
+                           '_ . : @ + - (starting with a letter or digit, no "..")')
+    return value
+
+
+def event_subject(event: Event) -> str:
+    """The data subject an event names ('' when anonymous); SubjectError when the metadata
+    names one that is not a valid id (whoever enforces consent then treats it as unconsented)."""
+    metadata = event.metadata if isinstance(event.metadata, dict) else {}
+    if SUBJECT_METADATA_KEY not in metadata:
+        return ''
+    return check_subject(metadata[SUBJECT_METADATA_KEY])
+
+
+class Purpose(str, Enum):
+    """What a subject's data may be used for; consent is per subject and purpose."""
+
+    STORE = 'store'            # raw payloads kept in storage (else counts only)
+    CLOUD = 'cloud'            # cloud inference (else routed as LocalOnly)
+    RECORDING = 'recording'    # payloads in MCAP recordings
+    FLEET = 'fleet'            # forwarded to other robots by the bridge
+    LEARNING = 'learning'      # training rows of the learned router
+
+
+@dataclass(frozen=True)
+class ConsentState:
+    """One subject's consent for one purpose, as a consent lookup answers it."""
+
+    purpose: str
+    granted: bool
+    asked: bool = False        # False: the configured default for subjects never asked
+    source: str = ''           # who or what recorded the change (cli, app, ...)
+    changed_ms: int = 0
+
+    def describe(self) -> str:
+        """In words, without the subject's id (this text is logged and published)."""
+        word = 'granted' if self.granted else 'not granted'
+        if not self.asked:
+            return f'{self.purpose} consent {word} (default for subjects never asked)'
+        when = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.changed_ms / 1000))
+        state = 'granted' if self.granted else 'withdrawn'
+        return f'{self.purpose} consent {state} at {when} by {self.source or "?"}'

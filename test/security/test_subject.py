@@ -1,0 +1,55 @@
+"""The data-subject metadata key: what a valid subject id is, and that hostile values (huge,
+path tricks, control characters, look-alike letters, wrong types) are refused without echoing
+them whole, while anonymous events stay anonymous."""
+import pytest
+from hypothesis import given, strategies as st
+
+from loom_ros.bus.event import Event
+from loom_ros.bus.privacy import (MAX_SUBJECT_CHARS, SUBJECT_METADATA_KEY, SubjectError,
+                                  check_subject, event_subject)
+
+
+@pytest.mark.parametrize('subject', ['alice', 'face:1234', 'alice@home.example', 'A', '7',
+                                     'speaker_2-b+c', 'x' * MAX_SUBJECT_CHARS])
+def test_valid_subjects(subject):
+    assert check_subject(subject) == subject
+    assert event_subject(Event(type='t', metadata={SUBJECT_METADATA_KEY: subject})) == subject
+
+
+@pytest.mark.parametrize('value, rule', [
+    ('', '1-128 characters'),
+    ('x' * (MAX_SUBJECT_CHARS + 1), '1-128 characters'),
+    ('y' * 4096, '1-128 characters'),                 # as long as metadata allows
+    ('../../etc/passwd', 'ASCII letters'),
+    ('a/b', 'ASCII letters'), ('a\\b', 'ASCII letters'), ('a..b', 'no ".."'),
+    ('alice\n', 'ASCII letters'), ('alice\x00bob', 'ASCII letters'), ('al ice', 'ASCII letters'),
+    ('\u0430lice', 'ASCII letters'),                  # Cyrillic a: looks like "alice"
+    ('alice\u200b', 'ASCII letters'),                 # zero-width space
+    ('-alice', 'ASCII letters'), ('.hidden', 'ASCII letters'), ("a'; drop table", 'ASCII'),
+    ('%2e%2e', 'ASCII letters'), ('alice\udc80', 'ASCII letters'),
+    (None, 'must be a string'), (42, 'must be a string'), (b'alice', 'must be a string'),
+    (['alice'], 'must be a string'), ({'a': 1}, 'must be a string'),
+])
+def test_hostile_subjects_are_refused(value, rule):
+    with pytest.raises(SubjectError, match=rule) as info:
+        check_subject(value)
+    assert len(str(info.value)) < 200          # never the whole value back
+
+
+def test_events_without_the_key_are_anonymous_and_a_bad_value_is_an_error():
+    assert event_subject(Event(type='t')) == ''
+    assert event_subject(Event(type='t', metadata={'subject': 'alice'})) == ''   # not our key
+    with pytest.raises(SubjectError):
+        event_subject(Event(type='t', metadata={SUBJECT_METADATA_KEY: ''}))
+    with pytest.raises(SubjectError):
+        event_subject(Event(type='t', metadata={SUBJECT_METADATA_KEY: 'a' * 4000}))
+
+
+@given(st.text(max_size=300))
+def test_anything_accepted_is_short_safe_ascii(text):
+    try:
+        subject = check_subject(text)
+    except SubjectError:
+        return
+    assert 1 <= len(subject) <= MAX_SUBJECT_CHARS and subject.isascii() and subject.isprintable()
+    assert not set(subject) & set('/\\ \t\n\r\x00\'"%') and '..' not in subject
