@@ -42,6 +42,7 @@ from loom_ros.config.paths import usable_file
 from loom_ros.router.policy import PolicyError, load_policy
 from loom_ros.security import keys, sealed
 from loom_ros.security.audit import AuditError, AuditLog
+from loom_ros.storage.layout import derived, node_layout
 from loom_ros.telemetry.logs import mask_node_logger
 
 STATUS_TOPIC = 'zenoh_bridge/status'
@@ -77,9 +78,10 @@ PARAMETERS = [
     ParamSpec('inbound_file', "Inbound contract YAML (rules, grants, actuators); '' means the "
               'shipped config/inbound.yaml', read_only=True),
     ParamSpec('audit_db', 'SQLite audit log of every inbound actuator command and refusal, with '
-              "its sender, and of every privacy refusal ('~' expands)", read_only=True),
+              "its sender, and of every privacy refusal ('~' expands; '' = <storage.root>/audit.db)",
+              read_only=True),
     ParamSpec('keys_dir', 'Fleet credentials (ca.pem, <name>/cert.pem): checks signed commands '
-              'and finds the cloud certificate', read_only=True),
+              "and finds the cloud certificate ('' = <storage.root>/keys)", read_only=True),
     ParamSpec('identity', "Identity this bridge shows on Zenoh (mutual TLS; <keys_dir>/<identity>); "
               "'' means robot_id", read_only=True),
     ParamSpec('insecure', 'Plain TCP without TLS, authentication or access control (logged as a '
@@ -108,6 +110,9 @@ class ZenohBridgeNode(LifecycleNode):
         mask_node_logger(self)   # every log line masked from the first (issue 13, fault 10)
         self.params = declare_parameters(self, SECTION, PARAMETERS)
         self.params.update(self._declare_lists())
+        layout = node_layout(self, SECTION)   # '' paths: under storage.root
+        self.params['audit_db'] = derived(self.params['audit_db'], layout.audit)
+        self.params['keys_dir'] = derived(self.params['keys_dir'], layout.keys)
         self.bridge: Bridge | None = None
         self.link: ZenohLink | None = None
         self.bus = None

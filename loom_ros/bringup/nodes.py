@@ -54,6 +54,10 @@ NODES: tuple[LoomNode, ...] = (
              'loom_ros.router.router_node:RouterNode', lifecycle=True, managed=True),
     LoomNode('plugin_host', 'plugin_host', 'loom_ros.plugins.host_node',
              'loom_ros.plugins.host_node:PluginHostNode', lifecycle=True, managed=True),
+    # The data lifecycle (hot > warm > cold > archive), budgets and storage/query over every
+    # database under storage.root.
+    LoomNode('storage', 'storage_node', 'loom_ros.storage.ros2.node',
+             'loom_ros.storage.ros2.node:StorageNode', lifecycle=True, managed=True),
     LoomNode('zenoh_bridge', 'zenoh_bridge', 'loom_ros.bridge.bridge_node',
              'loom_ros.bridge.bridge_node:ZenohBridgeNode', lifecycle=True, managed=True,
              condition='bridge'),

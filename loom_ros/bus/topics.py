@@ -21,3 +21,13 @@ def agent_action(agent_id: str) -> str:
 AGENTS_HEARTBEAT = 'loom/agents/heartbeat'   # every agent, every heartbeat period
 AGENTS_STATUS = 'loom/agents/status'         # the lifecycle manager's verdict per agent
 DIAGNOSTICS = '/diagnostics'                 # diagnostic_msgs/DiagnosticArray, absolute
+
+# The router node (relative to the robot's namespace).
+ROUTER_ROUTE = 'router/route'                # loom_msgs/Route service: one decision per event
+ROUTER_DECISIONS = 'router/decisions'        # loom_msgs/RouteDecision, every decision
+ROUTER_OUTCOMES = 'router/outcomes'          # loom_msgs/RouteOutcome, what a route cost
+ROUTER_STATS = 'router/stats'                # loom_msgs/RouterStats
+
+# The storage node (relative to the robot's namespace).
+STORAGE_STATS = 'storage/stats'              # loom_msgs/StorageStats: bytes, rows, moves per tier
+STORAGE_QUERY = 'storage/query'              # loom_msgs/StorageQuery service: episodes, memories

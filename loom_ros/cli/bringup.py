@@ -4,7 +4,7 @@ needs ROS 2's launch, absent where Loom runs from PyPI wheels). Tests and `loom 
 
 By default one process per node, as launch starts them (the same module `main()` the console
 script runs, the params file, then the node's own parameters from the table): sim_sensors
-(optional), camera_adapter, router, plugin_host, zenoh_bridge (optional) and the
+(optional), camera_adapter, router, plugin_host, storage, zenoh_bridge (optional) and the
 lifecycle_manager, which starts the agents (all hosted in one process, agent_host_0) and brings
 up the managed lifecycle nodes (started with autostart false) and then the agents, in table
 order. A node process that dies is started again with backoff (launch's respawn); one that keeps
@@ -50,10 +50,12 @@ from loom_ros.bridge.zenoh_link import INSECURE_WARNING
 from loom_ros.bringup import nodes as table
 from loom_ros.bringup.processes import Process, RestartPolicy, Supervised
 from loom_ros.config.params import (
-    AGENT_SECTION, DEFAULTS_FILE, check_params_file, config_dir, node_defaults, node_section,
+    AGENT_SECTION, DEFAULTS_FILE, by_node, check_params_file, config_dir, load_params_file,
+    node_defaults, node_section,
 )
 from loom_ros.config.paths import usable_dir
 from loom_ros.security import keys
+from loom_ros.storage.layout import ROOT_PARAMETER, StorageLayout
 
 AGENT_HOST = 'agent_host_0'
 CONFIGURE_FAILED = 'cannot configure:'   # what every Loom lifecycle node logs when it refuses
@@ -100,9 +102,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--max-restarts', type=int, default=5,
                    help='restarts of a dying node process before bring-up gives up (default 5)')
     p.add_argument('--log-dir', default='', help='where the Zenoh router and cloud logs go')
-    p.add_argument('--keys-dir', default=keys.DEFAULT_KEYS_DIR,
+    p.add_argument('--keys-dir', default='',
                    help='fleet credentials, made on first run for the router, this robot and the '
-                   f'cloud (default {keys.DEFAULT_KEYS_DIR})')
+                   'cloud (default <storage.root>/keys: storage.root of the params file)')
     p.add_argument('--insecure', action='store_true',
                    help='Zenoh over plain TCP: no TLS, authentication or access control (warned)')
 
@@ -533,6 +535,13 @@ def _check_side(side: dict[str, Process]) -> None:
         raise RuntimeError('; '.join(exited))
 
 
+def storage_layout(params_file: str) -> StorageLayout:
+    """The layout under the params file's storage.root (its /** section, else the default)."""
+    root = by_node(load_params_file(params_file)).get('/**', {}).get(ROOT_PARAMETER.name) or \
+        node_defaults('/**')[ROOT_PARAMETER.name]
+    return StorageLayout.at(root)
+
+
 def main_with(args, ros_args: list[str]) -> int:
     import rclpy
     from rclpy.signals import SignalHandlerOptions
@@ -547,6 +556,9 @@ def main_with(args, ros_args: list[str]) -> int:
         try:
             check_params_file(params_file)   # a typo'd key or node section: refused up front
             robot_name = robot_id(params_file)
+            layout = storage_layout(params_file)
+            usable_dir(layout.root, 'storage.root')
+            args.keys_dir = args.keys_dir or str(layout.keys)
             # The agents' folder (the manager hands it to them), checked before anything starts.
             usable_dir(node_section(params_file, table.MANAGER).get('state_dir') or
                        node_defaults(table.MANAGER)['state_dir'], 'lifecycle_manager.state_dir')

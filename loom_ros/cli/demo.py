@@ -75,13 +75,12 @@ def _params(source: str, out: Path) -> Path:
     def section(name):   # sections are keyed /**/<node> (any namespace)
         key = name if name == '/**' else f'/**/{name}'
         return data.setdefault(key, {}).setdefault('ros__parameters', {})
+    section('/**').setdefault('storage', {})['root'] = str(out)   # every path derives from it
     tracing = section('/**').setdefault('telemetry', {}).setdefault('tracing', {})
     tracing.update(exporter='file', file=str(out / 'trace.jsonl'))
-    section('router')['history_db'] = str(out / 'router.db')
     section('plugin_host').update(audit_db=str(out / 'audit.db'), data_dir=str(out / 'plugins'))
     section('agent')['state_dir'] = str(out / 'agents')
     section('lifecycle_manager')['state_dir'] = str(out / 'agents')
-    section('zenoh_bridge')['audit_db'] = str(out / 'audit.db')   # privacy refusals, commands
     path = out / 'demo_params.yaml'
     path.write_text(yaml.safe_dump(data), encoding='utf-8')
     return path
@@ -162,7 +161,7 @@ class Watcher:
         self.plugins: dict[str, str] = {}
         self._speech_end: dict[str, float] = {}   # utterance text -> when its speech ended
         self._answered: set = set()
-        self.node.create_subscription(RouteDecision, 'router/decisions', self._on_route,
+        self.node.create_subscription(RouteDecision, topics.ROUTER_DECISIONS, self._on_route,
                                       to_qos_profile('batched'))
         self.node.create_subscription(String, 'loom/ui/state', self._on_ui,
                                       to_qos_profile('batched'))

@@ -20,6 +20,8 @@ import time
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
+from loom_ros.bus import topics
+from loom_ros.storage.layout import derived
 from loom_ros.bus.event import Privacy
 from loom_ros.bus.executor import run_lifecycle_node
 from loom_ros.bus.qos import to_qos_profile
@@ -36,7 +38,8 @@ from loom_ros.telemetry.logs import mask_node_logger
 
 PARAMETERS = [
     ParamSpec('policy_file', "Routing policy YAML; '' means the shipped config/policy.yaml"),
-    ParamSpec('history_db', "SQLite file of decisions and outcomes; '~' expands", read_only=True),
+    ParamSpec('history_db', "SQLite file of decisions and outcomes; '~' expands ('' = "
+              "<storage.root>/router.db)", read_only=True),
     ParamSpec('stats_period_s', 'Seconds between RouterStats messages', read_only=True,
               min_value=0.01, max_value=3600.0),
     ParamSpec('autostart', 'Configure and activate on start when run standalone', read_only=True),
@@ -74,7 +77,7 @@ class RouterNode(LifecycleNode):
         self.configure_error = ''
         try:
             self.policy = self._load(self.get_parameter('policy_file').value)
-            db = self.params['history_db']
+            db = derived(self.params['history_db'], self.telemetry.layout.router_history)
             if db != ':memory:':
                 db = str(usable_file(db, 'router.history_db'))
             self.history = RouterHistory(db, self.policy.budget.period_s, shared=True)
@@ -84,11 +87,11 @@ class RouterNode(LifecycleNode):
             self.get_logger().error(f'cannot configure: {self.configure_error}')
             return TransitionCallbackReturn.FAILURE
         self.decisions_pub = self.create_lifecycle_publisher(
-            RouteDecision, 'router/decisions', to_qos_profile('batched'))
+            RouteDecision, topics.ROUTER_DECISIONS, to_qos_profile('batched'))
         self.stats_pub = self.create_lifecycle_publisher(
-            RouterStats, 'router/stats', to_qos_profile('realtime'))
-        self._service = self.create_service(Route, 'router/route', self._on_route)
-        self._outcomes = self.create_subscription(RouteOutcome, 'router/outcomes',
+            RouterStats, topics.ROUTER_STATS, to_qos_profile('realtime'))
+        self._service = self.create_service(Route, topics.ROUTER_ROUTE, self._on_route)
+        self._outcomes = self.create_subscription(RouteOutcome, topics.ROUTER_OUTCOMES,
                                                   self._on_outcome, to_qos_profile('batched'))
         self._stats_timer = self.create_timer(self.params['stats_period_s'], self._publish_stats)
         self.local = LocalRouter(self.policy, self.history, on_decision=self._publish_decision)

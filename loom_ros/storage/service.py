@@ -17,13 +17,14 @@ from loom_ros.storage.lifecycle import (Lifecycle, LifecycleParams, MoveReport, 
 from loom_ros.telemetry.diagnostics import OK, CheckResult
 
 PREFIX = 'storage.'
-DEFAULTS_FILE = 'storage.yaml'
 
 
 def default_params(path: str | None = None) -> dict:
-    """The storage node's parameters as shipped (config/storage.yaml), flat and dotted."""
-    from loom_ros.config.params import config_dir, node_defaults
-    return node_defaults('storage', path or str(config_dir() / DEFAULTS_FILE))
+    """The storage node's `storage.*` parameters as shipped (config/loom.yaml: `storage.root`
+    from the /** section, the rest from /**/storage), flat and dotted."""
+    from loom_ros.config.params import DEFAULTS_FILE, config_dir, node_defaults
+    values = node_defaults('storage', path or str(config_dir() / DEFAULTS_FILE))
+    return {k: v for k, v in values.items() if k.startswith(PREFIX)}
 
 
 @dataclass

@@ -16,6 +16,7 @@ import sys
 import time
 from collections import defaultdict
 
+from loom_ros.bus.topics import ROUTER_STATS
 from loom_ros.telemetry.diagnostics import LEVEL_NAMES, level_of
 from loom_ros.telemetry.metrics import COUNTER, GAUGE, HISTOGRAM, METRICS_TOPIC, from_msg
 
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     view = StatusView()
     realtime = to_qos_profile(QosLevel.REALTIME)
     node.create_subscription(Metrics, METRICS_TOPIC, view.on_metrics, realtime)
-    node.create_subscription(RouterStats, 'router/stats', view.on_router_stats, realtime)
+    node.create_subscription(RouterStats, ROUTER_STATS, view.on_router_stats, realtime)
     node.create_subscription(DiagnosticArray, '/diagnostics', view.on_diagnostics, 10)
     executor = make_executor()
     executor.add_node(node)

@@ -45,7 +45,7 @@ def test_every_table_node_is_a_console_script_running_its_module_main():
         cls = node.load_class()
         assert cls.__module__ == node.module, node.name
         assert node.managed <= node.lifecycle   # only lifecycle nodes can be managed
-    assert [n.name for n in table.NODES if n.managed] == ['router', 'plugin_host', 'zenoh_bridge']
+    assert [n.name for n in table.NODES if n.managed] == ['router', 'plugin_host', 'storage', 'zenoh_bridge']
     assert table.NODES[-1].name == table.MANAGER   # it starts after what it manages
 
 
@@ -89,7 +89,7 @@ def test_bringup_starts_each_table_node_as_launch_would(tmp_path):
         if node.managed:
             assert entry['params']['autostart'] is False
     manager = plan[table.MANAGER]['params']
-    assert manager['nodes'] == ['router', 'plugin_host', 'zenoh_bridge']
+    assert manager['nodes'] == ['router', 'plugin_host', 'storage', 'zenoh_bridge']
     assert manager['autostart'] is True and manager['spawn'] is True
     assert manager['agents'] == manager['groups'] == 'face,voice,counter'
     assert plan['zenoh_bridge']['params']['connect'] == ['tls/10.0.0.2:7447']

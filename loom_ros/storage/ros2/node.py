@@ -12,16 +12,17 @@ import threading
 
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
+from loom_ros.bus import topics
 from loom_ros.bus.executor import run_lifecycle_node
 from loom_ros.bus.qos import to_qos_profile
-from loom_ros.config.params import ConfigError
+from loom_ros.config.params import ConfigError, ParamSpec, declare_parameters
 from loom_ros.storage.service import StorageService, default_params, settings_from_params
 from loom_ros.storage.errors import StorageError
 from loom_ros.telemetry.node_telemetry import attach_telemetry
 from loom_ros.telemetry.logs import mask_node_logger
 
-STATS_TOPIC = 'storage/stats'
-QUERY_SERVICE = 'storage/query'
+STATS_TOPIC = topics.STORAGE_STATS
+QUERY_SERVICE = topics.STORAGE_QUERY
 MAX_RESULTS = 1000
 MAX_QUERY_CHARS = 2000
 
@@ -33,9 +34,11 @@ class StorageNode(LifecycleNode):
         mask_node_logger(self)
         from rcl_interfaces.msg import ParameterDescriptor
         self.params = {name: self.declare_parameter(
-            name, value, ParameterDescriptor(description='see config/storage.yaml',
+            name, value, ParameterDescriptor(description='see config/loom.yaml /**/storage and docs/storage.md',
                                              read_only=True)).value
             for name, value in default_params().items()}
+        self.params.update(declare_parameters(self, 'storage', [ParamSpec(
+            'autostart', 'Configure and activate on start when run standalone', read_only=True)]))
         self.service: StorageService | None = None
         self.configure_error = ''
         self._lock = threading.Lock()
