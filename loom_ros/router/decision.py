@@ -3,6 +3,7 @@
 The rules run in the seed's order and the first that fires decides:
 
 1. privacy      Private or LocalOnly              -> Local (LocalFallback if no local capability)
+   consent      the event's data subject has no cloud consent -> the same, as if LocalOnly
 2. capability   no local capability                -> Cloud
 3. local quick inference gives a confidence (passed in, or computed by `local_infer`)
 4. threshold    confidence >= threshold            -> Local   (exactly at the threshold: Local)
@@ -16,6 +17,11 @@ Private and LocalOnly events never get a cloud route, whatever a policy says: ru
 everything else and no later rule can override it. Sensitive events may go to the cloud, but only
 as embeddings (`upload='embedding'`), unless the policy says `sensitive_upload: none`, which
 keeps them local like Private. Every decision names the rule that fired and the values compared.
+
+Consent: an event that names a data subject (bus/privacy.py SUBJECT_METADATA_KEY, carried here as
+`subject`) goes to the cloud only when `consent(subject, 'cloud')` (passed in: the consent
+registry's lookup) says granted. No lookup, a lookup that fails, or a subject id that is not
+valid all keep it local (fail closed); the reason names the consent, not the subject.
 """
 from __future__ import annotations
 
@@ -25,7 +31,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from loom_ros.bus.event import Privacy
+from loom_ros.bus.privacy import ConsentState, Purpose, SubjectError, check_subject
 from loom_ros.router.policy import RoutingPolicy
+
+# The consent registry's lookup (storage/consent.py ConsentRegistry.lookup): (subject, purpose).
+ConsentLookup = Callable[[str, str], ConsentState]
 
 
 class Route(str, Enum):
@@ -53,10 +63,13 @@ class RouteRequest:
     local_confidence: float | None = None  # None: ask local_infer
     latency_budget_ms: float = math.inf     # inf: no deadline
     payload_bytes: int = 0
+    subject: str = ''                       # the data subject the event names ('' anonymous)
 
     def check(self) -> 'RouteRequest':
         if not isinstance(self.event_type, str) or not self.event_type:
             raise RequestError('event_type must be a non-empty string')
+        if not isinstance(self.subject, str):
+            raise RequestError(f'subject must be a string, got {type(self.subject).__name__}')
         try:
             Privacy(self.privacy)
         except ValueError:
@@ -94,8 +107,10 @@ class Spend:
 
 def decide(request: RouteRequest, policy: RoutingPolicy, *, cloud_cost: float,
            spend: Spend | None = None,
-           local_infer: Callable[[RouteRequest], float] | None = None) -> Decision:
-    """Apply the rules in the seed's order; the first that fires decides."""
+           local_infer: Callable[[RouteRequest], float] | None = None,
+           consent: ConsentLookup | None = None) -> Decision:
+    """Apply the rules in the seed's order; the first that fires decides. `consent` answers
+    whether a data subject allows cloud use (needed only for events that name one)."""
     request.check()
     spend = spend or Spend()
     privacy = Privacy(request.privacy)
@@ -115,6 +130,16 @@ def decide(request: RouteRequest, policy: RoutingPolicy, *, cloud_cost: float,
                         f'privacy is {privacy.name} and there is no local capability: '
                         'the cloud is not allowed, so the caller must degrade locally',
                         upload='none', values={'privacy': privacy.name})
+    # 1b. consent: a subject without cloud consent is treated as LocalOnly.
+    refusal = _without_cloud_consent(request.subject, consent)
+    if refusal is not None:
+        why, values = refusal
+        if request.local_supported:
+            return local('consent', f'{why}: treated as LocalOnly, never leaves the robot',
+                         **values)
+        return Decision(Route.LOCAL_FALLBACK, 0.0, 'consent',
+                        f'{why}: treated as LocalOnly and there is no local capability, so the '
+                        'caller must degrade locally', upload='none', values=values)
     upload = 'embedding' if privacy is Privacy.SENSITIVE else 'raw'
 
     # 2. capability
@@ -171,3 +196,30 @@ def decide(request: RouteRequest, policy: RoutingPolicy, *, cloud_cost: float,
                     f'local confidence {conf:.3f} <= {policy.hybrid_floor:g}: cloud ({model})',
                     upload=upload, cloud_model=model, cloud_cost=cloud_cost,
                     values={'confidence': conf, 'hybrid_floor': policy.hybrid_floor})
+
+
+def _without_cloud_consent(subject: str, consent: ConsentLookup | None
+                           ) -> tuple[str, dict] | None:
+    """None when the event may go to the cloud as far as consent goes (anonymous, or granted),
+    else (why, values). Fails closed: no lookup, a failing one or an invalid id keep it local."""
+    if not subject:
+        return None
+    purpose = Purpose.CLOUD.value
+    try:
+        check_subject(subject)
+    except SubjectError:
+        return ('the event names a data subject that is not a valid id, so no cloud consent '
+                'can be found', {'consent': purpose, 'granted': False, 'valid_subject': False})
+    if consent is None:
+        return ('the event names a data subject and this router has no consent registry',
+                {'consent': purpose, 'granted': False})
+    try:
+        state = consent(subject, purpose)
+        if state.granted is True:
+            return None
+        return (f'no cloud consent for the data subject ({state.describe()})',
+                {'consent': purpose, 'granted': False, 'asked': bool(state.asked),
+                 'source': str(state.source)[:64], 'changed_ms': int(state.changed_ms)})
+    except Exception as exc:   # noqa: BLE001 - whatever the registry raises, fail closed
+        return (f'the consent registry cannot answer ({type(exc).__name__}: {str(exc)[:120]})',
+                {'consent': purpose, 'granted': False})
