@@ -1,6 +1,8 @@
-"""`loom storage stats|query|compact`: the storage layer from the command line, straight on the
-files under storage.root (no node needed). stats and query open everything read-only; compact
-runs lifecycle rounds until nothing is due (refused while a storage node runs them)."""
+"""`loom storage stats|query|compact|keygen|rotate-key`: the storage layer from the command line,
+straight on the files under storage.root (no node needed). stats and query open everything
+read-only; compact runs lifecycle rounds until nothing is due (refused while a storage node runs
+them); keygen writes a master key file for encryption at rest and rotate-key rewraps every data
+key under a new master key while the nodes keep running (docs/encryption.md)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +10,10 @@ import os
 import sys
 import time
 
+from loom_ros.security.keyring import (KEYRING_FILE, Keyring, MasterKey, MasterKeySource,
+                                      read_key_file, write_key_file)
 from loom_ros.storage.errors import StorageError
+from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.service import StorageService, default_params, settings_from_params
 
 
@@ -31,9 +36,23 @@ def add_parser(sub) -> None:
                          help='make each cold index anew from its rows (no re-embedding)')
     compact.add_argument('--rounds', type=int, default=1000, help='at most this many rounds')
     for q in (stats, query, compact):
-        q.add_argument('--root', default='', help='storage.root (default: config/storage.yaml)')
+        q.add_argument('--root', default='', help='storage.root (default: config/loom.yaml)')
         q.add_argument('--embedder', default='', choices=['', 'minilm', 'hash'])
         q.add_argument('--json', action='store_true', help='machine-readable output')
+    keygen = actions.add_parser('keygen', help='write a new master key file (mode 0600) for '
+                                'storage.encryption.master_key_file; - prints it instead')
+    keygen.add_argument('file', help="where to write it (never over an existing file); '-' "
+                        f'prints the key for the environment variable')
+    rotate = actions.add_parser('rotate-key', help='rewrap every data key under a new master key '
+                                '(no downtime; run again to resume one cut short)')
+    rotate.add_argument('--root', default='', help='storage.root (default: the shipped config)')
+    rotate.add_argument('--key-file', default='',
+                        help='the master key file (default: storage.encryption.master_key_file, '
+                        'else the LOOM_STORAGE_MASTER_KEY environment variable)')
+    rotate.add_argument('--new-key-file', default='',
+                        help='take the new master key from this file (default: generate one, '
+                        'with a key file; required with the environment variable)')
+    rotate.add_argument('--json', action='store_true', help='machine-readable output')
     p.set_defaults(run=run_storage)
 
 
@@ -49,6 +68,10 @@ def _service(args, read_only: bool, rebuild: bool = False) -> StorageService:
 
 def run_storage(args) -> int:
     try:
+        if args.storage_action == 'keygen':
+            return _keygen(args.file)
+        if args.storage_action == 'rotate-key':
+            return _rotate_key(args)
         if args.storage_action == 'compact':
             service = _service(args, read_only=False, rebuild=args.rebuild_index)
             try:
@@ -85,6 +108,64 @@ def run_storage(args) -> int:
     except StorageError as exc:
         print(f'loom storage: {exc}', file=sys.stderr)
         return 1
+
+
+def _keygen(path: str) -> int:
+    key = MasterKey.generate()
+    if path == '-':
+        print(key.encoded())
+        return 0
+    write_key_file(path, [key])
+    print(f'master key {key.id} written to {path} (mode 0600); set '
+          f'storage.encryption.master_key_file to it and keep a copy off this machine: without '
+          'it nothing encrypted can be read')
+    return 0
+
+
+def _rotate_key(args) -> int:
+    """Make the new master current, rewrap every data key under it, retire the old one. With a
+    key file the file holds new and old keys while it runs (running nodes re-read it when they
+    meet a key under the new master), then the new key alone."""
+    params = default_params()
+    root = args.root or str(params.get('storage.root', '~/.loom'))
+    key_file = args.key_file or str(params.get('storage.encryption.master_key_file', ''))
+    source = MasterKeySource.of(key_file, os.environ)
+    given = source.load()
+    path = StorageLayout.at(root).keys / KEYRING_FILE
+    if not path.is_file():
+        raise StorageError(f'{path}: no key table (is storage.encryption on under this root?)')
+    keyring = Keyring(path, source)
+    try:
+        old = keyring.master_id
+        if keyring.rotating():
+            target = next(k for k in given if k.id == old)     # resume the one cut short
+        elif args.new_key_file:
+            target = read_key_file(args.new_key_file)[0]
+        else:
+            target = next((k for k in given if k.id != old), None)
+            if target is None and not source.file:
+                raise StorageError('the master key comes from LOOM_STORAGE_MASTER_KEY: make one '
+                                   '(loom storage keygen FILE) and pass --new-key-file FILE, or '
+                                   'list the new key first in LOOM_STORAGE_MASTER_KEY=new,old')
+            target = target or MasterKey.generate()
+        if source.file:   # both keys in the file while rewrapping: nodes pick up the new one
+            write_key_file(source.file, [target] + [k for k in given if k.id != target.id],
+                           replace=True)
+        result = keyring.rotate(target)
+        if source.file:
+            write_key_file(source.file, [target], replace=True)
+    finally:
+        keyring.close()
+    result['previous_master_id'] = old
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f'master key rotated: {old} -> {result["master_id"]}; {result["rewrapped"]} data '
+              f'keys rewrapped; retired: {", ".join(result["retired"]) or "-"}')
+        if not source.file:
+            print(f'now set LOOM_STORAGE_MASTER_KEY to the new key ({result["master_id"]}) '
+                  'alone: the old one no longer opens this key table', file=sys.stderr)
+    return 0
 
 
 def _when(ms: int) -> str:

@@ -18,12 +18,15 @@ import os
 import sqlite3
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from loom_ros.config.params import read_yaml, refuse_unknown_keys
+from loom_ros.security.keyring import day_of
+from loom_ros.storage.backend.encrypted import EncryptedObjectStore
 from loom_ros.storage.base import ObjectStore
 from loom_ros.storage.budget import Budgets, budget_check, root_used_bytes
 from loom_ros.storage.cold import ADD, REMOVE, ColdIndex, IndexParams, decode, encode
@@ -32,6 +35,8 @@ from loom_ros.storage.layout import StorageLayout, check_name
 from loom_ros.storage.sqlite import open_database
 
 DAY_S = 86400.0
+MAX_ARCHIVE_BYTES = 256 * 1024 * 1024    # of an archive file once decompressed (gzip bombs)
+MAX_ARCHIVE_LINE = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -277,7 +282,8 @@ class Lifecycle:
             gone = [row[0] for row, _ in due]
             conn.executemany('delete from episodes where id = ?', [(i,) for i in gone])
             if key:
-                conn.execute("update archive set state = 'done' where key = ?", (key,))
+                conn.executemany("update archive set state = 'done' where key = ?",
+                                 [(k,) for k in key])
             conn.execute('COMMIT')
         except sqlite3.Error as exc:
             self._abort(key)
@@ -300,7 +306,7 @@ class Lifecycle:
         report.archived, report.deleted = len(keep), len(due) - len(keep)
         return report
 
-    def _delete_cold(self, ids: list[int], archive_key: str | None = None) -> None:
+    def _delete_cold(self, ids: list[int], archive_key: list[str] | None = None) -> None:
         conn = self.conn
         try:
             conn.execute('BEGIN IMMEDIATE')
@@ -308,7 +314,8 @@ class Lifecycle:
             conn.executemany('insert into cold_log (op, id) values (?, ?)',
                              [(REMOVE, i) for i in ids])
             if archive_key:
-                conn.execute("update archive set state = 'done' where key = ?", (archive_key,))
+                conn.executemany("update archive set state = 'done' where key = ?",
+                                 [(k,) for k in archive_key])
             conn.execute('COMMIT')
         except sqlite3.Error as exc:
             self._abort(archive_key)
@@ -327,6 +334,8 @@ class Lifecycle:
         for (key,) in rows:
             self._drop_archive(key)
             report.archive_deleted += 1
+        if self.encrypted:   # retention: anonymous days past archive_s are shredded for good
+            self.objects.keyring.destroy_days_before(self.clock() - int(age * 1000))
         return report
 
     def _drop_archive(self, key: str) -> None:
@@ -336,9 +345,50 @@ class Lifecycle:
         self.objects.delete(key)
 
     # -- archive files ---------------------------------------------------------------------------
-    def _put_archive(self, tier: str, records: list[dict]) -> str:
-        """Write a compressed JSON-lines file as `pending` (committed first, so a crash before
-        the move's commit is undone by recover())."""
+    @property
+    def encrypted(self) -> bool:
+        """Archive files go through an encrypting object store (storage.encryption.enabled)."""
+        return isinstance(self.objects, EncryptedObjectStore)
+
+    def _subjects(self, tier: str, records: list[dict]) -> None:
+        """Name each record's data subject (`subject` column of its table, when it has one)."""
+        table = 'episodes' if tier == 'warm' else 'cold'
+        if not any(r[1] == 'subject' for r in self.conn.execute(f'pragma table_info({table})')):
+            return
+        ids = [r['id'] for r in records]
+        found = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            found.update(self.conn.execute(
+                f'select id, subject from {table} where id in ({",".join("?" * len(chunk))})',
+                chunk).fetchall())
+        for record in records:
+            if found.get(record['id']):
+                record['subject'] = found[record['id']]
+
+    def _put_archive(self, tier: str, records: list[dict]) -> list[str]:
+        """Write compressed JSON-lines files as `pending` (committed first, so a crash before
+        the move's commit is undone by recover()). Encrypted, one file per data subject (under
+        its key) and per UTC day for anonymous records (under the day's key), so destroying a
+        key shreds exactly that subject's or day's archives."""
+        self._subjects(tier, records)
+        if not self.encrypted:
+            return [self._put_archive_file(tier, records, None)]
+        groups: dict[tuple, list[dict]] = {}
+        for record in records:
+            subject = record.get('subject')
+            groups.setdefault(('s', subject) if subject else ('d', day_of(record['first_ms'])),
+                              []).append(record)
+        keys: list[str] = []
+        try:
+            for (kind, name), group in groups.items():
+                keys.append(self._put_archive_file(tier, group, name if kind == 's' else None))
+        except BaseException:
+            self._abort(keys)
+            raise
+        return keys
+
+    def _put_archive_file(self, tier: str, records: list[dict], subject: str | None) -> str:
         first = min(r['first_ms'] for r in records)
         last = max(r['last_ms'] for r in records)
         key = f'{self._prefix()}{tier}/{first:013d}-{uuid.uuid4().hex[:12]}.jsonl.gz'
@@ -349,19 +399,49 @@ class Lifecycle:
                               (key, tier, first, last, len(records), len(body), self.clock()))
         except sqlite3.Error as exc:
             raise self._error('archive', exc) from None
-        self.objects.put(key, body)
+        if self.encrypted:
+            self.objects.put(key, body, subject=subject, time_ms=first)
+        else:
+            self.objects.put(key, body)
         return key
 
-    def _abort(self, key: str | None) -> None:
+    def read_archive(self, key: str) -> list[dict]:
+        """The records of one archive file (decrypted when encrypted: a destroyed key raises
+        keyring.ShreddedError, a tampered file DecryptError), decompressed within bounds."""
+        data = self.objects.get(key)
+        out, inflater, pending, total = [], zlib.decompressobj(16 + zlib.MAX_WBITS), b'', 0
+        try:
+            while not inflater.eof:
+                chunk = inflater.decompress(data, 1 << 20)
+                data = inflater.unconsumed_tail
+                if not chunk and not data:
+                    break
+                total += len(chunk)
+                if total > MAX_ARCHIVE_BYTES:
+                    raise StorageError(f'archive {key}: more than {MAX_ARCHIVE_BYTES} bytes '
+                                       'once decompressed; not read')
+                pending += chunk
+                lines = pending.split(b'\n')
+                pending = lines.pop()
+                if len(pending) > MAX_ARCHIVE_LINE:
+                    raise StorageError(f'archive {key}: a line longer than {MAX_ARCHIVE_LINE}')
+                out += [json.loads(line) for line in lines if line]
+        except (zlib.error, ValueError) as exc:
+            raise StorageError(f'archive {key}: damaged ({exc})') from None
+        if not inflater.eof or pending.strip():
+            raise StorageError(f'archive {key}: truncated')
+        return out
+
+    def _abort(self, key: list[str] | None) -> None:
         try:
             if self.conn.in_transaction:
                 self.conn.execute('ROLLBACK')
         except sqlite3.Error:
             pass
-        if key:
-            self.objects.delete(key)
+        for one in key or ():
+            self.objects.delete(one)
             try:
-                self.conn.execute('delete from archive where key = ?', (key,))
+                self.conn.execute('delete from archive where key = ?', (one,))
             except sqlite3.Error:
                 pass
 

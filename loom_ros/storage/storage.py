@@ -9,10 +9,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from loom_ros.security.keyring import EncryptionSettings, Keyring
 from loom_ros.storage import schema
+from loom_ros.storage.backend import object_store
 from loom_ros.storage.errors import StorageError, is_full, StorageFullError
 from loom_ros.storage.layout import StorageLayout, check_name
 from loom_ros.storage.sqlite import open_database
@@ -34,6 +36,7 @@ class StorageConfig:
     max_batch: int = 20000
     max_db_bytes: int = 0              # hard cap of the database file (0: none)
     hot_max_events: int = 64           # per agent, kept in memory for recent()
+    encryption: EncryptionSettings = field(default_factory=EncryptionSettings)
     extra: dict = field(default_factory=dict)
 
 
@@ -41,7 +44,7 @@ class Storage:
     """The unit database of this process, its writer and its stores."""
 
     def __init__(self, config: StorageConfig, clock: Callable[[], int] = wall_ms,
-                 gate: Callable[[], None] | None = None):
+                 gate: Callable[[], None] | None = None, env: Mapping[str, str] | None = None):
         self.config, self.clock = config, clock
         self.layout = StorageLayout.at(config.root)
         self.unit = check_name(config.unit, 'storage.unit')
@@ -52,17 +55,28 @@ class Storage:
             raise StorageError(f'storage.root {self.layout.root}: cannot create: '
                                f'{exc.strerror}') from None
         self._lock_fd = self._claim()
+        self.keyring = None
         try:
+            # Encryption at rest (docs/encryption.md): a missing or wrong master key stops us
+            # here, before anything is written.
+            if config.encryption.enabled:
+                self.keyring = Keyring.open(self.layout.root, config.encryption,
+                                            os.environ if env is None else env, clock)
+            self.objects = object_store(self.layout.objects, keyring=self.keyring)
             self.conn = open_database(self.path, synchronous=config.synchronous,
                                       max_bytes=config.max_db_bytes)
         except BaseException:
             os.close(self._lock_fd)
+            if self.keyring is not None:
+                self.keyring.close()
             raise
         try:
             schema.ensure(self.conn, self.path)
         except sqlite3.Error as exc:
             self.conn.close()
             os.close(self._lock_fd)
+            if self.keyring is not None:
+                self.keyring.close()
             if is_full(exc):
                 raise StorageFullError(f'{self.path}: disk or budget full: {exc}') from None
             raise StorageError(f'{self.path}: cannot create the tables: {exc}') from None
@@ -160,6 +174,8 @@ class Storage:
             self.reader.close()
         self.conn.close()
         os.close(self._lock_fd)
+        if self.keyring is not None:
+            self.keyring.close()
 
     def __enter__(self):
         return self

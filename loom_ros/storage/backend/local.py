@@ -62,6 +62,13 @@ class LocalObjectStore(ObjectStore):
         except OSError as exc:
             raise StorageError(f'{self._path(key)}: cannot delete: {exc.strerror}') from None
 
+    def size(self, key: str) -> int:
+        """Bytes of an object, without reading it (so a reader can bound it first)."""
+        try:
+            return self._path(key).stat().st_size
+        except OSError as exc:
+            raise StorageError(f'{self._path(key)}: cannot read: {exc.strerror}') from None
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 

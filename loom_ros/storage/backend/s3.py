@@ -56,6 +56,13 @@ class S3ObjectStore(ObjectStore):
         except self._error as exc:
             raise StorageError(f's3://{self.bucket}/{self._key(key)}: cannot delete: {exc}') from None
 
+    def size(self, key: str) -> int:
+        """Bytes of an object, without reading it (so a reader can bound it first)."""
+        try:
+            return int(self.client.stat_object(self.bucket, self._key(key)).size or 0)
+        except self._error as exc:
+            raise StorageError(f's3://{self.bucket}/{self._key(key)}: cannot read: {exc}') from None
+
     def exists(self, key: str) -> bool:
         from minio.error import S3Error
         try:
