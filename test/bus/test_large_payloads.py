@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import select
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -104,73 +103,6 @@ def _peer(role: str) -> None:
 
 
 # -- the test -----------------------------------------------------------------------------------
-class Peer:
-    """A peer process; its stdout is read unbuffered (select() on a buffered pipe misses lines
-    already read ahead)."""
-
-    def __init__(self, role: str, env: dict):
-        self.role = role
-        self.proc = subprocess.Popen([sys.executable, __file__, role], env=env, cwd=ROOT,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        self.fd = self.proc.stdout.fileno()
-        self.pending = b''
-        self.lines: list[str] = []
-        self.last = ''
-
-    def _next_line(self, timeout: float) -> str | None:
-        if not self.lines:
-            if not select.select([self.fd], [], [], timeout)[0]:
-                return None
-            chunk = os.read(self.fd, 65536)
-            if not chunk:
-                raise EOFError
-            *complete, self.pending = (self.pending + chunk).split(b'\n')
-            self.lines.extend(line.decode().strip() for line in complete)
-            if not self.lines:
-                return None
-        self.last = self.lines.pop(0)
-        return self.last
-
-    def wait_line(self, condition, what: str, limit: float = BOUND_S) -> str:
-        """Read lines until one satisfies `condition`; fail at `limit` or if the peer died."""
-        deadline = time.monotonic() + limit
-        try:
-            while time.monotonic() < deadline:
-                line = self._next_line(0.1)
-                if line is not None and condition(line):
-                    return line
-                if line is None and self.proc.poll() is not None:
-                    break
-        except EOFError:
-            pass
-        self.proc.kill()
-        pytest.fail(f'{self.role}: no {what} within {limit:.0f} s (last line: {self.last!r}); '
-                    f'stderr: {self.proc.stderr.read()[-3000:]}')
-
-    def poll_line(self, timeout: float) -> str | None:
-        try:
-            return self._next_line(timeout)
-        except EOFError:
-            return None
-
-    def tell(self, text: str) -> None:
-        self.proc.stdin.write(text + '\n')
-        self.proc.stdin.flush()
-
-    def close(self) -> str:
-        """Stop the peer; returns its stderr."""
-        if self.proc.poll() is None:
-            try:
-                self.tell('exit')
-                self.proc.stdin.close()
-                self.proc.wait(timeout=15)
-            except (BrokenPipeError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.stderr.read()
-
-
 def _fields(line: str) -> dict[str, int]:
     parts = line.split()
     return {parts[i]: int(parts[i + 1]) for i in range(0, len(parts) - 1, 2)}
@@ -186,7 +118,8 @@ def peer_env() -> dict:
 
 def test_camera_frames_cross_processes_without_loss():
     env = peer_env()
-    sub, pub = Peer('sub', env), Peer('pub', env)
+    from harness import LinePeer   # not at the top: this file also runs as a child script
+    sub, pub = (LinePeer(role, [__file__, role], env) for role in ('sub', 'pub'))
     try:
         sub.wait_line(lambda l: l == 'ready', 'subscriber ready')
         pub.wait_line(lambda l: l == 'ready', 'publisher ready')

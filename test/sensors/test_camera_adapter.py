@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import select
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -112,65 +111,6 @@ def _subscriber() -> None:
 
 
 # -- the test -------------------------------------------------------------------------------------
-class Proc:
-    """A child process whose stdout is read unbuffered, line by line (select() on a buffered
-    pipe misses lines already read ahead)."""
-
-    def __init__(self, name: str, args: list[str], env: dict):
-        self.name = name
-        self.popen = subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT,
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
-        self.fd = self.popen.stdout.fileno()
-        self.pending, self.lines, self.last = b'', [], ''
-
-    def next_line(self, timeout: float) -> str | None:
-        if not self.lines:
-            if not select.select([self.fd], [], [], timeout)[0]:
-                return None
-            chunk = os.read(self.fd, 65536)
-            if not chunk:
-                return None
-            *complete, self.pending = (self.pending + chunk).split(b'\n')
-            self.lines.extend(line.decode().strip() for line in complete)
-            if not self.lines:
-                return None
-        self.last = self.lines.pop(0)
-        return self.last
-
-    def wait_line(self, condition, what: str, limit: float = BOUND_S) -> str:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            line = self.next_line(0.1)
-            if line is not None and condition(line):
-                return line
-            if line is None and self.popen.poll() is not None:
-                break
-        self.popen.kill()
-        pytest.fail(f'{self.name}: no {what} within {limit:.0f} s (last line {self.last!r}); '
-                    f'stderr: {self.popen.stderr.read()[-3000:]}')
-
-    def tell(self, text: str) -> None:
-        self.popen.stdin.write(text + '\n')
-        self.popen.stdin.flush()
-
-    def stop(self) -> str:
-        if self.popen.poll() is None:
-            try:
-                self.tell('exit')
-                self.popen.stdin.close()
-            except BrokenPipeError:
-                pass
-            if self.name == 'camera_adapter':
-                self.popen.terminate()   # a node: SIGTERM is its clean stop
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        return self.popen.stderr.read()
-
-
 def _fields(line: str) -> dict[str, int]:
     parts = line.split()
     return {parts[i]: int(parts[i + 1]) for i in range(0, len(parts) - 1, 2)}
@@ -180,9 +120,11 @@ def test_camera_frames_reach_a_loom_subscriber_in_another_process_without_loss()
     from loom_ros.bus.qos import FASTDDS_USER_VARS, fastdds_environment
     env = {k: v for k, v in os.environ.items() if k not in FASTDDS_USER_VARS}
     env.update(fastdds_environment(env, ROOT / 'config'))
-    sink = Proc('subscriber', [__file__, 'sub'], env)
-    adapter = Proc('camera_adapter', ['-m', 'loom_ros.sensors.camera_adapter_node'], env)
-    camera = Proc('camera', [__file__, 'camera'], env)
+    from harness import LinePeer   # not at the top: this file also runs as a child script
+    sink = LinePeer('subscriber', [__file__, 'sub'], env)
+    adapter = LinePeer('camera_adapter', ['-m', 'loom_ros.sensors.camera_adapter_node'], env,
+                       terminate_on_close=True)
+    camera = LinePeer('camera', [__file__, 'camera'], env)
     procs = (camera, adapter, sink)
     try:
         sink.wait_line(lambda line: line == 'ready', 'subscriber ready')
@@ -191,12 +133,12 @@ def test_camera_frames_reach_a_loom_subscriber_in_another_process_without_loss()
         deadline = time.monotonic() + BOUND_S
         while True:
             camera.tell('probe')
-            line = sink.next_line(0.5)
+            line = sink.poll_line(0.5)
             if line and _fields(line).get('probe') == 1:
                 break
             if adapter.popen.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f'no probe frame went camera -> adapter -> subscriber: '
-                            f'{adapter.stop()[-3000:]}')
+                            f'{adapter.close()[-3000:]}')
         sent = 0
         while sent < FRAMES:
             count = min(WINDOW, FRAMES - sent)
@@ -208,7 +150,7 @@ def test_camera_frames_reach_a_loom_subscriber_in_another_process_without_loss()
             assert _fields(line)['lost'] == 0, f'frames lost after {sent} sent: {line}'
         assert _fields(line) == {'got': FRAMES, 'probe': 0, 'bad': 0, 'lost': 0}, line
     finally:
-        errors = ''.join(p.stop() for p in procs)
+        errors = ''.join(p.close() for p in procs)
     assert 'XMLParser' not in errors and 'XMLProfileManager' not in errors, errors[-3000:]
     assert 'builtin transports' not in errors, errors[-3000:]   # the adapter saw the profile
 
