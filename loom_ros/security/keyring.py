@@ -232,7 +232,7 @@ class EncryptionSettings:
     master_key_file: str = ''
 
 
-def settings_from_params(params: Mapping, prefix: str = 'storage.encryption.') -> \
+def encryption_settings(params: Mapping, prefix: str = 'storage.encryption.') -> \
         EncryptionSettings:
     """EncryptionSettings from flat parameters (absent keys: encryption off)."""
     enabled = params.get(prefix + 'enabled', False)

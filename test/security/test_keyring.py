@@ -12,7 +12,7 @@ import pytest
 from loom_ros.security.keyring import (KEYRING_FILE, MASTER_KEY_ENV, DecryptError,
                                        EncryptionSettings, Keyring, KeyringError, MasterKey,
                                        MasterKeySource, ShreddedError, day_of, read_key_file,
-                                       settings_from_params, write_key_file)
+                                       encryption_settings, write_key_file)
 
 DAY_MS = 86_400_000
 T0 = 1_700_000_000_000           # 2023-11-14
@@ -214,12 +214,12 @@ def test_bad_key_files_are_refused_without_echoing_them(tmp_path):
 
 
 def test_settings_from_params():
-    assert settings_from_params({}) == EncryptionSettings(False, '')
-    assert settings_from_params({'storage.encryption.enabled': True,
+    assert encryption_settings({}) == EncryptionSettings(False, '')
+    assert encryption_settings({'storage.encryption.enabled': True,
                                  'storage.encryption.master_key_file': '/k'}) == \
         EncryptionSettings(True, '/k')
     with pytest.raises(KeyringError, match='true or false'):
-        settings_from_params({'storage.encryption.enabled': 'yes'})
+        encryption_settings({'storage.encryption.enabled': 'yes'})
 
 
 def test_rotation_keeps_everything_readable_and_retires_the_old_master(tmp_path):
