@@ -125,8 +125,8 @@ class Bridge:
         self._audited_at: dict[str, float] = {}
         self._suppressed: Counter = Counter()
         self.batch_max_events = max(1, int(batch_max_events))
-        self._batches: dict[str, tuple[QosLevel, list[bytes]]] = {}  # key -> samples waiting
-        self._batch_bytes: Counter = Counter()
+        # key -> [level, samples waiting, their bytes]: mutated in place, one lookup per event
+        self._batches: dict[str, list] = {}
         # topic -> (allowed out, Zenoh key, level): patterns, key and level depend only on the
         # topic and the (frozen) config, and matching them per event cost a third of send().
         self._routes: dict[str, tuple[bool, str, QosLevel]] = {}
@@ -145,10 +145,11 @@ class Bridge:
 
     # -- out: bus -> Zenoh ----------------------------------------------------------------
     def send(self, event: Event, topic: str) -> str:
-        """Bridge one bus event out; returns what happened (also counted in `stats`)."""
+        """Bridge one bus event out; returns what happened (also counted in `stats`). Runs per
+        event: lookups are inlined where they repeat (route, outbox, batch)."""
         if event.id in self._echo:
             return self._count('echo_skipped')  # it came from Zenoh: do not send it back
-        allowed, key, level = self.route(topic)
+        allowed, key, level = self._routes.get(topic) or self.route(topic)
         if not allowed:
             return self._count('denied')
         refusal = self.gate.refusal(event)
@@ -169,7 +170,7 @@ class Bridge:
             if not self.transport.connected:
                 return self._count('dropped_disconnected')
             return self._put(key, data, level)
-        if self.outbox.holds(key) or not self.transport.ready(key, level):
+        if key in self.outbox.per_key or not self.transport.ready(key, level):
             self._spill(key)   # what waits in its batch goes first
             if self.outbox.add(Pending(key, data, level)) is not None:
                 self._count('dropped_outbox_full')
@@ -179,10 +180,13 @@ class Bridge:
         if alone or len(data) > BATCH_MAX_BYTES // 2:
             self._flush_batch(key)
             return self._put(key, data, level)
-        _, samples = self._batches.setdefault(key, (level, []))
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = [level, [], 0]
+        samples = batch[1]
         samples.append(data)
-        self._batch_bytes[key] += len(data)
-        if len(samples) >= self.batch_max_events or self._batch_bytes[key] >= BATCH_MAX_BYTES:
+        batch[2] += len(data)
+        if len(samples) >= self.batch_max_events or batch[2] >= BATCH_MAX_BYTES:
             self._flush_batch(key)
         return 'batched'   # counted as sent (or buffered) when its batch leaves
 
@@ -195,8 +199,7 @@ class Bridge:
         got = self._batches.pop(key, None)
         if got is None:
             return 0
-        self._batch_bytes.pop(key, None)
-        level, samples = got
+        level, samples, _ = got
         if not self.transport.ready(key, level):
             self._batches[key] = got
             self._spill(key)
@@ -217,8 +220,7 @@ class Bridge:
         got = self._batches.pop(key, None)
         if got is None:
             return
-        self._batch_bytes.pop(key, None)
-        level, samples = got
+        level, samples, _ = got
         for data in samples:
             if self.outbox.add(Pending(key, data, level)) is not None:
                 self._count('dropped_outbox_full')
@@ -349,5 +351,5 @@ class Bridge:
     def snapshot(self) -> dict:
         return {'robot_id': self.config.robot_id, 'connected': bool(self.transport.connected),
                 'outbox': len(self.outbox), 'outbox_bound': self.outbox.max_events,
-                'batching': sum(len(samples) for _, samples in self._batches.values()),
+                'batching': sum(len(samples) for _, samples, _ in self._batches.values()),
                 **{k: v for k, v in sorted(self.stats.items())}}

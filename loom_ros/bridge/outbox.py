@@ -24,7 +24,7 @@ class Outbox:
             raise ValueError(f'outbox bound must be >= 1, got {max_events}')
         self.max_events = max_events
         self.items: deque[Pending] = deque()
-        self.per_key: Counter = Counter()
+        self.per_key: Counter = Counter()   # only keys with samples waiting (Bridge tests `in`)
         self.dropped = 0
 
     def __len__(self) -> int:

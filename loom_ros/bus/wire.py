@@ -160,76 +160,68 @@ def decode_event_batch(data: bytes, skip_bus_ids=()) -> tuple[int, int, list[Eve
 
 def _decode_events(data: bytes, pos: int, count: int, e: str) -> tuple[list[Event], int]:
     """`count` Events from `pos` on, and where the last one ended. The loop is written out (no
-    helper calls per field): this is the subscriber's hot path."""
+    helper calls per field): this is the subscriber's hot path. Positions count from the buffer's
+    start; 4-alignment is the same from there, 8-alignment is relative to offset 4 (a position
+    = 4 mod 8): `(p + 3) & -4` aligns p to 4, `((p + 3) & -8) + 4` to 8, so a string whose
+    length field is at p and holds n bytes (NUL included) is followed by `(p + n + 7) & -4`."""
     size = len(data)
     u32 = struct.Struct(e + 'I').unpack_from
-    i64 = struct.Struct(e + 'q').unpack_from
+    i64u32 = struct.Struct(e + 'qI').unpack_from
     f32u32 = struct.Struct(e + 'fI').unpack_from
     i32b = struct.Struct(e + 'iB').unpack_from
     privacy_of = _PRIVACY.get
     new_event = Event
+    from_float32 = _from_float32
     try:
-        if count > size:   # each event takes well over one byte
+        if count > size:
             raise WireError(f'{count} events cannot fit in {size} bytes')
         events = []
         append = events.append
         for _ in range(count):
-            pos += -pos % 4 + 8                        # align 4, skip header.stamp
+            pos = ((pos + 3) & -4) + 8                 # align 4, skip header.stamp
             (n,) = u32(data, pos)
             frame_id = data[pos + 4:pos + 3 + n].decode('utf-8', 'replace')
-            pos += 4 + n
-            pos += -pos % 4
+            pos = (pos + n + 7) & -4                   # past the string, aligned 4
             (n,) = u32(data, pos)
             event_id = data[pos + 4:pos + 3 + n].decode('utf-8', 'replace')
-            pos += 4 + n
-            pos += -pos % 4
+            pos = (pos + n + 7) & -4
             (n,) = u32(data, pos)
             event_type = data[pos + 4:pos + 3 + n].decode('utf-8', 'replace')
-            pos += 4 + n
-            pos += (4 - pos % 8) % 8
-            (timestamp_ms,) = i64(data, pos)
-            (n,) = u32(data, pos + 8)
+            pos = ((pos + n + 7) & -8) + 4             # past it, aligned 8 (from offset 4)
+            timestamp_ms, n = i64u32(data, pos)
             source = data[pos + 12:pos + 11 + n].decode('utf-8', 'replace')
-            pos += 12 + n
-            pos += -pos % 4
+            pos = (pos + n + 15) & -4
             (n_meta,) = u32(data, pos)
             pos += 4
             if n_meta > size:
                 raise WireError('metadata count runs past the end of the message')
             metadata = {}
             for _ in range(n_meta):
-                pos += -pos % 4
                 (n,) = u32(data, pos)
                 key = data[pos + 4:pos + 3 + n].decode('utf-8', 'replace')
-                pos += 4 + n
-                pos += -pos % 4
+                pos = (pos + n + 7) & -4
                 (n,) = u32(data, pos)
                 metadata[key] = data[pos + 4:pos + 3 + n].decode('utf-8', 'replace')
-                pos += 4 + n
-            pos += -pos % 4
+                pos = (pos + n + 7) & -4
             (n,) = u32(data, pos)
             payload = data[pos + 4:pos + 4 + n]
-            pos += 4 + n
-            pos += -pos % 4
+            pos = (pos + n + 7) & -4
             confidence, n_tags = f32u32(data, pos)
             pos += 8
             if n_tags > size:
                 raise WireError('tag count runs past the end of the message')
             tags = []
             for _ in range(n_tags):
-                pos += -pos % 4
                 (n,) = u32(data, pos)
                 tags.append(data[pos + 4:pos + 3 + n].decode('utf-8', 'replace'))
-                pos += 4 + n
-            pos += -pos % 4
+                pos = (pos + n + 7) & -4
             priority, privacy_value = i32b(data, pos)
-            pos += 5
-            pos += (4 - pos % 8) % 8 + 16              # align 8, then bus_id and seq
+            pos = ((pos + 8) & -8) + 20                # align 8 (from offset 4), bus_id and seq
             if pos > size:
                 raise WireError('event runs past the end of the message')
             append(new_event(
                 event_type, source, payload, event_id, timestamp_ms, metadata,
-                _from_float32(confidence), tags, priority,
+                from_float32(confidence), tags, priority,
                 privacy_of(privacy_value, privacy_value), frame_id))
     except (struct.error, IndexError) as exc:
         raise WireError(f'message ends early: {exc}') from None
