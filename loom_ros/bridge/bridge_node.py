@@ -33,7 +33,7 @@ from loom_ros.bridge.zenoh_link import (
 from loom_ros.bridge.zenoh_router import router_access_control
 from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import EventRejected
-from loom_ros.bus.executor import run_lifecycle_node
+from loom_ros.bus.executor import ReleasingLifecycleNode, run_lifecycle_node
 from loom_ros.bus.qos import to_qos_profile
 from loom_ros.config.params import (
     ConfigError, ParamSpec, config_dir, declare_parameters, node_defaults, read_yaml,
@@ -103,7 +103,7 @@ LIST_PARAMETERS = {
 }
 
 
-class ZenohBridgeNode(LifecycleNode):
+class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
 
     def __init__(self, **kwargs):
         super().__init__('zenoh_bridge', **kwargs)
@@ -253,14 +253,6 @@ class ZenohBridgeNode(LifecycleNode):
         self.bridge.flush_batches()
         self.link.close()
         return super().on_deactivate(state)
-
-    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release()
-        return TransitionCallbackReturn.SUCCESS
-
-    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release()
-        return TransitionCallbackReturn.SUCCESS
 
     def destroy_node(self) -> None:
         """A last guard for hosts that destroy the node without its shutdown transition

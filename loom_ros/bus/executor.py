@@ -68,6 +68,21 @@ def _record_callback_error(executor, exc: Exception, log: bool) -> None:
                 'the node keeps spinning')
 
 
+class ReleasingLifecycleNode:
+    """Mixin before LifecycleNode: cleanup and shutdown both release what configure made (the
+    node's `_release`, which must be idempotent), so no path leaves a service or session open."""
+
+    def on_cleanup(self, state):
+        from rclpy.lifecycle import TransitionCallbackReturn
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state):
+        from rclpy.lifecycle import TransitionCallbackReturn
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+
 class StartFailed(RuntimeError):
     """A node that cannot start (its configure or activate failed): the process exits 1."""
 

@@ -23,7 +23,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from loom_ros.bus import topics
 from loom_ros.storage.layout import derived
 from loom_ros.bus.event import Privacy
-from loom_ros.bus.executor import run_lifecycle_node
+from loom_ros.bus.executor import ReleasingLifecycleNode, run_lifecycle_node
 from loom_ros.bus.qos import to_qos_profile
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
 from loom_ros.config.paths import usable_file
@@ -53,7 +53,7 @@ class _TraceCarrier:
         self.metadata = {tracing.TRACEPARENT: traceparent}
 
 
-class RouterNode(LifecycleNode):
+class RouterNode(ReleasingLifecycleNode, LifecycleNode):
 
     def __init__(self, **kwargs):
         super().__init__('router', **kwargs)
@@ -106,14 +106,6 @@ class RouterNode(LifecycleNode):
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._active = False
         return super().on_deactivate(state)
-
-    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release()
-        return TransitionCallbackReturn.SUCCESS
-
-    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release()
-        return TransitionCallbackReturn.SUCCESS
 
     def _release(self) -> None:
         if self._service is not None:

@@ -13,7 +13,7 @@ import threading
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from loom_ros.bus import topics
-from loom_ros.bus.executor import run_lifecycle_node
+from loom_ros.bus.executor import ReleasingLifecycleNode, run_lifecycle_node
 from loom_ros.bus.qos import to_qos_profile
 from loom_ros.config.params import ConfigError, ParamSpec, declare_parameters
 from loom_ros.storage.service import StorageService, default_params, settings_from_params
@@ -27,7 +27,7 @@ MAX_RESULTS = 1000
 MAX_QUERY_CHARS = 2000
 
 
-class StorageNode(LifecycleNode):
+class StorageNode(ReleasingLifecycleNode, LifecycleNode):
 
     def __init__(self, **kwargs):
         super().__init__('storage', **kwargs)
@@ -81,14 +81,6 @@ class StorageNode(LifecycleNode):
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._halt()
         return super().on_deactivate(state)
-
-    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release()
-        return TransitionCallbackReturn.SUCCESS
-
-    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release()
-        return TransitionCallbackReturn.SUCCESS
 
     def _halt(self) -> None:
         self._active = False
