@@ -20,13 +20,13 @@ from dataclasses import dataclass
 GENESIS = '0' * 64        # the "previous hash" of the first record of a chain
 SQL_FUNCTION = 'loom_audit_link'   # registered on each connection that inserts audit rows
 MAX_HEAD_CHARS = 200      # a published head given to verify: bounded before it is parsed
+_CANONICAL = json.JSONEncoder(ensure_ascii=True, separators=(',', ':'))   # stateless, reused
 
 
 def canonical(row_id: int, ts_ms: int, plugin: str, kind: str, fields: str) -> bytes:
     """The bytes a record's hash covers: its id (so a moved record breaks the chain), time,
     plugin, kind and stored fields text, as compact ASCII JSON (types kept: 1000 != '1000')."""
-    return json.dumps([row_id, ts_ms, plugin, kind, fields], ensure_ascii=True,
-                      separators=(',', ':')).encode('ascii')
+    return _CANONICAL.encode([row_id, ts_ms, plugin, kind, fields]).encode('ascii')
 
 
 def link(prev_hash: str | None, row_id, ts_ms, plugin, kind, fields) -> str:
