@@ -29,6 +29,10 @@ TELEMETRY_PARAMETERS = [
               read_only=True),
     ParamSpec('telemetry.tracing.file', "Span file of the file exporter (JSON lines; ~ expands; "
               "'' = <storage.root>/traces/spans.jsonl)", read_only=True),
+    ParamSpec('telemetry.tracing.file_max_bytes', 'The span file is rotated past this many bytes '
+              '(0: never)', read_only=True, min_value=0),
+    ParamSpec('telemetry.tracing.file_keep', 'Rotated span files kept (<file>.1 ... .<n>)',
+              read_only=True, min_value=0, max_value=100),
     ParamSpec('telemetry.tracing.otlp_endpoint', 'OTLP/HTTP traces endpoint of the collector',
               read_only=True),
     ParamSpec('telemetry.tracing.sample_ratio', 'Fraction of new traces recorded (children follow '

@@ -19,6 +19,8 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from loom_ros.telemetry.rotating import RotatingAppender
+
 TRACEPARENT = 'traceparent'
 TRACESTATE = 'tracestate'
 
@@ -52,6 +54,8 @@ class TracingConfig:
     otlp_endpoint: str = 'http://127.0.0.1:4318/v1/traces'
     sample_ratio: float = 1.0
     service_name: str = 'loom'
+    file_max_bytes: int = 0   # the file exporter rotates its file past this (0: never)
+    file_keep: int = 2        # rotated files kept
 
     def check(self) -> 'TracingConfig':
         if self.exporter not in EXPORTERS:
@@ -62,6 +66,8 @@ class TracingConfig:
                                      'not in [0, 1]')
         if self.exporter == 'file' and not self.file:
             raise TracingConfigError('telemetry.tracing.file: the file exporter needs a path')
+        if int(self.file_max_bytes) < 0 or int(self.file_keep) < 0:
+            raise TracingConfigError('telemetry.tracing.file_max_bytes and file_keep must be >= 0')
         if self.exporter == 'otlp' and not self.otlp_endpoint:
             raise TracingConfigError('telemetry.tracing.otlp_endpoint: the otlp exporter needs '
                                      'an endpoint (e.g. http://collector:4318/v1/traces)')
@@ -93,38 +99,33 @@ def span_record(span) -> dict:
     }
 
 
-def _make_file_exporter(path: str):
+def _make_file_exporter(config: TracingConfig):
     from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
     class JsonLinesSpanExporter(SpanExporter):
-        """Appends each finished span to a file as one JSON line (readable with jq, or by tests)."""
+        """Appends each finished span to a file as one JSON line (readable with jq, or by tests);
+        the file rotates past file_max_bytes, so traces cannot fill the disk."""
 
-        def __init__(self, path: str):
-            directory = os.path.dirname(os.path.abspath(path))
-            os.makedirs(directory, exist_ok=True)
-            self.path = path
-            self._lock = threading.Lock()
-            self._stream = open(path, 'a', encoding='utf-8', buffering=1)
+        def __init__(self, config: TracingConfig):
+            self._file = RotatingAppender(config.file, int(config.file_max_bytes),
+                                          int(config.file_keep))
 
         def export(self, spans):
             lines = ''.join(json.dumps(span_record(s), separators=(',', ':')) + '\n' for s in spans)
-            with self._lock:
-                if self._stream.closed:
-                    return SpanExportResult.FAILURE
-                self._stream.write(lines)
+            try:
+                self._file.write(lines)
+            except (ValueError, OSError):   # closed, or the disk refused: the spans are lost
+                return SpanExportResult.FAILURE
             return SpanExportResult.SUCCESS
 
         def force_flush(self, timeout_millis: int = 30000) -> bool:
-            with self._lock:
-                if not self._stream.closed:
-                    self._stream.flush()
+            self._file.flush()
             return True
 
         def shutdown(self) -> None:
-            with self._lock:
-                self._stream.close()
+            self._file.close()
 
-    return JsonLinesSpanExporter(path)
+    return JsonLinesSpanExporter(config)
 
 
 def configure(config: TracingConfig) -> bool:
@@ -147,7 +148,7 @@ def configure(config: TracingConfig) -> bool:
         if config.exporter == 'file':
             # Batched off the publishing thread, flushed every 0.2 s and at exit.
             provider.add_span_processor(BatchSpanProcessor(
-                _make_file_exporter(config.file), schedule_delay_millis=200))
+                _make_file_exporter(config), schedule_delay_millis=200))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
             provider.add_span_processor(BatchSpanProcessor(
@@ -187,6 +188,8 @@ def config_from_params(values: dict, service_name: str) -> TracingConfig:
                          file=os.path.expanduser(str(values['telemetry.tracing.file'])),
                          otlp_endpoint=str(values['telemetry.tracing.otlp_endpoint']),
                          sample_ratio=float(values['telemetry.tracing.sample_ratio']),
+                         file_max_bytes=int(values['telemetry.tracing.file_max_bytes']),
+                         file_keep=int(values['telemetry.tracing.file_keep']),
                          service_name=service_name).check()
 
 
