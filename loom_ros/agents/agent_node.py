@@ -1,14 +1,17 @@
 """AgentNode: agents as an rclpy lifecycle node — one agent (the default), or many hosted in
 one node and process (`agents` parameter) when a robot runs tens to thousands of them.
 
-configure  loads each agent's entry from config/agents.yaml, its behavior (entry point), and its
-           persisted state (SQLite), and offers the Recall service;
+configure  opens the host's storage (one unit database under `storage.root`, named after the
+           node, shared by its agents: docs/storage.md), loads each agent's entry from
+           config/agents.yaml, its behavior (entry point) and its committed state, and offers
+           the Recall service;
 activate   subscribes and starts delivering through the shared dispatcher;
 deactivate stops delivery, handles what the mailboxes already accepted, commits;
 cleanup / shutdown commit and release.
 Events go: bus subscription -> mailbox (priority, then arrival; bounded) -> dispatcher worker ->
-behavior.handle -> state committed per event (or per interval) -> actions and intents on
-agent.<id>.action / agent.<id>.intent.
+behavior.handle -> state and episodes submitted to the group-commit writer per event (or per
+interval) -> actions and intents on agent.<id>.action / agent.<id>.intent; an event counts as
+handled (heartbeat `events`, `handled`) once its commit is done.
 Behaviors reach the router, the plugins and the cloud through the ports this node injects into
 their AgentContext (made on configure, released on cleanup): in-process objects when the router
 or a plugin runs in this process, else clients of `router/route` and the plugin host's services
@@ -19,13 +22,14 @@ plugin host's settings (plugins/embedded.py), started on configure and stopped o
 calls carry no frame across processes (issue 15). Every heartbeat period each agent's
 AgentStatus goes out on loom/agents/heartbeat for the lifecycle manager.
 A behavior that raises is counted and logged and the agent goes on; an agent whose state cannot
-be persisted (disk full) leaves `active` (alone, when hosted with others), so nothing
-uncommitted is acknowledged as done.
+be persisted (disk full, `state_max_mb` reached: the unit is shared, so every agent of the host
+meets it) leaves `active`, so nothing uncommitted is acknowledged as done.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import sys
 
@@ -50,24 +54,26 @@ from loom_ros.plugins.host import PluginsFileError
 from loom_ros.plugins.registry import local_plugins as registry_plugins
 from loom_ros.security.capabilities import CapabilityConfigError
 from loom_ros.security.audit import AuditError, AuditLog
+from loom_ros.storage.errors import StorageError
+from loom_ros.storage.layout import derived, node_layout
+from loom_ros.storage.storage import Storage, StorageConfig
 from loom_ros.telemetry.logs import mask_node_logger
 
 PARAMETERS = [
     ParamSpec('agent_id', 'Which entry of the agents file this node runs', read_only=True),
     ParamSpec('agents_file', "Agents YAML; '' means the shipped config/agents.yaml",
               read_only=True),
-    ParamSpec('state_dir', "Folder of the agents' SQLite state; '~' expands", read_only=True),
     ParamSpec('autostart', 'Configure and activate on start when run standalone', read_only=True),
-    ParamSpec('state_max_mb', "Cap on each agent's SQLite file in MiB (0: none); reaching it "
-              'acts as a full disk', read_only=True, min_value=0.0),
+    ParamSpec('state_max_mb', "Cap on this host's storage database in MiB (0: none); reaching "
+              'it acts as a full disk', read_only=True, min_value=0.0),
     ParamSpec('agents', "Host several agents: comma-separated ids, '*' for all in the file, "
               "'' for just agent_id", read_only=True),
     ParamSpec('workers', 'Dispatcher worker threads shared by the hosted agents',
               read_only=True, min_value=1),
     ParamSpec('heartbeat_period_s', 'Seconds between AgentStatus heartbeats', read_only=True,
               min_value=0.01),
-    ParamSpec('audit_db', "SQLite audit log of applied declassify rules; '~' expands",
-              read_only=True),
+    ParamSpec('audit_db', "SQLite audit log of applied declassify rules ('' = "
+              "<storage.root>/audit.db); '~' expands", read_only=True),
 ]
 
 
@@ -79,6 +85,17 @@ def _percentile(values, q: float) -> float:
 
 
 RECALL_WAIT_S = 2.0   # how long Recall waits for an agent's handler to finish
+# Group commit of the host's writer: the longest a batch waits to fill. Small: batches fill from
+# the workers' concurrency while the previous one commits, and nothing waits on them.
+COMMIT_DELAY_MS = 1.0
+
+
+def unit_name(fully_qualified: str) -> str:
+    """The storage unit of a node (`/robot1/agent_host_1` -> `robot1.agent_host_1`): one
+    database per agent host, named so two hosts never share one."""
+    name = re.sub(r'[^A-Za-z0-9_.-]', '_', fully_qualified.strip('/').replace('/', '.'))
+    name = re.sub(r'\.{2,}', '.', name).lstrip('.-') or 'agent'
+    return name[-64:].lstrip('.-') or 'agent'
 
 
 class AgentNode(LifecycleNode):
@@ -99,6 +116,8 @@ class AgentNode(LifecycleNode):
         super().__init__(name, parameter_overrides=overrides, **kwargs)
         mask_node_logger(self)   # every log line masked from the first (issue 13, fault 10)
         self.params = declare_parameters(self, 'agent', PARAMETERS)
+        self.layout = node_layout(self, 'agent')
+        self.storage: Storage | None = None   # opened on configure, closed on cleanup
         self.agent_id = agent_id or self.params['agent_id']
         self.bus = create_bus(self, 'agent')
         self.agents: dict[str, Agent] = {}
@@ -143,9 +162,15 @@ class AgentNode(LifecycleNode):
             self.get_logger().error(f'cannot configure: {exc}')
             return TransitionCallbackReturn.FAILURE
         self.failed = {}
-        try:   # a read-only, full or invalid state_dir: every agent says why, naming the path
-            usable_dir(self.params['state_dir'], f'{self.get_name()}.state_dir')
-        except ConfigError as exc:
+        try:   # a read-only, full or invalid root, a damaged database: every agent says why
+            usable_dir(str(self.layout.root), f'{self.get_name()}.storage.root')
+            self.storage = Storage(StorageConfig(
+                str(self.layout.root), unit=unit_name(self.get_fully_qualified_name()),
+                max_delay_ms=COMMIT_DELAY_MS,
+                max_db_bytes=int(self.params['state_max_mb'] * 2**20)))
+            # Full once, stopped: no later commit of an agent lands after one of it was lost.
+            self.storage.writer.stop_when_full = True
+        except (ConfigError, StorageError) as exc:
             self.failed = {agent_id: str(exc) for agent_id in wanted}
             self.get_logger().error(f'cannot configure: {exc}')
             return TransitionCallbackReturn.FAILURE
@@ -157,8 +182,7 @@ class AgentNode(LifecycleNode):
                 continue
             try:
                 ports = self.ports.for_agent(self._cloud_for(configs[agent_id]))
-                agent = Agent(configs[agent_id], self.params['state_dir'], self._emit,
-                              max_bytes=int(self.params['state_max_mb'] * 2**20), log=self._log,
+                agent = Agent(configs[agent_id], self.storage, self._emit, log=self._log,
                               audit=self._audit_log(configs[agent_id]), ports=ports)
                 agent.configure()
             except (*CONFIGURE_ERRORS, OSError, sqlite3.Error) as exc:
@@ -300,6 +324,9 @@ class AgentNode(LifecycleNode):
         if self.dispatcher is not None:
             self.dispatcher.close()
             self.dispatcher = None
+        if self.storage is not None:   # after the agents: their last commits are done
+            self.storage.close()
+            self.storage = None
         if self._audit is not None:
             self._audit.close()
             self._audit = None
@@ -397,7 +424,7 @@ class AgentNode(LifecycleNode):
         recent = list(agent.dispatch_us)[-256:]
         msg = self._status_type(
             agent_id=agent.id, node=node, pid=pid, lifecycle=agent.lifecycle.value,
-            busy_ms=agent.busy_ms(), events=agent.events, handled=agent.stats['handled'],
+            busy_ms=agent.busy_ms(), events=agent.acked_events, handled=agent.stats['handled'],
             behavior_errors=agent.stats['behavior_errors'],
             persist_failed=agent.stats['persist_failed'],
             mailbox_depth=len(mailbox) if mailbox else 0, mailbox_size=agent.config.mailbox_size,
@@ -442,7 +469,8 @@ class AgentNode(LifecycleNode):
             return None
         if self._audit is None:
             try:
-                self._audit = AuditLog(os.path.expanduser(self.params['audit_db']))
+                self._audit = AuditLog(os.path.expanduser(
+                    derived(self.params['audit_db'], self.layout.audit)))
             except AuditError as exc:
                 self.get_logger().error(f'{exc}: declassify rules of agent {config.id} will not '
                                         'be applied (its emissions keep their input privacy)')

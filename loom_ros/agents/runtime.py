@@ -3,8 +3,14 @@ Dispatcher, a small pool of worker threads shared by every agent in a process.
 
 Why a shared pool: a thread per agent made 100 agents cost 100 threads fighting for the GIL on
 two cores (dispatch P99 of 18 ms) and 1,000 agents unaffordable. Here an agent with mail is put on
-one ready queue; a worker takes it, handles one event, commits, and puts it back if more mail
-waits. An agent is with at most one worker at a time, so its events stay in mailbox order.
+one ready queue; a worker takes it, handles one event, submits the commit, and puts it back if
+more mail waits. An agent is with at most one worker at a time, so its events stay in mailbox
+order.
+
+State and episodes go to the host's Storage (one unit database and group-commit writer for every
+agent of the process, agents/state.py): a worker submits a commit and moves on; the event counts
+as handled (stats['handled'], `acked_events`, `on_ack`) when its ticket is done. Waiting on each
+ticket would cap a host at about one event per commit per worker.
 
 The ROS shell (agent_node.py: one agent per lifecycle node, or many hosted in one) adapts this
 to topics, services, heartbeats and lifecycle transitions.
@@ -12,8 +18,6 @@ to topics, services, heartbeats and lifecycle transitions.
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 import threading
 import time
 from collections import Counter, deque
@@ -27,7 +31,7 @@ from loom_ros.agents.config import AgentConfig, AgentConfigError, DeclassifyRule
 from loom_ros.agents.embedding import ModelError
 from loom_ros.agents.mailbox import Mailbox
 from loom_ros.agents.memory import EpisodicMemory, SemanticMemory
-from loom_ros.agents.state import StateError, StateStore
+from loom_ros.agents.state import AgentStore, StateError
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.privacy import effective_privacy
 from loom_ros.telemetry import tracing
@@ -35,6 +39,7 @@ from loom_ros.telemetry import tracing
 # emit(agent_id, 'action'|'intent', type, data, privacy)
 Emit = Callable[[str, str, str, dict, Privacy], None]
 Audit = Callable[[dict], None]   # an AuditLog (security/audit.py); raises when it cannot store
+Ack = Callable[[str, int, str], None]   # (agent id, events committed, last event id committed)
 
 
 class AgentState(str, Enum):
@@ -60,14 +65,17 @@ def derived_privacy(floor: Privacy, requested: Privacy | None,
 
 class Agent:
     """One agent: configure loads behavior, state and memory; activate opens the mailbox;
-    deactivate waits for the event in hand and commits; cleanup closes the store."""
+    deactivate handles what the mailbox accepted and waits for its commits; cleanup lets go of
+    the storage (the host's to close)."""
 
-    def __init__(self, config: AgentConfig, state_dir: str, emit: Emit, *, max_bytes: int = 0,
+    def __init__(self, config: AgentConfig, storage, emit: Emit, *,
                  embedder_factory: Callable[[], object] | None = None,
                  log: Callable[[str, str], None] | None = None, audit: Audit | None = None,
-                 ports: Ports | None = None):
-        """`ports`: what the behavior routes, calls plugins and asks the cloud through (the
-        host's to build and to release); none wired by default."""
+                 ports: Ports | None = None, on_ack: Ack | None = None):
+        """`storage`: the host's storage.Storage (shared by its agents). `ports`: what the
+        behavior routes, calls plugins and asks the cloud through (the host's to build and to
+        release); none wired by default. `on_ack`: told, on the writer's thread, each time a
+        commit of this agent is done."""
         self.config = config
         self.ports = ports or Ports()
         self._audit = audit   # needed only when the config declares declassify rules
@@ -75,8 +83,8 @@ class Agent:
         self._floor: Privacy | None = None   # the privacy of the event being handled
         self._handling_id = ''
         self.id = config.id
-        self.state_dir = os.path.expanduser(state_dir)
-        self.max_bytes = max_bytes
+        self.storage = storage
+        self._on_ack = on_ack
         self._emit_fn = emit
         self._embedder_factory = embedder_factory
         self._log = log or (lambda level, msg: None)
@@ -86,12 +94,14 @@ class Agent:
         self.state: dict = {}
         self.events = 0
         self.last_event_id = ''
+        self.acked_events = 0       # events whose state and episode are committed
+        self._handled_since = 0     # behaviors that ran fine since the last commit
         self.behavior = self.store = self.episodic = self.semantic = None
         self.mailbox: Mailbox | None = None
         self.working: deque = deque(maxlen=config.working_memory)
         self.busy_since_ns = 0      # when the handler in progress started (0: idle): hang watch
         self.persist_failed: StateError | None = None
-        self.lock = threading.RLock()  # handler, commit and Recall share the SQLite connection
+        self.lock = threading.RLock()  # handler, commit and Recall: one at a time
         self._last_commit = time.monotonic()
         self._dirty = False
         self._scheduled = False     # guarded by the dispatcher's condition
@@ -102,33 +112,23 @@ class Agent:
         """Raise one of CONFIGURE_ERRORS with a clear reason; the agent stays unconfigured."""
         behavior = load_behavior(self.config.behavior)
         behavior.setup(dict(self.config.settings))
-        store = StateStore(os.path.join(self.state_dir, f'{self.id}.db'), self.id,
-                           max_bytes=self.max_bytes)
-        try:
-            state, events = store.load()
-            episodic = EpisodicMemory(store.db, self.id)
-            semantic = None
-            if self.config.semantic_memory:
-                from loom_ros.agents.embedding import MiniLMEmbedder
-                semantic = SemanticMemory(store.db, self.id,
-                                          (self._embedder_factory or MiniLMEmbedder)())
-        except BaseException:
-            store.close()
-            raise
+        store = AgentStore(self.storage, self.id)
+        state, events = store.load(self._log)
+        episodic = EpisodicMemory(store)
+        semantic = None
+        if self.config.semantic_memory:
+            from loom_ros.agents.embedding import MiniLMEmbedder
+            semantic = SemanticMemory(self.storage, self.id,
+                                      (self._embedder_factory or MiniLMEmbedder)())
         self.behavior, self.store, self.episodic, self.semantic = behavior, store, episodic, semantic
         self.state.clear()
         self.state.update(state)
-        self.events = events
+        self.events = self.acked_events = events
+        self._handled_since = 0
         self.persist_failed = None
         self._ctx = AgentContext(self.id, self.state, self.working, self._emit,
                                  dict(self.config.settings), self.episodic, self.semantic,
                                  self.ports)
-        # Write once now: SQLite creates the WAL and shared-memory files on the first write,
-        # which cost the first event ~0.4 ms per agent (40 ms of queueing for 100 agents).
-        if not self.commit():
-            store.close()
-            self.store = None
-            raise self.persist_failed
         self.lifecycle = AgentState.INACTIVE
 
     def activate(self) -> None:
@@ -136,26 +136,34 @@ class Agent:
         self.lifecycle = AgentState.ACTIVE
 
     def deactivate(self) -> None:
-        """Take no more mail, handle what the mailbox already holds (it was accepted), commit.
-        After a persistence failure the rest cannot be recorded: it is counted as discarded."""
+        """Take no more mail, handle what the mailbox already holds (it was accepted), commit,
+        and wait for the commits. After a persistence failure the rest cannot be recorded: it is
+        counted as discarded."""
         if self.mailbox is not None:
             self.mailbox.close()
             while self.handle_one():
                 pass
             self.stats['discarded_on_deactivate'] += len(self.mailbox)
-        with self.lock:
-            self.commit()
+        self.settle()
         self.lifecycle = AgentState.INACTIVE
 
     def cleanup(self) -> None:
         if self.lifecycle is AgentState.ACTIVE:
             self.deactivate()
+        self.settle()
         with self.lock:
-            if self.store is not None:
-                self.commit()
-                self.store.close()
-                self.store = None
+            self.store = None
         self.lifecycle = AgentState.UNCONFIGURED
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Commit what is handled and wait until every commit of this agent is done."""
+        with self.lock:
+            if self.store is None:
+                return
+            if self._dirty:
+                self.commit()
+            store = self.store
+        store.wait(timeout)
 
     # -- delivery -----------------------------------------------------------------------------
     def offer(self, event: Event) -> bool:
@@ -196,12 +204,7 @@ class Agent:
 
     def _handle(self, event: Event) -> None:
         self.working.append(event)
-        try:
-            self.episodic.record(event)
-        except sqlite3.Error as exc:  # e.g. the disk (or the state cap) is full
-            self._persistence_failed(StateError(f'agent {self.id}: cannot record event '
-                                                f'{event.id}: {exc}'))
-            return
+        self.episodic.record(event)   # stored with the next commit, with the state it makes
         before = json.dumps(self.state)
         try:
             # Current on this worker thread, so what the behavior emits continues the trace.
@@ -209,7 +212,7 @@ class Agent:
                     'loom.agent.id': self.id, 'loom.event.id': event.id,
                     'loom.event.type': event.type}):
                 run_handler(self.behavior, event, self._ctx)
-            self.stats['handled'] += 1
+            self._handled_since += 1
         except Exception as exc:  # a behavior bug must not stop the agent
             self.state.clear()  # what a failed handler half-changed is not kept
             self.state.update(json.loads(before))
@@ -232,16 +235,38 @@ class Agent:
                 self.lock.release()
 
     def commit(self) -> bool:
+        """Submit state + the episodes since the last commit (one write), without waiting; the
+        events count as handled when it is done (_committed). False when nothing can be
+        stored any more."""
         if self.store is None or self.persist_failed is not None:
             return self.persist_failed is None
+        events, last, handled = self.events, self.last_event_id, self._handled_since
         try:
-            self.store.commit(self.state, self.events, self.last_event_id)
+            self.store.commit(self.state, events, last,
+                              lambda ticket: self._committed(ticket, events, last, handled))
         except StateError as exc:
             self._persistence_failed(exc)
             return False
+        self._handled_since = 0
         self._last_commit = time.monotonic()
         self._dirty = False
         return True
+
+    def _committed(self, ticket, events: int, last_event_id: str, handled: int) -> None:
+        """On the writer's thread, in commit order: acknowledge, or stop after a failure (no
+        later commit of this agent is acknowledged then: its state would hold the lost ones)."""
+        error = ticket.error()
+        if error is not None:
+            if self.persist_failed is None:
+                self._persistence_failed(StateError(f'agent {self.id}: cannot persist state: '
+                                                    f'{error}'))
+            return
+        if self.persist_failed is not None:
+            return
+        self.acked_events = events
+        self.stats['handled'] += handled
+        if self._on_ack is not None:
+            self._on_ack(self.id, events, last_event_id)
 
     def _persistence_failed(self, exc: StateError) -> None:
         """Stop taking events; the shell moves the agent out of `active`, so nothing is
@@ -283,7 +308,9 @@ class Agent:
     # -- what the shells report ---------------------------------------------------------------
     def commit_lag_s(self) -> float:
         """How long handled events have waited uncommitted (0 when everything is committed)."""
-        return time.monotonic() - self._last_commit if self._dirty else 0.0
+        store = self.store
+        inflight = store.oldest_inflight_s() if store is not None else 0.0
+        return max(inflight, time.monotonic() - self._last_commit if self._dirty else 0.0)
 
     def busy_ms(self) -> float:
         since = self.busy_since_ns

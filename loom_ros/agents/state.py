@@ -1,87 +1,111 @@
-"""An agent's persistent state in SQLite (sqlite-utils over a connection from the storage layer's
-one opener, loom_ros/storage/sqlite.py: WAL, synchronous=NORMAL, busy timeout, byte cap),
-committed in one transaction per handled event (or per interval) together with that event's
-episode, restored on configure. A row from an older schema is upgraded; a corrupt row is a clear
-error, never a silent reset."""
+"""An agent's persistent state on the storage layer (loom_ros/storage, docs/storage.md): the
+host's one unit database and its group-commit writer, shared by every agent it hosts.
+
+The dispatcher does not wait for commits. Each commit submits the state and the episodes of the
+events handled since the last one as one atomic write and hands back its Ticket; the event
+counts as handled (and the host acknowledges it) only when the ticket is done, so a SIGKILL
+loses nothing acknowledged and never leaves an episode past the committed state. Episodes wait
+here in memory until their commit; `uncommitted()` lets queries see them meanwhile.
+An agent's own file from before (`<root>/agents/<id>.db`) is imported on load, then renamed
+`<id>.db.migrated`."""
 from __future__ import annotations
 
-import contextlib
-import json
-import sqlite3
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
-import sqlite_utils
-
+from loom_ros.bus.event import Event
 from loom_ros.storage.errors import StorageError
-from loom_ros.storage.sqlite import open_database
+from loom_ros.storage.writer import Ticket
 
-SCHEMA_VERSION = 2  # 1 had no event counter
-
-
-class StateError(RuntimeError):
-    """State that cannot be loaded or saved; says why."""
+StateError = StorageError   # what cannot be loaded or stored; the message says why
 
 
-class StateStore:
-    def __init__(self, path: str | Path, agent_id: str, max_bytes: int = 0):
-        self.agent_id = agent_id
-        # Dispatcher workers and services share the connection; Agent serializes it with a lock.
-        # WAL + NORMAL: a killed process (even SIGKILL) loses nothing committed; only a power
-        # cut may lose the last transactions. Without it every event waits for an fsync (~1.5 ms
-        # here), which caps a process at a few hundred agent-events/s. With max_bytes SQLite
-        # fails writes with 'database or disk is full', as a full disk does. No quick check on
-        # open (it reads the whole file: seconds for a large episode log at every configure).
+class AgentStore:
+    """One agent's handle on the host's Storage: load (with migration), pending episodes, and
+    commits in flight, oldest first."""
+
+    def __init__(self, storage, agent_id: str):
+        self.storage, self.agent_id = storage, agent_id
+        self._pending: list[Event] = []
+        self._inflight: deque = deque()   # (ticket, episodes, submitted monotonic)
+        self._lock = threading.Lock()
+
+    def load(self, log: Callable[[str, str], None] = lambda level, msg: None) -> tuple[dict, int]:
+        """(state, events handled) as last committed; ({}, 0) for a new agent. An agent with
+        nothing here but an old file of its own gets that file's state, episodes and facts in
+        one write first; the file is then renamed `<id>.db.migrated`."""
+        store = self.storage.agent_state
+        old = self.storage.layout.agents / f'{self.agent_id}.db'
+        if not store.has(self.agent_id) and old.is_file():
+            store.import_file(self.agent_id, old).wait()
+            for suffix in ('', '-wal', '-shm'):
+                source = Path(f'{old}{suffix}')
+                if source.exists():
+                    source.rename(f'{old}.migrated{suffix}')
+            log('info', f'agent {self.agent_id}: imported {old} into {self.storage.path}; the '
+                f'old file is now {old}.migrated')
+        return store.load(self.agent_id)
+
+    def record(self, event: Event) -> None:
+        """An event's episode, stored with the next commit (in the same transaction as the
+        state it produced)."""
+        with self._lock:
+            self._pending.append(event)
+
+    def commit(self, state: dict, events: int, last_event_id: str,
+               on_done: Callable[[Ticket], None] | None = None) -> Ticket:
+        """Submit state + pending episodes (one write); `on_done(ticket)` runs once it is
+        committed or failed (ticket.error() says which). Raises StorageError when the writer
+        refuses it outright (closed)."""
+        # One commit of an agent at a time (the agent's lock); submit outside our own lock: it
+        # may block for room while the writer runs callbacks that take it.
+        with self._lock:
+            episodes, self._pending = self._pending, []
         try:
-            conn = open_database(path, synchronous='NORMAL', max_bytes=max_bytes, check=False)
-        except StorageError as exc:
-            raise StateError(f'agent {agent_id}: cannot open its state: {exc}') from None
-        self.db = sqlite_utils.Database(conn)
-        self.db['agent_state'].create({
-            'agent_id': str, 'schema': int, 'state': str, 'events': int, 'last_event_id': str,
-            'updated_ms': int}, pk='agent_id', if_not_exists=True)
+            ticket = self.storage.agent_state.commit(self.agent_id, state, events, last_event_id,
+                                                     episodes)
+        except BaseException:
+            with self._lock:
+                self._pending = episodes + self._pending
+            raise
+        with self._lock:
+            self._inflight.append((ticket, episodes, time.monotonic()))
+        ticket.add_done_callback(lambda t: self._done(t, on_done))
+        return ticket
 
-    def load(self) -> tuple[dict, int]:
-        """(state, events handled) as last committed; ({}, 0) for a new agent."""
-        rows = list(self.db.query('select * from agent_state where agent_id = ?', [self.agent_id]))
-        if not rows:
-            return {}, 0
-        row = rows[0]
-        try:
-            state = json.loads(row['state'])
-        except (TypeError, ValueError) as exc:
-            raise StateError(f'agent {self.agent_id}: stored state is corrupt ({exc}); it was left '
-                             'as is for inspection') from None
-        if not isinstance(state, dict):
-            raise StateError(f'agent {self.agent_id}: stored state is not an object')
-        if row['schema'] == 1:  # older rows: upgrade in place
-            row['events'] = state.pop('_events', 0)
-        elif row['schema'] != SCHEMA_VERSION:
-            raise StateError(f'agent {self.agent_id}: state schema {row["schema"]} is newer than '
-                             f'this Loom ({SCHEMA_VERSION})')
-        return state, int(row['events'] or 0)
+    def _done(self, ticket: Ticket, on_done) -> None:
+        with self._lock:   # batches finish in order: the oldest in flight are the done ones
+            while self._inflight and self._inflight[0][0].done():
+                self._inflight.popleft()
+        if on_done is not None:
+            on_done(ticket)
 
-    def commit(self, state: dict, events: int, last_event_id: str) -> None:
-        """One transaction with everything written on this connection since the last one (the
-        episodes of these events, facts): after it returns, a SIGKILL cannot lose this state,
-        and before it, a SIGKILL loses those episodes with it. A prepared statement, not
-        sqlite-utils' upsert, which costs 6x more per call here."""
-        conn = self.db.conn
-        try:
-            if not conn.in_transaction:
-                conn.execute('BEGIN')
-            conn.execute(
-                'insert into agent_state (agent_id, schema, state, events, last_event_id, '
-                'updated_ms) values (?, ?, ?, ?, ?, ?) on conflict(agent_id) do update set '
-                'schema = excluded.schema, state = excluded.state, events = excluded.events, '
-                'last_event_id = excluded.last_event_id, updated_ms = excluded.updated_ms',
-                [self.agent_id, SCHEMA_VERSION, json.dumps(state, separators=(',', ':')),
-                 events, last_event_id, time.time_ns() // 1_000_000])
-            conn.commit()
-        except Exception as exc:  # disk full, read-only file...: the caller decides what next
-            with contextlib.suppress(sqlite3.Error):
-                conn.rollback()
-            raise StateError(f'agent {self.agent_id}: cannot persist state: {exc}') from exc
+    def uncommitted(self) -> list[Event]:
+        """Episodes not committed yet (pending and in flight), oldest first."""
+        with self._lock:
+            out = [e for t, episodes, _ in self._inflight if not t.done() for e in episodes]
+            return out + list(self._pending)
 
-    def close(self) -> None:
-        self.db.close()
+    def oldest_inflight_s(self) -> float:
+        """How long the oldest commit in flight has waited (0 when none)."""
+        with self._lock:
+            for ticket, _, since in self._inflight:
+                if not ticket.done():
+                    return time.monotonic() - since
+        return 0.0
+
+    def wait(self, timeout: float = 30.0) -> None:
+        """Until every commit submitted so far is done (their errors went to on_done)."""
+        with self._lock:
+            tickets = [t for t, _, _ in self._inflight]
+        deadline = time.monotonic() + timeout
+        for ticket in tickets:
+            try:
+                ticket.wait(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise
+            except StorageError:
+                pass

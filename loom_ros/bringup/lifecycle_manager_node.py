@@ -45,6 +45,7 @@ from loom_ros.bringup.manager_core import ManagerCore
 from loom_ros.bringup.processes import Process, RestartPolicy
 from loom_ros.config.params import (ConfigError, ParamSpec, config_dir, declare_parameters,
                                     node_defaults)
+from loom_ros.storage.layout import node_layout
 from loom_ros.telemetry.logs import mask_node_logger
 
 PARAMETERS = [
@@ -58,8 +59,6 @@ PARAMETERS = [
               read_only=True),
     ParamSpec('autostart', 'Bring everything up as soon as the manager starts (false: wait for '
               '~/startup)', read_only=True),
-    ParamSpec('state_dir', "Folder of the agents' SQLite state (passed to spawned agents)",
-              read_only=True),
     ParamSpec('agent_params_file', "ROS params file given to spawned agents ('' = none)",
               read_only=True),
     ParamSpec('heartbeat_timeout_s', 'No heartbeat (agents) or get_state answer (nodes) for '
@@ -116,6 +115,8 @@ class LifecycleManagerNode(Node):
         super().__init__('lifecycle_manager', **kwargs)
         mask_node_logger(self)   # every log line masked from the first (issue 13, fault 10)
         self.params = declare_parameters(self, 'lifecycle_manager', PARAMETERS)
+        # Handed to the agents it starts: they keep their state under the same root.
+        self.layout = node_layout(self, 'lifecycle_manager')
         self.params['nodes'] = self._declare_nodes()
         from diagnostic_msgs.msg import DiagnosticArray
         from lifecycle_msgs.srv import ChangeState, GetState
@@ -553,7 +554,7 @@ class LifecycleManagerNode(Node):
                 '-r', f'__node:={name}', '-r', f'__ns:={self.get_namespace()}']
         if self.params['agent_params_file']:
             args += ['--params-file', self.params['agent_params_file']]
-        settings = {'autostart': False, 'state_dir': self.params['state_dir'],
+        settings = {'autostart': False, 'storage': {'root': str(self.layout.root)},
                     'agents_file': self.params['agents_file'] or str(config_dir() / 'agents.yaml')}
         if len(unit.agents) == 1:
             settings['agent_id'] = unit.agents[0]
@@ -562,8 +563,7 @@ class LifecycleManagerNode(Node):
         # A params file of its own, given last: later files win, so a user's params file cannot
         # override what the manager decides (a plain -p would lose to its node section).
         fq_name = f'{self.get_namespace().rstrip("/")}/{name}'
-        own = os.path.join(os.path.expanduser(self.params['state_dir']), 'manager',
-                           f'{name}.params.yaml')
+        own = os.path.join(self.layout.root, 'manager', f'{name}.params.yaml')
         os.makedirs(os.path.dirname(own), exist_ok=True)
         with open(own, 'w', encoding='utf-8') as f:
             yaml.safe_dump({fq_name: {'ros__parameters': settings}}, f)

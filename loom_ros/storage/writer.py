@@ -111,6 +111,11 @@ class GroupCommitWriter:
         self.max_delay_s, self.max_batch = max(0.0, float(max_delay_s)), max(1, int(max_batch))
         self.on_commit = on_commit       # (writes, seconds) after each committed batch
         self.gate = gate                 # raises StorageFullError when writes must stop
+        # After a full disk or budget, fail every later batch too (until resume()): a write
+        # queued behind a failed one may depend on it (an agent's next state holds the events
+        # whose episodes were lost), and a smaller one could still fit.
+        self.stop_when_full = False
+        self.stopped: StorageFullError | None = None
         self._lock = threading.Lock()
         self._work = threading.Event()
         self._room = threading.Condition(self._lock)
@@ -157,6 +162,10 @@ class GroupCommitWriter:
         self._work.set()
         self._thread.join(timeout)
 
+    def resume(self) -> None:
+        """Take writes again after stop_when_full stopped them (space was freed)."""
+        self.stopped = None
+
     @property
     def queued(self) -> int:
         return len(self._pending)
@@ -185,6 +194,8 @@ class GroupCommitWriter:
     def _commit(self, items: list, batch: _Batch) -> None:
         started = time.perf_counter()
         try:
+            if self.stopped is not None:
+                raise self.stopped
             if self.gate is not None:
                 self.gate()
             self._run_batch(items, savepoints=False)
@@ -193,6 +204,8 @@ class GroupCommitWriter:
             if is_full(exc) or isinstance(exc, StorageFullError):
                 batch.error = exc if isinstance(exc, StorageFullError) else StorageFullError(
                     f'{self.name}: disk or budget full: {exc}; nothing of this batch was stored')
+                if self.stop_when_full and self.stopped is None:
+                    self.stopped = StorageFullError(f'{batch.error}; writes stopped after it')
             elif isinstance(exc, sqlite3.Error) and len(items) > 1:
                 try:   # isolate the bad write: one savepoint per submit
                     self._run_batch(items, savepoints=True, errors=batch.errors)

@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 from loom_ros.agents.behavior import BehaviorNotFound, CounterBehavior, installed_behaviors, load_behavior
 from loom_ros.agents.config import AgentConfigError, load_agents
 from loom_ros.agents.mailbox import Mailbox
-from loom_ros.agents.state import StateError, StateStore
+from loom_ros.agents.state import StateError
 from loom_ros.bus.event import Event
 
 from harness import REPO
@@ -37,24 +37,68 @@ def test_mailbox_orders_by_priority_then_arrival_and_drops_the_oldest_least_urge
     assert box.dropped == len(prios) - len(kept)
 
 
-def test_state_round_trip_old_schema_and_corruption(tmp_path):
-    store = StateStore(tmp_path / 's.db', 'a1')
-    assert store.load() == ({}, 0)
-    store.commit({'total': 3}, 3, 'e3')
-    store.close()
-    assert StateStore(tmp_path / 's.db', 'a1').load() == ({'total': 3}, 3)
-
-    db = sqlite3.connect(tmp_path / 's.db')
-    db.execute("insert into agent_state values ('old', 1, ?, null, '', 0)",
-               [json.dumps({'total': 7, '_events': 7})])
-    db.execute("insert into agent_state values ('bad', 2, '{not json', 1, '', 0)")
-    db.execute("insert into agent_state values ('future', 9, '{}', 1, '', 0)")
+def old_agent_file(path, rows, episodes=(), facts=()):
+    """An agent's own file as agents/state.py and memory.py wrote it before the storage layer
+    (their tables, by hand): state rows (agent, schema, state json, events), episodes, facts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    db.execute('create table agent_state (agent_id text primary key, schema int, state text, '
+               'events int, last_event_id text, updated_ms int)')
+    db.execute('create table episodes (agent_id text, event_id text, time_ms int, type text, '
+               'source text, tags text, payload text)')
+    db.execute('create table facts (id integer primary key, agent_id text, subject text, '
+               'relation text, object text, provenance text, time_ms int, vector blob)')
+    db.executemany('insert into agent_state values (?, ?, ?, ?, ?, 0)', rows)
+    db.executemany('insert into episodes values (?, ?, ?, ?, ?, ?, ?)', episodes)
+    db.executemany('insert into facts (agent_id, subject, relation, object, provenance, time_ms, '
+                   'vector) values (?, ?, ?, ?, ?, ?, ?)', facts)
     db.commit()
-    assert StateStore(tmp_path / 's.db', 'old').load() == ({'total': 7}, 7)
-    with pytest.raises(StateError, match='stored state is corrupt'):
-        StateStore(tmp_path / 's.db', 'bad').load()
-    with pytest.raises(StateError, match='schema 9 is newer'):
-        StateStore(tmp_path / 's.db', 'future').load()
+    db.close()
+
+
+def test_state_round_trip_and_old_files_imported_with_their_schema_checks(tmp_path):
+    """State on the layer; an agent's old file (schema 1 or 2) is imported on load with its
+    episodes and facts, once, then renamed; a corrupt or newer row refuses as before and
+    leaves the file as it was."""
+    import numpy as np
+
+    from loom_ros.agents.state import AgentStore
+    from loom_ros.storage.storage import Storage, StorageConfig
+    agents = tmp_path / 'agents'
+    vector = np.arange(4, dtype=np.float32).tobytes()
+    old_agent_file(agents / 'old.db', [('old', 1, json.dumps({'total': 7, '_events': 7}), None,
+                                        '')])
+    old_agent_file(agents / 'two.db', [('two', 2, json.dumps({'total': 2}), 2, 'e2')],
+                   episodes=[('two', 'e1', 1000, 'tick', 'src', '["user"]', 'one'),
+                             ('two', 'e2', 1001, 'tick', 'src', '[]', 'two')],
+                   facts=[('two', 'Alice', 'likes', 'tea', 'e1', 1000, vector)])
+    old_agent_file(agents / 'bad.db', [('bad', 2, '{not json', 1, '', )])
+    old_agent_file(agents / 'future.db', [('future', 9, '{}', 1, '')])
+    bad_bytes = (agents / 'bad.db').read_bytes()
+    with Storage(StorageConfig(str(tmp_path), unit='host')) as storage:
+        store = AgentStore(storage, 'a1')
+        assert store.load() == ({}, 0)
+        store.commit({'total': 3}, 3, 'e3').wait()
+        assert AgentStore(storage, 'a1').load() == ({'total': 3}, 3)
+
+        assert AgentStore(storage, 'old').load() == ({'total': 7}, 7)
+        assert AgentStore(storage, 'two').load() == ({'total': 2}, 2)
+        assert [(e['event_id'], e['tags']) for e in storage.episodes.query('two')] == \
+            [('e1', ['user']), ('e2', [])]
+        facts = storage.query("select subject, object, vector from facts where agent_id = 'two'")
+        assert [(f['subject'], f['object'], f['vector']) for f in facts] == \
+            [('Alice', 'tea', vector)]
+        assert not (agents / 'two.db').exists() and (agents / 'two.db.migrated').is_file()
+        store = AgentStore(storage, 'two')   # again: the state here wins, nothing imported twice
+        assert store.load() == ({'total': 2}, 2) and len(storage.episodes.query('two')) == 2
+
+        with pytest.raises(StateError, match='stored state is corrupt'):
+            AgentStore(storage, 'bad').load()
+        with pytest.raises(StateError, match='schema 9 is newer'):
+            AgentStore(storage, 'future').load()
+        assert not storage.agent_state.has('bad') and not storage.agent_state.has('future')
+    assert (agents / 'bad.db').read_bytes() == bad_bytes   # left as is for inspection
+    assert (agents / 'future.db').is_file()
 
 
 def test_agents_file_validation(tmp_path):

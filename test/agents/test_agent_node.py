@@ -19,15 +19,19 @@ AGENTS = """agents:
 """
 
 
-def committed(db_path):
-    """The agent's state as committed, read straight from its SQLite file."""
+def committed(db_path, agent_id='tally'):
+    """The agent's state as committed, read straight from its host's unit database
+    (<storage.root>/db/<namespace>.<node>.db)."""
     try:
         with sqlite3.connect(f'file:{db_path}?mode=ro', uri=True) as db:
-            row = db.execute('select state, events from agent_state where agent_id = ?',
-                             ['tally']).fetchone()
+            row = db.execute("select value from kv where ns = 'agent_state' and key = ?",
+                             [agent_id]).fetchone()
     except sqlite3.OperationalError:
         return None
-    return (json.loads(row[0]), row[1]) if row else None
+    if not row:
+        return None
+    record = json.loads(row[0])
+    return record['state'], record['events']
 
 
 @pytest.fixture
@@ -39,7 +43,7 @@ def agent(spawn, tmp_path):
         """Each test its own namespace: a killed agent's endpoints linger in discovery."""
         return spawn('-m', 'loom_ros.agents.agent_node', '--ros-args', '-r', f'__ns:={namespace}',
                      '-r', '__node:=agent_tally', '-p', 'agent_id:=tally',
-                     '-p', f'agents_file:={agents}', '-p', f'state_dir:={tmp_path}')
+                     '-p', f'agents_file:={agents}', '-p', f'storage.root:={tmp_path}')
     return start
 
 
@@ -53,7 +57,7 @@ def test_sigkill_mid_stream_keeps_the_last_committed_state_and_restart_restores_
     ros.executor.add_node(node)
     intents = []
     bus.subscribe('agent.tally.intent', lambda e, t: intents.append(e.json()['total']))
-    db = tmp_path / 'tally.db'
+    db = tmp_path / 'db' / 'ag.agent_tally.db'
     try:
         proc = agent()
         pub = bus.publisher_for('test.tally', 'batched')
@@ -71,7 +75,7 @@ def test_sigkill_mid_stream_keeps_the_last_committed_state_and_restart_restores_
         assert state['last_id'] == f't{events - 1}'  # in order, nothing skipped
         assert all(n % 10 == 0 for n in intents)
 
-        proc = agent()  # restart on the same state file
+        proc = agent()  # restart on the same unit database
         # The killed agent's reader lingers in discovery until its lease ends, so a matched
         # count proves nothing: send until the new agent has taken one, then it is connected.
         sent = iter(range(10**6))
@@ -135,7 +139,7 @@ def test_recall_service_over_episodic_and_semantic_memory(ros, spawn, tmp_path):
     # always /agent, so /ag_mem/agent_mem/recall did not exist).
     proc = spawn('-m', 'loom_ros.agents.agent_node', '--ros-args', '-r', '__ns:=/ag_mem',
                  '-p', 'agent_id:=mem', '-p', f'agents_file:={agents}',
-                 '-p', f'state_dir:={tmp_path}')
+                 '-p', f'storage.root:={tmp_path}')
     node = Node('fact_feeder', namespace='/ag_mem', context=ros.node.context)
     bus = EventBus(node)
     client = ros.node.create_client(Recall, '/ag_mem/agent_mem/recall')
@@ -176,10 +180,11 @@ def test_full_disk_deactivates_the_agent_and_keeps_what_was_committed(ros, spawn
     from loom_ros.bus.bus import EventBus
     agents = tmp_path / 'agents.yaml'
     agents.write_text(AGENTS)
-    # A 64 KiB cap on the agent's database: SQLite then reports 'database or disk is full'.
+    # A 256 KiB cap on the host's database (its tables take 128): SQLite then reports
+    # 'database or disk is full'.
     proc = spawn('-m', 'loom_ros.agents.agent_node', '--ros-args', '-r', '__ns:=/ag_full',
                  '-r', '__node:=agent_tally', '-p', 'agent_id:=tally', '-p', f'agents_file:={agents}',
-                 '-p', f'state_dir:={tmp_path}', '-p', 'state_max_mb:=0.0625')
+                 '-p', f'storage.root:={tmp_path}', '-p', 'state_max_mb:=0.25')
     node = Node('full_feeder', namespace='/ag_full', context=ros.node.context)
     bus = EventBus(node)
     get_state = ros.node.create_client(GetState, '/ag_full/agent_tally/get_state')
@@ -197,8 +202,14 @@ def test_full_disk_deactivates_the_agent_and_keeps_what_was_committed(ros, spawn
                                             payload=b'p' * 2000), 'batched')
             bus.flush()
         ros.wait_for(lambda: label() == 'inactive', 'the agent to deactivate', spin=flood)
-        state, events = committed(tmp_path / 'tally.db')
+        db = tmp_path / 'db' / 'ag_full.agent_tally.db'
+        state, events = committed(db)
         assert 0 < events == state['total'] and state['last_id'] == f'x{events - 1}'
+        with sqlite3.connect(f'file:{db}?mode=ro', uri=True) as conn:   # each in its episode
+            assert conn.execute('pragma integrity_check').fetchone()[0] == 'ok'
+            assert [r[0] for r in conn.execute("select event_id from episodes where agent_id = "
+                                               "'tally' order by id")] == \
+                [f'x{i}' for i in range(events)]
         assert proc.popen.poll() is None  # the process lives on, inactive
         # ... and says why on /diagnostics, at ERROR, with what to do.
         from diagnostic_msgs.msg import DiagnosticArray
@@ -245,7 +256,7 @@ def test_in_process_router_and_plugins_are_injected_into_the_behaviors(ros, tmp_
     router = LocalRouter.from_file(REPO / 'config' / 'policy.yaml')
     agents = AgentNode(agent_id='face', router=router, local_plugins=lambda: host.handles,
                        namespace='/ag_inproc', parameter_overrides=[
-                           Parameter('state_dir', value=str(tmp_path)),
+                           Parameter('storage.root', value=str(tmp_path)),
                            Parameter('autostart', value=False)])
     executor, stop = make_executor(), Future()
     executor.add_node(agents)

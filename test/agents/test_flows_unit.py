@@ -19,6 +19,7 @@ from loom_ros.agents.behavior import InProcessPlugins, Ports
 from loom_ros.agents.config import load_agents
 from loom_ros.agents.flows.cloud import CloudLink, CloudSettings
 from loom_ros.agents.runtime import Agent
+from loom_ros.storage.storage import Storage, StorageConfig
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.plugins.host import PluginHost, load_plugins_file
 from loom_ros.plugins.perception.image import frame_event
@@ -63,7 +64,9 @@ def agent(agent_id: str, tmp_path, emitted, ports: Ports, **settings) -> Agent:
     config = load_agents(REPO / 'config' / 'agents.yaml')[agent_id]
     if settings:
         config = config.model_copy(update={'settings': {**config.settings, **settings}})
-    made = Agent(config, str(tmp_path / 'agents'), emitted, ports=ports)
+    # The agent's storage: a unit database under tmp_path, as an agent host opens one.
+    storage = Storage(StorageConfig(str(tmp_path), unit=f'flows_{agent_id}'))
+    made = Agent(config, storage, emitted, ports=ports)
     made.configure()
     made.activate()
     return made
@@ -73,6 +76,7 @@ def handle(made: Agent, *events: Event) -> None:
     for event in events:
         assert made.offer(event)
         made.handle_one()
+    made.settle()   # committed: counted as handled
 
 
 @pytest.fixture(scope='module')

@@ -64,7 +64,7 @@ def test_forged_heartbeats_cannot_make_the_manager_kill_a_healthy_agent(ros, spa
     watch = Watch(ros, namespace)
     manager = spawn('-m', 'loom_ros.bringup.lifecycle_manager_node', '--ros-args',
                     '-r', f'__ns:={namespace}', '-p', f'agents_file:={agents}',
-                    '-p', f'state_dir:={tmp_path}', '-p', 'status_period_s:=0.2',
+                    '-p', f'storage.root:={tmp_path}', '-p', 'status_period_s:=0.2',
                     '-p', 'hang_timeout_s:=1.0', '-p', 'max_restarts:=1')
     try:
         ros.wait_for(lambda: watch.health('first')[0] == 'ok', 'the agent ok', alive=[manager])
@@ -142,7 +142,7 @@ def test_in_process_manager_believes_only_its_own_process(ros, spawn, tmp_path):
     agents = tmp_path / 'agents.yaml'
     agents.write_text(AGENTS)
     common = [Parameter('agents_file', value=str(agents)),
-              Parameter('state_dir', value=str(tmp_path))]
+              Parameter('storage.root', value=str(tmp_path))]
     agent = AgentNode(node_name='agent_first', namespace=namespace, parameter_overrides=[
         *common, Parameter('agent_id', value='first'), Parameter('autostart', value=False)])
     manager = LifecycleManagerNode(namespace=namespace, parameter_overrides=[

@@ -24,13 +24,18 @@ AGENTS = """agents:
 
 
 def committed(db_path, agent_id='first'):
+    """An agent's committed state in its host's unit database (<storage.root>/db/<namespace>.
+    <node>.db), read by hand."""
     try:
         with sqlite3.connect(f'file:{db_path}?mode=ro', uri=True) as db:
-            row = db.execute('select state, events from agent_state where agent_id = ?',
+            row = db.execute("select value from kv where ns = 'agent_state' and key = ?",
                              [agent_id]).fetchone()
     except sqlite3.OperationalError:
         return {}, 0
-    return (json.loads(row[0]), row[1]) if row else ({}, 0)
+    if not row:
+        return {}, 0
+    record = json.loads(row[0])
+    return record['state'], record['events']
 
 
 class Watch:
@@ -88,7 +93,7 @@ def manager(ros, spawn, tmp_path):
         watch = Watch(ros, namespace)
         args = ['-m', 'loom_ros.bringup.lifecycle_manager_node', '--ros-args',
                 '-r', f'__ns:={namespace}', '-p', f'agents_file:={agents}',
-                '-p', f'state_dir:={tmp_path}', '-p', 'status_period_s:=0.2']
+                '-p', f'storage.root:={tmp_path}', '-p', 'status_period_s:=0.2']
         for p in params:
             args += ['-p', p]
         proc = spawn(*args)
@@ -143,7 +148,7 @@ def test_brings_agents_up_in_order_and_reports_them(ros, manager, tmp_path):
                  'diagnostics for the agents', alive=[proc])
     assert watch.diagnostics['loom/agents/first'].level == b'\x00'  # OK
     # Events reach an agent the manager started, and are committed.
-    ros.wait_for(lambda: committed(tmp_path / 'second.db', 'second')[1] >= 1,
+    ros.wait_for(lambda: committed(tmp_path / 'db' / 'lm_order.agent_second.db', 'second')[1] >= 1,
                  'the second agent to handle an event', spin=lambda: watch.send('second'))
     # The agent processes end with the manager; its log shows the bring-up order.
     proc.popen.send_signal(signal.SIGINT)
@@ -159,7 +164,7 @@ def test_brings_agents_up_in_order_and_reports_them(ros, manager, tmp_path):
 def test_sigkilled_agent_is_restarted_with_its_state(ros, manager, tmp_path):
     proc, watch = manager('/lm_kill', 'agents:=first', 'heartbeat_timeout_s:=2.0')
     ros.wait_for(lambda: watch.health('first')[0] == 'ok', 'the agent ok', alive=[proc])
-    db = tmp_path / 'first.db'
+    db = tmp_path / 'db' / 'lm_kill.agent_first.db'   # the manager handed storage.root down
     ros.wait_for(lambda: committed(db)[1] >= 20, '20 committed events',
                  spin=lambda: watch.send('first'))
     victim = watch.status['first'].pid

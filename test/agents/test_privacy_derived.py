@@ -11,6 +11,7 @@ from loom_ros.agents.config import AgentConfig, AgentConfigError, load_agents
 from loom_ros.agents.runtime import Agent, Dispatcher, derived_privacy
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.security.audit import AuditLog
+from loom_ros.storage.storage import Storage, StorageConfig
 
 PIN = {'text': 'my pin is 4242'}
 
@@ -44,11 +45,12 @@ def wait_until(condition, what, limit=60.0):
 def run(tmp_path):
     """run(events, behavior, audit=None, **config) -> (agent, [(kind, type, data, privacy)])."""
     made = []
+    storage = Storage(StorageConfig(str(tmp_path), unit='host'))
 
     def start(events, behavior, audit=None, **config):
         emitted = []
         agent = Agent(AgentConfig(id='echo', behavior='counter', subscriptions=['t'], **config),
-                      str(tmp_path), lambda _id, kind, type, data, privacy:
+                      storage, lambda _id, kind, type, data, privacy:
                       emitted.append((kind, type, data, privacy)), audit=audit)
         agent.configure()
         agent.behavior = behavior   # a test behavior in place of the loaded one
@@ -64,6 +66,7 @@ def run(tmp_path):
     for agent, dispatcher in made:
         dispatcher.close()
         agent.cleanup()
+    storage.close()
 
 
 def test_derived_events_carry_the_strictest_privacy_of_their_input(run):

@@ -8,9 +8,9 @@ import pytest
 
 from loom_ros.agents.config import AgentConfig
 from loom_ros.agents.runtime import Agent, AgentState, Dispatcher
-from loom_ros.agents.state import StateStore
 from loom_ros.agents.supervisor import Beat, Health, Supervisor, Unit
 from loom_ros.bus.event import Event
+from loom_ros.storage.storage import Storage, StorageConfig
 
 
 def wait_until(condition, what, limit=60.0):
@@ -21,7 +21,14 @@ def wait_until(condition, what, limit=60.0):
         time.sleep(0.001)
 
 
-def make_agents(tmp_path, n, **config):
+@pytest.fixture
+def storage(tmp_path):
+    """The agents' host storage: one unit database, as an agent node opens it."""
+    with Storage(StorageConfig(str(tmp_path), unit='host')) as opened:
+        yield opened
+
+
+def make_agents(storage, n, **config):
     emitted = []
     lock = threading.Lock()
 
@@ -29,7 +36,7 @@ def make_agents(tmp_path, n, **config):
         with lock:
             emitted.append((agent_id, kind, type, data))
     agents = [Agent(AgentConfig(id=f'a{i}', behavior='counter', subscriptions=['t'],
-                                settings={'intent_every': 10}, **config), str(tmp_path), emit)
+                                settings={'intent_every': 10}, **config), storage, emit)
               for i in range(n)]
     for agent in agents:
         agent.configure()
@@ -38,46 +45,53 @@ def make_agents(tmp_path, n, **config):
 
 
 @pytest.mark.parametrize('workers', [1, 3])
-def test_dispatcher_keeps_each_agents_order_and_handles_every_event_once(tmp_path, workers):
-    agents, emitted = make_agents(tmp_path, 8)
+def test_dispatcher_keeps_each_agents_order_and_handles_every_event_once(storage, workers):
+    agents, emitted = make_agents(storage, 8)
     dispatcher = Dispatcher(workers)
     try:
         for i in range(200):
             for agent in agents:
                 dispatcher.deliver(agent, Event(type='tick', id=f'{agent.id}-{i}'))
+        # Handled = committed: the workers do not wait for the writer, the acknowledgement does.
         wait_until(lambda: all(a.stats['handled'] == 200 for a in agents), 'all events handled')
     finally:
         dispatcher.close()
     for agent in agents:
         assert agent.state['total'] == 200 and agent.state['last_id'] == f'{agent.id}-199'
+        assert agent.acked_events == 200
+        assert storage.agent_state.load(agent.id) == (agent.state, 200)
         order = [e['event_id'] for e in agent.episodic.query(limit=1000)]
-        assert sorted(order, key=lambda s: int(s.split('-')[1])) == order
+        assert order == [f'{agent.id}-{i}' for i in range(200)]   # each once, in order
         assert len(agent.dispatch_us) == 200
         agent.cleanup()
     intents = [e for e in emitted if e[1] == 'intent']
     assert len(intents) == 8 * 20   # every 10th event of each agent
 
 
-def test_deactivate_handles_accepted_mail_then_commits_and_refuses_more(tmp_path):
-    (agent,), _ = make_agents(tmp_path, 1)
+def test_deactivate_handles_accepted_mail_then_commits_and_refuses_more(storage):
+    (agent,), _ = make_agents(storage, 1)
     for i in range(50):   # accepted, but no dispatcher has run them yet
         assert agent.offer(Event(type='tick', id=f'e{i}'))
     agent.deactivate()
     assert agent.lifecycle is AgentState.INACTIVE and agent.stats['handled'] == 50
     assert not agent.offer(Event(type='tick', id='late')) and agent.stats['refused_inactive'] == 1
     agent.cleanup()
-    state, events = StateStore(tmp_path / 'a0.db', 'a0').load()
+    state, events = storage.agent_state.load('a0')
     assert events == 50 and state['last_id'] == 'e49'
 
 
-def test_interval_persistence_commits_on_flush(tmp_path):
-    (agent,), _ = make_agents(tmp_path, 1, persist='interval', persist_interval_s=3600.0)
+def test_interval_persistence_commits_on_flush(storage):
+    (agent,), _ = make_agents(storage, 1, persist='interval', persist_interval_s=3600.0)
     agent.offer(Event(type='tick', id='only'))
     agent.handle_one()
-    assert StateStore(tmp_path / 'a0.db', 'a0').load()[1] == 0   # not due yet
+    storage.flush()
+    assert storage.agent_state.load('a0')[1] == 0   # not due yet
+    assert agent.stats['handled'] == 0 and [e['event_id'] for e in agent.episodic.query()] == \
+        ['only']   # a handler already sees the episode waiting for its commit
     agent._last_commit -= 3600.0
     agent.flush_if_due()
-    assert StateStore(tmp_path / 'a0.db', 'a0').load()[1] == 1
+    storage.flush()
+    assert storage.agent_state.load('a0')[1] == 1 and agent.stats['handled'] == 1
     agent.cleanup()
 
 
