@@ -1,0 +1,61 @@
+"""The group-commit writer's done callbacks (how an agent host acknowledges events without
+waiting on each commit) and stop_when_full (nothing queued behind a full batch lands after
+it), on real SQLite files."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from loom_ros.storage.errors import StorageFullError
+from loom_ros.storage.storage import Storage, StorageConfig
+
+
+def test_callbacks_run_once_each_after_the_commit_in_submission_order(tmp_path):
+    with Storage(StorageConfig(str(tmp_path), unit='u', max_delay_ms=1.0)) as storage:
+        seen, lock, done = [], threading.Lock(), threading.Event()
+
+        def on_done(i, ticket):
+            # Committed when told: the reader (committed rows only) already has it.
+            rows = storage.query("select value from kv where ns = 'n' and key = ?", (str(i),))
+            with lock:
+                seen.append((i, ticket.error(), len(rows)))
+                if len(seen) == 500:
+                    done.set()
+        for i in range(500):
+            ticket = storage.kv.put('n', str(i), i)
+            ticket.add_done_callback(lambda t, i=i: on_done(i, t))
+        assert done.wait(60)
+        assert seen == [(i, None, 1) for i in range(500)]
+        # A ticket already done calls back at once, on the caller's thread.
+        ticket = storage.kv.put('n', 'last', 1)
+        ticket.wait()
+        here = []
+        ticket.add_done_callback(lambda t: here.append(threading.current_thread()))
+        assert here == [threading.current_thread()]
+
+
+def test_stop_when_full_fails_every_batch_after_a_full_one_until_resumed(tmp_path):
+    # Tables take 128 KiB; a 256 KiB cap fills after a few hundred KiB of rows.
+    with Storage(StorageConfig(str(tmp_path), unit='u', max_db_bytes=256 * 1024)) as storage:
+        writer = storage.writer
+        writer.stop_when_full = True
+        big = 'x' * 3000
+        acknowledged, failed = [], None
+        for i in range(400):
+            ticket = storage.kv.put('n', str(i), big)
+            try:
+                ticket.wait(30)
+                acknowledged.append(i)
+            except StorageFullError as exc:
+                failed = (i, exc)
+                break
+        assert failed is not None and acknowledged == list(range(failed[0]))
+        # A small write would fit, but follows a lost one: refused, with why.
+        with pytest.raises(StorageFullError, match='writes stopped'):
+            storage.kv.put('n', 'small', 1).wait(30)
+        assert storage.kv.get('n', 'small') is None
+        assert sorted(map(int, storage.kv.keys('n'))) == acknowledged   # nothing committed lost
+        writer.resume()
+        storage.kv.put('n', 'small', 1).wait(30)
+        assert storage.kv.get('n', 'small') == (1, 1)
