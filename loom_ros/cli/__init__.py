@@ -1,5 +1,6 @@
 """The `loom` command: `loom demo`, `loom bringup`, `loom record`, `loom pub`, `loom echo`,
-`loom status`, `loom cloud serve`, `loom keys` (works where ros2cli is not installed)."""
+`loom status`, `loom cloud serve`, `loom keys`, `loom storage`, `loom audit`, `loom consent`
+(works where ros2cli is not installed)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loom_ros.cli import bringup, demo, keys, pubsub, record
+    from loom_ros.cli import audit, bringup, consent, demo, keys, pubsub, record, storage
     parser = argparse.ArgumentParser(prog='loom', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
     demo.add_parser(sub)
@@ -15,7 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_parser(sub)
     pubsub.add_parsers(sub)
     keys.add_parser(sub)
-    __import__('loom_ros.cli.storage', fromlist=['storage']).add_parser(sub)   # loom storage
+    storage.add_parser(sub)
+    audit.add_parser(sub)
+    consent.add_parser(sub)
     status = sub.add_parser('status', help='live view of a running system (loom/metrics, stats)',
                             add_help=False)
     status.add_argument('rest', nargs=argparse.REMAINDER, help='see loom status --help')
