@@ -31,7 +31,7 @@ os.environ.setdefault('ROS_DOMAIN_ID', str(150 + os.getpid() % 50))
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 
 from bus_bench import machine, summarize  # noqa: E402
-from loom_ros.bus.qos import fastdds_environment  # noqa: E402
+from loom_ros.bus.qos import fastdds_environment, to_qos_profile  # noqa: E402
 from loom_ros.config.params import config_dir  # noqa: E402
 
 # What every Loom process runs with (bring-up sets it): Fast DDS with Loom's profile (a 16 MB
@@ -102,14 +102,17 @@ def cpu_seconds(pid: int | str | None) -> float:
 QUIET_S = 2.0
 
 
-def measure(publish, sink, spin, idle, n_burst, n_paced, rate_hz, cpu_of: dict):
+def measure(publish, sink, spin, idle, n_burst, n_paced, rate_hz, cpu_of: dict,
+            bridge_sent=None):
     """Throughput of a burst, and each process's CPU time per event until the burst's last
     event arrived (comparable even when other work shares the machine), then latency at a paced
     rate. `spin` runs between publishes and must not block; `idle(limit_s)` runs while waiting
     and may block up to limit_s, so a waiting publisher leaves the CPU to the processes it waits
-    for."""
+    for. `bridge_sent()`: the bridge's `sent` counter (fresh), so a burst's losses split into
+    those before the bridge (DDS) and after it (Zenoh)."""
     from loom_ros.bus.event import Event
     base = sink.count
+    sent0 = bridge_sent() if bridge_sent else None
 
     def cpu_now():
         return {name: cpu_seconds(pid) for name, pid in cpu_of.items()}
@@ -130,6 +133,7 @@ def measure(publish, sink, spin, idle, n_burst, n_paced, rate_hz, cpu_of: dict):
     got = sink.count - base
     if got >= n_burst:
         cpu1 = cpu_now()
+    bridge_put = bridge_sent() - sent0 if bridge_sent else None
     elapsed = max(1e-9, (sink.last - t0) / 1e9)
     cpu_us = {name: round((cpu1[name] - cpu0[name]) / max(got, 1) * 1e6, 1) for name in cpu_of}
     sink.record, sink.lat_us = True, []
@@ -142,7 +146,7 @@ def measure(publish, sink, spin, idle, n_burst, n_paced, rate_hz, cpu_of: dict):
             idle(left)
     wait(lambda: len(sink.lat_us) >= n_paced, 10.0, lambda: idle(0.005))
     sink.record = False
-    return {'burst_sent': n_burst, 'burst_received': got,
+    return {'burst_sent': n_burst, 'burst_received': got, 'bridge_put': bridge_put,
             'events_per_s': round(got / elapsed, 1), 'cpu_us_per_event': cpu_us,
             'latency': summarize(sink.lat_us)}
 
@@ -184,7 +188,8 @@ def main() -> None:
             for level in ('batched', 'realtime'):
                 b, r = part[f'bridge_{level}'], part[f'raw_zenoh_{level}']
                 print(f"{transport} {level}: bridge {b['events_per_s']} ev/s "
-                      f"({b['burst_received']}/{b['burst_sent']}, cpu us/event "
+                      f"({b['burst_received']}/{b['burst_sent']}, put by the bridge "
+                      f"{b['bridge_put']}, cpu us/event "
                       f"{b['cpu_us_per_event']}), raw {r['events_per_s']} "
                       f"({r['burst_received']}/{r['burst_sent']}, {r['cpu_us_per_event']}), "
                       f"ratio {b['events_per_s'] / max(r['events_per_s'], 1e-9):.3f}")
@@ -245,7 +250,7 @@ def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced
         'robot_id': 'bench', 'connect': [ep], 'out_allow': ['agent.*.intent', 'sensor.**'],
         'audit_db': str(tmp / f'audit_{transport}.db'),
         'keys_dir': str(fleet), 'insecure': not secure, 'seal_sensitive': 'off',
-        'buffer_max_events': 100000, 'status_period_s': 1.0}}}))
+        'buffer_max_events': 100000, 'status_period_s': 0.1}}}))
     profiler = []
     if profile:
         Path(profile).mkdir(parents=True, exist_ok=True)
@@ -284,6 +289,20 @@ def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced
         bus = EventBus(node, topic_qos=TopicQosTable(defaults['bus.topic_qos'],
                                                      defaults['bus.default_qos']))
         spin = lambda: executor.spin_once(timeout_sec=0.0)  # noqa: E731
+        from std_msgs.msg import String
+        status = {'n': 0, 'sent': 0}
+
+        def on_status(msg):
+            status.update(n=status['n'] + 1, sent=json.loads(msg.data).get('sent', 0))
+        node.create_subscription(String, 'zenoh_bridge/status', on_status,
+                                 to_qos_profile('realtime'))   # as the bridge publishes it
+
+        def bridge_sent() -> int:
+            """The bridge's `sent` from a status message newer than this call."""
+            seen = status['n']
+            wait(lambda: status['n'] > seen + 1, 10.0,
+                 lambda: executor.spin_once(timeout_sec=0.05))
+            return status['sent']
         # Waiting, the bus side blocks in the executor (as a robot app does; it returns as soon
         # as a callback ran), as the raw side sleeps: a busy wait here took a core from the
         # bridge it waits for.
@@ -303,7 +322,7 @@ def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced
             cpu_of = {'bench': None, 'bridge': procs[1].pid, 'router': procs[0].pid,
                       'bridge_main': f'{procs[1].pid}/task/{procs[1].pid}'}
             through = measure(lambda e: bus.publish(topic, e), sink, spin, idle, n_burst,
-                              n_paced, 1000, cpu_of)
+                              n_paced, 1000, cpu_of, bridge_sent)
             raw_sink = Sink(sub_s, f'loom/raw/{level}')
             raw_pub = pub_s.declare_publisher(f'loom/raw/{level}', **to_zenoh_options(level))
             wait(lambda: raw_pub.matching_status.matching, 10.0)
@@ -392,13 +411,16 @@ def render(r: dict) -> str:
              'GIL over every 0.5 ms, so the Zenoh subscriber here keeps up on both paths. '
              'Latency at 1000 events/s, microseconds. '
              'TLS: mutual TLS with the router\'s access control (the default); TCP: --insecure. '
-             'Both in the same run, TLS first.', '',
-             '| path | burst sent | received TLS | received TCP | events/s TLS | events/s TCP | '
-             'P50 TLS | P50 TCP | P99 TLS | P99 TCP |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+             'Both in the same run, TLS first. "put by bridge": how many of the burst the bridge '
+             'took from DDS and put on Zenoh (its `sent` counter), so a loss shows on which side '
+             'of the bridge it happened.', '',
+             '| path | burst sent | put by bridge TLS | put by bridge TCP | received TLS | '
+             'received TCP | events/s TLS | events/s TCP | P50 TLS | P50 TCP | P99 TLS | P99 TCP |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for name in PATHS:
         a, b = tls[name], tcp[name]
-        lines.append(f"| {name} | {a['burst_sent']} | {a['burst_received']} | "
+        put_a, put_b = ('-' if x.get('bridge_put') is None else x['bridge_put'] for x in (a, b))
+        lines.append(f"| {name} | {a['burst_sent']} | {put_a} | {put_b} | {a['burst_received']} | "
                      f"{b['burst_received']} | {a['events_per_s']} | {b['events_per_s']} | "
                      f"{a['latency']['p50_us']} | {b['latency']['p50_us']} | "
                      f"{a['latency']['p99_us']} | {b['latency']['p99_us']} |")
@@ -409,8 +431,8 @@ def render(r: dict) -> str:
     lines += ['', 'CPU time per delivered event in the burst, microseconds (user + system, every '
               'thread, until the last event arrived; comparable across runs on a shared machine, '
               'unlike events/s). "bridge main" is the bridge\'s main thread alone (all its Python: '
-              'DDS take, decode, bus, gate, encode, Zenoh put); the rest of "bridge" is Fast DDS\'s '
-              'and Zenoh\'s own threads (TLS included):', '',
+              'DDS take, decode, bus, gate, encode, Zenoh put); the rest of "bridge" is '
+              'Fast DDS\'s and Zenoh\'s own threads (TLS included):', '',
               '| path | this process TLS | bridge TLS | bridge main TLS | router TLS | '
               'this process TCP | bridge TCP | bridge main TCP | router TCP |',
               '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']

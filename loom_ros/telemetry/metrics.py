@@ -128,9 +128,9 @@ class Histogram:
     most FOLD_AT and are folded into the period's sketch together (see the module's docstring);
     every read folds them first."""
 
-    def __init__(self, precision: float = 0.01):
+    def __init__(self, precision: float = 0.01, lock: threading.Lock | None = None):
         self.precision = precision
-        self._lock = threading.Lock()
+        self._lock = lock or threading.Lock()   # shared by a DeliveryHistograms pair
         self._pending: list[float] = []
         self.period = Sketch(precision)
         self.total = Sketch(precision)
@@ -168,6 +168,32 @@ class Histogram:
             merged.merge(self.total)
             merged.merge(self.period)
         return merged
+
+
+class DeliveryHistograms:
+    """A topic's handle_latency_ms and event_age_ms, recorded together under one lock (the bus's
+    delivery hook records both for every event). Two histograms made apart (with locks of their
+    own) are recorded one by one."""
+
+    __slots__ = ('handle', 'age', '_lock', '_handle_pending', '_age_pending')
+
+    def __init__(self, handle: Histogram, age: Histogram):
+        self.handle, self.age = handle, age
+        self._lock = handle._lock if handle._lock is age._lock else None
+        self._handle_pending, self._age_pending = handle._pending, age._pending
+
+    def record(self, handle_ms: float, age_ms: float) -> None:
+        if self._lock is None:
+            self.handle.record(handle_ms)
+            self.age.record(age_ms)
+            return
+        with self._lock:
+            handle, age = self._handle_pending, self._age_pending
+            handle.append(handle_ms)
+            age.append(age_ms)
+            if len(handle) >= FOLD_AT or len(age) >= FOLD_AT:
+                self.handle._fold()
+                self.age._fold()
 
 
 def summarize(sketch: Sketch) -> dict:
@@ -211,7 +237,7 @@ class MetricsRegistry:
         self._prev_time: float | None = None
         self.collectors: list = []   # callables(registry) run before each snapshot
         self._topic_cache: dict[tuple[str, str], Histogram] = {}
-        self._delivery_cache: dict[str, tuple[Histogram, Histogram]] = {}
+        self._delivery_cache: dict[str, DeliveryHistograms] = {}
 
     def inc(self, name: str, amount: float = 1.0, **labels) -> None:
         key = (name, _labels(labels))
@@ -226,12 +252,12 @@ class MetricsRegistry:
         with self._lock:
             self._gauges[(name, _labels(labels))] = float(value)
 
-    def histogram(self, name: str, precision: float = 0.01, **labels) -> Histogram:
+    def histogram(self, name: str, precision: float = 0.01, *, _lock=None, **labels) -> Histogram:
         key = (name, _labels(labels))
         hist = self._histograms.get(key)
         if hist is None:
             with self._lock:
-                hist = self._histograms.setdefault(key, Histogram(precision))
+                hist = self._histograms.setdefault(key, Histogram(precision, _lock))
         return hist
 
     def topic_histogram(self, name: str, topic: str) -> Histogram:
@@ -242,14 +268,15 @@ class MetricsRegistry:
             hist = self._topic_cache[key] = self.histogram(name, topic=topic)
         return hist
 
-    def delivery_histograms(self, topic: str) -> tuple[Histogram, Histogram]:
-        """(handle_latency_ms, event_age_ms) of `topic`, through one cache lookup: the bus's
-        delivery hook asks for both on every event."""
+    def delivery_histograms(self, topic: str) -> DeliveryHistograms:
+        """handle_latency_ms and event_age_ms of `topic` as one pair sharing a lock, through one
+        cache lookup: the bus's delivery hook records both on every event."""
         pair = self._delivery_cache.get(topic)
         if pair is None:
-            pair = self._delivery_cache[topic] = (
-                self.topic_histogram('handle_latency_ms', topic),
-                self.topic_histogram('event_age_ms', topic))
+            lock = threading.Lock()
+            pair = self._delivery_cache[topic] = DeliveryHistograms(
+                self.histogram('handle_latency_ms', topic=topic, _lock=lock),
+                self.histogram('event_age_ms', topic=topic, _lock=lock))
         return pair
 
     def counter(self, name: str, **labels) -> float:
@@ -503,7 +530,5 @@ def observed_call(sub, event, topic: str, _perf=time.perf_counter, _wall=time.ti
         sub._deliver(event, topic)
     if registry is not None:
         elapsed_ms = (_perf() - start) * 1000.0
-        handle, age = registry.delivery_histograms(topic)
-        handle.record(elapsed_ms)
         age_ms = _wall() * 1000.0 - event.timestamp_ms
-        age.record(age_ms if age_ms > 0 else 0.0)
+        registry.delivery_histograms(topic).record(elapsed_ms, age_ms if age_ms > 0 else 0.0)

@@ -171,3 +171,21 @@ def test_a_value_that_is_not_finite_is_left_out_of_a_batch():
     sketch = Sketch(PRECISION)
     sketch.add_many([1.0, math.nan, 2.0, math.inf, -math.inf])
     assert sketch.count == 2 and sketch.sum == 3.0 and (sketch.min, sketch.max) == (1.0, 2.0)
+
+
+def test_a_topics_delivery_histograms_record_together_and_read_apart():
+    reg = MetricsRegistry('/n')
+    apart = reg.histogram('handle_latency_ms', topic='made.first')   # its own lock
+    for topic in ('a.b', 'made.first'):
+        pair = reg.delivery_histograms(topic)
+        assert reg.delivery_histograms(topic) is pair
+        for v in range(1, 1001):
+            pair.record(float(v), 2.0 * v)
+    assert reg.histogram('handle_latency_ms', topic='made.first') is apart
+    samples = {(s.name, s.labels['topic']): s for s in reg.snapshot()}
+    for topic in ('a.b', 'made.first'):
+        handle, age = samples[('handle_latency_ms', topic)], samples[('event_age_ms', topic)]
+        assert handle.count == age.count == 1000
+        assert handle.max == 1000.0 and age.max == 2000.0
+        assert handle.p50 == pytest.approx(500, rel=PRECISION)
+        assert age.p50 == pytest.approx(1000, rel=PRECISION)
