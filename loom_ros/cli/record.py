@@ -11,8 +11,22 @@ Secrets are masked before anything is written (telemetry's rules, `mask_text`/`m
 on loom_msgs Event and EventBatch messages the id, type, source, tags, every metadata value
 (wholly when its key names a secret) and a UTF-8 text payload; on std_msgs String the data.
 Those messages are deserialized, masked and serialized again; other types (images, IMU...) are
-stored as they arrived. A text payload longer than MAX_MASKED_PAYLOAD is cut to it (counted in
-the summary's `cut`); a message that cannot be decoded is not stored (counted in `unreadable`).
+stored as they arrived. An event payload is text only when it decodes as UTF-8 and the event
+does not name a media encoding (metadata `encoding` rgb8, s16le...: camera frames and mic audio
+are kept byte for byte, as a replay needs them). A text payload longer than MAX_MASKED_PAYLOAD is
+cut to it (counted in the summary's `cut`); a message that cannot be decoded is not stored
+(counted in `unreadable`).
+
+What a replay needs is recorded by default (DEFAULT_TOPICS): camera frames as `camera.front`
+events, mic audio (`mic.primary`), route decisions and their outcomes (router/decisions,
+router/outcomes), besides what the UI and the agents said. Each channel notes its publisher's
+durability (metadata `loom.durability`), so `loom play` offers the same.
+
+Privacy: every event passes the recorder's `privacy` hook (event -> KEEP or STRIP) before it is
+written; STRIP empties its payload and marks it (metadata `loom.stripped`), counted in
+`stripped`, and a hook that raises strips (fails closed). The default keeps every tier,
+Private and LocalOnly included, because this recorder writes to the robot's own disk; the
+consent registry (storage/consent.py) plugs in here by passing its own hook to McapRecorder.
 """
 from __future__ import annotations
 
@@ -23,12 +37,14 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from loom_ros.telemetry.logs import mask_node_logger, mask_text, mask_value
 
 DEFAULT_TOPICS = [
-    'loom/ui/state', 'loom/ui/markers', 'router/decisions', 'loom/agent/face/action',
+    'loom/ui/state', 'loom/ui/markers', 'router/decisions', 'router/outcomes',
+    'loom/camera/front', 'loom/mic/primary', 'loom/agent/face/action',
     'loom/agent/voice/action', 'loom/agent/voice/intent', 'loom/mic/primary/speech',
     'imu/data', 'loom/agents/status',
 ]
@@ -38,6 +54,20 @@ SEPARATOR = '=' * 80 + '\n'
 MAX_MASKED_PAYLOAD = 64 * 1024   # characters of a text payload masked and kept; the rest is cut
 MAX_FIELD_CHARS = 4096           # of any other string field
 MASKED_TYPES = ('loom_msgs/msg/Event', 'loom_msgs/msg/EventBatch', 'std_msgs/msg/String')
+# Metadata `encoding` values of raw media payloads (perception/image.py, sim_sensors' mic).
+MEDIA_ENCODINGS = frozenset({'rgb8', 'bgr8', 'mono8', 'rgba8', 'bgra8', 'mono16', 'jpeg', 'png',
+                             's16le', 's16be', 'f32le', 'u8', 'pcm', 'opus', 'wav'})
+KEEP, STRIP = 'keep', 'strip'
+STRIPPED_KEY = 'loom.stripped'
+DURABILITY_KEY = 'loom.durability'
+# What the recorder does with one event before it is written: KEEP or STRIP (see the module doc).
+PrivacyHook = Callable[[object], str]
+
+
+def keep_every_tier(event) -> str:
+    """The default hook: this recorder writes to the robot's own disk, so Private and LocalOnly
+    payloads may be kept (they never leave the robot through it)."""
+    return KEEP
 
 
 class SchemaError(LookupError):
@@ -97,13 +127,16 @@ def ros2msg_schema(full_type: str) -> str:
 
 
 class SecretMasker:
-    """CDR in, CDR out, with the secrets of one message type masked (see the module doc)."""
+    """CDR in, CDR out, with the secrets of one message type masked and each event through the
+    privacy hook (see the module doc)."""
 
-    def __init__(self, full_type: str):
+    def __init__(self, full_type: str, privacy: PrivacyHook = keep_every_tier):
         from rclpy.serialization import deserialize_message, serialize_message
         self._decode, self._encode = deserialize_message, serialize_message
         self.msg_type = message_class(full_type)
+        self.privacy = privacy
         self.cut = 0
+        self.stripped = 0
 
     def __call__(self, data: bytes) -> bytes:
         msg = self._decode(data, self.msg_type)
@@ -117,26 +150,44 @@ class SecretMasker:
         return self._encode(msg)
 
     def _event(self, event) -> None:
+        try:
+            verdict = self.privacy(event)
+        except Exception:   # noqa: BLE001 - a failing hook strips (fails closed)
+            verdict = STRIP
+        if verdict != KEEP:
+            self.stripped += 1
+            event.payload = b''
+            event.metadata.append(_key_value(STRIPPED_KEY, 'privacy'))
         for name in ('id', 'type', 'source'):
             setattr(event, name, mask_text(getattr(event, name)[:MAX_FIELD_CHARS]))
         event.tags = [mask_text(t[:MAX_FIELD_CHARS]) for t in event.tags]
+        media = False
         for kv in event.metadata:
+            if kv.key == 'encoding' and kv.value.strip().lower() in MEDIA_ENCODINGS:
+                media = True
             kv.value = str(mask_value(kv.value[:MAX_FIELD_CHARS], kv.key[:MAX_FIELD_CHARS]))
+        if media:
+            return   # a camera frame, audio: kept byte for byte (a replay needs them)
         try:
             text = bytes(event.payload).decode()
         except UnicodeDecodeError:
-            return   # binary (an image, audio): no text to mask
+            return   # binary: no text to mask
         if len(text) > MAX_MASKED_PAYLOAD:
             self.cut += 1
             text = text[:MAX_MASKED_PAYLOAD]
         event.payload = mask_text(text).encode()
 
 
-class McapRecorder:
-    """Writes CDR messages to an MCAP file, secrets masked first (SecretMasker); thread-safe
-    (callbacks from an executor)."""
+def _key_value(key: str, value: str):
+    from loom_msgs.msg import KeyValue
+    return KeyValue(key=key, value=value)
 
-    def __init__(self, path: str | Path):
+
+class McapRecorder:
+    """Writes CDR messages to an MCAP file, secrets masked and events through `privacy` first
+    (SecretMasker); thread-safe (callbacks from an executor)."""
+
+    def __init__(self, path: str | Path, privacy: PrivacyHook = keep_every_tier):
         from mcap.writer import CompressionType, Writer
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
@@ -148,18 +199,22 @@ class McapRecorder:
         self._maskers: dict[str, SecretMasker] = {}
         self.counts: dict[str, int] = {}
         self.unreadable: dict[str, int] = {}
+        self.privacy = privacy
         self._closed = False
 
-    def add_topic(self, topic: str, full_type: str) -> None:
+    def add_topic(self, topic: str, full_type: str, metadata: dict[str, str] | None = None
+                  ) -> None:
+        """`metadata`: the channel's, e.g. {DURABILITY_KEY: 'transient_local'}."""
         with self._lock:
             if topic in self._channels:
                 return
             schema = self._writer.register_schema(name=full_type, encoding='ros2msg',
                                                   data=ros2msg_schema(full_type).encode())
             if full_type in MASKED_TYPES:
-                self._maskers[topic] = SecretMasker(full_type)
+                self._maskers[topic] = SecretMasker(full_type, self.privacy)
             self._channels[topic] = self._writer.register_channel(
-                topic=topic, message_encoding='cdr', schema_id=schema)
+                topic=topic, message_encoding='cdr', schema_id=schema,
+                metadata=dict(metadata or {}))
             self.counts[topic] = 0
 
     def write(self, topic: str, data: bytes, stamp_ns: int | None = None) -> None:
@@ -182,6 +237,10 @@ class McapRecorder:
     def cut(self) -> int:
         """Text payloads cut to MAX_MASKED_PAYLOAD so far."""
         return sum(m.cut for m in self._maskers.values())
+
+    def stripped(self) -> int:
+        """Events whose payload the privacy hook stripped so far."""
+        return sum(m.stripped for m in self._maskers.values())
 
     def close(self) -> None:
         with self._lock:
@@ -218,7 +277,7 @@ def _record_node(recorder: McapRecorder, topics: list[str]):
                 if name not in self.wanted or name in self.subs or name in self.problems:
                     continue
                 try:
-                    recorder.add_topic(name, types[0])
+                    recorder.add_topic(name, types[0], self._channel_metadata(name))
                     msg_type = message_class(types[0])
                 except (SchemaError, AttributeError, ModuleNotFoundError, ValueError) as exc:
                     self.problems[name] = str(exc)
@@ -226,6 +285,13 @@ def _record_node(recorder: McapRecorder, topics: list[str]):
                     continue
                 self.subs[name] = self.create_subscription(
                     msg_type, name, lambda data, n=name: recorder.write(n, data), qos, raw=True)
+
+        def _channel_metadata(self, name: str) -> dict[str, str]:
+            """The publishers' durability: transient_local if any offers it."""
+            from rclpy.qos import DurabilityPolicy
+            durable = any(info.qos_profile.durability == DurabilityPolicy.TRANSIENT_LOCAL
+                          for info in self.get_publishers_info_by_topic(name))
+            return {DURABILITY_KEY: 'transient_local' if durable else 'volatile'}
     return RecorderNode()
 
 
@@ -271,7 +337,8 @@ def run(args, ros_args: list[str]) -> int:
         recorder.close()
         print(json.dumps({'file': args.output, 'messages': recorder.counts,
                           'unreadable': recorder.unreadable, 'cut': recorder.cut(),
-                          'problems': node.problems}), flush=True)
+                          'stripped': recorder.stripped(), 'problems': node.problems}),
+              flush=True)
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()

@@ -1,0 +1,123 @@
+"""`loom play FILE.mcap`: a recording (`loom record`, rosbag2's MCAP) back onto the ROS graph,
+with its original timing (scaled by --rate) or as fast as possible, publishing /clock so nodes
+with use_sim_time follow the recording.
+
+The same topics and types as recorded; a message is skipped and counted (never a crash) when its
+channel's topic is not a valid ROS name, its type is not installed here or was recorded from
+another definition, it is over the size limits, or it does not deserialize. A file that stops
+being readable (cut short, not MCAP, a record over the limits) ends the play with the reason and
+what was played before it. Progress goes to stderr every second; the summary (messages played
+per topic, skipped per reason with a first example) is one JSON line on stdout at the end.
+Exit status: 0 played to the end, 1 the file could not be read to its end, 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from loom_ros.replay.mcap_source import Limits, McapSource
+from loom_ros.replay.player import MonotonicClock, PlayOptions, Player, Summary
+
+MB = 1 << 20
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser('play', help='play an MCAP recording back onto the ROS graph (/clock too)')
+    _arguments(p)
+    p.set_defaults(run=lambda args: run(args, args.ros_args))
+
+
+def _arguments(p) -> None:
+    p.add_argument('file', help='MCAP file (loom record, ros2 bag record -s mcap)')
+    p.add_argument('--rate', type=float, default=1.0, help='speed factor (2: twice as fast)')
+    p.add_argument('--as-fast-as-possible', dest='fast', action='store_true',
+                   help='publish without waiting between messages')
+    p.add_argument('--loop', action='store_true', help='play again from the start until stopped')
+    p.add_argument('--topics', nargs='+', default=None, metavar='TOPIC',
+                   help='only these topics (as recorded; a leading / may be left out)')
+    p.add_argument('--start', type=float, default=None, metavar='S',
+                   help='skip the first S seconds of the recording')
+    p.add_argument('--end', type=float, default=None, metavar='E',
+                   help='stop at E seconds into the recording')
+    p.add_argument('--wait-subscribers', type=float, default=0.0, metavar='SECONDS',
+                   help='before a topic\'s first message, wait up to this long for a '
+                        'subscriber (0: do not wait)')
+    p.add_argument('--max-message-mb', type=float, default=64.0,
+                   help='skip messages larger than this (MiB)')
+    p.add_argument('--quiet', action='store_true', help='no progress lines')
+
+
+def options_of(args) -> PlayOptions:
+    """PlayOptions from the parsed arguments; ValueError says which one is wrong."""
+    topics = None if args.topics is None else frozenset(
+        t if t.startswith('/') else f'/{t}' for t in args.topics)
+    return PlayOptions(rate=args.rate, fast=args.fast, loop=args.loop, topics=topics,
+                       start_s=args.start, end_s=args.end).check()
+
+
+def _progress(summary: Summary, _now: float) -> None:
+    skipped = sum(summary.skipped.values())
+    print(f'[loom play] t={summary.recording_s:8.2f} s  played {summary.played}  '
+          f'skipped {skipped}  filtered {summary.filtered}', file=sys.stderr, flush=True)
+
+
+def run(args, ros_args: list[str]) -> int:
+    try:
+        options = options_of(args)
+        if not 0 < args.max_message_mb <= 4096:
+            raise ValueError('--max-message-mb must be in (0, 4096]')
+        if args.wait_subscribers < 0:
+            raise ValueError('--wait-subscribers must be >= 0')
+    except ValueError as exc:
+        print(f'loom play: {exc}', file=sys.stderr)
+        return 2
+    path = Path(args.file)
+    if not path.is_file():
+        print(f'loom play: {path}: no such file', file=sys.stderr)
+        return 2
+    max_message = int(args.max_message_mb * MB)
+    limits = Limits(max_message_bytes=max_message,
+                    max_record_bytes=max(Limits.max_record_bytes, max_message + 64),
+                    max_chunk_bytes=max(Limits.max_chunk_bytes, 2 * max_message))
+
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    from loom_ros.replay.ros import RosSink, RosTypes
+    from loom_ros.telemetry.logs import mask_node_logger
+    rclpy.init(args=['loom_play', *ros_args], signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    node = rclpy.create_node('loom_play')
+    mask_node_logger(node)
+    types = RosTypes()
+    sink = RosSink(node, types, wait_subscribers_s=args.wait_subscribers)
+    player = Player(lambda: McapSource(path, types, limits), sink, MonotonicClock(), options,
+                    progress=None if args.quiet else _progress, should_stop=stop.is_set,
+                    file=str(path))
+    try:
+        summary = player.run()
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    result = summary.as_dict()
+    result['no_subscriber'] = sink.unmatched
+    print(json.dumps(result), flush=True)
+    return 1 if summary.error else 0
+
+
+def main(argv=None) -> int:
+    from loom_ros.cli import split_ros_args
+    argv, ros_args = split_ros_args(argv)
+    parser = argparse.ArgumentParser(prog='loom play', description=__doc__.splitlines()[0])
+    _arguments(parser)
+    return run(parser.parse_args(argv), ros_args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
