@@ -41,6 +41,10 @@ class KVStore:
         return (self.PUT, (ns, key, int(schema), json.dumps(value, separators=(',', ':')),
                            self.storage.clock()))
 
+    def put_json_op(self, ns: str, key: str, text: str, schema: int = 1) -> tuple:
+        """put_op of a value already in JSON (`text`: the caller serialized it)."""
+        return (self.PUT, (ns, key, int(schema), text, self.storage.clock()))
+
     def put(self, ns: str, key: str, value, schema: int = 1) -> Ticket:
         return self.storage.writer.submit((self.put_op(ns, key, value, schema),))
 
@@ -74,6 +78,7 @@ class AgentStateStore:
 
     def __init__(self, storage):
         self.storage, self.kv = storage, storage.kv
+        self.episodes = storage.episodes
 
     def load(self, agent_id: str) -> tuple[dict, int]:
         """(state, events handled) as last committed; ({}, 0) for a new agent."""
@@ -157,13 +162,18 @@ class AgentStateStore:
                                      f'than this Loom ({self.SCHEMA_VERSION})')
         return state, int(row['events'] or 0)
 
-    def commit(self, agent_id: str, state: dict, events: int, last_event_id: str,
-               episodes: list | tuple = ()) -> Ticket:
-        """State plus the episodes (Events) that produced it, one atomic write."""
-        ops = [self.kv.put_op(self.NS, agent_id, {'state': state, 'events': int(events),
-                                                  'last_event_id': last_event_id},
-                              self.SCHEMA_VERSION)]
-        store = self.storage.episodes
+    def commit(self, agent_id: str, state: dict | None, events: int, last_event_id: str,
+               episodes: list | tuple = (), state_json: str | None = None) -> Ticket:
+        """State plus the episodes (Events) that produced it, one atomic write. `state_json`:
+        the state already serialized (compact JSON of a dict), in place of `state`."""
+        if state_json is None:
+            state_json = json.dumps(state, separators=(',', ':'))
+        # The record {"state": ..., "events": ..., "last_event_id": ...} around it, built as
+        # text: the state is not serialized twice.
+        ops = [self.kv.put_json_op(self.NS, agent_id, (
+            f'{{"state":{state_json},"events":{int(events)},"last_event_id":'
+            f'{json.dumps(str(last_event_id))}}}'), self.SCHEMA_VERSION)]
+        store = self.episodes
         ops.extend(store.record_op(agent_id, event) for event in episodes)
         ticket = self.storage.writer.submit(ops)
         for event in episodes:
