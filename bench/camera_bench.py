@@ -13,7 +13,12 @@ Transport options (each sets the environment of both processes, as bring-up woul
 - loom:        config/fastdds.xml, the profile Loom ships (shared memory, 16 MB segment, + UDPv4);
 - shm:<bytes>: the same profile with another segment size (e.g. shm:2097152);
 - udp:         UDPv4 only (what a frame meets crossing hosts, here on loopback);
-- large_data:  FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA (shared memory + TCP, UDP for discovery).
+- large_data:  FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA (shared memory + TCP, UDP for discovery);
+- loom_malloc: `loom` plus glibc malloc thresholds (MALLOC_ENV) that keep freed frame-sized
+               buffers in the process: by default glibc maps every buffer over 128 KB afresh
+               and returns it on free, so each copy of a 786 KB frame (rclpy message, bytes,
+               serialization) pays page faults and zeroing, which a loaded machine turns into
+               milliseconds (the face flow's tail, issue 15).
 Kinds: `raw` (rclpy Image), `loom` (a camera.front event on Loom's bus), `service` (the face flow's
 plugin call across processes: a HandleEvent request carrying the frame event, a small answer).
 Modes: `30hz` (a camera) and `max` (back to back: how fast the path drains).
@@ -50,6 +55,9 @@ SERVICE = 'bench/face_expression/handle_event'
 DDS_ENV = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE',
            'FASTDDS_BUILTIN_TRANSPORTS', 'RMW_FASTRTPS_USE_QOS_FROM_XML')
 MATCH_TIMEOUT_S = 30.0
+# Buffers up to 4 MB (the bus's max_payload_bytes) come from the heap and up to 16 MB of free
+# heap stays mapped: a frame's buffers are reused instead of mapped, faulted in and unmapped.
+MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': '4194304', 'MALLOC_TRIM_THRESHOLD_': '16777216'}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -101,9 +109,10 @@ def option_env(option: str, scratch: str) -> dict:
     """The environment variables a transport option sets (every other DDS variable is cleared)."""
     if option == 'builtin':
         return {}
-    if option == 'loom':   # the way bring-up sets it
+    if option in ('loom', 'loom_malloc'):   # the way bring-up sets it
         from loom_ros.bus.qos import fastdds_environment
-        return fastdds_environment({'RMW_IMPLEMENTATION': 'rmw_fastrtps_cpp'}, PROFILE.parent)
+        env = fastdds_environment({'RMW_IMPLEMENTATION': 'rmw_fastrtps_cpp'}, PROFILE.parent)
+        return {**env, **MALLOC_ENV} if option == 'loom_malloc' else env
     if option.startswith('shm:'):
         return {'FASTDDS_DEFAULT_PROFILES_FILE': shm_profile(int(option[4:]), scratch)}
     if option == 'udp':
@@ -437,7 +446,7 @@ class Worker:
 
 def run_case(option: str, kind: str, mode: str, qos: str, frames: int, scratch: str,
              domain: int, discovery: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in DDS_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in DDS_ENV and k not in MALLOC_ENV}
     env.update(option_env(option, scratch))
     env.update(ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE=discovery,
                RMW_IMPLEMENTATION='rmw_fastrtps_cpp')

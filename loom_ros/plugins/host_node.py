@@ -28,6 +28,7 @@ from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_p
 from loom_ros.config.paths import usable_dir, usable_file
 from loom_ros.plugins import registry
 from loom_ros.plugins.contract import PluginError
+from loom_ros.plugins.embedded import pick_specs
 from loom_ros.plugins.host import PluginHost, PluginSpec, PluginsFileError, load_plugins_file
 from loom_ros.security.audit import AuditError, AuditLog
 from loom_ros.security.capabilities import CapabilityConfigError
@@ -55,13 +56,7 @@ def select_specs(specs: list[PluginSpec], selection: str, where: str) -> list[Pl
     selection = selection.strip()
     if selection in ('', '*'):
         return [s for s in specs if s.enabled]
-    names = [n.strip() for n in selection.split(',') if n.strip()]
-    known = {s.name: s for s in specs}
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise PluginsFileError(f'{where}: no plugin {", ".join(map(repr, missing))} (have: '
-                               f'{", ".join(known) or "none"})')
-    return [known[n].model_copy(update={'enabled': True}) for n in names]
+    return pick_specs(specs, [n.strip() for n in selection.split(',') if n.strip()], where)
 
 
 class PluginHostNode(LifecycleNode):

@@ -10,6 +10,10 @@ records decisions and outcomes and charges the spend like the router node; that 
 SQLite connection must be usable from the calling threads (`RouterHistory(shared=True)`). It
 publishes nothing itself: the router node runs its own decisions through one (its service and
 in-process callers share one history and one lock) and publishes them through `on_decision`.
+An agent host in another process runs one without a history (agents/flows/link.py
+HostedRouter): the spend then comes from `spend` (what the router node last reported) and the
+decisions go to the router node through `on_decision`, so a camera frame is routed without a
+service round trip (issue 15).
 """
 from __future__ import annotations
 
@@ -20,10 +24,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from loom_ros.bus.event import Privacy
+from loom_ros.config.params import by_node, config_dir, load_params_file, node_defaults
 from loom_ros.router.decision import Decision, RouteRequest, Spend, decide
 from loom_ros.router.history import Outcome, RouterHistory
 from loom_ros.router.policy import PolicyFile, load_policy
 from loom_ros.telemetry import tracing
+
+
+ROUTER_NODE = 'router'   # whose parameters (config/loom.yaml section) name the policy file
+
+
+def policy_path_of_files(params_files=(), defaults_path: str | None = None) -> str:
+    """The policy file a router node started with these ROS params files would load: the
+    defaults, then each file's `/**` and router sections in order (as ROS applies them); ''
+    means the shipped config/policy.yaml."""
+    merged = dict(node_defaults(ROUTER_NODE, defaults_path))
+    for path in params_files:
+        sections = by_node(load_params_file(path))
+        merged.update(sections.get('/**', {}))
+        merged.update(sections.get(ROUTER_NODE, {}))
+    return str(merged.get('policy_file') or config_dir() / 'policy.yaml')
 
 
 class RouterRefused(RuntimeError):
@@ -77,10 +97,13 @@ class LocalRouter:
     Thread-safe: one lock around the history, since dispatcher workers call it concurrently."""
 
     def __init__(self, policy: PolicyFile, history: RouterHistory | None = None,
-                 on_decision: Callable[[RouteQuery, RouteAnswer], None] | None = None):
+                 on_decision: Callable[[RouteQuery, RouteAnswer], None] | None = None,
+                 spend: Callable[[], float] | None = None):
+        """`spend`: the cloud spend of the budget period when there is no history (else 0)."""
         self.policy = policy
         self.history = history
         self.on_decision = on_decision   # e.g. the router node publishing router/decisions
+        self.spend = spend
         self.decisions = 0
         self.outcomes = 0
         self.lock = threading.Lock()   # around the history: callers reading it take it too
@@ -107,8 +130,9 @@ class LocalRouter:
         request = query.request()
         policy = self.policy.policy_for(request.event_type, request.agent_id)
         with self.lock:
-            spend = Spend(self.history.spend() if self.history is not None else 0.0,
-                          self.policy.budget.limit)
+            spent = self.history.spend() if self.history is not None else \
+                float(self.spend()) if self.spend is not None else 0.0
+            spend = Spend(spent, self.policy.budget.limit)
             decision = decide(request, policy, cloud_cost=self.policy.cost_of(
                 policy.cloud_model), spend=spend)
             decision_id = uuid.uuid4().hex

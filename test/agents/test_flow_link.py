@@ -8,16 +8,13 @@ import signal
 import time
 
 import numpy as np
-import skimage.data
+import pytest
 import yaml
-from PIL import Image
 
 from rclpy.node import Node
 
 from harness import REPO
 from loom_ros.bus.bus import EventBus
-from loom_ros.bus.qos import TopicQosTable
-from loom_ros.config.params import node_defaults
 from loom_ros.plugins.perception.image import frame_event
 
 NS = '/fl'
@@ -35,7 +32,7 @@ def service_path_agents(tmp_path):
 
 
 def test_face_agent_reaches_router_and_plugin_host_through_its_own_node_and_stops_on_sigint(
-        ros, spawn, tmp_path):
+        ros, spawn, camera_bus, tmp_path):
     ros_args = ['--ros-args', '-r', f'__ns:={NS}']
     router = spawn('-m', 'loom_ros.router.router_node', *ros_args,
                    '-p', f'history_db:={tmp_path / "router.db"}')
@@ -47,27 +44,13 @@ def test_face_agent_reaches_router_and_plugin_host_through_its_own_node_and_stop
                   '-p', 'agent_id:=face', '-p', f'state_dir:={tmp_path / "agents"}',
                   '-p', f'agents_file:={agents_file}')
     procs = [router, plugins, agent]
-    node = Node('fl_camera', namespace=NS, context=ros.node.context)
-    defaults = node_defaults('fl_camera')   # the product's QoS table, as every process
-    camera = EventBus(node, topic_qos=TopicQosTable(defaults['bus.topic_qos'],
-                                                    defaults['bus.default_qos']))
-    ros.executor.add_node(node)
-    shown = []
-    camera.subscribe('agent.face.action', lambda e, _t: shown.append(e.json()))
-    photo = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((640, 480)))
-    last = [0.0]
-
-    def send_frame():   # five frames a second until the agent answers one
-        if time.monotonic() - last[0] >= 0.2:
-            last[0] = time.monotonic()
-            camera.publish('camera.front', frame_event(photo, type='camera.front',
-                                                       encoding='bgr8'), 'realtime')
+    camera = camera_bus(NS, 'fl_camera')
     try:
-        out = camera.publisher_for('camera.front', 'realtime')
-        ros.wait_for(lambda: out.get_subscription_count() >= 1, 'the face agent', alive=procs)
-        ros.wait_for(lambda: any(s.get('label') == 'happy' for s in shown),
-                     'the happy emoji from the agent', limit=120, alive=procs, spin=send_frame)
-        happy = next(s for s in shown if s.get('label') == 'happy')
+        ros.wait_for(lambda: camera.out.get_subscription_count() >= 1, 'the face agent',
+                     alive=procs)
+        ros.wait_for(lambda: camera.happy() is not None, 'the happy emoji from the agent',
+                     limit=120, alive=procs, spin=camera.send_frame)
+        happy = camera.happy()
         assert happy['emoji'] == '😀' and happy['route'] == 'local'
         assert happy['rule'] == 'threshold'
         names = ros.node.get_node_names_and_namespaces()
@@ -78,9 +61,7 @@ def test_face_agent_reaches_router_and_plugin_host_through_its_own_node_and_stop
         assert {f'{NS}/router/route', f'{NS}/plugin_host/face_expression/handle_event'} <= \
             clients, clients
     finally:
-        ros.executor.remove_node(node)
-        camera.destroy()
-        node.destroy_node()
+        camera.close()
     started = time.monotonic()
     agent.popen.send_signal(signal.SIGINT)
     code, _out, err = agent.finish()
@@ -158,3 +139,78 @@ def test_a_behavior_waiting_for_a_service_holds_neither_recall_nor_a_transition(
     assert code == 0, err[-3000:]
     assert 'the agent host is not active: no plugin calls now' in err, err[-3000:]
     assert took < 5.0, (took, err[-3000:])   # not one 5 s service wait, let alone one a frame
+
+
+def test_hosted_router_decides_in_process_and_tells_the_router_node(ros, tmp_path):
+    """Given the router's policy file, the agent node routes in its own process (no
+    router/route client: no round trip per camera frame); each decision goes out on
+    router/decisions marked with the node's name, outcomes on router/outcomes, and the budget
+    follows the spend the router node reports on router/stats plus what was reported here."""
+    from loom_msgs.msg import RouteDecision, RouteOutcome, RouterStats
+    from loom_ros.agents.behavior import PortError
+    from loom_ros.agents.flows.link import NodePorts
+    from loom_ros.bus.event import Privacy
+    from loom_ros.bus.qos import to_qos_profile
+    from loom_ros.router.history import Outcome
+    from loom_ros.router.local import RouteQuery, policy_path_of_files
+    from loom_ros.router.policy import load_policy
+    ns = '/fl_hosted'
+    policy_file = tmp_path / 'policy.yaml'   # the robot's, named in its params file
+    policy_file.write_text((REPO / 'config' / 'policy.yaml').read_text().replace(
+        'limit: 5.0', 'limit: 0.01'))
+    params = tmp_path / 'params.yaml'
+    params.write_text(yaml.safe_dump({'/**/router': {'ros__parameters': {
+        'policy_file': str(policy_file)}}}))
+    assert policy_path_of_files([str(params)]) == str(policy_file)
+    assert policy_path_of_files([]) == str(REPO / 'config' / 'policy.yaml')
+    node = Node('agent_host_0', namespace=ns, context=ros.node.context)
+    ros.executor.add_node(node)
+    ports = NodePorts(node, policy=load_policy(policy_path_of_files([str(params)])))
+    decisions, outcomes = [], []
+    subs = [ros.node.create_subscription(RouteDecision, f'{ns}/router/decisions',
+                                         decisions.append, to_qos_profile('batched')),
+            ros.node.create_subscription(RouteOutcome, f'{ns}/router/outcomes',
+                                         outcomes.append, to_qos_profile('batched'))]
+    stats = ros.node.create_publisher(RouterStats, f'{ns}/router/stats',
+                                      to_qos_profile('realtime'))
+    face = RouteQuery('frame-1', 'face.detected', 'face', Privacy.SENSITIVE,
+                      local_confidence=0.99)
+    speech = RouteQuery('said-1', 'speech.utterance', 'voice', Privacy.PUBLIC,
+                        local_confidence=0.1)
+    try:
+        with pytest.raises(PortError, match='not active'):   # before activate: no routing
+            ports.router.route(face)
+        ports.gate.open()
+        answer = ports.router.route(face)
+        assert (answer.route, answer.rule) == ('local', 'threshold')
+        assert ports.router.route(speech).route == 'cloud'   # intent-large costs 0.004
+        clients = {name for name, _types in
+                   ros.node.get_client_names_and_types_by_node('agent_host_0', ns)}
+        assert f'{ns}/router/route' not in clients, clients
+        ros.wait_for(lambda: any(d.decision_id == answer.decision_id for d in decisions),
+                     'the face decision on router/decisions')
+        told = next(d for d in decisions if d.decision_id == answer.decision_id)
+        assert (told.event_id, told.agent_id, told.route, told.rule) == \
+            ('frame-1', 'face', 'local', 'threshold')
+        assert told.header.frame_id == f'{ns}/agent_host_0'
+        # The router node says 0.008 is spent: one more 0.004 call would pass the 0.01 limit.
+        ros.wait_for(lambda: ports.router.spend() == 0.008, 'the spend from router/stats',
+                     spin=lambda: stats.publish(RouterStats(spend=0.008, budget_limit=0.01)))
+        refused = ports.router.route(speech)
+        assert (refused.route, refused.rule) == ('local_fallback', 'budget')
+        stats.publish(RouterStats(spend=float('nan')))   # not a spend: ignored
+        ports.router.report(Outcome(answer.decision_id, 'face.detected', 'cloud', 120.0,
+                                    0.002, True, 0.9))
+        assert ports.router.spend() == 0.008 + 0.002
+        ros.wait_for(lambda: any(o.decision_id == answer.decision_id for o in outcomes),
+                     'the outcome on router/outcomes')
+        ports.gate.close()
+        with pytest.raises(PortError, match='not active'):
+            ports.router.route(face)
+    finally:
+        ports.close()
+        for sub in subs:
+            ros.node.destroy_subscription(sub)
+        ros.node.destroy_publisher(stats)
+        ros.executor.remove_node(node)
+        node.destroy_node()

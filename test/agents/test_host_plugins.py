@@ -4,13 +4,9 @@ params file it was started with), and its behavior calls them in-process. With n
 all the face agent still turns the astronaut photo into the happy emoji; a name the plugins file
 lacks, or a grant the host settings do not allow, fails configure with the reason."""
 import sqlite3
-import time
 
-import numpy as np
 import pytest
-import skimage.data
 import yaml
-from PIL import Image
 
 from harness import REPO
 
@@ -34,13 +30,8 @@ def _audit_rows(path):
         return []
 
 
-def test_face_agent_calls_its_host_plugin_in_process_with_no_plugin_host(ros, spawn, tmp_path):
-    from rclpy.node import Node
-
-    from loom_ros.bus.bus import EventBus
-    from loom_ros.bus.qos import TopicQosTable
-    from loom_ros.config.params import node_defaults
-    from loom_ros.plugins.perception.image import frame_event
+def test_face_agent_calls_its_host_plugin_in_process_with_no_plugin_host(ros, spawn, camera_bus,
+                                                                       tmp_path):
     agents = _agents_file(tmp_path, ['face_expression'])
     params = tmp_path / 'params.yaml'   # what the lifecycle manager hands its agents
     params.write_text(yaml.safe_dump({'/**/plugin_host': {'ros__parameters': {
@@ -52,40 +43,20 @@ def test_face_agent_calls_its_host_plugin_in_process_with_no_plugin_host(ros, sp
                   '-r', '__node:=agent_host_0', '-p', 'agent_id:=face',
                   '-p', f'agents_file:={agents}', '-p', f'state_dir:={tmp_path / "agents"}')
     procs = [router, agent]
-    node = Node('hp_camera', namespace=NS, context=ros.node.context)
-    defaults = node_defaults('hp_camera')   # the product's QoS table, as every process
-    camera = EventBus(node, topic_qos=TopicQosTable(defaults['bus.topic_qos'],
-                                                    defaults['bus.default_qos']))
-    ros.executor.add_node(node)
-    shown = []
-    camera.subscribe('agent.face.action', lambda e, _t: shown.append(e.json()))
-    photo = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((640, 480)))
-    last = [0.0]
-
-    def send_frame():   # five frames a second until the agent answers one
-        if time.monotonic() - last[0] >= 0.2:
-            last[0] = time.monotonic()
-            camera.publish('camera.front', frame_event(photo, type='camera.front',
-                                                       encoding='bgr8'), 'realtime')
-    try:
-        out = camera.publisher_for('camera.front', 'realtime')
-        ros.wait_for(lambda: out.get_subscription_count() >= 1, 'the face agent', alive=procs)
-        ros.wait_for(lambda: any(s.get('label') == 'happy' for s in shown),
-                     'the happy emoji from the agent', limit=120, alive=procs, spin=send_frame)
-        happy = next(s for s in shown if s.get('label') == 'happy')
-        assert happy['emoji'] == '😀' and happy['route'] == 'local'
-        names = ros.node.get_node_names_and_namespaces()
-        assert 'plugin_host' not in {name for name, ns in names if ns == NS}, names
-        clients = {name for name, _types in
-                   ros.node.get_client_names_and_types_by_node('agent_host_0', NS)}
-        assert f'{NS}/router/route' in clients, clients
-        assert not [c for c in clients if c.endswith('handle_event')], clients
-        # The plugin ran under the plugin host's audit log, the one the params file names.
-        assert ('face_expression', 'plugin_init') in _audit_rows(tmp_path / 'audit.db')
-    finally:
-        ros.executor.remove_node(node)
-        camera.destroy()
-        node.destroy_node()
+    camera = camera_bus(NS, 'hp_camera')
+    ros.wait_for(lambda: camera.out.get_subscription_count() >= 1, 'the face agent', alive=procs)
+    ros.wait_for(lambda: camera.happy() is not None, 'the happy emoji from the agent', limit=120,
+                 alive=procs, spin=camera.send_frame)
+    happy = camera.happy()
+    assert happy['emoji'] == '😀' and happy['route'] == 'local'
+    names = ros.node.get_node_names_and_namespaces()
+    assert 'plugin_host' not in {name for name, ns in names if ns == NS}, names
+    clients = {name for name, _types in
+               ros.node.get_client_names_and_types_by_node('agent_host_0', NS)}
+    assert f'{NS}/router/route' in clients, clients
+    assert not [c for c in clients if c.endswith('handle_event')], clients
+    # The plugin ran under the plugin host's audit log, the one the params file names.
+    assert ('face_expression', 'plugin_init') in _audit_rows(tmp_path / 'audit.db')
 
 
 def _configure(ros, tmp_path, host_plugins, **settings):

@@ -148,3 +148,20 @@ def test_lifecycle_services_bus_and_audit_across_processes(ros, host, tmp_path):
     host.popen.send_signal(signal.SIGINT)
     code, _, err = host.finish()
     assert code == 0, err
+
+
+def test_selection_runs_every_enabled_entry_or_the_named_ones_and_names_what_is_missing():
+    """The `plugins` parameter: '*' (or '') every enabled entry; names run even when disabled,
+    each once; an unknown name names the file and what it has (embedded.pick_specs' rules)."""
+    from loom_ros.plugins.host import PluginsFileError, parse_specs
+    from loom_ros.plugins.host_node import select_specs
+    specs = parse_specs([{'name': 'weather', 'inputs': ['tool.weather.query'],
+                          'output_topic': 'tool.weather.result'},
+                         {'name': 'calendar', 'enabled': False}])
+    assert [s.name for s in select_specs(specs, ' * ', 'plugins.yaml')] == ['weather']
+    assert [s.name for s in select_specs(specs, '', 'plugins.yaml')] == ['weather']
+    picked = select_specs(specs, 'calendar, weather,calendar', 'plugins.yaml')
+    assert [(s.name, s.enabled) for s in picked] == [('calendar', True), ('weather', True)]
+    with pytest.raises(PluginsFileError, match=r"plugins.yaml: no plugin 'radio' \(have: "
+                                               r"weather, calendar\)"):
+        select_specs(specs, 'weather,radio', 'plugins.yaml')

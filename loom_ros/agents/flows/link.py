@@ -1,6 +1,8 @@
 """The agent node's ports to the router and the plugins over ROS: service clients and the
 outcomes publisher made on the agent node itself (no node of their own), plugins called
-in-process when a host in this process runs them.
+in-process when a host in this process runs them, and the routing policy run in this process
+when the node is given it (HostedRouter: no service round trip per camera frame, decisions
+reported to the router node on router/decisions).
 
 Threads: a behavior runs on a dispatcher worker and blocks there until the answer comes; the
 answer is taken by the agent node's executor, on its own thread. So nothing that the executor
@@ -17,17 +19,20 @@ import time
 
 from rclpy.exceptions import NameValidationException
 
-from loom_msgs.msg import RouteOutcome
+from loom_msgs.msg import RouteDecision, RouteOutcome, RouterStats
 from loom_msgs.srv import HandleEvent, Route
 
 from loom_ros.agents.behavior import InProcessPlugins, PortError, Ports
+from loom_ros.bus import topics
 from loom_ros.bus.event import Event, Privacy
-from loom_ros.bus.qos import to_qos_profile
+from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.cloud.client import outcome_msg
 from loom_ros.plugins.contract import PluginResponse
 from loom_ros.plugins.registry import local_plugins as registry_plugins
 from loom_ros.plugins.registry import response_from_msg
-from loom_ros.router.local import RouteAnswer, RouteQuery
+from loom_ros.router.decision import RequestError
+from loom_ros.router.local import LocalRouter, RouteAnswer, RouteQuery
+from loom_ros.router.policy import PolicyError, PolicyFile
 from loom_ros.telemetry import tracing
 
 PRIVACY_CODES = {Privacy.PUBLIC: 0, Privacy.SENSITIVE: 1, Privacy.PRIVATE: 2,
@@ -133,6 +138,74 @@ class ServiceRouter:
         self.node.destroy_publisher(self._outcomes)
 
 
+class HostedRouter:
+    """The RouterPort as a LocalRouter in this process, under the router node's policy file:
+    a decision is a function call (the face flow asks once per camera frame), not a service
+    round trip through two executors. The router node still hears of everything: each decision
+    goes out on router/decisions (header.frame_id: this node, so the router node can tell them
+    from its own) and outcomes on router/outcomes as before. The budget's spend is what the
+    router node last said on router/stats plus the costs reported here since (so at most one
+    stats period of other hosts' spend is unseen)."""
+
+    def __init__(self, node, gate: Gate, policy: PolicyFile):
+        self.node, self.gate = node, gate
+        self._lock = threading.Lock()
+        self._reported_spend = 0.0   # the router node's, from its last RouterStats
+        self._spent_here = 0.0       # outcome costs reported by this node since then
+        self.stats_seen = 0
+        self.local = LocalRouter(policy, on_decision=self._publish, spend=self.spend)
+        self._name = node.get_fully_qualified_name()
+        self._decisions = node.create_publisher(RouteDecision, topics.ROUTER_DECISIONS,
+                                                to_qos_profile(QosLevel.BATCHED))
+        self._outcomes = node.create_publisher(RouteOutcome, topics.ROUTER_OUTCOMES,
+                                               to_qos_profile(QosLevel.BATCHED))
+        self._stats = node.create_subscription(RouterStats, topics.ROUTER_STATS,
+                                               self._on_stats, to_qos_profile(QosLevel.REALTIME))
+
+    def spend(self) -> float:
+        with self._lock:
+            return self._reported_spend + self._spent_here
+
+    def _on_stats(self, msg) -> None:
+        spend = float(msg.spend)
+        if spend != spend or spend < 0.0:   # NaN or negative: not a spend, keep what we had
+            return
+        with self._lock:
+            self._reported_spend, self._spent_here = spend, 0.0
+            self.stats_seen += 1
+
+    def route(self, query: RouteQuery) -> RouteAnswer:
+        if not self.gate.is_open:
+            raise PortError('router: the agent host is not active: no routing now')
+        try:
+            return self.local.route(query)
+        except (RequestError, PolicyError) as exc:
+            raise PortError(f'router refused: {exc}') from None
+
+    def _publish(self, query: RouteQuery, answer: RouteAnswer) -> None:
+        msg = RouteDecision(
+            decision_id=answer.decision_id, event_id=query.event_id,
+            event_type=query.event_type, agent_id=query.agent_id, privacy=int(query.privacy),
+            route=answer.route, confidence=answer.confidence, rule=answer.rule,
+            reason=answer.reason, upload=answer.upload, cloud_model=answer.cloud_model,
+            cloud_cost=answer.cloud_cost)
+        msg.header.stamp = self.node.get_clock().now().to_msg()
+        msg.header.frame_id = self._name
+        self._decisions.publish(msg)
+
+    def report(self, outcome) -> None:
+        cost = float(outcome.cost)
+        if cost == cost and cost > 0.0:
+            with self._lock:
+                self._spent_here += cost
+        self._outcomes.publish(outcome_msg(outcome))
+
+    def close(self) -> None:
+        self.node.destroy_subscription(self._stats)
+        self.node.destroy_publisher(self._decisions)
+        self.node.destroy_publisher(self._outcomes)
+
+
 class ServicePlugins:
     """The PluginPort: in-process when a host in this process runs the plugin (`local()`), else
     `<ns>/<host>/<name>/handle_event` through a client on the node (made once per name)."""
@@ -196,14 +269,17 @@ class NodePorts:
     shared by all its agents, plus each agent's cloud port (the host's links)."""
 
     def __init__(self, node, router=None, local_plugins=None, host: str = 'plugin_host',
-                 timeout_s: float = CALL_TIMEOUT_S):
-        """`router`: an in-process RouterPort (e.g. router.local.LocalRouter) when the router
-        lives in this process; else the `router/route` service. `local_plugins`: {name: handle}
-        lookup of in-process plugins (default: plugins.registry.local_plugins)."""
+                 timeout_s: float = CALL_TIMEOUT_S, policy: PolicyFile | None = None):
+        """`router`: an in-process RouterPort (e.g. the router node's, when it lives in this
+        process); else, given the router's `policy`, a HostedRouter; else the `router/route`
+        service. `local_plugins`: {name: handle} lookup of in-process plugins (default:
+        plugins.registry.local_plugins)."""
         self.gate = Gate()
-        self._service_router = None if router is not None else ServiceRouter(
-            node, self.gate, timeout_s)
-        self.router = router if router is not None else self._service_router
+        self._own_router = None
+        if router is None:
+            self._own_router = HostedRouter(node, self.gate, policy) if policy is not None \
+                else ServiceRouter(node, self.gate, timeout_s)
+        self.router = router if router is not None else self._own_router
         self.plugins = ServicePlugins(node, self.gate, host, local_plugins, timeout_s)
 
     def for_agent(self, cloud=None) -> Ports:
@@ -212,15 +288,7 @@ class NodePorts:
 
     def close(self) -> None:
         self.gate.close()
-        if self._service_router is not None:
-            self._service_router.close()
+        if self._own_router is not None:
+            self._own_router.close()
         self.plugins.close()
 
-
-class FlowLink:
-    """Gone: behaviors get their ports from AgentContext. `close_shared` stays, doing nothing,
-    for callers not yet updated (loom bringup)."""
-
-    @classmethod
-    def close_shared(cls) -> None:
-        pass
