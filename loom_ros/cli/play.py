@@ -100,8 +100,14 @@ def run(args, ros_args: list[str]) -> int:
     player = Player(lambda: McapSource(path, types, limits), sink, MonotonicClock(), options,
                     progress=None if args.quiet else _progress, should_stop=stop.is_set,
                     file=str(path))
+    if not args.quiet:
+        print(f'[loom play] {path}: playing ' + ('as fast as possible' if options.fast else
+                                                f'at {options.rate:g}x'), file=sys.stderr,
+              flush=True)
     try:
         summary = player.run()
+        if not args.quiet:
+            _progress(summary, 0.0)
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
