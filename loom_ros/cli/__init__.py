@@ -1,6 +1,6 @@
 """The `loom` command: `loom demo`, `loom bringup`, `loom record`, `loom pub`, `loom echo`,
-`loom status`, `loom cloud serve`, `loom keys`, `loom storage`, `loom audit`, `loom consent`
-(works where ros2cli is not installed)."""
+`loom status`, `loom cloud serve`, `loom keys`, `loom storage`, `loom audit`, `loom consent`,
+`loom play`, `loom router train` (works where ros2cli is not installed)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,9 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loom_ros.cli import audit, bringup, consent, demo, keys, pubsub, record, storage
+    from loom_ros.cli import (
+        audit, bringup, consent, demo, keys, play, pubsub, record, router_train, storage,
+    )
     parser = argparse.ArgumentParser(prog='loom', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
     demo.add_parser(sub)
@@ -19,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     storage.add_parser(sub)
     audit.add_parser(sub)
     consent.add_parser(sub)
+    play.add_parser(sub)
+    router_train.add_parser(sub)   # loom router train
     status = sub.add_parser('status', help='live view of a running system (loom/metrics, stats)',
                             add_help=False)
     status.add_argument('rest', nargs=argparse.REMAINDER, help='see loom status --help')
