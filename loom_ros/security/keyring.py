@@ -298,6 +298,10 @@ class Keyring:
             raise KeyringError(f'{self.path.parent}: cannot create: {exc.strerror}') from None
         self.conn = open_database(self.path, synchronous='FULL')
         try:
+            os.chmod(self.path, 0o600)     # wrapped keys: nobody else's business
+        except OSError:
+            pass                           # not ours to change (another user's table)
+        try:
             self.conn.execute('PRAGMA secure_delete=ON')
             self.conn.execute('BEGIN IMMEDIATE')
             try:
@@ -349,11 +353,12 @@ class Keyring:
             raise KeyringError(f'{self.path}: {len(current)} current master keys recorded; the '
                                'key table was tampered with')
         if current[0] not in given:
+            retiring = [r[0] for r in rows if r[1] != 'current']
             raise KeyringError(
                 f'{self.source.describe()}: wrong master key for {self.path} (given key id(s) '
                 f'{", ".join(sorted(given))}; this key table needs {current[0]}'
-                + (f', or during a rotation also {", ".join(r[0] for r in rows if r[1] != "current")}'
-                   if len(rows) > 1 else '') + '). Nothing was decrypted or written.')
+                + (f' (with {", ".join(retiring)} while a rotation finishes)' if retiring else '')
+                + '). Nothing was decrypted or written.')
         for master_id, _state, verifier in rows:
             master = given.get(master_id)
             if master is None:
@@ -361,7 +366,7 @@ class Keyring:
             try:
                 AESGCM(master.key).decrypt(verifier[:NONCE_BYTES], verifier[NONCE_BYTES:],
                                            master_id.encode())
-            except (InvalidTag, ValueError):
+            except (InvalidTag, ValueError, TypeError):
                 raise KeyringError(f'{self.path}: master key {master_id} fails its check; the '
                                    'key table was tampered with') from None
         self._current = current[0]
@@ -508,7 +513,7 @@ class Keyring:
         key = self.key_for(subject, time_ms)
         header = MAGIC + bytes((VERSION, KEY_ID_BYTES)) + key.key_id + \
             secrets.token_bytes(NONCE_BYTES)
-        return header + key.aead.encrypt(header[-NONCE_BYTES:], bytes(plaintext),
+        return header + key.aead.encrypt(header[-NONCE_BYTES:], plaintext,
                                          header + b'\x00' + context)
 
     def decrypt(self, blob: bytes, context: bytes) -> bytes:
@@ -537,12 +542,12 @@ class Keyring:
         if size < OVERHEAD:
             self.rejected['truncated'] += 1
             raise DecryptError(f'ciphertext of {size} bytes is shorter than its header and tag')
-        blob = bytes(blob)
-        header = blob[:HEADER_BYTES]
+        view = memoryview(blob)      # no copy of a large object before it is authenticated
+        header = bytes(view[:HEADER_BYTES])
         key_id = header[len(MAGIC) + 2:len(MAGIC) + 2 + KEY_ID_BYTES]
         key = self.by_id(key_id)
         try:
-            return key.aead.decrypt(header[-NONCE_BYTES:], blob[HEADER_BYTES:],
+            return key.aead.decrypt(header[-NONCE_BYTES:], view[HEADER_BYTES:],
                                     header + b'\x00' + context)
         except InvalidTag:
             self.rejected['tampered'] += 1

@@ -85,7 +85,8 @@ def record(storage: Storage, agent: str, text: str, at_ms: int, subject: str = '
     storage.episodes.record(agent, Event(type='speech.heard', source='mic', id=text,
                                          payload=text.encode(), timestamp_ms=at_ms)).wait(10)
     if subject:
-        storage.write('update episodes set subject = ? where event_id = ?', (subject, text)).wait(10)
+        storage.write('update episodes set subject = ? where event_id = ?',
+                      (subject, text)).wait(10)
 
 
 def lifecycle(storage: Storage, clock, archive_s: float = 0.0) -> Lifecycle:
