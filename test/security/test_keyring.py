@@ -66,6 +66,7 @@ def test_round_trip_per_subject_and_per_day(tmp_path):
         assert len(ids) == 4     # a key per subject and per day
         assert Keyring.key_id_of(ring.encrypt(b'x', CTX, 'alice')) == Keyring.key_id_of(alice)
         assert ring.stats()['subject_keys'] == 2 and ring.stats()['day_keys'] == 2
+        assert (tmp_path / 'root' / 'keys' / KEYRING_FILE).stat().st_mode & 0o077 == 0
     # another process (a second key table connection) reads the same keys
     with open_ring(tmp_path / 'root', tmp_path / 'master.key') as again:
         assert again.decrypt(alice, CTX) == b'alice canary 7f3a'

@@ -18,7 +18,9 @@ from loom_ros.bus.event import Event
 from loom_ros.security.keyring import (DecryptError, EncryptionSettings, KeyringError, MasterKey,
                                        ShreddedError, read_key_file, write_key_file)
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore
+from loom_ros.storage.backend.local import LocalObjectStore
 from loom_ros.storage.embedding import HashEmbedder
+from loom_ros.storage.errors import StorageError
 from loom_ros.storage.lifecycle import Lifecycle, LifecycleParams, PolicyRule, TierPolicy
 from loom_ros.storage.storage import Storage, StorageConfig
 
@@ -228,3 +230,26 @@ def test_rotate_key_from_the_command_line_while_a_process_keeps_working(tmp_path
     assert refused.returncode == 1 and 'chmod 600' in refused.stderr
     no_key = loom('rotate-key', '--root', str(tmp_path / 'root'))
     assert no_key.returncode == 1 and 'no master key' in no_key.stderr, no_key.stderr
+
+
+def test_damaged_archive_files_are_clear_errors(tmp_path):
+    """read_archive on a plain store: truncated or garbage files are refused, not half read."""
+    clock = Clock()
+    with Storage(StorageConfig(root=str(tmp_path / 'root'), unit='host'), clock=clock) as storage:
+        for i in range(50):
+            record(storage, 'raw', f'event-{i}', T0 + i)
+        clock.ms = T0 + DAY_MS
+        objects = LocalObjectStore(storage.layout.objects)
+        lc = Lifecycle(storage.layout, storage.unit, objects, HashEmbedder(), LifecycleParams(
+            default=TierPolicy(warm_s=60, cold=False)), clock=clock)
+        lc.run_once()
+        (key,) = archive_keys(lc)
+        assert len(lc.read_archive(key)) == 50
+        body = objects.get(key)
+        objects.put(key, body[:len(body) // 2])
+        with pytest.raises(StorageError, match='truncated'):
+            lc.read_archive(key)
+        objects.put(key, b'\x1f\x8b' + bytes(100))
+        with pytest.raises(StorageError, match='damaged'):
+            lc.read_archive(key)
+        lc.close()
