@@ -31,3 +31,5 @@ ROUTER_STATS = 'router/stats'                # loom_msgs/RouterStats
 # The storage node (relative to the robot's namespace).
 STORAGE_STATS = 'storage/stats'              # loom_msgs/StorageStats: bytes, rows, moves per tier
 STORAGE_QUERY = 'storage/query'              # loom_msgs/StorageQuery service: episodes, memories
+STORAGE_CONSENT = 'storage/consent'          # loom_msgs/Consent service: grant, withdraw, show
+AUDIT_HEAD = 'audit/head'                    # std_msgs/String 'ID:HASH', the audit chain's head

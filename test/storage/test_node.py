@@ -61,3 +61,58 @@ def test_node_moves_publishes_and_answers_queries(ros, spawn, tmp_path):
     proc.popen.send_signal(signal.SIGINT)
     code, _, err = proc.finish()
     assert code == 0, err
+
+
+def test_consent_service_changes_are_audited_and_the_chain_head_is_published(ros, spawn,
+                                                                             tmp_path):
+    """storage/consent as `ros2 service call` would use it: the change holds for `loom consent`
+    too (one registry), is audited, and the audit head on audit/head verifies the log; hostile
+    requests are refused with a reason and change nothing."""
+    import subprocess
+    import sys
+
+    from loom_msgs.srv import Consent
+    from std_msgs.msg import String
+
+    from harness import REPO, loom_cli
+    heads = []
+    ros.node.create_subscription(String, '/s2/audit/head', heads.append,
+                                 to_qos_profile('background'))
+    client = ros.node.create_client(Consent, '/s2/storage/consent')
+    proc = spawn('-m', 'loom_ros.storage.ros2.node', '--ros-args', '-r', '__ns:=/s2',
+                 '-p', f'storage.root:={tmp_path}', '-p', 'storage.embedder:=hash',
+                 '-p', 'storage.stats_period_s:=0.2')
+
+    def ask(action, subject, purpose='', source='app:nurse_station'):
+        return ros.call(client, Consent.Request(action=action, subject=subject, purpose=purpose,
+                                                source=source), 'storage/consent', alive=[proc])
+    shown = ask('show', 'alice', 'cloud')
+    assert shown.ok and json.loads(shown.states[0])['granted'] is False
+    granted = ask('grant', 'alice', 'cloud')
+    assert granted.ok and json.loads(granted.states[0])['asked'] is True
+    # The same registry as the command line's.
+    out = subprocess.run([sys.executable, *loom_cli('consent', 'show', 'alice', 'cloud', '--root',
+                                                    str(tmp_path), '--json')],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and json.loads(out.stdout)['consent']['cloud']['granted'], out
+    withdrawn = ask('withdraw', 'alice')   # every purpose
+    assert withdrawn.ok and len(withdrawn.states) == 5
+    assert not any(json.loads(s)['granted'] for s in withdrawn.states)
+    # Hostile requests: refused, nothing recorded for them.
+    for action, subject, purpose in [('grant', '../etc', 'cloud'), ('grant', 'bob', 'everything'),
+                                     ('delete', 'bob', 'cloud'), ('grant', 'bob', ''),
+                                     ('grant', 'b' * 5000, 'cloud')]:
+        bad = ask(action, subject, purpose)
+        assert not bad.ok and bad.error, (action, subject[:20], purpose)
+    assert not json.loads(ask('show', 'bob', 'cloud').states[0])['asked']
+    # 1 grant + 5 withdrawals audited; the published head verifies the whole log.
+    ros.wait_for(lambda: heads and heads[-1].data.startswith('6:'), 'the audit head after 6 '
+                 'changes', alive=[proc])
+    verify = subprocess.run([sys.executable, *loom_cli('audit', 'verify', '--db',
+                                                       str(tmp_path / 'audit.db'), '--head',
+                                                       heads[-1].data)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    proc.popen.send_signal(signal.SIGINT)
+    code, _, err = proc.finish()
+    assert code == 0, err

@@ -2,8 +2,11 @@
 (in a worker thread, one small move at a time, so the service stays responsive), publishes
 StorageStats on storage/stats, budget checks on /diagnostics (WARN 80 %, ERROR 95 %, with the
 numbers), and answers loom_msgs/StorageQuery on storage/query (episodes by time, memories by
-meaning). A lifecycle node: configure opens the databases and the embedder, activate starts the
-moves, deactivate pauses them, cleanup closes everything."""
+meaning). It also serves the consent registry (loom_msgs/Consent on storage/consent, every change
+audited) and publishes the audit log's chain head on audit/head (transient local), so another
+machine can note it and `loom audit verify --head` catches a cut or rewritten log. A lifecycle
+node: configure opens the databases and the embedder, activate starts the moves, deactivate
+pauses them, cleanup closes everything."""
 from __future__ import annotations
 
 import json
@@ -15,16 +18,24 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from loom_ros.bus import topics
 from loom_ros.bus.executor import ReleasingLifecycleNode, run_lifecycle_node
 from loom_ros.bus.qos import to_qos_profile
-from loom_ros.config.params import ConfigError, ParamSpec, declare_parameters
-from loom_ros.storage.service import StorageService, default_params, settings_from_params
+from loom_ros.bus.privacy import SubjectError
+from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
+from loom_ros.security.audit import AuditError, AuditLog, read_head
+from loom_ros.storage.consent import (
+    PURPOSES, ConsentError, ConsentRegistry, SubjectRefs, consent_path, load_defaults,
+)
 from loom_ros.storage.errors import StorageError
+from loom_ros.storage.service import StorageService, default_params, settings_from_params
 from loom_ros.telemetry.node_telemetry import attach_telemetry
 from loom_ros.telemetry.logs import mask_node_logger
 
 STATS_TOPIC = topics.STORAGE_STATS
 QUERY_SERVICE = topics.STORAGE_QUERY
+CONSENT_SERVICE = topics.STORAGE_CONSENT
+AUDIT_HEAD_TOPIC = topics.AUDIT_HEAD
 MAX_RESULTS = 1000
 MAX_QUERY_CHARS = 2000
+MAX_CONSENT_FIELD = 200   # characters of any Consent request field looked at (ids are <= 128)
 
 
 class StorageNode(ReleasingLifecycleNode, LifecycleNode):
@@ -46,6 +57,8 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         self._worker = None
         self._active = False
         self._srv = None
+        self.consent: ConsentRegistry | None = None
+        self._audit: AuditLog | None = None
         self.rejected = 0
         self.telemetry = attach_telemetry(self, 'storage')
         self.telemetry.add_check('storage budget', self._budget_check)
@@ -55,16 +68,30 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         from loom_msgs.msg import StorageStats
         from loom_msgs.srv import StorageQuery
         self.configure_error = ''
+        from loom_msgs.srv import Consent
+        from std_msgs.msg import String
         try:
             settings = settings_from_params(self.params, os.environ)
             self.service = StorageService(settings)
-        except (StorageError, ConfigError, OSError) as exc:
+            layout = settings.layout
+            defaults = load_defaults(self.params['storage.consent_file'] or
+                                     config_dir() / 'consent.yaml')
+            self._audit = AuditLog(layout.audit)   # consent changes are audited first
+            self.consent = ConsentRegistry(consent_path(layout.root), defaults, audit=self._audit,
+                                           refs=SubjectRefs.at(layout.keys))
+        except (StorageError, ConfigError, ConsentError, AuditError, OSError) as exc:
             self.configure_error = str(exc)
             self.get_logger().error(f'cannot configure: {exc}')
+            self._release()
             return TransitionCallbackReturn.FAILURE
         self.stats_pub = self.create_lifecycle_publisher(StorageStats, STATS_TOPIC,
                                                          to_qos_profile('batched'))
+        # Latched (transient local, depth 1): a late subscriber gets the newest head at once.
+        self.head_pub = self.create_lifecycle_publisher(String, AUDIT_HEAD_TOPIC,
+                                                        to_qos_profile('background'))
+        self._last_head = None
         self._srv = self.create_service(StorageQuery, QUERY_SERVICE, self._on_query)
+        self._consent_srv = self.create_service(Consent, CONSENT_SERVICE, self._on_consent)
         self._stats_timer = self.create_timer(float(self.params['storage.stats_period_s']),
                                               self._publish_stats)
         self.get_logger().info(f'configured: root {settings.layout.root}, '
@@ -93,13 +120,17 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         self._halt()
         if self._srv is not None:
             self.destroy_service(self._srv)
+            self.destroy_service(self._consent_srv)
             self.destroy_timer(self._stats_timer)
             self.destroy_lifecycle_publisher(self.stats_pub)
+            self.destroy_lifecycle_publisher(self.head_pub)
             self._srv = None
-        if self.service is not None:
-            with self._lock:
-                self.service.close()
-            self.service = None
+        with self._lock:
+            for name in ('service', 'consent', '_audit'):
+                held = getattr(self, name)
+                if held is not None:
+                    held.close()
+                    setattr(self, name, None)
 
     # -- moves ----------------------------------------------------------------------------------
     def _run_moves(self) -> None:
@@ -131,6 +162,20 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
             setattr(msg, key, int(stats[key]))
         msg.error = stats['error'][:1000]
         self.stats_pub.publish(msg)
+        self._publish_head()
+
+    def _publish_head(self) -> None:
+        """The audit chain's head as `ID:HASH` (what `loom audit verify --head` takes), when it
+        moved; a log that cannot be read says so on the topic rather than going quiet."""
+        from std_msgs.msg import String
+        try:
+            head, _ = read_head(self.service.settings.layout.audit)
+            text = f'{head.id}:{head.hash}' if head is not None else ''
+        except AuditError as exc:
+            text = f'error: {str(exc)[:500]}'
+        if text and text != self._last_head:
+            self._last_head = text
+            self.head_pub.publish(String(data=text))
 
     def _budget_check(self):
         from loom_ros.telemetry.diagnostics import WARN, CheckResult
@@ -161,6 +206,46 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
             return response
         response.ok = True
         response.results = [json.dumps(item, separators=(',', ':'))[:65536] for item in found]
+        return response
+
+
+    # -- consent --------------------------------------------------------------------------------
+    def _on_consent(self, request, response):
+        """grant / withdraw / show, as `loom consent` does; each change audited before it holds."""
+        response.ok = False
+        fields = (request.action, request.subject, request.purpose, request.source)
+        if not self._active or self.consent is None:
+            response.error = 'storage node is not active'
+            return response
+        if any(len(f) > MAX_CONSENT_FIELD for f in fields):
+            self.rejected += 1
+            response.error = f'a field longer than {MAX_CONSENT_FIELD} characters'
+            return response
+        action = request.action
+        if action not in ('grant', 'withdraw', 'show') or (action == 'grant' and
+                                                            not request.purpose):
+            self.rejected += 1
+            response.error = 'action: grant SUBJECT PURPOSE, withdraw SUBJECT [PURPOSE] or show'
+            return response
+        purposes = [request.purpose] if request.purpose else list(PURPOSES)
+        try:
+            with self._lock:
+                if action == 'show':
+                    states = [self.consent.lookup(request.subject, p) for p in purposes]
+                else:
+                    states = [self.consent.set(request.subject, p, action == 'grant',
+                                               request.source or 'ros:storage/consent')
+                              for p in purposes]
+        except (ConsentError, SubjectError, AuditError, StorageError) as exc:
+            self.rejected += 1
+            response.error = str(exc)[:1000]
+            return response
+        response.ok = True
+        response.states = [json.dumps({'purpose': st.purpose, 'granted': st.granted,
+                                       'asked': st.asked, 'source': st.source,
+                                       'changed_ms': st.changed_ms}) for st in states]
+        if action != 'show':
+            self._publish_head()
         return response
 
 
