@@ -35,6 +35,7 @@ import sys
 
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
+from loom_ros.agents.behavior import behavior_entry_points
 from loom_ros.agents.config import AgentConfigError, load_agents
 from loom_ros.agents.flows.cloud import CloudLink, CloudSettings
 from loom_ros.agents.flows.link import NodePorts
@@ -166,7 +167,8 @@ class AgentNode(LifecycleNode):
             usable_dir(str(self.layout.root), f'{self.get_name()}.storage.root')
             self.storage = Storage(StorageConfig(
                 str(self.layout.root), unit=unit_name(self.get_fully_qualified_name()),
-                max_delay_ms=COMMIT_DELAY_MS,
+                # hot_max_events 0: each agent's working memory is its hot tier already.
+                max_delay_ms=COMMIT_DELAY_MS, hot_max_events=0,
                 max_db_bytes=int(self.params['state_max_mb'] * 2**20)))
             # Full once, stopped: no later commit of an agent lands after one of it was lost.
             self.storage.writer.stop_when_full = True
@@ -177,13 +179,15 @@ class AgentNode(LifecycleNode):
         self.dispatcher = Dispatcher(int(self.params['workers']), name=self.get_name())
         self.ports = NodePorts(self, self._router, self._plugin_lookup(configs, wanted))
         from loom_msgs.srv import Recall
+        behaviors = behavior_entry_points()   # one scan for every agent hosted here
         for agent_id in wanted:
             if agent_id in self.failed:   # its host_plugins could not start
                 continue
             try:
                 ports = self.ports.for_agent(self._cloud_for(configs[agent_id]))
                 agent = Agent(configs[agent_id], self.storage, self._emit, log=self._log,
-                              audit=self._audit_log(configs[agent_id]), ports=ports)
+                              audit=self._audit_log(configs[agent_id]), ports=ports,
+                              behaviors=behaviors)
                 agent.configure()
             except (*CONFIGURE_ERRORS, OSError, sqlite3.Error) as exc:
                 self.failed[agent_id] = str(exc)

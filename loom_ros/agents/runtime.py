@@ -71,11 +71,14 @@ class Agent:
     def __init__(self, config: AgentConfig, storage, emit: Emit, *,
                  embedder_factory: Callable[[], object] | None = None,
                  log: Callable[[str, str], None] | None = None, audit: Audit | None = None,
-                 ports: Ports | None = None, on_ack: Ack | None = None):
+                 ports: Ports | None = None, on_ack: Ack | None = None,
+                 behaviors: dict | None = None):
         """`storage`: the host's storage.Storage (shared by its agents). `ports`: what the
         behavior routes, calls plugins and asks the cloud through (the host's to build and to
         release); none wired by default. `on_ack`: told, on the writer's thread, each time a
-        commit of this agent is done."""
+        commit of this agent is done. `behaviors`: the installed behaviors as
+        behavior.behavior_entry_points() gives them, scanned once by a host of many agents
+        (default: a scan per agent)."""
         self.config = config
         self.ports = ports or Ports()
         self._audit = audit   # needed only when the config declares declassify rules
@@ -85,6 +88,7 @@ class Agent:
         self.id = config.id
         self.storage = storage
         self._on_ack = on_ack
+        self._behaviors = behaviors
         self._emit_fn = emit
         self._embedder_factory = embedder_factory
         self._log = log or (lambda level, msg: None)
@@ -96,6 +100,7 @@ class Agent:
         self.last_event_id = ''
         self.acked_events = 0       # events whose state and episode are committed
         self._handled_since = 0     # behaviors that ran fine since the last commit
+        self._saved = '{}'          # JSON of the state after the last handled event
         self.behavior = self.store = self.episodic = self.semantic = None
         self.mailbox: Mailbox | None = None
         self.working: deque = deque(maxlen=config.working_memory)
@@ -110,7 +115,7 @@ class Agent:
     # -- lifecycle ----------------------------------------------------------------------------
     def configure(self) -> None:
         """Raise one of CONFIGURE_ERRORS with a clear reason; the agent stays unconfigured."""
-        behavior = load_behavior(self.config.behavior)
+        behavior = load_behavior(self.config.behavior, self._behaviors)
         behavior.setup(dict(self.config.settings))
         store = AgentStore(self.storage, self.id)
         state, events = store.load(self._log)
@@ -123,6 +128,7 @@ class Agent:
         self.behavior, self.store, self.episodic, self.semantic = behavior, store, episodic, semantic
         self.state.clear()
         self.state.update(state)
+        self._saved = json.dumps(state, separators=(',', ':'))   # the state as committed
         self.events = self.acked_events = events
         self._handled_since = 0
         self.persist_failed = None
@@ -205,20 +211,23 @@ class Agent:
     def _handle(self, event: Event) -> None:
         self.working.append(event)
         self.episodic.record(event)   # stored with the next commit, with the state it makes
-        before = json.dumps(self.state)
         try:
             # Current on this worker thread, so what the behavior emits continues the trace.
             with tracing.span(tracing.HANDLE_EVENT, event, attributes={
                     'loom.agent.id': self.id, 'loom.event.id': event.id,
                     'loom.event.type': event.type}):
                 run_handler(self.behavior, event, self._ctx)
-            self._handled_since += 1
-        except Exception as exc:  # a behavior bug must not stop the agent
+            # Once per event: what the commit stores, and what a later failure rolls back to.
+            saved = json.dumps(self.state, separators=(',', ':'))
+        except Exception as exc:  # a behavior bug (or a state that is not JSON) must not stop it
             self.state.clear()  # what a failed handler half-changed is not kept
-            self.state.update(json.loads(before))
+            self.state.update(json.loads(self._saved))
             self.stats['behavior_errors'] += 1
             self._log('error', f'behavior {self.config.behavior} failed on event {event.id}: '
                       f'{exc!r}')
+        else:
+            self._saved = saved
+            self._handled_since += 1
         self.events += 1
         self.last_event_id = event.id
         self._dirty = True
@@ -242,7 +251,7 @@ class Agent:
             return self.persist_failed is None
         events, last, handled = self.events, self.last_event_id, self._handled_since
         try:
-            self.store.commit(self.state, events, last,
+            self.store.commit(self._saved, events, last,
                               lambda ticket: self._committed(ticket, events, last, handled))
         except StateError as exc:
             self._persistence_failed(exc)

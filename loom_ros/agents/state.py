@@ -29,6 +29,7 @@ class AgentStore:
 
     def __init__(self, storage, agent_id: str):
         self.storage, self.agent_id = storage, agent_id
+        self._states = storage.agent_state
         self._pending: list[Event] = []
         self._inflight: deque = deque()   # (ticket, episodes, submitted monotonic)
         self._lock = threading.Lock()
@@ -55,18 +56,19 @@ class AgentStore:
         with self._lock:
             self._pending.append(event)
 
-    def commit(self, state: dict, events: int, last_event_id: str,
+    def commit(self, state: dict | str, events: int, last_event_id: str,
                on_done: Callable[[Ticket], None] | None = None) -> Ticket:
-        """Submit state + pending episodes (one write); `on_done(ticket)` runs once it is
-        committed or failed (ticket.error() says which). Raises StorageError when the writer
-        refuses it outright (closed)."""
+        """Submit state (a dict, or its compact JSON) + pending episodes (one write);
+        `on_done(ticket)` runs once it is committed or failed (ticket.error() says which).
+        Raises StorageError when the writer refuses it outright (closed)."""
         # One commit of an agent at a time (the agent's lock); submit outside our own lock: it
         # may block for room while the writer runs callbacks that take it.
         with self._lock:
             episodes, self._pending = self._pending, []
         try:
-            ticket = self.storage.agent_state.commit(self.agent_id, state, events, last_event_id,
-                                                     episodes)
+            ticket = self._states.commit(
+                self.agent_id, None if isinstance(state, str) else state, events, last_event_id,
+                episodes, state_json=state if isinstance(state, str) else None)
         except BaseException:
             with self._lock:
                 self._pending = episodes + self._pending

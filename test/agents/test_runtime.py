@@ -120,3 +120,25 @@ def test_supervisor_verdicts():
     assert not sup.restarting(unit, 'hung again') and unit.failed
     assert sup.verdict('a', 20.0).health is Health.FAILED
     assert 'gave up after 1 restarts' in sup.verdict('a', 20.0).reason
+
+
+def test_a_state_that_is_not_json_is_a_behavior_error_rolled_back(storage):
+    """The state is serialized once per event, right after the handler: a value JSON cannot
+    hold fails that event (rolled back, counted), not the agent's persistence."""
+    (agent,), _ = make_agents(storage, 1)
+
+    class Sets:
+        def handle(self, event, ctx):
+            ctx.state['last_id'] = event.id
+            if event.type == 'bad':
+                ctx.state['oops'] = {1, 2}
+    agent.behavior = Sets()
+    for event in (Event(type='ok', id='e0'), Event(type='bad', id='e1'),
+                  Event(type='ok', id='e2')):
+        agent.offer(event)
+        agent.handle_one()
+    agent.settle()
+    assert agent.stats['behavior_errors'] == 1 and agent.stats['handled'] == 2
+    assert agent.persist_failed is None
+    assert storage.agent_state.load('a0') == ({'last_id': 'e2'}, 3)
+    agent.cleanup()
