@@ -377,7 +377,9 @@ class Lifecycle:
         groups: dict[tuple, list[dict]] = {}
         for record in records:
             subject = record.get('subject')
-            groups.setdefault(('s', subject) if subject else ('d', day_of(record['first_ms'])),
+            # by the day of last_ms: a day key is shredded only once the day ended more than
+            # archive_s ago, so never before a file under it expired
+            groups.setdefault(('s', subject) if subject else ('d', day_of(record['last_ms'])),
                               []).append(record)
         keys: list[str] = []
         try:
@@ -400,7 +402,7 @@ class Lifecycle:
         except sqlite3.Error as exc:
             raise self._error('archive', exc) from None
         if self.encrypted:
-            self.objects.put(key, body, subject=subject, time_ms=first)
+            self.objects.put(key, body, subject=subject, time_ms=last)
         else:
             self.objects.put(key, body)
         return key
