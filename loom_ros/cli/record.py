@@ -40,13 +40,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from loom_ros.bus import topics
+from loom_ros.bus.names import to_ros_topic
 from loom_ros.telemetry.logs import mask_node_logger, mask_text, mask_value
 
+MIC_PRIMARY = 'mic.primary'   # raw microphone audio (sim_sensors' MIC_TOPIC; not in topics.py)
+
+# What the UI and agents said, and what a replay needs (inputs, decisions and their outcomes).
 DEFAULT_TOPICS = [
-    'loom/ui/state', 'loom/ui/markers', 'router/decisions', 'router/outcomes',
-    'loom/camera/front', 'loom/mic/primary', 'loom/agent/face/action',
-    'loom/agent/voice/action', 'loom/agent/voice/intent', 'loom/mic/primary/speech',
-    'imu/data', 'loom/agents/status',
+    'loom/ui/state', 'loom/ui/markers', topics.ROUTER_DECISIONS, topics.ROUTER_OUTCOMES,
+    to_ros_topic(topics.CAMERA_FRONT), to_ros_topic(MIC_PRIMARY),
+    to_ros_topic(topics.agent_action('face')), to_ros_topic(topics.agent_action('voice')),
+    to_ros_topic(topics.agent_intent('voice')), to_ros_topic(topics.MIC_PRIMARY_SPEECH),
+    'imu/data', topics.AGENTS_STATUS,
 ]
 PRIMITIVES = {'bool', 'byte', 'char', 'float32', 'float64', 'int8', 'uint8', 'int16', 'uint16',
               'int32', 'uint32', 'int64', 'uint64', 'string', 'wstring', 'time', 'duration'}

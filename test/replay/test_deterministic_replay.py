@@ -124,9 +124,14 @@ def _recorded_decisions(path):
 
     from loom_ros.replay.mcap_source import McapSource
     from loom_ros.replay.ros import RosTypes
-    return [deserialize_message(m.data, RouteDecision)
-            for m in McapSource(path, RosTypes()).messages()
-            if m.topic == f'{NS}/router/decisions']
+    source = McapSource(path, RosTypes())
+    decisions = [deserialize_message(m.data, RouteDecision) for m in source.messages()
+                 if m.topic == f'{NS}/router/decisions']
+    # The recorder noted each publisher's durability (what loom play offers again).
+    assert {c.topic: c.metadata.get('loom.durability') for c, _ in source.channels.values()} == {
+        f'{NS}/loom/camera/front': 'volatile', f'{NS}/router/decisions': 'volatile',
+        f'{NS}/router/outcomes': 'volatile'}
+    return decisions
 
 
 def _fields(msg) -> dict:
