@@ -1,0 +1,113 @@
+"""Where the face flow's camera-to-emoji time goes: per-stage P50/P90/P99/max from the spans of
+a trace file (`loom demo` writes one: demo_output/trace.jsonl), and the slowest frames with
+their stages, so a tail can be named (CPU starvation shows as every stage slow at once; one
+slow stage points at its process).
+
+    python bench/face_flow_stages.py demo_output/trace.jsonl [--slowest 8] [--json]
+
+Stages of one camera frame (one trace), from camera_adapter's PublishEvent span on camera.front:
+adapter_publish  the adapter's publish of the frame event (serialization, DDS write)
+to_agent         publish start -> the agent host's bus callback (transport, its executor)
+mailbox          bus callback -> the FaceAgent span (mailbox, dispatcher worker wake-up)
+inference        the LocalInference span (face_expression, in-process or a service call)
+route            inference end -> the ui_update published (routing, the behavior's bookkeeping)
+to_ui            ui_update published -> the ui plugin's HandleEvent span starts
+ui               the ui plugin's HandleEvent span (audit, state, publish on loom/ui/state)
+total            publish start -> ui end (the demo's camera-to-emoji adds the hop from the
+                 simulated camera to the adapter before and loom/ui/state to its watcher after)
+A trace missing one of these spans (an empty scene: no ui_update) is not counted. Bounded: a
+span line over MAX_LINE_BYTES is skipped, as is anything that is not a span.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+MAX_LINE_BYTES = 65536
+STAGES = ('adapter_publish', 'to_agent', 'mailbox', 'inference', 'route', 'to_ui', 'ui', 'total')
+
+
+def _key(span: dict) -> tuple[str, str, str]:
+    service = str(span.get('service', ''))
+    if service.startswith('agent'):   # agent_<id> or agent_host_<n>: the face agent's host
+        service = 'agent'
+    attributes = span.get('attributes') or {}
+    return service, str(span.get('name', '')), str(attributes.get('loom.topic', ''))
+
+
+def frames(lines) -> list[dict]:
+    """Stage durations (ms) of every complete face-flow trace in `lines` (JSON span lines)."""
+    traces: dict[str, dict] = defaultdict(dict)
+    for line in lines:
+        if len(line) > MAX_LINE_BYTES:
+            continue
+        try:
+            span = json.loads(line)
+            trace, start, end = span['trace_id'], int(span['start_ns']), int(span['end_ns'])
+        except (ValueError, KeyError, TypeError):
+            continue
+        traces[trace].setdefault(_key(span), (start, end))
+    out = []
+    for spans in traces.values():
+        got = [spans.get(k) for k in (
+            ('camera_adapter', 'PublishEvent', 'camera.front'),
+            ('agent', 'HandleEvent', 'camera.front'), ('agent', 'FaceAgent', ''),
+            ('agent', 'LocalInference', ''), ('agent', 'PublishEvent', 'agent.face.action'))]
+        ui = spans.get(('plugin_host', 'HandleEvent', 'agent.face.action')) or \
+            spans.get(('agent', 'HandleEvent', 'agent.face.action'))
+        if None in got or ui is None:
+            continue
+        pub, recv, face, infer, action = got
+
+        def ms(a: int, b: int) -> float:
+            return (b - a) / 1e6
+        out.append({'at_ns': pub[0], 'adapter_publish': ms(*pub), 'to_agent': ms(pub[0], recv[0]),
+                    'mailbox': ms(recv[0], face[0]), 'inference': ms(*infer),
+                    'route': ms(infer[1], action[0]), 'to_ui': ms(action[0], ui[0]),
+                    'ui': ms(*ui), 'total': ms(pub[0], ui[1])})
+    return sorted(out, key=lambda f: f['at_ns'])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summary(rows: list[dict]) -> dict:
+    return {stage: {'p50': round(percentile([r[stage] for r in rows], 0.5), 2),
+                    'p90': round(percentile([r[stage] for r in rows], 0.9), 2),
+                    'p99': round(percentile([r[stage] for r in rows], 0.99), 2),
+                    'max': round(max(r[stage] for r in rows), 2)} for stage in STAGES}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('trace', help='a trace.jsonl written by the file exporter')
+    parser.add_argument('--slowest', type=int, default=8, help='frames to list (default 8)')
+    parser.add_argument('--json', action='store_true', help='print the summary as JSON')
+    args = parser.parse_args(argv)
+    with open(args.trace, encoding='utf-8', errors='replace') as stream:
+        rows = frames(stream)
+    if not rows:
+        print(f'{args.trace}: no complete face-flow trace', file=sys.stderr)
+        return 1
+    stats = summary(rows)
+    if args.json:
+        print(json.dumps({'frames': len(rows), 'stages_ms': stats}))
+        return 0
+    print(f'{len(rows)} frames with every span (ms)')
+    for stage, s in stats.items():
+        print(f'  {stage:16} p50 {s["p50"]:8.2f}  p90 {s["p90"]:8.2f}  p99 {s["p99"]:8.2f}  '
+              f'max {s["max"]:8.2f}')
+    start = rows[0]['at_ns']
+    print('slowest frames (s after the first; stages in ms):')
+    for row in sorted(rows, key=lambda r: -r['total'])[:max(0, args.slowest)]:
+        stages = ' '.join(f'{k} {row[k]:.1f}' for k in STAGES)
+        print(f'  {(row["at_ns"] - start) / 1e9:7.2f}  {stages}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
