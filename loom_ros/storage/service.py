@@ -3,10 +3,12 @@ queries across them. Used by the storage node and by `loom storage`; no rclpy he
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 
+from loom_ros.security import keyring as keyring_mod
 from loom_ros.storage.backend import object_store
 from loom_ros.storage.budget import Budgets, budget_check, root_used_bytes
 from loom_ros.storage.cold import IndexParams
@@ -36,6 +38,8 @@ class Settings:
     objects: dict = field(default_factory=dict)
     embedder: str = 'minilm'
     max_moves: int = 20
+    encryption: keyring_mod.EncryptionSettings = field(
+        default_factory=keyring_mod.EncryptionSettings)
 
 
 def settings_from_params(params: dict, env: dict) -> Settings:
@@ -70,7 +74,7 @@ def settings_from_params(params: dict, env: dict) -> Settings:
                'access_key': env.get('LOOM_S3_ACCESS_KEY', ''),
                'secret_key': env.get('LOOM_S3_SECRET_KEY', '')}
     return Settings(StorageLayout.at(p['root']), lifecycle, budgets, index, objects, embedder,
-                    int(num('max_moves_per_round', 1)))
+                    int(num('max_moves_per_round', 1)), keyring_mod.encryption_settings(params))
 
 
 def make_embedder(name: str):
@@ -83,7 +87,7 @@ def make_embedder(name: str):
 
 class StorageService:
     def __init__(self, settings: Settings, embedder=None, clock=None, read_only: bool = False,
-                 rebuild: bool = False):
+                 rebuild: bool = False, env=None):
         self.settings, self.clock, self.read_only = settings, clock, read_only
         self.rebuild = rebuild   # every cold index made anew from its rows on open
         try:
@@ -91,12 +95,16 @@ class StorageService:
         except OSError as exc:
             raise StorageError(f'storage.root {settings.layout.root}: cannot create: '
                                f'{exc.strerror}') from None
+        # Encryption at rest (docs/encryption.md): a missing or wrong master key stops us here.
+        self.keyring = keyring_mod.Keyring.open(
+            settings.layout.root, settings.encryption, os.environ if env is None else env,
+            **({'clock': clock} if clock else {})) if settings.encryption.enabled else None
         self.embedder = embedder or make_embedder(settings.embedder)
         o = settings.objects
         self.objects = object_store(settings.layout.objects, o.get('endpoint', ''),
                                     o.get('bucket', ''), o.get('access_key', ''),
                                     o.get('secret_key', ''), o.get('secure', True),
-                                    o.get('prefix', ''))
+                                    o.get('prefix', ''), keyring=self.keyring)
         self.lifecycles: dict[str, Lifecycle] = {}
         self.totals = MoveReport()
         self.rounds, self.error = 0, ''
@@ -233,3 +241,5 @@ class StorageService:
         for lc in self.lifecycles.values():
             lc.close()
         self.lifecycles.clear()
+        if self.keyring is not None:
+            self.keyring.close()
