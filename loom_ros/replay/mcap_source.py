@@ -103,7 +103,8 @@ def topic_problem(topic: object) -> str | None:
     if len(topic) > MAX_TOPIC_CHARS:
         return f'longer than {MAX_TOPIC_CHARS} characters'
     if not _TOPIC.match(topic):
-        return 'not /-separated tokens of letters, digits and _ (a token may not start with a digit)'
+        return ('not /-separated tokens of letters, digits and _ (a token may not start with '
+                'a digit)')
     if '__' in topic:
         return "repeats '_'"
     return None
