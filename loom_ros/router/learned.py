@@ -87,17 +87,18 @@ class LearnedRouter:
 
     # -- deciding -----------------------------------------------------------------------------
     def decide(self, request: RouteRequest, policy: RoutingPolicy, *, cloud_cost: float,
-               spend: Spend | None = None) -> Decision:
-        """The rule chain with the predicted probability in place of the raw confidence."""
+               spend: Spend | None = None, consent=None) -> Decision:
+        """The rule chain with the predicted probability in place of the raw confidence
+        (`consent`: the registry's lookup, as for decision.decide)."""
         if request.local_confidence is None:
-            return decide(request, policy, cloud_cost=cloud_cost, spend=spend)
+            return decide(request, policy, cloud_cost=cloud_cost, spend=spend, consent=consent)
         p = self.probability(request.event_type, request.local_confidence,
                              request.payload_bytes, request.latency_budget_ms)
         learned_policy = policy.model_copy(update={
             'threshold': min(1.0, self.p_local),
             'hybrid_floor': max(0.0, min(1.0, self.p_local) - self.hybrid_band)})
         decision = decide(replace(request, local_confidence=p), learned_policy,
-                          cloud_cost=cloud_cost, spend=spend)
+                          cloud_cost=cloud_cost, spend=spend, consent=consent)
         return replace(decision, confidence=request.local_confidence,
                        rule=f'learned:{decision.rule}',
                        reason=decision.reason.replace('local confidence',

@@ -62,6 +62,7 @@ class RouteQuery:
     latency_budget_ms: float | None = None  # None: no deadline
     local_supported: bool = True
     payload_bytes: int = 0
+    subject: str = ''                       # the event's loom.subject ('' = anonymous)
 
     def request(self) -> RouteRequest:
         """The router core's request; RequestError (a ValueError) when a field is invalid."""
@@ -69,7 +70,7 @@ class RouteQuery:
         return RouteRequest(event_type=self.event_type, agent_id=self.agent_id,
                             privacy=self.privacy, local_supported=self.local_supported,
                             local_confidence=self.local_confidence, latency_budget_ms=budget,
-                            payload_bytes=self.payload_bytes).check()
+                            payload_bytes=self.payload_bytes, subject=self.subject).check()
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,13 @@ class LocalRouter:
 
     def __init__(self, policy: PolicyFile, history: RouterHistory | None = None,
                  on_decision: Callable[[RouteQuery, RouteAnswer], None] | None = None,
-                 spend: Callable[[], float] | None = None):
-        """`spend`: the cloud spend of the budget period when there is no history (else 0)."""
+                 spend: Callable[[], float] | None = None,
+                 consent: Callable[[str, str], object] | None = None):
+        """`spend`: the cloud spend of the budget period when there is no history (else 0).
+        `consent`: the consent registry's lookup (subject, purpose); None: events that name a
+        subject stay local (fail closed)."""
         self.policy = policy
+        self.consent = consent
         self.history = history
         self.on_decision = on_decision   # e.g. the router node publishing router/decisions
         self.spend = spend
@@ -134,7 +139,7 @@ class LocalRouter:
                 float(self.spend()) if self.spend is not None else 0.0
             spend = Spend(spent, self.policy.budget.limit)
             decision = decide(request, policy, cloud_cost=self.policy.cost_of(
-                policy.cloud_model), spend=spend)
+                policy.cloud_model), spend=spend, consent=self.consent)
             decision_id = uuid.uuid4().hex
             if self.history is not None:
                 self.history.record_decision(decision_id, query.event_id, request, decision)

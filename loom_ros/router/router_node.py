@@ -21,7 +21,6 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from loom_ros.bus import topics
-from loom_ros.storage.layout import derived
 from loom_ros.bus.event import Privacy
 from loom_ros.bus.executor import ReleasingLifecycleNode, run_lifecycle_node
 from loom_ros.bus.qos import to_qos_profile
@@ -31,6 +30,8 @@ from loom_ros.router.decision import RequestError
 from loom_ros.router.history import Outcome, RouterHistory
 from loom_ros.router.local import LocalRouter, RouteAnswer, RouteQuery, RouterRefused
 from loom_ros.router.policy import PolicyError, PolicyFile, load_policy
+from loom_ros.storage.layout import derived
+from loom_ros.storage.consent import ConsentError, ConsentRegistry, consent_path, load_defaults
 from loom_ros.telemetry import tracing
 from loom_ros.telemetry.diagnostics import WARN, CheckResult, budget_check
 from loom_ros.telemetry.node_telemetry import attach_telemetry
@@ -61,6 +62,7 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
         self.params = declare_parameters(self, 'router', PARAMETERS)
         self.policy: PolicyFile | None = None
         self.history: RouterHistory | None = None
+        self.consent: ConsentRegistry | None = None
         self.local: LocalRouter | None = None   # the decision path, made on configure
         self._active = False
         self._service = None  # set on configure; None means nothing to release
@@ -81,7 +83,12 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
             if db != ':memory:':
                 db = str(usable_file(db, 'router.history_db'))
             self.history = RouterHistory(db, self.policy.budget.period_s, shared=True)
-        except (PolicyError, ConfigError, OSError, sqlite3.Error) as exc:
+            # Read-only: the storage node and `loom consent` write it; a change holds at the
+            # next decision.
+            self.consent = ConsentRegistry(consent_path(self.telemetry.layout.root),
+                                           load_defaults(config_dir() / 'consent.yaml'),
+                                           read_only=True)
+        except (PolicyError, ConfigError, ConsentError, OSError, sqlite3.Error) as exc:
             self.configure_error = str(exc) if not isinstance(exc, sqlite3.Error) else \
                 f"router.history_db {self.params['history_db']}: cannot open: {exc}"
             self.get_logger().error(f'cannot configure: {self.configure_error}')
@@ -94,7 +101,8 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
         self._outcomes = self.create_subscription(RouteOutcome, topics.ROUTER_OUTCOMES,
                                                   self._on_outcome, to_qos_profile('batched'))
         self._stats_timer = self.create_timer(self.params['stats_period_s'], self._publish_stats)
-        self.local = LocalRouter(self.policy, self.history, on_decision=self._publish_decision)
+        self.local = LocalRouter(self.policy, self.history, on_decision=self._publish_decision,
+                                 consent=self.consent.lookup)
         self.get_logger().info(f'configured: {self.history.decisions} decisions in history, '
                                f'spend this period {self.history.spend():g}')
         return TransitionCallbackReturn.SUCCESS
@@ -122,6 +130,9 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
                     local.history = None
             self.history.close()
             self.history = None
+        if self.consent is not None:
+            self.consent.close()
+            self.consent = None
 
     # -- policy -------------------------------------------------------------------------------
     def _load(self, path: str) -> PolicyFile:
@@ -189,7 +200,7 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
             privacy=_privacy(req.privacy), local_supported=req.local_supported,
             local_confidence=float(req.local_confidence) if req.has_local_confidence else None,
             latency_budget_ms=req.latency_budget_ms if req.has_latency_budget else None,
-            payload_bytes=req.payload_bytes)
+            payload_bytes=req.payload_bytes, subject=req.subject)
         try:
             answer = self.local.decide(query)
         except (RequestError, PolicyError) as exc:

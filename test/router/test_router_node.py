@@ -126,3 +126,30 @@ def test_lifecycle_and_policy_reload_through_parameters(ros, router, tmp_path):
     refused = call(ros, client, route_request(has_local_confidence=True, local_confidence=0.9))
     assert not refused.ok and 'not active' in refused.error
     stop(proc)
+
+
+def test_a_subject_without_cloud_consent_stays_local_until_granted(ros, spawn, tmp_path):
+    """Route.srv's subject: the router reads the consent registry under its storage.root (read
+    only) at every decision, so `loom consent grant` holds from the next request."""
+    import subprocess
+    import sys
+
+    from loom_msgs.srv import Route
+
+    from harness import REPO, loom_cli
+    client = ros.node.create_client(Route, '/r_consent/router/route')
+    proc = spawn('-m', 'loom_ros.router.router_node', '--ros-args', '-r', '__ns:=/r_consent',
+                 '-p', f'storage.root:={tmp_path}')
+    ask = dict(has_local_confidence=True, local_confidence=0.7)   # hybrid when anonymous
+    assert call(ros, client, route_request(**ask)).rule == 'hybrid'
+    for subject in ('alice', '../etc/passwd', 'x' * 4096):
+        kept = call(ros, client, route_request(subject=subject, **ask))
+        assert (kept.ok, kept.route, kept.rule, kept.upload) == (True, 'local', 'consent', 'none')
+        assert 'alice' not in kept.reason and 'consent' in kept.reason
+    granted = subprocess.run([sys.executable, *loom_cli('consent', 'grant', 'alice', 'cloud',
+                                                        '--root', str(tmp_path))],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert granted.returncode == 0, granted.stderr
+    assert call(ros, client, route_request(subject='alice', **ask)).rule == 'hybrid'
+    assert call(ros, client, route_request(subject='bob', **ask)).rule == 'consent'
+    stop(proc)

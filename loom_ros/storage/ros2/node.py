@@ -74,8 +74,8 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
             settings = settings_from_params(self.params, os.environ)
             self.service = StorageService(settings)
             layout = settings.layout
-            defaults = load_defaults(self.params['storage.consent_file'] or
-                                     config_dir() / 'consent.yaml')
+            # One defaults file for every reader (router, bridge, CLI): <config dir>/consent.yaml.
+            defaults = load_defaults(config_dir() / 'consent.yaml')
             self._audit = AuditLog(layout.audit)   # consent changes are audited first
             self.consent = ConsentRegistry(consent_path(layout.root), defaults, audit=self._audit,
                                            refs=SubjectRefs.at(layout.keys))
