@@ -27,6 +27,7 @@ def _params(tmp: Path) -> Path:
     def section(name):   # sections are keyed /**/<node> (any namespace)
         key = name if name == '/**' else f'/**/{name}'
         return data.setdefault(key, {}).setdefault('ros__parameters', {})
+    section('/**').setdefault('storage', {})['root'] = str(tmp)   # every path derives from it
     section('/**')['telemetry']['tracing'].update(exporter='file', file=str(tmp / 'trace.jsonl'))
     section('sim_sensors').update(imu_rate_hz=50.0, camera_rate_hz=5.0,
                                   camera_scenes=['astronaut', 'empty'], camera_scene_s=1.0,
@@ -34,8 +35,6 @@ def _params(tmp: Path) -> Path:
                                   mic_utterances=['what is the weather in london'])
     section('router')['history_db'] = str(tmp / 'router.db')
     section('plugin_host').update(audit_db=str(tmp / 'audit.db'), data_dir=str(tmp / 'plugins'))
-    section('agent')['state_dir'] = str(tmp / 'agents')
-    section('lifecycle_manager')['state_dir'] = str(tmp / 'agents')   # what agents get
     section('zenoh_bridge')['audit_db'] = str(tmp / 'audit.db')
     path = tmp / 'params.yaml'
     path.write_text(yaml.safe_dump(data))
