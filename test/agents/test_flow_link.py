@@ -5,6 +5,7 @@ hidden node: issue 15, fault 2, gave two /agent_host_0), and the camera frame be
 emoji decided by the router. Ctrl-C then stops it at once and cleanly (fault 1: it aborted, or
 took 20 s and segfaulted, with the old per-process link node and its executor thread)."""
 import signal
+import threading
 import time
 
 import numpy as np
@@ -14,8 +15,11 @@ import yaml
 from rclpy.node import Node
 
 from harness import REPO
+from loom_ros.agents.flows.link import NodePorts
 from loom_ros.bus.bus import EventBus
+from loom_ros.bus.event import Privacy
 from loom_ros.plugins.perception.image import frame_event
+from loom_ros.router.local import RouteQuery
 
 NS = '/fl'
 
@@ -35,7 +39,8 @@ def test_face_agent_reaches_router_and_plugin_host_through_its_own_node_and_stop
         ros, spawn, camera_bus, tmp_path):
     ros_args = ['--ros-args', '-r', f'__ns:={NS}']
     router = spawn('-m', 'loom_ros.router.router_node', *ros_args,
-                   '-p', f'history_db:={tmp_path / "router.db"}')
+                   '-p', f'history_db:={tmp_path / "router.db"}',
+                   '-p', f'storage.root:={tmp_path}')   # its consent registry: nothing granted
     plugins = spawn('-m', 'loom_ros.plugins.host_node', *ros_args,
                     '-p', 'plugins:=face_expression', '-p', f'audit_db:={tmp_path / "audit.db"}',
                     '-p', f'data_dir:={tmp_path / "plugins"}')
@@ -60,6 +65,19 @@ def test_face_agent_reaches_router_and_plugin_host_through_its_own_node_and_stop
                    ros.node.get_client_names_and_types_by_node('agent_host_0', NS)}
         assert {f'{NS}/router/route', f'{NS}/plugin_host/face_expression/handle_event'} <= \
             clients, clients
+        # The service path carries the event's data subject: with no cloud consent for it
+        # (nothing is granted by default) the router keeps an utterance that names it local.
+        ports = NodePorts(camera.node)
+        ports.gate.open()
+        answers = []
+        asking = threading.Thread(target=lambda: answers.append(ports.router.route(RouteQuery(
+            'said-9', 'speech.utterance', 'voice', Privacy.PUBLIC, local_confidence=0.1,
+            subject='alice'))))
+        asking.start()
+        ros.wait_for(lambda: not asking.is_alive(), 'the router answering the service call',
+                     alive=procs)
+        ports.close()
+        assert [(a.route, a.rule) for a in answers] == [('local', 'consent')]
     finally:
         camera.close()
     started = time.monotonic()
@@ -148,11 +166,9 @@ def test_hosted_router_decides_in_process_and_tells_the_router_node(ros, tmp_pat
     follows the spend the router node reports on router/stats plus what was reported here."""
     from loom_msgs.msg import RouteDecision, RouteOutcome, RouterStats
     from loom_ros.agents.behavior import PortError
-    from loom_ros.agents.flows.link import NodePorts
-    from loom_ros.bus.event import Privacy
     from loom_ros.bus.qos import to_qos_profile
     from loom_ros.router.history import Outcome
-    from loom_ros.router.local import RouteQuery, policy_path_of_files
+    from loom_ros.router.local import policy_path_of_files
     from loom_ros.router.policy import load_policy
     ns = '/fl_hosted'
     policy_file = tmp_path / 'policy.yaml'   # the robot's, named in its params file
@@ -184,6 +200,11 @@ def test_hosted_router_decides_in_process_and_tells_the_router_node(ros, tmp_pat
         answer = ports.router.route(face)
         assert (answer.route, answer.rule) == ('local', 'threshold')
         assert ports.router.route(speech).route == 'cloud'   # intent-large costs 0.004
+        # No consent lookup was given: an utterance naming its speaker never leaves the robot.
+        named = ports.router.route(RouteQuery('said-2', 'speech.utterance', 'voice',
+                                              Privacy.PUBLIC, local_confidence=0.1,
+                                              subject='alice'))
+        assert (named.route, named.rule) == ('local', 'consent')
         clients = {name for name, _types in
                    ros.node.get_client_names_and_types_by_node('agent_host_0', ns)}
         assert f'{ns}/router/route' not in clients, clients

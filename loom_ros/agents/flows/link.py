@@ -117,7 +117,7 @@ class ServiceRouter:
             local_confidence=float(query.local_confidence or 0.0),
             has_latency_budget=query.latency_budget_ms is not None,
             latency_budget_ms=float(query.latency_budget_ms or 0.0),
-            payload_bytes=query.payload_bytes)
+            payload_bytes=query.payload_bytes, subject=query.subject)
         carrier = Event(type='trace')   # the router's RouteDecision span joins this trace
         tracing.inject(carrier)
         req.traceparent = carrier.metadata.get(tracing.TRACEPARENT, '')
@@ -143,17 +143,20 @@ class HostedRouter:
     a decision is a function call (the face flow asks once per camera frame), not a service
     round trip through two executors. The router node still hears of everything: each decision
     goes out on router/decisions (header.frame_id: this node, so the router node can tell them
-    from its own) and outcomes on router/outcomes as before. The budget's spend is what the
-    router node last said on router/stats plus the costs reported here since (so at most one
-    stats period of other hosts' spend is unseen)."""
+    from its own: its history needs them) and outcomes on router/outcomes as before. The
+    budget's spend is what the router node last said on router/stats plus the costs reported
+    here since (so at most one stats period of other hosts' spend is unseen). `consent`: the
+    consent registry's lookup; without one an event that names a data subject stays local
+    (fail closed, as in LocalRouter)."""
 
-    def __init__(self, node, gate: Gate, policy: PolicyFile):
+    def __init__(self, node, gate: Gate, policy: PolicyFile, consent=None):
         self.node, self.gate = node, gate
         self._lock = threading.Lock()
         self._reported_spend = 0.0   # the router node's, from its last RouterStats
         self._spent_here = 0.0       # outcome costs reported by this node since then
         self.stats_seen = 0
-        self.local = LocalRouter(policy, on_decision=self._publish, spend=self.spend)
+        self.local = LocalRouter(policy, on_decision=self._publish, spend=self.spend,
+                                 consent=consent)
         self._name = node.get_fully_qualified_name()
         self._decisions = node.create_publisher(RouteDecision, topics.ROUTER_DECISIONS,
                                                 to_qos_profile(QosLevel.BATCHED))
@@ -269,16 +272,17 @@ class NodePorts:
     shared by all its agents, plus each agent's cloud port (the host's links)."""
 
     def __init__(self, node, router=None, local_plugins=None, host: str = 'plugin_host',
-                 timeout_s: float = CALL_TIMEOUT_S, policy: PolicyFile | None = None):
+                 timeout_s: float = CALL_TIMEOUT_S, policy: PolicyFile | None = None,
+                 consent=None):
         """`router`: an in-process RouterPort (e.g. the router node's, when it lives in this
-        process); else, given the router's `policy`, a HostedRouter; else the `router/route`
-        service. `local_plugins`: {name: handle} lookup of in-process plugins (default:
-        plugins.registry.local_plugins)."""
+        process); else, given the router's `policy` (and `consent` lookup), a HostedRouter;
+        else the `router/route` service. `local_plugins`: {name: handle} lookup of in-process
+        plugins (default: plugins.registry.local_plugins)."""
         self.gate = Gate()
         self._own_router = None
         if router is None:
-            self._own_router = HostedRouter(node, self.gate, policy) if policy is not None \
-                else ServiceRouter(node, self.gate, timeout_s)
+            self._own_router = HostedRouter(node, self.gate, policy, consent) \
+                if policy is not None else ServiceRouter(node, self.gate, timeout_s)
         self.router = router if router is not None else self._own_router
         self.plugins = ServicePlugins(node, self.gate, host, local_plugins, timeout_s)
 
