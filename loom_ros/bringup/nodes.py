@@ -67,7 +67,11 @@ NODES: tuple[LoomNode, ...] = (
 )
 
 # Environment every Loom process gets (the node's own `env` is added on top).
-COMMON_ENV: Mapping[str, str] = {}
+# glibc maps every buffer over 128 KiB afresh (and unmaps it on free), so each copy of a 786 KB
+# camera frame paid page faults: the camera adapter's work took 8 ms P50 by default and 0.5 ms
+# with these (bench/camera_bench.py --loom-malloc; docs/face_flow_latency.md).
+COMMON_ENV: Mapping[str, str] = {'MALLOC_MMAP_THRESHOLD_': '4194304',
+                                 'MALLOC_TRIM_THRESHOLD_': '16777216'}
 # How long a node may take to stop after SIGINT before SIGTERM/SIGKILL: the manager stops its
 # agents first (up to 10 s each, state committed), and a Python node on a loaded 2-core machine
 # was measured taking 3 s to exit; launch's default of 5 s cut every node short here.
