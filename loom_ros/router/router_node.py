@@ -29,6 +29,7 @@ from loom_ros.config.paths import usable_file
 from loom_ros.router.decision import RequestError
 from loom_ros.router.history import Outcome, RouterHistory
 from loom_ros.router.local import LocalRouter, RouteAnswer, RouteQuery, RouterRefused
+from loom_ros.router.messages import DecisionMessageError, decision_msg, decision_of
 from loom_ros.router.policy import PolicyError, PolicyFile, load_policy
 from loom_ros.storage.layout import derived
 from loom_ros.storage.consent import ConsentError, ConsentRegistry, consent_path, load_defaults
@@ -63,6 +64,8 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
         self.policy: PolicyFile | None = None
         self.history: RouterHistory | None = None
         self.consent: ConsentRegistry | None = None
+        self.hosted_decisions = 0     # recorded from agent hosts that route in-process
+        self.rejected_decisions = 0
         self.local: LocalRouter | None = None   # the decision path, made on configure
         self._active = False
         self._service = None  # set on configure; None means nothing to release
@@ -100,6 +103,8 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
         self._service = self.create_service(Route, topics.ROUTER_ROUTE, self._on_route)
         self._outcomes = self.create_subscription(RouteOutcome, topics.ROUTER_OUTCOMES,
                                                   self._on_outcome, to_qos_profile('batched'))
+        self._hosted = self.create_subscription(RouteDecision, topics.ROUTER_DECISIONS,
+                                                self._on_decision, to_qos_profile('batched'))
         self._stats_timer = self.create_timer(self.params['stats_period_s'], self._publish_stats)
         self.local = LocalRouter(self.policy, self.history, on_decision=self._publish_decision,
                                  consent=self.consent.lookup)
@@ -119,6 +124,7 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
         if self._service is not None:
             self.destroy_service(self._service)
             self.destroy_subscription(self._outcomes)
+            self.destroy_subscription(self._hosted)
             self.destroy_timer(self._stats_timer)
             self.destroy_lifecycle_publisher(self.decisions_pub)
             self.destroy_lifecycle_publisher(self.stats_pub)
@@ -213,15 +219,26 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
         return resp
 
     def _publish_decision(self, query: RouteQuery, answer: RouteAnswer) -> None:
-        from loom_msgs.msg import RouteDecision
-        msg = RouteDecision(
-            decision_id=answer.decision_id, event_id=query.event_id,
-            event_type=query.event_type, agent_id=query.agent_id, privacy=int(query.privacy),
-            route=answer.route, confidence=answer.confidence, rule=answer.rule,
-            reason=answer.reason, upload=answer.upload, cloud_model=answer.cloud_model,
-            cloud_cost=answer.cloud_cost)
-        msg.header.stamp = self.get_clock().now().to_msg()
-        self.decisions_pub.publish(msg)
+        self.decisions_pub.publish(decision_msg(query, answer, self.get_clock().now().to_msg()))
+
+    def _on_decision(self, msg) -> None:
+        """A decision an agent host made in-process (frame_id names it): into the history, so
+        every decision is in one place wherever it was made. Bad ones are counted, not kept."""
+        local = self.local
+        if not msg.header.frame_id or local is None or local.history is None:
+            return
+        try:
+            decision_id, event_id, request, decision = decision_of(msg)
+            with local.lock:
+                if local.history is not None:
+                    local.history.record_decision(decision_id, event_id, request, decision)
+            self.hosted_decisions += 1
+        except (DecisionMessageError, ValueError, sqlite3.Error) as exc:
+            self.rejected_decisions += 1
+            if self.rejected_decisions <= 10 or self.rejected_decisions % 1000 == 0:
+                self.get_logger().warning(f'a decision on {topics.ROUTER_DECISIONS} refused '
+                                          f'({self.rejected_decisions} so far): '
+                                          f'{str(exc)[:200]}')
 
     def _on_outcome(self, msg) -> None:
         local = self.local

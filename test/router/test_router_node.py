@@ -153,3 +153,52 @@ def test_a_subject_without_cloud_consent_stays_local_until_granted(ros, spawn, t
     assert call(ros, client, route_request(subject='alice', **ask)).rule == 'hybrid'
     assert call(ros, client, route_request(subject='bob', **ask)).rule == 'consent'
     stop(proc)
+
+
+def test_decisions_made_in_agent_hosts_reach_the_history_and_malformed_ones_do_not(ros, spawn,
+                                                                              tmp_path):
+    """An agent host that routes in-process (HostedRouter) publishes its decisions with its name
+    in header.frame_id; the router node keeps them in its history (one place for every
+    decision, what the learned router trains on). Malformed ones are refused and counted."""
+    import math
+    import sqlite3
+
+    from loom_msgs.msg import RouteDecision
+    db = tmp_path / 'router.db'
+    pub = ros.node.create_publisher(RouteDecision, '/r_hosted/router/decisions',
+                                    to_qos_profile('batched'))
+    proc = spawn('-m', 'loom_ros.router.router_node', '--ros-args', '-r', '__ns:=/r_hosted',
+                 '-p', f'history_db:={db}', '-p', f'storage.root:={tmp_path}')
+
+    def decision(decision_id, **fields):
+        msg = RouteDecision(decision_id=decision_id, event_id='e-' + decision_id,
+                            event_type='face.detected', agent_id='face', privacy=Privacy.SENSITIVE,
+                            route='local', confidence=0.9, rule='threshold', reason='ok',
+                            has_local_confidence=True, local_confidence=0.9, payload_bytes=921600)
+        msg.header.frame_id = '/r_hosted/agent_host_0'
+        for key, value in fields.items():
+            setattr(msg, key, value)
+        return msg
+    malformed = [decision('f1', route='teleport'), decision('f2', reason='x' * 100_000),
+              decision('f3', confidence=math.nan), decision('f4', local_confidence=7.0),
+              decision('f5', event_type='t' * 5000)]
+    good = [decision('g1'), decision('g2', has_local_confidence=False, route='cloud',
+                                     cloud_cost=0.004)]
+
+    def rows():
+        if not db.exists():
+            return []
+        with sqlite3.connect(db) as conn:
+            return [r[0] for r in conn.execute('select id from decisions order by id')]
+    ros.wait_for(lambda: pub.get_subscription_count() >= 1 and db.exists(),
+                 'the router to listen on router/decisions', alive=[proc])
+    for msg in malformed + good:
+        pub.publish(msg)
+    ros.wait_for(lambda: rows() == ['g1', 'g2'], 'the two hosted decisions in the history',
+                 alive=[proc])
+    with sqlite3.connect(db) as conn:
+        g2 = conn.execute('select route, local_confidence, payload_bytes, cloud_cost from '
+                          'decisions where id = ?', ('g2',)).fetchone()
+    assert g2 == ('cloud', None, 921600, 0.004)
+    stop(proc)
+    assert rows() == ["g1", "g2"]   # nothing malformed arrived later either

@@ -32,6 +32,7 @@ from loom_ros.plugins.registry import local_plugins as registry_plugins
 from loom_ros.plugins.registry import response_from_msg
 from loom_ros.router.decision import RequestError
 from loom_ros.router.local import LocalRouter, RouteAnswer, RouteQuery
+from loom_ros.router.messages import decision_msg
 from loom_ros.router.policy import PolicyError, PolicyFile
 from loom_ros.telemetry import tracing
 
@@ -186,15 +187,8 @@ class HostedRouter:
             raise PortError(f'router refused: {exc}') from None
 
     def _publish(self, query: RouteQuery, answer: RouteAnswer) -> None:
-        msg = RouteDecision(
-            decision_id=answer.decision_id, event_id=query.event_id,
-            event_type=query.event_type, agent_id=query.agent_id, privacy=int(query.privacy),
-            route=answer.route, confidence=answer.confidence, rule=answer.rule,
-            reason=answer.reason, upload=answer.upload, cloud_model=answer.cloud_model,
-            cloud_cost=answer.cloud_cost)
-        msg.header.stamp = self.node.get_clock().now().to_msg()
-        msg.header.frame_id = self._name
-        self._decisions.publish(msg)
+        self._decisions.publish(decision_msg(query, answer, self.node.get_clock().now().to_msg(),
+                                             frame_id=self._name))
 
     def report(self, outcome) -> None:
         cost = float(outcome.cost)
