@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from loom_ros.bus.qos import fastdds_environment
+from loom_ros.config.params import config_dir
 from loom_ros.replay.mcap_source import Limits, McapSource
 from loom_ros.replay.player import MonotonicClock, PlayOptions, Player, Summary
 
@@ -89,6 +92,9 @@ def run(args, ros_args: list[str]) -> int:
 
     from loom_ros.replay.ros import RosSink, RosTypes
     from loom_ros.telemetry.logs import mask_node_logger
+    # Loom's Fast DDS profile (as bring-up gives its nodes), so recorded camera frames cross
+    # to other processes whole; it is read when the participant is made, after this.
+    os.environ.update(fastdds_environment(os.environ, config_dir()))
     rclpy.init(args=['loom_play', *ros_args], signal_handler_options=SignalHandlerOptions.NO)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -5,7 +5,8 @@ Messages are stored as they arrive on the wire (CDR, no deserialization), one ch
 with `ros2msg` schemas: the type's .msg definition followed by every nested type's, separated the
 way rosbag2 writes them, found through the ament index. Topics are subscribed as they appear in
 the graph (best effort, so it matches reliable and best-effort publishers alike), until SIGINT /
-SIGTERM or `--duration`. The summary (messages per topic) is printed as one JSON line at the end.
+SIGTERM or `--duration`. A JSON line `{"first_message": topic}` says when each topic's first
+message is written; the summary (messages per topic) is one JSON line at the end.
 
 Secrets are masked before anything is written (telemetry's rules, `mask_text`/`mask_value`):
 on loom_msgs Event and EventBatch messages the id, type, source, tags, every metadata value
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -42,6 +44,8 @@ from pathlib import Path
 
 from loom_ros.bus import topics
 from loom_ros.bus.names import to_ros_topic
+from loom_ros.bus.qos import fastdds_environment
+from loom_ros.config.params import config_dir
 from loom_ros.telemetry.logs import mask_node_logger, mask_text, mask_value
 
 MIC_PRIMARY = 'mic.primary'   # raw microphone audio (sim_sensors' MIC_TOPIC; not in topics.py)
@@ -193,7 +197,9 @@ class McapRecorder:
     """Writes CDR messages to an MCAP file, secrets masked and events through `privacy` first
     (SecretMasker); thread-safe (callbacks from an executor)."""
 
-    def __init__(self, path: str | Path, privacy: PrivacyHook = keep_every_tier):
+    def __init__(self, path: str | Path, privacy: PrivacyHook = keep_every_tier,
+                 on_first: Callable[[str], None] | None = None):
+        """`on_first(topic)`: called once per topic, after its first message is written."""
         from mcap.writer import CompressionType, Writer
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
@@ -206,6 +212,7 @@ class McapRecorder:
         self.counts: dict[str, int] = {}
         self.unreadable: dict[str, int] = {}
         self.privacy = privacy
+        self.on_first = on_first
         self._closed = False
 
     def add_topic(self, topic: str, full_type: str, metadata: dict[str, str] | None = None
@@ -239,6 +246,9 @@ class McapRecorder:
             self._writer.add_message(channel_id=self._channels[topic], log_time=now, data=data,
                                      publish_time=now, sequence=self.counts[topic])
             self.counts[topic] += 1
+            first = self.counts[topic] == 1
+        if first and self.on_first is not None:
+            self.on_first(topic)
 
     def cut(self) -> int:
         """Text payloads cut to MAX_MASKED_PAYLOAD so far."""
@@ -322,6 +332,9 @@ def run(args, ros_args: list[str]) -> int:
     from rclpy.task import Future
 
     from loom_ros.bus.executor import make_executor, spin_until
+    # Loom's Fast DDS profile (as bring-up gives its nodes), so camera frames reach the recorder
+    # whole; the profile is read when the participant is made, after this.
+    os.environ.update(fastdds_environment(os.environ, config_dir()))
     rclpy.init(args=['loom_record', *ros_args], signal_handler_options=SignalHandlerOptions.NO)
     stop = Future()
 
@@ -330,7 +343,8 @@ def run(args, ros_args: list[str]) -> int:
             stop.set_result(True)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, request_stop)
-    recorder = McapRecorder(args.output)
+    recorder = McapRecorder(args.output, on_first=lambda topic: print(
+        json.dumps({'first_message': topic}), flush=True))   # a topic is being recorded
     node = _record_node(recorder, args.topics or DEFAULT_TOPICS)
     if args.duration:
         node.create_timer(args.duration, request_stop)

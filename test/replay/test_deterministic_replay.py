@@ -1,15 +1,17 @@
 """Deterministic replay (issue 18): a router and a face agent (real processes) decide on camera
-frames while `loom record` records the frames and the decisions; then a fresh router and agent
-get the same frames from `loom play`, and every recorded decision is made again: same event, route,
-rule, reason and confidence. The decision ids are new (random) and the stamps are the replay's.
+frames while `loom record` records the frames and the decisions; a fresh router and agent (their
+own storage root: new history, new state, another namespace) get the same frames from `loom play`
+(its topics remapped with --ros-args -r), and every recorded decision is made again: same event,
+route, rule, reason and confidence. The decision ids are new (random).
 
 Frames are sent one at a time (the next after the agent's answer to the previous), and the agent's
 mailbox holds them all: with the shipped mailbox of 1, which frames get decided depends on timing
-(docs/replay.md). Both runs are warmed up with the same frame before the recorded part, so the
+(docs/replay.md). Both systems are warmed up with the same frame before the recorded part, so the
 agents start from the same state."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
@@ -17,10 +19,10 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from harness import REPO, WAIT_LIMIT_S
+from harness import REPO, WAIT_LIMIT_S, LinePeer, loom_cli
 
-NS = '/rp'
-SIZE = (256, 256)   # small frames: they cross processes in Fast DDS's builtin shared memory
+REC, PLAY = '/rp', '/rp_play'   # the recorded system's namespace, the replay's
+SIZE = (128, 128)   # small frames: the test's process has Fast DDS's builtin 512 KB segment
 COMPARED = ('event_id', 'event_type', 'agent_id', 'privacy', 'route', 'rule', 'reason',
             'upload', 'cloud_model', 'cloud_cost', 'confidence')
 
@@ -42,17 +44,16 @@ def _config(tmp_path):
     (tmp_path / 'agents.yaml').write_text(yaml.safe_dump({'agents': [face]}))
     params = tmp_path / 'params.yaml'
     params.write_text(yaml.safe_dump({
-        '/**': {'ros__parameters': {'storage': {'root': str(tmp_path / 'root')}}},
         '/**/plugin_host': {'ros__parameters': {'audit_db': str(tmp_path / 'audit.db'),
                                                 'data_dir': str(tmp_path / 'plugins')}}}))
     return tmp_path / 'agents.yaml', params
 
 
 class Camera:
-    """The test's camera: frames as camera.front events (the product's QoS table), and what the
-    face agent answered and the routers decided, by event id."""
+    """The test's camera in namespace `ns`: frames as camera.front events (the product's QoS
+    table), and what the face agent answered and the routers decided, by event id."""
 
-    def __init__(self, ros):
+    def __init__(self, ros, ns: str):
         from loom_msgs.msg import RouteDecision
         from rclpy.node import Node
 
@@ -60,7 +61,7 @@ class Camera:
         from loom_ros.bus.qos import TopicQosTable, to_qos_profile
         from loom_ros.config.params import node_defaults
         self.ros = ros
-        self.node = Node('rp_camera', namespace=NS, context=ros.node.context)
+        self.node = Node('rp_camera', namespace=ns, context=ros.node.context)
         defaults = node_defaults('rp_camera')
         self.bus = EventBus(self.node, topic_qos=TopicQosTable(defaults['bus.topic_qos'],
                                                                defaults['bus.default_qos']))
@@ -83,7 +84,7 @@ class Camera:
         self.bus.publish('camera.front', event, 'realtime')
         return event.id
 
-    def warm_up(self, rgb, alive) -> None:
+    def warm_up(self, rgb, alive) -> list[str]:
         """The same frame every half second until the agent answers one: it is active."""
         sent, last = [], [-1.0]
 
@@ -93,20 +94,24 @@ class Camera:
                 sent.append(self.send(rgb))
         self.ros.wait_for(lambda: any(i in self.answered for i in sent), 'the face agent',
                           limit=120, alive=alive, spin=resend)
+        return sent
 
     def close(self):
+        if self.node is None:
+            return
         self.ros.executor.remove_node(self.node)
         self.bus.destroy()
         self.node.destroy_node()
+        self.node = None
 
 
-def _system(spawn, tmp_path, run: str, agents, params):
-    ros_args = ['--ros-args', '-r', f'__ns:={NS}', '--params-file', str(params)]
-    router = spawn('-m', 'loom_ros.router.router_node', *ros_args,
-                   '-p', f'history_db:={tmp_path / f"{run}_router.db"}')
+def _system(spawn, tmp_path, ns: str, agents, params):
+    """A router and a face agent host in `ns`, under their own storage root."""
+    ros_args = ['--ros-args', '-r', f'__ns:={ns}', '--params-file', str(params),
+                '-p', f'storage.root:={tmp_path / ns.strip("/")}']
+    router = spawn('-m', 'loom_ros.router.router_node', *ros_args)
     agent = spawn('-m', 'loom_ros.agents.agent_node', *ros_args, '-r', '__node:=agent_host_0',
-                  '-p', 'agent_id:=face', '-p', f'agents_file:={agents}',
-                  '-p', f'state_dir:={tmp_path / f"{run}_agents"}')
+                  '-p', 'agent_id:=face', '-p', f'agents_file:={agents}')
     return [router, agent]
 
 
@@ -117,20 +122,28 @@ def _stop(procs):
     return [proc.finish() for proc in procs]
 
 
-def _recorded_decisions(path):
-    from loom_msgs.msg import RouteDecision
+def _recorded(path, first_id: str):
+    """The recorded decisions, and the offset (s) of the frame `first_id` into the recording."""
+    from loom_msgs.msg import Event, RouteDecision
     from rclpy.serialization import deserialize_message
 
     from loom_ros.replay.mcap_source import McapSource
+    from loom_ros.replay.player import NS as SECOND
     from loom_ros.replay.ros import RosTypes
     source = McapSource(path, RosTypes())
-    decisions = [deserialize_message(m.data, RouteDecision) for m in source.messages()
-                 if m.topic == f'{NS}/router/decisions']
+    decisions, t0, start = [], None, None
+    for m in source.messages():
+        t0 = m.log_time_ns if t0 is None else t0
+        if m.topic == f'{REC}/router/decisions':
+            decisions.append(deserialize_message(m.data, RouteDecision))
+        elif start is None and deserialize_message(m.data, Event).id == first_id:
+            start = (m.log_time_ns - t0) / SECOND
     # The recorder noted each publisher's durability (what loom play offers again).
-    assert {c.topic: c.metadata.get('loom.durability') for c, _ in source.channels.values()} == {
-        f'{NS}/loom/camera/front': 'volatile', f'{NS}/router/decisions': 'volatile',
-        f'{NS}/router/outcomes': 'volatile'}
-    return decisions
+    durability = {c.topic: c.metadata.get('loom.durability') for c, _ in source.channels.values()}
+    assert durability[f'{REC}/loom/camera/front'] == 'volatile'
+    assert durability[f'{REC}/router/decisions'] == 'volatile'
+    assert start is not None, 'the first recorded frame is in the file'
+    return decisions, start
 
 
 def _fields(msg) -> dict:
@@ -138,59 +151,93 @@ def _fields(msg) -> dict:
 
 
 def test_a_recording_replays_into_a_fresh_system_with_the_same_decisions(ros, spawn, tmp_path):
+    from loom_msgs.msg import RouteDecision
+
+    from loom_ros.bus.qos import to_qos_profile
     agents, params = _config(tmp_path)
     frames = _frames()
-    camera = Camera(ros)
+    rec_camera, play_camera = Camera(ros, REC), Camera(ros, PLAY)
     try:
-        # 1. The recorded run.
-        procs = _system(spawn, tmp_path, 'rec', agents, params)
-        camera.warm_up(frames[0], procs)
-        recorder = spawn('-m', 'loom_ros.cli.record', '--output', str(tmp_path / 'run.mcap'),
-                         '--topics', 'loom/camera/front', 'router/decisions', 'router/outcomes',
-                         '--ros-args', '-r', f'__ns:={NS}')
-        ros.wait_for(lambda: camera.out.get_subscription_count() >= 2, 'the recorder',
-                     alive=procs + [recorder])
-        ros.wait_for(lambda: ros.node.count_publishers(f'{NS}/router/decisions') >= 1 and
-                     len(ros.node.get_subscriptions_info_by_topic(f'{NS}/router/decisions')) >= 2,
-                     'the recorder on router/decisions', alive=procs + [recorder])
-        sent = []
-        for rgb in frames:
-            sent.append(camera.send(rgb))
-            ros.wait_for(lambda: sent[-1] in camera.answered, f'the answer to frame {len(sent)}',
-                         alive=procs + [recorder])
-        ros.wait_for(lambda: all(camera.answered[i].get('label') == 'no face' or
-                                 i in camera.decisions for i in sent),
-                     'every face frame\'s decision', alive=procs)
-        decided = [i for i in sent if i in camera.decisions]
-        code, out, err = _stop([recorder])[0]
-        summary = json.loads(out.strip().splitlines()[-1])
-        assert code == 0, err
-        assert summary['messages'][f'{NS}/loom/camera/front'] == len(frames), summary
-        _stop(procs)
-        recorded = _recorded_decisions(tmp_path / 'run.mcap')
-        assert [m.event_id for m in recorded] == decided, 'the recording holds the decisions'
-        assert len(decided) >= 3 and {m.rule for m in recorded}, recorded
+        # Both systems start at once; each is warmed up with the same frame.
+        rec_procs = _system(spawn, tmp_path, REC, agents, params)
+        play_procs = _system(spawn, tmp_path, PLAY, agents, params)
+        procs = rec_procs + play_procs
+        rec_camera.warm_up(frames[0], procs)
+        warm = play_camera.warm_up(frames[0], procs)
+        play_camera.close()   # from here on only loom play publishes frames in PLAY
 
-        # 2. The replay into a fresh router and agent (new history, new state).
-        camera.answered.clear()
-        camera.decisions.clear()
-        procs = _system(spawn, tmp_path, 'play', agents, params)
-        camera.warm_up(frames[0], procs)
+        # 1. The recorded run. The recorder says when a topic's first message is written:
+        # face frames go in one at a time until its first decision is (DDS matches its reader
+        # with each publisher in its own time); the recorded frames follow.
+        recorder = LinePeer('loom record', [*loom_cli(
+            'record', '--output', str(tmp_path / 'run.mcap'), '--topics', 'loom/camera/front',
+            'router/decisions', '--ros-args', '-r', f'__ns:={REC}')], os.environ.copy(),
+                            terminate_on_close=True)
+        first = set()
+
+        def read_lines():
+            line = recorder.poll_line(0)
+            if line and line.startswith('{'):
+                first.add(json.loads(line).get('first_message'))
+        try:
+            ros.wait_for(lambda: rec_camera.out.get_subscription_count() >= 2,
+                         'the recorder on camera.front', alive=procs)   # the agent and it
+            probes = []
+            while f'{REC}/router/decisions' not in first:
+                probes.append(rec_camera.send(frames[0]))
+                ros.wait_for(lambda: probes[-1] in rec_camera.answered or
+                             f'{REC}/router/decisions' in first, 'a probe frame\'s answer',
+                             spin=read_lines, alive=procs)
+                assert len(probes) < 1000, 'the recorder never recorded a decision'
+            ros.wait_for(lambda: probes[-1] in rec_camera.answered, 'the last probe\'s answer',
+                         alive=procs)
+            sent = []
+            for rgb in frames:
+                sent.append(rec_camera.send(rgb))
+                ros.wait_for(lambda: sent[-1] in rec_camera.answered,
+                             f'the answer to frame {len(sent)}', alive=procs)
+            ros.wait_for(lambda: all(rec_camera.answered[i].get('label') == 'no face' or
+                                     i in rec_camera.decisions for i in sent),
+                         'every face frame\'s decision', alive=procs)
+        finally:
+            err = recorder.close()
+        lines = [recorder.last] + [line for line in iter(lambda: recorder.poll_line(0), None)]
+        summary = json.loads([line for line in lines if '"messages"' in line][-1])
+        assert recorder.popen.returncode == 0, err
+        decided = [i for i in sent if i in rec_camera.decisions]
+        recorded, start_s = _recorded(tmp_path / 'run.mcap', sent[0])
+        assert summary['messages'][f'{REC}/loom/camera/front'] >= len(frames), summary
+        assert [m.event_id for m in recorded if m.event_id in sent] == decided, summary
+        assert len(decided) >= 3, recorded
+        recorded = [m for m in recorded if m.event_id in sent]
+
+        # 2. The replay into the other router and agent, its frames remapped into PLAY.
+        seen = {}
+        sub = ros.node.create_subscription(
+            RouteDecision, f'{PLAY}/router/decisions',
+            lambda m: seen.setdefault(m.event_id, m), to_qos_profile('batched'))
         player = spawn('-m', 'loom_ros.cli.play', str(tmp_path / 'run.mcap'), '--topics',
-                       f'{NS}/loom/camera/front', '--wait-subscribers', str(WAIT_LIMIT_S),
-                       '--quiet', '--ros-args', '-r', f'__ns:={NS}')
-        ros.wait_for(lambda: all(i in camera.decisions for i in decided),
+                       f'{REC}/loom/camera/front', '--start', repr(start_s),
+                       '--wait-subscribers', str(WAIT_LIMIT_S), '--quiet', '--ros-args', '-r',
+                       f'{REC}/loom/camera/front:={PLAY}/loom/camera/front')
+        ros.wait_for(lambda: all(i in seen for i in decided),
                      'the replayed frames\' decisions', alive=procs)
         code, out, err = player.finish()
         played = json.loads(out.strip().splitlines()[-1])
         assert code == 0 and played['played'] == len(frames) and not played['skipped'], played
-        replayed = {i: camera.decisions[i] for i in decided}
+        assert played['filtered'] == summary['messages'][f'{REC}/loom/camera/front'] - len(frames) \
+            + summary['messages'][f'{REC}/router/decisions']   # the probes, the decisions
         for original in recorded:
-            again = replayed[original.event_id]
+            again = seen[original.event_id]
             assert _fields(again) == _fields(original)
             assert again.decision_id != original.decision_id   # new ids: not deterministic
         # Nothing the recorded run did not decide was decided on replay (the empty frames).
-        assert not set(camera.decisions) & (set(sent) - set(decided))
+        assert not set(seen) & (set(sent) - set(decided))
+        assert not set(seen) & set(warm)   # the warm-up was before the subscription
+        ros.node.destroy_subscription(sub)
         _stop(procs)
+        assert (tmp_path / 'rp' / 'router.db').exists() and \
+            (tmp_path / 'rp_play' / 'router.db').exists()   # two histories
     finally:
-        camera.close()
+        rec_camera.close()
+        play_camera.close()
