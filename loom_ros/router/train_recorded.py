@@ -1,17 +1,17 @@
 """The learned router trained on what really happened: rows from recordings (`loom record`), not
 from the synthetic trace, and its evaluation against the rules on held-out recordings.
 
-A row is one routing decision (router/decisions: event type, privacy, the local confidence the
-rule chain used, route) joined by decision id with the outcome its agent reported
-(router/outcomes: backend, latency, cost, success), the size of the event it routed (the recorded
-event with that id, when the recording holds it) and the label "was local good enough":
+A row is one routing decision (router/decisions: event type, privacy, route, and what it was
+asked with: the local confidence, latency budget and payload size; read through
+router/messages.py's checks) joined by decision id with the outcome its agent reported
+(router/outcomes: backend, latency, cost, success) and the label "was local good enough":
 - `outcome`: a local outcome's `success` (what the router's own history trains on);
 - `cloud`: an agent's intent event naming the routed event (`source_event`) whose answer came
   from the cloud and that says what local would have answered (`local`): right when they agree
   (the voice agent's intents carry both). The cloud is taken as the reference.
-Decisions made without a local confidence (privacy, consent, capability rules) and decisions
-with no label are counted, not used. The latency budget is not recorded: every row has none
-(the learned router's features treat it as 10 s).
+A decision that says no payload size takes the size of the recorded event it names, when the
+recording holds it. Decisions asked without a local confidence, that fail the message checks,
+or that have no outcome or label are counted, not used.
 
 Held out: with two or more files, the last quarter of them by recording time (at least one);
 with one file, the last quarter of its rows by time. The learned router is fitted on the rest,
@@ -34,8 +34,9 @@ from rclpy.serialization import deserialize_message
 from loom_ros.replay.mcap_source import Limits, McapSource, RecordingError
 from loom_ros.replay.ros import RosTypes
 from loom_ros.router.evaluate import score
-from loom_ros.router.learned import LearnedRouter
 from loom_ros.router.decision import Spend, decide
+from loom_ros.router.learned import LearnedRouter
+from loom_ros.router.messages import DecisionMessageError, decision_of
 from loom_ros.router.policy import PolicyFile
 
 MAX_FILES = 1000
@@ -43,7 +44,6 @@ MAX_ROWS = 200_000
 MAX_TRACKED_EVENTS = 100_000     # event ids remembered for their payload size / their intent
 MAX_INTENT_JSON = 64 * 1024      # bytes of an intent payload parsed as JSON
 MAX_ID_CHARS = 256
-NO_LOCAL_CONFIDENCE_RULES = ('privacy', 'consent', 'capability')
 DECISION, OUTCOME = 'loom_msgs/msg/RouteDecision', 'loom_msgs/msg/RouteOutcome'
 EVENT, BATCH = 'loom_msgs/msg/Event', 'loom_msgs/msg/EventBatch'
 WANTED = (DECISION, OUTCOME, EVENT, BATCH)
@@ -141,13 +141,21 @@ def read_file(path: Path, dataset: Dataset, max_rows: int, limits: Limits = Limi
                 if len(decisions) >= max_rows:
                     dataset.counts['over_row_limit'] += 1
                     continue
-                decisions[_text(msg.decision_id)] = {
-                    'event_id': _text(msg.event_id), 'event_type': _text(msg.event_type),
-                    'privacy': int(msg.privacy), 'local_confidence': float(msg.confidence),
-                    'route': _text(msg.route), 'rule': _text(msg.rule),
+                try:
+                    decision_id, event_id, request, decision = decision_of(msg)
+                except DecisionMessageError:
+                    dataset.counts['invalid_decision'] += 1
+                    continue
+                decisions[decision_id] = {
+                    'event_id': event_id, 'event_type': request.event_type,
+                    'privacy': int(request.privacy), 'local_confidence': request.local_confidence,
+                    'latency_budget_ms': request.latency_budget_ms,
+                    'payload_bytes': request.payload_bytes, 'route': decision.route.value,
                     't_ns': message.log_time_ns}
             elif name == OUTCOME:
-                if len(outcomes) < 2 * max_rows:
+                if not all(math.isfinite(v) and v >= 0 for v in (msg.latency_ms, msg.cost)):
+                    dataset.counts['invalid_outcome'] += 1
+                elif len(outcomes) < 2 * max_rows:
                     outcomes[_text(msg.decision_id)] = {
                         'backend': _text(msg.backend), 'latency_ms': float(msg.latency_ms),
                         'cost': float(msg.cost), 'success': bool(msg.success)}
@@ -183,7 +191,7 @@ def _note_event(event, payloads: _Bounded, verdicts: _Bounded) -> None:
 
 def _row(decision_id: str, d: dict, outcome: dict | None, payloads, verdicts,
          counts: Counter) -> dict | None:
-    if d['rule'] in NO_LOCAL_CONFIDENCE_RULES or not 0.0 <= d['local_confidence'] <= 1.0:
+    if d['local_confidence'] is None:
         counts['no_local_confidence'] += 1
         return None
     if outcome is None:
@@ -198,12 +206,12 @@ def _row(decision_id: str, d: dict, outcome: dict | None, payloads, verdicts,
         counts['no_label'] += 1
         return None
     counts[f'label_{label}'] += 1
-    payload = payloads.get(d['event_id'])
+    payload = d['payload_bytes'] or payloads.get(d['event_id'])
     if payload is None:
         counts['payload_unknown'] += 1
     return {'decision_id': decision_id, 'event_type': d['event_type'],
             'privacy': d['privacy'], 'local_confidence': d['local_confidence'],
-            'payload_bytes': payload or 0, 'latency_budget_ms': math.inf,
+            'payload_bytes': payload or 0, 'latency_budget_ms': d['latency_budget_ms'],
             'route': d['route'], 'local_ok': bool(local_ok),
             'cloud_outcome': outcome['success'] if outcome['backend'] == 'cloud' else None,
             'latency_ms': outcome['latency_ms'], 'cost': outcome['cost'], 't_ns': d['t_ns']}
@@ -261,7 +269,9 @@ def evaluate_recorded(dataset: Dataset, policy: PolicyFile, seed: int = 0) -> di
     def ml(request, routing, cost):
         return learned.decide(request, routing, cloud_cost=cost, spend=Spend())
 
-    free = [r for r in train if r['privacy'] == 0] or train
+    # The operating point is set where the learned score decides (evaluate.py does the same):
+    # Public events with time for a cloud round trip.
+    free = [r for r in train if r['privacy'] == 0 and r['latency_budget_ms'] > 100] or train
     target = score(free, rules, policy)['accuracy']
     learned.calibrate(free, [bool(r['cloud_ok'] >= 0.5) for r in free], target_accuracy=target)
     result = {

@@ -6,6 +6,7 @@ events come from the labelled trace (router/trace.py), so the right answer is kn
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -16,14 +17,20 @@ FILES, PER_FILE = 4, 500
 
 
 def _record_run(path, rows, t0, events_for=0):
-    """What a run's recorder would have written: each row's decision by the rules, its outcome,
-    and for a cloud answer the intent naming the routed event with the local answer."""
-    from loom_msgs.msg import Event, EventBatch, KeyValue, RouteDecision, RouteOutcome
+    """What a run's recorder would have written: each row's decision by the rules (the message
+    the router builds, router/messages.py), its outcome, and for a cloud answer the intent naming
+    the routed event with the local answer. The first `events_for` decisions say no payload
+    size; their events are recorded instead."""
+    from builtin_interfaces.msg import Time
+    from loom_msgs.msg import Event, EventBatch, KeyValue, RouteOutcome
     from rclpy.serialization import serialize_message
 
+    from loom_ros.bus.event import Privacy
     from loom_ros.cli.record import McapRecorder
-    from loom_ros.router.decision import RouteRequest, decide
+    from loom_ros.router.decision import decide
     from loom_ros.router.evaluate import REPO_CONFIG
+    from loom_ros.router.local import RouteAnswer, RouteQuery
+    from loom_ros.router.messages import decision_msg
     from loom_ros.router.policy import load_policy
     policy = load_policy(REPO_CONFIG)
     recorder = McapRecorder(path)
@@ -35,19 +42,20 @@ def _record_run(path, rows, t0, events_for=0):
         recorder.add_topic(topic, full_type)
     for i, row in enumerate(rows):
         t = t0 + i * 1_000_000
-        request = RouteRequest(event_type=row['event_type'], privacy=row['privacy'],
-                               local_confidence=row['local_confidence'])
+        budget = None if math.isinf(row['latency_budget_ms']) else row['latency_budget_ms']
+        query = RouteQuery(event_id=row['event_id'], event_type=row['event_type'],
+                           privacy=Privacy(row['privacy']),
+                           local_confidence=row['local_confidence'], latency_budget_ms=budget,
+                           payload_bytes=0 if i < events_for else row['payload_bytes'])
         routing = policy.policy_for(row['event_type'])
-        decision = decide(request, routing, cloud_cost=policy.cost_of(routing.cloud_model))
+        decision = decide(query.request(), routing,
+                          cloud_cost=policy.cost_of(routing.cloud_model))
         if i < events_for:
             recorder.write('/r/loom/camera/front', serialize_message(Event(
                 id=row['event_id'], type=row['event_type'], payload=b'\1' * row['payload_bytes'],
                 metadata=[KeyValue(key='encoding', value='rgb8')])), t)
-        recorder.write('/r/router/decisions', serialize_message(RouteDecision(
-            decision_id=f'd-{row["event_id"]}', event_id=row['event_id'],
-            event_type=row['event_type'], privacy=row['privacy'], route=decision.route.value,
-            confidence=decision.confidence, rule=decision.rule, reason=decision.reason,
-            cloud_cost=decision.cloud_cost)), t + 1)
+        recorder.write('/r/router/decisions', serialize_message(decision_msg(
+            query, RouteAnswer.of(f'd-{row["event_id"]}', decision), Time())), t + 1)
         cloud = decision.route.value in ('cloud', 'hybrid')
         recorder.write('/r/router/outcomes', serialize_message(RouteOutcome(
             decision_id=f'd-{row["event_id"]}', event_type=row['event_type'],
@@ -80,18 +88,18 @@ def test_rows_join_decisions_outcomes_labels_and_event_sizes(recordings):
     folder, trace = recordings
     dataset = load([str(folder)])
     rows = dataset.rows
-    usable = [r for r in trace if r['privacy'] == 0]
-    assert len(rows) == len(usable)
-    assert dataset.counts['no_local_confidence'] == len(trace) - len(usable)   # Private
+    assert len(rows) == len(trace) and not dataset.counts['no_local_confidence']
     by_id = {f'd-{r["event_id"]}': r for r in trace}
     for row in rows:
         truth = by_id[row['decision_id']]
-        assert row['local_ok'] == truth['local_ok']
+        assert row['local_ok'] == truth['local_ok'] and row['privacy'] == truth['privacy']
         assert row['local_confidence'] == pytest.approx(truth['local_confidence'], abs=1e-6)
-    sized = [r for r in rows if r['payload_bytes']]
-    assert len(sized) == len([r for r in trace[:50] if r['privacy'] == 0])
-    assert all(r['payload_bytes'] == by_id[r['decision_id']]['payload_bytes'] for r in sized)
+        assert row['latency_budget_ms'] == truth['latency_budget_ms']
+        # From the decision, or (the first 50, which said none) from the recorded event.
+        assert row['payload_bytes'] == truth['payload_bytes']
     assert dataset.counts['label_cloud'] + dataset.counts['label_outcome'] == len(rows)
+    assert dataset.counts['label_cloud'] == len([r for r in rows if r['route'] in
+                                                 ('cloud', 'hybrid')])
 
 
 def test_loom_router_train_scores_learned_against_rules_on_the_held_out_recording(
@@ -130,3 +138,28 @@ def test_recordings_without_labels_or_input_say_why(tmp_path, capsys):
     assert router_train.main(['--from', str(tmp_path / 'missing')]) == 1
     assert 'no such file or folder' in capsys.readouterr().err
     assert router_train.main(['--from', str(tmp_path), '--max-rows', '1']) == 2
+
+
+def test_decisions_and_outcomes_that_fail_the_checks_are_counted(tmp_path):
+    from loom_msgs.msg import RouteDecision, RouteOutcome
+    from rclpy.serialization import serialize_message
+
+    from loom_ros.cli.record import McapRecorder
+    from loom_ros.router.train_recorded import load
+    recorder = McapRecorder(tmp_path / 'bad.mcap')
+    recorder.add_topic('/router/decisions', 'loom_msgs/msg/RouteDecision')
+    recorder.add_topic('/router/outcomes', 'loom_msgs/msg/RouteOutcome')
+    bad = [RouteDecision(decision_id='a', route='teleport', event_type='t'),
+           RouteDecision(decision_id='b', route='local', event_type='x' * 5000),
+           RouteDecision(decision_id='c', route='local', event_type='t', confidence=float('nan')),
+           RouteDecision(decision_id='d', route='local', event_type='t',
+                         has_local_confidence=True, local_confidence=7.0)]
+    for i, msg in enumerate(bad):
+        recorder.write('/router/decisions', serialize_message(msg), T0 + i)
+    for value in (float('nan'), float('inf'), -1.0):
+        recorder.write('/router/outcomes', serialize_message(RouteOutcome(
+            decision_id='a', backend='local', latency_ms=value)), T0 + 10)
+    recorder.close()
+    dataset = load([str(tmp_path)])
+    assert not dataset.rows
+    assert dataset.counts['invalid_decision'] == 4 and dataset.counts['invalid_outcome'] == 3
