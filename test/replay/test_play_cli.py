@@ -102,9 +102,9 @@ def test_a_cut_file_and_bad_arguments_exit_non_zero(spawn, tmp_path, capsys):
 
 def test_the_loom_command_has_play_and_router_train():
     from loom_ros.cli import build_parser
+    from loom_ros.cli.play import options_of
     args = build_parser().parse_args(['play', 'x.mcap', '--rate', '2', '--topics', 'a', '/b',
                                       '--start', '1', '--end', '2', '--loop'])
-    from loom_ros.cli.play import options_of
     options = options_of(args)
     assert options.rate == 2 and options.loop and options.topics == {'/a', '/b'}
     assert (options.start_s, options.end_s) == (1, 2) and callable(args.run)
