@@ -16,6 +16,13 @@ os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 
 from harness import REPO, WAIT_LIMIT_S, loom_cli  # noqa: E402,F401  (re-exported for fixtures)
 
+# Property tests must not depend on timing: hypothesis' default 200 ms deadline per example fails
+# tests on a loaded 2-core machine (CI runs the whole suite on one).
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile('loom', deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile('loom')
+
 
 class RosHarness:
     """A node in the test process plus a way to spin it until a condition holds."""

@@ -220,7 +220,7 @@ class AgentNode(LifecycleNode):
         if not named:
             return base
         try:
-            settings = self._plugin_settings or HostSettings.shipped()
+            settings = (self._plugin_settings or HostSettings.shipped()).under(self.layout)
             self.embedded = EmbeddedPlugins(settings, ros_node=self, logger=self.get_logger())
             specs = self.embedded.specs()
         except (PluginsFileError, ConfigError, KeyError) as exc:

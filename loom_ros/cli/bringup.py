@@ -230,8 +230,8 @@ def _agent_ids(args, agents_file: str) -> list[str]:
 def node_parameters(args, node: table.LoomNode, selected: list[table.LoomNode], agent_ids,
                     agents_file: str, params_file: str, robot_file: str) -> dict:
     """The node table's parameters for `node`, plus what this bring-up decides: the bridge's
-    router and credentials. (The agents' state folder is the manager's state_dir, which it hands
-    to the agents it starts, as under launch.)"""
+    router and credentials. (The agents keep their files under storage.root, the params file's
+    /** section, as every node does.)"""
     ids = ','.join(agent_ids)
     params = table.node_parameters(node, selected, autostart=bool(args.autostart), agents=ids,
                                    groups=ids,
@@ -441,17 +441,13 @@ class RobotProcess:
         for node in selected:
             if node.name == table.MANAGER:
                 # The agents' host: the params file's agent section reaches it through
-                # robot_file's /**/agent_host_0 section; the state folder is the manager's, as
-                # when the manager starts the host.
-                state_dir = node_section(params_file, table.MANAGER).get('state_dir') or \
-                    node_defaults(table.MANAGER)['state_dir']
+                # robot_file's /**/agent_host_0 section, storage.root through /**.
                 # The router runs here: agents ask it in-process (no service round trip).
                 router = routers[0].in_process() if routers else None
                 self.agents = self._add(AgentNode(node_name=AGENT_HOST, router=router,
                                                   parameter_overrides=[
                     Parameter('agents', value=ids), Parameter('autostart', value=False),
-                    Parameter('agents_file', value=agents_file),
-                    Parameter('state_dir', value=str(state_dir))]))
+                    Parameter('agents_file', value=agents_file)]))
             made = self._add(node.load_class()(parameter_overrides=overrides(node)))
             if node.name == 'router':
                 routers.append(made)
@@ -559,9 +555,6 @@ def main_with(args, ros_args: list[str]) -> int:
             layout = storage_layout(params_file)
             usable_dir(layout.root, 'storage.root')
             args.keys_dir = args.keys_dir or str(layout.keys)
-            # The agents' folder (the manager hands it to them), checked before anything starts.
-            usable_dir(node_section(params_file, table.MANAGER).get('state_dir') or
-                       node_defaults(table.MANAGER)['state_dir'], 'lifecycle_manager.state_dir')
             if not args.nodes_only:
                 local_credentials(args, robot_name)
                 if args.insecure:

@@ -78,9 +78,6 @@ def _params(source: str, out: Path) -> Path:
     section('/**').setdefault('storage', {})['root'] = str(out)   # every path derives from it
     tracing = section('/**').setdefault('telemetry', {}).setdefault('tracing', {})
     tracing.update(exporter='file', file=str(out / 'trace.jsonl'))
-    section('plugin_host').update(audit_db=str(out / 'audit.db'), data_dir=str(out / 'plugins'))
-    section('agent')['state_dir'] = str(out / 'agents')
-    section('lifecycle_manager')['state_dir'] = str(out / 'agents')
     path = out / 'demo_params.yaml'
     path.write_text(yaml.safe_dump(data), encoding='utf-8')
     return path

@@ -8,7 +8,7 @@ process-wide, so a plugin host in the same process may run the same entry for it
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 from loom_ros.bus.event import Event
@@ -17,6 +17,7 @@ from loom_ros.config.paths import usable_dir, usable_file
 from loom_ros.plugins.contract import PluginError, PluginResponse
 from loom_ros.plugins.host import PluginHost, PluginSpec, PluginsFileError, load_plugins_file
 from loom_ros.security.audit import AuditLog
+from loom_ros.storage.layout import StorageLayout, derived
 
 HOST_NODE = 'plugin_host'   # whose parameters (config/loom.yaml section) these settings are
 
@@ -35,6 +36,11 @@ class HostSettings:
     def from_params(cls, params: Mapping) -> 'HostSettings':
         return cls(str(params['plugins_file']), str(params['audit_db']), str(params['data_dir']),
                    tuple(str(c) for c in params['allowed_capabilities']), bool(params['guard']))
+
+    def under(self, layout: StorageLayout) -> 'HostSettings':
+        """'' paths made the ones under the storage root (as the plugin host node does)."""
+        return replace(self, audit_db=derived(self.audit_db, layout.audit),
+                       data_dir=derived(self.data_dir, layout.root / 'plugins'))
 
     @classmethod
     def shipped(cls, defaults_path: str | None = None) -> 'HostSettings':

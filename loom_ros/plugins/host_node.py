@@ -25,6 +25,7 @@ from loom_ros.bus.event import Event, EventRejected
 from loom_ros.bus.executor import run_lifecycle_node
 from loom_ros.bus.names import TopicNameError, validate_topic
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
+from loom_ros.storage.layout import derived, node_layout
 from loom_ros.config.paths import usable_dir, usable_file
 from loom_ros.plugins import registry
 from loom_ros.plugins.contract import PluginError
@@ -39,10 +40,11 @@ PARAMETERS = [
               read_only=True),
     ParamSpec('plugins', "Which entries of the plugins file to run, comma-separated; '*' runs "
               'every enabled entry (a named entry runs even if disabled)', read_only=True),
-    ParamSpec('audit_db', "SQLite audit log of refusals and actuator commands; '~' expands",
+    ParamSpec('audit_db', "SQLite audit log of refusals and actuator commands; '~' expands; "
+              "'' = <storage.root>/audit.db",
               read_only=True),
     ParamSpec('data_dir', "Folder where plugins granted storage.write keep files (one subfolder "
-              "per plugin); '~' expands", read_only=True),
+              "per plugin); '~' expands; '' = <storage.root>/plugins", read_only=True),
     ParamSpec('allowed_capabilities', 'The most this host grants any plugin; a plugins-file '
               'grant outside it is a config error', read_only=True),
     ParamSpec('guard', 'Check what in-process plugins do at run time (network, file writes, '
@@ -65,6 +67,9 @@ class PluginHostNode(LifecycleNode):
         super().__init__('plugin_host', **kwargs)
         mask_node_logger(self)   # every log line masked from the first (issue 13, fault 10)
         self.params = declare_parameters(self, 'plugin_host', PARAMETERS)
+        layout = node_layout(self, 'plugin_host')   # '' paths: under storage.root
+        self.params['audit_db'] = derived(self.params['audit_db'], layout.audit)
+        self.params['data_dir'] = derived(self.params['data_dir'], layout.root / 'plugins')
         self.bus = create_bus(self, 'plugin_host')
         self.host: PluginHost | None = None
         self.audit: AuditLog | None = None

@@ -52,7 +52,9 @@ class Nodes:
 
     def state(self, name):
         from lifecycle_msgs.srv import GetState
-        return self._call(self.get_state[name], GetState.Request()).current_state.label
+        alive = [p for p in self.procs.values() if p.popen.poll() is None]
+        return self.ros.call(self.get_state[name], GetState.Request(), f'{name}/get_state',
+                             alive=alive).current_state.label
 
     def call(self, service):
         from std_srvs.srv import Trigger
@@ -190,4 +192,4 @@ def test_a_bad_nodes_list_is_refused_with_the_reason(ros, tmp_path, nodes, error
     with pytest.raises(ConfigError, match=error):
         LifecycleManagerNode(namespace='/lm_bad', parameter_overrides=[
             Parameter('nodes', value=nodes), Parameter('agents_file', value=str(agents)),
-            Parameter('state_dir', value=str(tmp_path)), Parameter('autostart', value=False)])
+            Parameter('storage.root', value=str(tmp_path)), Parameter('autostart', value=False)])

@@ -37,10 +37,7 @@ def _params(tmp) -> str:
 
     def section(name):
         return data[f'/**/{name}']['ros__parameters']
-    section('router')['history_db'] = str(tmp / 'router.db')
-    section('plugin_host').update(audit_db=str(tmp / 'audit.db'), data_dir=str(tmp / 'plugins'))
-    section('lifecycle_manager')['state_dir'] = str(tmp / 'agents')
-    section('zenoh_bridge').update(audit_db=str(tmp / 'audit.db'))
+    data['/**']['ros__parameters']['storage']['root'] = str(tmp)   # every file it keeps
     for node, values in SET.items():
         section(node).update(values)
     path = tmp / 'params.yaml'

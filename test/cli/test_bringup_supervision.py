@@ -59,12 +59,7 @@ def config(tmp_path) -> Path:
     def section(name):   # sections are keyed /**/<node> (any namespace)
         key = name if name == '/**' else f'/**/{name}'
         return data.setdefault(key, {}).setdefault('ros__parameters', {})
-    section('router')['history_db'] = str(tmp_path / 'router.db')
-    section('plugin_host').update(audit_db=str(tmp_path / 'audit.db'),
-                                  data_dir=str(tmp_path / 'plugins'))
-    section('agent')['state_dir'] = str(tmp_path / 'agents')
-    section('lifecycle_manager')['state_dir'] = str(tmp_path / 'agents')   # what agents get
-    section('zenoh_bridge')['audit_db'] = str(tmp_path / 'audit.db')
+    section('/**').setdefault('storage', {})['root'] = str(tmp_path)   # every file it keeps
     path = tmp_path / 'params.yaml'
     path.write_text(yaml.safe_dump(data))
     return path

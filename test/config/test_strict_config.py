@@ -44,12 +44,8 @@ def _params(tmp: Path, edit=None) -> Path:
     # Sections are keyed /**/<node>; edits name the node.
     sections = {name.rsplit('/', 1)[-1] if name != '/**' else name: body['ros__parameters']
                 for name, body in data.items()}
-    sections['router']['history_db'] = str(tmp / 'router.db')
-    sections['plugin_host'].update(audit_db=str(tmp / 'audit.db'), data_dir=str(tmp / 'plugins'),
-                                   plugins_file=str(tmp / 'plugins.yaml'))
-    sections['agent']['state_dir'] = str(tmp / 'agents')
-    sections['lifecycle_manager']['state_dir'] = str(tmp / 'agents')   # what agents get
-    sections['zenoh_bridge']['audit_db'] = str(tmp / 'audit.db')
+    sections['/**']['storage']['root'] = str(tmp)   # every file the system keeps
+    sections['plugin_host']['plugins_file'] = str(tmp / 'plugins.yaml')
     if not (tmp / 'plugins.yaml').exists():
         (tmp / 'plugins.yaml').write_text(WEATHER_ONLY)
     if edit is not None:
@@ -139,7 +135,8 @@ def test_wildcards_namespaces_and_agent_nodes_are_known(tmp_path):
     path.write_text(yaml.safe_dump({
         '/**': {'ros__parameters': {'autostart': False, 'use_sim_time': True}},
         '/robot1/router': {'ros__parameters': {'stats_period_s': 2.0}},
-        'agent_face': {'ros__parameters': {'state_dir': '/tmp', 'bus': {'default_qos': 'batched'}}},
+        'agent_face': {'ros__parameters': {'state_max_mb': 5.0,
+                                           'bus': {'default_qos': 'batched'}}},
         'camera_adapter': {'ros__parameters': {'qos_overrides': {'/x': {'depth': 5}}}}}))
     check_params_file(str(path))
     path.write_text(yaml.safe_dump({'agent_face': {'ros__parameters': {'robot_id': 'r1'}}}))
@@ -191,8 +188,8 @@ def test_unknown_keys_in_agents_plugins_policy_and_actuator_files(tmp_path):
 def test_unusable_folders_are_refused_naming_the_key_and_path(request, which):
     folder = request.getfixturevalue(which)
     with pytest.raises(ConfigError) as err:
-        usable_dir(folder, 'agent.state_dir')
-    assert f'agent.state_dir {folder}' in str(err.value) and REASONS[which] in str(err.value)
+        usable_dir(folder, 'storage.root')
+    assert f'storage.root {folder}' in str(err.value) and REASONS[which] in str(err.value)
     with pytest.raises(ConfigError, match='plugin_host.audit_db'):
         usable_file(folder / 'audit.db', 'plugin_host.audit_db')
 
@@ -206,10 +203,10 @@ def _configure(node) -> TransitionCallbackReturn:
 
 
 @pytest.mark.parametrize('which', BAD_DIRS)
-def test_agent_node_refuses_a_bad_state_dir_and_every_agent_says_why(ros, request, which):
+def test_agent_node_refuses_a_bad_storage_root_and_every_agent_says_why(ros, request, which):
     folder = request.getfixturevalue(which)
     node = AgentNode(context=ros.node.context, parameter_overrides=[
-        Parameter('state_dir', value=str(folder)), Parameter('autostart', value=False)])
+        Parameter('storage.root', value=str(folder)), Parameter('autostart', value=False)])
     assert _configure(node) == TransitionCallbackReturn.FAILURE
     assert set(node.failed) == {'counter'}
     assert str(folder) in node.failed['counter'] and REASONS[which] in node.failed['counter']
@@ -316,13 +313,10 @@ def test_bringup_exits_with_the_bridge_reason_for_a_bad_robot_id(tmp_path):
     _refused(_bringup(params), 'zenoh_bridge', "robot_id 'robot/1'")
 
 
-def test_bringup_exits_at_once_for_an_unusable_state_dir(tmp_path, invalid_dir):
-    # The manager hands its state_dir to the agents it starts.
-    params = _params(tmp_path, lambda d, s: s['lifecycle_manager'].update(
-        state_dir=str(invalid_dir)))
-    # Checked by bring-up before anything starts (it is where the manager puts the agents).
-    _refused(_bringup(params, '--no-bridge'), 'lifecycle_manager.state_dir', str(invalid_dir),
-             'not a folder')
+def test_bringup_exits_at_once_for_an_unusable_storage_root(tmp_path, invalid_dir):
+    params = _params(tmp_path, lambda d, s: s['/**']['storage'].update(root=str(invalid_dir)))
+    # Checked by bring-up before anything starts (every node keeps its files under it).
+    _refused(_bringup(params, '--no-bridge'), 'storage.root', str(invalid_dir), 'not a folder')
 
 
 def test_bringup_exits_with_the_path_of_a_corrupt_model(tmp_path):

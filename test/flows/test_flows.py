@@ -33,9 +33,6 @@ def _params(tmp: Path) -> Path:
                                   camera_scenes=['astronaut', 'empty'], camera_scene_s=1.0,
                                   mic_gap_s=1.0,
                                   mic_utterances=['what is the weather in london'])
-    section('router')['history_db'] = str(tmp / 'router.db')
-    section('plugin_host').update(audit_db=str(tmp / 'audit.db'), data_dir=str(tmp / 'plugins'))
-    section('zenoh_bridge')['audit_db'] = str(tmp / 'audit.db')
     path = tmp / 'params.yaml'
     path.write_text(yaml.safe_dump(data))
     # A cloud budget far above any answer time: the test checks the route, not the speed.

@@ -34,7 +34,7 @@ def test_trace_continues_through_an_agent_and_the_router(ros, spawn, tmp_path):
         spawn(str(HERE / 'trace_relay.py'), 'source', 'trace.agent.in', '--ros-args',
               *_ros_args(files['source'])),
         spawn('-m', 'loom_ros.agents.agent_node', '--ros-args', '-p', 'agent_id:=tracer',
-              '-p', f'agents_file:={agents}', '-p', f'state_dir:={tmp_path}',
+              '-p', f'agents_file:={agents}', '-p', f'storage.root:={tmp_path}',
               *_ros_args(files['agent'])),
         spawn('-m', 'loom_ros.router.router_node', '--ros-args',
               '-p', f'history_db:={tmp_path / "router.db"}', *_ros_args(files['router'])),
