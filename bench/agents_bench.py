@@ -43,9 +43,10 @@ def run_loom(n: int, seconds: float, rate: float, feed: str, workers: int) -> di
     from loom_ros.bus.executor import make_executor
     tmp = Path(tempfile.mkdtemp())
     topic = (lambda i: f'bench.agents.s{i}') if feed == 'streams' else (lambda i: 'bench.agents')
+    # Block style: the agents file's reader bounds flow-style brackets per file.
     (tmp / 'agents.yaml').write_text('agents:\n' + ''.join(
-        f'  - {{id: a{i}, behavior: counter, subscriptions: [{topic(i)}], qos: realtime, '
-        'mailbox_size: 100000}\n' for i in range(n)))
+        f'  - id: a{i}\n    behavior: counter\n    subscriptions:\n      - {topic(i)}\n'
+        '    qos: realtime\n    mailbox_size: 100000\n' for i in range(n)))
     rclpy.init()
     rss_before = rss_kb()
     started = time.monotonic()
@@ -97,8 +98,68 @@ def run_loom(n: int, seconds: float, rate: float, feed: str, workers: int) -> di
     return result
 
 
+def run_core(n: int, rounds: int = 10) -> dict:
+    """The runtime without ROS: N agents, `rounds` events each handled in turn on this thread
+    (submit, move on), then until every commit is done; CPU and wall per event. Raw baseline in
+    the same process: the same state upsert + episode insert, one SQLite transaction per event
+    (WAL, synchronous=NORMAL), as each agent's own file did before the layer."""
+    import sqlite3
+
+    from loom_ros.agents.behavior import behavior_entry_points
+    from loom_ros.agents.config import AgentConfig
+    from loom_ros.agents.runtime import Agent
+    from loom_ros.bus.event import Event
+    from loom_ros.storage.storage import Storage, StorageConfig
+    tmp = Path(tempfile.mkdtemp())
+    storage = Storage(StorageConfig(str(tmp), unit='core', max_delay_ms=1.0, hot_max_events=0))
+    behaviors = behavior_entry_points()
+    agents = [Agent(AgentConfig(id=f'a{i}', behavior='counter', subscriptions=['t'],
+                                mailbox_size=100000), storage, lambda *a: None,
+                    behaviors=behaviors) for i in range(n)]
+    for agent in agents:
+        agent.configure()
+        agent.activate()
+        for r in range(rounds):
+            agent.offer(Event(type='tick', id=f'{agent.id}-{r}'))
+    total = n * rounds
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(rounds):
+        for agent in agents:
+            agent.handle_one()
+    submitted = time.perf_counter()
+    storage.flush()
+    done, cpu_done = time.perf_counter(), time.process_time()
+    assert sum(a.stats['handled'] for a in agents) == total
+    commits = storage.writer.batches
+    storage.close()
+    conn = sqlite3.connect(tmp / 'raw.db', isolation_level=None)
+    conn.execute('pragma journal_mode=wal')
+    conn.execute('pragma synchronous=normal')
+    conn.execute('create table kv (ns text, key text, schema int, value text, updated_ms int, '
+                 'primary key (ns, key)) without rowid')
+    conn.execute('create table episodes (id integer primary key, agent_id text, event_id text, '
+                 'time_ms int, type text, source text, tags text, payload text, bytes int)')
+    raw_wall, raw_cpu = time.perf_counter(), time.process_time()
+    for i in range(total):
+        conn.execute('begin')
+        conn.execute('insert into kv values (?, ?, 2, ?, 0) on conflict (ns, key) do update set '
+                     'value = excluded.value', ('agent_state', f'a{i % n}',
+                                                json.dumps({'state': {'total': i}, 'events': i})))
+        conn.execute('insert into episodes (agent_id, event_id, time_ms, type, source, tags, '
+                     "payload, bytes) values (?, ?, 0, 'tick', '', '[]', '', 64)",
+                     (f'a{i % n}', f'e{i}'))
+        conn.execute('commit')
+    raw_done, raw_cpu_done = time.perf_counter(), time.process_time()
+    return {'agents': n, 'events': total, 'commits': commits,
+            'worker_us': round(1e6 * (submitted - wall) / total, 1),
+            'committed_us': round(1e6 * (done - wall) / total, 1),
+            'cpu_us': round(1e6 * (cpu_done - cpu) / total, 1),
+            'raw_us': round(1e6 * (raw_done - raw_wall) / total, 1),
+            'raw_cpu_us': round(1e6 * (raw_cpu_done - raw_cpu) / total, 1)}
+
+
 RAW = '''
-import json, sys, rclpy
+import json, os, sys, rclpy
 from rclpy.node import Node
 from std_msgs.msg import String
 sys.path.insert(0, {here!r})
@@ -110,13 +171,19 @@ for i in range({n}):
     node = Node(f'raw{{i}}')
     node.create_subscription(String, 'bench/raw', lambda m: None, 10)
     nodes.append(node)
-print(json.dumps({{'rss_before_mb': round(before / 1024, 1), 'rss_started_mb': round(rss_kb() / 1024, 1)}}))
+print(json.dumps({{'rss_before_mb': round(before / 1024, 1), 'rss_started_mb': round(rss_kb() / 1024, 1)}}), flush=True)
+os._exit(0)   # tearing 1,000 nodes down takes minutes and measures nothing
 '''
 
 
 def run_raw(n: int) -> dict:
-    out = subprocess.run([sys.executable, '-c', RAW.format(n=n, here=str(HERE))],
-                         capture_output=True, text=True, check=True, timeout=900)
+    """The baseline's RSS; {} when it could not finish (1,000 plain nodes took over 15 minutes
+    to create on the loaded 2-core machine)."""
+    try:
+        out = subprocess.run([sys.executable, '-c', RAW.format(n=n, here=str(HERE))],
+                             capture_output=True, text=True, check=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return {}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -133,11 +200,13 @@ def main() -> int:
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     if args._one:  # one run per process, so RSS is not shared between runs
         n, feed = args._one
+        if feed == 'core':
+            print(json.dumps(run_core(int(n))))
+            return 0
         print(json.dumps(run_loom(int(n), args.seconds, args.rate, feed, args.workers)))
         return 0
     rows, raw = [], {}
-    for n in args.agents:
-        raw[n] = run_raw(n)
+    for n in args.agents:   # Loom first, the baselines after: each its own process
         for feed in args.feeds:
             loom = subprocess.run([sys.executable, __file__, str(n), feed,
                                    '--seconds', str(args.seconds), '--rate', str(args.rate),
@@ -146,11 +215,25 @@ def main() -> int:
             if loom.returncode:
                 print(loom.stderr[-3000:], file=sys.stderr)
                 return 1
-            row = {'loom': json.loads(loom.stdout.strip().splitlines()[-1]), 'raw': raw[n]}
+            row = {'loom': json.loads(loom.stdout.strip().splitlines()[-1])}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    cores = []
+    for n in args.agents:   # the runtime's cost per event without ROS, against raw SQLite
+        core = subprocess.run([sys.executable, __file__, str(n), 'core'], capture_output=True,
+                              text=True, timeout=1800)
+        if core.returncode:
+            print(core.stderr[-3000:], file=sys.stderr)
+            return 1
+        cores.append(json.loads(core.stdout.strip().splitlines()[-1]))
+        print(json.dumps(cores[-1]), flush=True)
+    for n in args.agents:
+        raw[n] = run_raw(n)
+        print(json.dumps({'raw': n, **raw[n]}), flush=True)
+    for row in rows:
+        row['raw'] = raw[row['loom']['agents']]
     results = {'machine': machine(), 'seconds': args.seconds, 'rate': args.rate,
-               'workers': args.workers, 'rows': rows}
+               'workers': args.workers, 'rows': rows, 'core': cores}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'agents.json').write_text(json.dumps(results, indent=1))
@@ -175,11 +258,24 @@ def main() -> int:
         lo, ra = row['loom'], row['raw']
         d = lo['dispatch']
         lines.append(f"| {lo['agents']} | {lo['feed']} | {lo['rss_started_mb']} / "
-                     f"{lo['rss_end_mb']} MB | {ra['rss_started_mb']} MB | {lo['setup_s']} s | "
+                     f"{lo['rss_end_mb']} MB | {ra.get('rss_started_mb', 'timed out')} MB | "
+                     f"{lo['setup_s']} s | "
                      f"{d['p50_us']:.0f} / {d['p99_us']:.0f} / {d['max_us']:.0f} us | "
                      f"{lo['handled_per_s']:.0f} | "
                      f"{lo['agent_events_handled']}/{lo['agent_events_expected']} | "
                      f"{lo['commits']} |")
+    lines += ['', 'Cost per event without ROS (`core`: the agents handled in turn on one thread, '
+              'each submitting its commit and moving on; then until every commit is done), '
+              'against raw SQLite in the same process: the same state upsert and episode insert, '
+              'one transaction per event (WAL, synchronous=NORMAL), which is what each agent\'s '
+              'own file cost before the storage layer.', '',
+              '| agents | events | commits | worker wall / event | until committed / event | '
+              'CPU / event | raw SQLite wall / CPU per event |',
+              '| --- | --- | --- | --- | --- | --- | --- |']
+    for c in cores:
+        lines.append(f"| {c['agents']} | {c['events']} | {c['commits']} | {c['worker_us']} us | "
+                     f"{c['committed_us']} us | {c['cpu_us']} us | {c['raw_us']} / "
+                     f"{c['raw_cpu_us']} us |")
     (out / 'agents.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
     return 0
