@@ -482,7 +482,11 @@ class AgentNode(LifecycleNode):
         return self._audit
 
     def _log(self, level: str, message: str) -> None:
-        getattr(self.get_logger(), level)(message, throttle_duration_sec=1.0)
+        try:
+            getattr(self.get_logger(), level)(message, throttle_duration_sec=1.0)
+        except Exception:  # noqa: BLE001 - the throttle reads the node's clock, gone at shutdown
+            print(f'[{level.upper()}] [{self.get_name()}]: {message[:2000]}', file=sys.stderr,
+                  flush=True)
 
 
 def agent_id_from_args(argv: list[str]) -> str | None:

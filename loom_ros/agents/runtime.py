@@ -18,6 +18,7 @@ to topics, services, heartbeats and lifecycle transitions.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -364,6 +365,7 @@ class Dispatcher:
         self._ready: deque[Agent] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self.errors = 0   # exceptions that escaped an agent's handle_one (workers survive them)
         self._threads = [threading.Thread(target=self._work, daemon=True, name=f'{name}-{i}')
                          for i in range(workers)]
         for thread in self._threads:
@@ -394,6 +396,15 @@ class Dispatcher:
             more = False
             try:
                 more = agent.handle_one()
+            except Exception as exc:  # noqa: BLE001 - a worker never dies of one agent's event
+                # handle_one already contains behavior errors; this is what escaped it (a log
+                # call on a node being torn down, a store that broke): counted, said once in a
+                # while, and the worker serves the next agent.
+                self.errors += 1
+                if self.errors <= 5 or self.errors % 1000 == 0:
+                    print(f'loom dispatcher: agent {agent.id}: {exc!r} escaped its handler '
+                          f'({self.errors} so far); the worker goes on', file=sys.stderr,
+                          flush=True)
             finally:
                 with self._cond:
                     if more and not self._closed:

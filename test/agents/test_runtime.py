@@ -142,3 +142,25 @@ def test_a_state_that_is_not_json_is_a_behavior_error_rolled_back(storage):
     assert agent.persist_failed is None
     assert storage.agent_state.load('a0') == ({'last_id': 'e2'}, 3)
     agent.cleanup()
+
+
+def test_an_exception_escaping_an_agent_does_not_kill_a_dispatcher_worker(storage):
+    """What escapes handle_one (behavior errors are contained; here the error's own log call
+    raises, as a node's logger did at shutdown) is counted and the worker serves the next agent:
+    a dead worker would leave the node silently short of workers."""
+    def broken_log(level, message):
+        raise RuntimeError('the node is being torn down')
+    broken = Agent(AgentConfig(id='broken', behavior='counter', subscriptions=['t']), storage,
+                   lambda *a: None, log=broken_log)
+    broken.configure()
+    broken.activate()
+    (fine,), _ = make_agents(storage, 1)
+    dispatcher = Dispatcher(1)
+    try:
+        for i in range(3):
+            dispatcher.deliver(broken, Event(type='fail.please', id=f'bad-{i}'))
+        dispatcher.deliver(fine, Event(type='tick', id='after'))
+        wait_until(lambda: fine.stats['handled'] == 1, 'the other agent served by the one worker')
+        wait_until(lambda: dispatcher.errors >= 1, 'the escape counted')
+    finally:
+        dispatcher.close()
