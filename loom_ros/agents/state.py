@@ -107,7 +107,5 @@ class AgentStore:
         for ticket in tickets:
             try:
                 ticket.wait(max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                raise
-            except StorageError:
+            except StorageError:   # told to on_done already; a TimeoutError goes up
                 pass
