@@ -4,8 +4,9 @@ read, without rosbag2 (not installable from PyPI wheels).
 Messages are stored as they arrive on the wire (CDR, no deserialization), one channel per topic,
 with `ros2msg` schemas: the type's .msg definition followed by every nested type's, separated the
 way rosbag2 writes them, found through the ament index. Topics are subscribed as they appear in
-the graph (best effort, so it matches reliable and best-effort publishers alike), until SIGINT /
-SIGTERM or `--duration`. A JSON line `{"first_message": topic}` says when each topic's first
+the graph (reliable when every publisher then is, as rosbag2 does, else best effort, which
+matches every publisher; a best-effort publisher appearing later on a topic recorded reliably is
+not matched), until SIGINT / SIGTERM or `--duration`. A JSON line `{"first_message": topic}` says when each topic's first
 message is written; the summary (messages per topic) is one JSON line at the end.
 
 Secrets are masked before anything is written (telemetry's rules, `mask_text`/`mask_value`):
@@ -288,7 +289,6 @@ def _record_node(recorder: McapRecorder, topics: list[str]):
             self.create_timer(0.2, self._discover)
 
         def _discover(self):
-            qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT)
             for name, types in self.get_topic_names_and_types():
                 if name not in self.wanted or name in self.subs or name in self.problems:
                     continue
@@ -300,7 +300,17 @@ def _record_node(recorder: McapRecorder, topics: list[str]):
                     self.get_logger().error(f'cannot record {name}: {exc}')
                     continue
                 self.subs[name] = self.create_subscription(
-                    msg_type, name, lambda data, n=name: recorder.write(n, data), qos, raw=True)
+                    msg_type, name, lambda data, n=name: recorder.write(n, data),
+                    self._qos(name), raw=True)
+
+        def _qos(self, name: str) -> QoSProfile:
+            """rosbag2's choice: reliable when every publisher is (nothing sent reliably is
+            lost to the recording), else best effort (matches every publisher)."""
+            infos = self.get_publishers_info_by_topic(name)
+            reliable = bool(infos) and all(
+                i.qos_profile.reliability == ReliabilityPolicy.RELIABLE for i in infos)
+            return QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE if reliable
+                              else ReliabilityPolicy.BEST_EFFORT)
 
         def _channel_metadata(self, name: str) -> dict[str, str]:
             """The publishers' durability: transient_local if any offers it."""

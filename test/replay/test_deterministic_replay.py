@@ -33,7 +33,7 @@ def _frames():
         return np.asarray(Image.fromarray(make_scene(name)).resize(SIZE))
     face, mirrored, empty = (small(n) for n in ('astronaut', 'astronaut_mirrored', 'empty'))
     # Alternating with the empty scene, so every frame gets an answer (a face, or 'no face').
-    return [face, empty, mirrored, empty, face, empty]
+    return [face, empty, mirrored, empty, face, empty] * 2
 
 
 def _config(tmp_path):
@@ -122,8 +122,9 @@ def _stop(procs):
     return [proc.finish() for proc in procs]
 
 
-def _recorded(path, first_id: str):
-    """The recorded decisions, and the offset (s) of the frame `first_id` into the recording."""
+def _recorded(path, sent: list[str]):
+    """The recorded decisions, which of the `sent` frames the file holds, and the offset (s)
+    into the recording of the first of them."""
     from loom_msgs.msg import Event, RouteDecision
     from rclpy.serialization import deserialize_message
 
@@ -131,19 +132,22 @@ def _recorded(path, first_id: str):
     from loom_ros.replay.player import NS as SECOND
     from loom_ros.replay.ros import RosTypes
     source = McapSource(path, RosTypes())
-    decisions, t0, start = [], None, None
+    decisions, frames, t0, start = [], set(), None, None
     for m in source.messages():
         t0 = m.log_time_ns if t0 is None else t0
         if m.topic == f'{REC}/router/decisions':
             decisions.append(deserialize_message(m.data, RouteDecision))
-        elif start is None and deserialize_message(m.data, Event).id == first_id:
-            start = (m.log_time_ns - t0) / SECOND
+            continue
+        frame = deserialize_message(m.data, Event).id
+        if frame in sent:
+            frames.add(frame)
+            start = (m.log_time_ns - t0) / SECOND if start is None else start
     # The recorder noted each publisher's durability (what loom play offers again).
     durability = {c.topic: c.metadata.get('loom.durability') for c, _ in source.channels.values()}
     assert durability[f'{REC}/loom/camera/front'] == 'volatile'
     assert durability[f'{REC}/router/decisions'] == 'volatile'
-    assert start is not None, 'the first recorded frame is in the file'
-    return decisions, start
+    assert start is not None, 'no recorded frame is in the file'
+    return decisions, frames, start
 
 
 def _fields(msg) -> dict:
@@ -204,12 +208,17 @@ def test_a_recording_replays_into_a_fresh_system_with_the_same_decisions(ros, sp
         lines = [recorder.last] + [line for line in iter(lambda: recorder.poll_line(0), None)]
         summary = json.loads([line for line in lines if '"messages"' in line][-1])
         assert recorder.popen.returncode == 0, err
-        decided = [i for i in sent if i in rec_camera.decisions]
-        recorded, start_s = _recorded(tmp_path / 'run.mcap', sent[0])
-        assert summary['messages'][f'{REC}/loom/camera/front'] >= len(frames), summary
-        assert [m.event_id for m in recorded if m.event_id in sent] == decided, summary
-        assert len(decided) >= 3, recorded
-        recorded = [m for m in recorded if m.event_id in sent]
+        # Camera frames are best effort: one the recorder lost is not in the recording (it was
+        # decided, or not, in the recorded run all the same); what is in it must replay the same.
+        recorded, in_file, start_s = _recorded(tmp_path / 'run.mcap', sent)
+        kept = [i for i in sent if i in in_file]
+        decided = [i for i in kept if i in rec_camera.decisions]
+        assert summary['messages'][f'{REC}/loom/camera/front'] >= len(kept), summary
+        # Decisions are recorded reliably (their publishers are reliable): none is missing.
+        assert [m.event_id for m in recorded if m.event_id in sent] == \
+            [i for i in sent if i in rec_camera.decisions], summary
+        assert len(decided) >= 3, (kept, recorded)
+        recorded = [m for m in recorded if m.event_id in kept]
 
         # 2. The replay into the other router and agent, its frames remapped into PLAY.
         seen = {}
@@ -224,15 +233,15 @@ def test_a_recording_replays_into_a_fresh_system_with_the_same_decisions(ros, sp
                      'the replayed frames\' decisions', alive=procs)
         code, out, err = player.finish()
         played = json.loads(out.strip().splitlines()[-1])
-        assert code == 0 and played['played'] == len(frames) and not played['skipped'], played
-        assert played['filtered'] == summary['messages'][f'{REC}/loom/camera/front'] - len(frames) \
+        assert code == 0 and played['played'] == len(kept) and not played['skipped'], played
+        assert played['filtered'] == summary['messages'][f'{REC}/loom/camera/front'] - len(kept) \
             + summary['messages'][f'{REC}/router/decisions']   # the probes, the decisions
         for original in recorded:
             again = seen[original.event_id]
             assert _fields(again) == _fields(original)
             assert again.decision_id != original.decision_id   # new ids: not deterministic
         # Nothing the recorded run did not decide was decided on replay (the empty frames).
-        assert not set(seen) & (set(sent) - set(decided))
+        assert not set(seen) & (set(kept) - set(decided))
         assert not set(seen) & set(warm)   # the warm-up was before the subscription
         ros.node.destroy_subscription(sub)
         _stop(procs)
