@@ -61,7 +61,7 @@ class RouterHistory:
                 decision_id, event_id, request.event_type, request.agent_id,
                 int(request.privacy), decision.route.value, decision.rule, decision.confidence,
                 decision.cloud_cost, request.local_confidence, request.payload_bytes,
-                request.latency_budget_ms, now)
+                request.latency_budget_ms, now, subject=request.subject)
 
     def record_outcome(self, outcome: Outcome, now: float | None = None) -> None:
         with _history_errors():

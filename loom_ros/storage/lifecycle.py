@@ -220,8 +220,9 @@ class Lifecycle:
         p, now, out = self.params, self.clock(), []
         youngest = min([getattr(p.default, age_attr)] + [getattr(r.policy, age_attr)
                                                          for r in p.rules])
-        cols = ('id, agent_id, type, source, time_ms, payload, tags, event_id' if table ==
-                'episodes' else 'id, agent_id, type, source, first_ms, last_ms, count, summary')
+        cols = ('id, agent_id, type, source, time_ms, payload, tags, event_id, subject'
+                if table == 'episodes' else
+                'id, agent_id, type, source, first_ms, last_ms, count, summary, subject')
         horizon, after = now - int(youngest * 1000), (-2**63, 0)
         for _page in range(20):   # rows a longer policy keeps do not block the others
             rows = self.conn.execute(
@@ -254,7 +255,8 @@ class Lifecycle:
         bucket_ms = max(1, int(self.params.bucket_s * 1000))
         for row, policy in due:
             if policy.cold:
-                key = (row[1], row[2], row[3], row[4] // bucket_ms)
+                # per data subject too: one memory never mixes two people (erasure, export)
+                key = (row[1], row[2], row[3], row[4] // bucket_ms, row[8])
                 groups.setdefault(key, []).append(row)
             elif policy.archive:
                 raw.append(row)
@@ -272,10 +274,10 @@ class Lifecycle:
             for memory, code in zip(memories, codes):
                 cursor = conn.execute(
                     'insert into cold (agent_id, type, source, first_ms, last_ms, count, summary, '
-                    'code, bytes) values (?, ?, ?, ?, ?, ?, ?, ?, ?)',
+                    'code, bytes, subject) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
                     (memory['agent_id'], memory['type'], memory['source'], memory['first_ms'],
                      memory['last_ms'], memory['count'], memory['summary'], code,
-                     len(memory['summary']) + len(code) + 64))
+                     len(memory['summary']) + len(code) + 64, memory['subject']))
                 ids.append(cursor.lastrowid)
             conn.executemany('insert into cold_log (op, id) values (?, ?)',
                              [(ADD, i) for i in ids])
@@ -473,7 +475,7 @@ class Lifecycle:
         if n > 1:
             text += f' ... {last[5][:cut]}'
         return {'agent_id': agent, 'type': type_, 'source': source, 'first_ms': first[4],
-                'last_ms': last[4], 'count': n, 'summary': text}
+                'last_ms': last[4], 'count': n, 'summary': text, 'subject': first[8]}
 
     # -- budgets ---------------------------------------------------------------------------------
     def usage(self) -> dict[str, dict]:

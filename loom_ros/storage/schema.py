@@ -16,13 +16,15 @@ DDL = [
     # Warm tier: full events.
     'create table if not exists episodes (id integer primary key, agent_id text not null, '
     'event_id text not null, time_ms int not null, type text not null, source text not null, '
-    'tags text not null, payload text not null, bytes int not null)',
+    'tags text not null, payload text not null, bytes int not null, '
+    "subject text not null default '')",
     'create index if not exists episodes_agent_time on episodes (agent_id, time_ms)',
     'create index if not exists episodes_time on episodes (time_ms)',
     # Cold tier: events condensed into memories; the vector is an int8 code (see cold.py).
     'create table if not exists cold (id integer primary key, agent_id text not null, '
     'type text not null, source text not null, first_ms int not null, last_ms int not null, '
-    'count int not null, summary text not null, code blob not null, bytes int not null)',
+    'count int not null, summary text not null, code blob not null, bytes int not null, '
+    "subject text not null default '')",
     'create index if not exists cold_last on cold (last_ms)',
     'create index if not exists cold_agent_first on cold (agent_id, first_ms)',
     # Every change of the cold rows, in the transaction that made it: the index replays it.
@@ -47,7 +49,8 @@ DDL = [
 ROUTER_DDL = [
     'create table if not exists decisions (id text primary key, time real, event_id text, '
     'event_type text, agent_id text, privacy int, route text, rule text, confidence real, '
-    'cloud_cost real, local_confidence real, payload_bytes int, latency_budget_ms real)',
+    'cloud_cost real, local_confidence real, payload_bytes int, latency_budget_ms real, '
+    "subject text not null default '')",
     'create table if not exists outcomes (decision_id text, time real, event_type text, '
     'backend text, latency_ms real, cost real, success int, confidence real)',
     'create index if not exists outcomes_time on outcomes (time)',
@@ -79,6 +82,23 @@ AUDIT_DDL = [
 ]
 AUDIT_UPGRADE = 'alter table audit add column hash text'   # when pragma table_info has no hash
 
+# The data subject (bus/privacy.py SUBJECT_METADATA_KEY) of what a row holds, '' when anonymous:
+# erasure and export (storage/erasure.py) find a person's rows by it. Files from before it get
+# the column (ALTER TABLE) when opened; the index is made once the column exists.
+SUBJECT_TABLES = ('episodes', 'cold', 'decisions')
+
+
+def upgrade_subjects(conn: sqlite3.Connection) -> None:
+    """Add the `subject` column (and its index) to each of SUBJECT_TABLES the file has; call
+    inside the transaction that creates the tables."""
+    for table in SUBJECT_TABLES:
+        columns = {r[1] for r in conn.execute(f'pragma table_info({table})')}
+        if not columns:
+            continue
+        if 'subject' not in columns:
+            conn.execute(f"alter table {table} add column subject text not null default ''")
+        conn.execute(f'create index if not exists {table}_subject on {table} (subject)')
+
 DDL = DDL + ROUTER_DDL + AUDIT_DDL
 
 
@@ -88,6 +108,7 @@ def create(conn: sqlite3.Connection, statements: list[str]) -> None:
     try:
         for statement in statements:
             conn.execute(statement)
+        upgrade_subjects(conn)
         conn.execute('COMMIT')
     except BaseException:
         conn.execute('ROLLBACK')
@@ -100,6 +121,7 @@ def ensure(conn: sqlite3.Connection, path) -> None:
     try:
         for statement in DDL:
             conn.execute(statement)
+        upgrade_subjects(conn)
         row = conn.execute("select value from meta where key = 'version'").fetchone()
         if row is None:
             conn.execute("insert into meta values ('version', ?)", (str(VERSION),))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
+from loom_ros.bus.privacy import SubjectError, event_subject
 from loom_ros.storage import auditchain, schema
 from loom_ros.storage.errors import CorruptRecordError, StorageError
 from loom_ros.storage.sqlite import open_database
@@ -199,12 +200,24 @@ def episode_row(agent_id: str, event, mask: Callable[[str], str] = mask_text) ->
             mask(_payload_text(event.payload)))
 
 
+def episode_subject(event) -> str:
+    """The data subject an event names ('' when anonymous). An invalid id is stored as ''
+    too: it cannot be asked for by forget/export, which check ids the same way."""
+    try:
+        return event_subject(event)
+    except SubjectError:
+        return ''
+
+
 class EpisodeStore:
     """The event log (warm tier), with the most recent events of each agent served from memory
     (hot tier: a read cache; every write is durable through the writer)."""
 
     INSERT = ('insert into episodes (agent_id, event_id, time_ms, type, source, tags, payload, '
               'bytes) values (?, ?, ?, ?, ?, ?, ?, ?)')
+    # with the event's data subject (loom.subject metadata), which erasure and export go by
+    INSERT_SUBJECT = ('insert into episodes (agent_id, event_id, time_ms, type, source, tags, '
+                      'payload, bytes, subject) values (?, ?, ?, ?, ?, ?, ?, ?, ?)')
 
     def __init__(self, storage, mask: Callable[[str], str] = mask_text):
         self.storage, self.mask = storage, mask
@@ -215,7 +228,8 @@ class EpisodeStore:
     def record_op(self, agent_id: str, event) -> tuple:
         """The insert of one event (secrets in payload and tags masked before the file)."""
         row = episode_row(agent_id, event, self.mask)
-        return (self.INSERT, (*row, len(row[6]) + len(row[5]) + 64))
+        return (self.INSERT_SUBJECT, (*row, len(row[6]) + len(row[5]) + 64,
+                                      episode_subject(event)))
 
     def record(self, agent_id: str, event) -> Ticket:
         ticket = self.storage.writer.submit((self.record_op(agent_id, event),))
@@ -398,13 +412,18 @@ class RouterHistoryStore:
     def record_decision(self, decision_id: str, event_id: str, event_type: str, agent_id: str,
                         privacy: int, route: str, rule: str, confidence: float,
                         cloud_cost: float, local_confidence: float | None, payload_bytes: int,
-                        latency_budget_ms: float | None, now: float | None = None) -> Ticket:
+                        latency_budget_ms: float | None, now: float | None = None,
+                        subject: str = '') -> Ticket:
+        """`subject`: the data subject the decided event names ('' anonymous), for erasure."""
         ticket = self.db.write(
-            'insert into decisions values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+            'insert into decisions (id, time, event_id, event_type, agent_id, privacy, route, '
+            'rule, confidence, cloud_cost, local_confidence, payload_bytes, latency_budget_ms, '
+            'subject) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
             (decision_id, now or time.time(), event_id, event_type, agent_id, int(privacy), route,
              rule, confidence, cloud_cost, local_confidence, payload_bytes,
              # SQLite has no infinity in JSON terms; no deadline is stored as NULL.
-             None if latency_budget_ms == float('inf') else latency_budget_ms))
+             None if latency_budget_ms == float('inf') else latency_budget_ms,
+             str(subject or '')[:128]))
         self.routes[route] += 1
         return ticket
 
