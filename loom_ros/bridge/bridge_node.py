@@ -33,7 +33,7 @@ from loom_ros.bridge.zenoh_link import (
 from loom_ros.bridge.zenoh_router import router_access_control
 from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import EventRejected
-from loom_ros.bus.executor import ReleasingLifecycleNode, run_lifecycle_node
+from loom_ros.bus.executor import ReleasingLifecycleNode, run_lifecycle_node, timer_callback
 from loom_ros.bus.qos import to_qos_profile
 from loom_ros.config.params import (
     ConfigError, ParamSpec, config_dir, declare_parameters, node_defaults, read_yaml,
@@ -172,7 +172,7 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self._commands = commands
         self.bus = create_bus(self, SECTION)
-        self._wake = self.create_timer(SERVICE_PERIOD_S, self._service)
+        self._wake = self.create_timer(SERVICE_PERIOD_S, timer_callback(self._service))
         self.link = ZenohLink(make_config, logger=self.get_logger())
         if identity is None:
             self.get_logger().warning(INSECURE_WARNING)

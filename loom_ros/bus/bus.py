@@ -25,6 +25,7 @@ from rclpy.serialization import deserialize_message
 
 from loom_ros.bus.backpressure import PASSTHROUGH, BackpressurePolicy, DeliveryQueue, Flow
 from loom_ros.bus.event import DEFAULT_MAX_PAYLOAD_BYTES, Event, EventRejected, RejectReason
+from loom_ros.bus.executor import timer_callback
 from loom_ros.bus.names import (
     TopicNameError, TopicPattern, from_ros_topic, to_ros_topic, validate_topic,
 )
@@ -301,7 +302,8 @@ class EventBus:
             outlet = _Outlet(topic, level, pub)
             self._outlets[topic] = outlet
             if outlet.batched and self._batch_timer is None:
-                self._batch_timer = self.node.create_timer(self.batch_max_age_s, self.flush)
+                self._batch_timer = self.node.create_timer(self.batch_max_age_s,
+                                                          timer_callback(self.flush))
             return outlet
 
     def publisher_for(self, topic: str, qos=None):

@@ -12,6 +12,7 @@ Measured on rclpy 9.1.2: the EventsExecutor keeps firing a timer after its callb
 """
 from __future__ import annotations
 
+import inspect
 import signal
 import time
 from collections import Counter
@@ -66,6 +67,17 @@ def _record_callback_error(executor, exc: Exception, log: bool) -> None:
                 f'a callback raised {type(exc).__name__}: {str(exc)[:300]} (counted as '
                 f'callback_error, {callback_errors[node.get_fully_qualified_name()]} so far); '
                 'the node keeps spinning')
+
+
+def timer_callback(callback):
+    """`callback` for create_timer with its signature precomputed: rclpy's executors call
+    inspect.signature on a timer's callback at every tick (to see whether it wants a TimerInfo),
+    about 40 us for a bound method here, 4 us with this: a 200 Hz timer saves ~1 % of a core."""
+    def tick():
+        callback()
+    tick.__signature__ = inspect.Signature()
+    tick.__wrapped_callback__ = callback
+    return tick
 
 
 class ReleasingLifecycleNode:

@@ -26,7 +26,7 @@ from rclpy.node import Node
 from loom_ros.bus import topics
 from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import Event, Privacy
-from loom_ros.bus.executor import run_node
+from loom_ros.bus.executor import run_node, timer_callback
 from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.config.params import ParamSpec, declare_parameters
 from loom_ros.sensors import scenes
@@ -75,7 +75,7 @@ class SimSensorsNode(Node):
             self._imu_msg = Imu
             self._imu_pub = self.create_publisher(Imu, IMU_TOPIC,
                                                   to_qos_profile(QosLevel.REALTIME))
-            self.create_timer(1.0 / params['imu_rate_hz'], self._publish_imu)
+            self.create_timer(1.0 / params['imu_rate_hz'], timer_callback(self._publish_imu))
         # Camera: every scene rendered once, as a ready sensor_msgs/Image.
         self._frames = []
         if params['camera_rate_hz'] > 0:
@@ -91,7 +91,8 @@ class SimSensorsNode(Node):
             self._image_pub = self.create_publisher(Image, CAMERA_IMAGE_TOPIC,
                                                     to_qos_profile(QosLevel.REALTIME))
             self._start = time.monotonic()
-            self.create_timer(1.0 / params['camera_rate_hz'], self._publish_frame)
+            self.create_timer(1.0 / params['camera_rate_hz'],
+                              timer_callback(self._publish_frame))
             warn_without_frame_transport(self.get_logger())
         # Microphone: clips synthesised off the executor; the timer plays them in real time.
         self._chunk = int(scenes.MIC_RATE * params['mic_chunk_ms'] / 1000)
