@@ -52,9 +52,12 @@ from loom_ros.telemetry.logs import mask_node_logger, mask_text, mask_value
 MIC_PRIMARY = 'mic.primary'   # raw microphone audio (sim_sensors' MIC_TOPIC; not in topics.py)
 
 # What the UI and agents said, and what a replay needs (inputs, decisions and their outcomes).
+# Camera frames are opt-in (--camera): about 8 MB/s raw at 10 Hz, 146 MB for a 30 s demo, and
+# compressing them took CPU from the face flow it records.
+CAMERA_TOPICS = [to_ros_topic(topics.CAMERA_FRONT)]
 DEFAULT_TOPICS = [
     'loom/ui/state', 'loom/ui/markers', topics.ROUTER_DECISIONS, topics.ROUTER_OUTCOMES,
-    to_ros_topic(topics.CAMERA_FRONT), to_ros_topic(MIC_PRIMARY),
+    to_ros_topic(MIC_PRIMARY),
     to_ros_topic(topics.agent_action('face')), to_ros_topic(topics.agent_action('voice')),
     to_ros_topic(topics.agent_intent('voice')), to_ros_topic(topics.MIC_PRIMARY_SPEECH),
     'imu/data', topics.AGENTS_STATUS,
@@ -332,6 +335,9 @@ def _arguments(p) -> None:
     p.add_argument('--topics', nargs='*', default=None,
                    help=f'ROS topics (relative ones under the namespace); default: '
                         f'{" ".join(DEFAULT_TOPICS)}')
+    p.add_argument('--camera', action='store_true',
+                   help=f'also record camera frames ({" ".join(CAMERA_TOPICS)}; about 8 MB/s at '
+                        '10 Hz), what a replay of the face flow needs')
     p.add_argument('--duration', type=float, default=0.0, help='stop after this many seconds')
 
 
@@ -355,7 +361,8 @@ def run(args, ros_args: list[str]) -> int:
         signal.signal(signum, request_stop)
     recorder = McapRecorder(args.output, on_first=lambda topic: print(
         json.dumps({'first_message': topic}), flush=True))   # a topic is being recorded
-    node = _record_node(recorder, args.topics or DEFAULT_TOPICS)
+    node = _record_node(recorder, (args.topics or DEFAULT_TOPICS) +
+                        (CAMERA_TOPICS if getattr(args, 'camera', False) else []))
     if args.duration:
         node.create_timer(args.duration, request_stop)
     executor = make_executor()

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from loom_ros.router.evaluate import REPO_CONFIG
+from loom_ros.config.params import config_dir
 
 
 def add_parser(sub) -> None:
@@ -23,7 +23,10 @@ def add_parser(sub) -> None:
 def _arguments(p) -> None:
     p.add_argument('--from', dest='sources', nargs='+', required=True, metavar='PATH',
                    help='MCAP recordings, or folders searched for *.mcap')
-    p.add_argument('--policy', default=str(REPO_CONFIG), help='routing policy YAML (prices)')
+    # Not evaluate.REPO_CONFIG: importing the evaluator pulls in scikit-learn (~2 s), which every
+    # `loom` command would pay at start.
+    p.add_argument('--policy', default=str(config_dir() / 'policy.yaml'),
+                   help='routing policy YAML (prices)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--max-files', type=int, default=1000, help='refuse more recordings')
     p.add_argument('--max-rows', type=int, default=200_000, help='use at most this many rows')

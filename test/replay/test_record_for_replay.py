@@ -13,7 +13,7 @@ from rclpy.serialization import deserialize_message, serialize_message
 from loom_ros.bus import topics
 from loom_ros.bus.names import to_ros_topic
 from loom_ros.cli.record import (
-    DEFAULT_TOPICS, KEEP, MAX_MASKED_PAYLOAD, STRIP, STRIPPED_KEY, McapRecorder,
+    CAMERA_TOPICS, DEFAULT_TOPICS, KEEP, MAX_MASKED_PAYLOAD, STRIP, STRIPPED_KEY, McapRecorder,
 )
 
 SECRET = 'call me with password=Hunter2Secret'
@@ -33,10 +33,10 @@ def _read(path):
 
 
 def test_the_default_topics_hold_what_a_replay_needs():
-    for topic in (topics.ROUTER_DECISIONS, topics.ROUTER_OUTCOMES,
-                  to_ros_topic(topics.CAMERA_FRONT), 'loom/mic/primary',
+    for topic in (topics.ROUTER_DECISIONS, topics.ROUTER_OUTCOMES, 'loom/mic/primary',
                   to_ros_topic(topics.MIC_PRIMARY_SPEECH)):
         assert topic in DEFAULT_TOPICS
+    assert to_ros_topic(topics.CAMERA_FRONT) in CAMERA_TOPICS   # --camera: large, opt-in
 
 
 def test_frames_and_audio_are_kept_byte_for_byte_and_text_is_still_masked(tmp_path):
