@@ -21,7 +21,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol
 
 from loom_ros.bus.event import Event, Privacy
-from loom_ros.bus.privacy import effective_privacy
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, effective_privacy
 from loom_ros.plugins.contract import PluginResponse
 
 if TYPE_CHECKING:   # the ports' data types; imported where used, to keep this module light
@@ -145,7 +145,10 @@ class AgentContext:
             event_id=event.id, event_type=event_type, agent_id=self.agent_id,
             privacy=effective_privacy(event), local_confidence=confidence,
             latency_budget_ms=latency_budget_ms, local_supported=local_supported,
-            payload_bytes=len(event.payload)))
+            payload_bytes=len(event.payload),
+            # The data subject as the event names it, unchecked: the router's consent rule
+            # judges it (an invalid id stays local).
+            subject=str(event.metadata.get(SUBJECT_METADATA_KEY, ''))))
 
     def report(self, outcome: 'Outcome') -> None:
         """An executed route's outcome, for the router (cloud.client.execute_route's `report`)."""

@@ -244,6 +244,39 @@ def test_a_private_utterance_never_goes_to_the_cloud(host, router, tmp_path, hea
     assert {p for *_x, p in emitted} == {Privacy.PRIVATE}
 
 
+def test_an_utterance_naming_a_subject_without_cloud_consent_stays_local(host, tmp_path, heard):
+    """The agent's route port carries the event's data subject (loom.subject): the router's
+    consent rule keeps it local until the subject's cloud consent is granted."""
+    from loom_ros.security.audit import AuditLog
+    from loom_ros.storage.consent import ConsentRegistry, SubjectRefs
+    audit = AuditLog(tmp_path / 'audit.db')
+    consent = ConsentRegistry(tmp_path / 'consent.db', audit=audit,
+                              refs=SubjectRefs.at(tmp_path / 'keys'))
+    router = LocalRouter.from_file(REPO / 'config' / 'policy.yaml',
+                                   RouterHistory(tmp_path / 'router.db', 86400))
+    router.consent = consent.lookup
+    utterance = heard('what is the weather in london')[-1]
+
+    def ask(event_id):
+        emitted = Emitted()
+        voice = agent('voice', tmp_path / event_id, emitted,
+                      Ports(router, InProcessPlugins(host.handles)))
+        handle(voice, Event(type=utterance.type, payload=utterance.payload, id=event_id,
+                            source=utterance.source, confidence=utterance.confidence,
+                            privacy=utterance.privacy, metadata={'loom.subject': 'alice'}))
+        [(weather, _p)] = emitted.of('weather')
+        return weather
+    kept = ask('before')
+    assert kept['route'] == 'local' and kept['fallback'] is False
+    consent.grant('alice', 'cloud', 'test:nurse')
+    assert ask('after')['route'] == 'hybrid'   # as for an anonymous utterance
+    rules = [r['rule'] for r in router.history.db.query('select rule from decisions order by '
+                                                        'time')]
+    assert rules == ['consent', 'hybrid']
+    consent.close()
+    audit.close()
+
+
 # -- the host's cloud link ----------------------------------------------------------------------
 def test_cloud_link_retries_a_failed_open_only_when_due_and_closes_what_it_opened():
     class Session:
