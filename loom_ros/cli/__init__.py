@@ -9,7 +9,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from loom_ros.cli import (
-        audit, bringup, consent, demo, keys, play, pubsub, record, router_train, storage,
+        audit, bringup, consent, demo, forget, keys, play, pubsub, record, router_train, storage,
     )
     parser = argparse.ArgumentParser(prog='loom', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     storage.add_parser(sub)
     audit.add_parser(sub)
     consent.add_parser(sub)
+    forget.add_parsers(sub)   # loom forget SUBJECT, loom export SUBJECT --output FILE
     play.add_parser(sub)
     router_train.add_parser(sub)   # loom router train
     status = sub.add_parser('status', help='live view of a running system (loom/metrics, stats)',

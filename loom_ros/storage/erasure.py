@@ -1,0 +1,728 @@
+"""The right to erasure and the right of access on one robot (issue 17): `forget` erases
+physically everything held about a data subject under a storage root, `export` writes it into
+one archive a person can read. The fleet / cloud tier is not covered here (see docs/privacy.md).
+
+What names a subject: the `subject` column of episodes, cold memories and router decisions
+(filled from the event's `loom.subject` metadata), consent rows, the subject's data key, object
+keys under `subjects/<subject>/`, archive records with a `subject` field, trace lines and MCAP
+Event messages whose metadata names it. Physical: every SQLite file is written with
+`secure_delete=on`, then checkpointed (`wal_checkpoint(TRUNCATE)`) and VACUUMed, so neither
+free pages nor the WAL keep a copy; archives, traces and recordings are rewritten to a temporary
+file and renamed over the old one. The audit log keeps only a tombstone (a keyed hash of the
+subject, when, who asked, counts per tier).
+
+Unit databases are erased under the locks their writers take (Storage's `<unit>.db.lock`, the
+lifecycle's `cold/<unit>.lock`): while an agent host or the storage node holds one, `forget`
+refuses (ErasureError naming it) and changes nothing in that unit; stop them first."""
+from __future__ import annotations
+
+import fcntl
+import gzip
+import json
+import os
+import sqlite3
+import struct
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, check_subject
+from loom_ros.security.keyring import KEYRING_FILE, Keyring, KeyringError
+from loom_ros.storage.backend.encrypted import EncryptedObjectStore
+from loom_ros.storage.backend.local import LocalObjectStore
+from loom_ros.storage.cold import MAGIC as COLD_MAGIC, IndexParams
+from loom_ros.storage.consent import (CONSENT_DDL, ConsentRegistry, SubjectRefs, check_source,
+                                      consent_path)
+from loom_ros.storage.errors import StorageError
+from loom_ros.storage.layout import StorageLayout
+from loom_ros.storage.lifecycle import Lifecycle
+from loom_ros.storage.sqlite import open_database
+
+SUBJECT_OBJECTS = 'subjects'         # object keys subjects/<subject>/... belong to that subject
+MAX_TRACE_LINE = 1 << 20             # longer lines are kept out of an export, dropped by forget
+MAX_TRACE_BYTES = 512 * 1024 * 1024  # a trace file larger than this is refused, not read
+TIERS = ('episodes', 'cold', 'facts', 'decisions', 'outcomes', 'consent', 'keys', 'archive_records',
+         'archive_files', 'blobs', 'trace_lines', 'recording_messages')
+
+
+class ErasureError(StorageError):
+    """Erasure or export cannot run (a unit held by a running process, a bad argument)."""
+
+
+@dataclass
+class Receipt:
+    """What `forget` erased, per tier; `subject_ref` is the keyed hash the tombstone names."""
+
+    subject_ref: str
+    requested_by: str
+    at_ms: int
+    counts: dict = field(default_factory=lambda: {t: 0 for t in TIERS})
+    files: int = 0               # files rewritten or deleted
+    not_covered: list = field(default_factory=list)
+    audit_id: int = 0
+
+    def as_dict(self) -> dict:
+        return {'subject_ref': self.subject_ref, 'requested_by': self.requested_by,
+                'at_ms': self.at_ms, 'counts': dict(self.counts), 'files': self.files,
+                'not_covered': list(self.not_covered), 'audit_id': self.audit_id}
+
+
+# What forget cannot trace to a subject, said in every receipt (and docs/privacy.md).
+NOT_COVERED = [
+    'agent state (kv) and plugin data: not indexed by subject',
+    'facts derived from an event already condensed to cold (their provenance event id is gone)',
+    'archive records written before the subject column existed (no subject field)',
+    'agents\' own files from before the storage layer (<root>/agents/*.db)',
+    'records in the append-only audit log other than consent changes (which name a keyed hash)',
+    'the fleet / cloud tier and the bridge outbox',
+]
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@contextmanager
+def _flock(path: Path, what: str):
+    """The lock a writer of the storage layer holds; refused (ErasureError) while one runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ErasureError(f'{what} is held by a running process ({path}); stop the nodes '
+                               'that write this storage root (agent hosts, the storage node) and '
+                               'run it again: nothing of this unit was changed') from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _index_dim(path: Path) -> int:
+    """The dimensions of a unit's persisted cold index (384 when there is none)."""
+    try:
+        with open(path, 'rb') as stream:
+            head = stream.read(12)
+            if head[:8] != COLD_MAGIC:
+                return 384
+            size = struct.unpack_from('<I', head, 8)[0]
+            return int(json.loads(stream.read(min(size, 4096)))['dim'])
+    except (OSError, ValueError, KeyError, struct.error):
+        return 384
+
+
+def _scrub(conn: sqlite3.Connection, path) -> bool:
+    """Checkpoint the WAL into the file, VACUUM (no free page keeps an old row), checkpoint and
+    truncate the WAL again. False when a reader kept a checkpoint from completing."""
+    try:
+        conn.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+        conn.execute('VACUUM')
+        busy = conn.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()[0]
+    except sqlite3.Error as exc:
+        raise ErasureError(f'{path}: cannot vacuum after erasure: {exc}') from None
+    return busy == 0
+
+
+def _delete(conn: sqlite3.Connection, sql: str, args=()) -> int:
+    return conn.execute(sql, args).rowcount
+
+
+def _has(conn: sqlite3.Connection, table: str, column: str = '') -> bool:
+    cols = {r[1] for r in conn.execute(f'pragma table_info({table})')}
+    return bool(cols) and (not column or column in cols)
+
+
+def _objects(layout: StorageLayout, keyring: Keyring | None):
+    inner = LocalObjectStore(layout.objects)
+    return EncryptedObjectStore(inner, keyring) if keyring is not None else inner
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    """`write(stream)` into a temporary file beside `path`, fsync, rename over it."""
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.erasing', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# -- finding what names the subject -------------------------------------------------------------
+def _names(value, subject: str, depth: int = 0) -> bool:
+    """Whether a decoded JSON value holds the subject id as a whole string anywhere."""
+    if isinstance(value, str):
+        return value == subject
+    if depth > 32:
+        return False
+    if isinstance(value, dict):
+        return any(_names(k, subject, depth + 1) or _names(v, subject, depth + 1)
+                   for k, v in value.items())
+    if isinstance(value, list):
+        return any(_names(v, subject, depth + 1) for v in value)
+    return False
+
+
+def _trace_line_names(line: bytes, subject: str) -> bool:
+    """A trace line names the subject when its JSON holds the id as a whole string; a line that
+    is not JSON (or too long to parse) is judged by the bytes of the id."""
+    if len(line) > MAX_TRACE_LINE:
+        return subject.encode() in line
+    try:
+        return _names(json.loads(line), subject)
+    except ValueError:
+        return subject.encode() in line
+
+
+def trace_files(layout: StorageLayout) -> list[Path]:
+    """`<root>/traces/*.jsonl*` (rotated files too) and JSON-lines files at the root (the
+    demo's trace.jsonl); compressed ones are not rewritten (see docs/privacy.md)."""
+    found = []
+    if layout.traces.is_dir():
+        found += sorted(p for p in layout.traces.glob('*.jsonl*') if p.is_file())
+    if layout.root.is_dir():
+        found += sorted(p for p in layout.root.glob('*.jsonl*') if p.is_file())
+    return [p for p in found if not p.name.endswith('.gz') and not p.name.endswith('.erasing')]
+
+
+def recording_files(layout: StorageLayout) -> list[Path]:
+    found = []
+    if layout.recordings.is_dir():
+        found += sorted(p for p in layout.recordings.rglob('*.mcap') if p.is_file())
+    if layout.root.is_dir():
+        found += sorted(p for p in layout.root.glob('*.mcap') if p.is_file())
+    return found
+
+
+def _event_subject_of(message_class, deserialize, data: bytes) -> str | None:
+    """The loom.subject of a CDR loom_msgs/Event (None: not decodable)."""
+    try:
+        msg = deserialize(data, message_class)
+    except Exception:   # a damaged message: judged by its bytes by the caller
+        return None
+    for kv in msg.metadata:
+        if kv.key == SUBJECT_METADATA_KEY:
+            return kv.value
+    return ''
+
+
+def _event_decoder():
+    from rclpy.serialization import deserialize_message
+    from loom_msgs.msg import Event
+    return Event, deserialize_message
+
+
+def _recording_messages(path: Path) -> Iterator:
+    from mcap.reader import make_reader
+    with open(path, 'rb') as stream:
+        reader = make_reader(stream)
+        summary = reader.get_summary()
+        yield summary, None, None, None
+        for schema, channel, message in reader.iter_messages(log_time_order=False):
+            yield summary, schema, channel, message
+
+
+def _message_names(schema, message, subject: str, decoder) -> bool:
+    if schema is not None and schema.name in ('loom_msgs/msg/Event', 'loom_msgs/Event'):
+        found = _event_subject_of(*decoder, message.data)
+        if found is not None:
+            return found == subject
+    return False
+
+
+# -- forget -------------------------------------------------------------------------------------
+def forget(layout: StorageLayout, subject: str, *, requested_by: str = 'cli',
+           keyring: Keyring | None = None, audit=None, refs: SubjectRefs | None = None,
+           clock: Callable[[], int] = _wall_ms) -> Receipt:
+    """Erase everything held about `subject` under `layout.root` (see the module's docstring).
+    `audit`: the audit log (an AuditLog: `append(plugin, kind, ts_ms, **fields)`), `refs`: the
+    subject-hash key (default: <root>/keys/subject_ref.key), `keyring`: the key table opened
+    with its master key, to read encrypted archives (without it the subject's data key is still
+    destroyed and its objects deleted by their key id). The request is audited first: if the
+    audit log cannot take it, nothing is erased. Raises ErasureError / SubjectError."""
+    check_subject(subject)
+    check_source(requested_by)
+    refs = refs or SubjectRefs.at(layout.keys)
+    receipt = Receipt(refs.ref(subject), requested_by, int(clock()))
+    receipt.not_covered = list(NOT_COVERED)
+    units = layout.databases()
+    objects = _objects(layout, keyring)
+    with ExitStack() as locks:
+        erasers = []
+        for db in units:   # all or nothing: every lock taken before anything is touched
+            locks.enter_context(_flock(db.with_name(db.name + '.lock'),
+                                       f'storage unit {db.stem!r}'))
+            erasers.append((db, locks.enter_context(_UnitEraser.open(layout, db.stem, objects))))
+        if audit is not None:
+            audit.append('erasure', 'erasure_requested', receipt.at_ms,
+                         subject_ref=receipt.subject_ref, requested_by=requested_by)
+        key_ids = _subject_key_ids(layout, subject)
+        for db, eraser in erasers:
+            _forget_unit(eraser, db, subject, key_ids, receipt)
+        _forget_router(layout.router_history, subject, receipt)
+        _forget_consent(layout, subject, audit, refs, receipt)
+        _forget_objects(layout, subject, key_ids, receipt)
+        _forget_key(layout, subject, keyring, receipt)
+        for path in trace_files(layout):
+            _forget_trace(path, subject, receipt)
+        recordings = recording_files(layout)
+        if recordings:
+            decoder = _event_decoder()
+            for path in recordings:
+                _forget_recording(path, subject, decoder, receipt)
+    if audit is not None:
+        receipt.audit_id = audit.append('erasure', 'subject_erased', int(clock()),
+                                        subject_ref=receipt.subject_ref,
+                                        requested_by=requested_by, at_ms=receipt.at_ms,
+                                        counts=dict(receipt.counts))
+    return receipt
+
+
+def _subject_key_ids(layout: StorageLayout, subject: str) -> set[bytes]:
+    """The ids of the subject's data keys (readable without the master key)."""
+    path = layout.keys / KEYRING_FILE
+    if not path.is_file():
+        return set()
+    conn = open_database(path, read_only=True)
+    try:
+        return {bytes(r[0]) for r in conn.execute(
+            "select key_id from data_keys where kind = 'subject' and name = ?", (subject,))}
+    except sqlite3.Error:
+        return set()
+    finally:
+        conn.close()
+
+
+def _forget_unit(lifecycle: '_UnitEraser', db: Path, subject: str, key_ids,
+                 receipt: Receipt) -> None:
+    """One unit database: facts traceable to the subject's events, episodes, cold memories (with
+    their index entries, through the lifecycle's own removal), router rows, archive records,
+    subject blobs; then vacuumed. The caller holds the unit's locks."""
+    conn = lifecycle.conn
+    counts = receipt.counts
+    try:
+        conn.execute('PRAGMA secure_delete=ON')
+        conn.execute('BEGIN IMMEDIATE')
+        try:
+            if _has(conn, 'facts'):
+                counts['facts'] += _delete(
+                    conn, 'delete from facts where subject = ?1 or object = ?1 or provenance in '
+                    '(select event_id from episodes where subject = ?1)', (subject,))
+            counts['episodes'] += _delete(conn, 'delete from episodes where subject = ?',
+                                          (subject,))
+            if _has(conn, 'decisions', 'subject'):
+                counts['outcomes'] += _delete(
+                    conn, 'delete from outcomes where decision_id in (select id from decisions '
+                    'where subject = ?)', (subject,))
+                counts['decisions'] += _delete(conn, 'delete from decisions where subject = ?',
+                                               (subject,))
+            blobs = [r[0] for r in conn.execute('select key from blobs where key like ?',
+                                                (f'{SUBJECT_OBJECTS}/{subject}/%',))]
+            conn.executemany('delete from blobs where key = ?', [(k,) for k in blobs])
+            counts['blobs'] += len(blobs)
+            conn.execute('COMMIT')
+        except BaseException:
+            conn.execute('ROLLBACK')
+            raise
+        ids = [r[0] for r in conn.execute('select id from cold where subject = ?', (subject,))]
+        if ids:
+            lifecycle.delete_cold(ids)
+            counts['cold'] += len(ids)
+        _forget_archives(lifecycle, subject, key_ids, receipt)
+    finally:
+        lifecycle.save_index(force=True)
+    _scrub(conn, db)
+
+
+class _UnitEraser(Lifecycle):
+    """The lifecycle of one unit, opened for erasure (it takes the unit's lifecycle lock): its
+    cold removal (row, log entry and index entry in one transaction) and its archive reading."""
+
+    @classmethod
+    def open(cls, layout, unit: str, objects) -> '_UnitEraser':
+        try:
+            return cls(layout, unit, objects, embedder=None,
+                       index_params=IndexParams(dim=_index_dim(layout.cold_index(unit))))
+        except StorageError as exc:
+            if 'runs its lifecycle' in str(exc):
+                raise ErasureError(f'the lifecycle of storage unit {unit!r} is run by another '
+                                   'process (the storage node?); stop it and run it again: '
+                                   'nothing was changed') from None
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def delete_cold(self, ids: list[int]) -> None:
+        for start in range(0, len(ids), 500):
+            self._delete_cold(ids[start:start + 500])
+        self.unsaved += len(ids)
+
+
+def _forget_archives(lifecycle: Lifecycle, subject: str, key_ids, receipt: Receipt) -> None:
+    """Rewrite each archive file holding records of the subject without them (atomically, same
+    key); delete a file left empty, or an encrypted one under the subject's key."""
+    conn, objects = lifecycle.conn, lifecycle.objects
+    inner = objects.inner if isinstance(objects, EncryptedObjectStore) else objects
+    for key, tier, rows in conn.execute(
+            "select key, tier, rows from archive where state = 'done'").fetchall():
+        try:
+            blob = inner.get(key)
+        except StorageError:
+            continue
+        if key_ids and Keyring.key_id_of(blob) in key_ids:   # the subject's own file
+            receipt.counts['archive_records'] += int(rows)
+            _drop_archive(conn, objects, key, receipt)
+            continue
+        if isinstance(objects, EncryptedObjectStore) is False and blob[:3] == b'LKE':
+            continue   # encrypted and no keyring given: only the subject's key files are known
+        try:
+            records = lifecycle.read_archive(key)
+        except (KeyringError, StorageError):
+            continue   # shredded (a destroyed key) or damaged: nothing readable to erase
+        keep = [r for r in records if r.get('subject') != subject]
+        gone = len(records) - len(keep)
+        if not gone:
+            continue
+        receipt.counts['archive_records'] += gone
+        if not keep:
+            _drop_archive(conn, objects, key, receipt)
+            continue
+        body = gzip.compress(b''.join(json.dumps(r, separators=(',', ':')).encode() + b'\n'
+                                      for r in keep), compresslevel=6)
+        if isinstance(objects, EncryptedObjectStore):
+            objects.put(key, body, time_ms=max(r['last_ms'] for r in keep))
+        else:
+            objects.put(key, body)
+        conn.execute('update archive set rows = ?, bytes = ? where key = ?',
+                     (len(keep), len(body), key))
+        receipt.files += 1
+
+
+def _drop_archive(conn, objects, key: str, receipt: Receipt) -> None:
+    conn.execute('delete from archive where key = ?', (key,))
+    objects.delete(key)
+    receipt.counts['archive_files'] += 1
+    receipt.files += 1
+
+
+def _sqlite_erase(path: Path, statements: list[tuple[str, tuple]]) -> list[int]:
+    """Run deletes on a shared file (secure_delete, one transaction), then scrub it."""
+    conn = open_database(path)
+    try:
+        conn.execute('PRAGMA secure_delete=ON')
+        conn.execute('BEGIN IMMEDIATE')
+        try:
+            counts = [conn.execute(sql, args).rowcount for sql, args in statements]
+            conn.execute('COMMIT')
+        except BaseException:
+            conn.execute('ROLLBACK')
+            raise
+        _scrub(conn, path)
+        return counts
+    except sqlite3.Error as exc:
+        raise ErasureError(f'{path}: cannot erase: {exc}') from None
+    finally:
+        conn.close()
+
+
+def _forget_router(path: Path, subject: str, receipt: Receipt) -> None:
+    if not path.is_file():
+        return
+    conn = open_database(path, read_only=True)
+    try:
+        has = _has(conn, 'decisions', 'subject')
+    finally:
+        conn.close()
+    if not has:
+        receipt.not_covered.append(f'{path.name}: written before decisions had a subject column')
+        return
+    outcomes, decisions = _sqlite_erase(path, [
+        ('delete from outcomes where decision_id in (select id from decisions where '
+         'subject = ?)', (subject,)),
+        ('delete from decisions where subject = ?', (subject,))])
+    receipt.counts['outcomes'] += outcomes
+    receipt.counts['decisions'] += decisions
+
+
+def _forget_consent(layout, subject: str, audit, refs, receipt: Receipt) -> None:
+    path = consent_path(layout.root)
+    if not path.is_file():
+        return
+    if audit is not None:
+        registry = ConsentRegistry(path, audit=audit, refs=refs)
+        try:
+            receipt.counts['consent'] += registry.erase(subject)
+        finally:
+            registry.close()
+        _sqlite_erase(path, [])
+    else:
+        receipt.counts['consent'] += _sqlite_erase(path, [
+            ('delete from consent where subject = ?', (subject,))])[0]
+
+
+def _forget_objects(layout, subject: str, key_ids, receipt: Receipt) -> None:
+    """Objects under subjects/<subject>/ and any object sealed under the subject's key."""
+    store = LocalObjectStore(layout.objects)
+    for key, _size in store.list(f'{SUBJECT_OBJECTS}/{subject}/'):
+        store.delete(key)
+        receipt.files += 1
+    if not key_ids:
+        return
+    for key, _size in store.list(''):
+        if key.startswith('archive/'):
+            continue   # their rows are handled with their unit
+        try:
+            if Keyring.key_id_of(store.get(key)) in key_ids:
+                store.delete(key)
+                receipt.counts['blobs'] += 1
+                receipt.files += 1
+        except StorageError:
+            continue
+
+
+def _forget_key(layout, subject: str, keyring: Keyring | None, receipt: Receipt) -> None:
+    """Crypto-shredding: the subject's data key goes (Keyring.destroy; without the master key
+    the same delete, secure_delete and checkpoint, on the key table itself)."""
+    path = layout.keys / KEYRING_FILE
+    if keyring is not None:
+        receipt.counts['keys'] += keyring.destroy(subject)['keys']
+    elif path.is_file():
+        receipt.counts['keys'] += _sqlite_erase(path, [
+            ("insert or ignore into shredded select key_id, kind, ? from data_keys where "
+             "kind = 'subject' and name = ?", (receipt.at_ms, subject)),
+            ("delete from data_keys where kind = 'subject' and name = ?", (subject,))])[1]
+    if path.is_file() and keyring is not None:
+        _sqlite_erase(path, [])
+
+
+def _forget_trace(path: Path, subject: str, receipt: Receipt) -> None:
+    size = path.stat().st_size
+    if size > MAX_TRACE_BYTES:
+        raise ErasureError(f'{path}: {size} bytes, more than {MAX_TRACE_BYTES}; not read')
+    data = path.read_bytes()
+    lines = data.splitlines(keepends=True)
+    keep = [line for line in lines if not _trace_line_names(line.rstrip(b'\r\n'), subject)]
+    if len(keep) == len(lines):
+        return
+    receipt.counts['trace_lines'] += len(lines) - len(keep)
+    _atomic_write(path, lambda out: out.writelines(keep))
+    receipt.files += 1
+
+
+def _forget_recording(path: Path, subject: str, decoder, receipt: Receipt) -> None:
+    """Rewrite an MCAP file without the Event messages whose metadata names the subject (same
+    schemas, channels, metadata and compression; one pass to count, one to write)."""
+    from mcap.writer import CompressionType, Writer
+    try:
+        drop = sum(1 for _s, schema, _c, message in _recording_messages(path)
+                   if message is not None and _message_names(schema, message, subject, decoder))
+    except Exception as exc:   # the mcap reader's errors have no common base
+        receipt.not_covered.append(f'{path.name}: not readable as MCAP ({str(exc)[:80]})')
+        return
+    if not drop:
+        return
+
+    def write(out) -> None:
+        writer = Writer(out, compression=CompressionType.ZSTD)
+        writer.start(profile='ros2', library='loom forget')
+        schemas, channels = {}, {}
+        for summary, schema, channel, message in _recording_messages(path):
+            if message is None:
+                continue
+            if _message_names(schema, message, subject, decoder):
+                continue
+            if schema is not None and schema.id not in schemas:
+                schemas[schema.id] = writer.register_schema(schema.name, schema.encoding,
+                                                            schema.data)
+            if channel.id not in channels:
+                channels[channel.id] = writer.register_channel(
+                    channel.topic, channel.message_encoding,
+                    schemas.get(channel.schema_id, 0), dict(channel.metadata))
+            writer.add_message(channels[channel.id], message.log_time, message.data,
+                               message.publish_time, message.sequence)
+        writer.finish()
+
+    _atomic_write(path, write)
+    receipt.counts['recording_messages'] += drop
+    receipt.files += 1
+
+
+# -- export -------------------------------------------------------------------------------------
+def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
+           keyring: Keyring | None = None) -> dict:
+    """Write everything held about `subject` into one zip a person can read: `subject.json`
+    (episodes, cold memories, facts, router decisions and outcomes, consent history, archive
+    records, trace lines) and `media/` (the subject's objects and an MCAP of its recorded
+    events). Read-only on the stores. Returns the counts per tier."""
+    check_subject(subject)
+    out_path = Path(out_path)
+    data: dict = {'subject': subject, 'exported_ms': _wall_ms(), 'root': str(layout.root)}
+    counts: dict = {}
+
+    def add(tier: str, rows: list) -> None:
+        data.setdefault(tier, []).extend(rows)
+        counts[tier] = counts.get(tier, 0) + len(rows)
+
+    for db in layout.databases():
+        conn = open_database(db, read_only=True)
+        conn.row_factory = sqlite3.Row
+        try:
+            if _has(conn, 'episodes', 'subject'):
+                add('episodes', [{**dict(r), 'unit': db.stem} for r in conn.execute(
+                    'select agent_id, event_id, time_ms, type, source, tags, payload from '
+                    'episodes where subject = ? order by time_ms', (subject,))])
+            if _has(conn, 'cold', 'subject'):
+                add('cold', [{**dict(r), 'unit': db.stem} for r in conn.execute(
+                    'select agent_id, type, source, first_ms, last_ms, count, summary from '
+                    'cold where subject = ? order by first_ms', (subject,))])
+            if _has(conn, 'facts'):
+                add('facts', [{**dict(r), 'unit': db.stem} for r in conn.execute(
+                    'select agent_id, subject, relation, object, provenance, time_ms from facts '
+                    'where subject = ?1 or object = ?1 or provenance in (select event_id from '
+                    'episodes where subject = ?1)' if _has(conn, 'episodes', 'subject') else
+                    'select agent_id, subject, relation, object, provenance, time_ms from facts '
+                    'where subject = ?1 or object = ?1', (subject,))])
+            if _has(conn, 'decisions', 'subject'):
+                _export_router(conn, subject, add)
+            archives = [r[0] for r in conn.execute(
+                "select key from archive where state = 'done'")]
+        finally:
+            conn.close()
+        if archives:
+            add('archive', _export_archives(layout, db.stem, archives, subject, keyring))
+    if layout.router_history.is_file():
+        conn = open_database(layout.router_history, read_only=True)
+        conn.row_factory = sqlite3.Row
+        try:
+            if _has(conn, 'decisions', 'subject'):
+                _export_router(conn, subject, add)
+        finally:
+            conn.close()
+    path = consent_path(layout.root)
+    if path.is_file():
+        conn = open_database(path, read_only=True)
+        conn.row_factory = sqlite3.Row
+        try:
+            add('consent', [dict(r) for r in conn.execute(
+                'select purpose, granted, source, changed_ms from consent where subject = ? '
+                'order by id', (subject,))])
+        finally:
+            conn.close()
+    for trace in trace_files(layout):
+        if trace.stat().st_size > MAX_TRACE_BYTES:
+            continue
+        lines = []
+        for line in trace.read_bytes().splitlines():
+            if len(line) <= MAX_TRACE_LINE and _trace_line_names(line, subject):
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    lines.append(line.decode('utf-8', 'replace'))
+        add('trace', [{'file': trace.name, 'line': x} for x in lines])
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(stream) -> None:
+        with zipfile.ZipFile(stream, 'w', zipfile.ZIP_DEFLATED) as archive:
+            store = _objects(layout, keyring)
+            inner = LocalObjectStore(layout.objects)
+            for key, _size in inner.list(f'{SUBJECT_OBJECTS}/{subject}/'):
+                try:
+                    archive.writestr(f'media/{key[len(SUBJECT_OBJECTS) + len(subject) + 2:]}',
+                                     store.get(key))
+                    counts['media'] = counts.get('media', 0) + 1
+                except StorageError:
+                    continue
+            for recording in recording_files(layout):
+                n = _export_recording(recording, subject, archive)
+                if n:
+                    counts['recording_messages'] = counts.get('recording_messages', 0) + n
+            data['counts'] = counts
+            archive.writestr('subject.json', json.dumps(data, indent=1, default=str))
+            archive.writestr('README.txt', f'Everything Loom held about data subject {subject} '
+                             'under its storage root on one robot: subject.json (one list per '
+                             'store) and media/ (files and recorded events, MCAP).\n')
+
+    fd, tmp = tempfile.mkstemp(prefix=f'.{out_path.name}.', dir=out_path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as stream:
+            write(stream)
+        os.replace(tmp, out_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return counts
+
+
+def _export_router(conn, subject: str, add) -> None:
+    add('decisions', [dict(r) for r in conn.execute(
+        'select id, time, event_id, event_type, agent_id, privacy, route, rule, confidence '
+        'from decisions where subject = ?', (subject,))])
+    add('outcomes', [dict(r) for r in conn.execute(
+        'select o.* from outcomes o join decisions d on o.decision_id = d.id where '
+        'd.subject = ?', (subject,))])
+
+
+def _export_archives(layout, unit: str, keys: list[str], subject: str,
+                     keyring: Keyring | None) -> list[dict]:
+    reader = Lifecycle(layout, unit, _objects(layout, keyring), embedder=None, read_only=True,
+                       index_params=IndexParams(dim=_index_dim(layout.cold_index(unit))))
+    out = []
+    try:
+        for key in keys:
+            try:
+                out += [{**r, 'archive': key} for r in reader.read_archive(key)
+                        if r.get('subject') == subject]
+            except (KeyringError, StorageError):
+                continue
+    finally:
+        reader.close()
+    return out
+
+
+def _export_recording(path: Path, subject: str, archive: zipfile.ZipFile) -> int:
+    """The subject's Event messages of one recording, as an MCAP in the export."""
+    import io
+    from mcap.writer import Writer
+    decoder, buffer, count = _event_decoder(), io.BytesIO(), 0
+    writer = Writer(buffer)
+    writer.start(profile='ros2', library='loom export')
+    schemas, channels = {}, {}
+    try:
+        for _summary, schema, channel, message in _recording_messages(path):
+            if message is None or not _message_names(schema, message, subject, decoder):
+                continue
+            if schema.id not in schemas:
+                schemas[schema.id] = writer.register_schema(schema.name, schema.encoding,
+                                                            schema.data)
+            if channel.id not in channels:
+                channels[channel.id] = writer.register_channel(
+                    channel.topic, channel.message_encoding, schemas[schema.id],
+                    dict(channel.metadata))
+            writer.add_message(channels[channel.id], message.log_time, message.data,
+                               message.publish_time, message.sequence)
+            count += 1
+    except Exception:   # an unreadable recording: left out of the export
+        return 0
+    writer.finish()
+    if count:
+        archive.writestr(f'media/{path.name}', buffer.getvalue())
+    return count
