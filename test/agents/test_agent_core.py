@@ -147,3 +147,13 @@ def test_async_behaviors_run_to_completion():
                        lambda kind, type, data, privacy: emitted.append((kind, type, data)))
     run_handler(Slow(), Event(type='x', id='e1'), ctx)
     assert ctx.state == {'seen': 1} and emitted == [('intent', 'done', {'id': 'e1'})]
+
+
+def test_an_agent_hosts_unit_is_its_full_node_name_made_safe():
+    """One unit database per agent host, named after the node: never a path, never shared."""
+    from loom_ros.agents.agent_node import unit_name
+    from loom_ros.storage.layout import check_name
+    for node, unit in [('/agent_tally', 'agent_tally'), ('/ag/agent_tally', 'ag.agent_tally'),
+                       ('/robot1/x/agent_host_1', 'robot1.x.agent_host_1'),
+                       ('/../..//etc/passwd', 'etc.passwd'), ('/' + 'n' * 100, 'n' * 64)]:
+        assert unit_name(node) == unit and check_name(unit) == unit
