@@ -42,6 +42,7 @@ from loom_ros.config.paths import usable_file
 from loom_ros.router.policy import PolicyError, load_policy
 from loom_ros.security import keys, sealed
 from loom_ros.security.audit import AuditError, AuditLog
+from loom_ros.storage.consent import ConsentRegistry, consent_path, load_defaults
 from loom_ros.storage.layout import derived, node_layout
 from loom_ros.telemetry.logs import mask_node_logger
 
@@ -110,7 +111,7 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         mask_node_logger(self)   # every log line masked from the first (issue 13, fault 10)
         self.params = declare_parameters(self, SECTION, PARAMETERS)
         self.params.update(self._declare_lists())
-        layout = node_layout(self, SECTION)   # '' paths: under storage.root
+        layout = self._layout = node_layout(self, SECTION)   # '' paths: under storage.root
         self.params['audit_db'] = derived(self.params['audit_db'], layout.audit)
         self.params['keys_dir'] = derived(self.params['keys_dir'], layout.keys)
         self.bridge: Bridge | None = None
@@ -165,6 +166,10 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
             make_config()   # a bad endpoint or fleet is refused here, with its reason
             policy = load_policy(p['policy_file'] or config_dir() / 'policy.yaml')
             commands = AuditLog(usable_file(p['audit_db'], f'{SECTION}.audit_db'))
+            # Read-only: a subject's events leave only with its fleet consent, as it is now.
+            self._consent = ConsentRegistry(consent_path(self._layout.root),
+                                            load_defaults(config_dir() / 'consent.yaml'),
+                                            read_only=True)
         except (ValueError, PolicyError, AuditError, keys.CredentialsError) as exc:
             # ConfigError is a ValueError
             self.configure_error = str(exc)   # loom bringup prints it
@@ -179,7 +184,7 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         self.bus.telemetry.add_check('transport security', lambda: transport_check(identity))
         self._first_allow.clear()   # remembered per configuration
         self.bridge = Bridge(config, self.link, self.bus.topic_qos.level_for,
-                             PrivacyGate(policy), self._record_refusal,
+                             PrivacyGate(policy, self._consent.lookup), self._record_refusal,
                              command_audit=self._record_command, ca_pem=ca_pem, seal_to=seal_to,
                              batch_max_events=OUT_BATCH_EVENTS)
         self.status_pub = self.create_lifecycle_publisher(String, STATUS_TOPIC,
@@ -279,6 +284,7 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         self.destroy_lifecycle_publisher(self.status_pub)
         self.bus.destroy()
         self._commands.close()
+        self._consent.close()
 
     # -- data paths -----------------------------------------------------------------------
     def _on_bus_event(self, event, topic: str, index: int) -> None:

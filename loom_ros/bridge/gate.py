@@ -17,7 +17,12 @@ import numpy
 
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.names import TopicPattern
-from loom_ros.bus.privacy import PRIVACY_METADATA_KEYS, effective_privacy
+from loom_ros.bus.privacy import PRIVACY_METADATA_KEYS, SUBJECT_METADATA_KEY, effective_privacy
+
+# An event carrying any of these is looked at closely; others that are Public pass at once.
+GATED_KEYS = frozenset(PRIVACY_METADATA_KEYS) | {SUBJECT_METADATA_KEY}
+NO_FLEET_CONSENT = 'no_fleet_consent'
+FLEET = 'fleet'   # the consent purpose for data that leaves the robot to the fleet
 
 UPLOAD_EMBEDDING = 'embedding'      # the policy value that lets Sensitive embeddings out
 EMBEDDING_SUFFIX = '.embedding'     # e.g. text.embedding (plugins/perception)
@@ -72,10 +77,14 @@ class BridgeRules:
 
 
 class PrivacyGate:
-    """Decides whether one outbound event may leave; returns None or the refusal reason."""
+    """Decides whether one outbound event may leave; returns None or the refusal reason. An
+    event naming a data subject (loom.subject) leaves only with that subject's fleet consent
+    (`consent`: the consent registry's lookup; none, a failing lookup or an invalid id: it
+    stays, fail closed)."""
 
-    def __init__(self, policy=None):
+    def __init__(self, policy=None, consent=None):
         self.policy = policy  # a router PolicyFile, or None for the shipped default (embedding)
+        self.consent = consent
 
     def sensitive_upload(self, event_type: str) -> str:
         if self.policy is None:
@@ -85,8 +94,14 @@ class PrivacyGate:
     def refusal(self, event: Event) -> str | None:
         md = event.metadata
         if (event.privacy is Privacy.PUBLIC and type(md) is dict
-                and md.keys().isdisjoint(PRIVACY_METADATA_KEYS)):
+                and md.keys().isdisjoint(GATED_KEYS)):
             return None   # the common case, decided without an enum call per event
+        refusal = self._privacy_refusal(event)
+        if refusal is None and SUBJECT_METADATA_KEY in md:
+            refusal = self._consent_refusal(md[SUBJECT_METADATA_KEY])
+        return refusal
+
+    def _privacy_refusal(self, event: Event) -> str | None:
         try:
             Privacy(event.privacy)
         except ValueError:
@@ -103,3 +118,12 @@ class PrivacyGate:
         if not is_embedding(event):
             return 'sensitive_raw'
         return None
+
+    def _consent_refusal(self, subject) -> str | None:
+        if self.consent is None or not isinstance(subject, str):
+            return NO_FLEET_CONSENT
+        try:
+            granted = self.consent(subject, FLEET).granted   # the id is checked there
+        except Exception:  # noqa: BLE001 - invalid id or unreadable registry: it stays home
+            return NO_FLEET_CONSENT
+        return None if granted else NO_FLEET_CONSENT

@@ -151,6 +151,41 @@ def test_privacy_gate_and_patterns_whatever_the_config():
     assert bridge.send(embedding('face.embedding'), 'agent.a.intent') == 'sent'
 
 
+def test_a_data_subjects_events_leave_only_with_fleet_consent(tmp_path):
+    """loom.subject on an event: it leaves the robot only with that subject's fleet consent
+    (the registry read at every event); other purposes do not count; hostile ids stay."""
+    from loom_ros.security.audit import AuditLog
+    from loom_ros.storage.consent import ConsentRegistry, SubjectRefs
+    audit_log = AuditLog(tmp_path / 'audit.db')
+    registry = ConsentRegistry(tmp_path / 'consent.db', audit=audit_log,
+                               refs=SubjectRefs.at(tmp_path / 'keys'))
+    reader = ConsentRegistry(tmp_path / 'consent.db', read_only=True)   # as the node opens it
+    bridge, transport, audit = make_bridge()
+    bridge.gate = PrivacyGate(None, reader.lookup)
+    transport.listening.add('loom/r1/agent/a/intent')
+
+    def send(subject, **fields):
+        return bridge.send(Event(type='t', metadata={'loom.subject': subject}, **fields),
+                           'agent.a.intent')
+    assert send('alice') == 'refused_no_fleet_consent'
+    registry.grant('alice', 'cloud', 'test:app')          # another purpose: still refused
+    assert send('alice') == 'refused_no_fleet_consent'
+    registry.grant('alice', 'fleet', 'test:app')
+    assert send('alice') == 'sent'
+    assert send('alice', privacy=Privacy.PRIVATE) == 'refused_private'   # privacy first
+    for hostile in ('../x', 'a' * 10_000, '', 'bob\n'):
+        assert send(hostile) == 'refused_no_fleet_consent'
+    registry.withdraw('alice', 'fleet', 'test:app')
+    assert send('alice') == 'refused_no_fleet_consent'
+    assert [r['reason'] for r in audit].count('no_fleet_consent') == 7
+    # Without a registry at all: fail closed for subjects, anonymous events unaffected.
+    bridge.gate = PrivacyGate()
+    assert send('alice') == 'refused_no_fleet_consent'
+    assert bridge.send(Event(type='t'), 'agent.a.intent') == 'sent'
+    for held in (reader, registry, audit_log):
+        held.close()
+
+
 def test_buffering_by_level_and_flush_in_order():
     bridge, transport, _ = make_bridge(bound=3)
     transport.connected = False
