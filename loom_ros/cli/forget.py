@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-from loom_ros.bus.privacy import SubjectError
+from loom_ros.bus.privacy import SubjectError, check_subject
 from loom_ros.security.audit import AuditError, AuditLog
 from loom_ros.security.keyring import KEYRING_FILE, MASTER_KEY_ENV, EncryptionSettings, Keyring
 from loom_ros.storage.consent import ConsentError, SubjectRefs
@@ -58,6 +58,7 @@ def _keyring(layout: StorageLayout, args) -> Keyring | None:
 def run_forget(args) -> int:
     audit = keyring = None
     try:
+        check_subject(args.subject)   # before anything is opened or created
         layout = StorageLayout.at(args.root)
         if not layout.root.is_dir():
             raise StorageError(f'storage.root {layout.root}: no such folder')
@@ -85,6 +86,7 @@ def run_forget(args) -> int:
 def run_export(args) -> int:
     keyring = None
     try:
+        check_subject(args.subject)
         layout = StorageLayout.at(args.root)
         keyring = _keyring(layout, args)
         counts = export(layout, args.subject, args.output, keyring=keyring)

@@ -1,0 +1,269 @@
+"""The right to erasure and of access on one robot (storage/erasure.py, `loom forget|export`):
+unique canaries of two data subjects planted in every store through the real APIs, `loom forget`
+run as a subprocess, then every byte of every file under the root scanned (SQLite files, WAL,
+free pages; archives and recordings decompressed too)."""
+from __future__ import annotations
+
+import gzip
+import json
+import sqlite3
+import subprocess
+import sys
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+from mcap.reader import make_reader
+from rclpy.serialization import serialize_message
+
+from harness import REPO, WAIT_LIMIT_S
+from loom_ros.bus.event import Event
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, SubjectError
+from loom_ros.cli.record import McapRecorder
+from loom_ros.router.decision import Decision, Route, RouteRequest
+from loom_ros.router.history import Outcome, RouterHistory
+from loom_ros.security.audit import AuditLog
+from loom_ros.storage.backend.local import LocalObjectStore
+from loom_ros.storage.consent import ConsentRegistry, SubjectRefs, consent_path
+from loom_ros.storage.embedding import HashEmbedder
+from loom_ros.storage.erasure import ErasureError, export, forget
+from loom_ros.storage.layout import StorageLayout
+from loom_ros.storage.lifecycle import Lifecycle, LifecycleParams, TierPolicy
+from loom_ros.storage.sqlite import integrity_ok
+from loom_ros.storage.storage import Storage, StorageConfig
+
+T0 = 1_700_000_000_000
+TOPIC = '/loom/camera/front'
+
+
+class Clock:
+    def __init__(self):
+        self.ms = T0
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+def loom(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-m', 'loom_ros.cli', *args], capture_output=True,
+                          text=True, timeout=WAIT_LIMIT_S, cwd=REPO)
+
+
+class Subject:
+    """A data subject with its own canaries (the id itself is one: nothing may name it after)."""
+
+    def __init__(self, letter: str):
+        tag = uuid.uuid4().hex[:12]
+        self.id = f'subj{letter}-{tag}'
+        self.canaries: dict[str, bytes] = {'id': self.id.encode()}
+
+    def canary(self, where: str) -> str:
+        text = f'CANARY{where.upper()}{uuid.uuid4().hex[:16]}'
+        self.canaries[where] = text.encode()
+        return text
+
+    def raw(self, where: str) -> bytes:
+        """Binary canary bytes (kept byte for byte: a recorded frame)."""
+        data = b'\xff\x00\xfe' + uuid.uuid4().bytes + b'\x01\xfd'
+        self.canaries[where] = data
+        return data
+
+
+def event(subject: Subject | None, i: int, ts: int, where: str) -> Event:
+    text = subject.canary(where) if subject else 'anonymous'
+    metadata = {SUBJECT_METADATA_KEY: subject.id} if subject else {}
+    return Event(type='speech.utterance', source='mic', id=f'{where}-{uuid.uuid4().hex[:8]}',
+                 timestamp_ms=ts, payload=json.dumps({'text': text}).encode(), tags=['t'],
+                 metadata=metadata)
+
+
+def plant(root: Path, subjects: list[Subject]) -> dict:
+    """Every store of the root gets data of each subject (and anonymous data); returns what
+    each subject should lose, per tier."""
+    layout, clock = StorageLayout.at(root), Clock()
+    expected = {s.id: {} for s in subjects}
+    storage = Storage(StorageConfig(root=str(root), unit='host1'), clock=clock)
+    params = LifecycleParams(default=TierPolicy(warm_s=60, cold_s=600, archive_s=0), bucket_s=10)
+    lifecycle = Lifecycle(layout, 'host1', LocalObjectStore(layout.objects), HashEmbedder(),
+                          params, clock=clock)
+    episodes = storage.episodes
+    # old events -> cold -> archive; middle -> cold; recent stay warm. Subjects interleave in
+    # one bucket: a memory must never mix them.
+    for tier, ts in (('archive', T0), ('cold', T0 + 1_000_000), ('warm', T0 + 1_100_000)):
+        for n in range(2):
+            for s in subjects + [None]:
+                episodes.record('agent1', event(s, n, ts + n, f'{tier}{n}')).wait(WAIT_LIMIT_S)
+        if tier == 'archive':
+            clock.ms = T0 + 120_000
+            assert lifecycle.move_warm().memories == 3
+            clock.ms = T0 + 700_000
+            assert lifecycle.move_cold().archived == 3
+        elif tier == 'cold':
+            clock.ms = T0 + 1_080_000
+            assert lifecycle.move_warm().memories == 3
+    lifecycle.close()
+    facts = storage.facts('agent1', HashEmbedder())
+    router_unit = storage.router_history(3600)
+    for s in subjects:
+        expected[s.id].update(episodes=2, cold=1, archive_records=1, facts=1, decisions=2,
+                              outcomes=1, consent=1, blobs=1, trace_lines=1,
+                              recording_messages=2)
+        warm = [r for r in storage.query('select event_id from episodes where subject = ?',
+                                         (s.id,))]
+        assert len(warm) == 2
+        facts.add(s.canary('fact'), 'likes', 'tea', provenance=warm[0]['event_id'])[1].wait(
+            WAIT_LIMIT_S)
+        router_unit.record_decision(f'd-{s.id}', s.canary('decision'), 'chat', 'agent1', 0,
+                                    'local', 'r', 0.9, 0.0, 0.5, 10, None,
+                                    subject=s.id).wait(WAIT_LIMIT_S)
+        key = f'subjects/{s.id}/photo.jpg'
+        storage.objects.put(key, s.raw('blob'))
+        storage.write('insert into blobs values (?, ?, ?, ?)',
+                      (key, 16, 'image/jpeg', T0)).wait(WAIT_LIMIT_S)
+    storage.close()
+    history = RouterHistory(layout.router_history, 3600)
+    for s in subjects:
+        request = RouteRequest(event_type=s.canary('router'), subject=s.id)
+        history.record_decision(f'r-{s.id}', f'e-{s.id}', request,
+                                Decision(Route.LOCAL, 0.9, 'consent', 'why'))
+        history.record_outcome(Outcome(f'r-{s.id}', 'chat', 'local', 1.0, 0.0, True, 0.9))
+    history.record_decision('anon', 'e', RouteRequest(event_type='chat'),
+                            Decision(Route.LOCAL, 0.9, 'r', 'why'))
+    history.close()
+    audit = AuditLog(layout.audit)
+    consent = ConsentRegistry(consent_path(root), audit=audit, refs=SubjectRefs.at(layout.keys))
+    for s in subjects:
+        consent.grant(s.id, 'cloud', 'cli:test')
+    consent.close()
+    audit.close()
+    layout.traces.mkdir(parents=True)
+    with open(layout.traces / 'spans.jsonl', 'w') as out:
+        for s in subjects:
+            out.write(json.dumps({'name': 'agent.handle', 'attributes': {
+                SUBJECT_METADATA_KEY: s.id, 'text': s.canary('trace')}}) + '\n')
+        out.write(json.dumps({'name': 'anonymous', 'attributes': {}}) + '\n')
+    recorder = McapRecorder(layout.recordings / 'run.mcap')
+    recorder.add_topic(TOPIC, 'loom_msgs/msg/Event')
+    for s in subjects + [None]:
+        for n in range(2):
+            from loom_msgs.msg import KeyValue
+            msg = event(s, n, T0, f'rec{n}').to_msg()
+            if s is not None:   # a frame: raw bytes, kept as they are by the recorder
+                msg.payload = list(s.raw(f'frame{n}'))
+                s.canaries.pop(f'rec{n}')   # the text it had is not recorded
+                msg.metadata.append(KeyValue(key='encoding', value='rgb8'))
+            recorder.write(TOPIC, serialize_message(msg))
+    recorder.close()
+    return expected
+
+
+def scan(root: Path) -> bytes:
+    """Every byte of every file under `root`, plus archives and recordings decompressed."""
+    out = []
+    for path in sorted(root.rglob('*')):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        out.append(data)
+        if path.name.endswith('.gz'):
+            out.append(gzip.decompress(data))
+        if path.suffix == '.mcap':
+            with open(path, 'rb') as stream:
+                for _schema, _channel, message in make_reader(stream).iter_messages():
+                    out.append(message.data)
+    return b'\x00'.join(out)
+
+
+def hits(blob: bytes, subject: Subject) -> list[str]:
+    return sorted(where for where, canary in subject.canaries.items() if canary in blob)
+
+
+def test_forget_erases_one_subject_everywhere_and_keeps_the_other(tmp_path):
+    root = tmp_path / 'root'
+    a, b = Subject('A'), Subject('B')
+    expected = plant(root, [a, b])
+    before = scan(root)
+    assert hits(before, a) == sorted(a.canaries) and hits(before, b) == sorted(b.canaries)
+
+    done = loom('forget', a.id, '--root', str(root), '--requested-by', 'dpo:test', '--json')
+    assert done.returncode == 0, done.stderr
+    receipt = json.loads(done.stdout)
+    counts = {k: v for k, v in receipt['counts'].items() if v}
+    assert counts == expected[a.id]
+
+    after = scan(root)
+    assert hits(after, a) == [], f'left behind: {hits(after, a)}'
+    assert hits(after, b) == sorted(b.canaries)
+    for db in [*root.glob('db/*.db'), root / 'router.db', root / 'consent.db']:
+        assert integrity_ok(db) == 'ok'
+    # the cold index still matches its rows (Lifecycle raises on open otherwise) and finds B
+    layout = StorageLayout.at(root)
+    reader = Lifecycle(layout, 'host1', LocalObjectStore(layout.objects), HashEmbedder(),
+                       read_only=True)
+    assert reader.index.ntotal == 2   # B's and the anonymous cold memory
+    reader.close()
+
+    verify = loom('audit', 'verify', '--root', str(root))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    ref = SubjectRefs.at(layout.keys).ref(a.id)
+    conn = sqlite3.connect(f'file:{root / "audit.db"}?mode=ro', uri=True)
+    rows = conn.execute("select kind, fields from audit where plugin = 'erasure' order by id"
+                        ).fetchall()
+    conn.close()
+    assert [k for k, _ in rows] == ['erasure_requested', 'subject_erased']
+    tomb = json.loads(rows[1][1])
+    assert tomb['subject_ref'] == ref == receipt['subject_ref']
+    assert tomb['requested_by'] == 'dpo:test' and tomb['counts'] == receipt['counts']
+
+    # right of access: B's export holds B's records and media, nothing of A
+    out = tmp_path / 'b.zip'
+    shown = loom('export', b.id, '--root', str(root), '--output', str(out))
+    assert shown.returncode == 0, shown.stderr
+    with zipfile.ZipFile(out) as archive:
+        names = archive.namelist()
+        data = json.loads(archive.read('subject.json'))
+        everything = b'\x00'.join(archive.read(n) for n in names)
+    assert 'media/photo.jpg' in names and 'media/run.mcap' in names
+    for tier, n in (('episodes', 2), ('cold', 1), ('archive', 1), ('facts', 1), ('decisions', 2),
+                    ('consent', 1), ('trace', 1)):
+        assert len(data[tier]) == n, tier
+    text = json.dumps(data).encode()
+    for where in ('warm0', 'warm1', 'cold0', 'archive0', 'fact', 'decision', 'router', 'trace'):
+        assert b.canaries[where] in text, where
+    assert b.canaries['blob'] in everything
+    assert hits(everything, a) == []
+
+
+def test_forget_refuses_while_a_process_holds_the_unit_and_changes_nothing(tmp_path):
+    root = tmp_path / 'root'
+    a = Subject('A')
+    storage = Storage(StorageConfig(root=str(root), unit='busy'))
+    try:
+        storage.episodes.record('agent1', event(a, 0, T0, 'warm')).wait(WAIT_LIMIT_S)
+        done = loom('forget', a.id, '--root', str(root))
+        assert done.returncode == 1 and 'held by a running process' in done.stderr
+        assert len(storage.query('select 1 from episodes where subject = ?', (a.id,))) == 1
+    finally:
+        storage.close()
+    assert loom('forget', a.id, '--root', str(root)).returncode == 0
+
+
+@pytest.mark.parametrize('bad', ['', '../etc', 'a/b', 'a b', 'x' * 129, 'a..b', '-a', 'ａ',
+                                 'a\nb', 'a;drop table episodes'])
+def test_hostile_subject_ids_are_refused(tmp_path, bad):
+    layout = StorageLayout.at(tmp_path)
+    with pytest.raises(SubjectError):
+        forget(layout, bad)
+    with pytest.raises(SubjectError):
+        export(layout, bad, tmp_path / 'x.zip')
+    assert not (tmp_path / 'x.zip').exists()
+
+
+def test_the_cli_refuses_a_hostile_id_without_touching_anything(tmp_path):
+    done = loom('forget', '../../etc/passwd', '--root', str(tmp_path))
+    assert done.returncode == 1 and 'data subject' in done.stderr
+    assert not (tmp_path / 'audit.db').exists()
+    shown = loom('export', 'a/b', '--root', str(tmp_path), '--output', str(tmp_path / 'o.zip'))
+    assert shown.returncode == 1 and not (tmp_path / 'o.zip').exists()
+    assert issubclass(ErasureError, Exception)
