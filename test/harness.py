@@ -80,3 +80,23 @@ class LinePeer:
                 self.popen.kill()
                 self.popen.wait()
         return self.popen.stderr.read()
+
+
+def old_agent_file(path, rows, episodes=(), facts=()):
+    """An agent's own file as agents/state.py and memory.py wrote it before the storage layer
+    (their tables, by hand): state rows (agent, schema, state json, events), episodes, facts."""
+    import sqlite3
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    db.execute('create table agent_state (agent_id text primary key, schema int, state text, '
+               'events int, last_event_id text, updated_ms int)')
+    db.execute('create table episodes (agent_id text, event_id text, time_ms int, type text, '
+               'source text, tags text, payload text)')
+    db.execute('create table facts (id integer primary key, agent_id text, subject text, '
+               'relation text, object text, provenance text, time_ms int, vector blob)')
+    db.executemany('insert into agent_state values (?, ?, ?, ?, ?, 0)', rows)
+    db.executemany('insert into episodes values (?, ?, ?, ?, ?, ?, ?)', episodes)
+    db.executemany('insert into facts (agent_id, subject, relation, object, provenance, time_ms, '
+                   'vector) values (?, ?, ?, ?, ?, ?, ?)', facts)
+    db.commit()
+    db.close()

@@ -11,7 +11,7 @@ from loom_ros.agents.mailbox import Mailbox
 from loom_ros.agents.state import StateError
 from loom_ros.bus.event import Event
 
-from harness import REPO
+from harness import REPO, old_agent_file
 
 
 @given(st.lists(st.integers(-3, 3), max_size=60), st.integers(1, 20))
@@ -35,25 +35,6 @@ def test_mailbox_orders_by_priority_then_arrival_and_drops_the_oldest_least_urge
     expected = sorted(kept, key=lambda e: (-e[0], e[1]))
     assert [(e.priority, int(e.id)) for e in out] == expected
     assert box.dropped == len(prios) - len(kept)
-
-
-def old_agent_file(path, rows, episodes=(), facts=()):
-    """An agent's own file as agents/state.py and memory.py wrote it before the storage layer
-    (their tables, by hand): state rows (agent, schema, state json, events), episodes, facts."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path)
-    db.execute('create table agent_state (agent_id text primary key, schema int, state text, '
-               'events int, last_event_id text, updated_ms int)')
-    db.execute('create table episodes (agent_id text, event_id text, time_ms int, type text, '
-               'source text, tags text, payload text)')
-    db.execute('create table facts (id integer primary key, agent_id text, subject text, '
-               'relation text, object text, provenance text, time_ms int, vector blob)')
-    db.executemany('insert into agent_state values (?, ?, ?, ?, ?, 0)', rows)
-    db.executemany('insert into episodes values (?, ?, ?, ?, ?, ?, ?)', episodes)
-    db.executemany('insert into facts (agent_id, subject, relation, object, provenance, time_ms, '
-                   'vector) values (?, ?, ?, ?, ?, ?, ?)', facts)
-    db.commit()
-    db.close()
 
 
 def test_state_round_trip_and_old_files_imported_with_their_schema_checks(tmp_path):

@@ -46,7 +46,7 @@ def test_face_agent_reaches_router_and_plugin_host_through_its_own_node_and_stop
                     '-p', f'data_dir:={tmp_path / "plugins"}')
     agents_file = service_path_agents(tmp_path)
     agent = spawn('-m', 'loom_ros.agents.agent_node', *ros_args, '-r', '__node:=agent_host_0',
-                  '-p', 'agent_id:=face', '-p', f'state_dir:={tmp_path / "agents"}',
+                  '-p', 'agent_id:=face', '-p', f'storage.root:={tmp_path}',
                   '-p', f'agents_file:={agents_file}')
     procs = [router, plugins, agent]
     camera = camera_bus(NS, 'fl_camera')
@@ -108,7 +108,7 @@ def test_a_behavior_waiting_for_a_service_holds_neither_recall_nor_a_transition(
     ns = '/fl_wait'
     agent = spawn('-m', 'loom_ros.agents.agent_node', '--ros-args', '-r', f'__ns:={ns}',
                   '-r', '__node:=agent_host_0', '-p', 'agent_id:=face',
-                  '-p', f'state_dir:={tmp_path}',
+                  '-p', f'storage.root:={tmp_path}',
                   '-p', f'agents_file:={service_path_agents(tmp_path)}')
     node = Node('fl_wait_camera', namespace=ns, context=ros.node.context)
     camera = EventBus(node)

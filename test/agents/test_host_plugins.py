@@ -41,7 +41,7 @@ def test_face_agent_calls_its_host_plugin_in_process_with_no_plugin_host(ros, sp
                    '-p', f'history_db:={tmp_path / "router.db"}')
     agent = spawn('-m', 'loom_ros.agents.agent_node', *ros_args, '--params-file', str(params),
                   '-r', '__node:=agent_host_0', '-p', 'agent_id:=face',
-                  '-p', f'agents_file:={agents}', '-p', f'state_dir:={tmp_path / "agents"}')
+                  '-p', f'agents_file:={agents}', '-p', f'storage.root:={tmp_path}')
     procs = [router, agent]
     camera = camera_bus(NS, 'hp_camera')
     ros.wait_for(lambda: camera.out.get_subscription_count() >= 1, 'the face agent', alive=procs)
@@ -73,7 +73,7 @@ def _configure(ros, tmp_path, host_plugins, **settings):
     node = AgentNode(agent_id='face', plugin_settings=plugin_settings, namespace='/hp_cfg',
                      context=ros.node.context, parameter_overrides=[
                          Parameter('agents_file', value=str(_agents_file(tmp_path, host_plugins))),
-                         Parameter('state_dir', value=str(tmp_path / 'agents')),
+                         Parameter('storage.root', value=str(tmp_path)),
                          Parameter('autostart', value=False)])
     try:
         result = node.trigger_configure()
@@ -114,7 +114,7 @@ def test_a_configured_host_plugin_is_stopped_on_shutdown(ros, tmp_path):
                      context=ros.node.context, parameter_overrides=[
                          Parameter('agents_file', value=str(_agents_file(tmp_path,
                                                                          ['face_expression']))),
-                         Parameter('state_dir', value=str(tmp_path / 'agents')),
+                         Parameter('storage.root', value=str(tmp_path)),
                          Parameter('autostart', value=False)])
     try:
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS

@@ -40,7 +40,7 @@ def test_local_only_speech_never_leaves_through_the_voice_agent(
     agents.write_text(yaml.safe_dump(AGENTS))
     params = tmp_path / 'agent_params.yaml'
     params.write_text(yaml.safe_dump({'/**': {'ros__parameters': {
-        'agent_id': 'voice', 'agents_file': str(agents), 'state_dir': str(tmp_path / 'state'),
+        'agent_id': 'voice', 'agents_file': str(agents), 'storage': {'root': str(tmp_path / 'state')},
         'autostart': True, 'bus': {'discovery_period_s': 0.1}}}}))
     agent = spawn('-m', 'loom_ros.agents.agent_node', '--ros-args', '-r', '__ns:=/priv1',
                   '--params-file', str(params))

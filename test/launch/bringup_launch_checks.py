@@ -39,8 +39,7 @@ def _params(tmp: Path) -> str:
                                   mic_utterances=['what is the weather in london'])
     section('router')['history_db'] = str(tmp / 'router.db')
     section('plugin_host').update(audit_db=str(tmp / 'audit.db'), data_dir=str(tmp / 'plugins'))
-    section('lifecycle_manager')['state_dir'] = str(tmp / 'agents')
-    section('agent')['state_dir'] = str(tmp / 'agents')
+    data['/**']['ros__parameters'].setdefault('storage', {})['root'] = str(tmp)   # every file
     path = tmp / 'params.yaml'
     path.write_text(yaml.safe_dump(data))
     return str(path)

@@ -2,6 +2,7 @@
 files: an ICS calendar and an SQLite one, a database the query tool must not change, an agent's
 memory written by the agent's own classes with the real embedding model, the weather table."""
 import hashlib
+import json
 import os
 import resource
 import sqlite3
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness import old_agent_file
 from loom_ros.bus.event import Event
 from loom_ros.plugins.host import PluginHost, parse_specs
 
@@ -210,31 +212,30 @@ def test_db_query_hostile_queries_stop_within_their_bounds(run_tool, database):
 # -- memory_search ------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def agent_memory(tmp_path_factory):
-    """An agent's memory written by the agent's own classes, with the real embedding model."""
+    """An agent's memory written through the storage layer as an agent host writes it (one unit
+    database under the root), with the real embedding model for its facts."""
     from loom_ros.agents.embedding import MiniLMEmbedder
-    from loom_ros.agents.memory import EpisodicMemory, SemanticMemory
-    from loom_ros.agents.state import StateStore
-    root = tmp_path_factory.mktemp('root')   # a storage root: the agents write <root>/agents
-    state_dir = root / 'agents'
-    store = StateStore(state_dir / 'helper.db', 'helper')
-    episodic = EpisodicMemory(store.db, 'helper')
-    for i, (kind, text, tags) in enumerate([('speech.utterance', 'bring me the red cup', ['cmd']),
-                                            ('face.detected', 'alice smiles', ['face']),
-                                            ('speech.utterance', 'what is the weather', ['cmd'])]):
-        episodic.record(Event.with_json(kind, {'text': text}, id=f'e{i}', source='mic',
-                                        timestamp_ms=1000 * (i + 1), tags=tags))
-    semantic = SemanticMemory(store.db, 'helper', MiniLMEmbedder())
-    semantic.add_fact('alice', 'likes', 'green tea', 'e1')
-    semantic.add_fact('red cup', 'is_in', 'kitchen', 'e0')
-    semantic.add_fact('bob', 'works_at', 'the lab', 'e2')
-    store.commit({}, 3, 'e2')
-    yield root, store   # left open: the agent keeps writing while the tool reads
-    store.close()
+    from loom_ros.storage.storage import Storage, StorageConfig
+    root = tmp_path_factory.mktemp('root')   # a storage root: the host writes <root>/db/<unit>.db
+    storage = Storage(StorageConfig(str(root), unit='agent_helper'))
+    episodes = [Event.with_json(kind, {'text': text}, id=f'e{i}', source='mic',
+                                timestamp_ms=1000 * (i + 1), tags=tags)
+                for i, (kind, text, tags) in enumerate([
+                    ('speech.utterance', 'bring me the red cup', ['cmd']),
+                    ('face.detected', 'alice smiles', ['face']),
+                    ('speech.utterance', 'what is the weather', ['cmd'])])]
+    storage.agent_state.commit('helper', {}, 3, 'e2', episodes=episodes).wait(30)
+    facts = storage.facts('helper', MiniLMEmbedder())
+    for fact in [('alice', 'likes', 'green tea', 'e1'), ('red cup', 'is_in', 'kitchen', 'e0'),
+                 ('bob', 'works_at', 'the lab', 'e2')]:
+        facts.add(*fact)[1].wait(30)
+    yield root, storage   # left open: the agent keeps writing while the tool reads
+    storage.close()
 
 
 def test_memory_search_reads_episodes_facts_and_meaning_read_only(run_tool, agent_memory):
     root, _store = agent_memory
-    db = root / 'agents' / 'helper.db'
+    db = root / 'db' / 'agent_helper.db'
     call = run_tool('memory_search', {'storage_root': str(root)}, ['memory.read'])
     speech = result(call('tool.memory.search', {'agent': 'helper', 'mode': 'episodic',
                                                 'type': 'speech.utterance'}))
@@ -279,14 +280,10 @@ def test_memory_search_merges_an_agents_own_file_with_the_storage_units(run_tool
     """An agent hosted on the storage layer keeps its memory in its host's unit database
     (<root>/db/<unit>.db); the tool finds it there, merged in time order with what the agent's
     own file (<root>/agents/<id>.db) already held, and names where it looked when neither has it."""
-    from loom_ros.agents.memory import EpisodicMemory
-    from loom_ros.agents.state import StateStore
     from loom_ros.storage.storage import Storage, StorageConfig
-    old = StateStore(tmp_path / 'agents' / 'walker.db', 'walker')
-    EpisodicMemory(old.db, 'walker').record(Event.with_json('step', {'n': 1}, id='old-1',
-                                                            timestamp_ms=1000))
-    old.commit({}, 1, 'old-1')
-    old.close()
+    old_agent_file(tmp_path / 'agents' / 'walker.db',
+                   [('walker', 2, json.dumps({}), 1, 'old-1')],
+                   [('walker', 'old-1', 1000, 'step', '', '[]', json.dumps({'n': 1}))])
     with Storage(StorageConfig(root=str(tmp_path), unit='host')) as storage:
         storage.agent_state.commit('walker', {'n': 3}, 3, 'new-3', episodes=[
             Event.with_json('step', {'n': n}, id=f'new-{n}', timestamp_ms=500 * n)
@@ -310,47 +307,50 @@ def _shipped_memory_search() -> dict:
 
 
 def test_memory_search_and_the_agents_agree_on_one_folder_in_the_demo_config(tmp_path):
-    """`loom demo` moves every file under its output folder: the agents' state_dir and the
-    plugin host's data_dir. The shipped memory_search entry (no folder of its own) must then
-    read exactly what the demo's agents wrote."""
-    from loom_ros.agents.memory import EpisodicMemory
-    from loom_ros.agents.state import StateStore
+    """`loom demo` moves every file under its output folder with one setting, storage.root:
+    the agent hosts' databases and the plugin host's data_dir derive from it. The shipped
+    memory_search entry (no folder of its own) must then read exactly what the demo's agents
+    wrote."""
+    from loom_ros.agents.agent_node import unit_name
     from loom_ros.cli.demo import _params
     from loom_ros.config.params import config_dir
+    from loom_ros.storage.layout import StorageLayout, derived
+    from loom_ros.storage.storage import Storage, StorageConfig
     out = tmp_path / 'demo_output'
     out.mkdir()
     params = yaml.safe_load(_params(str(config_dir() / 'loom.yaml'), out).read_text())
-    agents_dir = params['/**/agent']['ros__parameters']['state_dir']
-    assert params['/**/lifecycle_manager']['ros__parameters']['state_dir'] == agents_dir
-    store = StateStore(Path(agents_dir) / 'counter.db', 'counter')   # what the demo's agent does
-    EpisodicMemory(store.db, 'counter').record(Event.with_json(
-        'sensor.imu', {'n': 7}, id='imu-7', source='imu', timestamp_ms=1234))
-    store.commit({'n': 7}, 1, 'imu-7')
-    host = PluginHost(parse_specs([_shipped_memory_search()]),
-                      data_dir=params['/**/plugin_host']['ros__parameters']['data_dir'])
+    layout = StorageLayout.at(params['/**']['ros__parameters']['storage']['root'])
+    assert layout.root == out.absolute()
+    # What the demo's agent host writes (its unit database) and where its plugin host puts data.
+    with Storage(StorageConfig(str(layout.root), unit=unit_name('/agent_host_0'))) as storage:
+        storage.agent_state.commit('counter', {'n': 7}, 1, 'imu-7', episodes=[Event.with_json(
+            'sensor.imu', {'n': 7}, id='imu-7', source='imu', timestamp_ms=1234)]).wait(30)
+    data_dir = derived(params['/**/plugin_host']['ros__parameters']['data_dir'],
+                       layout.root / 'plugins')
+    host = PluginHost(parse_specs([_shipped_memory_search()]), data_dir=data_dir)
     try:
         assert not host.start()
         found = result(host.handle('memory_search', Event.with_json(
             'tool.memory.search', {'agent': 'counter'})))
         assert [(r['event_id'], r['time_ms']) for r in found['results']] == [('imu-7', 1234)]
-        assert host.health('memory_search').details['agents_dir'] == str(Path(agents_dir))
+        assert host.health('memory_search').details['agents_dir'] == str(layout.agents)
     finally:
         host.stop()
-        store.close()
 
 
 def test_memory_search_reads_the_shipped_agents_folder_by_default():
-    """The shipped config: agents write <root>/agents (agent and manager state_dir), the host's
-    data_dir is <root>/plugins; the tool, with no setting, reads <root>/agents."""
+    """The shipped config: everything under storage.root, the host's data_dir <root>/plugins;
+    the tool, with no setting, reads that root's agents."""
     from loom_ros.config.params import node_defaults
-    agents_dir = Path(os.path.expanduser(node_defaults('agent')['state_dir'])).absolute()
-    assert Path(os.path.expanduser(node_defaults('lifecycle_manager')['state_dir'])).absolute() \
-        == agents_dir
-    host = PluginHost(parse_specs([_shipped_memory_search()]),
-                      data_dir=node_defaults('plugin_host')['data_dir'])
+    from loom_ros.storage.layout import StorageLayout, derived
+    layout = StorageLayout.at(node_defaults('agent')['storage.root'])
+    assert node_defaults('lifecycle_manager')['storage.root'] == \
+        node_defaults('plugin_host')['storage.root']
+    host = PluginHost(parse_specs([_shipped_memory_search()]), data_dir=derived(
+        node_defaults('plugin_host')['data_dir'], layout.root / 'plugins'))
     try:
         assert not host.start()
-        assert host.health('memory_search').details['agents_dir'] == str(agents_dir)
+        assert host.health('memory_search').details['agents_dir'] == str(layout.agents)
     finally:
         host.stop()
 
