@@ -199,8 +199,9 @@ def one_run(hostile: bool, phase: float, rate: float) -> dict:
     import rclpy
     from rclpy.signals import SignalHandlerOptions
 
-    from loom_ros.agents.state import StateStore
+    from loom_ros.agents.agent_node import unit_name
     from loom_ros.cli.demo import Watcher, _free_port, _params
+    from loom_ros.storage.storage import Storage, StorageConfig
     from loom_ros.config.params import DEFAULTS_FILE, config_dir
     with tempfile.TemporaryDirectory(prefix='loom_soak_') as tmp:
         out = Path(tmp)
@@ -270,9 +271,9 @@ def one_run(hostile: bool, phase: float, rate: float) -> dict:
         except subprocess.TimeoutExpired:
             bringup.kill()
             code = 'hung on SIGINT'
-        store = StateStore(out / 'agents' / 'counter.db', 'counter')
-        persisted = store.load()[1]
-        store.close()
+        # The counter's committed state, from its agent host's unit database under the root.
+        with Storage(StorageConfig(str(out), unit=unit_name('/agent_host_0'))) as storage:
+            persisted = storage.agent_state.load('counter')[1]
         unhealthy = {a: v for a, v in agents.items() if v[0] != 'ok'}
         if not nodes_before:
             silent.append('(no node published bus stats before the attack)')
