@@ -25,7 +25,7 @@ import struct
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ from loom_ros.security.keyring import KEYRING_FILE, Keyring, KeyringError
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore
 from loom_ros.storage.backend.local import LocalObjectStore
 from loom_ros.storage.cold import MAGIC as COLD_MAGIC, IndexParams
-from loom_ros.storage.consent import (CONSENT_DDL, ConsentRegistry, SubjectRefs, check_source,
+from loom_ros.storage.consent import (ConsentRegistry, SubjectRefs, check_source,
                                       consent_path)
 from loom_ros.storage.errors import StorageError
 from loom_ros.storage.layout import StorageLayout
@@ -389,7 +389,7 @@ def _forget_archives(lifecycle: Lifecycle, subject: str, key_ids, receipt: Recei
             receipt.counts['archive_records'] += int(rows)
             _drop_archive(conn, objects, key, receipt)
             continue
-        if isinstance(objects, EncryptedObjectStore) is False and blob[:3] == b'LKE':
+        if not isinstance(objects, EncryptedObjectStore) and blob[:3] == b'LKE':
             continue   # encrypted and no keyring given: only the subject's key files are known
         try:
             records = lifecycle.read_archive(key)

@@ -24,6 +24,8 @@ from loom_ros.cli.record import McapRecorder
 from loom_ros.router.decision import Decision, Route, RouteRequest
 from loom_ros.router.history import Outcome, RouterHistory
 from loom_ros.security.audit import AuditLog
+from loom_ros.security.keyring import EncryptionSettings, MasterKey, ShreddedError, write_key_file
+from loom_ros.storage.backend.encrypted import EncryptedObjectStore
 from loom_ros.storage.backend.local import LocalObjectStore
 from loom_ros.storage.consent import ConsentRegistry, SubjectRefs, consent_path
 from loom_ros.storage.embedding import HashEmbedder
@@ -166,7 +168,7 @@ def scan(root: Path) -> bytes:
             continue
         data = path.read_bytes()
         out.append(data)
-        if path.name.endswith('.gz'):
+        if path.name.endswith('.gz') and data[:2] == b'\x1f\x8b':   # not encrypted
             out.append(gzip.decompress(data))
         if path.suffix == '.mcap':
             with open(path, 'rb') as stream:
@@ -267,3 +269,58 @@ def test_the_cli_refuses_a_hostile_id_without_touching_anything(tmp_path):
     shown = loom('export', 'a/b', '--root', str(tmp_path), '--output', str(tmp_path / 'o.zip'))
     assert shown.returncode == 1 and not (tmp_path / 'o.zip').exists()
     assert issubclass(ErasureError, Exception)
+
+
+@pytest.mark.parametrize('with_master_key', [True, False])
+def test_encrypted_archives_are_shredded_with_the_subjects_key(tmp_path, with_master_key):
+    """Encryption at rest: A's archive files and objects go, A's data key is destroyed (so a
+    copy of A's archive taken before cannot be decrypted), B's still decrypt; without the
+    master key the key table and the objects are still cleared by key id."""
+    root, key_file, clock = tmp_path / 'root', tmp_path / 'master.key', Clock()
+    write_key_file(key_file, [MasterKey.generate()])
+    settings = EncryptionSettings(True, str(key_file))
+    a, b = Subject('A'), Subject('B')
+    storage = Storage(StorageConfig(root=str(root), unit='enc', encryption=settings),
+                      clock=clock, env={})
+    layout = storage.layout
+    for s in (a, b, None):
+        storage.episodes.record('agent1', event(s, 0, T0, 'archive')).wait(WAIT_LIMIT_S)
+    for s in (a, b):
+        storage.objects.put(f'subjects/{s.id}/voice.wav', s.raw('wav'), subject=s.id)
+        storage.objects.put(f'media/{s.id[-4:]}.bin', s.raw('media'), subject=s.id)
+    lifecycle = Lifecycle(layout, 'enc', storage.objects, HashEmbedder(), LifecycleParams(
+        default=TierPolicy(warm_s=60, cold_s=600), bucket_s=10), clock=clock)
+    clock.ms = T0 + 120_000
+    assert lifecycle.move_warm().memories == 3
+    clock.ms = T0 + 700_000
+    assert lifecycle.move_cold().archived == 3
+    lifecycle.close()
+    keys = {r['key'] for r in storage.query("select key from archive")}
+    assert len(keys) == 3   # one file per subject, one for the anonymous day
+    copies = {k: storage.objects.inner.get(k) for k in keys}
+    storage.close()
+
+    args = ['forget', a.id, '--root', str(root), '--json']
+    done = loom(*args, *(['--master-key-file', str(key_file)] if with_master_key else []))
+    assert done.returncode == 0, done.stderr
+    counts = json.loads(done.stdout)['counts']
+    assert (counts['keys'], counts['archive_files'], counts['archive_records']) == (1, 1, 1)
+    assert counts['blobs'] == 1   # media/<x>.bin under A's key (subjects/<A>/ is a file too)
+    assert hits(scan(root), a) == []
+
+    storage = Storage(StorageConfig(root=str(root), unit='enc', encryption=settings),
+                      clock=clock, env={})
+    try:
+        left = {r['key'] for r in storage.query("select key from archive")}
+        assert len(left) == 2 and left < keys
+        (gone,) = keys - left
+        with pytest.raises(ShreddedError):   # a copy kept elsewhere is unreadable now
+            storage.keyring.decrypt(copies[gone], EncryptedObjectStore.context(gone))
+        reader = Lifecycle(layout, 'enc', storage.objects, HashEmbedder(), read_only=True)
+        text = json.dumps([reader.read_archive(k) for k in left]).encode()
+        reader.close()
+        assert b.canaries['archive'] in text and b.id.encode() in text
+        assert storage.objects.get(f'subjects/{b.id}/voice.wav') == b.canaries['wav']
+        assert not storage.objects.exists(f'subjects/{a.id}/voice.wav')
+    finally:
+        storage.close()
