@@ -206,12 +206,11 @@ def recording_files(layout: StorageLayout) -> list[Path]:
     return found
 
 
-def _event_subject_of(message_class, deserialize, data: bytes) -> str | None:
-    """The loom.subject of a CDR loom_msgs/Event (None: not decodable)."""
-    try:
-        msg = deserialize(data, message_class)
-    except Exception:   # a damaged message: judged by its bytes by the caller
-        return None
+EVENT_TYPES = ('loom_msgs/msg/Event', 'loom_msgs/Event')
+BATCH_TYPES = ('loom_msgs/msg/EventBatch', 'loom_msgs/EventBatch')
+
+
+def _subject_of(msg) -> str:
     for kv in msg.metadata:
         if kv.key == SUBJECT_METADATA_KEY:
             return kv.value
@@ -219,9 +218,37 @@ def _event_subject_of(message_class, deserialize, data: bytes) -> str | None:
 
 
 def _event_decoder():
-    from rclpy.serialization import deserialize_message
-    from loom_msgs.msg import Event
-    return Event, deserialize_message
+    """(Event, EventBatch, deserialize, serialize): rclpy's CDR of loom_msgs."""
+    from rclpy.serialization import deserialize_message, serialize_message
+    from loom_msgs.msg import Event, EventBatch
+    return Event, EventBatch, deserialize_message, serialize_message
+
+
+def split_message(schema, data: bytes, subject: str, decoder) -> tuple[bytes | None, bytes | None,
+                                                                         int]:
+    """(what stays, what is the subject's, events of the subject) of one recorded message: an
+    Event naming the subject goes whole; an EventBatch loses the subject's events (re-encoded,
+    dropped when none is left); anything else stays. A message that cannot be decoded stays
+    (it names no one Loom can tell)."""
+    name = getattr(schema, 'name', '')
+    if name not in EVENT_TYPES + BATCH_TYPES:
+        return data, None, 0
+    event_cls, batch_cls, deserialize, serialize = decoder
+    try:
+        msg = deserialize(data, event_cls if name in EVENT_TYPES else batch_cls)
+    except Exception:   # a damaged message
+        return data, None, 0
+    if name in EVENT_TYPES:
+        return (None, data, 1) if _subject_of(msg) == subject else (data, None, 0)
+    theirs = [e for e in msg.events if _subject_of(e) == subject]
+    if not theirs:
+        return data, None, 0
+    others = [e for e in msg.events if _subject_of(e) != subject]
+    mine = batch_cls(header=msg.header, bus_id=msg.bus_id, first_seq=msg.first_seq, events=theirs)
+    if not others:
+        return None, serialize(mine), len(theirs)
+    msg.events = others
+    return serialize(msg), serialize(mine), len(theirs)
 
 
 def _recording_messages(path: Path) -> Iterator:
@@ -232,14 +259,6 @@ def _recording_messages(path: Path) -> Iterator:
         yield summary, None, None, None
         for schema, channel, message in reader.iter_messages(log_time_order=False):
             yield summary, schema, channel, message
-
-
-def _message_names(schema, message, subject: str, decoder) -> bool:
-    if schema is not None and schema.name in ('loom_msgs/msg/Event', 'loom_msgs/Event'):
-        found = _event_subject_of(*decoder, message.data)
-        if found is not None:
-            return found == subject
-    return False
 
 
 # -- forget -------------------------------------------------------------------------------------
@@ -525,40 +544,47 @@ def _forget_trace(path: Path, subject: str, receipt: Receipt) -> None:
     receipt.files += 1
 
 
-def _forget_recording(path: Path, subject: str, decoder, receipt: Receipt) -> None:
-    """Rewrite an MCAP file without the Event messages whose metadata names the subject (same
-    schemas, channels, metadata and compression; one pass to count, one to write)."""
+def _copy_recording(path: Path, out, subject: str, decoder, keep: bool,
+                    library: str) -> int:
+    """Write to `out` an MCAP of `path`'s messages without (keep) or with only (not keep) what is
+    the subject's; same schemas, channels and their metadata. Returns the subject's events."""
     from mcap.writer import CompressionType, Writer
+    writer = Writer(out, compression=CompressionType.ZSTD)
+    writer.start(profile='ros2', library=library)
+    schemas, channels, count = {}, {}, 0
+    for _summary, schema, channel, message in _recording_messages(path):
+        if message is None:
+            continue
+        stays, theirs, n = split_message(schema, message.data, subject, decoder)
+        count += n
+        data = stays if keep else theirs
+        if data is None:
+            continue
+        if schema is not None and schema.id not in schemas:
+            schemas[schema.id] = writer.register_schema(schema.name, schema.encoding, schema.data)
+        if channel.id not in channels:
+            channels[channel.id] = writer.register_channel(
+                channel.topic, channel.message_encoding, schemas.get(channel.schema_id, 0),
+                dict(channel.metadata))
+        writer.add_message(channels[channel.id], message.log_time, data, message.publish_time,
+                           message.sequence)
+    writer.finish()
+    return count
+
+
+def _forget_recording(path: Path, subject: str, decoder, receipt: Receipt) -> None:
+    """Rewrite an MCAP file without the subject's events (Event messages naming it, its events
+    in EventBatch messages); one pass to count, one to write."""
     try:
-        drop = sum(1 for _s, schema, _c, message in _recording_messages(path)
-                   if message is not None and _message_names(schema, message, subject, decoder))
+        drop = sum(split_message(schema, message.data, subject, decoder)[2]
+                   for _s, schema, _c, message in _recording_messages(path) if message is not None)
     except Exception as exc:   # the mcap reader's errors have no common base
         receipt.not_covered.append(f'{path.name}: not readable as MCAP ({str(exc)[:80]})')
         return
     if not drop:
         return
-
-    def write(out) -> None:
-        writer = Writer(out, compression=CompressionType.ZSTD)
-        writer.start(profile='ros2', library='loom forget')
-        schemas, channels = {}, {}
-        for summary, schema, channel, message in _recording_messages(path):
-            if message is None:
-                continue
-            if _message_names(schema, message, subject, decoder):
-                continue
-            if schema is not None and schema.id not in schemas:
-                schemas[schema.id] = writer.register_schema(schema.name, schema.encoding,
-                                                            schema.data)
-            if channel.id not in channels:
-                channels[channel.id] = writer.register_channel(
-                    channel.topic, channel.message_encoding,
-                    schemas.get(channel.schema_id, 0), dict(channel.metadata))
-            writer.add_message(channels[channel.id], message.log_time, message.data,
-                               message.publish_time, message.sequence)
-        writer.finish()
-
-    _atomic_write(path, write)
+    _atomic_write(path, lambda out: _copy_recording(path, out, subject, decoder, True,
+                                                    'loom forget'))
     receipt.counts['recording_messages'] += drop
     receipt.files += 1
 
@@ -699,30 +725,13 @@ def _export_archives(layout, unit: str, keys: list[str], subject: str,
 
 
 def _export_recording(path: Path, subject: str, archive: zipfile.ZipFile) -> int:
-    """The subject's Event messages of one recording, as an MCAP in the export."""
+    """The subject's recorded events of one recording, as an MCAP in the export."""
     import io
-    from mcap.writer import Writer
-    decoder, buffer, count = _event_decoder(), io.BytesIO(), 0
-    writer = Writer(buffer)
-    writer.start(profile='ros2', library='loom export')
-    schemas, channels = {}, {}
+    buffer = io.BytesIO()
     try:
-        for _summary, schema, channel, message in _recording_messages(path):
-            if message is None or not _message_names(schema, message, subject, decoder):
-                continue
-            if schema.id not in schemas:
-                schemas[schema.id] = writer.register_schema(schema.name, schema.encoding,
-                                                            schema.data)
-            if channel.id not in channels:
-                channels[channel.id] = writer.register_channel(
-                    channel.topic, channel.message_encoding, schemas[schema.id],
-                    dict(channel.metadata))
-            writer.add_message(channels[channel.id], message.log_time, message.data,
-                               message.publish_time, message.sequence)
-            count += 1
+        count = _copy_recording(path, buffer, subject, _event_decoder(), False, 'loom export')
     except Exception:   # an unreadable recording: left out of the export
         return 0
-    writer.finish()
     if count:
         archive.writestr(f'media/{path.name}', buffer.getvalue())
     return count

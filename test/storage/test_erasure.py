@@ -5,6 +5,7 @@ free pages; archives and recordings decompressed too)."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import sqlite3
 import subprocess
@@ -37,6 +38,7 @@ from loom_ros.storage.storage import Storage, StorageConfig
 
 T0 = 1_700_000_000_000
 TOPIC = '/loom/camera/front'
+BATCHED = '/loom/speech/batched'
 
 
 class Clock:
@@ -110,7 +112,7 @@ def plant(root: Path, subjects: list[Subject]) -> dict:
     for s in subjects:
         expected[s.id].update(episodes=2, cold=1, archive_records=1, facts=1, decisions=2,
                               outcomes=1, consent=1, blobs=1, trace_lines=1,
-                              recording_messages=2)
+                              recording_messages=3)
         warm = [r for r in storage.query('select event_id from episodes where subject = ?',
                                          (s.id,))]
         assert len(warm) == 2
@@ -156,6 +158,10 @@ def plant(root: Path, subjects: list[Subject]) -> dict:
                 s.canaries.pop(f'rec{n}')   # the text it had is not recorded
                 msg.metadata.append(KeyValue(key='encoding', value='rgb8'))
             recorder.write(TOPIC, serialize_message(msg))
+    from loom_msgs.msg import EventBatch   # a batched topic: one message, several subjects
+    recorder.add_topic(BATCHED, 'loom_msgs/msg/EventBatch')
+    recorder.write(BATCHED, serialize_message(EventBatch(events=[
+        event(s, 0, T0, 'batch').to_msg() for s in subjects + [None]])))
     recorder.close()
     return expected
 
@@ -226,6 +232,9 @@ def test_forget_erases_one_subject_everywhere_and_keeps_the_other(tmp_path):
         names = archive.namelist()
         data = json.loads(archive.read('subject.json'))
         everything = b'\x00'.join(archive.read(n) for n in names)
+        recorded = archive.read('media/run.mcap')
+    everything += b'\x00'.join(m.data for _s, _c, m in make_reader(io.BytesIO(recorded))
+                               .iter_messages())
     assert 'media/photo.jpg' in names and 'media/run.mcap' in names
     for tier, n in (('episodes', 2), ('cold', 1), ('archive', 1), ('facts', 1), ('decisions', 2),
                     ('consent', 1), ('trace', 1)):
@@ -233,7 +242,9 @@ def test_forget_erases_one_subject_everywhere_and_keeps_the_other(tmp_path):
     text = json.dumps(data).encode()
     for where in ('warm0', 'warm1', 'cold0', 'archive0', 'fact', 'decision', 'router', 'trace'):
         assert b.canaries[where] in text, where
-    assert b.canaries['blob'] in everything
+    for where in ('blob', 'frame0', 'frame1', 'batch'):
+        assert b.canaries[where] in everything, where
+    assert data['counts']['recording_messages'] == 3
     assert hits(everything, a) == []
 
 
