@@ -251,6 +251,7 @@ def test_forget_erases_one_subject_everywhere_and_keeps_the_other(tmp_path):
 def test_forget_refuses_while_a_process_holds_the_unit_and_changes_nothing(tmp_path):
     root = tmp_path / 'root'
     a = Subject('A')
+    a.id = f'face:{a.id}@home.example'   # every character a subject id may have
     storage = Storage(StorageConfig(root=str(root), unit='busy'))
     try:
         storage.episodes.record('agent1', event(a, 0, T0, 'warm')).wait(WAIT_LIMIT_S)
@@ -260,6 +261,7 @@ def test_forget_refuses_while_a_process_holds_the_unit_and_changes_nothing(tmp_p
     finally:
         storage.close()
     assert loom('forget', a.id, '--root', str(root)).returncode == 0
+    assert a.id.encode() not in scan(root)
 
 
 @pytest.mark.parametrize('bad', ['', '../etc', 'a/b', 'a b', 'x' * 129, 'a..b', '-a', 'ａ',
@@ -335,3 +337,46 @@ def test_encrypted_archives_are_shredded_with_the_subjects_key(tmp_path, with_ma
         assert not storage.objects.exists(f'subjects/{a.id}/voice.wav')
     finally:
         storage.close()
+
+
+def test_files_from_before_subjects_get_the_column_and_its_index(tmp_path):
+    """A unit database and a router.db written before the subject column: upgraded on open
+    (ALTER TABLE, index), their rows anonymous, new rows carry the subject."""
+    layout = StorageLayout.at(tmp_path)
+    layout.database('old').parent.mkdir(parents=True)
+    conn = sqlite3.connect(layout.database('old'))
+    conn.execute('create table episodes (id integer primary key, agent_id text not null, '
+                 'event_id text not null, time_ms int not null, type text not null, source text '
+                 'not null, tags text not null, payload text not null, bytes int not null)')
+    conn.execute('create table cold (id integer primary key, agent_id text not null, type text '
+                 'not null, source text not null, first_ms int not null, last_ms int not null, '
+                 'count int not null, summary text not null, code blob not null, bytes int not '
+                 'null)')
+    conn.execute("insert into episodes values (1, 'a', 'e0', 1, 't', 's', '[]', 'old', 3)")
+    conn.commit()
+    conn.close()
+    conn = sqlite3.connect(layout.router_history)
+    conn.execute('create table decisions (id text primary key, time real, event_id text, '
+                 'event_type text, agent_id text, privacy int, route text, rule text, '
+                 'confidence real, cloud_cost real, local_confidence real, payload_bytes int, '
+                 'latency_budget_ms real)')
+    conn.execute("insert into decisions (id, event_type) values ('d0', 'chat')")
+    conn.commit()
+    conn.close()
+    a = Subject('A')
+    storage = Storage(StorageConfig(root=str(tmp_path), unit='old'))
+    try:
+        storage.episodes.record('a', event(a, 0, T0, 'warm')).wait(WAIT_LIMIT_S)
+        rows = storage.query('select event_id, subject from episodes order by id')
+        assert [r['subject'] for r in rows] == ['', a.id]
+        indexes = {r['name'] for r in storage.query("select name from sqlite_master where "
+                                                    "type = 'index'")}
+        assert {'episodes_subject', 'cold_subject', 'decisions_subject'} <= indexes
+    finally:
+        storage.close()
+    history = RouterHistory(layout.router_history, 3600)
+    history.record_decision('d1', 'e1', RouteRequest(event_type='chat', subject=a.id),
+                            Decision(Route.LOCAL, 0.9, 'r', 'why'))
+    assert history.db.query('select id, subject from decisions order by id') == [
+        {'id': 'd0', 'subject': ''}, {'id': 'd1', 'subject': a.id}]
+    history.close()
