@@ -2,13 +2,13 @@
 
 The nodes come from Loom's node table (loom_ros/bringup/nodes.py), the same declaration
 `loom bringup` starts from: sim_sensors (when asked), camera_adapter, router, plugin_host,
-zenoh_bridge (unless bridge:=false) and the lifecycle_manager, each in its own process with
-respawn. The lifecycle nodes start with autostart false; the manager configures and activates
-them in table order, then starts the agents of the agents file (hosted together: agent_host_0)
-and brings them up; with autostart:=false it waits for its ~/startup service. Every node gets the
+storage, zenoh_bridge (unless bridge:=false) and the lifecycle_manager, each in its own process
+with respawn. The lifecycle nodes start with autostart false; the manager configures and
+activates them in table order, then starts the agents of the agents file (together in
+agent_host_0, or alone as agent_<id> when the agents file says own_process) and brings them up; with autostart:=false it waits for its ~/startup service. Every node gets the
 params file (config/loom.yaml by default; its sections are keyed /**/<node>, so a namespace keeps
 them), rewritten the way `loom bringup` rewrites it (empty lists dropped, the /**/agent section
-given to the agent host), then its own parameters from the table.
+given to every agent host), then its own parameters from the table.
 
 use_composition:=true runs every node in one process instead (intra-process fast path). Loom's
 nodes are Python, and rclpy has no component container (launch_ros' ComposableNodeContainer loads
@@ -70,14 +70,18 @@ def robot_actions(context):
                      ros_arguments=['--log-level', log_level, '-p',
                                     f'use_sim_time:={value["use_sim_time"]}'])]
     agents_file = value['agents_file'] or str(config_dir() / 'agents.yaml')
-    ids = ','.join(load_agents(agents_file))
+    configs = load_agents(agents_file)
+    ids = ','.join(configs)
+    # Agents that ask for their own process run alone (agent_<id>), the rest in agent_host_0.
+    groups, hosts = table.agent_hosting({a: c.own_process for a, c in configs.items()})
     # Kept for the launch's life (the agent processes read it when the manager restarts them).
-    robot_file = robot_params(value['params_file'], tempfile.mkdtemp(prefix='loom_launch_'))
+    robot_file = robot_params(value['params_file'], tempfile.mkdtemp(prefix='loom_launch_'),
+                              hosts)
     selected = table.select(conditions)
     actions = []
     for node in selected:
         params = table.node_parameters(
-            node, selected, autostart=_true(value['autostart']), agents=ids, groups=ids,
+            node, selected, autostart=_true(value['autostart']), agents=ids, groups=groups,
             agents_file=value['agents_file'], agent_params_file=robot_file)
         params['use_sim_time'] = _true(value['use_sim_time'])
         actions.append(Node(

@@ -50,6 +50,9 @@ class AgentConfig(BaseModel):
     host_plugins: list[str] = Field(default_factory=list, max_length=MAX_HOST_PLUGINS,
                                     description='entries of the plugins file the agent host '
                                     'runs in its own process (called in-process, no service)')
+    own_process: bool = Field(False, description='launch and loom bringup host this agent alone '
+                              '(agent_<id>), not with the others in agent_host_0: its latency '
+                              'does not share a GIL and a garbage collector with theirs')
 
     def checked(self) -> 'AgentConfig':
         for pattern in self.subscriptions:

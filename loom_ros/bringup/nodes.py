@@ -114,6 +114,19 @@ def by_name(name: str, table: tuple[LoomNode, ...] = NODES) -> LoomNode:
     raise KeyError(f'no Loom node {name!r} (have: {", ".join(n.name for n in table)})')
 
 
+SHARED_HOST = 'agent_host_0'   # the lifecycle manager's name for its first agents group
+
+
+def agent_hosting(own_process: Mapping[str, bool]) -> tuple[str, list[str]]:
+    """How the agents are hosted, from {agent id: own_process} in bring-up order: the manager's
+    `groups` (every agent that does not ask for its own process, together in agent_host_0) and
+    the agent host node names that result (agent_host_0, then agent_<id> for each agent alone)."""
+    shared = [a for a, alone in own_process.items() if not alone]
+    hosts = ([SHARED_HOST] if shared else []) + \
+        [f'agent_{a}' for a, alone in own_process.items() if alone]
+    return ','.join(shared), hosts
+
+
 def node_parameters(node: LoomNode, selected: list[LoomNode], *, autostart,
                     agents: str, groups: str, agents_file: str = '',
                     agent_params_file: str = '') -> dict:

@@ -196,18 +196,18 @@ def _agents_file(args, tmp: str, robot: str = 'robot1') -> str:
     return str(out)
 
 
-def robot_params(path: str, tmp: str, host: str = AGENT_HOST) -> str:
+def robot_params(path: str, tmp: str, hosts=(AGENT_HOST,)) -> str:
     """The params file every node gets: without empty lists (rcl cannot type them and hands
     nodes None, while the node's own default from config/loom.yaml is the same empty list), and
-    with the agent defaults section (`/**/agent`) also given to the agent host, whose node name
-    (`host`) it does not match."""
+    with the agent defaults section (`/**/agent`) also given to each agent host, whose node name
+    (`hosts`: agent_host_0, agent_<id>) it does not match."""
     def strip(value):
         if isinstance(value, dict):
             return {k: strip(v) for k, v in value.items() if v != []}
         return value
     data = strip(yaml.safe_load(Path(path).read_text(encoding='utf-8')) or {})
     agent = {k: v for k, v in node_section(path, AGENT_SECTION).items() if k != 'agent_id'}
-    if agent:
+    for host in hosts if agent else ():
         host_section = data.setdefault(f'/**/{host}', {}).setdefault('ros__parameters', {})
         for key, value in agent.items():   # dotted keys back into nested form
             parts = key.split('.')
@@ -227,14 +227,23 @@ def _agent_ids(args, agents_file: str) -> list[str]:
     return [a.strip() for a in args.agents.split(',') if a.strip()]
 
 
+def agent_hosting(agents_file: str, agent_ids) -> tuple[str, list[str]]:
+    """The manager's `groups` and the agent host names for these agents (the node table's
+    rule: agents that ask for their own process run alone, the rest in agent_host_0)."""
+    from loom_ros.agents.config import load_agents
+    configs = load_agents(agents_file)
+    return table.agent_hosting({a: configs[a].own_process for a in agent_ids if a in configs})
+
+
 def node_parameters(args, node: table.LoomNode, selected: list[table.LoomNode], agent_ids,
                     agents_file: str, params_file: str, robot_file: str) -> dict:
     """The node table's parameters for `node`, plus what this bring-up decides: the bridge's
     router and credentials. (The agents keep their files under storage.root, the params file's
     /** section, as every node does.)"""
     ids = ','.join(agent_ids)
+    groups, _hosts = agent_hosting(agents_file, agent_ids)
     params = table.node_parameters(node, selected, autostart=bool(args.autostart), agents=ids,
-                                   groups=ids,
+                                   groups=groups,
                                    agents_file=agents_file, agent_params_file=robot_file)
     if node.name == 'zenoh_bridge' and not args.nodes_only:
         params.update(connect=[_endpoint(args)], keys_dir=str(keys.keys_path(args.keys_dir)),
@@ -571,7 +580,10 @@ def main_with(args, ros_args: list[str]) -> int:
                         _endpoint(args), *_zenoh_security(args)], args.log_dir)
             agents_file = _agents_file(args, tmp, robot_name)
             agent_ids = _agent_ids(args, agents_file)
-            robot_file = robot_params(params_file, tmp)
+            # Composition hosts every agent in agent_host_0; processes follow own_process.
+            hosts = [AGENT_HOST] if args.composition else \
+                agent_hosting(agents_file, agent_ids)[1]
+            robot_file = robot_params(params_file, tmp, hosts)
             selected = _selected(args)
             ns = _namespace(args)
             if args.composition:   # this process runs the nodes: the table's environment

@@ -53,7 +53,7 @@ def test_conditions_select_nodes():
     names = lambda **c: [n.name for n in table.select(c)]  # noqa: E731
     assert names(sim_sensors=True, bridge=True) == [n.name for n in table.NODES]
     assert 'sim_sensors' not in names(bridge=True) and 'zenoh_bridge' not in names()
-    assert table.managed_names(table.select({})) == ['router', 'plugin_host']
+    assert table.managed_names(table.select({})) == ['router', 'plugin_host', 'storage']
     with pytest.raises(ValueError, match='unknown node condition'):
         table.select({'cloud_tier': True})
 
@@ -91,8 +91,16 @@ def test_bringup_starts_each_table_node_as_launch_would(tmp_path):
     manager = plan[table.MANAGER]['params']
     assert manager['nodes'] == ['router', 'plugin_host', 'storage', 'zenoh_bridge']
     assert manager['autostart'] is True and manager['spawn'] is True
-    assert manager['agents'] == manager['groups'] == 'face,voice,counter'
+    # face asks for its own process (agents.yaml own_process): the others share agent_host_0.
+    assert manager['agents'] == 'face,voice,counter' and manager['groups'] == 'voice,counter'
     assert plan['zenoh_bridge']['params']['connect'] == ['tls/10.0.0.2:7447']
+
+
+def test_agents_hosting_follows_own_process():
+    assert table.agent_hosting({'face': True, 'voice': False, 'counter': False}) == \
+        ('voice,counter', ['agent_host_0', 'agent_face'])
+    assert table.agent_hosting({'a': True, 'b': True}) == ('', ['agent_a', 'agent_b'])
+    assert table.agent_hosting({'a': False}) == ('a', ['agent_host_0'])
 
 
 def test_the_agent_section_reaches_the_agent_host_through_the_robot_params_file(tmp_path):
@@ -101,9 +109,11 @@ def test_the_agent_section_reaches_the_agent_host_through_the_robot_params_file(
     data['/**/agent']['ros__parameters']['heartbeat_period_s'] = 0.25
     data['/**/zenoh_bridge']['ros__parameters']['listen'] = []
     source.write_text(yaml.safe_dump(data))
-    out = yaml.safe_load(Path(bringup.robot_params(str(source), str(tmp_path))).read_text())
-    host = out[f'/**/{bringup.AGENT_HOST}']['ros__parameters']
-    assert host['heartbeat_period_s'] == 0.25 and 'agent_id' not in host
+    out = yaml.safe_load(Path(bringup.robot_params(
+        str(source), str(tmp_path), ['agent_host_0', 'agent_face'])).read_text())
+    for name in ('agent_host_0', 'agent_face'):
+        host = out[f'/**/{name}']['ros__parameters']
+        assert host['heartbeat_period_s'] == 0.25 and 'agent_id' not in host
     assert 'listen' not in out['/**/zenoh_bridge']['ros__parameters']   # rcl cannot type []
 
 
@@ -154,7 +164,8 @@ def test_the_launch_file_starts_the_table_with_the_same_parameters(tmp_path):
         assert len(files) == 2   # the robot params file, then the node's own parameters
         robot = yaml.safe_load(Path(files[0]).read_text())
         assert robot == yaml.safe_load(Path(bringup.robot_params(
-            str(REPO / 'config' / 'loom.yaml'), str(tmp_path))).read_text())
+            str(REPO / 'config' / 'loom.yaml'), str(tmp_path),
+            ['agent_host_0', 'agent_face'])).read_text())
         # launch_ros writes lists as `!!python/tuple` (rcl reads them as sequences).
         own = yaml.load(Path(files[1]).read_text(), Loader=yaml.FullLoader)
         own = {k: list(v) if isinstance(v, tuple) else v
