@@ -191,19 +191,26 @@ def trace_files(layout: StorageLayout) -> list[Path]:
     demo's trace.jsonl); compressed ones are not rewritten (see docs/privacy.md)."""
     found = []
     if layout.traces.is_dir():
-        found += sorted(p for p in layout.traces.glob('*.jsonl*') if p.is_file())
+        found += sorted(layout.traces.glob('*.jsonl*'))
     if layout.root.is_dir():
-        found += sorted(p for p in layout.root.glob('*.jsonl*') if p.is_file())
-    return [p for p in found if not p.name.endswith('.gz') and not p.name.endswith('.erasing')]
+        found += sorted(layout.root.glob('*.jsonl*'))
+    return [p for p in found if _plain_file(p) and not p.name.endswith('.gz')
+            and not p.name.endswith('.erasing')]
+
+
+def _plain_file(path: Path) -> bool:
+    """A regular file, not a link: a link planted under the root is never followed (it would
+    read, and rewrite, a file outside it)."""
+    return path.is_file() and not path.is_symlink()
 
 
 def recording_files(layout: StorageLayout) -> list[Path]:
     found = []
     if layout.recordings.is_dir():
-        found += sorted(p for p in layout.recordings.rglob('*.mcap') if p.is_file())
+        found += sorted(layout.recordings.rglob('*.mcap'))
     if layout.root.is_dir():
-        found += sorted(p for p in layout.root.glob('*.mcap') if p.is_file())
-    return found
+        found += sorted(layout.root.glob('*.mcap'))
+    return [p for p in found if _plain_file(p)]
 
 
 EVENT_TYPES = ('loom_msgs/msg/Event', 'loom_msgs/Event')
@@ -507,7 +514,12 @@ def _forget_objects(layout, subject: str, key_ids, receipt: Receipt) -> None:
         if key.startswith('archive/'):
             continue   # their rows are handled with their unit
         try:
-            if Keyring.key_id_of(store.get(key)) in key_ids:
+            with open(layout.objects / key, 'rb') as stream:   # the header names the key
+                head = stream.read(64)
+        except OSError:
+            continue
+        try:
+            if Keyring.key_id_of(head) in key_ids:
                 store.delete(key)
                 receipt.counts['blobs'] += 1
                 receipt.files += 1
@@ -533,7 +545,9 @@ def _forget_key(layout, subject: str, keyring: Keyring | None, receipt: Receipt)
 def _forget_trace(path: Path, subject: str, receipt: Receipt) -> None:
     size = path.stat().st_size
     if size > MAX_TRACE_BYTES:
-        raise ErasureError(f'{path}: {size} bytes, more than {MAX_TRACE_BYTES}; not read')
+        receipt.not_covered.append(f'{path.name}: {size} bytes, more than {MAX_TRACE_BYTES}; '
+                                   'not read')
+        return
     data = path.read_bytes()
     lines = data.splitlines(keepends=True)
     keep = [line for line in lines if not _trace_line_names(line.rstrip(b'\r\n'), subject)]

@@ -170,7 +170,7 @@ def scan(root: Path) -> bytes:
     """Every byte of every file under `root`, plus archives and recordings decompressed."""
     out = []
     for path in sorted(root.rglob('*')):
-        if not path.is_file():
+        if not path.is_file() or path.is_symlink():   # a link's target is not under root
             continue
         data = path.read_bytes()
         out.append(data)
@@ -260,8 +260,14 @@ def test_forget_refuses_while_a_process_holds_the_unit_and_changes_nothing(tmp_p
         assert len(storage.query('select 1 from episodes where subject = ?', (a.id,))) == 1
     finally:
         storage.close()
+    # a link planted under the root is not followed: the file outside is neither read nor cut
+    outside = tmp_path / 'outside.jsonl'
+    outside.write_text(json.dumps({'who': a.id}) + '\n')
+    (root / 'traces').mkdir()
+    (root / 'traces' / 'link.jsonl').symlink_to(outside)
     assert loom('forget', a.id, '--root', str(root)).returncode == 0
     assert a.id.encode() not in scan(root)
+    assert (root / 'traces' / 'link.jsonl').is_symlink() and a.id in outside.read_text()
 
 
 @pytest.mark.parametrize('bad', ['', '../etc', 'a/b', 'a b', 'x' * 129, 'a..b', '-a', 'ａ',
