@@ -37,7 +37,7 @@ from loom_ros.storage.backend.local import LocalObjectStore
 from loom_ros.storage.cold import MAGIC as COLD_MAGIC, IndexParams
 from loom_ros.storage.consent import (ConsentRegistry, SubjectRefs, check_source,
                                       consent_path)
-from loom_ros.storage.errors import StorageError
+from loom_ros.storage.errors import IndexMismatchError, StorageError
 from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.lifecycle import Lifecycle
 from loom_ros.storage.sqlite import open_database
@@ -378,9 +378,13 @@ class _UnitEraser(Lifecycle):
 
     @classmethod
     def open(cls, layout, unit: str, objects) -> '_UnitEraser':
+        params = IndexParams(dim=_index_dim(layout.cold_index(unit)))
         try:
-            return cls(layout, unit, objects, embedder=None,
-                       index_params=IndexParams(dim=_index_dim(layout.cold_index(unit))))
+            try:
+                return cls(layout, unit, objects, embedder=None, index_params=params)
+            except IndexMismatchError:   # a stale index must not block an erasure: rebuilt
+                return cls(layout, unit, objects, embedder=None, index_params=params,  # from rows
+                           rebuild=True)
         except StorageError as exc:
             if 'runs its lifecycle' in str(exc):
                 raise ErasureError(f'the lifecycle of storage unit {unit!r} is run by another '

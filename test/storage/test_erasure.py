@@ -386,3 +386,27 @@ def test_files_from_before_subjects_get_the_column_and_its_index(tmp_path):
     assert history.db.query('select id, subject from decisions order by id') == [
         {'id': 'd0', 'subject': ''}, {'id': 'd1', 'subject': a.id}]
     history.close()
+
+
+def test_a_stale_cold_index_does_not_block_an_erasure(tmp_path):
+    clock, a, b = Clock(), Subject('A'), Subject('B')
+    storage = Storage(StorageConfig(root=str(tmp_path), unit='u'), clock=clock)
+    layout = storage.layout
+    for s in (a, b):
+        storage.episodes.record('agent1', event(s, 0, T0, 'cold')).wait(WAIT_LIMIT_S)
+    storage.close()
+    lifecycle = Lifecycle(layout, 'u', LocalObjectStore(layout.objects), HashEmbedder(),
+                          LifecycleParams(default=TierPolicy(warm_s=60)), clock=clock)
+    clock.ms = T0 + 120_000
+    assert lifecycle.move_warm().memories == 2
+    lifecycle.close()
+    layout.cold_index('u').unlink()   # lost: rows without their index
+    receipt = forget(layout, a.id, requested_by='test')
+    assert receipt.counts['cold'] == 1 and receipt.counts['episodes'] == 0
+    reader = Lifecycle(layout, 'u', LocalObjectStore(layout.objects), HashEmbedder(),
+                       read_only=True)
+    assert reader.index.ntotal == 1
+    (memory,) = reader.search('cold', k=5)
+    assert b.canaries['cold'].decode() in memory['summary']
+    reader.close()
+    assert hits(scan(tmp_path), a) == []
