@@ -37,6 +37,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from loom_ros.storage.durable import write_atomic
 from loom_ros.storage.errors import StorageError
 from loom_ros.storage.sqlite import open_database
 
@@ -174,24 +175,8 @@ def write_key_file(path: str | os.PathLike, keys: list[MasterKey], replace: bool
     tmp = path.with_name(f'.{path.name}.{secrets.token_hex(4)}.tmp')
     body = ''.join(f'{k.encoded()}\n' for k in keys).encode()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, body, tmp, exclusive=True, dir_mode=0o700)
     except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
         raise KeyringError(f'{path}: cannot write the master key: {exc.strerror}') from None
 
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from loom_ros.storage.base import ObjectStore, check_key
+from loom_ros.storage.durable import write_atomic
 from loom_ros.storage.errors import StorageError, StorageFullError, is_full
 
 TMP_SUFFIX = '.part'
@@ -24,26 +25,8 @@ class LocalObjectStore(ObjectStore):
         path = self._path(key)
         tmp = path.with_name(path.name + TMP_SUFFIX)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_atomic(path, data, tmp)
         except OSError as exc:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
             if is_full(exc):
                 raise StorageFullError(f'{path}: disk full ({exc.strerror})') from None
             raise StorageError(f'{path}: cannot write: {exc.strerror}') from None
