@@ -37,6 +37,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from loom_ros.bus.privacy import SubjectError, check_subject
 from loom_ros.storage.durable import write_atomic
 from loom_ros.storage.errors import StorageError
 from loom_ros.storage.sqlite import open_database
@@ -54,7 +55,6 @@ MAX_PLAINTEXT_BYTES = 512 * 1024 * 1024    # one object or payload; longer is re
 MAX_CONTEXT_BYTES = 4096
 MAX_KEY_FILE_BYTES = 4096
 MAX_MASTER_KEYS = 4                         # current + those still accepted during a rotation
-MAX_SUBJECT_BYTES = 1024
 MAX_CACHED_KEYS = 4096
 _DAY = re.compile(r'\d{4}-\d{2}-\d{2}\Z')
 _ID_INFO = b'loom storage master key id v1'
@@ -246,11 +246,12 @@ def _check_day(day: str) -> str:
 
 
 def _check_subject(subject: str) -> str:
-    if not isinstance(subject, str) or not subject or '\x00' in subject \
-            or len(subject.encode('utf-8', 'replace')) > MAX_SUBJECT_BYTES:
-        raise KeyringError(f'data subject {str(subject)[:40]!r}: 1..{MAX_SUBJECT_BYTES} bytes, '
-                           'no NUL')
-    return subject
+    """The one rule for subject ids (bus/privacy.check_subject), so a key exists for exactly
+    the subjects consent, storage and erasure know."""
+    try:
+        return check_subject(subject)
+    except SubjectError as exc:
+        raise KeyringError(str(exc)) from None
 
 
 @dataclass(frozen=True)
