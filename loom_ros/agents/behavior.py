@@ -146,9 +146,7 @@ class AgentContext:
             privacy=effective_privacy(event), local_confidence=confidence,
             latency_budget_ms=latency_budget_ms, local_supported=local_supported,
             payload_bytes=len(event.payload),
-            # The data subject as the event names it, unchecked: the router's consent rule
-            # judges it (an invalid id stays local).
-            subject=str(event.metadata.get(SUBJECT_METADATA_KEY, ''))))
+            subject=_named_subject(event)))
 
     def report(self, outcome: 'Outcome') -> None:
         """An executed route's outcome, for the router (cloud.client.execute_route's `report`)."""
@@ -192,6 +190,17 @@ def load_behavior(name: str, installed: dict | None = None) -> Behavior:
         raise BehaviorNotFound(f'no behavior {name!r} in entry point group {ENTRY_POINT_GROUP}; '
                                f'installed: {", ".join(sorted(installed)) or "none"}')
     return installed[name].load()()
+
+
+def _named_subject(event: Event) -> str:
+    """The data subject as the event names it, unchecked (the router's consent rule judges it:
+    an invalid id stays local). '' only when it names none: a present but empty id is no more
+    anonymous than a malformed one (bus/privacy.event_subject refuses both), so it goes on as
+    '..', which no check accepts."""
+    metadata = event.metadata if isinstance(event.metadata, dict) else {}
+    if SUBJECT_METADATA_KEY not in metadata:
+        return ''
+    return str(metadata[SUBJECT_METADATA_KEY])[:1024] or '..'
 
 
 def run_handler(behavior: Behavior, event: Event, ctx: AgentContext) -> None:
