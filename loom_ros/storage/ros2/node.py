@@ -15,6 +15,7 @@ import threading
 
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
+from loom_ros.agents.embedding import ModelError
 from loom_ros.bus import topics
 from loom_ros.bus.executor import ReleasingLifecycleNode, run_lifecycle_node
 from loom_ros.bus.qos import to_qos_profile
@@ -79,7 +80,7 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
             self._audit = AuditLog(layout.audit)   # consent changes are audited first
             self.consent = ConsentRegistry(consent_path(layout.root), defaults, audit=self._audit,
                                            refs=SubjectRefs.at(layout.keys))
-        except (StorageError, ConfigError, ConsentError, AuditError, OSError) as exc:
+        except (StorageError, ConfigError, ConsentError, AuditError, ModelError, OSError) as exc:
             self.configure_error = str(exc)
             self.get_logger().error(f'cannot configure: {exc}')
             self._release()
