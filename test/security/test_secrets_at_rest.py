@@ -15,6 +15,7 @@ from loom_ros.agents.runtime import Agent
 from loom_ros.bus.event import Event
 from loom_ros.cli.record import McapRecorder
 from loom_ros.security.audit import AuditLog
+from loom_ros.storage.storage import Storage, StorageConfig
 
 SECRET_TEXT = 'login with password=Hunter2Secret, header Authorization: Bearer tok3nABCDEF123456'
 SECRETS = [b'Hunter2Secret', b'tok3nABCDEF123456', b'Sess1onValue77']
@@ -44,18 +45,23 @@ def test_audit_records_are_masked_before_they_are_stored(tmp_path):
 
 
 def test_episodes_are_masked_before_they_are_stored(tmp_path):
+    storage = Storage(StorageConfig(str(tmp_path), unit='host'))   # the agent host's database
     agent = Agent(AgentConfig(id='face', behavior='counter', subscriptions=['t']),
-                  str(tmp_path), lambda *args: None)
+                  storage, lambda *args: None)
     agent.configure()
     agent.activate()
     agent.offer(Event.with_json('speech.utterance', {'text': SECRET_TEXT,
                                                      'api_key': 'Sess1onValue77'},
                                 id='e1', tags=['token=Sess1onValue77']))
     agent.handle_one()
+    agent.settle()   # committed
     (episode,) = agent.recall('episodic')
     assert 'password=***' in episode['payload'] and episode['tags'] == ['token=***']
     agent.cleanup()
-    assert_no_secret(raw_bytes(tmp_path / 'face.db'), 'face.db')
+    storage.close()
+    stored = raw_bytes(tmp_path / 'db' / 'host.db')
+    assert b'password=***' in stored   # the episode is there, masked
+    assert_no_secret(stored, 'host.db')
 
 
 def loom_event(msg_cls, kv_cls, id: str, payload: bytes):
