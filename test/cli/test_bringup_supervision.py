@@ -143,7 +143,7 @@ def test_sigkill_of_bringup_takes_its_side_processes_along_and_the_port_is_free_
         assert ready['mode'] == 'processes'
         assert set(ready['side_pids']) == {'zenoh_router', 'cloud'}
         assert set(ready['side_pids'].values()) <= set(children)
-        assert set(ready['node_pids']) == {'camera_adapter', 'router', 'plugin_host',
+        assert set(ready['node_pids']) == {'camera_adapter', 'router', 'plugin_host', 'storage',
                                            'zenoh_bridge', 'lifecycle_manager'}
         assert set(ready['node_pids'].values()) <= set(children)
         assert len(children) > len(ready['node_pids']) + 2   # the agent host too
