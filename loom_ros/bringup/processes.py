@@ -55,6 +55,10 @@ def die_with_parent(signum: int = signal.SIGTERM):
     parent = os.getpid()
 
     def preexec() -> None:
+        # SIGINT is how every Loom process is asked to stop (it commits its state on the way
+        # out). A shell starts background jobs with SIGINT ignored, and an ignored disposition
+        # is inherited: without this, `loom bringup &`'s nodes would wait for SIGKILL.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         if _LIBC is None:
             return
         _LIBC.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)

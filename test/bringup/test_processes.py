@@ -89,6 +89,19 @@ def test_stop_returns_as_soon_as_a_child_exits_on_sigint():
     assert time.monotonic() - start < WAIT_LIMIT_S / 2
 
 
+def test_a_child_stops_on_sigint_even_when_its_parent_ignores_sigint():
+    """A shell starts background jobs (`loom bringup &`) with SIGINT ignored, and children
+    inherit that: spawn gives them SIGINT back, so stop() is not left to SIGKILL."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = spawn([PY, '-c', 'import time; print("up", flush=True); time.sleep(600)'],
+                     stdout=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert proc.popen.stdout.readline() == 'up\n'
+    assert proc.stop(timeout_s=WAIT_LIMIT_S) == -signal.SIGINT
+
+
 @pytest.mark.parametrize('from_thread', [False, True])
 def test_children_die_with_their_parent_even_from_a_finished_thread(from_thread):
     """A parent starts a child (from the main thread, or from a thread that then ends) and is
