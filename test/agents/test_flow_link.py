@@ -58,9 +58,14 @@ def test_face_agent_reaches_router_and_plugin_host_through_its_own_node_and_stop
         happy = camera.happy()
         assert happy['emoji'] == '😀' and happy['route'] == 'local'
         assert happy['rule'] == 'threshold'
-        names = ros.node.get_node_names_and_namespaces()
-        ours = sorted(name for name, ns in names if ns == NS)
-        assert ours == ['agent_host_0', 'fl_camera', 'plugin_host', 'router'], names
+        expected = ['agent_host_0', 'fl_camera', 'plugin_host', 'router']
+
+        def ours():
+            return sorted(n for n, ns in ros.node.get_node_names_and_namespaces() if ns == NS)
+        # Discovery is per node and takes its time under load: wait for the four, then no more.
+        ros.wait_for(lambda: set(expected) <= set(ours()), 'the four nodes in the graph',
+                     alive=procs)
+        assert ours() == expected, ros.node.get_node_names_and_namespaces()
         clients = {name for name, _types in
                    ros.node.get_client_names_and_types_by_node('agent_host_0', NS)}
         assert {f'{NS}/router/route', f'{NS}/plugin_host/face_expression/handle_event'} <= \
