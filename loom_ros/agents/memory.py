@@ -31,8 +31,11 @@ class EpisodicMemory:
                                                  tag, limit)
         seen = {(r['event_id'], r['time_ms']) for r in rows}
         out = [{k: r[k] for k in EPISODE_COLUMNS} for r in rows]
-        mask = self.store.storage.episodes.mask
+        episodes = self.store.storage.episodes
+        mask = episodes.mask
         for event in waiting:
+            if episodes.withholds(event):   # no store consent: never an episode, waiting or not
+                continue
             row = dict(zip(('agent_id',) + EPISODE_COLUMNS, episode_row(self.agent_id, event,
                                                                         mask)))
             del row['agent_id']

@@ -165,6 +165,7 @@ class ConsentRegistry:
         self._db: DirectDatabase | None = None
         self._reader: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._changes = 0   # this registry's own changes (data_version does not count them)
         if not read_only:
             if audit is None or refs is None:
                 raise ConsentError('a consent registry that records changes needs the audit '
@@ -185,6 +186,24 @@ class ConsentRegistry:
                 cursor = self._reader.execute(sql, params)
                 names = [c[0] for c in cursor.description]
                 return [dict(zip(names, row)) for row in cursor.fetchall()]
+            except sqlite3.DatabaseError as exc:
+                raise StorageError(f'{self.path}: cannot read: {exc}') from None
+
+    def version(self) -> tuple:
+        """Changes whenever a consent row may have changed: this registry's own changes, and
+        `PRAGMA data_version`, which SQLite changes exactly when another connection (another
+        process: `loom consent`, the storage node) committed to the file. A cache keyed on it
+        (ConsentCache) is never stale: a withdrawal that returned holds from the next check."""
+        if self._db is not None:
+            row = self._db.query('pragma data_version')
+            return self._changes, row[0]['data_version']
+        with self._lock:
+            if self._reader is None:
+                if not self.path.is_file():
+                    return self._changes, None
+                self._reader = open_database(self.path, read_only=True)
+            try:
+                return self._changes, self._reader.execute('pragma data_version').fetchone()[0]
             except sqlite3.DatabaseError as exc:
                 raise StorageError(f'{self.path}: cannot read: {exc}') from None
 
@@ -236,8 +255,11 @@ class ConsentRegistry:
         self.audit({'plugin': 'consent', 'kind': 'consent_granted' if granted else
                     'consent_withdrawn', 'ts_ms': now, 'subject_ref': self.refs.ref(subject),
                     'purpose': purpose, 'source': source})
-        self._db.write('insert into consent (subject, purpose, granted, source, changed_ms) '
-                       'values (?, ?, ?, ?, ?)', (subject, purpose, int(granted), source, now))
+        try:
+            self._db.write('insert into consent (subject, purpose, granted, source, changed_ms) '
+                           'values (?, ?, ?, ?, ?)', (subject, purpose, int(granted), source, now))
+        finally:
+            self._changes += 1
         return ConsentState(purpose, granted, True, source, now)
 
     def erase(self, subject: str) -> int:
@@ -247,7 +269,10 @@ class ConsentRegistry:
             raise ConsentError(f'{self.path}: opened read-only')
         check_subject(subject)
         count = len(self.history(subject, 10**9))
-        self._db.write('delete from consent where subject = ?', (subject,))
+        try:
+            self._db.write('delete from consent where subject = ?', (subject,))
+        finally:
+            self._changes += 1
         self._db.query('pragma wal_checkpoint(truncate)')
         return count
 
@@ -260,6 +285,51 @@ class ConsentRegistry:
                 self._reader = None
 
 
-__all__ = ['CONSENT_DDL', 'PURPOSES', 'Change', 'ConsentError', 'ConsentRegistry',
+class ConsentCache:
+    """One purpose's answers per subject, for a caller that asks on every event (storage asks
+    `store` for each episode). Bounded (`max_entries`; full: cleared) and never stale: every
+    answer is dropped as soon as the registry's version() moves (a change by this process or a
+    commit by any other), so a withdrawal holds for every write submitted after it returned.
+    Fails closed: an invalid subject, or a registry that cannot be read, is not granted (and
+    not cached). A source without version() (a plain lookup object) is asked every time."""
+
+    def __init__(self, registry, purpose: str, max_entries: int = 4096):
+        self.registry, self.purpose = registry, check_purpose(purpose)
+        self.max_entries = max(1, int(max_entries))
+        self._versioned = callable(getattr(registry, 'version', None))
+        self._answers: dict[str, bool] = {}
+        self._version = object()
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.errors = 0
+
+    def allows(self, subject: str) -> bool:
+        with self._lock:
+            if self._versioned:
+                try:
+                    version = self.registry.version()
+                except StorageError:
+                    self.errors += 1
+                    return False
+                if version != self._version:
+                    self._answers.clear()
+                    self._version = version
+                found = self._answers.get(subject)
+                if found is not None:
+                    self.hits += 1
+                    return found
+            self.misses += 1
+            try:
+                granted = bool(self.registry.lookup(subject, self.purpose).granted)
+            except (SubjectError, ConsentError, StorageError):
+                self.errors += 1
+                return False
+            if self._versioned:
+                if len(self._answers) >= self.max_entries:
+                    self._answers.clear()
+                self._answers[subject] = granted
+            return granted
+
+
+__all__ = ['ConsentCache', 'CONSENT_DDL', 'PURPOSES', 'Change', 'ConsentError', 'ConsentRegistry',
            'ConsentState', 'SubjectError', 'SubjectRefs', 'check_purpose', 'check_source',
            'consent_path', 'load_defaults', 'parse_defaults']

@@ -10,6 +10,7 @@ goes first; agent state, audit and router history are never deleted by the lifec
 One mover per database at a time (an flock on <root>/cold/<unit>.lock)."""
 from __future__ import annotations
 
+import calendar
 import fcntl
 import fnmatch
 import gzip
@@ -125,6 +126,16 @@ def _policy(rules, default, agent: str, type_: str) -> TierPolicy:
         if fnmatch.fnmatchcase(agent, rule.agent) and fnmatch.fnmatchcase(type_, rule.type):
             return rule.policy
     return default
+
+
+def _day_ms(day: str | None) -> int:
+    """The first ms of a UTC day 'YYYY-MM-DD' (0 for none)."""
+    if not day:
+        return 0
+    try:
+        return int(calendar.timegm(time.strptime(day, '%Y-%m-%d'))) * 1000
+    except (TypeError, ValueError):
+        return 0
 
 
 def _iso(ms: int) -> str:
@@ -489,14 +500,22 @@ class Lifecycle:
                          "coalesce(sum(rows), 0) from archive where state = 'done'").fetchone()
         state = c.execute('select count(*), coalesce(sum(length(value)), 0), min(updated_ms) '
                           'from kv').fetchone()
+        # events of data subjects without store consent: counted, not kept (stores.EpisodeStore)
+        withheld = c.execute('select coalesce(sum(events), 0), count(*), min(day) from withheld'
+                             ).fetchone() if self._has_table('withheld') else (0, 0, None)
         index_bytes = self.index.memory_bytes()
         out = {'warm': {'rows': warm[0], 'bytes': warm[1], 'oldest_ms': warm[2] or 0},
                'cold': {'rows': cold[0], 'bytes': cold[1] + index_bytes, 'oldest_ms': cold[2] or 0},
                'archive': {'rows': arch[3], 'files': arch[0], 'bytes': arch[1],
                            'oldest_ms': arch[2] or 0},
-               'state': {'rows': state[0], 'bytes': state[1], 'oldest_ms': state[2] or 0}}
+               'state': {'rows': state[0], 'bytes': state[1], 'oldest_ms': state[2] or 0},
+               'withheld': {'rows': withheld[0], 'bytes': 0, 'oldest_ms': _day_ms(withheld[2])}}
         out['total'] = {'bytes': root_used_bytes(self.layout, arch[1])}
         return out
+
+    def _has_table(self, name: str) -> bool:
+        return self.conn.execute("select 1 from sqlite_master where type = 'table' and name = ?",
+                                 (name,)).fetchone() is not None
 
     def checks(self) -> list:
         """Budget checks per tier and in total (WARN 80 %, ERROR 95 %)."""

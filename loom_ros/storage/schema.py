@@ -20,6 +20,10 @@ DDL = [
     "subject text not null default '')",
     'create index if not exists episodes_agent_time on episodes (agent_id, time_ms)',
     'create index if not exists episodes_time on episodes (time_ms)',
+    # Events of data subjects without `store` consent: counted, never kept (no payload, no id,
+    # no subject): per agent, event type and UTC day.
+    'create table if not exists withheld (agent_id text not null, type text not null, '
+    'day text not null, events int not null, primary key (agent_id, type, day)) without rowid',
     # Cold tier: events condensed into memories; the vector is an int8 code (see cold.py).
     'create table if not exists cold (id integer primary key, agent_id text not null, '
     'type text not null, source text not null, first_ms int not null, last_ms int not null, '

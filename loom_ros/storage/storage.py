@@ -12,9 +12,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from loom_ros.config.params import config_dir
 from loom_ros.security.keyring import EncryptionSettings, Keyring
 from loom_ros.storage import schema
 from loom_ros.storage.backend import object_store
+from loom_ros.storage.consent import (ConsentCache, ConsentError, ConsentRegistry, consent_path,
+                                      load_defaults)
 from loom_ros.storage.errors import StorageError, is_full, StorageFullError
 from loom_ros.storage.layout import StorageLayout, check_name
 from loom_ros.storage.sqlite import open_database
@@ -37,6 +40,9 @@ class StorageConfig:
     max_db_bytes: int = 0              # hard cap of the database file (0: none)
     hot_max_events: int = 64           # per agent, kept in memory for recent()
     encryption: EncryptionSettings = field(default_factory=EncryptionSettings)
+    # defaults of the consent registry Storage opens when none is passed ('' = the shipped
+    # config/consent.yaml)
+    consent_defaults_file: str = ''
     extra: dict = field(default_factory=dict)
 
 
@@ -44,7 +50,11 @@ class Storage:
     """The unit database of this process, its writer and its stores."""
 
     def __init__(self, config: StorageConfig, clock: Callable[[], int] = wall_ms,
-                 gate: Callable[[], None] | None = None, env: Mapping[str, str] | None = None):
+                 gate: Callable[[], None] | None = None, env: Mapping[str, str] | None = None,
+                 consent=None):
+        """`consent`: the consent registry (anything with `lookup(subject, purpose)`, and
+        `version()` to cache answers) that says which data subjects' events may be kept
+        (`store`); None: the registry of this root, read-only, with the configured defaults."""
         self.config, self.clock = config, clock
         self.layout = StorageLayout.at(config.root)
         self.unit = check_name(config.unit, 'storage.unit')
@@ -54,6 +64,19 @@ class Storage:
         except OSError as exc:
             raise StorageError(f'storage.root {self.layout.root}: cannot create: '
                                f'{exc.strerror}') from None
+        self._own_consent = None
+        if consent is None:
+            try:
+                consent = self._own_consent = ConsentRegistry(
+                    consent_path(self.layout.root), load_defaults(
+                        config.consent_defaults_file or config_dir() / 'consent.yaml'),
+                    read_only=True)
+            except ConsentError as exc:
+                raise StorageError(f'storage consent defaults: {exc}') from None
+        # Storage keeps an event of a data subject only with their `store` consent; without it
+        # the event is counted (stores.EpisodeStore, table `withheld`), never kept.
+        self.consent = ConsentCache(consent, 'store')
+        self.withheld = 0              # events counted instead of kept, since this open
         self._lock_fd = self._claim()
         self.keyring = None
         try:
@@ -69,6 +92,7 @@ class Storage:
             os.close(self._lock_fd)
             if self.keyring is not None:
                 self.keyring.close()
+            self._close_consent()
             raise
         try:
             schema.ensure(self.conn, self.path)
@@ -77,6 +101,7 @@ class Storage:
             os.close(self._lock_fd)
             if self.keyring is not None:
                 self.keyring.close()
+            self._close_consent()
             if is_full(exc):
                 raise StorageFullError(f'{self.path}: disk or budget full: {exc}') from None
             raise StorageError(f'{self.path}: cannot create the tables: {exc}') from None
@@ -115,6 +140,10 @@ class Storage:
                 return self.reader.execute(sql, params).fetchall()
             except sqlite3.DatabaseError as exc:
                 raise StorageError(f'{self.path}: cannot read: {exc}') from None
+
+    def count_withheld(self, n: int = 1) -> None:
+        with self._ids_lock:
+            self.withheld += n
 
     def write(self, sql: str, params=()) -> Ticket:
         """One statement through the group-commit writer (the stores' common write)."""
@@ -176,6 +205,11 @@ class Storage:
         os.close(self._lock_fd)
         if self.keyring is not None:
             self.keyring.close()
+        self._close_consent()
+
+    def _close_consent(self) -> None:
+        if self._own_consent is not None:
+            self._own_consent.close()
 
     def __enter__(self):
         return self

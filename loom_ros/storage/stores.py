@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 
 from loom_ros.bus.privacy import SubjectError, event_subject
+from loom_ros.security.keyring import day_of
 from loom_ros.storage import auditchain, schema
 from loom_ros.storage.errors import CorruptRecordError, StorageError
 from loom_ros.storage.sqlite import open_database
@@ -175,10 +176,12 @@ class AgentStateStore:
             f'{{"state":{state_json},"events":{int(events)},"last_event_id":'
             f'{json.dumps(str(last_event_id))}}}'), self.SCHEMA_VERSION)]
         store = self.episodes
-        ops.extend(store.record_op(agent_id, event) for event in episodes)
+        entries = [store.entry(agent_id, event) for event in episodes]
+        ops.extend(op for op, _kept in entries)
         ticket = self.storage.writer.submit(ops)
-        for event in episodes:
-            store.remember(agent_id, event, ticket)
+        for event, (_op, kept) in zip(episodes, entries):
+            if kept:
+                store.remember(agent_id, event, ticket)
         return ticket
 
 
@@ -225,16 +228,45 @@ class EpisodeStore:
         self._hot: dict[str, deque] = {}
         self._hot_lock = threading.Lock()
 
-    def record_op(self, agent_id: str, event) -> tuple:
-        """The insert of one event (secrets in payload and tags masked before the file)."""
+    # An event of a data subject without `store` consent: counted, nothing of it kept.
+    WITHHOLD = ('insert into withheld (agent_id, type, day, events) values (?, ?, ?, 1) '
+                'on conflict (agent_id, type, day) do update set events = events + 1')
+
+    def withholds(self, event) -> bool:
+        """Whether storage keeps only a count of `event`: it names a data subject without
+        `store` consent, or names one that is not a valid id (fail closed)."""
+        try:
+            subject = event_subject(event)
+        except SubjectError:
+            return True
+        return bool(subject) and not self.storage.consent.allows(subject)
+
+    def entry(self, agent_id: str, event) -> tuple[tuple, bool]:
+        """(the write of one event, whether it keeps the event): the episode's insert (secrets
+        in payload and tags masked before the file), or, for an event storage may not keep
+        (`withholds`), the count of it per agent, type and UTC day."""
+        if self.withholds(event):
+            self.storage.count_withheld()
+            return (self.WITHHOLD, (agent_id[:MAX_FIELD_CHARS], event.type[:MAX_FIELD_CHARS],
+                                    day_of(event.timestamp_ms))), False
         row = episode_row(agent_id, event, self.mask)
         return (self.INSERT_SUBJECT, (*row, len(row[6]) + len(row[5]) + 64,
-                                      episode_subject(event)))
+                                      episode_subject(event))), True
+
+    def record_op(self, agent_id: str, event) -> tuple:
+        """The write of one event (see `entry`)."""
+        return self.entry(agent_id, event)[0]
 
     def record(self, agent_id: str, event) -> Ticket:
-        ticket = self.storage.writer.submit((self.record_op(agent_id, event),))
-        self.remember(agent_id, event, ticket)
+        op, kept = self.entry(agent_id, event)
+        ticket = self.storage.writer.submit((op,))
+        if kept:
+            self.remember(agent_id, event, ticket)
         return ticket
+
+    def withheld(self) -> int:
+        """Events counted instead of kept, in this unit (committed)."""
+        return int(self.storage.query('select coalesce(sum(events), 0) from withheld')[0][0])
 
     def remember(self, agent_id: str, event, ticket: Ticket) -> None:
         if not self.hot_max:

@@ -20,7 +20,7 @@ from rclpy.serialization import serialize_message
 
 from harness import REPO, WAIT_LIMIT_S
 from loom_ros.bus.event import Event
-from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, SubjectError
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, ConsentState, SubjectError
 from loom_ros.cli.record import McapRecorder
 from loom_ros.router.decision import Decision, Route, RouteRequest
 from loom_ros.router.history import Outcome, RouterHistory
@@ -82,11 +82,24 @@ def event(subject: Subject | None, i: int, ts: int, where: str) -> Event:
                  metadata=metadata)
 
 
+class GrantAll:
+    """A consent lookup that grants every purpose (the tests here are about erasure, not about
+    storage consent: test_storage_consent.py)."""
+
+    @staticmethod
+    def lookup(subject: str, purpose: str) -> ConsentState:
+        return ConsentState(purpose, True, True, 'test')
+
+
 def plant(root: Path, subjects: list[Subject]) -> dict:
     """Every store of the root gets data of each subject (and anonymous data); returns what
     each subject should lose, per tier."""
     layout, clock = StorageLayout.at(root), Clock()
     expected = {s.id: {} for s in subjects}
+    audit = AuditLog(layout.audit)
+    consent = ConsentRegistry(consent_path(root), audit=audit, refs=SubjectRefs.at(layout.keys))
+    for s in subjects:   # storage keeps a subject's events only with store consent
+        consent.grant(s.id, 'store', 'cli:test')
     storage = Storage(StorageConfig(root=str(root), unit='host1'), clock=clock)
     params = LifecycleParams(default=TierPolicy(warm_s=60, cold_s=600, archive_s=0), bucket_s=10)
     lifecycle = Lifecycle(layout, 'host1', LocalObjectStore(layout.objects), HashEmbedder(),
@@ -111,7 +124,7 @@ def plant(root: Path, subjects: list[Subject]) -> dict:
     router_unit = storage.router_history(3600)
     for s in subjects:
         expected[s.id].update(episodes=2, cold=1, archive_records=1, facts=1, decisions=2,
-                              outcomes=1, consent=1, blobs=1, trace_lines=1,
+                              outcomes=1, consent=2, blobs=1, trace_lines=1,
                               recording_messages=3)
         warm = [r for r in storage.query('select event_id from episodes where subject = ?',
                                          (s.id,))]
@@ -135,8 +148,6 @@ def plant(root: Path, subjects: list[Subject]) -> dict:
     history.record_decision('anon', 'e', RouteRequest(event_type='chat'),
                             Decision(Route.LOCAL, 0.9, 'r', 'why'))
     history.close()
-    audit = AuditLog(layout.audit)
-    consent = ConsentRegistry(consent_path(root), audit=audit, refs=SubjectRefs.at(layout.keys))
     for s in subjects:
         consent.grant(s.id, 'cloud', 'cli:test')
     consent.close()
@@ -237,7 +248,7 @@ def test_forget_erases_one_subject_everywhere_and_keeps_the_other(tmp_path):
                                .iter_messages())
     assert 'media/photo.jpg' in names and 'media/run.mcap' in names
     for tier, n in (('episodes', 2), ('cold', 1), ('archive', 1), ('facts', 1), ('decisions', 2),
-                    ('consent', 1), ('trace', 1)):
+                    ('consent', 2), ('trace', 1)):
         assert len(data[tier]) == n, tier
     text = json.dumps(data).encode()
     for where in ('warm0', 'warm1', 'cold0', 'archive0', 'fact', 'decision', 'router', 'trace'):
@@ -252,7 +263,7 @@ def test_forget_refuses_while_a_process_holds_the_unit_and_changes_nothing(tmp_p
     root = tmp_path / 'root'
     a = Subject('A')
     a.id = f'face:{a.id}@home.example'   # every character a subject id may have
-    storage = Storage(StorageConfig(root=str(root), unit='busy'))
+    storage = Storage(StorageConfig(root=str(root), unit='busy'), consent=GrantAll)
     try:
         storage.episodes.record('agent1', event(a, 0, T0, 'warm')).wait(WAIT_LIMIT_S)
         done = loom('forget', a.id, '--root', str(root))
@@ -300,7 +311,7 @@ def test_encrypted_archives_are_shredded_with_the_subjects_key(tmp_path, with_ma
     settings = EncryptionSettings(True, str(key_file))
     a, b = Subject('A'), Subject('B')
     storage = Storage(StorageConfig(root=str(root), unit='enc', encryption=settings),
-                      clock=clock, env={})
+                      clock=clock, env={}, consent=GrantAll)
     layout = storage.layout
     for s in (a, b, None):
         storage.episodes.record('agent1', event(s, 0, T0, 'archive')).wait(WAIT_LIMIT_S)
@@ -370,7 +381,7 @@ def test_files_from_before_subjects_get_the_column_and_its_index(tmp_path):
     conn.commit()
     conn.close()
     a = Subject('A')
-    storage = Storage(StorageConfig(root=str(tmp_path), unit='old'))
+    storage = Storage(StorageConfig(root=str(tmp_path), unit='old'), consent=GrantAll)
     try:
         storage.episodes.record('a', event(a, 0, T0, 'warm')).wait(WAIT_LIMIT_S)
         rows = storage.query('select event_id, subject from episodes order by id')
@@ -390,7 +401,7 @@ def test_files_from_before_subjects_get_the_column_and_its_index(tmp_path):
 
 def test_a_stale_cold_index_does_not_block_an_erasure(tmp_path):
     clock, a, b = Clock(), Subject('A'), Subject('B')
-    storage = Storage(StorageConfig(root=str(tmp_path), unit='u'), clock=clock)
+    storage = Storage(StorageConfig(root=str(tmp_path), unit='u'), clock=clock, consent=GrantAll)
     layout = storage.layout
     for s in (a, b):
         storage.episodes.record('agent1', event(s, 0, T0, 'cold')).wait(WAIT_LIMIT_S)

@@ -1,0 +1,166 @@
+"""Storage keeps an event of a data subject only with their `store` consent (issue 17): without it
+the event is counted (per agent, type and UTC day), and nothing of it (payload, tags, id, the
+subject) reaches a file. Real consent registry, real `loom consent` processes, real SQLite; every
+byte under the root is scanned for the canaries."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from harness import WAIT_LIMIT_S
+from loom_ros.agents.memory import EpisodicMemory
+from loom_ros.agents.state import AgentStore
+from loom_ros.bus.event import Event
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY
+from loom_ros.security.audit import AuditLog
+from loom_ros.storage.backend.local import LocalObjectStore
+from loom_ros.storage.consent import ConsentCache, ConsentRegistry, SubjectRefs, consent_path
+from loom_ros.storage.embedding import HashEmbedder
+from loom_ros.storage.lifecycle import Lifecycle
+from loom_ros.storage.storage import Storage, StorageConfig
+
+T0 = 1_700_000_000_000
+
+
+def event(subject: str | None, text: str, i: int = 0) -> Event:
+    metadata = {SUBJECT_METADATA_KEY: subject} if subject is not None else {}
+    return Event(type='speech.utterance', source='mic', id=f'e-{uuid.uuid4().hex[:8]}',
+                 timestamp_ms=T0 + i, payload=json.dumps({'text': text}).encode(),
+                 tags=[f'tag-{text}'], metadata=metadata)
+
+
+def canary() -> str:
+    return f'CANARY{uuid.uuid4().hex}'
+
+
+def every_byte(root: Path) -> bytes:
+    return b''.join(p.read_bytes() for p in sorted(root.rglob('*')) if p.is_file())
+
+
+def consent_cli(root, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-m', 'loom_ros.cli.consent', *args, '--root',
+                           str(root)], capture_output=True, text=True, timeout=WAIT_LIMIT_S)
+
+
+def registry(root: Path) -> tuple[ConsentRegistry, AuditLog]:
+    audit = AuditLog(root / 'audit.db')
+    return ConsentRegistry(consent_path(root), audit=audit,
+                           refs=SubjectRefs.at(root / 'keys')), audit
+
+
+def payloads(storage: Storage) -> list[str]:
+    return [r['payload'] for r in storage.query('select payload from episodes order by id')]
+
+
+def test_without_store_consent_only_a_count_is_kept(tmp_path):
+    consent, audit = registry(tmp_path)
+    consent.grant('bob', 'store', 'cli:test')
+    # The storage opens the root's registry itself (read-only, shipped defaults: no consent).
+    storage = Storage(StorageConfig(root=str(tmp_path), unit='host'), clock=lambda: T0)
+    secret = {name: canary() for name in ('alice', 'invalid', 'committed', 'carol')}
+    try:
+        episodes = storage.episodes
+        episodes.record('a1', event('alice', secret['alice'])).wait(WAIT_LIMIT_S)
+        episodes.record('a1', event('bad id!', secret['invalid'])).wait(WAIT_LIMIT_S)
+        episodes.record('a1', event('bob', 'bob-kept')).wait(WAIT_LIMIT_S)
+        episodes.record('a1', event(None, 'anonymous-kept')).wait(WAIT_LIMIT_S)
+        # through an agent's commit (state + episodes in one write) too
+        agent = AgentStore(storage, 'a2')
+        agent.record(event('carol', secret['carol']))
+        agent.record(event(None, 'anonymous-2'))
+        memory = EpisodicMemory(agent)
+        waiting = [json.loads(r['payload'])['text'] for r in memory.query()]
+        assert waiting == ['anonymous-2']          # never shown, even before its commit
+        agent.commit({'n': 2}, 2, 'x').wait(WAIT_LIMIT_S)
+        assert [json.loads(p)['text'] for p in payloads(storage)] == [
+            'bob-kept', 'anonymous-kept', 'anonymous-2']
+        assert storage.query('select subject from episodes order by id')[0]['subject'] == 'bob'
+        rows = [dict(r) for r in storage.query('select * from withheld order by agent_id')]
+        assert rows == [{'agent_id': 'a1', 'type': 'speech.utterance', 'day': '2023-11-14',
+                         'events': 2},
+                        {'agent_id': 'a2', 'type': 'speech.utterance', 'day': '2023-11-14',
+                         'events': 1}]
+        assert storage.withheld == 3 and episodes.withheld() == 3
+        assert episodes.recent('a1', 10**12) and all(
+            SUBJECT_METADATA_KEY not in e.metadata or e.metadata[SUBJECT_METADATA_KEY] == 'bob'
+            for e in episodes.recent('a1', 10**12))
+        # counted in the storage stats (the storage node publishes every tier of usage())
+        storage.flush()
+        lifecycle = Lifecycle(storage.layout, 'host', LocalObjectStore(storage.layout.objects),
+                              HashEmbedder(), read_only=True)
+        try:
+            assert lifecycle.usage()['withheld']['rows'] == 3
+        finally:
+            lifecycle.close()
+    finally:
+        storage.close()
+        consent.close()
+        audit.close()
+    data = every_byte(tmp_path)
+    for name, text in secret.items():
+        assert text.encode() not in data, name
+    assert b'alice' not in data and b'carol' not in data   # not even the subject id
+    assert b'bob-kept' in data                              # the scan does see what is kept
+
+
+def test_a_withdrawal_holds_for_every_write_after_it_returns(tmp_path):
+    """Answers are cached per subject and dropped whenever the registry changes, in this process
+    or another: a grant or a withdrawal by `loom consent` holds from the next event."""
+    consent, audit = registry(tmp_path)
+    storage = Storage(StorageConfig(root=str(tmp_path), unit='host'), clock=lambda: T0)
+    try:
+        episodes = storage.episodes
+        texts = []
+
+        def record(text: str) -> None:
+            texts.append(text)
+            episodes.record('a', event('alice', text)).wait(WAIT_LIMIT_S)
+
+        record('before-any-consent')
+        consent.grant('alice', 'store', 'app:setup')          # another connection, this process
+        record('granted-1')
+        record('granted-2')
+        assert storage.consent.hits >= 1                      # the second answer was cached
+        done = consent_cli(tmp_path, 'withdraw', 'alice', 'store')   # another process
+        assert done.returncode == 0, done.stderr
+        record('after-cli-withdrawal')
+        assert consent_cli(tmp_path, 'grant', 'alice', 'store').returncode == 0
+        record('granted-again')
+        consent.withdraw('alice', 'store', 'app:setup')
+        record('after-withdrawal')
+        kept = [json.loads(p)['text'] for p in payloads(storage)]
+        assert kept == ['granted-1', 'granted-2', 'granted-again']
+        assert episodes.withheld() == 3
+    finally:
+        storage.close()
+        consent.close()
+        audit.close()
+
+
+def test_the_cache_is_bounded_and_fails_closed(tmp_path):
+    consent, audit = registry(tmp_path)
+    try:
+        for n in range(5):
+            consent.grant(f's{n}', 'store', 'cli:test')
+        cache = ConsentCache(consent, 'store', max_entries=2)
+        assert all(cache.allows(f's{n}') for n in range(5))
+        assert len(cache._answers) <= 2
+        assert not cache.allows('../etc') and not cache.allows('nobody')
+        assert cache.errors == 1                       # the invalid id, not cached
+        version = consent.version()
+        consent.withdraw('s0', 'store', 'cli:test')    # our own change moves the version
+        assert consent.version() != version and not cache.allows('s0')
+    finally:
+        consent.close()
+        audit.close()
+    broken = tmp_path / 'broken'
+    broken.mkdir()
+    (broken / 'consent.db').write_bytes(b'not a database at all' * 100)
+    reader = ConsentRegistry(consent_path(broken), read_only=True)
+    try:
+        assert not ConsentCache(reader, 'store').allows('alice')   # unreadable: not granted
+    finally:
+        reader.close()
