@@ -40,6 +40,7 @@ from loom_ros.storage.consent import (ConsentRegistry, SubjectRefs, check_source
 from loom_ros.storage.errors import IndexMismatchError, StorageError
 from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.lifecycle import Lifecycle
+from loom_ros.storage.rowcipher import RowCipher, cold_context, episode_context
 from loom_ros.storage.sqlite import open_database
 
 SUBJECT_OBJECTS = 'subjects'         # object keys subjects/<subject>/... belong to that subject
@@ -392,6 +393,10 @@ class _UnitEraser(Lifecycle):
                                    'nothing was changed') from None
             raise
 
+    def _check_encryption(self) -> None:
+        """Erasure only deletes (and rewrites archives through the keyring it was given): it
+        runs on a database with encrypted rows without the master key too."""
+
     def __enter__(self):
         return self
 
@@ -623,18 +628,24 @@ def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
         data.setdefault(tier, []).extend(rows)
         counts[tier] = counts.get(tier, 0) + len(rows)
 
+    cipher = RowCipher(keyring)
     for db in layout.databases():
         conn = open_database(db, read_only=True)
         conn.row_factory = sqlite3.Row
         try:
             if _has(conn, 'episodes', 'subject'):
-                add('episodes', [{**dict(r), 'unit': db.stem} for r in conn.execute(
-                    'select agent_id, event_id, time_ms, type, source, tags, payload from '
-                    'episodes where subject = ? order by time_ms', (subject,))])
+                add('episodes', [{**r, 'unit': db.stem} for r in _opened(
+                    cipher, db, 'payload', lambda r: episode_context(
+                        r['agent_id'], r['event_id'], r['time_ms'], subject), conn.execute(
+                        'select agent_id, event_id, time_ms, type, source, tags, payload from '
+                        'episodes where subject = ? order by time_ms', (subject,)))])
             if _has(conn, 'cold', 'subject'):
-                add('cold', [{**dict(r), 'unit': db.stem} for r in conn.execute(
-                    'select agent_id, type, source, first_ms, last_ms, count, summary from '
-                    'cold where subject = ? order by first_ms', (subject,))])
+                add('cold', [{**r, 'unit': db.stem} for r in _opened(
+                    cipher, db, 'summary', lambda r: cold_context(
+                        r['agent_id'], r['type'], r['source'], r['first_ms'], r['last_ms'],
+                        subject), conn.execute(
+                        'select agent_id, type, source, first_ms, last_ms, count, summary from '
+                        'cold where subject = ? order by first_ms', (subject,)))])
             if _has(conn, 'facts'):
                 add('facts', [{**dict(r), 'unit': db.stem} for r in conn.execute(
                     'select agent_id, subject, relation, object, provenance, time_ms from facts '
@@ -714,6 +725,23 @@ def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
             pass
         raise
     return counts
+
+
+def _opened(cipher: RowCipher, db: Path, column: str, context, rows) -> list[dict]:
+    """Rows as dicts with `column` decrypted (encryption at rest); a row whose key was destroyed
+    is left out; ciphertext without the master key is an ErasureError (never exported as it
+    is)."""
+    out = []
+    for row in rows:
+        row = dict(row)
+        try:
+            text = cipher.open_or_none(row[column], context(row))
+        except KeyringError as exc:
+            raise ErasureError(f'{db}: {exc} (give the master key: --master-key-file)') from None
+        if text is not None:
+            row[column] = text
+            out.append(row)
+    return out
 
 
 def _export_router(conn, subject: str, add) -> None:

@@ -33,6 +33,7 @@ from loom_ros.storage.budget import Budgets, budget_check, root_used_bytes
 from loom_ros.storage.cold import ADD, REMOVE, ColdIndex, IndexParams, decode, encode
 from loom_ros.storage.errors import StorageError, is_full, StorageFullError
 from loom_ros.storage.layout import StorageLayout, check_name
+from loom_ros.storage.rowcipher import RowCipher, check_marker, cold_context, episode_context
 from loom_ros.storage.sqlite import open_database
 
 DAY_S = 86400.0
@@ -161,6 +162,10 @@ class Lifecycle:
         self.totals = MoveReport()
         self.unsaved = 0
         self._lock_fd = -1
+        # Payloads and summaries in SQLite under the subject's key when archives are encrypted
+        # (one setting, storage.encryption.enabled: docs/encryption.md).
+        self.cipher = RowCipher(objects.keyring if isinstance(objects, EncryptedObjectStore)
+                                else None)
         if read_only:   # a reader (CLI, tools): no lock, no recovery, never saves
             self.conn = open_database(self.path, read_only=True)
             self.index.load(self.conn)
@@ -178,6 +183,7 @@ class Lifecycle:
             self.conn = open_database(self.path, synchronous=synchronous)
             from loom_ros.storage import schema
             schema.ensure(self.conn, self.path)
+            self._check_encryption()
             self.recover()
             if rebuild:   # loom storage compact --rebuild-index: a new index from the rows
                 self.index.rebuild(self.conn)
@@ -189,6 +195,11 @@ class Lifecycle:
                 self.conn.close()
             os.close(self._lock_fd)
             raise
+
+    def _check_encryption(self) -> None:
+        """Rows encrypted before and no key now: refused (this would condense them into
+        plaintext memories beside them); with the key, the database is marked."""
+        check_marker(self.conn, self.path, self.cipher.on)
 
     # -- recovery --------------------------------------------------------------------------------
     def _prefix(self) -> str:
@@ -264,6 +275,8 @@ class Lifecycle:
         groups: dict = {}
         raw, drop = [], []
         bucket_ms = max(1, int(self.params.bucket_s * 1000))
+        if self.cipher.on:   # what the memory quotes and the archive keeps: the plaintext
+            due = [(self._open_episode(row), policy) for row, policy in due]
         for row, policy in due:
             if policy.cold:
                 # per data subject too: one memory never mixes two people (erasure, export)
@@ -283,12 +296,16 @@ class Lifecycle:
         try:
             conn.execute('BEGIN IMMEDIATE')
             for memory, code in zip(memories, codes):
+                m = memory
+                summary = self.cipher.seal(m['summary'], cold_context(
+                    m['agent_id'], m['type'], m['source'], m['first_ms'], m['last_ms'],
+                    m['subject']), m['subject'], m['last_ms'])
                 cursor = conn.execute(
                     'insert into cold (agent_id, type, source, first_ms, last_ms, count, summary, '
                     'code, bytes, subject) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
-                    (memory['agent_id'], memory['type'], memory['source'], memory['first_ms'],
-                     memory['last_ms'], memory['count'], memory['summary'], code,
-                     len(memory['summary']) + len(code) + 64, memory['subject']))
+                    (m['agent_id'], m['type'], m['source'], m['first_ms'], m['last_ms'],
+                     m['count'], summary, code, len(m['summary']) + len(code) + 64,
+                     m['subject']))
                 ids.append(cursor.lastrowid)
             conn.executemany('insert into cold_log (op, id) values (?, ?)',
                              [(ADD, i) for i in ids])
@@ -472,10 +489,18 @@ class Lifecycle:
                 'first_ms': row[4], 'last_ms': row[4], 'event_id': row[7],
                 'tags': json.loads(row[6]), 'payload': row[5]}
 
-    @staticmethod
-    def _cold_record(row) -> dict:
+    def _open_episode(self, row) -> tuple:
+        """A due episode row with its payload decrypted ('' when its key was destroyed: an
+        erased subject's row left in a copy is dropped, never condensed)."""
+        payload = self.cipher.open_or_none(row[5], episode_context(row[1], row[7], row[4],
+                                                                   row[8]))
+        return (*row[:5], payload or '', *row[6:])
+
+    def _cold_record(self, row) -> dict:
+        summary = self.cipher.open_or_none(row[7], cold_context(*row[1:6], row[8]))
         return {'id': row[0], 'agent_id': row[1], 'type': row[2], 'source': row[3],
-                'first_ms': row[4], 'last_ms': row[5], 'count': row[6], 'summary': row[7]}
+                'first_ms': row[4], 'last_ms': row[5], 'count': row[6],
+                'summary': summary or ''}
 
     def _condense(self, rows) -> dict:
         n, cut = len(rows), self.params.summary_chars
@@ -589,7 +614,7 @@ class Lifecycle:
             where.append('type = ?')
             args.append(type)
         filtered = len(where) > 2 or start_ms > 0 or end_ms < 2**63 - 1
-        cols = 'id, agent_id, type, source, first_ms, last_ms, count, summary, code'
+        cols = 'id, agent_id, type, source, first_ms, last_ms, count, summary, code, subject'
         if filtered and self.conn.execute(
                 f'select count(*) from (select 1 from cold where {" and ".join(where)} limit ?)',
                 (*args, exact_limit + 1)).fetchone()[0] <= exact_limit:
@@ -606,11 +631,18 @@ class Lifecycle:
         if not rows:
             return []
         scores = decode([r[8] for r in rows], self.index.params.dim) @ vector
-        best = np.argsort(-scores)[:k]
-        return [{'id': rows[i][0], 'agent_id': rows[i][1], 'type': rows[i][2],
-                 'source': rows[i][3], 'first_ms': rows[i][4], 'last_ms': rows[i][5],
-                 'count': rows[i][6], 'summary': rows[i][7], 'score': float(scores[i])}
-                for i in best]
+        out = []
+        for i in np.argsort(-scores):
+            row = rows[i]
+            summary = self.cipher.open_or_none(row[7], cold_context(*row[1:6], row[9]))
+            if summary is None:   # its subject's key was destroyed
+                continue
+            out.append({'id': row[0], 'agent_id': row[1], 'type': row[2], 'source': row[3],
+                        'first_ms': row[4], 'last_ms': row[5], 'count': row[6],
+                        'summary': summary, 'score': float(scores[i])})
+            if len(out) >= k:
+                break
+        return out
 
     def _rows(self, ids, cols, where, args) -> list:
         out = []

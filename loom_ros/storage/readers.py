@@ -12,7 +12,8 @@ import numpy as np
 from loom_ros.storage.errors import StorageError
 from loom_ros.storage.layout import StorageLayout, check_name
 from loom_ros.storage.sqlite import open_database
-from loom_ros.storage.stores import episodes_sql, facts_sql
+from loom_ros.storage.rowcipher import RowCipher, episode_context
+from loom_ros.storage.stores import EPISODE_COLUMNS, episodes_sql, facts_sql
 
 VECTOR_COLUMNS = ('id', 'subject', 'relation', 'object', 'provenance')
 
@@ -28,8 +29,15 @@ class AgentMemoryReader:
     opened read-only per query (`mode=ro`: SQLite refuses writes whatever the SQL; writers are
     never blocked, WAL). `agents` limits which agents may be read (empty: all)."""
 
-    def __init__(self, layout: StorageLayout, agents: frozenset[str] | set[str] = frozenset()):
+    # rows of encrypted episodes read to search their text (decrypted here, not in SQL)
+    MAX_SCAN = 50000
+
+    def __init__(self, layout: StorageLayout, agents: frozenset[str] | set[str] = frozenset(),
+                 keyring=None):
+        """`keyring`: the root's key table opened with its master key, to read payloads
+        encrypted at rest (docs/encryption.md); without it they are a KeyringError."""
         self.layout, self.agents = layout, frozenset(agents)
+        self.cipher = RowCipher(keyring)
 
     @property
     def folder(self):
@@ -82,9 +90,40 @@ class AgentMemoryReader:
 
     def episodes(self, agent: str, start_ms: int = 0, end_ms: int = 2**63 - 1, type: str = '',
                  source: str = '', tag: str = '', text: str = '', limit: int = 100) -> list[dict]:
-        sql, args = episodes_sql(agent, start_ms, end_ms, type, source, tag, text, limit)
-        rows = sorted(self._rows(agent, 'episodes', sql, args), key=lambda r: r['time_ms'])
-        return [{**dict(r), 'tags': json.loads(r['tags'])} for r in rows[:max(0, limit)]]
+        """Payloads decrypted when encrypted at rest (a text search then runs here, over at
+        most MAX_SCAN encrypted rows, since SQL sees only ciphertext)."""
+        rows = []
+        for path in self.sources(agent):
+            with closing(open_database(path, read_only=True, check=False)) as conn:
+                conn.row_factory = sqlite3.Row
+                try:
+                    columns = {r[1] for r in conn.execute('pragma table_info(episodes)')}
+                    if not columns:
+                        continue   # the agent has not written any yet
+                    subject = 'subject' in columns
+                    wanted = EPISODE_COLUMNS + (('subject',) if subject else ())
+                    plain = "typeof(payload) = 'text'" if text else ''
+                    sql, args = episodes_sql(agent, start_ms, end_ms, type, source, tag, text,
+                                             limit, wanted, plain)
+                    found = conn.execute(sql, args).fetchall()
+                    if text:   # encrypted rows: searched once decrypted
+                        sql, args = episodes_sql(agent, start_ms, end_ms, type, source, tag, '',
+                                                 self.MAX_SCAN, wanted, "typeof(payload) = 'blob'")
+                        found += conn.execute(sql, args).fetchall()
+                except sqlite3.DatabaseError as exc:
+                    raise StorageError(f'{path}: cannot read the memory of {agent!r}: '
+                                       f'{exc}') from None
+            for r in found:
+                row = dict(r)
+                payload = self.cipher.open_or_none(row['payload'], episode_context(
+                    agent, row['event_id'], row['time_ms'], row.pop('subject', '')))
+                if payload is None or (text and isinstance(r['payload'], bytes)
+                                       and text.lower() not in payload.lower()):
+                    continue
+                row['payload'], row['tags'] = payload, json.loads(row['tags'])
+                rows.append(row)
+        rows.sort(key=lambda r: r['time_ms'])
+        return rows[:max(0, limit)]
 
     def facts(self, agent: str, entity: str = '', relation: str = '', text: str = '',
               limit: int = 100) -> list[dict]:

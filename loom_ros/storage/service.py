@@ -14,6 +14,7 @@ from loom_ros.storage.budget import Budgets, budget_check, root_used_bytes
 from loom_ros.storage.cold import IndexParams
 from loom_ros.storage.errors import StorageError
 from loom_ros.storage.layout import StorageLayout
+from loom_ros.storage.rowcipher import episode_context
 from loom_ros.storage.lifecycle import (Lifecycle, LifecycleParams, MoveReport, TierPolicy,
                                         load_policies)
 from loom_ros.telemetry.diagnostics import OK, CheckResult
@@ -240,12 +241,15 @@ class StorageService:
                         where.append(f'{column} = ?')
                         args.append(value)
                 rows = lc.conn.execute(
-                    'select agent_id, event_id, time_ms, type, source, tags, payload from '
-                    f'episodes where {" and ".join(where)} order by time_ms, id limit ?',
+                    'select agent_id, event_id, time_ms, type, source, tags, payload, subject '
+                    f'from episodes where {" and ".join(where)} order by time_ms, id limit ?',
                     (*args, int(limit))).fetchall()
-                out += [{'unit': name, 'agent_id': r[0], 'event_id': r[1], 'time_ms': r[2],
-                         'type': r[3], 'source': r[4], 'tags': json.loads(r[5]),
-                         'payload': r[6]} for r in rows]
+                for r in rows:   # payloads decrypted (encryption at rest); erased ones skipped
+                    payload = lc.cipher.open_or_none(r[6], episode_context(r[0], r[1], r[2], r[7]))
+                    if payload is not None:
+                        out.append({'unit': name, 'agent_id': r[0], 'event_id': r[1],
+                                    'time_ms': r[2], 'type': r[3], 'source': r[4],
+                                    'tags': json.loads(r[5]), 'payload': payload})
             else:
                 if not text:
                     raise StorageError('memories: give a query text to search by meaning')

@@ -20,6 +20,7 @@ from loom_ros.storage.consent import (ConsentCache, ConsentError, ConsentRegistr
                                       load_defaults)
 from loom_ros.storage.errors import StorageError, is_full, StorageFullError
 from loom_ros.storage.layout import StorageLayout, check_name
+from loom_ros.storage.rowcipher import RowCipher, check_marker
 from loom_ros.storage.sqlite import open_database
 from loom_ros.storage.writer import GroupCommitWriter, Ticket
 
@@ -96,15 +97,21 @@ class Storage:
             raise
         try:
             schema.ensure(self.conn, self.path)
-        except sqlite3.Error as exc:
+            # rows encrypted before and no key now: refused here, never plaintext beside them
+            check_marker(self.conn, self.path, self.keyring is not None)
+        except (sqlite3.Error, StorageError) as exc:
             self.conn.close()
             os.close(self._lock_fd)
             if self.keyring is not None:
                 self.keyring.close()
             self._close_consent()
+            if isinstance(exc, StorageError):
+                raise
             if is_full(exc):
                 raise StorageFullError(f'{self.path}: disk or budget full: {exc}') from None
             raise StorageError(f'{self.path}: cannot create the tables: {exc}') from None
+        # Episode payloads (and, in the lifecycle, cold summaries) under the subject's key.
+        self.cipher = RowCipher(self.keyring)
         self.reader = open_database(self.path, read_only=True, check=False)
         self._read_lock = threading.Lock()
         self._ids_lock = threading.Lock()

@@ -19,6 +19,7 @@ from loom_ros.bus.privacy import SubjectError, event_subject
 from loom_ros.security.keyring import day_of
 from loom_ros.storage import auditchain, schema
 from loom_ros.storage.errors import CorruptRecordError, StorageError
+from loom_ros.storage.rowcipher import episode_context
 from loom_ros.storage.sqlite import open_database
 from loom_ros.storage.writer import Ticket
 from loom_ros.telemetry.logs import mask_text, mask_value
@@ -141,8 +142,11 @@ class AgentStateStore:
         ops = [self.kv.put_op(self.NS, agent_id, {'state': state, 'events': events,
                                                   'last_event_id': last}, self.SCHEMA_VERSION)]
         # Rows as the old store wrote them: already cut and masked.
-        ops += [(EpisodeStore.INSERT, (*tuple(e), len(e['payload'] or '') + len(e['tags'] or '')
-                                       + 64)) for e in episodes]
+        cipher = self.storage.cipher
+        ops += [(EpisodeStore.INSERT, (*tuple(e)[:6], cipher.seal(
+            e['payload'] or '', episode_context(e['agent_id'], e['event_id'], e['time_ms'], ''), '',
+            e['time_ms']), len(e['payload'] or '') + len(e['tags'] or '') + 64))
+            for e in episodes]
         ops += [('insert into facts (id, agent_id, subject, relation, object, provenance, '
                  'time_ms, vector) values (?, ?, ?, ?, ?, ?, ?, ?)',
                  (self.storage.next_id('facts'), agent_id, *tuple(f))) for f in facts]
@@ -250,8 +254,12 @@ class EpisodeStore:
             return (self.WITHHOLD, (agent_id[:MAX_FIELD_CHARS], event.type[:MAX_FIELD_CHARS],
                                     day_of(event.timestamp_ms))), False
         row = episode_row(agent_id, event, self.mask)
-        return (self.INSERT_SUBJECT, (*row, len(row[6]) + len(row[5]) + 64,
-                                      episode_subject(event))), True
+        subject = episode_subject(event)
+        # encryption on: the payload under the subject's (anonymous: the day's) key
+        payload = self.storage.cipher.seal(row[6], episode_context(*row[:3], subject), subject,
+                                           row[2])
+        return (self.INSERT_SUBJECT, (*row[:6], payload, len(row[6]) + len(row[5]) + 64,
+                                      subject)), True
 
     def record_op(self, agent_id: str, event) -> tuple:
         """The write of one event (see `entry`)."""
@@ -299,8 +307,24 @@ class EpisodeStore:
     def query(self, agent_id: str = '', start_ms: int = 0, end_ms: int = 2**63 - 1,
               type: str = '', source: str = '', tag: str = '', limit: int = 100) -> list[dict]:
         sql, args = episodes_sql(agent_id, start_ms, end_ms, type, source, tag, limit=limit,
-                                 columns=('agent_id',) + EPISODE_COLUMNS)
-        return [{**dict(r), 'tags': json.loads(r['tags'])} for r in self.storage.query(sql, args)]
+                                 columns=('agent_id',) + EPISODE_COLUMNS + ('subject',))
+        return open_episodes(self.storage.cipher, self.storage.query(sql, args))
+
+
+def open_episodes(cipher, rows) -> list[dict]:
+    """Episode rows (with agent_id and subject) as dicts without the subject, tags decoded and
+    payloads decrypted; a row whose key was destroyed (an erased subject) is left out."""
+    out = []
+    for r in rows:
+        row = dict(r)
+        subject = row.pop('subject', '')
+        payload = cipher.open_or_none(row['payload'], episode_context(
+            row['agent_id'], row['event_id'], row['time_ms'], subject))
+        if payload is None:
+            continue
+        row['payload'], row['tags'] = payload, json.loads(row['tags'])
+        out.append(row)
+    return out
 
 
 EPISODE_COLUMNS = ('event_id', 'time_ms', 'type', 'source', 'tags', 'payload')
@@ -309,11 +333,14 @@ FACT_COLUMNS = ('id', 'subject', 'relation', 'object', 'provenance', 'time_ms')
 
 def episodes_sql(agent_id: str = '', start_ms: int = 0, end_ms: int = 2**63 - 1, type: str = '',
                  source: str = '', tag: str = '', text: str = '', limit: int = 100,
-                 columns: tuple = EPISODE_COLUMNS) -> tuple[str, dict]:
+                 columns: tuple = EPISODE_COLUMNS, where_also: str = '') -> tuple[str, dict]:
     """The one episode query (time range, type, source, tag, text in the payload), in time
-    order, for every file that holds episodes (the unit databases and the agents' own files)."""
+    order, for every file that holds episodes (the unit databases and the agents' own files).
+    `where_also`: one more SQL condition (no parameters)."""
     where, args = ['time_ms >= :s', 'time_ms <= :e'], {'s': int(start_ms), 'e': int(end_ms),
                                                        'limit': max(0, int(limit))}
+    if where_also:
+        where.append(where_also)
     for column, value in (('agent_id', agent_id), ('type', type), ('source', source)):
         if value:
             where.append(f'{column} = :{column}')

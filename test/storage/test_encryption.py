@@ -15,6 +15,7 @@ import pytest
 from harness import loom_cli
 
 from loom_ros.bus.event import Event
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, ConsentState
 from loom_ros.security.keyring import (DecryptError, EncryptionSettings, KeyringError, MasterKey,
                                        ShreddedError, read_key_file, write_key_file)
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore
@@ -42,7 +43,15 @@ def open_storage(tmp_path: Path, clock, key_path: Path | None = None, env=None) 
         write_key_file(key_path, [MasterKey.generate()])
     return Storage(StorageConfig(root=str(tmp_path / 'root'), unit='host',
                                  encryption=EncryptionSettings(True, str(key_path))),
-                   clock=clock, env=env or {})
+                   clock=clock, env=env or {}, consent=GrantAll)
+
+
+class GrantAll:
+    """Every subject consents to storage (storage consent: test_storage_consent.py)."""
+
+    @staticmethod
+    def lookup(subject: str, purpose: str) -> ConsentState:
+        return ConsentState(purpose, True, True, 'test')
 
 
 def files_under(folder: Path) -> bytes:
@@ -85,10 +94,9 @@ def add_subject_column(storage: Storage) -> None:
 
 def record(storage: Storage, agent: str, text: str, at_ms: int, subject: str = ''):
     storage.episodes.record(agent, Event(type='speech.heard', source='mic', id=text,
-                                         payload=text.encode(), timestamp_ms=at_ms)).wait(10)
-    if subject:
-        storage.write('update episodes set subject = ? where event_id = ?',
-                      (subject, text)).wait(10)
+                                         payload=text.encode(), timestamp_ms=at_ms,
+                                         metadata={SUBJECT_METADATA_KEY: subject} if subject
+                                         else {})).wait(10)
 
 
 def lifecycle(storage: Storage, clock, archive_s: float = 0.0) -> Lifecycle:
@@ -185,9 +193,10 @@ def test_wrong_or_missing_master_key_stops_storage_at_start(tmp_path):
     os.chmod(tmp_path / 'master.key', 0o600)
     with open_storage(tmp_path, clock) as storage:     # nothing was left locked by the failures
         assert storage.objects.get('blobs/x') == b'x'
-    # encryption turned off later: what was stored stays ciphertext (nothing was in the clear)
-    with Storage(StorageConfig(root=str(tmp_path / 'root'), unit='host'), clock=clock) as plain:
-        assert plain.keyring is None and plain.objects.get('blobs/x') != b'x'
+    # encryption turned off later: refused at start, never plaintext beside the ciphertext
+    with pytest.raises(KeyringError, match='holds rows encrypted at rest, but storage.encryption '
+                                           'is off'):
+        Storage(StorageConfig(root=str(tmp_path / 'root'), unit='host'), clock=clock)
 
 
 def loom(*args: str) -> subprocess.CompletedProcess:
