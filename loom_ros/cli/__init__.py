@@ -1,6 +1,6 @@
 """The `loom` command: `loom demo`, `loom bringup`, `loom record`, `loom pub`, `loom echo`,
 `loom status`, `loom cloud serve`, `loom keys`, `loom storage`, `loom audit`, `loom consent`,
-`loom play`, `loom router train` (works where ros2cli is not installed)."""
+`loom play`, `loom router train`, `loom view` (works where ros2cli is not installed)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from loom_ros.cli import (
         audit, bringup, consent, demo, forget, keys, play, pubsub, record, router_train, storage,
+        view,
     )
     parser = argparse.ArgumentParser(prog='loom', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_parsers(sub)   # loom forget SUBJECT, loom export SUBJECT --output FILE
     play.add_parser(sub)
     router_train.add_parser(sub)   # loom router train
+    view.add_parser(sub)           # loom view (Rerun web viewer)
     status = sub.add_parser('status', help='live view of a running system (loom/metrics, stats)',
                             add_help=False)
     status.add_argument('rest', nargs=argparse.REMAINDER, help='see loom status --help')

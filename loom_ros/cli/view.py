@@ -1,0 +1,149 @@
+"""`loom view`: a live visual view of a running Loom system, or of a recording, in the Rerun viewer
+(served from the rerun-sdk package: no network, no ROS tools). See docs/view.md.
+
+    loom view                              # attach over ROS; prints the URL to open
+    loom view --recording demo_output/recording.mcap
+    loom view --save run.rrd --headless    # no viewer: write an .rrd file (`rerun run.rrd`)
+
+Shows the camera image with face boxes and the emoji, the robot's screen, the transcript and
+spoken answers, route decisions with their reasons, and plots of latencies, queue depths and
+drops. The data server listens on 127.0.0.1 only. Settings: config/view.yaml. Output: JSON lines
+({"view": URL}, {"first": kind} the first time each kind is shown), a summary line at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+from loom_ros.config.params import ConfigError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser('view', help='live visual view (Rerun web viewer) of a running system or '
+                                    'a recording')
+    _arguments(p)
+    p.set_defaults(run=lambda args: run(args, args.ros_args))
+
+
+def _arguments(p) -> None:
+    p.add_argument('--recording', metavar='FILE.mcap', default=None,
+                   help='open this recording (loom record) instead of attaching over ROS')
+    p.add_argument('--web-port', type=int, default=None, metavar='N',
+                   help='port of the web viewer page (config/view.yaml: 9090; 0: any free one)')
+    p.add_argument('--grpc-port', type=int, default=None, metavar='N',
+                   help='port of the loopback data server (config/view.yaml: 9876; 0: free)')
+    p.add_argument('--save', metavar='FILE.rrd', default=None,
+                   help='also write everything shown to this Rerun file')
+    p.add_argument('--headless', action='store_true',
+                   help='no viewer (with --save: only the file; a recording then exits at its end)')
+    p.add_argument('--duration', type=float, default=0.0,
+                   help='stop after this many seconds (0: until Ctrl-C)')
+    p.add_argument('--max-privacy', default=None, metavar='TIER',
+                   help='strictest tier shown: public, sensitive (default), private, local_only')
+    p.add_argument('--config', default=None, help='settings file (default config/view.yaml)')
+
+
+def _say(**fields) -> None:
+    print(json.dumps(fields, ensure_ascii=False), flush=True)
+
+
+def run(args, ros_args: list[str]) -> int:
+    from loom_ros.view.core import LoomView
+    from loom_ros.view.settings import close_stream, load_settings, open_stream
+    try:
+        settings = load_settings(args.config, web_port=args.web_port, grpc_port=args.grpc_port,
+                                 max_privacy=args.max_privacy)
+    except (ConfigError, ValueError) as exc:
+        print(f'loom view: {exc}', file=sys.stderr)
+        return 2
+    if args.headless and not args.save and not args.recording:
+        print('loom view: --headless without --save shows nothing anywhere', file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    rec, url = open_stream(settings, serve=not args.headless, save=args.save)
+    view = LoomView(rec, settings.limits(), settings.max_privacy, self_node='loom_view',
+                    on_first=lambda kind: _say(first=kind))
+    if url:
+        _say(view=url)
+        print(f'loom view: open {url}', file=sys.stderr, flush=True)
+    code = 0
+    try:
+        if args.recording:
+            code = _recording(view, args.recording)
+            if code == 0 and url:
+                print('loom view: the recording is loaded; Ctrl-C to stop serving it',
+                      file=sys.stderr, flush=True)
+                _wait(stop, args.duration)
+        else:
+            _live(view, stop, args.duration, ros_args)
+    finally:
+        close_stream(rec)
+        _say(**view.summary(), **({'saved': args.save} if args.save else {}))
+    return code
+
+
+def _wait(stop: threading.Event, duration: float) -> None:
+    end = time.monotonic() + duration if duration > 0 else None
+    while not stop.is_set() and (end is None or time.monotonic() < end):
+        stop.wait(0.2)
+
+
+def _recording(view, path: str) -> int:
+    from loom_ros.replay.mcap_source import McapSource, RecordingError
+    from loom_ros.view.recording import ViewTypes, play_into
+    source = McapSource(path, ViewTypes())
+    error = None
+    try:
+        skipped = play_into(view, source)
+    except RecordingError as exc:
+        skipped, error = {}, str(exc)
+    _say(recording=path, file_skipped=dict(source.skipped), examples=source.examples,
+         decode_skipped=dict(skipped), **({'error': error} if error else {}))
+    if error:
+        print(f'loom view: {error}', file=sys.stderr)
+        return 1
+    return 0
+
+
+def _live(view, stop: threading.Event, duration: float, ros_args: list[str]) -> None:
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    from loom_ros.bus.executor import make_executor
+    from loom_ros.bus.qos import fastdds_environment
+    from loom_ros.config.params import config_dir
+    from loom_ros.view.ros import ViewNode
+    # Loom's Fast DDS profile (as bring-up gives its nodes), so camera frames arrive whole.
+    os.environ.update(fastdds_environment(os.environ, config_dir()))
+    rclpy.init(args=['loom_view', *ros_args], signal_handler_options=SignalHandlerOptions.NO)
+    shell = ViewNode(view)
+    executor = make_executor()
+    executor.add_node(shell.node)
+    end = time.monotonic() + duration if duration > 0 else None
+    try:
+        while not stop.is_set() and (end is None or time.monotonic() < end):
+            executor.spin_once(timeout_sec=0.1)
+    finally:
+        executor.remove_node(shell.node)   # detached before destroying (status.py's lesson)
+        executor.shutdown()
+        shell.destroy()
+        rclpy.try_shutdown()
+
+
+def main(argv=None) -> int:
+    from loom_ros.cli import split_ros_args
+    argv, ros_args = split_ros_args(argv)
+    parser = argparse.ArgumentParser(prog='loom view', description=__doc__.splitlines()[0])
+    _arguments(parser)
+    return run(parser.parse_args(argv), ros_args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

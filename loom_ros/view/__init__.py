@@ -1,0 +1,1 @@
+"""Loom's live visual view (`loom view`): Loom's messages drawn with the Rerun viewer."""
