@@ -355,6 +355,9 @@ class InferenceRequest:
     latency_budget_ms: float = 1000.0
     event_type: str = ''
     decision_id: str = ''
+    # The data subject's keyed hash (storage.consent.SubjectRefs.ref), never the raw id: the
+    # cloud files what it keeps of this request under it, so a fleet erasure can find it.
+    subject_ref: str = ''
 
 
 @dataclass
@@ -409,6 +412,8 @@ def execute_route(decision, request: InferenceRequest, local_fn: LocalFn,
     except UploadRefused as exc:
         cloud_client.stats['upload_refused'] += 1
         return local(True, str(exc), answer=local_answer, conf=local_conf)
+    if request.subject_ref:
+        body['subject_ref'] = request.subject_ref
     spent_ms = (time.perf_counter() - start) * 1000.0
     cloud = cloud_client.infer(request.task, body, request.latency_budget_ms - spent_ms)
     if not cloud.ok:

@@ -44,6 +44,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from loom_ros.cloud.erasure import (
+    ERASE_TASK, RequestLog, check_ref, erase_key, erase_reply, request_log_from_config,
+)
 from loom_ros.cloud.protocol import (
     ANY_SERVER, KEY_PREFIX, MAX_MESSAGE_BYTES, RequestInvalid, Signer, Verifier, check_instance,
     digest, instance_key, parse_request, request_signed_bytes, sealed_aad, unpack,
@@ -306,6 +309,7 @@ class Admitted:
     request_digest: bytes
     body: bytes          # still unparsed JSON
     queued_at: float = 0.0   # perf_counter when queued: the reply reports the wait (queue_ms)
+    role: str = ''       # the verified identity's role (an operator may erase for any robot)
 
 
 class Gate:
@@ -333,7 +337,7 @@ class Gate:
                            f'requests must be signed by a fleet identity: {exc}') from None
         ident = header['id']
         try:
-            client, _ = self.verifier.verify(
+            client, role = self.verifier.verify(
                 header, request_signed_bytes(task, ident, header['ts'], body, header['aud']))
         except CredentialsError as exc:
             raise Rejected('unauthenticated', 'unauthenticated', str(exc), ident) from None
@@ -360,7 +364,7 @@ class Gate:
                 raise Rejected('busy', 'rate_limited', f'busy: {client} is over its rate of '
                                f'{self.limits.rate_per_s:g} requests/s', ident)
             self._remember(key, now)
-        return Admitted(client, task, ident, request_digest, body)
+        return Admitted(client, task, ident, request_digest, body, role=role)
 
     def _remember(self, key, now: float) -> None:
         """Ids are kept for the skew window (a replay inside it is refused), bounded in count."""
@@ -377,9 +381,10 @@ class CloudService:
     work only; `serve` (worker threads) runs the models and signs each answer."""
 
     def __init__(self, server: CloudServer, gate: Gate, signer: Signer, queue: FairQueue,
-                 instance: str):
+                 instance: str, log: RequestLog | None = None):
         self.server, self.gate, self.signer, self.queue = server, gate, signer, queue
         self.instance = instance
+        self.log = log   # what this server keeps per sender and subject (None: nothing)
         self.stats: Counter = Counter()
         self._lock = threading.Lock()
 
@@ -387,11 +392,19 @@ class CloudService:
         with self._lock:
             self.stats[what] += 1
 
-    def on_query(self, query) -> None:
-        """Admit or refuse one zenoh.Query; never raises."""
+    def on_erase(self, query) -> None:
+        """An erasure request on erasure.erase_key: admitted like any request, then queued."""
+        self.on_query(query, ERASE_TASK)
+
+    def on_query(self, query, task: str = '') -> None:
+        """Admit or refuse one zenoh.Query; never raises. `task`: set for the erase key; an
+        inference key's last chunk names its task (`erase` there is an unknown task)."""
         request_digest = b''
         try:
-            task = str(query.key_expr).rsplit('/', 1)[-1]
+            if not task:
+                task = str(query.key_expr).rsplit('/', 1)[-1]
+                if task == ERASE_TASK:   # erasure has its own key; here it is no task at all
+                    task = 'infer:erase'
             payload = query.payload
             size = len(payload) if payload is not None else 0
             if size > self.gate.limits.max_request_bytes:   # refused before it is copied
@@ -402,6 +415,8 @@ class CloudService:
             admitted = replace(self.gate.admit(task, data), queued_at=time.perf_counter())
         except Rejected as exc:
             self.count(exc.reason)
+            if task == ERASE_TASK:
+                self.count(f'erase_refused_{exc.reason}')
             self._error(query, exc.ident, request_digest, exc.code, str(exc))
             return
         except Exception as exc:  # a bug: an answer, not a dead callback
@@ -428,9 +443,20 @@ class CloudService:
         queue_ms = (time.perf_counter() - admitted.queued_at) * 1000.0 if admitted.queued_at else 0.0
         try:
             body = self._open(admitted)
-            reply = self.server.answer(admitted.task, body)
+            if admitted.task == ERASE_TASK:
+                reply = erase_reply(self.log, self.signer, self.instance, admitted.client,
+                                    admitted.role, body)
+                self.count('erased')
+            else:
+                subject_ref = body.pop('subject_ref', '')
+                if subject_ref:
+                    check_ref(subject_ref)
+                reply = self.server.answer(admitted.task, body)
+                if self.log is not None and admitted.task != 'hello':
+                    self.log.record(admitted.client, subject_ref, admitted.task, admitted.ident,
+                                    admitted.body)
         except RequestInvalid as exc:
-            self.count('errors')
+            self.count('erase_refused_' + exc.code if admitted.task == ERASE_TASK else 'errors')
             self._error(query, admitted.ident, admitted.request_digest, exc.code, str(exc))
             return
         except Exception as exc:  # a bug or a broken model: an answer, not a dead server
@@ -485,8 +511,9 @@ def load_config(path: str | Path) -> dict:
 
 def build_service(config: dict, identity: keys.Identity, *, instance: str,
                   extra_latency_ms: float = 0.0, server: CloudServer | None = None,
-                  clock=time.time) -> CloudService:
-    """The server, its gate, signer and queue from config/cloud.yaml's `auth` and `limits`."""
+                  clock=time.time, data_dir: str = '') -> CloudService:
+    """The server, its gate, signer, queue and request log from config/cloud.yaml's `auth`,
+    `limits` and `request_log` (`data_dir` names the log's folder instead)."""
     auth = config.get('auth') or {}
     if not isinstance(auth, dict):
         raise ValueError('cloud.yaml auth: expected a mapping')
@@ -497,10 +524,11 @@ def build_service(config: dict, identity: keys.Identity, *, instance: str,
         raise ValueError(f'identity {identity.name!r} has role {identity.role!r}; the cloud tier '
                          'signs its answers as a `cloud` identity')
     limits = Limits.from_config(config.get('limits'))
+    log = request_log_from_config(config, data_dir)
     server = server or CloudServer(config, extra_latency_ms=extra_latency_ms)
     gate = Gate(Verifier(identity.ca.read_bytes(), roles, clock=clock), limits, clock, instance)
     return CloudService(server, gate, Signer(identity), FairQueue(
-        limits.queue_per_client, limits.queue_total, limits.queued_bytes_total), instance)
+        limits.queue_per_client, limits.queue_total, limits.queued_bytes_total), instance, log)
 
 
 def main(argv=None) -> int:
@@ -520,6 +548,10 @@ def main(argv=None) -> int:
                             f'{socket.gethostname()}-{os.getpid()}'))[-64:].lstrip('-._'),
                         help='this server\'s name in its answers and its own key (letters, '
                         'digits, _ . -; default: host-pid)')
+    parser.add_argument('--data-dir', default='',
+                        help='where this server keeps its request log (per sender and data '
+                        'subject, erased on a fleet erasure request; default: cloud.yaml '
+                        'request_log.dir, none: nothing is kept)')
     parser.add_argument('--extra-latency-ms', type=float, default=0.0,
                         help='emulated WAN latency added to every answer (tests, benchmarks)')
     args = parser.parse_args(argv)
@@ -534,7 +566,7 @@ def main(argv=None) -> int:
         identity = keys.load(args.keys_dir or auth.get('keys_dir', keys.DEFAULT_KEYS_DIR),
                              args.identity or auth.get('identity', 'cloud'))
         service = build_service(config, identity, instance=args.instance,
-                                extra_latency_ms=args.extra_latency_ms)
+                                extra_latency_ms=args.extra_latency_ms, data_dir=args.data_dir)
         server = service.server
         insecure = args.insecure or z.get('insecure', False) is True
         if insecure:
@@ -554,6 +586,8 @@ def main(argv=None) -> int:
     queryable = session.declare_queryable(f'{prefix}/*', service.on_query, complete=True)
     alone = session.declare_queryable(instance_key(args.instance, '*', prefix), service.on_query,
                                       complete=True)   # a robot's spread first attempts
+    # Fleet erasure: every server answers (a robot asks ALL), each for what it keeps.
+    eraser = session.declare_queryable(erase_key(prefix), service.on_erase, complete=True)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -563,11 +597,14 @@ def main(argv=None) -> int:
         worker.start()
     print(json.dumps({'ready': True, 'key': f'{prefix}/*', 'own_key': instance_key(
                           args.instance, '*', prefix), 'intents': server.intents.labels,
-                      'identity': identity.name, 'instance': args.instance}), flush=True)
+                      'identity': identity.name, 'instance': args.instance,
+                      'erase_key': erase_key(prefix),
+                      'keeps': str(service.log.path) if service.log else ''}), flush=True)
     while not stop.wait(0.2):  # polled: a handler calling set() inside a bare wait() can hang
         pass
     queryable.undeclare()
     alone.undeclare()
+    eraser.undeclare()
     for query, admitted in service.queue.close():   # answered, not left to time out
         service._error(query, admitted.ident, admitted.request_digest, 'busy',
                        'busy: the server is stopping (retry elsewhere)')
@@ -575,6 +612,8 @@ def main(argv=None) -> int:
     for worker in workers:
         worker.join(timeout=10.0)
     session.close()
+    if service.log is not None:
+        service.log.close()
     print(json.dumps({'stats': dict(service.stats)}), flush=True)
     return 0
 
