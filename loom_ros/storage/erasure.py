@@ -5,7 +5,8 @@ one archive a person can read. The fleet / cloud tier is not covered here (see d
 What names a subject: the `subject` column of episodes, cold memories and router decisions
 (filled from the event's `loom.subject` metadata), consent rows, the subject's data key, object
 keys under `subjects/<subject>/`, archive records with a `subject` field, trace lines and MCAP
-Event messages whose metadata names it. Physical: every SQLite file is written with
+Event messages whose metadata names it, KV rows (an agent's state) an event of the subject
+wrote to (`kv_subjects`), and plugin files under `<root>/plugins/<plugin>/subjects/<subject>/`. Physical: every SQLite file is written with
 `secure_delete=on`, then checkpointed (`wal_checkpoint(TRUNCATE)`) and VACUUMed, so neither
 free pages nor the WAL keep a copy; archives, traces and recordings are rewritten to a temporary
 file and renamed over the old one. The audit log keeps only a tombstone (a keyed hash of the
@@ -20,6 +21,7 @@ import fcntl
 import gzip
 import json
 import os
+import shutil
 import sqlite3
 import struct
 import tempfile
@@ -47,7 +49,9 @@ SUBJECT_OBJECTS = 'subjects'         # object keys subjects/<subject>/... belong
 MAX_TRACE_LINE = 1 << 20             # longer lines are kept out of an export, dropped by forget
 MAX_TRACE_BYTES = 512 * 1024 * 1024  # a trace file larger than this is refused, not read
 TIERS = ('episodes', 'cold', 'facts', 'decisions', 'outcomes', 'consent', 'keys', 'archive_records',
-         'archive_files', 'blobs', 'trace_lines', 'recording_messages')
+         'archive_files', 'blobs', 'trace_lines', 'recording_messages', 'state', 'plugin_files')
+PLUGIN_SUBJECTS = 'subjects'   # <root>/plugins/<plugin>/subjects/<subject>/: a plugin's files
+                               # about one subject (docs/storage.md)
 
 
 class ErasureError(StorageError):
@@ -74,7 +78,8 @@ class Receipt:
 
 # What forget cannot trace to a subject, said in every receipt (and docs/privacy.md).
 NOT_COVERED = [
-    'agent state (kv) and plugin data: not indexed by subject',
+    'agent state written before its subjects were noted (kv rows without kv_subjects)',
+    'plugin data outside <root>/plugins/<plugin>/subjects/<subject>/',
     'facts derived from an event already condensed to cold (their provenance event id is gone)',
     'archive records written before the subject column existed (no subject field)',
     'agents\' own files from before the storage layer (<root>/agents/*.db)',
@@ -301,6 +306,7 @@ def forget(layout: StorageLayout, subject: str, *, requested_by: str = 'cli',
         _forget_router(layout.router_history, subject, receipt)
         _forget_consent(layout, subject, audit, refs, receipt)
         _forget_objects(layout, subject, key_ids, receipt)
+        _forget_plugin_data(layout, subject, receipt)
         _forget_key(layout, subject, keyring, receipt)
         for path in trace_files(layout):
             _forget_trace(path, subject, receipt)
@@ -349,6 +355,13 @@ def _forget_unit(lifecycle: '_UnitEraser', db: Path, subject: str, key_ids,
                     '(select event_id from episodes where subject = ?1)', (subject,))
             counts['episodes'] += _delete(conn, 'delete from episodes where subject = ?',
                                           (subject,))
+            if _has(conn, 'kv_subjects'):   # state an event of the subject wrote to
+                written = conn.execute('select ns, key from kv_subjects where subject = ?',
+                                       (subject,)).fetchall()
+                for ns, key in written:
+                    counts['state'] += _delete(conn, 'delete from kv where ns = ? and key = ?',
+                                               (ns, key))
+                    conn.execute('delete from kv_subjects where ns = ? and key = ?', (ns, key))
             if _has(conn, 'decisions', 'subject'):
                 counts['outcomes'] += _delete(
                     conn, 'delete from outcomes where decision_id in (select id from decisions '
@@ -536,6 +549,53 @@ def _forget_objects(layout, subject: str, key_ids, receipt: Receipt) -> None:
             continue
 
 
+def plugin_subject_dirs(layout: StorageLayout, subject: str) -> list[Path]:
+    """`<root>/plugins/<plugin>/subjects/<subject>/` of every plugin: where a plugin keeps its
+    files about one data subject. Links are never followed (neither a plugin folder, its
+    `subjects` folder nor the subject's folder may be one)."""
+    plugins = layout.root / 'plugins'
+    if not plugins.is_dir() or plugins.is_symlink():
+        return []
+    found = []
+    for plugin in sorted(plugins.iterdir()):
+        folder = plugin / PLUGIN_SUBJECTS / subject
+        if all(p.is_dir() and not p.is_symlink() for p in (plugin, plugin / PLUGIN_SUBJECTS,
+                                                            folder)):
+            found.append(folder)
+    return found
+
+
+def _plugin_files(folder: Path) -> list[Path]:
+    """Files under `folder`, links included as files (never followed)."""
+    out = []
+    for top, dirs, files in os.walk(folder, followlinks=False):
+        out += [Path(top) / name for name in files]
+        out += [Path(top) / name for name in dirs if (Path(top) / name).is_symlink()]
+    return sorted(out)
+
+
+def _forget_plugin_data(layout, subject: str, receipt: Receipt) -> None:
+    """A plugin's files about the subject: each overwritten with zeros (best effort: a
+    journaling or copy-on-write file system, an SSD, may keep old blocks), then the folder
+    removed (links are removed, never followed)."""
+    for folder in plugin_subject_dirs(layout, subject):
+        for path in _plugin_files(folder):
+            if not path.is_symlink():
+                try:
+                    size = path.stat().st_size
+                    with open(path, 'r+b') as stream:
+                        stream.write(b'\0' * min(size, 1 << 20))
+                        for _ in range(size >> 20):
+                            stream.write(b'\0' * (1 << 20))
+                        stream.flush()
+                        os.fsync(stream.fileno())
+                except OSError:
+                    pass
+            receipt.counts['plugin_files'] += 1
+            receipt.files += 1
+        shutil.rmtree(folder)
+
+
 def _forget_key(layout, subject: str, keyring: Keyring | None, receipt: Receipt) -> None:
     """Crypto-shredding: the subject's data key goes (Keyring.destroy; without the master key
     the same delete, secure_delete and checkpoint, on the key table itself)."""
@@ -653,6 +713,13 @@ def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
                     'episodes where subject = ?1)' if _has(conn, 'episodes', 'subject') else
                     'select agent_id, subject, relation, object, provenance, time_ms from facts '
                     'where subject = ?1 or object = ?1', (subject,))])
+            if _has(conn, 'kv_subjects'):
+                add('state', [{'ns': r['ns'], 'key': r['key'], 'schema': r['schema'],
+                               'value': _json_or_text(r['value']), 'unit': db.stem}
+                              for r in conn.execute(
+                                  'select kv.ns, kv.key, kv.schema, kv.value from kv join '
+                                  'kv_subjects s on s.ns = kv.ns and s.key = kv.key where '
+                                  's.subject = ?', (subject,))])
             if _has(conn, 'decisions', 'subject'):
                 _export_router(conn, subject, add)
             archives = [r[0] for r in conn.execute(
@@ -703,6 +770,14 @@ def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
                     counts['media'] = counts.get('media', 0) + 1
                 except StorageError:
                     continue
+            for folder in plugin_subject_dirs(layout, subject):
+                plugin = folder.parent.parent.name
+                for path in _plugin_files(folder):
+                    if path.is_symlink() or path.stat().st_size > MAX_TRACE_BYTES:
+                        continue
+                    archive.writestr(f'media/plugins/{plugin}/{path.relative_to(folder)}',
+                                     path.read_bytes())
+                    counts['plugin_files'] = counts.get('plugin_files', 0) + 1
             for recording in recording_files(layout):
                 n = _export_recording(recording, subject, archive)
                 if n:
@@ -725,6 +800,13 @@ def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
             pass
         raise
     return counts
+
+
+def _json_or_text(value: str):
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return value
 
 
 def _opened(cipher: RowCipher, db: Path, column: str, context, rows) -> list[dict]:

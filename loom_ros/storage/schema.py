@@ -20,6 +20,12 @@ DDL = [
     "subject text not null default '')",
     'create index if not exists episodes_agent_time on episodes (agent_id, time_ms)',
     'create index if not exists episodes_time on episodes (time_ms)',
+    # The data subjects whose events wrote a KV row (an agent's state after handling them):
+    # erasing one deletes the rows it wrote to (what a state holds of a person cannot be told
+    # apart from the rest of it).
+    'create table if not exists kv_subjects (ns text not null, key text not null, '
+    'subject text not null, primary key (ns, key, subject)) without rowid',
+    'create index if not exists kv_subjects_subject on kv_subjects (subject)',
     # Events of data subjects without `store` consent: counted, never kept (no payload, no id,
     # no subject): per agent, event type and UTC day.
     'create table if not exists withheld (agent_id text not null, type text not null, '

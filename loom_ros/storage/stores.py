@@ -48,12 +48,21 @@ class KVStore:
         """put_op of a value already in JSON (`text`: the caller serialized it)."""
         return (self.PUT, (ns, key, int(schema), text, self.storage.clock()))
 
-    def put(self, ns: str, key: str, value, schema: int = 1) -> Ticket:
-        return self.storage.writer.submit((self.put_op(ns, key, value, schema),))
+    SUBJECT = 'insert or ignore into kv_subjects (ns, key, subject) values (?, ?, ?)'
+
+    def subject_ops(self, ns: str, key: str, subjects) -> list[tuple]:
+        """Note that events of `subjects` wrote (ns, key): erasing one of them deletes it."""
+        return [(self.SUBJECT, (ns, key, s)) for s in sorted(set(subjects)) if s]
+
+    def put(self, ns: str, key: str, value, schema: int = 1, subjects=()) -> Ticket:
+        """`subjects`: the data subjects of the events the value was made from."""
+        return self.storage.writer.submit((self.put_op(ns, key, value, schema),
+                                           *self.subject_ops(ns, key, subjects)))
 
     def delete(self, ns: str, key: str) -> Ticket:
         return self.storage.writer.submit(
-            (('delete from kv where ns = ? and key = ?', (ns, key)),), barrier=True)
+            (('delete from kv where ns = ? and key = ?', (ns, key)),
+             ('delete from kv_subjects where ns = ? and key = ?', (ns, key))), barrier=True)
 
     def get(self, ns: str, key: str):
         """(value, schema) as committed, or None; CorruptRecordError when it cannot be decoded."""
@@ -182,6 +191,10 @@ class AgentStateStore:
         store = self.episodes
         entries = [store.entry(agent_id, event) for event in episodes]
         ops.extend(op for op, _kept in entries)
+        # the state is made from these events, kept or only counted: erasing one of their
+        # subjects deletes it
+        ops.extend(self.kv.subject_ops(self.NS, agent_id, (episode_subject(e)
+                                                           for e in episodes)))
         ticket = self.storage.writer.submit(ops)
         for event, (_op, kept) in zip(episodes, entries):
             if kept:

@@ -123,17 +123,24 @@ def plant(root: Path, subjects: list[Subject]) -> dict:
     facts = storage.facts('agent1', HashEmbedder())
     router_unit = storage.router_history(3600)
     for s in subjects:
-        expected[s.id].update(episodes=2, cold=1, archive_records=1, facts=1, decisions=2,
+        expected[s.id].update(episodes=3, state=1, plugin_files=1, cold=1, archive_records=1, facts=1, decisions=2,
                               outcomes=1, consent=2, blobs=1, trace_lines=1,
                               recording_messages=3)
-        warm = [r for r in storage.query('select event_id from episodes where subject = ?',
-                                         (s.id,))]
+        warm = [r for r in storage.query('select event_id from episodes where subject = ? '
+                                         'order by id', (s.id,))]
         assert len(warm) == 2
         facts.add(s.canary('fact'), 'likes', 'tea', provenance=warm[0]['event_id'])[1].wait(
             WAIT_LIMIT_S)
         router_unit.record_decision(f'd-{s.id}', s.canary('decision'), 'chat', 'agent1', 0,
                                     'local', 'r', 0.9, 0.0, 0.5, 10, None,
                                     subject=s.id).wait(WAIT_LIMIT_S)
+        # an agent's state made from an event of the subject (kv, noted in kv_subjects)
+        storage.agent_state.commit(f'state-{s.id[4:5]}', {'last': s.canary('state')}, 1, 'x',
+                                   [event(s, 9, T0 + 5, 'stateevent')]).wait(WAIT_LIMIT_S)
+        # a plugin's file about the subject, where plugins keep them
+        folder = root / 'plugins' / 'notes' / 'subjects' / s.id
+        folder.mkdir(parents=True)
+        (folder / 'note.txt').write_text(s.canary('plugin'))
         key = f'subjects/{s.id}/photo.jpg'
         storage.objects.put(key, s.raw('blob'))
         storage.write('insert into blobs values (?, ?, ?, ?)',
@@ -247,13 +254,15 @@ def test_forget_erases_one_subject_everywhere_and_keeps_the_other(tmp_path):
     everything += b'\x00'.join(m.data for _s, _c, m in make_reader(io.BytesIO(recorded))
                                .iter_messages())
     assert 'media/photo.jpg' in names and 'media/run.mcap' in names
-    for tier, n in (('episodes', 2), ('cold', 1), ('archive', 1), ('facts', 1), ('decisions', 2),
+    for tier, n in (('episodes', 3), ('state', 1), ('cold', 1), ('archive', 1), ('facts', 1), ('decisions', 2),
                     ('consent', 2), ('trace', 1)):
         assert len(data[tier]) == n, tier
     text = json.dumps(data).encode()
-    for where in ('warm0', 'warm1', 'cold0', 'archive0', 'fact', 'decision', 'router', 'trace'):
+    for where in ('warm0', 'warm1', 'cold0', 'archive0', 'fact', 'decision', 'router', 'trace',
+                  'state', 'stateevent'):
         assert b.canaries[where] in text, where
-    for where in ('blob', 'frame0', 'frame1', 'batch'):
+    assert 'media/plugins/notes/note.txt' in names
+    for where in ('blob', 'frame0', 'frame1', 'batch', 'plugin'):
         assert b.canaries[where] in everything, where
     assert data['counts']['recording_messages'] == 3
     assert hits(everything, a) == []
@@ -421,3 +430,24 @@ def test_a_stale_cold_index_does_not_block_an_erasure(tmp_path):
     assert b.canaries['cold'].decode() in memory['summary']
     reader.close()
     assert hits(scan(tmp_path), a) == []
+
+
+def test_plugin_data_is_erased_without_following_links(tmp_path):
+    """A plugin's folder about the subject goes; a link planted there (or a `subjects` folder
+    that is a link) is removed or skipped, never followed out of the root."""
+    root, outside = tmp_path / 'root', tmp_path / 'outside'
+    a = Subject('A')
+    (outside / a.id).mkdir(parents=True)
+    (outside / a.id / 'keep.txt').write_text('not under the root')
+    (outside / 'target.txt').write_text('linked from the root')
+    (root / 'plugins' / 'evil').mkdir(parents=True)
+    (root / 'plugins' / 'evil' / 'subjects').symlink_to(outside)
+    mine = root / 'plugins' / 'notes' / 'subjects' / a.id
+    (mine / 'deep').mkdir(parents=True)
+    (mine / 'deep' / 'n.txt').write_text(a.canary('plugin'))
+    (mine / 'link.txt').symlink_to(outside / 'target.txt')
+    receipt = forget(StorageLayout.at(root), a.id)
+    assert receipt.counts['plugin_files'] == 2 and not mine.exists()
+    assert (outside / a.id / 'keep.txt').read_text() == 'not under the root'
+    assert (outside / 'target.txt').read_text() == 'linked from the root'
+    assert 'plugin data outside <root>/plugins/<plugin>/subjects/<subject>/' in receipt.not_covered
