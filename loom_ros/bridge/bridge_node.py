@@ -9,7 +9,9 @@ Background events wait in a bounded outbox while nobody on the Zenoh side can re
 sealed to the cloud identity's certificate (seal_sensitive). In: samples under this robot's own
 key reach the bus only as the inbound contract (inbound_file) declares; actuator commands must be
 signed by a granted identity and each is audited (audit_db) with its sender. Status (counters,
-connection) is published as JSON on `zenoh_bridge/status`.
+connection) is published as JSON on `zenoh_bridge/status`. `zenoh_bridge/forget` (loom_msgs/Forget,
+called by the storage node's storage/forget) drops a data subject's events still waiting in the
+outbox (issue 17).
 """
 from __future__ import annotations
 
@@ -31,9 +33,11 @@ from loom_ros.bridge.zenoh_link import (
     INSECURE_WARNING, MODES, ZenohLink, session_config, transport_check, transport_identity,
 )
 from loom_ros.bridge.zenoh_router import router_access_control
+from loom_ros.bus import topics
 from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import EventRejected
 from loom_ros.bus.executor import ReleasingLifecycleNode, run_lifecycle_node, timer_callback
+from loom_ros.bus.privacy import SubjectError, check_subject
 from loom_ros.bus.qos import to_qos_profile
 from loom_ros.config.params import (
     ConfigError, ParamSpec, config_dir, declare_parameters, node_defaults, read_yaml,
@@ -47,6 +51,8 @@ from loom_ros.storage.layout import derived, node_layout
 from loom_ros.telemetry.logs import mask_node_logger
 
 STATUS_TOPIC = 'zenoh_bridge/status'
+FORGET_SERVICE = topics.BRIDGE_FORGET
+MAX_FORGET_FIELD = 200   # characters of a Forget request's fields looked at (ids are <= 128)
 # Zenoh calls back on its own threads and rclpy's EventsExecutor has no guard conditions, so a
 # short timer moves inbound samples onto the executor (which owns the bus) and drains the outbox.
 SERVICE_PERIOD_S = 0.005
@@ -190,6 +196,8 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         self.status_pub = self.create_lifecycle_publisher(String, STATUS_TOPIC,
                                                           to_qos_profile('realtime'))
         self._timer = self.create_timer(p['status_period_s'], self._tick)
+        from loom_msgs.srv import Forget
+        self._forget_srv = self.create_service(Forget, FORGET_SERVICE, self._on_forget)
         self._configured = True
         self.get_logger().info(
             f"configured: robot {config.robot_id}, {p['mode']} to {p['connect'] or 'scouting'}, "
@@ -281,6 +289,7 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         self.get_logger().info(f'stopped: {json.dumps(self.bridge.snapshot())}')
         self.destroy_timer(self._timer)
         self.destroy_timer(self._wake)
+        self.destroy_service(self._forget_srv)
         self.destroy_lifecycle_publisher(self.status_pub)
         self.bus.destroy()
         self._commands.close()
@@ -332,6 +341,24 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
             self.link.refresh()
             self.bridge.flush(SERVICE_BATCH)
         self.bridge.flush_batches()
+
+    def _on_forget(self, request, response):
+        """Drop the subject's waiting events (on the executor, which owns the bridge); the
+        count goes back in `receipt` ({"counts": {"bridge_outbox": n}}). The storage node
+        audits the erasure as a whole."""
+        response.ok, response.fleet_status = False, 'skipped'
+        try:
+            if len(request.subject) > MAX_FORGET_FIELD:
+                raise SubjectError(f'a data subject has at most {MAX_FORGET_FIELD} characters')
+            subject = check_subject(request.subject)
+        except SubjectError as exc:
+            self.bridge.stats['forget_rejected'] += 1
+            response.error = str(exc)[:1000]
+            return response
+        gone = self.bridge.forget(subject)
+        response.ok = True
+        response.receipt = json.dumps({'counts': {'bridge_outbox': gone}})
+        return response
 
     def _record_refusal(self, record: dict) -> None:
         record = {'ts_ms': time.time_ns() // 1_000_000, 'robot_id': self.bridge.config.robot_id,

@@ -16,6 +16,9 @@ every few ms), then leave as one Zenoh sample (codec's version-2 envelope): per-
 router hops and receiver callbacks cost most of the bridge's time. Every gate decision, refusal
 and counter is still per event; a sealed or large event goes alone, after its key's batch, so
 order per key holds. Realtime events are never held.
+
+`Bridge.forget(subject)` drops a data subject's events still waiting (in batches and the outbox)
+when the subject is erased (issue 17); each waiting sample remembers its event's `loom.subject`.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from loom_ros.bridge.keys import parse_robot_key, robot_key, validate_robot_id
 from loom_ros.bridge.outbox import Outbox, Pending
 from loom_ros.bus.event import DEFAULT_MAX_PAYLOAD_BYTES, Event, EventRejected, Privacy
 from loom_ros.bus.names import TopicNameError
-from loom_ros.bus.privacy import effective_privacy
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, effective_privacy
 from loom_ros.bus.qos import QosLevel
 from loom_ros.security import keys, sealed
 from loom_ros.security.keys import CredentialsError
@@ -170,21 +173,24 @@ class Bridge:
             if not self.transport.connected:
                 return self._count('dropped_disconnected')
             return self._put(key, data, level)
+        metadata = event.metadata
+        subject = metadata.get(SUBJECT_METADATA_KEY, '') if type(metadata) is dict else ''
         if key in self.outbox.per_key or not self.transport.ready(key, level):
             self._spill(key)   # what waits in its batch goes first
-            if self.outbox.add(Pending(key, data, level)) is not None:
+            if self.outbox.add(Pending(key, data, level, subject)) is not None:
                 self._count('dropped_outbox_full')
             return self._count('buffered')
         if self.batch_max_events == 1:
-            return self._put(key, data, level)
+            return self._put(key, data, level, subject)
         if alone or len(data) > BATCH_MAX_BYTES // 2:
             self._flush_batch(key)
-            return self._put(key, data, level)
+            return self._put(key, data, level, subject)
         batch = self._batches.get(key)
         if batch is None:
-            batch = self._batches[key] = [level, [], 0]
+            batch = self._batches[key] = [level, [], 0, []]
         samples = batch[1]
         samples.append(data)
+        batch[3].append(subject)
         batch[2] += len(data)
         if len(samples) >= self.batch_max_events or batch[2] >= BATCH_MAX_BYTES:
             self._flush_batch(key)
@@ -199,7 +205,7 @@ class Bridge:
         got = self._batches.pop(key, None)
         if got is None:
             return 0
-        level, samples, _ = got
+        level, samples, _, _ = got
         if not self.transport.ready(key, level):
             self._batches[key] = got
             self._spill(key)
@@ -220,11 +226,31 @@ class Bridge:
         got = self._batches.pop(key, None)
         if got is None:
             return
-        level, samples, _ = got
-        for data in samples:
-            if self.outbox.add(Pending(key, data, level)) is not None:
+        level, samples, _, subjects = got
+        for data, subject in zip(samples, subjects):
+            if self.outbox.add(Pending(key, data, level, subject)) is not None:
                 self._count('dropped_outbox_full')
             self._count('buffered')
+
+    def forget(self, subject: str) -> int:
+        """Drop every event of `subject` still waiting here (batches and outbox); returns how
+        many (counted as `forgotten`). The caller checks the subject id."""
+        gone = 0
+        for key in list(self._batches):
+            level, samples, _, subjects = self._batches[key]
+            keep = [i for i, s in enumerate(subjects) if s != subject]
+            if len(keep) == len(samples):
+                continue
+            gone += len(samples) - len(keep)
+            if keep:
+                kept = [samples[i] for i in keep]
+                self._batches[key] = [level, kept, sum(map(len, kept)),
+                                      [subjects[i] for i in keep]]
+            else:
+                del self._batches[key]
+        gone += self.outbox.purge(subject)
+        self.stats['forgotten'] += gone
+        return gone
 
     def flush(self, limit: int | None = None) -> int:
         """Send what waits in the outbox and can go now (in order per key), at most `limit`."""
@@ -242,13 +268,13 @@ class Bridge:
         self.stats['sent'] += sent
         return sent
 
-    def _put(self, key: str, data: bytes, level: QosLevel) -> str:
+    def _put(self, key: str, data: bytes, level: QosLevel, subject: str = '') -> str:
         try:
             self.transport.put(key, data, level)
         except Exception:
             if level is QosLevel.REALTIME:
                 return self._count('put_failed')
-            if self.outbox.add(Pending(key, data, level)) is not None:
+            if self.outbox.add(Pending(key, data, level, subject)) is not None:
                 self._count('dropped_outbox_full')
             return self._count('buffered')
         return self._count('sent')
@@ -351,5 +377,5 @@ class Bridge:
     def snapshot(self) -> dict:
         return {'robot_id': self.config.robot_id, 'connected': bool(self.transport.connected),
                 'outbox': len(self.outbox), 'outbox_bound': self.outbox.max_events,
-                'batching': sum(len(samples) for _, samples, _ in self._batches.values()),
+                'batching': sum(len(batch[1]) for batch in self._batches.values()),
                 **{k: v for k, v in sorted(self.stats.items())}}

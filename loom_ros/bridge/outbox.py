@@ -2,7 +2,9 @@
 
 Samples wait while the bridge is disconnected, or while nobody on the Zenoh side listens to their
 key (a put then would vanish). Per key, order is kept: a key's later samples queue behind its
-earlier ones. Past the bound the oldest sample goes, and is counted. Pure Python.
+earlier ones. Past the bound the oldest sample goes, and is counted. Each sample remembers the
+data subject its event named (`loom.subject`), so `purge` can drop a subject's samples when it is
+erased (issue 17). Pure Python.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ class Pending:
     key: str
     data: bytes
     level: object  # a QosLevel
+    subject: str = ''   # the event's loom.subject ('' when anonymous)
 
 
 class Outbox:
@@ -67,6 +70,22 @@ class Outbox:
             kept.extend(self.items)
             self.items = kept
         return sent
+
+    def purge(self, subject: str) -> int:
+        """Drop every waiting sample of `subject` (the others keep their order); returns how
+        many went. Not counted as `dropped` (that is for lack of room)."""
+        if not subject:
+            return 0
+        kept: deque[Pending] = deque()
+        gone = 0
+        for item in self.items:
+            if item.subject == subject:
+                self._forget(item.key)
+                gone += 1
+            else:
+                kept.append(item)
+        self.items = kept
+        return gone
 
     def _forget(self, key: str) -> None:
         self.per_key[key] -= 1

@@ -33,3 +33,9 @@ STORAGE_STATS = 'storage/stats'              # loom_msgs/StorageStats: bytes, ro
 STORAGE_QUERY = 'storage/query'              # loom_msgs/StorageQuery service: episodes, memories
 STORAGE_CONSENT = 'storage/consent'          # loom_msgs/Consent service: grant, withdraw, show
 AUDIT_HEAD = 'audit/head'                    # std_msgs/String 'ID:HASH', the audit chain's head
+STORAGE_FORGET = 'storage/forget'            # loom_msgs/Forget service: erase a data subject
+                                             # everywhere (storage root, bridge outbox, fleet)
+
+# The Zenoh bridge node (relative to the robot's namespace).
+BRIDGE_FORGET = 'zenoh_bridge/forget'        # loom_msgs/Forget service: drop a data subject's
+                                             # events still waiting in the bridge's outbox

@@ -2,7 +2,11 @@
 right of access for one data subject under a storage root (storage/erasure.py), no node needed.
 forget refuses while an agent host or the storage node holds a unit database (stop them
 first); it audits the request first (no audit, no erasure) and a tombstone after, naming the
-subject only by its keyed hash. Exit 0 on success, 1 with the reason otherwise."""
+subject only by its keyed hash. With a fleet link (config/loom.yaml storage.forget.*, or
+--connect) it then asks every cloud server to erase what it kept and prints their signed,
+verified receipts (storage/fleet_erasure.py); --no-fleet keeps it to this robot. Exit 0 on
+success (the fleet's status is printed, and 2 when a fleet link was asked for and not every
+server's receipt came), 1 with the reason otherwise."""
 from __future__ import annotations
 
 import argparse
@@ -13,11 +17,15 @@ import re
 import sys
 
 from loom_ros.bus.privacy import SubjectError, check_subject
+from loom_ros.config.params import ConfigError, node_defaults
 from loom_ros.security.audit import AuditError, AuditLog
 from loom_ros.security.keyring import KEYRING_FILE, MASTER_KEY_ENV, EncryptionSettings, Keyring
 from loom_ros.storage.consent import ConsentError, SubjectRefs
-from loom_ros.storage.erasure import export, forget
+from loom_ros.storage.erasure import export
 from loom_ros.storage.errors import StorageError
+from loom_ros.storage.fleet_erasure import (
+    FleetConfigError, FleetLink, ask_fleet, check_timeout, forget_everywhere,
+)
 from loom_ros.storage.layout import DEFAULT_ROOT, StorageLayout
 
 
@@ -27,6 +35,17 @@ def add_parsers(sub) -> None:
     p.add_argument('--requested-by', default='', help='who asked (default cli:<user>); goes '
                    'into the audit tombstone')
     p.add_argument('--json', action='store_true', help='the receipt as JSON')
+    p.add_argument('--no-fleet', action='store_true', help='erase on this robot only (do not '
+                   'ask the cloud tier)')
+    p.add_argument('--fleet-timeout', type=float, default=0.0, help='seconds to wait for the '
+                   'cloud servers\' receipts (default: storage.forget.fleet_timeout_s)')
+    p.add_argument('--connect', action='append', default=[], help='the fleet router\'s Zenoh '
+                   'endpoint (repeatable; default: storage.forget.fleet_connect)')
+    p.add_argument('--keys-dir', default='', help='fleet credentials (default: '
+                   'storage.forget.keys_dir, else <root>/keys)')
+    p.add_argument('--identity', default='', help='this robot\'s identity in them (default: '
+                   'storage.forget.identity)')
+    p.add_argument('--insecure', action='store_true', help='plain TCP to the fleet router')
     q = sub.add_parser('export', help='write everything held about a data subject into one zip')
     q.add_argument('subject')
     q.add_argument('--output', required=True, help='the zip file to write')
@@ -55,32 +74,67 @@ def _keyring(layout: StorageLayout, args) -> Keyring | None:
     return Keyring.open(layout.root, EncryptionSettings(True, args.master_key_file), os.environ)
 
 
+def _fleet_link(layout: StorageLayout, args) -> FleetLink | None:
+    """The fleet link from storage.forget.* in config/loom.yaml, the flags over it; None when
+    none is configured or --no-fleet."""
+    if args.no_fleet:
+        return None
+    params = {k: v for k, v in node_defaults('storage').items() if k.startswith('forget.')}
+    for flag, key in ((args.connect, 'fleet_connect'), (args.keys_dir, 'keys_dir'),
+                      (args.identity, 'identity'), (args.fleet_timeout, 'fleet_timeout_s')):
+        if flag:
+            params[f'forget.{key}'] = flag
+    if args.insecure:
+        params['forget.insecure'] = True
+    return FleetLink.from_params(params, layout.keys, prefix='forget.')
+
+
 def run_forget(args) -> int:
     audit = keyring = None
     try:
         check_subject(args.subject)   # before anything is opened or created
+        if args.fleet_timeout:
+            check_timeout(args.fleet_timeout, '--fleet-timeout')
         layout = StorageLayout.at(args.root)
         if not layout.root.is_dir():
             raise StorageError(f'storage.root {layout.root}: no such folder')
+        link = _fleet_link(layout, args)
         keyring = _keyring(layout, args)
         audit = AuditLog(layout.audit)
-        receipt = forget(layout, args.subject, requested_by=_who(args), keyring=keyring,
-                         audit=audit, refs=SubjectRefs.at(layout.keys))
-    except (SubjectError, ConsentError, AuditError, StorageError) as exc:
+        outcome = forget_everywhere(
+            layout, args.subject, requested_by=_who(args), keyring=keyring, audit=audit,
+            refs=SubjectRefs.at(layout.keys),
+            fleet=(lambda ref, wait: ask_fleet(link, ref, wait)) if link else None,
+            fleet_timeout_s=link.timeout_s if link else 0.0)
+    except (SubjectError, ConsentError, AuditError, StorageError, FleetConfigError,
+            ConfigError) as exc:
         print(f'loom forget: {exc}', file=sys.stderr)
         return 1
     finally:
         for held in (audit, keyring):
             if held is not None:
                 held.close()
+    if args.no_fleet:
+        outcome.fleet_status = 'skipped'
+    code = 2 if link is not None and outcome.fleet_status != 'done' else 0
     if args.json:
-        print(json.dumps(receipt.as_dict()))
-        return 0
+        print(json.dumps(outcome.as_dict()))
+        return code
+    receipt = outcome.receipt
     print(f'erased data subject {receipt.subject_ref} (audit record {receipt.audit_id})')
     for tier, count in receipt.counts.items():
         print(f'  {tier}\t{count}')
+    print(f'fleet: {outcome.fleet_status}' + (f' ({outcome.fleet_error})'
+                                               if outcome.fleet_error else ''))
+    for got in outcome.fleet.receipts if outcome.fleet else []:
+        r = got['receipt']
+        counts = ', '.join(f'{k} {v}' for k, v in r.get('counts', {}).items())
+        print(f"  cloud server {r.get('server', '?')} (signed by {got['signer']}): {counts}; "
+              f"{'scrubbed' if r.get('scrubbed') else 'NOT scrubbed yet'}")
+    for note in outcome.notes:
+        print(f'note: {note}')
     print('not covered: ' + '; '.join(receipt.not_covered))
-    return 0
+    return code
 
 
 def run_export(args) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cloud_fixtures import cloud, fleet, net, stop_stats, stranger  # noqa: F401  (fixtures)
-from harness import WAIT_LIMIT_S
+from harness import REPO, WAIT_LIMIT_S
 from loom_ros.cloud.client import CloudClient, InferenceRequest, execute_route
 from loom_ros.cloud.erasure import (
     FleetEraser, ReceiptInvalid, RequestLog, check_reply, erase_key, erase_reply,
@@ -87,8 +89,33 @@ def test_cloud_erases_one_subjects_requests_with_a_signed_receipt(cloud, net, fl
     again = eraser.erase(ref_a, WAIT_LIMIT_S)
     assert again.status == 'done' and again.receipts[0]['receipt']['counts'] == \
         {'request_log': 0}
+
+    # `loom forget` on a robot's root asks the fleet too and prints the verified receipt.
+    root = tmp_path / 'root'
+    root.mkdir()
+    carol = canary('C')
+    ask_cloud(client, f'good morning {carol}', SubjectRefs.at(root / 'keys').ref('carol'))
+    assert carol.encode() in scan(data)
+    base = ['forget', 'carol', '--root', str(root), '--connect',
+            f'tcp/127.0.0.1:{net.port}', '--keys-dir', str(fleet), '--identity', 'robot1']
+    out = loom(*base, '--fleet-timeout', str(WAIT_LIMIT_S))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert 'fleet: done' in out.stdout and 'cloud server eu1 (signed by cloud): request_log 1' \
+        in out.stdout, out.stdout
+    assert carol.encode() not in scan(data)
+    skipped = loom(*base, '--no-fleet', '--json')
+    assert skipped.returncode == 0 and json.loads(skipped.stdout)['fleet_status'] == 'skipped'
     stats = stop_stats(proc)
-    assert (stats['erased'], stats['erase_refused_forbidden']) == (3, 1)
+    assert (stats['erased'], stats['erase_refused_forbidden']) == (4, 1)
+    # No cloud server answers: said, and exit 2 (the local erasure stands).
+    gone = loom(*base, '--fleet-timeout', '1', '--json')
+    assert gone.returncode == 2 and json.loads(gone.stdout)['fleet_status'] in (
+        'no_server', 'timeout'), gone.stdout + gone.stderr
+
+
+def loom(*args: str):
+    return subprocess.run([sys.executable, '-m', 'loom_ros.cli', *args], capture_output=True,
+                          text=True, timeout=WAIT_LIMIT_S * 2, cwd=REPO)
 
 
 def test_outsiders_cannot_erase_and_forged_receipts_are_rejected(cloud, net, fleet, stranger,

@@ -6,7 +6,15 @@ meaning). It also serves the consent registry (loom_msgs/Consent on storage/cons
 audited) and publishes the audit log's chain head on audit/head (transient local), so another
 machine can note it and `loom audit verify --head` catches a cut or rewritten log. A lifecycle
 node: configure opens the databases and the embedder, activate starts the moves, deactivate
-pauses them, cleanup closes everything."""
+pauses them, cleanup closes everything.
+
+storage/forget (loom_msgs/Forget, issue 17) erases a data subject everywhere this robot reaches
+(storage/fleet_erasure.py): it pauses the moves and lets go of its own unit databases (the
+erasure takes their locks), erases under the root, asks the bridge to drop the subject's waiting
+events (zenoh_bridge/forget, through a helper node spun here, since this node's executor is busy
+answering) and, with a fleet link (storage.forget.*), every cloud server, bounded by a timeout;
+then it opens its databases again. Agent hosts writing the root must be stopped first (the
+erasure refuses, naming the unit, and changes nothing there)."""
 from __future__ import annotations
 
 import json
@@ -19,13 +27,17 @@ from loom_ros.agents.embedding import ModelError
 from loom_ros.bus import topics
 from loom_ros.bus.executor import ReleasingLifecycleNode, run_lifecycle_node
 from loom_ros.bus.qos import to_qos_profile
-from loom_ros.bus.privacy import SubjectError
+from loom_ros.bus.privacy import MAX_SUBJECT_CHARS, SubjectError, check_subject
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
 from loom_ros.security.audit import AuditError, AuditLog, read_head
 from loom_ros.storage.consent import (
     PURPOSES, ConsentError, ConsentRegistry, SubjectRefs, consent_path, load_defaults,
 )
+from loom_ros.security.keyring import Keyring, KeyringError
 from loom_ros.storage.errors import StorageError
+from loom_ros.storage.fleet_erasure import (
+    FleetConfigError, FleetLink, ask_fleet, check_timeout, forget_everywhere,
+)
 from loom_ros.storage.service import StorageService, default_params, settings_from_params
 from loom_ros.telemetry.node_telemetry import attach_telemetry
 from loom_ros.telemetry.logs import mask_node_logger
@@ -34,6 +46,20 @@ STATS_TOPIC = topics.STORAGE_STATS
 QUERY_SERVICE = topics.STORAGE_QUERY
 CONSENT_SERVICE = topics.STORAGE_CONSENT
 AUDIT_HEAD_TOPIC = topics.AUDIT_HEAD
+FORGET_SERVICE = topics.STORAGE_FORGET
+BRIDGE_FORGET_SERVICE = topics.BRIDGE_FORGET
+BRIDGE_ATTEMPT_S = 2.0   # one try at the bridge's service (a first reply can be lost to DDS)
+FORGET_PARAMETERS = [
+    ParamSpec('forget.keys_dir', "Fleet credentials for fleet erasure ('' = <storage.root>/keys)",
+              read_only=True),
+    ParamSpec('forget.identity', 'Identity that signs fleet erasure requests (and shows on '
+              'Zenoh with mutual TLS): this robot', read_only=True),
+    ParamSpec('forget.insecure', 'Plain TCP to the fleet router (no TLS); logged', read_only=True),
+    ParamSpec('forget.fleet_timeout_s', 'Seconds storage/forget waits for the cloud servers\' '
+              'signed receipts', read_only=True, min_value=0.1, max_value=600.0),
+    ParamSpec('forget.bridge_timeout_s', 'Seconds storage/forget waits for the bridge to drop '
+              'the subject\'s waiting events', read_only=True, min_value=0.1, max_value=600.0),
+]
 MAX_RESULTS = 1000
 MAX_QUERY_CHARS = 2000
 MAX_CONSENT_FIELD = 200   # characters of any Consent request field looked at (ids are <= 128)
@@ -50,7 +76,9 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
                                              read_only=True)).value
             for name, value in default_params().items()}
         self.params.update(declare_parameters(self, 'storage', [ParamSpec(
-            'autostart', 'Configure and activate on start when run standalone', read_only=True)]))
+            'autostart', 'Configure and activate on start when run standalone', read_only=True)]
+            + FORGET_PARAMETERS))
+        self.params['forget.fleet_connect'] = self._declare_endpoints()
         self.service: StorageService | None = None
         self.configure_error = ''
         self._lock = threading.Lock()
@@ -61,8 +89,26 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         self.consent: ConsentRegistry | None = None
         self._audit: AuditLog | None = None
         self.rejected = 0
+        self._fleet: FleetLink | None = None
+        self._helper = self._helper_exec = self._bridge_client = None
         self.telemetry = attach_telemetry(self, 'storage')
         self.telemetry.add_check('storage budget', self._budget_check)
+
+    def _declare_endpoints(self) -> list:
+        """forget.fleet_connect, a string array (dynamic typing: an empty default would
+        otherwise be typed a byte array and refuse string overrides)."""
+        from rcl_interfaces.msg import ParameterDescriptor
+        from loom_ros.config.params import node_defaults
+        default = node_defaults('storage').get('forget.fleet_connect')
+        if default is None:
+            raise ConfigError("loom.yaml: no default for parameter 'forget.fleet_connect' of "
+                              'storage')
+        value = self.declare_parameter('forget.fleet_connect', list(default), ParameterDescriptor(
+            description='Zenoh endpoints of the fleet router the cloud tier answers on, for '
+            'fleet erasure ([]: no fleet link)', read_only=True, dynamic_typing=True)).value
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else list(value)
 
     # -- lifecycle ------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -80,7 +126,10 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
             self._audit = AuditLog(layout.audit)   # consent changes are audited first
             self.consent = ConsentRegistry(consent_path(layout.root), defaults, audit=self._audit,
                                            refs=SubjectRefs.at(layout.keys))
-        except (StorageError, ConfigError, ConsentError, AuditError, ModelError, OSError) as exc:
+            self._fleet = FleetLink.from_params(self.params, layout.keys, prefix='forget.')
+            self._defaults = defaults
+        except (StorageError, ConfigError, ConsentError, AuditError, ModelError, OSError,
+                FleetConfigError) as exc:
             self.configure_error = str(exc)
             self.get_logger().error(f'cannot configure: {exc}')
             self._release()
@@ -93,6 +142,9 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         self._last_head = None
         self._srv = self.create_service(StorageQuery, QUERY_SERVICE, self._on_query)
         self._consent_srv = self.create_service(Consent, CONSENT_SERVICE, self._on_consent)
+        from loom_msgs.srv import Forget
+        self._forget_srv = self.create_service(Forget, FORGET_SERVICE, self._on_forget)
+        self._make_helper()
         self._stats_timer = self.create_timer(float(self.params['storage.stats_period_s']),
                                               self._publish_stats)
         self.get_logger().info(f'configured: root {settings.layout.root}, '
@@ -122,6 +174,8 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         if self._srv is not None:
             self.destroy_service(self._srv)
             self.destroy_service(self._consent_srv)
+            self.destroy_service(self._forget_srv)
+            self._destroy_helper()
             self.destroy_timer(self._stats_timer)
             self.destroy_lifecycle_publisher(self.stats_pub)
             self.destroy_lifecycle_publisher(self.head_pub)
@@ -248,6 +302,134 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         if action != 'show':
             self._publish_head()
         return response
+
+
+    # -- forget -----------------------------------------------------------------------------------
+    def _make_helper(self) -> None:
+        """A node of our own for the bridge's forget service, spun by its own executor inside
+        storage/forget's callback (this node's executor is busy running that callback)."""
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+        from loom_msgs.srv import Forget
+        self._helper = rclpy.create_node('storage_forget', namespace=self.get_namespace(),
+                                         context=self.context)
+        self._bridge_client = self._helper.create_client(Forget, BRIDGE_FORGET_SERVICE)
+        self._helper_exec = SingleThreadedExecutor(context=self.context)
+        self._helper_exec.add_node(self._helper)
+
+    def _destroy_helper(self) -> None:
+        if self._helper is not None:
+            self._helper_exec.shutdown()
+            self._helper.destroy_node()
+            self._helper = self._helper_exec = self._bridge_client = None
+
+    def _purge_bridge(self, subject: str) -> int:
+        """The bridge drops the subject's waiting events; how many. Raises when no bridge
+        answers within forget.bridge_timeout_s (none running: said in the receipt's notes)."""
+        import time
+
+        from loom_msgs.srv import Forget
+        client = self._bridge_client
+        limit = float(self.params['forget.bridge_timeout_s'])
+        if not client.wait_for_service(timeout_sec=min(limit, 1.0)):
+            raise RuntimeError(f'{BRIDGE_FORGET_SERVICE}: no bridge answers (not running?)')
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            future = client.call_async(Forget.Request(subject=subject))
+            self._helper_exec.spin_until_future_complete(
+                future, timeout_sec=min(BRIDGE_ATTEMPT_S, max(0.01, deadline - time.monotonic())))
+            if future.done():
+                answer = future.result()
+                if not answer.ok:
+                    raise RuntimeError(f'{BRIDGE_FORGET_SERVICE}: {answer.error}')
+                return int(json.loads(answer.receipt)['counts']['bridge_outbox'])
+            client.remove_pending_request(future)   # asked again: a repeat is harmless
+        raise RuntimeError(f'{BRIDGE_FORGET_SERVICE}: no answer within {limit:g} s')
+
+    def _on_forget(self, request, response):
+        """Erase one subject everywhere (see the module's docstring); the moves pause and this
+        node's databases close meanwhile, then open again."""
+        response.ok, response.fleet_status = False, 'not_configured'
+        if not self._active or self.service is None:
+            response.error = 'storage node is not active'
+            return response
+        try:
+            if len(request.subject) > MAX_CONSENT_FIELD:   # bounded before it is looked at
+                raise SubjectError(f'a data subject has 1-{MAX_SUBJECT_CHARS} characters, got '
+                                   f'{len(request.subject)}')
+            if len(request.requested_by) > MAX_CONSENT_FIELD:
+                raise SubjectError(f'requested_by longer than {MAX_CONSENT_FIELD} characters')
+            subject = check_subject(request.subject)
+            who = request.requested_by or 'ros:storage/forget'
+            timeout = check_timeout(request.fleet_timeout_s or (
+                self._fleet.timeout_s if self._fleet else 10.0), 'fleet_timeout_s')
+        except (SubjectError, FleetConfigError) as exc:
+            self.rejected += 1
+            response.error = str(exc)[:1000]
+            return response
+        fleet = None
+        if not request.fleet:
+            response.fleet_status = 'skipped'
+        elif self._fleet is not None:
+            link = self._fleet
+            fleet = lambda ref, wait: ask_fleet(link, ref, wait)   # noqa: E731
+        self._halt()   # the moves stop between two moves
+        try:
+            with self._lock:
+                outcome, error = self._forget_locked(subject, who, fleet, timeout)
+        finally:
+            if self.service is not None:
+                self._active = True
+                self._stop.clear()
+                self._worker = threading.Thread(target=self._run_moves, name='storage-moves',
+                                                daemon=True)
+                self._worker.start()
+        self._publish_head()
+        if outcome is None:
+            self.rejected += 1
+            response.error = error[:1000]
+            return response
+        response.ok = True
+        response.receipt = json.dumps({**outcome.receipt.as_dict(), 'notes': outcome.notes})
+        if outcome.fleet is not None:
+            response.fleet_status = outcome.fleet_status
+            response.fleet_error = outcome.fleet_error[:1000]
+            response.fleet_receipts = [json.dumps(r) for r in outcome.fleet.receipts]
+        return response
+
+    def _forget_locked(self, subject: str, who: str, fleet, timeout: float):
+        """(Outcome, '') or (None, why); this node's databases are closed meanwhile and
+        opened again after (a failure to reopen is logged and leaves the node inactive)."""
+        old = self.service
+        settings = old.settings
+        old.close()
+        self.service = None
+        self.consent.close()
+        self.consent = None
+        keyring = None
+        outcome, error = None, ''
+        try:
+            if settings.encryption.enabled:
+                keyring = Keyring.open(settings.layout.root, settings.encryption, os.environ)
+            outcome = forget_everywhere(
+                settings.layout, subject, requested_by=who, audit=self._audit,
+                refs=SubjectRefs.at(settings.layout.keys), keyring=keyring,
+                purge_bridge=self._purge_bridge, fleet=fleet, fleet_timeout_s=timeout)
+        except (StorageError, SubjectError, ConsentError, AuditError, KeyringError,
+                OSError) as exc:
+            error = str(exc)
+        finally:
+            if keyring is not None:
+                keyring.close()
+            try:
+                self.service = StorageService(settings, embedder=old.embedder)
+                self.consent = ConsentRegistry(consent_path(settings.layout.root),
+                                               self._defaults, audit=self._audit,
+                                               refs=SubjectRefs.at(settings.layout.keys))
+            except (StorageError, ConsentError, OSError) as exc:
+                self.configure_error = f'cannot reopen after an erasure: {exc}'
+                self.get_logger().error(self.configure_error)
+        return outcome, error
 
 
 def main(args=None) -> int:

@@ -1,0 +1,158 @@
+"""Erasing one data subject everywhere this robot reaches (issue 17): the storage root
+(storage/erasure.py, which audits the request first and a tombstone after), the bridge's outbox
+(a callable the ROS shell passes in: the zenoh_bridge/forget service) and the fleet (every cloud
+server, over Zenoh: cloud/erasure.FleetEraser, signed request, verified signed receipts). One
+more audit record follows when the bridge or the fleet was asked, naming the subject only by its
+keyed hash: what the bridge dropped, the fleet's status and each receipt's counts and
+signature. Used by the storage node's
+storage/forget service and by `loom forget`. Plain Python; Zenoh is opened only to ask the
+fleet."""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loom_ros.bus.privacy import check_subject
+from loom_ros.cloud.erasure import FleetErasure, FleetEraser
+from loom_ros.cloud.protocol import KEY_PREFIX
+from loom_ros.security import keys
+from loom_ros.storage.consent import SubjectRefs, check_source
+from loom_ros.storage.erasure import Receipt, forget
+from loom_ros.storage.layout import StorageLayout
+
+MAX_ENDPOINTS = 16
+MAX_SETTING_CHARS = 1024
+MAX_TIMEOUT_S = 600.0
+AUDITED_RECEIPTS = 64   # receipts written into the audit record (one per cloud server)
+
+
+class FleetConfigError(ValueError):
+    """Fleet-link settings that cannot be used; names the setting."""
+
+
+@dataclass(frozen=True)
+class FleetLink:
+    """Where the cloud tier answers and who this robot is there (as for its agents' cloud)."""
+
+    connect: tuple[str, ...]
+    keys_dir: str
+    identity: str
+    insecure: bool = False
+    timeout_s: float = 10.0
+    prefix: str = KEY_PREFIX
+
+    @classmethod
+    def from_params(cls, params: dict, keys_default: str | Path,
+                    prefix: str = 'storage.forget.') -> 'FleetLink | None':
+        """From `<prefix>fleet_connect|keys_dir|identity|insecure|fleet_timeout_s`; None when
+        no endpoint is named (no fleet link). FleetConfigError naming the bad one."""
+        connect = params.get(prefix + 'fleet_connect') or []
+        if isinstance(connect, str):
+            connect = [connect]
+        if not isinstance(connect, (list, tuple)) or len(connect) > MAX_ENDPOINTS or any(
+                not isinstance(e, str) or not 0 < len(e) <= MAX_SETTING_CHARS for e in connect):
+            raise FleetConfigError(f'{prefix}fleet_connect: a list of at most {MAX_ENDPOINTS} '
+                                   'endpoint strings')
+        if not connect:
+            return None
+        identity = params.get(prefix + 'identity', '')
+        keys_dir = params.get(prefix + 'keys_dir', '') or str(keys_default)
+        for name, value in (('identity', identity), ('keys_dir', keys_dir)):
+            if not isinstance(value, str) or not 0 < len(value) <= MAX_SETTING_CHARS:
+                raise FleetConfigError(f'{prefix}{name}: a non-empty string')
+        return cls(tuple(connect), keys_dir, identity,
+                   params.get(prefix + 'insecure', False) is True,
+                   check_timeout(params.get(prefix + 'fleet_timeout_s', 10.0),
+                                 f'{prefix}fleet_timeout_s'))
+
+
+def check_timeout(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT_S:
+        raise FleetConfigError(f'{what}: seconds, more than 0 and at most {MAX_TIMEOUT_S:g}')
+    return float(value)
+
+
+def ask_fleet(link: FleetLink, subject_ref: str, timeout_s: float) -> FleetErasure:
+    """Open a Zenoh session as the robot (mutual TLS unless `insecure`), ask every cloud server
+    to erase `subject_ref`, close it. Never raises: a link that cannot be made is `failed`."""
+    import zenoh
+
+    from loom_ros.bridge.zenoh_link import session_config, transport_identity
+    try:
+        identity = keys.load(link.keys_dir, link.identity)   # signs the request either way
+        tls = transport_identity(link.insecure, link.keys_dir, link.identity)
+        session = zenoh.open(session_config('client', list(link.connect), identity=tls))
+    except (keys.CredentialsError, zenoh.ZError, ValueError, OSError) as exc:
+        return FleetErasure('failed', error=f'cannot open the fleet link to '
+                            f'{list(link.connect)}: {exc}'[:1000])
+    try:
+        return FleetEraser(session, identity, prefix=link.prefix).erase(subject_ref, timeout_s)
+    finally:
+        session.close()
+
+
+@dataclass
+class Outcome:
+    """One `forget` everywhere: the local receipt (counts per tier, `bridge_outbox` added) and
+    what the fleet answered."""
+
+    receipt: Receipt
+    fleet: FleetErasure | None = None
+    fleet_status: str = 'not_configured'
+    fleet_error: str = ''
+    notes: list = field(default_factory=list)   # what could not be reached, and why
+
+    def as_dict(self) -> dict:
+        return {**self.receipt.as_dict(), 'fleet_status': self.fleet_status,
+                'fleet_error': self.fleet_error,
+                'fleet_receipts': list(self.fleet.receipts) if self.fleet else [],
+                'notes': list(self.notes)}
+
+
+def forget_everywhere(layout: StorageLayout, subject: str, *, requested_by: str,
+                      audit, refs: SubjectRefs | None = None, keyring=None,
+                      purge_bridge: Callable[[str], int] | None = None,
+                      fleet: Callable[[str, float], FleetErasure] | None = None,
+                      fleet_timeout_s: float = 10.0,
+                      clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> Outcome:
+    """Erase `subject` under the root, then from the bridge's outbox (`purge_bridge(subject)`:
+    how many went; it may raise), then in the fleet (`fleet(subject_ref, timeout_s)`; None: no
+    fleet link). Raises only what the local erasure raises (ErasureError, SubjectError, ...):
+    the bridge's and the fleet's failures are said in the outcome and audited."""
+    check_subject(subject)
+    check_source(requested_by)
+    refs = refs or SubjectRefs.at(layout.keys)
+    receipt = forget(layout, subject, requested_by=requested_by, keyring=keyring, audit=audit,
+                     refs=refs, clock=clock)
+    outcome = Outcome(receipt)
+    bridge = -1
+    if purge_bridge is None:
+        outcome.notes.append('bridge outbox: not asked (a stopped bridge keeps nothing; while '
+                             'one runs, erase through the storage/forget service)')
+    else:
+        try:
+            bridge = int(purge_bridge(subject))
+            receipt.counts['bridge_outbox'] = bridge
+        except Exception as exc:   # a bridge that is not running, or failed: said, not fatal
+            outcome.notes.append(f'bridge outbox: {exc}'[:500])
+    if fleet is not None:
+        outcome.fleet = fleet(receipt.subject_ref, fleet_timeout_s)
+        outcome.fleet_status, outcome.fleet_error = outcome.fleet.status, outcome.fleet.error
+    if audit is not None and (purge_bridge is not None or fleet is not None):
+        receipts = [{'server': r['receipt'].get('server', ''), 'cloud': r['signer'],
+                     'counts': r['receipt'].get('counts', {}),
+                     'scrubbed': r['receipt'].get('scrubbed', False),
+                     'keeps': r['receipt'].get('keeps', ''), 'sig': r['sig']}
+                    for r in (outcome.fleet.receipts if outcome.fleet else [])]
+        audit.append('erasure', 'subject_erased_beyond_root', int(clock()),
+                     subject_ref=receipt.subject_ref, requested_by=requested_by,
+                     erasure_audit_id=receipt.audit_id, bridge_outbox=bridge,
+                     fleet_status=outcome.fleet_status,
+                     fleet_request_id=outcome.fleet.request_id if outcome.fleet else '',
+                     fleet_receipts=receipts[:AUDITED_RECEIPTS],
+                     fleet_rejected=dict(outcome.fleet.rejected) if outcome.fleet else {})
+    return outcome
