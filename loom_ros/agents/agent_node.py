@@ -55,6 +55,7 @@ from loom_ros.plugins.host import PluginsFileError
 from loom_ros.plugins.registry import local_plugins as registry_plugins
 from loom_ros.security.capabilities import CapabilityConfigError
 from loom_ros.security.audit import AuditError, AuditLog
+from loom_ros.storage.consent import ConsentError, ConsentRegistry, consent_path, load_defaults
 from loom_ros.storage.errors import StorageError
 from loom_ros.storage.layout import derived, node_layout
 from loom_ros.storage.storage import Storage, StorageConfig
@@ -75,7 +76,11 @@ PARAMETERS = [
               min_value=0.01),
     ParamSpec('audit_db', "SQLite audit log of applied declassify rules ('' = "
               "<storage.root>/audit.db); '~' expands", read_only=True),
+    ParamSpec('routing', "'hosted': decide routes in this process under the router node's "
+              "policy, followed at run time; 'service': ask router/route for every decision",
+              read_only=True),
 ]
+ROUTING_MODES = ('hosted', 'service')
 
 
 def _percentile(values, q: float) -> float:
@@ -133,6 +138,7 @@ class AgentNode(LifecycleNode):
         self._plugin_settings = plugin_settings
         self.embedded: EmbeddedPlugins | None = None   # the agents' host_plugins, on configure
         self.ports: NodePorts | None = None            # made on configure, closed on cleanup
+        self._consent: ConsentRegistry | None = None   # for hosted routing, on configure
         self.clouds: dict[CloudSettings, CloudLink] = {}
         from loom_msgs.msg import AgentStatus
         self._status_type = AgentStatus
@@ -177,7 +183,9 @@ class AgentNode(LifecycleNode):
             self.get_logger().error(f'cannot configure: {exc}')
             return TransitionCallbackReturn.FAILURE
         self.dispatcher = Dispatcher(int(self.params['workers']), name=self.get_name())
-        self.ports = NodePorts(self, self._router, self._plugin_lookup(configs, wanted))
+        self.ports = NodePorts(self, self._router, self._plugin_lookup(configs, wanted),
+                               consent=self._open_consent(),
+                               follow_router=self._consent is not None)
         from loom_msgs.srv import Recall
         behaviors = behavior_entry_points()   # one scan for every agent hosted here
         for agent_id in wanted:
@@ -206,6 +214,26 @@ class AgentNode(LifecycleNode):
             self._release()
             return TransitionCallbackReturn.FAILURE
         return TransitionCallbackReturn.SUCCESS
+
+    def _open_consent(self):
+        """The consent lookup hosted routing needs (read-only, as the router node opens it),
+        or None: then routing goes through the router/route service (logged why)."""
+        mode = self.params['routing']
+        if self._router is not None or mode == 'service':
+            return None
+        if mode not in ROUTING_MODES:
+            self.get_logger().error(f"agent.routing {str(mode)[:32]!r} is not one of "
+                                    f"{', '.join(ROUTING_MODES)}: routing through the service")
+            return None
+        try:
+            self._consent = ConsentRegistry(consent_path(self.layout.root),
+                                            load_defaults(config_dir() / 'consent.yaml'),
+                                            read_only=True)
+        except (ConsentError, OSError, sqlite3.Error) as exc:
+            self.get_logger().warning(f'hosted routing: cannot open the consent registry '
+                                      f'({exc}): routing through the router/route service')
+            return None
+        return self._consent.lookup
 
     def _plugin_lookup(self, configs: dict, wanted: list[str]):
         """The in-process plugins the agents call: the host_plugins they name, started here on
@@ -337,6 +365,9 @@ class AgentNode(LifecycleNode):
         if self.ports is not None:
             self.ports.close()
             self.ports = None
+        if self._consent is not None:   # after the ports: the router used it
+            self._consent.close()
+            self._consent = None
         self._stop_embedded()
         for link in self.clouds.values():
             link.close()

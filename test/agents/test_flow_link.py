@@ -240,3 +240,66 @@ def test_hosted_router_decides_in_process_and_tells_the_router_node(ros, tmp_pat
         ros.node.destroy_publisher(stats)
         ros.executor.remove_node(node)
         node.destroy_node()
+
+
+def test_hosted_routing_follows_the_router_nodes_policy_and_not_a_forged_event(ros, spawn,
+                                                                             tmp_path):
+    """An agent host that routes in-process asks the router node which policy it runs and
+    follows it: a runtime `policy_file` change on the router reaches the host at the change,
+    while a forged /parameter_events message naming another file changes nothing (the event
+    only makes the host ask the router again). Until it knows, it routes through the service."""
+    from rcl_interfaces.msg import Parameter, ParameterEvent, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+    from rclpy.qos import qos_profile_parameter_events
+    ns = '/fl_follow'
+    tight = tmp_path / 'tight.yaml'   # no cloud spend allowed at all
+    tight.write_text((REPO / 'config' / 'policy.yaml').read_text().replace(
+        'limit: 5.0', 'limit: 0.0'))
+    broken = tmp_path / 'broken.yaml'
+    broken.write_text('budget: [not, a, policy')
+    router = spawn('-m', 'loom_ros.router.router_node', '--ros-args', '-r', f'__ns:={ns}',
+                   '-p', f'storage.root:={tmp_path}')
+    node = Node('agent_host_0', namespace=ns, context=ros.node.context)
+    ros.executor.add_node(node)
+    ports = NodePorts(node, follow_router=True)
+    events = ros.node.create_publisher(ParameterEvent, '/parameter_events',
+                                       qos_profile_parameter_events)
+    setter = ros.node.create_client(SetParameters, f'{ns}/router/set_parameters')
+    speech = RouteQuery('said-1', 'speech.utterance', 'voice', Privacy.PUBLIC,
+                        local_confidence=0.1)
+
+    def set_policy(path):
+        value = ParameterValue(type=4, string_value=str(path))
+        return ros.call(setter, SetParameters.Request(
+            parameters=[Parameter(name='policy_file', value=value)]),
+            'router set_parameters', alive=[router]).results[0]
+    try:
+        ports.gate.open()
+        ros.wait_for(lambda: ports.follower.known, "the router's policy file", alive=[router])
+        assert ports.follower.path == '' and ports.router.local is not None
+        assert ports.router.route(speech).route == 'cloud'   # decided here, under the router's
+        answers = ports.follower.answers
+        forged = ParameterValue(type=4, string_value=str(tight))
+        ros.wait_for(lambda: ports.follower.answers > answers, 'the host to ask the router again',
+                     alive=[router], spin=lambda: events.publish(ParameterEvent(
+                         node=f'{ns}/router', changed_parameters=[
+                             Parameter(name='policy_file', value=forged)])))
+        assert ports.follower.path == '' and ports.router.route(speech).route == 'cloud'
+        assert set_policy(tight).successful
+        ros.wait_for(lambda: ports.follower.path == str(tight), 'the new policy here',
+                     alive=[router])
+        refused = ports.router.route(speech)
+        assert (refused.route, refused.rule) == ('local_fallback', 'budget')
+        assert not set_policy(broken).successful   # the router keeps tight.yaml, and so do we
+        changes = ports.router.policy_changes
+        assert set_policy('').successful
+        ros.wait_for(lambda: ports.follower.path == '', 'the shipped policy again',
+                     alive=[router])
+        assert ports.router.policy_changes == changes + 1
+        assert ports.router.route(speech).route == 'cloud'
+    finally:
+        ports.close()
+        ros.node.destroy_publisher(events)
+        ros.node.destroy_client(setter)
+        ros.executor.remove_node(node)
+        node.destroy_node()

@@ -27,13 +27,14 @@ from loom_ros.bus import topics
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.cloud.client import outcome_msg
+from loom_ros.config.params import config_dir
 from loom_ros.plugins.contract import PluginResponse
 from loom_ros.plugins.registry import local_plugins as registry_plugins
 from loom_ros.plugins.registry import response_from_msg
 from loom_ros.router.decision import RequestError
 from loom_ros.router.local import LocalRouter, RouteAnswer, RouteQuery
 from loom_ros.router.messages import decision_msg
-from loom_ros.router.policy import PolicyError, PolicyFile
+from loom_ros.router.policy import PolicyError, PolicyFile, load_policy
 from loom_ros.telemetry import tracing
 
 PRIVACY_CODES = {Privacy.PUBLIC: 0, Privacy.SENSITIVE: 1, Privacy.PRIVATE: 2,
@@ -42,6 +43,8 @@ CALL_TIMEOUT_S = 5.0         # for the service to appear, then again for its ans
 POLL_S = 0.05                # how often a wait for a service looks again (and at the gate)
 MAX_PLUGIN_CLIENTS = 64      # distinct plugin names one node makes clients for
 PLUGIN_NAME = re.compile(r'[A-Za-z](?:_?[A-Za-z0-9])*')   # as plugin hosts accept (ROS names)
+
+STRING_PARAMETER = 4         # rcl_interfaces/ParameterType.PARAMETER_STRING
 
 FlowError = PortError   # the name the flows used before the ports (kept for imports)
 
@@ -148,16 +151,22 @@ class HostedRouter:
     budget's spend is what the router node last said on router/stats plus the costs reported
     here since (so at most one stats period of other hosts' spend is unseen). `consent`: the
     consent registry's lookup; without one an event that names a data subject stays local
-    (fail closed, as in LocalRouter)."""
+    (fail closed, as in LocalRouter).
 
-    def __init__(self, node, gate: Gate, policy: PolicyFile, consent=None):
-        self.node, self.gate = node, gate
+    `policy` None: the policy is not known yet (RouterPolicyFollower sets it with `use`); until
+    then, or after the policy could not be read here, routes go to `fallback` (the router/route
+    service), so routing never waits on the follower."""
+
+    def __init__(self, node, gate: Gate, policy: PolicyFile | None, consent=None,
+                 fallback=None):
+        self.node, self.gate, self.fallback = node, gate, fallback
         self._lock = threading.Lock()
         self._reported_spend = 0.0   # the router node's, from its last RouterStats
         self._spent_here = 0.0       # outcome costs reported by this node since then
         self.stats_seen = 0
-        self.local = LocalRouter(policy, on_decision=self._publish, spend=self.spend,
-                                 consent=consent)
+        self.policy_changes = 0
+        self._consent = consent
+        self.local = None if policy is None else self._local(policy)
         self._name = node.get_fully_qualified_name()
         self._decisions = node.create_publisher(RouteDecision, topics.ROUTER_DECISIONS,
                                                 to_qos_profile(QosLevel.BATCHED))
@@ -165,6 +174,20 @@ class HostedRouter:
                                                to_qos_profile(QosLevel.BATCHED))
         self._stats = node.create_subscription(RouterStats, topics.ROUTER_STATS,
                                                self._on_stats, to_qos_profile(QosLevel.REALTIME))
+
+    def _local(self, policy: PolicyFile) -> LocalRouter:
+        return LocalRouter(policy, on_decision=self._publish, spend=self.spend,
+                           consent=self._consent)
+
+    def use(self, policy: PolicyFile | None) -> None:
+        """Route under `policy` from the next decision on; None: through the fallback."""
+        if policy is None:
+            self.local = None
+        elif self.local is None:
+            self.local = self._local(policy)
+        else:
+            self.local.policy = policy   # as the router node swaps it on a reload
+        self.policy_changes += 1
 
     def spend(self) -> float:
         with self._lock:
@@ -181,8 +204,13 @@ class HostedRouter:
     def route(self, query: RouteQuery) -> RouteAnswer:
         if not self.gate.is_open:
             raise PortError('router: the agent host is not active: no routing now')
+        local = self.local
+        if local is None:
+            if self.fallback is None:
+                raise PortError('router: the routing policy is not known yet')
+            return self.fallback.route(query)
         try:
-            return self.local.route(query)
+            return local.route(query)
         except (RequestError, PolicyError) as exc:
             raise PortError(f'router refused: {exc}') from None
 
@@ -201,6 +229,105 @@ class HostedRouter:
         self.node.destroy_subscription(self._stats)
         self.node.destroy_publisher(self._decisions)
         self.node.destroy_publisher(self._outcomes)
+        if self.fallback is not None:
+            self.fallback.close()
+
+
+def default_policy():
+    """The shipped policy, what a router node with policy_file '' loads."""
+    return config_dir() / 'policy.yaml'
+
+
+class RouterPolicyFollower:
+    """Keeps a HostedRouter on the router node's policy: the router's `policy_file` parameter
+    is asked through its get_parameters service (asynchronously: the executor never waits),
+    again every `retry_s` until answered, and again whenever /parameter_events says a parameter
+    of the router node changed or was declared (a reload, a restarted router). The event only
+    triggers the question: what is used is what the router node answers, so a forged event
+    cannot point this host at a file the router never accepted. A file that cannot be read
+    here leaves routing on the router/route service (logged); a router that refuses a bad file
+    keeps its parameter, so nothing changes here either."""
+
+    MAX_PATH = 4096
+
+    def __init__(self, node, hosted: HostedRouter, load, log, router_name: str = 'router',
+                 retry_s: float = 1.0):
+        from rcl_interfaces.msg import ParameterEvent
+        from rcl_interfaces.srv import GetParameters
+        from rclpy.qos import qos_profile_parameter_events
+        self.node, self.hosted, self.load, self.log = node, hosted, load, log
+        ns = node.get_namespace().rstrip('/')
+        self.router = f'{ns}/{router_name}'
+        self.path: str | None = None   # the file now in use ('' = the shipped policy)
+        self.asked = self.answers = self.failures = 0
+        self._pending = None
+        self._stale = False   # the router's policy may have changed since the last answer
+        self._request = GetParameters.Request(names=['policy_file'])
+        self._client = node.create_client(GetParameters, f'{self.router}/get_parameters')
+        self._events = node.create_subscription(ParameterEvent, '/parameter_events',
+                                                self._on_event, qos_profile_parameter_events)
+        self._timer = node.create_timer(retry_s, self._retry)
+        self.ask()
+
+    @property
+    def known(self) -> bool:
+        return self.path is not None
+
+    def ask(self) -> None:
+        """Ask the router now; a question still unanswered is dropped (DDS can lose a reply,
+        and the newest answer is the one that counts)."""
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()
+        self.asked += 1
+        self._pending = self._client.call_async(self._request)
+        self._pending.add_done_callback(self._on_answer)
+
+    def _retry(self) -> None:
+        if self.path is None or self._stale:
+            self.ask()
+
+    def _on_event(self, msg) -> None:
+        if msg.node != self.router:
+            return
+        if any(p.name == 'policy_file' for p in (*msg.new_parameters, *msg.changed_parameters)):
+            self._stale = True   # asked until answered, even if this reply is lost
+            self.ask()
+
+    def _on_answer(self, future) -> None:
+        if future.cancelled():
+            return
+        try:
+            values = future.result().values
+        except Exception as exc:   # noqa: BLE001 - a failed call is retried, never raised here
+            self.failures += 1
+            self.log(f'router policy: cannot ask {self.router}: {exc}')
+            return
+        self.answers += 1
+        self._stale = False
+        path = values[0].string_value if values and values[0].type == STRING_PARAMETER else None
+        if path is None or len(path) > self.MAX_PATH or '\x00' in path:
+            self.failures += 1
+            self.log(f'router policy: {self.router} gave no usable policy_file')
+            return
+        if path == self.path:
+            return
+        try:
+            policy = self.load(path)
+        except (PolicyError, OSError, ValueError) as exc:
+            self.failures += 1
+            self.hosted.use(None)
+            self.path = path
+            self.log(f'router policy: cannot load {path or "the shipped policy"} here ({exc}); '
+                     'routing through the router/route service')
+            return
+        self.hosted.use(policy)
+        self.path = path
+        self.log(f'router policy: routing in this process under {path or "the shipped policy"}')
+
+    def close(self) -> None:
+        self.node.destroy_timer(self._timer)
+        self.node.destroy_subscription(self._events)
+        self.node.destroy_client(self._client)
 
 
 class ServicePlugins:
@@ -267,16 +394,27 @@ class NodePorts:
 
     def __init__(self, node, router=None, local_plugins=None, host: str = 'plugin_host',
                  timeout_s: float = CALL_TIMEOUT_S, policy: PolicyFile | None = None,
-                 consent=None):
+                 consent=None, follow_router: bool = False, log=None):
         """`router`: an in-process RouterPort (e.g. the router node's, when it lives in this
         process); else, given the router's `policy` (and `consent` lookup), a HostedRouter;
-        else the `router/route` service. `local_plugins`: {name: handle} lookup of in-process
-        plugins (default: plugins.registry.local_plugins)."""
+        else, with `follow_router`, a HostedRouter that follows the router node's policy
+        (RouterPolicyFollower) and uses the `router/route` service until it knows it; else the
+        `router/route` service. `local_plugins`: {name: handle} lookup of in-process plugins
+        (default: plugins.registry.local_plugins)."""
         self.gate = Gate()
         self._own_router = None
+        self.follower = None
         if router is None:
-            self._own_router = HostedRouter(node, self.gate, policy, consent) \
-                if policy is not None else ServiceRouter(node, self.gate, timeout_s)
+            if policy is not None:
+                self._own_router = HostedRouter(node, self.gate, policy, consent)
+            elif follow_router:
+                self._own_router = HostedRouter(node, self.gate, None, consent,
+                                                fallback=ServiceRouter(node, self.gate, timeout_s))
+                self.follower = RouterPolicyFollower(
+                    node, self._own_router, lambda path: load_policy(path or default_policy()),
+                    log or (lambda line: node.get_logger().info(line)))
+            else:
+                self._own_router = ServiceRouter(node, self.gate, timeout_s)
         self.router = router if router is not None else self._own_router
         self.plugins = ServicePlugins(node, self.gate, host, local_plugins, timeout_s)
 
@@ -286,6 +424,8 @@ class NodePorts:
 
     def close(self) -> None:
         self.gate.close()
+        if self.follower is not None:
+            self.follower.close()
         if self._own_router is not None:
             self._own_router.close()
         self.plugins.close()
