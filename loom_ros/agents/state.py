@@ -53,6 +53,7 @@ class AgentStore:
     def record(self, event: Event) -> None:
         """An event's episode, stored with the next commit (in the same transaction as the
         state it produced)."""
+        self.storage.episodes.note(event)   # whose it is, for what the handler derives
         with self._lock:
             self._pending.append(event)
 

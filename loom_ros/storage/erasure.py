@@ -80,7 +80,8 @@ class Receipt:
 NOT_COVERED = [
     'agent state written before its subjects were noted (kv rows without kv_subjects)',
     'plugin data outside <root>/plugins/<plugin>/subjects/<subject>/',
-    'facts derived from an event already condensed to cold (their provenance event id is gone)',
+    'facts stored before facts had a data_subject column, derived from an event already '
+    'condensed to cold (their provenance event id is gone)',
     'archive records written before the subject column existed (no subject field)',
     'agents\' own files from before the storage layer (<root>/agents/*.db)',
     'records in the append-only audit log other than consent changes (which name a keyed hash)',
@@ -352,7 +353,9 @@ def _forget_unit(lifecycle: '_UnitEraser', db: Path, subject: str, key_ids,
             if _has(conn, 'facts'):
                 counts['facts'] += _delete(
                     conn, 'delete from facts where subject = ?1 or object = ?1 or provenance in '
-                    '(select event_id from episodes where subject = ?1)', (subject,))
+                    '(select event_id from episodes where subject = ?1)'
+                    + (' or data_subject = ?1' if _has(conn, 'facts', 'data_subject') else ''),
+                    (subject,))
             counts['episodes'] += _delete(conn, 'delete from episodes where subject = ?',
                                           (subject,))
             if _has(conn, 'kv_subjects'):   # state an event of the subject wrote to
@@ -709,10 +712,11 @@ def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
             if _has(conn, 'facts'):
                 add('facts', [{**dict(r), 'unit': db.stem} for r in conn.execute(
                     'select agent_id, subject, relation, object, provenance, time_ms from facts '
-                    'where subject = ?1 or object = ?1 or provenance in (select event_id from '
-                    'episodes where subject = ?1)' if _has(conn, 'episodes', 'subject') else
-                    'select agent_id, subject, relation, object, provenance, time_ms from facts '
-                    'where subject = ?1 or object = ?1', (subject,))])
+                    'where subject = ?1 or object = ?1'
+                    + (' or provenance in (select event_id from episodes where subject = ?1)'
+                       if _has(conn, 'episodes', 'subject') else '')
+                    + (' or data_subject = ?1' if _has(conn, 'facts', 'data_subject') else ''),
+                    (subject,))])
             if _has(conn, 'kv_subjects'):
                 add('state', [{'ns': r['ns'], 'key': r['key'], 'schema': r['schema'],
                                'value': _json_or_text(r['value']), 'unit': db.stem}

@@ -108,6 +108,13 @@ def upgrade_subjects(conn: sqlite3.Connection) -> None:
         if 'subject' not in columns:
             conn.execute(f"alter table {table} add column subject text not null default ''")
         conn.execute(f'create index if not exists {table}_subject on {table} (subject)')
+    # facts: `subject` is the graph's; the data subject of the event a fact came from is
+    # `data_subject` (so a fact is still found once its event left the warm tier)
+    columns = {r[1] for r in conn.execute('pragma table_info(facts)')}
+    if columns:
+        if 'data_subject' not in columns:
+            conn.execute("alter table facts add column data_subject text not null default ''")
+        conn.execute('create index if not exists facts_data_subject on facts (data_subject)')
 
 DDL = DDL + ROUTER_DDL + AUDIT_DDL
 

@@ -9,7 +9,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 
 import faiss
@@ -21,7 +21,7 @@ from loom_ros.storage import auditchain, schema
 from loom_ros.storage.errors import CorruptRecordError, StorageError
 from loom_ros.storage.rowcipher import episode_context
 from loom_ros.storage.sqlite import open_database
-from loom_ros.storage.writer import Ticket
+from loom_ros.storage.writer import CommittedTicket, Ticket
 from loom_ros.telemetry.logs import mask_text, mask_value
 
 MAX_PAYLOAD_BYTES = 4096   # of an event's payload kept in its episode
@@ -244,10 +244,39 @@ class EpisodeStore:
         self.hot_max = max(0, int(storage.config.hot_max_events))
         self._hot: dict[str, deque] = {}
         self._hot_lock = threading.Lock()
+        # event id -> data subject ('' anonymous, None: storage may not keep it) of the events
+        # being handled: what a fact made from one of them inherits (FactStore.add)
+        self._origins: OrderedDict[str, str | None] = OrderedDict()
 
     # An event of a data subject without `store` consent: counted, nothing of it kept.
     WITHHOLD = ('insert into withheld (agent_id, type, day, events) values (?, ?, ?, 1) '
                 'on conflict (agent_id, type, day) do update set events = events + 1')
+
+    MAX_ORIGINS = 10000
+
+    def note(self, event) -> None:
+        """Remember whose event this is, for what a handler derives from it (a fact)."""
+        try:
+            subject = event_subject(event)
+        except SubjectError:
+            subject = None
+        if subject and not self.storage.consent.allows(subject):
+            subject = None
+        with self._hot_lock:
+            self._origins[event.id] = subject
+            self._origins.move_to_end(event.id)
+            while len(self._origins) > self.MAX_ORIGINS:
+                self._origins.popitem(last=False)
+
+    def origin(self, event_id: str) -> tuple[bool, str | None]:
+        """(known, data subject) of an event by id: noted while it was handled, else its
+        stored episode; subject None when storage may not keep what it said."""
+        with self._hot_lock:
+            if event_id in self._origins:
+                return True, self._origins[event_id]
+        rows = self.storage.query('select subject from episodes where event_id = ? limit 1',
+                                  (str(event_id)[:MAX_FIELD_CHARS],))
+        return (True, rows[0]['subject']) if rows else (False, '')
 
     def withholds(self, event) -> bool:
         """Whether storage keeps only a count of `event`: it names a data subject without
@@ -411,14 +440,21 @@ class FactStore:
         return f'{subject} {relation.replace("_", " ")} {obj}'
 
     def add(self, subject: str, relation: str, obj: str, provenance: str) -> tuple[int, Ticket]:
+        """Store a fact under the data subject of its provenance event (erasure finds it by
+        that even once the event left the warm tier). A fact made from an event storage may
+        not keep (no `store` consent) is not stored: it is counted, and its id is 0."""
+        _known, data_subject = self.storage.episodes.origin(provenance)
+        if data_subject is None:
+            self.storage.count_withheld()
+            return 0, CommittedTicket()
         vector = np.asarray(self.embedder.embed([self.text_of(subject, relation, obj)])[0],
                             dtype=np.float32)
         fact_id = self.storage.next_id('facts')
         ticket = self.storage.writer.execute(
             'insert into facts (id, agent_id, subject, relation, object, provenance, time_ms, '
-            'vector) values (?, ?, ?, ?, ?, ?, ?, ?)',
+            'vector, data_subject) values (?, ?, ?, ?, ?, ?, ?, ?, ?)',
             (fact_id, self.agent_id, subject, relation, obj, provenance, self.storage.clock(),
-             vector.tobytes()))
+             vector.tobytes(), data_subject))
         self._index(vector.shape[0]).add_with_ids(vector[None, :], np.array([fact_id], np.int64))
         return fact_id, ticket
 

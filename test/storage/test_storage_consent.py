@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 from harness import WAIT_LIMIT_S
-from loom_ros.agents.memory import EpisodicMemory
+from loom_ros.agents.memory import EpisodicMemory, SemanticMemory
 from loom_ros.agents.state import AgentStore
 from loom_ros.bus.event import Event
 from loom_ros.bus.privacy import SUBJECT_METADATA_KEY
@@ -19,10 +19,20 @@ from loom_ros.security.audit import AuditLog
 from loom_ros.storage.backend.local import LocalObjectStore
 from loom_ros.storage.consent import ConsentCache, ConsentRegistry, SubjectRefs, consent_path
 from loom_ros.storage.embedding import HashEmbedder
-from loom_ros.storage.lifecycle import Lifecycle
+from loom_ros.storage.erasure import forget
+from loom_ros.storage.layout import StorageLayout
+from loom_ros.storage.lifecycle import Lifecycle, LifecycleParams, TierPolicy
 from loom_ros.storage.storage import Storage, StorageConfig
 
 T0 = 1_700_000_000_000
+
+
+class Clock:
+    def __init__(self):
+        self.ms = T0
+
+    def __call__(self) -> int:
+        return self.ms
 
 
 def event(subject: str | None, text: str, i: int = 0) -> Event:
@@ -167,3 +177,41 @@ def test_the_cache_is_bounded_and_fails_closed(tmp_path):
         assert not ConsentCache(reader, 'store').allows('alice')   # unreadable: not granted
     finally:
         reader.close()
+
+
+def test_facts_follow_the_subject_and_consent_of_their_event(tmp_path):
+    """A fact made from an event inherits its data subject (found by erasure once the event
+    left the warm tier) and is not stored when storage may not keep the event."""
+    consent, audit = registry(tmp_path)
+    consent.grant('bob', 'store', 'cli:test')
+    clock = Clock()
+    storage = Storage(StorageConfig(root=str(tmp_path), unit='host'), clock=clock)
+    try:
+        agent = AgentStore(storage, 'a')
+        semantic = SemanticMemory(storage, 'a', HashEmbedder())
+        secret = canary()
+        told = {}
+        for who in ('bob', 'carol'):
+            e = event(who, f'{who} likes tea')
+            agent.record(e)                      # as the runtime does before the handler
+            told[who] = semantic.add_fact(f'{who}-{secret}' if who == 'carol' else 'bob',
+                                          'likes', 'tea', provenance=e.id)
+        agent.commit({}, 2, 'x').wait(WAIT_LIMIT_S)
+        assert told['carol'] == 0 and told['bob'] > 0
+        assert [tuple(r) for r in storage.query('select subject, data_subject from facts')] == \
+            [('bob', 'bob')]
+        assert storage.withheld == 2              # carol's episode and her fact
+        # bob's events leave the warm tier: the fact is still his
+        lifecycle = Lifecycle(storage.layout, 'host', LocalObjectStore(storage.layout.objects),
+                              HashEmbedder(), LifecycleParams(default=TierPolicy(warm_s=60)),
+                              clock=clock)
+        clock.ms = T0 + 120_000
+        assert lifecycle.move_warm().condensed == 1
+        lifecycle.close()
+    finally:
+        storage.close()
+        consent.close()
+        audit.close()
+    receipt = forget(StorageLayout.at(tmp_path), 'bob')
+    assert receipt.counts['facts'] == 1 and receipt.counts['cold'] == 1
+    assert secret.encode() not in every_byte(tmp_path)
