@@ -105,7 +105,8 @@ def run_forget(args) -> int:
             layout, args.subject, requested_by=_who(args), keyring=keyring, audit=audit,
             refs=SubjectRefs.at(layout.keys),
             fleet=(lambda ref, wait: ask_fleet(link, ref, wait)) if link else None,
-            fleet_timeout_s=link.timeout_s if link else 0.0)
+            fleet_timeout_s=link.timeout_s if link else 0.0,
+            no_fleet_status='skipped' if args.no_fleet else 'not_configured')
     except (SubjectError, ConsentError, AuditError, StorageError, FleetConfigError,
             ConfigError) as exc:
         print(f'loom forget: {exc}', file=sys.stderr)
@@ -114,8 +115,6 @@ def run_forget(args) -> int:
         for held in (audit, keyring):
             if held is not None:
                 held.close()
-    if args.no_fleet:
-        outcome.fleet_status = 'skipped'
     code = 2 if link is not None and outcome.fleet_status != 'done' else 0
     if args.json:
         print(json.dumps(outcome.as_dict()))

@@ -27,6 +27,8 @@ MAX_ENDPOINTS = 16
 MAX_SETTING_CHARS = 1024
 MAX_TIMEOUT_S = 600.0
 AUDITED_RECEIPTS = 64   # receipts written into the audit record (one per cloud server)
+# storage/erasure.py's NOT_COVERED line for what this module reaches (dropped when it did).
+BEYOND_ROOT = 'the fleet / cloud tier and the bridge outbox'
 
 
 class FleetConfigError(ValueError):
@@ -117,18 +119,18 @@ def forget_everywhere(layout: StorageLayout, subject: str, *, requested_by: str,
                       audit, refs: SubjectRefs | None = None, keyring=None,
                       purge_bridge: Callable[[str], int] | None = None,
                       fleet: Callable[[str, float], FleetErasure] | None = None,
-                      fleet_timeout_s: float = 10.0,
+                      fleet_timeout_s: float = 10.0, no_fleet_status: str = 'not_configured',
                       clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> Outcome:
     """Erase `subject` under the root, then from the bridge's outbox (`purge_bridge(subject)`:
     how many went; it may raise), then in the fleet (`fleet(subject_ref, timeout_s)`; None: no
-    fleet link). Raises only what the local erasure raises (ErasureError, SubjectError, ...):
+    fleet link: the outcome's fleet status is `no_fleet_status`). Raises only what the local erasure raises (ErasureError, SubjectError, ...):
     the bridge's and the fleet's failures are said in the outcome and audited."""
     check_subject(subject)
     check_source(requested_by)
     refs = refs or SubjectRefs.at(layout.keys)
     receipt = forget(layout, subject, requested_by=requested_by, keyring=keyring, audit=audit,
                      refs=refs, clock=clock)
-    outcome = Outcome(receipt)
+    outcome = Outcome(receipt, fleet_status=no_fleet_status)
     bridge = -1
     if purge_bridge is None:
         outcome.notes.append('bridge outbox: not asked (a stopped bridge keeps nothing; while '
@@ -142,6 +144,11 @@ def forget_everywhere(layout: StorageLayout, subject: str, *, requested_by: str,
     if fleet is not None:
         outcome.fleet = fleet(receipt.subject_ref, fleet_timeout_s)
         outcome.fleet_status, outcome.fleet_error = outcome.fleet.status, outcome.fleet.error
+    if bridge >= 0 and outcome.fleet_status == 'done':   # erasure.py's line no longer holds
+        receipt.not_covered = [n for n in receipt.not_covered if n != BEYOND_ROOT]
+    elif outcome.fleet_status != 'done':
+        outcome.notes.append(f'fleet: {outcome.fleet_status}'
+                             + (f' ({outcome.fleet_error})' if outcome.fleet_error else ''))
     if audit is not None and (purge_bridge is not None or fleet is not None):
         receipts = [{'server': r['receipt'].get('server', ''), 'cloud': r['signer'],
                      'counts': r['receipt'].get('counts', {}),

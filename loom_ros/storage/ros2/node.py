@@ -376,7 +376,8 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         self._halt()   # the moves stop between two moves
         try:
             with self._lock:
-                outcome, error = self._forget_locked(subject, who, fleet, timeout)
+                outcome, error = self._forget_locked(subject, who, fleet, timeout,
+                                                     response.fleet_status)
         finally:
             if self.service is not None:
                 self._active = True
@@ -391,13 +392,13 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
             return response
         response.ok = True
         response.receipt = json.dumps({**outcome.receipt.as_dict(), 'notes': outcome.notes})
+        response.fleet_status = outcome.fleet_status
         if outcome.fleet is not None:
-            response.fleet_status = outcome.fleet_status
             response.fleet_error = outcome.fleet_error[:1000]
             response.fleet_receipts = [json.dumps(r) for r in outcome.fleet.receipts]
         return response
 
-    def _forget_locked(self, subject: str, who: str, fleet, timeout: float):
+    def _forget_locked(self, subject: str, who: str, fleet, timeout: float, no_fleet: str):
         """(Outcome, '') or (None, why); this node's databases are closed meanwhile and
         opened again after (a failure to reopen is logged and leaves the node inactive)."""
         old = self.service
@@ -414,7 +415,8 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
             outcome = forget_everywhere(
                 settings.layout, subject, requested_by=who, audit=self._audit,
                 refs=SubjectRefs.at(settings.layout.keys), keyring=keyring,
-                purge_bridge=self._purge_bridge, fleet=fleet, fleet_timeout_s=timeout)
+                purge_bridge=self._purge_bridge, fleet=fleet, fleet_timeout_s=timeout,
+                no_fleet_status=no_fleet)
         except (StorageError, SubjectError, ConsentError, AuditError, KeyringError,
                 OSError) as exc:
             error = str(exc)
