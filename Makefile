@@ -9,7 +9,7 @@ setup:
 	@bash tools/setup.sh
 
 demo: setup
-	@source env.sh && python -m loom_ros.cli demo --duration $(DURATION)
+	@source env.sh && python -m loom_ros.cli demo --duration $(DURATION) $(if $(VIEW),--view)
 
 test: setup
 	@source env.sh && python -m pytest

@@ -59,6 +59,9 @@ def add_parser(sub) -> None:
                       help="fleet credentials, made on first run ('' = <output>/keys)")
     demo.add_argument('--insecure', action='store_true',
                       help='Zenoh over plain TCP: no TLS, authentication or access control')
+    demo.add_argument('--view', action='store_true',
+                      help='also run the live visual view (`loom view`, Rerun web viewer) and '
+                           'print the URL to open')
     demo.set_defaults(run=run_demo)
 
 
@@ -320,6 +323,8 @@ def run_demo(args) -> int:
             '-m', 'loom_ros.cli.record', '--output', str(out / 'recording.mcap')], env,
             out / 'logs' / 'record.log'),
     }
+    if getattr(args, 'view', False):
+        procs['view'] = _start_view(env, out)
     rclpy.init(args=['loom_demo', '--ros-args', '--params-file', str(params)],
                signal_handler_options=SignalHandlerOptions.NO)
     watcher = Watcher()
@@ -370,6 +375,17 @@ def run_demo(args) -> int:
             print(f'  {line}', file=sys.stderr)
         return 1
     return 130 if interrupted else 0
+
+
+def _start_view(env: dict, out: Path) -> Process:
+    """`loom view` beside the demo (config/view.yaml's ports when free); prints the URL."""
+    from loom_ros.view.settings import choose_port, load_settings, viewer_url
+    settings = load_settings()
+    web, grpc = choose_port(settings.web_port), choose_port(settings.grpc_port)
+    proc = _spawn('view', ['-m', 'loom_ros.cli', 'view', '--web-port', str(web),
+                           '--grpc-port', str(grpc)], env, out / 'logs' / 'view.log')
+    print(f'Live view (Rerun): open {viewer_url(web, grpc)}', flush=True)
+    return proc
 
 
 def _wait_ready(procs: dict[str, Process], log: Path, lines: queue.Queue,

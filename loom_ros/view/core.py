@@ -4,8 +4,9 @@ the same way, so a live system and a recording look the same.
 
 Entities (the blueprint below lays them out):
 - `camera/image`: camera frames (raw rgb8/bgr8/mono8/rgba8/bgra8, or PNG/JPEG), at most
-  `max_image_hz`; `camera/image/faces`: face boxes with the emoji and label, from the UI state
-  (`boxes`, pixels x0,y0,x1,y1) or face events (`faces[].box`);
+  `max_image_hz`, raw ones sent as JPEG when `jpeg_quality` is set; `camera/image/faces`: face
+  boxes with the emoji and label, from the UI state (`boxes`, pixels x0,y0,x1,y1) or face
+  events (`faces[].box`);
 - `ui/screen`: what the robot's screen shows (emoji, label, text) as markdown;
 - `log/speech`: transcripts and spoken answers; `log/routes`: each route decision with its rule
   and reason;
@@ -72,6 +73,7 @@ class ViewLimits:
     max_image_side: int = 4096         # pixels, width and height
     max_image_bytes: int = 32 << 20    # raw pixels or an encoded image
     max_image_hz: float = 5.0          # frames shown per second (0: every frame)
+    jpeg_quality: int = 0              # raw frames sent as JPEG of this quality (0: raw pixels)
     max_text_chars: int = 500          # of a transcript, answer, label or reason
     max_json_bytes: int = 64 * 1024    # a UI state or event payload parsed as JSON
     max_boxes: int = 32                # face boxes per frame
@@ -252,7 +254,10 @@ class LoomView:
             image = self._raw_image(payload, meta, encoding)
             if image is None:
                 return
-            self.rec.log(IMAGE, rr.Image(image, color_model=COLOR_MODELS[encoding]))
+            frame = rr.Image(image, color_model=COLOR_MODELS[encoding])
+            if lim.jpeg_quality:   # a 20th of the bytes for the viewer to take in
+                frame = frame.compress(jpeg_quality=lim.jpeg_quality)
+            self.rec.log(IMAGE, frame)
             self._image_size = (image.shape[1], image.shape[0])
         self._last_image_s = stamp_s
         self._shown('image')

@@ -29,10 +29,11 @@ class ViewSettings:
     max_privacy: Privacy = Privacy.SENSITIVE
     max_image_hz: float = 5.0
     max_text_chars: int = 500
+    jpeg_quality: int = 75
 
     def limits(self) -> ViewLimits:
         return replace(ViewLimits(), max_image_hz=self.max_image_hz,
-                       max_text_chars=self.max_text_chars)
+                       max_text_chars=self.max_text_chars, jpeg_quality=self.jpeg_quality)
 
 
 def parse_privacy(value: object) -> Privacy:
@@ -58,6 +59,7 @@ def load_settings(path: str | Path | None = None, **overrides) -> ViewSettings:
         memory = str(data.get('server_memory_limit', ViewSettings.server_memory_limit))
         hz = float(data.get('max_image_hz', ViewSettings.max_image_hz))
         chars = int(data.get('max_text_chars', ViewSettings.max_text_chars))
+        quality = int(data.get('jpeg_quality', ViewSettings.jpeg_quality))
         privacy = parse_privacy(data.get('max_privacy', 'sensitive'))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f'{path}: {exc}') from None
@@ -70,13 +72,28 @@ def load_settings(path: str | Path | None = None, **overrides) -> ViewSettings:
         raise ConfigError(f'{path}: max_image_hz {hz} is not in [0, 1000]')
     if not 16 <= chars <= 100_000:
         raise ConfigError(f'{path}: max_text_chars {chars} is not in [16, 100000]')
-    return ViewSettings(ports['web_port'], ports['grpc_port'], memory, privacy, hz, chars)
+    if not 0 <= quality <= 100:
+        raise ConfigError(f'{path}: jpeg_quality {quality} is not in [0, 100]')
+    return ViewSettings(ports['web_port'], ports['grpc_port'], memory, privacy, hz, chars,
+                        quality)
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
+
+
+def choose_port(preferred: int) -> int:
+    """`preferred` when it is free on loopback (0: none preferred), else a free port."""
+    if preferred:
+        with socket.socket() as sock:
+            try:
+                sock.bind((LOOPBACK, preferred))
+                return preferred
+            except OSError:
+                pass
+    return free_port()
 
 
 def viewer_url(web_port: int, grpc_port: int) -> str:
