@@ -4,6 +4,8 @@ machine's drift hits both sides alike):
 
 1. per event: an episode row as the layer makes it (cut + secrets masked), without and with the
    payload sealed under its subject's key (and opened again), for 256 B and 4 KiB payloads;
+   and through the layer: one event's write (stores.EpisodeStore.entry) in a storage without
+   and one with encryption (payload sealed into its SQLite row), then committed;
 2. blobs: put + get through the local object store (write, fsync, rename) without and with the
    encrypting wrapper, for 1 KiB, 64 KiB and 1 MiB;
 3. archive moves: warm events straight to archive files (100 subjects + anonymous), plain (one
@@ -19,20 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sqlite3
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import cryptography
-import numpy as np
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loom_ros.bus.event import Event  # noqa: E402
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, ConsentState  # noqa: E402
 from loom_ros.security.keyring import (EncryptionSettings, Keyring, MasterKey,  # noqa: E402
                                        write_key_file)
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore  # noqa: E402
@@ -42,17 +42,11 @@ from loom_ros.storage.lifecycle import Lifecycle, LifecycleParams, TierPolicy  #
 from loom_ros.storage.storage import Storage, StorageConfig  # noqa: E402
 from loom_ros.storage.stores import episode_row  # noqa: E402
 
+import table  # noqa: E402  (bench/table.py: percentiles, timers, the machine line)
+from table import Timer, summary  # noqa: E402
+
 T0 = 1_700_000_000_000
 OUT = Path(__file__).resolve().parent / 'results'
-
-
-def pct(values, q) -> float:
-    return float(np.percentile(values, q)) if len(values) else float('nan')
-
-
-def summary(values_s: list[float], unit: float = 1e6) -> dict:
-    v = np.asarray(values_s) * unit
-    return {'p50': pct(v, 50), 'p99': pct(v, 99), 'max': float(v.max()), 'n': len(v)}
 
 
 def keyring(root: Path) -> Keyring:
@@ -62,25 +56,12 @@ def keyring(root: Path) -> Keyring:
     return Keyring.open(root / 'root', EncryptionSettings(True, str(path)), {})
 
 
-class Timer:
-    """Wall and this thread's CPU time per op: on a busy machine the CPU time is what the op
-    itself cost; the wall time adds whatever else ran (both are reported)."""
+class GrantAll:
+    """Every subject consents to storage (the benchmark is about encryption)."""
 
-    def __init__(self):
-        self.wall, self.cpu = [], []
-
-    def __call__(self, fn, *args, **kw):
-        w, c = time.perf_counter(), time.thread_time()
-        result = fn(*args, **kw)
-        self.cpu.append(time.thread_time() - c)
-        self.wall.append(time.perf_counter() - w)
-        return result
-
-    def stats(self, unit: float) -> dict:
-        out = summary(self.wall, unit)
-        out['cpu_p50'] = pct(np.asarray(self.cpu) * unit, 50)
-        out['cpu_mean'] = float(np.mean(self.cpu) * unit)
-        return out
+    @staticmethod
+    def lookup(subject: str, purpose: str) -> ConsentState:
+        return ConsentState(purpose, True, True, 'bench')
 
 
 def per_event(root: Path, n: int) -> dict:
@@ -107,6 +88,40 @@ def per_event(root: Path, n: int) -> dict:
                 r['row_us']['cpu_mean']
             r['ratio_wall_p50'] = (r['row_us']['p50'] + r['seal_us']['p50']) / r['row_us']['p50']
             out[size] = r
+    return out
+
+
+def layer_event(root: Path, n: int) -> dict:
+    """One event's write as the layer builds it (stores.EpisodeStore.entry: masking, the row,
+    its consent, and with encryption its payload sealed under the subject's or the day's key),
+    in two storages of one run, without and with encryption, interleaved op by op; then the
+    same events committed through each writer (wall time for all of them)."""
+    key_path = root / 'master.key'
+    root.mkdir(parents=True)
+    write_key_file(key_path, [MasterKey.generate()])
+    stores = {mode: Storage(StorageConfig(
+        root=str(root / mode), unit='bench',
+        encryption=EncryptionSettings(mode == 'encrypted', str(key_path))), env={},
+        consent=GrantAll) for mode in ('plain', 'encrypted')}
+    body = b'{"text":"the user said something about coffee and the kitchen, twice"}' * 3
+    evs = [Event(type='speech.heard', source='mic', id=f'e{i}', payload=body,
+                 timestamp_ms=T0 + i, metadata={SUBJECT_METADATA_KEY: f'person-{i % 100}'}
+                 if i % 5 else {}) for i in range(n)]
+    timers = {mode: table.Timer() for mode in stores}
+    for event in evs:
+        for mode, storage in stores.items():
+            timers[mode](storage.episodes.entry, 'agent', event)
+    out = {mode: t.stats(1e6) for mode, t in timers.items()}
+    for mode, storage in stores.items():
+        started = time.perf_counter()
+        for event in evs:
+            ticket = storage.episodes.record('agent', event)
+        ticket.wait(120)
+        out[mode]['committed_per_s'] = n / (time.perf_counter() - started)
+        storage.close()
+    out['ratio_cpu_mean'] = out['encrypted']['cpu_mean'] / out['plain']['cpu_mean']
+    out['added_cpu_us'] = out['encrypted']['cpu_mean'] - out['plain']['cpu_mean']
+    out['payload_bytes'], out['events'] = len(body), n
     return out
 
 
@@ -142,16 +157,14 @@ def moves(root: Path, n: int) -> dict:
         write_key_file(key_path, [MasterKey.generate()])
         enc = EncryptionSettings(mode == 'encrypted', str(key_path))
         with Storage(StorageConfig(root=str(folder / 'root'), unit='bench', encryption=enc),
-                     env={}) as s:
-            s.write("alter table episodes add column subject text not null default ''").wait(30)
-            for i in range(n):
+                     env={}, consent=GrantAll) as s:
+            for i in range(n):   # 80 % of them about one of 100 subjects
+                subject = {SUBJECT_METADATA_KEY: f'person-{(i + 1) % 100}'} if i % 5 != 4 else {}
                 s.episodes.record('agent', Event(type='speech.heard', source='mic', id=f'e{i}',
                                                  payload=b'a sentence of about sixty bytes '
                                                  b'said by someone %d' % i,
-                                                 timestamp_ms=T0 + i * 1000))
+                                                 timestamp_ms=T0 + i * 1000, metadata=subject))
             s.flush(120)
-            s.write("update episodes set subject = 'person-' || (id % 100) where id % 5 != 0") \
-                .wait(60)
             params = LifecycleParams(default=TierPolicy(warm_s=60, cold=False),
                                      move_batch=5000)
             lc = Lifecycle(s.layout, s.unit, s.objects, HashEmbedder(), params,
@@ -210,20 +223,10 @@ def keys(root: Path, n: int) -> dict:
 
 
 def machine() -> str:
-    cpu = 'unknown CPU'
-    for line in open('/proc/cpuinfo'):
-        if line.startswith('model name'):
-            cpu = line.split(':', 1)[1].strip()
-            break
-    mem_gb = psutil.virtual_memory().total / 2**30
-    return (f'{cpu}, {os.cpu_count()} cores, {mem_gb:.1f} GB; {platform.platform()}; Python '
-            f'{platform.python_version()}, SQLite {sqlite3.sqlite_version}, cryptography '
-            f'{cryptography.__version__}; load average at start {os.getloadavg()[0]:.2f}; '
-            f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}')
+    return table.machine(cryptography=cryptography.__version__)
 
 
-def fmt(s: dict, digits: int = 1) -> str:
-    return f'{s["p50"]:.{digits}f} / {s["p99"]:.{digits}f} / {s["max"]:.{digits}f}'
+fmt = table.fmt
 
 
 def report(info: dict) -> str:
@@ -245,6 +248,22 @@ def report(info: dict) -> str:
                                                                        'open_us')]
         lines.append(f'| {int(size):,} B | {" | ".join(cells)} | {r["ratio_cpu_mean"]:.2f}x / '
                      f'{r["ratio_wall_p50"]:.2f}x | {r["overhead_bytes"]} |')
+    if 'layer_event' in info:
+        r = info['layer_event']
+        lines += ['', f'## Per event through the layer ({r["events"]:,} events, '
+                  f'{r["payload_bytes"]} B payload, 80 % naming one of 100 subjects)', '',
+                  'stores.EpisodeStore.entry, the write of one event as an agent\'s commit builds '
+                  'it (masking, row, consent; with encryption the payload sealed into the '
+                  'row), in two storages of one run, interleaved; then the same events committed '
+                  'through each writer.', '',
+                  '| | wall P50 / P99 / max µs | CPU mean µs | committed events/s |',
+                  '| --- | --- | --- | --- |']
+        for mode in ('plain', 'encrypted'):
+            m = r[mode]
+            lines.append(f'| {mode} | {table.fmt(m)} | {m["cpu_mean"]:.1f} | '
+                         f'{m["committed_per_s"]:,.0f} |')
+        lines += ['', f'Encryption adds {r["added_cpu_us"]:.1f} µs of CPU per event '
+                  f'({r["ratio_cpu_mean"]:.2f}x).']
     lines += ['', '## Blobs (local object store: put = write, fsync, rename; get reads the file)',
               '', 'Wall P50 / P99 / max ms, CPU P50 ms in brackets; ratios encrypted / plain on '
               'wall P50 and on mean CPU.', '',
@@ -298,6 +317,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix='loom_encryption_bench_') as tmp:
         root = Path(tmp)
         info['per_event'] = per_event(root / 'e', 20000 // scale)
+        info['layer_event'] = layer_event(root / 'l', 20000 // scale)
         info['blobs'] = blobs(root / 'b', 500 // scale)
         info['moves'] = moves(root / 'm', 20000 // scale)
         info['keys'] = keys(root / 'k', 10000 // scale)

@@ -4,6 +4,8 @@
    the layer's group commit (episodes with masking, episodes pre-masked, agent state + episode
    per event), with commit latency (submit -> committed) P50/P99/max;
 2. paced load: 1,000 agents x 10 events/s, state + episode per event, commit latency;
+   (consent) what storage consent costs per event: anonymous (no lookup) against a subject's
+   event answered from the consent cache, asked every time, and withheld (part `consent`);
 3. how agents share files: one database per process vs one file per agent behind the same
    writer (one transaction per file per batch);
 4. lifecycle move cost per 10,000 events (warm -> cold with the hash embedder and with MiniLM,
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sqlite3
 import sys
@@ -30,11 +31,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loom_ros.bus.event import Event  # noqa: E402
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY  # noqa: E402
+from loom_ros.security.audit import AuditLog  # noqa: E402
+from loom_ros.storage.consent import ConsentRegistry, SubjectRefs, consent_path  # noqa: E402
 from loom_ros.storage.backend.local import LocalObjectStore  # noqa: E402
 from loom_ros.storage.cold import IndexParams, encode  # noqa: E402
 from loom_ros.storage.embedding import HashEmbedder  # noqa: E402
@@ -42,18 +46,13 @@ from loom_ros.storage.lifecycle import Lifecycle, LifecycleParams, TierPolicy  #
 from loom_ros.storage.schema import DDL  # noqa: E402
 from loom_ros.storage.sqlite import file_bytes, open_database  # noqa: E402
 from loom_ros.storage.storage import Storage, StorageConfig  # noqa: E402
-from loom_ros.storage.stores import EpisodeStore  # noqa: E402
+from loom_ros.storage.stores import EpisodeStore, episode_row  # noqa: E402
+
+import table  # noqa: E402  (bench/table.py: percentiles, timers, the machine line)
+from table import pct, rss_mb  # noqa: E402
 
 T0 = 1_700_000_000_000
 OUT = Path(__file__).resolve().parent / 'results'
-
-
-def rss_mb() -> float:
-    return psutil.Process().memory_info().rss / 1e6
-
-
-def pct(values, q) -> float:
-    return float(np.percentile(values, q)) if len(values) else float('nan')
 
 
 def events(n: int, agents: int = 1000) -> list[tuple[str, Event]]:
@@ -72,9 +71,8 @@ def raw_db(root: Path) -> sqlite3.Connection:
 # -- 1. throughput ---------------------------------------------------------------------------
 def throughput(root: Path, n: int) -> dict:
     evs = events(n)
-    store = EpisodeStore.__new__(EpisodeStore)
-    store.mask = lambda text: text
-    rows = [store.record_op(a, e)[1] for a, e in evs]
+    rows = [(*row, len(row[6]) + len(row[5]) + 64) for row in
+            (episode_row(a, e, lambda text: text) for a, e in evs)]   # pre-masked
     sql = EpisodeStore.INSERT
     out = {}
     conn = raw_db(root)
@@ -156,13 +154,61 @@ def paced(root: Path, agents: int = 1000, rate: int = 10, seconds: float = 5.0) 
     return out
 
 
+# -- 2b. consent per event ------------------------------------------------------------------
+class LookupOnly:
+    """The registry without version(): ConsentCache then asks it on every event (uncached)."""
+
+    def __init__(self, registry):
+        self.lookup = registry.lookup
+
+
+def consent(root: Path, n: int) -> dict:
+    """What storage consent costs per event: the write of one event built by the layer
+    (stores.EpisodeStore.entry: masking, the row, and for an event naming a subject its `store`
+    consent), interleaved op by op: anonymous (no lookup: the baseline), a subject with consent
+    answered from the cache (one PRAGMA data_version says it is fresh), the same asked every
+    time (a lookup per event), and a subject without consent (counted, not kept)."""
+    root.mkdir(parents=True)
+    audit = AuditLog(root / 'audit.db')
+    registry = ConsentRegistry(consent_path(root), audit=audit, refs=SubjectRefs.at(root / 'keys'))
+    subjects = [f'person-{i}' for i in range(100)]
+    for subject in subjects:
+        registry.grant(subject, 'store', 'bench')
+    reader = ConsentRegistry(consent_path(root), read_only=True)   # as Storage opens it
+    cached = Storage(StorageConfig(root=str(root), unit='cached'), consent=reader)
+    uncached = Storage(StorageConfig(root=str(root), unit='uncached'),
+                       consent=LookupOnly(reader))
+    body = b'{"text":"the user said something about coffee and the kitchen"}'
+
+    def ev(i: int, subject: str | None) -> Event:
+        return Event(type='speech.heard', source='mic', id=f'e{i}', payload=body,
+                     timestamp_ms=T0 + i,
+                     metadata={SUBJECT_METADATA_KEY: subject} if subject else {})
+
+    timers = {k: table.Timer() for k in ('anonymous', 'cached', 'uncached', 'withheld')}
+    for i in range(n):
+        subject = subjects[i % 100]
+        timers['anonymous'](cached.episodes.entry, 'a', ev(i, None))
+        timers['cached'](cached.episodes.entry, 'a', ev(i, subject))
+        timers['uncached'](uncached.episodes.entry, 'a', ev(i, subject))
+        timers['withheld'](cached.episodes.entry, 'a', ev(i, 'nobody'))
+    out = {k: t.stats(1e6) for k, t in timers.items()}
+    base = out['anonymous']
+    for key in ('cached', 'uncached', 'withheld'):
+        out[key]['ratio_cpu_mean'] = out[key]['cpu_mean'] / base['cpu_mean']
+        out[key]['added_cpu_us'] = out[key]['cpu_mean'] - base['cpu_mean']
+    out['cache_hits'], out['events'] = cached.consent.hits, n
+    for closing in (cached, uncached, reader, registry, audit):
+        closing.close()
+    return out
+
+
 # -- 3. file sharing -------------------------------------------------------------------------
 def sharing(root: Path, files: int = 100, batches: int = 50, per_batch: int = 1000) -> dict:
     """Same writes, one commit per batch (one file) vs one commit per file per batch."""
-    store = EpisodeStore.__new__(EpisodeStore)
-    store.mask = lambda text: text
     evs = events(batches * per_batch, files)
-    rows = [store.record_op(a, e)[1] for a, e in evs]
+    rows = [(*row, len(row[6]) + len(row[5]) + 64) for row in
+            (episode_row(a, e, lambda text: text) for a, e in evs)]   # pre-masked
     one = raw_db(root / 'one')
     t = time.perf_counter()
     for b in range(batches):
@@ -298,16 +344,7 @@ def cold(root: Path, n: int, queries: int = 200) -> dict:
 
 
 def machine() -> str:
-    cpu = 'unknown CPU'
-    for line in open('/proc/cpuinfo'):
-        if line.startswith('model name'):
-            cpu = line.split(':', 1)[1].strip()
-            break
-    mem_gb = psutil.virtual_memory().total / 2**30
-    return (f'{cpu}, {os.cpu_count()} cores, {mem_gb:.1f} GB; {platform.platform()}; Python '
-            f'{platform.python_version()}, SQLite {sqlite3.sqlite_version}, faiss '
-            f'{__import__("faiss").__version__}; load average at start {os.getloadavg()[0]:.2f}; '
-            f'{time.strftime("%Y-%m-%d")}')
+    return table.machine(faiss=__import__('faiss').__version__)
 
 
 def main() -> int:
@@ -316,14 +353,14 @@ def main() -> int:
     ap.add_argument('--cold-vectors', type=int, default=1_000_000)
     ap.add_argument('--minilm', action='store_true', help='also time warm -> cold with MiniLM')
     ap.add_argument('--out', default=str(OUT))
-    ap.add_argument('--parts', default='throughput,paced,sharing,moves,cold',
+    ap.add_argument('--parts', default='throughput,paced,consent,sharing,moves,cold',
                     help='comma list; results merge into an existing storage.json')
     args = ap.parse_args()
     parts = set(args.parts.split(','))
     out = Path(args.out)
     old = out / 'storage.json'
     info = json.loads(old.read_text()) if old.exists() and parts != {
-        'throughput', 'paced', 'sharing', 'moves', 'cold'} else {}
+        'throughput', 'paced', 'consent', 'sharing', 'moves', 'cold'} else {}
     note = os.environ.get('LOOM_BENCH_NOTE', 'taken with nothing else running')
     info.setdefault('runs', {})
     for part in parts:
@@ -337,6 +374,9 @@ def main() -> int:
         if 'paced' in parts:
             info['paced'] = paced(root / 'p')
             print(json.dumps(info['paced']), flush=True)
+        if 'consent' in parts:
+            info['consent'] = consent(root / 'consent', min(args.events, 20000))
+            print(json.dumps(info['consent']), flush=True)
         if 'sharing' in parts:
             info['sharing'] = sharing(root / 's')
             print(json.dumps(info['sharing']), flush=True)
@@ -359,8 +399,7 @@ def main() -> int:
     return 0
 
 
-def _ms(values, digits: int = 1) -> str:
-    return ' / '.join(f'{v:.{digits}f}' for v in values) + ' ms'
+_ms = table.ms
 
 
 def report(info: dict) -> str:
@@ -396,6 +435,27 @@ def report(info: dict) -> str:
                   '', f'Offered {p["offered_per_s"]:,}/s, handled {p["handled"]:,} '
                   f'({p["achieved_per_s"]:,.0f}/s), {p["batches"]} batches; commit latency P50 / P99 / '
                   f'max {_ms(p["latency_ms"])}.']
+    if 'consent' in info:
+        c = info['consent']
+        lines += ['', f'## Storage consent per event ({c["events"]:,} events of each kind, '
+                  'interleaved)', '',
+                  'The write of one event as the layer builds it (masking, the row, the `store` '
+                  'consent of its subject); µs, wall P50 / P99 / max and mean CPU of this '
+                  'thread. Anonymous events ask nothing: the baseline.', '',
+                  '| event | wall P50 / P99 / max | CPU mean | added CPU | vs anonymous |',
+                  '| --- | --- | --- | --- | --- |',
+                  f'| anonymous (baseline) | {table.fmt(c["anonymous"])} | '
+                  f'{c["anonymous"]["cpu_mean"]:.1f} | - | 1.00x |']
+        for key, label in (('cached', 'subject with consent, cached answer (data_version '
+                                      'check)'),
+                           ('uncached', 'subject with consent, registry asked every event'),
+                           ('withheld', 'subject without consent (counted, not kept)')):
+            r = c[key]
+            lines.append(f'| {label} | {table.fmt(r)} | {r["cpu_mean"]:.1f} | '
+                         f'{r["added_cpu_us"]:+.1f} | {r["ratio_cpu_mean"]:.2f}x |')
+        lines += ['', 'The cache is dropped whenever the registry\'s version moves (a change by '
+                  'this process, or PRAGMA data_version: a commit by any other), so a withdrawal '
+                  'holds for every event after it returned.']
     if 'sharing' in info:
         s = info['sharing']
         lines += ['', f'## One database per process vs one file per agent ({s["batch_rows"]} writes a batch)',

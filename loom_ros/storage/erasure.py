@@ -397,11 +397,14 @@ class _UnitEraser(Lifecycle):
     def open(cls, layout, unit: str, objects) -> '_UnitEraser':
         params = IndexParams(dim=_index_dim(layout.cold_index(unit)))
         try:
+            # no quick check on open (it reads the whole file): the VACUUM that ends the
+            # erasure reads every page and fails on a damaged file the same way
             try:
-                return cls(layout, unit, objects, embedder=None, index_params=params)
+                return cls(layout, unit, objects, embedder=None, index_params=params,
+                           check=False)
             except IndexMismatchError:   # a stale index must not block an erasure: rebuilt
                 return cls(layout, unit, objects, embedder=None, index_params=params,  # from rows
-                           rebuild=True)
+                           rebuild=True, check=False)
         except StorageError as exc:
             if 'runs its lifecycle' in str(exc):
                 raise ErasureError(f'the lifecycle of storage unit {unit!r} is run by another '

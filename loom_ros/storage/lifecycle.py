@@ -149,7 +149,10 @@ class Lifecycle:
     def __init__(self, layout: StorageLayout, unit: str, objects: ObjectStore, embedder,
                  params: LifecycleParams | None = None, budgets: Budgets | None = None,
                  index_params: IndexParams | None = None, clock: Callable[[], int] | None = None,
-                 synchronous: str = 'NORMAL', read_only: bool = False, rebuild: bool = False):
+                 synchronous: str = 'NORMAL', read_only: bool = False, rebuild: bool = False,
+                 check: bool = True):
+        """`check`: run SQLite's quick check on open (reads every page: a damaged file is a
+        clear error here); erasure skips it, its VACUUM reads every page and fails the same."""
         self.layout, self.unit = layout, check_name(unit, 'storage unit')
         self.objects, self.embedder = objects, embedder
         self.params, self.budgets = params or LifecycleParams(), budgets or Budgets()
@@ -180,7 +183,7 @@ class Lifecycle:
             raise StorageError(f'{self.path}: another process runs its lifecycle') from None
         self.conn = None
         try:
-            self.conn = open_database(self.path, synchronous=synchronous)
+            self.conn = open_database(self.path, synchronous=synchronous, check=check)
             from loom_ros.storage import schema
             schema.ensure(self.conn, self.path)
             self._check_encryption()
