@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import struct
 import tempfile
 import time
@@ -586,20 +587,31 @@ def _forget_plugin_data(layout, subject: str, receipt: Receipt) -> None:
     removed (links are removed, never followed)."""
     for folder in plugin_subject_dirs(layout, subject):
         for path in _plugin_files(folder):
-            if not path.is_symlink():
-                try:
-                    size = path.stat().st_size
-                    with open(path, 'r+b') as stream:
-                        stream.write(b'\0' * min(size, 1 << 20))
-                        for _ in range(size >> 20):
-                            stream.write(b'\0' * (1 << 20))
-                        stream.flush()
-                        os.fsync(stream.fileno())
-                except OSError:
-                    pass
+            _zero(path)
             receipt.counts['plugin_files'] += 1
             receipt.files += 1
         shutil.rmtree(folder)
+
+
+def _zero(path: Path) -> None:
+    """Overwrite a regular file with zeros: never through a link (O_NOFOLLOW), never blocking
+    on a FIFO or device planted there (O_NONBLOCK, then only a regular file is written)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return   # a link, a FIFO without a reader, gone: removed with its folder
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return
+        block, left = b'\0' * (1 << 20), info.st_size
+        while left > 0:
+            left -= os.write(fd, block[:min(left, len(block))])
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _forget_key(layout, subject: str, keyring: Keyring | None, receipt: Receipt) -> None:
@@ -780,8 +792,9 @@ def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
             for folder in plugin_subject_dirs(layout, subject):
                 plugin = folder.parent.parent.name
                 for path in _plugin_files(folder):
-                    if path.is_symlink() or path.stat().st_size > MAX_TRACE_BYTES:
-                        continue
+                    if path.is_symlink() or not path.is_file() or \
+                            path.stat().st_size > MAX_TRACE_BYTES:
+                        continue   # a link, a FIFO or device (never read), or too large
                     archive.writestr(f'media/plugins/{plugin}/{path.relative_to(folder)}',
                                      path.read_bytes())
                     counts['plugin_files'] = counts.get('plugin_files', 0) + 1

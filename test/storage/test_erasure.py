@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -446,8 +447,13 @@ def test_plugin_data_is_erased_without_following_links(tmp_path):
     (mine / 'deep').mkdir(parents=True)
     (mine / 'deep' / 'n.txt').write_text(a.canary('plugin'))
     (mine / 'link.txt').symlink_to(outside / 'target.txt')
+    os.mkfifo(mine / 'pipe')            # neither opening nor reading it may block
+    out = tmp_path / 'a.zip'
+    assert export(StorageLayout.at(root), a.id, out)['plugin_files'] == 1
+    with zipfile.ZipFile(out) as archive:
+        assert archive.read('media/plugins/notes/deep/n.txt') == a.canaries['plugin']
     receipt = forget(StorageLayout.at(root), a.id)
-    assert receipt.counts['plugin_files'] == 2 and not mine.exists()
+    assert receipt.counts['plugin_files'] == 3 and not mine.exists()
     assert (outside / a.id / 'keep.txt').read_text() == 'not under the root'
     assert (outside / 'target.txt').read_text() == 'linked from the root'
     assert 'plugin data outside <root>/plugins/<plugin>/subjects/<subject>/' in receipt.not_covered
