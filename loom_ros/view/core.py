@@ -11,8 +11,9 @@ Entities (the blueprint below lays them out):
 - `log/speech`: transcripts and spoken answers; `log/routes`: each route decision with its rule
   and reason;
 - `routes/<route>`: decisions per route so far; `latency/camera_to_emoji_ms`, and per topic
-  `latency/<topic>/<node>/p50|p99` (handler latency from loom/metrics); `queues/<node>/<sub>`: queue
-  depth; `drops/<node>/<sub>/dropped|lost` (from loom/bus/stats).
+  `latency/<topic>/<node>/p50|p99` (handler latency from loom/metrics); `queues/<node>/<sub>`:
+  queue depth; `drops/<node>/<sub>/dropped|lost` (from loom/bus/stats; each from the first time
+  it is not 0).
 
 Every input is bounded before it reaches Rerun (image size and shape, text length, box and series
 counts, finite numbers); a bad message is counted under a reason in `skipped` and dropped, never
@@ -101,6 +102,12 @@ def _small_int(text: object) -> int | None:
     return int(text)
 
 
+# Text logs show the message only: the time is on the timeline, the entity in the view's title.
+_BODY_ONLY = rrb.TextLogColumns(text_log_columns=[
+    rrb.components.TextLogColumn('EntityPath', visible=False),
+    rrb.components.TextLogColumn('LogLevel', visible=False), 'Body'])
+
+
 def blueprint() -> rrb.Blueprint:
     """The layout a person sees first: camera and screen left, plots middle, logs right."""
     return rrb.Blueprint(
@@ -112,8 +119,10 @@ def blueprint() -> rrb.Blueprint:
                          rrb.TimeSeriesView(origin='queues', name='Queue depth'),
                          rrb.TimeSeriesView(origin='drops', name='Drops and losses'),
                          rrb.TimeSeriesView(origin='routes', name='Routes taken')),
-            rrb.Vertical(rrb.TextLogView(origin=ROUTE_LOG, name='Route decisions and reasons'),
-                         rrb.TextLogView(origin=SPEECH_LOG, name='Transcript and answers')),
+            rrb.Vertical(rrb.TextLogView(origin=ROUTE_LOG, name='Route decisions and reasons',
+                                         columns=_BODY_ONLY),
+                         rrb.TextLogView(origin=SPEECH_LOG, name='Transcript and answers',
+                                         columns=_BODY_ONLY)),
             column_shares=[5, 4, 4]),
         rrb.BlueprintPanel(state='collapsed'), rrb.SelectionPanel(state='collapsed'),
         rrb.TimePanel(state='collapsed'))
@@ -136,6 +145,7 @@ class LoomView:
         self.shown: Counter = Counter()
         self.skipped: Counter = Counter()
         self._series: set[str] = set()
+        self._active: set[str] = set()   # bus series that have been non-zero
         self._route_counts: Counter = Counter()
         self._last_image_s: float | None = None
         self._image_size: tuple[int, int] | None = None
@@ -450,8 +460,23 @@ class LoomView:
                 except (AttributeError, TypeError, ValueError):
                     self.skipped[BAD_MESSAGE] += 1
                     continue
-                shown = self._scalar(self._entity('queues', short, pattern), depth)
-                shown |= self._scalar(self._entity('drops', short, pattern, 'dropped'), dropped)
-                shown |= self._scalar(self._entity('drops', short, pattern, 'lost'), lost)
+                shown = False
+                for parts, value in ((('queues', short, pattern), depth),
+                                     (('drops', short, pattern, 'dropped'), dropped),
+                                     (('drops', short, pattern, 'lost'), lost)):
+                    shown |= self._active_scalar(parts, value)
                 if shown:
                     self._shown('bus')
+
+    def _active_scalar(self, parts: tuple, value: object) -> bool:
+        """A series that has been non-zero once: dozens of subscriptions whose queues and drops
+        stay at 0 would bury the few that matter (and load the viewer for nothing)."""
+        key = '/'.join(map(str, parts))
+        if key not in self._active:
+            if _finite(value) == 0:
+                return False
+            if len(self._active) >= self.limits.max_series:
+                self.skipped[TOO_MANY_SERIES] += 1
+                return False
+            self._active.add(key)
+        return self._scalar(self._entity(*parts), value)

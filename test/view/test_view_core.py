@@ -53,7 +53,7 @@ def _bus_stats(node: str, depth: int, dropped: int, lost: int):
     from loom_msgs.msg import BusStats, SubscriptionStats
     return BusStats(node=node, subscriptions=[SubscriptionStats(
         pattern='camera.front', topics=['camera.front'], queue_depth=depth,
-        dropped_oldest=dropped, overflow=1, lost=lost)])
+        dropped_oldest=dropped, overflow=0, lost=lost)])
 
 
 def _metrics(node: str, p50: float, p99: float):
@@ -84,7 +84,9 @@ def test_real_messages_become_the_entities_a_person_sees(tmp_path, scene):
                   'mic.primary.speech', T0 + 1)
     view.on_event(Event.with_json('answer.spoken', {'text': 'Sunny, 21 degrees in Paris'}),
                   'agent.voice.intent', T0 + 2)
-    view.on_bus_stats(_bus_stats('/agent_face', depth=3, dropped=4, lost=2), T0 + 2)
+    view.on_bus_stats(_bus_stats('/agent_face', depth=0, dropped=0, lost=0), T0 + 1.5)  # not drawn
+    view.on_bus_stats(_bus_stats('/agent_face', depth=3, dropped=4, lost=0), T0 + 2)
+    view.on_bus_stats(_bus_stats('/agent_face', depth=0, dropped=4, lost=2), T0 + 3)
     view.on_metrics(_metrics('/agent_face', 12.5, 40.0), T0 + 2)
     _close(rec)
     assert not view.skipped, view.skipped
@@ -109,8 +111,10 @@ def test_real_messages_become_the_entities_a_person_sees(tmp_path, scene):
     speech = [t[0] for t in values(rows, core.SPEECH_LOG, 'TextLog:text')]
     assert speech == ['transcript: what is the weather in Paris',
                       'answer: Sunny, 21 degrees in Paris']
-    assert values(rows, 'queues/agent_face/camera.front', 'Scalars:scalars') == [[3.0]]
-    assert values(rows, 'drops/agent_face/camera.front/dropped', 'Scalars:scalars') == [[5.0]]
+    # Each bus series from the first time it is not 0 (then 0 again is drawn).
+    assert values(rows, 'queues/agent_face/camera.front', 'Scalars:scalars') == [[3.0], [0.0]]
+    assert values(rows, 'drops/agent_face/camera.front/dropped', 'Scalars:scalars') == [[4.0],
+                                                                                         [4.0]]
     assert values(rows, 'drops/agent_face/camera.front/lost', 'Scalars:scalars') == [[2.0]]
     assert values(rows, 'latency/camera.front/agent_face/p99', 'Scalars:scalars') == [[40.0]]
 
@@ -136,7 +140,7 @@ def test_hostile_inputs_are_counted_and_skipped_and_the_view_goes_on(tmp_path, s
         [0, 0, 10, 10], [5, 5, 1, 1], [0, 0, float('nan'), 4], 'box', [1, 2, 3],
         [0, 0, 1e9, 1e9]] + [[0, 0, 2, 2]] * 10}), T0)
     view.on_ui_state(json.dumps({'text': 'y' * 10_000}), T0)   # cut, still shown
-    view.on_bus_stats(_bus_stats('/n', depth=1, dropped=0, lost=0), float('nan'))
+    view.on_bus_stats(_bus_stats('/n', depth=1, dropped=1, lost=0), float('nan'))
     view.on_metrics(_metrics('/n', math.nan, math.inf), T0)
     view.on_route_decision(object(), T0)
     for i in range(20):                                        # one route name per decision
