@@ -28,6 +28,7 @@ from loom_ros.storage.erasure import ErasureError, export
 from loom_ros.storage.lifecycle import Lifecycle, LifecycleParams, TierPolicy
 from loom_ros.storage.readers import AgentMemoryReader
 from loom_ros.storage.rowcipher import episode_context
+from loom_ros.storage.service import Settings, StorageService
 from loom_ros.storage.storage import Storage, StorageConfig
 
 T0 = 1_700_000_000_000
@@ -103,6 +104,13 @@ def test_payloads_and_summaries_are_ciphertext_on_disk_and_read_back(tmp_path):
         # ... and without it: a clear error, never ciphertext handed out as text
         with pytest.raises(KeyringError, match='encrypted at rest'):
             AgentMemoryReader(storage.layout).episodes('a1')
+        # the storage service (node, `loom storage query`) reads them decrypted too
+        service = StorageService(Settings(storage.layout, encryption=settings(tmp_path)),
+                                 embedder=HashEmbedder(), clock=clock, read_only=True, env={})
+        try:
+            assert texts(service.query('episodes')) == sorted(canary.values())
+        finally:
+            service.close()
         # cold memories quote payloads: their summaries are ciphertext too
         lifecycle = Lifecycle(storage.layout, 'host', storage.objects, HashEmbedder(),
                               LifecycleParams(default=TierPolicy(warm_s=60, cold_s=600),
@@ -115,6 +123,13 @@ def test_payloads_and_summaries_are_ciphertext_on_disk_and_read_back(tmp_path):
         assert {r[0] for r in lifecycle.conn.execute('select typeof(summary) from cold')} == \
             {'blob'}
         lifecycle.close()
+        service = StorageService(Settings(storage.layout, encryption=settings(tmp_path)),
+                                 embedder=HashEmbedder(), clock=clock, read_only=True, env={})
+        try:
+            assert sorted(m['summary'][-50:] for m in service.query(
+                'memories', text='speech heard')) == sorted(m['summary'][-50:] for m in found)
+        finally:
+            service.close()
         data = every_byte(root)
         for who, text in canary.items():
             assert text.encode() not in data, who
