@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:   # the ports' data types; imported where used, to keep this m
     from loom_ros.router.local import RouteAnswer, RouteQuery
 
 ENTRY_POINT_GROUP = 'loom.behaviors'
+MAX_REMEMBERED_DECISIONS = 4096   # decisions whose outcome may still be reported (per agent)
 
 
 class BehaviorNotFound(LookupError):
@@ -132,6 +133,8 @@ class AgentContext:
     episodic: object = None   # agents.memory.EpisodicMemory (every handled event is recorded)
     semantic: object = None   # agents.memory.SemanticMemory, when the agent enables it
     ports: Ports = field(default_factory=Ports)
+    # decision id -> whether its event named a data subject, for `report` (newest kept)
+    _subjects: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     # -- ports --------------------------------------------------------------------------------
     def route(self, event: Event, event_type: str, *, confidence: float | None = None,
@@ -141,15 +144,25 @@ class AgentContext:
         the behavior has one; its privacy is the event's effective privacy. PortError (or the
         router core's RequestError) when there is no decision."""
         from loom_ros.router.local import RouteQuery
-        return self.ports.router.route(RouteQuery(
+        subject = _named_subject(event)
+        answer = self.ports.router.route(RouteQuery(
             event_id=event.id, event_type=event_type, agent_id=self.agent_id,
             privacy=effective_privacy(event), local_confidence=confidence,
             latency_budget_ms=latency_budget_ms, local_supported=local_supported,
-            payload_bytes=len(event.payload),
-            subject=_named_subject(event)))
+            payload_bytes=len(event.payload), subject=subject))
+        self._subjects[answer.decision_id] = bool(subject)
+        while len(self._subjects) > MAX_REMEMBERED_DECISIONS:
+            self._subjects.popitem(last=False)
+        return answer
 
     def report(self, outcome: 'Outcome') -> None:
-        """An executed route's outcome, for the router (cloud.client.execute_route's `report`)."""
+        """An executed route's outcome, for the router (cloud.client.execute_route's `report`).
+        Marked `names_subject` when its decision's event named a data subject, or when the
+        decision is not one this context routed recently (fail closed: its training row then
+        needs the recorded event and the subject's learning consent)."""
+        names = self._subjects.get(outcome.decision_id, True)
+        if names and not outcome.names_subject:
+            outcome = replace(outcome, names_subject=True)
         self.ports.router.report(outcome)
 
     def call(self, plugin: str, event: Event) -> PluginResponse:

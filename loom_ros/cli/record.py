@@ -3,11 +3,12 @@ read, without rosbag2 (not installable from PyPI wheels).
 
 Messages are stored as they arrive on the wire (CDR, no deserialization), one channel per topic,
 with `ros2msg` schemas: the type's .msg definition followed by every nested type's, separated the
-way rosbag2 writes them, found through the ament index. Topics are subscribed as they appear in
-the graph (reliable when every publisher then is, as rosbag2 does, else best effort, which
-matches every publisher; a best-effort publisher appearing later on a topic recorded reliably is
-not matched), until SIGINT / SIGTERM or `--duration`. A JSON line `{"first_message": topic}` says when each topic's first
-message is written; the summary (messages per topic) is one JSON line at the end.
+way rosbag2 writes them, found through the ament index. Topics are subscribed once they have a
+publisher in the graph (reliable when every publisher then is, as rosbag2 does, else best
+effort, which matches every publisher; a best-effort publisher appearing later on a topic
+recorded reliably is not matched), until SIGINT / SIGTERM or `--duration`. A JSON line
+`{"first_message": topic}` says when each topic's first message is written; the summary
+(messages per topic) is one JSON line at the end.
 
 Secrets are masked before anything is written (telemetry's rules, `mask_text`/`mask_value`):
 on loom_msgs Event and EventBatch messages the id, type, source, tags, every metadata value
@@ -24,11 +25,19 @@ events, mic audio (`mic.primary`), route decisions and their outcomes (router/de
 router/outcomes), besides what the UI and the agents said. Each channel notes its publisher's
 durability (metadata `loom.durability`), so `loom play` offers the same.
 
-Privacy: every event passes the recorder's `privacy` hook (event -> KEEP or STRIP) before it is
-written; STRIP empties its payload and marks it (metadata `loom.stripped`), counted in
-`stripped`, and a hook that raises strips (fails closed). The default keeps every tier,
-Private and LocalOnly included, because this recorder writes to the robot's own disk; the
-consent registry (storage/consent.py) plugs in here by passing its own hook to McapRecorder.
+Privacy: every event passes the recorder's `privacy` hook (event -> KEEP, STRIP or NO_CONSENT)
+before it is written; anything but KEEP empties its payload and marks it (metadata
+`loom.stripped`: `privacy`, or `consent`), counted in `stripped` (and `stripped_consent`), and a
+hook that raises strips (fails closed). `loom record` uses `consent_hook`: the payload of an
+event naming a data subject (`loom.subject`) without `recording` consent in the storage root's
+consent registry (storage/consent.py, read-only; a change holds from the next event) is left out,
+its metadata kept; anonymous events keep every tier, Private and LocalOnly included, because
+this recorder writes to the robot's own disk.
+
+Matching: DDS matches the recorder's reader with each publisher in its own time (a long-lived
+participant with many endpoints can take seconds), and best-effort messages sent before are not
+the recorder's. A JSON line `{"matched": topic, "publishers": n}` says when a reader's match
+count changes; `lost` in the summary counts what DDS reported lost per topic.
 """
 from __future__ import annotations
 
@@ -45,8 +54,10 @@ from pathlib import Path
 
 from loom_ros.bus import topics
 from loom_ros.bus.names import to_ros_topic
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, Purpose, check_subject
 from loom_ros.bus.qos import fastdds_environment
 from loom_ros.config.params import config_dir
+from loom_ros.storage.layout import DEFAULT_ROOT
 from loom_ros.telemetry.logs import mask_node_logger, mask_text, mask_value
 
 MIC_PRIMARY = 'mic.primary'   # raw microphone audio (sim_sensors' MIC_TOPIC; not in topics.py)
@@ -71,8 +82,8 @@ MASKED_TYPES = ('loom_msgs/msg/Event', 'loom_msgs/msg/EventBatch', 'std_msgs/msg
 # Metadata `encoding` values of raw media payloads (perception/image.py, sim_sensors' mic).
 MEDIA_ENCODINGS = frozenset({'rgb8', 'bgr8', 'mono8', 'rgba8', 'bgra8', 'mono16', 'jpeg', 'png',
                              's16le', 's16be', 'f32le', 'u8', 'pcm', 'opus', 'wav'})
-KEEP, STRIP = 'keep', 'strip'
-STRIPPED_KEY = 'loom.stripped'
+KEEP, STRIP, NO_CONSENT = 'keep', 'strip', 'no_consent'
+STRIPPED_KEY = 'loom.stripped'   # value: why ('privacy', or 'consent' for NO_CONSENT)
 DURABILITY_KEY = 'loom.durability'
 # What the recorder does with one event before it is written: KEEP or STRIP (see the module doc).
 PrivacyHook = Callable[[object], str]
@@ -82,6 +93,24 @@ def keep_every_tier(event) -> str:
     """The default hook: this recorder writes to the robot's own disk, so Private and LocalOnly
     payloads may be kept (they never leave the robot through it)."""
     return KEEP
+
+
+def consent_hook(lookup, inner: PrivacyHook = keep_every_tier) -> PrivacyHook:
+    """A privacy hook that asks the consent registry's `lookup(subject, purpose)`: an event naming
+    a data subject (every `loom.subject` entry it has) without `recording` consent is NO_CONSENT;
+    an invalid subject id or a registry that cannot answer is too (fail closed). Anonymous
+    events, and subjects with consent, go on to `inner`."""
+    def hook(event) -> str:
+        for kv in event.metadata:
+            if kv.key != SUBJECT_METADATA_KEY:
+                continue
+            try:
+                if not lookup(check_subject(kv.value), Purpose.RECORDING.value).granted:
+                    return NO_CONSENT
+            except Exception:   # noqa: BLE001 - SubjectError, StorageError...: not consented
+                return NO_CONSENT
+        return inner(event)
+    return hook
 
 
 class SchemaError(LookupError):
@@ -150,7 +179,8 @@ class SecretMasker:
         self.msg_type = message_class(full_type)
         self.privacy = privacy
         self.cut = 0
-        self.stripped = 0
+        self.stripped = 0           # every stripped payload
+        self.stripped_consent = 0   # of those, for a subject without recording consent
 
     def __call__(self, data: bytes) -> bytes:
         msg = self._decode(data, self.msg_type)
@@ -170,8 +200,10 @@ class SecretMasker:
             verdict = STRIP
         if verdict != KEEP:
             self.stripped += 1
+            self.stripped_consent += verdict == NO_CONSENT
             event.payload = b''
-            event.metadata.append(_key_value(STRIPPED_KEY, 'privacy'))
+            event.metadata.append(_key_value(
+                STRIPPED_KEY, 'consent' if verdict == NO_CONSENT else 'privacy'))
         for name in ('id', 'type', 'source'):
             setattr(event, name, mask_text(getattr(event, name)[:MAX_FIELD_CHARS]))
         event.tags = [mask_text(t[:MAX_FIELD_CHARS]) for t in event.tags]
@@ -262,6 +294,10 @@ class McapRecorder:
         """Events whose payload the privacy hook stripped so far."""
         return sum(m.stripped for m in self._maskers.values())
 
+    def stripped_consent(self) -> int:
+        """Of those, payloads of subjects without recording consent."""
+        return sum(m.stripped_consent for m in self._maskers.values())
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
@@ -278,7 +314,11 @@ def message_class(full_type: str):
     return getattr(importlib.import_module(f'{pkg}.msg'), name)
 
 
-def _record_node(recorder: McapRecorder, topics: list[str]):
+def _record_node(recorder: McapRecorder, topics: list[str],
+                 on_matched: Callable[[str, int], None] | None = None):
+    """`on_matched(topic, publishers)`: the recorder's reader on `topic` now matches that many
+    publishers (DDS's subscription-matched event)."""
+    from rclpy.event_handler import SubscriptionEventCallbacks
     from rclpy.node import Node
     from rclpy.qos import QoSProfile, ReliabilityPolicy
 
@@ -289,12 +329,15 @@ def _record_node(recorder: McapRecorder, topics: list[str]):
             self.wanted = [self.resolve_topic_name(t) for t in topics]
             self.subs = {}
             self.problems: dict[str, str] = {}
+            self.lost: dict[str, int] = {}   # per topic, as DDS reports it (message_lost)
             self.create_timer(0.2, self._discover)
 
         def _discover(self):
             for name, types in self.get_topic_names_and_types():
                 if name not in self.wanted or name in self.subs or name in self.problems:
                     continue
+                if not self.get_publishers_info_by_topic(name):
+                    continue   # seen through a subscriber only: its QoS is the publishers' to say
                 try:
                     recorder.add_topic(name, types[0], self._channel_metadata(name))
                     msg_type = message_class(types[0])
@@ -304,7 +347,16 @@ def _record_node(recorder: McapRecorder, topics: list[str]):
                     continue
                 self.subs[name] = self.create_subscription(
                     msg_type, name, lambda data, n=name: recorder.write(n, data),
-                    self._qos(name), raw=True)
+                    self._qos(name), raw=True, event_callbacks=SubscriptionEventCallbacks(
+                        matched=lambda info, n=name: self._matched(n, info),
+                        message_lost=lambda info, n=name: self._lost(n, info)))
+
+        def _matched(self, name: str, info) -> None:
+            if on_matched is not None:
+                on_matched(name, int(info.current_count))
+
+        def _lost(self, name: str, info) -> None:
+            self.lost[name] = int(info.total_count)
 
         def _qos(self, name: str) -> QoSProfile:
             """rosbag2's choice: reliable when every publisher is (nothing sent reliably is
@@ -339,6 +391,11 @@ def _arguments(p) -> None:
                    help=f'also record camera frames ({" ".join(CAMERA_TOPICS)}; about 8 MB/s at '
                         '10 Hz), what a replay of the face flow needs')
     p.add_argument('--duration', type=float, default=0.0, help='stop after this many seconds')
+    p.add_argument('--root', default=DEFAULT_ROOT,
+                   help=f'storage.root whose consent registry says who may be recorded '
+                        f'(default {DEFAULT_ROOT}; its consent.db, read only)')
+    p.add_argument('--consent-config', default='',
+                   help='consent defaults (default: the shipped config/consent.yaml)')
 
 
 def run(args, ros_args: list[str]) -> int:
@@ -348,6 +405,16 @@ def run(args, ros_args: list[str]) -> int:
     from rclpy.task import Future
 
     from loom_ros.bus.executor import make_executor, spin_until
+    # Here, not at the top: every `loom` command imports this module to build its parser.
+    from loom_ros.storage.consent import ConsentError, ConsentRegistry, consent_path, load_defaults
+    try:
+        registry = ConsentRegistry(
+            consent_path(args.root), load_defaults(args.consent_config or
+                                                   config_dir() / 'consent.yaml'),
+            read_only=True)
+    except ConsentError as exc:
+        print(f'loom record: {exc}', file=sys.stderr)
+        return 2
     # Loom's Fast DDS profile (as bring-up gives its nodes), so camera frames reach the recorder
     # whole; the profile is read when the participant is made, after this.
     os.environ.update(fastdds_environment(os.environ, config_dir()))
@@ -359,10 +426,13 @@ def run(args, ros_args: list[str]) -> int:
             stop.set_result(True)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, request_stop)
-    recorder = McapRecorder(args.output, on_first=lambda topic: print(
-        json.dumps({'first_message': topic}), flush=True))   # a topic is being recorded
+    recorder = McapRecorder(args.output, privacy=consent_hook(registry.lookup),
+                            on_first=lambda topic: print(
+                                json.dumps({'first_message': topic}), flush=True))
     node = _record_node(recorder, (args.topics or DEFAULT_TOPICS) +
-                        (CAMERA_TOPICS if getattr(args, 'camera', False) else []))
+                        (CAMERA_TOPICS if getattr(args, 'camera', False) else []),
+                        on_matched=lambda topic, n: print(
+                            json.dumps({'matched': topic, 'publishers': n}), flush=True))
     if args.duration:
         node.create_timer(args.duration, request_stop)
     executor = make_executor()
@@ -374,11 +444,13 @@ def run(args, ros_args: list[str]) -> int:
         recorder.close()
         print(json.dumps({'file': args.output, 'messages': recorder.counts,
                           'unreadable': recorder.unreadable, 'cut': recorder.cut(),
-                          'stripped': recorder.stripped(), 'problems': node.problems}),
-              flush=True)
+                          'stripped': recorder.stripped(),
+                          'stripped_consent': recorder.stripped_consent(), 'lost': node.lost,
+                          'problems': node.problems}), flush=True)
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
+        registry.close()
     return 0
 
 

@@ -1,7 +1,8 @@
 """`loom router train --from DIR_OR_FILES`: the learned router trained on recorded decisions and
 outcomes, evaluated against the rules on held-out recordings (router/train_recorded.py says how
-rows, labels and the split are made). Exit status: 0 evaluated, 1 nothing to train on, 2 bad
-arguments."""
+rows, labels and the split are made). Rows of data subjects without `learning` consent in the
+storage root's consent registry (read only) are left out, counted and printed. Exit status: 0
+evaluated, 1 nothing to train on, 2 bad arguments."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ import json
 import sys
 
 from loom_ros.config.params import config_dir
+from loom_ros.storage.layout import DEFAULT_ROOT
 
 
 def add_parser(sub) -> None:
@@ -27,6 +29,11 @@ def _arguments(p) -> None:
     # `loom` command would pay at start.
     p.add_argument('--policy', default=str(config_dir() / 'policy.yaml'),
                    help='routing policy YAML (prices)')
+    p.add_argument('--root', default=DEFAULT_ROOT,
+                   help=f'storage.root whose consent registry says whose rows may be learned '
+                        f'from (default {DEFAULT_ROOT}; its consent.db, read only)')
+    p.add_argument('--consent-config', default='',
+                   help='consent defaults (default: the shipped config/consent.yaml)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--max-files', type=int, default=1000, help='refuse more recordings')
     p.add_argument('--max-rows', type=int, default=200_000, help='use at most this many rows')
@@ -36,20 +43,30 @@ def _arguments(p) -> None:
 def run(args) -> int:
     from loom_ros.router.policy import PolicyError, load_policy
     from loom_ros.router.train_recorded import TrainingError, evaluate_recorded, load, report
+    from loom_ros.storage.consent import (ConsentError, ConsentRegistry, consent_path,
+                                          load_defaults)
+    from loom_ros.storage.errors import StorageError
     if not 1 <= args.max_files <= 100_000 or not 10 <= args.max_rows <= 10_000_000:
         print('loom router train: --max-files in [1, 100000], --max-rows in [10, 10000000]',
               file=sys.stderr)
         return 2
     try:
         policy = load_policy(args.policy)
-        result = evaluate_recorded(load(args.sources, args.max_files, args.max_rows), policy,
-                                   args.seed)
-    except PolicyError as exc:
+        registry = ConsentRegistry(
+            consent_path(args.root), load_defaults(args.consent_config or
+                                                   config_dir() / 'consent.yaml'),
+            read_only=True)
+    except (PolicyError, ConsentError, StorageError) as exc:
         print(f'loom router train: {exc}', file=sys.stderr)
         return 2
+    try:
+        result = evaluate_recorded(load(args.sources, args.max_files, args.max_rows,
+                                        consent=registry.lookup), policy, args.seed)
     except TrainingError as exc:
         print(f'loom router train: {exc}', file=sys.stderr)
         return 1
+    finally:
+        registry.close()
     result.pop('model')
     print(json.dumps(result, indent=1, default=str) if args.json else report(result))
     return 0

@@ -39,8 +39,13 @@ class Outcome:
     backend: str          # local | cloud
     latency_ms: float
     cost: float
-    success: bool
+    success: bool         # the route ran and answered (not whether the answer was right)
     confidence: float
+    # Was the local answer good enough (None: nobody had a reference to compare it with; see
+    # loom_msgs/RouteOutcome), and did the routed event name a data subject. Carried on
+    # router/outcomes for training (router/train_recorded.py); this history does not keep them.
+    local_good_enough: bool | None = None
+    names_subject: bool = False
 
 
 class RouterHistory:

@@ -246,7 +246,9 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
             return
         local.report(Outcome(
             msg.decision_id, msg.event_type, msg.backend, msg.latency_ms, msg.cost, msg.success,
-            float(msg.confidence)))
+            float(msg.confidence),
+            bool(msg.local_good_enough) if msg.has_local_verdict else None,
+            bool(msg.names_subject)))
 
     def _publish_stats(self) -> None:
         from loom_msgs.msg import RouterStats

@@ -4,14 +4,24 @@ from the synthetic trace, and its evaluation against the rules on held-out recor
 A row is one routing decision (router/decisions: event type, privacy, route, and what it was
 asked with: the local confidence, latency budget and payload size; read through
 router/messages.py's checks) joined by decision id with the outcome its agent reported
-(router/outcomes: backend, latency, cost, success) and the label "was local good enough":
-- `outcome`: a local outcome's `success` (what the router's own history trains on);
-- `cloud`: an agent's intent event naming the routed event (`source_event`) whose answer came
-  from the cloud and that says what local would have answered (`local`): right when they agree
-  (the voice agent's intents carry both). The cloud is taken as the reference.
+(router/outcomes: backend, latency, cost) and the label "was local good enough":
+- `verdict`: the outcome's own (RouteOutcome has_local_verdict / local_good_enough), set by the
+  agent that had a reference: the voice agent when the cloud answered too, the face agent from
+  the frames that followed (agents/flows/*.py);
+- `cloud`: else an agent's intent event naming the routed event (`source_event`) whose answer
+  came from the cloud and that says what local would have answered (`local`): right when they
+  agree. The cloud is taken as the reference.
+An outcome's `success` (the route answered) is no label: agents report it for every answer.
 A decision that says no payload size takes the size of the recorded event it names, when the
 recording holds it. Decisions asked without a local confidence, that fail the message checks,
 or that have no outcome or label are counted, not used.
+
+Consent (issue 17): a row whose event named a data subject (the outcome's `names_subject`, or
+`loom.subject` on the recorded event) is used only when the consent lookup says the subject
+gave `learning` consent, as it is when training runs. The subject is read from the recorded
+event (the recorder keeps its metadata even when it leaves the payload out); a row whose event
+is not in the recording, names an invalid subject, or cannot be looked up is left out (fail
+closed), and so is every subject row when no lookup is given. Each is counted.
 
 Held out: with two or more files, the last quarter of them by recording time (at least one);
 with one file, the last quarter of its rows by time. The learned router is fitted on the rest,
@@ -26,11 +36,13 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rclpy.serialization import deserialize_message
 
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, Purpose, check_subject
 from loom_ros.replay.mcap_source import Limits, McapSource, RecordingError
 from loom_ros.replay.ros import RosTypes
 from loom_ros.router.evaluate import score
@@ -47,6 +59,10 @@ MAX_ID_CHARS = 256
 DECISION, OUTCOME = 'loom_msgs/msg/RouteDecision', 'loom_msgs/msg/RouteOutcome'
 EVENT, BATCH = 'loom_msgs/msg/Event', 'loom_msgs/msg/EventBatch'
 WANTED = (DECISION, OUTCOME, EVENT, BATCH)
+# The consent registry's lookup(subject, purpose) -> ConsentState (storage/consent.py)
+ConsentLookup = Callable[[str, str], object]
+CONSENT_SKIPS = ('no_learning_consent', 'subject_not_recorded', 'invalid_subject',
+                 'consent_unreadable', 'no_consent_registry')
 
 
 class TrainingError(ValueError):
@@ -116,13 +132,13 @@ def _text(value: str) -> str:
 
 
 def read_file(path: Path, dataset: Dataset, max_rows: int, limits: Limits = Limits(),
-              types: RosTypes | None = None) -> FileRows:
+              types: RosTypes | None = None, consent: ConsentLookup | None = None) -> FileRows:
     """One recording's rows (see the module doc); counts go to `dataset`."""
     types = types or RosTypes()
     source = McapSource(path, _wanted_channels(types), limits)
     decisions: dict[str, dict] = {}
     outcomes: dict[str, dict] = {}
-    payloads = _Bounded(MAX_TRACKED_EVENTS)   # event id -> payload bytes
+    payloads = _Bounded(MAX_TRACKED_EVENTS)   # event id -> (payload bytes, subject or '')
     verdicts = _Bounded(MAX_TRACKED_EVENTS)   # routed event id -> (local agreed, cloud answered)
     file_rows = FileRows(str(path))
     classes = {}
@@ -158,7 +174,9 @@ def read_file(path: Path, dataset: Dataset, max_rows: int, limits: Limits = Limi
                 elif len(outcomes) < 2 * max_rows:
                     outcomes[_text(msg.decision_id)] = {
                         'backend': _text(msg.backend), 'latency_ms': float(msg.latency_ms),
-                        'cost': float(msg.cost), 'success': bool(msg.success)}
+                        'cost': float(msg.cost), 'success': bool(msg.success),
+                        'verdict': bool(msg.local_good_enough) if msg.has_local_verdict
+                        else None, 'names_subject': bool(msg.names_subject)}
             else:
                 for event in (msg.events if name == BATCH else [msg]):
                     _note_event(event, payloads, verdicts)
@@ -168,7 +186,8 @@ def read_file(path: Path, dataset: Dataset, max_rows: int, limits: Limits = Limi
     dataset.skipped.update({k: v for k, v in source.skipped.items()})
     dataset.skipped.pop('not_used', None)
     for decision_id, d in decisions.items():
-        row = _row(decision_id, d, outcomes.get(decision_id), payloads, verdicts, dataset.counts)
+        row = _row(decision_id, d, outcomes.get(decision_id), payloads, verdicts, dataset.counts,
+                   consent)
         if row is not None:
             file_rows.rows.append(row)
     file_rows.rows.sort(key=lambda r: r['t_ns'])
@@ -176,7 +195,10 @@ def read_file(path: Path, dataset: Dataset, max_rows: int, limits: Limits = Limi
 
 
 def _note_event(event, payloads: _Bounded, verdicts: _Bounded) -> None:
-    payloads[_text(event.id)] = len(event.payload)
+    subjects = [kv.value for kv in event.metadata if kv.key == SUBJECT_METADATA_KEY]
+    # Two different subjects on one event: no single id to check, so none passes.
+    subject = '' if not subjects else subjects[0] if len(set(subjects)) == 1 else '..'
+    payloads[_text(event.id)] = (len(event.payload), _text(subject))
     if len(event.payload) > MAX_INTENT_JSON:
         return
     try:
@@ -189,24 +211,49 @@ def _note_event(event, payloads: _Bounded, verdicts: _Bounded) -> None:
         verdicts[_text(data['source_event'])] = (str(data['local']) == str(event.type), cloud)
 
 
+def _consent_skip(names_subject: bool, recorded, consent: ConsentLookup | None) -> str:
+    """'' when the row may be trained on, else why not (CONSENT_SKIPS)."""
+    subject = recorded[1] if recorded is not None else None
+    if not names_subject and not subject:
+        return ''   # anonymous
+    if not subject:   # the outcome says it named one, and the recording does not say who
+        return 'subject_not_recorded'
+    if consent is None:
+        return 'no_consent_registry'
+    try:
+        check_subject(subject)
+    except ValueError:
+        return 'invalid_subject'
+    try:
+        granted = consent(subject, Purpose.LEARNING.value).granted
+    except Exception:   # noqa: BLE001 - an unreadable registry: not consented (fail closed)
+        return 'consent_unreadable'
+    return '' if granted else 'no_learning_consent'
+
+
 def _row(decision_id: str, d: dict, outcome: dict | None, payloads, verdicts,
-         counts: Counter) -> dict | None:
+         counts: Counter, consent: ConsentLookup | None = None) -> dict | None:
     if d['local_confidence'] is None:
         counts['no_local_confidence'] += 1
         return None
     if outcome is None:
         counts['no_outcome'] += 1
         return None
+    recorded = payloads.get(d['event_id'])
+    skip = _consent_skip(outcome['names_subject'], recorded, consent)
+    if skip:
+        counts[skip] += 1
+        return None
     verdict = verdicts.get(d['event_id'])
-    if verdict is not None and verdict[1]:
+    if outcome['verdict'] is not None:
+        local_ok, label = outcome['verdict'], 'verdict'
+    elif verdict is not None and verdict[1]:
         local_ok, label = verdict[0], 'cloud'
-    elif outcome['backend'] == 'local':
-        local_ok, label = outcome['success'], 'outcome'
     else:
         counts['no_label'] += 1
         return None
     counts[f'label_{label}'] += 1
-    payload = d['payload_bytes'] or payloads.get(d['event_id'])
+    payload = d['payload_bytes'] or (recorded[0] if recorded is not None else None)
     if payload is None:
         counts['payload_unknown'] += 1
     return {'decision_id': decision_id, 'event_type': d['event_type'],
@@ -218,7 +265,9 @@ def _row(decision_id: str, d: dict, outcome: dict | None, payloads, verdicts,
 
 
 def load(sources: list[str], max_files: int = MAX_FILES, max_rows: int = MAX_ROWS,
-         limits: Limits = Limits()) -> Dataset:
+         limits: Limits = Limits(), consent: ConsentLookup | None = None) -> Dataset:
+    """Every recording's rows; `consent`: the registry's lookup (None: rows naming a data
+    subject are left out)."""
     dataset = Dataset()
     types = RosTypes()
     for path in recording_files(sources, max_files):
@@ -226,7 +275,7 @@ def load(sources: list[str], max_files: int = MAX_FILES, max_rows: int = MAX_ROW
         if left <= 0:
             dataset.counts['files_over_row_limit'] += 1
             continue
-        dataset.files.append(read_file(path, dataset, left, limits, types))
+        dataset.files.append(read_file(path, dataset, left, limits, types, consent))
     dataset.files.sort(key=lambda f: f.start_ns)
     return dataset
 
@@ -254,8 +303,8 @@ def evaluate_recorded(dataset: Dataset, policy: PolicyFile, seed: int = 0) -> di
     if len({r['local_ok'] for r in train}) < 2:
         raise TrainingError(
             f'every training row says local was {"good" if train[0]["local_ok"] else "not good"}'
-            ' enough: nothing to learn (agents report success on every local answer; see '
-            'docs/replay.md)')
+            ' enough: nothing to learn (record longer, or runs where local and the reference '
+            'disagree; see docs/replay.md)')
     cloud_seen = [r['cloud_outcome'] for r in train if r['cloud_outcome'] is not None]
     cloud_rate = sum(cloud_seen) / len(cloud_seen) if cloud_seen else 1.0
     for row in rows:
@@ -312,6 +361,9 @@ def report(result: dict) -> str:
                  f"{result['cloud_call_saving']:.1%} fewer cloud calls, accuracy "
                  f"{result['accuracy_delta']:+.4f} vs the rules (operating point "
                  f"p_local={result['learned_p_local']})")
+    consent = {k: result['counts'][k] for k in CONSENT_SKIPS if result['counts'].get(k)}
+    lines.append(f"rows left out for consent: {sum(consent.values())}"
+                 + (f" ({', '.join(f'{k} {v}' for k, v in consent.items())})" if consent else ''))
     lines.append(f"counts: {result['counts']}; skipped in the files: {result['skipped']}")
     lines.extend(f'file error: {e}' for e in result['errors'])
     return '\n'.join(lines)

@@ -57,11 +57,14 @@ def _record_run(path, rows, t0, events_for=0):
         recorder.write('/r/router/decisions', serialize_message(decision_msg(
             query, RouteAnswer.of(f'd-{row["event_id"]}', decision), Time())), t + 1)
         cloud = decision.route.value in ('cloud', 'hybrid')
+        # A local answer's verdict is on its outcome (as the face agent reports it); a cloud
+        # answer's is the intent below (the voice agent's intents say what local answered).
         recorder.write('/r/router/outcomes', serialize_message(RouteOutcome(
             decision_id=f'd-{row["event_id"]}', event_type=row['event_type'],
             backend='cloud' if cloud else 'local', latency_ms=120.0 if cloud else 5.0,
-            cost=decision.cloud_cost, success=row['cloud_ok'] if cloud else row['local_ok'],
-            confidence=row['local_confidence'])), t + 2)
+            cost=decision.cloud_cost, success=row['cloud_ok'] if cloud else True,
+            confidence=row['local_confidence'], has_local_verdict=not cloud,
+            local_good_enough=bool(row['local_ok']) and not cloud)), t + 2)
         if cloud:
             answer = 'weather'
             local = answer if row['local_ok'] else 'unknown'
@@ -97,7 +100,7 @@ def test_rows_join_decisions_outcomes_labels_and_event_sizes(recordings):
         assert row['latency_budget_ms'] == truth['latency_budget_ms']
         # From the decision, or (the first 50, which said none) from the recorded event.
         assert row['payload_bytes'] == truth['payload_bytes']
-    assert dataset.counts['label_cloud'] + dataset.counts['label_outcome'] == len(rows)
+    assert dataset.counts['label_cloud'] + dataset.counts['label_verdict'] == len(rows)
     assert dataset.counts['label_cloud'] == len([r for r in rows if r['route'] in
                                                  ('cloud', 'hybrid')])
 
@@ -106,7 +109,8 @@ def test_loom_router_train_scores_learned_against_rules_on_the_held_out_recordin
         recordings, capsys):
     from loom_ros.cli import main
     folder, _ = recordings
-    assert main(['router', 'train', '--from', str(folder), '--json']) == 0
+    assert main(['router', 'train', '--from', str(folder), '--json', '--root',
+                 str(folder / 'root')]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result['files'] == FILES and 'the last 1 held out' in result['split']
     assert result['test_rows'] == result['rows'] - result['train_rows'] > 0

@@ -20,6 +20,7 @@ cloud, Hybrid answers stay local and are marked as fallback; `keys_dir`, `identi
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from loom_ros.agents.behavior import PortError
 from loom_ros.bus.event import Event
@@ -38,6 +39,17 @@ def local_intent(phrase: str) -> str:
     if phrase in PHRASE_INTENTS:
         return PHRASE_INTENTS[phrase]
     return 'move' if phrase.split(' ', 1)[0] in MOVE_WORDS else 'unknown'
+
+
+def with_verdict(result, local: str):
+    """The route's outcome, saying whether the local intent was good enough when the cloud's
+    intent classifier answered too (the reference: local == cloud). A local or fallback answer
+    has nothing to compare with: no verdict (so the events the rules trusted locally are never
+    labelled, a selection bias docs/replay.md names)."""
+    if result.backend != 'cloud' or result.fallback:
+        return result.outcome
+    return replace(result.outcome,
+                   local_good_enough=str(result.answer.get('intent', '')) == local)
 
 
 class VoiceBehavior:
@@ -87,8 +99,9 @@ class VoiceBehavior:
             budget_ms = self.cloud_budget_ms - (time.perf_counter() - asked) * 1000.0
             result = execute_route(decision, InferenceRequest(
                 'intent', text, effective_privacy(event), max(0.0, budget_ms), self.event_type,
-                decision.decision_id), local, cloud, report=ctx.report)
+                decision.decision_id), local, cloud, report=None)
         refined = str(result.answer.get('intent', intent))
+        ctx.report(with_verdict(result, intent))
         ctx.intent(refined, {'text': text, 'slots': heard.get('slots', {}), 'local': intent,
                              'route': decision.route, 'backend': result.backend,
                              'confidence': round(result.confidence, 3),
