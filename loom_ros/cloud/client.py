@@ -429,5 +429,8 @@ def outcome_msg(outcome: Outcome):
     return RouteOutcome(decision_id=outcome.decision_id, event_type=outcome.event_type,
                         backend=outcome.backend, latency_ms=float(outcome.latency_ms),
                         cost=float(outcome.cost), success=bool(outcome.success),
-                        confidence=float(outcome.confidence))
+                        confidence=float(outcome.confidence),
+                        has_local_verdict=outcome.local_good_enough is not None,
+                        local_good_enough=bool(outcome.local_good_enough),
+                        names_subject=bool(outcome.names_subject))
 
