@@ -300,20 +300,25 @@ def evaluate_recorded(dataset: Dataset, policy: PolicyFile, seed: int = 0) -> di
         raise TrainingError(f'{len(rows)} usable rows: too few to train and hold out '
                             f'(why decisions were not rows: {dict(dataset.counts)})')
     train, test, how = split(dataset)
-    if len({r['local_ok'] for r in train}) < 2:
-        raise TrainingError(
-            f'every training row says local was {"good" if train[0]["local_ok"] else "not good"}'
-            ' enough: nothing to learn (record longer, or runs where local and the reference '
-            'disagree; see docs/replay.md)')
     cloud_seen = [r['cloud_outcome'] for r in train if r['cloud_outcome'] is not None]
     cloud_rate = sum(cloud_seen) / len(cloud_seen) if cloud_seen else 1.0
     for row in rows:
         row['cloud_ok'] = row['cloud_outcome'] if row['cloud_outcome'] is not None \
             else cloud_rate
-    learned = LearnedRouter.fit(train, seed=seed)
 
     def rules(request, routing, cost):
         return decide(request, routing, cloud_cost=cost, spend=Spend())
+
+    if len({r['local_ok'] for r in train}) < 2:
+        s = score(test, rules, policy)
+        raise TrainingError(
+            f'every one of the {len(train)} training rows says local was '
+            f'{"good" if train[0]["local_ok"] else "not good"} enough: nothing to learn (record '
+            'longer, or runs where local and the reference disagree; see docs/replay.md). On '
+            f'the {len(test)} held-out rows ({how}) the rules made {s["cloud_calls"]} cloud '
+            f'calls costing {s["cost"]:.4f} at accuracy {s["accuracy"]:.4f}; routes '
+            f'{s["routes"]}; counts {dict(dataset.counts)}')
+    learned = LearnedRouter.fit(train, seed=seed)
 
     def ml(request, routing, cost):
         return learned.decide(request, routing, cloud_cost=cost, spend=Spend())
