@@ -54,10 +54,11 @@ from loom_ros.plugins.embedded import EmbeddedPlugins, HostSettings, pick_specs
 from loom_ros.plugins.host import PluginsFileError
 from loom_ros.plugins.registry import local_plugins as registry_plugins
 from loom_ros.security.capabilities import CapabilityConfigError
+from loom_ros.security.keyring import encryption_settings
 from loom_ros.security.audit import AuditError, AuditLog
 from loom_ros.storage.consent import ConsentError, ConsentRegistry, consent_path, load_defaults
 from loom_ros.storage.errors import StorageError
-from loom_ros.storage.layout import derived, node_layout
+from loom_ros.storage.layout import ENCRYPTION_PARAMETERS, derived, node_layout
 from loom_ros.storage.storage import Storage, StorageConfig
 from loom_ros.telemetry.logs import mask_node_logger
 
@@ -175,10 +176,13 @@ class AgentNode(LifecycleNode):
                 str(self.layout.root), unit=unit_name(self.get_fully_qualified_name()),
                 # hot_max_events 0: each agent's working memory is its hot tier already.
                 max_delay_ms=COMMIT_DELAY_MS, hot_max_events=0,
-                max_db_bytes=int(self.params['state_max_mb'] * 2**20)))
+                max_db_bytes=int(self.params['state_max_mb'] * 2**20),
+                encryption=encryption_settings(
+                    {spec.name: self.get_parameter(spec.name).value
+                     for spec in ENCRYPTION_PARAMETERS})))
             # Full once, stopped: no later commit of an agent lands after one of it was lost.
             self.storage.writer.stop_when_full = True
-        except (ConfigError, StorageError) as exc:
+        except (ConfigError, StorageError) as exc:   # KeyringError too: a wrong key
             self.failed = {agent_id: str(exc) for agent_id in wanted}
             self.get_logger().error(f'cannot configure: {exc}')
             return TransitionCallbackReturn.FAILURE

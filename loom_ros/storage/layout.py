@@ -16,6 +16,14 @@ DEFAULT_ROOT = '~/.loom'
 ROOT_PARAMETER = ParamSpec(
     'storage.root', "Folder every file Loom keeps is derived from ('~' expands): databases, "
     'agents, router history, audit, plugin data, keys, traces, recordings, objects', read_only=True)
+# With it in `/**`, so every node that writes under the root encrypts alike (docs/encryption.md).
+ENCRYPTION_PARAMETERS = [
+    ParamSpec('storage.encryption.enabled', 'Encrypt payloads, summaries, blobs and archives at '
+              'rest under per-subject keys (docs/encryption.md)', read_only=True),
+    ParamSpec('storage.encryption.master_key_file', "The master key's 0600 file ('' = the "
+              'LOOM_STORAGE_MASTER_KEY environment variable; never the key itself)',
+              read_only=True),
+]
 _NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$')
 
 
@@ -98,13 +106,13 @@ class StorageLayout:
 
 
 def node_layout(node, defaults_section: str) -> StorageLayout:
-    """Declare `storage.root` on `node` (once, whoever asks first: the node or its telemetry)
-    and return the layout under it."""
-    if node.has_parameter(ROOT_PARAMETER.name):
-        root = node.get_parameter(ROOT_PARAMETER.name).value
-    else:
-        root = declare_parameters(node, defaults_section, [ROOT_PARAMETER])[ROOT_PARAMETER.name]
-    return StorageLayout.at(root)
+    """Declare `storage.root` and `storage.encryption.*` on `node` (once, whoever asks first:
+    the node or its telemetry) and return the layout under the root."""
+    missing = [spec for spec in (ROOT_PARAMETER, *ENCRYPTION_PARAMETERS)
+               if not node.has_parameter(spec.name)]
+    if missing:
+        declare_parameters(node, defaults_section, missing)
+    return StorageLayout.at(node.get_parameter(ROOT_PARAMETER.name).value)
 
 
 def derived(value: str, default: Path) -> str:

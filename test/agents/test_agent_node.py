@@ -294,3 +294,51 @@ def test_in_process_router_and_plugins_are_injected_into_the_behaviors(ros, tmp_
         camera.destroy()
         node.destroy_node()
         host.stop()
+
+
+def test_an_agent_host_with_encryption_on_keeps_no_plaintext_and_refuses_to_start_without_key(
+        ros, spawn, tmp_path):
+    """storage.encryption (the params file's /** section) reaches the agent hosts, not only the
+    storage node: what an agent stores is ciphertext in its unit database (Recall still reads
+    it), and a host started without the master key refuses to configure, saying why, rather
+    than writing plaintext beside encrypted rows."""
+    from loom_msgs.srv import Recall
+    from rclpy.node import Node
+
+    from loom_ros.bus.bus import EventBus
+    from loom_ros.security.keyring import MasterKey, write_key_file
+    canary = 'CANARY-7f3e-teapot-in-the-lab'
+    key_file = tmp_path / 'master.key'
+    write_key_file(key_file, [MasterKey.generate()])
+    agents = tmp_path / 'agents.yaml'
+    agents.write_text('agents:\n  - id: mem\n    behavior: memorize\n    subscriptions: [user.facts]\n'
+                      '    qos: batched\n')
+    args = ['-m', 'loom_ros.agents.agent_node', '--ros-args', '-r', '__ns:=/ag_enc',
+            '-p', 'agent_id:=mem', '-p', f'agents_file:={agents}',
+            '-p', f'storage.root:={tmp_path}', '-p', 'storage.encryption.enabled:=true']
+    proc = spawn(*args, '-p', f'storage.encryption.master_key_file:={key_file}')
+    node = Node('enc_feeder', namespace='/ag_enc', context=ros.node.context)
+    bus = EventBus(node)
+    client = ros.node.create_client(Recall, '/ag_enc/agent_mem/recall')
+    try:
+        pub = bus.publisher_for('user.facts', 'batched')
+        ros.wait_for(lambda: pub.get_subscription_count() >= 1, 'the agent', alive=[proc])
+        bus.publish('user.facts', Event.with_json('fact', {'subject': 'Alice', 'relation': 'owns',
+                                                           'object': canary}, id='f0'), 'batched')
+        bus.flush()
+        ros.wait_for(lambda: canary in ''.join(ros.call(
+            client, Recall.Request(mode='episodic'), 'recall', alive=[proc]).results),
+            'the episode, decrypted by Recall')
+    finally:
+        bus.destroy()
+        node.destroy_node()
+    proc.popen.send_signal(signal.SIGINT)
+    assert proc.finish()[0] == 0
+    files = [p for p in (tmp_path / 'db').rglob('*') if p.is_file()]
+    assert files, 'the host wrote no unit database'
+    for path in files:
+        assert canary.encode() not in path.read_bytes(), path
+    keyless = spawn(*args)   # no key file, and no LOOM_STORAGE_MASTER_KEY in the environment
+    code, _out, err = keyless.finish()
+    assert code == 1 and 'there is no master key' in err, err[-2000:]
+    assert canary.encode() not in b''.join(p.read_bytes() for p in files if p.exists())
