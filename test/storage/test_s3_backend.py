@@ -10,6 +10,7 @@ import gzip
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from loom_ros.security.keyring import (DecryptError, EncryptionSettings, Keyring
                                        ShreddedError, write_key_file)
 from loom_ros.storage.backend import object_store
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore
-from loom_ros.storage.backend.s3 import S3ObjectStore
+from loom_ros.storage.backend.s3 import S3ObjectStore, http_client
 from loom_ros.storage.base import MAX_KEY_CHARS
 from loom_ros.storage.embedding import HashEmbedder
 from loom_ros.storage.errors import StorageError
@@ -488,3 +489,44 @@ def test_server_down_mid_run_loses_nothing_and_the_move_is_retried(tmp_path):
             service.close()
     finally:
         server.kill()
+
+
+def test_a_server_that_stops_answering_is_a_bounded_error_and_recovery_cleans_up(s3, tmp_path):
+    """The server frozen (SIGSTOP): requests are accepted and never answered. The write fails
+    after the store's read timeout (here short; the default is READ_TIMEOUT_S), the rows stay;
+    once it answers again the move is retried, and the next open drops what the failed write
+    left pending, on the server too if that write landed late."""
+    bucket = s3.new_bucket()
+    clock = Clock()
+    root = tmp_path / 'root'
+    write_events(root, clock, [('chat', f'frozen canary {i}', '') for i in range(3)])
+    store = s3.store(bucket, http=http_client(connect_s=2.0, read_s=0.5, retries=0))
+    lc = archive_lifecycle(root, store, clock)
+    clock.ms = T0 + 60_000 + 600_000 + 10_000
+    assert lc.move_warm().condensed == 3
+    os.kill(s3.popen.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(StorageError, match='cannot write: S3 endpoint unreachable'):
+            lc.move_cold()
+    finally:
+        os.kill(s3.popen.pid, signal.SIGCONT)
+    try:
+        pending = [k for (k,) in lc.conn.execute(
+            "select key from archive where state = 'pending'")]
+        # the failed file's row: pending until recovery (or dropped at once), never done
+        assert len(pending) <= 1 and done_keys(lc) == []
+        assert lc.conn.execute('select count(*) from cold').fetchone()[0] >= 1
+        assert lc.move_cold().archived >= 1                   # retried
+        keys = done_keys(lc)
+        assert sum(r['count'] for k in keys for r in lc.read_archive(k)) == 3
+    finally:
+        lc.close()
+    lc = archive_lifecycle(root, store, clock)                # recovery at open
+    try:
+        assert lc.conn.execute("select count(*) from archive where state != 'done'"
+                               ).fetchone()[0] == 0
+        assert done_keys(lc) == keys
+        on_server = set(objects_on_server(s3, bucket))
+        assert set(keys) <= on_server <= set(keys) | set(pending)
+    finally:
+        lc.close()
