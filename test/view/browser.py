@@ -83,10 +83,10 @@ class Browser:
             'mobile': False}, session)
         return session
 
-    def screenshot(self, session: str):
+    def screenshot(self, session: str, limit: float = 120.0):
         """The page as a PIL image (RGB)."""
         from PIL import Image
-        data = self.call('Page.captureScreenshot', {'format': 'png'}, session)['data']
+        data = self.call('Page.captureScreenshot', {'format': 'png'}, session, limit=limit)['data']
         return Image.open(io.BytesIO(base64.b64decode(data))).convert('RGB')
 
     def wait_for(self, session: str, shows: Callable[[object], bool], limit: float,
