@@ -211,7 +211,7 @@ def test_objects_round_trip_on_a_live_server_under_a_prefix(s3):
     raw.put_object(bucket, 'robots/r1/blobs/odd name?.wav', io.BytesIO(b'y'), 1)
     assert store.list() == [('archive/host/warm/big.jsonl.gz', len(big)),
                             ('blobs/answer.wav', 8), ('blobs/empty.bin', 0)]
-    assert store.skipped['not_a_key'] == 1
+    assert store.rejected == {'not_a_key': 1}
     # a folder, with or without its slash, as the local store; never a partial name
     assert store.list('blobs') == store.list('blobs/') == [('blobs/answer.wav', 8),
                                                             ('blobs/empty.bin', 0)]
@@ -285,6 +285,33 @@ def test_a_missing_bucket_is_an_error_never_an_absent_object(s3):
                  lambda: store.size('blobs/x'), lambda: store.delete('blobs/x')):
         with pytest.raises(StorageError, match='NoSuchBucket.*create the bucket'):
             call()
+
+
+def test_a_deleted_bucket_is_an_error_even_after_use(s3):
+    """A HEAD on a missing bucket answers 404 like a missing object: exists() must not say
+    False for an object whose bucket is gone."""
+    bucket = s3.new_bucket()
+    store = s3.store(bucket)
+    store.put('blobs/x', b'x')
+    assert store.exists('blobs/x') and not store.exists('blobs/y')
+    s3.raw().remove_object(bucket, 'blobs/x')
+    s3.raw().remove_bucket(bucket)
+    with pytest.raises(StorageError, match='NoSuchBucket.*create the bucket'):
+        store.exists('blobs/x')
+
+
+def test_objects_longer_than_the_bound_are_refused_not_read_whole(s3):
+    bucket = s3.new_bucket()
+    store = s3.store(bucket, max_bytes=1024)
+    store.put('blobs/edge', b'e' * 1024)
+    assert store.get('blobs/edge') == b'e' * 1024
+    with pytest.raises(StorageError, match='longer than 1024; refused'):
+        store.put('blobs/long', b'l' * 1025)
+    s3.raw().put_object(bucket, 'blobs/planted', io.BytesIO(b'p' * 4096), 4096)
+    with pytest.raises(StorageError, match='blobs/planted: 4096 bytes or more, longer than 1024'):
+        store.get('blobs/planted')
+    assert store.rejected == {'oversize': 2}
+    assert sorted(objects_on_server(s3, bucket)) == ['blobs/edge', 'blobs/planted']
 
 
 def test_bad_settings_are_refused_when_the_store_is_made(s3):

@@ -12,6 +12,7 @@ from collections import Counter
 import certifi
 import urllib3
 
+from loom_ros.security.keyring import MAX_PLAINTEXT_BYTES, OVERHEAD
 from loom_ros.storage.base import ObjectStore, check_key
 from loom_ros.storage.errors import StorageError
 
@@ -27,6 +28,10 @@ except ImportError:     # optional backend: only a configured endpoint needs it
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 30.0     # per socket read, not per object
 RETRIES = 3               # connection errors and 500/502/503/504; S3 PUT/DELETE are idempotent
+# The longest object Loom writes (a ciphertext of the longest plaintext); a longer one in the
+# bucket is refused while it is read, never held in memory whole.
+MAX_OBJECT_BYTES = MAX_PLAINTEXT_BYTES + OVERHEAD
+CHUNK_BYTES = 1 << 20
 NOT_FOUND = ('NoSuchKey', 'NoSuchObject', 'ResourceNotFound')
 CREDENTIAL_CODES = ('InvalidAccessKeyId', 'SignatureDoesNotMatch', 'AccessDenied',
                     'ExpiredToken', 'InvalidToken')
@@ -65,10 +70,10 @@ class S3ObjectStore(ObjectStore):
 
     def __init__(self, endpoint: str, bucket: str, access_key: str = '', secret_key: str = '',
                  secure: bool = True, prefix: str = '', client=None,
-                 http: urllib3.PoolManager | None = None):
+                 http: urllib3.PoolManager | None = None, max_bytes: int = MAX_OBJECT_BYTES):
         """`endpoint`: host[:port] (`secure` picks https); `prefix`: a folder in the bucket
         this store keeps to (a bucket shared by robots). `http`: the connection pool (default:
-        http_client())."""
+        http_client()); `max_bytes`: the longest object written or read."""
         if Minio is None:
             raise StorageError('storage.objects.endpoint is set but the minio package is not '
                                'installed (pip install -c constraints.txt minio)')
@@ -85,8 +90,9 @@ class S3ObjectStore(ObjectStore):
                 check_key(prefix)
             except StorageError as exc:
                 raise StorageError(f'storage.objects.prefix: {exc}') from None
-        self.bucket, self.prefix = bucket, prefix
-        self.skipped: Counter = Counter()   # listed object names that are not Loom keys
+        self.bucket, self.prefix, self.max_bytes = bucket, prefix, max_bytes
+        # refused: 'not_a_key' (listed names someone else put there), 'oversize' (objects)
+        self.rejected: Counter = Counter()
         try:
             self.client = client or Minio(endpoint, access_key=access_key or None,
                                           secret_key=secret_key or None, secure=secure,
@@ -103,8 +109,15 @@ class S3ObjectStore(ObjectStore):
     def _fail(self, what: str, name: str, exc: BaseException) -> StorageError:
         return StorageError(f's3://{self.bucket}/{name}: cannot {what}: {_reason(exc)}')
 
+    def _oversize(self, name: str, size: int) -> StorageError:
+        self.rejected['oversize'] += 1
+        return StorageError(f's3://{self.bucket}/{name}: {size} bytes or more, longer than '
+                            f'{self.max_bytes}; refused')
+
     def put(self, key: str, data: bytes) -> None:
         name = self._key(key)
+        if len(data) > self.max_bytes:
+            raise self._oversize(name, len(data))
         try:
             self.client.put_object(self.bucket, name, io.BytesIO(data), len(data))
         except self._errors as exc:
@@ -115,7 +128,18 @@ class S3ObjectStore(ObjectStore):
         try:
             response = self.client.get_object(self.bucket, name)
             try:
-                return response.read()    # a body cut short raises (urllib3 checks its length)
+                length = int(response.headers.get('content-length') or 0)
+                if length > self.max_bytes:
+                    raise self._oversize(name, length)
+                chunks, total = [], 0
+                # in bounded chunks (a server may send more than it announced); a body cut
+                # short raises (urllib3 checks its length)
+                for chunk in response.stream(CHUNK_BYTES):
+                    total += len(chunk)
+                    if total > self.max_bytes:
+                        raise self._oversize(name, total)
+                    chunks.append(chunk)
+                return b''.join(chunks)
             finally:
                 response.close()
                 response.release_conn()
@@ -155,13 +179,14 @@ class S3ObjectStore(ObjectStore):
             raise self._fail('read', name, exc) from None
         if not found:
             raise StorageError(f's3://{self.bucket}/{name}: cannot read: NoSuchBucket: the '
-                               'bucket does not exist (create it, or set storage.objects.bucket)')
+                               'bucket does not exist (create the bucket, or set '
+                               'storage.objects.bucket)')
         return False
 
     def list(self, prefix: str = '') -> list[tuple[str, int]]:
         """Every object in the folder `prefix` (as the local store: `a/b` and `a/b/` are the
         same folder). Names that are not Loom keys (put there by someone else) are skipped and
-        counted in `skipped`, so one stray object never stops a lifecycle's recovery."""
+        counted in `rejected`, so one stray object never stops a lifecycle's recovery."""
         if prefix == '':
             full = self.prefix + '/' if self.prefix else ''
         else:
@@ -177,7 +202,7 @@ class S3ObjectStore(ObjectStore):
                         raise StorageError(name)
                     out.append((check_key(name[cut:]), int(obj.size or 0)))
                 except StorageError:
-                    self.skipped['not_a_key'] += 1
+                    self.rejected['not_a_key'] += 1
         except self._errors as exc:
             raise self._fail('list', full, exc) from None
         return sorted(out)
