@@ -325,6 +325,11 @@ def test_bad_settings_are_refused_when_the_store_is_made(s3):
         with pytest.raises(StorageError, match=match):
             object_store('/nonexistent', endpoint, bucket, s3.access_key, s3.secret_key,
                          secure=False)
+    # https (the default) to a plain-http server: a clear error at the first request
+    tls = S3ObjectStore(s3.endpoint, s3.new_bucket(), s3.access_key, s3.secret_key,
+                        http=http_client(retries=0))
+    with pytest.raises(StorageError, match='cannot list: S3 endpoint unreachable.*SSL'):
+        tls.list()
 
 
 # -- encryption over S3 -----------------------------------------------------------------------
