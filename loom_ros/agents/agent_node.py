@@ -56,7 +56,8 @@ from loom_ros.plugins.registry import local_plugins as registry_plugins
 from loom_ros.security.capabilities import CapabilityConfigError
 from loom_ros.security.keyring import encryption_settings
 from loom_ros.security.audit import AuditError, AuditLog
-from loom_ros.storage.consent import ConsentError, ConsentRegistry, consent_path, load_defaults
+from loom_ros.storage.consent import (ConsentError, ConsentRegistry, SubjectRefs, consent_path,
+                                      load_defaults)
 from loom_ros.storage.errors import StorageError
 from loom_ros.storage.layout import ENCRYPTION_PARAMETERS, derived, node_layout
 from loom_ros.storage.storage import Storage, StorageConfig
@@ -192,11 +193,12 @@ class AgentNode(LifecycleNode):
                                follow_router=self._consent is not None)
         from loom_msgs.srv import Recall
         behaviors = behavior_entry_points()   # one scan for every agent hosted here
+        refs = self._subject_refs()
         for agent_id in wanted:
             if agent_id in self.failed:   # its host_plugins could not start
                 continue
             try:
-                ports = self.ports.for_agent(self._cloud_for(configs[agent_id]))
+                ports = self.ports.for_agent(self._cloud_for(configs[agent_id]), refs)
                 agent = Agent(configs[agent_id], self.storage, self._emit, log=self._log,
                               audit=self._audit_log(configs[agent_id]), ports=ports,
                               behaviors=behaviors)
@@ -218,6 +220,15 @@ class AgentNode(LifecycleNode):
             self._release()
             return TransitionCallbackReturn.FAILURE
         return TransitionCallbackReturn.SUCCESS
+
+    def _subject_refs(self):
+        """The keyed hash of a subject id that cloud requests carry (fleet erasure finds them
+        by it), under the root's key; None (requests carry none) when the key cannot be had."""
+        try:
+            return SubjectRefs.at(self.layout.keys).ref
+        except ConsentError as exc:
+            self.get_logger().warning(f'cloud requests will carry no subject reference: {exc}')
+            return None
 
     def _open_consent(self):
         """The consent lookup hosted routing needs (read-only, as the router node opens it),

@@ -104,6 +104,9 @@ class Ports:
     router: RouterPort = field(default_factory=lambda: _Unwired('router'))
     plugins: PluginPort = field(default_factory=lambda: _Unwired('plugin'))
     cloud: CloudPort = field(default_factory=lambda: _Unwired('cloud'))
+    # subject id -> its keyed hash under the root (storage.consent.SubjectRefs.ref): what a
+    # cloud request carries, so the cloud can erase by it (fleet erasure) without the id.
+    subject_refs: Callable[[str], str] | None = None
 
 
 class Behavior(Protocol):
@@ -164,6 +167,18 @@ class AgentContext:
         if names and not outcome.names_subject:
             outcome = replace(outcome, names_subject=True)
         self.ports.router.report(outcome)
+
+    def subject_ref(self, event: Event) -> str:
+        """The keyed hash of the data subject `event` names, for a cloud request (the cloud
+        keeps and erases by it, never by the id); '' for an anonymous event, and for a subject
+        id that is invalid or when the host has no key (the router keeps those local anyway)."""
+        subject = _named_subject(event)
+        if not subject or self.ports.subject_refs is None:
+            return ''
+        try:
+            return self.ports.subject_refs(subject)
+        except ValueError:   # SubjectError: not a subject id
+            return ''
 
     def call(self, plugin: str, event: Event) -> PluginResponse:
         """One event into plugin `plugin`; every failure is a failed response that says why."""

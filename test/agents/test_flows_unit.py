@@ -100,8 +100,12 @@ def test_a_face_is_shown_decided_local_then_no_face_clears_it(host, router, tmp_
     assert happy['emoji'] == '😀' and happy['label'] == 'happy' and happy['faces'] == 1
     assert happy['route'] == 'local' and happy['rule'] == 'threshold'
     assert happy['confidence'] >= 0.7 and happy['source_event'] == frame.id
+    (x0, y0, x1, y1), = happy['boxes']   # the astronaut's face, in the frame's pixels
+    height, width = astronaut.shape[:2]
+    assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height and (x1 - x0) * (y1 - y0) > 400
     assert cleared['label'] == 'no face' and cleared['faces'] == 0
-    assert all(cleared[k] is None for k in ('emoji', 'confidence', 'route', 'rule', 'reason'))
+    assert all(cleared[k] is None
+               for k in ('emoji', 'confidence', 'boxes', 'route', 'rule', 'reason'))
     # The decision is the router's: in its history, under the frame's id (a "no face" frame is
     # not routed), and what the agent emits keeps the frame's privacy.
     rows = list(router.history.db.query('select event_id, route, rule from decisions'))
@@ -356,3 +360,26 @@ def test_behaviors_import_no_ros():
                          cwd=Path(REPO), timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == '[]'
+
+
+def test_a_cloud_request_names_its_subject_only_by_the_roots_keyed_hash(tmp_path):
+    """What the voice flow sends the cloud for an event naming a data subject: the keyed hash
+    the storage node's fleet erasure asks the cloud to erase by (SubjectRefs under the root's
+    keys), never the id; nothing for anonymous events, invalid ids or a host without the key."""
+    from collections import deque
+
+    from loom_ros.agents.behavior import AgentContext
+    from loom_ros.storage.consent import SubjectRefs
+    refs = SubjectRefs.at(tmp_path / 'keys')
+    ctx = AgentContext('voice', {}, deque(), lambda *a: None, ports=Ports(subject_refs=refs.ref))
+    named = Event.with_json('speech.utterance', {'text': 'hi'},
+                            metadata={'loom.subject': 'alice'})
+    ref = ctx.subject_ref(named)
+    assert ref == SubjectRefs.at(tmp_path / 'keys').ref('alice') and 'alice' not in ref
+    assert ref != refs.ref('bob')
+    assert ctx.subject_ref(Event.with_json('speech.utterance', {'text': 'hi'})) == ''
+    for bad in ('', '../etc', 'x' * 5000):
+        assert ctx.subject_ref(Event.with_json('speech.utterance', {'text': 'hi'},
+                                               metadata={'loom.subject': bad})) == ''
+    keyless = AgentContext('voice', {}, deque(), lambda *a: None)
+    assert keyless.subject_ref(named) == ''

@@ -34,6 +34,7 @@ from loom_ros.telemetry import tracing
 EMOJIS = {'happy': '😀', 'sad': '😢', 'angry': '😠', 'surprise': '😮', 'fear': '😨',
           'disgust': '🤢', 'neutral': '😐'}
 NO_FACE = ''
+MAX_BOXES = 16   # face boxes one ui_update carries (the ui state is bounded in bytes)
 
 
 @dataclass
@@ -118,7 +119,7 @@ class FaceBehavior:
                 # screen would keep the last face's confidence, route and reason.
                 ctx.action('ui_update', {
                     'emoji': None, 'label': 'no face', 'faces': 0, 'confidence': None,
-                    'route': None, 'rule': None, 'reason': None,
+                    'boxes': None, 'route': None, 'rule': None, 'reason': None,
                     'frame_ms': event.timestamp_ms, 'source_event': event.id})
             return
         result = response.events[0].json()
@@ -134,6 +135,9 @@ class FaceBehavior:
         ctx.action('ui_update', {
             'emoji': self.emojis.get(label, '🙂'), 'label': label,
             'confidence': round(float(result['confidence']), 3), 'faces': len(result['faces']),
+            # pixels x0, y0, x1, y1 of each face (at most MAX_BOXES), for a view of the frame
+            'boxes': [f['box'] for f in result['faces'][:MAX_BOXES]
+                      if isinstance(f, dict) and 'box' in f],
             'frame_ms': event.timestamp_ms, 'source_event': event.id,
             'route': decision.route, 'rule': decision.rule, 'reason': decision.reason})
         # The local label answered, whatever the route (no cloud face model); its verdict comes

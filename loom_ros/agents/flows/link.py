@@ -418,8 +418,8 @@ class NodePorts:
         self.router = router if router is not None else self._own_router
         self.plugins = ServicePlugins(node, self.gate, host, local_plugins, timeout_s)
 
-    def for_agent(self, cloud=None) -> Ports:
-        return Ports(router=self.router, plugins=self.plugins,
+    def for_agent(self, cloud=None, subject_refs=None) -> Ports:
+        return Ports(router=self.router, plugins=self.plugins, subject_refs=subject_refs,
                      **({'cloud': cloud} if cloud is not None else {}))
 
     def close(self) -> None:

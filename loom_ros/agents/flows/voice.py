@@ -99,7 +99,8 @@ class VoiceBehavior:
             budget_ms = self.cloud_budget_ms - (time.perf_counter() - asked) * 1000.0
             result = execute_route(decision, InferenceRequest(
                 'intent', text, effective_privacy(event), max(0.0, budget_ms), self.event_type,
-                decision.decision_id), local, cloud, report=None)
+                decision.decision_id, subject_ref=ctx.subject_ref(event)), local, cloud,
+                report=None)
         refined = str(result.answer.get('intent', intent))
         ctx.report(with_verdict(result, intent))
         ctx.intent(refined, {'text': text, 'slots': heard.get('slots', {}), 'local': intent,
