@@ -320,7 +320,9 @@ def run_demo(args) -> int:
             '-m', 'loom_ros.bus.event_monitor_node', '--ros-args', '--params-file', str(params),
             '-p', 'event_monitor:json_output:=true'], env),
         'record': _spawn('record', [
-            '-m', 'loom_ros.cli.record', '--output', str(out / 'recording.mcap')], env,
+            # --root: the demo's consent registry decides what the recording may keep
+            '-m', 'loom_ros.cli.record', '--output', str(out / 'recording.mcap'),
+            '--root', str(out)], env,
             out / 'logs' / 'record.log'),
     }
     if getattr(args, 'view', False):
