@@ -41,6 +41,18 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libespeak-ng.so.1'; then
   fi
 fi
 
+# 1c. Chromium (a Debian package): the browser test of `loom view` loads the viewer in it
+#     (test/view; skipped where it is missing). Installed when missing and allowed.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing chromium (the loom view browser test)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+      || echo "warning: apt-get could not install chromium; the loom view browser test will skip" >&2
+  else
+    echo "warning: chromium missing (sudo apt install chromium); the loom view browser test will skip" >&2
+  fi
+fi
+
 # 2. The virtual environment, reinstalled only when requirements or pins change.
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating virtual environment $VENV"
