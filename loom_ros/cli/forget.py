@@ -27,6 +27,7 @@ from loom_ros.storage.fleet_erasure import (
     FleetConfigError, FleetLink, ask_fleet, check_timeout, forget_everywhere,
 )
 from loom_ros.storage.layout import DEFAULT_ROOT, StorageLayout
+from loom_ros.storage.service import default_params, object_backend, settings_from_params
 
 
 def add_parsers(sub) -> None:
@@ -74,6 +75,13 @@ def _keyring(layout: StorageLayout, args) -> Keyring | None:
     return Keyring.open(layout.root, EncryptionSettings(True, args.master_key_file), os.environ)
 
 
+def _backend(layout: StorageLayout):
+    """The object store the storage node writes (storage.objects in config/loom.yaml: S3, or
+    the local folder under the root), so archives and blobs are erased where they are."""
+    params = {**default_params(), 'storage.root': str(layout.root)}
+    return object_backend(settings_from_params(params, os.environ))
+
+
 def _fleet_link(layout: StorageLayout, args) -> FleetLink | None:
     """The fleet link from storage.forget.* in config/loom.yaml, the flags over it; None when
     none is configured or --no-fleet."""
@@ -106,7 +114,8 @@ def run_forget(args) -> int:
             refs=SubjectRefs.at(layout.keys),
             fleet=(lambda ref, wait: ask_fleet(link, ref, wait)) if link else None,
             fleet_timeout_s=link.timeout_s if link else 0.0,
-            no_fleet_status='skipped' if args.no_fleet else 'not_configured')
+            no_fleet_status='skipped' if args.no_fleet else 'not_configured',
+            objects=_backend(layout))
     except (SubjectError, ConsentError, AuditError, StorageError, FleetConfigError,
             ConfigError) as exc:
         print(f'loom forget: {exc}', file=sys.stderr)
@@ -142,7 +151,8 @@ def run_export(args) -> int:
         check_subject(args.subject)
         layout = StorageLayout.at(args.root)
         keyring = _keyring(layout, args)
-        counts = export(layout, args.subject, args.output, keyring=keyring)
+        counts = export(layout, args.subject, args.output, keyring=keyring,
+                        objects=_backend(layout))
     except (SubjectError, StorageError, OSError) as exc:
         print(f'loom export: {exc}', file=sys.stderr)
         return 1

@@ -145,9 +145,20 @@ def _has(conn: sqlite3.Connection, table: str, column: str = '') -> bool:
     return bool(cols) and (not column or column in cols)
 
 
-def _objects(layout: StorageLayout, keyring: Keyring | None):
-    inner = LocalObjectStore(layout.objects)
+def _objects(layout: StorageLayout, keyring: Keyring | None, inner=None):
+    """The object store as the storage node writes it: `inner` (the configured backend, S3
+    or the local folder; default the local folder), encrypting through `keyring`."""
+    inner = inner if inner is not None else LocalObjectStore(layout.objects)
     return EncryptedObjectStore(inner, keyring) if keyring is not None else inner
+
+
+def _head(store, layout: StorageLayout, key: str) -> bytes:
+    """An object's first bytes (an encrypted one's header names its key): read from the
+    file for the local folder, else the object (bounded by the backend's own size limit)."""
+    if isinstance(store, LocalObjectStore):
+        with open(layout.objects / key, 'rb') as stream:
+            return stream.read(64)
+    return store.get(key)[:64]
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
@@ -279,12 +290,14 @@ def _recording_messages(path: Path) -> Iterator:
 # -- forget -------------------------------------------------------------------------------------
 def forget(layout: StorageLayout, subject: str, *, requested_by: str = 'cli',
            keyring: Keyring | None = None, audit=None, refs: SubjectRefs | None = None,
-           clock: Callable[[], int] = _wall_ms) -> Receipt:
+           clock: Callable[[], int] = _wall_ms, objects=None) -> Receipt:
     """Erase everything held about `subject` under `layout.root` (see the module's docstring).
     `audit`: the audit log (an AuditLog: `append(plugin, kind, ts_ms, **fields)`), `refs`: the
     subject-hash key (default: <root>/keys/subject_ref.key), `keyring`: the key table opened
     with its master key, to read encrypted archives (without it the subject's data key is still
-    destroyed and its objects deleted by their key id). The request is audited first: if the
+    destroyed and its objects deleted by their key id); `objects`: the configured object-store
+    backend (storage.objects: S3, or by default the local folder), unencrypted: archives and
+    blobs are erased where they are. The request is audited first: if the
     audit log cannot take it, nothing is erased. Raises ErasureError / SubjectError."""
     check_subject(subject)
     check_source(requested_by)
@@ -292,7 +305,8 @@ def forget(layout: StorageLayout, subject: str, *, requested_by: str = 'cli',
     receipt = Receipt(refs.ref(subject), requested_by, int(clock()))
     receipt.not_covered = list(NOT_COVERED)
     units = layout.databases()
-    objects = _objects(layout, keyring)
+    backend = objects if objects is not None else LocalObjectStore(layout.objects)
+    objects = _objects(layout, keyring, backend)
     with ExitStack() as locks:
         erasers = []
         for db in units:   # all or nothing: every lock taken before anything is touched
@@ -307,7 +321,7 @@ def forget(layout: StorageLayout, subject: str, *, requested_by: str = 'cli',
             _forget_unit(eraser, db, subject, key_ids, receipt)
         _forget_router(layout.router_history, subject, receipt)
         _forget_consent(layout, subject, audit, refs, receipt)
-        _forget_objects(layout, subject, key_ids, receipt)
+        _forget_objects(layout, subject, key_ids, receipt, backend)
         _forget_plugin_data(layout, subject, receipt)
         _forget_key(layout, subject, keyring, receipt)
         for path in trace_files(layout):
@@ -438,7 +452,8 @@ def _forget_archives(lifecycle: Lifecycle, subject: str, key_ids, receipt: Recei
             "select key, tier, rows from archive where state = 'done'").fetchall():
         try:
             blob = inner.get(key)
-        except StorageError:
+        except StorageError as exc:
+            receipt.not_covered.append(f'archive {key[:80]!r}: unreadable ({str(exc)[:120]})')
             continue
         if key_ids and Keyring.key_id_of(blob) in key_ids:   # the subject's own file
             receipt.counts['archive_records'] += int(rows)
@@ -531,9 +546,9 @@ def _forget_consent(layout, subject: str, audit, refs, receipt: Receipt) -> None
             ('delete from consent where subject = ?', (subject,))])[0]
 
 
-def _forget_objects(layout, subject: str, key_ids, receipt: Receipt) -> None:
-    """Objects under subjects/<subject>/ and any object sealed under the subject's key."""
-    store = LocalObjectStore(layout.objects)
+def _forget_objects(layout, subject: str, key_ids, receipt: Receipt, store) -> None:
+    """Objects under subjects/<subject>/ and any object sealed under the subject's key, in
+    `store` (the backend, unencrypted view)."""
     for key, _size in store.list(f'{SUBJECT_OBJECTS}/{subject}/'):
         store.delete(key)
         receipt.files += 1
@@ -543,9 +558,9 @@ def _forget_objects(layout, subject: str, key_ids, receipt: Receipt) -> None:
         if key.startswith('archive/'):
             continue   # their rows are handled with their unit
         try:
-            with open(layout.objects / key, 'rb') as stream:   # the header names the key
-                head = stream.read(64)
-        except OSError:
+            head = _head(store, layout, key)   # an encrypted object's header names its key
+        except (OSError, StorageError):
+            receipt.not_covered.append(f'object {key[:80]!r}: unreadable, not checked')
             continue
         try:
             if Keyring.key_id_of(head) in key_ids:
@@ -692,12 +707,14 @@ def _forget_recording(path: Path, subject: str, decoder, receipt: Receipt) -> No
 
 # -- export -------------------------------------------------------------------------------------
 def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
-           keyring: Keyring | None = None) -> dict:
+           keyring: Keyring | None = None, objects=None) -> dict:
     """Write everything held about `subject` into one zip a person can read: `subject.json`
     (episodes, cold memories, facts, router decisions and outcomes, consent history, archive
     records, trace lines) and `media/` (the subject's objects and an MCAP of its recorded
-    events). Read-only on the stores. Returns the counts per tier."""
+    events). Read-only on the stores. `objects`: the configured object-store backend (as
+    `forget`'s). Returns the counts per tier."""
     check_subject(subject)
+    backend = objects if objects is not None else LocalObjectStore(layout.objects)
     out_path = Path(out_path)
     data: dict = {'subject': subject, 'exported_ms': _wall_ms(), 'root': str(layout.root)}
     counts: dict = {}
@@ -746,7 +763,8 @@ def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
         finally:
             conn.close()
         if archives:
-            add('archive', _export_archives(layout, db.stem, archives, subject, keyring))
+            add('archive', _export_archives(layout, db.stem, archives, subject, keyring,
+                                            backend))
     if layout.router_history.is_file():
         conn = open_database(layout.router_history, read_only=True)
         conn.row_factory = sqlite3.Row
@@ -780,8 +798,8 @@ def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
 
     def write(stream) -> None:
         with zipfile.ZipFile(stream, 'w', zipfile.ZIP_DEFLATED) as archive:
-            store = _objects(layout, keyring)
-            inner = LocalObjectStore(layout.objects)
+            store = _objects(layout, keyring, backend)
+            inner = backend
             for key, _size in inner.list(f'{SUBJECT_OBJECTS}/{subject}/'):
                 try:
                     archive.writestr(f'media/{key[len(SUBJECT_OBJECTS) + len(subject) + 2:]}',
@@ -856,8 +874,9 @@ def _export_router(conn, subject: str, add) -> None:
 
 
 def _export_archives(layout, unit: str, keys: list[str], subject: str,
-                     keyring: Keyring | None) -> list[dict]:
-    reader = Lifecycle(layout, unit, _objects(layout, keyring), embedder=None, read_only=True,
+                     keyring: Keyring | None, backend=None) -> list[dict]:
+    reader = Lifecycle(layout, unit, _objects(layout, keyring, backend), embedder=None,
+                       read_only=True,
                        index_params=IndexParams(dim=_index_dim(layout.cold_index(unit))))
     out = []
     try:

@@ -120,7 +120,8 @@ def forget_everywhere(layout: StorageLayout, subject: str, *, requested_by: str,
                       purge_bridge: Callable[[str], int] | None = None,
                       fleet: Callable[[str, float], FleetErasure] | None = None,
                       fleet_timeout_s: float = 10.0, no_fleet_status: str = 'not_configured',
-                      clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> Outcome:
+                      clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+                      objects=None) -> Outcome:
     """Erase `subject` under the root, then from the bridge's outbox (`purge_bridge(subject)`:
     how many went; it may raise), then in the fleet (`fleet(subject_ref, timeout_s)`; None: no
     fleet link: the outcome's fleet status is `no_fleet_status`). Raises only what the local erasure raises (ErasureError, SubjectError, ...):
@@ -129,7 +130,7 @@ def forget_everywhere(layout: StorageLayout, subject: str, *, requested_by: str,
     check_source(requested_by)
     refs = refs or SubjectRefs.at(layout.keys)
     receipt = forget(layout, subject, requested_by=requested_by, keyring=keyring, audit=audit,
-                     refs=refs, clock=clock)
+                     refs=refs, clock=clock, objects=objects)
     outcome = Outcome(receipt, fleet_status=no_fleet_status)
     bridge = -1
     if purge_bridge is None:

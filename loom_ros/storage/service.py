@@ -30,6 +30,16 @@ def default_params(path: str | None = None) -> dict:
     return {k: v for k, v in values.items() if k.startswith(PREFIX)}
 
 
+def object_backend(settings: 'Settings', keyring=None):
+    """The configured object store (storage.objects: S3, else the local folder under the
+    root), encrypting through `keyring` when given; without it the backend as stored (what
+    erasure and export walk)."""
+    o = settings.objects
+    return object_store(settings.layout.objects, o.get('endpoint', ''), o.get('bucket', ''),
+                        o.get('access_key', ''), o.get('secret_key', ''), o.get('secure', True),
+                        o.get('prefix', ''), keyring=keyring)
+
+
 @dataclass
 class Settings:
     layout: StorageLayout
@@ -119,11 +129,7 @@ class StorageService:
             settings.layout.root, settings.encryption, os.environ if env is None else env,
             **({'clock': clock} if clock else {})) if settings.encryption.enabled else None
         self.embedder = embedder or make_embedder(settings.embedder)
-        o = settings.objects
-        self.objects = object_store(settings.layout.objects, o.get('endpoint', ''),
-                                    o.get('bucket', ''), o.get('access_key', ''),
-                                    o.get('secret_key', ''), o.get('secure', True),
-                                    o.get('prefix', ''), keyring=self.keyring)
+        self.objects = object_backend(settings, keyring=self.keyring)
         self.lifecycles: dict[str, Lifecycle] = {}
         self.totals = MoveReport()
         self.rounds, self.error = 0, ''

@@ -562,3 +562,37 @@ def test_a_server_that_stops_answering_is_a_bounded_error_and_recovery_cleans_up
         assert set(keys) <= on_server <= set(keys) | set(pending)
     finally:
         lc.close()
+
+
+def test_forget_and_export_reach_the_archives_on_s3(s3, tmp_path):
+    """With storage.objects on S3, `forget` erases a subject's archived records on the server
+    (not only under the root's local objects/), another subject's stay, and `export` reads the
+    subject's archived records from there (unencrypted archives: no key to shred)."""
+    from loom_ros.storage.erasure import export, forget
+    from loom_ros.storage.layout import StorageLayout
+    bucket = s3.new_bucket()
+    clock = Clock()
+    root = tmp_path / 'root'
+    write_events(root, clock, [('chat', f'alice canary {i}', 'alice') for i in range(3)]
+                 + [('chat', f'bob canary {i}', 'bob') for i in range(3)])
+    store = s3.store(bucket, prefix='robot1')
+    lc = archive_lifecycle(root, store, clock)
+    try:
+        clock.ms = T0 + 60_000 + 600_000 + 10_000             # warm -> cold -> archive
+        assert lc.run_once().archived >= 1
+    finally:
+        lc.close()
+
+    def on_server() -> bytes:   # every archive object, decompressed (gzip members join)
+        raw = s3.raw()
+        return gzip.decompress(b''.join(raw.get_object(bucket, o.object_name).read()
+                                        for o in raw.list_objects(bucket, recursive=True)))
+    assert b'alice canary' in on_server() and b'bob canary' in on_server()
+    layout = StorageLayout.at(root)
+    exported = export(layout, 'alice', tmp_path / 'alice.zip', objects=store)
+    assert exported.get('archive', 0) >= 1
+    receipt = forget(layout, 'alice', objects=store)
+    assert receipt.counts['archive_records'] >= 1, receipt.counts
+    left = on_server()
+    assert b'alice' not in left and b'bob canary' in left
+    assert not any('unreadable' in note for note in receipt.not_covered), receipt.not_covered

@@ -38,7 +38,8 @@ from loom_ros.storage.errors import StorageError
 from loom_ros.storage.fleet_erasure import (
     FleetConfigError, FleetLink, ask_fleet, check_timeout, forget_everywhere,
 )
-from loom_ros.storage.service import StorageService, default_params, settings_from_params
+from loom_ros.storage.service import (StorageService, default_params, object_backend,
+                                      settings_from_params)
 from loom_ros.telemetry.node_telemetry import attach_telemetry
 from loom_ros.telemetry.logs import mask_node_logger
 
@@ -416,7 +417,7 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
                 settings.layout, subject, requested_by=who, audit=self._audit,
                 refs=SubjectRefs.at(settings.layout.keys), keyring=keyring,
                 purge_bridge=self._purge_bridge, fleet=fleet, fleet_timeout_s=timeout,
-                no_fleet_status=no_fleet)
+                no_fleet_status=no_fleet, objects=object_backend(settings))
         except (StorageError, SubjectError, ConsentError, AuditError, KeyringError,
                 OSError) as exc:
             error = str(exc)
