@@ -269,6 +269,9 @@ def test_an_utterance_naming_a_subject_without_cloud_consent_stays_local(host, t
                             source=utterance.source, confidence=utterance.confidence,
                             privacy=utterance.privacy, metadata={'loom.subject': 'alice'}))
         [(weather, _p)] = emitted.of('weather')
+        # The spoken answer is the subject's too: filed where erasure finds it.
+        [(spoken, _p)] = emitted.of('answer.spoken')
+        assert '/tts/subjects/alice/' in spoken['path'], spoken['path']
         return weather
     kept = ask('before')
     assert kept['route'] == 'local' and kept['fallback'] is False

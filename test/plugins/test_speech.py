@@ -356,3 +356,35 @@ def test_a_simulated_microphone_stream_keeps_being_recognised():
     finals = [r.slots.get('city') for i in range(0, audio.size, rate // 10)
               for r in recognizer.feed(audio[i:i + rate // 10].tobytes(), rate) if not r.partial]
     assert finals[-3:] == ['tokyo', 'london', 'tokyo']
+
+
+def test_a_spoken_answer_to_a_data_subject_is_theirs_and_forget_erases_it(tmp_path):
+    """A tts.say naming a data subject (the voice flow passes on the question's loom.subject)
+    writes its WAV under <root>/plugins/tts/subjects/<subject>/, where erasure looks: forget
+    removes alice's answer and keeps bob's and the anonymous one; an invalid id is refused."""
+    from loom_ros.storage.erasure import forget
+    from loom_ros.storage.layout import StorageLayout
+    tts = load_plugin_class('tts')()
+    tts.init(PluginContext(plugin='tts', granted=frozenset({'tts', 'storage.write'}),
+                           data_dir=str(tmp_path / 'plugins')))
+    try:
+        def say(text, **metadata):
+            response = tts.handle_event(Event.with_json('tts.say', {'text': text},
+                                                        metadata=metadata))
+            assert response.ok, response.error
+            return Path(response.events[0].json()['path'])
+        alice = say('turn left', **{'loom.subject': 'alice'})
+        bob = say('turn right', **{'loom.subject': 'bob'})
+        anonymous = say('stop')
+        assert alice.parent == tmp_path / 'plugins' / 'tts' / 'subjects' / 'alice'
+        assert anonymous.parent == tmp_path / 'plugins' / 'tts'
+        for bad in ('../etc', 'x' * 5000, ''):
+            refused = tts.handle_event(Event.with_json('tts.say', {'text': 'hi'},
+                                                       metadata={'loom.subject': bad}))
+            assert not refused.ok and 'subject' in refused.error
+        assert not (tmp_path / 'etc').exists()
+    finally:
+        tts.shutdown()
+    receipt = forget(StorageLayout.at(tmp_path), 'alice')
+    assert receipt.counts['plugin_files'] >= 1
+    assert not alice.exists() and bob.is_file() and anonymous.is_file()

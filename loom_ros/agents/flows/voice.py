@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from loom_ros.agents.behavior import PortError
 from loom_ros.bus.event import Event
-from loom_ros.bus.privacy import effective_privacy
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, effective_privacy
 from loom_ros.cloud.client import InferenceRequest, execute_route
 from loom_ros.telemetry import tracing
 
@@ -33,6 +33,14 @@ PARTIAL, UTTERANCE = 'speech.partial', 'speech.utterance'
 PHRASE_INTENTS = {'what is the weather in <city>': 'weather', 'what time is it': 'time',
                   'hello robot': 'greeting', 'stop': 'stop', 'stop moving': 'stop'}
 MOVE_WORDS = ('go', 'turn', 'come', 'follow', 'wait')
+
+
+def subject_of(event: Event) -> dict:
+    """The data-subject metadata of `event`, for what is made from it (a spoken answer is as
+    much the person's as the question: erasure finds its WAV by it)."""
+    metadata = event.metadata if isinstance(event.metadata, dict) else {}
+    return {SUBJECT_METADATA_KEY: metadata[SUBJECT_METADATA_KEY]} \
+        if SUBJECT_METADATA_KEY in metadata else {}
 
 
 def local_intent(phrase: str) -> str:
@@ -119,7 +127,7 @@ class VoiceBehavior:
         with tracing.span('SpeakAnswer', attributes={'loom.plugin': self.tts}):
             said = ctx.call(self.tts, Event.with_json(
                 'tts.say', {'text': answer}, source=f'agent/{ctx.agent_id}',
-                privacy=effective_privacy(event)))
+                privacy=effective_privacy(event), metadata=subject_of(event)))
         if not said.ok or not said.events:
             raise PortError(f'{self.tts} could not speak the answer: {said.error}')
         done = said.events[0].json()

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from loom_ros.bus.event import Event
+from loom_ros.bus.privacy import SubjectError, event_subject
 from loom_ros.plugins.contract import (Capability, HealthState, HealthStatus, Plugin,
                                        PluginContext, PluginError, PluginMetadata, PluginResponse,
                                        PluginType)
@@ -35,6 +36,9 @@ UTTERANCE_TYPE = 'speech.utterance'
 SAY_TYPE = 'tts.say'
 DONE_TYPE = 'tts.done'
 _SAY_ACTIONS = {'say', 'speak', 'tts'}
+# A data subject's files go under <data_dir>/tts/subjects/<subject>/, the folder erasure and
+# export walk for every plugin (<root>/plugins/<plugin>/subjects/<subject>/, docs/privacy.md).
+SUBJECTS = 'subjects'
 
 
 def _section(ctx: PluginContext, name: str):
@@ -193,8 +197,18 @@ class TtsPlugin(Plugin):
         text = data.get('text')
         if not isinstance(text, str) or not text.strip():
             return self._bad(f'{event.type}: "text" must be a non-empty string')
+        try:   # an answer to a data subject is theirs: filed where erasure finds it
+            subject = event_subject(event)
+        except SubjectError as exc:
+            return self._bad(f'{event.type}: {exc}')
+        folder = self.out_dir / SUBJECTS / subject if subject else self.out_dir
+        if subject:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                return self._bad(f'tts cannot create the subject folder: {exc.strerror}')
         name = re.sub(r'[^A-Za-z0-9_-]', '_', str(event.id))[:64]
-        path = self.out_dir / f'{time.strftime("%Y%m%dT%H%M%S")}-{name}.wav'
+        path = folder / f'{time.strftime("%Y%m%dT%H%M%S")}-{name}.wav'
         self.ctx.require(Capability.TTS, text[:60])
         self.ctx.require(Capability.STORAGE_WRITE, str(path))
         self.ctx.audit('tts_say', text=text[:200], path=str(path), request_id=str(event.id))
@@ -203,7 +217,7 @@ class TtsPlugin(Plugin):
         except TTSError as exc:
             return self._bad(str(exc))
         self.counts['said'] += 1
-        self._prune()
+        self._prune(folder)
         done = Event.with_json(DONE_TYPE, {
             'path': out.path, 'duration_s': round(out.duration_s, 3),
             'sample_rate': out.sample_rate, 'text': text, 'request_id': str(event.id),
@@ -211,8 +225,8 @@ class TtsPlugin(Plugin):
             metadata={'request_type': event.type}, privacy=event.privacy)
         return PluginResponse(events=[done], latency_ms=(time.perf_counter() - start) * 1000)
 
-    def _prune(self) -> None:
-        files = sorted(self.out_dir.glob('*.wav'), key=lambda p: p.stat().st_mtime_ns)
+    def _prune(self, folder: Path) -> None:
+        files = sorted(folder.glob('*.wav'), key=lambda p: p.stat().st_mtime_ns)
         for old in files[:max(0, len(files) - self.config.keep_last)]:
             old.unlink(missing_ok=True)
 
