@@ -14,7 +14,9 @@ container: agents call plugins in-process, without serialization).
 
 Two more processes are started beside them, as on a real robot and its cloud: a Zenoh router
 (`--zenoh-port`, unless `--zenoh-connect` names an existing one) and the cloud tier
-`loom cloud serve` (unless `--no-cloud`). `--nodes-only` starts the node table alone, with the
+`loom cloud serve` (unless `--no-cloud`; `--cloud-data-dir` makes it keep its request log, and
+the storage node's `storage/forget` is linked to it, so a data subject's erasure reaches it).
+`--nodes-only` starts the node table alone, with the
 bridge's Zenoh settings from the params file (what launch's use_composition runs).
 
 When every lifecycle node and every agent is active it prints one JSON line `{"ready": true, ...}`
@@ -102,6 +104,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--max-restarts', type=int, default=5,
                    help='restarts of a dying node process before bring-up gives up (default 5)')
     p.add_argument('--log-dir', default='', help='where the Zenoh router and cloud logs go')
+    p.add_argument('--cloud-data-dir', default='',
+                   help="where the cloud tier keeps its request log (bounded; erased by "
+                   "storage/forget, which bring-up links to the cloud; '' = cloud.yaml's "
+                   "request_log.dir: none by default, nothing kept)")
     p.add_argument('--keys-dir', default='',
                    help='fleet credentials, made on first run for the router, this robot and the '
                    'cloud (default <storage.root>/keys: storage.root of the params file)')
@@ -248,6 +254,13 @@ def node_parameters(args, node: table.LoomNode, selected: list[table.LoomNode], 
     if node.name == 'zenoh_bridge' and not args.nodes_only:
         params.update(connect=[_endpoint(args)], keys_dir=str(keys.keys_path(args.keys_dir)),
                       insecure=bool(args.insecure))
+    if node.name == 'storage' and not args.nodes_only and (args.cloud or args.zenoh_connect):
+        # storage/forget reaches the cloud servers on this bring-up's router (fleet erasure),
+        # signed as this robot.
+        params.update({'forget.fleet_connect': [_endpoint(args)],
+                       'forget.keys_dir': str(keys.keys_path(args.keys_dir)),
+                       'forget.identity': robot_id(params_file),
+                       'forget.insecure': bool(args.insecure)})
     return params
 
 
@@ -577,7 +590,9 @@ def main_with(args, ros_args: list[str]) -> int:
                 if args.cloud:
                     side['cloud'] = _start_side('cloud', [
                         sys.executable, '-m', 'loom_ros.cloud.server', '--connect',
-                        _endpoint(args), *_zenoh_security(args)], args.log_dir)
+                        _endpoint(args), *_zenoh_security(args),
+                        *(['--data-dir', args.cloud_data_dir] if args.cloud_data_dir else [])],
+                        args.log_dir)
             agents_file = _agents_file(args, tmp, robot_name)
             agent_ids = _agent_ids(args, agents_file)
             # Composition hosts every agent in agent_host_0; processes follow own_process.

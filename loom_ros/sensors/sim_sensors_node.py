@@ -7,7 +7,9 @@
   time: each of `mic_utterances` spoken by espeak-ng, then `mic_gap_s` of silence, in a loop
   (Flow 2; the `asr` plugin reads them), after 2 s of silence at start. The chunk where speech starts or ends says so in its
   metadata (`speech_start_ms` / `speech_end_ms`, wall-clock ms), so latencies can be measured
-  from the moment the speaker stops.
+  from the moment the speaker stops. `mic_subjects` names who says each utterance (in turn, cycled;
+  '' = anonymous): their id goes into every chunk's `loom.subject`, so consent, erasure and export
+  follow the speech (the asr plugin carries it on to the transcripts).
 - IMU: `sensor_msgs/Imu` on `imu/data` and `sensor.imu.motion` Loom events at `imu_rate_hz` (a
   slow walk with a bump every few seconds).
 Signals are deterministic for a seed. The voice clips are synthesised on a background thread at
@@ -27,6 +29,7 @@ from loom_ros.bus import topics
 from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.executor import run_node, timer_callback
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, check_subject
 from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.config.params import ParamSpec, declare_parameters
 from loom_ros.sensors import scenes
@@ -49,6 +52,8 @@ PARAMETERS = [
     ParamSpec('mic_enabled', 'Publish microphone audio on mic.primary', read_only=True),
     ParamSpec('mic_utterances', 'What the simulated speaker says, in turn (spoken by espeak-ng)',
               read_only=True),
+    ParamSpec('mic_subjects', "Data subject saying each utterance, in turn and cycled ('' = "
+              'anonymous); ids as bus/privacy.check_subject takes them', read_only=True),
     ParamSpec('mic_chunk_ms', 'Milliseconds of audio per mic event', read_only=True,
               min_value=10, max_value=1000),
     ParamSpec('mic_gap_s', 'Seconds of silence after each utterance', read_only=True,
@@ -66,6 +71,7 @@ class SimSensorsNode(Node):
         params = declare_parameters(self, 'sim_sensors', PARAMETERS)
         self.params = params
         self._rng = random.Random(params['seed'])
+        self._mic_subjects = mic_subjects(params['mic_subjects'])
         self.stats = {'frames': 0, 'imu': 0, 'mic_chunks': 0, 'utterances': 0}
         # IMU
         self._imu_seq = 0
@@ -133,14 +139,15 @@ class SimSensorsNode(Node):
         gap = np.zeros(int(self.params['mic_gap_s'] * scenes.MIC_RATE), dtype=np.int16)
         # Two seconds of silence before the first utterance, once: the listeners of a system
         # starting together with these sensors are up by then.
-        play = [(part, '', 0, -1, -1) for part in
+        play = [(part, '', 0, -1, -1, '') for part in
                 scenes.chunks(np.zeros(LEAD_IN_S * scenes.MIC_RATE, dtype=np.int16), self._chunk)]
         self._loop_from = len(play)
-        for clip in self._clips:
+        for n, clip in enumerate(self._clips):
             audio = np.concatenate([clip.samples, gap])
+            who = self._mic_subjects[n % len(self._mic_subjects)]
             for i, part in enumerate(scenes.chunks(audio, self._chunk)):
                 play.append((part, clip.text, i * self._chunk, clip.speech_start,
-                             clip.speech_end))
+                             clip.speech_end, who))
         self._play = play
 
     def _publish_mic(self) -> None:
@@ -149,11 +156,13 @@ class SimSensorsNode(Node):
             return
         if self._play_at >= len(play):   # loop over the utterances, not the lead-in
             self._play_at = self._loop_from
-        part, text, offset, start, end = play[self._play_at]
+        part, text, offset, start, end, who = play[self._play_at]
         self._play_at += 1
         now_ms = time.time() * 1000.0
         chunk_end = offset + part.size   # this chunk has just been "heard"
         metadata = {'sample_rate': str(scenes.MIC_RATE), 'channels': '1', 'encoding': 's16le'}
+        if who:
+            metadata[SUBJECT_METADATA_KEY] = who
         if offset <= start < chunk_end:
             metadata['speech_start_ms'] = f'{now_ms - (chunk_end - start) / 16.0:.1f}'
             metadata['utterance'] = text
@@ -188,6 +197,13 @@ class SimSensorsNode(Node):
             source='sim_sensors/imu', frame_id='imu_link',
             tags=['sim', 'bump'] if bump else ['sim'], priority=1 if bump else 0))
         self.stats['imu'] += 1
+
+
+def mic_subjects(values) -> list[str]:
+    """The speakers of the utterances, each a valid subject id or '' (anonymous); SubjectError
+    names a bad one (the node then does not start: a typo must not make speech anonymous)."""
+    values = [str(v) for v in values] or ['']
+    return [check_subject(v) if v else '' for v in values]
 
 
 def main(args=None):

@@ -7,12 +7,17 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from harness import REPO, loom_cli
+from harness import REPO, WAIT_LIMIT_S, loom_cli
+
+# test_erasure's byte scan (every file, archives and recordings decompressed): its folder is not
+# on the path of a test in this one.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'storage'))
 
 
 def _free_port() -> int:
@@ -21,18 +26,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _params(tmp: Path) -> Path:
+# Two data subjects (issue 17): A is on camera and asks about London, B asks about Tokyo. Their
+# ids are canaries: they travel in every event's metadata wherever the flows take it.
+SUBJECT_A, SUBJECT_B = 'canary-subject-a-7f3e', 'canary-subject-b-91c4'
+UTTERANCES = {SUBJECT_A: 'what is the weather in london', SUBJECT_B: 'what is the weather in tokyo'}
+
+
+def _params(tmp: Path, root: Path) -> Path:
     data = yaml.safe_load((REPO / 'config' / 'loom.yaml').read_text())
 
     def section(name):   # sections are keyed /**/<node> (any namespace)
         key = name if name == '/**' else f'/**/{name}'
         return data.setdefault(key, {}).setdefault('ros__parameters', {})
-    section('/**').setdefault('storage', {})['root'] = str(tmp)   # every path derives from it
-    section('/**')['telemetry']['tracing'].update(exporter='file', file=str(tmp / 'trace.jsonl'))
+    section('/**').setdefault('storage', {})['root'] = str(root)   # every path derives from it
+    section('/**')['telemetry']['tracing'].update(exporter='file', file=str(root / 'trace.jsonl'))
     section('sim_sensors').update(imu_rate_hz=50.0, camera_rate_hz=5.0,
                                   camera_scenes=['astronaut', 'empty'], camera_scene_s=1.0,
-                                  mic_gap_s=1.0,
-                                  mic_utterances=['what is the weather in london'])
+                                  mic_gap_s=1.0, mic_utterances=list(UTTERANCES.values()),
+                                  mic_subjects=list(UTTERANCES))
+    section('camera_adapter')['subject'] = SUBJECT_A
     path = tmp / 'params.yaml'
     path.write_text(yaml.safe_dump(data))
     # A cloud budget far above any answer time: the test checks the route, not the speed.
@@ -44,29 +56,70 @@ def _params(tmp: Path) -> Path:
     return path
 
 
+def _grant_everything(root: Path) -> None:
+    """Both subjects consent to every use the flows make (store, cloud, recording, learning), so
+    their data lands everywhere and the flows route as they do for anonymous data."""
+    from loom_ros.bus.privacy import Purpose
+    from loom_ros.security.audit import AuditLog
+    from loom_ros.storage.consent import ConsentRegistry, SubjectRefs, consent_path
+    from loom_ros.storage.layout import StorageLayout
+    layout = StorageLayout.at(root)
+    audit = AuditLog(layout.audit)
+    consent = ConsentRegistry(consent_path(root), audit=audit, refs=SubjectRefs.at(layout.keys))
+    for subject in UTTERANCES:
+        for purpose in (Purpose.STORE, Purpose.CLOUD, Purpose.RECORDING, Purpose.LEARNING):
+            consent.grant(subject, purpose.value, 'cli:test')
+    consent.close()
+    audit.close()
+
+
 @pytest.fixture(scope='module')
 def system(ros, tmp_path_factory):
-    """One bring-up for the module: what it showed on the UI and said, then its files."""
+    """One bring-up for the module: what it showed on the UI and said; then, with the sensors
+    and the recorder stopped and the agent hosts down, subject A erased over storage/forget (with the
+    cloud); then its files."""
+    import os
     import subprocess
     import sys
+    import time
 
     from std_msgs.msg import String
 
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+
+    from loom_msgs.msg import AgentStatus
+    from loom_msgs.srv import Forget
+    from loom_ros.bringup import nodes as table
+    from loom_ros.bus import topics
     from loom_ros.bus.bus import create_bus
     from loom_ros.bus.qos import to_qos_profile
+    from test_erasure import scan
     tmp = tmp_path_factory.mktemp('flows')
-    params = _params(tmp)
-    procs = [subprocess.Popen([sys.executable, *loom_cli(
-        'bringup', '--config', str(params), '--zenoh-port', str(_free_port()),
+    root, cloud_dir = tmp / 'root', tmp / 'cloud'   # what the erasure test scans
+    root.mkdir()
+    params = _params(tmp, root)
+    _grant_everything(root)
+
+    def start(*args, env=None):
+        return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+    # The sensors run apart from bring-up, so they can be stopped before the erasure.
+    procs = [start(*loom_cli(
+        'bringup', '--config', str(params), '--zenoh-port', str(_free_port()), '--no-sim-sensors',
         '--agents-file', str(tmp / 'agents.yaml'), '--keys-dir', str(tmp / 'keys'),
-        '--log-dir', str(tmp))], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True),
-        subprocess.Popen([sys.executable, *loom_cli('record', '--output', str(tmp / 'rec.mcap'))],
-                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-    seen = {'ui': [], 'intents': []}
+        '--cloud-data-dir', str(cloud_dir), '--log-dir', str(tmp))),
+        start(*loom_cli('record', '--output', str(root / 'rec.mcap'), '--root', str(root))),
+        start('-m', 'loom_ros.sensors.sim_sensors_node', '--ros-args', '-r',
+              '__node:=sim_sensors', '--params-file', str(params),
+              env=table.node_env(table.by_name('sim_sensors'), os.environ))]
+    seen = {'ui': [], 'intents': [], 'beats': []}
     sub = ros.node.create_subscription(String, 'loom/ui/state',
                                        lambda m: seen['ui'].append(json.loads(m.data)),
                                        to_qos_profile('batched'))
+    beats = ros.node.create_subscription(
+        AgentStatus, topics.AGENTS_HEARTBEAT,
+        lambda m: seen['beats'].append((time.monotonic(), m.node)), to_qos_profile('background'))
     bus = create_bus(ros.node, 'loom_test')
     bus.subscribe('agent.voice.intent', lambda e, _t: seen['intents'].append(e))
 
@@ -77,26 +130,61 @@ def system(ros, tmp_path_factory):
         def finish(self):
             out = self.popen.communicate(timeout=30)[0]
             return self.popen.returncode, out, ''
+    outputs, erased = [None] * len(procs), {}
     try:
         def answered_on_ui():
-            """The spoken answer's intent, and the same text on the UI (two topics: either
-            may arrive first)."""
-            spoken = [e.json()['text'] for e in seen['intents'] if e.type == 'answer.spoken']
-            return bool(spoken) and any(s.get('text') == spoken[0] for s in seen['ui'])
+            """Both subjects' spoken answers, and the first on the UI (two topics: either may
+            arrive first)."""
+            spoken = [e.json() for e in seen['intents'] if e.type == 'answer.spoken']
+            heard = {s['heard'] for s in spoken}
+            return set(UTTERANCES.values()) <= heard and \
+                any(s.get('text') == spoken[0]['text'] for s in seen['ui'])
         def no_face_after_a_face():
             labels = [s.get('label') for s in seen['ui']]
             return 'happy' in labels and 'no face' in labels[labels.index('happy'):]
         ros.wait_for(lambda: no_face_after_a_face() and answered_on_ui(),
-                     'a happy emoji, then no face, and the spoken answer on the UI',
+                     "a happy emoji, then no face, and both subjects' spoken answers",
                      limit=90, alive=[Alive(p) for p in procs])
+        # No more of A's data: the sensors and the recorder stop, then the agent hosts are taken
+        # down to unconfigured (they let go of their databases, which erasure locks; the manager
+        # leaves a host that beats unconfigured alone), as docs/privacy.md asks.
+        for i in (2, 1):
+            procs[i].send_signal(signal.SIGINT)
+            outputs[i] = procs[i].communicate(timeout=60)[0]
+        hosts = sorted({b[1] for b in seen['beats']})
+        assert hosts, 'no agent heartbeat seen'
+        for host in hosts:
+            change = ros.node.create_client(ChangeState, f'{host}/change_state')
+            for transition in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP):
+                ros.call(change, ChangeState.Request(transition=Transition(id=transition)),
+                         f'{host}/change_state', alive=[Alive(procs[0])])
+            ros.node.destroy_client(change)
+            get = ros.node.create_client(GetState, f'{host}/get_state')
+            state = ros.call(get, GetState.Request(), f'{host}/get_state',
+                             alive=[Alive(procs[0])])
+            assert state.current_state.label == 'unconfigured', (host, state)
+            ros.node.destroy_client(get)
+        erased['before'] = {'root': scan(root), 'cloud': scan(cloud_dir)}
+        erased['paths'] = sorted(str(p.relative_to(root)) for p in root.rglob('*'))
+        erased['b_files'] = _holding(root, SUBJECT_B.encode())
+        forget = ros.node.create_client(Forget, topics.STORAGE_FORGET)
+        erased['answer'] = ros.call(forget, Forget.Request(
+            subject=SUBJECT_A, requested_by='dpo:test', fleet=True), 'storage/forget',
+            resend_s=WAIT_LIMIT_S, alive=[Alive(procs[0])])
+        ros.node.destroy_client(forget)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
-        outputs = [proc.communicate(timeout=60)[0] for proc in procs]
+        outputs = [out if out is not None else proc.communicate(timeout=60)[0]
+                   for proc, out in zip(procs, outputs)]
+        for name, out in zip(('bringup', 'record', 'sim_sensors'), outputs):
+            (tmp / f'{name}.out').write_text(out or '')   # beside the root, for a failure
         ros.node.destroy_subscription(sub)
+        ros.node.destroy_subscription(beats)
         bus.destroy()
-    return {'tmp': tmp, 'ui': seen['ui'], 'intents': seen['intents'],
+    return {'tmp': tmp, 'root': root, 'cloud': cloud_dir, 'ui': seen['ui'],
+            'intents': seen['intents'], 'erased': erased,
             'codes': [p.returncode for p in procs], 'outputs': outputs}
 
 
@@ -105,7 +193,7 @@ def test_the_astronaut_photo_yields_the_happy_emoji_decided_local(system):
     assert face[0]['emoji'] == '😀'
     assert face[0]['route'] == 'local' and face[0]['rule'] == 'threshold'
     assert 'threshold' in face[0]['reason']
-    assert system['codes'] == [0, 0], system['outputs']
+    assert system['codes'] == [0, 0, 0], system['outputs']
 
 
 def test_no_face_clears_what_the_last_face_showed(system):
@@ -122,13 +210,20 @@ def test_no_face_clears_what_the_last_face_showed(system):
 
 def test_the_weather_question_yields_the_weather_intent_and_a_spoken_wav(system):
     from loom_ros.plugins.speech.audio import dbfs, read_wav
-    weather = [e.json() for e in system['intents'] if e.type == 'weather']
+    # Both subjects ask in turn (either may be heard first: the sensors start with the system).
+    weather = [e.json() for e in system['intents'] if e.type == 'weather' and
+               e.json()['text'] == UTTERANCES[SUBJECT_A]]
     assert weather and weather[0]['slots'] == {'city': 'london'}
     assert weather[0]['route'] == 'hybrid'            # local now, refined in the cloud
     assert weather[0]['backend'] == 'cloud', weather[0]
-    spoken = [e.json() for e in system['intents'] if e.type == 'answer.spoken'][0]
+    spoken = [e.json() for e in system['intents'] if e.type == 'answer.spoken' and
+              e.json()['heard'] == UTTERANCES[SUBJECT_A]][0]
     assert spoken['text'].startswith('London:')
-    samples, rate = read_wav(spoken['path'])
+    # A's WAV answer is erased at the end of the fixture (the last test): B's is read.
+    theirs = [e.json() for e in system['intents'] if e.type == 'answer.spoken' and
+              e.json()['heard'] == UTTERANCES[SUBJECT_B]][0]
+    assert theirs['text'].startswith('Tokyo:')
+    samples, rate = read_wav(theirs['path'])
     assert samples.size / rate > 1.0 and dbfs(samples) > -40.0   # speech, not silence
     # The UI showed the transcript first (immediate feedback), then the answer.
     texts = [s.get('text') for s in system['ui'] if s.get('text')]
@@ -147,7 +242,7 @@ def _chain(by_id: dict, leaf: dict) -> list[str]:
 
 def test_every_hop_leaves_its_span_in_one_trace(system):
     from loom_ros.telemetry.tracing import read_spans
-    spans = read_spans(str(system['tmp'] / 'trace.jsonl'))
+    spans = read_spans(str(system['root'] / 'trace.jsonl'))
     ui = [s for s in spans if s['name'] == 'HandleEvent' and
           s['attributes'].get('loom.topic') == 'agent.face.action']
     by_id = {s['span_id']: s for s in spans}
@@ -178,7 +273,7 @@ def test_the_mcap_recording_reads_back_with_the_mcap_library(system):
 
     from loom_ros.cli.record import message_class
     counts, ui = {}, []
-    with open(system['tmp'] / 'rec.mcap', 'rb') as stream:
+    with open(system['root'] / 'rec.mcap', 'rb') as stream:
         reader = make_reader(stream)
         for schema, channel, message in reader.iter_messages():
             assert schema.encoding == 'ros2msg' and channel.message_encoding == 'cdr'
@@ -188,3 +283,69 @@ def test_the_mcap_recording_reads_back_with_the_mcap_library(system):
                 ui.append(json.loads(msg.data))
     assert any(s.get('label') == 'happy' for s in ui)
     assert {'/loom/ui/markers', '/router/decisions', '/imu/data'} <= set(counts), counts
+
+
+def _holding(root: Path, canary: bytes) -> list[str]:
+    """The files under `root` whose raw bytes hold `canary` (what a failure names; recordings'
+    compressed chunks are searched by test_erasure.scan)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob('*')
+                  if p.is_file() and not p.is_symlink() and canary in p.read_bytes())
+
+
+def _canaries(root: Path) -> dict[str, dict[str, bytes]]:
+    """Each subject's canaries: the id (in metadata wherever their events went) and its keyed
+    hash under the root (what cloud requests carry, and the robot's erasure tombstone)."""
+    from loom_ros.storage.consent import SubjectRefs
+    from loom_ros.storage.layout import StorageLayout
+    refs = SubjectRefs.at(StorageLayout.at(root).keys)
+    return {s: {'id': s.encode(), 'ref': refs.ref(s).encode()} for s in UTTERANCES}
+
+
+def test_forget_over_ros_erases_a_subject_here_and_in_the_cloud_and_keeps_the_other(system):
+    """Issue 17, end to end: the flows ran with two consenting subjects; storage/forget for A,
+    with the fleet link bring-up gives it, answers a receipt and the cloud's signed receipt; the
+    cloud's folder keeps no byte of A's keyed hash, and B is everywhere B was."""
+    from test_erasure import scan
+    root, cloud, erased = system['root'], system['cloud'], system['erased']
+    canaries, before = _canaries(root), erased['before']
+    answer = erased['answer']
+    assert answer.ok, answer.error
+    assert (answer.fleet_status, answer.fleet_error) == ('done', ''), answer.receipt
+    receipt = json.loads(answer.receipt)
+    assert receipt['subject_ref'] == canaries[SUBJECT_A]['ref'].decode()
+    assert receipt['counts'].get('consent', 0) >= 4, receipt   # the four grants
+    assert sum(receipt['counts'].values()) > 4, receipt         # and what the flows kept
+    [cloud_receipt] = [json.loads(r) for r in answer.fleet_receipts]
+    assert cloud_receipt['signer'] == 'cloud'
+    assert cloud_receipt['receipt']['counts'].get('request_log', 0) >= 1, cloud_receipt
+    # The flows put both subjects everywhere: ids on the robot, keyed hashes in the cloud's log,
+    # each a folder of spoken answers.
+    for subject, mine in canaries.items():
+        assert mine['id'] in before['root'] and mine['ref'] in before['cloud'], subject
+        assert any(p.endswith(f'subjects/{subject}') for p in erased['paths']), subject
+    after = scan(cloud)
+    a, b = canaries[SUBJECT_A], canaries[SUBJECT_B]
+    assert a['ref'] not in after and a['id'] not in after, _holding(cloud, a['ref'])
+    assert b['ref'] in after
+    # Every file that held B's id still does (a WAL file may have been checkpointed away).
+    kept = _holding(root, b['id'])
+    assert [f for f in erased['b_files'] if not f.endswith(('-wal', '-shm'))
+            and f not in kept] == [], (erased['b_files'], kept)
+    assert any(p.is_file() for p in root.rglob(f'subjects/{SUBJECT_B}/*.wav'))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "two leaks this test found (issue 17): the tts plugin files a subject's WAV answers under "
+    "<root>/plugins/tts/tts/subjects/<subject>/ (its data_dir is already <root>/plugins/tts), "
+    "where forget does not look; and it audits each answer's path (naming the subject) and "
+    "text in the append-only audit log, which forget cannot erase"))
+def test_no_byte_of_the_forgotten_subject_is_left_under_the_root(system):
+    """Every byte of every file under the storage root (SQLite free pages and WAL files, the
+    recording and the trace among them; recordings decompressed): no byte of A's id, and no
+    file or folder named for A. (The audit's erasure tombstone holds A's keyed hash by design.)"""
+    from test_erasure import scan
+    root = system['root']
+    a = _canaries(root)[SUBJECT_A]
+    assert a['id'] not in scan(root), _holding(root, a['id'])
+    assert [str(p) for p in root.rglob('*') if SUBJECT_A in p.name] == []
+    assert set(_holding(root, a['ref'])) <= {'audit.db', 'audit.db-wal'}

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from loom_ros.bus.event import Event
-from loom_ros.bus.privacy import SubjectError, event_subject
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, SubjectError, event_subject
 from loom_ros.plugins.contract import (Capability, HealthState, HealthStatus, Plugin,
                                        PluginContext, PluginError, PluginMetadata, PluginResponse,
                                        PluginType)
@@ -116,7 +116,11 @@ class AsrPlugin(Plugin):
                 kind, r.as_dict() if not r.partial else
                 {'text': r.text, 'confidence': r.confidence, 'partial': True},
                 source=self.metadata.name, confidence=float(r.confidence),
-                metadata={'mic': event.type, 'audio_event': str(event.id)},
+                # What someone said is theirs: the transcript names the audio's data subject
+                # (consent, erasure and the spoken answer follow it).
+                metadata={'mic': event.type, 'audio_event': str(event.id),
+                          **({SUBJECT_METADATA_KEY: meta[SUBJECT_METADATA_KEY]}
+                             if SUBJECT_METADATA_KEY in meta else {})},
                 privacy=event.privacy, frame_id=event.frame_id))
         return PluginResponse(events=events, latency_ms=(time.perf_counter() - start) * 1000)
 
