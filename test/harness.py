@@ -100,3 +100,114 @@ def old_agent_file(path, rows, episodes=(), facts=()):
                    'vector) values (?, ?, ?, ?, ?, ?, ?)', facts)
     db.commit()
     db.close()
+
+
+# --- Replay into a fresh system (test/replay/test_deterministic_replay.py, test/cli/test_demo.py):
+# a router and a face agent (real processes) in their own namespace and storage root, a test
+# camera that talks to them, and the decision fields a replay must reproduce.
+
+# RouteDecision fields that are the same when a decision is made again on the same event (the
+# decision id and stamps are not: docs/replay.md).
+DECISION_FIELDS = ('event_id', 'event_type', 'agent_id', 'privacy', 'route', 'rule', 'reason',
+                   'upload', 'cloud_model', 'cloud_cost', 'confidence')
+
+
+def decision_fields(msg) -> dict:
+    return {name: getattr(msg, name) for name in DECISION_FIELDS}
+
+
+def face_system_config(folder, mailbox_size: int = 100):
+    """(agents file, params file) under `folder` for a face agent alone, with the shipped
+    settings but a mailbox of `mailbox_size`: with the shipped 1 a newer frame replaces a waiting
+    one, so which frames get decided depends on timing (docs/replay.md)."""
+    import yaml
+    folder.mkdir(parents=True, exist_ok=True)
+    agents = yaml.safe_load((REPO / 'config' / 'agents.yaml').read_text())
+    face = next(a for a in agents['agents'] if a['id'] == 'face')
+    face['host_plugins'] = ['face_expression']
+    face['mailbox_size'] = mailbox_size
+    (folder / 'agents.yaml').write_text(yaml.safe_dump({'agents': [face]}))
+    params = folder / 'params.yaml'
+    params.write_text(yaml.safe_dump({
+        '/**/plugin_host': {'ros__parameters': {'audit_db': str(folder / 'audit.db'),
+                                                'data_dir': str(folder / 'plugins')}}}))
+    return folder / 'agents.yaml', params
+
+
+def start_face_system(spawn, root, ns: str, agents, params) -> list:
+    """A router and a face agent host in namespace `ns` (real processes from the `spawn`
+    fixture), under their own storage root <root>/<ns>."""
+    ros_args = ['--ros-args', '-r', f'__ns:={ns}', '--params-file', str(params),
+                '-p', f'storage.root:={root / ns.strip("/")}']
+    router = spawn('-m', 'loom_ros.router.router_node', *ros_args)
+    agent = spawn('-m', 'loom_ros.agents.agent_node', *ros_args, '-r', '__node:=agent_host_0',
+                  '-p', 'agent_id:=face', '-p', f'agents_file:={agents}')
+    return [router, agent]
+
+
+def stop_procs(procs) -> list:
+    """SIGINT to every process still running, then each one's (code, stdout, stderr)."""
+    import signal
+    for proc in procs:
+        if proc.popen.poll() is None:
+            proc.popen.send_signal(signal.SIGINT)
+    return [proc.finish() for proc in procs]
+
+
+class FaceCamera:
+    """The test's camera in namespace `ns` (a node on the session's rclpy context): frames as
+    camera.front events (the product's QoS table), and what the face agent answered and the
+    routers decided there, by event id."""
+
+    def __init__(self, ros, ns: str, name: str = 'rp_camera'):
+        from loom_msgs.msg import RouteDecision
+        from rclpy.node import Node
+
+        from loom_ros.bus.bus import EventBus
+        from loom_ros.bus.qos import TopicQosTable, to_qos_profile
+        from loom_ros.config.params import node_defaults
+        self.ros = ros
+        self.node = Node(name, namespace=ns, context=ros.node.context)
+        defaults = node_defaults(name)
+        self.bus = EventBus(self.node, topic_qos=TopicQosTable(defaults['bus.topic_qos'],
+                                                               defaults['bus.default_qos']))
+        ros.executor.add_node(self.node)
+        self.answered: dict[str, dict] = {}
+        self.decisions: dict[str, object] = {}
+        self.bus.subscribe('agent.face.action', self._on_action)
+        self.node.create_subscription(RouteDecision, 'router/decisions',
+                                      lambda m: self.decisions.setdefault(m.event_id, m),
+                                      to_qos_profile('batched'))
+        self.out = self.bus.publisher_for('camera.front', 'realtime')
+
+    def _on_action(self, event, _topic):
+        data = event.json()
+        self.answered[data.get('source_event', '')] = data
+
+    def send(self, rgb) -> str:
+        from loom_ros.plugins.perception.image import frame_event
+        event = frame_event(rgb, type='camera.front', encoding='rgb8')
+        self.bus.publish('camera.front', event, 'realtime')
+        return event.id
+
+    def warm_up(self, rgb, alive) -> list[str]:
+        """The same frame every half second until the agent answers one (it is active, and it
+        has handled everything that was in its mailbox before); the ids sent."""
+        import time
+        sent, last = [], [-1.0]
+
+        def resend():
+            if time.monotonic() - last[0] >= 0.5:
+                last[0] = time.monotonic()
+                sent.append(self.send(rgb))
+        self.ros.wait_for(lambda: any(i in self.answered for i in sent), 'the face agent',
+                          limit=120, alive=alive, spin=resend)
+        return sent
+
+    def close(self):
+        if self.node is None:
+            return
+        self.ros.executor.remove_node(self.node)
+        self.bus.destroy()
+        self.node.destroy_node()
+        self.node = None

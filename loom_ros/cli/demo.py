@@ -16,7 +16,8 @@ folder (demo_output/):
 Secure by default, like bring-up: credentials are made on the first run in <output>/keys (or
 `--keys-dir`) and every Zenoh link is mutual TLS under the router's access control; `--insecure`
 runs plain TCP and says so.
-Artifacts: summary.json, answer.wav (the last spoken answer), recording.mcap, trace.jsonl (the
+Artifacts: summary.json, answer.wav (the last spoken answer), recording.mcap (camera frames too
+with `--record-camera`, so that it replays: docs/replay.md), trace.jsonl (the
 OpenTelemetry spans of every hop), logs/, and the agents' state, router history and audit log.
 """
 from __future__ import annotations
@@ -59,6 +60,9 @@ def add_parser(sub) -> None:
                       help="fleet credentials, made on first run ('' = <output>/keys)")
     demo.add_argument('--insecure', action='store_true',
                       help='Zenoh over plain TCP: no TLS, authentication or access control')
+    demo.add_argument('--record-camera', action='store_true',
+                      help='also record the camera frames (`loom record --camera`, about 8 MB/s) '
+                           'so that recording.mcap replays into a fresh system (docs/replay.md)')
     demo.add_argument('--view', action='store_true',
                       help='also run the live visual view (`loom view`, Rerun web viewer) and '
                            'print the URL to open')
@@ -322,7 +326,8 @@ def run_demo(args) -> int:
         'record': _spawn('record', [
             # --root: the demo's consent registry decides what the recording may keep
             '-m', 'loom_ros.cli.record', '--output', str(out / 'recording.mcap'),
-            '--root', str(out)], env,
+            '--root', str(out), *(['--camera'] if getattr(args, 'record_camera', False)
+                                  else [])], env,
             out / 'logs' / 'record.log'),
     }
     if getattr(args, 'view', False):

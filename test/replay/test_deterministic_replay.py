@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import time
 
 import numpy as np
-import yaml
 from PIL import Image
 
-from harness import REPO, WAIT_LIMIT_S, LinePeer, loom_cli
+from harness import (WAIT_LIMIT_S, FaceCamera, LinePeer, decision_fields, face_system_config,
+                     loom_cli, start_face_system, stop_procs)
 
 REC, PLAY = '/rp', '/rp_play'   # the recorded system's namespace, the replay's
 SIZE = (128, 128)   # small frames: the test's process has Fast DDS's builtin 512 KB segment
-COMPARED = ('event_id', 'event_type', 'agent_id', 'privacy', 'route', 'rule', 'reason',
-            'upload', 'cloud_model', 'cloud_cost', 'confidence')
 
 
 def _frames():
@@ -34,92 +30,6 @@ def _frames():
     face, mirrored, empty = (small(n) for n in ('astronaut', 'astronaut_mirrored', 'empty'))
     # Alternating with the empty scene, so every frame gets an answer (a face, or 'no face').
     return [face, empty, mirrored, empty, face, empty] * 2
-
-
-def _config(tmp_path):
-    agents = yaml.safe_load((REPO / 'config' / 'agents.yaml').read_text())
-    face = next(a for a in agents['agents'] if a['id'] == 'face')
-    face['host_plugins'] = ['face_expression']
-    face['mailbox_size'] = 100   # no frame replaced by a later one: every frame is decided
-    (tmp_path / 'agents.yaml').write_text(yaml.safe_dump({'agents': [face]}))
-    params = tmp_path / 'params.yaml'
-    params.write_text(yaml.safe_dump({
-        '/**/plugin_host': {'ros__parameters': {'audit_db': str(tmp_path / 'audit.db'),
-                                                'data_dir': str(tmp_path / 'plugins')}}}))
-    return tmp_path / 'agents.yaml', params
-
-
-class Camera:
-    """The test's camera in namespace `ns`: frames as camera.front events (the product's QoS
-    table), and what the face agent answered and the routers decided, by event id."""
-
-    def __init__(self, ros, ns: str):
-        from loom_msgs.msg import RouteDecision
-        from rclpy.node import Node
-
-        from loom_ros.bus.bus import EventBus
-        from loom_ros.bus.qos import TopicQosTable, to_qos_profile
-        from loom_ros.config.params import node_defaults
-        self.ros = ros
-        self.node = Node('rp_camera', namespace=ns, context=ros.node.context)
-        defaults = node_defaults('rp_camera')
-        self.bus = EventBus(self.node, topic_qos=TopicQosTable(defaults['bus.topic_qos'],
-                                                               defaults['bus.default_qos']))
-        ros.executor.add_node(self.node)
-        self.answered: dict[str, dict] = {}
-        self.decisions: dict[str, object] = {}
-        self.bus.subscribe('agent.face.action', self._on_action)
-        self.node.create_subscription(RouteDecision, 'router/decisions',
-                                      lambda m: self.decisions.setdefault(m.event_id, m),
-                                      to_qos_profile('batched'))
-        self.out = self.bus.publisher_for('camera.front', 'realtime')
-
-    def _on_action(self, event, _topic):
-        data = event.json()
-        self.answered[data.get('source_event', '')] = data
-
-    def send(self, rgb) -> str:
-        from loom_ros.plugins.perception.image import frame_event
-        event = frame_event(rgb, type='camera.front', encoding='rgb8')
-        self.bus.publish('camera.front', event, 'realtime')
-        return event.id
-
-    def warm_up(self, rgb, alive) -> list[str]:
-        """The same frame every half second until the agent answers one: it is active."""
-        sent, last = [], [-1.0]
-
-        def resend():
-            if time.monotonic() - last[0] >= 0.5:
-                last[0] = time.monotonic()
-                sent.append(self.send(rgb))
-        self.ros.wait_for(lambda: any(i in self.answered for i in sent), 'the face agent',
-                          limit=120, alive=alive, spin=resend)
-        return sent
-
-    def close(self):
-        if self.node is None:
-            return
-        self.ros.executor.remove_node(self.node)
-        self.bus.destroy()
-        self.node.destroy_node()
-        self.node = None
-
-
-def _system(spawn, tmp_path, ns: str, agents, params):
-    """A router and a face agent host in `ns`, under their own storage root."""
-    ros_args = ['--ros-args', '-r', f'__ns:={ns}', '--params-file', str(params),
-                '-p', f'storage.root:={tmp_path / ns.strip("/")}']
-    router = spawn('-m', 'loom_ros.router.router_node', *ros_args)
-    agent = spawn('-m', 'loom_ros.agents.agent_node', *ros_args, '-r', '__node:=agent_host_0',
-                  '-p', 'agent_id:=face', '-p', f'agents_file:={agents}')
-    return [router, agent]
-
-
-def _stop(procs):
-    for proc in procs:
-        if proc.popen.poll() is None:
-            proc.popen.send_signal(signal.SIGINT)
-    return [proc.finish() for proc in procs]
 
 
 def _recorded(path, sent: list[str]):
@@ -150,21 +60,17 @@ def _recorded(path, sent: list[str]):
     return decisions, frames, start
 
 
-def _fields(msg) -> dict:
-    return {name: getattr(msg, name) for name in COMPARED}
-
-
 def test_a_recording_replays_into_a_fresh_system_with_the_same_decisions(ros, spawn, tmp_path):
     from loom_msgs.msg import RouteDecision
 
     from loom_ros.bus.qos import to_qos_profile
-    agents, params = _config(tmp_path)
+    agents, params = face_system_config(tmp_path)
     frames = _frames()
-    rec_camera, play_camera = Camera(ros, REC), Camera(ros, PLAY)
+    rec_camera, play_camera = FaceCamera(ros, REC), FaceCamera(ros, PLAY)
     try:
         # Both systems start at once; each is warmed up with the same frame.
-        rec_procs = _system(spawn, tmp_path, REC, agents, params)
-        play_procs = _system(spawn, tmp_path, PLAY, agents, params)
+        rec_procs = start_face_system(spawn, tmp_path, REC, agents, params)
+        play_procs = start_face_system(spawn, tmp_path, PLAY, agents, params)
         procs = rec_procs + play_procs
         rec_camera.warm_up(frames[0], procs)
         warm = play_camera.warm_up(frames[0], procs)
@@ -243,13 +149,13 @@ def test_a_recording_replays_into_a_fresh_system_with_the_same_decisions(ros, sp
             + summary['messages'][f'{REC}/router/decisions']   # the probes, the decisions
         for original in recorded:
             again = seen[original.event_id]
-            assert _fields(again) == _fields(original)
+            assert decision_fields(again) == decision_fields(original)
             assert again.decision_id != original.decision_id   # new ids: not deterministic
         # Nothing the recorded run did not decide was decided on replay (the empty frames).
         assert not set(seen) & (set(kept) - set(decided))
         assert not set(seen) & set(warm)   # the warm-up was before the subscription
         ros.node.destroy_subscription(sub)
-        _stop(procs)
+        stop_procs(procs)
         assert (tmp_path / 'rp' / 'router.db').exists() and \
             (tmp_path / 'rp_play' / 'router.db').exists()   # two histories
     finally:
