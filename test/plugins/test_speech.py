@@ -360,13 +360,16 @@ def test_a_simulated_microphone_stream_keeps_being_recognised():
 
 def test_a_spoken_answer_to_a_data_subject_is_theirs_and_forget_erases_it(tmp_path):
     """A tts.say naming a data subject (the voice flow passes on the question's loom.subject)
-    writes its WAV under <root>/plugins/tts/subjects/<subject>/, where erasure looks: forget
-    removes alice's answer and keeps bob's and the anonymous one; an invalid id is refused."""
+    writes its WAV under <root>/plugins/tts/subjects/<subject>/ (the host gives each plugin
+    <root>/plugins/<name> as its data_dir), where erasure looks: forget removes alice's answer
+    and keeps bob's and the anonymous one; the audit names neither her text nor her folder; an
+    invalid id is refused."""
     from loom_ros.storage.erasure import forget
     from loom_ros.storage.layout import StorageLayout
+    audit: list[dict] = []
     tts = load_plugin_class('tts')()
     tts.init(PluginContext(plugin='tts', granted=frozenset({'tts', 'storage.write'}),
-                           data_dir=str(tmp_path / 'plugins')))
+                           data_dir=str(tmp_path / 'plugins' / 'tts'), audit_sink=audit.append))
     try:
         def say(text, **metadata):
             response = tts.handle_event(Event.with_json('tts.say', {'text': text},
@@ -377,7 +380,11 @@ def test_a_spoken_answer_to_a_data_subject_is_theirs_and_forget_erases_it(tmp_pa
         bob = say('turn right', **{'loom.subject': 'bob'})
         anonymous = say('stop')
         assert alice.parent == tmp_path / 'plugins' / 'tts' / 'subjects' / 'alice'
-        assert anonymous.parent == tmp_path / 'plugins' / 'tts'
+        assert anonymous.parent == tmp_path / 'plugins' / 'tts' / 'tts'
+        said = [r for r in audit if r.get('kind') == 'tts_say']
+        assert len(said) == 3 and not any('alice' in str(r) or 'turn left' in str(r)
+                                          for r in said)
+        assert any('stop' in str(r) for r in said)   # an anonymous answer is audited as before
         for bad in ('../etc', 'x' * 5000, ''):
             refused = tts.handle_event(Event.with_json('tts.say', {'text': 'hi'},
                                                        metadata={'loom.subject': bad}))

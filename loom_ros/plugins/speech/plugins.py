@@ -36,8 +36,9 @@ UTTERANCE_TYPE = 'speech.utterance'
 SAY_TYPE = 'tts.say'
 DONE_TYPE = 'tts.done'
 _SAY_ACTIONS = {'say', 'speak', 'tts'}
-# A data subject's files go under <data_dir>/tts/subjects/<subject>/, the folder erasure and
-# export walk for every plugin (<root>/plugins/<plugin>/subjects/<subject>/, docs/privacy.md).
+# A data subject's files go under <data_dir>/subjects/<subject>/ (data_dir: the plugin's own
+# folder, <root>/plugins/tts), the folder erasure and export walk for every plugin
+# (<root>/plugins/<plugin>/subjects/<subject>/, docs/privacy.md).
 SUBJECTS = 'subjects'
 
 
@@ -173,6 +174,8 @@ class TtsPlugin(Plugin):
         from loom_ros.plugins.speech.tts import Speaker, TTSError
         self.config = _section(ctx, 'tts')
         self.out_dir = Path(ctx.data_dir) / 'tts'
+        # <root>/plugins/tts/subjects/<subject>/ (ctx.data_dir is the plugin's own folder)
+        self.subjects_dir = Path(ctx.data_dir) / SUBJECTS
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -205,7 +208,7 @@ class TtsPlugin(Plugin):
             subject = event_subject(event)
         except SubjectError as exc:
             return self._bad(f'{event.type}: {exc}')
-        folder = self.out_dir / SUBJECTS / subject if subject else self.out_dir
+        folder = self.subjects_dir / subject if subject else self.out_dir
         if subject:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -215,7 +218,11 @@ class TtsPlugin(Plugin):
         path = folder / f'{time.strftime("%Y%m%dT%H%M%S")}-{name}.wav'
         self.ctx.require(Capability.TTS, text[:60])
         self.ctx.require(Capability.STORAGE_WRITE, str(path))
-        self.ctx.audit('tts_say', text=text[:200], path=str(path), request_id=str(event.id))
+        if subject:   # the append-only audit keeps nothing erasure could not take back
+            self.ctx.audit('tts_say', path=path.name, request_id=str(event.id),
+                           data_subject='named (its text and folder are not audited)')
+        else:
+            self.ctx.audit('tts_say', text=text[:200], path=str(path), request_id=str(event.id))
         try:
             out = self.speaker.say(text, path)
         except TTSError as exc:
