@@ -45,6 +45,7 @@ from loom_ros.bridge.zenoh_link import INSECURE_WARNING
 from loom_ros.bus import topics
 from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import Event, Privacy
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY
 from loom_ros.bus.executor import run_lifecycle_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
@@ -505,12 +506,15 @@ class AgentNode(LifecycleNode):
         return resp
 
     # -- from the dispatcher's threads --------------------------------------------------------
-    def _emit(self, agent_id: str, kind: str, type: str, data: dict, privacy: Privacy) -> None:
-        """Publish what an agent emitted, with the privacy the runtime derived from its input."""
+    def _emit(self, agent_id: str, kind: str, type: str, data: dict, privacy: Privacy,
+              subject: str = '') -> None:
+        """Publish what an agent emitted, with the privacy the runtime derived from its input
+        and the data subject that input named (loom.subject)."""
         topic = topics.agent_action(agent_id) if kind == 'action' else \
             topics.agent_intent(agent_id)
-        self.bus.publish(topic, Event.with_json(type, data, source=f'agent/{agent_id}',
-                                                privacy=privacy))
+        self.bus.publish(topic, Event.with_json(
+            type, data, source=f'agent/{agent_id}', privacy=privacy,
+            metadata={SUBJECT_METADATA_KEY: subject} if subject else {}))
 
     def _audit_log(self, config):
         """The audit log, opened on first need (an agent declaring declassify rules). One that

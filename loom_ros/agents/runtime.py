@@ -26,7 +26,7 @@ from collections.abc import Callable
 from enum import Enum
 
 from loom_ros.agents.behavior import (
-    AgentContext, BehaviorNotFound, Ports, load_behavior, run_handler,
+    AgentContext, BehaviorNotFound, Ports, _named_subject, load_behavior, run_handler,
 )
 from loom_ros.agents.config import AgentConfig, AgentConfigError, DeclassifyRule
 from loom_ros.agents.embedding import ModelError
@@ -86,6 +86,8 @@ class Agent:
         self._rules = {(r.kind, r.type): r for r in config.declassify}
         self._floor: Privacy | None = None   # the privacy of the event being handled
         self._handling_id = ''
+        # the data subject the event being handled names: what it emits names them too
+        self._subject = ''
         self.id = config.id
         self.storage = storage
         self._on_ack = on_ack
@@ -199,11 +201,12 @@ class Agent:
             # Whatever the handler emits, from this worker or any thread it starts, carries at
             # least this event's privacy.
             self._floor, self._handling_id = effective_privacy(event), event.id
+            self._subject = _named_subject(event)
             try:
                 self._handle(event)
             finally:
                 self.busy_since_ns = 0
-                self._floor = None
+                self._floor, self._subject = None, ''
             if self.config.persist == 'per_event' or \
                     time.monotonic() - self._last_commit >= self.config.persist_interval_s:
                 self.commit()
@@ -312,7 +315,11 @@ class Agent:
                 out = floor
             else:
                 self.stats['privacy_lowered'] += 1
-        self._emit_fn(self.id, kind, type, data, out)
+        subject = self._subject
+        if subject:   # what is made from a person's event is theirs too (consent, erasure)
+            self._emit_fn(self.id, kind, type, data, out, subject=subject)
+        else:
+            self._emit_fn(self.id, kind, type, data, out)
         self.stats[f'{kind}s'] += 1
 
     # -- what the shells report ---------------------------------------------------------------

@@ -53,8 +53,13 @@ def router(tmp_path):
 class Emitted(list):
     """What the agents emitted: (agent id, kind, type, data, privacy)."""
 
-    def __call__(self, agent_id, kind, type, data, privacy):
+    def __call__(self, agent_id, kind, type, data, privacy, subject=''):
         self.append((agent_id, kind, type, data, privacy))
+        self.subjects.append(subject)
+
+    @property
+    def subjects(self) -> list:
+        return self.__dict__.setdefault('_subjects', [])
 
     def of(self, type):
         return [(data, privacy) for _a, _k, t, data, privacy in self if t == type]
@@ -269,9 +274,11 @@ def test_an_utterance_naming_a_subject_without_cloud_consent_stays_local(host, t
                             source=utterance.source, confidence=utterance.confidence,
                             privacy=utterance.privacy, metadata={'loom.subject': 'alice'}))
         [(weather, _p)] = emitted.of('weather')
-        # The spoken answer is the subject's too: filed where erasure finds it.
+        # The spoken answer is the subject's too: filed where erasure finds it, and everything
+        # the agent emitted for her utterance names her (consent and erasure follow it).
         [(spoken, _p)] = emitted.of('answer.spoken')
         assert '/tts/subjects/alice/' in spoken['path'], spoken['path']
+        assert emitted.subjects and set(emitted.subjects) == {'alice'}, emitted.subjects
         return weather
     kept = ask('before')
     assert kept['route'] == 'local' and kept['fallback'] is False

@@ -353,7 +353,7 @@ def test_forget_over_ros_erases_a_subject_here_and_in_the_cloud_and_keeps_the_ot
     assert b['ref'] in after
     # On the robot: A was in the agents' stores, consent and the recording (decompressed); now
     # no file's raw bytes hold A's id, no path names A, and the recording holds no event naming
-    # A (the compressed bytes left are the leak the xfail test below records). The trace and
+    # A (the test below scans the recording decompressed too). The trace and
     # the router's history name no subject.
     assert {'consent.db', 'db/agent_face.db', 'db/agent_host_0.db'} <= set(erased['a_files'])
     assert a['id'] in erased['recorded'] and b['id'] in erased['recorded']
@@ -368,10 +368,6 @@ def test_forget_over_ros_erases_a_subject_here_and_in_the_cloud_and_keeps_the_ot
     assert any(p.is_file() for p in root.rglob(f'subjects/{SUBJECT_B}/*.wav'))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a leak this test found (issue 17): the voice flow's intents (weather, answer.spoken) name "
-    "no loom.subject, so erasure keeps them; the recorded answer.spoken's WAV path names the "
-    "subject (and its text is the subject's answer)"))
 def test_no_byte_of_the_forgotten_subject_is_left_under_the_root(system):
     """Every byte of every file under the storage root (SQLite free pages and WAL files, the
     recording and the trace among them; recordings decompressed): no byte of A's id, and no
