@@ -86,6 +86,8 @@ NOT_COVERED = [
     'archive records written before the subject column existed (no subject field)',
     'agents\' own files from before the storage layer (<root>/agents/*.db)',
     'records in the append-only audit log other than consent changes (which name a keyed hash)',
+    'text log files (e.g. <root>/logs/*.log of a demo: Loom logs name no subject, but an event '
+    'monitor printing whole events would)',
     'the fleet / cloud tier and the bridge outbox',
 ]
 
