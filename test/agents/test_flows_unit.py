@@ -393,3 +393,33 @@ def test_a_cloud_request_names_its_subject_only_by_the_roots_keyed_hash(tmp_path
                                                metadata={'loom.subject': bad})) == ''
     keyless = AgentContext('voice', {}, deque(), lambda *a: None)
     assert keyless.subject_ref(named) == ''
+
+
+def test_a_cloud_link_that_keeps_failing_warns_once_a_minute_with_a_count():
+    """A robot without its fleet router retries the link every 5 s; the same failure is warned
+    about the first time, when its reason changes, and then at most once a minute, with how
+    many failures went unsaid (the launch run logged one line per retry)."""
+    clock = {'t': 0.0}
+    reasons = ['no route to host'] * 5 + ['connection refused']
+    logged = []
+
+    def opener(_settings):
+        raise OSError(reasons.pop(0) if reasons else 'connection refused')
+    link = CloudLink(CloudSettings(('tcp/127.0.0.1:1',)), opener, retry_s=5.0,
+                     clock=lambda: clock['t'], log=lambda level, msg: logged.append(msg))
+
+    def fail_at(t):
+        clock['t'] = t
+        if t == 0.0:
+            link.start()
+        else:
+            link.client()   # due: opens again in the background
+        assert not link.wait_open(10)   # joins the opening thread: its warning is logged
+    for t in (0.0, 5.0, 10.0, 15.0):
+        fail_at(t)
+    assert len(logged) == 1 and 'no route to host' in logged[0]
+    fail_at(60.0)   # a minute after the first warning: said again, with the count
+    assert len(logged) == 2 and '3 more failures' in logged[1]
+    fail_at(65.0)   # a new reason: said at once
+    assert len(logged) == 3 and 'connection refused' in logged[2]
+    link.close()

@@ -19,6 +19,7 @@ from loom_ros.agents.config import AgentConfigError
 
 MAX_ENDPOINTS = 16
 MAX_SETTING_CHARS = 1024
+WARN_EVERY_S = 60.0   # the same failure to open is warned about at most this often
 RETRY_S = 5.0
 
 
@@ -102,6 +103,7 @@ class CloudLink:
         self._closed = False
         self.opens = 0     # sessions opened (a retry after a failure counts again)
         self.failures = 0
+        self._warned_at, self._warned_error, self._unsaid = -float('inf'), '', 0
 
     def start(self) -> None:
         """Open in the background (a slow connect does not hold the caller)."""
@@ -119,9 +121,19 @@ class CloudLink:
         except Exception as exc:   # any reason the link cannot be made: kept, said, retried
             with self._lock:
                 self.failures += 1
-                self._error = str(exc) or type(exc).__name__
-            self._log('warn', f'cloud link: {self._error} (retried when asked, at most every '
-                      f'{self.retry_s:g} s)')
+                self._error = error = (str(exc) or type(exc).__name__)[:1000]
+                now = self._clock()
+                # Said the first time, when the reason changes, and then at most every
+                # WARN_EVERY_S with how many failed since: a robot without its fleet router
+                # would otherwise log the same line every retry.
+                say = error != self._warned_error or now - self._warned_at >= WARN_EVERY_S
+                unsaid, self._unsaid = self._unsaid, 0 if say else self._unsaid + 1
+                if say:
+                    self._warned_at, self._warned_error = now, error
+            if say:
+                self._log('warn', f'cloud link: {error} (retried when asked, at most every '
+                          f'{self.retry_s:g} s' + (f'; {unsaid} more failures since the last '
+                                                   'warning)' if unsaid else ')'))
             return
         with self._lock:
             if self._closed:   # closed while opening: nobody will close it later
