@@ -211,3 +211,17 @@ class FaceCamera:
         self.bus.destroy()
         self.node.destroy_node()
         self.node = None
+
+
+T0_MS = 1_700_000_000_000   # the storage tests' epoch (ms)
+
+
+class MsClock:
+    """An injected wall clock in milliseconds that stands still until a test moves `.ms`
+    (ages and timeouts driven without sleeping)."""
+
+    def __init__(self, ms: int = T0_MS):
+        self.ms = ms
+
+    def __call__(self) -> int:
+        return self.ms

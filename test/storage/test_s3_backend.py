@@ -20,7 +20,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from harness import WAIT_LIMIT_S
+from harness import WAIT_LIMIT_S, MsClock, T0_MS
 from minio import Minio
 
 from loom_ros.bus.event import Event
@@ -38,7 +38,7 @@ from loom_ros.storage.lifecycle import Lifecycle, LifecycleParams, TierPolicy
 from loom_ros.storage.service import StorageService, default_params, settings_from_params
 from loom_ros.storage.storage import Storage, StorageConfig
 
-T0 = 1_700_000_000_000
+T0 = T0_MS
 IAM_SETUP_ACTIONS = 3     # create_user, put_user_policy, create_access_key
 
 
@@ -146,12 +146,7 @@ def s3(tmp_path_factory):
     server.kill()
 
 
-class Clock:
-    def __init__(self, ms: int = T0):
-        self.ms = ms
-
-    def __call__(self) -> int:
-        return self.ms
+Clock = MsClock
 
 
 class GrantAll:

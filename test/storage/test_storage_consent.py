@@ -10,7 +10,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from harness import WAIT_LIMIT_S
+from harness import WAIT_LIMIT_S, MsClock, T0_MS
 from loom_ros.agents.memory import EpisodicMemory, SemanticMemory
 from loom_ros.agents.state import AgentStore
 from loom_ros.bus.event import Event
@@ -24,15 +24,8 @@ from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.lifecycle import Lifecycle, LifecycleParams, TierPolicy
 from loom_ros.storage.storage import Storage, StorageConfig
 
-T0 = 1_700_000_000_000
-
-
-class Clock:
-    def __init__(self):
-        self.ms = T0
-
-    def __call__(self) -> int:
-        return self.ms
+T0 = T0_MS
+Clock = MsClock
 
 
 def event(subject: str | None, text: str, i: int = 0) -> Event:

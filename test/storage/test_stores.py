@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from harness import MsClock, T0_MS
 from loom_ros.bus.event import Event
 from loom_ros.storage.backend.local import LocalObjectStore
 from loom_ros.storage.base import check_key
@@ -21,15 +22,8 @@ from loom_ros.storage.sqlite import integrity_ok
 from loom_ros.storage.storage import Storage, StorageConfig
 from loom_ros.telemetry.diagnostics import ERROR, OK, WARN
 
-T0 = 1_700_000_000_000
-
-
-class Clock:
-    def __init__(self):
-        self.ms = T0
-
-    def __call__(self) -> int:
-        return self.ms
+T0 = T0_MS
+Clock = MsClock
 
 
 @pytest.fixture
