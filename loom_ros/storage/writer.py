@@ -24,10 +24,11 @@ Op = tuple[str, Sequence]
 
 
 class _Batch:
-    __slots__ = ('done', 'error', 'errors', 'committed_at', 'callbacks', 'lock')
+    __slots__ = ('done', 'settled', 'error', 'errors', 'committed_at', 'callbacks', 'lock')
 
     def __init__(self):
         self.done = threading.Event()
+        self.settled = threading.Event()   # done, and its callbacks (acknowledgements) have run
         self.error: BaseException | None = None
         self.errors: dict[int, BaseException] = {}
         self.committed_at = 0.0
@@ -44,6 +45,7 @@ class _Batch:
                 callback()
             except Exception:   # noqa: BLE001 - a caller's bug must not stop the writer
                 pass
+        self.settled.set()
 
 
 class Ticket:
@@ -123,6 +125,7 @@ class GroupCommitWriter:
         self._batch = _Batch()
         self._inflight = _Batch()
         self._inflight.done.set()
+        self._inflight.settled.set()
         self._closed = False
         self.batches = self.writes = self.failed = 0
         self._thread = threading.Thread(target=self._run, name=f'{name}-writer', daemon=True)
@@ -148,10 +151,11 @@ class GroupCommitWriter:
         return self.submit(((sql, params),))
 
     def flush(self, timeout: float | None = 30.0) -> None:
-        """Wait until everything submitted so far is committed (errors are the writes' own)."""
+        """Wait until everything submitted so far is committed and acknowledged: the done
+        callbacks of its batch have run (errors are the writes' own)."""
         with self._lock:
             batch = self._batch if self._pending else self._inflight
-        if not batch.done.wait(timeout):
+        if not batch.settled.wait(timeout):
             raise TimeoutError(f'{self.name}: writes not committed within {timeout} s')
 
     def close(self, timeout: float = 30.0) -> None:

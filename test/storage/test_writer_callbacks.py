@@ -4,6 +4,7 @@ it), on real SQLite files."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -34,6 +35,22 @@ def test_callbacks_run_once_each_after_the_commit_in_submission_order(tmp_path):
         ticket.add_done_callback(lambda t: here.append(threading.current_thread()))
         assert here == [threading.current_thread()]
 
+
+
+def test_flush_returns_only_once_the_acknowledgements_have_run(tmp_path):
+    # A host counts an event handled in the done callback; flush() (a host settling, the agents
+    # benchmark counting) must see every count. The callback is slow on purpose: flush returned
+    # when the batch was committed but before its callbacks ran (counts came up short).
+    with Storage(StorageConfig(str(tmp_path), unit='u', max_delay_ms=1.0)) as storage:
+        acked = []
+
+        def slow_ack(ticket):
+            time.sleep(0.05)
+            acked.append(ticket.error())
+        for i in range(20):
+            storage.kv.put('n', str(i), i).add_done_callback(slow_ack)
+        storage.flush()
+        assert acked == [None] * 20
 
 def test_stop_when_full_fails_every_batch_after_a_full_one_until_resumed(tmp_path):
     # Tables take 128 KiB; a 256 KiB cap fills after a few hundred KiB of rows.
