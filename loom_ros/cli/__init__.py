@@ -57,6 +57,15 @@ def split_ros_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+def standalone(prog: str, description: str, add_arguments, run, argv=None) -> int:
+    """A subcommand run on its own (`python -m loom_ros.cli.<name>`, a launch file's process):
+    its arguments before --ros-args, rclpy's after, then `run(args, ros_args)`."""
+    argv, ros_args = split_ros_args(argv)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    return run(parser.parse_args(argv), ros_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv, ros_args = split_ros_args(argv)
     if argv[:1] == ['status']:   # its own options (and --help) go straight to it

@@ -675,11 +675,8 @@ def main_with(args, ros_args: list[str]) -> int:
 
 
 def main(argv=None) -> int:
-    from loom_ros.cli import split_ros_args
-    argv, ros_args = split_ros_args(argv)
-    parser = argparse.ArgumentParser(prog='loom bringup', description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return main_with(parser.parse_args(argv), ros_args)
+    from loom_ros.cli import standalone
+    return standalone('loom bringup', __doc__.splitlines()[0], add_arguments, main_with, argv)
 
 
 if __name__ == '__main__':

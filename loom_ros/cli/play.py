@@ -12,7 +12,6 @@ Exit status: 0 played to the end, 1 the file could not be read to its end, 2 bad
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -124,11 +123,8 @@ def run(args, ros_args: list[str]) -> int:
 
 
 def main(argv=None) -> int:
-    from loom_ros.cli import split_ros_args
-    argv, ros_args = split_ros_args(argv)
-    parser = argparse.ArgumentParser(prog='loom play', description=__doc__.splitlines()[0])
-    _arguments(parser)
-    return run(parser.parse_args(argv), ros_args)
+    from loom_ros.cli import standalone
+    return standalone('loom play', __doc__.splitlines()[0], _arguments, run, argv)
 
 
 if __name__ == '__main__':

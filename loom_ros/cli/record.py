@@ -41,7 +41,6 @@ count changes; `lost` in the summary counts what DDS reported lost per topic.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -455,11 +454,8 @@ def run(args, ros_args: list[str]) -> int:
 
 
 def main(argv=None) -> int:
-    from loom_ros.cli import split_ros_args
-    argv, ros_args = split_ros_args(argv)
-    parser = argparse.ArgumentParser(prog='loom record', description=__doc__.splitlines()[0])
-    _arguments(parser)
-    return run(parser.parse_args(argv), ros_args)
+    from loom_ros.cli import standalone
+    return standalone('loom record', __doc__.splitlines()[0], _arguments, run, argv)
 
 
 if __name__ == '__main__':

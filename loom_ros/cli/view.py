@@ -12,7 +12,6 @@ drops. The data server listens on 127.0.0.1 only. Settings: config/view.yaml. Ou
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -138,11 +137,8 @@ def _live(view, stop: threading.Event, duration: float, ros_args: list[str]) -> 
 
 
 def main(argv=None) -> int:
-    from loom_ros.cli import split_ros_args
-    argv, ros_args = split_ros_args(argv)
-    parser = argparse.ArgumentParser(prog='loom view', description=__doc__.splitlines()[0])
-    _arguments(parser)
-    return run(parser.parse_args(argv), ros_args)
+    from loom_ros.cli import standalone
+    return standalone('loom view', __doc__.splitlines()[0], _arguments, run, argv)
 
 
 if __name__ == '__main__':
