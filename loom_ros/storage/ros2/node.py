@@ -11,10 +11,22 @@ pauses them, cleanup closes everything.
 storage/forget (loom_msgs/Forget, issue 17) erases a data subject everywhere this robot reaches
 (storage/fleet_erasure.py): it pauses the moves and lets go of its own unit databases (the
 erasure takes their locks), erases under the root, asks the bridge to drop the subject's waiting
-events (zenoh_bridge/forget, through a helper node spun here, since this node's executor is busy
-answering) and, with a fleet link (storage.forget.*), every cloud server, bounded by a timeout;
-then it opens its databases again. Agent hosts writing the root must be stopped first (the
-erasure refuses, naming the unit, and changes nothing there)."""
+events (zenoh_bridge/forget) and, with a fleet link (storage.forget.*), every cloud server,
+bounded by a timeout; then it opens its databases again. Agent hosts writing the root must be
+stopped first (the erasure refuses, naming the unit, and changes nothing there).
+
+An erasure can take minutes (it rewrites every database), and the lifecycle manager counts a node
+dead when get_state goes unanswered for heartbeat_timeout_s. So storage/forget is served by a
+node of its own (`storage_forget`) spun by its own executor on its own thread: one erasure at a
+time (that executor runs one callback at a time), while this node's executor keeps answering
+get_state, queries and stats. How an erasure is kept apart from the rest:
+- the moves: the erasure stops the moves' worker and waits for it to end (a move is one
+  transaction under `_lock`) before it closes the databases, and starts it again after, only
+  if the node is still active; nothing else starts the worker while an erasure runs;
+- everything else (queries, consent, stats, the budget check): `_lock` is held only while the
+  erasure swaps the databases out and back in, never while it erases; meanwhile `service` and
+  `consent` are None and requests are answered "busy: an erasure is running";
+- cleanup and shutdown wait for a running erasure to end before they close what it uses."""
 from __future__ import annotations
 
 import json
@@ -61,6 +73,8 @@ FORGET_PARAMETERS = [
     ParamSpec('forget.bridge_timeout_s', 'Seconds storage/forget waits for the bridge to drop '
               'the subject\'s waiting events', read_only=True, min_value=0.1, max_value=600.0),
 ]
+MOVES_STOP_S = 300.0   # longest wait for a move in flight before an erasure (S3 calls are bounded)
+BUSY = 'busy: an erasure is running (storage/forget); ask again when it is done'
 MAX_RESULTS = 1000
 MAX_QUERY_CHARS = 2000
 MAX_CONSENT_FIELD = 200   # characters of any Consent request field looked at (ids are <= 128)
@@ -82,16 +96,23 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         self.params['forget.fleet_connect'] = self._declare_endpoints()
         self.service: StorageService | None = None
         self.configure_error = ''
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()       # service and consent: held per move, query, swap
         self._stop = threading.Event()
         self._worker = None
+        self._moves_lock = threading.Lock()  # _active, _erasing and starting/stopping _worker
         self._active = False
+        self._erasing = False               # an erasure runs: the moves' worker stays stopped
+        self._erasure_lock = threading.Lock()   # held for a whole erasure
+        self._rejected_lock = threading.Lock()
         self._srv = None
+        self._layout = None
         self.consent: ConsentRegistry | None = None
         self._audit: AuditLog | None = None
         self.rejected = 0
         self._fleet: FleetLink | None = None
         self._helper = self._helper_exec = self._bridge_client = None
+        self._forget_node = self._forget_exec = self._forget_thread = None
+        self._forget_stop = threading.Event()
         self.telemetry = attach_telemetry(self, 'storage')
         self.telemetry.add_check('storage budget', self._budget_check)
 
@@ -121,7 +142,7 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         try:
             settings = settings_from_params(self.params, os.environ)
             self.service = StorageService(settings)
-            layout = settings.layout
+            layout = self._layout = settings.layout
             # One defaults file for every reader (router, bridge, CLI): <config dir>/consent.yaml.
             defaults = load_defaults(config_dir() / 'consent.yaml')
             self._audit = AuditLog(layout.audit)   # consent changes are audited first
@@ -143,8 +164,6 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         self._last_head = None
         self._srv = self.create_service(StorageQuery, QUERY_SERVICE, self._on_query)
         self._consent_srv = self.create_service(Consent, CONSENT_SERVICE, self._on_consent)
-        from loom_msgs.srv import Forget
-        self._forget_srv = self.create_service(Forget, FORGET_SERVICE, self._on_forget)
         self._make_helper()
         self._stats_timer = self.create_timer(float(self.params['storage.stats_period_s']),
                                               self._publish_stats)
@@ -153,10 +172,9 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._active = True
-        self._stop.clear()
-        self._worker = threading.Thread(target=self._run_moves, name='storage-moves', daemon=True)
-        self._worker.start()
+        with self._moves_lock:
+            self._active = True
+        self._start_moves()
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -164,18 +182,50 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         return super().on_deactivate(state)
 
     def _halt(self) -> None:
-        self._active = False
-        self._stop.set()
-        if self._worker is not None:
-            self._worker.join(60)
-            self._worker = None
+        with self._moves_lock:
+            self._active = False
+        self._stop_moves()
+
+    def _start_moves(self) -> None:
+        """Start the moves' worker: only while active, not during an erasure, and never a second
+        one."""
+        with self._moves_lock:
+            if not self._active or self._erasing or self._worker is not None or \
+                    self.service is None:
+                return
+            self._stop.clear()
+            self._worker = threading.Thread(target=self._run_moves, name='storage-moves',
+                                            daemon=True)
+            self._worker.start()
+
+    def _stop_moves(self, limit_s: float | None = MOVES_STOP_S) -> bool:
+        """Stop the moves' worker and wait until it ended (it stops between two moves); False
+        when a move in flight outlasted `limit_s` (the worker then ends after that move)."""
+        with self._moves_lock:
+            self._stop.set()
+            worker = self._worker
+        if worker is None:
+            return True
+        worker.join(limit_s)
+        with self._moves_lock:
+            if worker.is_alive():
+                return False
+            if self._worker is worker:
+                self._worker = None
+        return True
+
+    def _count_rejected(self) -> None:
+        with self._rejected_lock:
+            self.rejected += 1
 
     def _release(self) -> None:
-        self._halt()
+        with self._moves_lock:
+            self._active = False     # a forget that starts from now on is refused
+        self._stop_forget()          # waits for an erasure in progress: it uses what goes below
+        self._stop_moves(None)
         if self._srv is not None:
             self.destroy_service(self._srv)
             self.destroy_service(self._consent_srv)
-            self.destroy_service(self._forget_srv)
             self._destroy_helper()
             self.destroy_timer(self._stats_timer)
             self.destroy_lifecycle_publisher(self.stats_pub)
@@ -191,22 +241,28 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
     # -- moves ----------------------------------------------------------------------------------
     def _run_moves(self) -> None:
         period = float(self.params['storage.move_period_s'])
-        while not self._stop.wait(period if self.service and self.service.rounds else 0.0):
+        while True:
+            service = self.service
+            if self._stop.wait(period if service is None or service.rounds else 0.0):
+                return
+            service = self.service
+            if service is None:   # an erasure could not open the databases again
+                continue
             try:
-                self.service.run_round(self._lock, self._stop)
+                service.run_round(self._lock, self._stop)
             except Exception as exc:   # noqa: BLE001 - one bad round never stops the node
                 self.get_logger().error(f'lifecycle round failed: {exc}')
 
     # -- stats ----------------------------------------------------------------------------------
     def _publish_stats(self) -> None:
         from loom_msgs.msg import StorageStats, StorageTier
-        if self.service is None:
-            return
         with self._lock:
+            if self.service is None:   # not configured, or an erasure holds the databases
+                return
             stats = self.service.stats()
         msg = StorageStats()
         msg.header.stamp = self.get_clock().now().to_msg()
-        msg.root = str(self.service.settings.layout.root)
+        msg.root = str(self._layout.root)
         for name, tier in stats['tiers'].items():
             msg.tiers.append(StorageTier(name=name, rows=int(tier['rows']), bytes=int(tier['bytes']),
                                          budget_bytes=int(tier.get('budget_bytes', 0)),
@@ -225,7 +281,7 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         moved; a log that cannot be read says so on the topic rather than going quiet."""
         from std_msgs.msg import String
         try:
-            head, _ = read_head(self.service.settings.layout.audit)
+            head, _ = read_head(self._layout.audit)
             text = f'{head.id}:{head.hash}' if head is not None else ''
         except AuditError as exc:
             text = f'error: {str(exc)[:500]}'
@@ -235,29 +291,39 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
 
     def _budget_check(self):
         from loom_ros.telemetry.diagnostics import WARN, CheckResult
-        if self.service is None:
-            return CheckResult(WARN, 'storage not configured')
         with self._lock:
+            if self.service is None:
+                return CheckResult(WARN, 'an erasure is running' if self._erasing
+                                   else 'storage not configured')
             return self.service.worst_check()
 
     # -- query ----------------------------------------------------------------------------------
+    def _unavailable(self) -> str:
+        """Why a request cannot be served now ('' when it can); call with _lock held."""
+        if not self._active:
+            return 'storage node is not active'
+        if self.service is None or self.consent is None:
+            return BUSY if self._erasing else f'storage node is not usable: {self.configure_error}'
+        return ''
+
     def _on_query(self, request, response):
-        if not self._active or self.service is None:
-            response.ok, response.error = False, 'storage node is not active'
-            return response
         if len(request.query) > MAX_QUERY_CHARS:
-            self.rejected += 1
+            self._count_rejected()
             response.ok, response.error = False, f'query longer than {MAX_QUERY_CHARS} characters'
             return response
         try:
             with self._lock:
+                why = self._unavailable()
+                if why:
+                    response.ok, response.error = False, why
+                    return response
                 found = self.service.query(
                     request.kind, unit=request.unit, agent_id=request.agent_id, type=request.type,
                     source=request.source, text=request.query, start_ms=request.start_ms,
                     end_ms=request.end_ms or 2**63 - 1,
                     limit=min(max(1, request.limit or 100), MAX_RESULTS))
         except (StorageError, ValueError) as exc:
-            self.rejected += 1
+            self._count_rejected()
             response.ok, response.error = False, str(exc)[:1000]
             return response
         response.ok = True
@@ -270,22 +336,23 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         """grant / withdraw / show, as `loom consent` does; each change audited before it holds."""
         response.ok = False
         fields = (request.action, request.subject, request.purpose, request.source)
-        if not self._active or self.consent is None:
-            response.error = 'storage node is not active'
-            return response
         if any(len(f) > MAX_CONSENT_FIELD for f in fields):
-            self.rejected += 1
+            self._count_rejected()
             response.error = f'a field longer than {MAX_CONSENT_FIELD} characters'
             return response
         action = request.action
         if action not in ('grant', 'withdraw', 'show') or (action == 'grant' and
                                                             not request.purpose):
-            self.rejected += 1
+            self._count_rejected()
             response.error = 'action: grant SUBJECT PURPOSE, withdraw SUBJECT [PURPOSE] or show'
             return response
         purposes = [request.purpose] if request.purpose else list(PURPOSES)
         try:
             with self._lock:
+                why = self._unavailable()
+                if why:
+                    response.error = why
+                    return response
                 if action == 'show':
                     states = [self.consent.lookup(request.subject, p) for p in purposes]
                 else:
@@ -293,7 +360,7 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
                                                request.source or 'ros:storage/consent')
                               for p in purposes]
         except (ConsentError, SubjectError, AuditError, StorageError) as exc:
-            self.rejected += 1
+            self._count_rejected()
             response.error = str(exc)[:1000]
             return response
         response.ok = True
@@ -307,18 +374,61 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
 
     # -- forget -----------------------------------------------------------------------------------
     def _make_helper(self) -> None:
-        """A node of our own for the bridge's forget service, spun by its own executor inside
-        storage/forget's callback (this node's executor is busy running that callback)."""
+        """storage/forget on a node of its own, spun on its own thread (see the module's
+        docstring), and the bridge's forget client on another, spun inside storage/forget's
+        callback. Neither takes the process's global arguments: a `-r __node:=storage` remap
+        (loom bringup, the lifecycle manager) would give them this node's name."""
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
         from loom_msgs.srv import Forget
-        self._helper = rclpy.create_node('storage_forget', namespace=self.get_namespace(),
-                                         context=self.context)
+        ns = self.get_namespace()
+        self._forget_node = rclpy.create_node(
+            'storage_forget', namespace=ns, context=self.context, use_global_arguments=False,
+            start_parameter_services=False)
+        self._forget_srv = self._forget_node.create_service(Forget, FORGET_SERVICE,
+                                                            self._on_forget)
+        self._helper = rclpy.create_node(
+            'storage_forget_bridge', namespace=ns, context=self.context,
+            use_global_arguments=False, start_parameter_services=False)
         self._bridge_client = self._helper.create_client(Forget, BRIDGE_FORGET_SERVICE)
         self._helper_exec = SingleThreadedExecutor(context=self.context)
         self._helper_exec.add_node(self._helper)
+        self._forget_exec = SingleThreadedExecutor(context=self.context)
+        self._forget_exec.add_node(self._forget_node)
+        self._forget_stop.clear()
+        self._forget_thread = threading.Thread(target=self._spin_forget, name='storage-forget',
+                                               args=(self._forget_exec,), daemon=True)
+        self._forget_thread.start()
+
+    def _spin_forget(self, executor) -> None:
+        """storage/forget's thread: one request at a time until _stop_forget."""
+        from rclpy.executors import ExternalShutdownException, ShutdownException
+        while not self._forget_stop.is_set():
+            try:
+                executor.spin_once(timeout_sec=0.5)
+            except (ShutdownException, ExternalShutdownException):
+                return
+            except Exception as exc:   # noqa: BLE001 - one bad request never stops the service
+                if not self.context.ok():
+                    return
+                self.get_logger().error(f'storage/forget raised {type(exc).__name__}: '
+                                        f'{str(exc)[:300]}')
+
+    def _stop_forget(self) -> None:
+        """Wait for an erasure in progress to end, then stop storage/forget's thread."""
+        if self._forget_thread is None:
+            return
+        with self._erasure_lock:   # an erasure holds it throughout; a later one sees inactive
+            self._forget_stop.set()
+        self._forget_exec.shutdown()
+        self._forget_thread.join()
+        self._forget_thread = None
 
     def _destroy_helper(self) -> None:
+        if self._forget_node is not None:
+            self._forget_node.destroy_service(self._forget_srv)
+            self._forget_node.destroy_node()
+            self._forget_node = self._forget_exec = None
         if self._helper is not None:
             self._helper_exec.shutdown()
             self._helper.destroy_node()
@@ -348,12 +458,9 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         raise RuntimeError(f'{BRIDGE_FORGET_SERVICE}: no answer within {limit:g} s')
 
     def _on_forget(self, request, response):
-        """Erase one subject everywhere (see the module's docstring); the moves pause and this
-        node's databases close meanwhile, then open again."""
+        """Erase one subject everywhere (see the module's docstring), on storage/forget's own
+        thread; the moves pause and this node's databases close meanwhile, then open again."""
         response.ok, response.fleet_status = False, 'not_configured'
-        if not self._active or self.service is None:
-            response.error = 'storage node is not active'
-            return response
         try:
             if len(request.subject) > MAX_CONSENT_FIELD:   # bounded before it is looked at
                 raise SubjectError(f'a data subject has 1-{MAX_SUBJECT_CHARS} characters, got '
@@ -365,7 +472,7 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
             timeout = check_timeout(request.fleet_timeout_s or (
                 self._fleet.timeout_s if self._fleet else 10.0), 'fleet_timeout_s')
         except (SubjectError, FleetConfigError) as exc:
-            self.rejected += 1
+            self._count_rejected()
             response.error = str(exc)[:1000]
             return response
         fleet = None
@@ -374,21 +481,27 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         elif self._fleet is not None:
             link = self._fleet
             fleet = lambda ref, wait: ask_fleet(link, ref, wait)   # noqa: E731
-        self._halt()   # the moves stop between two moves
-        try:
+        with self._erasure_lock:   # one erasure at a time; cleanup and shutdown wait for it
             with self._lock:
-                outcome, error = self._forget_locked(subject, who, fleet, timeout,
-                                                     response.fleet_status)
-        finally:
-            if self.service is not None:
-                self._active = True
-                self._stop.clear()
-                self._worker = threading.Thread(target=self._run_moves, name='storage-moves',
-                                                daemon=True)
-                self._worker.start()
-        self._publish_head()
+                why = '' if self._active else 'storage node is not active'
+                why = why or ('' if self.service is not None else
+                              f'storage node is not usable: {self.configure_error}')
+            if why:
+                response.error = why
+                return response
+            if not self._pause_moves():
+                self._count_rejected()
+                response.error = (f'a lifecycle move did not end within {MOVES_STOP_S:g} s; '
+                                  'nothing erased, ask again')
+                return response
+            try:
+                outcome, error = self._forget_detached(subject, who, fleet, timeout,
+                                                       response.fleet_status)
+            finally:
+                self._resume_moves()
+            self._publish_head()   # before a cleanup waiting on the lock destroys its publisher
         if outcome is None:
-            self.rejected += 1
+            self._count_rejected()
             response.error = error[:1000]
             return response
         response.ok = True
@@ -399,17 +512,36 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
             response.fleet_receipts = [json.dumps(r) for r in outcome.fleet.receipts]
         return response
 
-    def _forget_locked(self, subject: str, who: str, fleet, timeout: float, no_fleet: str):
-        """(Outcome, '') or (None, why); this node's databases are closed meanwhile and
-        opened again after (a failure to reopen is logged and leaves the node inactive)."""
-        old = self.service
+    def _pause_moves(self) -> bool:
+        """No move runs, and none starts, until _resume_moves: the erasure rewrites the files the
+        moves write. False (and the moves go on) when a move in flight did not end in time."""
+        with self._moves_lock:
+            self._erasing = True
+        if self._stop_moves():
+            return True
+        with self._moves_lock:
+            self._erasing = False
+            self._stop.clear()   # the worker still running goes on with its rounds
+        return False
+
+    def _resume_moves(self) -> None:
+        with self._moves_lock:
+            self._erasing = False
+        self._start_moves()   # only while still active (a deactivate meanwhile keeps them off)
+
+    def _forget_detached(self, subject: str, who: str, fleet, timeout: float, no_fleet: str):
+        """(Outcome, '') or (None, why). This node's databases and consent registry are taken out
+        under _lock (a query meanwhile is answered BUSY), closed, erased without any lock held,
+        then opened again and put back (a failure to reopen is logged and leaves them out)."""
+        with self._lock:
+            old, consent = self.service, self.consent
+            self.service = self.consent = None
         settings = old.settings
         old.close()
-        self.service = None
-        self.consent.close()
-        self.consent = None
+        consent.close()
         keyring = None
         outcome, error = None, ''
+        service = registry = None
         try:
             if settings.encryption.enabled:
                 keyring = Keyring.open(settings.layout.root, settings.encryption, os.environ)
@@ -425,14 +557,20 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
             if keyring is not None:
                 keyring.close()
             try:
-                self.service = StorageService(settings, embedder=old.embedder)
-                self.consent = ConsentRegistry(consent_path(settings.layout.root),
-                                               self._defaults, audit=self._audit,
-                                               refs=SubjectRefs.at(settings.layout.keys))
+                service = StorageService(settings, embedder=old.embedder)
+                registry = ConsentRegistry(consent_path(settings.layout.root),
+                                           self._defaults, audit=self._audit,
+                                           refs=SubjectRefs.at(settings.layout.keys))
             except (StorageError, ConsentError, OSError) as exc:
+                if service is not None:
+                    service.close()
+                    service = None
                 self.configure_error = f'cannot reopen after an erasure: {exc}'
                 self.get_logger().error(self.configure_error)
+            with self._lock:
+                self.service, self.consent = service, registry
         return outcome, error
+
 
 
 def main(args=None) -> int:
