@@ -8,15 +8,16 @@ from abc import ABC, abstractmethod
 from loom_ros.storage.errors import StorageError
 
 MAX_KEY_CHARS = 512
-_KEY = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.=/-]*$')
+_KEY = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.=/:@+-]*$')   # : @ +: data subject ids
 
 
 def check_key(key: str) -> str:
     """Object keys are relative paths of safe characters: no `..`, no leading `/`."""
     if (not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or not _KEY.match(key)
             or any(part in ('', '.', '..') for part in key.split('/'))):
-        raise StorageError(f'object key {str(key)[:80]!r}: use letters, digits, _ . = - and / '
-                           f'(no empty, . or .. parts), at most {MAX_KEY_CHARS} characters')
+        raise StorageError(f'object key {str(key)[:80]!r}: use letters, digits, _ . = : @ + - '
+                           f'and / (no empty, . or .. parts), at most {MAX_KEY_CHARS} '
+                           'characters')
     return key
 
 

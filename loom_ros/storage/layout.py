@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loom_ros.config.params import ParamSpec, declare_parameters
+from loom_ros.storage.backend import ObjectSettings
 from loom_ros.storage.errors import StorageError
 
 DEFAULT_ROOT = '~/.loom'
@@ -24,6 +25,19 @@ ENCRYPTION_PARAMETERS = [
               'LOOM_STORAGE_MASTER_KEY environment variable; never the key itself)',
               read_only=True),
 ]
+# With them in `/**` too, so every process under the root puts its blobs and archives in the same
+# store, and erasure finds them there (docs/storage.md, "Blobs").
+OBJECT_PARAMETERS = [
+    ParamSpec('storage.objects.endpoint', "S3-compatible endpoint (host[:port]) for blobs and "
+              "archive files ('' = <storage.root>/objects); keys from LOOM_S3_ACCESS_KEY / "
+              'LOOM_S3_SECRET_KEY, never parameters', read_only=True),
+    ParamSpec('storage.objects.bucket', 'Bucket of the S3 endpoint', read_only=True),
+    ParamSpec('storage.objects.prefix', "Folder in the bucket this robot keeps to ('' = none)",
+              read_only=True),
+    ParamSpec('storage.objects.secure', 'https to the S3 endpoint', read_only=True),
+]
+# What every node writing under the root declares (node_layout).
+STORAGE_PARAMETERS = [ROOT_PARAMETER, *ENCRYPTION_PARAMETERS, *OBJECT_PARAMETERS]
 _NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$')
 
 
@@ -106,13 +120,19 @@ class StorageLayout:
 
 
 def node_layout(node, defaults_section: str) -> StorageLayout:
-    """Declare `storage.root` and `storage.encryption.*` on `node` (once, whoever asks first:
-    the node or its telemetry) and return the layout under the root."""
-    missing = [spec for spec in (ROOT_PARAMETER, *ENCRYPTION_PARAMETERS)
-               if not node.has_parameter(spec.name)]
+    """Declare `storage.root`, `storage.encryption.*` and `storage.objects.*` on `node` (once,
+    whoever asks first: the node or its telemetry) and return the layout under the root."""
+    missing = [spec for spec in STORAGE_PARAMETERS if not node.has_parameter(spec.name)]
     if missing:
         declare_parameters(node, defaults_section, missing)
     return StorageLayout.at(node.get_parameter(ROOT_PARAMETER.name).value)
+
+
+def node_objects(node, env) -> ObjectSettings:
+    """The object store `node` was configured with (node_layout declared it); S3 keys from
+    `env` (the process's environment)."""
+    return ObjectSettings.from_params(
+        {spec.name: node.get_parameter(spec.name).value for spec in OBJECT_PARAMETERS}, env)
 
 
 def derived(value: str, default: Path) -> str:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from loom_ros.security import keyring as keyring_mod
-from loom_ros.storage.backend import object_store
+from loom_ros.storage.backend import ObjectSettings
 from loom_ros.storage.budget import Budgets, budget_check, root_used_bytes
 from loom_ros.storage.cold import IndexParams
 from loom_ros.storage.errors import StorageError
@@ -34,10 +34,7 @@ def object_backend(settings: 'Settings', keyring=None):
     """The configured object store (storage.objects: S3, else the local folder under the
     root), encrypting through `keyring` when given; without it the backend as stored (what
     erasure and export walk)."""
-    o = settings.objects
-    return object_store(settings.layout.objects, o.get('endpoint', ''), o.get('bucket', ''),
-                        o.get('access_key', ''), o.get('secret_key', ''), o.get('secure', True),
-                        o.get('prefix', ''), keyring=keyring)
+    return settings.objects.open(settings.layout.objects, keyring=keyring)
 
 
 @dataclass
@@ -46,7 +43,7 @@ class Settings:
     lifecycle: LifecycleParams = field(default_factory=LifecycleParams)
     budgets: Budgets = field(default_factory=Budgets)
     index: IndexParams = field(default_factory=IndexParams)
-    objects: dict = field(default_factory=dict)
+    objects: ObjectSettings = field(default_factory=ObjectSettings)
     embedder: str = 'minilm'
     max_moves: int = 20
     encryption: keyring_mod.EncryptionSettings = field(
@@ -80,10 +77,7 @@ def settings_from_params(params: dict, env: dict) -> Settings:
     embedder = str(p['embedder'])
     if embedder not in ('minilm', 'hash'):
         raise StorageError(f'storage.embedder {embedder!r}: minilm or hash')
-    objects = {'endpoint': str(p['objects.endpoint']), 'bucket': str(p['objects.bucket']),
-               'prefix': str(p['objects.prefix']), 'secure': bool(p['objects.secure']),
-               'access_key': env.get('LOOM_S3_ACCESS_KEY', ''),
-               'secret_key': env.get('LOOM_S3_SECRET_KEY', '')}
+    objects = ObjectSettings.from_params(params, env)
     return Settings(StorageLayout.at(p['root']), lifecycle, budgets, index, objects, embedder,
                     int(num('max_moves_per_round', 1)), keyring_mod.encryption_settings(params))
 

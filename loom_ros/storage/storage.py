@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from loom_ros.config.params import config_dir
 from loom_ros.security.keyring import EncryptionSettings, Keyring
 from loom_ros.storage import schema
-from loom_ros.storage.backend import object_store
+from loom_ros.storage.backend import ObjectSettings
 from loom_ros.storage.consent import (ConsentCache, ConsentError, ConsentRegistry, consent_path,
                                       load_defaults)
 from loom_ros.storage.errors import StorageError, is_full, StorageFullError
@@ -44,6 +44,9 @@ class StorageConfig:
     # defaults of the consent registry Storage opens when none is passed ('' = the shipped
     # config/consent.yaml)
     consent_defaults_file: str = ''
+    # the object store of blobs (Storage.blobs) and archives: the same for every process under
+    # a root (storage.objects.*; ObjectSettings.from_params), the local folder by default
+    objects: ObjectSettings = field(default_factory=ObjectSettings)
     extra: dict = field(default_factory=dict)
 
 
@@ -86,7 +89,7 @@ class Storage:
             if config.encryption.enabled:
                 self.keyring = Keyring.open(self.layout.root, config.encryption,
                                             os.environ if env is None else env, clock)
-            self.objects = object_store(self.layout.objects, keyring=self.keyring)
+            self.objects = config.objects.open(self.layout.objects, keyring=self.keyring)
             self.conn = open_database(self.path, synchronous=config.synchronous,
                                       max_bytes=config.max_db_bytes)
         except BaseException:
@@ -194,6 +197,12 @@ class Storage:
     def router_history(self, budget_period_s: float):
         from loom_ros.storage.stores import RouterHistoryStore
         return self._store('router', lambda: RouterHistoryStore(self, budget_period_s))
+
+    @property
+    def blobs(self):
+        """Large files in the configured object store, indexed here (blobs.py)."""
+        from loom_ros.storage.blobs import BlobStore
+        return self._store('blobs', lambda: BlobStore(self))
 
     @property
     def audit(self):

@@ -1,0 +1,139 @@
+"""Blobs: large files (WAV answers, camera frames, recordings...) kept in the configured object
+store (storage.objects: the local folder <root>/objects by default, an S3-compatible bucket when
+configured; the same for every process under the root), each indexed by a row of its unit
+database's `blobs` table (key, bytes, content type, when).
+
+A data subject's blob is keyed `subjects/<subject>/<kind>/<name>`: where `forget` deletes and
+`export` copies from, on whichever backend is configured (erasure.py), and its index row goes
+with it. It is sealed under the subject's key when encryption is on (so destroying the key
+shreds it too), and kept only with the subject's `store` consent, as an episode is: without it
+(or for an id that is not valid) nothing is stored and it is counted (`withheld`). Anonymous
+blobs are keyed `blobs/<kind>/<name>`, under the key of their UTC day when encrypted.
+
+Bounded before anything is written: kind and name are file-name parts (1-64 letters, digits,
+_ . -), a content type is a short `type/subtype`, a blob at most `max_bytes`; a blob read back
+must have the length its row says. Every refusal is counted in `rejected`."""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from loom_ros.bus.privacy import SubjectError, check_subject
+from loom_ros.storage.backend.encrypted import EncryptedObjectStore
+from loom_ros.storage.errors import StorageError
+from loom_ros.storage.layout import check_name
+
+SUBJECTS = 'subjects'   # subjects/<subject>/...: erasure.SUBJECT_OBJECTS
+ANONYMOUS = 'blobs'
+MAX_BLOB_BYTES = 64 * 1024 * 1024
+MAX_CONTENT_TYPE_CHARS = 100
+_CONTENT_TYPE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9.+-]*/[A-Za-z0-9][A-Za-z0-9.+-]*$')
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    key: str
+    bytes: int
+    content_type: str
+    created_ms: int
+
+
+class BlobStore:
+    """put / get / list / delete of blobs through a Storage's object store and writer."""
+
+    def __init__(self, storage, max_bytes: int = MAX_BLOB_BYTES):
+        self.storage, self.max_bytes = storage, int(max_bytes)
+        self.rejected: Counter = Counter()   # oversize, bad_name, bad_subject, bad_type, bad_key
+        self.withheld = 0                    # blobs of subjects without store consent
+
+    def _refuse(self, why: str, text: str) -> StorageError:
+        self.rejected[why] += 1
+        return StorageError(text)
+
+    def key(self, kind: str, name: str, subject: str = '') -> str:
+        """Where a blob of `kind` named `name` (of `subject`, '' anonymous) is kept."""
+        try:
+            check_name(kind, 'blob kind')
+            check_name(name, 'blob name')
+        except StorageError as exc:
+            raise self._refuse('bad_name', str(exc)) from None
+        if not subject:
+            return f'{ANONYMOUS}/{kind}/{name}'
+        try:
+            check_subject(subject)
+        except SubjectError as exc:
+            raise self._refuse('bad_subject', f'blob of a data subject: {exc}') from None
+        return f'{SUBJECTS}/{subject}/{kind}/{name}'
+
+    def put(self, kind: str, name: str, data: bytes, *, subject: str = '',
+            content_type: str = 'application/octet-stream') -> BlobRef | None:
+        """Store `data` (replacing a blob of the same key) and return its ref once the object
+        is durable and its row committed; None (counted) when `subject` has not given `store`
+        consent."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise self._refuse('bad_type', f'blob data must be bytes, got {type(data).__name__}')
+        size = len(data)
+        if size > self.max_bytes:
+            raise self._refuse('oversize', f'blob {str(name)[:80]!r}: {size} bytes, more than '
+                               f'{self.max_bytes}')
+        if (not isinstance(content_type, str) or len(content_type) > MAX_CONTENT_TYPE_CHARS
+                or not _CONTENT_TYPE.match(content_type)):
+            raise self._refuse('bad_type', f'content type {str(content_type)[:80]!r}: '
+                               'type/subtype, letters, digits, . + -')
+        key = self.key(kind, name, subject)
+        if subject and not self.storage.consent.allows(subject):
+            self.withheld += 1
+            self.storage.count_withheld()
+            return None
+        created = int(self.storage.clock())
+        objects = self.storage.objects
+        if isinstance(objects, EncryptedObjectStore):
+            objects.put(key, bytes(data), subject=subject or None, time_ms=created)
+        else:
+            objects.put(key, bytes(data))
+        # the object first: a crash before the row leaves an object no row lists (erasure
+        # still finds a subject's by its key), never a row without its object
+        self.storage.write('insert or replace into blobs (key, bytes, content_type, created_ms) '
+                           'values (?, ?, ?, ?)', (key, size, content_type, created)).wait()
+        return BlobRef(key, size, content_type, created)
+
+    def _row(self, key: str):
+        if not isinstance(key, str) or not key.startswith((f'{SUBJECTS}/', f'{ANONYMOUS}/')):
+            raise self._refuse('bad_key', f'{str(key)[:80]!r} is not a blob key')
+        rows = self.storage.query('select key, bytes, content_type, created_ms from blobs '
+                                  'where key = ?', (key,))
+        if not rows:
+            raise StorageError(f'blob {key[:120]!r}: not stored (never, or erased)')
+        return rows[0]
+
+    def get(self, key: str) -> bytes:
+        """A blob's bytes; a StorageError when it is not indexed here, or its object is missing
+        or not the length its row says."""
+        row = self._row(key)
+        data = self.storage.objects.get(key)
+        if len(data) != row['bytes']:
+            raise StorageError(f'blob {key[:120]!r}: {len(data)} bytes in the object store, '
+                               f'{row["bytes"]} recorded; not returned')
+        return data
+
+    def ref(self, key: str) -> BlobRef:
+        row = self._row(key)
+        return BlobRef(row['key'], row['bytes'], row['content_type'], row['created_ms'])
+
+    def list(self, kind: str = '', subject: str = '', limit: int = 1000) -> list[BlobRef]:
+        """Blobs of `kind` ('' any) of `subject` ('' anonymous ones), oldest first."""
+        if kind:
+            check_name(kind, 'blob kind')
+        base = f'{SUBJECTS}/{check_subject(subject)}/' if subject else f'{ANONYMOUS}/'
+        prefix = f'{base}{kind}/' if kind else base
+        rows = self.storage.query(
+            'select key, bytes, content_type, created_ms from blobs where substr(key, 1, ?) = ? '
+            'order by created_ms, key limit ?', (len(prefix), prefix, max(1, int(limit))))
+        return [BlobRef(r['key'], r['bytes'], r['content_type'], r['created_ms']) for r in rows]
+
+    def delete(self, key: str) -> None:
+        """The object, then its row (a crash between leaves a row whose get says missing)."""
+        self._row(key)
+        self.storage.objects.delete(key)
+        self.storage.write('delete from blobs where key = ?', (key,)).wait()

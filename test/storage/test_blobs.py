@@ -1,0 +1,161 @@
+"""Blobs (storage/blobs.py) behind the configured object store: the local folder under the root
+by default, a live S3 server (moto's, test_s3_backend.S3Server) when storage.objects says so,
+configured from parameters the way every node is (layout.node_objects, service settings).
+Consent, bounds and integrity; `forget` and `export` reach a subject's blobs and their index
+rows on either backend (a subject id with ':' and '@', valid ids, included)."""
+from __future__ import annotations
+
+import json
+import uuid
+import zipfile
+
+import pytest
+from harness import MsClock
+
+from loom_ros.storage.backend import ObjectSettings
+from loom_ros.storage.blobs import BlobStore
+from loom_ros.security.audit import AuditLog
+from loom_ros.storage.consent import ConsentRegistry, SubjectRefs, consent_path
+from loom_ros.storage.erasure import export, forget
+from loom_ros.storage.errors import StorageError
+from loom_ros.storage.layout import StorageLayout
+from loom_ros.storage.service import default_params, object_backend, settings_from_params
+from loom_ros.storage.storage import Storage, StorageConfig
+from test_s3_backend import objects_on_server, s3  # noqa: F401  (the live S3 server fixture)
+
+ALICE, BOB, CAROL = 'user:alice@ward4', 'bob', 'carol'   # carol never gave store consent
+
+
+def consenting(root) -> None:
+    layout = StorageLayout.at(root)
+    audit = AuditLog(layout.audit)
+    registry = ConsentRegistry(consent_path(root), audit=audit, refs=SubjectRefs.at(layout.keys))
+    for subject in (ALICE, BOB):
+        registry.grant(subject, 'store', 'cli:test')
+    registry.close()
+    audit.close()
+
+
+def wav(tag: str) -> bytes:
+    return b'RIFF' + f'CANARY{tag}{uuid.uuid4().hex}'.encode() + b'\x00\xff' * 100
+
+
+def rows(storage: Storage) -> dict:
+    return {r['key']: r['bytes'] for r in storage.query('select key, bytes from blobs')}
+
+
+def test_blobs_in_the_local_folder_with_consent_bounds_and_integrity(tmp_path):
+    root = tmp_path / 'root'
+    consenting(root)
+    with Storage(StorageConfig(root=str(root), unit='host'), clock=MsClock()) as storage:
+        blobs = storage.blobs
+        assert isinstance(blobs, BlobStore) and storage.objects.name == 'local'
+        data = {s: wav(s) for s in (ALICE, BOB, CAROL, '')}
+        mine = blobs.put('answers', 'a1.wav', data[ALICE], subject=ALICE, content_type='audio/wav')
+        assert mine.key == f'subjects/{ALICE}/answers/a1.wav' and mine.bytes == len(data[ALICE])
+        anon = blobs.put('frames', 'f1.raw', data[''])
+        assert anon.key == 'blobs/frames/f1.raw'
+        assert blobs.put('answers', 'c1.wav', data[CAROL], subject=CAROL) is None   # counted
+        assert blobs.withheld == 1 and storage.withheld == 1
+        assert (root / 'objects' / mine.key).read_bytes() == data[ALICE]
+        assert data[CAROL] not in b''.join(p.read_bytes() for p in root.rglob('*')
+                                           if p.is_file())
+        assert blobs.get(mine.key) == data[ALICE] and blobs.get(anon.key) == data['']
+        assert [r.key for r in blobs.list(subject=ALICE)] == [mine.key]
+        assert [r.key for r in blobs.list()] == [anon.key]
+        assert blobs.ref(mine.key).content_type == 'audio/wav'
+
+        # hostile input: refused before anything is written, each counted
+        small = BlobStore(storage, max_bytes=1000)
+        refusals = [(('answers', '../up.wav', b'x'), {}, 'blob name'),
+                    (('a/b', 'x.wav', b'x'), {}, 'blob kind'),
+                    (('answers', 'x.wav', b'x'), {'subject': '../etc'}, 'data subject'),
+                    (('answers', 'x.wav', b'x' * 1001), {}, 'more than 1000'),
+                    (('answers', 'x.wav', b'x'), {'content_type': 'text/html; x=<script>'},
+                     'content type'),
+                    (('answers', 'x.wav', 'text'), {}, 'must be bytes')]
+        for args, kw, match in refusals:
+            with pytest.raises(StorageError, match=match):
+                small.put(*args, **kw)
+        assert sum(small.rejected.values()) == len(refusals)
+        for bad in ('archive/host/x', '../x', f'subjects/{ALICE}/answers/none.wav'):
+            with pytest.raises(StorageError):
+                blobs.get(bad)
+
+        # an object cut short (or replaced) behind the store's back is refused, not returned
+        (root / 'objects' / anon.key).write_bytes(data[''][:10])
+        with pytest.raises(StorageError, match='10 bytes in the object store'):
+            blobs.get(anon.key)
+        blobs.delete(anon.key)
+        assert blobs.list() == [] and not (root / 'objects' / anon.key).exists()
+
+    receipt = forget(StorageLayout.at(root), ALICE, requested_by='dpo:test')
+    assert receipt.counts['blobs'] == 1 and not (root / 'objects' / mine.key).exists()
+    with Storage(StorageConfig(root=str(root), unit='host')) as storage:
+        assert storage.blobs.list(subject=ALICE) == []
+
+
+def s3_params(root, server, bucket: str) -> dict:
+    params = default_params()
+    params.update({'storage.root': str(root), 'storage.embedder': 'hash',
+                   'storage.objects.endpoint': server.endpoint, 'storage.objects.bucket': bucket,
+                   'storage.objects.prefix': 'fleet/robot1', 'storage.objects.secure': False})
+    return params
+
+
+def test_blobs_follow_storage_objects_to_s3_and_forget_and_export_reach_them(s3, tmp_path):
+    bucket = s3.new_bucket()
+    root = tmp_path / 'root'
+    consenting(root)
+    params = s3_params(root, s3, bucket)
+    env = {'LOOM_S3_ACCESS_KEY': s3.access_key, 'LOOM_S3_SECRET_KEY': s3.secret_key}
+    objects = ObjectSettings.from_params(params, env)
+    assert objects == settings_from_params(params, env).objects   # one reading for every process
+    data = {s: wav(s) for s in (ALICE, BOB)}
+    with Storage(StorageConfig(root=str(root), unit='host', objects=objects)) as storage:
+        assert storage.objects.name == 's3'
+        keys = {s: storage.blobs.put('answers', f'{i}.wav', data[s], subject=s,
+                                     content_type='audio/wav').key
+                for i, s in enumerate((ALICE, BOB))}
+        anon = storage.blobs.put('frames', 'f.raw', b'anonymous frame').key
+        on_server = objects_on_server(s3, bucket)
+        assert on_server == {f'fleet/robot1/{keys[ALICE]}': data[ALICE],
+                             f'fleet/robot1/{keys[BOB]}': data[BOB],
+                             f'fleet/robot1/{anon}': b'anonymous frame'}
+        assert not (root / 'objects').exists()   # nothing went to the local folder
+        assert storage.blobs.get(keys[BOB]) == data[BOB]
+
+    layout = StorageLayout.at(root)
+    backend = object_backend(settings_from_params(params, env))   # as the node and CLI get it
+    out = tmp_path / 'alice.zip'
+    counts = export(layout, ALICE, out, objects=backend)
+    assert counts['media'] == 1
+    with zipfile.ZipFile(out) as archive:
+        assert archive.read('media/answers/0.wav') == data[ALICE]
+        assert data[BOB] not in b''.join(archive.read(n) for n in archive.namelist())
+    receipt = forget(layout, ALICE, requested_by='dpo:test', objects=backend)
+    assert receipt.counts['blobs'] == 1 and receipt.files >= 1, json.dumps(receipt.as_dict())
+    assert sorted(objects_on_server(s3, bucket)) == [f'fleet/robot1/{anon}',
+                                                      f'fleet/robot1/{keys[BOB]}']
+    with Storage(StorageConfig(root=str(root), unit='host', objects=objects)) as storage:
+        assert set(rows(storage)) == {anon, keys[BOB]}
+        assert storage.blobs.get(keys[BOB]) == data[BOB]
+
+
+def test_every_node_declares_the_object_store_and_reads_it_the_same_way(ros):
+    import rclpy
+    from rclpy.node import Node
+
+    from loom_ros.storage.layout import OBJECT_PARAMETERS, node_layout, node_objects
+    node = Node('blob_probe', context=ros.node.context, parameter_overrides=[
+        rclpy.parameter.Parameter('storage.objects.endpoint', value='s3.example:9000'),
+        rclpy.parameter.Parameter('storage.objects.bucket', value='robots')])
+    try:
+        node_layout(node, 'agent')
+        assert all(node.has_parameter(spec.name) for spec in OBJECT_PARAMETERS)
+        found = node_objects(node, {'LOOM_S3_ACCESS_KEY': 'ak', 'LOOM_S3_SECRET_KEY': 'sk'})
+        assert found == ObjectSettings('s3.example:9000', 'robots', '', True, 'ak', 'sk')
+        assert 'sk' not in repr(found)   # keys never in logs
+        assert node.describe_parameter('storage.objects.endpoint').read_only
+    finally:
+        node.destroy_node()
