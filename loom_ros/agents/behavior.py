@@ -233,7 +233,7 @@ def _named_subject(event: Event) -> str:
 
 def run_handler(behavior: Behavior, event: Event, ctx: AgentContext) -> None:
     result = behavior.handle(event, ctx)
-    if inspect.isawaitable(result):
+    if result is not None and inspect.isawaitable(result):   # most handlers return None
         asyncio.run(result)
 
 
