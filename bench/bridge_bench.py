@@ -6,7 +6,9 @@
 Processes on loopback: a Zenoh router (loom_ros.bridge.zenoh_router), the bridge node, loom_cloud;
 this process publishes on the robot's bus (rclpy) and subscribes on Zenoh. Baselines: raw Zenoh
 put -> router -> subscriber for the same encoded events, and a raw Zenoh get answered by a bare
-queryable. Latency: the publisher's CLOCK_MONOTONIC stamp (in the event's metadata) to the Zenoh
+queryable. Composed rows: the bridge node in this process (as `loom bringup --composition` runs
+it), the events handed to it in-process by the bus, no DDS hop; then this process and the router
+are the only busy ones, as for raw Zenoh. Latency: the publisher's CLOCK_MONOTONIC stamp (in the event's metadata) to the Zenoh
 callback, one clock across processes on one host. Everything runs twice in the same run: with
 mutual TLS and the router's access control (the default, credentials in a temporary folder), and
 over plain TCP (--insecure), so TLS's cost is measured. Writes bench/results/bridge.{json,md}.
@@ -171,7 +173,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     fleet = tmp / 'keys'
     ids = keys.ensure_local(fleet, {'router': 'router', 'bench': 'robot', 'cloud': 'cloud',
-                                    'bench_tool': 'operator'})
+                                    'bench_tool': 'operator', COMPOSED_ROBOT: 'robot'})
     results = {'machine': machine(), 'note': os.environ.get('LOOM_BENCH_NOTE', 'taken with nothing else running'), 'counts': {
                    'burst': n_burst, 'paced': n_paced, 'round_trips': n_rt}}
     # The Zenoh subscriber counting arrivals lives in this process, beside the publisher: its
@@ -186,13 +188,15 @@ def main() -> None:
             part = run(transport, fleet, ids, tmp, n_burst, n_paced, n_rt, not args.no_cloud,
                        args.profile)
             for level in ('batched', 'realtime'):
-                b, r = part[f'bridge_{level}'], part[f'raw_zenoh_{level}']
-                print(f"{transport} {level}: bridge {b['events_per_s']} ev/s "
-                      f"({b['burst_received']}/{b['burst_sent']}, put by the bridge "
-                      f"{b['bridge_put']}, cpu us/event "
-                      f"{b['cpu_us_per_event']}), raw {r['events_per_s']} "
-                      f"({r['burst_received']}/{r['burst_sent']}, {r['cpu_us_per_event']}), "
-                      f"ratio {b['events_per_s'] / max(r['events_per_s'], 1e-9):.3f}")
+                r = part[f'raw_zenoh_{level}']
+                for path in ('bridge', 'composed'):
+                    b = part[f'{path}_{level}']
+                    print(f"{transport} {level}: {path} {b['events_per_s']} ev/s "
+                          f"({b['burst_received']}/{b['burst_sent']}, put by the bridge "
+                          f"{b['bridge_put']}, cpu us/event "
+                          f"{b['cpu_us_per_event']}), raw {r['events_per_s']} "
+                          f"({r['burst_received']}/{r['burst_sent']}, {r['cpu_us_per_event']}), "
+                          f"ratio {b['events_per_s'] / max(r['events_per_s'], 1e-9):.3f}")
         rclpy.try_shutdown()
         return
     for transport in ('tls', 'tcp'):
@@ -217,7 +221,9 @@ def main() -> None:
     print(render(results))
 
 
-PATHS = ('bridge_batched', 'raw_zenoh_batched', 'bridge_realtime', 'raw_zenoh_realtime')
+PATHS = ('bridge_batched', 'composed_batched', 'raw_zenoh_batched', 'bridge_realtime',
+         'composed_realtime', 'raw_zenoh_realtime')
+COMPOSED_ROBOT = 'benchc'   # the composed bridge's robot id and namespace (its own identity)
 ROUND_TRIPS = ('cloud_intent', 'cloud_embed', 'raw_zenoh_get')
 
 
@@ -320,7 +326,8 @@ def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced
             warm = lambda: bus.publish(topic, Event(type='w', metadata={STAMP: '0'}))  # noqa
             wait(lambda: sink.count > 0, 30.0, lambda: (warm(), spin(), time.sleep(0.01)))
             cpu_of = {'bench': None, 'bridge': procs[1].pid, 'router': procs[0].pid,
-                      'bridge_main': f'{procs[1].pid}/task/{procs[1].pid}'}
+                      'bridge_main': f'{procs[1].pid}/task/{procs[1].pid}',
+                      'bench_main': f'{os.getpid()}/task/{os.getpid()}'}
             through = measure(lambda e: bus.publish(topic, e), sink, spin, idle, n_burst,
                               n_paced, 1000, cpu_of, bridge_sent)
             raw_sink = Sink(sub_s, f'loom/raw/{level}')
@@ -337,6 +344,8 @@ def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced
             results[f'bridge_{level}'] = through
             results[f'raw_zenoh_{level}'] = raw
 
+        results.update(run_composed(transport, ep, fleet, tmp, secure, sub_s, procs[0].pid,
+                                    n_burst, n_paced, profile))
         if not cloud:
             return results
         # Cloud round trip vs a raw get answered by a bare queryable (same router, same sizes).
@@ -384,13 +393,108 @@ def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced
     return results
 
 
+def run_composed(transport: str, ep: str, fleet: Path, tmp: Path, secure: bool, sub_s,
+                 router_pid: int, n_burst: int, n_paced: int, profile: str | None) -> dict:
+    """The composed rows: the bridge node built in this process from the node table (what
+    `loom bringup --composition` does), spun by its own executor on its own thread, and an app
+    node whose bus hands it the events in-process (on this thread: the bridge's send and Zenoh
+    put run here). `profile`: cProfile of this thread's CPU over each burst, written to
+    DIR/composed_<transport>_<level>.prof."""
+    import threading
+
+    import rclpy
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+    from rclpy.task import Future
+
+    from loom_ros.bringup.nodes import by_name
+    from loom_ros.bus.bus import EventBus
+    from loom_ros.bus.event import Event
+    from loom_ros.bus.executor import finalize_node, make_executor, spin_until
+    from loom_ros.bus.qos import TopicQosTable
+    from loom_ros.config.params import node_defaults
+    ns = f'/{COMPOSED_ROBOT}'
+    inbound = tmp / 'inbound_none.yaml'
+    inbound.write_text('rules: []\n')
+    params = {'robot_id': COMPOSED_ROBOT, 'connect': [ep],
+              'out_allow': ['agent.*.intent', 'sensor.**'], 'inbound_file': str(inbound),
+              'audit_db': str(tmp / f'audit_composed_{transport}.db'), 'keys_dir': str(fleet),
+              'insecure': not secure, 'seal_sensitive': 'off', 'buffer_max_events': 100000,
+              'status_period_s': 0.1, 'autostart': False}
+    bridge = by_name('zenoh_bridge').load_class()(
+        namespace=ns, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+    for step in ('configure', 'activate'):
+        if getattr(bridge, f'trigger_{step}')() != TransitionCallbackReturn.SUCCESS:
+            raise SystemExit(f'composed bridge: {step} failed ({bridge.configure_error})')
+    bridge_exec = make_executor()
+    bridge_exec.add_node(bridge)
+    stop = Future()
+    thread = threading.Thread(target=spin_until, args=(bridge_exec, stop), daemon=True,
+                              name='spin-zenoh_bridge')
+    thread.start()
+    app = rclpy.create_node('bench_app', namespace=ns)
+    app_exec = make_executor()
+    app_exec.add_node(app)
+    defaults = node_defaults('bridge_bench')
+    bus = EventBus(app, topic_qos=TopicQosTable(defaults['bus.topic_qos'],
+                                                defaults['bus.default_qos']))
+    spin = lambda: app_exec.spin_once(timeout_sec=0.0)  # noqa: E731
+    idle = lambda limit_s: app_exec.spin_once(timeout_sec=limit_s)  # noqa: E731
+
+    def bridge_sent() -> int:
+        with bridge._lock:
+            return bridge.bridge.stats['sent']
+    results = {}
+    try:
+        for topic, key, level in [
+                ('agent.bench.intent', f'loom/{COMPOSED_ROBOT}/agent/bench/intent', 'batched'),
+                ('sensor.imu.motion', f'loom/{COMPOSED_ROBOT}/sensor/imu/motion', 'realtime')]:
+            sink = Sink(sub_s, key)
+            pub = bus.publisher_for(topic)
+            if not wait(lambda: pub.get_subscription_count() >= 1, 30.0, spin):
+                raise SystemExit('the composed bridge never subscribed')
+            warm = lambda: bus.publish(topic, Event(type='w', metadata={STAMP: '0'}))  # noqa
+            wait(lambda: sink.count > 0, 30.0, lambda: (warm(), spin(), time.sleep(0.01)))
+            intra0 = bus.stats.intra_process
+            cpu_of = {'bench': None, 'router': router_pid,
+                      'bench_main': f'{os.getpid()}/task/{threading.get_native_id()}'}
+            profiler = None
+            if profile:
+                import cProfile
+                profiler = cProfile.Profile(time.thread_time)
+                profiler.enable()
+            got = measure(lambda e: bus.publish(topic, e), sink, spin, idle, n_burst, n_paced,
+                          1000, cpu_of, bridge_sent)
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(str(Path(profile) / f'composed_{transport}_{level}.prof'))
+            # Every event went in-process: none through DDS to the bridge.
+            got['intra_process'] = bus.stats.intra_process - intra0
+            print(f'{transport} {level}: composed {got}', file=sys.stderr, flush=True)
+            results[f'composed_{level}'] = got
+    finally:
+        bus.destroy()
+        app_exec.shutdown()
+        app.destroy_node()
+        stop.set_result(True)
+        thread.join(10.0)
+        bridge_exec.shutdown()
+        finalize_node(bridge)
+        bridge.destroy_node()
+    return results
+
+
 def ratios(results: dict) -> None:
-    """Bridge over raw Zenoh, per level, and the cloud round trip over a raw get."""
+    """Bridge (and composed bridge) over raw Zenoh, per level, and the cloud round trip over
+    a raw get."""
     for level in ('batched', 'realtime'):
-        b, r = results[f'bridge_{level}'], results[f'raw_zenoh_{level}']
-        results[f'ratio_{level}'] = {
-            'throughput': round(b['events_per_s'] / max(r['events_per_s'], 1e-9), 3),
-            'p50_latency': round(b['latency']['p50_us'] / max(r['latency']['p50_us'], 1e-9), 2)}
+        r = results[f'raw_zenoh_{level}']
+        for path, name in (('bridge', f'ratio_{level}'), ('composed', f'ratio_composed_{level}')):
+            b = results[f'{path}_{level}']
+            results[name] = {
+                'throughput': round(b['events_per_s'] / max(r['events_per_s'], 1e-9), 3),
+                'p50_latency': round(b['latency']['p50_us'] / max(r['latency']['p50_us'], 1e-9),
+                                     2)}
     results['ratio_cloud_intent_p50'] = round(results['cloud_intent']['p50_us'] /
                                               results['raw_zenoh_get']['p50_us'], 2)
     # The target: a cloud round trip within 2x of a raw get plus the model's own time.
@@ -437,22 +541,30 @@ def render(r: dict) -> str:
                      f"{a['latency']['p50_us']} | {b['latency']['p50_us']} | "
                      f"{a['latency']['p99_us']} | {b['latency']['p99_us']} |")
     for label, x in (('TLS', tls), ('TCP', tcp)):
-        lines += ['', f'Ratios bridge / raw over {label}: ' + '; '.join(
-            f"{lv}: throughput {x[f'ratio_{lv}']['throughput']}, P50 latency "
-            f"{x[f'ratio_{lv}']['p50_latency']}" for lv in ('batched', 'realtime')) + '.']
+        for path, prefix in (('bridge', 'ratio_'), ('composed bridge', 'ratio_composed_')):
+            lines += ['', f'Ratios {path} / raw over {label}: ' + '; '.join(
+                f"{lv}: throughput {x[f'{prefix}{lv}']['throughput']}, P50 latency "
+                f"{x[f'{prefix}{lv}']['p50_latency']}" for lv in ('batched', 'realtime')) + '.']
     lines += ['', 'CPU time per delivered event in the burst, microseconds (user + system, every '
               'thread, until the last event arrived; comparable across runs on a shared machine, '
-              'unlike events/s). "bridge main" is the bridge\'s main thread alone (all its Python: '
-              'DDS take, decode, bus, gate, encode, Zenoh put); the rest of "bridge" is '
-              'Fast DDS\'s and Zenoh\'s own threads (TLS included):', '',
-              '| path | this process TLS | bridge TLS | bridge main TLS | router TLS | '
-              'this process TCP | bridge TCP | bridge main TCP | router TCP |',
-              '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
-    for name in PATHS:
-        a, b = tls[name]['cpu_us_per_event'], tcp[name]['cpu_us_per_event']
-        lines.append(f"| {name} | {a['bench']} | {a['bridge']} | {a.get('bridge_main', '')} | "
-                     f"{a['router']} | {b['bench']} | {b['bridge']} | {b.get('bridge_main', '')} "
-                     f"| {b['router']} |")
+              'unlike events/s). "bridge main" is the bridge process\'s main thread alone (all '
+              'its Python: DDS take, decode, bus, gate, encode, Zenoh put); the rest of "bridge" '
+              'is Fast DDS\'s and Zenoh\'s own threads (TLS included). "main" is this '
+              'process\'s main thread: the publisher, and in the composed rows also the bridge\'s '
+              'whole send path (gate, encode, Zenoh put), which runs on the publisher\'s thread. '
+              '"total": this process + bridge + router.', '']
+    for label, x in (('TLS', tls), ('TCP', tcp)):
+        lines += [f'{label}:', '',
+                  '| path | this process | main | bridge | bridge main | router | total |',
+                  '| --- | --- | --- | --- | --- | --- | --- |']
+        for name in PATHS:
+            c = x[name]['cpu_us_per_event']
+            total = round(c['bench'] + c.get('bridge', 0.0) + c['router'], 1)
+            lines.append(f"| {name} | {c['bench']} | {c.get('bench_main', '-')} | "
+                         f"{c.get('bridge', '-')} | {c.get('bridge_main', '-')} | "
+                         f"{c['router']} | {total} |")
+        lines.append('')
+    lines.pop()
     lines += ['', 'Batched events wait up to bus.batch_max_age_ms (10 ms) for their EventBatch on '
               'the DDS hop.', '',
               '| round trip | P50 TLS | P50 TCP | P99 TLS | P99 TCP | calls |',

@@ -12,6 +12,12 @@ signed by a granted identity and each is audited (audit_db) with its sender. Sta
 connection) is published as JSON on `zenoh_bridge/status`. `zenoh_bridge/forget` (loom_msgs/Forget,
 called by the storage node's storage/forget) drops a data subject's events still waiting in the
 outbox (issue 17).
+
+Composed (`loom bringup --composition`, launch's use_composition): the bridge shares a process with
+the nodes that publish, and the bus hands it their events in-process, on the publisher's thread
+(no DDS hop, so a burst is not lost before the bridge takes it). The Bridge core is then used
+from several threads (publishers', this node's executor for the outbox, inbound and status), so
+every use of it holds `_lock`; nothing outside the bridge runs while it is held.
 """
 from __future__ import annotations
 
@@ -128,6 +134,8 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         self._inbox: deque = deque()  # Zenoh's threads append, the executor pops
         self._inbox_dropped = 0
         self._inbox_lock = threading.Lock()  # for the drop counter only; never held over Zenoh
+        # Every use of self.bridge: composed, bus events arrive on the publishers' threads.
+        self._lock = threading.Lock()
         self._commands: AuditLog | None = None
         self._wake = None
         self._configured = False
@@ -263,7 +271,8 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         for sub in self._subs:
             sub.close()
         self._subs.clear()
-        self.bridge.flush_batches()
+        with self._lock:
+            self.bridge.flush_batches()
         self.link.close()
         return super().on_deactivate(state)
 
@@ -283,10 +292,13 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         for sub in self._subs:
             sub.close()
         self._subs.clear()
-        self.bridge.flush_batches()   # what was taken from the bus leaves (or is counted)
+        with self._lock:
+            self.bridge.flush_batches()   # what was taken from the bus leaves (or is counted)
         self.link.close()
-        self._take_inbox_drops()
-        self.get_logger().info(f'stopped: {json.dumps(self.bridge.snapshot())}')
+        with self._lock:
+            self._take_inbox_drops()
+            snapshot = self.bridge.snapshot()
+        self.get_logger().info(f'stopped: {json.dumps(snapshot)}')
         self.destroy_timer(self._timer)
         self.destroy_timer(self._wake)
         self.destroy_service(self._forget_srv)
@@ -297,15 +309,16 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
 
     # -- data paths -----------------------------------------------------------------------
     def _on_bus_event(self, event, topic: str, index: int) -> None:
-        # Overlapping allow patterns attach a topic more than once: the first match sends.
-        first = self._first_allow.get(topic)
-        if first is None:
-            if len(self._first_allow) >= ROUTE_MEMORY:
-                self._first_allow.clear()
-            first = self._first_allow[topic] = self.bridge.config.rules.out.first_allow(topic)
-        if first != index:
-            return
-        self.bridge.send(event, topic)
+        """The bridge's executor (over DDS) or, composed, any publisher's thread."""
+        with self._lock:
+            # Overlapping allow patterns attach a topic more than once: the first match sends.
+            first = self._first_allow.get(topic)
+            if first is None:
+                if len(self._first_allow) >= ROUTE_MEMORY:
+                    self._first_allow.clear()
+                first = self._first_allow[topic] = self.bridge.config.rules.out.first_allow(topic)
+            if first == index:
+                self.bridge.send(event, topic)
 
     def _on_zenoh_sample(self, key: str, data: bytes) -> None:
         """Zenoh's thread: hand over to the executor, which owns the bus (bounded, counted)."""
@@ -323,24 +336,34 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
 
     def _service(self) -> None:
         """On the executor: publish what came in, then send what waits and can go; at most
-        SERVICE_BATCH of each per call (the rest waits for the next call, 5 ms later)."""
-        for _ in range(SERVICE_BATCH):
-            try:
-                key, data = self._inbox.popleft()
-            except IndexError:
-                break
-            got = self.bridge.receive(key, data)
-            if got is not None:
+        SERVICE_BATCH of each per call (the rest waits for the next call, 5 ms later). Inbound
+        events are published without the lock: in-process subscribers (composed) run then, and
+        one that publishes an outbound event takes it."""
+        inbound = []
+        with self._lock:
+            for _ in range(SERVICE_BATCH):
                 try:
-                    self.bus.publish(*got)
-                except EventRejected as exc:
-                    self.bridge.stats['rejected_inbound_bus'] += 1
-                    self.get_logger().warning(f'inbound {key}: {exc}', throttle_duration_sec=1.0)
-        self._take_inbox_drops()
-        if self.bridge.outbox.items:
-            self.link.refresh()
-            self.bridge.flush(SERVICE_BATCH)
-        self.bridge.flush_batches()
+                    key, data = self._inbox.popleft()
+                except IndexError:
+                    break
+                got = self.bridge.receive(key, data)
+                if got is not None:
+                    inbound.append((key, got))
+        rejected = 0
+        for key, got in inbound:
+            try:
+                self.bus.publish(*got)
+            except EventRejected as exc:
+                rejected += 1
+                self.get_logger().warning(f'inbound {key}: {exc}', throttle_duration_sec=1.0)
+        with self._lock:
+            if rejected:
+                self.bridge.stats['rejected_inbound_bus'] += rejected
+            self._take_inbox_drops()
+            if self.bridge.outbox.items:
+                self.link.refresh()
+                self.bridge.flush(SERVICE_BATCH)
+            self.bridge.flush_batches()
 
     def _on_forget(self, request, response):
         """Drop the subject's waiting events (on the executor, which owns the bridge); the
@@ -352,10 +375,12 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
                 raise SubjectError(f'a data subject has at most {MAX_FORGET_FIELD} characters')
             subject = check_subject(request.subject)
         except SubjectError as exc:
-            self.bridge.stats['forget_rejected'] += 1
+            with self._lock:
+                self.bridge.stats['forget_rejected'] += 1
             response.error = str(exc)[:1000]
             return response
-        gone = self.bridge.forget(subject)
+        with self._lock:
+            gone = self.bridge.forget(subject)
         response.ok = True
         response.receipt = json.dumps({'counts': {'bridge_outbox': gone}})
         return response
@@ -386,7 +411,8 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         from std_msgs.msg import String
         self.link.refresh()
         self._service()
-        status = self.bridge.snapshot()
+        with self._lock:
+            status = self.bridge.snapshot()
         status['open_error'] = self.link.open_error
         self.status_pub.publish(String(data=json.dumps(status)))
 
