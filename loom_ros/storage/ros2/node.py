@@ -175,6 +175,7 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         with self._moves_lock:
             self._active = True
         self._start_moves()
+        self._start_forget()
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -395,10 +396,16 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         self._helper_exec.add_node(self._helper)
         self._forget_exec = SingleThreadedExecutor(context=self.context)
         self._forget_exec.add_node(self._forget_node)
-        self._forget_stop.clear()
-        self._forget_thread = threading.Thread(target=self._spin_forget, name='storage-forget',
-                                               args=(self._forget_exec,), daemon=True)
-        self._forget_thread.start()
+
+    def _start_forget(self) -> None:
+        """Serve storage/forget from the first activation on (a request that came earlier
+        waits for it, as one to this node's own services waits for autostart)."""
+        if self._forget_thread is None and self._forget_exec is not None:
+            self._forget_stop.clear()
+            self._forget_thread = threading.Thread(
+                target=self._spin_forget, name='storage-forget', args=(self._forget_exec,),
+                daemon=True)
+            self._forget_thread.start()
 
     def _spin_forget(self, executor) -> None:
         """storage/forget's thread: one request at a time until _stop_forget."""
@@ -426,6 +433,7 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
 
     def _destroy_helper(self) -> None:
         if self._forget_node is not None:
+            self._forget_exec.shutdown()   # again after _stop_forget: harmless
             self._forget_node.destroy_service(self._forget_srv)
             self._forget_node.destroy_node()
             self._forget_node = self._forget_exec = None
