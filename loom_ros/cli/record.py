@@ -38,6 +38,10 @@ Matching: DDS matches the recorder's reader with each publisher in its own time 
 participant with many endpoints can take seconds), and best-effort messages sent before are not
 the recorder's. A JSON line `{"matched": topic, "publishers": n}` says when a reader's match
 count changes; `lost` in the summary counts what DDS reported lost per topic.
+
+`--store`: once the file is finished it moves into the root's object store (storage.objects:
+<root>/objects, or S3) as the blob `blobs/recordings/<name>` (storage/blobs.py), where `loom
+forget` rewrites it and `loom export` reads it; a JSON line `{"stored": key}` says so.
 """
 from __future__ import annotations
 
@@ -395,6 +399,10 @@ def _arguments(p) -> None:
                         f'(default {DEFAULT_ROOT}; its consent.db, read only)')
     p.add_argument('--consent-config', default='',
                    help='consent defaults (default: the shipped config/consent.yaml)')
+    p.add_argument('--store', action='store_true',
+                   help="when done, move the file into the root's object store (storage.objects "
+                        'in config/loom.yaml: <root>/objects or S3) as blobs/recordings/<name>, '
+                        'where forget and export reach it')
 
 
 def run(args, ros_args: list[str]) -> int:
@@ -450,6 +458,21 @@ def run(args, ros_args: list[str]) -> int:
         node.destroy_node()
         rclpy.try_shutdown()
         registry.close()
+    return _store(args) if getattr(args, 'store', False) else 0
+
+
+def _store(args) -> int:
+    """`--store`: the finished file into the object store (storage/blobs.py)."""
+    from loom_ros.storage.blobs import store_recording
+    from loom_ros.storage.errors import StorageError
+    from loom_ros.storage.service import default_params
+    try:
+        ref = store_recording(args.output, {**default_params(), 'storage.root': args.root},
+                              os.environ)
+    except StorageError as exc:
+        print(f'loom record: --store: {exc}', file=sys.stderr)
+        return 1
+    print(json.dumps({'stored': ref.key, 'bytes': ref.bytes}), flush=True)
     return 0
 
 

@@ -12,12 +12,21 @@ blobs are keyed `blobs/<kind>/<name>`, under the key of their UTC day when encry
 
 Bounded before anything is written: kind and name are file-name parts (1-64 letters, digits,
 _ . -), a content type is a short `type/subtype`, a blob at most `max_bytes`; a blob read back
-must have the length its row says. Every refusal is counted in `rejected`."""
+must have the length its row says. Every refusal is counted in `rejected`.
+
+Recordings (`loom record --store`, store_recording): a finished MCAP goes in as the anonymous blob
+`blobs/recordings/<file name>` of the unit `recorder` (a recording mixes subjects; each event's
+recording consent was applied while it was written), and the local file is removed; `forget`
+rewrites such a recording in the object store without the subject's events and `export` copies
+the subject's events out of it, as for files under <root>/recordings."""
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from loom_ros.bus.privacy import SubjectError, check_subject
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore
@@ -27,6 +36,8 @@ from loom_ros.storage.layout import check_name
 SUBJECTS = 'subjects'   # subjects/<subject>/...: erasure.SUBJECT_OBJECTS
 ANONYMOUS = 'blobs'
 MAX_BLOB_BYTES = 64 * 1024 * 1024
+RECORDINGS = 'recordings'       # the blob kind of stored recordings
+RECORDER_UNIT = 'recorder'      # the unit database that indexes them
 MAX_CONTENT_TYPE_CHARS = 100
 _CONTENT_TYPE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9.+-]*/[A-Za-z0-9][A-Za-z0-9.+-]*$')
 
@@ -137,3 +148,39 @@ class BlobStore:
         self._row(key)
         self.storage.objects.delete(key)
         self.storage.write('delete from blobs where key = ?', (key,)).wait()
+
+
+def store_recording(path: str | os.PathLike, params: Mapping, env: Mapping) -> BlobRef:
+    """Move the finished recording at `path` into the object store the flat `storage.*`
+    `params` configure (root, objects, encryption; S3 keys and the master key from `env`):
+    put, committed, then the local file removed. A StorageError (file left where it is) when
+    it is larger than a blob may be, not a plain file, or the store refuses it."""
+    from loom_ros.security.keyring import encryption_settings
+    from loom_ros.storage.backend import ObjectSettings
+    from loom_ros.storage.storage import Storage, StorageConfig
+    path = Path(path)
+    try:
+        if path.is_symlink() or not path.is_file():
+            raise StorageError(f'{path}: not a plain file; not stored')
+        size = path.stat().st_size
+    except OSError as exc:
+        raise StorageError(f'{path}: cannot read: {exc.strerror}') from None
+    if size > MAX_BLOB_BYTES:
+        raise StorageError(f'{path}: {size} bytes, more than the {MAX_BLOB_BYTES} a blob may '
+                           'hold; left where it is')
+    name = check_name(path.name, 'recording file name')
+    config = StorageConfig(root=str(params['storage.root']), unit=RECORDER_UNIT,
+                           objects=ObjectSettings.from_params(params, env),
+                           encryption=encryption_settings(params))
+    with Storage(config, env=env) as storage:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise StorageError(f'{path}: cannot read: {exc.strerror}') from None
+        ref = storage.blobs.put(RECORDINGS, name, data, content_type='application/x-mcap')
+    try:
+        path.unlink()
+    except OSError as exc:
+        raise StorageError(f'{path}: stored as {ref.key}, but the local file could not be '
+                           f'removed: {exc.strerror}') from None
+    return ref

@@ -9,7 +9,8 @@ Event messages whose metadata names it, KV rows (an agent's state) an event of t
 wrote to (`kv_subjects`), and plugin files under `<root>/plugins/<plugin>/subjects/<subject>/`. Physical: every SQLite file is written with
 `secure_delete=on`, then checkpointed (`wal_checkpoint(TRUNCATE)`) and VACUUMed, so neither
 free pages nor the WAL keep a copy; archives, traces and recordings are rewritten to a temporary
-file and renamed over the old one. The audit log keeps only a tombstone (a keyed hash of the
+file and renamed over the old one (recordings stored in the object store, `blobs/recordings/`,
+are rewritten there). The audit log keeps only a tombstone (a keyed hash of the
 subject, when, who asked, counts per tier).
 
 Unit databases are erased under the locks their writers take (Storage's `<unit>.db.lock`, the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import gzip
+import io
 import json
 import os
 import shutil
@@ -51,6 +53,7 @@ MAX_TRACE_LINE = 1 << 20             # longer lines are kept out of an export, d
 MAX_TRACE_BYTES = 512 * 1024 * 1024  # a trace file larger than this is refused, not read
 TIERS = ('episodes', 'cold', 'facts', 'decisions', 'outcomes', 'consent', 'keys', 'archive_records',
          'archive_files', 'blobs', 'trace_lines', 'recording_messages', 'state', 'plugin_files')
+STORED_RECORDINGS = 'blobs/recordings/'   # recordings in the object store (blobs.store_recording)
 PLUGIN_SUBJECTS = 'subjects'   # <root>/plugins/<plugin>/subjects/<subject>/: a plugin's files
                                # about one subject (docs/storage.md)
 
@@ -279,9 +282,10 @@ def split_message(schema, data: bytes, subject: str, decoder) -> tuple[bytes | N
     return serialize(msg), serialize(mine), len(theirs)
 
 
-def _recording_messages(path: Path) -> Iterator:
+def _recording_messages(path: Path | bytes) -> Iterator:
+    """The messages of a recording: a file, or the bytes of one read from the object store."""
     from mcap.reader import make_reader
-    with open(path, 'rb') as stream:
+    with (io.BytesIO(path) if isinstance(path, bytes) else open(path, 'rb')) as stream:
         reader = make_reader(stream)
         summary = reader.get_summary()
         yield summary, None, None, None
@@ -333,6 +337,7 @@ def forget(layout: StorageLayout, subject: str, *, requested_by: str = 'cli',
             decoder = _event_decoder()
             for path in recordings:
                 _forget_recording(path, subject, decoder, receipt)
+        _forget_stored_recordings(backend, objects, [e for _db, e in erasers], subject, receipt)
     if audit is not None:
         receipt.audit_id = audit.append('erasure', 'subject_erased', int(clock()),
                                         subject_ref=receipt.subject_ref,
@@ -662,7 +667,7 @@ def _forget_trace(path: Path, subject: str, receipt: Receipt) -> None:
     receipt.files += 1
 
 
-def _copy_recording(path: Path, out, subject: str, decoder, keep: bool,
+def _copy_recording(path: Path | bytes, out, subject: str, decoder, keep: bool,
                     library: str) -> int:
     """Write to `out` an MCAP of `path`'s messages without (keep) or with only (not keep) what is
     the subject's; same schemas, channels and their metadata. Returns the subject's events."""
@@ -705,6 +710,49 @@ def _forget_recording(path: Path, subject: str, decoder, receipt: Receipt) -> No
                                                     'loom forget'))
     receipt.counts['recording_messages'] += drop
     receipt.files += 1
+
+
+def _stored_recordings(backend) -> list[str]:
+    return [key for key, _size in backend.list(STORED_RECORDINGS) if key.endswith('.mcap')]
+
+
+def _forget_stored_recordings(backend, store, erasers, subject: str, receipt: Receipt) -> None:
+    """Recordings in the object store (`loom record --store`), rewritten there without the
+    subject's events (read through `store`, the encrypting view when there is a keyring), and
+    the length in their index rows brought in line. One that cannot be read is said in the
+    receipt's not-covered list."""
+    keys = _stored_recordings(backend)
+    decoder = _event_decoder() if keys else None
+    for key in keys:
+        try:
+            data = store.get(key)
+        except StorageError as exc:
+            receipt.not_covered.append(f'object {key[:80]!r}: unreadable, not checked '
+                                       f'({str(exc)[:80]})')
+            continue
+        try:
+            drop = sum(split_message(schema, message.data, subject, decoder)[2]
+                       for _s, schema, _c, message in _recording_messages(data)
+                       if message is not None)
+        except Exception as exc:   # the mcap reader's errors have no common base
+            receipt.not_covered.append(f'object {key[:80]!r}: not readable as MCAP '
+                                       f'({str(exc)[:80]})')
+            continue
+        if not drop:
+            continue
+        out = io.BytesIO()
+        _copy_recording(data, out, subject, decoder, True, 'loom forget')
+        body = out.getvalue()
+        created = [r[0] for e in erasers for r in e.conn.execute(
+            'select created_ms from blobs where key = ?', (key,))]
+        if isinstance(store, EncryptedObjectStore):   # anonymous: under its day's key again
+            store.put(key, body, time_ms=created[0] if created else None)
+        else:
+            store.put(key, body)
+        for eraser in erasers:
+            eraser.conn.execute('update blobs set bytes = ? where key = ?', (len(body), key))
+        receipt.counts['recording_messages'] += drop
+        receipt.files += 1
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -822,6 +870,15 @@ def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
                 n = _export_recording(recording, subject, archive)
                 if n:
                     counts['recording_messages'] = counts.get('recording_messages', 0) + n
+            for key in _stored_recordings(inner):
+                try:
+                    recording = store.get(key)
+                except StorageError:
+                    continue
+                n = _export_recording(recording, subject, archive,
+                                      f'media/recordings/{key.rsplit("/", 1)[-1]}')
+                if n:
+                    counts['recording_messages'] = counts.get('recording_messages', 0) + n
             data['counts'] = counts
             archive.writestr('subject.json', json.dumps(data, indent=1, default=str))
             archive.writestr('README.txt', f'Everything Loom held about data subject {subject} '
@@ -893,8 +950,10 @@ def _export_archives(layout, unit: str, keys: list[str], subject: str,
     return out
 
 
-def _export_recording(path: Path, subject: str, archive: zipfile.ZipFile) -> int:
-    """The subject's recorded events of one recording, as an MCAP in the export."""
+def _export_recording(path: Path | bytes, subject: str, archive: zipfile.ZipFile,
+                      name: str = '') -> int:
+    """The subject's recorded events of one recording (a file, or the bytes of one in the
+    object store, exported as `name`), as an MCAP in the export."""
     import io
     buffer = io.BytesIO()
     try:
@@ -902,5 +961,5 @@ def _export_recording(path: Path, subject: str, archive: zipfile.ZipFile) -> int
     except Exception:   # an unreadable recording: left out of the export
         return 0
     if count:
-        archive.writestr(f'media/{path.name}', buffer.getvalue())
+        archive.writestr(name or f'media/{path.name}', buffer.getvalue())
     return count

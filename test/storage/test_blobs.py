@@ -5,15 +5,18 @@ Consent, bounds and integrity; `forget` and `export` reach a subject's blobs and
 rows on either backend (a subject id with ':' and '@', valid ids, included)."""
 from __future__ import annotations
 
+import io
 import json
+import subprocess
+import sys
 import uuid
 import zipfile
 
 import pytest
-from harness import MsClock
+from harness import REPO, WAIT_LIMIT_S, MsClock, loom_cli
 
 from loom_ros.storage.backend import ObjectSettings
-from loom_ros.storage.blobs import BlobStore
+from loom_ros.storage.blobs import BlobStore, store_recording
 from loom_ros.security.audit import AuditLog
 from loom_ros.storage.consent import ConsentRegistry, SubjectRefs, consent_path
 from loom_ros.storage.erasure import export, forget
@@ -21,6 +24,7 @@ from loom_ros.storage.errors import StorageError
 from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.service import default_params, object_backend, settings_from_params
 from loom_ros.storage.storage import Storage, StorageConfig
+from test_erasure import Subject, hits, plant
 from test_s3_backend import objects_on_server, s3  # noqa: F401  (the live S3 server fixture)
 
 ALICE, BOB, CAROL = 'user:alice@ward4', 'bob', 'carol'   # carol never gave store consent
@@ -159,3 +163,76 @@ def test_every_node_declares_the_object_store_and_reads_it_the_same_way(ros):
         assert node.describe_parameter('storage.objects.endpoint').read_only
     finally:
         node.destroy_node()
+
+
+def recorded(data: bytes) -> bytes:
+    """Every message of an MCAP's bytes, joined (what a scan for canaries reads)."""
+    from mcap.reader import make_reader
+    return b'\x00'.join(m.data for _s, _c, m in make_reader(io.BytesIO(data)).iter_messages())
+
+
+def test_a_stored_recording_on_s3_is_exported_from_and_rewritten_there_by_forget(s3, tmp_path):
+    """`loom record --store`'s step: the recording (two subjects' events and anonymous ones,
+    test_erasure.plant's) goes to S3 as blobs/recordings/run.mcap; export copies B's events out
+    of it, forget rewrites it there without A's, and its index row still reads it."""
+    bucket = s3.new_bucket()
+    root = tmp_path / 'root'
+    a, b = Subject('A'), Subject('B')
+    expected = plant(root, [a, b])
+    params = s3_params(root, s3, bucket)
+    env = {'LOOM_S3_ACCESS_KEY': s3.access_key, 'LOOM_S3_SECRET_KEY': s3.secret_key}
+    local = root / 'recordings' / 'run.mcap'
+    ref = store_recording(local, params, env)
+    assert ref.key == 'blobs/recordings/run.mcap' and not local.exists()
+    before = objects_on_server(s3, bucket)[f'fleet/robot1/{ref.key}']
+    assert hits(recorded(before), a) and hits(recorded(before), b)
+
+    layout = StorageLayout.at(root)
+    backend = object_backend(settings_from_params(params, env))
+    out = tmp_path / 'b.zip'
+    counts = export(layout, b.id, out, objects=backend)
+    assert counts['recording_messages'] == expected[b.id]['recording_messages']
+    with zipfile.ZipFile(out) as archive:
+        theirs = recorded(archive.read('media/recordings/run.mcap'))
+    assert b.canaries['batch'] in theirs and b.canaries['frame0'] in theirs
+    assert hits(theirs, a) == []
+
+    receipt = forget(layout, a.id, requested_by='dpo:test', objects=backend)
+    assert receipt.counts['recording_messages'] == expected[a.id]['recording_messages']
+    after = objects_on_server(s3, bucket)[f'fleet/robot1/{ref.key}']
+    assert hits(recorded(after), a) == []
+    assert b.canaries['batch'] in recorded(after) and b.canaries['frame0'] in recorded(after)
+    objects = ObjectSettings.from_params(params, env)
+    with Storage(StorageConfig(root=str(root), unit='recorder', objects=objects)) as storage:
+        assert storage.blobs.get(ref.key) == after   # its row says the new length
+
+
+def test_loom_record_store_moves_its_file_into_the_object_store(tmp_path):
+    root, output = tmp_path / 'root', tmp_path / 'short.mcap'
+    done = subprocess.run(
+        [sys.executable, *loom_cli('record', '--output', str(output), '--duration', '0.3',
+                                   '--topics', 'h1_nothing_here', '--root', str(root),
+                                   '--store')],
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT_LIMIT_S)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{')]
+    stored = root / 'objects' / 'blobs' / 'recordings' / 'short.mcap'
+    assert {'stored': 'blobs/recordings/short.mcap', 'bytes': stored.stat().st_size} in lines
+    assert not output.exists() and stored.read_bytes()[:5] == b'\x89MCAP'
+    # a file that is not there (or not a plain file) is a clear error, nothing stored
+    missing = store_recording_cli(root, tmp_path / 'gone.mcap')
+    assert missing.returncode == 1 and 'not a plain file' in missing.stderr
+
+
+def store_recording_cli(root, path):
+    code = ('import os, sys\n'
+            'from loom_ros.storage.blobs import store_recording\n'
+            'from loom_ros.storage.errors import StorageError\n'
+            'from loom_ros.storage.service import default_params\n'
+            'try:\n'
+            f'    store_recording({str(path)!r}, {{**default_params(), "storage.root": '
+            f'{str(root)!r}}}, os.environ)\n'
+            'except StorageError as exc:\n'
+            '    print(exc, file=sys.stderr); sys.exit(1)\n')
+    return subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                          text=True, timeout=WAIT_LIMIT_S)
