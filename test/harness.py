@@ -154,12 +154,18 @@ def stop_procs(procs) -> list:
     return [proc.finish() for proc in procs]
 
 
-class FaceCamera:
-    """The test's camera in namespace `ns` (a node on the session's rclpy context): frames as
-    camera.front events (the product's QoS table), and what the face agent answered and the
-    routers decided there, by event id."""
+FRAME_PERIOD_S = 0.2   # send_frame: five frames a second until the agent answers
 
-    def __init__(self, ros, ns: str, name: str = 'rp_camera'):
+
+class FaceCamera:
+    """The test's camera: a node `name` in namespace `ns` on the session's rclpy context, its
+    EventBus on the product's QoS table (as every Loom process has), sending frames as
+    camera.front events; it keeps what the face agent showed (agent.face.action JSON: `shown` in
+    order, `answered` by the frame's id) and what the router decided there (`decisions`, by event
+    id). The agents, replay and demo tests all talk to a face agent through it."""
+
+    def __init__(self, ros, ns: str, name: str = 'rp_camera', photo=None,
+                 encoding: str = 'rgb8'):
         from loom_msgs.msg import RouteDecision
         from rclpy.node import Node
 
@@ -167,11 +173,13 @@ class FaceCamera:
         from loom_ros.bus.qos import TopicQosTable, to_qos_profile
         from loom_ros.config.params import node_defaults
         self.ros = ros
+        self.photo, self.encoding = photo, encoding   # what send_frame sends
         self.node = Node(name, namespace=ns, context=ros.node.context)
         defaults = node_defaults(name)
         self.bus = EventBus(self.node, topic_qos=TopicQosTable(defaults['bus.topic_qos'],
                                                                defaults['bus.default_qos']))
         ros.executor.add_node(self.node)
+        self.shown: list[dict] = []
         self.answered: dict[str, dict] = {}
         self.decisions: dict[str, object] = {}
         self.bus.subscribe('agent.face.action', self._on_action)
@@ -179,16 +187,28 @@ class FaceCamera:
                                       lambda m: self.decisions.setdefault(m.event_id, m),
                                       to_qos_profile('batched'))
         self.out = self.bus.publisher_for('camera.front', 'realtime')
+        self._last = 0.0
 
     def _on_action(self, event, _topic):
         data = event.json()
+        self.shown.append(data)
         self.answered[data.get('source_event', '')] = data
 
-    def send(self, rgb) -> str:
+    def send(self, rgb, encoding: str | None = None) -> str:
         from loom_ros.plugins.perception.image import frame_event
-        event = frame_event(rgb, type='camera.front', encoding='rgb8')
+        event = frame_event(rgb, type='camera.front', encoding=encoding or self.encoding)
         self.bus.publish('camera.front', event, 'realtime')
         return event.id
+
+    def send_frame(self) -> None:
+        """`photo` again, at most every FRAME_PERIOD_S: pass it as wait_for's spin."""
+        import time
+        if time.monotonic() - self._last >= FRAME_PERIOD_S:
+            self._last = time.monotonic()
+            self.send(self.photo)
+
+    def happy(self) -> dict | None:
+        return next((s for s in self.shown if s.get('label') == 'happy'), None)
 
     def warm_up(self, rgb, alive) -> list[str]:
         """The same frame every half second until the agent answers one (it is active, and it
@@ -225,3 +245,39 @@ class MsClock:
 
     def __call__(self) -> int:
         return self.ms
+
+
+# --- The bridge's pure core without a network (test/bridge/test_core.py,
+# test/storage/test_forget_service.py).
+
+class RecordingTransport:
+    """A transport standing in for Zenoh: `puts` records (key, event id, level) for every event
+    put (a batch's one by one); only keys in `listening` have a subscriber, and nothing is ready
+    while `connected` is false."""
+
+    def __init__(self):
+        self.connected, self.listening, self.puts = True, set(), []
+
+    def ready(self, key, level):
+        return self.connected and key in self.listening
+
+    def put(self, key, data, level):
+        from loom_ros.bridge import codec
+        self.puts += [(key, event.id, level) for event in codec.decode_all(data)]
+
+
+def recording_bridge(params: dict, inbound: dict | None = None, level_for=None, gate=None,
+                     **options):
+    """A bridge core (robot r1 unless `params` say otherwise) over a RecordingTransport:
+    (bridge, transport, the privacy refusals it audited). `level_for` maps a topic to its QoS
+    level (default: batched); `options` go to Bridge (batch_max_events...)."""
+    from loom_ros.bridge.core import Bridge, BridgeConfig
+    from loom_ros.bridge.gate import PrivacyGate
+    from loom_ros.bus.qos import QosLevel
+    config = BridgeConfig.from_params({'robot_id': 'r1', 'out_deny': [], 'buffer_max_events': 100,
+                                       **params}, inbound or {'rules': []})
+    audit: list[dict] = []
+    transport = RecordingTransport()
+    bridge = Bridge(config, transport, level_for or (lambda topic: QosLevel.BATCHED),
+                    gate if gate is not None else PrivacyGate(), audit.append, **options)
+    return bridge, transport, audit

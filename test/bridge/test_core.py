@@ -5,8 +5,10 @@ import numpy
 import pytest
 from hypothesis import given, strategies as st
 
+from harness import recording_bridge
+
 from loom_ros.bridge import codec
-from loom_ros.bridge.core import Bridge, BridgeConfig
+from loom_ros.bridge.core import BridgeConfig
 from loom_ros.bridge.gate import PrivacyGate
 from loom_ros.bridge.keys import (RobotIdError, fleet_key_expr, parse_robot_key, robot_key,
                                   validate_robot_id)
@@ -92,31 +94,13 @@ def test_outbox_bound_order_and_per_key_hold():
     assert [i.data for i in box.items] == [b'\x02'] and box.holds('b')
 
 
-class Recorder:
-    """A transport that records puts; `listening` says which keys have a subscriber."""
-
-    def __init__(self):
-        self.connected, self.listening, self.puts = True, set(), []
-
-    def ready(self, key, level):
-        return self.connected and key in self.listening
-
-    def put(self, key, data, level):
-        self.puts.append((key, codec.decode(data).id, level))
-
-
 def make_bridge(policy=None, bound=100):
-    config = BridgeConfig.from_params({
-        'robot_id': 'r1', 'out_allow': ['agent.*.intent', 'sensor.**', 'log.**'],
-        'out_deny': ['log.secret'], 'buffer_max_events': bound},
-        {'rules': [{'key': 'fleet.**', 'privacy': 'public', 'rate': 1000}]})
     levels = {'sensor': QosLevel.REALTIME, 'log': QosLevel.BACKGROUND}
-    audit = []
-    transport = Recorder()
-    bridge = Bridge(config, transport, lambda t: levels.get(t.split('.')[0], QosLevel.BATCHED),
-                    PrivacyGate(policy), audit.append)
-    return bridge, transport, audit
-
+    return recording_bridge(
+        {'out_allow': ['agent.*.intent', 'sensor.**', 'log.**'], 'out_deny': ['log.secret'],
+         'buffer_max_events': bound},
+        {'rules': [{'key': 'fleet.**', 'privacy': 'public', 'rate': 1000}]},
+        lambda t: levels.get(t.split('.')[0], QosLevel.BATCHED), PrivacyGate(policy))
 
 
 def test_outbox_drain_limit_keeps_the_rest_in_order():
@@ -132,6 +116,7 @@ def test_outbox_drain_limit_keeps_the_rest_in_order():
     assert box.drain(lambda item: True, lambda item: sent.append(item.data), 3) == 3
     assert [i.data for i in box.items] == [b'\x05'] and box.per_key['a'] == 1
     assert 'b' not in box.per_key
+
 
 def test_privacy_gate_and_patterns_whatever_the_config():
     bridge, transport, audit = make_bridge()
