@@ -16,6 +16,7 @@ import pytest
 from harness import REPO, WAIT_LIMIT_S, MsClock, loom_cli
 
 from loom_ros.storage.backend import ObjectSettings
+from loom_ros.storage.backend.encrypted import EncryptedObjectStore
 from loom_ros.storage.blobs import BlobStore, store_recording
 from loom_ros.security.audit import AuditLog
 from loom_ros.storage.consent import ConsentRegistry, SubjectRefs, consent_path
@@ -236,3 +237,40 @@ def store_recording_cli(root, path):
             '    print(exc, file=sys.stderr); sys.exit(1)\n')
     return subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
                           text=True, timeout=WAIT_LIMIT_S)
+
+
+def test_encrypted_blobs_on_s3_are_ciphertext_and_forget_shreds_them(s3, tmp_path):
+    """Encryption on: a subject's blob is sealed under the subject's key on the server; forget
+    deletes it and destroys the key, so a copy taken before cannot be opened; B's still reads."""
+    from loom_ros.security.keyring import EncryptionSettings, Keyring, ShreddedError
+    from test_s3_backend import master_key
+    bucket = s3.new_bucket()
+    root = tmp_path / 'root'
+    consenting(root)
+    enc = EncryptionSettings(True, str(master_key(tmp_path)))
+    env = {'LOOM_S3_ACCESS_KEY': s3.access_key, 'LOOM_S3_SECRET_KEY': s3.secret_key}
+    objects = ObjectSettings.from_params(s3_params(root, s3, bucket), env)
+    data = {s: wav(s) for s in (ALICE, BOB)}
+    with Storage(StorageConfig(root=str(root), unit='host', objects=objects, encryption=enc),
+                 env=env) as storage:
+        assert storage.objects.name == 'encrypted s3'
+        keys = {s: storage.blobs.put('answers', 'a.wav', data[s], subject=s).key
+                for s in (ALICE, BOB)}
+        on_server = objects_on_server(s3, bucket)
+        assert not any(d in blob for d in data.values() for blob in on_server.values())
+        assert storage.blobs.get(keys[ALICE]) == data[ALICE]
+    copy = on_server[f'fleet/robot1/{keys[ALICE]}']
+    layout = StorageLayout.at(root)
+    keyring = Keyring.open(root, enc, env)
+    try:
+        receipt = forget(layout, ALICE, requested_by='dpo:test', keyring=keyring,
+                         objects=objects.open(layout.objects))
+        assert receipt.counts['blobs'] == 1 and receipt.counts['keys'] == 1
+        with pytest.raises(ShreddedError):
+            keyring.decrypt(copy, EncryptedObjectStore.context(keys[ALICE]))
+    finally:
+        keyring.close()
+    assert sorted(objects_on_server(s3, bucket)) == [f'fleet/robot1/{keys[BOB]}']
+    with Storage(StorageConfig(root=str(root), unit='host', objects=objects, encryption=enc),
+                 env=env) as storage:
+        assert storage.blobs.get(keys[BOB]) == data[BOB]
