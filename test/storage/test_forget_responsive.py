@@ -1,7 +1,8 @@
 """The storage node stays responsive during an erasure: storage/forget runs on a thread and an
 executor of its own, so get_state (what the lifecycle manager polls, counting a node dead after
-heartbeat_timeout_s without an answer) and storage/query are answered while a forget is in
-progress, and the forget still completes with a correct receipt.
+heartbeat_timeout_s without an answer), storage/query and a lifecycle transition are answered
+while a forget is in progress, and the forget still completes with a correct receipt (and does
+not start the moves again on a node deactivated meanwhile).
 
 The erasure is held in progress by a real means: the Zenoh bridge process it must ask to drop
 the subject's waiting events is frozen (SIGSTOP), so storage/forget waits for it (up to
@@ -44,8 +45,8 @@ def subject_rows(db, subject: str) -> int:
 
 
 def test_get_state_and_queries_are_answered_while_a_forget_runs(ros, spawn, tmp_path):
-    from lifecycle_msgs.msg import State
-    from lifecycle_msgs.srv import GetState
+    from lifecycle_msgs.msg import State, Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
     from loom_msgs.msg import StorageStats
     from loom_msgs.srv import Forget, StorageQuery
     from loom_ros.bus.qos import to_qos_profile
@@ -78,6 +79,10 @@ def test_get_state_and_queries_are_answered_while_a_forget_runs(ros, spawn, tmp_
                                  to_qos_profile('batched'))
     forget = ros.node.create_client(Forget, '/fr/storage/forget')
     get_state = ros.node.create_client(GetState, '/fr/storage/get_state')
+    change = ros.node.create_client(ChangeState, '/fr/storage/change_state')
+
+    def transition(which: int):
+        return ChangeState.Request(transition=Transition(id=which))
     query = ros.node.create_client(StorageQuery, '/fr/storage/query')
     try:
         ros.wait_for(lambda: stats and stats[-1].rounds >= 1, 'a lifecycle round (active)',
@@ -106,7 +111,14 @@ def test_get_state_and_queries_are_answered_while_a_forget_runs(ros, spawn, tmp_
         busy = ros.call(query, StorageQuery.Request(kind='episodes', agent_id='agent1'),
                         'storage/query', alive=[storage])
         assert not busy.ok and 'erasure is running' in busy.error
-        assert not pending.done()   # answered while the forget was still in progress
+        # A transition not allowed now (safe to repeat) settles discovery; then a deactivate,
+        # asked once, is carried out while the erasure runs.
+        assert not ros.call(change, transition(Transition.TRANSITION_CONFIGURE),
+                            'storage/change_state', alive=[storage]).success
+        moved = change.call_async(transition(Transition.TRANSITION_DEACTIVATE))
+        ros.wait_for(moved.done, 'a deactivate during the erasure', alive=[storage])
+        assert moved.result().success
+        assert not pending.done()   # all answered while the forget was still in progress
 
         bridge.popen.send_signal(signal.SIGCONT)
         ros.wait_for(pending.done, 'the forget to complete', alive=alive)
@@ -122,15 +134,24 @@ def test_get_state_and_queries_are_answered_while_a_forget_runs(ros, spawn, tmp_
     blob = scan(root)
     assert hits(blob, a) == [] and hits(blob, b) == sorted(b.canaries)
 
-    # Back to normal: the databases are open again and the moves run again.
+    # Still inactive (the forget started nothing), then active again: the databases are open
+    # again and the moves run again.
+    state = ros.call(get_state, GetState.Request(), 'storage/get_state', alive=[storage])
+    assert state.current_state.id == State.PRIMARY_STATE_INACTIVE
+    idle = ros.call(query, StorageQuery.Request(kind='episodes', agent_id='agent1'),
+                    'storage/query', alive=[storage])
+    assert not idle.ok and 'not active' in idle.error
+    moved = change.call_async(transition(Transition.TRANSITION_ACTIVATE))
+    ros.wait_for(moved.done, 'activate', alive=[storage])
+    assert moved.result().success
+    seen = len(stats)
     after = ros.call(query, StorageQuery.Request(kind='episodes', agent_id='agent1'),
                      'storage/query', alive=[storage])
     assert after.ok, after.error
     found = '\n'.join(after.results).encode()
     assert hits(found, a) == [] and b.canaries['warm0'] in found and b.canaries['warm1'] in found
-    rounds = stats[-1].rounds
-    ros.wait_for(lambda: stats[-1].rounds > rounds, 'a lifecycle round after the erasure',
-                 alive=[storage])
+    ros.wait_for(lambda: any(m.rounds > stats[seen].rounds for m in stats[seen + 1:]),
+                 'lifecycle rounds after the erasure', alive=[storage])
     storage.popen.send_signal(signal.SIGINT)
     code, _, err = storage.finish(WAIT_LIMIT_S)
     assert code == 0, err
