@@ -28,7 +28,7 @@ from loom_ros.storage.storage import Storage, StorageConfig
 from test_erasure import Subject, hits, plant
 from test_s3_backend import objects_on_server, s3  # noqa: F401  (the live S3 server fixture)
 
-ALICE, BOB, CAROL = 'user:alice@ward4', 'bob', 'carol'   # carol never gave store consent
+ALICE, BOB, CAROL = 'user:alice@ward4', 'bob+1', 'carol'   # carol never gave store consent
 
 
 def consenting(root) -> None:
