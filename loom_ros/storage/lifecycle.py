@@ -531,13 +531,17 @@ class Lifecycle:
         # events of data subjects without store consent: counted, not kept (stores.EpisodeStore)
         withheld = c.execute('select coalesce(sum(events), 0), count(*), min(day) from withheld'
                              ).fetchone() if self._has_table('withheld') else (0, 0, None)
+        # blobs (blobs.py): shown, not budgeted (a budget deletes archive and cold data only)
+        blobs = c.execute('select count(*), coalesce(sum(bytes), 0), min(created_ms) from blobs'
+                          ).fetchone() if self._has_table('blobs') else (0, 0, None)
         index_bytes = self.index.memory_bytes()
         out = {'warm': {'rows': warm[0], 'bytes': warm[1], 'oldest_ms': warm[2] or 0},
                'cold': {'rows': cold[0], 'bytes': cold[1] + index_bytes, 'oldest_ms': cold[2] or 0},
                'archive': {'rows': arch[3], 'files': arch[0], 'bytes': arch[1],
                            'oldest_ms': arch[2] or 0},
                'state': {'rows': state[0], 'bytes': state[1], 'oldest_ms': state[2] or 0},
-               'withheld': {'rows': withheld[0], 'bytes': 0, 'oldest_ms': _day_ms(withheld[2])}}
+               'withheld': {'rows': withheld[0], 'bytes': 0, 'oldest_ms': _day_ms(withheld[2])},
+               'blobs': {'rows': blobs[0], 'bytes': blobs[1], 'oldest_ms': blobs[2] or 0}}
         out['total'] = {'bytes': root_used_bytes(self.layout, arch[1])}
         return out
 

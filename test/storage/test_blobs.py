@@ -274,3 +274,23 @@ def test_encrypted_blobs_on_s3_are_ciphertext_and_forget_shreds_them(s3, tmp_pat
     with Storage(StorageConfig(root=str(root), unit='host', objects=objects, encryption=enc),
                  env=env) as storage:
         assert storage.blobs.get(keys[BOB]) == data[BOB]
+
+
+def test_blobs_show_as_a_tier_in_the_stats_without_a_budget(tmp_path):
+    from loom_ros.storage.service import StorageService
+    from loom_ros.storage.embedding import HashEmbedder
+    root = tmp_path / 'root'
+    consenting(root)
+    with Storage(StorageConfig(root=str(root), unit='host'), clock=MsClock()) as storage:
+        storage.blobs.put('answers', 'a.wav', b'x' * 300, subject=ALICE)
+        storage.blobs.put('frames', 'f.raw', b'y' * 200)
+    params = {**default_params(), 'storage.root': str(root), 'storage.embedder': 'hash',
+              'storage.budget.total_bytes': 10**9}
+    service = StorageService(settings_from_params(params, {}), embedder=HashEmbedder())
+    try:
+        stats = service.stats()
+        assert {k: stats['tiers']['blobs'][k] for k in ('rows', 'bytes')} == \
+            {'rows': 2, 'bytes': 500}
+        assert 'budget_bytes' not in stats['tiers']['blobs']
+    finally:
+        service.close()
