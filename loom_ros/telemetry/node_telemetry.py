@@ -37,6 +37,9 @@ TELEMETRY_PARAMETERS = [
               read_only=True),
     ParamSpec('telemetry.tracing.sample_ratio', 'Fraction of new traces recorded (children follow '
               'their parent)', read_only=True, min_value=0.0, max_value=1.0),
+    ParamSpec('telemetry.tracing.sample_rules', "Per topic, 'topic-pattern=ratio' (* and ?): "
+              'the fraction of traces started by an event on a matching topic (first match '
+              'wins; the rest get sample_ratio)', read_only=True),
     ParamSpec('telemetry.metrics.period_s', 'Seconds between Metrics messages on loom/metrics '
               '(0: off)', read_only=True, min_value=0.0, max_value=3600.0),
     ParamSpec('telemetry.metrics.latency', 'Record handler latency and event age histograms per '
@@ -118,8 +121,9 @@ class NodeTelemetry:
                 self.log.error(f'tracing stays off: cannot start the {config.exporter} '
                                f'exporter: {exc}')
                 return
+            rules = f', per topic {", ".join(config.sample_rules)}' if config.sample_rules else ''
             self.log.info(f'tracing on: exporter {config.exporter}, sample ratio '
-                          f'{config.sample_ratio:g}')
+                          f'{config.sample_ratio:g}{rules}')
 
     def add_check(self, name: str, check) -> None:
         self.diagnostics.add_check(name, check)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from loom_ros.telemetry.rotating import RotatingAppender
 
@@ -39,6 +41,10 @@ ENABLED = False
 _SAMPLE_NONE = False
 _SAMPLED_FLAG_DIGITS = frozenset('13579bdf')  # last hex digit of trace-flags with bit 0 set
 
+MAX_SAMPLE_RULES = 64
+# A rule's topic pattern: topic characters and the wildcards * and ? (no [..] classes).
+_RULE_PATTERN = re.compile(r'[A-Za-z0-9_.*?/-]{1,200}')
+
 _STATE: dict = {}  # 'tracer', 'provider', 'propagator', 'config' while enabled
 _LOCK = threading.Lock()
 
@@ -56,8 +62,12 @@ class TracingConfig:
     service_name: str = 'loom'
     file_max_bytes: int = 0   # the file exporter rotates its file past this (0: never)
     file_keep: int = 2        # rotated files kept
+    # 'topic-pattern=ratio': the ratio of traces started by an event on a matching topic (first
+    # match wins; others get sample_ratio). A 200 Hz IMU at ratio 1 was most of the demo's spans.
+    sample_rules: tuple = ()
 
     def check(self) -> 'TracingConfig':
+        parse_sample_rules(self.sample_rules)
         if self.exporter not in EXPORTERS:
             raise TracingConfigError(f'telemetry.tracing.exporter: {self.exporter!r} is not one of '
                                      f'{", ".join(EXPORTERS)}')
@@ -72,6 +82,73 @@ class TracingConfig:
             raise TracingConfigError('telemetry.tracing.otlp_endpoint: the otlp exporter needs '
                                      'an endpoint (e.g. http://collector:4318/v1/traces)')
         return self
+
+
+def parse_sample_rules(rules) -> tuple[tuple[str, float], ...]:
+    """[(topic pattern, ratio)] from 'pattern=ratio' strings; TracingConfigError says which rule
+    is wrong and why (bounded before anything parses it)."""
+    if isinstance(rules, str) or not isinstance(rules, (list, tuple)):
+        raise TracingConfigError('telemetry.tracing.sample_rules: a list of '
+                                 "'topic-pattern=ratio' strings")
+    if len(rules) > MAX_SAMPLE_RULES:
+        raise TracingConfigError(f'telemetry.tracing.sample_rules: {len(rules)} rules, at most '
+                                 f'{MAX_SAMPLE_RULES}')
+    parsed = []
+    for i, rule in enumerate(rules):
+        where = f'telemetry.tracing.sample_rules[{i}]'
+        if not isinstance(rule, str) or len(rule) > 240:
+            raise TracingConfigError(f"{where}: not a 'topic-pattern=ratio' string of at most "
+                                     '240 characters')
+        pattern, sep, ratio = rule.partition('=')
+        if not sep or not _RULE_PATTERN.fullmatch(pattern.strip()):
+            raise TracingConfigError(f'{where}: {rule[:80]!r} is not topic-pattern=ratio (topic '
+                                     'characters with * and ?)')
+        try:
+            value = float(ratio)
+        except ValueError:
+            value = -1.0
+        if not 0.0 <= value <= 1.0:   # NaN fails this too
+            raise TracingConfigError(f'{where}: ratio {ratio[:20]!r} is not in [0, 1]')
+        parsed.append((pattern.strip(), value))
+    return tuple(parsed)
+
+
+def _make_sampler(config: TracingConfig):
+    """ParentBased: a trace's decision is made where it starts and followed everywhere after
+    (across processes, through the traceparent flag); where it starts, by the first rule whose
+    pattern matches the span's `loom.topic`, else by sample_ratio."""
+    from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+    default = TraceIdRatioBased(float(config.sample_ratio))
+    rules = [(pattern, TraceIdRatioBased(ratio))
+             for pattern, ratio in parse_sample_rules(config.sample_rules)]
+    if not rules:
+        return ParentBased(default)
+
+    class TopicRatioSampler(Sampler):
+        """The root sampler: per-topic ratios (answers cached per topic, bounded)."""
+
+        def __init__(self):
+            self._by_topic: dict[str, object] = {}
+
+        def _for(self, topic: str):
+            sampler = self._by_topic.get(topic)
+            if sampler is None:
+                sampler = next((s for p, s in rules if fnmatchcase(topic, p)), default)
+                if len(self._by_topic) < 4096:
+                    self._by_topic[topic] = sampler
+            return sampler
+
+        def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None,
+                          links=None, trace_state=None):
+            topic = (attributes or {}).get('loom.topic', '')
+            return self._for(topic if isinstance(topic, str) else '').should_sample(
+                parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+        def get_description(self) -> str:
+            return 'TopicRatio{' + ','.join(f'{p}={s.rate}' for p, s in rules) + \
+                f',*={default.rate}}}'
+
+    return ParentBased(TopicRatioSampler())
 
 
 def _hex(value: int, width: int) -> str:
@@ -139,12 +216,11 @@ def configure(config: TracingConfig) -> bool:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
         provider = TracerProvider(
             resource=Resource.create({'service.name': config.service_name,
                                       'process.pid': os.getpid()}),
-            sampler=ParentBased(TraceIdRatioBased(float(config.sample_ratio))))
+            sampler=_make_sampler(config))
         if config.exporter == 'file':
             # Batched off the publishing thread, flushed every 0.2 s and at exit.
             provider.add_span_processor(BatchSpanProcessor(
@@ -157,7 +233,8 @@ def configure(config: TracingConfig) -> bool:
                       tracer=provider.get_tracer('loom_ros'),
                       propagator=TraceContextTextMapPropagator())
         global _SAMPLE_NONE
-        _SAMPLE_NONE = float(config.sample_ratio) == 0.0
+        _SAMPLE_NONE = float(config.sample_ratio) == 0.0 and all(
+            ratio == 0.0 for _p, ratio in parse_sample_rules(config.sample_rules))
         ENABLED = True
         return True
 
@@ -190,6 +267,7 @@ def config_from_params(values: dict, service_name: str) -> TracingConfig:
                          sample_ratio=float(values['telemetry.tracing.sample_ratio']),
                          file_max_bytes=int(values['telemetry.tracing.file_max_bytes']),
                          file_keep=int(values['telemetry.tracing.file_keep']),
+                         sample_rules=tuple(values.get('telemetry.tracing.sample_rules', ())),
                          service_name=service_name).check()
 
 
