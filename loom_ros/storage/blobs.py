@@ -29,9 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loom_ros.bus.privacy import SubjectError, check_subject
+from loom_ros.security.keyring import encryption_settings
+from loom_ros.storage.backend import ObjectSettings
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore
 from loom_ros.storage.errors import StorageError
 from loom_ros.storage.layout import check_name
+from loom_ros.storage.storage import Storage, StorageConfig
 
 SUBJECTS = 'subjects'   # subjects/<subject>/...: erasure.SUBJECT_OBJECTS
 ANONYMOUS = 'blobs'
@@ -155,9 +158,6 @@ def store_recording(path: str | os.PathLike, params: Mapping, env: Mapping) -> B
     `params` configure (root, objects, encryption; S3 keys and the master key from `env`):
     put, committed, then the local file removed. A StorageError (file left where it is) when
     it is larger than a blob may be, not a plain file, or the store refuses it."""
-    from loom_ros.security.keyring import encryption_settings
-    from loom_ros.storage.backend import ObjectSettings
-    from loom_ros.storage.storage import Storage, StorageConfig
     path = Path(path)
     try:
         if path.is_symlink() or not path.is_file():
