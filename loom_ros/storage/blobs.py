@@ -18,7 +18,8 @@ Recordings (`loom record --store`, store_recording): a finished MCAP goes in as 
 `blobs/recordings/<file name>` of the unit `recorder` (a recording mixes subjects; each event's
 recording consent was applied while it was written), and the local file is removed; `forget`
 rewrites such a recording in the object store without the subject's events and `export` copies
-the subject's events out of it, as for files under <root>/recordings."""
+the subject's events out of it, as for files under <root>/recordings. fetch_recording writes one
+back to a local file (for `loom play`, `loom view`)."""
 from __future__ import annotations
 
 import os
@@ -32,6 +33,7 @@ from loom_ros.bus.privacy import SubjectError, check_subject
 from loom_ros.security.keyring import encryption_settings
 from loom_ros.storage.backend import ObjectSettings
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore
+from loom_ros.storage.durable import write_atomic
 from loom_ros.storage.errors import StorageError
 from loom_ros.storage.layout import check_name
 from loom_ros.storage.storage import Storage, StorageConfig
@@ -169,10 +171,7 @@ def store_recording(path: str | os.PathLike, params: Mapping, env: Mapping) -> B
         raise StorageError(f'{path}: {size} bytes, more than the {MAX_BLOB_BYTES} a blob may '
                            'hold; left where it is')
     name = check_name(path.name, 'recording file name')
-    config = StorageConfig(root=str(params['storage.root']), unit=RECORDER_UNIT,
-                           objects=ObjectSettings.from_params(params, env),
-                           encryption=encryption_settings(params))
-    with Storage(config, env=env) as storage:
+    with _recorder(params, env) as storage:
         try:
             data = path.read_bytes()
         except OSError as exc:
@@ -183,4 +182,29 @@ def store_recording(path: str | os.PathLike, params: Mapping, env: Mapping) -> B
     except OSError as exc:
         raise StorageError(f'{path}: stored as {ref.key}, but the local file could not be '
                            f'removed: {exc.strerror}') from None
+    return ref
+
+
+def _recorder(params: Mapping, env: Mapping) -> Storage:
+    return Storage(StorageConfig(root=str(params['storage.root']), unit=RECORDER_UNIT,
+                                 objects=ObjectSettings.from_params(params, env),
+                                 encryption=encryption_settings(params)), env=env)
+
+
+def fetch_recording(name: str, out: str | os.PathLike, params: Mapping,
+                    env: Mapping) -> BlobRef:
+    """A stored recording (`name`: its file name) written to `out` (atomically, 0600; an
+    existing file is refused, never overwritten). A StorageError when it is not stored or does
+    not read back whole."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        raise StorageError(f'{out}: exists; not overwritten')
+    with _recorder(params, env) as storage:
+        key = storage.blobs.key(RECORDINGS, name)
+        ref = storage.blobs.ref(key)
+        data = storage.blobs.get(key)
+    try:
+        write_atomic(out, data, out.with_name(f'.{out.name}.part'), exclusive=True)
+    except OSError as exc:
+        raise StorageError(f'{out}: cannot write: {exc.strerror}') from None
     return ref

@@ -17,7 +17,7 @@ from harness import REPO, WAIT_LIMIT_S, MsClock, loom_cli
 
 from loom_ros.storage.backend import ObjectSettings
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore
-from loom_ros.storage.blobs import BlobStore, store_recording
+from loom_ros.storage.blobs import BlobStore, fetch_recording, store_recording
 from loom_ros.security.audit import AuditLog
 from loom_ros.storage.consent import ConsentRegistry, SubjectRefs, consent_path
 from loom_ros.storage.erasure import export, forget
@@ -206,6 +206,14 @@ def test_a_stored_recording_on_s3_is_exported_from_and_rewritten_there_by_forget
     objects = ObjectSettings.from_params(params, env)
     with Storage(StorageConfig(root=str(root), unit='recorder', objects=objects)) as storage:
         assert storage.blobs.get(ref.key) == after   # its row says the new length
+    # back to a local file for `loom play` (never over an existing one)
+    fetched = tmp_path / 'fetched.mcap'
+    assert fetch_recording('run.mcap', fetched, params, env).bytes == len(after)
+    assert fetched.read_bytes() == after
+    with pytest.raises(StorageError, match='exists'):
+        fetch_recording('run.mcap', fetched, params, env)
+    with pytest.raises(StorageError, match='not stored'):
+        fetch_recording('other.mcap', tmp_path / 'other.mcap', params, env)
 
 
 def test_loom_record_store_moves_its_file_into_the_object_store(tmp_path):
