@@ -561,6 +561,9 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         except (StorageError, SubjectError, ConsentError, AuditError, KeyringError,
                 OSError) as exc:
             error = str(exc)
+        except Exception as exc:   # noqa: BLE001 - the caller still gets an answer saying why
+            error = f'the erasure failed: {type(exc).__name__}: {exc}'
+            self.get_logger().error(error[:1000])
         finally:
             if keyring is not None:
                 keyring.close()
