@@ -17,7 +17,9 @@ Composed (`loom bringup --composition`, launch's use_composition): the bridge sh
 the nodes that publish, and the bus hands it their events in-process, on the publisher's thread
 (no DDS hop, so a burst is not lost before the bridge takes it). The Bridge core is then used
 from several threads (publishers', this node's executor for the outbox, inbound and status), so
-every use of it holds `_lock`; nothing outside the bridge runs while it is held.
+every use of it holds `_lock`; no other node's code runs while it is held (inbound events are
+published after it is released). A Batched or Background put that Zenoh holds back (congestion
+control BLOCK, bounded by Zenoh's wait_before_close) then holds back the publishing thread too.
 """
 from __future__ import annotations
 
