@@ -60,7 +60,7 @@ from loom_ros.security.audit import AuditError, AuditLog
 from loom_ros.storage.consent import (ConsentError, ConsentRegistry, SubjectRefs, consent_path,
                                       load_defaults)
 from loom_ros.storage.errors import StorageError
-from loom_ros.storage.layout import ENCRYPTION_PARAMETERS, derived, node_layout
+from loom_ros.storage.layout import ENCRYPTION_PARAMETERS, derived, node_layout, node_objects
 from loom_ros.storage.storage import Storage, StorageConfig
 from loom_ros.telemetry.logs import mask_node_logger
 
@@ -181,7 +181,9 @@ class AgentNode(LifecycleNode):
                 max_db_bytes=int(self.params['state_max_mb'] * 2**20),
                 encryption=encryption_settings(
                     {spec.name: self.get_parameter(spec.name).value
-                     for spec in ENCRYPTION_PARAMETERS})))
+                     for spec in ENCRYPTION_PARAMETERS}),
+                # blobs and archives in the store every process under the root uses
+                objects=node_objects(self, os.environ)))
             # Full once, stopped: no later commit of an agent lands after one of it was lost.
             self.storage.writer.stop_when_full = True
         except (ConfigError, StorageError) as exc:   # KeyringError too: a wrong key
