@@ -40,6 +40,7 @@ def test_demo_runs_both_flows_and_leaves_its_artifacts(demo):
     assert summary['events_total'] >= 300
     assert {'sensor.imu.motion', 'camera.front', 'mic.primary'} <= set(summary['events_received'])
     assert summary['rejected'] == {}
+    assert 0 < summary['mean_rate'] <= summary['peak_rate']   # both over the demo's own time
     assert summary['exit_codes'] == {'bringup': 0, 'event_monitor': 0, 'record': 0}
     # It stopped early only once both flows had delivered.
     assert summary['face']['updates'] >= 1 and summary['routes'].get('local', 0) >= 1
