@@ -6,7 +6,9 @@ subject only by its keyed hash. With a fleet link (config/loom.yaml storage.forg
 --connect) it then asks every cloud server to erase what it kept and prints their signed,
 verified receipts (storage/fleet_erasure.py); --no-fleet keeps it to this robot. Exit 0 on
 success (the fleet's status is printed, and 2 when a fleet link was asked for and not every
-server's receipt came), 1 with the reason otherwise."""
+server's receipt came), 1 with the reason otherwise. A fleet erasure without every receipt is
+queued under the root (storage/pending_erasures.py) and said ("fleet: pending, will retry"): the
+storage node asks again with back-off until a signed receipt verifies."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +29,7 @@ from loom_ros.storage.fleet_erasure import (
     FleetConfigError, FleetLink, ask_fleet, check_timeout, forget_everywhere,
 )
 from loom_ros.storage.layout import DEFAULT_ROOT, StorageLayout
+from loom_ros.storage.pending_erasures import PendingErasures
 from loom_ros.storage.service import default_params, object_backend, settings_from_params
 
 
@@ -98,7 +101,7 @@ def _fleet_link(layout: StorageLayout, args) -> FleetLink | None:
 
 
 def run_forget(args) -> int:
-    audit = keyring = None
+    audit = keyring = pending = None
     try:
         check_subject(args.subject)   # before anything is opened or created
         if args.fleet_timeout:
@@ -109,19 +112,25 @@ def run_forget(args) -> int:
         link = _fleet_link(layout, args)
         keyring = _keyring(layout, args)
         audit = AuditLog(layout.audit)
+        if link is not None:
+            try:
+                pending = PendingErasures(layout.root)
+            except StorageError as exc:   # the erasure still runs; the outcome says not queued
+                print(f'loom forget: the fleet erasure queue cannot be opened: {exc}',
+                      file=sys.stderr)
         outcome = forget_everywhere(
             layout, args.subject, requested_by=_who(args), keyring=keyring, audit=audit,
             refs=SubjectRefs.at(layout.keys),
             fleet=(lambda ref, wait: ask_fleet(link, ref, wait)) if link else None,
             fleet_timeout_s=link.timeout_s if link else 0.0,
             no_fleet_status='skipped' if args.no_fleet else 'not_configured',
-            objects=_backend(layout))
+            objects=_backend(layout), pending=pending)
     except (SubjectError, ConsentError, AuditError, StorageError, FleetConfigError,
             ConfigError) as exc:
         print(f'loom forget: {exc}', file=sys.stderr)
         return 1
     finally:
-        for held in (audit, keyring):
+        for held in (audit, keyring, pending):
             if held is not None:
                 held.close()
     code = 2 if link is not None and outcome.fleet_status != 'done' else 0
@@ -134,6 +143,9 @@ def run_forget(args) -> int:
         print(f'  {tier}\t{count}')
     print(f'fleet: {outcome.fleet_status}' + (f' ({outcome.fleet_error})'
                                                if outcome.fleet_error else ''))
+    if outcome.fleet_pending:
+        print('fleet: pending, will retry (queued under the storage root; the storage node asks '
+              'the cloud tier again until a signed receipt verifies: see loom storage stats)')
     for got in outcome.fleet.receipts if outcome.fleet else []:
         r = got['receipt']
         counts = ', '.join(f'{k} {v}' for k, v in r.get('counts', {}).items())

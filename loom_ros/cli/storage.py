@@ -2,7 +2,8 @@
 straight on the files under storage.root (no node needed). stats and query open everything
 read-only; compact runs lifecycle rounds until nothing is due (refused while a storage node runs
 them); keygen writes a master key file for encryption at rest and rotate-key rewraps every data
-key under a new master key while the nodes keep running (docs/encryption.md)."""
+key under a new master key while the nodes keep running (docs/encryption.md). stats also says
+how many fleet erasures are still owed a cloud receipt (storage/pending_erasures.py)."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from loom_ros.security.keyring import (KEYRING_FILE, Keyring, MasterKey, MasterK
                                       read_key_file, write_key_file)
 from loom_ros.storage.errors import StorageError
 from loom_ros.storage.layout import StorageLayout
+from loom_ros.storage.pending_erasures import read_summary
 from loom_ros.storage.service import StorageService, default_params, settings_from_params
 
 
@@ -92,7 +94,9 @@ def run_storage(args) -> int:
         service = _service(args, read_only=True)
         try:
             if args.storage_action == 'stats':
-                _print(service.stats(), args.json)
+                stats = service.stats()
+                stats['fleet_erasures'] = read_summary(service.settings.layout.root)
+                _print(stats, args.json)
             else:
                 found = service.query(args.kind, unit=args.unit, agent_id=args.agent,
                                       type=args.type, source=args.source, text=args.text,
@@ -192,3 +196,11 @@ def _print(stats: dict, as_json: bool) -> None:
               'rows deleted for budgets')
     if stats['error']:
         print(f'errors: {stats["error"]}')
+    owed = stats.get('fleet_erasures')
+    if owed and owed['pending']:
+        age_s = max(0, int(time.time() * 1000) - owed['oldest_ms']) / 1000
+        print(f'fleet erasures: {owed["pending"]} pending (oldest {age_s:.0f} s, next try '
+              f'{_when(owed["next_ms"])}); the storage node retries them'
+              + (f'; last error: {owed["last_error"]}' if owed['last_error'] else ''))
+    elif owed is not None:
+        print(f'fleet erasures: none pending ({owed["done"]} done)')

@@ -6,7 +6,13 @@ more audit record follows when the bridge or the fleet was asked, naming the sub
 keyed hash: what the bridge dropped, the fleet's status and each receipt's counts and
 signature. Used by the storage node's
 storage/forget service and by `loom forget`. Plain Python; Zenoh is opened only to ask the
-fleet."""
+fleet.
+
+A fleet erasure that gets no valid signed receipt (no server answered in time, the link is
+down, a server refused) is not dropped: with a queue (storage/pending_erasures.py, noted before
+the fleet is asked) it stays pending, the outcome says "fleet: pending, will retry", and
+`retry_pending` (the storage node's timer) asks again with back-off until a receipt verifies;
+then the entry is done and audited (`fleet_erasure_retried`)."""
 from __future__ import annotations
 
 import math
@@ -21,7 +27,9 @@ from loom_ros.cloud.protocol import KEY_PREFIX
 from loom_ros.security import keys
 from loom_ros.storage.consent import SubjectRefs, check_source
 from loom_ros.storage.erasure import Receipt, forget
+from loom_ros.storage.errors import StorageError
 from loom_ros.storage.layout import StorageLayout
+from loom_ros.storage.pending_erasures import PendingErasures
 
 MAX_ENDPOINTS = 16
 MAX_SETTING_CHARS = 1024
@@ -107,10 +115,11 @@ class Outcome:
     fleet_status: str = 'not_configured'
     fleet_error: str = ''
     notes: list = field(default_factory=list)   # what could not be reached, and why
+    fleet_pending: bool = False   # queued: the storage node retries until a receipt verifies
 
     def as_dict(self) -> dict:
         return {**self.receipt.as_dict(), 'fleet_status': self.fleet_status,
-                'fleet_error': self.fleet_error,
+                'fleet_error': self.fleet_error, 'fleet_pending': self.fleet_pending,
                 'fleet_receipts': list(self.fleet.receipts) if self.fleet else [],
                 'notes': list(self.notes)}
 
@@ -121,10 +130,11 @@ def forget_everywhere(layout: StorageLayout, subject: str, *, requested_by: str,
                       fleet: Callable[[str, float], FleetErasure] | None = None,
                       fleet_timeout_s: float = 10.0, no_fleet_status: str = 'not_configured',
                       clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-                      objects=None) -> Outcome:
+                      objects=None, pending: PendingErasures | None = None) -> Outcome:
     """Erase `subject` under the root, then from the bridge's outbox (`purge_bridge(subject)`:
     how many went; it may raise), then in the fleet (`fleet(subject_ref, timeout_s)`; None: no
-    fleet link: the outcome's fleet status is `no_fleet_status`). Raises only what the local erasure raises (ErasureError, SubjectError, ...):
+    fleet link: the outcome's fleet status is `no_fleet_status`). With `pending`, the fleet
+    erasure is queued before the fleet is asked and stays pending unless it is `done`. Raises only what the local erasure raises (ErasureError, SubjectError, ...):
     the bridge's and the fleet's failures are said in the outcome and audited."""
     check_subject(subject)
     check_source(requested_by)
@@ -142,14 +152,36 @@ def forget_everywhere(layout: StorageLayout, subject: str, *, requested_by: str,
             receipt.counts['bridge_outbox'] = bridge
         except Exception as exc:   # a bridge that is not running, or failed: said, not fatal
             outcome.notes.append(f'bridge outbox: {exc}'[:500])
+    entry, queue_error = None, ''
+    if fleet is not None and pending is not None:
+        try:   # write-ahead: a process that dies while asking leaves it pending
+            entry = pending.add(receipt.subject_ref, requested_by, receipt.audit_id)
+        except StorageError as exc:
+            queue_error = str(exc)[:300]
     if fleet is not None:
         outcome.fleet = fleet(receipt.subject_ref, fleet_timeout_s)
         outcome.fleet_status, outcome.fleet_error = outcome.fleet.status, outcome.fleet.error
+        if entry is not None:
+            try:
+                if outcome.fleet_status == 'done':
+                    pending.done(entry, outcome.fleet.request_id)
+                else:
+                    pending.failed(entry, outcome.fleet_status, outcome.fleet_error)
+                    outcome.fleet_pending = True
+            except StorageError:   # the entry stays as added: open and due (asking again
+                outcome.fleet_pending = True   # after a receipt is harmless)
     if bridge >= 0 and outcome.fleet_status == 'done':   # erasure.py's line no longer holds
         receipt.not_covered = [n for n in receipt.not_covered if n != BEYOND_ROOT]
     elif outcome.fleet_status != 'done':
-        outcome.notes.append(f'fleet: {outcome.fleet_status}'
-                             + (f' ({outcome.fleet_error})' if outcome.fleet_error else ''))
+        said = outcome.fleet_status + (f': {outcome.fleet_error}' if outcome.fleet_error else '')
+        if outcome.fleet_pending:
+            outcome.notes.append(f'fleet: pending, will retry ({said})')
+        elif fleet is not None and pending is not None:
+            outcome.notes.append(f'fleet: {said}; NOT queued for retry ({queue_error}): run '
+                                 'forget again')
+        else:
+            outcome.notes.append(f'fleet: {outcome.fleet_status}'
+                                 + (f' ({outcome.fleet_error})' if outcome.fleet_error else ''))
     if audit is not None and (purge_bridge is not None or fleet is not None):
         receipts = [{'server': r['receipt'].get('server', ''), 'cloud': r['signer'],
                      'counts': r['receipt'].get('counts', {}),
@@ -162,5 +194,62 @@ def forget_everywhere(layout: StorageLayout, subject: str, *, requested_by: str,
                      fleet_status=outcome.fleet_status,
                      fleet_request_id=outcome.fleet.request_id if outcome.fleet else '',
                      fleet_receipts=receipts[:AUDITED_RECEIPTS],
-                     fleet_rejected=dict(outcome.fleet.rejected) if outcome.fleet else {})
+                     fleet_rejected=dict(outcome.fleet.rejected) if outcome.fleet else {},
+                     fleet_pending=outcome.fleet_pending)
     return outcome
+
+
+@dataclass
+class Retried:
+    """One retry of a pending fleet erasure."""
+
+    entry_id: int
+    subject_ref: str
+    status: str
+    error: str = ''
+    next_ms: int = 0          # when it is due again (0: done)
+    receipts: list = field(default_factory=list)
+    rejected: dict = field(default_factory=dict)   # replies not believed, by reason
+
+
+LINK_DOWN = 'cannot open the fleet link'   # ask_fleet's error: no point asking for the rest
+
+
+def retry_pending(pending: PendingErasures, fleet: Callable[[str, float], FleetErasure], *,
+                  timeout_s: float, limit: int, audit=None,
+                  clock: Callable[[], int] | None = None) -> list[Retried]:
+    """Ask the fleet again for at most `limit` due entries (the longest waiting first). An entry
+    is done only when the fleet's status is `done` (every server that got the request answered
+    a receipt check_reply verified: signed by the fleet's cloud identity, for this request,
+    subject and robot); it is then audited (`erasure` / `fleet_erasure_retried`, keyed hash
+    only). Anything else (forged or foreign receipts, refusals, no answer) is one more attempt
+    and a longer wait. A link that cannot be opened ends this round."""
+    clock = clock or pending.clock
+    done = []
+    for entry in pending.due(limit):
+        result = fleet(entry.subject_ref, timeout_s)
+        if result.status == 'done':
+            pending.done(entry.id, result.request_id)
+            done.append(Retried(entry.id, entry.subject_ref, 'done',
+                                receipts=list(result.receipts),
+                                rejected=dict(result.rejected)))
+            if audit is not None:
+                audit.append('erasure', 'fleet_erasure_retried', int(clock()),
+                             subject_ref=entry.subject_ref, requested_by=entry.requested_by,
+                             erasure_audit_id=entry.erasure_audit_id,
+                             attempts=entry.attempts + 1, queued_ms=entry.created_ms,
+                             fleet_status='done', fleet_request_id=result.request_id,
+                             fleet_receipts=[{'server': r['receipt'].get('server', ''),
+                                              'cloud': r['signer'],
+                                              'counts': r['receipt'].get('counts', {}),
+                                              'scrubbed': r['receipt'].get('scrubbed', False),
+                                              'sig': r['sig']}
+                                             for r in result.receipts][:AUDITED_RECEIPTS],
+                             fleet_rejected=dict(result.rejected))
+            continue
+        due = pending.failed(entry.id, result.status, result.error)
+        done.append(Retried(entry.id, entry.subject_ref, result.status, result.error, due,
+                            rejected=dict(result.rejected)))
+        if result.status == 'failed' and result.error.startswith(LINK_DOWN):
+            break
+    return done

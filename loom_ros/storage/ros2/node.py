@@ -13,7 +13,12 @@ storage/forget (loom_msgs/Forget, issue 17) erases a data subject everywhere thi
 erasure takes their locks), erases under the root, asks the bridge to drop the subject's waiting
 events (zenoh_bridge/forget) and, with a fleet link (storage.forget.*), every cloud server,
 bounded by a timeout; then it opens its databases again. Agent hosts writing the root must be
-stopped first (the erasure refuses, naming the unit, and changes nothing there).
+stopped first (the erasure refuses, naming the unit, and changes nothing there). A fleet erasure
+without every signed receipt stays pending (storage/pending_erasures.py, under the root, also
+filled by `loom forget`); a timer on storage/forget's own executor asks the fleet again for at
+most forget.retry_per_period due entries every forget.retry_period_s, with back-off, until a
+receipt verifies (then done and audited). /diagnostics ('fleet erasures') WARNs while any is
+pending, and storage/stats carries a `fleet_erasures_pending` tier (rows: how many, oldest_ms).
 
 An erasure can take minutes (it rewrites every database), and the lifecycle manager counts a node
 dead when get_state goes unanswered for heartbeat_timeout_s. So storage/forget is served by a
@@ -48,8 +53,9 @@ from loom_ros.storage.consent import (
 from loom_ros.security.keyring import Keyring, KeyringError
 from loom_ros.storage.errors import StorageError
 from loom_ros.storage.fleet_erasure import (
-    FleetConfigError, FleetLink, ask_fleet, check_timeout, forget_everywhere,
+    FleetConfigError, FleetLink, ask_fleet, check_timeout, forget_everywhere, retry_pending,
 )
+from loom_ros.storage.pending_erasures import Backoff, PendingErasures
 from loom_ros.storage.service import (StorageService, default_params, object_backend,
                                       settings_from_params)
 from loom_ros.telemetry.node_telemetry import attach_telemetry
@@ -72,7 +78,17 @@ FORGET_PARAMETERS = [
               'signed receipts', read_only=True, min_value=0.1, max_value=600.0),
     ParamSpec('forget.bridge_timeout_s', 'Seconds storage/forget waits for the bridge to drop '
               'the subject\'s waiting events', read_only=True, min_value=0.1, max_value=600.0),
+    ParamSpec('forget.retry_period_s', 'Seconds between looks at the pending fleet erasures',
+              read_only=True, min_value=0.05, max_value=86400.0),
+    ParamSpec('forget.retry_per_period', 'Pending fleet erasures asked again per look at most',
+              read_only=True, min_value=1, max_value=100),
+    ParamSpec('forget.retry_backoff_s', 'Seconds before the first retry of a pending fleet '
+              'erasure (doubled per failed attempt)', read_only=True, min_value=0.05,
+              max_value=86400.0),
+    ParamSpec('forget.retry_max_backoff_s', 'Longest wait between two retries of a pending fleet '
+              'erasure', read_only=True, min_value=0.05, max_value=604800.0),
 ]
+PENDING_TIER = 'fleet_erasures_pending'   # on storage/stats: rows = pending, oldest_ms
 MOVES_STOP_S = 300.0   # longest wait for a move in flight before an erasure (S3 calls are bounded)
 BUSY = 'busy: an erasure is running (storage/forget); ask again when it is done'
 MAX_RESULTS = 1000
@@ -113,8 +129,12 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         self._helper = self._helper_exec = self._bridge_client = None
         self._forget_node = self._forget_exec = self._forget_thread = None
         self._forget_stop = threading.Event()
+        self._pending: PendingErasures | None = None
+        self._retry_timer = None
+        self.retried = {}   # retries of pending fleet erasures by outcome (done, timeout, ...)
         self.telemetry = attach_telemetry(self, 'storage')
         self.telemetry.add_check('storage budget', self._budget_check)
+        self.telemetry.add_check('fleet erasures', self._pending_check)
 
     def _declare_endpoints(self) -> list:
         """forget.fleet_connect, a string array (dynamic typing: an empty default would
@@ -149,6 +169,10 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
             self.consent = ConsentRegistry(consent_path(layout.root), defaults, audit=self._audit,
                                            refs=SubjectRefs.at(layout.keys))
             self._fleet = FleetLink.from_params(self.params, layout.keys, prefix='forget.')
+            self._pending = PendingErasures(layout.root, backoff=Backoff(
+                float(self.params['forget.retry_backoff_s']),
+                max(float(self.params['forget.retry_backoff_s']),
+                    float(self.params['forget.retry_max_backoff_s']))))
             self._defaults = defaults
         except (StorageError, ConfigError, ConsentError, AuditError, ModelError, OSError,
                 FleetConfigError) as exc:
@@ -233,7 +257,7 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
             self.destroy_lifecycle_publisher(self.head_pub)
             self._srv = None
         with self._lock:
-            for name in ('service', 'consent', '_audit'):
+            for name in ('service', 'consent', '_audit', '_pending'):
                 held = getattr(self, name)
                 if held is not None:
                     held.close()
@@ -274,6 +298,10 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
                     'budget_deleted', 'rounds'):
             setattr(msg, key, int(stats[key]))
         msg.error = stats['error'][:1000]
+        summary = self._pending_summary()
+        if summary is not None:
+            msg.tiers.append(StorageTier(name=PENDING_TIER, rows=int(summary['pending']),
+                                         oldest_ms=int(summary['oldest_ms'])))
         self.stats_pub.publish(msg)
         self._publish_head()
 
@@ -289,6 +317,41 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         if text and text != self._last_head:
             self._last_head = text
             self.head_pub.publish(String(data=text))
+
+    def _pending_summary(self) -> dict | None:
+        """The fleet erasure queue's summary; None when there is none or it cannot be read
+        (the 'fleet erasures' check says why)."""
+        with self._lock:
+            if self._pending is None:
+                return None
+            try:
+                return self._pending.summary()
+            except StorageError:
+                return None
+
+    def _pending_check(self):
+        """WARN while fleet erasures are owed a receipt: how many, the oldest's age, the last
+        error; ERROR when the queue cannot be read."""
+        from loom_ros.telemetry.diagnostics import ERROR, OK, WARN, CheckResult
+        with self._lock:
+            pending = self._pending
+            if pending is None:
+                return CheckResult(OK, 'storage not configured')
+            try:
+                summary, now_ms = pending.summary(), int(pending.clock())
+            except StorageError as exc:
+                return CheckResult(ERROR, f'fleet erasure queue: {str(exc)[:300]}')
+        values = {k: str(v)[:300] for k, v in summary.items()}
+        if not summary['pending']:
+            return CheckResult(OK, f"no fleet erasure pending ({summary['done']} done after "
+                               'a retry or at once)', values)
+        age_s = max(0, now_ms - summary['oldest_ms']) / 1000
+        text = f"{summary['pending']} fleet erasures pending (oldest {age_s:.0f} s)"
+        if self._fleet is None:
+            text += '; no fleet link (storage.forget.fleet_connect): nothing retries them'
+        elif summary['last_error']:
+            text += f": last try: {summary['last_error'][:200]}"
+        return CheckResult(WARN, text, values)
 
     def _budget_check(self):
         from loom_ros.telemetry.diagnostics import WARN, CheckResult
@@ -396,6 +459,9 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         self._helper_exec.add_node(self._helper)
         self._forget_exec = SingleThreadedExecutor(context=self.context)
         self._forget_exec.add_node(self._forget_node)
+        # Retries run where erasures run: one at a time with them, never on this node's thread.
+        self._retry_timer = self._forget_node.create_timer(
+            float(self.params['forget.retry_period_s']), self._retry_fleet)
 
     def _start_forget(self) -> None:
         """Serve storage/forget from the first activation on (a request that came earlier
@@ -434,6 +500,8 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
     def _destroy_helper(self) -> None:
         if self._forget_node is not None:
             self._forget_exec.shutdown()   # again after _stop_forget: harmless
+            self._forget_node.destroy_timer(self._retry_timer)
+            self._retry_timer = None
             self._forget_node.destroy_service(self._forget_srv)
             self._forget_node.destroy_node()
             self._forget_node = self._forget_exec = None
@@ -464,6 +532,36 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
                 return int(json.loads(answer.receipt)['counts']['bridge_outbox'])
             client.remove_pending_request(future)   # asked again: a repeat is harmless
         raise RuntimeError(f'{BRIDGE_FORGET_SERVICE}: no answer within {limit:g} s')
+
+    def _retry_fleet(self) -> None:
+        """The retry timer (storage/forget's thread): ask the fleet again for the due pending
+        erasures (fleet_erasure.retry_pending), while active and with a fleet link."""
+        link = self._fleet
+        with self._erasure_lock:   # cleanup and shutdown wait for a retry as for an erasure
+            with self._moves_lock:
+                active = self._active
+            if not active or link is None or self._pending is None:
+                return
+            try:
+                results = retry_pending(
+                    self._pending, lambda ref, wait: ask_fleet(link, ref, wait),
+                    timeout_s=link.timeout_s, limit=int(self.params['forget.retry_per_period']),
+                    audit=self._audit)
+            except (StorageError, AuditError) as exc:
+                self.get_logger().error(f'fleet erasure retry failed: {str(exc)[:500]}')
+                return
+            for result in results:
+                self.retried[result.status] = self.retried.get(result.status, 0) + 1
+                if result.status == 'done':
+                    self.get_logger().info(f'pending fleet erasure of {result.subject_ref} '
+                                           f'done: {len(result.receipts)} signed receipts')
+                else:
+                    self.get_logger().warning(
+                        f'pending fleet erasure of {result.subject_ref}: {result.status} '
+                        f'({result.error[:200]}); next try in '
+                        f'{max(0, result.next_ms - int(self._pending.clock())) / 1000:.0f} s')
+            if any(r.status == 'done' for r in results):
+                self._publish_head()
 
     def _on_forget(self, request, response):
         """Erase one subject everywhere (see the module's docstring), on storage/forget's own
@@ -513,10 +611,12 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
             response.error = error[:1000]
             return response
         response.ok = True
-        response.receipt = json.dumps({**outcome.receipt.as_dict(), 'notes': outcome.notes})
+        response.receipt = json.dumps({**outcome.receipt.as_dict(), 'notes': outcome.notes,
+                                       'fleet_pending': outcome.fleet_pending})
         response.fleet_status = outcome.fleet_status
         if outcome.fleet is not None:
-            response.fleet_error = outcome.fleet_error[:1000]
+            response.fleet_error = (f'pending, will retry: {outcome.fleet_error}'
+                                    if outcome.fleet_pending else outcome.fleet_error)[:1000]
             response.fleet_receipts = [json.dumps(r) for r in outcome.fleet.receipts]
         return response
 
@@ -557,7 +657,8 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
                 settings.layout, subject, requested_by=who, audit=self._audit,
                 refs=SubjectRefs.at(settings.layout.keys), keyring=keyring,
                 purge_bridge=self._purge_bridge, fleet=fleet, fleet_timeout_s=timeout,
-                no_fleet_status=no_fleet, objects=object_backend(settings))
+                no_fleet_status=no_fleet, objects=object_backend(settings),
+                pending=self._pending)
         except (StorageError, SubjectError, ConsentError, AuditError, KeyringError,
                 OSError) as exc:
             error = str(exc)

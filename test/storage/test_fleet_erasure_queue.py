@@ -1,0 +1,345 @@
+"""A fleet erasure the cloud tier could not take is not lost (issue 17): `forget` queues it under
+the storage root (storage/pending_erasures.py) when no valid signed receipt came, says "fleet:
+pending, will retry", and it is asked again with back-off until a receipt verifies; then it is
+done and audited. Real parts throughout: a Zenoh router on loopback (mutual TLS and the fleet's
+access control; plain TCP only where a forger must reach the robot), `loom_cloud` processes
+keeping their request log, `loom forget` / `loom storage stats` as subprocesses, the storage node
+in its own process (its retry timer, /diagnostics, storage/stats, a restart). Retries driven by
+an injected clock in the core, by short retry periods in the node; waits are on conditions."""
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness import REPO, WAIT_LIMIT_S
+from loom_ros.cloud.client import CloudClient, InferenceRequest, execute_route
+from loom_ros.cloud.erasure import erase_key, receipt_signed_bytes
+from loom_ros.cloud.protocol import Signer, digest, encode, unpack
+from loom_ros.router.decision import Decision, Route
+from loom_ros.security import keys
+from loom_ros.security.audit import AuditLog
+from loom_ros.storage.consent import SubjectRefs
+from loom_ros.storage.errors import StorageError
+from loom_ros.storage.fleet_erasure import FleetLink, ask_fleet, retry_pending
+from loom_ros.storage.layout import StorageLayout
+from loom_ros.storage.pending_erasures import (
+    Backoff, PendingErasures, pending_path, read_summary,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'cloud'))
+from cloud_fixtures import fleet, net, stop_stats, stranger  # noqa: E402,F401  (fixtures)
+
+DOWN_S = 1.0   # the fleet wait while no cloud server runs: nothing can answer, whatever its length
+
+
+@pytest.fixture
+def port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+class Clock:
+    def __init__(self, ms: int):
+        self.ms = ms
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+def loom(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-m', 'loom_ros.cli', *args], capture_output=True,
+                          text=True, timeout=WAIT_LIMIT_S, cwd=REPO)
+
+
+def scan(folder: Path) -> bytes:
+    return b''.join(p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file())
+
+
+def plant_cloud(net, fleet, refs: SubjectRefs, subjects: list[str]) -> dict[str, str]:
+    """Each subject's request kept by the cloud (as an agent's cloud route sends it)."""
+    client = CloudClient.from_keys(net.session('robot1'), fleet, 'robot1', ask_all=True)
+    kept = {}
+    for s in subjects:
+        kept[s] = f'CANARYQ{uuid.uuid4().hex}'
+        result = execute_route(Decision(Route.CLOUD, 0.3, 'test', 'cloud', upload='raw'),
+                               InferenceRequest('intent', f'hello {kept[s]}',
+                                                latency_budget_ms=WAIT_LIMIT_S * 1000,
+                                                subject_ref=refs.ref(s)),
+                               lambda r: ({}, 0.0), client)
+        assert result.backend == 'cloud', result.cloud_error
+    return kept
+
+
+def audited(root: Path, kind: str) -> list[dict]:
+    log = AuditLog(StorageLayout.at(root).audit)
+    try:
+        return [r['fields'] for r in log.query(plugin='erasure', kind=kind)]
+    finally:
+        log.close()
+
+
+def test_queue_is_bounded_one_entry_per_subject_and_checks_its_input(tmp_path):
+    clock = Clock(1_000_000)
+    queue = PendingErasures(tmp_path, clock=clock, backoff=Backoff(10.0, 40.0), max_pending=2,
+                            max_done=1)
+    ref = 'hs256:' + 'ab' * 16
+    first = queue.add(ref, 'cli:dpo', 7)
+    clock.ms += 5
+    assert queue.add(ref, 'cli:other', 8) == first and queue.count() == 1   # the same subject
+    assert queue.get(first).created_ms == 1_000_000                          # keeps its age
+    for bad in ('alice', '../x', 'hs256:' + 'a' * 200, '', 'hs256:' + 'AB' * 16, None):   # never a raw id or a path
+        with pytest.raises(StorageError):
+            queue.add(bad, 'cli:dpo', 1)
+    queue.add('hs256:' + 'cd' * 16, 'cli:dpo', 9)
+    with pytest.raises(StorageError, match='already pending'):
+        queue.add('hs256:' + 'ef' * 16, 'cli:dpo', 10)
+    # Back-off: 10 s, doubled per failed attempt, at most 40 s.
+    delays = []
+    for _ in range(4):
+        delays.append(queue.failed(first, 'timeout', 'the wait ended') - clock.ms)
+    assert delays == [10_000, 20_000, 40_000, 40_000]
+    assert first not in [e.id for e in queue.due(10)]   # not due before its back-off
+    clock.ms += 40_000
+    assert first in [e.id for e in queue.due(10)] and len(queue.due(1)) == 1
+    queue.done(first, 'r1')
+    queue.done(queue.due(10)[0].id, 'r2')
+    summary = queue.summary()
+    assert (summary['pending'], summary['done']) == (0, 1)   # only max_done finished kept
+    queue.close()
+    assert read_summary(tmp_path)['done'] == 1
+    assert read_summary(tmp_path / 'none')['pending'] == 0
+    assert not (tmp_path / 'none').exists()   # read-only: nothing created
+
+
+def test_unanswered_fleet_erasure_is_queued_retried_and_cleared_by_a_real_receipt(
+        net, fleet, port, tmp_path):
+    root = tmp_path / 'root'
+    root.mkdir()
+    refs = SubjectRefs.at(StorageLayout.at(root).keys)   # the robot's subject key
+    cloud_dir = tmp_path / 'cloud_data'
+    proc = net.start('--data-dir', str(cloud_dir), '--instance', 'eu1')
+    kept = plant_cloud(net, fleet, refs, ['alice', 'bob'])
+    stop_stats(proc)   # the cloud server is down; the router still runs
+
+    endpoint = f'tcp/127.0.0.1:{port}'
+    base = ['--root', str(root), '--connect', endpoint, '--keys-dir', str(fleet), '--identity',
+            'robot1']
+    out = loom('forget', 'alice', *base, '--fleet-timeout', str(DOWN_S))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert 'fleet: pending, will retry' in out.stdout, out.stdout
+    assert 'note: fleet: pending, will retry (no_server' in out.stdout, out.stdout
+    assert read_summary(root)['pending'] == 1
+    assert b'alice' not in pending_path(root).read_bytes()   # only the keyed hash
+    [beyond] = audited(root, 'subject_erased_beyond_root')
+    assert beyond['fleet_pending'] is True and beyond['fleet_status'] == 'no_server'
+    stats = loom('storage', 'stats', '--root', str(root), '--embedder', 'hash')
+    assert stats.returncode == 0, stats.stderr
+    assert 'fleet erasures: 1 pending' in stats.stdout, stats.stdout
+
+    # The retries, on an injected clock: not before the back-off, then doubled per failure.
+    owed = json.loads(loom('storage', 'stats', '--root', str(root), '--embedder', 'hash',
+                           '--json').stdout)['fleet_erasures']
+    assert owed['next_ms'] - owed['oldest_ms'] >= 30_000   # the CLI's try failed: 30 s later
+    clock = Clock(owed['next_ms'] - 1)
+    queue = PendingErasures(root, clock=clock, backoff=Backoff(30.0, 3600.0))
+    link = FleetLink((endpoint,), str(fleet), 'robot1')
+    audit = AuditLog(StorageLayout.at(root).audit)
+
+    def retry(timeout_s: float, limit: int = 10):
+        return retry_pending(queue, lambda ref, wait: ask_fleet(link, ref, wait),
+                             timeout_s=timeout_s, limit=limit, audit=audit)
+    assert retry(DOWN_S) == []                       # not due before its back-off
+    clock.ms += 1
+    [again] = retry(DOWN_S)
+    assert again.status == 'no_server' and again.next_ms == clock.ms + 60_000
+    # At most `limit` asked per look.
+    for who in ('carol', 'dave'):
+        queue.add(refs.ref(who), 'cli:dpo', 0)
+    clock.ms += 60_000
+    assert len(retry(DOWN_S, limit=1)) == 1 and queue.count() == 3
+
+    # The cloud is back: the next due retries get its signed receipts, and the queue empties.
+    net.start('--data-dir', str(cloud_dir), '--instance', 'eu1')
+    results = []
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    while queue.count() and time.monotonic() < deadline:
+        clock.ms += 3600_000
+        results += retry(WAIT_LIMIT_S)
+    assert queue.count() == 0, results
+    [alice] = [r for r in results if r.subject_ref == refs.ref('alice') and r.status == 'done']
+    [signed] = alice.receipts
+    assert signed['signer'] == 'cloud' and signed['receipt']['server'] == 'eu1'
+    assert signed['receipt']['subject_ref'] == refs.ref('alice')
+    left = scan(cloud_dir)
+    assert kept['alice'].encode() not in left and refs.ref('alice').encode() not in left
+    assert kept['bob'].encode() in left
+    records = {r['subject_ref']: r for r in audited(root, 'fleet_erasure_retried')}
+    assert set(records) == {refs.ref(s) for s in ('alice', 'carol', 'dave')}
+    assert records[refs.ref('alice')]['attempts'] >= 3
+    assert records[refs.ref('alice')]['fleet_receipts'][0]['sig'] == signed['sig']
+    queue.close()
+    audit.close()
+    stats = loom('storage', 'stats', '--root', str(root), '--embedder', 'hash')
+    assert 'fleet erasures: none pending (3 done)' in stats.stdout, stats.stdout
+
+
+def test_forged_and_foreign_receipts_do_not_clear_a_pending_erasure(net, fleet, stranger,
+                                                                     port, tmp_path):
+    """Plain TCP, so a forger can answer on the erase key (on the secure router only the cloud
+    identity may): receipts signed by a robot, by another authority's cloud, and the real
+    cloud's signature on a receipt for another subject are all refused, and the entry stays
+    pending with one more attempt; the real server's receipt then clears it."""
+    proc = net.start(secure=False)
+    stop_stats(proc)   # only the router and the forger below answer
+    cloud_signer = Signer(keys.load(fleet, 'cloud'))
+    forgers = [(Signer(keys.load(fleet, 'robot2')), None), (Signer(stranger), None),
+               (cloud_signer, 'hs256:' + 'ee' * 16)]
+    asked = []
+
+    def forge(query):
+        raw = query.payload.to_bytes()
+        header, body = unpack(raw)
+        request = json.loads(body)
+        for signer, other_ref in forgers:
+            receipt = {'request_id': header['id'],
+                       'subject_ref': other_ref or request['subject_ref'],
+                       'robot': request['robot'], 'requested_by': 'robot1', 'server': 'fake',
+                       'cloud': 'cloud', 'at_ms': 0, 'counts': {'request_log': 1},
+                       'scrubbed': True, 'keeps': 'request_log'}
+            answer = {'id': header['id'], 'ok': True, 'task': 'erase', 'cost': 0.0,
+                      'result': {'receipt': receipt,
+                                 'sig': signer.sign(receipt_signed_bytes(receipt))}}
+            query.reply(query.key_expr, signer.reply(header['id'], digest(raw), answer))
+        query.reply(query.key_expr, encode({'id': header['id'], 'ok': True, 'result': {}}))
+        asked.append(1)
+    fake = net.session(None).declare_queryable(erase_key(), forge, complete=True)
+
+    clock = Clock(1_000_000)
+    queue = PendingErasures(tmp_path / 'root', clock=clock, backoff=Backoff(1.0, 1.0))
+    entry = queue.add('hs256:' + 'ab' * 16, 'cli:dpo', 1)
+    link = FleetLink((f'tcp/127.0.0.1:{port}',), str(fleet), 'robot1', insecure=True)
+
+    def retry(timeout_s: float):
+        clock.ms += 1000
+        return retry_pending(queue, lambda ref, wait: ask_fleet(link, ref, wait),
+                             timeout_s=timeout_s, limit=1)
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    while not asked and time.monotonic() < deadline:   # until the forger's declaration arrived
+        [result] = retry(DOWN_S)
+        assert result.status != 'done'
+    assert asked, 'the forger was never asked'
+    [result] = retry(DOWN_S)
+    assert result.status == 'no_server' and result.rejected.get('forged', 0) >= 3
+    assert result.rejected.get('wrong_receipt', 0) >= 1
+    still = queue.get(entry)
+    assert queue.count() == 1 and still.attempts >= 2 and still.last_status == 'no_server'
+    fake.undeclare()
+
+    net.start(secure=False)   # the real server: its receipt verifies
+    while queue.count() and time.monotonic() < deadline:
+        results = retry(WAIT_LIMIT_S)
+    assert queue.count() == 0 and results[0].receipts[0]['receipt']['server'] != 'fake'
+    queue.close()
+
+
+def params_file(tmp_path: Path, name: str, values: dict) -> Path:
+    path = tmp_path / f'{name}_params.yaml'
+    path.write_text(yaml.safe_dump({'/**': {'ros__parameters': values}}))
+    return path
+
+
+def test_storage_node_retries_a_pending_erasure_across_a_restart(ros, spawn, net, fleet, port,
+                                                                  tmp_path):
+    from diagnostic_msgs.msg import DiagnosticArray
+    from loom_msgs.msg import StorageStats
+    from loom_msgs.srv import Forget
+    from loom_ros.bus.qos import to_qos_profile
+    from loom_ros.telemetry.diagnostics import WARN, level_of
+    root = tmp_path / 'root'
+    root.mkdir()
+    refs = SubjectRefs.at(StorageLayout.at(root).keys)
+    cloud_dir = tmp_path / 'cloud_data'
+    proc = net.start('--data-dir', str(cloud_dir))
+    kept = plant_cloud(net, fleet, refs, ['alice', 'bob'])
+    stop_stats(proc)
+
+    endpoint = f'tcp/127.0.0.1:{port}'
+    params = params_file(tmp_path, 'storage', {
+        'storage': {'root': str(root), 'embedder': 'hash', 'stats_period_s': 0.2},
+        'telemetry': {'diagnostics': {'period_s': 0.2}},
+        'forget': {'fleet_connect': [endpoint], 'keys_dir': str(fleet), 'identity': 'robot1',
+                   'fleet_timeout_s': DOWN_S, 'retry_period_s': 0.2, 'retry_backoff_s': 0.2,
+                   'retry_max_backoff_s': 0.5, 'retry_per_period': 2}})
+    args = ('-m', 'loom_ros.storage.ros2.node', '--ros-args', '-r', '__ns:=/fq',
+            '--params-file', str(params))
+    stats, diagnostics = [], []
+    ros.node.create_subscription(StorageStats, '/fq/storage/stats', stats.append,
+                                 to_qos_profile('batched'))
+    ros.node.create_subscription(DiagnosticArray, '/diagnostics', diagnostics.append, 50)
+
+    def pending_tier(since: int = 0):
+        for msg in reversed(stats[since:]):
+            for tier in msg.tiers:
+                if tier.name == 'fleet_erasures_pending':
+                    return tier
+        return None
+
+    storage = spawn(*args)
+    forget = ros.node.create_client(Forget, '/fq/storage/forget')
+    answer = ros.call(forget, Forget.Request(subject='alice', requested_by='dpo:test',
+                                             fleet=True), 'storage/forget', resend_s=WAIT_LIMIT_S,
+                      alive=[storage])
+    assert answer.ok, answer.error
+    assert answer.fleet_status in ('no_server', 'timeout') and \
+        answer.fleet_error.startswith('pending, will retry'), answer.fleet_error
+    receipt = json.loads(answer.receipt)
+    assert receipt['fleet_pending'] is True
+    assert any(n.startswith('fleet: pending, will retry') for n in receipt['notes'])
+    ros.wait_for(lambda: pending_tier() is not None and pending_tier().rows == 1,
+                 'one pending fleet erasure on storage/stats', alive=[storage])
+    ros.wait_for(lambda: any('1 fleet erasures pending (oldest' in st.message and
+                             level_of(st) == WARN for d in diagnostics for st in d.status),
+                 'the WARN on /diagnostics', alive=[storage])
+    # The node retried meanwhile (the cloud is down: more attempts, still pending).
+    ros.wait_for(lambda: read_summary(root)['attempts'] >= 2, 'a retry by the node',
+                 alive=[storage])
+    created = read_summary(root)['oldest_ms']
+
+    # A restart: the entry is on disk, the new process shows it and goes on retrying.
+    storage.popen.send_signal(signal.SIGINT)
+    code, _, err = storage.finish(WAIT_LIMIT_S)
+    assert code == 0, err
+    seen = len(stats)
+    storage = spawn(*args)
+    ros.wait_for(lambda: pending_tier(seen) is not None and pending_tier(seen).rows == 1,
+                 'the pending erasure after the restart', alive=[storage])
+    assert pending_tier(seen).oldest_ms == created
+
+    net.start('--data-dir', str(cloud_dir))   # the cloud is back
+    seen = len(stats)
+    ros.wait_for(lambda: pending_tier(seen) is not None and pending_tier(seen).rows == 0,
+                 'the retry to get a verified receipt', alive=[storage])
+    assert read_summary(root)['pending'] == 0
+    left = scan(cloud_dir)
+    assert kept['alice'].encode() not in left and kept['bob'].encode() in left
+    [record] = audited(root, 'fleet_erasure_retried')
+    assert record['subject_ref'] == refs.ref('alice') and record['requested_by'] == 'dpo:test'
+    assert record['fleet_receipts'][0]['cloud'] == 'cloud'
+    storage.popen.send_signal(signal.SIGINT)
+    code, _, err = storage.finish(WAIT_LIMIT_S)
+    assert code == 0, err
+    conn = sqlite3.connect(f'file:{pending_path(root)}?mode=ro', uri=True)
+    assert conn.execute('select count(*) from fleet_erasures where done_ms = 0').fetchone()[0] \
+        == 0
+    conn.close()
