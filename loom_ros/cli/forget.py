@@ -45,6 +45,9 @@ def add_parsers(sub) -> None:
                    'cloud servers\' receipts (default: storage.forget.fleet_timeout_s)')
     p.add_argument('--connect', action='append', default=[], help='the fleet router\'s Zenoh '
                    'endpoint (repeatable; default: storage.forget.fleet_connect)')
+    p.add_argument('--fleet-server', action='append', default=[], help='a cloud server '
+                   'instance that must send a receipt (repeatable; default: '
+                   'storage.forget.fleet_servers)')
     p.add_argument('--keys-dir', default='', help='fleet credentials (default: '
                    'storage.forget.keys_dir, else <root>/keys)')
     p.add_argument('--identity', default='', help='this robot\'s identity in them (default: '
@@ -91,7 +94,8 @@ def _fleet_link(layout: StorageLayout, args) -> FleetLink | None:
     if args.no_fleet:
         return None
     params = {k: v for k, v in node_defaults('storage').items() if k.startswith('forget.')}
-    for flag, key in ((args.connect, 'fleet_connect'), (args.keys_dir, 'keys_dir'),
+    for flag, key in ((args.connect, 'fleet_connect'), (args.fleet_server, 'fleet_servers'),
+                      (args.keys_dir, 'keys_dir'),
                       (args.identity, 'identity'), (args.fleet_timeout, 'fleet_timeout_s')):
         if flag:
             params[f'forget.{key}'] = flag
@@ -124,7 +128,8 @@ def run_forget(args) -> int:
             fleet=(lambda ref, wait: ask_fleet(link, ref, wait)) if link else None,
             fleet_timeout_s=link.timeout_s if link else 0.0,
             no_fleet_status='skipped' if args.no_fleet else 'not_configured',
-            objects=_backend(layout), pending=pending)
+            objects=_backend(layout), pending=pending,
+            fleet_servers=link.servers if link else ())
     except (SubjectError, ConsentError, AuditError, StorageError, FleetConfigError,
             ConfigError) as exc:
         print(f'loom forget: {exc}', file=sys.stderr)

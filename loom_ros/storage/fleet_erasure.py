@@ -23,7 +23,7 @@ from pathlib import Path
 
 from loom_ros.bus.privacy import check_subject
 from loom_ros.cloud.erasure import FleetErasure, FleetEraser
-from loom_ros.cloud.protocol import KEY_PREFIX
+from loom_ros.cloud.protocol import KEY_PREFIX, check_instance
 from loom_ros.security import keys
 from loom_ros.storage.consent import SubjectRefs, check_source
 from loom_ros.storage.erasure import Receipt, forget
@@ -53,12 +53,14 @@ class FleetLink:
     insecure: bool = False
     timeout_s: float = 10.0
     prefix: str = KEY_PREFIX
+    servers: tuple[str, ...] = ()   # cloud servers (instances) that must each send a receipt
 
     @classmethod
     def from_params(cls, params: dict, keys_default: str | Path,
                     prefix: str = 'storage.forget.') -> 'FleetLink | None':
-        """From `<prefix>fleet_connect|keys_dir|identity|insecure|fleet_timeout_s`; None when
-        no endpoint is named (no fleet link). FleetConfigError naming the bad one."""
+        """From `<prefix>fleet_connect|fleet_servers|keys_dir|identity|insecure|
+        fleet_timeout_s`; None when no endpoint is named (no fleet link). FleetConfigError
+        naming the bad one."""
         connect = params.get(prefix + 'fleet_connect') or []
         if isinstance(connect, str):
             connect = [connect]
@@ -76,7 +78,35 @@ class FleetLink:
         return cls(tuple(connect), keys_dir, identity,
                    params.get(prefix + 'insecure', False) is True,
                    check_timeout(params.get(prefix + 'fleet_timeout_s', 10.0),
-                                 f'{prefix}fleet_timeout_s'))
+                                 f'{prefix}fleet_timeout_s'),
+                   servers=check_servers(params.get(prefix + 'fleet_servers') or [],
+                                         f'{prefix}fleet_servers'))
+
+
+def check_servers(value, what: str) -> tuple[str, ...]:
+    """Cloud server instance names (loom cloud serve --instance), at most MAX_RECEIPTS."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or len(value) > AUDITED_RECEIPTS:
+        raise FleetConfigError(f'{what}: a list of at most {AUDITED_RECEIPTS} server names')
+    try:
+        return tuple(dict.fromkeys(check_instance(v) for v in value))
+    except ValueError as exc:
+        raise FleetConfigError(f'{what}: {exc}') from None
+
+
+def settle(result: FleetErasure, expected: tuple[str, ...] = (),
+           already: tuple[str, ...] = ()) -> tuple[bool, set, list]:
+    """(done, servers whose verified receipts came so far, servers still owing one). Without
+    named servers: done when the fleet's status is `done` (every server that got the request
+    answered a receipt). With them: done once each named server sent one, in this attempt or
+    an earlier one (a server down at the first attempt is asked again until it answers)."""
+    got = set(already) | {r['receipt'].get('server') for r in result.receipts
+                          if isinstance(r['receipt'].get('server'), str)}
+    if not expected:
+        return result.status == 'done', got, []
+    missing = [s for s in expected if s not in got]
+    return not missing, got, missing
 
 
 def check_timeout(value, what: str) -> float:
@@ -130,7 +160,8 @@ def forget_everywhere(layout: StorageLayout, subject: str, *, requested_by: str,
                       fleet: Callable[[str, float], FleetErasure] | None = None,
                       fleet_timeout_s: float = 10.0, no_fleet_status: str = 'not_configured',
                       clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-                      objects=None, pending: PendingErasures | None = None) -> Outcome:
+                      objects=None, pending: PendingErasures | None = None,
+                      fleet_servers: tuple[str, ...] = ()) -> Outcome:
     """Erase `subject` under the root, then from the bridge's outbox (`purge_bridge(subject)`:
     how many went; it may raise), then in the fleet (`fleet(subject_ref, timeout_s)`; None: no
     fleet link: the outcome's fleet status is `no_fleet_status`). With `pending`, the fleet
@@ -161,12 +192,17 @@ def forget_everywhere(layout: StorageLayout, subject: str, *, requested_by: str,
     if fleet is not None:
         outcome.fleet = fleet(receipt.subject_ref, fleet_timeout_s)
         outcome.fleet_status, outcome.fleet_error = outcome.fleet.status, outcome.fleet.error
+        settled, got, missing = settle(outcome.fleet, fleet_servers)
+        if missing and outcome.fleet_status in ('done', 'partial'):
+            outcome.fleet_status = 'partial'
+            outcome.fleet_error = '; '.join(filter(None, [
+                outcome.fleet_error, f'no receipt from {", ".join(missing)}']))[:1000]
         if entry is not None:
             try:
-                if outcome.fleet_status == 'done':
+                if settled:
                     pending.done(entry, outcome.fleet.request_id)
                 else:
-                    pending.failed(entry, outcome.fleet_status, outcome.fleet_error)
+                    pending.failed(entry, outcome.fleet_status, outcome.fleet_error, got)
                     outcome.fleet_pending = True
             except StorageError:   # the entry stays as added: open and due (asking again
                 outcome.fleet_pending = True   # after a receipt is harmless)
@@ -216,19 +252,20 @@ LINK_DOWN = 'cannot open the fleet link'   # ask_fleet's error: no point asking 
 
 
 def retry_pending(pending: PendingErasures, fleet: Callable[[str, float], FleetErasure], *,
-                  timeout_s: float, limit: int, audit=None,
+                  timeout_s: float, limit: int, audit=None, servers: tuple[str, ...] = (),
                   clock: Callable[[], int] | None = None) -> list[Retried]:
     """Ask the fleet again for at most `limit` due entries (the longest waiting first). An entry
-    is done only when the fleet's status is `done` (every server that got the request answered
-    a receipt check_reply verified: signed by the fleet's cloud identity, for this request,
-    subject and robot); it is then audited (`erasure` / `fleet_erasure_retried`, keyed hash
-    only). Anything else (forged or foreign receipts, refusals, no answer) is one more attempt
+    is done only when `settle` says so: the fleet's status is `done` (every server that got the
+    request answered a receipt check_reply verified: signed by the fleet's cloud identity, for
+    this request, subject and robot), or, with `servers` named, each of them has sent one; it
+    is then audited (`erasure` / `fleet_erasure_retried`, keyed hash only). Anything else (forged or foreign receipts, refusals, no answer) is one more attempt
     and a longer wait. A link that cannot be opened ends this round."""
     clock = clock or pending.clock
     done = []
     for entry in pending.due(limit):
         result = fleet(entry.subject_ref, timeout_s)
-        if result.status == 'done':
+        settled, got, missing = settle(result, servers, entry.servers)
+        if settled:
             pending.done(entry.id, result.request_id)
             done.append(Retried(entry.id, entry.subject_ref, 'done',
                                 receipts=list(result.receipts),
@@ -239,6 +276,7 @@ def retry_pending(pending: PendingErasures, fleet: Callable[[str, float], FleetE
                              erasure_audit_id=entry.erasure_audit_id,
                              attempts=entry.attempts + 1, queued_ms=entry.created_ms,
                              fleet_status='done', fleet_request_id=result.request_id,
+                             fleet_servers=sorted(got)[:AUDITED_RECEIPTS],
                              fleet_receipts=[{'server': r['receipt'].get('server', ''),
                                               'cloud': r['signer'],
                                               'counts': r['receipt'].get('counts', {}),
@@ -247,9 +285,12 @@ def retry_pending(pending: PendingErasures, fleet: Callable[[str, float], FleetE
                                              for r in result.receipts][:AUDITED_RECEIPTS],
                              fleet_rejected=dict(result.rejected))
             continue
-        due = pending.failed(entry.id, result.status, result.error)
-        done.append(Retried(entry.id, entry.subject_ref, result.status, result.error, due,
-                            rejected=dict(result.rejected)))
+        status = 'partial' if result.status == 'done' else result.status
+        error = '; '.join(filter(None, [result.error, f'no receipt from {", ".join(missing)}'
+                                        if missing else '']))[:1000]
+        due = pending.failed(entry.id, status, error, got)
+        done.append(Retried(entry.id, entry.subject_ref, status, error, due,
+                            receipts=list(result.receipts), rejected=dict(result.rejected)))
         if result.status == 'failed' and result.error.startswith(LINK_DOWN):
             break
     return done

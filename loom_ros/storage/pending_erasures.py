@@ -14,6 +14,7 @@ finished ones (the oldest finished go first); write-ahead: an entry is added bef
 asked, so a process that dies while asking leaves it pending, never lost."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -31,6 +32,7 @@ MAX_PENDING = 10_000     # open entries: one per subject still owed a receipt
 MAX_DONE = 1_000         # finished entries kept (what was retried, for stats and inspection)
 MAX_ERROR_CHARS = 500
 MAX_WHO_CHARS = 64
+MAX_SERVERS = 64
 # A keyed hash as SubjectRefs.ref makes it: never a raw subject id (the queue is not erased).
 _REF = re.compile(r'hs256:[0-9a-f]{32}\Z')
 DDL = [
@@ -38,7 +40,9 @@ DDL = [
     'null, requested_by text not null, erasure_audit_id integer not null, created_ms integer '
     'not null, attempts integer not null default 0, next_ms integer not null, last_ms integer '
     "not null default 0, last_status text not null default '', last_error text not null "
-    "default '', done_ms integer not null default 0, request_id text not null default '')",
+    "default '', done_ms integer not null default 0, request_id text not null default '', "
+    # the cloud servers whose verified receipts came already (JSON list; fleet_servers set)
+    "servers text not null default '[]')",
     # one open entry per subject
     'create unique index if not exists fleet_erasures_open on fleet_erasures (subject_ref) '
     'where done_ms = 0',
@@ -77,6 +81,21 @@ class Entry:
     next_ms: int
     last_status: str
     last_error: str
+    servers: tuple = ()
+
+
+COLUMNS = ('id, subject_ref, requested_by, erasure_audit_id, created_ms, attempts, next_ms, '
+           'last_status, last_error, servers')
+
+
+def entry_of(row: dict) -> Entry:
+    try:
+        names = json.loads(row['servers'])
+    except ValueError:
+        names = []
+    names = tuple(n for n in names if isinstance(n, str))[:MAX_SERVERS] \
+        if isinstance(names, list) else ()
+    return Entry(**{**row, 'servers': names})
 
 
 class PendingErasures:
@@ -122,16 +141,18 @@ class PendingErasures:
                              'done_ms = 0', (subject_ref,))
         return rows[0]['id'] if rows else None
 
-    def failed(self, entry_id: int, status: str, error: str) -> int:
-        """One more attempt without a valid receipt: due again after the back-off; when."""
+    def failed(self, entry_id: int, status: str, error: str, servers=()) -> int:
+        """One more attempt without every valid receipt: due again after the back-off; when.
+        `servers`: those whose receipts came so far (kept for the next attempts)."""
         now = int(self.clock())
         rows = self.db.query('select attempts from fleet_erasures where id = ?', (entry_id,))
         attempts = (rows[0]['attempts'] if rows else 0) + 1
         due = now + self.backoff.delay_ms(attempts)
+        names = json.dumps(sorted(str(n)[:64] for n in servers)[:MAX_SERVERS])
         self.db.write('update fleet_erasures set attempts = ?, next_ms = ?, last_ms = ?, '
-                      'last_status = ?, last_error = ? where id = ? and done_ms = 0',
+                      'last_status = ?, last_error = ?, servers = ? where id = ? and done_ms = 0',
                       (attempts, due, now, str(status)[:40], str(error)[:MAX_ERROR_CHARS],
-                       entry_id))
+                       names, entry_id))
         return due
 
     def done(self, entry_id: int, request_id: str) -> None:
@@ -147,16 +168,13 @@ class PendingErasures:
     def due(self, limit: int) -> list[Entry]:
         """Open entries whose retry is due now, the longest waiting first; at most `limit`."""
         rows = self.db.query(
-            'select id, subject_ref, requested_by, erasure_audit_id, created_ms, attempts, '
-            'next_ms, last_status, last_error from fleet_erasures where done_ms = 0 and '
-            'next_ms <= ? order by next_ms, id limit ?', (int(self.clock()), max(0, int(limit))))
-        return [Entry(**r) for r in rows]
+            f'select {COLUMNS} from fleet_erasures where done_ms = 0 and next_ms <= ? order by '
+            'next_ms, id limit ?', (int(self.clock()), max(0, int(limit))))
+        return [entry_of(r) for r in rows]
 
     def get(self, entry_id: int) -> Entry | None:
-        rows = self.db.query(
-            'select id, subject_ref, requested_by, erasure_audit_id, created_ms, attempts, '
-            'next_ms, last_status, last_error from fleet_erasures where id = ?', (entry_id,))
-        return Entry(**rows[0]) if rows else None
+        rows = self.db.query(f'select {COLUMNS} from fleet_erasures where id = ?', (entry_id,))
+        return entry_of(rows[0]) if rows else None
 
     def count(self) -> int:
         return self.db.query('select count(*) as n from fleet_erasures where done_ms = 0')[0]['n']

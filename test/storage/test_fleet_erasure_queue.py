@@ -148,17 +148,16 @@ def test_unanswered_fleet_erasure_is_queued_retried_and_cleared_by_a_real_receip
     assert 'fleet erasures: 1 pending' in stats.stdout, stats.stdout
 
     # The retries, on an injected clock: not before the back-off, then doubled per failure.
-    owed = json.loads(loom('storage', 'stats', '--root', str(root), '--embedder', 'hash',
-                           '--json').stdout)['fleet_erasures']
+    owed = read_summary(root)
     assert owed['next_ms'] - owed['oldest_ms'] >= 30_000   # the CLI's try failed: 30 s later
     clock = Clock(owed['next_ms'] - 1)
     queue = PendingErasures(root, clock=clock, backoff=Backoff(30.0, 3600.0))
     link = FleetLink((endpoint,), str(fleet), 'robot1')
     audit = AuditLog(StorageLayout.at(root).audit)
 
-    def retry(timeout_s: float, limit: int = 10):
+    def retry(timeout_s: float, limit: int = 10, servers=()):
         return retry_pending(queue, lambda ref, wait: ask_fleet(link, ref, wait),
-                             timeout_s=timeout_s, limit=limit, audit=audit)
+                             timeout_s=timeout_s, limit=limit, audit=audit, servers=servers)
     assert retry(DOWN_S) == []                       # not due before its back-off
     clock.ms += 1
     [again] = retry(DOWN_S)
@@ -188,10 +187,27 @@ def test_unanswered_fleet_erasure_is_queued_retried_and_cleared_by_a_real_receip
     assert set(records) == {refs.ref(s) for s in ('alice', 'carol', 'dave')}
     assert records[refs.ref('alice')]['attempts'] >= 3
     assert records[refs.ref('alice')]['fleet_receipts'][0]['sig'] == signed['sig']
+
+    # Two named servers (storage.forget.fleet_servers), one of them down: the receipt of the
+    # one up is kept, the other is still owed, and asked again until it answers too.
+    out = loom('forget', 'erin', *base, '--fleet-timeout', str(WAIT_LIMIT_S), '--fleet-server',
+               'eu1', '--fleet-server', 'eu2')
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert 'fleet: partial (no receipt from eu2)' in out.stdout, out.stdout
+    assert 'fleet: pending, will retry' in out.stdout
+    [owed] = queue.due(10)   # due now: the CLI's back-off is on the wall clock, ours is later
+    assert owed.subject_ref == refs.ref('erin') and owed.servers == ('eu1',)
+    assert owed.last_status == 'partial'
+    net.start('--data-dir', str(tmp_path / 'cloud_eu2'), '--instance', 'eu2')
+    while queue.count() and time.monotonic() < deadline:
+        clock.ms += 3600_000
+        results += retry(WAIT_LIMIT_S, servers=('eu1', 'eu2'))
+    assert queue.count() == 0, results
+    erin = audited(root, 'fleet_erasure_retried')[-1]
+    assert erin['subject_ref'] == refs.ref('erin') and erin['fleet_servers'] == ['eu1', 'eu2']
     queue.close()
     audit.close()
-    stats = loom('storage', 'stats', '--root', str(root), '--embedder', 'hash')
-    assert 'fleet erasures: none pending (3 done)' in stats.stdout, stats.stdout
+    assert (read_summary(root)['pending'], read_summary(root)['done']) == (0, 4)
 
 
 def test_forged_and_foreign_receipts_do_not_clear_a_pending_erasure(net, fleet, stranger,

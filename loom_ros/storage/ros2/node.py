@@ -109,7 +109,12 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         self.params.update(declare_parameters(self, 'storage', [ParamSpec(
             'autostart', 'Configure and activate on start when run standalone', read_only=True)]
             + FORGET_PARAMETERS))
-        self.params['forget.fleet_connect'] = self._declare_endpoints()
+        self.params['forget.fleet_connect'] = self._declare_list(
+            'forget.fleet_connect', 'Zenoh endpoints of the fleet router the cloud tier answers '
+            'on, for fleet erasure ([]: no fleet link)')
+        self.params['forget.fleet_servers'] = self._declare_list(
+            'forget.fleet_servers', 'Cloud server instances that must each send a signed '
+            'receipt before a fleet erasure is done ([]: every server that got the request)')
         self.service: StorageService | None = None
         self.configure_error = ''
         self._lock = threading.Lock()       # service and consent: held per move, query, swap
@@ -136,18 +141,16 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         self.telemetry.add_check('storage budget', self._budget_check)
         self.telemetry.add_check('fleet erasures', self._pending_check)
 
-    def _declare_endpoints(self) -> list:
-        """forget.fleet_connect, a string array (dynamic typing: an empty default would
-        otherwise be typed a byte array and refuse string overrides)."""
+    def _declare_list(self, name: str, description: str) -> list:
+        """A string array parameter (dynamic typing: an empty default would otherwise be typed
+        a byte array and refuse string overrides)."""
         from rcl_interfaces.msg import ParameterDescriptor
         from loom_ros.config.params import node_defaults
-        default = node_defaults('storage').get('forget.fleet_connect')
+        default = node_defaults('storage').get(name)
         if default is None:
-            raise ConfigError("loom.yaml: no default for parameter 'forget.fleet_connect' of "
-                              'storage')
-        value = self.declare_parameter('forget.fleet_connect', list(default), ParameterDescriptor(
-            description='Zenoh endpoints of the fleet router the cloud tier answers on, for '
-            'fleet erasure ([]: no fleet link)', read_only=True, dynamic_typing=True)).value
+            raise ConfigError(f"loom.yaml: no default for parameter '{name}' of storage")
+        value = self.declare_parameter(name, list(default), ParameterDescriptor(
+            description=description, read_only=True, dynamic_typing=True)).value
         if value is None:
             return []
         return [value] if isinstance(value, str) else list(value)
@@ -546,7 +549,7 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
                 results = retry_pending(
                     self._pending, lambda ref, wait: ask_fleet(link, ref, wait),
                     timeout_s=link.timeout_s, limit=int(self.params['forget.retry_per_period']),
-                    audit=self._audit)
+                    audit=self._audit, servers=link.servers)
             except (StorageError, AuditError) as exc:
                 self.get_logger().error(f'fleet erasure retry failed: {str(exc)[:500]}')
                 return
@@ -658,7 +661,7 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
                 refs=SubjectRefs.at(settings.layout.keys), keyring=keyring,
                 purge_bridge=self._purge_bridge, fleet=fleet, fleet_timeout_s=timeout,
                 no_fleet_status=no_fleet, objects=object_backend(settings),
-                pending=self._pending)
+                pending=self._pending, fleet_servers=self._fleet.servers if self._fleet else ())
         except (StorageError, SubjectError, ConsentError, AuditError, KeyringError,
                 OSError) as exc:
             error = str(exc)
