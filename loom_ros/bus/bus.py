@@ -16,6 +16,7 @@ The bus adapts the pure parts (names, QoS table, Event validation, backpressure)
 from __future__ import annotations
 
 import random
+import sys
 import threading
 import time
 from collections import Counter
@@ -856,12 +857,20 @@ BUS_PARAMETERS = [
               '(0: off)', read_only=True, min_value=0.0, max_value=3600.0),
     ParamSpec('bus.backpressure', "Default backpressure per subscription, 'pattern=policy' with "
               "policy like 'sample_every:10,queue:drop_oldest,queue_size:50'", read_only=True),
+    ParamSpec('bus.gil_switch_interval_ms', "Process-wide: longest a thread that wants Python's "
+              'GIL waits while another thread runs Python (CPython default 5 ms; 0: leave it)',
+              read_only=True, min_value=0.0, max_value=100.0),
 ]
 
 
 def create_bus(node, defaults_section: str) -> EventBus:
     """Declare the bus.* parameters on `node` (defaults from config/loom.yaml) and build its bus."""
     values = declare_parameters(node, defaults_section, BUS_PARAMETERS)
+    # A Loom process runs Python on several threads (the executor taking events, the agents'
+    # dispatcher, the group-commit writer, telemetry): with CPython's 5 ms switch interval an
+    # event could wait 5 ms for the GIL at each hand-over between them.
+    if float(values['bus.gil_switch_interval_ms']) > 0:
+        sys.setswitchinterval(float(values['bus.gil_switch_interval_ms']) / 1000.0)
     table = TopicQosTable(list(values['bus.topic_qos']), default=values['bus.default_qos'])
     bus = EventBus(node, topic_qos=table, max_payload_bytes=int(values['bus.max_payload_bytes']),
                    discovery_period_s=float(values['bus.discovery_period_s']),
