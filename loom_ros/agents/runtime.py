@@ -3,9 +3,9 @@ Dispatcher, a small pool of worker threads shared by every agent in a process.
 
 Why a shared pool: a thread per agent made 100 agents cost 100 threads fighting for the GIL on
 two cores (dispatch P99 of 18 ms) and 1,000 agents unaffordable. Here an agent with mail is put on
-one ready queue; a worker takes it, handles one event, submits the commit, and puts it back if
-more mail waits. An agent is with at most one worker at a time, so its events stay in mailbox
-order.
+one ready queue; a worker takes it, handles one event, and puts it back if more mail waits; the
+commits of what it handled are submitted once nothing else is ready (or every COMMIT_EVERY
+handlers). An agent is with at most one worker at a time, so its events stay in mailbox order.
 
 State and episodes go to the host's Storage (one unit database and group-commit writer for every
 agent of the process, agents/state.py): a worker submits a commit and moves on; the event counts
@@ -184,8 +184,10 @@ class Agent:
         mailbox.put(event)
         return True
 
-    def handle_one(self) -> bool:
-        """Handle the next event, if any, and commit as configured. True when more mail waits."""
+    def handle_one(self, defer_commit: bool = False) -> bool:
+        """Handle the next event, if any, and commit as configured. True when more mail waits.
+        `defer_commit`: leave a per-event commit to the caller (`commit_if_dirty`), which runs
+        the handlers of a burst first and commits them after (the Dispatcher)."""
         mailbox = self.mailbox
         if mailbox is None or self.persist_failed is not None:
             return False
@@ -207,10 +209,20 @@ class Agent:
             finally:
                 self.busy_since_ns = 0
                 self._floor, self._subject = None, ''
-            if self.config.persist == 'per_event' or \
-                    time.monotonic() - self._last_commit >= self.config.persist_interval_s:
+            if self.config.persist == 'per_event':
+                if not defer_commit:
+                    self.commit()
+            elif time.monotonic() - self._last_commit >= self.config.persist_interval_s:
                 self.commit()
         return len(mailbox) > 0
+
+    def commit_if_dirty(self) -> None:
+        """Commit what handle_one(defer_commit=True) left uncommitted (per-event agents)."""
+        if not self._dirty or self.config.persist != 'per_event':
+            return
+        with self.lock:
+            if self._dirty and self.store is not None:
+                self.commit()
 
     def _handle(self, event: Event) -> None:
         self.working.append(event)
@@ -323,6 +335,12 @@ class Agent:
         self.stats[f'{kind}s'] += 1
 
     # -- what the shells report ---------------------------------------------------------------
+    @property
+    def commit_pending(self) -> bool:
+        """Handled events whose commit is not submitted yet (a burst's handlers run first)."""
+        return self._dirty
+
+
     def commit_lag_s(self) -> float:
         """How long handled events have waited uncommitted (0 when everything is committed)."""
         store = self.store
@@ -364,7 +382,14 @@ class Agent:
 
 
 class Dispatcher:
-    """Worker threads serving the agents that have mail, one event per turn (fair, ordered)."""
+    """Worker threads serving the agents that have mail, one event per turn (fair, ordered).
+
+    A worker runs the handlers of what is ready first and submits their commits after, when the
+    ready queue is empty or COMMIT_EVERY handlers ran: a broadcast to 100 agents starts the
+    100th handler after 99 handlers, not after 99 handlers and 99 commits. An event still counts
+    as handled only once its commit is done."""
+
+    COMMIT_EVERY = 64
 
     def __init__(self, workers: int = 1, name: str = 'agents'):
         if workers < 1:
@@ -393,25 +418,27 @@ class Dispatcher:
             self.schedule(agent)
 
     def _work(self) -> None:
+        dirty: dict[int, Agent] = {}   # handled, commit not submitted yet (in handling order)
         while True:
             with self._cond:
-                while not self._ready and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                agent = self._ready.popleft()
+                if dirty and (not self._ready or len(dirty) >= self.COMMIT_EVERY or
+                              self._closed):
+                    agent = None
+                else:
+                    while not self._ready and not self._closed:
+                        self._cond.wait()
+                    if self._closed and not dirty:
+                        return
+                    agent = self._ready.popleft() if self._ready and not self._closed else None
+            if agent is None:
+                self._commit_all(dirty)
+                continue
             more = False
+            dirty[id(agent)] = agent
             try:
-                more = agent.handle_one()
+                more = agent.handle_one(defer_commit=True)
             except Exception as exc:  # noqa: BLE001 - a worker never dies of one agent's event
-                # handle_one already contains behavior errors; this is what escaped it (a log
-                # call on a node being torn down, a store that broke): counted, said once in a
-                # while, and the worker serves the next agent.
-                self.errors += 1
-                if self.errors <= 5 or self.errors % 1000 == 0:
-                    print(f'loom dispatcher: agent {agent.id}: {exc!r} escaped its handler '
-                          f'({self.errors} so far); the worker goes on', file=sys.stderr,
-                          flush=True)
+                self._escaped(agent, exc)
             finally:
                 with self._cond:
                     if more and not self._closed:
@@ -423,6 +450,24 @@ class Dispatcher:
             if not more and agent.mailbox is not None and len(agent.mailbox) and \
                     agent.persist_failed is None:
                 self.schedule(agent)
+
+    def _commit_all(self, dirty: dict) -> None:
+        agents = list(dirty.values())
+        dirty.clear()
+        for agent in agents:
+            try:
+                agent.commit_if_dirty()
+            except Exception as exc:  # noqa: BLE001 - as for a handler: counted, go on
+                self._escaped(agent, exc)
+
+    def _escaped(self, agent: Agent, exc: Exception) -> None:
+        """What escaped handle_one (it contains behavior errors itself: this is a log call on a
+        node being torn down, a store that broke): counted, said once in a while, and the worker
+        serves the next agent."""
+        self.errors += 1
+        if self.errors <= 5 or self.errors % 1000 == 0:
+            print(f'loom dispatcher: agent {agent.id}: {exc!r} escaped its handler '
+                  f'({self.errors} so far); the worker goes on', file=sys.stderr, flush=True)
 
     def close(self, timeout: float = 10.0) -> None:
         with self._cond:

@@ -164,3 +164,39 @@ def test_an_exception_escaping_an_agent_does_not_kill_a_dispatcher_worker(storag
         wait_until(lambda: dispatcher.errors >= 1, 'the escape counted')
     finally:
         dispatcher.close()
+
+
+def test_a_burst_runs_every_handler_before_its_commits(storage):
+    """One worker, 20 agents, one event each, queued while the first handler waits: each later
+    handler starts before the commits of those before it are submitted (a broadcast's 20th
+    handler waits for 19 handlers, not 19 handlers and 19 commits); then every commit is
+    submitted and acknowledged."""
+    gate, seen, agents = threading.Event(), [], []
+
+    class Probe:
+        def setup(self, settings):
+            pass
+
+        def handle(self, event, ctx):
+            if event.id == 'a0':
+                assert gate.wait(60)
+            seen.append(sum(a.commit_pending for a in agents))
+    installed = {'probe': type('EntryPoint', (), {'load': staticmethod(lambda: Probe)})()}
+    agents.extend(Agent(AgentConfig(id=f'a{i}', behavior='probe', subscriptions=['t']), storage,
+                        lambda *a: None, behaviors=installed) for i in range(20))
+    for agent in agents:
+        agent.configure()
+        agent.activate()
+    dispatcher = Dispatcher(1)
+    try:
+        for agent in agents:
+            dispatcher.deliver(agent, Event(type='tick', id=agent.id))
+        gate.set()
+        wait_until(lambda: all(a.stats['handled'] == 1 for a in agents), 'the burst handled')
+    finally:
+        dispatcher.close()
+    assert seen == list(range(20))
+    assert not any(a.commit_pending for a in agents)
+    for agent in agents:
+        assert storage.agent_state.load(agent.id)[1] == 1
+        agent.cleanup()
