@@ -8,7 +8,8 @@ verified receipts (storage/fleet_erasure.py); --no-fleet keeps it to this robot.
 success (the fleet's status is printed, and 2 when a fleet link was asked for and not every
 server's receipt came), 1 with the reason otherwise. A fleet erasure without every receipt is
 queued under the root (storage/pending_erasures.py) and said ("fleet: pending, will retry"): the
-storage node asks again with back-off until a signed receipt verifies."""
+storage node asks again with back-off until a signed receipt verifies; `loom forget
+--retry-pending` asks again now for all of them."""
 from __future__ import annotations
 
 import argparse
@@ -26,16 +27,19 @@ from loom_ros.storage.consent import ConsentError, SubjectRefs
 from loom_ros.storage.erasure import export
 from loom_ros.storage.errors import StorageError
 from loom_ros.storage.fleet_erasure import (
-    FleetConfigError, FleetLink, ask_fleet, check_timeout, forget_everywhere,
+    FleetConfigError, FleetLink, ask_fleet, check_timeout, forget_everywhere, retry_pending,
 )
 from loom_ros.storage.layout import DEFAULT_ROOT, StorageLayout
-from loom_ros.storage.pending_erasures import PendingErasures
+from loom_ros.storage.pending_erasures import PendingErasures, pending_path
 from loom_ros.storage.service import default_params, object_backend, settings_from_params
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser('forget', help='erase everything held about a data subject on this robot')
-    p.add_argument('subject')
+    p.add_argument('subject', nargs='?', default='')
+    p.add_argument('--retry-pending', action='store_true', help='no subject: ask the cloud '
+                   'tier again now for every pending fleet erasure under the root (what the '
+                   'storage node does on its timer); exit 2 while any stays pending')
     p.add_argument('--requested-by', default='', help='who asked (default cli:<user>); goes '
                    'into the audit tombstone')
     p.add_argument('--json', action='store_true', help='the receipt as JSON')
@@ -104,7 +108,46 @@ def _fleet_link(layout: StorageLayout, args) -> FleetLink | None:
     return FleetLink.from_params(params, layout.keys, prefix='forget.')
 
 
+RETRY_LIMIT = 1000   # entries one --retry-pending asks for
+
+
+def run_retry(args) -> int:
+    """`loom forget --retry-pending`: every open entry of the root's queue asked again now."""
+    audit = pending = None
+    try:
+        layout = StorageLayout.at(args.root)
+        if not pending_path(layout.root).is_file():
+            print('no pending fleet erasure')
+            return 0
+        link = _fleet_link(layout, args)
+        if link is None:
+            raise FleetConfigError('no fleet link: set storage.forget.fleet_connect or --connect')
+        pending = PendingErasures(layout.root)
+        audit = AuditLog(layout.audit)
+        results = retry_pending(pending, lambda ref, wait: ask_fleet(link, ref, wait),
+                                timeout_s=link.timeout_s, limit=RETRY_LIMIT, audit=audit,
+                                servers=link.servers, every=True)
+        left = pending.count()
+    except (AuditError, StorageError, FleetConfigError, ConfigError) as exc:
+        print(f'loom forget: {exc}', file=sys.stderr)
+        return 1
+    finally:
+        for held in (audit, pending):
+            if held is not None:
+                held.close()
+    for r in results:
+        print(f'{r.subject_ref}: ' + (f'done ({len(r.receipts)} signed receipts)'
+                                      if r.status == 'done' else f'{r.status} ({r.error})'))
+    print(f'fleet erasures: {left} pending' + (', will retry' if left else ''))
+    return 2 if left else 0
+
+
 def run_forget(args) -> int:
+    if args.retry_pending:
+        if args.subject:
+            print('loom forget: --retry-pending takes no subject', file=sys.stderr)
+            return 1
+        return run_retry(args)
     audit = keyring = pending = None
     try:
         check_subject(args.subject)   # before anything is opened or created

@@ -253,16 +253,17 @@ LINK_DOWN = 'cannot open the fleet link'   # ask_fleet's error: no point asking 
 
 def retry_pending(pending: PendingErasures, fleet: Callable[[str, float], FleetErasure], *,
                   timeout_s: float, limit: int, audit=None, servers: tuple[str, ...] = (),
-                  clock: Callable[[], int] | None = None) -> list[Retried]:
+                  clock: Callable[[], int] | None = None, every: bool = False) -> list[Retried]:
     """Ask the fleet again for at most `limit` due entries (the longest waiting first). An entry
     is done only when `settle` says so: the fleet's status is `done` (every server that got the
     request answered a receipt check_reply verified: signed by the fleet's cloud identity, for
     this request, subject and robot), or, with `servers` named, each of them has sent one; it
     is then audited (`erasure` / `fleet_erasure_retried`, keyed hash only). Anything else (forged or foreign receipts, refusals, no answer) is one more attempt
-    and a longer wait. A link that cannot be opened ends this round."""
+    and a longer wait. A link that cannot be opened ends this round. `every`: the open entries
+    whether due or not (an operator asking now: `loom forget --retry-pending`)."""
     clock = clock or pending.clock
     done = []
-    for entry in pending.due(limit):
+    for entry in pending.due(limit, every):
         result = fleet(entry.subject_ref, timeout_s)
         settled, got, missing = settle(result, servers, entry.servers)
         if settled:

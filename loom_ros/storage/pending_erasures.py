@@ -165,11 +165,12 @@ class PendingErasures:
                       'from fleet_erasures where done_ms > 0 order by done_ms desc, id desc '
                       'limit ?)', (self.max_done,))
 
-    def due(self, limit: int) -> list[Entry]:
-        """Open entries whose retry is due now, the longest waiting first; at most `limit`."""
+    def due(self, limit: int, every: bool = False) -> list[Entry]:
+        """Open entries whose retry is due now (`every`: all open ones, back-off or not), the
+        longest waiting first; at most `limit`."""
         rows = self.db.query(
             f'select {COLUMNS} from fleet_erasures where done_ms = 0 and next_ms <= ? order by '
-            'next_ms, id limit ?', (int(self.clock()), max(0, int(limit))))
+            'next_ms, id limit ?', (2**62 if every else int(self.clock()), max(0, int(limit))))
         return [entry_of(r) for r in rows]
 
     def get(self, entry_id: int) -> Entry | None:
