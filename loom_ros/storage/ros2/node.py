@@ -136,7 +136,7 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         self._forget_stop = threading.Event()
         self._pending: PendingErasures | None = None
         self._retry_timer = None
-        self.retried = {}   # retries of pending fleet erasures by outcome (done, timeout, ...)
+        self.retried = {}   # retries by outcome (done, timeout, ...): on /diagnostics
         self.telemetry = attach_telemetry(self, 'storage')
         self.telemetry.add_check('storage budget', self._budget_check)
         self.telemetry.add_check('fleet erasures', self._pending_check)
@@ -345,6 +345,7 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
             except StorageError as exc:
                 return CheckResult(ERROR, f'fleet erasure queue: {str(exc)[:300]}')
         values = {k: str(v)[:300] for k, v in summary.items()}
+        values.update({f'retried_{k}': str(v) for k, v in sorted(self.retried.items())})
         if not summary['pending']:
             return CheckResult(OK, f"no fleet erasure pending ({summary['done']} done after "
                                'a retry or at once)', values)
