@@ -29,7 +29,9 @@ from loom_ros.security import keys
 from loom_ros.security.audit import AuditLog
 from loom_ros.storage.consent import SubjectRefs
 from loom_ros.storage.errors import StorageError
-from loom_ros.storage.fleet_erasure import FleetLink, ask_fleet, retry_pending
+from loom_ros.storage.fleet_erasure import (
+    FleetLink, ask_fleet, forget_everywhere, retry_pending,
+)
 from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.pending_erasures import (
     Backoff, PendingErasures, pending_path, read_summary,
@@ -81,6 +83,14 @@ def plant_cloud(net, fleet, refs: SubjectRefs, subjects: list[str]) -> dict[str,
     return kept
 
 
+def owed(root: Path) -> int:
+    """Pending entries, read while another process may be creating the file (-1: not yet)."""
+    try:
+        return read_summary(root)['pending']
+    except StorageError:
+        return -1
+
+
 def audited(root: Path, kind: str) -> list[dict]:
     log = AuditLog(StorageLayout.at(root).audit)
     try:
@@ -120,6 +130,39 @@ def test_queue_is_bounded_one_entry_per_subject_and_checks_its_input(tmp_path):
     assert read_summary(tmp_path)['done'] == 1
     assert read_summary(tmp_path / 'none')['pending'] == 0
     assert not (tmp_path / 'none').exists()   # read-only: nothing created
+
+
+def test_a_link_that_is_down_queues_and_a_full_queue_says_not_queued(fleet, port, tmp_path):
+    """Nothing listens on the fleet router's port: the link cannot be opened (`failed`), the
+    erasure on the robot stands, the fleet's part is queued; with the queue full it is said
+    that it was not queued, and nothing is silently dropped."""
+    root = tmp_path / 'root'
+    root.mkdir()
+    layout = StorageLayout.at(root)
+    link = FleetLink((f'tcp/127.0.0.1:{port}',), str(fleet), 'robot1', timeout_s=DOWN_S)
+    audit = AuditLog(layout.audit)
+    queue = PendingErasures(root, max_pending=1)
+
+    def forget(subject):
+        return forget_everywhere(layout, subject, requested_by='cli:dpo', audit=audit,
+                                 fleet=lambda ref, wait: ask_fleet(link, ref, wait),
+                                 fleet_timeout_s=DOWN_S, pending=queue)
+    first = forget('alice')
+    assert first.fleet_status == 'failed' and first.fleet_pending
+    assert first.notes[-1].startswith('fleet: pending, will retry (failed: cannot open the '
+                                      'fleet link')
+    assert first.as_dict()['fleet_pending'] is True
+    full = forget('bob')
+    assert full.fleet_status == 'failed' and not full.fleet_pending
+    assert 'NOT queued for retry' in full.notes[-1] and 'already pending' in full.notes[-1]
+    again = forget('alice')   # the same subject again: its entry, not a new one
+    assert again.fleet_pending and queue.count() == 1
+    [entry] = queue.due(10, every=True)
+    assert entry.attempts == 2 and entry.last_status == 'failed'
+    beyond = audited(root, 'subject_erased_beyond_root')
+    assert sorted(f['fleet_pending'] for f in beyond) == [False, True, True]
+    queue.close()
+    audit.close()
 
 
 def test_unanswered_fleet_erasure_is_queued_retried_and_cleared_by_a_real_receipt(
@@ -293,10 +336,24 @@ def test_storage_node_retries_a_pending_erasure_across_a_restart(ros, spawn, net
     refs = SubjectRefs.at(StorageLayout.at(root).keys)
     cloud_dir = tmp_path / 'cloud_data'
     proc = net.start('--data-dir', str(cloud_dir))
-    kept = plant_cloud(net, fleet, refs, ['alice', 'bob'])
+    kept = plant_cloud(net, fleet, refs, ['alice', 'bob', 'zoe'])
     stop_stats(proc)
 
     endpoint = f'tcp/127.0.0.1:{port}'
+    # Write-ahead: `loom forget zoe` killed (SIGKILL) while it waits for the cloud leaves zoe's
+    # fleet erasure pending, never lost; the storage node started later retries it too.
+    crashed = subprocess.Popen(
+        [sys.executable, '-m', 'loom_ros.cli', 'forget', 'zoe', '--root', str(root), '--connect',
+         endpoint, '--keys-dir', str(fleet), '--identity', 'robot1', '--fleet-timeout',
+         str(WAIT_LIMIT_S * 2)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ros.wait_for(lambda: owed(root) == 1, "zoe's entry, written before the fleet is asked")
+        assert crashed.poll() is None   # still waiting for the cloud: killed mid-ask
+    finally:
+        crashed.kill()
+        crashed.wait(WAIT_LIMIT_S)
+    assert (read_summary(root)['pending'], read_summary(root)['attempts']) == (1, 0)
+
     params = params_file(tmp_path, 'storage', {
         'storage': {'root': str(root), 'embedder': 'hash', 'stats_period_s': 0.2},
         'telemetry': {'diagnostics': {'period_s': 0.2}},
@@ -328,13 +385,13 @@ def test_storage_node_retries_a_pending_erasure_across_a_restart(ros, spawn, net
     receipt = json.loads(answer.receipt)
     assert receipt['fleet_pending'] is True
     assert any(n.startswith('fleet: pending, will retry') for n in receipt['notes'])
-    ros.wait_for(lambda: pending_tier() is not None and pending_tier().rows == 1,
-                 'one pending fleet erasure on storage/stats', alive=[storage])
-    ros.wait_for(lambda: any('1 fleet erasures pending (oldest' in st.message and
+    ros.wait_for(lambda: pending_tier() is not None and pending_tier().rows == 2,
+                 "zoe's and alice's pending fleet erasures on storage/stats", alive=[storage])
+    ros.wait_for(lambda: any('2 fleet erasures pending (oldest' in st.message and
                              level_of(st) == WARN for d in diagnostics for st in d.status),
                  'the WARN on /diagnostics', alive=[storage])
     # The node retried meanwhile (the cloud is down: more attempts, still pending).
-    ros.wait_for(lambda: read_summary(root)['attempts'] >= 2, 'a retry by the node',
+    ros.wait_for(lambda: read_summary(root)['attempts'] >= 3, 'retries by the node',
                  alive=[storage])
     created = read_summary(root)['oldest_ms']
 
@@ -344,8 +401,8 @@ def test_storage_node_retries_a_pending_erasure_across_a_restart(ros, spawn, net
     assert code == 0, err
     seen = len(stats)
     storage = spawn(*args)
-    ros.wait_for(lambda: pending_tier(seen) is not None and pending_tier(seen).rows == 1,
-                 'the pending erasure after the restart', alive=[storage])
+    ros.wait_for(lambda: pending_tier(seen) is not None and pending_tier(seen).rows == 2,
+                 'the pending erasures after the restart', alive=[storage])
     assert pending_tier(seen).oldest_ms == created
 
     net.start('--data-dir', str(cloud_dir))   # the cloud is back
@@ -354,10 +411,12 @@ def test_storage_node_retries_a_pending_erasure_across_a_restart(ros, spawn, net
                  'the retry to get a verified receipt', alive=[storage])
     assert read_summary(root)['pending'] == 0
     left = scan(cloud_dir)
-    assert kept['alice'].encode() not in left and kept['bob'].encode() in left
-    [record] = audited(root, 'fleet_erasure_retried')
-    assert record['subject_ref'] == refs.ref('alice') and record['requested_by'] == 'dpo:test'
-    assert record['fleet_receipts'][0]['cloud'] == 'cloud'
+    assert kept['alice'].encode() not in left and kept['zoe'].encode() not in left
+    assert kept['bob'].encode() in left
+    records = {r['subject_ref']: r for r in audited(root, 'fleet_erasure_retried')}
+    assert set(records) == {refs.ref('alice'), refs.ref('zoe')}
+    assert records[refs.ref('alice')]['requested_by'] == 'dpo:test'
+    assert all(r['fleet_receipts'][0]['cloud'] == 'cloud' for r in records.values())
     storage.popen.send_signal(signal.SIGINT)
     code, _, err = storage.finish(WAIT_LIMIT_S)
     assert code == 0, err
