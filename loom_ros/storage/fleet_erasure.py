@@ -84,7 +84,7 @@ class FleetLink:
 
 
 def check_servers(value, what: str) -> tuple[str, ...]:
-    """Cloud server instance names (loom cloud serve --instance), at most MAX_RECEIPTS."""
+    """Cloud server instance names (loom cloud serve --instance), at most AUDITED_RECEIPTS."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or len(value) > AUDITED_RECEIPTS:
@@ -165,8 +165,10 @@ def forget_everywhere(layout: StorageLayout, subject: str, *, requested_by: str,
     """Erase `subject` under the root, then from the bridge's outbox (`purge_bridge(subject)`:
     how many went; it may raise), then in the fleet (`fleet(subject_ref, timeout_s)`; None: no
     fleet link: the outcome's fleet status is `no_fleet_status`). With `pending`, the fleet
-    erasure is queued before the fleet is asked and stays pending unless it is `done`. Raises only what the local erasure raises (ErasureError, SubjectError, ...):
-    the bridge's and the fleet's failures are said in the outcome and audited."""
+    erasure is queued before the fleet is asked and stays pending unless `settle` says it is
+    done (with `fleet_servers`, each of them must have sent a verified receipt). Raises only
+    what the local erasure raises (ErasureError, SubjectError, ...): the bridge's and the
+    fleet's failures are said in the outcome and audited."""
     check_subject(subject)
     check_source(requested_by)
     refs = refs or SubjectRefs.at(layout.keys)
@@ -258,8 +260,8 @@ def retry_pending(pending: PendingErasures, fleet: Callable[[str, float], FleetE
     is done only when `settle` says so: the fleet's status is `done` (every server that got the
     request answered a receipt check_reply verified: signed by the fleet's cloud identity, for
     this request, subject and robot), or, with `servers` named, each of them has sent one; it
-    is then audited (`erasure` / `fleet_erasure_retried`, keyed hash only). Anything else (forged or foreign receipts, refusals, no answer) is one more attempt
-    and a longer wait. A link that cannot be opened ends this round. `every`: the open entries
+    is then audited (`erasure` / `fleet_erasure_retried`, keyed hash only). Anything else
+    (forged or foreign receipts, refusals, no answer) is one more attempt and a longer wait. A link that cannot be opened ends this round. `every`: the open entries
     whether due or not (an operator asking now: `loom forget --retry-pending`)."""
     clock = clock or pending.clock
     done = []

@@ -108,7 +108,8 @@ def test_queue_is_bounded_one_entry_per_subject_and_checks_its_input(tmp_path):
     clock.ms += 5
     assert queue.add(ref, 'cli:other', 8) == first and queue.count() == 1   # the same subject
     assert queue.get(first).created_ms == 1_000_000                          # keeps its age
-    for bad in ('alice', '../x', 'hs256:' + 'a' * 200, '', 'hs256:' + 'AB' * 16, None):   # never a raw id or a path
+    # never a raw id, a path, or anything but a keyed hash
+    for bad in ('alice', '../x', 'hs256:' + 'a' * 200, '', 'hs256:' + 'AB' * 16, None):
         with pytest.raises(StorageError):
             queue.add(bad, 'cli:dpo', 1)
     queue.add('hs256:' + 'cd' * 16, 'cli:dpo', 9)
