@@ -371,10 +371,12 @@ def test_forget_over_ros_erases_a_subject_here_and_in_the_cloud_and_keeps_the_ot
 def test_no_byte_of_the_forgotten_subject_is_left_under_the_root(system):
     """Every byte of every file under the storage root (SQLite free pages and WAL files, the
     recording and the trace among them; recordings decompressed): no byte of A's id, and no
-    file or folder named for A. (The audit's erasure tombstone holds A's keyed hash by design.)"""
+    file or folder named for A. (A's keyed hash is kept by design in the audit's erasure
+    tombstone and in the fleet erasure's entry in fleet_erasures.db: docs/privacy.md.)"""
     from test_erasure import scan
     root = system['root']
     a = _canaries(root)[SUBJECT_A]
     assert a['id'] not in scan(root), _holding(root, a['id'])
     assert [str(p) for p in root.rglob('*') if SUBJECT_A in p.name] == []
-    assert set(_holding(root, a['ref'])) <= {'audit.db', 'audit.db-wal'}
+    assert set(_holding(root, a['ref'])) <= {'audit.db', 'audit.db-wal', 'fleet_erasures.db',
+                                             'fleet_erasures.db-wal'}
