@@ -112,6 +112,7 @@ class Agent:
         self.lock = threading.RLock()  # handler, commit and Recall: one at a time
         self._last_commit = time.monotonic()
         self._dirty = False
+        self._dirty_since = 0.0     # when the oldest uncommitted handled event was handled
         self._scheduled = False     # guarded by the dispatcher's condition
         self._ctx: AgentContext | None = None
 
@@ -246,6 +247,8 @@ class Agent:
             self._handled_since += 1
         self.events += 1
         self.last_event_id = event.id
+        if not self._dirty:
+            self._dirty_since = time.monotonic()
         self._dirty = True
 
     def flush_if_due(self) -> None:
@@ -345,7 +348,7 @@ class Agent:
         """How long handled events have waited uncommitted (0 when everything is committed)."""
         store = self.store
         inflight = store.oldest_inflight_s() if store is not None else 0.0
-        return max(inflight, time.monotonic() - self._last_commit if self._dirty else 0.0)
+        return max(inflight, time.monotonic() - self._dirty_since if self._dirty else 0.0)
 
     def busy_ms(self) -> float:
         since = self.busy_since_ns
@@ -385,11 +388,13 @@ class Dispatcher:
     """Worker threads serving the agents that have mail, one event per turn (fair, ordered).
 
     A worker runs the handlers of what is ready first and submits their commits after, when the
-    ready queue is empty or COMMIT_EVERY handlers ran: a broadcast to 100 agents starts the
+    ready queue is empty, COMMIT_EVERY handlers ran or the oldest waited COMMIT_AFTER_S (an agent
+    that always has mail keeps the queue from emptying): a broadcast to 100 agents starts the
     100th handler after 99 handlers, not after 99 handlers and 99 commits. An event still counts
     as handled only once its commit is done."""
 
-    COMMIT_EVERY = 64
+    COMMIT_EVERY = 64           # handlers run before the commits of what they handled go
+    COMMIT_AFTER_S = 0.005      # ... or once the oldest of them waited this long
 
     def __init__(self, workers: int = 1, name: str = 'agents'):
         if workers < 1:
@@ -419,10 +424,11 @@ class Dispatcher:
 
     def _work(self) -> None:
         dirty: dict[int, Agent] = {}   # handled, commit not submitted yet (in handling order)
+        handled, since = 0, 0.0        # handlers run since the last commits; the first's time
         while True:
             with self._cond:
-                if dirty and (not self._ready or len(dirty) >= self.COMMIT_EVERY or
-                              self._closed):
+                if dirty and (not self._ready or handled >= self.COMMIT_EVERY or self._closed
+                              or time.monotonic() - since >= self.COMMIT_AFTER_S):
                     agent = None
                 else:
                     while not self._ready and not self._closed:
@@ -432,8 +438,12 @@ class Dispatcher:
                     agent = self._ready.popleft() if self._ready and not self._closed else None
             if agent is None:
                 self._commit_all(dirty)
+                handled = 0
                 continue
             more = False
+            if not handled:
+                since = time.monotonic()
+            handled += 1
             dirty[id(agent)] = agent
             try:
                 more = agent.handle_one(defer_commit=True)

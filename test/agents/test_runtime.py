@@ -200,3 +200,57 @@ def test_a_burst_runs_every_handler_before_its_commits(storage):
     for agent in agents:
         assert storage.agent_state.load(agent.id)[1] == 1
         agent.cleanup()
+
+
+def test_an_agent_that_always_has_mail_is_still_committed_as_it_goes(storage):
+    """The deferred commits go at the latest every COMMIT_EVERY handlers even when the ready
+    queue never empties (one agent with 200 events waiting): a handler after the 64th starts
+    with what came before already committed, not the whole backlog held uncommitted."""
+    seen, agents = [], []
+
+    class Probe:
+        def setup(self, settings):
+            pass
+
+        def handle(self, event, ctx):
+            seen.append(agents[0].commit_pending)
+    installed = {'probe': type('EntryPoint', (), {'load': staticmethod(lambda: Probe)})()}
+    agents.append(Agent(AgentConfig(id='busy', behavior='probe', subscriptions=['t'],
+                                    mailbox_size=1000), storage, lambda *a: None,
+                        behaviors=installed))
+    agents[0].configure()
+    agents[0].activate()
+    for i in range(200):   # all queued before the worker starts: its queue never empties
+        agents[0].offer(Event(type='tick', id=f'e{i}'))
+    dispatcher = Dispatcher(1)
+    try:
+        dispatcher.schedule(agents[0])
+        wait_until(lambda: agents[0].stats['handled'] == 200, 'every event handled')
+    finally:
+        dispatcher.close()
+    assert len(seen) == 200 and seen[0] is False
+    committed_before = [i for i, pending in enumerate(seen) if i and not pending]
+    assert committed_before and committed_before[0] <= Dispatcher.COMMIT_EVERY, seen
+    agents[0].cleanup()
+
+
+def test_commit_lag_counts_from_the_first_uncommitted_event_not_the_last_commit(storage,
+                                                                               monkeypatch):
+    """An agent idle for an hour, then handed one event whose commit is deferred, lags by
+    the time since that event, not by the hour (that was a false ERROR on /diagnostics)."""
+    import types
+
+    from loom_ros.agents import runtime
+    (agent,), _ = make_agents(storage, 1)
+    now = [time.monotonic()]
+    monkeypatch.setattr(runtime, 'time', types.SimpleNamespace(
+        monotonic=lambda: now[0], monotonic_ns=time.monotonic_ns))
+    now[0] += 3600.0            # idle for an hour since configure's commit
+    agent.offer(Event(type='tick', id='late'))
+    agent.handle_one(defer_commit=True)
+    now[0] += 0.25
+    assert agent.commit_pending and agent.commit_lag_s() == pytest.approx(0.25)
+    agent.commit_if_dirty()
+    agent.settle()
+    assert not agent.commit_pending and agent.commit_lag_s() < 1.0
+    agent.cleanup()
