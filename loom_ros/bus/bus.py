@@ -214,8 +214,9 @@ class _Outlet:
         self.batched = wire_type(level) == 'EventBatch'
         self.pending: list = []
         self.pending_first_seq = 0
-        self.local_version = -1       # _LOCAL_VERSION when `local` was found
-        self.local: list = []
+        # (the _LOCAL_VERSION it was found at, the compatible local endpoints): one attribute,
+        # so two publishing threads never pair a list with another version
+        self.local: tuple[int, list] = (-1, [])
 
 
 class EventBus:
@@ -413,11 +414,12 @@ class EventBus:
 
     def _local_endpoints(self, outlet: _Outlet) -> list[_Endpoint]:
         version = _LOCAL_VERSION[0]   # read first: a change while we look is seen next time
-        if outlet.local_version == version:
-            return outlet.local
+        found_at, local = outlet.local
+        if found_at == version:
+            return local
         endpoints = _LOCAL_ENDPOINTS.get((self._context_key, outlet.fq_name)) or ()
         local = [e for e in list(endpoints) if levels_compatible(outlet.level, e.level)]
-        outlet.local, outlet.local_version = local, version
+        outlet.local = (version, local)
         return local
 
     # -- subscribing --------------------------------------------------------------------------
@@ -863,14 +865,21 @@ BUS_PARAMETERS = [
 ]
 
 
+MIN_GIL_SWITCH_MS = 0.1
+
+
 def create_bus(node, defaults_section: str) -> EventBus:
     """Declare the bus.* parameters on `node` (defaults from config/loom.yaml) and build its bus."""
     values = declare_parameters(node, defaults_section, BUS_PARAMETERS)
     # A Loom process runs Python on several threads (the executor taking events, the agents'
     # dispatcher, the group-commit writer, telemetry): with CPython's 5 ms switch interval an
     # event could wait 5 ms for the GIL at each hand-over between them.
-    if float(values['bus.gil_switch_interval_ms']) > 0:
-        sys.setswitchinterval(float(values['bus.gil_switch_interval_ms']) / 1000.0)
+    switch_ms = float(values['bus.gil_switch_interval_ms'])
+    if 0 < switch_ms < MIN_GIL_SWITCH_MS:   # threads would do little but hand the GIL over
+        raise ValueError(f'bus.gil_switch_interval_ms: {switch_ms:g} is below '
+                         f'{MIN_GIL_SWITCH_MS:g} ms (0 leaves the interval as it is)')
+    if switch_ms > 0:
+        sys.setswitchinterval(switch_ms / 1000.0)
     table = TopicQosTable(list(values['bus.topic_qos']), default=values['bus.default_qos'])
     bus = EventBus(node, topic_qos=table, max_payload_bytes=int(values['bus.max_payload_bytes']),
                    discovery_period_s=float(values['bus.discovery_period_s']),

@@ -40,12 +40,14 @@ class _Batch:
         with self.lock:
             self.done.set()
             callbacks, self.callbacks = self.callbacks, []
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:   # noqa: BLE001 - a caller's bug must not stop the writer
-                pass
-        self.settled.set()
+        try:
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:   # noqa: BLE001 - a caller's bug must not stop the writer
+                    pass
+        finally:   # whatever escapes, flush() must not wait its whole timeout on this batch
+            self.settled.set()
 
 
 class Ticket:

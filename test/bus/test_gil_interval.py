@@ -28,6 +28,10 @@ def test_the_bus_sets_the_process_switch_interval_and_zero_leaves_it(ros):
         nodes.append(_bus_node(ros, 'gil_c', 1000.0))
         with pytest.raises(Exception, match='gil_switch_interval_ms'):
             create_bus(nodes[-1], 'agent')
+        nodes.append(_bus_node(ros, 'gil_d', 0.001))   # a 1 us interval: threads would thrash
+        with pytest.raises(ValueError, match='gil_switch_interval_ms: 0.001 is below 0.1'):
+            create_bus(nodes[-1], 'agent')
+        assert sys.getswitchinterval() == pytest.approx(0.002)
     finally:
         sys.setswitchinterval(before)
         for node in nodes:
