@@ -138,6 +138,9 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         self._inbox_lock = threading.Lock()  # for the drop counter only; never held over Zenoh
         # Every use of self.bridge: composed, bus events arrive on the publishers' threads.
         self._lock = threading.Lock()
+        # Bus events are taken only while active (under _lock): composed, a publisher's thread
+        # already delivering can call in after the subscriptions closed.
+        self._accepting = False
         self._commands: AuditLog | None = None
         self._wake = None
         self._configured = False
@@ -267,6 +270,8 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
             self.link.subscribe(robot_key_expr(self.bridge.config.robot_id, rule.key),
                                 self._on_zenoh_sample)
         self.link.start()
+        with self._lock:
+            self._accepting = True
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -274,6 +279,7 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
             sub.close()
         self._subs.clear()
         with self._lock:
+            self._accepting = False
             self.bridge.flush_batches()
         self.link.close()
         return super().on_deactivate(state)
@@ -295,6 +301,7 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
             sub.close()
         self._subs.clear()
         with self._lock:
+            self._accepting = False
             self.bridge.flush_batches()   # what was taken from the bus leaves (or is counted)
         self.link.close()
         with self._lock:
@@ -313,6 +320,9 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
     def _on_bus_event(self, event, topic: str, index: int) -> None:
         """The bridge's executor (over DDS) or, composed, any publisher's thread."""
         with self._lock:
+            if not self._accepting:   # after deactivate/shutdown: counted, never left behind
+                self.bridge.stats['refused_inactive'] += 1
+                return
             # Overlapping allow patterns attach a topic more than once: the first match sends.
             first = self._first_allow.get(topic)
             if first is None:
