@@ -137,15 +137,30 @@ class BlobStore:
         row = self._row(key)
         return BlobRef(row['key'], row['bytes'], row['content_type'], row['created_ms'])
 
+    MAX_LIST = 10000
+
     def list(self, kind: str = '', subject: str = '', limit: int = 1000) -> list[BlobRef]:
-        """Blobs of `kind` ('' any) of `subject` ('' anonymous ones), oldest first."""
+        """Blobs of `kind` ('' any) of `subject` ('' anonymous ones), oldest first; at most
+        MAX_LIST. A bad kind or subject is a StorageError, counted like any other refusal."""
         if kind:
-            check_name(kind, 'blob kind')
-        base = f'{SUBJECTS}/{check_subject(subject)}/' if subject else f'{ANONYMOUS}/'
+            try:
+                check_name(kind, 'blob kind')
+            except StorageError as exc:
+                raise self._refuse('bad_name', str(exc)) from None
+        if subject:
+            try:
+                check_subject(subject)
+            except SubjectError as exc:
+                raise self._refuse('bad_subject', f'blobs of a data subject: {exc}') from None
+        try:
+            limit = min(max(1, int(limit)), self.MAX_LIST)
+        except (TypeError, ValueError):
+            raise self._refuse('bad_type', f'limit {str(limit)[:40]!r} is not a number') from None
+        base = f'{SUBJECTS}/{subject}/' if subject else f'{ANONYMOUS}/'
         prefix = f'{base}{kind}/' if kind else base
         rows = self.storage.query(
             'select key, bytes, content_type, created_ms from blobs where substr(key, 1, ?) = ? '
-            'order by created_ms, key limit ?', (len(prefix), prefix, max(1, int(limit))))
+            'order by created_ms, key limit ?', (len(prefix), prefix, limit))
         return [BlobRef(r['key'], r['bytes'], r['content_type'], r['created_ms']) for r in rows]
 
     def delete(self, key: str) -> None:

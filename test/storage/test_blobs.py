@@ -83,6 +83,13 @@ def test_blobs_in_the_local_folder_with_consent_bounds_and_integrity(tmp_path):
             with pytest.raises(StorageError, match=match):
                 small.put(*args, **kw)
         assert sum(small.rejected.values()) == len(refusals)
+        # listing: a bad kind, subject or limit is a counted StorageError; the limit is capped
+        for kw, match in (({'kind': '../x'}, 'blob kind'), ({'subject': '../etc'}, 'subject'),
+                          ({'limit': 'many'}, 'not a number')):
+            with pytest.raises(StorageError, match=match):
+                small.list(**kw)
+        assert sum(small.rejected.values()) == len(refusals) + 3
+        assert len(blobs.list(subject=ALICE, limit=10**12)) == 1
         for bad in ('archive/host/x', '../x', f'subjects/{ALICE}/answers/none.wav'):
             with pytest.raises(StorageError):
                 blobs.get(bad)
