@@ -110,3 +110,7 @@ class AgentStore:
                 ticket.wait(max(0.0, deadline - time.monotonic()))
             except StorageError:   # told to on_done already; a TimeoutError goes up
                 pass
+            # and acknowledged: on_done (the agent's handled counts) has run
+            if not ticket.wait_settled(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f'agent {self.agent_id}: commits not acknowledged within '
+                                   f'{timeout} s')

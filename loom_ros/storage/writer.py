@@ -74,6 +74,11 @@ class Ticket:
         if error is not None:
             raise error
 
+    def wait_settled(self, timeout: float | None = None) -> bool:
+        """Until the write is done and the done callbacks of its batch have run (never call
+        it from a done callback: that runs before the batch settles)."""
+        return self._batch.settled.wait(timeout)
+
     def error(self) -> BaseException | None:
         """Why the write failed once done (None: committed, or still pending)."""
         return self._batch.errors.get(self._index) or self._batch.error
