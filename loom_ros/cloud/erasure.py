@@ -289,13 +289,17 @@ class FleetEraser:
         """A signed request to all servers; waits until every server that got it answered,
         or `timeout_s`. Asked again (a new request) while no server is known yet: a session
         just opened learns the cloud's queryables from the router a moment later. `robot`:
-        whose records (default: this identity's own)."""
+        whose records (default: this identity's own). `rejected` counts the replies not taken
+        in every ask."""
         deadline = time.monotonic() + timeout_s
+        rejected: Counter = Counter()   # over every ask: forgers answer each one
         while True:
             result = self._ask(subject_ref, max(0.001, deadline - time.monotonic()),
                                robot or self.signer.name)
+            rejected.update(result.rejected)
             if result.status != 'no_server' or deadline - time.monotonic() < NO_SERVER_RETRY_S:
                 self.stats[result.status] += 1
+                result.rejected = rejected
                 return result
             self.stats['retry_no_server'] += 1
             time.sleep(NO_SERVER_RETRY_S)

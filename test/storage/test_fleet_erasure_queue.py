@@ -182,11 +182,13 @@ def test_unanswered_fleet_erasure_is_queued_retried_and_cleared_by_a_real_receip
     out = loom('forget', 'alice', *base, '--fleet-timeout', str(DOWN_S))
     assert out.returncode == 2, out.stdout + out.stderr
     assert 'fleet: pending, will retry' in out.stdout, out.stdout
-    assert 'note: fleet: pending, will retry (no_server' in out.stdout, out.stdout
+    # no server: `no_server`, or `timeout` when the last ask's wait ran out first
+    assert ('note: fleet: pending, will retry (no_server' in out.stdout or
+            'note: fleet: pending, will retry (timeout' in out.stdout), out.stdout
     assert read_summary(root)['pending'] == 1
     assert b'alice' not in pending_path(root).read_bytes()   # only the keyed hash
     [beyond] = audited(root, 'subject_erased_beyond_root')
-    assert beyond['fleet_pending'] is True and beyond['fleet_status'] == 'no_server'
+    assert beyond['fleet_pending'] is True and beyond['fleet_status'] in ('no_server', 'timeout')
     stats = loom('storage', 'stats', '--root', str(root), '--embedder', 'hash')
     assert stats.returncode == 0, stats.stderr
     assert 'fleet erasures: 1 pending' in stats.stdout, stats.stdout
@@ -205,7 +207,7 @@ def test_unanswered_fleet_erasure_is_queued_retried_and_cleared_by_a_real_receip
     assert retry(DOWN_S) == []                       # not due before its back-off
     clock.ms += 1
     [again] = retry(DOWN_S)
-    assert again.status == 'no_server' and again.next_ms == clock.ms + 60_000
+    assert again.status in ('no_server', 'timeout') and again.next_ms == clock.ms + 60_000
     # At most `limit` asked per look.
     for who in ('carol', 'dave'):
         queue.add(refs.ref(who), 'cli:dpo', 0)
@@ -305,11 +307,11 @@ def test_forged_and_foreign_receipts_do_not_clear_a_pending_erasure(net, fleet, 
         [result] = retry(DOWN_S)
         assert result.status != 'done'
     assert asked, 'the forger was never asked'
-    [result] = retry(DOWN_S)
-    assert result.status == 'no_server' and result.rejected.get('forged', 0) >= 3
-    assert result.rejected.get('wrong_receipt', 0) >= 1
+    [result] = retry(DOWN_S)   # the forger answers every ask of it: none believed
+    assert result.status in ('no_server', 'timeout') and not result.receipts
+    assert result.rejected.get('forged', 0) >= 3 and result.rejected.get('wrong_receipt', 0) >= 1
     still = queue.get(entry)
-    assert queue.count() == 1 and still.attempts >= 2 and still.last_status == 'no_server'
+    assert queue.count() == 1 and still.attempts >= 2 and still.last_status == result.status
     fake.undeclare()
 
     net.start(secure=False)   # the real server: its receipt verifies
