@@ -83,10 +83,11 @@ def plant_cloud(net, fleet, refs: SubjectRefs, subjects: list[str]) -> dict[str,
     return kept
 
 
-def owed(root: Path) -> int:
-    """Pending entries, read while another process may be creating the file (-1: not yet)."""
+def owed(root: Path, what: str = 'pending') -> int:
+    """The queue's `what`, read while another process may be creating or writing the file
+    (-1: not readable yet)."""
     try:
-        return read_summary(root)['pending']
+        return read_summary(root)[what]
     except StorageError:
         return -1
 
@@ -394,7 +395,7 @@ def test_storage_node_retries_a_pending_erasure_across_a_restart(ros, spawn, net
                              level_of(st) == WARN for d in diagnostics for st in d.status),
                  'the WARN on /diagnostics', alive=[storage])
     # The node retried meanwhile (the cloud is down: more attempts, still pending).
-    ros.wait_for(lambda: read_summary(root)['attempts'] >= 3, 'retries by the node',
+    ros.wait_for(lambda: owed(root, 'attempts') >= 3, 'retries by the node',
                  alive=[storage])
     created = read_summary(root)['oldest_ms']
 
