@@ -253,26 +253,33 @@ class Retried:
 LINK_DOWN = 'cannot open the fleet link'   # ask_fleet's error: no point asking for the rest
 
 
+# A round ends at the first of these: no cloud server answered at all, so the next entries
+# would each wait their whole timeout too (the storage node's forget thread with them).
+UNANSWERED = ('no_server', 'timeout')
+
+
 def retry_pending(pending: PendingErasures, fleet: Callable[[str, float], FleetErasure], *,
                   timeout_s: float, limit: int, audit=None, servers: tuple[str, ...] = (),
-                  clock: Callable[[], int] | None = None, every: bool = False) -> list[Retried]:
+                  clock: Callable[[], int] | None = None, every: bool = False,
+                  stop: Callable[[], bool] = lambda: False) -> list[Retried]:
     """Ask the fleet again for at most `limit` due entries (the longest waiting first). An entry
     is done only when `settle` says so: the fleet's status is `done` (every server that got the
     request answered a receipt check_reply verified: signed by the fleet's cloud identity, for
     this request, subject and robot), or, with `servers` named, each of them has sent one; it
-    is then audited (`erasure` / `fleet_erasure_retried`, keyed hash only). Anything else
-    (forged or foreign receipts, refusals, no answer) is one more attempt and a longer wait. A link that cannot be opened ends this round. `every`: the open entries
-    whether due or not (an operator asking now: `loom forget --retry-pending`)."""
+    is then audited (`erasure` / `fleet_erasure_retried`, keyed hash only), and only then
+    marked done (an audit that fails leaves it pending: asked again, never done unaudited).
+    Anything else (forged or foreign receipts, refusals, no answer) is one more attempt and a
+    longer wait. A link that cannot be opened, or a fleet where no server answered, ends this
+    round; so does `stop()` (checked before each entry: the node is stopping). `every`: the
+    open entries whether due or not (an operator asking now: `loom forget --retry-pending`)."""
     clock = clock or pending.clock
     done = []
     for entry in pending.due(limit, every):
+        if stop():
+            break
         result = fleet(entry.subject_ref, timeout_s)
         settled, got, missing = settle(result, servers, entry.servers)
         if settled:
-            pending.done(entry.id, result.request_id)
-            done.append(Retried(entry.id, entry.subject_ref, 'done',
-                                receipts=list(result.receipts),
-                                rejected=dict(result.rejected)))
             if audit is not None:
                 audit.append('erasure', 'fleet_erasure_retried', int(clock()),
                              subject_ref=entry.subject_ref, requested_by=entry.requested_by,
@@ -287,6 +294,10 @@ def retry_pending(pending: PendingErasures, fleet: Callable[[str, float], FleetE
                                               'sig': r['sig']}
                                              for r in result.receipts][:AUDITED_RECEIPTS],
                              fleet_rejected=dict(result.rejected))
+            pending.done(entry.id, result.request_id)
+            done.append(Retried(entry.id, entry.subject_ref, 'done',
+                                receipts=list(result.receipts),
+                                rejected=dict(result.rejected)))
             continue
         status = 'partial' if result.status == 'done' else result.status
         error = '; '.join(filter(None, [result.error, f'no receipt from {", ".join(missing)}'
@@ -294,6 +305,7 @@ def retry_pending(pending: PendingErasures, fleet: Callable[[str, float], FleetE
         due = pending.failed(entry.id, status, error, got)
         done.append(Retried(entry.id, entry.subject_ref, status, error, due,
                             receipts=list(result.receipts), rejected=dict(result.rejected)))
-        if result.status == 'failed' and result.error.startswith(LINK_DOWN):
+        if (result.status == 'failed' and result.error.startswith(LINK_DOWN)) or \
+                (result.status in UNANSWERED and not result.receipts):
             break
     return done

@@ -110,7 +110,9 @@ class PendingErasures:
 
     def add(self, subject_ref: str, requested_by: str, erasure_audit_id: int) -> int:
         """Note that `subject_ref`'s fleet erasure is owed (before the fleet is asked); the
-        entry's id. A subject already pending keeps its entry (and its age), due at once.
+        entry's id. A subject already pending keeps its entry (and its age), due at once, but
+        as a new request: the receipts and attempts of the earlier one are cleared (servers
+        that answered it never erased what was sent since) and it names the new erasure.
         StorageError when MAX_PENDING entries are open or the file cannot take it."""
         if not isinstance(subject_ref, str) or not _REF.match(subject_ref):
             raise StorageError('fleet erasure queue: subject_ref must be a keyed hash '
@@ -119,8 +121,9 @@ class PendingErasures:
         now = int(self.clock())
         found = self._open(subject_ref)
         if found is not None:
-            self.db.write('update fleet_erasures set next_ms = ?, requested_by = ? where id = ?',
-                          (now, who, found))
+            self.db.write("update fleet_erasures set next_ms = ?, requested_by = ?, "
+                          "erasure_audit_id = ?, attempts = 0, servers = '[]' where id = ?",
+                          (now, who, int(erasure_audit_id), found))
             return found
         if self.count() >= self.max_pending:
             raise StorageError(f'fleet erasure queue: {self.max_pending} erasures already '

@@ -121,6 +121,16 @@ def test_queue_is_bounded_one_entry_per_subject_and_checks_its_input(tmp_path):
     for _ in range(4):
         delays.append(queue.failed(first, 'timeout', 'the wait ended') - clock.ms)
     assert delays == [10_000, 20_000, 40_000, 40_000]
+    # A new forget of the same subject is a new request: what servers answered the earlier
+    # one (they never erased what was sent since) and its attempts do not carry over.
+    queue.failed(first, 'partial', 'no receipt from eu-2', servers=['eu-1'])
+    assert queue.get(first).servers == ('eu-1',) and queue.get(first).attempts == 5
+    assert queue.add(ref, 'cli:again', 11) == first
+    again = queue.get(first)
+    assert (again.servers, again.attempts, again.erasure_audit_id) == ((), 0, 11)
+    assert again.created_ms == 1_000_000 and again.next_ms == clock.ms
+    for _ in range(4):
+        queue.failed(first, 'timeout', 'the wait ended')
     assert first not in [e.id for e in queue.due(10)]   # not due before its back-off
     clock.ms += 40_000
     assert first in [e.id for e in queue.due(10)] and len(queue.due(1)) == 1
@@ -133,6 +143,46 @@ def test_queue_is_bounded_one_entry_per_subject_and_checks_its_input(tmp_path):
     assert read_summary(tmp_path / 'none')['pending'] == 0
     assert not (tmp_path / 'none').exists()   # read-only: nothing created
 
+
+
+def test_a_retry_round_ends_when_no_server_answers_or_the_node_stops_and_audits_first(tmp_path):
+    """The round's control, with the fleet's answers given (the real link is exercised below):
+    once no server answers, the next entries are not asked (each would wait its whole timeout,
+    and the storage node's forget thread with them); a stopping node asks none; a receipt whose
+    audit record cannot be written leaves the entry pending, never done unaudited."""
+    from loom_ros.cloud.erasure import FleetErasure
+    from loom_ros.security.audit import AuditError
+    clock = Clock(1_000_000)
+    queue = PendingErasures(tmp_path, clock=clock, backoff=Backoff(10.0, 40.0))
+    refs = ['hs256:' + d * 32 for d in '0123']
+    for n, ref in enumerate(refs):
+        queue.add(ref, 'cli:dpo', n)
+    asked = []
+
+    def silent(ref, wait):
+        asked.append(ref)
+        return FleetErasure('no_server', 'r-none')
+    results = retry_pending(queue, silent, timeout_s=1.0, limit=4)
+    assert len(asked) == 1 and [r.status for r in results] == ['no_server']
+    assert retry_pending(queue, silent, timeout_s=1.0, limit=4, every=True,
+                         stop=lambda: True) == [] and len(asked) == 1
+
+    receipt = {'receipt': {'server': 'eu-1', 'counts': {}}, 'signer': 'cloud', 'sig': 's'}
+
+    def answered(ref, wait):
+        asked.append(ref)
+        return FleetErasure('done', 'r-ok', receipts=[receipt])
+
+    class BrokenAudit:
+        def append(self, *args, **fields):
+            raise AuditError('the audit log refused it')
+    with pytest.raises(AuditError):
+        retry_pending(queue, answered, timeout_s=1.0, limit=1, every=True, audit=BrokenAudit())
+    assert queue.count() == 4   # nothing marked done without its audit record
+    done = retry_pending(queue, answered, timeout_s=1.0, limit=4, every=True,
+                         audit=AuditLog(tmp_path / 'audit.db'))
+    assert [r.status for r in done] == ['done'] * 4 and queue.count() == 0
+    queue.close()
 
 def test_a_link_that_is_down_queues_and_a_full_queue_says_not_queued(fleet, port, tmp_path):
     """Nothing listens on the fleet router's port: the link cannot be opened (`failed`), the
@@ -157,10 +207,10 @@ def test_a_link_that_is_down_queues_and_a_full_queue_says_not_queued(fleet, port
     full = forget('bob')
     assert full.fleet_status == 'failed' and not full.fleet_pending
     assert 'NOT queued for retry' in full.notes[-1] and 'already pending' in full.notes[-1]
-    again = forget('alice')   # the same subject again: its entry, not a new one
-    assert again.fleet_pending and queue.count() == 1
+    again = forget('alice')   # the same subject again: its entry (and age), not a new one,
+    assert again.fleet_pending and queue.count() == 1   # but a new request: attempts anew
     [entry] = queue.due(10, every=True)
-    assert entry.attempts == 2 and entry.last_status == 'failed'
+    assert entry.attempts == 1 and entry.last_status == 'failed'
     beyond = audited(root, 'subject_erased_beyond_root')
     assert sorted(f['fleet_pending'] for f in beyond) == [False, True, True]
     queue.close()

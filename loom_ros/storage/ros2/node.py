@@ -495,8 +495,9 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         """Wait for an erasure in progress to end, then stop storage/forget's thread."""
         if self._forget_thread is None:
             return
+        self._forget_stop.set()    # a retry round stops before its next entry
         with self._erasure_lock:   # an erasure holds it throughout; a later one sees inactive
-            self._forget_stop.set()
+            pass
         self._forget_exec.shutdown()
         self._forget_thread.join()
         self._forget_thread = None
@@ -550,7 +551,8 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
                 results = retry_pending(
                     self._pending, lambda ref, wait: ask_fleet(link, ref, wait),
                     timeout_s=link.timeout_s, limit=int(self.params['forget.retry_per_period']),
-                    audit=self._audit, servers=link.servers)
+                    audit=self._audit, servers=link.servers,
+                    stop=lambda: self._forget_stop.is_set() or not self._active)
             except (StorageError, AuditError) as exc:
                 self.get_logger().error(f'fleet erasure retry failed: {str(exc)[:500]}')
                 return
