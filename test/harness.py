@@ -10,6 +10,14 @@ def loom_cli(*args: str) -> list[str]:
     return ['-m', 'loom_ros.cli', *args]
 
 
+def run_loom(*args: str, timeout: float = WAIT_LIMIT_S):
+    """`loom <args>` in a subprocess from the repository, its output captured."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, *loom_cli(*args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
 class LinePeer:
     """A child Python process spoken to line by line: `tell` on its stdin, lines from its stdout
     read unbuffered (select() on a buffered pipe misses lines already read ahead)."""

@@ -9,8 +9,6 @@ import io
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 import uuid
 import zipfile
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 from mcap.reader import make_reader
 from rclpy.serialization import serialize_message
 
-from harness import REPO, WAIT_LIMIT_S
+from harness import WAIT_LIMIT_S, MsClock, run_loom
 from loom_ros.bus.event import Event
 from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, ConsentState, SubjectError
 from loom_ros.cli.record import McapRecorder
@@ -40,19 +38,6 @@ from loom_ros.storage.storage import Storage, StorageConfig
 T0 = 1_700_000_000_000
 TOPIC = '/loom/camera/front'
 BATCHED = '/loom/speech/batched'
-
-
-class Clock:
-    def __init__(self):
-        self.ms = T0
-
-    def __call__(self) -> int:
-        return self.ms
-
-
-def loom(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, '-m', 'loom_ros.cli', *args], capture_output=True,
-                          text=True, timeout=WAIT_LIMIT_S, cwd=REPO)
 
 
 class Subject:
@@ -95,7 +80,7 @@ class GrantAll:
 def plant(root: Path, subjects: list[Subject]) -> dict:
     """Every store of the root gets data of each subject (and anonymous data); returns what
     each subject should lose, per tier."""
-    layout, clock = StorageLayout.at(root), Clock()
+    layout, clock = StorageLayout.at(root), MsClock(T0)
     expected = {s.id: {} for s in subjects}
     audit = AuditLog(layout.audit)
     consent = ConsentRegistry(consent_path(root), audit=audit, refs=SubjectRefs.at(layout.keys))
@@ -213,7 +198,7 @@ def test_forget_erases_one_subject_everywhere_and_keeps_the_other(tmp_path):
     before = scan(root)
     assert hits(before, a) == sorted(a.canaries) and hits(before, b) == sorted(b.canaries)
 
-    done = loom('forget', a.id, '--root', str(root), '--requested-by', 'dpo:test', '--json')
+    done = run_loom('forget', a.id, '--root', str(root), '--requested-by', 'dpo:test', '--json')
     assert done.returncode == 0, done.stderr
     receipt = json.loads(done.stdout)
     counts = {k: v for k, v in receipt['counts'].items() if v}
@@ -231,7 +216,7 @@ def test_forget_erases_one_subject_everywhere_and_keeps_the_other(tmp_path):
     assert reader.index.ntotal == 2   # B's and the anonymous cold memory
     reader.close()
 
-    verify = loom('audit', 'verify', '--root', str(root))
+    verify = run_loom('audit', 'verify', '--root', str(root))
     assert verify.returncode == 0, verify.stdout + verify.stderr
     ref = SubjectRefs.at(layout.keys).ref(a.id)
     conn = sqlite3.connect(f'file:{root / "audit.db"}?mode=ro', uri=True)
@@ -245,7 +230,7 @@ def test_forget_erases_one_subject_everywhere_and_keeps_the_other(tmp_path):
 
     # right of access: B's export holds B's records and media, nothing of A
     out = tmp_path / 'b.zip'
-    shown = loom('export', b.id, '--root', str(root), '--output', str(out))
+    shown = run_loom('export', b.id, '--root', str(root), '--output', str(out))
     assert shown.returncode == 0, shown.stderr
     with zipfile.ZipFile(out) as archive:
         names = archive.namelist()
@@ -276,7 +261,7 @@ def test_forget_refuses_while_a_process_holds_the_unit_and_changes_nothing(tmp_p
     storage = Storage(StorageConfig(root=str(root), unit='busy'), consent=GrantAll)
     try:
         storage.episodes.record('agent1', event(a, 0, T0, 'warm')).wait(WAIT_LIMIT_S)
-        done = loom('forget', a.id, '--root', str(root))
+        done = run_loom('forget', a.id, '--root', str(root))
         assert done.returncode == 1 and 'held by a running process' in done.stderr
         assert len(storage.query('select 1 from episodes where subject = ?', (a.id,))) == 1
     finally:
@@ -286,7 +271,7 @@ def test_forget_refuses_while_a_process_holds_the_unit_and_changes_nothing(tmp_p
     outside.write_text(json.dumps({'who': a.id}) + '\n')
     (root / 'traces').mkdir()
     (root / 'traces' / 'link.jsonl').symlink_to(outside)
-    assert loom('forget', a.id, '--root', str(root)).returncode == 0
+    assert run_loom('forget', a.id, '--root', str(root)).returncode == 0
     assert a.id.encode() not in scan(root)
     assert (root / 'traces' / 'link.jsonl').is_symlink() and a.id in outside.read_text()
 
@@ -303,10 +288,10 @@ def test_hostile_subject_ids_are_refused(tmp_path, bad):
 
 
 def test_the_cli_refuses_a_hostile_id_without_touching_anything(tmp_path):
-    done = loom('forget', '../../etc/passwd', '--root', str(tmp_path))
+    done = run_loom('forget', '../../etc/passwd', '--root', str(tmp_path))
     assert done.returncode == 1 and 'data subject' in done.stderr
     assert not (tmp_path / 'audit.db').exists()
-    shown = loom('export', 'a/b', '--root', str(tmp_path), '--output', str(tmp_path / 'o.zip'))
+    shown = run_loom('export', 'a/b', '--root', str(tmp_path), '--output', str(tmp_path / 'o.zip'))
     assert shown.returncode == 1 and not (tmp_path / 'o.zip').exists()
     assert issubclass(ErasureError, Exception)
 
@@ -316,7 +301,7 @@ def test_encrypted_archives_are_shredded_with_the_subjects_key(tmp_path, with_ma
     """Encryption at rest: A's archive files and objects go, A's data key is destroyed (so a
     copy of A's archive taken before cannot be decrypted), B's still decrypt; without the
     master key the key table and the objects are still cleared by key id."""
-    root, key_file, clock = tmp_path / 'root', tmp_path / 'master.key', Clock()
+    root, key_file, clock = tmp_path / 'root', tmp_path / 'master.key', MsClock(T0)
     write_key_file(key_file, [MasterKey.generate()])
     settings = EncryptionSettings(True, str(key_file))
     a, b = Subject('A'), Subject('B')
@@ -341,7 +326,7 @@ def test_encrypted_archives_are_shredded_with_the_subjects_key(tmp_path, with_ma
     storage.close()
 
     args = ['forget', a.id, '--root', str(root), '--json']
-    done = loom(*args, *(['--master-key-file', str(key_file)] if with_master_key else []))
+    done = run_loom(*args, *(['--master-key-file', str(key_file)] if with_master_key else []))
     assert done.returncode == 0, done.stderr
     counts = json.loads(done.stdout)['counts']
     assert (counts['keys'], counts['archive_files'], counts['archive_records']) == (1, 1, 1)
@@ -410,7 +395,7 @@ def test_files_from_before_subjects_get_the_column_and_its_index(tmp_path):
 
 
 def test_a_stale_cold_index_does_not_block_an_erasure(tmp_path):
-    clock, a, b = Clock(), Subject('A'), Subject('B')
+    clock, a, b = MsClock(T0), Subject('A'), Subject('B')
     storage = Storage(StorageConfig(root=str(tmp_path), unit='u'), clock=clock, consent=GrantAll)
     layout = storage.layout
     for s in (a, b):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import REPO, WAIT_LIMIT_S
+from harness import REPO, WAIT_LIMIT_S, MsClock, run_loom
 from loom_ros.cloud.client import CloudClient, InferenceRequest, execute_route
 from loom_ros.cloud.erasure import erase_key, receipt_signed_bytes
 from loom_ros.cloud.protocol import Signer, digest, encode, unpack
@@ -49,19 +49,6 @@ def port():
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         return sock.getsockname()[1]
-
-
-class Clock:
-    def __init__(self, ms: int):
-        self.ms = ms
-
-    def __call__(self) -> int:
-        return self.ms
-
-
-def loom(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, '-m', 'loom_ros.cli', *args], capture_output=True,
-                          text=True, timeout=WAIT_LIMIT_S, cwd=REPO)
 
 
 def scan(folder: Path) -> bytes:
@@ -101,7 +88,7 @@ def audited(root: Path, kind: str) -> list[dict]:
 
 
 def test_queue_is_bounded_one_entry_per_subject_and_checks_its_input(tmp_path):
-    clock = Clock(1_000_000)
+    clock = MsClock(1_000_000)
     queue = PendingErasures(tmp_path, clock=clock, backoff=Backoff(10.0, 40.0), max_pending=2,
                             max_done=1)
     ref = 'hs256:' + 'ab' * 16
@@ -152,7 +139,7 @@ def test_a_retry_round_ends_when_no_server_answers_or_the_node_stops_and_audits_
     audit record cannot be written leaves the entry pending, never done unaudited."""
     from loom_ros.cloud.erasure import FleetErasure
     from loom_ros.security.audit import AuditError
-    clock = Clock(1_000_000)
+    clock = MsClock(1_000_000)
     queue = PendingErasures(tmp_path, clock=clock, backoff=Backoff(10.0, 40.0))
     refs = ['hs256:' + d * 32 for d in '0123']
     for n, ref in enumerate(refs):
@@ -230,7 +217,7 @@ def test_unanswered_fleet_erasure_is_queued_retried_and_cleared_by_a_real_receip
     endpoint = f'tcp/127.0.0.1:{port}'
     base = ['--root', str(root), '--connect', endpoint, '--keys-dir', str(fleet), '--identity',
             'robot1']
-    out = loom('forget', 'alice', *base, '--fleet-timeout', str(DOWN_S))
+    out = run_loom('forget', 'alice', *base, '--fleet-timeout', str(DOWN_S))
     assert out.returncode == 2, out.stdout + out.stderr
     assert 'fleet: pending, will retry' in out.stdout, out.stdout
     # no server: `no_server`, or `timeout` when the last ask's wait ran out first
@@ -240,14 +227,14 @@ def test_unanswered_fleet_erasure_is_queued_retried_and_cleared_by_a_real_receip
     assert b'alice' not in pending_path(root).read_bytes()   # only the keyed hash
     [beyond] = audited(root, 'subject_erased_beyond_root')
     assert beyond['fleet_pending'] is True and beyond['fleet_status'] in ('no_server', 'timeout')
-    stats = loom('storage', 'stats', '--root', str(root), '--embedder', 'hash')
+    stats = run_loom('storage', 'stats', '--root', str(root), '--embedder', 'hash')
     assert stats.returncode == 0, stats.stderr
     assert 'fleet erasures: 1 pending' in stats.stdout, stats.stdout
 
     # The retries, on an injected clock: not before the back-off, then doubled per failure.
     owed = read_summary(root)
     assert owed['next_ms'] - owed['oldest_ms'] >= 30_000   # the CLI's try failed: 30 s later
-    clock = Clock(owed['next_ms'] - 1)
+    clock = MsClock(owed['next_ms'] - 1)
     queue = PendingErasures(root, clock=clock, backoff=Backoff(30.0, 3600.0))
     link = FleetLink((endpoint,), str(fleet), 'robot1')
     audit = AuditLog(StorageLayout.at(root).audit)
@@ -287,7 +274,7 @@ def test_unanswered_fleet_erasure_is_queued_retried_and_cleared_by_a_real_receip
 
     # Two named servers (storage.forget.fleet_servers), one of them down: the receipt of the
     # one up is kept, the other is still owed, and asked again until it answers too.
-    out = loom('forget', 'erin', *base, '--fleet-timeout', str(WAIT_LIMIT_S), '--fleet-server',
+    out = run_loom('forget', 'erin', *base, '--fleet-timeout', str(WAIT_LIMIT_S), '--fleet-server',
                'eu1', '--fleet-server', 'eu2')
     assert out.returncode == 2, out.stdout + out.stderr
     assert 'fleet: partial (no receipt from eu2)' in out.stdout, out.stdout
@@ -299,9 +286,9 @@ def test_unanswered_fleet_erasure_is_queued_retried_and_cleared_by_a_real_receip
     # `loom forget --retry-pending`: an operator asking now, whatever the back-off.
     retried = ['--retry-pending', *base, '--fleet-timeout', str(WAIT_LIMIT_S),
                '--fleet-server', 'eu1', '--fleet-server', 'eu2']
-    out = loom('forget', *retried)
+    out = run_loom('forget', *retried)
     while out.returncode == 2 and time.monotonic() < deadline:
-        out = loom('forget', *retried)
+        out = run_loom('forget', *retried)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f'{refs.ref("erin")}: done (2 signed receipts)' in out.stdout, out.stdout
     assert 'fleet erasures: 0 pending' in out.stdout and queue.count() == 0
@@ -344,7 +331,7 @@ def test_forged_and_foreign_receipts_do_not_clear_a_pending_erasure(net, fleet, 
         asked.append(1)
     fake = net.session(None).declare_queryable(erase_key(), forge, complete=True)
 
-    clock = Clock(1_000_000)
+    clock = MsClock(1_000_000)
     queue = PendingErasures(tmp_path / 'root', clock=clock, backoff=Backoff(1.0, 1.0))
     entry = queue.add('hs256:' + 'ab' * 16, 'cli:dpo', 1)
     link = FleetLink((f'tcp/127.0.0.1:{port}',), str(fleet), 'robot1', insecure=True)
