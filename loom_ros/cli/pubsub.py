@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
+import threading
 import time
 
 from loom_ros.bus.event import Event, EventRejected
@@ -98,10 +100,15 @@ def run_echo(args) -> int:
         print(json.dumps({'topic': topic, **event.to_dict()}), flush=True)
 
     status = 0
+    # Ctrl-C / SIGTERM end the loop between two spins: raised as KeyboardInterrupt inside a
+    # callback the EventsExecutor runs, it left the executor's shutdown hanging now and then.
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stop.set())
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         bus.subscribe(args.pattern, on_event, args.qos)
         deadline = time.monotonic() + args.timeout if args.timeout > 0 else None
-        while not args.count or received < args.count:
+        while (not args.count or received < args.count) and not stop.is_set():
             if deadline is not None and time.monotonic() > deadline:
                 status = 1
                 break
@@ -109,9 +116,9 @@ def run_echo(args) -> int:
     except EventRejected as exc:
         print(f'loom echo: {exc}', file=sys.stderr)
         status = 2
-    except KeyboardInterrupt:
-        pass
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         print(json.dumps({'stats': bus.stats.snapshot()}), file=sys.stderr, flush=True)
         executor.shutdown()
         node.destroy_node()
