@@ -141,7 +141,11 @@ def test_the_demos_recording_replays_into_a_fresh_system(demo, ros, spawn, tmp_p
     print(counts)
     # Frames are best effort: one lost on the way to the fresh agent is not decided again.
     assert len(both) >= max(3, len(expected) / 2), counts
-    assert len(replayed) >= len(window) / 2, counts   # every frame shows a face; no mailbox drop
+    # No mailbox drop: as many decisions as the demo made on these frames (up to half the
+    # window). Not half the window always: the simulated camera changes scenes by time, and a
+    # window that reaches the scene without a face has fewer frames to decide (a fresh-clone
+    # run: 30 played, the demo decided 10, the fresh system the same 10).
+    assert len(replayed) >= min(len(window) / 2, len(expected)), counts
     stopped = stop_procs(procs)
     assert [code for code, _, _ in stopped] == [0, 0], [(c, e[-3000:]) for c, _, e in stopped]
     assert (tmp_path / PLAY.strip('/') / 'router.db').exists()   # its own history
