@@ -427,11 +427,23 @@ class Readiness:
                  if self.states.get(n) != 'active']
         return '; '.join(nodes + [f'{table.MANAGER}: {self.manager_says or "not answering"}'])
 
+    CLOSE_S = 5.0
+
     def close(self) -> None:
+        """Stop the spin thread and the executor, bounded: an executor whose shutdown hangs
+        (rclpy's EventsExecutor did, now and then) is left to the process's exit."""
         self._stop.set_result(True)
-        self._thread.join(5.0)
-        self._executor.shutdown()
-        self.node.destroy_node()
+        self._thread.join(self.CLOSE_S)
+
+        def shut():
+            self._executor.shutdown()
+            self.node.destroy_node()
+        closer = threading.Thread(target=shut, daemon=True, name='close-loom_bringup')
+        closer.start()
+        closer.join(self.CLOSE_S)
+        if closer.is_alive():
+            print('loom bringup: the readiness watcher did not shut down within '
+                  f'{self.CLOSE_S:g} s; leaving it to the exit', file=sys.stderr, flush=True)
 
 
 # -- one process for every node (composition) ------------------------------------------------
@@ -653,8 +665,8 @@ def main_with(args, ros_args: list[str]) -> int:
             print(f'loom bringup: {type(exc).__name__}: {exc}', file=sys.stderr, flush=True)
             code = 1
         finally:
-            if readiness is not None:
-                readiness.close()
+            # The nodes first: nothing may keep them from stopping (the readiness watcher's
+            # executor could hang in its shutdown, and then no node got its SIGINT).
             if robot is not None:
                 codes = robot.stop()
                 bad = {n: c for n, c in (codes or {}).items()
@@ -663,6 +675,8 @@ def main_with(args, ros_args: list[str]) -> int:
                     print(f'loom bringup: nodes did not stop cleanly: {bad}', file=sys.stderr,
                           flush=True)
                     code = 1
+            if readiness is not None:
+                readiness.close()
             if args.composition:
                 from loom_ros.telemetry import tracing
                 tracing.flush()
