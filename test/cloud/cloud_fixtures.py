@@ -121,3 +121,31 @@ def signed_get(session, identity, task: str, body: dict, *, timeout: float = 30.
     header, data = unpack((reply.ok or reply.err).payload.to_bytes())
     name, _ = verifier.verify(header, reply_signed_bytes(header['id'], digest(payload), data))
     return reply.ok is not None, parse_reply(data), name
+
+
+def forging_queryable(forgers, count: int = 1, asked: list | None = None):
+    """A fake cloud's `loom/cloud/erase` handler: for each (signer, subject_ref or None for the
+    request's own) in `forgers`, an otherwise well-formed receipt signed by that signer (a
+    robot, another authority's cloud, the real cloud for another subject), then an empty ok
+    answer; each query asked is noted in `asked`."""
+    from loom_ros.cloud.erasure import receipt_signed_bytes
+    from loom_ros.cloud.protocol import digest, encode, unpack
+
+    def forge(query):
+        raw = query.payload.to_bytes()
+        header, body = unpack(raw)
+        request = json.loads(body)
+        for signer, other_ref in forgers:
+            receipt = {'request_id': header['id'],
+                       'subject_ref': other_ref or request['subject_ref'],
+                       'robot': request['robot'], 'requested_by': 'robot1', 'server': 'fake',
+                       'cloud': 'cloud', 'at_ms': 0, 'counts': {'request_log': count},
+                       'scrubbed': True, 'keeps': 'request_log'}
+            answer = {'id': header['id'], 'ok': True, 'task': 'erase', 'cost': 0.0,
+                      'result': {'receipt': receipt,
+                                 'sig': signer.sign(receipt_signed_bytes(receipt))}}
+            query.reply(query.key_expr, signer.reply(header['id'], digest(raw), answer))
+        query.reply(query.key_expr, encode({'id': header['id'], 'ok': True, 'result': {}}))
+        if asked is not None:
+            asked.append(1)
+    return forge

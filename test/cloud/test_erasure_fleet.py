@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from cloud_fixtures import cloud, fleet, net, stop_stats, stranger  # noqa: F401  (fixtures)
+from cloud_fixtures import (  # noqa: F401  (fixtures)
+    cloud, fleet, forging_queryable, net, stop_stats, stranger,
+)
 from harness import REPO, WAIT_LIMIT_S
 from loom_ros.cloud.client import CloudClient, InferenceRequest, execute_route
 from loom_ros.cloud.erasure import (
@@ -141,22 +143,7 @@ def test_outsiders_cannot_erase_and_forged_receipts_are_rejected(cloud, net, fle
     robot2, foreign_cloud = Signer(keys.load(fleet, 'robot2')), Signer(stranger)
     forged = []
 
-    def forge(query):
-        from loom_ros.cloud.protocol import unpack
-        raw = query.payload.to_bytes()
-        header, body = unpack(raw)
-        request = json.loads(body)
-        receipt = {'request_id': header['id'], 'subject_ref': request['subject_ref'],
-                   'robot': request['robot'], 'requested_by': 'robot1', 'server': 'fake',
-                   'cloud': 'cloud', 'at_ms': 0, 'counts': {'request_log': 99},
-                   'scrubbed': True, 'keeps': 'request_log'}
-        for signer in (robot2, foreign_cloud):
-            answer = {'id': header['id'], 'ok': True, 'task': 'erase', 'cost': 0.0,
-                      'result': {'receipt': receipt,
-                                 'sig': signer.sign(receipt_signed_bytes(receipt))}}
-            query.reply(query.key_expr, signer.reply(header['id'], digest(raw), answer))
-        query.reply(query.key_expr, encode({'id': header['id'], 'ok': True, 'result': {}}))
-        forged.append(1)
+    forge = forging_queryable([(robot2, None), (foreign_cloud, None)], count=99, asked=forged)
     fake = net.session(None).declare_queryable(erase_key(), forge, complete=True)
     eraser = FleetEraser(net.session('robot1'), keys.load(fleet, 'robot1'))
     deadline = time.monotonic() + WAIT_LIMIT_S

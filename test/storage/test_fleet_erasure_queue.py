@@ -22,8 +22,8 @@ import yaml
 
 from harness import REPO, WAIT_LIMIT_S, MsClock, run_loom
 from loom_ros.cloud.client import CloudClient, InferenceRequest, execute_route
-from loom_ros.cloud.erasure import erase_key, receipt_signed_bytes
-from loom_ros.cloud.protocol import Signer, digest, encode, unpack
+from loom_ros.cloud.erasure import erase_key
+from loom_ros.cloud.protocol import Signer
 from loom_ros.router.decision import Decision, Route
 from loom_ros.security import keys
 from loom_ros.security.audit import AuditLog
@@ -38,7 +38,9 @@ from loom_ros.storage.pending_erasures import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'cloud'))
-from cloud_fixtures import fleet, net, stop_stats, stranger  # noqa: E402,F401  (fixtures)
+from cloud_fixtures import (  # noqa: E402,F401  (fixtures)
+    fleet, forging_queryable, net, stop_stats, stranger,
+)
 
 DOWN_S = 1.0   # the fleet wait while no cloud server runs: nothing can answer, whatever its length
 
@@ -313,22 +315,7 @@ def test_forged_and_foreign_receipts_do_not_clear_a_pending_erasure(net, fleet, 
                (cloud_signer, 'hs256:' + 'ee' * 16)]
     asked = []
 
-    def forge(query):
-        raw = query.payload.to_bytes()
-        header, body = unpack(raw)
-        request = json.loads(body)
-        for signer, other_ref in forgers:
-            receipt = {'request_id': header['id'],
-                       'subject_ref': other_ref or request['subject_ref'],
-                       'robot': request['robot'], 'requested_by': 'robot1', 'server': 'fake',
-                       'cloud': 'cloud', 'at_ms': 0, 'counts': {'request_log': 1},
-                       'scrubbed': True, 'keeps': 'request_log'}
-            answer = {'id': header['id'], 'ok': True, 'task': 'erase', 'cost': 0.0,
-                      'result': {'receipt': receipt,
-                                 'sig': signer.sign(receipt_signed_bytes(receipt))}}
-            query.reply(query.key_expr, signer.reply(header['id'], digest(raw), answer))
-        query.reply(query.key_expr, encode({'id': header['id'], 'ok': True, 'result': {}}))
-        asked.append(1)
+    forge = forging_queryable(forgers, asked=asked)
     fake = net.session(None).declare_queryable(erase_key(), forge, complete=True)
 
     clock = MsClock(1_000_000)
