@@ -54,7 +54,7 @@ def build(root: Path, n: int) -> Path:
     with Storage(StorageConfig(root=str(root), unit='bench'), consent=GrantAll) as storage:
         path = storage.path
     conn = open_database(path)
-    for index in ('episodes_agent_time', 'episodes_time', 'episodes_subject'):
+    for index in ('episodes_time_agent', 'episodes_subject'):
         conn.execute(f'drop index {index}')   # bulk load first, index after (schema.ensure)
     payload = 'the user said something about coffee, the kitchen and the weather %08d ' * 2
     conn.execute('BEGIN')

@@ -3,7 +3,9 @@
 1. durable event writes/s: raw executemany in one transaction, raw one transaction per row, and
    the layer's group commit (episodes with masking, episodes pre-masked, agent state + episode
    per event), with commit latency (submit -> committed) P50/P99/max;
-2. paced load: 1,000 agents x 10 events/s, state + episode per event, commit latency;
+2. paced load: 1,000 agents x 10 events/s for --paced-seconds, state + episode per event,
+   commit latency; (growth) raw commits of 100 rows from 1,000 agents as the table grows to
+   --growth-rows, with the episode index led by time (now) and by agent (before);
    (consent) what storage consent costs per event: anonymous (no lookup) against a subject's
    event answered from the consent cache, asked every time, and withheld (part `consent`);
 3. how agents share files: one database per process vs one file per agent behind the same
@@ -147,10 +149,45 @@ def paced(root: Path, agents: int = 1000, rate: int = 10, seconds: float = 5.0) 
     elapsed = time.perf_counter() - t0
     lat = [tk.committed_at - s for s, tk in pending]
     out = {'agents': agents, 'offered_per_s': agents * rate, 'handled': len(pending),
+           'seconds': seconds,
            'achieved_per_s': total / elapsed, 'batches': storage.writer.batches,
            'latency_ms': [pct(lat, 50) * 1e3, pct(lat, 99) * 1e3, max(lat) * 1e3]}
     storage.close()
     done.set()
+    return out
+
+
+# -- 2a. growth: commit rate as the warm tier grows ----------------------------------------
+OLD_EPISODE_INDEXES = ('create index episodes_agent_time on episodes (agent_id, time_ms)',
+                       'create index episodes_time on episodes (time_ms)')
+
+
+def growth(root: Path, total: int, agents: int = 1000, per_commit: int = 100,
+           step: int = 100_000) -> dict:
+    """Raw SQLite commits of `per_commit` episode rows from `agents` agents (10 ms of 10,000
+    events/s), rows/s for each `step` rows as the table grows to `total`: the schema's episode
+    index (time first) against the agent-first indexes it replaced, in the same run."""
+    evs = events(total, agents)
+    rows = [(*r, len(r[6]) + len(r[5]) + 64) for r in (episode_row(a, e, lambda t: t)
+                                                        for a, e in evs)]
+    out = {'agents': agents, 'per_commit': per_commit, 'step': step}
+    for name in ('agent_first', 'time_first'):
+        conn = raw_db(root / name)
+        if name == 'agent_first':
+            conn.execute('drop index episodes_time_agent')
+            for statement in OLD_EPISODE_INDEXES:
+                conn.execute(statement)
+        rates = []
+        for start in range(0, total, step):
+            t = time.perf_counter()
+            for b in range(start, min(total, start + step), per_commit):
+                conn.execute('BEGIN')
+                conn.executemany(EpisodeStore.INSERT, rows[b:b + per_commit])
+                conn.execute('COMMIT')
+            rates.append((min(total, start + step) - start) / (time.perf_counter() - t))
+        out[name] = rates
+        conn.close()
+        print(f'growth {name}: ' + ', '.join(f'{r:,.0f}' for r in rates), flush=True)
     return out
 
 
@@ -353,14 +390,16 @@ def main() -> int:
     ap.add_argument('--cold-vectors', type=int, default=1_000_000)
     ap.add_argument('--minilm', action='store_true', help='also time warm -> cold with MiniLM')
     ap.add_argument('--out', default=str(OUT))
-    ap.add_argument('--parts', default='throughput,paced,consent,sharing,moves,cold',
+    ap.add_argument('--growth-rows', type=int, default=600_000)
+    ap.add_argument('--paced-seconds', type=float, default=30.0)
+    ap.add_argument('--parts', default='throughput,growth,paced,consent,sharing,moves,cold',
                     help='comma list; results merge into an existing storage.json')
     args = ap.parse_args()
     parts = set(args.parts.split(','))
     out = Path(args.out)
     old = out / 'storage.json'
     info = json.loads(old.read_text()) if old.exists() and parts != {
-        'throughput', 'paced', 'consent', 'sharing', 'moves', 'cold'} else {}
+        'throughput', 'growth', 'paced', 'consent', 'sharing', 'moves', 'cold'} else {}
     note = os.environ.get('LOOM_BENCH_NOTE', 'taken with nothing else running')
     info.setdefault('runs', {})
     for part in parts:
@@ -371,8 +410,10 @@ def main() -> int:
         if 'throughput' in parts:
             info['throughput'] = throughput(root / 't', args.events)
             print(json.dumps(info['throughput']), flush=True)
+        if 'growth' in parts:
+            info['growth'] = growth(root / 'g', args.growth_rows)
         if 'paced' in parts:
-            info['paced'] = paced(root / 'p')
+            info['paced'] = paced(root / 'p', seconds=args.paced_seconds)
             print(json.dumps(info['paced']), flush=True)
         if 'consent' in parts:
             info['consent'] = consent(root / 'consent', min(args.events, 20000))
@@ -429,10 +470,25 @@ def report(info: dict) -> str:
         lines += ['', 'Group commit waits at most 2 ms for a batch to fill; latency is submit to '
                   'commit of every 50th write while one thread submits as fast as it can (so it '
                   'includes the queue in front of it).']
+    if 'growth' in info:
+        g = info['growth']
+        lines += ['', f'## Growth: commit rate as the warm tier grows ({g["agents"]:,} agents, '
+                  f'{g["per_commit"]} rows a commit, raw SQLite)', '',
+                  'Rows/s over each successive '
+                  f'{g["step"]:,} rows. agent-first: the indexes (agent_id, time_ms) and '
+                  '(time_ms) that episodes had before; time-first: the one index (time_ms, '
+                  'agent_id) it has now. With agent_id first, every commit writes one index page '
+                  'per agent it touches into the WAL.', '',
+                  '| rows in the table | ' + ' | '.join(
+                      f'{(i + 1) * g["step"]:,}' for i in range(len(g['time_first']))) + ' |',
+                  '| --- |' + ' --- |' * len(g['time_first'])]
+        for key in ('agent_first', 'time_first'):
+            lines.append(f'| {key.replace("_", "-")} | ' + ' | '.join(
+                f'{r:,.0f}' for r in g[key]) + ' |')
     if 'paced' in info:
         p = info['paced']
         lines += ['', f'## Paced: {p["agents"]} agents x 10 events/s, state + episode committed per event',
-                  '', f'Offered {p["offered_per_s"]:,}/s, handled {p["handled"]:,} '
+                  '', f'Offered {p["offered_per_s"]:,}/s for {p.get("seconds", 5):.0f} s, handled {p["handled"]:,} '
                   f'({p["achieved_per_s"]:,.0f}/s), {p["batches"]} batches; commit latency P50 / P99 / '
                   f'max {_ms(p["latency_ms"])}.']
     if 'consent' in info:

@@ -3,6 +3,7 @@ embedding model; ages come from an injected clock."""
 from __future__ import annotations
 
 import os
+import sqlite3
 
 import numpy as np
 import pytest
@@ -94,6 +95,36 @@ def test_episodes_query_and_hot_tier(storage, clock):
     assert [e.id for e in storage.episodes.recent('a', 3000)] == ['e6', 'e7', 'e8', 'e9']
     assert storage.episodes.evict_hot(3000) == 6
     assert len(storage.episodes.query('a')) == 10      # still warm
+
+
+def test_episode_index_is_time_first_and_old_files_lose_agent_first_indexes(tmp_path, clock):
+    """Every insert lands at the right edge of the one episode index (time first): an index led
+    by agent_id took each batch at one place per agent (bench/storage_bench.py `growth`). A file
+    from before, with both old indexes, keeps its rows and loses those indexes on open; a query
+    for one agent reads the new index, not the whole table, and finds only that agent's rows."""
+    path = tmp_path / 'db' / 'old.db'
+    with Storage(StorageConfig(root=str(tmp_path), unit='old'), clock=clock) as s:
+        path = s.path
+        for i in range(20):
+            ticket = s.episodes.record(f'agent{i % 4}', event(i))
+        ticket.wait(10)
+    conn = sqlite3.connect(path)
+    conn.execute('create index episodes_agent_time on episodes (agent_id, time_ms)')
+    conn.execute('create index episodes_time on episodes (time_ms)')
+    conn.commit()
+    conn.close()
+    with Storage(StorageConfig(root=str(tmp_path), unit='old'), clock=clock) as s:
+        indexes = {r[0] for r in s.query("select name from sqlite_master where type = 'index' "
+                                         "and tbl_name = 'episodes'")}
+        assert indexes == {'episodes_time_agent', 'episodes_subject'}
+        assert [e['event_id'] for e in s.episodes.query('agent1')] == ['e1', 'e5', 'e9', 'e13',
+                                                                      'e17']
+        assert [e['event_id'] for e in s.episodes.query('agent3', start_ms=T0 + 10_000)] == \
+            ['e11', 'e15', 'e19']
+        plan = ' '.join(str(tuple(r)) for r in s.query(
+            'explain query plan select event_id from episodes where agent_id = ? and '
+            'time_ms >= ? and time_ms <= ? order by time_ms, rowid limit 10', ('agent1', 0, 2**62)))
+        assert 'episodes_time_agent' in plan and 'SCAN episodes ' not in plan + ' '
 
 
 def test_secrets_are_masked_before_the_file(storage):
