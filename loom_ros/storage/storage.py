@@ -21,7 +21,7 @@ from loom_ros.storage.consent import (ConsentCache, ConsentError, ConsentRegistr
 from loom_ros.storage.errors import StorageError, is_full, StorageFullError
 from loom_ros.storage.layout import StorageLayout, check_name
 from loom_ros.storage.rowcipher import RowCipher, check_marker
-from loom_ros.storage.sqlite import open_database
+from loom_ros.storage.sqlite import Checkpointer, open_database
 from loom_ros.storage.writer import GroupCommitWriter, Ticket
 
 
@@ -119,6 +119,9 @@ class Storage:
         self._read_lock = threading.Lock()
         self._ids_lock = threading.Lock()
         self._ids: dict[str, int] = {}
+        # checkpoints on their own thread; the writer's automatic one only as a backstop
+        Checkpointer.backstop(self.conn)
+        self.checkpointer = Checkpointer(self.path, name=f'storage {self.unit}')
         self.writer = GroupCommitWriter(self.conn, f'storage {self.unit}',
                                         max_delay_s=config.max_delay_ms / 1000.0,
                                         max_batch=config.max_batch, gate=gate)
@@ -215,6 +218,7 @@ class Storage:
 
     def close(self) -> None:
         self.writer.close()
+        self.checkpointer.close()
         with self._read_lock:
             self.reader.close()
         self.conn.close()

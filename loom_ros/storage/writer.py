@@ -5,7 +5,12 @@ Ticket says so (`wait()` returns): the transaction holding it committed, so a SI
 cannot lose it; one before it loses the whole batch, never part of one write.
 
 Writes are (sql, params) operations; one submit is atomic (all its operations or none). In a
-batch, operations with the same SQL run as one executemany in submission order; a submit marked
+batch, operations with the same SQL run together in submission order: an `insert ... values
+(...)` with positional parameters as multi-row statements (MultiRow), any other as one
+executemany. Python's sqlite3 lets go of the GIL for every row it steps; while another thread
+of the process runs Python, the writer waits for the GIL again after each row (up to the switch
+interval), and an executemany of 200,000 rows beside a busy thread ran at 1,211 rows/s against
+150,330 alone; a statement of up to 128 rows steps once. A submit marked
 `barrier=True` (a delete, anything whose effect depends on order across statements) runs after
 everything submitted before it. If a batch fails for one bad write (a constraint), the batch is
 re-run with a savepoint per submit, so only that submit fails. A full disk (or budget) fails the
@@ -13,6 +18,7 @@ batch with StorageFullError and commits nothing of it.
 """
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
@@ -110,6 +116,61 @@ class CommittedTicket(Ticket):
         self.row_id = row_id
 
 
+class MultiRow:
+    """One SQL text for many rows of the same positional insert: `insert into t (a, b) values
+    (?, ?)` becomes `... values (?, ?), (?, ?), ...` (any `on conflict` clause kept), so SQLite
+    steps once for up to MAX_ROWS rows. Row counts are powers of two (at most 8 statements for
+    any count, each prepared once and kept in sqlite3's statement cache). Statements that are
+    not of that form (named parameters, a select, placeholders outside the values group) and
+    parameters that are not sequences of the right length run as executemany."""
+
+    MAX_ROWS = 128
+    _FORM = re.compile(r'(?is)(?P<head>\s*insert\b[^?]*?\bvalues\s*)(?P<group>\([^()?]*'
+                       r'(?:\?[^()?]*)+\))(?P<tail>[^?]*)')
+    _MAX_FORMS = 256      # statements are the code's own; bound the cache all the same
+
+    def __init__(self, max_variables: int = 32766):
+        self.max_variables = max(1, int(max_variables))
+        self._forms: dict[str, tuple | None] = {}
+
+    def form(self, sql: str) -> tuple | None:
+        """(head, group, tail, parameters per row) of an insert it can widen, else None."""
+        try:
+            return self._forms[sql]
+        except KeyError:
+            pass
+        match = self._FORM.fullmatch(sql)
+        form = None
+        if match is not None and ':' not in sql and '@' not in sql and '$' not in sql:
+            group = match['group']
+            form = (match['head'], group, match['tail'], group.count('?'), {})
+        if len(self._forms) < self._MAX_FORMS:
+            self._forms[sql] = form
+        return form
+
+    def run(self, conn: sqlite3.Connection, sql: str, rows: list) -> None:
+        form = self.form(sql)
+        if form is None or len(rows) < 2:
+            conn.executemany(sql, rows)
+            return
+        head, group, tail, width, texts = form
+        if any(not isinstance(r, (tuple, list)) or len(r) != width for r in rows):
+            conn.executemany(sql, rows)   # sqlite3 names what is wrong with them
+            return
+        size = self.MAX_ROWS
+        while size > 1 and size * width > self.max_variables:
+            size //= 2
+        start, n = 0, len(rows)
+        while start < n:
+            count = min(size, n - start)
+            count = 1 << (count.bit_length() - 1)     # the largest power of two that fits
+            text = texts.get(count)
+            if text is None:
+                text = texts[count] = f'{head}{", ".join([group] * count)}{tail}'
+            conn.execute(text, [v for row in rows[start:start + count] for v in row])
+            start += count
+
+
 class GroupCommitWriter:
     """The single writer of one SQLite connection (which it owns from start() on)."""
 
@@ -117,6 +178,11 @@ class GroupCommitWriter:
                  max_batch: int = 20000, on_commit: Callable[[int, float], None] | None = None,
                  gate: Callable[[], None] | None = None):
         self.conn, self.name = conn, name
+        try:
+            variables = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        except (AttributeError, sqlite3.Error):   # Python < 3.11: SQLite's smallest default
+            variables = 999
+        self.multirow = MultiRow(variables)
         self.max_delay_s, self.max_batch = max(0.0, float(max_delay_s)), max(1, int(max_batch))
         self.on_commit = on_commit       # (writes, seconds) after each committed batch
         self.gate = gate                 # raises StorageFullError when writes must stop
@@ -289,5 +355,5 @@ class GroupCommitWriter:
             if len(rows) == 1:
                 self.conn.execute(sql, rows[0])
             else:
-                self.conn.executemany(sql, rows)
+                self.multirow.run(self.conn, sql, rows)
         groups.clear()
