@@ -187,10 +187,14 @@ def store_recording(path: str | os.PathLike, params: Mapping, env: Mapping) -> B
                            'hold; left where it is')
     name = check_name(path.name, 'recording file name')
     with _recorder(params, env) as storage:
-        try:
-            data = path.read_bytes()
+        try:   # at most one byte past the limit: a file still growing is refused, not read
+            with open(path, 'rb') as stream:
+                data = stream.read(MAX_BLOB_BYTES + 1)
         except OSError as exc:
             raise StorageError(f'{path}: cannot read: {exc.strerror}') from None
+        if len(data) != size:
+            raise StorageError(f'{path}: {len(data)} bytes read, {size} when it was checked; '
+                               'still being written? left where it is')
         ref = storage.blobs.put(RECORDINGS, name, data, content_type='application/x-mcap')
     try:
         path.unlink()

@@ -309,3 +309,38 @@ def test_blobs_show_as_a_tier_in_the_stats_without_a_budget(tmp_path):
         assert 'budget_bytes' not in stats['tiers']['blobs']
     finally:
         service.close()
+
+
+def test_a_forget_cut_off_before_its_index_rows_is_mended_by_running_it_again(tmp_path):
+    """A crash between forget's rewrite of a stored recording and the update of its index row
+    leaves the row with the old length, and every read refuses the recording; forget run again
+    finds nothing of the subject in it and brings the row to the object's length."""
+    root = tmp_path / 'root'
+    a, b = Subject('A'), Subject('B')
+    plant(root, [a, b])
+    params = {**default_params(), 'storage.root': str(root), 'storage.embedder': 'hash'}
+    ref = store_recording(root / 'recordings' / 'run.mcap', params, {})
+    layout = StorageLayout.at(root)
+    forget(layout, a.id, requested_by='dpo:test')
+    stored = root / 'objects' / ref.key
+    after = stored.read_bytes()
+    assert hits(recorded(after), a) == [] and len(after) < ref.bytes
+    with Storage(StorageConfig(root=str(root), unit='recorder')) as storage:
+        storage.write('update blobs set bytes = ? where key = ?', (ref.bytes, ref.key)).wait()
+        with pytest.raises(StorageError, match='recorded; not returned'):
+            storage.blobs.get(ref.key)
+    receipt = forget(layout, a.id, requested_by='dpo:test')
+    assert receipt.counts['recording_messages'] == 0
+    fetched = tmp_path / 'fetched.mcap'
+    assert fetch_recording('run.mcap', fetched, params, {}).bytes == len(after)
+    assert fetched.read_bytes() == after and b.canaries['batch'] in recorded(after)
+
+
+def test_a_local_object_grown_past_the_limit_is_refused_unread(tmp_path):
+    from loom_ros.storage.backend.local import LocalObjectStore
+    store = LocalObjectStore(tmp_path, max_bytes=64)
+    store.put('blobs/x/fits', b'a' * 64)
+    assert store.get('blobs/x/fits') == b'a' * 64
+    (tmp_path / 'blobs' / 'x' / 'big').write_bytes(b'b' * 65)   # written there by someone else
+    with pytest.raises(StorageError, match='more than 64 bytes'):
+        store.get('blobs/x/big')

@@ -5,18 +5,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from loom_ros.security.keyring import MAX_PLAINTEXT_BYTES, OVERHEAD
 from loom_ros.storage.base import ObjectStore, check_key
 from loom_ros.storage.durable import write_atomic
 from loom_ros.storage.errors import StorageError, StorageFullError, is_full
 
 TMP_SUFFIX = '.part'
+MAX_OBJECT_BYTES = MAX_PLAINTEXT_BYTES + OVERHEAD   # as the S3 store: longer is not read
 
 
 class LocalObjectStore(ObjectStore):
     name = 'local'
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike, max_bytes: int = MAX_OBJECT_BYTES):
+        self.root, self.max_bytes = Path(root), int(max_bytes)
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -32,10 +34,18 @@ class LocalObjectStore(ObjectStore):
             raise StorageError(f'{path}: cannot write: {exc.strerror}') from None
 
     def get(self, key: str) -> bytes:
+        """The object's bytes, read to at most max_bytes: a file grown past that under the
+        folder (by anyone) is refused, not read into memory."""
+        path = self._path(key)
         try:
-            return self._path(key).read_bytes()
+            with open(path, 'rb') as stream:
+                data = stream.read(self.max_bytes + 1)
         except OSError as exc:
-            raise StorageError(f'{self._path(key)}: cannot read: {exc.strerror}') from None
+            raise StorageError(f'{path}: cannot read: {exc.strerror}') from None
+        if len(data) > self.max_bytes:
+            raise StorageError(f'{path}: more than {self.max_bytes} bytes, longer than any '
+                               'object Loom writes; not read')
+        return data
 
     def delete(self, key: str) -> None:
         try:
