@@ -187,9 +187,9 @@ def store_recording(path: str | os.PathLike, params: Mapping, env: Mapping) -> B
                            'hold; left where it is')
     name = check_name(path.name, 'recording file name')
     with _recorder(params, env) as storage:
-        try:   # at most one byte past the limit: a file still growing is refused, not read
+        try:   # one byte past the size checked: a file still growing is refused, not read
             with open(path, 'rb') as stream:
-                data = stream.read(MAX_BLOB_BYTES + 1)
+                data = stream.read(size + 1)
         except OSError as exc:
             raise StorageError(f'{path}: cannot read: {exc.strerror}') from None
         if len(data) != size:

@@ -741,9 +741,13 @@ def _forget_stored_recordings(backend, store, erasers, subject: str, receipt: Re
         if not drop:
             # nothing of the subject: still bring the index rows to the object's length, so a
             # forget cut off between a rewrite and its rows' update is mended by running again
-            for eraser in erasers:
-                eraser.conn.execute('update blobs set bytes = ? where key = ? and bytes != ?',
-                                    (len(data), key, len(data)))
+            mended = sum(eraser.conn.execute(
+                'update blobs set bytes = ? where key = ? and bytes != ?',
+                (len(data), key, len(data))).rowcount for eraser in erasers)
+            if mended:   # said, so a recording changed by someone else does not pass unseen
+                receipt.not_covered.append(f'object {key[:80]!r}: its index said another '
+                                           f'length; now {len(data)} bytes (an earlier forget '
+                                           'cut off, or the object was replaced)')
             continue
         out = io.BytesIO()
         _copy_recording(data, out, subject, decoder, True, 'loom forget')

@@ -60,15 +60,20 @@ class AgentMemoryReader:
                                 f'in {self.layout.root / "db"} holds any)')
         return found
 
+    # Each an indexed lookup: whether a unit database holds anything of an agent is asked for
+    # every name a tool or a Recall request gives, so it must not scan the episodes.
+    _HOLDS = (("kv", "select 1 from kv where ns = 'agent_state' and key = ? limit 1"),
+              ('episode_agents', 'select 1 from episode_agents where agent_id = ? limit 1'),
+              ('facts', 'select 1 from facts where agent_id = ? limit 1'))
+
     @staticmethod
     def _holds(path, agent: str) -> bool:
         try:
             with closing(open_database(path, read_only=True, check=False)) as conn:
-                return conn.execute(
-                    "select 1 from kv where ns = 'agent_state' and key = ? union all "
-                    'select 1 from episodes where agent_id = ? union all '
-                    'select 1 from facts where agent_id = ? limit 1',
-                    (agent, agent, agent)).fetchone() is not None
+                tables = {r[0] for r in conn.execute(
+                    "select name from sqlite_master where type = 'table'")}
+                return any(conn.execute(sql, (agent,)).fetchone() is not None
+                           for table, sql in AgentMemoryReader._HOLDS if table in tables)
         except (sqlite3.DatabaseError, StorageError):
             return False   # not a unit database (yet): nothing of this agent in it
 
@@ -101,14 +106,17 @@ class AgentMemoryReader:
                     if not columns:
                         continue   # the agent has not written any yet
                     subject = 'subject' in columns
+                    spans = conn.execute("select 1 from sqlite_master where type = 'table' "
+                                         "and name = 'episode_agents'").fetchone() is not None
                     wanted = EPISODE_COLUMNS + (('subject',) if subject else ())
                     plain = "typeof(payload) = 'text'" if text else ''
                     sql, args = episodes_sql(agent, start_ms, end_ms, type, source, tag, text,
-                                             limit, wanted, plain)
+                                             limit, wanted, plain, spans)
                     found = conn.execute(sql, args).fetchall()
                     if text:   # encrypted rows: searched once decrypted
                         sql, args = episodes_sql(agent, start_ms, end_ms, type, source, tag, '',
-                                                 self.MAX_SCAN, wanted, "typeof(payload) = 'blob'")
+                                                 self.MAX_SCAN, wanted, "typeof(payload) = 'blob'",
+                                                 spans)
                         found += conn.execute(sql, args).fetchall()
                 except sqlite3.DatabaseError as exc:
                     raise StorageError(f'{path}: cannot read the memory of {agent!r}: '

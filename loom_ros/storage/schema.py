@@ -27,6 +27,15 @@ DDL = [
     'drop index if exists episodes_agent_time',
     'drop index if exists episodes_time',
     'create index if not exists episodes_time_agent on episodes (time_ms, agent_id)',
+    # Which agents have episodes and between which times (one row per agent, written with the
+    # episodes): a question about an agent with none is answered here, and a query for one
+    # agent scans only its time span in the index. Bounds, not counts: rows moved or erased
+    # leave them as they were. Filled from the episodes once, for a file from before.
+    'create table if not exists episode_agents (agent_id text primary key, '
+    'first_ms int not null, last_ms int not null) without rowid',
+    'insert or ignore into episode_agents (agent_id, first_ms, last_ms) select agent_id, '
+    'min(time_ms), max(time_ms) from episodes where not exists (select 1 from episode_agents) '
+    'group by agent_id',
     # The data subjects whose events wrote a KV row (an agent's state after handling them):
     # erasing one deletes the rows it wrote to (what a state holds of a person cannot be told
     # apart from the rest of it).

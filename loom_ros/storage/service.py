@@ -17,7 +17,10 @@ from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.rowcipher import episode_context
 from loom_ros.storage.lifecycle import (Lifecycle, LifecycleParams, MoveReport, TierPolicy,
                                         load_policies)
+from loom_ros.storage.stores import episodes_sql
 from loom_ros.telemetry.diagnostics import OK, CheckResult
+
+QUERY_COLUMNS = ('agent_id', 'event_id', 'time_ms', 'type', 'source', 'tags', 'payload', 'subject')
 
 PREFIX = 'storage.'
 
@@ -235,15 +238,9 @@ class StorageService:
         for name in units:
             lc = self.lifecycles[name]
             if kind == 'episodes':
-                where, args = ['time_ms >= ?', 'time_ms <= ?'], [int(start_ms), int(end_ms)]
-                for column, value in (('agent_id', agent_id), ('type', type), ('source', source)):
-                    if value:
-                        where.append(f'{column} = ?')
-                        args.append(value)
-                rows = lc.conn.execute(
-                    'select agent_id, event_id, time_ms, type, source, tags, payload, subject '
-                    f'from episodes where {" and ".join(where)} order by time_ms, id limit ?',
-                    (*args, int(limit))).fetchall()
+                sql, args = episodes_sql(agent_id, start_ms, end_ms, type, source,
+                                         limit=limit, columns=QUERY_COLUMNS)
+                rows = lc.conn.execute(sql, args).fetchall()
                 for r in rows:   # payloads decrypted (encryption at rest); erased ones skipped
                     payload = lc.cipher.open_or_none(r[6], episode_context(r[0], r[1], r[2], r[7]))
                     if payload is not None:

@@ -119,14 +119,27 @@ class Checkpointer:
         self._conn = open_database(self.path, check=False)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f'{name}-checkpoint', daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            self._conn.close()
+            raise
 
     BACKSTOP_PAGES = 16384   # 64 MB of 4 KB pages: SQLite's default is 1,000
 
     @classmethod
-    def backstop(cls, conn: sqlite3.Connection, pages: int | None = None) -> None:
-        """Move `conn`'s automatic checkpoint out to `pages` (the checkpointer does the rest)."""
-        conn.execute(f'PRAGMA wal_autocheckpoint={int(pages or cls.BACKSTOP_PAGES)}')
+    def backstop(cls, conn: sqlite3.Connection, max_db_bytes: int = 0) -> int:
+        """Move `conn`'s automatic checkpoint out to BACKSTOP_PAGES (the checkpointer does the
+        rest), or to a quarter of a byte cap (`max_db_bytes`, which the WAL is outside of), at
+        least SQLite's 1,000; the WAL file is cut back to that size when it restarts. Returns the
+        pages."""
+        page = conn.execute('PRAGMA page_size').fetchone()[0]
+        pages = cls.BACKSTOP_PAGES
+        if max_db_bytes:
+            pages = max(1000, min(pages, int(max_db_bytes) // page // 4))
+        conn.execute(f'PRAGMA wal_autocheckpoint={pages}')
+        conn.execute(f'PRAGMA journal_size_limit={pages * page}')
+        return pages
 
     def run_once(self) -> tuple[int, int, int]:
         """One PASSIVE checkpoint: (busy, WAL frames, frames copied into the file)."""

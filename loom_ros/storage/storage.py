@@ -115,16 +115,30 @@ class Storage:
             raise StorageError(f'{self.path}: cannot create the tables: {exc}') from None
         # Episode payloads (and, in the lifecycle, cold summaries) under the subject's key.
         self.cipher = RowCipher(self.keyring)
-        self.reader = open_database(self.path, read_only=True, check=False)
         self._read_lock = threading.Lock()
         self._ids_lock = threading.Lock()
         self._ids: dict[str, int] = {}
-        # checkpoints on their own thread; the writer's automatic one only as a backstop
-        Checkpointer.backstop(self.conn)
-        self.checkpointer = Checkpointer(self.path, name=f'storage {self.unit}')
-        self.writer = GroupCommitWriter(self.conn, f'storage {self.unit}',
-                                        max_delay_s=config.max_delay_ms / 1000.0,
-                                        max_batch=config.max_batch, gate=gate)
+        self.reader = self.checkpointer = None
+        try:
+            self.reader = open_database(self.path, read_only=True, check=False)
+            # checkpoints on their own thread; the writer's automatic one only as a backstop
+            # (smaller under a byte cap, and the WAL file cut back to it after each reset)
+            Checkpointer.backstop(self.conn, config.max_db_bytes)
+            self.checkpointer = Checkpointer(self.path, name=f'storage {self.unit}')
+            self.writer = GroupCommitWriter(self.conn, f'storage {self.unit}',
+                                            max_delay_s=config.max_delay_ms / 1000.0,
+                                            max_batch=config.max_batch, gate=gate)
+        except BaseException:   # nothing left open behind a failed start (the lock fd least)
+            if self.checkpointer is not None:
+                self.checkpointer.close()
+            if self.reader is not None:
+                self.reader.close()
+            self.conn.close()
+            os.close(self._lock_fd)
+            if self.keyring is not None:
+                self.keyring.close()
+            self._close_consent()
+            raise
         self._stores: dict = {}
 
     def _claim(self) -> int:

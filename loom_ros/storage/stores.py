@@ -156,6 +156,9 @@ class AgentStateStore:
             e['payload'] or '', episode_context(e['agent_id'], e['event_id'], e['time_ms'], ''), '',
             e['time_ms']), len(e['payload'] or '') + len(e['tags'] or '') + 64))
             for e in episodes]
+        span = EpisodeStore.span_op(agent_id, (e['time_ms'] for e in episodes))
+        if span is not None:
+            ops.append(span)
         ops += [('insert into facts (id, agent_id, subject, relation, object, provenance, '
                  'time_ms, vector) values (?, ?, ?, ?, ?, ?, ?, ?)',
                  (self.storage.next_id('facts'), agent_id, *tuple(f))) for f in facts]
@@ -191,6 +194,9 @@ class AgentStateStore:
         store = self.episodes
         entries = [store.entry(agent_id, event) for event in episodes]
         ops.extend(op for op, _kept in entries)
+        span = store.span_op(agent_id, (op[1][2] for op, kept in entries if kept))
+        if span is not None:
+            ops.append(span)
         # the state is made from these events, kept or only counted: erasing one of their
         # subjects deletes it
         ops.extend(self.kv.subject_ops(self.NS, agent_id, (episode_subject(e)
@@ -303,13 +309,27 @@ class EpisodeStore:
         return (self.INSERT_SUBJECT, (*row[:6], payload, len(row[6]) + len(row[5]) + 64,
                                       subject)), True
 
+    # The agent's span in episode_agents (schema.py), in the same write as its episodes.
+    AGENT_SPAN = ('insert into episode_agents (agent_id, first_ms, last_ms) values (?, ?, ?) '
+                  'on conflict (agent_id) do update set first_ms = min(first_ms, '
+                  'excluded.first_ms), last_ms = max(last_ms, excluded.last_ms)')
+
+    @classmethod
+    def span_op(cls, agent_id: str, times) -> tuple | None:
+        """The episode_agents write for episodes of `agent_id` at `times` (None: none)."""
+        times = list(times)
+        if not times:
+            return None
+        return (cls.AGENT_SPAN, (agent_id[:MAX_FIELD_CHARS], min(times), max(times)))
+
     def record_op(self, agent_id: str, event) -> tuple:
         """The write of one event (see `entry`)."""
         return self.entry(agent_id, event)[0]
 
     def record(self, agent_id: str, event) -> Ticket:
         op, kept = self.entry(agent_id, event)
-        ticket = self.storage.writer.submit((op,))
+        ticket = self.storage.writer.submit(
+            (op, self.span_op(agent_id, (op[1][2],))) if kept else (op,))
         if kept:
             self.remember(agent_id, event, ticket)
         return ticket
@@ -373,14 +393,25 @@ EPISODE_COLUMNS = ('event_id', 'time_ms', 'type', 'source', 'tags', 'payload')
 FACT_COLUMNS = ('id', 'subject', 'relation', 'object', 'provenance', 'time_ms')
 
 
+# An agent's time range cut to its span in episode_agents: NULL (no rows, found at once by
+# the index seek) for an agent with no episodes.
+SPAN_START = 'max(:s, (select first_ms from episode_agents where agent_id = :agent_id))'
+SPAN_END = 'min(:e, (select last_ms from episode_agents where agent_id = :agent_id))'
+
+
 def episodes_sql(agent_id: str = '', start_ms: int = 0, end_ms: int = 2**63 - 1, type: str = '',
                  source: str = '', tag: str = '', text: str = '', limit: int = 100,
-                 columns: tuple = EPISODE_COLUMNS, where_also: str = '') -> tuple[str, dict]:
+                 columns: tuple = EPISODE_COLUMNS, where_also: str = '',
+                 spans: bool = True) -> tuple[str, dict]:
     """The one episode query (time range, type, source, tag, text in the payload), in time
     order, for every file that holds episodes (the unit databases and the agents' own files).
-    `where_also`: one more SQL condition (no parameters)."""
+    `where_also`: one more SQL condition (no parameters). `spans`: the file has episode_agents
+    (the agents' own files from before the layer do not), so one agent's query reads only its
+    span of the time index."""
     where, args = ['time_ms >= :s', 'time_ms <= :e'], {'s': int(start_ms), 'e': int(end_ms),
                                                        'limit': max(0, int(limit))}
+    if agent_id and spans:
+        where = [f'time_ms >= {SPAN_START}', f'time_ms <= {SPAN_END}']
     if where_also:
         where.append(where_also)
     for column, value in (('agent_id', agent_id), ('type', type), ('source', source)):

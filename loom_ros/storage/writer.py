@@ -141,7 +141,8 @@ class MultiRow:
             pass
         match = self._FORM.fullmatch(sql)
         form = None
-        if match is not None and ':' not in sql and '@' not in sql and '$' not in sql:
+        if (match is not None and ':' not in sql and '@' not in sql and '$' not in sql
+                and re.search(r'\?\d', sql) is None):   # ?NNN would name the same values twice
             group = match['group']
             form = (match['head'], group, match['tail'], group.count('?'), {})
         if len(self._forms) < self._MAX_FORMS:

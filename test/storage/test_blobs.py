@@ -331,6 +331,7 @@ def test_a_forget_cut_off_before_its_index_rows_is_mended_by_running_it_again(tm
             storage.blobs.get(ref.key)
     receipt = forget(layout, a.id, requested_by='dpo:test')
     assert receipt.counts['recording_messages'] == 0
+    assert any('its index said another length' in line for line in receipt.not_covered)
     fetched = tmp_path / 'fetched.mcap'
     assert fetch_recording('run.mcap', fetched, params, {}).bytes == len(after)
     assert fetched.read_bytes() == after and b.canaries['batch'] in recorded(after)

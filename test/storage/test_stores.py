@@ -21,6 +21,7 @@ from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.lifecycle import (Lifecycle, LifecycleParams, TierPolicy, load_policies)
 from loom_ros.storage.sqlite import integrity_ok
 from loom_ros.storage.storage import Storage, StorageConfig
+from loom_ros.storage.stores import episodes_sql
 from loom_ros.telemetry.diagnostics import ERROR, OK, WARN
 
 T0 = T0_MS
@@ -111,19 +112,25 @@ def test_episode_index_is_time_first_and_old_files_lose_agent_first_indexes(tmp_
     conn = sqlite3.connect(path)
     conn.execute('create index episodes_agent_time on episodes (agent_id, time_ms)')
     conn.execute('create index episodes_time on episodes (time_ms)')
+    conn.execute('drop table episode_agents')     # a file from before the agent spans
     conn.commit()
     conn.close()
     with Storage(StorageConfig(root=str(tmp_path), unit='old'), clock=clock) as s:
         indexes = {r[0] for r in s.query("select name from sqlite_master where type = 'index' "
                                          "and tbl_name = 'episodes'")}
         assert indexes == {'episodes_time_agent', 'episodes_subject'}
+        spans = {r[0]: (r[1], r[2]) for r in s.query('select * from episode_agents')}
+        assert spans == {f'agent{k}': (T0 + k * 1000, T0 + (16 + k) * 1000) for k in range(4)}
+        s.episodes.record('agent1', event(40)).wait(10)
+        assert tuple(s.query("select first_ms, last_ms from episode_agents where "
+                             "agent_id = 'agent1'")[0]) == (T0 + 1000, T0 + 40_000)
+        assert s.episodes.query('nobody') == []
         assert [e['event_id'] for e in s.episodes.query('agent1')] == ['e1', 'e5', 'e9', 'e13',
-                                                                      'e17']
+                                                                      'e17', 'e40']
         assert [e['event_id'] for e in s.episodes.query('agent3', start_ms=T0 + 10_000)] == \
             ['e11', 'e15', 'e19']
-        plan = ' '.join(str(tuple(r)) for r in s.query(
-            'explain query plan select event_id from episodes where agent_id = ? and '
-            'time_ms >= ? and time_ms <= ? order by time_ms, rowid limit 10', ('agent1', 0, 2**62)))
+        sql, args = episodes_sql('agent1')
+        plan = ' '.join(str(tuple(r)) for r in s.query('explain query plan ' + sql, args))
         assert 'episodes_time_agent' in plan and 'SCAN episodes ' not in plan + ' '
 
 

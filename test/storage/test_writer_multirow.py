@@ -32,7 +32,8 @@ def test_forms_it_widens_and_those_it_leaves_to_executemany():
     assert m.form(EpisodeStore.WITHHOLD)[1] == '(?, ?, ?, 1)'
     for sql in ('insert into audit (id, ts) select :a, :b', 'delete from t where id = ?',
                 'insert into t (a, b) values (?, ?) on conflict(a) do update set b = ?',
-                'insert into t (a, b) values (:a, :b)', 'update t set b = ? where a = ?'):
+                'insert into t (a, b) values (:a, :b)', 'update t set b = ? where a = ?',
+                'insert into t (a, b) values (?1, ?2)'):
         assert m.form(sql) is None, sql
 
 
@@ -85,11 +86,17 @@ def test_checkpoints_run_beside_the_writer_and_a_failure_is_counted(tmp_path):
     with Storage(StorageConfig(root=str(tmp_path), unit='c')) as s:
         assert s.conn.execute('pragma wal_autocheckpoint').fetchone()[0] == \
             Checkpointer.BACKSTOP_PAGES
+        assert s.conn.execute('pragma journal_size_limit').fetchone()[0] == \
+            Checkpointer.BACKSTOP_PAGES * 4096
         for i in range(50):
             ticket = s.kv.put('n', f'k{i}', i)
         ticket.wait(10)
         busy, frames, copied = s.checkpointer.run_once()
         assert busy == 0 and frames > 0 and copied == frames
+    # under a byte cap the backstop is a quarter of it (the WAL is outside the cap)
+    with Storage(StorageConfig(root=str(tmp_path), unit='capped',
+                               max_db_bytes=32 * 1024 * 1024)) as s:
+        assert s.conn.execute('pragma wal_autocheckpoint').fetchone()[0] == 2048
     # a checkpointer whose connection fails: counted, never raised (its thread goes on)
     path = tmp_path / 'f.db'
     open_database(path).close()

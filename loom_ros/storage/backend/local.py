@@ -39,12 +39,16 @@ class LocalObjectStore(ObjectStore):
         path = self._path(key)
         try:
             with open(path, 'rb') as stream:
-                data = stream.read(self.max_bytes + 1)
+                size = os.fstat(stream.fileno()).st_size   # of this file, not of a name
+                if size > self.max_bytes:
+                    raise StorageError(f'{path}: more than {self.max_bytes} bytes, longer than '
+                                       'any object Loom writes; not read')
+                # read(n) reserves n bytes first: the file's size, not the limit
+                data = stream.read(size + 1)
         except OSError as exc:
             raise StorageError(f'{path}: cannot read: {exc.strerror}') from None
-        if len(data) > self.max_bytes:
-            raise StorageError(f'{path}: more than {self.max_bytes} bytes, longer than any '
-                               'object Loom writes; not read')
+        if len(data) != size:
+            raise StorageError(f'{path}: changed while it was read; not returned')
         return data
 
     def delete(self, key: str) -> None:
