@@ -162,8 +162,9 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = ['# Telemetry benchmark', '',
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; {m['os']}; "
              f"Python {m['python']}, rclpy {m['rclpy']}, {m['rmw']}, {m['executor']}; {m['date']}.",
-             '', 'Taken while other engineers were running builds and tests on the same 2 cores: '
-             'absolute numbers are noisy; the ratios within one run are what to read.', '',
+             '', f"{os.environ.get('LOOM_BENCH_NOTE', 'taken with nothing else running')}: "
+             'absolute numbers move between machines and days; the ratios within one run are '
+             'what to read.', '',
              '## Publish cost (intra-process, one inline subscriber, 100-byte payload)', '',
              'Per publish, including the in-process delivery (and the HandleEvent span and '
              'histogram records when on). Baseline: the same bus with no telemetry attached.', '',
