@@ -33,7 +33,7 @@ from loom_ros.bus.privacy import SubjectError, check_subject
 from loom_ros.security.keyring import encryption_settings
 from loom_ros.storage.backend import ObjectSettings
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore
-from loom_ros.storage.durable import write_atomic
+from loom_ros.storage.durable import NotRegularError, read_regular, write_atomic
 from loom_ros.storage.errors import StorageError
 from loom_ros.storage.layout import check_name
 from loom_ros.storage.storage import Storage, StorageConfig
@@ -187,11 +187,13 @@ def store_recording(path: str | os.PathLike, params: Mapping, env: Mapping) -> B
                            'hold; left where it is')
     name = check_name(path.name, 'recording file name')
     with _recorder(params, env) as storage:
-        try:   # one byte past the size checked: a file still growing is refused, not read
-            with open(path, 'rb') as stream:
-                data = stream.read(size + 1)
+        try:   # the file itself checked again once open: a link or a bigger file swapped
+            data = read_regular(path, MAX_BLOB_BYTES)   # in after the checks is refused
+        except NotRegularError:
+            raise StorageError(f'{path}: not a plain file; not stored') from None
         except OSError as exc:
-            raise StorageError(f'{path}: cannot read: {exc.strerror}') from None
+            raise StorageError(f'{path}: cannot read: {exc.strerror or exc}; left where it '
+                               'is') from None
         if len(data) != size:
             raise StorageError(f'{path}: {len(data)} bytes read, {size} when it was checked; '
                                'still being written? left where it is')

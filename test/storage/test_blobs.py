@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -345,3 +346,12 @@ def test_a_local_object_grown_past_the_limit_is_refused_unread(tmp_path):
     (tmp_path / 'blobs' / 'x' / 'big').write_bytes(b'b' * 65)   # written there by someone else
     with pytest.raises(StorageError, match='more than 64 bytes'):
         store.get('blobs/x/big')
+    # a link planted under the folder is not followed, whatever it points at
+    secret = tmp_path.parent / f'{tmp_path.name}-outside.txt'
+    secret.write_bytes(b'not an object')
+    (tmp_path / 'blobs' / 'x' / 'link').symlink_to(secret)
+    with pytest.raises(StorageError, match='cannot read'):
+        store.get('blobs/x/link')
+    os.mkfifo(tmp_path / 'blobs' / 'x' / 'fifo')     # nor does a FIFO block the reader
+    with pytest.raises(StorageError, match='cannot read: .*not a plain file'):
+        store.get('blobs/x/fifo')

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from loom_ros.security.keyring import MAX_PLAINTEXT_BYTES, OVERHEAD
 from loom_ros.storage.base import ObjectStore, check_key
-from loom_ros.storage.durable import write_atomic
+from loom_ros.storage.durable import TooLargeError, read_regular, write_atomic
 from loom_ros.storage.errors import StorageError, StorageFullError, is_full
 
 TMP_SUFFIX = '.part'
@@ -35,21 +35,15 @@ class LocalObjectStore(ObjectStore):
 
     def get(self, key: str) -> bytes:
         """The object's bytes, read to at most max_bytes: a file grown past that under the
-        folder (by anyone) is refused, not read into memory."""
+        folder (by anyone) is refused, not read into memory, and a link is not followed."""
         path = self._path(key)
         try:
-            with open(path, 'rb') as stream:
-                size = os.fstat(stream.fileno()).st_size   # of this file, not of a name
-                if size > self.max_bytes:
-                    raise StorageError(f'{path}: more than {self.max_bytes} bytes, longer than '
-                                       'any object Loom writes; not read')
-                # read(n) reserves n bytes first: the file's size, not the limit
-                data = stream.read(size + 1)
-        except OSError as exc:
-            raise StorageError(f'{path}: cannot read: {exc.strerror}') from None
-        if len(data) != size:
-            raise StorageError(f'{path}: changed while it was read; not returned')
-        return data
+            return read_regular(path, self.max_bytes)
+        except TooLargeError:
+            raise StorageError(f'{path}: more than {self.max_bytes} bytes, longer than any '
+                               'object Loom writes; not read') from None
+        except OSError as exc:   # a link planted under the folder is not followed
+            raise StorageError(f'{path}: cannot read: {exc.strerror or exc}') from None
 
     def delete(self, key: str) -> None:
         try:
