@@ -47,14 +47,19 @@ def test_service_decides_explains_publishes_and_persists_across_restarts(ros, ro
     from loom_msgs.msg import RouteDecision, RouteOutcome, RouterStats
     from loom_msgs.srv import Route
     decisions, stats = [], []
-    ros.node.create_subscription(RouteDecision, '/r1/router/decisions', decisions.append,
-                                 to_qos_profile('batched'))
+    decision_sub = ros.node.create_subscription(RouteDecision, '/r1/router/decisions',
+                                                decisions.append, to_qos_profile('batched'))
     ros.node.create_subscription(RouterStats, '/r1/router/stats', stats.append,
                                  to_qos_profile('realtime'))
     outcomes = ros.node.create_publisher(RouteOutcome, '/r1/router/outcomes',
                                          to_qos_profile('batched'))
     client = ros.node.create_client(Route, '/r1/router/route')
     proc = router('/r1')
+    # Decisions are published once, volatile: ask only once the router's decisions writer is
+    # matched, else the first ones can go out before DDS discovery pairs it with this reader
+    # (the service can be ready first; a full-suite run lost all three that way).
+    ros.wait_for(lambda: decision_sub.get_publisher_count() > 0, 'the decisions publisher',
+                 alive=[proc])
 
     # speech.utterance has threshold 0.85 in config/policy.yaml; voice has latency_local_ms 50.
     hybrid = call(ros, client, route_request(has_local_confidence=True, local_confidence=0.7))
