@@ -98,16 +98,14 @@ class Storage:
                 self.keyring.close()
             self._close_consent()
             raise
+        self.reader = self.checkpointer = None
+        self._read_lock = threading.Lock()
         try:
             schema.ensure(self.conn, self.path)
             # rows encrypted before and no key now: refused here, never plaintext beside them
             check_marker(self.conn, self.path, self.keyring is not None)
         except (sqlite3.Error, StorageError) as exc:
-            self.conn.close()
-            os.close(self._lock_fd)
-            if self.keyring is not None:
-                self.keyring.close()
-            self._close_consent()
+            self._release()
             if isinstance(exc, StorageError):
                 raise
             if is_full(exc):
@@ -115,10 +113,8 @@ class Storage:
             raise StorageError(f'{self.path}: cannot create the tables: {exc}') from None
         # Episode payloads (and, in the lifecycle, cold summaries) under the subject's key.
         self.cipher = RowCipher(self.keyring)
-        self._read_lock = threading.Lock()
         self._ids_lock = threading.Lock()
         self._ids: dict[str, int] = {}
-        self.reader = self.checkpointer = None
         try:
             self.reader = open_database(self.path, read_only=True, check=False)
             # checkpoints on their own thread; the writer's automatic one only as a backstop
@@ -129,15 +125,7 @@ class Storage:
                                             max_delay_s=config.max_delay_ms / 1000.0,
                                             max_batch=config.max_batch, gate=gate)
         except BaseException:   # nothing left open behind a failed start (the lock fd least)
-            if self.checkpointer is not None:
-                self.checkpointer.close()
-            if self.reader is not None:
-                self.reader.close()
-            self.conn.close()
-            os.close(self._lock_fd)
-            if self.keyring is not None:
-                self.keyring.close()
-            self._close_consent()
+            self._release()
             raise
         self._stores: dict = {}
 
@@ -232,9 +220,16 @@ class Storage:
 
     def close(self) -> None:
         self.writer.close()
-        self.checkpointer.close()
-        with self._read_lock:
-            self.reader.close()
+        self._release()
+
+    def _release(self) -> None:
+        """Close what this Storage holds besides its writer, or what a failed start had opened
+        so far: checkpointer, reader, connection, the unit's lock, keyring, consent."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        if self.reader is not None:
+            with self._read_lock:
+                self.reader.close()
         self.conn.close()
         os.close(self._lock_fd)
         if self.keyring is not None:
