@@ -326,14 +326,21 @@ class AgentNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         if self.ports is not None:
             self.ports.gate.open()
+        # One bus subscription per (pattern, QoS, backpressure) shared by the agents that ask for
+        # the same: an event on a topic 100 agents follow is taken and counted once, then put in
+        # each mailbox, instead of passing the bus's per-subscription work 100 times.
+        groups: dict[tuple, list[Agent]] = {}
         for agent in self.agents.values():
             if agent.lifecycle is AgentState.INACTIVE and agent.persist_failed is None:
                 agent.activate()
-                deliver = self.dispatcher.deliver
                 for pattern in agent.config.subscriptions:
-                    self._subs.append(self.bus.subscribe(
-                        pattern, lambda event, topic, a=agent: deliver(a, event),
-                        agent.config.qos, backpressure=agent.config.backpressure or None))
+                    key = (pattern, agent.config.qos, agent.config.backpressure or None)
+                    groups.setdefault(key, []).append(agent)
+        deliver = self.dispatcher.deliver_all
+        for (pattern, qos, backpressure), agents in groups.items():
+            self._subs.append(self.bus.subscribe(
+                pattern, lambda event, topic, a=tuple(agents): deliver(a, event), qos,
+                backpressure=backpressure))
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:

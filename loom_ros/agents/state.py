@@ -29,7 +29,7 @@ class AgentStore:
 
     def __init__(self, storage, agent_id: str):
         self.storage, self.agent_id = storage, agent_id
-        self._states = storage.agent_state
+        self._states, self._episodes = storage.agent_state, storage.episodes
         self._pending: list[Event] = []
         self._inflight: deque = deque()   # (ticket, episodes, submitted monotonic)
         self._lock = threading.Lock()
@@ -53,7 +53,7 @@ class AgentStore:
     def record(self, event: Event) -> None:
         """An event's episode, stored with the next commit (in the same transaction as the
         state it produced)."""
-        self.storage.episodes.note(event)   # whose it is, for what the handler derives
+        self._episodes.note(event)   # whose it is, for what the handler derives
         with self._lock:
             self._pending.append(event)
 

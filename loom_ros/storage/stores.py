@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii   # what json.dumps does for one str
 
 import faiss
 import numpy as np
@@ -190,19 +191,19 @@ class AgentStateStore:
         # text: the state is not serialized twice.
         ops = [self.kv.put_json_op(self.NS, agent_id, (
             f'{{"state":{state_json},"events":{int(events)},"last_event_id":'
-            f'{json.dumps(str(last_event_id))}}}'), self.SCHEMA_VERSION)]
+            f'{encode_basestring_ascii(str(last_event_id))}}}'), self.SCHEMA_VERSION)]
         store = self.episodes
-        entries = [store.entry(agent_id, event) for event in episodes]
-        ops.extend(op for op, _kept in entries)
-        span = store.span_op(agent_id, (op[1][2] for op, kept in entries if kept))
-        if span is not None:
-            ops.append(span)
+        entries = [store.entry_with_subject(agent_id, event) for event in episodes]
+        ops.extend(op for op, _kept, _subject in entries)
+        times = [op[1][2] for op, kept, _subject in entries if kept]
+        if times:
+            ops.append((store.AGENT_SPAN, (agent_id[:MAX_FIELD_CHARS], min(times), max(times))))
         # the state is made from these events, kept or only counted: erasing one of their
         # subjects deletes it
-        ops.extend(self.kv.subject_ops(self.NS, agent_id, (episode_subject(e)
-                                                           for e in episodes)))
+        ops.extend(self.kv.subject_ops(self.NS, agent_id,
+                                       (subject for _op, _kept, subject in entries)))
         ticket = self.storage.writer.submit(ops)
-        for event, (_op, kept) in zip(episodes, entries):
+        for event, (_op, kept, _subject) in zip(episodes, entries):
             if kept:
                 store.remember(agent_id, event, ticket)
         return ticket
@@ -297,17 +298,27 @@ class EpisodeStore:
         """(the write of one event, whether it keeps the event): the episode's insert (secrets
         in payload and tags masked before the file), or, for an event storage may not keep
         (`withholds`), the count of it per agent, type and UTC day."""
-        if self.withholds(event):
+        op, kept, _subject = self.entry_with_subject(agent_id, event)
+        return op, kept
+
+    def entry_with_subject(self, agent_id: str, event) -> tuple[tuple, bool, str]:
+        """`entry` and the event's data subject (as `episode_subject`), found once."""
+        try:
+            subject = event_subject(event)
+        except SubjectError:   # not a valid id: kept as a count only, stored as '' (fail closed)
+            subject, withhold = '', True
+        else:
+            withhold = bool(subject) and not self.storage.consent.allows(subject)
+        if withhold:
             self.storage.count_withheld()
             return (self.WITHHOLD, (agent_id[:MAX_FIELD_CHARS], event.type[:MAX_FIELD_CHARS],
-                                    day_of(event.timestamp_ms))), False
+                                    day_of(event.timestamp_ms))), False, subject
         row = episode_row(agent_id, event, self.mask)
-        subject = episode_subject(event)
         # encryption on: the payload under the subject's (anonymous: the day's) key
         payload = self.storage.cipher.seal(row[6], episode_context(*row[:3], subject), subject,
                                            row[2])
         return (self.INSERT_SUBJECT, (*row[:6], payload, len(row[6]) + len(row[5]) + 64,
-                                      subject)), True
+                                      subject)), True, subject
 
     # The agent's span in episode_agents (schema.py), in the same write as its episodes.
     AGENT_SPAN = ('insert into episode_agents (agent_id, first_ms, last_ms) values (?, ?, ?) '

@@ -122,8 +122,10 @@ def test_supervisor_verdicts():
     assert 'gave up after 1 restarts' in sup.verdict('a', 20.0).reason
 
 
-def test_a_state_that_is_not_json_is_a_behavior_error_rolled_back(storage):
-    """The state is serialized once per event, right after the handler: a value JSON cannot
+@pytest.mark.parametrize('deferred', [False, True])
+def test_a_state_that_is_not_json_is_a_behavior_error_rolled_back(storage, deferred):
+    """The state is serialized once per event, before the agent's next handler or its commit
+    (deferred: the dispatcher runs a burst's handlers before their commits): a value JSON cannot
     hold fails that event (rolled back, counted), not the agent's persistence."""
     (agent,), _ = make_agents(storage, 1)
 
@@ -136,7 +138,8 @@ def test_a_state_that_is_not_json_is_a_behavior_error_rolled_back(storage):
     for event in (Event(type='ok', id='e0'), Event(type='bad', id='e1'),
                   Event(type='ok', id='e2')):
         agent.offer(event)
-        agent.handle_one()
+        agent.handle_one(defer_commit=deferred)
+    agent.commit_if_dirty()
     agent.settle()
     assert agent.stats['behavior_errors'] == 1 and agent.stats['handled'] == 2
     assert agent.persist_failed is None
@@ -204,9 +207,11 @@ def test_a_burst_runs_every_handler_before_its_commits(storage):
 
 def test_an_agent_that_always_has_mail_is_still_committed_as_it_goes(storage):
     """The deferred commits go at the latest every COMMIT_EVERY handlers even when the ready
-    queue never empties (one agent with 200 events waiting): a handler after the 64th starts
-    with what came before already committed, not the whole backlog held uncommitted."""
+    queue never empties (one agent with twice that many events waiting): a handler after the
+    COMMIT_EVERY-th starts with what came before already committed, not the whole backlog held
+    uncommitted."""
     seen, agents = [], []
+    n = 2 * Dispatcher.COMMIT_EVERY + 8
 
     class Probe:
         def setup(self, settings):
@@ -216,19 +221,19 @@ def test_an_agent_that_always_has_mail_is_still_committed_as_it_goes(storage):
             seen.append(agents[0].commit_pending)
     installed = {'probe': type('EntryPoint', (), {'load': staticmethod(lambda: Probe)})()}
     agents.append(Agent(AgentConfig(id='busy', behavior='probe', subscriptions=['t'],
-                                    mailbox_size=1000), storage, lambda *a: None,
+                                    mailbox_size=n), storage, lambda *a: None,
                         behaviors=installed))
     agents[0].configure()
     agents[0].activate()
-    for i in range(200):   # all queued before the worker starts: its queue never empties
+    for i in range(n):   # all queued before the worker starts: its queue never empties
         agents[0].offer(Event(type='tick', id=f'e{i}'))
     dispatcher = Dispatcher(1)
     try:
         dispatcher.schedule(agents[0])
-        wait_until(lambda: agents[0].stats['handled'] == 200, 'every event handled')
+        wait_until(lambda: agents[0].stats['handled'] == n, 'every event handled')
     finally:
         dispatcher.close()
-    assert len(seen) == 200 and seen[0] is False
+    assert len(seen) == n and seen[0] is False
     committed_before = [i for i, pending in enumerate(seen) if i and not pending]
     assert committed_before and committed_before[0] <= Dispatcher.COMMIT_EVERY, seen
     agents[0].cleanup()
