@@ -97,7 +97,9 @@ def throughput(root: Path, n: int) -> dict:
     out['raw_txn_per_row_latency_us'] = [pct(lat, 50) * 1e6, pct(lat, 99) * 1e6, max(lat) * 1e6]
     conn.close()
 
-    def layer(name, submit, count):
+    def layer(name, submit, count, events=None):
+        """`count` submits; `events`: how many events they carry (default one each)."""
+        events = count if events is None else events
         storage = Storage(StorageConfig(root=str(root), unit=name, max_delay_ms=2.0))
         sample, tickets = [], []
         t, cpu = time.perf_counter(), time.process_time()
@@ -109,7 +111,7 @@ def throughput(root: Path, n: int) -> dict:
         ticket.wait(120)
         elapsed = time.perf_counter() - t
         lat = [tk.committed_at - s for s, tk in sample]
-        result = {'per_s': count / elapsed, 'per_cpu_s': count / (time.process_time() - cpu),
+        result = {'per_s': events / elapsed, 'per_cpu_s': events / (time.process_time() - cpu),
                   'batches': storage.writer.batches,
                   'latency_ms': [pct(lat, 50) * 1e3, pct(lat, 99) * 1e3, max(lat) * 1e3]}
         storage.close()
@@ -124,6 +126,21 @@ def throughput(root: Path, n: int) -> dict:
         agent, event = evs[i]
         return s.agent_state.commit(agent, {'n': i}, i, event.id, [event])
     out['layer_state_plus_episode'] = layer('state', state_and_episode, n // 2)
+
+    # An agent that commits every 100 events (persist: interval), or a burst handled before its
+    # commit: its state and those 100 episodes in one write, each episode masked, consent-checked
+    # and sealed as above.
+    by_agent: dict[str, list] = {}
+    for agent, event in evs:
+        by_agent.setdefault(agent, []).append(event)
+    chunks = [(agent, es[i:i + 100]) for agent, es in by_agent.items()
+              for i in range(0, len(es), 100)]
+
+    def state_and_100(s, i):
+        agent, es = chunks[i]
+        return s.agent_state.commit(agent, {'n': i}, i, es[-1].id, es)
+    out['layer_state_plus_100_episodes'] = layer('state100', state_and_100, len(chunks),
+                                                 events=sum(len(es) for _, es in chunks))
     out['rss_mb'] = rss_mb()
     return out
 
@@ -464,8 +481,12 @@ def report(info: dict) -> str:
                   + _ms([v / 1000 for v in t['raw_txn_per_row_latency_us']], 3) + ' |']
         for key, label in (('layer_episodes_premasked', 'layer: episodes, payload pre-masked'),
                            ('layer_episodes_masked', 'layer: episodes (secrets masked per event)'),
-                           ('layer_state_plus_episode', 'layer: agent state + episode per event')):
-            r = t[key]
+                           ('layer_state_plus_episode', 'layer: agent state + episode per event'),
+                           ('layer_state_plus_100_episodes',
+                            'layer: agent state + 100 episodes per write (masked per event)')):
+            r = t.get(key)
+            if r is None:
+                continue
             cpu = r.get('per_cpu_s', 0)
             lines.append(f'| {label} | {r["per_s"]:,.0f} | {r["per_s"] / raw:.2f}x | {cpu:,.0f} | '
                          f'{cpu / raw_cpu if raw_cpu else 0:.2f}x | {_ms(r["latency_ms"])} '

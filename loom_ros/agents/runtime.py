@@ -454,10 +454,22 @@ class Dispatcher:
             self.schedule(agent)
 
     def deliver_all(self, agents, event: Event) -> None:
-        """One event to several agents (a topic they all follow), each in its own mailbox."""
-        for agent in agents:
-            if agent.offer(event):
-                self.schedule(agent)
+        """One event to several agents (a topic they all follow), each in its own mailbox; the
+        worker is woken once they all have it, so it does not take the GIL from this thread at
+        every mailbox and give it back (a broadcast to 100 agents was put in mailboxes and
+        handled in turns of the 0.5 ms switch interval)."""
+        taken = [agent for agent in agents if agent.offer(event)]
+        if not taken:
+            return
+        with self._cond:
+            if self._closed:
+                return
+            ready = self._ready
+            for agent in taken:
+                if not agent._scheduled:
+                    agent._scheduled = True
+                    ready.append(agent)
+            self._cond.notify(len(self._threads))
 
     def _work(self) -> None:
         dirty: dict[int, Agent] = {}   # handled, commit not submitted yet (in handling order)

@@ -23,6 +23,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from itertools import chain
 
 from loom_ros.storage.errors import StorageError, StorageFullError, is_full
 
@@ -116,6 +117,10 @@ class CommittedTicket(Ticket):
         self.row_id = row_id
 
 
+_SEQUENCES = frozenset((tuple, list))   # the row types MultiRow widens (not subclasses)
+_chain = chain.from_iterable
+
+
 class MultiRow:
     """One SQL text for many rows of the same positional insert: `insert into t (a, b) values
     (?, ?)` becomes `... values (?, ?), (?, ?), ...` (any `on conflict` clause kept), so SQLite
@@ -155,7 +160,8 @@ class MultiRow:
             conn.executemany(sql, rows)
             return
         head, group, tail, width, texts = form
-        if any(not isinstance(r, (tuple, list)) or len(r) != width for r in rows):
+        # Checked with map/set (C loops: this runs for every row the process writes).
+        if not set(map(type, rows)) <= _SEQUENCES or set(map(len, rows)) != {width}:
             conn.executemany(sql, rows)   # sqlite3 names what is wrong with them
             return
         size = self.MAX_ROWS
@@ -168,7 +174,7 @@ class MultiRow:
             text = texts.get(count)
             if text is None:
                 text = texts[count] = f'{head}{", ".join([group] * count)}{tail}'
-            conn.execute(text, [v for row in rows[start:start + count] for v in row])
+            conn.execute(text, list(_chain(rows[start:start + count])))
             start += count
 
 

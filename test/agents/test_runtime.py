@@ -122,6 +122,27 @@ def test_supervisor_verdicts():
     assert 'gave up after 1 restarts' in sup.verdict('a', 20.0).reason
 
 
+@pytest.mark.parametrize('workers', [1, 3])
+def test_deliver_all_puts_one_event_in_every_mailbox_and_keeps_each_agents_order(storage,
+                                                                                 workers):
+    """A topic several hosted agents follow (one shared bus subscription): each agent gets every
+    event once, in order, and an agent that is not active refuses it (counted)."""
+    agents, _ = make_agents(storage, 5)
+    agents[4].deactivate()
+    dispatcher = Dispatcher(workers)
+    try:
+        for i in range(50):
+            dispatcher.deliver_all(agents, Event(type='tick', id=f'e{i}'))
+        wait_until(lambda: all(a.stats['handled'] == 50 for a in agents[:4]), 'all handled')
+    finally:
+        dispatcher.close()
+    for agent in agents[:4]:
+        assert agent.state['total'] == 50 and agent.state['last_id'] == 'e49'
+    assert agents[4].stats['refused_inactive'] == 50 and agents[4].stats['handled'] == 0
+    for agent in agents:
+        agent.cleanup()
+
+
 @pytest.mark.parametrize('deferred', [False, True])
 def test_a_state_that_is_not_json_is_a_behavior_error_rolled_back(storage, deferred):
     """The state is serialized once per event, before the agent's next handler or its commit
