@@ -314,9 +314,10 @@ class EpisodeStore:
             return (self.WITHHOLD, (agent_id[:MAX_FIELD_CHARS], event.type[:MAX_FIELD_CHARS],
                                     day_of(event.timestamp_ms))), False, subject
         row = episode_row(agent_id, event, self.mask)
+        cipher = self.storage.cipher
         # encryption on: the payload under the subject's (anonymous: the day's) key
-        payload = self.storage.cipher.seal(row[6], episode_context(*row[:3], subject), subject,
-                                           row[2])
+        payload = row[6] if cipher.keyring is None else cipher.seal(
+            row[6], episode_context(*row[:3], subject), subject, row[2])
         return (self.INSERT_SUBJECT, (*row[:6], payload, len(row[6]) + len(row[5]) + 64,
                                       subject)), True, subject
 

@@ -1,4 +1,4 @@
-"""The writer's multi-row statements (one SQLite step for up to 128 rows, so a busy thread
+"""The writer's multi-row statements (one SQLite step for up to 1,024 rows, so a busy thread
 beside the writer cannot make it wait for the GIL after every row) and the checkpointer that
 keeps WAL checkpoints out of commits: same rows, same order, same upsert counts and the same
 errors as executemany; a checkpoint failure is counted and the writer goes on."""
@@ -37,7 +37,7 @@ def test_forms_it_widens_and_those_it_leaves_to_executemany():
         assert m.form(sql) is None, sql
 
 
-@pytest.mark.parametrize('n', [2, 3, 127, 128, 129, 1000, 1537])
+@pytest.mark.parametrize('n', [2, 3, 127, 128, 129, 1000, 1023, 1024, 1025, 2049, 3001])
 def test_rows_and_order_match_executemany(conn, n):
     rows = [(f'r{i}', i) for i in range(n)]
     MultiRow().run(conn, 'insert into t (a, b) values (?, ?)', rows)
@@ -113,3 +113,24 @@ def test_checkpoints_run_beside_the_writer_and_a_failure_is_counted(tmp_path):
     finally:
         cp.close()
     assert not cp._thread.is_alive()
+
+
+def test_rows_that_are_not_plain_tuples_or_lists_go_to_executemany(conn):
+    """Only tuple and list rows are widened (checked in C for every row): a named tuple, a row
+    of another length among good ones, and a row that is not a sequence all get what
+    executemany does with them, not a flattened guess."""
+    from collections import namedtuple
+    Row = namedtuple('Row', 'a b')
+    seen = []
+    conn.set_trace_callback(seen.append)
+    MultiRow().run(conn, 'insert into t (a, b) values (?, ?)', [Row('n0', 0), Row('n1', 1)])
+    conn.set_trace_callback(None)
+    assert len(seen) == 2 and all(s.count('(') == 2 for s in seen)    # one row a statement
+    assert conn.execute('select a, b from t order by id').fetchall() == [('n0', 0), ('n1', 1)]
+    with pytest.raises(sqlite3.ProgrammingError):
+        MultiRow().run(conn, 'insert into t (a, b) values (?, ?)', [('x', 1), ('y', 2, 3)])
+    with pytest.raises((sqlite3.ProgrammingError, TypeError, ValueError)):
+        MultiRow().run(conn, 'insert into t (a, b) values (?, ?)', [('x', 1), 7])
+    # as executemany outside a transaction: the good row before the bad one went in (the
+    # writer runs every batch in one transaction and rolls it back)
+    assert conn.execute("select count(*) from t where a = 'x'").fetchone()[0] == 2
