@@ -98,6 +98,116 @@ def run_loom(n: int, seconds: float, rate: float, feed: str, workers: int) -> di
     return result
 
 
+HOST = '''
+import gc, json, os, sys, time
+sys.path.insert(0, {here!r})
+import rclpy
+from rclpy.parameter import Parameter
+from loom_ros.agents.agent_node import AgentNode
+from loom_ros.bus.executor import make_executor
+from bus_bench import rss_kb
+rclpy.init()
+host = AgentNode(node_name='agent_host_{k}', parameter_overrides=[
+    Parameter('agents', value='*'), Parameter('workers', value={workers}),
+    Parameter('agents_file', value={agents_file!r}),
+    Parameter('storage.root', value={root!r})])
+host.trigger_configure()
+host.trigger_activate()
+agents = list(host.agents.values())
+executor = make_executor()
+executor.add_node(host)
+print(json.dumps({{'ready': len(agents), 'rss_started_mb': round(rss_kb() / 1024, 1)}}), flush=True)
+while sum(a.stats['handled'] for a in agents) < {expected} and not os.path.exists({stop!r}):
+    executor.spin_once(timeout_sec=0.05)
+done = time.time()
+dispatch = [round(x) for a in agents for x in a.dispatch_us]
+with open({result!r}, 'w') as out:   # a file: the samples are more than a pipe holds
+    json.dump({{'handled': sum(a.stats['handled'] for a in agents), 'dispatch': dispatch,
+               'done_wall': done, 'rss_end_mb': round(rss_kb() / 1024, 1),
+               'commits': host.storage.writer.batches}}, out)
+os._exit(0)   # tearing hundreds of agents down measures nothing
+'''
+
+
+def run_hosts(n: int, hosts: int, seconds: float, rate: float, feed: str, workers: int,
+              qos: str = 'batched') -> dict:
+    """N agents split over `hosts` agent-host processes (agent i in host i % hosts), as the
+    lifecycle manager's agent groups run them; this process publishes over DDS once every
+    host's subscriptions have matched. At `qos` batched (reliable): realtime is best effort,
+    and across processes on 2 busy cores it lost a third of the events."""
+    import rclpy
+    from rclpy.node import Node
+
+    from loom_ros.bus.bus import EventBus
+    from loom_ros.bus.event import Event
+    from loom_ros.bus.executor import make_executor
+    tmp = Path(tempfile.mkdtemp())
+    topic = (lambda i: f'bench.agents.s{i}') if feed == 'streams' else (lambda i: 'bench.agents')
+    if feed == 'streams':
+        sends = [(topic(i % n), i % n) for i in range(int(seconds * rate * n))]
+        total_rate = rate * n
+    else:
+        sends = [('bench.agents', -1) for _ in range(int(seconds * rate))]
+        total_rate = rate
+    procs = []
+    started = time.monotonic()
+    for k in range(hosts):
+        ids = [i for i in range(n) if i % hosts == k]
+        (tmp / f'agents_{k}.yaml').write_text('agents:\n' + ''.join(
+            f'  - id: a{i}\n    behavior: counter\n    subscriptions:\n      - {topic(i)}\n'
+            f'    qos: {qos}\n    mailbox_size: 100000\n' for i in ids))
+        expected = sum(1 for _, i in sends if i == -1 or i % hosts == k) * \
+            (len(ids) if feed == 'broadcast' else 1)
+        code = HOST.format(here=str(HERE), k=k, workers=workers,
+                           agents_file=str(tmp / f'agents_{k}.yaml'),
+                           root=str(tmp / f'storage_{k}'), expected=expected,
+                           stop=str(tmp / 'stop'), result=str(tmp / f'result_{k}.json'))
+        procs.append(subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True))
+    ready = [json.loads(p.stdout.readline()) for p in procs]
+    setup_s = time.monotonic() - started
+    rclpy.init()
+    feeder = Node('bench_feeder')
+    bus = EventBus(feeder)
+    pubs = {t: bus.publisher_for(t, qos) for t, _ in sends}
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and any(
+            p.get_subscription_count() < (hosts if feed == 'broadcast' else 1)
+            for p in pubs.values()):
+        time.sleep(0.1)
+    executor = make_executor()   # the bus's timers (a Batched topic's flush by age)
+    executor.add_node(feeder)
+    start, start_wall = time.monotonic(), time.time()
+    for j, (t, _) in enumerate(sends):
+        bus.publish(t, Event(type='tick', id=f't{j}'), qos)
+        target = start + (j + 1) / total_rate
+        while (left := target - time.monotonic()) > 0:
+            executor.spin_once(timeout_sec=min(left, 0.001))
+    bus.flush()
+    # A host ends once it has committed all it was sent; one that lost events on the way
+    # (best effort) is stopped 120 s after the last was sent, and its count says so.
+    stop_at = time.monotonic() + 120
+    while any(p.poll() is None for p in procs) and time.monotonic() < stop_at:
+        time.sleep(0.05)
+    (tmp / 'stop').touch()
+    for p in procs:
+        p.wait(60)
+    results = [json.loads((tmp / f'result_{k}.json').read_text()) for k in range(hosts)]
+    elapsed = max(r['done_wall'] for r in results) - start_wall
+    handled = sum(r['handled'] for r in results)
+    expected = len(sends) * (n if feed == 'broadcast' else 1)
+    bus.destroy()
+    feeder.destroy_node()
+    rclpy.try_shutdown()
+    return {'agents': n, 'feed': feed, 'hosts': hosts, 'workers': workers,
+            'agent_events_expected': expected, 'agent_events_handled': handled,
+            'handled_per_s': round(handled / elapsed, 1), 'setup_s': round(setup_s, 1),
+            'rss_started_mb': round(sum(r['rss_started_mb'] for r in ready), 1),
+            'rss_end_mb': round(sum(r['rss_end_mb'] for r in results), 1),
+            'dispatch': summarize([x for r in results for x in r['dispatch']]),
+            'commits': sum(r['commits'] for r in results)}
+
+
 def run_core(n: int, rounds: int = 10) -> dict:
     """The runtime without ROS: N agents, `rounds` events each handled in turn on this thread
     (submit, move on), then until every commit is done; CPU and wall per event. Raw baseline in
@@ -194,6 +304,9 @@ def main() -> int:
     parser.add_argument('--seconds', type=float, default=5.0)
     parser.add_argument('--rate', type=float, default=10.0, help='events/s per agent')
     parser.add_argument('--workers', type=int, default=1)
+    parser.add_argument('--hosts', type=int, default=2,
+                        help='also run the largest N split over this many agent-host processes '
+                        '(0: not)')
     parser.add_argument('--out', default=str(HERE / 'results'))
     parser.add_argument('_one', nargs='*', help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -202,6 +315,11 @@ def main() -> int:
         n, feed = args._one
         if feed == 'core':
             print(json.dumps(run_core(int(n))))
+            return 0
+        if feed.startswith('hosts:'):   # hosts:<count>:<feed>
+            _, count, kind = feed.split(':')
+            print(json.dumps(run_hosts(int(n), int(count), args.seconds, args.rate, kind,
+                                       args.workers)))
             return 0
         print(json.dumps(run_loom(int(n), args.seconds, args.rate, feed, args.workers)))
         return 0
@@ -218,6 +336,18 @@ def main() -> int:
             row = {'loom': json.loads(loom.stdout.strip().splitlines()[-1])}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    multi = []
+    for feed in args.feeds if args.hosts > 1 else ():   # the largest N over several hosts
+        n = max(args.agents)
+        run = subprocess.run([sys.executable, __file__, str(n), f'hosts:{args.hosts}:{feed}',
+                              '--seconds', str(args.seconds), '--rate', str(args.rate),
+                              '--workers', str(args.workers)],
+                             capture_output=True, text=True, timeout=1800)
+        if run.returncode:
+            print(run.stderr[-3000:], file=sys.stderr)
+            return 1
+        multi.append(json.loads(run.stdout.strip().splitlines()[-1]))
+        print(json.dumps(multi[-1]), flush=True)
     cores = []
     for n in args.agents:   # the runtime's cost per event without ROS, against raw SQLite
         core = subprocess.run([sys.executable, __file__, str(n), 'core'], capture_output=True,
@@ -233,7 +363,7 @@ def main() -> int:
     for row in rows:
         row['raw'] = raw[row['loom']['agents']]
     results = {'machine': machine(), 'seconds': args.seconds, 'rate': args.rate,
-               'workers': args.workers, 'rows': rows, 'core': cores}
+               'workers': args.workers, 'rows': rows, 'hosts': multi, 'core': cores}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'agents.json').write_text(json.dumps(results, indent=1))
@@ -264,6 +394,26 @@ def main() -> int:
                      f"{lo['handled_per_s']:.0f} | "
                      f"{lo['agent_events_handled']}/{lo['agent_events_expected']} | "
                      f"{lo['commits']} |")
+    if multi:
+        lines += ['', f'The largest N split over {args.hosts} agent-host processes (agent i in '
+                  f'host i mod {args.hosts}, each an AgentNode with its own storage unit and '
+                  'writer), as the lifecycle manager runs agent groups; the publisher is this '
+                  'process, over DDS at QoS batched (reliable; realtime is best effort and lost '
+                  'a third of the events across processes here), once every subscription has '
+                  'matched. Dispatch still counts from mailbox arrival, after the batch\'s '
+                  'wait. RSS is the hosts\' sum; handled/s counts until the last host '
+                  'committed all it was sent.', '',
+                  '| agents | feed | hosts | RSS (started / end, all hosts) | start-up | '
+                  'dispatch P50 / P99 / max | agent-events handled/s | handled | commits |',
+                  '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+        for lo in multi:
+            d = lo['dispatch']
+            lines.append(f"| {lo['agents']} | {lo['feed']} | {lo['hosts']} | "
+                         f"{lo['rss_started_mb']} / {lo['rss_end_mb']} MB | {lo['setup_s']} s | "
+                         f"{d['p50_us']:.0f} / {d['p99_us']:.0f} / {d['max_us']:.0f} us | "
+                         f"{lo['handled_per_s']:.0f} | "
+                         f"{lo['agent_events_handled']}/{lo['agent_events_expected']} | "
+                         f"{lo['commits']} |")
     lines += ['', 'Cost per event without ROS (`core`: the agents handled in turn on one thread, '
               'each submitting its commit and moving on; then until every commit is done), '
               'against raw SQLite in the same process: the same state upsert and episode insert, '

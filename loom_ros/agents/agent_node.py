@@ -345,7 +345,7 @@ class AgentNode(LifecycleNode):
                 for pattern in agent.config.subscriptions:
                     key = (pattern, agent.config.qos, agent.config.backpressure or None)
                     groups.setdefault(key, []).append(agent)
-        deliver = self.dispatcher.deliver_all
+        deliver = self.dispatcher.deliver_all if groups else None
         for (pattern, qos, backpressure), agents in groups.items():
             self._subs.append(self.bus.subscribe(
                 pattern, lambda event, topic, a=tuple(agents): deliver(a, event), qos,
