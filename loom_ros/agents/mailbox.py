@@ -16,7 +16,12 @@ class Mailbox:
         self.size = size
         self._heap: list = []
         self._arrival = itertools.count()
-        self._cond = threading.Condition()
+        # A plain lock on the hot path (every event of every agent passes put and get_nowait);
+        # the condition on the same lock serves only get(timeout), and is notified only while
+        # someone waits in it.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0
         self._closed = False
         self.dropped = 0
         self.refused = 0   # offered after close
@@ -30,28 +35,35 @@ class Mailbox:
         return self._closed
 
     def put(self, event: Event) -> None:
-        with self._cond:
+        with self._lock:
             if self._closed:
                 self.refused += 1
                 return
+            heap = self._heap
             entry = (-event.priority, next(self._arrival), time.perf_counter_ns(), event)
-            if len(self._heap) >= self.size:
+            if len(heap) >= self.size:
                 self.dropped += 1
                 # The victim: the lowest priority present, and the oldest event of that priority.
-                victim = max(self._heap, key=lambda e: (e[0], -e[1]))
+                victim = max(heap, key=lambda e: (e[0], -e[1]))
                 if entry[0] > victim[0]:
                     return  # the newcomer is less urgent than everything queued: it goes
-                self._heap.remove(victim)
-                heapq.heapify(self._heap)
-            heapq.heappush(self._heap, entry)
-            self.high_water = max(self.high_water, len(self._heap))
-            self._cond.notify()
+                heap.remove(victim)
+                heapq.heapify(heap)
+            heapq.heappush(heap, entry)
+            if len(heap) > self.high_water:
+                self.high_water = len(heap)
+            if self._waiting:
+                self._cond.notify()
 
     def get(self, timeout: float | None = None) -> tuple[Event, float] | None:
         """(event, microseconds it waited), or None when closed or on timeout."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._heap or self._closed, timeout=timeout):
-                return None
+        with self._lock:
+            self._waiting += 1
+            try:
+                if not self._cond.wait_for(lambda: self._heap or self._closed, timeout=timeout):
+                    return None
+            finally:
+                self._waiting -= 1
             if not self._heap:
                 return None
             _, _, arrived, event = heapq.heappop(self._heap)
@@ -60,13 +72,13 @@ class Mailbox:
     def get_nowait(self) -> tuple[Event, float] | None:
         """(event, microseconds it waited), or None when empty. A closed mailbox still gives
         what it holds (accepted mail is handled); it only refuses new mail."""
-        with self._cond:
+        with self._lock:
             if not self._heap:
                 return None
             _, _, arrived, event = heapq.heappop(self._heap)
             return event, (time.perf_counter_ns() - arrived) / 1000.0
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closed = True
             self._cond.notify_all()

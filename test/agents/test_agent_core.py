@@ -37,6 +37,29 @@ def test_mailbox_orders_by_priority_then_arrival_and_drops_the_oldest_least_urge
     assert box.dropped == len(prios) - len(kept)
 
 
+def test_mailbox_get_with_a_timeout_wakes_on_mail_and_on_close():
+    """put and get_nowait take a plain lock; get(timeout) still wakes when mail comes or the
+    mailbox closes, whether it started waiting before or after."""
+    import threading
+    for closing in (False, True):
+        box, got, waiting = Mailbox(4), [], threading.Event()
+
+        def take():
+            waiting.set()
+            got.append(box.get(timeout=60))
+        taker = threading.Thread(target=take)
+        taker.start()
+        waiting.wait(60)
+        if closing:
+            box.close()
+        else:
+            box.put(Event(type='x', id='m'))
+        taker.join(60)
+        assert not taker.is_alive()
+        assert got == [None] if closing else got[0][0].id == 'm'
+    assert Mailbox(1).get(timeout=0) is None
+
+
 def test_state_round_trip_and_old_files_imported_with_their_schema_checks(tmp_path):
     """State on the layer; an agent's old file (schema 1 or 2) is imported on load with its
     episodes and facts, once, then renamed; a corrupt or newer row refuses as before and
