@@ -3,7 +3,7 @@ state and episode committed per event through the host's storage unit and its gr
 writer) in one process, fed by one publisher through the intra-process fast path.
 
     python bench/agents_bench.py [--agents 10 100 1000] [--feeds streams broadcast]
-                                 [--seconds 5] [--rate 10] [--workers 1]
+                                 [--seconds 5] [--rate 10] [--workers 1] [--hosts 2]
 
 Reports per N: RSS after start-up and at the end, dispatch latency (mailbox arrival to handler)
 P50/P99/max, agent-events handled per second (handled = committed: counted when the commit's
@@ -11,6 +11,7 @@ ticket is done), and the writer's batches. Baseline in the same run: the RSS of 
 nodes with one subscription each (what N agents would cost with no Loom at all).
 Targets (issue 16): 1,000 agents at 10 events/s each handle every offered event with dispatch
 P99 < 5 ms and RSS < 1 GB; 100 agents on one broadcast topic: dispatch P99 < 2 ms.
+With --hosts H > 1 the largest N also runs split over H agent-host processes, fed over DDS.
 Writes bench/results/agents.md and agents.json.
 """
 from __future__ import annotations
