@@ -458,7 +458,13 @@ class Dispatcher:
         worker is woken once they all have it, so it does not take the GIL from this thread at
         every mailbox and give it back (a broadcast to 100 agents was put in mailboxes and
         handled in turns of the 0.5 ms switch interval)."""
-        taken = [agent for agent in agents if agent.offer(event)]
+        taken = []
+        for agent in agents:
+            try:
+                if agent.offer(event):
+                    taken.append(agent)
+            except Exception as exc:  # noqa: BLE001 - one agent's failure is not the others'
+                self._escaped(agent, exc)
         if not taken:
             return
         with self._cond:

@@ -143,6 +143,28 @@ def test_deliver_all_puts_one_event_in_every_mailbox_and_keeps_each_agents_order
         agent.cleanup()
 
 
+def test_deliver_all_goes_on_past_an_agent_whose_mailbox_raises(storage):
+    """One agent that fails to take the event (counted as escaped) does not keep it from the
+    agents after it, nor leave the ones before it with mail and no worker."""
+    agents, _ = make_agents(storage, 3)
+
+    def broken(event):
+        raise RuntimeError('mailbox broke')
+    agents[1].offer = broken
+    dispatcher = Dispatcher(1)
+    try:
+        for i in range(5):
+            dispatcher.deliver_all(agents, Event(type='tick', id=f'e{i}'))
+        wait_until(lambda: agents[0].stats['handled'] == 5 and agents[2].stats['handled'] == 5,
+                   'the other agents handled every event')
+        assert dispatcher.errors == 5
+    finally:
+        dispatcher.close()
+    assert agents[1].stats['handled'] == 0
+    for agent in agents:
+        agent.cleanup()
+
+
 @pytest.mark.parametrize('deferred', [False, True])
 def test_a_state_that_is_not_json_is_a_behavior_error_rolled_back(storage, deferred):
     """The state is serialized once per event, before the agent's next handler or its commit
