@@ -248,8 +248,12 @@ class Agent:
         else:
             # Serialized once, later (_settle_state): before this agent's next handler or its
             # commit, whichever comes first, so a burst's handlers all start before that work.
+            # An agent that commits on an interval serializes now: its next commit can be
+            # seconds away, and a state JSON cannot hold must be counted when it happens.
             self._unsaved_id = event.id
             self._handled_since += 1
+            if self.config.persist != 'per_event':
+                self._settle_state()
         self.events += 1
         self.last_event_id = event.id
         if not self._dirty:

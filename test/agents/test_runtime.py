@@ -165,6 +165,25 @@ def test_deliver_all_goes_on_past_an_agent_whose_mailbox_raises(storage):
         agent.cleanup()
 
 
+def test_an_interval_agent_counts_a_state_that_is_not_json_at_once(storage):
+    """An agent that commits on an interval (its next commit can be an hour away) serializes
+    right after the handler: the bad state is rolled back and counted before the next event."""
+    (agent,), _ = make_agents(storage, 1, persist='interval', persist_interval_s=3600.0)
+
+    class Sets:
+        def handle(self, event, ctx):
+            ctx.state['last_id'] = event.id
+            if event.type == 'bad':
+                ctx.state['oops'] = {1, 2}
+    agent.behavior = Sets()
+    agent.offer(Event(type='ok', id='e0'))
+    agent.handle_one()
+    agent.offer(Event(type='bad', id='e1'))
+    agent.handle_one()
+    assert agent.stats['behavior_errors'] == 1 and agent.state == {'last_id': 'e0'}
+    agent.cleanup()
+
+
 @pytest.mark.parametrize('deferred', [False, True])
 def test_a_state_that_is_not_json_is_a_behavior_error_rolled_back(storage, deferred):
     """The state is serialized once per event, before the agent's next handler or its commit
