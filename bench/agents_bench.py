@@ -298,6 +298,18 @@ def run_raw(n: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _one_run(args, n: int, feed: str) -> dict | None:
+    """One run in its own process (RSS is not shared between runs): its JSON line, or None
+    (its stderr printed) when it failed."""
+    run = subprocess.run([sys.executable, __file__, str(n), feed, '--seconds', str(args.seconds),
+                          '--rate', str(args.rate), '--workers', str(args.workers)],
+                         capture_output=True, text=True, timeout=1800)
+    if run.returncode:
+        print(run.stderr[-3000:], file=sys.stderr)
+        return None
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--agents', type=int, nargs='+', default=[10, 100, 1000])
@@ -327,27 +339,19 @@ def main() -> int:
     rows, raw = [], {}
     for n in args.agents:   # Loom first, the baselines after: each its own process
         for feed in args.feeds:
-            loom = subprocess.run([sys.executable, __file__, str(n), feed,
-                                   '--seconds', str(args.seconds), '--rate', str(args.rate),
-                                   '--workers', str(args.workers)],
-                                  capture_output=True, text=True, timeout=1800)
-            if loom.returncode:
-                print(loom.stderr[-3000:], file=sys.stderr)
+            loom = _one_run(args, n, feed)
+            if loom is None:
                 return 1
-            row = {'loom': json.loads(loom.stdout.strip().splitlines()[-1])}
+            row = {'loom': loom}
             rows.append(row)
             print(json.dumps(row), flush=True)
     multi = []
     for feed in args.feeds if args.hosts > 1 else ():   # the largest N over several hosts
         n = max(args.agents)
-        run = subprocess.run([sys.executable, __file__, str(n), f'hosts:{args.hosts}:{feed}',
-                              '--seconds', str(args.seconds), '--rate', str(args.rate),
-                              '--workers', str(args.workers)],
-                             capture_output=True, text=True, timeout=1800)
-        if run.returncode:
-            print(run.stderr[-3000:], file=sys.stderr)
+        run = _one_run(args, n, f'hosts:{args.hosts}:{feed}')
+        if run is None:
             return 1
-        multi.append(json.loads(run.stdout.strip().splitlines()[-1]))
+        multi.append(run)
         print(json.dumps(multi[-1]), flush=True)
     cores = []
     for n in args.agents:   # the runtime's cost per event without ROS, against raw SQLite

@@ -165,17 +165,20 @@ def test_deliver_all_goes_on_past_an_agent_whose_mailbox_raises(storage):
         agent.cleanup()
 
 
+class SetsNonJson:
+    """A behavior that records the event id, and on a `bad` event leaves a set (not JSON)."""
+
+    def handle(self, event, ctx):
+        ctx.state['last_id'] = event.id
+        if event.type == 'bad':
+            ctx.state['oops'] = {1, 2}
+
+
 def test_an_interval_agent_counts_a_state_that_is_not_json_at_once(storage):
     """An agent that commits on an interval (its next commit can be an hour away) serializes
     right after the handler: the bad state is rolled back and counted before the next event."""
     (agent,), _ = make_agents(storage, 1, persist='interval', persist_interval_s=3600.0)
-
-    class Sets:
-        def handle(self, event, ctx):
-            ctx.state['last_id'] = event.id
-            if event.type == 'bad':
-                ctx.state['oops'] = {1, 2}
-    agent.behavior = Sets()
+    agent.behavior = SetsNonJson()
     agent.offer(Event(type='ok', id='e0'))
     agent.handle_one()
     agent.offer(Event(type='bad', id='e1'))
@@ -190,13 +193,7 @@ def test_a_state_that_is_not_json_is_a_behavior_error_rolled_back(storage, defer
     (deferred: the dispatcher runs a burst's handlers before their commits): a value JSON cannot
     hold fails that event (rolled back, counted), not the agent's persistence."""
     (agent,), _ = make_agents(storage, 1)
-
-    class Sets:
-        def handle(self, event, ctx):
-            ctx.state['last_id'] = event.id
-            if event.type == 'bad':
-                ctx.state['oops'] = {1, 2}
-    agent.behavior = Sets()
+    agent.behavior = SetsNonJson()
     for event in (Event(type='ok', id='e0'), Event(type='bad', id='e1'),
                   Event(type='ok', id='e2')):
         agent.offer(event)
