@@ -443,20 +443,15 @@ class Dispatcher:
         for thread in self._threads:
             thread.start()
 
-    def schedule(self, *agents: Agent) -> None:
-        """Called after mail arrives: each agent joins the ready queue unless already there or
-        with a worker (its worker re-queues it when it sees more mail); workers are woken once."""
+    def schedule(self, agent: Agent) -> None:
+        """Called after mail arrives: the agent joins the ready queue unless already there or
+        with a worker (its worker re-queues it when it sees more mail)."""
         with self._cond:
-            if self._closed:
+            if agent._scheduled or self._closed:
                 return
-            added = 0
-            for agent in agents:
-                if not agent._scheduled:
-                    agent._scheduled = True
-                    self._ready.append(agent)
-                    added += 1
-            if added:
-                self._cond.notify(min(added, len(self._threads)))
+            agent._scheduled = True
+            self._ready.append(agent)
+            self._cond.notify()
 
     def deliver(self, agent: Agent, event: Event) -> None:
         if agent.offer(event):
@@ -474,8 +469,17 @@ class Dispatcher:
                     taken.append(agent)
             except Exception as exc:  # noqa: BLE001 - one agent's failure is not the others'
                 self._escaped(agent, exc)
-        if taken:
-            self.schedule(*taken)
+        if not taken:
+            return
+        with self._cond:
+            if self._closed:
+                return
+            ready = self._ready
+            for agent in taken:
+                if not agent._scheduled:
+                    agent._scheduled = True
+                    ready.append(agent)
+            self._cond.notify(len(self._threads))
 
     def _work(self) -> None:
         dirty: dict[int, Agent] = {}   # handled, commit not submitted yet (in handling order)
