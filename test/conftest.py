@@ -3,6 +3,7 @@ and helpers that wait on conditions (never on fixed sleeps)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +14,17 @@ import pytest
 # Before rclpy is imported anywhere: keep this run's DDS traffic to itself.
 os.environ.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 100))
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+# The test process and every process it starts run under Loom's Fast DDS profile, as bring-up
+# gives each node. Without it the test process's shared-memory segment (512 KB) is smaller than
+# the frames and megabyte events it publishes: reliable samples then wait on repairs, and under
+# CI load one waited past a minute (test_logs_hostile, stop 24).
+from loom_ros.bus.qos import fastdds_environment  # noqa: E402
+
+# Every Python process the tests start prints its threads' stacks on a fatal signal (a hang
+# that a test ends with SIGABRT says where it was).
+os.environ['PYTHONFAULTHANDLER'] = '1'
+
+os.environ.update(fastdds_environment(os.environ, Path(__file__).resolve().parents[1] / 'config'))
 
 from harness import REPO, WAIT_LIMIT_S, loom_cli  # noqa: E402,F401  (re-exported for fixtures)
 
@@ -137,9 +149,15 @@ class Proc:
         try:
             out, err = self.popen.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
-            self.popen.kill()
-            out, err = self.popen.communicate()
-            pytest.fail(f'{self.args} did not finish in {limit:.0f} s\n{out}\n{err}')
+            # SIGABRT first: faulthandler (PYTHONFAULTHANDLER, set above) prints every thread's
+            # stack, so a hang says where it hung.
+            self.popen.send_signal(signal.SIGABRT)
+            try:
+                out, err = self.popen.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                out, err = self.popen.communicate()
+            pytest.fail(f'{self.args} did not finish in {limit:.0f} s\n{out}\n{err[-20000:]}')
         return self.popen.returncode, out, err
 
     def kill(self):

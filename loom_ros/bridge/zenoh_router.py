@@ -199,6 +199,8 @@ class RefusalWatch:
 
     def tick(self, force: bool = False) -> dict | None:
         with self._lock:
+            for refusal in self.parser.settle(force):   # held for their zid's name
+                self.counter.add(refusal)
             return self.counter.tick(force)
 
     def snapshot(self) -> dict:
@@ -206,6 +208,7 @@ class RefusalWatch:
             return {**self.counter.snapshot(), 'log_lines': self.parser.lines,
                     'cut_lines': self.parser.cut_lines, 'acl_log_seen': self.parser.acl_seen,
                     'suspect_lines': self.parser.suspect_lines,
+                    'held_for_name': self.parser.held,
                     'forward_dropped': self.forward_dropped, 'errors': self.errors,
                     'last_error': self.last_error}
 

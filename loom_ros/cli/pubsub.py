@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
@@ -43,6 +44,11 @@ def _session(node_name: str, ros_args: list[str]):
 
     from loom_ros.bus.bus import create_bus
     from loom_ros.bus.executor import make_executor
+    from loom_ros.bus.qos import fastdds_environment
+    from loom_ros.config.params import config_dir
+    # Loom's Fast DDS profile, as bring-up gives its nodes: a large event (a frame, a hostile
+    # megabyte id) fits the shared-memory segment instead of waiting on repairs.
+    os.environ.update(fastdds_environment(os.environ, config_dir()))
     rclpy.init(args=['loom', *ros_args], signal_handler_options=SignalHandlerOptions.NO)
     node = Node(node_name)
     bus = create_bus(node, node_name)

@@ -19,14 +19,18 @@ forwarded); RefusalCounter counts every refusal by (identity, action, flow, key 
 and audits a bounded sample: the first of each kind, within a token bucket, then a totals row
 per period. Lines are bounded before parsing. A key expression may contain a newline, so a
 member can make up a line: identities therefore come from `names` (the router's own link table,
-zid -> certificate name), never from the text alone (an unknown zid is `zid:<id>`), a line whose
+zid -> certificate name), never from the text alone, a line whose
 text names another identity than its zid's link is counted in `suspect_lines`, and a permission
-table left unfinished has its rows counted as refusals. What remains: a member that knows another
+table left unfinished has its rows counted as refusals. zenoh can log a session's refusal before
+its link is listed (a robot reconnecting to a router that just reopened), so a refusal from a zid
+the table does not name yet is held, bounded, and asked about again at `settle`; one still
+unnamed after `name_wait_s` is counted as `zid:<id>`. What remains: a member that knows another
 member's zid can make up refusals in that member's name (a false alarm, never an access), and
 one that also makes up the rest of a table can hide a few of its own refusals from the count.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections import OrderedDict
@@ -41,6 +45,8 @@ MAX_LINE = 4096          # bytes of one log line kept; the rest of a longer line
 MAX_KEY = 128            # characters of a key expression a kind is counted under
 MAX_KINDS = 1024         # distinct kinds counted one by one; more fall into one overflow kind
 MAX_NAMES = 4096         # zid -> identity entries remembered
+MAX_UNNAMED = 1024       # refusals held while their zid's link is not listed yet; more: zid:<id>
+NAME_WAIT_S = 5.0        # how long a refusal waits for its zid's name
 TOP_KINDS = 50           # kinds named in a totals row or a stats snapshot
 
 # zenoh fills a key's permission table in this order (AclMessage, compute_keyexpr_cache).
@@ -91,9 +97,14 @@ def _action(label: str) -> str:
 class RefusalParser:
     """zenoh log bytes in (any chunking), Refusal records and other lines out."""
 
-    def __init__(self, names: Callable[[str], str | None] = lambda zid: None):
+    def __init__(self, names: Callable[[str], str | None] = lambda zid: None, *,
+                 clock: Callable[[], float] = time.monotonic, name_wait_s: float = NAME_WAIT_S):
         self._names = names
+        self._clock, self.name_wait_s = clock, name_wait_s
         self._known: OrderedDict[str, str | None] = OrderedDict()
+        # zid -> (when first held, its refusals): refusals waiting for the zid's link
+        self._unnamed: OrderedDict[str, tuple[float, list[Refusal]]] = OrderedDict()
+        self._held = 0
         self._tail = b''
         self._dropping = False      # inside a line longer than MAX_LINE
         self._cache: dict[str, _Table] = {}   # per thread: the permission table being filled
@@ -164,7 +175,7 @@ class RefusalParser:
                     return
                 self._abandon(thread, refusals)
             if d['un']:
-                refusals.append(self._refusal(d))
+                self._emit(self._refusal(d), refusals)
             return
         c = _CACHING.match(msg)
         if c is not None:
@@ -174,7 +185,7 @@ class RefusalParser:
         n = _NO_SUBJECT.match(msg)
         if n is not None:
             zid = n['zid']
-            refusals.append(Refusal(self.identity(zid), 'session', 'ingress', '**', zid))
+            self._emit(Refusal(self.identity(zid), 'session', 'ingress', '**', zid), refusals)
             return
         if msg.startswith('Access control is enabled'):
             self.acl_seen = True
@@ -199,6 +210,36 @@ class RefusalParser:
         if state is not None and state.rows:
             self.suspect_lines += len(state.rows)
             refusals.extend(self._refusal(d) for d, _ in state.rows if d['un'])
+
+    def _emit(self, refusal: Refusal, refusals: list) -> None:
+        """A refusal out now, or held while its zid has no name yet (bounded)."""
+        if not refusal.identity.startswith('zid:') or self._held >= MAX_UNNAMED:
+            refusals.append(refusal)
+            return
+        since, held = self._unnamed.setdefault(refusal.zid, (self._clock(), []))
+        held.append(refusal)
+        self._held += 1
+
+    def settle(self, force: bool = False) -> list[Refusal]:
+        """Held refusals whose zid now has a name (under it), or that waited `name_wait_s`
+        (or all, with `force`) as `zid:<id>`; the rest stay held."""
+        out: list[Refusal] = []
+        now = self._clock()
+        for zid, (since, held) in list(self._unnamed.items()):
+            name = self.identity(zid)
+            if name.startswith('zid:') and not force and now - since < self.name_wait_s:
+                continue
+            del self._unnamed[zid]
+            self._held -= len(held)
+            for refusal in held:
+                if refusal.claimed and refusal.claimed != name and not name.startswith('zid:'):
+                    self.suspect_lines += 1   # as _refusal counts it for a zid named at once
+                out.append(dataclasses.replace(refusal, identity=name))
+        return out
+
+    @property
+    def held(self) -> int:
+        return self._held
 
     def identity(self, zid: str) -> str:
         """The fleet identity behind `zid` by the router's link table (remembered, bounded)."""

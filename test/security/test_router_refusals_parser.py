@@ -69,9 +69,45 @@ def test_identities_come_from_the_link_table_not_the_text():
     forged = f'{R2} on Interface(lo)+CertCommonName(robot1)+Transport(Tls)+{R2} is unauthorized' \
              ' to Put (ingress) on loom/x'
     parser, found, _ = parse(line(forged) + line(forged.replace(R2, 'abcdef')))
-    assert [(r.identity, r.claimed) for r in found] == [('robot2', 'robot1'),
-                                                        ('zid:abcdef', 'robot1')]
-    assert parser.suspect_lines == 1
+    assert [(r.identity, r.claimed) for r in found] == [('robot2', 'robot1')]
+    assert parser.held == 1 and parser.suspect_lines == 1    # abcdef: no link, held for a name
+    assert [(r.identity, r.claimed) for r in parser.settle(force=True)] == [
+        ('zid:abcdef', 'robot1')]
+    assert parser.held == 0 and parser.suspect_lines == 1
+
+
+def test_a_refusal_logged_before_its_link_is_listed_is_counted_under_the_name_that_comes():
+    # A robot reconnecting to a router that just reopened: zenoh says its session has no rules
+    # before the router's link table lists it (the reopened session is not yet the one asked).
+    links, clock = {}, Clock()
+    parser = RefusalParser(links.get, clock=clock, name_wait_s=5.0)
+    found, _ = parser.feed(
+        line(f'{R2} did not match any configured ACL subject. Default permission `Deny` will '
+             'be applied on all messages', level='INFO')
+        + line(f'{R2} on {SUBJECT} is unauthorized to Put (ingress) on loom/robot4/a'))
+    assert found == [] and parser.held == 2
+    clock.t += 1.0
+    assert parser.settle() == []                  # still unnamed, within the wait
+    links[R2] = 'robot2'
+    assert [(r.identity, r.action) for r in parser.settle()] == [('robot2', 'session'),
+                                                                  ('robot2', 'put')]
+    assert parser.held == 0 and parser.suspect_lines == 0
+
+
+def test_a_zid_never_named_is_counted_as_itself_after_the_wait_and_holding_is_bounded(
+        monkeypatch):
+    monkeypatch.setattr(refusals, 'MAX_UNNAMED', 3)
+    clock = Clock()
+    parser = RefusalParser(lambda zid: None, clock=clock, name_wait_s=5.0)
+    put = line(f'{R2} on {SUBJECT} is unauthorized to Put (ingress) on loom/robot1/k')
+    found, _ = parser.feed(put * 5)
+    assert len(found) == 2 and parser.held == 3   # past the bound: out at once, unnamed
+    assert {r.identity for r in found} == {f'zid:{R2}'}
+    clock.t += 4.9
+    assert parser.settle() == []
+    clock.t += 0.1
+    assert [r.identity for r in parser.settle()] == [f'zid:{R2}'] * 3
+    assert parser.held == 0
 
 
 def test_a_key_with_a_newline_cannot_hide_a_refusal_behind_a_made_up_table():
