@@ -6,7 +6,10 @@ import sqlite3
 
 from loom_ros.storage.errors import StorageError
 
-VERSION = 1
+# 2: episode_agents (each agent's time span) bounds every per-agent query. A Loom of version 1
+# would write episodes without widening the spans, and queries would miss its rows, so it must
+# refuse a file this one has opened: the version is raised on open, after the migration.
+VERSION = 2
 
 DDL = [
     'create table if not exists meta (key text primary key, value text not null)',
@@ -161,6 +164,8 @@ def ensure(conn: sqlite3.Connection, path) -> None:
         elif int(row[0]) > VERSION:
             raise StorageError(f'{path}: storage version {row[0]} is newer than this Loom '
                                f'({VERSION}); refusing to touch it')
+        elif int(row[0]) < VERSION:   # migrated above, in this transaction
+            conn.execute("update meta set value = ? where key = 'version'", (str(VERSION),))
         conn.execute('COMMIT')
     except BaseException:
         conn.execute('ROLLBACK')

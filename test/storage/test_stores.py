@@ -12,6 +12,7 @@ from harness import MsClock, T0_MS
 from loom_ros.bus.event import Event
 from loom_ros.storage.backend.local import LocalObjectStore
 from loom_ros.storage.base import check_key
+from loom_ros.storage import schema
 from loom_ros.storage.budget import BudgetGate, Budgets, budget_check
 from loom_ros.storage.cold import IndexParams
 from loom_ros.storage.embedding import HashEmbedder
@@ -113,9 +114,11 @@ def test_episode_index_is_time_first_and_old_files_lose_agent_first_indexes(tmp_
     conn.execute('create index episodes_agent_time on episodes (agent_id, time_ms)')
     conn.execute('create index episodes_time on episodes (time_ms)')
     conn.execute('drop table episode_agents')     # a file from before the agent spans
+    conn.execute("update meta set value = '1' where key = 'version'")
     conn.commit()
     conn.close()
     with Storage(StorageConfig(root=str(tmp_path), unit='old'), clock=clock) as s:
+        assert s.query("select value from meta where key = 'version'")[0][0] == '2'
         indexes = {r[0] for r in s.query("select name from sqlite_master where type = 'index' "
                                          "and tbl_name = 'episodes'")}
         assert indexes == {'episodes_time_agent', 'episodes_subject'}
@@ -132,6 +135,30 @@ def test_episode_index_is_time_first_and_old_files_lose_agent_first_indexes(tmp_
         sql, args = episodes_sql('agent1')
         plan = ' '.join(str(tuple(r)) for r in s.query('explain query plan ' + sql, args))
         assert 'episodes_time_agent' in plan and 'SCAN episodes ' not in plan + ' '
+
+
+def test_a_migrated_file_is_refused_by_an_older_loom_and_a_newer_file_by_this_one(
+        tmp_path, clock, monkeypatch):
+    """A Loom of storage version 1 would write episodes without widening the agents' spans
+    (per-agent queries would miss them): once this one opened a file, an older one refuses it,
+    and this one refuses a file from a newer Loom; neither file is changed."""
+    with Storage(StorageConfig(root=str(tmp_path), unit='v'), clock=clock) as s:
+        s.episodes.record('agent0', event(1)).wait(10)
+        path = s.path
+    monkeypatch.setattr(schema, 'VERSION', 1)
+    with pytest.raises(StorageError, match='storage version 2 is newer than this Loom \\(1\\)'):
+        Storage(StorageConfig(root=str(tmp_path), unit='v'), clock=clock)
+    monkeypatch.undo()
+    conn = sqlite3.connect(path)
+    conn.execute("update meta set value = '3' where key = 'version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StorageError, match='storage version 3 is newer than this Loom \\(2\\)'):
+        Storage(StorageConfig(root=str(tmp_path), unit='v'), clock=clock)
+    conn = sqlite3.connect(path)
+    assert conn.execute("select value from meta where key = 'version'").fetchone()[0] == '3'
+    assert conn.execute('select count(*) from episodes').fetchone()[0] == 1
+    conn.close()
 
 
 def test_secrets_are_masked_before_the_file(storage):
