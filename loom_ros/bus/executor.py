@@ -5,6 +5,11 @@ Measured on rclpy 9.1.2: `EventsExecutor.spin()` neither fires timers nor return
 SIGINT handling (it hangs in context cleanup), while `spin_until_future_complete` works. So Loom
 processes install their own SIGINT/SIGTERM handlers that complete a future, and spin until it.
 
+No endless exit either: the EventsExecutor's shutdown was seen hanging now and then (a router
+node never exited after SIGINT in a CI run; `loom bringup`'s readiness watcher bounds it too).
+`run_node` waits for it at most `EXECUTOR_CLOSE_S`, then still takes the node through its
+shutdown transition (state committed, files closed) and leaves the rest to a hard exit.
+
 No silent death: an exception escaping a callback (timer, subscription, service) comes out of
 `spin_until_future_complete`; `spin_until` counts it per node (`callback_errors`, and the node's
 bus stats under `callback_error`), logs it at most once a second, and keeps spinning.
@@ -13,13 +18,18 @@ Measured on rclpy 9.1.2: the EventsExecutor keeps firing a timer after its callb
 from __future__ import annotations
 
 import inspect
+import os
 import signal
+import sys
+import threading
 import time
 from collections import Counter
 
 from rclpy.executors import ExternalShutdownException
 
 from loom_ros.bus.event import RejectReason
+
+EXECUTOR_CLOSE_S = 10.0   # the most run_node waits for the executor's shutdown
 
 # Exceptions that escaped a callback, per fully qualified node name (all nodes of the executor
 # whose callback raised: rclpy does not say which one it was).
@@ -103,9 +113,12 @@ class StartFailed(RuntimeError):
         self.node = node
 
 
-def run_node(node_factory, args=None) -> int:
+def run_node(node_factory, args=None, executor_factory=make_executor,
+             close_s: float = EXECUTOR_CLOSE_S) -> int:
     """The demos' main(): init, spin until Ctrl-C / SIGTERM / shutdown, then tear down cleanly.
-    Returns the exit code: 1 when the node could not start, else 0."""
+    Returns the exit code: 1 when the node could not start, else 0. An executor whose shutdown
+    does not return within `close_s` is left behind: the node is still finalized, then the
+    process exits at once (os._exit) with the same code, saying so on stderr."""
     import rclpy
     from rclpy.signals import SignalHandlerOptions
     from rclpy.task import Future
@@ -123,7 +136,7 @@ def run_node(node_factory, args=None) -> int:
     code = 0
     try:
         node = node_factory()
-        executor = make_executor()
+        executor = executor_factory()
         executor.add_node(node)
         spin_until(executor, stop)
     except StartFailed as exc:   # said by the node already; a dead node must not look alive
@@ -131,13 +144,29 @@ def run_node(node_factory, args=None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        if executor is not None:
-            executor.shutdown()
+        closed = executor is None or _bounded(executor.shutdown, close_s, 'executor-shutdown')
+        if not closed:
+            name = node.get_fully_qualified_name() if node is not None else 'loom node'
+            print(f'{name}: the executor did not shut down within {close_s:g} s; finalizing the '
+                  'node without it, then exiting', file=sys.stderr, flush=True)
         if node is not None:
             finalize_node(node)
+        if not closed:   # destroy and rclpy's shutdown would wait on the stuck executor
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
     return code
+
+
+def _bounded(call, limit_s: float, name: str) -> bool:
+    """Run `call` on a daemon thread; True when it returned (or raised) within `limit_s`."""
+    worker = threading.Thread(target=call, name=name, daemon=True)
+    worker.start()
+    worker.join(limit_s)
+    return not worker.is_alive()
 
 
 def finalize_node(node) -> None:
@@ -152,7 +181,7 @@ def finalize_node(node) -> None:
         node.get_logger().debug(f'no shutdown transition on exit: {exc}')
 
 
-def run_lifecycle_node(node_factory, args=None) -> int:
+def run_lifecycle_node(node_factory, args=None, **run) -> int:
     """run_node for a lifecycle node with an `autostart` parameter: standalone (`ros2 run`), it
     configures and activates itself when autostart is true, and exits 1 with the reason when it
     cannot (a node left unconfigured would look alive to `ros2 node list` and to launch);
@@ -168,4 +197,4 @@ def run_lifecycle_node(node_factory, args=None) -> int:
                     node.get_logger().error(f'{step} failed ({reason}); exiting with code 1')
                     raise StartFailed(node, reason)
         return node
-    return run_node(started, args)
+    return run_node(started, args, **run)

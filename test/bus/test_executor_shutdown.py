@@ -1,0 +1,81 @@
+"""A node process whose executor's shutdown hangs still exits after SIGINT (bus/executor.py).
+
+rclpy's EventsExecutor was seen hanging in shutdown now and then; a router node then never
+exited after SIGINT (a CI run). `run_node` bounds that wait: the node still goes through its
+shutdown transition (state committed, files closed), then the process exits with its code.
+Real process, real rclpy and a real EventsExecutor whose shutdown is made to block."""
+import signal
+import subprocess
+import sys
+import textwrap
+
+from harness import REPO, WAIT_LIMIT_S
+
+NODE = textwrap.dedent('''
+    import sys
+    import threading
+    from pathlib import Path
+
+    import rclpy
+    from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+
+    from loom_ros.bus import executor as loom_executor
+
+    MARK = Path(sys.argv[1])
+    HANG = sys.argv[2] == 'hang'
+
+    class Stuck(type(loom_executor.make_executor())):
+        def shutdown(self, timeout_sec=None):
+            if HANG:
+                threading.Event().wait()   # never returns, as the hang seen in CI
+            return super().shutdown(timeout_sec)
+
+    class Node(LifecycleNode):
+        def __init__(self):
+            super().__init__('shutdown_probe')
+            self.create_timer(0.05, self.ready)
+
+        def ready(self):
+            print('ready', flush=True)
+
+        def on_shutdown(self, state):
+            MARK.write_text('finalized')
+            return TransitionCallbackReturn.SUCCESS
+
+    def stuck_executor():
+        context = rclpy.get_default_context()   # as rclpy.experimental.EventsExecutor does
+        executor = Stuck(context)
+        context.on_shutdown(executor.wake)
+        return executor
+
+    sys.exit(loom_executor.run_node(Node, executor_factory=stuck_executor, close_s=1.0))
+''')
+
+
+def _run_until_ready_then_interrupt(tmp_path, mode):
+    mark = tmp_path / f'{mode}.mark'
+    proc = subprocess.Popen([sys.executable, '-c', NODE, str(mark), mode], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == 'ready', proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=WAIT_LIMIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, err, mark
+
+
+def test_a_hanging_executor_shutdown_is_bounded_and_the_node_is_still_finalized(tmp_path):
+    code, err, mark = _run_until_ready_then_interrupt(tmp_path, 'hang')
+    assert code == 0, err
+    assert 'the executor did not shut down within 1 s' in err
+    assert mark.read_text() == 'finalized'
+
+
+def test_a_normal_shutdown_says_nothing_and_finalizes(tmp_path):
+    code, err, mark = _run_until_ready_then_interrupt(tmp_path, 'ok')
+    assert code == 0, err
+    assert 'did not shut down' not in err
+    assert mark.read_text() == 'finalized'
