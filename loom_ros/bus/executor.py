@@ -144,21 +144,32 @@ def run_node(node_factory, args=None, executor_factory=make_executor,
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        closed = executor is None or _bounded(executor.shutdown, close_s, 'executor-shutdown')
-        if not closed:
-            name = node.get_fully_qualified_name() if node is not None else 'loom node'
-            print(f'{name}: the executor did not shut down within {close_s:g} s; finalizing the '
-                  'node without it, then exiting', file=sys.stderr, flush=True)
-        if node is not None:
-            finalize_node(node)
-        if not closed:   # destroy and rclpy's shutdown would wait on the stuck executor
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+        who = node.get_fully_qualified_name() if node is not None else 'loom node'
+        end_process(executor, node, who, code, close_s,
+                    finalize=None if node is None else lambda: finalize_node(node))
     return code
+
+
+def end_process(executor, node, who: str, code: int, close_s: float = EXECUTOR_CLOSE_S,
+                finalize=None) -> None:
+    """How a process that spun `node` on `executor` ends: the executor's shutdown, waited for
+    at most `close_s`; `finalize()` either way (commit, close files); then the node destroyed
+    and rclpy shut down. When the shutdown hung, destroying would wait on it too: the process
+    says so on stderr and exits at once with `code`."""
+    import rclpy
+    closed = executor is None or _bounded(executor.shutdown, close_s, 'executor-shutdown')
+    if not closed:
+        print(f'{who}: the executor did not shut down within {close_s:g} s; finishing without '
+              'it, then exiting', file=sys.stderr, flush=True)
+    if finalize is not None:
+        finalize()
+    if not closed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if node is not None:
+        node.destroy_node()
+    rclpy.try_shutdown()
 
 
 def _bounded(call, limit_s: float, name: str) -> bool:

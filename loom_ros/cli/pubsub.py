@@ -65,6 +65,7 @@ def run_pub(args) -> int:
         print(f'loom pub: bad event: {exc}', file=sys.stderr)
         return 2
     rclpy, node, bus, executor = _session('loom_pub', args.ros_args)
+    from loom_ros.bus.executor import end_process
     try:
         publisher = bus.publisher_for(args.topic, args.qos)
         deadline = time.monotonic() + args.timeout
@@ -91,13 +92,12 @@ def run_pub(args) -> int:
         print(f'loom pub: {exc}', file=sys.stderr)
         return 2
     finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+        end_process(executor, node, 'loom pub', 0)
 
 
 def run_echo(args) -> int:
     rclpy, node, bus, executor = _session('loom_echo', args.ros_args)
+    from loom_ros.bus.executor import end_process
     received = 0
 
     def on_event(event: Event, topic: str) -> None:
@@ -126,7 +126,5 @@ def run_echo(args) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         print(json.dumps({'stats': bus.stats.snapshot()}), file=sys.stderr, flush=True)
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+        end_process(executor, node, 'loom echo', status)
     return status
