@@ -57,7 +57,19 @@ class RosHarness:
                                 f'{out}\n{err}')
             if spin is not None:
                 spin()
-            self.executor.spin_once(timeout_sec=0.02)
+            self.spin_once()
+
+    stale_callbacks = 0
+
+    def spin_once(self, timeout_sec: float = 0.02) -> None:
+        """One turn of the session's executor. A callback of a node an earlier test destroyed
+        (its timer event already queued when it was removed) raises InvalidHandle here under
+        load; that is the session's leftover, not this test's failure: counted, skipped."""
+        from rclpy._rclpy_pybind11 import InvalidHandle
+        try:
+            self.executor.spin_once(timeout_sec=timeout_sec)
+        except InvalidHandle:
+            self.stale_callbacks += 1
 
     def call(self, client, request, what: str, resend_s: float = 5.0, limit: float = WAIT_LIMIT_S,
              alive=()):
