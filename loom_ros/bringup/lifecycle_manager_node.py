@@ -680,9 +680,14 @@ class LifecycleManagerNode(Node):
                             'behavior is slower than its input; add workers or backpressure')
         return D.OK, 'active'
 
-    def destroy_node(self) -> None:
-        for m in getattr(self, 'managed', ()):   # agents it started end with it
+    def on_exit(self) -> None:
+        """On the way out (run_node's finalize): the agents it started end with it, each
+        SIGINT and its own bound (they commit first)."""
+        for m in getattr(self, 'managed', ()):
             self._stop(m, kill=False)
+
+    def destroy_node(self) -> None:
+        self.on_exit()   # nothing left to stop when run_node already called it
         super().destroy_node()
 
 

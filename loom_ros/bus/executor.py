@@ -8,7 +8,8 @@ processes install their own SIGINT/SIGTERM handlers that complete a future, and 
 No endless exit either: the EventsExecutor's shutdown was seen hanging now and then (a router
 node never exited after SIGINT in a CI run; `loom bringup`'s readiness watcher bounds it too).
 `run_node` waits for it at most `EXECUTOR_CLOSE_S`, then still takes the node through its
-shutdown transition (state committed, files closed) and leaves the rest to a hard exit.
+shutdown transition (state committed, files closed) and leaves the rest to a hard exit; the
+node's destruction and rclpy's shutdown get the same bound.
 
 No silent death: an exception escaping a callback (timer, subscription, service) comes out of
 `spin_until_future_complete`; `spin_until` counts it per node (`callback_errors`, and the node's
@@ -29,7 +30,10 @@ from rclpy.executors import ExternalShutdownException
 
 from loom_ros.bus.event import RejectReason
 
-EXECUTOR_CLOSE_S = 10.0   # the most run_node waits for the executor's shutdown
+# The most a process waits for the executor's shutdown, and again for destroying the node and
+# rclpy's shutdown: bring-up and launch give a node 20 s after SIGINT (nodes.STOP_TIMEOUT_S),
+# and a node's own shutdown transition (agents committing) must fit in between.
+EXECUTOR_CLOSE_S = 5.0
 
 # Exceptions that escaped a callback, per fully qualified node name (all nodes of the executor
 # whose callback raised: rclpy does not say which one it was).
@@ -154,8 +158,9 @@ def end_process(executor, node, who: str, code: int, close_s: float = EXECUTOR_C
                 finalize=None) -> None:
     """How a process that spun `node` on `executor` ends: the executor's shutdown, waited for
     at most `close_s`; `finalize()` either way (commit, close files); then the node destroyed
-    and rclpy shut down. When the shutdown hung, destroying would wait on it too: the process
-    says so on stderr and exits at once with `code`."""
+    and rclpy shut down, waited for at most `close_s` too. When the executor's shutdown hung,
+    destroying would wait on it: the process says so on stderr and exits at once with `code`,
+    as it does when destroying or rclpy's shutdown hangs."""
     import rclpy
     closed = executor is None or _bounded(executor.shutdown, close_s, 'executor-shutdown')
     if not closed:
@@ -163,13 +168,18 @@ def end_process(executor, node, who: str, code: int, close_s: float = EXECUTOR_C
               'it, then exiting', file=sys.stderr, flush=True)
     if finalize is not None:
         finalize()
-    if not closed:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    if node is not None:
-        node.destroy_node()
-    rclpy.try_shutdown()
+    if closed:
+        def tear_down():
+            if node is not None:
+                node.destroy_node()
+            rclpy.try_shutdown()
+        if _bounded(tear_down, close_s, 'node-teardown'):
+            return
+        print(f'{who}: destroying the node and shutting rclpy down took over {close_s:g} s; '
+              'exiting without it', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _bounded(call, limit_s: float, name: str) -> bool:
@@ -182,9 +192,14 @@ def _bounded(call, limit_s: float, name: str) -> bool:
 
 def finalize_node(node) -> None:
     """A lifecycle node goes through its shutdown transition on the way out (Ctrl-C, SIGTERM),
-    so on_shutdown commits state and closes sessions and files; a plain node has nothing to do."""
+    so on_shutdown commits state and closes sessions and files; a plain node runs its
+    `on_exit()` if it has one (the lifecycle manager stops the agents it started), so that work
+    is not cut by the bound on destroying the node."""
     trigger = getattr(node, 'trigger_shutdown', None)
     if trigger is None:
+        on_exit = getattr(node, 'on_exit', None)
+        if on_exit is not None:
+            on_exit()
         return
     try:
         trigger()

@@ -23,6 +23,7 @@ NODE = textwrap.dedent('''
 
     MARK = Path(sys.argv[1])
     HANG = sys.argv[2] == 'hang'
+    HANG_DESTROY = sys.argv[2] == 'hang_destroy'
 
     class Stuck(type(loom_executor.make_executor())):
         def shutdown(self, timeout_sec=None):
@@ -41,6 +42,11 @@ NODE = textwrap.dedent('''
         def on_shutdown(self, state):
             MARK.write_text('finalized')
             return TransitionCallbackReturn.SUCCESS
+
+        def destroy_node(self):
+            if HANG_DESTROY:
+                threading.Event().wait()   # a teardown that never returns
+            super().destroy_node()
 
     def stuck_executor():
         context = rclpy.get_default_context()   # as rclpy.experimental.EventsExecutor does
@@ -74,8 +80,15 @@ def test_a_hanging_executor_shutdown_is_bounded_and_the_node_is_still_finalized(
     assert mark.read_text() == 'finalized'
 
 
+def test_a_hanging_teardown_is_bounded_after_the_node_was_finalized(tmp_path):
+    code, err, mark = _run_until_ready_then_interrupt(tmp_path, 'hang_destroy')
+    assert code == 0, err
+    assert 'destroying the node and shutting rclpy down took over 1 s' in err
+    assert mark.read_text() == 'finalized'
+
+
 def test_a_normal_shutdown_says_nothing_and_finalizes(tmp_path):
     code, err, mark = _run_until_ready_then_interrupt(tmp_path, 'ok')
     assert code == 0, err
-    assert 'did not shut down' not in err
+    assert 'did not shut down' not in err and 'took over' not in err
     assert mark.read_text() == 'finalized'
