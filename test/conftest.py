@@ -20,11 +20,10 @@ os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 # CI load one waited past a minute (test_logs_hostile, stop 24).
 from loom_ros.bus.qos import fastdds_environment  # noqa: E402
 
+os.environ.update(fastdds_environment(os.environ, Path(__file__).resolve().parents[1] / 'config'))
 # Every Python process the tests start prints its threads' stacks on a fatal signal (a hang
 # that a test ends with SIGABRT says where it was).
 os.environ['PYTHONFAULTHANDLER'] = '1'
-
-os.environ.update(fastdds_environment(os.environ, Path(__file__).resolve().parents[1] / 'config'))
 
 from harness import REPO, WAIT_LIMIT_S, loom_cli  # noqa: E402,F401  (re-exported for fixtures)
 

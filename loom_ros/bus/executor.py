@@ -162,7 +162,7 @@ def end_process(executor, node, who: str, code: int, close_s: float = EXECUTOR_C
     destroying would wait on it: the process says so on stderr and exits at once with `code`,
     as it does when destroying or rclpy's shutdown hangs."""
     import rclpy
-    closed = executor is None or _bounded(executor.shutdown, close_s, 'executor-shutdown')
+    closed = executor is None or bounded(executor.shutdown, close_s, 'executor-shutdown')
     if not closed:
         print(f'{who}: the executor did not shut down within {close_s:g} s; finishing without '
               'it, then exiting', file=sys.stderr, flush=True)
@@ -173,7 +173,7 @@ def end_process(executor, node, who: str, code: int, close_s: float = EXECUTOR_C
             if node is not None:
                 node.destroy_node()
             rclpy.try_shutdown()
-        if _bounded(tear_down, close_s, 'node-teardown'):
+        if bounded(tear_down, close_s, 'node-teardown'):
             return
         print(f'{who}: destroying the node and shutting rclpy down took over {close_s:g} s; '
               'exiting without it', file=sys.stderr, flush=True)
@@ -182,8 +182,9 @@ def end_process(executor, node, who: str, code: int, close_s: float = EXECUTOR_C
     os._exit(code)
 
 
-def _bounded(call, limit_s: float, name: str) -> bool:
-    """Run `call` on a daemon thread; True when it returned (or raised) within `limit_s`."""
+def bounded(call, limit_s: float, name: str) -> bool:
+    """Run `call` on a daemon thread; True when it returned (or raised) within `limit_s`. What
+    may hang in rclpy's teardown (an executor's shutdown, destroying a node) is run this way."""
     worker = threading.Thread(target=call, name=name, daemon=True)
     worker.start()
     worker.join(limit_s)

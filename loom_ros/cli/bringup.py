@@ -432,16 +432,14 @@ class Readiness:
     def close(self) -> None:
         """Stop the spin thread and the executor, bounded: an executor whose shutdown hangs
         (rclpy's EventsExecutor did, now and then) is left to the process's exit."""
+        from loom_ros.bus.executor import bounded
         self._stop.set_result(True)
         self._thread.join(self.CLOSE_S)
 
         def shut():
             self._executor.shutdown()
             self.node.destroy_node()
-        closer = threading.Thread(target=shut, daemon=True, name='close-loom_bringup')
-        closer.start()
-        closer.join(self.CLOSE_S)
-        if closer.is_alive():
+        if not bounded(shut, self.CLOSE_S, 'close-loom_bringup'):
             print('loom bringup: the readiness watcher did not shut down within '
                   f'{self.CLOSE_S:g} s; leaving it to the exit', file=sys.stderr, flush=True)
 

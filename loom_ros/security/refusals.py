@@ -103,7 +103,7 @@ class RefusalParser:
         self._clock, self.name_wait_s = clock, name_wait_s
         self._known: OrderedDict[str, str | None] = OrderedDict()
         # zid -> (when first held, its refusals): refusals waiting for the zid's link
-        self._unnamed: OrderedDict[str, tuple[float, list[Refusal]]] = OrderedDict()
+        self._unnamed: dict[str, tuple[float, list[Refusal]]] = {}
         self._held = 0
         self._tail = b''
         self._dropping = False      # inside a line longer than MAX_LINE
