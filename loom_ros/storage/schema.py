@@ -159,14 +159,24 @@ def ensure(conn: sqlite3.Connection, path) -> None:
             conn.execute(statement)
         upgrade_subjects(conn)
         row = conn.execute("select value from meta where key = 'version'").fetchone()
-        if row is None:
+        found = _version(row[0], path) if row is not None else None
+        if found is None:
             conn.execute("insert into meta values ('version', ?)", (str(VERSION),))
-        elif int(row[0]) > VERSION:
-            raise StorageError(f'{path}: storage version {row[0]} is newer than this Loom '
+        elif found > VERSION:
+            raise StorageError(f'{path}: storage version {found} is newer than this Loom '
                                f'({VERSION}); refusing to touch it')
-        elif int(row[0]) < VERSION:   # migrated above, in this transaction
+        elif found < VERSION:   # migrated above, in this transaction
             conn.execute("update meta set value = ? where key = 'version'", (str(VERSION),))
         conn.execute('COMMIT')
     except BaseException:
         conn.execute('ROLLBACK')
         raise
+
+
+def _version(value, path) -> int:
+    """The file's storage version; a value that is not one is refused, quoted bounded."""
+    try:
+        return int(str(value)[:20])
+    except ValueError:
+        raise StorageError(f'{path}: storage version {str(value)[:40]!r} is not a number; the '
+                           'file was left as it is') from None

@@ -94,6 +94,19 @@ def test_a_refusal_logged_before_its_link_is_listed_is_counted_under_the_name_th
     assert parser.held == 0 and parser.suspect_lines == 0
 
 
+def test_a_held_line_naming_another_identity_is_still_counted_as_suspect_once_named():
+    # Held before robot2's link was listed, its text claiming robot1: named robot2 at settle,
+    # and the made-up name counted, as for a line whose zid is named at once.
+    links, clock = {}, Clock()
+    parser = RefusalParser(links.get, clock=clock)
+    forged = f'{R2} on Interface(lo)+CertCommonName(robot1)+Transport(Tls)+{R2} is unauthorized' \
+             ' to Put (ingress) on loom/robot1/x'
+    assert parser.feed(line(forged))[0] == [] and parser.suspect_lines == 0
+    links[R2] = 'robot2'
+    assert [(r.identity, r.claimed) for r in parser.settle()] == [('robot2', 'robot1')]
+    assert parser.suspect_lines == 1
+
+
 def test_a_zid_never_named_is_counted_as_itself_after_the_wait_and_holding_is_bounded(
         monkeypatch):
     monkeypatch.setattr(refusals, 'MAX_UNNAMED', 3)

@@ -158,7 +158,12 @@ def test_a_migrated_file_is_refused_by_an_older_loom_and_a_newer_file_by_this_on
     conn = sqlite3.connect(path)
     assert conn.execute("select value from meta where key = 'version'").fetchone()[0] == '3'
     assert conn.execute('select count(*) from episodes').fetchone()[0] == 1
+    conn.execute("update meta set value = ? where key = 'version'", ('x' * 100_000,))
+    conn.commit()
     conn.close()
+    with pytest.raises(StorageError, match="storage version 'x{40}' is not a number") as refused:
+        Storage(StorageConfig(root=str(tmp_path), unit='v'), clock=clock)
+    assert len(str(refused.value)) < 300 + len(str(path))
 
 
 def test_secrets_are_masked_before_the_file(storage):
