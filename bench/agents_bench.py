@@ -30,7 +30,8 @@ sys.path.insert(0, str(HERE))
 from bus_bench import machine, rss_kb, summarize  # noqa: E402
 
 
-def run_loom(n: int, seconds: float, rate: float, feed: str, workers: int) -> dict:
+def run_loom(n: int, seconds: float, rate: float, feed: str, workers: int,
+             warmup_s: float = 1.0) -> dict:
     """N agents hosted in one AgentNode (one bus, one dispatcher). `feed`: 'streams' gives each
     agent its own topic and spreads the events evenly (N x rate events/s in all); 'broadcast'
     sends every event to every agent at once (bursts of N)."""
@@ -65,30 +66,49 @@ def run_loom(n: int, seconds: float, rate: float, feed: str, workers: int) -> di
     executor.add_node(feeder)
     executor.add_node(host)
     rss_started = rss_kb()
-    if feed == 'streams':
-        sends = [(topic(i % n), 1) for i in range(int(seconds * rate * n))]
-        total_rate = rate * n
-    else:
-        sends = [('bench.agents', n) for _ in range(int(seconds * rate))]
-        total_rate = rate
-    expected = sum(k for _, k in sends)
-    for t in {t for t, _ in sends}:   # publishers exist before the clock starts
-        bus.publisher_for(t, 'realtime')
-    start = time.monotonic()
-    for i, (t, _) in enumerate(sends):
-        bus.publish(t, Event(type='tick', id=f't{i}'), 'realtime')
-        target = start + (i + 1) / total_rate
-        while time.monotonic() < target:
-            executor.spin_once(timeout_sec=max(0.0, min(0.001, target - time.monotonic())))
-    deadline = time.monotonic() + 120
-    while sum(a.stats['handled'] for a in agents) < expected and time.monotonic() < deadline:
-        executor.spin_once(timeout_sec=0.01)
+
+    def plan(duration: float, label: str) -> tuple[list, float]:
+        """(topic, agents reached, event id) to send over `duration` s, and the send rate."""
+        if feed == 'streams':
+            return [(topic(i % n), 1, f'{label}{i}') for i in range(int(duration * rate * n))], \
+                rate * n
+        return [('bench.agents', n, f'{label}{i}') for i in range(int(duration * rate))], rate
+
+    def send(sends: list, total_rate: float, until: int) -> float:
+        """Publish on schedule, then spin until `until` agent-events are handled; the start."""
+        for t in {t for t, _, _ in sends}:   # publishers exist before the clock starts
+            bus.publisher_for(t, 'realtime')
+        start = time.monotonic()
+        for i, (t, _, event_id) in enumerate(sends):
+            bus.publish(t, Event(type='tick', id=event_id), 'realtime')
+            target = start + (i + 1) / total_rate
+            while time.monotonic() < target:
+                executor.spin_once(timeout_sec=max(0.0, target - time.monotonic()))
+        deadline = time.monotonic() + 120
+        while sum(a.stats['handled'] for a in agents) < until and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.01)
+        return start
+
+    # Warm-up: each agent's first events take first-use paths (its first state keys, the first
+    # statements); measured apart, then the measured run starts from empty mailboxes.
+    warm, warm_rate = plan(warmup_s, 'w')
+    warm_expected = sum(k for _, k, _ in warm)
+    send(warm, warm_rate, warm_expected)
+    warm_handled = sum(a.stats['handled'] for a in agents)
+    warm_dispatch = [x for a in agents for x in a.dispatch_us]
+    for agent in agents:
+        agent.dispatch_us.clear()
+    sends, total_rate = plan(seconds, 't')
+    expected = sum(k for _, k, _ in sends)
+    start = send(sends, total_rate, warm_handled + expected)
     elapsed = time.monotonic() - start
-    handled = sum(a.stats['handled'] for a in agents)
+    handled = sum(a.stats['handled'] for a in agents) - warm_handled
     writer = host.storage.writer
     dispatch = [x for a in agents for x in a.dispatch_us]
     result = {'agents': n, 'feed': feed, 'workers': workers, 'agent_events_expected': expected,
               'agent_events_handled': handled, 'handled_per_s': round(handled / elapsed, 1),
+              'warmup_s': warmup_s, 'warmup_expected': warm_expected,
+              'warmup_handled': warm_handled, 'warmup_dispatch': summarize(warm_dispatch),
               'setup_s': round(setup_s, 1), 'rss_before_mb': round(rss_before / 1024, 1),
               'rss_started_mb': round(rss_started / 1024, 1),
               'rss_end_mb': round(rss_kb() / 1024, 1), 'dispatch': summarize(dispatch),
@@ -302,7 +322,8 @@ def _one_run(args, n: int, feed: str) -> dict | None:
     """One run in its own process (RSS is not shared between runs): its JSON line, or None
     (its stderr printed) when it failed."""
     run = subprocess.run([sys.executable, __file__, str(n), feed, '--seconds', str(args.seconds),
-                          '--rate', str(args.rate), '--workers', str(args.workers)],
+                          '--rate', str(args.rate), '--workers', str(args.workers),
+                          '--warmup', str(args.warmup)],
                          capture_output=True, text=True, timeout=1800)
     if run.returncode:
         print(run.stderr[-3000:], file=sys.stderr)
@@ -316,6 +337,8 @@ def main() -> int:
     parser.add_argument('--feeds', nargs='+', default=['streams', 'broadcast'])
     parser.add_argument('--seconds', type=float, default=5.0)
     parser.add_argument('--rate', type=float, default=10.0, help='events/s per agent')
+    parser.add_argument('--warmup', type=float, default=1.0,
+                        help='seconds of the same feed before the measured run (reported apart)')
     parser.add_argument('--workers', type=int, default=1)
     parser.add_argument('--hosts', type=int, default=2,
                         help='also run the largest N split over this many agent-host processes '
@@ -334,7 +357,8 @@ def main() -> int:
             print(json.dumps(run_hosts(int(n), int(count), args.seconds, args.rate, kind,
                                        args.workers)))
             return 0
-        print(json.dumps(run_loom(int(n), args.seconds, args.rate, feed, args.workers)))
+        print(json.dumps(run_loom(int(n), args.seconds, args.rate, feed, args.workers,
+                                  args.warmup)))
         return 0
     rows, raw = [], {}
     for n in args.agents:   # Loom first, the baselines after: each its own process
@@ -368,6 +392,7 @@ def main() -> int:
     for row in rows:
         row['raw'] = raw[row['loom']['agents']]
     results = {'machine': machine(), 'seconds': args.seconds, 'rate': args.rate,
+               'warmup_s': args.warmup,
                'workers': args.workers, 'rows': rows, 'hosts': multi, 'core': cores}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -382,23 +407,27 @@ def main() -> int:
              'one group-commit writer for all agents; the worker submits and moves on, the event '
              'counts as handled when its commit is done). '
              f"Each agent gets {args.rate:g} events/s for {args.seconds:g} s "
-             'from a publisher in the same process (intra-process fast path). `streams`: each '
+             'from a publisher in the same process (intra-process fast path), after '
+             f'{args.warmup:g} s of the same feed whose dispatch is reported apart (an '
+             "agent's first events take first-use paths: its first state keys, the first "
+             'statements); the measured run starts once the warm-up is handled. `streams`: each '
              'agent has its own topic and the events are spread evenly; `broadcast`: one topic, '
              'every event reaches all N agents at the same instant (bursts of N). Dispatch = '
              'mailbox arrival to handler start. Baseline: N plain rclpy nodes with one '
              'subscription each, in another process.', '',
-             '| agents | feed | RSS Loom (started / end) | RSS raw rclpy nodes | start-up | dispatch P50 / P99 / max | agent-events handled/s | handled | commits |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+             '| agents | feed | RSS Loom (started / end) | RSS raw rclpy nodes | start-up | dispatch P50 / P99 / max | agent-events handled/s | handled | commits | warm-up dispatch P50 / P99 / max |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for row in rows:
         lo, ra = row['loom'], row['raw']
-        d = lo['dispatch']
+        d, w = lo['dispatch'], lo['warmup_dispatch']
         lines.append(f"| {lo['agents']} | {lo['feed']} | {lo['rss_started_mb']} / "
                      f"{lo['rss_end_mb']} MB | {ra.get('rss_started_mb', 'timed out')} MB | "
                      f"{lo['setup_s']} s | "
                      f"{d['p50_us']:.0f} / {d['p99_us']:.0f} / {d['max_us']:.0f} us | "
                      f"{lo['handled_per_s']:.0f} | "
                      f"{lo['agent_events_handled']}/{lo['agent_events_expected']} | "
-                     f"{lo['commits']} |")
+                     f"{lo['commits']} | {w['p50_us']:.0f} / {w['p99_us']:.0f} / "
+                     f"{w['max_us']:.0f} us |")
     if multi:
         lines += ['', f'The largest N split over {args.hosts} agent-host processes (agent i in '
                   f'host i mod {args.hosts}, each an AgentNode with its own storage unit and '

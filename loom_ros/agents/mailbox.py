@@ -34,13 +34,14 @@ class Mailbox:
     def closed(self) -> bool:
         return self._closed
 
-    def put(self, event: Event) -> None:
+    def put(self, event: Event, note=None) -> None:
+        """`note`: anything the receiver wants back with the event (get returns it)."""
         with self._lock:
             if self._closed:
                 self.refused += 1
                 return
             heap = self._heap
-            entry = (-event.priority, next(self._arrival), time.perf_counter_ns(), event)
+            entry = (-event.priority, next(self._arrival), time.perf_counter_ns(), event, note)
             if len(heap) >= self.size:
                 self.dropped += 1
                 # The victim: the lowest priority present, and the oldest event of that priority.
@@ -55,8 +56,8 @@ class Mailbox:
             if self._waiting:
                 self._cond.notify()
 
-    def get(self, timeout: float | None = None) -> tuple[Event, float] | None:
-        """(event, microseconds it waited), or None when closed or on timeout."""
+    def get(self, timeout: float | None = None) -> tuple[Event, float, object] | None:
+        """(event, microseconds it waited, its note), or None when closed or on timeout."""
         with self._lock:
             self._waiting += 1
             try:
@@ -66,17 +67,17 @@ class Mailbox:
                 self._waiting -= 1
             if not self._heap:
                 return None
-            _, _, arrived, event = heapq.heappop(self._heap)
-            return event, (time.perf_counter_ns() - arrived) / 1000.0
+            _, _, arrived, event, note = heapq.heappop(self._heap)
+            return event, (time.perf_counter_ns() - arrived) / 1000.0, note
 
-    def get_nowait(self) -> tuple[Event, float] | None:
-        """(event, microseconds it waited), or None when empty. A closed mailbox still gives
-        what it holds (accepted mail is handled); it only refuses new mail."""
+    def get_nowait(self) -> tuple[Event, float, object] | None:
+        """(event, microseconds it waited, its note), or None when empty. A closed mailbox still
+        gives what it holds (accepted mail is handled); it only refuses new mail."""
         with self._lock:
             if not self._heap:
                 return None
-            _, _, arrived, event = heapq.heappop(self._heap)
-            return event, (time.perf_counter_ns() - arrived) / 1000.0
+            _, _, arrived, event, note = heapq.heappop(self._heap)
+            return event, (time.perf_counter_ns() - arrived) / 1000.0, note
 
     def close(self) -> None:
         with self._lock:

@@ -67,6 +67,12 @@ def derived_privacy(floor: Privacy, requested: Privacy | None,
     return max(lowest, Privacy(requested) if requested is not None else Privacy.PUBLIC)
 
 
+def arrival(event: Event) -> tuple[Privacy, str, Event]:
+    """How an event arrived, read once per delivery: (effective privacy, named subject, a copy
+    that no behavior is handed, for the episodes). Agents get their own copies to handle."""
+    return effective_privacy(event), _named_subject(event), event.copy()
+
+
 class Agent:
     """One agent: configure loads behavior, state and memory; activate opens the mailbox;
     deactivate handles what the mailbox accepted and waits for its commits; cleanup lets go of
@@ -181,13 +187,17 @@ class Agent:
         store.wait(timeout)
 
     # -- delivery -----------------------------------------------------------------------------
-    def offer(self, event: Event) -> bool:
-        """Put an event in the mailbox (the bus's callback); False when not active."""
+    def offer(self, event: Event, note: tuple[Privacy, str, Event] | None = None) -> bool:
+        """Put a copy of an event in the mailbox (the bus's callback); False when not active.
+        A copy: in a process, every subscriber of a topic is handed the publisher's object, and
+        a behavior that changed it (its privacy, its subject) would change it for the others.
+        `note` (arrival()): how the event arrived, once for all the agents of a
+        delivery: what the handler's emits are held to and what its episode stores."""
         mailbox = self.mailbox
         if mailbox is None or mailbox.closed or self.lifecycle is not AgentState.ACTIVE:
             self.stats['refused_inactive'] += 1
             return False
-        mailbox.put(event)
+        mailbox.put(event.copy(), note or arrival(event))
         return True
 
     def handle_one(self, defer_commit: bool = False) -> bool:
@@ -203,15 +213,14 @@ class Agent:
             item = mailbox.get_nowait()
             if item is None:
                 return False
-            event, waited_us = item
+            event, waited_us, (floor, subject, arrived) = item
             self.dispatch_us.append(waited_us)
             self.busy_since_ns = time.monotonic_ns()
             # Whatever the handler emits, from this worker or any thread it starts, carries at
-            # least this event's privacy.
-            self._floor, self._handling_id = effective_privacy(event), event.id
-            self._subject = _named_subject(event)
+            # least the event's privacy as it arrived, and names its subject.
+            self._floor, self._handling_id, self._subject = floor, event.id, subject
             try:
-                self._handle(event)
+                self._handle(event, arrived)
             finally:
                 self.busy_since_ns = 0
                 self._floor, self._subject = None, ''
@@ -230,10 +239,12 @@ class Agent:
             if self._dirty and self.store is not None:
                 self.commit()
 
-    def _handle(self, event: Event) -> None:
+    def _handle(self, event: Event, arrived: Event) -> None:
+        """Run the behavior on `event` (this agent's copy, its to change); `arrived` is the
+        event as it arrived, which no behavior holds: what the episode stores."""
         self._settle_state()   # what this handler's failure rolls back to
         self.working.append(event)
-        self.episodic.record(event)   # stored with the next commit, with the state it makes
+        self.episodic.record(arrived)   # stored with the next commit, with the state it makes
         try:
             if tracing.ENABLED:
                 # Current on this worker thread, so what the behavior emits continues the trace.
@@ -435,7 +446,7 @@ class Dispatcher:
         if workers < 1:
             raise ValueError('a dispatcher needs at least one worker')
         self._ready: deque[Agent] = deque()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())   # nothing re-enters it
         self._closed = False
         self.errors = 0   # exceptions that escaped an agent's handle_one (workers survive them)
         self._threads = [threading.Thread(target=self._work, daemon=True, name=f'{name}-{i}')
@@ -463,9 +474,10 @@ class Dispatcher:
         every mailbox and give it back (a broadcast to 100 agents was put in mailboxes and
         handled in turns of the 0.5 ms switch interval)."""
         taken = []
+        note = arrival(event)   # once for all of them
         for agent in agents:
             try:
-                if agent.offer(event):
+                if agent.offer(event, note):
                     taken.append(agent)
             except Exception as exc:  # noqa: BLE001 - one agent's failure is not the others'
                 self._escaped(agent, exc)

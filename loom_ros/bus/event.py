@@ -226,6 +226,17 @@ class Event:
     def json(self) -> object:
         return json.loads(self.payload)
 
+    def copy(self) -> 'Event':
+        """A copy whose metadata and tags are its own (and whose payload is immutable bytes): one
+        receiver's changes stay its own. In a process, every subscriber of a topic is handed
+        the publisher's object, and agents on one topic share one delivery."""
+        payload = self.payload
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        return Event(self.type, self.source, payload, self.id, self.timestamp_ms,
+                     dict(self.metadata), self.confidence, list(self.tags), self.priority,
+                     self.privacy, self.frame_id)
+
     # -- loom_msgs/Event conversion -----------------------------------------------------------
     def to_msg(self):
         """The loom_msgs/Event for this event (bus_id and seq are left 0 for the bus to set)."""

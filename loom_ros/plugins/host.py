@@ -319,8 +319,10 @@ class PluginHost:
                                                   f'the audit log refused it: {exc}')
             start = time.perf_counter()
             try:
+                # A copy: the caller's event may be every subscriber's in this process, and
+                # the floor of what the plugin answers is read from it (_checked).
                 with acting_as(slot.ctx if self.guard and slot.guarded else None):
-                    response = slot.plugin.handle_event(event)
+                    response = slot.plugin.handle_event(event.copy())
             except CapabilityDenied as exc:
                 response = PluginResponse.failure(str(exc))
             except Exception as exc:  # a plugin bug is an answer, not a crash

@@ -140,3 +140,63 @@ def test_declassify_rules_are_validated_in_the_agents_file(tmp_path):
                         f'declassify: [{bad}]}}\n')
         with pytest.raises(AgentConfigError, match='declassify'):
             load_agents(path)
+
+
+class TamperBehavior:
+    """Lowers the privacy of the event it is handed, drops its subject and rewrites its data and
+    tags (what a buggy or hostile behavior could do), then emits."""
+
+    def setup(self, settings):
+        pass
+
+    def handle(self, event, ctx):
+        ctx.intent('seen', {'privacy': int(event.privacy), 'tags': list(event.tags),
+                            'subject': event.metadata.get('loom.subject', '')})
+        event.privacy = Privacy.PUBLIC
+        event.metadata.pop('loom.subject', None)
+        event.metadata['privacy'] = 'public'
+        event.tags.append('tampered')
+        event.payload = b'{"text": "rewritten"}'
+
+
+def test_agents_on_one_topic_get_their_own_copy_of_an_event(tmp_path):
+    """Agents following one topic share one delivery, and in a process the bus hands every
+    subscriber the publisher's object: what the first agent's behavior changes in its event
+    reaches neither the agents after it (their emits keep the privacy and subject the event
+    arrived with) nor the publisher's object, nor the episodes the others store."""
+    from loom_ros.storage.consent import ConsentRegistry, SubjectRefs
+    audit = AuditLog(tmp_path / 'audit.db')
+    consent = ConsentRegistry(tmp_path / 'consent.db', audit=audit,
+                              refs=SubjectRefs.at(tmp_path / 'keys'))
+    consent.grant('alice', 'store', 'test:nurse')   # so her episodes are kept
+    storage = Storage(StorageConfig(str(tmp_path), unit='host'), consent=consent)
+    emitted = []
+    agents = []
+    for i in range(3):
+        agent = Agent(AgentConfig(id=f'tamper{i}', behavior='counter', subscriptions=['t']),
+                      storage, lambda _id, kind, type, data, privacy, subject='':
+                      emitted.append((_id, data, privacy, subject)))
+        agent.configure()
+        agent.behavior = TamperBehavior()
+        agent.activate()
+        agents.append(agent)
+    dispatcher = Dispatcher(1)
+    try:
+        event = Event.with_json('speech.final', PIN, privacy=Privacy.PRIVATE, tags=['voice'],
+                                metadata={'loom.subject': 'alice'})
+        dispatcher.deliver_all(agents, event)
+        wait_until(lambda: all(a.stats['handled'] == 1 for a in agents), 'three handlings')
+        assert sorted(emitted) == [
+            (f'tamper{i}', {'privacy': int(Privacy.PRIVATE), 'tags': ['voice'],
+                            'subject': 'alice'}, Privacy.PRIVATE, 'alice') for i in range(3)]
+        assert (event.privacy, event.metadata, event.tags, event.json()) == (
+            Privacy.PRIVATE, {'loom.subject': 'alice'}, ['voice'], PIN)
+        for agent in agents:   # each stored its own copy as it arrived (it changed it after)
+            stored = storage.episodes.query(agent.id, 0, 2**63 - 1, '', '', '', 10)
+            assert [(r['event_id'], r['tags']) for r in stored] == [(event.id, ['voice'])]
+    finally:
+        dispatcher.close()
+        for agent in agents:
+            agent.cleanup()
+        storage.close()
+        consent.close()

@@ -233,9 +233,13 @@ def test_same_process_calls_pass_event_objects_without_serialization(make_host):
     registry.register(host)
     try:
         handle = registry.plugin_handle('recorder')     # what an agent in this process gets
-        event = Event(type='hello')
+        event = Event(type='hello', payload=b'x' * 100_000, metadata={'k': 'v'})
         assert handle.handle_event(event).ok
-        assert host.slots['recorder'].plugin.seen[-1] is event   # the same object
+        seen = host.slots['recorder'].plugin.seen[-1]
+        # Not serialized: the same payload object, in a copy of the event that is the plugin's
+        # to change (metadata and tags its own), since the caller's may be every subscriber's.
+        assert seen == event and seen.payload is event.payload
+        assert seen is not event and seen.metadata is not event.metadata
         # A plugin calls another through ctx.direct, still through the host (counted).
         chained = handle.handle_event(Event(type='recorder.ask_weather'))
         assert chained.ok and chained.events[0].json()['city'] == 'Tokyo'
