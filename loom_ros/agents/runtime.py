@@ -117,6 +117,10 @@ class Agent:
         self.behavior = self.store = self.episodic = self.semantic = None
         self.mailbox: Mailbox | None = None
         self.working: deque = deque(maxlen=config.working_memory)
+        # The privacy each recent event arrived with, kept apart from `working`, which the
+        # behavior holds (and may clear, or whose events it may change): what an emit from a
+        # thread the behavior left running is held to. At least the last event's.
+        self._recent_floors: deque = deque(maxlen=max(1, config.working_memory))
         self.busy_since_ns = 0      # when the handler in progress started (0: idle): hang watch
         self.persist_failed: StateError | None = None
         self.lock = threading.RLock()  # handler, commit and Recall: one at a time
@@ -244,6 +248,7 @@ class Agent:
         event as it arrived, which no behavior holds: what the episode stores."""
         self._settle_state()   # what this handler's failure rolls back to
         self.working.append(event)
+        self._recent_floors.append(self._floor)
         self.episodic.record(arrived)   # stored with the next commit, with the state it makes
         try:
             if tracing.ENABLED:
@@ -351,9 +356,8 @@ class Agent:
     def _emit(self, kind: str, type: str, data: dict, privacy: Privacy | None = None) -> None:
         floor = self._floor
         if floor is None:   # outside a handling (a thread the behavior left running): the
-            # strictest of what it has seen lately, its working memory
-            floor = max((effective_privacy(e) for e in list(self.working)),
-                        default=Privacy.PUBLIC)
+            # strictest of what it has handled lately (its working memory's span), as it arrived
+            floor = max(list(self._recent_floors), default=Privacy.PUBLIC)
         rule = self._rules.get((kind, type))
         out = derived_privacy(floor, privacy, rule)
         if privacy is not None and out > privacy:

@@ -200,3 +200,37 @@ def test_agents_on_one_topic_get_their_own_copy_of_an_event(tmp_path):
             agent.cleanup()
         storage.close()
         consent.close()
+
+
+class LateEmitter:
+    """Starts a thread that emits once `go` is set, after its handler returned; the handler
+    first lowers its event's privacy and clears its working memory."""
+
+    def __init__(self, go):
+        self.go, self.threads = go, []
+
+    def setup(self, settings):
+        pass
+
+    def handle(self, event, ctx):
+        event.privacy = Privacy.PUBLIC
+        ctx.working_memory.clear()
+        thread = threading.Thread(target=lambda: (self.go.wait(60), ctx.intent('late', {})))
+        thread.start()
+        self.threads.append(thread)
+
+
+def test_an_emit_after_the_handler_returned_keeps_the_privacy_the_event_arrived_with(run):
+    """Outside a handling (a thread the behavior left running), what it emits is held to the
+    strictest privacy of its recent events as they arrived, which the behavior cannot change
+    (neither by changing its event nor by clearing its working memory)."""
+    go = threading.Event()
+    behavior = LateEmitter(go)
+    agent, emitted = run([Event.with_json('speech.final', PIN, privacy=Privacy.PRIVATE)],
+                         behavior)
+    assert emitted == [] and agent.stats['behavior_errors'] == 0
+    go.set()
+    for thread in behavior.threads:
+        thread.join(60)
+    assert [(kind, type, p) for kind, type, _, p in emitted] == [
+        ('intent', 'late', Privacy.PRIVATE)]
