@@ -138,6 +138,27 @@ class AgentContext:
     ports: Ports = field(default_factory=Ports)
     # decision id -> whether its event named a data subject, for `report` (newest kept)
     _subjects: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    # () -> (privacy, subject) the agent holds what it derives to (Agent.held): the event it
+    # handles as it arrived, which the behavior's own copy may no longer say
+    held: Callable[[], tuple[Privacy, str]] | None = field(default=None, repr=False)
+
+    def _holding(self, event: Event) -> Event:
+        """`event` as a port may pass it on: at least as private as what the agent holds, and
+        naming that data subject (or '..', which no consent check accepts, when it names another
+        one); a copy when it must change. A behavior that lowered its event's privacy, dropped
+        or replaced its subject gets none of it past a port."""
+        if self.held is None:
+            return event
+        floor, subject = self.held()
+        privacy, named = effective_privacy(event), _named_subject(event)
+        want = named if not subject else subject if named in ('', subject) else '..'
+        if privacy >= floor and want == named:
+            return event
+        out = event.copy()
+        out.privacy = max(privacy, floor)
+        if want != named:
+            out.metadata[SUBJECT_METADATA_KEY] = want
+        return out
 
     # -- ports --------------------------------------------------------------------------------
     def route(self, event: Event, event_type: str, *, confidence: float | None = None,
@@ -147,6 +168,7 @@ class AgentContext:
         the behavior has one; its privacy is the event's effective privacy. PortError (or the
         router core's RequestError) when there is no decision."""
         from loom_ros.router.local import RouteQuery
+        event = self._holding(event)
         subject = _named_subject(event)
         answer = self.ports.router.route(RouteQuery(
             event_id=event.id, event_type=event_type, agent_id=self.agent_id,
@@ -172,7 +194,7 @@ class AgentContext:
         """The keyed hash of the data subject `event` names, for a cloud request (the cloud
         keeps and erases by it, never by the id); '' for an anonymous event, and for a subject
         id that is invalid or when the host has no key (the router keeps those local anyway)."""
-        subject = _named_subject(event)
+        subject = _named_subject(self._holding(event))
         if not subject or self.ports.subject_refs is None:
             return ''
         try:
@@ -182,7 +204,7 @@ class AgentContext:
 
     def call(self, plugin: str, event: Event) -> PluginResponse:
         """One event into plugin `plugin`; every failure is a failed response that says why."""
-        return self.ports.plugins.call(plugin, event)
+        return self.ports.plugins.call(plugin, self._holding(event))
 
     def cloud(self, wait_s: float = 0.0) -> 'tuple[CloudClient | None, str]':
         """The host's cloud client, or None and why (Hybrid and Cloud routes then run local);

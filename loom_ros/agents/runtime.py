@@ -121,6 +121,7 @@ class Agent:
         # behavior holds (and may clear, or whose events it may change): what an emit from a
         # thread the behavior left running is held to. At least the last event's.
         self._recent_floors: deque = deque(maxlen=max(1, config.working_memory))
+        self._recent_subjects: deque = deque(maxlen=max(1, config.working_memory))
         self.busy_since_ns = 0      # when the handler in progress started (0: idle): hang watch
         self.persist_failed: StateError | None = None
         self.lock = threading.RLock()  # handler, commit and Recall: one at a time
@@ -153,7 +154,7 @@ class Agent:
         self.persist_failed = None
         self._ctx = AgentContext(self.id, self.state, self.working, self._emit,
                                  dict(self.config.settings), self.episodic, self.semantic,
-                                 self.ports)
+                                 self.ports, held=self.held)
         self.lifecycle = AgentState.INACTIVE
 
     def activate(self) -> None:
@@ -217,7 +218,8 @@ class Agent:
             item = mailbox.get_nowait()
             if item is None:
                 return False
-            event, waited_us, (floor, subject, arrived) = item
+            event, waited_us, note = item
+            floor, subject, arrived = note if note is not None else arrival(event)
             self.dispatch_us.append(waited_us)
             self.busy_since_ns = time.monotonic_ns()
             # Whatever the handler emits, from this worker or any thread it starts, carries at
@@ -249,6 +251,7 @@ class Agent:
         self._settle_state()   # what this handler's failure rolls back to
         self.working.append(event)
         self._recent_floors.append(self._floor)
+        self._recent_subjects.append(self._subject)
         self.episodic.record(arrived)   # stored with the next commit, with the state it makes
         try:
             if tracing.ENABLED:
@@ -353,11 +356,20 @@ class Agent:
         if self.mailbox is not None:
             self.mailbox.close()
 
+    def held(self) -> tuple[Privacy, str]:
+        """(privacy, data subject) that what the behavior emits or passes to a port is held to:
+        the event being handled as it arrived; outside a handling (a thread the behavior left
+        running), the strictest privacy of its recent events and their subject ('..', which no
+        consent check accepts, when they named more than one)."""
+        floor, subject = self._floor, self._subject
+        if floor is not None:
+            return floor, subject
+        named = {s for s in list(self._recent_subjects) if s}
+        return (max(list(self._recent_floors), default=Privacy.PUBLIC),
+                named.pop() if len(named) == 1 else '..' if named else '')
+
     def _emit(self, kind: str, type: str, data: dict, privacy: Privacy | None = None) -> None:
-        floor = self._floor
-        if floor is None:   # outside a handling (a thread the behavior left running): the
-            # strictest of what it has handled lately (its working memory's span), as it arrived
-            floor = max(list(self._recent_floors), default=Privacy.PUBLIC)
+        floor, subject = self.held()
         rule = self._rules.get((kind, type))
         out = derived_privacy(floor, privacy, rule)
         if privacy is not None and out > privacy:
@@ -377,7 +389,6 @@ class Agent:
                 out = floor
             else:
                 self.stats['privacy_lowered'] += 1
-        subject = self._subject
         if subject:   # what is made from a person's event is theirs too (consent, erasure)
             self._emit_fn(self.id, kind, type, data, out, subject=subject)
         else:

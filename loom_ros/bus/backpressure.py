@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field, fields, replace
 
 from loom_ros.bus.event import Event, new_event_id
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, effective_privacy
 
 REDUCERS = ('latest', 'mean', 'merge_tags', 'count')
 QUEUE_MODES = ('inline', 'drop_oldest', 'keep_all')
@@ -171,7 +172,13 @@ def fold(events: list[Event], reducer: str) -> Event:
             types[event.type] = types.get(event.type, 0) + 1
         out.payload = json.dumps({'count': len(events), 'types': types},
                                  separators=(',', ':')).encode()
-    out.privacy = max(e.privacy for e in events)  # a fold is as private as its most private part
+    # A fold is as private as its most private part (field or stated in metadata), and names
+    # the data subject its parts name: '..' (which no consent check accepts) for several.
+    out.privacy = max(effective_privacy(e) for e in events)
+    named = {str(e.metadata[SUBJECT_METADATA_KEY]) for e in events
+             if SUBJECT_METADATA_KEY in e.metadata}
+    if named:
+        metadata[SUBJECT_METADATA_KEY] = named.pop() if len(named) == 1 else '..'
     return out
 
 

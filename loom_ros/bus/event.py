@@ -40,30 +40,6 @@ class Privacy(IntEnum):
     LOCAL_ONLY = 3
 
 
-PRIVACY_METADATA_KEYS = ('privacy', 'loom.privacy')   # a producer may also state privacy here
-_PRIVACY_NAMES = {p.name.lower().replace('_', ''): p for p in Privacy}
-
-
-def effective_privacy(event: 'Event') -> Privacy:
-    """The strictest of the privacy field and any privacy stated in metadata, so neither can be
-    used to lower the other; anything unreadable (or over-long) counts as LocalOnly."""
-    try:
-        tier = Privacy(event.privacy)
-    except ValueError:
-        return Privacy.LOCAL_ONLY
-    for key in PRIVACY_METADATA_KEYS:
-        value = event.metadata.get(key) if isinstance(event.metadata, dict) else None
-        if value is None:
-            continue
-        text = str(value)[:32].strip().lower().replace('_', '').replace('-', '')
-        stated = _PRIVACY_NAMES.get(text)
-        if stated is None and text.isdigit() and int(text) in Privacy._value2member_map_:
-            stated = Privacy(int(text))
-        tier = max(tier, stated if stated is not None and len(str(value)) <= 32
-                   else Privacy.LOCAL_ONLY)
-    return tier
-
-
 class RejectReason(str, Enum):
     """Why the bus refused something; every refusal is counted under one of these."""
 

@@ -254,7 +254,8 @@ class EpisodeStore:
         # event id -> data subject ('' anonymous, None: storage may not keep it) of the events
         # being handled: what a fact made from one of them inherits (FactStore.add)
         self._origins: OrderedDict[str, str | None] = OrderedDict()
-        self._noted = None   # the event noted last: agents of one delivery share their arrival
+        # (event, its subject) noted last: the agents of one delivery share one arrival copy
+        self._noted: tuple | None = None
 
     # An event of a data subject without `store` consent: counted, nothing of it kept.
     WITHHOLD = ('insert into withheld (agent_id, type, day, events) values (?, ?, ?, 1) '
@@ -264,12 +265,17 @@ class EpisodeStore:
 
     def note(self, event) -> None:
         """Remember whose event this is, for what a handler derives from it (a fact)."""
-        if event is self._noted:   # the same object again (a broadcast): noted already
-            return
-        try:
-            subject = event_subject(event)
-        except SubjectError:
-            subject = None
+        noted = self._noted
+        if noted is not None and noted[0] is event:   # the same arrival again (a broadcast):
+            subject = noted[1]                         # its subject is read once
+        else:
+            try:
+                subject = event_subject(event)
+            except SubjectError:
+                subject = None
+            self._noted = (event, subject)
+        # Asked each time (cached by the registry's version): a withdrawal between two agents
+        # of one broadcast holds for the second.
         if subject and not self.storage.consent.allows(subject):
             subject = None
         with self._hot_lock:
@@ -277,7 +283,6 @@ class EpisodeStore:
             self._origins.move_to_end(event.id)
             while len(self._origins) > self.MAX_ORIGINS:
                 self._origins.popitem(last=False)
-            self._noted = event
 
     def origin(self, event_id: str) -> tuple[bool, str | None]:
         """(known, data subject) of an event by id: noted while it was handled, else its

@@ -36,7 +36,8 @@ import numpy as np
 import rerun as rr
 import rerun.blueprint as rrb
 
-from loom_ros.bus.event import Event, Privacy, effective_privacy
+from loom_ros.bus.event import Event, Privacy
+from loom_ros.bus.privacy import effective_privacy
 from loom_ros.bus.topics import CAMERA_FRONT, CAMERA_FRONT_FACE, MIC_PRIMARY_SPEECH
 
 TIMELINE = 'time'

@@ -234,3 +234,93 @@ def test_an_emit_after_the_handler_returned_keeps_the_privacy_the_event_arrived_
         thread.join(60)
     assert [(kind, type, p) for kind, type, _, p in emitted] == [
         ('intent', 'late', Privacy.PRIVATE)]
+
+
+class PortTamper:
+    """Changes its event (privacy Public, the subject dropped or replaced) and then asks the
+    ports about it: the router, the cloud's subject reference, a plugin."""
+
+    def __init__(self):
+        self.answers = []
+
+    def setup(self, settings):
+        pass
+
+    def handle(self, event, ctx):
+        event.privacy = Privacy.PUBLIC
+        if event.type == 'speech.final':
+            event.metadata['loom.subject'] = 'bob'
+        else:
+            event.metadata.pop('loom.subject')
+        self.answers.append((ctx.route(event, 'intent', confidence=0.1),
+                             ctx.subject_ref(event), ctx.call('recorder', event)))
+
+
+def test_a_behavior_cannot_take_a_changed_event_past_its_ports(tmp_path):
+    """What a behavior passes to the router, the cloud's subject reference or a plugin is held
+    to the event as it arrived: its privacy, and its subject (a replaced one becomes '..', which
+    no consent accepts; a dropped one comes back)."""
+    from harness import REPO
+    from loom_ros.agents.behavior import InProcessPlugins, Ports
+    from loom_ros.plugins.host import PluginHost, parse_specs
+    from loom_ros.router.history import RouterHistory
+    from loom_ros.router.local import LocalRouter
+    from loom_ros.storage.consent import SubjectRefs
+    refs = SubjectRefs.at(tmp_path / 'keys')
+    router = LocalRouter.from_file(REPO / 'config' / 'policy.yaml',
+                                   RouterHistory(tmp_path / 'router.db', 86400))
+    host = PluginHost(parse_specs([{'name': 'recorder',
+                                    'plugin': 'plugins.overstep_plugin:RecorderPlugin'}]),
+                      data_dir=tmp_path / 'data')
+    host.start()
+    storage = Storage(StorageConfig(str(tmp_path), unit='host'))
+    behavior = PortTamper()
+    agent = Agent(AgentConfig(id='ports', behavior='counter', subscriptions=['t']), storage,
+                  lambda *a, **k: None,
+                  ports=Ports(router, InProcessPlugins(host.handles), subject_refs=refs.ref))
+    agent.configure()
+    agent.behavior = behavior
+    agent.activate()
+    dispatcher = Dispatcher(1)
+    try:
+        dispatcher.deliver(agent, Event.with_json('speech.final', PIN, privacy=Privacy.PRIVATE,
+                                                  metadata={'loom.subject': 'alice'}))
+        dispatcher.deliver(agent, Event.with_json('speech.partial', PIN,
+                                                  metadata={'loom.subject': 'alice'}))
+        wait_until(lambda: len(behavior.answers) == 2, 'both events handled')
+        (replaced, ref1, _), (dropped, ref2, _) = behavior.answers
+        assert (replaced.route, replaced.rule) == ('local', 'privacy')
+        assert ref1 == ''   # '..': no subject's reference
+        assert ref2 == refs.ref('alice')
+        seen = host.slots['recorder'].plugin.seen
+        assert [(e.privacy, e.metadata.get('loom.subject')) for e in seen] == [
+            (Privacy.PRIVATE, '..'), (Privacy.PUBLIC, 'alice')]
+        assert agent.stats['behavior_errors'] == 0
+    finally:
+        dispatcher.close()
+        agent.cleanup()
+        storage.close()
+        host.stop()
+
+
+class Quiet:
+    def setup(self, settings):
+        pass
+
+    def handle(self, event, ctx):
+        event.metadata.clear()   # its copy: what the agent holds is as it arrived
+
+
+def test_outside_a_handling_the_agent_holds_its_recent_events_privacy_and_subject(run):
+    """What a thread the behavior left running emits names the subject of the recent events,
+    or '..' (no consent accepts it) when they named more than one; an anonymous event does not
+    make a named one's derived data anonymous."""
+    def named(who, privacy=Privacy.PUBLIC):
+        return Event.with_json('speech.final', PIN, privacy=privacy,
+                               metadata={'loom.subject': who} if who else {})
+    agent, _ = run([named('alice', Privacy.SENSITIVE), named('')], Quiet())
+    assert agent.held() == (Privacy.SENSITIVE, 'alice')
+    agent, _ = run([named('alice'), named('bob')], Quiet())
+    assert agent.held() == (Privacy.PUBLIC, '..')
+    agent, _ = run([named('')], Quiet())
+    assert agent.held() == (Privacy.PUBLIC, '')

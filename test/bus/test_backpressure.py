@@ -76,6 +76,23 @@ def test_reducers():
     assert folded.privacy is Privacy.PRIVATE  # as private as its most private part
 
 
+def test_a_fold_keeps_stated_privacy_and_the_subjects_of_its_parts():
+    """A fold is as private as its most private part, privacy stated in metadata included, and
+    names the data subject of its parts: one subject is kept even when the latest part is
+    anonymous; several become '..', which no consent check accepts (erasure and consent of each
+    would otherwise lose the others' share)."""
+    stated = Event(type='imu', payload=b'{"i": 1}', metadata={'privacy': 'local_only'})
+    anonymous = Event(type='imu', payload=b'{"i": 2}')
+    alice = Event(type='imu', payload=b'{"i": 3}', metadata={'loom.subject': 'alice'})
+    bob = Event(type='imu', payload=b'{"i": 4}', metadata={'loom.subject': 'bob'})
+    for reducer in ('latest', 'mean', 'count', 'merge_tags'):
+        assert fold([stated, anonymous], reducer).privacy is Privacy.LOCAL_ONLY
+        assert fold([alice, anonymous], reducer).metadata['loom.subject'] == 'alice'
+        assert fold([alice, bob, anonymous], reducer).metadata['loom.subject'] == '..'
+        assert 'loom.subject' not in fold([anonymous, stated], reducer).metadata
+    assert alice.metadata == {'loom.subject': 'alice'}   # the parts are not changed
+
+
 def test_time_window_closes_on_arrival_or_on_flush():
     flow = Flow(BackpressurePolicy(aggregate_window_s=1.0, reducer='count'))
     assert flow.offer(events(1)[0], 0.0) is None

@@ -208,3 +208,28 @@ def test_facts_follow_the_subject_and_consent_of_their_event(tmp_path):
     receipt = forget(StorageLayout.at(tmp_path), 'bob')
     assert receipt.counts['facts'] == 1 and receipt.counts['cold'] == 1
     assert secret.encode() not in every_byte(tmp_path)
+
+
+def test_a_withdrawal_between_two_agents_of_one_delivery_holds_for_the_second(tmp_path):
+    """Agents of one broadcast note the same arrival object (its subject is read once); the
+    consent is asked at every note, so bob's withdrawal between the first agent's note and the
+    second's keeps the second agent's fact from being stored under him."""
+    consent, audit = registry(tmp_path)
+    consent.grant('bob', 'store', 'cli:test')
+    storage = Storage(StorageConfig(root=str(tmp_path), unit='host'), consent=consent)
+    try:
+        arrived = event('bob', 'bob likes tea')
+        first, second = AgentStore(storage, 'a'), AgentStore(storage, 'b')
+        first.record(arrived)
+        assert storage.episodes.origin(arrived.id) == (True, 'bob')
+        assert SemanticMemory(storage, 'a', HashEmbedder()).add_fact(
+            'bob', 'likes', 'tea', provenance=arrived.id) > 0
+        consent.withdraw('bob', 'store', 'cli:test')
+        second.record(arrived)                    # the same object, as a broadcast delivers it
+        assert storage.episodes.origin(arrived.id) == (True, None)
+        assert SemanticMemory(storage, 'b', HashEmbedder()).add_fact(
+            'bob', 'likes', 'tea', provenance=arrived.id) == 0
+    finally:
+        storage.close()
+        consent.close()
+        audit.close()
