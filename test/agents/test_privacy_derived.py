@@ -324,3 +324,13 @@ def test_outside_a_handling_the_agent_holds_its_recent_events_privacy_and_subjec
     assert agent.held() == (Privacy.PUBLIC, '..')
     agent, _ = run([named('')], Quiet())
     assert agent.held() == (Privacy.PUBLIC, '')
+
+
+def test_mail_put_without_a_note_is_read_on_handling(run):
+    """A mailbox entry put without its arrival note (not the bus's path) is still handled, its
+    privacy read when it is taken."""
+    agent, emitted = run([], EchoBehavior())
+    agent.mailbox.put(Event.with_json('speech.partial', PIN, privacy=Privacy.PRIVATE))
+    assert agent.handle_one() is False
+    assert agent.stats['behavior_errors'] == 0
+    assert {p for _, _, _, p in emitted} == {Privacy.PRIVATE}
