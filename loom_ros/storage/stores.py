@@ -264,20 +264,17 @@ class EpisodeStore:
     MAX_ORIGINS = 10000
 
     def note(self, event) -> None:
-        """Remember whose event this is, for what a handler derives from it (a fact)."""
+        """Remember whose event this is, for what a handler derives from it (a fact); its
+        consent is asked when the fact is stored (`origin`)."""
         noted = self._noted
         if noted is not None and noted[0] is event:   # the same arrival again (a broadcast):
             subject = noted[1]                         # its subject is read once
         else:
             try:
                 subject = event_subject(event)
-            except SubjectError:
+            except SubjectError:   # not a valid id: nothing made from it may be kept
                 subject = None
             self._noted = (event, subject)
-        # Asked each time (cached by the registry's version): a withdrawal between two agents
-        # of one broadcast holds for the second.
-        if subject and not self.storage.consent.allows(subject):
-            subject = None
         with self._hot_lock:
             self._origins[event.id] = subject
             self._origins.move_to_end(event.id)
@@ -286,13 +283,19 @@ class EpisodeStore:
 
     def origin(self, event_id: str) -> tuple[bool, str | None]:
         """(known, data subject) of an event by id: noted while it was handled, else its
-        stored episode; subject None when storage may not keep what it said."""
+        stored episode; subject None when storage may not keep what it said: an invalid id, or
+        no `store` consent now (asked here, when a fact is made, not at every event an agent
+        handles: a withdrawal holds for every fact stored after it returned)."""
         with self._hot_lock:
-            if event_id in self._origins:
-                return True, self._origins[event_id]
-        rows = self.storage.query('select subject from episodes where event_id = ? limit 1',
-                                  (str(event_id)[:MAX_FIELD_CHARS],))
-        return (True, rows[0]['subject']) if rows else (False, '')
+            found = (True, self._origins[event_id]) if event_id in self._origins else None
+        if found is None:
+            rows = self.storage.query('select subject from episodes where event_id = ? limit 1',
+                                      (str(event_id)[:MAX_FIELD_CHARS],))
+            found = (True, rows[0]['subject']) if rows else (False, '')
+        known, subject = found
+        if subject and not self.storage.consent.allows(subject):
+            return known, None
+        return known, subject
 
     def withholds(self, event) -> bool:
         """Whether storage keeps only a count of `event`: it names a data subject without
