@@ -55,9 +55,12 @@ class SemanticMemory:
     """Facts (subject, relation, object, provenance) and their embeddings: the layer's FactStore
     for this agent (SQLite rows, an exact faiss index rebuilt from them on open)."""
 
-    def __init__(self, storage, agent_id: str, embedder):
+    def __init__(self, storage, agent_id: str, embedder, held=None):
+        """`held`: () -> (privacy, data subject) of what the agent is handling (Agent.held), whose
+        subject a fact made meanwhile is also filed under."""
         self.agent_id = agent_id
         self.facts = storage.facts(agent_id, embedder)
+        self._held = held
 
     @property
     def index(self):
@@ -66,7 +69,8 @@ class SemanticMemory:
     def add_fact(self, subject: str, relation: str, obj: str, provenance: str) -> int:
         """Stored before it returns (rare next to events: waiting keeps searches right after it
         finding it)."""
-        fact_id, ticket = self.facts.add(subject, relation, obj, provenance)
+        handling = self._held()[1] if self._held is not None else ''
+        fact_id, ticket = self.facts.add(subject, relation, obj, provenance, handling)
         ticket.wait()
         return fact_id
 

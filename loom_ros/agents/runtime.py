@@ -143,7 +143,8 @@ class Agent:
         if self.config.semantic_memory:
             from loom_ros.agents.embedding import MiniLMEmbedder
             semantic = SemanticMemory(self.storage, self.id,
-                                      (self._embedder_factory or MiniLMEmbedder)())
+                                      (self._embedder_factory or MiniLMEmbedder)(),
+                                      held=self.held)
         self.behavior, self.store, self.episodic, self.semantic = behavior, store, episodic, semantic
         self.state.clear()
         self.state.update(state)

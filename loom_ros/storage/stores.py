@@ -16,7 +16,7 @@ from json.encoder import encode_basestring_ascii   # what json.dumps does for on
 import faiss
 import numpy as np
 
-from loom_ros.bus.privacy import SubjectError, event_subject
+from loom_ros.bus.privacy import SubjectError, check_subject, event_subject
 from loom_ros.security.keyring import day_of
 from loom_ros.storage import auditchain, schema
 from loom_ros.storage.errors import CorruptRecordError, StorageError
@@ -490,15 +490,32 @@ class FactStore:
                                f'index has {self.index.d}')
         return self.index
 
+    def _owner(self, of_provenance: str | None, handling: str) -> str | None:
+        """Whose a fact is (see `add`); None when it may not be stored."""
+        if of_provenance is None or not handling or handling == of_provenance:
+            return of_provenance
+        if of_provenance:   # two people's
+            return None
+        try:
+            check_subject(handling)
+        except SubjectError:   # '..' (several), or not a valid id: fail closed
+            return None
+        return handling if self.storage.consent.allows(handling) else None
+
     @staticmethod
     def text_of(subject: str, relation: str, obj: str) -> str:
         return f'{subject} {relation.replace("_", " ")} {obj}'
 
-    def add(self, subject: str, relation: str, obj: str, provenance: str) -> tuple[int, Ticket]:
+    def add(self, subject: str, relation: str, obj: str, provenance: str,
+            handling: str = '') -> tuple[int, Ticket]:
         """Store a fact under the data subject of its provenance event (erasure finds it by
-        that even once the event left the warm tier). A fact made from an event storage may
-        not keep (no `store` consent) is not stored: it is counted, and its id is 0."""
-        _known, data_subject = self.storage.episodes.origin(provenance)
+        that even once the event left the warm tier), or, when that is anonymous or unknown,
+        of the event the agent is handling as it makes the fact (`handling`: '' none, '..'
+        several): what is derived from a person's event is theirs. A fact storage may not keep
+        (no `store` consent, an invalid id, or two people's: a fact is filed under one) is not
+        stored: it is counted, and its id is 0."""
+        _known, of_provenance = self.storage.episodes.origin(provenance)
+        data_subject = self._owner(of_provenance, handling)
         if data_subject is None:
             self.storage.count_withheld()
             return 0, CommittedTicket()

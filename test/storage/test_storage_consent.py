@@ -233,3 +233,42 @@ def test_a_withdrawal_between_two_agents_of_one_delivery_holds_for_the_second(tm
         storage.close()
         consent.close()
         audit.close()
+
+
+def test_a_fact_made_while_handling_a_persons_event_is_theirs(tmp_path):
+    """A fact whose provenance is anonymous or unknown (an id storage never saw), made while the
+    agent handles alice's event, is filed under alice (her erasure removes it); one whose
+    provenance is bob's while alice's event is handled, or made while several people's events
+    are held ('..'), is two people's and not stored (counted)."""
+    consent, audit = registry(tmp_path)
+    for who in ('alice', 'bob'):
+        consent.grant(who, 'store', 'cli:test')
+    storage = Storage(StorageConfig(root=str(tmp_path), unit='host'), consent=consent)
+    holding = ['alice']
+    try:
+        agent = AgentStore(storage, 'a')
+        semantic = SemanticMemory(storage, 'a', HashEmbedder(),
+                                  held=lambda: (None, holding[0]))
+        anonymous, of_bob = event(None, 'the weather'), event('bob', 'bob likes tea')
+        agent.record(anonymous)
+        agent.record(of_bob)
+        made = {'anonymous': semantic.add_fact('rain', 'is', 'likely', provenance=anonymous.id),
+                'unknown': semantic.add_fact('sun', 'is', 'rare', provenance='never-seen'),
+                'bob': semantic.add_fact('bob', 'likes', 'tea', provenance=of_bob.id)}
+        holding[0] = '..'
+        made['several'] = semantic.add_fact('tea', 'is', 'hot', provenance=anonymous.id)
+        holding[0] = ''
+        made['none'] = semantic.add_fact('tea', 'is', 'green', provenance=anonymous.id)
+        agent.commit({}, 2, 'x').wait(WAIT_LIMIT_S)
+        assert made['bob'] == made['several'] == 0
+        assert [tuple(r) for r in storage.query(
+            'select object, data_subject from facts order by id')] == [
+            ('likely', 'alice'), ('rare', 'alice'), ('green', '')]
+        withheld = storage.withheld
+    finally:
+        storage.close()
+        consent.close()
+        audit.close()
+    assert withheld == 2
+    receipt = forget(StorageLayout.at(tmp_path), 'alice')
+    assert receipt.counts['facts'] == 2
