@@ -48,6 +48,9 @@ def _arguments(p) -> None:
     p.add_argument('--wait-subscribers', type=float, default=0.0, metavar='SECONDS',
                    help='before a topic\'s first message, wait up to this long for a '
                         'subscriber (0: do not wait)')
+    p.add_argument('--drain', type=float, default=5.0, metavar='SECONDS',
+                   help='at the end, wait up to this long for the subscribers to acknowledge '
+                        'what was played (0: leave at once)')
     p.add_argument('--max-message-mb', type=float, default=64.0,
                    help='skip messages larger than this (MiB)')
     p.add_argument('--quiet', action='store_true', help='no progress lines')
@@ -74,6 +77,8 @@ def run(args, ros_args: list[str]) -> int:
             raise ValueError('--max-message-mb must be in (0, 4096]')
         if args.wait_subscribers < 0:
             raise ValueError('--wait-subscribers must be >= 0')
+        if not 0 <= args.drain <= 3600:
+            raise ValueError('--drain must be 0-3600 seconds')
     except ValueError as exc:
         print(f'loom play: {exc}', file=sys.stderr)
         return 2
@@ -109,15 +114,19 @@ def run(args, ros_args: list[str]) -> int:
         print(f'[loom play] {path}: playing ' + ('as fast as possible' if options.fast else
                                                 f'at {options.rate:g}x'), file=sys.stderr,
               flush=True)
+    unacknowledged: list[str] = []
     try:
         summary = player.run()
         if not args.quiet:
             _progress(summary, 0.0)
+        if not stop.is_set():
+            unacknowledged = sink.drain(args.drain)
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
     result = summary.as_dict()
     result['no_subscriber'] = sink.unmatched
+    result['unacknowledged'] = unacknowledged
     print(json.dumps(result), flush=True)
     return 1 if summary.error else 0
 

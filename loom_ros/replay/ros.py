@@ -124,6 +124,24 @@ class RosSink:
             return PUBLISH_FAILED, f'{message.topic}: {type(exc).__name__}: {str(exc)[:120]}'
         return None
 
+    def drain(self, timeout_s: float) -> list[str]:
+        """Wait up to `timeout_s` in all for the subscribers to acknowledge what was played
+        (the publishers are reliable and keep the last PUBLISH_DEPTH: a subscriber matched late
+        gets them again); the topics still unacknowledged. Leaving at once lost the whole play
+        to a subscriber whose side of the match came late."""
+        from rclpy.duration import Duration
+        deadline = self._now() + max(0.0, timeout_s)
+        left = []
+        for topic, (publisher, _cls) in self._publishers.items():
+            try:
+                acked = publisher.wait_for_all_acked(
+                    Duration(nanoseconds=int(max(0.0, deadline - self._now()) * 1e9)))
+            except Exception:   # noqa: BLE001 - shutting down: nothing more can be sent
+                acked = False
+            if not acked:
+                left.append(topic)
+        return left
+
     def clock(self, stamp_ns: int) -> None:
         from builtin_interfaces.msg import Time
         sec, nanosec = divmod(max(0, stamp_ns), 1_000_000_000)

@@ -39,8 +39,10 @@ def test_a_recording_plays_back_on_its_topics_in_order_with_the_clock(ros, spawn
             ros.node.create_subscription(Clock, '/clock', lambda m: got['clock'].append(
                 m.clock.sec * 1_000_000_000 + m.clock.nanosec), qos)]
     try:
+        # --drain: late in a full suite this process's side of a match can come after the
+        # player's (which --wait-subscribers waits for), and the play ended before it did.
         player = spawn('-m', 'loom_ros.cli.play', str(path), '--rate', '4',
-                       '--wait-subscribers', '60')
+                       '--wait-subscribers', '60', '--drain', '60')
         ros.wait_for(lambda: len(got['chatter']) == 20 and len(got['decisions']) == 20,
                      'the played messages', alive=[player])
         code, out, err = player.finish()
@@ -49,6 +51,7 @@ def test_a_recording_plays_back_on_its_topics_in_order_with_the_clock(ros, spawn
             ros.node.destroy_subscription(sub)
     summary = _summary(out)
     assert code == 0 and summary['played'] == 40 and not summary['skipped'], (summary, err)
+    assert summary['unacknowledged'] == [], summary
     assert got['chatter'] == [f'hello {i}' for i in range(20)]
     assert got['decisions'] == [f'd{i}' for i in range(20)]
     clock = [c for c in got['clock'] if c >= T0]
