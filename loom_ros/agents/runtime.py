@@ -117,11 +117,10 @@ class Agent:
         self.behavior = self.store = self.episodic = self.semantic = None
         self.mailbox: Mailbox | None = None
         self.working: deque = deque(maxlen=config.working_memory)
-        # The privacy each recent event arrived with, kept apart from `working`, which the
-        # behavior holds (and may clear, or whose events it may change): what an emit from a
+        # (privacy, subject) each recent event arrived with, kept apart from `working`, which
+        # the behavior holds (and may clear, or whose events it may change): what an emit from a
         # thread the behavior left running is held to. At least the last event's.
-        self._recent_floors: deque = deque(maxlen=max(1, config.working_memory))
-        self._recent_subjects: deque = deque(maxlen=max(1, config.working_memory))
+        self._recent: deque = deque(maxlen=max(1, config.working_memory))
         self.busy_since_ns = 0      # when the handler in progress started (0: idle): hang watch
         self.persist_failed: StateError | None = None
         self.lock = threading.RLock()  # handler, commit and Recall: one at a time
@@ -251,8 +250,7 @@ class Agent:
         event as it arrived, which no behavior holds: what the episode stores."""
         self._settle_state()   # what this handler's failure rolls back to
         self.working.append(event)
-        self._recent_floors.append(self._floor)
-        self._recent_subjects.append(self._subject)
+        self._recent.append((self._floor, self._subject))
         self.episodic.record(arrived)   # stored with the next commit, with the state it makes
         try:
             if tracing.ENABLED:
@@ -365,8 +363,9 @@ class Agent:
         floor, subject = self._floor, self._subject
         if floor is not None:
             return floor, subject
-        named = {s for s in list(self._recent_subjects) if s}
-        return (max(list(self._recent_floors), default=Privacy.PUBLIC),
+        recent = list(self._recent)
+        named = {s for _, s in recent if s}
+        return (max((f for f, _ in recent), default=Privacy.PUBLIC),
                 named.pop() if len(named) == 1 else '..' if named else '')
 
     def _emit(self, kind: str, type: str, data: dict, privacy: Privacy | None = None) -> None:
