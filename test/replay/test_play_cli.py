@@ -96,6 +96,9 @@ def test_a_cut_file_and_bad_arguments_exit_non_zero(spawn, tmp_path, capsys):
     for args, why in ((['--rate', '0'], 'rate must be > 0'),
                       (['--start', '5', '--end', '1'], 'before start'),
                       (['--wait-subscribers', '-1'], 'must be >= 0'),
+                      (['--drain', '-1'], 'drain must be 0-3600'),
+                      (['--drain', '1e9'], 'drain must be 0-3600'),
+                      (['--drain', 'nan'], 'drain must be 0-3600'),
                       (['--max-message-mb', '1e9'], 'max-message-mb')):
         assert play.main([str(path), *args]) == 2
         assert why in capsys.readouterr().err
