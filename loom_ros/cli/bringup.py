@@ -372,11 +372,12 @@ class Readiness:
 
     def __init__(self, selected, namespace: str, autostart: bool = True):
         from lifecycle_msgs.srv import GetState
+        from rclpy.executors import SingleThreadedExecutor
         from rclpy.node import Node
         from rclpy.task import Future
         from std_srvs.srv import Trigger
 
-        from loom_ros.bus.executor import make_executor, spin_until
+        from loom_ros.bus.executor import spin_until
         self.node = Node('loom_bringup', namespace=namespace)
         self.autostart = autostart
         self._types = (GetState, Trigger)
@@ -387,7 +388,12 @@ class Readiness:
         self.manager_says = ''
         self._pending: dict[str, object] = {}
         self._stop = Future()
-        self._executor = make_executor()
+        # rclpy's stable executor, not the EventsExecutor the nodes use: this watcher handles a
+        # few answers a second, and a fault in it takes the whole system down (bring-up's
+        # children die with it). Its process crashed once with SIGSEGV in a native thread while
+        # this EventsExecutor spun and the main thread sent requests (cause not found), and
+        # the EventsExecutor's shutdown has hung here now and then (close below).
+        self._executor = SingleThreadedExecutor()
         self._executor.add_node(self.node)
         self._thread = threading.Thread(target=spin_until, args=(self._executor, self._stop),
                                         daemon=True, name='spin-loom_bringup')
