@@ -470,14 +470,23 @@ class Dispatcher:
             thread.start()
 
     def schedule(self, agent: Agent) -> None:
-        """Called after mail arrives: the agent joins the ready queue unless already there or
-        with a worker (its worker re-queues it when it sees more mail)."""
+        """Called after mail arrives: the agent joins the ready queue (_enqueue)."""
+        self._enqueue((agent,))
+
+    def _enqueue(self, agents) -> None:
+        """Agents with mail join the ready queue unless already there or with a worker (its
+        worker re-queues it when it sees more mail); as many workers are woken as were queued."""
         with self._cond:
-            if agent._scheduled or self._closed:
+            if self._closed:
                 return
-            agent._scheduled = True
-            self._ready.append(agent)
-            self._cond.notify()
+            ready, queued = self._ready, 0
+            for agent in agents:
+                if not agent._scheduled:
+                    agent._scheduled = True
+                    ready.append(agent)
+                    queued += 1
+            if queued:
+                self._cond.notify(min(queued, len(self._threads)))
 
     def deliver(self, agent: Agent, event: Event) -> None:
         if agent.offer(event):
@@ -496,17 +505,8 @@ class Dispatcher:
                     taken.append(agent)
             except Exception as exc:  # noqa: BLE001 - one agent's failure is not the others'
                 self._escaped(agent, exc)
-        if not taken:
-            return
-        with self._cond:
-            if self._closed:
-                return
-            ready = self._ready
-            for agent in taken:
-                if not agent._scheduled:
-                    agent._scheduled = True
-                    ready.append(agent)
-            self._cond.notify(len(self._threads))
+        if taken:
+            self._enqueue(taken)
 
     def _work(self) -> None:
         dirty: dict[int, Agent] = {}   # handled, commit not submitted yet (in handling order)

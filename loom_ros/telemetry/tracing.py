@@ -19,6 +19,7 @@ import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from fnmatch import fnmatchcase
 
 from loom_ros.telemetry.rotating import RotatingAppender
@@ -66,8 +67,13 @@ class TracingConfig:
     # match wins; others get sample_ratio). A 200 Hz IMU at ratio 1 was most of the demo's spans.
     sample_rules: tuple = ()
 
+    @cached_property
+    def rules(self) -> tuple[tuple[str, float], ...]:
+        """sample_rules parsed once (TracingConfigError for a bad one)."""
+        return parse_sample_rules(self.sample_rules)
+
     def check(self) -> 'TracingConfig':
-        parse_sample_rules(self.sample_rules)
+        self.rules   # noqa: B018: parsing is the check
         if self.exporter not in EXPORTERS:
             raise TracingConfigError(f'telemetry.tracing.exporter: {self.exporter!r} is not one of '
                                      f'{", ".join(EXPORTERS)}')
@@ -120,7 +126,7 @@ def _make_sampler(config: TracingConfig):
     from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
     default = TraceIdRatioBased(float(config.sample_ratio))
     rules = [(pattern, TraceIdRatioBased(ratio))
-             for pattern, ratio in parse_sample_rules(config.sample_rules)]
+             for pattern, ratio in config.rules]
     if not rules:
         return ParentBased(default)
 
@@ -234,7 +240,7 @@ def configure(config: TracingConfig) -> bool:
                       propagator=TraceContextTextMapPropagator())
         global _SAMPLE_NONE
         _SAMPLE_NONE = float(config.sample_ratio) == 0.0 and all(
-            ratio == 0.0 for _p, ratio in parse_sample_rules(config.sample_rules))
+            ratio == 0.0 for _p, ratio in config.rules)
         ENABLED = True
         return True
 
