@@ -46,6 +46,7 @@ TAIL = 'tail'            # stderr=TAIL: read it into a bounded tail (the default
 TAIL_LINES = 40
 MAX_LINE_BYTES = 4096    # a longer stderr "line" is cut: a child cannot make the tail unbounded
 _JOIN_READER_S = 2.0     # stop(): for the stderr reader to see the pipe close
+_KILLED_WAIT_S = 5.0     # stop(): for the process to be gone after SIGKILL
 _CATCH_UP_S = 0.5        # last_words(): for the tail to take a dead child's last lines
 
 
@@ -270,7 +271,7 @@ class Process:
             self.wait(timeout_s)
         if self.new_group or self.popen.poll() is None:
             self.send_signal(signal.SIGKILL)
-        code = self.wait(5.0)
+        code = self.wait(_KILLED_WAIT_S)
         streams = [self.popen.stdin]
         if self._reader is not None:
             self._reader.join(_JOIN_READER_S)
@@ -287,6 +288,12 @@ class Process:
     def kill(self) -> int | None:
         """SIGKILL the whole group at once."""
         return self.stop(signum=signal.SIGKILL)
+
+
+def stop_bound_s(timeout_s: float) -> float:
+    """The longest `Process.stop(timeout_s)` takes: the wait, the wait after SIGKILL, the
+    stderr reader's join."""
+    return timeout_s + _KILLED_WAIT_S + _JOIN_READER_S
 
 
 def spawn(args: Sequence[str], **options) -> Process:

@@ -50,7 +50,7 @@ import yaml
 from loom_ros.bridge.keys import RobotIdError, validate_robot_id
 from loom_ros.bridge.zenoh_link import INSECURE_WARNING
 from loom_ros.bringup import nodes as table
-from loom_ros.bringup.processes import Process, RestartPolicy, Supervised
+from loom_ros.bringup.processes import Process, RestartPolicy, Supervised, stop_bound_s
 from loom_ros.config.params import (
     AGENT_SECTION, DEFAULTS_FILE, by_node, check_params_file, config_dir, load_params_file,
     node_defaults, node_section,
@@ -62,6 +62,14 @@ from loom_ros.storage.layout import ROOT_PARAMETER, StorageLayout
 AGENT_HOST = 'agent_host_0'
 CONFIGURE_FAILED = 'cannot configure:'   # what every Loom lifecycle node logs when it refuses
 ASK_TIMEOUT_S = 3.0   # a readiness question unanswered this long is asked again
+SIDE_STOP_S = 10.0    # the Zenoh router and the cloud tier, after SIGINT, before SIGKILL
+WATCHER_CLOSE_S = 5.0   # Readiness.close: each of its two bounded steps
+# After SIGINT, the longest bring-up takes to stop when no node hangs: the manager (it stops the
+# agents, which commit), then the other nodes together, the readiness watcher, the side
+# processes together. Whoever stops a bring-up (loom demo) waits this long before SIGKILL:
+# killed sooner, its nodes die with it, uncommitted (a loaded run took longer than 60 s).
+STOP_BOUND_S = (2 * stop_bound_s(table.STOP_TIMEOUT_S) + 2 * WATCHER_CLOSE_S
+                + stop_bound_s(SIDE_STOP_S))
 
 
 def add_parser(sub) -> None:
@@ -433,7 +441,7 @@ class Readiness:
                  if self.states.get(n) != 'active']
         return '; '.join(nodes + [f'{table.MANAGER}: {self.manager_says or "not answering"}'])
 
-    CLOSE_S = 5.0
+    CLOSE_S = WATCHER_CLOSE_S
 
     def close(self) -> None:
         """Stop the spin thread and the executor, bounded: an executor whose shutdown hangs
@@ -688,7 +696,7 @@ def main_with(args, ros_args: list[str]) -> int:
             for proc in side.values():
                 proc.send_signal(signal.SIGINT)
             for proc in side.values():
-                proc.stop(10.0)
+                proc.stop(SIDE_STOP_S)
     return code
 
 

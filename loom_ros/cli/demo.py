@@ -39,6 +39,7 @@ from pathlib import Path
 import yaml
 
 from loom_ros.bringup.processes import Process
+from loom_ros.cli.bringup import STOP_BOUND_S
 from loom_ros.bus.qos import fastdds_environment
 from loom_ros.config.params import DEFAULTS_FILE, config_dir
 
@@ -109,12 +110,13 @@ def _lines(proc: Process) -> queue.Queue:
 
 
 def _stop(procs: dict[str, Process]) -> dict[str, int | None]:
-    """SIGINT to all at once, then each gets up to a minute (bring-up stops its nodes in turn)
-    before SIGKILL."""
+    """SIGINT to all at once, then each gets up to a minute before SIGKILL; bring-up as long as
+    it may take to stop its nodes (STOP_BOUND_S), so none is killed before it committed."""
     for proc in procs.values():
         if proc.running:
             proc.send_signal(signal.SIGINT)
-    return {name: proc.stop(timeout_s=60.0) for name, proc in procs.items()}
+    return {name: proc.stop(timeout_s=max(60.0, STOP_BOUND_S) if name == 'bringup' else 60.0)
+            for name, proc in procs.items()}
 
 
 def _pct(values: list[float], q: float) -> float | None:
