@@ -12,7 +12,7 @@ demo: setup
 	@source env.sh && python -m loom_ros.cli demo --duration $(DURATION) $(if $(VIEW),--view)
 
 test: setup
-	@source env.sh && python -m pytest
+	@source env.sh && python -m pytest -n 2 --dist loadgroup
 
 clean:
 	rm -rf build install log env.sh demo_output .pytest_cache

@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 # Before rclpy is imported anywhere: keep this run's DDS traffic to itself.
-os.environ.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 100))
+# Under pytest-xdist each worker gets its own domain (the controller's, inherited, plus the
+# worker's number), so tests running side by side never see each other's topics.
+_WORKER = os.environ.get('PYTEST_XDIST_WORKER', '')
+os.environ.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 50 * 2))
+if _WORKER.startswith('gw') and _WORKER[2:].isdigit():
+    os.environ['ROS_DOMAIN_ID'] = str(int(os.environ['ROS_DOMAIN_ID']) + 1 + int(_WORKER[2:]))
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 # The test process and every process it starts run under Loom's Fast DDS profile, as bring-up
 # gives each node. Without it the test process's shared-memory segment (512 KB) is smaller than
@@ -88,6 +93,27 @@ class RosHarness:
             client.remove_pending_request(future)
             if time.monotonic() >= deadline:
                 pytest.fail(f'timed out after {limit:.0f} s waiting for {what} to answer')
+
+
+# Files that bring up a whole system (bring-up, the demo, the manager with its nodes) or run a
+# benchmark: under `make test` (pytest-xdist, --dist loadgroup) they run one after another on one
+# worker, never two of them side by side on 2 cores; every other file is its own group (its
+# module fixtures set up once). Without xdist the groups change nothing.
+SYSTEM_FILES = frozenset({
+    'test/agents/test_lifecycle_manager.py', 'test/bench/test_bus_bench.py',
+    'test/bench/test_speech_bench.py', 'test/bench/test_telemetry_bench.py',
+    'test/bringup/test_manager_nodes.py', 'test/cli/test_bringup_namespace.py',
+    'test/cli/test_bringup_supervision.py', 'test/cli/test_demo.py',
+    'test/config/test_strict_config.py', 'test/flows/test_flows.py',
+    'test/replay/test_deterministic_replay.py', 'test/test_launch_nodes.py',
+    'test/view/test_view_browser.py',
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.nodeid.split('::', 1)[0]
+        item.add_marker(pytest.mark.xdist_group('system' if path in SYSTEM_FILES else path))
 
 
 @pytest.fixture(scope='session')
