@@ -14,10 +14,17 @@ import pytest
 # Before rclpy is imported anywhere: keep this run's DDS traffic to itself.
 # Under pytest-xdist each worker gets its own domain (the controller's, inherited, plus the
 # worker's number), so tests running side by side never see each other's topics.
+# A run takes a block of four (100, 104, ... 228): its own, and up to three workers' (+1 to +3),
+# so neither a worker nor another run can land on a domain in use; Fast DDS's ids end at 232.
 _WORKER = os.environ.get('PYTEST_XDIST_WORKER', '')
-os.environ.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 50 * 2))
+os.environ.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 33 * 4))
 if _WORKER.startswith('gw') and _WORKER[2:].isdigit():
-    os.environ['ROS_DOMAIN_ID'] = str(int(os.environ['ROS_DOMAIN_ID']) + 1 + int(_WORKER[2:]))
+    _DOMAIN = int(os.environ['ROS_DOMAIN_ID']) + 1 + int(_WORKER[2:])
+    if int(_WORKER[2:]) > 2 or _DOMAIN > 232:
+        raise RuntimeError(f'test worker {_WORKER}: the suite runs on at most 3 workers (make '
+                           f'test: 2), each on DDS domain ROS_DOMAIN_ID + 1 + its number <= 232; '
+                           f'this one would be {_DOMAIN}')
+    os.environ['ROS_DOMAIN_ID'] = str(_DOMAIN)
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 # The test process and every process it starts run under Loom's Fast DDS profile, as bring-up
 # gives each node. Without it the test process's shared-memory segment (512 KB) is smaller than
@@ -108,6 +115,12 @@ SYSTEM_FILES = frozenset({
     'test/replay/test_deterministic_replay.py', 'test/test_launch_nodes.py',
     'test/view/test_view_browser.py',
 })
+
+
+def pytest_configure(config):
+    # Registered here too: with --strict-markers an unregistered mark fails the run, and only
+    # pytest-xdist registers this one (absent under -p no:xdist).
+    config.addinivalue_line('markers', 'xdist_group(name): tests run on one xdist worker')
 
 
 def pytest_collection_modifyitems(config, items):

@@ -50,13 +50,19 @@ def make_executor(context=None):
     return EventsExecutor(context=context)
 
 
-def spin_until(executor, future, poll_s: float = 0.5, clock=time.monotonic) -> None:
+def spin_until(executor, future, poll_s: float = 0.5, clock=time.monotonic,
+               once: bool = False) -> None:
     """Spin until `future` is done, returning to Python every `poll_s` so signals are handled.
-    A callback's exception is counted and logged (throttled), and spinning goes on."""
+    A callback's exception is counted and logged (throttled), and spinning goes on. `once`:
+    turn with spin_once, for rclpy's SingleThreadedExecutor, whose spin_until_future_complete
+    adds a done-callback to the future at every call (two a second, kept until it is done)."""
     last_log = -ERROR_LOG_PERIOD_S
     while not future.done():
         try:
-            executor.spin_until_future_complete(future, timeout_sec=poll_s)
+            if once:
+                executor.spin_once(timeout_sec=poll_s)
+            else:
+                executor.spin_until_future_complete(future, timeout_sec=poll_s)
         except (KeyboardInterrupt, ExternalShutdownException):
             raise
         except Exception as exc:  # noqa: BLE001: any callback's failure, counted below

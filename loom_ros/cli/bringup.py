@@ -64,12 +64,16 @@ CONFIGURE_FAILED = 'cannot configure:'   # what every Loom lifecycle node logs w
 ASK_TIMEOUT_S = 3.0   # a readiness question unanswered this long is asked again
 SIDE_STOP_S = 10.0    # the Zenoh router and the cloud tier, after SIGINT, before SIGKILL
 WATCHER_CLOSE_S = 5.0   # Readiness.close: each of its two bounded steps
-# After SIGINT, the longest bring-up takes to stop when no node hangs: the manager (it stops the
-# agents, which commit), then the other nodes together, the readiness watcher, the side
-# processes together. Whoever stops a bring-up (loom demo) waits this long before SIGKILL:
-# killed sooner, its nodes die with it, uncommitted (a loaded run took longer than 60 s).
+RCLPY_SHUTDOWN_S = 5.0   # rclpy.try_shutdown at the end (it destroys what is left)
+# After SIGINT, the longest bring-up takes to stop when no node hangs past its bound: the
+# manager (it stops the agents, which commit), then the other nodes on one deadline, the
+# readiness watcher, rclpy, the side processes on one deadline. Each SIGKILL adds a wait
+# (stop_bound_s counts one per step). Whoever stops a bring-up (loom demo) waits this long
+# before SIGKILL: killed sooner, its nodes die with it, uncommitted (a loaded run took longer
+# than 60 s). Not covered: --composition (RobotProcess.stop), and a SIGINT during the wait for
+# the cloud tier's ready line (seen only after it, up to 60 s).
 STOP_BOUND_S = (2 * stop_bound_s(table.STOP_TIMEOUT_S) + 2 * WATCHER_CLOSE_S
-                + stop_bound_s(SIDE_STOP_S))
+                + RCLPY_SHUTDOWN_S + stop_bound_s(SIDE_STOP_S))
 
 
 def add_parser(sub) -> None:
@@ -359,7 +363,8 @@ class NodeProcesses:
 
     def stop(self) -> dict[str, int | None]:
         """The manager first (it stops the agents, which commit their state), then the rest
-        together, newest first; each gets SIGINT, then SIGKILL after table.STOP_TIMEOUT_S."""
+        together, newest first: SIGINT to each, then SIGKILL to those still running
+        table.STOP_TIMEOUT_S after (one deadline for all of them, not one each)."""
         codes = {}
         manager = self.children.get(table.MANAGER)
         if manager is not None:
@@ -369,8 +374,9 @@ class NodeProcesses:
             child.stopped = True
             if child.process is not None:
                 child.process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + table.STOP_TIMEOUT_S
         for name, child in rest:
-            codes[name] = child.stop(table.STOP_TIMEOUT_S)
+            codes[name] = child.stop(max(0.0, deadline - time.monotonic()))
         return codes
 
 
@@ -404,7 +410,8 @@ class Readiness:
         self._executor = SingleThreadedExecutor()
         self._executor.add_node(self.node)
         self._thread = threading.Thread(target=spin_until, args=(self._executor, self._stop),
-                                        daemon=True, name='spin-loom_bringup')
+                                        kwargs={'once': True}, daemon=True,
+                                        name='spin-loom_bringup')
         self._thread.start()
 
     def check(self) -> bool:
@@ -587,6 +594,8 @@ def storage_layout(params_file: str) -> StorageLayout:
 def main_with(args, ros_args: list[str]) -> int:
     import rclpy
     from rclpy.signals import SignalHandlerOptions
+
+    from loom_ros.bus.executor import bounded
     params_file = args.config or str(config_dir() / DEFAULTS_FILE)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -692,11 +701,14 @@ def main_with(args, ros_args: list[str]) -> int:
             if args.composition:
                 from loom_ros.telemetry import tracing
                 tracing.flush()
-            rclpy.try_shutdown()
             for proc in side.values():
                 proc.send_signal(signal.SIGINT)
+            if not bounded(rclpy.try_shutdown, RCLPY_SHUTDOWN_S, 'loom_bringup-shutdown'):
+                print(f'loom bringup: rclpy did not shut down within {RCLPY_SHUTDOWN_S:g} s; '
+                      'leaving it to the exit', file=sys.stderr, flush=True)
+            deadline = time.monotonic() + SIDE_STOP_S
             for proc in side.values():
-                proc.stop(SIDE_STOP_S)
+                proc.stop(max(0.0, deadline - time.monotonic()))
     return code
 
 
