@@ -25,7 +25,7 @@ def demo(tmp_path_factory):
     """One `loom demo` run: (exit code, stdout, stderr, output folder)."""
     out = tmp_path_factory.mktemp('demo')
     # A guard against a hang, not a timing bound: up to 120 s of flows after bring-up is ready
-    # (it stops at 300 events: 30-60 s here), then bring-up may take STOP_BOUND_S (81 s) to stop
+    # (it stops at 300 events: 30-60 s here), then bring-up may take STOP_BOUND_S (86 s) to stop
     # under load; under the suite's 300 s per test (pytest.ini).
     limit = 280
     try:
