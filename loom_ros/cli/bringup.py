@@ -487,7 +487,11 @@ class RobotProcess:
             params = node_parameters(args, node, selected, agent_ids, agents_file, params_file,
                                      robot_file)
             if node.name == table.MANAGER:
-                params.update(spawn=False)
+                # Every agent is hosted in this process's one AgentNode (agent_host_0), those
+                # that ask for their own process too: one group. With the table's groups the
+                # manager waited 30 s for an agent_<id> node that never comes (launch's
+                # use_composition:=true, the face agent), then restarted it.
+                params.update(spawn=False, groups=','.join(agent_ids))
                 params.pop('agent_params_file', None)
             return [Parameter(k, value=v) for k, v in params.items()]
         routers = []

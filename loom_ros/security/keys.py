@@ -147,8 +147,9 @@ def load(keys_dir: str | Path, name: str) -> Identity:
     for path in (root / 'ca.pem', folder / 'cert.pem', folder / 'key.pem'):
         if not path.is_file():
             raise CredentialsError(f'{path} is missing: run `loom keys init` and '
-                                   f'`loom keys issue {name}` (or `loom bringup` once, which makes '
-                                   'local credentials)')
+                                   f'`loom keys issue {name} --role ROLE` (robot, router, cloud or '
+                                   'operator; or `loom bringup` once, which makes local '
+                                   'credentials)')
     name_, role = identity_of((folder / 'cert.pem').read_bytes(), (root / 'ca.pem').read_bytes())
     return Identity(name_, role, folder / 'cert.pem', folder / 'key.pem', root / 'ca.pem')
 

@@ -165,11 +165,17 @@ def test_sigkill_of_bringup_frees_the_port_and_a_killed_node_is_started_again(ro
 
 
 def test_a_node_whose_spin_thread_dies_makes_bringup_exit_1_and_say_which(ros, config):
+    # The face agent asks for its own process (agents.yaml); in one process it is hosted with
+    # the rest, and the manager must not wait for an agent_face node (it waited 30 s, then
+    # restarted it, under launch's use_composition:=true).
     bringup = Bringup(config, _free_port(), 'dying', driver=DYING_NODE_DRIVER,
-                      extra=('--composition',))
+                      extra=('--composition', '--agents', 'face,counter'))
     try:
         ready = bringup.ready()
         assert ready['mode'] == 'composition' and ready['node_pids'] == {}
+        managing = [line for line in bringup.err_path.read_text().splitlines()
+                    if 'managing nodes' in line]
+        assert managing and managing[0].endswith('; agent_host_0 (face, counter)'), managing
         # One process: the agents ask the router in-process, so their host has no router/route
         # client (its own services show it is in the graph).
         host = ('agent_host_0', '/')
