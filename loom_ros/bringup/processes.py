@@ -244,6 +244,10 @@ class Process:
         return why + (f'; last words: {last}' if last else '')
 
     # -- stop -------------------------------------------------------------------------------
+    def interrupt(self) -> None:
+        """SIGINT, without waiting (stop_together)."""
+        self.send_signal(signal.SIGINT)
+
     def send_signal(self, signum: int) -> bool:
         """Send `signum` to the child's process group (to the child alone without new_group).
         False when there was nothing left to signal."""
@@ -288,6 +292,17 @@ class Process:
     def kill(self) -> int | None:
         """SIGKILL the whole group at once."""
         return self.stop(signum=signal.SIGKILL)
+
+
+def stop_together(children, timeout_s: float) -> list[int | None]:
+    """SIGINT to every child (Process or Supervised) at once, then each stopped on one
+    deadline `timeout_s` away, not a wait of its own each: SIGKILL to what is left then. The
+    exit codes, in order; at most stop_bound_s(timeout_s) when one needs SIGKILL."""
+    children = list(children)
+    for child in children:
+        child.interrupt()
+    deadline = time.monotonic() + timeout_s
+    return [child.stop(max(0.0, deadline - time.monotonic())) for child in children]
 
 
 def stop_bound_s(timeout_s: float) -> float:
@@ -400,6 +415,12 @@ class Supervised:
             self.restarts.started()
             self._tell('started', f'{self.process.name} pid {self.process.pid}')
         return self.state
+
+    def interrupt(self) -> None:
+        """Not restarted from now on; SIGINT to the running process (stop_together)."""
+        self.stopped = True
+        if self.process is not None:
+            self.process.interrupt()
 
     def stop(self, timeout_s: float = 10.0, signum: int = signal.SIGINT) -> int | None:
         self.stopped = True

@@ -50,7 +50,9 @@ import yaml
 from loom_ros.bridge.keys import RobotIdError, validate_robot_id
 from loom_ros.bridge.zenoh_link import INSECURE_WARNING
 from loom_ros.bringup import nodes as table
-from loom_ros.bringup.processes import Process, RestartPolicy, Supervised, stop_bound_s
+from loom_ros.bringup.processes import (
+    Process, RestartPolicy, Supervised, stop_bound_s, stop_together,
+)
 from loom_ros.config.params import (
     AGENT_SECTION, DEFAULTS_FILE, by_node, check_params_file, config_dir, load_params_file,
     node_defaults, node_section,
@@ -370,13 +372,8 @@ class NodeProcesses:
         if manager is not None:
             codes[table.MANAGER] = manager.stop(table.STOP_TIMEOUT_S)
         rest = [(n, c) for n, c in reversed(list(self.children.items())) if n != table.MANAGER]
-        for _, child in rest:
-            child.stopped = True
-            if child.process is not None:
-                child.process.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + table.STOP_TIMEOUT_S
-        for name, child in rest:
-            codes[name] = child.stop(max(0.0, deadline - time.monotonic()))
+        codes.update(zip([n for n, _ in rest],
+                         stop_together([c for _, c in rest], table.STOP_TIMEOUT_S)))
         return codes
 
 
@@ -448,21 +445,19 @@ class Readiness:
                  if self.states.get(n) != 'active']
         return '; '.join(nodes + [f'{table.MANAGER}: {self.manager_says or "not answering"}'])
 
-    CLOSE_S = WATCHER_CLOSE_S
-
     def close(self) -> None:
         """Stop the spin thread and the executor, bounded: an executor whose shutdown hangs
         (rclpy's EventsExecutor did, now and then) is left to the process's exit."""
         from loom_ros.bus.executor import bounded
         self._stop.set_result(True)
-        self._thread.join(self.CLOSE_S)
+        self._thread.join(WATCHER_CLOSE_S)
 
         def shut():
             self._executor.shutdown()
             self.node.destroy_node()
-        if not bounded(shut, self.CLOSE_S, 'close-loom_bringup'):
+        if not bounded(shut, WATCHER_CLOSE_S, 'close-loom_bringup'):
             print('loom bringup: the readiness watcher did not shut down within '
-                  f'{self.CLOSE_S:g} s; leaving it to the exit', file=sys.stderr, flush=True)
+                  f'{WATCHER_CLOSE_S:g} s; leaving it to the exit', file=sys.stderr, flush=True)
 
 
 # -- one process for every node (composition) ------------------------------------------------
@@ -705,14 +700,12 @@ def main_with(args, ros_args: list[str]) -> int:
             if args.composition:
                 from loom_ros.telemetry import tracing
                 tracing.flush()
-            for proc in side.values():
-                proc.send_signal(signal.SIGINT)
+            for proc in side.values():   # SIGINT now, before rclpy's shutdown
+                proc.interrupt()
             if not bounded(rclpy.try_shutdown, RCLPY_SHUTDOWN_S, 'loom_bringup-shutdown'):
                 print(f'loom bringup: rclpy did not shut down within {RCLPY_SHUTDOWN_S:g} s; '
                       'leaving it to the exit', file=sys.stderr, flush=True)
-            deadline = time.monotonic() + SIDE_STOP_S
-            for proc in side.values():
-                proc.stop(max(0.0, deadline - time.monotonic()))
+            stop_together(side.values(), SIDE_STOP_S)
     return code
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from loom_ros.bringup.processes import (MAX_LINE_BYTES, Process, RestartPolicy, Restarts,
-                                        Supervised, spawn)
+                                        Supervised, spawn, stop_together)
 from harness import WAIT_LIMIT_S
 
 PY = sys.executable
@@ -182,3 +182,22 @@ def test_supervised_restarts_a_dying_child_until_the_limit():
         sup.poll()
     assert sup.state == 'failed' and events[-1][0] == 'gave_up'
     assert [kind for kind, _ in events].count('started') == 3
+
+
+def test_stop_together_interrupts_every_child_then_kills_the_stubborn_on_one_deadline():
+    """Bring-up's nodes and side processes: SIGINT to all at once, SIGKILL to those still
+    running at the deadline; a Supervised child stopped so is not started again."""
+    stubborn = 'import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); ' \
+               'print("up", flush=True); time.sleep(600)'
+    polite = 'import time; print("up", flush=True); time.sleep(600)'
+    first = spawn([PY, '-c', stubborn], stdout=subprocess.PIPE, text=True)
+    second = spawn([PY, '-c', stubborn], stdout=subprocess.PIPE, text=True)
+    kept = Supervised(lambda: Process([PY, '-c', polite], stdout=subprocess.PIPE, text=True))
+    kept.poll()
+    for proc in (first, second, kept.process):
+        assert proc.popen.stdout.readline() == 'up\n'
+    start = time.monotonic()
+    codes = stop_together([first, second, kept], 0.5)
+    assert codes == [-signal.SIGKILL, -signal.SIGKILL, -signal.SIGINT]
+    assert time.monotonic() - start >= 0.5   # the stubborn got their time
+    assert kept.poll() == 'stopped' and kept.process is None
