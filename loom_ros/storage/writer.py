@@ -43,18 +43,26 @@ class _Batch:
         self.lock = threading.Lock()
 
     def finish(self) -> None:
-        """Mark done, then run the callbacks added before (on the writer thread, in order)."""
+        """Mark done, then run the callbacks on the writer thread, in the order they were
+        added: those added before, and those added while these run (a caller adding one
+        between `done` and `settled` must not overtake the callbacks still queued)."""
         with self.lock:
             self.done.set()
-            callbacks, self.callbacks = self.callbacks, []
         try:
-            for callback in callbacks:
-                try:
-                    callback()
-                except Exception:   # noqa: BLE001 - a caller's bug must not stop the writer
-                    pass
+            while True:
+                with self.lock:
+                    callbacks, self.callbacks = self.callbacks, []
+                    if not callbacks:
+                        self.settled.set()
+                        return
+                for callback in callbacks:
+                    try:
+                        callback()
+                    except Exception:   # noqa: BLE001 - a caller's bug must not stop the writer
+                        pass
         finally:   # whatever escapes, flush() must not wait its whole timeout on this batch
-            self.settled.set()
+            with self.lock:
+                self.settled.set()
 
 
 class Ticket:
@@ -92,12 +100,12 @@ class Ticket:
 
     def add_done_callback(self, callback: Callable[['Ticket'], None]) -> None:
         """Call `callback(ticket)` once the write is committed or failed: at once (here) when
-        it already is, else on the writer thread right after its batch (keep it short; what it
-        raises is dropped). A caller that must not wait for the commit (the agents' dispatcher)
+        its batch has settled, else on the writer thread after the callbacks added before
+        (keep it short; what it raises is dropped). A caller that must not wait for the commit (the agents' dispatcher)
         acknowledges from here."""
         batch = self._batch
         with batch.lock:
-            if not batch.done.is_set():
+            if not batch.settled.is_set():
                 batch.callbacks.append(lambda: callback(self))
                 return
         callback(self)

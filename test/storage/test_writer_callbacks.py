@@ -3,6 +3,7 @@ waiting on each commit) and stop_when_full (nothing queued behind a full batch l
 it), on real SQLite files."""
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 
@@ -10,6 +11,7 @@ import pytest
 
 from loom_ros.storage.errors import StorageFullError
 from loom_ros.storage.storage import Storage, StorageConfig
+from loom_ros.storage.writer import GroupCommitWriter
 
 
 def test_callbacks_run_once_each_after_the_commit_in_submission_order(tmp_path):
@@ -28,13 +30,53 @@ def test_callbacks_run_once_each_after_the_commit_in_submission_order(tmp_path):
             ticket.add_done_callback(lambda t, i=i: on_done(i, t))
         assert done.wait(60)
         assert seen == [(i, None, 1) for i in range(500)]
-        # A ticket already done calls back at once, on the caller's thread.
+        # A ticket whose batch has settled calls back at once, on the caller's thread.
         ticket = storage.kv.put('n', 'last', 1)
-        ticket.wait()
+        assert ticket.wait_settled(60)
         here = []
         ticket.add_done_callback(lambda t: here.append(threading.current_thread()))
         assert here == [threading.current_thread()]
 
+
+def test_a_callback_added_while_its_batch_settles_waits_for_those_queued_before(tmp_path):
+    """Found in CI: a batch was done, its writer thread was still running the callbacks of
+    tickets 1..125, and the caller added ticket 126's, which ran at once on the caller's
+    thread, ahead of them. Held here: the writer is held in its gate while two writes queue
+    into one batch; then that batch's first callback holds the writer thread between `done`
+    and `settled` while the caller adds the second write's."""
+    conn = sqlite3.connect(str(tmp_path / 'w.db'), check_same_thread=False, isolation_level=None)
+    conn.execute('create table t (v integer)')
+    gate_open, in_gate = threading.Event(), threading.Event()
+    order, release, entered = [], threading.Event(), threading.Event()
+
+    def gate():
+        in_gate.set()
+        assert gate_open.wait(60)
+    writer = GroupCommitWriter(conn, max_delay_s=0.0, gate=gate)
+    try:
+        writer.execute('insert into t (v) values (?)', (0,))
+        assert in_gate.wait(60)             # the first batch is taken; the next one fills
+        one = writer.execute('insert into t (v) values (?)', (1,))
+        two = writer.execute('insert into t (v) values (?)', (2,))
+
+        def first(_t):
+            entered.set()
+            assert release.wait(60)
+            order.append(1)
+        one.add_done_callback(first)
+        gate_open.set()
+        assert entered.wait(60)             # the batch is done; its first callback is running
+        assert two.done() and not two.wait_settled(0)
+        two.add_done_callback(lambda _t: order.append(2))
+        assert order == []                  # queued behind the running one, not run here
+        release.set()
+        assert two.wait_settled(60)
+        assert order == [1, 2]
+    finally:
+        gate_open.set()
+        release.set()
+        writer.close()
+        conn.close()
 
 
 def test_flush_returns_only_once_the_acknowledgements_have_run(tmp_path):
