@@ -72,10 +72,11 @@ RCLPY_SHUTDOWN_S = 5.0   # rclpy.try_shutdown at the end (it destroys what is le
 # readiness watcher, rclpy, the side processes on one deadline. Each SIGKILL adds a wait
 # (stop_bound_s counts one per step). Whoever stops a bring-up (loom demo) waits this long
 # before SIGKILL: killed sooner, its nodes die with it, uncommitted (a loaded run took longer
-# than 60 s). Not covered: --composition (RobotProcess.stop), and a SIGINT during the wait for
-# the cloud tier's ready line (seen only after it, up to 60 s).
-STOP_BOUND_S = (2 * stop_bound_s(table.STOP_TIMEOUT_S) + 2 * WATCHER_CLOSE_S
-                + RCLPY_SHUTDOWN_S + stop_bound_s(SIDE_STOP_S))
+# than 60 s). With --composition the nodes stop in this process, within COMPOSITION_STOP_S
+# (RobotProcess.stop). A SIGINT while a side process loads is seen at once (_wait_ready).
+COMPOSITION_STOP_S = 2 * table.STOP_TIMEOUT_S
+STOP_BOUND_S = max(2 * stop_bound_s(table.STOP_TIMEOUT_S) + 2 * WATCHER_CLOSE_S,
+                   COMPOSITION_STOP_S) + RCLPY_SHUTDOWN_S + stop_bound_s(SIDE_STOP_S)
 
 
 def add_parser(sub) -> None:
@@ -179,7 +180,14 @@ def _start_side(name: str, cmd: list[str], log_dir: str) -> Process:
             err.close()
 
 
-def _wait_ready(proc: Process, name: str, limit: float = 60.0) -> dict:
+class Stopped(Exception):
+    """SIGINT or SIGTERM came while bring-up was starting: stop what started, exit 0."""
+
+
+def _wait_ready(proc: Process, name: str, stop: threading.Event | None = None,
+                limit: float = 60.0) -> dict:
+    """The JSON ready line of a side process, read within `limit` s; raises Stopped as soon as
+    `stop` is set (a Ctrl-C while the cloud tier loads its models is not left waiting)."""
     box: dict = {}
 
     def read():
@@ -190,10 +198,16 @@ def _wait_ready(proc: Process, name: str, limit: float = 60.0) -> dict:
             box['ready'] = {'error': line}
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    reader.join(limit)
+    deadline = time.monotonic() + limit
+    while reader.is_alive() and time.monotonic() < deadline:
+        if stop is not None and stop.wait(0):
+            raise Stopped(f'asked to stop while waiting for {name}')
+        reader.join(0.1)
     ready = box.get('ready') or {}
     if not ready.get('ready'):
-        raise RuntimeError(f'{name} did not start (exit {proc.poll()}): {ready}')
+        # Its stdout closed: it is exiting, so name its code (poll() alone raced its exit).
+        code = proc.wait(5.0) if 'ready' in box and not ready else proc.poll()
+        raise RuntimeError(f'{name} did not start (exit {code}): {ready}')
     return ready
 
 
@@ -559,8 +573,18 @@ class RobotProcess:
                          if hasattr(node, '_state_machine')
                          and node._state_machine.current_state[1] != 'active')
 
-    def stop(self) -> None:
+    def stop(self) -> dict[str, str]:
+        """Every node stopped within COMPOSITION_STOP_S (agents deactivated and committed,
+        lifecycle nodes shut down); {} when they did, else what is left to the exit."""
+        from loom_ros.bus.executor import bounded
+        deadline = time.monotonic() + COMPOSITION_STOP_S
+        if bounded(lambda: self._stop_all(deadline), COMPOSITION_STOP_S, 'loom_bringup-stop'):
+            return {}
+        return {'nodes': f'not stopped within {COMPOSITION_STOP_S:g} s (left to the exit)'}
+
+    def _stop_all(self, deadline: float) -> None:
         from loom_ros.agents.runtime import AgentState
+        from loom_ros.bus.executor import finalize_node
         # Agents first: they deactivate (handle what they accepted) and commit their state.
         for agent in list(self.agents.agents.values()):
             if agent.lifecycle is AgentState.ACTIVE:
@@ -569,8 +593,7 @@ class RobotProcess:
             if not stop.done():
                 stop.set_result(True)
         for thread in self.threads:
-            thread.join(5.0)
-        from loom_ros.bus.executor import finalize_node
+            thread.join(max(0.0, deadline - time.monotonic()))
         for node, executor in reversed(self.nodes):
             executor.shutdown()
             finalize_node(node)   # lifecycle nodes run on_shutdown: state committed, sessions closed
@@ -618,7 +641,7 @@ def main_with(args, ros_args: list[str]) -> int:
                     side['zenoh_router'] = _start_side('zenoh_router', [
                         sys.executable, '-m', 'loom_ros.bridge.zenoh_router', '--listen',
                         _endpoint(args), *_zenoh_security(args)], args.log_dir)
-                    _wait_ready(side['zenoh_router'], 'the Zenoh router')
+                    _wait_ready(side['zenoh_router'], 'the Zenoh router', stop)
                 if args.cloud:
                     side['cloud'] = _start_side('cloud', [
                         sys.executable, '-m', 'loom_ros.cloud.server', '--connect',
@@ -650,7 +673,7 @@ def main_with(args, ros_args: list[str]) -> int:
                 readiness = Readiness(selected, ns, bool(args.autostart))
                 active, waiting = readiness.check, readiness.waiting_for
             if 'cloud' in side:
-                _wait_ready(side['cloud'], 'the cloud tier')
+                _wait_ready(side['cloud'], 'the cloud tier', stop)
             started = time.monotonic()
             while not stop.is_set():
                 robot.poll()
@@ -681,6 +704,8 @@ def main_with(args, ros_args: list[str]) -> int:
                     break
                 robot.poll()
                 _check_side(side)
+        except Stopped as exc:   # a stop asked for during start-up: not a failure
+            print(f'loom bringup: {exc}', file=sys.stderr, flush=True)
         except Exception as exc:  # a bad config, a part that died: say why
             print(f'loom bringup: {type(exc).__name__}: {exc}', file=sys.stderr, flush=True)
             code = 1
