@@ -95,6 +95,7 @@ class Agent:
         self._rules = {(r.kind, r.type): r for r in config.declassify}
         self._floor: Privacy | None = None   # the privacy of the event being handled
         self._handling_id = ''
+        self._handler_thread = 0   # the worker thread running the handler (0: none)
         # the data subject the event being handled names: what it emits names them too
         self._subject = ''
         self.id = config.id
@@ -222,14 +223,15 @@ class Agent:
             floor, subject, arrived = note if note is not None else arrival(event)
             self.dispatch_us.append(waited_us)
             self.busy_since_ns = time.monotonic_ns()
-            # Whatever the handler emits, from this worker or any thread it starts, carries at
-            # least the event's privacy as it arrived, and names its subject.
+            # What the handler emits from this worker carries at least the event's privacy as
+            # it arrived, and names its subject (any other thread: see held()).
             self._floor, self._handling_id, self._subject = floor, event.id, subject
+            self._handler_thread = threading.get_ident()
             try:
                 self._handle(event, arrived)
             finally:
                 self.busy_since_ns = 0
-                self._floor, self._subject = None, ''
+                self._floor, self._subject, self._handler_thread = None, '', 0
             if self.config.persist == 'per_event':
                 if not defer_commit:
                     self.commit()
@@ -357,11 +359,14 @@ class Agent:
 
     def held(self) -> tuple[Privacy, str]:
         """(privacy, data subject) that what the behavior emits or passes to a port is held to:
-        the event being handled as it arrived; outside a handling (a thread the behavior left
-        running), the strictest privacy of its recent events and their subject ('..', which no
-        consent check accepts, when they named more than one)."""
+        on the worker running a handler, the event being handled as it arrived; on any other
+        thread (one the behavior left running, or started), the strictest privacy of its recent
+        events, the one being handled included, and their subject ('..', which no consent
+        check accepts, when they named more than one). A thread left running from event A that
+        emits while B is handled cannot be told from one B's handler started, so it is not
+        given B's privacy and subject: A's data would have left as B's."""
         floor, subject = self._floor, self._subject
-        if floor is not None:
+        if floor is not None and threading.get_ident() == self._handler_thread:
             return floor, subject
         recent = list(self._recent)
         named = {s for _, s in recent if s}

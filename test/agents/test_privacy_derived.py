@@ -17,8 +17,9 @@ PIN = {'text': 'my pin is 4242'}
 
 
 class EchoBehavior:
-    """Emits the event's text as an intent, asking for `ask` privacy, once from the worker and
-    once from a thread it starts and joins (both during the handling)."""
+    """Emits the event's text as an intent, asking for `ask` privacy, from the worker, and an
+    action from a thread it starts and joins (during the handling: held to the strictest of
+    the agent's recent events, as any thread but the worker is; see the next test)."""
 
     def __init__(self, ask=None):
         self.ask = ask
@@ -75,11 +76,14 @@ def test_derived_events_carry_the_strictest_privacy_of_their_input(run):
               Event.with_json('speech.partial', PIN, metadata={'privacy': 'local_only'}),
               Event.with_json('speech.partial', {'text': 'hello'})]
     agent, emitted = run(events, EchoBehavior())
+    # The worker's intents: each event's own privacy. The side thread's actions: the strictest
+    # of the recent events (the first was LocalOnly), since a thread of the behavior's cannot be
+    # told from one an earlier handler left running.
     assert [(kind, p) for kind, _, _, p in emitted] == [
         ('intent', Privacy.LOCAL_ONLY), ('action', Privacy.LOCAL_ONLY),
-        ('intent', Privacy.PRIVATE), ('action', Privacy.PRIVATE),
+        ('intent', Privacy.PRIVATE), ('action', Privacy.LOCAL_ONLY),
         ('intent', Privacy.LOCAL_ONLY), ('action', Privacy.LOCAL_ONLY),
-        ('intent', Privacy.PUBLIC), ('action', Privacy.PUBLIC)]
+        ('intent', Privacy.PUBLIC), ('action', Privacy.LOCAL_ONLY)]
     assert agent.stats['privacy_raised'] == 0 and agent.stats['privacy_lowered'] == 0
 
 
@@ -301,6 +305,61 @@ def test_a_behavior_cannot_take_a_changed_event_past_its_ports(tmp_path):
         agent.cleanup()
         storage.close()
         host.stop()
+
+
+class CrossEmitter:
+    """On its first event, starts a thread that emits once `go` is set; its second event's
+    handler sets `go` and waits until that thread has emitted, so the emit from the first
+    event's thread lands while the second is being handled."""
+
+    def __init__(self):
+        self.go, self.emitted, self.thread = threading.Event(), threading.Event(), None
+
+    def setup(self, settings):
+        pass
+
+    def handle(self, event, ctx):
+        if self.thread is None:
+            def late():
+                assert self.go.wait(60)
+                ctx.intent('late', {})
+                self.emitted.set()
+            self.thread = threading.Thread(target=late)
+            self.thread.start()
+            return
+        self.go.set()
+        assert self.emitted.wait(60)
+        ctx.intent('own', {})
+
+
+def test_a_thread_left_running_from_one_event_is_not_given_the_next_events_privacy(tmp_path):
+    """Found in review: a thread the handler of alice's Private event left running emitted
+    while bob's Public event was handled, and its emit went out Public under bob, out of
+    alice's erasure. Only the worker running a handler gets that handler's event; any other
+    thread gets the strictest of the recent events, the handled one included, and '..' for
+    their two subjects (no consent accepts it). The handler's own emit is still bob's."""
+    storage = Storage(StorageConfig(str(tmp_path), unit='host'))
+    emitted = []
+    agent = Agent(AgentConfig(id='cross', behavior='counter', subscriptions=['t']), storage,
+                  lambda _id, kind, type, data, privacy, subject='':
+                  emitted.append((type, privacy, subject)))
+    agent.configure()
+    behavior = agent.behavior = CrossEmitter()
+    agent.activate()
+    dispatcher = Dispatcher(1)
+    try:
+        dispatcher.deliver(agent, Event.with_json('speech.final', PIN, privacy=Privacy.PRIVATE,
+                                                  metadata={'loom.subject': 'alice'}))
+        dispatcher.deliver(agent, Event.with_json('speech.final', PIN,
+                                                  metadata={'loom.subject': 'bob'}))
+        wait_until(lambda: agent.stats['handled'] == 2, 'both events handled')
+        behavior.thread.join(60)
+        assert emitted == [('late', Privacy.PRIVATE, '..'), ('own', Privacy.PUBLIC, 'bob')]
+        assert agent.stats['behavior_errors'] == 0
+    finally:
+        dispatcher.close()
+        agent.cleanup()
+        storage.close()
 
 
 class Quiet:
