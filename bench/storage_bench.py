@@ -25,6 +25,7 @@ import argparse
 import gc
 import json
 import os
+import random
 import shutil
 import sqlite3
 import sys
@@ -46,6 +47,7 @@ from loom_ros.storage.backend.local import LocalObjectStore  # noqa: E402
 from loom_ros.storage.cold import IndexParams, encode  # noqa: E402
 from loom_ros.storage.embedding import HashEmbedder  # noqa: E402
 from loom_ros.storage.lifecycle import Lifecycle, LifecycleParams, TierPolicy  # noqa: E402
+from loom_ros.storage import schema  # noqa: E402
 from loom_ros.storage.schema import DDL  # noqa: E402
 from loom_ros.storage.sqlite import file_bytes, open_database  # noqa: E402
 from loom_ros.storage.storage import Storage, StorageConfig  # noqa: E402
@@ -186,32 +188,69 @@ OLD_EPISODE_INDEXES = ('create index episodes_agent_time on episodes (agent_id, 
                        'create index episodes_time on episodes (time_ms)')
 
 
+# The episode index by event id (schema.py: partial, the episodes that name a data subject), as
+# the growth part adds it to time-first; and the same on every row, the alternative.
+EVENT_ID_INDEX = schema.EPISODES_BY_EVENT
+FULL_EVENT_ID_INDEX = 'create index episodes_event on episodes (event_id)'
+NAMED_EVERY = 10    # growth: one episode in ten names a data subject
+
+
+def loom_ids(total: int, sources: int = 8) -> list[str]:
+    """Event ids as Loom's publishers make them (bus/event.py new_event_id: a random 16-hex
+    prefix per process and a hex counter), `sources` processes interleaved."""
+    prefixes = [f'{random.Random(s).getrandbits(64):016x}' for s in range(sources)]
+    return [f'{prefixes[i % sources]}{i // sources + 1:x}' for i in range(total)]
+
+
 def growth(root: Path, total: int, agents: int = 1000, per_commit: int = 100,
            step: int = 100_000) -> dict:
     """Raw SQLite commits of `per_commit` episode rows from `agents` agents (10 ms of 10,000
     events/s), rows/s for each `step` rows as the table grows to `total`: the schema's episode
-    index (time first) against the agent-first indexes it replaced, in the same run."""
+    indexes (time first, and event id) against time first alone and against the agent-first
+    indexes of before, in the same run; then what finding an episode by event id costs at that
+    size with the event-id index and without it (a scan: EpisodeStore.origin for an id this
+    process did not note)."""
     evs = events(total, agents)
-    rows = [(*r, len(r[6]) + len(r[5]) + 64) for r in (episode_row(a, e, lambda t: t)
-                                                        for a, e in evs)]
-    out = {'agents': agents, 'per_commit': per_commit, 'step': step}
-    for name in ('agent_first', 'time_first'):
+    ids = loom_ids(total)
+    rows = [(r[0], ids[i], *r[2:], len(r[6]) + len(r[5]) + 64,
+             f'person-{i % 100}' if i % NAMED_EVERY == 0 else '')
+            for i, r in enumerate(episode_row(a, e, lambda t: t) for a, e in evs)]
+    out = {'agents': agents, 'per_commit': per_commit, 'step': step, 'named_every': NAMED_EVERY}
+    lookup = EpisodeStore.ORIGIN
+    probes = [ids[i] for i in range(0, total, NAMED_EVERY * max(1, total // 2000))]
+    for name in ('agent_first', 'time_first', 'time_first_event_id', 'time_first_event_id_all'):
         conn = raw_db(root / name)
+        schema.upgrade_subjects(conn)     # the subject index, as a Loom file has it
+        conn.execute('drop index if exists episodes_event')
         if name == 'agent_first':
             conn.execute('drop index episodes_time_agent')
             for statement in OLD_EPISODE_INDEXES:
                 conn.execute(statement)
+        if name == 'time_first_event_id':
+            conn.execute(EVENT_ID_INDEX)
+        if name == 'time_first_event_id_all':
+            conn.execute(FULL_EVENT_ID_INDEX)
         rates = []
         for start in range(0, total, step):
             t = time.perf_counter()
             for b in range(start, min(total, start + step), per_commit):
                 conn.execute('BEGIN')
-                conn.executemany(EpisodeStore.INSERT, rows[b:b + per_commit])
+                conn.executemany(EpisodeStore.INSERT_SUBJECT, rows[b:b + per_commit])
                 conn.execute('COMMIT')
             rates.append((min(total, start + step) - start) / (time.perf_counter() - t))
         out[name] = rates
-        conn.close()
         print(f'growth {name}: ' + ', '.join(f'{r:,.0f}' for r in rates), flush=True)
+        if name in ('time_first', 'time_first_event_id'):
+            lat = []
+            for probe in probes[:20 if name == 'time_first' else len(probes)]:
+                t = time.perf_counter()
+                assert conn.execute(lookup, (probe,)).fetchall()
+                lat.append(time.perf_counter() - t)
+            out[f'{name}_lookup_ms'] = [pct(lat, 50) * 1e3, pct(lat, 99) * 1e3, max(lat) * 1e3,
+                                        len(lat)]
+            print(f'growth {name}: lookup by event id P50 {pct(lat, 50) * 1e3:.3f} ms',
+                  flush=True)
+        conn.close()
     return out
 
 
@@ -508,14 +547,28 @@ def report(info: dict) -> str:
                   'Rows/s over each successive '
                   f'{g["step"]:,} rows. agent-first: the indexes (agent_id, time_ms) and '
                   '(time_ms) that episodes had before; time-first: the one index (time_ms, '
-                  'agent_id) it has now. With agent_id first, every commit writes one index page '
-                  'per agent it touches into the WAL.', '',
+                  'agent_id), and (subject), without an event-id index; then with (event_id) '
+                  "where subject != '' (what episodes has now), and with (event_id) on every row. "
+                  f'One episode in {g.get("named_every", 10)} names a data subject; event ids as '
+                  'Loom makes them (8 publishing processes, each a random prefix and a hex '
+                  'counter). With agent_id first, every commit writes one index page per agent '
+                  'it touches into the WAL.', '',
                   '| rows in the table | ' + ' | '.join(
                       f'{(i + 1) * g["step"]:,}' for i in range(len(g['time_first']))) + ' |',
                   '| --- |' + ' --- |' * len(g['time_first'])]
-        for key in ('agent_first', 'time_first'):
-            lines.append(f'| {key.replace("_", "-")} | ' + ' | '.join(
-                f'{r:,.0f}' for r in g[key]) + ' |')
+        labels = {'agent_first': 'agent-first', 'time_first': 'time-first',
+                  'time_first_event_id': 'time-first + event id of named episodes (now)',
+                  'time_first_event_id_all': 'time-first + event id of every episode'}
+        for key, label in labels.items():
+            if key in g:
+                lines.append(f'| {label} | ' + ' | '.join(f'{r:,.0f}' for r in g[key]) + ' |')
+        if 'time_first_event_id_lookup_ms' in g:
+            with_index, scan = g['time_first_event_id_lookup_ms'], g['time_first_lookup_ms']
+            lines += ['', f'Finding one episode by event id in the {len(g["time_first"]) * g["step"]:,}'
+                      f'-row table (EpisodeStore.origin for an id not noted in this process), '
+                      f'ms P50 / P99 / max: with the event-id index {_ms(with_index[:3], 3)} '
+                      f'({with_index[3]} lookups); without it, a scan, {_ms(scan[:3])} '
+                      f'({scan[3]} lookups).']
     if 'paced' in info:
         p = info['paced']
         lines += ['', f'## Paced: {p["agents"]} agents x 10 events/s, state + episode committed per event',

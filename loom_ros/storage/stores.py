@@ -281,21 +281,25 @@ class EpisodeStore:
             while len(self._origins) > self.MAX_ORIGINS:
                 self._origins.popitem(last=False)
 
-    def origin(self, event_id: str) -> tuple[bool, str | None]:
-        """(known, data subject) of an event by id: noted while it was handled, else its
-        stored episode; subject None when storage may not keep what it said: an invalid id, or
-        no `store` consent now (asked here, when a fact is made, not at every event an agent
-        handles: a withdrawal holds for every fact stored after it returned)."""
+    # The data subject an episode names, by event id, through the partial episodes_event index
+    # (schema.py: only episodes that name one are in it; an anonymous episode is found as none).
+    ORIGIN = "select subject from episodes where event_id = ? and subject != '' limit 1"
+
+    def origin(self, event_id: str) -> str | None:
+        """The data subject of an event by id ('' when it names none, or storage never saw
+        it: a fact about it then follows the event being handled, `FactStore.add`): noted
+        while it was handled, else its stored episode; None when storage may not keep what it
+        said: an invalid id, or no `store` consent now (asked here, when a fact is made, not at
+        every event an agent handles: a withdrawal holds for every fact stored after it
+        returned)."""
         with self._hot_lock:
-            found = (True, self._origins[event_id]) if event_id in self._origins else None
-        if found is None:
-            rows = self.storage.query('select subject from episodes where event_id = ? limit 1',
-                                      (str(event_id)[:MAX_FIELD_CHARS],))
-            found = (True, rows[0]['subject']) if rows else (False, '')
-        known, subject = found
+            subject = self._origins.get(event_id, False)
+        if subject is False:
+            rows = self.storage.query(self.ORIGIN, (str(event_id)[:MAX_FIELD_CHARS],))
+            subject = rows[0]['subject'] if rows else ''
         if subject and not self.storage.consent.allows(subject):
-            return known, None
-        return known, subject
+            return None
+        return subject
 
     def withholds(self, event) -> bool:
         """Whether storage keeps only a count of `event`: it names a data subject without
@@ -514,7 +518,7 @@ class FactStore:
         several): what is derived from a person's event is theirs. A fact storage may not keep
         (no `store` consent, an invalid id, or two people's: a fact is filed under one) is not
         stored: it is counted, and its id is 0."""
-        _known, of_provenance = self.storage.episodes.origin(provenance)
+        of_provenance = self.storage.episodes.origin(provenance)
         data_subject = self._owner(of_provenance, handling)
         if data_subject is None:
             self.storage.count_withheld()

@@ -221,12 +221,12 @@ def test_a_withdrawal_between_two_agents_of_one_delivery_holds_for_the_second(tm
         arrived = event('bob', 'bob likes tea')
         first, second = AgentStore(storage, 'a'), AgentStore(storage, 'b')
         first.record(arrived)
-        assert storage.episodes.origin(arrived.id) == (True, 'bob')
+        assert storage.episodes.origin(arrived.id) == 'bob'
         assert SemanticMemory(storage, 'a', HashEmbedder()).add_fact(
             'bob', 'likes', 'tea', provenance=arrived.id) > 0
         consent.withdraw('bob', 'store', 'cli:test')
         second.record(arrived)                    # the same object, as a broadcast delivers it
-        assert storage.episodes.origin(arrived.id) == (True, None)
+        assert storage.episodes.origin(arrived.id) is None
         assert SemanticMemory(storage, 'b', HashEmbedder()).add_fact(
             'bob', 'likes', 'tea', provenance=arrived.id) == 0
     finally:
@@ -272,3 +272,36 @@ def test_a_fact_made_while_handling_a_persons_event_is_theirs(tmp_path):
     assert withheld == 2
     receipt = forget(StorageLayout.at(tmp_path), 'alice')
     assert receipt.counts['facts'] == 2
+
+
+def test_after_a_restart_a_fact_finds_its_events_subject_through_the_event_index(tmp_path):
+    """A fact citing an event this process did not note (handled before a restart) is filed
+    under that event's subject, read from its episode through the partial episodes_event index
+    (the named episodes only), not by scanning the warm tier: an anonymous episode and an id
+    storage never saw both answer '' (the fact then follows the event being handled)."""
+    consent, audit = registry(tmp_path)
+    consent.grant('bob', 'store', 'cli:test')
+    bobs, anonymous = event('bob', 'bob likes tea'), event(None, 'it rained')
+    with Storage(StorageConfig(root=str(tmp_path), unit='host'), consent=consent) as storage:
+        store = AgentStore(storage, 'a')
+        store.record(bobs)
+        store.record(anonymous)
+        store.commit({}, 2, anonymous.id).wait(WAIT_LIMIT_S)
+    with Storage(StorageConfig(root=str(tmp_path), unit='host'), consent=consent) as storage:
+        episodes = storage.episodes
+        assert episodes.origin(bobs.id) == 'bob'
+        assert episodes.origin(anonymous.id) == ''
+        assert episodes.origin('never-seen') == ''
+        plan = ' '.join(str(tuple(r)) for r in storage.query(
+            'explain query plan ' + episodes.ORIGIN, (bobs.id,)))
+        assert 'episodes_event' in plan and 'SCAN episodes' not in plan
+        fact_id = SemanticMemory(storage, 'b', HashEmbedder()).add_fact(
+            'bob', 'likes', 'tea', provenance=bobs.id)
+        storage.writer.flush()
+        assert storage.query('select data_subject from facts where id = ?',
+                             (fact_id,))[0][0] == 'bob'
+        indexed = storage.query("select count(*) from episodes indexed by episodes_event "
+                                "where event_id is not null and subject != ''")[0][0]
+        assert indexed == 1
+    consent.close()
+    audit.close()

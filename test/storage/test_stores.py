@@ -121,7 +121,7 @@ def test_episode_index_is_time_first_and_old_files_lose_agent_first_indexes(tmp_
         assert s.query("select value from meta where key = 'version'")[0][0] == '2'
         indexes = {r[0] for r in s.query("select name from sqlite_master where type = 'index' "
                                          "and tbl_name = 'episodes'")}
-        assert indexes == {'episodes_time_agent', 'episodes_subject'}
+        assert indexes == {'episodes_time_agent', 'episodes_subject', 'episodes_event'}
         spans = {r[0]: (r[1], r[2]) for r in s.query('select * from episode_agents')}
         assert spans == {f'agent{k}': (T0 + k * 1000, T0 + (16 + k) * 1000) for k in range(4)}
         s.episodes.record('agent1', event(40)).wait(10)
