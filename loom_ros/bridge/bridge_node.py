@@ -74,7 +74,8 @@ INBOX_MAX = 10000
 OUT_BATCH_EVENTS = 100
 # DDS history of the bridge's own readers (the level's is 10 for Realtime): a burst published
 # faster than the bridge takes it waits in DDS instead of being overwritten. Memory is bounded
-# by this times the largest sample on a bridged topic.
+# by this times the largest sample on a bridged topic. Past 5,000 it needs config/fastdds.xml's
+# reader limit (Fast DDS's default caps every reader at 5,000 samples).
 OUT_READER_DEPTH = 10000
 SECTION = 'zenoh_bridge'
 SEAL_MODES = ('auto', 'on', 'off')
