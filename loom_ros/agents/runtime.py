@@ -383,10 +383,15 @@ class Agent:
             try:
                 if self._audit is None:
                     raise RuntimeError('no audit log to record it in')
+                # The event it was derived from: the handled one on its worker; from any other
+                # thread, the agent's recent events (held() took the strictest of them).
+                on_worker = threading.get_ident() == self._handler_thread
                 self._audit({'plugin': f'agent/{self.id}', 'kind': 'privacy_lowered',
                              'emit': kind, 'type': type, 'from': floor.name, 'to': out.name,
                              'reason': rule.reason,
-                             'event_id': self._handling_id or self.last_event_id})
+                             'event_id': self._handling_id if on_worker else '',
+                             'derived_from': 'the handled event' if on_worker else
+                             'recent events (emitted from another thread)'})
             except Exception as exc:  # fail closed: what cannot be audited is not lowered
                 self.stats['privacy_audit_failed'] += 1
                 self._log('error', f'agent {self.id}: cannot audit lowering {type} to '

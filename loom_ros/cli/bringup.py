@@ -578,26 +578,38 @@ class RobotProcess:
         lifecycle nodes shut down); {} when they did, else what is left to the exit."""
         from loom_ros.bus.executor import bounded
         deadline = time.monotonic() + COMPOSITION_STOP_S
-        if bounded(lambda: self._stop_all(deadline), COMPOSITION_STOP_S, 'loom_bringup-stop'):
-            return {}
-        return {'nodes': f'not stopped within {COMPOSITION_STOP_S:g} s (left to the exit)'}
+        problems: dict[str, str] = {}
+        if not bounded(lambda: self._stop_all(deadline, problems), COMPOSITION_STOP_S,
+                       'loom_bringup-stop'):
+            problems['nodes'] = f'not stopped within {COMPOSITION_STOP_S:g} s (left to the exit)'
+        return problems
 
-    def _stop_all(self, deadline: float) -> None:
+    def _stop_all(self, deadline: float, problems: dict[str, str]) -> None:
+        """Each step of each agent and node tried, whatever an earlier one raised; what failed
+        goes into `problems` (bring-up then exits 1)."""
         from loom_ros.agents.runtime import AgentState
         from loom_ros.bus.executor import finalize_node
+
+        def step(name: str, call) -> None:
+            try:
+                call()
+            except Exception as exc:  # noqa: BLE001 - said, and the others still stop
+                problems[name] = f'{type(exc).__name__}: {str(exc)[:300]}'
         # Agents first: they deactivate (handle what they accepted) and commit their state.
         for agent in list(self.agents.agents.values()):
             if agent.lifecycle is AgentState.ACTIVE:
-                agent.deactivate()
+                step(f'agent {agent.id}', agent.deactivate)
         for stop in self._stops:
             if not stop.done():
                 stop.set_result(True)
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         for node, executor in reversed(self.nodes):
-            executor.shutdown()
-            finalize_node(node)   # lifecycle nodes run on_shutdown: state committed, sessions closed
-            node.destroy_node()
+            name = node.get_name()
+            step(name, executor.shutdown)
+            # lifecycle nodes run on_shutdown: state committed, sessions closed
+            step(name, lambda node=node: finalize_node(node))
+            step(name, node.destroy_node)
 
 
 def _check_side(side: dict[str, Process]) -> None:

@@ -118,9 +118,10 @@ SUBJECT_TABLES = ('episodes', 'cold', 'decisions')
 # The episodes that name a data subject, by event id (EpisodeStore.origin: the subject of a
 # fact's provenance event when this process did not note it, from before a restart or never
 # seen): without it every such fact scanned the whole warm tier (4-8 ms at 600,000 rows).
-# Partial: an anonymous episode answers like an unknown one, so only named episodes pay for it;
-# on every row it cost a third of the raw commit rate (bench/storage_bench.py `growth`). Built
-# once when a file from before is opened.
+# Partial: an anonymous episode answers like an unknown one, so only named episodes enter it. Its
+# cost is index pages per commit (one place per publishing process): with one episode in ten
+# named, a third to a half less of the raw commit rate at 100 rows a commit; on every row, half
+# (bench/storage_bench.py `growth`). Built once when a file from before is opened.
 EPISODES_BY_EVENT = ("create index if not exists episodes_event on episodes (event_id) "
                      "where subject != ''")
 

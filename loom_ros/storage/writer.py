@@ -58,7 +58,7 @@ class _Batch:
                 for callback in callbacks:
                     try:
                         callback()
-                    except Exception:   # noqa: BLE001 - a caller's bug must not stop the writer
+                    except Exception:   # noqa: BLE001 - a caller's bug must not stop it
                         pass
         finally:   # whatever escapes, flush() must not wait its whole timeout on this batch
             with self.lock:

@@ -108,7 +108,7 @@ def test_a_declared_rule_lowers_it_and_every_use_is_audited(run, tmp_path):
     assert len(rows) == 1 and agent.stats['privacy_lowered'] == 1
     assert rows[0]['fields'] == {'emit': 'intent', 'type': 'echo', 'from': 'PRIVATE',
                                  'to': 'PUBLIC', 'reason': 'test: echo is vetted',
-                                 'event_id': 'e-private'}
+                                 'event_id': 'e-private', 'derived_from': 'the handled event'}
     # An audit log that cannot take the record: nothing is lowered (fail closed), and counted.
     audit.close()
     agent, emitted = run([Event.with_json('t', PIN, privacy=Privacy.PRIVATE)], EchoBehavior(),

@@ -1,0 +1,41 @@
+"""`loom bringup --composition` stops its nodes within COMPOSITION_STOP_S, and a step that fails
+is reported (bring-up exits 1), not swallowed: found in review, `bounded()` counts a call that
+raised as done, so an agent whose deactivate raised (its commits not acknowledged in time) made
+the stop look clean while the nodes after it were never finalized. A real rclpy node and executor;
+the agent that cannot stop is a stand-in raising what AgentStore.wait raises."""
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+from loom_ros.agents.runtime import AgentState
+from loom_ros.cli.bringup import RobotProcess
+
+
+class StuckAgent:
+    id = 'stuck'
+    lifecycle = AgentState.ACTIVE
+
+    def deactivate(self):
+        raise TimeoutError('agent stuck: 3 commits not acknowledged within 30.0 s')
+
+
+def test_a_failed_step_is_reported_and_the_other_nodes_still_stop(ros):
+    from rclpy.node import Node
+    from rclpy.task import Future
+
+    from loom_ros.bus.executor import make_executor
+    node = Node('composition_stop_probe')
+    exited = threading.Event()
+    node.on_exit = exited.set
+    executor = make_executor()
+    executor.add_node(node)
+    robot = object.__new__(RobotProcess)
+    robot.nodes, robot.threads, robot._stops = [(node, executor)], [], [Future()]
+    robot.deaths = {}
+    robot.agents = SimpleNamespace(agents={'stuck': StuckAgent()})
+    problems = robot.stop()
+    assert problems == {'agent stuck': 'TimeoutError: agent stuck: 3 commits not '
+                                       'acknowledged within 30.0 s'}
+    assert exited.is_set()            # the node after the stuck agent was still finalized
+    assert robot._stops[0].done()
