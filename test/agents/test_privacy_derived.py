@@ -240,6 +240,17 @@ def test_an_emit_after_the_handler_returned_keeps_the_privacy_the_event_arrived_
         ('intent', 'late', Privacy.PRIVATE)]
 
 
+def started(agent_id: str, storage, behavior, emit, **kw):
+    """(an active agent running `behavior` in place of the loaded one, a one-worker
+    Dispatcher) for tests that need their own emit function or ports."""
+    agent = Agent(AgentConfig(id=agent_id, behavior='counter', subscriptions=['t']), storage,
+                  emit, **kw)
+    agent.configure()
+    agent.behavior = behavior
+    agent.activate()
+    return agent, Dispatcher(1)
+
+
 class PortTamper:
     """Changes its event (privacy Public, the subject dropped or replaced) and then asks the
     ports about it: the router, the cloud's subject reference, a plugin."""
@@ -279,13 +290,9 @@ def test_a_behavior_cannot_take_a_changed_event_past_its_ports(tmp_path):
     host.start()
     storage = Storage(StorageConfig(str(tmp_path), unit='host'))
     behavior = PortTamper()
-    agent = Agent(AgentConfig(id='ports', behavior='counter', subscriptions=['t']), storage,
-                  lambda *a, **k: None,
-                  ports=Ports(router, InProcessPlugins(host.handles), subject_refs=refs.ref))
-    agent.configure()
-    agent.behavior = behavior
-    agent.activate()
-    dispatcher = Dispatcher(1)
+    agent, dispatcher = started('ports', storage, behavior, lambda *a, **k: None,
+                                ports=Ports(router, InProcessPlugins(host.handles),
+                                            subject_refs=refs.ref))
     try:
         dispatcher.deliver(agent, Event.with_json('speech.final', PIN, privacy=Privacy.PRIVATE,
                                                   metadata={'loom.subject': 'alice'}))
@@ -340,13 +347,10 @@ def test_a_thread_left_running_from_one_event_is_not_given_the_next_events_priva
     their two subjects (no consent accepts it). The handler's own emit is still bob's."""
     storage = Storage(StorageConfig(str(tmp_path), unit='host'))
     emitted = []
-    agent = Agent(AgentConfig(id='cross', behavior='counter', subscriptions=['t']), storage,
-                  lambda _id, kind, type, data, privacy, subject='':
-                  emitted.append((type, privacy, subject)))
-    agent.configure()
-    behavior = agent.behavior = CrossEmitter()
-    agent.activate()
-    dispatcher = Dispatcher(1)
+    behavior = CrossEmitter()
+    agent, dispatcher = started('cross', storage, behavior,
+                                lambda _id, kind, type, data, privacy, subject='':
+                                emitted.append((type, privacy, subject)))
     try:
         dispatcher.deliver(agent, Event.with_json('speech.final', PIN, privacy=Privacy.PRIVATE,
                                                   metadata={'loom.subject': 'alice'}))
