@@ -75,8 +75,10 @@ def rss_kb(pid: int | str = 'self') -> int:
 class LoomSide:
     def __init__(self, node, level: str, topic: str):
         from loom_ros.bus.bus import EventBus
+        from loom_ros.bus.names import to_ros_topic
         self.bus = EventBus(node, batch_max_events=100, batch_max_age_ms=10.0)
         self.level, self.topic = level, topic
+        self.ros_topic = to_ros_topic(topic)
 
     def publisher(self):
         from loom_ros.bus.event import Event
@@ -102,7 +104,7 @@ class RawSide:
         from loom_ros.bus.qos import to_qos_profile
         self.node = node
         self.qos = to_qos_profile(level)
-        self.topic = to_ros_topic(topic) + '_raw'
+        self.topic = self.ros_topic = to_ros_topic(topic) + '_raw'
 
     def publisher(self):
         from loom_msgs.msg import Event as EventMsg
@@ -158,6 +160,12 @@ def run_subscriber(args) -> None:
     side.subscribe(on_stamp)
     executor = make_executor()
     executor.add_node(node)
+    # The publisher exists before this process starts: say ready once this side has discovered
+    # it too. Best effort sent before the reader's side of the match is lost, and a fixed wait
+    # for it was too short in a loaded full test run (a row received nothing).
+    deadline = time.monotonic() + 60.0
+    while node.count_publishers(side.ros_topic) < 1 and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.01)
     print('ready', flush=True)
     cpu_start = time.process_time()
     idle_limit = args.idle
@@ -214,7 +222,7 @@ class Bench:
             if time.monotonic() > end:
                 raise RuntimeError(f'only {pub.get_subscription_count()} of {n} subscribers matched')
             self.executor.spin_once(timeout_sec=0.01)
-        self.spin_for(0.3)  # let the readers' side of the match settle too
+        self.spin_for(0.1)  # each subscriber said ready once it had discovered the publisher
 
     def drive(self, send, side, count: int, rate: float) -> float:
         """Publish `count` events at `rate` per second, or flat out (rate 0, giving this thread's

@@ -6,7 +6,8 @@ with `ros2msg` schemas: the type's .msg definition followed by every nested type
 way rosbag2 writes them, found through the ament index. Topics are subscribed once they have a
 publisher in the graph (reliable when every publisher then is, as rosbag2 does, else best
 effort, which matches every publisher; a best-effort publisher appearing later on a topic
-recorded reliably is not matched), until SIGINT / SIGTERM or `--duration`. A JSON line
+recorded reliably is not matched), until SIGINT / SIGTERM or `--duration`; then what has already
+reached its readers is written before the file is closed (`drain`, at most 2 s). A JSON line
 `{"first_message": topic}` says when each topic's first message is written; the summary
 (messages per topic) is one JSON line at the end.
 
@@ -379,6 +380,29 @@ def _record_node(recorder: McapRecorder, topics: list[str],
     return RecorderNode()
 
 
+DRAIN_TURN_S = 0.05    # on stop: one turn of the executor while messages keep coming
+DRAIN_LIMIT_S = 2.0    # ... and never longer than this in all
+
+
+def drain(executor, written: Callable[[], int], turn_s: float = DRAIN_TURN_S,
+          limit_s: float = DRAIN_LIMIT_S, clock: Callable[[], float] = time.monotonic) -> int:
+    """After a stop, write what had already reached the recorder before the file is closed: a
+    loaded recorder was told to stop with messages delivered to its readers but not yet taken,
+    and they were missing from the file (decisions, which are reliable). Turns until one turn
+    writes nothing, within `limit_s`; returns how many it wrote."""
+    start = before = written()
+    deadline = clock() + limit_s
+    while clock() < deadline:
+        end = min(deadline, clock() + turn_s)
+        while clock() < end:   # a whole turn: a timer's callback does not end it
+            executor.spin_once(timeout_sec=max(0.0, end - clock()))
+        now = written()
+        if now == before:
+            break
+        before = now
+    return before - start
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser('record', help='record ROS topics to an MCAP file (rosbag2/Foxglove)')
     _arguments(p)
@@ -447,6 +471,7 @@ def run(args, ros_args: list[str]) -> int:
     print(json.dumps({'recording': args.output}), flush=True)
     try:
         spin_until(executor, stop, poll_s=0.2)
+        drain(executor, lambda: sum(recorder.counts.values()))
     finally:
         recorder.close()
         print(json.dumps({'file': args.output, 'messages': recorder.counts,
