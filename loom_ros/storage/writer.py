@@ -61,8 +61,8 @@ class _Batch:
                     except Exception:   # noqa: BLE001 - a caller's bug must not stop it
                         pass
         finally:   # whatever escapes, flush() must not wait its whole timeout on this batch
-            with self.lock:
-                self.settled.set()
+            with self.lock:   # (on the normal path it is already set, under the lock that
+                self.settled.set()   # add_done_callback checks: no callback is left behind)
 
 
 class Ticket:
@@ -101,8 +101,8 @@ class Ticket:
     def add_done_callback(self, callback: Callable[['Ticket'], None]) -> None:
         """Call `callback(ticket)` once the write is committed or failed: at once (here) when
         its batch has settled, else on the writer thread after the callbacks added before
-        (keep it short; what it raises is dropped). A caller that must not wait for the commit (the agents' dispatcher)
-        acknowledges from here."""
+        (keep it short; what it raises is dropped). A caller that must not wait for the
+        commit (the agents' dispatcher) acknowledges from here."""
         batch = self._batch
         with batch.lock:
             if not batch.settled.is_set():
