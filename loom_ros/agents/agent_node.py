@@ -11,7 +11,9 @@ cleanup / shutdown commit and release.
 Events go: bus subscription -> mailbox (priority, then arrival; bounded) -> dispatcher worker ->
 behavior.handle -> state and episodes submitted to the group-commit writer per event (or per
 interval) -> actions and intents on agent.<id>.action / agent.<id>.intent; an event counts as
-handled (heartbeat `events`, `handled`) once its commit is done.
+handled (heartbeat `events`, `handled`) once its commit is done. With `workers: 0` there is no
+worker: the thread that delivers the event (the executor's, or an in-process publisher's) runs
+the handler at once; for behaviors that never wait (a port call from there fails at once).
 Behaviors reach the router, the plugins and the cloud through the ports this node injects into
 their AgentContext (made on configure, released on cleanup): in-process objects when the router
 or a plugin runs in this process, else clients of `router/route` and the plugin host's services
@@ -75,8 +77,9 @@ PARAMETERS = [
               'it acts as a full disk', read_only=True, min_value=0.0),
     ParamSpec('agents', "Host several agents: comma-separated ids, '*' for all in the file, "
               "'' for just agent_id", read_only=True),
-    ParamSpec('workers', 'Dispatcher worker threads shared by the hosted agents',
-              read_only=True, min_value=1),
+    ParamSpec('workers', 'Dispatcher worker threads shared by the hosted agents; 0: handlers '
+              'run on the thread that delivers the event (behaviors that never wait)',
+              read_only=True, min_value=0),
     ParamSpec('heartbeat_period_s', 'Seconds between AgentStatus heartbeats', read_only=True,
               min_value=0.01),
     ParamSpec('audit_db', "SQLite audit log of applied declassify rules ('' = "
@@ -202,7 +205,8 @@ class AgentNode(LifecycleNode):
         self.dispatcher = Dispatcher(int(self.params['workers']), name=self.get_name())
         self.ports = NodePorts(self, self._router, self._plugin_lookup(configs, wanted),
                                consent=self._open_consent(),
-                               follow_router=self._consent is not None)
+                               follow_router=self._consent is not None,
+                               no_wait_here=self.dispatcher.running_inline)
         from loom_msgs.srv import Recall
         behaviors = behavior_entry_points()   # one scan for every agent hosted here
         refs = self._subject_refs()

@@ -459,7 +459,10 @@ class Dispatcher:
     ready queue is empty, COMMIT_EVERY handlers ran or the oldest waited COMMIT_AFTER_S (an agent
     that always has mail keeps the queue from emptying): a broadcast to 100 agents starts the
     100th handler after 99 handlers, not after 99 handlers and 99 commits. An event still counts
-    as handled only once its commit is done."""
+    as handled only once its commit is done.
+
+    With no workers (`workers: 0`) the thread that delivers the mail runs the handlers at once
+    (_run_inline): for hosts of many cheap agents that never wait."""
 
     # Handlers run before the commits of what they handled go: above a broadcast's fan-out (at
     # 64, a burst to 100 agents ran 64 handlers, 64 commits, then the last 36: their dispatch
@@ -467,9 +470,12 @@ class Dispatcher:
     COMMIT_EVERY = 256
     COMMIT_AFTER_S = 0.005      # ... or once the oldest of them waited this long
 
-    def __init__(self, workers: int = 1, name: str = 'agents'):
-        if workers < 1:
-            raise ValueError('a dispatcher needs at least one worker')
+    def __init__(self, workers: int = 1, name: str = 'agents',
+                 clock: Callable[[], float] = time.monotonic):
+        """`clock`: seconds, for COMMIT_AFTER_S (tests drive it)."""
+        self._clock = clock
+        if workers < 0:
+            raise ValueError('workers must be 0 (handlers run on the delivering thread) or more')
         self._ready: deque[Agent] = deque()
         self._cond = threading.Condition(threading.Lock())   # nothing re-enters it
         self._closed = False
@@ -478,6 +484,19 @@ class Dispatcher:
                          for i in range(workers)]
         for thread in self._threads:
             thread.start()
+        # workers == 0: the agents with mail of the inline run in progress on each thread
+        self._inline = threading.local()
+
+    @property
+    def inline(self) -> bool:
+        """Whether handlers run on the thread that delivers the event (workers: 0)."""
+        return not self._threads
+
+    def running_inline(self) -> bool:
+        """Whether this thread is running handlers inline right now: it is the thread that
+        delivers events (an executor's), so nothing on it may wait for an answer it would
+        deliver itself (the ports refuse such a wait at once)."""
+        return getattr(self._inline, 'queue', None) is not None
 
     def schedule(self, agent: Agent) -> None:
         """Called after mail arrives: the agent joins the ready queue (_enqueue)."""
@@ -485,7 +504,12 @@ class Dispatcher:
 
     def _enqueue(self, agents) -> None:
         """Agents with mail join the ready queue unless already there or with a worker (its
-        worker re-queues it when it sees more mail); as many workers are woken as were queued."""
+        worker re-queues it when it sees more mail); as many workers are woken as were queued.
+        With no workers the handlers run now, on this thread (_run_inline)."""
+        if not self._threads:
+            if not self._closed:
+                self._run_inline(agents)
+            return
         with self._cond:
             if self._closed:
                 return
@@ -518,13 +542,50 @@ class Dispatcher:
         if taken:
             self._enqueue(taken)
 
+    def _run_inline(self, agents) -> None:
+        """workers: 0. The agents' mail is handled here and now, then the commits are
+        submitted: no hand-over to a worker thread, no wait for one to take the GIL
+        (bench/results/agents.md). What a handler delivers to agents of this dispatcher (an
+        emit they follow) joins this run's queue instead of nesting, so stacks stay flat and
+        each agent's events keep their order. For behaviors that do not wait: this thread is
+        the one that delivers events and answers, so a port call from here fails at once."""
+        queue = getattr(self._inline, 'queue', None)
+        if queue is not None:
+            queue.extend(agents)
+            return
+        self._inline.queue = queue = deque(agents)
+        # As a worker does: the run's handlers first, their commits after (a broadcast's last
+        # handler does not wait for the others' commits), at the latest every COMMIT_EVERY.
+        dirty: dict[int, Agent] = {}
+        handled = 0
+        try:
+            while queue and not self._closed:
+                agent = queue.popleft()
+                dirty[id(agent)] = agent
+                try:
+                    while True:
+                        handled += 1
+                        if not agent.handle_one(defer_commit=True) or self._closed:
+                            break
+                        if handled >= self.COMMIT_EVERY:
+                            self._commit_all(dirty)
+                            dirty[id(agent)], handled = agent, 0
+                except Exception as exc:  # noqa: BLE001 - as a worker: counted, go on
+                    self._escaped(agent, exc)
+                if handled >= self.COMMIT_EVERY:
+                    self._commit_all(dirty)
+                    handled = 0
+        finally:
+            self._inline.queue = None
+            self._commit_all(dirty)
+
     def _work(self) -> None:
         dirty: dict[int, Agent] = {}   # handled, commit not submitted yet (in handling order)
         handled, since = 0, 0.0        # handlers run since the last commits; the first's time
         while True:
             with self._cond:
                 if dirty and (not self._ready or handled >= self.COMMIT_EVERY or self._closed
-                              or time.monotonic() - since >= self.COMMIT_AFTER_S):
+                              or self._clock() - since >= self.COMMIT_AFTER_S):
                     agent = None
                 else:
                     while not self._ready and not self._closed:
@@ -538,7 +599,7 @@ class Dispatcher:
                 continue
             more = False
             if not handled:
-                since = time.monotonic()
+                since = self._clock()
             handled += 1
             dirty[id(agent)] = agent
             try:

@@ -168,10 +168,12 @@ def end_process(executor, node, who: str, code: int, close_s: float = EXECUTOR_C
     destroying would wait on it: the process says so on stderr and exits at once with `code`,
     as it does when destroying or rclpy's shutdown hangs."""
     import rclpy
-    closed = executor is None or bounded(executor.shutdown, close_s, 'executor-shutdown')
-    if not closed:
-        print(f'{who}: the executor did not shut down within {close_s:g} s; finishing without '
-              'it, then exiting', file=sys.stderr, flush=True)
+    why = '' if executor is None else within(executor.shutdown, close_s, 'executor-shutdown')
+    closed = not why.startswith('still running')
+    if why:
+        print(f'{who}: the executor did not shut down ({why}); '
+              + ('finishing without it, then exiting' if not closed else 'going on'),
+              file=sys.stderr, flush=True)
     if finalize is not None:
         finalize()
     if closed:
@@ -179,22 +181,34 @@ def end_process(executor, node, who: str, code: int, close_s: float = EXECUTOR_C
             if node is not None:
                 node.destroy_node()
             rclpy.try_shutdown()
-        if bounded(tear_down, close_s, 'node-teardown'):
+        why = within(tear_down, close_s, 'node-teardown')
+        if not why:
             return
-        print(f'{who}: destroying the node and shutting rclpy down took over {close_s:g} s; '
+        print(f'{who}: destroying the node and shutting rclpy down did not finish ({why}); '
               'exiting without it', file=sys.stderr, flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
-def bounded(call, limit_s: float, name: str) -> bool:
-    """Run `call` on a daemon thread; True when it returned (or raised) within `limit_s`. What
-    may hang in rclpy's teardown (an executor's shutdown, destroying a node) is run this way."""
-    worker = threading.Thread(target=call, name=name, daemon=True)
+def within(call, limit_s: float, name: str) -> str:
+    """Run `call` on a daemon thread, at most `limit_s`: '' when it returned, else why not (it
+    raised: what; or it was still running). What may hang in rclpy's teardown (an executor's
+    shutdown, destroying a node) is run this way; a call that raised did not do its work, so it
+    is not counted as done (a stop that raised had looked clean)."""
+    raised: list[BaseException] = []
+
+    def run():
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, whatever it is
+            raised.append(exc)
+    worker = threading.Thread(target=run, name=name, daemon=True)
     worker.start()
     worker.join(limit_s)
-    return not worker.is_alive()
+    if worker.is_alive():
+        return f'still running after {limit_s:g} s'
+    return f'raised {raised[0]!r}'[:500] if raised else ''
 
 
 def finalize_node(node) -> None:

@@ -462,16 +462,17 @@ class Readiness:
     def close(self) -> None:
         """Stop the spin thread and the executor, bounded: an executor whose shutdown hangs
         (rclpy's EventsExecutor did, now and then) is left to the process's exit."""
-        from loom_ros.bus.executor import bounded
+        from loom_ros.bus.executor import within
         self._stop.set_result(True)
         self._thread.join(WATCHER_CLOSE_S)
 
         def shut():
             self._executor.shutdown()
             self.node.destroy_node()
-        if not bounded(shut, WATCHER_CLOSE_S, 'close-loom_bringup'):
-            print('loom bringup: the readiness watcher did not shut down within '
-                  f'{WATCHER_CLOSE_S:g} s; leaving it to the exit', file=sys.stderr, flush=True)
+        why = within(shut, WATCHER_CLOSE_S, 'close-loom_bringup')
+        if why:
+            print(f'loom bringup: the readiness watcher did not shut down ({why}); leaving it '
+                  'to the exit', file=sys.stderr, flush=True)
 
 
 # -- one process for every node (composition) ------------------------------------------------
@@ -576,12 +577,13 @@ class RobotProcess:
     def stop(self) -> dict[str, str]:
         """Every node stopped within COMPOSITION_STOP_S (agents deactivated and committed,
         lifecycle nodes shut down); {} when they did, else what is left to the exit."""
-        from loom_ros.bus.executor import bounded
+        from loom_ros.bus.executor import within
         deadline = time.monotonic() + COMPOSITION_STOP_S
         problems: dict[str, str] = {}
-        if not bounded(lambda: self._stop_all(deadline, problems), COMPOSITION_STOP_S,
-                       'loom_bringup-stop'):
-            problems['nodes'] = f'not stopped within {COMPOSITION_STOP_S:g} s (left to the exit)'
+        why = within(lambda: self._stop_all(deadline, problems), COMPOSITION_STOP_S,
+                     'loom_bringup-stop')
+        if why:
+            problems['nodes'] = f'not stopped: {why} (left to the exit)'
         return problems
 
     def _stop_all(self, deadline: float, problems: dict[str, str]) -> None:
@@ -629,7 +631,7 @@ def main_with(args, ros_args: list[str]) -> int:
     import rclpy
     from rclpy.signals import SignalHandlerOptions
 
-    from loom_ros.bus.executor import bounded
+    from loom_ros.bus.executor import within
     params_file = args.config or str(config_dir() / DEFAULTS_FILE)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -739,9 +741,10 @@ def main_with(args, ros_args: list[str]) -> int:
                 tracing.flush()
             for proc in side.values():   # SIGINT now, before rclpy's shutdown
                 proc.interrupt()
-            if not bounded(rclpy.try_shutdown, RCLPY_SHUTDOWN_S, 'loom_bringup-shutdown'):
-                print(f'loom bringup: rclpy did not shut down within {RCLPY_SHUTDOWN_S:g} s; '
-                      'leaving it to the exit', file=sys.stderr, flush=True)
+            why = within(rclpy.try_shutdown, RCLPY_SHUTDOWN_S, 'loom_bringup-shutdown')
+            if why:
+                print(f'loom bringup: rclpy did not shut down ({why}); leaving it to the exit',
+                      file=sys.stderr, flush=True)
             stop_together(side.values(), SIDE_STOP_S)
     return code
 

@@ -111,12 +111,18 @@ def _lines(proc: Process) -> queue.Queue:
 
 def _stop(procs: dict[str, Process]) -> dict[str, int | None]:
     """SIGINT to all at once, then each gets up to a minute before SIGKILL; bring-up as long as
-    it may take to stop its nodes (STOP_BOUND_S), so none is killed before it committed."""
+    it may take to stop its nodes (STOP_BOUND_S), so none is killed before it committed. The
+    minutes run from the SIGINT, together (as stop_together's deadline): the whole stop takes
+    at most the longest of them, not their sum."""
     for proc in procs.values():
         if proc.running:
             proc.send_signal(signal.SIGINT)
-    return {name: proc.stop(timeout_s=max(60.0, STOP_BOUND_S) if name == 'bringup' else 60.0)
-            for name, proc in procs.items()}
+    sent = time.monotonic()
+
+    def left(name: str) -> float:
+        limit = max(60.0, STOP_BOUND_S) if name == 'bringup' else 60.0
+        return max(0.0, sent + limit - time.monotonic())
+    return {name: proc.stop(timeout_s=left(name)) for name, proc in procs.items()}
 
 
 def _pct(values: list[float], q: float) -> float | None:

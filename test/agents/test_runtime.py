@@ -44,7 +44,7 @@ def make_agents(storage, n, **config):
     return agents, emitted
 
 
-@pytest.mark.parametrize('workers', [1, 3])
+@pytest.mark.parametrize('workers', [0, 1, 3])
 def test_dispatcher_keeps_each_agents_order_and_handles_every_event_once(storage, workers):
     agents, emitted = make_agents(storage, 8)
     dispatcher = Dispatcher(workers)
@@ -122,7 +122,7 @@ def test_supervisor_verdicts():
     assert 'gave up after 1 restarts' in sup.verdict('a', 20.0).reason
 
 
-@pytest.mark.parametrize('workers', [1, 3])
+@pytest.mark.parametrize('workers', [0, 1, 3])
 def test_deliver_all_puts_one_event_in_every_mailbox_and_keeps_each_agents_order(storage,
                                                                                  workers):
     """A topic several hosted agents follow (one shared bus subscription): each agent gets every
@@ -249,11 +249,10 @@ def test_a_burst_runs_every_handler_before_its_commits(storage):
     for agent in agents:
         agent.configure()
         agent.activate()
-    dispatcher = Dispatcher(1)
-    # Not the age bound under test: a0's handler waits on the gate while 19 events are
-    # delivered, and on a loaded machine that took longer than COMMIT_AFTER_S (5 ms), so a0's
-    # commit went first (a full parallel run failed so). Order within the burst is what is checked.
-    dispatcher.COMMIT_AFTER_S = 3600.0
+    # The clock stands still: not the age bound under test (a0's handler waits on the gate
+    # while 19 events are delivered, and on a loaded machine that took longer than
+    # COMMIT_AFTER_S, so a0's commit went first: a full parallel run failed so).
+    dispatcher = Dispatcher(1, clock=lambda: 0.0)
     try:
         for agent in agents:
             dispatcher.deliver(agent, Event(type='tick', id=agent.id))
@@ -265,6 +264,41 @@ def test_a_burst_runs_every_handler_before_its_commits(storage):
     assert not any(a.commit_pending for a in agents)
     for agent in agents:
         assert storage.agent_state.load(agent.id)[1] == 1
+        agent.cleanup()
+
+
+def test_a_burst_older_than_commit_after_s_commits_before_its_next_handler(storage):
+    """The age bound, on an injected clock: 20 agents' events queued while the first handler
+    waits; the 6th handler moves the clock past COMMIT_AFTER_S, so the six handled go to the
+    writer before the 7th handler starts, and the rest of the burst runs before its commits."""
+    gate, seen, agents, now = threading.Event(), [], [], [0.0]
+
+    class Probe:
+        def setup(self, settings):
+            pass
+
+        def handle(self, event, ctx):
+            if event.id == 'a0':
+                assert gate.wait(60)
+            seen.append(sum(a.commit_pending for a in agents))
+            if event.id == 'a5':
+                now[0] += 2 * Dispatcher.COMMIT_AFTER_S
+    installed = {'probe': type('EntryPoint', (), {'load': staticmethod(lambda: Probe)})()}
+    agents.extend(Agent(AgentConfig(id=f'a{i}', behavior='probe', subscriptions=['t']), storage,
+                        lambda *a: None, behaviors=installed) for i in range(20))
+    for agent in agents:
+        agent.configure()
+        agent.activate()
+    dispatcher = Dispatcher(1, clock=lambda: now[0])
+    try:
+        for agent in agents:
+            dispatcher.deliver(agent, Event(type='tick', id=agent.id))
+        gate.set()
+        wait_until(lambda: all(a.stats['handled'] == 1 for a in agents), 'the burst handled')
+    finally:
+        dispatcher.close()
+    assert seen == list(range(6)) + list(range(14))
+    for agent in agents:
         agent.cleanup()
 
 

@@ -1,6 +1,6 @@
 """`loom bringup --composition` stops its nodes within COMPOSITION_STOP_S, and a step that fails
-is reported (bring-up exits 1), not swallowed: found in review, `bounded()` counts a call that
-raised as done, so an agent whose deactivate raised (its commits not acknowledged in time) made
+is reported (bring-up exits 1), not swallowed: found in review, `bounded()` counted a call that
+raised as done (`within()` now says it raised), so an agent whose deactivate raised (its commits not acknowledged in time) made
 the stop look clean while the nodes after it were never finalized. A real rclpy node and executor;
 the agent that cannot stop is a stand-in raising what AgentStore.wait raises."""
 from __future__ import annotations
@@ -39,3 +39,21 @@ def test_a_failed_step_is_reported_and_the_other_nodes_still_stop(ros):
                                        'acknowledged within 30.0 s'}
     assert exited.is_set()            # the node after the stuck agent was still finalized
     assert robot._stops[0].done()
+
+
+def test_within_says_whether_the_call_returned_raised_or_still_runs():
+    """The bound used for every teardown step: '' only for a call that returned; one that raised
+    did not do its work and says what it raised; one still running says so (and is left to the
+    exit on its daemon thread)."""
+    from loom_ros.bus.executor import within
+    done = []
+    assert within(lambda: done.append(1), 10.0, 'returns') == '' and done == [1]
+
+    def fails():
+        raise TimeoutError('commits not acknowledged')
+    assert within(fails, 10.0, 'raises') == "raised TimeoutError('commits not acknowledged')"
+    never = threading.Event()
+    try:
+        assert within(never.wait, 0.05, 'hangs') == 'still running after 0.05 s'
+    finally:
+        never.set()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 
 from rclpy.exceptions import NameValidationException
 
@@ -52,8 +53,16 @@ FlowError = PortError   # the name the flows used before the ports (kept for imp
 class Gate:
     """Open while the node may wait for answers; closing wakes every waiter at once."""
 
-    def __init__(self):
+    # What a call made where it must not wait gets, at once (see Dispatcher.running_inline).
+    INLINE = ('a behavior hosted with workers: 0 runs on the thread that delivers its events '
+              'and their answers, so it cannot wait for a service answer; host it with workers '
+              '>= 1')
+
+    def __init__(self, no_wait_here: Callable[[], bool] | None = None):
+        """`no_wait_here()`: True on a thread that must not wait for an answer (it is the one
+        that would deliver it): such a call fails at once instead of after its timeout."""
         self._lock = threading.Lock()
+        self._no_wait_here = no_wait_here
         self._open = False
         self._waiters: set[threading.Event] = set()
         self.waiting = 0   # calls waiting for an answer right now
@@ -76,6 +85,8 @@ class Gate:
     def call(self, client, request, timeout_s: float, why_closed: str):
         """(response, '') or (None, why): waits for the service (at most `timeout_s`), then for
         the answer (at most `timeout_s` again), and gives up as soon as the gate closes."""
+        if self._no_wait_here is not None and self._no_wait_here():
+            return None, self.INLINE
         done = threading.Event()
         with self._lock:
             if not self._open:
@@ -394,14 +405,15 @@ class NodePorts:
 
     def __init__(self, node, router=None, local_plugins=None, host: str = 'plugin_host',
                  timeout_s: float = CALL_TIMEOUT_S, policy: PolicyFile | None = None,
-                 consent=None, follow_router: bool = False, log=None):
+                 consent=None, follow_router: bool = False, log=None,
+                 no_wait_here: Callable[[], bool] | None = None):
         """`router`: an in-process RouterPort (e.g. the router node's, when it lives in this
         process); else, given the router's `policy` (and `consent` lookup), a HostedRouter;
         else, with `follow_router`, a HostedRouter that follows the router node's policy
         (RouterPolicyFollower) and uses the `router/route` service until it knows it; else the
         `router/route` service. `local_plugins`: {name: handle} lookup of in-process plugins
-        (default: plugins.registry.local_plugins)."""
-        self.gate = Gate()
+        (default: plugins.registry.local_plugins). `no_wait_here`: see Gate."""
+        self.gate = Gate(no_wait_here)
         self._own_router = None
         self.follower = None
         if router is None:
