@@ -101,6 +101,30 @@ class RosHarness:
             if time.monotonic() >= deadline:
                 pytest.fail(f'timed out after {limit:.0f} s waiting for {what} to answer')
 
+    def transition(self, change, get_state, transition: int, goal: str, what: str,
+                   resend_s: float = 5.0, limit: float = WAIT_LIMIT_S, alive=()) -> bool:
+        """A lifecycle transition that survives the same race (a transition is not safe to
+        send twice): when no answer comes within `resend_s`, get_state (safe to repeat) says
+        whether it happened; at `goal` it did (True), else it is sent again. False only when
+        the node answered that it refused."""
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState, GetState
+        self.wait_for(change.service_is_ready, f'the {what} service', limit=limit, alive=alive)
+        deadline = time.monotonic() + limit
+        while True:
+            future = change.call_async(ChangeState.Request(transition=Transition(id=transition)))
+            resend = min(deadline, time.monotonic() + resend_s)
+            self.wait_for(lambda: future.done() or time.monotonic() >= resend, what,
+                          limit=limit, alive=alive)
+            if future.done():
+                return future.result().success
+            change.remove_pending_request(future)
+            state = self.call(get_state, GetState.Request(), f'{what}: get_state', alive=alive)
+            if state.current_state.label == goal:
+                return True
+            if time.monotonic() >= deadline:
+                pytest.fail(f'timed out after {limit:.0f} s waiting for {what} to answer')
+
 
 # Files that bring up a whole system (bring-up, the demo, the manager with its nodes) or run a
 # benchmark: under `make test` (pytest-xdist, --dist loadgroup) they run one after another on one

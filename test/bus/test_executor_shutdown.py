@@ -76,14 +76,14 @@ def _run_until_ready_then_interrupt(tmp_path, mode):
 def test_a_hanging_executor_shutdown_is_bounded_and_the_node_is_still_finalized(tmp_path):
     code, err, mark = _run_until_ready_then_interrupt(tmp_path, 'hang')
     assert code == 0, err
-    assert 'the executor did not shut down within 1 s' in err
+    assert 'the executor did not shut down (still running after 1 s)' in err
     assert mark.read_text() == 'finalized'
 
 
 def test_a_hanging_teardown_is_bounded_after_the_node_was_finalized(tmp_path):
     code, err, mark = _run_until_ready_then_interrupt(tmp_path, 'hang_destroy')
     assert code == 0, err
-    assert 'destroying the node and shutting rclpy down took over 1 s' in err
+    assert 'destroying the node and shutting rclpy down did not finish (still running after 1 s)' in err
     assert mark.read_text() == 'finalized'
 
 

@@ -105,7 +105,9 @@ def test_lifecycle_and_policy_reload_through_parameters(ros, router, tmp_path):
     proc = router('/r2')
     get_state = ros.node.create_client(GetState, '/r2/router/get_state')
     change = ros.node.create_client(ChangeState, '/r2/router/change_state')
-    state = call(ros, get_state, GetState.Request())
+    # get_state, set_parameters and the transition survive DDS's reply-matching race (resent,
+    # or checked through get_state); a route decision is not safe to send twice.
+    state = ros.call(get_state, GetState.Request(), 'get_state', alive=[proc])
     assert state.current_state.label == 'active'
 
     bad = tmp_path / 'bad.yaml'
@@ -113,21 +115,22 @@ def test_lifecycle_and_policy_reload_through_parameters(ros, router, tmp_path):
     good = tmp_path / 'good.yaml'
     good.write_text('default:\n  threshold: 0.6\n')
     params = ros.node.create_client(SetParameters, '/r2/router/set_parameters')
-    result = call(ros, params, SetParameters.Request(
-        parameters=[Parameter('policy_file', value=str(bad)).to_parameter_msg()]))
+    result = ros.call(params, SetParameters.Request(
+        parameters=[Parameter('policy_file', value=str(bad)).to_parameter_msg()]),
+        'set_parameters', alive=[proc])
     assert not result.results[0].successful
     assert 'default.threshold: Input should be less than or equal to 1' in result.results[0].reason
-    result = call(ros, params, SetParameters.Request(
-        parameters=[Parameter('policy_file', value=str(good)).to_parameter_msg()]))
+    result = ros.call(params, SetParameters.Request(
+        parameters=[Parameter('policy_file', value=str(good)).to_parameter_msg()]),
+        'set_parameters', alive=[proc])
     assert result.results[0].successful
     client = ros.node.create_client(Route, '/r2/router/route')
     decision = call(ros, client, route_request(event_type='other', has_local_confidence=True,
                                                local_confidence=0.65))
     assert (decision.route, decision.rule) == ('local', 'threshold')  # 0.65 >= the new 0.6
 
-    done = call(ros, change, ChangeState.Request(
-        transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
-    assert done.success
+    assert ros.transition(change, get_state, Transition.TRANSITION_DEACTIVATE, 'inactive',
+                          'deactivate', alive=[proc])
     refused = call(ros, client, route_request(has_local_confidence=True, local_confidence=0.9))
     assert not refused.ok and 'not active' in refused.error
     stop(proc)
