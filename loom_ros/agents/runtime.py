@@ -44,6 +44,9 @@ Ack = Callable[[str, int, str], None]   # (agent id, events committed, last even
 
 # json.dumps with these separators builds an encoder on every call; this one is built once.
 _compact_json = json.JSONEncoder(separators=(',', ':')).encode
+# The inline run (Dispatcher._run_inline) in progress on each thread, shared by every
+# workers: 0 dispatcher of the process: (dispatcher, agent) pairs with mail.
+_INLINE = threading.local()
 
 
 class AgentState(str, Enum):
@@ -484,19 +487,18 @@ class Dispatcher:
                          for i in range(workers)]
         for thread in self._threads:
             thread.start()
-        # workers == 0: the agents with mail of the inline run in progress on each thread
-        self._inline = threading.local()
 
     @property
     def inline(self) -> bool:
-        """Whether handlers run on the thread that delivers the event (workers: 0)."""
+        """Whether handlers run on the thread that delivers the event (workers: 0). The ports
+        of such a host refuse every call that would wait for a service answer (the thread
+        that would take the answer may be the one running the handler)."""
         return not self._threads
 
-    def running_inline(self) -> bool:
-        """Whether this thread is running handlers inline right now: it is the thread that
-        delivers events (an executor's), so nothing on it may wait for an answer it would
-        deliver itself (the ports refuse such a wait at once)."""
-        return getattr(self._inline, 'queue', None) is not None
+    @staticmethod
+    def running_inline() -> bool:
+        """Whether this thread is running handlers inline right now (any dispatcher's)."""
+        return getattr(_INLINE, 'queue', None) is not None
 
     def schedule(self, agent: Agent) -> None:
         """Called after mail arrives: the agent joins the ready queue (_enqueue)."""
@@ -545,38 +547,47 @@ class Dispatcher:
     def _run_inline(self, agents) -> None:
         """workers: 0. The agents' mail is handled here and now, then the commits are
         submitted: no hand-over to a worker thread, no wait for one to take the GIL
-        (bench/results/agents.md). What a handler delivers to agents of this dispatcher (an
-        emit they follow) joins this run's queue instead of nesting, so stacks stay flat and
-        each agent's events keep their order. For behaviors that do not wait: this thread is
-        the one that delivers events and answers, so a port call from here fails at once."""
-        queue = getattr(self._inline, 'queue', None)
+        (bench/results/agents.md). What a handler delivers to inline agents, of this host or
+        another in the process (an emit they follow), joins this thread's one run instead of
+        nesting: stacks stay flat, each agent's events keep their order, and no thread waits
+        for an agent's lock while holding another's (two hosts whose agents emit to each other
+        on two threads would each wait for the other's for good). For behaviors that do not
+        wait (see `inline`)."""
+        queue = getattr(_INLINE, 'queue', None)
         if queue is not None:
-            queue.extend(agents)
+            queue.extend((self, agent) for agent in agents)
             return
-        self._inline.queue = queue = deque(agents)
+        _INLINE.queue = queue = deque((self, agent) for agent in agents)
         # As a worker does: the run's handlers first, their commits after (a broadcast's last
         # handler does not wait for the others' commits), at the latest every COMMIT_EVERY.
         dirty: dict[int, Agent] = {}
         handled = 0
         try:
-            while queue and not self._closed:
-                agent = queue.popleft()
+            while queue:
+                dispatcher, agent = queue.popleft()
+                if dispatcher._closed:
+                    continue   # its agents' deactivate handles what their mailboxes hold
                 dirty[id(agent)] = agent
                 try:
                     while True:
                         handled += 1
-                        if not agent.handle_one(defer_commit=True) or self._closed:
+                        if not agent.handle_one(defer_commit=True) or dispatcher._closed:
                             break
                         if handled >= self.COMMIT_EVERY:
                             self._commit_all(dirty)
                             dirty[id(agent)], handled = agent, 0
                 except Exception as exc:  # noqa: BLE001 - as a worker: counted, go on
-                    self._escaped(agent, exc)
+                    dispatcher._escaped(agent, exc)
+                    # handle_one took the event it failed on: what is left in the mailbox
+                    # would wait for the agent's next delivery, which may never come.
+                    if agent.mailbox is not None and len(agent.mailbox) and \
+                            agent.persist_failed is None:
+                        queue.append((dispatcher, agent))
                 if handled >= self.COMMIT_EVERY:
                     self._commit_all(dirty)
                     handled = 0
         finally:
-            self._inline.queue = None
+            _INLINE.queue = None
             self._commit_all(dirty)
 
     def _work(self) -> None:

@@ -53,14 +53,15 @@ FlowError = PortError   # the name the flows used before the ports (kept for imp
 class Gate:
     """Open while the node may wait for answers; closing wakes every waiter at once."""
 
-    # What a call made where it must not wait gets, at once (see Dispatcher.running_inline).
+    # What a call gets at once where no call may wait (see Dispatcher.inline).
     INLINE = ('a behavior hosted with workers: 0 runs on the thread that delivers its events '
               'and their answers, so it cannot wait for a service answer; host it with workers '
               '>= 1')
 
     def __init__(self, no_wait_here: Callable[[], bool] | None = None):
-        """`no_wait_here()`: True on a thread that must not wait for an answer (it is the one
-        that would deliver it): such a call fails at once instead of after its timeout."""
+        """`no_wait_here()`: True where no call may wait for an answer (a host whose handlers
+        run on the thread that would take it, from whatever thread the behavior calls): such a
+        call fails at once instead of blocking that thread until its timeout."""
         self._lock = threading.Lock()
         self._no_wait_here = no_wait_here
         self._open = False
