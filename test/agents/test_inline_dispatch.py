@@ -92,37 +92,6 @@ def test_an_inline_broadcast_runs_every_handler_before_the_commits_then_submits_
         agent.cleanup()
 
 
-def test_an_agent_with_a_backlog_inline_is_committed_as_it_goes(storage):
-    """One agent with more mail than COMMIT_EVERY when it is scheduled: its commits go every
-    COMMIT_EVERY handlers, not once after the whole backlog."""
-    seen, agents = [], []
-    n = 2 * Dispatcher.COMMIT_EVERY + 8
-
-    class Probe:
-        def setup(self, settings):
-            pass
-
-        def handle(self, event, ctx):
-            seen.append(agents[0].commit_pending)
-    agents.append(Agent(AgentConfig(id='busy', behavior='probe', subscriptions=['t'],
-                                    mailbox_size=n), storage, lambda *a: None,
-                        behaviors={'probe': entry(Probe)}))
-    agents[0].configure()
-    agents[0].activate()
-    for i in range(n):
-        agents[0].offer(Event(type='tick', id=f'e{i}'))
-    dispatcher = Dispatcher(0)
-    try:
-        dispatcher.schedule(agents[0])
-    finally:
-        dispatcher.close()
-    agents[0].settle()
-    assert agents[0].stats['handled'] == n and len(seen) == n and seen[0] is False
-    committed_before = [i for i, pending in enumerate(seen) if i and not pending]
-    assert committed_before and committed_before[0] <= Dispatcher.COMMIT_EVERY, seen
-    agents[0].cleanup()
-
-
 def test_what_a_handler_delivers_inline_is_queued_behind_it_not_nested(storage):
     """a's handler delivers to b (as an emit b follows would): b's handler runs after a's has
     returned, on the same thread, and b's own deliveries to c after that."""

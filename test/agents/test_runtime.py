@@ -228,49 +228,16 @@ def test_an_exception_escaping_an_agent_does_not_kill_a_dispatcher_worker(storag
         dispatcher.close()
 
 
-def test_a_burst_runs_every_handler_before_its_commits(storage):
+@pytest.mark.parametrize('aged', [False, True])
+def test_a_burst_runs_every_handler_before_its_commits(storage, aged):
     """One worker, 20 agents, one event each, queued while the first handler waits: each later
     handler starts before the commits of those before it are submitted (a broadcast's 20th
     handler waits for 19 handlers, not 19 handlers and 19 commits); then every commit is
-    submitted and acknowledged."""
-    gate, seen, agents = threading.Event(), [], []
-
-    class Probe:
-        def setup(self, settings):
-            pass
-
-        def handle(self, event, ctx):
-            if event.id == 'a0':
-                assert gate.wait(60)
-            seen.append(sum(a.commit_pending for a in agents))
-    installed = {'probe': type('EntryPoint', (), {'load': staticmethod(lambda: Probe)})()}
-    agents.extend(Agent(AgentConfig(id=f'a{i}', behavior='probe', subscriptions=['t']), storage,
-                        lambda *a: None, behaviors=installed) for i in range(20))
-    for agent in agents:
-        agent.configure()
-        agent.activate()
-    # The clock stands still: not the age bound under test (a0's handler waits on the gate
-    # while 19 events are delivered, and on a loaded machine that took longer than
-    # COMMIT_AFTER_S, so a0's commit went first: a full parallel run failed so).
-    dispatcher = Dispatcher(1, clock=lambda: 0.0)
-    try:
-        for agent in agents:
-            dispatcher.deliver(agent, Event(type='tick', id=agent.id))
-        gate.set()
-        wait_until(lambda: all(a.stats['handled'] == 1 for a in agents), 'the burst handled')
-    finally:
-        dispatcher.close()
-    assert seen == list(range(20))
-    assert not any(a.commit_pending for a in agents)
-    for agent in agents:
-        assert storage.agent_state.load(agent.id)[1] == 1
-        agent.cleanup()
-
-
-def test_a_burst_older_than_commit_after_s_commits_before_its_next_handler(storage):
-    """The age bound, on an injected clock: 20 agents' events queued while the first handler
-    waits; the 6th handler moves the clock past COMMIT_AFTER_S, so the six handled go to the
-    writer before the 7th handler starts, and the rest of the burst runs before its commits."""
+    submitted and acknowledged. The clock is injected: standing still, the age bound is out of
+    the way (a0's handler waits on the gate while 19 events are delivered, and on a loaded
+    machine that took longer than COMMIT_AFTER_S: a full parallel run failed so); `aged`, the
+    6th handler moves it past COMMIT_AFTER_S, so the six handled go to the writer before the
+    7th handler starts and the rest of the burst runs before its commits."""
     gate, seen, agents, now = threading.Event(), [], [], [0.0]
 
     class Probe:
@@ -281,7 +248,7 @@ def test_a_burst_older_than_commit_after_s_commits_before_its_next_handler(stora
             if event.id == 'a0':
                 assert gate.wait(60)
             seen.append(sum(a.commit_pending for a in agents))
-            if event.id == 'a5':
+            if aged and event.id == 'a5':
                 now[0] += 2 * Dispatcher.COMMIT_AFTER_S
     installed = {'probe': type('EntryPoint', (), {'load': staticmethod(lambda: Probe)})()}
     agents.extend(Agent(AgentConfig(id=f'a{i}', behavior='probe', subscriptions=['t']), storage,
@@ -297,16 +264,20 @@ def test_a_burst_older_than_commit_after_s_commits_before_its_next_handler(stora
         wait_until(lambda: all(a.stats['handled'] == 1 for a in agents), 'the burst handled')
     finally:
         dispatcher.close()
-    assert seen == list(range(6)) + list(range(14))
+    assert seen == (list(range(6)) + list(range(14)) if aged else list(range(20)))
+    assert not any(a.commit_pending for a in agents)
     for agent in agents:
+        agent.settle()
+        assert storage.agent_state.load(agent.id)[1] == 1
         agent.cleanup()
 
 
-def test_an_agent_that_always_has_mail_is_still_committed_as_it_goes(storage):
+@pytest.mark.parametrize('workers', [0, 1])
+def test_an_agent_that_always_has_mail_is_still_committed_as_it_goes(storage, workers):
     """The deferred commits go at the latest every COMMIT_EVERY handlers even when the ready
     queue never empties (one agent with twice that many events waiting): a handler after the
     COMMIT_EVERY-th starts with what came before already committed, not the whole backlog held
-    uncommitted."""
+    uncommitted. The same inline (workers: 0), where the backlog is one agent's mailbox."""
     seen, agents = [], []
     n = 2 * Dispatcher.COMMIT_EVERY + 8
 
@@ -324,7 +295,7 @@ def test_an_agent_that_always_has_mail_is_still_committed_as_it_goes(storage):
     agents[0].activate()
     for i in range(n):   # all queued before the worker starts: its queue never empties
         agents[0].offer(Event(type='tick', id=f'e{i}'))
-    dispatcher = Dispatcher(1)
+    dispatcher = Dispatcher(workers)
     try:
         dispatcher.schedule(agents[0])
         wait_until(lambda: agents[0].stats['handled'] == n, 'every event handled')
