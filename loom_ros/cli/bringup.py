@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -584,6 +585,9 @@ class RobotProcess:
                      'loom_bringup-stop')
         if why:
             problems['nodes'] = f'not stopped: {why} (left to the exit)'
+        # Still inside an executor's shutdown or a node's teardown on its thread: rclpy must not
+        # be shut down under it (main_with then exits at once, as end_process does).
+        self.left_running = why.startswith('still running')
         return problems
 
     def _stop_all(self, deadline: float, problems: dict[str, str]) -> None:
@@ -741,11 +745,20 @@ def main_with(args, ros_args: list[str]) -> int:
                 tracing.flush()
             for proc in side.values():   # SIGINT now, before rclpy's shutdown
                 proc.interrupt()
-            why = within(rclpy.try_shutdown, RCLPY_SHUTDOWN_S, 'loom_bringup-shutdown')
+            left_running = getattr(robot, 'left_running', False)
+            why = 'the nodes\' stop still runs' if left_running else \
+                within(rclpy.try_shutdown, RCLPY_SHUTDOWN_S, 'loom_bringup-shutdown')
             if why:
                 print(f'loom bringup: rclpy did not shut down ({why}); leaving it to the exit',
                       file=sys.stderr, flush=True)
             stop_together(side.values(), SIDE_STOP_S)
+            if left_running:
+                # Python's own exit would tear rclpy down under the thread still stopping the
+                # nodes: end here (the side processes are stopped, the temporary folder goes).
+                shutil.rmtree(tmp, ignore_errors=True)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code or 1)
     return code
 
 
