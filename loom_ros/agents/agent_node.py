@@ -206,8 +206,7 @@ class AgentNode(LifecycleNode):
         self.ports = NodePorts(self, self._router, self._plugin_lookup(configs, wanted),
                                consent=self._open_consent(),
                                follow_router=self._consent is not None,
-                               no_wait_here=lambda: self.dispatcher is not None and
-                               self.dispatcher.inline)
+                               refuse_waits=self.dispatcher.inline)
         from loom_msgs.srv import Recall
         behaviors = behavior_entry_points()   # one scan for every agent hosted here
         refs = self._subject_refs()

@@ -565,27 +565,21 @@ class Dispatcher:
         try:
             while queue:
                 dispatcher, agent = queue.popleft()
-                if dispatcher._closed:
-                    continue   # its agents' deactivate handles what their mailboxes hold
-                dirty[id(agent)] = agent
-                try:
-                    while True:
-                        handled += 1
-                        if not agent.handle_one(defer_commit=True) or dispatcher._closed:
-                            break
-                        if handled >= self.COMMIT_EVERY:
-                            self._commit_all(dirty)
-                            dirty[id(agent)], handled = agent, 0
-                except Exception as exc:  # noqa: BLE001 - as a worker: counted, go on
-                    dispatcher._escaped(agent, exc)
-                    # handle_one took the event it failed on: what is left in the mailbox
-                    # would wait for the agent's next delivery, which may never come.
-                    if agent.mailbox is not None and len(agent.mailbox) and \
-                            agent.persist_failed is None:
-                        queue.append((dispatcher, agent))
-                if handled >= self.COMMIT_EVERY:
-                    self._commit_all(dirty)
-                    handled = 0
+                more = True
+                while more and not dispatcher._closed:   # closed: its deactivate handles it
+                    if handled >= self.COMMIT_EVERY:
+                        self._commit_all(dirty)
+                        handled = 0
+                    dirty[id(agent)] = agent
+                    handled += 1
+                    try:
+                        more = agent.handle_one(defer_commit=True)
+                    except Exception as exc:  # noqa: BLE001 - as a worker: counted, go on
+                        dispatcher._escaped(agent, exc)
+                        # handle_one took the event it failed on; the rest of the mailbox
+                        # would wait for the agent's next delivery, which may never come.
+                        more = agent.mailbox is not None and len(agent.mailbox) > 0 and \
+                            agent.persist_failed is None
         finally:
             _INLINE.queue = None
             self._commit_all(dirty)

@@ -169,7 +169,7 @@ def end_process(executor, node, who: str, code: int, close_s: float = EXECUTOR_C
     as it does when destroying or rclpy's shutdown hangs."""
     import rclpy
     why = '' if executor is None else within(executor.shutdown, close_s, 'executor-shutdown')
-    closed = not why.startswith('still running')
+    closed = not why.startswith(STILL_RUNNING)
     if why:
         print(f'{who}: the executor did not shut down ({why}); '
               + ('finishing without it, then exiting' if not closed else 'going on'),
@@ -191,6 +191,9 @@ def end_process(executor, node, who: str, code: int, close_s: float = EXECUTOR_C
     os._exit(code)
 
 
+STILL_RUNNING = 'still running after'   # how within() says the call did not end in time
+
+
 def within(call, limit_s: float, name: str) -> str:
     """Run `call` on a daemon thread, at most `limit_s`: '' when it returned, else why not (it
     raised: what; or it was still running). What may hang in rclpy's teardown (an executor's
@@ -207,7 +210,7 @@ def within(call, limit_s: float, name: str) -> str:
     worker.start()
     worker.join(limit_s)
     if worker.is_alive():
-        return f'still running after {limit_s:g} s'
+        return f'{STILL_RUNNING} {limit_s:g} s'
     return f'raised {raised[0]!r}'[:500] if raised else ''
 
 

@@ -578,7 +578,7 @@ class RobotProcess:
     def stop(self) -> dict[str, str]:
         """Every node stopped within COMPOSITION_STOP_S (agents deactivated and committed,
         lifecycle nodes shut down); {} when they did, else what is left to the exit."""
-        from loom_ros.bus.executor import within
+        from loom_ros.bus.executor import STILL_RUNNING, within
         deadline = time.monotonic() + COMPOSITION_STOP_S
         problems: dict[str, str] = {}
         why = within(lambda: self._stop_all(deadline, problems), COMPOSITION_STOP_S,
@@ -587,7 +587,7 @@ class RobotProcess:
             problems['nodes'] = f'not stopped: {why} (left to the exit)'
         # Still inside an executor's shutdown or a node's teardown on its thread: rclpy must not
         # be shut down under it (main_with then exits at once, as end_process does).
-        self.left_running = why.startswith('still running')
+        self.left_running = why.startswith(STILL_RUNNING)
         return problems
 
     def _stop_all(self, deadline: float, problems: dict[str, str]) -> None:

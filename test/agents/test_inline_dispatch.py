@@ -236,8 +236,7 @@ def test_the_gate_refuses_a_wait_at_once_where_it_cannot_be_answered():
 
         def service_is_ready(self):
             raise AssertionError('asked the service')
-    here = [True]
-    gate = Gate(lambda: here[0])
+    gate = Gate(refuse_waits=True)
     gate.open()
     assert gate.call(Client(), object(), 3600.0, 'closed') == (None, Gate.INLINE)
     assert 'workers: 0' in Gate.INLINE and gate.waiting == 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable
 
 from rclpy.exceptions import NameValidationException
 
@@ -58,12 +57,12 @@ class Gate:
               'and their answers, so it cannot wait for a service answer; host it with workers '
               '>= 1')
 
-    def __init__(self, no_wait_here: Callable[[], bool] | None = None):
-        """`no_wait_here()`: True where no call may wait for an answer (a host whose handlers
-        run on the thread that would take it, from whatever thread the behavior calls): such a
-        call fails at once instead of blocking that thread until its timeout."""
+    def __init__(self, refuse_waits: bool = False):
+        """`refuse_waits`: no call may wait for an answer here (a host whose handlers run on
+        the thread that would take it, whatever thread the behavior calls from): each fails at
+        once instead of blocking that thread until its timeout."""
         self._lock = threading.Lock()
-        self._no_wait_here = no_wait_here
+        self._refuse_waits = refuse_waits
         self._open = False
         self._waiters: set[threading.Event] = set()
         self.waiting = 0   # calls waiting for an answer right now
@@ -86,7 +85,7 @@ class Gate:
     def call(self, client, request, timeout_s: float, why_closed: str):
         """(response, '') or (None, why): waits for the service (at most `timeout_s`), then for
         the answer (at most `timeout_s` again), and gives up as soon as the gate closes."""
-        if self._no_wait_here is not None and self._no_wait_here():
+        if self._refuse_waits:
             return None, self.INLINE
         done = threading.Event()
         with self._lock:
@@ -407,14 +406,14 @@ class NodePorts:
     def __init__(self, node, router=None, local_plugins=None, host: str = 'plugin_host',
                  timeout_s: float = CALL_TIMEOUT_S, policy: PolicyFile | None = None,
                  consent=None, follow_router: bool = False, log=None,
-                 no_wait_here: Callable[[], bool] | None = None):
+                 refuse_waits: bool = False):
         """`router`: an in-process RouterPort (e.g. the router node's, when it lives in this
         process); else, given the router's `policy` (and `consent` lookup), a HostedRouter;
         else, with `follow_router`, a HostedRouter that follows the router node's policy
         (RouterPolicyFollower) and uses the `router/route` service until it knows it; else the
         `router/route` service. `local_plugins`: {name: handle} lookup of in-process plugins
-        (default: plugins.registry.local_plugins). `no_wait_here`: see Gate."""
-        self.gate = Gate(no_wait_here)
+        (default: plugins.registry.local_plugins). `refuse_waits`: see Gate."""
+        self.gate = Gate(refuse_waits)
         self._own_router = None
         self.follower = None
         if router is None:
