@@ -10,7 +10,7 @@ import pytest
 from loom_ros.agents.config import AgentConfig
 from loom_ros.agents.flows.link import Gate
 from loom_ros.agents.runtime import Agent, Dispatcher
-from loom_ros.bus.event import Event
+from loom_ros.bus.event import Event, Privacy
 from loom_ros.storage.storage import Storage, StorageConfig
 
 
@@ -90,6 +90,39 @@ def test_an_inline_broadcast_runs_every_handler_before_the_commits_then_submits_
         agent.settle()
         assert agent.stats['handled'] == 1
         agent.cleanup()
+
+
+def test_inline_emits_carry_the_handled_events_privacy_and_subject_and_nothing_after(storage):
+    """Privacy travels on the delivering thread too: what the handler of alice's Private event
+    emits is Private and hers, a behavior's request for less does not lower it, and the next
+    event (Public, anonymous), handled on the same thread, is not held to alice's."""
+    out = []
+
+    class Asks:
+        def setup(self, settings):
+            pass
+
+        def handle(self, event, ctx):
+            ctx.intent('seen', {'id': event.id}, privacy=Privacy.PUBLIC)
+    (agent,) = agents_of(storage, {'probe': entry(Asks)}, ['a'],
+                         emit=lambda *args, **kw: out.append((args[2], args[4], kw)))
+    dispatcher = Dispatcher(0)
+    try:
+        dispatcher.deliver(agent, Event(type='speech', id='p1', privacy=Privacy.PRIVATE,
+                                        metadata={'loom.subject': 'person:alice'}))
+        dispatcher.deliver(agent, Event(type='tick', id='q1'))
+    finally:
+        dispatcher.close()
+    assert out == [('seen', Privacy.PRIVATE, {'subject': 'person:alice'}),
+                   ('seen', Privacy.PUBLIC, {})]
+    assert agent.stats['privacy_raised'] == 1
+    agent.settle()
+    agent.cleanup()
+
+
+def test_a_negative_worker_count_is_refused():
+    with pytest.raises(ValueError, match='workers must be 0'):
+        Dispatcher(-1)
 
 
 def test_what_a_handler_delivers_inline_is_queued_behind_it_not_nested(storage):
