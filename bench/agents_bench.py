@@ -138,13 +138,17 @@ agents = list(host.agents.values())
 executor = make_executor()
 executor.add_node(host)
 print(json.dumps({{'ready': len(agents), 'rss_started_mb': round(rss_kb() / 1024, 1)}}), flush=True)
+cpu = None   # from the first event on (matching 1,000 topics costs CPU before it)
 # Counted every 20 ms, not after each callback: a sum over 1,000 agents per event taken
 # cost this process more than the events did.
 check = 0.0
 while True:
     executor.spin_once(timeout_sec=0.02)
     if time.monotonic() >= check:
-        if sum(a.stats['handled'] for a in agents) >= {expected} or os.path.exists({stop!r}):
+        handled = sum(a.stats['handled'] for a in agents)
+        if cpu is None and handled:
+            cpu = time.process_time()
+        if handled >= {expected} or os.path.exists({stop!r}):
             break
         check = time.monotonic() + 0.02
 done = time.time()
@@ -152,7 +156,8 @@ dispatch = [round(x) for a in agents for x in a.dispatch_us]
 with open({result!r}, 'w') as out:   # a file: the samples are more than a pipe holds
     json.dump({{'handled': sum(a.stats['handled'] for a in agents), 'dispatch': dispatch,
                'done_wall': done, 'rss_end_mb': round(rss_kb() / 1024, 1),
-               'commits': host.storage.writer.batches}}, out)
+               'commits': host.storage.writer.batches,
+               'cpu_s': time.process_time() - (cpu or 0.0)}}, out)
 os._exit(0)   # tearing hundreds of agents down measures nothing
 '''
 
@@ -205,13 +210,14 @@ def run_hosts(n: int, hosts: int, seconds: float, rate: float, feed: str, worker
         time.sleep(0.1)
     executor = make_executor()   # the bus's timers (a Batched topic's flush by age)
     executor.add_node(feeder)
-    start, start_wall = time.monotonic(), time.time()
+    start, start_wall, cpu = time.monotonic(), time.time(), time.process_time()
     for j, (t, _) in enumerate(sends):
         bus.publish(t, Event(type='tick', id=f't{j}'), qos)
         target = start + (j + 1) / total_rate
         while (left := target - time.monotonic()) > 0:
             executor.spin_once(timeout_sec=min(left, 0.001))
     bus.flush()
+    feeder_cpu, feeder_s = time.process_time() - cpu, time.monotonic() - start
     # A host ends once it has committed all it was sent; one that lost events on the way
     # (best effort) is stopped 120 s after the last was sent, and its count says so.
     stop_at = time.monotonic() + 120
@@ -233,7 +239,115 @@ def run_hosts(n: int, hosts: int, seconds: float, rate: float, feed: str, worker
             'rss_started_mb': round(sum(r['rss_started_mb'] for r in ready), 1),
             'rss_end_mb': round(sum(r['rss_end_mb'] for r in results), 1),
             'dispatch': summarize([x for r in results for x in r['dispatch']]),
-            'commits': sum(r['commits'] for r in results)}
+            'commits': sum(r['commits'] for r in results),
+            'receiver_cpu_us': round(1e6 * sum(r['cpu_s'] for r in results) / max(handled, 1), 1),
+            'feeder_cpu_us': round(1e6 * feeder_cpu / len(sends), 1),
+            'sent_per_s': round(len(sends) / feeder_s, 1)}
+
+
+RAW_HOST = '''
+import json, os, sys, time, rclpy
+from rclpy.experimental import EventsExecutor
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from loom_msgs.msg import Event
+sys.path.insert(0, {here!r})
+from bus_bench import rss_kb
+rclpy.init()
+node = Node('raw_host_{k}')
+got = [0]
+def count(msg):
+    got[0] += 1
+qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE,
+                 history=HistoryPolicy.KEEP_LAST)
+subs = [node.create_subscription(Event, t, count, qos) for t in {topics!r}]
+executor = EventsExecutor()
+executor.add_node(node)
+print(json.dumps({{'ready': len(subs), 'rss_started_mb': round(rss_kb() / 1024, 1)}}), flush=True)
+cpu = None   # from the first event on (matching 1,000 topics costs CPU before it)
+check = 0.0
+while True:
+    executor.spin_once(timeout_sec=0.02)
+    if cpu is None and got[0]:
+        cpu = time.process_time()
+    if time.monotonic() >= check:
+        if got[0] >= {expected} or os.path.exists({stop!r}):
+            break
+        check = time.monotonic() + 0.02
+done = time.time()
+with open({result!r}, 'w') as out:
+    json.dump({{'handled': got[0], 'done_wall': done, 'rss_end_mb': round(rss_kb() / 1024, 1),
+               'cpu_s': time.process_time() - (cpu or 0.0)}}, out)
+os._exit(0)
+'''
+
+
+def run_raw_hosts(n: int, hosts: int, seconds: float, rate: float) -> dict:
+    """The baseline of `run_hosts` with feed streams: the same N topics, rate and split over
+    `hosts` processes, but plain rclpy on both sides (loom_msgs/Event, reliable, a callback that
+    only counts; publishers in this process, one message per event, as fast as the schedule
+    lets). What rclpy and DDS alone cost for this fan-in on this machine."""
+    import rclpy
+    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    from loom_msgs.msg import Event as EventMsg
+    from loom_ros.bus.names import to_ros_topic
+    from loom_ros.bus.executor import make_executor
+    tmp = Path(tempfile.mkdtemp())
+    topics = [to_ros_topic(f'bench.raw.s{i}') for i in range(n)]
+    sends = [i % n for i in range(int(seconds * rate * n))]
+    procs = []
+    started = time.monotonic()
+    for k in range(hosts):
+        mine = [topics[i] for i in range(n) if i % hosts == k]
+        expected = sum(1 for i in sends if i % hosts == k)
+        code = RAW_HOST.format(here=str(HERE), k=k, topics=mine, expected=expected,
+                               stop=str(tmp / 'stop'), result=str(tmp / f'result_{k}.json'))
+        procs.append(subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True))
+    ready = [json.loads(p.stdout.readline()) for p in procs]
+    setup_s = time.monotonic() - started
+    rclpy.init()
+    from rclpy.node import Node
+    feeder = Node('raw_feeder')
+    qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE,
+                     history=HistoryPolicy.KEEP_LAST)
+    pubs = [feeder.create_publisher(EventMsg, t, qos) for t in topics]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and any(p.get_subscription_count() < 1 for p in pubs):
+        time.sleep(0.1)
+    executor = make_executor()
+    executor.add_node(feeder)
+    msg = EventMsg()
+    msg.type, msg.source = 'tick', 'bench'
+    total_rate = rate * n
+    start, start_wall, cpu = time.monotonic(), time.time(), time.process_time()
+    for j, i in enumerate(sends):
+        msg.id = f't{j}'
+        pubs[i].publish(msg)
+        target = start + (j + 1) / total_rate
+        while (left := target - time.monotonic()) > 0:
+            executor.spin_once(timeout_sec=min(left, 0.001))
+    feeder_cpu, feeder_s = time.process_time() - cpu, time.monotonic() - start
+    stop_at = time.monotonic() + 120
+    while any(p.poll() is None for p in procs) and time.monotonic() < stop_at:
+        time.sleep(0.05)
+    (tmp / 'stop').touch()
+    for p in procs:
+        p.wait(60)
+    results = [json.loads((tmp / f'result_{k}.json').read_text()) for k in range(hosts)]
+    elapsed = max(r['done_wall'] for r in results) - start_wall
+    handled = sum(r['handled'] for r in results)
+    feeder.destroy_node()
+    rclpy.try_shutdown()
+    return {'agents': n, 'feed': 'raw rclpy', 'hosts': hosts, 'agent_events_expected': len(sends),
+            'agent_events_handled': handled, 'handled_per_s': round(handled / elapsed, 1),
+            'setup_s': round(setup_s, 1),
+            'rss_started_mb': round(sum(r['rss_started_mb'] for r in ready), 1),
+            'rss_end_mb': round(sum(r['rss_end_mb'] for r in results), 1),
+            'receiver_cpu_us': round(1e6 * sum(r['cpu_s'] for r in results) / max(handled, 1), 1),
+            'feeder_cpu_us': round(1e6 * feeder_cpu / len(sends), 1),
+            'sent_per_s': round(len(sends) / feeder_s, 1)}
 
 
 def run_core(n: int, rounds: int = 10) -> dict:
@@ -360,8 +474,11 @@ def main() -> int:
         if feed == 'core':
             print(json.dumps(run_core(int(n))))
             return 0
-        if feed.startswith('hosts:'):   # hosts:<count>:<feed>
+        if feed.startswith('hosts:'):   # hosts:<count>:<feed>; feed 'raw': the rclpy baseline
             _, count, kind = feed.split(':')
+            if kind == 'raw':
+                print(json.dumps(run_raw_hosts(int(n), int(count), args.seconds, args.rate)))
+                return 0
             print(json.dumps(run_hosts(int(n), int(count), args.seconds, args.rate, kind,
                                        args.workers)))
             return 0
@@ -381,6 +498,12 @@ def main() -> int:
     for feed in args.feeds if args.hosts > 1 else ():   # the largest N over several hosts
         n = max(args.agents)
         run = _one_run(args, n, f'hosts:{args.hosts}:{feed}')
+        if run is None:
+            return 1
+        multi.append(run)
+        print(json.dumps(multi[-1]), flush=True)
+    if args.hosts > 1 and 'streams' in args.feeds:   # its baseline: plain rclpy, same fan-in
+        run = _one_run(args, max(args.agents), f'hosts:{args.hosts}:raw')
         if run is None:
             return 1
         multi.append(run)
@@ -447,17 +570,30 @@ def main() -> int:
                   'matched. Dispatch still counts from mailbox arrival, after the batch\'s '
                   'wait. RSS is the hosts\' sum; handled/s counts until the last host '
                   'committed all it was sent.', '',
+                  'The `raw rclpy` row is the baseline of the streams row: the same topics, '
+                  'rate and split, plain rclpy on both sides (loom_msgs/Event, reliable, a '
+                  'callback that only counts). CPU per event: all the receiving processes\' '
+                  'CPU from their first event to done, over the events they took; the '
+                  'feeder\'s while it published. sent/s: the feeder\'s rate (the schedule asks '
+                  'for N x rate).', '',
                   '| agents | feed | hosts | RSS (started / end, all hosts) | start-up | '
-                  'dispatch P50 / P99 / max | agent-events handled/s | handled | commits |',
-                  '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+                  'dispatch P50 / P99 / max | agent-events handled/s | vs raw rclpy | handled | '
+                  'commits | CPU / event receivers, feeder | sent/s |',
+                  '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+        raw_rate = next((lo['handled_per_s'] for lo in multi if lo['feed'] == 'raw rclpy'),
+                        None)
         for lo in multi:
-            d = lo['dispatch']
+            d = lo.get('dispatch')
+            ratio = (f"{lo['handled_per_s'] / raw_rate:.2f}x" if raw_rate and
+                     lo['feed'] in ('streams', 'raw rclpy') else '-')
             lines.append(f"| {lo['agents']} | {lo['feed']} | {lo['hosts']} | "
                          f"{lo['rss_started_mb']} / {lo['rss_end_mb']} MB | {lo['setup_s']} s | "
-                         f"{d['p50_us']:.0f} / {d['p99_us']:.0f} / {d['max_us']:.0f} us | "
-                         f"{lo['handled_per_s']:.0f} | "
+                         + (f"{d['p50_us']:.0f} / {d['p99_us']:.0f} / {d['max_us']:.0f} us | "
+                            if d else '- | ')
+                         + f"{lo['handled_per_s']:.0f} | {ratio} | "
                          f"{lo['agent_events_handled']}/{lo['agent_events_expected']} | "
-                         f"{lo['commits']} |")
+                         f"{lo.get('commits', '-')} | {lo.get('receiver_cpu_us', '-')}, "
+                         f"{lo.get('feeder_cpu_us', '-')} us | {lo.get('sent_per_s', '-')} |")
     lines += ['', 'Cost per event without ROS (`core`: the agents handled in turn on one thread, '
               'each submitting its commit and moving on; then until every commit is done), '
               'against raw SQLite in the same process: the same state upsert and episode insert, '

@@ -180,18 +180,30 @@ class Storage:
             store = self._stores[key] = factory()
         return store
 
+    # The stores' module imports faiss, which a process that never opens one need not load:
+    # it is imported on first use, and a store already open is returned without the import
+    # statement (a few microseconds a call, on paths called per event).
     @property
     def kv(self):
+        store = self._stores.get('kv')
+        if store is not None:
+            return store
         from loom_ros.storage.stores import KVStore
         return self._store('kv', lambda: KVStore(self))
 
     @property
     def agent_state(self):
+        store = self._stores.get('agent_state')
+        if store is not None:
+            return store
         from loom_ros.storage.stores import AgentStateStore
         return self._store('agent_state', lambda: AgentStateStore(self))
 
     @property
     def episodes(self):
+        store = self._stores.get('episodes')
+        if store is not None:
+            return store
         from loom_ros.storage.stores import EpisodeStore
         return self._store('episodes', lambda: EpisodeStore(self))
 
