@@ -127,9 +127,9 @@ class RosHarness:
 
 
 # Files that bring up a whole system (bring-up, the demo, the manager with its nodes) or run a
-# benchmark: under `make test` (pytest-xdist, --dist loadgroup) they run one after another on one
-# worker, never two of them side by side on 2 cores; every other file is its own group (its
-# module fixtures set up once). Without xdist the groups change nothing.
+# benchmark: under `make test` (pytest-xdist) they run one after another on one worker, never two
+# of them side by side on 2 cores; every other file is its own unit (its module fixtures set up
+# once, on one worker). Without xdist this changes nothing.
 SYSTEM_FILES = frozenset({
     'test/agents/test_lifecycle_manager.py', 'test/bench/test_bus_bench.py',
     'test/bench/test_speech_bench.py', 'test/bench/test_telemetry_bench.py',
@@ -141,16 +141,26 @@ SYSTEM_FILES = frozenset({
 })
 
 
-def pytest_configure(config):
-    # Registered here too: with --strict-markers an unregistered mark fails the run, and only
-    # pytest-xdist registers this one (absent under -p no:xdist).
-    config.addinivalue_line('markers', 'xdist_group(name): tests run on one xdist worker')
+def work_unit(nodeid: str) -> str:
+    """The xdist work unit of a test: 'system' for SYSTEM_FILES, else its file."""
+    path = nodeid.split('::', 1)[0]
+    return 'system' if path in SYSTEM_FILES else path
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        path = item.nodeid.split('::', 1)[0]
-        item.add_marker(pytest.mark.xdist_group('system' if path in SYSTEM_FILES else path))
+@pytest.hookimpl(optionalhook=True)   # a hook of pytest-xdist, absent under -p no:xdist
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` by work_unit. xdist's own loadgroup takes the groups from
+    `xdist_group` marks by rewriting node ids, which pytest 9 no longer lets it do: every test
+    was sent on its own, so a file's module fixtures were set up on both workers and the system
+    files ran side by side."""
+    if config.getvalue('dist') != 'loadgroup':
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+    return FileUnits(config, log)
 
 
 @pytest.fixture(scope='session')
