@@ -87,7 +87,8 @@ class RosHarness:
         """A service call that survives DDS's discovery race: `service_is_ready` can be true
         before the server's reply writer has matched our reply reader, and that reply is lost.
         Waits for the service, then sends again every `resend_s` until one answer comes: only
-        for requests that are safe to repeat (queries, get_state, get_parameters)."""
+        for requests that are safe to repeat (queries, get_state, get_parameters, and the
+        lifecycle manager's Trigger services, which answer a repeat as they did the first)."""
         self.wait_for(client.service_is_ready, f'the {what} service', limit=limit, alive=alive)
         deadline = time.monotonic() + limit
         while True:

@@ -44,11 +44,10 @@ class Nodes:
                 self.diagnostics[status.hardware_id] = status
 
     def _call(self, client, request):
+        """Sent again if no answer comes (ros.call): the manager's services answer a repeat
+        as they answered the first."""
         alive = [p for p in self.procs.values() if p.popen.poll() is None]
-        self.ros.wait_for(client.service_is_ready, client.srv_name, alive=alive)
-        future = client.call_async(request)
-        self.ros.wait_for(future.done, f'the answer of {client.srv_name}', alive=alive)
-        return future.result()
+        return self.ros.call(client, request, client.srv_name, alive=alive)
 
     def state(self, name):
         from lifecycle_msgs.srv import GetState
