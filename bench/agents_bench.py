@@ -119,6 +119,24 @@ def run_loom(n: int, seconds: float, rate: float, feed: str, workers: int,
     return result
 
 
+# The hosts' loop (code templates below): spin until all that was sent is taken (`{taken}`, an
+# expression), or the stop file says to give up. Counted every 20 ms, not after each callback: a
+# sum over 1,000 agents per event taken cost a host more than the events did. CPU from the first
+# event on (matching 1,000 topics costs CPU before it).
+SPIN_UNTIL_TAKEN = '''cpu = None
+check = 0.0
+while True:
+    executor.spin_once(timeout_sec=0.02)
+    if time.monotonic() >= check:
+        taken = {taken}
+        if cpu is None and taken:
+            cpu = time.process_time()
+        if taken >= {expected} or os.path.exists({stop!r}):
+            break
+        check = time.monotonic() + 0.02
+done = time.time()
+'''
+
 HOST = '''
 import gc, json, os, sys, time
 sys.path.insert(0, {here!r})
@@ -138,21 +156,7 @@ agents = list(host.agents.values())
 executor = make_executor()
 executor.add_node(host)
 print(json.dumps({{'ready': len(agents), 'rss_started_mb': round(rss_kb() / 1024, 1)}}), flush=True)
-cpu = None   # from the first event on (matching 1,000 topics costs CPU before it)
-# Counted every 20 ms, not after each callback: a sum over 1,000 agents per event taken
-# cost this process more than the events did.
-check = 0.0
-while True:
-    executor.spin_once(timeout_sec=0.02)
-    if time.monotonic() >= check:
-        handled = sum(a.stats['handled'] for a in agents)
-        if cpu is None and handled:
-            cpu = time.process_time()
-        if handled >= {expected} or os.path.exists({stop!r}):
-            break
-        check = time.monotonic() + 0.02
-done = time.time()
-dispatch = [round(x) for a in agents for x in a.dispatch_us]
+''' + SPIN_UNTIL_TAKEN + '''dispatch = [round(x) for a in agents for x in a.dispatch_us]
 with open({result!r}, 'w') as out:   # a file: the samples are more than a pipe holds
     json.dump({{'handled': sum(a.stats['handled'] for a in agents), 'dispatch': dispatch,
                'done_wall': done, 'rss_end_mb': round(rss_kb() / 1024, 1),
@@ -160,6 +164,46 @@ with open({result!r}, 'w') as out:   # a file: the samples are more than a pipe 
                'cpu_s': time.process_time() - (cpu or 0.0)}}, out)
 os._exit(0)   # tearing hundreds of agents down measures nothing
 '''
+
+
+def _spawn_hosts(codes: list[str]) -> tuple[list, list[dict], float]:
+    """One process per code string; (the processes, their ready lines, seconds until all were
+    ready)."""
+    started = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True) for code in codes]
+    return procs, [json.loads(p.stdout.readline()) for p in procs], time.monotonic() - started
+
+
+def _wait_matched(pubs, count: int) -> None:
+    """Until every publisher has `count` subscriptions (5 minutes at most)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and any(p.get_subscription_count() < count for p in pubs):
+        time.sleep(0.1)
+
+
+def _feed(count: int, total_rate: float, publish, executor) -> tuple[float, float, float]:
+    """publish(j) for j in range(count) on schedule (total_rate a second), spinning `executor`
+    between; (wall start, the feeder's CPU, its seconds)."""
+    start, start_wall, cpu = time.monotonic(), time.time(), time.process_time()
+    for j in range(count):
+        publish(j)
+        target = start + (j + 1) / total_rate
+        while (left := target - time.monotonic()) > 0:
+            executor.spin_once(timeout_sec=min(left, 0.001))
+    return start_wall, time.process_time() - cpu, time.monotonic() - start
+
+
+def _collect(procs: list, tmp: Path, hosts: int) -> list[dict]:
+    """The hosts' results. A host ends once it has taken all it was sent; one that lost events
+    on the way (best effort) is stopped 120 s after the last was sent, and its count says so."""
+    stop_at = time.monotonic() + 120
+    while any(p.poll() is None for p in procs) and time.monotonic() < stop_at:
+        time.sleep(0.05)
+    (tmp / 'stop').touch()
+    for p in procs:
+        p.wait(60)
+    return [json.loads((tmp / f'result_{k}.json').read_text()) for k in range(hosts)]
 
 
 def run_hosts(n: int, hosts: int, seconds: float, rate: float, feed: str, workers: int,
@@ -182,8 +226,7 @@ def run_hosts(n: int, hosts: int, seconds: float, rate: float, feed: str, worker
     else:
         sends = [('bench.agents', -1) for _ in range(int(seconds * rate))]
         total_rate = rate
-    procs = []
-    started = time.monotonic()
+    codes = []
     for k in range(hosts):
         ids = [i for i in range(n) if i % hosts == k]
         (tmp / f'agents_{k}.yaml').write_text('agents:\n' + ''.join(
@@ -191,42 +234,24 @@ def run_hosts(n: int, hosts: int, seconds: float, rate: float, feed: str, worker
             f'    qos: {qos}\n    mailbox_size: 100000\n' for i in ids))
         expected = sum(1 for _, i in sends if i == -1 or i % hosts == k) * \
             (len(ids) if feed == 'broadcast' else 1)
-        code = HOST.format(here=str(HERE), k=k, workers=workers,
-                           agents_file=str(tmp / f'agents_{k}.yaml'),
-                           root=str(tmp / f'storage_{k}'), expected=expected,
-                           stop=str(tmp / 'stop'), result=str(tmp / f'result_{k}.json'))
-        procs.append(subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, text=True))
-    ready = [json.loads(p.stdout.readline()) for p in procs]
-    setup_s = time.monotonic() - started
+        codes.append(HOST.format(here=str(HERE), k=k, workers=workers,
+                                 taken="sum(a.stats['handled'] for a in agents)",
+                                 agents_file=str(tmp / f'agents_{k}.yaml'),
+                                 root=str(tmp / f'storage_{k}'), expected=expected,
+                                 stop=str(tmp / 'stop'), result=str(tmp / f'result_{k}.json')))
+    procs, ready, setup_s = _spawn_hosts(codes)
     rclpy.init()
     feeder = Node('bench_feeder')
     bus = EventBus(feeder)
     pubs = {t: bus.publisher_for(t, qos) for t, _ in sends}
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and any(
-            p.get_subscription_count() < (hosts if feed == 'broadcast' else 1)
-            for p in pubs.values()):
-        time.sleep(0.1)
+    _wait_matched(pubs.values(), hosts if feed == 'broadcast' else 1)
     executor = make_executor()   # the bus's timers (a Batched topic's flush by age)
     executor.add_node(feeder)
-    start, start_wall, cpu = time.monotonic(), time.time(), time.process_time()
-    for j, (t, _) in enumerate(sends):
-        bus.publish(t, Event(type='tick', id=f't{j}'), qos)
-        target = start + (j + 1) / total_rate
-        while (left := target - time.monotonic()) > 0:
-            executor.spin_once(timeout_sec=min(left, 0.001))
+    start_wall, feeder_cpu, feeder_s = _feed(
+        len(sends), total_rate,
+        lambda j: bus.publish(sends[j][0], Event(type='tick', id=f't{j}'), qos), executor)
     bus.flush()
-    feeder_cpu, feeder_s = time.process_time() - cpu, time.monotonic() - start
-    # A host ends once it has committed all it was sent; one that lost events on the way
-    # (best effort) is stopped 120 s after the last was sent, and its count says so.
-    stop_at = time.monotonic() + 120
-    while any(p.poll() is None for p in procs) and time.monotonic() < stop_at:
-        time.sleep(0.05)
-    (tmp / 'stop').touch()
-    for p in procs:
-        p.wait(60)
-    results = [json.loads((tmp / f'result_{k}.json').read_text()) for k in range(hosts)]
+    results = _collect(procs, tmp, hosts)
     elapsed = max(r['done_wall'] for r in results) - start_wall
     handled = sum(r['handled'] for r in results)
     expected = len(sends) * (n if feed == 'broadcast' else 1)
@@ -264,18 +289,7 @@ subs = [node.create_subscription(Event, t, count, qos) for t in {topics!r}]
 executor = EventsExecutor()
 executor.add_node(node)
 print(json.dumps({{'ready': len(subs), 'rss_started_mb': round(rss_kb() / 1024, 1)}}), flush=True)
-cpu = None   # from the first event on (matching 1,000 topics costs CPU before it)
-check = 0.0
-while True:
-    executor.spin_once(timeout_sec=0.02)
-    if cpu is None and got[0]:
-        cpu = time.process_time()
-    if time.monotonic() >= check:
-        if got[0] >= {expected} or os.path.exists({stop!r}):
-            break
-        check = time.monotonic() + 0.02
-done = time.time()
-with open({result!r}, 'w') as out:
+''' + SPIN_UNTIL_TAKEN + '''with open({result!r}, 'w') as out:
     json.dump({{'handled': got[0], 'done_wall': done, 'rss_end_mb': round(rss_kb() / 1024, 1),
                'cpu_s': time.process_time() - (cpu or 0.0)}}, out)
 os._exit(0)
@@ -296,46 +310,29 @@ def run_raw_hosts(n: int, hosts: int, seconds: float, rate: float) -> dict:
     tmp = Path(tempfile.mkdtemp())
     topics = [to_ros_topic(f'bench.raw.s{i}') for i in range(n)]
     sends = [i % n for i in range(int(seconds * rate * n))]
-    procs = []
-    started = time.monotonic()
-    for k in range(hosts):
-        mine = [topics[i] for i in range(n) if i % hosts == k]
-        expected = sum(1 for i in sends if i % hosts == k)
-        code = RAW_HOST.format(here=str(HERE), k=k, topics=mine, expected=expected,
-                               stop=str(tmp / 'stop'), result=str(tmp / f'result_{k}.json'))
-        procs.append(subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, text=True))
-    ready = [json.loads(p.stdout.readline()) for p in procs]
-    setup_s = time.monotonic() - started
+    procs, ready, setup_s = _spawn_hosts([
+        RAW_HOST.format(here=str(HERE), k=k, taken='got[0]',
+                        topics=[topics[i] for i in range(n) if i % hosts == k],
+                        expected=sum(1 for i in sends if i % hosts == k), stop=str(tmp / 'stop'),
+                        result=str(tmp / f'result_{k}.json')) for k in range(hosts)])
     rclpy.init()
     from rclpy.node import Node
     feeder = Node('raw_feeder')
     qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE,
                      history=HistoryPolicy.KEEP_LAST)
     pubs = [feeder.create_publisher(EventMsg, t, qos) for t in topics]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and any(p.get_subscription_count() < 1 for p in pubs):
-        time.sleep(0.1)
+    _wait_matched(pubs, 1)
     executor = make_executor()
     executor.add_node(feeder)
     msg = EventMsg()
     msg.type, msg.source = 'tick', 'bench'
     total_rate = rate * n
-    start, start_wall, cpu = time.monotonic(), time.time(), time.process_time()
-    for j, i in enumerate(sends):
+
+    def publish(j: int) -> None:
         msg.id = f't{j}'
-        pubs[i].publish(msg)
-        target = start + (j + 1) / total_rate
-        while (left := target - time.monotonic()) > 0:
-            executor.spin_once(timeout_sec=min(left, 0.001))
-    feeder_cpu, feeder_s = time.process_time() - cpu, time.monotonic() - start
-    stop_at = time.monotonic() + 120
-    while any(p.poll() is None for p in procs) and time.monotonic() < stop_at:
-        time.sleep(0.05)
-    (tmp / 'stop').touch()
-    for p in procs:
-        p.wait(60)
-    results = [json.loads((tmp / f'result_{k}.json').read_text()) for k in range(hosts)]
+        pubs[sends[j]].publish(msg)
+    start_wall, feeder_cpu, feeder_s = _feed(len(sends), total_rate, publish, executor)
+    results = _collect(procs, tmp, hosts)
     elapsed = max(r['done_wall'] for r in results) - start_wall
     handled = sum(r['handled'] for r in results)
     feeder.destroy_node()
