@@ -38,6 +38,7 @@ os.environ.update(fastdds_environment(os.environ, Path(__file__).resolve().paren
 os.environ['PYTHONFAULTHANDLER'] = '1'
 
 from harness import REPO, WAIT_LIMIT_S, loom_cli  # noqa: E402,F401  (re-exported for fixtures)
+from harness import work_unit  # noqa: E402
 
 # Property tests must not depend on timing: hypothesis' default 200 ms deadline per example fails
 # tests on a loaded 2-core machine (CI runs the whole suite on one).
@@ -125,27 +126,6 @@ class RosHarness:
                 return True
             if time.monotonic() >= deadline:
                 pytest.fail(f'timed out after {limit:.0f} s waiting for {what} to answer')
-
-
-# Files that bring up a whole system (bring-up, the demo, the manager with its nodes) or run a
-# benchmark: under `make test` (pytest-xdist) they run one after another on one worker, never two
-# of them side by side on 2 cores; every other file is its own unit (its module fixtures set up
-# once, on one worker). Without xdist this changes nothing.
-SYSTEM_FILES = frozenset({
-    'test/agents/test_lifecycle_manager.py', 'test/bench/test_bus_bench.py',
-    'test/bench/test_speech_bench.py', 'test/bench/test_telemetry_bench.py',
-    'test/bringup/test_manager_nodes.py', 'test/cli/test_bringup_namespace.py',
-    'test/cli/test_bringup_supervision.py', 'test/cli/test_demo.py',
-    'test/config/test_strict_config.py', 'test/flows/test_flows.py',
-    'test/replay/test_deterministic_replay.py', 'test/test_launch_nodes.py',
-    'test/view/test_view_browser.py',
-})
-
-
-def work_unit(nodeid: str) -> str:
-    """The xdist work unit of a test: 'system' for SYSTEM_FILES, else its file."""
-    path = nodeid.split('::', 1)[0]
-    return 'system' if path in SYSTEM_FILES else path
 
 
 @pytest.hookimpl(optionalhook=True)   # a hook of pytest-xdist, absent under -p no:xdist

@@ -6,6 +6,27 @@ REPO = Path(__file__).resolve().parents[1]
 WAIT_LIMIT_S = 60.0  # upper bound on any wait for a condition; reaching it is a failure
 
 
+# Files that bring up a whole system (bring-up, the demo, the manager with its nodes) or run a
+# benchmark: under `make test` (pytest-xdist) they run one after another on one worker, never two
+# of them side by side on 2 cores; every other file is its own unit (its module fixtures set up
+# once, on one worker). Without xdist this changes nothing.
+SYSTEM_FILES = frozenset({
+    'test/agents/test_lifecycle_manager.py', 'test/bench/test_bus_bench.py',
+    'test/bench/test_speech_bench.py', 'test/bench/test_telemetry_bench.py',
+    'test/bringup/test_manager_nodes.py', 'test/cli/test_bringup_namespace.py',
+    'test/cli/test_bringup_supervision.py', 'test/cli/test_demo.py',
+    'test/config/test_strict_config.py', 'test/flows/test_flows.py',
+    'test/replay/test_deterministic_replay.py', 'test/test_launch_nodes.py',
+    'test/view/test_view_browser.py',
+})
+
+
+def work_unit(nodeid: str) -> str:
+    """The xdist work unit of a test: 'system' for SYSTEM_FILES, else its file."""
+    path = nodeid.split('::', 1)[0]
+    return 'system' if path in SYSTEM_FILES else path
+
+
 def loom_cli(*args: str) -> list[str]:
     return ['-m', 'loom_ros.cli', *args]
 
