@@ -84,12 +84,15 @@ class RosHarness:
             self.stale_callbacks += 1
 
     def call(self, client, request, what: str, resend_s: float = 5.0, limit: float = WAIT_LIMIT_S,
-             alive=()):
+             alive=(), settled=None):
         """A service call that survives DDS's discovery race: `service_is_ready` can be true
         before the server's reply writer has matched our reply reader, and that reply is lost.
         Waits for the service, then sends again every `resend_s` until one answer comes: only
         for requests that are safe to repeat (queries, get_state, get_parameters, and the
-        lifecycle manager's Trigger services, which answer a repeat as they did the first)."""
+        lifecycle manager's Trigger services, which answer a repeat as they did the first).
+        `settled()`, when given, is asked each time no answer came in time: anything but None
+        ends the call with it (the request took effect, only its answer was lost), None sends
+        the request again."""
         self.wait_for(client.service_is_ready, f'the {what} service', limit=limit, alive=alive)
         deadline = time.monotonic() + limit
         while True:
@@ -100,6 +103,8 @@ class RosHarness:
             if future.done():
                 return future.result()
             client.remove_pending_request(future)
+            if settled is not None and (result := settled()) is not None:
+                return result
             if time.monotonic() >= deadline:
                 pytest.fail(f'timed out after {limit:.0f} s waiting for {what} to answer')
 
@@ -111,21 +116,13 @@ class RosHarness:
         the node answered that it refused."""
         from lifecycle_msgs.msg import Transition
         from lifecycle_msgs.srv import ChangeState, GetState
-        self.wait_for(change.service_is_ready, f'the {what} service', limit=limit, alive=alive)
-        deadline = time.monotonic() + limit
-        while True:
-            future = change.call_async(ChangeState.Request(transition=Transition(id=transition)))
-            resend = min(deadline, time.monotonic() + resend_s)
-            self.wait_for(lambda: future.done() or time.monotonic() >= resend, what,
-                          limit=limit, alive=alive)
-            if future.done():
-                return future.result().success
-            change.remove_pending_request(future)
+
+        def reached():
             state = self.call(get_state, GetState.Request(), f'{what}: get_state', alive=alive)
-            if state.current_state.label == goal:
-                return True
-            if time.monotonic() >= deadline:
-                pytest.fail(f'timed out after {limit:.0f} s waiting for {what} to answer')
+            return True if state.current_state.label == goal else None
+        answer = self.call(change, ChangeState.Request(transition=Transition(id=transition)),
+                           what, resend_s, limit, alive, settled=reached)
+        return answer is True or answer.success
 
 
 @pytest.hookimpl(optionalhook=True)   # a hook of pytest-xdist, absent under -p no:xdist
