@@ -180,53 +180,40 @@ class Storage:
             store = self._stores[key] = factory()
         return store
 
-    # The stores' module imports faiss, which a process that never opens one need not load:
-    # it is imported on first use, and a store already open is returned without the import
-    # statement (a few microseconds a call, on paths called per event).
+    # The stores' modules import faiss, which a process that never opens a store need not
+    # load: each is imported inside its factory, on first use only (an open store is returned
+    # without running an import statement; these are called per event).
     @property
     def kv(self):
-        store = self._stores.get('kv')
-        if store is not None:
-            return store
-        from loom_ros.storage.stores import KVStore
-        return self._store('kv', lambda: KVStore(self))
+        return self._store('kv', lambda: _stores().KVStore(self))
 
     @property
     def agent_state(self):
-        store = self._stores.get('agent_state')
-        if store is not None:
-            return store
-        from loom_ros.storage.stores import AgentStateStore
-        return self._store('agent_state', lambda: AgentStateStore(self))
+        return self._store('agent_state', lambda: _stores().AgentStateStore(self))
 
     @property
     def episodes(self):
-        store = self._stores.get('episodes')
-        if store is not None:
-            return store
-        from loom_ros.storage.stores import EpisodeStore
-        return self._store('episodes', lambda: EpisodeStore(self))
+        return self._store('episodes', lambda: _stores().EpisodeStore(self))
 
     def facts(self, agent_id: str, embedder):
-        from loom_ros.storage.stores import FactStore
-        return self._store(('facts', agent_id), lambda: FactStore(self, agent_id, embedder))
+        return self._store(('facts', agent_id),
+                           lambda: _stores().FactStore(self, agent_id, embedder))
 
     def router_history(self, budget_period_s: float):
-        from loom_ros.storage.stores import RouterHistoryStore
-        return self._store('router', lambda: RouterHistoryStore(self, budget_period_s))
+        return self._store('router', lambda: _stores().RouterHistoryStore(self, budget_period_s))
 
     @property
     def blobs(self):
         """Large files in the configured object store, indexed here (blobs.py)."""
-        from loom_ros.storage.blobs import BlobStore
-        return self._store('blobs', lambda: BlobStore(self))
+        def open_blobs():
+            from loom_ros.storage.blobs import BlobStore
+            return BlobStore(self)
+        return self._store('blobs', open_blobs)
 
     @property
     def audit(self):
-        from loom_ros.storage.stores import AuditStore
-        return self._store('audit', lambda: AuditStore(self))
+        return self._store('audit', lambda: _stores().AuditStore(self))
 
-    # -- closing ---------------------------------------------------------------------------------
     def flush(self, timeout: float = 30.0) -> None:
         self.writer.flush(timeout)
 
@@ -257,3 +244,9 @@ class Storage:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _stores():
+    """loom_ros.storage.stores, imported on first use (it imports faiss)."""
+    from loom_ros.storage import stores
+    return stores

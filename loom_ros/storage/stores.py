@@ -356,12 +356,8 @@ class EpisodeStore:
 
     def record(self, agent_id: str, event) -> Ticket:
         op, kept = self.entry(agent_id, event)
-        if kept:   # span_op of one time, without its list, min and max
-            time_ms = op[1][2]
-            ops = (op, (self.AGENT_SPAN, (agent_id[:MAX_FIELD_CHARS], time_ms, time_ms)))
-        else:
-            ops = (op,)
-        ticket = self.storage.writer.submit(ops)
+        ticket = self.storage.writer.submit(
+            (op, self.span_op(agent_id, (op[1][2],))) if kept else (op,))
         if kept:
             self.remember(agent_id, event, ticket)
         return ticket
