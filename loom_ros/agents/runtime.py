@@ -560,7 +560,7 @@ class Dispatcher:
         _INLINE.queue = queue = deque((self, agent) for agent in agents)
         # As a worker does: the run's handlers first, their commits after (a broadcast's last
         # handler does not wait for the others' commits), at the latest every COMMIT_EVERY.
-        dirty: dict[int, Agent] = {}
+        dirty: dict[int, tuple[Dispatcher, Agent]] = {}   # (the agent's host, the agent)
         handled = 0
         try:
             while queue:
@@ -570,7 +570,7 @@ class Dispatcher:
                     if handled >= self.COMMIT_EVERY:
                         self._commit_all(dirty)
                         handled = 0
-                    dirty[id(agent)] = agent
+                    dirty[id(agent)] = dispatcher, agent
                     handled += 1
                     try:
                         more = agent.handle_one(defer_commit=True)
@@ -585,7 +585,7 @@ class Dispatcher:
             self._commit_all(dirty)
 
     def _work(self) -> None:
-        dirty: dict[int, Agent] = {}   # handled, commit not submitted yet (in handling order)
+        dirty: dict[int, tuple[Dispatcher, Agent]] = {}   # handled, commit not submitted yet
         handled, since = 0, 0.0        # handlers run since the last commits; the first's time
         while True:
             with self._cond:
@@ -606,7 +606,7 @@ class Dispatcher:
             if not handled:
                 since = self._clock()
             handled += 1
-            dirty[id(agent)] = agent
+            dirty[id(agent)] = self, agent
             try:
                 more = agent.handle_one(defer_commit=True)
             except Exception as exc:  # noqa: BLE001 - a worker never dies of one agent's event
@@ -623,14 +623,17 @@ class Dispatcher:
                     agent.persist_failed is None:
                 self.schedule(agent)
 
-    def _commit_all(self, dirty: dict) -> None:
-        agents = list(dirty.values())
+    @staticmethod
+    def _commit_all(dirty: dict) -> None:
+        """Submit the commits of `dirty` ({id: (its dispatcher, agent)}, in handling order); a
+        failure is counted by the agent's own dispatcher (an inline run spans hosts)."""
+        pairs = list(dirty.values())
         dirty.clear()
-        for agent in agents:
+        for owner, agent in pairs:
             try:
                 agent.commit_if_dirty()
             except Exception as exc:  # noqa: BLE001 - as for a handler: counted, go on
-                self._escaped(agent, exc)
+                owner._escaped(agent, exc)
 
     def _escaped(self, agent: Agent, exc: Exception) -> None:
         """What escaped handle_one (it contains behavior errors itself: this is a log call on a

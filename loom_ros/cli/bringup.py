@@ -338,6 +338,8 @@ def node_commands(args, selected, agent_ids, agents_file, params_file, robot_fil
 class NodeProcesses:
     """The node table as one supervised process per node (what launch does with respawn)."""
 
+    left_running = False   # no thread of this process stops a node (see RobotProcess.stop)
+
     def __init__(self, args, commands, tmp):
         self.failures: list[str] = []
         self.gave_up: dict[str, str] = {}
@@ -480,6 +482,8 @@ class Readiness:
 class RobotProcess:
     """The robot's nodes in this process, each spun by its own executor on its own thread; the
     agents hosted in one AgentNode here, which the manager brings up (spawn: false)."""
+
+    left_running = False   # stop() left a thread inside a node's teardown (rclpy must stay up)
 
     def __init__(self, args, selected, agent_ids, agents_file: str, params_file: str,
                  robot_file: str):
@@ -745,7 +749,7 @@ def main_with(args, ros_args: list[str]) -> int:
                 tracing.flush()
             for proc in side.values():   # SIGINT now, before rclpy's shutdown
                 proc.interrupt()
-            left_running = getattr(robot, 'left_running', False)
+            left_running = robot is not None and robot.left_running
             why = 'the nodes\' stop still runs' if left_running else \
                 within(rclpy.try_shutdown, RCLPY_SHUTDOWN_S, 'loom_bringup-shutdown')
             if why:

@@ -216,6 +216,37 @@ def test_two_inline_hosts_whose_agents_deliver_to_each_other_on_two_threads_do_n
         agent.cleanup()
 
 
+def test_a_failed_commit_in_another_hosts_agent_is_counted_by_its_own_host(storage):
+    """a (host 1) delivers to b (host 2) on the same thread: b joins host 1's inline run, and
+    b's commit, submitted at the end of that run, fails. Host 2 counts it, not host 1."""
+    d1, d2 = Dispatcher(0), Dispatcher(0)
+    peer = {}
+
+    class Forward:
+        def setup(self, settings):
+            pass
+
+        def handle(self, event, ctx):
+            ctx.state['n'] = ctx.state.get('n', 0) + 1
+            if ctx.agent_id == 'a':
+                d2.deliver(peer['b'], Event(type='fwd', id=f'{event.id}>b'))
+    a, b = agents_of(storage, {'probe': entry(Forward)}, ['a', 'b'])
+    peer['b'] = b
+
+    def broken_commit():
+        raise RuntimeError('the store broke')
+    b.commit_if_dirty = broken_commit
+    d1.deliver(a, Event(type='tick', id='e1'))
+    assert b.stats['handled'] == 0   # counted once committed: b's never was
+    assert (d1.errors, d2.errors) == (0, 1)
+    a.settle()
+    assert a.stats['handled'] == 1 and storage.agent_state.load('a') == ({'n': 1}, 1)
+    d1.close()
+    d2.close()
+    for agent in (a, b):
+        agent.cleanup()
+
+
 def test_mail_left_after_an_escaping_error_inline_is_still_handled(storage):
     """An error escaping handle_one (here the agent's own error log raises once) took only the
     event it failed on: the next one in the mailbox is handled in the same run, not left for a
