@@ -88,6 +88,7 @@ def system(ros, tmp_path_factory):
 
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState, GetState
+    from rclpy.qos import HistoryPolicy
 
     from loom_msgs.msg import AgentStatus
     from loom_msgs.srv import Forget
@@ -115,9 +116,12 @@ def system(ros, tmp_path_factory):
               '__node:=sim_sensors', '--params-file', str(params),
               env=table.node_env(table.by_name('sim_sensors'), os.environ))]
     seen = {'ui': [], 'intents': [], 'beats': []}
+    # Every state is asserted on, so the reader keeps all it has not taken: at the level's
+    # depth (100) a test process starved by a busy machine lost the oldest (flaky once).
+    keep_all = to_qos_profile('batched')
+    keep_all.history = HistoryPolicy.KEEP_ALL
     sub = ros.node.create_subscription(String, 'loom/ui/state',
-                                       lambda m: seen['ui'].append(json.loads(m.data)),
-                                       to_qos_profile('batched'))
+                                       lambda m: seen['ui'].append(json.loads(m.data)), keep_all)
     beats = ros.node.create_subscription(
         AgentStatus, topics.AGENTS_HEARTBEAT,
         lambda m: seen['beats'].append(m.node), to_qos_profile('background'))
