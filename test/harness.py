@@ -27,6 +27,19 @@ def work_unit(nodeid: str) -> str:
     return 'system' if path in SYSTEM_FILES else path
 
 
+def console_scripts() -> dict[str, str]:
+    """setup.py's console scripts: name -> 'module:function'."""
+    import ast
+    tree = ast.parse((REPO / 'setup.py').read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and key.value == 'console_scripts':
+                    entries = [ast.literal_eval(e) for e in value.elts]
+                    return dict(tuple(p.strip() for p in e.split('=', 1)) for e in entries)
+    raise AssertionError('no console_scripts in setup.py')
+
+
 def loom_cli(*args: str) -> list[str]:
     return ['-m', 'loom_ros.cli', *args]
 

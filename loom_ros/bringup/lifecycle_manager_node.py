@@ -41,6 +41,7 @@ from loom_ros.agents.supervisor import (KEY_ENV, LOCAL_BEATS, Beat, BeatAuth, He
 from loom_ros.bus import topics
 from loom_ros.bus.executor import run_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
+from loom_ros.bringup import entry
 from loom_ros.bringup.manager_core import ManagerCore
 from loom_ros.bringup.processes import Process, RestartPolicy
 from loom_ros.config.params import (ConfigError, ParamSpec, config_dir, declare_parameters,
@@ -550,7 +551,7 @@ class LifecycleManagerNode(Node):
 
     def _spawn(self, unit: Unit, key: bytes) -> Process:
         name = unit.node
-        args = [sys.executable, '-m', 'loom_ros.agents.agent_node', '--ros-args',
+        args = [*entry.command('loom_ros.agents.agent_node'), '--ros-args',
                 '-r', f'__node:={name}', '-r', f'__ns:={self.get_namespace()}']
         if self.params['agent_params_file']:
             args += ['--params-file', self.params['agent_params_file']]

@@ -50,6 +50,7 @@ import yaml
 
 from loom_ros.bridge.keys import RobotIdError, validate_robot_id
 from loom_ros.bridge.zenoh_link import INSECURE_WARNING
+from loom_ros.bringup import entry
 from loom_ros.bringup import nodes as table
 from loom_ros.bringup.processes import (
     Process, RestartPolicy, Supervised, stop_bound_s, stop_together,
@@ -328,7 +329,7 @@ def node_commands(args, selected, agent_ids, agents_file, params_file, robot_fil
                                  robot_file)
         own.write_text(yaml.safe_dump({f'/**/{node.name}': {'ros__parameters': params}}),
                        encoding='utf-8')
-        cmd = [sys.executable, '-m', node.module, '--ros-args', '-r', f'__node:={node.name}',
+        cmd = [*entry.command(node.module), '--ros-args', '-r', f'__node:={node.name}',
                '-r', f'__ns:={ns}', '--params-file', robot_file, '--params-file', str(own),
                *ros_args[1:]]
         out.append((node, cmd, table.node_env(node, os.environ)))
@@ -661,12 +662,12 @@ def main_with(args, ros_args: list[str]) -> int:
                           flush=True)
                 if not args.zenoh_connect:
                     side['zenoh_router'] = _start_side('zenoh_router', [
-                        sys.executable, '-m', 'loom_ros.bridge.zenoh_router', '--listen',
+                        *entry.command('loom_ros.bridge.zenoh_router'), '--listen',
                         _endpoint(args), *_zenoh_security(args)], args.log_dir)
                     _wait_ready(side['zenoh_router'], 'the Zenoh router', stop)
                 if args.cloud:
                     side['cloud'] = _start_side('cloud', [
-                        sys.executable, '-m', 'loom_ros.cloud.server', '--connect',
+                        *entry.command('loom_ros.cloud.server'), '--connect',
                         _endpoint(args), *_zenoh_security(args),
                         *(['--data-dir', args.cloud_data_dir] if args.cloud_data_dir else [])],
                         args.log_dir)

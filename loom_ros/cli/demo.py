@@ -38,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from loom_ros.bringup import entry
 from loom_ros.bringup.processes import Process
 from loom_ros.cli.bringup import STOP_BOUND_S
 from loom_ros.bus.qos import fastdds_environment
@@ -94,7 +95,7 @@ def _params(source: str, out: Path) -> Path:
 def _spawn(name: str, args: list[str], env: dict, log: Path | None = None) -> Process:
     """A child that dies with the demo, even a SIGKILLed one (a demo killed by a timeout left
     its bring-up running for good): SIGTERM, so bring-up still stops its nodes cleanly."""
-    cmd = [sys.executable, *args]
+    cmd = [sys.executable, *args]   # args: after the interpreter (entry.command()[1:])
     if log is None:
         return Process(cmd, name=name, env=env, stdout=subprocess.PIPE,
                        stderr=subprocess.DEVNULL, text=True, bufsize=1).start()
@@ -329,11 +330,11 @@ def run_demo(args) -> int:
             '--log-dir', str(out / 'logs'), '--keys-dir', args.keys_dir or str(out / 'keys'),
             *(['--insecure'] if args.insecure else [])], env, out / 'logs' / 'bringup.log'),
         'event_monitor': _spawn('event_monitor', [
-            '-m', 'loom_ros.bus.event_monitor_node', '--ros-args', '--params-file', str(params),
+            *entry.command('loom_ros.bus.event_monitor_node')[1:], '--ros-args', '--params-file', str(params),
             '-p', 'event_monitor:json_output:=true'], env),
         'record': _spawn('record', [
             # --root: the demo's consent registry decides what the recording may keep
-            '-m', 'loom_ros.cli.record', '--output', str(out / 'recording.mcap'),
+            *entry.command('loom_ros.cli.record')[1:], '--output', str(out / 'recording.mcap'),
             '--root', str(out), *(['--camera'] if getattr(args, 'record_camera', False)
                                   else [])], env,
             out / 'logs' / 'record.log'),

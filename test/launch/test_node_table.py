@@ -4,28 +4,18 @@ the same names and the same parameters. The launch part runs where launch_ros is
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from harness import REPO
+from harness import REPO, console_scripts
+from loom_ros.bringup import entry
 from loom_ros.bringup import nodes as table
 from loom_ros.cli import bringup
-
-
-def _console_scripts() -> dict[str, str]:
-    tree = ast.parse((REPO / 'setup.py').read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Dict):
-            for key, value in zip(node.keys, node.values):
-                if isinstance(key, ast.Constant) and key.value == 'console_scripts':
-                    entries = [ast.literal_eval(e) for e in value.elts]
-                    return dict(tuple(p.strip() for p in e.split('=', 1)) for e in entries)
-    raise AssertionError('no console_scripts in setup.py')
 
 
 def _args(**overrides) -> argparse.Namespace:
@@ -38,9 +28,12 @@ def _args(**overrides) -> argparse.Namespace:
 
 
 def test_every_table_node_is_a_console_script_running_its_module_main():
-    scripts = _console_scripts()
+    scripts = console_scripts()
     for node in table.NODES:
-        assert scripts[node.executable] == f'{node.module}:main', node.name
+        # through the entry (loom_ros/bringup/entry.py), which starts the module's main()
+        assert scripts[node.executable] == f'loom_ros.bringup.entry:{node.executable}', node.name
+        assert entry.MODULES[node.executable] == node.module, node.name
+        assert getattr(entry, node.executable).__name__ == node.executable
         assert callable(importlib.import_module(node.module).main)
         cls = node.load_class()
         assert cls.__module__ == node.module, node.name
@@ -73,7 +66,8 @@ def _bringup_plan(tmp_path: Path, namespace: str = 'robot7') -> dict[str, dict]:
         assert files[0] == robot_file and len(files) == 2   # the robot file, then its own
         own = yaml.safe_load(Path(files[1]).read_text())
         assert list(own) == [f'/**/{node.name}']
-        plan[node.name] = {'module': cmd[cmd.index('-m') + 1],
+        assert cmd[:3] == [sys.executable, '-m', 'loom_ros.bringup.entry']
+        plan[node.name] = {'module': cmd[3],
                            'remaps': [cmd[i + 1] for i, a in enumerate(cmd) if a == '-r'],
                            'params': own[f'/**/{node.name}']['ros__parameters'], 'env': env}
     return plan
@@ -83,11 +77,11 @@ def test_bringup_starts_each_table_node_as_launch_would(tmp_path):
     plan = _bringup_plan(tmp_path)
     assert list(plan) == [n.name for n in table.NODES]
     for node in table.NODES:
-        entry = plan[node.name]
-        assert entry['module'] == node.module
-        assert entry['remaps'] == [f'__node:={node.name}', '__ns:=/robot7']
+        planned = plan[node.name]
+        assert planned['module'] == node.module
+        assert planned['remaps'] == [f'__node:={node.name}', '__ns:=/robot7']
         if node.managed:
-            assert entry['params']['autostart'] is False
+            assert planned['params']['autostart'] is False
     manager = plan[table.MANAGER]['params']
     assert manager['nodes'] == ['router', 'plugin_host', 'storage', 'zenoh_bridge']
     assert manager['autostart'] is True and manager['spawn'] is True
