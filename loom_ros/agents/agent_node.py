@@ -224,6 +224,11 @@ class AgentNode(LifecycleNode):
                 self.get_logger().error(f'agent {agent_id}: cannot configure: {exc}')
                 continue
             self.agents[agent_id] = agent
+            # Its output topics now, not at its first emit: discovery runs while it waits for
+            # events, so what it emits first reaches the subscribers already there (a publisher
+            # made at the first emit wrote to no matched reader yet: its first events were lost).
+            for topic in (topics.agent_intent(agent_id), topics.agent_action(agent_id)):
+                self.bus.publisher_for(topic)
             # The service clients of the plugins it calls, made here on the executor's thread
             # rather than by a worker at its first event.
             self.ports.plugins.prepare(getattr(agent.behavior, 'plugins', ()))

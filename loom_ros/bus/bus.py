@@ -423,6 +423,14 @@ class EventBus:
         return local
 
     # -- subscribing --------------------------------------------------------------------------
+    def matched_publishers(self, topic: str) -> int:
+        """How many publishers this bus's readers of `topic` have matched (0 before a pattern
+        attached to it): what a caller waits on before relying on volatile events to arrive."""
+        with self._lock:
+            endpoints = [e for (t, _level), e in self._endpoints.items() if t == topic]
+        return sum(e.subscription.get_publisher_count() for e in endpoints
+                   if getattr(e, 'subscription', None) is not None)
+
     def subscribe(self, pattern: str, callback: Callback, qos=None,
                   backpressure: BackpressurePolicy | str | None = None,
                   depth: int | None = None) -> BusSubscription:

@@ -63,6 +63,10 @@ def test_sigkill_mid_stream_keeps_the_last_committed_state_and_restart_restores_
         pub = bus.publisher_for('test.tally', 'batched')
         ros.wait_for(lambda: pub.get_subscription_count() >= 1, 'the agent to subscribe',
                      alive=[proc])
+        # and its intents reach us: the agent makes their publisher when configured, before
+        # its first tick, but matching our reader may still be under way (intents are volatile)
+        ros.wait_for(lambda: bus.matched_publishers('agent.tally.intent') >= 1,
+                     "the agent's intents to match", alive=[proc])
         for i in range(3000):
             bus.publish('test.tally', Event(type='tick', id=f't{i}'), 'batched')
         bus.flush()
