@@ -45,10 +45,13 @@ from loom_ros.security import keys, sealed
 from loom_ros.security.keys import CredentialsError
 
 ECHO_MEMORY = 10000  # ids of events the bridge brought in, so it never sends them back out
-# Refusals before the rate limit (unsigned, unreadable envelopes, over the rate) are audited at
+# Refusals before the rate limits (unsigned, unreadable envelopes, over a rate) are audited at
 # most once per reason per this many seconds, with how many were not: a flood cannot flood the
-# audit log. Those after it are bounded by the rate and each audited.
+# audit log. Those after them are bounded by the rates (a granted rule's signature checks by its
+# verify bucket) and each audited.
 AUDIT_THROTTLE_S = 1.0
+# signed samples a granted rule lets reach the signature check, as a multiple of its rate and burst
+VERIFY_FACTOR = 10
 # A batch leaves when it holds this many bytes of samples; a larger event goes alone.
 BATCH_MAX_BYTES = 60000
 # Topics whose route (allowed, key, level) is remembered; past it the memory starts over.
@@ -124,6 +127,9 @@ class Bridge:
         self._echo: OrderedDict[str, None] = OrderedDict()
         contract = config.inbound
         self._buckets = {id(r): TokenBucket(r.rate, r.burst, clock) for r in contract.rules}
+        self._verify_buckets = {id(r): TokenBucket(r.rate * VERIFY_FACTOR,
+                                                   r.burst * VERIFY_FACTOR, clock)
+                                for r in contract.rules if r.grant is not None}
         self._replay = ReplayGuard(contract.replay_window_s, wall_ms)
         self._audited_at: dict[str, float] = {}
         self._suppressed: Counter = Counter()
@@ -308,7 +314,14 @@ class Bridge:
                 signed = read_signed(data)
             except CredentialsError:
                 return self._refuse('bad_envelope', where, throttled=True)
-        if not self._buckets[id(rule)].take():
+        # A granted rule's rate is spent only by commands that pass every check below: a
+        # sender without the grant, a bad signature or a replay must not use up the budget of
+        # the operators who hold it. What may reach the (costly) signature check is bounded
+        # apart, by a bucket VERIFY_FACTOR times the rule's.
+        if signed is not None:
+            if not self._verify_buckets[id(rule)].take():
+                return self._refuse('verify_rate_limited', where, throttled=True)
+        elif not self._buckets[id(rule)].take():
             return self._refuse('rate_limited', where, throttled=True)
         sender = {}
         if signed is not None:
@@ -325,6 +338,8 @@ class Bridge:
             verdict = self._replay.check(signed.ts_ms, signed.nonce)
             if verdict is not None:
                 return self._refuse(verdict, {**where, **sender, 'ts_ms': signed.ts_ms})
+            if not self._buckets[id(rule)].take():
+                return self._refuse('rate_limited', {**where, **sender}, throttled=True)
             data = signed.sample
         try:
             event = codec.decode(data, self.config.max_payload_bytes)

@@ -227,22 +227,30 @@ def read_signed(data: bytes) -> Signed:
 
 class ReplayGuard:
     """Refuses a (timestamp, nonce) outside the window or seen within it. Bounded: past
-    MAX_REMEMBERED_NONCES unexpired nonces, new ones are refused (never forgotten early)."""
+    MAX_REMEMBERED_NONCES unexpired nonces, new ones are refused (never forgotten early).
+    The nonces live in memory, so a guard refuses every sample signed before it started
+    ('before_start'): a bridge that restarted (a crash, a respawn, cleanup and configure) has
+    forgotten them, and a command it executed before would otherwise pass again within the
+    window. A sender whose clock is behind the robot's by d is refused for d after a restart."""
 
     def __init__(self, window_s: float, wall_ms: Callable[[], int],
                  limit: int = MAX_REMEMBERED_NONCES):
         self.window_ms = int(window_s * 1000)
         self.wall_ms = wall_ms
         self.limit = limit
+        self.started_ms = int(wall_ms())
         self._seen: OrderedDict[bytes, int] = OrderedDict()   # nonce -> expiry, in arrival order
 
     def check(self, ts_ms: int, nonce: bytes) -> str | None:
-        """None when fresh (and now remembered); else 'stale', 'replayed' or 'replay_full'."""
+        """None when fresh (and now remembered); else 'stale', 'before_start', 'replayed' or
+        'replay_full'."""
         now = self.wall_ms()
         while self._seen and next(iter(self._seen.values())) < now:
             self._seen.popitem(last=False)
         if abs(now - ts_ms) > self.window_ms:
             return 'stale'
+        if ts_ms < self.started_ms:
+            return 'before_start'
         if nonce in self._seen:
             return 'replayed'
         if len(self._seen) >= self.limit:
