@@ -328,7 +328,7 @@ class CloudClient:
             raise UploadRefused('Sensitive data goes up only sealed to the cloud, and no '
                                 'verified cloud certificate is known')
         try:
-            blob = sealed.seal(self.cloud_cert, encode(inner), sealed_aad(task),
+            blob = sealed.seal(self.cloud_cert, encode(inner), sealed_aad(task, self.signer.name),
                                ca_pem=self.ca_pem)
         except CredentialsError as exc:
             raise UploadRefused(f'cannot seal to the cloud certificate: {exc}') from None

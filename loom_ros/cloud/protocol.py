@@ -154,9 +154,12 @@ def reply_signed_bytes(ident: str, request_digest: bytes, body: bytes) -> bytes:
     return b'\0'.join((b'loom-cloud-reply/1', ident.encode(), request_digest, digest(body)))
 
 
-def sealed_aad(task: str) -> bytes:
-    """What a sealed request body is bound to besides the cloud's key: its task."""
-    return f'loom-cloud/{task}'.encode()
+def sealed_aad(task: str, client: str) -> bytes:
+    """What a sealed request body is bound to besides the cloud's key: its task and the identity
+    that signs the request carrying it. Bound to the task only, a blob another robot saw on a
+    shared router could be put in a request that robot signed, and the cloud answered it with
+    what the blob held (a Sensitive embedding's intent) to the wrong robot."""
+    return f'loom-cloud/{task}/{client}'.encode()
 
 
 def pack(header: dict, body: bytes) -> bytes:

@@ -482,7 +482,7 @@ class CloudService:
                 raise RequestInvalid('bad_request', 'sealed must be a base64 string')
             try:
                 inner = parse_request(sealed.unseal(self.signer.private_key, base64.b64decode(
-                    blob, validate=True), sealed_aad(admitted.task)))
+                    blob, validate=True), sealed_aad(admitted.task, admitted.client)))
             except (CredentialsError, binascii.Error, ValueError) as exc:
                 raise RequestInvalid('bad_request', f'sealed body unreadable: {exc}') from None
             body.update(inner)

@@ -80,6 +80,23 @@ def local_intent(request):
     return {'intent': 'unknown', 'source': 'local'}, 0.4
 
 
+def test_a_sealed_body_opens_only_in_a_request_its_sealer_signed(cloud, net, embedder, fleet):
+    # Review finding: the seal was bound to the task only, so robot2 could put robot1's sealed
+    # embedding (seen on a shared router) in a request of its own and get robot1's answer.
+    cloud()
+    client = CloudClient.from_keys(net.session('robot1'), fleet, 'robot1', embedder=embedder)
+    body = client.body_for('intent', 'will it be rainy tomorrow', Privacy.SENSITIVE, 'raw')
+    assert set(body) == {'sealed'}
+    session = net.session('robot2')
+    ok, reply, _ = signed_get(session, keys.load(fleet, 'robot1'), 'intent', dict(body),
+                              ident='own')
+    assert ok and reply['result']['intent'] == 'weather'       # its sealer's request: opened
+    ok, reply, signer = signed_get(session, keys.load(fleet, 'robot2'), 'intent', dict(body),
+                                   ident='reused')
+    assert signer == 'cloud' and not ok and reply['code'] == 'bad_request', reply
+    assert 'sealed body unreadable' in reply['error'] and 'result' not in reply
+
+
 def test_routes_run_cloud_hybrid_and_fall_back_with_costs(cloud, net, embedder, fleet):
     cloud()
     client = CloudClient.from_keys(net.session('robot1'), fleet, 'robot1', embedder=embedder)
