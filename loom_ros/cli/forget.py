@@ -19,6 +19,7 @@ import os
 import re
 import sys
 
+from loom_ros.bridge.zenoh_link import INSECURE_WARNING
 from loom_ros.bus.privacy import SubjectError, check_subject
 from loom_ros.config.params import ConfigError, node_defaults
 from loom_ros.security.audit import AuditError, AuditLog
@@ -105,7 +106,11 @@ def _fleet_link(layout: StorageLayout, args) -> FleetLink | None:
             params[f'forget.{key}'] = flag
     if args.insecure:
         params['forget.insecure'] = True
-    return FleetLink.from_params(params, layout.keys, prefix='forget.')
+    link = FleetLink.from_params(params, layout.keys, prefix='forget.')
+    if link is not None and link.insecure:   # the flag or storage.forget.insecure: said loudly
+        print(f'loom forget: WARNING fleet erasure link: {INSECURE_WARNING}', file=sys.stderr,
+              flush=True)
+    return link
 
 
 RETRY_LIMIT = 1000   # entries one --retry-pending asks for

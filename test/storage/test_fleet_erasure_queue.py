@@ -206,6 +206,17 @@ def test_a_link_that_is_down_queues_and_a_full_queue_says_not_queued(fleet, port
     audit.close()
 
 
+def test_an_insecure_fleet_link_is_said_loudly(fleet, port, tmp_path):
+    # Review finding: `loom forget --insecure` opened plain TCP without a word.
+    (tmp_path / 'root').mkdir()
+    base = ['--root', str(tmp_path / 'root'), '--connect', f'tcp/127.0.0.1:{port}',
+            '--keys-dir', str(fleet), '--identity', 'robot1', '--fleet-timeout', str(DOWN_S)]
+    plain = run_loom('forget', 'carol', *base, '--insecure')
+    assert 'WARNING fleet erasure link: INSECURE' in plain.stderr, plain.stderr
+    secure = run_loom('forget', 'carol', *base)
+    assert 'INSECURE' not in secure.stderr + secure.stdout, secure.stderr
+
+
 def test_unanswered_fleet_erasure_is_queued_retried_and_cleared_by_a_real_receipt(
         net, fleet, port, tmp_path):
     root = tmp_path / 'root'

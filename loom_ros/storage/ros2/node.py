@@ -41,6 +41,7 @@ import threading
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from loom_ros.agents.embedding import ModelError
+from loom_ros.bridge.zenoh_link import INSECURE_WARNING
 from loom_ros.bus import topics
 from loom_ros.bus.executor import ReleasingLifecycleNode, run_lifecycle_node
 from loom_ros.bus.qos import to_qos_profile
@@ -172,6 +173,8 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
             self.consent = ConsentRegistry(consent_path(layout.root), defaults, audit=self._audit,
                                            refs=SubjectRefs.at(layout.keys))
             self._fleet = FleetLink.from_params(self.params, layout.keys, prefix='forget.')
+            if self._fleet is not None and self._fleet.insecure:
+                self.get_logger().warning(f'fleet erasure link: {INSECURE_WARNING}')
             self._pending = PendingErasures(layout.root, backoff=Backoff(
                 float(self.params['forget.retry_backoff_s']),
                 max(float(self.params['forget.retry_backoff_s']),
