@@ -69,6 +69,10 @@ SERVICE_PERIOD_S = 0.005
 SERVICE_BATCH = 500
 # Inbound samples waiting for the executor; past it new samples are dropped and counted.
 INBOX_MAX = 10000
+INBOX_MAX_BYTES = 64 * 1024 * 1024   # and the bytes they hold: 10,000 samples of 4 MiB are 40 GB
+# what one inbound sample may hold beyond its event's payload (a signed envelope: certificate,
+# signature, time, nonce; the codec's fields)
+SAMPLE_SLACK_BYTES = 64 * 1024
 # Batched/Background events per outgoing Zenoh sample (core.Bridge): they leave when a batch is
 # full or on the next service call (SERVICE_PERIOD_S), the bus's own batching order of delay.
 OUT_BATCH_EVENTS = 100
@@ -136,7 +140,8 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         self._first_allow: dict = {}   # topic -> index of its first allow pattern (remembered)
         self._inbox: deque = deque()  # Zenoh's threads append, the executor pops
         self._inbox_dropped = 0
-        self._inbox_lock = threading.Lock()  # for the drop counter only; never held over Zenoh
+        self._inbox_bytes = 0
+        self._inbox_lock = threading.Lock()  # the inbox's counts; never held over Zenoh
         # Every use of self.bridge: composed, bus events arrive on the publishers' threads.
         self._lock = threading.Lock()
         # Bus events are taken only while active (under _lock): composed, a publisher's thread
@@ -198,7 +203,8 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         self._commands = commands
         self.bus = create_bus(self, SECTION)
         self._wake = self.create_timer(SERVICE_PERIOD_S, timer_callback(self._service))
-        self.link = ZenohLink(make_config, logger=self.get_logger())
+        self.link = ZenohLink(make_config, logger=self.get_logger(),
+                              max_sample_bytes=config.max_payload_bytes + SAMPLE_SLACK_BYTES)
         if identity is None:
             self.get_logger().warning(INSECURE_WARNING)
         self.bus.telemetry.add_check('transport security', lambda: transport_check(identity))
@@ -334,18 +340,24 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
                 self.bridge.send(event, topic)
 
     def _on_zenoh_sample(self, key: str, data: bytes) -> None:
-        """Zenoh's thread: hand over to the executor, which owns the bus (bounded, counted)."""
-        if len(self._inbox) >= INBOX_MAX:
-            with self._inbox_lock:
+        """Zenoh's thread: hand over to the executor, which owns the bus (bounded in samples
+        and bytes, counted)."""
+        with self._inbox_lock:
+            if len(self._inbox) >= INBOX_MAX or \
+                    self._inbox_bytes + len(data) > INBOX_MAX_BYTES:
                 self._inbox_dropped += 1
-            return
-        self._inbox.append((key, data))
+                return
+            self._inbox_bytes += len(data)
+            self._inbox.append((key, data))
 
     def _take_inbox_drops(self) -> None:
         if self._inbox_dropped:
             with self._inbox_lock:
                 dropped, self._inbox_dropped = self._inbox_dropped, 0
             self.bridge.stats['dropped_inbox_full'] += dropped
+        oversize = self.link.take_oversize_dropped() if self.link is not None else 0
+        if oversize:
+            self.bridge.stats['dropped_oversize'] += oversize
 
     def _service(self) -> None:
         """On the executor: publish what came in, then send what waits and can go; at most
@@ -355,10 +367,11 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         inbound = []
         with self._lock:
             for _ in range(SERVICE_BATCH):
-                try:
+                with self._inbox_lock:
+                    if not self._inbox:
+                        break
                     key, data = self._inbox.popleft()
-                except IndexError:
-                    break
+                    self._inbox_bytes -= len(data)
                 got = self.bridge.receive(key, data)
                 if got is not None:
                     inbound.append((key, got))

@@ -43,6 +43,11 @@ def secure_endpoint(endpoint: str) -> str:
     return 'tls/' + endpoint[4:] if endpoint.startswith('tcp/') else endpoint
 
 
+# The largest Zenoh message a Loom session takes in: twice the largest Loom sends (a 4 MiB event
+# payload or cloud request, with its envelope, certificate and signature).
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
 def session_config(mode: str, connect=(), listen=(), multicast_scouting: bool = False, *,
                    identity=None, access_control: dict | None = None):
     """A zenoh.Config: `mode`, explicit endpoints, multicast scouting off unless asked for.
@@ -78,6 +83,13 @@ def session_config(mode: str, connect=(), listen=(), multicast_scouting: bool = 
     if listen or mode != 'client':
         config.insert_json5('listen/endpoints', json.dumps(listen))
     config.insert_json5('scouting/multicast/enabled', json.dumps(bool(multicast_scouting)))
+    # What a peer may make this session reassemble, before any Loom check sees a byte: Zenoh's
+    # default is 1 GiB, so a 150 MiB request sat whole in the router's and the cloud's memory
+    # before the cloud's 1 MiB check refused it. Measured with eclipse-zenoh 1.10.2: the bound
+    # holds for the first oversized message of a link, not after the link carried another
+    # fragmented message; so it is defense in depth, and Loom bounds what it takes itself
+    # (ZenohLink's max_sample_bytes, the cloud's request limit) before copying or parsing.
+    config.insert_json5('transport/link/rx/max_message_size', json.dumps(MAX_MESSAGE_BYTES))
     if access_control is not None:
         config.insert_json5('access_control', json.dumps(access_control))
     return config
@@ -87,8 +99,13 @@ class ZenohLink:
     """Transport for loom_ros.bridge.core.Bridge over one zenoh.Session."""
 
     def __init__(self, make_config: Callable[[], object], on_change: Callable[[], None] = lambda: None,
-                 retry_s: float = 0.5, logger=None):
+                 retry_s: float = 0.5, logger=None, max_sample_bytes: int = MAX_MESSAGE_BYTES):
         self._make_config = make_config
+        # A sample longer than this is dropped and counted on Zenoh's thread, before its bytes
+        # are copied out of Zenoh's buffer (what a subscriber's callback is handed otherwise).
+        self.max_sample_bytes = int(max_sample_bytes)
+        self.oversize_dropped = 0
+        self._count_lock = threading.Lock()   # the counter's alone: _lock is held over Zenoh
         self._on_change = on_change
         self._retry_s = retry_s
         self._logger = logger
@@ -232,6 +249,12 @@ class ZenohLink:
             raise ConnectionError('zenoh session is not open')
         pub.put(data)
 
+    def take_oversize_dropped(self) -> int:
+        """Samples dropped for their size since the last call."""
+        with self._count_lock:
+            dropped, self.oversize_dropped = self.oversize_dropped, 0
+        return dropped
+
     def subscribe(self, key_expr: str, callback: Callable[[str, bytes], None]) -> None:
         """Call `callback(key, payload)` for samples from other sessions on `key_expr`."""
         with self._lock:
@@ -243,6 +266,11 @@ class ZenohLink:
         import zenoh
 
         def on_sample(sample):
-            callback(str(sample.key_expr), sample.payload.to_bytes())
+            payload = sample.payload
+            if len(payload) > self.max_sample_bytes:
+                with self._count_lock:
+                    self.oversize_dropped += 1
+                return
+            callback(str(sample.key_expr), payload.to_bytes())
         self._subscribers.append(self.session.declare_subscriber(
             key_expr, on_sample, allowed_origin=zenoh.Locality.REMOTE))

@@ -56,7 +56,7 @@ if __name__ == '__main__':
     subscriber_main(*sys.argv[1:4])
     sys.exit(0)
 
-from conftest import endpoint, test_fleet  # noqa: E402
+from link_fixtures import endpoint, test_fleet  # noqa: E402
 from harness import LinePeer  # noqa: E402
 from loom_ros.bus.event import Event, Privacy  # noqa: E402
 from loom_ros.security import keys  # noqa: E402
