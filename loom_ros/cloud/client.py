@@ -299,8 +299,14 @@ class CloudClient:
         if data.get('id') != corr:
             self.stats['invalid_reply'] += 1
             return None
+        # Whether it succeeded is what the signed body says: Zenoh's ok/err status is not
+        # signed, and a router that flips it (a refusal shown as an answer, an answer as a
+        # refusal) is forging.
+        if data.get('ok') is not (ok is not None):
+            self.stats['forged_reply'] += 1
+            return None
         self.cloud_cert = header['cert'].encode()   # a verified cloud certificate
-        return ok is not None, data
+        return data['ok'], data
 
     def body_for(self, task: str, text: str, privacy, upload: str) -> dict:
         """What may be sent for `text` at this privacy tier and upload mode (UploadRefused if nothing)."""

@@ -58,6 +58,10 @@ class CloudNet:
             code, out, err = proc.finish()
             pytest.fail(f'zenoh router did not start (exit {code}):\n{line}{out}\n{err}')
 
+    def router(self, secure: bool = True) -> None:
+        """The router alone (a test serving loom/cloud itself)."""
+        self._router(secure)
+
     def start(self, *flags, secure: bool = True):
         """A loom_cloud signing as the fleet's `cloud` (also its TLS identity when secure)."""
         self._router(secure)

@@ -72,6 +72,36 @@ def test_forged_replies_are_rejected_and_the_genuine_answer_taken(cloud, net, sp
     assert set(answers) == {('weather', 'genuine', 'minilm-logreg-intent')}
 
 
+def test_a_reply_whose_status_disagrees_with_its_signed_body_is_forged(net, fleet):
+    # Review finding: Zenoh's ok/err status of a reply is not signed and the client believed it
+    # over the signed body, so a router turning a signed refusal into an answer made the client
+    # take an empty result as the cloud's. A cloud identity here answers as such a router would
+    # pass it on: a genuine signed body under the opposite status.
+    from loom_ros.cloud.protocol import digest, unpack
+    net.router()
+    signer, served = Signer(keys.load(fleet, 'cloud')), []
+
+    def flipped(query):
+        data = query.payload.to_bytes()
+        ident = unpack(data)[0]['id']
+        if len(served) % 2 == 0:   # a refusal, passed on as an answer
+            query.reply(query.key_expr, signer.reply(ident, digest(data), {
+                'id': ident, 'ok': False, 'code': 'busy', 'error': 'later', 'server': 's'}))
+        else:                      # an answer, passed on as a refusal
+            query.reply_err(signer.reply(ident, digest(data), {
+                'id': ident, 'ok': True, 'task': 'intent', 'cost': 0.0, 'model': 'm',
+                'server': 's', 'result': {'intent': 'move', 'confidence': 1.0}}))
+        served.append(ident)
+    queryable = net.session('cloud').declare_queryable('loom/cloud/infer/*', flipped,
+                                                       complete=True)
+    client = CloudClient.from_keys(net.session('robot1'), fleet, 'robot1')
+    for _ in range(2):
+        result = client.infer('intent', {'text': 'will it rain today'}, 2000.0)
+        assert not result.ok and result.code == 'forged', (result, client.stats)
+    assert len(served) >= 2 and client.stats['forged_reply'] >= 2
+    queryable.undeclare()
+
+
 class Upstream:
     """A local OpenAI-compatible chat endpoint that records what it was sent."""
 
