@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, check_subject
-from loom_ros.security.keyring import KEYRING_FILE, Keyring, KeyringError
+from loom_ros.security.keyring import KEYRING_FILE, Keyring, KeyringError, ShreddedError
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore
 from loom_ros.storage.backend.local import LocalObjectStore
 from loom_ros.storage.cold import MAGIC as COLD_MAGIC, IndexParams
@@ -393,8 +393,11 @@ def _forget_unit(lifecycle: '_UnitEraser', db: Path, subject: str, key_ids,
                     'where subject = ?)', (subject,))
                 counts['decisions'] += _delete(conn, 'delete from decisions where subject = ?',
                                                (subject,))
-            blobs = [r[0] for r in conn.execute('select key from blobs where key like ?',
-                                                (f'{SUBJECT_OBJECTS}/{subject}/%',))]
+            # By exact prefix: LIKE ignores ASCII case and takes `_` (valid in a subject id) as
+            # any character, so forget('bob_1') deleted the blob rows of BOB_1 and bobX1 too.
+            prefix = f'{SUBJECT_OBJECTS}/{subject}/'
+            blobs = [r[0] for r in conn.execute('select key from blobs where substr(key, 1, ?) '
+                                                '= ?', (len(prefix), prefix))]
             conn.executemany('delete from blobs where key = ?', [(k,) for k in blobs])
             counts['blobs'] += len(blobs)
             conn.execute('COMMIT')
@@ -470,8 +473,13 @@ def _forget_archives(lifecycle: Lifecycle, subject: str, key_ids, receipt: Recei
             continue   # encrypted and no keyring given: only the subject's key files are known
         try:
             records = lifecycle.read_archive(key)
-        except (KeyringError, StorageError):
-            continue   # shredded (a destroyed key) or damaged: nothing readable to erase
+        except ShreddedError:
+            continue   # a destroyed key: nothing in it can be read by anyone
+        except StorageError as exc:   # damaged, truncated, tampered: part of it may still be
+            # read by other means, and may hold the subject's records: the receipt says so
+            receipt.not_covered.append(f'archive {key[:80]!r}: damaged, not rewritten '
+                                       f'({str(exc)[:120]})')
+            continue
         keep = [r for r in records if r.get('subject') != subject]
         gone = len(records) - len(keep)
         if not gone:

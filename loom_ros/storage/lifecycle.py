@@ -460,7 +460,10 @@ class Lifecycle:
                 pending = lines.pop()
                 if len(pending) > MAX_ARCHIVE_LINE:
                     raise StorageError(f'archive {key}: a line longer than {MAX_ARCHIVE_LINE}')
-                out += [json.loads(line) for line in lines if line]
+                records = [json.loads(line) for line in lines if line]
+                if not all(type(r) is dict for r in records):
+                    raise ValueError('a record that is not a JSON object')
+                out += records
         except (zlib.error, ValueError) as exc:
             raise StorageError(f'archive {key}: damaged ({exc})') from None
         if not inflater.eof or pending.strip():

@@ -229,6 +229,8 @@ class StorageService:
               limit: int = 100) -> list[dict]:
         if kind not in ('episodes', 'memories'):
             raise StorageError(f'kind {kind[:40]!r}: episodes or memories')
+        # SQLite integers are 64-bit: a time past them is the end of time, not an OverflowError
+        start_ms, end_ms = (max(-2**63, min(2**63 - 1, int(t))) for t in (start_ms, end_ms))
         units = [unit] if unit else self.units()
         missing = [u for u in units if u not in self.lifecycles]
         if missing:

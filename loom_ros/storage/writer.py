@@ -296,17 +296,17 @@ class GroupCommitWriter:
         except Exception as exc:   # noqa: BLE001 - every failure is handed to the tickets
             self._rollback()
             if is_full(exc) or isinstance(exc, StorageFullError):
-                batch.error = exc if isinstance(exc, StorageFullError) else StorageFullError(
-                    f'{self.name}: disk or budget full: {exc}; nothing of this batch was stored')
-                if self.stop_when_full and self.stopped is None:
-                    self.stopped = StorageFullError(f'{batch.error}; writes stopped after it')
+                self._full(batch, exc)
             elif isinstance(exc, sqlite3.Error) and len(items) > 1:
                 try:   # isolate the bad write: one savepoint per submit
                     self._run_batch(items, savepoints=True, errors=batch.errors)
                 except Exception as again:   # noqa: BLE001
                     self._rollback()
                     batch.errors.clear()
-                    batch.error = self._wrap(again)
+                    if is_full(again) or isinstance(again, StorageFullError):
+                        self._full(batch, again)   # full during the re-run: stopped as well
+                    else:
+                        batch.error = self._wrap(again)
             else:
                 batch.error = self._wrap(exc)
         if batch.error is None:
@@ -319,6 +319,14 @@ class GroupCommitWriter:
             self.failed += len(items)
         batch.committed_at = time.perf_counter()
         batch.finish()
+
+    def _full(self, batch: _Batch, exc: BaseException) -> None:
+        """The batch failed for a full disk or budget: nothing of it stored, and with
+        stop_when_full no later write lands after it (it may depend on what was lost)."""
+        batch.error = exc if isinstance(exc, StorageFullError) else StorageFullError(
+            f'{self.name}: disk or budget full: {exc}; nothing of this batch was stored')
+        if self.stop_when_full and self.stopped is None:
+            self.stopped = StorageFullError(f'{batch.error}; writes stopped after it')
 
     def _wrap(self, exc: BaseException) -> StorageError:
         if isinstance(exc, StorageError):

@@ -36,6 +36,11 @@ def test_stats_query_compact_and_rebuild(tmp_path):
                  '--until-ms', str(OLD_MS + 4_500))
     assert [json.loads(line)['event_id'] for line in found.stdout.splitlines()] == \
         ['e0', 'e1', 'e2', 'e3', 'e4']
+    # Times past SQLite's 64-bit integers are the ends of time, not an OverflowError traceback
+    # (review finding).
+    wide = loom('query', 'episodes', '--root', root, '--embedder', 'hash', '--agent', 'greeter',
+                '--since-ms', str(-10**20), '--until-ms', str(10**20), '--limit', '100')
+    assert wide.returncode == 0 and len(wide.stdout.splitlines()) == 51, wide.stderr
     compact = loom('compact', '--root', root, '--embedder', 'hash', '--json')
     assert compact.returncode == 0, compact.stderr
     tiers = json.loads(compact.stdout)['tiers']

@@ -30,6 +30,7 @@ from loom_ros.storage.backend.local import LocalObjectStore
 from loom_ros.storage.consent import ConsentRegistry, SubjectRefs, consent_path
 from loom_ros.storage.embedding import HashEmbedder
 from loom_ros.storage.erasure import ErasureError, export, forget
+from loom_ros.storage.errors import StorageError
 from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.lifecycle import Lifecycle, LifecycleParams, TierPolicy
 from loom_ros.storage.sqlite import integrity_ok
@@ -442,3 +443,67 @@ def test_plugin_data_is_erased_without_following_links(tmp_path):
     assert (outside / a.id / 'keep.txt').read_text() == 'not under the root'
     assert (outside / 'target.txt').read_text() == 'linked from the root'
     assert 'plugin data outside <root>/plugins/<plugin>/subjects/<subject>/' in receipt.not_covered
+
+
+def _consenting_root(root: Path, subjects) -> StorageLayout:
+    layout = StorageLayout.at(root)
+    audit = AuditLog(layout.audit)
+    consent = ConsentRegistry(consent_path(root), audit=audit, refs=SubjectRefs.at(layout.keys))
+    for s in subjects:
+        consent.grant(s, 'store', 'cli:test')
+    consent.close()
+    audit.close()
+    return layout
+
+
+def test_forget_erases_only_its_own_subjects_blobs(tmp_path):
+    # Review finding: blob rows were found with LIKE, which ignores ASCII case and takes `_`
+    # (valid in an id) as any character: forget('bob_1') deleted BOB_1's and bobX1's rows too.
+    subjects = ['bob_1', 'BOB_1', 'bobX1']
+    layout = _consenting_root(tmp_path, subjects)
+    with Storage(StorageConfig(root=str(tmp_path), unit='u')) as storage:
+        refs = {s: storage.blobs.put('photo', 'p.jpg', f'face of {s}'.encode(), subject=s)
+                for s in subjects}
+    receipt = forget(layout, 'bob_1', requested_by='dpo:test')
+    assert receipt.counts['blobs'] == 1
+    with Storage(StorageConfig(root=str(tmp_path), unit='u')) as storage:
+        with pytest.raises(StorageError):
+            storage.blobs.get(refs['bob_1'].key)
+        for s in ('BOB_1', 'bobX1'):
+            assert storage.blobs.get(refs[s].key) == f'face of {s}'.encode()
+
+
+def _archived(tmp_path, subject: str) -> tuple[StorageLayout, Path]:
+    """400 events of `subject` moved straight from warm to one archive file (cold: false)."""
+    layout, clock = _consenting_root(tmp_path, [subject]), MsClock(T0)
+    with Storage(StorageConfig(root=str(tmp_path), unit='u'), clock=clock) as storage:
+        for i in range(400):
+            ticket = storage.episodes.record('a', Event(
+                type='chat.said', source='mic', id=f'e{i}', timestamp_ms=T0 + i * 1000,
+                payload=b'{"said":"SECRET-%d %s"}' % (i, b'y' * 40),
+                metadata={SUBJECT_METADATA_KEY: subject}))
+        ticket.wait(WAIT_LIMIT_S)
+    lifecycle = Lifecycle(layout, 'u', LocalObjectStore(layout.objects), HashEmbedder(),
+                          LifecycleParams(default=TierPolicy(warm_s=60, cold=False)),
+                          clock=clock)
+    clock.ms = T0 + 500_000
+    lifecycle.run_once()
+    lifecycle.close()
+    [path] = (layout.objects / 'archive' / 'u').rglob('*.gz')
+    return layout, path
+
+
+def test_a_damaged_archive_holding_the_subject_is_named_in_the_receipt(tmp_path):
+    # Review finding: a truncated archive (its readable part still holding the subject's
+    # records) was skipped without a word; a tampered one (a line that is not an object)
+    # stopped the erasure half way with an AttributeError.
+    layout, path = _archived(tmp_path / 'cut', 'alice')
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    receipt = forget(layout, 'alice', requested_by='dpo:test')
+    assert any(path.name[:20] in n and 'damaged' in n for n in receipt.not_covered), \
+        receipt.not_covered
+    layout, path = _archived(tmp_path / 'odd', 'alice')
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()) + b'[1]\n'))
+    receipt = forget(layout, 'alice', requested_by='dpo:test')   # goes through, and says so
+    assert any('not a JSON object' in n for n in receipt.not_covered), receipt.not_covered
+    assert receipt.counts['episodes'] == 0   # everything of alice was archived, then erased
