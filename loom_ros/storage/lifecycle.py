@@ -562,37 +562,56 @@ class Lifecycle:
         return out
 
     def enforce_budgets(self) -> MoveReport:
-        """Past a budget: the oldest archive files, then the oldest cold memories, go."""
+        """Past a budget: the oldest archive files, then the oldest cold memories, go, as many
+        as the excess measured once at the start, counted by the bytes each accounts for (an
+        archive file's, a cold row's). Not by measuring the files again after each deletion: a
+        deletion goes to the WAL first, so the files grow until a checkpoint, and a loop that
+        re-measured them deleted every archive file and cold memory for being 8 KiB over. The
+        WAL is checkpointed before measuring and after deleting, so the next round measures
+        what the deletions freed."""
         report, b = MoveReport(), self.budgets
         if not (b.total_bytes or b.archive_bytes or b.cold_bytes):
             return report
+        self._checkpoint()
+        u = self.usage()
 
-        def over() -> bool:
-            u = self.usage()
-            return ((b.total_bytes and u['total']['bytes'] > b.total_bytes) or
-                    (b.archive_bytes and u['archive']['bytes'] > b.archive_bytes) or
-                    (b.cold_bytes and u['cold']['bytes'] > b.cold_bytes))
-
-        for _ in range(10000):
-            if not over():
-                return report
-            row = self.conn.execute("select key from archive where state = 'done' order by "
-                                    'last_ms limit 1').fetchone()
+        def excess(used: int, budget: int) -> int:
+            return max(0, used - budget) if budget else 0
+        total = excess(u['total']['bytes'], b.total_bytes)
+        archive = max(excess(u['archive']['bytes'], b.archive_bytes), total)
+        while archive > 0:   # the total's excess comes from the archive first
+            row = self.conn.execute("select key, bytes from archive where state = 'done' "
+                                    'order by last_ms limit 1').fetchone()
             if row is None:
                 break
             self._drop_archive(row[0])
             report.archive_deleted += 1
-        for _ in range(10000):
-            if not over():
-                return report
-            ids = [r[0] for r in self.conn.execute(
-                'select id from cold order by last_ms, id limit ?',
-                (max(1, self.params.move_batch // 10),)).fetchall()]
-            if not ids:
+            archive -= int(row[1] or 0)
+            total -= int(row[1] or 0)
+        cold = max(excess(u['cold']['bytes'], b.cold_bytes), total)
+        # a cold memory's bytes: its row's and its share of the vector index (in cold's usage)
+        index_share = self.index.memory_bytes() // max(1, u['cold']['rows'])
+        while cold > 0:      # then from the oldest cold memories
+            rows = self.conn.execute('select id, bytes from cold order by last_ms, id limit ?',
+                                     (max(1, self.params.move_batch // 10),)).fetchall()
+            if not rows:
                 break
+            ids = []
+            for row_id, size in rows:
+                ids.append(row_id)
+                cold -= max(1, int(size or 0) + index_share)
+                if cold <= 0:
+                    break
             self._delete_cold(ids)
             report.budget_deleted += len(ids)
+        if report.archive_deleted or report.budget_deleted:
+            self._checkpoint()
         return report
+
+    def _checkpoint(self) -> None:
+        """Move the WAL into the database (what a deletion freed shows in its header)."""
+        if not self.read_only:
+            self.conn.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchall()
 
     # -- the index -------------------------------------------------------------------------------
     def save_index(self, force: bool = False) -> None:

@@ -138,8 +138,11 @@ def test_skips_batches_from_this_process_after_the_header():
 @given(st.data())
 @settings(max_examples=100, deadline=None)
 def test_damaged_single_events_give_a_wire_error(data):
+    # Fixed ids and times: generated ones change the length between examples, and hypothesis
+    # then calls the strategy flaky (FlakyStrategyDefinition, once in a full run).
     good = bytearray(encode_event_message(
-        Event(type='t', payload=b'xy', tags=['a'], metadata={'k': 'v'}), 1, 2))
+        Event(type='t', id='e1', timestamp_ms=1, payload=b'xy', tags=['a'],
+              metadata={'k': 'v'}), 1, 2))
     cut = data.draw(st.integers(0, len(good) - 1))
     with pytest.raises(WireError):
         decode_event_message(bytes(good[:cut]))
@@ -154,8 +157,9 @@ def test_damaged_single_events_give_a_wire_error(data):
 @given(st.data())
 @settings(max_examples=100, deadline=None)
 def test_damaged_bytes_give_a_wire_error(data):
-    good = bytearray(serialized([Event(type='t', payload=b'xy', tags=['a'], metadata={'k': 'v'}),
-                                 Event(type='u')], bus_id=1))
+    good = bytearray(serialized([Event(type='t', id='e1', timestamp_ms=1, payload=b'xy',
+                                       tags=['a'], metadata={'k': 'v'}),
+                                 Event(type='u', id='e2', timestamp_ms=2)], bus_id=1))
     cut = data.draw(st.integers(0, len(good) - 1))
     with pytest.raises(WireError):
         decode_event_batch(bytes(good[:cut]))   # every truncation is refused, not misread
