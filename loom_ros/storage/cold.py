@@ -72,6 +72,7 @@ class ColdIndex:
             faiss.omp_set_num_threads(params.threads)
         self.index = self._flat()
         self.seq = 0
+        self.database_id = ''   # the database it serves (load, rebuild): saved in its header
 
     def _flat(self):
         return faiss.IndexIDMap2(faiss.IndexFlatIP(self.params.dim))
@@ -95,6 +96,7 @@ class ColdIndex:
         """Read the file and replay the log after it; IndexMismatchError if that cannot match."""
         rows = conn.execute('select count(*) from cold').fetchone()[0]
         last = _last_seq(conn)
+        self.database_id = database_id(conn)
         if not self.path.exists():
             first = conn.execute('select min(seq) from cold_log').fetchone()[0]
             if rows == 0 or first == 1:       # nothing yet, or the whole log is still there
@@ -103,7 +105,12 @@ class ColdIndex:
                 raise IndexMismatchError(f'{self.path}: missing, and {rows} cold rows need it; '
                                          'rebuild it: loom storage compact --rebuild-index')
         else:
-            self._read()
+            made_for = self._read()
+            if made_for is not None and made_for != self.database_id:
+                raise IndexMismatchError(
+                    f'{self.path}: the index of another database ({str(made_for)[:40]}), not of '
+                    f'this one ({self.database_id or "unnamed"}); rebuild it: loom storage '
+                    'compact --rebuild-index')
             if self.seq > last:
                 raise IndexMismatchError(
                     f'{self.path}: covers cold log position {self.seq} but the database ends at '
@@ -119,7 +126,8 @@ class ColdIndex:
             raise IndexMismatchError(f'{self.path}: {self.ntotal} vectors for {rows} cold rows; '
                                      'rebuild it: loom storage compact --rebuild-index')
 
-    def _read(self) -> None:
+    def _read(self) -> str | None:
+        """Load the file; the database id it was saved for (None: saved before ids)."""
         try:
             blob = self.path.read_bytes()
             if blob[:8] != MAGIC:
@@ -136,11 +144,13 @@ class ColdIndex:
                                      'compact --rebuild-index')
         self.index, self.seq = index, int(header['seq'])
         self._tune()
+        made_for = header.get('database') if isinstance(header, dict) else None
+        return None if made_for is None else str(made_for)
 
     def save(self) -> None:
         """Write the index atomically (temporary file, fsync, rename)."""
         header = json.dumps({'seq': self.seq, 'dim': self.params.dim, 'kind': self.kind,
-                             'ntotal': self.ntotal}).encode()
+                             'ntotal': self.ntotal, 'database': self.database_id}).encode()
         body = faiss.serialize_index(self.index)
         tmp = self.path.with_name(self.path.name + '.part')
         try:
@@ -203,6 +213,7 @@ class ColdIndex:
         """A new index from the rows' codes (no re-embedding), covering the log to its end."""
         p = self.params
         last = _last_seq(conn)
+        self.database_id = database_id(conn)
         n = conn.execute('select count(*) from cold').fetchone()[0]
         ivf = n >= p.train_at if trained is None else trained
         if ivf:
@@ -237,6 +248,12 @@ class ColdIndex:
         _scores, ids = self.index.search(np.ascontiguousarray(query[None, :], np.float32),
                                          min(n, self.ntotal))
         return [int(i) for i in ids[0] if i >= 0]
+
+
+def database_id(conn: sqlite3.Connection) -> str:
+    """The id schema.ensure gave the database ('' for a file it has not opened yet)."""
+    row = conn.execute("select value from meta where key = 'database_id'").fetchone()
+    return str(row[0]) if row is not None else ''
 
 
 def _last_seq(conn: sqlite3.Connection) -> int:

@@ -3,6 +3,7 @@ from a newer Loom is refused rather than misread."""
 from __future__ import annotations
 
 import sqlite3
+import uuid
 
 from loom_ros.storage.errors import StorageError
 
@@ -169,6 +170,9 @@ def ensure(conn: sqlite3.Connection, path) -> None:
         for statement in DDL:
             conn.execute(statement)
         upgrade_subjects(conn)
+        # which database this is: a cold index file names it, so one of another unit with the
+        # same shape is not taken for this one's (storage/cold.py)
+        conn.execute("insert or ignore into meta values ('database_id', ?)", (uuid.uuid4().hex,))
         row = conn.execute("select value from meta where key = 'version'").fetchone()
         found = _version(row[0], path) if row is not None else None
         if found is None:

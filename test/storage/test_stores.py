@@ -307,6 +307,21 @@ def test_index_that_does_not_match_its_rows_is_a_clear_error_and_rebuilds(storag
     index.write_bytes(StorageLayout.at(tmp_path / 'o').cold_index('t').read_bytes())
     with pytest.raises(IndexMismatchError):
         lifecycle(storage, clock)
+    # One of the same shape (the same rows and log position: the same events, another root)
+    # was taken for this one's and searched (review finding): each names its database now.
+    same = Storage(StorageConfig(root=str(tmp_path / 's'), unit='t'), clock=clock)
+    for i in range(30):
+        same.episodes.record('a', event(i))
+    same.flush()
+    clock.ms = T0 + 200_000
+    slc = lifecycle(same, clock)
+    slc.run_once()
+    assert (slc.usage()['cold']['rows'], slc.index.seq) == (rows, lc.index.seq)
+    slc.close()
+    same.close()
+    index.write_bytes(StorageLayout.at(tmp_path / 's').cold_index('t').read_bytes())
+    with pytest.raises(IndexMismatchError, match='the index of another database'):
+        lifecycle(storage, clock)
     index.unlink()
     with pytest.raises(IndexMismatchError, match='missing'):
         lifecycle(storage, clock)
