@@ -562,56 +562,27 @@ class Lifecycle:
         return out
 
     def enforce_budgets(self) -> MoveReport:
-        """Past a budget: the oldest archive files, then the oldest cold memories, go, as many
-        as the excess measured once at the start, counted by the bytes each accounts for (an
-        archive file's, a cold row's). Not by measuring the files again after each deletion: a
-        deletion goes to the WAL first, so the files grow until a checkpoint, and a loop that
-        re-measured them deleted every archive file and cold memory for being 8 KiB over. The
-        WAL is checkpointed before measuring and after deleting, so the next round measures
-        what the deletions freed."""
-        report, b = MoveReport(), self.budgets
-        if not (b.total_bytes or b.archive_bytes or b.cold_bytes):
-            return report
-        self._checkpoint()
-        u = self.usage()
+        """This unit's data against the budgets (`enforce_budgets` below, over one unit; the
+        storage service runs it over every unit of the root)."""
+        return enforce_budgets([self], self.budgets, self.layout)
 
-        def excess(used: int, budget: int) -> int:
-            return max(0, used - budget) if budget else 0
-        total = excess(u['total']['bytes'], b.total_bytes)
-        archive = max(excess(u['archive']['bytes'], b.archive_bytes), total)
-        while archive > 0:   # the total's excess comes from the archive first
-            row = self.conn.execute("select key, bytes from archive where state = 'done' "
-                                    'order by last_ms limit 1').fetchone()
-            if row is None:
-                break
-            self._drop_archive(row[0])
-            report.archive_deleted += 1
-            archive -= int(row[1] or 0)
-            total -= int(row[1] or 0)
-        cold = max(excess(u['cold']['bytes'], b.cold_bytes), total)
-        # a cold memory's bytes: its row's and its share of the vector index (in cold's usage)
-        index_share = self.index.memory_bytes() // max(1, u['cold']['rows'])
-        while cold > 0:      # then from the oldest cold memories
-            rows = self.conn.execute('select id, bytes from cold order by last_ms, id limit ?',
-                                     (max(1, self.params.move_batch // 10),)).fetchall()
-            if not rows:
-                break
-            ids = []
-            for row_id, size in rows:
-                ids.append(row_id)
-                cold -= max(1, int(size or 0) + index_share)
-                if cold <= 0:
-                    break
-            self._delete_cold(ids)
-            report.budget_deleted += len(ids)
-        if report.archive_deleted or report.budget_deleted:
-            self._checkpoint()
-        return report
-
-    def _checkpoint(self) -> None:
+    def checkpoint(self) -> None:
         """Move the WAL into the database (what a deletion freed shows in its header)."""
         if not self.read_only:
             self.conn.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchall()
+
+    def oldest_archive(self) -> tuple | None:
+        """(last_ms, bytes, key) of the oldest archive file, or None."""
+        return self.conn.execute("select last_ms, bytes, key from archive where state = 'done' "
+                                 'order by last_ms limit 1').fetchone()
+
+    def oldest_cold(self, limit: int) -> list[tuple]:
+        """(last_ms, id, bytes) of the oldest cold memories, the bytes with their share of the
+        vector index (what cold's usage counts)."""
+        rows = self.conn.execute('select count(*) from cold').fetchone()[0]
+        share = self.index.memory_bytes() // max(1, rows)
+        return [(last, i, max(1, int(size or 0) + share)) for last, i, size in self.conn.execute(
+            'select last_ms, id, bytes from cold order by last_ms, id limit ?', (limit,))]
 
     # -- the index -------------------------------------------------------------------------------
     def save_index(self, force: bool = False) -> None:
@@ -690,3 +661,57 @@ class Lifecycle:
             self.conn.close()
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
+
+
+def enforce_budgets(lifecycles: list, budgets: Budgets, layout: StorageLayout) -> MoveReport:
+    """Past the total budget: the oldest archive files, then the oldest cold memories, go, the
+    oldest first across `lifecycles` (the units of one root); past the archive (cold) budget,
+    the oldest archive files (cold memories) only. As many as the excess measured once at the
+    start, counted by the bytes each deletion accounts for (an archive file's; a cold row's and
+    its share of the index). Not by measuring the files again after each deletion: a deletion
+    goes to the WAL first, so the files grow until a checkpoint, and a loop that re-measured
+    them deleted every archive file and cold memory for being 8 KiB over. The WALs are
+    checkpointed before measuring and after deleting, so the next round measures what the
+    deletions freed. Agent state, audit and router history are never deleted here."""
+    report, b = MoveReport(), budgets
+    live = [lc for lc in lifecycles if not lc.read_only]
+    if not live or not (b.total_bytes or b.archive_bytes or b.cold_bytes):
+        return report
+    usages = []
+    for lc in live:
+        lc.checkpoint()
+        usages.append(lc.usage())
+    archive_used = sum(u['archive']['bytes'] for u in usages)
+
+    def excess(used: int, budget: int) -> int:
+        return max(0, used - budget) if budget else 0
+    total = excess(root_used_bytes(layout, archive_used), b.total_bytes)
+    archive = max(excess(archive_used, b.archive_bytes), total)
+    while archive > 0:   # the total's excess comes from the archive first
+        found = [(row, lc) for lc in live for row in [lc.oldest_archive()] if row is not None]
+        if not found:
+            break
+        (_last, size, key), lc = min(found, key=lambda f: f[0][0])
+        lc._drop_archive(key)
+        report.archive_deleted += 1
+        archive -= int(size or 0)
+        total -= int(size or 0)
+    cold = max(excess(sum(u['cold']['bytes'] for u in usages), b.cold_bytes), total)
+    while cold > 0:      # then from the oldest cold memories
+        batch = [(row, lc) for lc in live
+                 for row in lc.oldest_cold(max(1, lc.params.move_batch // 10))]
+        if not batch:
+            break
+        chosen: dict[int, list] = {}
+        for (_last, row_id, size), lc in sorted(batch, key=lambda f: f[0][:2]):
+            chosen.setdefault(id(lc), [lc, []])[1].append(row_id)
+            cold -= size
+            if cold <= 0:
+                break
+        for lc, ids in chosen.values():
+            lc._delete_cold(ids)
+            report.budget_deleted += len(ids)
+    if report.archive_deleted or report.budget_deleted:
+        for lc in live:
+            lc.checkpoint()
+    return report

@@ -16,7 +16,7 @@ from loom_ros.storage.errors import StorageError
 from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.rowcipher import episode_context
 from loom_ros.storage.lifecycle import (Lifecycle, LifecycleParams, MoveReport, TierPolicy,
-                                        load_policies)
+                                        enforce_budgets, load_policies)
 from loom_ros.storage.stores import episodes_sql
 from loom_ros.telemetry.diagnostics import OK, CheckResult
 
@@ -169,8 +169,17 @@ class StorageService:
                         if not any((done.condensed, done.archived, done.deleted,
                                     done.archive_deleted)):
                             break
+            except StorageError as exc:
+                errors.append(f'{unit}: {exc}')
+        try:   # the budgets are the root's: its units' data together, the oldest first
+            with lock:
+                report.add(enforce_budgets(list(self.lifecycles.values()),
+                                           self.settings.budgets, self.settings.layout))
+        except StorageError as exc:
+            errors.append(f'budgets: {exc}')
+        for unit, lc in list(self.lifecycles.items()):
+            try:
                 with lock:
-                    report.add(lc.enforce_budgets())
                     lc.index.maybe_train(lc.conn)
                     lc.save_index()
             except StorageError as exc:

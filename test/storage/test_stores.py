@@ -389,7 +389,7 @@ def test_a_total_budget_a_little_exceeded_deletes_a_little(storage, clock):
         clock.ms = T0 + 3000 * 1000 + 100_000
         for _ in range(20):
             lc.run_once()
-        lc.conn.execute('PRAGMA wal_checkpoint(TRUNCATE)')   # measured as enforce measures
+        lc.checkpoint()   # measured as enforce measures
         before = lc.usage()
         assert before['archive']['files'] > 2 and before['cold']['rows'] > 0
         lc.budgets = Budgets(total_bytes=before['total']['bytes'] - 8192)
@@ -401,6 +401,39 @@ def test_a_total_budget_a_little_exceeded_deletes_a_little(storage, clock):
         assert lc.enforce_budgets().archive_deleted == 0   # under it now: the next round waits
     finally:
         lc.close()
+
+
+def test_the_budgets_are_the_roots_the_oldest_across_its_units_goes_first(tmp_path, clock):
+    # Review finding: each unit held its own archive bytes against the whole tier's budget, so
+    # two units, each under it but together over, were reported (ERROR) and never trimmed.
+    from loom_ros.storage.service import Settings, StorageService
+    for unit, start in (('newer', T0), ('older', T0 - 10_000_000)):
+        with Storage(StorageConfig(root=str(tmp_path), unit=unit), clock=clock) as s:
+            for i in range(1000):
+                ticket = s.episodes.record('a', Event(
+                    type='chat.said', source='mic', id=f'e{i}', timestamp_ms=start + i * 1000,
+                    payload=b'%d' % i * 50))
+            ticket.wait(10)
+    params = LifecycleParams(default=TierPolicy(warm_s=60, cold_s=100), bucket_s=1,
+                             move_batch=5000)
+    service = StorageService(Settings(StorageLayout.at(tmp_path), lifecycle=params),
+                             embedder=HashEmbedder(), clock=clock)
+    try:
+        clock.ms = T0 + 2_000_000
+        service.run_round()
+        files = {u: lc.usage()['archive']['files'] for u, lc in service.lifecycles.items()}
+        one = service.lifecycles['newer'].usage()['archive']['bytes']
+        assert files['newer'] >= 1 and files['older'] >= 1
+        assert service.stats()['tiers']['archive']['bytes'] > int(one * 1.5)
+        service.settings.budgets = Budgets(archive_bytes=int(one * 1.5))
+        report = service.run_round()
+        assert report.archive_deleted >= 1
+        assert service.stats()['tiers']['archive']['bytes'] <= int(one * 1.5)
+        assert service.lifecycles['newer'].usage()['archive']['files'] == files['newer']
+        assert service.lifecycles['older'].usage()['archive']['files'] < files['older']
+        assert [c.level for c in service.checks()][2] != ERROR
+    finally:
+        service.close()
 
 
 def test_budget_gate_stops_writes_with_a_clear_error(storage, tmp_path):
