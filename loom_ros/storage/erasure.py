@@ -831,7 +831,7 @@ def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
             conn.close()
         if archives:
             add('archive', _export_archives(layout, db.stem, archives, subject, keyring,
-                                            backend))
+                                            backend, data.setdefault('not_covered', [])))
     if layout.router_history.is_file():
         conn = open_database(layout.router_history, read_only=True)
         conn.row_factory = sqlite3.Row
@@ -950,7 +950,12 @@ def _export_router(conn, subject: str, add) -> None:
 
 
 def _export_archives(layout, unit: str, keys: list[str], subject: str,
-                     keyring: Keyring | None, backend=None) -> list[dict]:
+                     keyring: Keyring | None, backend=None,
+                     not_covered: list | None = None) -> list[dict]:
+    """The subject's archive records of `unit`; a damaged file is named in `not_covered` (it
+    may hold some: the export says it is not complete), a shredded one is not (nobody can read
+    it)."""
+    not_covered = [] if not_covered is None else not_covered
     reader = Lifecycle(layout, unit, _objects(layout, keyring, backend), embedder=None,
                        read_only=True,
                        index_params=IndexParams(dim=_index_dim(layout.cold_index(unit))))
@@ -960,8 +965,11 @@ def _export_archives(layout, unit: str, keys: list[str], subject: str,
             try:
                 out += [{**r, 'archive': key} for r in reader.read_archive(key)
                         if r.get('subject') == subject]
-            except (KeyringError, StorageError):
+            except ShreddedError:
                 continue
+            except StorageError as exc:
+                not_covered.append(f'archive {key[:80]!r}: damaged, not read '
+                                   f'({str(exc)[:120]})')
     finally:
         reader.close()
     return out

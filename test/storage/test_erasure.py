@@ -499,6 +499,10 @@ def test_a_damaged_archive_holding_the_subject_is_named_in_the_receipt(tmp_path)
     # stopped the erasure half way with an AttributeError.
     layout, path = _archived(tmp_path / 'cut', 'alice')
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    export(layout, 'alice', tmp_path / 'alice.zip')   # the export says it is not complete
+    with zipfile.ZipFile(tmp_path / 'alice.zip') as archive:
+        shown = json.loads(archive.read('subject.json'))
+    assert any(path.name[:20] in n and 'damaged' in n for n in shown['not_covered'])
     receipt = forget(layout, 'alice', requested_by='dpo:test')
     assert any(path.name[:20] in n and 'damaged' in n for n in receipt.not_covered), \
         receipt.not_covered
