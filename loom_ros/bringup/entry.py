@@ -63,18 +63,12 @@ def _script(name: str):
     return script
 
 
-sim_sensors = _script('sim_sensors')
-camera_adapter = _script('camera_adapter')
-loom_record = _script('loom_record')
-event_monitor = _script('event_monitor')
-router = _script('router')
-agent = _script('agent')
-lifecycle_manager = _script('lifecycle_manager')
-plugin_host = _script('plugin_host')
-zenoh_bridge = _script('zenoh_bridge')
-storage_node = _script('storage_node')
-zenoh_router = _script('zenoh_router')
-loom_cloud = _script('loom_cloud')
+def __getattr__(name: str):
+    """`loom_ros.bringup.entry:<script>` (setup.py): each console script is a function that
+    starts its module; made when asked for (PEP 562), one per MODULES entry."""
+    if name in MODULES:
+        return _script(name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def main(argv: list[str] | None = None) -> int:
