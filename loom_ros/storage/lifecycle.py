@@ -576,11 +576,9 @@ class Lifecycle:
         return self.conn.execute("select last_ms, bytes, key from archive where state = 'done' "
                                  'order by last_ms limit 1').fetchone()
 
-    def oldest_cold(self, limit: int) -> list[tuple]:
-        """(last_ms, id, bytes) of the oldest cold memories, the bytes with their share of the
-        vector index (what cold's usage counts)."""
-        rows = self.conn.execute('select count(*) from cold').fetchone()[0]
-        share = self.index.memory_bytes() // max(1, rows)
+    def oldest_cold(self, limit: int, share: int = 0) -> list[tuple]:
+        """(last_ms, id, bytes) of the oldest cold memories, the bytes with `share` added (each
+        one's part of the vector index, which cold's usage counts)."""
         return [(last, i, max(1, int(size or 0) + share)) for last, i, size in self.conn.execute(
             'select last_ms, id, bytes from cold order by last_ms, id limit ?', (limit,))]
 
@@ -697,9 +695,11 @@ def enforce_budgets(lifecycles: list, budgets: Budgets, layout: StorageLayout) -
         archive -= int(size or 0)
         total -= int(size or 0)
     cold = max(excess(sum(u['cold']['bytes'] for u in usages), b.cold_bytes), total)
+    shares = {id(lc): lc.index.memory_bytes() // max(1, u['cold']['rows'])
+              for lc, u in zip(live, usages)}
     while cold > 0:      # then from the oldest cold memories
         batch = [(row, lc) for lc in live
-                 for row in lc.oldest_cold(max(1, lc.params.move_batch // 10))]
+                 for row in lc.oldest_cold(max(1, lc.params.move_batch // 10), shares[id(lc)])]
         if not batch:
             break
         chosen: dict[int, list] = {}
