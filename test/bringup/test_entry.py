@@ -32,8 +32,11 @@ def _interrupted_while_importing(tmp_path, code: str) -> subprocess.CompletedPro
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(tmp_path), str(REPO), os.environ.get('PYTHONPATH', '')]),
         LOOM_TEST_IMPORTING=str(marker))
+    # SIGINT as a terminal or launch leaves it: an xdist worker ignores it, and its children
+    # would inherit that (Python then installs no KeyboardInterrupt at all).
     proc = subprocess.Popen([sys.executable, '-c', code], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + WAIT_LIMIT_S
     while not marker.exists():   # a condition: the import has begun
         assert proc.poll() is None, proc.communicate()
