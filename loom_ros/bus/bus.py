@@ -429,7 +429,7 @@ class EventBus:
         with self._lock:
             endpoints = [e for (t, _level), e in self._endpoints.items() if t == topic]
         return sum(e.subscription.get_publisher_count() for e in endpoints
-                   if getattr(e, 'subscription', None) is not None)
+                   if e.subscription is not None)
 
     def subscribe(self, pattern: str, callback: Callback, qos=None,
                   backpressure: BackpressurePolicy | str | None = None,

@@ -92,10 +92,9 @@ def _params(source: str, out: Path) -> Path:
     return path
 
 
-def _spawn(name: str, args: list[str], env: dict, log: Path | None = None) -> Process:
+def _spawn(name: str, cmd: list[str], env: dict, log: Path | None = None) -> Process:
     """A child that dies with the demo, even a SIGKILLed one (a demo killed by a timeout left
     its bring-up running for good): SIGTERM, so bring-up still stops its nodes cleanly."""
-    cmd = [sys.executable, *args]   # args: after the interpreter (entry.command()[1:])
     if log is None:
         return Process(cmd, name=name, env=env, stdout=subprocess.PIPE,
                        stderr=subprocess.DEVNULL, text=True, bufsize=1).start()
@@ -326,15 +325,17 @@ def run_demo(args) -> int:
           f'output {out})', flush=True)
     procs = {
         'bringup': _spawn('bringup', [
-            '-m', 'loom_ros.cli', 'bringup', '--config', str(params), '--zenoh-port', str(port),
+            sys.executable, '-m', 'loom_ros.cli', 'bringup', '--config', str(params),
+            '--zenoh-port', str(port),
             '--log-dir', str(out / 'logs'), '--keys-dir', args.keys_dir or str(out / 'keys'),
             *(['--insecure'] if args.insecure else [])], env, out / 'logs' / 'bringup.log'),
         'event_monitor': _spawn('event_monitor', [
-            *entry.command('loom_ros.bus.event_monitor_node')[1:], '--ros-args', '--params-file', str(params),
+            *entry.command('loom_ros.bus.event_monitor_node'), '--ros-args', '--params-file',
+            str(params),
             '-p', 'event_monitor:json_output:=true'], env),
         'record': _spawn('record', [
             # --root: the demo's consent registry decides what the recording may keep
-            *entry.command('loom_ros.cli.record')[1:], '--output', str(out / 'recording.mcap'),
+            *entry.command('loom_ros.cli.record'), '--output', str(out / 'recording.mcap'),
             '--root', str(out), *(['--camera'] if getattr(args, 'record_camera', False)
                                   else [])], env,
             out / 'logs' / 'record.log'),
@@ -398,7 +399,7 @@ def _start_view(env: dict, out: Path) -> Process:
     from loom_ros.view.settings import choose_port, load_settings, viewer_url
     settings = load_settings()
     web, grpc = choose_port(settings.web_port), choose_port(settings.grpc_port)
-    proc = _spawn('view', ['-m', 'loom_ros.cli', 'view', '--web-port', str(web),
+    proc = _spawn('view', [sys.executable, '-m', 'loom_ros.cli', 'view', '--web-port', str(web),
                            '--grpc-port', str(grpc)], env, out / 'logs' / 'view.log')
     print(f'Live view (Rerun): open {viewer_url(web, grpc)}', flush=True)
     return proc

@@ -144,7 +144,7 @@ class ColdIndex:
                                      'compact --rebuild-index')
         self.index, self.seq = index, int(header['seq'])
         self._tune()
-        made_for = header.get('database') if isinstance(header, dict) else None
+        made_for = header.get('database')
         return None if made_for is None else str(made_for)
 
     def save(self) -> None:

@@ -475,10 +475,8 @@ def _forget_archives(lifecycle: Lifecycle, subject: str, key_ids, receipt: Recei
             records = lifecycle.read_archive(key)
         except ShreddedError:
             continue   # a destroyed key: nothing in it can be read by anyone
-        except StorageError as exc:   # damaged, truncated, tampered: part of it may still be
-            # read by other means, and may hold the subject's records: the receipt says so
-            receipt.not_covered.append(f'archive {key[:80]!r}: damaged, not rewritten '
-                                       f'({str(exc)[:120]})')
+        except StorageError as exc:
+            receipt.not_covered.append(_damaged_archive(key, exc, 'not rewritten'))
             continue
         keep = [r for r in records if r.get('subject') != subject]
         gone = len(records) - len(keep)
@@ -497,6 +495,12 @@ def _forget_archives(lifecycle: Lifecycle, subject: str, key_ids, receipt: Recei
         conn.execute('update archive set rows = ?, bytes = ? where key = ?',
                      (len(keep), len(body), key))
         receipt.files += 1
+
+
+def _damaged_archive(key: str, exc: Exception, what: str) -> str:
+    """The `not_covered` line of an archive file that is damaged, truncated or tampered: part of
+    it may still be read by other means and may hold the subject's records."""
+    return f'archive {key[:80]!r}: damaged, {what} ({str(exc)[:120]})'
 
 
 def _drop_archive(conn, objects, key: str, receipt: Receipt) -> None:
@@ -968,8 +972,7 @@ def _export_archives(layout, unit: str, keys: list[str], subject: str,
             except ShreddedError:
                 continue
             except StorageError as exc:
-                not_covered.append(f'archive {key[:80]!r}: damaged, not read '
-                                   f'({str(exc)[:120]})')
+                not_covered.append(_damaged_archive(key, exc, 'not read'))
     finally:
         reader.close()
     return out

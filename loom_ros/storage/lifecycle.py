@@ -695,20 +695,20 @@ def enforce_budgets(lifecycles: list, budgets: Budgets, layout: StorageLayout) -
         archive -= int(size or 0)
         total -= int(size or 0)
     cold = max(excess(sum(u['cold']['bytes'] for u in usages), b.cold_bytes), total)
-    shares = {id(lc): lc.index.memory_bytes() // max(1, u['cold']['rows'])
+    shares = {lc: lc.index.memory_bytes() // max(1, u['cold']['rows'])
               for lc, u in zip(live, usages)}
     while cold > 0:      # then from the oldest cold memories
         batch = [(row, lc) for lc in live
-                 for row in lc.oldest_cold(max(1, lc.params.move_batch // 10), shares[id(lc)])]
+                 for row in lc.oldest_cold(max(1, lc.params.move_batch // 10), shares[lc])]
         if not batch:
             break
-        chosen: dict[int, list] = {}
+        chosen: dict[Lifecycle, list] = {}
         for (_last, row_id, size), lc in sorted(batch, key=lambda f: f[0][:2]):
-            chosen.setdefault(id(lc), [lc, []])[1].append(row_id)
+            chosen.setdefault(lc, []).append(row_id)
             cold -= size
             if cold <= 0:
                 break
-        for lc, ids in chosen.values():
+        for lc, ids in chosen.items():
             lc._delete_cold(ids)
             report.budget_deleted += len(ids)
     if report.archive_deleted or report.budget_deleted:

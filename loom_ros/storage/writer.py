@@ -295,17 +295,15 @@ class GroupCommitWriter:
             self._run_batch(items, savepoints=False)
         except Exception as exc:   # noqa: BLE001 - every failure is handed to the tickets
             self._rollback()
-            if is_full(exc) or isinstance(exc, StorageFullError):
-                self._full(batch, exc)
+            if self._full(batch, exc):
+                pass
             elif isinstance(exc, sqlite3.Error) and len(items) > 1:
                 try:   # isolate the bad write: one savepoint per submit
                     self._run_batch(items, savepoints=True, errors=batch.errors)
                 except Exception as again:   # noqa: BLE001
                     self._rollback()
                     batch.errors.clear()
-                    if is_full(again) or isinstance(again, StorageFullError):
-                        self._full(batch, again)   # full during the re-run: stopped as well
-                    else:
+                    if not self._full(batch, again):   # full during the re-run: stops too
                         batch.error = self._wrap(again)
             else:
                 batch.error = self._wrap(exc)
@@ -320,13 +318,16 @@ class GroupCommitWriter:
         batch.committed_at = time.perf_counter()
         batch.finish()
 
-    def _full(self, batch: _Batch, exc: BaseException) -> None:
-        """The batch failed for a full disk or budget: nothing of it stored, and with
-        stop_when_full no later write lands after it (it may depend on what was lost)."""
+    def _full(self, batch: _Batch, exc: BaseException) -> bool:
+        """Whether the batch failed for a full disk or budget; if so, nothing of it is stored,
+        and with stop_when_full no later write lands after it (it may depend on what was lost)."""
+        if not (is_full(exc) or isinstance(exc, StorageFullError)):
+            return False
         batch.error = exc if isinstance(exc, StorageFullError) else StorageFullError(
             f'{self.name}: disk or budget full: {exc}; nothing of this batch was stored')
         if self.stop_when_full and self.stopped is None:
             self.stopped = StorageFullError(f'{batch.error}; writes stopped after it')
+        return True
 
     def _wrap(self, exc: BaseException) -> StorageError:
         if isinstance(exc, StorageError):
