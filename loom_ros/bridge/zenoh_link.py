@@ -72,6 +72,11 @@ def session_config(mode: str, connect=(), listen=(), multicast_scouting: bool = 
         for endpoint in connect + listen:
             if not endpoint.startswith('tls/'):
                 raise ValueError(f'secure zenoh sessions use tls endpoints, not {endpoint!r}')
+        if listen and not keys.can_serve(identity):
+            raise ValueError(f'identity {identity.name!r} may not serve TLS, so it cannot listen '
+                             f'on {listen}: reissue it with `loom keys issue {identity.name} '
+                             f'--role {identity.role} --serve --host ADDRESS --force` (a peer '
+                             'that listens), or connect to a router instead')
         tls = {'root_ca_certificate': str(identity.ca), 'enable_mtls': True,
                'verify_name_on_connect': True, 'close_link_on_expiration': True,
                'connect_certificate': str(identity.cert),

@@ -15,9 +15,13 @@ def add_parser(sub) -> None:
     issue = actions.add_parser('issue', help='issue an identity signed by the authority')
     issue.add_argument('name', help='robot id, or router / cloud / an operator name')
     issue.add_argument('--role', required=True, choices=keys.ROLES)
+    issue.add_argument('--serve', action='store_true',
+                       help='it may also serve TLS (a peer that listens); routers always may, '
+                       'other identities are TLS clients only')
     issue.add_argument('--host', action='append', default=[],
-                       help='DNS name or IP address others reach it at (repeatable; default '
-                       'localhost and 127.0.0.1): a router or peer needs its real address here')
+                       help='DNS name or IP address a serving identity is reached at '
+                       '(repeatable; default localhost and 127.0.0.1): a router or a listening '
+                       'peer needs its real address here')
     issue.add_argument('--days', type=int, default=825, help='validity (default 825 days)')
     listing = actions.add_parser('list', help='identities in the keys folder')
     for q in (init, issue, listing):
@@ -34,18 +38,24 @@ def run_keys(args) -> int:
             ca = keys.init_ca(args.keys_dir, force=args.force)
             print(f'authority: {ca}\nprivate key: {ca.with_name("ca.key")} (keep it off robots)')
         elif args.keys_action == 'issue':
+            serve = args.serve or args.role == 'router'
+            if args.host and not serve:
+                raise keys.CredentialsError('--host names where an identity serves TLS: add '
+                                            '--serve (a peer that listens), or leave it out')
             hosts = tuple(args.host) or ('localhost', '127.0.0.1')
             ident = keys.issue(args.keys_dir, args.name, args.role, days=args.days, hosts=hosts,
-                               force=args.force)
-            print(f'{ident.name} ({ident.role})\ncertificate: {ident.cert}\n'
-                  f'private key: {ident.key}\nauthority: {ident.ca}')
+                               force=args.force, serve=serve)
+            print(f'{ident.name} ({ident.role}{", serves TLS" if keys.can_serve(ident) else ""})'
+                  f'\ncertificate: {ident.cert}\nprivate key: {ident.key}\nauthority: {ident.ca}')
         else:
             root = keys.keys_path(args.keys_dir)
             ca = (root / 'ca.pem').read_bytes()
             for cert in sorted(root.glob('*/cert.pem')):
                 try:
                     name, role = keys.identity_of(cert.read_bytes()[:keys.MAX_CERT_BYTES + 1], ca)
-                    print(f'{name}\t{role}\t{cert}')
+                    use = 'serves TLS' if keys.can_serve(
+                        keys.Identity(name, role, cert, cert, root / 'ca.pem')) else 'client'
+                    print(f'{name}\t{role}\t{use}\t{cert}')
                 except keys.CredentialsError as exc:
                     print(f'{cert.parent.name}\tinvalid ({exc})\t{cert}')
     except (keys.CredentialsError, OSError) as exc:

@@ -4,7 +4,12 @@ X.509 certificate) per robot, Zenoh router and cloud server, made with `cryptogr
 The certificate's common name is the identity's name (a robot id, `router`, `cloud`), which
 Zenoh's access control matches (`cert_common_names`); its organizational unit is the role. The
 same keys sign application messages (cloud replies, inbound commands), so a receiver knows who
-spoke even through a shared router. Layout under `keys_dir` (default `~/.loom/keys`, mode 0700):
+spoke even through a shared router.
+
+Only an identity that serves TLS (a router; a peer that listens, issued with `serve`) gets the
+serverAuth usage and the host names it is reached at: Zenoh's TLS client (rustls) refuses a
+server certificate without it, so a robot's or an operator's credentials cannot stand in for
+the router to another member. Layout under `keys_dir` (default `~/.loom/keys`, mode 0700):
 
     ca.pem  ca.key              the authority (keep ca.key off robots in a real fleet)
     <name>/cert.pem key.pem     one identity; ca.pem is all a peer needs to check it
@@ -96,12 +101,16 @@ def init_ca(keys_dir: str | Path = DEFAULT_KEYS_DIR, *, days: int = 3650,
 
 
 def issue(keys_dir: str | Path, name: str, role: str, *, days: int = 825,
-          hosts: tuple[str, ...] = ('localhost', '127.0.0.1'), force: bool = False) -> Identity:
-    """An identity signed by the authority: CN=name, OU=role, usable as TLS server and client
-    (Zenoh's mutual TLS) and for signing messages. An existing one is kept unless `force`."""
+          hosts: tuple[str, ...] = ('localhost', '127.0.0.1'), force: bool = False,
+          serve: bool | None = None) -> Identity:
+    """An identity signed by the authority: CN=name, OU=role, a TLS client (Zenoh's mutual TLS)
+    and a message signer. `serve` (default: routers only) also makes it a TLS server at `hosts`,
+    which a peer that listens needs. An existing one is kept unless `force`; asking to serve
+    with one that cannot is an error (reissue it)."""
     _check_name(name)
     if role not in ROLES:
         raise CredentialsError(f'role {role!r}: one of {", ".join(ROLES)}')
+    serve = role == 'router' if serve is None else bool(serve)
     root = keys_path(keys_dir)
     ca_cert, ca_key = _load_ca(root)
     folder = root / name
@@ -110,15 +119,19 @@ def issue(keys_dir: str | Path, name: str, role: str, *, days: int = 825,
         if found.role != role:
             raise CredentialsError(f'identity {name!r} exists with role {found.role!r}, not '
                                    f'{role!r} (use force to reissue)')
+        if serve and not can_serve(found):
+            raise CredentialsError(f'identity {name!r} exists without the right to serve TLS '
+                                   '(use force to reissue it with serve)')
         return found
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.DNSName(name)]
-    for host in hosts:
+    for host in hosts if serve else ():   # where a server is reached; a client is not checked
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             sans.append(x509.DNSName(host))
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] if serve else []
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
                                      x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role)]))
@@ -128,8 +141,7 @@ def issue(keys_dir: str | Path, name: str, role: str, *, days: int = 825,
             .not_valid_after(_now() + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
+            .add_extension(x509.ExtendedKeyUsage(usages + [ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
     _write_private(folder / 'key.pem', key.private_bytes(serialization.Encoding.PEM,
@@ -137,6 +149,19 @@ def issue(keys_dir: str | Path, name: str, role: str, *, days: int = 825,
                                                          serialization.NoEncryption()))
     (folder / 'cert.pem').write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return Identity(name, role, folder / 'cert.pem', folder / 'key.pem', root / 'ca.pem')
+
+
+def can_serve(identity: Identity) -> bool:
+    """The identity's certificate allows TLS serving (serverAuth): a router, or `serve`."""
+    try:
+        cert = x509.load_pem_x509_certificate(identity.cert_pem()[:MAX_CERT_BYTES + 1])
+    except (ValueError, OSError):
+        return False
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:   # no usage named: TLS takes it for any (not Loom's own)
+        return True
+    return ExtendedKeyUsageOID.SERVER_AUTH in usage
 
 
 def load(keys_dir: str | Path, name: str) -> Identity:

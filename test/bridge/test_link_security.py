@@ -7,6 +7,7 @@ reach robot1's bus); two robots exchange what the fleet file grants them.
 Each "nothing arrived" is proven by a later sample on the same path that did arrive: Zenoh keeps
 one session's samples in order per priority on a link, and the bus keeps one topic in order."""
 import json
+import shutil
 import time
 
 import pytest
@@ -48,6 +49,46 @@ def test_no_fleet_certificate_no_connection(port, zenoh_router, zenoh_keys, tmp_
     # The fleet's own identity does connect (the refusals above are not a broken router).
     zenoh.open(session_config('client', [f'tls/127.0.0.1:{port}'],
                               identity=keys.load(zenoh_keys, 'robot2'))).close()
+
+
+def test_another_members_credentials_cannot_stand_in_for_the_router(port, zenoh_keys):
+    """Only a router (or a peer issued with `serve`) may serve TLS. robot2, holding its own
+    valid fleet credentials, listens where robot1 expects its router: Loom's config refuses to
+    listen with them, and a session robot2 builds by hand is refused by robot1's TLS client
+    (the certificate has no serverAuth usage). The router's identity, on the same port and
+    with the same config, is taken: the refusal is the usage, not the set-up."""
+    robot2 = keys.load(zenoh_keys, 'robot2')
+    listen = [f'tls/127.0.0.1:{port}']
+    assert not keys.can_serve(robot2) and keys.can_serve(keys.load(zenoh_keys, 'router'))
+    with pytest.raises(ValueError, match='may not serve TLS.*--serve'):
+        session_config('router', (), listen, identity=robot2)
+
+    def impostor(identity):
+        """A router session listening with `identity`, made past Loom's check (an attacker
+        runs their own Zenoh with the files they hold)."""
+        config = session_config('router', (), [], identity=identity)
+        config.insert_json5('listen/endpoints', json.dumps(listen))
+        return zenoh.open(config)
+
+    def robot1_connects() -> bool:
+        config = session_config('client', listen, identity=keys.load(zenoh_keys, 'robot1'))
+        config.insert_json5('scouting/timeout', '500')
+        try:
+            zenoh.open(config).close()
+        except zenoh.ZError:
+            return False
+        return True
+
+    fake = impostor(robot2)
+    try:
+        assert not robot1_connects(), "robot1 took robot2's certificate as its router's"
+    finally:
+        fake.close()
+    real = impostor(keys.load(zenoh_keys, 'router'))
+    try:
+        assert robot1_connects()
+    finally:
+        real.close()
 
 
 def _tls_without_client_cert(keys_dir, port):
@@ -173,21 +214,26 @@ def test_insecure_is_explicit_logged_and_on_diagnostics(ros, port, zenoh_router,
     ros.node.destroy_subscription(sub)
 
 
-def test_a_peer_holds_the_fleets_rules_for_its_own_links(port, zenoh_keys):
+def test_a_peer_holds_the_fleets_rules_for_its_own_links(port, zenoh_keys, tmp_path):
     """Peer mode (no router in between): zenoh enforces `access_control` on any node's unicast
     links, so a peer given the same rules as the router (built from the keys folder) refuses
     robot2's moves on its key and still takes the operator's. (Multicast transports bypass
     zenoh's access control: Loom never enables them.)"""
     from loom_ros.bridge.bridge_node import ZenohBridgeNode
     endpoint = [f'tls/127.0.0.1:{port}']
+    # A listening peer needs an identity that may serve TLS: this copy of the fleet reissues
+    # robot1 with it (the module's other tests keep the client-only one).
+    fleet = tmp_path / 'peer_fleet'
+    shutil.copytree(zenoh_keys, fleet)
+    keys.issue(fleet, 'robot1', 'robot', serve=True, force=True)
 
     def peer(name, connect=(), listen=()):
         return zenoh.open(session_config('peer', connect, listen, identity=keys.load(
-            zenoh_keys, name)))
+            fleet, name)))
     # robot1 is configured the way its bridge configures a secure peer session.
     robot1 = zenoh.open(ZenohBridgeNode._session_config_maker(
         {'mode': 'peer', 'connect': [], 'listen': endpoint, 'multicast_scouting': False,
-         'keys_dir': str(zenoh_keys)}, keys.load(zenoh_keys, 'robot1'))())
+         'keys_dir': str(fleet)}, keys.load(fleet, 'robot1'))())
     robot2, operator = peer('robot2', connect=endpoint), peer('tester', connect=endpoint)
     try:
         moves, marks = [], []

@@ -60,3 +60,35 @@ def test_missing_credentials_say_what_to_run(tmp_path):
         keys.issue(tmp_path / 'none', 'robot1', 'robot')
     made = keys.ensure_local(tmp_path / 'k', {'router': 'router', 'robot1': 'robot'})
     assert keys.load(tmp_path / 'k', 'robot1') == made['robot1']
+
+
+def test_only_routers_and_identities_issued_to_serve_are_tls_servers(fleet):
+    """Zenoh's TLS client refuses a server certificate without serverAuth, so that usage (and
+    the host names a server is reached at) goes only where a TLS server is meant to be: every
+    router, and an identity issued with `serve` (a peer that listens)."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
+
+    def usage_and_names(identity):
+        cert = x509.load_pem_x509_certificate(identity.cert_pem())
+        eku = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return eku, {str(n.value) for n in san}
+
+    for name, role in (('robot1', 'robot'), ('cloud', 'cloud'), ('alice', 'operator')):
+        identity = keys.issue(fleet, name, role, hosts=('10.0.0.9',))
+        assert usage_and_names(identity) == ({EKU.CLIENT_AUTH}, {name})
+        assert not keys.can_serve(identity)
+    router = keys.issue(fleet, 'router', 'router', hosts=('10.0.0.2', 'gw.example'))
+    assert usage_and_names(router) == ({EKU.SERVER_AUTH, EKU.CLIENT_AUTH},
+                                       {'router', '10.0.0.2', 'gw.example'})
+    peer = keys.issue(fleet, 'robot2', 'robot', serve=True)
+    assert usage_and_names(peer) == ({EKU.SERVER_AUTH, EKU.CLIENT_AUTH},
+                                     {'robot2', 'localhost', '127.0.0.1'})
+    assert keys.can_serve(peer) and keys.can_serve(router)
+    # An identity kept from before cannot be asked to serve without reissuing it.
+    with pytest.raises(keys.CredentialsError, match='without the right to serve'):
+        keys.issue(fleet, 'robot1', 'robot', serve=True)
+    assert keys.can_serve(keys.issue(fleet, 'robot1', 'robot', serve=True, force=True))
+    # Not serving stays the default for a kept identity asked for again.
+    assert keys.issue(fleet, 'robot2', 'robot') == peer
