@@ -668,22 +668,26 @@ def enforce_budgets(lifecycles: list, budgets: Budgets, layout: StorageLayout) -
     start, counted by the bytes each deletion accounts for (an archive file's; a cold row's and
     its share of the index). Not by measuring the files again after each deletion: a deletion
     goes to the WAL first, so the files grow until a checkpoint, and a loop that re-measured
-    them deleted every archive file and cold memory for being 8 KiB over. The WALs are
-    checkpointed before measuring and after deleting, so the next round measures what the
-    deletions freed. Agent state, audit and router history are never deleted here."""
+    them deleted every archive file and cold memory for being 8 KiB over. The files' total
+    counts each WAL, which only a checkpoint moves into its database: with the WALs the measure
+    is an upper bound, so the WALs are checkpointed (which makes the units' writers wait) only
+    when it is over the total budget, then measured again; and after deleting, so the next
+    round measures what the deletions freed. The tiers' budgets count rows, not files. Agent
+    state, audit and router history are never deleted here."""
     report, b = MoveReport(), budgets
     live = [lc for lc in lifecycles if not lc.read_only]
     if not live or not (b.total_bytes or b.archive_bytes or b.cold_bytes):
         return report
-    usages = []
-    for lc in live:
-        lc.checkpoint()
-        usages.append(lc.usage())
+    usages = [lc.usage() for lc in live]
     archive_used = sum(u['archive']['bytes'] for u in usages)
 
     def excess(used: int, budget: int) -> int:
         return max(0, used - budget) if budget else 0
     total = excess(root_used_bytes(layout, archive_used), b.total_bytes)
+    if total > 0:   # perhaps only the WALs' pages: measured again without them
+        for lc in live:
+            lc.checkpoint()
+        total = excess(root_used_bytes(layout, archive_used), b.total_bytes)
     archive = max(excess(archive_used, b.archive_bytes), total)
     while archive > 0:   # the total's excess comes from the archive first
         found = [(row, lc) for lc in live for row in [lc.oldest_archive()] if row is not None]

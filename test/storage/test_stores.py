@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -399,6 +400,36 @@ def test_a_total_budget_a_little_exceeded_deletes_a_little(storage, clock):
         assert report.budget_deleted == 0 and after['cold']['rows'] == before['cold']['rows']
         assert after['total']['bytes'] <= before['total']['bytes'] - 8192
         assert lc.enforce_budgets().archive_deleted == 0   # under it now: the next round waits
+    finally:
+        lc.close()
+
+
+def test_a_round_under_its_budgets_leaves_the_wal_alone(storage, clock):
+    """A budget round checkpoints (and so makes the units' writers wait) only when the files,
+    WALs counted, are over the total budget; measured without the WALs they may be under it,
+    and then nothing is deleted."""
+    for i in range(500):
+        ticket = storage.episodes.record('a', event(i, text=b'x' * 300 + b'%d' % i))
+    ticket.wait(10)
+    lc = lifecycle(storage, clock)
+    wal = Path(f'{storage.path}-wal')
+    try:
+        lc.checkpoint()
+        settled = lc.usage()['total']['bytes']
+        for i in range(500, 1000):   # WAL frames again
+            ticket = storage.episodes.record('a', event(i, text=b'y' * 300 + b'%d' % i))
+        ticket.wait(10)
+        with_wal = lc.usage()['total']['bytes']
+        assert with_wal > settled and wal.stat().st_size > 0
+        lc.budgets = Budgets(total_bytes=with_wal * 2, cold_bytes=with_wal, archive_bytes=1)
+        size = wal.stat().st_size
+        assert lc.enforce_budgets().archive_deleted == 0
+        assert wal.stat().st_size == size   # not checkpointed: under the budget, WAL and all
+        # Over the total with the WAL: checkpointed (TRUNCATE) to be measured without it.
+        lc.budgets = Budgets(total_bytes=settled)
+        assert lc.enforce_budgets().archive_deleted == 0   # nothing archived to delete yet
+        assert wal.stat().st_size == 0
+        assert lc.usage()['warm']['rows'] == 1000   # the warm tier is never a budget's
     finally:
         lc.close()
 
