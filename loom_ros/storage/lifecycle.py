@@ -669,9 +669,10 @@ def enforce_budgets(lifecycles: list, budgets: Budgets, layout: StorageLayout) -
     its share of the index). Not by measuring the files again after each deletion: a deletion
     goes to the WAL first, so the files grow until a checkpoint, and a loop that re-measured
     them deleted every archive file and cold memory for being 8 KiB over. The files' total
-    counts each WAL, which only a checkpoint moves into its database: with the WALs the measure
-    is an upper bound, so the WALs are checkpointed (which makes the units' writers wait) only
-    when it is over the total budget, then measured again; and after deleting, so the next
+    counts each WAL, which only a checkpoint moves into its database and cuts back: with the
+    WALs the measure is an upper bound, so the WALs are checkpointed (which makes the units'
+    writers wait) only when it is past the total budget's warning fraction (what /diagnostics
+    and the writers' gate would report), then measured again; and after deleting, so the next
     round measures what the deletions freed. The tiers' budgets count rows, not files. Agent
     state, audit and router history are never deleted here."""
     report, b = MoveReport(), budgets
@@ -683,11 +684,12 @@ def enforce_budgets(lifecycles: list, budgets: Budgets, layout: StorageLayout) -
 
     def excess(used: int, budget: int) -> int:
         return max(0, used - budget) if budget else 0
-    total = excess(root_used_bytes(layout, archive_used), b.total_bytes)
-    if total > 0:   # perhaps only the WALs' pages: measured again without them
+    used = root_used_bytes(layout, archive_used)
+    if b.total_bytes and used >= b.warn_fraction * b.total_bytes:   # perhaps the WALs' pages
         for lc in live:
             lc.checkpoint()
-        total = excess(root_used_bytes(layout, archive_used), b.total_bytes)
+        used = root_used_bytes(layout, archive_used)
+    total = excess(used, b.total_bytes)
     archive = max(excess(archive_used, b.archive_bytes), total)
     while archive > 0:   # the total's excess comes from the archive first
         found = [(row, lc) for lc in live for row in [lc.oldest_archive()] if row is not None]
