@@ -312,7 +312,7 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
             self.bridge.flush_batches()   # what was taken from the bus leaves (or is counted)
         self.link.close()
         with self._lock:
-            self._take_inbox_drops()
+            self._count_dropped_samples()
             snapshot = self.bridge.snapshot()
         self.get_logger().info(f'stopped: {json.dumps(snapshot)}')
         self.destroy_timer(self._timer)
@@ -350,7 +350,10 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
             self._inbox_bytes += len(data)
             self._inbox.append((key, data))
 
-    def _take_inbox_drops(self) -> None:
+    def _count_dropped_samples(self) -> None:
+        """Samples dropped on Zenoh's threads, before the bridge saw them, into its stats: over
+        the inbox's bounds (`dropped_inbox_full`) and over the largest event (the link's
+        `dropped_oversize`)."""
         if self._inbox_dropped:
             with self._inbox_lock:
                 dropped, self._inbox_dropped = self._inbox_dropped, 0
@@ -385,7 +388,7 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         with self._lock:
             if rejected:
                 self.bridge.stats['rejected_inbound_bus'] += rejected
-            self._take_inbox_drops()
+            self._count_dropped_samples()
             if self.bridge.outbox.items:
                 self.link.refresh()
                 self.bridge.flush(SERVICE_BATCH)
