@@ -73,10 +73,15 @@ def session_config(mode: str, connect=(), listen=(), multicast_scouting: bool = 
             if not endpoint.startswith('tls/'):
                 raise ValueError(f'secure zenoh sessions use tls endpoints, not {endpoint!r}')
         if listen and not keys.can_serve(identity):
+            folder = identity.cert.parent.parent
+            how = (f'a router needs an identity of the router role (`loom keys issue NAME '
+                   f'--role router --host ADDRESS --keys-dir {folder}`)' if mode == 'router' else
+                   f'reissue it to serve (`loom keys issue {identity.name} --role {identity.role}'
+                   f' --serve --host ADDRESS --force --keys-dir {folder}`: a new key, which '
+                   'whoever holds its certificate must get again), or connect to a router '
+                   'instead')
             raise ValueError(f'identity {identity.name!r} may not serve TLS, so it cannot listen '
-                             f'on {listen}: reissue it with `loom keys issue {identity.name} '
-                             f'--role {identity.role} --serve --host ADDRESS --force` (a peer '
-                             'that listens), or connect to a router instead')
+                             f'on {listen}: {how}')
         tls = {'root_ca_certificate': str(identity.ca), 'enable_mtls': True,
                'verify_name_on_connect': True, 'close_link_on_expiration': True,
                'connect_certificate': str(identity.cert),

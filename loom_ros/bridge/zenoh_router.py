@@ -345,6 +345,13 @@ def main(argv=None) -> int:
         else:
             identity = keys.load(args.keys_dir, args.identity)
             rules, members = router_access_control(args.keys_dir, args.fleet)
+            serving = keys.serving_non_routers(args.keys_dir)
+            if serving:
+                print(f'zenoh_router: WARNING identities that may serve TLS but are not routers: '
+                      f'{", ".join(serving[:20])}{" ..." if len(serving) > 20 else ""}. Each can '
+                      'stand in for this router to a member that reaches its address; unless '
+                      'they are listening peers, rotate the authority (README: "Only a router '
+                      'serves TLS")', file=sys.stderr, flush=True)
             listen = [secure_endpoint(e) for e in args.listen or ['tls/127.0.0.1:7447']]
             if args.print_config:
                 print(json.dumps({'access_control': rules}, indent=2))

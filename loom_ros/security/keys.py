@@ -153,15 +153,37 @@ def issue(keys_dir: str | Path, name: str, role: str, *, days: int = 825,
 
 def can_serve(identity: Identity) -> bool:
     """The identity's certificate allows TLS serving (serverAuth): a router, or `serve`."""
+    with open(identity.cert, 'rb') as stream:   # OSError: the caller's to report
+        pem = stream.read(MAX_CERT_BYTES + 1)
     try:
-        cert = x509.load_pem_x509_certificate(identity.cert_pem()[:MAX_CERT_BYTES + 1])
-    except (ValueError, OSError):
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
         return False
     try:
         usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:   # no usage named: TLS takes it for any (not Loom's own)
         return True
     return ExtendedKeyUsageOID.SERVER_AUTH in usage
+
+
+def serving_non_routers(keys_dir: str | Path, limit: int = 1024) -> list[str]:
+    """Names of the identities in the keys folder, signed by its authority, that may serve TLS
+    without being routers: listening peers issued with `serve`, or identities made before only
+    routers served (each can stand in for a router to a member that reaches its address)."""
+    root = keys_path(keys_dir)
+    try:
+        ca = (root / 'ca.pem').read_bytes()
+    except OSError:
+        return []
+    found = []
+    for cert in sorted(root.glob('*/cert.pem'))[:limit]:
+        try:
+            name, role = identity_of(cert.read_bytes()[:MAX_CERT_BYTES + 1], ca)
+            if role != 'router' and can_serve(Identity(name, role, cert, cert, root / 'ca.pem')):
+                found.append(name)
+        except (CredentialsError, OSError):
+            continue
+    return found
 
 
 def load(keys_dir: str | Path, name: str) -> Identity:

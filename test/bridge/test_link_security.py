@@ -6,12 +6,18 @@ reach robot1's bus); two robots exchange what the fleet file grants them.
 
 Each "nothing arrived" is proven by a later sample on the same path that did arrive: Zenoh keeps
 one session's samples in order per priority on a link, and the bus keeps one topic in order."""
+import datetime
+import ipaddress
 import json
 import shutil
 import time
 
 import pytest
 import zenoh
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from harness import WAIT_LIMIT_S
 from loom_ros.bridge import codec
@@ -51,16 +57,19 @@ def test_no_fleet_certificate_no_connection(port, zenoh_router, zenoh_keys, tmp_
                               identity=keys.load(zenoh_keys, 'robot2'))).close()
 
 
-def test_another_members_credentials_cannot_stand_in_for_the_router(port, zenoh_keys):
-    """Only a router (or a peer issued with `serve`) may serve TLS. robot2, holding its own
-    valid fleet credentials, listens where robot1 expects its router: Loom's config refuses to
-    listen with them, and a session robot2 builds by hand is refused by robot1's TLS client
-    (the certificate has no serverAuth usage). The router's identity, on the same port and
-    with the same config, is taken: the refusal is the usage, not the set-up."""
+def test_another_members_credentials_cannot_stand_in_for_the_router(port, zenoh_keys, tmp_path):
+    """Only a router (or a peer issued with `serve`) may serve TLS. robot2, holding valid fleet
+    credentials, listens where robot1 expects its router: Loom's config refuses to listen with
+    them, and a session robot2 builds by hand is refused by robot1's TLS client. To show that
+    the usage decides, not the names: a certificate of robot2 with the router's address in its
+    names (127.0.0.1) but no serverAuth is refused, the same certificate with serverAuth (what
+    every identity had before this rule) is taken, as is the router's own."""
     robot2 = keys.load(zenoh_keys, 'robot2')
     listen = [f'tls/127.0.0.1:{port}']
     assert not keys.can_serve(robot2) and keys.can_serve(keys.load(zenoh_keys, 'router'))
-    with pytest.raises(ValueError, match='may not serve TLS.*--serve'):
+    with pytest.raises(ValueError, match='may not serve TLS.*--serve --host'):
+        session_config('peer', (), listen, identity=robot2)
+    with pytest.raises(ValueError, match='may not serve TLS.*--role router'):
         session_config('router', (), listen, identity=robot2)
 
     def impostor(identity):
@@ -70,25 +79,56 @@ def test_another_members_credentials_cannot_stand_in_for_the_router(port, zenoh_
         config.insert_json5('listen/endpoints', json.dumps(listen))
         return zenoh.open(config)
 
-    def robot1_connects() -> bool:
-        config = session_config('client', listen, identity=keys.load(zenoh_keys, 'robot1'))
-        config.insert_json5('scouting/timeout', '500')
+    def robot1_connects_to(identity) -> bool:
+        server = impostor(identity)
         try:
-            zenoh.open(config).close()
-        except zenoh.ZError:
-            return False
-        return True
+            config = session_config('client', listen, identity=keys.load(zenoh_keys, 'robot1'))
+            config.insert_json5('scouting/timeout', '500')
+            try:
+                zenoh.open(config).close()
+            except zenoh.ZError:
+                return False
+            return True
+        finally:
+            server.close()
 
-    fake = impostor(robot2)
-    try:
-        assert not robot1_connects(), "robot1 took robot2's certificate as its router's"
-    finally:
-        fake.close()
-    real = impostor(keys.load(zenoh_keys, 'router'))
-    try:
-        assert robot1_connects()
-    finally:
-        real.close()
+    named_as_router = _signed(zenoh_keys, tmp_path / 'client_only', 'robot2', serve=False)
+    assert not keys.can_serve(named_as_router)
+    assert not robot1_connects_to(robot2), "robot1 took robot2's certificate as its router's"
+    assert not robot1_connects_to(named_as_router), 'a client-only certificate served TLS'
+    assert robot1_connects_to(_signed(zenoh_keys, tmp_path / 'old_style', 'robot2', serve=True))
+    assert robot1_connects_to(keys.load(zenoh_keys, 'router'))
+
+
+def _signed(fleet, folder, name: str, serve: bool) -> keys.Identity:
+    """A robot certificate the fleet's authority signs by hand, naming the loopback host the
+    router is reached at, with or without serverAuth."""
+    ca_cert = x509.load_pem_x509_certificate((fleet / 'ca.pem').read_bytes())
+    ca_key = serialization.load_pem_private_key((fleet / 'ca.key').read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] * serve + [ExtendedKeyUsageOID.CLIENT_AUTH]
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([
+                x509.NameAttribute(NameOID.COMMON_NAME, name),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, 'robot')]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName(name), x509.DNSName('localhost'),
+                x509.IPAddress(ipaddress.ip_address('127.0.0.1'))]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    (folder / name).mkdir(parents=True)
+    shutil.copy(fleet / 'ca.pem', folder / 'ca.pem')
+    (folder / name / 'cert.pem').write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / name / 'key.pem').write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return keys.load(folder, name)
 
 
 def _tls_without_client_cert(keys_dir, port):

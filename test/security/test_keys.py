@@ -92,3 +92,6 @@ def test_only_routers_and_identities_issued_to_serve_are_tls_servers(fleet):
     assert keys.can_serve(keys.issue(fleet, 'robot1', 'robot', serve=True, force=True))
     # Not serving stays the default for a kept identity asked for again.
     assert keys.issue(fleet, 'robot2', 'robot') == peer
+    # What the router warns about at start: serving identities that are not routers.
+    assert keys.serving_non_routers(fleet) == ['robot1', 'robot2']
+    assert keys.serving_non_routers(fleet.parent / 'no_such_folder') == []
