@@ -531,6 +531,21 @@ def build_service(config: dict, identity: keys.Identity, *, instance: str,
         limits.queue_per_client, limits.queue_total, limits.queued_bytes_total), instance, log)
 
 
+def session_config_for(mode: str, connect, listen, multicast_scouting: bool, identity,
+                       keys_dir):
+    """The server's Zenoh config. A secure server in peer mode holds its own links to the
+    fleet's rules (made from the certificates in `keys_dir`), as the router and a peer bridge
+    do: without them, any member reaching a listening server could put, subscribe and serve
+    under any key through it."""
+    from loom_ros.bridge.zenoh_link import session_config
+    rules = None
+    if mode == 'peer' and identity is not None:
+        from loom_ros.bridge.zenoh_router import router_access_control
+        rules, _ = router_access_control(keys_dir)
+    return session_config(mode, connect, listen, multicast_scouting, identity=identity,
+                          access_control=rules)
+
+
 def main(argv=None) -> int:
     from loom_ros.config.params import config_dir
     parser = argparse.ArgumentParser(prog='loom_cloud', description=__doc__.splitlines()[0])
@@ -557,24 +572,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import zenoh
-    from loom_ros.bridge.zenoh_link import INSECURE_WARNING, session_config
+    from loom_ros.bridge.zenoh_link import INSECURE_WARNING
     try:
         check_instance(args.instance)
         config = load_config(args.config)
         z = config.get('zenoh', {})
         auth = config.get('auth') or {}
-        identity = keys.load(args.keys_dir or auth.get('keys_dir', keys.DEFAULT_KEYS_DIR),
-                             args.identity or auth.get('identity', 'cloud'))
+        keys_dir = args.keys_dir or auth.get('keys_dir', keys.DEFAULT_KEYS_DIR)
+        identity = keys.load(keys_dir, args.identity or auth.get('identity', 'cloud'))
         service = build_service(config, identity, instance=args.instance,
                                 extra_latency_ms=args.extra_latency_ms, data_dir=args.data_dir)
         server = service.server
         insecure = args.insecure or z.get('insecure', False) is True
         if insecure:
             print(f'loom_cloud: WARNING {INSECURE_WARNING}', file=sys.stderr, flush=True)
-        session = zenoh.open(session_config(
+        session = zenoh.open(session_config_for(
             args.mode or z.get('mode', 'client'), args.connect or z.get('connect', []),
             args.listen or z.get('listen', []), bool(z.get('multicast_scouting', False)),
-            identity=None if insecure else identity))
+            None if insecure else identity, keys_dir))
     except (ValueError, CredentialsError, zenoh.ZError) as exc:
         print(f'loom_cloud: cannot start: {exc}', file=sys.stderr, flush=True)
         return 1
