@@ -51,18 +51,8 @@ FORWARD_RATE = 50.0    # other zenoh log lines passed on to stderr per second (b
 
 def fleet_identities(keys_dir) -> list[tuple[str, str]]:
     """(name, role) of every identity in the keys folder that the folder's authority signed
-    (only certificates are read: a router needs no robot's private key). Others are skipped."""
-    root = keys.keys_path(keys_dir)
-    ca = (root / 'ca.pem').read_bytes()
-    found = []
-    for cert in sorted(root.glob('*/cert.pem'))[:MAX_MEMBERS]:
-        try:
-            name, role = keys.identity_of(cert.read_bytes()[:keys.MAX_CERT_BYTES + 1], ca)
-        except (keys.CredentialsError, OSError):
-            continue
-        if name == cert.parent.name:
-            found.append((name, role))
-    return found
+    (keys.signed_identities: certificates only). Others are skipped."""
+    return [(i.name, i.role) for i in keys.signed_identities(keys_dir, MAX_MEMBERS)]
 
 
 def read_fleet(path: str) -> tuple[list[tuple[str, str]], dict]:
@@ -345,7 +335,7 @@ def main(argv=None) -> int:
         else:
             identity = keys.load(args.keys_dir, args.identity)
             rules, members = router_access_control(args.keys_dir, args.fleet)
-            serving = keys.serving_non_routers(args.keys_dir)
+            serving = keys.serving_non_routers(args.keys_dir, MAX_MEMBERS)
             if serving:
                 print(f'zenoh_router: WARNING identities that may serve TLS but are not routers: '
                       f'{", ".join(serving[:20])}{" ..." if len(serving) > 20 else ""}. Each can '

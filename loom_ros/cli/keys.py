@@ -53,8 +53,8 @@ def run_keys(args) -> int:
             for cert in sorted(root.glob('*/cert.pem')):
                 try:
                     name, role = keys.identity_of(cert.read_bytes()[:keys.MAX_CERT_BYTES + 1], ca)
-                    use = 'serves TLS' if keys.can_serve(
-                        keys.Identity(name, role, cert, cert, root / 'ca.pem')) else 'client'
+                    use = 'serves TLS' if keys.can_serve(keys.Identity(
+                        name, role, cert, cert.parent / 'key.pem', root / 'ca.pem')) else 'client'
                     print(f'{name}\t{role}\t{use}\t{cert}')
                 except keys.CredentialsError as exc:
                     print(f'{cert.parent.name}\tinvalid ({exc})\t{cert}')

@@ -166,24 +166,33 @@ def can_serve(identity: Identity) -> bool:
     return ExtendedKeyUsageOID.SERVER_AUTH in usage
 
 
-def serving_non_routers(keys_dir: str | Path, limit: int = 1024) -> list[str]:
-    """Names of the identities in the keys folder, signed by its authority, that may serve TLS
-    without being routers: listening peers issued with `serve`, or identities made before only
-    routers served (each can stand in for a router to a member that reaches its address)."""
+def signed_identities(keys_dir: str | Path, limit: int = 1024) -> list[Identity]:
+    """The identities in the keys folder whose certificates its authority signed and that are
+    valid now, each in the folder of its own name (others are skipped); at most `limit`
+    folders are read. Only certificates are read: a router needs no member's private key.
+    OSError when the folder has no readable authority."""
     root = keys_path(keys_dir)
-    try:
-        ca = (root / 'ca.pem').read_bytes()
-    except OSError:
-        return []
+    ca = (root / 'ca.pem').read_bytes()
     found = []
     for cert in sorted(root.glob('*/cert.pem'))[:limit]:
         try:
             name, role = identity_of(cert.read_bytes()[:MAX_CERT_BYTES + 1], ca)
-            if role != 'router' and can_serve(Identity(name, role, cert, cert, root / 'ca.pem')):
-                found.append(name)
         except (CredentialsError, OSError):
             continue
+        if name == cert.parent.name:
+            found.append(Identity(name, role, cert, cert.parent / 'key.pem', root / 'ca.pem'))
     return found
+
+
+def serving_non_routers(keys_dir: str | Path, limit: int = 1024) -> list[str]:
+    """Names of the identities in the keys folder that may serve TLS without being routers:
+    listening peers issued with `serve`, or identities made before only routers served (each
+    can stand in for a router to a member that reaches its address)."""
+    try:
+        return [i.name for i in signed_identities(keys_dir, limit)
+                if i.role != 'router' and can_serve(i)]
+    except OSError:
+        return []
 
 
 def load(keys_dir: str | Path, name: str) -> Identity:

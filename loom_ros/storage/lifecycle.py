@@ -525,10 +525,7 @@ class Lifecycle:
         c = self.conn
         warm = c.execute('select count(*), coalesce(sum(bytes), 0), min(time_ms) '
                          'from episodes').fetchone()
-        cold = c.execute('select count(*), coalesce(sum(bytes), 0), min(first_ms) '
-                         'from cold').fetchone()
-        arch = c.execute("select count(*), coalesce(sum(bytes), 0), min(first_ms), "
-                         "coalesce(sum(rows), 0) from archive where state = 'done'").fetchone()
+        tiers = self.budgeted_usage()
         state = c.execute('select count(*), coalesce(sum(length(value)), 0), min(updated_ms) '
                           'from kv').fetchone()
         # events of data subjects without store consent: counted, not kept (stores.EpisodeStore)
@@ -537,16 +534,26 @@ class Lifecycle:
         # blobs (blobs.py): shown, not budgeted (a budget deletes archive and cold data only)
         blobs = c.execute('select count(*), coalesce(sum(bytes), 0), min(created_ms) from blobs'
                           ).fetchone() if self._has_table('blobs') else (0, 0, None)
-        index_bytes = self.index.memory_bytes()
         out = {'warm': {'rows': warm[0], 'bytes': warm[1], 'oldest_ms': warm[2] or 0},
-               'cold': {'rows': cold[0], 'bytes': cold[1] + index_bytes, 'oldest_ms': cold[2] or 0},
-               'archive': {'rows': arch[3], 'files': arch[0], 'bytes': arch[1],
-                           'oldest_ms': arch[2] or 0},
+               **tiers,
                'state': {'rows': state[0], 'bytes': state[1], 'oldest_ms': state[2] or 0},
                'withheld': {'rows': withheld[0], 'bytes': 0, 'oldest_ms': _day_ms(withheld[2])},
                'blobs': {'rows': blobs[0], 'bytes': blobs[1], 'oldest_ms': blobs[2] or 0}}
-        out['total'] = {'bytes': root_used_bytes(self.layout, arch[1])}
+        out['total'] = {'bytes': root_used_bytes(self.layout, tiers['archive']['bytes'])}
         return out
+
+    def budgeted_usage(self) -> dict[str, dict]:
+        """rows, bytes and oldest (ms) of the tiers a budget deletes from: cold (its rows and
+        the vector index) and archive (its files)."""
+        c = self.conn
+        cold = c.execute('select count(*), coalesce(sum(bytes), 0), min(first_ms) '
+                         'from cold').fetchone()
+        arch = c.execute("select count(*), coalesce(sum(bytes), 0), min(first_ms), "
+                         "coalesce(sum(rows), 0) from archive where state = 'done'").fetchone()
+        return {'cold': {'rows': cold[0], 'bytes': cold[1] + self.index.memory_bytes(),
+                         'oldest_ms': cold[2] or 0},
+                'archive': {'rows': arch[3], 'files': arch[0], 'bytes': arch[1],
+                            'oldest_ms': arch[2] or 0}}
 
     def _has_table(self, name: str) -> bool:
         return self.conn.execute("select 1 from sqlite_master where type = 'table' and name = ?",
@@ -679,7 +686,7 @@ def enforce_budgets(lifecycles: list, budgets: Budgets, layout: StorageLayout) -
     live = [lc for lc in lifecycles if not lc.read_only]
     if not live or not (b.total_bytes or b.archive_bytes or b.cold_bytes):
         return report
-    usages = [lc.usage() for lc in live]
+    usages = [lc.budgeted_usage() for lc in live]   # not usage(): it measures the root again
     archive_used = sum(u['archive']['bytes'] for u in usages)
 
     def excess(used: int, budget: int) -> int:

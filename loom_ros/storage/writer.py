@@ -296,7 +296,7 @@ class GroupCommitWriter:
         except Exception as exc:   # noqa: BLE001 - every failure is handed to the tickets
             self._rollback()
             if self._full(batch, exc):
-                pass
+                pass   # nothing of it stored; with stop_when_full, nothing after it either
             elif isinstance(exc, sqlite3.Error) and len(items) > 1:
                 try:   # isolate the bad write: one savepoint per submit
                     self._run_batch(items, savepoints=True, errors=batch.errors)

@@ -1,8 +1,11 @@
 """Plain helpers of the bridge tests (importable by name, unlike conftest.py: several folders
-have one): the identities every bridge and cloud test connects as, free ports, endpoints."""
+have one): the identities every bridge and cloud test connects as, free ports, endpoints, and a
+put that waits rather than drops."""
 from __future__ import annotations
 
 import socket
+
+import zenoh
 
 from loom_ros.security import keys
 
@@ -31,3 +34,8 @@ def free_port() -> int:
 
 def endpoint(port: int, secure: bool = False) -> str:
     return f'{"tls" if secure else "tcp"}/127.0.0.1:{port}'
+
+
+def put(session, key: str, data: bytes) -> None:
+    """A put that blocks under congestion instead of dropping (a test counts what arrives)."""
+    session.put(key, data, congestion_control=zenoh.CongestionControl.BLOCK)

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from harness import WAIT_LIMIT_S
+from link_fixtures import put
 from loom_ros.bridge import codec
 from loom_ros.bridge.zenoh_link import session_config
 from loom_ros.bus.event import Event
@@ -31,10 +32,6 @@ MOVE_KEY = 'loom/robot1/fleet/robot/move'
 
 def move(x: float) -> bytes:
     return codec.encode(Event.with_json('robot.move', {'linear': {'x': x}, 'angular': {'z': 0.0}}))
-
-
-def put(session, key: str, data: bytes) -> None:
-    session.put(key, data, congestion_control=zenoh.CongestionControl.BLOCK)
 
 
 def test_no_fleet_certificate_no_connection(port, zenoh_router, zenoh_keys, tmp_path):

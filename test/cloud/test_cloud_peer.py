@@ -13,15 +13,12 @@ import zenoh
 
 from cloud_fixtures import fleet  # noqa: F401  (fixture)
 from harness import WAIT_LIMIT_S
+from link_fixtures import put
 from loom_ros.bridge.zenoh_link import session_config
 from loom_ros.cloud.server import session_config_for
 from loom_ros.security import keys
 
 MOVE_KEY = 'loom/robot1/fleet/robot/move'
-
-
-def put(session, key: str, data: bytes) -> None:
-    session.put(key, data, congestion_control=zenoh.CongestionControl.BLOCK)
 
 
 def test_a_cloud_peer_without_the_right_to_serve_does_not_start(fleet, port):
