@@ -56,23 +56,40 @@ def spin_until(executor, future, poll_s: float = 0.5, clock=time.monotonic,
     A callback's exception is counted and logged (throttled), and spinning goes on. `once`:
     turn with spin_once, for rclpy's SingleThreadedExecutor, whose spin_until_future_complete
     adds a done-callback to the future at every call (two a second, kept until it is done)."""
-    last_log = -ERROR_LOG_PERIOD_S
+    last_log = [-ERROR_LOG_PERIOD_S]
     while not future.done():
-        try:
-            if once:
-                executor.spin_once(timeout_sec=poll_s)
-            else:
-                executor.spin_until_future_complete(future, timeout_sec=poll_s)
-        except (KeyboardInterrupt, ExternalShutdownException):
-            raise
-        except Exception as exc:  # noqa: BLE001: any callback's failure, counted below
-            if not executor.context.ok():
-                raise   # rclpy is shutting down: not a callback's fault, nothing left to spin
-            now = clock()
-            log = now - last_log >= ERROR_LOG_PERIOD_S
-            if log:
-                last_log = now
-            _record_callback_error(executor, exc, log)
+        if once:
+            spin_once_counted(executor, poll_s, clock, last_log)
+        else:
+            _counted(executor, lambda: executor.spin_until_future_complete(
+                future, timeout_sec=poll_s), clock, last_log)
+
+
+_LAST_LOG = [-ERROR_LOG_PERIOD_S]   # spin_once_counted's callers that keep no throttle of their own
+
+
+def spin_once_counted(executor, timeout_sec: float, clock=time.monotonic,
+                      last_log: list | None = None) -> None:
+    """One executor turn whose callback failures are counted and logged as spin_until counts
+    them, instead of escaping (a loop that turns the executor itself: record's drain).
+    `last_log`: [time of the last error log], for the throttle."""
+    _counted(executor, lambda: executor.spin_once(timeout_sec=timeout_sec), clock,
+             _LAST_LOG if last_log is None else last_log)
+
+
+def _counted(executor, turn, clock, last_log: list) -> None:
+    try:
+        turn()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        raise
+    except Exception as exc:  # noqa: BLE001: any callback's failure, counted below
+        if not executor.context.ok():
+            raise   # rclpy is shutting down: not a callback's fault, nothing left to spin
+        now = clock()
+        log = now - last_log[0] >= ERROR_LOG_PERIOD_S
+        if log:
+            last_log[0] = now
+        _record_callback_error(executor, exc, log)
 
 
 def _record_callback_error(executor, exc: Exception, log: bool) -> None:

@@ -24,3 +24,31 @@ def test_drain_takes_what_reached_the_reader_before_the_stop(ros):
     assert drain(ros.executor, lambda: len(got), turn_s=0.5, limit_s=60.0) == 200
     assert got == [str(i) for i in range(200)]
     assert drain(ros.executor, lambda: len(got), turn_s=0.05, limit_s=60.0) == 0
+
+
+def test_a_failing_callback_does_not_end_the_drain(ros):
+    """Found in a fresh clone's full run: the shared executor still held a timer event of a
+    node an earlier test had destroyed, its callback raised inside drain, and the drain (and
+    with it the file's last messages) ended there. Now it is counted, as spin_until counts it."""
+    from std_msgs.msg import String
+
+    from loom_ros.bus.executor import callback_errors
+    got, fired = [], []
+    topic = 'record_drain_failing'
+    qos = to_qos_profile('background')
+
+    def fail():
+        fired.append(1)
+        raise RuntimeError('a callback that fails')
+    ros.node.create_subscription(String, topic, lambda m: got.append(m.data), qos)
+    pub = ros.node.create_publisher(String, topic, qos)
+    ros.wait_for(lambda: pub.get_subscription_count() >= 1, 'the subscription matched')
+    before = callback_errors[ros.node.get_fully_qualified_name()]
+    timer = ros.node.create_timer(0.05, fail)
+    for i in range(50):
+        pub.publish(String(data=str(i)))
+    try:
+        assert drain(ros.executor, lambda: len(got), turn_s=0.5, limit_s=60.0) == 50
+    finally:
+        ros.node.destroy_timer(timer)
+    assert fired and callback_errors[ros.node.get_fully_qualified_name()] >= before + 1
