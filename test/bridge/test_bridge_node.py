@@ -62,7 +62,10 @@ def test_qos_mapping_metadata_privacy_and_inbound(ros, port, zenoh_router, zsess
     for event in sent:
         bus.publish(intent, event)
     key = 'loom/r1/agent/counter/intent'
-    ros.wait_for(lambda: public.id in fleet.ids(), 'the public intent at the fleet', alive=[proc])
+    # Both subscribers: Zenoh hands one sample to the session's matching callbacks one after
+    # the other, so the first may have it while the second is still to be called.
+    ros.wait_for(lambda: public.id in fleet.ids() and public.id in everything.ids(),
+                 'the public intent at both subscribers', alive=[proc])
     assert fleet.ids(key) == [sent[3].id, public.id]  # Private, LocalOnly, raw Sensitive never seen
     assert everything.ids(key) == [sent[3].id, public.id]
     assert fleet.events()[1] == public                  # every field and metadata intact
