@@ -180,20 +180,24 @@ class Storage:
             store = self._stores[key] = factory()
         return store
 
+    def _open(self, key):
+        """An open store by key, or None (per-event callers: no factory made each call)."""
+        return self._stores.get(key)
+
     # The stores' modules import faiss, which a process that never opens a store need not
     # load: each is imported inside its factory, on first use only (an open store is returned
     # without running an import statement; these are called per event).
     @property
     def kv(self):
-        return self._store('kv', lambda: _stores().KVStore(self))
+        return self._open('kv') or self._store('kv', lambda: _stores().KVStore(self))
 
     @property
     def agent_state(self):
-        return self._store('agent_state', lambda: _stores().AgentStateStore(self))
+        return self._open('agent_state') or self._store('agent_state', lambda: _stores().AgentStateStore(self))
 
     @property
     def episodes(self):
-        return self._store('episodes', lambda: _stores().EpisodeStore(self))
+        return self._open('episodes') or self._store('episodes', lambda: _stores().EpisodeStore(self))
 
     def facts(self, agent_id: str, embedder):
         return self._store(('facts', agent_id),

@@ -16,7 +16,7 @@ from json.encoder import encode_basestring_ascii   # what json.dumps does for on
 import faiss
 import numpy as np
 
-from loom_ros.bus.privacy import SubjectError, check_subject, event_subject
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, SubjectError, check_subject, event_subject
 from loom_ros.security.keyring import day_of
 from loom_ros.storage import auditchain, schema
 from loom_ros.storage.errors import CorruptRecordError, StorageError
@@ -197,7 +197,7 @@ class AgentStateStore:
         ops.extend(op for op, _kept, _subject in entries)
         times = [op[1][2] for op, kept, _subject in entries if kept]
         if times:
-            ops.append((store.AGENT_SPAN, (agent_id[:MAX_FIELD_CHARS], min(times), max(times))))
+            store.cover(agent_id, min(times), max(times))
         # the state is made from these events, kept or only counted: erasing one of their
         # subjects deletes it
         ops.extend(self.kv.subject_ops(self.NS, agent_id,
@@ -211,6 +211,8 @@ class AgentStateStore:
 
 def _payload_text(payload: bytes) -> str:
     try:
+        if type(payload) is bytes and len(payload) <= MAX_PAYLOAD_BYTES:   # no copy
+            return payload.decode()
         return bytes(payload[:MAX_PAYLOAD_BYTES]).decode()
     except UnicodeDecodeError:
         return f'<{len(payload)} bytes>'
@@ -256,6 +258,9 @@ class EpisodeStore:
         self._origins: OrderedDict[str, str | None] = OrderedDict()
         # (event, its subject) noted last: the agents of one delivery share one arrival copy
         self._noted: tuple | None = None
+        # agent id -> (first_ms, last_ms) of its span in episode_agents as this process wrote
+        # it (committed, or submitted before anything that relies on it): see `cover`
+        self._spans: dict[str, tuple[int, int]] = {}
 
     # An event of a data subject without `store` consent: counted, nothing of it kept.
     WITHHOLD = ('insert into withheld (agent_id, type, day, events) values (?, ?, ?, 1) '
@@ -319,12 +324,16 @@ class EpisodeStore:
 
     def entry_with_subject(self, agent_id: str, event) -> tuple[tuple, bool, str]:
         """`entry` and the event's data subject (as `episode_subject`), found once."""
-        try:
-            subject = event_subject(event)
-        except SubjectError:   # not a valid id: kept as a count only, stored as '' (fail closed)
-            subject, withhold = '', True
+        metadata = event.metadata
+        if type(metadata) is dict and SUBJECT_METADATA_KEY not in metadata:
+            subject, withhold = '', False   # anonymous (most events): nothing to ask
         else:
-            withhold = bool(subject) and not self.storage.consent.allows(subject)
+            try:
+                subject = event_subject(event)
+            except SubjectError:   # not a valid id: a count only, stored as '' (fail closed)
+                subject, withhold = '', True
+            else:
+                withhold = bool(subject) and not self.storage.consent.allows(subject)
         if withhold:
             self.storage.count_withheld()
             return (self.WITHHOLD, (agent_id[:MAX_FIELD_CHARS], event.type[:MAX_FIELD_CHARS],
@@ -342,6 +351,43 @@ class EpisodeStore:
                   'on conflict (agent_id) do update set first_ms = min(first_ms, '
                   'excluded.first_ms), last_ms = max(last_ms, excluded.last_ms)')
 
+    # Spans are written in whole steps (first floored, last ceiled to SPAN_STEP_MS): a wider
+    # bound reads at most a step more of the time index, and an agent's span is written once a
+    # step instead of with every episode (an upsert per episode cost the writer a quarter of
+    # its rate, bench/storage_bench.py).
+    SPAN_STEP_MS = 60_000
+    MAX_SPANS = 100_000   # agents whose span this process remembers (more: written again)
+
+    def cover(self, agent_id: str, lo: int, hi: int) -> None:
+        """Make the agent's span in episode_agents cover `times` before the episodes at those
+        times are submitted: when the span this process wrote does not yet cover them, a wider
+        one is submitted on its own, so it commits in the same batch as those episodes or an
+        earlier one (batches commit in order: a committed episode is always inside its agent's
+        committed span, SIGKILL or not). Spans only widen; if that write fails, it is forgotten
+        here and submitted once more from its failure, ahead of the writes queued behind it.
+        `lo`, `hi`: the earliest and latest of those times."""
+        span = self._spans.get(agent_id)
+        if span is not None and span[0] <= lo and hi <= span[1]:
+            return
+        step = self.SPAN_STEP_MS
+        lo, hi = lo - lo % step, hi - hi % step + step - 1
+        if span is not None:
+            lo, hi = min(lo, span[0]), max(hi, span[1])
+        if len(self._spans) >= self.MAX_SPANS:
+            self._spans.clear()
+        self._spans[agent_id] = (lo, hi)
+        op = (self.AGENT_SPAN, (agent_id[:MAX_FIELD_CHARS], lo, hi))
+        writer = self.storage.writer
+
+        def settled(ticket: Ticket) -> None:
+            if ticket.error() is not None:
+                self._spans.pop(agent_id, None)
+                try:
+                    writer.submit((op,))
+                except StorageError:   # closed: nothing after it is written either
+                    pass
+        writer.submit((op,)).add_done_callback(settled)
+
     @classmethod
     def span_op(cls, agent_id: str, times) -> tuple | None:
         """The episode_agents write for episodes of `agent_id` at `times` (None: none)."""
@@ -355,10 +401,12 @@ class EpisodeStore:
         return self.entry(agent_id, event)[0]
 
     def record(self, agent_id: str, event) -> Ticket:
-        op, kept = self.entry(agent_id, event)
-        ticket = self.storage.writer.submit(
-            (op, self.span_op(agent_id, (op[1][2],))) if kept else (op,))
+        op, kept, _subject = self.entry_with_subject(agent_id, event)
         if kept:
+            time_ms = op[1][2]
+            self.cover(agent_id, time_ms, time_ms)
+        ticket = self.storage.writer.submit((op,))
+        if kept and self.hot_max:
             self.remember(agent_id, event, ticket)
         return ticket
 

@@ -23,7 +23,7 @@ from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.lifecycle import (Lifecycle, LifecycleParams, TierPolicy, load_policies)
 from loom_ros.storage.sqlite import integrity_ok
 from loom_ros.storage.storage import Storage, StorageConfig
-from loom_ros.storage.stores import episodes_sql
+from loom_ros.storage.stores import EpisodeStore, episodes_sql
 from loom_ros.telemetry.diagnostics import ERROR, OK, WARN
 
 T0 = T0_MS
@@ -126,8 +126,11 @@ def test_episode_index_is_time_first_and_old_files_lose_agent_first_indexes(tmp_
         spans = {r[0]: (r[1], r[2]) for r in s.query('select * from episode_agents')}
         assert spans == {f'agent{k}': (T0 + k * 1000, T0 + (16 + k) * 1000) for k in range(4)}
         s.episodes.record('agent1', event(40)).wait(10)
+        # spans widen in whole steps (EpisodeStore.cover): the step holding e40's time
+        step = EpisodeStore.SPAN_STEP_MS
+        t40 = T0 + 40_000
         assert tuple(s.query("select first_ms, last_ms from episode_agents where "
-                             "agent_id = 'agent1'")[0]) == (T0 + 1000, T0 + 40_000)
+                             "agent_id = 'agent1'")[0]) == (T0 + 1000, t40 - t40 % step + step - 1)
         assert s.episodes.query('nobody') == []
         assert [e['event_id'] for e in s.episodes.query('agent1')] == ['e1', 'e5', 'e9', 'e13',
                                                                       'e17', 'e40']
@@ -136,6 +139,55 @@ def test_episode_index_is_time_first_and_old_files_lose_agent_first_indexes(tmp_
         sql, args = episodes_sql('agent1')
         plan = ' '.join(str(tuple(r)) for r in s.query('explain query plan ' + sql, args))
         assert 'episodes_time_agent' in plan and 'SCAN episodes ' not in plan + ' '
+
+
+UNCOVERED = ('select count(*) from episodes e left join episode_agents s using (agent_id) '
+             'where s.agent_id is null or e.time_ms < s.first_ms or e.time_ms > s.last_ms')
+
+
+def test_an_agents_span_is_written_once_a_step_and_covers_every_committed_episode(storage):
+    """A span is written when an episode falls outside it, widened to whole steps, not with
+    every episode; every committed episode stays inside its agent's committed span, through
+    state commits, older events arriving late and another agent beside it."""
+    writes = storage.writer.writes
+    for i in range(30):   # T0 .. T0 + 29 s: inside one step
+        storage.episodes.record('a', event(i))
+    storage.episodes.record('a', event(-300))            # five minutes earlier: widened
+    storage.agent_state.commit('a', {'n': 1}, 1, 'e29', [event(29), event(10_000)]).wait(10)
+    storage.episodes.record('b', event(5)).wait(10)
+    storage.flush()
+    # 30 + 1 episodes, 1 state commit, 1 episode of b; spans: a's first, its widening down,
+    # its widening up (e10000, hours later), b's first
+    assert storage.writer.writes - writes == 33 + 4
+    assert storage.query(UNCOVERED)[0][0] == 0
+    step = EpisodeStore.SPAN_STEP_MS
+    first, last = storage.query("select first_ms, last_ms from episode_agents where "
+                                "agent_id = 'a'")[0]
+    assert first % step == 0 and first <= T0 - 300_000 < first + step
+    assert (last + 1) % step == 0 and last - step < T0 + 10_000_000 <= last
+    assert len(storage.episodes.query('a', limit=1000)) == 33
+
+
+def test_a_span_write_that_failed_is_written_again_before_the_episodes_behind_it(storage):
+    """The writer fails a batch holding an agent's first span (a full budget, once): its
+    episode fails with it, and the span is forgotten and written again, so the agent's next
+    episode in the same step, which needs no span of its own, is found by a query."""
+    failures = []
+
+    def gate_once():
+        if not failures:
+            failures.append(1)
+            raise StorageFullError('budget full (once)')
+    storage.writer.gate = gate_once
+    first = storage.episodes.record('a', event(1))
+    with pytest.raises(StorageFullError):
+        first.wait(10)
+    first.wait_settled(10)
+    storage.writer.gate = None
+    storage.episodes.record('a', event(2)).wait(10)
+    storage.flush()
+    assert storage.query(UNCOVERED)[0][0] == 0
+    assert [e['event_id'] for e in storage.episodes.query('a')] == ['e2']
 
 
 def test_a_migrated_file_is_refused_by_an_older_loom_and_a_newer_file_by_this_one(
