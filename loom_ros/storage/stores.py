@@ -27,6 +27,7 @@ from loom_ros.telemetry.logs import mask_text, mask_value
 
 MAX_PAYLOAD_BYTES = 4096   # of an event's payload kept in its episode
 MAX_FIELD_CHARS = 256      # of an id, type, source or tag
+MAX_TIME_MS = 2**63 - 1    # an event's timestamp is a non-negative int64 (bus/event.py)
 MAX_AUDIT_CHARS = 2000     # of any one string in an audit record, cut before masking
 MAX_AUDIT_DEPTH = 8
 
@@ -370,7 +371,7 @@ class EpisodeStore:
         if span is not None and span[0] <= lo and hi <= span[1]:
             return
         step = self.SPAN_STEP_MS
-        lo, hi = lo - lo % step, hi - hi % step + step - 1
+        lo, hi = lo - lo % step, min(hi - hi % step + step - 1, MAX_TIME_MS)
         if span is not None:
             lo, hi = min(lo, span[0]), max(hi, span[1])
         if len(self._spans) >= self.MAX_SPANS:

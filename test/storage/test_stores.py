@@ -155,10 +155,12 @@ def test_an_agents_span_is_written_once_a_step_and_covers_every_committed_episod
     storage.episodes.record('a', event(-300))            # five minutes earlier: widened
     storage.agent_state.commit('a', {'n': 1}, 1, 'e29', [event(29), event(10_000)]).wait(10)
     storage.episodes.record('b', event(5)).wait(10)
+    last_ms = Event(type='chat.said', id='late', timestamp_ms=2**63 - 1)   # the largest time
+    storage.episodes.record('c', last_ms).wait(10)
     storage.flush()
-    # 30 + 1 episodes, 1 state commit, 1 episode of b; spans: a's first, its widening down,
-    # its widening up (e10000, hours later), b's first
-    assert storage.writer.writes - writes == 33 + 4
+    # 30 + 1 episodes, 1 state commit, 1 episode of b, 1 of c; spans: a's first, its widening
+    # down, its widening up (e10000, hours later), b's first, c's (not past int64)
+    assert storage.writer.writes - writes == 34 + 5
     assert storage.query(UNCOVERED)[0][0] == 0
     step = EpisodeStore.SPAN_STEP_MS
     first, last = storage.query("select first_ms, last_ms from episode_agents where "
