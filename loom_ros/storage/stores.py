@@ -341,11 +341,12 @@ class EpisodeStore:
                                     day_of(event.timestamp_ms))), False, subject
         row = episode_row(agent_id, event, self.mask)
         cipher = self.storage.cipher
+        size = len(row[6]) + len(row[5]) + 64
+        if cipher.keyring is None:
+            return (self.INSERT_SUBJECT, row + (size, subject)), True, subject
         # encryption on: the payload under the subject's (anonymous: the day's) key
-        payload = row[6] if cipher.keyring is None else cipher.seal(
-            row[6], episode_context(*row[:3], subject), subject, row[2])
-        return (self.INSERT_SUBJECT, (*row[:6], payload, len(row[6]) + len(row[5]) + 64,
-                                      subject)), True, subject
+        payload = cipher.seal(row[6], episode_context(*row[:3], subject), subject, row[2])
+        return (self.INSERT_SUBJECT, (*row[:6], payload, size, subject)), True, subject
 
     # The agent's span in episode_agents (schema.py), in the same write as its episodes.
     AGENT_SPAN = ('insert into episode_agents (agent_id, first_ms, last_ms) values (?, ?, ?) '
@@ -404,8 +405,9 @@ class EpisodeStore:
     def record(self, agent_id: str, event) -> Ticket:
         op, kept, _subject = self.entry_with_subject(agent_id, event)
         if kept:
-            time_ms = op[1][2]
-            self.cover(agent_id, time_ms, time_ms)
+            time_ms, span = op[1][2], self._spans.get(agent_id)
+            if span is None or not span[0] <= time_ms <= span[1]:   # (cover's own first test)
+                self.cover(agent_id, time_ms, time_ms)
         ticket = self.storage.writer.submit((op,))
         if kept and self.hot_max:
             self.remember(agent_id, event, ticket)

@@ -30,6 +30,12 @@ from loom_ros.storage.errors import StorageError, StorageFullError, is_full
 Op = tuple[str, Sequence]
 
 
+class _Barrier(tuple):
+    """The ops of a submit marked barrier=True, as queued (other submits are queued as their
+    plain ops: no wrapper made per write)."""
+    __slots__ = ()
+
+
 class _Batch:
     __slots__ = ('done', 'settled', 'error', 'errors', 'committed_at', 'callbacks', 'lock')
 
@@ -231,7 +237,7 @@ class GroupCommitWriter:
             while len(self._pending) >= self.max_batch:
                 self._room.wait()
             pending = self._pending
-            pending.append((ops, barrier))
+            pending.append(_Barrier(ops) if barrier else ops)
             ticket = Ticket(self._batch, len(pending) - 1)
         if len(pending) == 1:
             self._work.set()
@@ -347,7 +353,7 @@ class GroupCommitWriter:
         conn = self.conn
         conn.execute('BEGIN IMMEDIATE')
         if savepoints:
-            for index, (ops, _barrier) in enumerate(items):
+            for index, ops in enumerate(items):
                 conn.execute('SAVEPOINT w')
                 try:
                     for sql, params in ops:
@@ -361,8 +367,8 @@ class GroupCommitWriter:
                     errors[index] = self._wrap(exc)
         else:
             groups: dict[str, list] = {}
-            for ops, barrier in items:
-                if barrier:
+            for ops in items:
+                if type(ops) is _Barrier:
                     self._flush_groups(groups)
                     for sql, params in ops:
                         conn.execute(sql, params)

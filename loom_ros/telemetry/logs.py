@@ -95,7 +95,9 @@ def bound_text(text: str, limit: int = MAX_TEXT_CHARS) -> str:
 
 def mask_text(text: str, limit: int = MAX_TEXT_CHARS) -> str:
     """`text` bounded to `limit` characters, then masked (see the module docstring)."""
-    return _mask_patterns(bound_text(str(text), limit))
+    if type(text) is not str:
+        text = str(text)
+    return _mask_patterns(text if len(text) <= limit else bound_text(text, limit))
 
 
 # What every pattern above needs somewhere in the text to match at all, case-folded (a
