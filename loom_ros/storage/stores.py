@@ -27,6 +27,8 @@ from loom_ros.telemetry.logs import mask_text, mask_value
 
 MAX_PAYLOAD_BYTES = 4096   # of an event's payload kept in its episode
 MAX_FIELD_CHARS = 256      # of an id, type, source or tag
+# json.dumps(value, separators=...) makes an encoder per call; per-event writes share this one
+_compact_json = json.JSONEncoder(separators=(',', ':')).encode
 MAX_TIME_MS = 2**63 - 1    # an event's timestamp is a non-negative int64 (bus/event.py)
 MAX_AUDIT_CHARS = 2000     # of any one string in an audit record, cut before masking
 MAX_AUDIT_DEPTH = 8
@@ -43,7 +45,7 @@ class KVStore:
         self.storage = storage
 
     def put_op(self, ns: str, key: str, value, schema: int = 1) -> tuple:
-        return (self.PUT, (ns, key, int(schema), json.dumps(value, separators=(',', ':')),
+        return (self.PUT, (ns, key, int(schema), _compact_json(value),
                            self.storage.clock()))
 
     def put_json_op(self, ns: str, key: str, text: str, schema: int = 1) -> tuple:
@@ -187,7 +189,7 @@ class AgentStateStore:
         """State plus the episodes (Events) that produced it, one atomic write. `state_json`:
         the state already serialized (compact JSON of a dict), in place of `state`."""
         if state_json is None:
-            state_json = json.dumps(state, separators=(',', ':'))
+            state_json = _compact_json(state)
         # The record {"state": ..., "events": ..., "last_event_id": ...} around it, built as
         # text: the state is not serialized twice.
         ops = [self.kv.put_json_op(self.NS, agent_id, (
@@ -200,13 +202,15 @@ class AgentStateStore:
         if times:
             store.cover(agent_id, min(times), max(times))
         # the state is made from these events, kept or only counted: erasing one of their
-        # subjects deletes it
-        ops.extend(self.kv.subject_ops(self.NS, agent_id,
-                                       (subject for _op, _kept, subject in entries)))
+        # subjects deletes it (most events name none: nothing to add)
+        subjects = [subject for _op, _kept, subject in entries if subject]
+        if subjects:
+            ops.extend(self.kv.subject_ops(self.NS, agent_id, subjects))
         ticket = self.storage.writer.submit(ops)
-        for event, (_op, kept, _subject) in zip(episodes, entries):
-            if kept:
-                store.remember(agent_id, event, ticket)
+        if store.hot_max:
+            for event, (_op, kept, _subject) in zip(episodes, entries):
+                if kept:
+                    store.remember(agent_id, event, ticket)
         return ticket
 
 
