@@ -7,6 +7,14 @@ import uuid
 
 from loom_ros.storage.errors import StorageError
 
+# The inserts of episode rows (stores.EpisodeStore), which the writer's span keeper reads
+# (spans.py: agent_id first, time_ms third).
+EPISODE_INSERT = ('insert into episodes (agent_id, event_id, time_ms, type, source, tags, '
+                  'payload, bytes) values (?, ?, ?, ?, ?, ?, ?, ?)')
+# with the event's data subject (loom.subject metadata), which erasure and export go by
+EPISODE_INSERT_SUBJECT = ('insert into episodes (agent_id, event_id, time_ms, type, source, '
+                          'tags, payload, bytes, subject) values (?, ?, ?, ?, ?, ?, ?, ?, ?)')
+
 # 2: episode_agents (each agent's time span) bounds every per-agent query. A Loom of version 1
 # would write episodes without widening the spans, and queries would miss its rows, so it must
 # refuse a file this one has opened: the version is raised on open, after the migration.

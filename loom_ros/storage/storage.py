@@ -21,6 +21,7 @@ from loom_ros.storage.consent import (ConsentCache, ConsentError, ConsentRegistr
 from loom_ros.storage.errors import StorageError, is_full, StorageFullError
 from loom_ros.storage.layout import StorageLayout, check_name
 from loom_ros.storage.rowcipher import RowCipher, check_marker
+from loom_ros.storage.spans import SpanKeeper
 from loom_ros.storage.sqlite import Checkpointer, open_database
 from loom_ros.storage.writer import GroupCommitWriter, Ticket
 
@@ -121,9 +122,12 @@ class Storage:
             # (smaller under a byte cap, and the WAL file cut back to it after each reset)
             Checkpointer.backstop(self.conn, config.max_db_bytes)
             self.checkpointer = Checkpointer(self.path, name=f'storage {self.unit}')
+            # every episode's agent span, in the episode's own transaction (spans.py)
+            self.spans = SpanKeeper((schema.EPISODE_INSERT, schema.EPISODE_INSERT_SUBJECT))
             self.writer = GroupCommitWriter(self.conn, f'storage {self.unit}',
                                             max_delay_s=config.max_delay_ms / 1000.0,
-                                            max_batch=config.max_batch, gate=gate)
+                                            max_batch=config.max_batch, gate=gate,
+                                            keepers=(self.spans,))
         except BaseException:   # nothing left open behind a failed start (the lock fd least)
             self._release()
             raise

@@ -29,7 +29,6 @@ MAX_PAYLOAD_BYTES = 4096   # of an event's payload kept in its episode
 MAX_FIELD_CHARS = 256      # of an id, type, source or tag
 # json.dumps(value, separators=...) makes an encoder per call; per-event writes share this one
 _compact_json = json.JSONEncoder(separators=(',', ':')).encode
-MAX_TIME_MS = 2**63 - 1    # an event's timestamp is a non-negative int64 (bus/event.py)
 MAX_AUDIT_CHARS = 2000     # of any one string in an audit record, cut before masking
 MAX_AUDIT_DEPTH = 8
 
@@ -160,9 +159,6 @@ class AgentStateStore:
             e['payload'] or '', episode_context(e['agent_id'], e['event_id'], e['time_ms'], ''), '',
             e['time_ms']), len(e['payload'] or '') + len(e['tags'] or '') + 64))
             for e in episodes]
-        span = EpisodeStore.span_op(agent_id, (e['time_ms'] for e in episodes))
-        if span is not None:
-            ops.append(span)
         ops += [('insert into facts (id, agent_id, subject, relation, object, provenance, '
                  'time_ms, vector) values (?, ?, ?, ?, ?, ?, ?, ?)',
                  (self.storage.next_id('facts'), agent_id, *tuple(f))) for f in facts]
@@ -198,9 +194,6 @@ class AgentStateStore:
         store = self.episodes
         entries = [store.entry_with_subject(agent_id, event) for event in episodes]
         ops.extend(op for op, _kept, _subject in entries)
-        times = [op[1][2] for op, kept, _subject in entries if kept]
-        if times:
-            store.cover(agent_id, min(times), max(times))
         # the state is made from these events, kept or only counted: erasing one of their
         # subjects deletes it (most events name none: nothing to add)
         subjects = [subject for _op, _kept, subject in entries if subject]
@@ -229,7 +222,7 @@ def episode_row(agent_id: str, event, mask: Callable[[str], str] = mask_text) ->
     sources and tags cut to MAX_FIELD_CHARS, secrets in payload and tags masked."""
     tags = json.dumps([mask(str(t)[:MAX_FIELD_CHARS]) for t in event.tags]) if event.tags \
         else '[]'
-    return (agent_id, event.id[:MAX_FIELD_CHARS], int(event.timestamp_ms),
+    return (agent_id[:MAX_FIELD_CHARS], event.id[:MAX_FIELD_CHARS], int(event.timestamp_ms),
             event.type[:MAX_FIELD_CHARS], event.source[:MAX_FIELD_CHARS], tags,
             mask(_payload_text(event.payload)))
 
@@ -247,11 +240,11 @@ class EpisodeStore:
     """The event log (warm tier), with the most recent events of each agent served from memory
     (hot tier: a read cache; every write is durable through the writer)."""
 
-    INSERT = ('insert into episodes (agent_id, event_id, time_ms, type, source, tags, payload, '
-              'bytes) values (?, ?, ?, ?, ?, ?, ?, ?)')
+    # The writer adds each agent's span in episode_agents to the transaction of its episodes
+    # (spans.py), so neither write here carries it.
+    INSERT = schema.EPISODE_INSERT
     # with the event's data subject (loom.subject metadata), which erasure and export go by
-    INSERT_SUBJECT = ('insert into episodes (agent_id, event_id, time_ms, type, source, tags, '
-                      'payload, bytes, subject) values (?, ?, ?, ?, ?, ?, ?, ?, ?)')
+    INSERT_SUBJECT = schema.EPISODE_INSERT_SUBJECT
 
     def __init__(self, storage, mask: Callable[[str], str] = mask_text):
         self.storage, self.mask = storage, mask
@@ -263,9 +256,6 @@ class EpisodeStore:
         self._origins: OrderedDict[str, str | None] = OrderedDict()
         # (event, its subject) noted last: the agents of one delivery share one arrival copy
         self._noted: tuple | None = None
-        # agent id -> (first_ms, last_ms) of its span in episode_agents as this process wrote
-        # it (committed, or submitted before anything that relies on it): see `cover`
-        self._spans: dict[str, tuple[int, int]] = {}
 
     # An event of a data subject without `store` consent: counted, nothing of it kept.
     WITHHOLD = ('insert into withheld (agent_id, type, day, events) values (?, ?, ?, 1) '
@@ -352,66 +342,12 @@ class EpisodeStore:
         payload = cipher.seal(row[6], episode_context(*row[:3], subject), subject, row[2])
         return (self.INSERT_SUBJECT, (*row[:6], payload, size, subject)), True, subject
 
-    # The agent's span in episode_agents (schema.py), in the same write as its episodes.
-    AGENT_SPAN = ('insert into episode_agents (agent_id, first_ms, last_ms) values (?, ?, ?) '
-                  'on conflict (agent_id) do update set first_ms = min(first_ms, '
-                  'excluded.first_ms), last_ms = max(last_ms, excluded.last_ms)')
-
-    # Spans are written in whole steps (first floored, last ceiled to SPAN_STEP_MS): a wider
-    # bound reads at most a step more of the time index, and an agent's span is written once a
-    # step instead of with every episode (an upsert per episode cost the writer a quarter of
-    # its rate, bench/storage_bench.py).
-    SPAN_STEP_MS = 60_000
-    MAX_SPANS = 100_000   # agents whose span this process remembers (more: written again)
-
-    def cover(self, agent_id: str, lo: int, hi: int) -> None:
-        """Make the agent's span in episode_agents cover `times` before the episodes at those
-        times are submitted: when the span this process wrote does not yet cover them, a wider
-        one is submitted on its own, so it commits in the same batch as those episodes or an
-        earlier one (batches commit in order: a committed episode is always inside its agent's
-        committed span, SIGKILL or not). Spans only widen; if that write fails, it is forgotten
-        here and submitted once more from its failure, ahead of the writes queued behind it.
-        `lo`, `hi`: the earliest and latest of those times."""
-        span = self._spans.get(agent_id)
-        if span is not None and span[0] <= lo and hi <= span[1]:
-            return
-        step = self.SPAN_STEP_MS
-        lo, hi = lo - lo % step, min(hi - hi % step + step - 1, MAX_TIME_MS)
-        if span is not None:
-            lo, hi = min(lo, span[0]), max(hi, span[1])
-        if len(self._spans) >= self.MAX_SPANS:
-            self._spans.clear()
-        self._spans[agent_id] = (lo, hi)
-        op = (self.AGENT_SPAN, (agent_id[:MAX_FIELD_CHARS], lo, hi))
-        writer = self.storage.writer
-
-        def settled(ticket: Ticket) -> None:
-            if ticket.error() is not None:
-                self._spans.pop(agent_id, None)
-                try:
-                    writer.submit((op,))
-                except StorageError:   # closed: nothing after it is written either
-                    pass
-        writer.submit((op,)).add_done_callback(settled)
-
-    @classmethod
-    def span_op(cls, agent_id: str, times) -> tuple | None:
-        """The episode_agents write for episodes of `agent_id` at `times` (None: none)."""
-        times = list(times)
-        if not times:
-            return None
-        return (cls.AGENT_SPAN, (agent_id[:MAX_FIELD_CHARS], min(times), max(times)))
-
     def record_op(self, agent_id: str, event) -> tuple:
         """The write of one event (see `entry`)."""
         return self.entry(agent_id, event)[0]
 
     def record(self, agent_id: str, event) -> Ticket:
         op, kept, _subject = self.entry_with_subject(agent_id, event)
-        if kept:
-            time_ms, span = op[1][2], self._spans.get(agent_id)
-            if span is None or not span[0] <= time_ms <= span[1]:   # (cover's own first test)
-                self.cover(agent_id, time_ms, time_ms)
         ticket = self.storage.writer.submit((op,))
         if kept and self.hot_max:
             self.remember(agent_id, event, ticket)
@@ -491,6 +427,7 @@ def episodes_sql(agent_id: str = '', start_ms: int = 0, end_ms: int = 2**63 - 1,
     `where_also`: one more SQL condition (no parameters). `spans`: the file has episode_agents
     (the agents' own files from before the layer do not), so one agent's query reads only its
     span of the time index."""
+    agent_id = agent_id[:MAX_FIELD_CHARS]   # as episode rows keep it
     where, args = ['time_ms >= :s', 'time_ms <= :e'], {'s': int(start_ms), 'e': int(end_ms),
                                                        'limit': max(0, int(limit))}
     if agent_id and spans:

@@ -135,6 +135,14 @@ _SEQUENCES = frozenset((tuple, list))   # the row types MultiRow widens (not sub
 _chain = chain.from_iterable
 
 
+def _grouped(ops) -> dict:
+    """{sql: [params]} of one submit's ops, in order."""
+    groups: dict[str, list] = {}
+    for sql, params in ops:
+        groups.setdefault(sql, []).append(params)
+    return groups
+
+
 class MultiRow:
     """One SQL text for many rows of the same positional insert: `insert into t (a, b) values
     (?, ?)` becomes `... values (?, ?), (?, ?), ...` (any `on conflict` clause kept), so SQLite
@@ -199,8 +207,12 @@ class GroupCommitWriter:
 
     def __init__(self, conn: sqlite3.Connection, name: str = 'storage', max_delay_s: float = 0.002,
                  max_batch: int = 20000, on_commit: Callable[[int, float], None] | None = None,
-                 gate: Callable[[], None] | None = None):
+                 gate: Callable[[], None] | None = None, keepers: Sequence = ()):
+        """`keepers`: what writes rows derived from a batch's rows in the same transaction
+        (spans.SpanKeeper): `prepare(groups)` -> (ops, token) before the grouped rows run,
+        `committed(token)` once their transaction committed; called on this thread only."""
         self.conn, self.name = conn, name
+        self.keepers = tuple(keepers)
         try:
             variables = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         except (AttributeError, sqlite3.Error):   # Python < 3.11: SQLite's smallest default
@@ -298,14 +310,14 @@ class GroupCommitWriter:
                 raise self.stopped
             if self.gate is not None:
                 self.gate()
-            self._run_batch(items, savepoints=False)
+            self._learn(self._run_batch(items, savepoints=False))
         except Exception as exc:   # noqa: BLE001 - every failure is handed to the tickets
             self._rollback()
             if self._full(batch, exc):
                 pass   # nothing of it stored; with stop_when_full, nothing after it either
             elif isinstance(exc, sqlite3.Error) and len(items) > 1:
                 try:   # isolate the bad write: one savepoint per submit
-                    self._run_batch(items, savepoints=True, errors=batch.errors)
+                    self._learn(self._run_batch(items, savepoints=True, errors=batch.errors))
                 except Exception as again:   # noqa: BLE001
                     self._rollback()
                     batch.errors.clear()
@@ -349,14 +361,18 @@ class GroupCommitWriter:
         except sqlite3.Error:
             pass
 
-    def _run_batch(self, items: list, savepoints: bool, errors: dict | None = None) -> None:
-        conn = self.conn
+    def _run_batch(self, items: list, savepoints: bool, errors: dict | None = None) -> list:
+        """Run and commit one batch; the keepers' tokens of what committed."""
+        conn, learned = self.conn, []
         conn.execute('BEGIN IMMEDIATE')
         if savepoints:
             for index, ops in enumerate(items):
                 conn.execute('SAVEPOINT w')
+                tokens: list = []
                 try:
                     for sql, params in ops:
+                        conn.execute(sql, params)
+                    for sql, params in self._derived(_grouped(ops), tokens):
                         conn.execute(sql, params)
                     conn.execute('RELEASE w')
                 except sqlite3.Error as exc:
@@ -365,12 +381,16 @@ class GroupCommitWriter:
                     conn.execute('ROLLBACK TO w')
                     conn.execute('RELEASE w')
                     errors[index] = self._wrap(exc)
+                else:
+                    learned += tokens
         else:
             groups: dict[str, list] = {}
             for ops in items:
-                if type(ops) is _Barrier:
-                    self._flush_groups(groups)
+                if type(ops) is _Barrier:   # in order, after all before it
+                    self._flush_groups(groups, learned)
                     for sql, params in ops:
+                        conn.execute(sql, params)
+                    for sql, params in self._derived(_grouped(ops), learned):
                         conn.execute(sql, params)
                     continue
                 for sql, params in ops:
@@ -379,10 +399,36 @@ class GroupCommitWriter:
                         groups[sql] = [params]
                     else:
                         group.append(params)
-            self._flush_groups(groups)
+            self._flush_groups(groups, learned)
         conn.execute('COMMIT')
+        return learned
 
-    def _flush_groups(self, groups: dict) -> None:
+    def _derived(self, groups: dict, tokens: list) -> list:
+        """The keepers' ops for `groups`; their tokens are appended to `tokens`."""
+        out = []
+        for keeper in self.keepers:
+            ops, token = keeper.prepare(groups)
+            if token is not None:
+                out += ops
+                tokens.append((keeper, token))
+        return out
+
+    def _learn(self, tokens: list) -> None:
+        """The batch committed: its keepers learn what it wrote. Never a failure of the batch
+        (it is stored): a keeper that did not learn only derives its rows again."""
+        for keeper, token in tokens:
+            try:
+                keeper.committed(token)
+            except Exception:   # noqa: BLE001
+                pass
+
+    def _flush_groups(self, groups: dict, tokens: list) -> None:
+        for sql, params in self._derived(groups, tokens):
+            group = groups.get(sql)
+            if group is None:
+                groups[sql] = [params]
+            else:
+                group.append(params)
         for sql, rows in groups.items():
             if len(rows) == 1:
                 self.conn.execute(sql, rows[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.lifecycle import (Lifecycle, LifecycleParams, TierPolicy, load_policies)
 from loom_ros.storage.sqlite import integrity_ok
 from loom_ros.storage.storage import Storage, StorageConfig
-from loom_ros.storage.stores import EpisodeStore, episodes_sql
+from loom_ros.storage.spans import SPAN_STEP_MS
+from loom_ros.storage.stores import episodes_sql
 from loom_ros.telemetry.diagnostics import ERROR, OK, WARN
 
 T0 = T0_MS
@@ -126,8 +128,8 @@ def test_episode_index_is_time_first_and_old_files_lose_agent_first_indexes(tmp_
         spans = {r[0]: (r[1], r[2]) for r in s.query('select * from episode_agents')}
         assert spans == {f'agent{k}': (T0 + k * 1000, T0 + (16 + k) * 1000) for k in range(4)}
         s.episodes.record('agent1', event(40)).wait(10)
-        # spans widen in whole steps (EpisodeStore.cover): the step holding e40's time
-        step = EpisodeStore.SPAN_STEP_MS
+        # spans widen in whole steps (spans.py): the step holding e40's time
+        step = SPAN_STEP_MS
         t40 = T0 + 40_000
         assert tuple(s.query("select first_ms, last_ms from episode_agents where "
                              "agent_id = 'agent1'")[0]) == (T0 + 1000, t40 - t40 % step + step - 1)
@@ -146,50 +148,95 @@ UNCOVERED = ('select count(*) from episodes e left join episode_agents s using (
 
 
 def test_an_agents_span_is_written_once_a_step_and_covers_every_committed_episode(storage):
-    """A span is written when an episode falls outside it, widened to whole steps, not with
-    every episode; every committed episode stays inside its agent's committed span, through
-    state commits, older events arriving late and another agent beside it."""
-    writes = storage.writer.writes
+    """The writer adds an agent's span to the transaction of its episodes only when they fall
+    outside the span it knows committed, widened to whole steps; every committed episode stays
+    inside its agent's span, through state commits, older events arriving late, times at
+    SQLite's integer limits and an id longer than the field cut."""
     for i in range(30):   # T0 .. T0 + 29 s: inside one step
         storage.episodes.record('a', event(i))
+    storage.flush()
+    assert storage.spans.upserts == 1
     storage.episodes.record('a', event(-300))            # five minutes earlier: widened
     storage.agent_state.commit('a', {'n': 1}, 1, 'e29', [event(29), event(10_000)]).wait(10)
     storage.episodes.record('b', event(5)).wait(10)
-    last_ms = Event(type='chat.said', id='late', timestamp_ms=2**63 - 1)   # the largest time
-    storage.episodes.record('c', last_ms).wait(10)
+    for agent, time_ms in (('c', 2**63 - 1), ('d', -2**63 + 5), ('x' * 300, T0)):
+        storage.episodes.record(agent, Event(type='chat.said', id=f'{agent[:3]}-edge',
+                                             timestamp_ms=time_ms)).wait(10)
     storage.flush()
-    # 30 + 1 episodes, 1 state commit, 1 episode of b, 1 of c; spans: a's first, its widening
-    # down, its widening up (e10000, hours later), b's first, c's (not past int64)
-    assert storage.writer.writes - writes == 34 + 5
     assert storage.query(UNCOVERED)[0][0] == 0
-    step = EpisodeStore.SPAN_STEP_MS
+    step = SPAN_STEP_MS
     first, last = storage.query("select first_ms, last_ms from episode_agents where "
                                 "agent_id = 'a'")[0]
     assert first % step == 0 and first <= T0 - 300_000 < first + step
     assert (last + 1) % step == 0 and last - step < T0 + 10_000_000 <= last
     assert len(storage.episodes.query('a', limit=1000)) == 33
+    assert [e['event_id'] for e in storage.episodes.query('x' * 300)] == ['xxx-edge']
+    assert [e['event_id'] for e in storage.episodes.query('d', start_ms=-2**63)] == ['d-edge']
 
 
-def test_a_span_write_that_failed_is_written_again_before_the_episodes_behind_it(storage):
-    """The writer fails a batch holding an agent's first span (a full budget, once): its
-    episode fails with it, and the span is forgotten and written again, so the agent's next
-    episode in the same step, which needs no span of its own, is found by a query."""
+def test_spans_cover_every_committed_state_with_many_threads_and_a_failed_batch(tmp_path, clock):
+    """Checked at every commit, from the writer's own thread (committed rows only): four
+    threads record for one agent, one of them moving it into a new minute at every event, with
+    batches of at most four writes; one batch in the middle fails whole (a full budget, once).
+    No committed state ever holds an episode outside its agent's span, and what the failed
+    batch held is written again with the episodes after it (spans are learned only once
+    their transaction committed)."""
+    config = StorageConfig(root=str(tmp_path), unit='t', max_batch=4, max_delay_ms=0.0)
+    with Storage(config, clock=clock) as s:
+        bad, commits, failures = [], [], []
+
+        def check(_writes, _seconds):
+            commits.append(1)
+            bad.extend(r[0] for r in s.query(UNCOVERED) if r[0])
+
+        def gate_once():
+            if len(commits) == 50 and not failures:
+                failures.append(1)
+                raise StorageFullError('budget full (once)')
+        s.writer.on_commit, s.writer.gate = check, gate_once
+
+        def leader():
+            for i in range(200):
+                s.episodes.record('x', Event(type='t', id=f'l{i}', timestamp_ms=T0 + i * 60_000))
+
+        def follower(k):
+            for i in range(200):
+                s.episodes.record('x', Event(type='t', id=f'f{k}.{i}',
+                                             timestamp_ms=T0 + i * 60_000 + k))
+        threads = [threading.Thread(target=leader)] + [
+            threading.Thread(target=follower, args=(k,)) for k in range(1, 4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        s.flush()
+        assert failures and len(commits) > 100
+        assert bad == []
+        assert s.query(UNCOVERED)[0][0] == 0
+        stored = s.query("select count(*) from episodes where agent_id = 'x'")[0][0]
+        assert 0 < stored < 800   # the failed batch's episodes are not there
+        assert len(s.episodes.query('x', limit=1000)) == stored
+
+
+def test_a_batch_that_failed_leaves_no_span_behind_for_the_episodes_after_it(tmp_path, clock):
+    """The writer fails the batch holding an agent's first episode (a full budget, once); the
+    agent's next episode in the same minute, in the batch after it, gets its span written with
+    it, also when the storage is closed at once."""
     failures = []
 
     def gate_once():
         if not failures:
             failures.append(1)
             raise StorageFullError('budget full (once)')
-    storage.writer.gate = gate_once
-    first = storage.episodes.record('a', event(1))
-    with pytest.raises(StorageFullError):
-        first.wait(10)
-    first.wait_settled(10)
-    storage.writer.gate = None
-    storage.episodes.record('a', event(2)).wait(10)
-    storage.flush()
-    assert storage.query(UNCOVERED)[0][0] == 0
-    assert [e['event_id'] for e in storage.episodes.query('a')] == ['e2']
+    with Storage(StorageConfig(root=str(tmp_path), unit='t'), clock=clock) as s:
+        s.writer.gate = gate_once
+        first = s.episodes.record('a', event(1))
+        with pytest.raises(StorageFullError):
+            first.wait(10)
+        s.episodes.record('a', event(2))
+    with Storage(StorageConfig(root=str(tmp_path), unit='t'), clock=clock) as s:
+        assert s.query(UNCOVERED)[0][0] == 0
+        assert [e['event_id'] for e in s.episodes.query('a')] == ['e2']
 
 
 def test_a_migrated_file_is_refused_by_an_older_loom_and_a_newer_file_by_this_one(
