@@ -30,13 +30,17 @@ class SpanKeeper:
 
     def prepare(self, groups: dict) -> tuple[list, dict | None]:
         """(span upserts to run with `groups` ({sql: [params]}), what to learn once they
-        committed). A row whose time is not an integer (an old file's NULL) bounds nothing."""
+        committed). Every writer of episodes stores integer times (stores.episode_row,
+        AgentStateStore.import_file); a row whose time is anything else is left out here rather
+        than failing the batch."""
         committed, need = self._committed, None
         for sql in self.sqls:
             for row in groups.get(sql, ()):
                 agent, time_ms = row[0], row[2]
+                if type(time_ms) is not int:   # checked first: compared, it would fail the batch
+                    continue
                 span = committed.get(agent)
-                if span is not None and span[0] <= time_ms <= span[1] or type(time_ms) is not int:
+                if span is not None and span[0] <= time_ms <= span[1]:
                     continue
                 if need is None:
                     need = {}

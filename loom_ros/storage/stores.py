@@ -155,10 +155,13 @@ class AgentStateStore:
                                                   'last_event_id': last}, self.SCHEMA_VERSION)]
         # Rows as the old store wrote them: already cut and masked.
         cipher = self.storage.cipher
-        ops += [(EpisodeStore.INSERT, (*tuple(e)[:6], cipher.seal(
-            e['payload'] or '', episode_context(e['agent_id'], e['event_id'], e['time_ms'], ''), '',
-            e['time_ms']), len(e['payload'] or '') + len(e['tags'] or '') + 64))
-            for e in episodes]
+        # Times as integers (an old file's column may hold a REAL): what the span keeper bounds.
+        ops += [(EpisodeStore.INSERT, (
+            e['agent_id'], e['event_id'], int(e['time_ms']), e['type'], e['source'], e['tags'],
+            cipher.seal(e['payload'] or '', episode_context(e['agent_id'], e['event_id'],
+                                                            int(e['time_ms']), ''),
+                        '', int(e['time_ms'])),
+            len(e['payload'] or '') + len(e['tags'] or '') + 64)) for e in episodes]
         ops += [('insert into facts (id, agent_id, subject, relation, object, provenance, '
                  'time_ms, vector) values (?, ?, ?, ?, ?, ?, ?, ?)',
                  (self.storage.next_id('facts'), agent_id, *tuple(f))) for f in facts]

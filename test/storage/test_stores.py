@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import MsClock, T0_MS
+from harness import MsClock, T0_MS, old_agent_file
 from loom_ros.bus.event import Event
 from loom_ros.storage.backend.local import LocalObjectStore
 from loom_ros.storage.base import check_key
@@ -237,6 +237,28 @@ def test_a_batch_that_failed_leaves_no_span_behind_for_the_episodes_after_it(tmp
     with Storage(StorageConfig(root=str(tmp_path), unit='t'), clock=clock) as s:
         assert s.query(UNCOVERED)[0][0] == 0
         assert [e['event_id'] for e in s.episodes.query('a')] == ['e2']
+
+
+def test_an_imported_episode_with_a_real_time_and_a_row_without_a_time_keep_spans_whole(
+        storage, tmp_path):
+    """An old agent file whose time column holds a REAL (its type is only declared int) is
+    imported with integer times, so its episode gets a span and is found; an episode row without
+    a time (not one Loom makes) fails alone in its batch, not the others' writes with it."""
+    old = tmp_path / 'old' / 'legacy.db'
+    old_agent_file(old, [('legacy', 2, '{}', 1, 'f1')],
+                   [('legacy', 'f1', T0 + 0.5, 'chat.said', 'mic', '[]', 'hello')])
+    storage.agent_state.import_file('legacy', old).wait(10)
+    assert [e['event_id'] for e in storage.episodes.query('legacy')] == ['f1']
+    storage.episodes.record('a', event(1)).wait(10)   # a's span is now known committed
+    storage.writer.max_delay_s = 0.5                   # the next two writes share one batch
+    bad = storage.writer.submit(((schema.EPISODE_INSERT,
+                                  ('a', 'bad', None, 't', 's', '[]', 'p', 10)),))
+    good = storage.episodes.record('b', event(2))
+    good.wait(10)
+    with pytest.raises(StorageError, match='NOT NULL'):
+        bad.wait(10)
+    assert storage.query(UNCOVERED)[0][0] == 0
+    assert [e['event_id'] for e in storage.episodes.query('b')] == ['e2']
 
 
 def test_a_migrated_file_is_refused_by_an_older_loom_and_a_newer_file_by_this_one(
