@@ -14,7 +14,8 @@ interval), and an executemany of 200,000 rows beside a busy thread ran at 1,211 
 `barrier=True` (a delete, anything whose effect depends on order across statements) runs after
 everything submitted before it. If a batch fails for one bad write (a constraint), the batch is
 re-run with a savepoint per submit, so only that submit fails. A full disk (or budget) fails the
-batch with StorageFullError and commits nothing of it.
+batch with StorageFullError and commits nothing of it. Keepers (spans.SpanKeeper) add rows
+derived from a batch's rows to its own transaction and learn what committed only after COMMIT.
 """
 from __future__ import annotations
 
