@@ -257,8 +257,9 @@ class EpisodeStore:
         # event id -> data subject ('' anonymous, None: storage may not keep it) of the events
         # being handled: what a fact made from one of them inherits (FactStore.add)
         self._origins: OrderedDict[str, str | None] = OrderedDict()
-        # (event, its subject) noted last: the agents of one delivery share one arrival copy
-        self._noted: tuple | None = None
+        # the arrival noted last (set once its origin is in _origins): the agents of one
+        # delivery share one arrival copy, noted once
+        self._noted = None
 
     # An event of a data subject without `store` consent: counted, nothing of it kept.
     WITHHOLD = ('insert into withheld (agent_id, type, day, events) values (?, ?, ?, 1) '
@@ -269,20 +270,19 @@ class EpisodeStore:
     def note(self, event) -> None:
         """Remember whose event this is, for what a handler derives from it (a fact); its
         consent is asked when the fact is stored (`origin`)."""
-        noted = self._noted
-        if noted is not None and noted[0] is event:   # the same arrival again (a broadcast):
-            subject = noted[1]                         # its subject is read once
-        else:
-            try:
-                subject = event_subject(event)
-            except SubjectError:   # not a valid id: nothing made from it may be kept
-                subject = None
-            self._noted = (event, subject)
+        if self._noted is event:   # the same arrival again (a broadcast): noted once for all
+            return                 # the agents of a delivery (they share one arrival copy)
+        try:
+            subject = event_subject(event)
+        except SubjectError:   # not a valid id: nothing made from it may be kept
+            subject = None
         with self._hot_lock:
             self._origins[event.id] = subject
             self._origins.move_to_end(event.id)
             while len(self._origins) > self.MAX_ORIGINS:
                 self._origins.popitem(last=False)
+            # only now: a thread that sees it returns above, and finds the origin noted
+            self._noted = event
 
     # The data subject an episode names, by event id, through the partial episodes_event index
     # (schema.py: only episodes that name one are in it; an anonymous episode is found as none).
