@@ -64,9 +64,21 @@ class Sketch:
             buckets = self.buckets
             buckets[index] = buckets.get(index, 0) + 1
 
+    # Below this many values a loop of add() is cheaper than numpy's fixed cost per call (about
+    # 80 us): a node with 1,000 topics folds 2,000 histograms of a few values each per period,
+    # which took 267 ms of every second through numpy.
+    VECTOR_AT = 64
+
     def add_many(self, values) -> None:
-        """add() for each of `values`, vectorised. A value that is not finite (which no duration
-        is) is left out rather than poisoning sum and the buckets."""
+        """add() for each of `values`, vectorised when there are many. A value that is not
+        finite (which no duration is) is left out rather than poisoning sum and the buckets."""
+        if len(values) < self.VECTOR_AT:
+            isfinite, add = math.isfinite, self.add
+            for value in values:
+                value = float(value)
+                if isfinite(value):
+                    add(value)
+            return
         a = numpy.asarray(values, dtype=numpy.float64)
         if a.size and not numpy.isfinite(a).all():
             a = a[numpy.isfinite(a)]
