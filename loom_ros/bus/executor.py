@@ -56,25 +56,26 @@ def spin_until(executor, future, poll_s: float = 0.5, clock=time.monotonic,
     A callback's exception is counted and logged (throttled), and spinning goes on. `once`:
     turn with spin_once, for rclpy's SingleThreadedExecutor, whose spin_until_future_complete
     adds a done-callback to the future at every call (two a second, kept until it is done)."""
-    last_log = [-ERROR_LOG_PERIOD_S]
+    last_log = new_log_throttle()
     while not future.done():
         if once:
-            spin_once_counted(executor, poll_s, clock, last_log)
+            spin_once_counted(executor, poll_s, last_log, clock)
         else:
             _counted(executor, lambda: executor.spin_until_future_complete(
                 future, timeout_sec=poll_s), clock, last_log)
 
 
-_LAST_LOG = [-ERROR_LOG_PERIOD_S]   # spin_once_counted's callers that keep no throttle of their own
+def new_log_throttle() -> list:
+    """The error-log throttle of one spinning loop: [time of its last error log]."""
+    return [-ERROR_LOG_PERIOD_S]
 
 
-def spin_once_counted(executor, timeout_sec: float, clock=time.monotonic,
-                      last_log: list | None = None) -> None:
+def spin_once_counted(executor, timeout_sec: float, last_log: list,
+                      clock=time.monotonic) -> None:
     """One executor turn whose callback failures are counted and logged as spin_until counts
     them, instead of escaping (a loop that turns the executor itself: record's drain).
-    `last_log`: [time of the last error log], for the throttle."""
-    _counted(executor, lambda: executor.spin_once(timeout_sec=timeout_sec), clock,
-             _LAST_LOG if last_log is None else last_log)
+    `last_log`: the loop's throttle (new_log_throttle)."""
+    _counted(executor, lambda: executor.spin_once(timeout_sec=timeout_sec), clock, last_log)
 
 
 def _counted(executor, turn, clock, last_log: list) -> None:

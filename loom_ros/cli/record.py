@@ -57,7 +57,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loom_ros.bus import topics
-from loom_ros.bus.executor import spin_once_counted
+from loom_ros.bus.executor import new_log_throttle, spin_once_counted
 from loom_ros.bus.names import to_ros_topic
 from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, Purpose, check_subject
 from loom_ros.bus.qos import fastdds_environment
@@ -392,12 +392,12 @@ def drain(executor, written: Callable[[], int], turn_s: float = DRAIN_TURN_S,
     and they were missing from the file (decisions, which are reliable). Turns until one turn
     writes nothing, within `limit_s`; returns how many it wrote."""
     start = before = written()
-    deadline = clock() + limit_s
+    deadline, last_log = clock() + limit_s, new_log_throttle()
     while clock() < deadline:
         end = min(deadline, clock() + turn_s)
         while clock() < end:   # a whole turn: a timer's callback does not end it
             # a failing callback (another node's, in a shared executor) is counted, not fatal
-            spin_once_counted(executor, max(0.0, end - clock()))
+            spin_once_counted(executor, max(0.0, end - clock()), last_log)
         now = written()
         if now == before:
             break

@@ -70,7 +70,3 @@ class SpanKeeper:
         for agent, (lo, hi) in written.items():
             span = committed.get(agent)
             committed[agent] = (lo, hi) if span is None else (min(lo, span[0]), max(hi, span[1]))
-
-    def known(self, agent: str) -> tuple[int, int] | None:
-        """The span this process knows committed for `agent` (tests, stats)."""
-        return self._committed.get(agent)

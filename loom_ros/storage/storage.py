@@ -179,29 +179,28 @@ class Storage:
 
     # -- stores ----------------------------------------------------------------------------------
     def _store(self, key, factory):
+        """The open store `key`, made on first use by `factory`: a callable, or the name of a
+        class of stores.py taking this storage (per-event callers: no closure made per call)."""
         store = self._stores.get(key)
         if store is None:
-            store = self._stores[key] = factory()
+            make = getattr(_stores(), factory) if isinstance(factory, str) else None
+            store = self._stores[key] = make(self) if make is not None else factory()
         return store
-
-    def _open(self, key):
-        """An open store by key, or None (per-event callers: no factory made each call)."""
-        return self._stores.get(key)
 
     # The stores' modules import faiss, which a process that never opens a store need not
     # load: each is imported inside its factory, on first use only (an open store is returned
     # without running an import statement; these are called per event).
     @property
     def kv(self):
-        return self._open('kv') or self._store('kv', lambda: _stores().KVStore(self))
+        return self._store('kv', 'KVStore')
 
     @property
     def agent_state(self):
-        return self._open('agent_state') or self._store('agent_state', lambda: _stores().AgentStateStore(self))
+        return self._store('agent_state', 'AgentStateStore')
 
     @property
     def episodes(self):
-        return self._open('episodes') or self._store('episodes', lambda: _stores().EpisodeStore(self))
+        return self._store('episodes', 'EpisodeStore')
 
     def facts(self, agent_id: str, embedder):
         return self._store(('facts', agent_id),
@@ -220,7 +219,7 @@ class Storage:
 
     @property
     def audit(self):
-        return self._store('audit', lambda: _stores().AuditStore(self))
+        return self._store('audit', 'AuditStore')
 
     def flush(self, timeout: float = 30.0) -> None:
         self.writer.flush(timeout)

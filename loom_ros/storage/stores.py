@@ -345,10 +345,6 @@ class EpisodeStore:
         payload = cipher.seal(row[6], episode_context(*row[:3], subject), subject, row[2])
         return (self.INSERT_SUBJECT, (*row[:6], payload, size, subject)), True, subject
 
-    def record_op(self, agent_id: str, event) -> tuple:
-        """The write of one event (see `entry`)."""
-        return self.entry(agent_id, event)[0]
-
     def record(self, agent_id: str, event) -> Ticket:
         op, kept, _subject = self.entry_with_subject(agent_id, event)
         ticket = self.storage.writer.submit((op,))
