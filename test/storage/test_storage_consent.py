@@ -235,6 +235,32 @@ def test_a_withdrawal_between_two_agents_of_one_delivery_holds_for_the_second(tm
         audit.close()
 
 
+def test_every_agent_of_one_delivery_files_its_fact_under_the_events_subject(tmp_path):
+    """The agents of one broadcast share its arrival copy, which is noted once (the later
+    agents return at once): each agent's fact from it is still bob's, also when another
+    delivery was noted in between (its arrival is then noted again), and none is anonymous."""
+    consent, audit = registry(tmp_path)
+    consent.grant('bob', 'store', 'cli:test')
+    storage = Storage(StorageConfig(root=str(tmp_path), unit='host'), consent=consent)
+    try:
+        arrived, other = event('bob', 'bob likes tea'), event(None, 'the kettle is on', 1)
+        agents = [AgentStore(storage, name) for name in ('a', 'b', 'c')]
+        agents[0].record(arrived)
+        agents[1].record(arrived)          # the same object: noted once already
+        agents[0].record(other)            # another delivery in between
+        agents[2].record(arrived)
+        for store in agents:
+            assert SemanticMemory(storage, store.agent_id, HashEmbedder()).add_fact(
+                'bob', 'likes', 'tea', provenance=arrived.id) > 0
+        assert [tuple(r) for r in storage.query(
+            'select agent_id, data_subject from facts order by agent_id')] == [
+            ('a', 'bob'), ('b', 'bob'), ('c', 'bob')]
+    finally:
+        storage.close()
+        consent.close()
+        audit.close()
+
+
 def test_a_fact_made_while_handling_a_persons_event_is_theirs(tmp_path):
     """A fact whose provenance is anonymous or unknown (an id storage never saw), made while the
     agent handles alice's event, is filed under alice (her erasure removes it); one whose
