@@ -29,6 +29,14 @@ METRICS_TOPIC = 'loom/metrics'   # a plain ROS topic (loom_msgs/Metrics), not a 
 COUNTER, GAUGE, HISTOGRAM = 0, 1, 2   # loom_msgs/MetricSample kinds
 # Values a histogram holds unfolded (bounded memory: 8 bytes each plus the list's).
 FOLD_AT = 512
+# Topics, and apart subscription patterns, with series of their own in one registry
+# (telemetry.metrics.max_topics); later ones share the OTHER_TOPICS / OTHER_SUBSCRIPTIONS
+# series. Topic names come from the bus, where publishers choose them: without a bound, a node
+# kept and published a series set per topic ever seen (1,000 agents' topics and subscriptions:
+# 11,000 series, 130 ms of its executor's thread every period).
+MAX_TOPICS = 128
+OTHER_TOPICS = '(other topics)'
+OTHER_SUBSCRIPTIONS = '(other subscriptions)'
 
 
 class Sketch:
@@ -239,8 +247,11 @@ class MetricsRegistry:
     """A node's metrics. Counters are totals (`inc`, or `set_total` for totals kept elsewhere,
     such as the bus's counters); rates come from the difference between two snapshots."""
 
-    def __init__(self, node: str = ''):
+    def __init__(self, node: str = '', max_topics: int = MAX_TOPICS):
         self.node = node
+        self.max_topics = max(0, int(max_topics))
+        self._topics: dict[str, None] = {}   # topics with their own series, first come
+        self._subscriptions: dict[str, None] = {}   # the same for subscription patterns
         self._lock = threading.Lock()
         self._counters: dict[tuple[str, Labels], float] = {}
         self._gauges: dict[tuple[str, Labels], float] = {}
@@ -272,12 +283,35 @@ class MetricsRegistry:
                 hist = self._histograms.setdefault(key, Histogram(precision, _lock))
         return hist
 
+    def topic_label(self, topic: str) -> str:
+        """The `topic` label of a topic's series: the topic itself for the first `max_topics`
+        topics this registry sees, OTHER_TOPICS for any later one (its counts and latencies
+        are summed there). A topic keeps the label it first got, so folded totals only grow."""
+        return self._admit(self._topics, topic, OTHER_TOPICS)
+
+    def subscription_label(self, pattern: str) -> str:
+        """topic_label for the `subscription` label (its own `max_topics` patterns)."""
+        return self._admit(self._subscriptions, pattern, OTHER_SUBSCRIPTIONS)
+
+    def _admit(self, admitted: dict, value: str, other: str) -> str:
+        if value in admitted:
+            return value
+        if len(admitted) >= self.max_topics:
+            return other
+        with self._lock:
+            if len(admitted) < self.max_topics:
+                admitted[value] = None
+        return value if value in admitted else other
+
     def topic_histogram(self, name: str, topic: str) -> Histogram:
         """histogram(name, topic=topic) through a cache: the bus calls this per delivery."""
         key = (name, topic)
         hist = self._topic_cache.get(key)
         if hist is None:
-            hist = self._topic_cache[key] = self.histogram(name, topic=topic)
+            label = self.topic_label(topic)
+            hist = self.histogram(name, topic=label)
+            if label == topic:   # the cache stays bounded: folded topics look theirs up again
+                self._topic_cache[key] = hist
         return hist
 
     def delivery_histograms(self, topic: str) -> DeliveryHistograms:
@@ -285,10 +319,15 @@ class MetricsRegistry:
         cache lookup: the bus's delivery hook records both on every event."""
         pair = self._delivery_cache.get(topic)
         if pair is None:
-            lock = threading.Lock()
-            pair = self._delivery_cache[topic] = DeliveryHistograms(
-                self.histogram('handle_latency_ms', topic=topic, _lock=lock),
-                self.histogram('event_age_ms', topic=topic, _lock=lock))
+            label = self.topic_label(topic)
+            pair = self._delivery_cache.get(label)
+            if pair is None:
+                lock = threading.Lock()
+                pair = DeliveryHistograms(
+                    self.histogram('handle_latency_ms', topic=label, _lock=lock),
+                    self.histogram('event_age_ms', topic=label, _lock=lock))
+                with self._lock:   # two threads may both have made one: the first one stays
+                    pair = self._delivery_cache.setdefault(label, pair)
         return pair
 
     def counter(self, name: str, **labels) -> float:
@@ -343,31 +382,48 @@ class BusMetrics:
     """Reads an EventBus's counters into a registry at snapshot time: nothing on the hot path.
 
     events_published / events_received per topic, events_dropped / events_shed / queue_depth /
-    queue_capacity per subscription pattern, events_rejected per reason."""
+    queue_capacity per subscription pattern, events_rejected per reason. Topics and patterns
+    past the registry's max_topics are summed into one series each (a folded subscription that
+    goes away takes its counts out of the sum: that period's rate reads 0)."""
 
     def __init__(self, bus):
         self.bus = bus
 
     def __call__(self, registry: MetricsRegistry) -> None:
         stats = self.bus.stats
-        for topic, n in list(stats.published.items()):
-            registry.set_total('events_published', n, topic=topic)
-        for topic, n in list(stats.received.items()):
-            registry.set_total('events_received', n, topic=topic)
+        for name, counts in (('events_published', stats.published),
+                             ('events_received', stats.received)):
+            for label, n in _by_label(registry, counts).items():
+                registry.set_total(name, n, topic=label)
         for reason, n in list(stats.rejected.items()):
             registry.set_total('events_rejected', n, reason=reason)
+        folded: dict[str, list] = {}   # label -> [dropped, shed, delivered, depth, capacity]
         for sub in list(stats.subscriptions):
             c = sub.counters
-            pattern = sub.pattern.text
-            registry.set_total('events_dropped', sum(getattr(c, k, 0) for k in DROP_COUNTERS),
-                               subscription=pattern)
-            registry.set_total('events_shed', sum(getattr(c, k, 0) for k in SHED_COUNTERS),
-                               subscription=pattern)
-            registry.set_total('events_delivered', getattr(c, 'delivered', 0),
-                               subscription=pattern)
+            row = folded.setdefault(registry.subscription_label(sub.pattern.text),
+                                    [0, 0, 0, None, None])
+            row[0] += sum(getattr(c, k, 0) for k in DROP_COUNTERS)
+            row[1] += sum(getattr(c, k, 0) for k in SHED_COUNTERS)
+            row[2] += getattr(c, 'delivered', 0)
             if sub.queue is not None:
-                registry.set_gauge('queue_depth', len(sub.queue), subscription=pattern)
-                registry.set_gauge('queue_capacity', sub.policy.queue_size, subscription=pattern)
+                row[3] = (row[3] or 0) + len(sub.queue)
+                row[4] = (row[4] or 0) + sub.policy.queue_size
+        for label, (dropped, shed, delivered, depth, capacity) in folded.items():
+            registry.set_total('events_dropped', dropped, subscription=label)
+            registry.set_total('events_shed', shed, subscription=label)
+            registry.set_total('events_delivered', delivered, subscription=label)
+            if depth is not None:   # summed over the folded ones that have a queue
+                registry.set_gauge('queue_depth', depth, subscription=label)
+                registry.set_gauge('queue_capacity', capacity, subscription=label)
+
+
+def _by_label(registry: MetricsRegistry, counts) -> dict[str, int]:
+    """Per-topic totals summed per topic label (the topics past max_topics into one)."""
+    out: dict[str, int] = {}
+    for topic, n in list(counts.items()):
+        label = registry.topic_label(topic)
+        out[label] = out.get(label, 0) + n
+    return out
 
 
 def bus_drop_total(bus) -> int:

@@ -44,6 +44,9 @@ TELEMETRY_PARAMETERS = [
               '(0: off)', read_only=True, min_value=0.0, max_value=3600.0),
     ParamSpec('telemetry.metrics.latency', 'Record handler latency and event age histograms per '
               'topic (about 1 us per delivered event)', read_only=True),
+    ParamSpec('telemetry.metrics.max_topics', 'Topics with metric series of their own; the '
+              "series of later topics are summed under topic='(other topics)'", read_only=True,
+              min_value=0, max_value=100000),
     ParamSpec('telemetry.metrics.prometheus_port', 'Serve Prometheus metrics on this port '
               '(0: off; one server per process)', read_only=True, min_value=0, max_value=65535),
     ParamSpec('telemetry.diagnostics.period_s', 'Seconds between /diagnostics reports (0: off)',
@@ -82,7 +85,7 @@ class NodeTelemetry:
         mask_node_logger(node, self.log)   # the node's own log calls: masked, and JSON when on
         self._setup_tracing(values, node.get_name())
 
-        self.registry = MetricsRegistry(name)
+        self.registry = MetricsRegistry(name, int(values['telemetry.metrics.max_topics']))
         self.registry.collectors.append(ResourceSampler())
         if bus is not None:
             self.registry.collectors.append(BusMetrics(bus))

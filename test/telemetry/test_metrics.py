@@ -212,3 +212,63 @@ def test_a_topics_delivery_histograms_record_together_and_read_apart():
         assert handle.max == 1000.0 and age.max == 2000.0
         assert handle.p50 == pytest.approx(500, rel=PRECISION)
         assert age.p50 == pytest.approx(1000, rel=PRECISION)
+
+
+def test_topics_past_max_topics_share_one_series_and_their_totals_only_grow(bus):
+    """A publisher chooses topic names: a node keeps series for max_topics of them and sums
+    the rest under OTHER_TOPICS, counts and latencies both, nothing lost from the sums."""
+    from loom_ros.bus.event import Event
+    from loom_ros.telemetry.metrics import OTHER_TOPICS, BusMetrics
+    reg = MetricsRegistry('/loom_test', max_topics=3)
+    reg.collectors.append(BusMetrics(bus))
+    bus.metrics = reg
+    got = []
+    topics = [f'cap.t{i}' for i in range(10)]
+    for topic in topics:   # in-process subscribers: delivered inside publish
+        bus.subscribe(topic, lambda e, t: got.append(t), 'realtime')
+    for round_ in range(2):
+        for i, topic in enumerate(topics):
+            for _ in range(i + 1):   # topic i gets i + 1 events a round
+                bus.publish(topic, Event(type='probe'), 'realtime')
+        samples = [s for s in reg.snapshot() if s.labels.get('topic', '').startswith(('cap.', '('))]
+        labels = {s.labels['topic'] for s in samples}
+        assert labels == {'cap.t0', 'cap.t1', 'cap.t2', OTHER_TOPICS}
+        by = {(s.name, s.labels["topic"]): s for s in samples}
+        for i in range(3):
+            assert by[('events_published', f'cap.t{i}')].value == (round_ + 1) * (i + 1)
+            assert by[('handle_latency_ms', f'cap.t{i}')].count == i + 1   # this period's
+        other = sum(range(4, 11))   # topics 3..9
+        assert by[('events_published', OTHER_TOPICS)].value == (round_ + 1) * other
+        assert by[('events_received', OTHER_TOPICS)].value == (round_ + 1) * other
+        assert by[('handle_latency_ms', OTHER_TOPICS)].count == other
+        assert by[('event_age_ms', OTHER_TOPICS)].count == other
+    assert len(got) == 2 * sum(range(1, 11))
+    assert len(reg._delivery_cache) == 4   # three topics and the shared one, not ten
+
+
+def test_max_topics_zero_sums_every_topic_into_one_series():
+    reg = MetricsRegistry('/n', max_topics=0)
+    for topic in ('a', 'b'):
+        reg.delivery_histograms(topic).record(1.0, 2.0)
+        reg.topic_histogram('x_ms', topic).record(3.0)
+    samples = {(s.name, s.labels['topic']): s for s in reg.snapshot()}
+    assert set(samples) == {('handle_latency_ms', '(other topics)'),
+                            ('event_age_ms', '(other topics)'), ('x_ms', '(other topics)')}
+    assert samples[('x_ms', '(other topics)')].count == 2
+
+
+def test_subscriptions_past_max_topics_share_one_series(bus):
+    from loom_ros.bus.event import Event
+    from loom_ros.telemetry.metrics import OTHER_SUBSCRIPTIONS, BusMetrics
+    reg = MetricsRegistry('/loom_test', max_topics=2)
+    reg.collectors.append(BusMetrics(bus))
+    for i in range(5):
+        bus.subscribe(f'subcap.t{i}', lambda e, t: None, 'realtime')
+        for _ in range(i + 1):
+            bus.publish(f'subcap.t{i}', Event(type='probe'), 'realtime')
+    delivered = {s.labels['subscription']: s.value for s in reg.snapshot()
+                 if s.name == 'events_delivered' and 'subscription' in s.labels}
+    mine = {k: v for k, v in delivered.items() if k.startswith('subcap.') or k.startswith('(')}
+    own = sorted(k for k in mine if k.startswith('subcap.'))
+    assert len(own) <= 2 and OTHER_SUBSCRIPTIONS in mine
+    assert sum(mine.values()) == 15   # every delivery counted once, folded or not
