@@ -159,3 +159,55 @@ def test_aggregation_through_the_bus_says_how_many_were_folded(ros, bus):
         bus.publish('agg.imu', Event.with_json('imu', {'ax': float(i)}), 'batched')
     assert [e.metadata['loom.folded'] for e in folded] == ['10', '10', '10']
     assert [e.json()['ax'] for e in folded] == [4.5, 14.5, 24.5]
+
+
+def test_threads_publishing_one_batched_topic_while_the_batch_timer_sends_lose_nothing(ros, bus):
+    """Agents' threads publish while the executor's batch timer sends: every event reaches DDS
+    once, each with its own sequence number, batches in order. (Without the outlet's lock a
+    batch swapped out between a publisher's look and its append lost that event.)"""
+    import sys
+
+    from loom_msgs.msg import EventBatch
+
+    from loom_ros.bus.names import to_ros_topic
+    from loom_ros.bus.wire import decode_event_batch
+    batches = []
+    ros.node.create_subscription(EventBatch, to_ros_topic('load.threads'),
+                                 lambda data: batches.append(decode_event_batch(data)),
+                                 to_qos_profile('batched'), raw=True)
+    bus.publisher_for('load.threads', 'batched')
+    ros.wait_for(lambda: bus.publisher_for('load.threads').get_subscription_count() == 1,
+                 'the raw subscription to match')
+    threads, each = 4, 500
+    start = threading.Barrier(threads)
+
+    def publish(t):
+        start.wait()
+        for i in range(each):
+            bus.publish('load.threads', Event(type='t', id=f'{t}-{i}'), 'batched')
+
+    workers = [threading.Thread(target=publish, args=(t,)) for t in range(threads)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # hand the GIL over as often as it goes
+    try:
+        for w in workers:
+            w.start()
+        while any(w.is_alive() for w in workers):
+            bus.flush()           # the batch timer's work, racing the publishers
+            ros.spin_once(0.0)
+    finally:
+        sys.setswitchinterval(interval)
+        for w in workers:
+            w.join()
+    bus.flush()
+    total = threads * each
+    ros.wait_for(lambda: sum(len(b[2]) for b in batches) >= total, f'{total} events')
+    seqs, got = [], []
+    for _bus_id, first_seq, events in batches:
+        seqs.extend(range(first_seq, first_seq + len(events)))
+        got.extend(e.id for e in events)
+    assert sorted(got) == sorted(f'{t}-{i}' for t in range(threads) for i in range(each))
+    assert seqs == list(range(1, total + 1))   # unique, gapless, batches in order
+    for t in range(threads):   # each thread's own events in its publish order
+        mine = [int(x.split('-')[1]) for x in got if x.startswith(f'{t}-')]
+        assert mine == list(range(each))
