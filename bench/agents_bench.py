@@ -74,33 +74,37 @@ def run_loom(n: int, seconds: float, rate: float, feed: str, workers: int,
                 rate * n
         return [('bench.agents', n, f'{label}{i}') for i in range(int(duration * rate))], rate
 
-    def send(sends: list, total_rate: float, until: int) -> float:
-        """Publish on schedule, then spin until `until` agent-events are handled; the start."""
+    def send(sends: list, total_rate: float, until: int) -> tuple[float, list]:
+        """Publish on schedule, then spin until `until` agent-events are handled; the start,
+        and how long after its scheduled time each publish returned (us): with `workers: 0`
+        the handlers ran inside it, so a host that falls behind shows here, not in dispatch."""
         for t in {t for t, _, _ in sends}:   # publishers exist before the clock starts
             bus.publisher_for(t, 'realtime')
+        late = []
         start = time.monotonic()
         for i, (t, _, event_id) in enumerate(sends):
             bus.publish(t, Event(type='tick', id=event_id), 'realtime')
+            late.append((time.monotonic() - start - i / total_rate) * 1e6)
             target = start + (i + 1) / total_rate
             while time.monotonic() < target:
                 executor.spin_once(timeout_sec=max(0.0, target - time.monotonic()))
         deadline = time.monotonic() + 120
         while sum(a.stats['handled'] for a in agents) < until and time.monotonic() < deadline:
             executor.spin_once(timeout_sec=0.01)
-        return start
+        return start, late
 
     # Warm-up: each agent's first events take first-use paths (its first state keys, the first
     # statements); measured apart, then the measured run starts from empty mailboxes.
     warm, warm_rate = plan(warmup_s, 'w')
     warm_expected = sum(k for _, k, _ in warm)
-    send(warm, warm_rate, warm_expected)
+    _, warm_late = send(warm, warm_rate, warm_expected)
     warm_handled = sum(a.stats['handled'] for a in agents)
     warm_dispatch = [x for a in agents for x in a.dispatch_us]
     for agent in agents:
         agent.dispatch_us.clear()
     sends, total_rate = plan(seconds, 't')
     expected = sum(k for _, k, _ in sends)
-    start = send(sends, total_rate, warm_handled + expected)
+    start, late = send(sends, total_rate, warm_handled + expected)
     elapsed = time.monotonic() - start
     handled = sum(a.stats['handled'] for a in agents) - warm_handled
     writer = host.storage.writer
@@ -112,6 +116,7 @@ def run_loom(n: int, seconds: float, rate: float, feed: str, workers: int,
               'setup_s': round(setup_s, 1), 'rss_before_mb': round(rss_before / 1024, 1),
               'rss_started_mb': round(rss_started / 1024, 1),
               'rss_end_mb': round(rss_kb() / 1024, 1), 'dispatch': summarize(dispatch),
+              'late': summarize(late), 'warmup_late': summarize(warm_late),
               'commits': writer.batches, 'writes': writer.writes}
     host.trigger_deactivate()
     host.trigger_cleanup()
@@ -449,6 +454,13 @@ def _one_run(args, n: int, feed: str) -> dict | None:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def _late(run: dict) -> str:
+    late = run.get('late')
+    if not late:
+        return '-'
+    return f"{late['p50_us']:.0f} / {late['p99_us']:.0f} / {late['max_us']:.0f} us"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--agents', type=int, nargs='+', default=[10, 100, 1000])
@@ -543,10 +555,12 @@ def main() -> int:
              'statements); the measured run starts once the warm-up is handled. `streams`: each '
              'agent has its own topic and the events are spread evenly; `broadcast`: one topic, '
              'every event reaches all N agents at the same instant (bursts of N). Dispatch = '
-             'mailbox arrival to handler start. Baseline: N plain rclpy nodes with one '
-             'subscription each, in another process.', '',
-             '| agents | feed | RSS Loom (started / end) | RSS raw rclpy nodes | start-up | dispatch P50 / P99 / max | agent-events handled/s | handled | commits | warm-up dispatch P50 / P99 / max |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+             'mailbox arrival to handler start. Behind schedule: how long after its scheduled '
+             'time each publish returned (with `workers: 0` the handlers ran inside it, so a '
+             'host that cannot keep up shows here, where dispatch would not). Baseline: N plain '
+             'rclpy nodes with one subscription each, in another process.', '',
+             '| agents | feed | RSS Loom (started / end) | RSS raw rclpy nodes | start-up | dispatch P50 / P99 / max | behind schedule P50 / P99 / max | agent-events handled/s | handled | commits | warm-up dispatch P50 / P99 / max |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for row in rows:
         lo, ra = row['loom'], row['raw']
         d, w = lo['dispatch'], lo['warmup_dispatch']
@@ -554,7 +568,7 @@ def main() -> int:
                      f"{lo['rss_end_mb']} MB | {ra.get('rss_started_mb', 'timed out')} MB | "
                      f"{lo['setup_s']} s | "
                      f"{d['p50_us']:.0f} / {d['p99_us']:.0f} / {d['max_us']:.0f} us | "
-                     f"{lo['handled_per_s']:.0f} | "
+                     f"{_late(lo)} | {lo['handled_per_s']:.0f} | "
                      f"{lo['agent_events_handled']}/{lo['agent_events_expected']} | "
                      f"{lo['commits']} | {w['p50_us']:.0f} / {w['p99_us']:.0f} / "
                      f"{w['max_us']:.0f} us |")

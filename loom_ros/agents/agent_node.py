@@ -50,7 +50,7 @@ from loom_ros.bus import topics
 from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.privacy import SUBJECT_METADATA_KEY
-from loom_ros.bus.executor import run_lifecycle_node
+from loom_ros.bus.executor import run_lifecycle_node, settle_heap, unsettle_heap
 from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
 from loom_ros.config.paths import usable_dir
@@ -359,6 +359,7 @@ class AgentNode(LifecycleNode):
             self._subs.append(self.bus.subscribe(
                 pattern, lambda event, topic, a=tuple(agents): deliver(a, event), qos,
                 backpressure=backpressure))
+        settle_heap()   # the agents, their stores and behaviors: no full GC pass walks them
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -370,6 +371,7 @@ class AgentNode(LifecycleNode):
         self._close_gate()
         self._stop_delivery()
         self._release()
+        unsettle_heap()
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:

@@ -18,6 +18,7 @@ Measured on rclpy 9.1.2: the EventsExecutor keeps firing a timer after its callb
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 import signal
@@ -116,6 +117,22 @@ def timer_callback(callback):
     tick.__signature__ = inspect.Signature()
     tick.__wrapped_callback__ = callback
     return tick
+
+
+def settle_heap() -> None:
+    """A node just became active: what it configured lives as long as it does. Collected
+    once, then frozen (gc.freeze, process-wide): the collector's full passes walk every object
+    of the process, and a host of 1,000 agents stalled every thread 100-260 ms at each one,
+    several times a minute (bench/results/agents.md). Objects freed by their counts are still
+    freed; `unsettle_heap` at cleanup lets what configure made be collected again."""
+    gc.collect()
+    gc.freeze()
+
+
+def unsettle_heap() -> None:
+    """Cleanup: the frozen objects go back to the collector (the released ones can be
+    collected again; cycles among them would otherwise never be)."""
+    gc.unfreeze()
 
 
 class ReleasingLifecycleNode:
