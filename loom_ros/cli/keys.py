@@ -48,16 +48,15 @@ def run_keys(args) -> int:
             print(f'{ident.name} ({ident.role}{", serves TLS" if keys.can_serve(ident) else ""})'
                   f'\ncertificate: {ident.cert}\nprivate key: {ident.key}\nauthority: {ident.ca}')
         else:
-            root = keys.keys_path(args.keys_dir)
-            ca = (root / 'ca.pem').read_bytes()
-            for cert in sorted(root.glob('*/cert.pem')):
-                try:
-                    name, role = keys.identity_of(cert.read_bytes()[:keys.MAX_CERT_BYTES + 1], ca)
-                    use = 'serves TLS' if keys.can_serve(keys.Identity(
-                        name, role, cert, cert.parent / 'key.pem', root / 'ca.pem')) else 'client'
-                    print(f'{name}\t{role}\t{use}\t{cert}')
-                except keys.CredentialsError as exc:
-                    print(f'{cert.parent.name}\tinvalid ({exc})\t{cert}')
+            for entry in keys.list_identities(args.keys_dir):
+                ident = entry.identity
+                if ident is None:
+                    # a folder's name is anyone's: quoted, so it cannot drive the terminal
+                    print(f'{ascii(entry.folder[:64])}\tinvalid ({entry.problem})\t'
+                          f'{ascii(str(entry.cert)[-300:])}')
+                    continue
+                use = 'serves TLS' if keys.can_serve(ident) else 'client'
+                print(f'{ident.name}\t{ident.role}\t{use}\t{ident.cert}')
     except (keys.CredentialsError, OSError) as exc:
         print(f'loom keys: {exc}', file=sys.stderr)
         return 1

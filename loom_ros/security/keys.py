@@ -166,22 +166,51 @@ def can_serve(identity: Identity) -> bool:
     return ExtendedKeyUsageOID.SERVER_AUTH in usage
 
 
-def signed_identities(keys_dir: str | Path, limit: int = 1024) -> list[Identity]:
-    """The identities in the keys folder whose certificates its authority signed and that are
-    valid now, each in the folder of its own name (others are skipped); at most `limit`
-    folders are read. Only certificates are read: a router needs no member's private key.
-    OSError when the folder has no readable authority."""
+@dataclass(frozen=True)
+class Listed:
+    """One `<name>/cert.pem` of a keys folder: its identity, or why it is not one."""
+
+    folder: str
+    cert: Path
+    identity: Identity | None
+    problem: str = ''
+
+
+def list_identities(keys_dir: str | Path, limit: int = 1024) -> list[Listed]:
+    """Every `<name>/cert.pem` in the keys folder (at most `limit`, by name), each with its
+    identity when the folder's authority signed it, it is valid now and it names its own
+    folder, else with why not. What `signed_identities` trusts and `loom keys list` shows come
+    from here, so the two never disagree. Only certificates are read. OSError when the folder
+    has no readable authority."""
     root = keys_path(keys_dir)
     ca = (root / 'ca.pem').read_bytes()
-    found = []
+    out = []
     for cert in sorted(root.glob('*/cert.pem'))[:limit]:
+        folder = cert.parent.name
         try:
             name, role = identity_of(cert.read_bytes()[:MAX_CERT_BYTES + 1], ca)
-        except (CredentialsError, OSError):
+        except CredentialsError as exc:
+            out.append(Listed(folder, cert, None, str(exc)[:200]))
             continue
-        if name == cert.parent.name:
-            found.append(Identity(name, role, cert, cert.parent / 'key.pem', root / 'ca.pem'))
-    return found
+        except OSError as exc:
+            out.append(Listed(folder, cert, None, f'unreadable: {exc.strerror or exc}'))
+            continue
+        if name != folder:   # moved or copied in: its name is not where it sits
+            out.append(Listed(folder, cert, None,
+                              f'the certificate names {name[:64]!r}, not its folder'))
+            continue
+        out.append(Listed(folder, cert, Identity(name, role, cert, cert.parent / 'key.pem',
+                                                 root / 'ca.pem')))
+    return out
+
+
+def signed_identities(keys_dir: str | Path, limit: int = 1024) -> list[Identity]:
+    """The identities in the keys folder whose certificates its authority signed and that are
+    valid now, each in the folder of its own name (others are skipped; `list_identities` says
+    why); at most `limit` folders are read. Only certificates are read: a router needs no
+    member's private key. OSError when the folder has no readable authority."""
+    return [entry.identity for entry in list_identities(keys_dir, limit)
+            if entry.identity is not None]
 
 
 def serving_non_routers(keys_dir: str | Path, limit: int = 1024) -> list[str]:

@@ -95,3 +95,36 @@ def test_only_routers_and_identities_issued_to_serve_are_tls_servers(fleet):
     # What the router warns about at start: serving identities that are not routers.
     assert keys.serving_non_routers(fleet) == ['robot1', 'robot2']
     assert keys.serving_non_routers(fleet.parent / 'no_such_folder') == []
+
+
+def test_keys_list_shows_what_the_fleet_trusts_and_says_why_the_rest_is_not(fleet, tmp_path):
+    """`loom keys list` and the routers' rules read one list: a certificate of another
+    authority, one moved into another robot's folder, garbage, and a hostile folder name are
+    each shown as invalid with the reason, and only the sound identity is trusted."""
+    import shutil
+
+    from harness import run_loom
+    keys.issue(fleet, 'robot1', 'robot')
+    keys.issue(fleet, 'robot2', 'robot')
+    keys.init_ca(tmp_path / 'other')
+    stranger = keys.issue(tmp_path / 'other', 'robot3', 'robot')
+    shutil.copytree(stranger.cert.parent, fleet / 'robot3')           # another authority's
+    (fleet / 'robot2' / 'cert.pem').write_bytes(
+        (fleet / 'robot1' / 'cert.pem').read_bytes())                    # robot1's, moved
+    (fleet / 'junk').mkdir()
+    (fleet / 'junk' / 'cert.pem').write_bytes(b'-----BEGIN CERTIFICATE-----\nAAAA')
+    hostile = '\x1b[2Jx'
+    (fleet / hostile).mkdir()
+    (fleet / hostile / 'cert.pem').write_bytes(b'x')
+    listed = {e.folder: e for e in keys.list_identities(fleet)}
+    assert listed['robot1'].identity is not None and listed['robot1'].problem == ''
+    assert 'not issued' in listed['robot3'].problem or 'signature' in listed['robot3'].problem
+    assert "names 'robot1'" in listed['robot2'].problem and listed['robot2'].identity is None
+    assert listed['junk'].identity is None and listed['junk'].problem
+    assert [i.name for i in keys.signed_identities(fleet)] == ['robot1']
+    run = run_loom('keys', 'list', '--keys-dir', str(fleet))
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert [ln.split('\t')[:2] for ln in lines if '\tinvalid' not in ln] == [['robot1', 'robot']]
+    assert sum('\tinvalid (' in ln for ln in lines) == 4
+    assert '\x1b' not in run.stdout   # the hostile name is quoted, not written to the terminal
