@@ -352,11 +352,11 @@ class EventBus:
                 elif outlet.pending:
                     self._send_batch(outlet)  # keep order if the remote subscriber just left
                 outlet.seq = seq
+                self.stats.published[outlet.topic] += 1   # under the lock: no lost count
             if local:
                 self.stats.intra_process += len(local)
                 for endpoint in local:
                     _dispatch(endpoint, event)
-            self.stats.published[topic] += 1
         finally:
             if span is not None:
                 span.end()

@@ -208,6 +208,7 @@ def test_threads_publishing_one_batched_topic_while_the_batch_timer_sends_lose_n
         got.extend(e.id for e in events)
     assert sorted(got) == sorted(f'{t}-{i}' for t in range(threads) for i in range(each))
     assert seqs == list(range(1, total + 1))   # unique, gapless, batches in order
+    assert bus.stats.published['load.threads'] == total   # no count lost to a race either
     for t in range(threads):   # each thread's own events in its publish order
         mine = [int(x.split('-')[1]) for x in got if x.startswith(f'{t}-')]
         assert mine == list(range(each))
