@@ -15,6 +15,12 @@ to_ui            ui_update published -> the ui plugin's HandleEvent span starts
 ui               the ui plugin's HandleEvent span (audit, state, publish on loom/ui/state)
 total            publish start -> ui end (the demo's camera-to-emoji adds the hop from the
                  simulated camera to the adapter before and loom/ui/state to its watcher after)
+and, for frames the demo's watcher saw (its UiStateSeen span names the frame's stamp, which
+the adapter's PublishEvent carries as loom.event.timestamp_ms):
+capture          the frame's stamp (sim_sensors, right before it publishes the Image) -> the
+                 adapter's publish (Image transport, the adapter's executor and conversion)
+to_watcher       ui end -> the demo's watcher got loom/ui/state
+camera_to_emoji  the frame's stamp -> the watcher (what the demo reports)
 A trace missing one of these spans (an empty scene: no ui_update) is not counted. Bounded: a
 span line over MAX_LINE_BYTES is skipped, as is anything that is not a span.
 """
@@ -27,6 +33,7 @@ from collections import defaultdict
 
 MAX_LINE_BYTES = 65536
 STAGES = ('adapter_publish', 'to_agent', 'mailbox', 'inference', 'route', 'to_ui', 'ui', 'total')
+ENDS = ('capture', 'to_watcher', 'camera_to_emoji')   # where the watcher's span is in the file
 
 
 def _key(span: dict) -> tuple[str, str, str]:
@@ -40,17 +47,29 @@ def _key(span: dict) -> tuple[str, str, str]:
 def frames(lines) -> list[dict]:
     """Stage durations (ms) of every complete face-flow trace in `lines` (JSON span lines)."""
     traces: dict[str, dict] = defaultdict(dict)
+    stamps: dict[str, int] = {}     # trace -> the camera frame's stamp (ms)
+    seen: dict[int, int] = {}       # frame stamp (ms) -> when the watcher got its ui state (ns)
     for line in lines:
         if len(line) > MAX_LINE_BYTES:
             continue
         try:
             span = json.loads(line)
             trace, start, end = span['trace_id'], int(span['start_ns']), int(span['end_ns'])
-        except (ValueError, KeyError, TypeError):
+            attributes = span.get('attributes') or {}
+            if span.get('name') == 'UiStateSeen':
+                seen.setdefault(int(attributes['loom.frame_ms']), start)
+                continue
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue
-        traces[trace].setdefault(_key(span), (start, end))
+        key = _key(span)
+        traces[trace].setdefault(key, (start, end))
+        if key == ('camera_adapter', 'PublishEvent', 'camera.front'):
+            try:
+                stamps.setdefault(trace, int(attributes['loom.event.timestamp_ms']))
+            except (KeyError, TypeError, ValueError):
+                pass
     out = []
-    for spans in traces.values():
+    for trace, spans in traces.items():
         got = [spans.get(k) for k in (
             ('camera_adapter', 'PublishEvent', 'camera.front'),
             ('agent', 'HandleEvent', 'camera.front'), ('agent', 'FaceAgent', ''),
@@ -67,6 +86,11 @@ def frames(lines) -> list[dict]:
                     'mailbox': ms(recv[0], face[0]), 'inference': ms(*infer),
                     'route': ms(infer[1], action[0]), 'to_ui': ms(action[0], ui[0]),
                     'ui': ms(*ui), 'total': ms(pub[0], ui[1])})
+        stamp = stamps.get(trace)
+        watcher = seen.get(stamp) if stamp is not None else None
+        if watcher is not None:
+            out[-1].update(capture=ms(stamp * 1_000_000, pub[0]), to_watcher=ms(ui[1], watcher),
+                           camera_to_emoji=ms(stamp * 1_000_000, watcher))
     return sorted(out, key=lambda f: f['at_ns'])
 
 
@@ -76,10 +100,17 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summary(rows: list[dict]) -> dict:
-    return {stage: {'p50': round(percentile([r[stage] for r in rows], 0.5), 2),
-                    'p90': round(percentile([r[stage] for r in rows], 0.9), 2),
-                    'p99': round(percentile([r[stage] for r in rows], 0.99), 2),
-                    'max': round(max(r[stage] for r in rows), 2)} for stage in STAGES}
+    """Each stage's P50/P90/P99/max over the frames that have it (ENDS: those the watcher
+    saw; `frames` says how many)."""
+    out = {}
+    for stage in STAGES + ENDS:
+        values = [r[stage] for r in rows if stage in r]
+        if values:
+            out[stage] = {'p50': round(percentile(values, 0.5), 2),
+                          'p90': round(percentile(values, 0.9), 2),
+                          'p99': round(percentile(values, 0.99), 2),
+                          'max': round(max(values), 2), 'frames': len(values)}
+    return out
 
 
 def main(argv=None) -> int:
@@ -100,11 +131,12 @@ def main(argv=None) -> int:
     print(f'{len(rows)} frames with every span (ms)')
     for stage, s in stats.items():
         print(f'  {stage:16} p50 {s["p50"]:8.2f}  p90 {s["p90"]:8.2f}  p99 {s["p99"]:8.2f}  '
-              f'max {s["max"]:8.2f}')
+              f'max {s["max"]:8.2f}' + (f'  ({s["frames"]} frames)' if stage in ENDS else ''))
     start = rows[0]['at_ns']
     print('slowest frames (s after the first; stages in ms):')
-    for row in sorted(rows, key=lambda r: -r['total'])[:max(0, args.slowest)]:
-        stages = ' '.join(f'{k} {row[k]:.1f}' for k in STAGES)
+    slowest = 'camera_to_emoji' if 'camera_to_emoji' in stats else 'total'
+    for row in sorted(rows, key=lambda r: -r.get(slowest, 0.0))[:max(0, args.slowest)]:
+        stages = ' '.join(f'{k} {row[k]:.1f}' for k in STAGES + ENDS if k in row)
         print(f'  {(row["at_ns"] - start) / 1e9:7.2f}  {stages}')
     return 0
 

@@ -43,6 +43,7 @@ from loom_ros.bringup.processes import Process
 from loom_ros.cli.bringup import STOP_BOUND_S
 from loom_ros.bus.qos import fastdds_environment
 from loom_ros.config.params import DEFAULTS_FILE, config_dir
+from loom_ros.telemetry import tracing
 
 CAMERA_TOPIC = 'camera.front'
 FACE_AGENT = 'face'
@@ -205,6 +206,11 @@ class Watcher:
             if state.get('emoji') and frame and frame not in self._frames_seen:
                 self._frames_seen.add(frame)
                 self.face_ms.append(now - float(frame))
+                if tracing.ENABLED and isinstance(frame, (int, float)):
+                    # the end of the path the trace covers: bench/face_flow_stages.py pairs it
+                    # with the frame's stamp (the camera adapter's PublishEvent)
+                    with tracing.span('UiStateSeen', attributes={'loom.frame_ms': int(frame)}):
+                        pass
                 self.emojis[f'{state["emoji"]} {state.get("label", "")}'] += 1
                 self.last_emoji = f'{state["emoji"]} {state.get("label", "")}'
 

@@ -370,7 +370,9 @@ def start_publish_span(topic: str, event):
     current = _STATE['tracer'].start_span(
         PUBLISH_EVENT, context=_parent_for(event), kind=SpanKind.PRODUCER,
         attributes={'loom.topic': topic, 'loom.event.id': event.id,
-                    'loom.event.type': event.type})
+                    'loom.event.type': event.type,
+                    # a sensor event's stamp: how long before its publish it was taken
+                    'loom.event.timestamp_ms': event.timestamp_ms})
     _STATE['propagator'].inject(event.metadata, context=trace.set_span_in_context(current))
     return current
 

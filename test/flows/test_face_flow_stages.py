@@ -50,3 +50,31 @@ def test_stages_of_complete_traces_only(tmp_path):
     none = subprocess.run([sys.executable, tool, str(empty)], capture_output=True, text=True,
                           timeout=60)
     assert none.returncode == 1 and 'no complete face-flow trace' in none.stderr
+
+
+def test_the_hops_before_the_adapter_and_after_the_ui_come_from_the_stamp_and_the_watcher(
+        tmp_path):
+    """The adapter's span carries the frame's stamp, the demo's watcher names it in UiStateSeen:
+    the two ends the traced stages do not cover, for the frames the watcher saw."""
+    def span(trace, service, name, start_ms, end_ms, **attributes):
+        return json.dumps({'name': name, 'trace_id': trace, 'service': service,
+                           'start_ns': start_ms * MS, 'end_ns': end_ms * MS,
+                           'attributes': attributes})
+    lines = []
+    for trace, base in (('a', 1000), ('b', 1100)):
+        frame = _frame(trace, base, 'plugin_host')
+        frame[0] = span(trace, 'camera_adapter', 'PublishEvent', base, base + 2,
+                        **{'loom.topic': 'camera.front', 'loom.event.timestamp_ms': base - 4})
+        lines += frame
+    lines += [span('w1', 'loom_demo', 'UiStateSeen', 1036, 1036, **{'loom.frame_ms': 996}),
+              span('w2', 'loom_demo', 'UiStateSeen', 9, 9, **{'loom.frame_ms': 'x'}),  # bad
+              span('w3', 'loom_demo', 'UiStateSeen', 9, 9)]                              # none
+    trace = tmp_path / 'trace.jsonl'
+    trace.write_text('\n'.join(lines) + '\n')
+    done = subprocess.run([sys.executable, str(REPO / 'bench' / 'face_flow_stages.py'),
+                           str(trace), '--json'], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    stages = json.loads(done.stdout)['stages_ms']
+    assert stages['total']['frames'] == 2   # both frames have the traced stages
+    for name, ms in (('capture', 4), ('to_watcher', 7), ('camera_to_emoji', 40)):
+        assert stages[name]['p50'] == ms and stages[name]['frames'] == 1   # only 'a' was seen
