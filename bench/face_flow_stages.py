@@ -19,7 +19,8 @@ and, for frames the demo's watcher saw (its UiStateSeen span names the frame's s
 the adapter's PublishEvent carries as loom.event.timestamp_ms):
 capture          the frame's stamp (sim_sensors, right before it publishes the Image) -> the
                  adapter's publish (Image transport, the adapter's executor and conversion)
-to_watcher       ui end -> the demo's watcher got loom/ui/state
+to_watcher       ui end -> the demo's watcher got loom/ui/state (below 0 when the watcher had it
+                 before the ui span ended: the ui plugin writes its audit record after publishing)
 camera_to_emoji  the frame's stamp -> the watcher (what the demo reports)
 A trace missing one of these spans (an empty scene: no ui_update) is not counted. Bounded: a
 span line over MAX_LINE_BYTES is skipped, as is anything that is not a span.
