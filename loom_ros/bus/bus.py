@@ -52,6 +52,9 @@ U32_MAX = 2**32 - 1
 MAX_SEQ_GAP = 1 << 20
 # Publishers whose next sequence number each endpoint remembers; forged bus_ids cannot grow it.
 MAX_TRACKED_PUBLISHERS = 1024
+# Topics one pattern subscription attaches to (bus.max_pattern_topics). Topics come from the
+# ROS graph, where anyone on the domain can make them: each attached one is a DDS reader.
+MAX_PATTERN_TOPICS = 1024
 # Bytes a serialized Event may take beyond its payload limit (strings, metadata, tags) before
 # it is refused unread.
 MAX_ENVELOPE_BYTES = 1 << 20
@@ -121,6 +124,9 @@ class BusSubscription:
         self.counters = self.flow.counters
         self.topics: dict[str, QosLevel] = {}  # attached Loom topic -> QoS level used
         self.depth: int | None = None   # a deeper DDS history than the level's (subscribe)
+        # Matching topics in the graph left unattached at the last look, past the bus's
+        # max_pattern_topics (a gauge: recounted at each look, so it holds no names).
+        self.topics_refused = 0
         self.closed = False
         self._lock = threading.Lock()
         self.queue: DeliveryQueue | None = None
@@ -232,8 +238,9 @@ class EventBus:
                  batch_max_events: int = 100, batch_max_age_ms: float = 10.0,
                  intra_process: bool = True, stats_period_s: float = 0.0,
                  backpressure: list[str] | tuple[str, ...] = (), raw_batches: bool = True,
-                 max_seq_gap: int = MAX_SEQ_GAP):
+                 max_seq_gap: int = MAX_SEQ_GAP, max_pattern_topics: int = MAX_PATTERN_TOPICS):
         self.node = node
+        self.max_pattern_topics = max(1, int(max_pattern_topics))
         self.topic_qos = topic_qos or TopicQosTable()
         self.max_payload_bytes = max_payload_bytes
         self.batch_max_events = max(1, int(batch_max_events))
@@ -518,6 +525,7 @@ class EventBus:
                 return []
             namespace = self.node.get_namespace()
             attached = []
+            refused = dict.fromkeys(self._patterns, 0)
             for ros_name, types in self.node.get_topic_names_and_types():
                 if not any(t in WIRE_TYPE_NAMES.values() for t in types):
                     continue
@@ -527,12 +535,23 @@ class EventBus:
                 for sub in self._patterns:
                     if topic in sub.topics or not sub.pattern.matches(topic):
                         continue
+                    if len(sub.topics) >= self.max_pattern_topics:
+                        refused[sub] += 1
+                        continue
                     level = sub.level or self.topic_qos.level_for(topic)
                     if WIRE_TYPE_NAMES[wire_type(level)] not in types:
                         self._type_mismatch(topic, level, types)
                         continue
                     if self._attach(sub, topic):
                         attached.append(topic)
+            for sub, count in refused.items():
+                sub.topics_refused = count
+                if count and self._may_log(f'pattern_topics:{sub.pattern.text}', 60.0):
+                    self.logger.warning(
+                        f'{sub.pattern.text}: {count} more matching topic(s) in the graph are not '
+                        f'subscribed: the pattern is at bus.max_pattern_topics '
+                        f'({self.max_pattern_topics}). Anyone on the ROS domain can make topics; '
+                        'raise the limit only for a fleet this large')
             return attached
 
     def _type_mismatch(self, topic: str, level: QosLevel, detail) -> None:
@@ -867,6 +886,9 @@ BUS_PARAMETERS = [
               read_only=True, min_value=0),
     ParamSpec('bus.discovery_period_s', 'How often pattern subscriptions look for new topics',
               read_only=True, min_value=0.01, max_value=60.0),
+    ParamSpec('bus.max_pattern_topics', 'Most topics one pattern subscription attaches to (each '
+              'is a DDS reader; anyone on the domain can make topics)', read_only=True,
+              min_value=1, max_value=1000000),
     ParamSpec('bus.batch_max_events', 'Batched topics: most events in one EventBatch',
               read_only=True, min_value=1, max_value=100000),
     ParamSpec('bus.batch_max_age_ms', 'Batched topics: longest an event waits for its batch',
@@ -909,7 +931,8 @@ def create_bus(node, defaults_section: str) -> EventBus:
                    intra_process=bool(values['bus.intra_process']),
                    stats_period_s=float(values['bus.stats_period_s']),
                    raw_batches=bool(values['bus.raw_batches']),
-                   backpressure=list(values['bus.backpressure']))
+                   backpressure=list(values['bus.backpressure']),
+                   max_pattern_topics=int(values['bus.max_pattern_topics']))
     from loom_ros.telemetry.node_telemetry import attach_telemetry
     bus.telemetry = attach_telemetry(node, defaults_section, bus)  # metrics, diagnostics, tracing
     return bus

@@ -382,7 +382,8 @@ class BusMetrics:
     """Reads an EventBus's counters into a registry at snapshot time: nothing on the hot path.
 
     events_published / events_received per topic, events_dropped / events_shed / queue_depth /
-    queue_capacity per subscription pattern, events_rejected per reason. Topics and patterns
+    queue_capacity per subscription pattern (and topics_refused, once a pattern met the bus's
+    max_pattern_topics), events_rejected per reason. Topics and patterns
     past the registry's max_topics are summed into one series each (a folded subscription that
     goes away takes its counts out of the sum: that period's rate reads 0)."""
 
@@ -398,16 +399,20 @@ class BusMetrics:
         for reason, n in list(stats.rejected.items()):
             registry.set_total('events_rejected', n, reason=reason)
         folded: dict[str, list] = {}   # label -> [dropped, shed, delivered, depth, capacity]
+        refused_by: dict[str, int] = {}
         for sub in list(stats.subscriptions):
             c = sub.counters
-            row = folded.setdefault(registry.subscription_label(sub.pattern.text),
-                                    [0, 0, 0, None, None])
+            row_label = registry.subscription_label(sub.pattern.text)
+            row = folded.setdefault(row_label, [0, 0, 0, None, None])
             row[0] += sum(getattr(c, k, 0) for k in DROP_COUNTERS)
             row[1] += sum(getattr(c, k, 0) for k in SHED_COUNTERS)
             row[2] += getattr(c, 'delivered', 0)
             if sub.queue is not None:
                 row[3] = (row[3] or 0) + len(sub.queue)
                 row[4] = (row[4] or 0) + sub.policy.queue_size
+            refused = getattr(sub, 'topics_refused', 0)
+            if refused:   # matching topics past bus.max_pattern_topics, left unattached
+                refused_by[row_label] = refused_by.get(row_label, 0) + refused
         for label, (dropped, shed, delivered, depth, capacity) in folded.items():
             registry.set_total('events_dropped', dropped, subscription=label)
             registry.set_total('events_shed', shed, subscription=label)
@@ -415,6 +420,10 @@ class BusMetrics:
             if depth is not None:   # summed over the folded ones that have a queue
                 registry.set_gauge('queue_depth', depth, subscription=label)
                 registry.set_gauge('queue_capacity', capacity, subscription=label)
+        for label in folded:   # once set, kept current (back to 0 when the topics go)
+            refused = refused_by.get(label, 0)
+            if refused or not math.isnan(registry.gauge('topics_refused', subscription=label)):
+                registry.set_gauge('topics_refused', refused, subscription=label)
 
 
 def _by_label(registry: MetricsRegistry, counts) -> dict[str, int]:

@@ -162,3 +162,41 @@ def test_a_timer_that_raises_is_counted_and_keeps_firing(ros):
         spinner.shutdown()
         node.destroy_node()
     assert not thread.is_alive()
+
+
+def test_a_pattern_attaches_to_at_most_max_pattern_topics_of_what_others_create(ros):
+    """Anyone on the domain can make topics a pattern matches, and each attached one is a DDS
+    reader: past bus.max_pattern_topics the rest stay unattached, counted in the metrics."""
+    from loom_msgs.msg import Event as EventMsg
+
+    from loom_ros.bus.bus import EventBus
+    from loom_ros.bus.names import to_ros_topic
+    from loom_ros.telemetry.metrics import BusMetrics, MetricsRegistry
+    flooder = Node('topic_flooder', context=ros.node.context)
+    pubs = [flooder.create_publisher(EventMsg, to_ros_topic(f'flood.t{i}'),
+                                     to_qos_profile('realtime')) for i in range(5)]
+    bus = EventBus(ros.node, max_pattern_topics=3, discovery_period_s=0.05)
+    try:
+        sub = bus.subscribe('flood.*', lambda e, t: None, 'realtime')
+
+        def looked() -> bool:
+            bus.refresh()
+            return len(sub.topics) + sub.topics_refused == 5
+        ros.wait_for(looked, 'all five flood topics seen')
+        assert len(sub.topics) == 3 and sub.topics_refused == 2
+        assert len(bus._endpoints) == 3   # readers made for the attached ones only
+        reg = MetricsRegistry('/n')
+        BusMetrics(bus)(reg)
+        assert reg.gauge('topics_refused', subscription='flood.*') == 2
+        for pub in pubs[3:] + pubs[:3]:   # the topics go away: the count goes back to 0
+            flooder.destroy_publisher(pub)
+
+        def gone() -> bool:
+            bus.refresh()
+            return sub.topics_refused == 0
+        ros.wait_for(gone, 'the refused topics to leave the graph')
+        BusMetrics(bus)(reg)
+        assert reg.gauge('topics_refused', subscription='flood.*') == 0
+    finally:
+        bus.destroy()
+        flooder.destroy_node()
