@@ -55,6 +55,7 @@ MAX_TRACKED_PUBLISHERS = 1024
 # Topics one pattern subscription attaches to (bus.max_pattern_topics). Topics come from the
 # ROS graph, where anyone on the domain can make them: each attached one is a DDS reader.
 MAX_PATTERN_TOPICS = 1024
+OTHER_TOPICS = '(other topics)'   # where per-topic counts past that many are summed
 # Bytes a serialized Event may take beyond its payload limit (strings, metadata, tags) before
 # it is refused unread.
 MAX_ENVELOPE_BYTES = 1 << 20
@@ -555,12 +556,22 @@ class EventBus:
             return attached
 
     def _type_mismatch(self, topic: str, level: QosLevel, detail) -> None:
-        if not self.stats.type_mismatch[topic]:
-            self.logger.warning(
-                f'{topic}: not subscribed at {level.value} ({WIRE_TYPE_NAMES[wire_type(level)]}): '
-                f'the topic carries {detail}. Publishers and subscribers must agree on the level '
-                '(bus.topic_qos) since Batched travels as EventBatch.')
-        self.stats.type_mismatch[topic] += 1
+        """Counted per topic, for at most max_pattern_topics topics (the rest together: topics
+        of another type are anyone's to make), and said once per counted topic."""
+        counts = self.stats.type_mismatch
+        if topic not in counts and len(counts) >= self.max_pattern_topics:
+            topic = OTHER_TOPICS
+            if not self._may_log('type_mismatch_other', 60.0):
+                counts[topic] += 1
+                return
+        elif counts[topic]:
+            counts[topic] += 1
+            return
+        self.logger.warning(
+            f'{topic}: not subscribed at {level.value} ({WIRE_TYPE_NAMES[wire_type(level)]}): '
+            f'the topic carries {str(detail)[:300]}. Publishers and subscribers must agree on '
+            'the level (bus.topic_qos) since Batched travels as EventBatch.')
+        counts[topic] += 1
 
     def _attach(self, sub: BusSubscription, topic: str) -> bool:
         level = sub.level or self.topic_qos.level_for(topic)

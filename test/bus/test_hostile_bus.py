@@ -200,3 +200,30 @@ def test_a_pattern_attaches_to_at_most_max_pattern_topics_of_what_others_create(
     finally:
         bus.destroy()
         flooder.destroy_node()
+
+
+def test_topics_of_another_type_are_counted_for_at_most_max_pattern_topics_names(ros):
+    from loom_msgs.msg import EventBatch
+
+    from loom_ros.bus.bus import OTHER_TOPICS, EventBus
+    from loom_ros.bus.names import to_ros_topic
+    flooder = Node('type_flooder', context=ros.node.context)
+    for i in range(5):   # EventBatch where a realtime subscription wants Event
+        flooder.create_publisher(EventBatch, to_ros_topic(f'mistyped.t{i}'),
+                                 to_qos_profile('realtime'))
+    bus = EventBus(ros.node, max_pattern_topics=3, discovery_period_s=0.05)
+    try:
+        sub = bus.subscribe('mistyped.*', lambda e, t: None, 'realtime')
+
+        ros.wait_for(lambda: sum('mistyped' in name for name, _ in
+                                 ros.node.get_topic_names_and_types()) == 5,
+                     'the five mistyped topics in the graph')
+        for _ in range(3):
+            bus.refresh()
+        assert sub.topics == {}
+        names = set(bus.stats.type_mismatch)
+        assert len(names) == 4 and OTHER_TOPICS in names   # three by name, the rest together
+        assert bus.stats.type_mismatch[OTHER_TOPICS] >= 2
+    finally:
+        bus.destroy()
+        flooder.destroy_node()
