@@ -365,6 +365,7 @@ class AgentNode(LifecycleNode):
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._close_gate()   # before draining here, on the executor's thread
         self._stop_delivery()
+        unsettle_heap()   # activate freezes again: deactivate/activate cycles keep nothing
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:

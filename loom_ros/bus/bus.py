@@ -402,7 +402,9 @@ class EventBus:
             with outlet.lock:   # a publisher adds it back, under this lock, with its next event
                 if outlet.pending:
                     self._send_batch(outlet)
-                del self._batching[topic]
+                # pop: another flush (destroy() off the executor's thread while the timer
+                # fires) may have taken it from its own look at the same outlets
+                self._batching.pop(topic, None)
 
     def _send_batch(self, outlet: _Outlet) -> None:
         """The outlet's pending events as one EventBatch (its lock held)."""
@@ -546,6 +548,8 @@ class EventBus:
                     if self._attach(sub, topic):
                         attached.append(topic)
             for sub, count in refused.items():
+                if count:   # full: let go of attached topics nobody publishes on any more;
+                    self._release_dead(sub)   # the next scan attaches others in their place
                 sub.topics_refused = count
                 if count and self._may_log(f'pattern_topics:{sub.pattern.text}', 60.0):
                     self.logger.warning(
@@ -554,6 +558,23 @@ class EventBus:
                         f'({self.max_pattern_topics}). Anyone on the ROS domain can make topics; '
                         'raise the limit only for a fleet this large')
             return attached
+
+    def _release_dead(self, sub: BusSubscription) -> int:
+        """A pattern at its limit lets go of its topics that have no publisher left (the bus
+        lock held): topics made for a moment would otherwise hold its places for good and keep
+        out the ones that came later. Only under that pressure: a topic whose publisher is
+        restarting keeps its reader otherwise. Returns how many it let go."""
+        released = 0
+        for key in list(sub.topics.items()):
+            endpoint = self._endpoints.get(key)
+            if endpoint is None or self.node.count_publishers(endpoint.fq_name):
+                continue
+            endpoint.handlers.remove(sub)
+            if not endpoint.handlers:
+                self._detach(key, endpoint)
+            del sub.topics[key[0]]
+            released += 1
+        return released
 
     def _type_mismatch(self, topic: str, level: QosLevel, detail) -> None:
         """Counted per topic, for at most max_pattern_topics topics (the rest together: topics
@@ -567,10 +588,11 @@ class EventBus:
         elif counts[topic]:
             counts[topic] += 1
             return
-        self.logger.warning(
-            f'{topic}: not subscribed at {level.value} ({WIRE_TYPE_NAMES[wire_type(level)]}): '
-            f'the topic carries {str(detail)[:300]}. Publishers and subscribers must agree on '
-            'the level (bus.topic_qos) since Batched travels as EventBatch.')
+        where = 'more topics' if topic == OTHER_TOPICS else topic
+        self.logger.warning(   # type names come from the graph: quoted and cut
+            f'{where}: not subscribed at {level.value} ({WIRE_TYPE_NAMES[wire_type(level)]}): '
+            f'the topic carries {ascii(str(detail)[:300])}. Publishers and subscribers must '
+            'agree on the level (bus.topic_qos) since Batched travels as EventBatch.')
         counts[topic] += 1
 
     def _attach(self, sub: BusSubscription, topic: str) -> bool:

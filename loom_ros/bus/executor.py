@@ -130,8 +130,9 @@ def settle_heap() -> None:
 
 
 def unsettle_heap() -> None:
-    """Cleanup: the frozen objects go back to the collector (the released ones can be
-    collected again; cycles among them would otherwise never be)."""
+    """Deactivate or cleanup: the frozen objects go back to the collector (the released ones
+    can be collected again; cycles among them would otherwise never be). Process-wide, as the
+    freeze: with several nodes in one process (composition) the next activation freezes again."""
     gc.unfreeze()
 
 

@@ -206,7 +206,8 @@ class Watcher:
             if state.get('emoji') and frame and frame not in self._frames_seen:
                 self._frames_seen.add(frame)
                 self.face_ms.append(now - float(frame))
-                if tracing.ENABLED and isinstance(frame, (int, float)):
+                if tracing.ENABLED and isinstance(frame, (int, float)) and \
+                        0 < frame < 2 ** 53:   # JSON also says Infinity and NaN
                     # the end of the path the trace covers: bench/face_flow_stages.py pairs it
                     # with the frame's stamp (the camera adapter's PublishEvent)
                     with tracing.span('UiStateSeen', attributes={'loom.frame_ms': int(frame)}):

@@ -20,6 +20,7 @@ import datetime
 import ipaddress
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +167,20 @@ def can_serve(identity: Identity) -> bool:
     return ExtendedKeyUsageOID.SERVER_AUTH in usage
 
 
+def read_small(path: Path, limit: int = MAX_CERT_BYTES) -> bytes:
+    """At most limit + 1 bytes of a regular file (more means too large to be a certificate).
+    A folder's entries are anyone's to place: a FIFO would block a plain read for good and a
+    link to /dev/zero would never end, so neither is read (OSError)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f'{path.name} is not a regular file')
+        with os.fdopen(fd, 'rb', closefd=False) as stream:
+            return stream.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class Listed:
     """One `<name>/cert.pem` of a keys folder: its identity, or why it is not one."""
@@ -188,12 +203,13 @@ def list_identities(keys_dir: str | Path, limit: int = 1024) -> list[Listed]:
     for cert in sorted(root.glob('*/cert.pem'))[:limit]:
         folder = cert.parent.name
         try:
-            name, role = identity_of(cert.read_bytes()[:MAX_CERT_BYTES + 1], ca)
+            name, role = identity_of(read_small(cert), ca)
         except CredentialsError as exc:
             out.append(Listed(folder, cert, None, str(exc)[:200]))
             continue
         except OSError as exc:
-            out.append(Listed(folder, cert, None, f'unreadable: {exc.strerror or exc}'))
+            out.append(Listed(folder, cert, None,
+                              f'unreadable: {str(exc.strerror or exc)[:200]}'))
             continue
         if name != folder:   # moved or copied in: its name is not where it sits
             out.append(Listed(folder, cert, None,

@@ -383,12 +383,15 @@ class BusMetrics:
 
     events_published / events_received per topic, events_dropped / events_shed / queue_depth /
     queue_capacity per subscription pattern (and topics_refused, once a pattern met the bus's
-    max_pattern_topics), events_rejected per reason. Topics and patterns
-    past the registry's max_topics are summed into one series each (a folded subscription that
-    goes away takes its counts out of the sum: that period's rate reads 0)."""
+    max_pattern_topics), events_rejected per reason. Topics and patterns past the registry's
+    max_topics are summed into one series each, and so are subscriptions of one pattern; the
+    counts of a subscription that goes away stay in its label's totals, so a counter never goes
+    back (Prometheus would read a reset)."""
 
     def __init__(self, bus):
         self.bus = bus
+        self._last: dict = {}                   # subscription -> (label, its last counts)
+        self._departed: dict[str, list] = {}    # label -> counts of subscriptions gone
 
     def __call__(self, registry: MetricsRegistry) -> None:
         stats = self.bus.stats
@@ -398,30 +401,40 @@ class BusMetrics:
                 registry.set_total(name, n, topic=label)
         for reason, n in list(stats.rejected.items()):
             registry.set_total('events_rejected', n, reason=reason)
-        folded: dict[str, list] = {}   # label -> [dropped, shed, delivered, depth, capacity]
-        refused_by: dict[str, int] = {}
+        # label -> [dropped, shed, delivered, depth, capacity, topics refused]
+        folded: dict[str, list] = {label: [*counts, None, None, 0]
+                                   for label, counts in self._departed.items()}
+        last = {}
         for sub in list(stats.subscriptions):
             c = sub.counters
-            row_label = registry.subscription_label(sub.pattern.text)
-            row = folded.setdefault(row_label, [0, 0, 0, None, None])
-            row[0] += sum(getattr(c, k, 0) for k in DROP_COUNTERS)
-            row[1] += sum(getattr(c, k, 0) for k in SHED_COUNTERS)
-            row[2] += getattr(c, 'delivered', 0)
+            label = registry.subscription_label(sub.pattern.text)
+            counts = (sum(getattr(c, k, 0) for k in DROP_COUNTERS),
+                      sum(getattr(c, k, 0) for k in SHED_COUNTERS), getattr(c, 'delivered', 0))
+            last[sub] = label, counts
+            row = folded.setdefault(label, [0, 0, 0, None, None, 0])
+            for i in range(3):
+                row[i] += counts[i]
             if sub.queue is not None:
                 row[3] = (row[3] or 0) + len(sub.queue)
                 row[4] = (row[4] or 0) + sub.policy.queue_size
-            refused = getattr(sub, 'topics_refused', 0)
-            if refused:   # matching topics past bus.max_pattern_topics, left unattached
-                refused_by[row_label] = refused_by.get(row_label, 0) + refused
-        for label, (dropped, shed, delivered, depth, capacity) in folded.items():
+            # matching topics past bus.max_pattern_topics, left unattached
+            row[5] += getattr(sub, 'topics_refused', 0)
+        for sub, (label, counts) in self._last.items():
+            if sub not in last:   # gone since the last snapshot: its counts stay counted
+                kept = self._departed.setdefault(label, [0, 0, 0])
+                row = folded.setdefault(label, [0, 0, 0, None, None, 0])
+                for i in range(3):
+                    kept[i] += counts[i]
+                    row[i] += counts[i]
+        self._last = last
+        for label, (dropped, shed, delivered, depth, capacity, refused) in folded.items():
             registry.set_total('events_dropped', dropped, subscription=label)
             registry.set_total('events_shed', shed, subscription=label)
             registry.set_total('events_delivered', delivered, subscription=label)
             if depth is not None:   # summed over the folded ones that have a queue
                 registry.set_gauge('queue_depth', depth, subscription=label)
                 registry.set_gauge('queue_capacity', capacity, subscription=label)
-        for label in folded:   # once set, kept current (back to 0 when the topics go)
-            refused = refused_by.get(label, 0)
+            # once set, kept current (back to 0 when the topics or the subscription go)
             if refused or not math.isnan(registry.gauge('topics_refused', subscription=label)):
                 registry.set_gauge('topics_refused', refused, subscription=label)
 

@@ -87,6 +87,10 @@ def test_an_active_host_keeps_its_configured_heap_out_of_the_collectors_passes(r
         assert gc.get_freeze_count() > 0
         assert not any(o is agent for g in (0, 1, 2) for o in gc.get_objects(g))   # frozen
         host.trigger_deactivate()
+        assert gc.get_freeze_count() == 0   # deactivate/activate cycles leave nothing frozen
+        host.trigger_activate()
+        assert gc.get_freeze_count() > 0
+        host.trigger_deactivate()
         host.trigger_cleanup()
         assert gc.get_freeze_count() == 0
         # The released agent, in a reference cycle with itself, is collectable again.

@@ -116,6 +116,10 @@ def test_keys_list_shows_what_the_fleet_trusts_and_says_why_the_rest_is_not(flee
     hostile = '\x1b[2Jx'
     (fleet / hostile).mkdir()
     (fleet / hostile / 'cert.pem').write_bytes(b'x')
+    (fleet / 'fifo').mkdir()
+    os.mkfifo(fleet / 'fifo' / 'cert.pem')          # a plain read would block for good
+    (fleet / 'zero').mkdir()
+    os.symlink('/dev/zero', fleet / 'zero' / 'cert.pem')   # would never end
     listed = {e.folder: e for e in keys.list_identities(fleet)}
     assert listed['robot1'].identity is not None and listed['robot1'].problem == ''
     assert 'not issued' in listed['robot3'].problem or 'signature' in listed['robot3'].problem
@@ -126,5 +130,7 @@ def test_keys_list_shows_what_the_fleet_trusts_and_says_why_the_rest_is_not(flee
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert [ln.split('\t')[:2] for ln in lines if '\tinvalid' not in ln] == [['robot1', 'robot']]
-    assert sum('\tinvalid (' in ln for ln in lines) == 4
+    assert sum('\tinvalid (' in ln for ln in lines) == 6
+    assert 'not a regular file' in listed['fifo'].problem
+    assert 'not a regular file' in listed['zero'].problem
     assert '\x1b' not in run.stdout   # the hostile name is quoted, not written to the terminal

@@ -270,5 +270,29 @@ def test_subscriptions_past_max_topics_share_one_series(bus):
                  if s.name == 'events_delivered' and 'subscription' in s.labels}
     mine = {k: v for k, v in delivered.items() if k.startswith('subcap.') or k.startswith('(')}
     own = sorted(k for k in mine if k.startswith('subcap.'))
-    assert len(own) <= 2 and OTHER_SUBSCRIPTIONS in mine
+    assert own == ['subcap.t0', 'subcap.t1'] and OTHER_SUBSCRIPTIONS in mine
+    assert mine[OTHER_SUBSCRIPTIONS] == 3 + 4 + 5
     assert sum(mine.values()) == 15   # every delivery counted once, folded or not
+
+
+def test_a_subscription_that_goes_away_keeps_its_counts_in_the_totals(bus):
+    """Folded (and same-pattern) subscriptions are summed: one that goes away must not take
+    its counts with it, or the counter would go back and Prometheus would read a reset."""
+    from loom_ros.bus.event import Event
+    from loom_ros.telemetry.metrics import OTHER_SUBSCRIPTIONS, BusMetrics
+    reg = MetricsRegistry('/loom_test', max_topics=1)
+    reg.collectors.append(BusMetrics(bus))
+    subs = [bus.subscribe(f'gone.t{i}', lambda e, t: None, 'realtime') for i in range(3)]
+    for i in range(3):
+        for _ in range(10):
+            bus.publish(f'gone.t{i}', Event(type='probe'), 'realtime')
+
+    def delivered():
+        return {s.labels['subscription']: s.value for s in reg.snapshot()
+                if s.name == 'events_delivered' and 'subscription' in s.labels}
+    assert delivered() == {'gone.t0': 10, OTHER_SUBSCRIPTIONS: 20}
+    subs[2].close()
+    bus.publish('gone.t1', Event(type='probe'), 'realtime')
+    assert delivered() == {'gone.t0': 10, OTHER_SUBSCRIPTIONS: 21}   # 20 kept, one more
+    subs[1].close()
+    assert delivered() == {'gone.t0': 10, OTHER_SUBSCRIPTIONS: 21}
