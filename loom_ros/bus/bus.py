@@ -325,6 +325,7 @@ class EventBus:
                     incompatible_qos=lambda info, t=topic: self._on_incompatible(t, info, 'offered')))
             outlet = _Outlet(topic, level, pub)
             self._outlets[topic] = outlet
+            self._claim_series(topic)
             if outlet.batched and self._batch_timer is None:
                 self._batch_timer = self.node.create_timer(self.batch_max_age_s,
                                                           timer_callback(self.flush))
@@ -491,7 +492,18 @@ class EventBus:
                         self._discovery_period_s, self.refresh)
             else:
                 self._attach(sub, pattern)
+                self._claim_series(pattern, subscribed=True)
         return sub
+
+    def _claim_series(self, topic: str, subscribed: bool = False) -> None:
+        """A topic this node names itself (a subscription to it, or publishing on it) takes its
+        metrics series now, ahead of topics that only come through patterns: those are anyone's
+        to make, and could otherwise take every place first."""
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.topic_label(topic)
+            if subscribed:
+                metrics.subscription_label(topic)
 
     def _policy_for(self, pattern: TopicPattern) -> BackpressurePolicy:
         for rule, policy in self.backpressure:

@@ -296,3 +296,41 @@ def test_a_subscription_that_goes_away_keeps_its_counts_in_the_totals(bus):
     assert delivered() == {'gone.t0': 10, OTHER_SUBSCRIPTIONS: 21}   # 20 kept, one more
     subs[1].close()
     assert delivered() == {'gone.t0': 10, OTHER_SUBSCRIPTIONS: 21}
+
+
+def test_topics_a_node_names_itself_keep_their_series_ahead_of_pattern_topics(ros, bus):
+    """Topics reached through a pattern are anyone's to make: a flood of them delivered first
+    cannot take the series of a topic the node subscribes to or publishes on by name."""
+    from rclpy.node import Node
+
+    from loom_ros.bus.bus import EventBus
+    from loom_ros.bus.event import Event
+    from loom_ros.telemetry.metrics import OTHER_TOPICS, BusMetrics
+    reg = MetricsRegistry('/loom_test', max_topics=3)
+    reg.collectors.append(BusMetrics(bus))
+    bus.metrics = reg
+    bus.subscribe('own.in', lambda e, t: None, 'realtime')
+    bus.publisher_for('own.out', 'realtime')
+    flooder = Node('series_flooder', context=ros.node.context)
+    other = EventBus(flooder)
+    try:
+        for i in range(4):
+            other.publisher_for(f'flood.t{i}', 'realtime')
+        sub = bus.subscribe('flood.*', lambda e, t: None, 'realtime')
+        ros.wait_for(lambda: bus.refresh() is not None and len(sub.topics) == 4,
+                     'the pattern to attach the flood topics')
+        for i in range(4):   # delivered before any event of the node's own topics
+            other.publish(f'flood.t{i}', Event(type='probe'), 'realtime')
+        for topic in ('own.in', 'own.out'):
+            bus.publish(topic, Event(type='probe'), 'realtime')
+        samples = reg.snapshot()
+        received = {s.labels['topic'] for s in samples if s.name == 'events_received'}
+        handled = {s.labels['topic'] for s in samples if s.name == 'handle_latency_ms'}
+        assert {'own.in', OTHER_TOPICS} <= received and {'own.in', OTHER_TOPICS} <= handled
+        flood_named = {t for t in received | handled if t.startswith('flood.')}
+        assert len(flood_named) == 1   # the one place the node's own topics left
+        published = {s.labels['topic'] for s in samples if s.name == 'events_published'}
+        assert 'own.out' in published
+    finally:
+        other.destroy()
+        flooder.destroy_node()
