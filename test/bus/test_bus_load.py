@@ -212,3 +212,43 @@ def test_threads_publishing_one_batched_topic_while_the_batch_timer_sends_lose_n
     for t in range(threads):   # each thread's own events in its publish order
         mine = [int(x.split('-')[1]) for x in got if x.startswith(f'{t}-')]
         assert mine == list(range(each))
+
+
+def test_two_flushes_at_once_send_a_batch_once_and_neither_fails(bus):
+    """destroy() flushes off the executor's thread while the batch timer may flush: both look
+    at the same outlet; the one that finds it already sent moves on."""
+    outlet = bus._outlet('load.twoflush', 'batched')
+    outlet.pending.append(b'not sent for real')   # one pending batch (its bytes never sent)
+    outlet.pending_first_seq = 1
+    bus._batching[outlet.topic] = outlet
+    looks = threading.Semaphore(0)
+
+    class Watched(dict):
+        def items(self):
+            looks.release()
+            return super().items()
+    bus._batching = Watched(bus._batching)
+    in_write, go_on, writes, errors = threading.Event(), threading.Event(), [], []
+
+    def held_write(out, msg, events):
+        writes.append(events)
+        in_write.set()
+        go_on.wait(30)
+        return True
+    bus._write = held_write
+
+    def flush():
+        try:
+            bus.flush()
+        except Exception as exc:  # noqa: BLE001 - what the test looks for
+            errors.append(exc)
+    first = threading.Thread(target=flush)
+    first.start()
+    assert in_write.wait(30) and looks.acquire(timeout=30)   # the first is sending
+    second = threading.Thread(target=flush)
+    second.start()
+    assert looks.acquire(timeout=30)   # the second has looked: the outlet is in its list too
+    go_on.set()
+    first.join(30)
+    second.join(30)
+    assert errors == [] and writes == [1] and outlet.topic not in bus._batching
