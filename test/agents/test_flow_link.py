@@ -303,3 +303,33 @@ def test_hosted_routing_follows_the_router_nodes_policy_and_not_a_forged_event(r
         ros.node.destroy_client(setter)
         ros.executor.remove_node(node)
         node.destroy_node()
+
+
+def test_a_host_started_before_the_router_asks_again_as_soon_as_the_router_is_there(
+        ros, spawn, tmp_path):
+    """The follower's first question goes out before the router's service exists, and is lost.
+    It asks again as soon as the service appears, not a whole retry period later: the host's
+    first frames are routed in-process instead of through the router/route service (the demo's
+    first camera frame waited 205 ms there). The retry period here is an hour."""
+    from loom_ros.agents.flows.link import HostedRouter, RouterPolicyFollower, default_policy
+    from loom_ros.router.policy import load_policy
+    ns = '/fl_first'
+    node = Node('agent_host_0', namespace=ns, context=ros.node.context)
+    ros.executor.add_node(node)
+    ports = NodePorts(node)   # only for its gate
+    hosted = HostedRouter(node, ports.gate, None)
+    follower = RouterPolicyFollower(node, hosted, lambda p: load_policy(p or default_policy()),
+                                    lambda line: None, retry_s=3600.0)
+    try:
+        assert follower.asked == 1 and not follower.known   # asked into the void
+        router = spawn('-m', 'loom_ros.router.router_node', '--ros-args', '-r', f'__ns:={ns}',
+                       '-p', f'storage.root:={tmp_path}')
+        ros.wait_for(lambda: follower.known, "the router's policy", alive=[router])
+        assert follower.path == '' and hosted.local is not None
+        assert follower._timer.timer_period_ns == int(3600.0 * 1e9)   # back to the retry period
+    finally:
+        follower.close()
+        hosted.close()
+        ports.close()
+        ros.executor.remove_node(node)
+        node.destroy_node()

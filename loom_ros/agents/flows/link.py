@@ -260,6 +260,11 @@ class RouterPolicyFollower:
     keeps its parameter, so nothing changes here either."""
 
     MAX_PATH = 4096
+    # Until the first answer: look this often whether the router's service is there, and ask
+    # once it is. A question sent before the service is matched is lost, and waiting the whole
+    # retry_s for the next one left the host's first frames on the router/route service (the
+    # demo's first camera frame waited 205 ms there).
+    FIRST_LOOK_S = 0.05
 
     def __init__(self, node, hosted: HostedRouter, load, log, router_name: str = 'router',
                  retry_s: float = 1.0):
@@ -277,7 +282,10 @@ class RouterPolicyFollower:
         self._client = node.create_client(GetParameters, f'{self.router}/get_parameters')
         self._events = node.create_subscription(ParameterEvent, '/parameter_events',
                                                 self._on_event, qos_profile_parameter_events)
-        self._timer = node.create_timer(retry_s, self._retry)
+        self._retry_s = retry_s
+        self._asked_at = 0.0
+        self._asked_ready = False
+        self._timer = node.create_timer(min(retry_s, self.FIRST_LOOK_S), self._retry)
         self.ask()
 
     @property
@@ -290,12 +298,24 @@ class RouterPolicyFollower:
         if self._pending is not None and not self._pending.done():
             self._pending.cancel()
         self.asked += 1
+        self._asked_at = time.monotonic()
+        self._asked_ready = self._client.service_is_ready()   # else the question is lost
         self._pending = self._client.call_async(self._request)
         self._pending.add_done_callback(self._on_answer)
 
     def _retry(self) -> None:
-        if self.path is None or self._stale:
-            self.ask()
+        if self.path is not None and not self._stale:
+            return
+        if time.monotonic() - self._asked_at >= self._retry_s:
+            self.ask()   # unanswered that long: lost (DDS can lose a request or a reply)
+        elif self.path is None and not self._asked_ready and self._client.service_is_ready():
+            self.ask()   # the first question, again, now that it can reach the router
+
+    def _settle_timer(self) -> None:
+        """After the first answer: back to retry_s."""
+        if self._timer.timer_period_ns != int(self._retry_s * 1e9):
+            self.node.destroy_timer(self._timer)
+            self._timer = self.node.create_timer(self._retry_s, self._retry)
 
     def _on_event(self, msg) -> None:
         if msg.node != self.router:
@@ -315,6 +335,7 @@ class RouterPolicyFollower:
             return
         self.answers += 1
         self._stale = False
+        self._settle_timer()
         path = values[0].string_value if values and values[0].type == STRING_PARAMETER else None
         if path is None or len(path) > self.MAX_PATH or '\x00' in path:
             self.failures += 1
