@@ -128,6 +128,10 @@ class BusSubscription:
         # Matching topics in the graph left unattached at the last look, past the bus's
         # max_pattern_topics (a gauge: recounted at each look, so it holds no names).
         self.topics_refused = 0
+        # Topics a full pattern let go for having no publisher: not attached again until one
+        # publishes (else a topic only a reader keeps in the graph comes straight back and is
+        # let go again at every scan). At most the bus's max_pattern_topics, oldest out.
+        self.released: dict[str, None] = {}
         self.closed = False
         self._lock = threading.Lock()
         self.queue: DeliveryQueue | None = None
@@ -550,6 +554,10 @@ class EventBus:
                 for sub in self._patterns:
                     if topic in sub.topics or not sub.pattern.matches(topic):
                         continue
+                    if topic in sub.released:
+                        if not self.node.count_publishers(ros_name):
+                            continue   # still nobody publishing: it stays out, uncounted
+                        del sub.released[topic]
                     if len(sub.topics) >= self.max_pattern_topics:
                         refused[sub] += 1
                         continue
@@ -585,6 +593,9 @@ class EventBus:
             if not endpoint.handlers:
                 self._detach(key, endpoint)
             del sub.topics[key[0]]
+            sub.released[key[0]] = None
+            while len(sub.released) > self.max_pattern_topics:
+                del sub.released[next(iter(sub.released))]
             released += 1
         return released
 

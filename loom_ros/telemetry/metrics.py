@@ -392,8 +392,15 @@ class BusMetrics:
         self.bus = bus
         self._last: dict = {}                   # subscription -> (label, its last counts)
         self._departed: dict[str, list] = {}    # label -> counts of subscriptions gone
+        # A Prometheus scrape (its HTTP thread) and the Metrics message (the executor) may
+        # collect at once: two passes would both move a departed subscription's counts
+        self._collecting = threading.Lock()
 
     def __call__(self, registry: MetricsRegistry) -> None:
+        with self._collecting:
+            self._collect(registry)
+
+    def _collect(self, registry: MetricsRegistry) -> None:
         stats = self.bus.stats
         for name, counts in (('events_published', stats.published),
                              ('events_received', stats.received)):

@@ -233,3 +233,32 @@ def test_topics_of_another_type_are_counted_for_at_most_max_pattern_topics_names
     finally:
         bus.destroy()
         flooder.destroy_node()
+
+
+def test_a_full_pattern_does_not_take_back_a_topic_only_a_reader_keeps(ros):
+    """A topic with a reader and no publisher stays in the graph after a full pattern lets it
+    go: it is not attached again (and let go again) at every scan while a live topic waits."""
+    from loom_msgs.msg import Event as EventMsg
+
+    from loom_ros.bus.bus import EventBus
+    from loom_ros.bus.names import to_ros_topic
+    other = Node('reader_only', context=ros.node.context)
+    other.create_subscription(EventMsg, to_ros_topic('kept.t0'), lambda m: None,
+                              to_qos_profile('realtime'))
+    other.create_publisher(EventMsg, to_ros_topic('kept.t1'), to_qos_profile('realtime'))
+    bus = EventBus(ros.node, max_pattern_topics=1, discovery_period_s=0.05)
+    try:
+        ros.wait_for(lambda: sum('kept' in name for name, _ in
+                                 ros.node.get_topic_names_and_types()) == 2, 'both topics')
+        sub = bus.subscribe('kept.*', lambda e, t: None, 'realtime')
+        for _ in range(3):   # at most: attach t0, let it go, attach t1
+            bus.refresh()
+        assert set(sub.topics) == {'kept.t1'} and sub.topics_refused == 0
+        endpoint = bus._endpoints[('kept.t1', sub.topics['kept.t1'])]
+        for _ in range(5):   # steady: nothing made or let go any more
+            bus.refresh()
+            assert set(sub.topics) == {'kept.t1'} and len(bus._endpoints) == 1
+            assert bus._endpoints[('kept.t1', sub.topics['kept.t1'])] is endpoint
+    finally:
+        bus.destroy()
+        other.destroy_node()

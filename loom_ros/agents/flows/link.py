@@ -285,6 +285,7 @@ class RouterPolicyFollower:
         self._retry_s = retry_s
         self._asked_at = 0.0
         self._asked_ready = False
+        self._closed = False
         self._timer = node.create_timer(min(retry_s, self.FIRST_LOOK_S), self._retry)
         self.ask()
 
@@ -312,8 +313,9 @@ class RouterPolicyFollower:
             self.ask()   # the first question, again, now that it can reach the router
 
     def _settle_timer(self) -> None:
-        """After the first answer: back to retry_s."""
-        if self._timer.timer_period_ns != int(self._retry_s * 1e9):
+        """After the first answer: back to retry_s (not after close: an answer already queued
+        must not bring a timer back)."""
+        if not self._closed and self._timer.timer_period_ns != int(self._retry_s * 1e9):
             self.node.destroy_timer(self._timer)
             self._timer = self.node.create_timer(self._retry_s, self._retry)
 
@@ -325,7 +327,7 @@ class RouterPolicyFollower:
             self.ask()
 
     def _on_answer(self, future) -> None:
-        if future.cancelled():
+        if future.cancelled() or self._closed:
             return
         try:
             values = future.result().values
@@ -357,6 +359,9 @@ class RouterPolicyFollower:
         self.log(f'router policy: routing in this process under {path or "the shipped policy"}')
 
     def close(self) -> None:
+        self._closed = True
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()
         self.node.destroy_timer(self._timer)
         self.node.destroy_subscription(self._events)
         self.node.destroy_client(self._client)
