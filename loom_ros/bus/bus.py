@@ -41,7 +41,7 @@ from loom_ros.bus.wire import (
 )
 from loom_ros.telemetry import tracing as _tracing
 from loom_ros.telemetry.logs import mask_node_logger
-from loom_ros.telemetry.metrics import observed_call as _observed_call
+from loom_ros.telemetry.metrics import OTHER_TOPICS, observed_call as _observed_call
 
 STATS_TOPIC = 'loom/bus/stats'   # a plain ROS topic (BusStats), not a Loom event topic
 U64_MAX = 2**64 - 1
@@ -55,7 +55,6 @@ MAX_TRACKED_PUBLISHERS = 1024
 # Topics one pattern subscription attaches to (bus.max_pattern_topics). Topics come from the
 # ROS graph, where anyone on the domain can make them: each attached one is a DDS reader.
 MAX_PATTERN_TOPICS = 1024
-OTHER_TOPICS = '(other topics)'   # where per-topic counts past that many are summed
 # Bytes a serialized Event may take beyond its payload limit (strings, metadata, tags) before
 # it is refused unread.
 MAX_ENVELOPE_BYTES = 1 << 20
@@ -579,12 +578,11 @@ class EventBus:
                         'raise the limit only for a fleet this large')
             return attached
 
-    def _release_dead(self, sub: BusSubscription) -> int:
+    def _release_dead(self, sub: BusSubscription) -> None:
         """A pattern at its limit lets go of its topics that have no publisher left (the bus
         lock held): topics made for a moment would otherwise hold its places for good and keep
         out the ones that came later. Only under that pressure: a topic whose publisher is
-        restarting keeps its reader otherwise. Returns how many it let go."""
-        released = 0
+        restarting keeps its reader otherwise."""
         for key in list(sub.topics.items()):
             endpoint = self._endpoints.get(key)
             if endpoint is None or self.node.count_publishers(endpoint.fq_name):
@@ -596,8 +594,6 @@ class EventBus:
             sub.released[key[0]] = None
             while len(sub.released) > self.max_pattern_topics:
                 del sub.released[next(iter(sub.released))]
-            released += 1
-        return released
 
     def _type_mismatch(self, topic: str, level: QosLevel, detail) -> None:
         """Counted per topic, for at most max_pattern_topics topics (the rest together: topics
