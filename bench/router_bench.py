@@ -64,16 +64,17 @@ def in_process(n: int) -> dict:
 
 
 TRIGGER_SERVER = '''
-import rclpy, signal
+import rclpy
 from rclpy.node import Node
 from std_srvs.srv import Trigger
 from loom_ros.bus.executor import make_executor, spin_until
+from loom_ros.bringup.stop_signals import on_stop_signal
 from rclpy.task import Future
 rclpy.init()
 node = Node('raw_trigger')
 node.create_service(Trigger, 'bench/raw_trigger', lambda req, resp: (setattr(resp, 'success', True), resp)[1])
 stop = Future()
-signal.signal(signal.SIGINT, lambda *a: stop.set_result(True))
+on_stop_signal(lambda signum: stop.done() or stop.set_result(True))
 ex = make_executor(); ex.add_node(node)
 print('ready', flush=True)
 spin_until(ex, stop)

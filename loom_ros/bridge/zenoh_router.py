@@ -31,13 +31,13 @@ import fcntl
 import json
 import os
 import queue
-import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
 from loom_ros.bridge.zenoh_link import INSECURE_WARNING, secure_endpoint, session_config
+from loom_ros.bringup.stop_signals import on_stop_signal
 from loom_ros.config.params import ConfigError, read_yaml
 from loom_ros.security import acl, keys
 from loom_ros.security.audit import AuditError, AuditLog, default_path
@@ -329,11 +329,14 @@ def main(argv=None) -> int:
     out = Forwarder()   # what the router says while it serves: never blocks on stderr
     try:
         if args.insecure:
-            identity, rules, members = None, None, []
+            identity, rules, members, fingerprint = None, None, [], ()
             listen = args.listen or ['tcp/127.0.0.1:7447']
             print(f'zenoh_router: WARNING {INSECURE_WARNING}', file=sys.stderr, flush=True)
         else:
             identity = keys.load(args.keys_dir, args.identity)
+            # Taken before the rules are read: a change while they are read is seen at the
+            # first watch, not mistaken for what they were made from.
+            fingerprint = keys_fingerprint(args.keys_dir, args.fleet)
             rules, members = router_access_control(args.keys_dir, args.fleet)
             serving = keys.serving_non_routers(args.keys_dir, MAX_MEMBERS)
             if serving:
@@ -372,12 +375,10 @@ def main(argv=None) -> int:
     if watch is not None:
         holder['session'] = session
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    on_stop_signal(lambda _signum: stop.set())
     state = {'zid': fixed_id[0], 'secure': identity is not None, 'members': members,
              'reloads': 0, 'reload_failures': 0, 'last_reload_down_s': None,
              'counting': watch is not None}
-    fingerprint = keys_fingerprint(args.keys_dir, args.fleet) if identity is not None else ()
     now = time.monotonic()
     next_watch = now + (args.watch_s or float('inf'))
 
@@ -404,7 +405,7 @@ def main(argv=None) -> int:
     print(json.dumps({'ready': True, 'zid': fixed_id[0], 'listen': listen,
                       'secure': identity is not None, 'members': members}), flush=True)
     next_stats = time.monotonic() + args.stats_period_s
-    while not stop.wait(0.1):  # polled: a handler calling set() inside a bare wait() can hang
+    while not stop.wait(0.1):
         now = time.monotonic()
         if identity is not None and now >= next_watch:
             next_watch = now + args.watch_s

@@ -21,7 +21,6 @@ from __future__ import annotations
 import gc
 import inspect
 import os
-import signal
 import sys
 import threading
 import time
@@ -29,6 +28,7 @@ from collections import Counter
 
 from rclpy.executors import ExternalShutdownException
 
+from loom_ros.bringup.stop_signals import on_stop_signal
 from loom_ros.bus.event import RejectReason
 
 # The most a process waits for the executor's shutdown, and again for destroying the node and
@@ -172,12 +172,11 @@ def run_node(node_factory, args=None, executor_factory=make_executor,
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     stop = Future()
 
-    def request_stop(signum, _frame):
+    def request_stop(signum):
         if not stop.done():
             stop.set_result(signum)
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    on_stop_signal(request_stop)   # set on a thread of its own, never in the handler
     node = executor = None
     code = 0
     try:

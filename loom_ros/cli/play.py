@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import threading
 from pathlib import Path
 
+from loom_ros.bringup.stop_signals import on_stop_signal
 from loom_ros.bus.qos import fastdds_environment
 from loom_ros.config.params import config_dir
 from loom_ros.replay.mcap_source import Limits, McapSource
@@ -101,8 +101,7 @@ def run(args, ros_args: list[str]) -> int:
     os.environ.update(fastdds_environment(os.environ, config_dir()))
     rclpy.init(args=['loom_play', *ros_args], signal_handler_options=SignalHandlerOptions.NO)
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    on_stop_signal(lambda _signum: stop.set())
     node = rclpy.create_node('loom_play')
     mask_node_logger(node)
     types = RosTypes()

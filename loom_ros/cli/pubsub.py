@@ -7,11 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import sys
 import threading
 import time
 
+from loom_ros.bringup.stop_signals import on_stop_signal
 from loom_ros.bus.event import Event, EventRejected
 
 
@@ -109,8 +109,7 @@ def run_echo(args) -> int:
     # Ctrl-C / SIGTERM end the loop between two spins: raised as KeyboardInterrupt inside a
     # callback the EventsExecutor runs, it left the executor's shutdown hanging now and then.
     stop = threading.Event()
-    previous = {signum: signal.signal(signum, lambda *_: stop.set())
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+    restore = on_stop_signal(lambda _signum: stop.set())
     try:
         bus.subscribe(args.pattern, on_event, args.qos)
         deadline = time.monotonic() + args.timeout if args.timeout > 0 else None
@@ -123,8 +122,7 @@ def run_echo(args) -> int:
         print(f'loom echo: {exc}', file=sys.stderr)
         status = 2
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        restore()
         print(json.dumps({'stats': bus.stats.snapshot()}), file=sys.stderr, flush=True)
         end_process(executor, node, 'loom echo', status)
     return status

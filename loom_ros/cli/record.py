@@ -49,13 +49,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from loom_ros.bringup.stop_signals import on_stop_signal
 from loom_ros.bus import topics
 from loom_ros.bus.executor import new_log_throttle, spin_once_counted
 from loom_ros.bus.names import to_ros_topic
@@ -457,8 +457,7 @@ def run(args, ros_args: list[str]) -> int:
     def request_stop(*_):
         if not stop.done():
             stop.set_result(True)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, request_stop)
+    on_stop_signal(request_stop)   # set on a thread of its own, never in the handler
     recorder = McapRecorder(args.output, privacy=consent_hook(registry.lookup),
                             on_first=lambda topic: print(
                                 json.dumps({'first_message': topic}), flush=True))

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import threading
 import time
 
+from loom_ros.bringup.stop_signals import on_stop_signal
 from loom_ros.config.params import ConfigError
 
 
@@ -64,8 +64,7 @@ def run(args, ros_args: list[str]) -> int:
         print('loom view: --headless without --save shows nothing anywhere', file=sys.stderr)
         return 2
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    on_stop_signal(lambda _signum: stop.set())
     rec, url = open_stream(settings, serve=not args.headless, save=args.save)
     view = LoomView(rec, settings.limits(), settings.max_privacy, self_node='loom_view',
                     on_first=lambda kind: _say(first=kind))

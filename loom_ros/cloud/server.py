@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import signal
 import socket
 import sys
 import threading
@@ -44,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from loom_ros.bringup.stop_signals import on_stop_signal
 from loom_ros.cloud.erasure import (
     ERASE_TASK, RequestLog, check_ref, erase_key, erase_reply, request_log_from_config,
 )
@@ -604,8 +604,7 @@ def main(argv=None) -> int:
     # Fleet erasure: every server answers (a robot asks ALL), each for what it keeps.
     eraser = session.declare_queryable(erase_key(prefix), service.on_erase, complete=True)
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    on_stop_signal(lambda _signum: stop.set())
     workers = [threading.Thread(target=service.serve, daemon=True, name=f'loom-cloud-serve-{i}')
                for i in range(service.gate.limits.workers)]
     for worker in workers:
@@ -615,7 +614,7 @@ def main(argv=None) -> int:
                       'identity': identity.name, 'instance': args.instance,
                       'erase_key': erase_key(prefix),
                       'keeps': str(service.log.path) if service.log else ''}), flush=True)
-    while not stop.wait(0.2):  # polled: a handler calling set() inside a bare wait() can hang
+    while not stop.wait(0.2):
         pass
     queryable.undeclare()
     alone.undeclare()

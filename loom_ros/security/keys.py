@@ -170,7 +170,10 @@ def can_serve(identity: Identity) -> bool:
 def read_small(path: Path, limit: int = MAX_CERT_BYTES) -> bytes:
     """At most limit + 1 bytes of a regular file (more means too large to be a certificate).
     A folder's entries are anyone's to place: a FIFO would block a plain read for good and a
-    link to /dev/zero would never end, so neither is read (OSError)."""
+    link to /dev/zero would never end, so neither is read (OSError). Looked at before it is
+    opened (opening some devices acts on them) and again once open (it may have been swapped)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f'{path.name} is not a regular file')
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -1,0 +1,64 @@
+"""How a Loom process hears SIGINT / SIGTERM: the handler only writes a byte to a pipe, and a
+thread of its own runs the process's stop (set an Event, complete rclpy's Future).
+
+Why not `signal.signal(SIGINT, lambda *_: stop.set())`: Python runs a handler on the main thread
+between two bytecodes, wherever that thread is, and `threading.Event.set()` and rclpy's
+`Future.set_result()` take a non-reentrant lock that the interrupted main thread may be holding
+(`Event.wait`'s own condition: the handler then ran inside `Condition.__exit__`). The handler
+waits for itself and the process hangs for good: `loom bringup` ignored the demo's SIGINT
+this way until it was SIGKILLed, its nodes never stopped (2 of 8 test runs). A `os.write` to a
+pipe takes no Python lock, so the handler always returns; the stop runs on the `loom-stop`
+thread, where waiting for the main thread's lock is an ordinary wait.
+
+    stop = threading.Event()
+    restore = on_stop_signal(lambda signum: stop.set())
+    while not stop.wait(0.2): ...
+    restore()                      # the previous handlers back (a CLI inside a longer process)
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Callable, Iterable
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def on_stop_signal(on_stop: Callable[[int], None],
+                   signums: Iterable[int] = STOP_SIGNALS) -> Callable[[], None]:
+    """Call `on_stop(signum)` on a thread of its own for each of `signums` received (the first
+    one stops; later ones are the caller's to ignore). Must be called on the main thread, as
+    signal.signal must. Returns a function that puts the previous handlers back."""
+    read_fd, write_fd = os.pipe()   # not inherited by children (PEP 446)
+    os.set_blocking(write_fd, False)   # a full pipe (signals nobody reads) drops, never blocks
+
+    def handler(signum, _frame) -> None:
+        try:
+            os.write(write_fd, bytes((signum & 0xFF,)))
+        except OSError:   # full, or closed by restore(): the stop is already under way
+            pass
+
+    def relay() -> None:
+        try:
+            while got := os.read(read_fd, 64):   # empty: restore() closed the pipe
+                for signum in got:
+                    try:
+                        on_stop(signum)
+                    except Exception as exc:  # noqa: BLE001 - the next signal still counts
+                        print(f'loom: stopping on signal {signum} failed: {exc!r}',
+                              file=sys.stderr, flush=True)
+        except OSError:
+            pass
+        finally:
+            os.close(read_fd)
+
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
+    threading.Thread(target=relay, daemon=True, name='loom-stop').start()
+
+    def restore() -> None:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+        os.close(write_fd)   # the relay reads end-of-file and ends
+    return restore
