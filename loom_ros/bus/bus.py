@@ -96,8 +96,15 @@ class BusStats:
         self.qos_incompatible: Counter = Counter()  # per Loom topic
         self.type_mismatch: Counter = Counter()  # per Loom topic: carries the other wire type
         self.batches_sent = 0
-        self.intra_process = 0
+        # Per Loom topic, counted under the topic's outlet lock as `published` is: one shared
+        # `+= n` from publishers on two topics at once could lose one of them.
+        self.intra_process_by_topic: Counter = Counter()
         self.subscriptions: list[BusSubscription] = []
+
+    @property
+    def intra_process(self) -> int:
+        """Deliveries to subscriptions in this process, without DDS."""
+        return sum(list(self.intra_process_by_topic.values()))
 
     def reject(self, reason: RejectReason) -> None:
         self.rejected[reason.value] += 1
@@ -365,8 +372,9 @@ class EventBus:
                     self._send_batch(outlet)  # keep order if the remote subscriber just left
                 outlet.seq = seq
                 self.stats.published[outlet.topic] += 1   # under the lock: no lost count
+                if local:
+                    self.stats.intra_process_by_topic[outlet.topic] += len(local)
             if local:
-                self.stats.intra_process += len(local)
                 for endpoint in local:
                     _dispatch(endpoint, event)
         finally:

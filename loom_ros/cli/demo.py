@@ -133,6 +133,32 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
 
 
+MAX_UI_STATE_CHARS = 64 * 1024   # a UI state longer than this is not parsed
+FRAMES_REMEMBERED = 4096          # frame stamps seen (a repeated UI state is counted once)
+
+
+def ui_face(data: str) -> tuple[str, int] | None:
+    """('<emoji> <label>', frame_ms) of a UI state that shows a face for a camera frame; None
+    for anything else. The UI topic is anyone's to publish on: a state that is not a bounded
+    JSON object, or whose frame stamp is not a whole positive number of ms that a float holds
+    exactly (JSON also says Infinity, NaN, 1e308 and "12"), is no latency sample."""
+    if not isinstance(data, str) or len(data) > MAX_UI_STATE_CHARS:
+        return None
+    try:
+        state = json.loads(data)
+    except (ValueError, RecursionError):   # not JSON, or nested too deep for the parser
+        return None
+    if not isinstance(state, dict):
+        return None
+    emoji, label, frame = state.get('emoji'), state.get('label', ''), state.get('frame_ms')
+    if not emoji or not isinstance(emoji, str) or not isinstance(label, str):
+        return None
+    if isinstance(frame, bool) or not isinstance(frame, (int, float)) or \
+            not 0 < frame < 2 ** 53 or frame != int(frame):
+        return None
+    return f'{emoji[:16]} {label[:64]}', int(frame)
+
+
 class Watcher:
     """The demo's own node: routes with reasons, the UI, the voice agent, plugin health."""
 
@@ -155,7 +181,7 @@ class Watcher:
         self.face_ms: list[float] = []
         self.emojis: Counter = Counter()
         self.last_emoji = ''
-        self._frames_seen: set = set()
+        self._frames_seen: collections.OrderedDict = collections.OrderedDict()
         # The face agent's own counts (AgentStatus on loom/agents/status): frames it handled
         # (with or without a face in view: an empty scene sends no emoji) and dropped.
         self.frames_handled = 0
@@ -200,20 +226,24 @@ class Watcher:
 
     def _on_ui(self, msg) -> None:
         now = time.time() * 1000.0
-        state = json.loads(msg.data)
-        frame = state.get('frame_ms')
+        face = ui_face(msg.data)
+        if face is None:
+            return
+        shown, frame = face
         with self.lock:
-            if state.get('emoji') and frame and frame not in self._frames_seen:
-                self._frames_seen.add(frame)
-                self.face_ms.append(now - float(frame))
-                if tracing.ENABLED and isinstance(frame, (int, float)) and \
-                        0 < frame < 2 ** 53:   # JSON also says Infinity and NaN
-                    # the end of the path the trace covers: bench/face_flow_stages.py pairs it
-                    # with the frame's stamp (the camera adapter's PublishEvent)
-                    with tracing.span('UiStateSeen', attributes={'loom.frame_ms': int(frame)}):
-                        pass
-                self.emojis[f'{state["emoji"]} {state.get("label", "")}'] += 1
-                self.last_emoji = f'{state["emoji"]} {state.get("label", "")}'
+            if frame in self._frames_seen:
+                return
+            self._frames_seen[frame] = None
+            if len(self._frames_seen) > FRAMES_REMEMBERED:
+                self._frames_seen.popitem(last=False)
+            self.face_ms.append(now - frame)
+            self.emojis[shown] += 1
+            self.last_emoji = shown
+        if tracing.ENABLED:
+            # the end of the path the trace covers: bench/face_flow_stages.py pairs it with
+            # the frame's stamp (the camera adapter's PublishEvent)
+            with tracing.span('UiStateSeen', attributes={'loom.frame_ms': frame}):
+                pass
 
     def _on_stats(self, msg) -> None:
         """camera.front events each node published, and what subscribers to it got and lost."""

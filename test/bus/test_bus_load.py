@@ -1,5 +1,6 @@
 """The bus under load: batching order and loss bounds across processes, the intra-process fast
 path delivering once and only once, backpressure through the bus, and the stats topic."""
+import collections
 import json
 import threading
 
@@ -212,6 +213,38 @@ def test_threads_publishing_one_batched_topic_while_the_batch_timer_sends_lose_n
     for t in range(threads):   # each thread's own events in its publish order
         mine = [int(x.split('-')[1]) for x in got if x.startswith(f'{t}-')]
         assert mine == list(range(each))
+
+
+def test_threads_publishing_on_their_own_topics_lose_no_in_process_count(bus):
+    """Agents' threads publish on their own topics, each with a subscriber in this process: the
+    bus-wide count of in-process deliveries is exact (one shared `+= n` outside any lock lost
+    counts when two topics' publishers met there)."""
+    import sys
+    threads, each = 4, 2000
+    got = collections.Counter()
+    for t in range(threads):
+        bus.subscribe(f'load.own{t}', lambda event, topic: got.update((topic,)), 'realtime')
+    start = threading.Barrier(threads)
+    before = bus.stats.intra_process
+
+    def publish(t):
+        start.wait()
+        for i in range(each):
+            bus.publish(f'load.own{t}', Event(type='t', id=f'{t}-{i}'), 'realtime')
+
+    workers = [threading.Thread(target=publish, args=(t,)) for t in range(threads)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # hand the GIL over as often as it goes
+    try:
+        for w in workers:
+            w.start()
+    finally:
+        for w in workers:
+            w.join()
+        sys.setswitchinterval(interval)
+    assert got == {f'load.own{t}': each for t in range(threads)}
+    assert bus.stats.intra_process - before == threads * each
+    assert bus.stats.snapshot()['intra_process'] - before == threads * each
 
 
 def test_two_flushes_at_once_send_a_batch_once_and_neither_fails(bus):

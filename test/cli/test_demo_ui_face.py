@@ -1,0 +1,50 @@
+"""What the demo's watcher takes from a UI state (`loom/ui/state` is anyone's to publish on): a
+face for a camera frame becomes one latency sample, anything else none and no error."""
+import json
+
+import pytest
+
+from loom_ros.cli.demo import MAX_UI_STATE_CHARS, ui_face
+
+STAMP = 1_796_192_738_123
+
+
+def state(**fields) -> str:
+    return json.dumps({'emoji': '😀', 'label': 'happy', 'frame_ms': STAMP, **fields})
+
+
+def test_a_face_for_a_frame_is_a_sample():
+    assert ui_face(state()) == ('😀 happy', STAMP)
+    assert ui_face(state(frame_ms=float(STAMP))) == ('😀 happy', STAMP)
+    assert ui_face(state(label='')) == ('😀 ', STAMP)
+
+
+@pytest.mark.parametrize('data', [
+    state(frame_ms='1796192738123'),          # a string
+    state(frame_ms=True),                     # a bool is an int to Python
+    state(frame_ms=None), state(frame_ms=0), state(frame_ms=-5),
+    state(frame_ms=STAMP + 0.5),              # not a whole ms
+    state(frame_ms=2 ** 53),                  # beyond what a float holds exactly
+    state(frame_ms=1e308),
+    state(frame_ms=[STAMP]), state(frame_ms={'ms': STAMP}),
+    '{"emoji": "x", "label": "y", "frame_ms": NaN}',
+    '{"emoji": "x", "label": "y", "frame_ms": Infinity}',
+    '{"emoji": "x", "label": "y", "frame_ms": -Infinity}',
+    state(emoji=''), state(emoji=None), state(emoji=['😀']), state(label=7),
+    json.dumps({'emoji': '😀', 'label': 'happy'}),   # "no face" states carry no frame
+    json.dumps([1, 2, 3]), '"a string"', '12', 'null', 'not json', '', '{',
+    '[' * 30_000 + ']' * 30_000,              # nested past the parser's recursion limit
+    state(pad='x' * MAX_UI_STATE_CHARS),      # over the bound: never parsed
+])
+def test_anything_else_is_no_sample_and_no_error(data):
+    assert ui_face(data) is None
+
+
+def test_not_a_string_is_no_sample():
+    assert ui_face(b'{"emoji": "x", "frame_ms": 5}') is None
+    assert ui_face(None) is None
+
+
+def test_long_fields_are_cut_in_what_is_shown():
+    shown, frame = ui_face(state(emoji='😀' * 100, label='h' * 1000))
+    assert shown == '😀' * 16 + ' ' + 'h' * 64 and frame == STAMP
