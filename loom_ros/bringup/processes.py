@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from typing import IO, Callable, Sequence
 
+from loom_ros.bringup.stop_signals import STOP_SIGNALS
+
 PR_SET_PDEATHSIG = 1
 # Loaded here, not in the child: between fork and exec only the prctl call itself runs.
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith('linux') else None
@@ -58,8 +60,11 @@ def die_with_parent(signum: int = signal.SIGTERM):
     def preexec() -> None:
         # SIGINT is how every Loom process is asked to stop (it commits its state on the way
         # out). A shell starts background jobs with SIGINT ignored, and an ignored disposition
-        # is inherited: without this, `loom bringup &`'s nodes would wait for SIGKILL.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # is inherited: without this, `loom bringup &`'s nodes would wait for SIGKILL. SIGTERM
+        # too: until exec this is still the parent's Python, whose stop handler (stop_signals)
+        # would take the signal below and tell the *parent* to stop through their shared pipe.
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, signal.SIG_DFL)
         if _LIBC is None:
             return
         _LIBC.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)

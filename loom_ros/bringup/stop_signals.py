@@ -33,11 +33,15 @@ def on_stop_signal(on_stop: Callable[[int], None],
     signal.signal must. Returns a function that puts the previous handlers back."""
     read_fd, write_fd = os.pipe()   # not inherited by children (PEP 446)
     os.set_blocking(write_fd, False)   # a full pipe (signals nobody reads) drops, never blocks
+    pipe = {'write': write_fd}   # restore() takes the descriptor out before it closes it
 
     def handler(signum, _frame) -> None:
+        fd = pipe['write']
+        if fd is None:   # a handler restore() has replaced, called late
+            return
         try:
-            os.write(write_fd, bytes((signum & 0xFF,)))
-        except OSError:   # full, or closed by restore(): the stop is already under way
+            os.write(fd, bytes((signum & 0xFF,)))
+        except OSError:   # full: the stop is already under way
             pass
 
     def relay() -> None:
@@ -54,11 +58,28 @@ def on_stop_signal(on_stop: Callable[[int], None],
         finally:
             os.close(read_fd)
 
-    previous = {signum: signal.signal(signum, handler) for signum in signums}
-    threading.Thread(target=relay, daemon=True, name='loom-stop').start()
+    previous: dict = {}
 
     def restore() -> None:
+        """The previous handlers back, the relay ended (once; later calls do nothing)."""
+        fd, pipe['write'] = pipe['write'], None
+        if fd is None:
+            return
         for signum, old in previous.items():
             signal.signal(signum, old)
-        os.close(write_fd)   # the relay reads end-of-file and ends
+        os.close(fd)   # the relay reads end-of-file and ends
+
+    try:
+        # The relay first: a handler installed with no reader would swallow every stop.
+        threading.Thread(target=relay, daemon=True, name='loom-stop').start()
+    except BaseException:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
+    try:
+        for signum in signums:
+            previous[signum] = signal.signal(signum, handler)
+    except BaseException:   # e.g. not on the main thread: nothing half-installed is left
+        restore()
+        raise
     return restore

@@ -40,6 +40,7 @@ import yaml
 
 from loom_ros.bringup import entry
 from loom_ros.bringup.processes import Process
+from loom_ros.bringup.stop_signals import on_stop_signal
 from loom_ros.cli.bringup import STOP_BOUND_S
 from loom_ros.bus.qos import fastdds_environment
 from loom_ros.config.params import DEFAULTS_FILE, config_dir
@@ -385,13 +386,14 @@ def run_demo(args) -> int:
     lines = _lines(procs['event_monitor'])
     reports: list[dict] = []
     interactive = sys.stdout.isatty()
-    interrupted = False
+    stop = threading.Event()   # Ctrl-C / SIGTERM: stop everything, summarize, exit 130
+    on_stop_signal(lambda _signum: stop.set())
     started = time.monotonic()
     try:
         # The duration counts from bring-up's ready line (every node and agent active): on a
         # loaded 2-core machine bring-up alone can take most of 30 s.
-        started = _wait_ready(procs, out / 'logs' / 'bringup.log', lines, interactive)
-        while time.monotonic() - started < args.duration:
+        started = _wait_ready(procs, out / 'logs' / 'bringup.log', lines, interactive, stop)
+        while time.monotonic() - started < args.duration and not stop.is_set():
             if any(p.poll() is not None for p in procs.values()):
                 break
             try:
@@ -408,8 +410,6 @@ def run_demo(args) -> int:
                     sum(report['received'].values()) >= args.stop_after_events and \
                     snap['face']['updates'] and snap['voice']['answers']:
                 break
-    except KeyboardInterrupt:
-        interrupted = True
     finally:
         snap = watcher.snapshot()
         codes = _stop(procs)
@@ -428,7 +428,7 @@ def run_demo(args) -> int:
         for line in (log.read_text(errors='replace').splitlines() if log.exists() else [])[-20:]:
             print(f'  {line}', file=sys.stderr)
         return 1
-    return 130 if interrupted else 0
+    return 130 if stop.is_set() else 0
 
 
 def _start_view(env: dict, out: Path) -> Process:
@@ -443,12 +443,12 @@ def _start_view(env: dict, out: Path) -> Process:
 
 
 def _wait_ready(procs: dict[str, Process], log: Path, lines: queue.Queue,
-                interactive: bool) -> float:
+                interactive: bool, stop: threading.Event) -> float:
     """When bring-up printed its ready line (its stdout goes to `log`), showing progress while
     it starts; the moment anything exits instead. Bring-up itself gives up (exit 1) after its
-    --ready-timeout."""
+    --ready-timeout. Returns at once when `stop` is set."""
     began, offset, last, shown = time.monotonic(), 0, '', 0.0
-    while all(p.poll() is None for p in procs.values()):
+    while all(p.poll() is None for p in procs.values()) and not stop.is_set():
         try:
             with open(log, 'rb') as stream:
                 stream.seek(offset)
@@ -472,7 +472,7 @@ def _wait_ready(procs: dict[str, Process], log: Path, lines: queue.Queue,
             text = f'[bring-up {now - began:5.1f} s] {last}'
             print(f'\r{text:<100}' if interactive else text, end='' if interactive else '\n',
                   flush=True)
-        time.sleep(0.2)
+        stop.wait(0.2)
     return time.monotonic()
 
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import threading
 import time
 from collections import defaultdict
 
+from loom_ros.bringup.stop_signals import on_stop_signal
 from loom_ros.bus.topics import ROUTER_STATS
 from loom_ros.telemetry.diagnostics import LEVEL_NAMES, level_of
 from loom_ros.telemetry.metrics import COUNTER, GAUGE, HISTOGRAM, METRICS_TOPIC, from_msg
@@ -164,14 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     executor = make_executor()
     executor.add_node(node)
     code = 0
+    # Ctrl-C / SIGTERM end the loop between two spins (a KeyboardInterrupt raised inside a
+    # callback the EventsExecutor runs left its shutdown hanging now and then).
+    stop = threading.Event()
+    on_stop_signal(lambda _signum: stop.set())
     try:
         if args.once:
-            code = _once(view, executor, args)
+            code = _once(view, executor, args, stop)
         else:
             live = args.duration <= 0 and sys.stdout.isatty()
             end = time.monotonic() + args.duration if args.duration > 0 else math.inf
             next_draw = time.monotonic() + args.period
-            while time.monotonic() < end:
+            while time.monotonic() < end and not stop.is_set():
                 executor.spin_once(timeout_sec=0.05)
                 if time.monotonic() >= next_draw:
                     next_draw += args.period
@@ -181,8 +187,6 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         sys.stdout.write(text + '\n\n')
                     sys.stdout.flush()
-    except KeyboardInterrupt:
-        pass
     finally:
         executor.remove_node(node)   # detached first: destroying a node an EventsExecutor still
         executor.shutdown()          # holds crashed once (SIGSEGV in destroy_node)
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _once(view: StatusView, executor, args) -> int:
+def _once(view: StatusView, executor, args, stop: threading.Event) -> int:
     deadline = time.monotonic() + args.timeout
     first = None
 
@@ -199,6 +203,8 @@ def _once(view: StatusView, executor, args) -> int:
         return {s.labels.get('topic') for samples in view.live_nodes().values() for s in samples}
 
     while time.monotonic() < deadline:
+        if stop.is_set():
+            return 130
         executor.spin_once(timeout_sec=0.05)
         if first is None and view.metrics:
             first = time.monotonic()

@@ -82,23 +82,84 @@ def test_what_it_replaces_hangs_there():
         proc.wait()
 
 
-def test_restore_puts_the_handlers_back_and_leaves_nothing_running():
-    before_fds = set(os.listdir('/proc/self/fd'))
+def opened_pipes(monkeypatch) -> list:
+    """The descriptors of every os.pipe() made from here on (to see them closed)."""
+    made, real = [], os.pipe
+
+    def pipe():
+        fds = real()
+        made.extend(fds)
+        return fds
+    monkeypatch.setattr(os, 'pipe', pipe)
+    return made
+
+
+def closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
+def test_restore_puts_the_handlers_back_and_leaves_nothing_running(monkeypatch):
+    fds = opened_pipes(monkeypatch)
     before_sigint = signal.getsignal(signal.SIGINT)
     heard = []
     got = threading.Event()
     restore = on_stop_signal(lambda signum: (heard.append(signum), got.set()))
-    assert signal.getsignal(signal.SIGINT) is not before_sigint
+    assert signal.getsignal(signal.SIGINT) is not before_sigint and len(fds) == 2
+    relay = [t for t in threading.enumerate() if t.name == 'loom-stop']
     os.kill(os.getpid(), signal.SIGTERM)
     assert got.wait(WAIT_LIMIT_S)
     assert heard == [signal.SIGTERM]
     restore()
+    restore()   # once is enough; a second call closes nothing that is not its own
     assert signal.getsignal(signal.SIGINT) is before_sigint
-    relay = [t for t in threading.enumerate() if t.name == 'loom-stop']
     for thread in relay:
         thread.join(WAIT_LIMIT_S)
-    assert not any(t.is_alive() for t in relay)
-    assert set(os.listdir('/proc/self/fd')) == before_fds
+    assert relay and not any(t.is_alive() for t in relay)
+    assert all(closed(fd) for fd in fds)
+
+
+def test_off_the_main_thread_it_refuses_and_leaves_nothing(monkeypatch):
+    fds = opened_pipes(monkeypatch)
+    errors = []
+
+    def install():
+        try:
+            on_stop_signal(lambda signum: None)
+        except ValueError as exc:   # signal.signal: main thread only
+            errors.append(exc)
+    thread = threading.Thread(target=install)
+    thread.start()
+    thread.join(WAIT_LIMIT_S)
+    assert len(errors) == 1 and len(fds) == 2
+    deadline = threading.Event()
+    for _ in range(100):   # the relay ends once it reads end-of-file
+        if all(closed(fd) for fd in fds):
+            break
+        deadline.wait(0.05)
+    assert all(closed(fd) for fd in fds)
+
+
+def test_a_child_signalled_before_exec_does_not_stop_its_parent():
+    """Between fork and exec a child runs its parent's Python (the preexec), handlers included:
+    a SIGTERM there must end the child, not reach the parent through the shared pipe."""
+    done = run('''
+        import os, signal, sys, threading
+        from loom_ros.bringup.processes import Process
+        from loom_ros.bringup.stop_signals import on_stop_signal
+        stop = threading.Event()
+        on_stop_signal(lambda signum: stop.set())
+        child = Process([sys.executable, '-c', 'print("exec reached")'],
+                        preexec=lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+        code = child.wait(30)
+        print('child', code, 'parent stopped' if stop.wait(1.0) else 'parent running',
+              flush=True)
+    ''')
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f'child {-signal.SIGTERM} parent running'
 
 
 def test_no_loom_module_installs_a_stop_handler_of_its_own():
