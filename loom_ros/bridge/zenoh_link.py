@@ -46,11 +46,6 @@ def secure_endpoint(endpoint: str) -> str:
 # The largest Zenoh message a Loom session takes in: twice the largest Loom sends (a 4 MiB event
 # payload or cloud request, with its envelope, certificate and signature).
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-# Batches the link's transmit queue holds for Zenoh's REAL_TIME priority (Loom's Realtime level).
-# A Realtime sample is express, so each takes a batch of its own, and Zenoh's default queue of 2
-# drops a put that finds it full for 1 ms (CongestionControl.DROP): one stall of the link's
-# writer thread on a loaded robot dropped a burst's samples. 16 is the most Zenoh takes.
-REALTIME_TX_QUEUE = 16
 
 
 def session_config(mode: str, connect=(), listen=(), multicast_scouting: bool = False, *,
@@ -105,9 +100,6 @@ def session_config(mode: str, connect=(), listen=(), multicast_scouting: bool = 
     # fragmented message; so it is defense in depth, and Loom bounds what it takes itself
     # (ZenohLink's max_sample_bytes, the cloud's request limit) before copying or parsing.
     config.insert_json5('transport/link/rx/max_message_size', json.dumps(MAX_MESSAGE_BYTES))
-    queues = json.loads(config.get_json('transport/link/tx/queue/size'))
-    queues['real_time'] = REALTIME_TX_QUEUE
-    config.insert_json5('transport/link/tx/queue/size', json.dumps(queues))
     if access_control is not None:
         config.insert_json5('access_control', json.dumps(access_control))
     return config

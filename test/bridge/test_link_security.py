@@ -316,15 +316,3 @@ def test_an_oversized_message_is_dropped_by_the_router_before_anyone_holds_it(
                  spin=lambda: operator.put('loom/robot1/note', b'after'))
     assert over not in sizes
     sub.undeclare()
-
-
-def test_every_session_holds_a_realtime_burst_in_zenohs_largest_queue():
-    """Realtime samples are express (one batch each) and DROP: the link's REAL_TIME queue holds
-    16 of them (Zenoh's most; its default 2 dropped a burst's samples at one writer stall), and
-    the other priorities keep Zenoh's defaults. Routers, robots and the cloud all take this."""
-    from loom_ros.bridge.zenoh_link import REALTIME_TX_QUEUE
-    default = json.loads(zenoh.Config().get_json('transport/link/tx/queue/size'))
-    for config in (session_config('peer'), session_config('router', listen=['tcp/127.0.0.1:0']),
-                   session_config('client', ['tcp/127.0.0.1:7447'])):
-        queues = json.loads(config.get_json('transport/link/tx/queue/size'))
-        assert queues == {**default, 'real_time': REALTIME_TX_QUEUE} and REALTIME_TX_QUEUE == 16
