@@ -526,9 +526,12 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         from loom_msgs.srv import Forget
         client = self._bridge_client
         limit = float(self.params['forget.bridge_timeout_s'])
-        if not client.wait_for_service(timeout_sec=min(limit, 1.0)):
-            raise RuntimeError(f'{BRIDGE_FORGET_SERVICE}: no bridge answers (not running?)')
         deadline = time.monotonic() + limit
+        # The whole bound for discovery too: a bridge whose service this process had not yet
+        # discovered within 1 s (a loaded robot) kept the subject's waiting events.
+        if not client.wait_for_service(timeout_sec=limit):
+            raise RuntimeError(f'{BRIDGE_FORGET_SERVICE}: no bridge answers within {limit:g} s '
+                               '(not running?)')
         while time.monotonic() < deadline:
             future = client.call_async(Forget.Request(subject=subject))
             self._helper_exec.spin_until_future_complete(
