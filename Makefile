@@ -9,7 +9,7 @@ setup:
 	@bash tools/setup.sh
 
 demo: setup
-	@source env.sh && python -m loom_ros.cli demo --duration $(DURATION) $(if $(VIEW),--view)
+	@source env.sh && python -m loom_ros.cli demo --duration $(DURATION) $(if $(VIEW),--view) $(if $(TRACE),--trace)
 
 test: setup
 	@source env.sh && python -m pytest -n 2 --dist loadgroup

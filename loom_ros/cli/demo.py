@@ -16,8 +16,11 @@ folder (demo_output/):
 Secure by default, like bring-up: credentials are made on the first run in <output>/keys (or
 `--keys-dir`) and every Zenoh link is mutual TLS under the router's access control; `--insecure`
 runs plain TCP and says so.
+Tracing is off, as a robot runs by default (config/loom.yaml telemetry.tracing.exporter): at
+sample ratio 1 it costs every process CPU on every event, and the face flow about 5 ms at P50 on
+this 2-core machine, with a longer tail. `--trace` records it (for bench/face_flow_stages.py).
 Artifacts: summary.json, answer.wav (the last spoken answer), recording.mcap (camera frames too
-with `--record-camera`, so that it replays: docs/replay.md), trace.jsonl (the
+with `--record-camera`, so that it replays: docs/replay.md), trace.jsonl (with `--trace`: the
 OpenTelemetry spans of every hop), logs/, and the agents' state, router history and audit log.
 """
 from __future__ import annotations
@@ -67,6 +70,10 @@ def add_parser(sub) -> None:
     demo.add_argument('--record-camera', action='store_true',
                       help='also record the camera frames (`loom record --camera`, about 8 MB/s) '
                            'so that recording.mcap replays into a fresh system (docs/replay.md)')
+    demo.add_argument('--trace', action='store_true',
+                      help='record OpenTelemetry spans of every hop in <output>/trace.jsonl '
+                           '(sample ratio 1: slower, about 5 ms more per camera frame here) for '
+                           'bench/face_flow_stages.py; off by default, as a robot runs')
     demo.add_argument('--view', action='store_true',
                       help='also run the live visual view (`loom view`, Rerun web viewer) and '
                            'print the URL to open')
@@ -79,16 +86,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _params(source: str, out: Path) -> Path:
-    """The params file with every file the system writes moved under the output folder."""
+def _params(source: str, out: Path, trace: bool = False) -> Path:
+    """The params file with every file the system writes moved under the output folder;
+    `trace`: spans of every hop to <out>/trace.jsonl (else the params file's own tracing)."""
     data = yaml.safe_load(Path(source).read_text(encoding='utf-8'))
 
     def section(name):   # sections are keyed /**/<node> (any namespace)
         key = name if name == '/**' else f'/**/{name}'
         return data.setdefault(key, {}).setdefault('ros__parameters', {})
     section('/**').setdefault('storage', {})['root'] = str(out)   # every path derives from it
-    tracing = section('/**').setdefault('telemetry', {}).setdefault('tracing', {})
-    tracing.update(exporter='file', file=str(out / 'trace.jsonl'))
+    if trace:
+        tracing = section('/**').setdefault('telemetry', {}).setdefault('tracing', {})
+        tracing.update(exporter='file', file=str(out / 'trace.jsonl'))
     path = out / 'demo_params.yaml'
     path.write_text(yaml.safe_dump(data), encoding='utf-8')
     return path
@@ -351,7 +360,8 @@ def run_demo(args) -> int:
     (out / 'logs').mkdir(parents=True, exist_ok=True)
     for stale in ('trace.jsonl', 'recording.mcap', 'answer.wav'):
         (out / stale).unlink(missing_ok=True)
-    params = _params(args.params_file or str(config_dir() / DEFAULTS_FILE), out)
+    params = _params(args.params_file or str(config_dir() / DEFAULTS_FILE), out,
+                     trace=getattr(args, 'trace', False))
     env = dict(os.environ)
     env.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     env.update(fastdds_environment(env, config_dir()))   # the monitor and recorder take frames
@@ -417,7 +427,8 @@ def run_demo(args) -> int:
         rclpy.try_shutdown()
     if interactive:
         print()
-    summary = _summary(reports, snap, time.monotonic() - started, codes, out)
+    summary = _summary(reports, snap, time.monotonic() - started, codes, out,
+                       trace=getattr(args, 'trace', False))
     (out / 'summary.json').write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     _print_summary(summary, out)
     failed = {n: c for n, c in codes.items() if c not in (0, -signal.SIGINT)}
@@ -489,7 +500,8 @@ def _show(report: dict, snap: dict, elapsed: float, duration: float, interactive
     print(f'\r{line:<150}' if interactive else line, end='' if interactive else '\n', flush=True)
 
 
-def _summary(reports: list[dict], snap: dict, elapsed: float, codes: dict, out: Path) -> dict:
+def _summary(reports: list[dict], snap: dict, elapsed: float, codes: dict, out: Path,
+             trace: bool = False) -> dict:
     last = reports[-1] if reports else {'received': {}, 'rejected': {}}
     artifacts = {}
     answers = snap['voice']['answers']
@@ -511,6 +523,10 @@ def _summary(reports: list[dict], snap: dict, elapsed: float, codes: dict, out: 
         **snap,
         'artifacts': artifacts,
         'exit_codes': codes,
+        # what the latencies above were measured with: tracing at ratio 1 costs every hop
+        'tracing': 'on: every hop in trace.jsonl (its cost is in the latencies)' if trace else
+        'as the params file says (config/loom.yaml: off, as a robot runs); --trace records '
+        'every hop',
     }
 
 
@@ -540,6 +556,7 @@ def _print_summary(s: dict, out: Path) -> None:
     for who, reason in sorted(s['route_reasons'].items()):
         print(f'    {who}: {reason}')
     print(f'  plugins: {s["plugins"] or "no health report"}')
+    print(f'  tracing: {s["tracing"]}')
     for name, path in s['artifacts'].items():
         print(f'  {name}: {path}')
     print(f'  summary written to {out / "summary.json"}')

@@ -1,10 +1,14 @@
-"""What the demo's watcher takes from a UI state (`loom/ui/state` is anyone's to publish on): a
-face for a camera frame becomes one latency sample, anything else none and no error."""
+"""Parts of `loom demo` without processes: what its watcher takes from a UI state
+(`loom/ui/state` is anyone's to publish on: a face for a camera frame becomes one latency sample,
+anything else none and no error), and the params file it gives the system (tracing only with
+--trace: its cost would be in the latencies it reports)."""
 import json
 
 import pytest
+import yaml
 
-from loom_ros.cli.demo import MAX_UI_STATE_CHARS, ui_face
+from loom_ros.cli.demo import MAX_UI_STATE_CHARS, _params, ui_face
+from loom_ros.config.params import config_dir
 
 STAMP = 1_796_192_738_123
 
@@ -48,3 +52,17 @@ def test_not_a_string_is_no_sample():
 def test_long_fields_are_cut_in_what_is_shown():
     shown, frame = ui_face(state(emoji='😀' * 100, label='h' * 1000))
     assert shown == '😀' * 16 + ' ' + 'h' * 64 and frame == STAMP
+
+
+def tracing_of(path) -> dict:
+    data = yaml.safe_load(path.read_text())
+    return data['/**']['ros__parameters'].get('telemetry', {}).get('tracing', {})
+
+
+def test_the_demo_traces_only_when_asked(tmp_path):
+    shipped = yaml.safe_load((config_dir() / 'loom.yaml').read_text())
+    default = shipped['/**']['ros__parameters']['telemetry']['tracing']
+    assert default['exporter'] == 'none'   # a robot runs untraced
+    assert tracing_of(_params(str(config_dir() / 'loom.yaml'), tmp_path)) == default
+    traced = tracing_of(_params(str(config_dir() / 'loom.yaml'), tmp_path, trace=True))
+    assert traced == {**default, 'exporter': 'file', 'file': str(tmp_path / 'trace.jsonl')}
