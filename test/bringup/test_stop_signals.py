@@ -12,6 +12,8 @@ import textwrap
 import threading
 from pathlib import Path
 
+import pytest
+
 from harness import REPO, WAIT_LIMIT_S
 
 from loom_ros.bringup.stop_signals import on_stop_signal
@@ -35,29 +37,27 @@ def run(code: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=WAIT_LIMIT_S)
 
 
-def test_a_signal_inside_the_stop_events_own_lock_still_stops():
-    done = run(INSIDE_THE_LOCK.format(
-        setup='from loom_ros.bringup.stop_signals import on_stop_signal\n'
-              'stop = threading.Event()\n'
-              'on_stop_signal(lambda signum: stop.set())',
-        lock='stop._cond', stopped='stop.wait(30)'))
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split('\n')[:3] == ['armed', 'handler returned', 'stopped']
+EVENT = dict(setup='from loom_ros.bringup.stop_signals import on_stop_signal\n'
+                   'stop = threading.Event()\n'
+                   'on_stop_signal(lambda signum: stop.set())',
+             lock='stop._cond', stopped='stop.wait(30)')
+FUTURE = dict(setup='import time\n'
+                    'from rclpy.task import Future\n'
+                    'from loom_ros.bringup.stop_signals import on_stop_signal\n'
+                    'stop = Future()\n'
+                    'on_stop_signal(lambda signum: stop.set_result(signum))\n'
+                    'def finished():\n'
+                    '    deadline = time.monotonic() + 30\n'
+                    '    while not stop.done() and time.monotonic() < deadline:\n'
+                    '        time.sleep(0.01)\n'
+                    '    return stop.done() and stop.result() == signal.SIGINT',
+              lock='stop._lock', stopped='finished()')
 
 
-def test_a_signal_inside_the_futures_own_lock_still_completes_it():
-    done = run(INSIDE_THE_LOCK.format(
-        setup='import time\n'
-              'from rclpy.task import Future\n'
-              'from loom_ros.bringup.stop_signals import on_stop_signal\n'
-              'stop = Future()\n'
-              'on_stop_signal(lambda signum: stop.set_result(signum))\n'
-              'def finished():\n'
-              '    deadline = time.monotonic() + 30\n'
-              '    while not stop.done() and time.monotonic() < deadline:\n'
-              '        time.sleep(0.01)\n'
-              '    return stop.done() and stop.result() == signal.SIGINT',
-        lock='stop._lock', stopped='finished()'))
+@pytest.mark.parametrize('stop', [EVENT, FUTURE], ids=['event', 'rclpy_future'])
+def test_a_signal_inside_the_stops_own_lock_still_stops(stop):
+    """threading.Event (bring-up, the CLIs) and rclpy's Future (run_node, record)."""
+    done = run(INSIDE_THE_LOCK.format(**stop))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split('\n')[:3] == ['armed', 'handler returned', 'stopped']
 
