@@ -1,6 +1,7 @@
 """The router node in its own process: the Route service, decisions on router/decisions, the
 lifecycle services, policy reload through parameters, and history that survives a restart."""
 import signal
+import time
 
 import pytest
 
@@ -57,9 +58,24 @@ def test_service_decides_explains_publishes_and_persists_across_restarts(ros, ro
     proc = router('/r1')
     # Decisions are published once, volatile: ask only once the router's decisions writer is
     # matched, else the first ones can go out before DDS discovery pairs it with this reader
-    # (the service can be ready first; a full-suite run lost all three that way).
+    # (the service can be ready first; a full-suite run lost all three that way). This reader
+    # seeing the writer does not mean the writer sees this reader (a fresh clone's full run
+    # lost all three again): a warm-up decision that arrives proves it. Each is counted.
     ros.wait_for(lambda: decision_sub.get_publisher_count() > 0, 'the decisions publisher',
                  alive=[proc])
+    warm = 0
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    while not decisions:
+        assert time.monotonic() < deadline, 'no warm-up decision reached router/decisions'
+        call(ros, client, route_request(event_type='warm.up', has_local_confidence=True,
+                                        local_confidence=0.99))
+        warm += 1
+        asked = time.monotonic()
+        while not decisions and time.monotonic() - asked < 2.0:   # then ask again
+            ros.spin_once(0.05)
+    ros.wait_for(lambda: len(decisions) == warm, 'every warm-up decision', alive=[proc])
+    assert {(d.event_type, d.route) for d in decisions} == {('warm.up', 'local')}
+    decisions.clear()
 
     # speech.utterance has threshold 0.85 in config/policy.yaml; voice has latency_local_ms 50.
     hybrid = call(ros, client, route_request(has_local_confidence=True, local_confidence=0.7))
@@ -84,16 +100,16 @@ def test_service_decides_explains_publishes_and_persists_across_restarts(ros, ro
                                   backend='cloud', latency_ms=240.0, cost=0.004, success=True,
                                   confidence=0.95))
     ros.wait_for(lambda: stats and stats[-1].outcomes == 1, 'the outcome in router/stats')
-    assert stats[-1].decisions == 3 and stats[-1].spend == pytest.approx(0.004)
+    assert stats[-1].decisions == warm + 3 and stats[-1].spend == pytest.approx(0.004)
     stop(proc)
 
     # A new process on the same history file keeps decisions, outcomes and the spend.
     stats.clear()
     proc = router('/r1')
     ros.wait_for(lambda: stats, 'router/stats from the restarted router', alive=[proc])
-    assert (stats[-1].decisions, stats[-1].outcomes) == (3, 1)
+    assert (stats[-1].decisions, stats[-1].outcomes) == (warm + 3, 1)
     assert stats[-1].spend == pytest.approx(0.004)
-    assert stats[-1].hybrid_rate == pytest.approx(1 / 3)
+    assert stats[-1].hybrid_rate == pytest.approx(1 / (warm + 3))
 
 
 def test_lifecycle_and_policy_reload_through_parameters(ros, router, tmp_path):
