@@ -1,5 +1,5 @@
-"""The seed's two flows end to end, through `loom bringup` (robot nodes in one process, a Zenoh
-router and the cloud tier beside it) and `loom record`, on the simulated sensors: the astronaut
+"""The seed's two flows end to end, through `loom bringup` (one process per robot node, a Zenoh
+router and the cloud tier beside them) and `loom record`, on the simulated sensors: the astronaut
 photo yields the happy emoji on loom/ui/state; the weather question yields the weather intent
 and a non-silent spoken WAV; every hop leaves its span in one trace; the MCAP file reads back."""
 from __future__ import annotations
