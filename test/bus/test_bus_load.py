@@ -1,7 +1,9 @@
 """The bus under load: batching order and loss bounds across processes, the intra-process fast
 path delivering once and only once, backpressure through the bus, and the stats topic."""
 import collections
+import contextlib
 import json
+import sys
 import threading
 
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -10,6 +12,18 @@ from harness import loom_cli
 from loom_ros.bus.bus import STATS_TOPIC, EventBus
 from loom_ros.bus.event import Event
 from loom_ros.bus.qos import to_qos_profile
+
+
+@contextlib.contextmanager
+def gil_handed_over_at_every_chance():
+    """The GIL's switch interval at its least while the block runs (threads interleave as
+    often as CPython lets them), then back."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def ids(events):
@@ -166,8 +180,6 @@ def test_threads_publishing_one_batched_topic_while_the_batch_timer_sends_lose_n
     """Agents' threads publish while the executor's batch timer sends: every event reaches DDS
     once, each with its own sequence number, batches in order. (Without the outlet's lock a
     batch swapped out between a publisher's look and its append lost that event.)"""
-    import sys
-
     from loom_msgs.msg import EventBatch
 
     from loom_ros.bus.names import to_ros_topic
@@ -188,16 +200,14 @@ def test_threads_publishing_one_batched_topic_while_the_batch_timer_sends_lose_n
             bus.publish('load.threads', Event(type='t', id=f'{t}-{i}'), 'batched')
 
     workers = [threading.Thread(target=publish, args=(t,)) for t in range(threads)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)   # hand the GIL over as often as it goes
     try:
-        for w in workers:
-            w.start()
-        while any(w.is_alive() for w in workers):
-            bus.flush()           # the batch timer's work, racing the publishers
-            ros.spin_once(0.0)
+        with gil_handed_over_at_every_chance():
+            for w in workers:
+                w.start()
+            while any(w.is_alive() for w in workers):
+                bus.flush()           # the batch timer's work, racing the publishers
+                ros.spin_once(0.0)
     finally:
-        sys.setswitchinterval(interval)
         for w in workers:
             w.join()
     bus.flush()
@@ -219,7 +229,6 @@ def test_threads_publishing_on_their_own_topics_lose_no_in_process_count(bus):
     """Agents' threads publish on their own topics, each with a subscriber in this process: the
     bus-wide count of in-process deliveries is exact (one shared `+= n` outside any lock lost
     counts when two topics' publishers met there)."""
-    import sys
     threads, each = 4, 2000
     got = collections.Counter()
     for t in range(threads):
@@ -233,15 +242,11 @@ def test_threads_publishing_on_their_own_topics_lose_no_in_process_count(bus):
             bus.publish(f'load.own{t}', Event(type='t', id=f'{t}-{i}'), 'realtime')
 
     workers = [threading.Thread(target=publish, args=(t,)) for t in range(threads)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)   # hand the GIL over as often as it goes
-    try:
+    with gil_handed_over_at_every_chance():
         for w in workers:
             w.start()
-    finally:
         for w in workers:
             w.join()
-        sys.setswitchinterval(interval)
     assert got == {f'load.own{t}': each for t in range(threads)}
     assert bus.stats.intra_process - before == threads * each
     assert bus.stats.snapshot()['intra_process'] - before == threads * each
