@@ -18,7 +18,7 @@ Secure by default, like bring-up: credentials are made on the first run in <outp
 runs plain TCP and says so.
 Tracing is off, as a robot runs by default (config/loom.yaml telemetry.tracing.exporter): at
 sample ratio 1 it costs every process CPU on every event, and the face flow about 5 ms at P50 on
-this 2-core machine, with a longer tail. `--trace` records it (for bench/face_flow_stages.py).
+this 2-core machine. `--trace` records it (for bench/face_flow_stages.py).
 Artifacts: summary.json, answer.wav (the last spoken answer), recording.mcap (camera frames too
 with `--record-camera`, so that it replays: docs/replay.md), trace.jsonl (with `--trace`: the
 OpenTelemetry spans of every hop), logs/, and the agents' state, router history and audit log.
