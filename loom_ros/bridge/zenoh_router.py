@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from loom_ros.bridge.zenoh_link import INSECURE_WARNING, secure_endpoint, session_config
-from loom_ros.bringup.stop_signals import on_stop_signal
+from loom_ros.bringup.stop_signals import stop_event
 from loom_ros.config.params import ConfigError, read_yaml
 from loom_ros.security import acl, keys
 from loom_ros.security.audit import AuditError, AuditLog, default_path
@@ -374,8 +374,7 @@ def main(argv=None) -> int:
         return 1
     if watch is not None:
         holder['session'] = session
-    stop = threading.Event()
-    on_stop_signal(lambda _signum: stop.set())
+    stop = stop_event()
     state = {'zid': fixed_id[0], 'secure': identity is not None, 'members': members,
              'reloads': 0, 'reload_failures': 0, 'last_reload_down_s': None,
              'counting': watch is not None}

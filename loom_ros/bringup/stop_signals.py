@@ -10,9 +10,10 @@ this way until it was SIGKILLed, its nodes never stopped (2 of 8 test runs). A `
 pipe takes no Python lock, so the handler always returns; the stop runs on the `loom-stop`
 thread, where waiting for the main thread's lock is an ordinary wait.
 
-    stop = threading.Event()
-    restore = on_stop_signal(lambda signum: stop.set())
+    stop = stop_event()            # set by the first SIGINT or SIGTERM
     while not stop.wait(0.2): ...
+
+    restore = on_stop_signal(lambda signum: ...)   # any action; returns the undo
     restore()                      # the previous handlers back (a CLI inside a longer process)
 """
 from __future__ import annotations
@@ -83,3 +84,11 @@ def on_stop_signal(on_stop: Callable[[int], None],
         restore()
         raise
     return restore
+
+
+def stop_event(signums: Iterable[int] = STOP_SIGNALS) -> threading.Event:
+    """A threading.Event set when one of `signums` arrives (on_stop_signal's thread sets it):
+    what a process's main loop waits on. Main thread only; for good (no restore)."""
+    stop = threading.Event()
+    on_stop_signal(lambda _signum: stop.set(), signums)
+    return stop

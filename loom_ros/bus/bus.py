@@ -609,18 +609,15 @@ class EventBus:
         counts = self.stats.type_mismatch
         if topic not in counts and len(counts) >= self.max_pattern_topics:
             topic = OTHER_TOPICS
-            if not self._may_log('type_mismatch_other', 60.0):
-                counts[topic] += 1
-                return
-        elif counts[topic]:
-            counts[topic] += 1
-            return
-        where = 'more topics' if topic == OTHER_TOPICS else topic
-        self.logger.warning(   # type names come from the graph: quoted and cut
-            f'{where}: not subscribed at {level.value} ({WIRE_TYPE_NAMES[wire_type(level)]}): '
-            f'the topic carries {ascii(str(detail)[:300])}. Publishers and subscribers must '
-            'agree on the level (bus.topic_qos) since Batched travels as EventBatch.')
+        say = self._may_log('type_mismatch_other', 60.0) if topic == OTHER_TOPICS \
+            else not counts[topic]
         counts[topic] += 1
+        if say:
+            where = 'more topics' if topic == OTHER_TOPICS else topic
+            self.logger.warning(   # type names come from the graph: quoted and cut
+                f'{where}: not subscribed at {level.value} ({WIRE_TYPE_NAMES[wire_type(level)]})'
+                f': the topic carries {ascii(str(detail)[:300])}. Publishers and subscribers must'
+                ' agree on the level (bus.topic_qos) since Batched travels as EventBatch.')
 
     def _attach(self, sub: BusSubscription, topic: str) -> bool:
         level = sub.level or self.topic_qos.level_for(topic)

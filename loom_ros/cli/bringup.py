@@ -55,7 +55,7 @@ from loom_ros.bringup import nodes as table
 from loom_ros.bringup.processes import (
     Process, RestartPolicy, Supervised, stop_bound_s, stop_together,
 )
-from loom_ros.bringup.stop_signals import on_stop_signal
+from loom_ros.bringup.stop_signals import stop_event
 from loom_ros.config.params import (
     AGENT_SECTION, DEFAULTS_FILE, by_node, check_params_file, config_dir, load_params_file,
     node_defaults, node_section,
@@ -643,8 +643,7 @@ def main_with(args, ros_args: list[str]) -> int:
 
     from loom_ros.bus.executor import within
     params_file = args.config or str(config_dir() / DEFAULTS_FILE)
-    stop = threading.Event()
-    on_stop_signal(lambda _signum: stop.set())   # never stop.set() in the handler itself
+    stop = stop_event()   # never stop.set() in a signal handler itself (stop_signals)
     side: dict[str, Process] = {}
     robot = readiness = None
     code = 0

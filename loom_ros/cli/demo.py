@@ -43,7 +43,7 @@ import yaml
 
 from loom_ros.bringup import entry
 from loom_ros.bringup.processes import Process
-from loom_ros.bringup.stop_signals import on_stop_signal
+from loom_ros.bringup.stop_signals import stop_event
 from loom_ros.cli.bringup import STOP_BOUND_S
 from loom_ros.bus.qos import fastdds_environment
 from loom_ros.config.params import DEFAULTS_FILE, config_dir
@@ -360,8 +360,8 @@ def run_demo(args) -> int:
     (out / 'logs').mkdir(parents=True, exist_ok=True)
     for stale in ('trace.jsonl', 'recording.mcap', 'answer.wav'):
         (out / stale).unlink(missing_ok=True)
-    params = _params(args.params_file or str(config_dir() / DEFAULTS_FILE), out,
-                     trace=getattr(args, 'trace', False))
+    trace = bool(getattr(args, 'trace', False))
+    params = _params(args.params_file or str(config_dir() / DEFAULTS_FILE), out, trace=trace)
     env = dict(os.environ)
     env.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     env.update(fastdds_environment(env, config_dir()))   # the monitor and recorder take frames
@@ -396,8 +396,7 @@ def run_demo(args) -> int:
     lines = _lines(procs['event_monitor'])
     reports: list[dict] = []
     interactive = sys.stdout.isatty()
-    stop = threading.Event()   # Ctrl-C / SIGTERM: stop everything, summarize, exit 130
-    on_stop_signal(lambda _signum: stop.set())
+    stop = stop_event()   # Ctrl-C / SIGTERM: stop everything, summarize, exit 130
     started = time.monotonic()
     try:
         # The duration counts from bring-up's ready line (every node and agent active): on a
@@ -427,8 +426,7 @@ def run_demo(args) -> int:
         rclpy.try_shutdown()
     if interactive:
         print()
-    summary = _summary(reports, snap, time.monotonic() - started, codes, out,
-                       trace=getattr(args, 'trace', False))
+    summary = _summary(reports, snap, time.monotonic() - started, codes, out, trace=trace)
     (out / 'summary.json').write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     _print_summary(summary, out)
     failed = {n: c for n, c in codes.items() if c not in (0, -signal.SIGINT)}

@@ -15,10 +15,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 from pathlib import Path
 
-from loom_ros.bringup.stop_signals import on_stop_signal
+from loom_ros.bringup.stop_signals import stop_event
 from loom_ros.bus.qos import fastdds_environment
 from loom_ros.config.params import config_dir
 from loom_ros.replay.mcap_source import Limits, McapSource
@@ -100,8 +99,7 @@ def run(args, ros_args: list[str]) -> int:
     # to other processes whole; it is read when the participant is made, after this.
     os.environ.update(fastdds_environment(os.environ, config_dir()))
     rclpy.init(args=['loom_play', *ros_args], signal_handler_options=SignalHandlerOptions.NO)
-    stop = threading.Event()
-    on_stop_signal(lambda _signum: stop.set())
+    stop = stop_event()
     node = rclpy.create_node('loom_play')
     mask_node_logger(node)
     types = RosTypes()

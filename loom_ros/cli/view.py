@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from loom_ros.bringup.stop_signals import on_stop_signal
+from loom_ros.bringup.stop_signals import stop_event
 from loom_ros.config.params import ConfigError
 
 
@@ -63,8 +63,7 @@ def run(args, ros_args: list[str]) -> int:
     if args.headless and not args.save and not args.recording:
         print('loom view: --headless without --save shows nothing anywhere', file=sys.stderr)
         return 2
-    stop = threading.Event()
-    on_stop_signal(lambda _signum: stop.set())
+    stop = stop_event()
     rec, url = open_stream(settings, serve=not args.headless, save=args.save)
     view = LoomView(rec, settings.limits(), settings.max_privacy, self_node='loom_view',
                     on_first=lambda kind: _say(first=kind))

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from loom_ros.bringup.stop_signals import on_stop_signal
+from loom_ros.bringup.stop_signals import stop_event
 from loom_ros.cloud.erasure import (
     ERASE_TASK, RequestLog, check_ref, erase_key, erase_reply, request_log_from_config,
 )
@@ -603,8 +603,7 @@ def main(argv=None) -> int:
                                       complete=True)   # a robot's spread first attempts
     # Fleet erasure: every server answers (a robot asks ALL), each for what it keeps.
     eraser = session.declare_queryable(erase_key(prefix), service.on_erase, complete=True)
-    stop = threading.Event()
-    on_stop_signal(lambda _signum: stop.set())
+    stop = stop_event()
     workers = [threading.Thread(target=service.serve, daemon=True, name=f'loom-cloud-serve-{i}')
                for i in range(service.gate.limits.workers)]
     for worker in workers:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import defaultdict
 
-from loom_ros.bringup.stop_signals import on_stop_signal
+from loom_ros.bringup.stop_signals import stop_event
 from loom_ros.bus.topics import ROUTER_STATS
 from loom_ros.telemetry.diagnostics import LEVEL_NAMES, level_of
 from loom_ros.telemetry.metrics import COUNTER, GAUGE, HISTOGRAM, METRICS_TOPIC, from_msg
@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     # Ctrl-C / SIGTERM end the loop between two spins (a KeyboardInterrupt raised inside a
     # callback the EventsExecutor runs left its shutdown hanging now and then).
-    stop = threading.Event()
-    on_stop_signal(lambda _signum: stop.set())
+    stop = stop_event()
     try:
         if args.once:
             code = _once(view, executor, args, stop)
