@@ -354,12 +354,16 @@ class AgentNode(LifecycleNode):
                 for pattern in agent.config.subscriptions:
                     key = (pattern, agent.config.qos, agent.config.backpressure or None)
                     groups.setdefault(key, []).append(agent)
+        # The agents, their stores and behaviors: no full GC pass walks them. Before the
+        # subscriptions, not after: this collection runs on the executor's thread (20 ms, and
+        # 40-240 ms on a loaded machine), and a frame that arrived during it waited for it (the
+        # face flow's first frames, 41-241 ms to the agent; docs/face_flow_latency.md).
+        settle_heap()
         deliver = self.dispatcher.deliver_all if groups else None
         for (pattern, qos, backpressure), agents in groups.items():
             self._subs.append(self.bus.subscribe(
                 pattern, lambda event, topic, a=tuple(agents): deliver(a, event), qos,
                 backpressure=backpressure))
-        settle_heap()   # the agents, their stores and behaviors: no full GC pass walks them
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:

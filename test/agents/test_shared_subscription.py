@@ -83,7 +83,19 @@ def test_an_active_host_keeps_its_configured_heap_out_of_the_collectors_passes(r
         host.trigger_configure()
         agent = host.agents['s0']
         assert gc.get_freeze_count() == 0
+        # The heap is settled before the first event can arrive: the collection runs on the
+        # executor's thread, and an event that came during it waited (the face flow's first
+        # frames, 41-241 ms late). Recorded as each subscription opens.
+        frozen_at_subscribe = []
+        subscribe = host.bus.subscribe
+
+        def recording_subscribe(*args, **kwargs):
+            frozen_at_subscribe.append(gc.get_freeze_count())
+            return subscribe(*args, **kwargs)
+        host.bus.subscribe = recording_subscribe
         host.trigger_activate()
+        assert frozen_at_subscribe and all(n > 0 for n in frozen_at_subscribe), \
+            frozen_at_subscribe
         assert gc.get_freeze_count() > 0
         assert not any(o is agent for g in (0, 1, 2) for o in gc.get_objects(g))   # frozen
         host.trigger_deactivate()
