@@ -143,6 +143,34 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
 
 
+class FaceLatency:
+    """Camera-to-emoji samples, split at the moment bring-up said every node and agent is
+    active: the run's latency is the running system's, as the event monitor's reports are. Frames
+    captured before it met the rest of bring-up (the voice host loading its models, the cloud
+    link's handshake) on the same cores, and the face agent's first routes going to the
+    router/route service while it still learns the router's policy (up to 0.9 s); they are
+    counted and reported apart, not dropped. `ready_ms` is wall-clock ms, as the frames' stamps."""
+
+    def __init__(self):
+        self.ready_ms: float | None = None
+        self.running: list[float] = []
+        self.startup: list[float] = []
+
+    def mark_ready(self, now_ms: float) -> None:
+        if self.ready_ms is None:
+            self.ready_ms = now_ms
+
+    def add(self, frame_ms: int, now_ms: float) -> None:
+        ready = self.ready_ms is not None and frame_ms >= self.ready_ms
+        (self.running if ready else self.startup).append(now_ms - frame_ms)
+
+    def snapshot(self) -> dict:
+        return {'updates': len(self.running), 'p50': _pct(self.running, 0.5),
+                'p99': _pct(self.running, 0.99), 'max': _pct(self.running, 1.0),
+                'during_bringup': {'updates': len(self.startup),
+                                   'max': _pct(self.startup, 1.0)}}
+
+
 MAX_UI_STATE_CHARS = 64 * 1024   # a UI state longer than this is not parsed
 FRAMES_REMEMBERED = 4096          # frame stamps seen (a repeated UI state is counted once)
 
@@ -188,7 +216,7 @@ class Watcher:
         self.lock = threading.Lock()
         self.routes: Counter = Counter()
         self.reasons: dict[str, str] = {}
-        self.face_ms: list[float] = []
+        self.face_ms = FaceLatency()
         self.emojis: Counter = Counter()
         self.last_emoji = ''
         self._frames_seen: collections.OrderedDict = collections.OrderedDict()
@@ -246,7 +274,7 @@ class Watcher:
             self._frames_seen[frame] = None
             if len(self._frames_seen) > FRAMES_REMEMBERED:
                 self._frames_seen.popitem(last=False)
-            self.face_ms.append(now - frame)
+            self.face_ms.add(frame, now)
             self.emojis[shown] += 1
             self.last_emoji = shown
         if tracing.ENABLED:
@@ -313,10 +341,8 @@ class Watcher:
         with self.lock:
             return {
                 'routes': dict(self.routes), 'route_reasons': dict(self.reasons),
-                'face': {'emojis': dict(self.emojis), 'updates': len(self.face_ms),
-                         'camera_to_emoji_ms': {'p50': _pct(self.face_ms, 0.5),
-                                                'p99': _pct(self.face_ms, 0.99),
-                                                'max': _pct(self.face_ms, 1.0)}},
+                'face': {'emojis': dict(self.emojis), 'updates': len(self.face_ms.running) + len(self.face_ms.startup),
+                         'camera_to_emoji_ms': self.face_ms.snapshot()},
                 'voice': {'transcripts': list(self.transcripts), 'intents': dict(self.intents),
                           'answers': [{k: a[k] for k in ('text', 'path', 'intent', 'heard')}
                                       for a in self.answers],
@@ -344,6 +370,11 @@ class Watcher:
                 'window_frames_sent': since, 'window_frames_handled': handled_since,
                 'handled_ratio': round(handled_since / since, 3) if since > 0 else None,
                 'note': 'sent and received as of the last loom/bus/stats (1 s period)'}
+
+    def mark_ready(self) -> None:
+        """Bring-up is ready: camera-to-emoji from here on is the run's (FaceLatency)."""
+        with self.lock:
+            self.face_ms.mark_ready(time.time() * 1000.0)
 
     def close(self) -> None:
         self._stop.set_result(True)
@@ -402,6 +433,7 @@ def run_demo(args) -> int:
         # The duration counts from bring-up's ready line (every node and agent active): on a
         # loaded 2-core machine bring-up alone can take most of 30 s.
         started = _wait_ready(procs, out / 'logs' / 'bringup.log', lines, interactive, stop)
+        watcher.mark_ready()
         while time.monotonic() - started < args.duration and not stop.is_set():
             if any(p.poll() is not None for p in procs.values()):
                 break
@@ -535,8 +567,11 @@ def _print_summary(s: dict, out: Path) -> None:
           f'{sum(s["rejected"].values())}')
     face = s['face']
     lat = face['camera_to_emoji_ms']
+    early = lat.get('during_bringup') or {}
     print(f'  Flow 1 (face emotion): {face["updates"]} emoji updates {face["emojis"]}; '
-          f'camera-to-emoji P50 {lat["p50"]} ms, P99 {lat["p99"]} ms, max {lat["max"]} ms')
+          f'camera-to-emoji P50 {lat["p50"]} ms, P99 {lat["p99"]} ms, max {lat["max"]} ms'
+          + (f' over the {lat["updates"]} since bring-up was ready ({early["updates"]} during '
+             f'bring-up: max {early["max"]} ms)' if early.get('updates') else ''))
     v = s['voice']
     print(f'  Flow 2 (voice assistant): heard {v["transcripts"]}; intents {v["intents"]}; '
           f'first feedback {v["first_feedback_ms"]} ms, spoken answer {v["spoken_answer_ms"]} '

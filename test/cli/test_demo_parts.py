@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from loom_ros.cli.demo import MAX_UI_STATE_CHARS, _params, ui_face
+from loom_ros.cli.demo import MAX_UI_STATE_CHARS, FaceLatency, _params, ui_face
 from loom_ros.config.params import config_dir
 
 STAMP = 1_796_192_738_123
@@ -52,6 +52,31 @@ def test_not_a_string_is_no_sample():
 def test_long_fields_are_cut_in_what_is_shown():
     shown, frame = ui_face(state(emoji='😀' * 100, label='h' * 1000))
     assert shown == '😀' * 16 + ' ' + 'h' * 64 and frame == STAMP
+
+
+def test_latency_counts_from_bring_up_ready_and_keeps_the_start_up_apart():
+    """Frames captured before bring-up was ready are reported apart (the rest of bring-up ran
+    on the same cores), not dropped; the split is by the frame's own stamp, not by arrival."""
+    lat = FaceLatency()
+    lat.add(STAMP, STAMP + 900.0)            # before ready: a first route through the service
+    lat.mark_ready(STAMP + 1000.0)
+    lat.add(STAMP + 500, STAMP + 1010.0)     # captured before ready, arrived after it
+    for i in range(99):
+        lat.add(STAMP + 1000 + i, STAMP + 1000 + i + 20.0)
+    lat.add(STAMP + 2000, STAMP + 2031.0)
+    lat.mark_ready(STAMP + 5000.0)           # only the first ready counts
+    lat.add(STAMP + 3000, STAMP + 3025.0)
+    got = lat.snapshot()
+    assert got['updates'] == 101 and got['p50'] == 20.0 and got['max'] == 31.0
+    assert got['p99'] == 25.0   # the 100th of 101 sorted samples
+    assert got['during_bringup'] == {'updates': 2, 'max': 900.0}
+
+
+def test_no_ready_yet_means_every_sample_is_start_up():
+    lat = FaceLatency()
+    lat.add(STAMP, STAMP + 12.0)
+    assert lat.snapshot() == {'updates': 0, 'p50': None, 'p99': None, 'max': None,
+                              'during_bringup': {'updates': 1, 'max': 12.0}}
 
 
 def tracing_of(path) -> dict:
