@@ -760,10 +760,22 @@ def main_with(args, ros_args: list[str]) -> int:
                 # Python's own exit would tear rclpy down under the thread still stopping the
                 # nodes: end here (the side processes are stopped, the temporary folder goes).
                 shutil.rmtree(tmp, ignore_errors=True)
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code or 1)
-    return code
+                _end(code or 1)
+    _end(code)
+    return code   # not reached: _end exits
+
+
+def _end(code: int) -> None:
+    """Bring-up's last step: every node, side process and rclpy itself is stopped and its
+    output flushed, so the process ends here instead of in Python's own exit, which then runs
+    the middleware's C++ static destructors (Fast DDS's participant factory and shared-memory
+    watchdog threads; such destructors have hung, eProsima/Fast-DDS#235, #1921). A bring-up
+    whose every node had stopped cleanly and which had printed nothing more hung somewhere
+    after its last bounded step, until the demo SIGKILLed it 85 s later (once in about 25
+    demos, 2026-12-02): nothing bring-up still had to do was left for that exit."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv=None) -> int:
