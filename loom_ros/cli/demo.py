@@ -164,6 +164,11 @@ class FaceLatency:
         ready = self.ready_ms is not None and frame_ms >= self.ready_ms
         (self.running if ready else self.startup).append(now_ms - frame_ms)
 
+    def samples(self) -> list[float]:
+        """Every running sample (ms, 0.1 ms), in arrival order: summary.json keeps them so
+        that runs can be pooled (a run's P99 over 150-200 updates is its second-worst frame)."""
+        return [round(v, 1) for v in self.running]
+
     def snapshot(self) -> dict:
         return {'updates': len(self.running), 'p50': _pct(self.running, 0.5),
                 'p99': _pct(self.running, 0.99), 'max': _pct(self.running, 1.0),
@@ -337,12 +342,17 @@ class Watcher:
             else:
                 self.intents[event.type] += 1
 
-    def snapshot(self) -> dict:
+    def snapshot(self, samples: bool = False) -> dict:
+        """What the status line and the summary show; `samples`: every camera-to-emoji sample
+        too (the summary's, for summary.json)."""
         with self.lock:
+            face = self.face_ms.snapshot()
+            if samples:
+                face['samples_ms'] = self.face_ms.samples()
             return {
                 'routes': dict(self.routes), 'route_reasons': dict(self.reasons),
                 'face': {'emojis': dict(self.emojis), 'updates': len(self.face_ms.running) + len(self.face_ms.startup),
-                         'camera_to_emoji_ms': self.face_ms.snapshot()},
+                         'camera_to_emoji_ms': face},
                 'voice': {'transcripts': list(self.transcripts), 'intents': dict(self.intents),
                           'answers': [{k: a[k] for k in ('text', 'path', 'intent', 'heard')}
                                       for a in self.answers],
@@ -452,7 +462,7 @@ def run_demo(args) -> int:
                     snap['face']['updates'] and snap['voice']['answers']:
                 break
     finally:
-        snap = watcher.snapshot()
+        snap = watcher.snapshot(samples=True)
         codes = _stop(procs)
         watcher.close()
         rclpy.try_shutdown()

@@ -48,6 +48,10 @@ def test_demo_runs_both_flows_and_leaves_its_artifacts(demo):
     assert summary['exit_codes'] == {'bringup': 0, 'event_monitor': 0, 'record': 0}
     # It stopped early only once both flows had delivered.
     assert summary['face']['updates'] >= 1 and summary['routes'].get('local', 0) >= 1
+    # Camera-to-emoji counts from bring-up's ready line; every sample is kept (runs pool).
+    lat = summary['face']['camera_to_emoji_ms']
+    assert lat['updates'] + lat['during_bringup']['updates'] == summary['face']['updates']
+    assert len(lat['samples_ms']) == lat['updates'] and all(v > 0 for v in lat['samples_ms'])
     assert summary['voice']['answers'] and summary['voice']['intents'].get('weather')
     # Tracing off, as a robot runs (its cost would be in the latencies): no trace file.
     assert set(summary['artifacts']) == {'answer.wav', 'recording.mcap'}
