@@ -4,13 +4,7 @@ returns. For the files components still name by path rather than by storage unit
 wait on each other through the busy timeout) and the router's history (`history_db`). Opened by
 the one opener (sqlite.open_database: WAL, synchronous, busy timeout, quick check), tables from
 schema.py, and used through the same stores as a unit database (stores.AuditStore,
-stores.RouterHistoryStore), so no component keeps its own SQL or pragmas.
-
-Checkpoints run on a thread of their own (sqlite.Checkpointer), as a unit database's do: with
-SQLite's automatic checkpoint, the write that crossed 1,000 WAL pages copied them back and
-fsynced inside its COMMIT. The audit log takes two records per camera frame in the face flow (the
-ui plugin's command, written before it acts, and its update): every ~300th append took 5-38 ms
-on an idle disk here, and that frame's emoji waited for it."""
+stores.RouterHistoryStore), so no component keeps its own SQL or pragmas."""
 from __future__ import annotations
 
 import os
@@ -20,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from loom_ros.storage import schema
 from loom_ros.storage.errors import StorageError, StorageFullError, is_full
-from loom_ros.storage.sqlite import Checkpointer, open_database
+from loom_ros.storage.sqlite import open_database
 from loom_ros.storage.writer import CommittedTicket
 
 
@@ -28,28 +22,16 @@ class DirectDatabase:
     """`write` and `query` on one file, from any thread (one lock)."""
 
     def __init__(self, path: str | os.PathLike, statements: list[str],
-                 clock: Callable[[], int] | None = None, synchronous: str = 'NORMAL',
-                 checkpoint_s: float = 0.25):
-        """`checkpoint_s`: how often the checkpointer thread looks (0: SQLite's automatic
-        checkpoint inside the commits instead; a ':memory:' database has none)."""
+                 clock: Callable[[], int] | None = None, synchronous: str = 'NORMAL'):
         from loom_ros.storage.storage import wall_ms
         self.path = str(path)
         self.clock = clock or wall_ms
-        self.checkpointer: Checkpointer | None = None
         self.conn = open_database(path, synchronous=synchronous)
         try:
             schema.create(self.conn, statements)
         except sqlite3.Error as exc:
             self.conn.close()
             raise self._error('cannot create the tables', exc) from None
-        if checkpoint_s > 0 and self.path != ':memory:':
-            try:
-                Checkpointer.backstop(self.conn)
-                self.checkpointer = Checkpointer(self.path, period_s=checkpoint_s,
-                                                 name=f'direct {os.path.basename(self.path)}')
-            except (sqlite3.Error, StorageError) as exc:
-                self.conn.close()
-                raise self._error('cannot start its checkpointer', exc) from None
         self.conn.row_factory = sqlite3.Row
         self._lock = threading.Lock()
 
@@ -87,7 +69,5 @@ class DirectDatabase:
         return None
 
     def close(self) -> None:
-        if self.checkpointer is not None:
-            self.checkpointer.close()
         with self._lock:
             self.conn.close()
