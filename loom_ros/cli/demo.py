@@ -47,6 +47,7 @@ from loom_ros.bringup.stop_signals import stop_event
 from loom_ros.cli.bringup import STOP_BOUND_S
 from loom_ros.bus.qos import fastdds_environment
 from loom_ros.config.params import DEFAULTS_FILE, config_dir
+from loom_ros.plugins.actuators.ui import frame_stamp_ms
 from loom_ros.telemetry import tracing
 
 CAMERA_TOPIC = 'camera.front'
@@ -193,13 +194,10 @@ def ui_face(data: str) -> tuple[str, int] | None:
         return None
     if not isinstance(state, dict):
         return None
-    emoji, label, frame = state.get('emoji'), state.get('label', ''), state.get('frame_ms')
-    if not emoji or not isinstance(emoji, str) or not isinstance(label, str):
+    emoji, label, frame = state.get('emoji'), state.get('label', ''), frame_stamp_ms(state)
+    if not emoji or not isinstance(emoji, str) or not isinstance(label, str) or frame is None:
         return None
-    if isinstance(frame, bool) or not isinstance(frame, (int, float)) or \
-            not 0 < frame < 2 ** 53 or frame != int(frame):
-        return None
-    return f'{emoji[:16]} {label[:64]}', int(frame)
+    return f'{emoji[:16]} {label[:64]}', frame
 
 
 class Watcher:

@@ -39,6 +39,7 @@ import rerun.blueprint as rrb
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.privacy import effective_privacy
 from loom_ros.bus.topics import CAMERA_FRONT, CAMERA_FRONT_FACE, MIC_PRIMARY_SPEECH
+from loom_ros.plugins.actuators.ui import frame_stamp_ms
 
 TIMELINE = 'time'
 IMAGE = 'camera/image'
@@ -381,8 +382,8 @@ class LoomView:
                 self._boxes(state['boxes'], self._face_label(state))
             elif state.get('faces') == 0:
                 self.rec.log(FACES, rr.Clear(recursive=False))
-            frame_ms = _finite(state.get('frame_ms'))
-            if emoji and frame_ms is not None and frame_ms > 0:
+            frame_ms = frame_stamp_ms(state)   # the ui plugin's own reading of its field
+            if emoji and frame_ms is not None:
                 latency = stamp_s * 1000.0 - frame_ms
                 if 0 <= latency <= 3_600_000 and self._scalar(CAMERA_TO_EMOJI, latency):
                     self._shown('latency')

@@ -195,3 +195,18 @@ def test_bgr_and_mono_frames_keep_their_pixels(tmp_path, scene):
     buffer, = values(rows, core.IMAGE, 'Image:buffer')
     assert np.array_equal(np.asarray(buffer[0], dtype=np.uint8), scene[:, :, ::-1].reshape(-1))
     assert fmt[0]['color_model'] is not None
+
+
+def test_a_latency_sample_needs_a_frame_stamp_as_the_ui_plugin_writes_it(tmp_path):
+    """loom/ui/state is anyone's to publish on: the view reads `frame_ms` as the demo does (the
+    ui plugin's frame_stamp_ms), so "12", true, a fraction or a number past what a float holds
+    exactly make no latency sample; a whole stamp does."""
+    rec = _stream(tmp_path / 'view.rrd')
+    view = LoomView(rec, ViewLimits(max_image_hz=0))
+    stamp = int(T0 * 1000) - 40
+    for bad in (str(stamp), True, stamp + 0.5, 2 ** 53, -stamp, 0):
+        view.on_ui_state(json.dumps({'emoji': '😀', 'label': 'happy', 'frame_ms': bad}), T0)
+    view.on_ui_state(json.dumps({'emoji': '😀', 'label': 'happy', 'frame_ms': stamp}), T0)
+    _close(rec)
+    latency, = values(read_rrd(tmp_path / 'view.rrd'), core.CAMERA_TO_EMOJI, 'Scalars:scalars')
+    assert latency == [pytest.approx(40.0, abs=0.01)]

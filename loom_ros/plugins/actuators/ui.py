@@ -27,6 +27,23 @@ RESERVED = ('source', 'updated_ms', 'seq', 'truncated')
 FACE_ID, TEXT_ID = 0, 1
 
 
+MAX_FRAME_MS = 2 ** 53   # the largest whole number a float (and JSON's readers) holds exactly
+
+
+def frame_stamp_ms(state: object) -> int | None:
+    """The camera frame's stamp (wall-clock ms) that a UI state shows a face for, or None. The
+    one reading of `frame_ms` for everyone who measures camera-to-emoji from loom/ui/state (the
+    demo, `loom view`): that topic is anyone's to publish on, and JSON also says "12", true,
+    1e308, NaN and Infinity, so only a whole positive number a float holds exactly counts."""
+    if not isinstance(state, dict):
+        return None
+    frame = state.get('frame_ms')
+    if isinstance(frame, bool) or not isinstance(frame, (int, float)) or \
+            not 0 < frame < MAX_FRAME_MS or frame != int(frame):
+        return None
+    return int(frame)
+
+
 class UiError(ValueError):
     """A ui_update that cannot be shown: not an object, a text field that is not a string, a
     reserved key, a state too large."""
