@@ -157,6 +157,10 @@ class FaceLatency:
         self.running: list[float] = []
         self.startup: list[float] = []
 
+    @property
+    def total(self) -> int:
+        return len(self.running) + len(self.startup)
+
     def mark_ready(self, now_ms: float) -> None:
         if self.ready_ms is None:
             self.ready_ms = now_ms
@@ -349,7 +353,7 @@ class Watcher:
                 face['samples_ms'] = self.face_ms.samples()
             return {
                 'routes': dict(self.routes), 'route_reasons': dict(self.reasons),
-                'face': {'emojis': dict(self.emojis), 'updates': len(self.face_ms.running) + len(self.face_ms.startup),
+                'face': {'emojis': dict(self.emojis), 'updates': self.face_ms.total,
                          'camera_to_emoji_ms': face},
                 'voice': {'transcripts': list(self.transcripts), 'intents': dict(self.intents),
                           'answers': [{k: a[k] for k in ('text', 'path', 'intent', 'heard')}
