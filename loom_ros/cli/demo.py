@@ -155,6 +155,7 @@ class FaceLatency:
     def __init__(self):
         self.ready_ms: float | None = None
         self.running: list[float] = []
+        self.running_at: list[float] = []   # each running sample's moment (s after ready)
         self.startup: list[float] = []
 
     @property
@@ -168,11 +169,18 @@ class FaceLatency:
     def add(self, frame_ms: int, now_ms: float) -> None:
         ready = self.ready_ms is not None and frame_ms >= self.ready_ms
         (self.running if ready else self.startup).append(now_ms - frame_ms)
+        if ready:
+            self.running_at.append((frame_ms - self.ready_ms) / 1000.0)
 
     def samples(self) -> list[float]:
         """Every running sample (ms, 0.1 ms), in arrival order: summary.json keeps them so
         that runs can be pooled (a run's P99 over 150-200 updates is its second-worst frame)."""
         return [round(v, 1) for v in self.running]
+
+    def sample_times(self) -> list[float]:
+        """When each sample's frame was captured, seconds after ready (0.001 s): to place slow
+        frames in time, against the voice flow or the machine's own stalls."""
+        return [round(t, 3) for t in self.running_at]
 
     def snapshot(self) -> dict:
         return {'updates': len(self.running), 'p50': _pct(self.running, 0.5),
@@ -351,6 +359,7 @@ class Watcher:
             face = self.face_ms.snapshot()
             if samples:
                 face['samples_ms'] = self.face_ms.samples()
+                face['sample_frames_s'] = self.face_ms.sample_times()
             return {
                 'routes': dict(self.routes), 'route_reasons': dict(self.reasons),
                 'face': {'emojis': dict(self.emojis), 'updates': self.face_ms.total,

@@ -52,6 +52,8 @@ def test_demo_runs_both_flows_and_leaves_its_artifacts(demo):
     lat = summary['face']['camera_to_emoji_ms']
     assert lat['updates'] + lat['during_bringup']['updates'] == summary['face']['updates']
     assert len(lat['samples_ms']) == lat['updates'] and all(v > 0 for v in lat['samples_ms'])
+    assert len(lat['sample_frames_s']) == lat['updates'] and \
+        all(t >= 0 for t in lat['sample_frames_s'])
     assert summary['voice']['answers'] and summary['voice']['intents'].get('weather')
     # Tracing off, as a robot runs (its cost would be in the latencies): no trace file.
     assert set(summary['artifacts']) == {'answer.wav', 'recording.mcap'}

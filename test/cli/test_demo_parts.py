@@ -72,6 +72,8 @@ def test_latency_counts_from_bring_up_ready_and_keeps_the_start_up_apart():
     assert got['during_bringup'] == {'updates': 2, 'max': 900.0}
     samples = lat.samples()   # what summary.json keeps, to pool runs
     assert len(samples) == 101 and samples[0] == 20.0 and samples[-2:] == [31.0, 25.0]
+    times = lat.sample_times()   # each sample's frame, seconds after ready
+    assert len(times) == 101 and times[:2] == [0.0, 0.001] and times[-2:] == [1.0, 2.0]
 
 
 def test_no_ready_yet_means_every_sample_is_start_up():
