@@ -360,6 +360,7 @@ class Watcher:
             if samples:
                 face['samples_ms'] = self.face_ms.samples()
                 face['sample_frames_s'] = self.face_ms.sample_times()
+                face['ready_ms'] = self.face_ms.ready_ms   # wall clock, as the frames' stamps
             return {
                 'routes': dict(self.routes), 'route_reasons': dict(self.reasons),
                 'face': {'emojis': dict(self.emojis), 'updates': self.face_ms.total,
