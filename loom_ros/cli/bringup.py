@@ -771,8 +771,8 @@ def _end(code: int) -> None:
     the middleware's C++ static destructors (Fast DDS's participant factory and shared-memory
     watchdog threads; such destructors have hung, eProsima/Fast-DDS#235, #1921). A bring-up
     whose every node had stopped cleanly and which had printed nothing more hung somewhere
-    after its last bounded step, until the demo SIGKILLed it 85 s later (once in about 25
-    demos, 2026-12-02): nothing bring-up still had to do was left for that exit."""
+    after its last bounded step, until the demo SIGKILLed it 85 s later (one demo of about 60
+    on 2026-12-02): nothing bring-up still had to do was left for that exit."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
