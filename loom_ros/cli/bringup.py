@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -762,10 +763,9 @@ def main_with(args, ros_args: list[str]) -> int:
                 shutil.rmtree(tmp, ignore_errors=True)
                 _end(code or 1)
     _end(code)
-    return code   # not reached: _end exits
 
 
-def _end(code: int) -> None:
+def _end(code: int) -> NoReturn:
     """Bring-up's last step: every node, side process and rclpy itself is stopped and its
     output flushed, so the process ends here instead of in Python's own exit, which then runs
     the middleware's C++ static destructors (Fast DDS's participant factory and shared-memory

@@ -155,7 +155,7 @@ class FaceLatency:
     def __init__(self):
         self.ready_ms: float | None = None
         self.running: list[float] = []
-        self.running_at: list[float] = []   # each running sample's moment (s after ready)
+        self.running_frames: list[int] = []   # the running samples' frame stamps
         self.startup: list[float] = []
 
     @property
@@ -167,26 +167,26 @@ class FaceLatency:
             self.ready_ms = now_ms
 
     def add(self, frame_ms: int, now_ms: float) -> None:
-        ready = self.ready_ms is not None and frame_ms >= self.ready_ms
-        (self.running if ready else self.startup).append(now_ms - frame_ms)
-        if ready:
-            self.running_at.append((frame_ms - self.ready_ms) / 1000.0)
+        if self.ready_ms is not None and frame_ms >= self.ready_ms:
+            self.running.append(now_ms - frame_ms)
+            self.running_frames.append(frame_ms)
+        else:
+            self.startup.append(now_ms - frame_ms)
 
-    def samples(self) -> list[float]:
-        """Every running sample (ms, 0.1 ms), in arrival order: summary.json keeps them so
-        that runs can be pooled (a run's P99 over 150-200 updates is its second-worst frame)."""
-        return [round(v, 1) for v in self.running]
-
-    def sample_times(self) -> list[float]:
-        """When each sample's frame was captured, seconds after ready (0.001 s): to place slow
-        frames in time, against the voice flow or the machine's own stalls."""
-        return [round(t, 3) for t in self.running_at]
-
-    def snapshot(self) -> dict:
-        return {'updates': len(self.running), 'p50': _pct(self.running, 0.5),
-                'p99': _pct(self.running, 0.99), 'max': _pct(self.running, 1.0),
-                'during_bringup': {'updates': len(self.startup),
-                                   'max': _pct(self.startup, 1.0)}}
+    def snapshot(self, samples: bool = False) -> dict:
+        """P50/P99/max of the running samples and the start-up's count and max; `samples`
+        (summary.json): every running sample (ms, arrival order) and when its frame was captured
+        (s after `ready_ms`), so runs can be pooled (a run's P99 over 150-200 updates is its
+        second-worst frame) and slow frames placed in time."""
+        out = {'updates': len(self.running), 'p50': _pct(self.running, 0.5),
+               'p99': _pct(self.running, 0.99), 'max': _pct(self.running, 1.0),
+               'during_bringup': {'updates': len(self.startup), 'max': _pct(self.startup, 1.0)}}
+        if samples:
+            out.update(samples_ms=[round(v, 1) for v in self.running],
+                       sample_frames_s=[round((f - self.ready_ms) / 1000.0, 3)
+                                        for f in self.running_frames],
+                       ready_ms=self.ready_ms)   # wall clock, as the frames' stamps
+        return out
 
 
 MAX_UI_STATE_CHARS = 64 * 1024   # a UI state longer than this is not parsed
@@ -356,11 +356,7 @@ class Watcher:
         """What the status line and the summary show; `samples`: every camera-to-emoji sample
         too (the summary's, for summary.json)."""
         with self.lock:
-            face = self.face_ms.snapshot()
-            if samples:
-                face['samples_ms'] = self.face_ms.samples()
-                face['sample_frames_s'] = self.face_ms.sample_times()
-                face['ready_ms'] = self.face_ms.ready_ms   # wall clock, as the frames' stamps
+            face = self.face_ms.snapshot(samples)
             return {
                 'routes': dict(self.routes), 'route_reasons': dict(self.reasons),
                 'face': {'emojis': dict(self.emojis), 'updates': self.face_ms.total,

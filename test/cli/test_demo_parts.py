@@ -70,9 +70,10 @@ def test_latency_counts_from_bring_up_ready_and_keeps_the_start_up_apart():
     assert got['updates'] == 101 and got['p50'] == 20.0 and got['max'] == 31.0
     assert got['p99'] == 25.0   # the 100th of 101 sorted samples
     assert got['during_bringup'] == {'updates': 2, 'max': 900.0}
-    samples = lat.samples()   # what summary.json keeps, to pool runs
+    kept = lat.snapshot(samples=True)   # what summary.json keeps, to pool runs
+    samples = kept['samples_ms']
     assert len(samples) == 101 and samples[0] == 20.0 and samples[-2:] == [31.0, 25.0]
-    times = lat.sample_times()   # each sample's frame, seconds after ready
+    times = kept['sample_frames_s']   # each sample's frame, seconds after ready
     assert len(times) == 101 and times[:2] == [0.0, 0.001] and times[-2:] == [1.0, 2.0]
 
 
