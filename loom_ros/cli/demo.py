@@ -578,18 +578,24 @@ def _summary(reports: list[dict], snap: dict, elapsed: float, codes: dict, out: 
     }
 
 
+def face_line(face: dict) -> str:
+    """The summary's Flow 1 line: the percentiles say which updates they count (those since
+    bring-up was ready), whether or not any came before."""
+    lat = face['camera_to_emoji_ms']
+    early = lat.get('during_bringup') or {}
+    return (f'  Flow 1 (face emotion): {face["updates"]} emoji updates {face["emojis"]}; '
+            f'camera-to-emoji P50 {lat["p50"]} ms, P99 {lat["p99"]} ms, max {lat["max"]} ms '
+            f'over the {lat["updates"]} since bring-up was ready'
+            + (f' ({early["updates"]} during bring-up: max {early["max"]} ms)'
+               if early.get('updates') else ''))
+
+
 def _print_summary(s: dict, out: Path) -> None:
     print('\nLoom demo summary')
     print(f'  ran {s["duration_s"]} s; {s["events_total"]} events received across processes '
           f'(mean {s["mean_rate"]} ev/s, peak {s["peak_rate"]} ev/s); rejected '
           f'{sum(s["rejected"].values())}')
-    face = s['face']
-    lat = face['camera_to_emoji_ms']
-    early = lat.get('during_bringup') or {}
-    print(f'  Flow 1 (face emotion): {face["updates"]} emoji updates {face["emojis"]}; '
-          f'camera-to-emoji P50 {lat["p50"]} ms, P99 {lat["p99"]} ms, max {lat["max"]} ms'
-          + (f' over the {lat["updates"]} since bring-up was ready ({early["updates"]} during '
-             f'bring-up: max {early["max"]} ms)' if early.get('updates') else ''))
+    print(face_line(s['face']))
     v = s['voice']
     print(f'  Flow 2 (voice assistant): heard {v["transcripts"]}; intents {v["intents"]}; '
           f'first feedback {v["first_feedback_ms"]} ms, spoken answer {v["spoken_answer_ms"]} '

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from loom_ros.cli.demo import MAX_UI_STATE_CHARS, FaceLatency, _params, ui_face
+from loom_ros.cli.demo import MAX_UI_STATE_CHARS, FaceLatency, _params, face_line, ui_face
 from loom_ros.config.params import config_dir
 
 STAMP = 1_796_192_738_123
@@ -82,6 +82,23 @@ def test_no_ready_yet_means_every_sample_is_start_up():
     lat.add(STAMP, STAMP + 12.0)
     assert lat.snapshot() == {'updates': 0, 'p50': None, 'p99': None, 'max': None,
                               'during_bringup': {'updates': 1, 'max': 12.0}}
+
+
+def test_the_summary_line_says_which_updates_its_percentiles_count():
+    """The printed P99 is over the updates since bring-up was ready, and the line says so
+    whether or not any update came during bring-up (a run without any used to print bare
+    percentiles, which read as every update)."""
+    lat = FaceLatency()
+    lat.mark_ready(STAMP)
+    for i in range(10):
+        lat.add(STAMP + i, STAMP + i + 15.0)
+    face = {'updates': 10, 'emojis': {'x': 10}, 'camera_to_emoji_ms': lat.snapshot()}
+    line = face_line(face)
+    assert line.endswith('P99 15.0 ms, max 15.0 ms over the 10 since bring-up was ready')
+    lat.add(STAMP - 100, STAMP + 40.0)   # a frame from before ready
+    face['camera_to_emoji_ms'] = lat.snapshot()
+    assert face_line(face).endswith(
+        'over the 10 since bring-up was ready (1 during bring-up: max 140.0 ms)')
 
 
 def tracing_of(path) -> dict:
