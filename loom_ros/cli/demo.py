@@ -240,9 +240,6 @@ class Watcher:
         self.frames_handled = 0
         self.frames_dropped = 0
         self.face_errors = 0
-        # (frames sent, frames handled) at the first camera_adapter stats after the face agent
-        # handled a frame, and at the latest: the ratio compares counts taken at the same moments.
-        self._window: list[tuple[int, int]] = []
         self.frames_sent: dict[str, int] = {}       # node -> camera.front events published
         self.frames_received: dict[str, tuple[int, int]] = {}   # node -> (received, lost)
         self.feedback_ms: list[float] = []
@@ -305,9 +302,6 @@ class Watcher:
         with self.lock:
             if sent is not None:
                 self.frames_sent[msg.node] = int(sent)
-                if self.frames_handled:   # the face agent is up: frames are the flow's now
-                    point = (sum(self.frames_sent.values()), self.frames_handled)
-                    self._window = [self._window[0], point] if self._window else [point]
             if got:
                 self.frames_received[msg.node] = (sum(g[0] for g in got), sum(g[1] for g in got))
 
@@ -372,22 +366,27 @@ class Watcher:
 
     def _camera(self) -> dict:
         """Frames sent into Loom and handled by the face flow (call with the lock held). The
-        face agents are the non-demo subscribers of camera.front (the demo's monitors are not)."""
+        face agents are the non-demo subscribers of camera.front (the demo's monitors are not).
+
+        Frames sent while the face agent was still starting were never its to handle, so "once
+        it was up" is two ratios, each from one report: of the frames sent while the agent was
+        subscribed, how many the bus delivered (received and lost, from its bus stats), and of
+        those it was given, how many it handled (handled and dropped, from its AgentStatus).
+        Sent against handled would compare two processes' reports taken up to a second apart."""
         sent = sum(self.frames_sent.values())
-        # Frames sent while the face agent was still starting are not the flow's to handle.
-        window = self._window
-        since = window[-1][0] - window[0][0] if len(window) == 2 else 0
-        handled_since = window[-1][1] - window[0][1] if len(window) == 2 else 0
         agents = {n: v for n, v in self.frames_received.items() if 'agent' in n.rsplit('/', 1)[-1]}
         received = sum(v[0] for v in agents.values())
+        lost = sum(v[1] for v in agents.values())
+        given = self.frames_handled + self.frames_dropped
         return {'frames_sent': sent, 'frames_received_by_agents': received,
-                'frames_lost_before_agents': sum(v[1] for v in agents.values()),
+                'frames_lost_before_agents': lost,
                 'frames_handled': self.frames_handled,
                 'frames_dropped_by_face_agent': self.frames_dropped,
                 'face_errors': self.face_errors,
-                'window_frames_sent': since, 'window_frames_handled': handled_since,
-                'handled_ratio': round(handled_since / since, 3) if since > 0 else None,
-                'note': 'sent and received as of the last loom/bus/stats (1 s period)'}
+                'delivered_ratio': _ratio(received, received + lost),
+                'handled_ratio': _ratio(self.frames_handled, given),
+                'note': 'sent and received as of the last loom/bus/stats (1 s period); handled '
+                        'and dropped as of the face agent\'s last AgentStatus'}
 
     def mark_ready(self) -> None:
         """Bring-up is ready: camera-to-emoji from here on is the run's (FaceLatency)."""
@@ -578,6 +577,15 @@ def _summary(reports: list[dict], snap: dict, elapsed: float, codes: dict, out: 
     }
 
 
+def _ratio(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole > 0 else None
+
+
+def _percent(ratio: float) -> str:
+    """A ratio of at most 1 as a percentage that says 100% only when nothing was missed."""
+    return '100%' if ratio >= 1 else f'{min(99.9, 100 * ratio):.1f}%'
+
+
 def face_line(face: dict) -> str:
     """The summary's Flow 1 line: the percentiles say which updates they count (those since
     bring-up was ready), whether or not any came before."""
@@ -607,8 +615,10 @@ def _print_summary(s: dict, out: Path) -> None:
           f'received by the face agent ({cam["frames_lost_before_agents"]} lost), '
           f'{cam["frames_handled"]} handled by the face flow '
           f'({cam["frames_dropped_by_face_agent"]} dropped, {cam["face_errors"]} errors)'
-          + (f'; once it was up, {cam["window_frames_handled"]} of {cam["window_frames_sent"]} '
-             f'({100 * cam["handled_ratio"]:.0f}%)' if cam['handled_ratio'] is not None else ''))
+          + (f'; once it was up, the bus delivered {_percent(cam["delivered_ratio"])} of the '
+             f'frames to it and it handled {_percent(cam["handled_ratio"])} of those'
+             if cam['delivered_ratio'] is not None and cam['handled_ratio'] is not None
+             else ''))
     print(f'  routes {s["routes"]}')
     for who, reason in sorted(s['route_reasons'].items()):
         print(f'    {who}: {reason}')

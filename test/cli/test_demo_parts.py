@@ -7,7 +7,9 @@ import json
 import pytest
 import yaml
 
-from loom_ros.cli.demo import MAX_UI_STATE_CHARS, FaceLatency, _params, face_line, ui_face
+from loom_ros.cli.demo import (
+    MAX_UI_STATE_CHARS, FaceLatency, _params, _percent, _ratio, face_line, ui_face,
+)
 from loom_ros.config.params import config_dir
 
 STAMP = 1_796_192_738_123
@@ -99,6 +101,15 @@ def test_the_summary_line_says_which_updates_its_percentiles_count():
     face['camera_to_emoji_ms'] = lat.snapshot()
     assert face_line(face).endswith(
         'over the 10 since bring-up was ready (1 during bring-up: max 140.0 ms)')
+
+
+def test_a_ratio_says_100_percent_only_when_nothing_was_missed():
+    """The camera line's ratios come from one report each (a part never exceeds its whole);
+    one frame missed of thousands must not round up to 100%."""
+    assert _ratio(319, 319) == 1.0 and _percent(_ratio(319, 319)) == '100%'
+    assert _percent(_ratio(9999, 10000)) == '99.9%'
+    assert _percent(_ratio(150, 300)) == '50.0%'
+    assert _ratio(0, 0) is None
 
 
 def tracing_of(path) -> dict:
