@@ -37,6 +37,7 @@ def service_path_agents(tmp_path):
 
 def test_face_agent_reaches_router_and_plugin_host_through_its_own_node_and_stops_on_sigint(
         ros, spawn, camera_bus, tmp_path):
+    from loom_msgs.srv import Route
     ros_args = ['--ros-args', '-r', f'__ns:={NS}']
     router = spawn('-m', 'loom_ros.router.router_node', *ros_args,
                    '-p', f'history_db:={tmp_path / "router.db"}',
@@ -74,6 +75,12 @@ def test_face_agent_reaches_router_and_plugin_host_through_its_own_node_and_stop
         # (nothing is granted by default) the router keeps an utterance that names it local.
         ports = NodePorts(camera.node)
         ports.gate.open()
+        # Its router/route client sends each request once: its first exchange is a refused
+        # request (no event type: no decision; safe to send again until answered), so the
+        # answer to the one below cannot be lost to DDS's reply-matching race.
+        first = ros.call(ports.router._client, Route.Request(event_type='', agent_id='voice'),
+                         'a refused Route request', alive=procs)
+        assert not first.ok and 'event_type' in first.error, first.error
         answers = []
         asking = threading.Thread(target=lambda: answers.append(ports.router.route(RouteQuery(
             'said-9', 'speech.utterance', 'voice', Privacy.PUBLIC, local_confidence=0.1,
@@ -133,12 +140,20 @@ def test_a_behavior_waiting_for_a_service_holds_neither_recall_nor_a_transition(
             camera.publish('camera.front', frame_event(dark, type='camera.front'), 'realtime')
 
     def call(client, request):
+        """Sent once, frames going on meanwhile: only after the client's first exchange (below)
+        proved that its answers come (DDS's reply-matching race loses the first otherwise)."""
         ros.wait_for(client.service_is_ready, f'{client.srv_name}', alive=[agent])
         future = client.call_async(request)
         ros.wait_for(future.done, f'the answer of {client.srv_name}', alive=[agent],
                      spin=send_frame)
         return future.result()
     try:
+        # First exchanges, before any frame, sent until answered: a Recall (a query), and a
+        # transition no state has (refused, nothing changes), so the deactivate below is timed
+        # to its own answer.
+        ros.call(recall, Recall.Request(mode='episodic'), 'recall', alive=[agent])
+        assert not ros.call(change, ChangeState.Request(transition=Transition(
+            label='loom_test_no_such_transition')), 'a refused transition', alive=[agent]).success
         ros.wait_for(lambda: busy and busy[-1], 'the agent busy with a frame', alive=[agent],
                      spin=send_frame)
         # A Recall that finds the lock free between two frames is answered; one that finds it

@@ -195,32 +195,40 @@ def test_a_node_whose_spin_thread_dies_makes_bringup_exit_1_and_say_which(ros, c
         bringup.stop()
 
 
-def _lifecycle_state(ros, node: str) -> str:
-    """The node's lifecycle state label, asked over its get_state service ('' if no answer)."""
+def _lifecycle_state(ros, client) -> str:
+    """The node's lifecycle state label, asked once over its get_state `client` ('' if no answer
+    in 3 s: a killed node's service lingers in discovery). Poll it on one client: an answer
+    lost to DDS's reply-matching race (the first to a new server can be) is one poll's ''."""
     from lifecycle_msgs.srv import GetState
-    client = ros.node.create_client(GetState, f'{node}/get_state')
-    try:
-        if not client.wait_for_service(timeout_sec=2.0):
-            return ''
-        future = client.call_async(GetState.Request())
-        deadline = time.monotonic() + 3.0   # a killed node's service lingers in discovery
-        while not future.done() and time.monotonic() < deadline:
-            ros.executor.spin_once(timeout_sec=0.05)
-        return future.result().current_state.label if future.done() else ''
-    finally:
-        ros.node.destroy_client(client)
+    if not client.wait_for_service(timeout_sec=2.0):
+        return ''
+    future = client.call_async(GetState.Request())
+    deadline = time.monotonic() + 3.0
+    while not future.done() and time.monotonic() < deadline:
+        ros.spin_once(0.05)
+    if not future.done():
+        client.remove_pending_request(future)
+        return ''
+    return future.result().current_state.label
 
 
 def _killed_node_comes_back(ros, bringup: Bringup, ready: dict) -> None:
     """A SIGKILLed node process (the router) is started again and the lifecycle manager brings
     it back to active; bring-up stays up (one death is not the end)."""
+    from lifecycle_msgs.srv import GetState
     old = ready['node_pids']['router']
-    assert _lifecycle_state(ros, '/respawn/router') == 'active'
-    os.kill(old, signal.SIGKILL)
-    _wait_until(lambda: 'router was killed by SIGKILL' in bringup.err_path.read_text(),
-                'bring-up to see the router die')
-    ros.wait_for(lambda: _lifecycle_state(ros, '/respawn/router') == 'active',
-                 'the respawned router to be brought back to active by the manager')
+    client = ros.node.create_client(GetState, '/respawn/router/get_state')
+    try:
+        # Sent again until answered (get_state is safe to repeat): a lost answer is no failure.
+        state = ros.call(client, GetState.Request(), "the router's get_state")
+        assert state.current_state.label == 'active'
+        os.kill(old, signal.SIGKILL)
+        _wait_until(lambda: 'router was killed by SIGKILL' in bringup.err_path.read_text(),
+                    'bring-up to see the router die')
+        ros.wait_for(lambda: _lifecycle_state(ros, client) == 'active',
+                     'the respawned router to be brought back to active by the manager')
+    finally:
+        ros.node.destroy_client(client)
     assert bringup.popen.poll() is None   # still up: one death is not the end
     new = [p for p in psutil.Process(bringup.popen.pid).children(recursive=True)
            if p.pid != old and 'loom_ros.router.router_node' in ' '.join(p.cmdline())]

@@ -76,13 +76,26 @@ class TestBringup(unittest.TestCase):
             self.assertLess(time.monotonic(), deadline, f'timed out waiting for {what}')
             rclpy.spin_once(self.node, timeout_sec=0.1)
 
-    def _call(self, srv_type, name: str, request):
+    def _call(self, srv_type, name: str, request, resend_s: float = 5.0):
+        """A request that is safe to repeat (a query), sent again every `resend_s` until one
+        answer comes: `service_is_ready` can be true before the server's reply writer has
+        matched this new client's reply reader, and then the answer is lost (test/conftest.py's
+        RosHarness.call does the same)."""
+        import rclpy
         client = self.node.create_client(srv_type, name)
         try:
             self._spin_until(client.service_is_ready, name)
-            future = client.call_async(request)
-            self._spin_until(future.done, f'{name} to answer')
-            return future.result()
+            deadline = time.monotonic() + LIMIT_S
+            while True:
+                future = client.call_async(request)
+                resend = min(deadline, time.monotonic() + resend_s)
+                while not future.done() and time.monotonic() < resend:
+                    rclpy.spin_once(self.node, timeout_sec=0.1)
+                if future.done():
+                    return future.result()
+                client.remove_pending_request(future)
+                self.assertLess(time.monotonic(), deadline,
+                                f'timed out waiting for {name} to answer')
         finally:
             self.node.destroy_client(client)
 

@@ -34,17 +34,29 @@ PLUGINS = """plugins:
 
 
 def call(ros, client, request, proc):
+    """A HandleEvent sent once (the plugin counts it, a refusal is audited): only on a client
+    whose reply path `matched` proved, else its answer can be lost to DDS's discovery race."""
     ros.wait_for(client.service_is_ready, f'service {client.srv_name}', alive=[proc])
     future = client.call_async(request)
     ros.wait_for(future.done, f'the answer of {client.srv_name}', alive=[proc])
     return future.result()
 
 
-def transition(ros, client, which, proc):
-    from lifecycle_msgs.msg import Transition
-    from lifecycle_msgs.srv import ChangeState
-    result = call(ros, client, ChangeState.Request(transition=Transition(id=which)), proc)
-    assert result.success, f'transition {which} failed'
+def matched(ros, client, proc):
+    """A HandleEvent client's first exchange: `service_is_ready` can be true before the host's
+    reply writer has matched this client's reply reader, and then the first answer is lost. An
+    event without an id is refused before the plugin sees it (neither handled nor audited): safe
+    to send again until answered, and its answer proves the match for the one-shot calls."""
+    from loom_msgs.srv import HandleEvent
+    refused = ros.call(client, HandleEvent.Request(), f'{client.srv_name} (no event id)',
+                       alive=[proc]).response
+    assert not refused.ok and 'refused input event' in refused.error, refused.error
+
+
+def transition(ros, change, get_state, which, goal, proc):
+    """Survives the same race: no answer, and get_state says whether it happened."""
+    assert ros.transition(change, get_state, which, goal, f'transition {which}',
+                          alive=[proc]), f'transition {which} failed'
 
 
 @pytest.fixture
@@ -71,25 +83,31 @@ def test_lifecycle_services_bus_and_audit_across_processes(ros, host, tmp_path):
     node = ros.node
     get_state = node.create_client(GetState, '/ph/plugin_host/get_state')
     change = node.create_client(ChangeState, '/ph/plugin_host/change_state')
-    assert call(ros, get_state, GetState.Request(), host).current_state.label == 'unconfigured'
-    transition(ros, change, Transition.TRANSITION_CONFIGURE, host)   # Init of every plugin
-    transition(ros, change, Transition.TRANSITION_ACTIVATE, host)    # services and inputs
+    state = ros.call(get_state, GetState.Request(), 'plugin_host get_state', alive=[host])
+    assert state.current_state.label == 'unconfigured'
+    # configure: Init of every plugin; activate: services and inputs
+    transition(ros, change, get_state, Transition.TRANSITION_CONFIGURE, 'inactive', host)
+    transition(ros, change, get_state, Transition.TRANSITION_ACTIVATE, 'active', host)
 
     handle = node.create_client(HandleEvent, '/ph/plugin_host/weather/handle_event')
     health = node.create_client(Health, '/ph/plugin_host/weather/health')
+    matched(ros, handle, host)
     query = Event.with_json('tool.weather.query', {'city': 'Lisbon'}, id='q1')
     answer = call(ros, handle, HandleEvent.Request(event=query.to_msg()), host).response
     assert answer.ok, answer.error
     (out,) = [Event.from_msg(m) for m in answer.events]
     assert out.type == 'tool.weather.result' and out.json()['text'].startswith('Lisbon: sunny')
     assert out.metadata['in_reply_to'] == 'q1' and answer.latency_ms > 0
-    status = call(ros, health, Health.Request(), host).status
+    status = ros.call(health, Health.Request(), 'weather health', alive=[host]).status
     assert (status.plugin, status.level) == ('weather', HealthStatus.OK)
     assert {kv.key: kv.value for kv in status.details}['handled'] == '1'
 
     # What an agent in another process gets: the same calls, through the services.
     remote = registry.plugin_handle('weather', node, host='/ph/plugin_host')
     assert isinstance(remote, registry.ServicePlugin)
+    # Its clients send each call once: their first exchanges here, so that no answer is lost.
+    matched(ros, remote._handle, host)
+    ros.call(remote._health, Health.Request(), 'weather health (remote)', alive=[host])
     box = {}
     worker = threading.Thread(target=lambda: box.update(answer=remote.handle_event(query),
                                                         health=remote.health()))
@@ -127,6 +145,7 @@ def test_lifecycle_services_bus_and_audit_across_processes(ros, host, tmp_path):
 
     # The overstepping plugin is refused through the service too, and it is on the audit log.
     overstep = node.create_client(HandleEvent, '/ph/plugin_host/overstep/handle_event')
+    matched(ros, overstep, host)   # refused before the plugin: nothing on the audit log
     refused = call(ros, overstep, HandleEvent.Request(event=Event.with_json(
         'try', {'try': 'require_network'}).to_msg()), host).response
     assert not refused.ok and "plugin 'overstep' may not use 'network'" in refused.error
@@ -138,13 +157,14 @@ def test_lifecycle_services_bus_and_audit_across_processes(ros, host, tmp_path):
 
     # A plugin that failed Init has services that say why; a disabled entry has none.
     broken = node.create_client(Health, '/ph/plugin_host/broken/health')
-    status = call(ros, broken, Health.Request(), host).status
+    status = ros.call(broken, Health.Request(), 'broken health', alive=[host]).status
     assert status.level == HealthStatus.FAILED and 'truncated' in status.message
     assert not any('unused' in name for name, _ in node.get_service_names_and_types())
 
-    transition(ros, change, Transition.TRANSITION_DEACTIVATE, host)
+    transition(ros, change, get_state, Transition.TRANSITION_DEACTIVATE, 'inactive', host)
     ros.wait_for(lambda: not handle.service_is_ready(), 'the services to go', alive=[host])
-    transition(ros, change, Transition.TRANSITION_CLEANUP, host)     # Shutdown of every plugin
+    # cleanup: Shutdown of every plugin
+    transition(ros, change, get_state, Transition.TRANSITION_CLEANUP, 'unconfigured', host)
     host.popen.send_signal(signal.SIGINT)
     code, _, err = host.finish()
     assert code == 0, err

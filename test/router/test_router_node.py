@@ -11,10 +11,22 @@ from loom_ros.bus.qos import to_qos_profile
 
 
 def call(ros, client, request):
+    """One Route request, sent once (a decision is not safe to send twice): only on a client
+    whose reply path `matched` proved, else its answer can be lost to DDS's discovery race."""
     ros.wait_for(lambda: client.service_is_ready(), 'the router/route service')
     future = client.call_async(request)
     ros.wait_for(future.done, 'the Route response')
     return future.result()
+
+
+def matched(ros, client, proc):
+    """A client's first exchange: `service_is_ready` can be true before the router's reply
+    writer has matched this client's reply reader, and then the first answer is lost. A refused
+    request (no event type: no decision, nothing counted or published) is safe to send again
+    until answered, and its answer proves the match for the one-shot requests after it."""
+    refused = ros.call(client, route_request(event_type=''), 'a refused Route request',
+                       alive=[proc])
+    assert not refused.ok and 'event_type' in refused.error
 
 
 def route_request(**fields):
@@ -63,18 +75,24 @@ def test_service_decides_explains_publishes_and_persists_across_restarts(ros, ro
     # lost all three again): a warm-up decision that arrives proves it. Each is counted.
     ros.wait_for(lambda: decision_sub.get_publisher_count() > 0, 'the decisions publisher',
                  alive=[proc])
-    warm = 0
+    matched(ros, client, proc)   # so no warm-up below waits on a lost answer
+    warm = 0   # every warm-up request sent: each is one decision the router counts
     deadline = time.monotonic() + WAIT_LIMIT_S
     while not decisions:
         assert time.monotonic() < deadline, 'no warm-up decision reached router/decisions'
-        call(ros, client, route_request(event_type='warm.up', has_local_confidence=True,
-                                        local_confidence=0.99))
         warm += 1
+        call(ros, client, route_request(event_type='warm.up', event_id=f'warm-{warm}',
+                                        has_local_confidence=True, local_confidence=0.99))
         asked = time.monotonic()
         while not decisions and time.monotonic() - asked < 2.0:   # then ask again
             ros.spin_once(0.05)
-    ros.wait_for(lambda: len(decisions) == warm, 'every warm-up decision', alive=[proc])
+    # One writer, reliable, in order, each published before its answer came: once the last
+    # warm-up's decision is here, none is still on its way (one sent before the writer matched
+    # this reader never comes).
+    ros.wait_for(lambda: any(d.event_id == f'warm-{warm}' for d in decisions),
+                 'the last warm-up decision', alive=[proc])
     assert {(d.event_type, d.route) for d in decisions} == {('warm.up', 'local')}
+    assert len(decisions) <= warm
     decisions.clear()
 
     # speech.utterance has threshold 0.85 in config/policy.yaml; voice has latency_local_ms 50.
@@ -122,7 +140,7 @@ def test_lifecycle_and_policy_reload_through_parameters(ros, router, tmp_path):
     get_state = ros.node.create_client(GetState, '/r2/router/get_state')
     change = ros.node.create_client(ChangeState, '/r2/router/change_state')
     # get_state, set_parameters and the transition survive DDS's reply-matching race (resent,
-    # or checked through get_state); a route decision is not safe to send twice.
+    # or checked through get_state); a route decision is not safe to send twice (`matched`).
     state = ros.call(get_state, GetState.Request(), 'get_state', alive=[proc])
     assert state.current_state.label == 'active'
 
@@ -141,6 +159,7 @@ def test_lifecycle_and_policy_reload_through_parameters(ros, router, tmp_path):
         'set_parameters', alive=[proc])
     assert result.results[0].successful
     client = ros.node.create_client(Route, '/r2/router/route')
+    matched(ros, client, proc)
     decision = call(ros, client, route_request(event_type='other', has_local_confidence=True,
                                                local_confidence=0.65))
     assert (decision.route, decision.rule) == ('local', 'threshold')  # 0.65 >= the new 0.6
@@ -164,6 +183,7 @@ def test_a_subject_without_cloud_consent_stays_local_until_granted(ros, spawn, t
     client = ros.node.create_client(Route, '/r_consent/router/route')
     proc = spawn('-m', 'loom_ros.router.router_node', '--ros-args', '-r', '__ns:=/r_consent',
                  '-p', f'storage.root:={tmp_path}')
+    matched(ros, client, proc)
     ask = dict(has_local_confidence=True, local_confidence=0.7)   # hybrid when anonymous
     assert call(ros, client, route_request(**ask)).rule == 'hybrid'
     for subject in ('alice', '../etc/passwd', 'x' * 4096):
