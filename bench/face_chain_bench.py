@@ -14,7 +14,7 @@ processes (Realtime for frames and the face result, Batched for the state).
 Each round runs, in turn:
   chain  the raw chain alone for --duration s;
   demo   `loom demo --duration` alone: its summary.json's camera-to-emoji samples since ready;
-  both   the two at once (the chain on another ROS domain, at --beside-rate Hz), and the chain's
+  both   the two at once (the chain on the next ROS domain, at --beside-rate Hz), and the chain's
          samples from the same seconds as the demo's: one machine, the same minutes.
 Reports P50/P99/max per run, pooled per kind, and in `both` the demo's P99 over the chain's.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,13 +223,20 @@ def stats(samples: list[float]) -> dict:
 
 
 def measure(args) -> list[dict]:
-    runs = []
     scratch = Path(tempfile.mkdtemp(prefix='face_chain_'))
+    try:
+        return _measure(args, scratch)
+    finally:   # each demo leaves its recording and databases: tens of MB a round
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _measure(args, scratch: Path) -> list[dict]:
+    runs = []
     for r in range(args.rounds):
         for kind in args.kinds.split(','):
             load = round(os.getloadavg()[0], 2)
-            if kind == 'chain':
-                chain = Chain(args.domain + 1, args.rate)
+            if kind == 'chain':   # alone: on the run's own domain
+                chain = Chain(args.domain, args.rate)
                 chain.start()
                 try:
                     time.sleep(WARMUP_S + args.duration)   # the chain runs on its own meanwhile
@@ -298,6 +306,7 @@ def main() -> None:
     parser.add_argument('--domain', type=int,
                         default=int(os.environ.get('ROS_DOMAIN_ID') or 0) or 61)
     parser.add_argument('--no-write', action='store_true')
+    parser.add_argument('--out', default=str(HERE / 'results'))
     args = parser.parse_args()
     if args.role:
         run_role(args.role, args.rate)
@@ -319,7 +328,8 @@ def main() -> None:
     text = render(info)
     print(text)
     if not args.no_write:
-        out = HERE / 'results'
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
         (out / 'face_chain.json').write_text(json.dumps(info) + '\n')
         (out / 'face_chain.md').write_text(text)
 
