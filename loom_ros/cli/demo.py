@@ -578,7 +578,10 @@ def _summary(reports: list[dict], snap: dict, elapsed: float, codes: dict, out: 
 
 
 def _ratio(part: int, whole: int) -> float | None:
-    return round(part / whole, 4) if whole > 0 else None
+    """part / whole to 4 places, never rounded up to 1 when something is missing."""
+    if whole <= 0:
+        return None
+    return 1.0 if part >= whole else min(round(part / whole, 4), 0.9999)
 
 
 def _percent(ratio: float) -> str:

@@ -108,6 +108,7 @@ def test_a_ratio_says_100_percent_only_when_nothing_was_missed():
     one frame missed of thousands must not round up to 100%."""
     assert _ratio(319, 319) == 1.0 and _percent(_ratio(319, 319)) == '100%'
     assert _percent(_ratio(9999, 10000)) == '99.9%'
+    assert _ratio(99999, 100000) == 0.9999 and _percent(_ratio(99999, 100000)) == '99.9%'
     assert _percent(_ratio(150, 300)) == '50.0%'
     assert _ratio(0, 0) is None
 
