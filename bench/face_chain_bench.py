@@ -117,12 +117,10 @@ def run_role(role: str, rate_hz: float) -> None:
 
 
 def chain_env(domain: int) -> dict:
-    """A Loom process's environment (bring-up's Fast DDS profile and malloc settings)."""
-    from loom_ros.bringup.nodes import COMMON_ENV
-    from loom_ros.bus.qos import fastdds_environment
-    from loom_ros.config.params import config_dir
-    env = {**os.environ, 'ROS_DOMAIN_ID': str(domain)}
-    return {**env, **fastdds_environment(env, config_dir()), **COMMON_ENV}
+    """The environment bring-up gives the node a role stands for (nodes.node_env: Loom's Fast
+    DDS profile and malloc settings), on `domain`."""
+    from loom_ros.bringup.nodes import by_name, node_env
+    return node_env(by_name('camera_adapter'), {**os.environ, 'ROS_DOMAIN_ID': str(domain)})
 
 
 class Chain:
