@@ -111,6 +111,11 @@ def test_a_ratio_says_100_percent_only_when_nothing_was_missed():
     assert _ratio(99999, 100000) == 0.9999 and _percent(_ratio(99999, 100000)) == '99.9%'
     assert _percent(_ratio(150, 300)) == '50.0%'
     assert _ratio(0, 0) is None
+    # AgentStatus counters are uint64 from a topic anyone may publish on: at the limit, or a
+    # part forged past its whole, a ratio still stays in [0, 1].
+    top = 2 ** 64 - 1
+    assert _ratio(top - 1, top) == 0.9999 and _ratio(top, top) == 1.0
+    assert _ratio(top, 5) == 1.0 and _percent(_ratio(0, top)) == '0.0%'
 
 
 def tracing_of(path) -> dict:
