@@ -108,6 +108,13 @@ class RosHarness:
             if time.monotonic() >= deadline:
                 pytest.fail(f'timed out after {limit:.0f} s waiting for {what} to answer')
 
+    def first_exchange(self, client, alive=()):
+        """A client's first exchange as Loom's own clients make it (loom_ros/bus/replies.py):
+        the service's empty request, sent again until answered. Its answer proves the reply
+        path for the one-shot requests after it; Loom's servers answer it with nothing done."""
+        return self.call(client, client.srv_type.Request(), f'{client.srv_name}: a probe',
+                         resend_s=1.0, alive=alive)
+
     def transition(self, change, get_state, transition: int, goal: str, what: str,
                    resend_s: float = 5.0, limit: float = WAIT_LIMIT_S, alive=()) -> bool:
         """A lifecycle transition that survives the same race (a transition is not safe to

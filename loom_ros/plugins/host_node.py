@@ -24,11 +24,12 @@ from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import Event, EventRejected
 from loom_ros.bus.executor import run_lifecycle_node
 from loom_ros.bus.names import TopicNameError, validate_topic
+from loom_ros.bus.replies import PROBE_ANSWER, is_probe
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
 from loom_ros.storage.layout import derived, node_layout
 from loom_ros.config.paths import usable_dir, usable_file
 from loom_ros.plugins import registry
-from loom_ros.plugins.contract import PluginError
+from loom_ros.plugins.contract import PluginError, PluginResponse
 from loom_ros.plugins.embedded import pick_specs
 from loom_ros.plugins.host import PluginHost, PluginSpec, PluginsFileError, load_plugins_file
 from loom_ros.security.audit import AuditError, AuditLog
@@ -186,6 +187,10 @@ class PluginHostNode(LifecycleNode):
 
     # -- services -------------------------------------------------------------------------------
     def _on_handle_event(self, name: str, req, resp):
+        if is_probe(req):   # a client's first exchange (bus/replies.py): the plugin never sees it
+            resp.response = registry.response_to_msg(PluginResponse.failure(PROBE_ANSWER))
+            self.stats['probes'] += 1
+            return resp
         event = Event.from_msg(req.event)
         response = self.host.handle(name, event)  # validates the event; failures are answers
         resp.response = registry.response_to_msg(response)

@@ -13,8 +13,10 @@ never from an executor callback of the same node.
 from __future__ import annotations
 
 import threading
+import time
 
 from loom_ros.bus.event import Event
+from loom_ros.bus.replies import ReplyPaths
 from loom_ros.plugins.contract import (
     HealthState, HealthStatus, PluginError, PluginResponse,
 )
@@ -72,11 +74,16 @@ class ServicePlugin:
         base = f'{host.rstrip("/")}/{name}'
         self._handle = node.create_client(HandleEvent, f'{base}/handle_event')
         self._health = node.create_client(Health, f'{base}/health')
+        self._replies = ReplyPaths()   # each client's first exchange is a probe
 
     def _call(self, client, request):
         if not client.wait_for_service(timeout_sec=self.timeout_s):
             return None, f'service {client.srv_name} is not available'
         done = threading.Event()
+        if not self._replies.prove(client, done, time.monotonic() + self.timeout_s):
+            return None, (f'service {client.srv_name} did not answer a reply-path probe in '
+                          f'{self.timeout_s:g} s')
+        done.clear()
         future = client.call_async(request)
         future.add_done_callback(lambda _f: done.set())
         if not done.wait(self.timeout_s):

@@ -24,6 +24,7 @@ from loom_ros.bus import topics
 from loom_ros.bus.event import Privacy
 from loom_ros.bus.executor import ReleasingLifecycleNode, run_lifecycle_node
 from loom_ros.bus.qos import to_qos_profile
+from loom_ros.bus.replies import PROBE_ANSWER, is_probe
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
 from loom_ros.config.paths import usable_file
 from loom_ros.router.decision import RequestError
@@ -66,6 +67,7 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
         self.consent: ConsentRegistry | None = None
         self.hosted_decisions = 0     # recorded from agent hosts that route in-process
         self.rejected_decisions = 0
+        self.probes = 0               # empty Route requests answered (bus/replies.py)
         self.local: LocalRouter | None = None   # the decision path, made on configure
         self._active = False
         self._service = None  # set on configure; None means nothing to release
@@ -185,6 +187,10 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
 
     # -- service ------------------------------------------------------------------------------
     def _on_route(self, req, resp):
+        if is_probe(req):   # a client's first exchange (bus/replies.py): no decision, no span
+            self.probes += 1
+            resp.ok, resp.error = False, PROBE_ANSWER
+            return resp
         start = time.perf_counter()
         carrier = _TraceCarrier(req.traceparent) if req.traceparent else None
         with tracing.span(tracing.ROUTE_DECISION, carrier, kind='SERVER', attributes={

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from loom_ros.bus.event import Event
+from loom_ros.bus.replies import PROBE_ANSWER
 from loom_ros.plugins import registry
 from loom_ros.plugins.contract import HealthState
 from loom_ros.security.audit import AuditLog
@@ -43,14 +44,10 @@ def call(ros, client, request, proc):
 
 
 def matched(ros, client, proc):
-    """A HandleEvent client's first exchange: `service_is_ready` can be true before the host's
-    reply writer has matched this client's reply reader, and then the first answer is lost. An
-    event without an id is refused before the plugin sees it (neither handled nor audited): safe
-    to send again until answered, and its answer proves the match for the one-shot calls."""
-    from loom_msgs.srv import HandleEvent
-    refused = ros.call(client, HandleEvent.Request(), f'{client.srv_name} (no event id)',
-                       alive=[proc]).response
-    assert not refused.ok and 'refused input event' in refused.error, refused.error
+    """A HandleEvent client's first exchange (bus/replies.py): the empty request, answered by
+    the host without the plugin seeing it (neither handled nor audited)."""
+    answer = ros.first_exchange(client, alive=[proc]).response
+    assert not answer.ok and answer.error == PROBE_ANSWER, answer.error
 
 
 def transition(ros, change, get_state, which, goal, proc):
@@ -105,9 +102,8 @@ def test_lifecycle_services_bus_and_audit_across_processes(ros, host, tmp_path):
     # What an agent in another process gets: the same calls, through the services.
     remote = registry.plugin_handle('weather', node, host='/ph/plugin_host')
     assert isinstance(remote, registry.ServicePlugin)
-    # Its clients send each call once: their first exchanges here, so that no answer is lost.
-    matched(ros, remote._handle, host)
-    ros.call(remote._health, Health.Request(), 'weather health (remote)', alive=[host])
+    # Its clients make their own first exchanges (a probe each), so no answer is lost and the
+    # plugin never sees a probe: 'calls' counts the two queries only.
     box = {}
     worker = threading.Thread(target=lambda: box.update(answer=remote.handle_event(query),
                                                         health=remote.health()))
@@ -115,6 +111,7 @@ def test_lifecycle_services_bus_and_audit_across_processes(ros, host, tmp_path):
     ros.wait_for(lambda: not worker.is_alive(), 'the remote calls', alive=[host])
     assert box['answer'].ok and box['answer'].events[0].json()['city'] == 'Lisbon'
     assert box['health'].state is HealthState.OK and box['health'].details['handled'] == '2'
+    assert box['health'].details['calls'] == '2' and 'bad_input' not in box['health'].details
 
     # Bus: an event on the plugin's input topic comes back on its output topic, or reply_to.
     feeder = Node('ph_feeder', namespace='/ph', context=node.context)

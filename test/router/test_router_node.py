@@ -8,6 +8,7 @@ import pytest
 from harness import WAIT_LIMIT_S
 from loom_ros.bus.event import Privacy
 from loom_ros.bus.qos import to_qos_profile
+from loom_ros.bus.replies import PROBE_ANSWER
 
 
 def call(ros, client, request):
@@ -20,13 +21,10 @@ def call(ros, client, request):
 
 
 def matched(ros, client, proc):
-    """A client's first exchange: `service_is_ready` can be true before the router's reply
-    writer has matched this client's reply reader, and then the first answer is lost. A refused
-    request (no event type: no decision, nothing counted or published) is safe to send again
-    until answered, and its answer proves the match for the one-shot requests after it."""
-    refused = ros.call(client, route_request(event_type=''), 'a refused Route request',
-                       alive=[proc])
-    assert not refused.ok and 'event_type' in refused.error
+    """A client's first exchange (bus/replies.py): the empty Route request, sent until
+    answered; the router answers it with no decision, nothing counted or published."""
+    answer = ros.first_exchange(client, alive=[proc])
+    assert not answer.ok and answer.error == PROBE_ANSWER, answer.error
 
 
 def route_request(**fields):

@@ -26,6 +26,7 @@ from loom_ros.agents.behavior import InProcessPlugins, PortError, Ports
 from loom_ros.bus import topics
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.qos import QosLevel, to_qos_profile
+from loom_ros.bus.replies import ReplyPaths
 from loom_ros.cloud.client import outcome_msg
 from loom_ros.config.params import config_dir
 from loom_ros.plugins.contract import PluginResponse
@@ -66,6 +67,7 @@ class Gate:
         self._open = False
         self._waiters: set[threading.Event] = set()
         self.waiting = 0   # calls waiting for an answer right now
+        self.replies = ReplyPaths()   # a client's first exchange is a probe (bus/replies.py)
 
     @property
     def is_open(self) -> bool:
@@ -83,8 +85,10 @@ class Gate:
             done.set()
 
     def call(self, client, request, timeout_s: float, why_closed: str):
-        """(response, '') or (None, why): waits for the service (at most `timeout_s`), then for
-        the answer (at most `timeout_s` again), and gives up as soon as the gate closes."""
+        """(response, '') or (None, why): waits for the service (at most `timeout_s`), proves
+        the client's reply path with a probe on its first call (in the same bound), then waits
+        for the answer (at most `timeout_s` again), and gives up as soon as the gate closes.
+        The request itself is sent once: a Route or a tts call must not happen twice."""
         if self._refuse_waits:
             return None, self.INLINE
         done = threading.Event()
@@ -100,6 +104,14 @@ class Gate:
                     return None, why_closed
                 if time.monotonic() >= deadline:
                     return None, f'service {client.srv_name} is not available'
+            if not self.replies.prove(client, done, deadline, lambda: self._open):
+                if not self._open:
+                    return None, why_closed
+                return None, (f'service {client.srv_name} did not answer a reply-path probe '
+                              f'in {timeout_s:g} s')
+            done.clear()
+            if not self._open:
+                return None, why_closed
             future = client.call_async(request)
             future.add_done_callback(lambda _f: done.set())
             done.wait(timeout_s)
@@ -149,6 +161,7 @@ class ServiceRouter:
         self._outcomes.publish(outcome_msg(outcome))
 
     def close(self) -> None:
+        self.gate.replies.forget(self._client)
         self.node.destroy_client(self._client)
         self.node.destroy_publisher(self._outcomes)
 
@@ -422,6 +435,7 @@ class ServicePlugins:
         with self._lock:
             clients, self._clients = list(self._clients.values()), {}
         for client in clients:
+            self.gate.replies.forget(client)
             self.node.destroy_client(client)
 
 

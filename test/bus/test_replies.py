@@ -1,0 +1,147 @@
+"""A service client's first exchange (bus/replies.py): a lost first answer costs a resent probe,
+never a resent request, and never the caller's whole timeout.
+
+DDS's reply-matching race cannot be forced on loopback, so the server here loses the first
+answer the way the race does from the client's side: it holds the first probe unanswered until
+the client has given up on it and sent another. Real rclpy clients and services over DDS, the
+product's Gate and ReplyPaths; the server is the test's own."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.node import Node
+
+from harness import WAIT_LIMIT_S
+from loom_msgs.srv import HandleEvent, Route
+from loom_ros.agents.flows.link import Gate
+from loom_ros.bus.replies import PROBE_ANSWER, ReplyPaths, is_probe
+
+
+class HoldingServer:
+    """A router/route server in this process, on its own executor: records every request's
+    event id ('' for a probe) and holds the first `hold` requests unanswered until released."""
+
+    def __init__(self, ros, name: str, hold: int):
+        self.node = Node(name, context=ros.node.context)
+        self.seen: list[str] = []
+        self.hold = hold
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+        self.node.create_service(Route, f'/{name}/route', self._on_route,
+                                 callback_group=ReentrantCallbackGroup())
+        self.executor = MultiThreadedExecutor(num_threads=4, context=ros.node.context)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def _on_route(self, req, resp):
+        with self._lock:
+            self.seen.append(req.event_id)
+            held = len(self.seen) <= self.hold
+        if held:
+            self.release.wait(WAIT_LIMIT_S)
+        resp.ok = not is_probe(req)
+        resp.error = PROBE_ANSWER if is_probe(req) else ''
+        resp.decision_id = f'd-{req.event_id}'
+        return resp
+
+    def close(self):
+        self.release.set()
+        self.executor.shutdown(timeout_sec=5.0)
+        self.node.destroy_node()
+        self.thread.join(5.0)
+
+
+@pytest.fixture
+def server_and_client(ros, request):
+    name = f'replies_{request.node.name[-20:].strip("_")}'.replace('[', '_').replace(']', '_')
+    made = []
+
+    def make(hold: int):
+        server = HoldingServer(ros, name, hold)
+        client = ros.node.create_client(Route, f'/{name}/route')
+        made.append((server, client))
+        ros.wait_for(client.service_is_ready, 'the holding server')
+        return server, client
+    yield make
+    for server, client in made:
+        server.close()
+        ros.node.destroy_client(client)
+
+
+def in_thread(fn):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_empty_requests_are_probes_and_nothing_else_is():
+    assert is_probe(Route.Request()) and is_probe(HandleEvent.Request())
+    assert not is_probe(Route.Request(event_type='speech.utterance'))
+    assert not is_probe(Route.Request(payload_bytes=1))
+    nested = HandleEvent.Request()
+    nested.event.id = 'e1'
+    assert not is_probe(nested)
+    nested = HandleEvent.Request()
+    nested.event.payload = [0]
+    assert not is_probe(nested)
+
+
+def test_a_lost_first_answer_costs_a_second_probe_and_the_request_goes_once(
+        ros, server_and_client):
+    server, client = server_and_client(hold=1)
+    gate = Gate()
+    gate.open()
+    thread, out = in_thread(lambda: gate.call(client, Route.Request(
+        event_id='e1', event_type='speech.utterance'), WAIT_LIMIT_S, 'closed'))
+    ros.wait_for(lambda: not thread.is_alive(), 'the call through a lost first answer')
+    resp, why = out[0]
+    assert why == '' and resp.ok and resp.decision_id == 'd-e1'
+    # The first probe's answer never came in time; the second proved the path; then the
+    # request, once.
+    assert server.seen == ['', '', 'e1'], server.seen
+    assert gate.replies.probes_sent == 2 and gate.replies.proven(client)
+    server.release.set()   # the held answer now arrives late, for a request given up on
+    thread, out = in_thread(lambda: gate.call(client, Route.Request(
+        event_id='e2', event_type='speech.utterance'), WAIT_LIMIT_S, 'closed'))
+    ros.wait_for(lambda: not thread.is_alive(), 'the second call')
+    assert out[0][0].decision_id == 'd-e2'
+    assert server.seen == ['', '', 'e1', 'e2'], 'no probe once the path is proven'
+    assert gate.replies.probes_sent == 2
+
+
+def test_closing_the_gate_ends_a_probe_wait_and_nothing_is_sent(ros, server_and_client):
+    server, client = server_and_client(hold=1_000)
+    gate = Gate()
+    gate.open()
+    thread, out = in_thread(lambda: gate.call(client, Route.Request(
+        event_id='e1', event_type='speech.utterance'), WAIT_LIMIT_S, 'the host is not active'))
+    ros.wait_for(lambda: len(server.seen) >= 1, 'a probe at the server')
+    gate.close()
+    ros.wait_for(lambda: not thread.is_alive(), 'the call ending on close')
+    assert out[0] == (None, 'the host is not active')
+    assert 'e1' not in server.seen and not gate.replies.proven(client)
+
+
+def test_an_unanswered_probe_gives_up_at_the_deadline_with_the_reason(ros, server_and_client):
+    """The bound is the caller's: `prove` stops at its deadline (here one already past after
+    the first probe, so no wait on the clock) and says False; Gate says why."""
+    server, client = server_and_client(hold=1_000)
+    paths = ReplyPaths()
+    wake = threading.Event()
+    thread, out = in_thread(lambda: paths.prove(client, wake, deadline=0.0))
+    ros.wait_for(lambda: not thread.is_alive(), 'prove at a past deadline')
+    assert out == [False] and paths.probes_sent == 1 and not paths.proven(client)
+    gate = Gate()
+    gate.open()
+    thread, out = in_thread(lambda: gate.call(client, Route.Request(
+        event_id='e1', event_type='t'), 0.0, 'closed'))
+    ros.wait_for(lambda: not thread.is_alive(), 'a call with no time left')
+    resp, why = out[0]
+    assert resp is None and 'did not answer a reply-path probe' in why, why
+    ros.wait_for(lambda: len(server.seen) >= 2, 'both probes at the server')
+    assert 'e1' not in server.seen
