@@ -41,6 +41,7 @@ from loom_ros.agents.supervisor import (KEY_ENV, LOCAL_BEATS, Beat, BeatAuth, He
 from loom_ros.bus import topics
 from loom_ros.bus.executor import run_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
+from loom_ros.bus.replies import ReplyPaths
 from loom_ros.bringup import entry
 from loom_ros.bringup.manager_core import ManagerCore
 from loom_ros.bringup.processes import Process, RestartPolicy
@@ -80,6 +81,7 @@ MAX_NODES = 64
 _NODE_NAME = re.compile(r'^/?[A-Za-z_][A-Za-z0-9_]{0,127}(/[A-Za-z_][A-Za-z0-9_]{0,127}){0,7}$')
 _TRANSITION_IDS = {'configure': 1, 'cleanup': 2, 'activate': 3, 'deactivate': 4,
                    'shutdown': 5}   # shutdown is only asked of an unconfigured node
+PROBE_TRANSITION = 'loom_reply_probe'   # no lifecycle state has it: refused, nothing done
 AGENT_STOP_S = 10.0   # SIGINT, then SIGKILL after this, for agents a shutdown stops
 
 
@@ -140,6 +142,11 @@ class LifecycleManagerNode(Node):
             n: _NodeClients(self.create_client(GetState, f'{n}/get_state'),
                             self.create_client(ChangeState, f'{n}/change_state'))
             for n in names}
+        from lifecycle_msgs.msg import Transition
+        # A ChangeState client's first exchange (bus/replies.py): a transition no state has,
+        # answered "no" with nothing done; proven again for a restarted node.
+        self.change_probes = ReplyPaths(self, request=lambda _client: ChangeState.Request(
+            transition=Transition(label=PROBE_TRANSITION)))
         self.last_status: dict[str, object] = {}
         self.auth = BeatAuth()
         if not p['spawn']:   # agents in this process (loom bringup), or given the same key
@@ -338,8 +345,11 @@ class LifecycleManagerNode(Node):
         ChangeState = self._types[0]
         from lifecycle_msgs.msg import Transition
         descending = self.goal in ('inactive', 'unconfigured', 'finalized')
-        for name, label in self.core.transitions(hold_descent=descending and
-                                                 not self._agents_down()):
+        now = time.monotonic()
+        for name, label in self.core.transitions(
+                hold_descent=descending and not self._agents_down(),
+                may_ask=lambda n: self.change_probes.ready(
+                    self.lifecycle_clients[n].change_state, now)):
             c = self.lifecycle_clients[name]
             if c.transition is not None and not c.transition[0].done():
                 c.change_state.remove_pending_request(c.transition[0])
@@ -494,9 +504,11 @@ class LifecycleManagerNode(Node):
             self._enter(m, 'wait_services', now)
         elif m.phase == 'wait_services':
             # A process we started must beat first: a killed predecessor's services linger in
-            # discovery and would swallow the request.
+            # discovery and would swallow the request. Then a probe proves the reply path
+            # (bus/replies.py): a configure's answer lost to discovery would cost a restart.
             if (m.process is None or m.beat_seen) and \
-                    m.change_state.service_is_ready():
+                    m.change_state.service_is_ready() and \
+                    self.change_probes.ready(m.change_state, now):
                 m.future = m.change_state.call_async(ChangeState.Request(
                     transition=Transition(id=Transition.TRANSITION_CONFIGURE)))
                 self._enter(m, 'configuring', now)

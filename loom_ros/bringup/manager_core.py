@@ -157,11 +157,14 @@ class ManagerCore:
                     now - n.answered_s > self.heartbeat_timeout_s:
                 self.no_answer(n.name)
 
-    def transitions(self, hold_descent: bool = False) -> list[tuple[str, str]]:
+    def transitions(self, hold_descent: bool = False,
+                    may_ask=lambda name: True) -> list[tuple[str, str]]:
         """[(node, transition)] to ask for now; each is marked in flight until transition_done.
         Order: toward 'active' a node moves only once every node before it is active; toward
         the other goals only once every node after it is there (and not `hold_descent`: the
-        caller's agents, which come after every node, are not down yet)."""
+        caller's agents, which come after every node, are not down yet). `may_ask(name)`
+        False: the caller cannot send that node a transition yet (its reply path is being
+        probed); it is asked on a later call."""
         self.check()
         goal = self.goal
         if goal is None:
@@ -180,6 +183,8 @@ class ManagerCore:
             step = step_toward(n.state, goal)
             if step is None:
                 break   # finalized, or a state mid-transition: wait for the next answer
+            if not may_ask(n.name):
+                break
             n.busy, n.busy_since = step, self.clock()
             out.append((n.name, step))
             break   # one node at a time, in order

@@ -34,46 +34,109 @@ def is_probe(request) -> bool:
     return request == empty
 
 
+def reply_writers(graph, client) -> frozenset:
+    """The gids of the servers' reply writers for `client`'s service, from `graph` (a node):
+    rmw_fastrtps and rmw_cyclonedds show them as the topic rr/<service>Reply. Empty where the
+    rmw does not (then a proof is kept until a call times out)."""
+    if graph is None:
+        return frozenset()
+    try:
+        infos = graph.get_publishers_info_by_topic(f'rr{client.srv_name}Reply', no_mangle=True)
+    except Exception:  # noqa: BLE001 - a graph that cannot say: no change seen
+        return frozenset()
+    return frozenset(bytes(info.endpoint_gid) for info in infos)
+
+
 class ReplyPaths:
-    """Which service clients have had an answer, so a one-shot request can go out on them.
+    """Which service clients have had an answer, from which servers, so a one-shot request can
+    go out on them. A proof holds while the same servers' reply writers are in the graph: a
+    restarted server (a new process, new writers) is a new match, so its first answer is probed
+    again. `graph`: the clients' node, for those writers (None: a proof holds until `forget`).
 
     `prove` blocks the calling thread (a behavior's worker, a CLI), never an executor callback:
-    the answer is taken by the executor that spins the client's node."""
+    the answer is taken by the executor that spins the client's node. `ready` is the same for a
+    caller that must not block (a timer of the lifecycle manager): it sends and checks, once per
+    call. `request(client)` makes the probe: the service's empty request by default."""
 
-    def __init__(self, resend_s: float = PROBE_RESEND_S):
+    def __init__(self, graph=None, resend_s: float = PROBE_RESEND_S, request=None):
+        self.graph = graph
         self.resend_s = resend_s
+        self._request = request or (lambda client: client.srv_type.Request())
         self._lock = threading.Lock()
-        self._proven: set = set()
+        self._proven: dict = {}    # client -> the reply writers when its probe was answered
+        self._pending: dict = {}   # client -> (future, sent at): `ready`'s probe in flight
         self.probes_sent = 0
 
     def proven(self, client) -> bool:
         with self._lock:
-            return client in self._proven
+            known = self._proven.get(client)
+        if known is None:
+            return False
+        now = reply_writers(self.graph, client)
+        if now and now != known:   # a server came or went: its reply writer is a new match
+            self.forget(client)
+            return False
+        return True
 
     def forget(self, client) -> None:
-        """The client is being destroyed."""
+        """A call on the client went unanswered, or the client is being destroyed."""
         with self._lock:
-            self._proven.discard(client)
+            self._proven.pop(client, None)
+            pending = self._pending.pop(client, None)
+        if pending is not None and not pending[0].done():
+            client.remove_pending_request(pending[0])
+
+    def _answered(self, client) -> None:
+        writers = reply_writers(self.graph, client)
+        with self._lock:
+            self._proven[client] = writers
+
+    def _send(self, client):
+        future = client.call_async(self._request(client))
+        with self._lock:
+            self.probes_sent += 1
+        return future
 
     def prove(self, client, wake: threading.Event, deadline: float,
               go_on: Callable[[], bool] = lambda: True) -> bool:
-        """Send the empty request until one is answered (True), the `deadline` (monotonic)
-        passes or `go_on()` turns False (False). `wake` is set by each answer, and may be set
-        by whoever wants the wait to end early (then `go_on` says whether it should)."""
+        """Send the probe until one is answered (True), the `deadline` (monotonic) passes or
+        `go_on()` turns False (False). `wake` is set by each answer, and may be set by whoever
+        wants the wait to end early (then `go_on` says whether it should)."""
         if self.proven(client):
             return True
         while go_on():
             wake.clear()
-            future = client.call_async(client.srv_type.Request())
-            with self._lock:
-                self.probes_sent += 1
+            future = self._send(client)
             future.add_done_callback(lambda _f: wake.set())
             wake.wait(max(0.0, min(self.resend_s, deadline - time.monotonic())))
             if future.done() and future.exception() is None:
-                with self._lock:
-                    self._proven.add(client)
+                self._answered(client)
                 return True
             client.remove_pending_request(future)
             if time.monotonic() >= deadline:
                 return False
+        return False
+
+    def ready(self, client, now: float) -> bool:
+        """Non-blocking: True once a probe on `client` was answered (from the current servers);
+        else sends one, or again when the last went unanswered `resend_s` (`now`: monotonic)."""
+        if self.proven(client):
+            return True
+        with self._lock:
+            pending = self._pending.pop(client, None)
+        if pending is not None:
+            future, sent = pending
+            if future.done():
+                if future.exception() is None:
+                    self._answered(client)
+                    return True
+            elif now - sent < self.resend_s:
+                with self._lock:
+                    self._pending[client] = pending
+                return False
+            else:
+                client.remove_pending_request(future)
+        future = self._send(client)
+        with self._lock:
+            self._pending[client] = (future, now)
         return False

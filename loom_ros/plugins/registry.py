@@ -74,7 +74,7 @@ class ServicePlugin:
         base = f'{host.rstrip("/")}/{name}'
         self._handle = node.create_client(HandleEvent, f'{base}/handle_event')
         self._health = node.create_client(Health, f'{base}/health')
-        self._replies = ReplyPaths()   # each client's first exchange is a probe
+        self._replies = ReplyPaths(node)   # each client's first exchange is a probe
 
     def _call(self, client, request):
         if not client.wait_for_service(timeout_sec=self.timeout_s):
@@ -88,6 +88,7 @@ class ServicePlugin:
         future.add_done_callback(lambda _f: done.set())
         if not done.wait(self.timeout_s):
             client.remove_pending_request(future)
+            self._replies.forget(client)   # the next call proves the path again
             return None, f'service {client.srv_name} did not answer in {self.timeout_s:g} s'
         return future.result(), ''
 

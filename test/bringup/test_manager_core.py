@@ -65,6 +65,26 @@ def test_a_node_not_yet_answering_holds_the_ones_after_it():
     assert c.transitions() == []          # one at a time: the configure is in flight
 
 
+def test_a_node_whose_reply_path_is_not_proven_is_asked_later_and_holds_the_rest():
+    """may_ask False (the shell's probe of that node's change_state is unanswered): nothing is
+    marked in flight, so the transition goes out on the first call after the probe's answer."""
+    clock = Clock()
+    c = core(clock)
+    c.set_goal('active')
+    for name in ('router', 'plugin_host', 'zenoh_bridge'):
+        c.answered(name, 'unconfigured')
+    proven = set()
+    assert c.transitions(may_ask=proven.__contains__) == []
+    assert c.health('router')[0] != 'failed'
+    clock.now += 30.0   # however long the probe takes: no transition timed out, none in flight
+    for name in ('router', 'plugin_host', 'zenoh_bridge'):
+        c.answered(name, 'unconfigured')   # get_state polls go on meanwhile
+    assert c.transitions(may_ask=proven.__contains__) == []
+    assert c.health('router')[0] != 'failed'
+    proven.add('router')
+    assert c.transitions(may_ask=proven.__contains__) == [('router', 'configure')]
+
+
 def test_pause_reset_and_shutdown_go_in_reverse_order():
     clock = Clock()
     c = core(clock)

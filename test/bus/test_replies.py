@@ -17,20 +17,20 @@ from rclpy.node import Node
 from harness import WAIT_LIMIT_S
 from loom_msgs.srv import HandleEvent, Route
 from loom_ros.agents.flows.link import Gate
-from loom_ros.bus.replies import PROBE_ANSWER, ReplyPaths, is_probe
+from loom_ros.bus.replies import PROBE_ANSWER, ReplyPaths, is_probe, reply_writers
 
 
 class HoldingServer:
     """A router/route server in this process, on its own executor: records every request's
     event id ('' for a probe) and holds the first `hold` requests unanswered until released."""
 
-    def __init__(self, ros, name: str, hold: int):
+    def __init__(self, ros, name: str, hold: int, service: str = ''):
         self.node = Node(name, context=ros.node.context)
         self.seen: list[str] = []
         self.hold = hold
         self.release = threading.Event()
         self._lock = threading.Lock()
-        self.node.create_service(Route, f'/{name}/route', self._on_route,
+        self.node.create_service(Route, service or f'/{name}/route', self._on_route,
                                  callback_group=ReentrantCallbackGroup())
         self.executor = MultiThreadedExecutor(num_threads=4, context=ros.node.context)
         self.executor.add_node(self.node)
@@ -49,10 +49,13 @@ class HoldingServer:
         return resp
 
     def close(self):
+        if self.thread is None:
+            return
         self.release.set()
         self.executor.shutdown(timeout_sec=5.0)
         self.node.destroy_node()
         self.thread.join(5.0)
+        self.thread = None
 
 
 @pytest.fixture
@@ -63,12 +66,16 @@ def server_and_client(ros, request):
     def make(hold: int):
         server = HoldingServer(ros, name, hold)
         client = ros.node.create_client(Route, f'/{name}/route')
-        made.append((server, client))
+        made.append(server)
+        clients.append(client)
         ros.wait_for(client.service_is_ready, 'the holding server')
         return server, client
+    made, clients = [], []
+    make.made = made
     yield make
-    for server, client in made:
+    for server in made:
         server.close()
+    for client in clients:
         ros.node.destroy_client(client)
 
 
@@ -145,3 +152,44 @@ def test_an_unanswered_probe_gives_up_at_the_deadline_with_the_reason(ros, serve
     assert resp is None and 'did not answer a reply-path probe' in why, why
     ros.wait_for(lambda: len(server.seen) >= 2, 'both probes at the server')
     assert 'e1' not in server.seen
+
+
+def test_a_restarted_server_is_probed_again(ros, server_and_client):
+    """A new server process has a new reply writer: a new match, with the same race. The proof
+    names the servers' reply writers in the graph, so a call after a restart probes first."""
+    first, client = server_and_client(hold=0)
+    gate = Gate(graph=ros.node)
+    gate.open()
+    thread, out = in_thread(lambda: gate.call(client, Route.Request(
+        event_id='e1', event_type='t'), WAIT_LIMIT_S, 'closed'))
+    ros.wait_for(lambda: not thread.is_alive(), 'the first call')
+    assert out[0][0].ok and first.seen == ['', 'e1']
+    ros.wait_for(lambda: reply_writers(ros.node, client), 'the server in the graph')
+    before = reply_writers(ros.node, client)
+    name = first.node.get_name()
+    first.close()
+    second = HoldingServer(ros, f'{name}_b', hold=0,
+                           service=client.srv_name)
+    server_and_client.made.append(second)
+    ros.wait_for(lambda: reply_writers(ros.node, client) not in (before, frozenset()),
+                 'the restarted server in the graph, the old one gone')
+    thread, out = in_thread(lambda: gate.call(client, Route.Request(
+        event_id='e2', event_type='t'), WAIT_LIMIT_S, 'closed'))
+    ros.wait_for(lambda: not thread.is_alive(), 'the call after the restart')
+    assert out[0][0].decision_id == 'd-e2'
+    assert second.seen == ['', 'e2'], second.seen
+    assert gate.replies.probes_sent == 2
+
+
+def test_ready_probes_without_blocking_and_resends_on_the_given_clock(ros, server_and_client):
+    """The lifecycle manager's form: `ready` never waits; each call checks and, when the last
+    probe went unanswered resend_s on the caller's clock, sends another."""
+    server, client = server_and_client(hold=1)
+    paths = ReplyPaths(ros.node, resend_s=1.0)
+    assert not paths.ready(client, now=100.0) and paths.probes_sent == 1
+    ros.wait_for(lambda: len(server.seen) == 1, 'the first probe at the server')
+    assert not paths.ready(client, now=100.5) and paths.probes_sent == 1   # not yet due
+    assert not paths.ready(client, now=101.0) and paths.probes_sent == 2   # resent
+    ros.wait_for(lambda: paths.ready(client, now=101.5), 'the second probe answered')
+    assert paths.probes_sent == 2 and server.seen == ['', '']
+    assert paths.ready(client, now=500.0) and paths.probes_sent == 2   # proven: nothing sent

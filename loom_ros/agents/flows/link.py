@@ -58,16 +58,17 @@ class Gate:
               'and their answers, so it cannot wait for a service answer; host it with workers '
               '>= 1')
 
-    def __init__(self, refuse_waits: bool = False):
+    def __init__(self, refuse_waits: bool = False, graph=None):
         """`refuse_waits`: no call may wait for an answer here (a host whose handlers run on
         the thread that would take it, whatever thread the behavior calls from): each fails at
-        once instead of blocking that thread until its timeout."""
+        once instead of blocking that thread until its timeout. `graph`: the clients' node
+        (ReplyPaths: a restarted server is probed again)."""
         self._lock = threading.Lock()
         self._refuse_waits = refuse_waits
         self._open = False
         self._waiters: set[threading.Event] = set()
         self.waiting = 0   # calls waiting for an answer right now
-        self.replies = ReplyPaths()   # a client's first exchange is a probe (bus/replies.py)
+        self.replies = ReplyPaths(graph)   # a client's first exchange is a probe (bus/replies.py)
 
     @property
     def is_open(self) -> bool:
@@ -118,6 +119,7 @@ class Gate:
             if future.done() and future.exception() is None:
                 return future.result(), ''
             client.remove_pending_request(future)
+            self.replies.forget(client)   # the next call proves the path again
             if not self._open:
                 return None, why_closed
             return None, f'service {client.srv_name} did not answer in {timeout_s:g} s'
@@ -453,7 +455,7 @@ class NodePorts:
         (RouterPolicyFollower) and uses the `router/route` service until it knows it; else the
         `router/route` service. `local_plugins`: {name: handle} lookup of in-process plugins
         (default: plugins.registry.local_plugins). `refuse_waits`: see Gate."""
-        self.gate = Gate(refuse_waits)
+        self.gate = Gate(refuse_waits, graph=node)
         self._own_router = None
         self.follower = None
         if router is None:
