@@ -41,7 +41,6 @@ from loom_ros.agents.supervisor import (KEY_ENV, LOCAL_BEATS, Beat, BeatAuth, He
 from loom_ros.bus import topics
 from loom_ros.bus.executor import run_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
-from loom_ros.bus.replies import ReplyPaths
 from loom_ros.bringup import entry
 from loom_ros.bringup.manager_core import ManagerCore
 from loom_ros.bringup.processes import Process, RestartPolicy
@@ -81,7 +80,9 @@ MAX_NODES = 64
 _NODE_NAME = re.compile(r'^/?[A-Za-z_][A-Za-z0-9_]{0,127}(/[A-Za-z_][A-Za-z0-9_]{0,127}){0,7}$')
 _TRANSITION_IDS = {'configure': 1, 'cleanup': 2, 'activate': 3, 'deactivate': 4,
                    'shutdown': 5}   # shutdown is only asked of an unconfigured node
-PROBE_TRANSITION = 'loom_reply_probe'   # no lifecycle state has it: refused, nothing done
+# A configure or activate of an agent host unanswered this long: get_state says whether it
+# happened (its answer lost to DDS's reply-matching race, bus/replies.py), asked again as long.
+SETTLE_S = 1.0
 AGENT_STOP_S = 10.0   # SIGINT, then SIGKILL after this, for agents a shutdown stops
 
 
@@ -101,6 +102,15 @@ class _Managed:
         self.local_seen: dict[str, tuple[int, int]] = {}   # agent -> in-process beat taken
         self.paused = False             # deactivated by ~/pause (or on its way there)
         self.pause_future = None
+        self.settle = None              # (get_state future, asked at): see _settle
+
+
+def _answered(response):
+    """A done future holding `response`, in place of a call whose answer was lost."""
+    from rclpy.task import Future
+    future = Future()
+    future.set_result(response)
+    return future
 
 
 class _NodeClients:
@@ -142,11 +152,6 @@ class LifecycleManagerNode(Node):
             n: _NodeClients(self.create_client(GetState, f'{n}/get_state'),
                             self.create_client(ChangeState, f'{n}/change_state'))
             for n in names}
-        from lifecycle_msgs.msg import Transition
-        # A ChangeState client's first exchange (bus/replies.py): a transition no state has,
-        # answered "no" with nothing done; proven again for a restarted node.
-        self.change_probes = ReplyPaths(self, request=lambda _client: ChangeState.Request(
-            transition=Transition(label=PROBE_TRANSITION)))
         self.last_status: dict[str, object] = {}
         self.auth = BeatAuth()
         if not p['spawn']:   # agents in this process (loom bringup), or given the same key
@@ -345,11 +350,8 @@ class LifecycleManagerNode(Node):
         ChangeState = self._types[0]
         from lifecycle_msgs.msg import Transition
         descending = self.goal in ('inactive', 'unconfigured', 'finalized')
-        now = time.monotonic()
-        for name, label in self.core.transitions(
-                hold_descent=descending and not self._agents_down(),
-                may_ask=lambda n: self.change_probes.ready(
-                    self.lifecycle_clients[n].change_state, now)):
+        for name, label in self.core.transitions(hold_descent=descending and
+                                                 not self._agents_down()):
             c = self.lifecycle_clients[name]
             if c.transition is not None and not c.transition[0].done():
                 c.change_state.remove_pending_request(c.transition[0])
@@ -504,15 +506,15 @@ class LifecycleManagerNode(Node):
             self._enter(m, 'wait_services', now)
         elif m.phase == 'wait_services':
             # A process we started must beat first: a killed predecessor's services linger in
-            # discovery and would swallow the request. Then a probe proves the reply path
-            # (bus/replies.py): a configure's answer lost to discovery would cost a restart.
+            # discovery and would swallow the request.
             if (m.process is None or m.beat_seen) and \
-                    m.change_state.service_is_ready() and \
-                    self.change_probes.ready(m.change_state, now):
+                    m.change_state.service_is_ready():
                 m.future = m.change_state.call_async(ChangeState.Request(
                     transition=Transition(id=Transition.TRANSITION_CONFIGURE)))
                 self._enter(m, 'configuring', now)
-        elif m.phase in ('configuring', 'activating') and m.future.done():
+        elif m.phase in ('configuring', 'activating') and not m.future.done():
+            self._settle(m, now)
+        if m.phase in ('configuring', 'activating') and m.future.done():
             result = m.future.result()
             if result is None or not result.success:
                 self._give_up(m, f'{m.unit.node}: {m.phase[:-3]}e transition failed '
@@ -560,6 +562,33 @@ class LifecycleManagerNode(Node):
 
     def _enter(self, m: _Managed, phase: str, now: float) -> None:
         m.phase, m.phase_since = phase, now
+        if m.settle is not None and not m.settle[0].done():
+            m.get_state.remove_pending_request(m.settle[0])
+        m.settle = None
+
+    def _settle(self, m: _Managed, now: float) -> None:
+        """A configure or activate sent once and unanswered for SETTLE_S: its answer may be
+        lost (a new client's reply reader not yet matched by the server: bus/replies.py), so
+        get_state, safe to repeat, is asked; a state asked after the request and already the
+        transition's target means it happened, and the phase goes on as if answered."""
+        if now - m.phase_since < SETTLE_S or m.get_state is None:
+            return
+        if m.settle is not None:
+            future, asked = m.settle
+            if future.done():
+                m.settle = None
+                state = future.result()
+                target = 'inactive' if m.phase == 'configuring' else 'active'
+                if state is not None and state.current_state.label == target:
+                    m.change_state.remove_pending_request(m.future)
+                    self.get_logger().info(f'{m.unit.node}: {m.phase[:-3]}e took effect; its '
+                                           'answer was lost, get_state says so')
+                    m.future = _answered(self._types[0].Response(success=True))
+                return
+            if now - asked < SETTLE_S:
+                return
+            m.get_state.remove_pending_request(future)
+        m.settle = (m.get_state.call_async(self._types[1].Request()), now)
 
     def _spawn(self, unit: Unit, key: bytes) -> Process:
         name = unit.node

@@ -104,6 +104,14 @@ class ManagerCore:
             self._say(n, 'back', f'{name} answers again ({state})')
             n.dead = ''
         n.answered_s, n.seen = now, True
+        if n.busy and asked_s is not None and asked_s >= n.busy_since and \
+                state == AFTER[n.busy]:
+            # Asked after the transition went out, and already where it leads: it took effect
+            # and its answer was lost (DDS's reply-matching race, loom_ros/bus/replies.py).
+            self._say(n, 'transition', f'{name}: {n.busy}: its answer was lost; get_state '
+                      f'says {state}')
+            self.transition_done(name, n.busy, True)
+            return
         if n.busy or (asked_s is not None and asked_s < n.changed_s):
             return
         if n.up and state == 'unconfigured' and self.goal == 'active':
@@ -157,14 +165,11 @@ class ManagerCore:
                     now - n.answered_s > self.heartbeat_timeout_s:
                 self.no_answer(n.name)
 
-    def transitions(self, hold_descent: bool = False,
-                    may_ask=lambda name: True) -> list[tuple[str, str]]:
+    def transitions(self, hold_descent: bool = False) -> list[tuple[str, str]]:
         """[(node, transition)] to ask for now; each is marked in flight until transition_done.
         Order: toward 'active' a node moves only once every node before it is active; toward
         the other goals only once every node after it is there (and not `hold_descent`: the
-        caller's agents, which come after every node, are not down yet). `may_ask(name)`
-        False: the caller cannot send that node a transition yet (its reply path is being
-        probed); it is asked on a later call."""
+        caller's agents, which come after every node, are not down yet)."""
         self.check()
         goal = self.goal
         if goal is None:
@@ -183,8 +188,6 @@ class ManagerCore:
             step = step_toward(n.state, goal)
             if step is None:
                 break   # finalized, or a state mid-transition: wait for the next answer
-            if not may_ask(n.name):
-                break
             n.busy, n.busy_since = step, self.clock()
             out.append((n.name, step))
             break   # one node at a time, in order

@@ -12,6 +12,15 @@ The contract: a service's empty request (every field its default) is a probe. Lo
 answer it at once with a refusal (`PROBE_ANSWER`) and do nothing else (`is_probe`). A probe is
 safe to send again until one answer comes, and that answer proves the reply path for every
 request after it (a matched reader stays matched). `ReplyPaths` keeps which clients are proven.
+
+Lifecycle ChangeState has no such request (a transition no state has makes rcl_lifecycle log a
+warning), so the lifecycle manager settles an unanswered transition by get_state instead, which
+is safe to repeat (bringup/manager_core.py `answered`, lifecycle_manager_node `_settle`).
+
+Limit: a proof holds while the graph shows the same reply writers. A server SIGKILLed and
+restarted before its old writer leaves the graph (the DDS lease) and before the new one is in
+it looks unchanged, and where the rmw shows no writers (rmw_zenoh) only a timed-out call drops
+a proof.
 """
 from __future__ import annotations
 
@@ -34,6 +43,23 @@ def is_probe(request) -> bool:
     return request == empty
 
 
+def wait_for(future, wake: threading.Event, until: float,
+             go_on: Callable[[], bool] = lambda: True) -> bool:
+    """Wait until `future` is done (True), the monotonic time `until`, or `go_on()` turns False.
+    The future, not the Event, decides: rclpy runs a future's done callbacks as executor tasks,
+    so a callback of an earlier future (a probe answered as its wait ended) can set `wake`
+    late, while a later request is being waited for."""
+    while not future.done():
+        wake.clear()
+        if future.done() or not go_on():
+            break
+        left = until - time.monotonic()
+        if left <= 0:
+            break
+        wake.wait(left)
+    return future.done()
+
+
 def reply_writers(graph, client) -> frozenset:
     """The gids of the servers' reply writers for `client`'s service, from `graph` (a node):
     rmw_fastrtps and rmw_cyclonedds show them as the topic rr/<service>Reply. Empty where the
@@ -54,17 +80,13 @@ class ReplyPaths:
     again. `graph`: the clients' node, for those writers (None: a proof holds until `forget`).
 
     `prove` blocks the calling thread (a behavior's worker, a CLI), never an executor callback:
-    the answer is taken by the executor that spins the client's node. `ready` is the same for a
-    caller that must not block (a timer of the lifecycle manager): it sends and checks, once per
-    call. `request(client)` makes the probe: the service's empty request by default."""
+    the answer is taken by the executor that spins the client's node."""
 
-    def __init__(self, graph=None, resend_s: float = PROBE_RESEND_S, request=None):
+    def __init__(self, graph=None, resend_s: float = PROBE_RESEND_S):
         self.graph = graph
         self.resend_s = resend_s
-        self._request = request or (lambda client: client.srv_type.Request())
         self._lock = threading.Lock()
         self._proven: dict = {}    # client -> the reply writers when its probe was answered
-        self._pending: dict = {}   # client -> (future, sent at): `ready`'s probe in flight
         self.probes_sent = 0
 
     def proven(self, client) -> bool:
@@ -82,9 +104,6 @@ class ReplyPaths:
         """A call on the client went unanswered, or the client is being destroyed."""
         with self._lock:
             self._proven.pop(client, None)
-            pending = self._pending.pop(client, None)
-        if pending is not None and not pending[0].done():
-            client.remove_pending_request(pending[0])
 
     def _answered(self, client) -> None:
         writers = reply_writers(self.graph, client)
@@ -92,7 +111,7 @@ class ReplyPaths:
             self._proven[client] = writers
 
     def _send(self, client):
-        future = client.call_async(self._request(client))
+        future = client.call_async(client.srv_type.Request())
         with self._lock:
             self.probes_sent += 1
         return future
@@ -105,38 +124,13 @@ class ReplyPaths:
         if self.proven(client):
             return True
         while go_on():
-            wake.clear()
             future = self._send(client)
             future.add_done_callback(lambda _f: wake.set())
-            wake.wait(max(0.0, min(self.resend_s, deadline - time.monotonic())))
+            wait_for(future, wake, min(deadline, time.monotonic() + self.resend_s), go_on)
             if future.done() and future.exception() is None:
                 self._answered(client)
                 return True
             client.remove_pending_request(future)
             if time.monotonic() >= deadline:
                 return False
-        return False
-
-    def ready(self, client, now: float) -> bool:
-        """Non-blocking: True once a probe on `client` was answered (from the current servers);
-        else sends one, or again when the last went unanswered `resend_s` (`now`: monotonic)."""
-        if self.proven(client):
-            return True
-        with self._lock:
-            pending = self._pending.pop(client, None)
-        if pending is not None:
-            future, sent = pending
-            if future.done():
-                if future.exception() is None:
-                    self._answered(client)
-                    return True
-            elif now - sent < self.resend_s:
-                with self._lock:
-                    self._pending[client] = pending
-                return False
-            else:
-                client.remove_pending_request(future)
-        future = self._send(client)
-        with self._lock:
-            self._pending[client] = (future, now)
         return False

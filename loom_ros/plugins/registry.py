@@ -16,7 +16,7 @@ import threading
 import time
 
 from loom_ros.bus.event import Event
-from loom_ros.bus.replies import ReplyPaths
+from loom_ros.bus.replies import ReplyPaths, wait_for
 from loom_ros.plugins.contract import (
     HealthState, HealthStatus, PluginError, PluginResponse,
 )
@@ -83,13 +83,14 @@ class ServicePlugin:
         if not self._replies.prove(client, done, time.monotonic() + self.timeout_s):
             return None, (f'service {client.srv_name} did not answer a reply-path probe in '
                           f'{self.timeout_s:g} s')
-        done.clear()
         future = client.call_async(request)
         future.add_done_callback(lambda _f: done.set())
-        if not done.wait(self.timeout_s):
+        if not wait_for(future, done, time.monotonic() + self.timeout_s):
             client.remove_pending_request(future)
             self._replies.forget(client)   # the next call proves the path again
             return None, f'service {client.srv_name} did not answer in {self.timeout_s:g} s'
+        if future.exception() is not None:
+            return None, f'service {client.srv_name} failed: {future.exception()!s:.200}'
         return future.result(), ''
 
     def handle_event(self, event: Event) -> PluginResponse:
