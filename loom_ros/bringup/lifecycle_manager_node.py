@@ -102,7 +102,7 @@ class _Managed:
         self.local_seen: dict[str, tuple[int, int]] = {}   # agent -> in-process beat taken
         self.paused = False             # deactivated by ~/pause (or on its way there)
         self.pause_future = None
-        self.settle = None              # (get_state future, asked at): see _settle
+        self.settle = None              # (get_state future or None, asked at): _settle
 
 
 def _answered(response):
@@ -562,7 +562,7 @@ class LifecycleManagerNode(Node):
 
     def _enter(self, m: _Managed, phase: str, now: float) -> None:
         m.phase, m.phase_since = phase, now
-        if m.settle is not None and not m.settle[0].done():
+        if m.settle is not None and m.settle[0] is not None and not m.settle[0].done():
             m.get_state.remove_pending_request(m.settle[0])
         m.settle = None
 
@@ -575,19 +575,20 @@ class LifecycleManagerNode(Node):
             return
         if m.settle is not None:
             future, asked = m.settle
-            if future.done():
-                m.settle = None
+            if future is not None and future.done():
+                m.settle = (None, asked)   # asked again SETTLE_S after the last ask
                 state = future.result()
                 target = 'inactive' if m.phase == 'configuring' else 'active'
                 if state is not None and state.current_state.label == target:
                     m.change_state.remove_pending_request(m.future)
                     self.get_logger().info(f'{m.unit.node}: {m.phase[:-3]}e took effect; its '
-                                           'answer was lost, get_state says so')
+                                           'answer was lost or late, get_state says so')
                     m.future = _answered(self._types[0].Response(success=True))
                 return
             if now - asked < SETTLE_S:
                 return
-            m.get_state.remove_pending_request(future)
+            if future is not None:
+                m.get_state.remove_pending_request(future)
         m.settle = (m.get_state.call_async(self._types[1].Request()), now)
 
     def _spawn(self, unit: Unit, key: bytes) -> Process:

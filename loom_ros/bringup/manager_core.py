@@ -108,8 +108,8 @@ class ManagerCore:
                 state == AFTER[n.busy]:
             # Asked after the transition went out, and already where it leads: it took effect
             # and its answer was lost (DDS's reply-matching race, loom_ros/bus/replies.py).
-            self._say(n, 'transition', f'{name}: {n.busy}: its answer was lost; get_state '
-                      f'says {state}')
+            self._say(n, 'transition', f'{name}: {n.busy}: get_state says {state} before '
+                      'its answer came (lost or late)')
             self.transition_done(name, n.busy, True)
             return
         if n.busy or (asked_s is not None and asked_s < n.changed_s):

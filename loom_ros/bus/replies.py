@@ -30,6 +30,7 @@ from typing import Callable
 
 PROBE_RESEND_S = 0.25   # a probe unanswered this long is sent again (a lost reply, not a slow one)
 PROBE_ANSWER = 'empty request: a reply-path probe, answered with nothing done'
+PROVEN = object()   # what `prove` returns for a client proven before (no probe sent)
 
 _EMPTY: dict[type, object] = {}   # one default instance per request type, to compare against
 
@@ -117,20 +118,39 @@ class ReplyPaths:
         return future
 
     def prove(self, client, wake: threading.Event, deadline: float,
-              go_on: Callable[[], bool] = lambda: True) -> bool:
-        """Send the probe until one is answered (True), the `deadline` (monotonic) passes or
-        `go_on()` turns False (False). `wake` is set by each answer, and may be set by whoever
-        wants the wait to end early (then `go_on` says whether it should)."""
+              go_on: Callable[[], bool] = lambda: True):
+        """Send the probe, again every `resend_s`, until one is answered: returns that answer
+        (a response; PROVEN when the client was proven already), or None once the `deadline`
+        (monotonic) passes or `go_on()` turns False. Every probe sent stays awaited until then:
+        a server that takes its requests one at a time, behind slow ones, answers them late but
+        answers. `wake` is set by each answer, and may be set by whoever wants the wait to end
+        early (then `go_on` says whether it should)."""
         if self.proven(client):
-            return True
-        while go_on():
-            future = self._send(client)
-            future.add_done_callback(lambda _f: wake.set())
-            wait_for(future, wake, min(deadline, time.monotonic() + self.resend_s), go_on)
-            if future.done() and future.exception() is None:
-                self._answered(client)
-                return True
-            client.remove_pending_request(future)
-            if time.monotonic() >= deadline:
-                return False
-        return False
+            return PROVEN
+        sent = []
+
+        def answer():
+            return next((f for f in sent if f.done() and f.exception() is None), None)
+        try:
+            while go_on():
+                future = self._send(client)
+                future.add_done_callback(lambda _f: wake.set())
+                sent.append(future)
+                until = min(deadline, time.monotonic() + self.resend_s)
+                while answer() is None:
+                    wake.clear()
+                    left = until - time.monotonic()
+                    if answer() is not None or not go_on() or left <= 0:
+                        break
+                    wake.wait(left)
+                done = answer()
+                if done is not None:
+                    self._answered(client)
+                    return done.result()
+                if time.monotonic() >= deadline:
+                    return None
+            return None
+        finally:
+            for future in sent:
+                if not future.done():
+                    client.remove_pending_request(future)

@@ -16,7 +16,7 @@ import threading
 import time
 
 from loom_ros.bus.event import Event
-from loom_ros.bus.replies import ReplyPaths, wait_for
+from loom_ros.bus.replies import PROVEN, ReplyPaths, is_probe, wait_for
 from loom_ros.plugins.contract import (
     HealthState, HealthStatus, PluginError, PluginResponse,
 )
@@ -80,9 +80,12 @@ class ServicePlugin:
         if not client.wait_for_service(timeout_sec=self.timeout_s):
             return None, f'service {client.srv_name} is not available'
         done = threading.Event()
-        if not self._replies.prove(client, done, time.monotonic() + self.timeout_s):
+        answer = self._replies.prove(client, done, time.monotonic() + self.timeout_s)
+        if answer is None:
             return None, (f'service {client.srv_name} did not answer a reply-path probe in '
                           f'{self.timeout_s:g} s')
+        if answer is not PROVEN and is_probe(request):
+            return answer, ''   # the request was the probe (Health): asked once, not twice
         future = client.call_async(request)
         future.add_done_callback(lambda _f: done.set())
         if not wait_for(future, done, time.monotonic() + self.timeout_s):

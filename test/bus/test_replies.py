@@ -8,6 +8,7 @@ product's Gate and ReplyPaths; the server is the test's own."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from rclpy.callback_groups import ReentrantCallbackGroup
@@ -28,7 +29,8 @@ class HoldingServer:
         self.node = Node(name, context=ros.node.context)
         self.seen: list[str] = []
         self.hold = hold
-        self.release = threading.Event()
+        self.release = threading.Event()   # ends every hold (teardown)
+        self.gates: list[threading.Event] = []   # one per request: set ends that one's hold
         self._lock = threading.Lock()
         self.node.create_service(Route, service or f'/{name}/route', self._on_route,
                                  callback_group=ReentrantCallbackGroup())
@@ -41,8 +43,12 @@ class HoldingServer:
         with self._lock:
             self.seen.append(req.event_id)
             held = len(self.seen) <= self.hold
+            gate = threading.Event()
+            self.gates.append(gate)
         if held:
-            self.release.wait(WAIT_LIMIT_S)
+            deadline = time.monotonic() + WAIT_LIMIT_S
+            while not (gate.is_set() or self.release.is_set()) and time.monotonic() < deadline:
+                gate.wait(0.05)
         resp.ok = not is_probe(req)
         resp.error = PROBE_ANSWER if is_probe(req) else ''
         resp.decision_id = f'd-{req.event_id}'
@@ -142,7 +148,7 @@ def test_an_unanswered_probe_gives_up_at_the_deadline_with_the_reason(ros, serve
     wake = threading.Event()
     thread, out = in_thread(lambda: paths.prove(client, wake, deadline=0.0))
     ros.wait_for(lambda: not thread.is_alive(), 'prove at a past deadline')
-    assert out == [False] and paths.probes_sent == 1 and not paths.proven(client)
+    assert out == [None] and paths.probes_sent == 1 and not paths.proven(client)
     gate = Gate()
     gate.open()
     thread, out = in_thread(lambda: gate.call(client, Route.Request(
@@ -152,6 +158,24 @@ def test_an_unanswered_probe_gives_up_at_the_deadline_with_the_reason(ros, serve
     assert resp is None and 'did not answer a reply-path probe' in why, why
     ros.wait_for(lambda: len(server.seen) >= 2, 'both probes at the server')
     assert 'e1' not in server.seen
+
+
+def test_a_server_that_answers_late_still_proves_the_path(ros, server_and_client):
+    """A server taking its requests one at a time behind slow ones answers a probe after the
+    next one went out: every probe stays awaited, so the late answer counts (dropping each
+    probe at its resend left such a server unprovable for as long as it stayed busy)."""
+    server, client = server_and_client(hold=1_000)
+    gate = Gate()
+    gate.open()
+    thread, out = in_thread(lambda: gate.call(client, Route.Request(
+        event_id='e1', event_type='t'), WAIT_LIMIT_S, 'closed'))
+    ros.wait_for(lambda: len(server.seen) >= 2, 'a second probe: the first one given up')
+    server.gates[0].set()   # the first probe answered now, late; the second stays held
+    ros.wait_for(lambda: 'e1' in server.seen, 'the request, after the late answer')
+    server.gates[server.seen.index('e1')].set()
+    ros.wait_for(lambda: not thread.is_alive(), 'the call')
+    assert out[0][0].decision_id == 'd-e1' and gate.replies.proven(client)
+    assert server.seen.count('e1') == 1
 
 
 def test_a_restarted_server_is_probed_again(ros, server_and_client):
@@ -274,3 +298,36 @@ def test_a_remote_plugins_call_waits_for_its_own_answer_too():
     _stale_wake_then_answer(tasks, client, thread, response)
     assert out[0].ok, out[0].error
     assert [r.event.id for r in client.requests] == ['', 'q1'] and not client.removed
+
+
+def test_closing_the_gate_ends_the_requests_own_wait_and_keeps_the_proof():
+    """The request went and no answer comes: closing the gate (a deactivate) ends the wait at
+    once with the reason; the path stays proven (the server did nothing wrong)."""
+    tasks = QueuedTasks()
+    client = RacingClient(Route, '/racing/route', tasks)
+    gate = Gate()
+    gate.open()
+    thread, out = in_thread(lambda: gate.call(client, Route.Request(
+        event_id='e1', event_type='t'), WAIT_LIMIT_S, 'the host is not active'))
+    assert client.request_sent.wait(WAIT_LIMIT_S)
+    tasks.run()
+    gate.close()
+    thread.join(WAIT_LIMIT_S)
+    assert out == [(None, 'the host is not active')]
+    assert client.removed == [client.request_future] and gate.replies.proven(client)
+
+
+def test_a_request_that_is_itself_a_probe_is_asked_once():
+    """Health's request has no fields: it is its own probe, and its answer is the answer."""
+    from loom_msgs.srv import Health
+    from loom_ros.plugins.registry import ServicePlugin
+    tasks = QueuedTasks()
+
+    class Node:
+        def create_client(self, srv_type, name):
+            return RacingClient(srv_type, name, tasks)
+    remote = ServicePlugin(Node(), 'weather', host='/racing_host')
+    status = remote.health()
+    assert len(remote._health.requests) == 1 and isinstance(remote._health.requests[0],
+                                                            Health.Request)
+    assert status.message == '' and remote._replies.proven(remote._health)

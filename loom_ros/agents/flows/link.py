@@ -87,9 +87,9 @@ class Gate:
 
     def call(self, client, request, timeout_s: float, why_closed: str):
         """(response, '') or (None, why): waits for the service (at most `timeout_s`), proves
-        the client's reply path with a probe on its first call (in the same bound), then waits
-        for the answer (at most `timeout_s` again), and gives up as soon as the gate closes.
-        The request itself is sent once: a Route or a tts call must not happen twice."""
+        the client's reply path with a probe on its first call (at most `timeout_s` more), then
+        waits for the answer (at most `timeout_s` again), and gives up as soon as the gate
+        closes. The request itself is sent once: a Route or a tts call must not happen twice."""
         if self._refuse_waits:
             return None, self.INLINE
         done = threading.Event()
@@ -106,7 +106,7 @@ class Gate:
                 if time.monotonic() >= deadline:
                     return None, f'service {client.srv_name} is not available'
             is_open = lambda: self._open   # noqa: E731
-            if not self.replies.prove(client, done, time.monotonic() + timeout_s, is_open):
+            if self.replies.prove(client, done, time.monotonic() + timeout_s, is_open) is None:
                 if not self._open:
                     return None, why_closed
                 return None, (f'service {client.srv_name} did not answer a reply-path probe '
@@ -119,9 +119,9 @@ class Gate:
             if future.done() and future.exception() is None:
                 return future.result(), ''
             client.remove_pending_request(future)
-            self.replies.forget(client)   # the next call proves the path again
             if not self._open:
                 return None, why_closed
+            self.replies.forget(client)   # unanswered: the next call proves the path again
             return None, f'service {client.srv_name} did not answer in {timeout_s:g} s'
         finally:
             with self._lock:
