@@ -92,6 +92,18 @@ def in_thread(fn):
     return thread, out
 
 
+def open_gate(graph=None) -> Gate:
+    gate = Gate(graph=graph)
+    gate.open()
+    return gate
+
+
+def route_call(gate, client, event_id: str, limit: float = WAIT_LIMIT_S, why: str = 'closed'):
+    """Gate.call of one Route request on a thread of its own (it blocks): (thread, [result])."""
+    return in_thread(lambda: gate.call(client, Route.Request(event_id=event_id, event_type='t'),
+                                       limit, why))
+
+
 def test_empty_requests_are_probes_and_nothing_else_is():
     assert is_probe(Route.Request()) and is_probe(HandleEvent.Request())
     assert not is_probe(Route.Request(event_type='speech.utterance'))
@@ -107,10 +119,8 @@ def test_empty_requests_are_probes_and_nothing_else_is():
 def test_a_lost_first_answer_costs_a_second_probe_and_the_request_goes_once(
         ros, server_and_client):
     server, client = server_and_client(hold=1)
-    gate = Gate()
-    gate.open()
-    thread, out = in_thread(lambda: gate.call(client, Route.Request(
-        event_id='e1', event_type='speech.utterance'), WAIT_LIMIT_S, 'closed'))
+    gate = open_gate()
+    thread, out = route_call(gate, client, 'e1')
     ros.wait_for(lambda: not thread.is_alive(), 'the call through a lost first answer')
     resp, why = out[0]
     assert why == '' and resp.ok and resp.decision_id == 'd-e1'
@@ -119,8 +129,7 @@ def test_a_lost_first_answer_costs_a_second_probe_and_the_request_goes_once(
     assert server.seen == ['', '', 'e1'], server.seen
     assert gate.replies.probes_sent == 2 and gate.replies.proven(client)
     server.release.set()   # the held answer now arrives late, for a request given up on
-    thread, out = in_thread(lambda: gate.call(client, Route.Request(
-        event_id='e2', event_type='speech.utterance'), WAIT_LIMIT_S, 'closed'))
+    thread, out = route_call(gate, client, 'e2')
     ros.wait_for(lambda: not thread.is_alive(), 'the second call')
     assert out[0][0].decision_id == 'd-e2'
     assert server.seen == ['', '', 'e1', 'e2'], 'no probe once the path is proven'
@@ -129,10 +138,8 @@ def test_a_lost_first_answer_costs_a_second_probe_and_the_request_goes_once(
 
 def test_closing_the_gate_ends_a_probe_wait_and_nothing_is_sent(ros, server_and_client):
     server, client = server_and_client(hold=1_000)
-    gate = Gate()
-    gate.open()
-    thread, out = in_thread(lambda: gate.call(client, Route.Request(
-        event_id='e1', event_type='speech.utterance'), WAIT_LIMIT_S, 'the host is not active'))
+    gate = open_gate()
+    thread, out = route_call(gate, client, 'e1', why='the host is not active')
     ros.wait_for(lambda: len(server.seen) >= 1, 'a probe at the server')
     gate.close()
     ros.wait_for(lambda: not thread.is_alive(), 'the call ending on close')
@@ -149,10 +156,8 @@ def test_an_unanswered_probe_gives_up_at_the_deadline_with_the_reason(ros, serve
     thread, out = in_thread(lambda: paths.prove(client, wake, deadline=0.0))
     ros.wait_for(lambda: not thread.is_alive(), 'prove at a past deadline')
     assert out == [None] and paths.probes_sent == 1 and not paths.proven(client)
-    gate = Gate()
-    gate.open()
-    thread, out = in_thread(lambda: gate.call(client, Route.Request(
-        event_id='e1', event_type='t'), 0.0, 'closed'))
+    gate = open_gate()
+    thread, out = route_call(gate, client, 'e1', limit=0.0)
     ros.wait_for(lambda: not thread.is_alive(), 'a call with no time left')
     resp, why = out[0]
     assert resp is None and 'did not answer a reply-path probe' in why, why
@@ -165,10 +170,8 @@ def test_a_server_that_answers_late_still_proves_the_path(ros, server_and_client
     next one went out: every probe stays awaited, so the late answer counts (dropping each
     probe at its resend left such a server unprovable for as long as it stayed busy)."""
     server, client = server_and_client(hold=1_000)
-    gate = Gate()
-    gate.open()
-    thread, out = in_thread(lambda: gate.call(client, Route.Request(
-        event_id='e1', event_type='t'), WAIT_LIMIT_S, 'closed'))
+    gate = open_gate()
+    thread, out = route_call(gate, client, 'e1')
     ros.wait_for(lambda: len(server.seen) >= 2, 'a second probe: the first one given up')
     server.gates[0].set()   # the first probe answered now, late; the second stays held
     ros.wait_for(lambda: 'e1' in server.seen, 'the request, after the late answer')
@@ -182,10 +185,8 @@ def test_a_restarted_server_is_probed_again(ros, server_and_client):
     """A new server process has a new reply writer: a new match, with the same race. The proof
     names the servers' reply writers in the graph, so a call after a restart probes first."""
     first, client = server_and_client(hold=0)
-    gate = Gate(graph=ros.node)
-    gate.open()
-    thread, out = in_thread(lambda: gate.call(client, Route.Request(
-        event_id='e1', event_type='t'), WAIT_LIMIT_S, 'closed'))
+    gate = open_gate(graph=ros.node)
+    thread, out = route_call(gate, client, 'e1')
     ros.wait_for(lambda: not thread.is_alive(), 'the first call')
     assert out[0][0].ok and first.seen == ['', 'e1']
     ros.wait_for(lambda: reply_writers(ros.node, client), 'the server in the graph')
@@ -197,8 +198,7 @@ def test_a_restarted_server_is_probed_again(ros, server_and_client):
     server_and_client.made.append(second)
     ros.wait_for(lambda: reply_writers(ros.node, client) not in (before, frozenset()),
                  'the restarted server in the graph, the old one gone')
-    thread, out = in_thread(lambda: gate.call(client, Route.Request(
-        event_id='e2', event_type='t'), WAIT_LIMIT_S, 'closed'))
+    thread, out = route_call(gate, client, 'e2')
     ros.wait_for(lambda: not thread.is_alive(), 'the call after the restart')
     assert out[0][0].decision_id == 'd-e2'
     assert second.seen == ['', 'e2'], second.seen
@@ -270,10 +270,8 @@ def _stale_wake_then_answer(tasks, client, thread, answer):
 def test_a_probe_callback_run_late_does_not_end_the_requests_wait():
     tasks = QueuedTasks()
     client = RacingClient(Route, '/racing/route', tasks)
-    gate = Gate()
-    gate.open()
-    thread, out = in_thread(lambda: gate.call(client, Route.Request(
-        event_id='e1', event_type='t'), WAIT_LIMIT_S, 'closed'))
+    gate = open_gate()
+    thread, out = route_call(gate, client, 'e1')
     answer = Route.Response(ok=True, decision_id='d-e1')
     _stale_wake_then_answer(tasks, client, thread, answer)
     assert out == [(answer, '')]
@@ -305,10 +303,8 @@ def test_closing_the_gate_ends_the_requests_own_wait_and_keeps_the_proof():
     once with the reason; the path stays proven (the server did nothing wrong)."""
     tasks = QueuedTasks()
     client = RacingClient(Route, '/racing/route', tasks)
-    gate = Gate()
-    gate.open()
-    thread, out = in_thread(lambda: gate.call(client, Route.Request(
-        event_id='e1', event_type='t'), WAIT_LIMIT_S, 'the host is not active'))
+    gate = open_gate()
+    thread, out = route_call(gate, client, 'e1', why='the host is not active')
     assert client.request_sent.wait(WAIT_LIMIT_S)
     tasks.run()
     gate.close()
