@@ -18,6 +18,12 @@ Each round runs, in turn:
          samples from the same seconds as the demo's: one machine, the same minutes.
 Reports P50/P99/max per run, pooled per kind, and in `both` the demo's P99 over the chain's.
 
+The machine itself is watched too: one ticker process per CPU, pinned, SCHED_FIFO where the
+user may (root, CAP_SYS_NICE), wakes every 2 ms and logs each wake-up more than 15 ms late. A
+FIFO thread pre-empts every ordinary one, so such a gap means the CPU did not run at all (the
+hypervisor took it, or the kernel held it): a slow frame inside one is the machine's, not
+Loom's. Each run reports the gaps in its own window (`--no-tickers`: none).
+
     python bench/face_chain_bench.py                       # 3 rounds of 30 s (about 8 min)
     python bench/face_chain_bench.py --rounds 1 --no-write # a look, nothing written
 Writes bench/results/face_chain.md and .json (machine, LOOM_BENCH_NOTE).
@@ -46,6 +52,8 @@ TOPICS = {'camera': 'bench/chain/image_raw', 'adapter': 'bench/chain/image',
           'face': 'bench/chain/face', 'ui': 'bench/chain/ui_state'}
 WARMUP_S = 3.0          # the chain's first seconds (matching, model warm-up) are not counted
 READY_TIMEOUT_S = 60.0
+TICK_S = 0.002          # a ticker's sleep
+TICK_GAP_MS = 15.0      # a wake-up this late is logged (a CPU that did not run)
 
 
 def _qos(level: str):
@@ -114,6 +122,63 @@ def run_role(role: str, rate_hz: float) -> None:
     while not stop.done():
         executor.spin_until_future_complete(stop, timeout_sec=0.2)
     os._exit(0)
+
+
+def run_ticker(cpu: int, out: str) -> None:
+    """A wake-up every TICK_S on `cpu`, at SCHED_FIFO when allowed, until SIGTERM; writes
+    '# fifo 0|1' then one 'end_ns gap_ms' line per wake-up later than TICK_GAP_MS."""
+    import gc
+    gc.disable()   # no collection pause of its own in what it measures
+    os.sched_setaffinity(0, {cpu})
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(50))
+        fifo = True
+    except OSError:   # not permitted: an ordinary thread's gaps say less, and the table says so
+        fifo = False
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    with open(out, 'w', buffering=1) as f:
+        f.write(f'# fifo {int(fifo)}\n')
+        last = time.monotonic()
+        while True:
+            time.sleep(TICK_S)
+            now = time.monotonic()
+            if (now - last) * 1000.0 > TICK_GAP_MS:
+                f.write(f'{time.time_ns()} {(now - last) * 1000.0:.1f}\n')
+            last = now
+
+
+def ticker_window(files, start_ns: int, end_ns: int) -> dict:
+    """What the tickers' files say of start_ns..end_ns: whether every one ran at SCHED_FIFO, and
+    the gaps over TICK_GAP_MS that overlap the window (a gap ends at its line's time)."""
+    fifo, gaps = True, []
+    for path in files:
+        lines = path.read_text().splitlines() if path.exists() else []
+        fifo = fifo and bool(lines) and lines[0] == '# fifo 1'
+        for line in lines[1:]:
+            end, gap = line.split()
+            end, gap = int(end), float(gap)
+            if end >= start_ns and end - gap * 1e6 <= end_ns:
+                gaps.append(gap)
+    return {'fifo': fifo, 'gaps': len(gaps), 'max_gap_ms': max(gaps, default=0.0)}
+
+
+class Tickers:
+    """One run_ticker process per CPU this process may use, for the whole bench."""
+
+    def __init__(self, scratch: Path):
+        self.files = [scratch / f'ticker_{cpu}.txt' for cpu in sorted(os.sched_getaffinity(0))]
+        self.procs = [subprocess.Popen([sys.executable, __file__, '--role', 'ticker', '--cpu',
+                                        path.stem.split('_')[1], '--ticker-out', str(path)],
+                                       cwd=ROOT) for path in self.files]
+
+    def window(self, start_ns: int, end_ns: int) -> dict:
+        return ticker_window(self.files, start_ns, end_ns)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(10)
 
 
 def chain_env(domain: int) -> dict:
@@ -229,6 +294,15 @@ def measure(args) -> list[dict]:
 
 
 def _measure(args, scratch: Path) -> list[dict]:
+    tickers = None if args.no_tickers else Tickers(scratch)
+    try:
+        return _rounds(args, scratch, tickers)
+    finally:
+        if tickers is not None:
+            tickers.stop()
+
+
+def _rounds(args, scratch: Path, tickers) -> list[dict]:
     runs = []
     for r in range(args.rounds):
         for kind in args.kinds.split(','):
@@ -244,11 +318,13 @@ def _measure(args, scratch: Path) -> list[dict]:
                 start = first + int(WARMUP_S * 1e9)
                 got = chain.between(start, start + int(args.duration * 1e9))
                 runs.append({'round': r, 'kind': 'chain', 'load': load, 'chain': stats(got),
-                             'chain_samples': got})
+                             'chain_samples': got,
+                             'window_ns': (start, start + int(args.duration * 1e9))})
             elif kind == 'demo':
                 demo = run_demo(args.duration, args.domain, scratch / f'demo_{r}')
                 runs.append({'round': r, 'kind': 'demo', 'load': load,
-                             'demo': stats(demo['samples']), 'demo_samples': demo['samples']})
+                             'demo': stats(demo['samples']), 'demo_samples': demo['samples'],
+                             'window_ns': (demo['ready_ns'], demo['end_ns'])})
             else:
                 chain = Chain(args.domain + 1, args.beside_rate)
                 chain.start()
@@ -259,7 +335,10 @@ def _measure(args, scratch: Path) -> list[dict]:
                 got = chain.between(demo['ready_ns'], demo['end_ns'])
                 runs.append({'round': r, 'kind': 'both', 'load': load,
                              'demo': stats(demo['samples']), 'chain': stats(got),
-                             'demo_samples': demo['samples'], 'chain_samples': got})
+                             'demo_samples': demo['samples'], 'chain_samples': got,
+                             'window_ns': (demo['ready_ns'], demo['end_ns'])})
+            if tickers is not None:
+                runs[-1]['machine'] = tickers.window(*runs[-1]['window_ns'])
             print(json.dumps({k: v for k, v in runs[-1].items() if not k.endswith('_samples')}),
                   flush=True)
     return runs
@@ -272,14 +351,14 @@ def render(info: dict) -> str:
              f"{info['rate']} Hz, beside the demo at {info['beside_rate']} Hz. Camera-to-emoji "
              '(demo: since bring-up was ready) and frame-to-state (chain) in ms.', '',
              '| round | kind | load | demo n | demo P50 / P99 / max | chain n | '
-             'chain P50 / P99 / max | demo P99 / chain P99 |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- |']
+             'chain P50 / P99 / max | demo P99 / chain P99 | CPU gaps > 15 ms (max) |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for run in info['runs']:
         d, c = run.get('demo'), run.get('chain')
         ratio = f"{d['p99'] / c['p99']:.2f}" if d and c and c['p99'] else ''
         lines.append(f"| {run['round']} | {run['kind']} | {run['load']} | "
                      f"{d['n'] if d else ''} | {_three(d)} | {c['n'] if c else ''} | "
-                     f"{_three(c)} | {ratio} |")
+                     f"{_three(c)} | {ratio} | {_machine(run.get('machine'))} |")
     lines += ['', 'Pooled (every sample of a kind, all rounds):', '',
               '| kind | who | n | P50 / P99 / max |', '| --- | --- | --- | --- |']
     for key, s in info['pooled'].items():
@@ -288,13 +367,23 @@ def render(info: dict) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def _machine(m: dict | None) -> str:
+    if m is None:
+        return ''
+    return f"{m['gaps']} ({m['max_gap_ms']:.0f} ms)" + ('' if m['fifo'] else ', not FIFO')
+
+
 def _three(s: dict | None) -> str:
     return f"{s['p50']} / {s['p99']} / {s['max']}" if s else ''
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument('--role', choices=ROLES)
+    parser.add_argument('--role', choices=ROLES + ('ticker',))
+    parser.add_argument('--cpu', type=int, default=0, help='a ticker role: its CPU')
+    parser.add_argument('--ticker-out', default='', help='a ticker role: its file')
+    parser.add_argument('--no-tickers', action='store_true',
+                        help='no per-CPU tickers watching the machine')
     parser.add_argument('--rate', type=float, default=30.0, help='the chain alone, Hz')
     parser.add_argument('--beside-rate', type=float, default=10.0,
                         help='the chain beside the demo, Hz (its inference is load on the demo)')
@@ -306,6 +395,9 @@ def main() -> None:
     parser.add_argument('--no-write', action='store_true')
     parser.add_argument('--out', default=str(HERE / 'results'))
     args = parser.parse_args()
+    if args.role == 'ticker':
+        run_ticker(args.cpu, args.ticker_out)
+        return
     if args.role:
         run_role(args.role, args.rate)
         return
