@@ -167,9 +167,11 @@ class Tickers:
 
     def __init__(self, scratch: Path):
         self.files = [scratch / f'ticker_{cpu}.txt' for cpu in sorted(os.sched_getaffinity(0))]
+        from loom_ros.bringup.processes import die_with_parent   # a killed bench leaves none
         self.procs = [subprocess.Popen([sys.executable, __file__, '--role', 'ticker', '--cpu',
                                         path.stem.split('_')[1], '--ticker-out', str(path)],
-                                       cwd=ROOT) for path in self.files]
+                                       cwd=ROOT, preexec_fn=die_with_parent())
+                      for path in self.files]
 
     def window(self, start_ns: int, end_ns: int) -> dict:
         return ticker_window(self.files, start_ns, end_ns)
@@ -200,11 +202,12 @@ class Chain:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        from loom_ros.bringup.processes import die_with_parent   # a killed bench leaves none
         env = chain_env(self.domain)
         for role in reversed(ROLES):   # listeners first
             proc = subprocess.Popen([sys.executable, __file__, '--role', role, '--rate',
                                      str(self.rate_hz)], env=env, stdout=subprocess.PIPE,
-                                    text=True, cwd=ROOT)
+                                    text=True, cwd=ROOT, preexec_fn=die_with_parent())
             self.procs.append(proc)
             line = proc.stdout.readline()
             if not line.startswith('{'):
