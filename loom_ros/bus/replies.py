@@ -62,13 +62,15 @@ def wait_for(future, wake: threading.Event, until: float,
 
 
 def reply_writers(graph, client) -> frozenset:
-    """The gids of the servers' reply writers for `client`'s service, from `graph` (a node):
-    rmw_fastrtps and rmw_cyclonedds show them as the topic rr/<service>Reply. Empty where the
-    rmw does not (then a proof is kept until a call times out)."""
+    """The gids of the servers' reply writers for `client`'s service, from `graph` (the node
+    that made the client: its namespace and remappings resolve a relative name): rmw_fastrtps
+    and rmw_cyclonedds show them as the topic rr/<service>Reply. Empty where the rmw does not
+    (then a proof is kept until a call times out)."""
     if graph is None:
         return frozenset()
     try:
-        infos = graph.get_publishers_info_by_topic(f'rr{client.srv_name}Reply', no_mangle=True)
+        name = graph.resolve_service_name(client.srv_name)   # srv_name is as it was given
+        infos = graph.get_publishers_info_by_topic(f'rr{name}Reply', no_mangle=True)
     except Exception:  # noqa: BLE001 - a graph that cannot say: no change seen
         return frozenset()
     return frozenset(bytes(info.endpoint_gid) for info in infos)

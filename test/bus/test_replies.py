@@ -327,3 +327,17 @@ def test_a_request_that_is_itself_a_probe_is_asked_once():
     assert len(remote._health.requests) == 1 and isinstance(remote._health.requests[0],
                                                             Health.Request)
     assert status.message == '' and remote._replies.proven(remote._health)
+
+
+def test_a_relative_service_name_is_found_in_the_graph(ros, server_and_client):
+    """ServiceRouter's client is made with 'router/route', relative to the agent node: the
+    reply writers are looked up under the name the node resolves it to, or no restart would
+    ever be seen on it."""
+    server, absolute = server_and_client(hold=0)
+    relative = ros.node.create_client(Route, absolute.srv_name.lstrip('/'))
+    try:
+        assert relative.srv_name != absolute.srv_name   # rclpy keeps the name as given
+        ros.wait_for(lambda: reply_writers(ros.node, relative), 'the server under its name')
+        assert reply_writers(ros.node, relative) == reply_writers(ros.node, absolute)
+    finally:
+        ros.node.destroy_client(relative)
