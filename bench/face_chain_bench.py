@@ -166,12 +166,14 @@ class Tickers:
     """One run_ticker process per CPU this process may use, for the whole bench."""
 
     def __init__(self, scratch: Path):
-        self.files = [scratch / f'ticker_{cpu}.txt' for cpu in sorted(os.sched_getaffinity(0))]
         from loom_ros.bringup.processes import die_with_parent   # a killed bench leaves none
-        self.procs = [subprocess.Popen([sys.executable, __file__, '--role', 'ticker', '--cpu',
-                                        path.stem.split('_')[1], '--ticker-out', str(path)],
-                                       cwd=ROOT, preexec_fn=die_with_parent())
-                      for path in self.files]
+        self.files, self.procs = [], []
+        for cpu in sorted(os.sched_getaffinity(0)):
+            path = scratch / f'ticker_{cpu}.txt'
+            self.files.append(path)
+            self.procs.append(subprocess.Popen(
+                [sys.executable, __file__, '--role', 'ticker', '--cpu', str(cpu),
+                 '--ticker-out', str(path)], cwd=ROOT, preexec_fn=die_with_parent()))
 
     def window(self, start_ns: int, end_ns: int) -> dict:
         return ticker_window(self.files, start_ns, end_ns)
@@ -290,19 +292,14 @@ def stats(samples: list[float]) -> dict:
 
 def measure(args) -> list[dict]:
     scratch = Path(tempfile.mkdtemp(prefix='face_chain_'))
+    tickers = None
     try:
-        return _measure(args, scratch)
-    finally:   # each demo leaves its recording and databases: tens of MB a round
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _measure(args, scratch: Path) -> list[dict]:
-    tickers = None if args.no_tickers else Tickers(scratch)
-    try:
+        tickers = None if args.no_tickers else Tickers(scratch)
         return _rounds(args, scratch, tickers)
-    finally:
+    finally:   # each demo leaves its recording and databases: tens of MB a round
         if tickers is not None:
             tickers.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _rounds(args, scratch: Path, tickers) -> list[dict]:
@@ -318,11 +315,11 @@ def _rounds(args, scratch: Path, tickers) -> list[dict]:
                 finally:
                     chain.stop()
                 first = chain.samples[0][0] if chain.samples else 0
-                start = first + int(WARMUP_S * 1e9)
-                got = chain.between(start, start + int(args.duration * 1e9))
+                window = (first + int(WARMUP_S * 1e9),
+                          first + int((WARMUP_S + args.duration) * 1e9))
+                got = chain.between(*window)
                 runs.append({'round': r, 'kind': 'chain', 'load': load, 'chain': stats(got),
-                             'chain_samples': got,
-                             'window_ns': (start, start + int(args.duration * 1e9))})
+                             'chain_samples': got, 'window_ns': window})
             elif kind == 'demo':
                 demo = run_demo(args.duration, args.domain, scratch / f'demo_{r}')
                 runs.append({'round': r, 'kind': 'demo', 'load': load,

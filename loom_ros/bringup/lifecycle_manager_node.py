@@ -42,7 +42,7 @@ from loom_ros.bus import topics
 from loom_ros.bus.executor import run_node
 from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.bringup import entry
-from loom_ros.bringup.manager_core import ManagerCore
+from loom_ros.bringup.manager_core import AFTER, ManagerCore
 from loom_ros.bringup.processes import Process, RestartPolicy
 from loom_ros.config.params import (ConfigError, ParamSpec, config_dir, declare_parameters,
                                     node_defaults)
@@ -578,7 +578,7 @@ class LifecycleManagerNode(Node):
             if future is not None and future.done():
                 m.settle = (None, asked)   # asked again SETTLE_S after the last ask
                 state = future.result()
-                target = 'inactive' if m.phase == 'configuring' else 'active'
+                target = AFTER['configure' if m.phase == 'configuring' else 'activate']
                 if state is not None and state.current_state.label == target:
                     m.change_state.remove_pending_request(m.future)
                     self.get_logger().info(f'{m.unit.node}: {m.phase[:-3]}e took effect; its '

@@ -156,3 +156,31 @@ class ReplyPaths:
             for future in sent:
                 if not future.done():
                     client.remove_pending_request(future)
+
+    def ask(self, client, request, wake: threading.Event, timeout_s: float,
+            go_on: Callable[[], bool] = lambda: True) -> tuple:
+        """A one-shot request: the path proven first (at most `timeout_s`), then `request`
+        sent once and its own answer awaited (at most `timeout_s` again). (response, '') or
+        (None, why); why is '' when `go_on()` turned False (the caller says why). A request
+        that is itself a probe is not sent twice: the probe's answer is its answer. An answer
+        that does not come while `go_on()` holds drops the proof (the next call probes)."""
+        answer = self.prove(client, wake, time.monotonic() + timeout_s, go_on)
+        if answer is None:
+            return None, (f'service {client.srv_name} did not answer a reply-path probe in '
+                          f'{timeout_s:g} s' if go_on() else '')
+        if answer is not PROVEN and is_probe(request):
+            return answer, ''
+        if not go_on():
+            return None, ''
+        future = client.call_async(request)
+        future.add_done_callback(lambda _f: wake.set())
+        wait_for(future, wake, time.monotonic() + timeout_s, go_on)
+        if future.done():
+            if future.exception() is None:
+                return future.result(), ''
+            return None, f'service {client.srv_name} failed: {future.exception()!s:.200}'
+        client.remove_pending_request(future)
+        if not go_on():
+            return None, ''
+        self.forget(client)
+        return None, f'service {client.srv_name} did not answer in {timeout_s:g} s'

@@ -13,10 +13,9 @@ never from an executor callback of the same node.
 from __future__ import annotations
 
 import threading
-import time
 
 from loom_ros.bus.event import Event
-from loom_ros.bus.replies import PROVEN, ReplyPaths, is_probe, wait_for
+from loom_ros.bus.replies import ReplyPaths
 from loom_ros.plugins.contract import (
     HealthState, HealthStatus, PluginError, PluginResponse,
 )
@@ -79,22 +78,7 @@ class ServicePlugin:
     def _call(self, client, request):
         if not client.wait_for_service(timeout_sec=self.timeout_s):
             return None, f'service {client.srv_name} is not available'
-        done = threading.Event()
-        answer = self._replies.prove(client, done, time.monotonic() + self.timeout_s)
-        if answer is None:
-            return None, (f'service {client.srv_name} did not answer a reply-path probe in '
-                          f'{self.timeout_s:g} s')
-        if answer is not PROVEN and is_probe(request):
-            return answer, ''   # the request was the probe (Health): asked once, not twice
-        future = client.call_async(request)
-        future.add_done_callback(lambda _f: done.set())
-        if not wait_for(future, done, time.monotonic() + self.timeout_s):
-            client.remove_pending_request(future)
-            self._replies.forget(client)   # the next call proves the path again
-            return None, f'service {client.srv_name} did not answer in {self.timeout_s:g} s'
-        if future.exception() is not None:
-            return None, f'service {client.srv_name} failed: {future.exception()!s:.200}'
-        return future.result(), ''
+        return self._replies.ask(client, request, threading.Event(), self.timeout_s)
 
     def handle_event(self, event: Event) -> PluginResponse:
         from loom_msgs.srv import HandleEvent

@@ -26,7 +26,7 @@ from loom_ros.agents.behavior import InProcessPlugins, PortError, Ports
 from loom_ros.bus import topics
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.qos import QosLevel, to_qos_profile
-from loom_ros.bus.replies import ReplyPaths, wait_for
+from loom_ros.bus.replies import ReplyPaths
 from loom_ros.cloud.client import outcome_msg
 from loom_ros.config.params import config_dir
 from loom_ros.plugins.contract import PluginResponse
@@ -105,24 +105,8 @@ class Gate:
                     return None, why_closed
                 if time.monotonic() >= deadline:
                     return None, f'service {client.srv_name} is not available'
-            is_open = lambda: self._open   # noqa: E731
-            if self.replies.prove(client, done, time.monotonic() + timeout_s, is_open) is None:
-                if not self._open:
-                    return None, why_closed
-                return None, (f'service {client.srv_name} did not answer a reply-path probe '
-                              f'in {timeout_s:g} s')
-            if not self._open:
-                return None, why_closed
-            future = client.call_async(request)
-            future.add_done_callback(lambda _f: done.set())
-            wait_for(future, done, time.monotonic() + timeout_s, is_open)
-            if future.done() and future.exception() is None:
-                return future.result(), ''
-            client.remove_pending_request(future)
-            if not self._open:
-                return None, why_closed
-            self.replies.forget(client)   # unanswered: the next call proves the path again
-            return None, f'service {client.srv_name} did not answer in {timeout_s:g} s'
+            resp, why = self.replies.ask(client, request, done, timeout_s, lambda: self._open)
+            return (resp, why) if resp is not None or why else (None, why_closed)
         finally:
             with self._lock:
                 self._waiters.discard(done)
