@@ -101,8 +101,17 @@ def _percentiles(values, *qs: float) -> list[float]:
 
 def _recent(samples: deque, n: int = 256) -> list:
     """The newest `n` of a long deque without copying all of it (a heartbeat runs every 0.1 s
-    for up to 10 agents: copying 10,000 samples each cost most of its time)."""
-    return list(islice(reversed(samples), n))
+    for up to 10 agents: copying 10,000 samples each cost most of its time). The agent's worker
+    appends while a heartbeat reads: the GIL can pass to it between making the iterator and
+    reading it, which makes the deque's iterator raise, so read again; after three such races,
+    take a copy (one C call, no gap for the worker)."""
+    for _ in range(3):
+        try:
+            return list(islice(reversed(samples), n))
+        except RuntimeError:   # deque mutated during iteration
+            continue
+    copy = list(samples)
+    return copy[::-1][:n]
 
 
 RECALL_WAIT_S = 2.0   # how long Recall waits for an agent's handler to finish
