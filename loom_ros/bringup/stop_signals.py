@@ -10,6 +10,12 @@ this way until it was SIGKILLed, its nodes never stopped (2 of 8 test runs). A `
 pipe takes no Python lock, so the handler always returns; the stop runs on the `loom-stop`
 thread, where waiting for the main thread's lock is an ordinary wait.
 
+Nor does the stop wait for the main thread at all: Python runs a handler only when the main
+thread next executes bytecode, and a main thread blocked in native code (an executor's spin, a
+deadlocked lock in C) never does. The pipe is the process's signal wakeup descriptor
+(`signal.set_wakeup_fd`): the interpreter's C-level handler writes the signal's number there the
+moment the signal arrives, so the `loom-stop` thread hears it whatever the main thread is doing.
+
     stop = stop_event()            # set by the first SIGINT or SIGTERM
     while not stop.wait(0.2): ...
 
@@ -36,9 +42,12 @@ def on_stop_signal(on_stop: Callable[[int], None],
     os.set_blocking(write_fd, False)   # a full pipe (signals nobody reads) drops, never blocks
     pipe = {'write': write_fd}   # restore() takes the descriptor out before it closes it
 
+    wanted = frozenset(int(s) for s in signums)
+    pipe['woken'] = False   # the C-level handler writes (set_wakeup_fd); else `handler` does
+
     def handler(signum, _frame) -> None:
         fd = pipe['write']
-        if fd is None:   # a handler restore() has replaced, called late
+        if fd is None or pipe['woken']:   # replaced by restore(), or written already
             return
         try:
             os.write(fd, bytes((signum & 0xFF,)))
@@ -49,6 +58,8 @@ def on_stop_signal(on_stop: Callable[[int], None],
         try:
             while got := os.read(read_fd, 64):   # empty: restore() closed the pipe
                 for signum in got:
+                    if signum not in wanted:   # the wakeup fd hears every handled signal
+                        continue
                     try:
                         on_stop(signum)
                     except Exception as exc:  # noqa: BLE001 - the next signal still counts
@@ -68,6 +79,10 @@ def on_stop_signal(on_stop: Callable[[int], None],
             return
         for signum, old in previous.items():
             signal.signal(signum, old)
+        if pipe['woken']:
+            current = signal.set_wakeup_fd(pipe['wakeup_before'])
+            if current != fd:   # another's since ours: theirs stays
+                signal.set_wakeup_fd(current)
         os.close(fd)   # the relay reads end-of-file and ends
 
     try:
@@ -78,8 +93,10 @@ def on_stop_signal(on_stop: Callable[[int], None],
         os.close(write_fd)
         raise
     try:
-        for signum in signums:
+        for signum in wanted:
             previous[signum] = signal.signal(signum, handler)
+        pipe['wakeup_before'] = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        pipe['woken'] = True
     except BaseException:   # e.g. not on the main thread: nothing half-installed is left
         restore()
         raise

@@ -11,6 +11,13 @@ node never exited after SIGINT in a CI run; `loom bringup`'s readiness watcher b
 shutdown transition (state committed, files closed) and leaves the rest to a hard exit; the
 node's destruction and rclpy's shutdown get the same bound.
 
+No stop that never comes either: a main thread that does not come back from spinning within
+`STOP_NOTICE_S` of SIGINT/SIGTERM (stuck in native code, or in a callback that never returns)
+would keep the process alive until its supervisor's SIGKILL, with nothing said. `run_node`'s
+stop watch then writes every thread's stack to stderr (the evidence), takes the node through its
+shutdown on the watch's thread (bounded as above) and exits 1: a fault, said and counted by the
+supervisor, not a clean stop.
+
 No silent death: an exception escaping a callback (timer, subscription, service) comes out of
 `spin_until_future_complete`; `spin_until` counts it per node (`callback_errors`, and the node's
 bus stats under `callback_error`), logs it at most once a second, and keeps spinning.
@@ -18,12 +25,14 @@ Measured on rclpy 9.1.2: the EventsExecutor keeps firing a timer after its callb
 """
 from __future__ import annotations
 
+import faulthandler
 import gc
 import inspect
 import os
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
 
 from rclpy.executors import ExternalShutdownException
@@ -35,6 +44,11 @@ from loom_ros.bus.event import RejectReason
 # rclpy's shutdown: bring-up and launch give a node 20 s after SIGINT (nodes.STOP_TIMEOUT_S),
 # and a node's own shutdown transition (agents committing) must fit in between.
 EXECUTOR_CLOSE_S = 5.0
+# The most the main thread may take to come back from spinning after a stop signal (a callback
+# running then finishes first: a model's configure takes 1-2 s here); the stop watch's own
+# teardown (EXECUTOR_CLOSE_S) still ends before the supervisor's SIGKILL at 20 s.
+STOP_NOTICE_S = 8.0
+STUCK_EXIT_CODE = 1
 
 # Exceptions that escaped a callback, per fully qualified node name (all nodes of the executor
 # whose callback raised: rclpy does not say which one it was).
@@ -160,24 +174,27 @@ class StartFailed(RuntimeError):
 
 
 def run_node(node_factory, args=None, executor_factory=make_executor,
-             close_s: float = EXECUTOR_CLOSE_S) -> int:
+             close_s: float = EXECUTOR_CLOSE_S, notice_s: float = STOP_NOTICE_S) -> int:
     """The demos' main(): init, spin until Ctrl-C / SIGTERM / shutdown, then tear down cleanly.
     Returns the exit code: 1 when the node could not start, else 0. An executor whose shutdown
     does not return within `close_s` is left behind: the node is still finalized, then the
-    process exits at once (os._exit) with the same code, saying so on stderr."""
+    process exits at once (os._exit) with the same code, saying so on stderr. A main thread
+    that has not come back from spinning `notice_s` after the stop signal: StopWatch."""
     import rclpy
     from rclpy.signals import SignalHandlerOptions
     from rclpy.task import Future
 
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     stop = Future()
+    node = executor = None
+    watch = StopWatch(notice_s, close_s, lambda: node)
 
     def request_stop(signum):
         if not stop.done():
             stop.set_result(signum)
+            watch.start()
 
     on_stop_signal(request_stop)   # set on a thread of its own, never in the handler
-    node = executor = None
     code = 0
     try:
         node = node_factory()
@@ -189,10 +206,67 @@ def run_node(node_factory, args=None, executor_factory=make_executor,
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        watch.noticed()
         who = node.get_fully_qualified_name() if node is not None else 'loom node'
         end_process(executor, node, who, code, close_s,
                     finalize=None if node is None else lambda: finalize_node(node))
     return code
+
+
+class StopWatch:
+    """After a stop signal, the main thread has `notice_s` to come back from spinning
+    (`noticed()`). If it has not, it is stuck where no stop reaches it: every thread's stack
+    goes to stderr, the node's shutdown runs here (at most `close_s`; the stuck thread may hold
+    what it needs) and the process exits STUCK_EXIT_CODE. `node()` gives the node, or None."""
+
+    def __init__(self, notice_s: float, close_s: float, node, exit=os._exit):
+        self.notice_s, self.close_s, self._node, self._exit = notice_s, close_s, node, exit
+        self._noticed = threading.Event()
+        self._started = False
+
+    def start(self) -> None:
+        """The stop signal came (once; later calls do nothing)."""
+        if self._started:
+            return
+        self._started = True
+        threading.Thread(target=self._watch, daemon=True, name='loom-stop-watch').start()
+
+    def noticed(self) -> None:
+        """The main thread is back: the usual teardown (end_process) bounds the rest."""
+        self._noticed.set()
+
+    def _watch(self) -> None:
+        if self._noticed.wait(self.notice_s):
+            return
+        node = self._node()
+        who = node.get_fully_qualified_name() if node is not None else 'loom node'
+        print(f'{who}: the main thread did not come back from spinning within '
+              f'{self.notice_s:g} s of the stop signal; every thread\'s stack follows, then '
+              f'the node\'s shutdown without it and exit {STUCK_EXIT_CODE}',
+              file=sys.stderr, flush=True)
+        dump_stacks()
+        if node is not None:
+            why = within(lambda: finalize_node(node), self.close_s, 'stop-watch-finalize')
+            if why:
+                print(f'{who}: its shutdown did not finish ({why})', file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._exit(STUCK_EXIT_CODE)
+
+
+def dump_stacks() -> None:
+    """Every thread's stack on stderr: faulthandler's (it reads native-stuck threads too) when
+    stderr is a file, else the interpreter's own frames (stderr replaced, as under pytest)."""
+    try:
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        return
+    except (AttributeError, ValueError, OSError):   # no fileno(): not a real file
+        pass
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        print(f'Thread {names.get(ident, ident)}:\n' + ''.join(traceback.format_stack(frame)),
+              file=sys.stderr)
+    sys.stderr.flush()
 
 
 def end_process(executor, node, who: str, code: int, close_s: float = EXECUTOR_CLOSE_S,

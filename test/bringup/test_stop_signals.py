@@ -82,6 +82,74 @@ def test_what_it_replaces_hangs_there():
         proc.wait()
 
 
+# The main thread blocked in native code for good (a default pthread mutex locked twice: no
+# signal ends the wait), as an executor stuck in C would be: Python never runs a handler there.
+STUCK_IN_NATIVE = '''
+import ctypes, os, signal, sys
+{setup}
+libc = ctypes.CDLL(None)   # CDLL calls release the GIL: the other threads go on
+mutex = ctypes.create_string_buffer(64)   # all zeros: PTHREAD_MUTEX_INITIALIZER in glibc
+libc.pthread_mutex_lock(mutex)
+print('armed', flush=True)
+libc.pthread_mutex_lock(mutex)
+'''
+
+
+def interrupt_when_armed(code: str, timeout_s: float) -> tuple[str, int | None]:
+    """Run `code`, SIGINT it once it says 'armed': what it printed after, and its exit code
+    (None: still running after `timeout_s`, then killed)."""
+    proc = subprocess.Popen([sys.executable, '-c', textwrap.dedent(code)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == 'armed\n', proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        out, _err = proc.communicate(timeout=timeout_s)
+        return out, proc.returncode
+    except subprocess.TimeoutExpired:
+        return '', None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_a_main_thread_stuck_in_native_code_still_hears_the_stop():
+    """The wakeup descriptor: the interpreter's C handler writes the signal, the relay hears it
+    while the main thread never comes back to Python."""
+    out, code = interrupt_when_armed(STUCK_IN_NATIVE.format(setup=(
+        'from loom_ros.bringup.stop_signals import on_stop_signal\n'
+        'on_stop_signal(lambda signum: (print("stopped", signum, flush=True), os._exit(0)))')),
+        WAIT_LIMIT_S)
+    assert (out, code) == (f'stopped {int(signal.SIGINT)}\n', 0)
+
+
+def test_a_python_level_handler_never_runs_there():
+    """The same process with the handler only (what stop_signals had): the stop never comes,
+    so the test above tests the real hazard."""
+    out, code = interrupt_when_armed(STUCK_IN_NATIVE.format(setup=(
+        'signal.signal(signal.SIGINT, lambda *_: (print("stopped", flush=True), os._exit(0)))')),
+        timeout_s=3)
+    assert (out, code) == ('', None)
+
+
+def test_other_handled_signals_reach_the_wakeup_descriptor_but_do_not_stop():
+    """Every signal with a Python handler is written to the wakeup descriptor: only the stop
+    signals asked for call on_stop."""
+    done = run('''
+        import os, signal, threading
+        from loom_ros.bringup.stop_signals import on_stop_signal
+        heard, got = [], threading.Event()
+        on_stop_signal(lambda signum: (heard.append(signum), got.set()), [signal.SIGTERM])
+        signal.signal(signal.SIGUSR1, lambda *_: None)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        got.wait(30)
+        print(heard, flush=True)
+    ''')
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f'[{int(signal.SIGTERM)}]'
+
+
 def opened_pipes(monkeypatch) -> list:
     """The descriptors of every os.pipe() made from here on (to see them closed)."""
     made, real = [], os.pipe
@@ -105,6 +173,8 @@ def closed(fd: int) -> bool:
 def test_restore_puts_the_handlers_back_and_leaves_nothing_running(monkeypatch):
     fds = opened_pipes(monkeypatch)
     before_sigint = signal.getsignal(signal.SIGINT)
+    before_wakeup = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(before_wakeup)
     heard = []
     got = threading.Event()
     restore = on_stop_signal(lambda signum: (heard.append(signum), got.set()))
@@ -113,9 +183,14 @@ def test_restore_puts_the_handlers_back_and_leaves_nothing_running(monkeypatch):
     os.kill(os.getpid(), signal.SIGTERM)
     assert got.wait(WAIT_LIMIT_S)
     assert heard == [signal.SIGTERM]
+    wakeup = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup)
+    assert wakeup == fds[1]   # the pipe's write end is the process's wakeup descriptor
     restore()
     restore()   # once is enough; a second call closes nothing that is not its own
     assert signal.getsignal(signal.SIGINT) is before_sigint
+    assert signal.set_wakeup_fd(-1) == before_wakeup   # the one before it is back
+    signal.set_wakeup_fd(before_wakeup)
     for thread in relay:
         thread.join(WAIT_LIMIT_S)
     assert relay and not any(t.is_alive() for t in relay)

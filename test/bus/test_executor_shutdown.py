@@ -2,7 +2,9 @@
 
 rclpy's EventsExecutor was seen hanging in shutdown now and then; a router node then never
 exited after SIGINT (a CI run). `run_node` bounds that wait: the node still goes through its
-shutdown transition (state committed, files closed), then the process exits with its code.
+shutdown transition (state committed, files closed), then the process exits with its code. A
+main thread that never comes back from a callback is bounded too (the stop watch), with its
+stack said: a sim_sensors node in a CI run was SIGKILLed 20 s after SIGINT, having said nothing.
 Real process, real rclpy and a real EventsExecutor whose shutdown is made to block."""
 import signal
 import subprocess
@@ -24,6 +26,16 @@ NODE = textwrap.dedent('''
     MARK = Path(sys.argv[1])
     HANG = sys.argv[2] == 'hang'
     HANG_DESTROY = sys.argv[2] == 'hang_destroy'
+    STUCK = sys.argv[2] == 'stuck'
+
+    def stuck_in_native_code():
+        """A callback that never returns, blocked in C (a default mutex locked twice): the main
+        thread never comes back to Python, as an executor stuck in native code would not."""
+        import ctypes
+        libc = ctypes.CDLL(None)
+        mutex = ctypes.create_string_buffer(64)   # all zeros: PTHREAD_MUTEX_INITIALIZER
+        libc.pthread_mutex_lock(mutex)
+        libc.pthread_mutex_lock(mutex)
 
     class Stuck(type(loom_executor.make_executor())):
         def shutdown(self, timeout_sec=None):
@@ -38,6 +50,8 @@ NODE = textwrap.dedent('''
 
         def ready(self):
             print('ready', flush=True)
+            if STUCK:
+                stuck_in_native_code()
 
         def on_shutdown(self, state):
             MARK.write_text('finalized')
@@ -54,7 +68,8 @@ NODE = textwrap.dedent('''
         context.on_shutdown(executor.wake)
         return executor
 
-    sys.exit(loom_executor.run_node(Node, executor_factory=stuck_executor, close_s=1.0))
+    sys.exit(loom_executor.run_node(Node, executor_factory=stuck_executor, close_s=1.0,
+                                    notice_s=1.0))
 ''')
 
 
@@ -91,4 +106,16 @@ def test_a_normal_shutdown_says_nothing_and_finalizes(tmp_path):
     code, err, mark = _run_until_ready_then_interrupt(tmp_path, 'ok')
     assert code == 0, err
     assert 'did not shut down' not in err and 'took over' not in err
+    assert 'did not come back' not in err
+    assert mark.read_text() == 'finalized'
+
+
+def test_a_main_thread_stuck_in_a_callback_is_said_with_its_stack_and_the_node_finalized(tmp_path):
+    """The stop watch: the stop signal is heard (stop_signals' wakeup descriptor), the main thread
+    never comes back, so after notice_s every thread's stack is said, the node still goes through
+    its shutdown and the process exits 1 (a fault for its supervisor), not at SIGKILL."""
+    code, err, mark = _run_until_ready_then_interrupt(tmp_path, 'stuck')
+    assert code == 1, err
+    assert 'the main thread did not come back from spinning within 1 s of the stop signal' in err
+    assert 'stuck_in_native_code' in err   # where it is stuck, from the stack dump
     assert mark.read_text() == 'finalized'
