@@ -61,15 +61,16 @@ def open_cloud_client(settings: CloudSettings):
     import zenoh
 
     from loom_ros.agents.embedding import MiniLMEmbedder
-    from loom_ros.bridge.zenoh_link import session_config, transport_identity
+    from loom_ros.bridge.zenoh_link import secure_endpoint, session_config, transport_identity
     from loom_ros.cloud.client import CloudClient
     from loom_ros.security.keys import CredentialsError
     try:
         identity = transport_identity(settings.insecure, settings.keys_dir, settings.identity)
         session = zenoh.open(session_config('client', list(settings.connect), identity=identity))
     except (zenoh.ZError, CredentialsError, ValueError) as exc:
-        raise CloudUnavailable(f'cannot open a Zenoh session to {list(settings.connect)}: '
-                               f'{exc}') from None
+        used = list(settings.connect) if settings.insecure else \
+            [secure_endpoint(e) for e in settings.connect]   # what the session dialled
+        raise CloudUnavailable(f'cannot open a Zenoh session to {used}: {exc}') from None
     try:
         client = CloudClient.from_keys(session, settings.keys_dir, settings.identity,
                                        embedder=MiniLMEmbedder())
