@@ -44,6 +44,7 @@ from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.bringup import entry
 from loom_ros.bringup.manager_core import AFTER, ManagerCore
 from loom_ros.bringup.processes import Process, RestartPolicy
+from loom_ros.bringup.stop_signals import STACKS_SIGNAL
 from loom_ros.config.params import (ConfigError, ParamSpec, config_dir, declare_parameters,
                                     node_defaults)
 from loom_ros.storage.layout import node_layout
@@ -615,7 +616,8 @@ class LifecycleManagerNode(Node):
         # and its last lines are kept for the reason of a crash. The heartbeat secret goes in
         # the child's environment only: never argv (ps shows it) nor a topic.
         env = {**os.environ, KEY_ENV: key.hex()}
-        return Process(args, name=name, env=env, echo_stderr=sys.stderr).start()
+        return Process(args, name=name, env=env, echo_stderr=sys.stderr,
+                       stacks_signal=STACKS_SIGNAL).start()   # run_node answers it
 
     def _stop(self, m: _Managed, kill: bool) -> None:
         process, m.process = m.process, None

@@ -16,6 +16,9 @@ What every child gets:
   forked, not the process, so a child forked from a short-lived thread would be killed when that
   thread ends: Process forks on the main thread when called there, else on one forking thread
   that lives as long as this process (see `_Forker`);
+- a stop that runs out of time asks the child for its threads' stacks before SIGKILL, when it
+  was started with `stacks_signal` (Loom's nodes: stop_signals.STACKS_SIGNAL, which their
+  faulthandler answers even while a thread holds the GIL), so a hang is said, not only killed;
 - by default (`stderr=TAIL`) its stderr read by a thread into a bounded tail (lines cut at
   MAX_LINE_BYTES, `tail_lines` kept) for error messages, optionally echoed to a stream so logs
   still reach the console.
@@ -49,6 +52,7 @@ TAIL_LINES = 40
 MAX_LINE_BYTES = 4096    # a longer stderr "line" is cut: a child cannot make the tail unbounded
 _JOIN_READER_S = 2.0     # stop(): for the stderr reader to see the pipe close
 _KILLED_WAIT_S = 5.0     # stop(): for the process to be gone after SIGKILL
+_STACKS_WAIT_S = 1.0     # stop(): for a child's stack dump (stacks_signal) before SIGKILL
 _CATCH_UP_S = 0.5        # last_words(): for the tail to take a dead child's last lines
 
 
@@ -132,11 +136,13 @@ class Process:
                  echo_stderr: IO[str] | None = None, tail_lines: int = TAIL_LINES,
                  death_signal: int | None = signal.SIGTERM, new_group: bool = True,
                  text: bool = False, bufsize: int = -1, preexec: Callable[[], None] | None = None,
-                 close_fds: bool = True):
+                 close_fds: bool = True, stacks_signal: int | None = None):
         """`env`: the child's whole environment (None: this one's). `stderr`: TAIL (kept in a
         tail, echoed to `echo_stderr` if given), or anything Popen takes (a file, DEVNULL, None
         to inherit). `death_signal`: what the child gets when this process dies (None: nothing).
-        `preexec`: more to run in the child before exec (e.g. rlimits), after the death signal."""
+        `preexec`: more to run in the child before exec (e.g. rlimits), after the death signal.
+        `stacks_signal`: sent to the child alone when stop() runs out of time, before SIGKILL
+        (only for children that answer it with their stacks: its default action kills)."""
         self.args = [str(a) for a in args]
         self.name = name or os.path.basename(self.args[0])
         self.env, self.cwd = env, cwd
@@ -145,6 +151,7 @@ class Process:
         self.death_signal, self.new_group = death_signal, new_group
         self.text, self.bufsize, self.close_fds = text, bufsize, close_fds
         self._preexec = preexec
+        self.stacks_signal = stacks_signal
         self._tail: collections.deque[str] = collections.deque(maxlen=max(1, int(tail_lines)))
         self._tail_lock = threading.Lock()
         self._reader: threading.Thread | None = None
@@ -282,6 +289,12 @@ class Process:
         if self.popen.poll() is None and signum != signal.SIGKILL:
             self.send_signal(signum)
             self.wait(timeout_s)
+            if self.stacks_signal is not None and self.popen.poll() is None:
+                try:   # its stacks to its stderr (the tail, the echo): where it hung
+                    os.kill(self.popen.pid, self.stacks_signal)
+                except ProcessLookupError:
+                    pass
+                self.wait(_STACKS_WAIT_S)
         if self.new_group or self.popen.poll() is None:
             self.send_signal(signal.SIGKILL)
         code = self.wait(_KILLED_WAIT_S)
@@ -315,9 +328,9 @@ def stop_together(children, timeout_s: float) -> list[int | None]:
 
 
 def stop_bound_s(timeout_s: float) -> float:
-    """The longest `Process.stop(timeout_s)` takes: the wait, the wait after SIGKILL, the
-    stderr reader's join."""
-    return timeout_s + _KILLED_WAIT_S + _JOIN_READER_S
+    """The longest `Process.stop(timeout_s)` takes: the wait, the stack dump's, the wait after
+    SIGKILL, the stderr reader's join."""
+    return timeout_s + _STACKS_WAIT_S + _KILLED_WAIT_S + _JOIN_READER_S
 
 
 def spawn(args: Sequence[str], **options) -> Process:

@@ -15,6 +15,10 @@ thread next executes bytecode, and a main thread blocked in native code (an exec
 deadlocked lock in C) never does. The pipe is the process's signal wakeup descriptor
 (`signal.set_wakeup_fd`): the interpreter's C-level handler writes the signal's number there the
 moment the signal arrives, so the `loom-stop` thread hears it whatever the main thread is doing.
+The Python-level handler still writes too (the descriptor may have been taken since: an asyncio
+loop's signal handling resets it), so `on_stop` may be called twice for one signal: every
+caller's stop is idempotent. A forked child forgets the descriptor (os.register_at_fork): a
+signal there must not reach the parent through the pipe they share until exec.
 
     stop = stop_event()            # set by the first SIGINT or SIGTERM
     while not stop.wait(0.2): ...
@@ -24,6 +28,7 @@ moment the signal arrives, so the `loom-stop` thread hears it whatever the main 
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -31,23 +36,43 @@ import threading
 from typing import Callable, Iterable
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# What a supervisor sends before SIGKILL to a Loom process that did not stop in time: its
+# faulthandler writes every thread's stack to stderr, from C, even while a thread holds the GIL.
+STACKS_SIGNAL = signal.SIGUSR2
+
+# The write ends this module has made the wakeup descriptor and not yet closed: restore() gives
+# the descriptor back only to one of these or to one it did not make (never to a closed pipe of
+# its own whose number may since name another file).
+_ours: set[int] = set()
+_ours_lock = threading.Lock()
+
+
+def _forget_wakeup_in_child() -> None:
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:   # not the interpreter's main thread: nothing to forget here
+        pass
+
+
+os.register_at_fork(after_in_child=_forget_wakeup_in_child)
 
 
 def on_stop_signal(on_stop: Callable[[int], None],
                    signums: Iterable[int] = STOP_SIGNALS) -> Callable[[], None]:
-    """Call `on_stop(signum)` on a thread of its own for each of `signums` received (the first
-    one stops; later ones are the caller's to ignore). Must be called on the main thread, as
-    signal.signal must. Returns a function that puts the previous handlers back."""
+    """Call `on_stop(signum)` on a thread of its own for each of `signums` received, once or
+    twice each (the first one stops; later ones are the caller's to ignore). Must be called on
+    the main thread, as signal.signal must. Returns a function that puts the previous handlers
+    back."""
     read_fd, write_fd = os.pipe()   # not inherited by children (PEP 446)
     os.set_blocking(write_fd, False)   # a full pipe (signals nobody reads) drops, never blocks
     pipe = {'write': write_fd}   # restore() takes the descriptor out before it closes it
 
     wanted = frozenset(int(s) for s in signums)
-    pipe['woken'] = False   # the C-level handler writes (set_wakeup_fd); else `handler` does
+    pipe['woken'] = False   # the wakeup descriptor is ours: restore() gives it back
 
     def handler(signum, _frame) -> None:
         fd = pipe['write']
-        if fd is None or pipe['woken']:   # replaced by restore(), or written already
+        if fd is None:   # a handler restore() has replaced, called late
             return
         try:
             os.write(fd, bytes((signum & 0xFF,)))
@@ -77,13 +102,17 @@ def on_stop_signal(on_stop: Callable[[int], None],
         fd, pipe['write'] = pipe['write'], None
         if fd is None:
             return
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-        if pipe['woken']:
-            current = signal.set_wakeup_fd(pipe['wakeup_before'])
-            if current != fd:   # another's since ours: theirs stays
-                signal.set_wakeup_fd(current)
-        os.close(fd)   # the relay reads end-of-file and ends
+        try:
+            for signum, old in previous.items():
+                signal.signal(signum, old)
+        finally:
+            with _ours_lock:
+                try:
+                    if pipe['woken']:
+                        _give_back_wakeup(fd, pipe['wakeup_before'], pipe['before_was_ours'])
+                finally:
+                    _ours.discard(fd)
+                    os.close(fd)   # the relay reads end-of-file and ends
 
     try:
         # The relay first: a handler installed with no reader would swallow every stop.
@@ -95,12 +124,40 @@ def on_stop_signal(on_stop: Callable[[int], None],
     try:
         for signum in wanted:
             previous[signum] = signal.signal(signum, handler)
-        pipe['wakeup_before'] = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        pipe['woken'] = True
+        with _ours_lock:
+            before = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+            pipe.update(woken=True, wakeup_before=before, before_was_ours=before in _ours)
+            _ours.add(write_fd)
     except BaseException:   # e.g. not on the main thread: nothing half-installed is left
         restore()
         raise
     return restore
+
+
+def _give_back_wakeup(ours: int, before: int, before_was_ours: bool) -> None:
+    """The wakeup descriptor back to `before` if it is still `ours` (one set since stays), unless
+    `before` was a pipe of this module's that is closed now (its number may name another file
+    since): then none. Called with _ours_lock held."""
+    current = signal.set_wakeup_fd(-1)
+    if current != ours:   # taken since: theirs stays
+        back = current
+    elif before_was_ours and before not in _ours:
+        back = -1
+    else:
+        back = before
+    try:
+        signal.set_wakeup_fd(back, warn_on_full_buffer=False)
+    except (ValueError, OSError):   # closed, or made blocking, since: none
+        signal.set_wakeup_fd(-1)
+
+
+def answer_stacks_signal() -> None:
+    """STACKS_SIGNAL writes every thread's stack to stderr (and nothing else: the process goes
+    on). Main thread only. Where stderr is no file (replaced, as under pytest), nothing."""
+    try:
+        faulthandler.register(STACKS_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
+    except (AttributeError, ValueError, OSError):   # stderr has no descriptor
+        pass
 
 
 def stop_event(signums: Iterable[int] = STOP_SIGNALS) -> threading.Event:

@@ -15,8 +15,9 @@ No stop that never comes either: a main thread that does not come back from spin
 `STOP_NOTICE_S` of SIGINT/SIGTERM (stuck in native code, or in a callback that never returns)
 would keep the process alive until its supervisor's SIGKILL, with nothing said. `run_node`'s
 stop watch then writes every thread's stack to stderr (the evidence), takes the node through its
-shutdown on the watch's thread (bounded as above) and exits 1: a fault, said and counted by the
-supervisor, not a clean stop.
+shutdown on the watch's thread (bounded as above) and exits 70: a fault, said and counted by
+the supervisor, not a clean stop. The watch's clock runs only once the node spins (a stop during
+its construction waits for it), and either the watch or the main thread finalizes, never both.
 
 No silent death: an exception escaping a callback (timer, subscription, service) comes out of
 `spin_until_future_complete`; `spin_until` counts it per node (`callback_errors`, and the node's
@@ -37,7 +38,7 @@ from collections import Counter
 
 from rclpy.executors import ExternalShutdownException
 
-from loom_ros.bringup.stop_signals import on_stop_signal
+from loom_ros.bringup.stop_signals import answer_stacks_signal, on_stop_signal
 from loom_ros.bus.event import RejectReason
 
 # The most a process waits for the executor's shutdown, and again for destroying the node and
@@ -45,10 +46,11 @@ from loom_ros.bus.event import RejectReason
 # and a node's own shutdown transition (agents committing) must fit in between.
 EXECUTOR_CLOSE_S = 5.0
 # The most the main thread may take to come back from spinning after a stop signal (a callback
-# running then finishes first: a model's configure takes 1-2 s here); the stop watch's own
-# teardown (EXECUTOR_CLOSE_S) still ends before the supervisor's SIGKILL at 20 s.
-STOP_NOTICE_S = 8.0
-STUCK_EXIT_CODE = 1
+# running then finishes first: the plugin host's configure takes about 4 s here, more on a busy
+# machine); the stop watch's own teardown (EXECUTOR_CLOSE_S) still ends before the supervisor's
+# SIGKILL at 20 s.
+STOP_NOTICE_S = 12.0
+STUCK_EXIT_CODE = 70   # EX_SOFTWARE: not a node that could not start (1), not a signal's death
 
 # Exceptions that escaped a callback, per fully qualified node name (all nodes of the executor
 # whose callback raised: rclpy does not say which one it was).
@@ -195,18 +197,21 @@ def run_node(node_factory, args=None, executor_factory=make_executor,
             watch.start()
 
     on_stop_signal(request_stop)   # set on a thread of its own, never in the handler
+    answer_stacks_signal()   # a supervisor's last question before SIGKILL (processes.py)
     code = 0
     try:
         node = node_factory()
         executor = executor_factory()
         executor.add_node(node)
+        watch.spinning()
         spin_until(executor, stop)
     except StartFailed as exc:   # said by the node already; a dead node must not look alive
         node, code = exc.node, 1
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        watch.noticed()
+        if not watch.noticed():   # too late: the watch is finalizing and exits the process
+            threading.Event().wait()
         who = node.get_fully_qualified_name() if node is not None else 'loom node'
         end_process(executor, node, who, code, close_s,
                     finalize=None if node is None else lambda: finalize_node(node))
@@ -214,29 +219,53 @@ def run_node(node_factory, args=None, executor_factory=make_executor,
 
 
 class StopWatch:
-    """After a stop signal, the main thread has `notice_s` to come back from spinning
-    (`noticed()`). If it has not, it is stuck where no stop reaches it: every thread's stack
-    goes to stderr, the node's shutdown runs here (at most `close_s`; the stuck thread may hold
-    what it needs) and the process exits STUCK_EXIT_CODE. `node()` gives the node, or None."""
+    """After a stop signal, the main thread has `notice_s` from when it spins (`spinning()`) to
+    come back (`noticed()`). If it has not, it is stuck where no stop reaches it: every thread's
+    stack goes to stderr, the node's shutdown runs here (at most `close_s`; the stuck thread may
+    hold what it needs) and the process exits STUCK_EXIT_CODE. Exactly one of the two goes on:
+    `noticed()` says False when the watch fired first. `node()` gives the node, or None."""
 
     def __init__(self, notice_s: float, close_s: float, node, exit=os._exit):
         self.notice_s, self.close_s, self._node, self._exit = notice_s, close_s, node, exit
-        self._noticed = threading.Event()
+        self._spinning = threading.Event()
+        self._back = threading.Event()
+        self._lock = threading.Lock()
+        self._state = 'waiting'   # then 'noticed' (the main thread goes on) or 'fired'
         self._started = False
 
     def start(self) -> None:
         """The stop signal came (once; later calls do nothing)."""
-        if self._started:
-            return
-        self._started = True
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
         threading.Thread(target=self._watch, daemon=True, name='loom-stop-watch').start()
 
-    def noticed(self) -> None:
-        """The main thread is back: the usual teardown (end_process) bounds the rest."""
-        self._noticed.set()
+    def spinning(self) -> None:
+        """The node is made and its executor about to spin: the clock may run."""
+        self._spinning.set()
+
+    def noticed(self) -> bool:
+        """The main thread is back: True when it goes on with the usual teardown (end_process
+        bounds it), False when the watch already fired (it finalizes and exits)."""
+        with self._lock:
+            if self._state == 'fired':
+                return False
+            self._state = 'noticed'
+        self._back.set()
+        self._spinning.set()   # a watch still waiting for the spin ends
+        return True
+
+    def _fire(self) -> bool:
+        with self._lock:
+            if self._state != 'waiting':
+                return False
+            self._state = 'fired'
+            return True
 
     def _watch(self) -> None:
-        if self._noticed.wait(self.notice_s):
+        self._spinning.wait()
+        if self._back.wait(self.notice_s) or not self._fire():
             return
         node = self._node()
         who = node.get_fully_qualified_name() if node is not None else 'loom node'
@@ -272,8 +301,9 @@ def dump_stacks() -> None:
 def end_process(executor, node, who: str, code: int, close_s: float = EXECUTOR_CLOSE_S,
                 finalize=None) -> None:
     """How a process that spun `node` on `executor` ends: the executor's shutdown, waited for
-    at most `close_s`; `finalize()` either way (commit, close files); then the node destroyed
-    and rclpy shut down, waited for at most `close_s` too. When the executor's shutdown hung,
+    at most `close_s`; `finalize()` either way (commit, close files), at most twice that (one
+    that raises or hangs: exit 1 at once); then the node destroyed and rclpy shut down, waited
+    for at most `close_s` too. When the executor's shutdown hung,
     destroying would wait on it: the process says so on stderr and exits at once with `code`,
     as it does when destroying or rclpy's shutdown hangs."""
     import rclpy
@@ -284,7 +314,13 @@ def end_process(executor, node, who: str, code: int, close_s: float = EXECUTOR_C
               + ('finishing without it, then exiting' if not closed else 'going on'),
               file=sys.stderr, flush=True)
     if finalize is not None:
-        finalize()
+        # Bounded too: a shutdown transition stuck in a callback would hold the process until
+        # SIGKILL with nothing said. The node is then not torn down under it: the exit is next.
+        why = within(finalize, close_s * 2, 'finalize')
+        if why:   # raised or still running: a fault (exit 1), and nothing more is waited for
+            print(f'{who}: its shutdown did not finish ({why}); exiting 1 without it',
+                  file=sys.stderr, flush=True)
+            closed, code = False, 1
     if closed:
         def tear_down():
             if node is not None:

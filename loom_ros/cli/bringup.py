@@ -56,7 +56,7 @@ from loom_ros.bringup import nodes as table
 from loom_ros.bringup.processes import (
     Process, RestartPolicy, Supervised, stop_bound_s, stop_together,
 )
-from loom_ros.bringup.stop_signals import stop_event
+from loom_ros.bringup.stop_signals import STACKS_SIGNAL, stop_event
 from loom_ros.config.params import (
     AGENT_SECTION, DEFAULTS_FILE, by_node, check_params_file, config_dir, load_params_file,
     node_defaults, node_section,
@@ -360,7 +360,8 @@ class NodeProcesses:
     def _maker(self, name, cmd, env):
         def make() -> Process:
             return Process(cmd, name=name, env=env, stdout=subprocess.DEVNULL, text=True,
-                           echo_stderr=_Watch(name, self.failures, self._lock))
+                           echo_stderr=_Watch(name, self.failures, self._lock),
+                           stacks_signal=STACKS_SIGNAL)   # run_node answers it
         return make
 
     def _event(self, kind: str, text: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from loom_ros.bringup.processes import (MAX_LINE_BYTES, Process, RestartPolicy, Restarts,
                                         Supervised, spawn, stop_together)
-from harness import WAIT_LIMIT_S
+from harness import REPO, WAIT_LIMIT_S
 
 PY = sys.executable
 
@@ -201,3 +201,30 @@ def test_stop_together_interrupts_every_child_then_kills_the_stubborn_on_one_dea
     assert codes == [-signal.SIGKILL, -signal.SIGKILL, -signal.SIGINT]
     assert time.monotonic() - start >= 0.5   # the stubborn got their time
     assert kept.poll() == 'stopped' and kept.process is None
+
+
+def test_a_stop_out_of_time_asks_for_the_stacks_before_sigkill_even_with_the_gil_held():
+    """stacks_signal: the child (as run_node sets it up) holds the GIL for good in C, so no
+    Python handler, thread or stop watch of its own can run; its faulthandler still writes every
+    thread's stack to stderr on the supervisor's question, then SIGKILL ends it."""
+    script = textwrap.dedent("""
+        import ctypes, sys
+        from loom_ros.bringup.stop_signals import answer_stacks_signal, on_stop_signal
+        on_stop_signal(lambda signum: sys.exit(0))
+        answer_stacks_signal()
+        libc = ctypes.PyDLL(None)   # PyDLL: the call keeps the GIL
+        mutex = ctypes.create_string_buffer(64)   # all zeros: PTHREAD_MUTEX_INITIALIZER
+        def holding_the_gil_for_good():
+            libc.pthread_mutex_lock(mutex)
+            print('armed', flush=True)
+            libc.pthread_mutex_lock(mutex)
+        holding_the_gil_for_good()
+    """)
+    proc = spawn([PY, '-c', script], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                 stacks_signal=signal.SIGUSR2)
+    assert proc.popen.stdout.readline() == 'armed\n', proc.tail()
+    code = proc.stop(timeout_s=0.5)
+    said = '\n'.join(proc.tail())
+    assert code == -signal.SIGKILL
+    assert 'in holding_the_gil_for_good' in said, said
+

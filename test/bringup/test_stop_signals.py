@@ -85,12 +85,18 @@ def test_what_it_replaces_hangs_there():
 # The main thread blocked in native code for good (a default pthread mutex locked twice: no
 # signal ends the wait), as an executor stuck in C would be: Python never runs a handler there.
 STUCK_IN_NATIVE = '''
-import ctypes, os, signal, sys
+import ctypes, os, signal, sys, threading, time
 {setup}
 libc = ctypes.CDLL(None)   # CDLL calls release the GIL: the other threads go on
 mutex = ctypes.create_string_buffer(64)   # all zeros: PTHREAD_MUTEX_INITIALIZER in glibc
 libc.pthread_mutex_lock(mutex)
-print('armed', flush=True)
+def arm():
+    # 'armed' only once the main thread waits inside the C call: glibc marks the lock word 2
+    # (locked, with a waiter) right before its futex wait, with no bytecode left to run.
+    while int.from_bytes(mutex.raw[:4], sys.byteorder) != 2:
+        time.sleep(0.001)
+    print('armed', flush=True)
+threading.Thread(target=arm, daemon=True).start()
 libc.pthread_mutex_lock(mutex)
 '''
 
@@ -144,10 +150,67 @@ def test_other_handled_signals_reach_the_wakeup_descriptor_but_do_not_stop():
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGTERM)
         got.wait(30)
-        print(heard, flush=True)
+        print(sorted(set(heard)), flush=True)   # once or twice: the C and the Python handler
     ''')
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f'[{int(signal.SIGTERM)}]'
+
+
+def test_a_wakeup_descriptor_taken_since_still_leaves_the_stop_heard():
+    """asyncio.run on the main thread with signal handlers resets the wakeup descriptor when it
+    closes; the Python-level handler still writes the stop."""
+    done = run('''
+        import asyncio, os, signal, threading
+        from loom_ros.bringup.stop_signals import on_stop_signal
+        got = threading.Event()
+        on_stop_signal(lambda signum: got.set())
+        async def main():
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, lambda: None)
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
+        asyncio.run(main())
+        print('wakeup', signal.set_wakeup_fd(-1), flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+        print('stopped' if got.wait(30) else 'not stopped', flush=True)
+    ''')
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split('\n')[:2] == ['wakeup -1', 'stopped']
+
+
+def test_a_forked_child_with_its_own_handler_does_not_stop_its_parent():
+    """A fork without exec keeps the interpreter's wakeup descriptor, the parent's pipe: the
+    child forgets it at fork."""
+    done = run('''
+        import os, signal, threading
+        from loom_ros.bringup.stop_signals import on_stop_signal
+        stop = threading.Event()
+        on_stop_signal(lambda signum: stop.set())
+        child = os.fork()
+        if child == 0:
+            signal.signal(signal.SIGTERM, lambda *_: None)   # its own, no pipe
+            os.kill(os.getpid(), signal.SIGTERM)
+            os._exit(0)
+        os.waitpid(child, 0)
+        print('parent stopped' if stop.wait(1.0) else 'parent running', flush=True)
+    ''')
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == 'parent running'
+
+
+def test_restores_out_of_order_never_give_back_a_closed_pipe():
+    """A installed, B installed (its 'before' is A's pipe), A restored (closed), B restored: the
+    descriptor must not go back to A's number, which a file opened since may hold."""
+    done = run('''
+        import os, signal, tempfile
+        from loom_ros.bringup.stop_signals import on_stop_signal
+        restore_a = on_stop_signal(lambda signum: None)
+        restore_b = on_stop_signal(lambda signum: None)
+        restore_a()
+        reused = os.open(tempfile.mkstemp()[1], os.O_WRONLY | os.O_NONBLOCK)
+        restore_b()
+        print('wakeup', signal.set_wakeup_fd(-1), flush=True)
+    ''')
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == 'wakeup -1'
 
 
 def opened_pipes(monkeypatch) -> list:
@@ -180,13 +243,15 @@ def test_restore_puts_the_handlers_back_and_leaves_nothing_running(monkeypatch):
     restore = on_stop_signal(lambda signum: (heard.append(signum), got.set()))
     assert signal.getsignal(signal.SIGINT) is not before_sigint and len(fds) == 2
     relay = [t for t in threading.enumerate() if t.name == 'loom-stop']
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert got.wait(WAIT_LIMIT_S)
-    assert heard == [signal.SIGTERM]
-    wakeup = signal.set_wakeup_fd(-1)
-    signal.set_wakeup_fd(wakeup)
-    assert wakeup == fds[1]   # the pipe's write end is the process's wakeup descriptor
-    restore()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert got.wait(WAIT_LIMIT_S)
+        assert set(heard) == {signal.SIGTERM}   # once or twice (the C and the Python handler)
+        wakeup = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(wakeup)
+        assert wakeup == fds[1]   # the pipe's write end is the process's wakeup descriptor
+    finally:
+        restore()
     restore()   # once is enough; a second call closes nothing that is not its own
     assert signal.getsignal(signal.SIGINT) is before_sigint
     assert signal.set_wakeup_fd(-1) == before_wakeup   # the one before it is back

@@ -10,8 +10,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 from harness import REPO, WAIT_LIMIT_S
+
+from loom_ros.bus import executor as loom_executor
 
 NODE = textwrap.dedent('''
     import sys
@@ -27,6 +30,9 @@ NODE = textwrap.dedent('''
     HANG = sys.argv[2] == 'hang'
     HANG_DESTROY = sys.argv[2] == 'hang_destroy'
     STUCK = sys.argv[2] == 'stuck'
+    HANG_SHUTDOWN = sys.argv[2] == 'hang_shutdown'
+    SLOW_START = sys.argv[2] == 'slow_start'
+    NOTICE_S = 1.0 if sys.argv[2] in ('stuck', 'slow_start') else 60.0
 
     def stuck_in_native_code():
         """A callback that never returns, blocked in C (a default mutex locked twice): the main
@@ -46,6 +52,10 @@ NODE = textwrap.dedent('''
     class Node(LifecycleNode):
         def __init__(self):
             super().__init__('shutdown_probe')
+            if SLOW_START:   # the stop signal comes while the node is being made
+                print('ready', flush=True)
+                import time
+                time.sleep(2 * NOTICE_S)
             self.create_timer(0.05, self.ready)
 
         def ready(self):
@@ -54,6 +64,8 @@ NODE = textwrap.dedent('''
                 stuck_in_native_code()
 
         def on_shutdown(self, state):
+            if HANG_SHUTDOWN:
+                threading.Event().wait()   # a shutdown transition that never returns
             MARK.write_text('finalized')
             return TransitionCallbackReturn.SUCCESS
 
@@ -69,7 +81,7 @@ NODE = textwrap.dedent('''
         return executor
 
     sys.exit(loom_executor.run_node(Node, executor_factory=stuck_executor, close_s=1.0,
-                                    notice_s=1.0))
+                                    notice_s=NOTICE_S))
 ''')
 
 
@@ -113,9 +125,52 @@ def test_a_normal_shutdown_says_nothing_and_finalizes(tmp_path):
 def test_a_main_thread_stuck_in_a_callback_is_said_with_its_stack_and_the_node_finalized(tmp_path):
     """The stop watch: the stop signal is heard (stop_signals' wakeup descriptor), the main thread
     never comes back, so after notice_s every thread's stack is said, the node still goes through
-    its shutdown and the process exits 1 (a fault for its supervisor), not at SIGKILL."""
+    its shutdown and the process exits 70 (a fault for its supervisor), not at SIGKILL."""
     code, err, mark = _run_until_ready_then_interrupt(tmp_path, 'stuck')
-    assert code == 1, err
+    assert code == loom_executor.STUCK_EXIT_CODE == 70, err
     assert 'the main thread did not come back from spinning within 1 s of the stop signal' in err
     assert 'stuck_in_native_code' in err   # where it is stuck, from the stack dump
     assert mark.read_text() == 'finalized'
+
+
+def test_a_stop_while_the_node_is_being_made_waits_for_it_and_stops_cleanly(tmp_path):
+    """The watch's clock runs from the spin, not from the signal: a node whose construction
+    outlasts notice_s is not taken for stuck."""
+    code, err, mark = _run_until_ready_then_interrupt(tmp_path, 'slow_start')
+    assert code == 0, err
+    assert 'did not come back' not in err
+    assert mark.read_text() == 'finalized'
+
+
+def test_a_shutdown_transition_that_hangs_is_bounded_and_said(tmp_path):
+    code, err, mark = _run_until_ready_then_interrupt(tmp_path, 'hang_shutdown')
+    assert code == 1, err
+    assert 'its shutdown did not finish (still running after 2 s); exiting 1 without it' in err
+    assert not mark.exists()
+
+
+def _watch(notice_s: float):
+    exits = []
+    exited = threading.Event()
+    watch = loom_executor.StopWatch(notice_s, 1.0, lambda: None,
+                                    exit=lambda code: (exits.append(code), exited.set()))
+    return watch, exits, exited
+
+
+def test_the_watch_and_the_main_thread_never_both_finalize():
+    """Fired first: the main thread is told not to go on (it waits for the watch's exit)."""
+    watch, exits, exited = _watch(0.0)
+    watch.start()
+    watch.spinning()
+    assert exited.wait(WAIT_LIMIT_S)
+    assert exits == [loom_executor.STUCK_EXIT_CODE]
+    assert watch.noticed() is False
+
+
+def test_a_main_thread_back_in_time_stops_the_watch():
+    watch, exits, exited = _watch(3600.0)
+    watch.start()
+    watch.spinning()
+    assert watch.noticed() is True
+    assert not watch._fire()   # what the watch asks when its time is up: too late, nothing
+    assert exits == []
