@@ -34,8 +34,6 @@ import os
 import re
 import sqlite3
 import sys
-from collections import deque
-from itertools import islice
 
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
@@ -97,21 +95,6 @@ def _percentiles(values, *qs: float) -> list[float]:
         return [0.0 for _ in qs]
     ordered = sorted(values)
     return [float(ordered[min(len(ordered) - 1, int(q * len(ordered)))]) for q in qs]
-
-
-def _recent(samples: deque, n: int = 256) -> list:
-    """The newest `n` of a long deque without copying all of it (a heartbeat runs every 0.1 s
-    for up to 10 agents: copying 10,000 samples each cost most of its time). The agent's worker
-    appends while a heartbeat reads: the GIL can pass to it between making the iterator and
-    reading it, which makes the deque's iterator raise, so read again; after three such races,
-    take a copy (one C call, no gap for the worker)."""
-    for _ in range(3):
-        try:
-            return list(islice(reversed(samples), n))
-        except RuntimeError:   # deque mutated during iteration
-            continue
-    copy = list(samples)
-    return copy[::-1][:n]
 
 
 RECALL_WAIT_S = 2.0   # how long Recall waits for an agent's handler to finish
@@ -515,7 +498,7 @@ class AgentNode(LifecycleNode):
 
     def _status(self, agent: Agent, stamp, node: str, pid: int):
         mailbox = agent.mailbox
-        p50, p99 = _percentiles(_recent(agent.dispatch_us), 0.5, 0.99)
+        p50, p99 = _percentiles(agent.recent_dispatch_us(), 0.5, 0.99)
         msg = self._status_type(
             agent_id=agent.id, node=node, pid=pid, lifecycle=agent.lifecycle.value,
             busy_ms=agent.busy_ms(), events=agent.acked_events, handled=agent.stats['handled'],

@@ -24,6 +24,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from enum import Enum
+from itertools import islice
 
 from loom_ros.agents.behavior import (
     AgentContext, BehaviorNotFound, Ports, _named_subject, load_behavior, run_handler,
@@ -420,6 +421,20 @@ class Agent:
         store = self.store
         inflight = store.oldest_inflight_s() if store is not None else 0.0
         return max(inflight, time.monotonic() - self._dirty_since if self._dirty else 0.0)
+
+    def recent_dispatch_us(self, n: int = 256) -> list:
+        """The newest `n` dispatch waits, newest first, without copying all 10,000 (a heartbeat
+        reads them every 0.1 s for each agent of its host). The worker appends while another
+        thread reads: the GIL can pass to it between making the deque's iterator and reading
+        it, which makes the iterator raise (a launch run lost 28 heartbeats to it), so read
+        again; after three such races, one copy (a single C call, no gap for the worker)."""
+        samples = self.dispatch_us
+        for _ in range(3):
+            try:
+                return list(islice(reversed(samples), n))
+            except RuntimeError:   # deque mutated during iteration
+                continue
+        return list(samples)[::-1][:n]
 
     def busy_ms(self) -> float:
         since = self.busy_since_ns

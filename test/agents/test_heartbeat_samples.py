@@ -1,10 +1,16 @@
 """A heartbeat reads an agent's dispatch samples while its worker appends to them
-(agent_node._recent): a launch run logged 'deque mutated during iteration' from the heartbeat
+(Agent.recent_dispatch_us, which the agent host's heartbeat asks): a launch run logged 'deque mutated during iteration' from the heartbeat
 timer 28 times in 80 s. The race is forced here: the deque changes between making the iterator
 and reading it, as when the GIL passes to the worker at that point."""
 from collections import deque
+from types import SimpleNamespace
 
-from loom_ros.agents.agent_node import _recent
+from loom_ros.agents.runtime import Agent
+
+
+def _recent(samples: deque, n: int) -> list:
+    """The Agent method on `samples` as its dispatch_us (the rest of an Agent is not read)."""
+    return Agent.recent_dispatch_us(SimpleNamespace(dispatch_us=samples), n)
 
 
 class RacingSamples(deque):
