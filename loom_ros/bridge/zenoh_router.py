@@ -70,10 +70,14 @@ def read_fleet(path: str) -> tuple[list[tuple[str, str]], dict]:
     return [(str(n), str(r)) for n, r in members.items()], grants
 
 
-def router_access_control(keys_dir, fleet_file: str = '') -> tuple[dict, list[str]]:
-    """The access_control config and the member names it covers."""
+def router_access_control(keys_dir, fleet_file: str = '',
+                          identities: list | None = None) -> tuple[dict, list[str]]:
+    """The access_control config and the member names it covers. `identities`: the keys
+    folder's signed identities when the caller read them already (each is a certificate parse)."""
     extra, grants = read_fleet(fleet_file)
-    members = acl.fleet(fleet_identities(keys_dir) + extra, grants)
+    signed = fleet_identities(keys_dir) if identities is None else \
+        [(i.name, i.role) for i in identities]
+    members = acl.fleet(signed + extra, grants)
     return acl.access_control(members), [m.name for m in members]
 
 
@@ -337,8 +341,9 @@ def main(argv=None) -> int:
             # Taken before the rules are read: a change while they are read is seen at the
             # first watch, not mistaken for what they were made from.
             fingerprint = keys_fingerprint(args.keys_dir, args.fleet)
-            rules, members = router_access_control(args.keys_dir, args.fleet)
-            serving = keys.serving_non_routers(args.keys_dir, MAX_MEMBERS)
+            signed = keys.signed_identities(args.keys_dir, MAX_MEMBERS)   # read once, for both
+            rules, members = router_access_control(args.keys_dir, args.fleet, signed)
+            serving = keys.serving_non_routers(args.keys_dir, MAX_MEMBERS, signed)
             if serving:
                 print(f'zenoh_router: WARNING identities that may serve TLS but are not routers: '
                       f'{", ".join(serving[:20])}{" ..." if len(serving) > 20 else ""}. Each can '

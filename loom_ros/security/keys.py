@@ -232,13 +232,16 @@ def signed_identities(keys_dir: str | Path, limit: int = 1024) -> list[Identity]
             if entry.identity is not None]
 
 
-def serving_non_routers(keys_dir: str | Path, limit: int = 1024) -> list[str]:
+def serving_non_routers(keys_dir: str | Path, limit: int = 1024,
+                        identities: list[Identity] | None = None) -> list[str]:
     """Names of the identities in the keys folder that may serve TLS without being routers:
     listening peers issued with `serve`, or identities made before only routers served (each
-    can stand in for a router to a member that reaches its address)."""
+    can stand in for a router to a member that reaches its address). `identities`: the folder's
+    signed identities when the caller read them already."""
     try:
-        return [i.name for i in signed_identities(keys_dir, limit)
-                if i.role != 'router' and can_serve(i)]
+        if identities is None:
+            identities = signed_identities(keys_dir, limit)
+        return [i.name for i in identities if i.role != 'router' and can_serve(i)]
     except OSError:
         return []
 

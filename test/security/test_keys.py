@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from loom_ros.bridge.zenoh_router import router_access_control
 from loom_ros.security import keys
 
 
@@ -95,6 +96,9 @@ def test_only_routers_and_identities_issued_to_serve_are_tls_servers(fleet):
     # What the router warns about at start: serving identities that are not routers.
     assert keys.serving_non_routers(fleet) == ['robot1', 'robot2']
     assert keys.serving_non_routers(fleet.parent / 'no_such_folder') == []
+    # The router reads the folder once and hands its identities to both uses.
+    signed = keys.signed_identities(fleet)
+    assert keys.serving_non_routers('unused', identities=signed) == ['robot1', 'robot2']
 
 
 def test_keys_list_shows_what_the_fleet_trusts_and_says_why_the_rest_is_not(fleet, tmp_path):
@@ -134,3 +138,11 @@ def test_keys_list_shows_what_the_fleet_trusts_and_says_why_the_rest_is_not(flee
     assert 'not a regular file' in listed['fifo'].problem
     assert 'not a regular file' in listed['zero'].problem
     assert '\x1b' not in run.stdout   # the hostile name is quoted, not written to the terminal
+
+
+def test_router_rules_from_identities_read_once_are_the_folders_rules(fleet):
+    """zenoh_router reads the keys folder once at start for its rules and its warning."""
+    keys.issue(fleet, 'robot1', 'robot')
+    signed = keys.signed_identities(fleet)
+    assert signed and router_access_control(fleet, identities=signed) == \
+        router_access_control(fleet)
