@@ -343,7 +343,7 @@ def main(argv=None) -> int:
             fingerprint = keys_fingerprint(args.keys_dir, args.fleet)
             signed = keys.signed_identities(args.keys_dir, MAX_MEMBERS)   # read once, for both
             rules, members = router_access_control(args.keys_dir, args.fleet, signed)
-            serving = keys.serving_non_routers(args.keys_dir, MAX_MEMBERS, signed)
+            serving = keys.non_routers_serving(signed)
             if serving:
                 print(f'zenoh_router: WARNING identities that may serve TLS but are not routers: '
                       f'{", ".join(serving[:20])}{" ..." if len(serving) > 20 else ""}. Each can '

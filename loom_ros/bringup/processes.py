@@ -66,13 +66,10 @@ def die_with_parent(signum: int = signal.SIGTERM):
         # out). A shell starts background jobs with SIGINT ignored, and an ignored disposition
         # is inherited: without this, `loom bringup &`'s nodes would wait for SIGKILL. SIGTERM
         # too: until exec this is still the parent's Python, whose stop handler (stop_signals)
-        # would take the signal below and tell the *parent* to stop through their shared pipe.
+        # would take the signal below and tell the *parent* to stop through their shared pipe
+        # (the wakeup descriptor, the same pipe, stop_signals forgets at every fork).
         for stop_signal in STOP_SIGNALS:
             signal.signal(stop_signal, signal.SIG_DFL)
-        try:   # nor its wakeup descriptor (the same pipe) for any signal still handled
-            signal.set_wakeup_fd(-1)
-        except ValueError:   # not the interpreter's main thread: nothing was set here
-            pass
         if _LIBC is None:
             return
         _LIBC.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)

@@ -151,13 +151,25 @@ def _give_back_wakeup(ours: int, before: int, before_was_ours: bool) -> None:
         signal.set_wakeup_fd(-1)
 
 
+def _stderr():
+    """sys.stderr when it is a file (faulthandler writes to its descriptor), else the process's
+    own stderr (sys.stderr replaced, as under pytest)."""
+    try:
+        sys.stderr.fileno()
+        return sys.stderr
+    except (AttributeError, ValueError, OSError):
+        return sys.__stderr__
+
+
 def answer_stacks_signal() -> None:
     """STACKS_SIGNAL writes every thread's stack to stderr (and nothing else: the process goes
-    on). Main thread only. Where stderr is no file (replaced, as under pytest), nothing."""
-    try:
-        faulthandler.register(STACKS_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
-    except (AttributeError, ValueError, OSError):   # stderr has no descriptor
-        pass
+    on). Main thread only."""
+    faulthandler.register(STACKS_SIGNAL, file=_stderr(), all_threads=True, chain=False)
+
+
+def dump_stacks() -> None:
+    """Every thread's stack on stderr now (faulthandler: native-stuck threads too)."""
+    faulthandler.dump_traceback(file=_stderr(), all_threads=True)
 
 
 def stop_event(signums: Iterable[int] = STOP_SIGNALS) -> threading.Event:

@@ -26,19 +26,17 @@ Measured on rclpy 9.1.2: the EventsExecutor keeps firing a timer after its callb
 """
 from __future__ import annotations
 
-import faulthandler
 import gc
 import inspect
 import os
 import sys
 import threading
 import time
-import traceback
 from collections import Counter
 
 from rclpy.executors import ExternalShutdownException
 
-from loom_ros.bringup.stop_signals import answer_stacks_signal, on_stop_signal
+from loom_ros.bringup.stop_signals import answer_stacks_signal, dump_stacks, on_stop_signal
 from loom_ros.bus.event import RejectReason
 
 # The most a process waits for the executor's shutdown, and again for destroying the node and
@@ -231,14 +229,9 @@ class StopWatch:
         self._back = threading.Event()
         self._lock = threading.Lock()
         self._state = 'waiting'   # then 'noticed' (the main thread goes on) or 'fired'
-        self._started = False
 
     def start(self) -> None:
-        """The stop signal came (once; later calls do nothing)."""
-        with self._lock:
-            if self._started:
-                return
-            self._started = True
+        """The stop signal came (called once: with the stop future's first result)."""
         threading.Thread(target=self._watch, daemon=True, name='loom-stop-watch').start()
 
     def spinning(self) -> None:
@@ -281,21 +274,6 @@ class StopWatch:
         sys.stdout.flush()
         sys.stderr.flush()
         self._exit(STUCK_EXIT_CODE)
-
-
-def dump_stacks() -> None:
-    """Every thread's stack on stderr: faulthandler's (it reads native-stuck threads too) when
-    stderr is a file, else the interpreter's own frames (stderr replaced, as under pytest)."""
-    try:
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        return
-    except (AttributeError, ValueError, OSError):   # no fileno(): not a real file
-        pass
-    names = {t.ident: t.name for t in threading.enumerate()}
-    for ident, frame in sys._current_frames().items():
-        print(f'Thread {names.get(ident, ident)}:\n' + ''.join(traceback.format_stack(frame)),
-              file=sys.stderr)
-    sys.stderr.flush()
 
 
 def end_process(executor, node, who: str, code: int, close_s: float = EXECUTOR_CLOSE_S,

@@ -21,6 +21,7 @@ import ipaddress
 import os
 import re
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,18 +233,20 @@ def signed_identities(keys_dir: str | Path, limit: int = 1024) -> list[Identity]
             if entry.identity is not None]
 
 
-def serving_non_routers(keys_dir: str | Path, limit: int = 1024,
-                        identities: list[Identity] | None = None) -> list[str]:
-    """Names of the identities in the keys folder that may serve TLS without being routers:
-    listening peers issued with `serve`, or identities made before only routers served (each
-    can stand in for a router to a member that reaches its address). `identities`: the folder's
-    signed identities when the caller read them already."""
+def serving_non_routers(keys_dir: str | Path, limit: int = 1024) -> list[str]:
+    """Names of the identities in the keys folder that may serve TLS without being routers
+    (non_routers_serving); [] when the folder has no readable authority."""
     try:
-        if identities is None:
-            identities = signed_identities(keys_dir, limit)
-        return [i.name for i in identities if i.role != 'router' and can_serve(i)]
+        return non_routers_serving(signed_identities(keys_dir, limit))
     except OSError:
         return []
+
+
+def non_routers_serving(identities: Iterable[Identity]) -> list[str]:
+    """Names of those `identities` that may serve TLS without being routers: listening peers
+    issued with `serve`, or identities made before only routers served (each can stand in for a
+    router to a member that reaches its address)."""
+    return [i.name for i in identities if i.role != 'router' and can_serve(i)]
 
 
 def load(keys_dir: str | Path, name: str) -> Identity:

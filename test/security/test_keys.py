@@ -98,7 +98,7 @@ def test_only_routers_and_identities_issued_to_serve_are_tls_servers(fleet):
     assert keys.serving_non_routers(fleet.parent / 'no_such_folder') == []
     # The router reads the folder once and hands its identities to both uses.
     signed = keys.signed_identities(fleet)
-    assert keys.serving_non_routers('unused', identities=signed) == ['robot1', 'robot2']
+    assert keys.non_routers_serving(signed) == ['robot1', 'robot2']
 
 
 def test_keys_list_shows_what_the_fleet_trusts_and_says_why_the_rest_is_not(fleet, tmp_path):
