@@ -63,23 +63,76 @@ def start(args, ready=True):
 
 
 class Sink:
-    def __init__(self, session, key_expr, decode=True):
+    """Counts a key's events as they arrive and, while `record`, their latency. By default the
+    samples are Loom's codec; `count` and `events` read another format (the relay's CDR)."""
+
+    def __init__(self, session, key_expr, count=None, events=None):
         from loom_ros.bridge import codec
         self.count, self.lat_us, self.first, self.last = 0, [], None, None
         self.record = False
+        # The bridge sends a Batched topic's events as one sample (codec version 2): counted
+        # per event, from the count in its first bytes.
+        count, events = count or codec.event_count, events or codec.decode_all
 
         def on(sample):
-            # The bridge sends a Batched topic's events as one sample (codec version 2):
-            # counted per event, from the count in its first bytes.
             now = time.monotonic_ns()
             data = sample.payload.to_bytes()
-            self.count += codec.event_count(data)
+            self.count += count(data)
             self.first = self.first or now
             self.last = now
             if self.record:
-                for event in codec.decode_all(data):
+                for event in events(data):
                     self.lat_us.append((now - int(event.metadata[STAMP])) / 1000.0)
         self.sub = session.declare_subscriber(key_expr, on)
+
+
+# The floor of any bridge in its own process: a relay that does nothing but rclpy's raw take of
+# each DDS message and one Zenoh put of its bytes (no decode, no checks, no gate, no counters),
+# with the bridge's reader depth and Zenoh options. Its rows say what the DDS hop itself costs
+# on this machine, next to the bridge's.
+RELAY = '''
+import json, sys
+sys.path.insert(0, {repo!r})
+import rclpy, zenoh
+from rclpy.node import Node
+from loom_msgs.msg import Event, EventBatch
+from loom_ros.bridge.zenoh_link import session_config
+from loom_ros.bus.executor import make_executor
+from loom_ros.bus.names import to_ros_topic
+from loom_ros.bus.qos import to_qos_profile, to_zenoh_options, wire_type
+from loom_ros.security import keys
+rclpy.init()
+node = Node('raw_relay', namespace='/bench')
+session = zenoh.open(session_config('client', [{ep!r}], identity=keys.load({fleet!r}, 'bench_tool')
+                                    if {secure!r} else None))
+pub = session.declare_publisher({key!r}, **to_zenoh_options({level!r}))
+profile = to_qos_profile({level!r})
+profile.depth = {depth!r}
+node.create_subscription(Event if wire_type({level!r}) == 'Event' else EventBatch,
+                         to_ros_topic({topic!r}), lambda data: pub.put(data), profile, raw=True)
+executor = make_executor()
+executor.add_node(node)
+print(json.dumps({{'ready': True}}), flush=True)
+while True:   # turns, as Loom's nodes spin (this rclpy's EventsExecutor.spin() ran no callback)
+    executor.spin_once(timeout_sec=0.5)
+'''
+RELAY_TOPICS = {'batched': 'bench.relay.batched', 'realtime': 'bench.relay.realtime'}
+
+
+def _relay_count(level: str):
+    """The relay's samples are CDR: an Event is one; an EventBatch says its count at byte 36
+    (after the header Loom's bus writes, frame_id empty)."""
+    if level == 'realtime':
+        return lambda data: 1
+    import struct
+    return lambda data: struct.unpack_from('<I', data, 36)[0]
+
+
+def _relay_events(level: str):
+    from loom_ros.bus.wire import decode_event_batch, decode_event_message
+    if level == 'realtime':
+        return lambda data: [decode_event_message(data)[2]]
+    return lambda data: decode_event_batch(data)[2]
 
 
 def wait(cond, limit=30.0, spin=None):
@@ -199,7 +252,7 @@ def main() -> None:
                        args.profile)
             for level in ('batched', 'realtime'):
                 r = part[f'raw_zenoh_{level}']
-                for path in ('bridge', 'composed'):
+                for path in ('bridge', 'composed', 'relay'):
                     b = part[f'{path}_{level}']
                     print(f"{transport} {level}: {path} {b['events_per_s']} ev/s "
                           f"({b['burst_received']}/{b['burst_sent']}, put by the bridge "
@@ -231,8 +284,8 @@ def main() -> None:
     print(render(results))
 
 
-PATHS = ('bridge_batched', 'composed_batched', 'raw_zenoh_batched', 'bridge_realtime',
-         'composed_realtime', 'raw_zenoh_realtime')
+PATHS = ('bridge_batched', 'composed_batched', 'relay_batched', 'raw_zenoh_batched',
+         'bridge_realtime', 'composed_realtime', 'relay_realtime', 'raw_zenoh_realtime')
 COMPOSED_ROBOT = 'benchc'   # the composed bridge's robot id and namespace (its own identity)
 ROUND_TRIPS = ('cloud_intent', 'cloud_embed', 'raw_zenoh_get')
 
@@ -353,6 +406,10 @@ def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced
                   flush=True)
             results[f'bridge_{level}'] = through
             results[f'raw_zenoh_{level}'] = raw
+            results[f'relay_{level}'] = run_relay(level, ep, fleet, secure, bus, sub_s, spin,
+                                                  idle, procs[0].pid, n_burst, n_paced)
+            print(f"{transport} {level}: relay {results[f'relay_{level}']}", file=sys.stderr,
+                  flush=True)
 
         results.update(run_composed(transport, ep, fleet, tmp, secure, sub_s, procs[0].pid,
                                     n_burst, n_paced, profile))
@@ -401,6 +458,37 @@ def run(transport: str, fleet: Path, ids: dict, tmp: Path, n_burst: int, n_paced
                 proc.kill()
                 proc.wait()
     return results
+
+
+def run_relay(level: str, ep: str, fleet: Path, secure: bool, bus, sub_s, spin, idle,
+              router_pid: int, n_burst: int, n_paced: int) -> dict:
+    """The relay rows (RELAY): this process's bus publishes as for the bridge rows, on a topic
+    only the relay reads; the relay process is stopped before it returns."""
+    from loom_ros.bridge.bridge_node import OUT_READER_DEPTH
+    from loom_ros.bus.event import Event
+    key, topic = f'loom/raw/relay_{level}', RELAY_TOPICS[level]
+    relay = start(['-c', RELAY.format(repo=str(REPO), ep=ep, fleet=str(fleet), secure=secure,
+                                      key=key, level=level, depth=OUT_READER_DEPTH,
+                                      topic=topic)])
+    try:
+        sink = Sink(sub_s, key, _relay_count(level), _relay_events(level))
+        pub = bus.publisher_for(topic, level)
+        if not wait(lambda: pub.get_subscription_count() >= 1, 30.0, spin):
+            raise SystemExit('the relay never subscribed')
+        warm = lambda: bus.publish(topic, Event(type='w', metadata={STAMP: '0'}), level)  # noqa
+        wait(lambda: sink.count > 0, 30.0, lambda: (warm(), spin(), time.sleep(0.01)))
+        cpu_of = {'bench': None, 'bridge': relay.pid, 'router': router_pid,
+                  'bridge_main': f'{relay.pid}/task/{relay.pid}',
+                  'bench_main': f'{os.getpid()}/task/{os.getpid()}'}
+        return measure(lambda e: bus.publish(topic, e, level), sink, spin, idle, n_burst,
+                       n_paced, 1000, cpu_of)
+    finally:
+        relay.terminate()
+        try:
+            relay.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            relay.kill()
+            relay.wait()
 
 
 def run_composed(transport: str, ep: str, fleet: Path, tmp: Path, secure: bool, sub_s,
@@ -499,7 +587,8 @@ def ratios(results: dict) -> None:
     a raw get."""
     for level in ('batched', 'realtime'):
         r = results[f'raw_zenoh_{level}']
-        for path, name in (('bridge', f'ratio_{level}'), ('composed', f'ratio_composed_{level}')):
+        for path, name in (('bridge', f'ratio_{level}'), ('composed', f'ratio_composed_{level}'),
+                           ('relay', f'ratio_relay_{level}')):
             b = results[f'{path}_{level}']
             results[name] = {
                 'throughput': round(b['events_per_s'] / max(r['events_per_s'], 1e-9), 3),
@@ -544,7 +633,11 @@ def render(r: dict) -> str:
              'spun on its own thread; this process\'s bus hands it each event in-process on the '
              'publishing thread (no DDS hop, no second decode), so, as for raw Zenoh, only this '
              'process and the router are busy; it still validates, gates and encodes every '
-             'event and keeps every counter.', '',
+             'event and keeps every counter. Relay (relay_*): the floor of any bridge in its '
+             'own process: a plain rclpy node that takes each DDS message raw and puts its bytes '
+             'on Zenoh, nothing else (no decode, check, gate or counter), with the bridge\'s '
+             'reader depth and Zenoh options; this process publishes to it as to the bridge. '
+             'In the CPU tables its process is under "bridge".', '',
              '| path | burst sent | put by bridge TLS | put by bridge TCP | received TLS | '
              'received TCP | events/s TLS | events/s TCP | P50 TLS | P50 TCP | P99 TLS | P99 TCP |',
              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
@@ -556,7 +649,9 @@ def render(r: dict) -> str:
                      f"{a['latency']['p50_us']} | {b['latency']['p50_us']} | "
                      f"{a['latency']['p99_us']} | {b['latency']['p99_us']} |")
     for label, x in (('TLS', tls), ('TCP', tcp)):
-        for path, prefix in (('bridge', 'ratio_'), ('composed bridge', 'ratio_composed_')):
+        for path, prefix in (('bridge', 'ratio_'), ('composed bridge', 'ratio_composed_'),
+                             ('relay (the floor of a bridge in its own process)',
+                              'ratio_relay_')):
             lines += ['', f'Ratios {path} / raw over {label}: ' + '; '.join(
                 f"{lv}: throughput {x[f'{prefix}{lv}']['throughput']}, P50 latency "
                 f"{x[f'{prefix}{lv}']['p50_latency']}" for lv in ('batched', 'realtime')) + '.']
