@@ -158,6 +158,18 @@ host = AgentNode(node_name='agent_host_{k}', parameter_overrides=[
 host.trigger_configure()
 host.trigger_activate()
 agents = list(host.agents.values())
+e2e_ms = []   # publish to handler start, from the event's timestamp_ms (whole ms when built)
+
+
+def timed(handle):
+    def run(event, arrived):
+        e2e_ms.append(time.time() * 1000.0 - event.timestamp_ms)
+        return handle(event, arrived)
+    return run
+
+
+for agent in agents:   # instrumentation only: the agent's own handler runs unchanged
+    agent._handle = timed(agent._handle)
 executor = make_executor()
 executor.add_node(host)
 print(json.dumps({{'ready': len(agents), 'rss_started_mb': round(rss_kb() / 1024, 1)}}), flush=True)
@@ -165,7 +177,7 @@ print(json.dumps({{'ready': len(agents), 'rss_started_mb': round(rss_kb() / 1024
 with open({result!r}, 'w') as out:   # a file: the samples are more than a pipe holds
     json.dump({{'handled': sum(a.stats['handled'] for a in agents), 'dispatch': dispatch,
                'done_wall': done, 'rss_end_mb': round(rss_kb() / 1024, 1),
-               'commits': host.storage.writer.batches,
+               'commits': host.storage.writer.batches, 'end_to_end_ms': e2e_ms,
                'cpu_s': time.process_time() - (cpu or 0.0)}}, out)
 os._exit(0)   # tearing hundreds of agents down measures nothing
 '''
@@ -209,6 +221,13 @@ def _collect(procs: list, tmp: Path, hosts: int) -> list[dict]:
     for p in procs:
         p.wait(60)
     return [json.loads((tmp / f'result_{k}.json').read_text()) for k in range(hosts)]
+
+
+def _end_to_end(results: list[dict]) -> dict:
+    """Publish to handler (Loom) or callback (raw rclpy) over all hosts, in microseconds. From
+    the event's timestamp_ms, whole milliseconds when the feeder built it, so each sample reads
+    0-1 ms high, on both sides alike."""
+    return summarize([x * 1000.0 for r in results for x in r['end_to_end_ms']])
 
 
 def run_hosts(n: int, hosts: int, seconds: float, rate: float, feed: str, workers: int,
@@ -269,6 +288,7 @@ def run_hosts(n: int, hosts: int, seconds: float, rate: float, feed: str, worker
             'rss_started_mb': round(sum(r['rss_started_mb'] for r in ready), 1),
             'rss_end_mb': round(sum(r['rss_end_mb'] for r in results), 1),
             'dispatch': summarize([x for r in results for x in r['dispatch']]),
+            'end_to_end': _end_to_end(results),
             'commits': sum(r['commits'] for r in results),
             'receiver_cpu_us': round(1e6 * sum(r['cpu_s'] for r in results) / max(handled, 1), 1),
             'feeder_cpu_us': round(1e6 * feeder_cpu / len(sends), 1),
@@ -286,8 +306,10 @@ from bus_bench import rss_kb
 rclpy.init()
 node = Node('raw_host_{k}')
 got = [0]
+e2e_ms = []   # publish to this callback, from the event's timestamp_ms (as the Loom hosts)
 def count(msg):
     got[0] += 1
+    e2e_ms.append(time.time() * 1000.0 - msg.timestamp_ms)
 qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE,
                  history=HistoryPolicy.KEEP_LAST)
 subs = [node.create_subscription(Event, t, count, qos) for t in {topics!r}]
@@ -296,7 +318,7 @@ executor.add_node(node)
 print(json.dumps({{'ready': len(subs), 'rss_started_mb': round(rss_kb() / 1024, 1)}}), flush=True)
 ''' + SPIN_UNTIL_TAKEN + '''with open({result!r}, 'w') as out:
     json.dump({{'handled': got[0], 'done_wall': done, 'rss_end_mb': round(rss_kb() / 1024, 1),
-               'cpu_s': time.process_time() - (cpu or 0.0)}}, out)
+               'cpu_s': time.process_time() - (cpu or 0.0), 'end_to_end_ms': e2e_ms}}, out)
 os._exit(0)
 '''
 
@@ -335,6 +357,7 @@ def run_raw_hosts(n: int, hosts: int, seconds: float, rate: float) -> dict:
 
     def publish(j: int) -> None:
         msg.id = f't{j}'
+        msg.timestamp_ms = int(time.time() * 1000)   # as a Loom Event is stamped when built
         pubs[sends[j]].publish(msg)
     start_wall, feeder_cpu, feeder_s = _feed(len(sends), total_rate, publish, executor)
     results = _collect(procs, tmp, hosts)
@@ -344,6 +367,7 @@ def run_raw_hosts(n: int, hosts: int, seconds: float, rate: float) -> dict:
     rclpy.try_shutdown()
     return {'agents': n, 'feed': 'raw rclpy', 'hosts': hosts, 'agent_events_expected': len(sends),
             'agent_events_handled': handled, 'handled_per_s': round(handled / elapsed, 1),
+            'end_to_end': _end_to_end(results),
             'setup_s': round(setup_s, 1),
             'rss_started_mb': round(sum(r['rss_started_mb'] for r in ready), 1),
             'rss_end_mb': round(sum(r['rss_end_mb'] for r in results), 1),
@@ -583,24 +607,30 @@ def main() -> int:
                   'committed all it was sent.', '',
                   'The `raw rclpy` row is the baseline of the streams row: the same topics, '
                   'rate and split, plain rclpy on both sides (loom_msgs/Event, reliable, a '
-                  'callback that only counts). CPU per event: all the receiving processes\' '
+                  'callback that only counts). Publish to handler: from the event\'s '
+                  'timestamp_ms (whole milliseconds, taken when the feeder built it, so 0-1 ms '
+                  'high) to the agent\'s handler starting, or to the raw callback: what DDS, '
+                  'the host\'s queues and the machine\'s load add, end to end. CPU per event: all the receiving processes\' '
                   'CPU from their first event to done, over the events they took; the '
                   'feeder\'s while it published. sent/s: the feeder\'s rate (the schedule asks '
                   'for N x rate).', '',
                   '| agents | feed | hosts | RSS (started / end, all hosts) | start-up | '
-                  'dispatch P50 / P99 / max | agent-events handled/s | vs raw rclpy | handled | '
+                  'dispatch P50 / P99 / max | publish to handler P50 / P99 / max | '
+                  'agent-events handled/s | vs raw rclpy | handled | '
                   'commits | CPU / event receivers, feeder | sent/s |',
-                  '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+                  '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
         raw_rate = next((lo['handled_per_s'] for lo in multi if lo['feed'] == 'raw rclpy'),
                         None)
         for lo in multi:
-            d = lo.get('dispatch')
+            d, e = lo.get('dispatch'), lo.get('end_to_end')
             ratio = (f"{lo['handled_per_s'] / raw_rate:.2f}x" if raw_rate and
                      lo['feed'] in ('streams', 'raw rclpy') else '-')
             lines.append(f"| {lo['agents']} | {lo['feed']} | {lo['hosts']} | "
                          f"{lo['rss_started_mb']} / {lo['rss_end_mb']} MB | {lo['setup_s']} s | "
                          + (f"{d['p50_us']:.0f} / {d['p99_us']:.0f} / {d['max_us']:.0f} us | "
                             if d else '- | ')
+                         + (f"{e['p50_us']:.0f} / {e['p99_us']:.0f} / {e['max_us']:.0f} us | "
+                            if e else '- | ')
                          + f"{lo['handled_per_s']:.0f} | {ratio} | "
                          f"{lo['agent_events_handled']}/{lo['agent_events_expected']} | "
                          f"{lo.get('commits', '-')} | {lo.get('receiver_cpu_us', '-')}, "
