@@ -273,9 +273,10 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
             self._subs.append(self.bus.subscribe(
                 pattern, lambda event, topic, i=index: self._on_bus_event(event, topic, i),
                 depth=OUT_READER_DEPTH))
-        for rule in self.bridge.config.inbound.rules:
-            self.link.subscribe(robot_key_expr(self.bridge.config.robot_id, rule.key),
-                                self._on_zenoh_sample)
+        # each sample once, through the first rule that matches it (rule_for's choice too)
+        self.link.subscribe_each_once(
+            [robot_key_expr(self.bridge.config.robot_id, rule.key)
+             for rule in self.bridge.config.inbound.rules], self._on_zenoh_sample)
         self.link.start()
         with self._lock:
             self._accepting = True

@@ -125,7 +125,7 @@ class ZenohLink:
         self._publishers: dict[str, object] = {}
         self._listeners: list = []
         self._matched: dict[str, bool] = {}
-        self._subscriptions: list[tuple[str, Callable]] = []
+        self._subscriptions: list[tuple[str, Callable, tuple[str, ...]]] = []
         self._subscribers: list = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -156,8 +156,8 @@ class ZenohLink:
                 stopped = stop.is_set()
                 if not stopped:
                     self.session = session
-                    for key_expr, callback in self._subscriptions:
-                        self._declare_subscriber(key_expr, callback)
+                    for key_expr, callback, shadowed_by in self._subscriptions:
+                        self._declare_subscriber(key_expr, callback, shadowed_by)
             if stopped:  # closed while opening (outside the lock: close may wait on callbacks)
                 session.close()
                 return
@@ -265,22 +265,39 @@ class ZenohLink:
             dropped, self.oversize_dropped = self.oversize_dropped, 0
         return dropped
 
-    def subscribe(self, key_expr: str, callback: Callable[[str, bytes], None]) -> None:
-        """Call `callback(key, payload)` for samples from other sessions on `key_expr`."""
+    def subscribe(self, key_expr: str, callback: Callable[[str, bytes], None],
+                  shadowed_by: tuple[str, ...] = ()) -> None:
+        """Call `callback(key, payload)` for samples from other sessions on `key_expr`, except
+        those whose key one of `shadowed_by` matches (another subscription takes them)."""
         with self._lock:
-            self._subscriptions.append((key_expr, callback))
+            self._subscriptions.append((key_expr, callback, tuple(shadowed_by)))
             if self.session is not None:
-                self._declare_subscriber(key_expr, callback)
+                self._declare_subscriber(key_expr, callback, tuple(shadowed_by))
 
-    def _declare_subscriber(self, key_expr: str, callback) -> None:
+    def subscribe_each_once(self, key_exprs, callback: Callable[[str, bytes], None]) -> None:
+        """One subscription per expression, but each sample reaches `callback` once: through
+        the first expression that matches its key. Zenoh hands a sample to every matching
+        subscriber of a session, and overlapping expressions (`fleet/robot/move` and
+        `fleet/**`) would deliver it twice: a command then also counted as its own replay."""
+        earlier: list[str] = []
+        for key_expr in key_exprs:
+            self.subscribe(key_expr, callback, shadowed_by=tuple(earlier))
+            earlier.append(key_expr)
+
+    def _declare_subscriber(self, key_expr: str, callback, shadowed_by: tuple[str, ...] = ()) \
+            -> None:
         import zenoh
+        shadows = [zenoh.KeyExpr(k) for k in shadowed_by]
 
         def on_sample(sample):
+            key = sample.key_expr
+            if shadows and any(k.includes(key) for k in shadows):
+                return   # an earlier subscription of the same set has it
             payload = sample.payload
             if len(payload) > self.max_sample_bytes:
                 with self._count_lock:
                     self.oversize_dropped += 1
                 return
-            callback(str(sample.key_expr), payload.to_bytes())
+            callback(str(key), payload.to_bytes())
         self._subscribers.append(self.session.declare_subscriber(
             key_expr, on_sample, allowed_origin=zenoh.Locality.REMOTE))

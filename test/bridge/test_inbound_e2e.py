@@ -19,7 +19,10 @@ MOVE = 'fleet.robot.move'
 CONTRACT = {
     'rules': [{'key': MOVE, 'privacy': 'public', 'rate': 1000, 'burst': 1000, 'grant': MOVE},
               {'key': 'fleet.note', 'privacy': 'sensitive', 'rate': 0.001, 'burst': 5},
-              {'key': 'fleet.ping', 'privacy': 'public', 'rate': 1000, 'burst': 1000}],
+              {'key': 'fleet.ping', 'privacy': 'public', 'rate': 1000, 'burst': 1000},
+              # overlaps every rule above, as the shipped contract's last rule does: a sample
+              # must still be taken once (the move was also counted as its own replay)
+              {'key': 'fleet.**', 'privacy': 'sensitive', 'rate': 1000, 'burst': 1000}],
     'grants': {'operator': [MOVE]},
     'actuators': ['fleet.robot.**'],
 }
@@ -91,6 +94,11 @@ def test_inbound_commands_need_a_granted_signed_fresh_sender(ros, port, zenoh_ro
     refused = {(r['fields']['reason'], r['fields'].get('sender'))
                for r in audit.query(plugin='zenoh_bridge', kind='inbound_refused')}
     assert {('unsigned', None), ('not_granted', 'robot2'), ('replayed', 'ops')} <= refused
+    replayed = [r for r in audit.query(plugin='zenoh_bridge', kind='inbound_refused')
+                if r['fields']['reason'] == 'replayed']
+    assert len(replayed) == 1   # the one real replay, not each command again
+    ros.wait_for(lambda: status.get('received') == 2 + 5 + len(pings),
+                 'each delivered sample counted once', alive=[proc])
     audit.close()
     assert proc.popen.poll() is None
 
