@@ -56,7 +56,20 @@ from loom_ros.security import keys, sealed
 from loom_ros.security.audit import AuditError, AuditLog
 from loom_ros.storage.consent import ConsentRegistry, consent_path, load_defaults
 from loom_ros.storage.layout import derived, node_layout
+from loom_ros.telemetry.diagnostics import OK, WARN, CheckResult
 from loom_ros.telemetry.logs import mask_node_logger
+
+def sealing_check(mode: str, sealed_to_cloud: bool) -> CheckResult:
+    """/diagnostics: WARN while Sensitive events cannot leave sealed (refused for want of the
+    cloud's certificate, or sent in clear by seal_sensitive: off)."""
+    if sealed_to_cloud:
+        return CheckResult(OK, 'Sensitive payloads are sealed to the cloud', {'sealing': 'on'})
+    if mode == 'off':
+        return CheckResult(WARN, 'seal_sensitive is off: Sensitive payloads leave in clear',
+                           {'sealing': 'off'})
+    return CheckResult(WARN, 'no cloud certificate: Sensitive events are refused, not sent '
+                       '(refused_unsealed)', {'sealing': 'refusing'})
+
 
 STATUS_TOPIC = 'zenoh_bridge/status'
 FORGET_SERVICE = topics.BRIDGE_FORGET
@@ -208,10 +221,13 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         if identity is None:
             self.get_logger().warning(INSECURE_WARNING)
         self.bus.telemetry.add_check('transport security', lambda: transport_check(identity))
+        self.bus.telemetry.add_check('sensitive sealing', lambda: sealing_check(
+            p['seal_sensitive'], seal_to is not None))
         self._first_allow.clear()   # remembered per configuration
         self.bridge = Bridge(config, self.link, self.bus.topic_qos.level_for,
                              PrivacyGate(policy, self._consent.lookup), self._record_refusal,
                              command_audit=self._record_command, ca_pem=ca_pem, seal_to=seal_to,
+                             seal_required=p['seal_sensitive'] != 'off',
                              batch_max_events=OUT_BATCH_EVENTS)
         self.status_pub = self.create_lifecycle_publisher(String, STATUS_TOPIC,
                                                           to_qos_profile('realtime'))
@@ -222,12 +238,15 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         self.get_logger().info(
             f"configured: robot {config.robot_id}, {p['mode']} to {p['connect'] or 'scouting'}, "
             f"out {p['out_allow']} minus {p['out_deny']}, in by {len(config.inbound.rules)} rules "
-            f"of {inbound_file}, Sensitive payloads {'sealed' if seal_to else 'NOT sealed'}")
+            f"of {inbound_file}, Sensitive payloads "
+            f"{'sealed' if seal_to else 'refused' if p['seal_sensitive'] != 'off' else 'NOT sealed'}")
         return TransitionCallbackReturn.SUCCESS
 
     def _credentials(self, p: dict):
         """(CA PEM or None, the cloud's public key or None) as keys_dir, cloud_cert and
-        seal_sensitive say; ValueError when `on` cannot be honoured or a cert is not the fleet's."""
+        seal_sensitive say; ValueError when `on` cannot be honoured or a cert is not the fleet's.
+        With `auto` and no cloud certificate, Sensitive events are refused (fail closed): only
+        `off` sends them in clear."""
         if p['seal_sensitive'] not in SEAL_MODES:
             raise ValueError(f"{SECTION}.seal_sensitive must be one of {', '.join(SEAL_MODES)}, "
                              f"got {p['seal_sensitive']!r}")
@@ -238,8 +257,13 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
             else root / 'cloud' / 'cert.pem'
         if p['seal_sensitive'] == 'off' or (p['seal_sensitive'] == 'auto' and not cert.is_file()):
             if p['seal_sensitive'] == 'auto':
-                self.get_logger().warning(f'no cloud certificate at {cert}: Sensitive payloads '
-                                          'that leave are not sealed')
+                self.get_logger().warning(
+                    f'no cloud certificate at {cert}: Sensitive events stay on the robot '
+                    '(refused_unsealed) until it is there; seal_sensitive: off sends them in '
+                    'clear')
+            else:
+                self.get_logger().warning('seal_sensitive is off: Sensitive events that the '
+                                          'privacy policy lets out leave in clear')
             return ca_pem, None
         if ca_pem is None:
             raise ValueError(f'{SECTION}.seal_sensitive: no fleet authority at {ca} to check '

@@ -105,13 +105,15 @@ class Bridge:
                  command_audit: Callable[[dict], None] | None = None,
                  ca_pem: bytes | None = None,
                  seal_to: ec.EllipticCurvePublicKey | None = None,
+                 seal_required: bool = False,
                  clock: Callable[[], float] = time.monotonic,
                  wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
                  batch_max_events: int = 1):
         """`audit` gets privacy refusals; `command_audit` every inbound actuator command and
         refusal (it raises when it cannot store one: the command is then refused). `ca_pem`
         checks signed senders (none: granted rules refuse everything); `seal_to` is the cloud
-        identity's public key that Sensitive payloads are sealed to (none: not sealed).
+        identity's public key that Sensitive payloads are sealed to (none: not sealed; with
+        `seal_required` they are then refused, counted and audited: they never leave in clear).
         `batch_max_events` > 1 sends Batched/Background events in batches (see above)."""
         self.config = config
         self.transport = transport
@@ -121,6 +123,7 @@ class Bridge:
         self.command_audit = command_audit or (lambda record: None)
         self.ca_pem = ca_pem
         self.seal_to = seal_to
+        self.seal_required = bool(seal_required)
         self.clock = clock
         self.outbox = Outbox(config.buffer_max_events)
         self.stats: Counter = Counter()
@@ -168,12 +171,23 @@ class Bridge:
                         'privacy': getattr(event.privacy, 'name', str(event.privacy)[:16]),
                         'effective_privacy': effective_privacy(event).name})
             return self._count(f'refused_{refusal}')
-        data = codec.encode(event)
         alone = False
-        if self.seal_to is not None and effective_privacy(event) is Privacy.SENSITIVE:
-            data = sealed.seal_to(self.seal_to, data, key.encode())   # the key is bound in
-            self.stats['sealed'] += 1
-            alone = True   # sealed to its own key: never inside a batch
+        if effective_privacy(event) is Privacy.SENSITIVE:
+            if self.seal_to is None:
+                if self.seal_required:   # no cloud key to seal to: it stays on the robot
+                    self.audit({'kind': 'privacy_refused', 'reason': 'unsealed', 'topic': topic,
+                                'event_id': event.id, 'event_type': event.type,
+                                'privacy': getattr(event.privacy, 'name',
+                                                   str(event.privacy)[:16]),
+                                'effective_privacy': Privacy.SENSITIVE.name})
+                    return self._count('refused_unsealed')
+                data = codec.encode(event)
+            else:
+                data = sealed.seal_to(self.seal_to, codec.encode(event), key.encode())
+                self.stats['sealed'] += 1   # the key is bound in
+                alone = True   # sealed to its own key: never inside a batch
+        else:
+            data = codec.encode(event)
         if level is QosLevel.REALTIME:
             # A late realtime sample is worth nothing: never queued, but a drop is counted.
             if not self.transport.connected:

@@ -136,6 +136,28 @@ def test_privacy_gate_and_patterns_whatever_the_config():
     assert bridge.send(embedding('face.embedding'), 'agent.a.intent') == 'sent'
 
 
+def test_sensitive_events_never_leave_in_clear_unless_sealing_is_off():
+    """The fleet set-up left the cloud's certificate off a robot: `seal_sensitive: auto` then
+    sent Sensitive embeddings in clear, for every operator on the router to read. Now they stay
+    on the robot (counted, audited); only seal_sensitive: off (seal_required False) sends them."""
+    from loom_ros.bridge.bridge_node import sealing_check
+    from loom_ros.telemetry.diagnostics import OK, WARN
+    bridge, transport, audit = recording_bridge({'out_allow': ['agent.*.intent']},
+                                                seal_required=True)
+    transport.listening.add('loom/r1/agent/a/intent')
+    assert bridge.send(embedding('t.embedding'), 'agent.a.intent') == 'refused_unsealed'
+    assert bridge.send(Event(type='t'), 'agent.a.intent') == 'sent'   # Public still goes
+    assert [r['reason'] for r in audit] == ['unsealed']
+    assert [key for key, _, _ in transport.puts] == ['loom/r1/agent/a/intent']
+    assert bridge.stats['refused_unsealed'] == 1
+    bridge, transport, audit = recording_bridge({'out_allow': ['agent.*.intent']})
+    transport.listening.add('loom/r1/agent/a/intent')
+    assert bridge.send(embedding('t.embedding'), 'agent.a.intent') == 'sent'   # off: in clear
+    assert sealing_check('auto', False).level == WARN
+    assert sealing_check('off', False).level == WARN
+    assert sealing_check('auto', True).level == OK
+
+
 def test_a_data_subjects_events_leave_only_with_fleet_consent(tmp_path):
     """loom.subject on an event: it leaves the robot only with that subject's fleet consent
     (the registry read at every event); other purposes do not count; hostile ids stay."""
