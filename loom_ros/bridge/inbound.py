@@ -282,7 +282,7 @@ def send_command(session, identity: keys.Identity, robot_id: str, topic: str,
 def main(argv=None) -> int:
     """`python -m loom_ros.bridge.inbound ROBOT TOPIC JSON --as NAME`: one signed command."""
     import zenoh
-    from loom_ros.bridge.zenoh_link import session_config
+    from loom_ros.bridge.zenoh_link import INSECURE_WARNING, session_config
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument('robot_id')
     parser.add_argument('topic')
@@ -291,7 +291,10 @@ def main(argv=None) -> int:
     parser.add_argument('--type', default='', help="event type (default: the topic's last two "
                         'segments, e.g. robot.move)')
     parser.add_argument('--keys-dir', default=keys.DEFAULT_KEYS_DIR)
-    parser.add_argument('--connect', action='append', default=[], help='Zenoh endpoint')
+    parser.add_argument('--connect', action='append', default=[],
+                        help='Zenoh endpoint (default tls/127.0.0.1:7447; tcp/ means tls/)')
+    parser.add_argument('--insecure', action='store_true',
+                        help='plain TCP without TLS (the command is still signed)')
     args = parser.parse_args(argv)
     try:
         identity = keys.load(args.keys_dir, args.name)
@@ -300,7 +303,14 @@ def main(argv=None) -> int:
     except (CredentialsError, ValueError) as exc:
         print(f'loom command: {exc}', file=sys.stderr)
         return 2
-    session = zenoh.open(session_config('client', args.connect or ['tcp/127.0.0.1:7447']))
+    if args.insecure:
+        print(f'loom command: {INSECURE_WARNING}', file=sys.stderr)
+    try:   # the link is mutual TLS as the signer, as every Loom session (unless --insecure)
+        session = zenoh.open(session_config('client', args.connect or ['tls/127.0.0.1:7447'],
+                                            identity=None if args.insecure else identity))
+    except (zenoh.ZError, ValueError) as exc:
+        print(f'loom command: cannot open the Zenoh session: {str(exc)[:500]}', file=sys.stderr)
+        return 1
     try:
         print(send_command(session, identity, args.robot_id, args.topic, event))
     finally:

@@ -41,7 +41,8 @@ def move(x):
 
 
 def test_inbound_commands_need_a_granted_signed_fresh_sender(ros, port, zenoh_router, zsession,
-                                                             bridge, robot_bus, fleet, tmp_path):
+                                                             bridge, robot_bus, fleet, tmp_path,
+                                                             spawn):
     root, ids = fleet
     zenoh_router(port)
     proc, status, _ = bridge('/ri', port, inbound=CONTRACT, keys_dir=str(root))
@@ -76,6 +77,18 @@ def test_inbound_commands_need_a_granted_signed_fresh_sender(ros, port, zenoh_ro
     send_command(outsider, ids['ops'], 'ri', MOVE, move(0.1))
     ros.wait_for(lambda: len(moves) == 2, "the operator's tool's move on the bus", alive=[proc])
     assert [e.payload for e in moves] == [move(0.2).payload, move(0.1).payload]
+    # The operator's command line tool: mutual TLS as its signer (it opened plain TCP, which
+    # this router refuses), tcp/ meaning tls/ as everywhere.
+    code, out, err = spawn('-m', 'loom_ros.bridge.inbound', 'ri', MOVE, '{"linear": {"x": 0.05}}',
+                           '--as', 'ops', '--keys-dir', str(root),
+                           '--connect', f'tcp/127.0.0.1:{port}').finish()
+    assert code == 0 and out.strip() == 'loom/ri/fleet/robot/move', err
+    ros.wait_for(lambda: len(moves) == 3, "the command line tool's move on the bus", alive=[proc])
+    assert moves[2].source == 'operator/ops'
+    code, out, err = spawn('-m', 'loom_ros.bridge.inbound', 'ri', MOVE, '{}', '--as', 'ops',
+                           '--keys-dir', str(root), '--insecure',
+                           '--connect', f'tcp/127.0.0.1:{port}').finish()
+    assert code == 1 and 'INSECURE' in err and 'cannot open the Zenoh session' in err
 
     # A flood on a data rule: at most its burst delivered, the rest counted.
     for i in range(50):
@@ -90,14 +103,14 @@ def test_inbound_commands_need_a_granted_signed_fresh_sender(ros, port, zenoh_ro
     audit = AuditLog(tmp_path / 'ri_audit.db')
     commands = audit.query(plugin='zenoh_bridge', kind='inbound_command')
     assert {r['fields']['sender'] for r in commands} == {'ops'}
-    assert len(commands) == 2
+    assert len(commands) == 3
     refused = {(r['fields']['reason'], r['fields'].get('sender'))
                for r in audit.query(plugin='zenoh_bridge', kind='inbound_refused')}
     assert {('unsigned', None), ('not_granted', 'robot2'), ('replayed', 'ops')} <= refused
     replayed = [r for r in audit.query(plugin='zenoh_bridge', kind='inbound_refused')
                 if r['fields']['reason'] == 'replayed']
     assert len(replayed) == 1   # the one real replay, not each command again
-    ros.wait_for(lambda: status.get('received') == 2 + 5 + len(pings),
+    ros.wait_for(lambda: status.get('received') == 3 + 5 + len(pings),
                  'each delivered sample counted once', alive=[proc])
     audit.close()
     assert proc.popen.poll() is None
