@@ -20,6 +20,7 @@ import datetime
 import ipaddress
 import os
 import re
+import secrets
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -68,9 +69,21 @@ def _check_name(name: str) -> str:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, 'wb') as out:
-        out.write(data)
+    """A private key, the owner's only: written to a new file (never through a link, never
+    into an older file's looser mode, which O_TRUNC kept on --force), then renamed over `path`
+    (a link there is replaced, not followed)."""
+    tmp = path.with_name(f'.{path.name}.{secrets.token_hex(8)}.tmp')
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, 'wb') as out:
+            os.fchmod(out.fileno(), 0o600)   # whatever the umask
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _now() -> datetime.datetime:

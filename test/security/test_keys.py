@@ -146,3 +146,25 @@ def test_router_rules_from_identities_read_once_are_the_folders_rules(fleet):
     signed = keys.signed_identities(fleet)
     assert signed and router_access_control(fleet, identities=signed) == \
         router_access_control(fleet)
+
+
+def test_reissued_keys_are_the_owners_only_and_never_written_through_a_link(fleet, tmp_path):
+    """`--force` kept an older key file's mode (O_TRUNC keeps it: 0644 stayed 0644) and wrote
+    the new private key through a symlink at its path, wherever that pointed."""
+    robot = keys.issue(fleet, 'robot9', 'robot')
+    os.chmod(robot.key, 0o644)
+    os.chmod(fleet / 'ca.key', 0o644)
+    keys.issue(fleet, 'robot9', 'robot', force=True)
+    assert os.stat(robot.key).st_mode & 0o777 == 0o600
+    keys.init_ca(fleet, force=True)
+    assert os.stat(fleet / 'ca.key').st_mode & 0o777 == 0o600
+    target = tmp_path / 'elsewhere.pem'
+    target.write_text('not a key')
+    robot.key.unlink()
+    robot.key.symlink_to(target)
+    reissued = keys.issue(fleet, 'robot9', 'robot', force=True)
+    assert target.read_text() == 'not a key'
+    assert not reissued.key.is_symlink() and os.stat(reissued.key).st_mode & 0o777 == 0o600
+    assert keys.verify(reissued.cert_pem(), (fleet / 'ca.pem').read_bytes(), b'x',
+                       keys.sign(keys.load(fleet, 'robot9'), b'x')) == ('robot9', 'robot')
+    assert not [p for p in (fleet / 'robot9').iterdir() if p.name.endswith('.tmp')]
