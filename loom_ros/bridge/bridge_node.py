@@ -106,6 +106,9 @@ PARAMETERS = [
     ParamSpec('buffer_max_events', 'Most Batched/Background events kept while they cannot be '
               'delivered; past it the oldest is dropped and counted', read_only=True,
               min_value=1, max_value=10_000_000),
+    ParamSpec('buffer_max_bytes', 'Most bytes of those events kept; past it the oldest are '
+              'dropped and counted (an event over it alone is not kept)', read_only=True,
+              min_value=1, max_value=2**40),
     ParamSpec('policy_file', "Router policy YAML whose sensitive_upload the bridge follows; '' "
               'means the shipped config/policy.yaml', read_only=True),
     ParamSpec('inbound_file', "Inbound contract YAML (rules, grants, actuators); '' means the "

@@ -71,6 +71,7 @@ class BridgeConfig:
     robot_id: str
     rules: BridgeRules
     buffer_max_events: int = 10000
+    buffer_max_bytes: int = 64 * 1024 * 1024
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     inbound: InboundContract = field(default_factory=InboundContract)
 
@@ -87,8 +88,11 @@ class BridgeConfig:
         bound = int(params['buffer_max_events'])
         if bound < 1:
             raise ValueError(f'zenoh_bridge: buffer_max_events must be >= 1, got {bound}')
-        return cls(robot_id, rules, bound, int(params.get('max_payload_bytes',
-                                                          DEFAULT_MAX_PAYLOAD_BYTES)), contract)
+        max_bytes = int(params.get('buffer_max_bytes', cls.buffer_max_bytes))
+        if max_bytes < 1:
+            raise ValueError(f'zenoh_bridge: buffer_max_bytes must be >= 1, got {max_bytes}')
+        return cls(robot_id, rules, bound, max_bytes,
+                   int(params.get('max_payload_bytes', DEFAULT_MAX_PAYLOAD_BYTES)), contract)
 
 
 def open_sealed(identity, key: str, data: bytes,
@@ -125,7 +129,7 @@ class Bridge:
         self.seal_to = seal_to
         self.seal_required = bool(seal_required)
         self.clock = clock
-        self.outbox = Outbox(config.buffer_max_events)
+        self.outbox = Outbox(config.buffer_max_events, config.buffer_max_bytes)
         self.stats: Counter = Counter()
         self._echo: OrderedDict[str, None] = OrderedDict()
         contract = config.inbound
@@ -197,8 +201,7 @@ class Bridge:
         subject = metadata.get(SUBJECT_METADATA_KEY, '') if type(metadata) is dict else ''
         if key in self.outbox.per_key or not self.transport.ready(key, level):
             self._spill(key)   # what waits in its batch goes first
-            if self.outbox.add(Pending(key, data, level, subject)) is not None:
-                self._count('dropped_outbox_full')
+            self._count_outbox_drops(self.outbox.add(Pending(key, data, level, subject)))
             return self._count('buffered')
         if self.batch_max_events == 1:
             return self._put(key, data, level, subject)
@@ -241,6 +244,10 @@ class Bridge:
         self.stats['batches_sent'] += 1
         return len(samples)
 
+    def _count_outbox_drops(self, dropped: int) -> None:
+        if dropped:
+            self.stats['dropped_outbox_full'] += dropped
+
     def _spill(self, key: str) -> None:
         """A key's waiting batch into the outbox, event by event, ahead of what comes next."""
         got = self._batches.pop(key, None)
@@ -248,8 +255,7 @@ class Bridge:
             return
         level, samples, _, subjects = got
         for data, subject in zip(samples, subjects):
-            if self.outbox.add(Pending(key, data, level, subject)) is not None:
-                self._count('dropped_outbox_full')
+            self._count_outbox_drops(self.outbox.add(Pending(key, data, level, subject)))
             self._count('buffered')
 
     def forget(self, subject: str) -> int:
@@ -294,8 +300,7 @@ class Bridge:
         except Exception:
             if level is QosLevel.REALTIME:
                 return self._count('put_failed')
-            if self.outbox.add(Pending(key, data, level, subject)) is not None:
-                self._count('dropped_outbox_full')
+            self._count_outbox_drops(self.outbox.add(Pending(key, data, level, subject)))
             return self._count('buffered')
         return self._count('sent')
 

@@ -82,7 +82,8 @@ def test_outbox_bound_order_and_per_key_hold():
     box = Outbox(3)
     for i in range(4):
         dropped = box.add(Pending('a' if i % 2 else 'b', bytes([i]), QosLevel.BATCHED))
-    assert dropped.data == b'\x00' and box.dropped == 1 and len(box) == 3
+    assert dropped == 1 and box.dropped == 1 and len(box) == 3
+    assert [i.data for i in box.items] == [b'\x01', b'\x02', b'\x03']   # the oldest went
     sent = []
     assert box.drain(lambda item: item.key == 'a', lambda item: sent.append(item.data)) == 2
     assert sent == [b'\x01', b'\x03'] and [i.data for i in box.items] == [b'\x02']
@@ -101,6 +102,29 @@ def make_bridge(policy=None, bound=100):
          'buffer_max_events': bound},
         {'rules': [{'key': 'fleet.**', 'privacy': 'public', 'rate': 1000}]},
         lambda t: levels.get(t.split('.')[0], QosLevel.BATCHED), PrivacyGate(policy))
+
+
+def test_outbox_holds_at_most_its_bytes():
+    """The outbox was bounded in events only: 10,000 waiting 4 MiB events (a new topic nobody
+    listens to yet) held 40 GiB. Past the byte bound the oldest go, counted; an event larger
+    than the bound alone is not kept; draining and purging give the bytes back."""
+    box = Outbox(100, max_bytes=10)
+    assert box.add(Pending('a', b'1234', QosLevel.BATCHED)) == 0
+    assert box.add(Pending('b', b'5678', QosLevel.BATCHED, 'alice')) == 0
+    assert box.add(Pending('a', b'90ab', QosLevel.BATCHED)) == 1   # 12 > 10: the oldest goes
+    assert [i.data for i in box.items] == [b'5678', b'90ab'] and box.bytes == 8
+    assert box.add(Pending('c', b'x' * 11, QosLevel.BATCHED)) == 1  # alone over the bound
+    assert box.bytes == 8 and len(box) == 2 and box.dropped == 2
+    assert box.purge('alice') == 1 and box.bytes == 4
+    assert box.drain(lambda item: True, lambda item: None) == 1 and box.bytes == 0
+    assert not box.per_key
+    # through the bridge: counted as dropped_outbox_full, the node's parameter in the config
+    bridge, transport, _ = recording_bridge({'out_allow': ['agent.*.intent'],
+                                             'buffer_max_bytes': 3000})
+    for i in range(5):   # nobody listens: each waits in the outbox
+        assert bridge.send(Event(type='t', payload=b'x' * 1000), 'agent.a.intent') == 'buffered'
+    assert len(bridge.outbox) == 2 and bridge.stats['dropped_outbox_full'] == 3
+    assert bridge.outbox.bytes <= 3000
 
 
 def test_outbox_drain_limit_keeps_the_rest_in_order():
