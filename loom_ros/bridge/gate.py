@@ -36,7 +36,8 @@ def is_embedding(event: Event) -> bool:
     if not event.type.endswith(EMBEDDING_SUFFIX) or md.get('dtype', 'float32') != 'float32':
         return False
     dim, count = str(md.get('dim', ''))[:6], str(md.get('count', '1'))[:6]
-    if not (dim.isdigit() and count.isdigit()):
+    if not (dim.isascii() and dim.isdigit() and count.isascii() and count.isdigit()):
+        # ascii: '²'.isdigit() is true and int('²') raises
         return False
     dim, count = int(dim), int(count)
     if not (0 < dim <= MAX_EMBEDDING_DIM and count > 0 and len(event.payload) == 4 * dim * count):

@@ -54,4 +54,6 @@ def parse_robot_key(key: str) -> tuple[str, str]:
         validate_robot_id(parts[1])
     except RobotIdError as exc:
         raise TopicNameError(key, str(exc)) from None
+    if any('.' in chunk for chunk in parts[2:]):   # one key, one topic: a.b/c would be a/b.c
+        raise TopicNameError(key, "a key chunk holds '.': topic segments are its chunks")
     return parts[1], validate_topic('.'.join(parts[2:]))

@@ -35,7 +35,10 @@ def test_keys():
     for bad in ('', 'a/b', '*', 'cloud', 'x' * 65, 'r 1'):
         with pytest.raises(RobotIdError):
             validate_robot_id(bad)
-    for bad in ('loom/r1', 'other/r1/a', 'loom/r1/9a'):
+    # 'loom/r1/fleet/robot.move' named the same topic as 'loom/r1/fleet/robot/move', which the
+    # router's per-chunk rules see as another key
+    for bad in ('loom/r1', 'other/r1/a', 'loom/r1/9a', 'loom/r1/fleet/robot.move',
+                'loom/r1/fleet.robot.move'):
         with pytest.raises(TopicNameError):
             parse_robot_key(bad)
 
@@ -158,6 +161,16 @@ def test_privacy_gate_and_patterns_whatever_the_config():
     transport.listening.add('loom/r1/agent/a/intent')
     assert bridge.send(embedding('speech'), 'agent.a.intent') == 'refused_sensitive_policy_none'
     assert bridge.send(embedding('face.embedding'), 'agent.a.intent') == 'sent'
+
+
+def test_embedding_shape_digits_are_ascii_only():
+    """'²'.isdigit() is true and int('²') raised out of the gate: the event was dropped by the
+    bus's guard without the privacy refusal being audited."""
+    from loom_ros.bridge.gate import is_embedding
+    for dim, count in (('²', '1'), ('8', '³'), ('٨', '1')):
+        assert is_embedding(embedding('t.embedding', metadata={'dim': dim, 'count': count})) \
+            is False
+    assert is_embedding(embedding('t.embedding'))
 
 
 def test_sensitive_events_never_leave_in_clear_unless_sealing_is_off():
