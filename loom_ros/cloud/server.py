@@ -92,7 +92,7 @@ class CloudServer:
         self.config = config
         self.embedder = embedder or MiniLMEmbedder(threads=int(config.get('threads', 1)))
         self.intents = IntentClassifier(self.embedder, config.get('intents'))
-        self.max_batch = int(config.get('embed', {}).get('max_batch', 256))
+        self.max_batch = int(config.get('embed', {}).get('max_batch', 32))
         self.costs = {k: float(v) for k, v in config.get('costs', {}).items()}
         self.chat = config.get('chat', {})
         self.extra_latency_s = max(0.0, extra_latency_ms) / 1000.0
@@ -202,12 +202,21 @@ class TokenBucket:
 
 
 class FairQueue:
-    """Per-client FIFO queues served round-robin, bounded per client, in total and in bytes:
-    `put` says why an item does not fit instead of growing."""
+    """Per-client FIFO queues, bounded per client, in total and in bytes (`put` says why an item
+    does not fit instead of growing), served by deficit round robin on bytes: each turn a client
+    earns `quantum` bytes of credit and is served when its oldest request fits its credit. A
+    request's bytes stand for its cost (texts to embed, and so model time): one client's batches
+    of 256 texts wait their share while another client's one-line intents go by, where turns
+    counted in requests made that intent wait behind 12 s of the other's batches."""
 
-    def __init__(self, per_client: int, total: int, total_bytes: int):
+    QUANTUM_BYTES = 64 * 1024
+
+    def __init__(self, per_client: int, total: int, total_bytes: int,
+                 quantum: int = QUANTUM_BYTES):
         self.per_client, self.total, self.total_bytes = per_client, total, total_bytes
+        self.quantum = max(1, int(quantum))
         self._queues: dict[str, deque] = {}
+        self._credit: dict[str, int] = {}   # bytes a client may still be served this turn
         self._turns: deque[str] = deque()   # clients with something queued, in serving order
         self._cond = threading.Condition()
         self.size = self.bytes = 0
@@ -223,6 +232,7 @@ class FairQueue:
                 return 'queue_full'
             if mine is None:
                 mine = self._queues[client] = deque()
+                self._credit[client] = 0
                 self._turns.append(client)
             mine.append((item, nbytes))
             self.size += 1
@@ -231,17 +241,28 @@ class FairQueue:
             return ''
 
     def get(self, timeout: float | None = None):
-        """The next client's oldest item; None when closed and empty or after `timeout`."""
+        """The oldest item of the next client whose credit covers it; None when closed and
+        empty or after `timeout`."""
         with self._cond:
             if not self._cond.wait_for(lambda: self.size or self.closed, timeout) or not self.size:
                 return None
-            client = self._turns.popleft()
-            mine = self._queues[client]
-            item, nbytes = mine.popleft()
+            turns = self._turns
+            while True:   # ends: every visit adds credit, and the queues are bounded in bytes
+                client = turns[0]
+                mine = self._queues[client]
+                item, nbytes = mine[0]
+                if self._credit[client] < nbytes:
+                    self._credit[client] += self.quantum
+                if self._credit[client] >= nbytes:
+                    break
+                turns.rotate(-1)   # not yet: its credit waits for its next turn
+            mine.popleft()
+            turns.popleft()
             if mine:
-                self._turns.append(client)
-            else:
-                del self._queues[client]
+                self._credit[client] -= nbytes
+                turns.append(client)
+            else:   # no credit is banked by an idle client
+                del self._queues[client], self._credit[client]
             self.size -= 1
             self.bytes -= nbytes
             return item
@@ -252,6 +273,7 @@ class FairQueue:
             self.closed = True
             left = [item for mine in self._queues.values() for item, _ in mine]
             self._queues.clear()
+            self._credit.clear()
             self._turns.clear()
             self.size = self.bytes = 0
             self._cond.notify_all()

@@ -39,6 +39,22 @@ def test_fair_queue_serves_clients_in_turn_within_its_bounds():
     assert sorted(queue.close()) == ['f2'] and queue.get(0) is None
 
 
+def test_fair_queue_shares_by_bytes_so_batches_cannot_starve_one_line_requests():
+    """Turns counted in requests let one robot's three batches of 256 texts (about 11 s of
+    model time each) go before another robot's intent: 12 s late. Shares are in bytes now."""
+    queue = FairQueue(per_client=8, total=64, total_bytes=32 << 20, quantum=64 * 1024)
+    for i in range(3):
+        assert queue.put('robot2', f'batch{i}', 1 << 20) == ''
+    assert queue.put('robot1', 'intent', 600) == ''
+    assert queue.put('robot3', 'embed', 3000) == ''
+    assert queue.get(0) == 'intent' and queue.get(0) == 'embed'
+    assert [queue.get(0) for _ in range(3)] == ['batch0', 'batch1', 'batch2']
+    assert queue.size == queue.bytes == 0 and queue.get(0) is None
+    # an idle client banks nothing: its next big request waits its turns again
+    assert queue.put('robot2', 'late', 1 << 20) == '' and queue.put('robot1', 'i2', 600) == ''
+    assert queue.get(0) == 'i2' and queue.get(0) == 'late'
+
+
 def test_gate_refuses_in_order_and_counts_by_reason(fleet, stranger):
     clock = Clock(time.time())
     robot = Signer(keys.load(fleet, 'robot1'))
