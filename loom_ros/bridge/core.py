@@ -228,11 +228,18 @@ class Bridge:
         got = self._batches.pop(key, None)
         if got is None:
             return 0
-        level, samples, _, _ = got
+        level, samples, _, subjects = got
         if not self.transport.ready(key, level):
             self._batches[key] = got
             self._spill(key)
             return 0
+        if any(subjects):   # consent withdrawn while it waited: what is theirs stays home
+            self._batches[key] = got
+            self._drop_withdrawn(subjects)
+            got = self._batches.pop(key, None)
+            if got is None:
+                return 0
+            level, samples, _, subjects = got
         data = samples[0] if len(samples) == 1 else codec.encode_batch(samples)
         try:
             self.transport.put(key, data, level)
@@ -258,9 +265,21 @@ class Bridge:
             self._count_outbox_drops(self.outbox.add(Pending(key, data, level, subject)))
             self._count('buffered')
 
-    def forget(self, subject: str) -> int:
+    def _drop_withdrawn(self, subjects, already: int = 0) -> None:
+        """Drop everything waiting of those of `subjects` whose fleet consent no longer holds
+        (asked once each; `already`: events of theirs the caller took off already): a batch or
+        the outbox holds events let out by a consent that may since have been withdrawn.
+        Counted and audited (by how many, never by whom)."""
+        for subject in {s for s in subjects if s}:
+            if already or self.gate.refusal_of_subject(subject) is not None:
+                self.stats['dropped_consent_withdrawn'] += already
+                gone = already + self.forget(subject, counted='dropped_consent_withdrawn')
+                self.audit({'kind': 'privacy_refused', 'reason': 'consent_withdrawn_while_waiting',
+                            'subject_events': gone})
+
+    def forget(self, subject: str, counted: str = 'forgotten') -> int:
         """Drop every event of `subject` still waiting here (batches and outbox); returns how
-        many (counted as `forgotten`). The caller checks the subject id."""
+        many (counted as `counted`). The caller checks the subject id."""
         gone = 0
         for key in list(self._batches):
             level, samples, _, subjects = self._batches[key]
@@ -275,21 +294,35 @@ class Bridge:
             else:
                 del self._batches[key]
         gone += self.outbox.purge(subject)
-        self.stats['forgotten'] += gone
+        self.stats[counted] += gone
         return gone
 
     def flush(self, limit: int | None = None) -> int:
         """Send what waits in the outbox and can go now (in order per key), at most `limit`."""
         if not self.outbox.items:
             return 0
+        allowed: dict[str, bool] = {}   # fleet consent, asked once per subject per flush
+        withdrawn = Counter()
+        put = [0]
 
         def send(item: Pending) -> None:
+            subject = item.subject
+            if subject:   # let out by a consent that may have been withdrawn while it waited
+                if subject not in allowed:
+                    allowed[subject] = self.gate.refusal_of_subject(subject) is None
+                if not allowed[subject]:
+                    withdrawn[subject] += 1   # taken off the outbox, never put
+                    return
             self.transport.put(item.key, item.data, item.level)
+            put[0] += 1
         try:
-            sent = self.outbox.drain(lambda i: self.transport.ready(i.key, i.level), send, limit)
+            self.outbox.drain(lambda i: self.transport.ready(i.key, i.level), send, limit)
         except Exception:  # the transport went away mid-drain: the rest waits for the next try
             self._count('put_failed')
-            return 0
+        finally:
+            for subject in withdrawn:   # and what else of theirs waits
+                self._drop_withdrawn([subject], already=withdrawn[subject])
+        sent = put[0]
         self.stats['flushed'] += sent
         self.stats['sent'] += sent
         return sent

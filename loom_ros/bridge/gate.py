@@ -120,6 +120,10 @@ class PrivacyGate:
             return 'sensitive_raw'
         return None
 
+    def refusal_of_subject(self, subject) -> str | None:
+        """Whether events of `subject` may still leave (None) or why not, asked afresh."""
+        return self._consent_refusal(subject)
+
     def _consent_refusal(self, subject) -> str | None:
         if self.consent is None or not isinstance(subject, str):
             return NO_FLEET_CONSENT

@@ -110,3 +110,26 @@ class ConsentState:
         when = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.changed_ms / 1000))
         state = 'granted' if self.granted else 'withdrawn'
         return f'{self.purpose} consent {state} at {when} by {self.source or "?"}'
+
+
+
+def audit_withholds(event: Event) -> str:
+    """Why an append-only audit record must not keep what `event` carries ('' when it may: the
+    event is Public and names no data subject). The audit log cannot be erased, so it keeps
+    nothing `forget` would have to take back."""
+    try:
+        subject = event_subject(event)
+    except SubjectError:
+        subject = 'invalid'
+    if subject:
+        return 'the event names a data subject'
+    tier = effective_privacy(event)
+    return f'the event is {tier.name.lower()}' if tier > Privacy.PUBLIC else ''
+
+
+def audit_excerpt(event: Event, text: str, limit: int = 512) -> str:
+    """`text` from `event` as an audit record may keep it: bounded, or only its size."""
+    why = audit_withholds(event)
+    if why:
+        return f'<{len(text)} characters withheld: {why}>'
+    return text if len(text) <= limit else text[:limit] + '...'

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loom_ros.bus.event import Event, EventRejected
-from loom_ros.bus.privacy import effective_privacy
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, audit_excerpt, effective_privacy
 from loom_ros.bus.names import TopicNameError, TopicPattern, validate_topic
 from loom_ros.config.params import read_yaml, refuse_unknown_keys
 from loom_ros.plugins.contract import (
@@ -312,7 +312,7 @@ class PluginHost:
                 try:  # every actuator command is on record before it runs (fail closed)
                     self._audit(slot, 'actuator_command', event_id=event.id,
                                 event_type=event.type, source=event.source,
-                                payload=_excerpt(event.payload))
+                                payload=_excerpt(event))
                 except Exception as exc:
                     slot.counters['failed'] += 1
                     return PluginResponse.failure(f'plugin {name}: actuator command not run, '
@@ -343,14 +343,24 @@ class PluginHost:
             slot.counters['bad_output'] += 1
             return PluginResponse.failure(f'plugin {name} returned {type(response).__name__}, '
                                           'not a PluginResponse')
+        metadata = event.metadata if isinstance(event.metadata, dict) else {}
+        subject = metadata.get(SUBJECT_METADATA_KEY)   # carried as is: an invalid one stays one
         for out in response.events:
             if not isinstance(out, Event):
                 slot.counters['bad_output'] += 1
                 return PluginResponse.failure(f'plugin {name} produced a '
                                               f'{type(out).__name__}, not an Event')
+            if not isinstance(out.metadata, dict):
+                slot.counters['bad_output'] += 1
+                return PluginResponse.failure(f'plugin {name} produced an event whose metadata '
+                                              f'is a {type(out.metadata).__name__}, not a dict')
             if not out.source:
                 out.source = name
             out.metadata.setdefault('in_reply_to', event.id)
+            # An answer is about whom its question was about, so consent and erasure find it.
+            if subject and SUBJECT_METADATA_KEY not in out.metadata:
+                out.metadata[SUBJECT_METADATA_KEY] = subject
+                slot.counters['subject_carried'] += 1
             # An answer is as private as its question (field or metadata, the strictest).
             floor = effective_privacy(event)
             if effective_privacy(out) < floor:
@@ -425,9 +435,11 @@ def _reason(exc: BaseException) -> str:
     return f'{type(exc).__name__}: {text}' if text else type(exc).__name__
 
 
-def _excerpt(payload: bytes, limit: int = 512) -> str:
+def _excerpt(event: Event, limit: int = 512) -> str:
+    """The payload as the audit may keep it: text only for a Public, anonymous event."""
+    payload = bytes(event.payload)
     try:
-        text = bytes(payload).decode()
+        text = payload.decode()
     except UnicodeDecodeError:
         return f'<{len(payload)} bytes>'
-    return text if len(text) <= limit else text[:limit] + '...'
+    return audit_excerpt(event, text, limit)

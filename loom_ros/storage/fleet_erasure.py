@@ -172,6 +172,13 @@ def forget_everywhere(layout: StorageLayout, subject: str, *, requested_by: str,
     check_subject(subject)
     check_source(requested_by)
     refs = refs or SubjectRefs.at(layout.keys)
+    entry, queue_error = None, ''
+    if fleet is not None and pending is not None:
+        try:   # write-ahead, before anything is erased here: a process killed in the local
+            # erasure or while asking the fleet leaves the fleet's part pending, never lost
+            entry = pending.add(refs.ref(subject), requested_by, 0)
+        except StorageError as exc:
+            queue_error = str(exc)[:300]
     receipt = forget(layout, subject, requested_by=requested_by, keyring=keyring, audit=audit,
                      refs=refs, clock=clock, objects=objects)
     outcome = Outcome(receipt, fleet_status=no_fleet_status)
@@ -185,9 +192,8 @@ def forget_everywhere(layout: StorageLayout, subject: str, *, requested_by: str,
             receipt.counts['bridge_outbox'] = bridge
         except Exception as exc:   # a bridge that is not running, or failed: said, not fatal
             outcome.notes.append(f'bridge outbox: {exc}'[:500])
-    entry, queue_error = None, ''
-    if fleet is not None and pending is not None:
-        try:   # write-ahead: a process that dies while asking leaves it pending
+    if entry is not None:
+        try:   # the entry now names the erasure's audit record
             entry = pending.add(receipt.subject_ref, requested_by, receipt.audit_id)
         except StorageError as exc:
             queue_error = str(exc)[:300]

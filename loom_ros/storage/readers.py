@@ -84,10 +84,14 @@ class AgentMemoryReader:
             with closing(open_database(path, read_only=True, check=False)) as conn:
                 conn.row_factory = sqlite3.Row
                 try:
-                    if conn.execute("select 1 from sqlite_master where type = 'table' and "
-                                    'name = ?', (table,)).fetchone() is None:
+                    columns = {r[1] for r in conn.execute(f'pragma table_info({table})')}
+                    if not columns:
                         continue   # the agent has not written any yet
-                    rows += conn.execute(sql, args).fetchall()
+                    # Every row says whose it is ('' anonymous; files from before the column
+                    # have none), so a caller can keep one person's memory from another.
+                    owner = 'data_subject' if 'data_subject' in columns else "''"
+                    rows += conn.execute(f'select {owner} as data_subject, '
+                                         + sql.removeprefix('select '), args).fetchall()
                 except sqlite3.DatabaseError as exc:
                     raise StorageError(f'{path}: cannot read the memory of {agent!r}: '
                                        f'{exc}') from None
@@ -123,8 +127,9 @@ class AgentMemoryReader:
                                        f'{exc}') from None
             for r in found:
                 row = dict(r)
+                row['data_subject'] = row.pop('subject', '')   # whose it is ('' anonymous)
                 payload = self.cipher.open_or_none(row['payload'], episode_context(
-                    agent, row['event_id'], row['time_ms'], row.pop('subject', '')))
+                    agent, row['event_id'], row['time_ms'], row['data_subject']))
                 if payload is None or (text and isinstance(r['payload'], bytes)
                                        and text.lower() not in payload.lower()):
                     continue
@@ -135,6 +140,7 @@ class AgentMemoryReader:
 
     def facts(self, agent: str, entity: str = '', relation: str = '', text: str = '',
               limit: int = 100) -> list[dict]:
+        """Each row with its `data_subject` ('' anonymous), as episodes() and similar() give."""
         sql, args = facts_sql(agent, entity, relation, text, limit)
         return [dict(r) for r in self._rows(agent, 'facts', sql, args)][:max(0, limit)]
 
@@ -152,5 +158,5 @@ class AgentMemoryReader:
                                f'{query.shape[0]} dimensions (another embedding model?)')
         scores = np.stack(stored) @ query
         best = np.argsort(-scores, kind='stable')[:k]
-        return [{**{key: rows[i][key] for key in VECTOR_COLUMNS}, 'score': float(scores[i])}
-                for i in best]
+        return [{**{key: rows[i][key] for key in VECTOR_COLUMNS + ('data_subject',)},
+                 'score': float(scores[i])} for i in best]

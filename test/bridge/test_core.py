@@ -230,6 +230,59 @@ def test_a_data_subjects_events_leave_only_with_fleet_consent(tmp_path):
         held.close()
 
 
+def test_consent_withdrawn_while_waiting_keeps_what_waits_home(tmp_path):
+    """Review finding: consent was read only as an event was sent, so what then waited in a
+    batch or the outbox left after the subject withdrew it. Both are asked again as they go:
+    the subject's waiting events are dropped (counted, audited), everyone else's go."""
+    from loom_ros.bridge.core import Bridge
+    from loom_ros.security.audit import AuditLog
+    from loom_ros.storage.consent import ConsentRegistry, SubjectRefs
+    audit_log = AuditLog(tmp_path / 'audit.db')
+    registry = ConsentRegistry(tmp_path / 'consent.db', audit=audit_log,
+                               refs=SubjectRefs.at(tmp_path / 'keys'))
+    reader = ConsentRegistry(tmp_path / 'consent.db', read_only=True)
+    for who in ('alice', 'bob'):
+        registry.grant(who, 'fleet', 'test:app')
+    bridge, transport, audit = recording_bridge(
+        {'out_allow': ['agent.**']}, gate=PrivacyGate(None, reader.lookup), batch_max_events=10)
+    assert isinstance(bridge, Bridge)
+
+    def send(subject, topic='agent.a.intent'):
+        event = Event(type='t', metadata={'loom.subject': subject} if subject else {})
+        return event.id, bridge.send(event, topic)
+    # in a batch: the key is listened to, the batch not yet full
+    transport.listening.add('loom/r1/agent/a/intent')
+    batched = [send(who) for who in ('alice', 'bob', None, 'alice')]
+    assert [how for _id, how in batched] == ['batched'] * 4
+    # in the outbox: nobody listens to this key yet
+    waiting = [send(who, 'agent.b.intent') for who in ('alice', 'bob', 'alice')]
+    assert [how for _id, how in waiting] == ['buffered'] * 3 and bridge.outbox.subjects == {
+        'alice': 2, 'bob': 1}
+    registry.withdraw('alice', 'fleet', 'test:app')
+    assert bridge.flush_batches() == 2
+    transport.listening.add('loom/r1/agent/b/intent')
+    assert bridge.flush() == 1
+    sent = {event_id for _key, event_id, _level in transport.puts}
+    expected = {batched[1][0], batched[2][0], waiting[1][0]}
+    assert sent == expected, (sent, expected)
+    assert bridge.stats['dropped_consent_withdrawn'] == 4 and not bridge.outbox.subjects
+    withdrawn = [r for r in audit if r['reason'] == 'consent_withdrawn_while_waiting']
+    assert [r['subject_events'] for r in withdrawn] == [4]   # the batch's and the outbox's
+    assert all('alice' not in str(r) for r in withdrawn)
+    # The outbox alone: asked only as its events would go, then all of theirs are dropped.
+    later = [send(who, 'agent.c.intent') for who in ('bob', None, 'bob')]
+    registry.withdraw('bob', 'fleet', 'test:app')
+    assert bridge.flush() == 0   # nobody listens yet: nothing asked, nothing dropped
+    assert bridge.outbox.subjects == {'bob': 2}
+    transport.listening.add('loom/r1/agent/c/intent')
+    assert bridge.flush() == 1 and transport.puts[-1][1] == later[1][0]
+    assert bridge.stats['dropped_consent_withdrawn'] == 6 and len(bridge.outbox) == 0
+    assert [r['subject_events'] for r in audit
+            if r['reason'] == 'consent_withdrawn_while_waiting'] == [4, 2]
+    for held in (reader, registry, audit_log):
+        held.close()
+
+
 def test_buffering_by_level_and_flush_in_order():
     bridge, transport, _ = make_bridge(bound=3)
     transport.connected = False

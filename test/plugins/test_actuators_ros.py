@@ -191,6 +191,15 @@ def test_ui_update_becomes_state_json_and_rviz_text_markers(ros, nodes, start):
     assert [r['kind'] for r in audit] == ['ui_update', 'ui_update']
     assert audit[0]['lines'] == ['😊 happy']
 
+    # A subject's words reach the screen, never the append-only audit log.
+    said = Event.with_json('ui_update', {'text': 'alice lives at 4 Elm St'},
+                           metadata={'loom.subject': 'alice'})
+    assert ui.handle_event(said).ok
+    ros.wait_for(lambda: len(states) == 3, 'the third update')
+    assert json.loads(states[-1].data)['text'] == 'alice lives at 4 Elm St'
+    assert 'Elm' not in json.dumps(audit[-1]) and 'alice' not in json.dumps(audit[-1])
+    assert audit[-1]['withheld'] == 'the event names a data subject' and audit[-1]['lines'] == 2
+
 
 def test_ui_bad_updates_are_refused_counted_and_audited(ros, nodes, start):
     ui, audit = start(UiPlugin, ['ui.write'], max_text_chars=10)

@@ -226,6 +226,31 @@ def test_every_actuator_command_is_audited(make_host, audit):
     assert audit.query(plugin='arm_ungranted', kind='capability_denied')
 
 
+def test_actuator_audit_keeps_no_words_of_a_subject_or_a_private_event(make_host, audit):
+    """The audit log is append-only and `forget` cannot reach it: a command that names a data
+    subject, or is more than Public, is on record by id, type and size only."""
+    host = make_host({'name': 'arm', 'plugin': 'overstep_plugin:EchoActuator',
+                      'grants': ['actuator.motion']})
+    host.start()
+    said = b'{"text": "alice told me her address"}'
+    assert host.handle('arm', Event(type='say', id='s0', payload=said,
+                                    metadata={'loom.subject': 'alice'})).ok
+    assert host.handle('arm', Event(type='say', id='s1', payload=said,
+                                    privacy=Privacy.PRIVATE)).ok
+    assert host.handle('arm', Event(type='say', id='s2', payload=said,
+                                    metadata={'loom.privacy': 'sensitive'})).ok
+    assert host.handle('arm', Event(type='say', id='s3', payload=said,
+                                    metadata={'loom.subject': 'not a valid id!'})).ok
+    assert host.handle('arm', Event(type='say', id='s4', payload=said)).ok   # Public, anonymous
+    payloads = {r['fields']['event_id']: r['fields']['payload']
+                for r in audit.query(kind='actuator_command')}
+    assert payloads['s4'] == said.decode()
+    for withheld in ('s0', 's1', 's2', 's3'):
+        assert 'address' not in payloads[withheld] and 'alice' not in payloads[withheld]
+        assert payloads[withheld].startswith(f'<{len(said)} characters withheld')
+    assert 'data subject' in payloads['s0'] and 'private' in payloads['s1']
+
+
 def test_same_process_calls_pass_event_objects_without_serialization(make_host):
     host = make_host({'name': 'recorder', 'plugin': 'overstep_plugin:RecorderPlugin'},
                      {'name': 'weather', 'config': WEATHER})

@@ -299,6 +299,58 @@ def test_memory_search_merges_an_agents_own_file_with_the_storage_units(run_tool
         assert not missing.ok and str(tmp_path / 'db') in missing.error
 
 
+class _GrantAll:
+    @staticmethod
+    def lookup(subject: str, purpose: str):
+        from loom_ros.bus.privacy import ConsentState
+        return ConsentState(purpose, True, True, 'test')
+
+
+def test_memory_search_answers_a_person_only_with_their_own_and_anonymous_memories(run_tool,
+                                                                                  tmp_path):
+    """One agent remembers alice, bob and no one: a question about alice gets alice's and the
+    anonymous rows (episodes, facts and meaning), never bob's; the answer is Private, about
+    alice; the rows left out are counted."""
+    from loom_ros.agents.embedding import MiniLMEmbedder
+    from loom_ros.bus.event import Privacy
+    from loom_ros.storage.storage import Storage, StorageConfig
+    with Storage(StorageConfig(root=str(tmp_path), unit='host'), consent=_GrantAll) as storage:
+        said = [('alice', 'alice: my pin is 1234'), ('bob', 'bob: my pin is 9876'),
+                (None, 'the cup is red')]
+        storage.agent_state.commit('helper', {}, 3, 'e2', episodes=[
+            Event.with_json('speech.heard', {'text': text}, id=f'e{i}', timestamp_ms=1000 + i,
+                            metadata={'loom.subject': who} if who else {})
+            for i, (who, text) in enumerate(said)]).wait(30)
+        facts = storage.facts('helper', MiniLMEmbedder())
+        for fact in [('alice', 'has_pin', '1234', 'e0'), ('bob', 'has_pin', '9876', 'e1'),
+                     ('cup', 'is', 'red', 'e2')]:
+            facts.add(*fact)[1].wait(30)
+        call = run_tool('memory_search', {'storage_root': str(tmp_path)}, ['memory.read'])
+
+        def ask(query, **metadata):
+            response = call.host.handle('memory_search', Event.with_json(
+                'tool.memory.search', {'agent': 'helper', **query}, metadata=metadata))
+            (answer,) = response.events
+            return answer, answer.json()['results']
+
+        answer, rows = ask({}, **{'loom.subject': 'alice'})
+        assert [r['event_id'] for r in rows] == ['e0', 'e2']
+        assert answer.privacy == Privacy.PRIVATE and answer.metadata['loom.subject'] == 'alice'
+        assert all('data_subject' not in r for r in rows)
+        _answer, rows = ask({'mode': 'facts'}, **{'loom.subject': 'alice'})
+        assert sorted(r['object'] for r in rows) == ['1234', 'red']
+        _answer, rows = ask({'mode': 'similar', 'query': 'what is the pin', 'k': 3},
+                            **{'loom.subject': 'bob'})
+        assert sorted(r['object'] for r in rows) == ['9876', 'red']
+        _answer, rows = ask({})                                    # anonymous question
+        assert [r['event_id'] for r in rows] == ['e2']
+        _answer, rows = ask({}, **{'loom.subject': 'no such id!'})  # invalid: no one's
+        assert [r['event_id'] for r in rows] == ['e2']
+        assert call.host.slots['memory_search'].plugin.withheld == 1 + 1 + 1 + 2 + 2
+        empty, rows = ask({'type': 'nothing.of.this'})
+        assert rows == [] and empty.privacy == Privacy.PUBLIC
+
+
 def _shipped_memory_search() -> dict:
     from loom_ros.config.params import config_dir
     entries = yaml.safe_load((config_dir() / 'plugins.yaml').read_text())['plugins']

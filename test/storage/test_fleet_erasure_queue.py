@@ -206,6 +206,47 @@ def test_a_link_that_is_down_queues_and_a_full_queue_says_not_queued(fleet, port
     audit.close()
 
 
+KILLED_MID_FORGET = """
+import os, signal, sys
+from loom_ros.security.audit import AuditLog
+from loom_ros.storage.fleet_erasure import forget_everywhere
+from loom_ros.storage.layout import StorageLayout
+from loom_ros.storage.pending_erasures import PendingErasures
+
+class DiesOnTheErasureRecord:
+    # The real audit log, and a real SIGKILL as the local erasure writes its record.
+    def __init__(self, log):
+        self.log = log
+    def append(self, plugin, kind, *args, **kwargs):
+        if kind == 'subject_erased':
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.log.append(plugin, kind, *args, **kwargs)
+
+layout = StorageLayout.at(sys.argv[1])
+forget_everywhere(layout, 'alice', requested_by='cli:dpo',
+                  audit=DiesOnTheErasureRecord(AuditLog(layout.audit)),
+                  fleet=lambda ref, wait: sys.exit('the fleet was asked'),
+                  pending=PendingErasures(sys.argv[1]))
+"""
+
+
+def test_a_forget_killed_in_the_local_erasure_leaves_the_fleets_part_pending(tmp_path):
+    """Review finding: the queue entry was written after the local erasure, so a SIGKILL in it
+    left the fleet's copy owed and forgotten. The entry is written first."""
+    root = tmp_path / 'root'
+    root.mkdir()
+    done = subprocess.run([sys.executable, '-c', KILLED_MID_FORGET, str(root)], cwd=REPO,
+                          capture_output=True, text=True, timeout=WAIT_LIMIT_S)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    queue = PendingErasures(root)
+    try:
+        [entry] = queue.due(10, every=True)
+        assert entry.subject_ref == SubjectRefs.at(StorageLayout.at(root).keys).ref('alice')
+        assert entry.erasure_audit_id == 0 and entry.attempts == 0   # owed, never asked
+    finally:
+        queue.close()
+
+
 def test_an_insecure_fleet_link_is_said_loudly(fleet, port, tmp_path):
     # Review finding: `loom forget --insecure` opened plain TCP without a word.
     (tmp_path / 'root').mkdir()

@@ -14,6 +14,7 @@ import json
 import threading
 
 from loom_ros.bus.event import Event
+from loom_ros.bus.privacy import audit_withholds
 from loom_ros.bus.qos import to_qos_profile
 from loom_ros.plugins.actuators.config import UiConfig, load_section
 from loom_ros.plugins.contract import (
@@ -78,7 +79,8 @@ class UiState:
                 continue
             if key in TEXT_FIELDS:
                 if not isinstance(value, str):
-                    raise UiError(f'ui_update: {key} must be a string or null, got {value!r}')
+                    raise UiError(f'ui_update: {key} must be a string or null, got '
+                                  f'{type(value).__name__}')
                 if len(value) > self.max_text_chars:
                     value = value[:self.max_text_chars - 1] + '\u2026'
                     truncated.append(key)
@@ -162,8 +164,13 @@ class UiPlugin(Plugin):
             self.ctx.audit('ui_rejected', event_id=event.id, source=event.source, error=reason)
             return PluginResponse.failure(reason)
         self.stats['updates'] += 1
-        self.ctx.audit('ui_update', event_id=event.id, source=event.source,
-                       update=update, lines=list(lines.values()))
+        withheld = audit_withholds(event)   # the audit is never erased: no one's words in it
+        if withheld:
+            self.ctx.audit('ui_update', event_id=event.id, source=event.source,
+                           withheld=withheld, lines=len(lines))
+        else:
+            self.ctx.audit('ui_update', event_id=event.id, source=event.source,
+                           update=update, lines=list(lines.values()))
         return PluginResponse()
 
     def health(self) -> HealthStatus:

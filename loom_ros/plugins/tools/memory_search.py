@@ -12,11 +12,15 @@ Query (`tool.memory.search`), `agent` plus one `mode`:
 - `facts`: `entity` (subject or object), `relation`, `text` (anywhere in the fact), `limit`
 - `similar`: `query` text and `k`: facts closest in meaning, through the MiniLM embedding the agent
   stored with each fact (the model is loaded on the first such query)
-Result (`tool.memory.result`): `{"agent", "mode", "results": [...]}`.
+Result (`tool.memory.result`): `{"agent", "mode", "results": [...]}`, Private when it holds any
+row (memory keeps no privacy tier per row, so what it recalls stays on the robot). A question
+sees only anonymous rows and those of the data subject it names (`loom.subject`): one person's
+memories never answer another's question; the rows left out are counted (`withheld`).
 """
 from __future__ import annotations
 
-from loom_ros.bus.event import Event
+from loom_ros.bus.event import Event, Privacy
+from loom_ros.bus.privacy import SubjectError, event_subject
 from loom_ros.plugins.contract import (
     Capability, HealthStatus, Plugin, PluginContext, PluginError, PluginMetadata, PluginResponse,
     PluginType,
@@ -72,6 +76,7 @@ class MemorySearchTool(Plugin):
         ctx.require(Capability.MEMORY_READ, detail=str(self.reader.folder))
         self.embedder = None
         self.answered = 0
+        self.withheld = 0   # rows of another data subject than the question's, not answered
 
     def handle_event(self, event: Event) -> PluginResponse:
         query: dict = {}
@@ -84,15 +89,31 @@ class MemorySearchTool(Plugin):
                 raise ToolInputError(f'mode must be episodic, facts or similar, got {mode!r}')
             if not isinstance(agent, str):
                 raise ToolInputError(f'agent must be an agent id, got {agent!r}')
-            results = search(agent, query)
+            results = self._theirs(event, search(agent, query))
         except (ToolInputError, NoMemoryError) as exc:
             return PluginResponse.failure(str(exc))
         except StorageError as exc:
             return PluginResponse.failure(f'memory_search: cannot read the memory of '
                                           f'{query.get("agent")!r}: {exc}')
         self.answered += 1
-        return PluginResponse(events=[result_event(
-            RESULT, {'agent': agent, 'mode': mode, 'results': results}, self.metadata.name)])
+        answer = result_event(RESULT, {'agent': agent, 'mode': mode, 'results': results},
+                              self.metadata.name)
+        if results:   # memory keeps no privacy tier per row: what it recalls stays on the robot
+            answer.privacy = max(answer.privacy, Privacy.PRIVATE)
+        return PluginResponse(events=[answer])
+
+    def _theirs(self, event: Event, rows: list[dict]) -> list[dict]:
+        """Only the rows an asker may see: anonymous ones and those of the data subject the
+        question names (none of anyone's when it names an invalid one); the rest are counted."""
+        try:
+            asker = event_subject(event)
+        except SubjectError:
+            asker = None
+        kept = [row for row in rows if not row.get('data_subject') or row['data_subject'] == asker]
+        self.withheld += len(rows) - len(kept)
+        for row in kept:
+            row.pop('data_subject', None)
+        return kept
 
     def _limit(self, query: dict) -> int:
         return _int(query, 'limit', self.max_results, 1, self.max_results)
@@ -124,4 +145,5 @@ class MemorySearchTool(Plugin):
 
     def health(self) -> HealthStatus:
         return HealthStatus(details={'agents_dir': str(self.reader.folder),
-                                     'answered': str(self.answered)})
+                                     'answered': str(self.answered),
+                                     'withheld': str(self.withheld)})
