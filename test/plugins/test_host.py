@@ -233,8 +233,11 @@ def test_actuator_audit_keeps_no_words_of_a_subject_or_a_private_event(make_host
                       'grants': ['actuator.motion']})
     host.start()
     said = b'{"text": "alice told me her address"}'
-    assert host.handle('arm', Event(type='say', id='s0', payload=said,
-                                    metadata={'loom.subject': 'alice'})).ok
+    done = host.handle('arm', Event(type='say', id='s0', payload=said,
+                                    metadata={'loom.subject': 'alice'}))
+    # what a plugin answers about alice names her too (consent and erasure find it)
+    assert done.ok and done.events[0].metadata['loom.subject'] == 'alice'
+    assert host.counters('arm')['subject_carried'] == 1
     assert host.handle('arm', Event(type='say', id='s1', payload=said,
                                     privacy=Privacy.PRIVATE)).ok
     assert host.handle('arm', Event(type='say', id='s2', payload=said,
