@@ -16,7 +16,7 @@ from loom_ros.router.decision import Decision, Route, RouteRequest
 from loom_ros.storage import schema
 from loom_ros.storage.direct import DirectDatabase
 from loom_ros.storage.errors import StorageError
-from loom_ros.storage.stores import RouterHistoryStore
+from loom_ros.storage.stores import SUBJECT_NOT_KEPT as NOT_KEPT, RouterHistoryStore
 
 
 class HistoryError(sqlite3.DatabaseError):
@@ -60,13 +60,16 @@ class RouterHistory:
             self._store = RouterHistoryStore(self.db, budget_period_s)
 
     def record_decision(self, decision_id: str, event_id: str, request: RouteRequest,
-                        decision: Decision, now: float | None = None) -> None:
+                        decision: Decision, now: float | None = None,
+                        subject: str | None = None) -> None:
+        """`subject`: the data subject to file the row under (None: the request's)."""
         with _history_errors():
             self._store.record_decision(
                 decision_id, event_id, request.event_type, request.agent_id,
                 int(request.privacy), decision.route.value, decision.rule, decision.confidence,
                 decision.cloud_cost, request.local_confidence, request.payload_bytes,
-                request.latency_budget_ms, now, subject=request.subject)
+                request.latency_budget_ms, now,
+                subject=request.subject if subject is None else subject)
 
     def record_outcome(self, outcome: Outcome, now: float | None = None) -> None:
         with _history_errors():

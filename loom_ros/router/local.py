@@ -24,9 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from loom_ros.bus.event import Privacy
+from loom_ros.bus.privacy import Purpose, check_subject
 from loom_ros.config.params import by_node, config_dir, load_params_file, node_defaults
 from loom_ros.router.decision import Decision, RouteRequest, Spend, decide
-from loom_ros.router.history import Outcome, RouterHistory
+from loom_ros.router.history import NOT_KEPT, Outcome, RouterHistory
 from loom_ros.router.policy import PolicyFile, load_policy
 from loom_ros.telemetry import tracing
 
@@ -111,6 +112,7 @@ class LocalRouter:
         self.spend = spend
         self.decisions = 0
         self.outcomes = 0
+        self.subjects_not_kept = 0   # decisions recorded without their subject (no store consent)
         self.lock = threading.Lock()   # around the history: callers reading it take it too
 
     @classmethod
@@ -142,12 +144,28 @@ class LocalRouter:
                 policy.cloud_model), spend=spend, consent=self.consent)
             decision_id = uuid.uuid4().hex
             if self.history is not None:
-                self.history.record_decision(decision_id, query.event_id, request, decision)
+                self.history.record_decision(decision_id, query.event_id, request, decision,
+                                             subject=self._filed_under(request.subject))
             self.decisions += 1
         answer = RouteAnswer.of(decision_id, decision)
         if self.on_decision is not None:
             self.on_decision(query, answer)
         return answer
+
+    def _filed_under(self, subject: str) -> str:
+        """The data subject a history row may name: a valid id with `store` consent; else
+        NOT_KEPT (counted): storage keeps no id of someone who did not consent to it, nor an
+        invalid one, yet the row still says it was someone's (never training data)."""
+        if not subject:
+            return ''
+        try:
+            check_subject(subject)
+            if self.consent is not None and self.consent(subject, Purpose.STORE.value).granted:
+                return subject
+        except Exception:  # noqa: BLE001 - an invalid id or an unreadable registry: not kept
+            pass
+        self.subjects_not_kept += 1
+        return NOT_KEPT
 
     def report(self, outcome: Outcome) -> None:
         """An executed route's outcome (spend, latency): recorded when there is a history."""

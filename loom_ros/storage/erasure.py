@@ -813,20 +813,35 @@ def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
                         'select agent_id, type, source, first_ms, last_ms, count, summary from '
                         'cold where subject = ? order by first_ms', (subject,)))])
             if _has(conn, 'facts'):
-                add('facts', [{**dict(r), 'unit': db.stem} for r in conn.execute(
-                    'select agent_id, subject, relation, object, provenance, time_ms from facts '
-                    'where subject = ?1 or object = ?1'
+                # Facts filed under another data subject (made from their events, even when
+                # they mention this one) are theirs: counted, not shown.
+                owner = 'data_subject' if _has(conn, 'facts', 'data_subject') else "''"
+                rows = [dict(r) for r in conn.execute(
+                    f'select agent_id, subject, relation, object, provenance, time_ms, '
+                    f'{owner} as owner from facts where subject = ?1 or object = ?1'
                     + (' or provenance in (select event_id from episodes where subject = ?1)'
                        if _has(conn, 'episodes', 'subject') else '')
-                    + (' or data_subject = ?1' if _has(conn, 'facts', 'data_subject') else ''),
-                    (subject,))])
+                    + (' or data_subject = ?1' if owner == 'data_subject' else ''),
+                    (subject,))]
+                add('facts', [{**{k: v for k, v in r.items() if k != 'owner'}, 'unit': db.stem}
+                              for r in rows if r['owner'] in ('', subject)])
+                _withheld(data, 'facts', sum(1 for r in rows if r['owner'] not in ('', subject)))
             if _has(conn, 'kv_subjects'):
+                # State written by this subject's events alone; state that others' events
+                # wrote too cannot be split per person: named (where), its value not shown.
+                rows = conn.execute(
+                    'select kv.ns, kv.key, kv.schema, kv.value, (select count(*) from '
+                    'kv_subjects o where o.ns = kv.ns and o.key = kv.key and o.subject != ?1) '
+                    'as others from kv join kv_subjects s on s.ns = kv.ns and s.key = kv.key '
+                    'where s.subject = ?1', (subject,)).fetchall()
                 add('state', [{'ns': r['ns'], 'key': r['key'], 'schema': r['schema'],
                                'value': _json_or_text(r['value']), 'unit': db.stem}
-                              for r in conn.execute(
-                                  'select kv.ns, kv.key, kv.schema, kv.value from kv join '
-                                  'kv_subjects s on s.ns = kv.ns and s.key = kv.key where '
-                                  's.subject = ?', (subject,))])
+                              for r in rows if not r['others']])
+                shared = [{'ns': r['ns'], 'key': r['key'], 'unit': db.stem,
+                           'value': 'not shown: written by other data subjects\' events too'}
+                          for r in rows if r['others']]
+                if shared:
+                    add('state_shared', shared)
             if _has(conn, 'decisions', 'subject'):
                 _export_router(conn, subject, add)
             archives = [r[0] for r in conn.execute(
@@ -919,6 +934,12 @@ def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
         raise
     return counts
 
+
+def _withheld(data: dict, tier: str, n: int) -> None:
+    """Count `n` rows of `tier` an export leaves out because they are another subject's."""
+    if n:
+        withheld = data.setdefault('withheld_other_subjects', {})
+        withheld[tier] = withheld.get(tier, 0) + n
 
 def _json_or_text(value: str):
     try:

@@ -573,6 +573,11 @@ def fact_neighbourhood(query, agent_id: str, entity: str, depth: int = 1) -> lis
     return sorted(found.values(), key=lambda r: r['id'])
 
 
+# The subject column of a decision whose event named someone storage may not name (no `store`
+# consent, or an invalid id): not a valid id, so no erasure or export matches it.
+SUBJECT_NOT_KEPT = '-'
+
+
 class RouterHistoryStore:
     """The router's decisions and outcomes, its spend per budget period and running stats, in a
     unit database (Storage) or a file of their own (direct.DirectDatabase): `db` gives write,
@@ -632,7 +637,10 @@ class RouterHistoryStore:
         return [dict(r) for r in self.db.query(
             'select d.event_type, d.privacy, d.local_confidence, d.payload_bytes, '
             'd.latency_budget_ms, o.success as local_ok from decisions d join outcomes o '
-            "on o.decision_id = d.id where o.backend = 'local' and d.local_confidence is not null")]
+            "on o.decision_id = d.id where o.backend = 'local' and d.local_confidence is not null "
+            # a decision about a person is never training data here (no `learning` consent
+            # is asked at this layer): only anonymous ones
+            "and d.subject = ''")]
 
 
 def _bounded(value, depth: int = 0):

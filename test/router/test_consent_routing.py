@@ -111,3 +111,32 @@ def test_no_subject_without_cloud_consent_ever_gets_a_cloud_route(registry, subj
     decision = route(registry.lookup, subject=subject, conf=conf, privacy=privacy,
                      local_supported=local_supported)
     assert decision.route not in CLOUD_ROUTES and decision.upload == 'none'
+
+
+def test_the_history_names_a_subject_only_with_store_consent_and_never_trains_on_one(
+        registry, tmp_path):
+    """Review finding: the router's history kept every subject id it saw, with or without
+    `store` consent (and an invalid id as given). It names a subject only with that consent;
+    otherwise the row says only that it was someone's, and no such row is training data."""
+    import sqlite3
+    from loom_ros.router.history import NOT_KEPT, Outcome, RouterHistory
+    from loom_ros.router.local import LocalRouter, RouteQuery
+    from loom_ros.router.policy import PolicyFile
+    registry.grant('alice', 'store', 'app:setup')
+    history = RouterHistory(tmp_path / 'history.db', 3600.0)
+    router = LocalRouter(PolicyFile(default=POLICY), history, consent=registry.lookup)
+    ids = {}
+    for who in ('alice', 'bob', ''):
+        answer = router.decide(RouteQuery(event_id=f'e-{who or "anon"}', event_type='t',
+                                          privacy=Privacy.PUBLIC, local_confidence=0.9,
+                                          subject=who))
+        ids[who] = answer.decision_id
+        router.report(Outcome(answer.decision_id, 't', 'local', 5.0, 0.0, True, 0.9))
+    history.close()
+    with sqlite3.connect(tmp_path / 'history.db') as conn:
+        stored = dict(conn.execute('select event_id, subject from decisions').fetchall())
+    assert stored == {'e-alice': 'alice', 'e-bob': NOT_KEPT, 'e-anon': ''}
+    assert router.subjects_not_kept == 1
+    history = RouterHistory(tmp_path / 'history.db', 3600.0)
+    assert len(history.training_rows()) == 1     # the anonymous decision only
+    history.close()

@@ -511,3 +511,36 @@ def test_a_damaged_archive_holding_the_subject_is_named_in_the_receipt(tmp_path)
     receipt = forget(layout, 'alice', requested_by='dpo:test')   # goes through, and says so
     assert any('not a JSON object' in n for n in receipt.not_covered), receipt.not_covered
     assert receipt.counts['episodes'] == 0   # everything of alice was archived, then erased
+
+
+def test_an_export_shows_a_subject_nothing_of_another_subjects(tmp_path):
+    """Review finding: export(alice) held agent state that bob's events wrote too and facts
+    made from bob's events that mention alice. Those are bob's: shared state is named without
+    its value, other subjects' facts are counted, not shown."""
+    layout = StorageLayout.at(tmp_path)
+    with Storage(StorageConfig(root=str(tmp_path), unit='u'), consent=GrantAll) as storage:
+        said = {who: Event.with_json('speech.heard', {'text': f'{who} speaks'},
+                                     id=f'{who}-1', timestamp_ms=T0,
+                                     metadata={SUBJECT_METADATA_KEY: who})
+                for who in ('alice', 'bob')}
+        storage.agent_state.commit('helper', {'bob_secret': 'BOBCANARY'}, 2, 'bob-1',
+                                   episodes=list(said.values())).wait(30)
+        storage.agent_state.commit('solo', {'seen': 'alice'}, 1, 'alice-1',
+                                   episodes=[said['alice']]).wait(30)
+        facts = storage.facts('helper', HashEmbedder())
+        facts.add('alice', 'owes_money_to', 'BOBFACT', 'bob-1')[1].wait(30)
+        facts.add('alice', 'lives_in', 'paris', 'alice-1')[1].wait(30)
+    out = tmp_path / 'alice.zip'
+    counts = export(layout, 'alice', out)
+    with zipfile.ZipFile(out) as archive:
+        data = json.loads(archive.read('subject.json'))
+    text = json.dumps(data)
+    assert 'BOBCANARY' not in text and 'BOBFACT' not in text and 'bob speaks' not in text
+    assert [s['key'] for s in data['state']] == ['solo']
+    assert [(s['key'], s['value'][:9]) for s in data['state_shared']] == [('helper', 'not shown')]
+    assert [f['object'] for f in data['facts']] == ['paris']
+    assert data['withheld_other_subjects'] == {'facts': 1}
+    assert counts['state'] == 1 and counts['facts'] == 1
+    # bob's export has his fact and names the shared state the same way
+    bob = export(layout, 'bob', tmp_path / 'bob.zip')
+    assert bob['facts'] == 1 and bob['state_shared'] == 1 and bob.get('state', 0) == 0
