@@ -52,6 +52,7 @@ ECHO_MEMORY = 10000  # ids of events the bridge brought in, so it never sends th
 AUDIT_THROTTLE_S = 1.0
 # signed samples a granted rule lets reach the signature check, as a multiple of its rate and burst
 VERIFY_FACTOR = 10
+MAX_VERIFY_SENDERS = 1024   # (rule, sender) verify buckets kept, least recently used dropped
 # A batch leaves when it holds this many bytes of samples; a larger event goes alone.
 BATCH_MAX_BYTES = 60000
 # Topics whose route (allowed, key, level) is remembered; past it the memory starts over.
@@ -134,9 +135,10 @@ class Bridge:
         self._echo: OrderedDict[str, None] = OrderedDict()
         contract = config.inbound
         self._buckets = {id(r): TokenBucket(r.rate, r.burst, clock) for r in contract.rules}
-        self._verify_buckets = {id(r): TokenBucket(r.rate * VERIFY_FACTOR,
-                                                   r.burst * VERIFY_FACTOR, clock)
-                                for r in contract.rules if r.grant is not None}
+        # (rule, claimed sender) -> what may reach that sender's signature check; bounded
+        self._verify_buckets: OrderedDict[tuple, TokenBucket] = OrderedDict()
+        # the fleet's certificates, checked against the CA once (keys.KnownCertificates)
+        self._certs = None if ca_pem is None else keys.KnownCertificates(ca_pem)
         self._replay = ReplayGuard(contract.replay_window_s, wall_ms)
         self._audited_at: dict[str, float] = {}
         self._suppressed: Counter = Counter()
@@ -368,25 +370,37 @@ class Bridge:
                 return self._refuse('bad_envelope', where, throttled=True)
         # A granted rule's rate is spent only by commands that pass every check below: a
         # sender without the grant, a bad signature or a replay must not use up the budget of
-        # the operators who hold it. What may reach the (costly) signature check is bounded
-        # apart, by a bucket VERIFY_FACTOR times the rule's.
-        if signed is not None:
-            if not self._verify_buckets[id(rule)].take():
-                return self._refuse('verify_rate_limited', where, throttled=True)
-        elif not self._buckets[id(rule)].take():
+        # the operators who hold it. The cheap checks come first (time, a nonce already used,
+        # the certificate: known ones by their digest, new ones checked at a bounded rate, and
+        # its grant); what reaches the (costly) signature check is bounded per claimed sender,
+        # VERIFY_FACTOR times the rule's rate, so one member's flood cannot starve another.
+        if signed is None and not self._buckets[id(rule)].take():
             return self._refuse('rate_limited', where, throttled=True)
         sender = {}
         if signed is not None:
-            if self.ca_pem is None:
+            if self._certs is None:
                 return self._refuse('no_credentials', where)
             try:
-                name, role = keys.verify(signed.cert_pem, self.ca_pem, signed.signed_bytes(key),
-                                         signed.signature)
+                claimed = self._certs.get(signed.cert_pem)
             except CredentialsError as exc:
-                return self._refuse('bad_signature', {**where, 'error': str(exc)[:200]})
+                return self._refuse('bad_certificate', {**where, 'error': str(exc)[:200]},
+                                    throttled=True)
+            name, role = claimed.name, claimed.role
             sender = {'sender': name, 'sender_role': role, 'grant': rule.grant}
-            if not contract.holds(name, role, rule.grant):
-                return self._refuse('not_granted', {**where, **sender})
+            verdict = self._replay.precheck(signed.ts_ms, signed.nonce)
+            if verdict is not None:   # the sender as its certificate claims it
+                return self._refuse(verdict, {**where, **sender, 'ts_ms': signed.ts_ms},
+                                    throttled=True)
+            if not contract.holds(name, role, rule.grant):   # its signature is not checked
+                return self._refuse('not_granted', {**where, **sender,
+                                                    'signature_checked': False}, throttled=True)
+            if not self._verify_bucket(rule, name).take():
+                return self._refuse('verify_rate_limited', {**where, **sender}, throttled=True)
+            try:
+                self._certs.verify(signed.cert_pem, signed.signed_bytes(key), signed.signature)
+            except CredentialsError as exc:
+                return self._refuse('bad_signature', {**where, **sender,
+                                                      'error': str(exc)[:200]})
             verdict = self._replay.check(signed.ts_ms, signed.nonce)
             if verdict is not None:
                 return self._refuse(verdict, {**where, **sender, 'ts_ms': signed.ts_ms})
@@ -413,6 +427,17 @@ class Bridge:
             self._echo.popitem(last=False)
         self._count('received')
         return topic, event
+
+    def _verify_bucket(self, rule, sender: str) -> TokenBucket:
+        key = (id(rule), sender)
+        bucket = self._verify_buckets.pop(key, None)
+        if bucket is None:
+            bucket = TokenBucket(rule.rate * VERIFY_FACTOR, rule.burst * VERIFY_FACTOR,
+                                 self.clock)
+        self._verify_buckets[key] = bucket
+        while len(self._verify_buckets) > MAX_VERIFY_SENDERS:
+            self._verify_buckets.popitem(last=False)
+        return bucket
 
     def _refuse(self, reason: str, where: dict, throttled: bool = False) -> None:
         """Count a refused inbound sample; audit it (throttled per reason when `throttled`)."""

@@ -35,6 +35,7 @@ from loom_ros.bus.names import TopicNameError, TopicPattern, validate_topic
 from loom_ros.bus.privacy import PRIVACY_METADATA_KEYS
 from loom_ros.security import keys
 from loom_ros.security.keys import CredentialsError
+from loom_ros.security.ratelimit import TokenBucket  # noqa: F401  (also the bridge's API)
 
 MAGIC = b'LSC\x01'
 _CERT_LEN = struct.Struct('>H')
@@ -50,25 +51,6 @@ _DOMAIN = b'loom command v1\x00'
 
 class ContractError(ValueError):
     """An inbound file that cannot be a contract; says which rule and why."""
-
-
-# -- rate -------------------------------------------------------------------------------------
-class TokenBucket:
-    """`rate` tokens per second up to `burst`; `take()` is False when none is left."""
-
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float]):
-        self.rate, self.burst, self.clock = float(rate), float(burst), clock
-        self.tokens = float(burst)
-        self.last = clock()
-
-    def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.last) * self.rate)
-        self.last = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
 
 
 # -- the declared rules -----------------------------------------------------------------------
@@ -244,6 +226,16 @@ class ReplayGuard:
     def check(self, ts_ms: int, nonce: bytes) -> str | None:
         """None when fresh (and now remembered); else 'stale', 'before_start', 'replayed' or
         'replay_full'."""
+        verdict = self.precheck(ts_ms, nonce)
+        if verdict is not None:
+            return verdict
+        # expiry: the latest time this sample could still pass the window check
+        self._seen[nonce] = max(ts_ms + self.window_ms, self.wall_ms())
+        return None
+
+    def precheck(self, ts_ms: int, nonce: bytes) -> str | None:
+        """What check() would answer, remembering nothing: a sample refused here needs no
+        signature check (only a verified sample's nonce is ever remembered)."""
         now = self.wall_ms()
         while self._seen and next(iter(self._seen.values())) < now:
             self._seen.popitem(last=False)
@@ -255,8 +247,6 @@ class ReplayGuard:
             return 'replayed'
         if len(self._seen) >= self.limit:
             return 'replay_full'
-        # expiry: the latest time this sample could still pass the window check
-        self._seen[nonce] = max(ts_ms + self.window_ms, now)
         return None
 
 

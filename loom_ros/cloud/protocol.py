@@ -29,9 +29,7 @@ import json
 import math
 import re
 import time
-from collections import OrderedDict
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -232,45 +230,31 @@ class Signer:
 
 
 class Verifier:
-    """Signatures checked against the fleet's authority, for the given roles only. A certificate
-    is checked against the CA once and cached (bounded) by its digest, with its validity window
-    re-checked on every use against the injected clock."""
+    """Signatures checked against the fleet's authority, for the given roles only. Certificates
+    are checked against the CA once and known by their digest after (keys.KnownCertificates:
+    bounded, failures remembered, new ones checked at most `new_certs_per_s`), with their
+    validity window re-checked on every use against the injected clock."""
 
-    def __init__(self, ca_pem: bytes, roles, *, clock=time.time, cache_size: int = 256):
+    def __init__(self, ca_pem: bytes, roles, *, clock=time.time, cache_size: int = 256,
+                 new_certs_per_s: float = 50.0):
         self.ca_pem = ca_pem
         self.roles = frozenset(roles)
         self.clock = clock
-        self.cache_size = cache_size
-        self._known: OrderedDict[bytes, tuple] = OrderedDict()
-
-    def _identity(self, cert_pem: bytes):
-        key = digest(cert_pem)
-        known = self._known.get(key)
-        if known is None:
-            name, role = keys.identity_of(cert_pem, self.ca_pem)   # bounded, CA-checked
-            cert = x509.load_pem_x509_certificate(cert_pem)
-            known = (name, role, cert.public_key(), cert.not_valid_before_utc.timestamp(),
-                     cert.not_valid_after_utc.timestamp())
-            self._known[key] = known
-            while len(self._known) > self.cache_size:
-                self._known.popitem(last=False)
-        else:
-            self._known.move_to_end(key)
-        return known
+        self.certs = keys.KnownCertificates(ca_pem, size=cache_size, clock=clock,
+                                            new_per_s=new_certs_per_s,
+                                            new_burst=2 * new_certs_per_s)
 
     def verify(self, header: dict, data: bytes) -> tuple[str, str]:
         """(name, role) of whoever signed `data` with the header's certificate; CredentialsError
         when the certificate is not the fleet's, out of date, of another role, or the signature
         does not match."""
-        cert_pem = header['cert'].encode()
-        name, role, public, not_before, not_after = self._identity(cert_pem)
-        if not not_before <= self.clock() <= not_after:
-            raise CredentialsError(f'certificate of {name} expired or not yet valid')
-        if role not in self.roles:
-            raise CredentialsError(f'{name} has role {role}, not one of {sorted(self.roles)}')
+        known = self.certs.get(header['cert'].encode())
+        if known.role not in self.roles:
+            raise CredentialsError(f'{known.name} has role {known.role}, not one of '
+                                   f'{sorted(self.roles)}')
         try:
-            public.verify(base64.b64decode(header['sig'], validate=True), data,
-                          ec.ECDSA(hashes.SHA256()))
+            known.public_key.verify(base64.b64decode(header['sig'], validate=True), data,
+                                    ec.ECDSA(hashes.SHA256()))
         except (InvalidSignature, binascii.Error, ValueError):
-            raise CredentialsError(f'bad signature for {name}') from None
-        return name, role
+            raise CredentialsError(f'bad signature for {known.name}') from None
+        return known.name, known.role

@@ -53,6 +53,7 @@ from loom_ros.cloud.protocol import (
 )
 from loom_ros.security import keys, sealed
 from loom_ros.security.keys import CredentialsError
+from loom_ros.security.ratelimit import TokenBucket
 
 DIM = 384
 
@@ -183,24 +184,6 @@ class CloudServer:
         return {'text': text, 'usage': data.get('usage', {})}, model
 
 
-
-class TokenBucket:
-    """`rate` requests a second with bursts of up to `burst`; the clock is injected."""
-
-    def __init__(self, rate: float, burst: float, clock):
-        self.rate, self.burst, self.clock = float(rate), float(burst), clock
-        self.tokens, self.at = float(burst), clock()
-
-    def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
 class FairQueue:
     """Per-client FIFO queues, bounded per client, in total and in bytes (`put` says why an item
     does not fit instead of growing), served by deficit round robin on bytes: each turn a client
@@ -301,6 +284,9 @@ class Limits:
     max_clients: int = 4096      # token buckets kept (least recently seen dropped)
     max_remembered_ids: int = 65536
     workers: int = 1
+    # refusals signed per second (burst twice that): a flood of requests that are refused
+    # costs a signature each to answer; past this they get no answer (counted)
+    signed_refusals_per_s: float = 200.0
 
     @classmethod
     def from_config(cls, section) -> 'Limits':
@@ -409,6 +395,7 @@ class CloudService:
         self.log = log   # what this server keeps per sender and subject (None: nothing)
         self.stats: Counter = Counter()
         self._lock = threading.Lock()
+        self._refusals = None   # the signed-refusal budget, made on the first refusal
 
     def count(self, what: str) -> None:
         with self._lock:
@@ -513,6 +500,13 @@ class CloudService:
         return body
 
     def _error(self, query, ident: str, request_digest: bytes, code: str, error: str) -> None:
+        with self._lock:
+            if self._refusals is None:
+                rate = self.gate.limits.signed_refusals_per_s
+                self._refusals = TokenBucket(rate, 2 * rate, self.gate.clock)
+            if not self._refusals.take():
+                self.stats['refusal_unanswered'] += 1
+                return
         try:
             query.reply_err(self.signer.reply(ident, request_digest, {
                 'id': ident, 'ok': False, 'code': code, 'error': error[:1000],

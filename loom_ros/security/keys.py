@@ -17,11 +17,13 @@ the router to another member. Layout under `keys_dir` (default `~/.loom/keys`, m
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import os
 import re
 import secrets
 import stat
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from loom_ros.security.ratelimit import TokenBucket
 
 DEFAULT_KEYS_DIR = '~/.loom/keys'
 ROLES = ('robot', 'router', 'cloud', 'operator')
@@ -338,3 +342,105 @@ def verify(cert_pem: bytes, ca_pem: bytes, data: bytes, signature: bytes) -> tup
     except InvalidSignature:
         raise CredentialsError(f'bad signature for {who[0]}') from None
     return who
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+@dataclass(frozen=True)
+class KnownCertificate:
+    """A fleet certificate the authority's signature was checked on: who, and its key."""
+
+    name: str
+    role: str
+    public_key: object
+    not_before: float   # POSIX seconds
+    not_after: float
+
+
+class KnownCertificates:
+    """Certificates sent along with messages, checked against the authority once and then known
+    by their digest (bounded, least recently used go first): a known one costs a hash. Checking
+    a new one (a parse and the CA's signature) is what a stranger can make a receiver pay for,
+    so at most `new_per_s` (burst `new_burst`) are checked; past that a new certificate is
+    refused as busy (CredentialsError) and known ones still pass. A certificate that failed is
+    remembered failed (bounded), and the same certificate written differently (PEM whitespace)
+    is found by its DER digest without a new check. Validity windows are re-checked on every
+    use against the injected clock (POSIX seconds)."""
+
+    def __init__(self, ca_pem: bytes, *, size: int = 256, bad_size: int = 1024,
+                 new_per_s: float = 50.0, new_burst: float = 100.0, clock=None):
+        self.clock = clock or time.time
+        try:
+            self.ca = x509.load_pem_x509_certificate(bytes(ca_pem))
+        except ValueError as exc:
+            raise CredentialsError(f'unreadable authority certificate: {exc}') from None
+        self.size, self.bad_size = int(size), int(bad_size)
+        self._known: dict[bytes, KnownCertificate] = {}    # PEM or DER digest -> known
+        self._bad: dict[bytes, str] = {}                   # PEM digest -> why it failed
+        self._budget = TokenBucket(new_per_s, new_burst, self.clock)
+        self.checked = self.refused_busy = 0
+
+    def get(self, cert_pem: bytes) -> KnownCertificate:
+        """The certificate's identity, valid now; CredentialsError otherwise."""
+        if not isinstance(cert_pem, (bytes, bytearray)) or len(cert_pem) > MAX_CERT_BYTES:
+            raise CredentialsError('certificate missing or larger than 16 KiB')
+        key = _sha256(bytes(cert_pem))
+        known = self._known.pop(key, None)
+        if known is None:
+            why = self._bad.get(key)
+            if why is not None:
+                raise CredentialsError(why)
+            known = self._check(key, bytes(cert_pem))
+        self._known[key] = known   # most recently used last
+        while len(self._known) > self.size:
+            del self._known[next(iter(self._known))]
+        now = self.clock()
+        if not known.not_before <= now <= known.not_after:
+            raise CredentialsError(f'certificate of {known.name} expired or not yet valid')
+        return known
+
+    def _check(self, key: bytes, cert_pem: bytes) -> KnownCertificate:
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError as exc:
+            raise self._failed(key, f'unreadable certificate: {str(exc)[:200]}') from None
+        der = _sha256(cert.public_bytes(serialization.Encoding.DER))
+        known = self._known.get(der)
+        if known is not None:
+            return known
+        if not self._budget.take():
+            self.refused_busy += 1   # not remembered: it may be a member's, checked later
+            raise CredentialsError('busy: too many new certificates to check; try again')
+        self.checked += 1
+        try:
+            cert.verify_directly_issued_by(self.ca)
+        except (ValueError, TypeError, InvalidSignature):
+            raise self._failed(key, 'certificate not issued by this fleet\'s authority') from None
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        roles = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+        if not names or not roles or roles[0].value not in ROLES:
+            raise self._failed(key, 'certificate without a Loom name and role')
+        known = KnownCertificate(str(names[0].value), str(roles[0].value), cert.public_key(),
+                                 cert.not_valid_before_utc.timestamp(),
+                                 cert.not_valid_after_utc.timestamp())
+        self._known[der] = known
+        return known
+
+    def _failed(self, key: bytes, why: str) -> CredentialsError:
+        self._bad[key] = why
+        while len(self._bad) > self.bad_size:
+            del self._bad[next(iter(self._bad))]
+        return CredentialsError(why)
+
+    def verify(self, cert_pem: bytes, data: bytes, signature: bytes) -> KnownCertificate:
+        """Who signed `data`: the certificate known (or checked) and the signature its key's."""
+        known = self.get(cert_pem)
+        if not isinstance(signature, (bytes, bytearray)) or len(signature) > 256:
+            raise CredentialsError('signature missing or too long')
+        try:
+            known.public_key.verify(bytes(signature), data, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise CredentialsError(f'bad signature for {known.name}') from None
+        return known

@@ -150,13 +150,28 @@ def test_refused_senders_do_not_spend_the_granted_rate(fleet):
     # The operator's own excess is still limited by the rule.
     extra = sign_sample(ids['ops'], MOVE_KEY, move(), ts_ms=clock.ms())
     assert bridge.receive(MOVE_KEY, extra) is None and bridge.stats['refused_rate_limited'] == 1
-    # What reaches the signature check is bounded apart: VERIFY_FACTOR x the rule's burst.
+    # What reaches the signature check is bounded per claimed sender (VERIFY_FACTOR x the
+    # rule's burst). Review finding: one bound per rule let robot2 (no grant) or a replayer
+    # use it up, and then the operator's stop was refused. Both are now refused before any
+    # signature check and spend nothing of the operator's.
     from loom_ros.bridge.core import VERIFY_FACTOR
-    checked = 20 + 1 + 5 + 2 + 1
-    for _ in range(3 * VERIFY_FACTOR - checked):
+    for _ in range(5 * VERIFY_FACTOR):
         bridge.receive(MOVE_KEY, sign_sample(ids['robot2'], MOVE_KEY, move(), ts_ms=clock.ms()))
+        bridge.receive(MOVE_KEY, replay)
     assert bridge.stats['refused_verify_rate_limited'] == 0
-    assert bridge.receive(MOVE_KEY, extra) is None
+    assert bridge.stats['refused_not_granted'] == 20 + 5 * VERIFY_FACTOR
+    clock.s += 3   # the operator's rule refills (rate 1/s)
+    assert bridge.receive(MOVE_KEY, sign_sample(ids['ops'], MOVE_KEY, move(),
+                                                ts_ms=clock.ms())) is not None
+    # What remains: the operator's certificate with bad signatures (someone who holds a copy
+    # of it) spends the operator's own bound, and only that.
+    good = sign_sample(ids['ops'], MOVE_KEY, move(), ts_ms=clock.ms())
+    forged = bytearray(good)
+    forged[-5] ^= 1
+    for _ in range(3 * VERIFY_FACTOR - 1):   # the bound refilled in those 3 s, less one just used
+        assert bridge.receive(MOVE_KEY, bytes(forged)) is None
+    assert bridge.stats['refused_verify_rate_limited'] == 0
+    assert bridge.receive(MOVE_KEY, good) is None
     assert bridge.stats['refused_verify_rate_limited'] == 1
 
 

@@ -112,3 +112,42 @@ def test_a_request_signed_for_one_server_is_refused_by_another(fleet):
     assert {reason(gate, anyone) for gate in gates.values()} == {'replay'}
     bad_aud = robot.request('intent', {'text': 'hi'}, 'r3', int(clock.now * 1000), aud='a/b')
     assert reason(gates['cloud-a'], bad_aud) == 'unauthenticated'   # framing refuses it
+
+
+class _Query:
+    """What zenoh.Query gives the service (key, payload, reply_err): the refusals it answered."""
+
+    class _Payload(bytes):
+        def to_bytes(self):
+            return bytes(self)
+
+    def __init__(self, data: bytes):
+        self.key_expr, self.payload, self.errors = 'loom/cloud/intent', self._Payload(data), []
+
+    def reply_err(self, data):
+        self.errors.append(data)
+
+
+def test_a_flood_of_forged_requests_costs_no_ca_check_and_few_signatures(fleet, stranger):
+    """Review finding: every forged request cost a CA check of its certificate and a signed
+    refusal. A certificate that failed is remembered; refusals are answered (signed) at most
+    signed_refusals_per_s, the rest counted, and answering resumes with the clock."""
+    from loom_ros.cloud.server import CloudService
+    clock = Clock(time.time())
+    verifier = Verifier((fleet / 'ca.pem').read_bytes(), ['robot'], clock=clock)
+    limits = Limits(signed_refusals_per_s=5.0)
+    service = CloudService(None, Gate(verifier, limits, clock), Signer(keys.load(fleet, 'cloud')),
+                           FairQueue(8, 64, 1 << 20), "cloud-a")
+    forger = Signer(stranger)
+    queries = [_Query(forger.request('intent', {'text': 'hi'}, f'f{i}', int(clock.now * 1000)))
+               for i in range(100)]
+    for query in queries:
+        service.on_query(query)
+    assert service.stats['unauthenticated'] == 100
+    assert verifier.certs.checked == 1                       # remembered after the first
+    assert sum(len(q.errors) for q in queries) == 10         # the burst: twice the rate
+    assert service.stats['refusal_unanswered'] == 90
+    clock.now += 1.0
+    late = _Query(forger.request('intent', {'text': 'hi'}, 'late', int(clock.now * 1000)))
+    service.on_query(late)
+    assert len(late.errors) == 1 and b'unauthenticated' in late.errors[0]

@@ -168,3 +168,44 @@ def test_reissued_keys_are_the_owners_only_and_never_written_through_a_link(flee
     assert keys.verify(reissued.cert_pem(), (fleet / 'ca.pem').read_bytes(), b'x',
                        keys.sign(keys.load(fleet, 'robot9'), b'x')) == ('robot9', 'robot')
     assert not [p for p in (fleet / 'robot9').iterdir() if p.name.endswith('.tmp')]
+
+
+def test_known_certificates_check_each_new_one_once_and_at_a_bounded_rate(fleet, tmp_path):
+    """Review finding: receivers checked every certificate a message carried against the CA
+    (a parse and a signature each), keyed by its PEM text, and never remembered a failure: a
+    stranger's flood of certificates cost a CA check per message. Known ones cost a hash; a
+    failure is remembered; the same certificate written differently is found by its DER; new
+    ones are checked at a bounded rate (injected clock) and past it refused as busy."""
+    now = [datetime.datetime.now(datetime.timezone.utc).timestamp()]
+    ops = keys.issue(fleet, 'ops', 'operator')
+    certs = keys.KnownCertificates(ops.ca.read_bytes(), new_per_s=1.0, new_burst=2.0,
+                                   size=4, clock=lambda: now[0])
+    pem = ops.cert_pem()
+    signature = keys.sign(ops, b'stop')
+    assert certs.verify(pem, b'stop', signature).name == 'ops'
+    for _ in range(100):
+        certs.verify(pem, b'stop', signature)
+    variant = pem.replace(b'\n', b'\r\n')               # the same certificate, other bytes
+    assert certs.get(variant).name == 'ops' and certs.checked == 1
+    with pytest.raises(keys.CredentialsError, match='bad signature'):
+        certs.verify(pem, b'stop!', signature)
+    keys.init_ca(tmp_path / 'other')
+    stranger = keys.issue(tmp_path / 'other', 'ops', 'operator').cert_pem()
+    for _ in range(50):                                  # checked once, then remembered
+        with pytest.raises(keys.CredentialsError, match='not issued'):
+            certs.get(stranger)
+    assert certs.checked == 2
+    for bad in (b'', b'x' * (keys.MAX_CERT_BYTES + 1), b'-----BEGIN CERTIFICATE-----\nAA==\n'):
+        with pytest.raises(keys.CredentialsError):
+            certs.get(bad)
+    # the budget (burst 2) is spent: a new member's certificate waits; known ones pass
+    robot = keys.issue(fleet, 'robot7', 'robot').cert_pem()
+    with pytest.raises(keys.CredentialsError, match='busy'):
+        certs.get(robot)
+    assert certs.refused_busy == 1 and certs.get(pem).name == 'ops'
+    now[0] += 1.0                                        # one more check a second
+    assert certs.get(robot).name == 'robot7' and certs.checked == 3
+    # validity is read against the clock on every use
+    now[0] += 3 * 365 * 86400
+    with pytest.raises(keys.CredentialsError, match='expired'):
+        certs.get(pem)
