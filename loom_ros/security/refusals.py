@@ -27,6 +27,9 @@ the table does not name yet is held, bounded, and asked about again at `settle`;
 unnamed after `name_wait_s` is counted as `zid:<id>`. What remains: a member that knows another
 member's zid can make up refusals in that member's name (a false alarm, never an access), and
 one that also makes up the rest of a table can hide a few of its own refusals from the count.
+Likewise a key holding a newline can make up a TLS WARN line, counted as an `unauthenticated`
+connect: a false alarm, never an access (zenoh's text log gives no way to tell it from a real
+one; a structured log would).
 """
 from __future__ import annotations
 
