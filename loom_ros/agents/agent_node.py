@@ -61,8 +61,11 @@ from loom_ros.security.keyring import encryption_settings
 from loom_ros.security.audit import AuditError, AuditLog
 from loom_ros.storage.consent import (ConsentError, ConsentRegistry, SubjectRefs, consent_path,
                                       load_defaults)
+from loom_ros.storage.budget import BudgetGate
 from loom_ros.storage.errors import StorageError
-from loom_ros.storage.layout import ENCRYPTION_PARAMETERS, derived, node_layout, node_objects
+from loom_ros.storage.layout import (
+    BUDGET_PARAMETER, ENCRYPTION_PARAMETERS, derived, node_layout, node_objects,
+)
 from loom_ros.storage.storage import Storage, StorageConfig
 from loom_ros.telemetry.logs import mask_node_logger
 
@@ -178,6 +181,7 @@ class AgentNode(LifecycleNode):
         self.failed = {}
         try:   # a read-only, full or invalid root, a damaged database: every agent says why
             usable_dir(str(self.layout.root), f'{self.get_name()}.storage.root')
+            budget = int(self.get_parameter(BUDGET_PARAMETER.name).value)
             self.storage = Storage(StorageConfig(
                 str(self.layout.root), unit=unit_name(self.get_fully_qualified_name()),
                 # hot_max_events 0: each agent's working memory is its hot tier already.
@@ -187,7 +191,10 @@ class AgentNode(LifecycleNode):
                     {spec.name: self.get_parameter(spec.name).value
                      for spec in ENCRYPTION_PARAMETERS}),
                 # blobs and archives in the store every process under the root uses
-                objects=node_objects(self, os.environ)))
+                objects=node_objects(self, os.environ)),
+                # the root's total budget: writes stop at it (the lifecycle frees the oldest
+                # archive and cold data; agent state is never deleted for space)
+                gate=BudgetGate(self.layout, budget) if budget > 0 else None)
             # Full once, stopped: no later commit of an agent lands after one of it was lost.
             self.storage.writer.stop_when_full = True
         except (ConfigError, StorageError) as exc:   # KeyringError too: a wrong key

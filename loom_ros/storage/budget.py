@@ -5,10 +5,12 @@ and no connection is needed."""
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from loom_ros.storage.errors import StorageFullError
 from loom_ros.storage.layout import StorageLayout
@@ -55,17 +57,30 @@ def db_used_bytes(path: str | os.PathLike) -> int:
     return used
 
 
-def root_used_bytes(layout: StorageLayout, extra: int = 0) -> int:
-    """Databases (pages in use + WAL) and cold index files under the root, plus `extra` (archive
-    and blob bytes the databases account for)."""
-    total = sum(db_used_bytes(p) for p in layout.databases())
-    folder = layout.root / 'cold'
-    if folder.is_dir():
-        for entry in os.scandir(folder):
+def root_used_bytes(layout: StorageLayout, extra: int = 0, archive_walked: bool = False) -> int:
+    """Every file under the root (agents, unit databases, cold indexes, audit, consent, router
+    history, blobs, recordings, traces, plugin data, ...): SQLite databases (`*.db`) by pages in
+    use plus their WAL, other files by size; links are not followed. The archive objects are
+    `extra` (the databases account for them, wherever the object store keeps them), so
+    `objects/archive` is not walked, unless `archive_walked` (a writer that reads no archive
+    table: the local files are what it counts)."""
+    total = 0
+    skip = None if archive_walked else layout.objects / 'archive'
+    for folder, dirs, files in os.walk(layout.root, followlinks=False):
+        if skip is not None and Path(folder) == skip:
+            dirs[:] = []
+            continue
+        for name in files:
+            if name.endswith(('-wal', '-shm', '-journal')):
+                continue   # with their database
+            path = os.path.join(folder, name)
             try:
-                total += entry.stat().st_size
+                info = os.lstat(path)
             except OSError:
-                pass
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            total += db_used_bytes(path) if name.endswith('.db') else info.st_size
     return total + extra
 
 
@@ -89,17 +104,23 @@ def budget_check(name: str, used: int, budget: int, warn: float = 0.8,
 
 class BudgetGate:
     """Called by the writer before each batch: raises StorageFullError while the root's total
-    budget is spent. Measures at most every `period_s` (a few file headers and stats)."""
+    budget is spent. Measures at most every `period_s` (a walk of the root: file headers of the
+    databases, sizes of the rest)."""
 
-    def __init__(self, layout: StorageLayout, total_bytes: int, extra_bytes=lambda: 0,
+    def __init__(self, layout: StorageLayout, total_bytes: int, extra_bytes=None,
                  period_s: float = 0.5, monotonic=time.monotonic):
+        """`extra_bytes`: archive bytes the databases account for (None: the local archive
+        files are walked instead; archives on S3 then do not count)."""
         self.layout, self.total, self.extra = layout, int(total_bytes), extra_bytes
         self.period_s, self.monotonic = period_s, monotonic
         self._next, self.used, self.refused = 0.0, 0, 0
         self._lock = threading.Lock()
 
     def measure(self) -> int:
-        self.used = root_used_bytes(self.layout, self.extra())
+        if self.extra is None:
+            self.used = root_used_bytes(self.layout, archive_walked=True)
+        else:
+            self.used = root_used_bytes(self.layout, self.extra())
         return self.used
 
     def __call__(self) -> None:

@@ -36,8 +36,15 @@ OBJECT_PARAMETERS = [
               read_only=True),
     ParamSpec('storage.objects.secure', 'https to the S3 endpoint', read_only=True),
 ]
+# With it in `/**` too: the root's total byte budget, which every writer under the root stops at
+# (storage/budget.py BudgetGate) and the storage node's lifecycle frees space for.
+BUDGET_PARAMETER = ParamSpec(
+    'storage.budget.total_bytes', 'Bytes every file under storage.root may use together (0: no '
+    'limit); writes stop at it with a clear error, nothing committed is lost', read_only=True,
+    min_value=0)
 # What every node writing under the root declares (node_layout).
-STORAGE_PARAMETERS = [ROOT_PARAMETER, *ENCRYPTION_PARAMETERS, *OBJECT_PARAMETERS]
+STORAGE_PARAMETERS = [ROOT_PARAMETER, *ENCRYPTION_PARAMETERS, *OBJECT_PARAMETERS,
+                      BUDGET_PARAMETER]
 _NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$')
 
 
@@ -120,7 +127,8 @@ class StorageLayout:
 
 
 def node_layout(node, defaults_section: str) -> StorageLayout:
-    """Declare `storage.root`, `storage.encryption.*` and `storage.objects.*` on `node` (once,
+    """Declare `storage.root`, `storage.encryption.*`, `storage.objects.*` and
+    `storage.budget.total_bytes` on `node` (once,
     whoever asks first: the node or its telemetry) and return the layout under the root."""
     missing = [spec for spec in STORAGE_PARAMETERS if not node.has_parameter(spec.name)]
     if missing:

@@ -175,18 +175,24 @@ def test_recall_service_over_episodic_and_semantic_memory(ros, spawn, tmp_path):
     assert proc.finish()[0] == 0
 
 
-def test_full_disk_deactivates_the_agent_and_keeps_what_was_committed(ros, spawn, tmp_path):
+@pytest.mark.parametrize('limit', [
+    # A 256 KiB cap on the host's database (its tables take 128): SQLite then reports
+    # 'database or disk is full'.
+    'state_max_mb:=0.25',
+    # The root's total budget (every file under it, WAL included), which every writer under
+    # the root stops at (review finding: the budget gate was never given to a writer).
+    'storage.budget.total_bytes:=1000000'])
+def test_full_disk_deactivates_the_agent_and_keeps_what_was_committed(ros, spawn, tmp_path,
+                                                                       limit):
     from lifecycle_msgs.srv import GetState
     from rclpy.node import Node
 
     from loom_ros.bus.bus import EventBus
     agents = tmp_path / 'agents.yaml'
     agents.write_text(AGENTS)
-    # A 256 KiB cap on the host's database (its tables take 128): SQLite then reports
-    # 'database or disk is full'.
     proc = spawn('-m', 'loom_ros.agents.agent_node', '--ros-args', '-r', '__ns:=/ag_full',
                  '-r', '__node:=agent_tally', '-p', 'agent_id:=tally', '-p', f'agents_file:={agents}',
-                 '-p', f'storage.root:={tmp_path}', '-p', 'state_max_mb:=0.25')
+                 '-p', f'storage.root:={tmp_path}', '-p', limit)
     node = Node('full_feeder', namespace='/ag_full', context=ros.node.context)
     bus = EventBus(node)
     get_state = ros.node.create_client(GetState, '/ag_full/agent_tally/get_state')
@@ -222,6 +228,8 @@ def test_full_disk_deactivates_the_agent_and_keeps_what_was_committed(ros, spawn
         key = '/ag_full/agent_tally: state persistence'
         ros.wait_for(lambda: key in seen, 'the persistence diagnostic', alive=[proc])
         assert seen[key].level == b'\x02' and 'cannot persist' in seen[key].message
+        if 'budget' in limit:   # it says which limit, with the numbers
+            assert 'of 1,000,000 bytes budget used' in seen[key].message, seen[key].message
         ros.executor.remove_node(node)
     finally:
         bus.destroy()

@@ -601,6 +601,41 @@ def test_budget_gate_stops_writes_with_a_clear_error(storage, tmp_path):
     assert [e['event_id'] for e in storage.episodes.query('a')] == ['e0']
 
 
+def test_the_total_budget_counts_every_file_under_the_root_and_follows_no_link(tmp_path):
+    """Review finding: the total counted only the unit databases and the cold index, so audit,
+    consent, router history, blobs, recordings, traces and plugin files grew past the budget
+    unseen. A link out of the root is not counted (nor followed)."""
+    from loom_ros.storage.budget import root_used_bytes
+    layout = StorageLayout.at(tmp_path)
+    assert root_used_bytes(layout) == 0
+    files = {'audit.db': 0, 'traces/trace.jsonl': 3000, 'plugins/tts/a.wav': 5000,
+             'objects/blobs/x/y.bin': 7000, 'recordings/r.mcap': 11000}
+    for name, size in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith('.db'):
+            with sqlite3.connect(path) as conn:
+                conn.execute('create table t (x blob)')
+                conn.execute('insert into t values (zeroblob(20000))')
+            conn.close()
+        else:
+            path.write_bytes(b'x' * size)
+    used = root_used_bytes(layout)
+    assert used >= 20000 + 3000 + 5000 + 7000 + 11000
+    outside = tmp_path.parent / f'{tmp_path.name}-outside'
+    outside.mkdir()
+    (outside / 'big').write_bytes(b'y' * 100000)
+    (tmp_path / 'plugins' / 'link').symlink_to(outside, target_is_directory=True)
+    (tmp_path / 'traces' / 'file-link').symlink_to(outside / 'big')
+    assert root_used_bytes(layout) == used
+    # archive objects are the databases' to count (extra), unless a writer walks them
+    archive = tmp_path / 'objects' / 'archive' / 'u'
+    archive.mkdir(parents=True)
+    (archive / 'a.zst').write_bytes(b'z' * 13000)
+    assert root_used_bytes(layout, extra=13000) == used + 13000
+    assert root_used_bytes(layout, archive_walked=True) == used + 13000
+
+
 def test_full_disk_stops_writes_and_keeps_what_was_committed(tmp_path, clock):
     s = Storage(StorageConfig(root=str(tmp_path), unit='full', max_db_bytes=256 * 1024),
                 clock=clock)
