@@ -14,16 +14,44 @@ import json
 import os
 import sqlite3
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from loom_ros.storage.durable import TooLargeError, read_regular
 from loom_ros.storage.errors import CorruptRecordError, IndexMismatchError, StorageError
 
 MAGIC = b'LOOMCOLD'
 ADD, REMOVE = 1, 2
+MAX_HEADER_BYTES = 64 * 1024   # the JSON header Loom writes is under 200 bytes
+MAX_LISTS = 65536              # IVF lists (rebuild's limit)
+INDEX_SLACK_BYTES = 64 * 1024 * 1024
+_FAISS_LIMITS = threading.Lock()   # faiss's deserialization limits are process-wide
+
+
+def _deserialize(body: np.ndarray):
+    """faiss.deserialize_index with no vector longer and no loop longer than the bytes given:
+    a damaged size field is a RuntimeError, not an allocation of what it says (faiss resizes
+    before it reads). The IVF-PQ lookup table (computed, not read) is made after, as faiss
+    does when it reads an index without the limits."""
+    with _FAISS_LIMITS:
+        old_bytes = faiss.get_deserialization_vector_byte_limit()
+        old_loops = faiss.get_deserialization_loop_limit()
+        faiss.set_deserialization_vector_byte_limit(len(body) + 4096)
+        faiss.set_deserialization_loop_limit(len(body) + 4096)
+        try:
+            index = faiss.deserialize_index(body, faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
+        finally:
+            faiss.set_deserialization_vector_byte_limit(old_bytes)
+            faiss.set_deserialization_loop_limit(old_loops)
+    if not isinstance(index, faiss.IndexIDMap2):
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))   # the kinds Loom saves
+        if isinstance(ivf, faiss.IndexIVFPQ):
+            ivf.precompute_table()
+    return index
 
 
 def encode(vectors: np.ndarray) -> list[bytes]:
@@ -105,7 +133,9 @@ class ColdIndex:
                 raise IndexMismatchError(f'{self.path}: missing, and {rows} cold rows need it; '
                                          'rebuild it: loom storage compact --rebuild-index')
         else:
-            made_for = self._read()
+            # no more vectors than rows now plus every log entry since the index was saved
+            log = conn.execute('select count(*) from cold_log').fetchone()[0]
+            made_for = self._read(self.max_file_bytes(rows + log))
             if made_for is not None and made_for != self.database_id:
                 raise IndexMismatchError(
                     f'{self.path}: the index of another database ({str(made_for)[:40]}), not of '
@@ -126,26 +156,57 @@ class ColdIndex:
             raise IndexMismatchError(f'{self.path}: {self.ntotal} vectors for {rows} cold rows; '
                                      'rebuild it: loom storage compact --rebuild-index')
 
-    def _read(self) -> str | None:
-        """Load the file; the database id it was saved for (None: saved before ids)."""
+    def max_file_bytes(self, vectors: int) -> int:
+        """The most bytes an index file of at most `vectors` vectors can take: each as a flat
+        float vector and its id (more than a PQ code), the IVF lists' centroids, a header."""
+        d = self.params.dim
+        return (12 + MAX_HEADER_BYTES + max(0, int(vectors)) * (d * 4 + 16)
+                + max(MAX_LISTS, self.params.nlist) * (d * 4 + 64) + INDEX_SLACK_BYTES)
+
+    def _read(self, max_bytes: int | None = None) -> str | None:
+        """Load the file; the database id it was saved for (None: saved before ids). Read to
+        at most `max_bytes` (a plain file, never through a link), its header bounded and
+        checked before faiss parses the rest: any damage is an IndexMismatchError (a
+        StorageError) naming the file, never a raw ValueError, MemoryError or faiss error."""
+        def unreadable(why: str) -> IndexMismatchError:
+            return IndexMismatchError(f'{self.path}: unreadable ({why[:200]}); rebuild it: '
+                                      'loom storage compact --rebuild-index')
+        limit = self.max_file_bytes(2**31) if max_bytes is None else int(max_bytes)
         try:
-            blob = self.path.read_bytes()
-            if blob[:8] != MAGIC:
+            blob = read_regular(self.path, limit)
+        except TooLargeError:
+            raise unreadable(f'more than {limit} bytes, more than an index of this database '
+                             'can take; not read') from None
+        except (OSError, MemoryError) as exc:
+            raise unreadable(str(getattr(exc, 'strerror', None) or exc)) from None
+        try:
+            if len(blob) < 12 or blob[:8] != MAGIC:
                 raise ValueError('not a Loom cold index')
             size = struct.unpack_from('<I', blob, 8)[0]
+            if size > MAX_HEADER_BYTES or 12 + size > len(blob):
+                raise ValueError(f'a header of {size} bytes in a file of {len(blob)}')
             header = json.loads(blob[12:12 + size])
-            index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8, offset=12 + size))
-        except (OSError, ValueError, struct.error, RuntimeError) as exc:
-            raise IndexMismatchError(f'{self.path}: unreadable ({str(exc)[:200]}); rebuild it: '
-                                     'loom storage compact --rebuild-index') from None
+            if not isinstance(header, dict):
+                raise ValueError('a header that is not a JSON object')
+            seq = header.get('seq')
+            if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**63:
+                raise ValueError(f'cold log position {str(seq)[:40]!r}')
+            made_for = header.get('database')
+            if made_for is not None and not isinstance(made_for, str):
+                raise ValueError('a database id that is not text')
+            if len(blob) == 12 + size:
+                raise ValueError('no index after the header')
+            index = _deserialize(np.frombuffer(blob, dtype=np.uint8, offset=12 + size))
+        except (ValueError, TypeError, struct.error, RuntimeError, MemoryError, OverflowError,
+                AttributeError) as exc:
+            raise unreadable(str(exc) or type(exc).__name__) from None
         if index.d != self.params.dim:
             raise IndexMismatchError(f'{self.path}: vectors of {index.d} dimensions, storage is '
                                      f'configured for {self.params.dim}; rebuild it: loom storage '
                                      'compact --rebuild-index')
-        self.index, self.seq = index, int(header['seq'])
+        self.index, self.seq = index, seq
         self._tune()
-        made_for = header.get('database')
-        return None if made_for is None else str(made_for)
+        return made_for
 
     def save(self) -> None:
         """Write the index atomically (temporary file, fsync, rename)."""
@@ -239,7 +300,12 @@ class ColdIndex:
 
     def _tune(self) -> None:
         if self.kind != 'flat':
-            faiss.extract_index_ivf(self.index).nprobe = self.params.nprobe
+            try:
+                faiss.extract_index_ivf(self.index).nprobe = self.params.nprobe
+            except RuntimeError as exc:   # not an IVF index (a file of another kind)
+                raise IndexMismatchError(f'{self.path}: an index of another kind ({exc}); '
+                                         'rebuild it: loom storage compact --rebuild-index'
+                                         ) from None
 
     # -- searching -------------------------------------------------------------------------------
     def candidates(self, query: np.ndarray, n: int) -> list[int]:

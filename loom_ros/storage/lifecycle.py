@@ -15,6 +15,7 @@ import fcntl
 import fnmatch
 import gzip
 import json
+import math
 import os
 import sqlite3
 import time
@@ -28,6 +29,7 @@ import numpy as np
 from loom_ros.config.params import read_yaml, refuse_unknown_keys
 from loom_ros.security.keyring import day_of
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore
+from loom_ros.storage.backend.local import LinkRefusedError
 from loom_ros.storage.base import ObjectStore
 from loom_ros.storage.budget import Budgets, budget_check, root_used_bytes
 from loom_ros.storage.cold import ADD, REMOVE, ColdIndex, IndexParams, decode, encode
@@ -39,6 +41,8 @@ from loom_ros.storage.sqlite import open_database
 DAY_S = 86400.0
 MAX_ARCHIVE_BYTES = 256 * 1024 * 1024    # of an archive file once decompressed (gzip bombs)
 MAX_ARCHIVE_LINE = 16 * 1024 * 1024
+MAX_DUE_PAGES = 20   # pages of move_batch rows one move looks at for due rows (then resumes)
+_START = (-2**63, 0)   # before every (time, id)
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,10 @@ def load_policies(path: str, default: TierPolicy) -> list[PolicyRule]:
         for key in ('warm_s', 'cold_s', 'archive_s'):
             if key in item:
                 value = item[key]
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                    raise StorageError(f'{path}: rule {n}: {key} must be a number >= 0')
+                if (isinstance(value, bool) or not isinstance(value, (int, float))
+                        or not math.isfinite(value) or value < 0):
+                    raise StorageError(f'{path}: rule {n}: {key} must be a finite number >= 0, '
+                                       f'got {str(value)[:40]}')
                 changes[key] = float(value)
         for key in ('cold', 'archive'):
             if key in item:
@@ -115,6 +121,8 @@ class MoveReport:
     deleted: int = 0         # rows deleted for age (policy without a later tier)
     archive_deleted: int = 0  # archive files deleted (age or budget)
     budget_deleted: int = 0  # cold rows deleted for the budget
+    consent_deleted: int = 0  # due rows (warm events, cold memories) of data subjects without
+    #                          `store` consent: deleted at the move, neither condensed nor archived
     seconds: float = 0.0
 
     def add(self, other: 'MoveReport') -> None:
@@ -150,9 +158,13 @@ class Lifecycle:
                  params: LifecycleParams | None = None, budgets: Budgets | None = None,
                  index_params: IndexParams | None = None, clock: Callable[[], int] | None = None,
                  synchronous: str = 'NORMAL', read_only: bool = False, rebuild: bool = False,
-                 check: bool = True):
+                 check: bool = True, consent=None):
         """`check`: run SQLite's quick check on open (reads every page: a damaged file is a
-        clear error here); erasure skips it, its VACUUM reads every page and fails the same."""
+        clear error here); erasure skips it, its VACUUM reads every page and fails the same.
+        `consent`: the consent registry (anything with `lookup(subject, purpose)`) a move asks
+        whether a row's data subject still gives `store` consent; None: the root's registry,
+        read-only, with the shipped defaults (what Storage asks when it writes), opened at the
+        first move that needs it."""
         self.layout, self.unit = layout, check_name(unit, 'storage unit')
         self.objects, self.embedder = objects, embedder
         self.params, self.budgets = params or LifecycleParams(), budgets or Budgets()
@@ -165,6 +177,9 @@ class Lifecycle:
         self.totals = MoveReport()
         self.unsaved = 0
         self._lock_fd = -1
+        self._consent, self._own_consent = consent, None
+        self._cursor: dict[str, tuple] = {}   # where the next look for due rows resumes
+        self.links_refused = 0   # archive objects recovery did not follow (links): left alone
         # Payloads and summaries in SQLite under the subject's key when archives are encrypted
         # (one setting, storage.encryption.enabled: docs/encryption.md).
         self.cipher = RowCipher(objects.keyring if isinstance(objects, EncryptedObjectStore)
@@ -174,8 +189,15 @@ class Lifecycle:
             self.index.load(self.conn)
             return
         lock_path = layout.cold_index(unit).with_suffix('.lock')
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:   # e.g. <root>/cold is a file
+            folder = lock_path.parent
+            what = 'is not a folder' if folder.exists() and not folder.is_dir() else \
+                f'cannot be used: {exc.strerror or exc}'
+            raise StorageError(f'{folder}: the cold tier\'s folder (index and lifecycle lock) '
+                               f'{what}; move it aside') from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -212,16 +234,32 @@ class Lifecycle:
         """Undo archive writes a crash left pending (their rows are still in their tier) and drop
         archive objects no row knows (a crash between a delete's commit and the object's)."""
         undone = 0
+        # the local store lists no link and walks into none (backend/local.py), so a link
+        # planted under the object root cannot make this delete a file elsewhere; what it
+        # refused is counted
+        refused = getattr(self._store(), 'refused', 0)
         for (key,) in self.conn.execute("select key from archive where state = 'pending'").fetchall():
-            self.objects.delete(key)
+            try:
+                self.objects.delete(key)
+            except LinkRefusedError:   # a link planted above it: never followed, left as is
+                pass
             self.conn.execute('delete from archive where key = ?', (key,))
             undone += 1
         known = {k for (k,) in self.conn.execute('select key from archive')}
         for key, _size in self.objects.list(self._prefix()):
             if key not in known:
-                self.objects.delete(key)
+                try:
+                    self.objects.delete(key)
+                except LinkRefusedError:
+                    continue
                 undone += 1
+        self.links_refused += getattr(self._store(), 'refused', 0) - refused
         return undone
+
+    def _store(self) -> ObjectStore:
+        """The store underneath encryption (what lists and deletes files)."""
+        return self.objects.inner if isinstance(self.objects, EncryptedObjectStore) \
+            else self.objects
 
     # -- one round -------------------------------------------------------------------------------
     def run_once(self, max_moves: int = 20) -> MoveReport:
@@ -231,7 +269,8 @@ class Lifecycle:
             for _ in range(max_moves):
                 done = step()
                 report.add(done)
-                if not any((done.condensed, done.archived, done.deleted, done.archive_deleted)):
+                if not any((done.condensed, done.archived, done.deleted, done.archive_deleted,
+                            done.consent_deleted)):
                     break
         report.add(self.enforce_budgets())
         self.index.maybe_train(self.conn)
@@ -241,40 +280,109 @@ class Lifecycle:
         return report
 
     def _due(self, table: str, time_col: str, age_attr: str, skip_ok) -> list:
-        """Up to move_batch rows whose policy says they are due, oldest first."""
+        """Up to move_batch rows whose policy says they are due, in (time, id) order from where
+        the previous look stopped, round to the oldest again (keyset pages). A look reads at
+        most MAX_DUE_PAGES pages and the next one resumes after the last row it read, so rows a
+        longer policy keeps (however many, of whichever agent) delay the others' due rows by a
+        few moves and never block them: every due row is reached within a full cycle."""
         p, now, out = self.params, self.clock(), []
         youngest = min([getattr(p.default, age_attr)] + [getattr(r.policy, age_attr)
                                                          for r in p.rules])
         cols = ('id, agent_id, type, source, time_ms, payload, tags, event_id, subject'
                 if table == 'episodes' else
                 'id, agent_id, type, source, first_ms, last_ms, count, summary, subject')
-        horizon, after = now - int(youngest * 1000), (-2**63, 0)
-        for _page in range(20):   # rows a longer policy keeps do not block the others
+        at = 4 if table == 'episodes' else 5   # the row's time (the column paged by)
+        horizon = now - int(youngest * 1000)
+        start = after = self._cursor.get(table, _START)
+        end = None        # the second lap (from the oldest) stops where the first one began
+        for _page in range(MAX_DUE_PAGES):
+            upper, args = '', [horizon, after[0], after[0], after[1]]
+            if end is not None:
+                upper = f' and ({time_col} < ? or ({time_col} = ? and id <= ?))'
+                args += [end[0], end[0], end[1]]
             rows = self.conn.execute(
                 f'select {cols} from {table} where {time_col} < ? and ({time_col} > ? or '
-                f'({time_col} = ? and id > ?)) order by {time_col}, id limit ?',
-                (horizon, after[0], after[0], after[1], p.move_batch)).fetchall()
+                f'({time_col} = ? and id > ?)){upper} order by {time_col}, id limit ?',
+                (*args, p.move_batch)).fetchall()
             for row in rows:
+                after = (row[at], row[0])
                 policy = _policy(p.rules, p.default, row[1], row[2])
                 age_ms = int(getattr(policy, age_attr) * 1000)
-                when = row[4] if table == 'episodes' else row[5]
-                if when < now - age_ms and skip_ok(policy):
+                if row[at] < now - age_ms and skip_ok(policy):
                     out.append((row, policy))
                     if len(out) >= p.move_batch:
+                        self._cursor[table] = after
                         return out
-            if len(rows) < p.move_batch:
-                break
-            last = rows[-1]
-            after = (last[4] if table == 'episodes' else last[5], last[0])
+            if len(rows) < p.move_batch:   # the end of this lap
+                if end is not None or start == _START:
+                    self._cursor[table] = _START   # every row looked at: from the oldest next
+                    return out
+                end, after = start, _START         # round to the oldest, up to where it began
+        self._cursor[table] = after
         return out
+
+    # -- consent ---------------------------------------------------------------------------------
+    def _consent_registry(self):
+        if self._consent is None:
+            from loom_ros.config.params import config_dir
+            from loom_ros.storage.consent import (ConsentError, ConsentRegistry, consent_path,
+                                                  load_defaults)
+            try:
+                self._consent = self._own_consent = ConsentRegistry(
+                    consent_path(self.layout.root), load_defaults(config_dir() / 'consent.yaml'),
+                    read_only=True)
+            except ConsentError as exc:
+                raise StorageError(f'storage consent defaults: {exc}') from None
+        return self._consent
+
+    def _without_consent(self, subjects, what: str) -> set[str]:
+        """The data subjects among `subjects` without `store` consent now (as Storage asks
+        when it writes: the registry's answer, else its default; an id that is not valid has
+        none). A registry that cannot be read raises StorageError: nothing is moved and
+        nothing deleted on a guess."""
+        from loom_ros.storage.consent import ConsentError, SubjectError
+        subjects = {s for s in subjects if s}
+        if not subjects:
+            return set()
+        registry, out = self._consent_registry(), set()
+        for subject in subjects:
+            try:
+                if not registry.lookup(subject, 'store').granted:
+                    out.add(subject)
+            except (SubjectError, ConsentError):
+                out.add(subject)
+            except (StorageError, sqlite3.Error) as exc:
+                raise StorageError(f'{self.path}: {what}: the consent registry cannot be read '
+                                   f'({str(exc)[:200]}); nothing moved') from None
+        return out
+
+    @staticmethod
+    def _count_withheld(conn, withheld: dict) -> None:
+        """Add dropped events to the `withheld` counts (per agent, type and UTC day), as the
+        writer counts an event it did not keep (stores.EpisodeStore)."""
+        conn.executemany(
+            'insert into withheld (agent_id, type, day, events) values (?, ?, ?, ?) '
+            'on conflict (agent_id, type, day) do update set events = events + excluded.events',
+            [(*k, n) for k, n in withheld.items()])
 
     def move_warm(self) -> MoveReport:
         """Warm events past warm_s: condensed into cold memories, archived raw (cold skipped) or
-        deleted (cold and archive skipped); one transaction."""
+        deleted (cold and archive skipped); one transaction. Events of a data subject without
+        `store` consent now (withdrawn since they were written) are deleted, neither condensed
+        nor archived, and counted in `withheld`."""
         due = self._due('episodes', 'time_ms', 'warm_s', lambda policy: True)
         report = MoveReport()
         if not due:
             return report
+        refused = self._without_consent((row[8] for row, _ in due), 'warm -> cold move')
+        withheld: dict = {}
+        if refused:
+            for row, _ in due:
+                if row[8] in refused:
+                    day = (row[1], row[2], day_of(row[4]))
+                    withheld[day] = withheld.get(day, 0) + 1
+        gone = [row[0] for row, _ in due]   # every due row leaves the warm tier
+        due = [(row, policy) for row, policy in due if row[8] not in refused]
         groups: dict = {}
         raw, drop = [], []
         bucket_ms = max(1, int(self.params.bucket_s * 1000))
@@ -312,8 +420,9 @@ class Lifecycle:
                 ids.append(cursor.lastrowid)
             conn.executemany('insert into cold_log (op, id) values (?, ?)',
                              [(ADD, i) for i in ids])
-            gone = [row[0] for row, _ in due]
             conn.executemany('delete from episodes where id = ?', [(i,) for i in gone])
+            if withheld:
+                self._count_withheld(conn, withheld)
             if key:
                 conn.executemany("update archive set state = 'done' where key = ?",
                                  [(k,) for k in key])
@@ -325,27 +434,41 @@ class Lifecycle:
         self.unsaved += len(ids)
         report.condensed = sum(len(g) for g in groups.values())
         report.memories, report.archived, report.deleted = len(memories), len(raw), len(drop)
+        report.consent_deleted = sum(withheld.values())
         return report
 
     def move_cold(self) -> MoveReport:
-        """Cold memories past cold_s: to an archive file, or deleted when archive is skipped."""
+        """Cold memories past cold_s: to an archive file, or deleted when archive is skipped.
+        Memories of a data subject without `store` consent now are deleted, not archived, and
+        their events counted in `withheld`."""
         due = self._due('cold', 'last_ms', 'cold_s', lambda policy: True)
         report = MoveReport()
         if not due:
             return report
-        keep = [row for row, policy in due if policy.archive]
+        refused = self._without_consent((row[8] for row, _ in due), 'cold move')
+        withheld: dict = {}
+        for row, _ in due:
+            if row[8] in refused:
+                day = (row[1], row[2], day_of(row[4]))
+                withheld[day] = withheld.get(day, 0) + int(row[6] or 0)
+        keep = [row for row, policy in due if policy.archive and row[8] not in refused]
         key = self._put_archive('cold', [self._cold_record(r) for r in keep]) if keep else None
-        self._delete_cold([row[0] for row, _ in due], key)
-        report.archived, report.deleted = len(keep), len(due) - len(keep)
+        self._delete_cold([row[0] for row, _ in due], key, withheld)
+        report.consent_deleted = sum(1 for row, _ in due if row[8] in refused)
+        report.archived = len(keep)
+        report.deleted = len(due) - len(keep) - report.consent_deleted
         return report
 
-    def _delete_cold(self, ids: list[int], archive_key: list[str] | None = None) -> None:
+    def _delete_cold(self, ids: list[int], archive_key: list[str] | None = None,
+                     withheld: dict | None = None) -> None:
         conn = self.conn
         try:
             conn.execute('BEGIN IMMEDIATE')
             conn.executemany('delete from cold where id = ?', [(i,) for i in ids])
             conn.executemany('insert into cold_log (op, id) values (?, ?)',
                              [(REMOVE, i) for i in ids])
+            if withheld:
+                self._count_withheld(conn, withheld)
             if archive_key:
                 conn.executemany("update archive set state = 'done' where key = ?",
                                  [(k,) for k in archive_key])
@@ -666,6 +789,9 @@ class Lifecycle:
             self.conn.close()
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
+            if self._own_consent is not None:
+                self._own_consent.close()
+                self._own_consent = None
 
 
 def enforce_budgets(lifecycles: list, budgets: Budgets, layout: StorageLayout) -> MoveReport:

@@ -3,7 +3,9 @@ queries across them. Used by the storage node and by `loom storage`; no rclpy he
 from __future__ import annotations
 
 import json
+import math
 import os
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,9 +61,17 @@ def settings_from_params(params: dict, env: dict) -> Settings:
 
     def num(key, minimum=0.0):
         value = p[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-            raise StorageError(f'storage.{key}: must be a number >= {minimum}, got {value!r}')
+        # NaN compares false with everything (so passed `< minimum`) and infinity overflows
+        # int(): both refused here, by name
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or value < minimum):
+            raise StorageError(f'storage.{key}: must be a finite number >= {minimum}, '
+                               f'got {value!r}'[:200])
         return value
+
+    for key in ('move_period_s', 'stats_period_s'):   # the node's periods, read by the node
+        if key in p:
+            num(key, 0.001)
 
     default = TierPolicy(warm_s=float(num('lifecycle.warm_s')), cold_s=float(num('lifecycle.cold_s')),
                          archive_s=float(num('lifecycle.archive_s')))
@@ -113,9 +123,17 @@ def make_embedder(name: str):
 
 class StorageService:
     def __init__(self, settings: Settings, embedder=None, clock=None, read_only: bool = False,
-                 rebuild: bool = False, env=None):
+                 rebuild: bool = False, env=None, consent=None):
+        """`consent`: the consent registry every unit's moves ask for `store` consent (None:
+        each opens the root's, read-only, as Storage does). A reader (`read_only`) stops at the
+        first unit it cannot open; a mover opens the others, reports that one in `error` and
+        `failed` and tries it again at each round (once its files changed); a mover that can
+        open none of them stops with the first one's error."""
         self.settings, self.clock, self.read_only = settings, clock, read_only
         self.rebuild = rebuild   # every cold index made anew from its rows on open
+        self.consent = consent
+        self.failed: dict[str, str] = {}      # unit -> why it cannot be opened
+        self._failed_at: dict[str, tuple] = {}   # unit -> its files' sizes and times then
         try:
             settings.layout.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -130,22 +148,71 @@ class StorageService:
         self.lifecycles: dict[str, Lifecycle] = {}
         self.totals = MoveReport()
         self.rounds, self.error = 0, ''
-        self.refresh()
+        try:
+            self.refresh(strict=read_only)
+            if self.failed and not self.lifecycles:   # not one unit: a root-wide cause (the
+                unit = min(self.failed)               # object store, keys) or a lone bad file
+                raise StorageError(self.failed[unit])
+        except BaseException:   # what was opened is let go (locks, files, keyring)
+            self.close()
+            raise
+        self.error = '; '.join(self._failures())[:2000]
 
     def units(self) -> list[str]:
         return sorted(self.lifecycles)
 
-    def refresh(self) -> None:
-        """Open the databases that appeared since (a process that started writing)."""
+    def refresh(self, strict: bool = False) -> None:
+        """Open the databases that appeared since (a process that started writing). One that
+        cannot be opened (damaged, unreadable, another process moves it, a bad cold index) is
+        recorded in `failed` with the reason naming its file, and the others open; `strict`
+        raises that StorageError instead. A failed unit is tried again once one of its files
+        changed (opening reads the whole database)."""
         for path in self.settings.layout.databases():
             unit = path.stem
-            if unit not in self.lifecycles:
+            if unit in self.lifecycles:
+                continue
+            stamp = self._stamp(unit)
+            if not strict and unit in self.failed and self._failed_at.get(unit) == stamp:
+                continue
+            try:
                 self.lifecycles[unit] = self.open(unit, self.rebuild)
+            except (StorageError, sqlite3.Error, OSError) as exc:
+                if strict:
+                    raise
+                message = str(exc)
+                if str(path) not in message:
+                    message = f'{path}: {message}'
+                self.failed[unit] = message[:500]
+                # a unit another process holds opens cheaply: tried at every round
+                self._failed_at[unit] = None if 'runs its lifecycle' in message else stamp
+            else:
+                self.failed.pop(unit, None)
+                self._failed_at.pop(unit, None)
+        for unit in list(self.failed):   # a file that went away is no failure any more
+            if not self.settings.layout.database(unit).exists():
+                self.failed.pop(unit, None)
+                self._failed_at.pop(unit, None)
+
+    def _stamp(self, unit: str) -> tuple:
+        """Sizes and modification times of a unit's database, its WAL and its cold index."""
+        db = self.settings.layout.database(unit)
+        out = []
+        for path in (db, db.with_name(db.name + '-wal'), self.settings.layout.cold_index(unit)):
+            try:
+                info = os.stat(path)
+                out.append((info.st_size, info.st_mtime_ns))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def _failures(self) -> list[str]:
+        return [f'{unit}: cannot open: {why}' for unit, why in sorted(self.failed.items())]
 
     def open(self, unit: str, rebuild: bool = False) -> Lifecycle:
         return Lifecycle(self.settings.layout, unit, self.objects, self.embedder,
                          self.settings.lifecycle, self.settings.budgets, self.settings.index,
-                         clock=self.clock, read_only=self.read_only, rebuild=rebuild)
+                         clock=self.clock, read_only=self.read_only, rebuild=rebuild,
+                         consent=self.consent)
 
     # -- moves ----------------------------------------------------------------------------------
     def run_round(self, lock=None, stop: threading.Event | None = None) -> MoveReport:
@@ -155,8 +222,9 @@ class StorageService:
         report = MoveReport()
         started = time.perf_counter()
         errors = []
-        with lock:
+        with lock:   # a unit that cannot be opened is reported, and the others move
             self.refresh()
+        errors += self._failures()
         for unit, lc in list(self.lifecycles.items()):
             try:
                 for step in (lc.move_warm, lc.move_cold, lc.expire_archive):
@@ -167,22 +235,23 @@ class StorageService:
                             done = step()
                         report.add(done)
                         if not any((done.condensed, done.archived, done.deleted,
-                                    done.archive_deleted)):
+                                    done.archive_deleted, done.consent_deleted)):
                             break
-            except StorageError as exc:
-                errors.append(f'{unit}: {exc}')
+            except (StorageError, sqlite3.Error) as exc:   # a page damaged since it opened
+                errors.append(f'{unit}: {lc.path}: {exc}' if str(lc.path) not in str(exc)
+                              else f'{unit}: {exc}')
         try:   # the budgets are the root's: its units' data together, the oldest first
             with lock:
                 report.add(enforce_budgets(list(self.lifecycles.values()),
                                            self.settings.budgets, self.settings.layout))
-        except StorageError as exc:
+        except (StorageError, sqlite3.Error) as exc:
             errors.append(f'budgets: {exc}')
         for unit, lc in list(self.lifecycles.items()):
             try:
                 with lock:
                     lc.index.maybe_train(lc.conn)
                     lc.save_index()
-            except StorageError as exc:
+            except (StorageError, sqlite3.Error) as exc:
                 errors.append(f'{unit}: {exc}')
         report.seconds = time.perf_counter() - started
         self.totals.add(report)
@@ -211,10 +280,11 @@ class StorageService:
         out = {'root': str(self.settings.layout.root), 'units': self.units(), 'tiers': tiers,
                'total_bytes': root_used_bytes(self.settings.layout, archive_bytes),
                'total_budget_bytes': self.settings.budgets.total_bytes,
-               'rounds': self.rounds, 'error': self.error}
+               'rounds': self.rounds, 'error': self.error,
+               'failed_units': sorted(self.failed)}
         out.update({k: getattr(self.totals, k) for k in ('condensed', 'memories', 'archived',
                                                          'deleted', 'archive_deleted',
-                                                         'budget_deleted')})
+                                                         'budget_deleted', 'consent_deleted')})
         return out
 
     def checks(self) -> list[CheckResult]:

@@ -103,7 +103,8 @@ def lifecycle(storage: Storage, clock, archive_s: float = 0.0) -> Lifecycle:
     default = TierPolicy(warm_s=60, cold_s=600, archive_s=archive_s)
     raw = PolicyRule(agent='raw', policy=TierPolicy(warm_s=60, cold=False, archive_s=archive_s))
     return Lifecycle(storage.layout, storage.unit, storage.objects, HashEmbedder(),
-                     LifecycleParams(default=default, rules=[raw], bucket_s=5), clock=clock)
+                     LifecycleParams(default=default, rules=[raw], bucket_s=5), clock=clock,
+                     consent=GrantAll)
 
 
 def archive_keys(lc: Lifecycle) -> list[str]:
@@ -246,7 +247,7 @@ def test_damaged_archive_files_are_clear_errors(tmp_path):
         clock.ms = T0 + DAY_MS
         objects = LocalObjectStore(storage.layout.objects)
         lc = Lifecycle(storage.layout, storage.unit, objects, HashEmbedder(), LifecycleParams(
-            default=TierPolicy(warm_s=60, cold=False)), clock=clock)
+            default=TierPolicy(warm_s=60, cold=False)), clock=clock, consent=GrantAll)
         lc.run_once()
         (key,) = archive_keys(lc)
         assert len(lc.read_archive(key)) == 50

@@ -90,7 +90,7 @@ def plant(root: Path, subjects: list[Subject]) -> dict:
     storage = Storage(StorageConfig(root=str(root), unit='host1'), clock=clock)
     params = LifecycleParams(default=TierPolicy(warm_s=60, cold_s=600, archive_s=0), bucket_s=10)
     lifecycle = Lifecycle(layout, 'host1', LocalObjectStore(layout.objects), HashEmbedder(),
-                          params, clock=clock)
+                          params, clock=clock, consent=GrantAll)
     episodes = storage.episodes
     # old events -> cold -> archive; middle -> cold; recent stay warm. Subjects interleave in
     # one bucket: a memory must never mix them.
@@ -315,7 +315,7 @@ def test_encrypted_archives_are_shredded_with_the_subjects_key(tmp_path, with_ma
         storage.objects.put(f'subjects/{s.id}/voice.wav', s.raw('wav'), subject=s.id)
         storage.objects.put(f'media/{s.id[-4:]}.bin', s.raw('media'), subject=s.id)
     lifecycle = Lifecycle(layout, 'enc', storage.objects, HashEmbedder(), LifecycleParams(
-        default=TierPolicy(warm_s=60, cold_s=600), bucket_s=10), clock=clock)
+        default=TierPolicy(warm_s=60, cold_s=600), bucket_s=10), clock=clock, consent=GrantAll)
     clock.ms = T0 + 120_000
     assert lifecycle.move_warm().memories == 3
     clock.ms = T0 + 700_000
@@ -403,7 +403,8 @@ def test_a_stale_cold_index_does_not_block_an_erasure(tmp_path):
         storage.episodes.record('agent1', event(s, 0, T0, 'cold')).wait(WAIT_LIMIT_S)
     storage.close()
     lifecycle = Lifecycle(layout, 'u', LocalObjectStore(layout.objects), HashEmbedder(),
-                          LifecycleParams(default=TierPolicy(warm_s=60)), clock=clock)
+                          LifecycleParams(default=TierPolicy(warm_s=60)), clock=clock,
+                          consent=GrantAll)
     clock.ms = T0 + 120_000
     assert lifecycle.move_warm().memories == 2
     lifecycle.close()
@@ -485,7 +486,7 @@ def _archived(tmp_path, subject: str) -> tuple[StorageLayout, Path]:
         ticket.wait(WAIT_LIMIT_S)
     lifecycle = Lifecycle(layout, 'u', LocalObjectStore(layout.objects), HashEmbedder(),
                           LifecycleParams(default=TierPolicy(warm_s=60, cold=False)),
-                          clock=clock)
+                          clock=clock, consent=GrantAll)
     clock.ms = T0 + 500_000
     lifecycle.run_once()
     lifecycle.close()

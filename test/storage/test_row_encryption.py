@@ -114,7 +114,7 @@ def test_payloads_and_summaries_are_ciphertext_on_disk_and_read_back(tmp_path):
         # cold memories quote payloads: their summaries are ciphertext too
         lifecycle = Lifecycle(storage.layout, 'host', storage.objects, HashEmbedder(),
                               LifecycleParams(default=TierPolicy(warm_s=60, cold_s=600),
-                                              bucket_s=10), clock=clock)
+                                              bucket_s=10), clock=clock, consent=GrantAll)
         clock.ms = T0 + 120_000
         assert lifecycle.move_warm().memories == 4     # per agent and per subject
         found = lifecycle.search('speech heard', k=10)

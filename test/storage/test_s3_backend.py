@@ -362,7 +362,7 @@ def test_encrypted_objects_on_s3_are_ciphertext_and_shredding_makes_them_unreada
 def archive_lifecycle(root: Path, objects, clock) -> Lifecycle:
     return Lifecycle(StorageLayout.at(str(root)), 'host', objects, HashEmbedder(),
                      LifecycleParams(default=TierPolicy(warm_s=60, cold_s=600, archive_s=3600),
-                                     bucket_s=5), clock=clock)
+                                     bucket_s=5), clock=clock, consent=GrantAll)
 
 
 def test_the_archive_tier_writes_to_s3_reads_back_recovers_and_expires(s3, tmp_path):
@@ -406,7 +406,8 @@ def test_encrypted_archives_on_s3_hold_no_plaintext_and_shred_per_subject(s3, tm
     keyring = Keyring.open(root, encryption, {}, clock)
     store = EncryptedObjectStore(s3.store(bucket), keyring)
     lc = Lifecycle(StorageLayout.at(str(root)), 'host', store, HashEmbedder(), LifecycleParams(
-        default=TierPolicy(warm_s=60, cold=False)), clock=clock)   # raw events archived
+        default=TierPolicy(warm_s=60, cold=False)), clock=clock,
+        consent=GrantAll)   # raw events archived
     try:
         clock.ms = T0 + 120_000
         assert lc.run_once().archived == 6
