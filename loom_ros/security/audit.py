@@ -15,6 +15,8 @@ one SHA-256 hash chain (storage/auditchain.py): `verify` (and `loom audit verify
 edited, deleted or reordered record and names it; `head()` is what to publish or note elsewhere
 so that a cut tail or a recomputed chain shows too. Opening a log whose last record does not
 link to the one before it is refused (AuditError): nothing is appended to a visibly broken chain.
+A record can only be added after the last one (a trigger), and `verify` fails on a record found
+before the chain start that was not there when the chain started (schema.AUDIT_DDL).
 """
 from __future__ import annotations
 
@@ -94,7 +96,8 @@ class AuditLog:
             raise AuditError(f'audit log {self.path}: cannot read: {exc}') from None
 
     def verify(self, published: Head | None = None) -> Verdict:
-        """Every link checked; with `published` (a head noted before), that record too."""
+        """Every link checked; with `published` (a head noted before), that record too; and
+        no more records before the chain start than when it started."""
         try:
             return self._store.verify(published)
         except StorageError as exc:
@@ -120,7 +123,7 @@ def verify_file(path: str | os.PathLike, published: Head | None = None) -> Verdi
                            'node, and the chain starts at the next record')
         start = _chain_start(conn)
         rows = conn.execute('select id, ts_ms, plugin, kind, fields, hash from audit order by id')
-        return auditchain.verify(rows, start, published)
+        return auditchain.verify(rows, start, published, _meta(conn, 'pre_chain'))
     except sqlite3.Error as exc:
         raise AuditError(f'audit log {path}: cannot read: {exc}') from None
     finally:
@@ -163,11 +166,20 @@ def _columns(conn: sqlite3.Connection) -> set[str]:
 
 
 def _chain_start(conn: sqlite3.Connection) -> int | None:
+    return _meta(conn, 'chain_start')
+
+
+def _meta(conn: sqlite3.Connection, key: str) -> int | None:
+    """An audit_meta number (None: no such table or row, or not a number)."""
     if not conn.execute("select 1 from sqlite_master where type = 'table' and "
                         "name = 'audit_meta'").fetchone():
         return None
-    row = conn.execute("select value from audit_meta where key = 'chain_start'").fetchone()
+    return _meta_int(conn.execute('select value from audit_meta where key = ?',
+                                  (key,)).fetchall())
+
+
+def _meta_int(rows) -> int | None:
     try:
-        return int(row['value']) if row is not None else None
+        return int(rows[0]['value']) if rows else None
     except (TypeError, ValueError):
         return None

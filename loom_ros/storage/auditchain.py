@@ -88,17 +88,20 @@ class Verdict:
 
 
 def verify(rows: Iterable[Mapping], chain_start: int | None,
-           published: Head | None = None) -> Verdict:
+           published: Head | None = None, pre_chain: int | None = None) -> Verdict:
     """Walk `rows` (id, ts_ms, plugin, kind, fields, hash; in id order) and check every link.
 
-    Rows before `chain_start` (written before the file had a chain) must have no hash; from it
-    on every row must have the hash its predecessor and its content give. With `published`, that
-    record must still be there with that hash (a cut tail, or a chain rewritten after it was
-    noted, fails)."""
+    Rows before `chain_start` (written before the file had a chain) must have no hash and an id
+    SQLite gives (1 on: with a chain from id 1 there are none), and be no more than `pre_chain`
+    (audit_meta: how many there were when the chain started; None: not noted) - any other was
+    planted where no hash covers it. From it on every row must have the hash its predecessor and
+    its content give. With `published`, that record must still be there with that hash (a cut
+    tail, or a chain rewritten after it was noted, fails)."""
     if chain_start is None:
         return Verdict(False, bad_id=0, reason='the file has no chain start (audit_meta); it was '
                        'never opened by a Loom with the chain, or its meta row was removed')
     prev, prev_id, checked, before, published_seen = None, None, 0, 0, False
+    first_before = None
     for row in rows:
         row_id = row['id']
         if row_id < chain_start:
@@ -106,8 +109,15 @@ def verify(rows: Iterable[Mapping], chain_start: int | None,
                 return Verdict(False, checked, before, chain_start, bad_id=row_id, reason=(
                     f'it has a chain hash but lies before the chain start ({chain_start}): the '
                     'chain start was moved'))
+            if row_id < 1:
+                return Verdict(False, checked, before, chain_start, bad_id=row_id, reason=(
+                    f'it lies before the chain start ({chain_start}) with an id SQLite never '
+                    'gives a record: it was added there, outside the chain'))
             before += 1
+            first_before = row_id if first_before is None else first_before
             continue
+        if pre_chain is not None and before > pre_chain:
+            return _planted(checked, before, chain_start, pre_chain, first_before)
         if row['hash'] is None:
             return Verdict(False, checked, before, chain_start, bad_id=row_id, reason=(
                 'it has no chain hash (written without the chain, or its hash was removed)'))
@@ -133,6 +143,8 @@ def verify(rows: Iterable[Mapping], chain_start: int | None,
             published_seen = True
         prev, prev_id = row['hash'], row_id
         checked += 1
+    if pre_chain is not None and before > pre_chain:
+        return _planted(checked, before, chain_start, pre_chain, first_before)
     head = Head(prev_id, prev) if prev_id is not None else None
     if published is not None and not published_seen:
         last = 'no record in the chain' if head is None else f'the last is {head.id}'
@@ -141,3 +153,11 @@ def verify(rows: Iterable[Mapping], chain_start: int | None,
             'from the end'))
     return Verdict(True, checked, before, chain_start, head)
 
+
+def _planted(checked: int, before: int, chain_start: int, pre_chain: int,
+             first: int) -> Verdict:
+    """More records before the chain start than when it started: one was added there."""
+    return Verdict(False, checked, before, chain_start, bad_id=first, reason=(
+        f'{before} records lie before the chain start ({chain_start}), {pre_chain} did when the '
+        f'chain started: {before - pre_chain} were added there, outside the chain (records '
+        f'{first}..{chain_start - 1} are not covered: compare them with a copy)'))

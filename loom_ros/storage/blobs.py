@@ -14,6 +14,11 @@ Bounded before anything is written: kind and name are file-name parts (1-64 lett
 _ . -), a content type is a short `type/subtype`, a blob at most `max_bytes`; a blob read back
 must have the length its row says. Every refusal is counted in `rejected`.
 
+Ordered per key: the put, delete, put of one key (from any threads of the process) run one at a
+time, each object change and its row committed before the next begins, and a row delete is a
+writer barrier (it never runs before a row write submitted ahead of it in the same batch), so
+the row and the object agree: put, delete, put leaves the last object and its row.
+
 Recordings (`loom record --store`, store_recording): a finished MCAP goes in as the anonymous blob
 `blobs/recordings/<file name>` of the unit `recorder` (a recording mixes subjects; each event's
 recording consent was applied while it was written), and the local file is removed; `forget`
@@ -24,8 +29,10 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections import Counter
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +52,10 @@ RECORDINGS = 'recordings'       # the blob kind of stored recordings
 RECORDER_UNIT = 'recorder'      # the unit database that indexes them
 MAX_CONTENT_TYPE_CHARS = 100
 _CONTENT_TYPE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9.+-]*/[A-Za-z0-9][A-Za-z0-9.+-]*$')
+# A blob's index row (a put); a delete of it is submitted with barrier=True.
+PUT_ROW = ('insert or replace into blobs (key, bytes, content_type, created_ms) '
+           'values (?, ?, ?, ?)')
+DELETE_ROW = 'delete from blobs where key = ?'
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,26 @@ class BlobStore:
         self.storage, self.max_bytes = storage, int(max_bytes)
         self.rejected: Counter = Counter()   # oversize, bad_name, bad_subject, bad_type, bad_key
         self.withheld = 0                    # blobs of subjects without store consent
+        self._keys: dict[str, list] = {}     # key -> [lock, holders]: one change of a key at a time
+        self._keys_lock = threading.Lock()
+
+    @contextmanager
+    def _one_at_a_time(self, key: str):
+        """Hold `key` through its object change and its row's commit: another thread's put or
+        delete of it waits, so object and row changes of a key happen in the same order."""
+        with self._keys_lock:
+            entry = self._keys.get(key)
+            if entry is None:
+                entry = self._keys[key] = [threading.Lock(), 0]
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._keys_lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._keys[key]
 
     def _refuse(self, why: str, text: str) -> StorageError:
         self.rejected[why] += 1
@@ -102,16 +133,16 @@ class BlobStore:
             self.withheld += 1
             self.storage.count_withheld()
             return None
-        created = int(self.storage.clock())
-        objects = self.storage.objects
-        if isinstance(objects, EncryptedObjectStore):
-            objects.put(key, bytes(data), subject=subject or None, time_ms=created)
-        else:
-            objects.put(key, bytes(data))
-        # the object first: a crash before the row leaves an object no row lists (erasure
-        # still finds a subject's by its key), never a row without its object
-        self.storage.write('insert or replace into blobs (key, bytes, content_type, created_ms) '
-                           'values (?, ?, ?, ?)', (key, size, content_type, created)).wait()
+        with self._one_at_a_time(key):
+            created = int(self.storage.clock())
+            objects = self.storage.objects
+            if isinstance(objects, EncryptedObjectStore):
+                objects.put(key, bytes(data), subject=subject or None, time_ms=created)
+            else:
+                objects.put(key, bytes(data))
+            # the object first: a crash before the row leaves an object no row lists (erasure
+            # still finds a subject's by its key), never a row without its object
+            self.storage.write(PUT_ROW, (key, size, content_type, created)).wait()
         return BlobRef(key, size, content_type, created)
 
     def _row(self, key: str):
@@ -164,10 +195,14 @@ class BlobStore:
         return [BlobRef(r['key'], r['bytes'], r['content_type'], r['created_ms']) for r in rows]
 
     def delete(self, key: str) -> None:
-        """The object, then its row (a crash between leaves a row whose get says missing)."""
-        self._row(key)
-        self.storage.objects.delete(key)
-        self.storage.write('delete from blobs where key = ?', (key,)).wait()
+        """The object, then its row (a crash between leaves a row whose get says missing). The
+        row delete is a barrier: in a batch it runs after the row writes submitted before it
+        (grouped with them, it ran after a later put's row and left that put's object
+        orphaned)."""
+        with self._one_at_a_time(key):
+            self._row(key)
+            self.storage.objects.delete(key)
+            self.storage.writer.submit(((DELETE_ROW, (key,)),), barrier=True).wait()
 
 
 def store_recording(path: str | os.PathLike, params: Mapping, env: Mapping) -> BlobRef:

@@ -101,6 +101,12 @@ ROUTER_DDL = [
 # starts: id 1 for a new file, the next id for a file written before the chain (set once, by the
 # first open; its older rows stay as they were, without hashes, and verify says they are not
 # covered). A file whose audit table predates the hash column gets it from AUDIT_UPGRADE.
+# `pre_chain` keeps how many records lay before the chain start when this was first noted (set
+# once; a file chained before it was noted gets the count on its next open): verify fails when
+# more lie there (a record planted before the chain, where no hash covers it). A trigger
+# refuses, in SQLite, a record below the chain start or not after the last one; it is an AFTER
+# trigger because a BEFORE one sees -1 as the id SQLite is about to assign (an insert without an
+# id, as an old Loom makes, lands at the end and is taken).
 AUDIT_DDL = [
     'create table if not exists audit (id integer primary key, ts_ms int not null, '
     'plugin text not null, kind text not null, fields text not null, hash text)',
@@ -113,6 +119,13 @@ AUDIT_DDL = [
     'create table if not exists audit_meta (key text primary key, value text not null)',
     "insert or ignore into audit_meta (key, value) select 'chain_start', "
     'coalesce(max(id), 0) + 1 from audit',
+    "insert or ignore into audit_meta (key, value) select 'pre_chain', count(*) from audit "
+    "where id < (select cast(value as integer) from audit_meta where key = 'chain_start')",
+    "create trigger if not exists audit_append_at_end after insert on audit when new.id < "
+    "coalesce((select cast(value as integer) from audit_meta where key = 'chain_start'), 1) "
+    'or new.id < (select max(id) from audit) begin '
+    "select raise(abort, 'the audit log is append-only: a record goes after the last one, "
+    "from the chain start on'); end",
     "create trigger if not exists audit_meta_no_update before update on audit_meta begin "
     "select raise(abort, 'the audit log is append-only'); end",
     "create trigger if not exists audit_meta_no_delete before delete on audit_meta begin "

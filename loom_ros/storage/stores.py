@@ -753,8 +753,14 @@ class AuditStore:
         return ''
 
     def verify(self, published: auditchain.Head | None = None) -> auditchain.Verdict:
-        """Check every link (auditchain.verify), reading PAGE rows at a time."""
-        return auditchain.verify(self._rows(), self.chain_start(), published)
+        """Check every link (auditchain.verify), reading PAGE rows at a time, and that no more
+        records lie before the chain start than when it started (`pre_chain`)."""
+        rows = self.db.query("select value from audit_meta where key = 'pre_chain'")
+        try:
+            pre_chain = int(rows[0]['value']) if rows else None
+        except (TypeError, ValueError):
+            pre_chain = None
+        return auditchain.verify(self._rows(), self.chain_start(), published, pre_chain)
 
     def _rows(self):
         last = -2**63

@@ -12,10 +12,15 @@ of the process runs Python, the writer waits for the GIL again after each row (u
 interval), and an executemany of 200,000 rows beside a busy thread ran at 1,211 rows/s against
 150,330 alone; a statement of up to 1,024 rows steps once. A submit marked
 `barrier=True` (a delete, anything whose effect depends on order across statements) runs after
-everything submitted before it. If a batch fails for one bad write (a constraint), the batch is
-re-run with a savepoint per submit, so only that submit fails. A full disk (or budget) fails the
-batch with StorageFullError and commits nothing of it. Keepers (spans.SpanKeeper) add rows
-derived from a batch's rows to its own transaction and learn what committed only after COMMIT.
+everything submitted before it. If a batch fails for one bad write (its own constraint, SQL
+text or values), the batch is re-run with a savepoint per submit, so only that submit fails. A
+full disk (or budget) fails the batch with StorageFullError and commits nothing of it (and, with
+stop_when_full, every later batch too, until resume()). Any other failure of a batch (I/O,
+locking, corruption, a gate or keeper that raised) fails the whole batch and stops the writer:
+every later ticket fails with a StorageError naming that first failure, until the storage is
+reopened, since a write queued behind a lost one may depend on it (an agent's next state counts
+the events whose episodes were lost). Keepers (spans.SpanKeeper) add rows derived from a batch's
+rows to its own transaction and learn what committed only after COMMIT.
 """
 from __future__ import annotations
 
@@ -29,6 +34,28 @@ from itertools import chain
 from loom_ros.storage.errors import StorageError, StorageFullError, is_full
 
 Op = tuple[str, Sequence]
+
+# What one write's own statement or values raise (a constraint, a bad SQL text, a value SQLite
+# cannot bind): that write fails alone. Anything else is a failure of the transaction.
+_BAD_WRITE = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError,
+              sqlite3.InterfaceError, TypeError, ValueError, OverflowError)
+# OperationalError texts of the transaction, not of a statement (Python < 3.11: no error code)
+_NOT_A_BAD_WRITE = ('locked', 'disk i/o', 'readonly', 'interrupted', 'unable to open',
+                    'malformed', 'not a database', 'out of memory')
+
+
+def bad_write(exc: BaseException) -> bool:
+    """Whether `exc` is what one write did (it fails alone), not a failure of its batch."""
+    if is_full(exc):
+        return False
+    if isinstance(exc, _BAD_WRITE):
+        return True
+    if isinstance(exc, sqlite3.OperationalError):   # SQLITE_ERROR: no such table, syntax, ...
+        code = getattr(exc, 'sqlite_errorcode', None)
+        if code is not None:
+            return code & 0xff == sqlite3.SQLITE_ERROR
+        return not any(text in str(exc).lower() for text in _NOT_A_BAD_WRITE)
+    return False
 
 
 class _Barrier(tuple):
@@ -224,9 +251,10 @@ class GroupCommitWriter:
         self.gate = gate                 # raises StorageFullError when writes must stop
         # After a full disk or budget, fail every later batch too (until resume()): a write
         # queued behind a failed one may depend on it (an agent's next state holds the events
-        # whose episodes were lost), and a smaller one could still fit.
+        # whose episodes were lost), and a smaller one could still fit. Any other failed batch
+        # stops the writer whatever this says (_stop): only a new writer takes writes again.
         self.stop_when_full = False
-        self.stopped: StorageFullError | None = None
+        self.stopped: StorageError | None = None
         self._lock = threading.Lock()
         self._work = threading.Event()
         self._room = threading.Condition(self._lock)
@@ -276,8 +304,10 @@ class GroupCommitWriter:
         self._thread.join(timeout)
 
     def resume(self) -> None:
-        """Take writes again after stop_when_full stopped them (space was freed)."""
-        self.stopped = None
+        """Take writes again after stop_when_full stopped them (space was freed). A writer
+        stopped by any other failure stays stopped: reopen the storage."""
+        if isinstance(self.stopped, StorageFullError):
+            self.stopped = None
 
     @property
     def queued(self) -> int:
@@ -314,18 +344,22 @@ class GroupCommitWriter:
             self._learn(self._run_batch(items, savepoints=False))
         except Exception as exc:   # noqa: BLE001 - every failure is handed to the tickets
             self._rollback()
-            if self._full(batch, exc):
+            if exc is self.stopped:
+                batch.error = exc   # stopped before: nothing of this batch was run
+            elif self._full(batch, exc):
                 pass   # nothing of it stored; with stop_when_full, nothing after it either
-            elif isinstance(exc, sqlite3.Error) and len(items) > 1:
+            elif bad_write(exc) and len(items) == 1:
+                batch.error = self._wrap(exc)   # the one write of the batch: it fails alone
+            elif bad_write(exc):
                 try:   # isolate the bad write: one savepoint per submit
                     self._learn(self._run_batch(items, savepoints=True, errors=batch.errors))
                 except Exception as again:   # noqa: BLE001
                     self._rollback()
                     batch.errors.clear()
                     if not self._full(batch, again):   # full during the re-run: stops too
-                        batch.error = self._wrap(again)
+                        batch.error = self._stop(again)
             else:
-                batch.error = self._wrap(exc)
+                batch.error = self._stop(exc)
         if batch.error is None:
             self.batches += 1
             self.writes += len(items) - len(batch.errors)
@@ -347,6 +381,17 @@ class GroupCommitWriter:
         if self.stop_when_full and self.stopped is None:
             self.stopped = StorageFullError(f'{batch.error}; writes stopped after it')
         return True
+
+    def _stop(self, exc: BaseException) -> StorageError:
+        """The batch failed as a whole, not for one bad write nor a full disk: nothing of it is
+        stored, and nothing submitted after it will be (it may depend on what was lost). Its
+        tickets get `exc`; every later one a StorageError naming it."""
+        error = self._wrap(exc)
+        if self.stopped is None:
+            self.stopped = StorageError(
+                f'{self.name}: writes stopped after a failed batch ({error}); nothing submitted '
+                'after it is stored until the storage is reopened')
+        return error
 
     def _wrap(self, exc: BaseException) -> StorageError:
         if isinstance(exc, StorageError):
@@ -376,8 +421,8 @@ class GroupCommitWriter:
                     for sql, params in self._derived(_grouped(ops), tokens):
                         conn.execute(sql, params)
                     conn.execute('RELEASE w')
-                except sqlite3.Error as exc:
-                    if is_full(exc):
+                except Exception as exc:   # noqa: BLE001 - sorted by bad_write
+                    if not bad_write(exc):   # full, I/O, ...: the whole batch fails
                         raise
                     conn.execute('ROLLBACK TO w')
                     conn.execute('RELEASE w')

@@ -192,6 +192,61 @@ def test_opening_a_log_with_a_broken_tail_is_refused(log_path):
         AuditLog(log_path)
 
 
+def test_sqlite_refuses_a_record_below_the_chain_start_or_before_the_last(log_path):
+    """Review finding: a record inserted with an id below the chain start was taken (and passed
+    verify). A trigger refuses it, and one in a gap of the chain; one at the end is taken."""
+    conn = raw(log_path)   # the four older triggers dropped: a record can be deleted
+    conn.execute('delete from audit where id = 4')
+    for row_id in (0, -1, 4):
+        with pytest.raises(sqlite3.IntegrityError, match='append-only'):
+            conn.execute("insert into audit values (?, 1, 'x', 'y', '{}', null)", (row_id,))
+    conn.execute("insert into audit (ts_ms, plugin, kind, fields) values (1, 'x', 'y', '{}')")
+    assert conn.execute('select min(id), max(id), count(*) from audit').fetchone() == (1, 11, 10)
+    conn.close()
+
+
+def test_a_record_planted_before_the_chain_start_fails_verify(log_path):
+    """With every trigger dropped, a record planted below the chain start (no hash: outside it)
+    passed verify as an 'older record'. A chain from id 1 has none: it fails there."""
+    conn = raw(log_path)
+    conn.execute('drop trigger if exists audit_append_at_end')
+    conn.execute("insert into audit values (0, 900, 'robot', 'actuator_command', "
+                 "'{\"event_id\":\"forged\"}', null)")
+    conn.close()
+    verdict = verify_file(log_path)
+    assert not verdict.ok and verdict.bad_id == 0 and 'outside the chain' in verdict.reason
+    log = AuditLog(log_path)   # opening does not check it; verify does
+    assert log.verify().bad_id == 0
+    log.close()
+    out = cli('verify', '--db', str(log_path))
+    assert out.returncode == 1 and 'BROKEN at record 0' in out.stderr, out
+
+
+def test_a_record_planted_among_the_older_records_of_an_upgraded_file_fails_verify(tmp_path):
+    """An upgraded file's older records are not covered by the chain; how many there were is
+    noted when it starts, so one planted in a gap among them fails verify."""
+    path = tmp_path / 'old.db'
+    conn = sqlite3.connect(path)   # before the chain, with a gap at 3
+    with conn:
+        conn.execute('create table audit (id integer primary key, ts_ms int not null, '
+                     'plugin text not null, kind text not null, fields text not null)')
+        conn.executemany("insert into audit values (?, ?, 'old', 'tick', '{}')",
+                         [(i, i) for i in (1, 2, 4, 5)])
+    conn.close()
+    log = AuditLog(path)
+    assert (log.chain_start, log.before_chain) == (6, 4)
+    log.append('new', 'tick', n=1)
+    log.close()
+    assert verify_file(path).ok
+    conn = raw(path)
+    conn.execute('drop trigger if exists audit_append_at_end')
+    conn.execute("insert into audit values (3, 3, 'old', 'tick', '{\"forged\":1}', null)")
+    conn.close()
+    verdict = verify_file(path)
+    assert not verdict.ok and '5 records lie before the chain start (6), 4 did' in verdict.reason
+    assert not AuditLog(path).verify().ok
+
+
 def test_an_old_file_is_upgraded_and_its_older_records_are_outside_the_chain(tmp_path):
     path = tmp_path / 'old.db'
     conn = sqlite3.connect(path)   # the table as Loom wrote it before the chain
