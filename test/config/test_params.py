@@ -19,7 +19,7 @@ from loom_ros.bridge.bridge_node import PARAMETERS as BRIDGE_PARAMETERS
 from loom_ros.config.params import ParamSpec
 from loom_ros.sensors.camera_adapter_node import PARAMETERS as ADAPTER_PARAMETERS
 from loom_ros.plugins.host_node import PARAMETERS as HOST_PARAMETERS
-from loom_ros.storage.layout import ENCRYPTION_PARAMETERS, OBJECT_PARAMETERS, ROOT_PARAMETER
+from loom_ros.storage.layout import STORAGE_PARAMETERS
 from loom_ros.telemetry.node_telemetry import TELEMETRY_PARAMETERS
 from loom_ros.router.router_node import PARAMETERS as ROUTER_PARAMETERS
 from loom_ros.router.router_node import RouterNode
@@ -38,7 +38,7 @@ NODES = {'sim_sensors': SENSOR_PARAMETERS, 'event_monitor': MONITOR_PARAMETERS,
 def test_every_yaml_key_is_declared_and_every_declared_parameter_has_a_yaml_default():
     sections = by_node(load_params_file(str(config_dir() / 'loom.yaml')))
     assert set(sections['/**']) == {p.name for p in BUS_PARAMETERS + TELEMETRY_PARAMETERS +
-                                    [ROOT_PARAMETER] + ENCRYPTION_PARAMETERS + OBJECT_PARAMETERS}
+                                    STORAGE_PARAMETERS}
     for node, specs in NODES.items():
         assert set(sections[node]) == {p.name for p in specs}, node
 
