@@ -32,7 +32,6 @@ class Outbox:
         self.items: deque[Pending] = deque()
         self.per_key: Counter = Counter()   # only keys with samples waiting (Bridge tests `in`)
         self.bytes = 0     # of the samples' data waiting
-        self.subjects: Counter = Counter()   # data subject -> samples of theirs waiting
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -58,8 +57,6 @@ class Outbox:
         self.items.append(item)
         self.per_key[item.key] += 1
         self.bytes += size
-        if item.subject:
-            self.subjects[item.subject] += 1
         return dropped
 
     def drain(self, ready: Callable[[Pending], bool], send: Callable[[Pending], None],
@@ -105,10 +102,6 @@ class Outbox:
     def _forget(self, item: Pending) -> None:
         key = item.key
         self.bytes -= len(item.data)
-        if item.subject:
-            self.subjects[item.subject] -= 1
-            if self.subjects[item.subject] <= 0:
-                del self.subjects[item.subject]
         self.per_key[key] -= 1
         if self.per_key[key] <= 0:
             del self.per_key[key]
