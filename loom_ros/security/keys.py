@@ -311,13 +311,22 @@ def identity_of(cert_pem: bytes, ca_pem: bytes, now: datetime.datetime | None = 
         ca = x509.load_pem_x509_certificate(ca_pem)
     except ValueError as exc:
         raise CredentialsError(f'unreadable certificate: {exc}') from None
+    _check_issued_by(cert, ca)
+    when = now or _now()
+    if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
+        raise CredentialsError('certificate expired or not yet valid')
+    return _name_and_role(cert)
+
+
+def _check_issued_by(cert, ca) -> None:
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
         raise CredentialsError('certificate not issued by this fleet\'s authority') from None
-    when = now or _now()
-    if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
-        raise CredentialsError('certificate expired or not yet valid')
+
+
+def _name_and_role(cert) -> tuple[str, str]:
+    """The Loom name (common name) and role (organizational unit) a certificate states."""
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     roles = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     if not names or not roles or roles[0].value not in ROLES:
@@ -414,15 +423,12 @@ class KnownCertificates:
             self.refused_busy += 1   # not remembered: it may be a member's, checked later
             raise CredentialsError('busy: too many new certificates to check; try again')
         self.checked += 1
-        try:
-            cert.verify_directly_issued_by(self.ca)
-        except (ValueError, TypeError, InvalidSignature):
-            raise self._failed(key, 'certificate not issued by this fleet\'s authority') from None
-        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        roles = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-        if not names or not roles or roles[0].value not in ROLES:
-            raise self._failed(key, 'certificate without a Loom name and role')
-        known = KnownCertificate(str(names[0].value), str(roles[0].value), cert.public_key(),
+        try:   # the same checks as identity_of; its validity window is read at every use
+            _check_issued_by(cert, self.ca)
+            name, role = _name_and_role(cert)
+        except CredentialsError as exc:
+            raise self._failed(key, str(exc)) from None
+        known = KnownCertificate(name, role, cert.public_key(),
                                  cert.not_valid_before_utc.timestamp(),
                                  cert.not_valid_after_utc.timestamp())
         self._known[der] = known
