@@ -1,7 +1,8 @@
 """Disk budgets: what each tier and the whole root use, the WARN (80 %) / ERROR (95 %) check with
-the numbers, and the gate that stops writes when the total budget is spent. Usage of a database
-is read from its header (pages in use, not free pages) plus its WAL, so deletions count at once
-and no connection is needed."""
+the numbers, and the gate that stops writes when the total budget is spent. Loom's own databases
+count their pages in use (from the header, checked against the file), so deletions count at once
+and no connection is needed; every other file, side files and plugin data included, counts its
+size."""
 from __future__ import annotations
 
 import os
@@ -34,45 +35,76 @@ class Budgets:
         return int(getattr(self, f'{tier}_bytes'))
 
 
-def db_used_bytes(path: str | os.PathLike) -> int:
-    """Pages in use (header: size in pages minus free pages) times the page size, plus the WAL."""
+# A walk of the root stops past this many entries (files and folders): a root that holds more
+# is measured as over any budget (BudgetGate), since what the rest holds is unknown.
+MAX_WALK_ENTRIES = 1_000_000
+
+
+def _db_file_bytes(path: str | os.PathLike, size: int) -> int:
+    """A database file's pages in use (header: size in pages minus free pages, times the page
+    size), so rows the lifecycle deleted count at once; its size when the header is not
+    SQLite's or does not describe this file (size in pages times page size is not the file's
+    size, or the in-header size is stale), so a file that only claims free pages counts whole."""
     try:
         with open(path, 'rb') as stream:
             head = stream.read(100)
     except OSError:
-        return 0
+        return size
     if len(head) < 100 or not head.startswith(b'SQLite format 3\0'):
-        try:
-            return os.stat(path).st_size
-        except OSError:
-            return 0
+        return size
     page = struct.unpack_from('>H', head, 16)[0]
     page = 65536 if page == 1 else page
     pages, free = struct.unpack_from('>I', head, 28)[0], struct.unpack_from('>I', head, 36)[0]
-    used = max(0, pages - free) * page
-    try:
-        used += os.stat(f'{path}-wal').st_size
-    except OSError:
-        pass
+    counter, valid_for = struct.unpack_from('>I', head, 24)[0], struct.unpack_from('>I', head, 92)[0]
+    if counter != valid_for or pages * page != size or free > pages:
+        return size
+    return (pages - free) * page
+
+
+def db_used_bytes(path: str | os.PathLike) -> int:
+    """One database's use: its file (pages in use, see _db_file_bytes) plus its WAL."""
+    used = 0
+    for suffix in ('', '-wal'):
+        try:
+            size = os.stat(f'{path}{suffix}').st_size
+        except OSError:
+            continue
+        used += _db_file_bytes(path, size) if not suffix else size
     return used
 
 
-def root_used_bytes(layout: StorageLayout, extra: int = 0, archive_walked: bool = False) -> int:
+@dataclass(frozen=True)
+class RootUsage:
+    """A walk's result: `complete` is False when it stopped at `max_entries` (bytes is then
+    what the part walked holds, a lower bound)."""
+
+    bytes: int
+    entries: int
+    complete: bool
+
+
+def measure_root(layout: StorageLayout, extra: int = 0, archive_walked: bool = False,
+                 max_entries: int = MAX_WALK_ENTRIES) -> RootUsage:
     """Every file under the root (agents, unit databases, cold indexes, audit, consent, router
-    history, blobs, recordings, traces, plugin data, ...): SQLite databases (`*.db`) by pages in
-    use plus their WAL, other files by size; links are not followed. The archive objects are
-    `extra` (the databases account for them, wherever the object store keeps them), so
-    `objects/archive` is not walked, unless `archive_walked` (a writer that reads no archive
-    table: the local files are what it counts)."""
-    total = 0
+    history, blobs, recordings, traces, plugin data, ...), links not followed. SQLite databases
+    (`*.db`) count their pages in use; every other file, WAL, shared-memory and journal files
+    included, counts its size, and so does everything under `<root>/plugins` (plugins write
+    there: a plugin's file counts what it takes on disk, whatever its header says). The archive
+    objects are `extra` (the databases account for them, wherever the object store keeps them),
+    so `objects/archive` is not walked, unless `archive_walked` (a writer that reads no archive
+    table: the local files are what it counts). The walk stops past `max_entries`."""
+    total, entries = 0, 0
     skip = None if archive_walked else layout.objects / 'archive'
+    plugins = str(layout.root / 'plugins')
     for folder, dirs, files in os.walk(layout.root, followlinks=False):
         if skip is not None and Path(folder) == skip:
             dirs[:] = []
             continue
+        entries += len(dirs) + len(files)
+        if entries > max_entries:
+            return RootUsage(total + extra, entries, False)
+        headers_read = not (folder == plugins or folder.startswith(plugins + os.sep))
         for name in files:
-            if name.endswith(('-wal', '-shm', '-journal')):
-                continue   # with their database
             path = os.path.join(folder, name)
             try:
                 info = os.lstat(path)
@@ -80,8 +112,14 @@ def root_used_bytes(layout: StorageLayout, extra: int = 0, archive_walked: bool 
                 continue
             if not stat.S_ISREG(info.st_mode):
                 continue
-            total += db_used_bytes(path) if name.endswith('.db') else info.st_size
-    return total + extra
+            total += (_db_file_bytes(path, info.st_size) if headers_read and name.endswith('.db')
+                      else info.st_size)
+    return RootUsage(total + extra, entries, True)
+
+
+def root_used_bytes(layout: StorageLayout, extra: int = 0, archive_walked: bool = False) -> int:
+    """measure_root's bytes (a lower bound when the walk stopped at MAX_WALK_ENTRIES)."""
+    return measure_root(layout, extra, archive_walked).bytes
 
 
 def budget_check(name: str, used: int, budget: int, warn: float = 0.8,
@@ -104,36 +142,80 @@ def budget_check(name: str, used: int, budget: int, warn: float = 0.8,
 
 class BudgetGate:
     """Called by the writer before each batch: raises StorageFullError while the root's total
-    budget is spent. Measures at most every `period_s` (a walk of the root: file headers of the
-    databases, sizes of the rest)."""
+    budget is spent. The first call measures (a walk of the root: database headers, sizes of
+    the rest); later ones read the last measurement and, once it is `period_s` old, start the
+    next one on a thread of its own, so a large root never stalls a batch. A walk's CPU stays
+    a small share: the next starts no sooner than `WALK_SHARE`'s inverse times the last one's
+    duration. A root too large to walk (MAX_WALK_ENTRIES) counts as over budget."""
+
+    WALK_SHARE = 0.05
 
     def __init__(self, layout: StorageLayout, total_bytes: int, extra_bytes=None,
-                 period_s: float = 0.5, monotonic=time.monotonic):
+                 period_s: float = 0.5, monotonic=time.monotonic,
+                 max_entries: int = MAX_WALK_ENTRIES, background: bool = True):
         """`extra_bytes`: archive bytes the databases account for (None: the local archive
-        files are walked instead; archives on S3 then do not count)."""
+        files are walked instead; archives on S3 then do not count). `background`: False
+        measures in the caller (tests that step a clock)."""
         self.layout, self.total, self.extra = layout, int(total_bytes), extra_bytes
         self.period_s, self.monotonic = period_s, monotonic
-        self._next, self.used, self.refused = 0.0, 0, 0
+        self.max_entries, self.background = max_entries, background
+        self.usage: RootUsage | None = None
+        self.refused, self.measures = 0, 0
+        self._next = 0.0
+        self._measuring = False
         self._lock = threading.Lock()
 
-    def measure(self) -> int:
-        if self.extra is None:
-            self.used = root_used_bytes(self.layout, archive_walked=True)
-        else:
-            self.used = root_used_bytes(self.layout, self.extra())
-        return self.used
+    @property
+    def used(self) -> int:
+        return self.usage.bytes if self.usage is not None else 0
+
+    def measure(self) -> RootUsage:
+        started = self.monotonic()
+        extra = 0 if self.extra is None else int(self.extra())
+        usage = measure_root(self.layout, extra, archive_walked=self.extra is None,
+                             max_entries=self.max_entries)
+        finished = self.monotonic()
+        with self._lock:
+            self.usage, self.measures = usage, self.measures + 1
+            self._next = finished + max(self.period_s,
+                                        (finished - started) / self.WALK_SHARE)
+            self._measuring = False
+        return usage
+
+    def _measure_quietly(self) -> None:
+        try:
+            self.measure()
+        except Exception:  # noqa: BLE001 - an unreadable root: the last measurement stands
+            with self._lock:
+                self._measuring = False
+                self._next = self.monotonic() + self.period_s
 
     def __call__(self) -> None:
         if self.total <= 0:
             return
         with self._lock:
-            now = self.monotonic()
-            if now >= self._next:
-                self.measure()
-                self._next = now + self.period_s
-            if self.used >= self.total:
-                self.refused += 1
-                raise StorageFullError(
-                    f'storage root {self.layout.root}: {self.used:,} of {self.total:,} bytes '
-                    'budget used (storage.budget.total_bytes); writes stop until the lifecycle '
-                    'frees archive or cold data or the budget is raised; nothing committed is lost')
+            first = self.usage is None
+            stale = not self._measuring and self.monotonic() >= self._next
+            if stale and not first:
+                self._measuring = True
+        if first:
+            self.measure()
+        elif stale:
+            if self.background:
+                threading.Thread(target=self._measure_quietly, name='loom-budget-walk',
+                                 daemon=True).start()
+            else:
+                self._measure_quietly()
+        usage = self.usage
+        if not usage.complete:
+            self.refused += 1
+            raise StorageFullError(
+                f'storage root {self.layout.root}: more than {self.max_entries:,} files and '
+                'folders under it, too many to measure against storage.budget.total_bytes; '
+                'writes stop until some are removed; nothing committed is lost')
+        if usage.bytes >= self.total:
+            self.refused += 1
+            raise StorageFullError(
+                f'storage root {self.layout.root}: {usage.bytes:,} of {self.total:,} bytes '
+                'budget used (storage.budget.total_bytes); writes stop until the lifecycle '
+                'frees archive or cold data or the budget is raised; nothing committed is lost')
