@@ -338,13 +338,22 @@ class PluginHost:
             return response
 
     def _checked(self, slot: Slot, event: Event, response) -> PluginResponse:
+        """The plugin's answer as it may leave the host, or a failure (counted bad_output).
+
+        An answer is filed under its question's data subject: one that names none gets it
+        (an invalid id carried as is, a present but empty one as '..', which no consent check
+        accepts, as agents do); one that names another is refused whole, since either record
+        would be wrong: under the plugin's subject it moves the question's data into another
+        person's export, under the question's it files what the plugin says is someone else's.
+        An answer to an anonymous question may name a subject (a recogniser identifies
+        someone). An answer is never less private than its question."""
         name = slot.spec.name
         if not isinstance(response, PluginResponse):
             slot.counters['bad_output'] += 1
             return PluginResponse.failure(f'plugin {name} returned {type(response).__name__}, '
                                           'not a PluginResponse')
-        metadata = event.metadata if isinstance(event.metadata, dict) else {}
-        subject = metadata.get(SUBJECT_METADATA_KEY)   # carried as is: an invalid one stays one
+        subject = _named_subject(event)
+        floor = effective_privacy(event)
         for out in response.events:
             if not isinstance(out, Event):
                 slot.counters['bad_output'] += 1
@@ -361,8 +370,11 @@ class PluginHost:
             if subject and SUBJECT_METADATA_KEY not in out.metadata:
                 out.metadata[SUBJECT_METADATA_KEY] = subject
                 slot.counters['subject_carried'] += 1
+            elif subject and _named_subject(out) != subject:
+                slot.counters['bad_output'] += 1   # no id in the text: it is logged and returned
+                return PluginResponse.failure(f'plugin {name} filed an answer under another data '
+                                              "subject than its question's")
             # An answer is as private as its question (field or metadata, the strictest).
-            floor = effective_privacy(event)
             if effective_privacy(out) < floor:
                 slot.counters['privacy_raised'] += 1
                 out.privacy = floor
@@ -433,6 +445,16 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, (PluginError, CapabilityConfigError, PluginNotFound, PluginsFileError)):
         return text
     return f'{type(exc).__name__}: {text}' if text else type(exc).__name__
+
+
+def _named_subject(event: Event) -> str:
+    """The data subject `event` names, unchecked ('' when anonymous); a present but empty id is
+    '..' (someone, unnamed), as agents carry it (agents/behavior.py): event_subject refuses both
+    '' and '..', so such an answer is unconsented for every purpose, never anonymous."""
+    metadata = event.metadata if isinstance(event.metadata, dict) else {}
+    if SUBJECT_METADATA_KEY not in metadata:
+        return ''
+    return str(metadata[SUBJECT_METADATA_KEY]) or '..'
 
 
 def _excerpt(event: Event, limit: int = 512) -> str:

@@ -42,6 +42,9 @@ class OverstepPlugin(Plugin):
             raise RuntimeError('boom')
         elif what == 'bad_output':
             return PluginResponse(events=[Event(type='')])
+        elif what == 'refile':                # files its Public answer under `target`'s name
+            return PluginResponse(events=[Event.with_json('overstep.done', {'did': what},
+                                                          metadata={'loom.subject': target})])
         return PluginResponse(events=[Event.with_json('overstep.done', {'did': what})])
 
 

@@ -213,3 +213,44 @@ def test_ui_bad_updates_are_refused_counted_and_audited(ros, nodes, start):
     assert [r['kind'] for r in audit] == ['ui_rejected'] * 4
     assert ui.handle_event(Event.with_json('ui_update', {'text': 'x' * 50})).ok
     assert ui.last_state['text'] == 'x' * 9 + '…' and ui.last_state['truncated'] == ['text']
+
+
+def _ui_without_ros(**config):
+    """A ui plugin with no ROS node: updates are checked, merged and audited, not published."""
+    audit: list[dict] = []
+    ui = UiPlugin()
+    ui.init(PluginContext('ui', config=config, granted=frozenset({'ui.write'}),
+                          audit_sink=audit.append))
+    return ui, audit
+
+
+def test_an_anonymous_ui_update_does_not_audit_an_earlier_subjects_words():
+    """The audit keeps the merged screen's lines, and an anonymous Public update can leave an
+    earlier person's (or a Private event's) words on it: those stay out of the audit until
+    replaced or cleared."""
+    from loom_ros.bus.event import Privacy
+    ui, audit = _ui_without_ros()
+    assert ui.handle_event(Event.with_json('ui_update', {'text': 'alice lives at 4 Elm St'},
+                                           metadata={'loom.subject': 'alice'})).ok
+    assert ui.handle_event(Event.with_json('ui_update', {'emoji': '😊'})).ok   # anonymous
+    assert 'Elm' not in json.dumps(audit[-1], ensure_ascii=False)
+    assert 'data subject' in audit[-1]['withheld'] and audit[-1]['lines'] == 2
+    assert ui.handle_event(Event.with_json('ui_update', {'label': 'pin 4321'},
+                                           privacy=Privacy.PRIVATE)).ok
+    assert ui.handle_event(Event.with_json('ui_update', {'text': 'hello'})).ok  # alice's gone
+    assert '4321' not in json.dumps(audit[-1]) and 'private' in audit[-1]['withheld']
+    assert ui.handle_event(Event.with_json('ui_update', {'label': None})).ok
+    assert audit[-1]['lines'] == ['😊', 'hello']            # only Public, anonymous words left
+    assert ui.handle_event(Event.with_json('ui_update', {'text': 'bob said hi'},
+                                           metadata={'loom.subject': 'bob'})).ok
+    assert ui.handle_event(Event.with_json('ui_update', {'clear': True, 'text': 'ready'})).ok
+    assert audit[-1]['lines'] == ['ready'] and audit[-1]['update']['text'] == 'ready'
+
+
+def test_a_ui_rejection_states_the_expected_type_not_the_senders_value():
+    """ui_rejected is audited, and the audit is never erased: it must not quote the event."""
+    ui, audit = _ui_without_ros()
+    refused = ui.handle_event(Event.with_json('ui_update', {'clear': 'alice pin 4321'},
+                                              metadata={'loom.subject': 'alice'}))
+    assert not refused.ok and 'true or false' in refused.error and '4321' not in refused.error
+    assert audit[-1]['kind'] == 'ui_rejected' and '4321' not in json.dumps(audit[-1])

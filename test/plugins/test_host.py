@@ -254,6 +254,34 @@ def test_actuator_audit_keeps_no_words_of_a_subject_or_a_private_event(make_host
     assert 'data subject' in payloads['s0'] and 'private' in payloads['s1']
 
 
+def test_an_answer_stays_with_its_questions_data_subject(make_host):
+    """A plugin cannot move what it derives from one person's question into another's record
+    (their export would hold it), nor make it anonymous; a present but empty subject is someone
+    unnamed ('..', no consent); an answer to an anonymous question may name whom it found; an
+    answer is at least as private as its question."""
+    from loom_ros.bus.privacy import SubjectError, event_subject
+    host = make_host({'name': 'overstep', 'plugin': OVERSTEP})
+    host.start()
+
+    def ask_as(what, target='', privacy=Privacy.PUBLIC, **metadata):
+        return host.handle('overstep', Event.with_json(
+            'try', {'try': what, 'target': target}, privacy=privacy, metadata=metadata))
+    unnamed = ask_as('nothing', **{'loom.subject': ''})
+    assert unnamed.ok and unnamed.events[0].metadata['loom.subject'] == '..'
+    with pytest.raises(SubjectError):
+        event_subject(unnamed.events[0])
+    for question, answer in (('alice', 'bob'), ('alice', ''), ('', 'bob')):
+        moved = ask_as('refile', answer, Privacy.PRIVATE, **{'loom.subject': question})
+        assert not moved.ok and moved.events == []
+        assert 'another data subject' in moved.error and 'bob' not in moved.error
+    assert host.counters('overstep')['bad_output'] == 3
+    kept = ask_as('refile', 'alice', Privacy.PRIVATE, **{'loom.subject': 'alice'})
+    assert kept.ok and kept.events[0].metadata['loom.subject'] == 'alice'
+    assert kept.events[0].privacy == Privacy.PRIVATE          # its Public answer raised
+    found = ask_as('refile', 'bob')                            # an anonymous question
+    assert found.ok and event_subject(found.events[0]) == 'bob'
+
+
 def test_same_process_calls_pass_event_objects_without_serialization(make_host):
     host = make_host({'name': 'recorder', 'plugin': 'overstep_plugin:RecorderPlugin'},
                      {'name': 'weather', 'config': WEATHER})

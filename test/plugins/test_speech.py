@@ -338,6 +338,33 @@ def test_tts_plugin_needs_its_capabilities_and_a_data_dir(tmp_path):
             config={'tts': {'voice': 'no-such-voice'}}))
 
 
+def test_tts_audits_no_words_of_an_anonymous_request_above_public(tmp_path):
+    """The append-only audit cannot be erased: an anonymous but Private (or Sensitive, by its
+    metadata) request is on record by id, type and size, its words are not; a Public one keeps
+    its text as before."""
+    from loom_ros.bus.event import Privacy
+    audit: list[dict] = []
+    tts = load_plugin_class('tts')()
+    tts.init(PluginContext(plugin='tts', granted=frozenset({'tts', 'storage.write'}),
+                           data_dir=str(tmp_path), audit_sink=audit.append))
+    try:
+        for i, (privacy, metadata) in enumerate(((Privacy.PRIVATE, {}),
+                                                 (Privacy.PUBLIC, {'loom.privacy': 'sensitive'}))):
+            said = tts.handle_event(Event.with_json('tts.say', {'text': 'my pin is 4321'},
+                                                    id=f'p{i}', privacy=privacy,
+                                                    metadata=metadata))
+            assert said.ok, said.error
+            record = audit[-1]
+            assert record['kind'] == 'tts_say' and '4321' not in json.dumps(record)
+            assert (record['request_id'], record['request_type'], record['chars']) == (
+                f'p{i}', 'tts.say', len('my pin is 4321'))
+            assert record['withheld'].startswith('the event is')
+        assert tts.handle_event(Event.with_json('tts.say', {'text': 'hello'})).ok
+        assert audit[-1]['text'] == 'hello'
+    finally:
+        tts.shutdown()
+
+
 def test_a_simulated_microphone_stream_keeps_being_recognised():
     """The stream the simulated microphone plays (silence, then utterances with gaps of exact
     zeros, one recognizer throughout): after the first, each utterance comes out as a final

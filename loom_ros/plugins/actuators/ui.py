@@ -7,6 +7,10 @@ from speech feedback share one screen. Fields: `emoji`, `label`, `text` (strings
 one), `clear: true` (start from an empty state), and any other JSON values, which ride along in
 the state. Two markers with stable ids float above `frame_id`: id 0 is "emoji label", id 1 the
 text; a line with nothing to show is deleted.
+
+The append-only audit keeps the screen's words only while every field on it came from a Public
+event that names no data subject: a later anonymous update does not make an earlier person's
+words on the same screen auditable (UiState remembers, per field, why its words are withheld).
 """
 from __future__ import annotations
 
@@ -57,10 +61,14 @@ class UiState:
         self.max_text_chars = max_text_chars
         self.max_state_bytes = max_state_bytes
         self.fields: dict = {}
+        self.withheld: dict[str, str] = {}   # field -> why its words stay out of the audit
         self.seq = 0
 
-    def apply(self, update: object, source: str = '', now_ms: int = 0) -> dict:
-        """Merge one update; return the new state. Raises UiError and leaves the state as it was."""
+    def apply(self, update: object, source: str = '', now_ms: int = 0,
+              withheld: str = '') -> dict:
+        """Merge one update; return the new state. Raises UiError and leaves the state as it was.
+        `withheld`: why the update's words may not be audited (audit_withholds of its event),
+        remembered for each field it sets until another update replaces or removes it."""
         if not isinstance(update, dict):
             raise UiError(f'ui_update payload must be a JSON object, got {type(update).__name__}')
         reserved = sorted(set(update) & set(RESERVED))
@@ -68,14 +76,18 @@ class UiState:
             raise UiError(f'ui_update: {reserved} are set by the ui plugin, not by senders')
         clear = update.get('clear', False)
         if not isinstance(clear, bool):
-            raise UiError(f'ui_update: clear must be true or false, got {clear!r}')
+            # the type only: the value is the sender's, and this text is audited
+            raise UiError(f'ui_update: clear must be true or false, got '
+                          f'{type(clear).__name__}')
         fields = {} if clear else dict(self.fields)
+        origins = {} if clear else dict(self.withheld)
         truncated = []
         for key, value in update.items():
             if key == 'clear':
                 continue
             if value is None:
                 fields.pop(key, None)
+                origins.pop(key, None)
                 continue
             if key in TEXT_FIELDS:
                 if not isinstance(value, str):
@@ -85,6 +97,7 @@ class UiState:
                     value = value[:self.max_text_chars - 1] + '\u2026'
                     truncated.append(key)
             fields[key] = value
+            origins[key] = withheld
         state = {**fields, 'source': source, 'updated_ms': now_ms, 'seq': self.seq + 1}
         if truncated:
             state['truncated'] = truncated
@@ -93,7 +106,15 @@ class UiState:
             raise UiError(f'ui state would be {size} bytes, over max_state_bytes '
                           f'{self.max_state_bytes}')
         self.fields, self.seq = fields, self.seq + 1
+        self.withheld = {k: why for k, why in origins.items() if why}
         return state
+
+    def lines_withheld(self) -> str:
+        """Why the screen's lines may not be audited ('' when every field they show came from a
+        Public event naming no data subject)."""
+        why = next((self.withheld[k] for k in TEXT_FIELDS
+                    if k in self.withheld and self.fields.get(k)), '')
+        return f'the screen shows words of an earlier update: {why}' if why else ''
 
     @staticmethod
     def encode(state: dict) -> bytes:
@@ -152,19 +173,21 @@ class UiPlugin(Plugin):
             return PluginResponse()
         self.ctx.require(Capability.UI_WRITE, detail=f'{UPDATE} {event.id} from '
                          f'{event.source or "?"}')
+        why = audit_withholds(event)   # the audit is never erased: no one's words in it
         try:
             update = event.json()
             with self._lock:
-                state = self.state.apply(update, event.source, event.timestamp_ms)
+                state = self.state.apply(update, event.source, event.timestamp_ms, why)
                 lines = self.state.lines()
+                # an anonymous update can leave an earlier subject's words on the screen
+                withheld = why or self.state.lines_withheld()
                 self._publish(state, lines)
-        except (ValueError, UnicodeDecodeError) as exc:  # UiError, JSONDecodeError
-            self.stats['bad_input'] += 1
-            reason = str(exc) if isinstance(exc, UiError) else f'payload is not JSON: {exc}'
-            self.ctx.audit('ui_rejected', event_id=event.id, source=event.source, error=reason)
-            return PluginResponse.failure(reason)
+        except UnicodeDecodeError:   # its message quotes a byte of the payload
+            return self._rejected(event, 'payload is not JSON (not UTF-8)')
+        except ValueError as exc:    # UiError, JSONDecodeError (says where, not what)
+            return self._rejected(
+                event, str(exc) if isinstance(exc, UiError) else f'payload is not JSON: {exc}')
         self.stats['updates'] += 1
-        withheld = audit_withholds(event)   # the audit is never erased: no one's words in it
         if withheld:
             self.ctx.audit('ui_update', event_id=event.id, source=event.source,
                            withheld=withheld, lines=len(lines))
@@ -172,6 +195,11 @@ class UiPlugin(Plugin):
             self.ctx.audit('ui_update', event_id=event.id, source=event.source,
                            update=update, lines=list(lines.values()))
         return PluginResponse()
+
+    def _rejected(self, event: Event, reason: str) -> PluginResponse:
+        self.stats['bad_input'] += 1
+        self.ctx.audit('ui_rejected', event_id=event.id, source=event.source, error=reason)
+        return PluginResponse.failure(reason)
 
     def health(self) -> HealthStatus:
         details = {k: str(v) for k, v in self.stats.items()}

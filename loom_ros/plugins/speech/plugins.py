@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from loom_ros.bus.event import Event
-from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, SubjectError, event_subject
+from loom_ros.bus.privacy import (SUBJECT_METADATA_KEY, SubjectError, audit_excerpt,
+                                  audit_withholds, event_subject)
 from loom_ros.plugins.contract import (Capability, HealthState, HealthStatus, Plugin,
                                        PluginContext, PluginError, PluginMetadata, PluginResponse,
                                        PluginType)
@@ -216,13 +217,18 @@ class TtsPlugin(Plugin):
                 return self._bad(f'tts cannot create the subject folder: {exc.strerror}')
         name = re.sub(r'[^A-Za-z0-9_-]', '_', str(event.id))[:64]
         path = folder / f'{time.strftime("%Y%m%dT%H%M%S")}-{name}.wav'
-        self.ctx.require(Capability.TTS, text[:60])
-        self.ctx.require(Capability.STORAGE_WRITE, str(path))
-        if subject:   # the append-only audit keeps nothing erasure could not take back
+        # The append-only audit keeps nothing erasure could not take back, nor anyone's words
+        # from an event above Public: then only the request's id, type and size, and the file's
+        # name (a time and the request id), never its subject folder.
+        withheld = audit_withholds(event)
+        self.ctx.require(Capability.TTS, audit_excerpt(event, text, 60))
+        self.ctx.require(Capability.STORAGE_WRITE, path.name if withheld else str(path))
+        if withheld:
             self.ctx.audit('tts_say', path=path.name, request_id=str(event.id),
-                           data_subject='named (its text and folder are not audited)')
+                           request_type=event.type, chars=len(text), withheld=withheld)
         else:
-            self.ctx.audit('tts_say', text=text[:200], path=str(path), request_id=str(event.id))
+            self.ctx.audit('tts_say', text=audit_excerpt(event, text, 200), path=str(path),
+                           request_id=str(event.id))
         try:
             out = self.speaker.say(text, path)
         except TTSError as exc:
