@@ -145,17 +145,19 @@ class LocalRouter:
             decision_id = uuid.uuid4().hex
             if self.history is not None:
                 self.history.record_decision(decision_id, query.event_id, request, decision,
-                                             subject=self._filed_under(request.subject))
+                                             subject=self.filed_under(request.subject))
             self.decisions += 1
         answer = RouteAnswer.of(decision_id, decision)
         if self.on_decision is not None:
             self.on_decision(query, answer)
         return answer
 
-    def _filed_under(self, subject: str) -> str:
+    def filed_under(self, subject: str) -> str:
         """The data subject a history row may name: a valid id with `store` consent; else
         NOT_KEPT (counted): storage keeps no id of someone who did not consent to it, nor an
-        invalid one, yet the row still says it was someone's (never training data)."""
+        invalid one, yet the row still says it was someone's (never training data). For every
+        decision filed, this router's or one an agent host made (the router node's
+        router/decisions); call it holding `lock`."""
         if not subject:
             return ''
         try:

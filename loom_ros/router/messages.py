@@ -28,7 +28,8 @@ def decision_msg(query: RouteQuery, answer: RouteAnswer, stamp, frame_id: str = 
         local_confidence=float(query.local_confidence or 0.0),
         has_latency_budget=query.latency_budget_ms is not None,
         latency_budget_ms=float(query.latency_budget_ms or 0.0),
-        payload_bytes=max(0, min(int(query.payload_bytes), 2**32 - 1)))
+        payload_bytes=max(0, min(int(query.payload_bytes), 2**32 - 1)),
+        subject=query.subject)   # whose it is: the router node's history files it under them
     msg.header.stamp = stamp
     msg.header.frame_id = frame_id
     return msg
@@ -53,7 +54,9 @@ def _number(value: float, name: str, low: float = 0.0, high: float = math.inf) -
 
 def decision_of(msg) -> tuple[str, str, RouteRequest, Decision]:
     """(decision_id, event_id, request, decision) of a RouteDecision from another node, checked
-    before it reaches the history: bounded strings, finite numbers, a known route and privacy."""
+    before it reaches the history: bounded strings, finite numbers, a known route and privacy.
+    `request.subject` is the data subject the decided event names ('' none), bounded but not
+    judged: whoever keeps it decides what it may file (LocalRouter.filed_under)."""
     try:
         route = Route(msg.route)
         privacy = Privacy(msg.privacy)
@@ -67,7 +70,7 @@ def decision_of(msg) -> tuple[str, str, RouteRequest, Decision]:
                           if msg.has_local_confidence else None),
         latency_budget_ms=(_number(msg.latency_budget_ms, 'latency_budget_ms')
                            if msg.has_latency_budget else math.inf),
-        payload_bytes=int(msg.payload_bytes))
+        payload_bytes=int(msg.payload_bytes), subject=_text(msg.subject, 'subject'))
     decision = Decision(route, _number(msg.confidence, 'confidence', 0.0, 1.0),
                         _text(msg.rule, 'rule'), _text(msg.reason, 'reason', MAX_REASON_CHARS),
                         cloud_cost=_number(msg.cloud_cost, 'cloud_cost'))

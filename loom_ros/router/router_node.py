@@ -229,7 +229,9 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
 
     def _on_decision(self, msg) -> None:
         """A decision an agent host made in-process (frame_id names it): into the history, so
-        every decision is in one place wherever it was made. Bad ones are counted, not kept."""
+        every decision is in one place wherever it was made, filed under its data subject as
+        this router files its own (with `store` consent, else NOT_KEPT: never anonymous, so never
+        a training row, and erased with the subject). Bad ones are counted, not kept."""
         local = self.local
         if not msg.header.frame_id or local is None or local.history is None:
             return
@@ -237,7 +239,8 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
             decision_id, event_id, request, decision = decision_of(msg)
             with local.lock:
                 if local.history is not None:
-                    local.history.record_decision(decision_id, event_id, request, decision)
+                    local.history.record_decision(decision_id, event_id, request, decision,
+                                                  subject=local.filed_under(request.subject))
             self.hosted_decisions += 1
         except (DecisionMessageError, ValueError, sqlite3.Error) as exc:
             self.rejected_decisions += 1

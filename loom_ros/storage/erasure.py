@@ -239,6 +239,8 @@ def recording_files(layout: StorageLayout) -> list[Path]:
 
 EVENT_TYPES = ('loom_msgs/msg/Event', 'loom_msgs/Event')
 BATCH_TYPES = ('loom_msgs/msg/EventBatch', 'loom_msgs/EventBatch')
+# A routing decision names the data subject of the event it decided (`subject`, router/decisions)
+DECISION_TYPES = ('loom_msgs/msg/RouteDecision', 'loom_msgs/RouteDecision')
 
 
 def _subject_of(msg) -> str:
@@ -249,26 +251,29 @@ def _subject_of(msg) -> str:
 
 
 def _event_decoder():
-    """(Event, EventBatch, deserialize, serialize): rclpy's CDR of loom_msgs."""
+    """(Event, EventBatch, RouteDecision, deserialize, serialize): rclpy's CDR of loom_msgs."""
     from rclpy.serialization import deserialize_message, serialize_message
-    from loom_msgs.msg import Event, EventBatch
-    return Event, EventBatch, deserialize_message, serialize_message
+    from loom_msgs.msg import Event, EventBatch, RouteDecision
+    return Event, EventBatch, RouteDecision, deserialize_message, serialize_message
 
 
 def split_message(schema, data: bytes, subject: str, decoder) -> tuple[bytes | None, bytes | None,
                                                                          int]:
     """(what stays, what is the subject's, events of the subject) of one recorded message: an
-    Event naming the subject goes whole; an EventBatch loses the subject's events (re-encoded,
-    dropped when none is left); anything else stays. A message that cannot be decoded stays
-    (it names no one Loom can tell)."""
+    Event or a RouteDecision naming the subject goes whole; an EventBatch loses the subject's
+    events (re-encoded, dropped when none is left); anything else stays. A message that cannot
+    be decoded stays (it names no one Loom can tell)."""
     name = getattr(schema, 'name', '')
-    if name not in EVENT_TYPES + BATCH_TYPES:
+    if name not in EVENT_TYPES + BATCH_TYPES + DECISION_TYPES:
         return data, None, 0
-    event_cls, batch_cls, deserialize, serialize = decoder
+    event_cls, batch_cls, decision_cls, deserialize, serialize = decoder
     try:
-        msg = deserialize(data, event_cls if name in EVENT_TYPES else batch_cls)
+        msg = deserialize(data, event_cls if name in EVENT_TYPES else
+                          decision_cls if name in DECISION_TYPES else batch_cls)
     except Exception:   # a damaged message
         return data, None, 0
+    if name in DECISION_TYPES:
+        return (None, data, 1) if msg.subject == subject else (data, None, 0)
     if name in EVENT_TYPES:
         return (None, data, 1) if _subject_of(msg) == subject else (data, None, 0)
     theirs = [e for e in msg.events if _subject_of(e) == subject]

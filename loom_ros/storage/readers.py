@@ -17,6 +17,10 @@ from loom_ros.storage.stores import EPISODE_COLUMNS, episodes_sql, facts_sql
 
 VECTOR_COLUMNS = ('id', 'subject', 'relation', 'object', 'provenance')
 
+# The rows an asker may see, in SQL before any limit (so a limit fills with those alone and
+# how many of another person's rows match shows nowhere): anonymous ones ('') and the asker's.
+ALLOWED = "{column} in ('', :asker)"
+
 
 class NoMemoryError(StorageError):
     """The agent has no memory under this root (or is not one a reader may see)."""
@@ -27,7 +31,12 @@ class AgentMemoryReader:
     file `<root>/agents/<agent>.db` (how agents keep it today) and the unit databases
     `<root>/db/*.db` (where agents hosted on the layer keep it), merged in time order. Files are
     opened read-only per query (`mode=ro`: SQLite refuses writes whatever the SQL; writers are
-    never blocked, WAL). `agents` limits which agents may be read (empty: all)."""
+    never blocked, WAL). `agents` limits which agents may be read (empty: all).
+
+    Every query takes `asker`: the data subject the question names ('' none, or one that is not
+    a valid id). It reads only anonymous rows and the asker's, filtered in SQL before the limit
+    (or the top k), so one person's memories neither answer another's question nor shorten
+    the answer: what another person keeps is not counted, not even read."""
 
     # rows of encrypted episodes read to search their text (decrypted here, not in SQL)
     MAX_SCAN = 50000
@@ -77,30 +86,37 @@ class AgentMemoryReader:
         except (sqlite3.DatabaseError, StorageError):
             return False   # not a unit database (yet): nothing of this agent in it
 
-    def _rows(self, agent: str, table: str, sql: str, args) -> list[sqlite3.Row]:
+    def _facts(self, agent: str, asker: str, query) -> list[sqlite3.Row]:
+        """The fact rows `query(allowed)` -> (sql, named args) selects in each file, where
+        `allowed` is the SQL condition for the rows `asker` may see."""
         rows: list[sqlite3.Row] = []
         for path in self.sources(agent):
             # check=False: each file's writer checks it on open; a reader need not scan it.
             with closing(open_database(path, read_only=True, check=False)) as conn:
                 conn.row_factory = sqlite3.Row
                 try:
-                    columns = {r[1] for r in conn.execute(f'pragma table_info({table})')}
+                    columns = {r[1] for r in conn.execute('pragma table_info(facts)')}
                     if not columns:
                         continue   # the agent has not written any yet
                     # Every row says whose it is ('' anonymous; files from before the column
-                    # have none), so a caller can keep one person's memory from another.
-                    owner = 'data_subject' if 'data_subject' in columns else "''"
+                    # have none: all anonymous), so one person's memory is kept from another.
+                    mine = 'data_subject' in columns
+                    owner = 'data_subject' if mine else "''"
+                    sql, args = query(ALLOWED.format(column='data_subject') if mine else '')
                     rows += conn.execute(f'select {owner} as data_subject, '
-                                         + sql.removeprefix('select '), args).fetchall()
+                                         + sql.removeprefix('select '),
+                                         {**args, 'asker': asker}).fetchall()
                 except sqlite3.DatabaseError as exc:
                     raise StorageError(f'{path}: cannot read the memory of {agent!r}: '
                                        f'{exc}') from None
         return rows
 
     def episodes(self, agent: str, start_ms: int = 0, end_ms: int = 2**63 - 1, type: str = '',
-                 source: str = '', tag: str = '', text: str = '', limit: int = 100) -> list[dict]:
+                 source: str = '', tag: str = '', text: str = '', limit: int = 100, *,
+                 asker: str) -> list[dict]:
         """Payloads decrypted when encrypted at rest (a text search then runs here, over at
-        most MAX_SCAN encrypted rows, since SQL sees only ciphertext)."""
+        most MAX_SCAN encrypted rows of those the asker may see, since SQL sees only
+        ciphertext)."""
         rows = []
         for path in self.sources(agent):
             with closing(open_database(path, read_only=True, check=False)) as conn:
@@ -113,15 +129,17 @@ class AgentMemoryReader:
                     spans = conn.execute("select 1 from sqlite_master where type = 'table' "
                                          "and name = 'episode_agents'").fetchone() is not None
                     wanted = EPISODE_COLUMNS + (('subject',) if subject else ())
-                    plain = "typeof(payload) = 'text'" if text else ''
+                    # no subject column (a file from before it): every row is anonymous
+                    allowed = [ALLOWED.format(column='subject')] if subject else []
+                    plain = ' and '.join(allowed + (["typeof(payload) = 'text'"] if text else []))
                     sql, args = episodes_sql(agent, start_ms, end_ms, type, source, tag, text,
                                              limit, wanted, plain, spans)
-                    found = conn.execute(sql, args).fetchall()
+                    found = conn.execute(sql, {**args, 'asker': asker}).fetchall()
                     if text:   # encrypted rows: searched once decrypted
+                        sealed = ' and '.join(allowed + ["typeof(payload) = 'blob'"])
                         sql, args = episodes_sql(agent, start_ms, end_ms, type, source, tag, '',
-                                                 self.MAX_SCAN, wanted, "typeof(payload) = 'blob'",
-                                                 spans)
-                        found += conn.execute(sql, args).fetchall()
+                                                 self.MAX_SCAN, wanted, sealed, spans)
+                        found += conn.execute(sql, {**args, 'asker': asker}).fetchall()
                 except sqlite3.DatabaseError as exc:
                     raise StorageError(f'{path}: cannot read the memory of {agent!r}: '
                                        f'{exc}') from None
@@ -139,16 +157,18 @@ class AgentMemoryReader:
         return rows[:max(0, limit)]
 
     def facts(self, agent: str, entity: str = '', relation: str = '', text: str = '',
-              limit: int = 100) -> list[dict]:
+              limit: int = 100, *, asker: str) -> list[dict]:
         """Each row with its `data_subject` ('' anonymous), as episodes() and similar() give."""
-        sql, args = facts_sql(agent, entity, relation, text, limit)
-        return [dict(r) for r in self._rows(agent, 'facts', sql, args)][:max(0, limit)]
+        return [dict(r) for r in self._facts(agent, asker, lambda allowed: facts_sql(
+            agent, entity, relation, text, limit, allowed))][:max(0, limit)]
 
-    def similar(self, agent: str, vector: np.ndarray, k: int) -> list[dict]:
+    def similar(self, agent: str, vector: np.ndarray, k: int, *, asker: str) -> list[dict]:
         """The agent's facts closest to `vector` (an embedding of the agent's model; cosine,
-        best first), exact over the vectors stored with the facts."""
-        rows = self._rows(agent, 'facts', f'select {", ".join(VECTOR_COLUMNS)}, vector from facts '
-                                          'where agent_id = ?', (agent,))
+        best first), exact over the vectors stored with the facts the asker may see: the top
+        k is cut from those alone."""
+        rows = self._facts(agent, asker, lambda allowed: (
+            f'select {", ".join(VECTOR_COLUMNS)}, vector from facts where agent_id = :a'
+            + (f' and {allowed}' if allowed else ''), {'a': agent}))
         if not rows:
             return []
         query = np.asarray(vector, dtype=np.float32).reshape(-1)

@@ -448,9 +448,13 @@ def episodes_sql(agent_id: str = '', start_ms: int = 0, end_ms: int = 2**63 - 1,
 
 
 def facts_sql(agent_id: str, entity: str = '', relation: str = '', text: str = '',
-              limit: int = 100) -> tuple[str, dict]:
-    """The one fact query: by entity (subject or object), relation, or text anywhere in it."""
+              limit: int = 100, where_also: str = '') -> tuple[str, dict]:
+    """The one fact query: by entity (subject or object), relation, or text anywhere in it.
+    `where_also`: one more SQL condition (its parameters the caller adds to the args), applied
+    before the limit."""
     where, args = ['agent_id = :a'], {'a': agent_id, 'limit': max(0, int(limit))}
+    if where_also:
+        where.append(where_also)
     if entity:
         where.append('(subject = :entity or object = :entity)')
         args['entity'] = entity

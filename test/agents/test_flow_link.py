@@ -229,7 +229,12 @@ def test_hosted_router_decides_in_process_and_tells_the_router_node(ros, tmp_pat
         told = next(d for d in decisions if d.decision_id == answer.decision_id)
         assert (told.event_id, told.agent_id, told.route, told.rule) == \
             ('frame-1', 'face', 'local', 'threshold')
-        assert told.header.frame_id == f'{ns}/agent_host_0'
+        assert told.header.frame_id == f'{ns}/agent_host_0' and told.subject == ''
+        # the decision about alice says so (the router node files it under her: review #8)
+        ros.wait_for(lambda: any(d.decision_id == named.decision_id for d in decisions),
+                     "alice's decision on router/decisions")
+        assert next(d for d in decisions if d.decision_id == named.decision_id).subject == \
+            'alice'
         # The router node says 0.008 is spent: one more 0.004 call would pass the 0.01 limit.
         ros.wait_for(lambda: ports.router.spend() == 0.008, 'the spend from router/stats',
                      spin=lambda: stats.publish(RouterStats(spend=0.008, budget_limit=0.01)))

@@ -310,7 +310,7 @@ def test_memory_search_answers_a_person_only_with_their_own_and_anonymous_memori
                                                                                   tmp_path):
     """One agent remembers alice, bob and no one: a question about alice gets alice's and the
     anonymous rows (episodes, facts and meaning), never bob's; the answer is Private, about
-    alice; the rows left out are counted."""
+    alice; the rows left out are not counted."""
     from loom_ros.agents.embedding import MiniLMEmbedder
     from loom_ros.bus.event import Privacy
     from loom_ros.storage.storage import Storage, StorageConfig
@@ -346,9 +346,65 @@ def test_memory_search_answers_a_person_only_with_their_own_and_anonymous_memori
         assert [r['event_id'] for r in rows] == ['e2']
         _answer, rows = ask({}, **{'loom.subject': 'no such id!'})  # invalid: no one's
         assert [r['event_id'] for r in rows] == ['e2']
-        assert call.host.slots['memory_search'].plugin.withheld == 1 + 1 + 1 + 2 + 2
+        assert 'withheld' not in call.host.health('memory_search').details   # no count of them
         empty, rows = ask({'type': 'nothing.of.this'})
         assert rows == [] and empty.privacy == Privacy.PUBLIC
+
+
+def _memory_of_three(root: Path, alice_matches: bool) -> None:
+    """Five memories each (episodes and facts) of alice, bob and no one, alice's first (earliest
+    in time, lowest fact ids), then bob's, then the anonymous ones; all mention 'plum' except
+    alice's when `alice_matches` is False."""
+    from loom_ros.storage.embedding import HashEmbedder
+    from loom_ros.storage.storage import Storage, StorageConfig
+    with Storage(StorageConfig(root=str(root), unit='host'), consent=_GrantAll) as storage:
+        people = [('alice', 1000, 'plum' if alice_matches else 'pear'), ('bob', 2000, 'plum'),
+                  (None, 3000, 'plum')]
+        storage.agent_state.commit('helper', {}, 1, 'x', episodes=[
+            Event.with_json('speech.heard', {'text': f'{who or "anon"} {i} likes {fruit}'},
+                            id=f'{who or "anon"}-{i}', timestamp_ms=at + i,
+                            metadata={'loom.subject': who} if who else {})
+            for who, at, fruit in people for i in range(5)]).wait(30)
+        facts = storage.facts('helper', HashEmbedder())
+        for who, _at, fruit in people:
+            for i in range(5):
+                facts.add(f'{who or "anon"}{i}', 'likes', fruit, f'{who or "anon"}-{i}')[1].wait(30)
+
+
+def test_memory_search_limits_fill_with_the_askers_rows_and_others_leave_no_trace(run_tool,
+                                                                                 tmp_path):
+    """Attack review #7: rows were filtered by subject after the SQL match and limit, and the
+    rows left out counted in health: an asker learnt whether another person's memories match a
+    text (short answers, a moving count). Now the limit (and similar's top k) fills with rows
+    the asker may see, and answers and health are the same whether alice's rows match or not."""
+    from loom_ros.storage.embedding import HashEmbedder
+    seen = {}
+    for alice_matches in (True, False):
+        root = tmp_path / str(alice_matches)
+        _memory_of_three(root, alice_matches)
+        call = run_tool('memory_search', {'storage_root': str(root)}, ['memory.read'])
+        plugin = call.host.slots['memory_search'].plugin
+        plugin.embedder = HashEmbedder()   # the embedding the facts were stored with
+        answers = []
+        for metadata in ({}, {'loom.subject': 'bob'}, {'loom.subject': 'not valid!'}):
+            for query in ({'text': 'plum', 'limit': 3}, {'mode': 'facts', 'text': 'plum',
+                                                         'limit': 3},
+                          {'mode': 'similar', 'query': 'likes plum', 'k': 3}):
+                response = call.host.handle('memory_search', Event.with_json(
+                    'tool.memory.search', {'agent': 'helper', **query}, metadata=metadata))
+                (answer,) = response.events
+                rows = answer.json()['results']
+                whose = {r.get('event_id', r.get('provenance')).split('-')[0] for r in rows}
+                own = 'bob' if metadata.get('loom.subject') == 'bob' else 'anon'
+                assert len(rows) == 3 and whose == {own}, (metadata, query, rows)
+                answers.append([{k: v for k, v in r.items() if 'event_id' in r or k != 'time_ms'}
+                                for r in rows])   # a fact's time_ms is when it was written
+        health = dict(call.host.health('memory_search').details)
+        assert health.pop('agents_dir') == str(root / 'agents')
+        health.pop('mean_latency_ms')   # the host's timing: no count of anyone's rows
+        seen[alice_matches] = answers, health
+    assert seen[True] == seen[False]
+    assert 'withheld' not in seen[True][1]
 
 
 def _shipped_memory_search() -> dict:

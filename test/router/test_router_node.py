@@ -201,14 +201,31 @@ def test_decisions_made_in_agent_hosts_reach_the_history_and_malformed_ones_do_n
                                                                               tmp_path):
     """An agent host that routes in-process (HostedRouter) publishes its decisions with its name
     in header.frame_id; the router node keeps them in its history (one place for every
-    decision, what the learned router trains on). Malformed ones are refused and counted."""
+    decision, what the learned router trains on). Malformed ones are refused and counted.
+
+    Attack review #8: a hosted decision about a person came in without its subject and was
+    filed as anonymous: a training row, out of reach of the subject's erasure. It is filed as
+    the router files its own: under the subject with `store` consent, else NOT_KEPT ('-')."""
     import math
     import sqlite3
 
-    from loom_msgs.msg import RouteDecision
-    db = tmp_path / 'router.db'
+    from loom_msgs.msg import RouteDecision, RouteOutcome
+    from loom_ros.router.history import NOT_KEPT, RouterHistory
+    from loom_ros.security.audit import AuditLog
+    from loom_ros.storage.consent import ConsentRegistry, SubjectRefs, consent_path
+    from loom_ros.storage.erasure import forget
+    from loom_ros.storage.layout import StorageLayout
+    db = tmp_path / 'router.db'   # the root's router history: erasure finds it there
+    audit = AuditLog(tmp_path / 'audit.db')
+    registry = ConsentRegistry(consent_path(tmp_path), {}, audit=audit,
+                               refs=SubjectRefs.at(tmp_path / 'keys'))
+    registry.grant('alice', 'store', 'app:setup')   # bob never consented
+    registry.close()
+    audit.close()
     pub = ros.node.create_publisher(RouteDecision, '/r_hosted/router/decisions',
                                     to_qos_profile('batched'))
+    outcomes = ros.node.create_publisher(RouteOutcome, '/r_hosted/router/outcomes',
+                                         to_qos_profile('batched'))
     proc = spawn('-m', 'loom_ros.router.router_node', '--ros-args', '-r', '__ns:=/r_hosted',
                  '-p', f'history_db:={db}', '-p', f'storage.root:={tmp_path}')
 
@@ -223,24 +240,45 @@ def test_decisions_made_in_agent_hosts_reach_the_history_and_malformed_ones_do_n
         return msg
     malformed = [decision('f1', route='teleport'), decision('f2', reason='x' * 100_000),
               decision('f3', confidence=math.nan), decision('f4', local_confidence=7.0),
-              decision('f5', event_type='t' * 5000)]
+              decision('f5', event_type='t' * 5000), decision('f6', subject='s' * 5000)]
     good = [decision('g1'), decision('g2', has_local_confidence=False, route='cloud',
-                                     cloud_cost=0.004)]
+                                     cloud_cost=0.004),
+            decision('g3', subject='alice'), decision('g4', subject='bob'),
+            decision('g5', subject='../etc/passwd')]
 
-    def rows():
+    def rows(table='decisions', column='id'):
         if not db.exists():
             return []
         with sqlite3.connect(db) as conn:
-            return [r[0] for r in conn.execute('select id from decisions order by id')]
+            return [r[0] for r in conn.execute(f'select {column} from {table} order by 1')]
     ros.wait_for(lambda: pub.get_subscription_count() >= 1 and db.exists(),
                  'the router to listen on router/decisions', alive=[proc])
     for msg in malformed + good:
         pub.publish(msg)
-    ros.wait_for(lambda: rows() == ['g1', 'g2'], 'the two hosted decisions in the history',
-                 alive=[proc])
+    hosted = ['g1', 'g2', 'g3', 'g4', 'g5']
+    ros.wait_for(lambda: rows() == hosted, 'the hosted decisions in the history', alive=[proc])
     with sqlite3.connect(db) as conn:
         g2 = conn.execute('select route, local_confidence, payload_bytes, cloud_cost from '
                           'decisions where id = ?', ('g2',)).fetchone()
+        filed = dict(conn.execute('select id, subject from decisions').fetchall())
     assert g2 == ('cloud', None, 921600, 0.004)
+    assert filed == {'g1': '', 'g2': '', 'g3': 'alice', 'g4': NOT_KEPT, 'g5': NOT_KEPT}
+    # local outcomes for each: only the anonymous decision with a confidence is a training row
+    ros.wait_for(lambda: outcomes.get_subscription_count() >= 1, 'the router to hear outcomes',
+                 alive=[proc])
+    for decision_id in hosted:
+        outcomes.publish(RouteOutcome(decision_id=decision_id, event_type='face.detected',
+                                      backend='local', latency_ms=5.0, success=True,
+                                      confidence=0.9))
+    ros.wait_for(lambda: rows('outcomes', 'decision_id') == hosted, 'the outcomes in the history',
+                 alive=[proc])
     stop(proc)
-    assert rows() == ["g1", "g2"]   # nothing malformed arrived later either
+    assert rows() == hosted   # nothing malformed arrived later either
+    history = RouterHistory(str(db), 3600.0)
+    try:
+        assert len(history.training_rows()) == 1   # g1: none of alice's, bob's or g5's
+    finally:
+        history.close()
+    receipt = forget(StorageLayout.at(tmp_path), 'alice')   # alice's erasure finds hers
+    assert (receipt.counts['decisions'], receipt.counts['outcomes']) == (1, 1)
+    assert rows() == ['g1', 'g2', 'g4', 'g5']

@@ -112,7 +112,7 @@ def plant(root: Path, subjects: list[Subject]) -> dict:
     for s in subjects:
         expected[s.id].update(episodes=3, state=1, plugin_files=1, cold=1, archive_records=1, facts=1, decisions=2,
                               outcomes=1, consent=2, blobs=1, trace_lines=1,
-                              recording_messages=3)
+                              recording_messages=4)
         warm = [r for r in storage.query('select event_id from episodes where subject = ? '
                                          'order by id', (s.id,))]
         assert len(warm) == 2
@@ -167,6 +167,12 @@ def plant(root: Path, subjects: list[Subject]) -> dict:
     recorder.add_topic(BATCHED, 'loom_msgs/msg/EventBatch')
     recorder.write(BATCHED, serialize_message(EventBatch(events=[
         event(s, 0, T0, 'batch').to_msg() for s in subjects + [None]])))
+    from loom_msgs.msg import RouteDecision   # router/decisions names the decided event's subject
+    recorder.add_topic('router/decisions', 'loom_msgs/msg/RouteDecision')
+    for s in subjects + [None]:
+        recorder.write('router/decisions', serialize_message(RouteDecision(
+            decision_id=uuid.uuid4().hex, subject=s.id if s else '',
+            reason=s.canary('routed') if s else 'anonymous')))
     recorder.close()
     return expected
 
@@ -249,9 +255,9 @@ def test_forget_erases_one_subject_everywhere_and_keeps_the_other(tmp_path):
                   'state', 'stateevent'):
         assert b.canaries[where] in text, where
     assert 'media/plugins/notes/note.txt' in names
-    for where in ('blob', 'frame0', 'frame1', 'batch', 'plugin'):
+    for where in ('blob', 'frame0', 'frame1', 'batch', 'routed', 'plugin'):
         assert b.canaries[where] in everything, where
-    assert data['counts']['recording_messages'] == 3
+    assert data['counts']['recording_messages'] == 4
     assert hits(everything, a) == []
 
 

@@ -99,11 +99,15 @@ def test_payloads_and_summaries_are_ciphertext_on_disk_and_read_back(tmp_path):
         assert texts(EpisodicMemory(agent).query()) == [canary['agent']]
         # the tools' reader: with the key (a text search runs over the decrypted rows) ...
         reader = AgentMemoryReader(storage.layout, keyring=storage.keyring)
-        assert texts(reader.episodes('a1', text=canary['bob'][6:20])) == [canary['bob']]
-        assert len(reader.episodes('a1')) == 3
+        assert texts(reader.episodes('a1', text=canary['bob'][6:20], asker='bob')) == \
+            [canary['bob']]
+        assert texts(reader.episodes('a1', asker='bob')) == sorted([canary['bob'],
+                                                                   canary['anon']])
+        # ... another subject's encrypted row does not answer a text search it matches
+        assert reader.episodes('a1', text=canary['bob'][6:20], asker='alice') == []
         # ... and without it: a clear error, never ciphertext handed out as text
         with pytest.raises(KeyringError, match='encrypted at rest'):
-            AgentMemoryReader(storage.layout).episodes('a1')
+            AgentMemoryReader(storage.layout).episodes('a1', asker='')
         # the storage service (node, `loom storage query`) reads them decrypted too
         service = StorageService(Settings(storage.layout, encryption=settings(tmp_path)),
                                  embedder=HashEmbedder(), clock=clock, read_only=True, env={})

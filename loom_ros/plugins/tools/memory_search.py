@@ -14,8 +14,11 @@ Query (`tool.memory.search`), `agent` plus one `mode`:
   stored with each fact (the model is loaded on the first such query)
 Result (`tool.memory.result`): `{"agent", "mode", "results": [...]}`, Private when it holds any
 row (memory keeps no privacy tier per row, so what it recalls stays on the robot). A question
-sees only anonymous rows and those of the data subject it names (`loom.subject`): one person's
-memories never answer another's question; the rows left out are counted (`withheld`).
+sees only anonymous rows and those of the data subject it names (`loom.subject`; none of
+anyone's when it names an invalid one): the reader filters them in SQL before the limit (and
+the top k), so one person's memories never answer another's question, never shorten its answer,
+and are not counted anywhere (a count of rows left out would tell whether someone else's
+memories match a text).
 """
 from __future__ import annotations
 
@@ -76,7 +79,6 @@ class MemorySearchTool(Plugin):
         ctx.require(Capability.MEMORY_READ, detail=str(self.reader.folder))
         self.embedder = None
         self.answered = 0
-        self.withheld = 0   # rows of another data subject than the question's, not answered
 
     def handle_event(self, event: Event) -> PluginResponse:
         query: dict = {}
@@ -89,7 +91,9 @@ class MemorySearchTool(Plugin):
                 raise ToolInputError(f'mode must be episodic, facts or similar, got {mode!r}')
             if not isinstance(agent, str):
                 raise ToolInputError(f'agent must be an agent id, got {agent!r}')
-            results = self._theirs(event, search(agent, query))
+            results = search(agent, query, self._asker(event))
+            for row in results:
+                row.pop('data_subject', None)
         except (ToolInputError, NoMemoryError) as exc:
             return PluginResponse.failure(str(exc))
         except StorageError as exc:
@@ -102,34 +106,30 @@ class MemorySearchTool(Plugin):
             answer.privacy = max(answer.privacy, Privacy.PRIVATE)
         return PluginResponse(events=[answer])
 
-    def _theirs(self, event: Event, rows: list[dict]) -> list[dict]:
-        """Only the rows an asker may see: anonymous ones and those of the data subject the
-        question names (none of anyone's when it names an invalid one); the rest are counted."""
+    @staticmethod
+    def _asker(event: Event) -> str:
+        """The data subject the question names: the reader answers with anonymous rows and
+        that subject's alone ('' when it names none or an invalid one: anonymous rows only)."""
         try:
-            asker = event_subject(event)
+            return event_subject(event)
         except SubjectError:
-            asker = None
-        kept = [row for row in rows if not row.get('data_subject') or row['data_subject'] == asker]
-        self.withheld += len(rows) - len(kept)
-        for row in kept:
-            row.pop('data_subject', None)
-        return kept
+            return ''
 
     def _limit(self, query: dict) -> int:
         return _int(query, 'limit', self.max_results, 1, self.max_results)
 
-    def _episodic(self, agent: str, query: dict) -> list[dict]:
+    def _episodic(self, agent: str, query: dict, asker: str) -> list[dict]:
         return self.reader.episodes(
             agent, start_ms=_int(query, 'start_ms', 0), end_ms=_int(query, 'end_ms', 2**63 - 1),
             type=_text(query, 'type'), source=_text(query, 'source'), tag=_text(query, 'tag'),
-            text=_text(query, 'text'), limit=self._limit(query))
+            text=_text(query, 'text'), limit=self._limit(query), asker=asker)
 
-    def _facts(self, agent: str, query: dict) -> list[dict]:
+    def _facts(self, agent: str, query: dict, asker: str) -> list[dict]:
         return self.reader.facts(agent, entity=_text(query, 'entity'),
                                  relation=_text(query, 'relation'), text=_text(query, 'text'),
-                                 limit=self._limit(query))
+                                 limit=self._limit(query), asker=asker)
 
-    def _similar(self, agent: str, query: dict) -> list[dict]:
+    def _similar(self, agent: str, query: dict, asker: str) -> list[dict]:
         text = _text(query, 'query')
         if not text.strip():
             raise ToolInputError('similar needs a non-empty "query" text')
@@ -141,9 +141,8 @@ class MemorySearchTool(Plugin):
                 self.embedder = MiniLMEmbedder()
             except ModelError as exc:
                 raise ToolInputError(f'similar search is unavailable: {exc}') from None
-        return self.reader.similar(agent, self.embedder.embed([text])[0], k)
+        return self.reader.similar(agent, self.embedder.embed([text])[0], k, asker=asker)
 
     def health(self) -> HealthStatus:
         return HealthStatus(details={'agents_dir': str(self.reader.folder),
-                                     'answered': str(self.answered),
-                                     'withheld': str(self.withheld)})
+                                     'answered': str(self.answered)})
