@@ -229,7 +229,8 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         self._first_allow.clear()   # remembered per configuration
         self.bridge = Bridge(config, self.link, self.bus.topic_qos.level_for,
                              PrivacyGate(policy, self._consent.lookup), self._record_refusal,
-                             command_audit=self._record_command, ca_pem=ca_pem, seal_to=seal_to,
+                             command_audit=self._record_command, ca_pem=ca_pem,
+                             keys_dir=str(keys.keys_path(p['keys_dir'])), seal_to=seal_to,
                              seal_required=p['seal_sensitive'] != 'off',
                              batch_max_events=OUT_BATCH_EVENTS)
         self.status_pub = self.create_lifecycle_publisher(String, STATUS_TOPIC,

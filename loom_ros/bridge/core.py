@@ -45,14 +45,18 @@ from loom_ros.security import keys, sealed
 from loom_ros.security.keys import CredentialsError
 
 ECHO_MEMORY = 10000  # ids of events the bridge brought in, so it never sends them back out
-# Refusals before the rate limits (unsigned, unreadable envelopes, over a rate) are audited at
-# most once per reason per this many seconds, with how many were not: a flood cannot flood the
-# audit log. Those after them are bounded by the rates (a granted rule's signature checks by its
-# verify bucket) and each audited.
+# Refusals anyone can cause (unsigned, unreadable envelopes, bad certificates or signatures, over
+# a rate) are audited at most once per reason per this many seconds, with how many were not: a
+# flood cannot flood the audit log (the counters count each). The others are each audited.
 AUDIT_THROTTLE_S = 1.0
-# signed samples a granted rule lets reach the signature check, as a multiple of its rate and burst
+# Signature checks a granted sender's valid samples may cost, as a multiple of its rule's rate
+# and burst (its own bucket, spent only by signatures that hold)
 VERIFY_FACTOR = 10
 MAX_VERIFY_SENDERS = 1024   # (rule, sender) verify buckets kept, least recently used dropped
+# Signature checks that fail (forgeries), all senders together, per second (burst twice that);
+# past it, each claimed sender's own FAILED_VERIFY_PER_SENDER_S (burst 2). See Bridge.receive.
+FAILED_VERIFIES_PER_S = 200.0
+FAILED_VERIFY_PER_SENDER_S = 1.0
 # A batch leaves when it holds this many bytes of samples; a larger event goes alone.
 BATCH_MAX_BYTES = 60000
 # Topics whose route (allowed, key, level) is remembered; past it the memory starts over.
@@ -109,6 +113,7 @@ class Bridge:
                  audit: Callable[[dict], None] | None = None, *,
                  command_audit: Callable[[dict], None] | None = None,
                  ca_pem: bytes | None = None,
+                 keys_dir: str | None = None,
                  seal_to: ec.EllipticCurvePublicKey | None = None,
                  seal_required: bool = False,
                  clock: Callable[[], float] = time.monotonic,
@@ -116,7 +121,9 @@ class Bridge:
                  batch_max_events: int = 1):
         """`audit` gets privacy refusals; `command_audit` every inbound actuator command and
         refusal (it raises when it cannot store one: the command is then refused). `ca_pem`
-        checks signed senders (none: granted rules refuse everything); `seal_to` is the cloud
+        checks signed senders (none: granted rules refuse everything); the certificates in
+        `keys_dir` are known from the start (keys.KnownCertificates.preload: members never wait
+        for the budget for new ones); `seal_to` is the cloud
         identity's public key that Sensitive payloads are sealed to (none: not sealed; with
         `seal_required` they are then refused, counted and audited: they never leave in clear).
         `batch_max_events` > 1 sends Batched/Background events in batches (see above)."""
@@ -135,10 +142,17 @@ class Bridge:
         self._echo: OrderedDict[str, None] = OrderedDict()
         contract = config.inbound
         self._buckets = {id(r): TokenBucket(r.rate, r.burst, clock) for r in contract.rules}
-        # (rule, claimed sender) -> what may reach that sender's signature check; bounded
+        # (rule, claimed sender) -> signature checks its valid samples may cost; bounded
         self._verify_buckets: OrderedDict[tuple, TokenBucket] = OrderedDict()
-        # the fleet's certificates, checked against the CA once (keys.KnownCertificates)
+        # what failed signature checks may cost: all senders together, then each claimed one's
+        self._failed_verifies = TokenBucket(FAILED_VERIFIES_PER_S, 2 * FAILED_VERIFIES_PER_S,
+                                            clock)
+        self._failed_per_sender: OrderedDict[str, TokenBucket] = OrderedDict()
+        # the fleet's certificates, checked against the CA once (keys.KnownCertificates); the
+        # keys folder's members known from the start, outside the new-certificate budget
         self._certs = None if ca_pem is None else keys.KnownCertificates(ca_pem)
+        if self._certs is not None and keys_dir is not None:
+            self.stats['members_known'] = self._certs.preload(keys_dir)
         self._replay = ReplayGuard(contract.replay_window_s, wall_ms)
         self._audited_at: dict[str, float] = {}
         self._suppressed: Counter = Counter()
@@ -372,8 +386,7 @@ class Bridge:
         # sender without the grant, a bad signature or a replay must not use up the budget of
         # the operators who hold it. The cheap checks come first (time, a nonce already used,
         # the certificate: known ones by their digest, new ones checked at a bounded rate, and
-        # its grant); what reaches the (costly) signature check is bounded per claimed sender,
-        # VERIFY_FACTOR times the rule's rate, so one member's flood cannot starve another.
+        # its grant); then the (costly) signature check, see _check_signature.
         if signed is None and not self._buckets[id(rule)].take():
             return self._refuse('rate_limited', where, throttled=True)
         sender = {}
@@ -394,13 +407,10 @@ class Bridge:
             if not contract.holds(name, role, rule.grant):   # its signature is not checked
                 return self._refuse('not_granted', {**where, **sender,
                                                     'signature_checked': False}, throttled=True)
-            if not self._verify_bucket(rule, name).take():
-                return self._refuse('verify_rate_limited', {**where, **sender}, throttled=True)
-            try:
-                self._certs.verify(signed.cert_pem, signed.signed_bytes(key), signed.signature)
-            except CredentialsError as exc:
-                return self._refuse('bad_signature', {**where, **sender,
-                                                      'error': str(exc)[:200]})
+            refusal = self._check_signature(rule, name, signed, key)
+            if refusal is not None:
+                reason, error = refusal
+                return self._refuse(reason, {**where, **sender, **error}, throttled=True)
             verdict = self._replay.check(signed.ts_ms, signed.nonce)
             if verdict is not None:
                 return self._refuse(verdict, {**where, **sender, 'ts_ms': signed.ts_ms})
@@ -427,6 +437,47 @@ class Bridge:
             self._echo.popitem(last=False)
         self._count('received')
         return topic, event
+
+    def _check_signature(self, rule, name: str, signed, key: str):
+        """None when the sample's signature is its certificate's, else (reason, details).
+
+        Certificates are public, so anyone can send samples under the operator's, and only the
+        check tells a forgery from the operator's own: a forgery must not spend a budget of the
+        real sender's. A check that holds spends the sender's own bucket (VERIFY_FACTOR x its
+        rule; only the key's holder can spend it). One that fails spends the shared
+        FAILED_VERIFIES_PER_S, or once that is empty the claimed sender's own
+        FAILED_VERIFY_PER_SENDER_S; with both empty the sample is not checked (verify_busy).
+        A check takes a token of each budget it may spend and gives back the one it did not.
+        So checks are bounded (the senders' valid rates plus the failure budgets); a forged
+        flood under the shared budget costs the real sender nothing, and one over it leaves
+        the other senders whole while the abused one's samples are checked in proportion."""
+        mine = self._verify_bucket(rule, name)
+        if not mine.take():
+            return 'verify_rate_limited', {}
+        failure = self._failed_verifies
+        if not failure.take():
+            failure = self._failed_bucket(name)
+            if not failure.take():
+                mine.give_back()
+                return 'verify_busy', {}
+        self.stats['signatures_checked'] += 1
+        try:
+            self._certs.verify(signed.cert_pem, signed.signed_bytes(key), signed.signature)
+        except CredentialsError as exc:
+            mine.give_back()
+            return 'bad_signature', {'error': str(exc)[:200]}
+        failure.give_back()
+        return None
+
+    def _failed_bucket(self, sender: str) -> TokenBucket:
+        bucket = self._failed_per_sender.pop(sender, None)
+        if bucket is None:
+            bucket = TokenBucket(FAILED_VERIFY_PER_SENDER_S, 2 * FAILED_VERIFY_PER_SENDER_S,
+                                 self.clock)
+        self._failed_per_sender[sender] = bucket
+        while len(self._failed_per_sender) > MAX_VERIFY_SENDERS:
+            self._failed_per_sender.popitem(last=False)
+        return bucket
 
     def _verify_bucket(self, rule, sender: str) -> TokenBucket:
         key = (id(rule), sender)

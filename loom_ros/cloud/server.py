@@ -287,6 +287,10 @@ class Limits:
     # refusals signed per second (burst twice that): a flood of requests that are refused
     # costs a signature each to answer; past this they get no answer (counted)
     signed_refusals_per_s: float = 200.0
+    # the same for refusals of requests no member is known to have sent (too large, unsigned,
+    # unknown or bad certificate or signature, stale, replayed, another server's): a budget of
+    # their own, so a stranger's junk cannot use up the answers to members
+    unauthenticated_refusals_per_s: float = 50.0
 
     @classmethod
     def from_config(cls, section) -> 'Limits':
@@ -395,7 +399,8 @@ class CloudService:
         self.log = log   # what this server keeps per sender and subject (None: nothing)
         self.stats: Counter = Counter()
         self._lock = threading.Lock()
-        self._refusals = None   # the signed-refusal budget, made on the first refusal
+        # the refusal budgets (members', strangers'), made on the first refusal of each
+        self._refusals: dict[bool, TokenBucket] = {}
 
     def count(self, what: str) -> None:
         with self._lock:
@@ -426,11 +431,12 @@ class CloudService:
             self.count(exc.reason)
             if task == ERASE_TASK:
                 self.count(f'erase_refused_{exc.reason}')
-            self._error(query, exc.ident, request_digest, exc.code, str(exc))
+            self._error(query, exc.ident, request_digest, exc.code, str(exc),
+                        member=exc.code not in ('unauthenticated', 'too_large'))
             return
         except Exception as exc:  # a bug: an answer, not a dead callback
             self.count('internal')
-            self._error(query, '', b'', 'internal', f'{type(exc).__name__}: {exc}')
+            self._error(query, '', b'', 'internal', f'{type(exc).__name__}: {exc}', member=False)
             return
         why = self.queue.put(admitted.client, (query, admitted), size)
         if why:
@@ -499,13 +505,21 @@ class CloudService:
         body['id'] = admitted.ident
         return body
 
-    def _error(self, query, ident: str, request_digest: bytes, code: str, error: str) -> None:
+    def _error(self, query, ident: str, request_digest: bytes, code: str, error: str,
+               member: bool = True) -> None:
+        """A signed refusal, if its budget allows: `member` (an admitted request's, or one
+        refused for its sender's rate) or not (no member is known to have sent it)."""
         with self._lock:
-            if self._refusals is None:
-                rate = self.gate.limits.signed_refusals_per_s
-                self._refusals = TokenBucket(rate, 2 * rate, self.gate.clock)
-            if not self._refusals.take():
+            budget = self._refusals.get(member)
+            if budget is None:
+                limits = self.gate.limits
+                rate = limits.signed_refusals_per_s if member else \
+                    limits.unauthenticated_refusals_per_s
+                budget = self._refusals[member] = TokenBucket(rate, 2 * rate, self.gate.clock)
+            if not budget.take():
                 self.stats['refusal_unanswered'] += 1
+                if not member:
+                    self.stats['refusal_unanswered_unauthenticated'] += 1
                 return
         try:
             query.reply_err(self.signer.reply(ident, request_digest, {
@@ -542,7 +556,11 @@ def build_service(config: dict, identity: keys.Identity, *, instance: str,
     limits = Limits.from_config(config.get('limits'))
     log = request_log_from_config(config, data_dir)
     server = server or CloudServer(config, extra_latency_ms=extra_latency_ms)
-    gate = Gate(Verifier(identity.ca.read_bytes(), roles, clock=clock), limits, clock, instance)
+    verifier = Verifier(identity.ca.read_bytes(), roles, clock=clock)
+    # the members in the keys folder are known from the start: never refused as busy when a
+    # stranger's flood of new certificates spends the budget for checking new ones
+    verifier.certs.preload(identity.ca.parent)
+    gate = Gate(verifier, limits, clock, instance)
     return CloudService(server, gate, Signer(identity), FairQueue(
         limits.queue_per_client, limits.queue_total, limits.queued_bytes_total), instance, log)
 

@@ -16,6 +16,7 @@ the router to another member. Layout under `keys_dir` (default `~/.loom/keys`, m
 """
 from __future__ import annotations
 
+import binascii
 import datetime
 import hashlib
 import ipaddress
@@ -23,7 +24,9 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,8 @@ DEFAULT_KEYS_DIR = '~/.loom/keys'
 ROLES = ('robot', 'router', 'cloud', 'operator')
 _NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_\-]{0,63}\Z')
 MAX_CERT_BYTES = 16 * 1024   # a certificate sent along with a message is bounded before parsing
+_PEM_BEGIN, _PEM_END = b'-----BEGIN CERTIFICATE-----', b'-----END CERTIFICATE-----'
+_BASE64 = re.compile(rb'[A-Za-z0-9+/]+={0,2}\Z')
 
 
 class CredentialsError(RuntimeError):
@@ -304,10 +309,8 @@ def identity_of(cert_pem: bytes, ca_pem: bytes, now: datetime.datetime | None = 
         -> tuple[str, str]:
     """(name, role) of a certificate the authority signed and that is valid now; else
     CredentialsError. Bounded before parsing: it may come from a stranger."""
-    if not isinstance(cert_pem, (bytes, bytearray)) or len(cert_pem) > MAX_CERT_BYTES:
-        raise CredentialsError('certificate missing or larger than 16 KiB')
+    cert = _load_der(certificate_der(cert_pem))
     try:
-        cert = x509.load_pem_x509_certificate(bytes(cert_pem))
         ca = x509.load_pem_x509_certificate(ca_pem)
     except ValueError as exc:
         raise CredentialsError(f'unreadable certificate: {exc}') from None
@@ -316,6 +319,34 @@ def identity_of(cert_pem: bytes, ca_pem: bytes, now: datetime.datetime | None = 
     if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
         raise CredentialsError('certificate expired or not yet valid')
     return _name_and_role(cert)
+
+
+def certificate_der(cert_pem: bytes) -> bytes:
+    """The DER of a PEM certificate: what it is, whatever whitespace or text surrounds its block,
+    so receivers know a certificate by it (never by its PEM text, which a sender can vary at
+    will). Bounded before it is read; a block of anything but base64 (PEM headers included:
+    Loom's certificates have none) is unreadable."""
+    if not isinstance(cert_pem, (bytes, bytearray)) or len(cert_pem) > MAX_CERT_BYTES:
+        raise CredentialsError('certificate missing or larger than 16 KiB')
+    pem = bytes(cert_pem)
+    start = pem.find(_PEM_BEGIN)
+    end = pem.find(_PEM_END, start + len(_PEM_BEGIN)) if start >= 0 else -1
+    if end < 0:
+        raise CredentialsError('unreadable certificate: no PEM certificate block')
+    body = b''.join(pem[start + len(_PEM_BEGIN):end].split())
+    if not body or not _BASE64.match(body):
+        raise CredentialsError('unreadable certificate: its PEM block is not base64')
+    try:
+        return binascii.a2b_base64(body, strict_mode=True)
+    except binascii.Error as exc:
+        raise CredentialsError(f'unreadable certificate: {exc}') from None
+
+
+def _load_der(der: bytes):
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise CredentialsError(f'unreadable certificate: {str(exc)[:200]}') from None
 
 
 def _check_issued_by(cert, ca) -> None:
@@ -345,7 +376,7 @@ def verify(cert_pem: bytes, ca_pem: bytes, data: bytes, signature: bytes) -> tup
     who = identity_of(cert_pem, ca_pem)
     if not isinstance(signature, (bytes, bytearray)) or len(signature) > 256:
         raise CredentialsError('signature missing or too long')
-    public = x509.load_pem_x509_certificate(bytes(cert_pem)).public_key()
+    public = _load_der(certificate_der(cert_pem)).public_key()
     try:
         public.verify(bytes(signature), data, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
@@ -370,13 +401,18 @@ class KnownCertificate:
 
 class KnownCertificates:
     """Certificates sent along with messages, checked against the authority once and then known
-    by their digest (bounded, least recently used go first): a known one costs a hash. Checking
-    a new one (a parse and the CA's signature) is what a stranger can make a receiver pay for,
-    so at most `new_per_s` (burst `new_burst`) are checked; past that a new certificate is
-    refused as busy (CredentialsError) and known ones still pass. A certificate that failed is
-    remembered failed (bounded), and the same certificate written differently (PEM whitespace)
-    is found by its DER digest without a new check. Validity windows are re-checked on every
-    use against the injected clock (POSIX seconds)."""
+    by the digest of their DER (certificate_der: however the PEM is written, one key): a known one
+    costs a base64 decode and a hash. Checking a new one (a parse and the CA's signature) is what a
+    stranger can make a receiver pay for, so at most `new_per_s` (burst `new_burst`) are checked;
+    past that a new certificate is refused as busy (CredentialsError) and known ones still pass.
+
+    Three maps, each bounded, none able to evict another's entries: the fleet's members preloaded
+    from the keys folder (`preload`; they never need the new-certificate budget and are never
+    evicted), other good ones (`size`, least recently used go first) and failures (`bad_size`,
+    least recently used go first; a failure is remembered by its DER, so the same bad certificate
+    with other text around it costs no new check). Validity windows are re-checked on every use
+    against the injected clock (POSIX seconds). Safe from several threads (the cloud tier's Zenoh
+    callbacks): the lock covers the maps and the budget, not the parse, CA check or signature."""
 
     def __init__(self, ca_pem: bytes, *, size: int = 256, bad_size: int = 1024,
                  new_per_s: float = 50.0, new_burst: float = 100.0, clock=None):
@@ -386,59 +422,81 @@ class KnownCertificates:
         except ValueError as exc:
             raise CredentialsError(f'unreadable authority certificate: {exc}') from None
         self.size, self.bad_size = int(size), int(bad_size)
-        self._known: dict[bytes, KnownCertificate] = {}    # PEM or DER digest -> known
-        self._bad: dict[bytes, str] = {}                   # PEM digest -> why it failed
+        self._members: dict[bytes, KnownCertificate] = {}                  # DER digest -> known
+        self._known: OrderedDict[bytes, KnownCertificate] = OrderedDict()  # DER digest -> known
+        self._bad: OrderedDict[bytes, str] = OrderedDict()                 # DER digest -> why
+        self._lock = threading.Lock()
         self._budget = TokenBucket(new_per_s, new_burst, self.clock)
         self.checked = self.refused_busy = 0
 
+    def preload(self, keys_dir: str | Path, limit: int = 1024) -> int:
+        """Know the certificates of the keys folder (`<name>/cert.pem`, at most `limit`) that the
+        authority signed, outside the new-certificate budget and for good: a flood of strangers'
+        certificates cannot make a member wait. Others are skipped (checked like any new one if
+        they come). Returns how many are known."""
+        loaded = 0
+        for path in sorted(keys_path(keys_dir).glob('*/cert.pem'))[:limit]:
+            try:
+                der = certificate_der(read_small(path))
+                known = self._identify(_load_der(der))
+            except (OSError, CredentialsError):
+                continue
+            with self._lock:
+                self._members[_sha256(der)] = known
+            loaded += 1
+        return loaded
+
     def get(self, cert_pem: bytes) -> KnownCertificate:
         """The certificate's identity, valid now; CredentialsError otherwise."""
-        if not isinstance(cert_pem, (bytes, bytearray)) or len(cert_pem) > MAX_CERT_BYTES:
-            raise CredentialsError('certificate missing or larger than 16 KiB')
-        key = _sha256(bytes(cert_pem))
-        known = self._known.pop(key, None)
+        der = certificate_der(cert_pem)
+        key = _sha256(der)
+        with self._lock:
+            known = self._members.get(key)
+            if known is None:
+                known = self._known.get(key)
+                if known is not None:
+                    self._known.move_to_end(key)   # most recently used last
+                else:
+                    why = self._bad.get(key)
+                    if why is not None:
+                        self._bad.move_to_end(key)
+                        raise CredentialsError(why)
         if known is None:
-            why = self._bad.get(key)
-            if why is not None:
-                raise CredentialsError(why)
-            known = self._check(key, bytes(cert_pem))
-        self._known[key] = known   # most recently used last
-        while len(self._known) > self.size:
-            del self._known[next(iter(self._known))]
+            known = self._check(key, der)
         now = self.clock()
         if not known.not_before <= now <= known.not_after:
             raise CredentialsError(f'certificate of {known.name} expired or not yet valid')
         return known
 
-    def _check(self, key: bytes, cert_pem: bytes) -> KnownCertificate:
-        try:
-            cert = x509.load_pem_x509_certificate(cert_pem)
-        except ValueError as exc:
-            raise self._failed(key, f'unreadable certificate: {str(exc)[:200]}') from None
-        der = _sha256(cert.public_bytes(serialization.Encoding.DER))
-        known = self._known.get(der)
-        if known is not None:
-            return known
-        if not self._budget.take():
-            self.refused_busy += 1   # not remembered: it may be a member's, checked later
-            raise CredentialsError('busy: too many new certificates to check; try again')
-        self.checked += 1
+    def _check(self, key: bytes, der: bytes) -> KnownCertificate:
+        cert = _load_der(der)   # a parse that fails costs no CA check: not remembered
+        with self._lock:
+            if not self._budget.take():
+                self.refused_busy += 1   # not remembered: it may be a member's, checked later
+                raise CredentialsError('busy: too many new certificates to check; try again')
+            self.checked += 1
         try:   # the same checks as identity_of; its validity window is read at every use
-            _check_issued_by(cert, self.ca)
-            name, role = _name_and_role(cert)
+            known = self._identify(cert)
         except CredentialsError as exc:
-            raise self._failed(key, str(exc)) from None
-        known = KnownCertificate(name, role, cert.public_key(),
-                                 cert.not_valid_before_utc.timestamp(),
-                                 cert.not_valid_after_utc.timestamp())
-        self._known[der] = known
+            with self._lock:
+                self._bad[key] = str(exc)
+                self._bad.move_to_end(key)
+                while len(self._bad) > self.bad_size:
+                    self._bad.popitem(last=False)
+            raise
+        with self._lock:
+            self._known[key] = known
+            self._known.move_to_end(key)
+            while len(self._known) > self.size:
+                self._known.popitem(last=False)
         return known
 
-    def _failed(self, key: bytes, why: str) -> CredentialsError:
-        self._bad[key] = why
-        while len(self._bad) > self.bad_size:
-            del self._bad[next(iter(self._bad))]
-        return CredentialsError(why)
+    def _identify(self, cert) -> KnownCertificate:
+        _check_issued_by(cert, self.ca)
+        name, role = _name_and_role(cert)
+        return KnownCertificate(name, role, cert.public_key(),
+                                cert.not_valid_before_utc.timestamp(),
+                                cert.not_valid_after_utc.timestamp())
 
     def verify(self, cert_pem: bytes, data: bytes, signature: bytes) -> KnownCertificate:
         """Who signed `data`: the certificate known (or checked) and the signature its key's."""

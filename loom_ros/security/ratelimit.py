@@ -22,3 +22,7 @@ class TokenBucket:
             return False
         self.tokens -= 1.0
         return True
+
+    def give_back(self) -> None:
+        """Return a token taken for work whose outcome charged another budget instead."""
+        self.tokens = min(self.burst, self.tokens + 1.0)

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from harness import WAIT_LIMIT_S
-from link_fixtures import put
+from link_fixtures import TEST_IDENTITIES, put
 from loom_ros.bridge import codec
 from loom_ros.bridge.zenoh_link import session_config
 from loom_ros.bus.event import Event
@@ -144,6 +144,8 @@ def test_robot2_cannot_drive_read_or_impersonate(ros, port, zenoh_router, zsessi
     zenoh_router(port)
     proc, status, _ = bridge('/robot1', port, inbound=['fleet.**'],
                              out_allow=['agent.*.intent'])
+    # the node knows the keys folder's members from the start (no new-certificate budget)
+    assert status.get('members_known') >= len(TEST_IDENTITIES)
     bus = robot_bus('/robot1')
     moves = []
     bus.subscribe('fleet.robot.move', lambda e, t: moves.append(e.json()['linear']['x']))

@@ -135,7 +135,7 @@ def test_a_flood_of_forged_requests_costs_no_ca_check_and_few_signatures(fleet, 
     from loom_ros.cloud.server import CloudService
     clock = Clock(time.time())
     verifier = Verifier((fleet / 'ca.pem').read_bytes(), ['robot'], clock=clock)
-    limits = Limits(signed_refusals_per_s=5.0)
+    limits = Limits(unauthenticated_refusals_per_s=5.0)
     service = CloudService(None, Gate(verifier, limits, clock), Signer(keys.load(fleet, 'cloud')),
                            FairQueue(8, 64, 1 << 20), "cloud-a")
     forger = Signer(stranger)
