@@ -23,6 +23,11 @@ from loom_ros.storage.stores import episodes_sql
 from loom_ros.telemetry.diagnostics import OK, CheckResult
 
 QUERY_COLUMNS = ('agent_id', 'event_id', 'time_ms', 'type', 'source', 'tags', 'payload', 'subject')
+# SQLite virtual-machine steps one unit's episode query may take (about 10 million rows scanned,
+# 1-2 s here): warm episodes are indexed by time and agent only, so a query by type or source
+# over a long range scans, and the storage node holds its lock meanwhile (its moves wait).
+MAX_QUERY_STEPS = 50_000_000
+_STEPS_PER_CALL = 10_000
 
 PREFIX = 'storage.'
 
@@ -130,6 +135,7 @@ class StorageService:
         `failed` and tries it again at each round (once its files changed); a mover that can
         open none of them stops with the first one's error."""
         self.settings, self.clock, self.read_only = settings, clock, read_only
+        self.max_query_steps = MAX_QUERY_STEPS
         self.rebuild = rebuild   # every cold index made anew from its rows on open
         self.consent = consent
         self.failed: dict[str, str] = {}      # unit -> why it cannot be opened
@@ -321,7 +327,7 @@ class StorageService:
             if kind == 'episodes':
                 sql, args = episodes_sql(agent_id, start_ms, end_ms, type, source,
                                          limit=limit, columns=QUERY_COLUMNS)
-                rows = lc.conn.execute(sql, args).fetchall()
+                rows = self._bounded(lc.conn, sql, args, name)
                 for r in rows:   # payloads decrypted (encryption at rest); erased ones skipped
                     payload = lc.cipher.open_or_none(r[6], episode_context(r[0], r[1], r[2], r[7]))
                     if payload is not None:
@@ -336,6 +342,28 @@ class StorageService:
         if kind == 'episodes':
             return sorted(out, key=lambda r: r['time_ms'])[:limit]
         return sorted(out, key=lambda r: -r['score'])[:limit]
+
+    def _bounded(self, conn: sqlite3.Connection, sql: str, args, unit: str) -> list:
+        """The rows, or a StorageError once the query took `max_query_steps` steps (a scan too
+        long to hold the node's lock for; what to narrow is said)."""
+        calls = [0]
+
+        def spent() -> int:
+            calls[0] += 1
+            return calls[0] * _STEPS_PER_CALL > self.max_query_steps
+
+        conn.set_progress_handler(spent, _STEPS_PER_CALL)
+        try:
+            return conn.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as exc:
+            if calls[0] * _STEPS_PER_CALL <= self.max_query_steps:
+                raise StorageError(f'{unit}: cannot read: {exc}') from None
+            raise StorageError(f'{unit}: the query scanned more than {self.max_query_steps:,} '
+                               'steps and was stopped: give a shorter time range or an agent id '
+                               '(episodes are indexed by time and agent, not by type or source)'
+                               ) from None
+        finally:
+            conn.set_progress_handler(None, 0)
 
     def close(self) -> None:
         for lc in self.lifecycles.values():
