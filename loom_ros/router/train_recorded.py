@@ -16,10 +16,11 @@ A decision that says no payload size takes the size of the recorded event it nam
 recording holds it. Decisions asked without a local confidence, that fail the message checks,
 or that have no outcome or label are counted, not used.
 
-Consent (issue 17): a row whose event named a data subject (the outcome's `names_subject`, or
-`loom.subject` on the recorded event) is used only when the consent lookup says the subject
-gave `learning` consent, as it is when training runs. The subject is read from the recorded
-event (the recorder keeps its metadata even when it leaves the payload out); a row whose event
+Consent (issue 17): a row whose event named a data subject (the outcome's `names_subject`,
+`loom.subject` on the recorded event, or the decision's own `subject`) is used only when the
+consent lookup says the subject gave `learning` consent, as it is when training runs. The subject
+is read from the recorded event (the recorder keeps its metadata even when it leaves the payload
+out) and from the decision (two different ones: none passes); a row whose event
 is not in the recording, names an invalid subject, or cannot be looked up is left out (fail
 closed), and so is every subject row when no lookup is given. Each is counted.
 
@@ -167,7 +168,7 @@ def read_file(path: Path, dataset: Dataset, max_rows: int, limits: Limits = Limi
                     'privacy': int(request.privacy), 'local_confidence': request.local_confidence,
                     'latency_budget_ms': request.latency_budget_ms,
                     'payload_bytes': request.payload_bytes, 'route': decision.route.value,
-                    't_ns': message.log_time_ns}
+                    't_ns': message.log_time_ns, 'subject': request.subject}
             elif name == OUTCOME:
                 if not all(math.isfinite(v) and v >= 0 for v in (msg.latency_ms, msg.cost)):
                     dataset.counts['invalid_outcome'] += 1
@@ -211,9 +212,21 @@ def _note_event(event, payloads: _Bounded, verdicts: _Bounded) -> None:
         verdicts[_text(data['source_event'])] = (str(data['local']) == str(event.type), cloud)
 
 
-def _consent_skip(names_subject: bool, recorded, consent: ConsentLookup | None) -> str:
+def _row_subject(recorded, decided: str) -> str | None:
+    """Whom a row is about: the recorded event's subject and the decision's own
+    (RouteDecision.subject); two different ones are '..' (no single id to check: none passes);
+    None when neither says and the event is not recorded."""
+    named = {s for s in ((recorded[1] if recorded is not None else ''), decided) if s}
+    if len(named) > 1:
+        return '..'
+    if named:
+        return named.pop()
+    return '' if recorded is not None else None
+
+
+def _consent_skip(names_subject: bool, subject: str | None,
+                  consent: ConsentLookup | None) -> str:
     """'' when the row may be trained on, else why not (CONSENT_SKIPS)."""
-    subject = recorded[1] if recorded is not None else None
     if not names_subject and not subject:
         return ''   # anonymous
     if not subject:   # the outcome says it named one, and the recording does not say who
@@ -240,7 +253,8 @@ def _row(decision_id: str, d: dict, outcome: dict | None, payloads, verdicts,
         counts['no_outcome'] += 1
         return None
     recorded = payloads.get(d['event_id'])
-    skip = _consent_skip(outcome['names_subject'], recorded, consent)
+    skip = _consent_skip(outcome['names_subject'] or bool(d['subject']),
+                         _row_subject(recorded, d['subject']), consent)
     if skip:
         counts[skip] += 1
         return None

@@ -131,7 +131,8 @@ def test_loom_record_asks_the_roots_registry(ros, tmp_path, registry):
 
 def _training_run(path, groups: dict[str, tuple], t0=T0):
     """Decisions, outcomes with verdicts and the utterances they routed, per subject group:
-    {name: (subjects on the event, record the event?, outcome says names_subject, rows)}."""
+    {name: (subjects on the event, record the event?, outcome says names_subject, rows[,
+    the decision's own subject])}."""
     from builtin_interfaces.msg import Time
     from loom_msgs.msg import RouteOutcome
 
@@ -145,7 +146,7 @@ def _training_run(path, groups: dict[str, tuple], t0=T0):
                              ('/r/loom/mic/primary/speech', 'loom_msgs/msg/Event')):
         recorder.add_topic(topic, full_type)
     t = t0
-    for name, (subjects, record_event, names, n) in groups.items():
+    for name, (subjects, record_event, names, n, *decided) in groups.items():
         for i in range(n):
             t += 1000
             event_id = f'{name}-{i}'
@@ -154,7 +155,8 @@ def _training_run(path, groups: dict[str, tuple], t0=T0):
                                serialize_message(_event(event_id, subjects=subjects)), t)
             conf = (i % 10) / 10
             query = RouteQuery(event_id=event_id, event_type='speech.utterance',
-                               privacy=Privacy.PUBLIC, local_confidence=conf)
+                               privacy=Privacy.PUBLIC, local_confidence=conf,
+                               subject=decided[0] if decided else '')
             answer = RouteAnswer.of(f'd-{event_id}', Decision(Route.LOCAL, conf, 'threshold',
                                                               'r'))
             recorder.write('/r/router/decisions',
@@ -200,3 +202,22 @@ def test_training_leaves_out_subjects_without_learning_consent(tmp_path, registr
     out = capsys.readouterr().out
     assert 'rows left out for consent: 120 (no_learning_consent 60, subject_not_recorded 20, ' \
         'invalid_subject 40)' in out, out
+
+
+def test_a_decision_that_names_its_subject_is_held_to_that_subjects_consent(tmp_path, registry):
+    """RouteDecision.subject (what an agent host's in-process router publishes): a decision about
+    bob is no anonymous training row even when neither its event nor its outcome says so."""
+    from loom_ros.router.train_recorded import load
+    registry.grant('alice', 'learning', 'test')
+    registry.grant('bob', 'learning', 'test')
+    registry.withdraw('bob', 'learning', 'test')
+    groups = {'anon': ((), False, False, 10), 'bob': ((), False, False, 10, 'bob'),
+              'alice': ((), False, False, 10, 'alice'),
+              'both': (('alice',), True, True, 10, 'bob')}
+    _training_run(tmp_path / 'rec' / 'run.mcap', groups)
+    dataset = load([str(tmp_path / 'rec')], consent=registry.lookup)
+    assert {r['decision_id'].rsplit('-', 1)[0][2:] for r in dataset.rows} == {'anon', 'alice'}
+    assert dataset.counts['no_learning_consent'] == 10
+    assert dataset.counts['invalid_subject'] == 10    # the event says alice, the decision bob
+    blind = load([str(tmp_path / 'rec')])
+    assert {r['decision_id'].rsplit('-', 1)[0][2:] for r in blind.rows} == {'anon'}
