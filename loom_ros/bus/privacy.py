@@ -61,15 +61,20 @@ class SubjectError(ValueError):
 
 
 def check_subject(value: object) -> str:
-    """`value` as a subject id, or SubjectError. Never echoes more than 40 characters of it."""
+    """`value` as a subject id, or SubjectError saying which rule failed and where, never the
+    value (an invalid id is often a person's name, and these errors reach logs and health)."""
     if not isinstance(value, str):
         raise SubjectError(f'a data subject must be a string, got {type(value).__name__}')
     if not value or len(value) > MAX_SUBJECT_CHARS:
         raise SubjectError(f'a data subject has 1-{MAX_SUBJECT_CHARS} characters, got '
                            f'{len(value)}')
     if not _SUBJECT.match(value) or '..' in value:
-        raise SubjectError(f'data subject {value[:40]!r}: use ASCII letters, digits and '
-                           '_ . : @ + - (starting with a letter or digit, no "..")')
+        where = next((i for i, c in enumerate(value)
+                      if not (c.isascii() and (c.isalnum() or (i and c in '_.:@+-')))),
+                     value.find('..'))
+        raise SubjectError(f'a data subject of {len(value)} characters, the one at {where + 1} '
+                           'refused: use ASCII letters, digits and _ . : @ + - (starting with a '
+                           'letter or digit, no "..")')
     return value
 
 
