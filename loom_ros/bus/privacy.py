@@ -7,6 +7,7 @@ Pure Python.
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -85,6 +86,70 @@ def event_subject(event: Event) -> str:
     if SUBJECT_METADATA_KEY not in metadata:
         return ''
     return check_subject(metadata[SUBJECT_METADATA_KEY])
+
+
+SOMEONE = '..'   # a subject named but not by a valid id: someone, no consent for anything
+
+
+def subject_or_someone(event: Event) -> str:
+    """The data subject `event` names: '' anonymous, its id, or SOMEONE for a present but
+    invalid (or empty) one, which no consent check accepts."""
+    try:
+        return event_subject(event)
+    except SubjectError:
+        return SOMEONE
+
+
+# A JSON object derived from events (the ui plugin's screen state) says whose data each of its
+# fields holds under this key ({field: subject}), so the recorder asks their consent and erasure
+# and export find those fields, as they do with an event's `loom.subject`.
+SUBJECTS_JSON_KEY = 'loom.subjects'
+STRIPPED_JSON_KEY = 'loom.stripped'   # {field: why} of the fields taken out
+MAX_SUBJECTS_JSON_CHARS = 256 * 1024   # longer text is not parsed for it
+
+
+def json_subject_fields(text: str) -> tuple[dict, dict[str, str]] | None:
+    """(the object, {field: subject}) of a JSON object that says whose its fields are (subjects
+    not valid ids as SOMEONE; a SUBJECTS_JSON_KEY that is not such a map makes every field
+    SOMEONE's), or None when the text is not one (no key, not JSON, too long or too deep)."""
+    if not isinstance(text, str) or f'"{SUBJECTS_JSON_KEY}"' not in text or \
+            len(text) > MAX_SUBJECTS_JSON_CHARS:
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or SUBJECTS_JSON_KEY not in data:
+        return None
+    listed = data[SUBJECTS_JSON_KEY]
+    if not isinstance(listed, dict):
+        listed = {field: SOMEONE for field in data}
+    owners = {}
+    for field, value in listed.items():
+        if field in data and field not in (SUBJECTS_JSON_KEY, STRIPPED_JSON_KEY):
+            try:
+                owners[field] = check_subject(value)
+            except SubjectError:
+                owners[field] = SOMEONE
+    return data, owners
+
+
+def json_split(data: dict, owners: dict[str, str], subjects, why: str) -> tuple[dict, dict]:
+    """(the object without the fields of `subjects`, each marked in STRIPPED_JSON_KEY with
+    `why`; an object of only those fields, with whose they are)."""
+    gone = {field: who for field, who in owners.items() if who in subjects}
+    kept = {k: v for k, v in data.items() if k not in gone and k != SUBJECTS_JSON_KEY}
+    left = {field: who for field, who in owners.items() if field not in gone}
+    if left:
+        kept[SUBJECTS_JSON_KEY] = left
+    if gone:
+        stripped = kept.get(STRIPPED_JSON_KEY)
+        kept[STRIPPED_JSON_KEY] = {**(stripped if isinstance(stripped, dict) else {}),
+                                   **{field: why for field in gone}}
+    theirs = {field: data[field] for field in gone}
+    if gone:
+        theirs[SUBJECTS_JSON_KEY] = gone
+    return kept, theirs
 
 
 class Purpose(str, Enum):

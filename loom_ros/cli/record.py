@@ -33,7 +33,9 @@ hook that raises strips (fails closed). `loom record` uses `consent_hook`: the p
 event naming a data subject (`loom.subject`) without `recording` consent in the storage root's
 consent registry (storage/consent.py, read-only; a change holds from the next event) is left out,
 its metadata kept; anonymous events keep every tier, Private and LocalOnly included, because
-this recorder writes to the robot's own disk.
+this recorder writes to the robot's own disk. A JSON text that says whose its fields are
+(`loom.subjects`: the ui plugin's screen state) keeps a subject's fields only as an event naming
+that subject would keep its payload; the others are taken out and named in `loom.stripped`.
 
 Matching: DDS matches the recorder's reader with each publisher in its own time (a long-lived
 participant with many endpoints can take seconds), and best-effort messages sent before are not
@@ -59,7 +61,8 @@ from loom_ros.bringup.stop_signals import on_stop_signal
 from loom_ros.bus import topics
 from loom_ros.bus.executor import new_log_throttle, spin_once_counted
 from loom_ros.bus.names import to_ros_topic
-from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, Purpose, check_subject
+from loom_ros.bus.privacy import (SUBJECT_METADATA_KEY, Purpose, check_subject, json_split,
+                                  json_subject_fields)
 from loom_ros.bus.qos import fastdds_environment
 from loom_ros.config.params import config_dir
 from loom_ros.storage.layout import DEFAULT_ROOT
@@ -71,8 +74,10 @@ MIC_PRIMARY = 'mic.primary'   # raw microphone audio (sim_sensors' MIC_TOPIC; no
 # Camera frames are opt-in (--camera): about 8 MB/s raw at 10 Hz, 146 MB for a 30 s demo, and
 # compressing them took CPU from the face flow it records.
 CAMERA_TOPICS = [to_ros_topic(topics.CAMERA_FRONT)]
+# Not loom/ui/markers: rviz's copy of the screen's words, with no list of whose they are (the
+# state has one, so consent, erasure and export hold for it); `--topics` can still add it.
 DEFAULT_TOPICS = [
-    'loom/ui/state', 'loom/ui/markers', topics.ROUTER_DECISIONS, topics.ROUTER_OUTCOMES,
+    'loom/ui/state', topics.ROUTER_DECISIONS, topics.ROUTER_OUTCOMES,
     to_ros_topic(MIC_PRIMARY),
     to_ros_topic(topics.agent_action('face')), to_ros_topic(topics.agent_action('voice')),
     to_ros_topic(topics.agent_intent('voice')), to_ros_topic(topics.MIC_PRIMARY_SPEECH),
@@ -195,8 +200,32 @@ class SecretMasker:
         elif hasattr(msg, 'payload'):
             self._event(msg)
         else:   # std_msgs/String
-            msg.data = mask_text(msg.data[:MAX_MASKED_PAYLOAD])
+            msg.data = self._text(msg.data)
         return self._encode(msg)
+
+    def _text(self, text: str) -> str:
+        """A String's text, masked; a JSON state that says whose its fields are (the ui
+        plugin's, SUBJECTS_JSON_KEY) keeps a subject's fields only when the privacy hook keeps
+        an event naming that subject: the others are taken out and marked why."""
+        read = json_subject_fields(text)
+        if read is not None:
+            data, owners = read
+            refused = {}
+            for who in set(owners.values()):
+                try:
+                    verdict = self.privacy(_Named(who))
+                except Exception:   # noqa: BLE001 - a failing hook strips (fails closed)
+                    verdict = STRIP
+                if verdict != KEEP:
+                    refused[who] = verdict
+            if refused:
+                self.stripped += 1
+                self.stripped_consent += NO_CONSENT in refused.values()
+                consent = all(v == NO_CONSENT for v in refused.values())
+                data, _theirs = json_split(data, owners, refused,
+                                           'consent' if consent else 'privacy')
+                text = json.dumps(data, ensure_ascii=False, separators=(',', ':'))
+        return mask_text(text[:MAX_MASKED_PAYLOAD])
 
     def _event(self, event) -> None:
         try:
@@ -227,6 +256,16 @@ class SecretMasker:
             self.cut += 1
             text = text[:MAX_MASKED_PAYLOAD]
         event.payload = mask_text(text).encode()
+
+
+class _Named:
+    """What a privacy hook reads of an event (`metadata` key/value pairs, privacy Public) for
+    the fields of a JSON state that are one subject's."""
+
+    privacy = 0
+
+    def __init__(self, subject: str):
+        self.metadata = [_key_value(SUBJECT_METADATA_KEY, subject)]
 
 
 def _key_value(key: str, value: str):

@@ -35,7 +35,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, check_subject
+from loom_ros.bus.privacy import (SUBJECT_METADATA_KEY, SUBJECTS_JSON_KEY, check_subject,
+                                  json_split, json_subject_fields)
 from loom_ros.security.keyring import KEYRING_FILE, Keyring, KeyringError, ShreddedError
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore
 from loom_ros.storage.backend.local import LocalObjectStore
@@ -92,6 +93,8 @@ NOT_COVERED = [
     'text log files (e.g. <root>/logs/*.log of a demo: Loom logs name no subject, but an event '
     'monitor printing whole events would)',
     'the fleet / cloud tier and the bridge outbox',
+    'recorded messages that name no subject: rviz markers (loom/ui/markers, recorded only when '
+    'asked for) and ui states recorded before they listed loom.subjects',
 ]
 
 
@@ -241,6 +244,8 @@ EVENT_TYPES = ('loom_msgs/msg/Event', 'loom_msgs/Event')
 BATCH_TYPES = ('loom_msgs/msg/EventBatch', 'loom_msgs/EventBatch')
 # A routing decision names the data subject of the event it decided (`subject`, router/decisions)
 DECISION_TYPES = ('loom_msgs/msg/RouteDecision', 'loom_msgs/RouteDecision')
+# A JSON text (the ui plugin's screen state) lists whose data it holds (privacy.SUBJECTS_JSON_KEY)
+TEXT_TYPES = ('std_msgs/msg/String', 'std_msgs/String')
 
 
 def _subject_of(msg) -> str:
@@ -250,28 +255,45 @@ def _subject_of(msg) -> str:
     return ''
 
 
+def _json(data: dict) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(',', ':'))
+
+
 def _event_decoder():
-    """(Event, EventBatch, RouteDecision, deserialize, serialize): rclpy's CDR of loom_msgs."""
+    """(Event, EventBatch, RouteDecision, String, deserialize, serialize): rclpy's CDR."""
     from rclpy.serialization import deserialize_message, serialize_message
     from loom_msgs.msg import Event, EventBatch, RouteDecision
-    return Event, EventBatch, RouteDecision, deserialize_message, serialize_message
+    from std_msgs.msg import String
+    return Event, EventBatch, RouteDecision, String, deserialize_message, serialize_message
 
 
 def split_message(schema, data: bytes, subject: str, decoder) -> tuple[bytes | None, bytes | None,
                                                                          int]:
     """(what stays, what is the subject's, events of the subject) of one recorded message: an
     Event or a RouteDecision naming the subject goes whole; an EventBatch loses the subject's
-    events (re-encoded, dropped when none is left); anything else stays. A message that cannot
-    be decoded stays (it names no one Loom can tell)."""
+    events (re-encoded, dropped when none is left) and a JSON text saying whose its fields are
+    (SUBJECTS_JSON_KEY: the ui plugin's screen state) the subject's fields (marked erased);
+    anything else stays. A message that cannot be
+    decoded stays (it names no one Loom can tell)."""
     name = getattr(schema, 'name', '')
-    if name not in EVENT_TYPES + BATCH_TYPES + DECISION_TYPES:
+    if name not in EVENT_TYPES + BATCH_TYPES + DECISION_TYPES + TEXT_TYPES:
         return data, None, 0
-    event_cls, batch_cls, decision_cls, deserialize, serialize = decoder
+    event_cls, batch_cls, decision_cls, text_cls, deserialize, serialize = decoder
+    if name in TEXT_TYPES and SUBJECTS_JSON_KEY.encode() not in data:
+        return data, None, 0   # no list of subjects: not decoded
     try:
         msg = deserialize(data, event_cls if name in EVENT_TYPES else
-                          decision_cls if name in DECISION_TYPES else batch_cls)
+                          decision_cls if name in DECISION_TYPES else
+                          text_cls if name in TEXT_TYPES else batch_cls)
     except Exception:   # a damaged message
         return data, None, 0
+    if name in TEXT_TYPES:
+        read = json_subject_fields(msg.data)
+        if read is None or subject not in read[1].values():
+            return data, None, 0
+        kept, theirs = json_split(*read, {subject}, 'erased')
+        return (serialize(text_cls(data=_json(kept))), serialize(text_cls(data=_json(theirs))),
+                1)
     if name in DECISION_TYPES:
         return (None, data, 1) if msg.subject == subject else (data, None, 0)
     if name in EVENT_TYPES:

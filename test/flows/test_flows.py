@@ -296,8 +296,13 @@ def test_the_mcap_recording_reads_back_with_the_mcap_library(system):
             counts[channel.topic] = counts.get(channel.topic, 0) + 1
             if channel.topic.endswith('loom/ui/state'):
                 ui.append(json.loads(msg.data))
-    assert any(s.get('label') == 'happy' for s in ui)
-    assert {'/loom/ui/markers', '/router/decisions', '/imu/data'} <= set(counts), counts
+    # The face flow's fields were A's (the camera names A) and A was erased since: taken out of
+    # every recorded screen state and marked; B's words stay, said to be B's.
+    assert ui and not any(s.get('label') == 'happy' for s in ui)
+    assert any(s.get('loom.stripped', {}).get('label') == 'erased' for s in ui)
+    assert any(s.get('loom.subjects', {}).get('text') == SUBJECT_B for s in ui)
+    assert {'/loom/ui/state', '/router/decisions', '/imu/data'} <= set(counts), counts
+    assert '/loom/ui/markers' not in counts   # rviz's copy of the screen names no one: opt-in
 
 
 def _holding(root: Path, canary: bytes) -> list[str]:

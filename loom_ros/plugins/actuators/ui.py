@@ -11,6 +11,12 @@ text; a line with nothing to show is deleted.
 The append-only audit keeps the screen's words only while every field on it came from a Public
 event that names no data subject: a later anonymous update does not make an earlier person's
 words on the same screen auditable (UiState remembers, per field, why its words are withheld).
+
+The state says whose update set each field it shows (`loom.subjects`: {field: subject},
+bus/privacy.py SUBJECTS_JSON_KEY; '..' for one named by an invalid id): `loom record` keeps a
+field only with its subject's `recording` consent, and `loom forget` / `loom export` take out or
+hand over that subject's fields. The rviz markers
+carry the same words with no such list; they are not recorded by default (cli/record.py).
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ import json
 import threading
 
 from loom_ros.bus.event import Event
-from loom_ros.bus.privacy import audit_withholds
+from loom_ros.bus.privacy import (STRIPPED_JSON_KEY, SUBJECTS_JSON_KEY, audit_withholds,
+                                  subject_or_someone)
 from loom_ros.bus.qos import to_qos_profile
 from loom_ros.plugins.actuators.config import UiConfig, load_section
 from loom_ros.plugins.contract import (
@@ -28,7 +35,8 @@ from loom_ros.plugins.contract import (
 
 UPDATE = 'ui_update'
 TEXT_FIELDS = ('emoji', 'label', 'text')
-RESERVED = ('source', 'updated_ms', 'seq', 'truncated')
+RESERVED = ('source', 'updated_ms', 'seq', 'truncated', SUBJECTS_JSON_KEY,
+            STRIPPED_JSON_KEY)
 FACE_ID, TEXT_ID = 0, 1
 
 
@@ -62,13 +70,15 @@ class UiState:
         self.max_state_bytes = max_state_bytes
         self.fields: dict = {}
         self.withheld: dict[str, str] = {}   # field -> why its words stay out of the audit
+        self.subjects: dict[str, str] = {}   # field -> the data subject whose update set it
         self.seq = 0
 
     def apply(self, update: object, source: str = '', now_ms: int = 0,
-              withheld: str = '') -> dict:
+              withheld: str = '', subject: str = '') -> dict:
         """Merge one update; return the new state. Raises UiError and leaves the state as it was.
-        `withheld`: why the update's words may not be audited (audit_withholds of its event),
-        remembered for each field it sets until another update replaces or removes it."""
+        `withheld`: why the update's words may not be audited (audit_withholds of its event);
+        `subject`: the data subject its event names (subject_or_someone); both remembered for
+        each field it sets until another update replaces or removes it."""
         if not isinstance(update, dict):
             raise UiError(f'ui_update payload must be a JSON object, got {type(update).__name__}')
         reserved = sorted(set(update) & set(RESERVED))
@@ -81,6 +91,7 @@ class UiState:
                           f'{type(clear).__name__}')
         fields = {} if clear else dict(self.fields)
         origins = {} if clear else dict(self.withheld)
+        owners = {} if clear else dict(self.subjects)
         truncated = []
         for key, value in update.items():
             if key == 'clear':
@@ -88,6 +99,7 @@ class UiState:
             if value is None:
                 fields.pop(key, None)
                 origins.pop(key, None)
+                owners.pop(key, None)
                 continue
             if key in TEXT_FIELDS:
                 if not isinstance(value, str):
@@ -98,7 +110,11 @@ class UiState:
                     truncated.append(key)
             fields[key] = value
             origins[key] = withheld
+            owners[key] = subject
         state = {**fields, 'source': source, 'updated_ms': now_ms, 'seq': self.seq + 1}
+        shown = {field: who for field, who in owners.items() if who and field in fields}
+        if shown:
+            state[SUBJECTS_JSON_KEY] = shown
         if truncated:
             state['truncated'] = truncated
         size = len(self.encode(state))
@@ -107,6 +123,7 @@ class UiState:
                           f'{self.max_state_bytes}')
         self.fields, self.seq = fields, self.seq + 1
         self.withheld = {k: why for k, why in origins.items() if why}
+        self.subjects = {k: who for k, who in owners.items() if who}
         return state
 
     def lines_withheld(self) -> str:
@@ -177,7 +194,8 @@ class UiPlugin(Plugin):
         try:
             update = event.json()
             with self._lock:
-                state = self.state.apply(update, event.source, event.timestamp_ms, why)
+                state = self.state.apply(update, event.source, event.timestamp_ms, why,
+                                         subject_or_someone(event))
                 lines = self.state.lines()
                 # an anonymous update can leave an earlier subject's words on the screen
                 withheld = why or self.state.lines_withheld()

@@ -1,0 +1,109 @@
+"""A person's words on the robot's screen (the ui plugin's state on loom/ui/state) are theirs in
+recordings too: the state says whose update set each field (`loom.subjects`), `loom record`
+keeps a field only with its subject's recording consent, `loom forget` takes the subject's
+fields out and `loom export` hands them over; what others put on the screen stays (review
+finding: the words reached recordings past consent and stayed after forget)."""
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+from mcap.reader import make_reader
+from rclpy.serialization import deserialize_message, serialize_message
+from std_msgs.msg import String
+
+from loom_ros.bus.event import Event
+from loom_ros.bus.privacy import (SUBJECT_METADATA_KEY, SUBJECTS_JSON_KEY, ConsentState,
+                                  audit_withholds, json_subject_fields, subject_or_someone)
+from loom_ros.cli.record import DEFAULT_TOPICS, McapRecorder, consent_hook
+from loom_ros.plugins.actuators.ui import UiState
+from loom_ros.storage.erasure import _recording_messages, export, forget
+from loom_ros.storage.layout import StorageLayout
+
+STATE = '/loom/ui/state'
+ALICE, BOB = 'CANARY-alice-test-result', 'CANARY-bob-appointment'
+
+
+def _update(state: UiState, update: dict, subject: str | None = None) -> str:
+    event = Event.with_json('ui_update', update, source='voice',
+                            metadata={SUBJECT_METADATA_KEY: subject} if subject is not None
+                            else {})
+    shown = state.apply(event.json(), event.source, event.timestamp_ms, audit_withholds(event),
+                        subject_or_someone(event))
+    return UiState.encode(shown).decode()
+
+
+def _owners(text: str) -> dict | None:
+    read = json_subject_fields(text)
+    return None if read is None else read[1]
+
+
+def _states(path) -> list[dict]:
+    return [json.loads(deserialize_message(m.data, String).data)
+            for _s, _sc, c, m in _recording_messages(path) if m is not None and c.topic == STATE]
+
+
+def test_the_state_says_whose_each_field_is_until_it_is_replaced():
+    state = UiState()
+    assert _owners(_update(state, {'text': 'hello'})) is None            # anonymous: no map
+    assert _owners(_update(state, {'text': ALICE}, 'alice')) == {'text': 'alice'}
+    # an anonymous emoji beside alice's text: the text is still hers, the emoji no one's
+    assert _owners(_update(state, {'emoji': ':)'})) == {'text': 'alice'}
+    assert _owners(_update(state, {'label': 'x'}, '')) == {'text': 'alice', 'label': '..'}
+    assert _owners(_update(state, {'text': 'y'}, 'not valid!')) == {'text': '..', 'label': '..'}
+    assert _owners(_update(state, {'clear': True, 'emoji': ':|'})) is None
+
+
+def test_recorder_keeps_only_consented_fields_and_forget_and_export_find_them(tmp_path):
+    assert 'loom/ui/markers' not in DEFAULT_TOPICS   # rviz's copy says no one's: opt-in
+    layout = StorageLayout.at(tmp_path)
+    path = layout.recordings / 'run.mcap'
+    granted = {'bob'}
+    recorder = McapRecorder(path, privacy=consent_hook(
+        lambda subject, purpose: ConsentState(purpose, granted=subject in granted)))
+    recorder.add_topic(STATE, 'std_msgs/msg/String')
+    state = UiState()
+    for text in (_update(state, {'emoji': ':)', 'label': 'happy'}),
+                 _update(state, {'text': ALICE}, 'alice'),
+                 _update(state, {'label': BOB}, 'bob'),
+                 _update(state, {'text': 'later'})):
+        recorder.write(STATE, serialize_message(String(data=text)))
+    recorder.close()
+    assert recorder.stripped_consent() == 2      # alice's text, in two states
+    states = _states(path)
+    assert not any(ALICE in json.dumps(s) for s in states)
+    assert states[1]['emoji'] == ':)' and 'text' not in states[1]          # the face stays
+    assert states[1]['loom.stripped'] == {'text': 'consent'}
+    assert states[2]['label'] == BOB and states[2][SUBJECTS_JSON_KEY] == {'label': 'bob'}
+    assert states[3] == {**states[3], 'text': 'later', 'label': BOB}
+    # bob's export: his label in the states that showed it, nothing of alice's or the face's
+    export(layout, 'bob', tmp_path / 'bob.zip')
+    with zipfile.ZipFile(tmp_path / 'bob.zip') as archive:
+        recorded = archive.read('media/run.mcap')
+    mine = [json.loads(deserialize_message(m.data, String).data)
+            for _s, _c, m in make_reader(io.BytesIO(recorded)).iter_messages()]
+    assert mine == [{'label': BOB, SUBJECTS_JSON_KEY: {'label': 'bob'}}] * 2
+    # forget bob: his label goes from every state, what others showed stays
+    receipt = forget(layout, 'bob')
+    assert receipt.counts['recording_messages'] == 2
+    after = _states(path)
+    assert len(after) == 4 and not any(BOB in json.dumps(s) for s in after)
+    assert after[2]['emoji'] == ':)' and after[2]['loom.stripped'] == {'text': 'consent',
+                                                                      'label': 'erased'}
+    assert after[3]['text'] == 'later' and SUBJECTS_JSON_KEY not in after[3]
+    assert after[0] == states[0]
+
+
+def test_a_forged_or_broken_map_strips_rather_than_keeps(tmp_path):
+    """Anyone may publish on loom/ui/state: a map that is not {field: valid id} cannot make a
+    field pass as consented."""
+    recorder = McapRecorder(tmp_path / 'r.mcap', privacy=consent_hook(
+        lambda subject, purpose: ConsentState(purpose, granted=True)))
+    recorder.add_topic(STATE, 'std_msgs/msg/String')
+    for forged in ({'text': 'words', SUBJECTS_JSON_KEY: ['alice']},
+                   {'text': 'words', SUBJECTS_JSON_KEY: {'text': '../x'}}):
+        recorder.write(STATE, serialize_message(String(data=json.dumps(forged))))
+    recorder.close()
+    assert [s.get('text') for s in _states(tmp_path / 'r.mcap')] == [None, None]
+    assert recorder.stripped_consent() == 2
