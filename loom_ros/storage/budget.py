@@ -122,6 +122,13 @@ def root_used_bytes(layout: StorageLayout, extra: int = 0, archive_walked: bool 
     return measure_root(layout, extra, archive_walked).bytes
 
 
+def _size(path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
 def budget_check(name: str, used: int, budget: int, warn: float = 0.8,
                  error: float = 0.95) -> CheckResult:
     """WARN from `warn`, ERROR from `error` of the budget, with the numbers."""
@@ -146,9 +153,13 @@ class BudgetGate:
     the rest); later ones read the last measurement and, once it is `period_s` old, start the
     next one on a thread of its own, so a large root never stalls a batch. A walk's CPU stays
     a small share: the next starts no sooner than `WALK_SHARE`'s inverse times the last one's
-    duration. A root too large to walk (MAX_WALK_ENTRIES) counts as over budget."""
+    duration, and no later than MAX_WALK_INTERVAL_S. Between walks, what the `watched` files
+    (the writer's own database and WAL: `watch`) grew since the last walk counts at once, so
+    a writer's own batches never go unseen for long. A root too large to walk
+    (MAX_WALK_ENTRIES) counts as over budget."""
 
     WALK_SHARE = 0.05
+    MAX_WALK_INTERVAL_S = 30.0
 
     def __init__(self, layout: StorageLayout, total_bytes: int, extra_bytes=None,
                  period_s: float = 0.5, monotonic=time.monotonic,
@@ -164,21 +175,37 @@ class BudgetGate:
         self._next = 0.0
         self._measuring = False
         self._lock = threading.Lock()
+        self._watched: dict[str, int] = {}   # path -> its size at the last walk
+
+    def watch(self, *paths) -> None:
+        """Files whose growth since the last walk counts at every call (a stat each)."""
+        with self._lock:
+            for path in paths:
+                self._watched.setdefault(str(path), _size(path))
+
+    def _grown(self) -> int:
+        return sum(max(0, _size(path) - at) for path, at in list(self._watched.items()))
 
     @property
     def used(self) -> int:
-        return self.usage.bytes if self.usage is not None else 0
+        return self.usage.bytes + self._grown() if self.usage is not None else 0
 
     def measure(self) -> RootUsage:
         started = self.monotonic()
+        with self._lock:
+            watched = list(self._watched)
+        # sizes before the walk: growth during it may count twice until the next (over, never
+        # under)
+        sizes = {path: _size(path) for path in watched}
         extra = 0 if self.extra is None else int(self.extra())
         usage = measure_root(self.layout, extra, archive_walked=self.extra is None,
                              max_entries=self.max_entries)
         finished = self.monotonic()
         with self._lock:
             self.usage, self.measures = usage, self.measures + 1
-            self._next = finished + max(self.period_s,
-                                        (finished - started) / self.WALK_SHARE)
+            self._watched.update(sizes)
+            self._next = finished + min(self.MAX_WALK_INTERVAL_S, max(
+                self.period_s, (finished - started) / self.WALK_SHARE))
             self._measuring = False
         return usage
 
@@ -201,10 +228,12 @@ class BudgetGate:
         if first:
             self.measure()
         elif stale:
-            if self.background:
+            try:
+                if not self.background:
+                    raise RuntimeError('measured in the caller')
                 threading.Thread(target=self._measure_quietly, name='loom-budget-walk',
                                  daemon=True).start()
-            else:
+            except RuntimeError:   # no thread to be had (or none wanted): measure here
                 self._measure_quietly()
         usage = self.usage
         if not usage.complete:
@@ -213,9 +242,10 @@ class BudgetGate:
                 f'storage root {self.layout.root}: more than {self.max_entries:,} files and '
                 'folders under it, too many to measure against storage.budget.total_bytes; '
                 'writes stop until some are removed; nothing committed is lost')
-        if usage.bytes >= self.total:
+        used = usage.bytes + self._grown()
+        if used >= self.total:
             self.refused += 1
             raise StorageFullError(
-                f'storage root {self.layout.root}: {usage.bytes:,} of {self.total:,} bytes '
+                f'storage root {self.layout.root}: {used:,} of {self.total:,} bytes '
                 'budget used (storage.budget.total_bytes); writes stop until the lifecycle '
                 'frees archive or cold data or the budget is raised; nothing committed is lost')

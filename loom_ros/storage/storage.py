@@ -128,6 +128,8 @@ class Storage:
                                             max_delay_s=config.max_delay_ms / 1000.0,
                                             max_batch=config.max_batch, gate=gate,
                                             keepers=(self.spans,))
+            if hasattr(gate, 'watch'):   # a BudgetGate counts this unit's growth between walks
+                gate.watch(self.path, f'{self.path}-wal')
         except BaseException:   # nothing left open behind a failed start (the lock fd least)
             self._release()
             raise

@@ -153,3 +153,52 @@ def test_after_the_first_measurement_a_walk_never_runs_in_the_batch(tmp_path):
     assert gate.measures == 2
     with pytest.raises(StorageFullError):
         gate()
+
+
+def test_between_walks_the_writers_own_growth_counts_at_once(tmp_path):
+    """Review finding: after a walk the gate saw nothing until the next one (20x the walk's
+    duration), so a writer's own batches could run far past the budget meanwhile."""
+    layout = StorageLayout.at(tmp_path)
+    own = tmp_path / 'db' / 'unit.db'
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b'')
+    clock = _Clock()
+    gate = BudgetGate(layout, total_bytes=100_000, monotonic=clock, background=False)
+    gate.watch(own, f'{own}-wal')
+    gate()
+    assert gate.measures == 1
+    (tmp_path / 'db' / 'unit.db-wal').write_bytes(b'w' * 60_000)   # the writer's batches
+    gate()
+    own.write_bytes(b'd' * 50_000)                                  # a checkpoint moved them
+    with pytest.raises(StorageFullError, match='110,000 of 100,000 bytes'):
+        gate()
+    assert gate.measures == 1                                       # no walk was due
+
+
+def test_walks_are_never_further_apart_than_the_cap(tmp_path):
+    layout = StorageLayout.at(tmp_path)
+    clock = _Clock()
+    gate = BudgetGate(layout, total_bytes=10**9, monotonic=clock, background=False)
+    clock.step = 100.0                       # a walk of 100 s would wait 2,000 s
+    gate()
+    clock.step = 0.0
+    clock.now += BudgetGate.MAX_WALK_INTERVAL_S + 1
+    gate()
+    assert gate.measures == 2
+
+
+def test_a_thread_that_cannot_start_measures_in_the_caller(tmp_path, monkeypatch):
+    layout = StorageLayout.at(tmp_path)
+    clock = _Clock()
+    gate = BudgetGate(layout, total_bytes=1000, monotonic=clock)
+    gate()
+    (tmp_path / 'big').write_bytes(b'b' * 5000)
+    clock.now = 10.0
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, 'start', no_thread)
+    with pytest.raises(StorageFullError):
+        gate()
+    assert gate.measures == 2 and not gate._measuring
