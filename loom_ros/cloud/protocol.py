@@ -243,18 +243,30 @@ class Verifier:
         self.certs = keys.KnownCertificates(ca_pem, size=cache_size, clock=clock,
                                             new_per_s=new_certs_per_s,
                                             new_burst=2 * new_certs_per_s)
+        self.signatures_checked = 0   # ECDSA checks run (what a forger can make it spend)
 
     def verify(self, header: dict, data: bytes) -> tuple[str, str]:
         """(name, role) of whoever signed `data` with the header's certificate; CredentialsError
         when the certificate is not the fleet's, out of date, of another role, or the signature
         does not match."""
+        known = self.identify(header)
+        self.check(known, header, data)
+        return known.name, known.role
+
+    def identify(self, header: dict) -> keys.KnownCertificate:
+        """Whom the header's certificate names, a fleet member of one of the roles (cheap for a
+        known certificate: a hash); the signature is not checked yet."""
         known = self.certs.get(header['cert'].encode())
         if known.role not in self.roles:
             raise CredentialsError(f'{known.name} has role {known.role}, not one of '
                                    f'{sorted(self.roles)}')
+        return known
+
+    def check(self, known: keys.KnownCertificate, header: dict, data: bytes) -> None:
+        """CredentialsError unless the header's signature over `data` is `known`'s key's."""
+        self.signatures_checked += 1
         try:
             known.public_key.verify(base64.b64decode(header['sig'], validate=True), data,
                                     ec.ECDSA(hashes.SHA256()))
         except (InvalidSignature, binascii.Error, ValueError):
             raise CredentialsError(f'bad signature for {known.name}') from None
-        return known.name, known.role

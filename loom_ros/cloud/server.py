@@ -326,9 +326,12 @@ class Admitted:
 
 class Gate:
     """Everything a request passes before it is queued, in order of cost: its size, its framing,
-    the fleet signature (CA, role, key), its audience (`*` or this `instance`: a request signed
-    for another server is refused, so it cannot be replayed here), its time and id (a replay is
-    refused) and its sender's rate. Pure: the verifier and the clock are passed in."""
+    the certificate it carries (a fleet member of an allowed role: a hash for a known one), its
+    audience (`*` or this `instance`: a request signed for another server is refused, so it
+    cannot be replayed here), its time, its id against the ids that member used (a replay),
+    only then the signature (an ECDSA check: a stale, misaddressed or replayed request, forged
+    or not, costs none), and its sender's rate. Pure: the verifier and the clock are passed
+    in."""
 
     def __init__(self, verifier: Verifier, limits: Limits, clock=time.time, instance: str = ''):
         self.verifier, self.limits, self.clock = verifier, limits, clock
@@ -349,21 +352,29 @@ class Gate:
                            f'requests must be signed by a fleet identity: {exc}') from None
         ident = header['id']
         try:
-            client, role = self.verifier.verify(
-                header, request_signed_bytes(task, ident, header['ts'], body, header['aud']))
+            known = self.verifier.identify(header)
         except CredentialsError as exc:
             raise Rejected('unauthenticated', 'unauthenticated', str(exc), ident) from None
+        client, role = known.name, known.role
         if header['aud'] not in (ANY_SERVER, self.instance):
             raise Rejected('unauthenticated', 'wrong_server', f'request signed for server '
                            f'{header["aud"]!r}, not this one ({self.instance!r})', ident)
         now = self.clock()
+        if abs(now - header['ts'] / 1000.0) > self.limits.max_clock_skew_s:
+            raise Rejected('unauthenticated', 'stale', 'request time is more than '
+                           f'{self.limits.max_clock_skew_s:g} s from the server\'s clock', ident)
+        key = (client, ident)
         with self._lock:
-            if abs(now - header['ts'] / 1000.0) > self.limits.max_clock_skew_s:
-                raise Rejected('unauthenticated', 'stale', 'request time is more than '
-                               f'{self.limits.max_clock_skew_s:g} s from the server\'s clock',
-                               ident)
-            key = (client, ident)
-            if key in self._seen:
+            seen = key in self._seen
+        if seen:
+            raise Rejected('unauthenticated', 'replay', 'request id already seen', ident)
+        try:
+            self.verifier.check(known, header, request_signed_bytes(
+                task, ident, header['ts'], body, header['aud']))
+        except CredentialsError as exc:
+            raise Rejected('unauthenticated', 'unauthenticated', str(exc), ident) from None
+        with self._lock:
+            if key in self._seen:   # the same request, checked meanwhile on another thread
                 raise Rejected('unauthenticated', 'replay', 'request id already seen', ident)
             bucket = self._buckets.get(client)
             if bucket is None:

@@ -19,7 +19,7 @@ from loom_ros.cloud.erasure import ERASE_TASK, erase_key
 from loom_ros.cloud.protocol import (
     KEY_PREFIX, Signer, Verifier, instance_key, pack, unpack,
 )
-from loom_ros.cloud.server import CloudService, FairQueue, Gate, Limits, build_service
+from loom_ros.cloud.server import CloudService, FairQueue, Gate, Limits, Rejected, build_service
 from loom_ros.security import keys
 
 
@@ -208,3 +208,34 @@ def test_concurrent_zenoh_callbacks_answer_every_request_right(fleet, port):
         for session in clients:
             session.close()
         server.close()
+
+
+def test_stale_misaddressed_and_replayed_requests_cost_no_signature_check(fleet):
+    """Finding: the signature was checked before time, audience and replay, so forged requests
+    on a member's (public) certificate with any old time cost an ECDSA check each."""
+    root, _ = fleet
+    clock = Clock()
+    verifier = Verifier((root / 'ca.pem').read_bytes(), ['robot'], clock=clock)
+    gate = Gate(verifier, Limits(rate_per_s=1000.0, burst=1000.0), clock, instance='cloud-a')
+    robot = Signer(keys.load(root, 'robot1'))
+    now_ms = int(clock.now * 1000)
+    good = robot.request('intent', {'text': 'hi'}, 'r1', now_ms)
+    assert gate.admit('intent', good).client == 'robot1'
+    assert verifier.signatures_checked == 1
+    header, body = unpack(good)
+    forged = [pack({**header, 'id': f'old{i}', 'ts': now_ms - 3_600_000}, body)
+              for i in range(50)]                                      # stale
+    forged += [pack({**header, 'id': f'else{i}', 'aud': 'cloud-b'}, body)
+               for i in range(50)]                                     # another server's
+    forged += [good] * 50                                              # replays
+    reasons = []
+    for data in forged:
+        with pytest.raises(Rejected) as refused:
+            gate.admit('intent', data)
+        reasons.append(refused.value.reason)
+    assert sorted(set(reasons)) == ['replay', 'stale', 'wrong_server']
+    assert verifier.signatures_checked == 1
+    # a fresh forgery is checked, and refused
+    with pytest.raises(Rejected, match="bad signature"):
+        gate.admit('intent', pack({**header, 'id': 'new'}, body))
+    assert verifier.signatures_checked == 2
