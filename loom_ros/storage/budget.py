@@ -184,7 +184,11 @@ class BudgetGate:
                 self._watched.setdefault(str(path), _size(path))
 
     def _grown(self) -> int:
-        return sum(max(0, _size(path) - at) for path, at in list(self._watched.items()))
+        """What the watched files together grew since the last walk: together, since a
+        checkpoint moves pages from the WAL into the database (the WAL cut back, the database
+        grown) and counted apart that would count them twice (a false full stops the writer)."""
+        watched = list(self._watched.items())
+        return max(0, sum(_size(path) for path, _at in watched) - sum(at for _p, at in watched))
 
     @property
     def used(self) -> int:

@@ -175,6 +175,26 @@ def test_between_walks_the_writers_own_growth_counts_at_once(tmp_path):
     assert gate.measures == 1                                       # no walk was due
 
 
+def test_a_checkpoint_moving_the_wal_into_the_database_is_not_counted_twice(tmp_path):
+    """The WAL cut back (TRUNCATE) and the database grown by what it held: no growth, so no
+    false full (which would stop the agent host's writer until it is reconfigured)."""
+    layout = StorageLayout.at(tmp_path)
+    own = tmp_path / 'db' / 'unit.db'
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b'd' * 10_000)
+    wal = tmp_path / 'db' / 'unit.db-wal'
+    wal.write_bytes(b'w' * 70_000)
+    clock = _Clock()
+    gate = BudgetGate(layout, total_bytes=100_000, monotonic=clock, background=False)
+    gate.watch(own, wal)
+    gate()
+    assert gate.used == 80_000
+    own.write_bytes(b'd' * 80_000)   # the checkpoint: pages into the database ...
+    wal.write_bytes(b'')             # ... and the WAL truncated
+    gate()
+    assert gate.used == 80_000 and gate.refused == 0
+
+
 def test_walks_are_never_further_apart_than_the_cap(tmp_path):
     layout = StorageLayout.at(tmp_path)
     clock = _Clock()
