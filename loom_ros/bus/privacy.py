@@ -106,6 +106,7 @@ def subject_or_someone(event: Event) -> str:
 SUBJECTS_JSON_KEY = 'loom.subjects'
 STRIPPED_JSON_KEY = 'loom.stripped'   # {field: why} of the fields taken out
 MAX_SUBJECTS_JSON_CHARS = 256 * 1024   # longer text is not parsed for it
+MAX_SUBJECTS_PER_JSON = 32   # more distinct subjects: every field someone's (each costs a lookup)
 
 
 def json_subject_fields(text: str) -> tuple[dict, dict[str, str]] | None:
@@ -131,6 +132,8 @@ def json_subject_fields(text: str) -> tuple[dict, dict[str, str]] | None:
                 owners[field] = check_subject(value)
             except SubjectError:
                 owners[field] = SOMEONE
+    if len(set(owners.values())) > MAX_SUBJECTS_PER_JSON:
+        owners = {field: SOMEONE for field in owners}
     return data, owners
 
 

@@ -61,8 +61,8 @@ from loom_ros.bringup.stop_signals import on_stop_signal
 from loom_ros.bus import topics
 from loom_ros.bus.executor import new_log_throttle, spin_once_counted
 from loom_ros.bus.names import to_ros_topic
-from loom_ros.bus.privacy import (SUBJECT_METADATA_KEY, Purpose, check_subject, json_split,
-                                  json_subject_fields)
+from loom_ros.bus.privacy import (SUBJECT_METADATA_KEY, SUBJECTS_JSON_KEY, Purpose,
+                                  check_subject, json_split, json_subject_fields)
 from loom_ros.bus.qos import fastdds_environment
 from loom_ros.config.params import config_dir
 from loom_ros.storage.layout import DEFAULT_ROOT
@@ -206,26 +206,32 @@ class SecretMasker:
     def _text(self, text: str) -> str:
         """A String's text, masked; a JSON state that says whose its fields are (the ui
         plugin's, SUBJECTS_JSON_KEY) keeps a subject's fields only when the privacy hook keeps
-        an event naming that subject: the others are taken out and marked why."""
+        an event naming that subject: the others are taken out and marked why. Such a state is
+        masked field by field and its map kept as it is (checked ids: a masked one could not be
+        found by forget or export); one that says it has a map but cannot be read is not kept."""
+        if f'"{SUBJECTS_JSON_KEY}"' not in text:
+            return mask_text(text, MAX_MASKED_PAYLOAD)
         read = json_subject_fields(text)
-        if read is not None:
-            data, owners = read
-            refused = {}
-            for who in set(owners.values()):
-                try:
-                    verdict = self.privacy(_Named(who))
-                except Exception:   # noqa: BLE001 - a failing hook strips (fails closed)
-                    verdict = STRIP
-                if verdict != KEEP:
-                    refused[who] = verdict
-            if refused:
-                self.stripped += 1
-                self.stripped_consent += NO_CONSENT in refused.values()
-                consent = all(v == NO_CONSENT for v in refused.values())
-                data, _theirs = json_split(data, owners, refused,
-                                           'consent' if consent else 'privacy')
-                text = json.dumps(data, ensure_ascii=False, separators=(',', ':'))
-        return mask_text(text[:MAX_MASKED_PAYLOAD])
+        if read is None:
+            self.stripped += 1
+            return json.dumps({STRIPPED_KEY: 'unreadable'})
+        data, owners = read
+        refused = {}
+        for who in set(owners.values()):
+            try:
+                verdict = self.privacy(_Named(who))
+            except Exception:   # noqa: BLE001 - a failing hook strips (fails closed)
+                verdict = STRIP
+            if verdict != KEEP:
+                refused[who] = verdict
+        if refused:
+            self.stripped += 1
+            self.stripped_consent += NO_CONSENT in refused.values()
+            consent = all(v == NO_CONSENT for v in refused.values())
+            data, _theirs = json_split(data, owners, refused, 'consent' if consent else 'privacy')
+        masked = {key: value if key in (SUBJECTS_JSON_KEY, STRIPPED_KEY) else
+                  mask_value(value, key) for key, value in data.items()}
+        return json.dumps(masked, ensure_ascii=False, separators=(',', ':'))
 
     def _event(self, event) -> None:
         try:
@@ -245,6 +251,8 @@ class SecretMasker:
         for kv in event.metadata:
             if kv.key == 'encoding' and kv.value.strip().lower() in MEDIA_ENCODINGS:
                 media = True
+            if kv.key == SUBJECT_METADATA_KEY and _valid_subject(kv.value):
+                continue   # a checked id, kept as it is: forget and export find events by it
             kv.value = str(mask_value(kv.value[:MAX_FIELD_CHARS], kv.key[:MAX_FIELD_CHARS]))
         if media:
             return   # a camera frame, audio: kept byte for byte (a replay needs them)
@@ -255,7 +263,15 @@ class SecretMasker:
         if len(text) > MAX_MASKED_PAYLOAD:
             self.cut += 1
             text = text[:MAX_MASKED_PAYLOAD]
-        event.payload = mask_text(text).encode()
+        event.payload = mask_text(text, MAX_MASKED_PAYLOAD).encode()
+
+
+def _valid_subject(value: str) -> bool:
+    try:
+        check_subject(value)
+    except ValueError:
+        return False
+    return True
 
 
 class _Named:

@@ -10,7 +10,7 @@ import stat
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loom_ros.storage.errors import StorageFullError
@@ -76,15 +76,17 @@ def db_used_bytes(path: str | os.PathLike) -> int:
 @dataclass(frozen=True)
 class RootUsage:
     """A walk's result: `complete` is False when it stopped at `max_entries` (bytes is then
-    what the part walked holds, a lower bound)."""
+    what the part walked holds, a lower bound); `sizes`: the file size the walk saw of each
+    path it was asked to note (absent: not found)."""
 
     bytes: int
     entries: int
     complete: bool
+    sizes: dict = field(default_factory=dict)
 
 
 def measure_root(layout: StorageLayout, extra: int = 0, archive_walked: bool = False,
-                 max_entries: int = MAX_WALK_ENTRIES) -> RootUsage:
+                 max_entries: int = MAX_WALK_ENTRIES, noted=()) -> RootUsage:
     """Every file under the root (agents, unit databases, cold indexes, audit, consent, router
     history, blobs, recordings, traces, plugin data, ...), links not followed. SQLite databases
     (`*.db`) count their pages in use; every other file, WAL, shared-memory and journal files
@@ -93,7 +95,7 @@ def measure_root(layout: StorageLayout, extra: int = 0, archive_walked: bool = F
     objects are `extra` (the databases account for them, wherever the object store keeps them),
     so `objects/archive` is not walked, unless `archive_walked` (a writer that reads no archive
     table: the local files are what it counts). The walk stops past `max_entries`."""
-    total, entries = 0, 0
+    total, entries, noted, sizes = 0, 0, frozenset(str(n) for n in noted), {}
     skip = None if archive_walked else layout.objects / 'archive'
     plugins = str(layout.root / 'plugins')
     for folder, dirs, files in os.walk(layout.root, followlinks=False):
@@ -102,7 +104,7 @@ def measure_root(layout: StorageLayout, extra: int = 0, archive_walked: bool = F
             continue
         entries += len(dirs) + len(files)
         if entries > max_entries:
-            return RootUsage(total + extra, entries, False)
+            return RootUsage(total + extra, entries, False, sizes)
         headers_read = not (folder == plugins or folder.startswith(plugins + os.sep))
         for name in files:
             path = os.path.join(folder, name)
@@ -112,9 +114,11 @@ def measure_root(layout: StorageLayout, extra: int = 0, archive_walked: bool = F
                 continue
             if not stat.S_ISREG(info.st_mode):
                 continue
+            if path in noted:
+                sizes[path] = info.st_size
             total += (_db_file_bytes(path, info.st_size) if headers_read and name.endswith('.db')
                       else info.st_size)
-    return RootUsage(total + extra, entries, True)
+    return RootUsage(total + extra, entries, True, sizes)
 
 
 def root_used_bytes(layout: StorageLayout, extra: int = 0, archive_walked: bool = False) -> int:
@@ -198,16 +202,15 @@ class BudgetGate:
         started = self.monotonic()
         with self._lock:
             watched = list(self._watched)
-        # sizes before the walk: growth during it may count twice until the next (over, never
-        # under)
-        sizes = {path: _size(path) for path in watched}
         extra = 0 if self.extra is None else int(self.extra())
+        # the watched files' baselines are the sizes the walk itself saw (growth during the
+        # walk is then in the walk alone, never counted twice: a false full stops a writer)
         usage = measure_root(self.layout, extra, archive_walked=self.extra is None,
-                             max_entries=self.max_entries)
+                             max_entries=self.max_entries, noted=watched)
         finished = self.monotonic()
         with self._lock:
             self.usage, self.measures = usage, self.measures + 1
-            self._watched.update(sizes)
+            self._watched.update({path: usage.sizes.get(path, 0) for path in watched})
             self._next = finished + min(self.MAX_WALK_INTERVAL_S, max(
                 self.period_s, (finished - started) / self.WALK_SHARE))
             self._measuring = False
@@ -239,14 +242,15 @@ class BudgetGate:
                                  daemon=True).start()
             except RuntimeError:   # no thread to be had (or none wanted): measure here
                 self._measure_quietly()
-        usage = self.usage
+        with self._lock:   # the walk and its baselines are replaced together
+            usage, grown = self.usage, self._grown()
         if not usage.complete:
             self.refused += 1
             raise StorageFullError(
                 f'storage root {self.layout.root}: more than {self.max_entries:,} files and '
                 'folders under it, too many to measure against storage.budget.total_bytes; '
                 'writes stop until some are removed; nothing committed is lost')
-        used = usage.bytes + self._grown()
+        used = usage.bytes + grown
         if used >= self.total:
             self.refused += 1
             raise StorageFullError(

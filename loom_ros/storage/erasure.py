@@ -289,7 +289,9 @@ def split_message(schema, data: bytes, subject: str, decoder) -> tuple[bytes | N
         return data, None, 0
     if name in TEXT_TYPES:
         read = json_subject_fields(msg.data)
-        if read is None or subject not in read[1].values():
+        if read is None:   # says it has a map but cannot be read: gone if it holds the id
+            return (None, None, 1) if subject in msg.data else (data, None, 0)
+        if subject not in read[1].values():
             return data, None, 0
         kept, theirs = json_split(*read, {subject}, 'erased')
         return (serialize(text_cls(data=_json(kept))), serialize(text_cls(data=_json(theirs))),

@@ -222,3 +222,23 @@ def test_a_thread_that_cannot_start_measures_in_the_caller(tmp_path, monkeypatch
     with pytest.raises(StorageFullError):
         gate()
     assert gate.measures == 2 and not gate._measuring
+
+
+def test_growth_while_the_root_is_walked_is_counted_once(tmp_path):
+    """Review finding: the baselines were taken before the walk, so what the WAL grew while it
+    ran was in the walk and again in the growth: 80,000 bytes counted as 110,000 (full)."""
+    layout = StorageLayout.at(tmp_path)
+    wal = tmp_path / 'db' / 'unit.db-wal'
+    wal.parent.mkdir(parents=True)
+    wal.write_bytes(b'w' * 50_000)
+
+    def meanwhile() -> int:               # runs in the measurement, before the walk proper
+        with open(wal, 'ab') as out:
+            out.write(b'w' * 30_000)       # the writer's batches land during it
+        return 0
+
+    gate = BudgetGate(layout, total_bytes=100_000, extra_bytes=meanwhile, monotonic=_Clock(),
+                      background=False)
+    gate.watch(wal)
+    gate()
+    assert gate.used == 80_000 == wal.stat().st_size and gate.refused == 0

@@ -107,3 +107,48 @@ def test_a_forged_or_broken_map_strips_rather_than_keeps(tmp_path):
     recorder.close()
     assert [s.get('text') for s in _states(tmp_path / 'r.mcap')] == [None, None]
     assert recorder.stripped_consent() == 2
+
+
+def test_masking_keeps_the_state_readable_and_its_ids_findable(tmp_path):
+    """Second review: the recorder masked the state as one text, so an e-mail id became
+    `<email>`, a state over 4,096 characters was cut mid-JSON and `password="x` lost its
+    escape: forget and export then could not read the state or find the subject."""
+    from loom_ros.bus.event import Event as BusEvent
+    layout = StorageLayout.at(tmp_path)
+    path = layout.recordings / 'run.mcap'
+    who = 'alice@example.com'
+    recorder = McapRecorder(path, privacy=consent_hook(
+        lambda subject, purpose: ConsentState(purpose, granted=True)))
+    recorder.add_topic(STATE, 'std_msgs/msg/String')
+    recorder.add_topic('/loom/agent/voice/action', 'loom_msgs/msg/Event')
+    state = UiState(max_text_chars=8000)
+    words = f'{ALICE} my password="hunter2" ' + 'x' * 6000
+    recorder.write(STATE, serialize_message(String(data=_update(
+        state, {'text': words, 'tokens': 12}, who))))
+    event = BusEvent.with_json('ui_update', {'text': ALICE}, metadata={SUBJECT_METADATA_KEY: who})
+    recorder.write('/loom/agent/voice/action', serialize_message(event.to_msg()))
+    recorder.close()
+    [recorded] = _states(path)                        # valid JSON, not cut
+    assert recorded[SUBJECTS_JSON_KEY] == {'text': who, 'tokens': who}
+    assert ALICE in recorded['text'] and 'hunter2' not in recorded['text']   # still masked
+    assert len(recorded['text']) > 4096 and recorded['tokens'] == 12
+    receipt = forget(layout, who)
+    assert receipt.counts['recording_messages'] == 2   # the state's fields and the event
+    assert _states(path)[0].get('text') is None
+    remaining = b''.join(m.data for _s, _sc, _c, m in _recording_messages(path) if m)
+    assert ALICE.encode() not in remaining and who.encode() not in remaining
+
+
+def test_a_state_that_cannot_be_read_or_names_too_many_is_not_kept(tmp_path):
+    recorder = McapRecorder(tmp_path / 'r.mcap', privacy=consent_hook(
+        lambda subject, purpose: ConsentState(purpose, granted=True)))
+    recorder.add_topic(STATE, 'std_msgs/msg/String')
+    many = {f'f{i}': 'words' for i in range(40)}
+    many[SUBJECTS_JSON_KEY] = {f'f{i}': f'person{i}' for i in range(40)}   # 40 distinct ids
+    for text in ('{"loom.subjects": {"text": "alice"}, "text": "cut sh',
+                 json.dumps(many)):
+        recorder.write(STATE, serialize_message(String(data=text)))
+    recorder.close()
+    first, second = _states(tmp_path / 'r.mcap')
+    assert first == {'loom.stripped': 'unreadable'}
+    assert not any(k.startswith('f') for k in second)        # every field someone's: none kept

@@ -61,7 +61,7 @@ class UiConfig(_Section):
     color: tuple[Unit, Unit, Unit, Unit]
     lifetime_s: NonNeg
     max_text_chars: int = Field(ge=1)
-    max_state_bytes: int = Field(ge=256)
+    max_state_bytes: int = Field(ge=256, le=65536)   # recorded whole, parsed for loom.subjects
 
 
 def load_section(section: str, model: type[_Section], overrides: dict | None,
