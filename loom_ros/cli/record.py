@@ -66,7 +66,7 @@ from loom_ros.bus.privacy import (SUBJECT_METADATA_KEY, SUBJECTS_JSON_KEY, Purpo
 from loom_ros.bus.qos import fastdds_environment
 from loom_ros.config.params import config_dir
 from loom_ros.storage.layout import DEFAULT_ROOT
-from loom_ros.telemetry.logs import mask_node_logger, mask_text, mask_value
+from loom_ros.telemetry.logs import MASK, mask_node_logger, mask_text, mask_value, secret_name
 
 MIC_PRIMARY = 'mic.primary'   # raw microphone audio (sim_sensors' MIC_TOPIC; not in topics.py)
 
@@ -93,6 +93,9 @@ MASKED_TYPES = ('loom_msgs/msg/Event', 'loom_msgs/msg/EventBatch', 'std_msgs/msg
 MEDIA_ENCODINGS = frozenset({'rgb8', 'bgr8', 'mono8', 'rgba8', 'bgra8', 'mono16', 'jpeg', 'png',
                              's16le', 's16be', 'f32le', 'u8', 'pcm', 'opus', 'wav'})
 KEEP, STRIP, NO_CONSENT = 'keep', 'strip', 'no_consent'
+STRIP_REASONS = ('consent', 'privacy', 'erased')   # the only words a loom.stripped map keeps
+CUT_SLACK = 1024        # read past a cut, so mask_text steps back to a space (no half secret)
+MAX_JSON_DEPTH = 16     # of a ui state masked as JSON; deeper is not kept
 STRIPPED_KEY = 'loom.stripped'   # value: why ('privacy', or 'consent' for NO_CONSENT)
 DURABILITY_KEY = 'loom.durability'
 # What the recorder does with one event before it is written: KEEP or STRIP (see the module doc).
@@ -207,11 +210,12 @@ class SecretMasker:
         """A String's text, masked; a JSON state that says whose its fields are (the ui
         plugin's, SUBJECTS_JSON_KEY) keeps a subject's fields only when the privacy hook keeps
         an event naming that subject: the others are taken out and marked why. Such a state is
-        masked field by field and its map kept as it is (checked ids: a masked one could not be
-        found by forget or export); one that says it has a map but cannot be read is not kept."""
+        masked as JSON (_mask_json: names and values, so it stays readable) with its map's ids
+        as written (checked ids: a masked one could not be found by forget or export); one that
+        says it has a map but is longer than MAX_MASKED_PAYLOAD or cannot be read is not kept."""
         if f'"{SUBJECTS_JSON_KEY}"' not in text:
-            return mask_text(text, MAX_MASKED_PAYLOAD)
-        read = json_subject_fields(text)
+            return mask_text(text[:MAX_MASKED_PAYLOAD + CUT_SLACK], MAX_MASKED_PAYLOAD)
+        read = json_subject_fields(text) if len(text) <= MAX_MASKED_PAYLOAD else None
         if read is None:
             self.stripped += 1
             return json.dumps({STRIPPED_KEY: 'unreadable'})
@@ -224,14 +228,24 @@ class SecretMasker:
                 verdict = STRIP
             if verdict != KEEP:
                 refused[who] = verdict
+        stripped = {}
         if refused:
             self.stripped += 1
             self.stripped_consent += NO_CONSENT in refused.values()
             consent = all(v == NO_CONSENT for v in refused.values())
             data, _theirs = json_split(data, owners, refused, 'consent' if consent else 'privacy')
-        masked = {key: value if key in (SUBJECTS_JSON_KEY, STRIPPED_KEY) else
-                  mask_value(value, key) for key, value in data.items()}
-        return json.dumps(masked, ensure_ascii=False, separators=(',', ':'))
+            stripped = data.get(STRIPPED_KEY, {})
+        out = {mask_text(key): _mask_json(value, key) for key, value in data.items()
+               if key not in (SUBJECTS_JSON_KEY, STRIPPED_KEY)}
+        # rebuilt, never copied: only fields still here, with their checked ids; why a field
+        # is gone only in this recorder's words
+        owned = {mask_text(f): who for f, who in owners.items() if f in data}
+        if owned:
+            out[SUBJECTS_JSON_KEY] = owned
+        gone = {mask_text(f): why for f, why in stripped.items() if why in STRIP_REASONS}
+        if gone:
+            out[STRIPPED_KEY] = gone
+        return json.dumps(out, ensure_ascii=False, separators=(',', ':'))
 
     def _event(self, event) -> None:
         try:
@@ -261,9 +275,25 @@ class SecretMasker:
         except UnicodeDecodeError:
             return   # binary: no text to mask
         if len(text) > MAX_MASKED_PAYLOAD:
-            self.cut += 1
-            text = text[:MAX_MASKED_PAYLOAD]
-        event.payload = mask_text(text, MAX_MASKED_PAYLOAD).encode()
+            self.cut += 1   # cut by mask_text, back to a space (no half secret kept)
+        event.payload = mask_text(text[:MAX_MASKED_PAYLOAD + CUT_SLACK],
+                                  MAX_MASKED_PAYLOAD).encode()
+
+
+def _mask_json(value, name: str | None = None, depth: int = 0):
+    """A JSON value masked as its text would have been, and still JSON: under a secret name
+    (telemetry's secret_name) a value is hidden; names and strings go through mask_text."""
+    if name is not None and secret_name(name) and value not in (None, ''):
+        return MASK
+    if depth > MAX_JSON_DEPTH:
+        return '<nested too deep>'
+    if isinstance(value, str):
+        return mask_text(value, MAX_MASKED_PAYLOAD)
+    if isinstance(value, dict):
+        return {mask_text(str(k)): _mask_json(v, str(k), depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_json(v, None, depth + 1) for v in value]
+    return value   # numbers, true, false, null
 
 
 def _valid_subject(value: str) -> bool:

@@ -290,7 +290,8 @@ def split_message(schema, data: bytes, subject: str, decoder) -> tuple[bytes | N
     if name in TEXT_TYPES:
         read = json_subject_fields(msg.data)
         if read is None:   # says it has a map but cannot be read: gone if it holds the id
-            return (None, None, 1) if subject in msg.data else (data, None, 0)
+            named = f'"{subject}"' in msg.data   # as a whole JSON string, not a substring
+            return (None, None, 1) if named else (data, None, 0)
         if subject not in read[1].values():
             return data, None, 0
         kept, theirs = json_split(*read, {subject}, 'erased')

@@ -73,6 +73,13 @@ _SECRET_KEY = re.compile(r'token|api[_-]?key|apikey|secret|password|passwd|autho
 _SECRET_VALUE = re.compile(r'''[^\s"',;&}]++''')
 
 
+def secret_name(name: str) -> bool:
+    """Whether a field name designates a secret by either rule: its words (sensitive_name) or
+    the key=value rule's words anywhere in it (`accesstoken`, `dbpassword`), as text masking
+    would have hidden the value after it."""
+    return sensitive_name(name) or _SECRET_KEY.search(str(name)[:MAX_TEXT_CHARS]) is not None
+
+
 def sensitive_name(name: str) -> bool:
     """Whether a field name designates a secret (`api_key`, `X-Auth-Token`; not `monkey`)."""
     text = _CAMEL.sub('_', str(name)[:MAX_TEXT_CHARS]).lower()

@@ -124,14 +124,14 @@ def test_masking_keeps_the_state_readable_and_its_ids_findable(tmp_path):
     state = UiState(max_text_chars=8000)
     words = f'{ALICE} my password="hunter2" ' + 'x' * 6000
     recorder.write(STATE, serialize_message(String(data=_update(
-        state, {'text': words, 'tokens': 12}, who))))
+        state, {'text': words, 'count': 12}, who))))
     event = BusEvent.with_json('ui_update', {'text': ALICE}, metadata={SUBJECT_METADATA_KEY: who})
     recorder.write('/loom/agent/voice/action', serialize_message(event.to_msg()))
     recorder.close()
     [recorded] = _states(path)                        # valid JSON, not cut
-    assert recorded[SUBJECTS_JSON_KEY] == {'text': who, 'tokens': who}
+    assert recorded[SUBJECTS_JSON_KEY] == {'text': who, 'count': who}
     assert ALICE in recorded['text'] and 'hunter2' not in recorded['text']   # still masked
-    assert len(recorded['text']) > 4096 and recorded['tokens'] == 12
+    assert len(recorded['text']) > 4096 and recorded['count'] == 12
     receipt = forget(layout, who)
     assert receipt.counts['recording_messages'] == 2   # the state's fields and the event
     assert _states(path)[0].get('text') is None
@@ -152,3 +152,66 @@ def test_a_state_that_cannot_be_read_or_names_too_many_is_not_kept(tmp_path):
     first, second = _states(tmp_path / 'r.mcap')
     assert first == {'loom.stripped': 'unreadable'}
     assert not any(k.startswith('f') for k in second)        # every field someone's: none kept
+
+
+def test_a_state_masked_as_json_hides_what_its_text_would_have(tmp_path):
+    """Third review: masking field by field let compound secret names (`accesstoken`), secrets
+    in field names, a forged map's keys and a sender's `loom.stripped` through in clear."""
+    recorder = McapRecorder(tmp_path / 'r.mcap', privacy=consent_hook(
+        lambda subject, purpose: ConsentState(purpose, granted=subject == 'alice')))
+    recorder.add_topic(STATE, 'std_msgs/msg/String')
+    state = {'accesstoken': 'tok-visible-1', 'cfg': {'dbpassword': 'pw-visible-2'},
+             'bob@example.org': 'online', 'text': 'hello',
+             'loom.stripped': 'password=hunter2 carol@example.com',
+             SUBJECTS_JSON_KEY: {'text': 'alice', 'token=ghp_abcdefghijkl': 'alice'}}
+    recorder.write(STATE, serialize_message(String(data=json.dumps(state))))
+    recorder.close()
+    [recorded] = _states(tmp_path / 'r.mcap')
+    text = json.dumps(recorded)
+    for secret in ('tok-visible-1', 'pw-visible-2', 'bob@example.org', 'hunter2',
+                   'carol@example.com', 'ghp_abcdefghijkl'):
+        assert secret not in text, secret
+    assert recorded['text'] == 'hello' and recorded[SUBJECTS_JSON_KEY] == {'text': 'alice'}
+    assert 'loom.stripped' not in recorded
+
+
+def test_forget_drops_an_unreadable_state_only_for_a_whole_id(tmp_path):
+    """Third review: forget matched the id as a substring of a state cut by the old recorder,
+    so forgetting `u1` or `e` deleted other people's states."""
+    from mcap.writer import Writer
+    path = StorageLayout.at(tmp_path).recordings / 'old.mcap'
+    path.parent.mkdir(parents=True)
+    cut = '{"loom.subjects":{"text":"u12","label":"carol"},"text":"words of u12 and car'
+    with open(path, 'wb') as out:
+        writer = Writer(out)
+        writer.start(profile='ros2')
+        schema = writer.register_schema('std_msgs/msg/String', 'ros2msg', b'string data')
+        channel = writer.register_channel(STATE, 'cdr', schema)
+        writer.add_message(channel, 1, serialize_message(String(data=cut)), 1)
+        writer.finish()
+    for other in ('u1', 'car', 'e'):
+        assert forget(StorageLayout.at(tmp_path), other).counts['recording_messages'] == 0
+    assert len(_states_raw(path)) == 1
+    assert forget(StorageLayout.at(tmp_path), 'u12').counts['recording_messages'] == 1
+    assert _states_raw(path) == []
+
+
+def _states_raw(path) -> list[str]:
+    return [deserialize_message(m.data, String).data
+            for _s, _sc, c, m in _recording_messages(path) if m is not None]
+
+
+def test_a_long_event_payload_is_cut_back_to_a_space_not_through_a_secret(tmp_path):
+    from loom_ros.bus.event import Event as BusEvent
+    from loom_ros.cli.record import MAX_MASKED_PAYLOAD
+    recorder = McapRecorder(tmp_path / 'e.mcap')
+    recorder.add_topic('/t', 'loom_msgs/msg/Event')
+    pad = 'x ' * ((MAX_MASKED_PAYLOAD - 10) // 2)
+    payload = (pad + 'alice.smith@example.com more words').encode()
+    recorder.write('/t', serialize_message(BusEvent(type='t', payload=payload).to_msg()))
+    recorder.close()
+    from loom_msgs.msg import Event as EventMsg
+    [msg] = [deserialize_message(m.data, EventMsg)
+             for _s, _sc, _c, m in _recording_messages(tmp_path / 'e.mcap') if m]
+    kept = bytes(msg.payload).decode()
+    assert 'alice' not in kept and 'smith' not in kept
