@@ -214,7 +214,7 @@ class SecretMasker:
         as written (checked ids: a masked one could not be found by forget or export); one that
         says it has a map but is longer than MAX_MASKED_PAYLOAD or cannot be read is not kept."""
         if f'"{SUBJECTS_JSON_KEY}"' not in text:
-            return mask_text(text[:MAX_MASKED_PAYLOAD + CUT_SLACK], MAX_MASKED_PAYLOAD)
+            return _masked_cut(text, MAX_MASKED_PAYLOAD)
         read = json_subject_fields(text) if len(text) <= MAX_MASKED_PAYLOAD else None
         if read is None:
             self.stripped += 1
@@ -235,14 +235,25 @@ class SecretMasker:
             consent = all(v == NO_CONSENT for v in refused.values())
             data, _theirs = json_split(data, owners, refused, 'consent' if consent else 'privacy')
             stripped = data.get(STRIPPED_KEY, {})
-        out = {mask_text(key): _mask_json(value, key) for key, value in data.items()
-               if key not in (SUBJECTS_JSON_KEY, STRIPPED_KEY)}
-        # rebuilt, never copied: only fields still here, with their checked ids; why a field
-        # is gone only in this recorder's words
-        owned = {mask_text(f): who for f, who in owners.items() if f in data}
+        # One pass over the fields: a value and its owner are kept under the same masked name.
+        # Names that mask alike (two e-mails, two tokens) are all left out: kept, one subject's
+        # value could be filed under another's id. The map is rebuilt, never copied; why a
+        # field is gone is said only in this recorder's words.
+        names: dict[str, list[str]] = {}
+        for key in data:
+            if key not in (SUBJECTS_JSON_KEY, STRIPPED_KEY):
+                names.setdefault(mask_text(key), []).append(key)
+        out, owned = {}, {}
+        gone = {mask_text(f): why for f, why in stripped.items() if why in STRIP_REASONS}
+        for name, keys in names.items():
+            if len(keys) > 1:
+                gone[name] = 'privacy'
+                continue
+            out[name] = _mask_json(data[keys[0]], keys[0])
+            if keys[0] in owners:
+                owned[name] = owners[keys[0]]
         if owned:
             out[SUBJECTS_JSON_KEY] = owned
-        gone = {mask_text(f): why for f, why in stripped.items() if why in STRIP_REASONS}
         if gone:
             out[STRIPPED_KEY] = gone
         return json.dumps(out, ensure_ascii=False, separators=(',', ':'))
@@ -275,9 +286,26 @@ class SecretMasker:
         except UnicodeDecodeError:
             return   # binary: no text to mask
         if len(text) > MAX_MASKED_PAYLOAD:
-            self.cut += 1   # cut by mask_text, back to a space (no half secret kept)
-        event.payload = mask_text(text[:MAX_MASKED_PAYLOAD + CUT_SLACK],
-                                  MAX_MASKED_PAYLOAD).encode()
+            self.cut += 1
+        event.payload = _masked_cut(text, MAX_MASKED_PAYLOAD).encode()
+
+
+_WORD_CHARS = frozenset('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+@:/=-')
+
+
+def _masked_cut(text: str, limit: int) -> str:
+    """`text` masked, at most `limit` characters of it kept: the masking sees CUT_SLACK past
+    the cut (a secret across it is whole when masked), and the cut steps back over a word
+    that runs into it (compact JSON has no spaces to step back to: no half e-mail is kept)."""
+    if len(text) <= limit:
+        return mask_text(text, limit)
+    masked = mask_text(text[:limit + CUT_SLACK], limit + CUT_SLACK)[:limit]
+    start = len(masked)   # back over the word the cut ran into, at most CUT_SLACK characters
+    while start > 0 and len(masked) - start < CUT_SLACK and masked[start - 1] in _WORD_CHARS:
+        start -= 1
+    if start > 0 and len(masked) - start < CUT_SLACK:
+        masked = masked[:start]
+    return f'{masked}...[{len(text) - len(masked)} more chars not recorded]'
 
 
 def _mask_json(value, name: str | None = None, depth: int = 0):

@@ -215,3 +215,44 @@ def test_a_long_event_payload_is_cut_back_to_a_space_not_through_a_secret(tmp_pa
              for _s, _sc, _c, m in _recording_messages(tmp_path / 'e.mcap') if m]
     kept = bytes(msg.payload).decode()
     assert 'alice' not in kept and 'smith' not in kept
+
+
+def test_names_that_mask_alike_never_file_one_subjects_value_under_another(tmp_path):
+    """Fourth review: two e-mail field names both mask to `<email>`; the value and the owner
+    were kept from different fields, so bob's value went into alice's export."""
+    layout = StorageLayout.at(tmp_path)
+    path = layout.recordings / 'run.mcap'
+    recorder = McapRecorder(path, privacy=consent_hook(
+        lambda subject, purpose: ConsentState(purpose, granted=True)))
+    recorder.add_topic(STATE, 'std_msgs/msg/String')
+    state = UiState()
+    _update(state, {'x@a.org': 'anonymous first'})
+    _update(state, {'y@b.org': 'BOB-SECRET-VALUE'}, 'bob')
+    text = _update(state, {'x@a.org': 'ALICE-VALUE', 'text': 'hi'}, 'alice')
+    recorder.write(STATE, serialize_message(String(data=text)))
+    recorder.close()
+    [recorded] = _states(path)
+    assert 'BOB-SECRET-VALUE' not in json.dumps(recorded)
+    assert 'ALICE-VALUE' not in json.dumps(recorded)
+    assert recorded['loom.stripped'] == {'<email>': 'privacy'}
+    assert recorded[SUBJECTS_JSON_KEY] == {'text': 'alice'}
+
+
+def test_compact_json_is_not_cut_through_an_e_mail(tmp_path):
+    from loom_msgs.msg import Event as EventMsg
+
+    from loom_ros.bus.event import Event as BusEvent
+    from loom_ros.cli.record import MAX_MASKED_PAYLOAD
+    recorder = McapRecorder(tmp_path / 'e.mcap')
+    recorder.add_topic('/t', 'loom_msgs/msg/Event')
+    for shift in range(0, 40, 7):
+        event = BusEvent.with_json('t', {'pad': 'x' * (MAX_MASKED_PAYLOAD - 30 - shift),
+                                         'who': 'alice.smith@example.com'})
+        recorder.write('/t', serialize_message(event.to_msg()))
+    recorder.close()
+    kept = [bytes(deserialize_message(m.data, EventMsg).payload).decode()
+            for _s, _sc, _c, m in _recording_messages(tmp_path / 'e.mcap') if m]
+    assert len(kept) == 6
+    for payload in kept:
+        assert 'alice' not in payload and 'example' not in payload, payload[-80:]
+        assert len(payload) <= MAX_MASKED_PAYLOAD + 64
