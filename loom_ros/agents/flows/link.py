@@ -264,6 +264,11 @@ class RouterPolicyFollower:
     # retry_s for the next one left the host's first frames on the router/route service (the
     # demo's first camera frame waited 205 ms there).
     FIRST_LOOK_S = 0.05
+    # Until the first answer, an unanswered question is asked again after this, doubling up to
+    # retry_s: service_is_ready() says the request can reach the router, not that its reply can
+    # come back (DDS matches the two topics apart), so the first reply can be lost even to a
+    # ready service (seen once in CI: the next question was an hour away).
+    FIRST_RETRY_S = 0.25
 
     def __init__(self, node, hosted: HostedRouter, load, log, router_name: str = 'router',
                  retry_s: float = 1.0):
@@ -284,6 +289,7 @@ class RouterPolicyFollower:
         self._retry_s = retry_s
         self._asked_at = 0.0
         self._asked_ready = False
+        self._first_wait = min(retry_s, self.FIRST_RETRY_S)
         self._closed = False
         self._timer = node.create_timer(min(retry_s, self.FIRST_LOOK_S), self._retry)
         self.ask()
@@ -306,10 +312,14 @@ class RouterPolicyFollower:
     def _retry(self) -> None:
         if self.path is not None and not self._stale:
             return
-        if time.monotonic() - self._asked_at >= self._retry_s:
+        waited = time.monotonic() - self._asked_at
+        if waited >= self._retry_s:
             self.ask()   # unanswered that long: lost (DDS can lose a request or a reply)
         elif self.path is None and not self._asked_ready and self._client.service_is_ready():
             self.ask()   # the first question, again, now that it can reach the router
+        elif self.path is None and self._asked_ready and waited >= self._first_wait:
+            self._first_wait = min(self._retry_s, 2 * self._first_wait)
+            self.ask()   # asked a ready service and no answer: its reply may not reach us yet
 
     def _settle_timer(self) -> None:
         """After the first answer: back to retry_s (not after close: an answer already queued
