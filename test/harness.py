@@ -1,5 +1,7 @@
 """Constants and helpers tests import by name (conftest.py files are not importable by name once
 several folders have one)."""
+import sys
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -323,3 +325,18 @@ def recording_bridge(params: dict, inbound: dict | None = None, level_for=None, 
     bridge = Bridge(config, transport, level_for or (lambda topic: QosLevel.BATCHED),
                     gate if gate is not None else PrivacyGate(), audit.append, **options)
     return bridge, transport, audit
+
+
+def run_threads(target, count: int) -> None:
+    """`target(i)` on `count` threads at once, to the end, with the GIL handed over as often as
+    the interpreter can (races show up in a few runs instead of a few thousand)."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)

@@ -12,10 +12,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from bridge_doubles import Clock, Recorder, move
 from loom_ros.bridge import core
 from loom_ros.bridge.core import Bridge, BridgeConfig
 from loom_ros.bridge.inbound import _CERT_LEN, _TAIL, MAGIC, read_signed, sign_sample
-from loom_ros.bus.event import Event
 from loom_ros.bus.qos import QosLevel
 from loom_ros.security import keys
 
@@ -27,27 +27,6 @@ CONTRACT = {
     'actuators': ['fleet.robot.**'],
     'replay_window_s': 30,
 }
-
-
-class Clock:
-    def __init__(self):
-        self.s = 1000.0
-
-    def __call__(self):
-        return self.s
-
-    def ms(self):
-        return int(self.s * 1000)
-
-
-class Recorder:
-    connected = True
-
-    def ready(self, key, level):
-        return True
-
-    def put(self, key, data, level):
-        pass
 
 
 @pytest.fixture(scope='module')
@@ -68,10 +47,6 @@ def make(fleet, clock, contract=CONTRACT, **kwargs):
                     ca_pem=(root / 'ca.pem').read_bytes(), clock=clock, wall_ms=clock.ms,
                     **kwargs)
     return bridge, audit
-
-
-def move(x=0.2):
-    return Event.with_json('robot.move', {'linear': {'x': x}}, metadata={'privacy': 'public'})
 
 
 class Forger:

@@ -4,6 +4,7 @@ refusal counted and audited. And Sensitive payloads sealed on the way out."""
 import numpy
 import pytest
 
+from bridge_doubles import Clock, Recorder, move
 from loom_ros.bridge import codec
 from loom_ros.bridge.core import Bridge, BridgeConfig, open_sealed
 from loom_ros.bridge.inbound import ContractError, InboundContract, sign_sample
@@ -25,30 +26,6 @@ CONTRACT = {
 }
 
 
-class Clock:
-    def __init__(self):
-        self.s = 1000.0
-
-    def __call__(self):
-        return self.s
-
-    def ms(self):
-        return int(self.s * 1000)
-
-
-class Recorder:
-    connected = True
-
-    def __init__(self):
-        self.puts = []
-
-    def ready(self, key, level):
-        return True
-
-    def put(self, key, data, level):
-        self.puts.append((key, data))
-
-
 def make(fleet, clock, seal=False):
     root, ids = fleet
     audit = []
@@ -58,10 +35,6 @@ def make(fleet, clock, seal=False):
                     ca_pem=(root / 'ca.pem').read_bytes(), clock=clock, wall_ms=clock.ms,
                     seal_to=sealed.recipient_key(ids['cloud'].cert_pem()) if seal else None)
     return bridge, audit
-
-
-def move(x=0.2):
-    return Event.with_json('robot.move', {'linear': {'x': x}}, metadata={'privacy': 'public'})
 
 
 def test_only_a_granted_signed_fresh_command_reaches_an_actuator(fleet):

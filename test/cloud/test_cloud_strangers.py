@@ -6,7 +6,6 @@ Real certificates from the project's authority code; injected clocks where a rat
 from __future__ import annotations
 
 import random
-import sys
 import threading
 import time
 
@@ -14,6 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from harness import run_threads
 from link_fixtures import endpoint
 from loom_ros.cloud.erasure import ERASE_TASK, erase_key
 from loom_ros.cloud.protocol import (
@@ -179,21 +179,12 @@ def test_concurrent_zenoh_callbacks_answer_every_request_right(fleet, port):
                     payload = with_cert(forger.request(task, {'text': 'hi'}, f't{n}-{i}',
                                                        now_ms), pick.choice(junk))
                 pending.append(clients[n].get(key, payload=payload, timeout=60.0))
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(1e-6)   # hand the GIL over as often as it can be
-        try:
-            threads = [threading.Thread(target=ask, args=(n,)) for n in range(8)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            deadline = time.monotonic() + 60.0   # a guard against a hang, not a timing check
-            while service.queue.size + service.stats['unauthenticated'] \
-                    + service.stats['internal'] < 8 * per_thread:
-                assert time.monotonic() < deadline, dict(service.stats)
-                time.sleep(0.01)
-        finally:
-            sys.setswitchinterval(interval)
+        run_threads(ask, 8)
+        deadline = time.monotonic() + 60.0   # a guard against a hang, not a timing check
+        while service.queue.size + service.stats['unauthenticated'] \
+                + service.stats['internal'] < 8 * per_thread:
+            assert time.monotonic() < deadline, dict(service.stats)
+            time.sleep(0.01)
         assert service.stats['internal'] == 0, dict(service.stats)
         assert service.queue.size == sum(members)
         assert service.stats['unauthenticated'] == 8 * per_thread - sum(members)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import base64
 import datetime
 import random
-import sys
 import threading
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from harness import run_threads
 from loom_ros.security import keys
 
 
@@ -192,15 +192,6 @@ def test_many_threads_get_the_right_answers(fleet):
             if got != name:
                 wrong.append((name, got))
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)   # hand the GIL over as often as it can be
-    try:
-        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_threads(hammer, 8)
     assert wrong == []
     assert len(certs._known) <= 3 and len(certs._bad) <= 3
