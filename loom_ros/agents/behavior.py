@@ -21,7 +21,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol
 
 from loom_ros.bus.event import Event, Privacy
-from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, effective_privacy
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, effective_privacy, named_subject
 from loom_ros.plugins.contract import PluginResponse
 
 if TYPE_CHECKING:   # the ports' data types; imported where used, to keep this module light
@@ -150,7 +150,7 @@ class AgentContext:
         if self.held is None:
             return event
         floor, subject = self.held()
-        privacy, named = effective_privacy(event), _named_subject(event)
+        privacy, named = effective_privacy(event), named_subject(event)
         want = named if not subject else subject if named in ('', subject) else '..'
         if privacy >= floor and want == named:
             return event
@@ -169,7 +169,7 @@ class AgentContext:
         router core's RequestError) when there is no decision."""
         from loom_ros.router.local import RouteQuery
         event = self._holding(event)
-        subject = _named_subject(event)
+        subject = named_subject(event)
         answer = self.ports.router.route(RouteQuery(
             event_id=event.id, event_type=event_type, agent_id=self.agent_id,
             privacy=effective_privacy(event), local_confidence=confidence,
@@ -194,7 +194,7 @@ class AgentContext:
         """The keyed hash of the data subject `event` names, for a cloud request (the cloud
         keeps and erases by it, never by the id); '' for an anonymous event, and for a subject
         id that is invalid or when the host has no key (the router keeps those local anyway)."""
-        subject = _named_subject(self._holding(event))
+        subject = named_subject(self._holding(event))
         if not subject or self.ports.subject_refs is None:
             return ''
         try:
@@ -240,17 +240,6 @@ def load_behavior(name: str, installed: dict | None = None) -> Behavior:
         raise BehaviorNotFound(f'no behavior {name!r} in entry point group {ENTRY_POINT_GROUP}; '
                                f'installed: {", ".join(sorted(installed)) or "none"}')
     return installed[name].load()()
-
-
-def _named_subject(event: Event) -> str:
-    """The data subject as the event names it, unchecked (the router's consent rule judges it:
-    an invalid id stays local). '' only when it names none: a present but empty id is no more
-    anonymous than a malformed one (bus/privacy.event_subject refuses both), so it goes on as
-    '..', which no check accepts."""
-    metadata = event.metadata if isinstance(event.metadata, dict) else {}
-    if SUBJECT_METADATA_KEY not in metadata:
-        return ''
-    return str(metadata[SUBJECT_METADATA_KEY])[:1024] or '..'
 
 
 def run_handler(behavior: Behavior, event: Event, ctx: AgentContext) -> None:

@@ -27,7 +27,7 @@ from enum import Enum
 from itertools import islice
 
 from loom_ros.agents.behavior import (
-    AgentContext, BehaviorNotFound, Ports, _named_subject, load_behavior, run_handler,
+    AgentContext, BehaviorNotFound, Ports, load_behavior, run_handler,
 )
 from loom_ros.agents.config import AgentConfig, AgentConfigError, DeclassifyRule
 from loom_ros.agents.embedding import ModelError
@@ -35,7 +35,7 @@ from loom_ros.agents.mailbox import Mailbox
 from loom_ros.agents.memory import EpisodicMemory, SemanticMemory
 from loom_ros.agents.state import AgentStore, StateError
 from loom_ros.bus.event import Event, Privacy
-from loom_ros.bus.privacy import effective_privacy
+from loom_ros.bus.privacy import effective_privacy, named_subject
 from loom_ros.telemetry import tracing
 
 # emit(agent_id, 'action'|'intent', type, data, privacy)
@@ -74,7 +74,7 @@ def derived_privacy(floor: Privacy, requested: Privacy | None,
 def arrival(event: Event) -> tuple[Privacy, str, Event]:
     """How an event arrived, read once per delivery: (effective privacy, named subject, a copy
     that no behavior is handed, for the episodes). Agents get their own copies to handle."""
-    return effective_privacy(event), _named_subject(event), event.copy()
+    return effective_privacy(event), named_subject(event), event.copy()
 
 
 class Agent:

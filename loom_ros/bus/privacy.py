@@ -91,6 +91,17 @@ def event_subject(event: Event) -> str:
 SOMEONE = '..'   # a subject named but not by a valid id: someone, no consent for anything
 
 
+def named_subject(event: Event) -> str:
+    """The data subject as the event names it, unchecked, to carry onto what is derived from it
+    (whoever enforces consent judges it: an invalid id stays local). '' only when it names none:
+    a present but empty id is no more anonymous than a malformed one (event_subject refuses
+    both), so it goes on as SOMEONE, which no check accepts. Bounded, as a metadata value is."""
+    metadata = event.metadata if isinstance(event.metadata, dict) else {}
+    if SUBJECT_METADATA_KEY not in metadata:
+        return ''
+    return str(metadata[SUBJECT_METADATA_KEY])[:1024] or SOMEONE
+
+
 def subject_or_someone(event: Event) -> str:
     """The data subject `event` names: '' anonymous, its id, or SOMEONE for a present but
     invalid (or empty) one, which no consent check accepts."""

@@ -28,7 +28,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loom_ros.bus.event import Event, EventRejected
-from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, audit_excerpt, effective_privacy
+from loom_ros.bus.privacy import (
+    SUBJECT_METADATA_KEY, audit_excerpt, effective_privacy, named_subject)
 from loom_ros.bus.names import TopicNameError, TopicPattern, validate_topic
 from loom_ros.config.params import read_yaml, refuse_unknown_keys
 from loom_ros.plugins.contract import (
@@ -352,7 +353,7 @@ class PluginHost:
             slot.counters['bad_output'] += 1
             return PluginResponse.failure(f'plugin {name} returned {type(response).__name__}, '
                                           'not a PluginResponse')
-        subject = _named_subject(event)
+        subject = named_subject(event)
         floor = effective_privacy(event)
         for out in response.events:
             if not isinstance(out, Event):
@@ -370,7 +371,7 @@ class PluginHost:
             if subject and SUBJECT_METADATA_KEY not in out.metadata:
                 out.metadata[SUBJECT_METADATA_KEY] = subject
                 slot.counters['subject_carried'] += 1
-            elif subject and _named_subject(out) != subject:
+            elif subject and named_subject(out) != subject:
                 slot.counters['bad_output'] += 1   # no id in the text: it is logged and returned
                 return PluginResponse.failure(f'plugin {name} filed an answer under another data '
                                               "subject than its question's")
@@ -445,16 +446,6 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, (PluginError, CapabilityConfigError, PluginNotFound, PluginsFileError)):
         return text
     return f'{type(exc).__name__}: {text}' if text else type(exc).__name__
-
-
-def _named_subject(event: Event) -> str:
-    """The data subject `event` names, unchecked ('' when anonymous); a present but empty id is
-    '..' (someone, unnamed), as agents carry it (agents/behavior.py): event_subject refuses both
-    '' and '..', so such an answer is unconsented for every purpose, never anonymous."""
-    metadata = event.metadata if isinstance(event.metadata, dict) else {}
-    if SUBJECT_METADATA_KEY not in metadata:
-        return ''
-    return str(metadata[SUBJECT_METADATA_KEY]) or '..'
 
 
 def _excerpt(event: Event, limit: int = 512) -> str:

@@ -5,8 +5,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from loom_ros.bus.event import Event
-from loom_ros.bus.privacy import (MAX_SUBJECT_CHARS, SUBJECT_METADATA_KEY, SubjectError,
-                                  check_subject, event_subject)
+from loom_ros.bus.privacy import (MAX_SUBJECT_CHARS, SOMEONE, SUBJECT_METADATA_KEY, SubjectError,
+                                  check_subject, event_subject, named_subject,
+                                  subject_or_someone)
 
 
 @pytest.mark.parametrize('subject', ['alice', 'face:1234', 'alice@home.example', 'A', '7',
@@ -45,6 +46,22 @@ def test_events_without_the_key_are_anonymous_and_a_bad_value_is_an_error():
         event_subject(Event(type='t', metadata={SUBJECT_METADATA_KEY: ''}))
     with pytest.raises(SubjectError):
         event_subject(Event(type='t', metadata={SUBJECT_METADATA_KEY: 'a' * 4000}))
+
+
+def test_what_is_carried_onto_derived_data_is_never_anonymous_when_a_subject_was_named():
+    """named_subject (agents and plugins carry it onto what they derive) keeps an invalid id
+    as written, for the consent rule to refuse, bounded; subject_or_someone (recorder, export)
+    makes it SOMEONE. Both are '' only when the event names no one."""
+    def named(value):
+        return Event(type='t', metadata={SUBJECT_METADATA_KEY: value})
+    assert named_subject(Event(type='t')) == subject_or_someone(Event(type='t')) == ''
+    assert named_subject(named('alice')) == subject_or_someone(named('alice')) == 'alice'
+    assert named_subject(named('')) == subject_or_someone(named('')) == SOMEONE
+    assert named_subject(named('Bob Smith')) == 'Bob Smith'      # judged, refused, later
+    assert subject_or_someone(named('Bob Smith')) == SOMEONE
+    assert len(named_subject(named('y' * 4096))) == 1024
+    with pytest.raises(SubjectError):
+        check_subject(named_subject(named('')))    # SOMEONE is no id: no consent for it
 
 
 @given(st.text(max_size=300))
