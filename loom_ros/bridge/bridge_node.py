@@ -396,7 +396,28 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         SERVICE_BATCH of each per call (the rest waits for the next call, 5 ms later). Inbound
         events are published without the lock: in-process subscribers (composed) run then, and
         one that publishes an outbound event takes it."""
+        # Each lock is taken only when there is work for it: composed, the publishers' threads
+        # hold it for every event they send, and a timer that takes it every 5 ms for nothing
+        # makes them wait for this thread's turn of the GIL. The looks are unlocked hints (a
+        # deque's or dict's length); what one misses is seen at the next call.
         inbound = []
+        if self._inbox:
+            self._take_inbound(inbound)
+        rejected = self._publish_inbound(inbound) if inbound else 0
+        bridge = self.bridge
+        link = self.link
+        if rejected or self._inbox_dropped or (link is not None and link.oversize_dropped) or \
+                bridge.outbox.items or bridge.has_batches():
+            with self._lock:
+                if rejected:
+                    bridge.stats['rejected_inbound_bus'] += rejected
+                self._count_dropped_samples()
+                if bridge.outbox.items:
+                    self.link.refresh()
+                    bridge.flush(SERVICE_BATCH)
+                bridge.flush_batches()
+
+    def _take_inbound(self, inbound: list) -> None:
         with self._lock:
             for _ in range(SERVICE_BATCH):
                 with self._inbox_lock:
@@ -407,6 +428,9 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
                 got = self.bridge.receive(key, data)
                 if got is not None:
                     inbound.append((key, got))
+
+    def _publish_inbound(self, inbound: list) -> int:
+        """Publish what came in, without the lock; returns how many the bus refused."""
         rejected = 0
         for key, got in inbound:
             try:
@@ -414,14 +438,7 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
             except EventRejected as exc:
                 rejected += 1
                 self.get_logger().warning(f'inbound {key}: {exc}', throttle_duration_sec=1.0)
-        with self._lock:
-            if rejected:
-                self.bridge.stats['rejected_inbound_bus'] += rejected
-            self._count_dropped_samples()
-            if self.bridge.outbox.items:
-                self.link.refresh()
-                self.bridge.flush(SERVICE_BATCH)
-            self.bridge.flush_batches()
+        return rejected
 
     def _on_forget(self, request, response):
         """Drop the subject's waiting events (on the executor, which owns the bridge); the

@@ -235,6 +235,10 @@ class Bridge:
             self._flush_batch(key)
         return 'batched'   # counted as sent (or buffered) when its batch leaves
 
+    def has_batches(self) -> bool:
+        """Whether a batch waits (safe to ask without the caller's lock: a hint)."""
+        return bool(self._batches)
+
     def flush_batches(self) -> int:
         """Send every waiting batch now; returns how many events went (the rest are buffered
         in the outbox, as a single event would be)."""
