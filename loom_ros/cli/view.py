@@ -7,7 +7,7 @@
 
 Shows the camera image with face boxes and the emoji, the robot's screen, the transcript and
 spoken answers, route decisions with their reasons, and plots of latencies, queue depths and
-drops. The data server listens on 127.0.0.1 only. Settings: config/view.yaml. Output: JSON lines
+drops. Rerun's server (viewer page and data) listens on 127.0.0.1 only. Settings: config/view.yaml. Output: JSON lines
 ({"view": URL}, {"first": kind} the first time each kind is shown), a summary line at the end.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _say(**fields) -> None:
 
 def run(args, ros_args: list[str]) -> int:
     from loom_ros.view.core import LoomView
-    from loom_ros.view.settings import close_stream, load_settings, open_stream
+    from loom_ros.view.settings import ViewServerError, close_stream, load_settings, open_stream
     try:
         settings = load_settings(args.config, web_port=args.web_port, grpc_port=args.grpc_port,
                                  max_privacy=args.max_privacy)
@@ -64,8 +64,13 @@ def run(args, ros_args: list[str]) -> int:
         print('loom view: --headless without --save shows nothing anywhere', file=sys.stderr)
         return 2
     stop = stop_event()
-    rec, url = open_stream(settings, serve=not args.headless, save=args.save)
-    view = LoomView(rec, settings.limits(), settings.max_privacy, self_node='loom_view',
+    try:
+        stream = open_stream(settings, serve=not args.headless, save=args.save)
+    except ViewServerError as exc:
+        print(f'loom view: {exc}', file=sys.stderr)
+        return 1
+    url = stream.url
+    view = LoomView(stream.rec, settings.limits(), settings.max_privacy, self_node='loom_view',
                     on_first=lambda kind: _say(first=kind))
     if url:
         _say(view=url)
@@ -81,7 +86,7 @@ def run(args, ros_args: list[str]) -> int:
         else:
             _live(view, stop, args.duration, ros_args)
     finally:
-        close_stream(rec)
+        close_stream(stream)
         _say(**view.summary(), **({'saved': args.save} if args.save else {}))
     return code
 

@@ -1,15 +1,24 @@
 """`loom view`'s settings (config/view.yaml, overridden on the command line) and where its data
-goes: a Rerun RecordingStream with a gRPC data server on 127.0.0.1 that the web viewer page
-connects to, and/or an .rrd file. Pure apart from starting Rerun's servers."""
+goes: a Rerun RecordingStream sending to Rerun's own server (the `rerun` program of the pinned
+rerun-sdk wheel) that serves the web viewer page and the data both on 127.0.0.1 only, and/or an
+.rrd file. Pure apart from starting that server."""
 from __future__ import annotations
 
+import ctypes
+import os
 import re
+import shutil
+import signal
 import socket
-from dataclasses import dataclass, replace
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
 import rerun as rr
+import rerun_cli
 
 from loom_ros.bus.event import Privacy
 from loom_ros.config.params import ConfigError, config_dir, read_yaml, refuse_unknown_keys
@@ -102,18 +111,118 @@ def viewer_url(web_port: int, grpc_port: int) -> str:
     return f'http://{LOOPBACK}:{web_port}/?url={quote(data, safe="")}'
 
 
-def open_stream(settings: ViewSettings, serve: bool, save: str | None
-                ) -> tuple[rr.RecordingStream, str | None]:
-    """A RecordingStream with the view's layout, writing to a loopback gRPC server plus the web
-    viewer page (`serve`) and/or the .rrd file `save`; (stream, the URL to open or None).
-    Ports of 0 are chosen free here. Neither: a disabled stream (the view only counts)."""
-    sinks, url = [], None
+SERVER_START_S = 30.0   # how long the server has to listen on both ports
+SERVER_STOP_S = 5.0     # how long it has to exit on SIGTERM before it is killed
+PR_SET_PDEATHSIG = 1
+
+
+class ViewServerError(RuntimeError):
+    """Rerun's server did not start (a port taken, the program missing): the reason, its log."""
+
+
+def rerun_program() -> Path:
+    """The `rerun` program shipped in the rerun-sdk wheel (rerun_cli), pinned with the SDK."""
+    return Path(rerun_cli.__file__).parent / 'rerun'
+
+
+def _die_with_parent_hook():
+    """A preexec_fn for the server: SIGTERM when the thread that started it ends (loom view
+    killed included), so no server is left holding frames in its buffer. The libc function is
+    looked up here, before the fork; the child only calls it."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                      ctypes.c_ulong]
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((LOOPBACK, port)) == 0
+
+
+@dataclass
+class ViewServer:
+    """Rerun's own server, `rerun --serve-web --bind 127.0.0.1`: the viewer page and the data
+    proxy the SDK sends to, both on loopback. The SDK's serve_web_viewer binds the page to every
+    interface (rerun 0.41 has no bind argument there), which a robot on a ward's network should
+    not do. Rerun's usage analytics are off for this process: its own config folder (a temporary
+    one, removed at stop) says so; the user's Rerun settings are not touched."""
+
+    web_port: int
+    grpc_port: int
+    memory_limit: str
+    home: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix='loom_view_')))
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return viewer_url(self.web_port, self.grpc_port)
+
+    @property
+    def data_url(self) -> str:
+        return f'rerun+http://{LOOPBACK}:{self.grpc_port}/proxy'
+
+    def start(self) -> None:
+        """Start it and wait until both ports listen; ViewServerError (stopped) otherwise."""
+        env = {**os.environ, 'XDG_CONFIG_HOME': str(self.home / 'config'),
+               'XDG_DATA_HOME': str(self.home / 'data')}
+        log = self.home / 'server.log'
+        try:
+            with open(log, 'ab') as out:
+                subprocess.run([str(rerun_program()), 'analytics', 'disable'], env=env,
+                               stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=30,
+                               check=True)
+                self.process = subprocess.Popen(
+                    [str(rerun_program()), '--serve-web', '--bind', LOOPBACK,
+                     '--port', str(self.grpc_port), '--web-viewer-port', str(self.web_port),
+                     '--server-memory-limit', self.memory_limit, '--hide-welcome-screen'],
+                    env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                    preexec_fn=_die_with_parent_hook())
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.stop()
+            raise ViewServerError(f'cannot run {rerun_program()}: {exc}') from None
+        deadline = time.monotonic() + SERVER_START_S
+        while not (_listening(self.grpc_port) and _listening(self.web_port)):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors='replace')[-2000:]
+                self.stop()
+                raise ViewServerError(f'the Rerun server did not listen on 127.0.0.1:'
+                                      f'{self.web_port} and :{self.grpc_port}: {tail}')
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(SERVER_STOP_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+@dataclass
+class ViewStream:
+    """Where the view draws: the stream, the URL to open (None when not served), the server."""
+
+    rec: rr.RecordingStream
+    url: str | None = None
+    server: ViewServer | None = None
+
+
+def open_stream(settings: ViewSettings, serve: bool, save: str | None) -> ViewStream:
+    """A RecordingStream with the view's layout, sending to Rerun's server on loopback (the web
+    viewer page and its data, `serve`) and/or the .rrd file `save`. Ports of 0 are chosen free
+    here. Neither: a disabled stream (the view only counts). ViewServerError when the server
+    cannot start."""
+    sinks, server = [], None
     if serve:
-        grpc_port = settings.grpc_port or free_port()
-        web_port = settings.web_port or free_port()
-        sinks.append(rr.GrpcServerSink(bind_ip=LOOPBACK, port=grpc_port,
-                                       server_memory_limit=settings.server_memory_limit))
-        url = viewer_url(web_port, grpc_port)
+        server = ViewServer(settings.web_port or free_port(), settings.grpc_port or free_port(),
+                            settings.server_memory_limit)
+        server.start()
+        sinks.append(rr.GrpcSink(url=server.data_url))
     if save:
         Path(save).parent.mkdir(parents=True, exist_ok=True)
         sinks.append(rr.FileSink(str(save)))
@@ -121,13 +230,14 @@ def open_stream(settings: ViewSettings, serve: bool, save: str | None
     if sinks:
         rec.set_sinks(*sinks)
         rec.send_blueprint(blueprint(), make_active=True, make_default=True)
-    if serve:
-        rr.serve_web_viewer(web_port=web_port, open_browser=False,
-                            connect_to=f'rerun+http://{LOOPBACK}:{grpc_port}/proxy')
-    return rec, url
+    return ViewStream(rec, server.url if server else None, server)
 
 
-def close_stream(rec: rr.RecordingStream) -> None:
-    """Flush everything and finish the .rrd file (its footer); stops the data server."""
-    rec.flush()
-    rec.disconnect()
+def close_stream(stream: ViewStream) -> None:
+    """Flush everything, finish the .rrd file (its footer) and stop the server."""
+    try:
+        stream.rec.flush()
+        stream.rec.disconnect()
+    finally:
+        if stream.server is not None:
+            stream.server.stop()

@@ -1,0 +1,69 @@
+"""Where `loom view` listens, as a user runs it (a real process, attached over ROS): Rerun's
+server serves the viewer page and the data on 127.0.0.1 only (Rerun's serve_web_viewer, used
+before, bound the page to every interface), with Rerun's usage analytics off in a config of its
+own (the user's Rerun settings untouched), and it does not outlive `loom view`, not even a
+SIGKILL of it (it would keep the frames in its buffer and the ports open)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import psutil
+
+from harness import WAIT_LIMIT_S, LinePeer, loom_cli
+from loom_ros.view.settings import free_port
+
+LOOPBACK_HEX = '0100007F'   # 127.0.0.1 as /proc/net/tcp writes it
+LISTEN = '0A'
+
+
+def _listeners(port: int) -> list[str]:
+    """The local addresses of every TCP socket listening on `port` (IPv4 and IPv6)."""
+    found = []
+    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                address, _, hex_port = fields[1].partition(':')
+                if fields[3] == LISTEN and int(hex_port, 16) == port:
+                    found.append(address)
+    return found
+
+
+def _server_of(view: LinePeer) -> psutil.Process:
+    children = [p for p in psutil.Process(view.popen.pid).children() if p.name() == 'rerun']
+    assert len(children) == 1, f'expected one Rerun server under loom view, found {children}'
+    return children[0]
+
+
+def test_the_view_listens_on_loopback_only_without_analytics_and_dies_with_loom_view(tmp_path):
+    web, grpc = free_port(), free_port()
+    home = tmp_path / 'home'
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith('XDG_')}
+    env['HOME'] = str(home)   # the user's own Rerun settings would be under here
+    view = LinePeer('view', loom_cli('view', '--web-port', str(web), '--grpc-port', str(grpc)),
+                    env=env)
+    server = None
+    try:
+        line = view.wait_line(lambda text: text.startswith('{"view"'), 'the URL to open')
+        assert json.loads(line)['view'].startswith(f'http://127.0.0.1:{web}/')
+        for port in (web, grpc):
+            assert _listeners(port) == [LOOPBACK_HEX], (port, _listeners(port))
+        server = _server_of(view)
+        config_home = server.environ()['XDG_CONFIG_HOME']
+        with open(os.path.join(config_home, 'rerun', 'analytics.json')) as stream:
+            assert json.load(stream)['analytics_enabled'] is False
+        assert not (home / '.config' / 'rerun').exists()
+        view.popen.send_signal(signal.SIGKILL)
+        view.popen.wait(timeout=WAIT_LIMIT_S)
+        server.wait(timeout=WAIT_LIMIT_S)   # psutil.TimeoutExpired fails the test
+        assert _listeners(web) == [] and _listeners(grpc) == []
+    finally:
+        if view.popen.poll() is None:
+            view.popen.kill()
+            view.popen.wait()
+        if server is not None and server.is_running():
+            server.kill()
