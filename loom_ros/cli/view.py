@@ -7,8 +7,9 @@
 
 Shows the camera image with face boxes and the emoji, the robot's screen, the transcript and
 spoken answers, route decisions with their reasons, and plots of latencies, queue depths and
-drops. Rerun's server (viewer page and data) listens on 127.0.0.1 only. Settings: config/view.yaml. Output: JSON lines
-({"view": URL}, {"first": kind} the first time each kind is shown), a summary line at the end.
+drops. Rerun's server (viewer page and data) listens on 127.0.0.1 only. Settings:
+config/view.yaml. Output: JSON lines ({"view": URL}, {"first": kind} the first time each kind
+is shown), a summary line at the end.
 """
 from __future__ import annotations
 
@@ -86,7 +87,9 @@ def run(args, ros_args: list[str]) -> int:
         else:
             _live(view, stop, args.duration, ros_args)
     finally:
-        close_stream(stream)
+        problem = close_stream(stream)
+        if problem:
+            print(f'loom view: {problem}', file=sys.stderr, flush=True)
         _say(**view.summary(), **({'saved': args.save} if args.save else {}))
     return code
 

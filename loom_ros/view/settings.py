@@ -178,7 +178,9 @@ class ViewServer:
                      '--port', str(self.grpc_port), '--web-viewer-port', str(self.web_port),
                      '--server-memory-limit', self.memory_limit, '--hide-welcome-screen'],
                     env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                    preexec_fn=_die_with_parent_hook())
+                    # Its own session: a Ctrl-C (or the demo's stop) to loom view's process group
+                    # must not stop it before loom view sends what it holds and stops it itself.
+                    start_new_session=True, preexec_fn=_die_with_parent_hook())
         except (OSError, subprocess.SubprocessError) as exc:
             self.stop()
             raise ViewServerError(f'cannot run {rerun_program()}: {exc}') from None
@@ -233,11 +235,17 @@ def open_stream(settings: ViewSettings, serve: bool, save: str | None) -> ViewSt
     return ViewStream(rec, server.url if server else None, server)
 
 
-def close_stream(stream: ViewStream) -> None:
-    """Flush everything, finish the .rrd file (its footer) and stop the server."""
+def close_stream(stream: ViewStream) -> str | None:
+    """Flush everything, finish the .rrd file (its footer) and stop the server; what went wrong
+    on the way (a server that went away first cannot take the last messages), or None."""
+    problem = None
     try:
         stream.rec.flush()
-        stream.rec.disconnect()
+    except RuntimeError as exc:   # the SDK's error for a sink it cannot send to
+        problem = f'the last messages did not reach the viewer: {str(exc)[:200]}'
+    try:
+        stream.rec.disconnect()   # finishes the .rrd file whatever happened to the server
     finally:
         if stream.server is not None:
             stream.server.stop()
+    return problem

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+from dataclasses import replace
 
 import psutil
 
 from harness import WAIT_LIMIT_S, LinePeer, loom_cli
-from loom_ros.view.settings import free_port
+from loom_ros.view.settings import close_stream, free_port, load_settings, open_stream
 
 LOOPBACK_HEX = '0100007F'   # 127.0.0.1 as /proc/net/tcp writes it
 LISTEN = '0A'
@@ -44,6 +45,7 @@ def test_the_view_listens_on_loopback_only_without_analytics_and_dies_with_loom_
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith('XDG_')}
     env['HOME'] = str(home)   # the user's own Rerun settings would be under here
+    env['TMPDIR'] = str(tmp_path)   # the server's own folder, which a SIGKILL leaves behind
     view = LinePeer('view', loom_cli('view', '--web-port', str(web), '--grpc-port', str(grpc)),
                     env=env)
     server = None
@@ -67,3 +69,23 @@ def test_the_view_listens_on_loopback_only_without_analytics_and_dies_with_loom_
             view.popen.wait()
         if server is not None and server.is_running():
             server.kill()
+
+
+def test_a_server_gone_first_is_reported_and_the_rrd_file_is_still_finished(tmp_path):
+    """The server can go before the view (killed, out of memory): closing says so, does not
+    raise, and the .rrd file written beside it is complete and readable."""
+    import rerun as rr
+
+    from rrd import read_rrd
+    settings = replace(load_settings(), web_port=0, grpc_port=0)
+    stream = open_stream(settings, serve=True, save=str(tmp_path / 'out.rrd'))
+    home = stream.server.home
+    stream.server.process.kill()
+    stream.server.process.wait(timeout=WAIT_LIMIT_S)
+    for i in range(50):
+        stream.rec.log('check/value', rr.Scalars(float(i)))
+    problem = close_stream(stream)
+    assert problem and problem.startswith('the last messages did not reach the viewer: '), \
+        problem
+    assert not home.exists()
+    assert len(read_rrd(tmp_path / 'out.rrd')['check/value']) == 50
