@@ -340,3 +340,22 @@ def run_threads(target, count: int) -> None:
             thread.join()
     finally:
         sys.setswitchinterval(interval)
+
+
+LOOPBACK_HEX = '0100007F'   # 127.0.0.1 as /proc/net/tcp writes it
+ANY_HEX = '00000000'        # 0.0.0.0
+
+
+def tcp_listeners(port: int) -> list[str]:
+    """The local addresses (as /proc/net/tcp and tcp6 write them) of every TCP socket of this
+    machine listening on `port`: what an outsider's connect could reach."""
+    found = []
+    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                address, _, hex_port = fields[1].partition(':')
+                if fields[3] == '0A' and int(hex_port, 16) == port:   # 0A: LISTEN
+                    found.append(address)
+    return found

@@ -535,9 +535,10 @@ class _Collector:
         return to_prometheus(list(self.sources))
 
 
-def serve_prometheus(registry: MetricsRegistry, port: int, addr: str = '0.0.0.0') -> int:
+def serve_prometheus(registry: MetricsRegistry, port: int, addr: str = '127.0.0.1') -> int:
     """Expose `registry` (and every other registry served in this process) on
-    http://addr:port/metrics; one server per process, later registries join it. Returns the port."""
+    http://addr:port/metrics; one server per process, later registries join it. Returns the port.
+    Unauthenticated: loopback unless the caller names another address."""
     from prometheus_client import CollectorRegistry, start_http_server
     if not _PROM:
         sources: list[MetricsRegistry] = []

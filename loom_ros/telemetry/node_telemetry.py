@@ -11,6 +11,8 @@ and metrics:
 """
 from __future__ import annotations
 
+import ipaddress
+
 from loom_ros.config.params import ParamSpec, declare_parameters
 from loom_ros.storage.layout import derived, node_layout
 from loom_ros.telemetry import tracing
@@ -49,6 +51,10 @@ TELEMETRY_PARAMETERS = [
               min_value=0, max_value=100000),
     ParamSpec('telemetry.metrics.prometheus_port', 'Serve Prometheus metrics on this port '
               '(0: off; one server per process)', read_only=True, min_value=0, max_value=65535),
+    ParamSpec('telemetry.metrics.prometheus_address', 'IP address the Prometheus endpoint '
+              'listens on: 127.0.0.1 (this machine) by default; another (0.0.0.0: every '
+              'interface) serves the unauthenticated metrics to the network, with a warning',
+              read_only=True),
     ParamSpec('telemetry.diagnostics.period_s', 'Seconds between /diagnostics reports (0: off)',
               read_only=True, min_value=0.0, max_value=3600.0),
     ParamSpec('telemetry.diagnostics.queue_warn_fraction', 'A bounded queue this full is WARN '
@@ -97,10 +103,7 @@ class NodeTelemetry:
         self.prometheus_port = 0
         port = int(values['telemetry.metrics.prometheus_port'])
         if port:
-            try:
-                self.prometheus_port = serve_prometheus(self.registry, port)
-            except OSError as exc:
-                self.log.error(f'Prometheus endpoint not served on port {port}: {exc}')
+            self._serve_prometheus(port, str(values['telemetry.metrics.prometheus_address']))
 
         period = float(values['telemetry.diagnostics.period_s'])
         self.diagnostics = DiagnosticsReporter(node, period)
@@ -111,6 +114,24 @@ class NodeTelemetry:
                                 float(values['telemetry.diagnostics.drops_error_per_s']))
             self.diagnostics.add_check('bus drops', lambda: drops.update(bus_drop_total(bus)))
 
+
+    def _serve_prometheus(self, port: int, address: str) -> None:
+        """The endpoint on `address` (an IP address, not a name: nothing to resolve), loopback
+        by default; any other address is said loudly, since the metrics have no credentials."""
+        try:
+            ip = ipaddress.ip_address(address[:64])
+        except ValueError:
+            self.log.error(f'Prometheus endpoint not served: telemetry.metrics.prometheus_address '
+                           f'{address[:64]!r} is not an IP address')
+            return
+        if not ip.is_loopback:
+            self.log.warning(f'Prometheus metrics served unauthenticated on {ip}:{port} '
+                          '(telemetry.metrics.prometheus_address): anyone who can reach it reads '
+                          "this process's topic names, rates and drops")
+        try:
+            self.prometheus_port = serve_prometheus(self.registry, port, str(ip))
+        except OSError as exc:
+            self.log.error(f'Prometheus endpoint not served on {ip}:{port}: {exc}')
     def _setup_tracing(self, values: dict, service: str) -> None:
         try:
             config = tracing.config_from_params(values, service)

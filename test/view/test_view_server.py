@@ -12,26 +12,8 @@ from dataclasses import replace
 
 import psutil
 
-from harness import WAIT_LIMIT_S, LinePeer, loom_cli
+from harness import LOOPBACK_HEX, WAIT_LIMIT_S, LinePeer, loom_cli, tcp_listeners
 from loom_ros.view.settings import close_stream, free_port, load_settings, open_stream
-
-LOOPBACK_HEX = '0100007F'   # 127.0.0.1 as /proc/net/tcp writes it
-LISTEN = '0A'
-
-
-def _listeners(port: int) -> list[str]:
-    """The local addresses of every TCP socket listening on `port` (IPv4 and IPv6)."""
-    found = []
-    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
-        with open(table) as rows:
-            next(rows)
-            for row in rows:
-                fields = row.split()
-                address, _, hex_port = fields[1].partition(':')
-                if fields[3] == LISTEN and int(hex_port, 16) == port:
-                    found.append(address)
-    return found
-
 
 def _server_of(view: LinePeer) -> psutil.Process:
     children = [p for p in psutil.Process(view.popen.pid).children() if p.name() == 'rerun']
@@ -53,7 +35,7 @@ def test_the_view_listens_on_loopback_only_without_analytics_and_dies_with_loom_
         line = view.wait_line(lambda text: text.startswith('{"view"'), 'the URL to open')
         assert json.loads(line)['view'].startswith(f'http://127.0.0.1:{web}/')
         for port in (web, grpc):
-            assert _listeners(port) == [LOOPBACK_HEX], (port, _listeners(port))
+            assert tcp_listeners(port) == [LOOPBACK_HEX], (port, tcp_listeners(port))
         server = _server_of(view)
         config_home = server.environ()['XDG_CONFIG_HOME']
         with open(os.path.join(config_home, 'rerun', 'analytics.json')) as stream:
@@ -62,7 +44,7 @@ def test_the_view_listens_on_loopback_only_without_analytics_and_dies_with_loom_
         view.popen.send_signal(signal.SIGKILL)
         view.popen.wait(timeout=WAIT_LIMIT_S)
         server.wait(timeout=WAIT_LIMIT_S)   # psutil.TimeoutExpired fails the test
-        assert _listeners(web) == [] and _listeners(grpc) == []
+        assert tcp_listeners(web) == [] and tcp_listeners(grpc) == []
     finally:
         if view.popen.poll() is None:
             view.popen.kill()
