@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
+import psutil
 import rerun as rr
 import rerun_cli
 
@@ -135,10 +136,16 @@ def _die_with_parent_hook():
     return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((LOOPBACK, port)) == 0
+def _own_listeners(process: subprocess.Popen) -> set[int]:
+    """The loopback ports `process` itself listens on. Asked of the process, not of the ports:
+    another local user's socket on a chosen port must never pass for the server (the SDK would
+    then send the camera frames to it)."""
+    try:
+        connections = psutil.Process(process.pid).net_connections(kind='tcp')
+    except psutil.Error:   # gone, or not ours to look at: not ready
+        return set()
+    return {c.laddr.port for c in connections
+            if c.status == psutil.CONN_LISTEN and c.laddr.ip == LOOPBACK}
 
 
 @dataclass
@@ -185,7 +192,7 @@ class ViewServer:
             self.stop()
             raise ViewServerError(f'cannot run {rerun_program()}: {exc}') from None
         deadline = time.monotonic() + SERVER_START_S
-        while not (_listening(self.grpc_port) and _listening(self.web_port)):
+        while not {self.grpc_port, self.web_port} <= _own_listeners(self.process):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 tail = log.read_text(errors='replace')[-2000:]
                 self.stop()

@@ -11,6 +11,7 @@ import signal
 from dataclasses import replace
 
 import psutil
+import pytest
 
 from harness import LOOPBACK_HEX, WAIT_LIMIT_S, LinePeer, loom_cli, tcp_listeners
 from loom_ros.view.settings import close_stream, free_port, load_settings, open_stream
@@ -71,3 +72,22 @@ def test_a_server_gone_first_is_reported_and_the_rrd_file_is_still_finished(tmp_
         problem
     assert not home.exists()
     assert len(read_rrd(tmp_path / 'out.rrd')['check/value']) == 50
+
+
+def test_a_port_someone_else_listens_on_is_never_taken_for_the_server(tmp_path):
+    """Another local user listening first on the configured data port: the view must not take
+    that socket for its server (it would send the camera frames there). Rerun's server cannot
+    bind, so the view does not start, and says why."""
+    import socket
+
+    from loom_ros.view.settings import ViewServerError
+    with socket.socket() as squatter:
+        squatter.bind(('127.0.0.1', 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        settings = replace(load_settings(), web_port=0, grpc_port=taken)
+        with pytest.raises(ViewServerError, match='did not listen on 127.0.0.1'):
+            open_stream(settings, serve=True, save=None)
+        squatter.settimeout(0.2)
+        with pytest.raises(socket.timeout):   # nothing of the view connected to it either
+            squatter.accept()
