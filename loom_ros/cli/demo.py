@@ -493,7 +493,8 @@ def _start_view(env: dict, out: Path) -> Process:
     """`loom view` beside the demo (config/view.yaml's ports when free); prints the URL."""
     from loom_ros.view.settings import choose_port, load_settings, viewer_url
     settings = load_settings()
-    web, grpc = choose_port(settings.web_port), choose_port(settings.grpc_port)
+    web = choose_port(settings.web_port)
+    grpc = choose_port(settings.grpc_port, avoid=(web,))
     proc = _spawn('view', [sys.executable, '-m', 'loom_ros.cli', 'view', '--web-port', str(web),
                            '--grpc-port', str(grpc)], env, out / 'logs' / 'view.log')
     print(f'Live view (Rerun): open {viewer_url(web, grpc)}', flush=True)

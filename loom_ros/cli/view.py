@@ -70,14 +70,17 @@ def run(args, ros_args: list[str]) -> int:
     except ViewServerError as exc:
         print(f'loom view: {exc}', file=sys.stderr)
         return 1
-    url = stream.url
-    view = LoomView(stream.rec, settings.limits(), settings.max_privacy, self_node='loom_view',
-                    on_first=lambda kind: _say(first=kind))
-    if url:
-        _say(view=url)
-        print(f'loom view: open {url}', file=sys.stderr, flush=True)
-    code = 0
-    try:
+    except OSError as exc:   # --save to a folder that cannot be made
+        print(f'loom view: cannot write {str(args.save)[:200]}: {exc.strerror or exc}',
+              file=sys.stderr)
+        return 2
+    url, view, code = stream.url, None, 0
+    try:   # from here on the server is stopped and the file finished whatever happens
+        view = LoomView(stream.rec, settings.limits(), settings.max_privacy,
+                        self_node='loom_view', on_first=lambda kind: _say(first=kind))
+        if url:
+            _say(view=url)
+            print(f'loom view: open {url}', file=sys.stderr, flush=True)
         if args.recording:
             code = _recording(view, args.recording)
             if code == 0 and url:
@@ -90,7 +93,8 @@ def run(args, ros_args: list[str]) -> int:
         problem = close_stream(stream)
         if problem:
             print(f'loom view: {problem}', file=sys.stderr, flush=True)
-        _say(**view.summary(), **({'saved': args.save} if args.save else {}))
+        if view is not None:
+            _say(**view.summary(), **({'saved': args.save} if args.save else {}))
     return code
 
 

@@ -546,10 +546,13 @@ def serve_prometheus(registry: MetricsRegistry, port: int, addr: str = '127.0.0.
         prom_registry.register(_Collector(sources))
         server, _thread = start_http_server(port, addr=addr, registry=prom_registry)
         _PROM.update(registry=prom_registry, server=server, port=server.server_address[1],
-                     sources=sources)
+                     sources=sources, addr=addr)
     elif port and port != _PROM['port']:
         raise OSError(f'this process already serves Prometheus metrics on port {_PROM["port"]}; '
                       f'cannot also serve on {port}')
+    elif addr != _PROM['addr']:   # a later node's address would be silently not the one served
+        raise OSError(f'this process already serves Prometheus metrics on {_PROM["addr"]}; '
+                      f'cannot also serve on {addr}')
     if registry not in _PROM['sources']:
         _PROM['sources'].append(registry)
     return _PROM['port']

@@ -25,6 +25,8 @@ from loom_ros.telemetry.metrics import (
     serve_prometheus, stop_serving,
 )
 
+MAX_ADDRESS_CHARS = 45   # the longest IPv6 text form (with an IPv4 tail)
+
 TELEMETRY_PARAMETERS = [
     ParamSpec('telemetry.tracing.exporter', 'Where spans go: none, file (JSON lines) or otlp '
               '(OTLP/HTTP collector); process-wide, the first node to set it wins',
@@ -114,24 +116,28 @@ class NodeTelemetry:
                                 float(values['telemetry.diagnostics.drops_error_per_s']))
             self.diagnostics.add_check('bus drops', lambda: drops.update(bus_drop_total(bus)))
 
-
     def _serve_prometheus(self, port: int, address: str) -> None:
-        """The endpoint on `address` (an IP address, not a name: nothing to resolve), loopback
-        by default; any other address is said loudly, since the metrics have no credentials."""
+        """The endpoint on `address` (an IP address, not a name: nothing to resolve; no scope),
+        loopback by default; any other address is said loudly: the metrics have no credentials."""
         try:
-            ip = ipaddress.ip_address(address[:64])
+            if len(address) > MAX_ADDRESS_CHARS:
+                raise ValueError('too long')
+            ip = ipaddress.ip_address(address)
+            if getattr(ip, 'scope_id', None):
+                raise ValueError('a scoped address')
         except ValueError:
-            self.log.error(f'Prometheus endpoint not served: telemetry.metrics.prometheus_address '
-                           f'{address[:64]!r} is not an IP address')
+            self.log.error('Prometheus endpoint not served: telemetry.metrics.prometheus_address '
+                           f'{address[:MAX_ADDRESS_CHARS]!r} is not an IP address')
             return
         if not ip.is_loopback:
             self.log.warning(f'Prometheus metrics served unauthenticated on {ip}:{port} '
-                          '(telemetry.metrics.prometheus_address): anyone who can reach it reads '
-                          "this process's topic names, rates and drops")
+                             '(telemetry.metrics.prometheus_address): anyone who can reach it '
+                             "reads this process's topic names, rates and drops")
         try:
             self.prometheus_port = serve_prometheus(self.registry, port, str(ip))
-        except OSError as exc:
-            self.log.error(f'Prometheus endpoint not served on {ip}:{port}: {exc}')
+        except (OSError, ValueError) as exc:   # UnicodeError is a ValueError
+            self.log.error(f'Prometheus endpoint not served on {ip}:{port}: {str(exc)[:200]}')
+
     def _setup_tracing(self, values: dict, service: str) -> None:
         try:
             config = tracing.config_from_params(values, service)

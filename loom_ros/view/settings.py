@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -76,6 +77,9 @@ def load_settings(path: str | Path | None = None, **overrides) -> ViewSettings:
     for key, port in ports.items():
         if not 0 <= port <= 65535:
             raise ConfigError(f'{path}: {key} {port} is not a port (0-65535)')
+    if ports['web_port'] and ports['web_port'] == ports['grpc_port']:
+        raise ConfigError(f'{path}: web_port and grpc_port are both {ports["web_port"]}: the '
+                          'viewer page and its data need a port each')
     if not _MEMORY.match(memory):
         raise ConfigError(f'{path}: server_memory_limit {memory[:32]!r}: expected e.g. 512MiB')
     if not 0 <= hz <= 1000:
@@ -89,21 +93,38 @@ def load_settings(path: str | Path | None = None, **overrides) -> ViewSettings:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
-def choose_port(preferred: int) -> int:
-    """`preferred` when it is free on loopback (0: none preferred), else a free port."""
-    if preferred:
+def free_ports(count: int, avoid: tuple[int, ...] = ()) -> list[int]:
+    """`count` ports free on loopback now, all different and none of `avoid`: every socket is
+    held bound until all are chosen (one at a time, the kernel can hand a port out twice)."""
+    held: list[socket.socket] = []
+    chosen: list[int] = []
+    try:
+        while len(chosen) < count:
+            sock = socket.socket()
+            held.append(sock)
+            sock.bind((LOOPBACK, 0))
+            if sock.getsockname()[1] not in avoid:
+                chosen.append(sock.getsockname()[1])
+        return chosen
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def choose_port(preferred: int, avoid: tuple[int, ...] = ()) -> int:
+    """`preferred` when it is free on loopback and not in `avoid` (0: none preferred), else a
+    free port not in `avoid`."""
+    if preferred and preferred not in avoid:
         with socket.socket() as sock:
             try:
                 sock.bind((LOOPBACK, preferred))
                 return preferred
             except OSError:
                 pass
-    return free_port()
+    return free_ports(1, avoid)[0]
 
 
 def viewer_url(web_port: int, grpc_port: int) -> str:
@@ -114,6 +135,7 @@ def viewer_url(web_port: int, grpc_port: int) -> str:
 
 SERVER_START_S = 30.0   # how long the server has to listen on both ports
 SERVER_STOP_S = 5.0     # how long it has to exit on SIGTERM before it is killed
+FLUSH_S = 5.0           # how long closing waits for the server to take the last messages
 PR_SET_PDEATHSIG = 1
 
 
@@ -128,12 +150,19 @@ def rerun_program() -> Path:
 
 def _die_with_parent_hook():
     """A preexec_fn for the server: SIGTERM when the thread that started it ends (loom view
-    killed included), so no server is left holding frames in its buffer. The libc function is
-    looked up here, before the fork; the child only calls it."""
+    killed included), so no server is left holding frames in its buffer. A parent that died
+    between the fork and the prctl sends no signal: the child sees it is an orphan and exits.
+    The libc function and the parent's pid are looked up here, before the fork."""
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                       ctypes.c_ulong]
-    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    parent = os.getpid()
+
+    def hook():
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+    return hook
 
 
 def _own_listeners(process: subprocess.Popen) -> set[int]:
@@ -154,7 +183,9 @@ class ViewServer:
     proxy the SDK sends to, both on loopback. The SDK's serve_web_viewer binds the page to every
     interface (rerun 0.41 has no bind argument there), which a robot on a ward's network should
     not do. Rerun's usage analytics are off for this process: its own config folder (a temporary
-    one, removed at stop) says so; the user's Rerun settings are not touched."""
+    one, removed at stop) says so; the user's Rerun settings are not touched. Start it from a
+    thread that lives as long as the view (loom view: its main thread): the server is stopped
+    when that thread ends."""
 
     web_port: int
     grpc_port: int
@@ -227,32 +258,56 @@ def open_stream(settings: ViewSettings, serve: bool, save: str | None) -> ViewSt
     here. Neither: a disabled stream (the view only counts). ViewServerError when the server
     cannot start."""
     sinks, server = [], None
-    if serve:
-        server = ViewServer(settings.web_port or free_port(), settings.grpc_port or free_port(),
-                            settings.server_memory_limit)
-        server.start()
-        sinks.append(rr.GrpcSink(url=server.data_url))
-    if save:
+    if save:   # first: a file that cannot be written fails before any server runs (OSError)
         Path(save).parent.mkdir(parents=True, exist_ok=True)
         sinks.append(rr.FileSink(str(save)))
-    rec = rr.RecordingStream(APPLICATION_ID, default_enabled=bool(sinks))
-    if sinks:
-        rec.set_sinks(*sinks)
-        rec.send_blueprint(blueprint(), make_active=True, make_default=True)
+    if serve:
+        web, grpc = settings.web_port, settings.grpc_port
+        spare = iter(free_ports(2, avoid=(web, grpc)))
+        server = ViewServer(web or next(spare), grpc or next(spare), settings.server_memory_limit)
+        server.start()
+    try:
+        if server is not None:
+            sinks.append(rr.GrpcSink(url=server.data_url))
+        rec = rr.RecordingStream(APPLICATION_ID, default_enabled=bool(sinks))
+        if sinks:
+            rec.set_sinks(*sinks)
+            rec.send_blueprint(blueprint(), make_active=True, make_default=True)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
     return ViewStream(rec, server.url if server else None, server)
 
 
 def close_stream(stream: ViewStream) -> str | None:
     """Flush everything, finish the .rrd file (its footer) and stop the server; what went wrong
-    on the way (a server that went away first cannot take the last messages), or None."""
+    on the way, or None. Bounded: a server that went away or stopped reading (frozen, stuck)
+    cannot take the last messages, and the SDK's disconnect waits on one that does not read
+    without end, so after FLUSH_S the server is stopped, which lets the disconnect finish."""
     problem = None
     try:
-        stream.rec.flush()
-    except RuntimeError as exc:   # the SDK's error for a sink it cannot send to
+        stream.rec.flush(timeout_sec=FLUSH_S)
+    except (RuntimeError, TimeoutError) as exc:   # a sink it cannot send to, or a stuck one
         problem = f'the last messages did not reach the viewer: {str(exc)[:200]}'
-    try:
-        stream.rec.disconnect()   # finishes the .rrd file whatever happened to the server
-    finally:
-        if stream.server is not None:
-            stream.server.stop()
+    failed: list[BaseException] = []
+
+    def disconnect():
+        try:
+            stream.rec.disconnect()   # finishes the .rrd file whatever happens to the server
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            failed.append(exc)
+    worker = threading.Thread(target=disconnect, daemon=True, name='loom-view-disconnect')
+    worker.start()
+    worker.join(FLUSH_S)
+    if stream.server is not None:
+        if worker.is_alive():
+            problem = problem or (f'the last messages did not reach the viewer: its server took '
+                                  f'nothing for {FLUSH_S:g} s and was stopped')
+        stream.server.stop()
+    worker.join(FLUSH_S)
+    if worker.is_alive():
+        problem = problem or 'the view could not finish its streams'
+    elif failed:
+        raise failed[0]
     return problem

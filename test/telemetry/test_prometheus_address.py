@@ -56,7 +56,11 @@ def test_the_endpoint_listens_where_configured_and_says_so_when_not_loopback(
     assert tcp_listeners(port) == []
 
 
-@pytest.mark.parametrize('address', ['localhost', 'evil.example', '1.2.3', '', 'x' * 5000])
+@pytest.mark.parametrize('address', [
+    'localhost', 'evil.example', '1.2.3', '', 'x' * 5000,
+    '::1%lo',                          # a scoped address: an interface by name
+    '::1%' + 'a' * 60 + 'TAIL',        # cut to 64 characters it parsed, then crashed the node
+])
 def test_an_address_that_is_not_an_ip_serves_nothing_and_says_why(ros, tmp_path, address):
     port = free_port()
     node, telemetry = _telemetry(ros, tmp_path, 'prom_bad', **{
@@ -70,3 +74,26 @@ def test_an_address_that_is_not_an_ip_serves_nothing_and_says_why(ros, tmp_path,
     finally:
         telemetry.destroy()
         node.destroy_node()
+
+
+def test_a_second_node_asking_for_another_address_is_refused_not_silently_moved(ros, tmp_path):
+    """One endpoint per process: a later node whose address differs from the served one is
+    told so (its metrics are not where it asked), as one asking for another port is."""
+    port = free_port()
+    first, first_telemetry = _telemetry(ros, tmp_path, 'prom_first', **{
+        'telemetry.metrics.prometheus_port': port,
+        'telemetry.metrics.prometheus_address': '0.0.0.0'})
+    second, second_telemetry = _telemetry(ros, tmp_path, 'prom_second', **{
+        'telemetry.metrics.prometheus_port': port,
+        'telemetry.metrics.prometheus_address': '127.0.0.1'})
+    try:
+        assert first_telemetry.prometheus_port == port and second_telemetry.prometheus_port == 0
+        assert tcp_listeners(port) == [ANY_HEX]
+        errors = [r['msg'] for r in _log(tmp_path, 'prom_second') if r['level'] == 'ERROR']
+        assert any('already serves Prometheus metrics on 0.0.0.0' in m for m in errors), errors
+    finally:
+        for telemetry, node in ((second_telemetry, second), (first_telemetry, first)):
+            telemetry.destroy()
+            node.destroy_node()
+    assert tcp_listeners(port) == []
+

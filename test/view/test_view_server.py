@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from dataclasses import replace
 
+import numpy as np
 import psutil
 import pytest
 
-from harness import LOOPBACK_HEX, WAIT_LIMIT_S, LinePeer, loom_cli, tcp_listeners
-from loom_ros.view.settings import close_stream, free_port, load_settings, open_stream
+from harness import LOOPBACK_HEX, WAIT_LIMIT_S, LinePeer, loom_cli, run_loom, tcp_listeners
+from loom_ros.view import settings as view_settings
+from loom_ros.view.settings import close_stream, free_ports, load_settings, open_stream
 
 def _server_of(view: LinePeer) -> psutil.Process:
     children = [p for p in psutil.Process(view.popen.pid).children() if p.name() == 'rerun']
@@ -23,7 +26,7 @@ def _server_of(view: LinePeer) -> psutil.Process:
 
 
 def test_the_view_listens_on_loopback_only_without_analytics_and_dies_with_loom_view(tmp_path):
-    web, grpc = free_port(), free_port()
+    web, grpc = free_ports(2)
     home = tmp_path / 'home'
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith('XDG_')}
@@ -91,3 +94,51 @@ def test_a_port_someone_else_listens_on_is_never_taken_for_the_server(tmp_path):
         squatter.settimeout(0.2)
         with pytest.raises(socket.timeout):   # nothing of the view connected to it either
             squatter.accept()
+
+
+def test_a_server_that_stops_reading_cannot_hang_the_view(tmp_path, monkeypatch):
+    """A server frozen (SIGSTOP: a stuck process) while the view still has messages for it:
+    closing gives up after FLUSH_S, kills the server and still finishes the .rrd file; it never
+    waits for good (the SDK's disconnect alone waits on such a server without end)."""
+    import rerun as rr
+
+    from rrd import read_rrd
+    monkeypatch.setattr(view_settings, 'FLUSH_S', 1.0)
+    monkeypatch.setattr(view_settings, 'SERVER_STOP_S', 1.0)
+    stream = open_stream(replace(load_settings(), web_port=0, grpc_port=0), serve=True,
+                         save=str(tmp_path / 'out.rrd'))
+    server = psutil.Process(stream.server.process.pid)
+    server.suspend()
+    try:
+        for i in range(50):
+            stream.rec.log('check/image', rr.Image(np.full((240, 320, 3), i, dtype=np.uint8)))
+        result: list = []
+        closer = threading.Thread(target=lambda: result.append(close_stream(stream)),
+                                  daemon=True)
+        closer.start()
+        closer.join(WAIT_LIMIT_S)   # the old close waited for good: a failure, not a hang
+        assert not closer.is_alive(), 'closing the view waits on a frozen server'
+        problem = result[0]
+    finally:
+        if server.is_running():
+            server.kill()
+    assert problem and problem.startswith('the last messages did not reach the viewer: ')
+    assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+    assert len(read_rrd(tmp_path / 'out.rrd')['check/image']) == 50
+
+
+def test_a_file_that_cannot_be_written_starts_no_server(tmp_path):
+    with pytest.raises(OSError):
+        open_stream(replace(load_settings(), web_port=0, grpc_port=0), serve=True,
+                    save='/proc/no/such/out.rrd')
+    assert [p for p in psutil.Process().children() if p.name() == 'rerun'] == []
+    done = run_loom('view', '--web-port', '0', '--grpc-port', '0', '--save', '/proc/no/x.rrd')
+    assert done.returncode == 2 and 'loom view: cannot write /proc/no/x.rrd' in done.stderr, \
+        done.stderr[-2000:]
+
+
+def test_the_page_and_its_data_need_a_port_each(tmp_path):
+    from loom_ros.config.params import ConfigError
+    with pytest.raises(ConfigError, match='a port each'):
+        load_settings(web_port=9999, grpc_port=9999)
+
