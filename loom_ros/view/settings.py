@@ -149,17 +149,19 @@ def rerun_program() -> Path:
 
 
 def _die_with_parent_hook():
-    """A preexec_fn for the server: SIGTERM when the thread that started it ends (loom view
-    killed included), so no server is left holding frames in its buffer. A parent that died
-    between the fork and the prctl sends no signal: the child sees it is an orphan and exits.
-    The libc function and the parent's pid are looked up here, before the fork."""
+    """A preexec_fn for the server: SIGKILL when the thread that started it ends (loom view
+    killed included), so no server is left holding frames in its buffer (SIGKILL: a frozen or
+    stopped server would hold a SIGTERM pending for good, and it keeps nothing worth a clean
+    exit). A parent that died between the fork and the prctl sends no signal: the child sees
+    it is an orphan and exits. The libc function and the parent's pid are looked up here,
+    before the fork."""
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                       ctypes.c_ulong]
     parent = os.getpid()
 
     def hook():
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:
             os._exit(1)
     return hook

@@ -142,3 +142,26 @@ def test_the_page_and_its_data_need_a_port_each(tmp_path):
     with pytest.raises(ConfigError, match='a port each'):
         load_settings(web_port=9999, grpc_port=9999)
 
+
+
+def test_a_frozen_server_still_dies_with_loom_view(tmp_path):
+    """A server stopped (SIGSTOP) when loom view is killed: a SIGTERM would wait pending for
+    good (three such servers were found left behind); the death signal is SIGKILL."""
+    env = {**os.environ, 'TMPDIR': str(tmp_path)}
+    web, grpc = free_ports(2)
+    view = LinePeer('view', loom_cli('view', '--web-port', str(web), '--grpc-port', str(grpc)),
+                    env=env)
+    server = None
+    try:
+        view.wait_line(lambda text: text.startswith('{"view"'), 'the URL to open')
+        server = _server_of(view)
+        server.suspend()
+        view.popen.send_signal(signal.SIGKILL)
+        view.popen.wait(timeout=WAIT_LIMIT_S)
+        server.wait(timeout=WAIT_LIMIT_S)   # psutil.TimeoutExpired fails the test
+    finally:
+        if view.popen.poll() is None:
+            view.popen.kill()
+            view.popen.wait()
+        if server is not None and server.is_running():
+            server.kill()
