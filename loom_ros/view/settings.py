@@ -4,7 +4,6 @@ rerun-sdk wheel) that serves the web viewer page and the data both on 127.0.0.1 
 .rrd file. Pure apart from starting that server."""
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ import psutil
 import rerun as rr
 import rerun_cli
 
+from loom_ros.bringup.processes import Process
 from loom_ros.bus.event import Privacy
 from loom_ros.config.params import ConfigError, config_dir, read_yaml, refuse_unknown_keys
 from loom_ros.view.core import ViewLimits, blueprint
@@ -136,7 +136,6 @@ def viewer_url(web_port: int, grpc_port: int) -> str:
 SERVER_START_S = 30.0   # how long the server has to listen on both ports
 SERVER_STOP_S = 5.0     # how long it has to exit on SIGTERM before it is killed
 FLUSH_S = 5.0           # how long closing waits for the server to take the last messages
-PR_SET_PDEATHSIG = 1
 
 
 class ViewServerError(RuntimeError):
@@ -148,31 +147,12 @@ def rerun_program() -> Path:
     return Path(rerun_cli.__file__).parent / 'rerun'
 
 
-def _die_with_parent_hook():
-    """A preexec_fn for the server: SIGKILL when the thread that started it ends (loom view
-    killed included), so no server is left holding frames in its buffer (SIGKILL: a frozen or
-    stopped server would hold a SIGTERM pending for good, and it keeps nothing worth a clean
-    exit). A parent that died between the fork and the prctl sends no signal: the child sees
-    it is an orphan and exits. The libc function and the parent's pid are looked up here,
-    before the fork."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                      ctypes.c_ulong]
-    parent = os.getpid()
-
-    def hook():
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-    return hook
-
-
-def _own_listeners(process: subprocess.Popen) -> set[int]:
-    """The loopback ports `process` itself listens on. Asked of the process, not of the ports:
-    another local user's socket on a chosen port must never pass for the server (the SDK would
-    then send the camera frames to it)."""
+def _own_listeners(pid: int) -> set[int]:
+    """The loopback ports process `pid` itself listens on. Asked of the process, not of the
+    ports: another local user's socket on a chosen port must never pass for the server (the
+    SDK would then send the camera frames to it)."""
     try:
-        connections = psutil.Process(process.pid).net_connections(kind='tcp')
+        connections = psutil.Process(pid).net_connections(kind='tcp')
     except psutil.Error:   # gone, or not ours to look at: not ready
         return set()
     return {c.laddr.port for c in connections
@@ -185,15 +165,19 @@ class ViewServer:
     proxy the SDK sends to, both on loopback. The SDK's serve_web_viewer binds the page to every
     interface (rerun 0.41 has no bind argument there), which a robot on a ward's network should
     not do. Rerun's usage analytics are off for this process: its own config folder (a temporary
-    one, removed at stop) says so; the user's Rerun settings are not touched. Start it from a
-    thread that lives as long as the view (loom view: its main thread): the server is stopped
-    when that thread ends."""
+    one, removed at stop) says so; the user's Rerun settings are not touched.
+
+    Started as every Loom child is (bringup.processes.Process): in a session of its own, so a
+    Ctrl-C (or the demo's stop) to loom view's group reaches loom view first, which sends what it
+    holds and then stops it; and killed with loom view, by SIGKILL (PR_SET_PDEATHSIG), even
+    when loom view is SIGKILLed: a frozen or stopped server would hold a SIGTERM pending for
+    good, and it keeps nothing worth a clean exit."""
 
     web_port: int
     grpc_port: int
     memory_limit: str
     home: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix='loom_view_')))
-    process: subprocess.Popen | None = None
+    process: Process | None = None
 
     @property
     def url(self) -> str:
@@ -203,45 +187,42 @@ class ViewServer:
     def data_url(self) -> str:
         return f'rerun+http://{LOOPBACK}:{self.grpc_port}/proxy'
 
+    def _child(self, *args: str) -> Process:
+        return Process([str(rerun_program()), *args], name='rerun', env={
+            **os.environ, 'XDG_CONFIG_HOME': str(self.home / 'config'),
+            'XDG_DATA_HOME': str(self.home / 'data')}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, death_signal=signal.SIGKILL)
+
     def start(self) -> None:
         """Start it and wait until both ports listen; ViewServerError (stopped) otherwise."""
-        env = {**os.environ, 'XDG_CONFIG_HOME': str(self.home / 'config'),
-               'XDG_DATA_HOME': str(self.home / 'data')}
-        log = self.home / 'server.log'
         try:
-            with open(log, 'ab') as out:
-                subprocess.run([str(rerun_program()), 'analytics', 'disable'], env=env,
-                               stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=30,
-                               check=True)
-                self.process = subprocess.Popen(
-                    [str(rerun_program()), '--serve-web', '--bind', LOOPBACK,
-                     '--port', str(self.grpc_port), '--web-viewer-port', str(self.web_port),
-                     '--server-memory-limit', self.memory_limit, '--hide-welcome-screen'],
-                    env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                    # Its own session: a Ctrl-C (or the demo's stop) to loom view's process group
-                    # must not stop it before loom view sends what it holds and stops it itself.
-                    start_new_session=True, preexec_fn=_die_with_parent_hook())
-        except (OSError, subprocess.SubprocessError) as exc:
+            setup = self._child('analytics', 'disable').start()
+            if setup.wait(SERVER_START_S) != 0:
+                setup.stop(0)
+                raise ViewServerError(f'rerun analytics disable {setup.exit_reason()}')
+            self.process = self._child(
+                '--serve-web', '--bind', LOOPBACK, '--port', str(self.grpc_port),
+                '--web-viewer-port', str(self.web_port), '--server-memory-limit',
+                self.memory_limit, '--hide-welcome-screen').start()
+        except OSError as exc:
             self.stop()
             raise ViewServerError(f'cannot run {rerun_program()}: {exc}') from None
+        except ViewServerError:
+            self.stop()
+            raise
         deadline = time.monotonic() + SERVER_START_S
-        while not {self.grpc_port, self.web_port} <= _own_listeners(self.process):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors='replace')[-2000:]
+        while not {self.grpc_port, self.web_port} <= _own_listeners(self.process.pid):
+            if not self.process.running or time.monotonic() > deadline:
+                why = self.process.exit_reason()
                 self.stop()
                 raise ViewServerError(f'the Rerun server did not listen on 127.0.0.1:'
-                                      f'{self.web_port} and :{self.grpc_port}: {tail}')
+                                      f'{self.web_port} and :{self.grpc_port}: {why}'[:2000])
             time.sleep(0.05)
 
     def stop(self) -> None:
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(SERVER_STOP_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            proc.stop(SERVER_STOP_S, signum=signal.SIGTERM)
         shutil.rmtree(self.home, ignore_errors=True)
 
 
