@@ -359,3 +359,12 @@ def tcp_listeners(port: int) -> list[str]:
                 if fields[3] == '0A' and int(hex_port, 16) == port:   # 0A: LISTEN
                     found.append(address)
     return found
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server the test starts next)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+

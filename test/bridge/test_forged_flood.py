@@ -12,11 +12,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from bridge_doubles import Clock, Recorder, move
+from bridge_doubles import Clock, command_bridge, move
 from loom_ros.bridge import core
-from loom_ros.bridge.core import Bridge, BridgeConfig
 from loom_ros.bridge.inbound import _CERT_LEN, _TAIL, MAGIC, read_signed, sign_sample
-from loom_ros.bus.qos import QosLevel
 from loom_ros.security import keys
 
 MOVE_KEY = 'loom/r1/fleet/robot/move'
@@ -39,14 +37,7 @@ def fleet(tmp_path_factory):
 
 
 def make(fleet, clock, contract=CONTRACT, **kwargs):
-    root, _ = fleet
-    audit = []
-    config = BridgeConfig.from_params({'robot_id': 'r1', 'out_allow': ['**'], 'out_deny': [],
-                                       'buffer_max_events': 10}, contract)
-    bridge = Bridge(config, Recorder(), lambda t: QosLevel.BATCHED, command_audit=audit.append,
-                    ca_pem=(root / 'ca.pem').read_bytes(), clock=clock, wall_ms=clock.ms,
-                    **kwargs)
-    return bridge, audit
+    return command_bridge(fleet[0], clock, contract, **kwargs)
 
 
 class Forger:

@@ -2,6 +2,7 @@
 publisher can set, and privacy stated in metadata is never ignored (the strictest wins)."""
 import numpy
 
+from bridge_doubles import Recorder
 from loom_ros.bridge.core import Bridge, BridgeConfig
 from loom_ros.bridge.gate import BridgeRules, DirectionRules, PrivacyGate, is_embedding
 from loom_ros.bus.event import Event, Privacy
@@ -11,22 +12,9 @@ from loom_ros.bus.qos import QosLevel
 PIN = b'my pin is 4242'
 
 
-class Recording:
-    connected = True
-
-    def __init__(self):
-        self.put_data = []
-
-    def ready(self, key, level):
-        return True
-
-    def put(self, key, data, level):
-        self.put_data.append(data)
-
-
 def make_bridge():
     audit = []
-    transport = Recording()
+    transport = Recorder()
     rules = BridgeRules(out=DirectionRules.parse(['agent.*.intent', 'mic.primary.speech']))
     bridge = Bridge(BridgeConfig('r1', rules), transport, lambda topic: QosLevel.BATCHED,
                     audit=audit.append)
@@ -44,7 +32,7 @@ def test_forged_upload_flag_does_not_make_raw_data_an_embedding():
     verdicts = [bridge.send(e, 'mic.primary.speech') for e in forged]
     assert verdicts == ['refused_sensitive_raw', 'refused_private', 'refused_local_only',
                         'refused_sensitive_raw']
-    assert transport.put_data == [] and len(audit) == 4
+    assert transport.puts == [] and len(audit) == 4
     assert bridge.stats['refused_sensitive_raw'] == 2
 
 
@@ -63,7 +51,7 @@ def test_privacy_in_metadata_is_never_ignored():
         assert effective_privacy(event) is Privacy.LOCAL_ONLY
         assert bridge.send(event, 'agent.voice.intent') == 'refused_local_only'
     assert effective_privacy(Event(type='t', metadata={'privacy': '1'})) is Privacy.SENSITIVE
-    assert transport.put_data == []
+    assert transport.puts == []
     assert bridge.stats['refused_local_only'] == 5 and bridge.stats['refused_private'] == 1
 
 

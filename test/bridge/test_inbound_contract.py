@@ -4,12 +4,11 @@ refusal counted and audited. And Sensitive payloads sealed on the way out."""
 import numpy
 import pytest
 
-from bridge_doubles import Clock, Recorder, move
+from bridge_doubles import Clock, command_bridge, move
 from loom_ros.bridge import codec
-from loom_ros.bridge.core import Bridge, BridgeConfig, open_sealed
+from loom_ros.bridge.core import open_sealed
 from loom_ros.bridge.inbound import ContractError, InboundContract, sign_sample
 from loom_ros.bus.event import Event, EventRejected, Privacy
-from loom_ros.bus.qos import QosLevel
 from loom_ros.security import sealed
 from loom_ros.security.keys import CredentialsError
 
@@ -28,13 +27,8 @@ CONTRACT = {
 
 def make(fleet, clock, seal=False):
     root, ids = fleet
-    audit = []
-    config = BridgeConfig.from_params({'robot_id': 'r1', 'out_allow': ['**'], 'out_deny': [],
-                                       'buffer_max_events': 10}, CONTRACT)
-    bridge = Bridge(config, Recorder(), lambda t: QosLevel.BATCHED, command_audit=audit.append,
-                    ca_pem=(root / 'ca.pem').read_bytes(), clock=clock, wall_ms=clock.ms,
-                    seal_to=sealed.recipient_key(ids['cloud'].cert_pem()) if seal else None)
-    return bridge, audit
+    return command_bridge(root, clock, CONTRACT, seal_to=sealed.recipient_key(
+        ids['cloud'].cert_pem()) if seal else None)
 
 
 def test_only_a_granted_signed_fresh_command_reaches_an_actuator(fleet):

@@ -3,12 +3,12 @@ Prometheus endpoint over real HTTP, and the Metrics message round trip."""
 from __future__ import annotations
 
 import math
-import socket
 import urllib.request
 
 import numpy
 import pytest
 
+from harness import free_port
 from loom_ros.telemetry.metrics import (
     COUNTER, GAUGE, HISTOGRAM, Histogram, MetricsRegistry, ResourceSampler, Sketch, from_msg,
     serve_prometheus, stop_serving, to_msg,
@@ -88,12 +88,6 @@ def test_resource_sampler_reads_this_process():
     assert names['process_cpu_percent'] >= 0.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
 def test_prometheus_endpoint_serves_counters_gauges_and_quantiles():
     reg = MetricsRegistry('/robot1/agent')
     reg.set_total('events_published', 42, topic='camera.front')
@@ -101,7 +95,7 @@ def test_prometheus_endpoint_serves_counters_gauges_and_quantiles():
     hist = reg.histogram('handle_latency_ms', topic='camera.front')
     for v in range(1, 101):
         hist.record(float(v))
-    port = serve_prometheus(reg, _free_port(), addr='127.0.0.1')
+    port = serve_prometheus(reg, free_port(), addr='127.0.0.1')
     try:
         text = urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=10).read().decode()
     finally:

@@ -9,8 +9,7 @@ import urllib.request
 
 import pytest
 
-from harness import ANY_HEX, LOOPBACK_HEX, tcp_listeners
-from loom_ros.view.settings import free_port
+from harness import ANY_HEX, LOOPBACK_HEX, free_port, tcp_listeners
 
 
 def _telemetry(ros, tmp_path, name: str, **overrides):

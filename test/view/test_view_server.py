@@ -5,6 +5,7 @@ own (the user's Rerun settings untouched), and it does not outlive `loom view`, 
 SIGKILL of it (it would keep the frames in its buffer and the ports open)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,34 @@ from harness import LOOPBACK_HEX, WAIT_LIMIT_S, LinePeer, loom_cli, run_loom, tc
 from loom_ros.view import settings as view_settings
 from loom_ros.view.settings import close_stream, free_ports, load_settings, open_stream
 
+
+@contextlib.contextmanager
+def _running_view(env: dict):
+    """A real `loom view` attached over ROS on two free ports, once it printed its URL:
+    (the view, its Rerun server, its URL line, web port, data port); both killed at the end."""
+    web, grpc = free_ports(2)
+    view = LinePeer('view', loom_cli('view', '--web-port', str(web), '--grpc-port', str(grpc)),
+                    env=env)
+    server = None
+    try:
+        line = view.wait_line(lambda text: text.startswith('{"view"'), 'the URL to open')
+        server = _server_of(view)
+        yield view, server, line, web, grpc
+    finally:
+        if view.popen.poll() is None:
+            view.popen.kill()
+            view.popen.wait()
+        if server is not None and server.is_running():
+            server.kill()
+
+
+def _kill_and_wait(view: LinePeer, server: psutil.Process) -> None:
+    """SIGKILL loom view; its server must then be gone (psutil.TimeoutExpired fails the test)."""
+    view.popen.send_signal(signal.SIGKILL)
+    view.popen.wait(timeout=WAIT_LIMIT_S)
+    server.wait(timeout=WAIT_LIMIT_S)
+
+
 def _server_of(view: LinePeer) -> psutil.Process:
     children = [p for p in psutil.Process(view.popen.pid).children() if p.name() == 'rerun']
     assert len(children) == 1, f'expected one Rerun server under loom view, found {children}'
@@ -26,35 +55,21 @@ def _server_of(view: LinePeer) -> psutil.Process:
 
 
 def test_the_view_listens_on_loopback_only_without_analytics_and_dies_with_loom_view(tmp_path):
-    web, grpc = free_ports(2)
     home = tmp_path / 'home'
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith('XDG_')}
     env['HOME'] = str(home)   # the user's own Rerun settings would be under here
     env['TMPDIR'] = str(tmp_path)   # the server's own folder, which a SIGKILL leaves behind
-    view = LinePeer('view', loom_cli('view', '--web-port', str(web), '--grpc-port', str(grpc)),
-                    env=env)
-    server = None
-    try:
-        line = view.wait_line(lambda text: text.startswith('{"view"'), 'the URL to open')
+    with _running_view(env) as (view, server, line, web, grpc):
         assert json.loads(line)['view'].startswith(f'http://127.0.0.1:{web}/')
         for port in (web, grpc):
             assert tcp_listeners(port) == [LOOPBACK_HEX], (port, tcp_listeners(port))
-        server = _server_of(view)
         config_home = server.environ()['XDG_CONFIG_HOME']
         with open(os.path.join(config_home, 'rerun', 'analytics.json')) as stream:
             assert json.load(stream)['analytics_enabled'] is False
         assert not (home / '.config' / 'rerun').exists()
-        view.popen.send_signal(signal.SIGKILL)
-        view.popen.wait(timeout=WAIT_LIMIT_S)
-        server.wait(timeout=WAIT_LIMIT_S)   # psutil.TimeoutExpired fails the test
+        _kill_and_wait(view, server)
         assert tcp_listeners(web) == [] and tcp_listeners(grpc) == []
-    finally:
-        if view.popen.poll() is None:
-            view.popen.kill()
-            view.popen.wait()
-        if server is not None and server.is_running():
-            server.kill()
 
 
 def test_a_server_gone_first_is_reported_and_the_rrd_file_is_still_finished(tmp_path):
@@ -143,25 +158,9 @@ def test_the_page_and_its_data_need_a_port_each(tmp_path):
         load_settings(web_port=9999, grpc_port=9999)
 
 
-
 def test_a_frozen_server_still_dies_with_loom_view(tmp_path):
     """A server stopped (SIGSTOP) when loom view is killed: a SIGTERM would wait pending for
     good (three such servers were found left behind); the death signal is SIGKILL."""
-    env = {**os.environ, 'TMPDIR': str(tmp_path)}
-    web, grpc = free_ports(2)
-    view = LinePeer('view', loom_cli('view', '--web-port', str(web), '--grpc-port', str(grpc)),
-                    env=env)
-    server = None
-    try:
-        view.wait_line(lambda text: text.startswith('{"view"'), 'the URL to open')
-        server = _server_of(view)
+    with _running_view({**os.environ, 'TMPDIR': str(tmp_path)}) as (view, server, *_):
         server.suspend()
-        view.popen.send_signal(signal.SIGKILL)
-        view.popen.wait(timeout=WAIT_LIMIT_S)
-        server.wait(timeout=WAIT_LIMIT_S)   # psutil.TimeoutExpired fails the test
-    finally:
-        if view.popen.poll() is None:
-            view.popen.kill()
-            view.popen.wait()
-        if server is not None and server.is_running():
-            server.kill()
+        _kill_and_wait(view, server)
