@@ -3,10 +3,10 @@ have one): the identities every bridge and cloud test connects as, free ports, e
 put that waits rather than drops."""
 from __future__ import annotations
 
-import socket
 
 import zenoh
 
+from harness import free_port  # noqa: F401 (conftest takes it from here)
 from loom_ros.security import keys
 
 # Every identity the bridge and cloud tests connect as (robot ids are the bridge namespaces).
@@ -24,12 +24,6 @@ def test_fleet(root):
 
 
 test_fleet.__test__ = False   # a helper, not a test
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def endpoint(port: int, secure: bool = False) -> str:

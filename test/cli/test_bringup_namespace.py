@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from harness import REPO, WAIT_LIMIT_S, loom_cli
+from harness import REPO, WAIT_LIMIT_S, free_port, loom_cli
 
 # node -> {parameter: a value its section sets, unlike its default}
 SET = {
@@ -24,12 +23,6 @@ SET = {
     'lifecycle_manager': {'status_period_s': 0.7},
     'agent': {'heartbeat_period_s': 0.15},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def _params(tmp) -> str:
@@ -59,7 +52,7 @@ def _get(ros, node: str, names: list[str]) -> dict:
 def test_every_section_applies_under_a_namespace(ros, tmp_path):
     cmd = [sys.executable, *loom_cli(
         'bringup', '--namespace', 'robot1', '--config', _params(tmp_path), '--no-cloud',
-        '--agents', 'counter', '--zenoh-port', str(_free_port()),
+        '--agents', 'counter', '--zenoh-port', str(free_port()),
         '--keys-dir', str(tmp_path / 'keys'), '--log-dir', str(tmp_path))]
     err = tmp_path / 'bringup.err'
     with open(err, 'w') as stream:

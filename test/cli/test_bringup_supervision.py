@@ -9,7 +9,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from harness import REPO, WAIT_LIMIT_S, loom_cli
+from harness import REPO, WAIT_LIMIT_S, free_port, loom_cli
 
 # Runs `loom bringup --composition` with one fault injected: camera_adapter's spin thread raises as soon as a
 # line arrives on stdin (what `spin_until` survives cannot kill it; this stands for what would).
@@ -43,12 +42,6 @@ def spin_until(ex, stop, *args, **kwargs):
 executor.spin_until = spin_until
 sys.exit(bringup.main(sys.argv[1:]))
 '''
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -134,7 +127,7 @@ def test_sigkill_of_bringup_frees_the_port_and_a_killed_node_is_started_again(ro
     """A SIGKILLed bring-up takes its side processes along and the port is free again; the next
     bring-up (on that port) also shows a killed node started again and brought back to active
     (_killed_node_comes_back): one bring-up less, each costs 15-30 s of the suite on 2 cores."""
-    port = _free_port()
+    port = free_port()
     first = Bringup(config, port, 'first')
     try:
         ready = first.ready()
@@ -168,7 +161,7 @@ def test_a_node_whose_spin_thread_dies_makes_bringup_exit_1_and_say_which(ros, c
     # The face agent asks for its own process (agents.yaml); in one process it is hosted with
     # the rest, and the manager must not wait for an agent_face node (it waited 30 s, then
     # restarted it, under launch's use_composition:=true).
-    bringup = Bringup(config, _free_port(), 'dying', driver=DYING_NODE_DRIVER,
+    bringup = Bringup(config, free_port(), 'dying', driver=DYING_NODE_DRIVER,
                       extra=('--composition', '--agents', 'face,counter'))
     try:
         ready = bringup.ready()
@@ -239,7 +232,7 @@ def test_a_node_that_keeps_dying_makes_bringup_exit_1_and_say_which(config):
     data = yaml.safe_load(config.read_text())
     data['/**/camera_adapter']['ros__parameters']['max_rate_hz'] = -1.0   # refused at start
     config.write_text(yaml.safe_dump(data))
-    bringup = Bringup(config, _free_port(), 'crashloop',
+    bringup = Bringup(config, free_port(), 'crashloop',
                       extra=('--no-cloud', '--max-restarts', '1'))
     try:
         assert bringup.wait() == 1

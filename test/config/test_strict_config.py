@@ -5,7 +5,6 @@ the nodes' own configure in-process, and a few through `loom bringup` end to end
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import yaml
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 
-from harness import REPO, WAIT_LIMIT_S, loom_cli
+from harness import REPO, WAIT_LIMIT_S, free_port, loom_cli
 from loom_ros.agents.agent_node import AgentNode
 from loom_ros.agents.config import AgentConfigError, load_agents
 from loom_ros.bridge.bridge_node import ZenohBridgeNode
@@ -276,18 +275,13 @@ def test_bridge_refuses_a_bad_robot_id(ros, tmp_path):
 
 
 # -- end to end through `loom bringup` --------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
 
 def _bringup(params: Path, *extra: str) -> subprocess.CompletedProcess:
     keys_dir = params.parent / 'keys'   # never the user's ~/.loom/keys
     return subprocess.run(
         [sys.executable, *loom_cli('bringup', '--config', str(params), '--no-cloud',
                                    '--no-sim-sensors', '--agents', 'counter', '--zenoh-port',
-                                   str(_free_port()), '--duration', '0.1', '--keys-dir',
+                                   str(free_port()), '--duration', '0.1', '--keys-dir',
                                    str(keys_dir), *extra)],
         # Six node processes and an agent host start: twice the usual bound on a loaded machine.
         cwd=REPO, capture_output=True, text=True, timeout=2 * WAIT_LIMIT_S)

@@ -6,24 +6,17 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from harness import REPO, WAIT_LIMIT_S, loom_cli
+from harness import REPO, WAIT_LIMIT_S, free_port, loom_cli
 
 # test_erasure's byte scan (every file, archives and recordings decompressed): its folder is not
 # on the path of a test in this one.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'storage'))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 # Two data subjects (issue 17): A is on camera and asks about London, B asks about Tokyo. Their
@@ -108,7 +101,7 @@ def system(ros, tmp_path_factory):
                                 stderr=subprocess.STDOUT, text=True, env=env)
     # The sensors run apart from bring-up, so they can be stopped before the erasure.
     procs = [start(*loom_cli(
-        'bringup', '--config', str(params), '--zenoh-port', str(_free_port()), '--no-sim-sensors',
+        'bringup', '--config', str(params), '--zenoh-port', str(free_port()), '--no-sim-sensors',
         '--agents-file', str(tmp / 'agents.yaml'), '--keys-dir', str(tmp / 'keys'),
         '--cloud-data-dir', str(cloud_dir), '--log-dir', str(tmp))),
         start(*loom_cli('record', '--output', str(root / 'rec.mcap'), '--root', str(root))),

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import time
 
 import pytest
 import zenoh
 
-from harness import WAIT_LIMIT_S, loom_cli
+from harness import WAIT_LIMIT_S, free_port, loom_cli
 from loom_ros.bridge.zenoh_link import session_config
 from loom_ros.security import keys
 from loom_ros.security.audit import AuditLog
@@ -26,12 +25,6 @@ from loom_ros.security.audit import AuditLog
 MOVE_KEY = 'loom/robot1/fleet/robot/move'
 FLEET = {'router': 'router', 'robot1': 'robot', 'robot2': 'robot', 'cloud': 'cloud',
          'tester': 'operator'}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def wait(condition, what: str, spin=None, limit: float = WAIT_LIMIT_S):

@@ -13,19 +13,12 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import sqlite3
 
 import yaml
 
-from harness import WAIT_LIMIT_S
+from harness import WAIT_LIMIT_S, free_port
 from test_erasure import Subject, hits, plant, scan
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def params_file(tmp_path, name: str, values: dict):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from harness import WAIT_LIMIT_S, MsClock, T0_MS
+from harness import T0_MS, WAIT_LIMIT_S, MsClock, free_port
 from minio import Minio
 
 from loom_ros.bus.event import Event
@@ -118,12 +118,6 @@ class S3Server:
         if self.popen is not None and self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait(WAIT_LIMIT_S)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def objects_on_server(server: S3Server, bucket: str) -> dict[str, bytes]:
