@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -159,13 +160,68 @@ def _own_listeners(pid: int) -> set[int]:
             if c.status == psutil.CONN_LISTEN and c.laddr.ip == LOOPBACK}
 
 
+HOME_PREFIX = 'loom_view_'    # the server's private folders, in the temporary directory
+OWNER_FILE = 'owner'           # in each: "<pid> <start time>" of the process that made it
+MAX_SWEPT = 1000               # folders looked at per sweep (a temporary directory can be huge)
+
+
+def new_home(parent: Path | None = None) -> Path:
+    """A private folder (0700) for the server's Rerun config and data, naming its owner: this
+    process. Folders a SIGKILLed `loom view` left behind (its server died with it) are removed
+    first: their owner is gone."""
+    sweep_stale_homes(parent)
+    home = Path(tempfile.mkdtemp(prefix=HOME_PREFIX, dir=parent))
+    me = psutil.Process()
+    (home / OWNER_FILE).write_text(f'{me.pid} {me.create_time()!r}\n')
+    return home
+
+
+def sweep_stale_homes(parent: Path | None = None) -> list[Path]:
+    """Remove this user's server folders in `parent` (the temporary directory) whose owner
+    process is gone. Never one of another user, a link, one without a readable owner line, or
+    one whose owner cannot be looked at; returns what it removed."""
+    parent = Path(parent or tempfile.gettempdir())
+    removed = []
+    try:
+        candidates = [path for _, path in zip(range(MAX_SWEPT), parent.glob(HOME_PREFIX + '*'))]
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            info = path.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            with open(path / OWNER_FILE, 'rb') as owner_file:
+                pid_text, started_text = owner_file.read(64).decode('ascii').split()
+            pid, started = int(pid_text), float(started_text)
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if not _gone(pid, started):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _gone(pid: int, started: float) -> bool:
+    """Whether the process that was `pid`, started at `started`, has ended (a pid reused by a
+    later process counts as ended)."""
+    try:
+        return abs(psutil.Process(pid).create_time() - started) > 1.0
+    except (psutil.NoSuchProcess, ValueError):
+        return True
+    except psutil.Error:   # not ours to look at: keep its folder
+        return False
+
+
 @dataclass
 class ViewServer:
     """Rerun's own server, `rerun --serve-web --bind 127.0.0.1`: the viewer page and the data
     proxy the SDK sends to, both on loopback. The SDK's serve_web_viewer binds the page to every
     interface (rerun 0.41 has no bind argument there), which a robot on a ward's network should
     not do. Rerun's usage analytics are off for this process: its own config folder (a temporary
-    one, removed at stop) says so; the user's Rerun settings are not touched.
+    one, removed at stop, or by the next `loom view` when a SIGKILL left it: new_home) says so;
+    the user's Rerun settings are not touched.
 
     Started as every Loom child is (bringup.processes.Process): in a session of its own, so a
     Ctrl-C (or the demo's stop) to loom view's group reaches loom view first, which sends what it
@@ -176,7 +232,7 @@ class ViewServer:
     web_port: int
     grpc_port: int
     memory_limit: str
-    home: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix='loom_view_')))
+    home: Path = field(default_factory=new_home)
     process: Process | None = None
 
     @property

@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -70,6 +71,48 @@ def test_the_view_listens_on_loopback_only_without_analytics_and_dies_with_loom_
         assert not (home / '.config' / 'rerun').exists()
         _kill_and_wait(view, server)
         assert tcp_listeners(web) == [] and tcp_listeners(grpc) == []
+    # The server's folder outlives a SIGKILL; the next loom view removes it (new_home).
+    left = list(tmp_path.glob(view_settings.HOME_PREFIX + '*'))
+    assert len(left) == 1, left
+    fresh = view_settings.new_home(tmp_path)
+    assert list(tmp_path.glob(view_settings.HOME_PREFIX + '*')) == [fresh]
+
+
+def test_only_folders_whose_owner_is_gone_are_swept(tmp_path):
+    """What the sweep removes: this user's folder whose owner ended or whose pid now names a
+    later process. What it keeps: a live owner's, one without an owner line, a link (nor what it
+    points to), another user's."""
+    import subprocess
+    import sys
+
+    def folder(name: str, owner: str | None) -> Path:
+        path = tmp_path / f'{view_settings.HOME_PREFIX}{name}'
+        path.mkdir()
+        if owner is not None:
+            (path / view_settings.OWNER_FILE).write_text(owner)
+        return path
+    ended = subprocess.Popen([sys.executable, '-c', 'pass'])
+    started = psutil.Process(ended.pid).create_time()
+    ended.wait()
+    me = psutil.Process()
+    dead = folder('dead', f'{ended.pid} {started!r}\n')
+    reused = folder('reused', f'{me.pid} {me.create_time() - 3600!r}\n')
+    alive = folder('alive', f'{me.pid} {me.create_time()!r}\n')
+    unnamed = folder('unnamed', None)
+    garbage = folder('garbage', 'x' * 10_000)
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    (elsewhere / view_settings.OWNER_FILE).write_text(f'{ended.pid} {started!r}\n')
+    (tmp_path / f'{view_settings.HOME_PREFIX}link').symlink_to(elsewhere)
+    foreign = folder('foreign', f'{ended.pid} {started!r}\n')
+    if os.getuid() == 0:
+        os.chown(foreign, 65534, 65534)
+    removed = view_settings.sweep_stale_homes(tmp_path)
+    assert sorted(removed) == sorted([dead, reused] + ([] if os.getuid() == 0 else [foreign]))
+    for kept in (alive, unnamed, garbage, elsewhere / view_settings.OWNER_FILE):
+        assert kept.exists(), kept
+    assert (tmp_path / f'{view_settings.HOME_PREFIX}link').is_symlink()
+    assert foreign.exists() == (os.getuid() == 0)
 
 
 def test_a_server_gone_first_is_reported_and_the_rrd_file_is_still_finished(tmp_path):
