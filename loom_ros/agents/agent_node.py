@@ -48,7 +48,8 @@ from loom_ros.bus import topics
 from loom_ros.bus.bus import create_bus
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.privacy import SUBJECT_METADATA_KEY
-from loom_ros.bus.executor import run_lifecycle_node, settle_heap, unsettle_heap
+from loom_ros.bus.executor import (full_pass, hold_full_passes, run_lifecycle_node,
+                                   settle_heap, timer_callback, unsettle_heap)
 from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
 from loom_ros.config.paths import usable_dir
@@ -81,6 +82,9 @@ PARAMETERS = [
     ParamSpec('workers', 'Dispatcher worker threads shared by the hosted agents; 0: handlers '
               'run on the thread that delivers the event (behaviors that never wait)',
               read_only=True, min_value=0),
+    ParamSpec('full_gc_period_s', 'Seconds between full garbage-collection passes while '
+              'active, run by this node (0: CPython starts them itself)', read_only=True,
+              min_value=0.0),
     ParamSpec('heartbeat_period_s', 'Seconds between AgentStatus heartbeats', read_only=True,
               min_value=0.01),
     ParamSpec('audit_db', "SQLite audit log of applied declassify rules ('' = "
@@ -142,6 +146,9 @@ class AgentNode(LifecycleNode):
         self._subs = []
         self._recall_services = []
         self._beat_turn = 0
+        self._full_gc_timer = None
+        # The full collections this node ran (hold_full_passes): count, objects found, ms.
+        self.full_gc = {'passes': 0, 'found': 0, 'last_ms': 0.0, 'max_ms': 0.0}
         self._signer = BeatSigner(heartbeat_key or process_key())
         self._audit: AuditLog | None = None
         self._router, self._local_plugins = router, local_plugins
@@ -363,7 +370,19 @@ class AgentNode(LifecycleNode):
             self._subs.append(self.bus.subscribe(
                 pattern, lambda event, topic, a=tuple(agents): deliver(a, event), qos,
                 backpressure=backpressure))
+        period = self.params['full_gc_period_s']
+        if period > 0:   # CPython's full passes stalled a busy host: here, on a timer, instead
+            hold_full_passes()
+            self._full_gc_timer = self.create_timer(period, timer_callback(self._full_pass))
         return super().on_activate(state)
+
+    def _full_pass(self) -> None:
+        found, ms = full_pass()
+        stats = self.full_gc
+        stats['passes'] += 1
+        stats['found'] += found
+        stats['last_ms'], stats['max_ms'] = ms, max(stats['max_ms'], ms)
+        self.get_logger().debug(f'full garbage collection: {found} objects, {ms:.1f} ms')
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._close_gate()   # before draining here, on the executor's thread
@@ -388,6 +407,9 @@ class AgentNode(LifecycleNode):
             self.ports.gate.close()
 
     def _stop_delivery(self) -> None:
+        if self._full_gc_timer is not None:
+            self.destroy_timer(self._full_gc_timer)
+            self._full_gc_timer = None
         for sub in self._subs:
             sub.close()
         self._subs = []

@@ -115,3 +115,78 @@ def test_an_active_host_keeps_its_configured_heap_out_of_the_collectors_passes(r
         gc.unfreeze()
         host.trigger_shutdown()
         host.destroy_node()
+
+
+class _Cycle:
+    """A reference cycle with a weak reference to watch when the collector frees it."""
+
+    def __init__(self):
+        self.me = self
+
+
+def _old_cycle():
+    """A weak reference to a cycle that died old: it reached the oldest generation alive (two
+    middle passes), then lost its last outside reference. Only a full pass can free it."""
+    import gc
+    import weakref
+    cycle = _Cycle()
+    gc.collect(1)
+    gc.collect(1)
+    watch = weakref.ref(cycle)
+    del cycle
+    return watch
+
+
+def _churn() -> int:
+    """Enough long-lived allocations for CPython's own rule to start a full pass (more
+    middle passes than its threshold, and survivors past a quarter of the old generation);
+    returns how many full passes CPython started meanwhile."""
+    import gc
+    before = gc.get_stats()[2]['collections']
+    keep = [[i] for i in range(max(200_000, len(gc.get_objects(2)) // 2))]
+    del keep
+    return gc.get_stats()[2]['collections'] - before
+
+
+def test_an_active_host_runs_the_full_collections_itself_on_its_timer(ros, tmp_path):
+    """Active, the host's subscriptions are frozen too and CPython starts no full pass (they
+    stopped a 1,000-agent host 22-100 ms every 0.6 s): a cycle that dies old waits for the
+    host's own pass (full_gc_period_s), which frees it. Deactivated, CPython's rule is back
+    and frees such a cycle by itself (the same churn: the check can fail)."""
+    import gc
+
+    from rclpy.parameter import Parameter
+
+    from loom_ros.agents.agent_node import AgentNode
+    from loom_ros.bus.executor import CPYTHON_GC_THRESHOLDS, NO_AUTOMATIC_FULL_PASS
+    (tmp_path / 'agents.yaml').write_text(AGENTS)
+    host = AgentNode(node_name='full_gc_host', namespace='/full_gc', parameter_overrides=[
+        Parameter('agents', value='*'), Parameter('autostart', value=False),
+        Parameter('full_gc_period_s', value=3600.0),   # the test runs the pass itself
+        Parameter('agents_file', value=str(tmp_path / 'agents.yaml')),
+        Parameter('storage.root', value=str(tmp_path / 'storage'))])
+    try:
+        host.trigger_configure()
+        host.trigger_activate()
+        assert gc.get_threshold()[2] == NO_AUTOMATIC_FULL_PASS
+        assert host._full_gc_timer is not None
+        subscriptions = list(host._subs)
+        assert subscriptions and not any(o is s for g in (0, 1, 2) for o in gc.get_objects(g)
+                                         for s in subscriptions)   # frozen with the rest
+        watch = _old_cycle()
+        assert _churn() == 0
+        assert watch() is not None   # young and middle passes ran; none frees an old cycle
+        host._full_pass()
+        assert watch() is None
+        assert host.full_gc['passes'] == 1 and host.full_gc['found'] >= 1
+        host.trigger_deactivate()
+        assert host._full_gc_timer is None
+        assert gc.get_threshold() == CPYTHON_GC_THRESHOLDS
+        watch = _old_cycle()
+        assert _churn() >= 1
+        assert watch() is None
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*CPYTHON_GC_THRESHOLDS)
+        host.trigger_shutdown()
+        host.destroy_node()
