@@ -18,6 +18,7 @@ to topics, services, heartbeats and lifecycle transitions.
 from __future__ import annotations
 
 import json
+import queue
 import sys
 import threading
 import time
@@ -132,7 +133,9 @@ class Agent:
         self._last_commit = time.monotonic()
         self._dirty = False
         self._dirty_since = 0.0     # when the oldest uncommitted handled event was handled
-        self._scheduled = False     # guarded by the dispatcher's condition
+        # Held while the agent is in a dispatcher's ready queue or with one of its workers:
+        # taken without blocking, so an agent is queued once however many threads deliver.
+        self._claim = threading.Lock()
         self._ctx: AgentContext | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -494,8 +497,10 @@ class Dispatcher:
         self._clock = clock
         if workers < 0:
             raise ValueError('workers must be 0 (handlers run on the delivering thread) or more')
-        self._ready: deque[Agent] = deque()
-        self._cond = threading.Condition(threading.Lock())   # nothing re-enters it
+        # Agents with mail, each once (its _claim); None: a worker's signal to stop. A C queue:
+        # with a Condition the delivering thread and the worker met on its lock for every
+        # event, and each contended take cost both of them a GIL hand-over.
+        self._ready: queue.SimpleQueue[Agent | None] = queue.SimpleQueue()
         self._closed = False
         self.errors = 0   # exceptions that escaped an agent's handle_one (workers survive them)
         self._threads = [threading.Thread(target=self._work, daemon=True, name=f'{name}-{i}')
@@ -527,17 +532,12 @@ class Dispatcher:
             if not self._closed:
                 self._run_inline(agents)
             return
-        with self._cond:
-            if self._closed:
-                return
-            ready, queued = self._ready, 0
-            for agent in agents:
-                if not agent._scheduled:
-                    agent._scheduled = True
-                    ready.append(agent)
-                    queued += 1
-            if queued:
-                self._cond.notify(min(queued, len(self._threads)))
+        if self._closed:
+            return
+        put = self._ready.put
+        for agent in agents:
+            if agent._claim.acquire(False):   # not queued nor with a worker already
+                put(agent)
 
     def deliver(self, agent: Agent, event: Event) -> None:
         if agent.offer(event):
@@ -602,20 +602,25 @@ class Dispatcher:
     def _work(self) -> None:
         dirty: dict[int, tuple[Dispatcher, Agent]] = {}   # handled, commit not submitted yet
         handled, since = 0, 0.0        # handlers run since the last commits; the first's time
+        ready = self._ready
         while True:
-            with self._cond:
-                if dirty and (not self._ready or handled >= self.COMMIT_EVERY or self._closed
-                              or self._clock() - since >= self.COMMIT_AFTER_S):
-                    agent = None
-                else:
-                    while not self._ready and not self._closed:
-                        self._cond.wait()
-                    if self._closed and not dirty:
-                        return
-                    agent = self._ready.popleft() if self._ready and not self._closed else None
-            if agent is None:
+            if dirty and (handled >= self.COMMIT_EVERY or self._closed
+                          or self._clock() - since >= self.COMMIT_AFTER_S):
                 self._commit_all(dirty)
                 handled = 0
+                continue
+            try:
+                agent = ready.get_nowait() if dirty else ready.get()
+            except queue.Empty:     # nothing more ready: the commits of what was handled go
+                self._commit_all(dirty)
+                handled = 0
+                continue
+            if agent is None or self._closed:   # close(): what was handled is committed
+                if agent is not None:
+                    agent._claim.release()
+                self._commit_all(dirty)
+                if agent is None:
+                    return
                 continue
             more = False
             if not handled:
@@ -627,13 +632,11 @@ class Dispatcher:
             except Exception as exc:  # noqa: BLE001 - a worker never dies of one agent's event
                 self._escaped(agent, exc)
             finally:
-                with self._cond:
-                    if more and not self._closed:
-                        self._ready.append(agent)
-                        self._cond.notify()
-                    else:
-                        agent._scheduled = False
-            # Mail that arrived after handle_one looked but before _scheduled was cleared.
+                if more and not self._closed:
+                    ready.put(agent)          # still claimed: its next event after the others'
+                else:
+                    agent._claim.release()
+            # Mail that arrived after handle_one looked but before the claim was released.
             if not more and agent.mailbox is not None and len(agent.mailbox) and \
                     agent.persist_failed is None:
                 self.schedule(agent)
@@ -660,9 +663,9 @@ class Dispatcher:
                   f'({self.errors} so far); the worker goes on', file=sys.stderr, flush=True)
 
     def close(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+        self._closed = True
+        for _ in self._threads:
+            self._ready.put(None)
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)

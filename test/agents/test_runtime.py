@@ -68,6 +68,39 @@ def test_dispatcher_keeps_each_agents_order_and_handles_every_event_once(storage
     assert len(intents) == 8 * 20   # every 10th event of each agent
 
 
+def test_agents_fed_from_several_threads_at_once_handle_every_event_once_in_each_order(storage):
+    """Four threads deliver to the same agents at the same time while three workers serve
+    them: an agent is queued once however many threads find it idle (its claim), so every
+    event is handled once and each thread's events keep their order."""
+    import threading
+    agents, _emitted = make_agents(storage, 8)
+    dispatcher = Dispatcher(3)
+    start = threading.Barrier(4)
+
+    def feed(k: int) -> None:
+        start.wait()
+        for i in range(100):
+            for agent in agents:
+                dispatcher.deliver(agent, Event(type='tick', id=f'{agent.id}-t{k}-{i}'))
+    feeders = [threading.Thread(target=feed, args=(k,)) for k in range(4)]
+    try:
+        for thread in feeders:
+            thread.start()
+        for thread in feeders:
+            thread.join()
+        wait_until(lambda: all(a.stats['handled'] == 400 for a in agents), 'all events handled')
+    finally:
+        dispatcher.close()
+    for agent in agents:
+        assert agent.state['total'] == 400 and agent.acked_events == 400
+        seen = [e['event_id'] for e in agent.episodic.query(limit=1000)]
+        assert len(seen) == len(set(seen)) == 400
+        for k in range(4):
+            assert [e for e in seen if f'-t{k}-' in e] == \
+                [f'{agent.id}-t{k}-{i}' for i in range(100)]
+        agent.cleanup()
+
+
 def test_deactivate_handles_accepted_mail_then_commits_and_refuses_more(storage):
     (agent,), _ = make_agents(storage, 1)
     for i in range(50):   # accepted, but no dispatcher has run them yet
