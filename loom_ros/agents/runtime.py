@@ -497,10 +497,13 @@ class Dispatcher:
         self._clock = clock
         if workers < 0:
             raise ValueError('workers must be 0 (handlers run on the delivering thread) or more')
-        # Agents with mail, each once (its _claim); None: a worker's signal to stop. A C queue:
-        # with a Condition the delivering thread and the worker met on its lock for every
-        # event, and each contended take cost both of them a GIL hand-over.
-        self._ready: queue.SimpleQueue[Agent | None] = queue.SimpleQueue()
+        # Agents with mail, each once (its _claim), and the workers' wake-ups: True, or None to
+        # stop. No lock of ours: with a Condition the delivering thread and the worker met on
+        # its lock for every event, and each contended take cost both a GIL hand-over. A
+        # delivery to many agents queues them all, then wakes the workers once (woken at the
+        # first, a worker took the GIL from the thread still filling the others' mailboxes).
+        self._ready: deque[Agent] = deque()
+        self._wake: queue.SimpleQueue[bool | None] = queue.SimpleQueue()
         self._closed = False
         self.errors = 0   # exceptions that escaped an agent's handle_one (workers survive them)
         self._threads = [threading.Thread(target=self._work, daemon=True, name=f'{name}-{i}')
@@ -534,10 +537,13 @@ class Dispatcher:
             return
         if self._closed:
             return
-        put = self._ready.put
+        ready, queued = self._ready, 0
         for agent in agents:
             if agent._claim.acquire(False):   # not queued nor with a worker already
-                put(agent)
+                ready.append(agent)
+                queued += 1
+        for _ in range(min(queued, len(self._threads))):
+            self._wake.put(True)
 
     def deliver(self, agent: Agent, event: Event) -> None:
         if agent.offer(event):
@@ -602,7 +608,7 @@ class Dispatcher:
     def _work(self) -> None:
         dirty: dict[int, tuple[Dispatcher, Agent]] = {}   # handled, commit not submitted yet
         handled, since = 0, 0.0        # handlers run since the last commits; the first's time
-        ready = self._ready
+        ready, wake, spare = self._ready, self._wake, len(self._threads) > 1
         while True:
             if dirty and (handled >= self.COMMIT_EVERY or self._closed
                           or self._clock() - since >= self.COMMIT_AFTER_S):
@@ -610,17 +616,17 @@ class Dispatcher:
                 handled = 0
                 continue
             try:
-                agent = ready.get_nowait() if dirty else ready.get()
-            except queue.Empty:     # nothing more ready: the commits of what was handled go
-                self._commit_all(dirty)
-                handled = 0
-                continue
-            if agent is None or self._closed:   # close(): what was handled is committed
-                if agent is not None:
-                    agent._claim.release()
-                self._commit_all(dirty)
-                if agent is None:
+                agent = ready.popleft()
+            except IndexError:      # nothing ready: the commits of what was handled go first
+                if dirty:
+                    self._commit_all(dirty)
+                    handled = 0
+                    continue
+                if wake.get() is None:   # close(); a wake-up may find the work taken: look again
                     return
+                continue
+            if self._closed:        # close(): not handled here (deactivate handles its mail)
+                agent._claim.release()
                 continue
             more = False
             if not handled:
@@ -633,7 +639,9 @@ class Dispatcher:
                 self._escaped(agent, exc)
             finally:
                 if more and not self._closed:
-                    ready.put(agent)          # still claimed: its next event after the others'
+                    ready.append(agent)       # still claimed: its next event after the others'
+                    if spare:                 # another worker takes it if this one is held up
+                        wake.put(True)
                 else:
                     agent._claim.release()
             # Mail that arrived after handle_one looked but before the claim was released.
@@ -665,7 +673,7 @@ class Dispatcher:
     def close(self, timeout: float = 10.0) -> None:
         self._closed = True
         for _ in self._threads:
-            self._ready.put(None)
+            self._wake.put(None)
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)
