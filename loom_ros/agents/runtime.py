@@ -504,6 +504,9 @@ class Dispatcher:
         # first, a worker took the GIL from the thread still filling the others' mailboxes).
         self._ready: deque[Agent] = deque()
         self._wake: queue.SimpleQueue[bool | None] = queue.SimpleQueue()
+        # The workers waiting for a wake-up (thread ids): a wake-up is put only when one waits,
+        # so none pile up while the workers are busy.
+        self._sleeping: set[int] = set()
         self._closed = False
         self.errors = 0   # exceptions that escaped an agent's handle_one (workers survive them)
         self._threads = [threading.Thread(target=self._work, daemon=True, name=f'{name}-{i}')
@@ -542,7 +545,7 @@ class Dispatcher:
             if agent._claim.acquire(False):   # not queued nor with a worker already
                 ready.append(agent)
                 queued += 1
-        for _ in range(min(queued, len(self._threads))):
+        for _ in range(min(queued, len(self._sleeping))):
             self._wake.put(True)
 
     def deliver(self, agent: Agent, event: Event) -> None:
@@ -608,7 +611,8 @@ class Dispatcher:
     def _work(self) -> None:
         dirty: dict[int, tuple[Dispatcher, Agent]] = {}   # handled, commit not submitted yet
         handled, since = 0, 0.0        # handlers run since the last commits; the first's time
-        ready, wake, spare = self._ready, self._wake, len(self._threads) > 1
+        ready, wake, sleeping = self._ready, self._wake, self._sleeping
+        spare = len(self._threads) > 1
         while True:
             if dirty and (handled >= self.COMMIT_EVERY or self._closed
                           or self._clock() - since >= self.COMMIT_AFTER_S):
@@ -622,7 +626,14 @@ class Dispatcher:
                     self._commit_all(dirty)
                     handled = 0
                     continue
-                if wake.get() is None:   # close(); a wake-up may find the work taken: look again
+                me = threading.get_ident()
+                sleeping.add(me)     # before the last look: an agent queued after it wakes us
+                if ready:
+                    sleeping.discard(me)
+                    continue
+                woken = wake.get()
+                sleeping.discard(me)
+                if woken is None:    # close(); a wake-up may find the work taken: look again
                     return
                 continue
             if self._closed:        # close(): not handled here (deactivate handles its mail)
@@ -640,7 +651,7 @@ class Dispatcher:
             finally:
                 if more and not self._closed:
                     ready.append(agent)       # still claimed: its next event after the others'
-                    if spare:                 # another worker takes it if this one is held up
+                    if spare and sleeping:    # another worker takes it if this one is held up
                         wake.put(True)
                 else:
                     agent._claim.release()

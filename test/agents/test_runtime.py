@@ -101,6 +101,36 @@ def test_agents_fed_from_several_threads_at_once_handle_every_event_once_in_each
         agent.cleanup()
 
 
+def test_a_busy_worker_gets_no_wake_up_per_delivery_and_then_serves_them_all(storage):
+    """While the only worker is held in a handler, deliveries queue their agents without
+    putting a wake-up each (one per event would pile up for as long as it is busy); once free
+    it serves every queued agent."""
+    agents, _emitted = make_agents(storage, 50)
+    entered, release = threading.Event(), threading.Event()
+
+    class Gate:
+        def handle(self, event, ctx):
+            entered.set()
+            release.wait(60.0)
+    agents[0].behavior = Gate()
+    dispatcher = Dispatcher(1)
+    try:
+        dispatcher.deliver(agents[0], Event(type='tick', id='held'))
+        wait_until(entered.is_set, 'the worker in the held handler')
+        for i in range(20):
+            for agent in agents[1:]:
+                dispatcher.deliver(agent, Event(type='tick', id=f'{agent.id}-{i}'))
+        assert dispatcher._wake.qsize() == 0
+        release.set()
+        wait_until(lambda: agents[0].stats['handled'] == 1 and
+                   all(a.stats['handled'] == 20 for a in agents[1:]), 'every event handled')
+    finally:
+        release.set()
+        dispatcher.close()
+    for agent in agents:
+        agent.cleanup()
+
+
 def test_deactivate_handles_accepted_mail_then_commits_and_refuses_more(storage):
     (agent,), _ = make_agents(storage, 1)
     for i in range(50):   # accepted, but no dispatcher has run them yet
