@@ -497,20 +497,24 @@ class Dispatcher:
         self._clock = clock
         if workers < 0:
             raise ValueError('workers must be 0 (handlers run on the delivering thread) or more')
-        # Agents with mail, each once (its _claim), and the workers' wake-ups: True, or None to
-        # stop. No lock of ours: with a Condition the delivering thread and the worker met on
-        # its lock for every event, and each contended take cost both a GIL hand-over. A
+        # Agents with mail, each once (its _claim), and each worker's wake-ups: True, or None
+        # to stop. No lock of ours: with a Condition the delivering thread and the worker met
+        # on its lock for every event, and each contended take cost both a GIL hand-over. A
         # delivery to many agents queues them all, then wakes the workers once (woken at the
         # first, a worker took the GIL from the thread still filling the others' mailboxes).
         self._ready: deque[Agent] = deque()
-        self._wake: queue.SimpleQueue[bool | None] = queue.SimpleQueue()
-        # The workers waiting for a wake-up (thread ids): a wake-up is put only when one waits,
-        # so none pile up while the workers are busy.
-        self._sleeping: set[int] = set()
+        self._wakes: list[queue.SimpleQueue[bool | None]] = [
+            queue.SimpleQueue() for _ in range(workers)]
+        # The workers waiting for a wake-up, {thread id: its queue}. A waker takes one out
+        # (popitem, one step under the GIL) and wakes that one: a worker woken but not yet
+        # running is not woken again by every delivery meanwhile (one shared queue and a set
+        # collected thousands of wake-ups behind one busy agent).
+        self._sleeping: dict[int, queue.SimpleQueue] = {}
         self._closed = False
         self.errors = 0   # exceptions that escaped an agent's handle_one (workers survive them)
-        self._threads = [threading.Thread(target=self._work, daemon=True, name=f'{name}-{i}')
-                         for i in range(workers)]
+        self._threads = [threading.Thread(target=self._work, args=(wake,), daemon=True,
+                                          name=f'{name}-{i}')
+                         for i, wake in enumerate(self._wakes)]
         for thread in self._threads:
             thread.start()
 
@@ -545,8 +549,18 @@ class Dispatcher:
             if agent._claim.acquire(False):   # not queued nor with a worker already
                 ready.append(agent)
                 queued += 1
-        for _ in range(min(queued, len(self._sleeping))):
-            self._wake.put(True)
+        for _ in range(queued):
+            if not self._wake_one():
+                break
+
+    def _wake_one(self) -> bool:
+        """Wake one waiting worker; False when none waits."""
+        try:
+            _worker, wake = self._sleeping.popitem()
+        except KeyError:
+            return False
+        wake.put(True)
+        return True
 
     def deliver(self, agent: Agent, event: Event) -> None:
         if agent.offer(event):
@@ -608,11 +622,12 @@ class Dispatcher:
             _INLINE.queue = None
             self._commit_all(dirty)
 
-    def _work(self) -> None:
+    def _work(self, wake: queue.SimpleQueue) -> None:
         dirty: dict[int, tuple[Dispatcher, Agent]] = {}   # handled, commit not submitted yet
         handled, since = 0, 0.0        # handlers run since the last commits; the first's time
-        ready, wake, sleeping = self._ready, self._wake, self._sleeping
+        ready, sleeping = self._ready, self._sleeping
         spare = len(self._threads) > 1
+        me = threading.get_ident()
         while True:
             if dirty and (handled >= self.COMMIT_EVERY or self._closed
                           or self._clock() - since >= self.COMMIT_AFTER_S):
@@ -626,13 +641,12 @@ class Dispatcher:
                     self._commit_all(dirty)
                     handled = 0
                     continue
-                me = threading.get_ident()
-                sleeping.add(me)     # before the last look: an agent queued after it wakes us
+                sleeping[me] = wake  # before the last look: an agent queued after it wakes us
                 if ready:
-                    sleeping.discard(me)
+                    sleeping.pop(me, None)   # a waker that took us first left one spare wake-up
                     continue
                 woken = wake.get()
-                sleeping.discard(me)
+                sleeping.pop(me, None)       # close() wakes without taking us out
                 if woken is None:    # close(); a wake-up may find the work taken: look again
                     return
                 continue
@@ -652,7 +666,7 @@ class Dispatcher:
                 if more and not self._closed:
                     ready.append(agent)       # still claimed: its next event after the others'
                     if spare and sleeping:    # another worker takes it if this one is held up
-                        wake.put(True)
+                        self._wake_one()
                 else:
                     agent._claim.release()
             # Mail that arrived after handle_one looked but before the claim was released.
@@ -683,8 +697,8 @@ class Dispatcher:
 
     def close(self, timeout: float = 10.0) -> None:
         self._closed = True
-        for _ in self._threads:
-            self._wake.put(None)
+        for wake in self._wakes:
+            wake.put(None)
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)

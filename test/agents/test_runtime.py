@@ -120,7 +120,7 @@ def test_a_busy_worker_gets_no_wake_up_per_delivery_and_then_serves_them_all(sto
         for i in range(20):
             for agent in agents[1:]:
                 dispatcher.deliver(agent, Event(type='tick', id=f'{agent.id}-{i}'))
-        assert dispatcher._wake.qsize() == 0
+        assert [wake.qsize() for wake in dispatcher._wakes] == [0]
         release.set()
         wait_until(lambda: agents[0].stats['handled'] == 1 and
                    all(a.stats['handled'] == 20 for a in agents[1:]), 'every event handled')
