@@ -147,8 +147,8 @@ class AgentNode(LifecycleNode):
         self._recall_services = []
         self._beat_turn = 0
         self._full_gc_timer = None
-        # The full collections this node ran (hold_full_passes): count, objects found, ms.
-        self.full_gc = {'passes': 0, 'found': 0, 'last_ms': 0.0, 'max_ms': 0.0}
+        # The full collections this node ran (hold_full_passes) and the objects they found.
+        self.full_gc = {'passes': 0, 'found': 0}
         self._signer = BeatSigner(heartbeat_key or process_key())
         self._audit: AuditLog | None = None
         self._router, self._local_plugins = router, local_plugins
@@ -378,10 +378,8 @@ class AgentNode(LifecycleNode):
 
     def _full_pass(self) -> None:
         found, ms = full_pass()
-        stats = self.full_gc
-        stats['passes'] += 1
-        stats['found'] += found
-        stats['last_ms'], stats['max_ms'] = ms, max(stats['max_ms'], ms)
+        self.full_gc['passes'] += 1
+        self.full_gc['found'] += found
         self.get_logger().debug(f'full garbage collection: {found} objects, {ms:.1f} ms')
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:

@@ -93,10 +93,6 @@ def load_settings(path: str | Path | None = None, **overrides) -> ViewSettings:
                         quality)
 
 
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
 def free_ports(count: int, avoid: tuple[int, ...] = ()) -> list[int]:
     """`count` ports free on loopback now, all different and none of `avoid`: every socket is
     held bound until all are chosen (one at a time, the kernel can hand a port out twice)."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import browser
-from harness import WAIT_LIMIT_S, LinePeer, loom_cli
+from harness import WAIT_LIMIT_S, LinePeer, free_port, loom_cli
 
 pytestmark = pytest.mark.skipif(browser.find() is None,
                                 reason='chromium is not installed (apt-get install chromium)')
@@ -37,7 +37,6 @@ def _share(image, colour, tolerance: int = 40) -> float:
 
 
 def test_a_browser_shows_the_live_camera_image_and_plots(ros, bus, tmp_path):
-    from loom_ros.view.settings import free_port
     from std_msgs.msg import String
 
     from loom_msgs.msg import RouteDecision
