@@ -70,6 +70,27 @@ def test_out_of_range_override_is_refused(ros):
         node.destroy_node()
 
 
+@pytest.mark.parametrize('section, specs, name, value', [
+    ('agent', 'agent', 'full_gc_period_s', -1.0),
+    ('agent', 'bus', 'bus.stats_max_subscriptions', 0),
+    ('agent', 'bus', 'bus.stats_max_subscriptions', 100001),
+])
+def test_the_session_29_keys_refuse_values_out_of_range(ros, section, specs, name, value):
+    """A negative full-pass period, or a BusStats bound of 0 or past 100,000, is refused when
+    the node declares it (not served as a period of nothing or a message of everything)."""
+    from rclpy.exceptions import InvalidParameterValueException
+
+    from loom_ros.agents.agent_node import PARAMETERS as AGENT_PARAMETERS
+    node = Node('range_probe_29', context=ros.node.context,
+                parameter_overrides=[rclpy.parameter.Parameter(name, value=value)])
+    try:
+        with pytest.raises(InvalidParameterValueException):
+            declare_parameters(node, section,
+                               AGENT_PARAMETERS if specs == 'agent' else BUS_PARAMETERS)
+    finally:
+        node.destroy_node()
+
+
 def test_bad_yaml_is_refused_with_the_file_and_reason(tmp_path):
     bad = tmp_path / 'bad.yaml'
     bad.write_text('sim_sensors:\n  ros__parameters: [unclosed\n')
