@@ -127,6 +127,9 @@ PARAMETERS = [
               '<keys_dir>/cloud/cert.pem', read_only=True),
     ParamSpec('seal_sensitive', 'auto: seal Sensitive payloads to the cloud when its certificate '
               'exists; on: required (configure fails without it); off: never', read_only=True),
+    ParamSpec('open_timeout_s', 'Seconds Zenoh gives one link to open (TCP, TLS, handshake) '
+              'before the next try; a router that accepts and never answers holds the opening '
+              'this long', read_only=True, min_value=0.1, max_value=600.0),
     ParamSpec('status_period_s', 'Seconds between status messages on zenoh_bridge/status',
               read_only=True, min_value=0.01, max_value=3600.0),
     ParamSpec('autostart', 'Configure and activate on start when run standalone', read_only=True),
@@ -292,7 +295,7 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
                 rules, _ = router_access_control(p['keys_dir'])
             return session_config(p['mode'], p['connect'], p['listen'],
                                   p['multicast_scouting'], identity=identity,
-                                  access_control=rules)
+                                  access_control=rules, open_timeout_s=p['open_timeout_s'])
         return make
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -328,6 +331,11 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
             self._release()
         finally:
             super().destroy_node()
+
+    def exit_hazards(self) -> list[str]:
+        """Threads still in Zenoh's native code after the shutdown: the process must end with
+        os._exit, since one coming back during the interpreter's exit aborts it (end_process)."""
+        return self.link.native_threads() if self.link is not None else []
 
     def _release(self) -> None:
         if not self._configured:

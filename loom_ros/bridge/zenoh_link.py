@@ -49,7 +49,8 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 def session_config(mode: str, connect=(), listen=(), multicast_scouting: bool = False, *,
-                   identity=None, access_control: dict | None = None):
+                   identity=None, access_control: dict | None = None,
+                   open_timeout_s: float | None = None):
     """A zenoh.Config: `mode`, explicit endpoints, multicast scouting off unless asked for.
 
     With `identity` (loom_ros.security.keys.Identity) the session speaks only TLS with mutual
@@ -57,7 +58,9 @@ def session_config(mode: str, connect=(), listen=(), multicast_scouting: bool = 
     certificate must come from the fleet's authority and name the host connected to, and this
     session shows its own certificate (whose common name the router's access control matches).
     Without it the session is plain TCP: the caller must have been told `insecure` and say so.
-    `access_control` (loom_ros.security.acl) is the router's rules."""
+    `access_control` (loom_ros.security.acl) is the router's rules. `open_timeout_s` bounds
+    each link's opening (TCP, TLS and Zenoh's handshake; Zenoh's default is 10 s): a router that
+    accepts the connection and never answers holds zenoh.open that long, per endpoint."""
     import zenoh
     if mode not in MODES + ('router',):
         raise ValueError(f"zenoh mode must be one of peer, client, router; got {mode!r}")
@@ -100,6 +103,9 @@ def session_config(mode: str, connect=(), listen=(), multicast_scouting: bool = 
     # fragmented message; so it is defense in depth, and Loom bounds what it takes itself
     # (ZenohLink's max_sample_bytes, the cloud's request limit) before copying or parsing.
     config.insert_json5('transport/link/rx/max_message_size', json.dumps(MAX_MESSAGE_BYTES))
+    if open_timeout_s is not None:
+        config.insert_json5('transport/unicast/open_timeout',
+                            json.dumps(max(1, round(open_timeout_s * 1000))))
     if access_control is not None:
         config.insert_json5('access_control', json.dumps(access_control))
     return config
@@ -130,6 +136,7 @@ class ZenohLink:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._opener: threading.Thread | None = None
+        self._closer: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -190,7 +197,8 @@ class ZenohLink:
         if session is None:
             return True
         # No lock is held here: a Zenoh callback still running may take it while close waits.
-        closer = threading.Thread(target=session.close, daemon=True, name='zenoh-close')
+        self._closer = closer = threading.Thread(target=session.close, daemon=True,
+                                                 name='zenoh-close')
         closer.start()
         closer.join(timeout_s)
         if closer.is_alive():
@@ -198,6 +206,16 @@ class ZenohLink:
                 self._logger.error(f'zenoh: the session did not close within {timeout_s:g} s')
             return False
         return True
+
+    def native_threads(self) -> list[str]:
+        """This link's threads still inside Zenoh's native code after close(): an opener in
+        zenoh.open (a router that accepted and never answered holds it up to the open timeout),
+        a session close past its bound. When one comes back into Python while the interpreter
+        exits, the process aborts ("FATAL: exception not rethrown"), so a process that sees any
+        ends with os._exit instead (bus.executor.end_process asks through exit_hazards())."""
+        return [thread.name for thread in (self._opener, self._closer)
+                if thread is not None and thread is not threading.current_thread()
+                and thread.is_alive()]
 
     # -- state ----------------------------------------------------------------------------
     def refresh(self) -> bool:

@@ -312,7 +312,8 @@ def end_process(executor, node, who: str, code: int, close_s: float = EXECUTOR_C
     that raises or hangs: exit 1 at once); then the node destroyed and rclpy shut down, waited
     for at most `close_s` too. When the executor's shutdown hung,
     destroying would wait on it: the process says so on stderr and exits at once with `code`,
-    as it does when destroying or rclpy's shutdown hangs."""
+    as it does when destroying or rclpy's shutdown hangs, or when the node still has threads
+    in native code (exit_hazards)."""
     import rclpy
     why = '' if executor is None else within(executor.shutdown, close_s, 'executor-shutdown')
     closed = not why.startswith(STILL_RUNNING)
@@ -335,12 +336,32 @@ def end_process(executor, node, who: str, code: int, close_s: float = EXECUTOR_C
             rclpy.try_shutdown()
         why = within(tear_down, close_s, 'node-teardown')
         if not why:
-            return
-        print(f'{who}: destroying the node and shutting rclpy down did not finish ({why}); '
-              'exiting without it', file=sys.stderr, flush=True)
+            left = exit_hazards(node)
+            if not left:
+                return
+            print(f'{who}: {", ".join(left)} still inside native code after the shutdown; '
+                  f'exiting now with {code} (one coming back while the interpreter exits would '
+                  'abort the process)', file=sys.stderr, flush=True)
+        else:
+            print(f'{who}: destroying the node and shutting rclpy down did not finish ({why}); '
+                  'exiting without it', file=sys.stderr, flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def exit_hazards(node) -> list[str]:
+    """The node's threads still inside native code after its shutdown (its `exit_hazards()`,
+    when it has one: the Zenoh bridge's opener or closer). Such a thread that comes back into
+    Python while the interpreter exits makes glibc abort the process ("FATAL: exception not
+    rethrown"), so end_process exits with os._exit instead when there is any."""
+    hazards = getattr(node, 'exit_hazards', None)
+    if hazards is None:
+        return []
+    try:
+        return list(hazards())
+    except Exception as exc:  # noqa: BLE001 - asking must not turn a clean stop into a fault
+        return [f'unknown ({exc!r})'[:200]]
 
 
 STILL_RUNNING = 'still running after'   # how within() says the call did not end in time

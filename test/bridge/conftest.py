@@ -99,8 +99,10 @@ def bridge(ros, spawn, tmp_path, zenoh_keys):
     **params) runs a bridge node in its own process; returns (proc, status, audit_path).
     It connects as the identity named like its namespace, from `keys_dir` (default zenoh_keys,
     with seal_sensitive off unless given: nothing is sealed), or over plain TCP with
-    insecure=True. Commands are audited to tmp_path/<robot>_audit.db."""
-    def start(namespace: str, port: int, inbound: dict | None = None, **params):
+    insecure=True. Commands are audited to tmp_path/<robot>_audit.db. It waits for the bridge to
+    connect, or with connected=False only for its first status."""
+    def start(namespace: str, port: int, inbound: dict | None = None, connected: bool = True,
+              **params):
         name = namespace.strip('/')
         audit = tmp_path / f'{name}_audit.db'   # commands and privacy refusals
         inbound_file = tmp_path / f'{name}_inbound.yaml'
@@ -123,8 +125,12 @@ def bridge(ros, spawn, tmp_path, zenoh_keys):
         status = BridgeStatus(ros, namespace)
         proc = spawn('-m', 'loom_ros.bridge.bridge_node', '--ros-args', '-r', f'__ns:={namespace}',
                      '--params-file', str(path))
-        ros.wait_for(lambda: status.get('connected', False), f'bridge {namespace} to connect',
-                     alive=[proc])
+        if connected:
+            ros.wait_for(lambda: status.get('connected', False),
+                         f'bridge {namespace} to connect', alive=[proc])
+        else:   # active, whether or not it ever reaches Zenoh
+            ros.wait_for(lambda: status.get('robot_id', '') == name,
+                         f'bridge {namespace} to report', alive=[proc])
         return proc, status, audit
     return start
 

@@ -1,4 +1,5 @@
-"""The bridge process exits promptly on SIGTERM after heavy traffic, and reports its counters.
+"""The bridge process exits promptly on SIGTERM after heavy traffic, and reports its counters;
+and stopped while its Zenoh session is still opening, it exits cleanly at once.
 
 Regression: after its first outbound event the bridge declares a Zenoh publisher and a matching
 listener from the executor's (main) thread; zenoh-python runs that listener's callback on a
@@ -9,6 +10,8 @@ shutdown transition), so the interpreter waited for that thread in threading._sh
 import json
 import re
 import signal
+import socket
+import threading
 import time
 
 from loom_ros.bridge import codec
@@ -65,3 +68,50 @@ def test_sigterm_after_a_burst_exits_cleanly_with_counters(ros, port, zenoh_rout
     assert counters.get('received', 0) > 0
     assert elapsed < EXIT_LIMIT_S
     del fleet
+
+
+class SilentRouter:
+    """A TCP listener that accepts every connection and never says a word: what a router that
+    hangs (or a black-holing middlebox) looks like to zenoh.open, which then waits its open
+    timeout out inside native code."""
+
+    def __init__(self):
+        self.server = socket.create_server(('127.0.0.1', 0))
+        self.port = self.server.getsockname()[1]
+        self.accepted = []
+        threading.Thread(target=self._accept, daemon=True, name='silent-router').start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.accepted.append(self.server.accept()[0])
+            except OSError:   # closed
+                return
+
+    def close(self):
+        self.server.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_stop_while_the_session_is_still_opening_exits_cleanly_at_once(ros, bridge):
+    """Regression (a fresh clone's CI, in the demo): a bridge stopped while its opener thread was
+    inside zenoh.open left it there past the close bound; when it came back into Python during
+    the interpreter's exit, the process aborted ("FATAL: exception not rethrown", exit -6).
+    Now the bridge names that thread and ends with os._exit(0) after its shutdown. The open
+    timeout here outlasts the test, so the thread is certainly inside at the stop."""
+    router = SilentRouter()
+    try:
+        proc, status, _ = bridge('/sd', router.port, connected=False, open_timeout_s=300.0)
+        ros.wait_for(lambda: router.accepted, 'the bridge to be inside zenoh.open', alive=[proc])
+        assert status.get('connected', True) is False
+        proc.popen.send_signal(signal.SIGINT)
+        code, _, err = proc.finish(limit=EXIT_LIMIT_S)
+    finally:
+        router.close()
+    assert code == 0, err[-3000:]
+    assert 'FATAL' not in err
+    assert re.search(r'zenoh_bridge: zenoh-open still inside native code after the shutdown; '
+                     r'exiting now with 0', err), err[-3000:]
+    final = re.findall(r'zenoh_bridge\]: stopped: (\{.*\})', err)
+    assert final and json.loads(final[-1])['connected'] is False, err[-3000:]

@@ -272,7 +272,7 @@ def test_a_peer_holds_the_fleets_rules_for_its_own_links(port, zenoh_keys, tmp_p
     # robot1 is configured the way its bridge configures a secure peer session.
     robot1 = zenoh.open(ZenohBridgeNode._session_config_maker(
         {'mode': 'peer', 'connect': [], 'listen': endpoint, 'multicast_scouting': False,
-         'keys_dir': str(fleet)}, keys.load(fleet, 'robot1'))())
+         'keys_dir': str(fleet), 'open_timeout_s': 10.0}, keys.load(fleet, 'robot1'))())
     robot2, operator = peer('robot2', connect=endpoint), peer('tester', connect=endpoint)
     try:
         moves, marks = [], []
