@@ -20,7 +20,6 @@ never acted on: the manager signals only processes it started itself.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import secrets
@@ -69,11 +68,10 @@ def beat_digest(key: bytes, msg) -> str:
                          msg.persist_failed, msg.mailbox_depth, msg.mailbox_size,
                          msg.mailbox_dropped),
              _f32(msg.dispatch_p50_us), _f32(msg.dispatch_p99_us), str(msg.reason).encode()]
-    mac = hmac.new(key, digestmod=hashlib.sha256)
-    for part in parts:   # length-prefixed: no two field lists hash alike
-        mac.update(struct.pack('<I', len(part)))
-        mac.update(part)
-    return mac.hexdigest()
+    # length-prefixed: no two field lists hash alike; one call (a host of 1,000 agents signs
+    # 1,000 beats a second on its executor's thread)
+    return hmac.digest(key, b''.join(struct.pack('<I', len(part)) + part for part in parts),
+                       'sha256').hex()
 
 
 class BeatSigner:

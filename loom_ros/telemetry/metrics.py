@@ -412,11 +412,14 @@ class BusMetrics:
         folded: dict[str, list] = {label: [*counts, None, None, 0]
                                    for label, counts in self._departed.items()}
         last = {}
+        before = self._last
         for sub in list(stats.subscriptions):
             c = sub.counters
-            label = registry.subscription_label(sub.pattern.text)
-            counts = (sum(getattr(c, k, 0) for k in DROP_COUNTERS),
-                      sum(getattr(c, k, 0) for k in SHED_COUNTERS), getattr(c, 'delivered', 0))
+            # A subscription keeps its label (its pattern and the registry's admissions do not
+            # change): looked up once, not each snapshot for each of 1,000 subscriptions.
+            label = before[sub][0] if sub in before else \
+                registry.subscription_label(sub.pattern.text)
+            counts = flow_totals(c)
             last[sub] = label, counts
             row = folded.setdefault(label, [0, 0, 0, None, None, 0])
             for i in range(3):
@@ -446,6 +449,13 @@ class BusMetrics:
                 registry.set_gauge('topics_refused', refused, subscription=label)
 
 
+def flow_totals(c) -> tuple[int, int, int]:
+    """(dropped, shed, delivered) of a subscription's FlowCounters: DROP_COUNTERS summed,
+    SHED_COUNTERS summed, delivered (fields read directly: this runs per subscription)."""
+    return (c.dropped_oldest + c.overflow + c.lost, c.sampled_out + c.rate_limited + c.folded,
+            c.delivered)
+
+
 def _by_label(registry: MetricsRegistry, counts) -> dict[str, int]:
     """Per-topic totals summed per topic label (the topics past max_topics into one)."""
     out: dict[str, int] = {}
@@ -460,7 +470,8 @@ def bus_drop_total(bus) -> int:
     stats = bus.stats
     total = sum(stats.rejected.values())
     for sub in list(stats.subscriptions):
-        total += sum(getattr(sub.counters, k, 0) for k in DROP_COUNTERS)
+        c = sub.counters
+        total += c.dropped_oldest + c.overflow + c.lost
     return total
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from harness import WAIT_LIMIT_S
 
-from loom_ros.agents.supervisor import BeatAuth, BeatSigner
+from loom_ros.agents.supervisor import BeatAuth, BeatSigner, beat_digest
 
 AGENTS = """agents:
   - id: first
@@ -129,6 +129,35 @@ def test_beat_auth_takes_signed_beats_once_and_drops_the_rest():
     # A copy of a beat already taken in-process: authentic ones are not rejections.
     assert auth.check(key, old, copy=True) == 'copy' and auth.copies == 1
     assert auth.check(key, Msg(), copy=True) == 'bad_auth'
+
+
+def test_the_digest_covers_every_field_length_prefixed():
+    """A known answer, computed here field by field: HMAC-SHA256 over each field's length (4
+    bytes, little-endian) and bytes, in the wire's order. Changing any one field, or moving
+    bytes from one text field to the next, changes it."""
+    import hashlib
+    import hmac
+    import struct
+
+    from loom_msgs.msg import AgentStatus
+    msg = AgentStatus(agent_id='a1', node='/robot/agent_host', incarnation=7, seq=9, pid=42,
+                      lifecycle='active', busy_ms=1.5, events=10, handled=9, behavior_errors=1,
+                      persist_failed=0, mailbox_depth=3, mailbox_size=100, mailbox_dropped=2,
+                      dispatch_p50_us=250.0, dispatch_p99_us=900.0, reason='')
+    fields = [b'a1', b'/robot/agent_host', struct.pack('<QQI', 7, 9, 42), b'active',
+              struct.pack('<f', 1.5), struct.pack('<QQQQIIQ', 10, 9, 1, 0, 3, 100, 2),
+              struct.pack('<f', 250.0), struct.pack('<f', 900.0), b'']
+    reference = hmac.new(b'k' * 32, digestmod=hashlib.sha256)
+    for field in fields:
+        reference.update(struct.pack('<I', len(field)) + field)
+    assert beat_digest(b'k' * 32, msg) == reference.hexdigest()
+    moved = AgentStatus(agent_id='a1/', node='robot/agent_host', incarnation=7, seq=9, pid=42,
+                        lifecycle='active', busy_ms=1.5, events=10, handled=9, behavior_errors=1,
+                        persist_failed=0, mailbox_depth=3, mailbox_size=100, mailbox_dropped=2,
+                        dispatch_p50_us=250.0, dispatch_p99_us=900.0, reason='')
+    assert beat_digest(b'k' * 32, moved) != beat_digest(b'k' * 32, msg)
+    msg.mailbox_dropped = 3
+    assert beat_digest(b'k' * 32, msg) != reference.hexdigest()
 
 
 @pytest.mark.parametrize('spec', ['', 'zz', '00' * 200])

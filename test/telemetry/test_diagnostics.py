@@ -4,7 +4,7 @@ ERROR on /diagnostics as outcomes with costs arrive."""
 from __future__ import annotations
 
 from loom_ros.telemetry.diagnostics import (
-    ERROR, OK, WARN, CheckResult, DropsRising, budget_check, level_of, persistence_check,
+    ERROR, MAX_QUEUE_VALUES, OK, WARN, CheckResult, DropsRising, budget_check, level_of, persistence_check,
     plugin_check, queue_check, queues_check, run_check,
 )
 
@@ -19,6 +19,25 @@ def test_queue_near_full_then_full():
     worst = queues_check({'camera.**': (1, 100), 'agent.*.action': (99, 100)})
     assert worst.level == ERROR and 'agent.*.action' in worst.message
     assert queues_check({}).level == OK
+
+
+def test_queues_check_names_only_the_fullest_queues():
+    """1,000 agents' mailboxes: the report names the MAX_QUEUE_VALUES fullest (the one past
+    warn among them, whatever its place in the dict) and counts the rest, so its size does not
+    grow with the host."""
+    queues = {f'a{i}': (i % 7, 100) for i in range(1000)}
+    queues['a500'] = (90, 100)     # the one near full
+    queues['a999'] = (50, 100)
+    result = queues_check(queues)
+    assert result.level == WARN and 'queue a500 near full (90/100)' in result.message
+    named = {k.rsplit('.', 1)[0] for k in result.values if k.endswith('.depth')}
+    assert len(named) == MAX_QUEUE_VALUES and {'a500', 'a999'} <= named
+    assert result.values['a500.depth'] == '90' and result.values['a500.capacity'] == '100'
+    assert result.values['queues'] == '1000' and result.values['over_warn'] == '1'
+    assert result.values['depth_total'] == str(sum(d for d, _ in queues.values()))
+    assert len(result.values) == 3 + 2 * MAX_QUEUE_VALUES
+    few = queues_check({'x': (1, 10), 'y': (0, 0)})   # fewer than the bound: all named
+    assert few.level == OK and few.values['x.depth'] == '1' and few.values['y.capacity'] == '0'
 
 
 def test_drops_rising_switches_with_the_rate():
