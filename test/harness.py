@@ -1,5 +1,6 @@
 """Constants and helpers tests import by name (conftest.py files are not importable by name once
 several folders have one)."""
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -363,8 +364,30 @@ def tcp_listeners(port: int) -> list[str]:
 
 def free_port() -> int:
     """A TCP port free on loopback now (for a server the test starts next)."""
-    import socket
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         return sock.getsockname()[1]
 
+
+class SilentRouter:
+    """A TCP listener that accepts every connection and never says a word: what a router that
+    hangs (or a black-holing middlebox) looks like to zenoh.open, which then waits its open
+    timeout out inside native code."""
+
+    def __init__(self):
+        self.server = socket.create_server(('127.0.0.1', 0))
+        self.port = self.server.getsockname()[1]
+        self.accepted = []
+        threading.Thread(target=self._accept, daemon=True, name='silent-router').start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.accepted.append(self.server.accept()[0])
+            except OSError:   # closed
+                return
+
+    def close(self):
+        self.server.close()
+        for conn in self.accepted:
+            conn.close()

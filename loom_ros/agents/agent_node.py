@@ -157,6 +157,7 @@ class AgentNode(LifecycleNode):
         self.ports: NodePorts | None = None            # made on configure, closed on cleanup
         self._consent: ConsentRegistry | None = None   # for hosted routing, on configure
         self.clouds: dict[CloudSettings, CloudLink] = {}
+        self._closed_links: list[CloudLink] = []   # closed with their opener still in Zenoh
         from loom_msgs.msg import AgentStatus
         self._status_type = AgentStatus
         self._heartbeat_pub = self.create_publisher(
@@ -440,7 +441,17 @@ class AgentNode(LifecycleNode):
         self._stop_embedded()
         for link in self.clouds.values():
             link.close()
+        # an opener still inside Zenoh outlives the link: the process's exit must know of it
+        self._closed_links = [link for link in self._closed_links + list(self.clouds.values())
+                              if link.native_threads()]
         self.clouds = {}
+
+    def exit_hazards(self) -> list[str]:
+        """Cloud-link openers still inside Zenoh's native code: the process ends with os._exit
+        after its shutdown (bus.executor.end_process), or their return during the
+        interpreter's exit would abort it."""
+        return [name for link in list(self.clouds.values()) + self._closed_links
+                for name in link.native_threads()]
 
     def _stop_embedded(self) -> None:
         if self.embedded is not None:

@@ -45,3 +45,42 @@ def test_missing_credentials_say_so(tmp_path):
     settings = CloudSettings(('tcp/127.0.0.1:7447',), str(tmp_path / 'none'), 'robot1')
     with pytest.raises(CloudUnavailable, match='ca.pem is missing'):
         open_cloud_client(settings)
+
+
+def test_a_host_stopped_while_its_cloud_link_is_opening_exits_cleanly(ros, spawn, keys_dir,
+                                                                      tmp_path):
+    """The agent host opens its cloud link in the background. Stopped while that opener is
+    inside zenoh.open (a router that accepted and never answered; the open timeout here
+    outlasts the test), the host names it and ends with os._exit(0) after its whole shutdown:
+    the opener coming back during the interpreter's exit would abort the process ("FATAL:
+    exception not rethrown"), as it did for the bridge in a fresh clone's CI."""
+    import re
+    import signal
+
+    from harness import SilentRouter
+    router = SilentRouter()
+    agents = tmp_path / 'agents.yaml'
+    agents.write_text(f"""agents:
+  - id: asker
+    behavior: counter
+    subscriptions: ["test.asker"]
+    settings:
+      zenoh_connect: ["tcp/127.0.0.1:{router.port}"]
+      keys_dir: "{keys_dir}"
+      identity: robot1
+      zenoh_open_timeout_s: 300
+""")
+    try:
+        proc = spawn('-m', 'loom_ros.agents.agent_node', '--ros-args', '-r', '__ns:=/cl_stop',
+                     '-r', '__node:=agent_asker', '-p', 'agent_id:=asker',
+                     '-p', f'agents_file:={agents}', '-p', f'storage.root:={tmp_path}')
+        ros.wait_for(lambda: router.accepted, 'the cloud link to be inside zenoh.open',
+                     alive=[proc])
+        proc.popen.send_signal(signal.SIGINT)
+        code, _, err = proc.finish()
+    finally:
+        router.close()
+    assert code == 0, err[-3000:]
+    assert 'FATAL' not in err
+    assert re.search(r'agent_asker: cloud-link still inside native code after the shutdown; '
+                     r'exiting now with 0', err), err[-3000:]

@@ -342,7 +342,30 @@ class SessionStub:
     """What CloudLink closes; the session itself is the opener's business."""
 
     def close(self):
-        pass
+        self.closed = True
+
+
+def test_a_link_closed_while_opening_names_its_opener_until_it_ends():
+    """close() waits a bounded time for an open in progress; an opener still inside (Zenoh's
+    native code, in the product) is named by native_threads() until it comes back, and what
+    it opened late is closed, never kept."""
+    import threading
+    release, made = threading.Event(), []
+
+    def stuck_opener(settings):
+        assert release.wait(30)
+        made.append(SessionStub())
+        return made[-1], 'client'
+    link = CloudLink(CloudSettings(('tcp/127.0.0.1:1',)), stuck_opener)
+    assert link.native_threads() == []
+    link.start()
+    link.close(timeout_s=0.05)
+    assert link.native_threads() == ['cloud-link']
+    assert link.client() == (None, 'the cloud link is closed')
+    release.set()
+    link.wait_open(30)
+    assert link.native_threads() == [] and made[0].closed
+    assert link.client() == (None, 'the cloud link is closed')
 
 
 def test_cloud_settings_are_checked_and_absent_means_no_cloud():
@@ -352,9 +375,14 @@ def test_cloud_settings_are_checked_and_absent_means_no_cloud():
     made = CloudSettings.of('a', {'zenoh_connect': 'tcp/h:1', 'identity': 'r2',
                                   'zenoh_insecure': 'yes'})
     assert made == CloudSettings(('tcp/h:1',), identity='r2', insecure=False)  # only `true`
+    assert made.open_timeout_s == 10.0   # Zenoh's own
+    assert CloudSettings.of('a', {'zenoh_connect': 'tcp/h:1', 'zenoh_open_timeout_s': 30}) \
+        .open_timeout_s == 30.0
     for bad in ({'zenoh_connect': [1]}, {'zenoh_connect': ['x'] * 17},
                 {'zenoh_connect': ['x' * 2000]}, {'zenoh_connect': ['x'], 'keys_dir': ''},
-                {'zenoh_connect': ['x'], 'identity': ['r']}):
+                {'zenoh_connect': ['x'], 'identity': ['r']},
+                *({'zenoh_connect': ['x'], 'zenoh_open_timeout_s': t}
+                  for t in ('5', True, 0.05, 601, float('nan'), None))):
         with pytest.raises(AgentConfigError, match='agent a: settings'):
             CloudSettings.of('a', bad)
 

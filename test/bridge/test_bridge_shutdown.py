@@ -10,9 +10,9 @@ shutdown transition), so the interpreter waited for that thread in threading._sh
 import json
 import re
 import signal
-import socket
-import threading
 import time
+
+from harness import SilentRouter
 
 from loom_ros.bridge import codec
 from loom_ros.bus.event import Event
@@ -68,30 +68,6 @@ def test_sigterm_after_a_burst_exits_cleanly_with_counters(ros, port, zenoh_rout
     assert counters.get('received', 0) > 0
     assert elapsed < EXIT_LIMIT_S
     del fleet
-
-
-class SilentRouter:
-    """A TCP listener that accepts every connection and never says a word: what a router that
-    hangs (or a black-holing middlebox) looks like to zenoh.open, which then waits its open
-    timeout out inside native code."""
-
-    def __init__(self):
-        self.server = socket.create_server(('127.0.0.1', 0))
-        self.port = self.server.getsockname()[1]
-        self.accepted = []
-        threading.Thread(target=self._accept, daemon=True, name='silent-router').start()
-
-    def _accept(self):
-        while True:
-            try:
-                self.accepted.append(self.server.accept()[0])
-            except OSError:   # closed
-                return
-
-    def close(self):
-        self.server.close()
-        for conn in self.accepted:
-            conn.close()
 
 
 def test_stop_while_the_session_is_still_opening_exits_cleanly_at_once(ros, bridge):

@@ -4,7 +4,7 @@ by the agents whose settings name the same cloud (a CloudPort for each of them).
 An agent's settings say which cloud: `zenoh_connect` (endpoints of the Zenoh router the cloud
 tier answers on; empty or absent: no cloud), `keys_dir` and `identity` (who the robot is on
 Zenoh, mutual TLS, and to the cloud, signed requests), `zenoh_insecure` (plain TCP; logged as a
-warning). The host opens the session when it configures, in the background so an unreachable
+warning), `zenoh_open_timeout_s` (how long one link may take to open; Zenoh's 10 s). The host opens the session when it configures, in the background so an unreachable
 network never holds configure; a failed open is retried when asked for, at most every
 `retry_s`; cleanup closes it. No rclpy.
 """
@@ -21,6 +21,8 @@ MAX_ENDPOINTS = 16
 MAX_SETTING_CHARS = 1024
 WARN_EVERY_S = 60.0   # the same failure to open is warned about at most this often
 RETRY_S = 5.0
+MIN_OPEN_TIMEOUT_S, MAX_OPEN_TIMEOUT_S = 0.1, 600.0
+CLOSE_WAIT_S = 5.0   # close() waits this long for an open in progress
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class CloudSettings:
     keys_dir: str = '~/.loom/keys'
     identity: str = 'robot1'
     insecure: bool = False
+    open_timeout_s: float = 10.0
 
     @classmethod
     def of(cls, agent_id: str, settings: dict) -> 'CloudSettings | None':
@@ -51,8 +54,14 @@ class CloudSettings:
                 raise AgentConfigError(f'agent {agent_id}: settings.{key} must be a non-empty '
                                        'string')
             texts[key] = value
+        timeout = settings.get('zenoh_open_timeout_s', cls.open_timeout_s)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
+                not MIN_OPEN_TIMEOUT_S <= timeout <= MAX_OPEN_TIMEOUT_S:
+            raise AgentConfigError(f'agent {agent_id}: settings.zenoh_open_timeout_s must be a '
+                                   f'number of seconds from {MIN_OPEN_TIMEOUT_S:g} to '
+                                   f'{MAX_OPEN_TIMEOUT_S:g}')
         return cls(tuple(connect), texts['keys_dir'], texts['identity'],
-                   settings.get('zenoh_insecure', False) is True)
+                   settings.get('zenoh_insecure', False) is True, float(timeout))
 
 
 def open_cloud_client(settings: CloudSettings):
@@ -66,7 +75,8 @@ def open_cloud_client(settings: CloudSettings):
     from loom_ros.security.keys import CredentialsError
     try:
         identity = transport_identity(settings.insecure, settings.keys_dir, settings.identity)
-        session = zenoh.open(session_config('client', list(settings.connect), identity=identity))
+        session = zenoh.open(session_config('client', list(settings.connect), identity=identity,
+                                            open_timeout_s=settings.open_timeout_s))
     except (zenoh.ZError, CredentialsError, ValueError) as exc:
         used = list(settings.connect) if settings.insecure else \
             [secure_endpoint(e) for e in settings.connect]   # what the session dialled
@@ -166,13 +176,22 @@ class CloudLink:
             thread.join(timeout_s)
         return self._client is not None
 
-    def close(self) -> None:
+    def native_threads(self) -> list[str]:
+        """Its opener thread, when still alive (inside zenoh.open: a router that accepted and
+        never answered holds it up to Zenoh's open timeout, past close()'s 5 s). One that comes
+        back into Python while the interpreter exits aborts the process, so the host's process
+        then ends with os._exit (AgentNode.exit_hazards, bus.executor.end_process)."""
+        thread = self._thread
+        return [thread.name] if thread is not None and thread.is_alive() and \
+            thread is not threading.current_thread() else []
+
+    def close(self, timeout_s: float = CLOSE_WAIT_S) -> None:
         with self._lock:
             self._closed = True
             session, self._session, self._client = self._session, None, None
             self._error = 'the cloud link is closed'
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(5.0)   # an open in progress ends (and closes what it made) first
+            thread.join(timeout_s)   # an open in progress ends (and closes what it made) first
         if session is not None:
             session.close()
