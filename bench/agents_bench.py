@@ -388,6 +388,7 @@ def run_core(n: int, rounds: int = 10) -> dict:
     from loom_ros.agents.runtime import Agent
     from loom_ros.bus.event import Event
     from loom_ros.bus.executor import hold_full_passes, settle_heap, unsettle_heap
+    from loom_ros.config.params import node_defaults
     from loom_ros.storage.storage import Storage, StorageConfig
     tmp = Path(tempfile.mkdtemp())
     storage = Storage(StorageConfig(str(tmp), unit='core', max_delay_ms=1.0, hot_max_events=0))
@@ -402,9 +403,10 @@ def run_core(n: int, rounds: int = 10) -> dict:
             agent.offer(Event(type='tick', id=f'{agent.id}-{r}'))
     total = n * rounds
     # As an active host runs (AgentNode.on_activate): the configured heap frozen, no full
-    # garbage-collection pass on CPython's schedule (they took about 40 % of this loop's CPU).
+    # garbage-collection pass on CPython's schedule (they took about 40 % of this loop's CPU),
+    # young passes as config/loom.yaml sets them for an active host.
     settle_heap()
-    hold_full_passes()
+    hold_full_passes(node_defaults('agent')['gc_young_threshold'])
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(rounds):
         for agent in agents:

@@ -85,6 +85,9 @@ PARAMETERS = [
     ParamSpec('full_gc_period_s', 'Seconds between full garbage-collection passes while '
               'active, run by this node (0: CPython starts them itself)', read_only=True,
               min_value=0.0),
+    ParamSpec('gc_young_threshold', 'While active: allocations between young garbage-'
+              "collection passes (CPython's 700; 0 leaves it as it is)", read_only=True,
+              min_value=0, max_value=10_000_000),
     ParamSpec('heartbeat_period_s', 'Seconds between AgentStatus heartbeats', read_only=True,
               min_value=0.01),
     ParamSpec('audit_db', "SQLite audit log of applied declassify rules ('' = "
@@ -373,7 +376,7 @@ class AgentNode(LifecycleNode):
                 backpressure=backpressure))
         period = self.params['full_gc_period_s']
         if period > 0:   # CPython's full passes stalled a busy host: here, on a timer, instead
-            hold_full_passes()
+            hold_full_passes(self.params['gc_young_threshold'])
             self._full_gc_timer = self.create_timer(period, timer_callback(self._full_pass))
         return super().on_activate(state)
 

@@ -149,17 +149,21 @@ CPYTHON_GC_THRESHOLDS = gc.get_threshold()
 NO_AUTOMATIC_FULL_PASS = 2**31 - 1   # middle passes before a full one: never, in practice
 
 
-def hold_full_passes() -> None:
+def hold_full_passes(young: int = 0, middle: int = 0) -> None:
     """A host is active and settled: what it made since (its subscriptions) is frozen too, and
     CPython starts no full pass on its own any more; the host runs `full_pass` on a timer
     instead. A full pass stops every thread while it walks each unfrozen long-lived object:
     in a host of 1,000 agents at 10,000 events/s CPython started one every 0.6 s, 22-100 ms
     each, and the steady state had left nothing for them (0 objects in cycles in 3 s;
-    bench/results/agents.md). Young and middle passes go on: cycles that die young are still
-    collected at once. Process-wide, as the freeze; `unsettle_heap` undoes both."""
+    bench/results/agents.md). Young and middle passes go on, cycles that die young are still
+    collected; `young` and `middle` (0: as they are) set how often. A young pass walks the
+    young objects still alive: at CPython's 700 allocations it came every few events and
+    caught the events in flight (mailboxes, pending commits), which then went on to be walked
+    again by the middle passes; at 50,000 most of them are gone by the next pass (docs/
+    storage.md). Process-wide, as the freeze; `unsettle_heap` undoes both."""
     gc.freeze()
-    young, middle, _full = gc.get_threshold()
-    gc.set_threshold(young, middle, NO_AUTOMATIC_FULL_PASS)
+    now_young, now_middle, _full = gc.get_threshold()
+    gc.set_threshold(young or now_young, middle or now_middle, NO_AUTOMATIC_FULL_PASS)
 
 
 def full_pass() -> tuple[int, float]:
@@ -171,12 +175,11 @@ def full_pass() -> tuple[int, float]:
 
 def unsettle_heap() -> None:
     """Deactivate or cleanup: the frozen objects go back to the collector (the released ones
-    can be collected again; cycles among them would otherwise never be), and CPython's own full
-    passes resume. Process-wide, as the freeze: with several nodes in one process
+    can be collected again; cycles among them would otherwise never be), and CPython's own
+    thresholds (full passes included) are back. Process-wide, as the freeze: with several nodes in one process
     (composition) the next activation freezes again."""
     gc.unfreeze()
-    young, middle, _full = gc.get_threshold()
-    gc.set_threshold(young, middle, CPYTHON_GC_THRESHOLDS[2])
+    gc.set_threshold(*CPYTHON_GC_THRESHOLDS)
 
 
 class ReleasingLifecycleNode:

@@ -151,9 +151,12 @@ def _churn() -> int:
 def test_an_active_host_runs_the_full_collections_itself_on_its_timer(ros, tmp_path):
     """Active, the host's subscriptions are frozen too and CPython starts no full pass (they
     stopped a 1,000-agent host 22-100 ms every 0.6 s): a cycle that dies old waits for the
-    host's own pass (full_gc_period_s), which frees it. Deactivated, CPython's rule is back
-    and frees such a cycle by itself (the same churn: the check can fail)."""
+    host's own pass (full_gc_period_s), which frees it; young passes come every
+    gc_young_threshold allocations and still free a cycle that dies young. Deactivated,
+    CPython's thresholds are back and free an old cycle by themselves (the same churn: the
+    check can fail)."""
     import gc
+    import weakref
 
     from rclpy.parameter import Parameter
 
@@ -168,14 +171,20 @@ def test_an_active_host_runs_the_full_collections_itself_on_its_timer(ros, tmp_p
     try:
         host.trigger_configure()
         host.trigger_activate()
-        assert gc.get_threshold()[2] == NO_AUTOMATIC_FULL_PASS
+        # young passes every 50,000 allocations (config/loom.yaml), middle ones as CPython's
+        assert gc.get_threshold() == (50_000, CPYTHON_GC_THRESHOLDS[1], NO_AUTOMATIC_FULL_PASS)
         assert host._full_gc_timer is not None
+        young = weakref.ref(_Cycle())   # a cycle that dies young: a young pass frees it
+        before = gc.get_stats()[0]['collections']
+        keep = [[i] for i in range(60_000)]
+        assert gc.get_stats()[0]['collections'] > before and young() is None
+        del keep
         subscriptions = list(host._subs)
         assert subscriptions and not any(o is s for g in (0, 1, 2) for o in gc.get_objects(g)
                                          for s in subscriptions)   # frozen with the rest
         watch = _old_cycle()
         assert _churn() == 0
-        assert watch() is not None   # young and middle passes ran; none frees an old cycle
+        assert watch() is not None   # young passes ran; none frees an old cycle
         host._full_pass()
         assert watch() is None
         assert host.full_gc['passes'] == 1 and host.full_gc['found'] >= 1

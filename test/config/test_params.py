@@ -74,10 +74,13 @@ def test_out_of_range_override_is_refused(ros):
     ('agent', 'agent', 'full_gc_period_s', -1.0),
     ('agent', 'bus', 'bus.stats_max_subscriptions', 0),
     ('agent', 'bus', 'bus.stats_max_subscriptions', 100001),
+    ('agent', 'agent', 'gc_young_threshold', -1),
+    ('agent', 'agent', 'gc_young_threshold', 10_000_001),
 ])
 def test_the_session_29_keys_refuse_values_out_of_range(ros, section, specs, name, value):
-    """A negative full-pass period, or a BusStats bound of 0 or past 100,000, is refused when
-    the node declares it (not served as a period of nothing or a message of everything)."""
+    """A negative full-pass period, a BusStats bound of 0 or past 100,000, or a garbage-
+    collection threshold below 0 or past its bound, is refused when the node declares it (not
+    served as a period of nothing, a message of everything or a collector that never runs)."""
     from rclpy.exceptions import InvalidParameterValueException
 
     from loom_ros.agents.agent_node import PARAMETERS as AGENT_PARAMETERS
