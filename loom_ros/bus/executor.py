@@ -176,8 +176,8 @@ def full_pass() -> tuple[int, float]:
 def unsettle_heap() -> None:
     """Deactivate or cleanup: the frozen objects go back to the collector (the released ones
     can be collected again; cycles among them would otherwise never be), and CPython's own
-    thresholds (full passes included) are back. Process-wide, as the freeze: with several nodes in one process
-    (composition) the next activation freezes again."""
+    thresholds (full passes included) are back. Process-wide, as the freeze: with several
+    nodes in one process (composition) the next activation freezes again."""
     gc.unfreeze()
     gc.set_threshold(*CPYTHON_GC_THRESHOLDS)
 

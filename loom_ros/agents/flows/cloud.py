@@ -4,9 +4,10 @@ by the agents whose settings name the same cloud (a CloudPort for each of them).
 An agent's settings say which cloud: `zenoh_connect` (endpoints of the Zenoh router the cloud
 tier answers on; empty or absent: no cloud), `keys_dir` and `identity` (who the robot is on
 Zenoh, mutual TLS, and to the cloud, signed requests), `zenoh_insecure` (plain TCP; logged as a
-warning), `zenoh_open_timeout_s` (how long one link may take to open; Zenoh's 10 s). The host opens the session when it configures, in the background so an unreachable
-network never holds configure; a failed open is retried when asked for, at most every
-`retry_s`; cleanup closes it. No rclpy.
+warning), `zenoh_open_timeout_s` (how long one link may take to open; Zenoh's 10 s). The host
+opens the session when it configures, in the background so an unreachable network never holds
+configure; a failed open is retried when asked for, at most every `retry_s`; cleanup closes it.
+No rclpy.
 """
 from __future__ import annotations
 
