@@ -45,7 +45,7 @@ from loom_ros.agents.runtime import CONFIGURE_ERRORS, Agent, AgentState, Dispatc
 from loom_ros.agents.supervisor import LOCAL_BEATS, BeatSigner, process_key
 from loom_ros.bridge.zenoh_link import INSECURE_WARNING
 from loom_ros.bus import topics
-from loom_ros.bus.bus import create_bus
+from loom_ros.bus.bus import create_bus, in_turn
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.privacy import SUBJECT_METADATA_KEY
 from loom_ros.bus.executor import (full_pass, hold_full_passes, run_lifecycle_node,
@@ -485,10 +485,8 @@ class AgentNode(LifecycleNode):
         # Up to 10 agents report every beat; more report in turns, each at least once per 10
         # beats (1 s by default, well inside the manager's 4 s timeout), so 1,000 hosted agents
         # do not cost 10,000 messages a second.
-        share = max(10, -(-len(agents) // 10))
-        start = self._beat_turn % max(1, len(agents))
-        reporting = {id(a) for a in (agents[start:] + agents[:start])[:share]}
-        self._beat_turn += share
+        turn, self._beat_turn = in_turn(agents, self._beat_turn, max(10, -(-len(agents) // 10)))
+        reporting = {id(a) for a in turn}
         for agent in agents:
             if agent.persist_failed is not None and agent.lifecycle is AgentState.ACTIVE:
                 if len(self.agents) == 1:

@@ -834,9 +834,8 @@ class EventBus:
             # ceil(n / max) messages. A host of 1,000 agents spent 18-21 ms of its executor's
             # thread building the 1,000 at each message (33-48 ms under load), and the events
             # it delivers waited behind it.
-            start = self._stats_turn % len(subs)
-            subs = (subs[start:] + subs[:start])[:self.stats_max_subscriptions]
-            self._stats_turn = start + self.stats_max_subscriptions
+            subs, self._stats_turn = in_turn(subs, self._stats_turn,
+                                             self.stats_max_subscriptions)
         for sub in subs:
             snap = sub.snapshot()
             snap.pop('resets')   # not in SubscriptionStats: logged, and in snapshot()
@@ -868,6 +867,16 @@ class EventBus:
             self._batch_timer = self._window_timer = self._stats_timer = self._stats_pub = None
         with _LOCAL_LOCK:
             _LOCAL_BUS_IDS.discard(self.bus_id)
+
+
+def in_turn(items: list, turn: int, count: int) -> tuple[list, int]:
+    """At most `count` of `items`, from position `turn` on (wrapping), and the turn to pass next
+    time: called in turns, each item comes once every ceil(len(items) / count) calls. What a
+    periodic report of more items than it should carry at once takes (BusStats, heartbeats)."""
+    if len(items) <= count:
+        return list(items), turn
+    start = turn % len(items)
+    return (items[start:] + items[:start])[:count], start + count
 
 
 def _dispatch(endpoint: _Endpoint, event: Event) -> None:

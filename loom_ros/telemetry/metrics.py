@@ -374,10 +374,6 @@ class MetricsRegistry:
 
 
 # -- sources -------------------------------------------------------------------------------------
-DROP_COUNTERS = ('dropped_oldest', 'overflow', 'lost')       # events that never reached a handler
-SHED_COUNTERS = ('sampled_out', 'rate_limited', 'folded')    # thinned on purpose by a policy
-
-
 class BusMetrics:
     """Reads an EventBus's counters into a registry at snapshot time: nothing on the hot path.
 
@@ -450,8 +446,9 @@ class BusMetrics:
 
 
 def flow_totals(c) -> tuple[int, int, int]:
-    """(dropped, shed, delivered) of a subscription's FlowCounters: DROP_COUNTERS summed,
-    SHED_COUNTERS summed, delivered (fields read directly: this runs per subscription)."""
+    """(dropped, shed, delivered) of a subscription's FlowCounters. Dropped: events that never
+    reached a handler (dropped_oldest, overflow, lost); shed: thinned on purpose by a policy
+    (sampled_out, rate_limited, folded). Fields read directly: this runs per subscription."""
     return (c.dropped_oldest + c.overflow + c.lost, c.sampled_out + c.rate_limited + c.folded,
             c.delivered)
 
@@ -470,8 +467,7 @@ def bus_drop_total(bus) -> int:
     stats = bus.stats
     total = sum(stats.rejected.values())
     for sub in list(stats.subscriptions):
-        c = sub.counters
-        total += c.dropped_oldest + c.overflow + c.lost
+        total += flow_totals(sub.counters)[0]
     return total
 
 

@@ -326,3 +326,16 @@ def test_two_flushes_at_once_send_a_batch_once_and_neither_fails(bus):
     first.join(30)
     second.join(30)
     assert errors == [] and writes == [1] and outlet.topic not in bus._batching
+
+
+def test_in_turn_gives_every_item_once_per_round():
+    """The slice a periodic report takes of a longer list (BusStats, heartbeats): each item
+    once in every ceil(n / count) calls, in order, wrapping; a short list whole."""
+    from loom_ros.bus.bus import in_turn
+    items, turn, seen = list(range(10)), 0, []
+    for _ in range(3):
+        part, turn = in_turn(items, turn, 4)
+        assert len(part) == 4
+        seen += part
+    assert seen[:10] == items and seen[10:] == [0, 1]   # the third call wraps
+    assert in_turn(items, 7, 10) == (items, 7) and in_turn([], 3, 1) == ([], 3)

@@ -76,6 +76,8 @@ def test_out_of_range_override_is_refused(ros):
     ('agent', 'bus', 'bus.stats_max_subscriptions', 100001),
     ('agent', 'agent', 'gc_young_threshold', -1),
     ('agent', 'agent', 'gc_young_threshold', 10_000_001),
+    ('zenoh_bridge', 'bridge', 'open_timeout_s', 0.05),
+    ('zenoh_bridge', 'bridge', 'open_timeout_s', 601.0),
 ])
 def test_the_session_29_keys_refuse_values_out_of_range(ros, section, specs, name, value):
     """A negative full-pass period, a BusStats bound of 0 or past 100,000, or a garbage-
@@ -84,12 +86,14 @@ def test_the_session_29_keys_refuse_values_out_of_range(ros, section, specs, nam
     from rclpy.exceptions import InvalidParameterValueException
 
     from loom_ros.agents.agent_node import PARAMETERS as AGENT_PARAMETERS
+    from loom_ros.bridge.bridge_node import PARAMETERS as BRIDGE_PARAMETERS
     node = Node('range_probe_29', context=ros.node.context,
                 parameter_overrides=[rclpy.parameter.Parameter(name, value=value)])
     try:
         with pytest.raises(InvalidParameterValueException):
-            declare_parameters(node, section,
-                               AGENT_PARAMETERS if specs == 'agent' else BUS_PARAMETERS)
+            declare_parameters(node, section, {'agent': AGENT_PARAMETERS,
+                                               'bridge': BRIDGE_PARAMETERS}.get(specs,
+                                                                                BUS_PARAMETERS))
     finally:
         node.destroy_node()
 
