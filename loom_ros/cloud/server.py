@@ -13,8 +13,9 @@ Holding under load and against strangers (issue 14): every request must be signe
 identity (config `auth`, keys from loom_ros.security.keys) and every reply is signed by this
 server's identity over the request it answers (protocol.Signer/Verifier). Before a request is
 queued, the Gate bounds its size, checks its signature, time and id (no replays) and its sender's
-token bucket; the FairQueue then serves senders round-robin, each with its own bound, under a
-total bound in entries and bytes. Whatever does not fit is answered `busy` at once: memory stays
+token bucket; a FairQueue then serves senders round-robin, each with its own bound, under a
+total bound in entries and bytes: one for the models, one for chat (its own workers wait on the
+upstream, so a slow chat never holds a model's work back). Whatever does not fit is answered `busy` at once: memory stays
 bounded and one client's flood cannot starve another. An unauthenticated request never reaches a
 model, and so chat (and the operator's bearer key) is never forwarded for it. Several servers may
 run behind the same identity: each also answers alone on `loom/cloud/<instance>/infer/<task>`
@@ -283,7 +284,10 @@ class Limits:
     max_clock_skew_s: float = 300.0
     max_clients: int = 4096      # token buckets kept (least recently seen dropped)
     max_remembered_ids: int = 65536
-    workers: int = 1
+    workers: int = 1             # threads running the models (embed, intent, hello, erase)
+    # threads waiting on the chat upstream, with a queue of their own (the same bounds): a chat
+    # that takes the upstream's 30 s never holds up another robot's intent or embed
+    chat_workers: int = 4
     # refusals signed per second (burst twice that): a flood of requests that are refused
     # costs a signature each to answer; past this they get no answer (counted)
     signed_refusals_per_s: float = 200.0
@@ -401,11 +405,16 @@ class Gate:
 
 class CloudService:
     """The Zenoh side: `on_query` (Zenoh's callback thread) admits or refuses at once, bounded
-    work only; `serve` (worker threads) runs the models and signs each answer."""
+    work only; `serve` (worker threads) runs the models and signs each answer. Two lanes, each a
+    FairQueue with its own workers: `queue` for the models (CPU-bound) and `upstream` for chat,
+    which waits on a remote endpoint for up to its timeout: on one lane, a single slow chat held
+    every robot's intents behind it."""
 
     def __init__(self, server: CloudServer, gate: Gate, signer: Signer, queue: FairQueue,
-                 instance: str, log: RequestLog | None = None):
+                 instance: str, log: RequestLog | None = None,
+                 upstream: FairQueue | None = None):
         self.server, self.gate, self.signer, self.queue = server, gate, signer, queue
+        self.upstream = upstream if upstream is not None else queue   # None: one lane for all
         self.instance = instance
         self.log = log   # what this server keeps per sender and subject (None: nothing)
         self.stats: Counter = Counter()
@@ -449,16 +458,34 @@ class CloudService:
             self.count('internal')
             self._error(query, '', b'', 'internal', f'{type(exc).__name__}: {exc}', member=False)
             return
-        why = self.queue.put(admitted.client, (query, admitted), size)
+        why = self.lane(admitted.task).put(admitted.client, (query, admitted), size)
         if why:
             self.count(why)
             self._error(query, admitted.ident, admitted.request_digest, 'busy',
                         f'busy: {why.replace("_", " ")} (retry later or elsewhere)')
 
-    def serve(self) -> None:
-        """Worker loop: answer queued requests until the queue is closed."""
+    def lane(self, task: str) -> FairQueue:
+        """The queue a task waits in: chat's own (the upstream's time), or the models'."""
+        return self.upstream if task == 'chat' else self.queue
+
+    def lanes(self) -> list[tuple[FairQueue, int, str]]:
+        """(queue, worker threads, name) of each lane, as `limits` sizes them."""
+        limits = self.gate.limits
+        if self.upstream is self.queue:
+            return [(self.queue, limits.workers, 'serve')]
+        return [(self.queue, limits.workers, 'serve'),
+                (self.upstream, limits.chat_workers, 'chat')]
+
+    def close(self) -> list:
+        """Close every lane; what was still queued, to be answered (not left to time out)."""
+        return [item for queue, _, _ in self.lanes() for item in queue.close()]
+
+    def serve(self, queue: FairQueue | None = None) -> None:
+        """Worker loop: answer requests queued in `queue` (the models' lane by default) until it
+        is closed."""
+        queue = self.queue if queue is None else queue
         while True:
-            item = self.queue.get()
+            item = queue.get()
             if item is None:
                 return
             query, admitted = item
@@ -572,8 +599,10 @@ def build_service(config: dict, identity: keys.Identity, *, instance: str,
     # stranger's flood of new certificates spends the budget for checking new ones
     verifier.certs.preload(identity.ca.parent)
     gate = Gate(verifier, limits, clock, instance)
-    return CloudService(server, gate, Signer(identity), FairQueue(
-        limits.queue_per_client, limits.queue_total, limits.queued_bytes_total), instance, log)
+
+    def lane() -> FairQueue:
+        return FairQueue(limits.queue_per_client, limits.queue_total, limits.queued_bytes_total)
+    return CloudService(server, gate, Signer(identity), lane(), instance, log, upstream=lane())
 
 
 def session_config_for(mode: str, connect, listen, multicast_scouting: bool, identity,
@@ -649,8 +678,9 @@ def main(argv=None) -> int:
     # Fleet erasure: every server answers (a robot asks ALL), each for what it keeps.
     eraser = session.declare_queryable(erase_key(prefix), service.on_erase, complete=True)
     stop = stop_event()
-    workers = [threading.Thread(target=service.serve, daemon=True, name=f'loom-cloud-serve-{i}')
-               for i in range(service.gate.limits.workers)]
+    workers = [threading.Thread(target=service.serve, args=(queue,), daemon=True,
+                                name=f'loom-cloud-{name}-{i}')
+               for queue, count, name in service.lanes() for i in range(count)]
     for worker in workers:
         worker.start()
     print(json.dumps({'ready': True, 'key': f'{prefix}/*', 'own_key': instance_key(
@@ -663,12 +693,13 @@ def main(argv=None) -> int:
     queryable.undeclare()
     alone.undeclare()
     eraser.undeclare()
-    for query, admitted in service.queue.close():   # answered, not left to time out
+    for query, admitted in service.close():   # answered, not left to time out
         service._error(query, admitted.ident, admitted.request_digest, 'busy',
                        'busy: the server is stopping (retry elsewhere)')
         del query
+    deadline = time.monotonic() + 10.0   # one bound for all: a chat may wait on its upstream
     for worker in workers:
-        worker.join(timeout=10.0)
+        worker.join(timeout=max(0.0, deadline - time.monotonic()))
     session.close()
     if service.log is not None:
         service.log.close()

@@ -103,10 +103,13 @@ def test_a_reply_whose_status_disagrees_with_its_signed_body_is_forged(net, flee
 
 
 class Upstream:
-    """A local OpenAI-compatible chat endpoint that records what it was sent."""
+    """A local OpenAI-compatible chat endpoint that records what it was sent. With `hold` set
+    to a threading.Event, it answers only once that is set (a slow upstream, released by the
+    test rather than by a clock)."""
 
     def __init__(self):
         self.seen: list[dict] = []
+        self.hold: threading.Event | None = None
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -114,6 +117,8 @@ class Upstream:
                 body = self.rfile.read(int(self.headers.get('Content-Length', 0)))
                 upstream.seen.append({'path': self.path, 'auth': self.headers.get('Authorization'),
                                       'body': body})
+                if upstream.hold is not None:
+                    upstream.hold.wait(WAIT_LIMIT_S)
                 answer = json.dumps({'choices': [{'message': {'content': 'hi from upstream'}}],
                                      'usage': {'total_tokens': 3}}).encode()
                 self.send_response(200)
@@ -227,3 +232,37 @@ def test_a_flood_from_one_client_does_not_starve_another(cloud, net, fleet):
     stats = stop_stats(server)
     assert stats.get('client_queue_full', 0) + stats.get('rate_limited', 0) >= 150
     assert answers['other'] == 0
+
+
+def test_a_chat_waiting_on_its_upstream_does_not_hold_up_other_robots(cloud, net, fleet, upstream,
+                                                                      monkeypatch):
+    """One model worker (the default): robot2's chat sits in the upstream, which answers only
+    when the test says; robot1's intents are answered meanwhile, by the models' own lane. On one
+    lane they waited for the chat (up to its 30 s timeout)."""
+    monkeypatch.setenv('LOOM_CLOUD_CHAT_URL', upstream.url)
+    upstream.hold = threading.Event()
+    server = cloud()
+    victim = CloudClient.from_keys(net.session('robot1'), fleet, 'robot1')
+    assert victim.infer('intent', {'text': 'warm up'}, BUDGET_MS).ok
+    chats: list = []
+    robot2, session2 = keys.load(fleet, 'robot2'), net.session('robot2')
+    chat = threading.Thread(target=lambda: chats.append(signed_get(
+        session2, robot2, 'chat', {'text': 'tell me a story'}, timeout=WAIT_LIMIT_S)))
+    chat.start()
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    while not upstream.seen:   # the chat is inside the upstream now
+        assert time.monotonic() < deadline and chat.is_alive(), chats
+        time.sleep(0.01)
+    try:
+        for text in ('will it rain today', 'stop right now'):
+            result = victim.infer('intent', {'text': text}, BUDGET_MS)
+            assert result.ok, (result, victim.stats)
+        assert chats == [] and chat.is_alive()   # answered while the chat still waits
+    finally:
+        upstream.hold.set()
+    chat.join(WAIT_LIMIT_S)
+    (ok, reply, signer), = chats
+    assert (ok, reply['result']['text'], signer) == (True, 'hi from upstream', 'cloud')
+    stats = stop_stats(server)
+    # robot1's hello (how its client learns the servers), three intents, robot2's one chat
+    assert stats['served'] == 5 and len(upstream.seen) == 1

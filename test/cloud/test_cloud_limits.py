@@ -83,6 +83,27 @@ def test_gate_refuses_in_order_and_counts_by_reason(fleet, stranger):
         Limits.from_config({'rate_per_s': -1})
 
 
+def test_chat_waits_in_a_lane_of_its_own(fleet):
+    """Chat queues apart from the models, each lane with its own workers and bounds: a full
+    chat lane still lets a model request in, and the other way round."""
+    from loom_ros.cloud.server import CloudService
+    limits = Limits.from_config({'workers': 2, 'chat_workers': 3})
+    assert (limits.workers, limits.chat_workers) == (2, 3)
+    for bad in (0, -1, 1.5, True, 'four'):
+        with pytest.raises(ValueError, match='chat_workers'):
+            Limits.from_config({'chat_workers': bad})
+    models, chats = FairQueue(1, 1, 1 << 20), FairQueue(1, 1, 1 << 20)
+    service = CloudService(None, Gate(None, limits), None, models, 'cloud-a', upstream=chats)
+    assert service.lane('chat') is chats
+    assert all(service.lane(task) is models for task in ('embed', 'intent', 'hello', 'erase'))
+    assert [(count, name) for _, count, name in service.lanes()] == [(2, 'serve'), (3, 'chat')]
+    assert chats.put('robot1', 'chat-1') == '' and chats.put('robot2', 'chat-2') == 'queue_full'
+    assert models.put('robot2', 'intent-1') == ''          # the full chat lane takes no room here
+    assert sorted(service.close()) == ['chat-1', 'intent-1']
+    one = CloudService(None, Gate(None, limits), None, models, 'cloud-a')   # no upstream lane
+    assert one.lane('chat') is models and len(one.lanes()) == 1
+
+
 def test_a_request_signed_for_one_server_is_refused_by_another(fleet):
     """Cross-server replay: the audience is signed, so a captured request addressed to cloud-a
     is refused by cloud-b (and by cloud-a the second time); a request to the shared key (`*`)
