@@ -400,3 +400,27 @@ def assert_left_opening(code: int, err: str, node: str, thread: str) -> None:
     assert 'FATAL' not in err, err[-3000:]
     assert f'{node}: {thread} still inside native code after the shutdown; exiting now with 0' \
         in err, err[-3000:]
+
+
+SHM = Path('/dev/shm')
+
+
+def shm_files_of(pid: int) -> set[str]:
+    """The lock files (`fastdds_<id>_el`) of the Fast DDS shared-memory segments process `pid`
+    holds a flock on (/proc/locks): its own, which no other process keeps open (bringup/shm.py).
+    Ports are left out: every participant of a domain opens its discovery port too."""
+    inodes = set()
+    for line in Path('/proc/locks').read_text().splitlines():
+        fields = line.split()
+        if 'FLOCK' in fields and fields[fields.index('FLOCK') + 3] == str(pid):
+            inodes.add(int(fields[fields.index('FLOCK') + 4].rsplit(':', 1)[1]))
+    held = set()
+    for path in SHM.glob('fastdds_*_el'):
+        if path.name.startswith('fastdds_port'):
+            continue
+        try:
+            if path.stat().st_ino in inodes:
+                held.add(path.name)
+        except FileNotFoundError:
+            pass
+    return held

@@ -44,6 +44,7 @@ from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.bringup import entry
 from loom_ros.bringup.manager_core import AFTER, ManagerCore
 from loom_ros.bringup.processes import Process, RestartPolicy
+from loom_ros.bringup.shm import Janitor
 from loom_ros.bringup.stop_signals import STACKS_SIGNAL
 from loom_ros.config.params import (ConfigError, ParamSpec, config_dir, declare_parameters,
                                     node_defaults)
@@ -155,6 +156,11 @@ class LifecycleManagerNode(Node):
             for n in names}
         self.last_status: dict[str, object] = {}
         self.auth = BeatAuth()
+        # Shared memory a dead process left (bringup/shm.py): once now, for whatever died before
+        # this start, and after each death this manager handles or sees a node come back from.
+        self.janitor = Janitor(lambda cleaned: self.get_logger().warning(str(cleaned))
+                               if cleaned.error else self.get_logger().info(str(cleaned)))
+        self.janitor.request()
         if not p['spawn']:   # agents in this process (loom bringup), or given the same key
             for m in self.managed:
                 m.key = process_key()
@@ -367,6 +373,8 @@ class LifecycleManagerNode(Node):
         """What the core said, logged at once (rclpy wants one severity per call site)."""
         log = self.get_logger()
         for _name, kind, text in self.core.take_events():
+            if kind in ('lost', 'back'):   # its process may have died: a respawn is a new one
+                self.janitor.request()
             if kind == 'gave_up':
                 log.error(text)
             elif kind == 'lost':
@@ -550,6 +558,7 @@ class LifecycleManagerNode(Node):
     def _restart(self, m: _Managed, reason: str) -> None:
         self.get_logger().warning(f'{reason}; restarting {m.unit.node}')
         self._stop(m, kill=True)
+        self.janitor.request()   # the killed process's shared memory
         if self.supervisor.restarting(m.unit, reason):
             self._enter(m, 'spawn', time.monotonic())
         else:

@@ -56,6 +56,7 @@ from loom_ros.bringup import nodes as table
 from loom_ros.bringup.processes import (
     Process, RestartPolicy, Supervised, stop_bound_s, stop_together,
 )
+from loom_ros.bringup.shm import Janitor
 from loom_ros.bringup.stop_signals import STACKS_SIGNAL, stop_event
 from loom_ros.config.params import (
     AGENT_SECTION, DEFAULTS_FILE, by_node, check_params_file, config_dir, load_params_file,
@@ -347,6 +348,7 @@ class NodeProcesses:
         self.failures: list[str] = []
         self.gave_up: dict[str, str] = {}
         self._lock = threading.Lock()
+        self.janitor = Janitor(self._cleaned)
         policy = RestartPolicy(max_restarts=max(0, args.max_restarts), initial_backoff_s=0.5,
                                max_backoff_s=5.0)
         self.children: dict[str, Supervised] = {}
@@ -368,6 +370,12 @@ class NodeProcesses:
         if kind in ('exited', 'gave_up'):
             print(f'loom bringup: {text}' + ('' if kind == 'gave_up' else '; restarting'),
                   file=sys.stderr, flush=True)
+        if kind == 'exited':   # what it held in shared memory, if it did not close (shm.py)
+            self.janitor.request()
+
+    @staticmethod
+    def _cleaned(cleaned) -> None:
+        print(f'loom bringup: {cleaned}', file=sys.stderr, flush=True)
 
     def poll(self) -> None:
         """Restart the dead; raise naming what failed for good or refused configure."""

@@ -8,6 +8,7 @@ import sqlite3
 
 import pytest
 
+from harness import SHM, shm_files_of
 from loom_ros.bus.event import Event
 
 AGENTS = """agents:
@@ -167,11 +168,16 @@ def test_sigkilled_agent_is_restarted_with_its_state(ros, manager, tmp_path):
     ros.wait_for(lambda: committed(db)[1] >= 20, '20 committed events',
                  spin=lambda: watch.send('first'))
     victim = watch.status['first'].pid
+    held = shm_files_of(victim)   # its Fast DDS shared memory, which SIGKILL leaves behind
+    assert held
     os.kill(victim, signal.SIGKILL)
     before = committed(db)[1]
     ros.wait_for(lambda: watch.health('first') == ('ok', 1) and
                  watch.status['first'].pid not in (0, victim), 'the restarted agent',
                  alive=[proc])
+    # ... until the manager, restarting it, has Fast DDS's tool give it back (bringup/shm.py)
+    ros.wait_for(lambda: not any((SHM / f).exists() for f in held), "the killed agent's shared "
+                 'memory given back', alive=[proc])
     # Restored, not reset: the restarted agent counts on from what was committed.
     ros.wait_for(lambda: committed(db)[1] > before, 'an event after the restart',
                  spin=lambda: watch.send('first', 'tock'))

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from harness import REPO, WAIT_LIMIT_S, free_port, loom_cli
+from harness import REPO, SHM, WAIT_LIMIT_S, free_port, loom_cli, shm_files_of
 
 # Runs `loom bringup --composition` with one fault injected: camera_adapter's spin thread raises as soon as a
 # line arrives on stdin (what `spin_until` survives cannot kill it; this stands for what would).
@@ -215,9 +215,13 @@ def _killed_node_comes_back(ros, bringup: Bringup, ready: dict) -> None:
         # Sent again until answered (get_state is safe to repeat): a lost answer is no failure.
         state = ros.call(client, GetState.Request(), "the router's get_state")
         assert state.current_state.label == 'active'
+        held = shm_files_of(old)   # its Fast DDS shared memory, which SIGKILL leaves behind
+        assert held
         os.kill(old, signal.SIGKILL)
         _wait_until(lambda: 'router was killed by SIGKILL' in bringup.err_path.read_text(),
                     'bring-up to see the router die')
+        _wait_until(lambda: not any((SHM / f).exists() for f in held),
+                    "bring-up to give the router's shared memory back (bringup/shm.py)")
         ros.wait_for(lambda: _lifecycle_state(ros, client) == 'active',
                      'the respawned router to be brought back to active by the manager')
     finally:
