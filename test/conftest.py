@@ -251,7 +251,7 @@ def spawn():
 def pytest_sessionfinish(session, exitstatus):
     """The suite SIGKILLs processes on purpose (durability, restarts), and each leaves its Fast
     DDS shared memory (16 MiB with Loom's profile) until a reboot: a day of runs held 13 GB of a
-    24 GB machine. Once at the end, by the controller, Fast DDS's own tool gives it back
+    24 GB machine. Once at the end, by the controller, bring-up's pass gives it back
     (loom_ros/bringup/shm.py)."""
     if hasattr(session.config, 'workerinput'):   # a pytest-xdist worker: the controller does it
         return

@@ -1,5 +1,6 @@
 """Constants and helpers tests import by name (conftest.py files are not importable by name once
 several folders have one)."""
+import os
 import socket
 import sys
 import threading
@@ -403,6 +404,13 @@ def assert_left_opening(code: int, err: str, node: str, thread: str) -> None:
 
 
 SHM = Path('/dev/shm')
+
+
+def fastdds_shm() -> bool:
+    """Whether processes here keep Fast DDS shared memory in /dev/shm (the rmw is Fast DDS)."""
+    from loom_ros.bus.qos import DEFAULT_RMW, FASTDDS_RMWS
+    rmw = (os.environ.get('RMW_IMPLEMENTATION') or DEFAULT_RMW).strip()
+    return rmw in FASTDDS_RMWS and SHM.is_dir()
 
 
 def shm_files_of(pid: int) -> set[str]:

@@ -1,39 +1,54 @@
-"""Shared memory that dead Fast DDS processes leave behind, given back with Fast DDS's own tool.
+"""Shared memory that dead Fast DDS processes leave behind, found and given back.
 
 Every Fast DDS participant keeps a segment in /dev/shm (16 MiB with Loom's profile,
-config/fastdds.xml), removed when it closes. A process that dies without closing (SIGKILL, a
-crash, a supervisor's kill of a hung node, `os._exit`) leaves it there, and its RAM with it,
-until a reboot or `fastdds shm clean`, which removes exactly the segments and ports whose lock
-no live process holds. Measured on the development VM after a day of test runs: 13 GB of its
-24 GB in 6,000 such files. So whoever restarts Loom's processes (`loom bringup`, the lifecycle
-manager) runs that tool when it starts and after each death it handles, off its own thread.
+config/fastdds.xml) and port files, removed when it closes. A process that dies without closing
+(SIGKILL, a crash, a supervisor's kill of a hung node, `os._exit`) leaves them there, and their
+RAM with them, until a reboot. Measured on the development VM after a day of test runs: 13 GB
+of its 24 GB in 6,000 such files. So whoever restarts Loom's processes (`loom bringup`, the
+lifecycle manager) gives them back when it starts and after each death it handles, off its own
+thread.
+
+The rule is Fast DDS's own (`fastdds shm clean`, tools/fastdds/shm/clean.py): each segment and
+port has a lock file (`<name>_el`, `<name>_sl`) that its live users hold a flock on, so one that
+can be locked exclusively has no live user, and the lock file, the segment or port and a port's
+semaphore go. It runs in-process rather than through that tool, which opens every lock file for
+appending as whoever runs it: it follows a symbolic link planted in the world-writable /dev/shm
+(as root, creating a file wherever it points) and blocks for good on a FIFO; it is found on
+PATH and, through a shell wrapper, left running when timed out. Here a lock file is opened
+read-only without following links or blocking, and only a regular file of this user is touched.
+A lock file younger than `min_age_s` is left for a later run: Fast DDS creates one and then locks
+it, and a file taken in between would be a live participant's.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import re
-import shutil
-import subprocess
-import sys
+import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
 from loom_ros.bus.qos import DEFAULT_RMW, FASTDDS_RMWS
 
-TOOL = 'fastdds'   # Fast DDS's command-line tool (the ros_fastdds wheel, or /opt/ros/<distro>/bin)
-TIMEOUT_S = 30.0
-MAX_OUTPUT_CHARS = 4096   # what is read of the tool's answer before it is parsed
-_COUNT = re.compile(r'^(\d{1,9}) zombie (segments|ports) cleaned$', re.M)
+SHM_DIR = Path('/dev/shm')
+MIN_AGE_S = 1.0
+MAX_FILES = 100_000   # names looked at in one run: /dev/shm is anyone's to fill
+# Fast DDS 3 (Kilted on) names them fastdds_*, Fast DDS 2 (Humble, Jazzy) fastrtps_*.
+_SEGMENT_LOCK = re.compile(r'^(fastdds|fastrtps)_[0-9a-z]{16}_(el|sl)$')
+_PORT_LOCK = re.compile(r'^(fastdds|fastrtps)_port\d{1,5}_(el|sl)$')
 
 
 @dataclass(frozen=True)
 class Cleaned:
-    """What one run of the tool removed; `skipped` or `error` say why it did not run or failed."""
+    """What one run removed; `skipped` or `error` say why it did not run or failed."""
 
     segments: int = 0
     ports: int = 0
+    young: int = 0   # unlocked lock files left for a later run (maybe a participant starting)
     skipped: str = ''
     error: str = ''
 
@@ -44,49 +59,87 @@ class Cleaned:
                 'left by dead Fast DDS processes')
 
 
-def find_tool(which: Callable[..., str | None] = shutil.which) -> str | None:
-    """The tool beside this Python first (a virtual environment's bin), then on PATH."""
-    here = str(Path(sys.executable).parent)
-    return which(TOOL, path=here) or which(TOOL)
+def _dead(directory: Path, name: str, now: float, min_age_s: float) -> bool | None:
+    """True: a lock file of this user that no live process holds, older than min_age_s (the
+    lock is taken while it is looked at); None: the same, but young; False: leave it."""
+    try:
+        fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:   # a symbolic link (ELOOP), gone meanwhile, not ours to read
+        return False
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False   # a live participant holds it
+            raise
+        return None if now - info.st_ctime < min_age_s else True
+    finally:
+        os.close(fd)   # releases the lock too
 
 
-def clean_dead_segments(environ: Mapping[str, str] = os.environ, *, tool: str | None = None,
-                        timeout_s: float = TIMEOUT_S,
-                        find: Callable[[], str | None] = find_tool) -> Cleaned:
-    """Run `fastdds shm clean` once (`tool`, or the one `find` finds). Only for a Fast DDS rmw:
-    the others keep no such files."""
+def _remove(directory: Path, name: str) -> None:
+    """Unlink a regular file of this user (a link is never followed; anything else stays)."""
+    try:
+        info = os.lstat(directory / name)
+        if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+            os.unlink(directory / name)
+    except OSError:
+        pass
+
+
+def clean_dead_segments(environ: Mapping[str, str] = os.environ, *, directory: Path = SHM_DIR,
+                        min_age_s: float = MIN_AGE_S,
+                        clock: Callable[[], float] = time.time) -> Cleaned:
+    """One pass over `directory`. Only for a Fast DDS rmw: the others keep no such files."""
     rmw = (environ.get('RMW_IMPLEMENTATION') or DEFAULT_RMW).strip()
     if rmw not in FASTDDS_RMWS:
         return Cleaned(skipped=f'{rmw[:64]} keeps no Fast DDS shared memory')
-    tool = tool or find()
-    if tool is None:
-        return Cleaned(error=f'Fast DDS\'s `{TOOL}` tool is not on PATH: shared memory left by '
-                       'dead processes stays until `fastdds shm clean` or a reboot')
     try:
-        done = subprocess.run([tool, 'shm', 'clean'], capture_output=True, text=True,
-                              errors='replace', timeout=timeout_s, stdin=subprocess.DEVNULL,
-                              env=dict(environ))
-    except subprocess.TimeoutExpired:
-        return Cleaned(error=f'`{TOOL} shm clean` did not finish within {timeout_s:g} s')
+        with os.scandir(directory) as entries:
+            names = [e.name for _, e in zip(range(MAX_FILES), entries)]
     except OSError as exc:
-        return Cleaned(error=f'`{TOOL} shm clean` could not run: {exc}'[:300])
-    out = done.stdout[:MAX_OUTPUT_CHARS]
-    counts = {kind: int(n) for n, kind in _COUNT.findall(out)}
-    if done.returncode != 0 or set(counts) != {'segments', 'ports'}:
-        said = (done.stderr[:MAX_OUTPUT_CHARS] or out).strip().splitlines()[-1:] or ['nothing']
-        return Cleaned(error=f'`{TOOL} shm clean` exited {done.returncode}: {said[0][:200]!r}')
-    return Cleaned(counts['segments'], counts['ports'])
+        return Cleaned(error=f'cannot list {directory}: {exc.strerror or exc}'[:300])
+    segments = ports = young = 0
+    now = clock()
+    for name in names:
+        port = _PORT_LOCK.match(name)
+        if not port and not _SEGMENT_LOCK.match(name):
+            continue
+        try:
+            dead = _dead(directory, name, now, min_age_s)
+        except OSError as exc:
+            return Cleaned(segments, ports, young, error=f'cannot lock {name}: {exc}'[:300])
+        if dead is None:
+            young += 1
+            continue
+        if not dead:
+            continue
+        base = name[:-3]
+        _remove(directory, base)
+        _remove(directory, name)
+        if port:
+            _remove(directory, f'sem.{base}_mutex')
+            ports += 1
+        else:
+            segments += 1
+    return Cleaned(segments, ports, young)
 
 
 class Janitor:
     """Runs clean_dead_segments on a thread of its own when asked (a supervisor's executor must
-    not wait on a subprocess). Asks while a run is under way make one more run after it, not one
-    each: a crash loop costs at most one run at a time. `report(cleaned)` hears each run that
-    removed something or failed."""
+    not wait on a pass over /dev/shm). Asks while a run is under way make one more run after it,
+    not one each: a crash loop costs at most one run at a time. `report(cleaned)` hears each run
+    that removed something or failed; a report or a run that raises is swallowed, never the
+    end of the janitor."""
 
     def __init__(self, report: Callable[[Cleaned], None],
-                 clean: Callable[[], Cleaned] = clean_dead_segments):
-        self.report, self.clean = report, clean
+                 clean: Callable[[], Cleaned] = clean_dead_segments,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.report, self.clean, self.sleep = report, clean, sleep
         self.runs = 0
         self.removed = 0   # segments, over every run
         self._lock = threading.Lock()
@@ -102,27 +155,48 @@ class Janitor:
                 self._thread.start()
 
     def _run(self) -> None:
-        while True:
+        retried = False
+        try:
+            while True:
+                with self._lock:
+                    if not self._wanted:
+                        return
+                    self._wanted = False
+                try:
+                    cleaned = self.clean()
+                except Exception as exc:  # a bug here must not end the asks that follow
+                    cleaned = Cleaned(error=f'shared-memory cleaning failed: {exc!r}'[:300])
+                with self._lock:
+                    self.runs += 1
+                    self.removed += cleaned.segments
+                if cleaned.error or cleaned.segments or cleaned.ports:
+                    try:
+                        self.report(cleaned)
+                    except Exception:  # a closed stderr, a logger torn down: not worth a stop
+                        pass
+                if cleaned.young and not retried:   # once more when they are old enough
+                    retried = True
+                    self.sleep(MIN_AGE_S)
+                    with self._lock:
+                        self._wanted = True
+                else:
+                    retried = False
+        finally:
             with self._lock:
-                if not self._wanted:
-                    self._thread = None
-                    return
-                self._wanted = False
-            try:
-                cleaned = self.clean()
-            except Exception as exc:  # a bug here must not end the asks that follow
-                cleaned = Cleaned(error=f'shared-memory cleaning failed: {exc!r}'[:300])
-            with self._lock:
-                self.runs += 1
-                self.removed += cleaned.segments
-            if cleaned.error or cleaned.segments or cleaned.ports:
-                self.report(cleaned)
+                self._thread = None
+                if self._wanted:   # asked between the last look and here: one more run
+                    self._thread = threading.Thread(target=self._run, daemon=True,
+                                                    name='loom-shm-janitor')
+                    self._thread.start()
 
     def idle(self, timeout_s: float) -> bool:
         """Wait until no run is under way or asked for (tests, and a clean stop)."""
-        with self._lock:
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout_s)
-        with self._lock:
-            return self._thread is None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                thread = self._thread
+            if thread is None:
+                return True
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                return False

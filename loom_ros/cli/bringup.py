@@ -56,7 +56,7 @@ from loom_ros.bringup import nodes as table
 from loom_ros.bringup.processes import (
     Process, RestartPolicy, Supervised, stop_bound_s, stop_together,
 )
-from loom_ros.bringup.shm import Janitor
+from loom_ros.bringup.shm import Janitor, clean_dead_segments
 from loom_ros.bringup.stop_signals import STACKS_SIGNAL, stop_event
 from loom_ros.config.params import (
     AGENT_SECTION, DEFAULTS_FILE, by_node, check_params_file, config_dir, load_params_file,
@@ -403,6 +403,9 @@ class NodeProcesses:
         rest = [(n, c) for n, c in reversed(list(self.children.items())) if n != table.MANAGER]
         codes.update(zip([n for n, _ in rest],
                          stop_together([c for _, c in rest], table.STOP_TIMEOUT_S)))
+        cleaned = clean_dead_segments()   # those killed for not stopping in time left theirs
+        if cleaned.error or cleaned.segments:
+            self._cleaned(cleaned)
         return codes
 
 

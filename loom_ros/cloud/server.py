@@ -14,9 +14,10 @@ identity (config `auth`, keys from loom_ros.security.keys) and every reply is si
 server's identity over the request it answers (protocol.Signer/Verifier). Before a request is
 queued, the Gate bounds its size, checks its signature, time and id (no replays) and its sender's
 token bucket; a FairQueue then serves senders round-robin, each with its own bound, under a
-total bound in entries and bytes: one for the models, one for chat (its own workers wait on the
-upstream, so a slow chat never holds a model's work back). Whatever does not fit is answered `busy` at once: memory stays
-bounded and one client's flood cannot starve another. An unauthenticated request never reaches a
+total bound in entries and bytes. There are two, each with these bounds and its own workers: one
+for the models, one for chat, whose workers wait on the upstream (a slow chat never holds a
+model's work back; one sender's chats hold at most half of them). Whatever does not fit is
+answered `busy` at once: memory stays bounded and one client's flood cannot starve another. An unauthenticated request never reaches a
 model, and so chat (and the operator's bearer key) is never forwarded for it. Several servers may
 run behind the same identity: each also answers alone on `loom/cloud/<instance>/infer/<task>`
 and names itself in its signed answers, so robots learn the instances (a hello to ALL), spread
@@ -57,6 +58,8 @@ from loom_ros.security.keys import CredentialsError
 from loom_ros.security.ratelimit import TokenBucket
 
 DIM = 384
+MAX_WORKERS = 64                  # threads per lane (limits.workers, limits.chat_workers)
+MAX_CHAT_REPLY_BYTES = 1 << 20    # read of the chat upstream's answer, refused past this
 
 
 class IntentClassifier:
@@ -176,12 +179,16 @@ class CloudServer:
                      **({'Authorization': f'Bearer {key}'} if key else {})})
         try:
             with urllib.request.urlopen(request, timeout=float(self.chat.get('timeout_s', 30))) as r:
-                data = json.loads(r.read())
-            text = data['choices'][0]['message']['content']
+                raw = r.read(MAX_CHAT_REPLY_BYTES + 1)
+            data = json.loads(raw) if len(raw) <= MAX_CHAT_REPLY_BYTES else None
+            text = data['choices'][0]['message']['content'] if data is not None else ''
         except urllib.error.HTTPError as exc:
             raise RequestInvalid('upstream', f'chat endpoint answered HTTP {exc.code}') from None
         except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-            raise RequestInvalid('upstream', f'chat endpoint failed: {exc!r}') from None
+            raise RequestInvalid('upstream', f'chat endpoint failed: {exc!r}'[:300]) from None
+        if data is None:   # read no further: its size is the upstream's to choose, not ours
+            raise RequestInvalid('upstream', 'chat endpoint answered more than '
+                                 f'{MAX_CHAT_REPLY_BYTES} bytes')
         return {'text': text, 'usage': data.get('usage', {})}, model
 
 
@@ -196,9 +203,13 @@ class FairQueue:
     QUANTUM_BYTES = 64 * 1024
 
     def __init__(self, per_client: int, total: int, total_bytes: int,
-                 quantum: int = QUANTUM_BYTES):
+                 quantum: int = QUANTUM_BYTES, max_in_flight: int | None = None):
         self.per_client, self.total, self.total_bytes = per_client, total, total_bytes
         self.quantum = max(1, int(quantum))
+        # At most this many of one client's items handed out and not yet done() (None: no
+        # bound): with several workers, one client's slow requests cannot hold all of them.
+        self.max_in_flight = max_in_flight
+        self._in_flight: dict[str, int] = {}
         self._queues: dict[str, deque] = {}
         self._credit: dict[str, int] = {}   # bytes a client may still be served this turn
         self._turns: deque[str] = deque()   # clients with something queued, in serving order
@@ -224,15 +235,27 @@ class FairQueue:
             self._cond.notify()
             return ''
 
+    def _ready(self, client: str) -> bool:
+        return self.max_in_flight is None or self._in_flight.get(client, 0) < self.max_in_flight
+
+    def _servable(self) -> bool:
+        return bool(self.size) and (self.max_in_flight is None
+                                    or any(self._ready(c) for c in self._turns))
+
     def get(self, timeout: float | None = None):
-        """The oldest item of the next client whose credit covers it; None when closed and
-        empty or after `timeout`."""
+        """The oldest item of the next client whose credit covers it (and which is under its
+        in-flight bound); None when closed and empty or after `timeout`. With max_in_flight,
+        each item got must be given back with done(client)."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self.size or self.closed, timeout) or not self.size:
+            if not self._cond.wait_for(lambda: self._servable() or self.closed, timeout) \
+                    or not self._servable():
                 return None
             turns = self._turns
             while True:   # ends: every visit adds credit, and the queues are bounded in bytes
                 client = turns[0]
+                if not self._ready(client):   # at its bound: its turn waits, credit unchanged
+                    turns.rotate(-1)
+                    continue
                 mine = self._queues[client]
                 item, nbytes = mine[0]
                 if self._credit[client] < nbytes:
@@ -249,7 +272,21 @@ class FairQueue:
                 del self._queues[client], self._credit[client]
             self.size -= 1
             self.bytes -= nbytes
+            if self.max_in_flight is not None:
+                self._in_flight[client] = self._in_flight.get(client, 0) + 1
             return item
+
+    def done(self, client: str) -> None:
+        """One item of `client` got earlier is answered (a no-op without max_in_flight)."""
+        if self.max_in_flight is None:
+            return
+        with self._cond:
+            left = self._in_flight.get(client, 0) - 1
+            if left > 0:
+                self._in_flight[client] = left
+            else:
+                self._in_flight.pop(client, None)
+            self._cond.notify_all()   # a worker may wait for this client's next turn
 
     def close(self) -> list:
         """Refuse new items; returns what was still queued (to be answered, not dropped)."""
@@ -310,6 +347,8 @@ class Limits:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     not math.isfinite(value) or value <= 0 or (kind == 'int' and value != int(value)):
                 raise ValueError(f'cloud.yaml limits.{name}: expected a positive number')
+            if name in ('workers', 'chat_workers') and value > MAX_WORKERS:
+                raise ValueError(f'cloud.yaml limits.{name}: at most {MAX_WORKERS} threads')
             values[name] = int(value) if kind == 'int' else float(value)
         limits = cls(**values)
         if limits.max_request_bytes > MAX_MESSAGE_BYTES:
@@ -489,7 +528,10 @@ class CloudService:
             if item is None:
                 return
             query, admitted = item
-            self.answer(query, admitted)
+            try:
+                self.answer(query, admitted)
+            finally:
+                queue.done(admitted.client)
             del query, item  # dropping the query sends the final reply marker at once
 
     def answer(self, query, admitted: Admitted) -> None:
@@ -600,9 +642,17 @@ def build_service(config: dict, identity: keys.Identity, *, instance: str,
     verifier.certs.preload(identity.ca.parent)
     gate = Gate(verifier, limits, clock, instance)
 
-    def lane() -> FairQueue:
-        return FairQueue(limits.queue_per_client, limits.queue_total, limits.queued_bytes_total)
-    return CloudService(server, gate, Signer(identity), lane(), instance, log, upstream=lane())
+    def lane(max_in_flight: int | None = None) -> FairQueue:
+        return FairQueue(limits.queue_per_client, limits.queue_total, limits.queued_bytes_total,
+                         max_in_flight=max_in_flight)
+    # One robot's chats hold at most half the chat workers: the rest stay for the others.
+    return CloudService(server, gate, Signer(identity), lane(), instance, log,
+                        upstream=lane(chat_in_flight(limits.chat_workers)))
+
+
+def chat_in_flight(chat_workers: int) -> int:
+    """How many of one client's chats may wait on the upstream at once: half the workers."""
+    return max(1, -(-chat_workers // 2))
 
 
 def session_config_for(mode: str, connect, listen, multicast_scouting: bool, identity,
@@ -700,8 +750,11 @@ def main(argv=None) -> int:
     deadline = time.monotonic() + 10.0   # one bound for all: a chat may wait on its upstream
     for worker in workers:
         worker.join(timeout=max(0.0, deadline - time.monotonic()))
+    left = sum(worker.is_alive() for worker in workers)
+    if left:   # a chat still waiting on its upstream: its answer would find the session closed
+        service.stats['workers_left_running'] = left
     session.close()
-    if service.log is not None:
+    if service.log is not None and not left:   # a worker still running may yet write to it
         service.log.close()
     print(json.dumps({'stats': dict(service.stats)}), flush=True)
     return 0

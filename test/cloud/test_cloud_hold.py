@@ -110,6 +110,7 @@ class Upstream:
     def __init__(self):
         self.seen: list[dict] = []
         self.hold: threading.Event | None = None
+        self.padding = 0   # bytes of whitespace added to each answer
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -120,7 +121,7 @@ class Upstream:
                 if upstream.hold is not None:
                     upstream.hold.wait(WAIT_LIMIT_S)
                 answer = json.dumps({'choices': [{'message': {'content': 'hi from upstream'}}],
-                                     'usage': {'total_tokens': 3}}).encode()
+                                     'usage': {'total_tokens': 3}}).encode() + b' ' * upstream.padding
                 self.send_response(200)
                 self.send_header('Content-Type', 'application/json')
                 self.send_header('Content-Length', str(len(answer)))
@@ -263,6 +264,10 @@ def test_a_chat_waiting_on_its_upstream_does_not_hold_up_other_robots(cloud, net
     chat.join(WAIT_LIMIT_S)
     (ok, reply, signer), = chats
     assert (ok, reply['result']['text'], signer) == (True, 'hi from upstream', 'cloud')
+    # An upstream answering past 1 MiB is read no further: an error, not the server's memory.
+    upstream.padding = 2 << 20
+    ok, reply, _ = signed_get(session2, robot2, 'chat', {'text': 'again'}, timeout=WAIT_LIMIT_S)
+    assert (ok, reply['code']) == (False, 'upstream') and 'more than 1048576' in reply['error']
     stats = stop_stats(server)
-    # robot1's hello (how its client learns the servers), three intents, robot2's one chat
-    assert stats['served'] == 5 and len(upstream.seen) == 1
+    # three intents and robot2's one chat, besides the hellos robot1's client learns servers by
+    assert stats['served'] >= 4 and len(upstream.seen) == 2 and stats['errors'] == 1

@@ -89,9 +89,12 @@ def test_chat_waits_in_a_lane_of_its_own(fleet):
     from loom_ros.cloud.server import CloudService
     limits = Limits.from_config({'workers': 2, 'chat_workers': 3})
     assert (limits.workers, limits.chat_workers) == (2, 3)
-    for bad in (0, -1, 1.5, True, 'four'):
+    for bad in (0, -1, 1.5, True, 'four', 65):
         with pytest.raises(ValueError, match='chat_workers'):
             Limits.from_config({'chat_workers': bad})
+    with pytest.raises(ValueError, match='at most 64'):
+        Limits.from_config({'workers': 1000})
+    assert Limits.from_config({'workers': 64, 'chat_workers': 64}).chat_workers == 64
     models, chats = FairQueue(1, 1, 1 << 20), FairQueue(1, 1, 1 << 20)
     service = CloudService(None, Gate(None, limits), None, models, 'cloud-a', upstream=chats)
     assert service.lane('chat') is chats
@@ -172,3 +175,30 @@ def test_a_flood_of_forged_requests_costs_no_ca_check_and_few_signatures(fleet, 
     late = _Query(forger.request('intent', {'text': 'hi'}, 'late', int(clock.now * 1000)))
     service.on_query(late)
     assert len(late.errors) == 1 and b'unauthenticated' in late.errors[0]
+
+
+def test_a_client_at_its_in_flight_bound_waits_while_others_are_served():
+    """Chat's lane: one client's items handed out and not yet done() are bounded, so its slow
+    chats cannot hold every worker; the others' are served meanwhile, and its next one once
+    one of its own is done."""
+    from loom_ros.cloud.server import chat_in_flight
+    assert [chat_in_flight(n) for n in (1, 2, 3, 4, 64)] == [1, 1, 2, 2, 32]
+    queue = FairQueue(per_client=8, total=64, total_bytes=1 << 20, max_in_flight=2)
+    for i in range(4):
+        assert queue.put('robot1', f'r1-{i}', 10) == ''
+    assert queue.put('robot2', 'r2-0', 10) == ''
+    got = [queue.get(timeout=0), queue.get(timeout=0), queue.get(timeout=0)]
+    assert sorted(got) == ['r1-0', 'r1-1', 'r2-0']
+    assert queue.get(timeout=0) is None and queue.size == 2   # robot1 at its bound
+    queue.done('robot2')            # another client's answer frees nothing of robot1's
+    assert queue.get(timeout=0) is None
+    queue.done('robot1')
+    assert queue.get(timeout=0) == 'r1-2'
+    queue.done('robot1')
+    queue.done('robot1')
+    assert queue.get(timeout=0) == 'r1-3' and queue.get(timeout=0) is None
+    unbounded = FairQueue(per_client=8, total=64, total_bytes=1 << 20)
+    for i in range(3):
+        unbounded.put('robot1', i, 10)
+    assert [unbounded.get(timeout=0) for _ in range(3)] == [0, 1, 2]
+    unbounded.done('robot1')   # a no-op without a bound
