@@ -4,7 +4,9 @@ Every Fast DDS participant keeps a segment in /dev/shm (16 MiB with Loom's profi
 config/fastdds.xml) and port files, removed when it closes. A process that dies without closing
 (SIGKILL, a crash, a supervisor's kill of a hung node, `os._exit`) leaves them there, and their
 RAM with them, until a reboot. Measured on the development VM after a day of test runs: 13 GB
-of its 24 GB in 6,000 such files. So whoever restarts Loom's processes (`loom bringup`, the
+of its 24 GB in 6,000 such files. (Fast DDS removes a dead participant's segment itself when a
+live peer that had it open notices the death; one that no live peer had open stays: a whole
+system killed at once, a node alone on its domain.) So whoever restarts Loom's processes (`loom bringup`, the
 lifecycle manager) gives them back when it starts and after each death it handles, off its own
 thread.
 
