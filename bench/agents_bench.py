@@ -387,7 +387,7 @@ def run_core(n: int, rounds: int = 10) -> dict:
     from loom_ros.agents.config import AgentConfig
     from loom_ros.agents.runtime import Agent
     from loom_ros.bus.event import Event
-    from loom_ros.bus.executor import hold_full_passes, settle_heap, unsettle_heap
+    from loom_ros.bus.executor import HEAP
     from loom_ros.config.params import node_defaults
     from loom_ros.storage.storage import Storage, StorageConfig
     tmp = Path(tempfile.mkdtemp())
@@ -405,8 +405,8 @@ def run_core(n: int, rounds: int = 10) -> dict:
     # As an active host runs (AgentNode.on_activate): the configured heap frozen, no full
     # garbage-collection pass on CPython's schedule (they took about 40 % of this loop's CPU),
     # young passes as config/loom.yaml sets them for an active host.
-    settle_heap()
-    hold_full_passes(node_defaults('agent')['gc_young_threshold'])
+    HEAP.settle('core')
+    HEAP.hold_full_passes('core', node_defaults('agent')['gc_young_threshold'])
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(rounds):
         for agent in agents:
@@ -414,7 +414,7 @@ def run_core(n: int, rounds: int = 10) -> dict:
     submitted = time.perf_counter()
     storage.flush()
     done, cpu_done = time.perf_counter(), time.process_time()
-    unsettle_heap()
+    HEAP.unsettle('core')
     assert sum(a.stats['handled'] for a in agents) == total
     commits = storage.writer.batches
     storage.close()

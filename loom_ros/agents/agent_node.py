@@ -48,8 +48,7 @@ from loom_ros.bus import topics
 from loom_ros.bus.bus import create_bus, in_turn
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.privacy import SUBJECT_METADATA_KEY
-from loom_ros.bus.executor import (full_pass, hold_full_passes, run_lifecycle_node,
-                                   settle_heap, timer_callback, unsettle_heap)
+from loom_ros.bus.executor import HEAP, HeapHolds, full_pass, run_lifecycle_node, timer_callback
 from loom_ros.bus.qos import QosLevel, to_qos_profile
 from loom_ros.config.params import ConfigError, ParamSpec, config_dir, declare_parameters
 from loom_ros.config.paths import usable_dir
@@ -125,7 +124,7 @@ class AgentNode(LifecycleNode):
 
     def __init__(self, agent_id: str | None = None, heartbeat_key: bytes | None = None,
                  router=None, local_plugins=None, plugin_settings: HostSettings | None = None,
-                 **kwargs):
+                 heap: HeapHolds | None = None, **kwargs):
         """`heartbeat_key`: the secret heartbeats are signed with; by default the one a spawning
         manager put in the environment, else this process's own (a manager in this process).
         `router`: an in-process RouterPort (router.local.LocalRouter) when the router runs in
@@ -133,7 +132,8 @@ class AgentNode(LifecycleNode):
         `local_plugins`: the {name: handle} lookup of in-process plugins (by default
         plugins.registry.local_plugins, where a plugin host in this process registers).
         `plugin_settings`: the plugin host settings `host_plugins` run with (default: the
-        plugin_host section of config/loom.yaml)."""
+        plugin_host section of config/loom.yaml). `heap`: who holds the process's collector
+        settled (default bus.executor.HEAP, the process's own; hosts in one process share it)."""
         overrides = kwargs.pop('parameter_overrides', [])
         name = kwargs.pop('node_name', None) or (f'agent_{agent_id}' if agent_id else 'agent')
         super().__init__(name, parameter_overrides=overrides, **kwargs)
@@ -142,6 +142,7 @@ class AgentNode(LifecycleNode):
         self.layout = node_layout(self, 'agent')
         self.storage: Storage | None = None   # opened on configure, closed on cleanup
         self.agent_id = agent_id or self.params['agent_id']
+        self.heap = heap if heap is not None else HEAP
         self.bus = create_bus(self, 'agent')
         self.agents: dict[str, Agent] = {}
         self.failed: dict[str, str] = {}   # agent id -> why it could not be configured
@@ -150,7 +151,7 @@ class AgentNode(LifecycleNode):
         self._recall_services = []
         self._beat_turn = 0
         self._full_gc_timer = None
-        # The full collections this node ran (hold_full_passes) and the objects they found.
+        # The full collections this node ran (heap.hold_full_passes) and the objects they found.
         self.full_gc = {'passes': 0, 'found': 0}
         self._signer = BeatSigner(heartbeat_key or process_key())
         self._audit: AuditLog | None = None
@@ -368,7 +369,7 @@ class AgentNode(LifecycleNode):
         # subscriptions, not after: this collection runs on the executor's thread (20 ms, and
         # 40-240 ms on a loaded machine), and a frame that arrived during it waited for it (the
         # face flow's first frames, 41-241 ms to the agent; docs/face_flow_latency.md).
-        settle_heap()
+        self.heap.settle(self)
         deliver = self.dispatcher.deliver_all if groups else None
         for (pattern, qos, backpressure), agents in groups.items():
             self._subs.append(self.bus.subscribe(
@@ -376,7 +377,7 @@ class AgentNode(LifecycleNode):
                 backpressure=backpressure))
         period = self.params['full_gc_period_s']
         if period > 0:   # CPython's full passes stalled a busy host: here, on a timer, instead
-            hold_full_passes(self.params['gc_young_threshold'])
+            self.heap.hold_full_passes(self, self.params['gc_young_threshold'])
             self._full_gc_timer = self.create_timer(period, timer_callback(self._full_pass))
         return super().on_activate(state)
 
@@ -389,14 +390,14 @@ class AgentNode(LifecycleNode):
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._close_gate()   # before draining here, on the executor's thread
         self._stop_delivery()
-        unsettle_heap()   # activate freezes again: deactivate/activate cycles keep nothing
+        self.heap.unsettle(self)   # activate freezes again: deactivate/activate cycles keep nothing
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._close_gate()
         self._stop_delivery()
         self._release()
-        unsettle_heap()
+        self.heap.unsettle(self)
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:

@@ -133,37 +133,82 @@ def timer_callback(callback):
     return tick
 
 
-def settle_heap() -> None:
-    """A node just became active: what it configured lives as long as it does. Collected
-    once, then frozen (gc.freeze, process-wide): the collector's full passes walk every object
-    of the process, and a host of 1,000 agents stalled every thread 100-260 ms at each one,
-    several times a minute (bench/results/agents.md). Objects freed by their counts are still
-    freed; `unsettle_heap` at cleanup lets what configure made be collected again."""
-    gc.collect()
-    gc.freeze()
+class HeapHolds:
+    """Who holds this process's heap settled (its active hosts), and what each asks of the
+    collector. The freeze and the thresholds are process-wide, as CPython's collector is, and
+    several hosts can share a process (the launch file composes the agents into the manager's):
+    one host deactivating must not hand the others' heap back or restart the full passes they
+    hold. So each change goes through here: the freeze is undone, and CPython's thresholds put
+    back, when the last holder lets go; meanwhile the thresholds follow the holders still
+    there (young and middle: the largest any asks; full passes held while any holds them). A
+    host that lets go while others stay keeps what it froze frozen until the last one goes:
+    objects it releases are still freed by their counts, only cycles among them wait."""
+
+    def __init__(self):
+        self._asks: dict[object, tuple[bool, int, int]] = {}   # holder -> (hold, young, middle)
+        self._lock = threading.Lock()
+
+    def settle(self, holder) -> None:
+        """`holder` just became active: what it configured lives as long as it does. Collected
+        once, then frozen (gc.freeze): the collector's full passes walk every object of the
+        process, and a host of 1,000 agents stalled every thread 100-260 ms at each one,
+        several times a minute (bench/results/agents.md). Objects freed by their counts are
+        still freed; `unsettle` lets what configure made be collected again."""
+        gc.collect()
+        gc.freeze()
+        with self._lock:
+            self._asks.setdefault(holder, (False, 0, 0))
+            self._apply()
+
+    def hold_full_passes(self, holder, young: int = 0, middle: int = 0) -> None:
+        """`holder` is active and settled: what it made since (its subscriptions) is frozen
+        too, and CPython starts no full pass on its own any more; the holder runs `full_pass`
+        on a timer instead. A full pass stops every thread while it walks each unfrozen
+        long-lived object: in a host of 1,000 agents at 10,000 events/s CPython started one
+        every 0.6 s, 22-100 ms each, and the steady state had left nothing for them (0 objects
+        in cycles in 3 s; bench/results/agents.md). Young and middle passes go on, cycles that
+        die young are still collected; `young` and `middle` (0: CPython's) set how often. A
+        young pass walks the young objects still alive: at CPython's 700 allocations it came
+        every few events and caught the events in flight (mailboxes, pending commits), which
+        then went on to be walked again by the middle passes; at 50,000 most of them are gone
+        by the next pass (docs/storage.md)."""
+        gc.freeze()
+        with self._lock:
+            self._asks[holder] = (True, max(0, int(young)), max(0, int(middle)))
+            self._apply()
+
+    def unsettle(self, holder) -> None:
+        """`holder` deactivates or cleans up: its asks go. The last holder to go gives the
+        frozen objects back to the collector (the released ones can be collected again;
+        cycles among them would otherwise never be) with CPython's own thresholds, full passes
+        included."""
+        with self._lock:
+            self._asks.pop(holder, None)
+            if not self._asks:
+                gc.unfreeze()
+            self._apply()
+
+    def holders(self) -> int:
+        with self._lock:
+            return len(self._asks)
+
+    def _apply(self) -> None:
+        holding = [(young, middle) for hold, young, middle in self._asks.values() if hold]
+        if not holding:
+            gc.set_threshold(*CPYTHON_GC_THRESHOLDS)
+            return
+        gc.set_threshold(max(y for y, _ in holding) or CPYTHON_GC_THRESHOLDS[0],
+                         max(m for _, m in holding) or CPYTHON_GC_THRESHOLDS[1],
+                         NO_AUTOMATIC_FULL_PASS)
 
 
 # CPython's own thresholds (young, middle, full: a full pass after that many middle ones, when
-# enough objects survived since the last), put back by unsettle_heap.
+# enough objects survived since the last), put back when the last holder goes.
 CPYTHON_GC_THRESHOLDS = gc.get_threshold()
 NO_AUTOMATIC_FULL_PASS = 2**31 - 1   # middle passes before a full one: never, in practice
-
-
-def hold_full_passes(young: int = 0, middle: int = 0) -> None:
-    """A host is active and settled: what it made since (its subscriptions) is frozen too, and
-    CPython starts no full pass on its own any more; the host runs `full_pass` on a timer
-    instead. A full pass stops every thread while it walks each unfrozen long-lived object:
-    in a host of 1,000 agents at 10,000 events/s CPython started one every 0.6 s, 22-100 ms
-    each, and the steady state had left nothing for them (0 objects in cycles in 3 s;
-    bench/results/agents.md). Young and middle passes go on, cycles that die young are still
-    collected; `young` and `middle` (0: as they are) set how often. A young pass walks the
-    young objects still alive: at CPython's 700 allocations it came every few events and
-    caught the events in flight (mailboxes, pending commits), which then went on to be walked
-    again by the middle passes; at 50,000 most of them are gone by the next pass (docs/
-    storage.md). Process-wide, as the freeze; `unsettle_heap` undoes both."""
-    gc.freeze()
-    now_young, now_middle, _full = gc.get_threshold()
-    gc.set_threshold(young or now_young, middle or now_middle, NO_AUTOMATIC_FULL_PASS)
+# The collector is one per process, so who holds it is too (what AgentNode and the core bench
+# use; a test may make its own HeapHolds).
+HEAP = HeapHolds()
 
 
 def full_pass() -> tuple[int, float]:
@@ -171,15 +216,6 @@ def full_pass() -> tuple[int, float]:
     start = time.perf_counter()
     found = gc.collect()
     return found, (time.perf_counter() - start) * 1000.0
-
-
-def unsettle_heap() -> None:
-    """Deactivate or cleanup: the frozen objects go back to the collector (the released ones
-    can be collected again; cycles among them would otherwise never be), and CPython's own
-    thresholds (full passes included) are back. Process-wide, as the freeze: with several
-    nodes in one process (composition) the next activation freezes again."""
-    gc.unfreeze()
-    gc.set_threshold(*CPYTHON_GC_THRESHOLDS)
 
 
 class ReleasingLifecycleNode:

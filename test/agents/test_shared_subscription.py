@@ -199,3 +199,40 @@ def test_an_active_host_runs_the_full_collections_itself_on_its_timer(ros, tmp_p
         gc.set_threshold(*CPYTHON_GC_THRESHOLDS)
         host.trigger_shutdown()
         host.destroy_node()
+
+
+def test_two_hosts_in_one_process_share_the_collector(ros, tmp_path):
+    """The launch file composes agent hosts into one process: one deactivating keeps the other's
+    heap frozen and its full passes held; the last to go gives CPython its own thresholds back."""
+    import gc
+
+    from rclpy.parameter import Parameter
+
+    from loom_ros.agents.agent_node import AgentNode
+    from loom_ros.bus.executor import CPYTHON_GC_THRESHOLDS, NO_AUTOMATIC_FULL_PASS, HeapHolds
+    (tmp_path / 'agents.yaml').write_text(AGENTS)
+    heap = HeapHolds()
+    hosts = [AgentNode(node_name=f'shared_gc_{i}', namespace='/shared_gc', heap=heap,
+                       parameter_overrides=[
+                           Parameter('agents', value='*'), Parameter('autostart', value=False),
+                           Parameter('gc_young_threshold', value=young),
+                           Parameter('full_gc_period_s', value=3600.0),
+                           Parameter('agents_file', value=str(tmp_path / 'agents.yaml')),
+                           Parameter('storage.root', value=str(tmp_path / f'storage{i}'))])
+             for i, young in enumerate((50_000, 20_000))]
+    try:
+        for host in hosts:
+            host.trigger_configure()
+            host.trigger_activate()
+        assert gc.get_threshold() == (50_000, CPYTHON_GC_THRESHOLDS[1], NO_AUTOMATIC_FULL_PASS)
+        hosts[0].trigger_deactivate()
+        assert gc.get_threshold() == (20_000, CPYTHON_GC_THRESHOLDS[1], NO_AUTOMATIC_FULL_PASS)
+        assert gc.get_freeze_count() > 0 and heap.holders() == 1
+        hosts[1].trigger_deactivate()
+        assert gc.get_threshold() == CPYTHON_GC_THRESHOLDS and gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*CPYTHON_GC_THRESHOLDS)
+        for host in hosts:
+            host.trigger_shutdown()
+            host.destroy_node()
