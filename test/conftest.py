@@ -258,5 +258,5 @@ def pytest_sessionfinish(session, exitstatus):
     from loom_ros.bringup.shm import clean_dead_segments
     cleaned = clean_dead_segments()
     reporter = session.config.pluginmanager.get_plugin('terminalreporter')
-    if reporter is not None and (cleaned.error or cleaned.segments or cleaned.ports):
+    if reporter is not None and (cleaned.error or cleaned.segments):
         reporter.write(f'\nshared memory: {cleaned}\n')

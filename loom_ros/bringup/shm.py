@@ -1,25 +1,29 @@
 """Shared memory that dead Fast DDS processes leave behind, found and given back.
 
 Every Fast DDS participant keeps a segment in /dev/shm (16 MiB with Loom's profile,
-config/fastdds.xml) and port files, removed when it closes. A process that dies without closing
-(SIGKILL, a crash, a supervisor's kill of a hung node, `os._exit`) leaves them there, and their
-RAM with them, until a reboot. Measured on the development VM after a day of test runs: 13 GB
-of its 24 GB in 6,000 such files. (Fast DDS removes a dead participant's segment itself when a
-live peer that had it open notices the death; one that no live peer had open stays: a whole
-system killed at once, a node alone on its domain.) So whoever restarts Loom's processes (`loom bringup`, the
+config/fastdds.xml), removed when it closes. A process that dies without closing (SIGKILL, a
+crash, a supervisor's kill of a hung node, `os._exit`) leaves it there, and its RAM with it,
+until a reboot. Measured on the development VM after a day of test runs: 13 GB of its 24 GB in
+6,000 such files. (Fast DDS removes a dead participant's segment itself when a live peer that
+had it open notices the death; one that no live peer had open stays: a whole system killed at
+once, a node alone on its domain.) So whoever restarts Loom's processes (`loom bringup`, the
 lifecycle manager) gives them back when it starts and after each death it handles, off its own
 thread.
 
-The rule is Fast DDS's own (`fastdds shm clean`, tools/fastdds/shm/clean.py): each segment and
-port has a lock file (`<name>_el`, `<name>_sl`) that its live users hold a flock on, so one that
-can be locked exclusively has no live user, and the lock file, the segment or port and a port's
-semaphore go. It runs in-process rather than through that tool, which opens every lock file for
-appending as whoever runs it: it follows a symbolic link planted in the world-writable /dev/shm
-(as root, creating a file wherever it points) and blocks for good on a FIFO; it is found on
-PATH and, through a shell wrapper, left running when timed out. Here a lock file is opened
-read-only without following links or blocking, and only a regular file of this user is touched.
-A lock file younger than `min_age_s` is left for a later run: Fast DDS creates one and then locks
-it, and a file taken in between would be a live participant's.
+The rule is Fast DDS's own (`fastdds shm clean`, tools/fastdds/shm/clean.py): each segment has a
+lock file (`<name>_el`) that its owner holds a flock on while it lives, so one that can be
+locked exclusively has no live owner, and the lock file and the segment go. Ports (a few hundred
+KB each) are left alone: the next participant of the domain opens the same port files again and
+Fast DDS renews a dead one itself, and a pass between that participant's open and its lock
+would take its port from under it; a segment's name is new for every participant.
+
+It runs in-process rather than through that tool, which opens every lock file for appending as
+whoever runs it: it follows a symbolic link planted in the world-writable /dev/shm (as root,
+creating a file wherever it points) and blocks for good on a FIFO; it is found on PATH and,
+through a shell wrapper, left running when timed out. Here a lock file is opened read-only
+without following links or blocking, and only a regular file of this user is touched. A lock
+file younger than `min_age_s` is left for a later run: Fast DDS creates one and then locks it,
+and a file taken in between would be a live participant's.
 """
 from __future__ import annotations
 
@@ -40,8 +44,7 @@ SHM_DIR = Path('/dev/shm')
 MIN_AGE_S = 1.0
 MAX_FILES = 100_000   # names looked at in one run: /dev/shm is anyone's to fill
 # Fast DDS 3 (Kilted on) names them fastdds_*, Fast DDS 2 (Humble, Jazzy) fastrtps_*.
-_SEGMENT_LOCK = re.compile(r'^(fastdds|fastrtps)_[0-9a-z]{16}_(el|sl)$')
-_PORT_LOCK = re.compile(r'^(fastdds|fastrtps)_port\d{1,5}_(el|sl)$')
+_SEGMENT_LOCK = re.compile(r'^(fastdds|fastrtps)_[0-9a-z]{16}_el$')
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,6 @@ class Cleaned:
     """What one run removed; `skipped` or `error` say why it did not run or failed."""
 
     segments: int = 0
-    ports: int = 0
     young: int = 0   # unlocked lock files left for a later run (maybe a participant starting)
     skipped: str = ''
     error: str = ''
@@ -57,8 +59,8 @@ class Cleaned:
     def __str__(self) -> str:
         if self.skipped or self.error:
             return self.skipped or self.error
-        return (f'removed {self.segments} shared-memory segment(s) and {self.ports} port(s) '
-                'left by dead Fast DDS processes')
+        return (f'removed {self.segments} shared-memory segment(s) left by dead Fast DDS '
+                'processes')
 
 
 def _dead(directory: Path, name: str, now: float, min_age_s: float) -> bool | None:
@@ -105,30 +107,22 @@ def clean_dead_segments(environ: Mapping[str, str] = os.environ, *, directory: P
             names = [e.name for _, e in zip(range(MAX_FILES), entries)]
     except OSError as exc:
         return Cleaned(error=f'cannot list {directory}: {exc.strerror or exc}'[:300])
-    segments = ports = young = 0
+    segments = young = 0
     now = clock()
     for name in names:
-        port = _PORT_LOCK.match(name)
-        if not port and not _SEGMENT_LOCK.match(name):
+        if not _SEGMENT_LOCK.match(name):
             continue
         try:
             dead = _dead(directory, name, now, min_age_s)
         except OSError as exc:
-            return Cleaned(segments, ports, young, error=f'cannot lock {name}: {exc}'[:300])
+            return Cleaned(segments, young, error=f'cannot lock {name}: {exc}'[:300])
         if dead is None:
             young += 1
-            continue
-        if not dead:
-            continue
-        base = name[:-3]
-        _remove(directory, base)
-        _remove(directory, name)
-        if port:
-            _remove(directory, f'sem.{base}_mutex')
-            ports += 1
-        else:
+        elif dead:
+            _remove(directory, name[:-3])   # the segment, then its lock file
+            _remove(directory, name)
             segments += 1
-    return Cleaned(segments, ports, young)
+    return Cleaned(segments, young)
 
 
 class Janitor:
@@ -171,7 +165,7 @@ class Janitor:
                 with self._lock:
                     self.runs += 1
                     self.removed += cleaned.segments
-                if cleaned.error or cleaned.segments or cleaned.ports:
+                if cleaned.error or cleaned.segments:
                     try:
                         self.report(cleaned)
                     except Exception:  # a closed stderr, a logger torn down: not worth a stop

@@ -72,6 +72,7 @@ ASK_TIMEOUT_S = 3.0   # a readiness question unanswered this long is asked again
 SIDE_STOP_S = 10.0    # the Zenoh router and the cloud tier, after SIGINT, before SIGKILL
 WATCHER_CLOSE_S = 5.0   # Readiness.close: each of its two bounded steps
 RCLPY_SHUTDOWN_S = 5.0   # rclpy.try_shutdown at the end (it destroys what is left)
+STOP_JANITOR_S = 2.0   # a shared-memory pass still running when the nodes have stopped (shm.py)
 # After SIGINT, the longest bring-up takes to stop when no node hangs past its bound: the
 # manager (it stops the agents, which commit), then the other nodes on one deadline, the
 # readiness watcher, rclpy, the side processes on one deadline. Each SIGKILL adds a wait
@@ -80,7 +81,7 @@ RCLPY_SHUTDOWN_S = 5.0   # rclpy.try_shutdown at the end (it destroys what is le
 # than 60 s). With --composition the nodes stop in this process, within COMPOSITION_STOP_S
 # (RobotProcess.stop). A SIGINT while a side process loads is seen at once (_wait_ready).
 COMPOSITION_STOP_S = 2 * table.STOP_TIMEOUT_S
-STOP_BOUND_S = max(2 * stop_bound_s(table.STOP_TIMEOUT_S) + 2 * WATCHER_CLOSE_S,
+STOP_BOUND_S = max(2 * stop_bound_s(table.STOP_TIMEOUT_S) + 2 * WATCHER_CLOSE_S + STOP_JANITOR_S,
                    COMPOSITION_STOP_S) + RCLPY_SHUTDOWN_S + stop_bound_s(SIDE_STOP_S)
 
 
@@ -375,7 +376,10 @@ class NodeProcesses:
 
     @staticmethod
     def _cleaned(cleaned) -> None:
-        print(f'loom bringup: {cleaned}', file=sys.stderr, flush=True)
+        """Only a failure is said: bring-up's last line is why it stopped, and a pass may end
+        after that (the manager logs what its own passes removed)."""
+        if cleaned.error:
+            print(f'loom bringup: {cleaned}', file=sys.stderr, flush=True)
 
     def poll(self) -> None:
         """Restart the dead; raise naming what failed for good or refused configure."""
@@ -403,9 +407,8 @@ class NodeProcesses:
         rest = [(n, c) for n, c in reversed(list(self.children.items())) if n != table.MANAGER]
         codes.update(zip([n for n, _ in rest],
                          stop_together([c for _, c in rest], table.STOP_TIMEOUT_S)))
-        cleaned = clean_dead_segments()   # those killed for not stopping in time left theirs
-        if cleaned.error or cleaned.segments:
-            self._cleaned(cleaned)
+        self.janitor.idle(STOP_JANITOR_S)
+        clean_dead_segments()   # those killed for not stopping in time left theirs (said: nothing)
         return codes
 
 
