@@ -60,6 +60,9 @@ PARAMETERS = [
               "comma-separated ids ('' = one process per agent)", read_only=True),
     ParamSpec('spawn', 'Start the agent processes (true) or manage nodes started elsewhere',
               read_only=True),
+    ParamSpec('shm_cleanup', 'Give back the Fast DDS shared memory dead processes left '
+              '(bringup/shm.py): at start, after each restart, when a node is lost or back',
+              read_only=True),
     ParamSpec('autostart', 'Bring everything up as soon as the manager starts (false: wait for '
               '~/startup)', read_only=True),
     ParamSpec('agent_params_file', "ROS params file given to spawned agents ('' = none)",
@@ -156,11 +159,13 @@ class LifecycleManagerNode(Node):
             for n in names}
         self.last_status: dict[str, object] = {}
         self.auth = BeatAuth()
-        # Shared memory a dead process left (bringup/shm.py): once now, for whatever died before
-        # this start, and after each death this manager handles or sees a node come back from.
+        # Shared memory a dead process left (bringup/shm.py), with shm_cleanup: once now, for
+        # whatever died before this start, and after each death this manager handles or sees a
+        # node come back from.
         self.janitor = Janitor(lambda cleaned: self.get_logger().warning(str(cleaned))
-                               if cleaned.error else self.get_logger().info(str(cleaned)))
-        self.janitor.request()
+                               if cleaned.error else self.get_logger().info(str(cleaned))) \
+            if p['shm_cleanup'] else None
+        self._clean_shm()
         if not p['spawn']:   # agents in this process (loom bringup), or given the same key
             for m in self.managed:
                 m.key = process_key()
@@ -374,7 +379,7 @@ class LifecycleManagerNode(Node):
         log = self.get_logger()
         for _name, kind, text in self.core.take_events():
             if kind in ('lost', 'back'):   # its process may have died: a respawn is a new one
-                self.janitor.request()
+                self._clean_shm()
             if kind == 'gave_up':
                 log.error(text)
             elif kind == 'lost':
@@ -555,10 +560,14 @@ class LifecycleManagerNode(Node):
                 self._restart(m, f'agent {agent} {verdict.health.value}: {reason}')
                 return
 
+    def _clean_shm(self) -> None:
+        if self.janitor is not None:
+            self.janitor.request()
+
     def _restart(self, m: _Managed, reason: str) -> None:
         self.get_logger().warning(f'{reason}; restarting {m.unit.node}')
         self._stop(m, kill=True)
-        self.janitor.request()   # the killed process's shared memory
+        self._clean_shm()   # the killed process's shared memory
         if self.supervisor.restarting(m.unit, reason):
             self._enter(m, 'spawn', time.monotonic())
         else:

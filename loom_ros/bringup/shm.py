@@ -7,8 +7,8 @@ until a reboot. Measured on the development VM after a day of test runs: 13 GB o
 6,000 such files. (Fast DDS removes a dead participant's segment itself when a live peer that
 had it open notices the death; one that no live peer had open stays: a whole system killed at
 once, a node alone on its domain.) So whoever restarts Loom's processes (`loom bringup`, the
-lifecycle manager) gives them back when it starts and after each death it handles, off its own
-thread.
+lifecycle manager) can give them back when it starts and after each death it handles, off its
+own thread: with their `shm_cleanup` (off by default, README).
 
 The rule is Fast DDS's own (`fastdds shm clean`, tools/fastdds/shm/clean.py): each segment has a
 lock file (`<name>_el`) that its owner holds a flock on while it lives, so one that can be

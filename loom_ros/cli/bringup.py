@@ -124,6 +124,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='exit 1 when not everything is active after this many seconds')
     p.add_argument('--max-restarts', type=int, default=5,
                    help='restarts of a dying node process before bring-up gives up (default 5)')
+    p.add_argument('--shm-cleanup', action='store_true',
+                   help='give back the Fast DDS shared memory dead node processes left in '
+                   '/dev/shm (bring-up and its lifecycle manager; off by default: README)')
     p.add_argument('--log-dir', default='', help='where the Zenoh router and cloud logs go')
     p.add_argument('--cloud-data-dir', default='',
                    help="where the cloud tier keeps its request log (bounded; erased by "
@@ -285,6 +288,8 @@ def node_parameters(args, node: table.LoomNode, selected: list[table.LoomNode], 
     params = table.node_parameters(node, selected, autostart=bool(args.autostart), agents=ids,
                                    groups=groups,
                                    agents_file=agents_file, agent_params_file=robot_file)
+    if node.name == table.MANAGER and getattr(args, 'shm_cleanup', False):
+        params['shm_cleanup'] = True
     if node.name == 'zenoh_bridge' and not args.nodes_only:
         params.update(connect=[_endpoint(args)], keys_dir=str(keys.keys_path(args.keys_dir)),
                       insecure=bool(args.insecure))
@@ -349,7 +354,7 @@ class NodeProcesses:
         self.failures: list[str] = []
         self.gave_up: dict[str, str] = {}
         self._lock = threading.Lock()
-        self.janitor = Janitor(self._cleaned)
+        self.janitor = Janitor(self._cleaned) if getattr(args, 'shm_cleanup', False) else None
         policy = RestartPolicy(max_restarts=max(0, args.max_restarts), initial_backoff_s=0.5,
                                max_backoff_s=5.0)
         self.children: dict[str, Supervised] = {}
@@ -371,7 +376,7 @@ class NodeProcesses:
         if kind in ('exited', 'gave_up'):
             print(f'loom bringup: {text}' + ('' if kind == 'gave_up' else '; restarting'),
                   file=sys.stderr, flush=True)
-        if kind == 'exited':   # what it held in shared memory, if it did not close (shm.py)
+        if kind == 'exited' and self.janitor is not None:   # its shared memory (shm.py)
             self.janitor.request()
 
     @staticmethod
@@ -407,8 +412,9 @@ class NodeProcesses:
         rest = [(n, c) for n, c in reversed(list(self.children.items())) if n != table.MANAGER]
         codes.update(zip([n for n, _ in rest],
                          stop_together([c for _, c in rest], table.STOP_TIMEOUT_S)))
-        self.janitor.idle(STOP_JANITOR_S)
-        clean_dead_segments()   # those killed for not stopping in time left theirs (said: nothing)
+        if self.janitor is not None:
+            self.janitor.idle(STOP_JANITOR_S)
+            clean_dead_segments()   # those killed for not stopping in time (said: nothing)
         return codes
 
 

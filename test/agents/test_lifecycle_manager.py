@@ -162,7 +162,8 @@ def test_brings_agents_up_in_order_and_reports_them(ros, manager, tmp_path):
 
 
 def test_sigkilled_agent_is_restarted_with_its_state(ros, manager, tmp_path):
-    proc, watch = manager('/lm_kill', 'agents:=first', 'heartbeat_timeout_s:=2.0')
+    proc, watch = manager('/lm_kill', 'agents:=first', 'heartbeat_timeout_s:=2.0',
+                          'shm_cleanup:=true')
     ros.wait_for(lambda: watch.health('first')[0] == 'ok', 'the agent ok', alive=[proc])
     db = tmp_path / 'db' / 'lm_kill.agent_first.db'   # the manager handed storage.root down
     ros.wait_for(lambda: committed(db)[1] >= 20, '20 committed events',

@@ -147,7 +147,8 @@ def test_sigkill_of_bringup_frees_the_port_and_a_killed_node_is_started_again(ro
     finally:
         first.stop()
     # The Zenoh port is free again: the next bring-up's router listens on it.
-    second = Bringup(config, port, 'second', extra=('--no-cloud', '--namespace', 'respawn'))
+    second = Bringup(config, port, 'second', extra=('--no-cloud', '--namespace', 'respawn',
+                                                    '--shm-cleanup'))
     try:
         ready = second.ready()
         assert ready['ready'] is True and set(ready['side_pids']) == {'zenoh_router'}
@@ -221,7 +222,7 @@ def _killed_node_comes_back(ros, bringup: Bringup, ready: dict) -> None:
         os.kill(old, signal.SIGKILL)
         _wait_until(lambda: 'router was killed by SIGKILL' in bringup.err_path.read_text(),
                     'bring-up to see the router die')
-        _wait_until(lambda: not any((SHM / f).exists() for f in held),
+        _wait_until(lambda: not any((SHM / f).exists() for f in held),   # --shm-cleanup
                     "bring-up to give the router's shared memory back (bringup/shm.py)")
         ros.wait_for(lambda: _lifecycle_state(ros, client) == 'active',
                      'the respawned router to be brought back to active by the manager')
