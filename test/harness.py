@@ -408,9 +408,8 @@ SHM = Path('/dev/shm')
 
 def fastdds_shm() -> bool:
     """Whether processes here keep Fast DDS shared memory in /dev/shm (the rmw is Fast DDS)."""
-    from loom_ros.bus.qos import DEFAULT_RMW, FASTDDS_RMWS
-    rmw = (os.environ.get('RMW_IMPLEMENTATION') or DEFAULT_RMW).strip()
-    return rmw in FASTDDS_RMWS and SHM.is_dir()
+    from loom_ros.bus.qos import FASTDDS_RMWS, rmw_of
+    return rmw_of(os.environ) in FASTDDS_RMWS and SHM.is_dir()
 
 
 def shm_files_of(pid: int) -> set[str]:

@@ -85,7 +85,7 @@ PARAMETERS = [
               'active, run by this node (0: CPython starts them itself)', read_only=True,
               min_value=0.0),
     ParamSpec('gc_young_threshold', 'While active: allocations between young garbage-'
-              "collection passes (CPython's 700; 0 leaves it as it is)", read_only=True,
+              "collection passes (0: CPython's, 700)", read_only=True,
               min_value=0, max_value=10_000_000),
     ParamSpec('heartbeat_period_s', 'Seconds between AgentStatus heartbeats', read_only=True,
               min_value=0.01),

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from loom_ros.bus.qos import DEFAULT_RMW, FASTDDS_RMWS
+from loom_ros.bus.qos import FASTDDS_RMWS, rmw_of
 
 SHM_DIR = Path('/dev/shm')
 MIN_AGE_S = 1.0
@@ -99,7 +99,7 @@ def clean_dead_segments(environ: Mapping[str, str] = os.environ, *, directory: P
                         min_age_s: float = MIN_AGE_S,
                         clock: Callable[[], float] = time.time) -> Cleaned:
     """One pass over `directory`. Only for a Fast DDS rmw: the others keep no such files."""
-    rmw = (environ.get('RMW_IMPLEMENTATION') or DEFAULT_RMW).strip()
+    rmw = rmw_of(environ)
     if rmw not in FASTDDS_RMWS:
         return Cleaned(skipped=f'{rmw[:64]} keeps no Fast DDS shared memory')
     try:
@@ -155,7 +155,8 @@ class Janitor:
         try:
             while True:
                 with self._lock:
-                    if not self._wanted:
+                    if not self._wanted:   # under the lock: an ask from now starts a new thread
+                        self._thread = None
                         return
                     self._wanted = False
                 try:
@@ -177,13 +178,10 @@ class Janitor:
                         self._wanted = True
                 else:
                     retried = False
-        finally:
+        finally:   # ended by something that is not an Exception: the next ask starts anew
             with self._lock:
-                self._thread = None
-                if self._wanted:   # asked between the last look and here: one more run
-                    self._thread = threading.Thread(target=self._run, daemon=True,
-                                                    name='loom-shm-janitor')
-                    self._thread.start()
+                if self._thread is threading.current_thread():
+                    self._thread = None
 
     def idle(self, timeout_s: float) -> bool:
         """Wait until no run is under way or asked for (tests, and a clean stop)."""

@@ -139,13 +139,17 @@ FASTDDS_RMWS = ('rmw_fastrtps_cpp', 'rmw_fastrtps_dynamic_cpp')
 DEFAULT_RMW = 'rmw_fastrtps_cpp'   # Kilted's default when RMW_IMPLEMENTATION is unset
 
 
+def rmw_of(environ: Mapping[str, str]) -> str:
+    """The rmw a process started with `environ` runs (RMW_IMPLEMENTATION, else Kilted's)."""
+    return (environ.get('RMW_IMPLEMENTATION') or DEFAULT_RMW).strip()
+
+
 def fastdds_environment(environ: Mapping[str, str], config_dir: Path | str) -> dict[str, str]:
     """Variables to add to a Loom process's environment so Fast DDS loads Loom's profile
     (config/fastdds.xml: a shared-memory segment that holds camera frames). Empty when the rmw
     is not Fast DDS or the user already set a profile or builtin transports of their own.
     Pure: the caller (bring-up, the launch file, a test) applies it before rclpy starts."""
-    rmw = (environ.get('RMW_IMPLEMENTATION') or DEFAULT_RMW).strip()
-    if rmw not in FASTDDS_RMWS or any(environ.get(name) for name in FASTDDS_USER_VARS):
+    if rmw_of(environ) not in FASTDDS_RMWS or any(environ.get(n) for n in FASTDDS_USER_VARS):
         return {}
     fastdds_2 = (environ.get('ROS_DISTRO') or '').strip().lower() in FASTDDS_2_DISTROS
     return {FASTDDS_PROFILE_VARS[1 if fastdds_2 else 0]:

@@ -288,7 +288,7 @@ def node_parameters(args, node: table.LoomNode, selected: list[table.LoomNode], 
     params = table.node_parameters(node, selected, autostart=bool(args.autostart), agents=ids,
                                    groups=groups,
                                    agents_file=agents_file, agent_params_file=robot_file)
-    if node.name == table.MANAGER and getattr(args, 'shm_cleanup', False):
+    if node.name == table.MANAGER and args.shm_cleanup:
         params['shm_cleanup'] = True
     if node.name == 'zenoh_bridge' and not args.nodes_only:
         params.update(connect=[_endpoint(args)], keys_dir=str(keys.keys_path(args.keys_dir)),
@@ -354,7 +354,7 @@ class NodeProcesses:
         self.failures: list[str] = []
         self.gave_up: dict[str, str] = {}
         self._lock = threading.Lock()
-        self.janitor = Janitor(self._cleaned) if getattr(args, 'shm_cleanup', False) else None
+        self.janitor = Janitor(self._cleaned) if args.shm_cleanup else None
         policy = RestartPolicy(max_restarts=max(0, args.max_restarts), initial_backoff_s=0.5,
                                max_backoff_s=5.0)
         self.children: dict[str, Supervised] = {}

@@ -17,11 +17,12 @@ token bucket; a FairQueue then serves senders round-robin, each with its own bou
 total bound in entries and bytes. There are two, each with these bounds and its own workers: one
 for the models, one for chat, whose workers wait on the upstream (a slow chat never holds a
 model's work back; one sender's chats hold at most half of them). Whatever does not fit is
-answered `busy` at once: memory stays bounded and one client's flood cannot starve another. An unauthenticated request never reaches a
-model, and so chat (and the operator's bearer key) is never forwarded for it. Several servers may
-run behind the same identity: each also answers alone on `loom/cloud/<instance>/infer/<task>`
-and names itself in its signed answers, so robots learn the instances (a hello to ALL), spread
-their requests round-robin over them and, if one dies or is busy, ask all (failover).
+answered `busy` at once: memory stays bounded and one client's flood cannot starve another.
+An unauthenticated request never reaches a model, and so chat (and the operator's bearer key)
+is never forwarded for it. Several servers may run behind the same identity: each also answers
+alone on `loom/cloud/<instance>/infer/<task>` and names itself in its signed answers, so robots
+learn the instances (a hello to ALL), spread their requests round-robin over them and, if one
+dies or is busy, ask all (failover).
 """
 from __future__ import annotations
 
@@ -179,16 +180,19 @@ class CloudServer:
                      **({'Authorization': f'Bearer {key}'} if key else {})})
         try:
             with urllib.request.urlopen(request, timeout=float(self.chat.get('timeout_s', 30))) as r:
-                raw = r.read(MAX_CHAT_REPLY_BYTES + 1)
-            data = json.loads(raw) if len(raw) <= MAX_CHAT_REPLY_BYTES else None
-            text = data['choices'][0]['message']['content'] if data is not None else ''
+                raw = r.read(MAX_CHAT_REPLY_BYTES + 1)   # no further: its size is not ours
         except urllib.error.HTTPError as exc:
             raise RequestInvalid('upstream', f'chat endpoint answered HTTP {exc.code}') from None
-        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        except (urllib.error.URLError, OSError, ValueError) as exc:
             raise RequestInvalid('upstream', f'chat endpoint failed: {exc!r}'[:300]) from None
-        if data is None:   # read no further: its size is the upstream's to choose, not ours
+        if len(raw) > MAX_CHAT_REPLY_BYTES:
             raise RequestInvalid('upstream', 'chat endpoint answered more than '
                                  f'{MAX_CHAT_REPLY_BYTES} bytes')
+        try:
+            data = json.loads(raw)
+            text = data['choices'][0]['message']['content']
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise RequestInvalid('upstream', f'chat endpoint failed: {exc!r}'[:300]) from None
         return {'text': text, 'usage': data.get('usage', {})}, model
 
 
