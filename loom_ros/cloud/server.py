@@ -329,6 +329,9 @@ class Limits:
     # threads waiting on the chat upstream, with a queue of their own (the same bounds): a chat
     # that takes the upstream's 30 s never holds up another robot's intent or embed
     chat_workers: int = 4
+    # how many of one client's chats may wait on the upstream at once; 0 (the default, not
+    # settable): half the chat workers, so one robot's slow chats leave the rest to the others
+    chat_per_client: int = 0
     # refusals signed per second (burst twice that): a flood of requests that are refused
     # costs a signature each to answer; past this they get no answer (counted)
     signed_refusals_per_s: float = 200.0
@@ -355,6 +358,10 @@ class Limits:
                 raise ValueError(f'cloud.yaml limits.{name}: at most {MAX_WORKERS} threads')
             values[name] = int(value) if kind == 'int' else float(value)
         limits = cls(**values)
+        if limits.chat_per_client > limits.chat_workers:
+            raise ValueError(f'cloud.yaml limits.chat_per_client: at most chat_workers '
+                             f'({limits.chat_workers}): a client cannot hold more chat workers '
+                             f'than there are')
         if limits.max_request_bytes > MAX_MESSAGE_BYTES:
             raise ValueError(f'cloud.yaml limits.max_request_bytes: at most {MAX_MESSAGE_BYTES}')
         return limits
@@ -649,14 +656,16 @@ def build_service(config: dict, identity: keys.Identity, *, instance: str,
     def lane(max_in_flight: int | None = None) -> FairQueue:
         return FairQueue(limits.queue_per_client, limits.queue_total, limits.queued_bytes_total,
                          max_in_flight=max_in_flight)
-    # One robot's chats hold at most half the chat workers: the rest stay for the others.
+    # One robot's chats hold at most half the chat workers (by default): the rest stay for the
+    # others.
     return CloudService(server, gate, Signer(identity), lane(), instance, log,
-                        upstream=lane(chat_in_flight(limits.chat_workers)))
+                        upstream=lane(chat_in_flight(limits)))
 
 
-def chat_in_flight(chat_workers: int) -> int:
-    """How many of one client's chats may wait on the upstream at once: half the workers."""
-    return max(1, -(-chat_workers // 2))
+def chat_in_flight(limits: Limits) -> int:
+    """How many of one client's chats may wait on the upstream at once: `chat_per_client`,
+    or half the chat workers when it is not set."""
+    return limits.chat_per_client or max(1, -(-limits.chat_workers // 2))
 
 
 def session_config_for(mode: str, connect, listen, multicast_scouting: bool, identity,

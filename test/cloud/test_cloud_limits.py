@@ -182,7 +182,18 @@ def test_a_client_at_its_in_flight_bound_waits_while_others_are_served():
     chats cannot hold every worker; the others' are served meanwhile, and its next one once
     one of its own is done."""
     from loom_ros.cloud.server import chat_in_flight
-    assert [chat_in_flight(n) for n in (1, 2, 3, 4, 64)] == [1, 1, 2, 2, 32]
+    assert [chat_in_flight(Limits(chat_workers=n)) for n in (1, 2, 3, 4, 64)] == \
+        [1, 1, 2, 2, 32]
+    # set: what it says, up to every chat worker (a one-robot fleet may want them all)
+    assert chat_in_flight(Limits.from_config({'chat_workers': 8, 'chat_per_client': 6})) == 6
+    assert chat_in_flight(Limits.from_config({'chat_workers': 8, 'chat_per_client': 8})) == 8
+    with pytest.raises(ValueError, match='chat_per_client: at most chat_workers'):
+        Limits.from_config({'chat_workers': 4, 'chat_per_client': 5})
+    with pytest.raises(ValueError, match='chat_per_client: at most chat_workers'):
+        Limits.from_config({'chat_per_client': 5})   # against the default 4 workers
+    for bad in (0, -1, 1.5, True, 'two'):
+        with pytest.raises(ValueError, match='chat_per_client'):
+            Limits.from_config({'chat_per_client': bad})
     queue = FairQueue(per_client=8, total=64, total_bytes=1 << 20, max_in_flight=2)
     for i in range(4):
         assert queue.put('robot1', f'r1-{i}', 10) == ''
