@@ -154,7 +154,10 @@ class BeatAuth:
         if any(len(str(getattr(msg, f))) > MAX_FIELD_CHARS
                for f in ('agent_id', 'node', 'lifecycle', 'reason', 'auth')):
             return 'oversize'
-        if not hmac.compare_digest(str(msg.auth), beat_digest(key, msg)):
+        auth = str(msg.auth)
+        # compare_digest raises TypeError for a str holding non-ASCII: such a beat would escape
+        # as a callback error, uncounted, with a traceback logged for each one sent
+        if not auth.isascii() or not hmac.compare_digest(auth, beat_digest(key, msg)):
             return 'bad_auth'
         return None
 

@@ -121,11 +121,14 @@ def test_beat_auth_takes_signed_beats_once_and_drops_the_rest():
     assert auth.check(os.urandom(32), signer.sign(Msg())) == 'bad_auth'   # another's key
     assert auth.check(None, signer.sign(Msg())) == 'no_key'
     assert auth.check(key, signer.sign(Msg(reason='x' * 100_000))) == 'oversize'
+    # Not ASCII: refused and counted like any bad digest (hmac.compare_digest raised TypeError)
+    assert auth.check(key, Msg(seq=9, auth='é' * 64)) == 'bad_auth'
+    assert auth.check(key, Msg(seq=10, auth='\udcff')) == 'bad_auth'
     # A new node in the process retires the old incarnation: its beats are replays from then on.
     old = signer.sign(Msg())
     assert auth.check(key, BeatSigner(key).sign(Msg())) is None
     assert auth.check(key, old) == 'replay'
-    assert sum(auth.rejected.values()) == auth.by_agent['a'] == 6
+    assert sum(auth.rejected.values()) == auth.by_agent['a'] == 8
     # A copy of a beat already taken in-process: authentic ones are not rejections.
     assert auth.check(key, old, copy=True) == 'copy' and auth.copies == 1
     assert auth.check(key, Msg(), copy=True) == 'bad_auth'
