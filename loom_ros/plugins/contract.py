@@ -148,8 +148,10 @@ class PluginContext:
 
     def audit(self, kind: str, **fields: Any) -> None:
         if self.audit_sink is not None:
-            self.audit_sink({'ts_ms': time.time_ns() // 1_000_000, 'plugin': self.plugin,
-                             'kind': kind, **fields})
+            # The host's keys last: a plugin's fields cannot rename who wrote the record or
+            # what kind it is, nor date it.
+            self.audit_sink({**fields, 'ts_ms': time.time_ns() // 1_000_000,
+                             'plugin': self.plugin, 'kind': kind})
 
 
 class Plugin:

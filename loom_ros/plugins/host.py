@@ -41,6 +41,9 @@ from loom_ros.security.capabilities import (
 )
 
 IN_PROCESS = 'in_process'
+# Events one answer may carry: a plugin answers one event, and 60,000 from one WASM call were
+# all published before this bound.
+MAX_RESPONSE_EVENTS = 256
 
 
 class PluginsFileError(ValueError):
@@ -167,6 +170,8 @@ class Slot:
     counters: Counter = field(default_factory=Counter)
     latency_ms_total: float = 0.0
     lock: threading.RLock = field(default_factory=threading.RLock)
+    call_started: float = 0.0   # perf_counter of the call running now (0: none)
+    writes: list | None = None  # a sandboxed plugin's declared output types (Host._writes)
 
     @property
     def guarded(self) -> bool:
@@ -318,7 +323,7 @@ class PluginHost:
                     slot.counters['failed'] += 1
                     return PluginResponse.failure(f'plugin {name}: actuator command not run, '
                                                   f'the audit log refused it: {exc}')
-            start = time.perf_counter()
+            start = slot.call_started = time.perf_counter()
             try:
                 # A copy: the caller's event may be every subscriber's in this process, and
                 # the floor of what the plugin answers is read from it (_checked).
@@ -331,6 +336,8 @@ class PluginHost:
                 response = PluginResponse.failure(f'plugin {name} raised {_reason(exc)}')
                 self.logger.error(f'plugin {name} raised on event {event.id} ({event.type}): '
                                   f'{_reason(exc)}')
+            finally:
+                slot.call_started = 0.0
             latency = (time.perf_counter() - start) * 1000.0
             response = self._checked(slot, event, response)
             response.latency_ms = latency
@@ -353,8 +360,15 @@ class PluginHost:
             slot.counters['bad_output'] += 1
             return PluginResponse.failure(f'plugin {name} returned {type(response).__name__}, '
                                           'not a PluginResponse')
+        events = response.events
+        if not isinstance(events, (list, tuple)) or len(events) > MAX_RESPONSE_EVENTS:
+            slot.counters['bad_output'] += 1
+            count = len(events) if isinstance(events, (list, tuple)) else '?'
+            return PluginResponse.failure(f'plugin {name} answered with {count} events: at most '
+                                          f'{MAX_RESPONSE_EVENTS}, in a list')
         subject = named_subject(event)
         floor = effective_privacy(event)
+        writes = None if slot.guarded else self._writes(slot)
         for out in response.events:
             if not isinstance(out, Event):
                 slot.counters['bad_output'] += 1
@@ -364,9 +378,20 @@ class PluginHost:
                 slot.counters['bad_output'] += 1
                 return PluginResponse.failure(f'plugin {name} produced an event whose metadata '
                                               f'is a {type(out.metadata).__name__}, not a dict')
-            if not out.source:
+            # The host says who answered and to what: a sandboxed plugin's events came back
+            # under its own metadata name, so the bus's "never feed a plugin its own output"
+            # check missed them and an output topic among its inputs looped for ever; and a
+            # claimed in_reply_to would tie the answer to someone else's question.
+            if out.source != name:
+                if out.source:
+                    slot.counters['source_replaced'] += 1
                 out.source = name
-            out.metadata.setdefault('in_reply_to', event.id)
+            out.metadata['in_reply_to'] = event.id
+            if writes is not None and not any(w.matches(out.type) for w in writes):
+                slot.counters['bad_output'] += 1   # untrusted code: only what it declared
+                return PluginResponse.failure(
+                    f'plugin {name} produced an event of type {str(out.type)[:64]!r}, which its '
+                    f'metadata does not declare (writes: {", ".join(slot.metadata.writes)})')
             # An answer is about whom its question was about, so consent and erasure find it.
             if subject and SUBJECT_METADATA_KEY not in out.metadata:
                 out.metadata[SUBJECT_METADATA_KEY] = subject
@@ -386,6 +411,21 @@ class PluginHost:
                 return PluginResponse.failure(f'plugin {name} produced an invalid event: {exc}')
         return response
 
+    @staticmethod
+    def _writes(slot: Slot) -> list[TopicPattern]:
+        """The event types a sandboxed plugin declared it writes (`ros:` topics are not
+        events), as patterns; read once per slot."""
+        if slot.writes is None:
+            patterns = []
+            for text in getattr(slot.metadata, 'writes', ()) or ():
+                if isinstance(text, str) and not text.startswith('ros:'):
+                    try:
+                        patterns.append(TopicPattern.parse(text))
+                    except TopicNameError:
+                        pass   # never matches: an event of that type is refused
+            slot.writes = patterns
+        return slot.writes
+
     # -- Health ---------------------------------------------------------------------------------
     def health(self, name: str) -> HealthStatus:
         slot = self.slots.get(name)
@@ -394,10 +434,19 @@ class PluginHost:
         if slot.state is not SlotState.RUNNING:
             status = HealthStatus(HealthState.FAILED, f'{slot.state.value}'
                                   + (f': {slot.error}' if slot.error else ''))
+        elif not slot.lock.acquire(blocking=False):
+            # A call is running: health() waits for no call (the health service and
+            # /diagnostics froze for as long as a slow plugin's call took).
+            started = slot.call_started
+            running = f' for {time.perf_counter() - started:.1f} s' if started else ''
+            status = HealthStatus(HealthState.OK, f'busy: a call is running{running}')
         else:
             try:
-                with slot.lock, acting_as(slot.ctx if self.guard and slot.guarded else None):
-                    status = slot.plugin.health()
+                try:
+                    with acting_as(slot.ctx if self.guard and slot.guarded else None):
+                        status = slot.plugin.health()
+                finally:
+                    slot.lock.release()
                 if not isinstance(status, HealthStatus):
                     raise PluginError(f'health() returned {type(status).__name__}')
             except Exception as exc:
