@@ -280,6 +280,25 @@ class Supervisor:
     def needs_restart(self, verdict: Verdict) -> bool:
         return verdict.health in (Health.DEAD, Health.HUNG)
 
+    def retry(self, unit: Unit) -> bool:
+        """An operator's fresh start (~/startup) for a unit given up on: its restarts start
+        again from 0. Whether it had failed."""
+        if not unit.failed:
+            return False
+        unit.failed_reason, unit.restarts, unit.up_since_s = '', 0, None
+        unit.beats.clear()
+        return True
+
+    def settled(self, unit: Unit, now_s: float, stable_after_s: float) -> bool:
+        """A unit up for `stable_after_s` since its last restart has its restarts forgotten
+        (as nodes have: processes.Restarts), so one that hangs once a day is not given up on
+        after max_restarts days. Whether it forgot some now."""
+        if unit.restarts and unit.up_since_s is not None and \
+                now_s - unit.up_since_s >= stable_after_s:
+            unit.restarts = 0
+            return True
+        return False
+
     def restarting(self, unit: Unit, reason: str) -> bool:
         """Record a restart; False (and the unit marked failed) once max_restarts is reached."""
         unit.up_since_s = None

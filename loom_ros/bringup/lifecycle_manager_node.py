@@ -261,11 +261,21 @@ class LifecycleManagerNode(Node):
     def _on_startup(self, _request, response):
         """~/startup: bring every node, then every agent, up in order."""
         response.success = True
+        # A fresh start retries the agent hosts given up on (their restarts from 0), as the
+        # core does for nodes: before, they stayed failed until the manager itself restarted.
+        retried = [m.unit.node for m in self.managed
+                   if m.phase == 'failed' and self.supervisor.retry(m.unit)]
+        for m in self.managed:
+            if m.unit.node in retried:
+                self._enter(m, 'stopped', time.monotonic())
+        again = f'; retrying {", ".join(retried)}' if retried else ''
         if self.goal == 'active':
-            response.message = 'already started'
+            response.message = 'already started' + again
+            if retried:
+                self.get_logger().info(f'startup requested: {response.message}')
             return response
         self._set_goal('active')
-        response.message = 'bringing up ' + self._everything()
+        response.message = 'bringing up ' + self._everything() + again
         self.get_logger().info(f'startup requested: {response.message}')
         return response
 
@@ -550,6 +560,9 @@ class LifecycleManagerNode(Node):
             self._restart(m, f'{m.unit.node} {m.process.exit_reason()} during bring-up')
 
     def _watch(self, m: _Managed, now: float) -> None:
+        if self.supervisor.settled(m.unit, now, self.policy.stable_after_s):
+            self.get_logger().info(f'{m.unit.node} ran {self.policy.stable_after_s:g} s '
+                                   'without failing: its restarts start again from 0')
         alive = None if m.process is None else m.process.running
         for agent in m.unit.agents:
             verdict = self.supervisor.verdict(agent, now, alive)

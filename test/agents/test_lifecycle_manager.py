@@ -207,6 +207,18 @@ def test_hung_agent_is_restarted_then_given_up_on(ros, manager, tmp_path):
                                                     'message', ''), 'the give-up diagnostic')
     diagnostic = watch.diagnostics['loom/agents/first']
     assert diagnostic.level == b'\x02' and 'gave up after 1 restarts' in diagnostic.message
+    # ~/startup, a fresh start, retries it (it answered success and the agent stayed failed
+    # until the manager itself was restarted).
+    from std_srvs.srv import Trigger
+    client = ros.node.create_client(Trigger, '/lm_hang/lifecycle_manager/startup')
+    try:
+        answer = ros.call(client, Trigger.Request(), 'startup', alive=[proc])
+        # (its message says 'retrying agent_first', unless this answer is to a repeat)
+        assert answer.success, answer.message
+        ros.wait_for(lambda: watch.health('first') == ('ok', 0), 'the agent up again, 0 restarts',
+                     alive=[proc])
+    finally:
+        ros.node.destroy_client(client)
 
 
 def test_pause_resume_shutdown_and_startup_drive_the_agents(ros, manager, tmp_path):

@@ -183,6 +183,24 @@ def test_supervisor_verdicts():
     assert not sup.restarting(unit, 'hung again') and unit.failed
     assert sup.verdict('a', 20.0).health is Health.FAILED
     assert 'gave up after 1 restarts' in sup.verdict('a', 20.0).reason
+    # An operator's fresh start retries it from 0 restarts (it stayed failed for good).
+    assert sup.retry(unit) and not unit.failed and unit.restarts == 0
+    assert not sup.retry(unit)                                   # not failed: nothing to do
+    assert sup.verdict('a', 21.0).health is Health.STARTING
+
+
+def test_supervisor_forgets_restarts_after_a_stable_run():
+    """As nodes do: an agent that hangs once a day is not given up on after max_restarts
+    days. Up for stable_after_s since its last activation, its restarts start again."""
+    unit = Unit('agent_a', ('a',))
+    sup = Supervisor([unit], heartbeat_timeout_s=4.0, hang_timeout_s=2.0, max_restarts=1)
+    assert sup.restarting(unit, 'hung') and unit.restarts == 1
+    assert not sup.settled(unit, 100.0, 60.0)                    # not up yet
+    sup.activated(unit, 100.0)
+    assert not sup.settled(unit, 159.9, 60.0) and unit.restarts == 1
+    assert sup.settled(unit, 160.0, 60.0) and unit.restarts == 0
+    assert not sup.settled(unit, 500.0, 60.0)                    # nothing left to forget
+    assert sup.restarting(unit, 'hung the next day') and not unit.failed
 
 
 @pytest.mark.parametrize('workers', [0, 1, 3])
