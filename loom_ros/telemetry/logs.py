@@ -10,8 +10,10 @@ Masking:
   secret, authorization, cookie, credential, ...: `api_key`, `X-Auth-Token`, `db.password`);
 - by pattern, inside any string: bearer tokens, JWTs, API-key-like strings (sk-..., ghp_...,
   AKIA..., xoxb-...), `key=value` pairs whose key is sensitive, e-mail addresses;
-- events: the raw payload of Private and LocalOnly events is never logged (size only); other
-  payloads and metadata go through the two rules above.
+- events: the raw payload of an event whose effective privacy (the stricter of its field and
+  its metadata's, bus/privacy.py) is Private or LocalOnly is never logged (size only); the data
+  subject (`loom.subject`) shows as <subject>; other payloads and metadata, keys included, go
+  through the two rules above.
 
 Bounds (any string can come from a hostile event): each string is cut to MAX_TEXT_CHARS (a
 traceback to MAX_TRACEBACK_CHARS) *before* any pattern runs on it, with a marker saying how much
@@ -31,7 +33,13 @@ import re
 import sys
 import threading
 
+from loom_ros.bus.event import Privacy
+from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, effective_privacy
+
 MASK = '***'
+# What a log shows for the data subject an event names: the id is personal data (often an
+# e-mail or a name), and a keyed hash needs the storage root's key, which a log does not hold.
+SUBJECT_MASK = '<subject>'
 
 SENSITIVE_WORDS = frozenset({
     'token', 'key', 'password', 'passwd', 'pwd', 'secret', 'authorization', 'auth', 'cookie',
@@ -156,14 +164,20 @@ def _mask_key_values(text: str) -> str:
 
 
 def mask_event(event) -> dict:
-    """A loggable view of an Event: Private/LocalOnly payloads replaced, the rest masked."""
-    from loom_ros.bus.event import Privacy
-    privacy = Privacy(event.privacy) if isinstance(event.privacy, int) else event.privacy
+    """A loggable view of an Event: the payload replaced when its effective privacy is Private
+    or LocalOnly (metadata can raise a Public field's), the subject hidden, the rest masked."""
+    privacy = effective_privacy(event)   # an unknown field value: LocalOnly
+    try:
+        field = Privacy(event.privacy).name
+    except ValueError:
+        field = mask_text(str(event.privacy), 32)
+    metadata = mask_value(event.metadata)
+    if isinstance(metadata, dict) and SUBJECT_METADATA_KEY in metadata:
+        metadata[SUBJECT_METADATA_KEY] = SUBJECT_MASK
     view = {'id': mask_value(event.id), 'type': mask_value(event.type),
             'source': mask_value(event.source), 'timestamp_ms': event.timestamp_ms,
-            'privacy': getattr(privacy, 'name', str(privacy)),
-            'confidence': event.confidence, 'tags': mask_value(event.tags),
-            'metadata': mask_value(event.metadata)}
+            'privacy': field, 'confidence': event.confidence, 'tags': mask_value(event.tags),
+            'metadata': metadata}
     if privacy in (Privacy.PRIVATE, Privacy.LOCAL_ONLY):
         view['payload'] = f'<{privacy.name.lower()}: {len(event.payload)} bytes not logged>'
     else:
@@ -188,7 +202,10 @@ def mask_value(value, name: str | None = None, _depth: int = 0):
         out = {}
         for k, v in itertools.islice(value.items(), MAX_ITEMS):
             k = bound_text(str(k), _TAIL_SCAN)
-            out[k] = mask_value(v, k, _depth + 1)
+            shown = _mask_patterns(k)   # a key can be an e-mail address or a token too
+            if shown in out:   # two keys masked alike: both kept
+                shown = f'{shown}#{len(out)}'
+            out[shown] = mask_value(v, k, _depth + 1)
         if len(value) > MAX_ITEMS:
             out['...'] = f'{len(value) - MAX_ITEMS} more items not logged'
         return out

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -379,10 +381,11 @@ class BusMetrics:
 
     events_published / events_received per topic, events_dropped / events_shed / queue_depth /
     queue_capacity per subscription pattern (and topics_refused, once a pattern met the bus's
-    max_pattern_topics), events_rejected per reason. Topics and patterns past the registry's
-    max_topics are summed into one series each, and so are subscriptions of one pattern; the
-    counts of a subscription that goes away stay in its label's totals, so a counter never goes
-    back (Prometheus would read a reset)."""
+    max_pattern_topics), events_rejected per reason, tracestate_dropped (this process's events
+    whose tracestate failed tracing's check, once there is one). Topics and patterns past the
+    registry's max_topics are summed into one series each, and so are subscriptions of one
+    pattern; the counts of a subscription that goes away stay in its label's totals, so a counter
+    never goes back (Prometheus would read a reset)."""
 
     def __init__(self, bus):
         self.bus = bus
@@ -404,6 +407,9 @@ class BusMetrics:
                 registry.set_total(name, n, topic=label)
         for reason, n in list(stats.rejected.items()):
             registry.set_total('events_rejected', n, reason=reason)
+        dropped = tracing.tracestate_dropped()   # process-wide: shown once it happened
+        if dropped:
+            registry.set_total('tracestate_dropped', dropped)
         # label -> [dropped, shed, delivered, depth, capacity, topics refused]
         folded: dict[str, list] = {label: [*counts, None, None, 0]
                                    for label, counts in self._departed.items()}
@@ -537,21 +543,150 @@ class _Collector:
         self.sources = sources
 
     def collect(self):
+        from prometheus_client.core import CounterMetricFamily
         for reg in list(self.sources):
             reg.collect()
-        return to_prometheus(list(self.sources))
+        families = to_prometheus(list(self.sources))
+        server = _PROM.get('server')
+        if server is not None:
+            families.append(CounterMetricFamily(
+                'loom_prometheus_connections_refused', 'Connections to this endpoint closed at '
+                'once: max_connections were open', value=server.refused))
+            families.append(CounterMetricFamily(
+                'loom_prometheus_requests_timed_out', 'Connections closed for sending no whole '
+                'request within the timeout (or stalling its answer)', value=server.timed_out))
+        return families
 
 
-def serve_prometheus(registry: MetricsRegistry, port: int, addr: str = '127.0.0.1') -> int:
+# The endpoint's bounds: every connection is a thread, and a client that connected and never
+# finished its request held one forever (300 idle half-requests: 300 threads).
+PROM_TIMEOUT_S = 5.0        # to send the whole request; also each send of the answer
+PROM_MAX_CONNECTIONS = 16   # open at once; more are closed at once (a scraper needs one)
+
+
+class _DeadlineReader:
+    """The request stream of one connection with one deadline for the whole request: a client
+    that sends a byte now and then (inside the socket timeout) is cut off as one that stalls."""
+
+    def __init__(self, stream, sock: socket.socket, deadline: float):
+        self._stream, self._sock, self._deadline = stream, sock, deadline
+
+    def _arm(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError('request not received within the timeout')
+        self._sock.settimeout(left)
+
+    def readline(self, *args):
+        self._arm()
+        return self._stream.readline(*args)
+
+    def read(self, *args):
+        self._arm()
+        return self._stream.read(*args)
+
+    def __getattr__(self, name):   # close, closed, ...
+        return getattr(self._stream, name)
+
+
+def _bounded_server(addr: str, port: int, app, timeout_s: float, max_connections: int):
+    """A thread-per-connection WSGI server (as prometheus_client's start_http_server makes)
+    that gives each connection `timeout_s` and keeps at most `max_connections` open: a
+    connection over the cap is closed on accept (counted in `refused`), one that times out is
+    closed quietly (counted in `timed_out`)."""
+    # Imported here, as prometheus_client is: only a node that serves pays for http.server.
+    from wsgiref.simple_server import WSGIRequestHandler
+
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    class BoundedHandler(WSGIRequestHandler):
+        """prometheus_client's WSGI handler (quiet) with the server's timeout on its socket."""
+
+        def setup(self) -> None:
+            self.timeout = self.server.timeout_s   # StreamRequestHandler.setup applies it
+            super().setup()
+            self.rfile = _DeadlineReader(self.rfile, self.connection,
+                                         time.monotonic() + self.timeout)
+
+        def get_environ(self):
+            # The request is in: each send of the answer gets the whole timeout again
+            self.connection.settimeout(self.timeout)
+            return super().get_environ()
+
+        def log_message(self, format, *args) -> None:   # noqa: A002 (the base class's name)
+            pass
+
+    family, _type, _proto, _name, sockaddr = socket.getaddrinfo(
+        addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+    class BoundedServer(ThreadingWSGIServer):
+        address_family = family
+        # socketserver's 5 dropped a burst's SYNs (a scrape behind them waited 1 s for the
+        # retry): accepting is cheap now that an extra connection is closed at once
+        request_queue_size = 64
+
+        def __init__(self):
+            self.timeout_s = float(timeout_s)
+            self.refused = self.timed_out = 0
+            self._slots = threading.BoundedSemaphore(max_connections)
+            self._count_lock = threading.Lock()
+            super().__init__((sockaddr[0], port), BoundedHandler)
+
+        def process_request(self, request, client_address):
+            if not self._slots.acquire(blocking=False):
+                with self._count_lock:
+                    self.refused += 1
+                try:   # a word for the scraper, if its socket takes it now; never waited on
+                    request.setblocking(False)
+                    request.send(b'HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n'
+                                 b'Connection: close\r\n\r\n')
+                except OSError:
+                    pass
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:   # no thread started: its slot is free again
+                self._slots.release()
+                raise
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self._slots.release()
+
+        def handle_error(self, request, client_address):
+            if isinstance(sys.exc_info()[1], OSError):   # timed out, reset: the client's doing
+                with self._count_lock:
+                    self.timed_out += isinstance(sys.exc_info()[1], TimeoutError)
+                return
+            super().handle_error(request, client_address)
+
+    server = BoundedServer()
+    server.set_app(app)
+    return server
+
+
+def serve_prometheus(registry: MetricsRegistry, port: int, addr: str = '127.0.0.1',
+                     timeout_s: float = PROM_TIMEOUT_S,
+                     max_connections: int = PROM_MAX_CONNECTIONS) -> int:
     """Expose `registry` (and every other registry served in this process) on
     http://addr:port/metrics; one server per process, later registries join it. Returns the port.
-    Unauthenticated: loopback unless the caller names another address."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    Unauthenticated: loopback unless the caller names another address. Each connection has
+    `timeout_s` to send its request, and at most `max_connections` are open at once (both fixed
+    by the call that starts the server)."""
+    from prometheus_client import CollectorRegistry, make_wsgi_app
     if not _PROM:
+        if not timeout_s > 0 or int(max_connections) < 1:
+            raise ValueError('serve_prometheus: timeout_s > 0 and max_connections >= 1')
         sources: list[MetricsRegistry] = []
         prom_registry = CollectorRegistry(auto_describe=False)
         prom_registry.register(_Collector(sources))
-        server, _thread = start_http_server(port, addr=addr, registry=prom_registry)
+        server = _bounded_server(addr, port, make_wsgi_app(prom_registry), timeout_s,
+                                 int(max_connections))
+        threading.Thread(target=server.serve_forever, name='loom-prometheus',
+                         daemon=True).start()
         _PROM.update(registry=prom_registry, server=server, port=server.server_address[1],
                      sources=sources, addr=addr)
     elif port and port != _PROM['port']:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import threading
 import time
@@ -20,32 +21,94 @@ from collections import defaultdict
 from loom_ros.bringup.stop_signals import stop_event
 from loom_ros.bus.topics import ROUTER_STATS
 from loom_ros.telemetry.diagnostics import LEVEL_NAMES, level_of
-from loom_ros.telemetry.metrics import COUNTER, GAUGE, HISTOGRAM, METRICS_TOPIC, from_msg
+from loom_ros.telemetry.metrics import COUNTER, GAUGE, HISTOGRAM, METRICS_TOPIC, Sample
 
 STALE_AFTER_S = 5.0
+MAX_PERIOD_S = 60.0        # a peer's period_s beyond this does not keep its entry alive longer
+HEALTH_STALE_AFTER_S = 60.0   # a diagnostic not reported again in this long is dropped
+# Any DDS peer can publish on loom/metrics and /diagnostics: what the view keeps is bounded
+# (a peer inventing a new name per message grew it, and the table, without end).
+MAX_NODES = 256
+MAX_HEALTH = 256
+MAX_SAMPLES = 4096         # samples kept from one Metrics message
+MAX_LABELS = 16            # labels kept per sample (Loom's have one or two)
+MAX_TEXT = 120             # characters of one peer-supplied field as printed
+# C0 controls, DEL and C1 controls: ESC and the 8-bit CSI/OSC start terminal sequences (clear
+# screen, window title, OSC 52 clipboard writes); BEL, CR and LF rewrite or forge lines.
+_CONTROL = re.compile('[\x00-\x1f\x7f-\x9f]')
+
+
+def safe_text(text: object, limit: int = MAX_TEXT) -> str:
+    """A peer's text as it may reach the operator's terminal: cut to `limit` characters (an
+    ellipsis included) before anything else looks at it, and every control character shown as
+    '?'. Idempotent, so fields already made safe on input stay as they are."""
+    text = text if isinstance(text, str) else str(text)
+    if len(text) > limit:
+        text = text[:limit - 1] + '\u2026'
+    return _CONTROL.sub('?', text)
 
 
 class StatusView:
-    """What the terminal shows, built from messages; pure (render() needs no rclpy)."""
+    """What the terminal shows, built from messages; pure (render() needs no rclpy).
+
+    Node names, labels and diagnostic names and messages come from any DDS peer: each is made
+    safe (safe_text) before it is kept or printed, and the entries kept are bounded (the least
+    recently reported dropped first, stale ones expired); `dropped` counts what was dropped."""
 
     def __init__(self):
         self.metrics: dict[str, tuple[float, float, list]] = {}   # node -> (received, period, samples)
         self.router: dict | None = None
-        self.health: dict[str, tuple[int, str]] = {}            # status name -> (level, message)
+        # status name -> (level, message, received)
+        self.health: dict[str, tuple[int, str, float]] = {}
+        self.dropped = {'nodes': 0, 'health': 0, 'samples': 0}
 
     # -- inputs -----------------------------------------------------------------------------------
     def on_metrics(self, msg, now: float | None = None) -> None:
-        self.metrics[msg.node] = (time.monotonic() if now is None else now, msg.period_s,
-                                  from_msg(msg))
+        now = time.monotonic() if now is None else now
+        node = safe_text(msg.node)
+        period = float(msg.period_s)
+        period = min(period, MAX_PERIOD_S) if period > 0 else 0.0   # NaN and <= 0 too
+        samples = msg.samples
+        if len(samples) > MAX_SAMPLES:
+            self.dropped['samples'] += len(samples) - MAX_SAMPLES
+            samples = samples[:MAX_SAMPLES]
+        self.metrics.pop(node, None)   # re-inserted last: dicts keep the least recent first
+        self.metrics[node] = (now, period, [_safe_sample(s) for s in samples])
+        self._expire_metrics(now)
+        while len(self.metrics) > MAX_NODES:
+            del self.metrics[next(iter(self.metrics))]
+            self.dropped['nodes'] += 1
 
     def on_router_stats(self, msg) -> None:
         self.router = {'decisions': msg.decisions, 'local': msg.local_rate, 'cloud': msg.cloud_rate,
                        'hybrid': msg.hybrid_rate, 'fallback': msg.fallback_rate,
                        'spend': msg.spend, 'limit': msg.budget_limit}
 
-    def on_diagnostics(self, msg) -> None:
-        for status in msg.status:
-            self.health[status.name] = (level_of(status), status.message)
+    def on_diagnostics(self, msg, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        statuses = msg.status
+        if len(statuses) > MAX_HEALTH:   # more than could be kept: the rest is not even read
+            self.dropped['health'] += len(statuses) - MAX_HEALTH
+            statuses = statuses[:MAX_HEALTH]
+        for status in statuses:
+            name = safe_text(status.name)
+            self.health.pop(name, None)
+            self.health[name] = (level_of(status), safe_text(status.message), now)
+        self._expire_health(now)
+        while len(self.health) > MAX_HEALTH:
+            del self.health[next(iter(self.health))]
+            self.dropped['health'] += 1
+
+    # Nodes and diagnostics not reported for long are forgotten (not counted: they went quiet).
+    def _expire_metrics(self, now: float) -> None:
+        for node in [n for n, (seen, period, _) in self.metrics.items()
+                     if now - seen > 2 * max(STALE_AFTER_S, 3 * period)]:
+            del self.metrics[node]
+
+    def _expire_health(self, now: float) -> None:
+        for name in [n for n, (_, _, seen) in self.health.items()
+                     if now - seen > HEALTH_STALE_AFTER_S]:
+            del self.health[name]
 
     # -- output -----------------------------------------------------------------------------------
     def live_nodes(self, now: float | None = None) -> dict[str, list]:
@@ -54,6 +117,9 @@ class StatusView:
                 if now - seen <= max(STALE_AFTER_S, 3 * period)}
 
     def render(self, now: float | None = None) -> str:
+        now = time.monotonic() if now is None else now
+        self._expire_metrics(now)
+        self._expire_health(now)
         nodes = self.live_nodes(now)
         topics: dict[str, dict] = defaultdict(lambda: {'pub': 0.0, 'recv': 0.0, 'p50': math.nan,
                                                        'p99': math.nan, 'max': math.nan, 'n': 0})
@@ -92,8 +158,8 @@ class StatusView:
         out.append(f'{"TOPIC":<34} {"PUB/s":>9} {"RECV/s":>9} {"P50 ms":>8} {"P99 ms":>8} '
                    f'{"MAX ms":>8}')
         for topic, row in sorted(topics.items()):
-            out.append(f'{topic:<34} {row["pub"]:>9.1f} {row["recv"]:>9.1f} {_ms(row["p50"])} '
-                       f'{_ms(row["p99"])} {_ms(row["max"])}')
+            out.append(f'{safe_text(topic):<34} {row["pub"]:>9.1f} {row["recv"]:>9.1f} '
+                       f'{_ms(row["p50"])} {_ms(row["p99"])} {_ms(row["max"])}')
         if not topics:
             out.append('(no events yet)')
         out.append('')
@@ -102,12 +168,14 @@ class StatusView:
         for node, pattern, e in subs:
             queue = (f'{e.get("depth", 0):.0f}/{e["capacity"]:.0f}' if 'capacity' in e
                      else 'inline')
-            out.append(f'{pattern:<26} {node:<24} {queue:>11} {e.get("delivered_rate", 0.0):>9.1f} '
-                       f'{e.get("dropped", 0):>8.0f} {e.get("drop_rate", 0.0):>8.1f}')
+            out.append(f'{safe_text(pattern):<26} {safe_text(node):<24} {queue:>11} '
+                       f'{e.get("delivered_rate", 0.0):>9.1f} {e.get("dropped", 0):>8.0f} '
+                       f'{e.get("drop_rate", 0.0):>8.1f}')
         out.append('')
         out.append(f'{"NODE":<34} {"CPU %":>7} {"RSS MB":>8} {"THREADS":>8}')
         for node, proc in procs:
-            out.append(f'{node:<34} {proc.get("process_cpu_percent", math.nan):>7.1f} '
+            out.append(f'{safe_text(node):<34} '
+                       f'{proc.get("process_cpu_percent", math.nan):>7.1f} '
                        f'{proc.get("process_rss_bytes", math.nan) / 2**20:>8.1f} '
                        f'{proc.get("process_threads", 0):>8.0f}')
         out.append('')
@@ -122,9 +190,24 @@ class StatusView:
         out.append('HEALTH (/diagnostics)')
         if not self.health:
             out.append('  (no reports yet)')
-        for name, (level, message) in sorted(self.health.items(), key=lambda kv: (-kv[1][0], kv[0])):
-            out.append(f'  {LEVEL_NAMES.get(level, str(level)):<6} {name}: {message}')
+        for name, (level, message, _) in sorted(self.health.items(),
+                                                key=lambda kv: (-kv[1][0], kv[0])):
+            out.append(f'  {LEVEL_NAMES.get(level, str(level)):<6} {safe_text(name)}: '
+                       f'{safe_text(message)}')
+        if any(self.dropped.values()):
+            d = self.dropped
+            out.append(f'(dropped over the limits: {d["nodes"]} node(s) beyond {MAX_NODES}, '
+                       f'{d["health"]} diagnostic(s) beyond {MAX_HEALTH}, {d["samples"]} '
+                       f'sample(s) beyond {MAX_SAMPLES} per message)')
         return '\n'.join(out)
+
+
+def _safe_sample(s) -> Sample:
+    """A loom_msgs/MetricSample as a Sample (as metrics.from_msg) whose name and labels are safe
+    to print: they come from peers."""
+    labels = {safe_text(kv.key): safe_text(kv.value) for kv in s.labels[:MAX_LABELS]}
+    return Sample(safe_text(s.name), s.kind, labels, s.value, s.rate, s.count, s.p50, s.p99,
+                  s.max)
 
 
 def _ms(value: float) -> str:
@@ -149,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--require-topic', action='append', default=[],
                         help='--once: also wait until this Loom topic shows up (repeatable)')
     args = parser.parse_args(remove_ros_args(['loom_status', *argv])[1:])
+    # A peer's name in a script the terminal's encoding lacks is shown as '?', never a crash.
+    if hasattr(sys.stdout, 'reconfigure'):
+        sys.stdout.reconfigure(errors='replace')
 
     rclpy.init(args=['loom_status', *argv], signal_handler_options=SignalHandlerOptions.NO)
     from diagnostic_msgs.msg import DiagnosticArray

@@ -10,18 +10,26 @@ Tracing is process-wide and off until `configure()` picks an exporter:
   at exit (`flush()` forces it);
 - `otlp`: OTLP/HTTP to a collector (batched in a background thread);
 - `none`: off. The bus then pays one module-attribute test per publish and per delivery.
+
+Trace context comes from whoever published the event: a `tracestate` that fails a cheap check
+(tracestate_ok) is dropped before OpenTelemetry parses it, counted (tracestate_dropped) and not
+passed on; the trace continues from the traceparent. OpenTelemetry's own loggers keep only
+errors, masked (see _quiet_otel_logging).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from fnmatch import fnmatchcase
 
+from loom_ros.telemetry.logs import MaskingFilter
 from loom_ros.telemetry.rotating import RotatingAppender
 
 TRACEPARENT = 'traceparent'
@@ -48,6 +56,14 @@ _RULE_PATTERN = re.compile(r'[A-Za-z0-9_.*?/-]{1,200}')
 
 _STATE: dict = {}  # 'tracer', 'provider', 'propagator', 'config' while enabled
 _LOCK = threading.Lock()
+
+# An event's tracestate comes from whoever published it. One that fails this cheap check is
+# dropped before OpenTelemetry parses it (the trace still continues from the traceparent), and
+# counted: OTel's own limit is 8192 characters, and it logged each bad member it met whole.
+MAX_TRACESTATE_CHARS = 512
+MAX_TRACESTATE_MEMBERS = 32   # W3C's limit on list members
+_DROPPED = {'tracestate': 0}
+_DROPPED_LOCK = threading.Lock()
 
 
 class TracingConfigError(ValueError):
@@ -211,10 +227,37 @@ def _make_file_exporter(config: TracingConfig):
     return JsonLinesSpanExporter(config)
 
 
+class _MaskedStderr(logging.Handler):
+    """sys.stderr as it is at each record (as logging's last resort), after MaskingFilter."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + '\n')
+        except Exception:  # a closed stderr must not raise into the bus
+            self.handleError(record)
+
+
+def _quiet_otel_logging() -> None:
+    """OpenTelemetry's Python loggers warn about every malformed traceparent or tracestate they
+    extract, quoting the member: with no handler configured, logging's last resort wrote that
+    text (an attacker's, unmasked: ~4 KB per event) to stderr. Its warnings are about what peers
+    sent, so only errors are kept (an exporter that fails), masked and bounded by Loom's filter,
+    and never passed on to handlers that do not mask. Idempotent."""
+    logger = logging.getLogger('opentelemetry')
+    logger.setLevel(logging.ERROR)
+    logger.propagate = False
+    if not any(isinstance(h, _MaskedStderr) for h in logger.handlers):
+        handler = _MaskedStderr()
+        handler.addFilter(MaskingFilter())
+        handler.setFormatter(logging.Formatter('%(name)s %(levelname)s: %(message)s'))
+        logger.addHandler(handler)
+
+
 def configure(config: TracingConfig) -> bool:
     """Set up (or replace) the process's tracer; returns whether tracing is now on."""
     global ENABLED
     config.check()
+    _quiet_otel_logging()
     with _LOCK:
         _shutdown_locked()
         if config.exporter == 'none':
@@ -278,6 +321,33 @@ def config_from_params(values: dict, service_name: str) -> TracingConfig:
 
 
 # -- trace context in events -------------------------------------------------------------------
+def tracestate_ok(state: str) -> bool:
+    """The cheap check a tracestate passes before OTel parses it: bounded, printable ASCII, at
+    most MAX_TRACESTATE_MEMBERS members (linear; no pattern runs on it)."""
+    return (len(state) <= MAX_TRACESTATE_CHARS and state.isascii() and state.isprintable()
+            and state.count(',') < MAX_TRACESTATE_MEMBERS)
+
+
+def tracestate_dropped() -> int:
+    """Events' tracestates dropped in this process for failing tracestate_ok."""
+    return _DROPPED['tracestate']
+
+
+def _drop_bad_tracestate(metadata: dict) -> dict:
+    """`metadata`, or, when its tracestate fails tracestate_ok, what the propagator may read
+    instead: the traceparent alone (the drop counted)."""
+    state = metadata.get(TRACESTATE)
+    if state is None or (type(state) is str and tracestate_ok(state)):
+        return metadata
+    with _DROPPED_LOCK:
+        _DROPPED['tracestate'] += 1
+    return {k: metadata[k] for k in (TRACEPARENT,) if k in metadata}
+
+
+def _extract(metadata: dict):
+    return _STATE['propagator'].extract(_drop_bad_tracestate(metadata))
+
+
 def inject(event, context=None) -> None:
     """Write the current (or given) span context into event.metadata as W3C traceparent."""
     if ENABLED:
@@ -289,7 +359,7 @@ def extract(event):
     from opentelemetry.context import Context
     if not ENABLED or TRACEPARENT not in event.metadata:
         return Context()
-    return _STATE['propagator'].extract(event.metadata)
+    return _extract(event.metadata)
 
 
 def _parent_for(event):
@@ -300,7 +370,7 @@ def _parent_for(event):
     if current.get_span_context().is_valid:
         return None  # the SDK then takes the current context
     if event is not None and TRACEPARENT in event.metadata:
-        return _STATE['propagator'].extract(event.metadata)
+        return _extract(event.metadata)
     return None
 
 
@@ -367,6 +437,10 @@ def start_publish_span(topic: str, event):
     from opentelemetry.trace import SpanKind
     if _SAMPLE_NONE and not (carries_sampled_trace(event) or _inside_sampled_span()):
         return None
+    if TRACESTATE in event.metadata and \
+            _drop_bad_tracestate(event.metadata) is not event.metadata:
+        # not passed on either: inject below writes a tracestate only when the span has one
+        del event.metadata[TRACESTATE]
     current = _STATE['tracer'].start_span(
         PUBLISH_EVENT, context=_parent_for(event), kind=SpanKind.PRODUCER,
         attributes={'loom.topic': topic, 'loom.event.id': event.id,
@@ -384,8 +458,7 @@ def handle_span(topic: str, event, subscription: str):
     from opentelemetry import context as otel_context
     from opentelemetry import trace
     from opentelemetry.trace import SpanKind
-    parent = (_STATE['propagator'].extract(event.metadata) if TRACEPARENT in event.metadata
-              else None)
+    parent = _extract(event.metadata) if TRACEPARENT in event.metadata else None
     current = _STATE['tracer'].start_span(
         HANDLE_EVENT, context=parent, kind=SpanKind.CONSUMER,
         attributes={'loom.topic': topic, 'loom.event.id': event.id,

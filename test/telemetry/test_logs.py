@@ -10,7 +10,8 @@ import pytest
 
 from loom_ros.bus.event import Event, Privacy
 from loom_ros.telemetry.logs import (
-    MASK, JsonFormatter, MaskingFilter, NodeLog, mask_event, mask_text, mask_value, sensitive_name,
+    MASK, SUBJECT_MASK, JsonFormatter, MaskingFilter, NodeLog, mask_event, mask_text, mask_value,
+    sensitive_name,
 )
 
 SECRETS = {
@@ -161,3 +162,35 @@ def test_a_nodes_own_log_calls_are_masked_and_structured(ros, tmp_path):
         ros.node.destroy_subscription(sub)
         telemetry.destroy()
         node.destroy_node()
+
+
+def test_what_an_event_logs_follows_its_effective_privacy_keys_and_subject(tmp_path):
+    """helper-76's cases: a Public field with 'loom.privacy: private' metadata is Private
+    (bus/privacy.effective_privacy) so its payload is not logged; an e-mail as a metadata key
+    is masked as one as a value is; the data subject's id is never logged."""
+    path = tmp_path / 'privacy.jsonl'
+    log = NodeLog('masking_test_privacy', json_target=str(path))
+    stated = Event.with_json('speech.transcript', {'text': 'my PIN is 4711, I live at 5 Elm St'},
+                             privacy=Privacy.PUBLIC, metadata={
+                                 'loom.privacy': 'private', SECRETS['email']: 'seen',
+                                 'loom.subject': 'face:1234'})
+    view = log.info('handled', event=stated)['event']
+    assert view['payload'] == f'<private: {len(stated.payload)} bytes not logged>'
+    assert view['privacy'] == 'PUBLIC'   # the field as it was; the payload says why
+    assert view['metadata'] == {'loom.privacy': 'private', '<email>': 'seen',
+                                'loom.subject': SUBJECT_MASK}
+    local = mask_event(Event(type='x', payload=b'secret plan', metadata={
+        'privacy': 'LocalOnly', 'loom.subject': 'bob@example.com'}))
+    assert local['payload'] == '<local_only: 11 bytes not logged>'
+    assert local['metadata']['loom.subject'] == SUBJECT_MASK
+    unreadable = mask_event(Event(type='x', payload=b'secret plan', metadata={
+        'loom.privacy': 'whatever'}))   # a tier that cannot be read stays home: LocalOnly
+    assert unreadable['payload'] == '<local_only: 11 bytes not logged>'
+    public = mask_event(Event(type='x', payload=b'hello', metadata={
+        'a@b.io': '1', 'c@d.io': '2', 'Bearer abcdefgh12': 'x'}))
+    assert public['payload'] == 'hello'
+    assert public['metadata'] == {'<email>': '1', '<email>#1': '2', 'Bearer ***': 'x'}
+    for handler in logging.getLogger('loom.masking_test_privacy').handlers:
+        handler.flush()
+    text = path.read_text()
+    assert '4711' not in text and SECRETS['email'] not in text and 'face:1234' not in text
