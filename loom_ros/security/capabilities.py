@@ -26,9 +26,10 @@ through the context (`capability_denied`), which is what the host counts.
 What an audit hook cannot stop: native code already loaded (a C extension, or a ctypes function
 pointer some library looked up before the plugin ran), Python code that rewrites this module's
 state or sys.path, thread pools the host created before the plugin ran, and children of a granted
-`process.spawn`. It is not a security boundary against a hostile plugin in the host's process; the
-subprocess sandbox (rlimits, its own process tree, killed as a whole) and WASM are. In-process, it
-makes an honest plugin's mistakes loud.
+`process.spawn`. It is not a security boundary against a hostile plugin, in the host's process
+or in the subprocess sandbox's worker (whose own code can switch it off); WASM is. The subprocess
+sandbox adds rlimits, its own address space and process tree, and an allowlisted environment,
+not isolation. It makes an honest plugin's mistakes loud.
 """
 from __future__ import annotations
 
@@ -326,7 +327,7 @@ def _limit_attach(ctx: PluginContext, conn: sqlite3.Connection) -> None:
     """ATTACH opens (or creates) another database file behind every other check: without
     storage.write a plugin's connections allow no attached databases, and an authorizer refuses
     and audits the attempt. A plugin that replaces the authorizer and raises the limit again on
-    purpose gets past this: only the subprocess sandbox contains code like that."""
+    purpose gets past this: only WASM contains code like that."""
     if 'storage.write' in ctx.granted:
         return
     conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)

@@ -3,15 +3,21 @@ memory hogs and CPU burners are detected, reported with a reason, restarted or m
 the test process (the host) keeps running throughout."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
+from pathlib import Path
 
 import pytest
 
 from loom_ros.bus.event import Event
 from loom_ros.plugins.contract import (HealthState, Plugin, PluginContext, PluginError)
 from loom_ros.plugins.sandbox import sandboxed_plugin
-from loom_ros.plugins.sandbox.subprocess import SubprocessPlugin
+from loom_ros.plugins.sandbox.subprocess import (CHILD_ENVIRONMENT, MAX_CHILD_AUDIT_CHARS,
+                                                 MAX_CHILD_AUDIT_RECORDS, SubprocessPlugin)
+from loom_ros.plugins.sandbox.wire import MAX_FRAME_BYTES
+from loom_ros.security.audit import AuditLog
 
 FAULTY = 'loom_ros.plugins.sandbox.examples:FaultyPlugin'
 GENEROUS_S = 60.0  # calls that must answer get this long; only hangs are meant to time out
@@ -49,8 +55,8 @@ def ended(pid: int) -> bool:
         return True
 
 
-def child_pid(plugin: SubprocessPlugin) -> int:
-    response = plugin.handle_event(Event(type='fault.pid'))
+def child_pid(plugin: SubprocessPlugin, kind: str = 'fault.pid') -> int:
+    response = plugin.handle_event(Event(type=kind))
     assert response.ok, response.error
     return int(response.events[0].payload)
 
@@ -226,3 +232,168 @@ def test_the_child_dies_with_a_sigkilled_host_even_when_started_from_a_worker_th
     finally:
         proc.kill()
         proc.wait()
+
+
+# -- a hostile child (sandbox_hostile.py): the host's memory, environment and audit log ---------
+HOSTILE = 'sandbox_hostile:HostilePlugin'
+SECRET = 'sk-live-the-hosts-own-secret'
+
+
+@pytest.fixture
+def hostile(make, monkeypatch, tmp_path):
+    """Start HostilePlugin (importable in the child through PYTHONPATH) with a real audit log;
+    the host's environment holds a secret."""
+    monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
+        p for p in (str(Path(__file__).parent), os.environ.get('PYTHONPATH')) if p))
+    monkeypatch.setenv('LOOM_CLOUD_CHAT_KEY', SECRET)
+    log = AuditLog(tmp_path / 'audit.db')
+
+    def start(**options):
+        return make(HOSTILE, PluginContext(plugin='hostile', audit_sink=log), **options)
+    start.log = log
+    yield start
+    log.close()
+
+
+def rss_bytes() -> int:
+    with open('/proc/self/statm') as statm:
+        return int(statm.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def wait_until(condition, what: str, limit_s: float = GENEROUS_S) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f'timed out waiting until {what}'
+        time.sleep(0.01)
+
+
+def test_the_child_gets_an_allowlisted_environment_not_the_hosts_secrets(hostile, monkeypatch):
+    monkeypatch.setenv('LOOM_PASSED_ON', 'asked for')
+    plugin = hostile(pass_env=['LOOM_PASSED_ON'])
+    response = plugin.handle_event(Event(type='hostile.env'))
+    assert response.ok, response.error
+    env = json.loads(response.events[0].payload)
+    assert 'LOOM_CLOUD_CHAT_KEY' not in env and SECRET not in json.dumps(env)
+    assert env['LOOM_PASSED_ON'] == 'asked for'
+    assert env['LOOM_SANDBOX_TOKEN'] and str(Path(__file__).parent) in env['PYTHONPATH']
+    assert set(env) <= CHILD_ENVIRONMENT | {'LOOM_PASSED_ON', 'LOOM_SANDBOX_TOKEN'} | {
+        name for name in env if name.startswith('LC_')}
+
+
+def test_the_audit_log_keeps_no_stderr_of_a_dead_child(hostile):
+    """A child that quotes the (private) event it was handling on stderr and dies: the caller
+    and health may see its last words, the append-only audit log only their size."""
+    plugin = hostile()
+    canary = 'Alice Smith, DOB 1984-02-03 (canary 7f3a)'
+    response = plugin.handle_event(Event(type='hostile.stderr_exit', payload=canary.encode()))
+    assert not response.ok and 'exited with code 1' in response.error
+    assert canary in response.error   # the caller may see why
+    assert canary in plugin.health().details['last_error']
+    assert plugin.handle_event(Event(type='text.in', payload=b'again')).ok   # restarted
+    records = hostile.log.query()
+    assert [r['kind'] for r in records] == ['sandbox_failure', 'sandbox_restart']
+    assert 'canary' not in json.dumps(records)
+    failure = records[0]['fields']
+    assert failure['exit_code'] == 1 and failure['stderr_chars'] >= len(canary)
+    assert failure['error'] == 'the child exited with code 1 while handling an event'
+
+
+def test_a_child_forwards_only_its_guards_audit_records_and_only_so_many(hostile):
+    plugin = hostile()
+    response = plugin.handle_event(Event(type='hostile.forge_audit', payload=b'100'))
+    assert response.ok, response.error
+    log = hostile.log
+    assert log.count(kind='actuator_command') == 0
+    denied = log.query(kind='capability_denied')
+    assert len(denied) == MAX_CHILD_AUDIT_RECORDS
+    assert all(r['plugin'] == 'hostile' and r['fields'] == {
+        'capability': 'network', 'detail': f'attempt {i}', 'reported_by': 'sandboxed_child'}
+        for i, r in enumerate(denied))
+    [summary] = log.query(kind='sandbox_audit_refused')
+    dropped = 100 + 1 - MAX_CHILD_AUDIT_RECORDS   # 101 real denials, 32 written
+    assert (summary['fields']['refused'], summary['fields']['dropped']) == (100, dropped)
+    stats = plugin.stats
+    assert (stats['audit_refused'], stats['audit_dropped'], stats['denied']) == (
+        100, dropped, MAX_CHILD_AUDIT_RECORDS)
+    assert log.count() == MAX_CHILD_AUDIT_RECORDS + 1
+
+
+def test_the_fields_a_child_forwards_are_bounded(hostile):
+    plugin = hostile()
+    assert plugin.handle_event(Event(type='hostile.forge_audit', payload=b'0')).ok
+    [record] = hostile.log.query(kind='capability_denied')
+    assert record['fields'] == {'capability': 'x' * MAX_CHILD_AUDIT_CHARS, 'detail': 'list',
+                                'reported_by': 'sandboxed_child'}
+
+
+def test_a_frame_for_another_request_is_a_protocol_violation(hostile):
+    plugin = hostile()
+    pid = child_pid(plugin, 'hostile.pid')
+    response = plugin.handle_event(Event(type='hostile.wrong_seq'))
+    assert not response.ok
+    assert 'broke the protocol while handling an event' in response.error
+    assert 'answers another request' in response.error and gone(pid)
+    assert plugin.stats['protocol_violations'] == 1 and plugin.stats['crashes'] == 0
+    assert upper(plugin) == b'still here'
+    [failure] = hostile.log.query(kind='sandbox_failure')
+    assert 'broke the protocol' in failure['fields']['error']
+
+
+def test_frames_nobody_asked_for_stop_the_child_not_the_hosts_memory(hostile):
+    """A thread of the child writes 1 MB frames after the answer (the host's queue took 3.4 GB
+    of them before): the first stops the child, whose flood then ends."""
+    plugin = hostile()
+    pid = child_pid(plugin, 'hostile.pid')
+    before = rss_bytes()
+    assert plugin.handle_event(Event(type='hostile.late_flood', payload=b'1000000')).ok
+    wait_until(lambda: ended(pid), 'the host stopped the flooding child')
+    assert rss_bytes() - before < 64 << 20
+    health = plugin.health()
+    assert health.state is HealthState.DEGRADED
+    assert 'while no request was waiting' in health.details['last_error']
+    assert plugin.stats['protocol_violations'] == 1
+    assert upper(plugin) == b'still here' and plugin.stats['restarts'] == 1
+
+
+def test_a_violation_between_calls_is_counted_by_the_next_call(hostile):
+    plugin = hostile()
+    pid = child_pid(plugin, 'hostile.pid')
+    assert plugin.handle_event(Event(type='hostile.late_flood', payload=b'10')).ok
+    wait_until(lambda: ended(pid), 'the host stopped the flooding child')
+    assert upper(plugin) == b'still here'   # a fresh child answers
+    assert (plugin.stats['protocol_violations'], plugin.stats['restarts']) == (1, 1)
+    assert [r['kind'] for r in hostile.log.query()] == ['sandbox_failure', 'sandbox_restart']
+
+
+@pytest.mark.parametrize('lists, reason', [
+    (3_000_000, f'exceeds {MAX_FRAME_BYTES}'),     # 9 MB: refused from its header
+    (300_000, 'too many elements'),                # 900 KB, ~20 MB once parsed
+])
+def test_oversized_answers_are_refused_before_they_are_parsed(hostile, lists, reason):
+    plugin = hostile()
+    response = plugin.handle_event(Event(type='hostile.big_frame', payload=str(lists).encode()))
+    assert not response.ok and 'broke the protocol' in response.error
+    assert reason in response.error
+    assert plugin.stats['protocol_violations'] == 1
+    assert upper(plugin) == b'still here'
+
+
+def test_a_deeply_nested_answer_is_malformed_not_a_hang(hostile):
+    """json.loads raises RecursionError, which killed the reader thread: the call then waited
+    out its whole timeout and was reported as a hang."""
+    plugin = hostile()
+    response = plugin.handle_event(Event(type='hostile.deep', payload=b'100000'))
+    assert not response.ok and 'malformed answer (too deep)' in response.error
+    assert plugin.stats['timeouts'] == 0 and plugin.stats['protocol_violations'] == 1
+    assert upper(plugin) == b'still here'
+    shallow_enough = plugin.handle_event(Event(type='hostile.deep', payload=b'100'))
+    assert 'malformed answer (too deep)' in shallow_enough.error   # parsed, over MAX_JSON_DEPTH
+
+
+def test_an_event_the_wire_cannot_carry_is_refused_without_blaming_the_child(make):
+    plugin = make()
+    pid = child_pid(plugin)
+    too_big = Event(type='text.in', payload=b'x' * (MAX_FRAME_BYTES // 4 * 3 + 1))
+    response = plugin.handle_event(too_big)
+    assert not response.ok and f'exceeds {MAX_FRAME_BYTES}' in response.error
+    assert child_pid(plugin) == pid and plugin.stats['crashes'] == 0

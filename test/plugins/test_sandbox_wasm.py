@@ -170,6 +170,33 @@ def test_answers_outside_memory_or_malformed_are_failures(tmp_path):
     assert 'malformed answer' in malformed.error and 'no type' in malformed.error
 
 
+def fixed_answer(tmp_path, answer: bytes) -> WasmPlugin:
+    """A module whose handle() answers `answer` (no quote or backslash in it) to any event."""
+    pages = (65536 + len(answer)) // 65536 + 1
+    path = tmp_path / 'fixed.wat'
+    path.write_text(f'(module (memory (export "memory") {pages})'
+                    f' (data (i32.const 65536) "{answer.decode()}")'
+                    ' (func (export "alloc") (param i32) (result i32) i32.const 16)'
+                    ' (func (export "handle") (param i32 i32) (result i64)'
+                    f' i64.const {(65536 << 32) | len(answer)}))')
+    plugin = WasmPlugin(path, META)
+    plugin.init(PluginContext(plugin='wasm_example'))
+    return plugin
+
+
+@pytest.mark.parametrize('answer, reason', [
+    (b'[' * 100_000 + b']' * 100_000, 'too deep'),   # json.loads raised RecursionError
+    (b'[' * 100 + b']' * 100, 'too deep'),            # parses, but over MAX_JSON_DEPTH
+    (b'[' + b'[],' * 300_000 + b'[]]', 'too many elements'),
+])
+def test_deep_or_huge_answers_are_malformed_not_raised(tmp_path, answer, reason):
+    plugin = fixed_answer(tmp_path, answer)
+    response = plugin.handle_event(text('x'))
+    assert not response.ok and f'sent a malformed answer ({reason})' in response.error
+    health = plugin.health()
+    assert health.details['malformed'] == '1' and health.details['traps'] == '0'
+
+
 def test_missing_metadata_and_module_are_clear_errors(tmp_path):
     (tmp_path / 'anon.wat').write_text((WASM / 'spin.wat').read_text())
     with pytest.raises(PluginError, match='no plugin metadata; write anon.yaml'):

@@ -7,17 +7,40 @@ stderr tail for crash reasons. It runs as a child subreaper, under rlimits that 
 default: address space (`memory_bytes`, 1 GiB), CPU seconds over its life (`cpu_seconds`,
 3600), open files (`open_files`, 1024), the size of any file it writes (`file_size_bytes`,
 256 MiB) and no core dumps; 0 or None lifts one. It talks length-prefixed JSON over its
-stdin/stdout. A crash (the child exits), a hang (no answer within `call_timeout_s`) or running out of memory is detected, answered as a
-PluginResponse.failure that says why, and the child is started again on the next call. More than
-`max_restarts` such failures in a row (no successful call in between) mark the plugin FAILED: it
-then refuses calls with a clear error until `restart()` is called.
+stdin/stdout. A crash (the child exits), a hang (no answer within `call_timeout_s`), running out
+of memory or a protocol violation is detected, answered as a PluginResponse.failure that says why,
+and the child is started again on the next call. More than `max_restarts` such failures in a row
+(no successful call in between) mark the plugin FAILED: it then refuses calls with a clear error
+until `restart()` is called.
+
+The host's side is bounded against the child: frames over wire.MAX_FRAME_BYTES (8 MiB) are
+refused from their header, JSON with too many elements or too deep a nesting before or as it is
+parsed, and the child answers exactly one frame per request. Anything else (a frame nobody asked
+for, a wrong sequence number, a refused frame) is a protocol violation: counted
+(`protocol_violations`), the child's process group SIGKILLed at once (a child flooding the pipe
+filled the host's memory before), the waiting call answered with the reason, and the child
+restarted as after a crash.
+
+Environment: the child gets an allowlist of the host's (CHILD_ENVIRONMENT: paths, locale, the
+interpreter's settings), the names in `pass_env`, and its tree token; never the rest (secrets
+such as API keys live there).
+
+Audit: the child may forward only the records its capability guard makes (CHILD_AUDIT_KINDS),
+at most MAX_CHILD_AUDIT_RECORDS per answer, scalar fields cut to MAX_CHILD_AUDIT_CHARS, each
+marked `reported_by: sandboxed_child`; the rest are counted (`audit_refused`, `audit_dropped`).
+What the child wrote to stderr may be quoted in a failure's error and in health, never in the
+audit log (its size is recorded): it may quote the private event it was handling.
 
 Capabilities: the child runs the plugin under the same capability guard as in-process plugins
 (`guard`, default on), for the whole process and all its threads: network, file reads outside the
 runtime's own files, writes, SQLite and ATTACH need their grants, starting processes needs
-`process.spawn` and ctypes `native.code` (loom_ros.security.capabilities says what an audit hook
-cannot stop; the rlimits and the process boundary hold regardless). With `guard: false` only the
-plugin's own PluginContext.require checks apply.
+`process.spawn` and ctypes `native.code`. That guard is a Python audit hook in the child's own
+interpreter: it keeps an honest plugin's mistakes loud, but a hostile plugin can switch it off
+(`loom_ros.security.capabilities._process_ctx = None`) or go around it with native code. What
+holds against a hostile plugin is only what the kernel enforces: the rlimits, a separate address
+space, the environment allowlist, and the whole tree killed on failure. The child runs as the same
+user, in the same namespaces, without seccomp: it can read and write whatever that user can and
+use the network. With `guard: false` only the plugin's own PluginContext.require checks apply.
 
 Stopping: every descendant of the child is found through /proc, both by parentage (the child is a
 subreaper, so double-forked grandchildren stay below it) and by a token in the environment it
@@ -57,6 +80,21 @@ DEFAULT_CPU_SECONDS = 3600.0
 DEFAULT_OPEN_FILES = 1024
 DEFAULT_FILE_SIZE_BYTES = 256 << 20
 TREE_TOKEN_VARIABLE = 'LOOM_SANDBOX_TOKEN'
+# What the child inherits of the host's environment: what the worker needs to start and import
+# Loom and its plugins (PATH, PYTHONPATH, the venv's native libraries), locale and time zone, the
+# interpreter's settings and CA paths (not secrets). Anything else only through `pass_env`.
+CHILD_ENVIRONMENT = frozenset({
+    'PATH', 'HOME', 'LANG', 'LANGUAGE', 'TZ', 'TMPDIR', 'PYTHONPATH', 'PYTHONFAULTHANDLER',
+    'PYTHONDONTWRITEBYTECODE', 'PYTHONUNBUFFERED', 'PYTHONIOENCODING', 'LD_LIBRARY_PATH',
+    '_ROS_WHEELS_BOOTSTRAP_COMPLETE', 'SSL_CERT_FILE', 'SSL_CERT_DIR', 'OMP_NUM_THREADS',
+    'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'})
+CHILD_ENVIRONMENT_PREFIXES = ('LC_',)
+# The records the child's capability guard makes (PluginContext.require and
+# loom_ros.security.capabilities), with the fields they carry; a child may forward no others.
+CHILD_AUDIT_KINDS = {'capability_denied': ('capability', 'detail'), 'process_spawn': ('detail',)}
+MAX_CHILD_AUDIT_RECORDS = 32    # per answer: a call that is refused more often is counted
+MAX_CHILD_AUDIT_CHARS = 512     # per field
+REPLY_QUEUE_FRAMES = 2          # the one answer being waited for, and the end of the stream
 _KILL_ROUNDS = 50        # rescans while freezing a tree that keeps forking
 _JOIN_READERS_S = 5.0    # the pipes close once the whole tree is dead
 _WAIT_DEAD_S = 5.0       # for SIGKILLed processes to exit
@@ -156,19 +194,24 @@ class _Eof:
         self.why = why
 
 
+_HELLO = object()   # what a new child's first frame answers
+
+
 class _Child:
     """One generation of the child process (started by bringup.processes: own session and
     group, SIGKILLed if the host dies, a bounded stderr tail for crash reasons): its pipes and a
-    reader thread feeding a queue."""
+    reader thread that queues the one frame a request asked for."""
 
     def __init__(self, args: list[str], env: dict[str, str]):
         self.token = f'{TREE_TOKEN_VARIABLE}={secrets.token_hex(16)}'
         env = {**env, TREE_TOKEN_VARIABLE: self.token.partition('=')[2]}
+        self.expecting: object = _HELLO  # the seq of the one frame the host waits for, or None
+        self.violation = ''  # why the child was stopped for breaking the protocol ('' if not)
         self.process = Process(args, name='loom-sandbox', env=env, stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, tail_lines=STDERR_TAIL_LINES,
                                death_signal=signal.SIGKILL).start()
         self.popen = self.process.popen
-        self.replies: queue.Queue = queue.Queue()
+        self.replies: queue.Queue = queue.Queue(maxsize=REPLY_QUEUE_FRAMES)
         self.killed = 0  # processes of its tree (itself included) killed by kill()
         self.on_kill = None  # called after the tree is killed (the proxy counts it)
         self.reader = threading.Thread(target=self._read_replies, daemon=True,
@@ -176,19 +219,62 @@ class _Child:
         self.reader.start()
 
     def _read_replies(self) -> None:
+        """Queue the frame the host asked for; anything else stops the child. Nothing the child
+        writes accumulates in the host: one frame at a time, each bounded by the wire."""
         try:
             while True:
                 message = read_frame(self.popen.stdout)
                 if message is None:
-                    self.replies.put(_Eof('the child closed its output'))
+                    self._offer(_Eof('the child closed its output'))
                     return
-                self.replies.put(message)
-        except (WireError, OSError, ValueError) as exc:
-            self.replies.put(_Eof(f'broken output from the child: {exc}'))
+                why = self._unsolicited(message)
+                if why:
+                    self._broke_protocol(why)
+                    return
+                self.expecting = None
+                try:
+                    self.replies.put_nowait(message)
+                except queue.Full:
+                    self._broke_protocol('it sent more frames than the host reads')
+                    return
+        except (WireError, OSError, ValueError, RecursionError) as exc:
+            self._broke_protocol(f'broken output: {exc}')
+
+    def _unsolicited(self, message) -> str:
+        """Why `message` is not the frame the host waits for ('' when it is). Says nothing the
+        child wrote: the reason goes to the audit log."""
+        expected = self.expecting
+        if not isinstance(message, dict):
+            return f'it sent a JSON {type(message).__name__}, not an object'
+        if expected is None:
+            return 'it sent a frame while no request was waiting'
+        if expected is _HELLO:
+            return '' if message.get('op') == 'hello' else 'its first frame was not its hello'
+        if message.get('seq') != expected:
+            return f'it sent a frame that answers another request while {expected} was waiting'
+        return ''
+
+    def _broke_protocol(self, why: str) -> None:
+        """Stop the child's group at once (it may be flooding the pipe); the proxy kills the
+        rest of its tree, counts the violation and restarts it."""
+        self.violation = why
+        self._offer(_Eof(why))
+        self.process.send_signal(signal.SIGKILL)
+
+    def _offer(self, item) -> None:
+        try:
+            self.replies.put_nowait(item)
+        except queue.Full:
+            pass  # an answer nobody took yet: the proxy looks at `violation` and the exit
 
     def send(self, message: dict) -> None:
         self.process.clear_tail()  # a crash reason quotes only what this request made it say
-        write_frame(self.popen.stdin, message)
+        self.expecting = message['seq']   # before the write: the answer may come at once
+        try:
+            write_frame(self.popen.stdin, message)
+        except WireError:
+            self.expecting = None   # refused before anything was written
+            raise
 
     def kill(self) -> None:
         """SIGKILL the child's whole tree: its process group, its descendants (also those that
@@ -213,11 +299,16 @@ class _Child:
 
 
 class ChildFailure(Exception):
-    """The child crashed, hung or broke the protocol; the message says which and why."""
+    """The child crashed, hung or broke the protocol; the message says which and why.
 
-    def __init__(self, message: str, hang: bool = False):
-        super().__init__(message)
-        self.hang = hang
+    `reason` is the host's own words, the only part the audit log keeps; str() adds the child's
+    last stderr line (`last_words`) for the caller and health."""
+
+    def __init__(self, reason: str, hang: bool = False, *, violation: bool = False,
+                 last_words: str = '', stderr_chars: int = 0):
+        super().__init__(reason + (f'; its last words: {last_words}' if last_words else ''))
+        self.reason, self.hang, self.violation = reason, hang, violation
+        self.stderr_chars = stderr_chars
 
 
 class SubprocessPlugin(Plugin):
@@ -229,7 +320,10 @@ class SubprocessPlugin(Plugin):
                  file_size_bytes: int | None = DEFAULT_FILE_SIZE_BYTES,
                  call_timeout_s: float = 10.0,
                  start_timeout_s: float = 60.0, health_timeout_s: float = 5.0,
-                 max_restarts: int = 3, guard: bool = True, python: str | None = None) -> None:
+                 max_restarts: int = 3, guard: bool = True, python: str | None = None,
+                 pass_env: list[str] | tuple[str, ...] = ()) -> None:
+        """`pass_env`: names of host environment variables the child gets besides
+        CHILD_ENVIRONMENT (an operator's choice, e.g. a proxy or a model path)."""
         super().__init__()
         if call_timeout_s <= 0 or start_timeout_s <= 0 or max_restarts < 0:
             raise PluginError(f'{target}: call_timeout_s and start_timeout_s must be > 0, '
@@ -242,15 +336,18 @@ class SubprocessPlugin(Plugin):
         self.max_restarts = int(max_restarts)
         self.guard = bool(guard)
         self.python = python or sys.executable
+        self.pass_env = tuple(str(name) for name in pass_env)
         self._lock = threading.Lock()
         self._child: _Child | None = None
         self._seq = 0
         self._failed = ''
         self._consecutive_failures = 0
         self._last_error = ''
+        self._last_reason = ''   # the last child failure in the host's words (for the audit)
         self._busy_since: float | None = None
         self.stats = {'calls': 0, 'failures': 0, 'crashes': 0, 'timeouts': 0, 'restarts': 0,
-                      'denied': 0, 'tree_killed': 0}
+                      'denied': 0, 'tree_killed': 0, 'protocol_violations': 0,
+                      'audit_refused': 0, 'audit_dropped': 0}
         with self._lock:
             self.metadata = self._start()  # per instance: one proxy class serves every plugin
 
@@ -270,7 +367,10 @@ class SubprocessPlugin(Plugin):
         return args
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        """The allowlisted part of the host's environment (the rest may hold its secrets)."""
+        env = {name: value for name, value in os.environ.items()
+               if name in CHILD_ENVIRONMENT or name.startswith(CHILD_ENVIRONMENT_PREFIXES)
+               or name in self.pass_env}
         env['PYTHONPATH'] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get('PYTHONPATH'))
                                             if p)
         if self.memory_bytes:
@@ -311,7 +411,7 @@ class SubprocessPlugin(Plugin):
         if self.ctx is not None:
             self._init_child(self.ctx)
             self.ctx.audit('sandbox_restart', target=self.target,
-                           restarts=self.stats['restarts'], last_error=self._last_error)
+                           restarts=self.stats['restarts'], last_error=self._last_reason)
 
     def _init_child(self, ctx: PluginContext) -> None:
         reply = self._request({'op': 'init', 'ctx': {
@@ -323,41 +423,65 @@ class SubprocessPlugin(Plugin):
                               f'{reply.get("error")}')
 
     def _forward_audit(self, reply: dict) -> None:
-        """The child's audit records into the host's sink; refusals are counted (`denied`)."""
+        """The child's guard records into the host's sink, marked as the child's word: only
+        CHILD_AUDIT_KINDS with their fields, at most MAX_CHILD_AUDIT_RECORDS per answer. The
+        child is the plugin, so it could claim any kind (an `actuator_command` it never made) and
+        any number (150,000 rows held the host 13.6 s); those are counted, not written.
+        Refusals are counted (`denied`)."""
         records = reply.get('audit')
-        for record in records if isinstance(records, list) else []:
-            if not isinstance(record, dict):
+        if not isinstance(records, list):
+            return
+        forwarded, refused, dropped = 0, 0, 0
+        for record in records:
+            kind = record.get('kind') if isinstance(record, dict) else None
+            fields = CHILD_AUDIT_KINDS.get(kind) if isinstance(kind, str) else None
+            if fields is None:
+                refused += 1
                 continue
-            kind = str(record.pop('kind', 'plugin'))[:64]
+            if forwarded == MAX_CHILD_AUDIT_RECORDS:
+                dropped += 1
+                continue
+            forwarded += 1
             if kind == 'capability_denied':
                 self.stats['denied'] += 1
             if self.ctx is not None:
-                self.ctx.audit(kind, **{str(k)[:64]: v for k, v in record.items()
-                                        if k not in ('ts_ms', 'plugin')})
+                self.ctx.audit(kind, **{name: _scalar(record.get(name)) for name in fields},
+                               reported_by='sandboxed_child')
+        self.stats['audit_refused'] += refused
+        self.stats['audit_dropped'] += dropped
+        if (refused or dropped) and self.ctx is not None:   # one record of the host's own
+            self.ctx.audit('sandbox_audit_refused', target=self.target, refused=refused,
+                           dropped=dropped)
 
     def _receive(self, child: _Child, seq: int | None, timeout: float, what: str) -> dict:
-        """The child's reply to `seq` (or its hello), or ChildFailure saying why there is none."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                message = child.replies.get(timeout=max(left, 0.0)) if left > 0 else \
-                    child.replies.get_nowait()
-            except queue.Empty:
-                raise ChildFailure(f'no answer while {what} within {timeout:g} s '
-                                   '(hung); killed', hang=True) from None
-            if isinstance(message, _Eof):
-                raise ChildFailure(self._exit_reason(child, what))
-            if not isinstance(message, dict):
-                raise ChildFailure(f'the child sent {type(message).__name__}, not an object')
-            if seq is None or message.get('seq') == seq:
-                return message
+        """The child's reply to `seq` (or its hello), or ChildFailure saying why there is none.
+        The reader queues only the frame asked for: anything else is a violation."""
+        try:
+            message = child.replies.get(timeout=timeout)
+        except queue.Empty:
+            raise ChildFailure(f'no answer while {what} within {timeout:g} s '
+                               '(hung); killed', hang=True) from None
+        if isinstance(message, _Eof):
+            raise self._failure(child, what)
+        if not isinstance(message, dict) or (seq is not None and message.get('seq') != seq):
+            raise ChildFailure(f'the child broke the protocol while {what}: an answer to '
+                               'another request; killed', violation=True)
+        return message
 
-    def _exit_reason(self, child: _Child, what: str) -> str:
+    def _failure(self, child: _Child, what: str) -> ChildFailure:
+        """Why `child` gave no answer: the protocol violation it was stopped for, else how it
+        exited (and its last stderr line, kept out of the audit)."""
+        if child.violation:
+            return ChildFailure(f'the child broke the protocol while {what}: {child.violation}; '
+                                'killed', violation=True)
+        return self._exit_reason(child, what)
+
+    def _exit_reason(self, child: _Child, what: str) -> ChildFailure:
         try:
             code = child.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            return f'the child closed its output while {what} but is still running; killed'
+            return ChildFailure(f'the child closed its output while {what} but is still '
+                                'running; killed')
         if code == worker_module.EXIT_OUT_OF_MEMORY:
             why = 'ran out of memory'
             if self.memory_bytes:
@@ -372,20 +496,25 @@ class SubprocessPlugin(Plugin):
                 why += f' (CPU time limit {self.cpu_seconds:g} s, RLIMIT_CPU)'
         else:
             why = f'exited with code {code}'
-        last = child.last_stderr()
-        return f'the child {why} while {what}' + (f'; its last words: {last}' if last else '')
+        return ChildFailure(f'the child {why} while {what}', last_words=child.last_stderr(),
+                            stderr_chars=sum(len(line) for line in child.process.tail()))
 
     def _request(self, message: dict, timeout: float, what: str) -> dict:
-        """Send and wait for the answer; ChildFailure after killing a child that hung."""
+        """Send and wait for the answer; ChildFailure after killing a child that hung or broke
+        the protocol."""
         child = self._child
-        if child is None or child.popen.poll() is not None:
-            raise ChildFailure(self._exit_reason(child, what) if child else 'no child running')
+        if child is None:
+            raise ChildFailure('no child running')
+        if child.violation or child.popen.poll() is not None:
+            raise self._failure(child, what)
         self._seq += 1
         message['seq'] = self._seq
         try:
             child.send(message)
+        except WireError:
+            raise   # the request itself is over the wire's bounds: nothing was written
         except (OSError, ValueError):
-            raise ChildFailure(self._exit_reason(child, what)) from None
+            raise self._failure(child, what) from None
         try:
             return self._receive(child, self._seq, timeout, what)
         except ChildFailure:
@@ -393,13 +522,19 @@ class SubprocessPlugin(Plugin):
             raise
 
     def _child_failed(self, exc: ChildFailure, hang: bool) -> str:
-        """Count a crash or hang; FAILED after too many in a row. Returns the error to report."""
-        self.stats['timeouts' if hang else 'crashes'] += 1
+        """Count a crash, hang or protocol violation; FAILED after too many in a row. Returns the
+        error to report. The audit record keeps the host's words, the exit code and how much
+        the child wrote to stderr, not what it wrote (it may quote a private event)."""
+        self.stats['timeouts' if hang else 'protocol_violations' if exc.violation
+                   else 'crashes'] += 1
         self._consecutive_failures += 1
+        exit_code = None
         if self._child is not None:
             self._child.kill()
+            exit_code = self._child.popen.poll()
             self._child = None
         error = f'plugin {self.label!r} (subprocess): {exc}'
+        self._last_reason = exc.reason
         if self._consecutive_failures > self.max_restarts:
             self._failed = (f'{self._consecutive_failures} crashes or hangs in a row '
                             f'(max_restarts {self.max_restarts}); last: {exc}')
@@ -407,7 +542,8 @@ class SubprocessPlugin(Plugin):
         else:
             error += '; restarting on the next call'
         if self.ctx is not None:
-            self.ctx.audit('sandbox_failure', target=self.target, error=str(exc),
+            self.ctx.audit('sandbox_failure', target=self.target, error=exc.reason,
+                           exit_code=exit_code, stderr_chars=exc.stderr_chars,
                            failed=bool(self._failed))
         return error
 
@@ -442,6 +578,12 @@ class SubprocessPlugin(Plugin):
                 return self._fail(f'plugin {self.label!r} is failed and refuses calls: '
                                   f'{self._failed}')
             self._busy_since = time.monotonic()
+            child = self._child
+            if child is not None and child.violation:  # between calls: counted, then restarted
+                error = self._child_failed(self._failure(child, 'idle'), hang=False)
+                if self._failed:
+                    self._busy_since = None
+                    return self._fail(error)
             try:
                 if self._child is None or self._child.popen.poll() is not None:
                     self._restart()
@@ -449,6 +591,9 @@ class SubprocessPlugin(Plugin):
                                       self.call_timeout_s, 'handling an event')
             except ChildFailure as exc:
                 return self._fail(self._child_failed(exc, hang=exc.hang))
+            except WireError as exc:  # an event the wire cannot carry: not the child's failure
+                return self._fail(f'plugin {self.label!r} (subprocess): cannot send the event: '
+                                  f'{exc}')
             except PluginError as exc:  # a restart that could not start or init the child
                 self._consecutive_failures += 1
                 self._failed = f'could not restart: {exc}'
@@ -457,8 +602,10 @@ class SubprocessPlugin(Plugin):
                 self._busy_since = None
             self._forward_audit(reply)
             if reply.get('fatal'):
-                exc = ChildFailure(f'the child {reply.get("error")} (RLIMIT_AS) while handling '
-                                   'an event and was stopped')
+                limit = (f' under its address-space limit of {self.memory_bytes} bytes (RLIMIT_AS)'
+                         if self.memory_bytes else '')
+                exc = ChildFailure(f'the child ran out of memory (MemoryError){limit} while '
+                                   'handling an event and was stopped')
                 return self._fail(self._child_failed(exc, hang=False))
             self._consecutive_failures = 0
             response = response_from_wire({k: reply[k] for k in ('ok', 'error', 'events')
@@ -487,10 +634,9 @@ class SubprocessPlugin(Plugin):
             if self._failed:
                 return HealthStatus(HealthState.FAILED, self._failed, details)
             child = self._child
-            if child is None or child.popen.poll() is not None:
-                if child is not None:  # died between calls: count it now
-                    error = self._child_failed(ChildFailure(self._exit_reason(child, 'idle')),
-                                               hang=False)
+            if child is None or child.violation or child.popen.poll() is not None:
+                if child is not None:  # died or broke the protocol between calls: count it now
+                    error = self._child_failed(self._failure(child, 'idle'), hang=False)
                     self._last_error = details['last_error'] = error
                 if self._failed:
                     return HealthStatus(HealthState.FAILED, self._failed, details)
@@ -549,3 +695,11 @@ class SubprocessPlugin(Plugin):
                 child.kill()
         except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to report to
             pass
+
+
+def _scalar(value):
+    """A field of a record the child forwards, fit for the audit log: scalars, text cut short."""
+    if value is None or isinstance(value, (bool, float)) or (
+            isinstance(value, int) and -2**63 <= value < 2**63):
+        return value
+    return (value if isinstance(value, str) else type(value).__name__)[:MAX_CHILD_AUDIT_CHARS]

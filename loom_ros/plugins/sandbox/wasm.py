@@ -51,7 +51,7 @@ import yaml
 from loom_ros.bus.event import Event
 from loom_ros.plugins.contract import (Capability, HealthState, HealthStatus, Plugin,
                                        PluginContext, PluginError, PluginMetadata, PluginResponse)
-from loom_ros.plugins.sandbox.wire import event_to_wire, response_from_wire
+from loom_ros.plugins.sandbox.wire import WireError, event_to_wire, parse_json, response_from_wire
 
 ABI_VERSION = 1
 WASI_MODULE = 'wasi_snapshot_preview1'
@@ -135,7 +135,7 @@ class WasmPlugin(Plugin):
         self._failed = ''          # why the plugin refuses calls for good ('' while usable)
         self._consecutive_traps = 0
         self.stats = {'calls': 0, 'failures': 0, 'traps': 0, 'restarts': 0, 'last_fuel_used': 0,
-                      'limit_hits': 0}
+                      'limit_hits': 0, 'malformed': 0}
         self._at_limit = ''  # what the last call left at its limit ('' when nothing)
         self._last_error = ''
 
@@ -256,10 +256,11 @@ class WasmPlugin(Plugin):
             return self._fail(f'plugin {name!r} answered {out_len} bytes at {out_ptr}: outside '
                               f'its memory or over {self.max_output_bytes} bytes')
         self._consecutive_traps = 0
-        try:
-            answer = json.loads(memory.read(store, out_ptr, out_ptr + out_len))
-        except ValueError as exc:
-            return self._fail(f'plugin {name!r} answered something that is not JSON: {exc}')
+        try:  # bounded in elements and depth: deep nesting raised RecursionError out of here
+            answer = parse_json(memory.read(store, out_ptr, out_ptr + out_len))
+        except WireError as exc:
+            self.stats['malformed'] += 1
+            return self._fail(f'plugin {name!r} sent a {exc}')
         response = response_from_wire(answer, self.metadata.name)
         if not response.ok:
             self.stats['failures'] += 1

@@ -14,7 +14,9 @@ starts, is checked against the plugin's grants; importing the plugin's module ru
 and its calls from `init` on with what the host granted. Starting processes needs process.spawn,
 ctypes needs native.code (the worker's own ctypes call, the subreaper, happens before the guard).
 The protocol keeps the original stdout to itself: the plugin's prints go to stderr, and stdin
-reads see an empty stream. Audit records the plugin makes travel back with each answer.
+reads see an empty stream. Audit records the plugin makes travel back with each answer (the host
+keeps only the guard's kinds, and so many). An answer the host would refuse (over the wire's
+frame or element bounds) is replaced by a failure answer that says so.
 A MemoryError is answered (`fatal`) and the worker exits with EXIT_OUT_OF_MEMORY, since the
 plugin's state cannot be trusted after it.
 """
@@ -158,7 +160,11 @@ def serve(target: str, proto_in, proto_out, memory_bytes: int | None,
             reply.update(ok=False, error=f'{op} raised {type(exc).__name__}: {exc}')
             traceback.print_exc(file=sys.stderr)
         reply['audit'], audit[:] = list(audit), []
-        write_frame(proto_out, reply)
+        try:
+            write_frame(proto_out, reply)
+        except WireError as exc:  # too big for the host to take: a failure that says so
+            write_frame(proto_out, {'seq': seq, 'ok': False, 'fatal': reply.get('fatal', False),
+                                    'error': f'{op}: its answer cannot be sent: {exc}'})
         if reply.get('fatal'):
             return EXIT_OUT_OF_MEMORY
 
