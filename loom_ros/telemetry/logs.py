@@ -358,6 +358,15 @@ class NodeLog:
         return self.log(logging.ERROR, msg, **fields)
 
 
+# rclpy's executors log every exception that escapes a callback, FATAL with a traceback, through
+# the node's logger, before Loom's spinning loop counts it and logs it at most once a second
+# (bus/executor.py): each message a callback could not take cost two more lines, unthrottled
+# (a forged heartbeat flood wrote 800 KB to a manager's log). Those two lines are throttled here,
+# per call site as rclpy throttles; the count stays exact (callback_error).
+RCLPY_CALLBACK_LINES = ("Exception in '", 'Error occurred at:')
+CALLBACK_LOG_PERIOD_S = 1.0
+
+
 class MaskedRosLogger:
     """What `node.get_logger()` returns once telemetry is attached: the node's rclpy logger with
     every message masked before rclpy (and /rosout) sees it, and, when the structured log is on,
@@ -380,6 +389,9 @@ class MaskedRosLogger:
     def _emit(self, level: str, message, kwargs) -> bool:
         if not self._ros.is_enabled_for(_ROS_SEVERITY[self._LEVELS[level]]):
             return False   # a level that is off costs no masking
+        if level in ('fatal', 'warning', 'warn') and isinstance(message, str) and \
+                message.startswith(RCLPY_CALLBACK_LINES) and 'throttle_duration_sec' not in kwargs:
+            kwargs = {**kwargs, 'throttle_duration_sec': CALLBACK_LOG_PERIOD_S}
         text = mask_text(message)
         method = 'warning' if level == 'warn' else level
         logged = getattr(self._ros, method)(text, **kwargs)
