@@ -150,16 +150,22 @@ def test_bad_modules_are_refused_at_load_or_answer_a_clear_failure(tmp_path, wat
     assert not response.ok and 'not JSON' in response.error
 
 
-def answering(tmp_path, packed: str) -> WasmPlugin:
-    """A module whose handle() always returns `packed`; its memory starts with a bad answer."""
-    path = tmp_path / 'liar.wat'
-    path.write_text('(module (memory (export "memory") 1)'
-                    ' (data (i32.const 0) "{\\"events\\":[{}]}")'
-                    ' (func (export "alloc") (param i32) (result i32) i32.const 1024)'
+def module_plugin(tmp_path, data: str, at: int, packed, pages: int = 1) -> WasmPlugin:
+    """A module holding `data` at `at` in its memory whose handle() always returns `packed`
+    (pointer << 32 | length), initialised."""
+    path = tmp_path / 'answering.wat'
+    path.write_text(f'(module (memory (export "memory") {pages})'
+                    f' (data (i32.const {at}) "{data}")'
+                    ' (func (export "alloc") (param i32) (result i32) i32.const 16)'
                     f' (func (export "handle") (param i32 i32) (result i64) i64.const {packed}))')
     plugin = WasmPlugin(path, META)
     plugin.init(PluginContext(plugin='wasm_example'))
     return plugin
+
+
+def answering(tmp_path, packed: str) -> WasmPlugin:
+    """A module whose handle() always returns `packed`; its memory starts with a bad answer."""
+    return module_plugin(tmp_path, '{\\"events\\":[{}]}', 0, packed)
 
 
 def test_answers_outside_memory_or_malformed_are_failures(tmp_path):
@@ -172,16 +178,8 @@ def test_answers_outside_memory_or_malformed_are_failures(tmp_path):
 
 def fixed_answer(tmp_path, answer: bytes) -> WasmPlugin:
     """A module whose handle() answers `answer` (no quote or backslash in it) to any event."""
-    pages = (65536 + len(answer)) // 65536 + 1
-    path = tmp_path / 'fixed.wat'
-    path.write_text(f'(module (memory (export "memory") {pages})'
-                    f' (data (i32.const 65536) "{answer.decode()}")'
-                    ' (func (export "alloc") (param i32) (result i32) i32.const 16)'
-                    ' (func (export "handle") (param i32 i32) (result i64)'
-                    f' i64.const {(65536 << 32) | len(answer)}))')
-    plugin = WasmPlugin(path, META)
-    plugin.init(PluginContext(plugin='wasm_example'))
-    return plugin
+    return module_plugin(tmp_path, answer.decode(), 65536, (65536 << 32) | len(answer),
+                         pages=(65536 + len(answer)) // 65536 + 1)
 
 
 @pytest.mark.parametrize('answer, reason', [
