@@ -267,6 +267,12 @@ class LifecycleManagerNode(Node):
                    if m.phase == 'failed' and self.supervisor.retry(m.unit)]
         for m in self.managed:
             if m.unit.node in retried:
+                # A host given up on at a failed configure or activate still runs (its log
+                # says why): it goes first, or the new one would run beside it, under the same
+                # name and storage unit, and the old one would answer the manager.
+                if m.process is not None:
+                    self._stop(m, kill=True)
+                    self._clean_shm()
                 self._enter(m, 'stopped', time.monotonic())
         again = f'; retrying {", ".join(retried)}' if retried else ''
         if self.goal == 'active':

@@ -266,3 +266,52 @@ def test_pause_resume_shutdown_and_startup_drive_the_agents(ros, manager, tmp_pa
     finally:
         for client in clients.values():
             ros.node.destroy_client(client)
+
+
+def agent_processes(namespace: str, node: str) -> set[int]:
+    """The live processes (not zombies) running `node` under `namespace`, from /proc."""
+    found = set()
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry}/cmdline', 'rb') as f:
+                args = f.read().split(b'\0')
+            with open(f'/proc/{entry}/stat') as f:
+                state = f.read().rpartition(')')[2].split()[0]
+        except OSError:
+            continue
+        if state != 'Z' and f'__node:={node}'.encode() in args and \
+                f'__ns:={namespace}'.encode() in args:
+            found.add(int(entry))
+    return found
+
+
+def test_startup_retries_a_host_whose_configure_failed_in_one_process(ros, manager, tmp_path):
+    """A host given up on at a failed configure still runs. ~/startup stops it before it
+    starts the next: the retry had started a second process beside it, under the same name and
+    storage unit, which the old one answered for, so the unit failed again."""
+    import fcntl
+
+    from std_srvs.srv import Trigger
+    lock = tmp_path / 'db' / 'lm_fail.agent_first.db.lock'
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)   # another writer holds the unit: configure fails
+    proc, watch = manager('/lm_fail', 'agents:=first')
+    client = ros.node.create_client(Trigger, '/lm_fail/lifecycle_manager/startup')
+    try:
+        ros.wait_for(lambda: watch.health('first')[0] == 'failed', 'the give-up', alive=[proc])
+        old = agent_processes('/lm_fail', 'agent_first')
+        assert len(old) == 1, old   # still running, as the log says why
+        os.close(held)
+        held = None
+        assert ros.call(client, Trigger.Request(), 'startup', alive=[proc]).success
+        ros.wait_for(lambda: watch.health('first') == ('ok', 0), 'the agent up again',
+                     alive=[proc])
+        now = agent_processes('/lm_fail', 'agent_first')
+        assert len(now) == 1 and not now & old, (old, now)
+    finally:
+        if held is not None:
+            os.close(held)
+        ros.node.destroy_client(client)
