@@ -44,6 +44,9 @@ IN_PROCESS = 'in_process'
 # Events one answer may carry: a plugin answers one event, and 60,000 from one WASM call were
 # all published before this bound.
 MAX_RESPONSE_EVENTS = 256
+# A call running longer than this makes health() DEGRADED (a sandbox's own call timeout is 10 s
+# by default; an in-process plugin has none).
+BUSY_DEGRADED_S = 10.0
 
 
 class PluginsFileError(ValueError):
@@ -414,15 +417,18 @@ class PluginHost:
     @staticmethod
     def _writes(slot: Slot) -> list[TopicPattern]:
         """The event types a sandboxed plugin declared it writes (`ros:` topics are not
-        events), as patterns; read once per slot."""
+        events), read once per slot. Exact types only: the declaration is the plugin's own
+        word, and `**` would allow anything."""
         if slot.writes is None:
             patterns = []
             for text in getattr(slot.metadata, 'writes', ()) or ():
                 if isinstance(text, str) and not text.startswith('ros:'):
                     try:
-                        patterns.append(TopicPattern.parse(text))
+                        pattern = TopicPattern.parse(text)
                     except TopicNameError:
-                        pass   # never matches: an event of that type is refused
+                        continue   # never matches: an event of that type is refused
+                    if not pattern.is_wildcard:
+                        patterns.append(pattern)
             slot.writes = patterns
         return slot.writes
 
@@ -436,10 +442,14 @@ class PluginHost:
                                   + (f': {slot.error}' if slot.error else ''))
         elif not slot.lock.acquire(blocking=False):
             # A call is running: health() waits for no call (the health service and
-            # /diagnostics froze for as long as a slow plugin's call took).
+            # /diagnostics froze for as long as a slow plugin's call took); one running past
+            # BUSY_DEGRADED_S is reported, or a call that never returns would look healthy.
             started = slot.call_started
-            running = f' for {time.perf_counter() - started:.1f} s' if started else ''
-            status = HealthStatus(HealthState.OK, f'busy: a call is running{running}')
+            running = time.perf_counter() - started if started else 0.0
+            status = HealthStatus(
+                HealthState.DEGRADED if running > BUSY_DEGRADED_S else HealthState.OK,
+                f'busy: a call is running for {running:.1f} s' if started else
+                'busy: a call is running')
         else:
             try:
                 try:

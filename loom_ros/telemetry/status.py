@@ -35,9 +35,12 @@ MAX_LABELS = 16            # labels kept per sample (Loom's have one or two)
 MAX_TEXT = 120             # characters of one peer-supplied field as printed
 # C0 controls, DEL and C1 controls: ESC and the 8-bit CSI/OSC start terminal sequences (clear
 # screen, window title, OSC 52 clipboard writes); BEL, CR and LF rewrite or forge lines. And
-# Unicode's direction marks, embeddings, overrides and isolates: U+202E shows a name's text
-# backwards, so a peer could make one node's line read as another's.
-_CONTROL = re.compile('[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]')
+# Unicode's direction marks, embeddings, overrides and isolates, zero-width and invisible
+# characters, line and paragraph separators: U+202E shows a name's text backwards and U+200B
+# makes 'planner\u200b' print as 'planner', so a peer could make one node's line read as
+# another's.
+_CONTROL = re.compile('[\x00-\x1f\x7f-\x9f\u061c\u180e\u200b-\u200f\u2028-\u202e'
+                      '\u2060-\u206f\ufeff\ufff9-\ufffb]')
 
 
 def safe_text(text: object, limit: int = MAX_TEXT) -> str:

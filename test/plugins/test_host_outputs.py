@@ -13,7 +13,9 @@ from loom_ros.bus.event import Event
 from loom_ros.plugins.contract import (
     HealthState, Plugin, PluginContext, PluginMetadata, PluginResponse, PluginType,
 )
-from loom_ros.plugins.host import MAX_RESPONSE_EVENTS, PluginHost, parse_specs
+from loom_ros.plugins.host import (
+    BUSY_DEGRADED_S, MAX_RESPONSE_EVENTS, PluginHost, parse_specs,
+)
 from loom_ros.security.audit import AuditLog
 
 HERE = Path(__file__).resolve().parent
@@ -85,11 +87,12 @@ def test_a_sandboxed_plugin_writes_only_the_types_it_declared(make_host, tmp_pat
     assert not response.ok and "type 'robot.move'" in response.error
     assert 'writes: text.out' in response.error
     assert host.counters('mover')['bad_output'] == 1
-    # A pattern in writes covers what it matches.
-    module = answering_module(tmp_path, 'texts', {'events': [{'type': 'text.out.more'}]},
-                              writes=('text.**',))
-    host = make_host({'name': 'texts', 'plugin': str(module), 'mode': 'wasm'})
-    assert host.handle('texts', Event(type='text.in')).ok
+    # Exact types only: the declaration is the plugin's own word, and '**' would allow anything.
+    module = answering_module(tmp_path, 'anything', {'events': [{'type': 'robot.move'}]},
+                              writes=("'**'", 'text.out'))
+    host = make_host({'name': 'anything', 'plugin': str(module), 'mode': 'wasm'})
+    response = host.handle('anything', Event(type='text.in'))
+    assert not response.ok and "type 'robot.move'" in response.error
 
 
 def test_an_answer_holds_a_bounded_number_of_events(make_host, tmp_path):
@@ -137,6 +140,11 @@ def test_health_does_not_wait_for_a_running_call(make_host):
         assert Slow.entered.wait(30)
         status = host.health('slow')   # would block until release
         assert status.state is HealthState.OK and status.message.startswith('busy')
+        # A call that runs on and on is reported, not OK for ever (the clock is moved, not
+        # waited for).
+        host.slots['slow'].call_started -= BUSY_DEGRADED_S + 1
+        status = host.health('slow')
+        assert status.state is HealthState.DEGRADED and 'running for 1' in status.message
     finally:
         Slow.release.set()
         caller.join(30)

@@ -62,6 +62,7 @@ def test_peer_text_is_cut_and_its_control_characters_shown_as_question_marks():
     assert safe_text('a\x9b2Jb\x7fc\r\nd\x00') == 'a?2Jb?c??d?'   # C1 CSI, DEL, CR LF, NUL
     # direction overrides and isolates: a name shown backwards could pass for another's
     assert safe_text('/cam\u202eaerf\u2066x\u2069\u200f') == '/cam?aerf?x??'
+    assert safe_text('planner\u200b\u061c\u2028\u2029\ufeff') == 'planner?????'   # invisible
     long = safe_text('A' * 200_000)
     assert len(long) == MAX_TEXT and long.endswith('\u2026')
     assert safe_text(long) == long                    # made safe twice: unchanged
