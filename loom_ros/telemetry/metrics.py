@@ -564,31 +564,6 @@ PROM_TIMEOUT_S = 5.0        # to send the whole request; also each send of the a
 PROM_MAX_CONNECTIONS = 16   # open at once; more are closed at once (a scraper needs one)
 
 
-class _DeadlineReader:
-    """The request stream of one connection with one deadline for the whole request: a client
-    that sends a byte now and then (inside the socket timeout) is cut off as one that stalls."""
-
-    def __init__(self, stream, sock: socket.socket, deadline: float):
-        self._stream, self._sock, self._deadline = stream, sock, deadline
-
-    def _arm(self) -> None:
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError('request not received within the timeout')
-        self._sock.settimeout(left)
-
-    def readline(self, *args):
-        self._arm()
-        return self._stream.readline(*args)
-
-    def read(self, *args):
-        self._arm()
-        return self._stream.read(*args)
-
-    def __getattr__(self, name):   # close, closed, ...
-        return getattr(self._stream, name)
-
-
 def _bounded_server(addr: str, port: int, app, timeout_s: float, max_connections: int):
     """A thread-per-connection WSGI server (as prometheus_client's start_http_server makes)
     that gives each connection `timeout_s` and keeps at most `max_connections` open: a
@@ -600,18 +575,46 @@ def _bounded_server(addr: str, port: int, app, timeout_s: float, max_connections
     from prometheus_client.exposition import ThreadingWSGIServer
 
     class BoundedHandler(WSGIRequestHandler):
-        """prometheus_client's WSGI handler (quiet) with the server's timeout on its socket."""
+        """prometheus_client's WSGI handler (quiet) with one deadline for the whole request
+        and the server's timeout on each send of the answer.
+
+        The deadline is a timer that shuts the connection down: a socket timeout is renewed
+        by every byte that arrives (a client sending one now and then inside it was never cut
+        off, and 16 of them kept every scrape answered 503), and checking a deadline between
+        reads misses the many receives inside one readline."""
 
         def setup(self) -> None:
-            self.timeout = self.server.timeout_s   # StreamRequestHandler.setup applies it
+            self.timeout = None   # the request's deadline is the timer's (below)
             super().setup()
-            self.rfile = _DeadlineReader(self.rfile, self.connection,
-                                         time.monotonic() + self.timeout)
+            self._state_lock = threading.Lock()
+            self._request_in = self._expired = False
+            self._deadline = threading.Timer(self.server.timeout_s, self._expire)
+            self._deadline.daemon = True
+            self._deadline.start()
+
+        def _expire(self) -> None:
+            with self._state_lock:
+                if self._request_in:
+                    return
+                self._expired = True
+            self.server.count_timeout()
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)   # its reads end at once
+            except OSError:
+                pass
 
         def get_environ(self):
-            # The request is in: each send of the answer gets the whole timeout again
-            self.connection.settimeout(self.timeout)
+            with self._state_lock:
+                if self._expired:
+                    raise ConnectionAbortedError('request not received within the timeout')
+                self._request_in = True
+            # The request is in: each send of the answer gets the whole timeout
+            self.connection.settimeout(self.server.timeout_s)
             return super().get_environ()
+
+        def finish(self) -> None:
+            self._deadline.cancel()
+            super().finish()
 
         def log_message(self, format, *args) -> None:   # noqa: A002 (the base class's name)
             pass
@@ -656,10 +659,15 @@ def _bounded_server(addr: str, port: int, app, timeout_s: float, max_connections
             finally:
                 self._slots.release()
 
+        def count_timeout(self) -> None:
+            with self._count_lock:
+                self.timed_out += 1
+
         def handle_error(self, request, client_address):
-            if isinstance(sys.exc_info()[1], OSError):   # timed out, reset: the client's doing
-                with self._count_lock:
-                    self.timed_out += isinstance(sys.exc_info()[1], TimeoutError)
+            error = sys.exc_info()[1]
+            if isinstance(error, OSError):   # timed out, reset, cut off: the client's doing
+                if isinstance(error, TimeoutError):   # an answer it would not take
+                    self.count_timeout()
                 return
             super().handle_error(request, client_address)
 
