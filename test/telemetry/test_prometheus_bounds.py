@@ -42,6 +42,28 @@ def _closed_by_server(sock: socket.socket, limit: float = WAIT_LIMIT_S) -> bytes
     return got
 
 
+def _trickled_seconds(port: int, data: bytes, every_s: float) -> float:
+    """Send `data` a byte every `every_s` (over and over) until the server cuts the connection
+    off; how long that took (fails at WAIT_LIMIT_S)."""
+    sock = socket.create_connection(('127.0.0.1', port))
+    opened, sent = time.monotonic(), 0
+    sock.settimeout(every_s)
+    try:
+        while True:
+            try:
+                sock.sendall(data[sent:sent + 1])
+                sent = (sent + 1) % len(data)
+                if not sock.recv(1):
+                    break
+            except socket.timeout:
+                assert time.monotonic() - opened < WAIT_LIMIT_S, 'the trickle was never cut off'
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        return time.monotonic() - opened
+    finally:
+        sock.close()
+
+
 def test_idle_and_trickling_connections_are_closed_after_the_timeout(registry):
     timeout = 0.5
     port = serve_prometheus(registry, free_port(), timeout_s=timeout, max_connections=8)
@@ -58,37 +80,10 @@ def test_idle_and_trickling_connections_are_closed_after_the_timeout(registry):
         sock.close()
     # One that sends a byte every 0.1 s never idles for the timeout: the request's deadline
     # closes it.
-    trickle = socket.create_connection(('127.0.0.1', port))
-    opened = time.monotonic()
-    trickle.settimeout(0.1)
-    sent = 0
-    while True:
-        try:
-            trickle.sendall(HALF_REQUEST[sent:sent + 1])
-            sent = (sent + 1) % len(HALF_REQUEST)
-            if not trickle.recv(1):
-                break
-        except socket.timeout:
-            assert time.monotonic() - opened < WAIT_LIMIT_S, 'the trickle was never cut off'
-        except (BrokenPipeError, ConnectionResetError):
-            break
-    assert time.monotonic() - opened >= 0.8 * timeout
-    trickle.close()
+    assert _trickled_seconds(port, HALF_REQUEST, 0.1) >= 0.8 * timeout
     # Bytes with no line end keep the server inside one readline, whose many receives each
     # renewed a socket timeout: a byte every 0.6 timeouts was never cut off.
-    slow = socket.create_connection(('127.0.0.1', port))
-    opened = time.monotonic()
-    slow.settimeout(0.6 * timeout)
-    while True:
-        try:
-            slow.sendall(b'G')
-            if not slow.recv(1):
-                break
-        except socket.timeout:
-            assert time.monotonic() - opened < WAIT_LIMIT_S, 'the slow line was never cut off'
-        except (BrokenPipeError, ConnectionResetError):
-            break
-    slow.close()
+    assert _trickled_seconds(port, b'G', 0.6 * timeout) >= 0.8 * timeout
     text = _scrape(port)
     assert 'loom_prometheus_requests_timed_out_total 8.0' in text
     assert 'loom_prometheus_connections_refused_total 0.0' in text
