@@ -263,10 +263,9 @@ class LifecycleManagerNode(Node):
         response.success = True
         # A fresh start retries the agent hosts given up on (their restarts from 0), as the
         # core does for nodes: before, they stayed failed until the manager itself restarted.
-        retried = [m.unit.node for m in self.managed
-                   if m.phase == 'failed' and self.supervisor.retry(m.unit)]
+        retried = []
         for m in self.managed:
-            if m.unit.node in retried:
+            if m.phase == 'failed' and self.supervisor.retry(m.unit):
                 # A host given up on at a failed configure or activate still runs (its log
                 # says why): it goes first, or the new one would run beside it, under the same
                 # name and storage unit, and the old one would answer the manager.
@@ -274,15 +273,15 @@ class LifecycleManagerNode(Node):
                     self._stop(m, kill=True)
                     self._clean_shm()
                 self._enter(m, 'stopped', time.monotonic())
+                retried.append(m.unit.node)
         again = f'; retrying {", ".join(retried)}' if retried else ''
-        if self.goal == 'active':
-            response.message = 'already started' + again
-            if retried:
-                self.get_logger().info(f'startup requested: {response.message}')
-            return response
-        self._set_goal('active')
-        response.message = 'bringing up ' + self._everything() + again
-        self.get_logger().info(f'startup requested: {response.message}')
+        starting = self.goal != 'active'
+        if starting:
+            self._set_goal('active')
+        response.message = ('bringing up ' + self._everything() if starting else
+                            'already started') + again
+        if starting or retried:
+            self.get_logger().info(f'startup requested: {response.message}')
         return response
 
     def _on_shutdown(self, _request, response):

@@ -733,9 +733,14 @@ def to_msg(node_name: str, period_s: float, samples: list[Sample], stamp=None):
     return msg
 
 
-def from_msg(msg) -> list[Sample]:
-    return [Sample(s.name, s.kind, {kv.key: kv.value for kv in s.labels}, s.value, s.rate,
-                   s.count, s.p50, s.p99, s.max) for s in msg.samples]
+def from_msg(msg, text=str, max_samples: int | None = None,
+             max_labels: int | None = None) -> list[Sample]:
+    """The samples of a loom_msgs/Metrics, at most `max_samples` of them with `max_labels`
+    labels each (None: all), `text` applied to every name, label key and value (loom status
+    makes a peer's text safe to print)."""
+    return [Sample(text(s.name), s.kind,
+                   {text(kv.key): text(kv.value) for kv in s.labels[:max_labels]}, s.value,
+                   s.rate, s.count, s.p50, s.p99, s.max) for s in msg.samples[:max_samples]]
 
 
 def _finite(value: float) -> float:

@@ -21,7 +21,7 @@ from collections import defaultdict
 from loom_ros.bringup.stop_signals import stop_event
 from loom_ros.bus.topics import ROUTER_STATS
 from loom_ros.telemetry.diagnostics import LEVEL_NAMES, level_of
-from loom_ros.telemetry.metrics import COUNTER, GAUGE, HISTOGRAM, METRICS_TOPIC, Sample
+from loom_ros.telemetry.metrics import COUNTER, GAUGE, HISTOGRAM, METRICS_TOPIC, from_msg
 
 STALE_AFTER_S = 5.0
 MAX_PERIOD_S = 60.0        # a peer's period_s beyond this does not keep its entry alive longer
@@ -46,7 +46,7 @@ _CONTROL = re.compile('[\x00-\x1f\x7f-\x9f\u061c\u180e\u200b-\u200f\u2028-\u202e
 def safe_text(text: object, limit: int = MAX_TEXT) -> str:
     """A peer's text as it may reach the operator's terminal: cut to `limit` characters (an
     ellipsis included) before anything else looks at it, and every control character shown as
-    '?'. Idempotent, so fields already made safe on input stay as they are."""
+    '?'."""
     text = text if isinstance(text, str) else str(text)
     if len(text) > limit:
         text = text[:limit - 1] + '\u2026'
@@ -57,8 +57,9 @@ class StatusView:
     """What the terminal shows, built from messages; pure (render() needs no rclpy).
 
     Node names, labels and diagnostic names and messages come from any DDS peer: each is made
-    safe (safe_text) before it is kept or printed, and the entries kept are bounded (the least
-    recently reported dropped first, stale ones expired); `dropped` counts what was dropped."""
+    safe (safe_text) as it arrives, so what is kept prints as it is; the entries kept are
+    bounded (the least recently reported dropped first, stale ones expired); `dropped` counts
+    what was dropped."""
 
     def __init__(self):
         self.metrics: dict[str, tuple[float, float, list]] = {}   # node -> (received, period, samples)
@@ -73,12 +74,9 @@ class StatusView:
         node = safe_text(msg.node)
         period = float(msg.period_s)
         period = min(period, MAX_PERIOD_S) if period > 0 else 0.0   # NaN and <= 0 too
-        samples = msg.samples
-        if len(samples) > MAX_SAMPLES:
-            self.dropped['samples'] += len(samples) - MAX_SAMPLES
-            samples = samples[:MAX_SAMPLES]
+        self.dropped['samples'] += max(0, len(msg.samples) - MAX_SAMPLES)
         self.metrics.pop(node, None)   # re-inserted last: dicts keep the least recent first
-        self.metrics[node] = (now, period, [_safe_sample(s) for s in samples])
+        self.metrics[node] = (now, period, from_msg(msg, safe_text, MAX_SAMPLES, MAX_LABELS))
         self._expire_metrics(now)
         while len(self.metrics) > MAX_NODES:
             del self.metrics[next(iter(self.metrics))]
@@ -163,8 +161,8 @@ class StatusView:
         out.append(f'{"TOPIC":<34} {"PUB/s":>9} {"RECV/s":>9} {"P50 ms":>8} {"P99 ms":>8} '
                    f'{"MAX ms":>8}')
         for topic, row in sorted(topics.items()):
-            out.append(f'{safe_text(topic):<34} {row["pub"]:>9.1f} {row["recv"]:>9.1f} '
-                       f'{_ms(row["p50"])} {_ms(row["p99"])} {_ms(row["max"])}')
+            out.append(f'{topic:<34} {row["pub"]:>9.1f} {row["recv"]:>9.1f} {_ms(row["p50"])} '
+                       f'{_ms(row["p99"])} {_ms(row["max"])}')
         if not topics:
             out.append('(no events yet)')
         out.append('')
@@ -173,14 +171,13 @@ class StatusView:
         for node, pattern, e in subs:
             queue = (f'{e.get("depth", 0):.0f}/{e["capacity"]:.0f}' if 'capacity' in e
                      else 'inline')
-            out.append(f'{safe_text(pattern):<26} {safe_text(node):<24} {queue:>11} '
+            out.append(f'{pattern:<26} {node:<24} {queue:>11} '
                        f'{e.get("delivered_rate", 0.0):>9.1f} {e.get("dropped", 0):>8.0f} '
                        f'{e.get("drop_rate", 0.0):>8.1f}')
         out.append('')
         out.append(f'{"NODE":<34} {"CPU %":>7} {"RSS MB":>8} {"THREADS":>8}')
         for node, proc in procs:
-            out.append(f'{safe_text(node):<34} '
-                       f'{proc.get("process_cpu_percent", math.nan):>7.1f} '
+            out.append(f'{node:<34} {proc.get("process_cpu_percent", math.nan):>7.1f} '
                        f'{proc.get("process_rss_bytes", math.nan) / 2**20:>8.1f} '
                        f'{proc.get("process_threads", 0):>8.0f}')
         out.append('')
@@ -197,22 +194,13 @@ class StatusView:
             out.append('  (no reports yet)')
         for name, (level, message, _) in sorted(self.health.items(),
                                                 key=lambda kv: (-kv[1][0], kv[0])):
-            out.append(f'  {LEVEL_NAMES.get(level, str(level)):<6} {safe_text(name)}: '
-                       f'{safe_text(message)}')
+            out.append(f'  {LEVEL_NAMES.get(level, str(level)):<6} {name}: {message}')
         if any(self.dropped.values()):
             d = self.dropped
             out.append(f'(dropped over the limits: {d["nodes"]} node(s) beyond {MAX_NODES}, '
                        f'{d["health"]} diagnostic(s) beyond {MAX_HEALTH}, {d["samples"]} '
                        f'sample(s) beyond {MAX_SAMPLES} per message)')
         return '\n'.join(out)
-
-
-def _safe_sample(s) -> Sample:
-    """A loom_msgs/MetricSample as a Sample (as metrics.from_msg) whose name and labels are safe
-    to print: they come from peers."""
-    labels = {safe_text(kv.key): safe_text(kv.value) for kv in s.labels[:MAX_LABELS]}
-    return Sample(safe_text(s.name), s.kind, labels, s.value, s.rate, s.count, s.p50, s.p99,
-                  s.max)
 
 
 def _ms(value: float) -> str:
