@@ -48,7 +48,13 @@ class Capability(str, Enum):
 
 
 class PluginError(RuntimeError):
-    """A plugin that cannot start or answer: bad config, missing or corrupt model, bad input."""
+    """A plugin that cannot start or answer: bad config, missing or corrupt model, bad input.
+    `audit_reason`: the words the audit log keeps when the message quotes what it must not
+    (a sandboxed child's stderr); None: the message itself."""
+
+    def __init__(self, *args, audit_reason: str | None = None):
+        super().__init__(*args)
+        self.audit_reason = audit_reason
 
 
 class CapabilityDenied(PermissionError):

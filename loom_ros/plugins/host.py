@@ -256,7 +256,9 @@ class PluginHost:
                 self.handles.pop(name, None)
                 self.logger.error(f'plugin {name} failed to start: {slot.error}')
                 try:
-                    self._audit(slot, 'init_failed', error=slot.error, target=slot.spec.target,
+                    # the host's words where the message quotes a child's stderr
+                    said = getattr(exc, 'audit_reason', None) or slot.error
+                    self._audit(slot, 'init_failed', error=said, target=slot.spec.target,
                                 mode=slot.spec.mode)
                 except Exception as audit_exc:
                     self.logger.error(f'cannot audit the failure of {name}: {audit_exc}')

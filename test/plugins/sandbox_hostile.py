@@ -10,6 +10,8 @@ hostile.wrong_seq    writes a frame for another request before its answer
 hostile.late_flood   answers, then a thread writes unsolicited frames of `payload` bytes forever
 hostile.big_frame    payload N: answers with one frame of N empty lists ([],[],...), streamed
 hostile.deep         payload N: answers with a frame nested N lists deep
+
+DiesInInitPlugin writes its config's canary to stderr during init and exits.
 """
 from __future__ import annotations
 
@@ -107,3 +109,17 @@ class HostilePlugin(Plugin):
             _write(out, b'{"seq":%d,"ok":true,"x":' % seq + b'[' * depth + b']' * depth + b'}')
             threading.Event().wait()
         return PluginResponse(events=[Event(type='text.out', payload=payload)])
+
+
+class DiesInInitPlugin(Plugin):
+    """Quotes its config's `canary` on stderr during init, then exits: what a child may write
+    before it dies (here a secret; in a call, the event it was handling)."""
+    metadata = PluginMetadata(name='dies_in_init', type=PluginType.TOOL, reads=('text.in',),
+                              writes=('text.out',))
+
+    def init(self, ctx) -> None:
+        print(f'fatal: cannot start with {ctx.config["canary"]}', file=sys.stderr, flush=True)
+        os._exit(5)
+
+    def handle_event(self, event: Event) -> PluginResponse:
+        return PluginResponse()

@@ -1,6 +1,8 @@
 """The plugin host's pure core: loading by entry point or module:Class, grants (declared AND
 config AND host), refusals raised in the plugin and audited, crashing and failing plugins
 isolated, actuator commands audited, same-process calls without serialization, the sandbox seam."""
+import json
+import os
 import socket
 from pathlib import Path
 
@@ -321,6 +323,23 @@ def test_sandbox_seam_runs_the_same_plugin_in_a_child_process(make_host):
                            Event.with_json('tool.weather.query', {'text': 'Tokyo please'}))
     assert response.ok, response.error
     assert response.events[0].json()['city'] == 'Tokyo'
+
+
+def test_a_child_that_dies_in_init_is_reported_but_its_stderr_is_not_audited(
+        make_host, audit, monkeypatch):
+    """The caller and the log may see the child's last words; the audit log keeps the host's
+    (a child may quote a secret or, in a call, the private event it was handling)."""
+    monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
+        p for p in (str(Path(__file__).parent), os.environ.get('PYTHONPATH')) if p))
+    canary = 'canary-4be1 token sk-live-0000'
+    host = make_host({'name': 'dies', 'plugin': 'sandbox_hostile:DiesInInitPlugin',
+                      'mode': 'subprocess', 'config': {'canary': canary}})
+    failed = host.start()
+    assert canary in failed['dies'] and 'exited with code 5' in failed['dies']
+    [record] = audit.query(kind='init_failed')
+    assert canary not in json.dumps(record) and 'canary' not in json.dumps(record)
+    assert record['fields']['error'] == \
+        "plugin 'dies' died during init: the child exited with code 5 while init"
 
 
 def test_plugins_file_errors_name_the_entry(tmp_path):

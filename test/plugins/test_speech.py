@@ -130,6 +130,20 @@ def test_a_hung_worker_is_killed_and_replaced(tmp_path):
         assert out.duration_s > 0.3 and s.stats['restarts'] == 1
 
 
+def test_the_worker_gets_no_secret_of_this_process(tmp_path, monkeypatch):
+    """It speaks text from events: the host's keys stay in the host (the sandbox's allowlist)."""
+    monkeypatch.setenv('LOOM_CLOUD_TOKEN', 'host-only-secret')
+    monkeypatch.setenv('LOOM_STORAGE_MASTER_KEY', 'host-only-master-key')
+    monkeypatch.setenv('LC_MESSAGES', 'C')
+    with Speaker(TtsConfig()) as s:
+        environ = Path(f'/proc/{s._worker.proc.pid}/environ').read_bytes().split(b'\0')
+        names = {item.split(b'=', 1)[0].decode() for item in environ if item}
+        assert 'LOOM_CLOUD_TOKEN' not in names and 'LOOM_STORAGE_MASTER_KEY' not in names
+        assert b'host-only' not in b'\0'.join(environ)
+        assert {'PATH', 'PYTHONPATH', 'LC_MESSAGES'} <= names   # what it runs on is kept
+        assert s.say('hello robot', tmp_path / 'env.wav').duration_s > 0.3
+
+
 def test_inline_isolation_also_writes_speech(tmp_path):
     s = Speaker(TtsConfig(isolation='inline'))
     out = s.say('stop', tmp_path / 'inline.wav')

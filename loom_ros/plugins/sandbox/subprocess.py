@@ -89,6 +89,19 @@ CHILD_ENVIRONMENT = frozenset({
     '_ROS_WHEELS_BOOTSTRAP_COMPLETE', 'SSL_CERT_FILE', 'SSL_CERT_DIR', 'OMP_NUM_THREADS',
     'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'})
 CHILD_ENVIRONMENT_PREFIXES = ('LC_',)
+
+
+def child_environment(pass_env=(), environ=None) -> dict[str, str]:
+    """What a child process Loom starts from its own code gets of this process's environment:
+    CHILD_ENVIRONMENT, the LC_ names and `pass_env`, with Loom's package root on PYTHONPATH.
+    The plugin sandbox and the speech worker use it; the rest (API keys, the storage master
+    key, cloud tokens) stays in this process."""
+    environ = os.environ if environ is None else environ
+    env = {name: value for name, value in environ.items()
+           if name in CHILD_ENVIRONMENT or name.startswith(CHILD_ENVIRONMENT_PREFIXES)
+           or name in pass_env}
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get('PYTHONPATH')) if p)
+    return env
 # The records the child's capability guard makes (PluginContext.require and
 # loom_ros.security.capabilities), with the fields they carry; a child may forward no others.
 CHILD_AUDIT_KINDS = {'capability_denied': ('capability', 'detail'), 'process_spawn': ('detail',)}
@@ -368,11 +381,7 @@ class SubprocessPlugin(Plugin):
 
     def _env(self) -> dict[str, str]:
         """The allowlisted part of the host's environment (the rest may hold its secrets)."""
-        env = {name: value for name, value in os.environ.items()
-               if name in CHILD_ENVIRONMENT or name.startswith(CHILD_ENVIRONMENT_PREFIXES)
-               or name in self.pass_env}
-        env['PYTHONPATH'] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get('PYTHONPATH'))
-                                            if p)
+        env = child_environment(self.pass_env)
         if self.memory_bytes:
             env.setdefault('OPENBLAS_NUM_THREADS', '1')  # its per-thread buffers eat address space
         return env
@@ -389,7 +398,9 @@ class SubprocessPlugin(Plugin):
             hello = self._receive(child, None, self.start_timeout_s, 'starting')
         except ChildFailure as exc:
             child.kill()
-            raise PluginError(f'subprocess plugin {self.target}: {exc}') from None
+            raise PluginError(f'subprocess plugin {self.target}: {exc}',
+                              audit_reason=f'subprocess plugin {self.target}: {exc.reason}') \
+                from None
         if hello.get('error') or not isinstance(hello.get('metadata'), dict):
             child.kill()
             raise PluginError(f'subprocess plugin {self.target} cannot load: '
@@ -562,8 +573,9 @@ class SubprocessPlugin(Plugin):
                 self._init_child(ctx)
             except ChildFailure as exc:
                 self._child_failed(exc, hang=exc.hang)
-                raise PluginError(f'plugin {self.label!r} died during init: {exc}') \
-                    from None
+                raise PluginError(f'plugin {self.label!r} died during init: {exc}',
+                                  audit_reason=f'plugin {self.label!r} died during init: '
+                                  f'{exc.reason}') from None
 
     def handle_event(self, event: Event) -> PluginResponse:
         start = time.perf_counter()

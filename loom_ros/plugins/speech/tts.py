@@ -29,11 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loom_ros.bringup.processes import Process
+from loom_ros.plugins.sandbox.subprocess import child_environment
 from loom_ros.plugins.speech.audio import AudioFormatError, read_wav
 from loom_ros.plugins.speech.config import TtsConfig
 
 ESPEAK_LIBRARY = 'libespeak-ng.so.1'   # what pyttsx3's espeak driver loads on Linux
 MAX_REPLY_CHARS = 64 * 1024            # a worker's reply line is a few dozen bytes
+WORKER_PASS_ENV = ('ESPEAK_DATA_PATH',)   # the worker's besides the sandbox's allowlist
 
 
 class TTSError(RuntimeError):
@@ -195,9 +197,9 @@ class _Worker:
     bounded tail of its stderr for the reason it died."""
 
     def __init__(self, config: TtsConfig):
-        env = dict(os.environ)   # the worker imports this very package, wherever it lives
-        root = str(Path(__file__).resolve().parents[3])
-        env['PYTHONPATH'] = os.pathsep.join(p for p in (root, env.get('PYTHONPATH', '')) if p)
+        # The sandbox's allowlist (Loom's package root on PYTHONPATH, no secrets): the worker
+        # runs espeak-ng on text from events and needs none of this process's keys.
+        env = child_environment(WORKER_PASS_ENV)
         self.process = Process(
             [sys.executable, '-m', 'loom_ros.plugins.speech.tts', '--worker'], name='loom-tts',
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
