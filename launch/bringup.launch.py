@@ -14,9 +14,12 @@ use_composition:=true runs every node in one process instead (intra-process fast
 nodes are Python, and rclpy has no component container (launch_ros' ComposableNodeContainer loads
 C++ components only), so this starts the one process `loom bringup --composition --nodes-only`,
 which builds the same table's nodes there, each on its own executor thread.
-Uses only launch / launch_ros APIs present in Jazzy and Kilted.
+When the launch ends, the Fast DDS shared memory its dead nodes left is given back, as `loom
+bringup` gives it back (only dead owners' segments). Uses only launch / launch_ros APIs present in Jazzy and Kilted.
 """
+import atexit
 import os
+import sys
 import tempfile
 
 from launch import LaunchDescription
@@ -94,7 +97,23 @@ def robot_actions(context):
     return actions
 
 
+def _give_back_shared_memory() -> None:
+    """At the launch process's exit, once every node it started has stopped (launch waits for
+    them, SIGKILLs the late ones): the Fast DDS segments dead processes left in /dev/shm, which
+    a killed or respawned node never releases, as `loom bringup` does when its nodes are gone.
+    Only segments whose owner is dead (bringup/shm.py); the launch goes on if it cannot."""
+    from loom_ros.bringup.shm import clean_dead_segments
+    try:
+        cleaned = clean_dead_segments()
+    except Exception as exc:  # noqa: BLE001 - an exit hook must not turn a clean exit into a trace
+        print(f'loom launch: shared-memory pass failed: {exc!r}'[:300], file=sys.stderr)
+        return
+    if cleaned.segments or cleaned.error:
+        print(f'loom launch: {cleaned}', file=sys.stderr)
+
+
 def generate_launch_description():
+    atexit.register(_give_back_shared_memory)
     declared = []
     for name, default, description in ARGUMENTS:
         if default is None:   # the shipped params file, found in the install
