@@ -374,6 +374,8 @@ class PluginHost:
         subject = named_subject(event)
         floor = effective_privacy(event)
         writes = None if slot.guarded else self._writes(slot)
+        own = getattr(slot.metadata, 'name', '') or name
+        own_names = (own, f'plugin/{own}')   # how a plugin names itself (perception: plugin/x)
         for out in response.events:
             if not isinstance(out, Event):
                 slot.counters['bad_output'] += 1
@@ -388,7 +390,7 @@ class PluginHost:
             # check missed them and an output topic among its inputs looped for ever; and a
             # claimed in_reply_to would tie the answer to someone else's question.
             if out.source != name:
-                if out.source:
+                if out.source and out.source not in own_names:   # its own name: no claim
                     slot.counters['source_replaced'] += 1
                 out.source = name
             out.metadata['in_reply_to'] = event.id

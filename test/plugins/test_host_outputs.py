@@ -77,6 +77,8 @@ def test_the_host_names_who_answered_and_to_what(make_host, tmp_path):
                        'mode': 'wasm'})
     out, = upper.handle('upper', Event(type='text.in', payload=b'hi')).events
     assert out.source == 'upper' and out.payload == b'HI'
+    # a plugin naming itself (by its metadata name, or plugin/<it>) claims nobody else's name
+    assert upper.counters('upper').get('source_replaced', 0) == 0
 
 
 def test_a_sandboxed_plugin_writes_only_the_types_it_declared(make_host, tmp_path):
