@@ -19,6 +19,15 @@ from loom_ros.storage.errors import StorageError
 from loom_ros.storage.stores import SUBJECT_NOT_KEPT as NOT_KEPT, RouterHistoryStore
 
 
+class OutcomeRefused(ValueError):
+    """An outcome the history does not keep; `reason` names the check it failed (a counter
+    label: cost, field, duplicate, unknown_decision)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class HistoryError(sqlite3.DatabaseError):
     """The history file cannot be opened, read or written; names the file and why. An
     sqlite3.Error, as the router's history always raised, so its callers keep handling it."""
@@ -72,13 +81,23 @@ class RouterHistory:
                 subject=request.subject if subject is None else subject)
 
     def record_outcome(self, outcome: Outcome, now: float | None = None) -> None:
+        """OutcomeRefused for a second outcome of one decision: each is charged once (a
+        forged repeat of a real decision's id would add its cost again and again)."""
         with _history_errors():
+            if self._store.has_outcome(outcome.decision_id):
+                raise OutcomeRefused('duplicate', f'decision {outcome.decision_id[:64]!r} '
+                                     'already has its outcome')
             self._store.record_outcome(outcome.decision_id, outcome.event_type, outcome.backend,
                                        outcome.latency_ms, outcome.cost, outcome.success,
                                        outcome.confidence, now)
 
+    def has_decision(self, decision_id: str) -> bool:
+        with _history_errors():
+            return self._store.has_decision(decision_id)
+
     def spend(self, now: float | None = None) -> float:
-        """Cloud spend reported in the current budget period (periods start at multiples of it)."""
+        """Cloud spend reported in the current budget period (periods start at multiples of it),
+        by outcomes of the decisions held here."""
         with _history_errors():
             return self._store.spend(now)
 

@@ -19,20 +19,28 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from loom_ros.bus.event import Privacy
 from loom_ros.bus.privacy import Purpose, check_subject
 from loom_ros.config.params import by_node, config_dir, load_params_file, node_defaults
-from loom_ros.router.decision import Decision, RouteRequest, Spend, decide
-from loom_ros.router.history import NOT_KEPT, Outcome, RouterHistory
+from loom_ros.router.decision import CLOUD_ROUTES, Decision, RouteRequest, Spend, decide
+from loom_ros.router.history import NOT_KEPT, Outcome, OutcomeRefused, RouterHistory
 from loom_ros.router.policy import PolicyFile, load_policy
 from loom_ros.telemetry import tracing
 
 
 ROUTER_NODE = 'router'   # whose parameters (config/loom.yaml section) name the policy file
+MAX_OUTCOME_FIELD_CHARS = 256   # an outcome's ids, type and backend
+# An outcome may report up to this many times the dearest model's cost per call (a real call
+# can cost more than the policy's estimate); more, or a negative or non-finite cost, is refused:
+# one forged outcome of -1e9 had zeroed the spend, one of +inf spent the whole period.
+OUTCOME_COST_FACTOR = 10.0
+MAX_RESERVED = 100_000   # cloud decisions awaiting their outcome, charged in the meantime
 
 
 def policy_path_of_files(params_files=(), defaults_path: str | None = None) -> str:
@@ -113,6 +121,15 @@ class LocalRouter:
         self.decisions = 0
         self.outcomes = 0
         self.subjects_not_kept = 0   # decisions recorded without their subject (no store consent)
+        self.outcomes_refused: Counter = Counter()   # by the check they failed
+        self.clock = time.time
+        # Cloud and hybrid decisions of this budget period not yet reported: their estimated
+        # cost counts toward the budget until their outcome does (1,000 decisions made before
+        # any outcome had all gone to the cloud past the limit).
+        self._reserved: dict[str, float] = {}
+        self._reserved_period = -1
+        self._reserved_total = 0.0
+        self.reservations_dropped = 0
         self.lock = threading.Lock()   # around the history: callers reading it take it too
 
     @classmethod
@@ -139,10 +156,12 @@ class LocalRouter:
         with self.lock:
             spent = self.history.spend() if self.history is not None else \
                 float(self.spend()) if self.spend is not None else 0.0
-            spend = Spend(spent, self.policy.budget.limit)
+            spend = Spend(spent + self._reserved_now(), self.policy.budget.limit)
             decision = decide(request, policy, cloud_cost=self.policy.cost_of(
                 policy.cloud_model), spend=spend, consent=self.consent)
             decision_id = uuid.uuid4().hex
+            if decision.route in CLOUD_ROUTES and decision.cloud_cost > 0:
+                self._reserve(decision_id, float(decision.cloud_cost))
             if self.history is not None:
                 self.history.record_decision(decision_id, query.event_id, request, decision,
                                              subject=self.filed_under(request.subject))
@@ -169,9 +188,57 @@ class LocalRouter:
         self.subjects_not_kept += 1
         return NOT_KEPT
 
-    def report(self, outcome: Outcome) -> None:
-        """An executed route's outcome (spend, latency): recorded when there is a history."""
+    def _reserved_now(self) -> float:
+        """What this period's unreported cloud decisions are estimated to cost (lock held)."""
+        period = int(self.clock() // self.policy.budget.period_s)
+        if period != self._reserved_period:   # a new period: last period's are not charged
+            self._reserved.clear()
+            self._reserved_period, self._reserved_total = period, 0.0
+        return self._reserved_total
+
+    def reserved(self) -> float:
+        """This period's estimate for cloud decisions not reported yet (call holding `lock`)."""
+        return self._reserved_now()
+
+    def _reserve(self, decision_id: str, cost: float) -> None:
+        if len(self._reserved) >= MAX_RESERVED:   # the oldest unreported one goes (counted)
+            oldest = next(iter(self._reserved))
+            self._reserved_total -= self._reserved.pop(oldest)
+            self.reservations_dropped += 1
+        self._reserved[decision_id] = cost
+        self._reserved_total += cost
+
+    def check_outcome(self, outcome: Outcome) -> None:
+        """OutcomeRefused (its reason a counter label) for an outcome no route could have
+        produced: fields past their bounds, or a cost that is negative, not finite, or above
+        OUTCOME_COST_FACTOR times the dearest model's."""
+        for name in ('decision_id', 'event_type', 'backend'):
+            value = getattr(outcome, name)
+            if not isinstance(value, str) or len(value) > MAX_OUTCOME_FIELD_CHARS:
+                raise OutcomeRefused('field', f'outcome {name}: not a string of at most '
+                                     f'{MAX_OUTCOME_FIELD_CHARS} characters')
+        if not outcome.decision_id:
+            raise OutcomeRefused('field', 'outcome decision_id: empty')
+        cost = float(outcome.cost)
+        ceiling = OUTCOME_COST_FACTOR * max(self.policy.models.values(), default=0.0)
+        if not (math.isfinite(cost) and 0.0 <= cost <= ceiling):
+            raise OutcomeRefused('cost', f'outcome cost {cost!r} is not in [0, {ceiling:g}] '
+                                 f'({OUTCOME_COST_FACTOR:g}x the dearest model)')
+
+    def report(self, outcome: Outcome) -> str:
+        """An executed route's outcome (spend, latency): recorded when there is a history.
+        Returns '' when taken, else the reason it was refused (counted in outcomes_refused):
+        one bad report never raises into the agent that made it."""
         with self.lock:
-            if self.history is not None:
-                self.history.record_outcome(outcome)
+            try:
+                self.check_outcome(outcome)
+                if self.history is not None:
+                    self.history.record_outcome(outcome)
+            except OutcomeRefused as exc:
+                self.outcomes_refused[exc.reason] += 1
+                return exc.reason
+            cost = self._reserved.pop(outcome.decision_id, None)
+            if cost is not None:
+                self._reserved_total -= cost
             self.outcomes += 1
+        return ''

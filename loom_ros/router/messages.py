@@ -9,7 +9,7 @@ import math
 from loom_msgs.msg import RouteDecision
 
 from loom_ros.bus.event import Privacy
-from loom_ros.router.decision import Decision, Route, RouteRequest
+from loom_ros.router.decision import CLOUD_ROUTES, Decision, Route, RouteRequest
 from loom_ros.router.local import RouteAnswer, RouteQuery
 
 MAX_FIELD_CHARS = 256     # ids, types, rule names read from a decision message
@@ -71,6 +71,11 @@ def decision_of(msg) -> tuple[str, str, RouteRequest, Decision]:
         latency_budget_ms=(_number(msg.latency_budget_ms, 'latency_budget_ms')
                            if msg.has_latency_budget else math.inf),
         payload_bytes=int(msg.payload_bytes), subject=_text(msg.subject, 'subject'))
+    if route in CLOUD_ROUTES and privacy >= Privacy.PRIVATE:
+        # rule 1 runs first everywhere: no router could have made this (a forged row that
+        # poisons the audit trail, the rates and the learned router's data)
+        raise DecisionMessageError(f'route {route.value} for a {privacy.name} event: no router '
+                                   'sends Private or LocalOnly events to the cloud')
     decision = Decision(route, _number(msg.confidence, 'confidence', 0.0, 1.0),
                         _text(msg.rule, 'rule'), _text(msg.reason, 'reason', MAX_REASON_CHARS),
                         cloud_cost=_number(msg.cloud_cost, 'cloud_cost'))

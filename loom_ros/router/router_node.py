@@ -16,6 +16,7 @@ import math
 import sqlite3
 import sys
 import time
+from collections import Counter
 
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
@@ -30,7 +31,8 @@ from loom_ros.config.paths import usable_file
 from loom_ros.router.decision import RequestError
 from loom_ros.router.history import Outcome, RouterHistory
 from loom_ros.router.local import LocalRouter, RouteAnswer, RouteQuery, RouterRefused
-from loom_ros.router.messages import DecisionMessageError, decision_msg, decision_of
+from loom_ros.router.messages import (MAX_FIELD_CHARS, DecisionMessageError, decision_msg,
+                                      decision_of)
 from loom_ros.router.policy import PolicyError, PolicyFile, load_policy
 from loom_ros.storage.layout import derived
 from loom_ros.storage.consent import ConsentError, ConsentRegistry, consent_path, load_defaults
@@ -67,6 +69,7 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
         self.consent: ConsentRegistry | None = None
         self.hosted_decisions = 0     # recorded from agent hosts that route in-process
         self.rejected_decisions = 0
+        self.route_refused: Counter = Counter()   # router/route requests refused, by field
         self.probes = 0               # empty Route requests answered (bus/replies.py)
         self.local: LocalRouter | None = None   # the decision path, made on configure
         self._active = False
@@ -163,8 +166,8 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
         local = self.local
         if local is None or local.history is None:
             return CheckResult(WARN, 'router not configured: no history or policy loaded yet')
-        with local.lock:
-            spend = local.history.spend()
+        with local.lock:   # reported, and what this period's cloud decisions still reserve
+            spend = local.history.spend() + local.reserved()
         return budget_check(spend, local.policy.budget.limit)
 
     def _collect_metrics(self, registry) -> None:
@@ -177,8 +180,15 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
         registry.set_total('route_decisions', decisions)
         for route, rate in rates.items():
             registry.set_gauge('route_rate', rate, route=route)
+            reserved, refused = local.reserved(), dict(local.outcomes_refused)
         registry.set_gauge('cloud_spend', spend)
+        registry.set_gauge('cloud_reserved', reserved)
         registry.set_gauge('cloud_budget_limit', local.policy.budget.limit)
+        registry.set_total('route_decisions_refused', self.rejected_decisions)
+        for reason, count in list(self.route_refused.items()):
+            registry.set_total('route_requests_refused', count, reason=reason)
+        for reason, count in refused.items():
+            registry.set_total('route_outcomes_refused', count, reason=reason)
 
     # -- in-process callers ------------------------------------------------------------------
     def in_process(self) -> 'InProcessRouter':
@@ -207,6 +217,11 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
         if not self._active:
             resp.ok, resp.error = False, 'router is not active (lifecycle state is not active)'
             return resp
+        for name in ('event_id', 'event_type', 'agent_id'):   # a subject is judged (consent)
+            if len(getattr(req, name)) > MAX_FIELD_CHARS:   # before a log, a row or a reason
+                self.route_refused[name] += 1
+                resp.ok, resp.error = False, f'{name}: longer than {MAX_FIELD_CHARS} characters'
+                return resp
         query = RouteQuery(
             event_id=req.event_id, event_type=req.event_type, agent_id=req.agent_id,
             privacy=_privacy(req.privacy), local_supported=req.local_supported,
@@ -216,6 +231,7 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
         try:
             answer = self.local.decide(query)
         except (RequestError, PolicyError) as exc:
+            self.route_refused['request'] += 1
             resp.ok, resp.error = False, str(exc)
             return resp
         resp.ok, resp.decision_id = True, answer.decision_id
@@ -253,11 +269,16 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
         local = self.local
         if local is None or local.history is None:
             return
-        local.report(Outcome(
+        refused = local.report(Outcome(
             msg.decision_id, msg.event_type, msg.backend, msg.latency_ms, msg.cost, msg.success,
             float(msg.confidence),
             bool(msg.local_good_enough) if msg.has_local_verdict else None,
             bool(msg.names_subject)))
+        if refused:
+            count = sum(local.outcomes_refused.values())
+            if count <= 10 or count % 1000 == 0:
+                self.get_logger().warning(f'an outcome on {topics.ROUTER_OUTCOMES} refused '
+                                          f'({refused}; {count} so far)')
 
     def _publish_stats(self) -> None:
         from loom_msgs.msg import RouterStats
@@ -267,7 +288,9 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
         with local.lock:
             history = local.history
             rates, decisions = history.rates(), history.decisions
-            spend, outcomes = history.spend(), history.outcomes
+            # with what this period's unreported cloud decisions are estimated to cost: the
+            # agent hosts that route in-process decide on it
+            spend, outcomes = history.spend() + local.reserved(), history.outcomes
         msg = RouterStats(decisions=decisions, local_rate=rates['local'],
                           cloud_rate=rates['cloud'], hybrid_rate=rates['hybrid'],
                           fallback_rate=rates['local_fallback'], spend=spend,

@@ -93,6 +93,8 @@ ROUTER_DDL = [
     'backend text, latency_ms real, cost real, success int, confidence real)',
     'create index if not exists outcomes_time on outcomes (time)',
     'create index if not exists outcomes_backend on outcomes (backend, event_type)',
+    # one outcome per decision (RouterHistory.record_outcome looks it up)
+    'create index if not exists outcomes_decision on outcomes (decision_id)',
 ]
 
 # Audit: append-only, enforced by triggers (security/audit.py opens a file of only these, the

@@ -622,11 +622,23 @@ class RouterHistoryStore:
         return ticket
 
     def spend(self, now: float | None = None) -> float:
-        """Cloud spend reported in the current budget period (periods start at multiples of it)."""
+        """Cloud spend reported in the current budget period (periods start at multiples of it):
+        the outcomes of decisions this history holds (an outcome naming no decision, a forgery
+        or one whose decision has not arrived yet, is charged once its decision is here), and
+        no negative or non-finite cost (RouterHistory refuses them; older rows are left out)."""
         now = now or time.time()
         start = now - (now % self.period_s)
-        return float(self.db.query('select coalesce(sum(cost), 0) as s from outcomes where '
-                                   'time >= ?', (start,))[0]['s'])
+        return float(self.db.query(
+            'select coalesce(sum(o.cost), 0) as s from outcomes o join decisions d '
+            'on d.id = o.decision_id where o.time >= ? and o.cost >= 0 and o.cost < 1e300',
+            (start,))[0]['s'])
+
+    def has_outcome(self, decision_id: str) -> bool:
+        return bool(self.db.query('select 1 from outcomes where decision_id = ? limit 1',
+                                  (decision_id,)))
+
+    def has_decision(self, decision_id: str) -> bool:
+        return bool(self.db.query('select 1 from decisions where id = ? limit 1', (decision_id,)))
 
     def backend_stats(self, event_type: str, backend: str) -> dict:
         """Running performance per backend and event type (what the learned router trains on)."""

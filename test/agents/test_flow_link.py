@@ -246,6 +246,17 @@ def test_hosted_router_decides_in_process_and_tells_the_router_node(ros, tmp_pat
         assert ports.router.spend() == 0.008 + 0.002
         ros.wait_for(lambda: any(o.decision_id == answer.decision_id for o in outcomes),
                      'the outcome on router/outcomes')
+        # Within a period a report never lowers the spend (a forged 0 had bought 100 cloud
+        # routes past the budget), a higher one raises it; a forged outcome cost is refused.
+        seen = ports.router.stats_seen
+        stats.publish(RouterStats(spend=0.0, budget_limit=0.01))
+        stats.publish(RouterStats(spend=0.011, budget_limit=0.01))
+        ros.wait_for(lambda: ports.router.stats_seen >= seen + 2, 'both reports')
+        assert ports.router.spend() == pytest.approx(0.011)
+        ports.router.report(Outcome(answer.decision_id, 'face.detected', 'cloud', 1.0, -1e9,
+                                    True, 0.9))
+        assert ports.router.spend() == pytest.approx(0.011)
+        assert ports.router.local.outcomes_refused['cost'] == 1
         ports.gate.close()
         with pytest.raises(PortError, match='not active'):
             ports.router.route(face)

@@ -106,6 +106,8 @@ def test_service_decides_explains_publishes_and_persists_across_restarts(ros, ro
     assert (private.route, private.rule, private.upload) == ('local_fallback', 'privacy', 'none')
     bad = call(ros, client, route_request(event_type=''))
     assert not bad.ok and 'event_type' in bad.error
+    long = call(ros, client, route_request(event_id='e' * 300))   # before a row or a reason
+    assert not long.ok and long.error == 'event_id: longer than 256 characters'
 
     ros.wait_for(lambda: len(decisions) == 3, 'three decisions on router/decisions', alive=[proc])
     assert [d.rule for d in decisions] == ['hybrid', 'latency', 'privacy']

@@ -73,8 +73,12 @@ def test_a_broken_check_is_an_error_not_a_crash():
 
 
 def test_router_reports_budget_levels_on_diagnostics(ros, spawn, tmp_path):
+    """The budget counts what was reported and what this period's cloud decisions still
+    reserve (an outcome counts only for a decision the router made: router/outcomes is open to
+    anyone on the bus)."""
     from diagnostic_msgs.msg import DiagnosticArray
     from loom_msgs.msg import RouteOutcome
+    from loom_msgs.srv import Route
 
     from loom_ros.bus.qos import to_qos_profile
     levels: list[tuple[int, str]] = []
@@ -84,27 +88,39 @@ def test_router_reports_budget_levels_on_diagnostics(ros, spawn, tmp_path):
             if status.name == '/router: cloud budget':
                 levels.append((level_of(status), status.message))
 
+    policy = tmp_path / 'policy.yaml'
+    policy.write_text('default: {cloud_model: cloud-default}\nmodels: {cloud-default: 0.002}\n'
+                      'budget: {period_s: 86400, limit: 0.0095}\n')
     sub = ros.node.create_subscription(DiagnosticArray, '/diagnostics', on_diag, 10)
     pub = ros.node.create_publisher(RouteOutcome, 'router/outcomes', to_qos_profile('batched'))
+    client = ros.node.create_client(Route, 'router/route')
     router = spawn('-m', 'loom_ros.router.router_node', '--ros-args',
-                   '-p', f'history_db:={tmp_path / "router.db"}',
+                   '-p', f'history_db:={tmp_path / "router.db"}', '-p', f'policy_file:={policy}',
                    '-p', 'telemetry.diagnostics.period_s:=0.2')
     try:
         ros.wait_for(lambda: levels and levels[-1][0] == OK, 'an OK budget report',
                      alive=[router])
-
-        def spend(cost: float) -> None:
-            pub.publish(RouteOutcome(decision_id='d', event_type='speech.utterance',
-                                     backend='cloud', latency_ms=100.0, cost=cost, success=True,
-                                     confidence=0.9))
-
-        ros.wait_for(lambda: pub.get_subscription_count() > 0, 'the router on router/outcomes')
-        spend(4.2)   # the shipped policy's budget is 5.0 per day: 84%
+        ros.first_exchange(client, alive=[router])
+        decisions = []
+        for i in range(4):   # 4 cloud calls of 0.002 reserved: 0.008 of 0.0095, 84%
+            future = client.call_async(Route.Request(
+                event_id=f'e{i}', event_type='speech.utterance', local_supported=True,
+                has_local_confidence=True, local_confidence=0.1))
+            ros.wait_for(future.done, 'a Route answer', alive=[router])
+            assert future.result().route == 'cloud', future.result()
+            decisions.append(future.result().decision_id)
         ros.wait_for(lambda: levels[-1][0] == WARN, 'WARN near the budget', alive=[router])
         assert '84%' in levels[-1][1]
-        spend(1.0)   # 5.2 of 5.0
+        ros.wait_for(lambda: pub.get_subscription_count() > 0, 'the router on router/outcomes')
+        pub.publish(RouteOutcome(decision_id='forged', event_type='speech.utterance',
+                                 backend='cloud', latency_ms=1.0, cost=0.01, success=True))
+        # one call cost twice its estimate: 0.004 + the others' 0.006 = 0.010 of 0.0095
+        pub.publish(RouteOutcome(decision_id=decisions[0], event_type='speech.utterance',
+                                 backend='cloud', latency_ms=100.0, cost=0.004, success=True,
+                                 confidence=0.9))
         ros.wait_for(lambda: levels[-1][0] == ERROR, 'ERROR over budget', alive=[router])
-        assert 'cloud over budget' in levels[-1][1]
+        assert 'cloud over budget: spent 0.0100 of 0.0095' in levels[-1][1]   # no forgery in it
     finally:
+        ros.node.destroy_client(client)
         ros.node.destroy_subscription(sub)
         ros.node.destroy_publisher(pub)

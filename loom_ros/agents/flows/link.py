@@ -13,6 +13,7 @@ on an agent whose handler is waiting (`waiting`).
 """
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -35,7 +36,7 @@ from loom_ros.plugins.registry import response_from_msg
 from loom_ros.router.decision import RequestError
 from loom_ros.router.local import LocalRouter, RouteAnswer, RouteQuery
 from loom_ros.router.messages import decision_msg
-from loom_ros.router.policy import PolicyError, PolicyFile, load_policy
+from loom_ros.router.policy import Budget, PolicyError, PolicyFile, load_policy
 from loom_ros.telemetry import tracing
 
 PRIVACY_CODES = {Privacy.PUBLIC: 0, Privacy.SENSITIVE: 1, Privacy.PRIVATE: 2,
@@ -46,6 +47,7 @@ MAX_PLUGIN_CLIENTS = 64      # distinct plugin names one node makes clients for
 PLUGIN_NAME = re.compile(r'[A-Za-z](?:_?[A-Za-z0-9])*')   # as plugin hosts accept (ROS names)
 
 STRING_PARAMETER = 4         # rcl_interfaces/ParameterType.PARAMETER_STRING
+DEFAULT_PERIOD_S = Budget().period_s   # the budget period before the policy is known
 
 FlowError = PortError   # the name the flows used before the ports (kept for imports)
 
@@ -173,7 +175,10 @@ class HostedRouter:
         self._lock = threading.Lock()
         self._reported_spend = 0.0   # the router node's, from its last RouterStats
         self._spent_here = 0.0       # outcome costs reported by this node since then
+        self._period = -1            # the budget period they belong to
+        self.clock = time.time
         self.stats_seen = 0
+        self.stats_refused = 0
         self.policy_changes = 0
         self._consent = consent
         self.local = None if policy is None else self._local(policy)
@@ -204,11 +209,23 @@ class HostedRouter:
             return self._reported_spend + self._spent_here
 
     def _on_stats(self, msg) -> None:
+        """The router node's spend. Within a budget period it only ever raises what this host
+        counts (a forged RouterStats of 0 had given a host that had spent its budget 100 more
+        cloud routes); a new period starts from what is reported."""
         spend = float(msg.spend)
-        if spend != spend or spend < 0.0:   # NaN or negative: not a spend, keep what we had
+        if not math.isfinite(spend) or spend < 0.0:   # not a spend: keep what we had
+            self.stats_refused += 1
             return
+        local = self.local
+        period_s = local.policy.budget.period_s if local is not None else DEFAULT_PERIOD_S
+        period = int(self.clock() // period_s)
         with self._lock:
-            self._reported_spend, self._spent_here = spend, 0.0
+            if period != self._period:
+                self._period, self._reported_spend, self._spent_here = period, spend, 0.0
+            else:
+                estimate = self._reported_spend + self._spent_here
+                self._reported_spend = max(self._reported_spend, spend)
+                self._spent_here = max(0.0, estimate - self._reported_spend)
             self.stats_seen += 1
 
     def route(self, query: RouteQuery) -> RouteAnswer:
@@ -229,8 +246,13 @@ class HostedRouter:
                                              frame_id=self._name))
 
     def report(self, outcome) -> None:
+        """Checked as the router node checks it (LocalRouter.report: bounds, cost, and the
+        decision's reservation released), then counted here and sent to the router node."""
+        local = self.local
+        if local is not None and local.report(outcome):
+            return   # refused and counted in local.outcomes_refused
         cost = float(outcome.cost)
-        if cost == cost and cost > 0.0:
+        if math.isfinite(cost) and cost > 0.0:
             with self._lock:
                 self._spent_here += cost
         self._outcomes.publish(outcome_msg(outcome))
