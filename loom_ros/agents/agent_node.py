@@ -29,6 +29,7 @@ meets it) leaves `active`, so nothing uncommitted is acknowledged as done.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -120,6 +121,21 @@ def unit_name(fully_qualified: str) -> str:
     return name[-64:].lstrip('.-') or 'agent'
 
 
+def _logs_failure(step: str):
+    """A lifecycle callback that logs why it raised, then returns ERROR: rclpy turns the
+    exception into ERROR and logs nothing, so a failed configure or activate said nothing."""
+    def wrap(callback):
+        @functools.wraps(callback)
+        def logged(self, state):
+            try:
+                return callback(self, state)
+            except Exception as exc:
+                self.get_logger().error(f'cannot {step}: {type(exc).__name__}: {str(exc)[:500]}')
+                return TransitionCallbackReturn.ERROR
+        return logged
+    return wrap
+
+
 class AgentNode(LifecycleNode):
 
     def __init__(self, agent_id: str | None = None, heartbeat_key: bytes | None = None,
@@ -182,12 +198,13 @@ class AgentNode(LifecycleNode):
         return next(iter(self.agents.values()), None)
 
     # -- lifecycle ----------------------------------------------------------------------------
+    @_logs_failure('configure')
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         path = self.params['agents_file'] or str(config_dir() / 'agents.yaml')
         try:
             configs = load_agents(path)
             wanted = self._wanted(configs, path)
-        except AgentConfigError as exc:
+        except ValueError as exc:   # AgentConfigError, and any other refusal of the file
             self.get_logger().error(f'cannot configure: {exc}')
             return TransitionCallbackReturn.FAILURE
         self.failed = {}
@@ -352,6 +369,7 @@ class AgentNode(LifecycleNode):
             link.start()
         return link
 
+    @_logs_failure('activate')
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         if self.ports is not None:
             self.ports.gate.open()

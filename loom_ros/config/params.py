@@ -59,26 +59,54 @@ def _flatten(prefix: str, value, out: dict) -> None:
 
 def read_yaml(path, error: type[Exception] = None):
     """The parsed YAML of `path`. A file that cannot be read or parsed raises `error` (default
-    ConfigError) naming the file and the reason, so every config loader reports alike."""
+    ConfigError) naming the file and the reason, so every config loader reports alike. A key
+    given twice in one mapping is refused: PyYAML keeps the last silently (a second `budget:`
+    replaced the first unseen)."""
     error = error or ConfigError
     try:
         with open(path, encoding='utf-8') as stream:
             text = stream.read(MAX_CONFIG_CHARS + 1)
-        if len(text) > MAX_CONFIG_CHARS:
-            raise error(f'{path}: larger than {MAX_CONFIG_CHARS} characters')
-        if text.count('[') + text.count('{') > _MAX_FLOW_OPENERS:   # PyYAML: quadratic in depth
-            raise error(f'{path}: more than {_MAX_FLOW_OPENERS} `[`/`{{` (nested too deep?)')
-        data = yaml.safe_load(text)
     except OSError as exc:
         raise error(f'{path}: cannot read: {exc.strerror}') from None
     except UnicodeDecodeError as exc:
         raise error(f'{path}: not UTF-8 text: {exc.reason} at byte {exc.start}') from None
+    # Limits, not syntax: said as such, outside the parse's "not valid YAML" wrapping.
+    if len(text) > MAX_CONFIG_CHARS:
+        raise error(f'{path}: larger than {MAX_CONFIG_CHARS} characters')
+    if text.count('[') + text.count('{') > _MAX_FLOW_OPENERS:   # PyYAML: quadratic in depth
+        raise error(f'{path}: more than {_MAX_FLOW_OPENERS} `[`/`{{` (nested too deep?)')
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise error(f'{path}: {exc}') from None
     except (yaml.YAMLError, ValueError) as exc:   # ValueError: an integer of 100,000 digits
         raise error(f'{path}: not valid YAML: {str(exc)[:500]}') from None
-    except RecursionError:   # PyYAML recurses per nesting level: `[[[[...`
-        raise error(f'{path}: not valid YAML: nested too deep') from None
+    except RecursionError:   # PyYAML recurses per nesting level: `- - - - ...`
+        raise error(f'{path}: nested too deep for the YAML parser') from None
     _check_shape(data, path, error)
     return data
+
+
+class _DuplicateKey(Exception):
+    """A mapping key given twice; the message has both lines."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping. Checked on the composed nodes,
+    before merge keys (`<<: *base`) are expanded, so overriding a merged key stays allowed."""
+
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
+        seen = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == 'tag:yaml.org,2002:merge':
+                continue
+            first = seen.setdefault((key.tag, key.value), key)
+            if first is not key:
+                raise _DuplicateKey(
+                    f'line {key.start_mark.line + 1}: key {key.value[:80]!r} given twice in one '
+                    f'mapping (first on line {first.start_mark.line + 1})')
+        return node
 
 
 MAX_CONFIG_CHARS = 4 * 1024 * 1024

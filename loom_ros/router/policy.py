@@ -7,6 +7,7 @@ Pure Python (pydantic, PyYAML), no rclpy.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from loom_ros.config.params import read_yaml
@@ -43,10 +44,17 @@ class RoutingPolicy(BaseModel):
         return self
 
 
+# The shortest budget period: spend counts from the last multiple of the period, so a period of
+# 1e-320 s counted nothing and the budget was off. The shipped policy uses a day.
+MIN_BUDGET_PERIOD_S = 1.0
+
+
 class Budget(BaseModel):
     model_config = ConfigDict(extra='forbid', frozen=True)
 
-    period_s: float = Field(86400.0, gt=0.0, description='length of a budget period')
+    period_s: float = Field(86400.0, ge=MIN_BUDGET_PERIOD_S, allow_inf_nan=False,
+                            description='length of a budget period in seconds, finite, at least '
+                            f'{MIN_BUDGET_PERIOD_S:g} (periods start at its multiples)')
     limit: float = Field(5.0, ge=0.0, description='most cloud spend per period')
 
 
@@ -61,16 +69,27 @@ class PolicyFile(BaseModel):
 
     @model_validator(mode='after')
     def _overrides_are_valid(self):
+        # Costs first: a NaN cost compared false with every cap and never added to the spend.
+        for name, cost in self.models.items():
+            if not math.isfinite(cost) or cost < 0:
+                raise ValueError(f'models.{name}: cost per call must be >= 0 and finite, '
+                                 f'got {cost}')
+        self._check_model('default', self.default)
         for section in ('event_types', 'agents'):
             for name, override in getattr(self, section).items():
                 try:
-                    RoutingPolicy(**{**self.default.model_dump(), **override})
+                    policy = RoutingPolicy(**{**self.default.model_dump(), **override})
                 except ValidationError as exc:
                     raise ValueError(f'{section}.{name}: {_first_error(exc)}') from None
-        for name, cost in self.models.items():
-            if cost < 0:
-                raise ValueError(f'models.{name}: cost per call must be >= 0, got {cost}')
+                self._check_model(f'{section}.{name}', policy)
         return self
+
+    def _check_model(self, where: str, policy: RoutingPolicy) -> None:
+        """A cloud_model with no cost loaded fine and then failed every decision: refused here."""
+        if policy.cloud_model not in self.models:
+            have = ', '.join(sorted(self.models)[:10]) + (', ...' if len(self.models) > 10 else '')
+            raise ValueError(f'{where}.cloud_model: {policy.cloud_model[:80]!r} has no cost under '
+                             f'models: (have: {have or "none"})')
 
     def policy_for(self, event_type: str = '', agent_id: str = '') -> RoutingPolicy:
         """The default, overlaid by the event type's overrides, then the agent's."""
