@@ -2,8 +2,10 @@
 with its original timing (scaled by --rate) or as fast as possible, publishing /clock so nodes
 with use_sim_time follow the recording.
 
-The same topics and types as recorded; a message is skipped and counted (never a crash) when its
-channel's topic is not a valid ROS name, its type is not installed here or was recorded from
+The same topics and types as recorded, except actuators: a topic that drives motion, speech or
+the e-stop (the inbound contract's `actuators`, robot_control's cmd_vel and estop) is skipped and
+counted (`actuator_topic`) unless `--allow-actuator TOPIC` names it. A message is skipped and
+counted (never a crash) when its channel's topic is not a valid ROS name, its type is not installed here or was recorded from
 another definition, it is over the size limits, or it does not deserialize. A file that stops
 being readable (cut short, not MCAP, a record over the limits) ends the play with the reason and
 what was played before it. Progress goes to stderr every second; the summary (messages played
@@ -19,9 +21,12 @@ from pathlib import Path
 
 from loom_ros.bringup.stop_signals import stop_event
 from loom_ros.bus.qos import fastdds_environment
-from loom_ros.config.params import config_dir
+from loom_ros.bridge.inbound import ContractError, InboundContract
+from loom_ros.config.params import config_dir, read_yaml
+from loom_ros.plugins.actuators.config import RobotControlConfig, load_section
+from loom_ros.plugins.contract import PluginError
 from loom_ros.replay.mcap_source import Limits, McapSource
-from loom_ros.replay.player import MonotonicClock, PlayOptions, Player, Summary
+from loom_ros.replay.player import ActuatorGuard, MonotonicClock, PlayOptions, Player, Summary
 
 MB = 1 << 20
 
@@ -52,6 +57,9 @@ def _arguments(p) -> None:
                         'what was played (0: leave at once)')
     p.add_argument('--max-message-mb', type=float, default=64.0,
                    help='skip messages larger than this (MiB)')
+    p.add_argument('--allow-actuator', action='append', default=[], metavar='TOPIC',
+                   help='play this actuator topic too (motion, speech, cmd_vel, estop are '
+                        'refused by default: a recording is input from anyone); repeatable')
     p.add_argument('--quiet', action='store_true', help='no progress lines')
 
 
@@ -61,6 +69,19 @@ def options_of(args) -> PlayOptions:
         t if t.startswith('/') else f'/{t}' for t in args.topics)
     return PlayOptions(rate=args.rate, fast=args.fast, loop=args.loop, topics=topics,
                        start_s=args.start, end_s=args.end).check()
+
+
+def actuator_guard(allowed: list[str], inbound_file: str | None = None,
+                   actuators_file: str | None = None) -> ActuatorGuard:
+    """The topics no recording drives unless allowed: the inbound contract's actuator patterns
+    (the same that keep them from the fleet) and robot_control's cmd_vel and e-stop topics."""
+    contract = InboundContract.parse(read_yaml(inbound_file or config_dir() / 'inbound.yaml',
+                                               ContractError))
+    control = load_section('robot_control', RobotControlConfig, None, actuators_file)
+    names = frozenset(t.rstrip('/').rsplit('/', 1)[-1] for t in
+                      (control.cmd_vel_topic, control.estop_topic))
+    return ActuatorGuard(contract.is_actuator, names,
+                         frozenset(t if t.startswith('/') else f'/{t}' for t in allowed))
 
 
 def _progress(summary: Summary, _now: float) -> None:
@@ -81,6 +102,14 @@ def run(args, ros_args: list[str]) -> int:
     except ValueError as exc:
         print(f'loom play: {exc}', file=sys.stderr)
         return 2
+    try:
+        guard = actuator_guard(args.allow_actuator)
+    except (ContractError, PluginError) as exc:
+        print(f'loom play: cannot tell which topics are actuators: {exc}', file=sys.stderr)
+        return 2
+    if guard.allowed:
+        print(f'loom play: WARNING: playing actuator topics {sorted(guard.allowed)} from '
+              f'{args.file}: the robot will act on them', file=sys.stderr, flush=True)
     path = Path(args.file)
     if not path.is_file():
         print(f'loom play: {path}: no such file', file=sys.stderr)
@@ -106,7 +135,7 @@ def run(args, ros_args: list[str]) -> int:
     sink = RosSink(node, types, wait_subscribers_s=args.wait_subscribers)
     player = Player(lambda: McapSource(path, types, limits), sink, MonotonicClock(), options,
                     progress=None if args.quiet else _progress, should_stop=stop.is_set,
-                    file=str(path))
+                    file=str(path), actuators=guard)
     if not args.quiet:
         print(f'[loom play] {path}: playing ' + ('as fast as possible' if options.fast else
                                                 f'at {options.rate:g}x'), file=sys.stderr,

@@ -26,6 +26,32 @@ from loom_ros.replay.mcap_source import McapSource, RecordedMessage, RecordingEr
 NS = 1_000_000_000
 PUBLISH_FAILED = 'publish_failed'
 UNDECODABLE = 'undecodable'
+ACTUATOR_TOPIC = 'actuator_topic'
+
+
+@dataclass(frozen=True)
+class ActuatorGuard:
+    """Which recorded topics reach a robot's actuators, refused unless named in `allowed`: a
+    file is input anyone can mail an operator, and one 9 KB recording released the e-stop and
+    drove cmd_vel at 50 m/s around robot_control's limits. `is_actuator(loom_topic)`: the
+    inbound contract's rule for Loom topics (bridge/inbound.py: motion, speech); `ros_names`:
+    the last segments of the ROS topics robot_control drives (cmd_vel, estop), in any
+    namespace. `allowed`: fully qualified ROS topics played all the same (--allow-actuator)."""
+
+    is_actuator: Callable[[str], bool]
+    ros_names: frozenset[str]
+    allowed: frozenset[str] = frozenset()
+
+    def refuses(self, ros_topic: str) -> bool:
+        if ros_topic in self.allowed:
+            return False
+        parts = [p for p in ros_topic.split('/') if p]
+        if parts and parts[-1] in self.ros_names:
+            return True
+        if 'loom' in parts:   # /<namespace>/loom/a/b is Loom topic a.b
+            rest = parts[len(parts) - 1 - parts[::-1].index('loom') + 1:]
+            return bool(rest) and self.is_actuator('.'.join(rest))
+        return False
 
 
 class Sink(Protocol):
@@ -109,8 +135,12 @@ class Player:
     def __init__(self, open_source: Callable[[], McapSource], sink: Sink, clock: Clock,
                  options: PlayOptions = PlayOptions(),
                  progress: Callable[[Summary, float], None] | None = None,
-                 should_stop: Callable[[], bool] = lambda: False, file: str = ''):
+                 should_stop: Callable[[], bool] = lambda: False, file: str = '',
+                 actuators: ActuatorGuard | None = None):
+        """`actuators`: topics refused before the sink sees them (None: none refused, for a
+        sink that drives nothing)."""
         self.open_source = open_source
+        self.actuators = actuators
         self.sink = sink
         self.clock = clock
         self.options = options.check()
@@ -166,7 +196,12 @@ class Player:
                 continue
             if message.topic not in self._opened:
                 began = self.clock.now()
-                self._opened[message.topic] = self.sink.open(message)
+                if self.actuators is not None and self.actuators.refuses(message.topic):
+                    self._opened[message.topic] = (
+                        ACTUATOR_TOPIC, f'{message.topic[:120]}: drives an actuator (motion, '
+                        'speech, e-stop); played only with --allow-actuator TOPIC')
+                else:
+                    self._opened[message.topic] = self.sink.open(message)
                 anchor_wall += self.clock.now() - began   # waiting to open is not lateness
             refusal = self._opened[message.topic]
             if refusal is not None:

@@ -116,3 +116,49 @@ def test_the_loom_command_has_play_and_router_train():
     assert (options.start_s, options.end_s) == (1, 2) and callable(args.run)
     args = build_parser().parse_args(['router', 'train', '--from', 'recordings/'])
     assert args.sources == ['recordings/'] and callable(args.run)
+
+
+def test_a_mailed_recording_never_drives_the_actuators_unless_named(ros, spawn, tmp_path):
+    """One 9 KB file had released the e-stop, driven cmd_vel at 50 m/s around robot_control's
+    limits and sent robot.move and tts.say: every actuator topic is refused and counted unless
+    --allow-actuator names it; the rest plays."""
+    from geometry_msgs.msg import Twist
+    from loom_msgs.msg import Event as EventMsg
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from std_msgs.msg import Bool, String
+    fast = Twist()
+    fast.linear.x, fast.angular.z = 50.0, 30.0
+    path = recorded(tmp_path / 'mailed.mcap', [
+        msg for i in range(3) for msg in (
+            ('/estop', 'std_msgs/msg/Bool', Bool(data=False), T0 + 10 * i),
+            (f'{NS}/cmd_vel', 'geometry_msgs/msg/Twist', fast, T0 + 10 * i + 1),
+            (f'{NS}/loom/robot/move', 'loom_msgs/msg/Event',
+             EventMsg(type='robot.move', payload=list(b'{"duration_s": 60}')), T0 + 10 * i + 2),
+            ('/loom/tts/say', 'loom_msgs/msg/Event', EventMsg(type='tts.say'), T0 + 10 * i + 3),
+            (f'{NS}/chatter', 'std_msgs/msg/String', String(data=f'hi {i}'), T0 + 10 * i + 4))])
+    got = {'estop': [], 'chatter': []}
+    qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    subs = [ros.node.create_subscription(Bool, '/estop', lambda m: got['estop'].append(m.data),
+                                         qos),
+            ros.node.create_subscription(String, f'{NS}/chatter',
+                                         lambda m: got['chatter'].append(m.data), qos)]
+    try:
+        code, out, err = spawn('-m', 'loom_ros.cli.play', str(path), '--as-fast-as-possible',
+                               '--drain', '0', '--quiet').finish()
+        summary = _summary(out)
+        assert code == 0 and summary['played'] == 3, (summary, err)
+        assert summary['skipped'] == {'actuator_topic': 12}, summary
+        assert summary['by_topic'] == {f'{NS}/chatter': 3}
+        # named, it plays (loudly): the e-stop release reaches a subscriber
+        player = spawn('-m', 'loom_ros.cli.play', str(path), '--as-fast-as-possible',
+                       '--allow-actuator', '/estop', '--wait-subscribers', '60', '--drain', '60',
+                       '--quiet')
+        ros.wait_for(lambda: len(got['estop']) == 3, 'the allowed e-stop messages',
+                     alive=[player])
+        code, out, err = player.finish()
+        summary = _summary(out)
+        assert code == 0 and summary['skipped'] == {'actuator_topic': 9}, summary
+        assert 'WARNING: playing actuator topics' in err and got['estop'] == [False] * 3
+    finally:
+        for sub in subs:
+            ros.node.destroy_subscription(sub)
