@@ -42,19 +42,33 @@ participant with many endpoints can take seconds), and best-effort messages sent
 the recorder's. A JSON line `{"matched": topic, "publishers": n}` says when a reader's match
 count changes; `lost` in the summary counts what DDS reported lost per topic.
 
+Where: by default a new file `<root>/recordings/<UTC time>.mcap`, where `loom forget` finds and
+rewrites recordings (it looks under `<root>/recordings` and at `<root>/*.mcap`); an `--output`
+elsewhere is written but a warning says that `loom forget` will not reach it. The output is
+opened without following a link and never blocking on a FIFO: a link, FIFO, folder or a file with
+other names (hard links) at the path is refused with nothing written (exit 2). The file is
+written in place while recording (readable up to its last chunk, as a long recording's users
+read it); a crash leaves it without its summary, never another file overwritten.
+
+Size: a message longer than the replay reader takes (mcap_source's Limits.max_message_bytes) is
+not stored, counted in `too_large`, so every recording written replays whole.
+
 `--store`: once the file is finished it moves into the root's object store (storage.objects:
 <root>/objects, or S3) as the blob `blobs/recordings/<name>` (storage/blobs.py), where `loom
 forget` rewrites it and `loom export` reads it; a JSON line `{"stored": key}` says so.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 from loom_ros.bringup.stop_signals import on_stop_signal
@@ -65,7 +79,8 @@ from loom_ros.bus.privacy import (SUBJECT_METADATA_KEY, SUBJECTS_JSON_KEY, Purpo
                                   check_subject, json_split, json_subject_fields)
 from loom_ros.bus.qos import fastdds_environment
 from loom_ros.config.params import config_dir
-from loom_ros.storage.layout import DEFAULT_ROOT
+from loom_ros.replay.mcap_source import Limits
+from loom_ros.storage.layout import DEFAULT_ROOT, StorageLayout
 from loom_ros.telemetry.logs import MASK, mask_node_logger, mask_text, mask_value, secret_name
 
 MIC_PRIMARY = 'mic.primary'   # raw microphone audio (sim_sensors' MIC_TOPIC; not in topics.py)
@@ -100,6 +115,12 @@ STRIPPED_KEY = 'loom.stripped'   # value: why ('privacy', or 'consent' for NO_CO
 DURABILITY_KEY = 'loom.durability'
 # What the recorder does with one event before it is written: KEEP or STRIP (see the module doc).
 PrivacyHook = Callable[[object], str]
+# The largest message the replay reader (loom play, view, router train) takes: a longer one in the
+# file would be skipped there, or stop the reading, so it is never written.
+MAX_MESSAGE_BYTES = Limits().max_message_bytes
+OUTPUT_MODE = 0o666     # a new recording's mode before the umask (what open(path, 'wb') gave)
+RECORDING_SUFFIX = '.mcap'   # what `loom forget` looks for (storage/erasure.py recording_files)
+STAMP_FORMAT = '%Y%m%dT%H%M%S.%fZ'   # a default recording's name: its UTC start, microseconds
 
 
 def keep_every_tier(event) -> str:
@@ -347,17 +368,78 @@ def _key_value(key: str, value: str):
     return KeyValue(key=key, value=value)
 
 
+class OutputError(OSError):
+    """The output path is not one a recording may be written to (a link, a FIFO, a folder, a
+    file with other names): nothing was written to it."""
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return 'a symbolic link'
+    if stat.S_ISFIFO(mode):
+        return 'a FIFO'
+    if stat.S_ISDIR(mode):
+        return 'a folder'
+    if stat.S_ISSOCK(mode):
+        return 'a socket'
+    return 'a device or special file'
+
+
+def open_output(path: str | Path, exclusive: bool = False):
+    """The recording's file, open for writing. A planted link made `open(path, 'wb')` overwrite
+    the file it pointed at, and a FIFO blocked it: the name is opened without following a link
+    (O_NOFOLLOW) or blocking (O_NONBLOCK), and the open file itself is checked (a regular file
+    with no other name) before it is emptied, so nothing else is ever truncated. `exclusive`:
+    the file must be new. OutputError says why a path is refused."""
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise OutputError(f'{path}: {_kind(mode)} is there, not a plain file; refused, nothing '
+                          'written')
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC |
+             (os.O_EXCL if exclusive else 0))
+    try:
+        fd = os.open(path, flags, OUTPUT_MODE)
+    except OSError as exc:   # swapped in after the check: a link (ELOOP), a FIFO (ENXIO)
+        why = {errno.ELOOP: 'a symbolic link', errno.ENXIO: 'a FIFO',
+               errno.EEXIST: 'a file already'}.get(exc.errno)
+        if why:
+            raise OutputError(f'{path}: {why} is there; refused, nothing written') from None
+        raise OutputError(f'{path}: cannot write: {exc.strerror or exc}') from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OutputError(f'{path}: {_kind(info.st_mode)} is there, not a plain file; '
+                              'refused, nothing written')
+        if info.st_nlink > 1:
+            raise OutputError(f'{path}: the file has {info.st_nlink - 1} other name(s) (hard '
+                              'links); refused, nothing written')
+        os.ftruncate(fd, 0)
+        return os.fdopen(fd, 'wb')
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class McapRecorder:
     """Writes CDR messages to an MCAP file, secrets masked and events through `privacy` first
     (SecretMasker); thread-safe (callbacks from an executor)."""
 
     def __init__(self, path: str | Path, privacy: PrivacyHook = keep_every_tier,
-                 on_first: Callable[[str], None] | None = None):
-        """`on_first(topic)`: called once per topic, after its first message is written."""
+                 on_first: Callable[[str], None] | None = None,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, exclusive: bool = False):
+        """`on_first(topic)`: called once per topic, after its first message is written.
+        `max_message_bytes`: longer messages are not written (`too_large`); the replay
+        reader's limit, so everything written replays. `exclusive`: the file must be new.
+        OutputError when `path` may not be written (open_output)."""
         from mcap.writer import CompressionType, Writer
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
-        self._stream = open(path, 'wb')
+        self.max_message_bytes = max_message_bytes
+        self._stream = open_output(path, exclusive)
         self._writer = Writer(self._stream, compression=CompressionType.ZSTD)
         self._writer.start(profile='ros2', library='loom record')
         self._lock = threading.Lock()
@@ -365,6 +447,7 @@ class McapRecorder:
         self._maskers: dict[str, SecretMasker] = {}
         self.counts: dict[str, int] = {}
         self.unreadable: dict[str, int] = {}
+        self.too_large: dict[str, int] = {}   # per topic: longer than max_message_bytes
         self.privacy = privacy
         self.on_first = on_first
         self._closed = False
@@ -396,6 +479,9 @@ class McapRecorder:
                 return
         with self._lock:
             if self._closed:
+                return
+            if len(data) > self.max_message_bytes:   # the reader would refuse it: not stored
+                self.too_large[topic] = self.too_large.get(topic, 0) + 1
                 return
             self._writer.add_message(channel_id=self._channels[topic], log_time=now, data=data,
                                      publish_time=now, sequence=self.counts[topic])
@@ -525,7 +611,9 @@ def add_parser(sub) -> None:
 
 
 def _arguments(p) -> None:
-    p.add_argument('--output', default='demo_output/recording.mcap', help='MCAP file to write')
+    p.add_argument('--output', default=None,
+                   help='MCAP file to write (default: a new <root>/recordings/<UTC time>.mcap, '
+                        'where `loom forget` finds it; elsewhere it warns that forget will not)')
     p.add_argument('--topics', nargs='*', default=None,
                    help=f'ROS topics (relative ones under the namespace); default: '
                         f'{" ".join(DEFAULT_TOPICS)}')
@@ -535,13 +623,33 @@ def _arguments(p) -> None:
     p.add_argument('--duration', type=float, default=0.0, help='stop after this many seconds')
     p.add_argument('--root', default=DEFAULT_ROOT,
                    help=f'storage.root whose consent registry says who may be recorded '
-                        f'(default {DEFAULT_ROOT}; its consent.db, read only)')
+                        f'(default {DEFAULT_ROOT}; its consent.db, read only), and whose '
+                        f'recordings folder the file goes to by default')
     p.add_argument('--consent-config', default='',
                    help='consent defaults (default: the shipped config/consent.yaml)')
     p.add_argument('--store', action='store_true',
                    help="when done, move the file into the root's object store (storage.objects "
                         'in config/loom.yaml: <root>/objects or S3) as blobs/recordings/<name>, '
                         'where forget and export reach it')
+
+
+def default_output(root: str) -> Path:
+    """A new file in the root's recordings folder (the storage layout's), where `loom forget`
+    rewrites recordings: the old default (demo_output/ under the current folder) was out of its
+    reach, and a subject's payload stayed there after `forget`."""
+    stamp = datetime.now(timezone.utc).strftime(STAMP_FORMAT)
+    return StorageLayout.at(root).recordings / f'{stamp}{RECORDING_SUFFIX}'
+
+
+def forget_reaches(path: str | Path, root: str) -> bool:
+    """Whether `loom forget --root <root>` finds a recording at `path`: a .mcap file under
+    <root>/recordings or directly in <root> (storage/erasure.py recording_files)."""
+    layout = StorageLayout.at(root)
+    path = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if path.suffix != RECORDING_SUFFIX:
+        return False
+    folder = path.parent.resolve()
+    return folder == layout.root.resolve() or folder.is_relative_to(layout.recordings.resolve())
 
 
 def run(args, ros_args: list[str]) -> int:
@@ -561,19 +669,40 @@ def run(args, ros_args: list[str]) -> int:
     except ConsentError as exc:
         print(f'loom record: {exc}', file=sys.stderr)
         return 2
+    exclusive = args.output is None
+    if exclusive:
+        args.output = str(default_output(args.root))
+    try:   # before ROS starts: a refused path costs nothing
+        recorder = McapRecorder(args.output, privacy=consent_hook(registry.lookup),
+                                on_first=lambda topic: print(
+                                    json.dumps({'first_message': topic}), flush=True),
+                                exclusive=exclusive)
+    except OSError as exc:   # OutputError, or a folder that cannot be made
+        print(f'loom record: --output {exc}', file=sys.stderr)
+        registry.close()
+        return 2
+    if not getattr(args, 'store', False) and not forget_reaches(args.output, args.root):
+        recordings = StorageLayout.at(args.root).recordings
+        print(f'loom record: warning: `loom forget --root {args.root}` will not reach '
+              f'{args.output}: it rewrites only .mcap files under {recordings} or directly in '
+              f'the root; leave out --output (default {recordings}/<UTC time>.mcap) or add '
+              '--store', file=sys.stderr, flush=True)
     # Loom's Fast DDS profile (as bring-up gives its nodes), so camera frames reach the recorder
     # whole; the profile is read when the participant is made, after this.
     os.environ.update(fastdds_environment(os.environ, config_dir()))
-    rclpy.init(args=['loom_record', *ros_args], signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        rclpy.init(args=['loom_record', *ros_args],
+                   signal_handler_options=SignalHandlerOptions.NO)
+    except BaseException:   # bad --ros-args: the file is finished (empty) and closed
+        recorder.close()
+        registry.close()
+        raise
     stop = Future()
 
     def request_stop(*_):
         if not stop.done():
             stop.set_result(True)
     on_stop_signal(request_stop)   # set on a thread of its own, never in the handler
-    recorder = McapRecorder(args.output, privacy=consent_hook(registry.lookup),
-                            on_first=lambda topic: print(
-                                json.dumps({'first_message': topic}), flush=True))
     node = _record_node(recorder, (args.topics or DEFAULT_TOPICS) +
                         (CAMERA_TOPICS if getattr(args, 'camera', False) else []),
                         on_matched=lambda topic, n: print(
@@ -589,7 +718,8 @@ def run(args, ros_args: list[str]) -> int:
     finally:
         recorder.close()
         print(json.dumps({'file': args.output, 'messages': recorder.counts,
-                          'unreadable': recorder.unreadable, 'cut': recorder.cut(),
+                          'unreadable': recorder.unreadable, 'too_large': recorder.too_large,
+                          'cut': recorder.cut(),
                           'stripped': recorder.stripped(),
                           'stripped_consent': recorder.stripped_consent(), 'lost': node.lost,
                           'problems': node.problems}), flush=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import threading
 import time
@@ -64,6 +65,10 @@ def run(args, ros_args: list[str]) -> int:
     if args.headless and not args.save and not args.recording:
         print('loom view: --headless without --save shows nothing anywhere', file=sys.stderr)
         return 2
+    problem = args.recording and recording_problem(args.recording)
+    if problem:
+        print(f'loom view: --recording {problem}', file=sys.stderr)
+        return 2
     stop = stop_event()
     try:
         stream = open_stream(settings, serve=not args.headless, save=args.save)
@@ -96,6 +101,19 @@ def run(args, ros_args: list[str]) -> int:
         if view is not None:
             _say(**view.summary(), **({'saved': args.save} if args.save else {}))
     return code
+
+
+def recording_problem(path: str) -> str | None:
+    """Why `path` cannot be a recording (None when it is a regular file, a link to one
+    included): opening a FIFO blocked in open() for good, deaf to SIGINT and SIGTERM, so
+    anything else is refused before it is opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f'{str(path)[:200]}: cannot read: {exc.strerror or exc}'
+    if not stat.S_ISREG(mode):
+        return f'{str(path)[:200]}: not a regular file (a FIFO, folder or device); refused'
+    return None
 
 
 def _wait(stop: threading.Event, duration: float) -> None:
