@@ -5,8 +5,9 @@ one archive a person can read. The fleet / cloud tier is not covered here (see d
 What names a subject: the `subject` column of episodes, cold memories and router decisions
 (filled from the event's `loom.subject` metadata), consent rows, the subject's data key, object
 keys under `subjects/<subject>/`, archive records with a `subject` field, trace lines and MCAP
-Event messages whose metadata names it, KV rows (an agent's state) an event of the subject
-wrote to (`kv_subjects`), and plugin files under `<root>/plugins/<plugin>/subjects/<subject>/`. Physical: every SQLite file is written with
+Event messages whose metadata names it (in any of its `loom.subject` entries), KV rows (an
+agent's state) an event of the subject wrote to (`kv_subjects`), and plugin files under
+`<root>/plugins/<plugin>/subjects/<subject>/`. Physical: every SQLite file is written with
 `secure_delete=on`, then checkpointed (`wal_checkpoint(TRUNCATE)`) and VACUUMed, so neither
 free pages nor the WAL keep a copy; archives, traces and recordings are rewritten to a temporary
 file and renamed over the old one (recordings stored in the object store, `blobs/recordings/`,
@@ -37,6 +38,7 @@ from pathlib import Path
 
 from loom_ros.bus.privacy import (SUBJECT_METADATA_KEY, SUBJECTS_JSON_KEY, check_subject,
                                   json_split, json_subject_fields)
+from loom_ros.replay.mcap_source import Limits, McapSource, RecordingError
 from loom_ros.security.keyring import KEYRING_FILE, Keyring, KeyringError, ShreddedError
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore
 from loom_ros.storage.backend.local import LocalObjectStore
@@ -57,6 +59,10 @@ TIERS = ('episodes', 'cold', 'facts', 'decisions', 'outcomes', 'consent', 'keys'
 STORED_RECORDINGS = 'blobs/recordings/'   # recordings in the object store (blobs.store_recording)
 PLUGIN_SUBJECTS = 'subjects'   # <root>/plugins/<plugin>/subjects/<subject>/: a plugin's files
                                # about one subject (docs/storage.md)
+# Recordings are read through the replay's bounded reader (its per-file budget included): a file
+# planted under the root cannot make forget, which holds every storage lock, or export allocate
+# what its lengths claim. Every message a record can hold is checked, not only playable sizes.
+RECORDING_LIMITS = Limits(max_message_bytes=Limits.max_record_bytes)
 
 
 class ErasureError(StorageError):
@@ -248,11 +254,10 @@ DECISION_TYPES = ('loom_msgs/msg/RouteDecision', 'loom_msgs/RouteDecision')
 TEXT_TYPES = ('std_msgs/msg/String', 'std_msgs/String')
 
 
-def _subject_of(msg) -> str:
-    for kv in msg.metadata:
-        if kv.key == SUBJECT_METADATA_KEY:
-            return kv.value
-    return ''
+def _names_subject(msg, subject: str) -> bool:
+    """Whether any `loom.subject` entry of an Event names `subject`: the bus keeps the last
+    entry, the recorder's consent hook checks every one, so erasure matches every one."""
+    return any(kv.key == SUBJECT_METADATA_KEY and kv.value == subject for kv in msg.metadata)
 
 
 def _json(data: dict) -> str:
@@ -300,11 +305,11 @@ def split_message(schema, data: bytes, subject: str, decoder) -> tuple[bytes | N
     if name in DECISION_TYPES:
         return (None, data, 1) if msg.subject == subject else (data, None, 0)
     if name in EVENT_TYPES:
-        return (None, data, 1) if _subject_of(msg) == subject else (data, None, 0)
-    theirs = [e for e in msg.events if _subject_of(e) == subject]
+        return (None, data, 1) if _names_subject(msg, subject) else (data, None, 0)
+    theirs = [e for e in msg.events if _names_subject(e, subject)]
     if not theirs:
         return data, None, 0
-    others = [e for e in msg.events if _subject_of(e) != subject]
+    others = [e for e in msg.events if not _names_subject(e, subject)]
     mine = batch_cls(header=msg.header, bus_id=msg.bus_id, first_seq=msg.first_seq, events=theirs)
     if not others:
         return None, serialize(mine), len(theirs)
@@ -312,15 +317,36 @@ def split_message(schema, data: bytes, subject: str, decoder) -> tuple[bytes | N
     return serialize(msg), serialize(mine), len(theirs)
 
 
+def _recording(path: Path | bytes, name: str = 'recording') -> McapSource:
+    """A recording (a file, or the bytes of one read from the object store, named `name`) read
+    bounded, every channel whatever its topic or encodings (forget copies what it cannot play)."""
+    if isinstance(path, bytes):
+        return McapSource(name, None, RECORDING_LIMITS, data=path)
+    return McapSource(path, None, RECORDING_LIMITS)
+
+
 def _recording_messages(path: Path | bytes) -> Iterator:
-    """The messages of a recording: a file, or the bytes of one read from the object store."""
-    from mcap.reader import make_reader
-    with (io.BytesIO(path) if isinstance(path, bytes) else open(path, 'rb')) as stream:
-        reader = make_reader(stream)
-        summary = reader.get_summary()
-        yield summary, None, None, None
-        for schema, channel, message in reader.iter_messages(log_time_order=False):
-            yield summary, schema, channel, message
+    """(None, schema, channel, message) of each message of a recording, read bounded (a
+    RecordingError past its limits); the first slot held mcap's summary before."""
+    for message in _recording(path).messages():
+        yield None, message.channel.schema, message.channel, message
+
+
+def _subject_events(source: McapSource, subject: str, decoder) -> int:
+    """How many of the subject's events a recording holds (RecordingError: not read whole)."""
+    return sum(split_message(m.channel.schema, m.data, subject, decoder)[2]
+               for m in source.messages())
+
+
+def _unread(source: McapSource) -> str:
+    """What the bounded reader left out of a recording (never checked), as '<reason> <n>, ...'."""
+    return ', '.join(f'{reason} {n}' for reason, n in sorted(source.skipped.items()))
+
+
+def _why(exc: Exception, source: McapSource) -> str:
+    """Why a recording was not read, without the path a RecordingError starts with (the receipt
+    names the file)."""
+    return str(exc).removeprefix(f'{source.path}: ')[:160]
 
 
 # -- forget -------------------------------------------------------------------------------------
@@ -709,49 +735,64 @@ def _forget_trace(path: Path, subject: str, receipt: Receipt) -> None:
     receipt.files += 1
 
 
-def _copy_recording(path: Path | bytes, out, subject: str, decoder, keep: bool,
+def _copy_recording(source: McapSource, out, subject: str, decoder, keep: bool,
                     library: str) -> int:
-    """Write to `out` an MCAP of `path`'s messages without (keep) or with only (not keep) what is
-    the subject's; same schemas, channels and their metadata. Returns the subject's events."""
+    """Write to `out` an MCAP of `source`'s messages without (keep) or with only (not keep) what
+    is the subject's; same schemas, channels and their metadata (its first 64 entries). Returns
+    the subject's events; RecordingError when the recording cannot be read whole."""
     from mcap.writer import CompressionType, Writer
     writer = Writer(out, compression=CompressionType.ZSTD)
     writer.start(profile='ros2', library=library)
     schemas, channels, count = {}, {}, 0
-    for _summary, schema, channel, message in _recording_messages(path):
-        if message is None:
-            continue
+    for message in source.messages():
+        info, schema = message.channel, message.channel.schema
         stays, theirs, n = split_message(schema, message.data, subject, decoder)
         count += n
         data = stays if keep else theirs
         if data is None:
             continue
-        if schema is not None and schema.id not in schemas:
-            schemas[schema.id] = writer.register_schema(schema.name, schema.encoding, schema.data)
-        if channel.id not in channels:
-            channels[channel.id] = writer.register_channel(
-                channel.topic, channel.message_encoding, schemas.get(channel.schema_id, 0),
-                dict(channel.metadata))
-        writer.add_message(channels[channel.id], message.log_time, data, message.publish_time,
-                           message.sequence)
+        if info.id not in channels or channels[info.id][0] is not info:   # new, or redefined
+            schema_key = (schema.name, schema.encoding, schema.data) \
+                if schema is not None else None
+            if schema_key is not None and schema_key not in schemas:
+                schemas[schema_key] = writer.register_schema(*schema_key)
+            channels[info.id] = info, writer.register_channel(
+                info.topic, info.message_encoding, schemas.get(schema_key, 0),
+                dict(info.metadata))
+        writer.add_message(channels[info.id][1], message.log_time_ns, data,
+                           message.publish_time_ns, message.sequence)
     writer.finish()
     return count
 
 
 def _forget_recording(path: Path, subject: str, decoder, receipt: Receipt) -> None:
     """Rewrite an MCAP file without the subject's events (Event messages naming it, its events
-    in EventBatch messages); one pass to count, one to write."""
+    in EventBatch messages); one pass to count, one to write. A file the bounded reader cannot
+    read whole (over its budget, damaged) is left as it is and said in the receipt; records it
+    skipped are said too (the rewrite leaves them out)."""
+    source = _recording(path)
     try:
-        drop = sum(split_message(schema, message.data, subject, decoder)[2]
-                   for _s, schema, _c, message in _recording_messages(path) if message is not None)
-    except Exception as exc:   # the mcap reader's errors have no common base
-        receipt.not_covered.append(f'{path.name}: not readable as MCAP ({str(exc)[:80]})')
+        drop = _subject_events(source, subject, decoder)
+    except (RecordingError, OSError) as exc:
+        receipt.not_covered.append(f'{path.name}: not read, not changed ({_why(exc, source)})')
         return
+    unread = _unread(source)
     if not drop:
+        if unread:
+            receipt.not_covered.append(f'{path.name}: records not readable, not checked '
+                                       f'({unread})')
         return
-    _atomic_write(path, lambda out: _copy_recording(path, out, subject, decoder, True,
-                                                    'loom forget'))
+    try:
+        _atomic_write(path, lambda out: _copy_recording(_recording(path), out, subject, decoder,
+                                                        True, 'loom forget'))
+    except RecordingError as exc:   # changed since the first pass
+        receipt.not_covered.append(f'{path.name}: not rewritten ({_why(exc, source)})')
+        return
     receipt.counts['recording_messages'] += drop
     receipt.files += 1
+    if unread:
+        receipt.not_covered.append(f'{path.name}: rewritten without records it could not read '
+                                   f'({unread})')
 
 
 def _stored_recordings(backend) -> list[str]:
@@ -772,14 +813,19 @@ def _forget_stored_recordings(backend, store, erasers, subject: str, receipt: Re
             receipt.not_covered.append(f'object {key[:80]!r}: unreadable, not checked '
                                        f'({str(exc)[:80]})')
             continue
+        source = _recording(data, key)
         try:
-            drop = sum(split_message(schema, message.data, subject, decoder)[2]
-                       for _s, schema, _c, message in _recording_messages(data)
-                       if message is not None)
-        except Exception as exc:   # the mcap reader's errors have no common base
-            receipt.not_covered.append(f'object {key[:80]!r}: not readable as MCAP '
-                                       f'({str(exc)[:80]})')
+            drop = _subject_events(source, subject, decoder)
+        except RecordingError as exc:
+            receipt.not_covered.append(f'object {key[:80]!r}: not read, not changed '
+                                       f'({_why(exc, source)})')
             continue
+        unread = _unread(source)
+        if unread:
+            receipt.not_covered.append(
+                f'object {key[:80]!r}: ' + (f'rewritten without records it could not read '
+                                            f'({unread})' if drop else
+                                            f'records not readable, not checked ({unread})'))
         if not drop:
             # nothing of the subject: still bring the index rows to the object's length, so a
             # forget cut off between a rewrite and its rows' update is mended by running again
@@ -792,7 +838,7 @@ def _forget_stored_recordings(backend, store, erasers, subject: str, receipt: Re
                                            'cut off, or the object was replaced)')
             continue
         out = io.BytesIO()
-        _copy_recording(data, out, subject, decoder, True, 'loom forget')
+        _copy_recording(_recording(data, key), out, subject, decoder, True, 'loom forget')
         body = out.getvalue()
         created = [r[0] for e in erasers for r in e.conn.execute(
             'select created_ms from blobs where key = ?', (key,))]
@@ -932,8 +978,9 @@ def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
                     archive.writestr(f'media/plugins/{plugin}/{path.relative_to(folder)}',
                                      path.read_bytes())
                     counts['plugin_files'] = counts.get('plugin_files', 0) + 1
+            unread: list[str] = []   # recordings (or parts) not read: the export is not whole
             for recording in recording_files(layout):
-                n = _export_recording(recording, subject, archive)
+                n = _export_recording(recording, subject, archive, unread)
                 if n:
                     counts['recording_messages'] = counts.get('recording_messages', 0) + n
             for key in _stored_recordings(inner):
@@ -941,10 +988,12 @@ def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
                     recording = store.get(key)
                 except StorageError:
                     continue
-                n = _export_recording(recording, subject, archive,
-                                      f'media/recordings/{key.rsplit("/", 1)[-1]}')
+                n = _export_recording(recording, subject, archive, unread,
+                                      f'media/recordings/{key.rsplit("/", 1)[-1]}', key)
                 if n:
                     counts['recording_messages'] = counts.get('recording_messages', 0) + n
+            if unread:
+                data.setdefault('not_covered', []).extend(unread)
             data['counts'] = counts
             archive.writestr('subject.json', json.dumps(data, indent=1, default=str))
             archive.writestr('README.txt', f'Everything Loom held about data subject {subject} '
@@ -1030,15 +1079,21 @@ def _export_archives(layout, unit: str, keys: list[str], subject: str,
 
 
 def _export_recording(path: Path | bytes, subject: str, archive: zipfile.ZipFile,
-                      name: str = '') -> int:
-    """The subject's recorded events of one recording (a file, or the bytes of one in the
-    object store, exported as `name`), as an MCAP in the export."""
-    import io
+                      unread: list, name: str = '', key: str = '') -> int:
+    """The subject's recorded events of one recording (a file, or the bytes of object `key`,
+    exported as `name`), as an MCAP in the export. A recording the bounded reader cannot read
+    whole is left out, and what it could not read is said in `unread`."""
+    label = f'object {key[:80]!r}' if key else path.name
+    source = _recording(path, key)
     buffer = io.BytesIO()
     try:
-        count = _copy_recording(path, buffer, subject, _event_decoder(), False, 'loom export')
-    except Exception:   # an unreadable recording: left out of the export
+        count = _copy_recording(source, buffer, subject, _event_decoder(), False, 'loom export')
+    except (RecordingError, OSError) as exc:
+        unread.append(f'recording {label}: not read, left out ({_why(exc, source)})')
         return 0
+    if source.skipped:
+        unread.append(f'recording {label}: records not readable, not checked '
+                      f'({_unread(source)})')
     if count:
         archive.writestr(name or f'media/{path.name}', buffer.getvalue())
     return count
