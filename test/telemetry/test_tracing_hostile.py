@@ -55,12 +55,17 @@ def test_otel_warnings_are_dropped_and_its_errors_masked(tmp_path, capsys):
         assert 'tracestate' not in forwarded.metadata   # not passed on to the next hop
         assert forwarded.metadata['traceparent'].startswith(f'00-{TRACE_ID}-')
         otel = logging.getLogger('opentelemetry.sdk.trace.export')
+        # what decides where its records go, for the failure message (a full-suite run once
+        # printed both lines raw, which no run of this file alone repeats)
+        chain = [(lg.name, lg.level, lg.propagate, lg.disabled, [type(h).__name__
+                  for h in lg.handlers]) for lg in (otel, otel.parent, logging.getLogger(
+                      'opentelemetry'), logging.getLogger())]
         otel.warning('peer sent %s', CANARY)
         otel.error('export failed: token=%s', SECRET)
     finally:
         tracing.shutdown()
     err = capsys.readouterr().err
-    assert CANARY not in err and SECRET not in err
+    assert CANARY not in err and SECRET not in err, (err[-600:], chain)
     assert 'export failed: token=***' in err
 
 
