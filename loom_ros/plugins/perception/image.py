@@ -6,6 +6,11 @@ A camera frame travels in an Event payload in one of two forms:
 - raw: the payload is the pixel rows, with metadata `width`, `height`, `encoding` (rgb8, bgr8,
   mono8, rgba8, bgra8) and optionally `step` (bytes per row, default width * channels).
 The conversions take any object with sensor_msgs/Image's fields, so they run without rclpy.
+
+Hostile frames are ImageErrors, never a crash or a memory blow-up: raw sizes are checked against
+the bytes that carry them before any arithmetic (`check_raw`, which the camera adapter applies
+too), and a PNG or JPEG is refused from its header, before decoding, when it would decode to
+more than a raw frame may carry (a 20 KB PNG can claim 179 Mpx: a decompression bomb).
 """
 from __future__ import annotations
 
@@ -13,9 +18,18 @@ import io
 
 import numpy as np
 
+from loom_ros.bus.event import DEFAULT_MAX_PAYLOAD_BYTES
+
 CHANNELS = {'rgb8': 3, 'bgr8': 3, 'mono8': 1, 'rgba8': 4, 'bgra8': 4}
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 JPEG_MAGIC = b'\xff\xd8\xff'
+# Largest width, height or step of a raw frame: sensor_msgs/Image's fields are uint32; anything
+# larger is a lie (and 10**20 overflowed numpy's strides).
+MAX_RAW_DIMENSION = 2**31
+# Largest side of an encoded (PNG/JPEG) frame, and most bytes its RGB pixels may take: what the
+# bus lets a raw frame carry, so an encoded frame decodes to no more than a raw one could be.
+MAX_SIDE = 4096
+MAX_DECODED_BYTES = DEFAULT_MAX_PAYLOAD_BYTES
 
 
 class ImageError(ValueError):
@@ -38,22 +52,35 @@ def to_rgb(pixels: np.ndarray, encoding: str) -> np.ndarray:
     raise ImageError(f'unsupported encoding {encoding!r}; supported: {", ".join(CHANNELS)}')
 
 
-def raw_to_array(data, width: int, height: int, encoding: str, step: int = 0) -> np.ndarray:
-    """Pixel rows (bytes-like) to an (H, W, C) uint8 array in the same encoding (C=1 for mono8)."""
+def check_raw(size: int, width: int, height: int, encoding: str,
+              step: int = 0) -> tuple[int, int]:
+    """(channels, step) of a raw frame of `size` bytes, or an ImageError saying what does not
+    fit: unsupported encoding, empty or out-of-range size, rows shorter than the pixels, too few
+    bytes. Pure integer checks: nothing is allocated or read."""
     if encoding not in CHANNELS:
         raise ImageError(f'unsupported encoding {encoding!r}; supported: {", ".join(CHANNELS)}')
     channels = CHANNELS[encoding]
     if width <= 0 or height <= 0:
         raise ImageError(f'image size {width}x{height} is empty')
+    if max(width, height, step) > MAX_RAW_DIMENSION or step < 0:
+        raise ImageError(f'image size {width}x{height} step {step} is out of range (each at '
+                         f'most {MAX_RAW_DIMENSION}, step not negative)')
     row = width * channels
     step = step or row
     if step < row:
         raise ImageError(f'step {step} is shorter than a row of {width} {encoding} pixels ({row})')
-    buffer = np.frombuffer(data, dtype=np.uint8)
     needed = step * (height - 1) + row
-    if buffer.size < needed:
-        raise ImageError(f'{buffer.size} bytes for a {width}x{height} {encoding} image with step '
+    if size < needed:
+        raise ImageError(f'{size} bytes for a {width}x{height} {encoding} image with step '
                          f'{step}: needs {needed}')
+    return channels, step
+
+
+def raw_to_array(data, width: int, height: int, encoding: str, step: int = 0) -> np.ndarray:
+    """Pixel rows (bytes-like) to an (H, W, C) uint8 array in the same encoding (C=1 for mono8)."""
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    channels, step = check_raw(buffer.size, width, height, encoding, step)
+    row = width * channels
     if step == row:
         return buffer[:row * height].reshape(height, width, channels)
     # Rows padded to `step`: a strided view over the buffer, no copy.
@@ -126,13 +153,29 @@ def is_encoded(data: bytes) -> bool:
     return data[:8] == PNG_MAGIC or data[:3] == JPEG_MAGIC
 
 
+def check_decoded_size(width: int, height: int) -> None:
+    """An ImageError when an encoded frame of this size would decode to more than a raw frame
+    may carry (MAX_DECODED_BYTES as RGB) or has a side over MAX_SIDE."""
+    if width > MAX_SIDE or height > MAX_SIDE or width * height * 3 > MAX_DECODED_BYTES:
+        raise ImageError(f'image of {width}x{height} refused before decoding: at most '
+                         f'{MAX_SIDE} a side and {MAX_DECODED_BYTES} bytes of RGB pixels '
+                         f'({width * height * 3} here)')
+
+
 def decode_image(data: bytes) -> np.ndarray:
-    """PNG or JPEG bytes to (H, W, 3) uint8 RGB."""
+    """PNG or JPEG bytes to (H, W, 3) uint8 RGB; the size is checked from the header first."""
     from PIL import Image, UnidentifiedImageError
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        # open reads the header only; nothing is decoded before the size check.
+        with Image.open(io.BytesIO(data), formats=('PNG', 'JPEG')) as image:
+            check_decoded_size(*image.size)
             image.draft('RGB', image.size)  # lets JPEG skip work it would throw away
             return np.asarray(image.convert('RGB'))
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own bomb check in open (a warning is raised where warnings are errors).
+        raise ImageError(f'image refused before decoding ({len(data)} bytes): {exc}') from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f'cannot decode the image ({len(data)} bytes): {exc}') from None
 
