@@ -6,6 +6,12 @@ right and takes ~10 ms an utterance, which is what a robot's voice interface nee
 activity endpointer (pocketsphinx.Endpointer, webrtc VAD) cuts the stream into utterances:
 partial hypotheses come out while one is being spoken, the final result (with the decoder's
 posterior as confidence) when it ends. Silence produces nothing.
+
+Bounded: a chunk longer than `max_chunk_s` is refused (AudioFormatError, counted `long_chunks`),
+and an utterance longer than `max_utterance_s` is dropped with no result (counted `too_long`) and
+the stream restarted. Each chunk may carry a `tier` (an ordered value: the plugin passes its
+privacy tier); a result carries the greatest tier among the chunks its audio came from, including
+the lookback the endpointer keeps before speech starts.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import os
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +45,9 @@ class Recognition:
     start_s: float = 0.0                 # stream time of the utterance's start
     end_s: float = 0.0
     decode_ms: float = 0.0               # decoder time spent on this utterance so far
+    # The greatest `tier` given with any chunk this utterance's audio (from its start, the
+    # endpointer's lookback included, up to now) came from; None when no chunk gave one.
+    tier: object = None
 
     def as_dict(self) -> dict:
         return {'text': self.text, 'confidence': round(self.confidence, 4),
@@ -109,9 +119,19 @@ class SpeechRecognizer:
         self._decoder.activate_search('loom')
         self._endpointer_cls = Endpointer
         self._lock = threading.Lock()
+        # The decoder's cepstral mean as of the last accepted utterance: the mean adapts to
+        # what it hears, and seconds of loud noise skew it so far that the next command is
+        # no longer recognised; an utterance dropped as too long gives it back.
+        self._good_cmn = self._decoder.get_cmn()
         self.stats = {'chunks': 0, 'utterances': 0, 'rejected': 0, 'partials': 0,
                       'final_from_partial': 0,
-                      'bad_chunks': 0}
+                      'bad_chunks': 0, 'long_chunks': 0, 'too_long': 0, 'cut': 0}
+        # Stream time (seconds of audio fed over this recognizer's life, every stream) and, per
+        # run of chunks, (end time, tier): what audio each result came from.
+        self._fed_s = 0.0          # end of the audio fed (pending bytes included)
+        self._consumed_s = 0.0     # end of the audio given to the endpointer
+        self._stream_t0 = 0.0      # where the current endpointer's clock starts
+        self._tiers: deque[list] = deque()
         self._new_stream()
 
     def _add_keyphrases(self) -> None:
@@ -140,22 +160,47 @@ class SpeechRecognizer:
         self._last_complete = ''
         self._utt_start = 0.0
         self._decode_ns = 0
+        # The endpointer's clock restarts; its zero is the audio it is given next.
+        self._stream_t0 = self._consumed_s
+
+    def _drop_stream(self) -> None:
+        """A new stream with nothing carried over: pending bytes and their tiers dropped."""
+        self._fed_s = self._consumed_s
+        self._tiers.clear()
+        self._new_stream()
 
     # -- streaming ---------------------------------------------------------------------------
     def feed(self, chunk: bytes | bytearray | memoryview | np.ndarray,
-             sample_rate: int | None = None) -> list[Recognition]:
+             sample_rate: int | None = None, tier=None, new_stream: bool = False,
+             bounded: bool = False) -> list[Recognition]:
         """Decode one chunk of 16 kHz mono int16 audio; return what it completed (partials,
-        finals). AudioFormatError for another rate or a malformed chunk (nothing is consumed)."""
-        data = self._check(chunk, sample_rate)
+        finals). AudioFormatError for another rate, a malformed chunk, or with `bounded` (what
+        the asr plugin asks: its chunks come from the bus) one longer than max_chunk_s (nothing
+        is consumed). `tier`: an ordered label of this chunk (the plugin's
+        privacy tier) that results carry (the greatest of their audio's). `new_stream`: once
+        the chunk is accepted, first drop whatever the stream holds (an utterance in progress
+        gives no result, counted `cut`) and start afresh with this chunk."""
+        data = self._check(chunk, sample_rate, limit=bounded)
         with self._lock:
+            if new_stream:
+                if self._in_utt:
+                    self._decoder.end_utt()
+                    self.stats['cut'] += 1
+                self._drop_stream()
             self.stats['chunks'] += 1
-            self._pending += data
+            self._fed_s += len(data) / (2 * self.sample_rate)
+            if tier is not None:
+                self._add_tier(tier)
+            buf = bytes(self._pending) + data
+            self._pending = bytearray()
             out: list[Recognition] = []
             fb, pos = self._frame_bytes, 0
-            while len(self._pending) - pos >= fb:
-                self._frame(bytes(self._pending[pos:pos + fb]), out)
+            while len(buf) - pos >= fb:
+                self._consumed_s += fb / (2 * self.sample_rate)
+                self._frame(buf[pos:pos + fb], out)
                 pos += fb
-            del self._pending[:pos]
+            self._pending = bytearray(buf[pos:])
+            self._trim_tiers()
             return out
 
     def finish(self) -> list[Recognition]:
@@ -172,7 +217,7 @@ class SpeechRecognizer:
                 final = self._end_utt(self._ep.speech_end or self._utt_start)
                 if final is not None:
                     out.append(final)
-            self._new_stream()
+            self._drop_stream()
             return out
 
     def reset(self) -> None:
@@ -180,20 +225,31 @@ class SpeechRecognizer:
         with self._lock:
             if self._in_utt:
                 self._decoder.end_utt()
-            self._new_stream()
+            self._drop_stream()
 
     def recognize(self, samples: np.ndarray | bytes, sample_rate: int | None = None,
                   chunk_samples: int = 1600) -> list[Recognition]:
         """The final results for a whole clip fed in chunks (as a mic would), then finish()."""
-        data = self._check(samples, sample_rate)
+        data = self._check(samples, sample_rate, limit=False)
         finals = []
         for i in range(0, len(data), 2 * chunk_samples):
             finals += [r for r in self.feed(data[i:i + 2 * chunk_samples]) if not r.partial]
         return finals + self.finish()
 
     # -- internals ---------------------------------------------------------------------------
-    def _check(self, chunk, sample_rate: int | None) -> bytes:
+    def _check(self, chunk, sample_rate: int | None, limit: bool = False) -> bytes:
         rate = self.sample_rate if sample_rate is None else sample_rate
+        if limit:   # before any copy or conversion: the length alone decides
+            size = chunk.size if isinstance(chunk, np.ndarray) else \
+                len(chunk) // 2 if isinstance(chunk, (bytes, bytearray)) else \
+                chunk.nbytes // 2 if isinstance(chunk, memoryview) else 0
+            if size > self.config.max_chunk_s * self.sample_rate:
+                self.stats['bad_chunks'] += 1
+                self.stats['long_chunks'] += 1
+                raise AudioFormatError(
+                    f'a chunk of {size} samples ({size / self.sample_rate:.2f} s) is longer than '
+                    f'asr.max_chunk_s ({self.config.max_chunk_s:g} s): send the audio in '
+                    'shorter chunks')
         if rate != self.sample_rate:
             self.stats['bad_chunks'] += 1
             raise AudioFormatError(f'audio at {rate} Hz; the recognizer takes {self.sample_rate} '
@@ -215,6 +271,46 @@ class SpeechRecognizer:
             raise
         return bytes(chunk)
 
+    # -- where results' audio came from ------------------------------------------------------------
+    _MAX_TIER_RUNS = 64   # more runs of tiers: the oldest two merged (the greater tier kept)
+
+    def _add_tier(self, tier) -> None:
+        runs = self._tiers
+        if runs and runs[-1][1] == tier:
+            runs[-1][0] = self._fed_s
+            return
+        runs.append([self._fed_s, tier])
+        if len(runs) > self._MAX_TIER_RUNS:
+            first = runs.popleft()
+            runs[0][1] = max(first[1], runs[0][1])
+
+    def _restore_cmn(self) -> None:
+        try:
+            self._decoder.set_cmn(self._good_cmn)
+        except (RuntimeError, ValueError):
+            pass   # keep the adapted mean: recognition degrades, nothing breaks
+
+    def _trim_tiers(self) -> None:
+        """Forget the tiers of audio no result can come from any more: before the utterance in
+        progress, or, between utterances, older than the endpointer's lookback window."""
+        frame = self._ep.frame_length
+        if self._in_utt or self._ep.in_speech:
+            floor = self._utt_abs_start() - frame
+        else:
+            floor = self._consumed_s - self.config.vad_window_s - 2 * frame
+        while self._tiers and self._tiers[0][0] <= floor:
+            self._tiers.popleft()
+
+    def _utt_abs_start(self) -> float:
+        return self._stream_t0 + self._utt_start
+
+    def _utt_tier(self):
+        """The greatest tier of the chunks overlapping the utterance so far (a frame of
+        slack before its start: stricter, never laxer)."""
+        floor = self._utt_abs_start() - self._ep.frame_length
+        tiers = [tier for end, tier in self._tiers if end > floor]
+        return max(tiers) if tiers else None
+
     def _frame(self, frame: bytes, out: list[Recognition]) -> None:
         was_speech = self._ep.in_speech
         speech = self._ep.process(frame)
@@ -223,6 +319,16 @@ class SpeechRecognizer:
         if not was_speech or not self._in_utt:
             self._start_utt()
         self._process(speech)
+        # The endpointer hands over speech a window behind what it has been given.
+        if self._ep.in_speech and self._consumed_s - self.config.vad_window_s \
+                - self._utt_abs_start() > self.config.max_utterance_s:
+            # Noise (or someone) that never stops: drop the hypothesis, and restart the stream
+            # so the endpointer looks for a new start and later commands are heard.
+            self._decoder.end_utt()
+            self.stats['too_long'] += 1
+            self._restore_cmn()
+            self._new_stream()
+            return
         if not self._ep.in_speech:
             final = self._end_utt(self._ep.speech_end)
             if final is not None:
@@ -239,7 +345,8 @@ class SpeechRecognizer:
                 self.stats['partials'] += 1
                 out.append(Recognition(text=text, confidence=0.0, partial=True,
                                        start_s=self._utt_start, end_s=self._ep.speech_end,
-                                       decode_ms=self._decode_ns / 1e6))
+                                       decode_ms=self._decode_ns / 1e6,
+                                       tier=self._utt_tier()))
 
     def _start_utt(self) -> None:
         self._decoder.start_utt()
@@ -282,7 +389,8 @@ class SpeechRecognizer:
             self.stats['rejected'] += 1
             return None
         self.stats['utterances'] += 1
+        self._good_cmn = self._decoder.get_cmn()
         phrase, slots = match if match is not None else ('', {})
         return Recognition(text=text, confidence=confidence, partial=False, phrase=phrase,
                            slots=slots, start_s=self._utt_start, end_s=end_s,
-                           decode_ms=self._decode_ns / 1e6)
+                           decode_ms=self._decode_ns / 1e6, tier=self._utt_tier())

@@ -46,6 +46,13 @@ class AsrConfig(BaseModel):
     dither: bool = True    # a simulated mic's exact-zero silence breaks the features without it
     seed: int = 1          # dither seed, so a run repeats
     model_dir: str = ''    # empty: pocketsphinx's bundled model/en-us
+    # A mic chunk longer than this is refused (counted): one 4 MB event (131 s) had held the
+    # plugin host's executor thread 3.3 s. sim_sensors' mic_chunk_ms goes up to 1000.
+    max_chunk_s: float = Field(1.0, gt=0, le=10, strict=True, allow_inf_nan=False)
+    # An utterance still going after this much audio is dropped (counted `too_long`) and the
+    # stream restarted: continuous noise had kept one open for 900 s, growing memory and
+    # hiding every command after it.
+    max_utterance_s: float = Field(10.0, ge=0.5, le=300, strict=True, allow_inf_nan=False)
 
     @field_validator('phrases')
     @classmethod
@@ -81,6 +88,13 @@ class AsrConfig(BaseModel):
                 if name not in self.slots:
                     raise ValueError(f'phrase {phrase!r} uses slot <{name}>, which `slots` does '
                                      f'not define (defined: {sorted(self.slots) or "none"})')
+        return self
+
+    @model_validator(mode='after')
+    def _utterance_outlasts_the_vad_window(self) -> 'AsrConfig':
+        if self.max_utterance_s <= self.vad_window_s:
+            raise ValueError(f'max_utterance_s ({self.max_utterance_s:g}) must be longer than '
+                             f'vad_window_s ({self.vad_window_s:g}): no utterance could finish')
         return self
 
     def words(self) -> set[str]:

@@ -4,11 +4,15 @@ out) and `tts` (say requests in, WAV files and a done event out).
 Mic event format (what `asr` reads): type `mic` or `mic.<name>`, payload = raw little-endian
 int16 mono PCM, metadata `sample_rate` (default 16000; anything else is refused, resample first),
 optional `channels` ("1") and `encoding` ("s16le"), and `end_of_stream: "true"` on the last
-chunk of a stream to finish an utterance still being spoken. Chunks of any length.
+chunk of a stream to finish an utterance still being spoken. Chunks of any length up to
+`max_chunk_s` (1 s by default; longer ones are refused and counted `long_chunks`).
 
 Outputs: `speech.partial` {text, confidence, partial: true} while an utterance is spoken and
 `speech.utterance` {text, confidence, partial: false, phrase, slots, start_s, end_s} when it ends;
-the event's confidence is the decoder's posterior, its privacy that of the audio.
+the event's confidence is the decoder's posterior. Its privacy is the strictest effective privacy
+(field or metadata) of every chunk its audio came from, and its `loom.subject` the one those
+chunks name: a stream holds one subject's audio at a time (see AsrPlugin.handle_event). A chunk
+longer than `max_chunk_s` is refused; an utterance longer than `max_utterance_s` is dropped.
 `tts` takes `tts.say` or action events with a JSON object {text} (an action naming another
 `action`/`tool` than say/speak/tts is ignored), writes <data_dir>/tts/<time>-<id>.wav and emits
 `tts.done` {path, duration_s, sample_rate, text, request_id, played}.
@@ -22,9 +26,10 @@ import re
 import time
 from pathlib import Path
 
-from loom_ros.bus.event import Event
+from loom_ros.bus.event import Event, Privacy
 from loom_ros.bus.privacy import (SUBJECT_METADATA_KEY, SubjectError, audit_excerpt,
-                                  audit_withholds, event_subject)
+                                  audit_withholds, effective_privacy, event_subject,
+                                  named_subject)
 from loom_ros.plugins.contract import (Capability, HealthState, HealthStatus, Plugin,
                                        PluginContext, PluginError, PluginMetadata, PluginResponse,
                                        PluginType)
@@ -71,8 +76,12 @@ class AsrPlugin(Plugin):
         super().__init__()
         self.recognizer = None
         self.config: AsrConfig | None = None
-        self.counts = {'events': 0, 'bad_events': 0, 'partials': 0, 'utterances': 0}
+        self.counts = {'events': 0, 'bad_events': 0, 'partials': 0, 'utterances': 0,
+                       'subject_cuts': 0}
         self.last_error = ''
+        # The data subject ('' anonymous) of the audio in the recognizer's stream; None when
+        # it holds none (start, or after an end_of_stream).
+        self._subject: str | None = None
 
     def init(self, ctx: PluginContext) -> None:
         super().init(ctx)
@@ -85,6 +94,22 @@ class AsrPlugin(Plugin):
             raise PluginError(f'asr: {exc}') from None
 
     def handle_event(self, event: Event) -> PluginResponse:
+        """Feed one mic chunk; emit the partials and finals it completes.
+
+        Whose words, and how private: every transcript is stamped with the strictest effective
+        privacy of all the chunks its audio came from (the recognizer tracks it from the
+        utterance's start, the endpointer's lookback included), never with the tier of
+        whichever chunk happened to end it (one Public silence chunk from another publisher had
+        made a Sensitive speaker's words Public and anonymous). And a stream holds one data
+        subject's audio at a time: a chunk naming another subject than the stream's (another
+        id, none after one, or one after none) starts a fresh stream, and an utterance in
+        progress is dropped with no result, counted `subject_cuts`. Dropped rather than
+        finished under the first subject: the endpointer runs a window behind, so the first
+        speaker's last ~0.3 s would have to be flushed, and a cut-off command can be a
+        different command ("stop moving" heard as "stop", in the grammar); the speaker's
+        words so far only ever went out (as partials) under their own name, and no transcript
+        ever holds two people's audio under one name (nor an attacker's under someone else's).
+        """
         start = time.perf_counter()
         self.counts['events'] += 1
         if self.recognizer is None:
@@ -104,16 +129,26 @@ class AsrPlugin(Plugin):
             return self._bad(f'encoding {meta.get("encoding")!r}: asr takes s16le (int16 PCM)')
         if not isinstance(event.payload, (bytes, bytearray, memoryview)):
             return self._bad('payload must be int16 PCM bytes')
+        tier = effective_privacy(event)
+        subject = named_subject(event)
+        switch = self._subject is not None and subject != self._subject
+        cut_before = self.recognizer.stats['cut']
         try:
-            results = self.recognizer.feed(event.payload, rate)
+            results = self.recognizer.feed(event.payload, rate, tier=int(tier),
+                                           new_stream=switch, bounded=True)
         except AudioFormatError as exc:
             return self._bad(str(exc))
+        self.counts['subject_cuts'] += self.recognizer.stats['cut'] - cut_before
+        self._subject = subject
         if str(meta.get('end_of_stream', '')).lower() == 'true':
             results += self.recognizer.finish()
+            self._subject = None
         events = []
         for r in results:
             kind = PARTIAL_TYPE if r.partial else UTTERANCE_TYPE
             self.counts['partials' if r.partial else 'utterances'] += 1
+            # The strictest tier of the audio it came from (LocalOnly if somehow unknown).
+            privacy = Privacy(r.tier) if r.tier is not None else Privacy.LOCAL_ONLY
             events.append(Event.with_json(
                 kind, r.as_dict() if not r.partial else
                 {'text': r.text, 'confidence': r.confidence, 'partial': True},
@@ -121,9 +156,8 @@ class AsrPlugin(Plugin):
                 # What someone said is theirs: the transcript names the audio's data subject
                 # (consent, erasure and the spoken answer follow it).
                 metadata={'mic': event.type, 'audio_event': str(event.id),
-                          **({SUBJECT_METADATA_KEY: meta[SUBJECT_METADATA_KEY]}
-                             if SUBJECT_METADATA_KEY in meta else {})},
-                privacy=event.privacy, frame_id=event.frame_id))
+                          **({SUBJECT_METADATA_KEY: subject} if subject else {})},
+                privacy=privacy, frame_id=event.frame_id))
         return PluginResponse(events=events, latency_ms=(time.perf_counter() - start) * 1000)
 
     def _bad(self, error: str) -> PluginResponse:
