@@ -162,13 +162,12 @@ LOOP = """plugins:
 """
 
 
-def test_a_plugin_is_not_fed_its_own_answers(ros, tmp_path):
+def test_a_plugin_is_not_fed_its_own_answers(ros, bus, tmp_path):
     """Its output topic is among its inputs: each answer comes back to the host on the bus.
     The host node drops its own plugin's events by their source, which for a sandboxed plugin
     was its metadata name (wasm_upper, not upper): three inputs were handled 427,866 times."""
     from rclpy.parameter import Parameter
 
-    from loom_ros.bus.bus import create_bus
     from loom_ros.plugins.host_node import PluginHostNode
     plugins = tmp_path / 'loop.yaml'
     plugins.write_text(LOOP.format(module=HERE / 'wasm' / 'upper.wat'))
@@ -181,7 +180,8 @@ def test_a_plugin_is_not_fed_its_own_answers(ros, tmp_path):
         node.trigger_configure()
         node.trigger_activate()
         ros.executor.add_node(node)
-        bus = create_bus(ros.node, 'loop_sender')
+        # the session node's fresh bus (conftest): create_bus would declare bus.* parameters
+        # on that shared node a second time when another test of this worker already had
         # The plugin's input pattern attaches to both topics once it has seen them (volatile
         # events before that reach nobody): the answers' topic included, so they come back.
         for topic in ('text.in', 'text.upper'):
