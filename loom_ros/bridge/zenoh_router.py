@@ -83,9 +83,11 @@ def router_access_control(keys_dir, fleet_file: str = '',
 
 def keys_fingerprint(keys_dir, fleet_file: str = '') -> tuple:
     """What the rules are made from, cheaply compared: the path, size and modification time of
-    the authority, of every certificate in the keys folder and of the fleet file."""
+    the authority, of its revocation list (a revoked identity's name leaves the rules), of every
+    certificate in the keys folder and of the fleet file."""
     root = keys.keys_path(keys_dir)
-    paths = [root / 'ca.pem', *sorted(root.glob('*/cert.pem'))[:MAX_MEMBERS]]
+    paths = [root / 'ca.pem', root / keys.REVOKED_FILE,
+             *sorted(root.glob('*/cert.pem'))[:MAX_MEMBERS]]
     if fleet_file:
         paths.append(Path(fleet_file))
     found = []

@@ -233,16 +233,20 @@ class Verifier:
     """Signatures checked against the fleet's authority, for the given roles only. Certificates
     are checked against the CA once and known by their digest after (keys.KnownCertificates:
     bounded, failures remembered, new ones checked at most `new_certs_per_s`), with their
-    validity window re-checked on every use against the injected clock."""
+    validity window re-checked on every use against the injected clock. A revoked certificate
+    is refused once the keys folder is named: `keys_dir` here, or `certs.preload(keys_dir)` (what
+    the cloud tier does; the folder's revoked.json is re-read when it changes)."""
 
     def __init__(self, ca_pem: bytes, roles, *, clock=time.time, cache_size: int = 256,
-                 new_certs_per_s: float = 50.0):
+                 new_certs_per_s: float = 50.0, keys_dir=None):
         self.ca_pem = ca_pem
         self.roles = frozenset(roles)
         self.clock = clock
         self.certs = keys.KnownCertificates(ca_pem, size=cache_size, clock=clock,
                                             new_per_s=new_certs_per_s,
                                             new_burst=2 * new_certs_per_s)
+        if keys_dir is not None:
+            self.certs.watch_revocations(keys_dir)
         self.signatures_checked = 0   # ECDSA checks run (what a forger can make it spend)
 
     def verify(self, header: dict, data: bytes) -> tuple[str, str]:
@@ -254,8 +258,8 @@ class Verifier:
         return known.name, known.role
 
     def identify(self, header: dict) -> keys.KnownCertificate:
-        """Whom the header's certificate names, a fleet member of one of the roles (cheap for a
-        known certificate: a hash); the signature is not checked yet."""
+        """Whom the header's certificate names, a fleet member of one of the roles, not revoked
+        (cheap for a known certificate: a hash); the signature is not checked yet."""
         known = self.certs.get(header['cert'].encode())
         if known.role not in self.roles:
             raise CredentialsError(f'{known.name} has role {known.role}, not one of '

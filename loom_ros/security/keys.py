@@ -12,14 +12,34 @@ server certificate without it, so a robot's or an operator's credentials cannot 
 the router to another member. Layout under `keys_dir` (default `~/.loom/keys`, mode 0700):
 
     ca.pem  ca.key              the authority (keep ca.key off robots in a real fleet)
+    revoked.json                certificates no longer trusted (SHA-256 of their DER), owner-only
     <name>/cert.pem key.pem     one identity; ca.pem is all a peer needs to check it
+
+A folder holding ca.pem without ca.key (a robot's, a cloud server's) checks certificates and
+never issues: nothing here makes a new authority next to an existing half of one, nor replaces
+an existing key.pem, without `force`. The keys folder and its identity folders must be this
+user's (or root's) and not writable by group or others (Loom makes them 0700); private keys
+must be owner-only (chmod 600) to be used. Key and certificate files are read bounded, never
+through a link and never unless regular (a FIFO or a device there is refused, not waited on);
+every file is written to a new file and renamed.
+
+Revocation (`revoke`; `issue(force=True)` revokes the certificate it replaces) goes in
+revoked.json. What reads it: `load`, `list_identities` (so `loom keys list` and the router's
+access control drop a revoked identity's name) and `KnownCertificates` (the cloud tier's and the
+bridge's message checks, which re-read it when it changes). Zenoh's TLS itself cannot be told:
+its config has no revocation list, and its access control matches a certificate's common name
+only, so a router refuses a revoked certificate only while no valid one of that name is in its
+keys folder.
 """
 from __future__ import annotations
 
 import binascii
 import datetime
+import errno
+import fcntl
 import hashlib
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -32,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -45,6 +65,12 @@ _NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_\-]{0,63}\Z')
 MAX_CERT_BYTES = 16 * 1024   # a certificate sent along with a message is bounded before parsing
 _PEM_BEGIN, _PEM_END = b'-----BEGIN CERTIFICATE-----', b'-----END CERTIFICATE-----'
 _BASE64 = re.compile(rb'[A-Za-z0-9+/]+={0,2}\Z')
+MAX_KEY_FILE_BYTES = 64 * 1024   # a key or certificate file larger than this is not one
+MAX_REVOKED_BYTES = 4 * 1024 * 1024
+MAX_DAYS = 3650
+REVOKED_FILE = 'revoked.json'
+REVOCATION_CHECK_S = 1.0   # how often a running checker looks whether revoked.json changed
+_FINGERPRINT = re.compile(r'[0-9a-f]{64}\Z')
 
 
 class CredentialsError(RuntimeError):
@@ -60,10 +86,10 @@ class Identity:
     ca: Path
 
     def cert_pem(self) -> bytes:
-        return self.cert.read_bytes()
+        return _read_file(self.cert, 'certificate', MAX_CERT_BYTES)
 
     def private_key(self) -> ec.EllipticCurvePrivateKey:
-        return serialization.load_pem_private_key(self.key.read_bytes(), password=None)
+        return _load_private_key(self.key, 'private key')
 
 
 def keys_path(keys_dir: str | Path = DEFAULT_KEYS_DIR) -> Path:
@@ -77,15 +103,119 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """A private key, the owner's only: written to a new file (never through a link, never
-    into an older file's looser mode, which O_TRUNC kept on --force), then renamed over `path`
-    (a link there is replaced, not followed)."""
+def _check_days(days) -> int:
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
+        raise CredentialsError(f'validity of {days!r} days: use 1 to {MAX_DAYS}')
+    return days
+
+
+def _owned(st: os.stat_result) -> bool:
+    return st.st_uid in (os.geteuid(), 0)
+
+
+def check_folder(path: Path) -> None:
+    """CredentialsError unless `path` is a folder of this user's (or root's) that group and
+    others cannot write to: anyone who can write there can swap in an authority of their own,
+    or links that turn a write here into one elsewhere (what Loom makes is 0700; reading it is
+    not refused, its private keys being owner-only files). OSError (FileNotFoundError) when it
+    is not there."""
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise CredentialsError(f'{path} is not a folder')
+    if not _owned(st):
+        raise CredentialsError(f'{path} belongs to uid {st.st_uid}, not to you (uid '
+                               f'{os.geteuid()}): another user could have put an authority of '
+                               'their own there; use a keys folder of your own')
+    if st.st_mode & 0o022:
+        raise CredentialsError(f'{path} is writable by group or others (mode '
+                               f'{stat.S_IMODE(st.st_mode):o}): run `chmod 700 {path}`')
+
+
+def _make_folder(path: Path) -> None:
+    """`path` and every missing folder above it, each made 0700 (whatever the umask)."""
+    missing = []
+    at = path
+    while not os.path.lexists(at) and at != at.parent:
+        missing.append(at)
+        at = at.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:   # made meanwhile: checked by the caller like any other
+            continue
+        os.chmod(folder, 0o700)
+
+
+def _read_file(path: Path, what: str, limit: int = MAX_KEY_FILE_BYTES, *,
+               private: bool = False) -> bytes:
+    """A key or certificate file: never through a link, only a regular file (a FIFO is refused,
+    not waited on: opened non-blocking), at most `limit` bytes (a larger one is refused unread).
+    `private`: also owned by this user (or root) and owner-only. FileNotFoundError when absent;
+    CredentialsError for anything else wrong with it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CredentialsError(f'{path} is a link: the {what} must be a file of its '
+                                   'own') from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CredentialsError(f'{path} is not a regular file (the {what})')
+        if st.st_size > limit:
+            raise CredentialsError(f'{path} is {st.st_size} bytes: too large (the {what} is at '
+                                   f'most {limit // 1024} KiB)')
+        if private and not _owned(st):
+            raise CredentialsError(f'{path} belongs to uid {st.st_uid}, not to you: the {what} '
+                                   'must be your own')
+        if private and st.st_mode & 0o077:
+            raise CredentialsError(f'{path} is readable by group or others (mode '
+                                   f'{stat.S_IMODE(st.st_mode):o}): run `chmod 600 {path}` '
+                                   'and consider it exposed')
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise CredentialsError(f'{path} is too large (the {what} is at most '
+                                   f'{limit // 1024} KiB)')
+        return b''.join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _load_private_key(path: Path, what: str) -> ec.EllipticCurvePrivateKey:
+    """An unencrypted ECDSA private key from an owner-only file; CredentialsError otherwise
+    (FileNotFoundError when absent)."""
+    data = _read_file(path, what, private=True)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise CredentialsError(f'{path} is encrypted (passphrase-protected): Loom reads '
+                               'unencrypted keys, kept owner-only') from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise CredentialsError(f'{path} is not a readable {what}: {str(exc)[:200]}') from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CredentialsError(f'{path} is not an ECDSA key ({type(key).__name__[:40]}): '
+                               'Loom\'s keys are ECDSA P-256, as `loom keys init` and `issue` '
+                               'make them')
+    return key
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """`data` at `path` with `mode`: written to a new file (never through a link, never into an
+    older file's looser mode, which O_TRUNC kept on --force), then renamed over `path` (a link
+    there is replaced, not followed)."""
     tmp = path.with_name(f'.{path.name}.{secrets.token_hex(8)}.tmp')
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode)
     try:
         with os.fdopen(fd, 'wb') as out:
-            os.fchmod(out.fileno(), 0o600)   # whatever the umask
+            os.fchmod(out.fileno(), mode)   # whatever the umask
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
@@ -95,18 +225,46 @@ def _write_private(path: Path, data: bytes) -> None:
         raise
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    """A private key, the owner's only (_write_atomic)."""
+    _write_atomic(path, data, 0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    """A certificate: written like a private key (a link at `path` is replaced, not followed)."""
+    _write_atomic(path, data, 0o644)
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
 def init_ca(keys_dir: str | Path = DEFAULT_KEYS_DIR, *, days: int = 3650,
             force: bool = False) -> Path:
-    """Create the authority (ca.pem, ca.key); an existing one is kept unless `force`."""
+    """Create the authority (ca.pem, ca.key); an existing one is kept (checked: readable, the
+    key owner-only and ca.pem's) unless `force`. Half of one (ca.pem alone: a robot's folder;
+    ca.key alone: a lost certificate) is never replaced without `force`: CredentialsError
+    naming the missing file. The folder is made 0700 and must be this user's and closed."""
+    days = _check_days(days)
     root = keys_path(keys_dir)
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _make_folder(root)
+    check_folder(root)
     ca_pem, ca_key = root / 'ca.pem', root / 'ca.key'
-    if ca_pem.exists() and ca_key.exists() and not force:
-        return ca_pem
+    has_pem, has_key = os.path.lexists(ca_pem), os.path.lexists(ca_key)
+    if not force:
+        if has_pem and has_key:
+            _load_ca(root)
+            return ca_pem
+        if has_pem:
+            raise CredentialsError(
+                f'{ca_pem} is here without {ca_key.name}: a folder that checks certificates (a '
+                'robot\'s, a server\'s) and issues none; issue where ca.key is kept. Nothing '
+                'was changed (--force makes a NEW authority: every certificate the old one '
+                'issued stops being trusted)')
+        if has_key:
+            raise CredentialsError(
+                f'{ca_key} is here without {ca_pem.name}: restore ca.pem from a copy (robots '
+                'and servers hold one). Nothing was changed (--force makes a NEW authority)')
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 'Loom fleet CA')])
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
@@ -120,7 +278,7 @@ def init_ca(keys_dir: str | Path = DEFAULT_KEYS_DIR, *, days: int = 3650,
     _write_private(ca_key, key.private_bytes(serialization.Encoding.PEM,
                                              serialization.PrivateFormat.PKCS8,
                                              serialization.NoEncryption()))
-    ca_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_public(ca_pem, cert.public_bytes(serialization.Encoding.PEM))
     return ca_pem
 
 
@@ -130,15 +288,31 @@ def issue(keys_dir: str | Path, name: str, role: str, *, days: int = 825,
     """An identity signed by the authority: CN=name, OU=role, a TLS client (Zenoh's mutual TLS)
     and a message signer. `serve` (default: routers only) also makes it a TLS server at `hosts`,
     which a peer that listens needs. An existing one is kept unless `force`; asking to serve
-    with one that cannot is an error (reissue it)."""
+    with one that cannot is an error (reissue it). Half of one (cert.pem or key.pem alone) is
+    never replaced without `force`. With `force`, the certificate replaced (when this
+    authority's) is revoked first (revoked.json): its key no longer speaks for `name`."""
     _check_name(name)
     if role not in ROLES:
         raise CredentialsError(f'role {role!r}: one of {", ".join(ROLES)}')
+    days = _check_days(days)
     serve = role == 'router' if serve is None else bool(serve)
     root = keys_path(keys_dir)
+    if not os.path.lexists(root):
+        raise CredentialsError(f'no certificate authority in {root} (ca.pem missing): run '
+                               '`loom keys init` first')
+    check_folder(root)
     ca_cert, ca_key = _load_ca(root)
     folder = root / name
-    if (folder / 'cert.pem').exists() and (folder / 'key.pem').exists() and not force:
+    if os.path.lexists(folder):
+        check_folder(folder)
+    cert_path, key_path = folder / 'cert.pem', folder / 'key.pem'
+    has_cert, has_key = os.path.lexists(cert_path), os.path.lexists(key_path)
+    if has_cert != has_key and not force:
+        there, gone = (cert_path, key_path) if has_cert else (key_path, cert_path)
+        raise CredentialsError(f'{there} is here without {gone.name}: nothing was replaced; '
+                               f'restore {gone.name}, or add --force to give {name} a new key '
+                               'and certificate (the old certificate is then revoked)')
+    if has_cert and has_key and not force:
         found = load(root, name)
         if found.role != role:
             raise CredentialsError(f'identity {name!r} exists with role {found.role!r}, not '
@@ -147,7 +321,10 @@ def issue(keys_dir: str | Path, name: str, role: str, *, days: int = 825,
             raise CredentialsError(f'identity {name!r} exists without the right to serve TLS '
                                    '(use force to reissue it with serve)')
         return found
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if has_cert:   # force: what it replaces no longer speaks for `name`
+        _revoke_replaced(root, cert_path, ca_cert, name)
+    _make_folder(folder)
+    check_folder(folder)
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.DNSName(name)]
     for host in hosts if serve else ():   # where a server is reached; a client is not checked
@@ -168,11 +345,24 @@ def issue(keys_dir: str | Path, name: str, role: str, *, days: int = 825,
             .add_extension(x509.ExtendedKeyUsage(usages + [ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
-    _write_private(folder / 'key.pem', key.private_bytes(serialization.Encoding.PEM,
-                                                         serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
-    (folder / 'cert.pem').write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return Identity(name, role, folder / 'cert.pem', folder / 'key.pem', root / 'ca.pem')
+    _write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return Identity(name, role, cert_path, key_path, root / 'ca.pem')
+
+
+def _revoke_replaced(root: Path, cert_path: Path, ca_cert, name: str) -> None:
+    """Revoke the certificate at `cert_path` before it is replaced, when it is this authority's
+    (another's, or garbage, is trusted by no one here: nothing to revoke). The revocation list
+    is written before anything is replaced: if that fails, nothing is."""
+    try:
+        der = certificate_der(_read_file(cert_path, 'certificate', MAX_CERT_BYTES))
+        cert = _load_der(der)
+        _check_issued_by(cert, ca_cert)
+    except (CredentialsError, OSError):
+        return
+    _add_revocation(root, _revocation_entry(der, cert, 'reissued'))
 
 
 def can_serve(identity: Identity) -> bool:
@@ -222,14 +412,29 @@ def list_identities(keys_dir: str | Path, limit: int = 1024) -> list[Listed]:
     identity when the folder's authority signed it, it is valid now and it names its own
     folder, else with why not. What `signed_identities` trusts and `loom keys list` shows come
     from here, so the two never disagree. Only certificates are read. OSError when the folder
-    has no readable authority."""
+    has no readable authority. A certificate in the folder's revocation list is listed as
+    revoked; every one is, as unverifiable, when that list is unreadable (fail closed)."""
     root = keys_path(keys_dir)
-    ca = (root / 'ca.pem').read_bytes()
+    try:
+        ca = _read_file(root / 'ca.pem', 'authority certificate', MAX_CERT_BYTES)
+    except CredentialsError as exc:
+        raise OSError(str(exc)) from None
+    try:
+        revoked, revoked_error = read_revocations(root), ''
+    except (CredentialsError, OSError) as exc:
+        revoked, revoked_error = {}, f'revocation list unreadable: {str(exc)[:160]}'
     out = []
     for cert in sorted(root.glob('*/cert.pem'))[:limit]:
         folder = cert.parent.name
         try:
-            name, role = identity_of(read_small(cert), ca)
+            pem = read_small(cert)
+            name, role = identity_of(pem, ca)
+            if revoked_error:
+                raise CredentialsError(revoked_error)
+            entry = revoked.get(_sha256(certificate_der(pem)).hex())
+            if entry is not None:
+                raise CredentialsError(f'revoked ({str(entry.get("reason", ""))[:20]} '
+                                       f'{str(entry.get("revoked_at", ""))[:32]})')
         except CredentialsError as exc:
             out.append(Listed(folder, cert, None, str(exc)[:200]))
             continue
@@ -272,37 +477,187 @@ def non_routers_serving(identities: Iterable[Identity]) -> list[str]:
 
 
 def load(keys_dir: str | Path, name: str) -> Identity:
-    """An identity issued before; a clear error naming the missing file otherwise."""
+    """An identity issued before; a clear error naming the missing file otherwise. Its folders
+    must be this user's and not writable by others, and its certificate not revoked (in this
+    folder's revocation list). Its key is checked (owner-only, ECDSA) when it is read to sign
+    (Identity.private_key)."""
     _check_name(name)
     root = keys_path(keys_dir)
     folder = root / name
     for path in (root / 'ca.pem', folder / 'cert.pem', folder / 'key.pem'):
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise CredentialsError(f'{path} is missing: run `loom keys init` and '
                                    f'`loom keys issue {name} --role ROLE` (robot, router, cloud or '
                                    'operator; or `loom bringup` once, which makes local '
                                    'credentials)')
-    name_, role = identity_of((folder / 'cert.pem').read_bytes(), (root / 'ca.pem').read_bytes())
+    check_folder(root)
+    check_folder(folder)
+    if not stat.S_ISREG(os.lstat(folder / 'key.pem').st_mode):   # zenoh opens it by path
+        raise CredentialsError(f'{folder / "key.pem"} is not a regular file (a link, a FIFO?)')
+    try:
+        cert_pem = _read_file(folder / 'cert.pem', 'certificate', MAX_CERT_BYTES)
+        name_, role = identity_of(cert_pem, _read_file(root / 'ca.pem', 'authority certificate',
+                                                       MAX_CERT_BYTES))
+    except FileNotFoundError as exc:   # removed meanwhile
+        raise CredentialsError(f'{exc.filename} is missing') from None
+    entry = read_revocations(root).get(_sha256(certificate_der(cert_pem)).hex())
+    if entry is not None:
+        raise CredentialsError(f'the certificate of {name_} in {folder} was revoked '
+                               f'({str(entry.get("revoked_at", ""))[:32]}): issue a new one where '
+                               f'ca.key is kept (`loom keys issue {name_} --role {role} --force`)')
     return Identity(name_, role, folder / 'cert.pem', folder / 'key.pem', root / 'ca.pem')
 
 
 def ensure_local(keys_dir: str | Path, identities: dict[str, str]) -> dict[str, Identity]:
-    """The authority and every {name: role} identity, made on first use (loopback set-ups)."""
-    init_ca(keys_dir)
-    return {name: issue(keys_dir, name, role) for name, role in identities.items()}
+    """The authority and every {name: role} identity, made on first use (loopback set-ups): an
+    empty (or absent) folder gets all of them. A folder with ca.pem but no ca.key (a robot's)
+    never gets an authority of its own: its identities are used as they are, and any missing is
+    a CredentialsError naming them. ca.key without ca.pem is an error too (init_ca)."""
+    root = keys_path(keys_dir)
+    if os.path.lexists(root / 'ca.pem') and not os.path.lexists(root / 'ca.key'):
+        check_folder(root)
+        found, missing = {}, []
+        for name, role in identities.items():
+            if not os.path.lexists(root / _check_name(name) / 'cert.pem'):
+                missing.append(name)
+                continue
+            ident = load(root, name)
+            if ident.role != role:
+                raise CredentialsError(f'identity {name!r} in {root} has role {ident.role!r}, '
+                                       f'not {role!r}')
+            found[name] = ident
+        if missing:
+            raise CredentialsError(
+                f'{root} holds ca.pem without ca.key (a robot\'s folder), so no identity is made '
+                f'here; missing: {", ".join(missing)}. Issue them where ca.key is kept (`loom '
+                'keys issue NAME --role ROLE`) and copy NAME/cert.pem and key.pem here')
+        return found
+    init_ca(root)
+    return {name: issue(root, name, role) for name, role in identities.items()}
 
 
 def _load_ca(root: Path):
+    """The authority's certificate and key: both readable, the key owner-only, ECDSA and the
+    certificate's own. CredentialsError naming what is missing or wrong."""
     try:
-        cert = x509.load_pem_x509_certificate((root / 'ca.pem').read_bytes())
-        key = serialization.load_pem_private_key((root / 'ca.key').read_bytes(), password=None)
-    except FileNotFoundError as exc:
-        raise CredentialsError(f'no certificate authority in {root} ({exc.filename} missing): '
-                               'run `loom keys init` first') from None
+        data = _read_file(root / 'ca.pem', 'authority certificate', MAX_CERT_BYTES)
+    except FileNotFoundError:
+        raise CredentialsError(f'no certificate authority in {root} (ca.pem missing): run '
+                               '`loom keys init` first') from None
+    try:
+        cert = x509.load_pem_x509_certificate(data)
     except ValueError as exc:
-        raise CredentialsError(f'the certificate authority in {root} is unreadable: {exc}') \
-            from None
+        raise CredentialsError(f'the certificate authority in {root} is unreadable: '
+                               f'{str(exc)[:200]}') from None
+    try:
+        key = _load_private_key(root / 'ca.key', 'authority key')
+    except FileNotFoundError:
+        raise CredentialsError(f'{root / "ca.key"} is missing: this folder checks certificates '
+                               'and cannot issue them; issue where ca.key is kept (keep it off '
+                               'robots)') from None
+    if key.public_key() != cert.public_key():
+        raise CredentialsError(f'{root / "ca.key"} is not the key of {root / "ca.pem"}')
     return cert, key
+
+
+def fingerprint(cert_pem: bytes) -> str:
+    """The SHA-256 of a certificate's DER, hex: what revocation lists it by."""
+    return _sha256(certificate_der(cert_pem)).hex()
+
+
+def _revocation_entry(der: bytes, cert, reason: str) -> dict:
+    try:
+        name, role = _name_and_role(cert)
+    except CredentialsError:
+        name, role = '', ''
+    return {'sha256': _sha256(der).hex(), 'serial': format(cert.serial_number, 'x'),
+            'name': name, 'role': role,
+            'not_after': cert.not_valid_after_utc.isoformat(timespec='seconds'),
+            'revoked_at': _now().isoformat(timespec='seconds'), 'reason': reason}
+
+
+def read_revocations(keys_dir: str | Path) -> dict[str, dict]:
+    """The keys folder's revocation list, {SHA-256 hex of DER: entry}; {} when there is none.
+    CredentialsError when it is there and unreadable (its reader should then trust no one)."""
+    return _read_revocation_file(keys_path(keys_dir) / REVOKED_FILE)
+
+
+def _read_revocation_file(path: Path) -> dict[str, dict]:
+    try:
+        data = _read_file(path, 'revocation list', MAX_REVOKED_BYTES)
+    except FileNotFoundError:
+        return {}
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise CredentialsError(f'{path} is not JSON: {str(exc)[:100]}') from None
+    entries = doc.get('revoked') if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        raise CredentialsError(f'{path}: expected {{"revoked": [...]}}')
+    out = {}
+    for entry in entries:
+        digest = entry.get('sha256') if isinstance(entry, dict) else None
+        if not isinstance(digest, str) or not _FINGERPRINT.match(digest):
+            raise CredentialsError(f'{path}: an entry without a sha256 fingerprint')
+        out[digest] = entry
+    return out
+
+
+def _add_revocation(root: Path, entry: dict) -> dict:
+    """Add `entry` to the folder's revocation list (one writer at a time: a lock on the folder;
+    owner-only; written to a new file and renamed). Entries past their certificate's end are
+    dropped: an expired certificate is refused anyway. Returns the entry listed."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        current = read_revocations(root)
+        if entry['sha256'] in current:
+            return current[entry['sha256']]
+        now = _now().isoformat(timespec='seconds')
+        kept = [e for e in current.values() if str(e.get('not_after', '9')) >= now]
+        text = json.dumps({'version': 1, 'revoked': kept + [entry]}, indent=1,
+                          sort_keys=True).encode() + b'\n'
+        if len(text) > MAX_REVOKED_BYTES:
+            raise CredentialsError('the revocation list is full: make a new authority')
+        _write_atomic(root / REVOKED_FILE, text, 0o600)
+        return entry
+    finally:
+        os.close(fd)   # and the lock with it
+
+
+def revoke(keys_dir: str | Path, name: str | None = None, *,
+           cert_pem: bytes | None = None) -> dict:
+    """Revoke identity `name`'s current certificate (`<name>/cert.pem`), or the certificate
+    `cert_pem` (a copy kept of one since replaced or deleted), in the keys folder's revocation
+    list; returns its entry. Only ca.pem is needed (a cloud server's folder can revoke too): the
+    certificate must be this authority's, expired or not. Its files are left in place."""
+    root = keys_path(keys_dir)
+    if not os.path.lexists(root):
+        raise CredentialsError(f'no keys folder at {root}')
+    check_folder(root)
+    try:
+        ca = x509.load_pem_x509_certificate(_read_file(root / 'ca.pem', 'authority certificate',
+                                                       MAX_CERT_BYTES))
+    except FileNotFoundError:
+        raise CredentialsError(f'no certificate authority in {root} (ca.pem missing)') from None
+    except ValueError as exc:
+        raise CredentialsError(f'{root / "ca.pem"} is unreadable: {str(exc)[:200]}') from None
+    if cert_pem is None:
+        path = root / _check_name(name) / 'cert.pem'
+        if os.path.lexists(path.parent):
+            check_folder(path.parent)
+        try:
+            cert_pem = _read_file(path, 'certificate', MAX_CERT_BYTES)
+        except FileNotFoundError:
+            raise CredentialsError(f'{path} is missing: nothing to revoke (a copy of the '
+                                   'certificate can be revoked with --cert FILE)') from None
+    der = certificate_der(cert_pem)
+    cert = _load_der(der)
+    _check_issued_by(cert, ca)
+    entry = _revocation_entry(der, cert, 'revoked')
+    if name is not None and entry['name'] != name:
+        raise CredentialsError(f'the certificate names {entry["name"][:64]!r}, not {name!r}')
+    return _add_revocation(root, entry)
 
 
 def identity_of(cert_pem: bytes, ca_pem: bytes, now: datetime.datetime | None = None) \
@@ -412,7 +767,12 @@ class KnownCertificates:
     least recently used go first; a failure is remembered by its DER, so the same bad certificate
     with other text around it costs no new check). Validity windows are re-checked on every use
     against the injected clock (POSIX seconds). Safe from several threads (the cloud tier's Zenoh
-    callbacks): the lock covers the maps and the budget, not the parse, CA check or signature."""
+    callbacks): the lock covers the maps and the budget, not the parse, CA check or signature.
+
+    Revocation: once `watch_revocations` (or `preload`) names the keys folder, a certificate in
+    its revocation list (revoked.json) is refused whichever map knows it, and the list is looked
+    at again (a stat) at most every `revocation_check_s` and re-read when it changed. While it
+    is unreadable no certificate is accepted (fail closed)."""
 
     def __init__(self, ca_pem: bytes, *, size: int = 256, bad_size: int = 1024,
                  new_per_s: float = 50.0, new_burst: float = 100.0, clock=None):
@@ -428,16 +788,67 @@ class KnownCertificates:
         self._lock = threading.Lock()
         self._budget = TokenBucket(new_per_s, new_burst, self.clock)
         self.checked = self.refused_busy = 0
+        self.revocation_check_s = REVOCATION_CHECK_S
+        self._revoked: frozenset[bytes] = frozenset()   # DER digests
+        self._revocations: Path | None = None
+        self._revocations_seen: object = None    # the list's stat when last read
+        self._revocations_error = ''
+        self._revocations_looked = None          # time.monotonic() of the last look
+
+    def watch_revocations(self, keys_dir: str | Path) -> int:
+        """Refuse the certificates in the keys folder's revocation list from now on (re-read when
+        it changes). Returns how many it lists; CredentialsError when it is unreadable."""
+        self._revocations = keys_path(keys_dir) / REVOKED_FILE
+        with self._lock:
+            self._revocations_looked, self._revocations_seen = None, None
+        self._refresh_revocations()
+        if self._revocations_error:
+            raise CredentialsError(self._revocations_error)
+        return len(self._revoked)
+
+    def _refresh_revocations(self) -> None:
+        path = self._revocations
+        if path is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            last = self._revocations_looked
+            if last is not None and now - last < self.revocation_check_s:
+                return
+            self._revocations_looked = now
+        try:
+            st = os.lstat(path)
+            seen: object = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except FileNotFoundError:
+            seen = 'absent'
+        except OSError as exc:
+            seen = f'error: {exc}'
+        if seen == self._revocations_seen:
+            return
+        try:
+            revoked = frozenset(bytes.fromhex(d) for d in _read_revocation_file(path))
+            error = ''
+        except (CredentialsError, OSError) as exc:
+            revoked = self._revoked
+            error = f'revocation list unreadable, no certificate is accepted: {str(exc)[:200]}'
+        with self._lock:
+            self._revoked, self._revocations_error = revoked, error
+            self._revocations_seen = seen
 
     def preload(self, keys_dir: str | Path, limit: int = 1024) -> int:
         """Know the certificates of the keys folder (`<name>/cert.pem`, at most `limit`) that the
         authority signed, outside the new-certificate budget and for good: a flood of strangers'
         certificates cannot make a member wait. Others are skipped (checked like any new one if
-        they come). Returns how many are known."""
+        they come). Revoked ones are skipped, and the folder's revocation list is watched from
+        now on (watch_revocations; CredentialsError when it is unreadable). Returns how many
+        are known."""
+        self.watch_revocations(keys_dir)
         loaded = 0
         for path in sorted(keys_path(keys_dir).glob('*/cert.pem'))[:limit]:
             try:
                 der = certificate_der(read_small(path))
+                if _sha256(der) in self._revoked:
+                    continue
                 known = self._identify(_load_der(der))
             except (OSError, CredentialsError):
                 continue
@@ -447,10 +858,17 @@ class KnownCertificates:
         return loaded
 
     def get(self, cert_pem: bytes) -> KnownCertificate:
-        """The certificate's identity, valid now; CredentialsError otherwise."""
+        """The certificate's identity, valid now and not revoked; CredentialsError otherwise."""
         der = certificate_der(cert_pem)
         key = _sha256(der)
+        self._refresh_revocations()
         with self._lock:
+            if self._revocations_error:
+                raise CredentialsError(self._revocations_error)
+            if key in self._revoked:
+                known = self._members.get(key) or self._known.get(key)
+                raise CredentialsError(f'certificate{" of " + known.name if known else ""} '
+                                       'revoked')
             known = self._members.get(key)
             if known is None:
                 known = self._known.get(key)

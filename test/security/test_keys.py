@@ -153,9 +153,9 @@ def test_reissued_keys_are_the_owners_only_and_never_written_through_a_link(flee
     the new private key through a symlink at its path, wherever that pointed."""
     robot = keys.issue(fleet, 'robot9', 'robot')
     os.chmod(robot.key, 0o644)
-    os.chmod(fleet / 'ca.key', 0o644)
     keys.issue(fleet, 'robot9', 'robot', force=True)
     assert os.stat(robot.key).st_mode & 0o777 == 0o600
+    os.chmod(fleet / 'ca.key', 0o644)   # issuing now refuses an authority key others can read
     keys.init_ca(fleet, force=True)
     assert os.stat(fleet / 'ca.key').st_mode & 0o777 == 0o600
     target = tmp_path / 'elsewhere.pem'
