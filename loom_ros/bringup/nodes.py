@@ -37,12 +37,27 @@ class LoomNode:
     condition: str = ''        # one of CONDITIONS that must be true ('' = always started)
     respawn: bool = True       # started again when its process dies (launch's respawn)
     env: Mapping[str, str] = field(default_factory=dict)   # extra environment of its process
+    # The SECRET_ENV variables its process needs (it opens storage with encryption or the
+    # object store, or starts processes that do); the others are not handed to it (node_env).
+    secrets: tuple[str, ...] = ()
 
     def load_class(self):
         """The node class (imports rclpy and the node's module)."""
         module, _, name = self.node_class.partition(':')
         return getattr(importlib.import_module(module), name)
 
+
+# Secrets bring-up finds in its environment and hands only to the nodes that name them in
+# `secrets`: the storage master key (security/keyring.py) and the S3 keys (storage/backend).
+# The storage node opens both (lifecycle, forget); the lifecycle manager starts the agent hosts
+# (each agent's Storage: its keyring and blobs) and, with composition, hosts them itself. The
+# others open no keyring nor object store: the router and the bridge read consent and write
+# plain databases, the plugin host's memory_search reads without a keyring, the sensors keep
+# nothing.
+MASTER_KEY_ENV = 'LOOM_STORAGE_MASTER_KEY'     # security/keyring.MASTER_KEY_ENV
+S3_KEY_ENV = ('LOOM_S3_ACCESS_KEY', 'LOOM_S3_SECRET_KEY')   # storage/backend (both or neither)
+SECRET_ENV = (MASTER_KEY_ENV, *S3_KEY_ENV)
+STORAGE_SECRETS = SECRET_ENV
 
 # In start order; managed lifecycle nodes are brought up in this order, then the agents.
 NODES: tuple[LoomNode, ...] = (
@@ -57,13 +72,15 @@ NODES: tuple[LoomNode, ...] = (
     # The data lifecycle (hot > warm > cold > archive), budgets and storage/query over every
     # database under storage.root.
     LoomNode('storage', 'storage_node', 'loom_ros.storage.ros2.node',
-             'loom_ros.storage.ros2.node:StorageNode', lifecycle=True, managed=True),
+             'loom_ros.storage.ros2.node:StorageNode', lifecycle=True, managed=True,
+             secrets=STORAGE_SECRETS),
     LoomNode('zenoh_bridge', 'zenoh_bridge', 'loom_ros.bridge.bridge_node',
              'loom_ros.bridge.bridge_node:ZenohBridgeNode', lifecycle=True, managed=True,
              condition='bridge'),
     # Brings up the nodes above and the agents (which it starts itself: agent_host_0).
     LoomNode(MANAGER, 'lifecycle_manager', 'loom_ros.bringup.lifecycle_manager_node',
-             'loom_ros.bringup.lifecycle_manager_node:LifecycleManagerNode'),
+             'loom_ros.bringup.lifecycle_manager_node:LifecycleManagerNode',
+             secrets=STORAGE_SECRETS),
 )
 
 # Environment every Loom process gets (the node's own `env` is added on top).
@@ -147,13 +164,24 @@ def node_parameters(node: LoomNode, selected: list[LoomNode], *, autostart,
     return {}
 
 
+def without_secrets(base: Mapping[str, str], keep: tuple[str, ...] = ()) -> dict[str, str]:
+    """`base` without the SECRET_ENV variables not in `keep` (also for the side processes: the
+    Zenoh router and the cloud tier open no storage of the robot)."""
+    return {k: v for k, v in base.items() if k not in SECRET_ENV or k in keep}
+
+
 def node_env(node: LoomNode, base: Mapping[str, str]) -> dict[str, str]:
-    """The environment of a node's process: `base`, Loom's Fast DDS profile (camera frames
-    across processes; nothing when `base` sets its own or another rmw), COMMON_ENV, the node's
-    own."""
-    return {**base, **fastdds_environment(base, config_dir()), **COMMON_ENV, **node.env}
+    """The environment of a node's process: `base` without the SECRET_ENV variables the node
+    does not need (node.secrets), Loom's Fast DDS profile (camera frames across processes;
+    nothing when `base` sets its own or another rmw), COMMON_ENV, the node's own."""
+    return {**without_secrets(base, node.secrets), **fastdds_environment(base, config_dir()),
+            **COMMON_ENV, **node.env}
 
 
 def env_additions(node: LoomNode, base: Mapping[str, str]) -> dict[str, str]:
-    """What node_env adds to or changes in `base` (launch's additional_env)."""
-    return {k: v for k, v in node_env(node, base).items() if base.get(k) != v}
+    """What node_env adds to or changes in `base` (launch's additional_env, which can add and
+    change, not remove): a secret of `base` the node does not need is set to '' (what the
+    keyring and the object store read as unset)."""
+    env = node_env(node, base)
+    changed = {k: v for k, v in env.items() if base.get(k) != v}
+    return {**changed, **{k: '' for k in SECRET_ENV if k in base and k not in env}}

@@ -182,7 +182,9 @@ def _start_side(name: str, cmd: list[str], log_dir: str) -> Process:
     # SIGKILL, not SIGTERM, when bring-up dies: they keep no state, and a Zenoh router told to
     # stop while its peers vanish was seen hanging in session.close() for good, port held.
     try:
+        # the router and the cloud tier open no storage of the robot: no storage secrets
         return Process(cmd, name=name, stdout=subprocess.PIPE, stderr=err, text=True,
+                       env=table.without_secrets(os.environ),
                        death_signal=signal.SIGKILL).start()
     finally:
         if err is not subprocess.DEVNULL:

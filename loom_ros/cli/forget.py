@@ -23,7 +23,8 @@ from loom_ros.bridge.zenoh_link import INSECURE_WARNING
 from loom_ros.bus.privacy import SubjectError, check_subject
 from loom_ros.config.params import ConfigError, node_defaults
 from loom_ros.security.audit import AuditError, AuditLog
-from loom_ros.security.keyring import KEYRING_FILE, MASTER_KEY_ENV, EncryptionSettings, Keyring
+from loom_ros.security.keyring import (KEYRING_FILE, MASTER_KEY_ENV, EncryptionSettings,
+                                       Keyring, env_master_key_given)
 from loom_ros.storage.consent import ConsentError, SubjectRefs
 from loom_ros.storage.erasure import export
 from loom_ros.storage.errors import StorageError
@@ -81,7 +82,7 @@ def _who(args) -> str:
 def _keyring(layout: StorageLayout, args) -> Keyring | None:
     if not (layout.keys / KEYRING_FILE).is_file():
         return None
-    if not args.master_key_file and not os.environ.get(MASTER_KEY_ENV):
+    if not args.master_key_file and not env_master_key_given():   # also once a keyring took it
         return None
     return Keyring.open(layout.root, EncryptionSettings(True, args.master_key_file), os.environ)
 

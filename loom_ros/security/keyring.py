@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from loom_ros.bus.privacy import SubjectError, check_subject
 from loom_ros.storage.durable import write_atomic
 from loom_ros.storage.errors import StorageError
-from loom_ros.storage.sqlite import open_database
+from loom_ros.storage.sqlite import make_folders, open_database
 
 MASTER_KEY_ENV = 'LOOM_STORAGE_MASTER_KEY'
 KEYRING_FILE = 'datakeys.db'          # under <root>/keys
@@ -140,8 +140,14 @@ def read_key_file(path: str | os.PathLike) -> list[MasterKey]:
     """The master keys in `path`: a regular file of this user (or root) that neither group nor
     others may read or write (chmod 600), at most 4 KiB."""
     path = Path(os.path.expanduser(str(path)))
+    # Only a regular file is opened at all (a FIFO blocked open() forever, a device may act on
+    # being opened), and non-blocking, should it be swapped for one meanwhile: what was opened
+    # is checked again below. A symbolic link is followed (secret mounts are made of them): its
+    # target must pass every check.
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0))
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise KeyringError(f'master key file {path}: not a regular file')
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, 'O_CLOEXEC', 0))
     except OSError as exc:
         raise KeyringError(f'master key file {path}: cannot open: {exc.strerror}') from None
     try:
@@ -180,6 +186,33 @@ def write_key_file(path: str | os.PathLike, keys: list[MasterKey], replace: bool
         raise KeyringError(f'{path}: cannot write the master key: {exc.strerror}') from None
 
 
+_env_lock = threading.Lock()
+_env_taken: str | None = None    # LOOM_STORAGE_MASTER_KEY as taken out of os.environ
+
+
+def env_master_key(env: Mapping[str, str]) -> str:
+    """LOOM_STORAGE_MASTER_KEY in `env` ('' when unset). From the process environment
+    (`env` is os.environ) it is taken out at its first read and kept here for this process's
+    later keyrings (every agent of a host opens its own), as the heartbeat key is
+    (agents/supervisor.take_env_key): plugins loaded afterwards and processes started afterwards
+    do not find it in the environment. Bring-up hands it only to the nodes that open storage
+    (bringup/nodes.py SECRET_ENV). A value set again later replaces the one kept."""
+    global _env_taken
+    if env is not os.environ:
+        return env.get(MASTER_KEY_ENV, '') or ''
+    with _env_lock:
+        value = os.environ.pop(MASTER_KEY_ENV, None)
+        if value is not None:
+            _env_taken = value
+        return _env_taken or ''
+
+
+def env_master_key_given(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether LOOM_STORAGE_MASTER_KEY was given to this process (or is set in `env`), also once
+    a keyring took it out of os.environ (a check of os.environ alone would say no then)."""
+    return bool(env_master_key(env))
+
+
 @dataclass(frozen=True)
 class MasterKeySource:
     """Where the master keys come from: a file (storage.encryption.master_key_file) or the
@@ -190,7 +223,7 @@ class MasterKeySource:
 
     @classmethod
     def of(cls, key_file: str, env: Mapping[str, str]) -> 'MasterKeySource':
-        value = env.get(MASTER_KEY_ENV, '')
+        value = env_master_key(env)
         if key_file and value:
             raise KeyringError(f'both storage.encryption.master_key_file and {MASTER_KEY_ENV} '
                                'are set; use one')
@@ -279,7 +312,7 @@ class Keyring:
         self._masters: dict[str, MasterKey] = {}
         given = source.load()    # a missing or unreadable key stops us before any file is made
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_folders(self.path.parent)    # 0700, and so is a root it has to make
         except OSError as exc:
             raise KeyringError(f'{self.path.parent}: cannot create: {exc.strerror}') from None
         self.conn = open_database(self.path, synchronous='FULL')

@@ -17,6 +17,7 @@ from loom_ros.storage.cold import IndexParams
 from loom_ros.storage.errors import StorageError
 from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.rowcipher import episode_context
+from loom_ros.storage.sqlite import private_folder
 from loom_ros.storage.lifecycle import (Lifecycle, LifecycleParams, MoveReport, TierPolicy,
                                         enforce_budgets, load_policies)
 from loom_ros.storage.stores import episodes_sql
@@ -140,11 +141,12 @@ class StorageService:
         self.consent = consent
         self.failed: dict[str, str] = {}      # unit -> why it cannot be opened
         self._failed_at: dict[str, tuple] = {}   # unit -> its files' sizes and times then
+        # 0700; an existing root open to group or others tightened when this user's, refused
+        # when another's (a reader leaves it as it is): sqlite.private_folder
         try:
-            settings.layout.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(f'storage.root {settings.layout.root}: cannot create: '
-                               f'{exc.strerror}') from None
+            private_folder(settings.layout.root, 'the storage root', strict=not read_only)
+        except StorageError as exc:
+            raise StorageError(f'storage.root {exc}') from None
         # Encryption at rest (docs/encryption.md): a missing or wrong master key stops us here.
         self.keyring = keyring_mod.Keyring.open(
             settings.layout.root, settings.encryption, os.environ if env is None else env,

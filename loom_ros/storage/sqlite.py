@@ -1,11 +1,21 @@
 """The one place Loom opens SQLite: WAL, synchronous level, a busy timeout, an optional byte cap
 (max_page_count, so a budget behaves like a full disk) and read-only opens for readers. A file
 that is not a database, or one that fails its quick check, is a CorruptRecordError naming it.
-Checkpointer moves a writer's WAL checkpoints off its commits."""
+Checkpointer moves a writer's WAL checkpoints off its commits.
+
+Modes: what Loom keeps is nobody else's business (episodes are plaintext unless encryption is
+on). A database a writer creates is made 0600 before SQLite opens it (SQLite gives its -wal,
+-shm and -journal files the database file's mode), whatever the umask (no umask change: it is
+process-wide); the folders made for it are 0700 (make_folders). An existing database, -wal,
+-shm or -journal that group or others may use is tightened (chmod go-rwx) when this user owns
+it, refused otherwise (private_path); the storage root and its db/ folder likewise
+(private_folder, called by Storage and StorageService). Read-only opens change no mode."""
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import stat
 import threading
 from pathlib import Path
 from urllib.parse import quote
@@ -13,6 +23,82 @@ from urllib.parse import quote
 from loom_ros.storage.errors import CorruptRecordError, StorageError
 
 SYNCHRONOUS = ('OFF', 'NORMAL', 'FULL', 'EXTRA')
+_log = logging.getLogger('loom.storage')
+FOLDER_MODE = 0o700    # the storage root and every folder made for a database
+FILE_MODE = 0o600      # every database file (its -wal, -shm and -journal follow it)
+DATABASE_SUFFIXES = ('', '-wal', '-shm', '-journal')
+
+
+def make_folders(path: str | os.PathLike) -> Path:
+    """`path` as a folder: each missing one on the way made 0700 (existing ones untouched)."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.parent != path:
+        make_folders(path.parent)
+    try:
+        os.mkdir(path, FOLDER_MODE)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+    return path
+
+
+def private_path(path: str | os.PathLike, what: str, *, strict: bool = True) -> None:
+    """`path` (a file or folder that exists) made private if group or others may use it: this
+    user's own is tightened (chmod go-rwx; where the file system refuses that, a warning is
+    logged and it is used as it is); one of another user, or a shared sticky folder such as
+    /tmp, is a StorageError (`strict`) or left as it is (not `strict`: a reader)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & 0o077:
+        return
+    if info.st_uid != os.geteuid():
+        why = f'owned by uid {info.st_uid}, not this user (uid {os.geteuid()})'
+    elif stat.S_ISDIR(info.st_mode) and mode & stat.S_ISVTX:
+        why = 'a shared folder (sticky bit)'
+    else:
+        try:
+            os.chmod(path, mode & ~0o077)
+        except OSError as exc:   # a file system without modes (vfat, some shares): said, used
+            _log.warning('%s: mode %04o lets group or others at %s and it cannot be tightened '
+                         '(%s): keep storage.root on a file system with permissions', path, mode,
+                         what, exc.strerror)
+        return
+    if strict:
+        raise StorageError(f'{path}: mode {mode:04o} lets group or others at {what}; {why}. '
+                           'Refusing it: chmod go-rwx it as its owner, or use a storage.root '
+                           'of your own')
+
+
+def private_folder(path: str | os.PathLike, what: str = 'the storage', *,
+                   strict: bool = True) -> Path:
+    """`path` made (0700) or, existing, made private as private_path says."""
+    path = Path(path)
+    try:
+        make_folders(path)
+    except OSError as exc:
+        raise StorageError(f'{path}: cannot create: {exc.strerror}') from None
+    private_path(path, what, strict=strict)
+    return path
+
+
+def _private_database(path: Path) -> None:
+    """A new database file created 0600 before SQLite opens it (its -wal and -shm then get the
+    same mode); an existing one and its companions made private (private_path, strict)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0) | \
+        getattr(os, 'O_CLOEXEC', 0)
+    try:
+        os.close(os.open(path, flags, FILE_MODE))
+    except FileExistsError:
+        pass
+    except OSError:
+        return   # no such folder, no permission: SQLite's own open says so below
+    for suffix in DATABASE_SUFFIXES:
+        private_path(f'{path}{suffix}', 'this database')
 
 
 def open_database(path: str | os.PathLike, *, read_only: bool = False, synchronous: str = 'NORMAL',
@@ -35,7 +121,8 @@ def open_database(path: str | os.PathLike, *, read_only: bool = False, synchrono
                                    check_same_thread=False)
         else:
             if not memory:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                make_folders(path.parent)
+                _private_database(path)
             conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
     except OSError as exc:
         raise StorageError(f'{path}: cannot open: {exc.strerror}') from None

@@ -22,7 +22,8 @@ from loom_ros.storage.errors import StorageError, is_full, StorageFullError
 from loom_ros.storage.layout import StorageLayout, check_name
 from loom_ros.storage.rowcipher import RowCipher, check_marker
 from loom_ros.storage.spans import SpanKeeper
-from loom_ros.storage.sqlite import Checkpointer, open_database
+from loom_ros.storage.sqlite import (Checkpointer, open_database, private_folder,
+                                     private_path)
 from loom_ros.storage.writer import GroupCommitWriter, Ticket
 
 
@@ -64,11 +65,12 @@ class Storage:
         self.layout = StorageLayout.at(config.root)
         self.unit = check_name(config.unit, 'storage.unit')
         self.path = self.layout.database(self.unit)
+        # 0700, or an existing root open to group or others tightened (this user's) or refused
+        # (another user's): sqlite.private_folder; the databases are 0600 (open_database)
         try:
-            self.layout.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(f'storage.root {self.layout.root}: cannot create: '
-                               f'{exc.strerror}') from None
+            private_folder(self.layout.root, 'the storage root')
+        except StorageError as exc:
+            raise StorageError(f'storage.root {exc}') from None
         self._own_consent = None
         if consent is None:
             try:
@@ -139,8 +141,9 @@ class Storage:
         """One writing process per unit (ids are handed out here): an flock on <unit>.db.lock,
         released by the kernel when the process dies, even by SIGKILL."""
         lock = self.path.with_name(self.path.name + '.lock')
+        private_folder(lock.parent, 'the storage databases')
+        private_path(lock, 'the lock of this database', strict=False)
         try:
-            lock.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise StorageError(f'{lock}: cannot create: {exc.strerror}') from None

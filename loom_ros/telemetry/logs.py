@@ -10,6 +10,16 @@ Masking:
   secret, authorization, cookie, credential, ...: `api_key`, `X-Auth-Token`, `db.password`);
 - by pattern, inside any string: bearer tokens, JWTs, API-key-like strings (sk-..., ghp_...,
   AKIA..., xoxb-...), `key=value` pairs whose key is sensitive, e-mail addresses;
+- key material, inside any string and before the patterns above: PEM private-key blocks
+  (`-----BEGIN ... PRIVATE KEY-----` to its END line, or to the end of a text cut before it),
+  and raw 256-bit keys in base64, standing alone: 44 characters ending in one '=' (what
+  `loom storage keygen` prints and security/keyring.py reads), or 43 unpadded (standard or URL
+  alphabet, secrets.token_urlsafe(32)) that look random: an upper-case letter, a lower-case
+  one and a digit, 22 different characters or more, no run of 12 hex digits; either ending as an
+  encoder ends 32 bytes. Ids stay readable: hex (UUIDs, sha256, event ids) has no upper and
+  lower case together, a name with a hex id in it has its hex run, and a run longer or shorter
+  than a key is no key; a base64 sha256 digest (`sha256-...=` of subresource integrity) is
+  masked like a key, and so is, rarely, a 43-character random-looking mixed-case name;
 - events: the raw payload of an event whose effective privacy (the stricter of its field and
   its metadata's, bus/privacy.py) is Private or LocalOnly is never logged (size only); the data
   subject (`loom.subject`) shows as <subject>; other payloads and metadata, keys included, go
@@ -129,12 +139,57 @@ _SECRET_TRIGGERS = ('@', 'bearer', 'basic', 'token', 'eyj', 'k-', 'k_', 'gh', 'g
 _ANY_TRIGGER = re.compile('|'.join(map(re.escape, _SECRET_TRIGGERS)))
 
 
+# Key material (see the module docstring). Linear: the PEM header is bounded words, its body a
+# possessive run up to the first '-----'; a base64 key starts only where its run starts and is a
+# fixed count of characters, then a run boundary.
+_PEM_PRIVATE_KEY = re.compile(
+    r'-----BEGIN (?:[A-Z0-9]{1,16} ){0,3}PRIVATE KEY-----[^-]*+(?:-(?!----)[^-]*+)*+'
+    r'(?:-----END (?:[A-Z0-9]{1,16} ){0,3}PRIVATE KEY-----)?+')
+_B64_KEY = re.compile(r'(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{43}(?P<pad>=?)(?![A-Za-z0-9+/=_-])')
+_B64_LAST = frozenset('AEIMQUYcgkosw048')   # the last character of 32 bytes, unpadded
+# An unpadded run is a key only if it looks random: 43 random base64 characters hold 31 different
+# ones on average (fewer than 22 in about 1 key in 30,000) and a run of 12 hex digits in about 1
+# in 500,000; a name with a UUID or hash in it (`CANARYalice<uuid hex>`) has both.
+_B64_MIN_DISTINCT = 22
+_HEX_RUN = re.compile(r'[0-9a-f]{12}|[0-9A-F]{12}')
+PRIVATE_KEY_MASK = '<private key>'
+
+
+def _raw_key(match: re.Match) -> str:
+    """MASK for a run of 43 base64 characters (and its '=') that an encoder of 32 bytes wrote."""
+    text = match.group(0)
+    body = text[:43]
+    if body[-1] not in _B64_LAST or \
+            (('+' in body or '/' in body) and ('-' in body or '_' in body)):
+        return text   # not how 32 bytes end, or two alphabets: no encoder wrote it
+    if not match['pad'] and (
+            not (any(c.isupper() for c in body) and any(c.islower() for c in body)
+                 and any(c.isdigit() for c in body))
+            or len(set(body)) < _B64_MIN_DISTINCT or _HEX_RUN.search(body) is not None):
+        return text   # a name of 43 characters: one case, few letters, or a hex id in it
+    return MASK
+
+
+def _mask_key_material(text: str, folded: str | None = None) -> str:
+    """PEM private keys and raw base64 256-bit keys in `text` masked (the trigger pre-check does
+    not skip this: a raw key holds no trigger word); linear time. With `folded` (`text` case
+    folded) the base64 scan is skipped where no key can be: a padded one needs its '=', an
+    unpadded one an upper-case letter (then `folded` differs from `text`)."""
+    if '-----BEGIN' in text:
+        text = _PEM_PRIVATE_KEY.sub(PRIVATE_KEY_MASK, text)
+    if len(text) >= 43 and (folded is None or folded != text or '=' in text):
+        text = _B64_KEY.sub(_raw_key, text)
+    return text
+
+
 def _mask_patterns(text: str) -> str:
     """Every masking pattern over `text`; linear time in its length (no bound applied here)."""
     if text.isascii():
         folded = text.lower()
     else:   # and the dotted and dotless i, which the regex engine also takes for 'i'
         folded = text.casefold().replace('\u0131', 'i').replace('i\u0307', 'i')
+    # (`folded` still serves the trigger check after: a mask adds no trigger the key lacked)
+    text = _mask_key_material(text, folded)
     if _ANY_TRIGGER.search(folded) is not None:
         return _mask_all_patterns(text)
     return text
@@ -142,6 +197,7 @@ def _mask_patterns(text: str) -> str:
 
 def _mask_all_patterns(text: str) -> str:
     """Every pattern, without the pre-check (what _mask_patterns must agree with)."""
+    text = _mask_key_material(text)
     for pattern, replacement in PATTERNS:
         text = pattern.sub(replacement, text)
     return _mask_key_values(text)
