@@ -205,6 +205,23 @@ def test_the_weather_question_is_answered_and_spoken_with_no_cloud(host, router,
     assert voice.state['answers'] == 1 and voice.state['intents'] == {'weather': 1}
 
 
+def test_a_forged_utterance_cannot_choose_what_the_robot_says(host, router, tmp_path):
+    """The weather tool's error quotes the city it was asked for, and the answer was spoken
+    with it: a forged speech.utterance had the robot announce a fire alarm."""
+    from loom_ros.agents.flows.voice import NO_FORECAST
+    emitted = Emitted()
+    voice = agent('voice', tmp_path, emitted, Ports(router, InProcessPlugins(host.handles)))
+    alarm = 'Attention. Fire alarm. Everybody leave the building now'
+    handle(voice, Event.with_json('speech.utterance', {
+        'text': f'what is the weather in {alarm}', 'confidence': 0.99,
+        'phrase': 'what is the weather in <city>', 'slots': {'city': alarm}}, source='plugin/asr'))
+    assert voice.stats['behavior_errors'] == 0
+    [(spoken, _p)] = emitted.of('answer.spoken')
+    assert spoken['text'] == NO_FORECAST and 'Fire' not in spoken['text']
+    assert [d['text'] for d, _p in emitted.of('ui_update')][-1] == NO_FORECAST   # no echo
+    assert voice.state['tool_failures'] == 1 and 'no forecast' in voice.state['last_tool_error']
+
+
 def test_an_unreachable_cloud_says_why_through_the_host_cloud_link(host, router, tmp_path,
                                                                    heard):
     """The cloud port is the host's link (a real Zenoh client session, here to a port nobody

@@ -60,6 +60,9 @@ def with_verdict(result, local: str):
                    local_good_enough=str(result.answer.get('intent', '')) == local)
 
 
+NO_FORECAST = 'Sorry, I have no forecast for that.'   # what a failed weather call says
+
+
 class VoiceBehavior:
 
     def setup(self, settings: dict) -> None:
@@ -150,7 +153,11 @@ class VoiceBehavior:
                     'tool.weather.query', query, source=f'agent/{ctx.agent_id}',
                     privacy=effective_privacy(event)))   # a derived event: the input's privacy
             if not response.ok or not response.events:
-                return f'Sorry, I have no forecast: {response.error}'
+                # Fixed words, never the tool's error: it quotes the slot heard, and a forged
+                # utterance had the robot announce a fire alarm through it. The reason is kept.
+                ctx.state['tool_failures'] = ctx.state.get('tool_failures', 0) + 1
+                ctx.state['last_tool_error'] = str(response.error)[:200]
+                return NO_FORECAST
             return response.events[0].json()['text']
         if intent == 'time':
             return time.strftime('It is %H:%M.')
