@@ -250,7 +250,12 @@ def run_handler(behavior: Behavior, event: Event, ctx: AgentContext) -> None:
 
 class CounterBehavior:
     """Counts events per type and emits a `count.milestone` intent every `intent_every` events.
-    Small, but it exercises state, working memory and intents; the tests' reference agent."""
+    Small, but it exercises state, working memory and intents; the tests' reference agent.
+    Event types are the senders' to choose: at most MAX_KEYS distinct types are counted apart,
+    the rest under 'other', so the state stays small however many types arrive."""
+
+    MAX_KEYS = 256
+    OTHER = 'other'
 
     def setup(self, settings: dict) -> None:
         self.every = int(settings.get('intent_every', 100))
@@ -260,7 +265,10 @@ class CounterBehavior:
 
     def handle(self, event: Event, ctx: AgentContext) -> None:
         counts = ctx.state.setdefault('counts', {})
-        counts[event.type] = counts.get(event.type, 0) + 1
+        key = event.type
+        if key not in counts and len(counts) >= self.MAX_KEYS:
+            key = self.OTHER
+        counts[key] = counts.get(key, 0) + 1
         ctx.state['total'] = ctx.state.get('total', 0) + 1
         ctx.state['last_id'] = event.id
         if event.type == 'fail.please':

@@ -1,6 +1,24 @@
 """An agent's mailbox: bounded, ordered by the event's priority then arrival; when full, the
 oldest event of the lowest priority goes (counted). Thread-safe; dispatch latency is measured
-from arrival to the moment the handler takes the event."""
+from arrival to the moment the handler takes the event.
+
+`Event.priority` is whatever int32 the sender wrote, passed through by the bus, so it is a
+request, not a right. Before it orders anything:
+
+* it is clamped to MIN_PRIORITY..MAX_PRIORITY (-10..10);
+* at most URGENT_SHARE of the mailbox (size // 2 events) may be queued above priority 0; an
+  event that asks for more while that many are queued is queued at priority 0, as an ordinary
+  event. The event itself keeps the priority it was sent with (what the behavior sees).
+
+When full, the oldest event of the lowest (effective) priority present is evicted, unless the
+newcomer is less urgent than everything queued, in which case the newcomer goes; either way one
+event is counted in `dropped`. Since at least half of a full mailbox is at priority 0 or below,
+the victim is always an ordinary event, never an urgent one, and a flood at the maximum priority
+can never take more than half of a mailbox: the other half keeps the newest ordinary events. A
+mailbox of 1 has no urgent share (1 // 2 == 0): every event in it is ordinary and the newest one
+wins (the freshest camera frame), whatever priority the sender claimed. Flooding at priority 0
+still competes by volume, as any sender may; that is the bus's admission control's concern, not
+priority's."""
 from __future__ import annotations
 
 import heapq
@@ -10,10 +28,17 @@ import time
 
 from loom_ros.bus.event import Event
 
+# What an event's priority may claim in a mailbox (see the module docstring).
+MIN_PRIORITY = -10
+MAX_PRIORITY = 10
+URGENT_SHARE = 2   # at most size // URGENT_SHARE events queued above priority 0
+
 
 class Mailbox:
     def __init__(self, size: int):
         self.size = size
+        self.urgent_limit = size // URGENT_SHARE
+        self._urgent = 0   # queued events whose effective priority is above 0
         self._heap: list = []
         self._arrival = itertools.count()
         # A plain lock on the hot path (every event of every agent passes put and get_nowait);
@@ -41,7 +66,10 @@ class Mailbox:
                 self.refused += 1
                 return
             heap = self._heap
-            entry = (-event.priority, next(self._arrival), time.perf_counter_ns(), event, note)
+            rank = min(max(int(event.priority), MIN_PRIORITY), MAX_PRIORITY)
+            if rank > 0 and self._urgent >= self.urgent_limit:
+                rank = 0   # the urgent share is taken: queued as an ordinary event
+            entry = (-rank, next(self._arrival), time.perf_counter_ns(), event, note)
             if len(heap) >= self.size:
                 self.dropped += 1
                 # The victim: the lowest priority present, and the oldest event of that priority.
@@ -50,7 +78,11 @@ class Mailbox:
                     return  # the newcomer is less urgent than everything queued: it goes
                 heap.remove(victim)
                 heapq.heapify(heap)
+                if victim[0] < 0:
+                    self._urgent -= 1
             heapq.heappush(heap, entry)
+            if rank > 0:
+                self._urgent += 1
             if len(heap) > self.high_water:
                 self.high_water = len(heap)
             if self._waiting:
@@ -67,7 +99,9 @@ class Mailbox:
                 self._waiting -= 1
             if not self._heap:
                 return None
-            _, _, arrived, event, note = heapq.heappop(self._heap)
+            key, _, arrived, event, note = heapq.heappop(self._heap)
+            if key < 0:
+                self._urgent -= 1
             return event, (time.perf_counter_ns() - arrived) / 1000.0, note
 
     def get_nowait(self) -> tuple[Event, float, object] | None:
@@ -76,7 +110,9 @@ class Mailbox:
         with self._lock:
             if not self._heap:
                 return None
-            _, _, arrived, event, note = heapq.heappop(self._heap)
+            key, _, arrived, event, note = heapq.heappop(self._heap)
+            if key < 0:
+                self._urgent -= 1
             return event, (time.perf_counter_ns() - arrived) / 1000.0, note
 
     def close(self) -> None:

@@ -46,6 +46,11 @@ Ack = Callable[[str, int, str], None]   # (agent id, events committed, last even
 
 # json.dumps with these separators builds an encoder on every call; this one is built once.
 _compact_json = json.JSONEncoder(separators=(',', ':')).encode
+# The most an agent's state may hold, as compact JSON (ASCII: characters are bytes). Every
+# handler's state is serialized whole (_settle_state), so a state that grows with what senders
+# choose (event types, ids) would make each event cost more; past this, the handler that grew it
+# failed: its change is rolled back and counted in stats['behavior_errors'].
+MAX_STATE_BYTES = 1 << 20
 # The inline run (Dispatcher._run_inline) in progress on each thread, shared by every
 # workers: 0 dispatcher of the process: (dispatcher, agent) pairs with mail.
 _INLINE = threading.local()
@@ -289,14 +294,18 @@ class Agent:
 
     def _settle_state(self) -> None:
         """The state the last handler left, as JSON: what the commit stores and what a later
-        failure rolls back to. A state that is not JSON is that handler's failure: rolled back
-        and counted as one."""
+        failure rolls back to. A state that is not JSON, or whose JSON is over MAX_STATE_BYTES,
+        is that handler's failure: rolled back and counted as one."""
         event_id = self._unsaved_id
         if event_id is None:
             return
         self._unsaved_id = None
         try:
-            self._saved = _compact_json(self.state)
+            saved = _compact_json(self.state)
+            if len(saved) > MAX_STATE_BYTES:
+                raise ValueError(f'state of {len(saved)} bytes, over MAX_STATE_BYTES '
+                                 f'({MAX_STATE_BYTES})')
+            self._saved = saved
         except Exception as exc:  # noqa: BLE001 - TypeError, ValueError, RecursionError, ...
             self._handled_since -= 1
             self._roll_back(event_id, exc)
