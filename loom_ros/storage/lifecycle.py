@@ -557,10 +557,19 @@ class Lifecycle:
                               (key, tier, first, last, len(records), len(body), self.clock()))
         except sqlite3.Error as exc:
             raise self._error('archive', exc) from None
-        if self.encrypted:
-            self.objects.put(key, body, subject=subject, time_ms=last)
-        else:
-            self.objects.put(key, body)
+        try:
+            if self.encrypted:
+                self.objects.put(key, body, subject=subject, time_ms=last)
+            else:
+                self.objects.put(key, body)
+        except BaseException:
+            # the put failed (a full disk, the store down): its pending row goes too, or every
+            # failed round left one until the next open's recovery (the rows stay in their tier)
+            try:
+                self.conn.execute('delete from archive where key = ?', (key,))
+            except sqlite3.Error:
+                pass
+            raise
         return key
 
     def read_archive(self, key: str) -> list[dict]:

@@ -132,6 +132,31 @@ def test_retention_and_reads_refuse_a_linked_folder_above_an_archive_file(tmp_pa
         lc.close()
 
 
+def test_a_failed_archive_write_leaves_no_pending_row_and_the_move_is_done_later(tmp_path):
+    """A put that fails (here a file where the unit's archive folder goes; a full disk alike)
+    left its 'pending' archive row behind every round until the next open."""
+    root = tmp_path / 'root'
+    clock = MsClock()
+    write(root, 't', [('a', event(i, T0 + i * 1000)) for i in range(4)], clock)
+    params = LifecycleParams(default=TierPolicy(warm_s=60, cold=False, archive_s=3600))
+    blocker = StorageLayout.at(root).objects / 'archive' / 't'
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text('not a folder')
+    lc = open_lifecycle(root, 't', clock, params)
+    try:
+        clock.ms = T0 + 120_000
+        for _round in range(3):
+            with pytest.raises(Exception):
+                lc.run_once()
+            assert lc.conn.execute('select count(*) from archive').fetchone()[0] == 0
+            assert lc.conn.execute('select count(*) from episodes').fetchone()[0] == 4
+        blocker.unlink()   # space is back
+        assert lc.run_once().archived == 4
+        assert lc.conn.execute("select state from archive").fetchall() == [('done',)]
+    finally:
+        lc.close()
+
+
 # -- 2. due rows behind rows a longer policy keeps ------------------------------------------
 def test_rows_a_longer_policy_keeps_never_starve_another_agents_due_rows(tmp_path):
     root, clock = tmp_path / 'root', MsClock()
