@@ -80,6 +80,7 @@ from loom_ros.bus.privacy import (SUBJECT_METADATA_KEY, SUBJECTS_JSON_KEY, Purpo
 from loom_ros.bus.qos import fastdds_environment
 from loom_ros.config.params import config_dir
 from loom_ros.replay.mcap_source import Limits
+from loom_ros.storage import erasure
 from loom_ros.storage.layout import DEFAULT_ROOT, StorageLayout
 from loom_ros.telemetry.logs import MASK, mask_node_logger, mask_text, mask_value, secret_name
 
@@ -643,13 +644,8 @@ def default_output(root: str) -> Path:
 
 def forget_reaches(path: str | Path, root: str) -> bool:
     """Whether `loom forget --root <root>` finds a recording at `path`: a .mcap file under
-    <root>/recordings or directly in <root> (storage/erasure.py recording_files)."""
-    layout = StorageLayout.at(root)
-    path = Path(os.path.abspath(os.path.expanduser(str(path))))
-    if path.suffix != RECORDING_SUFFIX:
-        return False
-    folder = path.parent.resolve()
-    return folder == layout.root.resolve() or folder.is_relative_to(layout.recordings.resolve())
+    <root>/recordings or directly in <root> (the storage layer's rule: erasure.reaches)."""
+    return erasure.reaches(StorageLayout.at(root), Path(os.path.expanduser(str(path))))
 
 
 def run(args, ros_args: list[str]) -> int:

@@ -237,6 +237,15 @@ def _plain_file(path: Path) -> bool:
     return path.is_file() and not path.is_symlink()
 
 
+def reaches(layout: StorageLayout, path: Path) -> bool:
+    """Whether recording_files would find a recording at `path` (existing or not yet): a .mcap
+    under <root>/recordings or directly in <root>. The recorder warns when it writes elsewhere."""
+    if path.suffix != '.mcap':
+        return False
+    folder = Path(os.path.abspath(path)).parent.resolve()
+    return folder == layout.root.resolve() or folder.is_relative_to(layout.recordings.resolve())
+
+
 def recording_files(layout: StorageLayout) -> list[Path]:
     found = []
     if layout.recordings.is_dir():
