@@ -6,7 +6,10 @@ LocalOnly never leave; each refusal is counted and is a `privacy_refused` row of
 audit_db). Batched and
 Background events wait in a bounded outbox while nobody on the Zenoh side can receive them
 (router down, no subscriber yet); Realtime events are not queued. Sensitive events that leave are
-sealed to the cloud identity's certificate (seal_sensitive). In: samples under this robot's own
+sealed to the cloud identity's certificate (seal_sensitive), looked at again every
+keys.REVOCATION_CHECK_S: once revoked.json names it (or it expires, or the list is unreadable)
+Sensitive events stay on the robot (`refused_unsealed`), the change counted
+(`cloud_cert_refused`) and audited. In: samples under this robot's own
 key reach the bus only as the inbound contract (inbound_file) declares; actuator commands must be
 signed by a granted identity and each is audited (audit_db) with its sender. Status (counters,
 connection) is published as JSON on `zenoh_bridge/status`. `zenoh_bridge/forget` (loom_msgs/Forget,
@@ -59,14 +62,18 @@ from loom_ros.storage.layout import derived, node_layout
 from loom_ros.telemetry.diagnostics import OK, WARN, CheckResult
 from loom_ros.telemetry.logs import mask_node_logger
 
-def sealing_check(mode: str, sealed_to_cloud: bool) -> CheckResult:
+def sealing_check(mode: str, sealed_to_cloud: bool, refused: str = '') -> CheckResult:
     """/diagnostics: WARN while Sensitive events cannot leave sealed (refused for want of the
-    cloud's certificate, or sent in clear by seal_sensitive: off)."""
+    cloud's certificate or because the fleet no longer trusts it, or sent in clear by
+    seal_sensitive: off)."""
     if sealed_to_cloud:
         return CheckResult(OK, 'Sensitive payloads are sealed to the cloud', {'sealing': 'on'})
     if mode == 'off':
         return CheckResult(WARN, 'seal_sensitive is off: Sensitive payloads leave in clear',
                            {'sealing': 'off'})
+    if refused:
+        return CheckResult(WARN, f'cloud certificate refused ({refused[:200]}): Sensitive events '
+                           'are refused, not sent (refused_unsealed)', {'sealing': 'refusing'})
     return CheckResult(WARN, 'no cloud certificate: Sensitive events are refused, not sent '
                        '(refused_unsealed)', {'sealing': 'refusing'})
 
@@ -168,6 +175,8 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         self._accepting = False
         self._commands: AuditLog | None = None
         self._wake = None
+        self._recipient: sealed.Recipient | None = None   # the cloud certificate sealed to
+        self._sealing_refused = ''   # why that certificate is refused now ('' while it is not)
         self._configured = False
         self.configure_error = ''   # why the last configure failed (loom bringup prints it)
 
@@ -201,7 +210,7 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
                 config = BridgeConfig.from_params(p, read_yaml(inbound_file, ContractError))
             except ContractError as exc:
                 raise ValueError(f'{SECTION}.inbound_file {inbound_file}: {exc}') from None
-            ca_pem, seal_to = self._credentials(p)
+            ca_pem, recipient = self._credentials(p)
             if p['mode'] not in MODES:
                 raise ValueError(f"{SECTION}.mode must be peer or client, got {p['mode']!r}")
             identity = transport_identity(p['insecure'], p['keys_dir'],
@@ -220,6 +229,8 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
             self.get_logger().error(f'cannot configure: {exc}')
             return TransitionCallbackReturn.FAILURE
         self._commands = commands
+        self._recipient = recipient
+        seal_to = recipient.public_key if recipient is not None else None
         self.bus = create_bus(self, SECTION)
         self._wake = self.create_timer(SERVICE_PERIOD_S, timer_callback(self._service))
         self.link = ZenohLink(make_config, logger=self.get_logger(),
@@ -228,7 +239,8 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
             self.get_logger().warning(INSECURE_WARNING)
         self.bus.telemetry.add_check('transport security', lambda: transport_check(identity))
         self.bus.telemetry.add_check('sensitive sealing', lambda: sealing_check(
-            p['seal_sensitive'], seal_to is not None))
+            p['seal_sensitive'], self.bridge is not None and self.bridge.seal_to is not None,
+            self._sealing_refused))
         self._first_allow.clear()   # remembered per configuration
         self.bridge = Bridge(config, self.link, self.bus.topic_qos.level_for,
                              PrivacyGate(policy, self._consent.lookup), self._record_refusal,
@@ -236,6 +248,9 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
                              keys_dir=str(keys.keys_path(p['keys_dir'])), seal_to=seal_to,
                              seal_required=p['seal_sensitive'] != 'off',
                              batch_max_events=OUT_BATCH_EVENTS)
+        self._sealing_refused = ''
+        if recipient is not None and recipient.refusal:   # revoked already (auto)
+            self._sealing_changed(recipient.refusal)
         self.status_pub = self.create_lifecycle_publisher(String, STATUS_TOPIC,
                                                           to_qos_profile('realtime'))
         self._timer = self.create_timer(p['status_period_s'], self._tick)
@@ -250,16 +265,24 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _credentials(self, p: dict):
-        """(CA PEM or None, the cloud's public key or None) as keys_dir, cloud_cert and
-        seal_sensitive say; ValueError when `on` cannot be honoured or a cert is not the fleet's.
-        With `auto` and no cloud certificate, Sensitive events are refused (fail closed): only
-        `off` sends them in clear."""
+        """(CA PEM or None, the cloud's certificate as a sealed.Recipient or None) as keys_dir,
+        cloud_cert and seal_sensitive say; ValueError when `on` cannot be honoured, a cert is not
+        the fleet's, or the keys folder's revocation list is unreadable (every certificate check
+        would refuse, signed commands' senders included: said here, not found later). With
+        `auto` and no cloud certificate, or a revoked one, Sensitive events are refused (fail
+        closed): only `off` sends them in clear."""
         if p['seal_sensitive'] not in SEAL_MODES:
             raise ValueError(f"{SECTION}.seal_sensitive must be one of {', '.join(SEAL_MODES)}, "
                              f"got {p['seal_sensitive']!r}")
         root = keys.keys_path(p['keys_dir'])
         ca = root / 'ca.pem'
         ca_pem = ca.read_bytes()[:keys.MAX_CERT_BYTES + 1] if ca.is_file() else None
+        if ca_pem is not None:
+            try:
+                keys.read_revocations(root)
+            except keys.CredentialsError as exc:
+                raise ValueError(f'{SECTION}.keys_dir {root}: revocation list unreadable, no '
+                                 f'certificate would be accepted: {exc}') from None
         cert = Path(os.path.expanduser(p['cloud_cert'])) if p['cloud_cert'] \
             else root / 'cloud' / 'cert.pem'
         if p['seal_sensitive'] == 'off' or (p['seal_sensitive'] == 'auto' and not cert.is_file()):
@@ -275,14 +298,58 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         if ca_pem is None:
             raise ValueError(f'{SECTION}.seal_sensitive: no fleet authority at {ca} to check '
                              f'the cloud certificate {cert}')
+        recipient = sealed.Recipient(cert, ca_pem, root, role='cloud')
         try:
-            pem = cert.read_bytes()[:keys.MAX_CERT_BYTES + 1]
-            _, role = keys.identity_of(pem, ca_pem)
-            if role != 'cloud':
-                raise keys.CredentialsError(f'its role is {role}, not cloud')
-            return ca_pem, sealed.recipient_key(pem)
-        except (OSError, keys.CredentialsError) as exc:
+            recipient.check()
+        except sealed.RecipientRevoked as exc:
+            if p['seal_sensitive'] == 'on':
+                raise ValueError(f'{SECTION}.cloud_cert {cert}: {exc}') from None
+            # auto: the bridge runs; Sensitive events wait for a certificate the fleet trusts
+        except keys.CredentialsError as exc:
             raise ValueError(f'{SECTION}.cloud_cert {cert}: {exc}') from None
+        return ca_pem, recipient
+
+    def _check_sealing(self, force: bool = False) -> None:
+        """Seal only to a cloud certificate the fleet trusts now: its file and revoked.json are
+        looked at again every keys.REVOCATION_CHECK_S (at once with `force`); a revoked,
+        expired or replaced-by-a-stranger's one keeps Sensitive events on the robot
+        (refused_unsealed), and a trusted one copied in is sealed to. On the executor."""
+        recipient = self._recipient
+        if recipient is None:
+            return
+        try:
+            key = recipient.check() if force else recipient.key()
+        except keys.CredentialsError:
+            key = None
+        if key is self.bridge.seal_to:   # unchanged (only this thread changes it)
+            return
+        with self._lock:
+            self.bridge.seal_to = key
+        self._sealing_changed(recipient.refusal)
+
+    def _sealing_changed(self, refusal: str) -> None:
+        """Count, audit and log a change of the cloud certificate's standing."""
+        self._sealing_refused = refusal
+        record = {'kind': 'cloud_cert_refused' if refusal else 'cloud_cert_accepted',
+                  'ts_ms': time.time_ns() // 1_000_000, 'cert': str(self._recipient.cert_path),
+                  'sha256': self._recipient.fingerprint, 'reason': refusal}
+        if refusal:
+            with self._lock:
+                self.bridge.stats['cloud_cert_refused'] += 1
+            self.get_logger().error(f'cloud certificate refused: {refusal}: Sensitive events stay '
+                                    'on the robot (refused_unsealed) until a certificate the '
+                                    f'fleet trusts is at {self._recipient.cert_path}')
+        else:
+            self.get_logger().info(f'Sensitive payloads sealed to the cloud certificate at '
+                                   f'{self._recipient.cert_path} again')
+        try:
+            self._commands({'plugin': SECTION, 'robot_id': self.bridge.config.robot_id,
+                            **record})
+        except AuditError as exc:
+            with self._lock:
+                self.bridge.stats['audit_failed'] += 1
+            self.get_logger().error(f'cloud certificate change not audited: {exc}',
+                                    throttle_duration_sec=5.0)
 
     @staticmethod
     def _session_config_maker(p: dict, identity):
@@ -408,6 +475,7 @@ class ZenohBridgeNode(ReleasingLifecycleNode, LifecycleNode):
         # hold it for every event they send, and a timer that takes it every 5 ms for nothing
         # makes them wait for this thread's turn of the GIL. The looks are unlocked hints (a
         # deque's or dict's length); what one misses is seen at the next call.
+        self._check_sealing()   # a clock read unless keys.REVOCATION_CHECK_S passed
         inbound = []
         if self._inbox:
             self._take_inbound(inbound)

@@ -10,9 +10,12 @@ cloud identity's certificate (security/sealed.py) so that only the cloud can rea
 through a shared router.
 
 Every request is signed with the robot's identity; a reply counts only if it is signed by a
-`cloud` identity of the fleet's authority over this very request (id and digest). Anything else
-(a fake queryable echoing the id, a robot's key, a stale or altered reply) is counted as
-`forged_reply` and the client keeps waiting for a genuine one.
+`cloud` identity of the fleet's authority over this very request (id and digest), whose
+certificate the keys folder's revocation list (revoked.json next to ca.pem, read again every
+keys.REVOCATION_CHECK_S of the injected clock) does not name. Anything else (a fake queryable
+echoing the id, a robot's key, a stale or altered reply, a stolen cloud key the operator revoked)
+is counted as `forged_reply` and the client keeps waiting for a genuine one. The certificate
+Sensitive bodies are sealed to is checked the same way before each seal.
 
 Load spread and failover over several servers behind the same identity: each server also answers
 alone on `loom/cloud/<instance>/infer/<task>`, and the client learns the instances from the
@@ -92,8 +95,11 @@ class CloudClient:
         self.clock = clock
         self.signer = Signer(identity)
         self.ca_pem = identity.ca.read_bytes()
-        self.verifier = Verifier(self.ca_pem, ('cloud',), clock=clock)
+        # revoked.json beside ca.pem is honoured: a revoked cloud key's replies are forgeries
+        self.verifier = Verifier(self.ca_pem, ('cloud',), clock=clock,
+                                 keys_dir=identity.ca.parent)
         self.cloud_cert = cloud_cert  # to seal to; else learned from the first verified answer
+        self._cloud_cert_refusal = ''  # why the last one held was dropped (for UploadRefused)
         self.ask_all = ask_all        # every attempt to ALL servers (first authentic answer wins)
         self.stats: Counter = Counter()
         self._live: dict[str, float] = {}      # instance -> when the hello it answered was sent
@@ -327,19 +333,42 @@ class CloudClient:
         return {'text': text}
 
     def _seal(self, task: str, inner: dict) -> str:
-        """`inner` sealed to the cloud identity (checked against the fleet CA), base64."""
-        if self.cloud_cert is None:
+        """`inner` sealed to the cloud identity, base64. Its certificate is checked as a reply's
+        is, at every seal (the fleet CA, role cloud, valid, not revoked): one given or learned
+        that was revoked since is dropped (`cloud_cert_refused`) and a current one learned from
+        a verified answer, or nothing is sent."""
+        cert = self._trusted_cloud_cert()
+        if cert is None:
             self.infer('hello', {}, HELLO_BUDGET_MS)   # learns it from a verified answer
-        if self.cloud_cert is None:
+            cert = self._trusted_cloud_cert()
+        if cert is None:
             raise UploadRefused('Sensitive data goes up only sealed to the cloud, and no '
-                                'verified cloud certificate is known')
+                                'verified cloud certificate is known' +
+                                (f' ({self._cloud_cert_refusal})' if self._cloud_cert_refusal
+                                 else ''))
         try:
-            blob = sealed.seal(self.cloud_cert, encode(inner), sealed_aad(task, self.signer.name),
+            blob = sealed.seal(cert, encode(inner), sealed_aad(task, self.signer.name),
                                ca_pem=self.ca_pem)
         except CredentialsError as exc:
             raise UploadRefused(f'cannot seal to the cloud certificate: {exc}') from None
         self.stats['sealed'] += 1
         return base64.b64encode(blob).decode()
+
+    def _trusted_cloud_cert(self) -> bytes | None:
+        """The cloud certificate held, if the fleet still trusts it; else None (it is dropped,
+        counted, and why is kept for the refusal's message)."""
+        cert = self.cloud_cert
+        if cert is None:
+            return None
+        try:
+            self.verifier.identify_certificate(cert)
+            return cert
+        except CredentialsError as exc:
+            self.stats['cloud_cert_refused'] += 1
+            self._cloud_cert_refusal = str(exc)[:200]
+            if self.cloud_cert is cert:   # a reply on Zenoh's thread may have set another
+                self.cloud_cert = None
+            return None
 
 
 def _ms(value) -> float:

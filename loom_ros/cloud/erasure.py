@@ -20,8 +20,11 @@ scrubbed, keeps}`, signed by the cloud identity over RECEIPT_DOMAIN and its cano
 (`sig`), inside a reply whose frame is itself signed over the request's id and digest. The robot
 accepts it only when both signatures are a `cloud` identity's of the fleet's authority, and the
 receipt names this request, this subject and this robot (`check_reply`); everything else is
-counted and skipped. The erasure is physical: delete under secure_delete, then checkpoint
-(TRUNCATE), VACUUM and checkpoint again, so neither free pages nor the WAL keep a copy.
+counted and skipped. A cloud certificate in the robot's revocation list (revoked.json beside
+ca.pem, read again every keys.REVOCATION_CHECK_S of the injected clock) signs nothing the robot
+takes: a stolen cloud key the operator revoked cannot forge receipts (`forged`). The erasure is
+physical: delete under secure_delete, then checkpoint (TRUNCATE), VACUUM and checkpoint again,
+so neither free pages nor the WAL keep a copy.
 """
 from __future__ import annotations
 
@@ -281,7 +284,9 @@ class FleetEraser:
                  clock=time.time):
         self.session, self.clock = session, clock
         self.signer = Signer(identity)
-        self.verifier = Verifier(identity.ca.read_bytes(), ('cloud',), clock=clock)
+        # revoked.json beside ca.pem is honoured (CredentialsError here while it is unreadable)
+        self.verifier = Verifier(identity.ca.read_bytes(), ('cloud',), clock=clock,
+                                 keys_dir=identity.ca.parent)
         self.key = erase_key(prefix)
         self.stats: Counter = Counter()
 

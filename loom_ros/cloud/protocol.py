@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import re
+import threading
 import time
 
 from cryptography.exceptions import InvalidSignature
@@ -235,7 +236,10 @@ class Verifier:
     bounded, failures remembered, new ones checked at most `new_certs_per_s`), with their
     validity window re-checked on every use against the injected clock. A revoked certificate
     is refused once the keys folder is named: `keys_dir` here, or `certs.preload(keys_dir)` (what
-    the cloud tier does; the folder's revoked.json is re-read when it changes)."""
+    the cloud tier does; the folder's revoked.json is re-read when it changes). With `keys_dir`
+    the list is also read again every keys.REVOCATION_CHECK_S of the injected clock (what the
+    robot's client and fleet eraser pass), so a certificate revoked while running is refused
+    within that; an unreadable list refuses every certificate (CredentialsError here at start)."""
 
     def __init__(self, ca_pem: bytes, roles, *, clock=time.time, cache_size: int = 256,
                  new_certs_per_s: float = 50.0, keys_dir=None):
@@ -245,6 +249,10 @@ class Verifier:
         self.certs = keys.KnownCertificates(ca_pem, size=cache_size, clock=clock,
                                             new_per_s=new_certs_per_s,
                                             new_burst=2 * new_certs_per_s)
+        self.keys_dir = keys_dir
+        # when revoked.json was last read, on `clock` (read only with a keys folder)
+        self._revocations_at = clock() if keys_dir is not None else 0.0
+        self._revocations_lock = threading.Lock()
         if keys_dir is not None:
             self.certs.watch_revocations(keys_dir)
         self.signatures_checked = 0   # ECDSA checks run (what a forger can make it spend)
@@ -260,11 +268,28 @@ class Verifier:
     def identify(self, header: dict) -> keys.KnownCertificate:
         """Whom the header's certificate names, a fleet member of one of the roles, not revoked
         (cheap for a known certificate: a hash); the signature is not checked yet."""
-        known = self.certs.get(header['cert'].encode())
+        return self.identify_certificate(header['cert'].encode())
+
+    def identify_certificate(self, cert_pem: bytes) -> keys.KnownCertificate:
+        """identify() for a certificate held apart from a message (the cloud's, to seal to)."""
+        self._recheck_revocations()
+        known = self.certs.get(cert_pem)
         if known.role not in self.roles:
             raise CredentialsError(f'{known.name} has role {known.role}, not one of '
                                    f'{sorted(self.roles)}')
         return known
+
+    def _recheck_revocations(self) -> None:
+        """Read revoked.json again once keys.REVOCATION_CHECK_S passed on the injected clock (or
+        it went back); CredentialsError while the list is unreadable."""
+        if self.keys_dir is None:
+            return
+        now = self.clock()
+        with self._revocations_lock:
+            if 0 <= now - self._revocations_at < keys.REVOCATION_CHECK_S:
+                return
+            self._revocations_at = now
+        self.certs.watch_revocations(self.keys_dir)
 
     def check(self, known: keys.KnownCertificate, header: dict, data: bytes) -> None:
         """CredentialsError unless the header's signature over `data` is `known`'s key's."""

@@ -9,11 +9,18 @@ bytes or the aad, gets CredentialsError. Layout, version 1 (all lengths fixed bu
     b'LSE' 0x01 | ephemeral public point (65 bytes, uncompressed) | nonce (12) | ciphertext + tag
 
 The recipient certificate should be checked against the fleet CA: pass `ca_pem` (or check it
-yourself with keys.identity_of) so a stranger's certificate is never sealed to.
+yourself with keys.identity_of) so a stranger's certificate is never sealed to. A sealer that
+runs for long holds a `Recipient`: the certificate checked against the CA, its role, its
+validity and the keys folder's revocation list, again every keys.REVOCATION_CHECK_S.
 """
 from __future__ import annotations
 
+import datetime
+import math
 import os
+import threading
+import time
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
@@ -128,3 +135,72 @@ def unseal(identity: 'keys.Identity | ec.EllipticCurvePrivateKey', sealed: bytes
         return AESGCM(key).decrypt(nonce, sealed[HEADER_BYTES:], sealed[:HEADER_BYTES] + aad)
     except InvalidTag:
         raise CredentialsError('sealed payload not for this identity, or altered') from None
+
+
+class RecipientRevoked(CredentialsError):
+    """The recipient's certificate is in the keys folder's revocation list."""
+
+
+class Recipient:
+    """The certificate a long-running sealer seals to (the bridge: the cloud's), as the fleet says
+    it is now: the file `cert_path` (read bounded, a regular file), issued by `ca_pem`'s
+    authority, of `role`, valid on the injected clock (POSIX seconds) and not in the revocation
+    list of `keys_dir` (revoked.json; while it is unreadable nothing is sealed to: fail closed).
+    Looked at again, file and list, at most every keys.REVOCATION_CHECK_S of the clock, so a
+    certificate revoked while running is refused within that and one replaced (the new cloud
+    certificate copied in) taken. `public_key` is what to seal to, None while `refusal` says why
+    not."""
+
+    def __init__(self, cert_path, ca_pem: bytes, keys_dir, *, role: str = 'cloud',
+                 clock=time.time):
+        self.cert_path = Path(cert_path)
+        self.ca_pem = bytes(ca_pem)
+        self.keys_dir = keys_dir
+        self.role = role
+        self.clock = clock
+        self.public_key: ec.EllipticCurvePublicKey | None = None
+        self.refusal = 'not checked yet'
+        self.fingerprint = ''   # of the certificate last read (SHA-256 of its DER, hex)
+        self._checked_at = -math.inf
+        self._lock = threading.Lock()
+
+    def key(self) -> ec.EllipticCurvePublicKey:
+        """The key to seal to, checked again when due; CredentialsError saying why there is none."""
+        now = self.clock()
+        with self._lock:
+            due = not 0 <= now - self._checked_at < keys.REVOCATION_CHECK_S
+            public, refusal = self.public_key, self.refusal
+        if due:
+            return self.check()
+        if public is None:
+            raise CredentialsError(refusal)
+        return public
+
+    def check(self) -> ec.EllipticCurvePublicKey:
+        """Read the certificate and the revocation list now; the key, or CredentialsError
+        (RecipientRevoked when the list names the certificate)."""
+        now = self.clock()
+        with self._lock:
+            held, held_digest = self.public_key, self.fingerprint
+        public, refusal, digest = None, '', ''
+        try:
+            pem = keys.read_small(self.cert_path)
+            digest = keys.fingerprint(pem)
+            if digest in keys.read_revocations(self.keys_dir):   # unreadable: CredentialsError
+                raise RecipientRevoked(f'the certificate at {self.cert_path} was revoked '
+                                       '(revoked.json)')
+            _, role = keys.identity_of(pem, self.ca_pem, datetime.datetime.fromtimestamp(
+                now, datetime.timezone.utc))
+            if role != self.role:
+                raise CredentialsError(f'its role is {role}, not {self.role}')
+            # the same certificate keeps the same key object: a change is a change of certificate
+            public = held if held is not None and digest == held_digest else recipient_key(pem)
+        except (OSError, ValueError, OverflowError, CredentialsError) as exc:
+            refusal = str(exc)[:300] or type(exc).__name__
+            error = exc if isinstance(exc, CredentialsError) else CredentialsError(refusal)
+        with self._lock:
+            self._checked_at = now
+            self.public_key, self.refusal, self.fingerprint = public, refusal, digest
+        if public is None:
+            raise error
+        return public
