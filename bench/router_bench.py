@@ -112,7 +112,7 @@ def through_service(n: int) -> dict:
                 if time.monotonic() > end:
                     raise RuntimeError('service did not appear')
                 executor.spin_once(timeout_sec=0.05)
-        request = Route.Request(event_id='b', event_type='speech.utterance', privacy=0,
+        request = Route.Request(event_id='b', event_type='speech.utterance', has_privacy=True, privacy=0,
                                 local_supported=True, has_local_confidence=True,
                                 local_confidence=0.7)
         for _ in range(50):  # warm both paths and let discovery settle

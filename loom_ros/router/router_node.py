@@ -224,7 +224,8 @@ class RouterNode(ReleasingLifecycleNode, LifecycleNode):
                 return resp
         query = RouteQuery(
             event_id=req.event_id, event_type=req.event_type, agent_id=req.agent_id,
-            privacy=_privacy(req.privacy), local_supported=req.local_supported,
+            privacy=_privacy(req.privacy) if req.has_privacy else Privacy.PRIVATE,
+            local_supported=req.local_supported,
             local_confidence=float(req.local_confidence) if req.has_local_confidence else None,
             latency_budget_ms=req.latency_budget_ms if req.has_latency_budget else None,
             payload_bytes=req.payload_bytes, subject=req.subject)

@@ -30,7 +30,7 @@ def matched(ros, client, proc):
 def route_request(**fields):
     from loom_msgs.srv import Route
     req = Route.Request(event_id='e1', event_type='speech.utterance', agent_id='voice',
-                        privacy=Privacy.PUBLIC, local_supported=True)
+                        has_privacy=True, privacy=Privacy.PUBLIC, local_supported=True)
     for key, value in fields.items():
         setattr(req, key, value)
     return req
@@ -104,30 +104,39 @@ def test_service_decides_explains_publishes_and_persists_across_restarts(ros, ro
     assert (fast.route, fast.rule) == ('local', 'latency')
     private = call(ros, client, route_request(privacy=Privacy.PRIVATE, local_supported=False))
     assert (private.route, private.rule, private.upload) == ('local_fallback', 'privacy', 'none')
+    # A request that does not say its privacy is Private (PUBLIC is the field's 0 default):
+    # with no local capability a Public one would go to the cloud.
+    unsaid = call(ros, client, route_request(has_privacy=False, local_supported=False))
+    assert (unsaid.route, unsaid.rule, unsaid.upload) == ('local_fallback', 'privacy', 'none')
+    public = call(ros, client, route_request(local_supported=False))
+    assert (public.route, public.rule) == ('cloud', 'capability')
     bad = call(ros, client, route_request(event_type=''))
     assert not bad.ok and 'event_type' in bad.error
     long = call(ros, client, route_request(event_id='e' * 300))   # before a row or a reason
     assert not long.ok and long.error == 'event_id: longer than 256 characters'
 
-    ros.wait_for(lambda: len(decisions) == 3, 'three decisions on router/decisions', alive=[proc])
-    assert [d.rule for d in decisions] == ['hybrid', 'latency', 'privacy']
+    ros.wait_for(lambda: len(decisions) == 5, 'five decisions on router/decisions', alive=[proc])
+    assert [d.rule for d in decisions] == ['hybrid', 'latency', 'privacy', 'privacy', 'capability']
     assert decisions[0].decision_id == hybrid.decision_id
 
     ros.wait_for(lambda: outcomes.get_subscription_count() >= 1, 'the router to hear outcomes')
     outcomes.publish(RouteOutcome(decision_id=hybrid.decision_id, event_type='speech.utterance',
                                   backend='cloud', latency_ms=240.0, cost=0.004, success=True,
                                   confidence=0.95))
-    ros.wait_for(lambda: stats and stats[-1].outcomes == 1, 'the outcome in router/stats')
-    assert stats[-1].decisions == warm + 3 and stats[-1].spend == pytest.approx(0.004)
+    outcomes.publish(RouteOutcome(decision_id=public.decision_id, event_type='speech.utterance',
+                                  backend='cloud', latency_ms=240.0, cost=0.004, success=True,
+                                  confidence=0.95))
+    ros.wait_for(lambda: stats and stats[-1].outcomes == 2, 'the outcomes in router/stats')
+    assert stats[-1].decisions == warm + 5 and stats[-1].spend == pytest.approx(0.008)
     stop(proc)
 
     # A new process on the same history file keeps decisions, outcomes and the spend.
     stats.clear()
     proc = router('/r1')
     ros.wait_for(lambda: stats, 'router/stats from the restarted router', alive=[proc])
-    assert (stats[-1].decisions, stats[-1].outcomes) == (warm + 3, 1)
-    assert stats[-1].spend == pytest.approx(0.004)
-    assert stats[-1].hybrid_rate == pytest.approx(1 / (warm + 3))
+    assert (stats[-1].decisions, stats[-1].outcomes) == (warm + 5, 2)
+    assert stats[-1].spend == pytest.approx(0.008)
+    assert stats[-1].hybrid_rate == pytest.approx(1 / (warm + 5))
 
 
 def test_lifecycle_and_policy_reload_through_parameters(ros, router, tmp_path):

@@ -105,6 +105,7 @@ def test_router_reports_budget_levels_on_diagnostics(ros, spawn, tmp_path):
         for i in range(4):   # 4 cloud calls of 0.002 reserved: 0.008 of 0.0095, 84%
             future = client.call_async(Route.Request(
                 event_id=f'e{i}', event_type='speech.utterance', local_supported=True,
+                has_privacy=True,
                 has_local_confidence=True, local_confidence=0.1))
             ros.wait_for(future.done, 'a Route answer', alive=[router])
             assert future.result().route == 'cloud', future.result()

@@ -127,7 +127,8 @@ class ServiceRouter:
     def route(self, query: RouteQuery) -> RouteAnswer:
         req = Route.Request(
             event_id=query.event_id, event_type=query.event_type, agent_id=query.agent_id,
-            privacy=PRIVACY_CODES.get(query.privacy, 1), local_supported=query.local_supported,
+            has_privacy=True, privacy=PRIVACY_CODES.get(query.privacy, 1),
+            local_supported=query.local_supported,
             has_local_confidence=query.local_confidence is not None,
             local_confidence=float(query.local_confidence or 0.0),
             has_latency_budget=query.latency_budget_ms is not None,
