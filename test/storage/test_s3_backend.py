@@ -29,7 +29,7 @@ from loom_ros.security.keyring import (DecryptError, EncryptionSettings, Keyring
                                        ShreddedError, write_key_file)
 from loom_ros.storage.backend import object_store
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore
-from loom_ros.storage.backend.s3 import S3ObjectStore, http_client
+from loom_ros.storage.backend.s3 import OWNER_MARKER, S3ObjectStore, http_client
 from loom_ros.storage.base import MAX_KEY_CHARS
 from loom_ros.storage.embedding import HashEmbedder
 from loom_ros.storage.errors import StorageError
@@ -121,9 +121,12 @@ class S3Server:
 
 
 def objects_on_server(server: S3Server, bucket: str) -> dict[str, bytes]:
+    """Every object in the bucket but the folders' owner markers (test_s3_shared_bucket.py)."""
     raw = server.raw()
     out = {}
     for obj in raw.list_objects(bucket, recursive=True):
+        if obj.object_name.rsplit('/', 1)[-1] == OWNER_MARKER:
+            continue
         response = raw.get_object(bucket, obj.object_name)
         try:
             out[obj.object_name] = response.read()

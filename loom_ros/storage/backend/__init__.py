@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from loom_ros.storage.base import ObjectStore
 from loom_ros.storage.errors import StorageError
@@ -52,7 +53,8 @@ class ObjectSettings:
         return not self.endpoint
 
     def open(self, local_root, keyring=None) -> ObjectStore:
-        """The store these settings name (`local_root`: the root's objects/ folder)."""
+        """The store these settings name (`local_root`: the root's objects/ folder; an S3
+        folder is claimed for the root above it: object_store)."""
         return object_store(local_root, self.endpoint, self.bucket, self.access_key,
                             self.secret_key, self.secure, self.prefix, keyring=keyring)
 
@@ -61,16 +63,18 @@ def object_store(local_root, endpoint: str = '', bucket: str = '', access_key: s
                  secret_key: str = '', secure: bool = True, prefix: str = '',
                  keyring=None) -> ObjectStore:
     """The local folder store unless an S3 endpoint is configured; encrypting through `keyring`
-    (security/keyring.py) when one is given (storage.encryption.enabled)."""
+    (security/keyring.py) when one is given (storage.encryption.enabled). An S3 store claims
+    its bucket folder for the storage root (`local_root`'s parent, whose owner id file it
+    keeps), so two roots never share one folder and delete each other's archives."""
     if not endpoint:
         from loom_ros.storage.backend.local import LocalObjectStore
         store = LocalObjectStore(local_root)
     elif not bucket:
         raise StorageError('storage.objects.endpoint is set but storage.objects.bucket is empty')
     else:
-        from loom_ros.storage.backend.s3 import S3ObjectStore
+        from loom_ros.storage.backend.s3 import OWNER_ID_FILE, S3ObjectStore
         store = S3ObjectStore(endpoint, bucket, access_key, secret_key, secure=secure,
-                              prefix=prefix)
+                              prefix=prefix, owner_file=Path(local_root).parent / OWNER_ID_FILE)
     if keyring is None:
         return store
     from loom_ros.storage.backend.encrypted import EncryptedObjectStore
