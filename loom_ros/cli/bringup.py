@@ -165,9 +165,18 @@ def robot_id(params_file: str) -> str:
 
 
 def local_credentials(args, robot: str) -> dict:
-    """The authority and the router, robot and cloud identities, made on first run. Needed even
-    with --insecure: robots sign cloud requests and commands, the cloud signs its answers."""
-    return keys.ensure_local(args.keys_dir, {'router': 'router', robot: 'robot', 'cloud': 'cloud'})
+    """The identities this bring-up signs with, made on first run (with the authority): the
+    robot's always (it signs cloud requests and commands, even with --insecure), the router's
+    only when it starts one (no --zenoh-connect), the cloud's only when it starts loom_cloud. So
+    a fleet robot's folder (ca.pem, its own identity, the cloud's certificate to seal to) is
+    enough with --zenoh-connect --no-cloud: it never needs the cloud's private key, which would
+    let it open what every robot seals for the cloud."""
+    wanted = {robot: 'robot'}
+    if not args.zenoh_connect:
+        wanted['router'] = 'router'
+    if args.cloud:
+        wanted['cloud'] = 'cloud'
+    return keys.ensure_local(args.keys_dir, wanted)
 
 
 def _zenoh_security(args) -> list[str]:

@@ -386,3 +386,31 @@ def test_hostile_key_files_and_validity_get_a_clean_error(tmp_path):
     os.mkfifo(ident.key, 0o600)
     with pytest.raises(keys.CredentialsError, match='not a regular file'):
         keys.load(root, 'r1')
+
+
+def test_bringup_asks_a_robot_folder_only_for_the_identities_it_starts(tmp_path):
+    """Review finding: `loom bringup` asked every keys folder for the router's, the robot's and
+    the cloud's identities, keys included, so a fleet robot (ca.pem, its own identity, the
+    cloud's certificate) could only bring up by holding the cloud's private key, which opens
+    what every robot seals for the cloud. It now asks for what it starts."""
+    from argparse import Namespace
+    from loom_ros.cli.bringup import local_credentials
+    ws = tmp_path / 'workstation'
+    keys.ensure_local(ws, {'robot1': 'robot', 'cloud': 'cloud'})
+    robot = tmp_path / 'robot'
+    robot.mkdir(mode=0o700)
+    shutil.copy(ws / 'ca.pem', robot / 'ca.pem')
+    shutil.copytree(ws / 'robot1', robot / 'robot1')
+    (robot / 'cloud').mkdir(mode=0o700)
+    shutil.copy(ws / 'cloud' / 'cert.pem', robot / 'cloud' / 'cert.pem')   # to seal to, no key
+
+    fleet = Namespace(keys_dir=str(robot), zenoh_connect='tls/fleet-router:7447', cloud=False)
+    assert set(local_credentials(fleet, 'robot1')) == {'robot1'}
+    for started in (dict(zenoh_connect='', cloud=False), dict(zenoh_connect='tcp/r:1', cloud=True)):
+        with pytest.raises(keys.CredentialsError, match='missing: router|cloud/key.pem is missing'):
+            local_credentials(Namespace(keys_dir=str(robot), **started), 'robot1')
+    assert sorted(p.name for p in robot.iterdir()) == ['ca.pem', 'cloud', 'robot1']
+    assert not (robot / 'cloud' / 'key.pem').exists()
+    # a first run on an empty folder still makes what a loopback bring-up starts
+    fresh = Namespace(keys_dir=str(tmp_path / 'fresh'), zenoh_connect='', cloud=True)
+    assert set(local_credentials(fresh, 'robot1')) == {'robot1', 'router', 'cloud'}
