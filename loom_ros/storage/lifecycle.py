@@ -7,6 +7,41 @@ shortens tiers. Every move is one SQLite transaction (archive files are written 
 batches, and reads ages from an injected clock. Past a budget, the oldest archive then cold data
 goes first; agent state, audit and router history are never deleted by the lifecycle.
 
+Ages are measured from `stored_ms`: when this store wrote the row (its own clock then; for a
+cold memory or an archive file, the newest of the rows it holds), never from the event's
+`time_ms`, which its publisher wrote (an event stamped 1970 or 2**63 ages like any other; its
+time_ms stays what queries by time see). Episodes are walked in id order, the order they were
+written in (no index on stored_ms on the hot write path). A row stamped 0 (written while the
+writer's clock was not believable, or by an older writer) is stamped with the first believable
+round's clock when the lifecycle reaches it: its age starts then, never earlier.
+
+The clock is checked at every move (`clock_now`); a move whose clock is not believable ages
+nothing and counts the round in MoveReport.clock_untrusted (once per round); `clock_status`
+says why and counts the episodes (the storage node WARNs on /diagnostics once per episode).
+Not believable:
+- before CLOCK_FLOOR_MS (2023-01-01; a robot without a real-time clock boots at 1970) or past
+  year 3000;
+- behind what this store already holds by more than clock_tolerance_s (the newest stored_ms,
+  the last believable round's clock, also kept in `meta` across restarts): the clock went
+  back. Rows stamped ahead of it then look younger than they are, which never deletes early;
+  once the clock has run behind for clock_settle_s of the monotonic clock it is believed, the
+  rows stamped after it are restamped to it (their ages restart: later, never earlier), and
+  the moves go on;
+- stepped forward: the wall clock ran more than clock_tolerance_s further than the monotonic
+  clock (CLOCK_BOOTTIME, which counts suspend) since the previous check. That round is
+  skipped and every row stamped before the step (stored_ms below the old clock's reading now,
+  or below the new clock's reading at the previous check, whichever is later) is shifted by
+  the step, so its age is the real time it has been held, measured across the step by the
+  monotonic clock. A row written after the step that falls in that window is shifted too: it
+  looks younger, never older. So no row is ever moved or deleted before it has been held its
+  tier's age in real elapsed time, whatever the wall clock did while the lifecycle ran. A step
+  while no lifecycle ran cannot be told from time that passed (a forward one ages rows as if
+  that time had passed; a backward one is caught by the rule above). Without a monotonic clock
+  (an injected wall clock alone) steps are not detected.
+
+Timestamps are bounded (schema.bounded_ms) before any arithmetic: days of keys, summaries and
+buckets of a stamp before 1970 or past year 3000 use the bound.
+
 One mover per database at a time (an flock on <root>/cold/<unit>.lock)."""
 from __future__ import annotations
 
@@ -36,13 +71,37 @@ from loom_ros.storage.cold import ADD, REMOVE, ColdIndex, IndexParams, decode, e
 from loom_ros.storage.errors import StorageError, is_full, StorageFullError
 from loom_ros.storage.layout import StorageLayout, check_name
 from loom_ros.storage.rowcipher import RowCipher, check_marker, cold_context, episode_context
+from loom_ros.storage.schema import CLOCK_FLOOR_MS, MAX_TIME_MS, bounded_ms
 from loom_ros.storage.sqlite import open_database
+from loom_ros.telemetry.diagnostics import ERROR, OK, WARN, CheckResult
 
 DAY_S = 86400.0
 MAX_ARCHIVE_BYTES = 256 * 1024 * 1024    # of an archive file once decompressed (gzip bombs)
 MAX_ARCHIVE_LINE = 16 * 1024 * 1024
 MAX_DUE_PAGES = 20   # pages of move_batch rows one move looks at for due rows (then resumes)
 _START = (-2**63, 0)   # before every (time, id)
+_YEAR_1_MS = -62_135_596_800_000   # 0001-01-01 UTC: the earliest day a key can be named by
+MARK_KEY = 'lifecycle_clock_ms'   # meta: the last believable round's clock (restarts check it)
+MARK_EVERY_MS = 60_000            # how often that mark is written (one small write)
+_BOOTTIME = getattr(time, 'CLOCK_BOOTTIME', None)
+
+
+def boottime() -> float:
+    """Seconds of a clock that never steps and counts time suspended (CLOCK_BOOTTIME; the
+    monotonic clock where there is none): what a wall-clock step is measured against."""
+    return time.clock_gettime(_BOOTTIME) if _BOOTTIME is not None else time.monotonic()
+
+
+_WALL = object()   # Lifecycle's monotonic default: boottime with the wall clock, none injected
+
+
+def _span(ms: int) -> str:
+    """A duration for a message: '5.0 years', '3.2 days', '90 s'."""
+    s = abs(ms) / 1000
+    for unit, size in (('years', 365.25 * 86400), ('days', 86400), ('hours', 3600)):
+        if s >= size:
+            return f'{s / size:.1f} {unit}'
+    return f'{s:.0f} s'
 
 
 @dataclass(frozen=True)
@@ -111,6 +170,11 @@ class LifecycleParams:
     move_batch: int = 5000        # rows per move transaction
     summary_chars: int = 200      # of a payload quoted in a memory's summary
     save_every: int = 50000       # cold changes between index saves (and at every run's end)
+    # the clock (module docstring): a step or a lag smaller than this is believed (NTP slews,
+    # a writer's stamp read just before ours); a clock behind what the store holds is believed
+    # after this long on the monotonic clock
+    clock_tolerance_s: float = 60.0
+    clock_settle_s: float = 3600.0
 
 
 @dataclass
@@ -123,6 +187,9 @@ class MoveReport:
     budget_deleted: int = 0  # cold rows deleted for the budget
     consent_deleted: int = 0  # due rows (warm events, cold memories) of data subjects without
     #                          `store` consent: deleted at the move, neither condensed nor archived
+    clock_untrusted: int = 0  # rounds whose moves aged nothing: the clock was not believable
+    budget_unreachable: int = 0  # rounds past the total budget that deleted nothing for it:
+    #                             what the budget may not delete (state, warm, ...) exceeds it
     seconds: float = 0.0
 
     def add(self, other: 'MoveReport') -> None:
@@ -148,7 +215,21 @@ def _day_ms(day: str | None) -> int:
 
 
 def _iso(ms: int) -> str:
-    return time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(ms / 1000))
+    return time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(bounded_ms(ms) / 1000))
+
+
+@dataclass
+class ClockStatus:
+    """The lifecycle's view of its clock: `trusted` at the last check, else `reason`;
+    `episodes`: how many times it stopped being believable (a step counts one); `skipped`:
+    rounds that aged nothing for it; `last_reason` stays once the episode is over."""
+
+    trusted: bool = True
+    reason: str = ''
+    last_reason: str = ''
+    episodes: int = 0
+    skipped: int = 0
+    since_ms: int = 0
 
 
 class Lifecycle:
@@ -158,8 +239,11 @@ class Lifecycle:
                  params: LifecycleParams | None = None, budgets: Budgets | None = None,
                  index_params: IndexParams | None = None, clock: Callable[[], int] | None = None,
                  synchronous: str = 'NORMAL', read_only: bool = False, rebuild: bool = False,
-                 check: bool = True, consent=None):
-        """`check`: run SQLite's quick check on open (reads every page: a damaged file is a
+                 check: bool = True, consent=None, monotonic=_WALL):
+        """`clock`: the wall clock in ms (None: the system's). `monotonic`: seconds of a clock
+        that never steps, what a step of the wall clock is told by (default: boottime() with
+        the system's wall clock; none when a wall clock is injected alone: steps are then not
+        detected). `check`: run SQLite's quick check on open (reads every page: a damaged file is a
         clear error here); erasure skips it, its VACUUM reads every page and fails the same.
         `consent`: the consent registry (anything with `lookup(subject, purpose)`) a move asks
         whether a row's data subject still gives `store` consent; None: the root's registry,
@@ -169,6 +253,15 @@ class Lifecycle:
         self.objects, self.embedder = objects, embedder
         self.params, self.budgets = params or LifecycleParams(), budgets or Budgets()
         self.clock = clock or (lambda: time.time_ns() // 1_000_000)
+        self.monotonic = (boottime if clock is None else None) if monotonic is _WALL \
+            else monotonic
+        self.clock_status = ClockStatus()
+        self._seen: tuple | None = None       # (wall ms, monotonic s) at the previous check
+        self._behind_since: float | None = None   # monotonic s since the clock runs behind
+        self._last_trusted = 0                # the last believable check's wall clock
+        self._mark = self._mark_written = 0   # meta MARK_KEY as read / last written
+        self._last_step: int | None = None    # the last move (_round_now) and its verdict
+        self._last_refused = self._round_counted = False
         self.path = layout.database(unit)
         if not self.path.is_file():
             raise StorageError(f'{self.path}: no such storage database')
@@ -180,6 +273,7 @@ class Lifecycle:
         self._consent, self._own_consent = consent, None
         self._cursor: dict[str, tuple] = {}   # where the next look for due rows resumes
         self.links_refused = 0   # archive objects recovery did not follow (links): left alone
+        self.budget_floor: dict | None = None   # set by enforce_budgets: the total unreachable
         # Payloads and summaries in SQLite under the subject's key when archives are encrypted
         # (one setting, storage.encryption.enabled: docs/encryption.md).
         self.cipher = RowCipher(objects.keyring if isinstance(objects, EncryptedObjectStore)
@@ -207,7 +301,8 @@ class Lifecycle:
         try:
             self.conn = open_database(self.path, synchronous=synchronous, check=check)
             from loom_ros.storage import schema
-            schema.ensure(self.conn, self.path)
+            schema.ensure(self.conn, self.path, now_ms=self.clock())
+            self._mark = self._mark_written = self._read_mark()
             self._check_encryption()
             self.recover()
             if rebuild:   # loom storage compact --rebuild-index: a new index from the rows
@@ -261,6 +356,151 @@ class Lifecycle:
         return self.objects.inner if isinstance(self.objects, EncryptedObjectStore) \
             else self.objects
 
+    # -- the clock -------------------------------------------------------------------------------
+    def _read_mark(self) -> int:
+        row = self.conn.execute('select value from meta where key = ?', (MARK_KEY,)).fetchone()
+        try:
+            return bounded_ms(int(str(row[0])[:20])) if row is not None else 0
+        except ValueError:
+            return 0
+
+    def _write_mark(self, wall: int) -> None:
+        """Best effort (a busy file: the next minute's round writes it)."""
+        try:
+            self.conn.execute('insert into meta (key, value) values (?, ?) on conflict (key) do '
+                              'update set value = excluded.value', (MARK_KEY, str(wall)))
+        except sqlite3.Error:
+            return
+        self._mark = self._mark_written = wall
+
+    def _newest_held(self) -> int:
+        """The latest time this store knows it has seen: the newest stored_ms of its rows (the
+        last episode written, the newest cold memory and archive file) and the last believable
+        round's clock (this process's, or the mark a previous one left)."""
+        c = self.conn
+        found = [self._mark, self._last_trusted]
+        for sql in ('select stored_ms from episodes order by id desc limit 1',
+                    'select max(stored_ms) from cold', 'select max(stored_ms) from archive'):
+            row = c.execute(sql).fetchone()
+            if row is not None and row[0] is not None:
+                found.append(bounded_ms(row[0]))
+        return max(found)
+
+    def _restamp(self, sets: str, where: str, args: tuple) -> None:
+        """`update <table> set stored_ms = <sets> where <where>` on the three tables, one
+        transaction (rare: a clock step; episodes have no index on stored_ms)."""
+        conn = self.conn
+        try:
+            conn.execute('BEGIN IMMEDIATE')
+            for table in ('episodes', 'cold', 'archive'):
+                conn.execute(f'update {table} set stored_ms = {sets} where {where}', args)
+            conn.execute('COMMIT')
+        except sqlite3.Error as exc:
+            self._abort(None)
+            raise self._error('restamping rows after a clock step', exc) from None
+
+    def clock_now(self) -> int | None:
+        """The wall clock (ms) when it is believable, else None: nothing may be aged by it (the
+        rules are the module docstring's). A step found here shifts the rows it concerns first;
+        if that fails, the step is found again at the next check."""
+        tol = max(0, int(self.params.clock_tolerance_s * 1000))
+        raw = self.clock()
+        wall = bounded_ms(raw) if type(raw) is int or (type(raw) is float and math.isfinite(raw)) \
+            else -1
+        mono = self.monotonic() if self.monotonic is not None else None
+        reason = ''
+        seen = self._seen
+        if seen is not None and mono is not None and wall >= 0 and seen[0] >= 0:
+            elapsed = max(0, int((mono - seen[1]) * 1000))
+            step = wall - (seen[0] + elapsed)
+            if step > tol:
+                # rows of the old clock read below `before`; those of the new one from it on
+                # (or are shifted too when the windows overlap: younger, never older)
+                before = max(seen[0] + elapsed, wall - elapsed) + 1
+                self._restamp('min(stored_ms + ?, ?)', 'stored_ms >= ? and stored_ms < ?',
+                              (step, MAX_TIME_MS - 1, CLOCK_FLOOR_MS, before))
+                for name in ('_mark', '_last_trusted'):
+                    if CLOCK_FLOOR_MS <= getattr(self, name) < before:
+                        setattr(self, name, min(getattr(self, name) + step, MAX_TIME_MS - 1))
+                reason = (f'the wall clock jumped {_span(step)} ahead of the monotonic clock '
+                          f'(to {_iso(wall)}); rows written before it keep their real ages')
+            elif step < -tol:
+                reason = f'the wall clock stepped back {_span(step)} (to {_iso(wall)})'
+                if self._behind_since is None:   # what it holds is ahead from now on
+                    self._behind_since = mono
+        self._seen = (wall, mono) if mono is not None else None
+        if reason:
+            pass
+        elif wall < 0:
+            reason = 'the wall clock did not give a number'
+        elif wall < CLOCK_FLOOR_MS:
+            reason = (f'the wall clock reads {_iso(wall)}, before {_iso(CLOCK_FLOOR_MS)}: '
+                      'not set yet (no real-time clock?)')
+        elif wall >= MAX_TIME_MS:
+            reason = f'the wall clock reads past {_iso(MAX_TIME_MS)}'
+        else:
+            high = self._newest_held()
+            if wall < high - tol:
+                if mono is not None and self._behind_since is None:
+                    self._behind_since = mono
+                if mono is not None and mono - self._behind_since >= \
+                        self.params.clock_settle_s:
+                    # believed from now on: what was stamped after it restarts its age now
+                    self._restamp('?', 'stored_ms > ?', (wall, wall))
+                    self._last_trusted, self._behind_since = wall, None
+                    self._write_mark(wall)
+                    reason = (f'the wall clock ran {_span(high - wall)} behind what this store '
+                              f'holds for {_span(int(self.params.clock_settle_s * 1000))}: '
+                              f'believed from now on, rows stamped after {_iso(wall)} restamped')
+                else:
+                    reason = (f'the wall clock reads {_iso(wall)}, {_span(high - wall)} behind '
+                              f'what this store already holds ({_iso(high)}): it went back')
+            else:
+                self._behind_since = None
+        status = self.clock_status
+        if reason:
+            if status.trusted:
+                status.episodes += 1
+                status.since_ms = max(0, wall)
+            status.trusted, status.reason, status.last_reason = False, reason, reason
+            return None
+        status.trusted, status.reason = True, ''
+        self._last_trusted = max(self._last_trusted, wall)
+        if wall - self._mark_written >= MARK_EVERY_MS or wall < self._mark_written:
+            self._write_mark(wall)
+        # cold memories and archive files stamped 0 (upgraded while the clock was not
+        # believable): their ages start now (indexed: a look that finds none costs nothing)
+        for table in ('cold', 'archive'):
+            if self.conn.execute(f'select 1 from {table} where stored_ms < ? limit 1',
+                                 (CLOCK_FLOOR_MS,)).fetchone():
+                self.conn.execute(f'update {table} set stored_ms = ? where stored_ms < ?',
+                                  (wall, CLOCK_FLOOR_MS))
+        return wall
+
+    STEPS = ('warm', 'cold', 'archive')   # the moves of a round, in their order
+
+    def _round_now(self, step: str) -> tuple[int | None, MoveReport]:
+        """(the move's clock, or None: skip it) and its report. A round is the moves in STEPS
+        order (run_once, StorageService.run_round); a move repeated after one that moved
+        something is the same round, one earlier in the order (or repeated after a skip)
+        starts the next. Once a move of a round was skipped the rest of it is too, and the
+        round counts once in clock_untrusted."""
+        k, last, refused = self.STEPS.index(step), self._last_step, self._last_refused
+        same = last is not None and (k > last or (k == last and not refused))
+        self._last_step = k
+        if same and refused:
+            return None, MoveReport()
+        if not same:
+            self._round_counted = False
+        now = self.clock_now()
+        self._last_refused = now is None
+        report = MoveReport()
+        if now is None and not self._round_counted:
+            report.clock_untrusted = 1
+            self.clock_status.skipped += 1
+            self._round_counted = True
+        return now, report
+
     # -- one round -------------------------------------------------------------------------------
     def run_once(self, max_moves: int = 20) -> MoveReport:
         """Up to `max_moves` move transactions, then budgets, then the index save."""
@@ -279,20 +519,90 @@ class Lifecycle:
         self.totals.add(report)
         return report
 
-    def _due(self, table: str, time_col: str, age_attr: str, skip_ok) -> list:
-        """Up to move_batch rows whose policy says they are due, in (time, id) order from where
-        the previous look stopped, round to the oldest again (keyset pages). A look reads at
-        most MAX_DUE_PAGES pages and the next one resumes after the last row it read, so rows a
+    def _youngest(self, age_attr: str) -> float:
+        p = self.params
+        return min([getattr(p.default, age_attr)] + [getattr(r.policy, age_attr)
+                                                     for r in p.rules])
+
+    EPISODE_COLS = ('id, agent_id, type, source, time_ms, payload, tags, event_id, subject, '
+                    'stored_ms')
+    COLD_COLS = ('id, agent_id, type, source, first_ms, last_ms, count, summary, subject, '
+                 'stored_ms')
+
+    def _due_warm(self, now: int) -> list:
+        """Up to move_batch episodes whose policy says they are due by their stored_ms, in id
+        order (the order they were written in) from where the previous look stopped, round to
+        the oldest again. A lap ends at the first episode younger than the youngest warm_s of
+        any policy (those after it were written later). A look reads at most MAX_DUE_PAGES
+        pages of (id, agent, type, stored_ms) and the next one resumes after the last row it
+        read, so rows a longer policy keeps delay the others' due rows by a few moves and never
+        block them. Episodes stamped 0 or outside [CLOCK_FLOOR_MS, MAX_TIME_MS) (unknown) are
+        stamped `now` here: their age starts now."""
+        p, out, unknown = self.params, [], []
+        horizon = now - int(self._youngest('warm_s') * 1000)
+        start = after = self._cursor.get('episodes', 0)
+        end = None        # the second lap (from the oldest) stops where the first one began
+        for _page in range(MAX_DUE_PAGES):
+            upper, args = '', [after]
+            if end is not None:
+                upper, args = ' and id <= ?', [after, end]
+            rows = self.conn.execute(
+                f'select id, agent_id, type, stored_ms from episodes where id > ?{upper} '
+                'order by id limit ?', (*args, p.move_batch)).fetchall()
+            young = False
+            for row_id, agent, type_, stored in rows:
+                if type(stored) is not int or not CLOCK_FLOOR_MS <= stored < MAX_TIME_MS:
+                    unknown.append(row_id)
+                    after = row_id
+                    continue
+                if stored >= horizon:
+                    young = True
+                    break
+                after = row_id
+                policy = _policy(p.rules, p.default, agent, type_)
+                if stored < now - int(policy.warm_s * 1000):
+                    out.append((row_id, policy))
+                    if len(out) >= p.move_batch:
+                        self._cursor['episodes'] = after
+                        return self._episode_rows(out, unknown, now)
+            if young or len(rows) < p.move_batch:   # the end of this lap
+                if end is not None or start == 0:
+                    self._cursor['episodes'] = 0   # every row looked at: from the oldest next
+                    return self._episode_rows(out, unknown, now)
+                end, after = start, 0              # round to the oldest, up to where it began
+        self._cursor['episodes'] = after
+        return self._episode_rows(out, unknown, now)
+
+    def _episode_rows(self, due: list, unknown: list, now: int) -> list:
+        """(row, policy) of the due ids, rows as EPISODE_COLS; the unknown ones stamped."""
+        if unknown:
+            try:
+                self.conn.execute('BEGIN IMMEDIATE')
+                self.conn.executemany('update episodes set stored_ms = ? where id = ?',
+                                      [(now, i) for i in unknown])
+                self.conn.execute('COMMIT')
+            except sqlite3.Error as exc:
+                self._abort(None)
+                raise self._error('stamping episodes of unknown write time', exc) from None
+        policies, out = dict(due), []
+        ids = [i for i, _ in due]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            out += [(row, policies[row[0]]) for row in self.conn.execute(
+                f'select {self.EPISODE_COLS} from episodes where id in '
+                f'({",".join("?" * len(chunk))}) order by id', chunk)]
+        return out
+
+    def _due(self, now: int, table: str, age_attr: str) -> list:
+        """Up to move_batch rows of `table` (cold) whose policy says they are due by their
+        stored_ms, in (stored_ms, id) order from where the previous look stopped, round to the
+        oldest again (keyset pages on the cold_stored index). A look reads at most
+        MAX_DUE_PAGES pages and the next one resumes after the last row it read, so rows a
         longer policy keeps (however many, of whichever agent) delay the others' due rows by a
         few moves and never block them: every due row is reached within a full cycle."""
-        p, now, out = self.params, self.clock(), []
-        youngest = min([getattr(p.default, age_attr)] + [getattr(r.policy, age_attr)
-                                                         for r in p.rules])
-        cols = ('id, agent_id, type, source, time_ms, payload, tags, event_id, subject'
-                if table == 'episodes' else
-                'id, agent_id, type, source, first_ms, last_ms, count, summary, subject')
-        at = 4 if table == 'episodes' else 5   # the row's time (the column paged by)
-        horizon = now - int(youngest * 1000)
+        p, out = self.params, []
+        cols, at, time_col = self.COLD_COLS, 9, 'stored_ms'
+        horizon = now - int(self._youngest(age_attr) * 1000)
         start = after = self._cursor.get(table, _START)
         end = None        # the second lap (from the oldest) stops where the first one began
         for _page in range(MAX_DUE_PAGES):
@@ -308,7 +618,7 @@ class Lifecycle:
                 after = (row[at], row[0])
                 policy = _policy(p.rules, p.default, row[1], row[2])
                 age_ms = int(getattr(policy, age_attr) * 1000)
-                if row[at] < now - age_ms and skip_ok(policy):
+                if row[at] < now - age_ms:
                     out.append((row, policy))
                     if len(out) >= p.move_batch:
                         self._cursor[table] = after
@@ -370,8 +680,10 @@ class Lifecycle:
         deleted (cold and archive skipped); one transaction. Events of a data subject without
         `store` consent now (withdrawn since they were written) are deleted, neither condensed
         nor archived, and counted in `withheld`."""
-        due = self._due('episodes', 'time_ms', 'warm_s', lambda policy: True)
-        report = MoveReport()
+        now, report = self._round_now('warm')
+        if now is None:
+            return report
+        due = self._due_warm(now)
         if not due:
             return report
         refused = self._without_consent((row[8] for row, _ in due), 'warm -> cold move')
@@ -379,7 +691,7 @@ class Lifecycle:
         if refused:
             for row, _ in due:
                 if row[8] in refused:
-                    day = (row[1], row[2], day_of(row[4]))
+                    day = (row[1], row[2], day_of(bounded_ms(row[4])))
                     withheld[day] = withheld.get(day, 0) + 1
         gone = [row[0] for row, _ in due]   # every due row leaves the warm tier
         due = [(row, policy) for row, policy in due if row[8] not in refused]
@@ -397,11 +709,14 @@ class Lifecycle:
                 raw.append(row)
             else:
                 drop.append(row[0])
-        memories = [self._condense(rows) for rows in groups.values()]
+        # each memory's rows in time order (due rows come in the order they were written)
+        memories = [self._condense(sorted(rows, key=lambda r: (r[4], r[0])))
+                    for rows in groups.values()]
         vectors = (np.asarray(self.embedder.embed([m['summary'] for m in memories]), np.float32)
                    if memories else None)
         codes = encode(vectors) if memories else []
-        key = self._put_archive('warm', [self._raw_record(r) for r in raw]) if raw else None
+        key = self._put_archive('warm', [self._raw_record(r) for r in raw],
+                                [r[9] for r in raw]) if raw else None
         conn = self.conn
         ids = []
         try:
@@ -410,13 +725,13 @@ class Lifecycle:
                 m = memory
                 summary = self.cipher.seal(m['summary'], cold_context(
                     m['agent_id'], m['type'], m['source'], m['first_ms'], m['last_ms'],
-                    m['subject']), m['subject'], m['last_ms'])
+                    m['subject']), m['subject'], bounded_ms(m['last_ms']))
                 cursor = conn.execute(
                     'insert into cold (agent_id, type, source, first_ms, last_ms, count, summary, '
-                    'code, bytes, subject) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+                    'code, bytes, subject, stored_ms) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
                     (m['agent_id'], m['type'], m['source'], m['first_ms'], m['last_ms'],
                      m['count'], summary, code, len(m['summary']) + len(code) + 64,
-                     m['subject']))
+                     m['subject'], m['stored_ms']))
                 ids.append(cursor.lastrowid)
             conn.executemany('insert into cold_log (op, id) values (?, ?)',
                              [(ADD, i) for i in ids])
@@ -441,18 +756,21 @@ class Lifecycle:
         """Cold memories past cold_s: to an archive file, or deleted when archive is skipped.
         Memories of a data subject without `store` consent now are deleted, not archived, and
         their events counted in `withheld`."""
-        due = self._due('cold', 'last_ms', 'cold_s', lambda policy: True)
-        report = MoveReport()
+        now, report = self._round_now('cold')
+        if now is None:
+            return report
+        due = self._due(now, 'cold', 'cold_s')
         if not due:
             return report
         refused = self._without_consent((row[8] for row, _ in due), 'cold move')
         withheld: dict = {}
         for row, _ in due:
             if row[8] in refused:
-                day = (row[1], row[2], day_of(row[4]))
+                day = (row[1], row[2], day_of(bounded_ms(row[4])))
                 withheld[day] = withheld.get(day, 0) + int(row[6] or 0)
         keep = [row for row, policy in due if policy.archive and row[8] not in refused]
-        key = self._put_archive('cold', [self._cold_record(r) for r in keep]) if keep else None
+        key = self._put_archive('cold', [self._cold_record(r) for r in keep],
+                                [r[9] for r in keep]) if keep else None
         self._delete_cold([row[0] for row, _ in due], key, withheld)
         report.consent_deleted = sum(1 for row, _ in due if row[8] in refused)
         report.archived = len(keep)
@@ -480,19 +798,38 @@ class Lifecycle:
         self.unsaved += len(ids)
 
     def expire_archive(self) -> MoveReport:
-        report = MoveReport()
+        """Archive files held archive_s (by stored_ms) deleted; encrypted, the day keys of the
+        days before both that horizon and the oldest event any row still held was sealed by
+        (an event stamped 1970 is held its tiers' ages like any other: its day's key with it)."""
         age = self.params.default.archive_s
         if age <= 0:
+            return MoveReport()
+        now, report = self._round_now('archive')
+        if now is None:
             return report
+        horizon = now - int(age * 1000)
         rows = self.conn.execute(
-            "select key from archive where state = 'done' and last_ms < ? order by last_ms "
-            'limit 100', (self.clock() - int(age * 1000),)).fetchall()
+            "select key from archive where state = 'done' and stored_ms < ? order by stored_ms "
+            'limit 100', (horizon,)).fetchall()
         for (key,) in rows:
             self._drop_archive(key)
             report.archive_deleted += 1
         if self.encrypted:   # retention: anonymous days past archive_s are shredded for good
-            self.objects.keyring.destroy_days_before(self.clock() - int(age * 1000))
+            self.objects.keyring.destroy_days_before(min(horizon, self._oldest_sealed()))
         return report
+
+    def _oldest_sealed(self) -> int:
+        """The earliest time a row still held was sealed by: an episode's time_ms, a cold
+        memory's or archive file's last_ms (each an index's first entry), bounded to [year 1,
+        MAX_TIME_MS] (what a day key can be named by)."""
+        found = [MAX_TIME_MS]
+        for sql in ('select min(time_ms) from episodes', 'select min(last_ms) from cold',
+                    'select min(last_ms) from archive'):
+            row = self.conn.execute(sql).fetchone()
+            if row is not None and row[0] is not None:
+                value = row[0] if type(row[0]) is int else bounded_ms(row[0])
+                found.append(max(_YEAR_1_MS, min(value, MAX_TIME_MS)))
+        return min(found)
 
     def _drop_archive(self, key: str) -> None:
         """The row goes first (one transaction), then the object; recover() drops an object a
@@ -522,44 +859,52 @@ class Lifecycle:
             if found.get(record['id']):
                 record['subject'] = found[record['id']]
 
-    def _put_archive(self, tier: str, records: list[dict]) -> list[str]:
+    def _put_archive(self, tier: str, records: list[dict], stored: list[int]) -> list[str]:
         """Write compressed JSON-lines files as `pending` (committed first, so a crash before
         the move's commit is undone by recover()). Encrypted, one file per data subject (under
         its key) and per UTC day for anonymous records (under the day's key), so destroying a
-        key shreds exactly that subject's or day's archives."""
+        key shreds exactly that subject's or day's archives. `stored`: each record's stored_ms
+        (a file is aged by its newest)."""
         self._subjects(tier, records)
         if not self.encrypted:
-            return [self._put_archive_file(tier, records, None)]
+            return [self._put_archive_file(tier, records, None, max(stored))]
         groups: dict[tuple, list[dict]] = {}
-        for record in records:
+        newest: dict[tuple, int] = {}
+        for record, at in zip(records, stored):
             subject = record.get('subject')
-            # by the day of last_ms: a day key is shredded only once the day ended more than
-            # archive_s ago, so never before a file under it expired
-            groups.setdefault(('s', subject) if subject else ('d', day_of(record['last_ms'])),
-                              []).append(record)
+            # by the day of last_ms: a day's key is shredded only once that day is past
+            # archive_s and before every row still held (expire_archive)
+            group = ('s', subject) if subject else ('d', day_of(bounded_ms(record['last_ms'])))
+            groups.setdefault(group, []).append(record)
+            newest[group] = max(newest.get(group, at), at)
         keys: list[str] = []
         try:
             for (kind, name), group in groups.items():
-                keys.append(self._put_archive_file(tier, group, name if kind == 's' else None))
+                keys.append(self._put_archive_file(tier, group, name if kind == 's' else None,
+                                                   newest[(kind, name)]))
         except BaseException:
             self._abort(keys)
             raise
         return keys
 
-    def _put_archive_file(self, tier: str, records: list[dict], subject: str | None) -> str:
+    def _put_archive_file(self, tier: str, records: list[dict], subject: str | None,
+                          stored_ms: int) -> str:
+        """`stored_ms`: what the file is aged by (the newest stored_ms of the rows it holds)."""
         first = min(r['first_ms'] for r in records)
         last = max(r['last_ms'] for r in records)
-        key = f'{self._prefix()}{tier}/{first:013d}-{uuid.uuid4().hex[:12]}.jsonl.gz'
+        key = f'{self._prefix()}{tier}/{bounded_ms(first):013d}-{uuid.uuid4().hex[:12]}.jsonl.gz'
         body = gzip.compress(b''.join(json.dumps(r, separators=(',', ':')).encode() + b'\n'
                                       for r in records), compresslevel=6)
         try:
-            self.conn.execute("insert into archive values (?, 'pending', ?, ?, ?, ?, ?, ?)",
-                              (key, tier, first, last, len(records), len(body), self.clock()))
+            self.conn.execute(
+                'insert into archive (key, state, tier, first_ms, last_ms, rows, bytes, '
+                "created_ms, stored_ms) values (?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
+                (key, tier, first, last, len(records), len(body), self.clock(), stored_ms))
         except sqlite3.Error as exc:
             raise self._error('archive', exc) from None
         try:
             if self.encrypted:
-                self.objects.put(key, body, subject=subject, time_ms=last)
+                self.objects.put(key, body, subject=subject, time_ms=bounded_ms(last))
             else:
                 self.objects.put(key, body)
         except BaseException:
@@ -649,7 +994,8 @@ class Lifecycle:
         if n > 1:
             text += f' ... {last[5][:cut]}'
         return {'agent_id': agent, 'type': type_, 'source': source, 'first_ms': first[4],
-                'last_ms': last[4], 'count': n, 'summary': text, 'subject': first[8]}
+                'last_ms': last[4], 'count': n, 'summary': text, 'subject': first[8],
+                'stored_ms': max(r[9] for r in rows)}
 
     # -- budgets ---------------------------------------------------------------------------------
     def usage(self) -> dict[str, dict]:
@@ -692,13 +1038,22 @@ class Lifecycle:
                                  (name,)).fetchone() is not None
 
     def checks(self) -> list:
-        """Budget checks per tier and in total (WARN 80 %, ERROR 95 %)."""
+        """Budget checks per tier and in total (WARN 80 %, ERROR 95 %), and the total's floor
+        (floor_check) when the last budget pass found it unreachable."""
         u, b = self.usage(), self.budgets
         out = [budget_check(f'storage {tier}', u[tier]['bytes'], b.of(tier), b.warn_fraction,
                             b.error_fraction) for tier in ('warm', 'cold', 'archive')]
         out.append(budget_check('storage total', u['total']['bytes'], b.total_bytes,
                                 b.warn_fraction, b.error_fraction))
+        floor = floor_check([self])
+        if floor is not None:
+            out.append(floor)
         return out
+
+    def state_bytes(self) -> int:
+        """Bytes of the KV rows (agent state), which no budget deletes."""
+        return int(self.conn.execute('select coalesce(sum(length(value)), 0) from kv'
+                                     ).fetchone()[0])
 
     def enforce_budgets(self) -> MoveReport:
         """This unit's data against the budgets (`enforce_budgets` below, over one unit; the
@@ -711,15 +1066,17 @@ class Lifecycle:
             self.conn.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchall()
 
     def oldest_archive(self) -> tuple | None:
-        """(last_ms, bytes, key) of the oldest archive file, or None."""
-        return self.conn.execute("select last_ms, bytes, key from archive where state = 'done' "
-                                 'order by last_ms limit 1').fetchone()
+        """(stored_ms, bytes, key) of the oldest archive file (by when it was stored), or None."""
+        return self.conn.execute("select stored_ms, bytes, key from archive where state = 'done' "
+                                 'order by stored_ms limit 1').fetchone()
 
     def oldest_cold(self, limit: int, share: int = 0) -> list[tuple]:
-        """(last_ms, id, bytes) of the oldest cold memories, the bytes with `share` added (each
-        one's part of the vector index, which cold's usage counts)."""
-        return [(last, i, max(1, int(size or 0) + share)) for last, i, size in self.conn.execute(
-            'select last_ms, id, bytes from cold order by last_ms, id limit ?', (limit,))]
+        """(stored_ms, id, bytes) of the oldest cold memories (by when they were stored), the
+        bytes with `share` added (each one's part of the vector index, which cold's usage
+        counts)."""
+        return [(stored, i, max(1, int(size or 0) + share)) for stored, i, size in
+                self.conn.execute('select stored_ms, id, bytes from cold order by stored_ms, id '
+                                  'limit ?', (limit,))]
 
     # -- the index -------------------------------------------------------------------------------
     def save_index(self, force: bool = False) -> None:
@@ -816,13 +1173,24 @@ def enforce_budgets(lifecycles: list, budgets: Budgets, layout: StorageLayout) -
     writers wait) only when it is past the total budget's warning fraction (what /diagnostics
     and the writers' gate would report), then measured again; and after deleting, so the next
     round measures what the deletions freed. The tiers' budgets count rows, not files. Agent
-    state, audit and router history are never deleted here."""
+    state, audit and router history are never deleted here.
+
+    When what this pass may not delete (the root's files less its archive and cold data: agent
+    state, warm events, audit, ...) alone is at or past the total budget, deleting every archive
+    file and cold memory would still leave the root past it: nothing is deleted for the total
+    (it used to delete them all, every round, to no purpose), the round is counted in
+    `budget_unreachable` and each unit's `budget_floor` holds the numbers (`floor_check` makes
+    them an ERROR); the writers' gates stop writes at the total as before, and the tier budgets
+    still hold."""
     report, b = MoveReport(), budgets
     live = [lc for lc in lifecycles if not lc.read_only]
+    for lc in live:
+        lc.budget_floor = None
     if not live or not (b.total_bytes or b.archive_bytes or b.cold_bytes):
         return report
     usages = [lc.budgeted_usage() for lc in live]   # not usage(): it measures the root again
     archive_used = sum(u['archive']['bytes'] for u in usages)
+    cold_used = sum(u['cold']['bytes'] for u in usages)
 
     def excess(used: int, budget: int) -> int:
         return max(0, used - budget) if budget else 0
@@ -832,6 +1200,15 @@ def enforce_budgets(lifecycles: list, budgets: Budgets, layout: StorageLayout) -
             lc.checkpoint()
         used = root_used_bytes(layout, archive_used)
     total = excess(used, b.total_bytes)
+    kept = used - archive_used - cold_used
+    if total and kept >= b.total_bytes:   # past the budget whatever goes: none goes for it
+        floor = {'used_bytes': used, 'budget_bytes': b.total_bytes, 'kept_bytes': kept,
+                 'state_bytes': sum(lc.state_bytes() for lc in live),
+                 'deletable_bytes': archive_used + cold_used}
+        for lc in live:
+            lc.budget_floor = floor
+        report.budget_unreachable = 1
+        total = 0
     archive = max(excess(archive_used, b.archive_bytes), total)
     while archive > 0:   # the total's excess comes from the archive first
         found = [(row, lc) for lc in live for row in [lc.oldest_archive()] if row is not None]
@@ -863,3 +1240,42 @@ def enforce_budgets(lifecycles: list, budgets: Budgets, layout: StorageLayout) -
         for lc in live:
             lc.checkpoint()
     return report
+
+
+def floor_check(lifecycles) -> CheckResult | None:
+    """ERROR with the numbers when the last budget pass (enforce_budgets) found the total budget
+    unreachable: what it may not delete alone is past it; None otherwise."""
+    for lc in lifecycles:
+        f = getattr(lc, 'budget_floor', None)
+        if f:
+            return CheckResult(ERROR, (
+                f"storage total: {f['used_bytes']:,} of {f['budget_bytes']:,} bytes, and "
+                f"{f['kept_bytes']:,} of them (agent state {f['state_bytes']:,} bytes, warm "
+                'events, audit, consent and other files) are not the budget\'s to delete: '
+                f"deleting all {f['deletable_bytes']:,} bytes of archive and cold data would "
+                'not bring the root under it, so none is deleted for it; writes stop at the '
+                'budget: raise storage.budget.total_bytes or free space'),
+                {k: str(v) for k, v in f.items()})
+    return None
+
+
+def clock_check(lifecycles: dict, reported: dict, skipped: int = 0) -> tuple[CheckResult, list]:
+    """The storage node's 'storage clock' check over its units' lifecycles ({unit: Lifecycle}):
+    WARN while one finds its clock not believable (it ages nothing), and once for an episode
+    that began and ended since the last call (a step: one round skipped); OK otherwise. Also
+    the lines to log: one per new episode. `reported` ({unit: episodes seen}) is updated."""
+    values, warned, lines = {'rounds_skipped': str(skipped)}, [], []
+    for unit in sorted(lifecycles):
+        status = lifecycles[unit].clock_status
+        new = status.episodes > reported.get(unit, 0)
+        reported[unit] = status.episodes
+        if new:
+            lines.append(f'storage {unit}: clock not believable, nothing aged: '
+                         f'{status.last_reason}')
+        if not status.trusted or new:
+            warned.append(f'{unit}: {status.last_reason} ({status.skipped} rounds aged nothing)')
+    if warned:
+        return CheckResult(WARN, 'storage clock not believable, nothing aged: '
+                           + '; '.join(warned)[:900], values), lines
+    return CheckResult(OK, f'storage clock believable ({skipped} rounds skipped before)',
+                       values), lines

@@ -3,6 +3,7 @@ from a newer Loom is refused rather than misread."""
 from __future__ import annotations
 
 import sqlite3
+import time
 import uuid
 
 from loom_ros.storage.errors import StorageError
@@ -14,11 +15,44 @@ EPISODE_INSERT = ('insert into episodes (agent_id, event_id, time_ms, type, sour
 # with the event's data subject (loom.subject metadata), which erasure and export go by
 EPISODE_INSERT_SUBJECT = ('insert into episodes (agent_id, event_id, time_ms, type, source, '
                           'tags, payload, bytes, subject) values (?, ?, ?, ?, ?, ?, ?, ?, ?)')
+# with the time this store wrote the row (`stored_ms`, stored_stamp): what the lifecycle ages
+# the row by (time_ms is the publisher's stamp, kept for queries by time). The two above leave
+# stored_ms 0 (unknown): the lifecycle stamps such a row when it first sees it.
+EPISODE_INSERT_STORED = ('insert into episodes (agent_id, event_id, time_ms, type, source, '
+                         'tags, payload, bytes, subject, stored_ms) values '
+                         '(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)')
+EPISODE_INSERTS = (EPISODE_INSERT, EPISODE_INSERT_SUBJECT, EPISODE_INSERT_STORED)
 
 # 2: episode_agents (each agent's time span) bounds every per-agent query. A Loom of version 1
 # would write episodes without widening the spans, and queries would miss its rows, so it must
 # refuse a file this one has opened: the version is raised on open, after the migration.
-VERSION = 2
+# 3: `stored_ms` on episodes, cold memories and archive files (STORED_TABLES); a Loom of
+# version 2 would age them by the publisher's stamp again.
+VERSION = 3
+
+# A clock before this is not believable (a robot without a real-time clock boots at 1970): the
+# store stamps its rows 0 (unknown) and the lifecycle ages nothing (lifecycle.py). Older than
+# any file this Loom can hold; the storage tests' epoch (2023-11-14) is after it.
+CLOCK_FLOOR_MS = 1_672_531_200_000       # 2023-01-01 00:00 UTC
+MAX_TIME_MS = 32_503_680_000_000         # 3000-01-01 00:00 UTC: later is not a time either
+
+
+def bounded_ms(value) -> int:
+    """A timestamp brought into [0, MAX_TIME_MS] before arithmetic (a publisher's stamp may be
+    negative, near 2**63 or not an int: 0 then)."""
+    if type(value) is not int:
+        try:
+            value = int(value)
+        except (TypeError, ValueError, OverflowError):
+            return 0
+    return 0 if value < 0 else MAX_TIME_MS if value > MAX_TIME_MS else value
+
+
+def stored_stamp(value) -> int:
+    """The write time a row is stamped with: the store's clock, or 0 (unknown) when that clock
+    is not believable (before CLOCK_FLOOR_MS, after MAX_TIME_MS, not a number)."""
+    value = bounded_ms(value)
+    return value if value >= CLOCK_FLOOR_MS and value < MAX_TIME_MS else 0
 
 DDL = [
     'create table if not exists meta (key text primary key, value text not null)',
@@ -29,7 +63,7 @@ DDL = [
     'create table if not exists episodes (id integer primary key, agent_id text not null, '
     'event_id text not null, time_ms int not null, type text not null, source text not null, '
     'tags text not null, payload text not null, bytes int not null, '
-    "subject text not null default '')",
+    "subject text not null default '', stored_ms int not null default 0)",
     # One index, time first, so every insert lands at its right edge: an index led by agent_id
     # takes each batch's rows at as many places as it has agents, and with 1,000 agents every
     # commit rewrote hundreds of index pages into the WAL; commits fell from 74,000 to 14,000
@@ -62,7 +96,7 @@ DDL = [
     'create table if not exists cold (id integer primary key, agent_id text not null, '
     'type text not null, source text not null, first_ms int not null, last_ms int not null, '
     'count int not null, summary text not null, code blob not null, bytes int not null, '
-    "subject text not null default '')",
+    "subject text not null default '', stored_ms int not null default 0)",
     'create index if not exists cold_last on cold (last_ms)',
     'create index if not exists cold_agent_first on cold (agent_id, first_ms)',
     # Every change of the cold rows, in the transaction that made it: the index replays it.
@@ -71,7 +105,7 @@ DDL = [
     # Archive files in the object store: pending until the rows they hold left the database.
     'create table if not exists archive (key text primary key, state text not null, '
     'tier text not null, first_ms int not null, last_ms int not null, rows int not null, '
-    'bytes int not null, created_ms int not null)',
+    'bytes int not null, created_ms int not null, stored_ms int not null default 0)',
     'create index if not exists archive_last on archive (last_ms)',
     'create table if not exists blobs (key text primary key, bytes int not null, '
     'content_type text not null, created_ms int not null)',
@@ -170,6 +204,37 @@ def upgrade_subjects(conn: sqlite3.Connection) -> None:
             conn.execute("alter table facts add column data_subject text not null default ''")
         conn.execute('create index if not exists facts_data_subject on facts (data_subject)')
 
+# The tables the lifecycle ages by `stored_ms` (when this store wrote the row, or, for a cold
+# memory and an archive file, the newest of the rows they hold), with the event time a file from
+# before version 3 had aged them by. stored_ms of cold and archive is indexed (the lifecycle and
+# the budgets take their oldest first, and only the lifecycle writes them); that of episodes is
+# not (an index costs the hot write path 10-18 % of its raw rate): the lifecycle walks episodes
+# by id, which is the order they were written in.
+STORED_TABLES = (('episodes', 'time_ms'), ('cold', 'last_ms'), ('archive', 'last_ms'))
+STORED_INDEXES = ('create index if not exists cold_stored on cold (stored_ms)',
+                  'create index if not exists archive_stored on archive (stored_ms)')
+
+
+def upgrade_stored(conn: sqlite3.Connection, now_ms: int | None = None) -> None:
+    """Add `stored_ms` to each of STORED_TABLES the file has (inside the transaction that
+    creates the tables). A row from before gets its event time when that lies between
+    CLOCK_FLOOR_MS and now (what it was aged by until now: its age is kept), else now, the
+    latest it can have been written (a stamp from 1970 or the far future is not believed, and
+    its age starts at the upgrade), or 0 (unknown, stamped by the lifecycle) when this clock is
+    not believable itself."""
+    now = stored_stamp(int(time.time() * 1000) if now_ms is None else now_ms)
+    for table, time_col in STORED_TABLES:
+        columns = {r[1] for r in conn.execute(f'pragma table_info({table})')}
+        if columns and 'stored_ms' not in columns:
+            conn.execute(f'alter table {table} add column stored_ms int not null default 0')
+            conn.execute(f'update {table} set stored_ms = case when {time_col} between ? and ? '
+                         f'then {time_col} else ? end', (CLOCK_FLOOR_MS, max(now, 0), now))
+    for statement in STORED_INDEXES:
+        table = statement.split(' on ')[1].split()[0]
+        if any(r[1] == 'stored_ms' for r in conn.execute(f'pragma table_info({table})')):
+            conn.execute(statement)
+
+
 DDL = DDL + ROUTER_DDL + AUDIT_DDL
 
 
@@ -180,19 +245,22 @@ def create(conn: sqlite3.Connection, statements: list[str]) -> None:
         for statement in statements:
             conn.execute(statement)
         upgrade_subjects(conn)
+        upgrade_stored(conn)
         conn.execute('COMMIT')
     except BaseException:
         conn.execute('ROLLBACK')
         raise
 
 
-def ensure(conn: sqlite3.Connection, path) -> None:
-    """Create the tables (one transaction) and check the file's version."""
+def ensure(conn: sqlite3.Connection, path, now_ms: int | None = None) -> None:
+    """Create the tables (one transaction) and check the file's version. `now_ms`: the
+    clock a file from before version 3 is upgraded at (upgrade_stored; None: the wall clock)."""
     conn.execute('BEGIN IMMEDIATE')
     try:
         for statement in DDL:
             conn.execute(statement)
         upgrade_subjects(conn)
+        upgrade_stored(conn, now_ms)
         # which database this is: a cold index file names it, so one of another unit with the
         # same shape is not taken for this one's (storage/cold.py)
         conn.execute("insert or ignore into meta values ('database_id', ?)", (uuid.uuid4().hex,))

@@ -125,7 +125,7 @@ class Storage:
             Checkpointer.backstop(self.conn, config.max_db_bytes)
             self.checkpointer = Checkpointer(self.path, name=f'storage {self.unit}')
             # every episode's agent span, in the episode's own transaction (spans.py)
-            self.spans = SpanKeeper((schema.EPISODE_INSERT, schema.EPISODE_INSERT_SUBJECT))
+            self.spans = SpanKeeper(schema.EPISODE_INSERTS)
             self.writer = GroupCommitWriter(self.conn, f'storage {self.unit}',
                                             max_delay_s=config.max_delay_ms / 1000.0,
                                             max_batch=config.max_batch, gate=gate,

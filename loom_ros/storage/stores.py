@@ -19,6 +19,7 @@ import numpy as np
 from loom_ros.bus.privacy import SUBJECT_METADATA_KEY, SubjectError, check_subject, event_subject
 from loom_ros.security.keyring import day_of
 from loom_ros.storage import auditchain, schema
+from loom_ros.storage.schema import CLOCK_FLOOR_MS, MAX_TIME_MS, bounded_ms, stored_stamp
 from loom_ros.storage.errors import CorruptRecordError, StorageError
 from loom_ros.storage.rowcipher import episode_context
 from loom_ros.storage.sqlite import open_database
@@ -156,12 +157,14 @@ class AgentStateStore:
         # Rows as the old store wrote them: already cut and masked.
         cipher = self.storage.cipher
         # Times as integers (an old file's column may hold a REAL): what the span keeper bounds.
-        ops += [(EpisodeStore.INSERT, (
+        # Stored now, as far as this store knows (their ages start at the import).
+        stored = stored_stamp(self.storage.clock())
+        ops += [(EpisodeStore.INSERT_STORED, (
             e['agent_id'], e['event_id'], int(e['time_ms']), e['type'], e['source'], e['tags'],
             cipher.seal(e['payload'] or '', episode_context(e['agent_id'], e['event_id'],
                                                             int(e['time_ms']), ''),
-                        '', int(e['time_ms'])),
-            len(e['payload'] or '') + len(e['tags'] or '') + 64)) for e in episodes]
+                        '', bounded_ms(e['time_ms'])),
+            len(e['payload'] or '') + len(e['tags'] or '') + 64, '', stored)) for e in episodes]
         ops += [('insert into facts (id, agent_id, subject, relation, object, provenance, '
                  'time_ms, vector) values (?, ?, ?, ?, ?, ?, ?, ?)',
                  (self.storage.next_id('facts'), agent_id, *tuple(f))) for f in facts]
@@ -248,6 +251,9 @@ class EpisodeStore:
     INSERT = schema.EPISODE_INSERT
     # with the event's data subject (loom.subject metadata), which erasure and export go by
     INSERT_SUBJECT = schema.EPISODE_INSERT_SUBJECT
+    # and the time this store wrote it (its clock, schema.stored_stamp): what the lifecycle ages
+    # it by, never the publisher's stamp (time_ms), which any publisher can set to 1970 or 2**63
+    INSERT_STORED = schema.EPISODE_INSERT_STORED
 
     def __init__(self, storage, mask: Callable[[str], str] = mask_text):
         self.storage, self.mask = storage, mask
@@ -335,15 +341,20 @@ class EpisodeStore:
         if withhold:
             self.storage.count_withheld()
             return (self.WITHHOLD, (agent_id[:MAX_FIELD_CHARS], event.type[:MAX_FIELD_CHARS],
-                                    day_of(event.timestamp_ms))), False, subject
+                                    day_of(bounded_ms(event.timestamp_ms)))), False, subject
         row = episode_row(agent_id, event, self.mask)
         cipher = self.storage.cipher
         size = len(row[6]) + len(row[5]) + 64
+        stored = self.storage.clock()   # checked inline: this runs for every event written
+        if type(stored) is not int or not CLOCK_FLOOR_MS <= stored < MAX_TIME_MS:
+            stored = stored_stamp(stored)
         if cipher.keyring is None:
-            return (self.INSERT_SUBJECT, row + (size, subject)), True, subject
-        # encryption on: the payload under the subject's (anonymous: the day's) key
-        payload = cipher.seal(row[6], episode_context(*row[:3], subject), subject, row[2])
-        return (self.INSERT_SUBJECT, (*row[:6], payload, size, subject)), True, subject
+            return (self.INSERT_STORED, row + (size, subject, stored)), True, subject
+        # encryption on: the payload under the subject's (anonymous: the day's) key; the day of
+        # a stamp past year 3000 is not a date (bounded: the key is found by its id, not by time)
+        payload = cipher.seal(row[6], episode_context(*row[:3], subject), subject,
+                              bounded_ms(row[2]))
+        return (self.INSERT_STORED, (*row[:6], payload, size, subject, stored)), True, subject
 
     def record(self, agent_id: str, event) -> Ticket:
         op, kept, _subject = self.entry_with_subject(agent_id, event)

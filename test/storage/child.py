@@ -13,7 +13,7 @@ from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.lifecycle import Lifecycle, LifecycleParams, TierPolicy
 from loom_ros.storage.storage import Storage, StorageConfig
 
-BASE_MS = 1_000_000_000_000
+BASE_MS = 1_700_000_000_000   # after the lifecycle's clock floor (2023-01-01)
 
 
 def params(batch: int = 40) -> LifecycleParams:
@@ -41,7 +41,9 @@ def write(root: str, agents: int) -> None:
 
 
 def move(root: str, step: str) -> None:
-    now = [BASE_MS + (60_000 if step == 'warm' else 3_600_000)]
+    # warm: from after the last event the test wrote (4,000 a 100 ms apart), as a clock that
+    # is not behind what the store holds: every warm row is due, 40 a move
+    now = [BASE_MS + (600_000 if step == 'warm' else 3_600_000)]
     lifecycle = Lifecycle(StorageLayout.at(root), 'kill', LocalObjectStore(
         StorageLayout.at(root).objects), HashEmbedder(), params(),
         index_params=IndexParams(train_at=10**9), clock=lambda: now[0])

@@ -1,10 +1,12 @@
 """`loom storage stats|query|compact` as a user runs it: a real process on real files written
-through the storage layer, ages driven by timestamps far in the past (the CLI uses wall time)."""
+through the storage layer at a time far in the past (its injected clock: the lifecycle ages a
+row from when the store wrote it; the CLI uses wall time)."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 
 from harness import loom_cli
 
@@ -12,7 +14,7 @@ from loom_ros.bus.event import Event
 from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.storage import Storage, StorageConfig
 
-OLD_MS = 1_600_000_000_000   # 2020: past every default age except archive's (kept)
+OLD_MS = 1_700_000_000_000   # 2023-11: past every default age except archive's (kept)
 
 
 def loom(*args: str) -> subprocess.CompletedProcess:
@@ -22,11 +24,14 @@ def loom(*args: str) -> subprocess.CompletedProcess:
 
 def test_stats_query_compact_and_rebuild(tmp_path):
     root = str(tmp_path)
-    with Storage(StorageConfig(root=root, unit='host1')) as s:
+    now = [OLD_MS]
+    with Storage(StorageConfig(root=root, unit='host1'), clock=lambda: now[0]) as s:
         for i in range(50):
+            now[0] = OLD_MS + i * 1000
             s.episodes.record('greeter', Event(type='speech.heard', source='mic', id=f'e{i}',
                                                 payload=b'the user asked for coffee %d' % i,
                                                 timestamp_ms=OLD_MS + i * 1000))
+        now[0] = time.time_ns() // 1_000_000
         s.episodes.record('greeter', Event(type='speech.heard', source='mic', id='new',
                                            payload=b'fresh')).wait(10)
     stats = loom('stats', '--root', root, '--embedder', 'hash', '--json')

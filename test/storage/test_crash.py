@@ -75,8 +75,11 @@ def test_sigkill_during_group_commit_loses_nothing_acknowledged(tmp_path):
 
 
 def fill(root, n: int) -> None:
-    with Storage(StorageConfig(root=str(root), unit='kill')) as storage:
+    """`n` events, each written by the store at its own time (what the lifecycle ages by)."""
+    now = [child.BASE_MS]
+    with Storage(StorageConfig(root=str(root), unit='kill'), clock=lambda: now[0]) as storage:
         for i in range(n):
+            now[0] = child.BASE_MS + i * 100
             ticket = storage.episodes.record(f'a{i % 3}', Event(
                 type='test.count', source='s', payload=b'{"n":%d}' % i, id=f'ev{i}',
                 timestamp_ms=child.BASE_MS + i * 100))

@@ -158,7 +158,8 @@ def test_archives_are_per_subject_and_a_shredded_subject_stays_unreadable(tmp_pa
 def test_retention_shreds_whole_days(tmp_path):
     clock = Clock()
     with open_storage(tmp_path, clock) as storage:
-        for day in range(3):
+        for day in range(3):   # each written on its day (what the lifecycle ages by)
+            clock.ms = T0 + day * DAY_MS
             record(storage, 'raw', f'day-{day}', T0 + day * DAY_MS)
         clock.ms = T0 + 2 * DAY_MS + 120_000
         lc = lifecycle(storage, clock, archive_s=2.5 * 86_400)

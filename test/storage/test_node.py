@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 
 from loom_ros.bus.event import Event
 from loom_ros.bus.qos import to_qos_profile
 from loom_ros.storage.storage import Storage, StorageConfig
 
-OLD_MS = 1_600_000_000_000   # 2020: past the 1-day warm age at once
+OLD_MS = 1_700_000_000_000   # 2023-11: past the 1-day warm age at once
 
 
 def call(ros, client, request):
@@ -21,11 +22,15 @@ def test_node_moves_publishes_and_answers_queries(ros, spawn, tmp_path):
     from diagnostic_msgs.msg import DiagnosticArray
     from loom_msgs.msg import StorageStats
     from loom_msgs.srv import StorageQuery
-    with Storage(StorageConfig(root=str(tmp_path), unit='host1')) as s:
+    # written then (the store's clock: the lifecycle ages rows from when they were written)
+    now = [OLD_MS]
+    with Storage(StorageConfig(root=str(tmp_path), unit='host1'), clock=lambda: now[0]) as s:
         for i in range(30):
+            now[0] = OLD_MS + i * 1000
             s.episodes.record('greeter', Event(type='speech.heard', source='mic', id=f'old{i}',
                                                 payload=b'someone asked for a coffee %d' % i,
                                                 timestamp_ms=OLD_MS + i * 1000))
+        now[0] = time.time_ns() // 1_000_000
         s.episodes.record('greeter', Event(type='speech.heard', source='mic', id='now',
                                            payload=b'hello there')).wait(10)
     stats, diagnostics = [], []
@@ -57,6 +62,9 @@ def test_node_moves_publishes_and_answers_queries(ros, spawn, tmp_path):
     assert not bad.ok and 'episodes or memories' in bad.error
     ros.wait_for(lambda: any(st.name.endswith('storage budget') and 'total' in st.message
                              for d in diagnostics for st in d.status), 'the budget check',
+                 alive=[proc])
+    ros.wait_for(lambda: any(st.name.endswith('storage clock') and 'believable' in st.message
+                             for d in diagnostics for st in d.status), 'the clock check',
                  alive=[proc])
     proc.popen.send_signal(signal.SIGINT)
     code, _, err = proc.finish()

@@ -49,6 +49,13 @@ def event(i: int, type_: str = 'chat.said', text: bytes | None = None, source: s
                  timestamp_ms=T0 + i * 1000, tags=['t'])
 
 
+def arrive(clock, e: Event) -> Event:
+    """`e` as it arrives: the store's clock reads the event's time when it writes it (the
+    lifecycle ages a row from when the store wrote it, not from the event's own stamp)."""
+    clock.ms = e.timestamp_ms
+    return e
+
+
 def lifecycle(storage, clock, **kw) -> Lifecycle:
     params = kw.pop('params', LifecycleParams(default=TierPolicy(warm_s=60, cold_s=600,
                                                                  archive_s=6000), bucket_s=10))
@@ -121,7 +128,8 @@ def test_episode_index_is_time_first_and_old_files_lose_agent_first_indexes(tmp_
     conn.commit()
     conn.close()
     with Storage(StorageConfig(root=str(tmp_path), unit='old'), clock=clock) as s:
-        assert s.query("select value from meta where key = 'version'")[0][0] == '2'
+        assert s.query("select value from meta where key = 'version'")[0][0] == \
+            str(schema.VERSION)
         indexes = {r[0] for r in s.query("select name from sqlite_master where type = 'index' "
                                          "and tbl_name = 'episodes'")}
         assert indexes == {'episodes_time_agent', 'episodes_subject', 'episodes_event'}
@@ -269,18 +277,22 @@ def test_a_migrated_file_is_refused_by_an_older_loom_and_a_newer_file_by_this_on
     with Storage(StorageConfig(root=str(tmp_path), unit='v'), clock=clock) as s:
         s.episodes.record('agent0', event(1)).wait(10)
         path = s.path
+    version = schema.VERSION
     monkeypatch.setattr(schema, 'VERSION', 1)
-    with pytest.raises(StorageError, match='storage version 2 is newer than this Loom \\(1\\)'):
+    with pytest.raises(StorageError, match=f'storage version {version} is newer than this Loom '
+                       '\\(1\\)'):
         Storage(StorageConfig(root=str(tmp_path), unit='v'), clock=clock)
     monkeypatch.undo()
     conn = sqlite3.connect(path)
-    conn.execute("update meta set value = '3' where key = 'version'")
+    conn.execute("update meta set value = ? where key = 'version'", (str(version + 1),))
     conn.commit()
     conn.close()
-    with pytest.raises(StorageError, match='storage version 3 is newer than this Loom \\(2\\)'):
+    with pytest.raises(StorageError, match=f'storage version {version + 1} is newer than this '
+                       f'Loom \\({version}\\)'):
         Storage(StorageConfig(root=str(tmp_path), unit='v'), clock=clock)
     conn = sqlite3.connect(path)
-    assert conn.execute("select value from meta where key = 'version'").fetchone()[0] == '3'
+    assert conn.execute("select value from meta where key = 'version'").fetchone()[0] == \
+        str(version + 1)
     assert conn.execute('select count(*) from episodes').fetchone()[0] == 1
     conn.execute("update meta set value = ? where key = 'version'", ('x' * 100_000,))
     conn.commit()
@@ -337,8 +349,8 @@ def test_lifecycle_moves_by_age_and_policy(storage, clock, tmp_path):
     policies.write_text("- {type: 'imu', cold: false, archive: false, warm_s: 30}\n")
     rules = load_policies(str(policies), TierPolicy(warm_s=60, cold_s=600, archive_s=6000))
     for i in range(40):
-        ticket = storage.episodes.record('a', event(i, 'imu' if i % 2 else 'chat.said',
-                                                    b'the red ball rolled %d' % i))
+        ticket = storage.episodes.record('a', arrive(clock, event(
+            i, 'imu' if i % 2 else 'chat.said', b'the red ball rolled %d' % i)))
     ticket.wait(10)
     lc = lifecycle(storage, clock, params=LifecycleParams(
         default=TierPolicy(warm_s=60, cold_s=600, archive_s=6000), rules=rules, bucket_s=10))
@@ -407,7 +419,7 @@ def test_ivfpq_index_persists_and_reloads_without_reembedding(storage, clock):
 
 def test_index_that_does_not_match_its_rows_is_a_clear_error_and_rebuilds(storage, clock, tmp_path):
     for i in range(30):
-        ticket = storage.episodes.record('a', event(i))
+        ticket = storage.episodes.record('a', arrive(clock, event(i)))
     ticket.wait(10)
     lc = lifecycle(storage, clock)
     clock.ms = T0 + 200_000
@@ -422,7 +434,7 @@ def test_index_that_does_not_match_its_rows_is_a_clear_error_and_rebuilds(storag
     # An index of another database: covers a log position this one never reached.
     other = Storage(StorageConfig(root=str(tmp_path / 'o'), unit='t'), clock=clock)
     for i in range(300):
-        other.episodes.record('a', event(i))
+        other.episodes.record('a', arrive(clock, event(i)))
     other.flush()
     olc = lifecycle(other, clock)
     olc.run_once()
@@ -435,7 +447,7 @@ def test_index_that_does_not_match_its_rows_is_a_clear_error_and_rebuilds(storag
     # was taken for this one's and searched (review finding): each names its database now.
     same = Storage(StorageConfig(root=str(tmp_path / 's'), unit='t'), clock=clock)
     for i in range(30):
-        same.episodes.record('a', event(i))
+        same.episodes.record('a', arrive(clock, event(i)))
     same.flush()
     clock.ms = T0 + 200_000
     slc = lifecycle(same, clock)
@@ -467,7 +479,7 @@ def test_budget_checks_warn_and_error_with_numbers():
 def test_past_budget_archive_then_cold_goes_never_state(storage, clock):
     storage.agent_state.commit('a', {'keep': 'me'}, 1, 'e0').wait(10)
     for i in range(200):
-        ticket = storage.episodes.record('a', event(i, text=b'x' * 500 + b'%d' % i))
+        ticket = storage.episodes.record('a', arrive(clock, event(i, text=b'x' * 500 + b'%d' % i)))
     ticket.wait(10)
     lc = lifecycle(storage, clock, params=LifecycleParams(
         default=TierPolicy(warm_s=60, cold_s=100, archive_s=0), bucket_s=1, move_batch=50))
@@ -505,7 +517,7 @@ def test_a_total_budget_a_little_exceeded_deletes_a_little(storage, clock):
     # Review finding: each deletion goes to the WAL first, so the measured total grew after
     # every one, and the loop deleted every archive file and cold memory for being 8 KiB over.
     for i in range(3000):
-        ticket = storage.episodes.record('a', event(i, text=b'x' * 300 + b'%d' % i))
+        ticket = storage.episodes.record('a', arrive(clock, event(i, text=b'x' * 300 + b'%d' % i)))
     ticket.wait(10)
     lc = lifecycle(storage, clock, params=LifecycleParams(
         default=TierPolicy(warm_s=60, cold_s=1000), bucket_s=1, move_batch=500))
@@ -565,9 +577,9 @@ def test_the_budgets_are_the_roots_the_oldest_across_its_units_goes_first(tmp_pa
     for unit, start in (('newer', T0), ('older', T0 - 10_000_000)):
         with Storage(StorageConfig(root=str(tmp_path), unit=unit), clock=clock) as s:
             for i in range(1000):
-                ticket = s.episodes.record('a', Event(
+                ticket = s.episodes.record('a', arrive(clock, Event(
                     type='chat.said', source='mic', id=f'e{i}', timestamp_ms=start + i * 1000,
-                    payload=b'%d' % i * 50))
+                    payload=b'%d' % i * 50)))
             ticket.wait(10)
     params = LifecycleParams(default=TierPolicy(warm_s=60, cold_s=100), bucket_s=1,
                              move_batch=5000)

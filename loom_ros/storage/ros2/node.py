@@ -1,12 +1,15 @@
 """Storage node: runs the data lifecycle of every unit database under `storage.root` on a timer
 (in a worker thread, one small move at a time, so the service stays responsive), publishes
 StorageStats on storage/stats, budget checks on /diagnostics (WARN 80 %, ERROR 95 %, with the
-numbers), and answers loom_msgs/StorageQuery on storage/query (episodes by time, memories by
-meaning). It also serves the consent registry (loom_msgs/Consent on storage/consent, every change
-audited) and publishes the audit log's chain head on audit/head (transient local), so another
-machine can note it and `loom audit verify --head` catches a cut or rewritten log. A lifecycle
-node: configure opens the databases and the embedder, activate starts the moves, deactivate
-pauses them, cleanup closes everything.
+numbers; ERROR with the numbers when what the budget may not delete alone exceeds the total),
+the lifecycle's clock ('storage clock': WARN while a unit's clock is not believable and the
+rounds age nothing, once per episode; lifecycle.py), and answers loom_msgs/StorageQuery on
+storage/query (episodes by time, memories by meaning). It also serves the consent registry
+(loom_msgs/Consent on storage/consent, every change audited) and publishes the audit log's chain
+head on audit/head (transient local), so another machine can note it and
+`loom audit verify --head` catches a cut or rewritten log. A lifecycle node: configure opens the
+databases and the embedder, activate starts the moves, deactivate pauses them, cleanup closes
+everything.
 
 storage/forget (loom_msgs/Forget, issue 17) erases a data subject everywhere this robot reaches
 (storage/fleet_erasure.py): it pauses the moves and lets go of its own unit databases (the
@@ -53,6 +56,8 @@ from loom_ros.storage.consent import (
 )
 from loom_ros.security.keyring import Keyring, KeyringError
 from loom_ros.storage.errors import StorageError
+from loom_ros.storage.lifecycle import clock_check, floor_check
+from loom_ros.telemetry.diagnostics import OK, CheckResult
 from loom_ros.storage.fleet_erasure import (
     FleetConfigError, FleetLink, ask_fleet, check_timeout, forget_everywhere, retry_pending,
 )
@@ -139,7 +144,9 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         self._retry_timer = None
         self.retried = {}   # retries by outcome (done, timeout, ...): on /diagnostics
         self.telemetry = attach_telemetry(self, 'storage')
+        self._clock_episodes: dict[str, int] = {}   # unit -> clock episodes already reported
         self.telemetry.add_check('storage budget', self._budget_check)
+        self.telemetry.add_check('storage clock', self._clock_check)
         self.telemetry.add_check('fleet erasures', self._pending_check)
 
     def _declare_list(self, name: str, description: str) -> list:
@@ -366,7 +373,21 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
             if self.service is None:
                 return CheckResult(WARN, 'an erasure is running' if self._erasing
                                    else 'storage not configured')
-            return self.service.worst_check()
+            # the total out of reach of what the budget may delete: that ERROR, with its numbers
+            return floor_check(self.service.lifecycles.values()) or self.service.worst_check()
+
+    def _clock_check(self):
+        """lifecycle.clock_check over the units: WARN while a unit's clock is not believable
+        and once per episode, each episode logged once."""
+        with self._lock:
+            service = self.service
+            if service is None:
+                return CheckResult(OK, 'storage not configured')
+            check, lines = clock_check(service.lifecycles, self._clock_episodes,
+                                       service.totals.clock_untrusted)
+        for line in lines:
+            self.get_logger().warning(line)
+        return check
 
     # -- query ----------------------------------------------------------------------------------
     def _unavailable(self) -> str:
