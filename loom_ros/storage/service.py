@@ -85,7 +85,9 @@ def settings_from_params(params: dict, env: dict) -> Settings:
         hot_s=float(num('lifecycle.hot_s')), default=default,
         rules=load_policies(str(p['lifecycle.policies_file']), default),
         bucket_s=float(num('lifecycle.bucket_s', 0.001)),
-        move_batch=int(num('lifecycle.move_batch', 1)))
+        move_batch=int(num('lifecycle.move_batch', 1)),
+        clock_tolerance_s=float(num('lifecycle.clock_tolerance_s', 1.0)),
+        clock_settle_s=float(num('lifecycle.clock_settle_s', 1.0)))
     budgets = Budgets(**{f'{t}_bytes': int(num(f'budget.{t}_bytes'))
                          for t in ('total', 'warm', 'cold', 'archive')})
     index = IndexParams(train_at=int(num('index.train_at', 1)), nlist=int(num('index.nlist')),

@@ -251,12 +251,23 @@ def test_rows_of_a_subject_whose_store_consent_was_withdrawn_are_dropped_and_cou
     ('storage.lifecycle.warm_s', float('nan')), ('storage.lifecycle.archive_s', float('inf')),
     ('storage.lifecycle.bucket_s', float('nan')), ('storage.budget.total_bytes', float('inf')),
     ('storage.index.nprobe', float('nan')), ('storage.max_moves_per_round', float('inf')),
-    ('storage.move_period_s', float('nan')), ('storage.stats_period_s', float('inf'))])
+    ('storage.move_period_s', float('nan')), ('storage.stats_period_s', float('inf')),
+    ('storage.lifecycle.clock_tolerance_s', float('nan')),
+    ('storage.lifecycle.clock_settle_s', 0.5)])
 def test_non_finite_parameters_are_refused_by_name(tmp_path, key, value):
     params = {**default_params(), 'storage.root': str(tmp_path)}
     assert settings_from_params(params, {}).lifecycle.default.warm_s > 0   # as shipped: fine
     with pytest.raises(StorageError, match=re.escape(key) + ': must be a finite number'):
         settings_from_params({**params, key: value}, {})
+
+
+def test_the_clock_rules_are_node_parameters(tmp_path):
+    params = {**default_params(), 'storage.root': str(tmp_path)}
+    shipped = settings_from_params(params, {}).lifecycle
+    assert (shipped.clock_tolerance_s, shipped.clock_settle_s) == (60.0, 3600.0)
+    mine = settings_from_params({**params, 'storage.lifecycle.clock_tolerance_s': 5.0,
+                                 'storage.lifecycle.clock_settle_s': 600.0}, {}).lifecycle
+    assert (mine.clock_tolerance_s, mine.clock_settle_s) == (5.0, 600.0)
 
 
 @pytest.mark.parametrize('rule', ['{agent: x, warm_s: .nan}', '{type: y, cold_s: .inf}',
