@@ -194,6 +194,9 @@ def _print(stats: dict, as_json: bool) -> None:
               f'{stats["archived"]:,} archived, {stats["deleted"]:,} deleted, '
               f'{stats["archive_deleted"]:,} archive files and {stats["budget_deleted"]:,} cold '
               'rows deleted for budgets')
+        if stats.get('clock_untrusted') or stats.get('budget_unreachable'):
+            print(f'skipped: {stats.get("clock_untrusted", 0):,} rounds with an untrusted clock, '
+                  f'{stats.get("budget_unreachable", 0):,} past a budget nothing deletable can meet')
     if stats['error']:
         print(f'errors: {stats["error"]}')
     owed = stats.get('fleet_erasures')

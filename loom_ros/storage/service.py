@@ -294,7 +294,9 @@ class StorageService:
                'failed_units': sorted(self.failed)}
         out.update({k: getattr(self.totals, k) for k in ('condensed', 'memories', 'archived',
                                                          'deleted', 'archive_deleted',
-                                                         'budget_deleted', 'consent_deleted')})
+                                                         'budget_deleted', 'consent_deleted',
+                                                         'clock_untrusted',
+                                                         'budget_unreachable')})
         return out
 
     def checks(self) -> list[CheckResult]:

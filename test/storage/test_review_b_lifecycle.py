@@ -404,3 +404,23 @@ def test_a_file_where_the_cold_folder_belongs_is_a_clear_error(tmp_path):
     assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr
     assert f'{cold}: ' in done.stderr and 'is not a folder' in done.stderr
     assert cold.read_text() == 'not a folder'
+
+
+def test_rounds_skipped_for_the_clock_are_in_the_stats(tmp_path):
+    """The lifecycle's skipped rounds (clock_untrusted) reach service.stats(), so storage/stats
+    and `loom storage stats` show them, not only /diagnostics."""
+    root, clock = tmp_path / 'root', MsClock()
+    write(root, 'a', [('agent', event(i, T0 + i * 1000)) for i in range(3)], clock)
+    settings = Settings(StorageLayout.at(root),
+                        lifecycle=LifecycleParams(default=TierPolicy(warm_s=60), bucket_s=10))
+    service = StorageService(settings, embedder=HashEmbedder(), clock=clock)
+    try:
+        clock.ms = 1_000   # 1970: a robot without a real-time clock, before NTP
+        assert service.run_round().condensed == 0
+        stats = service.stats()
+        assert (stats['clock_untrusted'], stats['budget_unreachable']) == (1, 0)
+        clock.ms = T0 + 120_000
+        assert service.run_round().condensed == 3
+        assert service.stats()['clock_untrusted'] == 1
+    finally:
+        service.close()

@@ -308,7 +308,7 @@ class StorageNode(ReleasingLifecycleNode, LifecycleNode):
         msg.total_bytes, msg.total_budget_bytes = int(stats['total_bytes']), int(
             stats['total_budget_bytes'])
         for key in ('condensed', 'memories', 'archived', 'deleted', 'archive_deleted',
-                    'budget_deleted', 'rounds'):
+                    'budget_deleted', 'clock_untrusted', 'budget_unreachable', 'rounds'):
             setattr(msg, key, int(stats[key]))
         msg.error = stats['error'][:1000]
         summary = self._pending_summary()
