@@ -49,6 +49,7 @@ from loom_ros.storage.errors import IndexMismatchError, StorageError
 from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.lifecycle import Lifecycle
 from loom_ros.storage.rowcipher import RowCipher, cold_context, episode_context
+from loom_ros.storage.schema import bounded_ms
 from loom_ros.storage.sqlite import open_database
 
 SUBJECT_OBJECTS = 'subjects'         # object keys subjects/<subject>/... belong to that subject
@@ -554,7 +555,8 @@ def _forget_archives(lifecycle: Lifecycle, subject: str, key_ids, receipt: Recei
         body = gzip.compress(b''.join(json.dumps(r, separators=(',', ':')).encode() + b'\n'
                                       for r in keep), compresslevel=6)
         if isinstance(objects, EncryptedObjectStore):
-            objects.put(key, body, time_ms=max(r['last_ms'] for r in keep))
+            # the day the lifecycle filed it under (a stamp bounded as it was: schema)
+            objects.put(key, body, time_ms=max(bounded_ms(r.get('last_ms')) for r in keep))
         else:
             objects.put(key, body)
         conn.execute('update archive set rows = ?, bytes = ? where key = ?',
