@@ -120,12 +120,13 @@ class S3Server:
             self.popen.wait(WAIT_LIMIT_S)
 
 
-def objects_on_server(server: S3Server, bucket: str) -> dict[str, bytes]:
-    """Every object in the bucket but the folders' owner markers (test_s3_shared_bucket.py)."""
+def objects_on_server(server: S3Server, bucket: str, markers: bool = False) -> dict[str, bytes]:
+    """Every object in the bucket; the folders' owner markers only with `markers`
+    (test_s3_shared_bucket.py)."""
     raw = server.raw()
     out = {}
     for obj in raw.list_objects(bucket, recursive=True):
-        if obj.object_name.rsplit('/', 1)[-1] == OWNER_MARKER:
+        if not markers and obj.object_name.rsplit('/', 1)[-1] == OWNER_MARKER:
             continue
         response = raw.get_object(bucket, obj.object_name)
         try:

@@ -41,16 +41,7 @@ def marker_name(prefix: str) -> str:
 
 def everything(server, bucket: str) -> dict[str, bytes]:
     """Every object in the bucket, owner markers included."""
-    raw = server.raw()
-    out = {}
-    for obj in raw.list_objects(bucket, recursive=True):
-        response = raw.get_object(bucket, obj.object_name)
-        try:
-            out[obj.object_name] = response.read()
-        finally:
-            response.close()
-            response.release_conn()
-    return out
+    return objects_on_server(server, bucket, markers=True)
 
 
 def archived_robot(server, root, bucket: str, prefix: str, clock) -> list[str]:
