@@ -10,6 +10,9 @@ another definition, it is over the size limits, or it does not deserialize. A fi
 being readable (cut short, not MCAP, a record over the limits) ends the play with the reason and
 what was played before it. Progress goes to stderr every second; the summary (messages played
 per topic, skipped per reason with a first example) is one JSON line on stdout at the end.
+A file's read budget (decompressed bytes, by default 256 times its size and at least 64 MiB)
+stops a hostile few KB from costing GiBs; a legitimate recording that compresses better than
+that (a capped lens, silence) is played with `--max-bytes SIZE`, up to MAX_READ_BYTES.
 Exit status: 0 played to the end, 1 the file could not be read to its end, 2 bad arguments.
 """
 from __future__ import annotations
@@ -25,10 +28,15 @@ from loom_ros.bridge.inbound import ContractError, InboundContract
 from loom_ros.config.params import config_dir, read_yaml
 from loom_ros.plugins.actuators.config import RobotControlConfig, load_section
 from loom_ros.plugins.contract import PluginError
-from loom_ros.replay.mcap_source import Limits, McapSource
+from loom_ros.replay.mcap_source import (
+    FILE_BYTES_PER_BYTE, MAX_FILE_BYTES, MIN_FILE_BYTES, Limits, McapSource,
+)
 from loom_ros.replay.player import ActuatorGuard, MonotonicClock, PlayOptions, Player, Summary
 
 MB = 1 << 20
+MAX_READ_BYTES = MAX_FILE_BYTES   # --max-bytes' ceiling (1 TiB: hours of raw camera frames)
+RECORD_BYTES = 32                 # the least a message record takes: --max-bytes / this records
+SIZE_UNITS = {'': 1, 'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
 
 
 def add_parser(sub) -> None:
@@ -57,10 +65,44 @@ def _arguments(p) -> None:
                         'what was played (0: leave at once)')
     p.add_argument('--max-message-mb', type=float, default=64.0,
                    help='skip messages larger than this (MiB)')
+    p.add_argument('--max-bytes', default=None, metavar='SIZE',
+                   help=f'raise the read budget, the decompressed bytes the file may expand '
+                        f'to (default {FILE_BYTES_PER_BYTE} x its size, at least '
+                        f'{MIN_FILE_BYTES >> 20}M, so a hostile file cannot cost more), to at '
+                        'least SIZE: for a recording that compresses better (a capped lens, '
+                        f'silence), e.g. 16G; N, NK, NM, NG or NT, at most '
+                        f'{MAX_READ_BYTES >> 40}T')
     p.add_argument('--allow-actuator', action='append', default=[], metavar='TOPIC',
                    help='play this actuator topic too (motion, speech, cmd_vel, estop are '
                         'refused by default: a recording is input from anyone); repeatable')
     p.add_argument('--quiet', action='store_true', help='no progress lines')
+
+
+def read_size(text: str) -> int:
+    """Bytes of a size as `--max-bytes` takes it (`4096`, `512M`, `16G`, `1T`; binary units)."""
+    if len(text) > 32:
+        raise ValueError(f'--max-bytes: not a size: {text[:40]!r}... (e.g. 16G)')
+    text = text.strip().upper().removesuffix('B').removesuffix('I')
+    unit = text[-1:] if text[-1:] in SIZE_UNITS else ''
+    try:
+        value = int(text[:len(text) - len(unit)]) * SIZE_UNITS[unit]
+    except ValueError:
+        raise ValueError(f'--max-bytes: not a size: {text[:40]!r} (e.g. 16G)') from None
+    if not 0 < value <= MAX_READ_BYTES:
+        raise ValueError(f'--max-bytes: {value} bytes, must be in (0, {MAX_READ_BYTES >> 40}T]')
+    return value
+
+
+def limits_of(args) -> Limits:
+    """The reader's limits from `--max-message-mb` and `--max-bytes` (read_size's bytes): the
+    file's budget is then at least that many decompressed bytes, and records to match."""
+    max_message = int(args.max_message_mb * MB)
+    raised = {} if args.max_bytes is None else dict(
+        min_file_bytes=args.max_bytes,
+        min_file_records=max(Limits.min_file_records, args.max_bytes // RECORD_BYTES))
+    return Limits(max_message_bytes=max_message,
+                  max_record_bytes=max(Limits.max_record_bytes, max_message + 64),
+                  max_chunk_bytes=max(Limits.max_chunk_bytes, 2 * max_message), **raised)
 
 
 def options_of(args) -> PlayOptions:
@@ -95,6 +137,8 @@ def run(args, ros_args: list[str]) -> int:
         options = options_of(args)
         if not 0 < args.max_message_mb <= 4096:
             raise ValueError('--max-message-mb must be in (0, 4096]')
+        if args.max_bytes is not None:
+            args.max_bytes = read_size(args.max_bytes)
         if args.wait_subscribers < 0:
             raise ValueError('--wait-subscribers must be >= 0')
         if not 0 <= args.drain <= 3600:
@@ -114,10 +158,7 @@ def run(args, ros_args: list[str]) -> int:
     if not path.is_file():
         print(f'loom play: {path}: no such file', file=sys.stderr)
         return 2
-    max_message = int(args.max_message_mb * MB)
-    limits = Limits(max_message_bytes=max_message,
-                    max_record_bytes=max(Limits.max_record_bytes, max_message + 64),
-                    max_chunk_bytes=max(Limits.max_chunk_bytes, 2 * max_message))
+    limits = limits_of(args)
 
     import rclpy
     from rclpy.signals import SignalHandlerOptions

@@ -46,9 +46,19 @@ Where: by default a new file `<root>/recordings/<UTC time>.mcap`, where `loom fo
 rewrites recordings (it looks under `<root>/recordings` and at `<root>/*.mcap`); an `--output`
 elsewhere is written but a warning says that `loom forget` will not reach it. The output is
 opened without following a link and never blocking on a FIFO: a link, FIFO, folder or a file with
-other names (hard links) at the path is refused with nothing written (exit 2). The file is
-written in place while recording (readable up to its last chunk, as a long recording's users
-read it); a crash leaves it without its summary, never another file overwritten.
+other names (hard links) at the path is refused with nothing written (exit 2).
+
+Partial file: while recording, the file is `<name>.partial.mcap` beside the output (created
+without following a link, locked while written; readable up to its last chunk, as a long
+recording's users read it); only a clean finish (stop, --duration) renames it to the output's
+name, so a file under that name is always whole. A crash (SIGKILL, power cut) leaves the partial
+file: every record is written whole in one write, so it ends after its last whole chunk, without
+its summary. Every reader reads it to that end (the reader's UnfinishedError): `loom play`
+plays it and says so (exit 1, as for any file without its end), `loom view` draws it (exit 0,
+`unfinished` said), `loom forget` and `loom export` take it as whole (forget rewrites it under
+its name like any recording: it is a .mcap where forget looks), and forget leaves a partial file
+alone while a running recorder holds its lock. The default output must be new and never replaces a file appearing at its name meanwhile;
+an explicit --output replaces a plain file there, as it did, and a partial file left beside it.
 
 Size: a message longer than the replay reader takes (mcap_source's Limits.max_message_bytes) is
 not stored, counted in `too_large`, so every recording written replays whole.
@@ -60,6 +70,7 @@ forget` rewrites it and `loom export` reads it; a JSON line `{"stored": key}` sa
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -121,6 +132,7 @@ PrivacyHook = Callable[[object], str]
 MAX_MESSAGE_BYTES = Limits().max_message_bytes
 OUTPUT_MODE = 0o666     # a new recording's mode before the umask (what open(path, 'wb') gave)
 RECORDING_SUFFIX = '.mcap'   # what `loom forget` looks for (storage/erasure.py recording_files)
+PARTIAL_SUFFIX = '.partial' + RECORDING_SUFFIX   # the file being recorded: still found by forget
 STAMP_FORMAT = '%Y%m%dT%H%M%S.%fZ'   # a default recording's name: its UTC start, microseconds
 
 
@@ -386,12 +398,71 @@ def _kind(mode: int) -> str:
     return 'a device or special file'
 
 
-def open_output(path: str | Path, exclusive: bool = False):
-    """The recording's file, open for writing. A planted link made `open(path, 'wb')` overwrite
-    the file it pointed at, and a FIFO blocked it: the name is opened without following a link
-    (O_NOFOLLOW) or blocking (O_NONBLOCK), and the open file itself is checked (a regular file
-    with no other name) before it is emptied, so nothing else is ever truncated. `exclusive`:
-    the file must be new. OutputError says why a path is refused."""
+def partial_path(path: str | Path) -> Path:
+    """Where the recording of `path` is written until it is finished (see the module doc):
+    `run.mcap` -> `run.partial.mcap`, any other name gets the suffix whole."""
+    path = Path(path)
+    stem = path.name[:-len(RECORDING_SUFFIX)] if path.name.endswith(RECORDING_SUFFIX) and \
+        path.name != RECORDING_SUFFIX else path.name
+    return path.with_name(stem + PARTIAL_SUFFIX)
+
+
+def check_output(path: str | Path, exclusive: bool = False) -> None:
+    """What may be at the output's name, which is only renamed onto at the end: nothing, or
+    (not `exclusive`) a plain file with no other name. OutputError says why not."""
+    path = Path(path)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(info.st_mode):
+        raise OutputError(f'{path}: {_kind(info.st_mode)} is there, not a plain file; refused, '
+                          'nothing written')
+    if exclusive:
+        raise OutputError(f'{path}: a file already is there; refused, nothing written')
+    if info.st_nlink > 1:
+        raise OutputError(f'{path}: the file has {info.st_nlink - 1} other name(s) (hard '
+                          'links); refused, nothing written')
+
+
+class WholeWrites:
+    """The recording's file for mcap's Writer, unbuffered: each write (a whole record, a chunk
+    with its indexes) goes to the file in one system call, so a recorder killed at any moment
+    leaves whole records only (a buffered stream had flushed records in 8 KB pieces)."""
+
+    def __init__(self, fd: int):
+        self.fd, self._pos = fd, os.lseek(fd, 0, os.SEEK_CUR)
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        self._pos += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+def open_output(path: str | Path, exclusive: bool = False) -> WholeWrites:
+    """The recording's file, open for writing and locked (flock, until it is closed: `loom
+    forget` leaves a locked partial file alone). A planted link made `open(path, 'wb')`
+    overwrite the file it pointed at, and a FIFO blocked it: the name is opened without
+    following a link (O_NOFOLLOW) or blocking (O_NONBLOCK), and the open file itself is checked
+    (a regular file with no other name, not locked by another process) before it is emptied,
+    so nothing else is ever truncated. `exclusive`: the file must be new. OutputError says why
+    a path is refused."""
     path = Path(path)
     try:
         mode = os.lstat(path).st_mode
@@ -418,8 +489,13 @@ def open_output(path: str | Path, exclusive: bool = False):
         if info.st_nlink > 1:
             raise OutputError(f'{path}: the file has {info.st_nlink - 1} other name(s) (hard '
                               'links); refused, nothing written')
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OutputError(f'{path}: in use by another process (a running loom record or '
+                              'loom forget); refused, nothing written') from None
         os.ftruncate(fd, 0)
-        return os.fdopen(fd, 'wb')
+        return WholeWrites(fd)
     except BaseException:
         os.close(fd)
         raise
@@ -435,12 +511,16 @@ class McapRecorder:
         """`on_first(topic)`: called once per topic, after its first message is written.
         `max_message_bytes`: longer messages are not written (`too_large`); the replay
         reader's limit, so everything written replays. `exclusive`: the file must be new.
-        OutputError when `path` may not be written (open_output)."""
+        Written to `partial` until close() renames it to `path` (the module doc). OutputError
+        when `path` may not be written (check_output, open_output)."""
         from mcap.writer import CompressionType, Writer
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
+        self.partial = str(partial_path(path))
+        self.exclusive = exclusive
         self.max_message_bytes = max_message_bytes
-        self._stream = open_output(path, exclusive)
+        check_output(path, exclusive)
+        self._stream = open_output(self.partial, exclusive)
         self._writer = Writer(self._stream, compression=CompressionType.ZSTD)
         self._writer.start(profile='ros2', library='loom record')
         self._lock = threading.Lock()
@@ -504,12 +584,42 @@ class McapRecorder:
         return sum(m.stripped_consent for m in self._maskers.values())
 
     def close(self) -> None:
+        """Finish the file and rename it to `path`. OutputError (the file kept, finished, as
+        `partial`) when it cannot take that name: a file appeared at the default output, a
+        folder there, or the partial file was replaced meanwhile."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._writer.finish()
-            self._stream.close()
+            try:
+                self._writer.finish()
+                os.fsync(self._stream.fd)   # whole on disk before it takes the final name
+                self._rename()
+            finally:
+                self._stream.close()   # the lock goes with it
+
+    def _rename(self) -> None:
+        try:
+            same = os.path.samestat(os.fstat(self._stream.fd), os.lstat(self.partial))
+        except OSError:
+            same = False
+        if not same:
+            raise OutputError(f'{self.partial}: no longer the file recorded (removed or '
+                              f'replaced while recording); not renamed to {self.path}')
+        try:
+            if self.exclusive:   # never over a file that appeared at the name meanwhile
+                os.link(self.partial, self.path, follow_symlinks=False)
+                os.unlink(self.partial)
+            else:
+                check_output(self.path)
+                os.replace(self.partial, self.path)
+        except FileExistsError:
+            raise OutputError(f'{self.path}: a file appeared there while recording; the '
+                              f'recording is kept as {self.partial}') from None
+        except OSError as exc:
+            raise OutputError(f'{self.path}: cannot take the name ({exc.strerror or exc}); the '
+                              f'recording is kept as {self.partial}') from None
+        self.partial = self.path
 
 
 def message_class(full_type: str):
@@ -707,13 +817,18 @@ def run(args, ros_args: list[str]) -> int:
         node.create_timer(args.duration, request_stop)
     executor = make_executor()
     executor.add_node(node)
-    print(json.dumps({'recording': args.output}), flush=True)
+    print(json.dumps({'recording': args.output, 'partial': recorder.partial}), flush=True)
+    problem = ''
     try:
         spin_until(executor, stop, poll_s=0.2)
         drain(executor, lambda: sum(recorder.counts.values()))
     finally:
-        recorder.close()
-        print(json.dumps({'file': args.output, 'messages': recorder.counts,
+        try:
+            recorder.close()
+        except OSError as exc:   # OutputError: finished, but kept under its partial name
+            problem = str(exc)
+            print(f'loom record: {problem}', file=sys.stderr, flush=True)
+        print(json.dumps({'file': recorder.partial, 'messages': recorder.counts,
                           'unreadable': recorder.unreadable, 'too_large': recorder.too_large,
                           'cut': recorder.cut(),
                           'stripped': recorder.stripped(),
@@ -723,6 +838,8 @@ def run(args, ros_args: list[str]) -> int:
         node.destroy_node()
         rclpy.try_shutdown()
         registry.close()
+    if problem:
+        return 1
     return _store(args) if getattr(args, 'store', False) else 0
 
 

@@ -13,6 +13,7 @@ is shown), a summary line at the end.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -54,8 +55,7 @@ def _say(**fields) -> None:
 
 
 def run(args, ros_args: list[str]) -> int:
-    from loom_ros.view.core import LoomView
-    from loom_ros.view.settings import ViewServerError, close_stream, load_settings, open_stream
+    from loom_ros.view.settings import load_settings
     try:
         settings = load_settings(args.config, web_port=args.web_port, grpc_port=args.grpc_port,
                                  max_privacy=args.max_privacy)
@@ -65,10 +65,23 @@ def run(args, ros_args: list[str]) -> int:
     if args.headless and not args.save and not args.recording:
         print('loom view: --headless without --save shows nothing anywhere', file=sys.stderr)
         return 2
-    problem = args.recording and recording_problem(args.recording)
-    if problem:
-        print(f'loom view: --recording {problem}', file=sys.stderr)
-        return 2
+    recording = None
+    if args.recording:
+        recording, problem = open_recording(args.recording)
+        if problem:
+            print(f'loom view: --recording {problem}', file=sys.stderr)
+            return 2
+    try:
+        return _run(args, settings, recording, ros_args)
+    finally:
+        if recording is not None:
+            recording.close()
+
+
+def _run(args, settings, recording, ros_args: list[str]) -> int:
+    """The view, of `recording` (open, checked) or live."""
+    from loom_ros.view.core import LoomView
+    from loom_ros.view.settings import ViewServerError, close_stream, open_stream
     stop = stop_event()
     try:
         stream = open_stream(settings, serve=not args.headless, save=args.save)
@@ -86,8 +99,8 @@ def run(args, ros_args: list[str]) -> int:
         if url:
             _say(view=url)
             print(f'loom view: open {url}', file=sys.stderr, flush=True)
-        if args.recording:
-            code = _recording(view, args.recording)
+        if recording is not None:
+            code = _recording(view, args.recording, recording)
             if code == 0 and url:
                 print('loom view: the recording is loaded; Ctrl-C to stop serving it',
                       file=sys.stderr, flush=True)
@@ -103,17 +116,24 @@ def run(args, ros_args: list[str]) -> int:
     return code
 
 
-def recording_problem(path: str) -> str | None:
-    """Why `path` cannot be a recording (None when it is a regular file, a link to one
-    included): opening a FIFO blocked in open() for good, deaf to SIGINT and SIGTERM, so
-    anything else is refused before it is opened."""
+def open_recording(path: str):
+    """(the recording open for reading, None) or (None, why not). Opened first, then the open
+    file checked (fstat: a regular file), and that file is what is read: a check of the name
+    followed by an open of the name could be raced (a FIFO swapped in blocked open() for good,
+    deaf to SIGINT and SIGTERM). Never blocking (O_NONBLOCK) and never through a symbolic link
+    (O_NOFOLLOW: give the file itself)."""
+    shown = str(path)[:200]
     try:
-        mode = os.stat(path).st_mode
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        return f'{str(path)[:200]}: cannot read: {exc.strerror or exc}'
-    if not stat.S_ISREG(mode):
-        return f'{str(path)[:200]}: not a regular file (a FIFO, folder or device); refused'
-    return None
+        if exc.errno == errno.ELOOP:
+            return None, f'{shown}: a symbolic link; refused (give the file itself)'
+        return None, f'{shown}: cannot read: {exc.strerror or exc}'
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None, f'{shown}: not a regular file (a FIFO, folder or device); refused'
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, 'rb'), None
 
 
 def _wait(stop: threading.Event, duration: float) -> None:
@@ -122,17 +142,24 @@ def _wait(stop: threading.Event, duration: float) -> None:
         stop.wait(0.2)
 
 
-def _recording(view, path: str) -> int:
-    from loom_ros.replay.mcap_source import McapSource, RecordingError
+def _recording(view, path: str, stream) -> int:
+    """Draw the recording open in `stream`. An unfinished file (a recorder killed: its
+    `.partial.mcap`) is drawn to its end and said (`unfinished`), not an error."""
+    from loom_ros.replay.mcap_source import McapSource, RecordingError, UnfinishedError
     from loom_ros.view.recording import ViewTypes, play_into
-    source = McapSource(path, ViewTypes())
-    error = None
+    source = McapSource(path, ViewTypes(), stream=stream)
+    error = unfinished = None
+    skipped: dict = {}
     try:
         skipped = play_into(view, source)
+    except UnfinishedError as exc:
+        unfinished = str(exc)
+        print(f'loom view: {unfinished}', file=sys.stderr, flush=True)
     except RecordingError as exc:
-        skipped, error = {}, str(exc)
+        error = str(exc)
     _say(recording=path, file_skipped=dict(source.skipped), examples=source.examples,
-         decode_skipped=dict(skipped), **({'error': error} if error else {}))
+         decode_skipped=dict(skipped), **({'error': error} if error else {}),
+         **({'unfinished': unfinished} if unfinished else {}))
     if error:
         print(f'loom view: {error}', file=sys.stderr)
         return 1

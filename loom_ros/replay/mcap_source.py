@@ -13,32 +13,45 @@ max(64 MiB, 64 x the file's size), records (top-level and inside chunks) at most
 per byte of the file), each under an absolute cap. Past either the reading stops with a
 RecordingError. Schemas are decoded once per id and shared by their channels; their text held
 per file is capped (`max_schema_total_bytes`), and a schema blanked for its size or dropped past
-a cap is counted (`schema_too_large`, `too_many_schemas`).
+a cap is counted (`schema_too_large`, `too_many_schemas`). Channel records are parsed here too,
+each string's length checked before it is decoded: a topic or message encoding too long to be
+real refuses the channel (its messages skipped as `invalid_topic_name`, `unsupported_encoding`,
+whatever the check), and its metadata map is cut to `max_metadata_entries` entries of bounded
+key and value, `max_metadata_total_bytes` for the whole file (the rest never decoded; counted
+as `metadata_cut`), so a few KB cannot carry megabytes of metadata into memory, logs or a view.
 
 Messages come out in file order (the order `loom record` wrote them, which is time order).
 Channels are checked once, as they are defined, by `ChannelCheck` (which message types this
 machine knows is the caller's to say, so the module stays free of rclpy); messages on a refused
 channel are skipped under the channel's reason. What stops the reading (not an MCAP file, a
 record over the limit, a file cut short, the file's budget spent) raises `RecordingError` naming
-the offset; whatever came before it has been yielded. Pure Python (mcap, zstandard).
+the offset; whatever came before it has been yielded. A file that ends cleanly after its last
+whole record, without a data end (a recorder killed before it finished the file: `loom record`
+writes whole records, so that is how a crash leaves it), raises `UnfinishedError`, a
+RecordingError: every record in the file has then been read, and a reader may take it as whole.
+A path is opened without blocking (a FIFO planted there is refused, not waited on) and must be
+a regular file; a caller that checked a file itself passes the open file (`stream`). Pure Python
+(mcap, zstandard).
 """
 from __future__ import annotations
 
 import io
 import os
 import re
+import stat
 import struct
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from io import BytesIO
+from typing import BinaryIO
 
 import zstandard
-from mcap.data_stream import ReadDataStream
 from mcap.opcode import Opcode
-from mcap.records import Channel, Schema
+from mcap.records import Schema
 
 MAGIC = b'\x89MCAP0\r\n'
 MESSAGE_HEADER = struct.Struct('<HIQQ')   # channel id, sequence, log time, publish time
@@ -47,6 +60,7 @@ CHUNK_HEADER = struct.Struct('<QQQI')     # start time, end time, uncompressed s
 LENGTH4 = struct.Struct('<I')             # a string's or a schema's data length
 LENGTH8 = struct.Struct('<Q')             # a chunk's records length
 SCHEMA_ID = struct.Struct('<H')
+CHANNEL_IDS = struct.Struct('<HH')        # a channel's id and its schema's
 
 # Reasons a message is skipped (the summary counts each).
 INVALID_TOPIC = 'invalid_topic_name'
@@ -63,8 +77,12 @@ UNSUPPORTED_COMPRESSION = 'unsupported_compression'
 TOO_MANY_CHANNELS = 'too_many_channels'
 SCHEMA_TOO_LARGE = 'schema_too_large'     # blanked: its channels' messages are unknown_type
 TOO_MANY_SCHEMAS = 'too_many_schemas'     # past max_channels schemas or max_schema_total_bytes
+METADATA_CUT = 'metadata_cut'             # a channel record whose metadata was cut to the caps
 
 MAX_TOPIC_CHARS = 255          # rcl's limit on a fully qualified name
+MAX_TOPIC_BYTES = 4 * MAX_TOPIC_CHARS   # longer is not decoded (the channel is refused)
+MAX_ENCODING_BYTES = 64        # a message encoding ('cdr'); longer refuses the channel
+SHOWN_CHARS = 80               # of a refused topic, kept to name it in counts and details
 MAX_DETAIL_CHARS = 200
 SCHEMA_BODY_CACHE = 16         # schema texts whose normalised body is kept (schema_body)
 _TOKEN = r'[A-Za-z_][A-Za-z0-9_]*'
@@ -94,6 +112,10 @@ class Limits:
     max_schema_bytes: int = 1 << 20       # one schema's text
     max_schema_total_bytes: int = 16 << 20  # all schemas of one file (their records)
     max_channels: int = 4096              # channels (and schemas) one file may define
+    max_metadata_entries: int = 64        # of one channel's metadata map (the rest: cut)
+    max_metadata_key_bytes: int = 256     # an entry with a longer key or value is cut
+    max_metadata_value_bytes: int = 16 << 10   # (rosbag2's QoS profiles: ~1 KB a publisher)
+    max_metadata_total_bytes: int = 1 << 20    # all channels' metadata one file may hold
     file_bytes_per_byte: int = FILE_BYTES_PER_BYTE
     min_file_bytes: int = MIN_FILE_BYTES
     max_file_bytes: int = MAX_FILE_BYTES
@@ -113,6 +135,11 @@ class Limits:
 
 class RecordingError(ValueError):
     """The file cannot be read on from here: says where (byte offset) and why."""
+
+
+class UnfinishedError(RecordingError):
+    """The file ends cleanly after its last whole record without a data end: never finished
+    (its recorder was killed). Every record in it was read before this is raised."""
 
 
 @dataclass(frozen=True)
@@ -205,11 +232,14 @@ class McapSource:
     """One recording file; `messages()` yields RecordedMessage in file order. `skipped` counts
     skipped messages per reason (and dropped channel and schema records), `examples` keeps the
     first detail of each reason. `check=None` reads every channel, whatever its topic, encodings
-    or type (for tools that copy a recording rather than play it); `data`: the file's bytes when
-    they are in memory already (`path` then only names it)."""
+    or type (for tools that copy a recording rather than play it), except one whose topic or
+    encoding is too long to be real. `data`: the file's bytes when they are in memory already;
+    `stream`: the file, opened and checked by the caller (read from its start, never closed
+    here); with either, `path` only names it."""
 
     def __init__(self, path: str | os.PathLike, check: ChannelCheck | None = structural_check,
-                 limits: Limits = Limits(), *, data: bytes | None = None):
+                 limits: Limits = Limits(), *, data: bytes | None = None,
+                 stream: BinaryIO | None = None):
         self.path = os.fspath(path)
         self.check = check
         self.limits = limits
@@ -217,8 +247,10 @@ class McapSource:
         self.examples: dict[str, str] = {}
         self.channels: dict[int, tuple[ChannelInfo, tuple[str, str] | None]] = {}
         self._data = data
+        self._stream = stream
         self._schemas: dict[int, _KnownSchema] = {}
         self._schema_bytes = 0      # schema text taken so far (max_schema_total_bytes)
+        self._metadata_bytes = 0    # channel metadata held so far (max_metadata_total_bytes)
         # The file's budgets (Limits.file_bytes, file_records), set when messages() starts.
         self._bytes_budget = self._bytes_left = 0
         self._records_budget = self._records_left = 0
@@ -234,19 +266,28 @@ class McapSource:
         if self._records_left < 0:
             raise RecordingError(
                 f'{self.path}: more than {self._records_budget} records by byte {offset}, over '
-                'the budget for a file of its size (Limits.file_records)')
+                'the budget for a file of its size (Limits.file_records; `loom play '
+                '--max-bytes` raises it)')
 
     # -- the file ---------------------------------------------------------------------------
     def _open(self):
         if self._data is not None:
             return BytesIO(self._data)
-        try:
-            return open(self.path, 'rb')
+        if self._stream is not None:
+            self._stream.seek(0)
+            return nullcontext(self._stream)
+        try:   # never blocking on a FIFO (it had blocked a reader past SIGTERM)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise RecordingError(f'{self.path}: cannot open: {exc.strerror or exc}') from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RecordingError(f'{self.path}: not a regular file (a FIFO, folder or device)')
+        return os.fdopen(fd, 'rb')
 
     def messages(self) -> Iterator[RecordedMessage]:
-        """RecordingError when the file stops being readable (after yielding what came before)."""
+        """RecordingError when the file stops being readable (after yielding what came before);
+        UnfinishedError, one, when it was read to its end but was never finished."""
         with self._open() as stream:
             size = len(self._data) if self._data is not None else \
                 os.fstat(stream.fileno()).st_size
@@ -258,8 +299,10 @@ class McapSource:
             while True:
                 head = stream.read(RECORD_HEADER.size)
                 if not head:
-                    raise RecordingError(f'{self.path}: ends at byte {offset} without a data end '
-                                         'or footer record (cut short?)')
+                    raise UnfinishedError(
+                        f'{self.path}: ends at byte {offset} after its last whole record, '
+                        'without a data end or footer record (cut short: never finished, its '
+                        'recorder killed?); every record in it was read')
                 if len(head) < RECORD_HEADER.size:
                     raise RecordingError(f'{self.path}: cut short inside a record header at byte '
                                          f'{offset}')
@@ -345,28 +388,44 @@ class McapSource:
 
     def _channel(self, body: memoryview) -> None:
         try:
-            channel = Channel.read(ReadDataStream(BytesIO(body)))
-        except Exception as exc:   # noqa: BLE001
+            parts = _channel_parts(body, self.limits)
+        except (struct.error, ValueError) as exc:   # UnicodeDecodeError too
             self.skip(BAD_RECORD, f'channel record: {type(exc).__name__}')
             return
-        if channel.id not in self.channels and len(self.channels) >= self.limits.max_channels:
+        if parts.id not in self.channels and len(self.channels) >= self.limits.max_channels:
             self.skip(TOO_MANY_CHANNELS, f'more than {self.limits.max_channels} channels')
             return
-        schema = self._schemas.get(channel.schema_id)
+        metadata, cut = parts.metadata, parts.cut
+        known = self.channels.get(parts.id)
+        if known is not None and (known[0].topic, known[0].message_encoding,
+                                  known[0].metadata) == (parts.topic, parts.encoding, metadata):
+            held = 0   # the same channel again (a writer repeating it): nothing new to hold
+        else:
+            held = sum(len(k) + len(v) for k, v in metadata.items())
+            if self._metadata_bytes + held > self.limits.max_metadata_total_bytes:
+                total = self.limits.max_metadata_total_bytes
+                metadata, held = {}, 0
+                cut = cut or f'past {total} bytes of metadata in the file (all of it left out)'
+        self._metadata_bytes += held
+        if cut:
+            self.skip(METADATA_CUT, f'channel {parts.id} ({parts.topic[:SHOWN_CHARS]}): metadata '
+                                    f'cut: {cut}')
+        schema = self._schemas.get(parts.schema_id)
         info = ChannelInfo(
-            id=channel.id, topic=channel.topic, message_encoding=channel.message_encoding,
+            id=parts.id, topic=parts.topic, message_encoding=parts.encoding,
             type_name=schema.type_name if schema is not None else '',
             schema_encoding=schema.record.encoding if schema is not None else '',
             schema_text=schema.text if schema is not None else '',
-            metadata=dict(list(channel.metadata.items())[:64]),
-            schema=schema.record if schema is not None else None)
-        refusal = None if self.check is None else structural_check(info)
+            metadata=metadata, schema=schema.record if schema is not None else None)
+        refusal = parts.refusal   # too long to be real: refused whatever the check
+        if refusal is None and self.check is not None:
+            refusal = structural_check(info)
         if refusal is None and self.check not in (None, structural_check):
             try:
                 refusal = self.check(info)
             except Exception as exc:   # noqa: BLE001 - a checker's failure refuses the channel
                 refusal = (UNKNOWN_TYPE, f'{info.topic}: {type(exc).__name__}: {exc}')
-        self.channels[channel.id] = (info, refusal)
+        self.channels[parts.id] = (info, refusal)
 
     def _refusal(self, head, data_bytes: int) -> tuple[str, str] | None:
         """Why a message of this header and data size is skipped (counted here), or None."""
@@ -410,7 +469,8 @@ class McapSource:
         if size > self._bytes_left:
             raise RecordingError(
                 f'{self.path}: chunk at byte {offset} would take the decompressed bytes past '
-                f'{self._bytes_budget}, the budget for a file of its size (Limits.file_bytes)')
+                f'{self._bytes_budget}, the budget for a file of its size (Limits.file_bytes; '
+                '`loom play --max-bytes` raises it)')
         self._bytes_left -= size
         try:
             data = self._decompress(compression, records, size)
@@ -465,6 +525,77 @@ def _string(view: memoryview, pos: int) -> tuple[str, int]:
     if length > len(view) - pos:
         raise ValueError('a string runs past the record')
     return str(view[pos:pos + length], 'utf-8'), pos + length
+
+
+def _length(view: memoryview, pos: int) -> tuple[int, int]:
+    """A length-prefixed string's length at `pos` and where it starts (ValueError if cut)."""
+    (length,) = LENGTH4.unpack_from(view, pos)
+    pos += LENGTH4.size
+    if length > len(view) - pos:
+        raise ValueError('a string runs past the record')
+    return length, pos
+
+
+@dataclass(frozen=True)
+class _ChannelParts:
+    """A channel record as read bounded: what a ChannelInfo needs, why the channel is refused
+    whatever the check (None: it is not), and why its metadata was cut ('': it was not)."""
+
+    id: int
+    schema_id: int
+    topic: str
+    encoding: str
+    metadata: dict
+    refusal: tuple[str, str] | None
+    cut: str
+
+
+def _channel_parts(view: memoryview, limits: Limits) -> _ChannelParts:
+    """A channel record parsed with every length checked before anything is decoded: a topic or
+    encoding over its cap is not decoded (the channel is refused), at most
+    `max_metadata_entries` metadata entries are read, each within the key and value caps; the
+    rest of the map is skipped unread (ValueError when the record is malformed)."""
+    channel_id, schema_id = CHANNEL_IDS.unpack_from(view, 0)
+    length, pos = _length(view, CHANNEL_IDS.size)
+    refusal = None
+    if length > MAX_TOPIC_BYTES:
+        shown = str(view[pos:pos + SHOWN_CHARS], 'utf-8', 'replace')
+        topic = f'{shown}...'
+        refusal = INVALID_TOPIC, (f'{shown!r}...: a topic of {length} bytes, longer than '
+                                  f'{MAX_TOPIC_CHARS} characters')
+    else:
+        topic = str(view[pos:pos + length], 'utf-8')
+    length, pos = _length(view, pos + length)
+    if length > MAX_ENCODING_BYTES:
+        encoding = ''
+        refusal = refusal or (UNSUPPORTED_ENCODING, f'{topic[:SHOWN_CHARS]}: a message encoding '
+                                                    f'of {length} bytes')
+    else:
+        encoding = str(view[pos:pos + length], 'utf-8')
+    pos += length
+    (map_bytes,) = LENGTH4.unpack_from(view, pos)
+    pos += LENGTH4.size
+    end = pos + map_bytes
+    if end > len(view):
+        raise ValueError('the metadata map runs past the record')
+    metadata, cut, entries = {}, '', 0
+    while pos < end:   # at most max_metadata_entries turns, whatever the map holds
+        if entries >= limits.max_metadata_entries:
+            cut = f'more than {limits.max_metadata_entries} entries'
+            break
+        entries += 1
+        key_length, key_at = _length(view[:end], pos)
+        value_length, value_at = _length(view[:end], key_at + key_length)
+        pos = value_at + value_length
+        if key_length > limits.max_metadata_key_bytes or \
+                value_length > limits.max_metadata_value_bytes:
+            cut = cut or (f'an entry of {key_length} + {value_length} bytes (keys at most '
+                          f'{limits.max_metadata_key_bytes}, values '
+                          f'{limits.max_metadata_value_bytes})')
+            continue
+        metadata[str(view[key_at:key_at + key_length], 'utf-8')] = \
+            str(view[value_at:value_at + value_length], 'utf-8')
+    return _ChannelParts(channel_id, schema_id, topic, encoding, metadata, refusal, cut)
 
 
 def _schema_head(view: memoryview) -> tuple[int, str, str, int, int]:

@@ -11,7 +11,10 @@ agent's state) an event of the subject wrote to (`kv_subjects`), and plugin file
 `secure_delete=on`, then checkpointed (`wal_checkpoint(TRUNCATE)`) and VACUUMed, so neither
 free pages nor the WAL keep a copy; archives, traces and recordings are rewritten to a temporary
 file and renamed over the old one (recordings stored in the object store, `blobs/recordings/`,
-are rewritten there). The audit log keeps only a tombstone (a keyed hash of the
+are rewritten there). A recording is streamed, a message read and written at a time, into a new
+temporary file beside it (`.<name>.<random>.erasing`, `.part` in the object folder: never taken
+for a recording), renamed over it only once whole; one a running `loom record` still writes (its
+lock held) is left alone and said. The audit log keeps only a tombstone (a keyed hash of the
 subject, when, who asked, counts per tier).
 
 Unit databases are erased under the locks their writers take (Storage's `<unit>.db.lock`, the
@@ -24,6 +27,8 @@ import gzip
 import io
 import json
 import os
+import re
+import secrets
 import shutil
 import sqlite3
 import stat
@@ -38,10 +43,10 @@ from pathlib import Path
 
 from loom_ros.bus.privacy import (SUBJECT_METADATA_KEY, SUBJECTS_JSON_KEY, check_subject,
                                   json_split, json_subject_fields)
-from loom_ros.replay.mcap_source import Limits, McapSource, RecordingError
+from loom_ros.replay.mcap_source import Limits, McapSource, RecordingError, UnfinishedError
 from loom_ros.security.keyring import KEYRING_FILE, Keyring, KeyringError, ShreddedError
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore
-from loom_ros.storage.backend.local import LocalObjectStore
+from loom_ros.storage.backend.local import TMP_SUFFIX, LocalObjectStore
 from loom_ros.storage.cold import MAGIC as COLD_MAGIC, IndexParams
 from loom_ros.storage.consent import (ConsentRegistry, SubjectRefs, check_source,
                                       consent_path)
@@ -64,6 +69,10 @@ PLUGIN_SUBJECTS = 'subjects'   # <root>/plugins/<plugin>/subjects/<subject>/: a 
 # planted under the root cannot make forget, which holds every storage lock, or export allocate
 # what its lengths claim. Every message a record can hold is checked, not only playable sizes.
 RECORDING_LIMITS = Limits(max_message_bytes=Limits.max_record_bytes)
+# A recording's rewrite is written to `.<name>.<16 hex>` + this beside it (TMP_SUFFIX in the
+# object folder, whose listing skips it), and renamed over it once whole.
+REWRITE_SUFFIX = '.erasing'
+REWRITE_NAME_CHARS = 200   # of the recording's name in its rewrite's (the whole within NAME_MAX)
 
 
 class ErasureError(StorageError):
@@ -342,10 +351,19 @@ def _recording_messages(path: Path | bytes) -> Iterator:
         yield None, message.channel.schema, message.channel, message
 
 
+def _messages(source: McapSource) -> Iterator:
+    """The messages of a recording to its end; an unfinished one (a recorder killed: every
+    record read, no data end) is whole here (RecordingError: not read whole)."""
+    try:
+        yield from source.messages()
+    except UnfinishedError:
+        return
+
+
 def _subject_events(source: McapSource, subject: str, decoder) -> int:
     """How many of the subject's events a recording holds (RecordingError: not read whole)."""
     return sum(split_message(m.channel.schema, m.data, subject, decoder)[2]
-               for m in source.messages())
+               for m in _messages(source))
 
 
 def _unread(source: McapSource) -> str:
@@ -755,7 +773,7 @@ def _copy_recording(source: McapSource, out, subject: str, decoder, keep: bool,
     writer = Writer(out, compression=CompressionType.ZSTD)
     writer.start(profile='ros2', library=library)
     schemas, channels, count = {}, {}, 0
-    for message in source.messages():
+    for message in _messages(source):
         info, schema = message.channel, message.channel.schema
         stays, theirs, n = split_message(schema, message.data, subject, decoder)
         count += n
@@ -776,34 +794,158 @@ def _copy_recording(source: McapSource, out, subject: str, decoder, keep: bool,
     return count
 
 
-def _forget_recording(path: Path, subject: str, decoder, receipt: Receipt) -> None:
+class _Busy(OSError):
+    """A recording locked by the `loom record` that still writes it (open_output's flock)."""
+
+
+def _open_recording(path: Path):
+    """The recording at `path`, open for reading under a shared lock: never through a link
+    (O_NOFOLLOW), never blocking on a FIFO (O_NONBLOCK), a regular file (fstat on the open
+    file, so nothing swapped in after recording_files looked is read). _Busy while a recorder
+    holds it; OSError when it cannot be read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, 'not a regular file')
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            raise _Busy(f'{path}: locked') from None
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, 'rb')
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _rewrite_name(path: Path, suffix: str) -> re.Pattern:
+    """The names of `path`'s rewrites (_rewrite_recording): `.<name>.<16 hex><suffix>`."""
+    return re.compile(re.escape(f'.{path.name[:REWRITE_NAME_CHARS]}.') + '[0-9a-f]{16}'
+                      + re.escape(suffix) + r'\Z')
+
+
+def _remove_stale_rewrites(path: Path, suffix: str) -> int:
+    """Remove what a forget killed mid-rewrite left beside `path` (its rewrites: a copy of
+    other subjects' data no later forget would reach); one still locked by a running rewrite
+    is left. Links and anything not a plain file are never opened. Returns how many went."""
+    pattern, removed = _rewrite_name(path, suffix), 0
+    try:
+        with os.scandir(path.parent) as entries:
+            names = [e.name for e in entries if pattern.match(e.name)]
+    except OSError:
+        return 0
+    for name in names:
+        stale = path.parent / name
+        try:
+            fd = os.open(stale, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.path.samestat(info, os.lstat(stale)):
+                os.unlink(stale)
+                removed += 1
+        except OSError:
+            continue   # locked: a rewrite in progress
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _rewrite_recording(path: Path, original: os.stat_result, write: Callable,
+                       suffix: str) -> int:
+    """`write(out)` streamed into a new file beside `path`, renamed over it once whole; its new
+    size. The file is created new (O_CREAT | O_EXCL | O_NOFOLLOW, mode 0600, a random name
+    _rewrite_name matches, which no reader takes for a recording), locked while written (so
+    _remove_stale_rewrites leaves it), fsynced, given the original's mode, and renamed only over
+    the file that was read (`original`: RecordingError if it was replaced meanwhile). A failure
+    or a kill before the rename leaves `path` as it was; a failure removes the new file, a kill
+    leaves it to the next forget."""
+    tmp = path.with_name(f'.{path.name[:REWRITE_NAME_CHARS]}.{secrets.token_hex(8)}{suffix}')
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with os.fdopen(fd, 'wb', closefd=False) as out:
+            write(out)
+        os.fsync(fd)
+        os.fchmod(fd, original.st_mode & 0o777)
+        if not os.path.samestat(original, os.lstat(path)):
+            raise RecordingError(f'{path}: replaced while it was rewritten')
+        os.replace(tmp, path)
+        size = os.fstat(fd).st_size
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(fd)
+    folder = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+    return size
+
+
+def _forget_recording(path: Path, subject: str, decoder, receipt: Receipt, label: str = '',
+                      suffix: str = REWRITE_SUFFIX, max_bytes: int | None = None
+                      ) -> tuple[int, bool] | None:
     """Rewrite an MCAP file without the subject's events (Event messages naming it, its events
-    in EventBatch messages); one pass to count, one to write. A file the bounded reader cannot
-    read whole (over its budget, damaged) is left as it is and said in the receipt; records it
-    skipped are said too (the rewrite leaves them out)."""
-    source = _recording(path)
+    in EventBatch messages): one pass to count, one streamed into the rewrite
+    (_rewrite_recording), both from the one file opened (_open_recording). A file the bounded
+    reader cannot read whole (over its budget, damaged), or over `max_bytes`, is left as it is
+    and said in the receipt under `label` (default: its name); records it skipped are said too
+    (the rewrite leaves them out). An unfinished file (a recorder killed) is read whole; one a
+    running recorder still holds is left and said. (its size after, whether it was rewritten),
+    or None when it was not read."""
+    label = label or path.name
+    _remove_stale_rewrites(path, suffix)
     try:
-        drop = _subject_events(source, subject, decoder)
-    except (RecordingError, OSError) as exc:
-        receipt.not_covered.append(f'{path.name}: not read, not changed ({_why(exc, source)})')
-        return
-    unread = _unread(source)
-    if not drop:
-        if unread:
-            receipt.not_covered.append(f'{path.name}: records not readable, not checked '
-                                       f'({unread})')
-        return
-    try:
-        _atomic_write(path, lambda out: _copy_recording(_recording(path), out, subject, decoder,
-                                                        True, 'loom forget'))
-    except RecordingError as exc:   # changed since the first pass
-        receipt.not_covered.append(f'{path.name}: not rewritten ({_why(exc, source)})')
-        return
+        stream = _open_recording(path)
+    except _Busy:
+        receipt.not_covered.append(f'{label}: being written by a running loom record (its lock '
+                                   'is held); not read, not changed: forget again once it ends')
+        return None
+    except OSError as exc:
+        receipt.not_covered.append(f'{label}: not read, not changed ({exc.strerror or exc})')
+        return None
+    with stream:
+        original = os.fstat(stream.fileno())
+        if max_bytes is not None and original.st_size > max_bytes:
+            receipt.not_covered.append(f'{label}: unreadable, not checked ({original.st_size} '
+                                       f'bytes, more than {max_bytes})')
+            return None
+        source = McapSource(path, None, RECORDING_LIMITS, stream=stream)
+        try:
+            drop = _subject_events(source, subject, decoder)
+        except (RecordingError, OSError) as exc:
+            receipt.not_covered.append(f'{label}: not read, not changed ({_why(exc, source)})')
+            return None
+        unread = _unread(source)
+        if not drop:
+            if unread:
+                receipt.not_covered.append(f'{label}: records not readable, not checked '
+                                           f'({unread})')
+            return original.st_size, False
+        try:
+            size = _rewrite_recording(path, original, lambda out: _copy_recording(
+                McapSource(path, None, RECORDING_LIMITS, stream=stream), out, subject, decoder,
+                True, 'loom forget'), suffix)
+        except RecordingError as exc:   # changed since the first pass
+            receipt.not_covered.append(f'{label}: not rewritten ({_why(exc, source)})')
+            return None
     receipt.counts['recording_messages'] += drop
     receipt.files += 1
     if unread:
-        receipt.not_covered.append(f'{path.name}: rewritten without records it could not read '
+        receipt.not_covered.append(f'{label}: rewritten without records it could not read '
                                    f'({unread})')
+    return size, True
 
 
 def _stored_recordings(backend) -> list[str]:
@@ -818,6 +960,11 @@ def _forget_stored_recordings(backend, store, erasers, subject: str, receipt: Re
     keys = _stored_recordings(backend)
     decoder = _event_decoder() if keys else None
     for key in keys:
+        if store is backend and isinstance(backend, LocalObjectStore):
+            _forget_stored_file(backend, erasers, key, subject, decoder, receipt)
+            continue
+        # Encrypted (sealed whole) or S3 (put whole): read and written as one object, at most
+        # the store's object size.
         try:
             data = store.get(key)
         except StorageError as exc:
@@ -861,6 +1008,29 @@ def _forget_stored_recordings(backend, store, erasers, subject: str, receipt: Re
             eraser.conn.execute('update blobs set bytes = ? where key = ?', (len(body), key))
         receipt.counts['recording_messages'] += drop
         receipt.files += 1
+
+
+def _forget_stored_file(backend: LocalObjectStore, erasers, key: str, subject: str, decoder,
+                        receipt: Receipt) -> None:
+    """A stored recording in the local object folder, unencrypted: streamed like a file under
+    the root (_forget_recording; its rewrite named to be skipped by the folder's listing),
+    never loaded whole; then its index rows given its length."""
+    label = f'object {key[:80]!r}'
+    try:
+        path = backend._check_folders(key)   # no link between the object root and it
+    except StorageError as exc:
+        receipt.not_covered.append(f'{label}: unreadable, not checked ({str(exc)[:80]})')
+        return
+    done = _forget_recording(path, subject, decoder, receipt, label, TMP_SUFFIX,
+                             backend.max_bytes)
+    if done is None:
+        return
+    size, rewritten = done
+    mended = sum(eraser.conn.execute('update blobs set bytes = ? where key = ? and bytes != ?',
+                                     (size, key, size)).rowcount for eraser in erasers)
+    if mended and not rewritten:   # said, so a recording changed by someone else is seen
+        receipt.not_covered.append(f'{label}: its index said another length; now {size} bytes '
+                                   '(an earlier forget cut off, or the object was replaced)')
 
 
 # -- export -------------------------------------------------------------------------------------
