@@ -431,3 +431,21 @@ def shm_files_of(pid: int) -> set[str]:
         except FileNotFoundError:
             pass
     return held
+
+
+# Forgets argv[2] under the root argv[1] in a fresh process; prints how much forget grew its peak
+# RSS (KiB; VmHWM: ru_maxrss keeps the forking parent's peak) and the receipt (as_dict).
+FORGET_PEAK_SCRIPT = '''
+import json, sys
+import rclpy.serialization, loom_msgs.msg, std_msgs.msg   # what forget imports, before
+from loom_ros.storage.erasure import forget
+from loom_ros.storage.layout import StorageLayout
+
+def peak():
+    with open('/proc/self/status') as status:
+        return next(int(line.split()[1]) for line in status if line.startswith('VmHWM:'))
+
+before = peak()
+receipt = forget(StorageLayout.at(sys.argv[1]), sys.argv[2], requested_by='dpo:test')
+print(json.dumps({'grew_kib': peak() - before, 'receipt': receipt.as_dict()}))
+'''

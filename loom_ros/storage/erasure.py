@@ -185,6 +185,14 @@ def _head(store, layout: StorageLayout, key: str) -> bytes:
     return store.get(key)[:64]
 
 
+def _discard(path) -> None:
+    """Remove a half-written file (a failed rewrite's), whatever is left of it."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _atomic_write(path: Path, write: Callable) -> None:
     """`write(stream)` into a temporary file beside `path`, fsync, rename over it."""
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.erasing', dir=path.parent)
@@ -196,10 +204,7 @@ def _atomic_write(path: Path, write: Callable) -> None:
         os.chmod(tmp, path.stat().st_mode & 0o777)
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _discard(tmp)
         raise
 
 
@@ -878,10 +883,7 @@ def _rewrite_recording(path: Path, original: os.stat_result, write: Callable,
         os.replace(tmp, path)
         size = os.fstat(fd).st_size
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _discard(tmp)
         raise
     finally:
         os.close(fd)
@@ -1187,10 +1189,7 @@ def export(layout: StorageLayout, subject: str, out_path: str | os.PathLike, *,
             write(stream)
         os.replace(tmp, out_path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _discard(tmp)
         raise
     return counts
 

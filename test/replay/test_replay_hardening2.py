@@ -17,7 +17,7 @@ import sys
 import pytest
 from mcap.records import Channel
 
-from harness import REPO, WAIT_LIMIT_S, LinePeer, loom_cli
+from harness import FORGET_PEAK_SCRIPT, REPO, WAIT_LIMIT_S, LinePeer, loom_cli
 from mcap_files import T0, chunk, message, record_bytes, recorded, string_cdr, string_schema, write
 from loom_ros.replay.mcap_source import (
     INVALID_TOPIC, METADATA_CUT, MIN_FILE_BYTES, Limits, McapSource, RecordingError,
@@ -283,22 +283,6 @@ def test_a_forget_killed_mid_rewrite_leaves_the_original_and_the_next_removes_it
     assert len(_payloads(original)) == 10
 
 
-# Forgets argv[2] under the root argv[1] in a fresh process; prints how much forget grew its peak
-# RSS (KiB; VmHWM) and the receipt.
-_MEASURE = '''
-import json, sys
-import rclpy.serialization, loom_msgs.msg, std_msgs.msg   # what forget imports, before
-from loom_ros.storage.erasure import forget
-from loom_ros.storage.layout import StorageLayout
-
-def peak():
-    with open('/proc/self/status') as status:
-        return next(int(line.split()[1]) for line in status if line.startswith('VmHWM:'))
-
-before = peak()
-receipt = forget(StorageLayout.at(sys.argv[1]), sys.argv[2], requested_by='dpo:test')
-print(json.dumps({'grew_kib': peak() - before, 'receipt': receipt.as_dict()}))
-'''
 
 
 def test_forget_streams_a_stored_recording_instead_of_loading_it_whole(tmp_path):
@@ -312,7 +296,7 @@ def test_forget_streams_a_stored_recording_instead_of_loading_it_whole(tmp_path)
     store = LocalObjectStore(layout.objects)
     key = f'{STORED_RECORDINGS}run.mcap'
     store.put(key, data)
-    out = subprocess.run([sys.executable, '-c', _MEASURE, str(layout.root), BOB], cwd=REPO,
+    out = subprocess.run([sys.executable, '-c', FORGET_PEAK_SCRIPT, str(layout.root), BOB], cwd=REPO,
                          capture_output=True, text=True, timeout=WAIT_LIMIT_S * 3, check=True)
     result = json.loads(out.stdout)
     assert result['receipt']['counts']['recording_messages'] == events // 2

@@ -14,6 +14,7 @@ import sys
 import zipfile
 
 import zstandard
+from harness import FORGET_PEAK_SCRIPT
 from mcap.reader import make_reader
 from rclpy.serialization import serialize_message
 
@@ -120,30 +121,14 @@ def test_a_recording_over_its_budget_is_said_and_left_as_it_is(tmp_path):
     assert b'BOB_CANARY' not in _payloads((layout.recordings / 'run.mcap').read_bytes())
 
 
-# Forgets argv[2] under the root argv[1] in a fresh process; prints how much forget grew its peak
-# RSS (KiB; VmHWM: ru_maxrss keeps the forking parent's peak) and the receipt's not-covered list.
-_MEASURE = '''
-import json, sys
-from loom_ros.storage.erasure import forget
-from loom_ros.storage.layout import StorageLayout
-
-def peak():
-    with open('/proc/self/status') as status:
-        return next(int(line.split()[1]) for line in status if line.startswith('VmHWM:'))
-
-import rclpy.serialization, loom_msgs.msg, std_msgs.msg   # what forget imports, before
-before = peak()
-receipt = forget(StorageLayout.at(sys.argv[1]), sys.argv[2], requested_by='dpo:test')
-print(json.dumps({'grew_kib': peak() - before, 'not_covered': receipt.not_covered}))
-'''
 
 
 def test_forget_of_a_root_with_an_expanding_recording_stays_small(tmp_path):
     layout = StorageLayout.at(tmp_path)
     layout.recordings.mkdir(parents=True)
     (layout.recordings / 'mailed.mcap').write_bytes(_expanding(EXPANDS_TO))
-    out = subprocess.run([sys.executable, '-c', _MEASURE, str(tmp_path), ALICE],
+    out = subprocess.run([sys.executable, '-c', FORGET_PEAK_SCRIPT, str(tmp_path), ALICE],
                          capture_output=True, text=True, timeout=60, check=True)
     result = json.loads(out.stdout)
     assert result['grew_kib'] < 32 * 1024, result   # the old reader decompressed the 80 MiB
-    assert any('mailed.mcap: not read' in line for line in result['not_covered'])
+    assert any('mailed.mcap: not read' in line for line in result['receipt']['not_covered'])
