@@ -16,13 +16,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import stat
 import sys
 import threading
 import time
 
 from loom_ros.bringup.stop_signals import stop_event
 from loom_ros.config.params import ConfigError
+from loom_ros.replay.mcap_source import NotRegularError, open_regular
 
 
 def add_parser(sub) -> None:
@@ -124,16 +124,13 @@ def open_recording(path: str):
     (O_NOFOLLOW: give the file itself)."""
     shown = str(path)[:200]
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        return open_regular(path, follow=False), None
+    except NotRegularError:
+        return None, f'{shown}: not a regular file (a FIFO, folder or device); refused'
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             return None, f'{shown}: a symbolic link; refused (give the file itself)'
         return None, f'{shown}: cannot read: {exc.strerror or exc}'
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None, f'{shown}: not a regular file (a FIFO, folder or device); refused'
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, 'rb'), None
 
 
 def _wait(stop: threading.Event, duration: float) -> None:

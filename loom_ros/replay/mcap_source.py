@@ -133,6 +133,24 @@ class Limits:
                    max(self.min_file_records, self.file_records_per_byte * size))
 
 
+class NotRegularError(OSError):
+    """A recording's path names a FIFO, folder or device, not a regular file."""
+
+
+def open_regular(path, *, follow: bool = True) -> BinaryIO:
+    """`path` open for reading, a regular file: opened without blocking (a FIFO had blocked a
+    reader past SIGTERM), then the open file checked (fstat), so nothing swapped in after a
+    check of the name is read; `follow=False`: never through a symbolic link (OSError ELOOP).
+    NotRegularError for anything else; OSError when it cannot be opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC |
+                 (0 if follow else os.O_NOFOLLOW))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegularError(0, 'not a regular file (a FIFO, folder or device)')
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, 'rb')
+
+
 class RecordingError(ValueError):
     """The file cannot be read on from here: says where (byte offset) and why."""
 
@@ -276,14 +294,12 @@ class McapSource:
         if self._stream is not None:
             self._stream.seek(0)
             return nullcontext(self._stream)
-        try:   # never blocking on a FIFO (it had blocked a reader past SIGTERM)
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            return open_regular(self.path)
+        except NotRegularError as exc:
+            raise RecordingError(f'{self.path}: {exc.strerror}') from None
         except OSError as exc:
             raise RecordingError(f'{self.path}: cannot open: {exc.strerror or exc}') from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise RecordingError(f'{self.path}: not a regular file (a FIFO, folder or device)')
-        return os.fdopen(fd, 'rb')
 
     def messages(self) -> Iterator[RecordedMessage]:
         """RecordingError when the file stops being readable (after yielding what came before);

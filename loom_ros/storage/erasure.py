@@ -43,7 +43,8 @@ from pathlib import Path
 
 from loom_ros.bus.privacy import (SUBJECT_METADATA_KEY, SUBJECTS_JSON_KEY, check_subject,
                                   json_split, json_subject_fields)
-from loom_ros.replay.mcap_source import Limits, McapSource, RecordingError, UnfinishedError
+from loom_ros.replay.mcap_source import (Limits, McapSource, RecordingError, UnfinishedError,
+                                         open_regular)
 from loom_ros.security.keyring import KEYRING_FILE, Keyring, KeyringError, ShreddedError
 from loom_ros.storage.backend.encrypted import EncryptedObjectStore
 from loom_ros.storage.backend.local import TMP_SUFFIX, LocalObjectStore
@@ -808,18 +809,15 @@ def _open_recording(path: Path):
     (O_NOFOLLOW), never blocking on a FIFO (O_NONBLOCK), a regular file (fstat on the open
     file, so nothing swapped in after recording_files looked is read). _Busy while a recorder
     holds it; OSError when it cannot be read."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    stream = open_regular(path, follow=False)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(0, 'not a regular file')
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(stream.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
             raise _Busy(f'{path}: locked') from None
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, 'rb')
+        return stream
     except BaseException:
-        os.close(fd)
+        stream.close()
         raise
 
 
