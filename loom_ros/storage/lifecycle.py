@@ -80,6 +80,7 @@ MAX_ARCHIVE_BYTES = 256 * 1024 * 1024    # of an archive file once decompressed 
 MAX_ARCHIVE_LINE = 16 * 1024 * 1024
 MAX_DUE_PAGES = 20   # pages of move_batch rows one move looks at for due rows (then resumes)
 _START = (-2**63, 0)   # before every (time, id)
+MAX_AGE_S = 1000 * 365.25 * DAY_S   # a tier age past this is this (TierPolicy)
 _YEAR_1_MS = -62_135_596_800_000   # 0001-01-01 UTC: the earliest day a key can be named by
 MARK_KEY = 'lifecycle_clock_ms'   # meta: the last believable round's clock (restarts check it)
 MARK_EVERY_MS = 60_000            # how often that mark is written (one small write)
@@ -106,14 +107,22 @@ def _span(ms: int) -> str:
 
 @dataclass(frozen=True)
 class TierPolicy:
-    """Ages in seconds since the event. cold/archive False skip that tier; archive_s 0 keeps
-    archive files until the budget needs the space."""
+    """Ages in seconds since the row was stored. cold/archive False skip that tier; archive_s 0
+    keeps archive files until the budget needs the space. An age past MAX_AGE_S (a 'for ever'
+    written as 1e17) is MAX_AGE_S: the age in ms stays an integer SQLite can compare."""
 
     warm_s: float = DAY_S
     cold_s: float = 30 * DAY_S
     archive_s: float = 0.0
     cold: bool = True
     archive: bool = True
+
+    def __post_init__(self):
+        for name in ('warm_s', 'cold_s', 'archive_s'):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and not value <= MAX_AGE_S:   # NaN too: not an age, kept for ever
+                object.__setattr__(self, name, MAX_AGE_S)
 
 
 @dataclass(frozen=True)
@@ -273,6 +282,8 @@ class Lifecycle:
         self._consent, self._own_consent = consent, None
         self._cursor: dict[str, tuple] = {}   # where the next look for due rows resumes
         self.links_refused = 0   # archive objects recovery did not follow (links): left alone
+        self.sealed_unreadable = 0   # retention rounds that shredded no day key: a unit
+        #                              database of the root could not be read
         self.budget_floor: dict | None = None   # set by enforce_budgets: the total unreachable
         # Payloads and summaries in SQLite under the subject's key when archives are encrypted
         # (one setting, storage.encryption.enabled: docs/encryption.md).
@@ -799,8 +810,9 @@ class Lifecycle:
 
     def expire_archive(self) -> MoveReport:
         """Archive files held archive_s (by stored_ms) deleted; encrypted, the day keys of the
-        days before both that horizon and the oldest event any row still held was sealed by
-        (an event stamped 1970 is held its tiers' ages like any other: its day's key with it)."""
+        days before both that horizon and the oldest time any row still held, in any unit
+        database of the root, was sealed by (an event stamped 1970 is held its tiers' ages like
+        any other: its day's key with it; another unit's late event keeps its day's)."""
         age = self.params.default.archive_s
         if age <= 0:
             return MoveReport()
@@ -815,20 +827,47 @@ class Lifecycle:
             self._drop_archive(key)
             report.archive_deleted += 1
         if self.encrypted:   # retention: anonymous days past archive_s are shredded for good
-            self.objects.keyring.destroy_days_before(min(horizon, self._oldest_sealed()))
+            oldest = self._oldest_sealed()
+            if oldest is not None:
+                self.objects.keyring.destroy_days_before(min(horizon, oldest))
         return report
 
-    def _oldest_sealed(self) -> int:
-        """The earliest time a row still held was sealed by: an episode's time_ms, a cold
-        memory's or archive file's last_ms (each an index's first entry), bounded to [year 1,
-        MAX_TIME_MS] (what a day key can be named by)."""
+    # What a day key seals and the lifecycle holds, by table: the time its day is named by (an
+    # index's first entry). Every unit database of the root is read: the keyring is the root's,
+    # one for all of them. An anonymous blob is not held by this: past archive_s its day key
+    # goes (docs/encryption.md, retention).
+    SEALED_TIMES = (('episodes', 'time_ms'), ('cold', 'last_ms'), ('archive', 'last_ms'))
+
+    def _oldest_sealed(self) -> int | None:
+        """The earliest time a row still held in any unit database of this root was sealed by
+        (an episode's time_ms, a cold memory's or archive file's last_ms),
+        bounded to [year 1, MAX_TIME_MS] (what a day key can be named by); None when a
+        database cannot be read (then no day key is destroyed this round)."""
         found = [MAX_TIME_MS]
-        for sql in ('select min(time_ms) from episodes', 'select min(last_ms) from cold',
-                    'select min(last_ms) from archive'):
-            row = self.conn.execute(sql).fetchone()
-            if row is not None and row[0] is not None:
-                value = row[0] if type(row[0]) is int else bounded_ms(row[0])
-                found.append(max(_YEAR_1_MS, min(value, MAX_TIME_MS)))
+        paths = set(self.layout.databases()) | {self.path}
+        for path in sorted(paths):
+            own = path == self.path
+            try:
+                conn = self.conn if own else open_database(path, read_only=True, check=False)
+            except StorageError:
+                self.sealed_unreadable += 1
+                return None
+            try:
+                tables = {n for (n,) in conn.execute(
+                    "select name from sqlite_master where type = 'table'")}
+                for table, column in self.SEALED_TIMES:
+                    if table not in tables:
+                        continue
+                    row = conn.execute(f'select min({column}) from {table}').fetchone()
+                    if row is not None and row[0] is not None:
+                        value = row[0] if type(row[0]) is int else bounded_ms(row[0])
+                        found.append(max(_YEAR_1_MS, min(value, MAX_TIME_MS)))
+            except sqlite3.Error:
+                self.sealed_unreadable += 1
+                return None
+            finally:
+                if not own:
+                    conn.close()
         return min(found)
 
     def _drop_archive(self, key: str) -> None:

@@ -14,15 +14,16 @@ from harness import WAIT_LIMIT_S, MsClock, T0_MS
 
 from loom_ros.bus.event import Event
 from loom_ros.bus.privacy import ConsentState
-from loom_ros.security.keyring import EncryptionSettings, MasterKey, write_key_file
+from loom_ros.security.keyring import (EncryptionSettings, MasterKey, ShreddedError,
+                                       write_key_file)
 from loom_ros.storage import schema
 from loom_ros.storage.backend.local import LocalObjectStore
 from loom_ros.storage.budget import BudgetGate, Budgets
 from loom_ros.storage.embedding import HashEmbedder
 from loom_ros.storage.errors import StorageFullError
 from loom_ros.storage.layout import StorageLayout
-from loom_ros.storage.lifecycle import (Lifecycle, LifecycleParams, PolicyRule, TierPolicy,
-                                        clock_check)
+from loom_ros.storage.lifecycle import (MAX_AGE_S, Lifecycle, LifecycleParams, PolicyRule,
+                                        TierPolicy, clock_check)
 from loom_ros.storage.schema import MAX_TIME_MS, bounded_ms, stored_stamp
 from loom_ros.storage.storage import Storage, StorageConfig
 from loom_ros.storage.stores import EpisodeStore
@@ -422,5 +423,70 @@ def test_a_total_budget_below_what_it_may_not_delete_deletes_no_archive_or_cold_
         report = lc.enforce_budgets()
         assert report.budget_unreachable == 0 and report.archive_deleted >= 1
         assert not [c for c in lc.checks() if 'not the budget' in c.message]
+    finally:
+        lc.close()
+
+
+# -- 3. retention of day keys across the units of a root, ages past int64 ----------------------
+def test_retention_keeps_the_day_keys_another_unit_still_seals_with(tmp_path):
+    """One keyring per root, one lifecycle per unit: unit A's archive retention destroyed the
+    day keys before its own oldest row, so unit B's late event (yesterday's key) was shredded
+    while held. Now every unit database of the root is read; one that cannot be read shreds
+    nothing that round. An anonymous blob past archive_s goes with its day key, as documented
+    (docs/encryption.md: retention), wherever its row is."""
+    key = tmp_path / 'master.key'
+    write_key_file(key, [MasterKey.generate()])
+    root, clock = tmp_path / 'root', MsClock(T0 - 2 * 86_400_000)
+
+    def storage(unit):
+        return Storage(StorageConfig(root=str(root), unit=unit,
+                                     encryption=EncryptionSettings(True, str(key))),
+                       clock=clock, env={}, consent=GrantAll)
+
+    with storage('rec') as rec:
+        blob = rec.blobs.put('recordings', 'r1.mcap', b'mcap bytes')
+    clock.ms = T0
+    with storage('b') as b:
+        b.episodes.record('y', event('b-late', T0 - 86_400_000)).wait(WAIT_LIMIT_S)
+    with storage('a') as a:
+        a.episodes.record('x', event('a-now', T0)).wait(WAIT_LIMIT_S)
+        keyring = a.objects.keyring
+        keyring.day_key(T0 - 5 * 86_400_000)       # a day no row holds any more
+        params = LifecycleParams(default=TierPolicy(warm_s=86_400, cold_s=864_000,
+                                                    archive_s=3600))
+        (root / 'db' / 'zz.db').write_bytes(b'not a database' * 100)
+        lc = open_lc(root, clock, params=params, unit='a', objects=a.objects)
+        try:
+            clock.ms = T0 + 2 * 3_600_000          # the horizon is in T0's day
+            lc.run_once()
+            assert keyring.destroyed == 0 and lc.sealed_unreadable == 1
+            (root / 'db' / 'zz.db').unlink()
+            lc.run_once()
+            # the day no row holds and the blob's (held by none of the tiers), not B's
+            assert keyring.destroyed == 2 and lc.sealed_unreadable == 1
+        finally:
+            lc.close()
+    with storage('b') as b:
+        assert [r['payload'] for r in b.episodes.query('y')] == ['{"text": "said b-late"}']
+    with storage('rec') as rec:
+        with pytest.raises(ShreddedError):
+            rec.blobs.get(blob.key)
+
+
+@pytest.mark.parametrize('policy', [TierPolicy(warm_s=1e17), TierPolicy(warm_s=60, cold_s=1e17),
+                                    TierPolicy(warm_s=60, cold_s=600, archive_s=1e17),
+                                    TierPolicy(warm_s=60, cold_s=float('inf'))])
+def test_an_age_past_int64_milliseconds_keeps_rows_and_the_round_runs(tmp_path, policy):
+    """`cold_s: 1e17` ('for ever') made now - age*1000 an integer SQLite cannot take: every
+    round raised OverflowError. An age is at most MAX_AGE_S (1,000 years)."""
+    clock = MsClock(T0)
+    write(tmp_path, clock, [('a', event('e', T0))])
+    lc = open_lc(tmp_path, clock, params=LifecycleParams(default=policy, bucket_s=10))
+    try:
+        for _ in range(3):
+            clock.ms += 700_000
+            lc.run_once()
+        assert sum(counts(lc)) == 1                 # held in the tier whose age is 'for ever'
+        assert max(policy.warm_s, policy.cold_s, policy.archive_s) == MAX_AGE_S
     finally:
         lc.close()
