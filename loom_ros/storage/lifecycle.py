@@ -18,26 +18,33 @@ round's clock when the lifecycle reaches it: its age starts then, never earlier.
 The clock is checked at every move (`clock_now`); a move whose clock is not believable ages
 nothing and counts the round in MoveReport.clock_untrusted (once per round); `clock_status`
 says why and counts the episodes (the storage node WARNs on /diagnostics once per episode).
-Not believable:
-- before CLOCK_FLOOR_MS (2023-01-01; a robot without a real-time clock boots at 1970) or past
-  year 3000;
-- behind what this store already holds by more than clock_tolerance_s (the newest stored_ms,
-  the last believable round's clock, also kept in `meta` across restarts): the clock went
-  back. Rows stamped ahead of it then look younger than they are, which never deletes early;
+The wall clock is held against a monotonic clock (CLOCK_BOOTTIME: it never steps and counts
+suspend): the first believable reading fixes their offset, and only a step found moves it.
+- Before CLOCK_FLOOR_MS (2023-01-01; a robot without a real-time clock boots at 1970) or past
+  year 3000: not believable (and not a reading the offset is taken from).
+- A step: the offset moved by more than clock_tolerance_s (against the fixed offset, so steps
+  under the tolerance add up and are found together). That round is skipped and the rows the
+  old clock stamped are shifted by the step, so each row's age is the real time it has been
+  held. Forward: every row stamped below what the old clock reads now (or the new clock read
+  at the previous check, whichever is later). Back: every episode committed by the previous
+  check (the writer stamps a row in its transaction), every row stamped after now, every cold
+  memory and archive file. A row whose clock cannot be told (written between the previous
+  check and the step) is left or shifted the way that makes it younger, never older. A step
+  back and its correction cancel out.
+- A step while no lifecycle ran: the offset, the boot's id and the newest episode id are kept
+  in `meta` (the mark, written every minute and with every shift, in the shift's transaction:
+  a restart never shifts twice); the next open on the same boot finds the step as above. On
+  another boot nothing relates the clocks: a forward step cannot be told from time that
+  passed (rows age as if it had), and a step back is caught by the next rule.
+- Behind what this store already holds by more than clock_tolerance_s (the newest stored_ms,
+  the last believable round's clock, also the mark): the clock went back where it could not
+  be measured. Rows stamped ahead of it look younger than they are, which never deletes early;
   once the clock has run behind for clock_settle_s of the monotonic clock it is believed, the
   rows stamped after it are restamped to it (their ages restart: later, never earlier), and
-  the moves go on;
-- stepped forward: the wall clock ran more than clock_tolerance_s further than the monotonic
-  clock (CLOCK_BOOTTIME, which counts suspend) since the previous check. That round is
-  skipped and every row stamped before the step (stored_ms below the old clock's reading now,
-  or below the new clock's reading at the previous check, whichever is later) is shifted by
-  the step, so its age is the real time it has been held, measured across the step by the
-  monotonic clock. A row written after the step that falls in that window is shifted too: it
-  looks younger, never older. So no row is ever moved or deleted before it has been held its
-  tier's age in real elapsed time, whatever the wall clock did while the lifecycle ran. A step
-  while no lifecycle ran cannot be told from time that passed (a forward one ages rows as if
-  that time had passed; a backward one is caught by the rule above). Without a monotonic clock
-  (an injected wall clock alone) steps are not detected.
+  the moves go on.
+Without a monotonic clock (an injected wall clock alone) steps are not found. So no row is
+moved or deleted before it has been held its tier's age in real elapsed time (within the
+tolerance), whatever the wall clock did, but for a forward step across a reboot.
 
 Timestamps are bounded (schema.bounded_ms) before any arithmetic: days of keys, summaries and
 buckets of a stamp before 1970 or past year 3000 use the bound.
@@ -52,6 +59,7 @@ import gzip
 import json
 import math
 import os
+import re
 import sqlite3
 import time
 import uuid
@@ -84,6 +92,7 @@ MAX_AGE_S = 1000 * 365.25 * DAY_S   # a tier age past this is this (TierPolicy)
 _YEAR_1_MS = -62_135_596_800_000   # 0001-01-01 UTC: the earliest day a key can be named by
 MARK_KEY = 'lifecycle_clock_ms'   # meta: the last believable round's clock (restarts check it)
 MARK_EVERY_MS = 60_000            # how often that mark is written (one small write)
+_BOOT_TOKEN = re.compile(r'[0-9A-Za-z-]{1,64}')
 _BOOTTIME = getattr(time, 'CLOCK_BOOTTIME', None)
 
 
@@ -94,6 +103,18 @@ def boottime() -> float:
 
 
 _WALL = object()   # Lifecycle's monotonic default: boottime with the wall clock, none injected
+_BOOT_ID = '/proc/sys/kernel/random/boot_id'
+
+
+def boot_id() -> str | None:
+    """This boot's id (Linux: a random UUID per boot), what tells whether a monotonic reading
+    kept from an earlier process is of this boot; None where there is none."""
+    try:
+        with open(_BOOT_ID, 'rb') as f:
+            text = f.read(64).decode('ascii', 'replace').strip()
+    except OSError:
+        return None
+    return text if _BOOT_TOKEN.fullmatch(text) else None
 
 
 def _span(ms: int) -> str:
@@ -248,11 +269,13 @@ class Lifecycle:
                  params: LifecycleParams | None = None, budgets: Budgets | None = None,
                  index_params: IndexParams | None = None, clock: Callable[[], int] | None = None,
                  synchronous: str = 'NORMAL', read_only: bool = False, rebuild: bool = False,
-                 check: bool = True, consent=None, monotonic=_WALL):
+                 check: bool = True, consent=None, monotonic=_WALL, boot=_WALL):
         """`clock`: the wall clock in ms (None: the system's). `monotonic`: seconds of a clock
         that never steps, what a step of the wall clock is told by (default: boottime() with
         the system's wall clock; none when a wall clock is injected alone: steps are then not
-        detected). `check`: run SQLite's quick check on open (reads every page: a damaged file is a
+        detected). `boot`: this boot's id, what says whether the monotonic reading a previous
+        process left is comparable (default: boot_id() with the default monotonic clock, else
+        none: a step while no lifecycle ran is then not found). `check`: run SQLite's quick check on open (reads every page: a damaged file is a
         clear error here); erasure skips it, its VACUUM reads every page and fails the same.
         `consent`: the consent registry (anything with `lookup(subject, purpose)`) a move asks
         whether a row's data subject still gives `store` consent; None: the root's registry,
@@ -264,8 +287,14 @@ class Lifecycle:
         self.clock = clock or (lambda: time.time_ns() // 1_000_000)
         self.monotonic = (boottime if clock is None else None) if monotonic is _WALL \
             else monotonic
+        self._boot = (boot_id() if monotonic is _WALL and clock is None else None) \
+            if boot is _WALL else boot
+        if self._boot is not None and not _BOOT_TOKEN.fullmatch(str(self._boot)):
+            self._boot = None
         self.clock_status = ClockStatus()
-        self._seen: tuple | None = None       # (wall ms, monotonic s) at the previous check
+        self._base: int | None = None   # wall - monotonic (ms): moved only by a step found
+        self._checked_mono = 0          # the monotonic clock (ms) at the previous check
+        self._checked_id = self._base_id = 0   # the newest episode id then (committed by it)
         self._behind_since: float | None = None   # monotonic s since the clock runs behind
         self._last_trusted = 0                # the last believable check's wall clock
         self._mark = self._mark_written = 0   # meta MARK_KEY as read / last written
@@ -313,7 +342,7 @@ class Lifecycle:
             self.conn = open_database(self.path, synchronous=synchronous, check=check)
             from loom_ros.storage import schema
             schema.ensure(self.conn, self.path, now_ms=self.clock())
-            self._mark = self._mark_written = self._read_mark()
+            self._read_mark()
             self._check_encryption()
             self.recover()
             if rebuild:   # loom storage compact --rebuild-index: a new index from the rows
@@ -368,18 +397,41 @@ class Lifecycle:
             else self.objects
 
     # -- the clock -------------------------------------------------------------------------------
-    def _read_mark(self) -> int:
+    def _read_mark(self) -> None:
+        """The mark a previous check left in `meta`: 'wall_ms [monotonic_ms boot episode_id]'
+        (an older Loom wrote the wall alone). On the same boot (the monotonic clock runs on)
+        it gives the wall clock's offset from the monotonic one then, so a step while no
+        lifecycle ran is found like one while it runs."""
         row = self.conn.execute('select value from meta where key = ?', (MARK_KEY,)).fetchone()
+        parts = str(row[0])[:200].split() if row is not None else []
         try:
-            return bounded_ms(int(str(row[0])[:20])) if row is not None else 0
+            self._mark = self._mark_written = bounded_ms(int(parts[0][:20])) if parts else 0
         except ValueError:
-            return 0
+            return
+        if len(parts) != 4 or self.monotonic is None or self._boot is None \
+                or parts[2] != self._boot:
+            return
+        try:
+            mono_ms, last_id = int(parts[1][:20]), int(parts[3][:20])
+        except ValueError:
+            return
+        if CLOCK_FLOOR_MS <= self._mark < MAX_TIME_MS and 0 <= mono_ms < MAX_TIME_MS:
+            self._base, self._checked_mono, self._base_id = self._mark - mono_ms, mono_ms, last_id
 
-    def _write_mark(self, wall: int) -> None:
+    def _mark_op(self, wall: int, mono_ms: int | None) -> tuple:
+        """The mark's write: the monotonic reading kept is the one the offset gives for `wall`
+        (a drift under the tolerance is not carried into the next process's offset)."""
+        if mono_ms is None or self._boot is None or self._base is None:
+            value = str(wall)
+        else:
+            value = f'{wall} {wall - self._base} {self._boot} {self._checked_id}'
+        return ('insert into meta (key, value) values (?, ?) on conflict (key) do update set '
+                'value = excluded.value', (MARK_KEY, value))
+
+    def _write_mark(self, wall: int, mono_ms: int | None) -> None:
         """Best effort (a busy file: the next minute's round writes it)."""
         try:
-            self.conn.execute('insert into meta (key, value) values (?, ?) on conflict (key) do '
-                              'update set value = excluded.value', (MARK_KEY, str(wall)))
+            self.conn.execute(*self._mark_op(wall, mono_ms))
         except sqlite3.Error:
             return
         self._mark = self._mark_written = wall
@@ -397,49 +449,95 @@ class Lifecycle:
                 found.append(bounded_ms(row[0]))
         return max(found)
 
-    def _restamp(self, sets: str, where: str, args: tuple) -> None:
-        """`update <table> set stored_ms = <sets> where <where>` on the three tables, one
-        transaction (rare: a clock step; episodes have no index on stored_ms)."""
+    def _restamp(self, updates: list, wall: int, mono_ms: int | None) -> None:
+        """`updates`: (table, set expression, where, args) run with the mark of the new clock
+        in one transaction (a crash leaves both or neither: a step is never shifted twice).
+        Rare: a clock step; episodes have no index on stored_ms."""
         conn = self.conn
         try:
             conn.execute('BEGIN IMMEDIATE')
-            for table in ('episodes', 'cold', 'archive'):
+            for table, sets, where, args in updates:
                 conn.execute(f'update {table} set stored_ms = {sets} where {where}', args)
+            conn.execute(*self._mark_op(wall, mono_ms))
             conn.execute('COMMIT')
         except sqlite3.Error as exc:
             self._abort(None)
             raise self._error('restamping rows after a clock step', exc) from None
+        self._mark = self._mark_written = wall
+
+    def _shift(self, step: int, wall: int, mono_ms: int, elapsed: int) -> str:
+        """Rows of the clock before a step of `step` ms (found against the monotonic clock)
+        shifted by it, so their ages are the real time they have been held; returns why the
+        round is skipped. Forward: every row stamped below what the old clock reads now, or
+        what the new one read at the previous check, whichever is later (rows of the new clock
+        in that window are shifted too: younger, never older). Back: every episode committed
+        by the previous check (it was stamped in its transaction, by the old clock), any row
+        stamped after now (only the old clock wrote those), every cold memory and archive file
+        (the lifecycle makes them from rows it already checked); an episode of the old clock
+        written since the previous check and stamped before now is left: younger by the step,
+        never older."""
+        floor, top = CLOCK_FLOOR_MS, MAX_TIME_MS - 1
+        old_base = self._base
+        self._base += step      # the mark written with the shift is of the new offset
+        try:
+            return self._shift_rows(step, wall, mono_ms, elapsed)
+        except BaseException:   # nothing shifted: the step is found again at the next check
+            self._base = old_base
+            raise
+
+    def _shift_rows(self, step: int, wall: int, mono_ms: int, elapsed: int) -> str:
+        floor, top = CLOCK_FLOOR_MS, MAX_TIME_MS - 1
+        if step > 0:
+            before = max(wall - step, wall - elapsed) + 1
+            sets, where = 'min(stored_ms + ?, ?)', 'stored_ms >= ? and stored_ms < ?'
+            self._restamp([(t, sets, where, (step, top, floor, before))
+                           for t in ('episodes', 'cold', 'archive')], wall, mono_ms)
+            moved = [name for name in ('_last_trusted',)
+                     if floor <= getattr(self, name) < before]
+            why = (f'the wall clock jumped {_span(step)} ahead of the monotonic clock (to '
+                   f'{_iso(wall)}); rows written before it keep their real ages')
+        else:
+            sets = 'max(stored_ms + ?, ?)'
+            self._restamp([('episodes', sets, 'stored_ms >= ? and (id <= ? or stored_ms > ?)',
+                            (step, floor, floor, self._base_id, wall)),
+                           ('cold', sets, 'stored_ms >= ?', (step, floor, floor)),
+                           ('archive', sets, 'stored_ms >= ?', (step, floor, floor))],
+                          wall, mono_ms)
+            moved = ['_last_trusted'] if self._last_trusted >= floor else []
+            why = (f'the wall clock stepped back {_span(step)} (to {_iso(wall)}) against the '
+                   'monotonic clock; rows written before it keep their real ages')
+        for name in moved:
+            setattr(self, name, max(floor, min(getattr(self, name) + step, top)))
+        return why
 
     def clock_now(self) -> int | None:
         """The wall clock (ms) when it is believable, else None: nothing may be aged by it (the
         rules are the module docstring's). A step found here shifts the rows it concerns first;
         if that fails, the step is found again at the next check."""
         tol = max(0, int(self.params.clock_tolerance_s * 1000))
+        # the newest episode first, then the clock: what was committed by now was stamped by
+        # the clock of this check or an earlier one (the next check's back step shifts it)
+        row = self.conn.execute('select id from episodes order by id desc limit 1').fetchone()
+        newest_id = row[0] if row is not None else 0
         raw = self.clock()
         wall = bounded_ms(raw) if type(raw) is int or (type(raw) is float and math.isfinite(raw)) \
             else -1
         mono = self.monotonic() if self.monotonic is not None else None
+        mono_ms = int(mono * 1000) if mono is not None else None
+        in_range = CLOCK_FLOOR_MS <= wall < MAX_TIME_MS
         reason = ''
-        seen = self._seen
-        if seen is not None and mono is not None and wall >= 0 and seen[0] >= 0:
-            elapsed = max(0, int((mono - seen[1]) * 1000))
-            step = wall - (seen[0] + elapsed)
-            if step > tol:
-                # rows of the old clock read below `before`; those of the new one from it on
-                # (or are shifted too when the windows overlap: younger, never older)
-                before = max(seen[0] + elapsed, wall - elapsed) + 1
-                self._restamp('min(stored_ms + ?, ?)', 'stored_ms >= ? and stored_ms < ?',
-                              (step, MAX_TIME_MS - 1, CLOCK_FLOOR_MS, before))
-                for name in ('_mark', '_last_trusted'):
-                    if CLOCK_FLOOR_MS <= getattr(self, name) < before:
-                        setattr(self, name, min(getattr(self, name) + step, MAX_TIME_MS - 1))
-                reason = (f'the wall clock jumped {_span(step)} ahead of the monotonic clock '
-                          f'(to {_iso(wall)}); rows written before it keep their real ages')
-            elif step < -tol:
-                reason = f'the wall clock stepped back {_span(step)} (to {_iso(wall)})'
-                if self._behind_since is None:   # what it holds is ahead from now on
-                    self._behind_since = mono
-        self._seen = (wall, mono) if mono is not None else None
+        if mono_ms is not None and in_range:
+            if self._base is None:     # the first believable reading (this boot) sets it
+                self._base = wall - mono_ms
+            else:
+                step = wall - mono_ms - self._base
+                if abs(step) > tol:
+                    elapsed = max(0, mono_ms - self._checked_mono)
+                    self._checked_id = newest_id
+                    reason = self._shift(step, wall, mono_ms, elapsed)
+                    self._behind_since = None
+            self._checked_mono, self._checked_id = mono_ms, newest_id
+            self._base_id = newest_id
         if reason:
             pass
         elif wall < 0:
@@ -457,9 +555,9 @@ class Lifecycle:
                 if mono is not None and mono - self._behind_since >= \
                         self.params.clock_settle_s:
                     # believed from now on: what was stamped after it restarts its age now
-                    self._restamp('?', 'stored_ms > ?', (wall, wall))
+                    self._restamp([(t, '?', 'stored_ms > ?', (wall, wall))
+                                   for t in ('episodes', 'cold', 'archive')], wall, mono_ms)
                     self._last_trusted, self._behind_since = wall, None
-                    self._write_mark(wall)
                     reason = (f'the wall clock ran {_span(high - wall)} behind what this store '
                               f'holds for {_span(int(self.params.clock_settle_s * 1000))}: '
                               f'believed from now on, rows stamped after {_iso(wall)} restamped')
@@ -478,7 +576,7 @@ class Lifecycle:
         status.trusted, status.reason = True, ''
         self._last_trusted = max(self._last_trusted, wall)
         if wall - self._mark_written >= MARK_EVERY_MS or wall < self._mark_written:
-            self._write_mark(wall)
+            self._write_mark(wall, mono_ms)
         # cold memories and archive files stamped 0 (upgraded while the clock was not
         # believable): their ages start now (indexed: a look that finds none costs nothing)
         for table in ('cold', 'archive'):
