@@ -93,6 +93,8 @@ _YEAR_1_MS = -62_135_596_800_000   # 0001-01-01 UTC: the earliest day a key can 
 MARK_KEY = 'lifecycle_clock_ms'   # meta: the last believable round's clock (restarts check it)
 MARK_EVERY_MS = 60_000            # how often that mark is written (one small write)
 _BOOT_TOKEN = re.compile(r'[0-9A-Za-z-]{1,64}')
+SHIFT_KEY = 'lifecycle_shift'     # meta: a restamp after a clock step under way (_restamp)
+MAX_SHIFT_PLAN = 16_384           # characters of that plan read back
 _BOOTTIME = getattr(time, 'CLOCK_BOOTTIME', None)
 
 
@@ -295,6 +297,7 @@ class Lifecycle:
         self._base: int | None = None   # wall - monotonic (ms): moved only by a step found
         self._checked_mono = 0          # the monotonic clock (ms) at the previous check
         self._checked_id = self._base_id = 0   # the newest episode id then (committed by it)
+        self._shift_pending = False     # a restamp plan in meta not run to its end yet
         self._behind_since: float | None = None   # monotonic s since the clock runs behind
         self._last_trusted = 0                # the last believable check's wall clock
         self._mark = self._mark_written = 0   # meta MARK_KEY as read / last written
@@ -343,6 +346,8 @@ class Lifecycle:
             from loom_ros.storage import schema
             schema.ensure(self.conn, self.path, now_ms=self.clock())
             self._read_mark()
+            self._shift_pending = self.conn.execute(   # a restamp a crash cut short: resumed
+                'select 1 from meta where key = ?', (SHIFT_KEY,)).fetchone() is not None
             self._check_encryption()
             self.recover()
             if rebuild:   # loom storage compact --rebuild-index: a new index from the rows
@@ -397,6 +402,8 @@ class Lifecycle:
             else self.objects
 
     # -- the clock -------------------------------------------------------------------------------
+    SHIFT_ROWS = 20_000   # rows (by rowid) a restamp transaction
+
     def _read_mark(self) -> None:
         """The mark a previous check left in `meta`: 'wall_ms [monotonic_ms boot episode_id]'
         (an older Loom wrote the wall alone). On the same boot (the monotonic clock runs on)
@@ -450,20 +457,63 @@ class Lifecycle:
         return max(found)
 
     def _restamp(self, updates: list, wall: int, mono_ms: int | None) -> None:
-        """`updates`: (table, set expression, where, args) run with the mark of the new clock
-        in one transaction (a crash leaves both or neither: a step is never shifted twice).
-        Rare: a clock step; episodes have no index on stored_ms."""
-        conn = self.conn
+        """`updates`: (table, set expression, where, args). Rare (a clock step) but it may
+        concern every row, so it runs SHIFT_ROWS rows a transaction (a million rows in one had
+        held the writers for seconds and grown the WAL by hundreds of MB): the plan, bounded to
+        the rows there now, is written with the mark of the new clock in one transaction, each
+        chunk with its progress, and a plan a crash cut short is resumed on open. So a step is
+        shifted once, never twice, and nothing ages before the whole plan ran."""
+        conn, plan = self.conn, []
         try:
             conn.execute('BEGIN IMMEDIATE')
             for table, sets, where, args in updates:
-                conn.execute(f'update {table} set stored_ms = {sets} where {where}', args)
+                top = conn.execute(f'select max(rowid) from {table}').fetchone()[0]
+                if top is not None:
+                    plan.append([table, sets, where, list(args), 0, top])
+            conn.execute('insert into meta (key, value) values (?, ?) on conflict (key) do '
+                         'update set value = excluded.value', (SHIFT_KEY, json.dumps(plan)))
             conn.execute(*self._mark_op(wall, mono_ms))
             conn.execute('COMMIT')
         except sqlite3.Error as exc:
             self._abort(None)
             raise self._error('restamping rows after a clock step', exc) from None
         self._mark = self._mark_written = wall
+        self._shift_pending = True
+        self._resume_shift()
+
+    def _resume_shift(self) -> None:
+        """Run what is left of a restamp plan (`_restamp`), a chunk per transaction."""
+        conn = self.conn
+        row = conn.execute('select value from meta where key = ?', (SHIFT_KEY,)).fetchone()
+        if row is None:
+            return
+        try:
+            plan = json.loads(str(row[0])[:MAX_SHIFT_PLAN])
+            for table, sets, where, args, after, top in plan:
+                if table not in ('episodes', 'cold', 'archive'):
+                    raise ValueError(table)
+        except (TypeError, ValueError) as exc:
+            raise StorageError(f'{self.path}: meta {SHIFT_KEY} (a clock restamp under way) is '
+                               f'not readable ({str(exc)[:80]}); rows may be half shifted: '
+                               'remove the key to go on') from None
+        try:
+            for entry in plan:
+                table, sets, where, args, after, top = entry
+                while after < top:
+                    upto = min(top, after + self.SHIFT_ROWS)
+                    conn.execute('BEGIN IMMEDIATE')
+                    conn.execute(f'update {table} set stored_ms = {sets} where ({where}) and '
+                                 'rowid > ? and rowid <= ?', (*args, after, upto))
+                    entry[4] = after = upto
+                    conn.execute('update meta set value = ? where key = ?',
+                                 (json.dumps(plan), SHIFT_KEY))
+                    conn.execute('COMMIT')
+            conn.execute('delete from meta where key = ?', (SHIFT_KEY,))
+            self._shift_pending = False
+        except sqlite3.Error as exc:
+            self._abort(None)
+            raise self._error('restamping rows after a clock step (resumed at the next round)',
+                              exc) from None
 
     def _shift(self, step: int, wall: int, mono_ms: int, elapsed: int) -> str:
         """Rows of the clock before a step of `step` ms (found against the monotonic clock)
@@ -477,43 +527,42 @@ class Lifecycle:
         written since the previous check and stamped before now is left: younger by the step,
         never older."""
         floor, top = CLOCK_FLOOR_MS, MAX_TIME_MS - 1
-        old_base = self._base
-        self._base += step      # the mark written with the shift is of the new offset
-        try:
-            return self._shift_rows(step, wall, mono_ms, elapsed)
-        except BaseException:   # nothing shifted: the step is found again at the next check
-            self._base = old_base
-            raise
-
-    def _shift_rows(self, step: int, wall: int, mono_ms: int, elapsed: int) -> str:
-        floor, top = CLOCK_FLOOR_MS, MAX_TIME_MS - 1
         if step > 0:
             before = max(wall - step, wall - elapsed) + 1
             sets, where = 'min(stored_ms + ?, ?)', 'stored_ms >= ? and stored_ms < ?'
-            self._restamp([(t, sets, where, (step, top, floor, before))
-                           for t in ('episodes', 'cold', 'archive')], wall, mono_ms)
-            moved = [name for name in ('_last_trusted',)
-                     if floor <= getattr(self, name) < before]
+            updates = [(t, sets, where, (step, top, floor, before))
+                       for t in ('episodes', 'cold', 'archive')]
+            shift_trusted = floor <= self._last_trusted < before
             why = (f'the wall clock jumped {_span(step)} ahead of the monotonic clock (to '
                    f'{_iso(wall)}); rows written before it keep their real ages')
         else:
             sets = 'max(stored_ms + ?, ?)'
-            self._restamp([('episodes', sets, 'stored_ms >= ? and (id <= ? or stored_ms > ?)',
-                            (step, floor, floor, self._base_id, wall)),
-                           ('cold', sets, 'stored_ms >= ?', (step, floor, floor)),
-                           ('archive', sets, 'stored_ms >= ?', (step, floor, floor))],
-                          wall, mono_ms)
-            moved = ['_last_trusted'] if self._last_trusted >= floor else []
+            updates = [('episodes', sets, 'stored_ms >= ? and (id <= ? or stored_ms > ?)',
+                        (step, floor, floor, self._base_id, wall)),
+                       ('cold', sets, 'stored_ms >= ?', (step, floor, floor)),
+                       ('archive', sets, 'stored_ms >= ?', (step, floor, floor))]
+            shift_trusted = self._last_trusted >= floor
             why = (f'the wall clock stepped back {_span(step)} (to {_iso(wall)}) against the '
                    'monotonic clock; rows written before it keep their real ages')
-        for name in moved:
-            setattr(self, name, max(floor, min(getattr(self, name) + step, top)))
+        old_base = self._base
+        self._base += step      # the mark written with the plan is of the new offset
+        try:
+            self._restamp(updates, wall, mono_ms)
+        except BaseException:
+            if not self._shift_pending:   # no plan: the step is found again at the next check
+                self._base = old_base
+            raise                          # else the plan is resumed at the next check
+        finally:
+            if self._base != old_base and shift_trusted:
+                self._last_trusted = max(floor, min(self._last_trusted + step, top))
         return why
 
     def clock_now(self) -> int | None:
         """The wall clock (ms) when it is believable, else None: nothing may be aged by it (the
         rules are the module docstring's). A step found here shifts the rows it concerns first;
         if that fails, the step is found again at the next check."""
+        if self._shift_pending:   # no row ages before a restamp ran to its end
+            self._resume_shift()
         tol = max(0, int(self.params.clock_tolerance_s * 1000))
         # the newest episode first, then the clock: what was committed by now was stamped by
         # the clock of this check or an earlier one (the next check's back step shifts it)

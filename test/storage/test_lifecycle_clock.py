@@ -20,7 +20,7 @@ from loom_ros.storage import schema
 from loom_ros.storage.backend.local import LocalObjectStore
 from loom_ros.storage.budget import BudgetGate, Budgets
 from loom_ros.storage.embedding import HashEmbedder
-from loom_ros.storage.errors import StorageFullError
+from loom_ros.storage.errors import StorageError, StorageFullError
 from loom_ros.storage.layout import StorageLayout
 from loom_ros.storage.lifecycle import (MAX_AGE_S, Lifecycle, LifecycleParams, PolicyRule,
                                         TierPolicy, clock_check)
@@ -620,5 +620,46 @@ def test_an_age_past_int64_milliseconds_keeps_rows_and_the_round_runs(tmp_path, 
             lc.run_once()
         assert sum(counts(lc)) == 1                 # held in the tier whose age is 'for ever'
         assert max(policy.warm_s, policy.cold_s, policy.archive_s) == MAX_AGE_S
+    finally:
+        lc.close()
+
+
+def test_a_restamp_runs_in_chunks_and_one_cut_short_is_resumed_once(tmp_path):
+    """A step's restamp was one transaction over every row (a million rows: 2 s of held
+    writers, 218 MB of WAL). It runs SHIFT_ROWS rows a transaction, its plan and progress in
+    meta; one cut short (here SQLite interrupts its second chunk) ages nothing and is resumed
+    by the next open on its own, each row shifted once."""
+    clock, mono = MsClock(T0), Mono()
+    write(tmp_path, clock, [('a', event(f'e{i}', T0 + i)) for i in range(10)])
+    lc = open_lc(tmp_path, clock, mono, PARAMS, boot='boot-1')
+    lc.SHIFT_ROWS = 3
+    lc.run_once()
+    chunks = []
+
+    def trace(sql: str) -> None:
+        if sql.startswith('update episodes set stored_ms'):
+            chunks.append(sql)
+            if len(chunks) == 2:    # the second chunk: interrupted
+                lc.conn.set_progress_handler(lambda: 1, 1)
+
+    lc.conn.set_trace_callback(trace)
+    clock.ms += 5 * YEAR_MS
+    tick(clock, mono, 5)
+    with pytest.raises(StorageError, match='restamping rows'):
+        lc.run_once()
+    lc.conn.set_progress_handler(None, 1)
+    lc.conn.set_trace_callback(None)
+    assert stamps_of(lc) == [T0] * 7 + [T0 + 5 * YEAR_MS] * 3      # one chunk of three
+    tick(clock, mono, 50)                                          # held 55 s; a restart
+    lc.close()
+    lc = open_lc(tmp_path, clock, mono, PARAMS, boot='boot-1')
+    try:
+        report = lc.run_once()             # resumed first, then believed: no second shift
+        assert report.clock_untrusted == 0 and moved(report) == (0, 0, 0, 0, 0)
+        assert stamps_of(lc) == [T0 + 5 * YEAR_MS] * 10
+        assert lc.conn.execute("select count(*) from meta where key = 'lifecycle_shift'"
+                               ).fetchone()[0] == 0
+        tick(clock, mono, 6)
+        assert lc.run_once().condensed == 10                       # held 61 s
     finally:
         lc.close()
