@@ -772,7 +772,8 @@ class KnownCertificates:
     Revocation: once `watch_revocations` (or `preload`) names the keys folder, a certificate in
     its revocation list (revoked.json) is refused whichever map knows it, and the list is looked
     at again (a stat) at most every `revocation_check_s` and re-read when it changed. While it
-    is unreadable no certificate is accepted (fail closed)."""
+    is unreadable no certificate is accepted (fail closed). Looks are timed by the injected clock
+    (a clock that went back looks at once)."""
 
     def __init__(self, ca_pem: bytes, *, size: int = 256, bad_size: int = 1024,
                  new_per_s: float = 50.0, new_burst: float = 100.0, clock=None):
@@ -793,7 +794,7 @@ class KnownCertificates:
         self._revocations: Path | None = None
         self._revocations_seen: object = None    # the list's stat when last read
         self._revocations_error = ''
-        self._revocations_looked = None          # time.monotonic() of the last look
+        self._revocations_looked = None          # the injected clock at the last look
 
     def watch_revocations(self, keys_dir: str | Path) -> int:
         """Refuse the certificates in the keys folder's revocation list from now on (re-read when
@@ -810,10 +811,11 @@ class KnownCertificates:
         path = self._revocations
         if path is None:
             return
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             last = self._revocations_looked
-            if last is not None and now - last < self.revocation_check_s:
+            # a clock that went back (the wall clock stepped) looks at once
+            if last is not None and 0 <= now - last < self.revocation_check_s:
                 return
             self._revocations_looked = now
         try:

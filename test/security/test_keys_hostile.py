@@ -87,8 +87,8 @@ def test_revoke_reaches_a_running_cloud_gate_the_router_rules_and_the_keys_folde
     `list` say it is revoked; `issue --force` gives the name a certificate that is admitted."""
     root = tmp_path / 'keys'
     keys.ensure_local(root, {'cloud': 'cloud', 'robot1': 'robot', 'robot2': 'robot'})
-    gate = _gate(root)
-    gate.verifier.certs.revocation_check_s = 0.0   # look at the list on every request
+    now = [time.time()]
+    gate = _gate(root, clock=lambda: now[0])
     robot1, robot2 = keys.load(root, 'robot1'), keys.load(root, 'robot2')
     assert _ask(gate, robot1, 'a').client == 'robot1'
     rules_before = keys_fingerprint(root)
@@ -97,8 +97,20 @@ def test_revoke_reaches_a_running_cloud_gate_the_router_rules_and_the_keys_folde
     assert 'revoked: robot1 (robot)' in run.stdout and keys.fingerprint(robot1.cert_pem()) in \
         run.stdout
     assert 'cloud' in run.stdout and '--watch-s' in run.stdout
+    # the list is looked at again once REVOCATION_CHECK_S passed on the gate's clock, or at
+    # once when that clock went back
+    now[0] -= 0.5
     with pytest.raises(Rejected, match='revoked'):
         _ask(gate, robot1, 'b')
+    keys.issue(root, 'robot3', 'robot')
+    robot3 = keys.load(root, 'robot3')
+    assert _ask(gate, robot3, 'b3').client == 'robot3'
+    run = run_loom('keys', 'revoke', 'robot3', '--keys-dir', str(root))
+    assert run.returncode == 0, run.stderr
+    assert _ask(gate, robot3, 'b4').client == 'robot3'      # not looked at again yet
+    now[0] += keys.REVOCATION_CHECK_S
+    with pytest.raises(Rejected, match='revoked'):
+        _ask(gate, robot3, 'b5')
     assert _ask(gate, robot2, 'c').client == 'robot2'
     with pytest.raises(Rejected, match='revoked'):
         _ask(_gate(root), robot1, 'd')
