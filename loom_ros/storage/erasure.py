@@ -470,6 +470,7 @@ def _forget_unit(lifecycle: '_UnitEraser', db: Path, subject: str, key_ids,
                     (subject,))
             counts['episodes'] += _delete(conn, 'delete from episodes where subject = ?',
                                           (subject,))
+            lifecycle.clamp_ids(conn)   # ids above the newest left may be given again
             if _has(conn, 'kv_subjects'):   # state an event of the subject wrote to
                 written = conn.execute('select ns, key from kv_subjects where subject = ?',
                                        (subject,)).fetchall()

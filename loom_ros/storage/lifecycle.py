@@ -94,6 +94,16 @@ MARK_KEY = 'lifecycle_clock_ms'   # meta: the last believable round's clock (res
 MARK_EVERY_MS = 60_000            # how often that mark is written (one small write)
 _BOOT_TOKEN = re.compile(r'[0-9A-Za-z-]{1,64}')
 SHIFT_KEY = 'lifecycle_shift'     # meta: a restamp after a clock step under way (_restamp)
+# The restamps a plan may name: (set expression, where, number of arguments). A plan in meta
+# names one of these, never SQL: a damaged value is refused, not run.
+RESTAMPS = {
+    'ahead': ('min(stored_ms + ?, ?)', 'stored_ms >= ? and stored_ms < ?', 4),
+    'back': ('max(stored_ms + ?, ?)', 'stored_ms >= ?', 3),
+    'back_episodes': ('max(stored_ms + ?, ?)', 'stored_ms >= ? and (id <= ? or stored_ms > ?)',
+                      5),
+    'settle': ('?', 'stored_ms > ?', 2),
+}
+_STAMPED = ('episodes', 'cold', 'archive')
 MAX_SHIFT_PLAN = 16_384           # characters of that plan read back
 _BOOTTIME = getattr(time, 'CLOCK_BOOTTIME', None)
 
@@ -298,6 +308,7 @@ class Lifecycle:
         self._checked_mono = 0          # the monotonic clock (ms) at the previous check
         self._checked_id = self._base_id = 0   # the newest episode id then (committed by it)
         self._shift_pending = False     # a restamp plan in meta not run to its end yet
+        self._move_top = 0              # the newest episode id when the clock was last read
         self._behind_since: float | None = None   # monotonic s since the clock runs behind
         self._last_trusted = 0                # the last believable check's wall clock
         self._mark = self._mark_written = 0   # meta MARK_KEY as read / last written
@@ -443,6 +454,33 @@ class Lifecycle:
             return
         self._mark = self._mark_written = wall
 
+    def clamp_ids(self, conn: sqlite3.Connection) -> None:
+        """Call inside a transaction that deleted episodes: SQLite gives the ids above the
+        newest left again (no AUTOINCREMENT), so the ids the back-step rule takes as written
+        by the old clock (the previous check's, and the mark's for the next open) are lowered
+        to it; lowering only leaves a row younger, never older."""
+        top = conn.execute('select max(id) from episodes').fetchone()[0] or 0
+        self._base_id, self._checked_id = min(self._base_id, top), min(self._checked_id, top)
+        row = conn.execute('select value from meta where key = ?', (MARK_KEY,)).fetchone()
+        parts = str(row[0])[:200].split() if row is not None else []
+        if len(parts) == 4 and (not parts[3].isdigit() or int(parts[3][:20]) > top):
+            conn.execute('update meta set value = ? where key = ?',
+                         (' '.join(parts[:3] + [str(top)]), MARK_KEY))
+        # and a restamp still under way: its episodes' bounds too
+        row = conn.execute('select value from meta where key = ?', (SHIFT_KEY,)).fetchone()
+        if row is None:
+            return
+        try:
+            plan = self._read_plan(row[0])
+        except StorageError:   # damaged: resuming it refuses it, with the message
+            return
+        for entry in plan:
+            if entry[0] == 'episodes':   # rows above `top` from now on are new-clock rows
+                entry[4] = min(entry[4], top)
+                if entry[1] == 'back_episodes':
+                    entry[2][3] = min(entry[2][3], top)
+        conn.execute('update meta set value = ? where key = ?', (json.dumps(plan), SHIFT_KEY))
+
     def _newest_held(self) -> int:
         """The latest time this store knows it has seen: the newest stored_ms of its rows (the
         last episode written, the newest cold memory and archive file) and the last believable
@@ -457,7 +495,7 @@ class Lifecycle:
         return max(found)
 
     def _restamp(self, updates: list, wall: int, mono_ms: int | None) -> None:
-        """`updates`: (table, set expression, where, args). Rare (a clock step) but it may
+        """`updates`: (table, kind of RESTAMPS, arguments). Rare (a clock step) but it may
         concern every row, so it runs SHIFT_ROWS rows a transaction (a million rows in one had
         held the writers for seconds and grown the WAL by hundreds of MB): the plan, bounded to
         the rows there now, is written with the mark of the new clock in one transaction, each
@@ -466,10 +504,10 @@ class Lifecycle:
         conn, plan = self.conn, []
         try:
             conn.execute('BEGIN IMMEDIATE')
-            for table, sets, where, args in updates:
+            for table, kind, args in updates:
                 top = conn.execute(f'select max(rowid) from {table}').fetchone()[0]
                 if top is not None:
-                    plan.append([table, sets, where, list(args), 0, top])
+                    plan.append([table, kind, list(args), 0, top])
             conn.execute('insert into meta (key, value) values (?, ?) on conflict (key) do '
                          'update set value = excluded.value', (SHIFT_KEY, json.dumps(plan)))
             conn.execute(*self._mark_op(wall, mono_ms))
@@ -481,30 +519,54 @@ class Lifecycle:
         self._shift_pending = True
         self._resume_shift()
 
+    def _read_plan(self, text) -> list:
+        """The restamp plan kept in meta, checked entry by entry (StorageError if damaged)."""
+        try:
+            plan = json.loads(str(text)[:MAX_SHIFT_PLAN])
+            if type(plan) is not list or len(plan) > len(_STAMPED):
+                raise ValueError('not a list of at most three entries')
+            for entry in plan:
+                if type(entry) is not list or len(entry) != 5:
+                    raise ValueError('an entry is not [table, kind, arguments, after, top]')
+                table, kind, args, after, top = entry
+                if table not in _STAMPED or kind not in RESTAMPS:
+                    raise ValueError(f'{str(table)[:20]!r} {str(kind)[:20]!r}')
+                if type(args) is not list or len(args) != RESTAMPS[kind][2] or not all(
+                        type(a) is int and abs(a) < 2**62 for a in args):
+                    raise ValueError(f'arguments of {kind}')
+                if not all(type(v) is int and 0 <= v < 2**63 for v in (after, top)):
+                    raise ValueError('row ids')
+        except (ValueError, RecursionError) as exc:
+            raise StorageError(f'{self.path}: meta {SHIFT_KEY} (a clock restamp under way) is '
+                               f'damaged ({str(exc)[:80]}); rows may be half shifted: delete '
+                               'the key to go on') from None
+        return plan
+
     def _resume_shift(self) -> None:
-        """Run what is left of a restamp plan (`_restamp`), a chunk per transaction."""
+        """Run what is left of a restamp plan (`_restamp`), a chunk per transaction: the next
+        SHIFT_ROWS rows that exist (sparse ids cost nothing), never past the rows there now."""
         conn = self.conn
         row = conn.execute('select value from meta where key = ?', (SHIFT_KEY,)).fetchone()
         if row is None:
+            self._shift_pending = False
             return
-        try:
-            plan = json.loads(str(row[0])[:MAX_SHIFT_PLAN])
-            for table, sets, where, args, after, top in plan:
-                if table not in ('episodes', 'cold', 'archive'):
-                    raise ValueError(table)
-        except (TypeError, ValueError) as exc:
-            raise StorageError(f'{self.path}: meta {SHIFT_KEY} (a clock restamp under way) is '
-                               f'not readable ({str(exc)[:80]}); rows may be half shifted: '
-                               'remove the key to go on') from None
+        plan = self._read_plan(row[0])
         try:
             for entry in plan:
-                table, sets, where, args, after, top = entry
-                while after < top:
-                    upto = min(top, after + self.SHIFT_ROWS)
+                table, kind, args, after, top = entry
+                sets, where, _n = RESTAMPS[kind]
+                while True:
                     conn.execute('BEGIN IMMEDIATE')
+                    last = conn.execute(
+                        f'select max(rowid) from (select rowid from {table} where rowid > ? and '
+                        'rowid <= ? order by rowid limit ?)', (after, top, self.SHIFT_ROWS)
+                    ).fetchone()[0]
+                    if last is None:
+                        conn.execute('ROLLBACK')
+                        break
                     conn.execute(f'update {table} set stored_ms = {sets} where ({where}) and '
-                                 'rowid > ? and rowid <= ?', (*args, after, upto))
-                    entry[4] = after = upto
+                                 'rowid > ? and rowid <= ?', (*args, after, last))
+                    entry[3] = after = last
                     conn.execute('update meta set value = ? where key = ?',
                                  (json.dumps(plan), SHIFT_KEY))
                     conn.execute('COMMIT')
@@ -529,18 +591,14 @@ class Lifecycle:
         floor, top = CLOCK_FLOOR_MS, MAX_TIME_MS - 1
         if step > 0:
             before = max(wall - step, wall - elapsed) + 1
-            sets, where = 'min(stored_ms + ?, ?)', 'stored_ms >= ? and stored_ms < ?'
-            updates = [(t, sets, where, (step, top, floor, before))
-                       for t in ('episodes', 'cold', 'archive')]
+            updates = [(t, 'ahead', (step, top, floor, before)) for t in _STAMPED]
             shift_trusted = floor <= self._last_trusted < before
             why = (f'the wall clock jumped {_span(step)} ahead of the monotonic clock (to '
                    f'{_iso(wall)}); rows written before it keep their real ages')
         else:
-            sets = 'max(stored_ms + ?, ?)'
-            updates = [('episodes', sets, 'stored_ms >= ? and (id <= ? or stored_ms > ?)',
-                        (step, floor, floor, self._base_id, wall)),
-                       ('cold', sets, 'stored_ms >= ?', (step, floor, floor)),
-                       ('archive', sets, 'stored_ms >= ?', (step, floor, floor))]
+            updates = [('episodes', 'back_episodes', (step, floor, floor, self._base_id, wall)),
+                       ('cold', 'back', (step, floor, floor)),
+                       ('archive', 'back', (step, floor, floor))]
             shift_trusted = self._last_trusted >= floor
             why = (f'the wall clock stepped back {_span(step)} (to {_iso(wall)}) against the '
                    'monotonic clock; rows written before it keep their real ages')
@@ -567,7 +625,7 @@ class Lifecycle:
         # the newest episode first, then the clock: what was committed by now was stamped by
         # the clock of this check or an earlier one (the next check's back step shifts it)
         row = self.conn.execute('select id from episodes order by id desc limit 1').fetchone()
-        newest_id = row[0] if row is not None else 0
+        newest_id = self._move_top = row[0] if row is not None else 0
         raw = self.clock()
         wall = bounded_ms(raw) if type(raw) is int or (type(raw) is float and math.isfinite(raw)) \
             else -1
@@ -604,8 +662,8 @@ class Lifecycle:
                 if mono is not None and mono - self._behind_since >= \
                         self.params.clock_settle_s:
                     # believed from now on: what was stamped after it restarts its age now
-                    self._restamp([(t, '?', 'stored_ms > ?', (wall, wall))
-                                   for t in ('episodes', 'cold', 'archive')], wall, mono_ms)
+                    self._restamp([(t, 'settle', (wall, wall)) for t in _STAMPED], wall,
+                                  mono_ms)
                     self._last_trusted, self._behind_since = wall, None
                     reason = (f'the wall clock ran {_span(high - wall)} behind what this store '
                               f'holds for {_span(int(self.params.clock_settle_s * 1000))}: '
@@ -633,6 +691,11 @@ class Lifecycle:
                                  (CLOCK_FLOOR_MS,)).fetchone():
                 self.conn.execute(f'update {table} set stored_ms = ? where stored_ms < ?',
                                   (wall, CLOCK_FLOOR_MS))
+        # ages by the earlier of the wall clock and the monotonic one at the fixed offset: a
+        # clock that swings within the tolerance (stamped at -tol, read at +tol) ages a row
+        # at most the tolerance early, not twice it
+        if mono_ms is not None and self._base is not None:
+            return min(wall, mono_ms + self._base)
         return wall
 
     STEPS = ('warm', 'cold', 'archive')   # the moves of a round, in their order
@@ -701,12 +764,12 @@ class Lifecycle:
         start = after = self._cursor.get('episodes', 0)
         end = None        # the second lap (from the oldest) stops where the first one began
         for _page in range(MAX_DUE_PAGES):
-            upper, args = '', [after]
-            if end is not None:
-                upper, args = ' and id <= ?', [after, end]
+            # never past the episodes committed before this move's clock was read: one the
+            # writer commits now may be stamped by a clock that just stepped back
+            upper = self._move_top if end is None else min(end, self._move_top)
             rows = self.conn.execute(
-                f'select id, agent_id, type, stored_ms from episodes where id > ?{upper} '
-                'order by id limit ?', (*args, p.move_batch)).fetchall()
+                'select id, agent_id, type, stored_ms from episodes where id > ? and id <= ? '
+                'order by id limit ?', (after, upper, p.move_batch)).fetchall()
             young = False
             for row_id, agent, type_, stored in rows:
                 if type(stored) is not int or not CLOCK_FLOOR_MS <= stored < MAX_TIME_MS:
@@ -894,6 +957,7 @@ class Lifecycle:
             conn.executemany('insert into cold_log (op, id) values (?, ?)',
                              [(ADD, i) for i in ids])
             conn.executemany('delete from episodes where id = ?', [(i,) for i in gone])
+            self.clamp_ids(conn)
             if withheld:
                 self._count_withheld(conn, withheld)
             if key:

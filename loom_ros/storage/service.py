@@ -250,6 +250,8 @@ class StorageService:
             except (StorageError, sqlite3.Error) as exc:   # a page damaged since it opened
                 errors.append(f'{unit}: {lc.path}: {exc}' if str(lc.path) not in str(exc)
                               else f'{unit}: {exc}')
+            except Exception as exc:   # noqa: BLE001 - one unit's fault never stops the others
+                errors.append(f'{unit}: {lc.path}: {type(exc).__name__}: {str(exc)[:200]}')
         try:   # the budgets are the root's: its units' data together, the oldest first
             with lock:
                 report.add(enforce_budgets(list(self.lifecycles.values()),

@@ -8,6 +8,7 @@ files; wall and monotonic clocks injected; no sleeps."""
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 from harness import WAIT_LIMIT_S, MsClock, T0_MS
@@ -661,5 +662,185 @@ def test_a_restamp_runs_in_chunks_and_one_cut_short_is_resumed_once(tmp_path):
                                ).fetchone()[0] == 0
         tick(clock, mono, 6)
         assert lc.run_once().condensed == 10                       # held 61 s
+    finally:
+        lc.close()
+
+
+# -- 5. what an attack review of the clock found -----------------------------------------------
+def commit_rows(root, stamps, prefix: str, subject: str = '', unit: str = 'u') -> list:
+    """Another process's episode writer: each row committed in its own transaction, stamped
+    by its clock then (as Storage's writer stamps in the committing transaction)."""
+    path = StorageLayout.at(root).database(unit)
+    if not path.exists():
+        with Storage(StorageConfig(root=str(root), unit=unit), clock=MsClock(T0)):
+            pass
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    conn.execute('pragma busy_timeout=5000')
+    ids = []
+    try:
+        for i, stamp in enumerate(stamps):
+            conn.execute('BEGIN IMMEDIATE')
+            ids.append(conn.execute(schema.EPISODE_INSERT_STORED, (
+                'a', f'{prefix}{i}', stamp, 'chat.said', 'mic', '[]', '{"text":"x"}', 40,
+                subject, stamp)).lastrowid)
+            conn.execute('COMMIT')
+    finally:
+        conn.close()
+    return ids
+
+
+DROP = LifecycleParams(default=TierPolicy(warm_s=60, cold=False, archive=False))
+
+
+@pytest.mark.parametrize('restart', [True, False])
+def test_ids_given_again_after_a_drain_are_not_taken_for_rows_of_the_old_clock(tmp_path,
+                                                                               restart):
+    """Episode ids are rowids without AUTOINCREMENT: once the warm tier was drained, SQLite
+    gives ids 1.. again, and a step back shifted those new-clock rows back a day (deleted
+    after 2 s for a 60 s age) as if they were the old rows the previous check saw."""
+    clock, mono = MsClock(T0), Mono()
+    commit_rows(tmp_path, [T0] * 5, 'old')
+    lc = open_lc(tmp_path, clock, mono, DROP, boot='b1')
+    lc.run_once()
+    tick(clock, mono, 61)
+    assert lc.move_warm().deleted == 5                   # the check saw id 5, then drained
+    if restart:
+        lc.close()
+    clock.ms -= 86_400_000
+    assert commit_rows(tmp_path, [clock.ms] * 3, 'new') == [1, 2, 3]
+    tick(clock, mono, 1)
+    if restart:
+        lc = open_lc(tmp_path, clock, mono, DROP, boot='b1')
+    try:
+        tick(clock, mono, 1)
+        assert lc.run_once().clock_untrusted == 1       # the step is found
+        assert stamps_of(lc) == [T0 - 86_400_000 + 61_000] * 3   # new rows: not shifted
+        tick(clock, mono, 57)
+        assert lc.run_once().deleted == 0                # held 59 s
+        tick(clock, mono, 2)
+        assert lc.run_once().deleted == 3                # held 61 s
+    finally:
+        lc.close()
+
+
+def test_a_row_committed_after_the_move_read_its_clock_waits_for_the_next_move(tmp_path,
+                                                                               monkeypatch):
+    """move_warm read its clock, then looked for due rows with no bound: a row the writer
+    committed between the two, stamped by a clock that had just stepped back a day, was
+    compared with the old clock's reading and deleted at once (warm_s 3600)."""
+    clock, mono = MsClock(T0), Mono()
+    params = LifecycleParams(default=TierPolicy(warm_s=3600, cold=False, archive=False))
+    commit_rows(tmp_path, [], 'none')
+    lc = open_lc(tmp_path, clock, mono, params, boot='b1')
+    try:
+        lc.run_once()
+        due_warm = lc._due_warm
+
+        def writer_commits_first(now):   # the writer's commit falls between the two
+            clock.ms -= 86_400_000
+            commit_rows(tmp_path, [clock.ms] * 4, 'new')
+            return due_warm(now)
+
+        monkeypatch.setattr(lc, '_due_warm', writer_commits_first)
+        tick(clock, mono, 10)
+        report = lc.run_once()              # the round's next move finds the step back
+        assert report.deleted == 0 and report.clock_untrusted == 1
+        monkeypatch.setattr(lc, '_due_warm', due_warm)
+        tick(clock, mono, 10)
+        report = lc.run_once()
+        assert report.clock_untrusted == 0 and counts(lc)[0] == 4
+        tick(clock, mono, 3570)
+        assert lc.run_once().deleted == 0 and counts(lc)[0] == 4
+    finally:
+        lc.close()
+
+
+def test_a_clock_swinging_within_the_tolerance_ages_a_row_at_most_the_tolerance_early(
+        tmp_path):
+    """Stamped while the clock sat 59 s behind, aged while it sat 59 s ahead (neither seen:
+    under the 60 s tolerance): the row looked 118 s older than it was."""
+    clock, mono = MsClock(T0), Mono()
+    params = LifecycleParams(default=TierPolicy(warm_s=600, cold=False, archive=False))
+    commit_rows(tmp_path, [], 'none')
+    lc = open_lc(tmp_path, clock, mono, params, boot='b1')
+    try:
+        lc.run_once()
+        clock.ms -= 59_000
+        tick(clock, mono, 5)
+        lc.run_once()
+        commit_rows(tmp_path, [clock.ms] * 3, 'e')
+        clock.ms += 118_000
+        held = 0
+        while counts(lc)[0]:
+            tick(clock, mono, 1)
+            held += 1
+            lc.run_once()
+        assert lc.clock_status.episodes == 0 and 600 - 60 <= held <= 600
+    finally:
+        lc.close()
+
+
+@pytest.mark.parametrize('plan', [
+    [['episodes', 'ahead', [1000, MAX_TIME_MS, 0, T0], 0, 10**20]],     # past int64
+    [['episodes', 'ahead', 5, 0, 100]],                                 # not arguments
+    [['episodes', 'stored_ms + 1', [], 0, 100]],                        # SQL, not a kind
+    [['episodes; drop table kv', 'back', [1, 2, 3], 0, 100]],
+    '[' * 10_000, 'not json', [[1, 2, 3, 4, 5]] * 4])
+def test_a_damaged_restamp_plan_is_refused_and_the_other_units_go_on(tmp_path, plan):
+    """The plan in meta was trusted: SQL text from it was run, a `top` of 10**17 ran 5e12
+    empty transactions (the round never returned), one past int64 or arguments that were not
+    a list raised OverflowError/TypeError, which stopped every round at that unit."""
+    from loom_ros.storage.service import Settings, StorageService
+    clock = MsClock(T0)
+    write(tmp_path, clock, [('x', event('a1', T0))], unit='a')
+    write(tmp_path, clock, [('x', event('b1', T0))], unit='b')
+    conn = sqlite3.connect(str(StorageLayout.at(tmp_path).database('a')), isolation_level=None)
+    conn.execute("insert or replace into meta values ('lifecycle_shift', ?)",
+                 (plan if isinstance(plan, str) else json.dumps(plan),))
+    conn.close()
+    service = StorageService(Settings(StorageLayout.at(tmp_path), lifecycle=DROP),
+                             embedder=HashEmbedder(), clock=clock)
+    try:
+        clock.ms += 120_000
+        service.run_round()
+        assert 'meta lifecycle_shift (a clock restamp under way) is damaged (' in \
+            service.error
+        assert service.lifecycles['b'].usage()['warm']['rows'] == 0     # b went on
+        assert service.lifecycles['a'].usage()['warm']['rows'] == 1     # a aged nothing
+        assert service.lifecycles['a'].conn.execute('select count(*) from kv').fetchone()
+    finally:
+        service.close()
+
+
+def test_forget_while_a_restamp_is_cut_short_bounds_it_to_the_rows_there(tmp_path):
+    """A step back's restamp cut short keeps `id <= the newest id at the step` in its plan;
+    `loom forget` deleted the newest rows, the writer was given their ids again for rows of
+    the new clock, and the plan resumed shifted those back a day."""
+    from loom_ros.storage.erasure import forget
+    clock, mono = MsClock(T0), Mono()
+    commit_rows(tmp_path, [T0] * 5, 'old')
+    tick(clock, mono, 61)
+    commit_rows(tmp_path, [clock.ms] * 3, 'bob', subject='bob')      # ids 6..8
+    lc = open_lc(tmp_path, clock, mono, DROP, boot='b1')
+    lc.SHIFT_ROWS = 2
+    assert lc.run_once().deleted == 5
+    lc.conn.set_trace_callback(lambda sql: sql.startswith('update episodes set stored_ms') and
+                               lc.conn.set_progress_handler(lambda: 1, 1))
+    clock.ms -= 86_400_000
+    tick(clock, mono, 5)
+    with pytest.raises(StorageError, match='restamping rows'):
+        lc.run_once()
+    lc.conn.set_progress_handler(None, 1)
+    lc.conn.set_trace_callback(None)
+    lc.close()
+    assert forget(StorageLayout.at(tmp_path), 'bob').counts['episodes'] == 3
+    assert commit_rows(tmp_path, [clock.ms] * 3, 'new') == [1, 2, 3]
+    lc = open_lc(tmp_path, clock, mono, DROP, boot='b1')
+    try:
+        tick(clock, mono, 1)
+        lc.run_once()
+        assert stamps_of(lc) == [clock.ms - 1000] * 3              # new rows: not shifted
+        tick(clock, mono, 58)
+        assert lc.run_once().deleted == 0
     finally:
         lc.close()
